@@ -1,0 +1,123 @@
+// How the CPU kernels walk memory: the elements of a whole bucket are split
+// evenly over the threads (at::parallel_for over the virtual concatenation of
+// its tensors), and each thread streams through its share tensor by tensor in
+// SIMD tiles with a scalar tail.  Include after defining CPU_CAPABILITY.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+
+#include "vec_ops.h"  // before anything that includes step_math.h
+#include "kernel_api.h"
+
+namespace amos_fused::cpu {
+inline namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// Below this many elements a bucket is stepped by one thread.
+constexpr int64_t kGrainSize = 32768;
+
+// Calls f(tensor, begin, end) for every piece of every tensor, in parallel.
+template <typename F>
+inline void for_each_segment(const BucketView& bucket, const F& f) {
+  const int64_t n = bucket.num_tensors;
+  const int64_t* offsets = bucket.offsets;
+  const int64_t total = offsets[n];
+  if (total == 0) return;
+  at::parallel_for(0, total, kGrainSize, [&](int64_t lo, int64_t hi) {
+    int64_t t = std::upper_bound(offsets, offsets + n + 1, lo) - offsets - 1;
+    while (lo < hi) {
+      const int64_t stop = std::min(hi, offsets[t + 1]);
+      if (stop > lo) f(t, lo - offsets[t], stop - offsets[t]);
+      lo = stop;
+      ++t;
+    }
+  });
+}
+
+// Loads and stores a tile of a storage dtype as opmath vectors.
+template <typename scalar_t>
+struct TileIO {
+  using Vec = Vectorized<scalar_t>;
+  static constexpr int kParts = 1;
+  static constexpr int64_t kTile = Vec::size();
+  static void load(const scalar_t* src, Vec* out) { out[0] = Vec::loadu(src); }
+  static void store(scalar_t* dst, const Vec* in) { in[0].store(dst); }
+};
+
+template <typename reduced_t>
+struct ReducedTileIO {
+  using Vec = Vectorized<float>;
+  static constexpr int kParts = 2;
+  static constexpr int64_t kTile = Vectorized<reduced_t>::size();
+  static_assert(kTile == 2 * Vec::size(), "reduced tile must hold two float vectors");
+  static void load(const reduced_t* src, Vec* out) {
+    auto halves = at::vec::convert_to_float<reduced_t>(Vectorized<reduced_t>::loadu(src));
+    out[0] = std::get<0>(halves);
+    out[1] = std::get<1>(halves);
+  }
+  static void store(reduced_t* dst, const Vec* in) {
+    at::vec::convert_from_float<reduced_t>(in[0], in[1]).store(dst);
+  }
+};
+template <>
+struct TileIO<c10::BFloat16> : ReducedTileIO<c10::BFloat16> {};
+template <>
+struct TileIO<c10::Half> : ReducedTileIO<c10::Half> {};
+
+// Coefficients of one tensor, in both the vector and the scalar opmath type.
+template <template <typename> class Coef, typename scalar_t>
+struct TileCoef {
+  using Vec = typename TileIO<scalar_t>::Vec;
+  using Op = at::opmath_type<scalar_t>;
+  Coef<Vec> vec;
+  Coef<Op> scalar;
+  explicit TileCoef(const Coef<double>& c)
+      : vec(c.template map<Vec>([](double x) { return Vec(static_cast<Op>(x)); })),
+        scalar(c.template map<Op>([](double x) { return static_cast<Op>(x); })) {}
+  template <typename V>
+  const Coef<V>& get() const {
+    if constexpr (std::is_same_v<V, Vec>) return vec; else return scalar;
+  }
+};
+
+// Streams N arrays of one tensor over [begin, end): loads every stream, calls
+// f(values) on an std::array of N opmath values (vectors, then the scalar
+// tail), and stores back the streams whose bit is set in kWriteMask.
+template <typename scalar_t, int N, unsigned kWriteMask, typename F>
+inline void map_streams(const std::array<scalar_t*, N>& ptr, int64_t begin, int64_t end,
+                        const F& f) {
+  using IO = TileIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  using Op = at::opmath_type<scalar_t>;
+  int64_t i = begin;
+  for (; i + IO::kTile <= end; i += IO::kTile) {
+    std::array<Vec, N> x[IO::kParts];
+    for (int s = 0; s < N; ++s) {
+      Vec tile[IO::kParts];
+      IO::load(ptr[s] + i, tile);
+      for (int part = 0; part < IO::kParts; ++part) x[part][s] = tile[part];
+    }
+    for (int part = 0; part < IO::kParts; ++part) f(x[part]);
+    for (int s = 0; s < N; ++s) {
+      if (!((kWriteMask >> s) & 1u)) continue;
+      Vec tile[IO::kParts];
+      for (int part = 0; part < IO::kParts; ++part) tile[part] = x[part][s];
+      IO::store(ptr[s] + i, tile);
+    }
+  }
+  for (; i < end; ++i) {
+    std::array<Op, N> x;
+    for (int s = 0; s < N; ++s) x[s] = static_cast<Op>(ptr[s][i]);
+    f(x);
+    for (int s = 0; s < N; ++s)
+      if ((kWriteMask >> s) & 1u) ptr[s][i] = static_cast<scalar_t>(x[s]);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace amos_fused::cpu

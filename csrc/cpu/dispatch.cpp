@@ -1,0 +1,53 @@
+// Picks the kernel table for this CPU once, and lets tests force another one.
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdlib>
+
+#include "kernel_api.h"
+
+namespace amos_fused::cpu {
+namespace {
+
+bool cpu_has_avx2() {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+const KernelTable* best_kernels() {
+  const char* forced = std::getenv("AMOS_FUSED_CPU_CAPABILITY");
+  if (forced != nullptr && std::string(forced) == "default") return &kernels_default();
+  return cpu_has_avx2() ? &kernels_avx2() : &kernels_default();
+}
+
+std::atomic<const KernelTable*>& current() {
+  static std::atomic<const KernelTable*> table{best_kernels()};
+  return table;
+}
+
+}  // namespace
+
+const KernelTable& active_kernels() { return *current().load(); }
+
+std::string cpu_capability() { return active_kernels().name; }
+
+void set_cpu_capability(const std::string& name) {
+  if (name == "default") {
+    current().store(&kernels_default());
+  } else if (name == "avx2") {
+    TORCH_CHECK_VALUE(cpu_has_avx2(), "amos_fused: cpu capability 'avx2' requested but this CPU lacks AVX2/FMA/F16C");
+    current().store(&kernels_avx2());
+  } else if (name == "best") {
+    current().store(best_kernels());
+  } else {
+    TORCH_CHECK_VALUE(false, "amos_fused: unknown cpu capability '", name,
+                      "' (expected 'default', 'avx2' or 'best')");
+  }
+}
+
+}  // namespace amos_fused::cpu

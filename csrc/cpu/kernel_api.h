@@ -1,0 +1,67 @@
+// The plain-data interface between the CPU ops (cpu/*_ops.cpp) and the kernels,
+// which are compiled once per instruction set (cpu/kernels_*.cpp) and chosen at
+// run time (cpu/dispatch.cpp).
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../step_math.h"
+
+namespace amos_fused::cpu {
+
+// One bucket: tensor t owns elements [offsets[t], offsets[t+1]) of the virtual
+// concatenation; its streams are at the addresses below (all of one dtype).
+struct BucketView {
+  c10::ScalarType dtype;
+  int64_t num_tensors;
+  const int64_t* offsets;  // num_tensors + 1 prefix sums of numel
+};
+
+struct AdamLaunch {
+  BucketView bucket;
+  void* const* param;
+  const void* const* grad;
+  void* const* exp_avg;
+  void* const* exp_avg_sq;
+  void* const* max_exp_avg_sq;  // only read when amsgrad
+  const AdamCoef<double>* coef;  // per tensor
+  bool amsgrad;
+  bool l2;
+};
+
+struct RAdamLaunch {
+  BucketView bucket;
+  void* const* param;
+  const void* const* grad;
+  void* const* exp_avg;
+  void* const* exp_avg_sq;
+  const RAdamCoef<double>* coef;  // per tensor
+  bool l2;
+};
+
+struct LionLaunch {
+  BucketView bucket;
+  void* const* param;
+  const void* const* grad;
+  void* const* exp_avg;
+  LionCoef<double> coef;  // the same for every tensor
+};
+
+struct KernelTable {
+  const char* name;
+  void (*adam)(const AdamLaunch&);
+  void (*radam)(const RAdamLaunch&);
+  void (*lion)(const LionLaunch&);
+};
+
+// One table per instruction set, and the one in use.
+const KernelTable& kernels_default();
+const KernelTable& kernels_avx2();
+const KernelTable& active_kernels();
+std::string cpu_capability();
+void set_cpu_capability(const std::string& name);
+
+}  // namespace amos_fused::cpu

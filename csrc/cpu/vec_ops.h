@@ -1,0 +1,34 @@
+// SIMD overloads of the helpers that csrc/step_math.h calls, so the per-element
+// math there runs unchanged on at::vec::Vectorized values.  Include this header
+// instead of step_math.h in CPU kernel code: the overloads must be declared
+// before the templates in step_math.h are defined.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+namespace amos_fused {
+
+template <typename S>
+inline at::vec::Vectorized<S> af_sqrt(const at::vec::Vectorized<S>& x) { return x.sqrt(); }
+
+// at::vec::maximum propagates NaN like torch.maximum.
+template <typename S>
+inline at::vec::Vectorized<S> af_max(const at::vec::Vectorized<S>& a,
+                                     const at::vec::Vectorized<S>& b) {
+  return at::vec::maximum(a, b);
+}
+
+// sign(±0) = ±0, sign(NaN) = NaN, like torch.sign.
+template <typename S>
+inline at::vec::Vectorized<S> af_sign(const at::vec::Vectorized<S>& x) {
+  using V = at::vec::Vectorized<S>;
+  const V zero(S(0));
+  const V keep = x * zero;  // ±0 or NaN
+  V out = V::blendv(keep, V(S(-1)), x < zero);
+  return V::blendv(out, V(S(1)), x > zero);
+}
+
+}  // namespace amos_fused
+
+#include "../step_math.h"

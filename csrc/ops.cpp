@@ -1,0 +1,35 @@
+// Registers the amos_fused ops (schemas here; device kernels in cpu/ and cuda/)
+// and makes this library importable as the Python module amos_fused._C.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/kernel_api.h"
+
+TORCH_LIBRARY(amos_fused, m) {
+  // (missing grads, index of the first bad grad or -1, amos_fused::GradProblem)
+  m.def("check_grads(Tensor[] params, Tensor?[] grads) -> (int, int, int)",
+        &amos_fused::check_grads);
+  m.def("cpu_capability() -> str", &amos_fused::cpu::cpu_capability);
+  m.def("set_cpu_capability(str name) -> ()", &amos_fused::cpu::set_cpu_capability);
+  // §2.1 Adam / AdamW (decoupled), amsgrad, optional bias correction.
+  m.def(
+      "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, float lr, "
+      "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, "
+      "bool bias_correction) -> ()");
+  // §2.2 RAdam, L2 or decoupled decay.
+  m.def(
+      "radam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay, bool decoupled, float rectify_threshold) -> ()");
+  // §2.3 Lion / SignSGDM-W.
+  m.def(
+      "lion_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float lr, "
+      "float beta1, float beta2, float weight_decay) -> ()");
+}
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

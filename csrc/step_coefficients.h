@@ -1,0 +1,70 @@
+// Per-step, per-tensor scalars of each algorithm, computed on the host in double
+// (never per element).  Shared by the CPU and CUDA launchers.
+#pragma once
+
+#include <cmath>
+
+#include "step_math.h"
+
+namespace amos_fused {
+
+struct AdamHyper {
+  double lr, beta1, beta2, eps, weight_decay;
+  bool decoupled, amsgrad, bias_correction;
+};
+
+// §2.1: bc1 = 1 − β1^t, bc2 = 1 − β2^t (both 1 without bias correction).
+inline AdamCoef<double> adam_coefficients(const AdamHyper& h, double step) {
+  const double bc1 = h.bias_correction ? 1.0 - std::pow(h.beta1, step) : 1.0;
+  const double bc2 = h.bias_correction ? 1.0 - std::pow(h.beta2, step) : 1.0;
+  AdamCoef<double> c;
+  c.beta1_complement = 1.0 - h.beta1;
+  c.beta2 = h.beta2;
+  c.beta2_complement = 1.0 - h.beta2;
+  c.param_decay = h.decoupled ? 1.0 - h.lr * h.weight_decay : 1.0;
+  c.l2 = h.decoupled ? 0.0 : h.weight_decay;
+  c.eps = h.eps;
+  c.bc2_sqrt = std::sqrt(bc2);
+  c.neg_step_size = -(h.lr / bc1);
+  return c;
+}
+
+struct RAdamHyper {
+  double lr, beta1, beta2, eps, weight_decay, rectify_threshold;
+  bool decoupled;
+};
+
+// §2.2: ρ∞ = 2/(1−β2) − 1, ρt = ρ∞ − 2tβ2^t/(1−β2^t),
+//       r = sqrt((ρt−4)(ρt−2)ρ∞ / ((ρ∞−4)(ρ∞−2)ρt)) when ρt > threshold.
+inline RAdamCoef<double> radam_coefficients(const RAdamHyper& h, double step) {
+  const double beta2_t = std::pow(h.beta2, step);
+  const double bc2 = 1.0 - beta2_t;
+  const double rho_inf = 2.0 / (1.0 - h.beta2) - 1.0;
+  const double rho_t = rho_inf - 2.0 * step * beta2_t / bc2;
+  RAdamCoef<double> c;
+  c.beta1_complement = 1.0 - h.beta1;
+  c.beta2 = h.beta2;
+  c.beta2_complement = 1.0 - h.beta2;
+  c.param_decay = h.decoupled ? 1.0 - h.lr * h.weight_decay : 1.0;
+  c.l2 = h.decoupled ? 0.0 : h.weight_decay;
+  c.eps = h.eps;
+  c.bc1 = 1.0 - std::pow(h.beta1, step);
+  c.lr = h.lr;
+  c.bc2_sqrt = std::sqrt(bc2);
+  c.rectified = rho_t > h.rectify_threshold;
+  c.rect = c.rectified ? std::sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf /
+                                   ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
+                       : 1.0;
+  return c;
+}
+
+struct LionHyper {
+  double lr, beta1, beta2, weight_decay;
+};
+
+// §2.3
+inline LionCoef<double> lion_coefficients(const LionHyper& h) {
+  return {h.beta1, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2, 1.0 - h.lr * h.weight_decay, -h.lr};
+}
+
+}  // namespace amos_fused

@@ -1,0 +1,130 @@
+// Per-element optimizer math: the ONE copy of each algorithm's update in C++.
+//
+// Every function here is a template over the value type T, which is a scalar
+// (float, double) or, on the CPU, a SIMD vector (at::vec::Vectorized<float>
+// or <double>; overloads of af_sqrt / af_max / af_sign for those live in
+// csrc/cpu/vec_ops.h and must be declared before this header is included).
+// The CUDA kernels call the same functions with T = float.
+//
+// Coefficient structs hold per-step, per-tensor scalars. They are computed once
+// per step on the host in double (csrc/step_coefficients.h) and converted to T
+// with `map`, so the inner loops contain no pow/sqrt of scalars.
+//
+// Operation order follows torch.optim's single-tensor implementation
+// (mul_, lerp_, addcmul_, addcdiv_) so float32 results agree to a few ULP.
+// Equation numbers refer to DESIGN.md §2.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define AF_HD __host__ __device__ __forceinline__
+#else
+#define AF_HD inline
+#endif
+
+namespace amos_fused {
+
+// ---- scalar helpers (vector overloads: csrc/cpu/vec_ops.h) -----------------
+AF_HD float af_sqrt(float x) { return ::sqrtf(x); }
+AF_HD double af_sqrt(double x) { return ::sqrt(x); }
+
+// torch.maximum semantics: NaN in either operand propagates.
+template <typename S>
+AF_HD S af_max(S a, S b) { return (a > b || a != a) ? a : b; }
+
+// torch.sign semantics: sign(±0) = ±0, sign(NaN) = NaN.
+template <typename S>
+AF_HD S af_sign(S x) { return x > S(0) ? S(1) : (x < S(0) ? S(-1) : x * S(0)); }
+
+// ---- Adam / AdamW (§2.1) ----------------------------------------------------
+template <typename T>
+struct AdamCoef {
+  T beta1_complement;  // 1 - β1   (lerp weight)
+  T beta2;             // β2
+  T beta2_complement;  // 1 - β2
+  T param_decay;       // 1 - ηλ when decoupled, else 1
+  T l2;                // λ when coupled (L2), else 0
+  T eps;               // ε
+  T bc2_sqrt;          // sqrt(1 - β2^t), or 1 without bias correction
+  T neg_step_size;     // -η / (1 - β1^t), or -η without bias correction
+
+  template <typename U, typename F>
+  AdamCoef<U> map(F f) const {
+    return {f(beta1_complement), f(beta2), f(beta2_complement), f(param_decay),
+            f(l2), f(eps), f(bc2_sqrt), f(neg_step_size)};
+  }
+};
+
+// One Adam(W) element.  vmax is only touched when AMSGRAD.
+template <bool AMSGRAD, bool L2, typename T>
+AF_HD void adam_update(T& p, T g, T& m, T& v, T& vmax, const AdamCoef<T>& c) {
+  if (L2) g = g + c.l2 * p;                        // g ← g + λθ
+  p = p * c.param_decay;                           // θ ← θ·(1 − ηλ)
+  m = m + c.beta1_complement * (g - m);            // m ← β1·m + (1−β1)·g (lerp)
+  v = v * c.beta2 + c.beta2_complement * g * g;    // v ← β2·v + (1−β2)·g²
+  T second = v;
+  if (AMSGRAD) {
+    vmax = af_max(vmax, v);                        // v̂max ← max(v̂max, v)
+    second = vmax;
+  }
+  T denom = af_sqrt(second) / c.bc2_sqrt + c.eps;  // sqrt(v/bc2) + ε
+  p = p + c.neg_step_size * m / denom;             // θ ← θ − η/bc1 · m/denom
+}
+
+// ---- RAdam (§2.2) -------------------------------------------------------------
+template <typename T>
+struct RAdamCoef {
+  T beta1_complement, beta2, beta2_complement;
+  T param_decay;  // 1 - ηλ when decoupled, else 1
+  T l2;           // λ when coupled, else 0
+  T eps;
+  T bc1;          // 1 - β1^t
+  T lr;           // η
+  T bc2_sqrt;     // sqrt(1 - β2^t)
+  T rect;         // r_t, used only when rectified
+  bool rectified; // ρ_t > threshold (the same for every element of a tensor)
+
+  template <typename U, typename F>
+  RAdamCoef<U> map(F f) const {
+    return {f(beta1_complement), f(beta2), f(beta2_complement), f(param_decay), f(l2),
+            f(eps), f(bc1), f(lr), f(bc2_sqrt), f(rect), rectified};
+  }
+};
+
+template <bool L2, typename T>
+AF_HD void radam_update(T& p, T g, T& m, T& v, const RAdamCoef<T>& c) {
+  if (L2) g = g + c.l2 * p;                        // g ← g + λθ
+  p = p * c.param_decay;                           // θ ← θ·(1 − ηλ)
+  m = m + c.beta1_complement * (g - m);
+  v = v * c.beta2 + c.beta2_complement * g * g;
+  T step = (m / c.bc1) * c.lr;                     // η·m̂
+  if (c.rectified) {                               // ρ_t > threshold
+    T adaptive = c.bc2_sqrt / (af_sqrt(v) + c.eps);  // sqrt(bc2)/(sqrt(v)+ε)
+    step = step * adaptive * c.rect;               // η·r·m̂·sqrt(bc2)/(sqrt(v)+ε)
+  }
+  p = p - step;
+}
+
+// ---- Lion / SignSGDM-W (§2.3) --------------------------------------------------
+template <typename T>
+struct LionCoef {
+  T beta1, beta1_complement, beta2, beta2_complement;
+  T param_decay;  // 1 - ηλ
+  T neg_lr;       // -η
+
+  template <typename U, typename F>
+  LionCoef<U> map(F f) const {
+    return {f(beta1), f(beta1_complement), f(beta2), f(beta2_complement), f(param_decay),
+            f(neg_lr)};
+  }
+};
+
+template <typename T>
+AF_HD void lion_update(T& p, T g, T& m, const LionCoef<T>& c) {
+  T direction = af_sign(m * c.beta1 + g * c.beta1_complement);  // sign(β1·m + (1−β1)·g)
+  p = p * c.param_decay + c.neg_lr * direction;                // θ ← θ(1−ηλ) − η·sign(c)
+  m = m * c.beta2 + g * c.beta2_complement;                    // m ← β2·m + (1−β2)·g
+}
+
+}  // namespace amos_fused

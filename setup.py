@@ -1,0 +1,56 @@
+"""Builds amos_fused._C from csrc/: CPU kernels always, CUDA kernels when the
+installed torch has CUDA (torch.version.cuda and a CUDA toolkit), whether or not
+a GPU is visible.  Install with `pip install --no-build-isolation -e .`."""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as error:  # pragma: no cover - explained to the user
+    raise SystemExit(
+        "amos_fused needs torch installed before it is built: `pip install torch` first, "
+        "then `pip install --no-build-isolation -e .`"
+    ) from error
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+# kernels_default.cpp must come before the other instruction sets (see its header).
+cpu_sources = ["csrc/ops.cpp", "csrc/checks.cpp", "csrc/cpu/kernels_default.cpp"] + [
+    s for s in sources("csrc/cpu/*.cpp")
+    if os.path.basename(s) not in ("kernels_default.cpp",)
+]
+cuda_sources = sources("csrc/cuda/*.cu")
+with_cuda = (
+    torch.version.cuda is not None
+    and CUDA_HOME is not None
+    and bool(cuda_sources)
+    and os.environ.get("AMOS_FUSED_NO_CUDA", "0") != "1"
+)
+
+cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
+extension_kwargs = dict(
+    name="amos_fused._C",
+    sources=cpu_sources + (cuda_sources if with_cuda else []),
+    include_dirs=[os.path.join(HERE, "csrc")],
+    extra_compile_args={"cxx": cxx_flags + (["-DAMOS_FUSED_WITH_CUDA"] if with_cuda else [])},
+    extra_link_args=["-fopenmp"],
+)
+if with_cuda:
+    extension_kwargs["extra_compile_args"]["nvcc"] = ["-O3"]
+    extension = CUDAExtension(**extension_kwargs)
+else:
+    extension = CppExtension(**extension_kwargs)
+
+setup(
+    packages=find_packages(include=["amos_fused", "amos_fused.*"]),
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
