@@ -25,7 +25,7 @@ TORCH_LIBRARY(amos_fused, m) {
       "float eps, float weight_decay, bool decoupled, float rectify_threshold) -> ()");
   // §2.3 Lion / SignSGDM-W.
   m.def(
-      "lion_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float lr, "
+      "lion_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] steps, float lr, "
       "float beta1, float beta2, float weight_decay) -> ()");
 }
 

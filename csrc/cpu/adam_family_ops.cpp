@@ -104,10 +104,12 @@ void radam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 }
 
 void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                   double lr, double beta1, double beta2, double weight_decay) {
-  check_bucket("amos_fused.lion_step", params, grads, {{"exp_avgs", exp_avgs}}, {});
-  TORCH_CHECK_VALUE(!exp_avgs.empty(), "amos_fused.lion_step: exp_avgs are required");
+                   at::TensorList steps, double lr, double beta1, double beta2, double weight_decay) {
+  check_bucket("amos_fused.lion_step", params, grads, {{"exp_avgs", exp_avgs}}, steps);
+  TORCH_CHECK_VALUE(!exp_avgs.empty() && !steps.empty(),
+                    "amos_fused.lion_step: exp_avgs and steps are required");
   const BucketTables tables(params, grads, exp_avgs);
+  advance_steps(steps);  // Lion's update does not depend on t; the counter is kept for checkpoints
   LionLaunch launch{tables.view(params[0].scalar_type()), tables.param.data(),
                     const_cast<const void* const*>(tables.grad.data()), tables.state0.data(),
                     lion_coefficients({lr, beta1, beta2, weight_decay})};

@@ -1,0 +1,51 @@
+"""Amos slot shapes (DESIGN §2.4): which axes of a tensor its second-moment
+slots ``v`` and ``b`` average over, and the resulting slot shape."""
+from __future__ import annotations
+
+from typing import Sequence, Tuple, Union
+
+ReduceAxes = Union[None, str, Sequence[int]]
+
+
+def normalize_reduce_axes(reduce_axes: ReduceAxes, ndim: int) -> Union[None, str, Tuple[int, ...]]:
+    """Validates ``reduce_axes`` for a tensor of ``ndim`` dims: None (elementwise slots),
+    'all' (one 0-dim slot) or a sequence of distinct dims in [-ndim, ndim), returned
+    sorted and non-negative.  Raises ValueError naming the bad value."""
+    if reduce_axes is None or reduce_axes == "all":
+        return reduce_axes
+    if isinstance(reduce_axes, str):
+        raise ValueError(f"reduce_axes must be None, 'all' or a tuple of dims, got {reduce_axes!r}")
+    if isinstance(reduce_axes, int):
+        reduce_axes = (reduce_axes,)
+    dims = []
+    for axis in reduce_axes:
+        if not isinstance(axis, int) or isinstance(axis, bool):
+            raise ValueError(f"reduce_axes must hold ints, got {reduce_axes!r}")
+        if not -ndim <= axis < max(ndim, 1) or ndim == 0:
+            raise ValueError(
+                f"reduce_axes {tuple(reduce_axes)!r}: dim {axis} is out of range for a tensor of {ndim} dims"
+            )
+        dims.append(axis % ndim)
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"reduce_axes {tuple(reduce_axes)!r} names a dim twice")
+    return tuple(sorted(dims))
+
+
+def reduced_dims(reduce_axes: ReduceAxes, ndim: int) -> Tuple[int, ...]:
+    """The dims averaged over (empty for elementwise slots)."""
+    axes = normalize_reduce_axes(reduce_axes, ndim)
+    if axes is None:
+        return ()
+    if axes == "all":
+        return tuple(range(ndim))
+    return axes
+
+
+def slot_shape(shape: Sequence[int], reduce_axes: ReduceAxes) -> Tuple[int, ...]:
+    """Shape of the ``v`` / ``b`` slots: the reduced dims kept with size 1, or ()
+    when reducing over all axes."""
+    axes = normalize_reduce_axes(reduce_axes, len(shape))
+    if axes == "all":
+        return ()
+    dims = set(axes or ())
+    return tuple(1 if i in dims else n for i, n in enumerate(shape))

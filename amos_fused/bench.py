@@ -1,0 +1,340 @@
+"""Time one optimizer step of amos_fused against torch.optim.AdamW and a plain copy.
+
+    python -m amos_fused.bench [--workload NAME] [--steps N] [--warmup N] [--json PATH | --no-json]
+
+Every implementation steps its own copy of the same GPT-2-shaped fp32 parameters
+(see amos_fused.bench_workloads) in the same run: torch's for-loop, foreach and fused
+AdamW, our AdamW for each backend available on the device, and `copy`, the floor:
+`dst.copy_(src)` of one flat buffer of 14 B/param, i.e. the 28 B/param that fp32
+AdamW must read and write (p, g, m, v in; p, m, v out).
+
+Reported per implementation: median ms per step after warm-up, effective GB/s
+(bytes the algorithm must move / time), the fraction of the copy's GB/s, and the
+speed-up over torch's fused AdamW (torch fused ms / this ms).  A table goes to
+stdout, progress to stderr, and the results to bench/results/<device>-<date>.json
+(relative to the current directory) in the schema of DESIGN.md §6.  The `copy` row
+carries the workload's params and tensors: the workload whose bytes it mirrors.
+"""
+import argparse
+import datetime
+import functools
+import gc
+import json
+import os
+import re
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+
+from amos_fused.bench_workloads import DEFAULT_WORKLOAD, WORKLOADS
+
+DTYPE = torch.float32
+ADAMW_FP32_BYTES_PER_PARAM = 28  # reads p, g, m, v; writes p, m, v
+ADAMW_HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+TORCH_FUSED = "torch-fused-adamw"
+COPY = "copy"
+# Our backends worth timing on each device type (the interpreted Triton on CPU is not).
+OUR_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One row of the benchmark: `build(params)` returns an object whose .step() is timed."""
+
+    name: str
+    bytes_per_param: int  # bytes one step must move per parameter
+    build: Callable[[List[torch.Tensor]], object]
+
+
+# ---------------------------------------------------------------- implementations
+
+
+def make_torch_adamw(params, **flags):
+    return torch.optim.AdamW(params, **ADAMW_HYPER, **flags)
+
+
+def make_ours(params, backend="cpu"):
+    import amos_fused
+
+    return amos_fused.AdamW(params, **ADAMW_HYPER, backend=backend)
+
+
+class CopyFloor:
+    """Copies one flat buffer of `bytes_per_param / 2` bytes per parameter per step."""
+
+    def __init__(self, params, bytes_per_param):
+        numel = sum(p.numel() for p in params)
+        floats = -(-numel * bytes_per_param // 8)  # ceil(numel * B/2 bytes / 4 bytes per float)
+        device = params[0].device
+        # Filled, so every page is really mapped (zero pages would read from cache).
+        self.src = torch.empty(floats, dtype=torch.float32, device=device).fill_(1.0)
+        self.dst = torch.empty_like(self.src).fill_(0.0)
+
+    def step(self):
+        self.dst.copy_(self.src)
+
+
+def torch_impls() -> List[Impl]:
+    b = ADAMW_FP32_BYTES_PER_PARAM
+    return [
+        Impl("torch-forloop-adamw", b, functools.partial(make_torch_adamw, foreach=False)),
+        Impl("torch-foreach-adamw", b, functools.partial(make_torch_adamw, foreach=True)),
+        Impl(TORCH_FUSED, b, functools.partial(make_torch_adamw, fused=True)),
+    ]
+
+
+def our_impls(device_type: str) -> List[Impl]:
+    """Our AdamW once per backend that is available and fast on this device type."""
+    try:
+        import amos_fused
+
+        available = amos_fused.available_backends()
+        amos_fused.AdamW  # noqa: B018 - probe only
+    except (ImportError, AttributeError) as error:
+        log(f"skipping amos_fused rows: the package does not provide AdamW yet ({error})")
+        return []
+    wanted = OUR_BACKENDS.get(device_type, ())
+    backends = [b for b in wanted if b in available]
+    if not backends:
+        log(f"skipping amos_fused rows: none of {list(wanted)} in available_backends() = {available}")
+    return [
+        Impl(f"{b}-adamw", ADAMW_FP32_BYTES_PER_PARAM, functools.partial(make_ours, backend=b))
+        for b in backends
+    ]
+
+
+def copy_impl() -> Impl:
+    b = ADAMW_FP32_BYTES_PER_PARAM
+    return Impl(COPY, b, functools.partial(CopyFloor, bytes_per_param=b))
+
+
+def all_impls(device_type: str) -> List[Impl]:
+    return torch_impls() + our_impls(device_type) + [copy_impl()]
+
+
+# ---------------------------------------------------------------- timing
+
+
+def log(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
+def step_times_cpu(step, warmup: int, steps: int) -> List[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def step_times_cuda(step, warmup: int, steps: int) -> List[float]:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(steps)]
+    for start, end in events:
+        start.record()
+        step()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def release_memory(device: torch.device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(impl: Impl, make_params, device, warmup: int, steps: int) -> dict:
+    """Median ms per step of `impl` on fresh parameters, which are freed afterwards."""
+    params = make_params(device, DTYPE)
+    sizes = dict(params=sum(p.numel() for p in params), tensors=len(params))
+    optimizer = impl.build(params)
+    del params  # the optimizer keeps what it needs
+    timer = step_times_cuda if device.type == "cuda" else step_times_cpu
+    times = timer(optimizer.step, warmup, steps)
+    del optimizer
+    release_memory(device)
+    log(f"      {statistics.median(times):.3f} ms/step (min {min(times):.3f}, max {max(times):.3f})")
+    return dict(impl=impl, ms=statistics.median(times), **sizes)
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def gbps(bytes_moved: float, ms: float) -> float:
+    return bytes_moved / (ms * 1e-3) / 1e9
+
+
+def result_rows(measurements: List[dict], workload: str) -> List[dict]:
+    """Rows of the DESIGN.md §6 schema; needs the copy and torch fused measurements."""
+    by_name = {m["impl"].name: m for m in measurements}
+    copy = by_name[COPY]
+    copy_gbps = gbps(copy["impl"].bytes_per_param * copy["params"], copy["ms"])
+    fused_ms = by_name[TORCH_FUSED]["ms"]
+    rows = []
+    for m in measurements:
+        speed = gbps(m["impl"].bytes_per_param * m["params"], m["ms"])
+        rows.append({
+            "workload": workload,
+            "impl": m["impl"].name,
+            "dtype": str(DTYPE).replace("torch.", ""),
+            "params": m["params"],
+            "tensors": m["tensors"],
+            "ms": round(m["ms"], 4),
+            "gbps": round(speed, 3),
+            "copy_gbps": round(copy_gbps, 3),
+            "fraction_of_copy_bandwidth": round(speed / copy_gbps, 4),
+            "ratio_vs_torch_fused": round(fused_ms / m["ms"], 4),
+        })
+    return rows
+
+
+def format_table(rows: List[dict], header: List[str]) -> str:
+    width = max(len(r["impl"]) for r in rows)
+    lines = header + [
+        "",
+        f"{'impl':<{width}}  {'ms':>9}  {'GB/s':>7}  {'% of copy':>9}  {'x vs torch fused':>16}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['impl']:<{width}}  {r['ms']:>9.3f}  {r['gbps']:>7.2f}  "
+            f"{100 * r['fraction_of_copy_bandwidth']:>8.1f}%  {r['ratio_vs_torch_fused']:>15.2f}x"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- run metadata
+
+
+def slug(text: str) -> str:
+    text = re.sub(r"\((r|tm)\)", " ", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type == "cuda":
+        return slug(torch.cuda.get_device_name(device))
+    return slug(f"cpu-{cpu_model_name()}-{torch.get_num_threads()}t")
+
+
+def triton_version() -> Optional[str]:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def command_line() -> str:
+    return shlex.join(["python", "-m", "amos_fused.bench"] + sys.argv[1:])
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m amos_fused.bench",
+        description="Time one AdamW step: torch for-loop / foreach / fused, amos_fused, "
+                    "and a copy of the same bytes (the floor).",
+    )
+    parser.add_argument("--workload", choices=sorted(WORKLOADS),
+                        help="parameter set (default: %s)" % ", ".join(
+                            f"{d}: {w}" for d, w in DEFAULT_WORKLOAD.items()))
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="default: cuda if available, else cpu")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    parser.add_argument("--warmup", type=int, default=5, help="warm-up steps (default 5)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads before timing")
+    parser.add_argument("--impls", help="comma-separated subset of rows to run "
+                        f"({COPY} and {TORCH_FUSED} always run)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", metavar="PATH",
+                        help="result file (default: bench/results/<device>-<date>.json)")
+    output.add_argument("--no-json", action="store_true", help="do not write a result file")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def select_impls(impls: List[Impl], names: Optional[str]) -> List[Impl]:
+    if not names:
+        return impls
+    wanted = {n.strip() for n in names.split(",") if n.strip()} | {COPY, TORCH_FUSED}
+    unknown = wanted - {i.name for i in impls}
+    if unknown:
+        raise SystemExit(f"unknown or unavailable --impls: {sorted(unknown)}; "
+                         f"choose from {[i.name for i in impls]}")
+    return [i for i in impls if i.name in wanted]
+
+
+def write_json(path: str, document: dict):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(document, f, indent=2)
+        f.write("\n")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    workload = args.workload or DEFAULT_WORKLOAD[device.type]
+    impls = select_impls(all_impls(device.type), args.impls)
+
+    measurements = []
+    for i, impl in enumerate(impls, 1):
+        log(f"[{i}/{len(impls)}] {impl.name} ...")
+        measurements.append(measure(impl, WORKLOADS[workload], device, args.warmup, args.steps))
+    rows = result_rows(measurements, workload)
+
+    slug_, date = device_slug(device), datetime.date.today().isoformat()
+    header = [
+        f"device {slug_} ({device.type}, {torch.get_num_threads()} threads)  "
+        f"torch {torch.__version__}  triton {triton_version() or 'n/a'}",
+        f"workload {workload}: {rows[0]['params']:,} {rows[0]['dtype']} params in "
+        f"{rows[0]['tensors']} tensors; median of {args.steps} steps after {args.warmup} warm-up",
+    ]
+    print(format_table(rows, header), flush=True)
+
+    if not args.no_json:
+        path = args.json or os.path.join("bench", "results", f"{slug_}-{date}.json")
+        write_json(path, {
+            "device": slug_,
+            "torch": torch.__version__,
+            "triton": triton_version(),
+            "date": date,
+            "command": command_line(),
+            "results": rows,
+        })
+        print(f"\nresults written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Construction-time checks of hyper-parameters, in the style of torch.optim:
+a ValueError that names the parameter and the value."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+
+def _value(x) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def nonnegative(name: str, value) -> None:
+    v = _value(value)
+    if not (v >= 0.0 and math.isfinite(v)):
+        raise ValueError(f"Invalid {name}: {value} (must be a finite number >= 0)")
+
+
+def positive(name: str, value) -> None:
+    v = _value(value)
+    if not (v > 0.0 and math.isfinite(v)):
+        raise ValueError(f"Invalid {name}: {value} (must be a finite number > 0)")
+
+
+def in_unit_interval(name: str, value) -> None:
+    """0 <= value < 1, like torch's betas."""
+    v = _value(value)
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"Invalid {name}: {value} (must be in [0, 1))")
+
+
+def betas(value: Sequence[float], count: int = 2) -> None:
+    if not isinstance(value, (tuple, list)) or len(value) != count:
+        raise ValueError(f"Invalid betas: {value!r} (expected a pair of floats)")
+    for index, beta in enumerate(value):
+        in_unit_interval(f"beta parameter at index {index}", beta)
+
+
+def optional_positive(name: str, value: Optional[float]) -> None:
+    if value is not None:
+        positive(name, value)
+
+
+def optional_in_unit_interval(name: str, value: Optional[float]) -> None:
+    if value is not None:
+        in_unit_interval(name, value)

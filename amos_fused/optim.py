@@ -1,0 +1,292 @@
+"""The optimizers: thin torch.optim.Optimizer classes over the fused kernels
+(``backend='cpu'``, later 'cuda' / 'triton') and the eager reference
+(``backend='reference'``).  The math is in csrc/step_math.h and reference.py."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import hyperparams as hp
+from . import reference
+from .amos_slots import normalize_reduce_axes, slot_shape
+from .buckets import Bucket
+from .optimizer_base import FusedOptimizer
+
+_ops = torch.ops.amos_fused
+
+
+def _zeros_like(p: Tensor) -> Tensor:
+    return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _new_step() -> Tensor:
+    return torch.tensor(0.0, dtype=torch.float32)
+
+
+def _advance(step: Tensor) -> float:
+    step += 1
+    return float(step)
+
+
+class _AdamFamily(FusedOptimizer):
+    """Adam and AdamW: DESIGN §2.1, state keys as torch.optim.Adam."""
+
+    algorithm = "adam"
+    state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def __init__(self, params, lr, betas, eps, weight_decay, amsgrad, bias_correction, backend, decoupled):
+        defaults = dict(
+            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            weight_decay=weight_decay, amsgrad=amsgrad, bias_correction=bias_correction,
+            decoupled_weight_decay=decoupled, backend=backend,
+        )
+        super().__init__(params, defaults)
+
+    def _check_group(self, group):
+        hp.nonnegative("learning rate", group["lr"])
+        hp.nonnegative("epsilon value", group["eps"])
+        hp.betas(group["betas"])
+        hp.nonnegative("weight_decay value", group["weight_decay"])
+
+    def _new_state(self, p, group):
+        state = {"step": _new_step(), "exp_avg": _zeros_like(p), "exp_avg_sq": _zeros_like(p)}
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = _zeros_like(p)
+        return state
+
+    def _hyper(self, group):
+        beta1, beta2 = (float(b) for b in group["betas"])
+        return dict(
+            lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]), decoupled=bool(group["decoupled_weight_decay"]),
+            amsgrad=bool(group["amsgrad"]), bias_correction=bool(group["bias_correction"]),
+        )
+
+    def _fused_step(self, bucket, grads, group):
+        h = self._hyper(group)
+        s = bucket.state
+        _ops.adam_step(
+            bucket.params, grads, s["exp_avg"], s["exp_avg_sq"],
+            s.get("max_exp_avg_sq", []) if h["amsgrad"] else [], s["step"],
+            h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
+            h["decoupled"], h["amsgrad"], h["bias_correction"],
+        )
+
+    def _reference_step(self, bucket, grads, group):
+        h = self._hyper(group)
+        for p, g in zip(bucket.params, grads):
+            st = self.state[p]
+            reference.adam_step(
+                p, g, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"),
+                _advance(st["step"]), **h,
+            )
+
+
+class AdamW(_AdamFamily):
+    """AdamW (decoupled weight decay θ ← θ·(1−ηλ)), a drop-in for torch.optim.AdamW:
+    same defaults, state keys and checkpoints.  ``bias_correction=False`` gives the
+    BERT-style update.  ``backend``: 'reference', 'cpu', 'cuda', 'triton' or None
+    (the fastest available for the parameters' device)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, bias_correction=True, backend=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, bias_correction, backend, True)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+class Adam(_AdamFamily):
+    """Adam with L2 weight decay (g ← g + λθ), a drop-in for torch.optim.Adam."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, bias_correction=True, backend=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, bias_correction, backend, False)
+
+
+class RAdam(FusedOptimizer):
+    """RAdam (DESIGN §2.2), a drop-in for torch.optim.RAdam.  The update is
+    rectified when ρ_t > ``rectify_threshold`` (5, like torch; the paper uses 4).
+    Weight decay is L2 unless ``decoupled_weight_decay=True``."""
+
+    algorithm = "radam"
+    state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, rectify_threshold=5.0, backend=None):
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, rectify_threshold=rectify_threshold,
+            backend=backend,
+        )
+        super().__init__(params, defaults)
+
+    def _check_group(self, group):
+        hp.nonnegative("learning rate", group["lr"])
+        hp.nonnegative("epsilon value", group["eps"])
+        hp.betas(group["betas"])
+        hp.nonnegative("weight_decay value", group["weight_decay"])
+        hp.nonnegative("rectify_threshold", group["rectify_threshold"])
+
+    def _new_state(self, p, group):
+        return {"step": _new_step(), "exp_avg": _zeros_like(p), "exp_avg_sq": _zeros_like(p)}
+
+    def _hyper(self, group):
+        beta1, beta2 = (float(b) for b in group["betas"])
+        return dict(
+            lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            decoupled=bool(group["decoupled_weight_decay"]),
+            rectify_threshold=float(group["rectify_threshold"]),
+        )
+
+    def _fused_step(self, bucket, grads, group):
+        h = self._hyper(group)
+        s = bucket.state
+        _ops.radam_step(
+            bucket.params, grads, s["exp_avg"], s["exp_avg_sq"], s["step"], h["lr"], h["beta1"],
+            h["beta2"], h["eps"], h["weight_decay"], h["decoupled"], h["rectify_threshold"],
+        )
+
+    def _reference_step(self, bucket, grads, group):
+        h = self._hyper(group)
+        for p, g in zip(bucket.params, grads):
+            st = self.state[p]
+            reference.radam_step(p, g, st["exp_avg"], st["exp_avg_sq"], _advance(st["step"]), **h)
+
+
+class Lion(FusedOptimizer):
+    """Lion / SignSGDM-W (DESIGN §2.3): θ ← θ·(1−ηλ) − η·sign(β1·m + (1−β1)·g),
+    then m ← β2·m + (1−β2)·g.  State: ``exp_avg`` (and ``step``, a counter)."""
+
+    algorithm = "lion"
+    state_keys = ("exp_avg",)
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, backend=None):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, backend=backend))
+
+    def _check_group(self, group):
+        hp.nonnegative("learning rate", group["lr"])
+        hp.betas(group["betas"])
+        hp.nonnegative("weight_decay value", group["weight_decay"])
+
+    def _new_state(self, p, group):
+        return {"step": _new_step(), "exp_avg": _zeros_like(p)}
+
+    def _hyper(self, group):
+        beta1, beta2 = (float(b) for b in group["betas"])
+        return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                    weight_decay=float(group["weight_decay"]))
+
+    def _fused_step(self, bucket, grads, group):
+        h = self._hyper(group)
+        _ops.lion_step(bucket.params, grads, bucket.state["exp_avg"], bucket.state["step"],
+                       h["lr"], h["beta1"], h["beta2"], h["weight_decay"])
+
+    def _reference_step(self, bucket, grads, group):
+        h = self._hyper(group)
+        for p, g in zip(bucket.params, grads):
+            st = self.state[p]
+            _advance(st["step"])
+            reference.lion_step(p, g, st["exp_avg"], **h)
+
+
+def initial_rms_eta(p: Tensor) -> float:
+    """Amos's default η for a tensor: the RMS of its (freshly initialized) entries,
+    0.5 where that is zero (zero-init biases) — DESIGN §2.4."""
+    if p.numel() == 0:
+        return 0.5
+    rms = float(p.detach().double().pow(2).mean().sqrt())
+    return rms if rms > 0 and math.isfinite(rms) else 0.5
+
+
+class Amos(FusedOptimizer):
+    """Amos (DESIGN §2.4; Tian & Parikh 2022, jestimator's amos.py): adaptive weight
+    decay toward a model-oriented scale η, no learning-rate schedule needed.
+
+    ``lr`` is the global learning rate ξ.  ``eta``: the expected RMS of the tensor's
+    entries; None infers it per tensor from its RMS at construction (0.5 for
+    all-zero tensors) and stores the values in the group as a tuple, one per param,
+    so checkpoints keep them.  ``reduce_axes``: None (elementwise slots), 'all'
+    (one scalar slot per tensor) or a tuple of dims averaged over.  State keys:
+    ``step``, ``v``, ``b`` (slot-shaped) and ``mu`` (with momentum)."""
+
+    algorithm = "amos"
+    state_keys = ("v", "b", "mu")
+
+    def __init__(self, params, lr, eta=None, reduce_axes=None, beta=0.999, momentum=None,
+                 clip_value=None, extra_l2=0.0, d_coef=0.25, c_coef=0.25, epsilon=2.0**-125,
+                 backend=None):
+        defaults = dict(
+            lr=lr, eta=eta, reduce_axes=reduce_axes, beta=beta, momentum=momentum,
+            clip_value=clip_value, extra_l2=extra_l2, d_coef=d_coef, c_coef=c_coef,
+            epsilon=epsilon, backend=backend,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["eta"] is None:
+            group["eta"] = tuple(initial_rms_eta(p) for p in group["params"])
+            self._check_group(group)
+
+    def _check_group(self, group):
+        hp.nonnegative("learning rate", group["lr"])
+        etas = group["eta"] if isinstance(group["eta"], (tuple, list)) else [group["eta"]]
+        if group["eta"] is not None:
+            if isinstance(group["eta"], (tuple, list)) and len(etas) != len(group["params"]):
+                raise ValueError(
+                    f"Invalid eta: {len(etas)} values for {len(group['params'])} params"
+                )
+            for eta in etas:
+                hp.positive("eta", eta)
+        for p in group["params"]:
+            normalize_reduce_axes(group["reduce_axes"], p.dim())
+        hp.in_unit_interval("beta", group["beta"])
+        hp.optional_in_unit_interval("momentum", group["momentum"])
+        hp.optional_positive("clip_value", group["clip_value"])
+        hp.nonnegative("extra_l2", group["extra_l2"])
+        hp.nonnegative("d_coef", group["d_coef"])
+        hp.nonnegative("c_coef", group["c_coef"])
+        hp.positive("epsilon", group["epsilon"])
+
+    def _new_state(self, p, group):
+        slot = slot_shape(p.shape, group["reduce_axes"])
+        state = {
+            "step": _new_step(),
+            "v": torch.zeros(slot, dtype=p.dtype, device=p.device),
+            "b": torch.zeros(slot, dtype=p.dtype, device=p.device),
+        }
+        if group["momentum"] is not None:
+            state["mu"] = _zeros_like(p)
+        return state
+
+    @staticmethod
+    def _etas(group, params) -> List[float]:
+        """η of each of ``params`` (a float per group, or one per param)."""
+        eta = group["eta"]
+        if not isinstance(eta, (tuple, list)):
+            return [float(eta)] * len(params)
+        position = {id(q): i for i, q in enumerate(group["params"])}
+        return [float(eta[position[id(p)]]) for p in params]
+
+    def _fused_step(self, bucket, grads, group):
+        raise NotImplementedError("Amos has no fused kernel in this build; use backend='reference'")
+
+    def _reference_step(self, bucket, grads, group):
+        for p, g, eta in zip(bucket.params, grads, self._etas(group, bucket.params)):
+            st = self.state[p]
+            reference.amos_step(
+                p, g, st["v"], st["b"], st.get("mu"), _advance(st["step"]),
+                lr=float(group["lr"]), eta=eta,
+                reduce_axes=group["reduce_axes"], beta=float(group["beta"]),
+                momentum=group["momentum"], clip_value=group["clip_value"],
+                extra_l2=float(group["extra_l2"]), d_coef=float(group["d_coef"]),
+                c_coef=float(group["c_coef"]), epsilon=float(group["epsilon"]),
+            )

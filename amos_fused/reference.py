@@ -1,0 +1,283 @@
+"""Eager reference implementation of every algorithm: the ground truth of all tests.
+
+One function per algorithm; each steps ONE tensor in place with plain torch ops,
+written to read like the equations of DESIGN.md §2 (cited in each docstring),
+not like the kernels.  It runs in the tensors' own dtype for float32/float64;
+bfloat16/float16 tensors are computed in float32 and rounded back when stored,
+which is what the fused kernels do.  ``step`` is the 1-based step count AFTER
+the increment (the caller advances its counter first).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .amos_slots import reduced_dims
+
+_REDUCED = (torch.bfloat16, torch.float16)
+
+
+def _load(t: Tensor) -> Tensor:
+    """The working value of a stored tensor (float32 for reduced precision)."""
+    return t.float() if t.dtype in _REDUCED else t.clone()
+
+
+def _store(dst: Tensor, value: Tensor) -> None:
+    dst.copy_(value)
+
+
+def adam_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Optional[Tensor],
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    amsgrad: bool,
+    bias_correction: bool = True,
+) -> None:
+    """Adam / AdamW, DESIGN §2.1 (seed 001)::
+
+        g ← g + λθ                        (L2, when not decoupled)
+        m ← β1·m + (1−β1)·g,  v ← β2·v + (1−β2)·g²,  v̂max ← max(v̂max, v) (amsgrad)
+        u = (m/bc1) / (sqrt(v/bc2) + ε),  bc1 = 1−β1^t, bc2 = 1−β2^t (1 without bias correction)
+        θ ← θ·(1−ηλ) (decoupled);  θ ← θ − η·u
+    """
+    theta, g, m, v = _load(param), _load(grad), _load(exp_avg), _load(exp_avg_sq)
+    if weight_decay != 0 and not decoupled:
+        g = g + weight_decay * theta
+    if weight_decay != 0 and decoupled:
+        theta = theta * (1 - lr * weight_decay)
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    second = v
+    if amsgrad:
+        second = torch.maximum(_load(max_exp_avg_sq), v)
+        _store(max_exp_avg_sq, second)
+    bc1 = 1 - beta1**step if bias_correction else 1.0
+    bc2 = 1 - beta2**step if bias_correction else 1.0
+    u = (m / bc1) / (second.sqrt() / math.sqrt(bc2) + eps)
+    theta = theta - lr * u
+    _store(exp_avg, m)
+    _store(exp_avg_sq, v)
+    _store(param, theta)
+
+
+def radam_rectification(step: int, beta2: float, threshold: float) -> Optional[float]:
+    """RAdam's r_t (DESIGN §2.2, seed 004), or None when ρ_t ≤ threshold::
+
+    ρ∞ = 2/(1−β2) − 1,  ρt = ρ∞ − 2·t·β2^t/(1−β2^t),
+    r = sqrt((ρt−4)(ρt−2)ρ∞ / ((ρ∞−4)(ρ∞−2)ρt))
+    """
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * beta2**step / (1 - beta2**step)
+    if rho_t <= threshold:
+        return None
+    return math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+
+
+def radam_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    rectify_threshold: float = 5.0,
+) -> None:
+    """RAdam, DESIGN §2.2 (seed 004)::
+
+        m, v as in Adam;  u = r·(m/bc1)·sqrt(bc2)/(sqrt(v)+ε) if ρt > threshold else m/bc1
+        θ ← θ − η·u   (decay: L2 on g, or θ·(1−ηλ) when decoupled)
+    """
+    theta, g, m, v = _load(param), _load(grad), _load(exp_avg), _load(exp_avg_sq)
+    if weight_decay != 0 and not decoupled:
+        g = g + weight_decay * theta
+    if weight_decay != 0 and decoupled:
+        theta = theta * (1 - lr * weight_decay)
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    m_hat = m / (1 - beta1**step)
+    r = radam_rectification(step, beta2, rectify_threshold)
+    if r is None:
+        u = m_hat
+    else:
+        u = r * m_hat * math.sqrt(1 - beta2**step) / (v.sqrt() + eps)
+    theta = theta - lr * u
+    _store(exp_avg, m)
+    _store(exp_avg_sq, v)
+    _store(param, theta)
+
+
+def lion_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    """Lion / SignSGDM-W, DESIGN §2.3 (seed 003)::
+
+    c = β1·m + (1−β1)·g;  θ ← θ·(1−ηλ) − η·sign(c);  m ← β2·m + (1−β2)·g
+    """
+    theta, g, m = _load(param), _load(grad), _load(exp_avg)
+    c = beta1 * m + (1 - beta1) * g
+    theta = theta * (1 - lr * weight_decay) - lr * torch.sign(c)
+    m = beta2 * m + (1 - beta2) * g
+    _store(exp_avg, m)
+    _store(param, theta)
+
+
+ReduceAxes = Union[None, str, Sequence[int]]
+
+
+def amos_step(
+    param: Tensor,
+    grad: Tensor,
+    v: Tensor,
+    b: Tensor,
+    mu: Optional[Tensor],
+    step: int,
+    *,
+    lr: float,
+    eta: float,
+    reduce_axes: ReduceAxes,
+    beta: float = 0.999,
+    momentum: Optional[float] = None,
+    clip_value: Optional[float] = None,
+    extra_l2: float = 0.0,
+    d_coef: float = 0.25,
+    c_coef: float = 0.25,
+    epsilon: float = 2.0**-125,
+) -> None:
+    """Amos, DESIGN §2.4 (seeds 000, 002; semantics of jestimator's amos.py)::
+
+        g ← clamp(g, −clip, clip)
+        g2 = mean(g², reduce_axes, keepdims);  v ← β·v + (1−β)·g2
+        r = (1−β^t)/max(v, ε);  c = 1/sqrt(1 + c_coef·sqrt(ξ)·b);  γ = c·ξ²·r·g2
+        α = ξ·η;  d = 1/(1 + d_coef·sqrt(α)·b)
+        Δ = d·((−½γ − extra_l2)·θ − α·sqrt(r)·g)      (old b, pre-update θ)
+        b ← b + γ·(1+b);  mu ← momentum·mu + (1−momentum)·Δ, Δ ← mu;  θ ← θ + Δ
+    """
+    theta, g, v_, b_ = _load(param), _load(grad), _load(v), _load(b)
+    if clip_value is not None:
+        g = g.clamp(-clip_value, clip_value)
+    dims = reduced_dims(reduce_axes, g.dim())
+    g2 = (g * g).mean(dim=dims, keepdim=True) if dims else g * g
+    g2 = g2.reshape(v_.shape)
+    v_ = beta * v_ + (1 - beta) * g2
+    r = (1 - beta**step) / v_.clamp_min(epsilon)
+    c = 1 / torch.sqrt(1 + c_coef * math.sqrt(lr) * b_)
+    gamma = c * lr**2 * r * g2
+    alpha = lr * eta
+    d = 1 / (1 + d_coef * math.sqrt(alpha) * b_)
+    delta = d * ((-0.5 * gamma - extra_l2) * theta - alpha * torch.sqrt(r) * g)
+    b_ = b_ + gamma * (1 + b_)
+    if momentum is not None:
+        m = momentum * _load(mu) + (1 - momentum) * delta
+        _store(mu, m)
+        delta = m
+    _store(v, v_)
+    _store(b, b_)
+    _store(param, theta + delta)
+
+
+def scaled_lr_schedule(step: int, lr: float, p: float, decay: str) -> float:
+    """s(t) of DESIGN §2.5 (seed 002): 'inverse_square' = 1/(α0·p·t + 1)² (constant p,
+    eq. alpha-rho-3) or 'inverse_time' = 1/(2·α0·p0·t + 1) (dynamic p, eq. alpha-rho-4)."""
+    if decay == "inverse_square":
+        return 1.0 / (lr * p * step + 1.0) ** 2
+    if decay == "inverse_time":
+        return 1.0 / (2.0 * lr * p * step + 1.0)
+    raise ValueError(f"decay must be 'inverse_square' or 'inverse_time', got {decay!r}")
+
+
+def _adam_direction(g, m, v, step, beta1, beta2, eps, bias_correction):
+    """Updates m, v (values) and returns u = (m/bc1)/(sqrt(v/bc2)+ε) (DESIGN §2.1)."""
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    bc1 = 1 - beta1**step if bias_correction else 1.0
+    bc2 = 1 - beta2**step if bias_correction else 1.0
+    return m, v, (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)
+
+
+def scaled_adam_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    init_norm: float,
+    p: float,
+    decay: str = "inverse_square",
+    q: float = 1.0,
+) -> None:
+    """Scale-aware Adam, DESIGN §2.5 (seed 002)::
+
+        u = m̂/(sqrt(v̂)+ε);  α_t = α0·‖ε0‖/‖u‖·s(t);  ρ_t = α0²/(2q)·s(t)
+        θ ← θ − (α_t·u + ρ_t·θ)        (‖ε0‖ = init_norm = sqrt(numel)·σ)
+    """
+    theta, g = _load(param), _load(grad)
+    m, v, u = _adam_direction(g, _load(exp_avg), _load(exp_avg_sq), step, beta1, beta2, eps, True)
+    s = scaled_lr_schedule(step, lr, p, decay)
+    u_norm = u.norm()
+    scaled_u = torch.where(u_norm > 0, u * (lr * init_norm * s / u_norm), torch.zeros_like(u))
+    rho = lr**2 / (2 * q) * s
+    theta = theta - (scaled_u + rho * theta)
+    _store(exp_avg, m)
+    _store(exp_avg_sq, v)
+    _store(param, theta)
+
+
+def lamb_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool = True,
+) -> None:
+    """LAMB, DESIGN §2.5: u = m̂/(sqrt(v̂)+ε) + λθ;  θ ← θ − η·(‖θ‖/‖u‖)·u, the trust
+    ratio ‖θ‖/‖u‖ being 1 when either norm is 0."""
+    theta, g = _load(param), _load(grad)
+    m, v, u = _adam_direction(
+        g, _load(exp_avg), _load(exp_avg_sq), step, beta1, beta2, eps, bias_correction
+    )
+    u = u + weight_decay * theta
+    theta_norm, u_norm = theta.norm(), u.norm()
+    both = (theta_norm > 0) & (u_norm > 0)
+    ratio = torch.where(both, theta_norm / torch.where(both, u_norm, 1.0), 1.0)
+    theta = theta - lr * ratio * u
+    _store(exp_avg, m)
+    _store(exp_avg_sq, v)
+    _store(param, theta)
