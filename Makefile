@@ -1,0 +1,34 @@
+# The two entry points of README.md:  `make bench`  and  `make test`.
+# Both create .venv (if missing), make sure torch is in it BEFORE building the
+# extension (the build uses --no-build-isolation and compiles against that torch),
+# then install amos_fused in editable mode.
+PYTHON ?= python3
+VENV ?= .venv
+# On this project's CPU machines `pip install torch==2.13.0` takes a local CPU
+# wheel; elsewhere set TORCH_SPEC (e.g. an index URL for CPU wheels) or
+# pre-install torch into $(VENV).
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.amos_fused-installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*)
+
+.PHONY: install bench test clean
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install ninja numpy "pytest>=8"
+	$(PY) -m pip install --no-deps pytorch-optimizer==4.1.0
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+bench: install
+	$(PY) -m amos_fused.bench
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf build amos_fused/_C*.so $(VENV)
