@@ -67,4 +67,25 @@ inline LionCoef<double> lion_coefficients(const LionHyper& h) {
   return {h.beta1, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2, 1.0 - h.lr * h.weight_decay, -h.lr};
 }
 
+struct AmosHyper {
+  double lr, beta, momentum, clip_value, extra_l2, d_coef, c_coef, epsilon;
+};
+
+// §2.4, for one tensor of scale η at step t.
+inline AmosCoef<double> amos_coefficients(const AmosHyper& h, double eta, double step) {
+  const double alpha = h.lr * eta;
+  return {h.beta,
+          1.0 - h.beta,
+          1.0 - std::pow(h.beta, step),
+          h.epsilon,
+          h.c_coef * std::sqrt(h.lr),
+          h.lr * h.lr,
+          alpha,
+          h.d_coef * std::sqrt(alpha),
+          h.extra_l2,
+          h.clip_value,
+          h.momentum,
+          1.0 - h.momentum};
+}
+
 }  // namespace amos_fused

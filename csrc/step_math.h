@@ -33,6 +33,10 @@ AF_HD double af_sqrt(double x) { return ::sqrt(x); }
 template <typename S>
 AF_HD S af_max(S a, S b) { return (a > b || a != a) ? a : b; }
 
+// torch.clamp semantics: NaN stays NaN.
+template <typename S>
+AF_HD S af_clamp(S x, S lo, S hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
 // torch.sign semantics: sign(±0) = ±0, sign(NaN) = NaN.
 template <typename S>
 AF_HD S af_sign(S x) { return x > S(0) ? S(1) : (x < S(0) ? S(-1) : x * S(0)); }
@@ -125,6 +129,57 @@ AF_HD void lion_update(T& p, T g, T& m, const LionCoef<T>& c) {
   T direction = af_sign(m * c.beta1 + g * c.beta1_complement);  // sign(β1·m + (1−β1)·g)
   p = p * c.param_decay + c.neg_lr * direction;                // θ ← θ(1−ηλ) − η·sign(c)
   m = m * c.beta2 + g * c.beta2_complement;                    // m ← β2·m + (1−β2)·g
+}
+
+// ---- Amos (§2.4) ------------------------------------------------------------------
+template <typename T>
+struct AmosCoef {
+  T beta, beta_complement;  // β, 1 − β
+  T bias_correction;        // 1 − β^t
+  T epsilon;                // floor of v
+  T c_scale;                // c_coef·sqrt(ξ)
+  T lr_sq;                  // ξ²
+  T alpha;                  // α = ξ·η
+  T d_scale;                // d_coef·sqrt(α)
+  T extra_l2;
+  T clip;                   // clip_value (used only when clipping)
+  T momentum, momentum_complement;
+
+  template <typename U, typename F>
+  AmosCoef<U> map(F f) const {
+    return {f(beta), f(beta_complement), f(bias_correction), f(epsilon), f(c_scale), f(lr_sq),
+            f(alpha), f(d_scale), f(extra_l2), f(clip), f(momentum), f(momentum_complement)};
+  }
+};
+
+template <bool CLIP, typename T>
+AF_HD T amos_clip(T g, const AmosCoef<T>& c) {
+  return CLIP ? af_clamp(g, T(0) - c.clip, c.clip) : g;  // g ← clamp(g, −clip, clip)
+}
+
+// One slot: g2 = mean of g² over the slot's elements.  Updates v and b and
+// returns the slot's update as Δ = w·θ − a·g for each of its elements.
+template <typename T>
+AF_HD void amos_slot(T& v, T& b, T g2, T& w, T& a, const AmosCoef<T>& c) {
+  v = c.beta * v + c.beta_complement * g2;                // v ← β·v + (1−β)·g2
+  T r = c.bias_correction / af_max(v, c.epsilon);         // r = (1−β^t)/max(v, ε)
+  T decay_c = T(1) / af_sqrt(T(1) + c.c_scale * b);       // c = 1/sqrt(1 + c_coef·sqrt(ξ)·b)  (old b)
+  T gamma = decay_c * c.lr_sq * r * g2;                   // γ = c·ξ²·r·g2
+  T d = T(1) / (T(1) + c.d_scale * b);                    // d = 1/(1 + d_coef·sqrt(α)·b)  (old b)
+  w = d * (T(-0.5) * gamma - c.extra_l2);                 // Δ = d·((−½γ − l2)·θ − α·sqrt(r)·g)
+  a = d * c.alpha * af_sqrt(r);
+  b = b + gamma * (T(1) + b);                             // b ← b + γ·(1+b)  (last)
+}
+
+// One element given its slot's (w, a): Δ = w·θ − a·g, optional un-debiased EMA, θ ← θ + Δ.
+template <bool MOMENTUM, typename T>
+AF_HD void amos_element(T& p, T g, T& mu, T w, T a, const AmosCoef<T>& c) {
+  T delta = w * p - a * g;
+  if (MOMENTUM) {
+    mu = c.momentum * mu + c.momentum_complement * delta;  // mu ← m·mu + (1−m)·Δ;  Δ ← mu
+    delta = mu;
+  }
+  p = p + delta;
 }
 
 }  // namespace amos_fused

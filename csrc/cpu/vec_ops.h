@@ -19,6 +19,14 @@ inline at::vec::Vectorized<S> af_max(const at::vec::Vectorized<S>& a,
   return at::vec::maximum(a, b);
 }
 
+// NaN stays NaN, like torch.clamp.
+template <typename S>
+inline at::vec::Vectorized<S> af_clamp(const at::vec::Vectorized<S>& x,
+                                       const at::vec::Vectorized<S>& lo,
+                                       const at::vec::Vectorized<S>& hi) {
+  return at::vec::minimum(at::vec::maximum(x, lo), hi);
+}
+
 // sign(±0) = ±0, sign(NaN) = NaN, like torch.sign.
 template <typename S>
 inline at::vec::Vectorized<S> af_sign(const at::vec::Vectorized<S>& x) {
