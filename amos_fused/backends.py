@@ -12,7 +12,7 @@ KNOWN_BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 # Algorithms with a fused kernel, per backend (the reference has them all).
 FUSED_ALGORITHMS: Dict[str, FrozenSet[str]] = {
-    "cpu": frozenset({"adam", "radam", "lion"}),
+    "cpu": frozenset({"adam", "radam", "lion", "amos"}),
     "cuda": frozenset(),
     "triton": frozenset(),
 }

@@ -218,6 +218,7 @@ class Amos(FusedOptimizer):
 
     algorithm = "amos"
     state_keys = ("v", "b", "mu")
+    fused_needs_contiguous = True
 
     def __init__(self, params, lr, eta=None, reduce_axes=None, beta=0.999, momentum=None,
                  clip_value=None, extra_l2=0.0, d_coef=0.25, c_coef=0.25, epsilon=2.0**-125,
@@ -277,7 +278,13 @@ class Amos(FusedOptimizer):
         return [float(eta[position[id(p)]]) for p in params]
 
     def _fused_step(self, bucket, grads, group):
-        raise NotImplementedError("Amos has no fused kernel in this build; use backend='reference'")
+        s = bucket.state
+        _ops.amos_step(
+            bucket.params, grads, s["v"], s["b"], s.get("mu", []) if group["momentum"] is not None else [],
+            s["step"], self._etas(group, bucket.params), float(group["lr"]), float(group["beta"]),
+            group["momentum"], group["clip_value"], float(group["extra_l2"]), float(group["d_coef"]),
+            float(group["c_coef"]), float(group["epsilon"]),
+        )
 
     def _reference_step(self, bucket, grads, group):
         for p, g, eta in zip(bucket.params, grads, self._etas(group, bucket.params)):

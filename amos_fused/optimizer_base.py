@@ -44,6 +44,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     algorithm: str = ""
     state_keys: Tuple[str, ...] = ()
+    # The fused kernels walk params in memory order; some need it row-major.
+    fused_needs_contiguous: bool = False
 
     def __init__(self, params, defaults: Dict[str, Any]):
         self._plans: Dict[int, GroupPlan] = {}
@@ -154,10 +156,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             if backend == "reference":
                 continue
             for p in bucket.params:
-                if not _is_dense(p):
+                if not (p.is_contiguous() if self.fused_needs_contiguous else _is_dense(p)):
+                    need = "contiguous" if self.fused_needs_contiguous else "dense in memory (not a strided view)"
                     raise ValueError(
-                        f"{self._where(index, p)}: the fused {backend!r} backend needs params "
-                        "that are dense in memory (not a strided view); use backend='reference'"
+                        f"{self._where(index, p)}: the fused {backend!r} backend of {self._name} "
+                        f"needs params that are {need}; use backend='reference'"
                     )
 
     def _run(self, index: int, work: _Work) -> None:

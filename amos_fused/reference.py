@@ -178,6 +178,8 @@ def amos_step(
         Δ = d·((−½γ − extra_l2)·θ − α·sqrt(r)·g)      (old b, pre-update θ)
         b ← b + γ·(1+b);  mu ← momentum·mu + (1−momentum)·Δ, Δ ← mu;  θ ← θ + Δ
     """
+    if param.numel() == 0:
+        return
     theta, g, v_, b_ = _load(param), _load(grad), _load(v), _load(b)
     if clip_value is not None:
         g = g.clamp(-clip_value, clip_value)

@@ -27,6 +27,11 @@ TORCH_LIBRARY(amos_fused, m) {
   m.def(
       "lion_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] steps, float lr, "
       "float beta1, float beta2, float weight_decay) -> ()");
+  // §2.4 Amos; slot layout of each tensor read off the shapes of its v / b.
+  m.def(
+      "amos_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] vs, Tensor(c!)[] bs, "
+      "Tensor(d!)[] mus, Tensor(e!)[] steps, float[] etas, float lr, float beta, float? momentum, "
+      "float? clip_value, float extra_l2, float d_coef, float c_coef, float epsilon) -> ()");
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -39,6 +39,14 @@ inline void for_each_segment(const BucketView& bucket, const F& f) {
   });
 }
 
+// Tensor t's stream of a bucket, typed.
+template <typename T>
+inline T* stream(void* const* table, int64_t t) { return static_cast<T*>(table[t]); }
+template <typename T>
+inline T* stream(const void* const* table, int64_t t) {
+  return const_cast<T*>(static_cast<const T*>(table[t]));  // read-only: never stored
+}
+
 // Loads and stores a tile of a storage dtype as opmath vectors.
 template <typename scalar_t>
 struct TileIO {

@@ -50,11 +50,41 @@ struct LionLaunch {
   LionCoef<double> coef;  // the same for every tensor
 };
 
+// How an Amos tensor's elements map to its slots (csrc/cpu/amos_ops.cpp).
+constexpr int kAmosMaxDims = 16;
+struct AmosLayout {
+  // Elements per slot when each slot owns one contiguous run (reduced axes are
+  // trailing, or none: row_len 1); 0 for any other layout ("general").
+  int64_t row_len;
+  // General layouts: dims after dropping size-1 dims and merging neighbours,
+  // with the slot stride of each (0 for reduced dims).
+  int ndim;
+  int64_t sizes[kAmosMaxDims];
+  int64_t slot_strides[kAmosMaxDims];
+  int64_t num_slots;
+};
+
+struct AmosLaunch {
+  BucketView bucket;  // general-layout tensors count 0 elements here
+  void* const* param;
+  const void* const* grad;
+  void* const* v;
+  void* const* b;
+  void* const* mu;  // only read with momentum
+  const AmosCoef<double>* coef;  // per tensor
+  const AmosLayout* layout;      // per tensor
+  const int64_t* general;        // indices of the general-layout tensors
+  int64_t num_general;
+  bool momentum;
+  bool clip;
+};
+
 struct KernelTable {
   const char* name;
   void (*adam)(const AdamLaunch&);
   void (*radam)(const RAdamLaunch&);
   void (*lion)(const LionLaunch&);
+  void (*amos)(const AmosLaunch&);
 };
 
 // One table per instruction set, and the one in use.

@@ -5,18 +5,12 @@
 
 #include <ATen/Dispatch.h>
 
+#include "amos_kernel.h"
 #include "bucket_loop.h"
 #include "kernel_api.h"
 
 namespace amos_fused::cpu {
 inline namespace CPU_CAPABILITY {
-
-template <typename T>
-inline T* stream(void* const* table, int64_t t) { return static_cast<T*>(table[t]); }
-template <typename T>
-inline T* stream(const void* const* table, int64_t t) {
-  return const_cast<T*>(static_cast<const T*>(table[t]));  // read-only: never stored
-}
 
 template <typename scalar_t, bool AMSGRAD, bool L2>
 void adam_typed(const AdamLaunch& L) {
@@ -102,6 +96,7 @@ inline void lion_kernel(const LionLaunch& L) {
 
 #define AMOS_FUSED_DEFINE_KERNEL_TABLE(getter, label)                              \
   const amos_fused::cpu::KernelTable& amos_fused::cpu::getter() {                   \
-    static const KernelTable table{label, &adam_kernel, &radam_kernel, &lion_kernel}; \
+    static const KernelTable table{label, &adam_kernel, &radam_kernel, &lion_kernel, \
+                                   &amos_kernel};                                   \
     return table;                                                                  \
   }

@@ -1,0 +1,193 @@
+// The Amos CPU kernel (math: csrc/step_math.h §2.4).  Three ways to walk a tensor:
+//  - elementwise slots: one vectorized pass, slot math per element;
+//  - trailing reduced axes (torch's Linear/Conv/Embedding layouts): each slot is
+//    a contiguous row; a row's g² is summed and the row updated straight away,
+//    while it is still in cache: one pass over memory;
+//  - any other reduced axes: two passes over the tensor (sums, then update).
+#pragma once
+
+#include <ATen/Dispatch.h>
+
+#include <vector>
+
+#include "bucket_loop.h"
+
+namespace amos_fused::cpu {
+inline namespace CPU_CAPABILITY {
+
+// Σ clip(g)² over n contiguous elements: float lanes within blocks, blocks in double.
+template <typename scalar_t, bool CLIP>
+double amos_sum_squares(const scalar_t* g, int64_t n, const TileCoef<AmosCoef, scalar_t>& coef) {
+  using IO = TileIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  using Op = at::opmath_type<scalar_t>;
+  constexpr int64_t kBlock = 64 * IO::kTile;
+  double total = 0.0;
+  int64_t i = 0;
+  while (i < n) {
+    const int64_t stop = std::min(n, i + kBlock);
+    Vec acc(Op(0));
+    for (; i + IO::kTile <= stop; i += IO::kTile) {
+      Vec tile[IO::kParts];
+      IO::load(g + i, tile);
+      for (int part = 0; part < IO::kParts; ++part) {
+        const Vec x = amos_clip<CLIP>(tile[part], coef.vec);
+        acc = acc + x * x;
+      }
+    }
+    Op lanes[Vec::size()];
+    acc.store(lanes);
+    double block = 0.0;
+    for (int64_t k = 0; k < Vec::size(); ++k) block += lanes[k];
+    for (; i < stop; ++i) {
+      const Op x = amos_clip<CLIP>(static_cast<Op>(g[i]), coef.scalar);
+      block += static_cast<double>(x * x);
+    }
+    total += block;
+  }
+  return total;
+}
+
+template <typename scalar_t, bool MOMENTUM>
+inline void amos_store_slot(scalar_t* v, scalar_t* b, double sum, int64_t count,
+                            const AmosCoef<at::opmath_type<scalar_t>>& c,
+                            at::opmath_type<scalar_t>& w, at::opmath_type<scalar_t>& a) {
+  using Op = at::opmath_type<scalar_t>;
+  Op vv = static_cast<Op>(*v), bb = static_cast<Op>(*b);
+  amos_slot(vv, bb, static_cast<Op>(sum / static_cast<double>(count)), w, a, c);  // g2 = mean g²
+  *v = static_cast<scalar_t>(vv);
+  *b = static_cast<scalar_t>(bb);
+}
+
+// Updates elements [0, n) of one row given its slot's (w, a).
+template <typename scalar_t, bool MOMENTUM, bool CLIP>
+void amos_update_row(scalar_t* p, scalar_t* g, scalar_t* mu, int64_t n,
+                     at::opmath_type<scalar_t> w, at::opmath_type<scalar_t> a,
+                     const TileCoef<AmosCoef, scalar_t>& coef) {
+  using Vec = typename TileIO<scalar_t>::Vec;
+  const Vec wv(w), av(a);
+  auto update = [&](auto& x) {
+    using V = typename std::decay_t<decltype(x)>::value_type;
+    const auto& c = coef.template get<V>();
+    const V gg = amos_clip<CLIP>(x[1], c);
+    if constexpr (std::is_same_v<V, Vec>) {
+      amos_element<MOMENTUM>(x[0], gg, x[MOMENTUM ? 2 : 0], wv, av, c);
+    } else {
+      amos_element<MOMENTUM>(x[0], gg, x[MOMENTUM ? 2 : 0], w, a, c);
+    }
+  };
+  if constexpr (MOMENTUM) {
+    map_streams<scalar_t, 3, 0b101u>({p, g, mu}, 0, n, update);
+  } else {
+    map_streams<scalar_t, 2, 0b1u>({p, g}, 0, n, update);
+  }
+}
+
+// Visits every element of a general-layout tensor in memory order with its slot.
+template <typename F>
+void amos_walk_general(const AmosLayout& L, const F& f) {
+  if (L.ndim == 0) {
+    f(int64_t(0), int64_t(0));
+    return;
+  }
+  const int last = L.ndim - 1;
+  int64_t outer = 1;
+  for (int d = 0; d < last; ++d) outer *= L.sizes[d];
+  int64_t index[kAmosMaxDims] = {0};
+  int64_t slot_base = 0, element = 0;
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t j = 0; j < L.sizes[last]; ++j) f(element++, slot_base + j * L.slot_strides[last]);
+    for (int d = last - 1; d >= 0; --d) {
+      slot_base += L.slot_strides[d];
+      if (++index[d] < L.sizes[d]) break;
+      slot_base -= L.slot_strides[d] * L.sizes[d];
+      index[d] = 0;
+    }
+  }
+}
+
+template <typename scalar_t, bool MOMENTUM, bool CLIP>
+void amos_general_tensor(const AmosLaunch& L, int64_t t) {
+  using Op = at::opmath_type<scalar_t>;
+  const AmosLayout& layout = L.layout[t];
+  const TileCoef<AmosCoef, scalar_t> coef(L.coef[t]);
+  auto* p = stream<scalar_t>(L.param, t);
+  auto* g = stream<scalar_t>(L.grad, t);
+  auto* v = stream<scalar_t>(L.v, t);
+  auto* b = stream<scalar_t>(L.b, t);
+  auto* mu = MOMENTUM ? stream<scalar_t>(L.mu, t) : nullptr;
+  const int64_t slots = layout.num_slots;
+  int64_t numel = 1;
+  for (int d = 0; d < layout.ndim; ++d) numel *= layout.sizes[d];
+  std::vector<double> sums(slots, 0.0);
+  amos_walk_general(layout, [&](int64_t e, int64_t s) {  // phase 1: Σ g² per slot
+    const Op x = amos_clip<CLIP>(static_cast<Op>(g[e]), coef.scalar);
+    sums[s] += static_cast<double>(x * x);
+  });
+  std::vector<Op> w(slots), a(slots);
+  for (int64_t s = 0; s < slots; ++s)
+    amos_store_slot<scalar_t, MOMENTUM>(v + s, b + s, sums[s], numel / slots, coef.scalar, w[s], a[s]);
+  amos_walk_general(layout, [&](int64_t e, int64_t s) {  // phase 2: elementwise update
+    Op pp = static_cast<Op>(p[e]);
+    Op mm = MOMENTUM ? static_cast<Op>(mu[e]) : Op(0);
+    const Op gg = amos_clip<CLIP>(static_cast<Op>(g[e]), coef.scalar);
+    amos_element<MOMENTUM>(pp, gg, mm, w[s], a[s], coef.scalar);
+    p[e] = static_cast<scalar_t>(pp);
+    if (MOMENTUM) mu[e] = static_cast<scalar_t>(mm);
+  });
+}
+
+template <typename scalar_t, bool MOMENTUM, bool CLIP>
+void amos_typed(const AmosLaunch& L) {
+  using Op = at::opmath_type<scalar_t>;
+  for_each_segment(L.bucket, [&](int64_t t, int64_t begin, int64_t end) {
+    const TileCoef<AmosCoef, scalar_t> coef(L.coef[t]);
+    auto* p = stream<scalar_t>(L.param, t);
+    auto* g = stream<scalar_t>(L.grad, t);
+    auto* v = stream<scalar_t>(L.v, t);
+    auto* b = stream<scalar_t>(L.b, t);
+    auto* mu = MOMENTUM ? stream<scalar_t>(L.mu, t) : nullptr;
+    const int64_t row = L.layout[t].row_len;
+    if (row == 1) {  // elementwise slots: slot math per element
+      auto update = [&](auto& x) {
+        using V = typename std::decay_t<decltype(x)>::value_type;
+        const auto& c = coef.template get<V>();
+        const V gg = amos_clip<CLIP>(x[1], c);
+        V w, a;
+        amos_slot(x[2], x[3], gg * gg, w, a, c);
+        amos_element<MOMENTUM>(x[0], gg, x[MOMENTUM ? 4 : 0], w, a, c);
+      };
+      if constexpr (MOMENTUM) {
+        map_streams<scalar_t, 5, 0b11101u>({p, g, v, b, mu}, begin, end, update);
+      } else {
+        map_streams<scalar_t, 4, 0b1101u>({p, g, v, b}, begin, end, update);
+      }
+      return;
+    }
+    // Rows whose first element lies in [begin, end): reduce, then update, in cache.
+    for (int64_t r = (begin + row - 1) / row; r * row < end; ++r) {
+      const int64_t start = r * row;
+      Op w, a;
+      const double sum = amos_sum_squares<scalar_t, CLIP>(g + start, row, coef);
+      amos_store_slot<scalar_t, MOMENTUM>(v + r, b + r, sum, row, coef.scalar, w, a);
+      amos_update_row<scalar_t, MOMENTUM, CLIP>(p + start, g + start,
+                                                MOMENTUM ? mu + start : nullptr, row, w, a, coef);
+    }
+  });
+  at::parallel_for(0, L.num_general, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) amos_general_tensor<scalar_t, MOMENTUM, CLIP>(L, L.general[i]);
+  });
+}
+
+inline void amos_kernel(const AmosLaunch& L) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, L.bucket.dtype, "amos_fused_amos", [&] {
+    if (L.momentum) {
+      L.clip ? amos_typed<scalar_t, true, true>(L) : amos_typed<scalar_t, true, false>(L);
+    } else {
+      L.clip ? amos_typed<scalar_t, false, true>(L) : amos_typed<scalar_t, false, false>(L);
+    }
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace amos_fused::cpu
