@@ -4,8 +4,14 @@ torch.optim-compatible classes.  See README.md and DESIGN.md."""
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
 from . import _C  # noqa: F401  (registers the compiled ops: torch.ops.amos_fused)
+from .amos_helpers import amos_param_groups
 from .backends import available_backends
+from .norm_scaled import Lamb, ScaledAdamW
 from .optim import Adam, AdamW, Amos, Lion, RAdam
+from .theory import half_life_p
 
-__all__ = ["Adam", "AdamW", "Amos", "Lion", "RAdam", "available_backends"]
+__all__ = [
+    "Adam", "AdamW", "Amos", "Lamb", "Lion", "RAdam", "ScaledAdamW",
+    "amos_param_groups", "available_backends", "half_life_p",
+]
 __version__ = "0.1.0"

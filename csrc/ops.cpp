@@ -32,6 +32,16 @@ TORCH_LIBRARY(amos_fused, m) {
       "amos_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] vs, Tensor(c!)[] bs, "
       "Tensor(d!)[] mus, Tensor(e!)[] steps, float[] etas, float lr, float beta, float? momentum, "
       "float? clip_value, float extra_l2, float d_coef, float c_coef, float epsilon) -> ()");
+  // §2.5 scale-aware Adam (seed 002): two phases, per-tensor ‖u‖.
+  m.def(
+      "scaled_adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float[] init_norms, float lr, float beta1, "
+      "float beta2, float eps, float p, bool inverse_time, float q) -> ()");
+  // §2.5 LAMB: two phases, per-tensor ‖u‖ and ‖θ‖.
+  m.def(
+      "lamb_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay, bool bias_correction) -> ()");
 }
 
 extern "C" PyObject* PyInit__C(void) {

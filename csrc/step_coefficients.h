@@ -67,6 +67,22 @@ inline LionCoef<double> lion_coefficients(const LionHyper& h) {
   return {h.beta1, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2, 1.0 - h.lr * h.weight_decay, -h.lr};
 }
 
+// §2.5: Adam moments for the two-phase rules (scale-aware Adam, LAMB).
+inline MomentCoef<double> moment_coefficients(double beta1, double beta2, double eps,
+                                              double weight_decay, bool bias_correction,
+                                              double step) {
+  const double bc1 = bias_correction ? 1.0 - std::pow(beta1, step) : 1.0;
+  const double bc2 = bias_correction ? 1.0 - std::pow(beta2, step) : 1.0;
+  return {1.0 - beta1, beta2, 1.0 - beta2, eps, bc1, std::sqrt(bc2), weight_decay};
+}
+
+// §2.5 s(t): 1/(α0·p·t + 1)² (inverse_square, constant p) or 1/(2·α0·p·t + 1)
+// (inverse_time, dynamic p).
+inline double scaled_schedule(double lr, double p, bool inverse_time, double step) {
+  return inverse_time ? 1.0 / (2.0 * lr * p * step + 1.0)
+                      : 1.0 / ((lr * p * step + 1.0) * (lr * p * step + 1.0));
+}
+
 struct AmosHyper {
   double lr, beta, momentum, clip_value, extra_l2, d_coef, c_coef, epsilon;
 };

@@ -131,6 +131,44 @@ AF_HD void lion_update(T& p, T g, T& m, const LionCoef<T>& c) {
   m = m * c.beta2 + g * c.beta2_complement;                    // m ← β2·m + (1−β2)·g
 }
 
+// ---- Adam moments and direction, shared by the two-phase rules (§2.5) ---------------
+template <typename T>
+struct MomentCoef {
+  T beta1_complement, beta2, beta2_complement;
+  T eps;
+  T bc1;       // 1 − β1^t (1 without bias correction)
+  T bc2_sqrt;  // sqrt(1 − β2^t)
+  T weight_decay;  // λ added to the direction (LAMB), else 0
+
+  template <typename U, typename F>
+  MomentCoef<U> map(F f) const {
+    return {f(beta1_complement), f(beta2), f(beta2_complement), f(eps), f(bc1), f(bc2_sqrt),
+            f(weight_decay)};
+  }
+};
+
+template <typename T>
+AF_HD void update_moments(T g, T& m, T& v, const MomentCoef<T>& c) {
+  m = m + c.beta1_complement * (g - m);          // m ← β1·m + (1−β1)·g
+  v = v * c.beta2 + c.beta2_complement * g * g;  // v ← β2·v + (1−β2)·g²
+}
+
+// u = m̂/(sqrt(v̂)+ε) (+ λθ for LAMB), with torch's ε placement.
+template <bool DECAY, typename T>
+AF_HD T adam_direction(T p, T m, T v, const MomentCoef<T>& c) {
+  T u = (m / c.bc1) / (af_sqrt(v) / c.bc2_sqrt + c.eps);
+  if (DECAY) u = u + c.weight_decay * p;
+  return u;
+}
+
+// Phase 2 of the norm-scaled rules: θ ← θ − (k·u + ρ·θ), with per-tensor k, ρ:
+//   scale-aware Adam: k = α0·‖ε0‖·s(t)/‖u‖, ρ = α0²/(2q)·s(t)
+//   LAMB:             k = η·‖θ‖/‖u‖ (η when a norm is 0), ρ = 0
+template <typename T>
+AF_HD void scaled_update(T& p, T u, T k, T rho) {
+  p = p - (k * u + rho * p);
+}
+
 // ---- Amos (§2.4) ------------------------------------------------------------------
 template <typename T>
 struct AmosCoef {

@@ -21,22 +21,42 @@ using at::vec::Vectorized;
 // Below this many elements a bucket is stepped by one thread.
 constexpr int64_t kGrainSize = 32768;
 
-// Calls f(tensor, begin, end) for every piece of every tensor, in parallel.
+// How many pieces a bucket of `total` elements is cut into (one per thread).
+inline int64_t num_chunks(int64_t total) {
+  const int64_t by_size = (total + kGrainSize - 1) / kGrainSize;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), by_size));
+}
+
+// Cuts the virtual concatenation of a bucket's tensors into `chunks` equal
+// pieces, stepped in parallel, and calls f(chunk, tensor, begin, end) for every
+// part of a tensor inside a piece.  The cut depends only on `chunks`, so
+// reductions combined chunk by chunk are deterministic.
 template <typename F>
-inline void for_each_segment(const BucketView& bucket, const F& f) {
+inline void for_each_chunk_segment(const BucketView& bucket, int64_t chunks, const F& f) {
   const int64_t n = bucket.num_tensors;
   const int64_t* offsets = bucket.offsets;
   const int64_t total = offsets[n];
   if (total == 0) return;
-  at::parallel_for(0, total, kGrainSize, [&](int64_t lo, int64_t hi) {
-    int64_t t = std::upper_bound(offsets, offsets + n + 1, lo) - offsets - 1;
-    while (lo < hi) {
-      const int64_t stop = std::min(hi, offsets[t + 1]);
-      if (stop > lo) f(t, lo - offsets[t], stop - offsets[t]);
-      lo = stop;
-      ++t;
+  at::parallel_for(0, chunks, 1, [&](int64_t first_chunk, int64_t last_chunk) {
+    for (int64_t chunk = first_chunk; chunk < last_chunk; ++chunk) {
+      int64_t lo = total / chunks * chunk + std::min(chunk, total % chunks);
+      const int64_t hi = lo + total / chunks + (chunk < total % chunks ? 1 : 0);
+      int64_t t = std::upper_bound(offsets, offsets + n + 1, lo) - offsets - 1;
+      while (lo < hi) {
+        const int64_t stop = std::min(hi, offsets[t + 1]);
+        if (stop > lo) f(chunk, t, lo - offsets[t], stop - offsets[t]);
+        lo = stop;
+        ++t;
+      }
     }
   });
+}
+
+// Calls f(tensor, begin, end) for every piece of every tensor, in parallel.
+template <typename F>
+inline void for_each_segment(const BucketView& bucket, const F& f) {
+  for_each_chunk_segment(bucket, num_chunks(bucket.offsets[bucket.num_tensors]),
+                         [&](int64_t, int64_t t, int64_t begin, int64_t end) { f(t, begin, end); });
 }
 
 // Tensor t's stream of a bucket, typed.

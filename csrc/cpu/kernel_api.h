@@ -79,12 +79,28 @@ struct AmosLaunch {
   bool clip;
 };
 
+// Scale-aware Adam and LAMB (§2.5): phase 1 updates m, v and reduces Σu² (and
+// Σθ² for LAMB) per tensor; phase 2 recomputes u and writes θ ← θ − (k·u + ρ·θ).
+struct NormScaledLaunch {
+  BucketView bucket;
+  void* const* param;
+  const void* const* grad;
+  void* const* exp_avg;
+  void* const* exp_avg_sq;
+  const MomentCoef<double>* coef;  // per tensor
+  bool lamb;                       // u includes λθ; Σθ² is reduced too
+};
+
 struct KernelTable {
   const char* name;
   void (*adam)(const AdamLaunch&);
   void (*radam)(const RAdamLaunch&);
   void (*lion)(const LionLaunch&);
   void (*amos)(const AmosLaunch&);
+  // Fills u_sq[t] = Σu² and (LAMB) theta_sq[t] = Σθ² for every tensor t.
+  void (*norm_scaled_phase1)(const NormScaledLaunch&, double* u_sq, double* theta_sq);
+  // k[t], rho[t] per tensor.
+  void (*norm_scaled_phase2)(const NormScaledLaunch&, const double* k, const double* rho);
 };
 
 // One table per instruction set, and the one in use.

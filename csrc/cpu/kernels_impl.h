@@ -7,6 +7,7 @@
 
 #include "amos_kernel.h"
 #include "bucket_loop.h"
+#include "norm_scaled_kernel.h"
 #include "kernel_api.h"
 
 namespace amos_fused::cpu {
@@ -97,6 +98,7 @@ inline void lion_kernel(const LionLaunch& L) {
 #define AMOS_FUSED_DEFINE_KERNEL_TABLE(getter, label)                              \
   const amos_fused::cpu::KernelTable& amos_fused::cpu::getter() {                   \
     static const KernelTable table{label, &adam_kernel, &radam_kernel, &lion_kernel, \
-                                   &amos_kernel};                                   \
+                                   &amos_kernel, &norm_scaled_phase1,               \
+                                   &norm_scaled_phase2};                            \
     return table;                                                                  \
   }

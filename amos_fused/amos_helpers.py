@@ -1,0 +1,112 @@
+"""Amos param groups from a model: η (the expected scale of a tensor's entries)
+and ``reduce_axes`` (which axes its second moment averages over) inferred from
+each parameter's module, by the table of DESIGN §2.4:
+
+==============================  =============================  ==========================
+tensor                          η                              reduce_axes (slot)
+==============================  =============================  ==========================
+``nn.Linear.weight`` (out, in)  sqrt(1/in)                     (1,)  → (out, 1)
+``nn.Conv*d.weight`` (out, …)   sqrt(1/(in/groups · prod(k)))  all but 0 → (out, 1, …)
+``nn.Embedding.weight``         sqrt(1/dim)                    (1,)  → (vocab, 1)
+biases, norm shifts             0.5                            'all' → scalar
+norm scales                     1.0                            'all' → scalar
+anything else, rank ≥ 2         sqrt(1/prod(shape[1:]))        all but 0
+anything else, rank ≤ 1         its RMS (0.5 if all zero)      'all'
+==============================  =============================  ==========================
+
+What the table cannot know (a gain before a ReLU-like, a custom init) is set by
+``overrides``: glob patterns over parameter names, mapped to ``eta`` and/or
+``reduce_axes``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from torch import nn
+
+from .amos_slots import normalize_reduce_axes
+from .optim import initial_rms_eta
+
+_NORMS = (
+    nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+_CONVS = (nn.modules.conv._ConvNd,)
+
+
+def infer_eta_and_axes(module: nn.Module, attr: str, param) -> Tuple[float, Any]:
+    """η and reduce_axes of ``module.<attr>`` by the table above."""
+    shape = tuple(param.shape)
+    if isinstance(module, _NORMS):
+        return (1.0 if attr == "weight" else 0.5), "all"
+    if attr == "bias" or param.dim() <= 1:
+        if attr == "bias":
+            return 0.5, "all"
+        return initial_rms_eta(param), "all"
+    if isinstance(module, nn.Linear) and attr == "weight":
+        return math.sqrt(1.0 / shape[1]), (1,)
+    if isinstance(module, nn.Embedding) and attr == "weight":
+        return math.sqrt(1.0 / shape[1]), (1,)
+    if isinstance(module, _CONVS) and attr == "weight":
+        fan_in = math.prod(shape[1:])  # in/groups · prod(kernel)
+        return math.sqrt(1.0 / fan_in), tuple(range(1, param.dim()))
+    return math.sqrt(1.0 / math.prod(shape[1:])), tuple(range(1, param.dim()))
+
+
+def _axes_key(axes) -> Any:
+    return axes if axes in (None, "all") else tuple(axes)
+
+
+def amos_param_groups(
+    model: nn.Module,
+    lr: float,
+    overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    **group_options: Any,
+) -> List[Dict[str, Any]]:
+    """Param groups for ``amos_fused.Amos``, one per distinct ``reduce_axes``, each
+    with a tuple ``eta`` (one value per param) and the params' names in
+    ``param_names``.
+
+    ``overrides`` maps glob patterns over parameter names (``fnmatch``, e.g.
+    ``"*.mlp.c_fc.weight"``) to ``{"eta": float, "reduce_axes": ...}``; every
+    matching pattern applies, later ones last.  ``group_options`` (momentum,
+    clip_value, …) are copied into every group.
+
+    Example::
+
+        groups = amos_param_groups(model, lr=0.01, overrides={"*.fc1.weight": {"eta": math.sqrt(2 / 768)}})
+        optimizer = amos_fused.Amos(groups, lr=0.01)
+    """
+    overrides = dict(overrides or {})
+    for pattern, override in overrides.items():
+        unknown = set(override) - {"eta", "reduce_axes"}
+        if unknown:
+            raise ValueError(f"overrides[{pattern!r}]: unknown keys {sorted(unknown)} (eta, reduce_axes)")
+    owner = {}
+    for module_name, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            if param.requires_grad and id(param) not in owner:
+                full = f"{module_name}.{attr}" if module_name else attr
+                owner[id(param)] = (full, module, attr, param)
+    groups: Dict[Any, Dict[str, Any]] = {}
+    for full, module, attr, param in owner.values():
+        eta, axes = infer_eta_and_axes(module, attr, param)
+        for pattern, override in overrides.items():
+            if fnmatch.fnmatchcase(full, pattern):
+                eta = override.get("eta", eta)
+                axes = override.get("reduce_axes", axes)
+        axes = normalize_reduce_axes(axes, param.dim())
+        if not (eta > 0 and math.isfinite(eta)):
+            raise ValueError(f"Invalid eta for {full}: {eta} (must be a finite number > 0)")
+        group = groups.setdefault(
+            _axes_key(axes),
+            {"params": [], "param_names": [], "eta": [], "reduce_axes": axes, "lr": lr, **group_options},
+        )
+        group["params"].append(param)
+        group["param_names"].append(full)
+        group["eta"].append(float(eta))
+    for group in groups.values():
+        group["eta"] = tuple(group["eta"])
+    return list(groups.values())

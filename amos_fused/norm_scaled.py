@@ -1,0 +1,143 @@
+"""Optimizers that scale each tensor's Adam direction u = m̂/(sqrt(v̂)+ε) by a norm
+(DESIGN §2.5), stepped in two phases: moments and ‖u‖ first, then θ."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import hyperparams as hp
+from . import reference
+from .optim import _advance, _new_step, _zeros_like
+from .optimizer_base import FusedOptimizer
+from .theory import DECAYS, half_life_p
+
+_ops = torch.ops.amos_fused
+
+
+def initial_sigma(p: torch.Tensor) -> float:
+    """σ of a tensor for ‖ε0‖ = sqrt(numel)·σ (seed 002): the init std (here its RMS)
+    of weight matrices/kernels; 0.5 for vectors (zero-init biases, one-init gains)."""
+    if p.dim() < 2 or p.numel() == 0:
+        return 0.5
+    rms = float(p.detach().double().pow(2).mean().sqrt())
+    return rms if rms > 0 and math.isfinite(rms) else 0.5
+
+
+class _AdamMoments(FusedOptimizer):
+    state_keys = ("exp_avg", "exp_avg_sq")
+
+    def _new_state(self, p, group):
+        return {"step": _new_step(), "exp_avg": _zeros_like(p), "exp_avg_sq": _zeros_like(p)}
+
+    def _check_moments(self, group):
+        hp.nonnegative("learning rate", group["lr"])
+        hp.nonnegative("epsilon value", group["eps"])
+        hp.betas(group["betas"])
+
+
+class ScaledAdamW(_AdamMoments):
+    """Scale-aware Adam from the Amos derivation (DESIGN §2.5, seed 002)::
+
+        θ ← θ − (α_t·u + ρ_t·θ),  α_t = α0·‖ε0‖/‖u‖·s(t),  ρ_t = α0²/(2q)·s(t)
+
+    ``lr`` is α0.  ``decay``: 'inverse_square' (s = 1/(α0·p·t+1)², constant p) or
+    'inverse_time' (s = 1/(2·α0·p·t+1), dynamic p).  Give ``p`` or ``half_life`` T
+    (the rate halves after T steps; p is derived with the lr at construction);
+    neither means p = 0 (no decay of the rate).  ``sigma``: the expected init std
+    of every tensor of the group, or None to infer it per tensor
+    (``initial_sigma``); ‖ε0‖ = sqrt(numel)·σ is stored per param in the group's
+    ``init_norm``.  State: ``step``, ``exp_avg``, ``exp_avg_sq``."""
+
+    algorithm = "scaled_adam"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, p=None, half_life=None,
+                 decay="inverse_square", q=1.0, sigma=None, backend=None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, p=p, half_life=half_life, decay=decay, q=q,
+                        sigma=sigma, init_norm=None, backend=backend)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        param_group = dict(param_group)
+        if param_group.get("p") is not None and param_group.get("half_life") is not None:
+            raise ValueError("ScaledAdamW: give p or half_life, not both")
+        super().add_param_group(param_group)
+
+    def _check_group(self, group):
+        self._check_moments(group)
+        if group["decay"] not in DECAYS:
+            raise ValueError(f"Invalid decay: {group['decay']!r} (expected one of {DECAYS})")
+        hp.positive("q", group["q"])
+        if group["sigma"] is not None:
+            hp.positive("sigma", group["sigma"])
+        if group["p"] is None:
+            group["p"] = (0.0 if group["half_life"] is None
+                          else half_life_p(float(group["lr"]), group["half_life"], group["decay"]))
+        hp.nonnegative("p", group["p"])
+        if group["init_norm"] is None:
+            group["init_norm"] = tuple(
+                math.sqrt(p.numel()) * (group["sigma"] if group["sigma"] is not None else initial_sigma(p))
+                for p in group["params"]
+            )
+        if len(group["init_norm"]) != len(group["params"]):
+            raise ValueError(f"Invalid init_norm: {len(group['init_norm'])} values for "
+                             f"{len(group['params'])} params")
+
+    def _norms(self, group, params):
+        position = {id(q): i for i, q in enumerate(group["params"])}
+        return [float(group["init_norm"][position[id(p)]]) for p in params]
+
+    def _fused_step(self, bucket, grads, group):
+        beta1, beta2 = (float(b) for b in group["betas"])
+        s = bucket.state
+        _ops.scaled_adam_step(
+            bucket.params, grads, s["exp_avg"], s["exp_avg_sq"], s["step"],
+            self._norms(group, bucket.params), float(group["lr"]), beta1, beta2,
+            float(group["eps"]), float(group["p"]), group["decay"] == "inverse_time", float(group["q"]),
+        )
+
+    def _reference_step(self, bucket, grads, group):
+        beta1, beta2 = (float(b) for b in group["betas"])
+        for p, g, norm in zip(bucket.params, grads, self._norms(group, bucket.params)):
+            st = self.state[p]
+            reference.scaled_adam_step(
+                p, g, st["exp_avg"], st["exp_avg_sq"], _advance(st["step"]), lr=float(group["lr"]),
+                beta1=beta1, beta2=beta2, eps=float(group["eps"]), init_norm=norm,
+                p=float(group["p"]), decay=group["decay"], q=float(group["q"]),
+            )
+
+
+class Lamb(_AdamMoments):
+    """LAMB (DESIGN §2.5): u = m̂/(sqrt(v̂)+ε) + λθ;  θ ← θ − η·(‖θ‖/‖u‖)·u per
+    tensor, the trust ratio being 1 when either norm is 0.  State: ``step``,
+    ``exp_avg``, ``exp_avg_sq``."""
+
+    algorithm = "lamb"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+                 bias_correction=True, backend=None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        bias_correction=bias_correction, backend=backend)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group):
+        self._check_moments(group)
+        hp.nonnegative("weight_decay value", group["weight_decay"])
+
+    def _hyper(self, group):
+        beta1, beta2 = (float(b) for b in group["betas"])
+        return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]),
+                    bias_correction=bool(group["bias_correction"]))
+
+    def _fused_step(self, bucket, grads, group):
+        h = self._hyper(group)
+        s = bucket.state
+        _ops.lamb_step(bucket.params, grads, s["exp_avg"], s["exp_avg_sq"], s["step"], h["lr"],
+                       h["beta1"], h["beta2"], h["eps"], h["weight_decay"], h["bias_correction"])
+
+    def _reference_step(self, bucket, grads, group):
+        h = self._hyper(group)
+        for p, g in zip(bucket.params, grads):
+            st = self.state[p]
+            reference.lamb_step(p, g, st["exp_avg"], st["exp_avg_sq"], _advance(st["step"]), **h)

@@ -1,0 +1,120 @@
+// Two-phase CPU kernels of the rules that scale each tensor's Adam direction by a
+// norm (scale-aware Adam and LAMB, DESIGN §2.5).  Math: csrc/step_math.h.
+#pragma once
+
+#include <ATen/Dispatch.h>
+
+#include <vector>
+
+#include "bucket_loop.h"
+
+namespace amos_fused::cpu {
+inline namespace CPU_CAPABILITY {
+
+// Phase 1: m, v ← moments; Σu² (and Σθ²) per tensor, combined chunk by chunk in a
+// fixed order (deterministic).  Sums run in float lanes within blocks of
+// kBlock elements and in double across blocks.
+template <typename scalar_t, bool LAMB>
+void norm_scaled_phase1_typed(const NormScaledLaunch& L, double* u_sq, double* theta_sq) {
+  using IO = TileIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  using Op = at::opmath_type<scalar_t>;
+  constexpr int64_t kBlock = 64 * IO::kTile;
+  const int64_t n = L.bucket.num_tensors;
+  const int64_t chunks = num_chunks(L.bucket.offsets[n]);
+  std::vector<double> partial(2 * chunks * n, 0.0);  // [chunk][tensor][u, θ]
+  for_each_chunk_segment(L.bucket, chunks, [&](int64_t chunk, int64_t t, int64_t begin, int64_t end) {
+    const TileCoef<MomentCoef, scalar_t> coef(L.coef[t]);
+    scalar_t* p = stream<scalar_t>(L.param, t);
+    scalar_t* g = stream<scalar_t>(L.grad, t);
+    scalar_t* m = stream<scalar_t>(L.exp_avg, t);
+    scalar_t* v = stream<scalar_t>(L.exp_avg_sq, t);
+    double sums[2] = {0.0, 0.0};
+    for (int64_t i = begin; i < end; i += kBlock) {
+      Vec acc_u(Op(0)), acc_p(Op(0));
+      Op tail_u(0), tail_p(0);
+      auto phase1 = [&](auto theta, auto grad, auto& m_, auto& v_) {
+        using V = decltype(theta);
+        const auto& c = coef.template get<V>();
+        update_moments(grad, m_, v_, c);
+        const V u = adam_direction<LAMB>(theta, m_, v_, c);
+        if constexpr (std::is_same_v<V, Vec>) {
+          acc_u = acc_u + u * u;
+          if (LAMB) acc_p = acc_p + theta * theta;
+        } else {
+          tail_u += u * u;
+          if (LAMB) tail_p += theta * theta;
+        }
+      };
+      const int64_t stop = std::min(end, i + kBlock);
+      if constexpr (LAMB) {
+        map_streams<scalar_t, 4, 0b1100u>({p, g, m, v}, i, stop,
+                                          [&](auto& x) { phase1(x[0], x[1], x[2], x[3]); });
+      } else {  // θ is not read: its slot gets g, which the direction ignores
+        map_streams<scalar_t, 3, 0b110u>({g, m, v}, i, stop,
+                                         [&](auto& x) { phase1(x[0], x[0], x[1], x[2]); });
+      }
+      Op lanes_u[Vec::size()], lanes_p[Vec::size()];
+      acc_u.store(lanes_u);
+      acc_p.store(lanes_p);
+      double block_u = tail_u, block_p = tail_p;
+      for (int64_t k = 0; k < Vec::size(); ++k) {
+        block_u += lanes_u[k];
+        block_p += lanes_p[k];
+      }
+      sums[0] += block_u;
+      sums[1] += block_p;
+    }
+    partial[2 * (chunk * n + t)] += sums[0];
+    partial[2 * (chunk * n + t) + 1] += sums[1];
+  });
+  for (int64_t t = 0; t < n; ++t) {
+    u_sq[t] = 0.0;
+    theta_sq[t] = 0.0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      u_sq[t] += partial[2 * (chunk * n + t)];
+      theta_sq[t] += partial[2 * (chunk * n + t) + 1];
+    }
+  }
+}
+
+// Phase 2: recompute u from the stored m, v and write θ ← θ − (k·u + ρ·θ).
+template <typename scalar_t, bool LAMB>
+void norm_scaled_phase2_typed(const NormScaledLaunch& L, const double* k, const double* rho) {
+  using Vec = typename TileIO<scalar_t>::Vec;
+  using Op = at::opmath_type<scalar_t>;
+  for_each_segment(L.bucket, [&](int64_t t, int64_t begin, int64_t end) {
+    const TileCoef<MomentCoef, scalar_t> coef(L.coef[t]);
+    const Op ks = static_cast<Op>(k[t]), rs = static_cast<Op>(rho[t]);
+    const Vec kv(ks), rv(rs);
+    map_streams<scalar_t, 3, 0b1u>(
+        {stream<scalar_t>(L.param, t), stream<scalar_t>(L.exp_avg, t),
+         stream<scalar_t>(L.exp_avg_sq, t)},
+        begin, end, [&](auto& x) {  // x: p, m, v
+          using V = typename std::decay_t<decltype(x)>::value_type;
+          const V u = adam_direction<LAMB>(x[0], x[1], x[2], coef.template get<V>());
+          if constexpr (std::is_same_v<V, Vec>) {
+            scaled_update(x[0], u, kv, rv);
+          } else {
+            scaled_update(x[0], u, ks, rs);
+          }
+        });
+  });
+}
+
+inline void norm_scaled_phase1(const NormScaledLaunch& L, double* u_sq, double* theta_sq) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, L.bucket.dtype, "amos_fused_norm_scaled", [&] {
+    L.lamb ? norm_scaled_phase1_typed<scalar_t, true>(L, u_sq, theta_sq)
+           : norm_scaled_phase1_typed<scalar_t, false>(L, u_sq, theta_sq);
+  });
+}
+
+inline void norm_scaled_phase2(const NormScaledLaunch& L, const double* k, const double* rho) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, L.bucket.dtype, "amos_fused_norm_scaled", [&] {
+    L.lamb ? norm_scaled_phase2_typed<scalar_t, true>(L, k, rho)
+           : norm_scaled_phase2_typed<scalar_t, false>(L, k, rho);
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace amos_fused::cpu
