@@ -4,15 +4,19 @@
 
 Every implementation steps its own copy of the same GPT-2-shaped fp32 parameters
 (see amos_fused.bench_workloads) in the same run: torch's for-loop, foreach and fused
-AdamW, our AdamW for each backend available on the device, and `copy`, the floor:
-`dst.copy_(src)` of one flat buffer of 14 B/param, i.e. the 28 B/param that fp32
-AdamW must read and write (p, g, m, v in; p, m, v out).
+AdamW; each of our algorithms (AdamW, RAdam, Lion, Amos with factored slots from
+amos_param_groups with and without momentum, ScaledAdamW, Lamb) for each backend
+available on the device; and `copy`, the floor: `dst.copy_(src)` of one flat
+buffer of 14 B/param, i.e. the 28 B/param that fp32 AdamW must read and write
+(p, g, m, v in; p, m, v out).
 
 Reported per implementation: median ms per step after warm-up, effective GB/s
-(bytes the algorithm must move / time), the fraction of the copy's GB/s, and the
-speed-up over torch's fused AdamW (torch fused ms / this ms).  A table goes to
+(bytes the algorithm must move / time), the fraction of the copy's GB/s, the
+speed-up over torch's fused AdamW (torch fused ms / this ms) and over our AdamW;
+then the optimizer-state bytes of every optimizer and their fraction of AdamW's.  A table goes to
 stdout, progress to stderr, and the results to bench/results/<device>-<date>.json
-(relative to the current directory) in the schema of DESIGN.md §6.  The `copy` row
+(relative to the current directory) in the schema of DESIGN.md §6, plus a
+"memory" list of {impl, state_bytes, fraction_of_adamw}.  The `copy` row
 carries the workload's params and tensors: the workload whose bytes it mirrors.
 """
 import argparse
@@ -36,6 +40,17 @@ from amos_fused.bench_workloads import DEFAULT_WORKLOAD, WORKLOADS
 DTYPE = torch.float32
 ADAMW_FP32_BYTES_PER_PARAM = 28  # reads p, g, m, v; writes p, m, v
 ADAMW_HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+# Bytes per fp32 parameter each of our algorithms must move in one step.
+OUR_ALGORITHMS = {
+    "adamw": ADAMW_FP32_BYTES_PER_PARAM,
+    "radam": 28,          # as AdamW
+    "lion": 20,           # reads p, g, m; writes p, m
+    "amos": 12,           # factored slots, no momentum: reads p, g; writes p
+    "amos-momentum": 20,  # + reads and writes mu
+    "scaled-adamw": 36,   # phase 1: g, m, v in, m, v out; phase 2: p, m, v in, p out
+    "lamb": 40,           # as scaled-adamw, and phase 1 also reads p
+}
+AMOS_LR = 0.01
 TORCH_FUSED = "torch-fused-adamw"
 COPY = "copy"
 # Our backends worth timing on each device type (the interpreted Triton on CPU is not).
@@ -44,30 +59,48 @@ OUR_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
 @dataclass(frozen=True)
 class Impl:
-    """One row of the benchmark: `build(params)` returns an object whose .step() is timed."""
+    """One row of the benchmark: `build(model)` returns an object whose .step() is timed."""
 
     name: str
-    bytes_per_param: int  # bytes one step must move per parameter
-    build: Callable[[List[torch.Tensor]], object]
+    bytes_per_param: int  # bytes one step must move per parameter (fp32)
+    build: Callable[[torch.nn.Module], object]
 
 
 # ---------------------------------------------------------------- implementations
 
 
-def make_torch_adamw(params, **flags):
-    return torch.optim.AdamW(params, **ADAMW_HYPER, **flags)
+def make_torch_adamw(model, **flags):
+    return torch.optim.AdamW(model.parameters(), **ADAMW_HYPER, **flags)
 
 
-def make_ours(params, backend="cpu"):
+def make_ours(model, backend="cpu", algorithm="adamw"):
+    """Our optimizer `algorithm` on `backend`; Amos takes its groups from amos_param_groups."""
     import amos_fused
 
-    return amos_fused.AdamW(params, **ADAMW_HYPER, backend=backend)
+    if algorithm == "adamw":
+        return amos_fused.AdamW(model.parameters(), **ADAMW_HYPER, backend=backend)
+    if algorithm == "amos":
+        groups = amos_fused.amos_param_groups(model, lr=AMOS_LR)
+        return amos_fused.Amos(groups, lr=AMOS_LR, backend=backend)
+    if algorithm == "amos-momentum":
+        groups = amos_fused.amos_param_groups(model, lr=AMOS_LR, momentum=0.9)
+        return amos_fused.Amos(groups, lr=AMOS_LR, backend=backend)
+    if algorithm == "radam":
+        return amos_fused.RAdam(model.parameters(), lr=1e-3, backend=backend)
+    if algorithm == "lion":
+        return amos_fused.Lion(model.parameters(), lr=1e-4, weight_decay=0.1, backend=backend)
+    if algorithm == "scaled-adamw":
+        return amos_fused.ScaledAdamW(model.parameters(), lr=1e-3, half_life=1000, backend=backend)
+    if algorithm == "lamb":
+        return amos_fused.Lamb(model.parameters(), lr=1e-3, weight_decay=0.01, backend=backend)
+    raise ValueError(f"unknown algorithm {algorithm!r}")
 
 
 class CopyFloor:
     """Copies one flat buffer of `bytes_per_param / 2` bytes per parameter per step."""
 
-    def __init__(self, params, bytes_per_param):
+    def __init__(self, model, bytes_per_param):
+        params = list(model.parameters())
         numel = sum(p.numel() for p in params)
         floats = -(-numel * bytes_per_param // 8)  # ceil(numel * B/2 bytes / 4 bytes per float)
         device = params[0].device
@@ -89,7 +122,7 @@ def torch_impls() -> List[Impl]:
 
 
 def our_impls(device_type: str) -> List[Impl]:
-    """Our AdamW once per backend that is available and fast on this device type."""
+    """Each of our algorithms once per backend that is available and fast on this device type."""
     try:
         import amos_fused
 
@@ -103,8 +136,9 @@ def our_impls(device_type: str) -> List[Impl]:
     if not backends:
         log(f"skipping amos_fused rows: none of {list(wanted)} in available_backends() = {available}")
     return [
-        Impl(f"{b}-adamw", ADAMW_FP32_BYTES_PER_PARAM, functools.partial(make_ours, backend=b))
+        Impl(f"{b}-{algorithm}", bytes_per_param, functools.partial(make_ours, backend=b, algorithm=algorithm))
         for b in backends
+        for algorithm, bytes_per_param in OUR_ALGORITHMS.items()
     ]
 
 
@@ -155,14 +189,30 @@ def release_memory(device: torch.device):
         torch.cuda.empty_cache()
 
 
-def measure(impl: Impl, make_params, device, warmup: int, steps: int) -> dict:
+def state_bytes(optimizer) -> Optional[int]:
+    """Bytes of the optimizer's per-parameter state tensors (None when it has none)."""
+    state = getattr(optimizer, "state", None)
+    if state is None:
+        return None
+    return sum(
+        value.numel() * value.element_size()
+        for per_param in state.values()
+        for key, value in per_param.items()
+        if isinstance(value, torch.Tensor) and key != "step"
+    )
+
+
+def measure(impl: Impl, make_model, device, warmup: int, steps: int) -> dict:
     """Median ms per step of `impl` on fresh parameters, which are freed afterwards."""
-    params = make_params(device, DTYPE)
+    model = make_model(device, DTYPE)
+    params = list(model.parameters())
     sizes = dict(params=sum(p.numel() for p in params), tensors=len(params))
-    optimizer = impl.build(params)
-    del params  # the optimizer keeps what it needs
+    del params
+    optimizer = impl.build(model)
+    del model  # the optimizer keeps what it needs
     timer = step_times_cuda if device.type == "cuda" else step_times_cpu
     times = timer(optimizer.step, warmup, steps)
+    sizes["state_bytes"] = state_bytes(optimizer)
     del optimizer
     release_memory(device)
     log(f"      {statistics.median(times):.3f} ms/step (min {min(times):.3f}, max {max(times):.3f})")
@@ -200,17 +250,37 @@ def result_rows(measurements: List[dict], workload: str) -> List[dict]:
     return rows
 
 
-def format_table(rows: List[dict], header: List[str]) -> str:
+def memory_rows(measurements: List[dict]) -> List[dict]:
+    """Optimizer-state bytes of every optimizer row, and their fraction of torch AdamW's."""
+    adamw = next(m["state_bytes"] for m in measurements if m["impl"].name == TORCH_FUSED)
+    return [
+        {"impl": m["impl"].name, "state_bytes": m["state_bytes"],
+         "fraction_of_adamw": round(m["state_bytes"] / adamw, 6)}
+        for m in measurements
+        if m["state_bytes"] is not None
+    ]
+
+
+def format_table(rows: List[dict], memory: List[dict], header: List[str], baseline: Optional[str]) -> str:
+    """The speed table (with a column of speed-ups over `baseline`, our AdamW) and the
+    optimizer-state table."""
     width = max(len(r["impl"]) for r in rows)
+    base_ms = next((r["ms"] for r in rows if r["impl"] == baseline), None)
     lines = header + [
         "",
-        f"{'impl':<{width}}  {'ms':>9}  {'GB/s':>7}  {'% of copy':>9}  {'x vs torch fused':>16}",
+        f"{'impl':<{width}}  {'ms':>9}  {'GB/s':>7}  {'% of copy':>9}  {'x vs torch fused':>16}"
+        + (f"  {'x vs ' + baseline:>16}" if base_ms else ""),
     ]
     for r in rows:
         lines.append(
             f"{r['impl']:<{width}}  {r['ms']:>9.3f}  {r['gbps']:>7.2f}  "
             f"{100 * r['fraction_of_copy_bandwidth']:>8.1f}%  {r['ratio_vs_torch_fused']:>15.2f}x"
+            + (f"  {base_ms / r['ms']:>15.2f}x" if base_ms else "")
         )
+    lines += ["", f"{'optimizer state':<{width}}  {'MB':>9}  {'% of AdamW':>10}"]
+    for m in memory:
+        lines.append(f"{m['impl']:<{width}}  {m['state_bytes'] / 1e6:>9.2f}  "
+                     f"{100 * m['fraction_of_adamw']:>9.2f}%")
     return "\n".join(lines)
 
 
@@ -313,6 +383,9 @@ def main(argv=None):
         log(f"[{i}/{len(impls)}] {impl.name} ...")
         measurements.append(measure(impl, WORKLOADS[workload], device, args.warmup, args.steps))
     rows = result_rows(measurements, workload)
+    memory = memory_rows(measurements)
+    baseline = next((f"{b}-adamw" for b in OUR_BACKENDS.get(device.type, ())
+                     if any(r["impl"] == f"{b}-adamw" for r in rows)), None)
 
     slug_, date = device_slug(device), datetime.date.today().isoformat()
     header = [
@@ -321,7 +394,7 @@ def main(argv=None):
         f"workload {workload}: {rows[0]['params']:,} {rows[0]['dtype']} params in "
         f"{rows[0]['tensors']} tensors; median of {args.steps} steps after {args.warmup} warm-up",
     ]
-    print(format_table(rows, header), flush=True)
+    print(format_table(rows, memory, header, baseline), flush=True)
 
     if not args.no_json:
         path = args.json or os.path.join("bench", "results", f"{slug_}-{date}.json")
@@ -332,6 +405,7 @@ def main(argv=None):
             "date": date,
             "command": command_line(),
             "results": rows,
+            "memory": memory,
         })
         print(f"\nresults written to {path}")
 

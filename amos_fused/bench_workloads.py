@@ -1,8 +1,8 @@
 """Benchmark workloads: GPT-2-shaped lists of parameters with gradients.
 
-`WORKLOADS` maps a name to a function `(device, dtype) -> list[Parameter]`; every
-parameter is `randn * 0.02` and carries a `randn` gradient, drawn from a fixed seed,
-so each call returns the same values (per device).
+`WORKLOADS` maps a name to a function `(device, dtype) -> nn.Module` whose
+parameters are `randn * 0.02` and carry a `randn` gradient, drawn from a fixed
+seed, so each call returns the same values (per device).
 """
 import functools
 from typing import Callable, Dict, List, Tuple
@@ -37,20 +37,54 @@ def gpt2_shapes(d_model: int, layers: int, vocab: int, context: int) -> List[Tup
     return shapes
 
 
-def params_with_grads(shapes: List[Tuple[str, Shape]], device, dtype) -> List[torch.nn.Parameter]:
+class ParamsModel(torch.nn.Module):
+    """A model holding named parameters, each owned by a module of the kind the
+    name implies (Embedding, LayerNorm, Linear), so ``amos_param_groups`` can infer
+    Amos's η and reduce_axes from it.  No forward: only the step is benchmarked."""
+
+    def __init__(self, shapes: List[Tuple[str, Shape]], device, dtype):
+        super().__init__()
+        for name, shape in shapes:
+            owner, attr = self._owner(name, shape)
+            setattr(owner, attr, torch.nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+
+    def _owner(self, name: str, shape: Shape):
+        *path, attr = name.split(".")
+        module = self
+        for i, part in enumerate(path):
+            if not hasattr(module, part):
+                last = i == len(path) - 1
+                setattr(module, part, self._leaf(part, shape) if last else torch.nn.Module())
+            module = getattr(module, part)
+        return module, attr
+
+    @staticmethod
+    def _leaf(part: str, shape: Shape) -> torch.nn.Module:
+        """An empty module of the right kind (its parameters are set by the caller)."""
+        if part in ("wte", "wpe"):
+            kind = torch.nn.Embedding(1, 1)
+        elif part.startswith("ln"):
+            kind = torch.nn.LayerNorm(1)
+        else:
+            kind = torch.nn.Linear(1, 1)
+        for attr in list(kind._parameters):
+            del kind._parameters[attr]
+        return kind
+
+
+def model_with_grads(shapes: List[Tuple[str, Shape]], device, dtype) -> ParamsModel:
     """Seeded parameters (randn * 0.02) whose .grad is set (randn)."""
+    model = ParamsModel(shapes, device, dtype)
     generator = torch.Generator(device=device).manual_seed(SEED)
-    params = []
-    for _, shape in shapes:
-        value = torch.randn(shape, generator=generator, device=device, dtype=dtype).mul_(0.02)
-        param = torch.nn.Parameter(value)
-        param.grad = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        params.append(param)
-    return params
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator, device=device, dtype=dtype).mul_(0.02))
+            param.grad = torch.randn(param.shape, generator=generator, device=device, dtype=dtype)
+    return model
 
 
-def gpt2(device, dtype, **config) -> List[torch.nn.Parameter]:
-    return params_with_grads(gpt2_shapes(**config), device, dtype)
+def gpt2(device, dtype, **config) -> ParamsModel:
+    return model_with_grads(gpt2_shapes(**config), device, dtype)
 
 
 GPT2_CONFIGS = {
@@ -62,7 +96,7 @@ GPT2_CONFIGS = {
     "gpt2-medium": dict(d_model=1024, layers=24, vocab=50257, context=1024),
 }
 
-WORKLOADS: Dict[str, Callable[..., List[torch.nn.Parameter]]] = {
+WORKLOADS: Dict[str, Callable[..., torch.nn.Module]] = {
     name: functools.partial(gpt2, **config) for name, config in GPT2_CONFIGS.items()
 }
 
