@@ -94,6 +94,7 @@ class ScaledAdamW(_AdamMoments):
             bucket.params, grads, s["exp_avg"], s["exp_avg_sq"], s["step"],
             self._norms(group, bucket.params), float(group["lr"]), beta1, beta2,
             float(group["eps"]), float(group["p"]), group["decay"] == "inverse_time", float(group["q"]),
+            **self._grad_scaling(),
         )
 
     def _reference_step(self, bucket, grads, group):
@@ -134,7 +135,8 @@ class Lamb(_AdamMoments):
         h = self._hyper(group)
         s = bucket.state
         _ops.lamb_step(bucket.params, grads, s["exp_avg"], s["exp_avg_sq"], s["step"], h["lr"],
-                       h["beta1"], h["beta2"], h["eps"], h["weight_decay"], h["bias_correction"])
+                       h["beta1"], h["beta2"], h["eps"], h["weight_decay"], h["bias_correction"],
+                       **self._grad_scaling())
 
     def _reference_step(self, bucket, grads, group):
         h = self._hyper(group)

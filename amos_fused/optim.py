@@ -72,7 +72,7 @@ class _AdamFamily(FusedOptimizer):
             bucket.params, grads, s["exp_avg"], s["exp_avg_sq"],
             s.get("max_exp_avg_sq", []) if h["amsgrad"] else [], s["step"],
             h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
-            h["decoupled"], h["amsgrad"], h["bias_correction"],
+            h["decoupled"], h["amsgrad"], h["bias_correction"], **self._grad_scaling(),
         )
 
     def _reference_step(self, bucket, grads, group):
@@ -151,6 +151,7 @@ class RAdam(FusedOptimizer):
         _ops.radam_step(
             bucket.params, grads, s["exp_avg"], s["exp_avg_sq"], s["step"], h["lr"], h["beta1"],
             h["beta2"], h["eps"], h["weight_decay"], h["decoupled"], h["rectify_threshold"],
+            **self._grad_scaling(),
         )
 
     def _reference_step(self, bucket, grads, group):
@@ -186,7 +187,7 @@ class Lion(FusedOptimizer):
     def _fused_step(self, bucket, grads, group):
         h = self._hyper(group)
         _ops.lion_step(bucket.params, grads, bucket.state["exp_avg"], bucket.state["step"],
-                       h["lr"], h["beta1"], h["beta2"], h["weight_decay"])
+                       h["lr"], h["beta1"], h["beta2"], h["weight_decay"], **self._grad_scaling())
 
     def _reference_step(self, bucket, grads, group):
         h = self._hyper(group)
@@ -283,7 +284,7 @@ class Amos(FusedOptimizer):
             bucket.params, grads, s["v"], s["b"], s.get("mu", []) if group["momentum"] is not None else [],
             s["step"], self._etas(group, bucket.params), float(group["lr"]), float(group["beta"]),
             group["momentum"], group["clip_value"], float(group["extra_l2"]), float(group["d_coef"]),
-            float(group["c_coef"]), float(group["epsilon"]),
+            float(group["c_coef"]), float(group["epsilon"]), **self._grad_scaling(),
         )
 
     def _reference_step(self, bucket, grads, group):

@@ -44,6 +44,10 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     algorithm: str = ""
     state_keys: Tuple[str, ...] = ()
+    # torch.amp.GradScaler hands us `grad_scale` / `found_inf` (as attributes)
+    # instead of unscaling the grads itself; the kernels unscale in-kernel and skip
+    # the step when found_inf is set.
+    _step_supports_amp_scaling = True
     # The fused kernels walk params in memory order; some need it row-major.
     fused_needs_contiguous: bool = False
 
@@ -59,6 +63,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _fused_step(self, bucket: Bucket, grads: List[Tensor], group: dict) -> None:
+        """Steps the bucket with the fused op; pass ``**self._grad_scaling()`` to it."""
         raise NotImplementedError
 
     def _reference_step(self, bucket: Bucket, grads: List[Tensor], group: dict) -> None:
@@ -163,6 +168,21 @@ class FusedOptimizer(torch.optim.Optimizer):
                         f"needs params that are {need}; use backend='reference'"
                     )
 
+    def _grad_scaling(self) -> Dict[str, Optional[Tensor]]:
+        """GradScaler inputs set by torch.amp.GradScaler.step, as op keyword arguments."""
+        return {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+
+    def _reference_grads(self, grads: List[Tensor]) -> Optional[List[Tensor]]:
+        """Grads for the reference: unscaled by GradScaler's scale, or None when
+        found_inf says to skip the step."""
+        scaling = self._grad_scaling()
+        if scaling["found_inf"] is not None and float(scaling["found_inf"]) != 0.0:
+            return None
+        if scaling["grad_scale"] is not None:
+            unscale = 1.0 / float(scaling["grad_scale"])
+            return [g * unscale for g in grads]
+        return grads
+
     def _run(self, index: int, work: _Work) -> None:
         group = work.group
         if work.plan is not None:
@@ -178,7 +198,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         for bucket in buckets:
             backend = backend_for(group["backend"], self.algorithm, bucket.device, self._name)
             if backend == "reference":
-                self._reference_step(bucket, grads_of(bucket), group)
+                grads = self._reference_grads(grads_of(bucket))
+                if grads is not None:
+                    self._reference_step(bucket, grads, group)
             else:
                 self._fused_step(bucket, grads_of(bucket), group)
         if work.plan is None and all(self.state[p] for p in group["params"]):

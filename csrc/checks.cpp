@@ -85,4 +85,22 @@ void check_bucket(const char* op, at::TensorList params, at::TensorList grads,
   }
 }
 
+GradScaling read_grad_scaling(const char* op, const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf) {
+  GradScaling out{false, 1.0};
+  if (found_inf.has_value() && found_inf->defined()) {
+    TORCH_CHECK_VALUE(found_inf->numel() == 1 && found_inf->is_floating_point(), op,
+                      ": found_inf must be a one-element floating tensor, got ",
+                      found_inf->scalar_type(), " ", found_inf->sizes());
+    out.skip = found_inf->item<double>() != 0.0;
+  }
+  if (grad_scale.has_value() && grad_scale->defined()) {
+    TORCH_CHECK_VALUE(grad_scale->numel() == 1 && grad_scale->is_floating_point(), op,
+                      ": grad_scale must be a one-element floating tensor, got ",
+                      grad_scale->scalar_type(), " ", grad_scale->sizes());
+    out.unscale = 1.0 / grad_scale->item<double>();
+  }
+  return out;
+}
+
 }  // namespace amos_fused

@@ -37,4 +37,14 @@ using NamedList = std::pair<const char*, at::TensorList>;
 void check_bucket(const char* op, at::TensorList params, at::TensorList grads,
                   std::initializer_list<NamedList> states, at::TensorList steps);
 
+// GradScaler inputs of a step, read on the host: skip the step when found_inf is
+// non-zero; otherwise multiply grads by `unscale` (1 without a scale).  Checks
+// that each given tensor is a one-element floating tensor.
+struct GradScaling {
+  bool skip;
+  double unscale;
+};
+GradScaling read_grad_scaling(const char* op, const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf);
+
 }  // namespace amos_fused

@@ -6,6 +6,9 @@
 #include "checks.h"
 #include "cpu/kernel_api.h"
 
+// Every step op takes the GradScaler inputs of torch's fused kernels: grads are
+// multiplied by 1/grad_scale in the kernel, and a non-zero found_inf skips the
+// whole step (no write at all, step counters included).
 TORCH_LIBRARY(amos_fused, m) {
   // (missing grads, index of the first bad grad or -1, amos_fused::GradProblem)
   m.def("check_grads(Tensor[] params, Tensor?[] grads) -> (int, int, int)",
@@ -17,31 +20,36 @@ TORCH_LIBRARY(amos_fused, m) {
       "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, float lr, "
       "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, "
-      "bool bias_correction) -> ()");
+      "bool bias_correction, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // §2.2 RAdam, L2 or decoupled decay.
   m.def(
       "radam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay, bool decoupled, float rectify_threshold) -> ()");
+      "float eps, float weight_decay, bool decoupled, float rectify_threshold, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // §2.3 Lion / SignSGDM-W.
   m.def(
       "lion_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] steps, float lr, "
-      "float beta1, float beta2, float weight_decay) -> ()");
+      "float beta1, float beta2, float weight_decay, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
   // §2.4 Amos; slot layout of each tensor read off the shapes of its v / b.
   m.def(
       "amos_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] vs, Tensor(c!)[] bs, "
       "Tensor(d!)[] mus, Tensor(e!)[] steps, float[] etas, float lr, float beta, float? momentum, "
-      "float? clip_value, float extra_l2, float d_coef, float c_coef, float epsilon) -> ()");
+      "float? clip_value, float extra_l2, float d_coef, float c_coef, float epsilon, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // §2.5 scale-aware Adam (seed 002): two phases, per-tensor ‖u‖.
   m.def(
       "scaled_adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float[] init_norms, float lr, float beta1, "
-      "float beta2, float eps, float p, bool inverse_time, float q) -> ()");
+      "float beta2, float eps, float p, bool inverse_time, float q, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
   // §2.5 LAMB: two phases, per-tensor ‖u‖ and ‖θ‖.
   m.def(
       "lamb_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay, bool bias_correction) -> ()");
+      "float eps, float weight_decay, bool bias_correction, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -11,6 +11,7 @@ namespace amos_fused {
 struct AdamHyper {
   double lr, beta1, beta2, eps, weight_decay;
   bool decoupled, amsgrad, bias_correction;
+  double grad_unscale;
 };
 
 // §2.1: bc1 = 1 − β1^t, bc2 = 1 − β2^t (both 1 without bias correction).
@@ -26,12 +27,14 @@ inline AdamCoef<double> adam_coefficients(const AdamHyper& h, double step) {
   c.eps = h.eps;
   c.bc2_sqrt = std::sqrt(bc2);
   c.neg_step_size = -(h.lr / bc1);
+  c.grad_unscale = h.grad_unscale;
   return c;
 }
 
 struct RAdamHyper {
   double lr, beta1, beta2, eps, weight_decay, rectify_threshold;
   bool decoupled;
+  double grad_unscale;
 };
 
 // §2.2: ρ∞ = 2/(1−β2) − 1, ρt = ρ∞ − 2tβ2^t/(1−β2^t),
@@ -51,6 +54,7 @@ inline RAdamCoef<double> radam_coefficients(const RAdamHyper& h, double step) {
   c.bc1 = 1.0 - std::pow(h.beta1, step);
   c.lr = h.lr;
   c.bc2_sqrt = std::sqrt(bc2);
+  c.grad_unscale = h.grad_unscale;
   c.rectified = rho_t > h.rectify_threshold;
   c.rect = c.rectified ? std::sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf /
                                    ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
@@ -59,21 +63,22 @@ inline RAdamCoef<double> radam_coefficients(const RAdamHyper& h, double step) {
 }
 
 struct LionHyper {
-  double lr, beta1, beta2, weight_decay;
+  double lr, beta1, beta2, weight_decay, grad_unscale;
 };
 
 // §2.3
 inline LionCoef<double> lion_coefficients(const LionHyper& h) {
-  return {h.beta1, 1.0 - h.beta1, h.beta2, 1.0 - h.beta2, 1.0 - h.lr * h.weight_decay, -h.lr};
+  return {h.beta1,          1.0 - h.beta1, h.beta2, 1.0 - h.beta2, 1.0 - h.lr * h.weight_decay,
+          -h.lr,            h.grad_unscale};
 }
 
 // §2.5: Adam moments for the two-phase rules (scale-aware Adam, LAMB).
 inline MomentCoef<double> moment_coefficients(double beta1, double beta2, double eps,
                                               double weight_decay, bool bias_correction,
-                                              double step) {
+                                              double grad_unscale, double step) {
   const double bc1 = bias_correction ? 1.0 - std::pow(beta1, step) : 1.0;
   const double bc2 = bias_correction ? 1.0 - std::pow(beta2, step) : 1.0;
-  return {1.0 - beta1, beta2, 1.0 - beta2, eps, bc1, std::sqrt(bc2), weight_decay};
+  return {1.0 - beta1, beta2, 1.0 - beta2, eps, bc1, std::sqrt(bc2), weight_decay, grad_unscale};
 }
 
 // §2.5 s(t): 1/(α0·p·t + 1)² (inverse_square, constant p) or 1/(2·α0·p·t + 1)
@@ -84,7 +89,7 @@ inline double scaled_schedule(double lr, double p, bool inverse_time, double ste
 }
 
 struct AmosHyper {
-  double lr, beta, momentum, clip_value, extra_l2, d_coef, c_coef, epsilon;
+  double lr, beta, momentum, clip_value, extra_l2, d_coef, c_coef, epsilon, grad_unscale;
 };
 
 // §2.4, for one tensor of scale η at step t.
@@ -101,7 +106,8 @@ inline AmosCoef<double> amos_coefficients(const AmosHyper& h, double eta, double
           h.extra_l2,
           h.clip_value,
           h.momentum,
-          1.0 - h.momentum};
+          1.0 - h.momentum,
+          h.grad_unscale};
 }
 
 }  // namespace amos_fused

@@ -52,17 +52,19 @@ struct AdamCoef {
   T eps;               // ε
   T bc2_sqrt;          // sqrt(1 - β2^t), or 1 without bias correction
   T neg_step_size;     // -η / (1 - β1^t), or -η without bias correction
+  T grad_unscale;      // 1 / GradScaler scale, or 1
 
   template <typename U, typename F>
   AdamCoef<U> map(F f) const {
     return {f(beta1_complement), f(beta2), f(beta2_complement), f(param_decay),
-            f(l2), f(eps), f(bc2_sqrt), f(neg_step_size)};
+            f(l2), f(eps), f(bc2_sqrt), f(neg_step_size), f(grad_unscale)};
   }
 };
 
 // One Adam(W) element.  vmax is only touched when AMSGRAD.
 template <bool AMSGRAD, bool L2, typename T>
 AF_HD void adam_update(T& p, T g, T& m, T& v, T& vmax, const AdamCoef<T>& c) {
+  g = g * c.grad_unscale;                          // g ← g · inv_grad_scale
   if (L2) g = g + c.l2 * p;                        // g ← g + λθ
   p = p * c.param_decay;                           // θ ← θ·(1 − ηλ)
   m = m + c.beta1_complement * (g - m);            // m ← β1·m + (1−β1)·g (lerp)
@@ -87,17 +89,19 @@ struct RAdamCoef {
   T lr;           // η
   T bc2_sqrt;     // sqrt(1 - β2^t)
   T rect;         // r_t, used only when rectified
+  T grad_unscale; // 1 / GradScaler scale, or 1
   bool rectified; // ρ_t > threshold (the same for every element of a tensor)
 
   template <typename U, typename F>
   RAdamCoef<U> map(F f) const {
     return {f(beta1_complement), f(beta2), f(beta2_complement), f(param_decay), f(l2),
-            f(eps), f(bc1), f(lr), f(bc2_sqrt), f(rect), rectified};
+            f(eps), f(bc1), f(lr), f(bc2_sqrt), f(rect), f(grad_unscale), rectified};
   }
 };
 
 template <bool L2, typename T>
 AF_HD void radam_update(T& p, T g, T& m, T& v, const RAdamCoef<T>& c) {
+  g = g * c.grad_unscale;                          // g ← g · inv_grad_scale
   if (L2) g = g + c.l2 * p;                        // g ← g + λθ
   p = p * c.param_decay;                           // θ ← θ·(1 − ηλ)
   m = m + c.beta1_complement * (g - m);
@@ -116,16 +120,18 @@ struct LionCoef {
   T beta1, beta1_complement, beta2, beta2_complement;
   T param_decay;  // 1 - ηλ
   T neg_lr;       // -η
+  T grad_unscale; // 1 / GradScaler scale, or 1
 
   template <typename U, typename F>
   LionCoef<U> map(F f) const {
     return {f(beta1), f(beta1_complement), f(beta2), f(beta2_complement), f(param_decay),
-            f(neg_lr)};
+            f(neg_lr), f(grad_unscale)};
   }
 };
 
 template <typename T>
 AF_HD void lion_update(T& p, T g, T& m, const LionCoef<T>& c) {
+  g = g * c.grad_unscale;                                      // g ← g · inv_grad_scale
   T direction = af_sign(m * c.beta1 + g * c.beta1_complement);  // sign(β1·m + (1−β1)·g)
   p = p * c.param_decay + c.neg_lr * direction;                // θ ← θ(1−ηλ) − η·sign(c)
   m = m * c.beta2 + g * c.beta2_complement;                    // m ← β2·m + (1−β2)·g
@@ -139,16 +145,18 @@ struct MomentCoef {
   T bc1;       // 1 − β1^t (1 without bias correction)
   T bc2_sqrt;  // sqrt(1 − β2^t)
   T weight_decay;  // λ added to the direction (LAMB), else 0
+  T grad_unscale;  // 1 / GradScaler scale, or 1
 
   template <typename U, typename F>
   MomentCoef<U> map(F f) const {
     return {f(beta1_complement), f(beta2), f(beta2_complement), f(eps), f(bc1), f(bc2_sqrt),
-            f(weight_decay)};
+            f(weight_decay), f(grad_unscale)};
   }
 };
 
 template <typename T>
 AF_HD void update_moments(T g, T& m, T& v, const MomentCoef<T>& c) {
+  g = g * c.grad_unscale;                        // g ← g · inv_grad_scale
   m = m + c.beta1_complement * (g - m);          // m ← β1·m + (1−β1)·g
   v = v * c.beta2 + c.beta2_complement * g * g;  // v ← β2·v + (1−β2)·g²
 }
@@ -182,16 +190,19 @@ struct AmosCoef {
   T extra_l2;
   T clip;                   // clip_value (used only when clipping)
   T momentum, momentum_complement;
+  T grad_unscale;           // 1 / GradScaler scale, or 1
 
   template <typename U, typename F>
   AmosCoef<U> map(F f) const {
     return {f(beta), f(beta_complement), f(bias_correction), f(epsilon), f(c_scale), f(lr_sq),
-            f(alpha), f(d_scale), f(extra_l2), f(clip), f(momentum), f(momentum_complement)};
+            f(alpha), f(d_scale), f(extra_l2), f(clip), f(momentum), f(momentum_complement),
+            f(grad_unscale)};
   }
 };
 
 template <bool CLIP, typename T>
 AF_HD T amos_clip(T g, const AmosCoef<T>& c) {
+  g = g * c.grad_unscale;                                 // g ← g · inv_grad_scale
   return CLIP ? af_clamp(g, T(0) - c.clip, c.clip) : g;  // g ← clamp(g, −clip, clip)
 }
 

@@ -55,7 +55,9 @@ std::vector<double> advance_steps(at::TensorList steps) {
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                    at::TensorList steps, double lr, double beta1, double beta2, double eps,
-                   double weight_decay, bool decoupled, bool amsgrad, bool bias_correction) {
+                   double weight_decay, bool decoupled, bool amsgrad, bool bias_correction,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
   TORCH_CHECK_VALUE(!amsgrad || !max_exp_avg_sqs.empty(),
                     "amos_fused.adam_step: amsgrad=True needs max_exp_avg_sqs");
   check_bucket("amos_fused.adam_step", params, grads,
@@ -64,7 +66,11 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                steps);
   TORCH_CHECK_VALUE(!exp_avgs.empty() && !exp_avg_sqs.empty() && !steps.empty(),
                     "amos_fused.adam_step: exp_avgs, exp_avg_sqs and steps are required");
-  const AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, bias_correction};
+  const GradScaling scaling = read_grad_scaling("amos_fused.adam_step", grad_scale, found_inf);
+  if (scaling.skip) return;
+  const AdamHyper hyper{lr,        beta1,   beta2,           eps,
+                        weight_decay, decoupled, amsgrad, bias_correction,
+                        scaling.unscale};
   const BucketTables tables(params, grads, exp_avgs, exp_avg_sqs,
                             amsgrad ? max_exp_avg_sqs : at::TensorList());
   std::vector<AdamCoef<double>> coef;
@@ -84,12 +90,16 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 void radam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1,
                     double beta2, double eps, double weight_decay, bool decoupled,
-                    double rectify_threshold) {
+                    double rectify_threshold, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
   check_bucket("amos_fused.radam_step", params, grads,
                {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, steps);
   TORCH_CHECK_VALUE(!exp_avgs.empty() && !exp_avg_sqs.empty() && !steps.empty(),
                     "amos_fused.radam_step: exp_avgs, exp_avg_sqs and steps are required");
-  const RAdamHyper hyper{lr, beta1, beta2, eps, weight_decay, rectify_threshold, decoupled};
+  const GradScaling scaling = read_grad_scaling("amos_fused.radam_step", grad_scale, found_inf);
+  if (scaling.skip) return;
+  const RAdamHyper hyper{lr,        beta1, beta2, eps, weight_decay, rectify_threshold,
+                         decoupled, scaling.unscale};
   const BucketTables tables(params, grads, exp_avgs, exp_avg_sqs);
   std::vector<RAdamCoef<double>> coef;
   for (double step : advance_steps(steps)) coef.push_back(radam_coefficients(hyper, step));
@@ -104,15 +114,19 @@ void radam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 }
 
 void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                   at::TensorList steps, double lr, double beta1, double beta2, double weight_decay) {
+                   at::TensorList steps, double lr, double beta1, double beta2, double weight_decay,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
   check_bucket("amos_fused.lion_step", params, grads, {{"exp_avgs", exp_avgs}}, steps);
   TORCH_CHECK_VALUE(!exp_avgs.empty() && !steps.empty(),
                     "amos_fused.lion_step: exp_avgs and steps are required");
+  const GradScaling scaling = read_grad_scaling("amos_fused.lion_step", grad_scale, found_inf);
+  if (scaling.skip) return;
   const BucketTables tables(params, grads, exp_avgs);
   advance_steps(steps);  // Lion's update does not depend on t; the counter is kept for checkpoints
   LionLaunch launch{tables.view(params[0].scalar_type()), tables.param.data(),
                     const_cast<const void* const*>(tables.grad.data()), tables.state0.data(),
-                    lion_coefficients({lr, beta1, beta2, weight_decay})};
+                    lion_coefficients({lr, beta1, beta2, weight_decay, scaling.unscale})};
   active_kernels().lion(launch);
 }
 

@@ -80,7 +80,8 @@ void amos_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList v
                    at::TensorList bs, at::TensorList mus, at::TensorList steps,
                    at::ArrayRef<double> etas, double lr, double beta, std::optional<double> momentum,
                    std::optional<double> clip_value, double extra_l2, double d_coef, double c_coef,
-                   double epsilon) {
+                   double epsilon, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
   check_bucket(kOp, params, grads, {{"mus", momentum ? mus : at::TensorList()}}, steps);
   TORCH_CHECK_VALUE(!steps.empty(), kOp, ": steps are required");
   TORCH_CHECK_VALUE(!momentum || !mus.empty(), kOp, ": momentum needs mus");
@@ -96,13 +97,15 @@ void amos_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList v
                       " but vs[", i, "] has ", vs[i].sizes());
     layouts.push_back(describe_slots(params[i], vs[i], i));
   }
+  const GradScaling scaling = read_grad_scaling(kOp, grad_scale, found_inf);
+  if (scaling.skip) return;
   // -- every check passed: from here on we write --
   std::vector<int64_t> offsets(n + 1, 0), general;
   std::vector<void*> param(n), grad(n), v(n), b(n), mu(n, nullptr);
   std::vector<AmosCoef<double>> coef;
   coef.reserve(n);
-  const AmosHyper hyper{lr,       beta,   momentum.value_or(0.0), clip_value.value_or(0.0),
-                        extra_l2, d_coef, c_coef,                 epsilon};
+  const AmosHyper hyper{lr,     beta,   momentum.value_or(0.0), clip_value.value_or(0.0), extra_l2,
+                        d_coef, c_coef, epsilon,                scaling.unscale};
   for (size_t i = 0; i < n; ++i) {
     const bool is_general = layouts[i].row_len == 0 && params[i].numel() > 0;
     if (is_general) general.push_back(static_cast<int64_t>(i));

@@ -21,7 +21,8 @@ struct NormScaledBucket {
 
   NormScaledBucket(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList step_tensors, double beta1,
-                   double beta2, double eps, double weight_decay, bool bias_correction) {
+                   double beta2, double eps, double weight_decay, bool bias_correction,
+                   double grad_unscale) {
     const size_t n = params.size();
     offsets.assign(n + 1, 0);
     for (size_t i = 0; i < n; ++i) {
@@ -33,7 +34,7 @@ struct NormScaledBucket {
       float* step = step_tensors[i].data_ptr<float>();
       *step += 1.0f;
       steps.push_back(*step);
-      coef.push_back(moment_coefficients(beta1, beta2, eps, weight_decay, bias_correction, *step));
+      coef.push_back(moment_coefficients(beta1, beta2, eps, weight_decay, bias_correction, grad_unscale, *step));
     }
   }
 
@@ -59,13 +60,18 @@ void check(const char* op, at::TensorList params, at::TensorList grads, at::Tens
 void scaled_adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                           at::TensorList exp_avg_sqs, at::TensorList steps,
                           at::ArrayRef<double> init_norms, double lr, double beta1, double beta2,
-                          double eps, double p, bool inverse_time, double q) {
+                          double eps, double p, bool inverse_time, double q,
+                          const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf) {
   const char* op = "amos_fused.scaled_adam_step";
   check(op, params, grads, exp_avgs, exp_avg_sqs, steps);
   TORCH_CHECK_VALUE(init_norms.size() == params.size(), op, ": ", params.size(), " params but ",
                     init_norms.size(), " init_norms");
+  const GradScaling scaling = read_grad_scaling(op, grad_scale, found_inf);
+  if (scaling.skip) return;
   const size_t n = params.size();
-  const NormScaledBucket bucket(params, grads, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, 0.0, true);
+  const NormScaledBucket bucket(params, grads, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, 0.0,
+                                true, scaling.unscale);
   const NormScaledLaunch launch = bucket.launch(params[0].scalar_type(), false);
   std::vector<double> u_sq(n), theta_sq(n), k(n), rho(n);
   active_kernels().norm_scaled_phase1(launch, u_sq.data(), theta_sq.data());
@@ -81,11 +87,16 @@ void scaled_adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
 // §2.5 LAMB: θ ← θ − η·(‖θ‖/‖u‖)·u, u = m̂/(sqrt(v̂)+ε) + λθ, ratio 1 when a norm is 0.
 void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1,
-                   double beta2, double eps, double weight_decay, bool bias_correction) {
-  check("amos_fused.lamb_step", params, grads, exp_avgs, exp_avg_sqs, steps);
+                   double beta2, double eps, double weight_decay, bool bias_correction,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  const char* op = "amos_fused.lamb_step";
+  check(op, params, grads, exp_avgs, exp_avg_sqs, steps);
+  const GradScaling scaling = read_grad_scaling(op, grad_scale, found_inf);
+  if (scaling.skip) return;
   const size_t n = params.size();
   const NormScaledBucket bucket(params, grads, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps,
-                                weight_decay, bias_correction);
+                                weight_decay, bias_correction, scaling.unscale);
   const NormScaledLaunch launch = bucket.launch(params[0].scalar_type(), true);
   std::vector<double> u_sq(n), theta_sq(n), k(n), rho(n, 0.0);
   active_kernels().norm_scaled_phase1(launch, u_sq.data(), theta_sq.data());
