@@ -26,9 +26,11 @@ def _why_unavailable(backend: str) -> Optional[str]:
     if backend in ("reference", "cpu"):
         return None
     if backend == "cuda":
+        if not torch.ops.amos_fused.built_with_cuda():
+            return "amos_fused was built without CUDA kernels (the installed torch has no CUDA)"
         if not torch.cuda.is_available():
             return "no CUDA device is visible to torch"
-        return "amos_fused was built without CUDA kernels"
+        return None
     if backend == "triton":
         return "amos_fused has no Triton kernels in this build"
     return f"unknown backend {backend!r}"

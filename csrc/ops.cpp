@@ -6,6 +6,16 @@
 #include "checks.h"
 #include "cpu/kernel_api.h"
 
+namespace {
+bool built_with_cuda() {
+#ifdef AMOS_FUSED_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
 // Every step op takes the GradScaler inputs of torch's fused kernels: grads are
 // multiplied by 1/grad_scale in the kernel, and a non-zero found_inf skips the
 // whole step (no write at all, step counters included).
@@ -14,6 +24,7 @@ TORCH_LIBRARY(amos_fused, m) {
   m.def("check_grads(Tensor[] params, Tensor?[] grads) -> (int, int, int)",
         &amos_fused::check_grads);
   m.def("cpu_capability() -> str", &amos_fused::cpu::cpu_capability);
+  m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("set_cpu_capability(str name) -> ()", &amos_fused::cpu::set_cpu_capability);
   // §2.1 Adam / AdamW (decoupled), amsgrad, optional bias correction.
   m.def(
