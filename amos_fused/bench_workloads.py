@@ -96,8 +96,15 @@ GPT2_CONFIGS = {
     "gpt2-medium": dict(d_model=1024, layers=24, vocab=50257, context=1024),
 }
 
+def many_small(device, dtype, count: int = 20_000, numel: int = 4096) -> ParamsModel:
+    """`count` tensors of `numel` elements: a test of per-tensor launch overhead."""
+    return model_with_grads([(f"t{i}.weight", (numel,)) for i in range(count)], device, dtype)
+
+
 WORKLOADS: Dict[str, Callable[..., torch.nn.Module]] = {
-    name: functools.partial(gpt2, **config) for name, config in GPT2_CONFIGS.items()
+    **{name: functools.partial(gpt2, **config) for name, config in GPT2_CONFIGS.items()},
+    # 20,000 tensors of 4,096 elements (82M params).
+    "many-small": many_small,
 }
 
 DEFAULT_WORKLOAD = {"cpu": "gpt2-39m", "cuda": "gpt2-medium"}
