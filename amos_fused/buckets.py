@@ -22,6 +22,9 @@ class Bucket:
     # Where this bucket's params sit in the plan's param order (to slice grads).
     start: int = 0
     stop: int = 0
+    # Per-param hyper-parameter lists in bucket order, by group key (see
+    # FusedOptimizer._per_param), with the group value they were read from.
+    cache: Dict[str, tuple] = field(default_factory=dict)
 
 
 def make_buckets(params: Sequence[Tensor], state: Dict[Tensor, dict], keys: Sequence[str]) -> List[Bucket]:
@@ -54,6 +57,8 @@ class GroupPlan:
     length: int
     order: List[Tensor]  # params in bucket order: grads are gathered in this order
     buckets: List[Bucket]
+    # The group's 'backend' value its buckets were last checked against.
+    checked_backend: object = field(default=object())
 
     @classmethod
     def build(cls, group_params: list, state: Dict[Tensor, dict], keys: Sequence[str]) -> "GroupPlan":

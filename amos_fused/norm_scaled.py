@@ -74,32 +74,31 @@ class ScaledAdamW(_AdamMoments):
             group["p"] = (0.0 if group["half_life"] is None
                           else half_life_p(float(group["lr"]), group["half_life"], group["decay"]))
         hp.nonnegative("p", group["p"])
+
+    def _check_group_params(self, group):
         if group["init_norm"] is None:
             group["init_norm"] = tuple(
                 math.sqrt(p.numel()) * (group["sigma"] if group["sigma"] is not None else initial_sigma(p))
                 for p in group["params"]
             )
+        group["init_norm"] = tuple(group["init_norm"])
         if len(group["init_norm"]) != len(group["params"]):
             raise ValueError(f"Invalid init_norm: {len(group['init_norm'])} values for "
                              f"{len(group['params'])} params")
-
-    def _norms(self, group, params):
-        position = {id(q): i for i, q in enumerate(group["params"])}
-        return [float(group["init_norm"][position[id(p)]]) for p in params]
 
     def _fused_step(self, bucket, grads, group):
         beta1, beta2 = (float(b) for b in group["betas"])
         s = bucket.state
         _ops.scaled_adam_step(
             bucket.params, grads, s["exp_avg"], s["exp_avg_sq"], s["step"],
-            self._norms(group, bucket.params), float(group["lr"]), beta1, beta2,
+            self._per_param(group, "init_norm", bucket), float(group["lr"]), beta1, beta2,
             float(group["eps"]), float(group["p"]), group["decay"] == "inverse_time", float(group["q"]),
             **self._grad_scaling(),
         )
 
     def _reference_step(self, bucket, grads, group):
         beta1, beta2 = (float(b) for b in group["betas"])
-        for p, g, norm in zip(bucket.params, grads, self._norms(group, bucket.params)):
+        for p, g, norm in zip(bucket.params, grads, self._per_param(group, "init_norm", bucket)):
             st = self.state[p]
             reference.scaled_adam_step(
                 p, g, st["exp_avg"], st["exp_avg_sq"], _advance(st["step"]), lr=float(group["lr"]),

@@ -231,25 +231,8 @@ class Amos(FusedOptimizer):
         )
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if group["eta"] is None:
-            group["eta"] = tuple(initial_rms_eta(p) for p in group["params"])
-            self._check_group(group)
-
     def _check_group(self, group):
         hp.nonnegative("learning rate", group["lr"])
-        etas = group["eta"] if isinstance(group["eta"], (tuple, list)) else [group["eta"]]
-        if group["eta"] is not None:
-            if isinstance(group["eta"], (tuple, list)) and len(etas) != len(group["params"]):
-                raise ValueError(
-                    f"Invalid eta: {len(etas)} values for {len(group['params'])} params"
-                )
-            for eta in etas:
-                hp.positive("eta", eta)
-        for p in group["params"]:
-            normalize_reduce_axes(group["reduce_axes"], p.dim())
         hp.in_unit_interval("beta", group["beta"])
         hp.optional_in_unit_interval("momentum", group["momentum"])
         hp.optional_positive("clip_value", group["clip_value"])
@@ -257,6 +240,20 @@ class Amos(FusedOptimizer):
         hp.nonnegative("d_coef", group["d_coef"])
         hp.nonnegative("c_coef", group["c_coef"])
         hp.positive("epsilon", group["epsilon"])
+
+    def _check_group_params(self, group):
+        if group["eta"] is None:
+            group["eta"] = tuple(initial_rms_eta(p) for p in group["params"])
+        if isinstance(group["eta"], (tuple, list)):
+            group["eta"] = tuple(group["eta"])
+            if len(group["eta"]) != len(group["params"]):
+                raise ValueError(f"Invalid eta: {len(group['eta'])} values for {len(group['params'])} params")
+            for eta in group["eta"]:
+                hp.positive("eta", eta)
+        else:
+            hp.positive("eta", group["eta"])
+        for p in group["params"]:
+            normalize_reduce_axes(group["reduce_axes"], p.dim())
 
     def _new_state(self, p, group):
         slot = slot_shape(p.shape, group["reduce_axes"])
@@ -269,26 +266,17 @@ class Amos(FusedOptimizer):
             state["mu"] = _zeros_like(p)
         return state
 
-    @staticmethod
-    def _etas(group, params) -> List[float]:
-        """η of each of ``params`` (a float per group, or one per param)."""
-        eta = group["eta"]
-        if not isinstance(eta, (tuple, list)):
-            return [float(eta)] * len(params)
-        position = {id(q): i for i, q in enumerate(group["params"])}
-        return [float(eta[position[id(p)]]) for p in params]
-
     def _fused_step(self, bucket, grads, group):
         s = bucket.state
         _ops.amos_step(
             bucket.params, grads, s["v"], s["b"], s.get("mu", []) if group["momentum"] is not None else [],
-            s["step"], self._etas(group, bucket.params), float(group["lr"]), float(group["beta"]),
+            s["step"], self._per_param(group, "eta", bucket), float(group["lr"]), float(group["beta"]),
             group["momentum"], group["clip_value"], float(group["extra_l2"]), float(group["d_coef"]),
             float(group["c_coef"]), float(group["epsilon"]), **self._grad_scaling(),
         )
 
     def _reference_step(self, bucket, grads, group):
-        for p, g, eta in zip(bucket.params, grads, self._etas(group, bucket.params)):
+        for p, g, eta in zip(bucket.params, grads, self._per_param(group, "eta", bucket)):
             st = self.state[p]
             reference.amos_step(
                 p, g, st["v"], st["b"], st.get("mu"), _advance(st["step"]),

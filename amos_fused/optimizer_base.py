@@ -57,7 +57,12 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ---- subclass hooks ---------------------------------------------------
     def _check_group(self, group: dict) -> None:
-        """Raises ValueError on a bad hyper-parameter of ``group``."""
+        """Raises ValueError on a bad scalar hyper-parameter of ``group`` (run at
+        every step: schedulers may write them)."""
+
+    def _check_group_params(self, group: dict) -> None:
+        """Checks (and completes) the per-param settings of ``group``; run when the
+        group is added or loaded, not at every step."""
 
     def _new_state(self, param: Tensor, group: dict) -> dict:
         raise NotImplementedError
@@ -79,6 +84,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         check_backend(group["backend"], self.algorithm, self._name)
         self._check_group(group)
+        self._check_group_params(group)
+
+    def _per_param(self, group: dict, key: str, bucket: Bucket) -> List[float]:
+        """``group[key]`` for each param of ``bucket``: the group value is a float
+        (for every param) or a tuple with one value per param of the group.  Cached
+        on the bucket while the group keeps the same value object."""
+        value = group[key]
+        cached = bucket.cache.get(key)
+        if cached is not None and cached[0] is value:
+            return cached[1]
+        if isinstance(value, (tuple, list)):
+            position = {id(q): i for i, q in enumerate(group["params"])}
+            values = [float(value[position[id(p)]]) for p in bucket.params]
+        else:
+            values = [float(value)] * len(bucket.params)
+        bucket.cache[key] = (value, values)
+        return values
 
     # ---- step -------------------------------------------------------------
     @torch.no_grad()
@@ -107,7 +129,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in order]
         missing = self._check_grads(index, order, grads)
         if plan is not None and missing == 0:
-            self._check_backends(index, plan.buckets)
+            if plan.checked_backend != group["backend"]:
+                self._check_backends(index, plan.buckets)
+                plan.checked_backend = group["backend"]
             return _Work(group, plan, order, grads)
         active = [(p, g) for p, g in zip(order, grads) if g is not None]
         if not active:
@@ -186,8 +210,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _run(self, index: int, work: _Work) -> None:
         group = work.group
         if work.plan is not None:
-            buckets, grads = work.plan.buckets, work.grads
-            grads_of = lambda bucket: grads[bucket.start : bucket.stop]  # noqa: E731
+            buckets, plan_grads = work.plan.buckets, work.grads
+            grads_of = lambda bucket: plan_grads[bucket.start : bucket.stop]  # noqa: E731
         else:
             for p in work.params:
                 if not self.state[p]:
@@ -198,9 +222,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         for bucket in buckets:
             backend = backend_for(group["backend"], self.algorithm, bucket.device, self._name)
             if backend == "reference":
-                grads = self._reference_grads(grads_of(bucket))
-                if grads is not None:
-                    self._reference_step(bucket, grads, group)
+                unscaled = self._reference_grads(grads_of(bucket))
+                if unscaled is not None:
+                    self._reference_step(bucket, unscaled, group)
             else:
                 self._fused_step(bucket, grads_of(bucket), group)
         if work.plan is None and all(self.state[p] for p in group["params"]):
@@ -234,6 +258,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             check_backend(group["backend"], self.algorithm, self._name)
             self._check_group(group)
+            self._check_group_params(group)
 
     @staticmethod
     def _own_copy(param: Tensor, key: str, value: Tensor) -> Tensor:
