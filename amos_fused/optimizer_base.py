@@ -151,7 +151,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 return missing
             if problem != _LAYOUT:
                 raise self._grad_error(index, params[bad], grads[bad], problem)
-            grads[bad] = torch.empty_like(params[bad]).copy_(grads[bad])
+            p = params[bad]
+            grads[bad] = torch.empty_strided(p.size(), p.stride(), dtype=p.dtype, device=p.device).copy_(grads[bad])
 
     def _where(self, index: int, param: Tensor) -> str:
         position = next(i for i, p in enumerate(self.param_groups[index]["params"]) if p is param)
@@ -252,8 +253,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for param, state in self.state.items():
             for key, value in list(state.items()):
-                if isinstance(value, Tensor):
-                    state[key] = self._own_copy(param, key, value)
+                state[key] = self._own_copy(param, key, value)
         self._plans = {}
         for group in self.param_groups:
             check_backend(group["backend"], self.algorithm, self._name)
@@ -261,9 +261,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_group_params(group)
 
     @staticmethod
-    def _own_copy(param: Tensor, key: str, value: Tensor) -> Tensor:
+    def _own_copy(param: Tensor, key: str, value) -> object:
         if key == "step":
             return torch.tensor(float(value), dtype=torch.float32)
+        if not isinstance(value, Tensor):
+            return value
         value = value.detach()
         if value.shape == param.shape:
             return torch.empty_like(param).copy_(value)

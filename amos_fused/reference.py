@@ -58,7 +58,7 @@ def adam_step(
         g = g + weight_decay * theta
     if weight_decay != 0 and decoupled:
         theta = theta * (1 - lr * weight_decay)
-    m = beta1 * m + (1 - beta1) * g
+    m = torch.lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
     v = beta2 * v + (1 - beta2) * g * g
     second = v
     if amsgrad:
@@ -111,7 +111,7 @@ def radam_step(
         g = g + weight_decay * theta
     if weight_decay != 0 and decoupled:
         theta = theta * (1 - lr * weight_decay)
-    m = beta1 * m + (1 - beta1) * g
+    m = torch.lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
     v = beta2 * v + (1 - beta2) * g * g
     m_hat = m / (1 - beta1**step)
     r = radam_rectification(step, beta2, rectify_threshold)
@@ -215,7 +215,7 @@ def scaled_lr_schedule(step: int, lr: float, p: float, decay: str) -> float:
 
 def _adam_direction(g, m, v, step, beta1, beta2, eps, bias_correction):
     """Updates m, v (values) and returns u = (m/bc1)/(sqrt(v/bc2)+ε) (DESIGN §2.1)."""
-    m = beta1 * m + (1 - beta1) * g
+    m = torch.lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
     v = beta2 * v + (1 - beta2) * g * g
     bc1 = 1 - beta1**step if bias_correction else 1.0
     bc2 = 1 - beta2**step if bias_correction else 1.0
