@@ -46,3 +46,12 @@ def optional_positive(name: str, value: Optional[float]) -> None:
 def optional_in_unit_interval(name: str, value: Optional[float]) -> None:
     if value is not None:
         in_unit_interval(name, value)
+
+
+def adam_group(group: dict) -> None:
+    """lr, eps, betas and (when the group has one) weight_decay of an Adam-like group."""
+    nonnegative("learning rate", group["lr"])
+    nonnegative("epsilon value", group["eps"])
+    betas(group["betas"])
+    if "weight_decay" in group:
+        nonnegative("weight_decay value", group["weight_decay"])

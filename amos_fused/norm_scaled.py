@@ -8,7 +8,7 @@ import torch
 
 from . import hyperparams as hp
 from . import reference
-from .optim import _advance, _new_step, _zeros_like
+from .optim import _advance, adam_state
 from .optimizer_base import FusedOptimizer
 from .theory import DECAYS, half_life_p
 
@@ -28,12 +28,7 @@ class _AdamMoments(FusedOptimizer):
     state_keys = ("exp_avg", "exp_avg_sq")
 
     def _new_state(self, p, group):
-        return {"step": _new_step(), "exp_avg": _zeros_like(p), "exp_avg_sq": _zeros_like(p)}
-
-    def _check_moments(self, group):
-        hp.nonnegative("learning rate", group["lr"])
-        hp.nonnegative("epsilon value", group["eps"])
-        hp.betas(group["betas"])
+        return adam_state(p)
 
 
 class ScaledAdamW(_AdamMoments):
@@ -64,7 +59,7 @@ class ScaledAdamW(_AdamMoments):
         super().add_param_group(param_group)
 
     def _check_group(self, group):
-        self._check_moments(group)
+        hp.adam_group(group)
         if group["decay"] not in DECAYS:
             raise ValueError(f"Invalid decay: {group['decay']!r} (expected one of {DECAYS})")
         hp.positive("q", group["q"])
@@ -121,8 +116,7 @@ class Lamb(_AdamMoments):
         super().__init__(params, defaults)
 
     def _check_group(self, group):
-        self._check_moments(group)
-        hp.nonnegative("weight_decay value", group["weight_decay"])
+        hp.adam_group(group)
 
     def _hyper(self, group):
         beta1, beta2 = (float(b) for b in group["betas"])

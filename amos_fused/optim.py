@@ -26,6 +26,11 @@ def _new_step() -> Tensor:
     return torch.tensor(0.0, dtype=torch.float32)
 
 
+def adam_state(p: Tensor) -> dict:
+    """Fresh Adam moments of a param, with torch.optim.Adam's state keys."""
+    return {"step": _new_step(), "exp_avg": _zeros_like(p), "exp_avg_sq": _zeros_like(p)}
+
+
 def _advance(step: Tensor) -> float:
     step += 1
     return float(step)
@@ -46,13 +51,10 @@ class _AdamFamily(FusedOptimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group):
-        hp.nonnegative("learning rate", group["lr"])
-        hp.nonnegative("epsilon value", group["eps"])
-        hp.betas(group["betas"])
-        hp.nonnegative("weight_decay value", group["weight_decay"])
+        hp.adam_group(group)
 
     def _new_state(self, p, group):
-        state = {"step": _new_step(), "exp_avg": _zeros_like(p), "exp_avg_sq": _zeros_like(p)}
+        state = adam_state(p)
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = _zeros_like(p)
         return state
@@ -127,14 +129,11 @@ class RAdam(FusedOptimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group):
-        hp.nonnegative("learning rate", group["lr"])
-        hp.nonnegative("epsilon value", group["eps"])
-        hp.betas(group["betas"])
-        hp.nonnegative("weight_decay value", group["weight_decay"])
+        hp.adam_group(group)
         hp.nonnegative("rectify_threshold", group["rectify_threshold"])
 
     def _new_state(self, p, group):
-        return {"step": _new_step(), "exp_avg": _zeros_like(p), "exp_avg_sq": _zeros_like(p)}
+        return adam_state(p)
 
     def _hyper(self, group):
         beta1, beta2 = (float(b) for b in group["betas"])
