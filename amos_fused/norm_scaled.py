@@ -38,8 +38,9 @@ class ScaledAdamW(_AdamMoments):
 
     ``lr`` is α0.  ``decay``: 'inverse_square' (s = 1/(α0·p·t+1)², constant p) or
     'inverse_time' (s = 1/(2·α0·p·t+1), dynamic p).  Give ``p`` or ``half_life`` T
-    (the rate halves after T steps; p is derived with the lr at construction);
-    neither means p = 0 (no decay of the rate).  ``sigma``: the expected init std
+    (the rate halves after T steps: p is derived from T and the group's current
+    lr, so α0·p stays fixed when a scheduler changes lr); neither means p = 0 (no
+    decay of the rate).  ``sigma``: the expected init std
     of every tensor of the group, or None to infer it per tensor
     (``initial_sigma``); ‖ε0‖ = sqrt(numel)·σ is stored per param in the group's
     ``init_norm``.  State: ``step``, ``exp_avg``, ``exp_avg_sq``."""
@@ -52,12 +53,6 @@ class ScaledAdamW(_AdamMoments):
                         sigma=sigma, init_norm=None, backend=backend)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group):
-        param_group = dict(param_group)
-        if param_group.get("p") is not None and param_group.get("half_life") is not None:
-            raise ValueError("ScaledAdamW: give p or half_life, not both")
-        super().add_param_group(param_group)
-
     def _check_group(self, group):
         hp.adam_group(group)
         if group["decay"] not in DECAYS:
@@ -65,10 +60,19 @@ class ScaledAdamW(_AdamMoments):
         hp.positive("q", group["q"])
         if group["sigma"] is not None:
             hp.positive("sigma", group["sigma"])
-        if group["p"] is None:
-            group["p"] = (0.0 if group["half_life"] is None
-                          else half_life_p(float(group["lr"]), group["half_life"], group["decay"]))
-        hp.nonnegative("p", group["p"])
+        if group["p"] is not None and group["half_life"] is not None:
+            raise ValueError(
+                f"ScaledAdamW: give p or half_life, not both (p={group['p']}, half_life={group['half_life']})"
+            )
+        hp.nonnegative("p", self._schedule_p(group))
+
+    @staticmethod
+    def _schedule_p(group) -> float:
+        """p of s(t): the group's p, or the one whose rate halves every half_life steps
+        at the group's current lr (α0·p = (√2−1)/T or α0·p0 = 1/(2T)), or 0."""
+        if group["half_life"] is not None:
+            return half_life_p(float(group["lr"]), group["half_life"], group["decay"])
+        return float(group["p"] or 0.0)
 
     def _check_group_params(self, group):
         if group["init_norm"] is None:
@@ -87,7 +91,7 @@ class ScaledAdamW(_AdamMoments):
         _ops.scaled_adam_step(
             bucket.params, grads, s["exp_avg"], s["exp_avg_sq"], s["step"],
             self._per_param(group, "init_norm", bucket), float(group["lr"]), beta1, beta2,
-            float(group["eps"]), float(group["p"]), group["decay"] == "inverse_time", float(group["q"]),
+            float(group["eps"]), self._schedule_p(group), group["decay"] == "inverse_time", float(group["q"]),
             **self._grad_scaling(),
         )
 
@@ -98,7 +102,7 @@ class ScaledAdamW(_AdamMoments):
             reference.scaled_adam_step(
                 p, g, st["exp_avg"], st["exp_avg_sq"], _advance(st["step"]), lr=float(group["lr"]),
                 beta1=beta1, beta2=beta2, eps=float(group["eps"]), init_norm=norm,
-                p=float(group["p"]), decay=group["decay"], q=float(group["q"]),
+                p=self._schedule_p(group), decay=group["decay"], q=float(group["q"]),
             )
 
 

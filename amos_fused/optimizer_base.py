@@ -80,11 +80,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         return type(self).__name__
 
     def add_param_group(self, param_group: dict) -> None:
+        """Adds a group like torch.optim does, then checks it; a group that fails
+        the checks is not kept."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_backend(group["backend"], self.algorithm, self._name)
-        self._check_group(group)
-        self._check_group_params(group)
+        try:
+            check_backend(group["backend"], self.algorithm, self._name)
+            self._check_group(group)
+            self._check_group_params(group)
+        except Exception:
+            self.param_groups.pop()
+            raise
 
     def _per_param(self, group: dict, key: str, bucket: Bucket) -> List[float]:
         """``group[key]`` for each param of ``bucket``: the group value is a float

@@ -1,5 +1,11 @@
 // Two-phase CPU kernels of the rules that scale each tensor's Adam direction by a
 // norm (scale-aware Adam and LAMB, DESIGN §2.5).  Math: csrc/step_math.h.
+//
+// float32/float64: phase 1 writes m, v; phase 2 recomputes u from them (36 B/param
+// in fp32).  bfloat16/float16: rounding m, v to storage between the phases would
+// make phase 2's u differ from the u that was normed (in fp16, v underflows to 0
+// and u explodes), so phase 1 only reads, and phase 2 recomputes the moments from
+// the old m, v and g in float32 — both phases see the same unrounded u.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -14,11 +20,16 @@ inline namespace CPU_CAPABILITY {
 // Phase 1: m, v ← moments; Σu² (and Σθ²) per tensor, combined chunk by chunk in a
 // fixed order (deterministic).  Sums run in float lanes within blocks of
 // kBlock elements and in double across blocks.
+// Whether m, v are written in phase 2 (storage dtype narrower than the math).
+template <typename scalar_t>
+constexpr bool kMomentsInPhase2 = !std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
+
 template <typename scalar_t, bool LAMB>
 void norm_scaled_phase1_typed(const NormScaledLaunch& L, double* u_sq, double* theta_sq) {
   using IO = TileIO<scalar_t>;
   using Vec = typename IO::Vec;
   using Op = at::opmath_type<scalar_t>;
+  constexpr unsigned kMomentMask = kMomentsInPhase2<scalar_t> ? 0u : 0b11u;  // m, v bits
   constexpr int64_t kBlock = 64 * IO::kTile;
   const int64_t n = L.bucket.num_tensors;
   const int64_t chunks = num_chunks(L.bucket.offsets[n]);
@@ -48,11 +59,11 @@ void norm_scaled_phase1_typed(const NormScaledLaunch& L, double* u_sq, double* t
       };
       const int64_t stop = std::min(end, i + kBlock);
       if constexpr (LAMB) {
-        map_streams<scalar_t, 4, 0b1100u>({p, g, m, v}, i, stop,
-                                          [&](auto& x) { phase1(x[0], x[1], x[2], x[3]); });
+        map_streams<scalar_t, 4, (kMomentMask << 2)>({p, g, m, v}, i, stop,
+                                                     [&](auto& x) { phase1(x[0], x[1], x[2], x[3]); });
       } else {  // θ is not read: its slot gets g, which the direction ignores
-        map_streams<scalar_t, 3, 0b110u>({g, m, v}, i, stop,
-                                         [&](auto& x) { phase1(x[0], x[0], x[1], x[2]); });
+        map_streams<scalar_t, 3, (kMomentMask << 1)>({g, m, v}, i, stop,
+                                                    [&](auto& x) { phase1(x[0], x[0], x[1], x[2]); });
       }
       Op lanes_u[Vec::size()], lanes_p[Vec::size()];
       acc_u.store(lanes_u);
@@ -78,7 +89,8 @@ void norm_scaled_phase1_typed(const NormScaledLaunch& L, double* u_sq, double* t
   }
 }
 
-// Phase 2: recompute u from the stored m, v and write θ ← θ − (k·u + ρ·θ).
+// Phase 2: recompute u (from the stored m, v, or from the moments updated here
+// for narrow storage) and write θ ← θ − (k·u + ρ·θ).
 template <typename scalar_t, bool LAMB>
 void norm_scaled_phase2_typed(const NormScaledLaunch& L, const double* k, const double* rho) {
   using Vec = typename TileIO<scalar_t>::Vec;
@@ -87,18 +99,29 @@ void norm_scaled_phase2_typed(const NormScaledLaunch& L, const double* k, const 
     const TileCoef<MomentCoef, scalar_t> coef(L.coef[t]);
     const Op ks = static_cast<Op>(k[t]), rs = static_cast<Op>(rho[t]);
     const Vec kv(ks), rv(rs);
-    map_streams<scalar_t, 3, 0b1u>(
-        {stream<scalar_t>(L.param, t), stream<scalar_t>(L.exp_avg, t),
-         stream<scalar_t>(L.exp_avg_sq, t)},
-        begin, end, [&](auto& x) {  // x: p, m, v
-          using V = typename std::decay_t<decltype(x)>::value_type;
-          const V u = adam_direction<LAMB>(x[0], x[1], x[2], coef.template get<V>());
-          if constexpr (std::is_same_v<V, Vec>) {
-            scaled_update(x[0], u, kv, rv);
-          } else {
-            scaled_update(x[0], u, ks, rs);
-          }
-        });
+    auto phase2 = [&](auto& theta, auto& m_, auto& v_) {
+      using V = std::decay_t<decltype(theta)>;
+      const V u = adam_direction<LAMB>(theta, m_, v_, coef.template get<V>());
+      if constexpr (std::is_same_v<V, Vec>) {
+        scaled_update(theta, u, kv, rv);
+      } else {
+        scaled_update(theta, u, ks, rs);
+      }
+    };
+    scalar_t* p = stream<scalar_t>(L.param, t);
+    scalar_t* m = stream<scalar_t>(L.exp_avg, t);
+    scalar_t* v = stream<scalar_t>(L.exp_avg_sq, t);
+    if constexpr (kMomentsInPhase2<scalar_t>) {
+      map_streams<scalar_t, 4, 0b1101u>({p, stream<scalar_t>(L.grad, t), m, v}, begin, end,
+                                        [&](auto& x) {  // x: p, g, m, v
+                                          using V = typename std::decay_t<decltype(x)>::value_type;
+                                          update_moments(x[1], x[2], x[3], coef.template get<V>());
+                                          phase2(x[0], x[2], x[3]);
+                                        });
+    } else {
+      map_streams<scalar_t, 3, 0b1u>({p, m, v}, begin, end,
+                                     [&](auto& x) { phase2(x[0], x[1], x[2]); });  // x: p, m, v
+    }
   });
 }
 

@@ -1,0 +1,117 @@
+"""Per-step, per-tensor scalars of each algorithm, computed on the host in double
+from the tensors' step counts (as csrc/step_coefficients.h does), then rounded
+once to the compute dtype and uploaded as one small table per launch.  Each
+table has one row per tensor, its columns in the order of the ``*_COLUMNS``
+tuple of the matching math module."""
+from __future__ import annotations
+
+import math
+from typing import Dict, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .adam_math import ADAM_COLUMNS, LION_COLUMNS, RADAM_COLUMNS
+from .amos_math import AMOS_COLUMNS
+from .norm_scaled_math import MOMENT_COLUMNS
+
+Column = Union[float, Tensor]
+
+
+def _table(columns: Sequence[str], values: Dict[str, Column], n: int) -> Tensor:
+    """[n, len(columns)] float64 table; a float value fills its whole column."""
+    assert set(values) == set(columns), set(values) ^ set(columns)
+    out = torch.empty(n, len(columns), dtype=torch.float64)
+    for j, name in enumerate(columns):
+        out[:, j] = values[name]
+    return out
+
+
+def adam(steps: Tensor, lr, beta1, beta2, eps, weight_decay, decoupled, bias_correction,
+         grad_unscale) -> Tensor:
+    """§2.1: bc1 = 1 − β1^t, bc2 = 1 − β2^t (both 1 without bias correction)."""
+    ones = torch.ones_like(steps)
+    bc1 = 1.0 - torch.pow(beta1, steps) if bias_correction else ones
+    bc2 = 1.0 - torch.pow(beta2, steps) if bias_correction else ones
+    return _table(ADAM_COLUMNS, dict(
+        beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2,
+        param_decay=1.0 - lr * weight_decay if decoupled else 1.0,
+        l2=0.0 if decoupled else weight_decay, eps=eps, bc2_sqrt=bc2.sqrt(),
+        neg_step_size=-(lr / bc1), grad_unscale=grad_unscale,
+    ), len(steps))
+
+
+def radam(steps: Tensor, lr, beta1, beta2, eps, weight_decay, decoupled, rectify_threshold,
+          grad_unscale) -> Tensor:
+    """§2.2: ρ∞ = 2/(1−β2) − 1, ρt = ρ∞ − 2tβ2^t/(1−β2^t),
+    r = sqrt((ρt−4)(ρt−2)ρ∞ / ((ρ∞−4)(ρ∞−2)ρt)) when ρt > threshold."""
+    beta2_t = torch.pow(beta2, steps)
+    bc2 = 1.0 - beta2_t
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * steps * beta2_t / bc2
+    rectified = rho_t > rectify_threshold
+    rect_sq = (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)
+    rect = torch.where(rectified, rect_sq.sqrt(), torch.ones_like(steps))
+    return _table(RADAM_COLUMNS, dict(
+        beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2,
+        param_decay=1.0 - lr * weight_decay if decoupled else 1.0,
+        l2=0.0 if decoupled else weight_decay, eps=eps, bc1=1.0 - torch.pow(beta1, steps),
+        lr=lr, bc2_sqrt=bc2.sqrt(), rect=rect, grad_unscale=grad_unscale,
+        rectified=rectified.double(),
+    ), len(steps))
+
+
+def lion(n: int, lr, beta1, beta2, weight_decay, grad_unscale) -> Tensor:
+    """§2.3: the same row for every tensor (Lion's update does not depend on t)."""
+    return _table(LION_COLUMNS, dict(
+        beta1=beta1, beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2,
+        param_decay=1.0 - lr * weight_decay, neg_lr=-lr, grad_unscale=grad_unscale,
+    ), n)
+
+
+def amos(steps: Tensor, etas: Sequence[float], lr, beta, momentum, clip_value, extra_l2, d_coef,
+         c_coef, epsilon, grad_unscale) -> Tensor:
+    """§2.4, per tensor of scale η at step t (momentum / clip_value None → 0)."""
+    alpha = lr * torch.tensor(etas, dtype=torch.float64)
+    momentum = 0.0 if momentum is None else momentum
+    return _table(AMOS_COLUMNS, dict(
+        beta=beta, beta_complement=1.0 - beta, bias_correction=1.0 - torch.pow(beta, steps),
+        epsilon=epsilon, c_scale=c_coef * math.sqrt(lr), lr_sq=lr * lr, alpha=alpha,
+        d_scale=d_coef * alpha.sqrt(), extra_l2=extra_l2,
+        clip=0.0 if clip_value is None else clip_value,
+        momentum=momentum, momentum_complement=1.0 - momentum, grad_unscale=grad_unscale,
+    ), len(steps))
+
+
+def _moments(steps, beta1, beta2, eps, weight_decay, bias_correction, grad_unscale, k_scale, rho):
+    ones = torch.ones_like(steps)
+    bc1 = 1.0 - torch.pow(beta1, steps) if bias_correction else ones
+    bc2 = 1.0 - torch.pow(beta2, steps) if bias_correction else ones
+    return _table(MOMENT_COLUMNS, dict(
+        beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2, eps=eps,
+        bc1=bc1, bc2_sqrt=bc2.sqrt(), weight_decay=weight_decay, grad_unscale=grad_unscale,
+        k_scale=k_scale, rho=rho,
+    ), len(steps))
+
+
+def scaled_schedule(steps: Tensor, lr, p, inverse_time) -> Tensor:
+    """§2.5 s(t): 1/(2·α0·p·t + 1) (inverse_time) or 1/(α0·p·t + 1)² (inverse_square)."""
+    if inverse_time:
+        return 1.0 / (2.0 * lr * p * steps + 1.0)
+    return 1.0 / ((lr * p * steps + 1.0) * (lr * p * steps + 1.0))
+
+
+def scaled_adam(steps: Tensor, init_norms: Sequence[float], lr, beta1, beta2, eps, p,
+                inverse_time, q, grad_unscale) -> Tensor:
+    """§2.5: k = α0·‖ε0‖·s(t)/‖u‖ (the ‖u‖ part on the device), ρ = α0²/(2q)·s(t)."""
+    s = scaled_schedule(steps, lr, p, inverse_time)
+    norms = torch.tensor(init_norms, dtype=torch.float64)
+    return _moments(steps, beta1, beta2, eps, 0.0, True, grad_unscale,
+                    k_scale=lr * norms * s, rho=lr * lr / (2.0 * q) * s)
+
+
+def lamb(steps: Tensor, lr, beta1, beta2, eps, weight_decay, bias_correction,
+         grad_unscale) -> Tensor:
+    """§2.5 LAMB: k = η·‖θ‖/‖u‖ (the norms on the device), ρ = 0."""
+    return _moments(steps, beta1, beta2, eps, weight_decay, bias_correction, grad_unscale,
+                    k_scale=lr, rho=0.0)

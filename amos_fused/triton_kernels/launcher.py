@@ -1,0 +1,152 @@
+"""Launches the Triton kernels over one bucket: fetches the bucket's cached
+metadata (bucket.py, amos_bucket.py), uploads the per-step coefficient table and
+runs ONE launch per phase, whatever the number of tensors (DESIGN §3).
+
+Inputs are checked by ops.py before anything here runs."""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+from . import bucket
+from .adam_kernels import adam_kernel, lion_kernel, radam_kernel
+from .amos_bucket import AmosMeta, amos_meta, compute_dtype
+from .amos_kernels import amos_kernel, amos_slots_kernel, amos_sums_kernel
+from .amos_layout import ELEMENTWISE, ROWS
+from .norm_scaled_kernels import norm_scaled_phase1_kernel, norm_scaled_phase2_kernel
+
+BLOCK = 1024          # elements per program (blocks, row chunks, slots)
+NUM_WARPS = 4
+AMOS_MAX_ROW = 16384  # Amos rows longer than this are split over programs (LONG_ROWS)
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+              torch.float16: tl.float16, torch.float64: tl.float64}
+
+
+def _types(dtype: torch.dtype) -> dict:
+    """Storage and compute dtypes (fp32 math; fp64 for fp64 tensors) as constexprs."""
+    fp64 = dtype == torch.float64
+    return dict(DTYPE=_TL_DTYPES[dtype], COMPUTE=tl.float64 if fp64 else tl.float32, FP64=fp64)
+
+
+def _upload(coef: Tensor, params: Sequence[Tensor]) -> Tensor:
+    return coef.to(device=params[0].device, dtype=compute_dtype(params[0].dtype))
+
+
+@contextlib.contextmanager
+def _launching(meta):
+    """Runs launches on the bucket's device; a failed launch drops the bucket's cached
+    metadata (its scratch buffers may be left half-written)."""
+    device = meta.device
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    try:
+        with guard:
+            yield
+    except BaseException:
+        bucket.forget(meta.cache_key)
+        raise
+
+
+def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs: Optional[Sequence[Tensor]],
+         coef: Tensor, l2: bool) -> None:
+    amsgrad = max_exp_avg_sqs is not None
+    streams = [params, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    meta = bucket.elementwise_meta("adam", streams, BLOCK)
+    if meta.num_blocks == 0:
+        return
+    grad_table, grads_aligned = meta.grad_addresses.get(grads)
+    with _launching(meta):
+        adam_kernel[(meta.num_blocks,)](
+            meta.addresses, grad_table, meta.numels, meta.blocks, _upload(coef, params), meta.n,
+            **_types(params[0].dtype), AMSGRAD=amsgrad, L2=l2,
+            ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+def radam(params, grads, exp_avgs, exp_avg_sqs, coef: Tensor, l2: bool) -> None:
+    meta = bucket.elementwise_meta("radam", [params, exp_avgs, exp_avg_sqs], BLOCK)
+    if meta.num_blocks == 0:
+        return
+    grad_table, grads_aligned = meta.grad_addresses.get(grads)
+    with _launching(meta):
+        radam_kernel[(meta.num_blocks,)](
+            meta.addresses, grad_table, meta.numels, meta.blocks, _upload(coef, params), meta.n,
+            **_types(params[0].dtype), L2=l2, ALIGNED=meta.aligned and grads_aligned,
+            BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+def lion(params, grads, exp_avgs, coef: Tensor) -> None:
+    meta = bucket.elementwise_meta("lion", [params, exp_avgs], BLOCK)
+    if meta.num_blocks == 0:
+        return
+    grad_table, grads_aligned = meta.grad_addresses.get(grads)
+    types = _types(params[0].dtype)
+    del types["FP64"]  # Lion's math has no division or square root
+    with _launching(meta):
+        lion_kernel[(meta.num_blocks,)](
+            meta.addresses, grad_table, meta.numels, meta.blocks, _upload(coef, params), meta.n,
+            **types, ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+class NormScaledMeta(bucket.BucketMeta):
+    """Adds the per-tensor accumulators [2 parities, n, (Σu², Σθ²)] and the parity
+    of the next step (norm_scaled_kernels.py)."""
+
+    def __init__(self, streams, block):
+        super().__init__(streams, block)
+        self.sums = torch.zeros(2 * self.n * 2, dtype=compute_dtype(streams[0][0].dtype),
+                                device=self.device)
+        self.parity = 0
+
+
+def norm_scaled(params, grads, exp_avgs, exp_avg_sqs, coef: Tensor, lamb: bool) -> None:
+    """Scale-aware Adam (lamb=False) or LAMB: phase 1 then phase 2 (§2.5)."""
+    meta = bucket.elementwise_meta("norm_scaled", [params, exp_avgs, exp_avg_sqs], BLOCK,
+                                   NormScaledMeta)
+    if meta.num_blocks == 0:
+        return
+    grad_table, grads_aligned = meta.grad_addresses.get(grads)
+    coef = _upload(coef, params)
+    types = _types(params[0].dtype)
+    grid = (meta.num_blocks,)
+    with _launching(meta):
+        norm_scaled_phase1_kernel[grid](
+            meta.addresses, grad_table, meta.numels, meta.blocks, coef, meta.sums, meta.n,
+            meta.parity, **types, LAMB=lamb, ALIGNED=meta.aligned and grads_aligned,
+            BLOCK=BLOCK, num_warps=NUM_WARPS)
+        norm_scaled_phase2_kernel[grid](
+            meta.addresses, meta.numels, meta.blocks, coef, meta.sums, meta.n, meta.parity,
+            **types, LAMB=lamb, ALIGNED=meta.aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    meta.parity = 1 - meta.parity
+
+
+def amos_bucket(op: str, params, vs, bs, mus: Optional[Sequence[Tensor]]) -> AmosMeta:
+    """The bucket's Amos metadata (describing its slot layouts checks their shapes)."""
+    return amos_meta(op, params, vs, bs, mus, BLOCK, AMOS_MAX_ROW)
+
+
+def amos(meta: AmosMeta, params, grads, coef: Tensor, momentum: bool, clip: bool) -> None:
+    if meta.num_main == 0:
+        return
+    grad_table, grads_aligned = meta.grad_addresses.get(grads)
+    coef = _upload(coef, params)
+    types = _types(params[0].dtype)
+    with _launching(meta):
+        if meta.num_sum_blocks:
+            amos_sums_kernel[(meta.num_sum_blocks,)](
+                grad_table, meta.info, meta.sum_blocks, coef, meta.slot_sums, meta.n,
+                DTYPE=types["DTYPE"], COMPUTE=types["COMPUTE"], CLIP=clip, NDIM=meta.ndim,
+                BLOCK=BLOCK, num_warps=NUM_WARPS)
+            amos_slots_kernel[(meta.num_slot_blocks,)](
+                meta.addresses, meta.info, meta.slot_blocks, coef, meta.slot_sums,
+                meta.slot_updates, meta.n, **types, NDIM=meta.ndim, BLOCK=BLOCK,
+                num_warps=NUM_WARPS)
+        amos_kernel[(meta.num_main,)](
+            meta.addresses, grad_table, meta.info, meta.main_blocks, coef, meta.slot_updates,
+            meta.n, **types, MOMENTUM=momentum, CLIP=clip,
+            ALIGNED=meta.aligned and grads_aligned, HAS_ELEMENTWISE=ELEMENTWISE in meta.kinds,
+            HAS_ROWS=ROWS in meta.kinds, HAS_PHASED=meta.num_sum_blocks > 0, NDIM=meta.ndim,
+            BLOCK=BLOCK, num_warps=NUM_WARPS)

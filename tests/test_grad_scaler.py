@@ -1,0 +1,144 @@
+"""torch.amp.GradScaler with the amos_fused optimizers (DESIGN §3: `grad_scale` /
+`found_inf` like torch's fused kernels).
+
+Our optimizers set ``_step_supports_amp_scaling``: GradScaler.step does not
+unscale the grads itself but hands the optimizer ``grad_scale`` and ``found_inf``;
+the step must unscale in-kernel (before clipping, decay, moments ...) and skip
+everything when found_inf is set.  Checked for every optimizer on both backends:
+
+* a step whose grads hold an inf/nan is skipped: params and every state tensor
+  (``step`` included) bitwise unchanged, and GradScaler halves its scale;
+* every other step equals the same optimizer fed the unscaled grads directly
+  (fp32; the scale is a power of two, so scaling and unscaling are exact and the
+  only tolerance needed, rtol=1e-6, covers nothing but the order of operations);
+* the same with ``scaler.unscale_(opt)`` first (the grad-clipping recipe), where
+  the optimizer gets ``grad_scale=None`` and the grads already unscaled;
+* AdamW driven by GradScaler follows torch.optim.AdamW(foreach=False) driven by
+  its own GradScaler (which unscales the grads itself), at the float32 tolerance
+  of test_cpu_kernels (torch.testing defaults).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import amos_fused as af
+from conftest import SHAPES, assert_unchanged, clone_params, make_grads, make_params, snapshot, states_of
+
+# Adam-type directions m̂/(sqrt(v̂)+ε) are invariant to the grad scale but for ε:
+# a large ε (and L2 decay, and Amos's clip_value) makes a step that forgets to
+# unscale visibly different.  (Lion's sign update is invariant to a constant
+# scale, but its m mixes steps taken at different scales: the scale grows during
+# the run.)  Checked by hand: with the unscaling removed, every case but the
+# unscale_-first ones fails.
+OPTIMIZERS = {
+    "adamw": (af.AdamW, dict(lr=1e-2, weight_decay=0.1, eps=1e-3)),
+    "radam": (af.RAdam, dict(lr=1e-2, weight_decay=0.1, eps=1e-3)),  # L2: g + λθ
+    "lion": (af.Lion, dict(lr=1e-3, weight_decay=0.1)),
+    # clip_value: the grads must be unscaled before they are clipped
+    "amos": (af.Amos, dict(lr=0.1, reduce_axes="all", momentum=0.9, clip_value=0.5)),
+    "scaled_adamw": (af.ScaledAdamW, dict(lr=0.05, half_life=5, eps=1e-3)),
+    "lamb": (af.Lamb, dict(lr=1e-2, weight_decay=0.01, eps=1e-3)),
+}
+BACKENDS = ["cpu", "reference"]
+STEPS = 9
+INF_STEPS = {0: float("inf"), 4: float("nan"), 5: float("-inf")}  # step -> bad value injected
+TOL = dict(rtol=1e-6, atol=1e-7)
+
+
+def _grads(params, step):
+    grads = make_grads(params, step)
+    if step in INF_STEPS:
+        grads[2].view(-1)[7] = INF_STEPS[step]  # one element of the (37, 5) param
+    return grads
+
+
+def _backward(params, grads, scaler=None):
+    """loss = Σ⟨p, g⟩, so d loss/d p = g (times the scale): grads through autograd,
+    exactly like a training step."""
+    for p in params:
+        p.grad = None
+    loss = sum((p * g).sum() for p, g in zip(params, grads))
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def _assert_same(params_a, opt_a, params_b, opt_b, tol=TOL):
+    for i, (pa, pb) in enumerate(zip(params_a, params_b)):
+        torch.testing.assert_close(pa.detach(), pb.detach(), msg=lambda m, i=i: f"param {i}: {m}", **tol)
+    for i, (sa, sb) in enumerate(zip(states_of(opt_a, params_a), states_of(opt_b, params_b))):
+        assert set(sa) == set(sb), f"param {i}: state keys {sorted(sa)} != {sorted(sb)}"
+        for key in sa:
+            if key == "step":
+                assert float(sa[key]) == float(sb[key]), f"param {i}: step"
+            else:
+                torch.testing.assert_close(sa[key], sb[key], msg=lambda m, i=i, k=key: f"param {i} {k}: {m}",
+                                           **tol)
+
+
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["scaled_grads", "unscale_first"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_grad_scaler(name, backend, unscale_first):
+    cls, kwargs = OPTIMIZERS[name]
+    base = make_params(torch.float32, 0, SHAPES)
+    params, plain_params = clone_params(base), clone_params(base)
+    opt = cls(params, backend=backend, **kwargs)
+    plain = cls(plain_params, backend=backend, **kwargs)
+    # growth_interval=2: the scale also grows during the run, so the step must read
+    # the current scale every time
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+    scales = set()
+    for step in range(STEPS):
+        grads = _grads(base, step)
+        scale = scaler.get_scale()
+        scales.add(scale)
+        _backward(params, grads, scaler)
+        if step in INF_STEPS:
+            before = snapshot(opt, params)
+        if unscale_first:
+            scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        if step in INF_STEPS:
+            assert scaler.get_scale() == scale / 2, "GradScaler did not back off"
+            if step == 0:  # no state yet: it may be created, but nothing may advance
+                for p, p0 in zip(params, before[0]):
+                    assert torch.equal(p.detach(), p0)
+                for state in states_of(opt, params):
+                    assert all(float(v) == 0 for k, v in state.items() if k == "step")
+                    assert all(torch.count_nonzero(v) == 0 for k, v in state.items() if k != "step")
+            else:
+                assert_unchanged(before, opt, params)
+            continue
+        _backward(plain_params, grads)
+        plain.step()
+        _assert_same(params, opt, plain_params, plain)
+        assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    assert len(scales) >= 3
+    # after the skipped first step, every step counter counts only the real steps
+    assert float(opt.state[params[3]]["step"]) == STEPS - len(INF_STEPS)
+    assert not torch.equal(params[3].detach(), base[3].detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adamw_grad_scaler_matches_torch(backend, amsgrad):
+    base = make_params(torch.float32, 1, SHAPES)
+    ours_params, torch_params = clone_params(base), clone_params(base)
+    kwargs = dict(lr=1e-2, weight_decay=0.1, eps=1e-3, amsgrad=amsgrad)
+    ours = af.AdamW(ours_params, backend=backend, **kwargs)
+    theirs = torch.optim.AdamW(torch_params, foreach=False, **kwargs)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2) for _ in range(2)]
+    for step in range(STEPS):
+        grads = _grads(base, step)
+        for ps, opt, scaler in ((ours_params, ours, scalers[0]), (torch_params, theirs, scalers[1])):
+            _backward(ps, grads, scaler)
+            scaler.step(opt)
+            scaler.update()
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        if step == 0:  # skipped: torch creates no state, ours may hold zeros; params untouched
+            for p, q in zip(ours_params, base):
+                assert torch.equal(p.detach(), q.detach())
+            continue
+        _assert_same(ours_params, ours, torch_params, theirs, tol={})
+    assert float(ours.state[ours_params[3]]["step"]) == STEPS - len(INF_STEPS)
