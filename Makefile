@@ -20,7 +20,7 @@ $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install ninja numpy "pytest>=8"
-	$(PY) -m pip install --no-deps pytorch-optimizer==4.1.0
+	$(PY) -m pip install --no-deps pytorch-optimizer==4.1.0 triton==3.9.0
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

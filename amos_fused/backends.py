@@ -2,11 +2,13 @@
 'cpu' (fused C++ kernels), and the GPU backends 'cuda' and 'triton'."""
 from __future__ import annotations
 
+import importlib
 from typing import Dict, FrozenSet, List, Optional
 
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.amos_fused)
+from . import triton_kernels
 
 KNOWN_BACKENDS = ("reference", "cpu", "cuda", "triton")
 
@@ -14,11 +16,23 @@ KNOWN_BACKENDS = ("reference", "cpu", "cuda", "triton")
 FUSED_ALGORITHMS: Dict[str, FrozenSet[str]] = {
     "cpu": frozenset({"adam", "radam", "lion", "amos", "scaled_adam", "lamb"}),
     "cuda": frozenset(),
-    "triton": frozenset(),
+    "triton": frozenset({"adam", "radam", "lion", "amos", "scaled_adam", "lamb"}),
 }
 
-# Devices each backend steps.
-_DEVICE_TYPES = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
+
+def _device_types(backend: str):
+    """Devices a backend steps (Triton's interpreter steps CPU tensors)."""
+    if backend == "triton":
+        return ("cuda", "cpu") if triton_kernels.interpreter_requested() else ("cuda",)
+    return {"cpu": ("cpu",), "cuda": ("cuda",)}[backend]
+
+
+def fused_ops(backend: str):
+    """The op namespace of a fused backend: the compiled ops (dispatched on the
+    tensors' device) or the Triton ops, which have the same signatures."""
+    if backend == "triton":
+        return importlib.import_module("amos_fused.triton_kernels.ops")
+    return torch.ops.amos_fused
 
 
 def _why_unavailable(backend: str) -> Optional[str]:
@@ -32,7 +46,12 @@ def _why_unavailable(backend: str) -> Optional[str]:
             return "no CUDA device is visible to torch"
         return None
     if backend == "triton":
-        return "amos_fused has no Triton kernels in this build"
+        missing = triton_kernels.why_unavailable()
+        if missing is not None:
+            return missing
+        if not (torch.cuda.is_available() or triton_kernels.interpreter_requested()):
+            return "no CUDA device is visible to torch (and TRITON_INTERPRET=1 is not set)"
+        return None
     return f"unknown backend {backend!r}"
 
 
@@ -65,14 +84,14 @@ def backend_for(requested: Optional[str], algorithm: str, device: torch.device, 
     if requested == "reference":
         return requested
     if requested is not None:
-        if device.type not in _DEVICE_TYPES[requested]:
+        if device.type not in _device_types(requested):
             raise ValueError(
                 f"{optimizer}: backend {requested!r} cannot step parameters on {device}"
             )
         return requested
-    for name in ("cuda", "triton", "cpu"):
+    for name in ("cuda", "cpu", "triton"):
         if (
-            device.type in _DEVICE_TYPES[name]
+            device.type in _device_types(name)
             and algorithm in FUSED_ALGORITHMS[name]
             and _why_unavailable(name) is None
         ):

@@ -12,7 +12,6 @@ from .optim import _advance, adam_state
 from .optimizer_base import FusedOptimizer
 from .theory import DECAYS, half_life_p
 
-_ops = torch.ops.amos_fused
 
 
 def initial_sigma(p: torch.Tensor) -> float:
@@ -85,10 +84,10 @@ class ScaledAdamW(_AdamMoments):
             raise ValueError(f"Invalid init_norm: {len(group['init_norm'])} values for "
                              f"{len(group['params'])} params")
 
-    def _fused_step(self, bucket, grads, group):
+    def _fused_step(self, ops, bucket, grads, group):
         beta1, beta2 = (float(b) for b in group["betas"])
         s = bucket.state
-        _ops.scaled_adam_step(
+        ops.scaled_adam_step(
             bucket.params, grads, s["exp_avg"], s["exp_avg_sq"], s["step"],
             self._per_param(group, "init_norm", bucket), float(group["lr"]), beta1, beta2,
             float(group["eps"]), self._schedule_p(group), group["decay"] == "inverse_time", float(group["q"]),
@@ -128,10 +127,10 @@ class Lamb(_AdamMoments):
                     weight_decay=float(group["weight_decay"]),
                     bias_correction=bool(group["bias_correction"]))
 
-    def _fused_step(self, bucket, grads, group):
+    def _fused_step(self, ops, bucket, grads, group):
         h = self._hyper(group)
         s = bucket.state
-        _ops.lamb_step(bucket.params, grads, s["exp_avg"], s["exp_avg_sq"], s["step"], h["lr"],
+        ops.lamb_step(bucket.params, grads, s["exp_avg"], s["exp_avg_sq"], s["step"], h["lr"],
                        h["beta1"], h["beta2"], h["eps"], h["weight_decay"], h["bias_correction"],
                        **self._grad_scaling())
 

@@ -15,7 +15,6 @@ from .amos_slots import normalize_reduce_axes, slot_shape
 from .buckets import Bucket
 from .optimizer_base import FusedOptimizer
 
-_ops = torch.ops.amos_fused
 
 
 def _zeros_like(p: Tensor) -> Tensor:
@@ -67,10 +66,10 @@ class _AdamFamily(FusedOptimizer):
             amsgrad=bool(group["amsgrad"]), bias_correction=bool(group["bias_correction"]),
         )
 
-    def _fused_step(self, bucket, grads, group):
+    def _fused_step(self, ops, bucket, grads, group):
         h = self._hyper(group)
         s = bucket.state
-        _ops.adam_step(
+        ops.adam_step(
             bucket.params, grads, s["exp_avg"], s["exp_avg_sq"],
             s.get("max_exp_avg_sq", []) if h["amsgrad"] else [], s["step"],
             h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
@@ -144,10 +143,10 @@ class RAdam(FusedOptimizer):
             rectify_threshold=float(group["rectify_threshold"]),
         )
 
-    def _fused_step(self, bucket, grads, group):
+    def _fused_step(self, ops, bucket, grads, group):
         h = self._hyper(group)
         s = bucket.state
-        _ops.radam_step(
+        ops.radam_step(
             bucket.params, grads, s["exp_avg"], s["exp_avg_sq"], s["step"], h["lr"], h["beta1"],
             h["beta2"], h["eps"], h["weight_decay"], h["decoupled"], h["rectify_threshold"],
             **self._grad_scaling(),
@@ -183,9 +182,9 @@ class Lion(FusedOptimizer):
         return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                     weight_decay=float(group["weight_decay"]))
 
-    def _fused_step(self, bucket, grads, group):
+    def _fused_step(self, ops, bucket, grads, group):
         h = self._hyper(group)
-        _ops.lion_step(bucket.params, grads, bucket.state["exp_avg"], bucket.state["step"],
+        ops.lion_step(bucket.params, grads, bucket.state["exp_avg"], bucket.state["step"],
                        h["lr"], h["beta1"], h["beta2"], h["weight_decay"], **self._grad_scaling())
 
     def _reference_step(self, bucket, grads, group):
@@ -265,9 +264,9 @@ class Amos(FusedOptimizer):
             state["mu"] = _zeros_like(p)
         return state
 
-    def _fused_step(self, bucket, grads, group):
+    def _fused_step(self, ops, bucket, grads, group):
         s = bucket.state
-        _ops.amos_step(
+        ops.amos_step(
             bucket.params, grads, s["v"], s["b"], s.get("mu", []) if group["momentum"] is not None else [],
             s["step"], self._per_param(group, "eta", bucket), float(group["lr"]), float(group["beta"]),
             group["momentum"], group["clip_value"], float(group["extra_l2"]), float(group["d_coef"]),

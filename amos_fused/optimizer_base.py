@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .backends import backend_for, check_backend
+from .backends import backend_for, check_backend, fused_ops
 from .buckets import Bucket, GroupPlan, make_buckets
 
 # amos_fused::GradProblem (csrc/checks.h)
@@ -67,8 +67,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _new_state(self, param: Tensor, group: dict) -> dict:
         raise NotImplementedError
 
-    def _fused_step(self, bucket: Bucket, grads: List[Tensor], group: dict) -> None:
-        """Steps the bucket with the fused op; pass ``**self._grad_scaling()`` to it."""
+    def _fused_step(self, ops, bucket: Bucket, grads: List[Tensor], group: dict) -> None:
+        """Steps the bucket with ``ops.<algorithm>_step`` (``ops``: torch.ops.amos_fused,
+        or the Triton ops with the same signatures); pass ``**self._grad_scaling()``."""
         raise NotImplementedError
 
     def _reference_step(self, bucket: Bucket, grads: List[Tensor], group: dict) -> None:
@@ -233,7 +234,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if unscaled is not None:
                     self._reference_step(bucket, unscaled, group)
             else:
-                self._fused_step(bucket, grads_of(bucket), group)
+                self._fused_step(fused_ops(backend), bucket, grads_of(bucket), group)
         if work.plan is None and all(self.state[p] for p in group["params"]):
             self._plans[index] = GroupPlan.build(group["params"], self.state, ("step",) + self.state_keys)
 

@@ -16,7 +16,7 @@ LION_WIDTH = tl.constexpr(len(LION_COLUMNS))
 
 
 @triton.jit
-def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, row, COMPUTE: tl.constexpr,
+def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, coef_row, COMPUTE: tl.constexpr,
                 FP64: tl.constexpr, AMSGRAD: tl.constexpr, L2: tl.constexpr,
                 MASKED: tl.constexpr):
     p = load_(p_ptr + offs, mask, MASKED, COMPUTE)
@@ -26,7 +26,7 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, row, COMPUTE: 
     vmax = v
     if AMSGRAD:
         vmax = load_(vmax_ptr + offs, mask, MASKED, COMPUTE)
-    b1c, b2, b2c, decay, l2, eps, bc2_sqrt, neg_step, unscale = load_adam_coefficients(row)
+    b1c, b2, b2c, decay, l2, eps, bc2_sqrt, neg_step, unscale = load_adam_coefficients(coef_row)
     p, m, v, vmax = adam_update(p, g, m, v, vmax, b1c, b2, b2c, decay, l2, eps, bc2_sqrt,
                                 neg_step, unscale, AMSGRAD, L2, FP64)
     store_(p_ptr + offs, p, mask, MASKED)
@@ -49,25 +49,25 @@ def adam_kernel(addresses, grad_addresses, numels, blocks, coef, n, DTYPE: tl.co
     if AMSGRAD:
         vmax = stream(addresses, 3, n, t, DTYPE, ALIGNED)
     g = stream(grad_addresses, 0, n, t, DTYPE, ALIGNED)
-    row = coef + t * ADAM_WIDTH
+    coef_row = coef + t * ADAM_WIDTH
     start = index * BLOCK
     offs = start + tl.arange(0, BLOCK)
     numel = tl.load(numels + t)
     if start + BLOCK <= numel:
-        _adam_block(p, g, m, v, vmax, offs, offs < numel, row, COMPUTE, FP64, AMSGRAD, L2, False)
+        _adam_block(p, g, m, v, vmax, offs, offs < numel, coef_row, COMPUTE, FP64, AMSGRAD, L2, False)
     else:
-        _adam_block(p, g, m, v, vmax, offs, offs < numel, row, COMPUTE, FP64, AMSGRAD, L2, True)
+        _adam_block(p, g, m, v, vmax, offs, offs < numel, coef_row, COMPUTE, FP64, AMSGRAD, L2, True)
 
 
 @triton.jit
-def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, row, COMPUTE: tl.constexpr,
+def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, COMPUTE: tl.constexpr,
                  FP64: tl.constexpr, L2: tl.constexpr, MASKED: tl.constexpr):
     p = load_(p_ptr + offs, mask, MASKED, COMPUTE)
     g = load_(g_ptr + offs, mask, MASKED, COMPUTE)
     m = load_(m_ptr + offs, mask, MASKED, COMPUTE)
     v = load_(v_ptr + offs, mask, MASKED, COMPUTE)
     (b1c, b2, b2c, decay, l2, eps, bc1, lr, bc2_sqrt, rect, unscale,
-     rectified) = load_radam_coefficients(row)
+     rectified) = load_radam_coefficients(coef_row)
     p, m, v = radam_update(p, g, m, v, b1c, b2, b2c, decay, l2, eps, bc1, lr, bc2_sqrt, rect,
                            unscale, rectified, L2, FP64)
     store_(p_ptr + offs, p, mask, MASKED)
@@ -85,23 +85,23 @@ def radam_kernel(addresses, grad_addresses, numels, blocks, coef, n, DTYPE: tl.c
     m = stream(addresses, 1, n, t, DTYPE, ALIGNED)
     v = stream(addresses, 2, n, t, DTYPE, ALIGNED)
     g = stream(grad_addresses, 0, n, t, DTYPE, ALIGNED)
-    row = coef + t * RADAM_WIDTH
+    coef_row = coef + t * RADAM_WIDTH
     start = index * BLOCK
     offs = start + tl.arange(0, BLOCK)
     numel = tl.load(numels + t)
     if start + BLOCK <= numel:
-        _radam_block(p, g, m, v, offs, offs < numel, row, COMPUTE, FP64, L2, False)
+        _radam_block(p, g, m, v, offs, offs < numel, coef_row, COMPUTE, FP64, L2, False)
     else:
-        _radam_block(p, g, m, v, offs, offs < numel, row, COMPUTE, FP64, L2, True)
+        _radam_block(p, g, m, v, offs, offs < numel, coef_row, COMPUTE, FP64, L2, True)
 
 
 @triton.jit
-def _lion_block(p_ptr, g_ptr, m_ptr, offs, mask, row, COMPUTE: tl.constexpr,
+def _lion_block(p_ptr, g_ptr, m_ptr, offs, mask, coef_row, COMPUTE: tl.constexpr,
                 MASKED: tl.constexpr):
     p = load_(p_ptr + offs, mask, MASKED, COMPUTE)
     g = load_(g_ptr + offs, mask, MASKED, COMPUTE)
     m = load_(m_ptr + offs, mask, MASKED, COMPUTE)
-    beta1, b1c, beta2, b2c, decay, neg_lr, unscale = load_lion_coefficients(row)
+    beta1, b1c, beta2, b2c, decay, neg_lr, unscale = load_lion_coefficients(coef_row)
     p, m = lion_update(p, g, m, beta1, b1c, beta2, b2c, decay, neg_lr, unscale)
     store_(p_ptr + offs, p, mask, MASKED)
     store_(m_ptr + offs, m, mask, MASKED)
@@ -115,11 +115,11 @@ def lion_kernel(addresses, grad_addresses, numels, blocks, coef, n, DTYPE: tl.co
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
     m = stream(addresses, 1, n, t, DTYPE, ALIGNED)
     g = stream(grad_addresses, 0, n, t, DTYPE, ALIGNED)
-    row = coef + t * LION_WIDTH
+    coef_row = coef + t * LION_WIDTH
     start = index * BLOCK
     offs = start + tl.arange(0, BLOCK)
     numel = tl.load(numels + t)
     if start + BLOCK <= numel:
-        _lion_block(p, g, m, offs, offs < numel, row, COMPUTE, False)
+        _lion_block(p, g, m, offs, offs < numel, coef_row, COMPUTE, False)
     else:
-        _lion_block(p, g, m, offs, offs < numel, row, COMPUTE, True)
+        _lion_block(p, g, m, offs, offs < numel, coef_row, COMPUTE, True)

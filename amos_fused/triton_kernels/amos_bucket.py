@@ -20,21 +20,20 @@ import torch
 from torch import Tensor
 
 from .amos_layout import GENERAL, LONG_ROWS, ROWS, SlotLayout, describe_slots
-from .bucket import GradAddresses, addresses_of, all_aligned, cached, int64_table, program_map
+from .bucket import (GradAddresses, addresses_of, all_aligned, cached, compute_dtype,
+                     int64_table, program_map)
 
 INFO_FIXED = 5  # numel, kind, row_len, slot_base, num_slots
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class AmosMeta:
+    """Device tables and scratch buffers of one Amos bucket (see the module docstring)."""
+
     def __init__(self, streams: Sequence[Sequence[Tensor]], layouts: Sequence[SlotLayout],
                  block: int):
         params = streams[0]
         self.device = params[0].device
-        self.n = n = len(params)
+        self.n = len(params)
         addresses = addresses_of(streams)
         self.addresses = int64_table(addresses, self.device)
         self.aligned = all_aligned(addresses)
@@ -43,6 +42,8 @@ class AmosMeta:
         phased = [layout.phased and numel > 0 for layout, numel in zip(layouts, numels)]
         self.ndim = max([len(l.sizes) for l, ph in zip(layouts, phased) if ph] + [1])
         self.kinds = {l.kind for l, numel in zip(layouts, numels) if numel > 0}
+        # ROWS chunks may start on 16-byte boundaries (with an aligned bucket).
+        self.rows_aligned = all(l.row_len % 8 == 0 for l in layouts if l.kind == ROWS)
 
         info: List[List[int]] = []
         main_programs, slot_programs = [], []
@@ -77,7 +78,7 @@ class AmosMeta:
         self.total_slots = slot_base
         scratch = dict(dtype=compute_dtype(params[0].dtype), device=self.device)
         self.slot_sums = torch.zeros(max(slot_base, 1), **scratch)
-        self.slot_updates = torch.empty(2 * max(slot_base, 1), **scratch)  # w then a
+        self.slot_updates = torch.empty(2 * max(slot_base, 1), **scratch)  # (w, a) per slot
 
     @staticmethod
     def _sum_starts(layout: SlotLayout, numel: int, block: int) -> Tensor:

@@ -57,9 +57,9 @@ def amos_sums_kernel(grad_addresses, info, blocks, coef, slot_sums, n, DTYPE: tl
     numel = tl.load(meta)
     kind = tl.load(meta + 1)
     slot_base = tl.load(meta + 3)
-    row = coef + t * AMOS_WIDTH
-    unscale = tl.load(row + AMOS_UNSCALE_COLUMN)
-    clip = tl.load(row + AMOS_CLIP_COLUMN)
+    coef_row = coef + t * AMOS_WIDTH
+    unscale = tl.load(coef_row + AMOS_UNSCALE_COLUMN)
+    clip = tl.load(coef_row + AMOS_CLIP_COLUMN)
     offs = start + tl.arange(0, BLOCK)
     if kind == LONG_ROWS_:  # the piece lies inside one row: one atomic for the block
         row_len = tl.load(meta + 2)
@@ -106,7 +106,7 @@ def amos_slots_kernel(addresses, info, blocks, coef, slot_sums, slot_updates, n,
 
 
 @triton.jit
-def _elementwise_block(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, offs, mask, row,
+def _elementwise_block(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, offs, mask, coef_row,
                        COMPUTE: tl.constexpr, FP64: tl.constexpr, MOMENTUM: tl.constexpr,
                        CLIP: tl.constexpr, MASKED: tl.constexpr):
     p = load_(p_ptr + offs, mask, MASKED, COMPUTE)
@@ -117,7 +117,7 @@ def _elementwise_block(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, offs, mask, row,
     if MOMENTUM:
         mu = load_(mu_ptr + offs, mask, MASKED, COMPUTE)
     (beta, beta_c, bias_correction, epsilon, c_scale, lr_sq, alpha, d_scale, extra_l2, clip,
-     momentum, momentum_c, unscale) = load_amos_coefficients(row)
+     momentum, momentum_c, unscale) = load_amos_coefficients(coef_row)
     g = amos_clip(g, unscale, clip, CLIP)
     v, b, w, a = amos_slot(v, b, g * g, beta, beta_c, bias_correction, epsilon, c_scale, lr_sq,
                            alpha, d_scale, extra_l2, FP64)
@@ -130,18 +130,50 @@ def _elementwise_block(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, offs, mask, row,
 
 
 @triton.jit
+def _row_squares(g_ptr, cols, mask, unscale, clip, COMPUTE: tl.constexpr, CLIP: tl.constexpr,
+                 MASKED: tl.constexpr):
+    g = amos_clip(load_(g_ptr + cols, mask, MASKED, COMPUTE), unscale, clip, CLIP)
+    if MASKED:
+        g = tl.where(mask, g, 0.0)
+    return g * g
+
+
+@triton.jit
+def _row_update(p_ptr, g_ptr, mu_ptr, cols, mask, w, a, unscale, clip, momentum, momentum_c,
+                COMPUTE: tl.constexpr, MOMENTUM: tl.constexpr, CLIP: tl.constexpr,
+                MASKED: tl.constexpr):
+    p = load_(p_ptr + cols, mask, MASKED, COMPUTE)
+    g = amos_clip(load_(g_ptr + cols, mask, MASKED, COMPUTE), unscale, clip, CLIP)
+    mu = p
+    if MOMENTUM:
+        mu = load_(mu_ptr + cols, mask, MASKED, COMPUTE)
+    p, mu = amos_element(p, g, mu, w, a, momentum, momentum_c, MOMENTUM)
+    store_(p_ptr + cols, p, mask, MASKED)
+    if MOMENTUM:
+        store_(mu_ptr + cols, mu, mask, MASKED)
+
+
+@triton.jit
 def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, COMPUTE: tl.constexpr,
-         FP64: tl.constexpr, MOMENTUM: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
-    """Row r (slot r): Σ clip(g)² over the row, the slot update, then the row's update."""
+         FP64: tl.constexpr, MOMENTUM: tl.constexpr, CLIP: tl.constexpr,
+         ROWS_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Row r (slot r): Σ clip(g)² over the row, the slot update, then the row's update.
+    Full chunks run unmasked; with ROWS_ALIGNED (row lengths multiples of 8 elements
+    in an aligned bucket) they start on 16-byte boundaries."""
     (beta, beta_c, bias_correction, epsilon, c_scale, lr_sq, alpha, d_scale, extra_l2, clip,
      momentum, momentum_c, unscale) = load_amos_coefficients(coef_row)
     base = r * row_len
+    end = base + row_len
     acc = tl.zeros([BLOCK], COMPUTE)
     for off in range(0, row_len, BLOCK):
-        cols = off + tl.arange(0, BLOCK)
-        mask = cols < row_len
-        g = amos_clip(load_(g_ptr + base + cols, mask, True, COMPUTE), unscale, clip, CLIP)
-        acc += tl.where(mask, g * g, 0.0)
+        first = base + off
+        if ROWS_ALIGNED:
+            first = tl.multiple_of(first, 8)
+        cols = first + tl.arange(0, BLOCK)
+        if off + BLOCK <= row_len:
+            acc += _row_squares(g_ptr, cols, cols < end, unscale, clip, COMPUTE, CLIP, False)
+        else:
+            acc += _row_squares(g_ptr, cols, cols < end, unscale, clip, COMPUTE, CLIP, True)
     g2 = div_(tl.sum(acc, 0), row_len.to(COMPUTE), FP64)   # g2 = mean of g² over the row
     v = tl.load(v_ptr + r).to(COMPUTE)
     b = tl.load(b_ptr + r).to(COMPUTE)
@@ -149,22 +181,21 @@ def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, COMPUTE: tl.c
                            alpha, d_scale, extra_l2, FP64)
     tl.store(v_ptr + r, to_storage(v, v_ptr.dtype.element_ty))
     tl.store(b_ptr + r, to_storage(b, b_ptr.dtype.element_ty))
-    for off in range(0, row_len, BLOCK):
-        cols = base + off + tl.arange(0, BLOCK)
-        mask = off + tl.arange(0, BLOCK) < row_len
-        p = load_(p_ptr + cols, mask, True, COMPUTE)
-        g = amos_clip(load_(g_ptr + cols, mask, True, COMPUTE), unscale, clip, CLIP)
-        mu = p
-        if MOMENTUM:
-            mu = load_(mu_ptr + cols, mask, True, COMPUTE)
-        p, mu = amos_element(p, g, mu, w, a, momentum, momentum_c, MOMENTUM)
-        store_(p_ptr + cols, p, mask, True)
-        if MOMENTUM:
-            store_(mu_ptr + cols, mu, mask, True)
+    for off in range(0, row_len, BLOCK):  # the row is still in cache
+        first = base + off
+        if ROWS_ALIGNED:
+            first = tl.multiple_of(first, 8)
+        cols = first + tl.arange(0, BLOCK)
+        if off + BLOCK <= row_len:
+            _row_update(p_ptr, g_ptr, mu_ptr, cols, cols < end, w, a, unscale, clip, momentum,
+                        momentum_c, COMPUTE, MOMENTUM, CLIP, False)
+        else:
+            _row_update(p_ptr, g_ptr, mu_ptr, cols, cols < end, w, a, unscale, clip, momentum,
+                        momentum_c, COMPUTE, MOMENTUM, CLIP, True)
 
 
 @triton.jit
-def _phased_block(p_ptr, g_ptr, mu_ptr, offs, mask, row, slots, COMPUTE: tl.constexpr,
+def _phased_block(p_ptr, g_ptr, mu_ptr, offs, mask, coef_row, slots, COMPUTE: tl.constexpr,
                   MOMENTUM: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr):
     """Elements of a phased tensor given the (w, a) of their slots (slots: scratch
     addresses of w; a follows each w)."""
@@ -180,7 +211,7 @@ def _phased_block(p_ptr, g_ptr, mu_ptr, offs, mask, row, slots, COMPUTE: tl.cons
     if MOMENTUM:
         mu = load_(mu_ptr + offs, mask, MASKED, COMPUTE)
     (_beta, _beta_c, _bias_correction, _epsilon, _c_scale, _lr_sq, _alpha, _d_scale, _extra_l2,
-     clip, momentum, momentum_c, unscale) = load_amos_coefficients(row)
+     clip, momentum, momentum_c, unscale) = load_amos_coefficients(coef_row)
     g = amos_clip(g, unscale, clip, CLIP)
     p, mu = amos_element(p, g, mu, w, a, momentum, momentum_c, MOMENTUM)
     store_(p_ptr + offs, p, mask, MASKED)
@@ -192,7 +223,7 @@ def _phased_block(p_ptr, g_ptr, mu_ptr, offs, mask, row, slots, COMPUTE: tl.cons
 def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, n,
                 DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FP64: tl.constexpr,
                 MOMENTUM: tl.constexpr, CLIP: tl.constexpr, ALIGNED: tl.constexpr,
-                HAS_ELEMENTWISE: tl.constexpr, HAS_ROWS: tl.constexpr,
+                ROWS_ALIGNED: tl.constexpr, HAS_ELEMENTWISE: tl.constexpr, HAS_ROWS: tl.constexpr,
                 HAS_PHASED: tl.constexpr, NDIM: tl.constexpr, BLOCK: tl.constexpr):
     """Streams: 0 param, 1 v, 2 b, 3 mu (MOMENTUM).  blocks: (tensor, block index),
     or (tensor, row) for ROWS tensors."""
@@ -204,7 +235,7 @@ def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, n,
     if MOMENTUM:
         mu = stream(addresses, 3, n, t, DTYPE, ALIGNED)
     g = stream(grad_addresses, 0, n, t, DTYPE, ALIGNED)
-    row = coef + t * AMOS_WIDTH
+    coef_row = coef + t * AMOS_WIDTH
     meta = tensor_info(info, t, NDIM)
     numel = tl.load(meta)
     kind = tl.load(meta + 1)
@@ -213,22 +244,22 @@ def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, n,
     if HAS_ELEMENTWISE:
         if kind == ELEMENTWISE_:
             if start + BLOCK <= numel:
-                _elementwise_block(p, g, v, b, mu, offs, offs < numel, row, COMPUTE, FP64,
+                _elementwise_block(p, g, v, b, mu, offs, offs < numel, coef_row, COMPUTE, FP64,
                                    MOMENTUM, CLIP, False)
             else:
-                _elementwise_block(p, g, v, b, mu, offs, offs < numel, row, COMPUTE, FP64,
+                _elementwise_block(p, g, v, b, mu, offs, offs < numel, coef_row, COMPUTE, FP64,
                                    MOMENTUM, CLIP, True)
     if HAS_ROWS:
         if kind == ROWS_:
-            _row(p, g, v, b, mu, index, tl.load(meta + 2), row, COMPUTE, FP64, MOMENTUM, CLIP,
-                 BLOCK)
+            _row(p, g, v, b, mu, index, tl.load(meta + 2), coef_row, COMPUTE, FP64, MOMENTUM, CLIP,
+                 ROWS_ALIGNED, BLOCK)
     if HAS_PHASED:
         if kind >= LONG_ROWS_:
             slots = slot_updates + 2 * (tl.load(meta + 3) + slot_index(offs, meta + INFO_FIXED_,
                                                                        NDIM))
             if start + BLOCK <= numel:
-                _phased_block(p, g, mu, offs, offs < numel, row, slots, COMPUTE, MOMENTUM, CLIP,
+                _phased_block(p, g, mu, offs, offs < numel, coef_row, slots, COMPUTE, MOMENTUM, CLIP,
                               False)
             else:
-                _phased_block(p, g, mu, offs, offs < numel, row, slots, COMPUTE, MOMENTUM, CLIP,
+                _phased_block(p, g, mu, offs, offs < numel, coef_row, slots, COMPUTE, MOMENTUM, CLIP,
                               True)

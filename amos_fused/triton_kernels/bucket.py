@@ -58,6 +58,11 @@ def all_aligned(addresses: Sequence[int]) -> bool:
     return all(a % VECTOR_BYTES == 0 for a in addresses)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' math dtype for a storage dtype: fp32, fp64 for fp64 tensors."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def int64_table(values, device: torch.device) -> Tensor:
     return torch.as_tensor(values, dtype=torch.int64).to(device)
 

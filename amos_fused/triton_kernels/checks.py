@@ -37,11 +37,9 @@ def is_dense(t: Tensor) -> bool:
 def kernels_interpreted() -> bool:
     """True when the kernels run in Triton's interpreter (TRITON_INTERPRET=1 when
     they were first imported): they then step CPU tensors."""
-    from triton.runtime.interpreter import InterpretedFunction
+    from .kernel_helpers import INTERPRETED
 
-    from .kernel_helpers import program_entry
-
-    return isinstance(program_entry, InterpretedFunction)
+    return bool(INTERPRETED.value)
 
 
 def check_device(op: str, device: torch.device) -> None:
@@ -54,6 +52,11 @@ def check_device(op: str, device: torch.device) -> None:
                          "(CPU tensors need TRITON_INTERPRET=1)")
 
 
+def _first_mismatch(params: Sequence[Tensor], tensors: Sequence[Optional[Tensor]]):
+    """(missing, index of the first tensor unlike its param or -1, GradProblem), in C++."""
+    return torch.ops.amos_fused.check_grads(list(params), list(tensors))
+
+
 def check_bucket(op: str, params: Sequence[Tensor], grads: Sequence[Optional[Tensor]],
                  states: Dict[str, Sequence[Tensor]], steps: Sequence[Tensor]) -> None:
     """params dense, of one supported dtype and one device; every grad and state
@@ -64,19 +67,19 @@ def check_bucket(op: str, params: Sequence[Tensor], grads: Sequence[Optional[Ten
         raise ValueError(f"{op}: empty bucket")
     if len(grads) != n:
         raise ValueError(f"{op}: {n} params but {len(grads)} grads")
-    first = params[0]
-    if first.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: params of dtype {first.dtype} are not supported "
+    dtype, device = params[0].dtype, params[0].device
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: params of dtype {dtype} are not supported "
                         "(float32, float64, bfloat16, float16)")
-    check_device(op, first.device)
+    check_device(op, device)
     for i, p in enumerate(params):
-        if p.dtype != first.dtype:
-            raise TypeError(f"{op}: params[{i}] has dtype {p.dtype} but params[0] has {first.dtype}")
-        if p.device != first.device:
-            raise ValueError(f"{op}: params[{i}] is on {p.device} but params[0] is on {first.device}")
-        if not is_dense(p):
+        if p.dtype != dtype:
+            raise TypeError(f"{op}: params[{i}] has dtype {p.dtype} but params[0] has {dtype}")
+        if p.device != device:
+            raise ValueError(f"{op}: params[{i}] is on {p.device} but params[0] is on {device}")
+        if not (p.is_contiguous() or is_dense(p)):
             raise ValueError(f"{op}: params[{i}] is not dense in memory (a strided view?)")
-    missing, bad, problem = torch.ops.amos_fused.check_grads(list(params), list(grads))
+    missing, bad, problem = _first_mismatch(params, grads)
     if missing:
         index = next(i for i, g in enumerate(grads) if g is None)
         raise ValueError(f"{op}: grads[{index}] is None")
@@ -89,16 +92,15 @@ def check_bucket(op: str, params: Sequence[Tensor], grads: Sequence[Optional[Ten
             continue
         if len(tensors) != n:
             raise ValueError(f"{op}: {n} params but {len(tensors)} {name}")
-        for i, (s, p) in enumerate(zip(tensors, params)):
-            if not (s.dtype == p.dtype and s.device == p.device and s.shape == p.shape
-                    and (s.numel() <= 1 or s.stride() == p.stride())):
-                raise ValueError(f"{op}: {name}[{i}] ({_describe(s)}) does not match its param "
-                                 f"({_describe(p)})")
+        _, bad, _ = _first_mismatch(params, tensors)  # dtype, device, shape, strides
+        if bad >= 0:
+            raise ValueError(f"{op}: {name}[{bad}] ({_describe(tensors[bad])}) does not match "
+                             f"its param ({_describe(params[bad])})")
     if len(steps) != 0:
         if len(steps) != n:
             raise ValueError(f"{op}: {n} params but {len(steps)} steps")
         for i, s in enumerate(steps):
-            if not (s.numel() == 1 and s.dtype == torch.float32 and s.device.type == "cpu"):
+            if not (s.numel() == 1 and s.dtype == torch.float32 and s.is_cpu):
                 raise ValueError(f"{op}: steps[{i}] must be a float32 CPU scalar, got {_describe(s)}")
 
 

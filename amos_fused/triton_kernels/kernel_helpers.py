@@ -1,15 +1,9 @@
 """How the Triton kernels walk a bucket (DESIGN §3): which tensor and block a
 program owns, the address of a tensor's stream, and loads / stores in the
 storage dtype with math in the compute dtype.  Tables: see bucket.py."""
-import os
-
 import triton
 import triton.language as tl
-
-# Triton's interpreter converts fp32 → bf16 by truncation; GPUs round to nearest
-# even.  Under the interpreter the stores round explicitly, so CPU tests see
-# the GPU's rounding.  (Read like triton.jit reads it, when kernels are defined.)
-INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+from triton.runtime.interpreter import InterpretedFunction
 
 
 @triton.jit
@@ -17,6 +11,13 @@ def program_entry(table):
     """This program's (tensor, index) pair of a program map."""
     pid = tl.program_id(0).to(tl.int64)
     return tl.load(table + 2 * pid), tl.load(table + 2 * pid + 1)
+
+
+# True when triton.jit made interpreted functions (TRITON_INTERPRET=1 at import):
+# the kernels then step CPU tensors.  The interpreter converts fp32 → bf16 by
+# truncation where GPUs round to nearest even, so its stores round explicitly
+# and CPU tests see the GPU's rounding.
+INTERPRETED = tl.constexpr(isinstance(program_entry, InterpretedFunction))
 
 
 @triton.jit

@@ -14,13 +14,15 @@ from torch import Tensor
 
 from . import bucket
 from .adam_kernels import adam_kernel, lion_kernel, radam_kernel
-from .amos_bucket import AmosMeta, amos_meta, compute_dtype
+from .amos_bucket import AmosMeta, amos_meta
 from .amos_kernels import amos_kernel, amos_slots_kernel, amos_sums_kernel
 from .amos_layout import ELEMENTWISE, ROWS
+from .bucket import compute_dtype
 from .norm_scaled_kernels import norm_scaled_phase1_kernel, norm_scaled_phase2_kernel
 
 BLOCK = 1024          # elements per program (blocks, row chunks, slots)
 NUM_WARPS = 4
+AMOS_NUM_WARPS = 8    # the Amos kernels hold more values per element (fewer registers per thread)
 AMOS_MAX_ROW = 16384  # Amos rows longer than this are split over programs (LONG_ROWS)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
@@ -112,14 +114,18 @@ def norm_scaled(params, grads, exp_avgs, exp_avg_sqs, coef: Tensor, lamb: bool) 
     coef = _upload(coef, params)
     types = _types(params[0].dtype)
     grid = (meta.num_blocks,)
+    # Narrow storage: m, v are written in phase 2 (see norm_scaled_kernels.py).
+    moments_in_phase2 = params[0].dtype in (torch.bfloat16, torch.float16)
+    aligned = meta.aligned and grads_aligned
     with _launching(meta):
         norm_scaled_phase1_kernel[grid](
             meta.addresses, grad_table, meta.numels, meta.blocks, coef, meta.sums, meta.n,
-            meta.parity, **types, LAMB=lamb, ALIGNED=meta.aligned and grads_aligned,
-            BLOCK=BLOCK, num_warps=NUM_WARPS)
+            meta.parity, **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            MOMENTS_IN_PHASE2=moments_in_phase2)
         norm_scaled_phase2_kernel[grid](
-            meta.addresses, meta.numels, meta.blocks, coef, meta.sums, meta.n, meta.parity,
-            **types, LAMB=lamb, ALIGNED=meta.aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            meta.addresses, grad_table, meta.numels, meta.blocks, coef, meta.sums, meta.n,
+            meta.parity, **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            MOMENTS_IN_PHASE2=moments_in_phase2)
     meta.parity = 1 - meta.parity
 
 
@@ -139,14 +145,16 @@ def amos(meta: AmosMeta, params, grads, coef: Tensor, momentum: bool, clip: bool
             amos_sums_kernel[(meta.num_sum_blocks,)](
                 grad_table, meta.info, meta.sum_blocks, coef, meta.slot_sums, meta.n,
                 DTYPE=types["DTYPE"], COMPUTE=types["COMPUTE"], CLIP=clip, NDIM=meta.ndim,
-                BLOCK=BLOCK, num_warps=NUM_WARPS)
+                BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS)
             amos_slots_kernel[(meta.num_slot_blocks,)](
                 meta.addresses, meta.info, meta.slot_blocks, coef, meta.slot_sums,
                 meta.slot_updates, meta.n, **types, NDIM=meta.ndim, BLOCK=BLOCK,
-                num_warps=NUM_WARPS)
+                num_warps=AMOS_NUM_WARPS)
         amos_kernel[(meta.num_main,)](
             meta.addresses, grad_table, meta.info, meta.main_blocks, coef, meta.slot_updates,
             meta.n, **types, MOMENTUM=momentum, CLIP=clip,
-            ALIGNED=meta.aligned and grads_aligned, HAS_ELEMENTWISE=ELEMENTWISE in meta.kinds,
+            ALIGNED=meta.aligned and grads_aligned,
+            ROWS_ALIGNED=meta.aligned and grads_aligned and meta.rows_aligned,
+            HAS_ELEMENTWISE=ELEMENTWISE in meta.kinds,
             HAS_ROWS=ROWS in meta.kinds, HAS_PHASED=meta.num_sum_blocks > 0, NDIM=meta.ndim,
-            BLOCK=BLOCK, num_warps=NUM_WARPS)
+            BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS)

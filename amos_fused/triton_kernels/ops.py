@@ -21,9 +21,14 @@ from .checks import check_bucket, check_slots, read_grad_scaling, require
 
 
 def _advance_steps(steps: Sequence[Tensor]) -> Tensor:
-    """Adds 1 to every float32 step counter; returns the new values in double."""
-    torch._foreach_add_(list(steps), 1.0)
-    return torch.stack([s.reshape(()) for s in steps]).double()
+    """Adds 1 to every float32 step counter (in float32, as the C++ ops do); returns
+    the new values in double."""
+    steps = list(steps)
+    torch._foreach_add_(steps, 1.0)
+    try:
+        return torch.stack(steps).reshape(-1).double()
+    except RuntimeError:  # counters of different shapes, e.g. () and (1,)
+        return torch.stack([s.reshape(()) for s in steps]).double()
 
 
 def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],

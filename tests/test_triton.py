@@ -1,0 +1,566 @@
+"""The Triton kernels (amos_fused.triton_kernels.ops) against the eager reference
+(amos_fused.reference), on CUDA tensors when a GPU is visible, otherwise on CPU
+tensors through Triton's interpreter.
+
+Buckets mix a 0-dim, a 0-element and odd-sized tensors with one that spans two
+blocks (a full, unmasked block and a masked tail), so one launch walks several
+tensors of different sizes.  Every case runs several steps with fresh grads.
+
+Tolerances:
+* float32: rtol=1e-5, atol=1e-6.  Both sides compute in fp32; they differ only in
+  operation order (η/bc1 folded into one scalar, the lerp form of m, reductions
+  summed in another order, FMA contraction on a GPU): a few ULP per step.
+* float64 (fp64 math in the kernels): rtol=1e-12, atol=1e-14, the same argument.
+* bfloat16: rtol=2e-2, atol=1e-2 — as for the CPU kernels: both sides compute in
+  fp32 and round every stored value to bf16 (nearest even; under the interpreter
+  the kernels' stores round explicitly, since its own fp32→bf16 cast truncates).
+  A one-ULP fp32 difference can flip one bf16 rounding (2^-8..2^-7 relative); it
+  moves later steps by far less than a bf16 ULP, so values stay within ~2 ULP.
+* float16: rtol=atol=2e-3, the same argument with fp16's ULP (2^-10).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import amos_fused as af  # noqa: E402
+from amos_fused import reference  # noqa: E402
+from amos_fused.triton_kernels import bucket, launcher, ops  # noqa: E402
+from amos_fused.triton_kernels.checks import kernels_interpreted  # noqa: E402
+
+DEVICE = torch.device("cpu" if kernels_interpreted() else "cuda")
+
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float64: dict(rtol=1e-12, atol=1e-14),
+    torch.bfloat16: dict(rtol=2e-2, atol=1e-2),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+}
+
+# 0-dim, 0-element, odd sizes, a size-1 dim, and two blocks (full + masked tail).
+SHAPES = [(), (0,), (37,), (5, 7), (3, 1, 9), (1500,)]
+STEPS = 3
+
+
+def _bucket(shapes, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE) for s in shapes]
+
+
+def _grads(params, step, scale=1.0):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64)).to(p.dtype).to(DEVICE)
+            for p in params]
+
+
+def _clone(tensors):
+    return [t.clone() for t in tensors]
+
+
+class Case:
+    """One algorithm configuration: its state, the Triton op call on a whole bucket
+    and the reference call on one tensor."""
+
+    def __init__(self, state_keys, new_state, triton_step, reference_step):
+        self.state_keys = state_keys
+        self.new_state = new_state          # (param, index) -> {key: tensor}
+        self.triton_step = triton_step      # (params, grads, states, steps, **scaling)
+        self.reference_step = reference_step  # (param, grad, state, index, step)
+
+
+def _zeros(p, _index):
+    return torch.zeros_like(p)
+
+
+def adam_case(amsgrad, decoupled, bias_correction, weight_decay):
+    h = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=weight_decay,
+             decoupled=decoupled, amsgrad=amsgrad)
+    keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def triton_step(params, grads, states, steps, **scaling):
+        ops.adam_step(params, grads, states["exp_avg"], states["exp_avg_sq"],
+                      states["max_exp_avg_sq"] if amsgrad else [], steps, h["lr"], h["beta1"],
+                      h["beta2"], h["eps"], weight_decay, decoupled, amsgrad, bias_correction,
+                      **scaling)
+
+    def reference_step(p, g, st, _i, step):
+        reference.adam_step(p, g, st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"], step,
+                            bias_correction=bias_correction, **h)
+
+    return Case(keys, lambda p, i: {k: _zeros(p, i) for k in keys}, triton_step, reference_step)
+
+
+def radam_case(decoupled, threshold):
+    h = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=decoupled,
+             rectify_threshold=threshold)
+    keys = ("exp_avg", "exp_avg_sq")
+
+    def triton_step(params, grads, states, steps, **scaling):
+        ops.radam_step(params, grads, states["exp_avg"], states["exp_avg_sq"], steps, h["lr"],
+                       h["beta1"], h["beta2"], h["eps"], h["weight_decay"], decoupled, threshold,
+                       **scaling)
+
+    def reference_step(p, g, st, _i, step):
+        reference.radam_step(p, g, st["exp_avg"], st["exp_avg_sq"], step, **h)
+
+    return Case(keys, lambda p, i: {k: _zeros(p, i) for k in keys}, triton_step, reference_step)
+
+
+def lion_case(weight_decay):
+    h = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=weight_decay)
+
+    def triton_step(params, grads, states, steps, **scaling):
+        ops.lion_step(params, grads, states["exp_avg"], steps, h["lr"], h["beta1"], h["beta2"],
+                      weight_decay, **scaling)
+
+    def reference_step(p, g, st, _i, _step):
+        reference.lion_step(p, g, st["exp_avg"], **h)
+
+    return Case(("exp_avg",), lambda p, i: {"exp_avg": _zeros(p, i)}, triton_step, reference_step)
+
+
+ETAS = (0.5, 0.3, 0.05, 0.2, 1.0, 0.1, 0.4, 0.25)
+
+
+def amos_case(reduce_axes, momentum, clip_value):
+    h = dict(lr=0.05, beta=0.98, momentum=momentum, clip_value=clip_value, extra_l2=0.01,
+             d_coef=0.25, c_coef=0.25, epsilon=2.0**-125)
+    keys = ("v", "b") + (("mu",) if momentum is not None else ())
+
+    def new_state(p, _i):
+        slot = af.amos_slots.slot_shape(p.shape, reduce_axes)
+        state = {"v": torch.zeros(slot, dtype=p.dtype, device=p.device),
+                 "b": torch.zeros(slot, dtype=p.dtype, device=p.device)}
+        if momentum is not None:
+            state["mu"] = torch.zeros_like(p)
+        return state
+
+    def triton_step(params, grads, states, steps, **scaling):
+        ops.amos_step(params, grads, states["v"], states["b"], states.get("mu", []), steps,
+                      list(ETAS[: len(params)]), h["lr"], h["beta"], momentum, clip_value,
+                      h["extra_l2"], h["d_coef"], h["c_coef"], h["epsilon"], **scaling)
+
+    def reference_step(p, g, st, i, step):
+        reference.amos_step(p, g, st["v"], st["b"], st.get("mu"), step, eta=ETAS[i],
+                            reduce_axes=reduce_axes, **h)
+
+    return Case(keys, new_state, triton_step, reference_step)
+
+
+def scaled_adam_case(inverse_time):
+    h = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, p=5.0, q=1.0)
+
+    def init_norm(p):
+        return (max(p.numel(), 1) ** 0.5) * (0.5 if p.dim() < 2 else 0.2)
+
+    def triton_step(params, grads, states, steps, **scaling):
+        ops.scaled_adam_step(params, grads, states["exp_avg"], states["exp_avg_sq"], steps,
+                             [init_norm(p) for p in params], h["lr"], h["beta1"], h["beta2"],
+                             h["eps"], h["p"], inverse_time, h["q"], **scaling)
+
+    def reference_step(p, g, st, _i, step):
+        reference.scaled_adam_step(p, g, st["exp_avg"], st["exp_avg_sq"], step,
+                                   init_norm=init_norm(p),
+                                   decay="inverse_time" if inverse_time else "inverse_square", **h)
+
+    keys = ("exp_avg", "exp_avg_sq")
+    return Case(keys, lambda p, i: {k: _zeros(p, i) for k in keys}, triton_step, reference_step)
+
+
+def lamb_case(bias_correction, weight_decay=0.01):
+    h = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=weight_decay)
+
+    def triton_step(params, grads, states, steps, **scaling):
+        ops.lamb_step(params, grads, states["exp_avg"], states["exp_avg_sq"], steps, h["lr"],
+                      h["beta1"], h["beta2"], h["eps"], weight_decay, bias_correction, **scaling)
+
+    def reference_step(p, g, st, _i, step):
+        reference.lamb_step(p, g, st["exp_avg"], st["exp_avg_sq"], step,
+                            bias_correction=bias_correction, **h)
+
+    keys = ("exp_avg", "exp_avg_sq")
+    return Case(keys, lambda p, i: {k: _zeros(p, i) for k in keys}, triton_step, reference_step)
+
+
+class Run:
+    """The same bucket stepped by the Triton op (whole bucket) and the reference
+    (tensor by tensor)."""
+
+    def __init__(self, case, shapes, dtype):
+        self.case = case
+        self.params = _bucket(shapes, dtype)
+        self.ref_params = _clone(self.params)
+        self.initial = _clone(self.params)
+        self.states = [case.new_state(p, i) for i, p in enumerate(self.params)]
+        self.ref_states = [{k: v.clone() for k, v in s.items()} for s in self.states]
+        self.steps = [torch.tensor(0.0) for _ in self.params]
+
+    def lists(self):
+        return {k: [s[k] for s in self.states] for k in self.case.state_keys if k in self.states[0]}
+
+    def step(self, step, grad_scale=None):
+        grads = _grads(self.params, step)
+        if grad_scale is None:
+            self.case.triton_step(self.params, grads, self.lists(), self.steps)
+        else:  # the kernels unscale in-kernel
+            scaled = [g * grad_scale for g in grads]
+            scale = torch.tensor(grad_scale, dtype=torch.float32, device=DEVICE)
+            self.case.triton_step(self.params, scaled, self.lists(), self.steps, grad_scale=scale)
+        for i, (p, g, st) in enumerate(zip(self.ref_params, grads, self.ref_states)):
+            self.case.reference_step(p, g, st, i, step + 1)
+
+    def check(self, steps_done, **tol):
+        tol = tol or TOL[self.params[0].dtype]
+        for i, (a, b) in enumerate(zip(self.params, self.ref_params)):
+            torch.testing.assert_close(a, b, msg=lambda m, i=i: f"param {i}: {m}", **tol)
+            for key in self.states[i]:
+                torch.testing.assert_close(self.states[i][key], self.ref_states[i][key],
+                                           msg=lambda m, i=i, key=key: f"{key}[{i}]: {m}", **tol)
+        assert all(float(s) == steps_done for s in self.steps)
+        moved = sum(int((p != q).sum()) for p, q in zip(self.params, self.initial))
+        total = sum(p.numel() for p in self.params)
+        assert moved > total // 2, f"only {moved} of {total} elements moved"
+
+
+def run_and_check(case, shapes=SHAPES, dtype=torch.float32, steps=STEPS, **tol):
+    run = Run(case, shapes, dtype)
+    for step in range(steps):
+        run.step(step)
+    run.check(steps, **tol)
+    return run
+
+
+# ---------------------------------------------------------------------------
+# Adam family
+# ---------------------------------------------------------------------------
+
+ADAM_CASES = {
+    "adamw": dict(amsgrad=False, decoupled=True, bias_correction=True, weight_decay=0.1),
+    "adamw-amsgrad-nobc": dict(amsgrad=True, decoupled=True, bias_correction=False, weight_decay=0.1),
+    "adam-l2-amsgrad": dict(amsgrad=True, decoupled=False, bias_correction=True, weight_decay=0.1),
+    "adam-nodecay": dict(amsgrad=False, decoupled=False, bias_correction=True, weight_decay=0.0),
+}
+
+
+@pytest.mark.parametrize("name", ADAM_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adam(name, dtype):
+    run_and_check(adam_case(**ADAM_CASES[name]), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_adam_other_dtypes(dtype):
+    run_and_check(adam_case(**ADAM_CASES["adam-l2-amsgrad"]), dtype=dtype)
+
+
+def test_dense_non_contiguous_layout():
+    """channels_last params (dense, not contiguous) with grads and states laid out
+    alike: the elementwise kernels walk memory order."""
+    run = Run(adam_case(**ADAM_CASES["adamw"]), [(2, 3, 4, 5), (37,)], torch.float32)
+    run.params[0] = run.params[0].contiguous(memory_format=torch.channels_last)
+    run.ref_params[0] = run.params[0].clone()
+    run.initial[0] = run.params[0].clone()
+    for states in (run.states, run.ref_states):
+        states[0] = {k: torch.zeros_like(run.params[0]) for k in states[0]}
+    for step in range(STEPS):
+        grads = _grads(run.params, step)
+        grads[0] = grads[0].contiguous(memory_format=torch.channels_last)
+        run.case.triton_step(run.params, grads, run.lists(), run.steps)
+        for i, (p, g, st) in enumerate(zip(run.ref_params, grads, run.ref_states)):
+            run.case.reference_step(p, g, st, i, step + 1)
+    assert not run.params[0].is_contiguous()
+    run.check(STEPS)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("threshold", [4.0, 5.0])
+def test_radam(decoupled, threshold):
+    # β2 = 0.999: ρ_t crosses 4 at t = 5 and 5 at t = 6, so 7 steps take both branches.
+    run_and_check(radam_case(decoupled, threshold), steps=7)
+
+
+def test_radam_bfloat16():
+    run_and_check(radam_case(True, 5.0), dtype=torch.bfloat16, steps=7)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lion(weight_decay, dtype):
+    run_and_check(lion_case(weight_decay), dtype=dtype)
+
+
+# ---------------------------------------------------------------------------
+# Amos
+# ---------------------------------------------------------------------------
+
+# reduce_axes -> shapes that admit it, covering every walk of amos_layout.py:
+AMOS_LAYOUTS = {
+    None: SHAPES,                                   # ELEMENTWISE
+    "all": SHAPES,                                  # ROWS: one row per tensor
+    (1,): [(5, 7), (3, 1, 9), (4, 3, 5), (2, 1100)],  # ROWS (two chunks/row), ELEMENTWISE, GENERAL
+    (0,): [(5, 7), (3, 1, 9), (1100, 3)],           # GENERAL (one slot per column)
+    (0, 2): [(3, 4, 5), (2, 1, 6)],                 # GENERAL with three merged dims
+}
+
+
+@pytest.mark.parametrize("reduce_axes", list(AMOS_LAYOUTS), ids=str)
+@pytest.mark.parametrize("momentum", [None, 0.9])
+@pytest.mark.parametrize("clip_value", [None, 0.5])
+def test_amos(reduce_axes, momentum, clip_value):
+    run_and_check(amos_case(reduce_axes, momentum, clip_value), shapes=AMOS_LAYOUTS[reduce_axes])
+
+
+def test_amos_aligned_rows():
+    """Row lengths that are multiples of 8: full row chunks take the aligned path."""
+    run_and_check(amos_case((1,), 0.9, 0.5), shapes=[(3, 1040), (2, 16)])
+
+
+@pytest.mark.parametrize("reduce_axes", [None, "all", (1,), (0,)], ids=str)
+def test_amos_bfloat16(reduce_axes):
+    run_and_check(amos_case(reduce_axes, 0.9, 0.5), shapes=AMOS_LAYOUTS[reduce_axes],
+                  dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("reduce_axes", [None, (1,), (0,)], ids=str)
+def test_amos_float64(reduce_axes):
+    run_and_check(amos_case(reduce_axes, 0.9, None), shapes=AMOS_LAYOUTS[reduce_axes],
+                  dtype=torch.float64)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9])
+def test_amos_long_rows(monkeypatch, momentum):
+    """Rows longer than AMOS_MAX_ROW are split into pieces that never cross a row."""
+    monkeypatch.setattr(launcher, "AMOS_MAX_ROW", 600)
+    run_and_check(amos_case((1,), momentum, 0.5), shapes=[(2, 1100), (5, 7)])
+    run_and_check(amos_case("all", momentum, None), shapes=[(1500,), (37,), ()])
+
+
+# ---------------------------------------------------------------------------
+# Scale-aware Adam and LAMB (two phases)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("inverse_time", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scaled_adam(inverse_time, dtype):
+    run_and_check(scaled_adam_case(inverse_time), dtype=dtype)
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lamb(bias_correction, dtype):
+    run_and_check(lamb_case(bias_correction), dtype=dtype)
+
+
+def test_norm_scaled_float64():
+    run_and_check(lamb_case(True), dtype=torch.float64)
+    run_and_check(scaled_adam_case(False), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("lamb", [True, False])
+def test_norm_scaled_float16_matches_cpu_kernels(lamb):
+    """float16: the Triton and C++ ops agree (both keep u unrounded across the two
+    phases for narrow storage, so fp16's underflow of v = (1−β2)·g² in storage
+    cannot change u between the phases)."""
+    shapes = SHAPES
+    params = _bucket(shapes, torch.float16)
+    cpu_params = [p.cpu() for p in params]
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    cpu_m, cpu_v = [t.cpu() for t in m], [t.cpu() for t in v]
+    steps, cpu_steps = [torch.tensor(0.0) for _ in params], [torch.tensor(0.0) for _ in params]
+    norms = [0.5 * max(p.numel(), 1) ** 0.5 for p in params]
+    for step in range(STEPS):
+        grads = _grads(params, step)
+        cpu_grads = [g.cpu() for g in grads]
+        if lamb:
+            ops.lamb_step(params, grads, m, v, steps, 1e-2, 0.9, 0.99, 1e-6, 0.01, True)
+            torch.ops.amos_fused.lamb_step(cpu_params, cpu_grads, cpu_m, cpu_v, cpu_steps, 1e-2,
+                                           0.9, 0.99, 1e-6, 0.01, True)
+        else:
+            ops.scaled_adam_step(params, grads, m, v, steps, norms, 1e-2, 0.9, 0.99, 1e-8, 5.0,
+                                 False, 1.0)
+            torch.ops.amos_fused.scaled_adam_step(cpu_params, cpu_grads, cpu_m, cpu_v, cpu_steps,
+                                                  norms, 1e-2, 0.9, 0.99, 1e-8, 5.0, False, 1.0)
+    for a, b in zip(params + m + v, cpu_params + cpu_m + cpu_v):
+        torch.testing.assert_close(a.cpu(), b, **TOL[torch.float16])
+    assert [float(s) for s in steps] == [float(s) for s in cpu_steps]
+
+
+def test_lamb_zero_norms():
+    """Trust ratio 1 when ‖θ‖ = 0 (zero params, no decay): the plain Adam step."""
+    run = Run(lamb_case(True, weight_decay=0.0), [(37,), (5, 7)], torch.float32)
+    for p, q in zip(run.params, run.ref_params):
+        p.zero_()
+        q.zero_()
+    run.step(0)
+    run.check(1)
+
+
+# ---------------------------------------------------------------------------
+# GradScaler inputs
+# ---------------------------------------------------------------------------
+
+ALL_CASES = {
+    "adam": lambda: adam_case(**ADAM_CASES["adam-l2-amsgrad"]),
+    "radam": lambda: radam_case(True, 5.0),
+    "lion": lambda: lion_case(0.5),
+    "amos": lambda: amos_case((1,), 0.9, 0.5),
+    "scaled_adam": lambda: scaled_adam_case(False),
+    "lamb": lambda: lamb_case(True),
+}
+AMOS_SCALER_SHAPES = [(5, 7), (3, 1, 9), (4, 3, 5)]
+
+
+def _shapes_for(name):
+    return AMOS_SCALER_SHAPES if name == "amos" else SHAPES
+
+
+@pytest.mark.parametrize("name", ALL_CASES)
+def test_grad_scale_unscales_in_kernel(name):
+    run = Run(ALL_CASES[name](), _shapes_for(name), torch.float32)
+    for step in range(STEPS):
+        run.step(step, grad_scale=1024.0)  # a power of two: the unscaled grads are exact
+    run.check(STEPS)
+
+
+@pytest.mark.parametrize("name", ALL_CASES)
+def test_found_inf_skips_everything(name):
+    run = Run(ALL_CASES[name](), _shapes_for(name), torch.float32)
+    run.step(0)
+    params, states = _clone(run.params), [{k: v.clone() for k, v in s.items()} for s in run.states]
+    grads = _grads(run.params, 1)
+    found_inf = torch.tensor(1.0, device=DEVICE)
+    run.case.triton_step(run.params, grads, run.lists(), run.steps, found_inf=found_inf,
+                         grad_scale=torch.tensor(2.0, device=DEVICE))
+    assert all(float(s) == 1.0 for s in run.steps), "step counters advanced on a skipped step"
+    for a, b in zip(run.params, params):
+        assert torch.equal(a, b)
+    for now, before in zip(run.states, states):
+        for key in now:
+            assert torch.equal(now[key], before[key])
+    # found_inf = 0 steps normally.
+    run.case.triton_step(run.params, grads, run.lists(), run.steps,
+                         found_inf=torch.tensor(0.0, device=DEVICE))
+    assert all(float(s) == 2.0 for s in run.steps)
+
+
+# ---------------------------------------------------------------------------
+# Checks before writing, metadata caching, lazy import
+# ---------------------------------------------------------------------------
+
+def _snapshot(run):
+    return _clone(run.params), [{k: v.clone() for k, v in s.items()} for s in run.states], \
+        [float(s) for s in run.steps]
+
+
+def _assert_untouched(run, snapshot):
+    params, states, steps = snapshot
+    assert [float(s) for s in run.steps] == steps
+    assert all(torch.equal(a, b) for a, b in zip(run.params, params))
+    for now, before in zip(run.states, states):
+        assert all(torch.equal(now[k], before[k]) for k in now)
+
+
+def test_bad_inputs_raise_before_any_write():
+    run = Run(adam_case(**ADAM_CASES["adamw"]), SHAPES, torch.float32)
+    before = _snapshot(run)
+    grads = _grads(run.params, 0)
+    with pytest.raises(ValueError, match=r"grads\[3\]"):
+        run.case.triton_step(run.params, grads[:3] + [None] + grads[4:], run.lists(), run.steps)
+    with pytest.raises(ValueError, match=r"grads\[2\]"):
+        run.case.triton_step(run.params, grads[:2] + [grads[2].double()] + grads[3:], run.lists(),
+                             run.steps)
+    bad_states = run.lists()
+    bad_states["exp_avg_sq"] = bad_states["exp_avg_sq"][:-1] + [torch.zeros(3)]
+    with pytest.raises(ValueError, match=r"exp_avg_sq"):
+        run.case.triton_step(run.params, grads, bad_states, run.steps)
+    with pytest.raises(ValueError, match=r"steps\[0\]"):
+        run.case.triton_step(run.params, grads, run.lists(), [torch.tensor(0.0, dtype=torch.float64)]
+                             + run.steps[1:])
+    with pytest.raises(ValueError, match="found_inf"):
+        run.case.triton_step(run.params, grads, run.lists(), run.steps,
+                             found_inf=torch.zeros(2, device=DEVICE))
+    strided = torch.zeros(5, 14, device=DEVICE)[:, ::2]  # a view with gaps
+    with pytest.raises(ValueError, match="not dense"):
+        run.case.triton_step(run.params[:3] + [strided] + run.params[4:], grads, run.lists(),
+                             run.steps)
+    _assert_untouched(run, before)
+
+
+def test_bad_amos_slots_raise_before_any_write():
+    run = Run(amos_case((1,), None, None), [(5, 7), (4, 3)], torch.float32)
+    before = _snapshot(run)
+    lists = run.lists()
+    lists["v"] = [lists["v"][0], torch.zeros(4, 2, device=DEVICE)]
+    lists["b"] = [lists["b"][0], torch.zeros(4, 2, device=DEVICE)]
+    with pytest.raises(ValueError, match="not a slot shape"):
+        ops.amos_step(run.params, _grads(run.params, 0), lists["v"], lists["b"], [], run.steps,
+                      [0.5, 0.5], 0.05, 0.98, None, None, 0.0, 0.25, 0.25, 2.0**-125)
+    _assert_untouched(run, before)
+
+
+def test_metadata_is_cached_and_follows_addresses():
+    run = Run(lion_case(0.0), [(37,), (5, 7)], torch.float32)
+    run.step(0)
+    key = bucket.elementwise_key("lion", [run.params, run.lists()["exp_avg"]], launcher.BLOCK)
+    meta = bucket._cache[key]
+    run.step(1)  # new grad tensors every step: same bucket tables, grad table refreshed
+    assert bucket._cache[key] is meta
+    assert meta.grad_addresses.key != ()
+    # A state tensor replaced (e.g. by load_state_dict): new tables, same results.
+    for st in run.states:
+        st["exp_avg"] = st["exp_avg"].clone()
+    run.step(2)
+    new_key = bucket.elementwise_key("lion", [run.params, run.lists()["exp_avg"]], launcher.BLOCK)
+    assert new_key != key and new_key in bucket._cache
+    run.check(3)
+
+
+def test_importing_amos_fused_does_not_import_triton():
+    code = ("import sys, amos_fused, amos_fused.triton_kernels as tk; "
+            "assert 'triton' not in sys.modules, 'triton imported'; "
+            "assert tk.why_unavailable() is None")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# ---------------------------------------------------------------------------
+# Through the optimizers (once backend='triton' dispatches to these ops)
+# ---------------------------------------------------------------------------
+
+OPTIMIZERS = {
+    "adamw": (af.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "radam": (af.RAdam, dict(lr=1e-2, weight_decay=0.1)),
+    "lion": (af.Lion, dict(lr=1e-2)),
+    "amos": (af.Amos, dict(lr=0.05, reduce_axes="all", momentum=0.9)),
+    "scaled_adam": (af.ScaledAdamW, dict(lr=1e-2, half_life=100)),
+    "lamb": (af.Lamb, dict(lr=1e-2, weight_decay=0.01)),
+}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optimizer_backend_triton(name):
+    cls, kw = OPTIMIZERS[name]
+    params = [p.requires_grad_(True) for p in _bucket(SHAPES, torch.float32)]
+    try:
+        opt = cls([{"params": params}], backend="triton", **kw)
+    except (RuntimeError, NotImplementedError, ValueError) as error:
+        pytest.skip(f"backend='triton' not available for {name}: {error}")
+    ref_params = [p.detach().clone().requires_grad_(True) for p in params]
+    ref = cls([{"params": ref_params}], backend="reference", **kw)
+    for step in range(STEPS):
+        for p, q, g in zip(params, ref_params, _grads(params, step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float32])
