@@ -1,6 +1,6 @@
 """Time one optimizer step of amos_fused against torch.optim.AdamW and a plain copy.
 
-    python -m amos_fused.bench [--workload NAME] [--steps N] [--warmup N] [--json PATH | --no-json]
+    python -m amos_fused.bench [--workload NAME] [--rounds R] [--steps N] [--warmup N] [--json PATH | --no-json]
 
 Every implementation steps its own copy of the same GPT-2-shaped fp32 parameters
 (see amos_fused.bench_workloads) in the same run: torch's for-loop, foreach and fused
@@ -10,7 +10,7 @@ available on the device; and `copy`, the floor: `dst.copy_(src)` of one flat
 buffer of 14 B/param, i.e. the 28 B/param that fp32 AdamW must read and write
 (p, g, m, v in; p, m, v out).
 
-Reported per implementation: median ms per step after warm-up, effective GB/s
+Reported per implementation: median ms per step over all rounds, effective GB/s
 (bytes the algorithm must move / time), the fraction of the copy's GB/s, the
 speed-up over torch's fused AdamW (torch fused ms / this ms) and over our AdamW;
 then the optimizer-state bytes of every optimizer and their fraction of AdamW's.  A table goes to
@@ -216,7 +216,16 @@ def measure(impl: Impl, make_model, device, warmup: int, steps: int) -> dict:
     del optimizer
     release_memory(device)
     log(f"      {statistics.median(times):.3f} ms/step (min {min(times):.3f}, max {max(times):.3f})")
-    return dict(impl=impl, ms=statistics.median(times), **sizes)
+    return dict(impl=impl, times=times, **sizes)
+
+
+def pool_rounds(rounds: List[List[dict]]) -> List[dict]:
+    """One measurement per implementation: the median of its step times over all rounds."""
+    pooled = []
+    for per_impl in zip(*rounds):
+        times = [t for m in per_impl for t in m["times"]]
+        pooled.append(dict(per_impl[0], times=times, ms=statistics.median(times)))
+    return pooled
 
 
 # ---------------------------------------------------------------- reporting
@@ -337,8 +346,11 @@ def parse_args(argv=None):
                             f"{d}: {w}" for d, w in DEFAULT_WORKLOAD.items()))
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         help="default: cuda if available, else cpu")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
-    parser.add_argument("--warmup", type=int, default=5, help="warm-up steps (default 5)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds over all implementations; each round builds every one afresh "
+                             "and times it, so slow drifts of the machine hit all rows alike (default 3)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="warm-up steps per round (default 3)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before timing")
     parser.add_argument("--impls", help="comma-separated subset of rows to run "
                         f"({COPY} and {TORCH_FUSED} always run)")
@@ -347,8 +359,8 @@ def parse_args(argv=None):
                         help="result file (default: bench/results/<device>-<date>.json)")
     output.add_argument("--no-json", action="store_true", help="do not write a result file")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error("--rounds and --steps must be >= 1 and --warmup >= 0")
     return args
 
 
@@ -378,10 +390,14 @@ def main(argv=None):
     workload = args.workload or DEFAULT_WORKLOAD[device.type]
     impls = select_impls(all_impls(device.type), args.impls)
 
-    measurements = []
-    for i, impl in enumerate(impls, 1):
-        log(f"[{i}/{len(impls)}] {impl.name} ...")
-        measurements.append(measure(impl, WORKLOADS[workload], device, args.warmup, args.steps))
+    rounds = []
+    for r in range(1, args.rounds + 1):
+        round_ = []
+        for i, impl in enumerate(impls, 1):
+            log(f"[round {r}/{args.rounds}, {i}/{len(impls)}] {impl.name} ...")
+            round_.append(measure(impl, WORKLOADS[workload], device, args.warmup, args.steps))
+        rounds.append(round_)
+    measurements = pool_rounds(rounds)
     rows = result_rows(measurements, workload)
     memory = memory_rows(measurements)
     baseline = next((f"{b}-adamw" for b in OUR_BACKENDS.get(device.type, ())
@@ -392,7 +408,8 @@ def main(argv=None):
         f"device {slug_} ({device.type}, {torch.get_num_threads()} threads)  "
         f"torch {torch.__version__}  triton {triton_version() or 'n/a'}",
         f"workload {workload}: {rows[0]['params']:,} {rows[0]['dtype']} params in "
-        f"{rows[0]['tensors']} tensors; median of {args.steps} steps after {args.warmup} warm-up",
+        f"{rows[0]['tensors']} tensors; median of {args.rounds} x {args.steps} steps "
+        f"({args.warmup} warm-up each round)",
     ]
     print(format_table(rows, memory, header, baseline), flush=True)
 
