@@ -15,7 +15,7 @@ KNOWN_BACKENDS = ("reference", "cpu", "cuda", "triton")
 # Algorithms with a fused kernel, per backend (the reference has them all).
 FUSED_ALGORITHMS: Dict[str, FrozenSet[str]] = {
     "cpu": frozenset({"adam", "radam", "lion", "amos", "scaled_adam", "lamb"}),
-    "cuda": frozenset(),
+    "cuda": frozenset({"adam", "radam", "lion", "amos", "scaled_adam", "lamb"}),
     "triton": frozenset({"adam", "radam", "lion", "amos", "scaled_adam", "lamb"}),
 }
 

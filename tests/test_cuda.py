@@ -80,10 +80,10 @@ def cuda_grads(params, step, seed=0, scale=1.0):
 
 
 def run_cuda_pair(make_a, make_b, *, dtype, shapes=SHAPES, steps=STEPS, seed=0, split=None,
-                  second_group=None, none_grads=None, before_step=None, params=None):
+                  second_group=None, none_grads=None, before_step=None):
     """conftest.run_pair on CUDA tensors: two optimizers over identical copies of a
     param set, fed identical grads (None for the indices in none_grads[step])."""
-    base = cuda_params(dtype, shapes, seed) if params is None else params
+    base = cuda_params(dtype, shapes, seed)
     split = len(base) // 2 if split is None else split
     none_grads = {0: (len(base) - 1,), 5: (0,)} if none_grads is None else none_grads
     params_a, params_b = clone_params(base), clone_params(base)
@@ -192,7 +192,7 @@ def test_cuda_matches_reference_float16(name):
 
 AMOS_LR = 0.3  # b reaches ~0.3 within the run: using a wrong (old/new) b shows at float32 precision
 
-# reduce_axes -> shapes.  Paths (float32; bf16 rows are twice as long per path):
+# reduce_axes -> shapes.  Paths (float32/bfloat16/float16; float64 halves the lengths):
 # rows of <= 512 elements: a warp per row; <= 4096: a block per row; longer: two
 # phases.  Non-trailing reduced axes: two phases with per-(slot, piece) sums.
 AMOS_LAYOUTS = {

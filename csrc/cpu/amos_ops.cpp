@@ -1,11 +1,13 @@
 // CPU entry point of the Amos op: check the bucket, work out each tensor's slot
-// layout from its param and slot shapes, advance the steps, run the kernel.
+// layout from its param and slot shapes (csrc/amos_layout.h), advance the steps,
+// run the kernel.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <vector>
 
+#include "../amos_layout.h"
 #include "../checks.h"
 #include "../step_coefficients.h"
 #include "kernel_api.h"
@@ -14,67 +16,6 @@ namespace amos_fused::cpu {
 namespace {
 
 constexpr const char* kOp = "amos_fused.amos_step";
-
-// Slot layout of param p with slot tensor v: v is 0-dim (one slot) or has p's
-// dims with each size equal to p's or 1 (reduced).
-AmosLayout describe_slots(const at::Tensor& p, const at::Tensor& v, size_t index) {
-  AmosLayout layout{};
-  const int64_t numel = p.numel();
-  layout.num_slots = v.numel();
-  std::vector<bool> reduced(p.dim(), v.dim() == 0);
-  if (v.dim() != 0) {
-    TORCH_CHECK_VALUE(v.dim() == p.dim(), kOp, ": vs[", index, "] has shape ", v.sizes(),
-                      ", not a slot shape of its param ", p.sizes());
-    for (int64_t d = 0; d < p.dim(); ++d) {
-      TORCH_CHECK_VALUE(v.size(d) == p.size(d) || v.size(d) == 1, kOp, ": vs[", index,
-                        "] has shape ", v.sizes(), ", not a slot shape of its param ", p.sizes());
-      reduced[d] = v.size(d) == 1 && p.size(d) != 1;
-    }
-  }
-  // Coalesce: drop size-1 dims, merge neighbours that are both reduced or both kept.
-  std::vector<int64_t> sizes;
-  std::vector<bool> kinds;
-  for (int64_t d = 0; d < p.dim(); ++d) {
-    if (p.size(d) == 1) continue;
-    if (!kinds.empty() && kinds.back() == reduced[d]) {
-      sizes.back() *= p.size(d);
-    } else {
-      sizes.push_back(p.size(d));
-      kinds.push_back(reduced[d]);
-    }
-  }
-  const bool any_reduced = std::find(kinds.begin(), kinds.end(), true) != kinds.end();
-  if (!any_reduced || numel <= 1) {
-    layout.row_len = 1;
-  } else if (kinds.back() && std::count(kinds.begin(), kinds.end(), true) == 1) {
-    layout.row_len = sizes.back();
-  } else {
-    TORCH_CHECK_VALUE(static_cast<int>(sizes.size()) <= kAmosMaxDims, kOp, ": params[", index,
-                      "] has too many dims");
-    layout.row_len = 0;
-    layout.ndim = static_cast<int>(sizes.size());
-    int64_t stride = 1;
-    for (int d = layout.ndim - 1; d >= 0; --d) {
-      layout.sizes[d] = sizes[d];
-      layout.slot_strides[d] = kinds[d] ? 0 : stride;
-      if (!kinds[d]) stride *= sizes[d];
-    }
-  }
-  return layout;
-}
-
-void check_slots(at::TensorList params, at::TensorList slots, const char* name) {
-  TORCH_CHECK_VALUE(slots.size() == params.size(), kOp, ": ", params.size(), " params but ",
-                    slots.size(), " ", name);
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& s = slots[i];
-    TORCH_CHECK_VALUE(s.scalar_type() == params[i].scalar_type() && s.device() == params[i].device() &&
-                          s.is_contiguous(),
-                      kOp, ": ", name, "[", i, "] must be a contiguous ", params[i].scalar_type(),
-                      " tensor on ", params[i].device(), ", got ", s.scalar_type(), " on ", s.device());
-    TORCH_CHECK_VALUE(params[i].is_contiguous(), kOp, ": params[", i, "] must be contiguous");
-  }
-}
 
 void amos_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList vs,
                    at::TensorList bs, at::TensorList mus, at::TensorList steps,
@@ -87,16 +28,8 @@ void amos_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList v
   TORCH_CHECK_VALUE(!momentum || !mus.empty(), kOp, ": momentum needs mus");
   TORCH_CHECK_VALUE(etas.size() == params.size(), kOp, ": ", params.size(), " params but ",
                     etas.size(), " etas");
-  check_slots(params, vs, "vs");
-  check_slots(params, bs, "bs");
+  const std::vector<AmosLayout> layouts = amos_slot_layouts(kOp, params, vs, bs);
   const size_t n = params.size();
-  std::vector<AmosLayout> layouts;
-  layouts.reserve(n);
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(bs[i].sizes() == vs[i].sizes(), kOp, ": bs[", i, "] has shape ", bs[i].sizes(),
-                      " but vs[", i, "] has ", vs[i].sizes());
-    layouts.push_back(describe_slots(params[i], vs[i], i));
-  }
   const GradScaling scaling = read_grad_scaling(kOp, grad_scale, found_inf);
   if (scaling.skip) return;
   // -- every check passed: from here on we write --

@@ -1,0 +1,457 @@
+// CUDA Amos (DESIGN §2.4).  amos_plan.h cuts a bucket into blocks by slot layout;
+// the kernels here only walk memory and call step_math.h (amos_clip, amos_slot,
+// amos_element):
+//   main   elementwise chunks and row blocks in one pass (a row's g, θ, mu are
+//          loaded once into registers, Σg² is reduced and the slot updated, then
+//          the row is updated from registers and stored: ~12 B/param in fp32
+//          without momentum), plus the partial sums of g² of the two-phase tensors;
+//   slots  two-phase tensors: one warp per slot adds its partial sums (fixed order)
+//          and runs the slot math, keeping (w, a) for the elementwise pass;
+//   apply  two-phase tensors: Δ = w·θ − a·g per element.
+// Deterministic: no atomics.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "../amos_layout.h"
+#include "../checks.h"
+#include "../step_coefficients.h"
+#include "amos_plan.h"
+#include "block_reduce.cuh"
+
+namespace amos_fused::cuda {
+namespace {
+
+template <typename scalar_t>
+struct AmosArrays {
+  scalar_t *p, *g, *v, *b, *mu;
+};
+
+template <typename scalar_t, typename Op>
+__device__ __forceinline__ AmosArrays<scalar_t> arrays_of(const AmosTable<Op>& table, int64_t t) {
+  return {static_cast<scalar_t*>(table.address[kParam][t]), static_cast<scalar_t*>(table.address[kGrad][t]),
+          static_cast<scalar_t*>(table.address[kV][t]), static_cast<scalar_t*>(table.address[kB][t]),
+          static_cast<scalar_t*>(table.address[kMu][t])};
+}
+
+// g ← g·unscale, clamped when clipping (a block-uniform flag).
+template <typename Op>
+__device__ __forceinline__ Op clipped(Op g, bool clip, const AmosCoef<Op>& c) {
+  return clip ? amos_clip<true>(g, c) : amos_clip<false>(g, c);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ bool aligned16(const scalar_t* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+}
+
+// Elements [begin, end) of p, g (, mu) with the slot values (w, a) of each element
+// given by wa_of(e): Δ = w·θ − a·g, optional EMA, θ ← θ + Δ.
+template <typename scalar_t, bool MOMENTUM, typename WA>
+__device__ __forceinline__ void apply_slots(const AmosArrays<scalar_t>& x, int64_t begin, int64_t end,
+                                            bool clip, const AmosCoef<at::opmath_type<scalar_t>>& c,
+                                            const WA& wa_of) {
+  using Op = at::opmath_type<scalar_t>;
+  if constexpr (MOMENTUM) {
+    scalar_t* const ptr[3] = {x.p, x.g, x.mu};
+    map_elements<scalar_t, 3, 0b101u>(ptr, begin, end, threadIdx.x, kAmosThreads,
+                                      [&](Op (&y)[3], int64_t e) {
+                                        const std::pair<Op, Op> wa = wa_of(e);
+                                        amos_element<true>(y[0], clipped(y[1], clip, c), y[2], wa.first, wa.second, c);
+                                      });
+  } else {
+    scalar_t* const ptr[2] = {x.p, x.g};
+    map_elements<scalar_t, 2, 0b1u>(ptr, begin, end, threadIdx.x, kAmosThreads,
+                                    [&](Op (&y)[2], int64_t e) {
+                                      const std::pair<Op, Op> wa = wa_of(e);
+                                      Op unused(0);
+                                      amos_element<false>(y[0], clipped(y[1], clip, c), unused, wa.first, wa.second, c);
+                                    });
+  }
+}
+
+// kElementwise: one slot per element, slot math and update in one pass.
+template <typename scalar_t, bool MOMENTUM>
+__device__ __forceinline__ void step_elementwise(const AmosArrays<scalar_t>& x, int64_t begin, int64_t end,
+                                                 bool clip, const AmosCoef<at::opmath_type<scalar_t>>& c) {
+  using Op = at::opmath_type<scalar_t>;
+  auto update = [&](Op& p, Op g, Op& v, Op& b, Op& mu) {
+    const Op gc = clipped(g, clip, c);
+    Op w, a;
+    amos_slot(v, b, gc * gc, w, a, c);
+    amos_element<MOMENTUM>(p, gc, mu, w, a, c);
+  };
+  if constexpr (MOMENTUM) {
+    scalar_t* const ptr[5] = {x.p, x.g, x.v, x.b, x.mu};
+    map_elements<scalar_t, 5, 0b11101u>(ptr, begin, end, threadIdx.x, kAmosThreads,
+                                        [&](Op (&y)[5], int64_t) { update(y[0], y[1], y[2], y[3], y[4]); });
+  } else {
+    scalar_t* const ptr[4] = {x.p, x.g, x.v, x.b};
+    map_elements<scalar_t, 4, 0b1101u>(ptr, begin, end, threadIdx.x, kAmosThreads, [&](Op (&y)[4], int64_t) {
+      Op unused(0);
+      update(y[0], y[1], y[2], y[3], unused);
+    });
+  }
+}
+
+// kWarpRows (kGroup = 32: each warp owns rows in turn) and kBlockRows (kGroup =
+// kAmosThreads): each thread loads its part of a row (up to row_packs(W) 16-byte
+// packs of g, θ and mu, all loads in flight at once) into registers; Σ clip(g)²
+// over the group → slot math → the row is updated from registers and stored.
+// Rows whose packs are not 16-byte aligned go element by element (g held).
+template <typename scalar_t, bool MOMENTUM, int kGroup>
+__device__ __forceinline__ void step_rows(const AmosArrays<scalar_t>& x, const AmosTensor& info,
+                                          uint32_t chunk, bool clip,
+                                          const AmosCoef<at::opmath_type<scalar_t>>& c) {
+  using Op = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t>;
+  constexpr int W = P::kWidth;
+  constexpr int kRowPacks = row_packs(W);
+  constexpr int kHeld = kRowPacks * W;
+  constexpr int kGroups = kAmosThreads / kGroup;
+  const int64_t L = info.row_len;
+  const int64_t first_row = static_cast<int64_t>(chunk) * info.rows_per_task;
+  int64_t last_row = first_row + info.rows_per_task;
+  if (last_row > info.num_slots) last_row = info.num_slots;
+  const int rank = threadIdx.x % kGroup;
+  assume_global(x.p);
+  assume_global(x.g);
+  assume_global(x.v);
+  assume_global(x.b);
+  if constexpr (MOMENTUM) assume_global(x.mu);
+  __shared__ Op warp_sums[2][kAmosWarps];  // kBlockRows: alternate per row
+  int parity = 0;
+  // Row r's slot from this thread's Σ clip(g)²: every thread of the group reads the
+  // old v, b before the group's sum is complete, runs the same slot math (g2 = the
+  // mean of g² over the row), and the group's first thread writes v, b.
+  auto update_slot = [&](int64_t r, Op sum_sq, Op& w, Op& a) {
+    Op v = static_cast<Op>(x.v[r]), b = static_cast<Op>(x.b[r]);
+    Op total;
+    if constexpr (kGroup == kWarpSize) {
+      total = warp_sum(sum_sq);
+      __syncwarp();
+    } else {
+      total = block_sum<kAmosThreads>(sum_sq, warp_sums[parity]);
+      parity ^= 1;
+    }
+    amos_slot(v, b, total / static_cast<Op>(L), w, a, c);
+    if (rank == 0) {
+      x.v[r] = static_cast<scalar_t>(v);
+      x.b[r] = static_cast<scalar_t>(b);
+    }
+  };
+  const bool vec = L % W == 0 && aligned16(x.p) && aligned16(x.g) && (!MOMENTUM || aligned16(x.mu));
+  if (vec) {
+    for (int64_t r = first_row + threadIdx.x / kGroup; r < last_row; r += kGroups) {
+      scalar_t* const p_row = x.p + r * L;
+      const scalar_t* const g_row = x.g + r * L;
+      scalar_t* const mu_row = MOMENTUM ? x.mu + r * L : nullptr;
+      P g_pack[kRowPacks], p_pack[kRowPacks];
+      [[maybe_unused]] P mu_pack[kRowPacks];
+#pragma unroll
+      for (int j = 0; j < kRowPacks; ++j) {
+        const int64_t e = (static_cast<int64_t>(j) * kGroup + rank) * W;
+        if (e >= L) continue;
+        g_pack[j] = *reinterpret_cast<const P*>(g_row + e);
+        p_pack[j] = *reinterpret_cast<const P*>(p_row + e);
+        if constexpr (MOMENTUM) mu_pack[j] = *reinterpret_cast<const P*>(mu_row + e);
+      }
+      Op sum_sq(0);
+#pragma unroll
+      for (int j = 0; j < kRowPacks; ++j) {
+        if ((static_cast<int64_t>(j) * kGroup + rank) * W >= L) continue;
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+          const Op gc = clipped(static_cast<Op>(g_pack[j].lane[k]), clip, c);
+          sum_sq += gc * gc;
+        }
+      }
+      Op w, a;
+      update_slot(r, sum_sq, w, a);
+#pragma unroll
+      for (int j = 0; j < kRowPacks; ++j) {
+        const int64_t e = (static_cast<int64_t>(j) * kGroup + rank) * W;
+        if (e >= L) continue;
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+          Op p = static_cast<Op>(p_pack[j].lane[k]);
+          Op mu = Op(0);
+          if constexpr (MOMENTUM) mu = static_cast<Op>(mu_pack[j].lane[k]);
+          amos_element<MOMENTUM>(p, clipped(static_cast<Op>(g_pack[j].lane[k]), clip, c), mu, w, a, c);
+          p_pack[j].lane[k] = static_cast<scalar_t>(p);
+          if constexpr (MOMENTUM) mu_pack[j].lane[k] = static_cast<scalar_t>(mu);
+        }
+        *reinterpret_cast<P*>(p_row + e) = p_pack[j];
+        if constexpr (MOMENTUM) *reinterpret_cast<P*>(mu_row + e) = mu_pack[j];
+      }
+    }
+  } else {
+    for (int64_t r = first_row + threadIdx.x / kGroup; r < last_row; r += kGroups) {
+      const int64_t start = r * L;
+      Op held[kHeld];  // clip(g) of elements i·kGroup + rank
+      Op sum_sq(0);
+#pragma unroll
+      for (int i = 0; i < kHeld; ++i) {
+        const int64_t e = static_cast<int64_t>(i) * kGroup + rank;
+        held[i] = e < L ? clipped(static_cast<Op>(x.g[start + e]), clip, c) : Op(0);
+        sum_sq += held[i] * held[i];
+      }
+      Op w, a;
+      update_slot(r, sum_sq, w, a);
+#pragma unroll
+      for (int i = 0; i < kHeld; ++i) {
+        const int64_t e = static_cast<int64_t>(i) * kGroup + rank;
+        if (e >= L) continue;
+        Op p = static_cast<Op>(x.p[start + e]);
+        Op mu = MOMENTUM ? static_cast<Op>(x.mu[start + e]) : Op(0);
+        amos_element<MOMENTUM>(p, held[i], mu, w, a, c);
+        x.p[start + e] = static_cast<scalar_t>(p);
+        if constexpr (MOMENTUM) x.mu[start + e] = static_cast<scalar_t>(mu);
+      }
+    }
+  }
+}
+
+// kLongRows, phase 1: Σ clip(g)² over chunk `chunk` (= row·pieces + piece) of a row.
+template <typename scalar_t>
+__device__ __forceinline__ void long_row_partial(const AmosArrays<scalar_t>& x, const AmosTensor& info,
+                                                 uint32_t chunk, int64_t chunk_len, bool clip,
+                                                 const AmosCoef<at::opmath_type<scalar_t>>& c,
+                                                 at::opmath_type<scalar_t>* partials) {
+  using Op = at::opmath_type<scalar_t>;
+  const int64_t row = chunk / info.pieces, piece = chunk % info.pieces;
+  const int64_t begin = row * info.row_len + piece * chunk_len;
+  int64_t end = begin + chunk_len;
+  if (end > (row + 1) * info.row_len) end = (row + 1) * info.row_len;
+  Op sum_sq(0);
+  scalar_t* const ptr[1] = {x.g};
+  map_elements<scalar_t, 1, 0u>(ptr, begin, end, threadIdx.x, kAmosThreads, [&](Op (&y)[1], int64_t) {
+    const Op gc = clipped(y[0], clip, c);
+    sum_sq += gc * gc;
+  });
+  __shared__ Op buffer[kAmosWarps];
+  sum_sq = block_sum<kAmosThreads>(sum_sq, buffer);
+  if (threadIdx.x == 0) partials[info.partial_base + chunk] = sum_sq;
+}
+
+// kGeneral, phase 1: one thread per (slot s, piece): Σ clip(g)² over elements
+// [piece·kPieceLength, …) of the slot (in the order of its reduced dims), into
+// partials[piece·num_slots + s].  Neighbouring threads take neighbouring slots.
+template <typename scalar_t>
+__device__ __forceinline__ void general_partial(const AmosArrays<scalar_t>& x, const AmosTensor& info,
+                                                const AmosGeneralLayout& layout, uint32_t chunk, bool clip,
+                                                const AmosCoef<at::opmath_type<scalar_t>>& c,
+                                                at::opmath_type<scalar_t>* partials) {
+  using Op = at::opmath_type<scalar_t>;
+  const int64_t item = static_cast<int64_t>(chunk) * kAmosThreads + threadIdx.x;
+  const int64_t slots = info.num_slots;
+  if (item >= slots * info.pieces) return;
+  const int64_t slot = item % slots, piece = item / slots;
+  assume_global(x.g);
+  int64_t base = 0;
+  for (int64_t rest = slot, d = layout.num_kept - 1; d >= 0; --d) {
+    base += rest % layout.kept_size[d] * layout.kept_stride[d];
+    rest /= layout.kept_size[d];
+  }
+  const int64_t first = piece * kPieceLength;
+  const int64_t last = first + kPieceLength < info.row_len ? first + kPieceLength : info.row_len;
+  int64_t index[kAmosMaxDims];
+  int64_t offset = 0;
+  for (int64_t rest = first, d = layout.num_reduced - 1; d >= 0; --d) {
+    index[d] = rest % layout.reduced_size[d];
+    offset += index[d] * layout.reduced_stride[d];
+    rest /= layout.reduced_size[d];
+  }
+  Op sum_sq(0);
+  for (int64_t r = first; r < last; ++r) {
+    const Op gc = clipped(static_cast<Op>(x.g[base + offset]), clip, c);
+    sum_sq += gc * gc;
+    for (int d = layout.num_reduced - 1; d >= 0; --d) {  // next element of the slot
+      offset += layout.reduced_stride[d];
+      if (++index[d] < layout.reduced_size[d]) break;
+      offset -= layout.reduced_stride[d] * layout.reduced_size[d];
+      index[d] = 0;
+    }
+  }
+  partials[info.partial_base + piece * slots + slot] = sum_sq;
+}
+
+// The slot (index into v, b) of element e of a general layout.
+__device__ __forceinline__ int64_t general_slot(const AmosGeneralLayout& layout, int64_t e) {
+  int64_t slot = 0;
+  for (int d = layout.ndim - 1; d >= 0; --d) {
+    slot += e % layout.size[d] * layout.slot_stride[d];
+    e /= layout.size[d];
+  }
+  return slot;
+}
+
+template <typename scalar_t, bool MOMENTUM>
+__global__ void __launch_bounds__(kAmosThreads)
+    amos_main_kernel(AmosTable<at::opmath_type<scalar_t>> table, bool clip, at::opmath_type<scalar_t>* partials) {
+  const BlockTask task = table.main_tasks[blockIdx.x];
+  const AmosTensor info = table.tensor[task.tensor];
+  const AmosCoef<at::opmath_type<scalar_t>> c = table.coefs[table.coef_index[task.tensor]];
+  const AmosArrays<scalar_t> x = arrays_of<scalar_t>(table, task.tensor);
+  switch (info.kind) {
+    case kElementwise: {
+      const int64_t begin = static_cast<int64_t>(task.chunk) * table.chunk;
+      const int64_t end = begin + table.chunk < info.numel ? begin + table.chunk : info.numel;
+      step_elementwise<scalar_t, MOMENTUM>(x, begin, end, clip, c);
+      break;
+    }
+    case kWarpRows:
+      step_rows<scalar_t, MOMENTUM, kWarpSize>(x, info, task.chunk, clip, c);
+      break;
+    case kBlockRows:
+      step_rows<scalar_t, MOMENTUM, kAmosThreads>(x, info, task.chunk, clip, c);
+      break;
+    case kLongRows:
+      long_row_partial(x, info, task.chunk, table.chunk, clip, c, partials);
+      break;
+    case kGeneral:
+      general_partial(x, info, table.general[info.general], task.chunk, clip, c, partials);
+      break;
+    default:
+      break;
+  }
+}
+
+// Two-phase tensors: one warp per slot; wa[2·(slot_base + s)] = w, [… + 1] = a.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kAmosThreads)
+    amos_slots_kernel(AmosTable<at::opmath_type<scalar_t>> table, const at::opmath_type<scalar_t>* partials,
+                      at::opmath_type<scalar_t>* wa) {
+  using Op = at::opmath_type<scalar_t>;
+  const BlockTask task = table.slot_tasks[blockIdx.x];
+  const AmosTensor info = table.tensor[task.tensor];
+  const int64_t s = static_cast<int64_t>(task.chunk) * kAmosWarps + threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (s >= info.num_slots) return;  // whole warps
+  // kLongRows: a row's chunks are consecutive; kGeneral: piece-major.
+  const bool rows = info.kind == kLongRows;
+  const int64_t first = info.partial_base + (rows ? s * info.pieces : s);
+  const int64_t stride = rows ? 1 : info.num_slots;
+  Op sum_sq(0);
+  for (int64_t i = lane; i < info.pieces; i += kWarpSize) sum_sq += partials[first + i * stride];
+  sum_sq = warp_sum(sum_sq);
+  if (lane != 0) return;
+  const AmosArrays<scalar_t> x = arrays_of<scalar_t>(table, task.tensor);
+  assume_global(x.v);
+  assume_global(x.b);
+  const AmosCoef<Op> c = table.coefs[table.coef_index[task.tensor]];
+  Op v = static_cast<Op>(x.v[s]), b = static_cast<Op>(x.b[s]), w, a;
+  amos_slot(v, b, sum_sq / static_cast<Op>(info.row_len), w, a, c);  // g2 = mean of g² over the slot
+  x.v[s] = static_cast<scalar_t>(v);
+  x.b[s] = static_cast<scalar_t>(b);
+  wa[2 * (info.slot_base + s)] = w;
+  wa[2 * (info.slot_base + s) + 1] = a;
+}
+
+// Two-phase tensors: the elementwise update with each element's slot (w, a).
+template <typename scalar_t, bool MOMENTUM>
+__global__ void __launch_bounds__(kAmosThreads)
+    amos_apply_kernel(AmosTable<at::opmath_type<scalar_t>> table, bool clip, const at::opmath_type<scalar_t>* wa) {
+  using Op = at::opmath_type<scalar_t>;
+  const BlockTask task = table.apply_tasks[blockIdx.x];
+  const AmosTensor info = table.tensor[task.tensor];
+  const AmosCoef<Op> c = table.coefs[table.coef_index[task.tensor]];
+  const AmosArrays<scalar_t> x = arrays_of<scalar_t>(table, task.tensor);
+  const Op* slot_wa = wa + 2 * info.slot_base;
+  if (info.kind == kLongRows) {
+    const int64_t row = task.chunk / info.pieces, piece = task.chunk % info.pieces;
+    const int64_t begin = row * info.row_len + piece * table.chunk;
+    int64_t end = begin + table.chunk;
+    if (end > (row + 1) * info.row_len) end = (row + 1) * info.row_len;
+    const std::pair<Op, Op> row_wa(slot_wa[2 * row], slot_wa[2 * row + 1]);
+    apply_slots<scalar_t, MOMENTUM>(x, begin, end, clip, c, [&](int64_t) { return row_wa; });
+  } else {
+    const AmosGeneralLayout& layout = table.general[info.general];
+    const int64_t begin = static_cast<int64_t>(task.chunk) * table.chunk;
+    const int64_t end = begin + table.chunk < info.numel ? begin + table.chunk : info.numel;
+    apply_slots<scalar_t, MOMENTUM>(x, begin, end, clip, c, [&](int64_t e) {
+      const int64_t s = general_slot(layout, e);
+      return std::pair<Op, Op>(slot_wa[2 * s], slot_wa[2 * s + 1]);
+    });
+  }
+}
+
+template <typename scalar_t, bool MOMENTUM>
+void launch_amos(const TableKey& key, AmosPlan<at::opmath_type<scalar_t>>& plan, bool clip,
+                 const at::Device& device) {
+  using Op = at::opmath_type<scalar_t>;
+  if (plan.main_tasks == 0) return;
+  at::Tensor scratch;  // partial sums, then (w, a) pairs
+  Op* partials = nullptr;
+  Op* wa = nullptr;
+  if (plan.slot_tasks > 0) {
+    scratch = at::empty({plan.num_partials + 2 * plan.num_slots},
+                        at::TensorOptions().dtype(c10::CppTypeToScalarType<Op>::value).device(device));
+    partials = scratch.data_ptr<Op>();
+    wa = partials + plan.num_partials;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  with_device_table(key, plan.image, [&](const uint8_t* base) {
+    const AmosTable<Op> table = plan.view(base);
+    amos_main_kernel<scalar_t, MOMENTUM>
+        <<<static_cast<unsigned>(plan.main_tasks), kAmosThreads, 0, stream>>>(table, clip, partials);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (plan.slot_tasks == 0) return;
+    amos_slots_kernel<scalar_t>
+        <<<static_cast<unsigned>(plan.slot_tasks), kAmosThreads, 0, stream>>>(table, partials, wa);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    amos_apply_kernel<scalar_t, MOMENTUM>
+        <<<static_cast<unsigned>(plan.apply_tasks), kAmosThreads, 0, stream>>>(table, clip, wa);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void amos_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList vs,
+                    at::TensorList bs, at::TensorList mus, at::TensorList steps,
+                    at::ArrayRef<double> etas, double lr, double beta, std::optional<double> momentum,
+                    std::optional<double> clip_value, double extra_l2, double d_coef, double c_coef,
+                    double epsilon, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  const char* op = "amos_fused.amos_step";
+  check_bucket(op, params, grads, {{"mus", momentum ? mus : at::TensorList()}}, steps);
+  TORCH_CHECK_VALUE(!steps.empty(), op, ": steps are required");
+  TORCH_CHECK_VALUE(!momentum || !mus.empty(), op, ": momentum needs mus");
+  TORCH_CHECK_VALUE(etas.size() == params.size(), op, ": ", params.size(), " params but ",
+                    etas.size(), " etas");
+  const std::vector<AmosLayout> layouts = amos_slot_layouts(op, params, vs, bs);
+  require_cuda_params(op, params);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  refuse_graph_capture(op);
+  const GradScaling scaling = read_grad_scaling(op, grad_scale, found_inf);
+  if (scaling.skip) return;
+  // -- every check passed: from here on we write --
+  const AmosHyper hyper{lr,     beta,   momentum.value_or(0.0), clip_value.value_or(0.0), extra_l2,
+                        d_coef, c_coef, epsilon,                scaling.unscale};
+  const std::vector<double> step = advance_steps(steps);
+  const TableKey key = table_key(op, params);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "amos_fused_amos_cuda", [&] {
+    using Op = at::opmath_type<scalar_t>;
+    const CoefTable<AmosCoef<Op>> coefs = fold_coefficients<AmosCoef<Op>>(
+        params.size(), [&](size_t t) { return std::make_pair(etas[t], step[t]); },
+        [&](size_t t) { return to_opmath<Op>(amos_coefficients(hyper, etas[t], step[t])); });
+    AmosPlan<Op> plan(op, params, grads, vs, bs, momentum ? mus : at::TensorList(), layouts, coefs);
+    if (momentum) {
+      launch_amos<scalar_t, true>(key, plan, clip_value.has_value(), params[0].device());
+    } else {
+      launch_amos<scalar_t, false>(key, plan, clip_value.has_value(), params[0].device());
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(amos_fused, CUDA, m) { m.impl("amos_step", &amos_step_cuda); }
+
+}  // namespace amos_fused::cuda

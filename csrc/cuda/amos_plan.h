@@ -1,0 +1,231 @@
+// How a bucket of Amos tensors is cut into thread blocks (DESIGN §2.4), and the
+// device table that tells each block what to do.  Each tensor gets a kind from its
+// slot layout (csrc/amos_layout.h):
+//   kElementwise  one slot per element: chunks of `chunk` elements, one pass;
+//   kWarpRows     trailing reduced axes, rows of ≤ 32·row_packs packs: a warp owns a
+//                 row (a block several), the row stays in registers: one pass;
+//   kBlockRows    rows of ≤ kAmosThreads·row_packs packs: the block owns a row: one pass;
+//   kLongRows     longer rows: per-chunk partial sums of g², then per-row slot math,
+//                 then an elementwise pass (two phases);
+//   kGeneral      reduced axes that are not trailing: per-(slot, piece) partial sums,
+//                 then per-slot math, then an elementwise pass (two phases).
+// Launches: `main` (one-pass kinds + the partial sums of two-phase kinds), and only
+// when a two-phase tensor is present, `slots` (kAmosWarps slots per block) and
+// `apply` (chunks).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "../amos_layout.h"
+#include "../step_math.h"
+#include "device_table.h"
+#include "multi_tensor_apply.cuh"
+#include "op_support.h"
+
+namespace amos_fused::cuda {
+
+constexpr int kAmosThreads = 256;
+constexpr int kAmosWarps = kAmosThreads / 32;
+// 16-byte packs of a row each thread holds in registers (g, θ, mu): 16 elements of
+// 4-byte types, 16 of 2-byte types (2 packs, keeping registers in check), 8 doubles.
+constexpr int row_packs(int64_t pack_width) { return pack_width >= 8 ? 2 : 4; }
+constexpr int64_t kRowTaskElements = 32768;    // a row block covers about this many elements
+constexpr int64_t kPieceLength = 256;          // general layouts: elements one thread sums
+
+enum AmosKind : int32_t {
+  kAmosSkip = 0,  // no elements
+  kElementwise,
+  kWarpRows,
+  kBlockRows,
+  kLongRows,
+  kGeneral,
+};
+
+struct AmosTensor {
+  int64_t numel;
+  int64_t row_len;        // elements per slot (every kind but kElementwise)
+  int64_t num_slots;
+  int64_t rows_per_task;  // row kinds: rows per block
+  int64_t pieces;         // two-phase kinds: partial sums per slot
+  int64_t partial_base;   // two-phase kinds: the tensor's first partial sum
+  int64_t slot_base;      // two-phase kinds: the tensor's first (w, a) pair
+  int32_t kind;
+  int32_t general;        // kGeneral: index into AmosTable::general
+};
+
+// A general layout: the coalesced dims of amos_layout.h, outermost first.
+struct AmosGeneralLayout {
+  int32_t ndim, num_kept, num_reduced, unused;
+  int64_t size[kAmosMaxDims];
+  int64_t slot_stride[kAmosMaxDims];  // 0 for reduced dims
+  int64_t kept_size[kAmosMaxDims], kept_stride[kAmosMaxDims];        // element strides
+  int64_t reduced_size[kAmosMaxDims], reduced_stride[kAmosMaxDims];  // element strides
+};
+
+enum AmosArray : int { kParam = 0, kGrad, kV, kB, kMu, kAmosArrays };
+
+// The device view of the table (a kernel argument).
+template <typename Op>
+struct AmosTable {
+  void* const* address[kAmosArrays];  // p, g, v, b, mu (mu only with momentum)
+  const AmosTensor* tensor;
+  const AmosGeneralLayout* general;
+  const int32_t* coef_index;
+  const AmosCoef<Op>* coefs;
+  const BlockTask* main_tasks;
+  const BlockTask* slot_tasks;
+  const BlockTask* apply_tasks;
+  int64_t chunk;  // elements per chunk
+};
+
+inline AmosGeneralLayout general_layout(const AmosLayout& layout) {
+  AmosGeneralLayout g{};
+  g.ndim = layout.ndim;
+  int64_t stride = 1;
+  std::vector<std::pair<int64_t, int64_t>> kept, reduced;  // (size, element stride), inner first
+  for (int d = layout.ndim - 1; d >= 0; --d) {
+    g.size[d] = layout.sizes[d];
+    g.slot_stride[d] = layout.slot_strides[d];
+    (layout.slot_strides[d] == 0 ? reduced : kept).emplace_back(layout.sizes[d], stride);
+    stride *= layout.sizes[d];
+  }
+  std::reverse(kept.begin(), kept.end());
+  std::reverse(reduced.begin(), reduced.end());
+  g.num_kept = static_cast<int32_t>(kept.size());
+  g.num_reduced = static_cast<int32_t>(reduced.size());
+  for (size_t i = 0; i < kept.size(); ++i) std::tie(g.kept_size[i], g.kept_stride[i]) = kept[i];
+  for (size_t i = 0; i < reduced.size(); ++i) std::tie(g.reduced_size[i], g.reduced_stride[i]) = reduced[i];
+  return g;
+}
+
+// Host side: the table image of one bucket.
+template <typename Op>
+class AmosPlan {
+ public:
+  AmosPlan(const char* op, at::TensorList params, at::TensorList grads, at::TensorList vs,
+           at::TensorList bs, at::TensorList mus, const std::vector<AmosLayout>& layouts,
+           const CoefTable<AmosCoef<Op>>& coefs) {
+    const int64_t n = static_cast<int64_t>(params.size());
+    check_tensor_count(op, params.size());
+    const int64_t width = 16 / params[0].element_size();  // elements per 16-byte pack
+    const int64_t warp_row_capacity = 32 * row_packs(width) * width;
+    const int64_t block_row_capacity = kAmosThreads * row_packs(width) * width;
+    int64_t total = 0;
+    for (const at::Tensor& p : params) total += p.numel();
+    chunk = elementwise_chunk(total);
+
+    std::vector<AmosTensor> info(n);
+    std::vector<AmosGeneralLayout> generals;
+    std::vector<BlockTask> main, slot, apply;
+    auto add_tasks = [&](std::vector<BlockTask>& list, int64_t t, int64_t count) {
+      check_chunks(op, count);
+      for (int64_t c = 0; c < count; ++c) list.push_back({static_cast<int32_t>(t), static_cast<uint32_t>(c)});
+    };
+    for (int64_t t = 0; t < n; ++t) {
+      AmosTensor& x = info[t];
+      const AmosLayout& layout = layouts[t];
+      x.numel = params[t].numel();
+      x.general = -1;
+      x.num_slots = layout.num_slots;
+      if (x.numel == 0) {
+        x.kind = kAmosSkip;
+      } else if (layout.row_len == 1) {
+        x.kind = kElementwise;
+        add_tasks(main, t, ceil_div(x.numel, chunk));
+      } else if (layout.row_len > 1) {
+        x.row_len = layout.row_len;
+        x.num_slots = x.numel / x.row_len;
+        if (x.row_len <= block_row_capacity) {
+          const bool warp = x.row_len <= warp_row_capacity;
+          x.kind = warp ? kWarpRows : kBlockRows;
+          x.rows_per_task = std::max<int64_t>(warp ? kAmosWarps : 1, kRowTaskElements / x.row_len);
+          add_tasks(main, t, ceil_div(x.num_slots, x.rows_per_task));
+        } else {
+          x.kind = kLongRows;
+          x.pieces = ceil_div(x.row_len, chunk);
+          add_two_phase(x, x.num_slots * x.pieces);
+          add_tasks(main, t, x.num_slots * x.pieces);
+          add_tasks(slot, t, ceil_div(x.num_slots, kAmosWarps));
+          add_tasks(apply, t, x.num_slots * x.pieces);
+        }
+      } else {
+        x.kind = kGeneral;
+        x.row_len = x.numel / x.num_slots;
+        x.pieces = ceil_div(x.row_len, kPieceLength);
+        x.general = static_cast<int32_t>(generals.size());
+        generals.push_back(general_layout(layout));
+        add_two_phase(x, x.num_slots * x.pieces);
+        add_tasks(main, t, ceil_div(x.num_slots * x.pieces, kAmosThreads));
+        add_tasks(slot, t, ceil_div(x.num_slots, kAmosWarps));
+        add_tasks(apply, t, ceil_div(x.numel, chunk));
+      }
+    }
+    main_tasks = static_cast<int64_t>(main.size());
+    slot_tasks = static_cast<int64_t>(slot.size());
+    apply_tasks = static_cast<int64_t>(apply.size());
+    check_grid(op, std::max({main_tasks, slot_tasks, apply_tasks}));
+
+    // Sections that change from step to step first, so one upload covers them.
+    coefs_section_ = image.add<AmosCoef<Op>>(n);
+    const at::TensorList arrays[kAmosArrays] = {params, grads, vs, bs, mus};
+    for (int a = 0; a < kAmosArrays; ++a) address_section_[a] = image.add<void*>(n);
+    coef_index_section_ = image.add<int32_t>(n);
+    tensor_section_ = image.add<AmosTensor>(n);
+    general_section_ = image.add<AmosGeneralLayout>(static_cast<int64_t>(generals.size()));
+    main_section_ = image.add<BlockTask>(main_tasks);
+    slot_section_ = image.add<BlockTask>(slot_tasks);
+    apply_section_ = image.add<BlockTask>(apply_tasks);
+    image.allocate();
+
+    image.set_used(coefs_section_, static_cast<int64_t>(coefs.unique.size()));
+    std::copy(coefs.unique.begin(), coefs.unique.end(), image.data<AmosCoef<Op>>(coefs_section_));
+    for (int a = 0; a < kAmosArrays; ++a) {
+      void** out = image.data<void*>(address_section_[a]);
+      for (int64_t t = 0; t < n; ++t) out[t] = arrays[a].empty() ? nullptr : arrays[a][t].data_ptr();
+    }
+    std::copy(coefs.index.begin(), coefs.index.end(), image.data<int32_t>(coef_index_section_));
+    std::copy(info.begin(), info.end(), image.data<AmosTensor>(tensor_section_));
+    std::copy(generals.begin(), generals.end(), image.data<AmosGeneralLayout>(general_section_));
+    std::copy(main.begin(), main.end(), image.data<BlockTask>(main_section_));
+    std::copy(slot.begin(), slot.end(), image.data<BlockTask>(slot_section_));
+    std::copy(apply.begin(), apply.end(), image.data<BlockTask>(apply_section_));
+  }
+
+  AmosTable<Op> view(const uint8_t* base) const {
+    AmosTable<Op> v;
+    for (int a = 0; a < kAmosArrays; ++a)
+      v.address[a] = device_section<void*>(base, image, address_section_[a]);
+    v.tensor = device_section<AmosTensor>(base, image, tensor_section_);
+    v.general = device_section<AmosGeneralLayout>(base, image, general_section_);
+    v.coef_index = device_section<int32_t>(base, image, coef_index_section_);
+    v.coefs = device_section<AmosCoef<Op>>(base, image, coefs_section_);
+    v.main_tasks = device_section<BlockTask>(base, image, main_section_);
+    v.slot_tasks = device_section<BlockTask>(base, image, slot_section_);
+    v.apply_tasks = device_section<BlockTask>(base, image, apply_section_);
+    v.chunk = chunk;
+    return v;
+  }
+
+  TableImage image;
+  int64_t chunk = 0;
+  int64_t main_tasks = 0, slot_tasks = 0, apply_tasks = 0;
+  int64_t num_partials = 0;  // two-phase: partial sums of g²
+  int64_t num_slots = 0;     // two-phase: (w, a) pairs
+
+ private:
+  void add_two_phase(AmosTensor& x, int64_t partials) {
+    x.partial_base = num_partials;
+    num_partials += partials;
+    x.slot_base = num_slots;
+    num_slots += x.num_slots;
+  }
+
+  int coefs_section_, address_section_[kAmosArrays], coef_index_section_, tensor_section_,
+      general_section_, main_section_, slot_section_, apply_section_;
+};
+
+}  // namespace amos_fused::cuda

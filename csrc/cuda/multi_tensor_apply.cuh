@@ -1,0 +1,163 @@
+// The generic multi-tensor launcher (DESIGN §3): ONE launch steps a whole bucket,
+// whatever its tensor count.  Nothing per tensor travels as a kernel argument: the
+// bucket's metadata is a table in device memory (device_table.h), cached per bucket
+// and re-uploaded only where it changed:
+//   address[s][t]   element address of array s (param, grad, state …) of tensor t
+//   numel[t], first_task[t]   elements, and the first block of tensor t
+//   coef_index[t] → coefs     per-tensor coefficients (step_math.h), folded
+//   tasks[block]    block → (tensor, chunk of `chunk` elements)
+// Each block walks its chunk with element_walk.cuh and calls the algorithm's
+// functor f(x, coef) on the opmath values x[0..S) of every element.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "device_table.h"
+#include "element_walk.cuh"
+#include "op_support.h"
+
+namespace amos_fused::cuda {
+
+constexpr int kElementwiseThreads = 256;
+
+// Elements per block: 65536, or less (down to 4096) when that leaves fewer than
+// ~1024 blocks, so a small bucket still spreads over every SM.  A power of two,
+// so every chunk of a 16-byte aligned array starts 16-byte aligned.
+inline int64_t elementwise_chunk(int64_t total_elements) {
+  int64_t chunk = 65536;
+  while (chunk > 4096 && total_elements / chunk < 1024) chunk /= 2;
+  return chunk;
+}
+
+// The device view of a bucket's table, passed by value to the kernels.
+template <typename Coef, int S>
+struct ElementwiseTable {
+  void* const* address[S];
+  const int64_t* numel;
+  const int64_t* first_task;  // num_tensors + 1 prefix sums of blocks per tensor
+  const int32_t* coef_index;
+  const Coef* coefs;
+  const BlockTask* tasks;
+  int64_t chunk;  // elements per block
+};
+
+// Host side: the table image of a bucket whose tensors each have S arrays of one
+// dtype and one memory layout.  Construct (declares the sections), optionally add
+// sections of your own to `image`, then fill().
+template <typename Coef, int S>
+class ElementwisePlan {
+ public:
+  ElementwisePlan(const char* op, const std::array<at::TensorList, S>& arrays,
+                  const CoefTable<Coef>& coefs)
+      : arrays_(arrays), coefs_(coefs), n_(static_cast<int64_t>(arrays[0].size())) {
+    check_tensor_count(op, arrays[0].size());
+    int64_t total = 0;
+    for (int64_t t = 0; t < n_; ++t) total += arrays[0][t].numel();
+    chunk = elementwise_chunk(total);
+    first_task.assign(n_ + 1, 0);
+    for (int64_t t = 0; t < n_; ++t) {
+      const int64_t chunks = ceil_div(arrays[0][t].numel(), chunk);
+      check_chunks(op, chunks);
+      first_task[t + 1] = first_task[t] + chunks;
+    }
+    num_tasks = first_task[n_];
+    check_grid(op, num_tasks);
+    // Sections that change from step to step first, so one upload covers them.
+    coefs_section_ = image.add<Coef>(n_);
+    for (int s = 0; s < S; ++s) address_section_[s] = image.add<void*>(n_);
+    coef_index_section_ = image.add<int32_t>(n_);
+    numel_section_ = image.add<int64_t>(n_);
+    first_task_section_ = image.add<int64_t>(n_ + 1);
+    tasks_section_ = image.add<BlockTask>(num_tasks);
+  }
+
+  void fill() {
+    image.allocate();
+    image.set_used(coefs_section_, static_cast<int64_t>(coefs_.unique.size()));
+    std::copy(coefs_.unique.begin(), coefs_.unique.end(), image.data<Coef>(coefs_section_));
+    std::copy(coefs_.index.begin(), coefs_.index.end(), image.data<int32_t>(coef_index_section_));
+    for (int s = 0; s < S; ++s) {
+      void** out = image.data<void*>(address_section_[s]);
+      for (int64_t t = 0; t < n_; ++t) out[t] = arrays_[s][t].data_ptr();
+    }
+    int64_t* numel = image.data<int64_t>(numel_section_);
+    for (int64_t t = 0; t < n_; ++t) numel[t] = arrays_[0][t].numel();
+    std::copy(first_task.begin(), first_task.end(), image.data<int64_t>(first_task_section_));
+    BlockTask* tasks = image.data<BlockTask>(tasks_section_);
+    for (int64_t t = 0; t < n_; ++t) {
+      for (int64_t c = 0; c < first_task[t + 1] - first_task[t]; ++c)
+        *tasks++ = {static_cast<int32_t>(t), static_cast<uint32_t>(c)};
+    }
+  }
+
+  ElementwiseTable<Coef, S> view(const uint8_t* base) const {
+    ElementwiseTable<Coef, S> v;
+    for (int s = 0; s < S; ++s) v.address[s] = device_section<void*>(base, image, address_section_[s]);
+    v.numel = device_section<int64_t>(base, image, numel_section_);
+    v.first_task = device_section<int64_t>(base, image, first_task_section_);
+    v.coef_index = device_section<int32_t>(base, image, coef_index_section_);
+    v.coefs = device_section<Coef>(base, image, coefs_section_);
+    v.tasks = device_section<BlockTask>(base, image, tasks_section_);
+    v.chunk = chunk;
+    return v;
+  }
+
+  TableImage image;
+  std::vector<int64_t> first_task;
+  int64_t num_tasks = 0;
+  int64_t chunk = 0;
+
+ private:
+  std::array<at::TensorList, S> arrays_;
+  const CoefTable<Coef>& coefs_;
+  int64_t n_;
+  int coefs_section_, address_section_[S], coef_index_section_, numel_section_,
+      first_task_section_, tasks_section_;
+};
+
+// The arrays of block `task` of tensor task.tensor, typed, and its element range.
+template <typename scalar_t, typename Coef, int S>
+__device__ __forceinline__ void chunk_of(const ElementwiseTable<Coef, S>& table, const BlockTask& task,
+                                         scalar_t* (&ptr)[S], int64_t& begin, int64_t& end) {
+#pragma unroll
+  for (int s = 0; s < S; ++s) ptr[s] = static_cast<scalar_t*>(table.address[s][task.tensor]);
+  begin = static_cast<int64_t>(task.chunk) * table.chunk;
+  end = begin + table.chunk;
+  const int64_t numel = table.numel[task.tensor];
+  if (end > numel) end = numel;
+}
+
+template <typename scalar_t, int S, unsigned kWriteMask, typename Coef, typename Functor>
+__global__ void __launch_bounds__(kElementwiseThreads)
+    elementwise_kernel(ElementwiseTable<Coef, S> table, Functor f) {
+  using Op = at::opmath_type<scalar_t>;
+  const BlockTask task = table.tasks[blockIdx.x];
+  scalar_t* ptr[S];
+  int64_t begin, end;
+  chunk_of(table, task, ptr, begin, end);
+  const Coef coef = table.coefs[table.coef_index[task.tensor]];
+  map_elements<scalar_t, S, kWriteMask>(ptr, begin, end, threadIdx.x, kElementwiseThreads,
+                                        [&](Op (&x)[S], int64_t) { f(x, coef); });
+}
+
+// Uploads the plan's table (what changed) and steps the bucket in one launch on
+// the current stream.
+template <typename scalar_t, int S, unsigned kWriteMask, typename Coef, typename Functor>
+void launch_elementwise(const TableKey& key, ElementwisePlan<Coef, S>& plan, const Functor& f) {
+  if (plan.num_tasks == 0) return;
+  plan.fill();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  with_device_table(key, plan.image, [&](const uint8_t* base) {
+    elementwise_kernel<scalar_t, S, kWriteMask>
+        <<<static_cast<unsigned>(plan.num_tasks), kElementwiseThreads, 0, stream>>>(plan.view(base), f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace amos_fused::cuda

@@ -1,0 +1,267 @@
+// CUDA scale-aware Adam and LAMB (DESIGN §2.5): the update of a tensor is scaled by
+// its norms, so a bucket takes three launches, all on the current stream and with
+// no host synchronization:
+//   1. moments: m, v ← moments; each block reduces Σu² (and Σθ² for LAMB) over its
+//      chunk and writes them to its own slot of `partials`;
+//   2. scales:  one warp per tensor adds its blocks' partials in a fixed order (in
+//      double: per-tensor work, like the host's coefficients) and turns the norms
+//      into k and ρ;
+//   3. apply:   θ ← θ − (k·u + ρ·θ), u recomputed from the stored m, v.
+// bfloat16/float16: m, v rounded to storage between the phases would give phase 3
+// another u than the one normed (in fp16 v underflows to 0 and u explodes), so
+// phase 1 only reads and phase 3 updates the moments again from the old m, v and
+// g in float32 and writes them (like the CPU kernels).
+// Deterministic: no atomics.  The per-element math is step_math.h's.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "../checks.h"
+#include "../step_coefficients.h"
+#include "block_reduce.cuh"
+#include "multi_tensor_apply.cuh"
+
+namespace amos_fused::cuda {
+namespace {
+
+constexpr int kWarpsPerBlock = kElementwiseThreads / kWarpSize;
+
+// Coefficients of a tensor at one step.
+template <typename Op>
+struct NormCoef {
+  MomentCoef<Op> moments;
+  double scale;  // scale-aware Adam: α0·s(t), so k = scale·‖ε0‖/‖u‖;  LAMB: η
+  double rho;    // scale-aware Adam: ρ_t = α0²/(2q)·s(t);  LAMB: 0
+};
+
+// Arrays of the table: p, g, m, v.
+template <typename Op>
+using NormTable = ElementwiseTable<NormCoef<Op>, 4>;
+
+// Whether m, v are written by the apply phase (storage narrower than the math).
+template <typename scalar_t>
+constexpr bool kMomentsInApply = !std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
+
+// Phase 1: moments, and this block's Σu², Σθ² into partials[2·block], [2·block + 1].
+template <typename scalar_t, bool LAMB>
+__global__ void __launch_bounds__(kElementwiseThreads)
+    norm_moments_kernel(NormTable<at::opmath_type<scalar_t>> table, at::opmath_type<scalar_t>* partials) {
+  using Op = at::opmath_type<scalar_t>;
+  const BlockTask task = table.tasks[blockIdx.x];
+  scalar_t* ptr[4];
+  int64_t begin, end;
+  chunk_of(table, task, ptr, begin, end);
+  const MomentCoef<Op> c = table.coefs[table.coef_index[task.tensor]].moments;
+  constexpr unsigned kMomentMask = kMomentsInApply<scalar_t> ? 0u : 0b11u;  // m, v bits
+  Op u_sq(0), theta_sq(0);
+  if (LAMB) {
+    map_elements<scalar_t, 4, (kMomentMask << 2)>(ptr, begin, end, threadIdx.x, kElementwiseThreads,
+                                       [&](Op (&x)[4], int64_t) {  // θ, g, m, v
+                                         update_moments(x[1], x[2], x[3], c);
+                                         const Op u = adam_direction<true>(x[0], x[2], x[3], c);
+                                         u_sq += u * u;
+                                         theta_sq += x[0] * x[0];
+                                       });
+  } else {  // θ is not read
+    scalar_t* const gmv[3] = {ptr[1], ptr[2], ptr[3]};
+    map_elements<scalar_t, 3, (kMomentMask << 1)>(gmv, begin, end, threadIdx.x, kElementwiseThreads,
+                                      [&](Op (&x)[3], int64_t) {  // g, m, v
+                                        update_moments(x[0], x[1], x[2], c);
+                                        const Op u = adam_direction<false>(Op(0), x[1], x[2], c);
+                                        u_sq += u * u;
+                                      });
+  }
+  __shared__ Op buffer[2][kWarpsPerBlock];
+  u_sq = block_sum<kElementwiseThreads>(u_sq, buffer[0]);
+  if (LAMB) theta_sq = block_sum<kElementwiseThreads>(theta_sq, buffer[1]);
+  if (threadIdx.x == 0) {
+    partials[2 * static_cast<int64_t>(blockIdx.x)] = u_sq;
+    partials[2 * static_cast<int64_t>(blockIdx.x) + 1] = theta_sq;
+  }
+}
+
+// Phase 2: one warp per tensor; k_rho[2t] = k, k_rho[2t + 1] = ρ (§2.5):
+//   scale-aware Adam: k = α0·‖ε0‖·s(t)/‖u‖ (0 when ‖u‖ = 0), ρ = α0²/(2q)·s(t)
+//   LAMB:             k = η·‖θ‖/‖u‖ (η when a norm is 0),     ρ = 0
+template <typename Op>
+__global__ void __launch_bounds__(kElementwiseThreads)
+    norm_scales_kernel(NormTable<Op> table, const double* init_norm, const Op* partials,
+                       int64_t num_tensors, bool lamb, Op* k_rho) {
+  const int64_t t = (static_cast<int64_t>(blockIdx.x) * kElementwiseThreads + threadIdx.x) / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (t >= num_tensors) return;  // whole warps
+  double u_sq = 0.0, theta_sq = 0.0;
+  for (int64_t i = table.first_task[t] + lane; i < table.first_task[t + 1]; i += kWarpSize) {
+    u_sq += static_cast<double>(partials[2 * i]);
+    theta_sq += static_cast<double>(partials[2 * i + 1]);
+  }
+  u_sq = warp_sum(u_sq);
+  theta_sq = warp_sum(theta_sq);
+  if (lane != 0) return;
+  const NormCoef<Op>& c = table.coefs[table.coef_index[t]];
+  const double u_norm = ::sqrt(u_sq), theta_norm = ::sqrt(theta_sq);
+  double k, rho;
+  if (lamb) {
+    k = c.scale * (u_norm > 0.0 && theta_norm > 0.0 ? theta_norm / u_norm : 1.0);
+    rho = 0.0;
+  } else {
+    k = u_norm > 0.0 ? c.scale * init_norm[t] / u_norm : 0.0;
+    rho = c.rho;
+  }
+  k_rho[2 * t] = static_cast<Op>(k);
+  k_rho[2 * t + 1] = static_cast<Op>(rho);
+}
+
+// Phase 3: θ ← θ − (k·u + ρ·θ) (narrow storage: the moments are updated and stored here).
+template <typename scalar_t, bool LAMB>
+__global__ void __launch_bounds__(kElementwiseThreads)
+    norm_apply_kernel(NormTable<at::opmath_type<scalar_t>> table, const at::opmath_type<scalar_t>* k_rho) {
+  using Op = at::opmath_type<scalar_t>;
+  const BlockTask task = table.tasks[blockIdx.x];
+  scalar_t* ptr[4];
+  int64_t begin, end;
+  chunk_of(table, task, ptr, begin, end);
+  const MomentCoef<Op> c = table.coefs[table.coef_index[task.tensor]].moments;
+  const Op k = k_rho[2 * static_cast<int64_t>(task.tensor)];
+  const Op rho = k_rho[2 * static_cast<int64_t>(task.tensor) + 1];
+  if constexpr (kMomentsInApply<scalar_t>) {
+    map_elements<scalar_t, 4, 0b1101u>(ptr, begin, end, threadIdx.x, kElementwiseThreads,
+                                       [&](Op (&x)[4], int64_t) {  // θ, g, m, v
+                                         update_moments(x[1], x[2], x[3], c);
+                                         const Op u = adam_direction<LAMB>(x[0], x[2], x[3], c);
+                                         scaled_update(x[0], u, k, rho);
+                                       });
+  } else {
+    scalar_t* const pmv[3] = {ptr[0], ptr[2], ptr[3]};
+    map_elements<scalar_t, 3, 0b1u>(pmv, begin, end, threadIdx.x, kElementwiseThreads,
+                                    [&](Op (&x)[3], int64_t) {  // θ, m, v
+                                      const Op u = adam_direction<LAMB>(x[0], x[1], x[2], c);
+                                      scaled_update(x[0], u, k, rho);
+                                    });
+  }
+}
+
+template <typename scalar_t, bool LAMB>
+void launch_norm_scaled(const TableKey& key, ElementwisePlan<NormCoef<at::opmath_type<scalar_t>>, 4>& plan,
+                        int init_norm_section, const at::Device& device) {
+  using Op = at::opmath_type<scalar_t>;
+  const int64_t n = static_cast<int64_t>(plan.first_task.size()) - 1;
+  // partials: 2 per block; k_rho: 2 per tensor.
+  const at::Tensor scratch =
+      at::empty({2 * (plan.num_tasks + n)}, at::TensorOptions().dtype(c10::CppTypeToScalarType<Op>::value).device(device));
+  Op* partials = scratch.data_ptr<Op>();
+  Op* k_rho = partials + 2 * plan.num_tasks;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  with_device_table(key, plan.image, [&](const uint8_t* base) {
+    const NormTable<Op> table = plan.view(base);
+    const unsigned blocks = static_cast<unsigned>(plan.num_tasks);
+    norm_moments_kernel<scalar_t, LAMB><<<blocks, kElementwiseThreads, 0, stream>>>(table, partials);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    norm_scales_kernel<Op><<<static_cast<unsigned>(ceil_div(n, kWarpsPerBlock)), kElementwiseThreads, 0, stream>>>(
+        table, device_section<double>(base, plan.image, init_norm_section), partials, n, LAMB, k_rho);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    norm_apply_kernel<scalar_t, LAMB><<<blocks, kElementwiseThreads, 0, stream>>>(table, k_rho);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// The checks both ops share (before any write).
+void check_norm_bucket(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+           at::TensorList exp_avg_sqs, at::TensorList steps) {
+  check_bucket(op, params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, steps);
+  TORCH_CHECK_VALUE(!exp_avgs.empty() && !exp_avg_sqs.empty() && !steps.empty(), op,
+                    ": exp_avgs, exp_avg_sqs and steps are required");
+  require_cuda_params(op, params);
+}
+
+// Both rules: `scale_and_rho(step)` gives NormCoef's (scale, ρ) at a step; the
+// per-tensor ‖ε0‖ go to a table section of their own (they never change).
+template <typename ScaleAndRho>
+void norm_scaled_step(const char* op, bool lamb, at::TensorList params, at::TensorList grads,
+                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
+                      at::ArrayRef<double> init_norms, double beta1, double beta2, double eps,
+                      double weight_decay, bool bias_correction, double grad_unscale,
+                      const ScaleAndRho& scale_and_rho) {
+  const std::vector<double> step = advance_steps(steps);
+  const TableKey key = table_key(op, params);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "amos_fused_norm_scaled_cuda", [&] {
+    using Op = at::opmath_type<scalar_t>;
+    const CoefTable<NormCoef<Op>> coefs = fold_coefficients<NormCoef<Op>>(
+        params.size(), [&](size_t t) { return step[t]; },
+        [&](size_t t) {
+          const std::pair<double, double> sr = scale_and_rho(step[t]);
+          const MomentCoef<double> moments = moment_coefficients(
+              beta1, beta2, eps, weight_decay, bias_correction, grad_unscale, step[t]);
+          return NormCoef<Op>{to_opmath<Op>(moments), sr.first, sr.second};
+        });
+    ElementwisePlan<NormCoef<Op>, 4> plan(op, {params, grads, exp_avgs, exp_avg_sqs}, coefs);
+    if (plan.num_tasks == 0) return;
+    const int init_norm_section = plan.image.add<double>(static_cast<int64_t>(params.size()));
+    plan.fill();
+    double* norms = plan.image.data<double>(init_norm_section);
+    for (size_t t = 0; t < params.size(); ++t) norms[t] = init_norms.empty() ? 0.0 : init_norms[t];
+    if (lamb) {
+      launch_norm_scaled<scalar_t, true>(key, plan, init_norm_section, params[0].device());
+    } else {
+      launch_norm_scaled<scalar_t, false>(key, plan, init_norm_section, params[0].device());
+    }
+  });
+}
+
+// §2.5: θ ← θ − (α_t·u + ρ_t·θ), α_t = α0·‖ε0‖/‖u‖·s(t), ρ_t = α0²/(2q)·s(t).
+void scaled_adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_sqs, at::TensorList steps,
+                           at::ArrayRef<double> init_norms, double lr, double beta1, double beta2,
+                           double eps, double p, bool inverse_time, double q,
+                           const std::optional<at::Tensor>& grad_scale,
+                           const std::optional<at::Tensor>& found_inf) {
+  const char* op = "amos_fused.scaled_adam_step";
+  check_norm_bucket(op, params, grads, exp_avgs, exp_avg_sqs, steps);
+  TORCH_CHECK_VALUE(init_norms.size() == params.size(), op, ": ", params.size(), " params but ",
+                    init_norms.size(), " init_norms");
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  refuse_graph_capture(op);
+  const GradScaling scaling = read_grad_scaling(op, grad_scale, found_inf);
+  if (scaling.skip) return;
+  // -- every check passed: from here on we write --
+  norm_scaled_step(op, false, params, grads, exp_avgs, exp_avg_sqs, steps, init_norms, beta1, beta2,
+                   eps, 0.0, true, scaling.unscale, [&](double step) {
+                     const double s = scaled_schedule(lr, p, inverse_time, step);
+                     return std::make_pair(lr * s, lr * lr / (2.0 * q) * s);
+                   });
+}
+
+// §2.5 LAMB: θ ← θ − η·(‖θ‖/‖u‖)·u, u = m̂/(sqrt(v̂)+ε) + λθ, ratio 1 when a norm is 0.
+void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1,
+                    double beta2, double eps, double weight_decay, bool bias_correction,
+                    const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  const char* op = "amos_fused.lamb_step";
+  check_norm_bucket(op, params, grads, exp_avgs, exp_avg_sqs, steps);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  refuse_graph_capture(op);
+  const GradScaling scaling = read_grad_scaling(op, grad_scale, found_inf);
+  if (scaling.skip) return;
+  // -- every check passed: from here on we write --
+  norm_scaled_step(op, true, params, grads, exp_avgs, exp_avg_sqs, steps, {}, beta1, beta2, eps,
+                   weight_decay, bias_correction, scaling.unscale,
+                   [&](double) { return std::make_pair(lr, 0.0); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(amos_fused, CUDA, m) {
+  m.impl("scaled_adam_step", &scaled_adam_step_cuda);
+  m.impl("lamb_step", &lamb_step_cuda);
+}
+
+}  // namespace amos_fused::cuda

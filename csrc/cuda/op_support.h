@@ -1,0 +1,104 @@
+// Host-side steps every CUDA op shares: device checks, refusing CUDA graph capture,
+// advancing the (CPU) step counters, folding equal per-tensor coefficients, and
+// the key of a bucket's cached device table.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "device_table.h"
+
+namespace amos_fused::cuda {
+
+// After check_bucket: the bucket lives on a CUDA device.
+inline void require_cuda_params(const char* op, at::TensorList params) {
+  TORCH_CHECK_VALUE(params[0].is_cuda(), op, ": the CUDA kernels step CUDA tensors, params are on ",
+                    params[0].device());
+}
+
+// Steps are host counters and the GradScaler inputs are read on the host: a
+// captured graph would replay stale values.  Call under the bucket's device guard.
+inline void refuse_graph_capture(const char* op) {
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              op, ": cannot run inside CUDA graph capture (step counts are host tensors)");
+}
+
+// Advances every step counter (float32 CPU scalars) by one; returns the new values.
+inline std::vector<double> advance_steps(at::TensorList steps) {
+  std::vector<double> out;
+  out.reserve(steps.size());
+  for (const at::Tensor& s : steps) {
+    float* value = s.data_ptr<float>();
+    *value += 1.0f;
+    out.push_back(static_cast<double>(*value));
+  }
+  return out;
+}
+
+// Per-tensor coefficients with runs of equal ones folded: tensor t uses
+// unique[index[t]].  A bucket whose tensors share a step count (the usual case)
+// has one entry, so the index never changes and only that entry is uploaded.
+template <typename Coef>
+struct CoefTable {
+  std::vector<Coef> unique;
+  std::vector<int32_t> index;
+};
+
+// key(t): what tensor t's coefficients depend on (comparable with ==);
+// make(t): its coefficients.
+template <typename Coef, typename Key, typename Make>
+CoefTable<Coef> fold_coefficients(size_t n, const Key& key, const Make& make) {
+  CoefTable<Coef> table;
+  table.index.resize(n);
+  for (size_t t = 0; t < n; ++t) {
+    if (t == 0 || !(key(t) == key(t - 1))) table.unique.push_back(make(t));
+    table.index[t] = static_cast<int32_t>(table.unique.size() - 1);
+  }
+  return table;
+}
+
+inline TableKey table_key(const char* op, at::TensorList params) {
+  return {op, static_cast<int>(params[0].device().index()), static_cast<int64_t>(params.size()),
+          reinterpret_cast<uintptr_t>(params.front().data_ptr()),
+          reinterpret_cast<uintptr_t>(params.back().data_ptr())};
+}
+
+// Blocks of a launch (gridDim.x) and pieces of a tensor (BlockTask::chunk) must fit.
+inline void check_grid(const char* op, int64_t blocks) {
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": ", blocks,
+              " thread blocks exceed one launch");
+}
+inline void check_chunks(const char* op, int64_t chunks) {
+  TORCH_CHECK(chunks <= std::numeric_limits<uint32_t>::max(), op, ": a tensor of ", chunks,
+              " chunks is too large");
+}
+inline void check_tensor_count(const char* op, size_t n) {
+  TORCH_CHECK(n <= static_cast<size_t>(std::numeric_limits<int32_t>::max()), op, ": ", n,
+              " tensors in one bucket are too many");
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Calls f(std::true_type) or f(std::false_type): a runtime flag as a template argument.
+template <typename F>
+void with_flag(bool flag, const F& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Host coefficients (double) in the kernels' opmath type.
+template <typename Op, template <typename> class Coef>
+Coef<Op> to_opmath(const Coef<double>& c) {
+  return c.template map<Op>([](double x) { return static_cast<Op>(x); });
+}
+
+}  // namespace amos_fused::cuda

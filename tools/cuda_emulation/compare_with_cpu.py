@@ -1,0 +1,239 @@
+"""Runs the CUDA ops under host emulation (build_emulated_ops.py) and compares them
+with the CPU ops on the same inputs: every algorithm, every storage dtype, every Amos kernel
+path (elementwise, warp rows, block rows, long rows, general layouts), misaligned
+params, GradScaler inputs, and the cached device tables (grads at new addresses,
+a param moved, a sub-bucket, a changed layout, another stream, per-tensor step
+counts).  Checks logic only: no timing, memory model or real-device behaviour.
+
+    python tools/cuda_emulation/compare_with_cpu.py [group ...]   # groups: see GROUPS
+
+Needs amos_fused built (the CPU ops) and a C++20 compiler; takes a few minutes
+(each emulated block runs as 256 host threads).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]  # this folder, the repository
+import amos_fused  # noqa: E402,F401  (the CPU ops)
+import build_emulated_ops  # noqa: E402
+
+EMU, CPU = None, torch.ops.amos_fused
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+FAILURES = []
+
+# Tolerances: same inputs, same math (step_math.h); only summation order, FMA
+# contraction and per-step rounding of narrow storage differ.
+TOL = {torch.float64: (1e-12, 1e-13), torch.float32: (2e-6, 1e-6),
+       torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
+
+
+def tensors(shapes, dtype, seed, misaligned=()):
+    """Seeded tensors; those at the indices in `misaligned` are views one element into a buffer."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, shape in enumerate(shapes):
+        t = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+        if i in misaligned:
+            buffer = torch.empty(t.numel() + 1, dtype=dtype)
+            buffer[1:] = t.reshape(-1)
+            t = buffer[1:].view(shape)
+        out.append(t)
+    return out
+
+
+def clone(ts):
+    return [t.clone() for t in ts]
+
+
+def zeros(ts):
+    return [torch.zeros_like(t) for t in ts]
+
+
+def counters(values):
+    return [torch.tensor(float(v)) for v in values]
+
+
+def compare(what, emulated, cpu, dtype):
+    """Lists of lists of tensors, elementwise: |a − c| <= rtol·|c| + atol·max|c|."""
+    rtol, atol = TOL[dtype]
+    for list_e, list_c in zip(emulated, cpu):
+        for i, (a, c) in enumerate(zip(list_e, list_c)):
+            if c.numel() == 0:
+                continue
+            scale = max(float(c.double().abs().max()), 1e-30)
+            try:
+                torch.testing.assert_close(a.double(), c.double(), rtol=rtol, atol=atol * scale)
+            except AssertionError as error:
+                FAILURES.append(f"{what}: tensor {i} {tuple(c.shape)}: {str(error)[:400]}")
+                return
+
+
+SHAPES = [(), (0,), (37, 5), (1000,), (3, 1, 7), (19,), (4, 16), (10001,), (1,)]
+
+
+def group_adam():
+    for dtype, amsgrad, wd, decoupled, bc in itertools.product(
+            DTYPES, [False, True], [0.0, 0.1], [True, False], [True, False]):
+        start = tensors(SHAPES, dtype, 1, misaligned=(3,))
+        results = []
+        for ops in (EMU, CPU):
+            p, m, v, vmax, steps = clone(start), zeros(start), zeros(start), zeros(start), counters([0] * len(start))
+            for step in range(3):
+                ops.adam_step(p, tensors(SHAPES, dtype, 100 + step), m, v, vmax if amsgrad else [], steps,
+                              1e-2, 0.9, 0.99, 1e-8, wd, decoupled, amsgrad, bc, None, None)
+            results.append([p, m, v, vmax, steps])
+        compare(f"adam {dtype} amsgrad={amsgrad} wd={wd} decoupled={decoupled} bc={bc}", *results, dtype)
+
+
+def group_radam_lion():
+    for dtype, wd, decoupled in itertools.product(DTYPES, [0.0, 0.1], [True, False]):
+        start = tensors(SHAPES, dtype, 2)
+        results = []
+        for ops in (EMU, CPU):
+            p, m, v, steps = clone(start), zeros(start), zeros(start), counters([0] * len(start))
+            for step in range(7):  # threshold 4: both branches
+                ops.radam_step(p, tensors(SHAPES, dtype, 200 + step), m, v, steps, 1e-2, 0.9, 0.999, 1e-8,
+                               wd, decoupled, 4.0, None, None)
+            results.append([p, m, v, steps])
+        compare(f"radam {dtype} wd={wd} decoupled={decoupled}", *results, dtype)
+    for dtype in DTYPES:
+        start = tensors(SHAPES, dtype, 3)
+        results = []
+        for ops in (EMU, CPU):
+            p, m, steps = clone(start), zeros(start), counters([0] * len(start))
+            for step in range(3):
+                ops.lion_step(p, tensors(SHAPES, dtype, 300 + step), m, steps, 1e-2, 0.9, 0.99, 0.3,
+                              torch.tensor(4.0), torch.tensor(0.0))
+            results.append([p, m, steps])
+        compare(f"lion {dtype}", *results, dtype)
+
+
+def group_norm_scaled():
+    shapes = SHAPES + [(70000,)]
+    for dtype, lamb in itertools.product(DTYPES, [False, True]):
+        start = tensors(shapes, dtype, 4, misaligned=(2,))
+        norms = [1.0 + i for i in range(len(start))]
+        results = []
+        for ops in (EMU, CPU):
+            p, m, v, steps = clone(start), zeros(start), zeros(start), counters([0] * len(start))
+            for step in range(3):
+                grads = tensors(shapes, dtype, 400 + step)
+                if lamb:
+                    ops.lamb_step(p, grads, m, v, steps, 1e-2, 0.9, 0.99, 1e-6, 0.1, True, None, None)
+                else:
+                    ops.scaled_adam_step(p, grads, m, v, steps, norms, 0.05, 0.9, 0.99, 1e-8, 2.0, False, 0.5,
+                                         None, None)
+            results.append([p, m, v, steps])
+        compare(f"{'lamb' if lamb else 'scaled_adam'} {dtype}", *results, dtype)
+
+
+def slot_of(p, axes):
+    if axes is None:
+        return torch.zeros_like(p)
+    if axes == "all":
+        return torch.zeros((), dtype=p.dtype)
+    return torch.zeros([1 if d in axes else n for d, n in enumerate(p.shape)], dtype=p.dtype)
+
+
+# reduce_axes -> shapes covering every kernel path in every dtype
+AMOS_LAYOUTS = {
+    None: [(), (0,), (1,), (37,), (10001,), (3, 1, 7), (4, 16)],
+    "all": [(), (0,), (1,), (37,), (1000,), (3, 1, 7), (4, 16), (64, 130), (3, 9000), (20000,)],
+    (1,): [(37, 5), (4, 16), (3, 1, 7), (0, 5), (1, 33), (33, 1), (50, 1000), (20, 3000), (3, 9000),
+           (7, 5003), (300, 8), (9, 2048)],
+    (0,): [(37, 5), (4, 16), (1, 9), (9, 1), (0, 5), (300, 7), (1000, 3), (600, 2)],
+    (0, 2): [(3, 4, 5), (5, 3, 17), (0, 3, 4), (40, 2, 9), (2, 300, 3)],
+}
+
+
+def group_amos():
+    for (axes, shapes), dtype, momentum, clip in itertools.product(
+            AMOS_LAYOUTS.items(), DTYPES, [None, 0.9], [None, 0.5]):
+        if dtype == torch.float16 and (momentum is None) != (clip is None):
+            continue
+        start = tensors(shapes, dtype, 5, misaligned=(1,) if axes != (0, 2) else ())
+        etas = [0.3 + 0.1 * i for i in range(len(start))]
+        results = []
+        for ops in (EMU, CPU):
+            p = clone(start)
+            v, b = [slot_of(x, axes) for x in p], [slot_of(x, axes) for x in p]
+            mu, steps = zeros(p) if momentum else [], counters([0] * len(p))
+            for step in range(3):
+                ops.amos_step(p, tensors(shapes, dtype, 500 + step), v, b, mu, steps, etas, 0.3 * 0.9**step, 0.99,
+                              momentum, clip, 0.01, 0.25, 0.25, 2.0**-125,
+                              torch.tensor(2.0) if step == 1 else None, None)
+            results.append([p, v, b, mu, steps])
+        compare(f"amos {axes} {dtype} momentum={momentum} clip={clip}", *results, dtype)
+
+
+def group_cache():
+    dtype = torch.float32
+    shapes = [(37, 5), (), (1000,), (64, 33), (0,), (5000,)]
+    start = tensors(shapes, dtype, 7)
+    results = []
+    for ops in (EMU, CPU):
+        p, m, v, vmax = clone(start), zeros(start), zeros(start), zeros(start)
+        steps = counters([0, 5, 5, 2, 0, 9])  # lagging counters: several coefficient sets
+        kept = []
+        for step in range(9):
+            grads = tensors(shapes, dtype, 700 + step)
+            kept.append(grads)  # grads at new addresses every step
+            if step == 3:  # a middle param moves (same first and last address)
+                p[3] = p[3].clone()
+            if ops is EMU:
+                ops.emu_set_stream(1 if step == 7 else 0)  # another stream: a fresh table
+            if step == 5:  # a sub-bucket (another key), then the whole bucket again
+                ops.adam_step(p[:3], grads[:3], m[:3], v[:3], [], steps[:3], 1e-2, 0.9, 0.99, 1e-8, 0.1, True,
+                              False, True, None, None)
+                continue
+            amsgrad = step in (2, 6)  # the same bucket with another layout (5 arrays)
+            ops.adam_step(p, grads, m, v, vmax if amsgrad else [], steps, 1e-2 * (1 + step), 0.9, 0.99, 1e-8,
+                          0.1, True, amsgrad, True, None, None)
+        results.append([p, m, v, vmax, steps])
+    compare("cache adam", *results, dtype)
+    shapes = [(37, 5), (300, 7), (3, 9000), (50, 1000)]
+    for axes in ((1,), (0,)):  # per-tensor η and steps: coefficients that do not fold
+        start = tensors(shapes, dtype, 8)
+        results = []
+        for ops in (EMU, CPU):
+            p = clone(start)
+            v, b = [slot_of(x, axes) for x in p], [slot_of(x, axes) for x in p]
+            steps = counters([3, 3, 0, 1])
+            for step in range(4):
+                ops.amos_step(p, tensors(shapes, dtype, 800 + step), v, b, [], steps, [0.5, 0.5, 0.7, 0.2], 0.2,
+                              0.99, None, None, 0.0, 0.25, 0.25, 2.0**-125, None, None)
+            results.append([p, v, b, steps])
+        compare(f"cache amos {axes}", *results, dtype)
+
+
+GROUPS = {"adam": group_adam, "radam_lion": group_radam_lion, "norm_scaled": group_norm_scaled,
+          "amos": group_amos, "cache": group_cache}
+
+
+def main(argv):
+    global EMU
+    chosen = argv or list(GROUPS)
+    unknown = set(chosen) - set(GROUPS)
+    if unknown:
+        raise SystemExit(f"unknown groups {sorted(unknown)}; choose from {list(GROUPS)}")
+    build_emulated_ops.build()
+    EMU = torch.ops.amos_fused_emu
+    for name in chosen:
+        start = time.time()
+        GROUPS[name]()
+        print(f"{name}: {time.time() - start:.0f}s, {len(FAILURES)} failure(s) so far", flush=True)
+    for failure in FAILURES:
+        print("FAILED", failure)
+    print("emulated CUDA ops match the CPU ops" if not FAILURES else f"{len(FAILURES)} FAILED")
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
