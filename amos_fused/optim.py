@@ -1,5 +1,5 @@
 """The optimizers: thin torch.optim.Optimizer classes over the fused kernels
-(``backend='cpu'``, later 'cuda' / 'triton') and the eager reference
+(``backend='cpu'``, ``'cuda'``, ``'triton'``) and the eager reference
 (``backend='reference'``).  The math is in csrc/step_math.h and reference.py."""
 from __future__ import annotations
 
