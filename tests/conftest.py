@@ -277,3 +277,38 @@ def capabilities(request):
         yield name
     finally:
         torch.ops.amos_fused.set_cpu_capability("best")
+
+
+# ---------------------------------------------------------------------------
+# Threads: the fused kernels split big buckets over threads (and combine per-tensor
+# reductions chunk by chunk), so they run with at least two; everything else (the
+# eager reference, grads, comparisons) can run on one thread, which on a busy
+# 2-core machine saves ~10-100 ms per small eager op and changes no result.
+# ---------------------------------------------------------------------------
+KERNEL_THREADS = max(2, torch.get_num_threads())
+
+
+@pytest.fixture
+def one_thread_outside_the_kernels():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def with_threads(opt, threads=KERNEL_THREADS):
+    """Makes ``opt.step`` run with ``threads`` intra-op threads."""
+    step = opt.step
+
+    def wrapped(*args, **kwargs):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return step(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    opt.step = wrapped
+    return opt

@@ -43,6 +43,7 @@ from torch import nn
 
 import amos_fused as af
 from conftest import (
+    with_threads,
     assert_moved,
     assert_unchanged,
     clone_params,
@@ -86,38 +87,7 @@ LR = 0.3  # large enough that b reaches ~0.3 within the run: c and d differ from
           # so using the updated b where the old one is due would show at float32 precision
 
 
-# The fused kernels split big buckets over threads (chunks of >= 32768 elements):
-# they always run with at least two.  Everything else (the eager reference, the
-# grads, the comparisons) runs on one thread: on a busy 2-core machine waking the
-# second thread for every small eager op costs ~10-100 ms, and results do not
-# depend on it.
-KERNEL_THREADS = max(2, torch.get_num_threads())
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_outside_the_kernels():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def with_threads(opt, threads=KERNEL_THREADS):
-    """Makes ``opt.step`` run with ``threads`` intra-op threads."""
-    step = opt.step
-
-    def wrapped(*args, **kwargs):
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return step(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
-
-    opt.step = wrapped
-    return opt
+pytestmark = pytest.mark.usefixtures("one_thread_outside_the_kernels")
 
 
 def _amos(params, backend, **kwargs):

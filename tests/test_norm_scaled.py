@@ -31,6 +31,7 @@ import torch
 import amos_fused as af
 from amos_fused import reference
 from conftest import (
+    with_threads,
     SHAPES,
     assert_moved,
     make_grads,
@@ -47,38 +48,7 @@ TOL = {
 DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 STEPS = 10
 
-# The fused kernels split big buckets over threads and combine the per-tensor
-# norms chunk by chunk: they always run with at least two threads.  Everything
-# else (the eager reference, the grads, the comparisons) runs on one thread: on a
-# busy 2-core machine waking a second thread for every small eager op costs
-# ~10-100 ms, and results do not depend on it.
-KERNEL_THREADS = max(2, torch.get_num_threads())
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_outside_the_kernels():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def with_threads(opt, threads=KERNEL_THREADS):
-    """Makes ``opt.step`` run with ``threads`` intra-op threads."""
-    step = opt.step
-
-    def wrapped(*args, **kwargs):
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return step(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
-
-    opt.step = wrapped
-    return opt
+pytestmark = pytest.mark.usefixtures("one_thread_outside_the_kernels")
 
 
 def make_opt(cls, params, backend, **kwargs):
