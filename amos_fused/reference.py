@@ -10,12 +10,12 @@ the increment (the caller advances its counter first).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .amos_slots import reduced_dims
+from .amos_slots import ReduceAxes, reduced_dims
 
 _REDUCED = (torch.bfloat16, torch.float16)
 
@@ -146,8 +146,6 @@ def lion_step(
     _store(exp_avg, m)
     _store(param, theta)
 
-
-ReduceAxes = Union[None, str, Sequence[int]]
 
 
 def amos_step(
