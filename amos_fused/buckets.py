@@ -1,8 +1,9 @@
-"""Buckets (DESIGN §3): the tensors of one param group that share a device and a
-dtype, with their state tensors gathered into parallel lists, so one kernel call
-steps the whole bucket.  A group's buckets are built once (a ``GroupPlan``) and
-reused every step while the group keeps the same params and all of them have
-state; the per-step work is then one list of grads, sliced per bucket."""
+"""Buckets (one kernel call each): the params of one param group that share a
+device and a dtype, with their grads and state tensors gathered into parallel
+lists.  A ``GroupPlan`` caches how a group splits into buckets; it is checked
+against ``group['params']`` at every step (identities) and rebuilt when they
+differ.  The lists of a bucket are gathered anew at every step from the params'
+``.grad`` and ``optimizer.state``: the plan is never the source of truth."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,60 +12,67 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor
 
+from .checks import REAL_OF_COMPLEX
+
+
+@dataclass
+class BucketSpec:
+    """Which params of a group (positions in ``group['params']``) form a bucket."""
+
+    device: torch.device
+    dtype: torch.dtype  # the dtype the kernels see (the real dtype of complex params)
+    positions: List[int]
+    complex_positions: frozenset = frozenset()
+
 
 @dataclass
 class Bucket:
+    """One bucket of one step: only params with a grad."""
+
     device: torch.device
     dtype: torch.dtype
-    params: List[Tensor]
-    # Parallel lists of state tensors, one entry per param, by state key ('step' too).
+    backend: str              # 'reference' or the fused backend that steps it
+    owners: List[Tensor]      # the params as the user holds them
+    positions: List[int]      # their positions in group['params']
+    params: List[Tensor]      # what the kernels step (real views of complex params)
+    grads: List[Tensor]
+    # Parallel lists by state key ('step' too), as the kernels see them.
     state: Dict[str, List[Tensor]] = field(default_factory=dict)
-    # Where this bucket's params sit in the plan's param order (to slice grads).
-    start: int = 0
-    stop: int = 0
-    # Per-param hyper-parameter lists in bucket order, by group key (see
-    # FusedOptimizer._per_param), with the group value they were read from.
-    cache: Dict[str, tuple] = field(default_factory=dict)
+    # Per-param hyper-parameters (e.g. Amos's eta), by group key, in bucket order.
+    per_param: Dict[str, List[float]] = field(default_factory=dict)
+
+    def each(self):
+        """(param, grad, state) per param, the state a dict of kernel views by key."""
+        for i, (p, g) in enumerate(zip(self.params, self.grads)):
+            yield p, g, {key: values[i] for key, values in self.state.items()}
 
 
-def make_buckets(params: Sequence[Tensor], state: Dict[Tensor, dict], keys: Sequence[str]) -> List[Bucket]:
-    """Groups params by (device, dtype) in first-seen order and gathers the state
-    lists named by ``keys`` (a missing key gives no list).  Every param must
-    already have its state."""
-    by_kind: Dict[tuple, Bucket] = {}
-    for p in params:
-        kind = (p.device, p.dtype)
-        if kind not in by_kind:
-            by_kind[kind] = Bucket(device=p.device, dtype=p.dtype, params=[])
-        by_kind[kind].params.append(p)
-    buckets = list(by_kind.values())
-    start = 0
-    for bucket in buckets:
-        bucket.start, bucket.stop = start, start + len(bucket.params)
-        start = bucket.stop
-        for key in keys:
-            values = [state[p].get(key) for p in bucket.params]
-            if all(v is not None for v in values):
-                bucket.state[key] = values
-    return buckets
+def kernel_dtype(p: Tensor) -> torch.dtype:
+    return REAL_OF_COMPLEX.get(p.dtype, p.dtype)
 
 
 @dataclass
 class GroupPlan:
-    """The cached buckets of one param group."""
+    """How one param group splits into buckets (first-seen order of (device, dtype))."""
 
-    params_list: list  # the group's own 'params' list object (identity checked)
-    length: int
-    order: List[Tensor]  # params in bucket order: grads are gathered in this order
-    buckets: List[Bucket]
-    # The group's 'backend' value its buckets were last checked against.
-    checked_backend: object = field(default=object())
+    params: List[Tensor]  # a copy of group['params'] when the plan was made
+    specs: List[BucketSpec]
+    # Per-param hyper-parameter lists by group key, with the group value they came from.
+    per_param: Dict[str, tuple] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, group_params: list, state: Dict[Tensor, dict], keys: Sequence[str]) -> "GroupPlan":
-        buckets = make_buckets(group_params, state, keys)
-        order = [p for b in buckets for p in b.params]
-        return cls(group_params, len(group_params), order, buckets)
+    def build(cls, params: Sequence[Tensor]) -> "GroupPlan":
+        by_kind: Dict[tuple, BucketSpec] = {}
+        for i, p in enumerate(params):
+            kind = (p.device, kernel_dtype(p))
+            if kind not in by_kind:
+                by_kind[kind] = BucketSpec(device=kind[0], dtype=kind[1], positions=[])
+            by_kind[kind].positions.append(i)
+        for spec in by_kind.values():
+            spec.complex_positions = frozenset(i for i in spec.positions if params[i].is_complex())
+        return cls(list(params), list(by_kind.values()))
 
-    def matches(self, group_params: list) -> bool:
-        return group_params is self.params_list and len(group_params) == self.length
+    def matches(self, params: Sequence[Tensor]) -> bool:
+        """True while ``params`` holds the same tensors, in the same order."""
+        mine = self.params
+        return len(params) == len(mine) and all(a is b for a, b in zip(params, mine))

@@ -25,6 +25,7 @@ def initial_sigma(p: torch.Tensor) -> float:
 
 class _AdamMoments(FusedOptimizer):
     state_keys = ("exp_avg", "exp_avg_sq")
+    supports_complex = False  # per-tensor norms have no complex form here
 
     def _new_state(self, p, group):
         return adam_state(p)
@@ -45,6 +46,7 @@ class ScaledAdamW(_AdamMoments):
     ``init_norm``.  State: ``step``, ``exp_avg``, ``exp_avg_sq``."""
 
     algorithm = "scaled_adam"
+    per_param_keys = ("init_norm",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, p=None, half_life=None,
                  decay="inverse_square", q=1.0, sigma=None, backend=None):
@@ -84,20 +86,19 @@ class ScaledAdamW(_AdamMoments):
             raise ValueError(f"Invalid init_norm: {len(group['init_norm'])} values for "
                              f"{len(group['params'])} params")
 
-    def _fused_step(self, ops, bucket, grads, group):
+    def _fused_step(self, ops, bucket, group):
         beta1, beta2 = (float(b) for b in group["betas"])
         s = bucket.state
         ops.scaled_adam_step(
-            bucket.params, grads, s["exp_avg"], s["exp_avg_sq"], s["step"],
-            self._per_param(group, "init_norm", bucket), float(group["lr"]), beta1, beta2,
+            bucket.params, bucket.grads, s["exp_avg"], s["exp_avg_sq"], s["step"],
+            bucket.per_param["init_norm"], float(group["lr"]), beta1, beta2,
             float(group["eps"]), self._schedule_p(group), group["decay"] == "inverse_time", float(group["q"]),
             **self._grad_scaling(),
         )
 
-    def _reference_step(self, bucket, grads, group):
+    def _reference_step(self, bucket, group):
         beta1, beta2 = (float(b) for b in group["betas"])
-        for p, g, norm in zip(bucket.params, grads, self._per_param(group, "init_norm", bucket)):
-            st = self.state[p]
+        for (p, g, st), norm in zip(bucket.each(), bucket.per_param["init_norm"]):
             reference.scaled_adam_step(
                 p, g, st["exp_avg"], st["exp_avg_sq"], _advance(st["step"]), lr=float(group["lr"]),
                 beta1=beta1, beta2=beta2, eps=float(group["eps"]), init_norm=norm,
@@ -127,15 +128,14 @@ class Lamb(_AdamMoments):
                     weight_decay=float(group["weight_decay"]),
                     bias_correction=bool(group["bias_correction"]))
 
-    def _fused_step(self, ops, bucket, grads, group):
+    def _fused_step(self, ops, bucket, group):
         h = self._hyper(group)
         s = bucket.state
-        ops.lamb_step(bucket.params, grads, s["exp_avg"], s["exp_avg_sq"], s["step"], h["lr"],
+        ops.lamb_step(bucket.params, bucket.grads, s["exp_avg"], s["exp_avg_sq"], s["step"], h["lr"],
                        h["beta1"], h["beta2"], h["eps"], h["weight_decay"], h["bias_correction"],
                        **self._grad_scaling())
 
-    def _reference_step(self, bucket, grads, group):
+    def _reference_step(self, bucket, group):
         h = self._hyper(group)
-        for p, g in zip(bucket.params, grads):
-            st = self.state[p]
+        for p, g, st in bucket.each():
             reference.lamb_step(p, g, st["exp_avg"], st["exp_avg_sq"], _advance(st["step"]), **h)

@@ -52,6 +52,9 @@ class _AdamFamily(FusedOptimizer):
     def _check_group(self, group):
         hp.adam_group(group)
 
+    def _step_state_keys(self, group):
+        return self.state_keys if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
     def _new_state(self, p, group):
         state = adam_state(p)
         if group["amsgrad"]:
@@ -66,20 +69,19 @@ class _AdamFamily(FusedOptimizer):
             amsgrad=bool(group["amsgrad"]), bias_correction=bool(group["bias_correction"]),
         )
 
-    def _fused_step(self, ops, bucket, grads, group):
+    def _fused_step(self, ops, bucket, group):
         h = self._hyper(group)
         s = bucket.state
         ops.adam_step(
-            bucket.params, grads, s["exp_avg"], s["exp_avg_sq"],
+            bucket.params, bucket.grads, s["exp_avg"], s["exp_avg_sq"],
             s.get("max_exp_avg_sq", []) if h["amsgrad"] else [], s["step"],
             h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
             h["decoupled"], h["amsgrad"], h["bias_correction"], **self._grad_scaling(),
         )
 
-    def _reference_step(self, bucket, grads, group):
+    def _reference_step(self, bucket, group):
         h = self._hyper(group)
-        for p, g in zip(bucket.params, grads):
-            st = self.state[p]
+        for p, g, st in bucket.each():
             reference.adam_step(
                 p, g, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"),
                 _advance(st["step"]), **h,
@@ -143,19 +145,18 @@ class RAdam(FusedOptimizer):
             rectify_threshold=float(group["rectify_threshold"]),
         )
 
-    def _fused_step(self, ops, bucket, grads, group):
+    def _fused_step(self, ops, bucket, group):
         h = self._hyper(group)
         s = bucket.state
         ops.radam_step(
-            bucket.params, grads, s["exp_avg"], s["exp_avg_sq"], s["step"], h["lr"], h["beta1"],
+            bucket.params, bucket.grads, s["exp_avg"], s["exp_avg_sq"], s["step"], h["lr"], h["beta1"],
             h["beta2"], h["eps"], h["weight_decay"], h["decoupled"], h["rectify_threshold"],
             **self._grad_scaling(),
         )
 
-    def _reference_step(self, bucket, grads, group):
+    def _reference_step(self, bucket, group):
         h = self._hyper(group)
-        for p, g in zip(bucket.params, grads):
-            st = self.state[p]
+        for p, g, st in bucket.each():
             reference.radam_step(p, g, st["exp_avg"], st["exp_avg_sq"], _advance(st["step"]), **h)
 
 
@@ -182,15 +183,14 @@ class Lion(FusedOptimizer):
         return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                     weight_decay=float(group["weight_decay"]))
 
-    def _fused_step(self, ops, bucket, grads, group):
+    def _fused_step(self, ops, bucket, group):
         h = self._hyper(group)
-        ops.lion_step(bucket.params, grads, bucket.state["exp_avg"], bucket.state["step"],
+        ops.lion_step(bucket.params, bucket.grads, bucket.state["exp_avg"], bucket.state["step"],
                        h["lr"], h["beta1"], h["beta2"], h["weight_decay"], **self._grad_scaling())
 
-    def _reference_step(self, bucket, grads, group):
+    def _reference_step(self, bucket, group):
         h = self._hyper(group)
-        for p, g in zip(bucket.params, grads):
-            st = self.state[p]
+        for p, g, st in bucket.each():
             _advance(st["step"])
             reference.lion_step(p, g, st["exp_avg"], **h)
 
@@ -217,6 +217,9 @@ class Amos(FusedOptimizer):
 
     algorithm = "amos"
     state_keys = ("v", "b", "mu")
+    slot_keys = ("v", "b")
+    per_param_keys = ("eta",)
+    supports_complex = False
     fused_needs_contiguous = True
 
     def __init__(self, params, lr, eta=None, reduce_axes=None, beta=0.999, momentum=None,
@@ -253,6 +256,31 @@ class Amos(FusedOptimizer):
         for p in group["params"]:
             normalize_reduce_axes(group["reduce_axes"], p.dim())
 
+    def _check_per_param(self, index, key, values):
+        for eta in values:
+            hp.positive("eta", eta)
+
+    def _step_state_keys(self, group):
+        return ("v", "b", "mu") if group["momentum"] is not None else ("v", "b")
+
+    def _check_slots(self, where, group, plan, bucket):
+        """v and b must have the slot shape that the group's reduce_axes gives
+        (changing reduce_axes after the state exists is refused here, before any
+        write: clear that param's state to start its slots anew)."""
+        cached = plan.per_param.get("reduce_axes")
+        if cached is None or cached[0] != group["reduce_axes"]:
+            shapes = [slot_shape(p.shape, group["reduce_axes"]) for p in plan.params]
+            cached = plan.per_param["reduce_axes"] = (group["reduce_axes"], shapes)
+        for i, position in enumerate(bucket.positions):
+            expected = cached[1][position]
+            for key in self.slot_keys:
+                slot = bucket.state[key][i]
+                if tuple(slot.shape) != expected:
+                    raise ValueError(
+                        f"{where(i)}: state[{key!r}] has shape {tuple(slot.shape)} but "
+                        f"reduce_axes={group['reduce_axes']!r} gives slots of shape {expected}; "
+                        "reduce_axes cannot change once a param has state (clear its state first)")
+
     def _new_state(self, p, group):
         slot = slot_shape(p.shape, group["reduce_axes"])
         state = {
@@ -264,18 +292,17 @@ class Amos(FusedOptimizer):
             state["mu"] = _zeros_like(p)
         return state
 
-    def _fused_step(self, ops, bucket, grads, group):
+    def _fused_step(self, ops, bucket, group):
         s = bucket.state
         ops.amos_step(
-            bucket.params, grads, s["v"], s["b"], s.get("mu", []) if group["momentum"] is not None else [],
-            s["step"], self._per_param(group, "eta", bucket), float(group["lr"]), float(group["beta"]),
+            bucket.params, bucket.grads, s["v"], s["b"], s.get("mu", []) if group["momentum"] is not None else [],
+            s["step"], bucket.per_param["eta"], float(group["lr"]), float(group["beta"]),
             group["momentum"], group["clip_value"], float(group["extra_l2"]), float(group["d_coef"]),
             float(group["c_coef"]), float(group["epsilon"]), **self._grad_scaling(),
         )
 
-    def _reference_step(self, bucket, grads, group):
-        for p, g, eta in zip(bucket.params, grads, self._per_param(group, "eta", bucket)):
-            st = self.state[p]
+    def _reference_step(self, bucket, group):
+        for (p, g, st), eta in zip(bucket.each(), bucket.per_param["eta"]):
             reference.amos_step(
                 p, g, st["v"], st["b"], st.get("mu"), _advance(st["step"]),
                 lr=float(group["lr"]), eta=eta,

@@ -1,40 +1,38 @@
-"""The machinery every amos_fused optimizer shares: checking a step's inputs
-before anything is written, bucketing, lazy state, backend dispatch and
-checkpoint loading.  Subclasses (optim.py) only say what their state is and how
-one bucket is stepped by the fused kernels and by the reference."""
+"""The machinery every amos_fused optimizer shares: checking a whole step before
+anything is written, bucketing, lazy state, backend dispatch and checkpoint
+loading.  Subclasses (optim.py, norm_scaled.py) only say what their state is
+and how one bucket is stepped by the fused kernels and by the reference.
+
+Like torch.optim, every step reads ``group['params']``, each param's ``.grad``
+and ``self.state`` afresh: a user may clear the state, replace a state tensor,
+replace or reorder params, or set ``p.data`` between steps.  What is cached (how
+a group splits into buckets, per-param hyper-parameter lists) is validated
+against them at every step and rebuilt when they differ."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .backends import backend_for, check_backend, fused_ops
-from .buckets import Bucket, GroupPlan, make_buckets
-
-# amos_fused::GradProblem (csrc/checks.h)
-_SPARSE, _DTYPE, _DEVICE, _SHAPE, _LAYOUT = 1, 2, 3, 4, 5
+from .buckets import Bucket, BucketSpec, GroupPlan
+from .checks import SUPPORTED_DTYPES, REAL_OF_COMPLEX, Problem, Walk, check_step, first_overlap, step_error
 
 # torch.optim group flags that change the math and that we do not implement.
-_REFUSED_TORCH_FLAGS = ("maximize", "differentiable")
+_REFUSED_TORCH_FLAGS = ("differentiable",)
 
 
-def _is_dense(t: Tensor) -> bool:
-    """True when t's elements fill one block of memory without gaps or overlap
-    (any dim order), which is what the fused kernels walk."""
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+class _StalePlan(Exception):
+    """A param changed dtype or device since its group's plan was made."""
 
 
-class _Work:
-    """One param group's step, checked and ready to run."""
+class _Ready:
+    """One param group's step, checked and ready to run: its buckets and the
+    state to create for params stepped for the first time."""
 
-    def __init__(self, group: dict, plan: Optional[GroupPlan], params: List[Tensor], grads: List[Tensor]):
-        self.group, self.plan, self.params, self.grads = group, plan, params, grads
+    def __init__(self, group: dict, buckets: List[Bucket], new_states: List[Tuple[Tensor, dict]]):
+        self.group, self.buckets, self.new_states = group, buckets, new_states
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -43,17 +41,24 @@ class FusedOptimizer(torch.optim.Optimizer):
     and ``_reference_step``."""
 
     algorithm: str = ""
+    # State tensors shaped like the param, besides 'step' (all that may exist).
     state_keys: Tuple[str, ...] = ()
+    # State tensors with a shape of their own (Amos's slots), checked by _check_slots.
+    slot_keys: Tuple[str, ...] = ()
+    # Group keys that may hold one value per param (a tuple) instead of one float.
+    per_param_keys: Tuple[str, ...] = ()
+    # Elementwise algorithms step complex params as their real views, like torch.optim.
+    supports_complex: bool = True
+    # The fused kernels walk params in memory order; some need it row-major.
+    fused_needs_contiguous: bool = False
     # torch.amp.GradScaler hands us `grad_scale` / `found_inf` (as attributes)
     # instead of unscaling the grads itself; the kernels unscale in-kernel and skip
     # the step when found_inf is set.
     _step_supports_amp_scaling = True
-    # The fused kernels walk params in memory order; some need it row-major.
-    fused_needs_contiguous: bool = False
 
     def __init__(self, params, defaults: Dict[str, Any]):
         self._plans: Dict[int, GroupPlan] = {}
-        super().__init__(params, defaults)
+        super().__init__(params, {"maximize": False, **defaults})
 
     # ---- subclass hooks ---------------------------------------------------
     def _check_group(self, group: dict) -> None:
@@ -62,17 +67,24 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _check_group_params(self, group: dict) -> None:
         """Checks (and completes) the per-param settings of ``group``; run when the
-        group is added or loaded, not at every step."""
+        group is added or loaded and when its params change."""
+
+    def _step_state_keys(self, group: dict) -> Tuple[str, ...]:
+        """The state keys (besides 'step') this group's step reads and writes."""
+        return self.state_keys
 
     def _new_state(self, param: Tensor, group: dict) -> dict:
         raise NotImplementedError
 
-    def _fused_step(self, ops, bucket: Bucket, grads: List[Tensor], group: dict) -> None:
+    def _check_slots(self, where, group: dict, plan: GroupPlan, bucket: Bucket) -> None:
+        """Raises when a slot-shaped state tensor of ``bucket`` has the wrong shape."""
+
+    def _fused_step(self, ops, bucket: Bucket, group: dict) -> None:
         """Steps the bucket with ``ops.<algorithm>_step`` (``ops``: torch.ops.amos_fused,
         or the Triton ops with the same signatures); pass ``**self._grad_scaling()``."""
         raise NotImplementedError
 
-    def _reference_step(self, bucket: Bucket, grads: List[Tensor], group: dict) -> None:
+    def _reference_step(self, bucket: Bucket, group: dict) -> None:
         raise NotImplementedError
 
     # ---- construction -----------------------------------------------------
@@ -84,30 +96,51 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Adds a group like torch.optim does, then checks it; a group that fails
         the checks is not kept."""
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        index = len(self.param_groups) - 1
         try:
-            check_backend(group["backend"], self.algorithm, self._name)
-            self._check_group(group)
-            self._check_group_params(group)
+            self._check_new_group(index, self.param_groups[index])
         except Exception:
             self.param_groups.pop()
+            self._plans.pop(index, None)
             raise
 
-    def _per_param(self, group: dict, key: str, bucket: Bucket) -> List[float]:
-        """``group[key]`` for each param of ``bucket``: the group value is a float
-        (for every param) or a tuple with one value per param of the group.  Cached
-        on the bucket while the group keeps the same value object."""
-        value = group[key]
-        cached = bucket.cache.get(key)
-        if cached is not None and cached[0] is value:
-            return cached[1]
-        if isinstance(value, (tuple, list)):
-            position = {id(q): i for i, q in enumerate(group["params"])}
-            values = [float(value[position[id(p)]]) for p in bucket.params]
-        else:
-            values = [float(value)] * len(bucket.params)
-        bucket.cache[key] = (value, values)
-        return values
+    def _check_new_group(self, index: int, group: dict) -> None:
+        check_backend(group["backend"], self.algorithm, self._name)
+        for flag in _REFUSED_TORCH_FLAGS:
+            if group.get(flag):
+                raise ValueError(f"{self._name}: {flag}=True is not supported")
+        self._check_group(group)
+        self._plans[index] = self._make_plan(index, group)
+
+    def _where(self, index: int, position: int, param: Tensor) -> str:
+        return (
+            f"{self._name}: param_groups[{index}]['params'][{position}] "
+            f"({param.dtype}, shape {tuple(param.shape)}, on {param.device})"
+        )
+
+    def _make_plan(self, index: int, group: dict) -> GroupPlan:
+        """Checks a group's params (dtypes, devices, memory overlap with every other
+        param, per-param settings) and splits them into buckets."""
+        params = group["params"]
+        for position, p in enumerate(params):
+            if p.is_complex() and not self.supports_complex:
+                raise TypeError(f"{self._where(index, position, p)}: {self._name} does not support "
+                                "complex params (its per-tensor reductions have no complex form)")
+        devices = sorted({str(p.device) for p in params})
+        if len(devices) > 1:
+            raise ValueError(
+                f"{self._name}: param_groups[{index}] mixes devices {devices}; "
+                "put the params of each device in a param group of their own"
+            )
+        everyone = [(i, pos, p) for i, g in enumerate(self.param_groups)
+                    for pos, p in enumerate(params if i == index else g["params"])]
+        clash = first_overlap([p for _, _, p in everyone])
+        if clash is not None:
+            (gi, pi, p), (gj, pj, q) = everyone[clash[0]], everyone[clash[1]]
+            raise ValueError(f"{self._where(gj, pj, q)} shares memory with param_groups[{gi}]"
+                             f"['params'][{pi}]; overlapping params cannot be stepped")
+        self._check_group_params(group)
+        return GroupPlan.build(params)
 
     # ---- step -------------------------------------------------------------
     @torch.no_grad()
@@ -118,87 +151,135 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [self._prepare(index, group) for index, group in enumerate(self.param_groups)]
-        for index, item in enumerate(work):
+        ready = [self._prepare(index, group) for index, group in enumerate(self.param_groups)]
+        for item in ready:
             if item is not None:
-                self._run(index, item)
+                self._run(item)
         return loss
 
-    def _prepare(self, index: int, group: dict) -> Optional[_Work]:
-        self._check_group(group)
+    def _plan(self, index: int, group: dict, rebuild: bool) -> GroupPlan:
         plan = self._plans.get(index)
-        if plan is not None and not plan.matches(group["params"]):
-            plan = None
-            del self._plans[index]
-        order = plan.order if plan is not None else group["params"]
-        if not order:
-            return None
-        grads = [p.grad for p in order]
-        missing = self._check_grads(index, order, grads)
-        if plan is not None and missing == 0:
-            if plan.checked_backend != group["backend"]:
-                self._check_backends(index, plan.buckets)
-                plan.checked_backend = group["backend"]
-            return _Work(group, plan, order, grads)
-        active = [(p, g) for p, g in zip(order, grads) if g is not None]
-        if not active:
-            return None
-        self._check_devices(index, group["params"])
-        params = [p for p, _ in active]
-        self._check_backends(index, make_buckets(params, {p: {} for p in params}, ()))
-        return _Work(group, None, params, [g for _, g in active])
+        if rebuild or plan is None or not plan.matches(group["params"]):
+            plan = self._plans[index] = self._make_plan(index, group)
+        return plan
 
-    def _check_grads(self, index: int, params: List[Tensor], grads: List[Optional[Tensor]]) -> int:
-        """Checks every grad against its param (in C++); copies a grad whose strides
-        differ from its param's into the param's layout.  Returns the number of
-        missing grads."""
+    def _prepare(self, index: int, group: dict, rebuild: bool = False) -> Optional[_Ready]:
+        self._check_group(group)
+        plan = self._plan(index, group, rebuild)
+        grads = [p.grad for p in plan.params]
+        buckets: List[Bucket] = []
+        new_states: List[Tuple[Tensor, dict]] = []
+        try:
+            for spec in plan.specs:
+                positions = [i for i in spec.positions if grads[i] is not None]
+                if positions:
+                    buckets.append(self._gather(index, group, plan, spec, positions, grads, new_states))
+        except _StalePlan:
+            if rebuild:
+                raise RuntimeError("amos_fused: a param's dtype or device is not stable")  # pragma: no cover
+            return self._prepare(index, group, rebuild=True)
+        return _Ready(group, buckets, new_states) if buckets else None
+
+    def _gather(self, index: int, group: dict, plan: GroupPlan, spec: BucketSpec,
+                positions: List[int], all_grads: List[Optional[Tensor]],
+                new_states: List[Tuple[Tensor, dict]]) -> Bucket:
+        """The bucket of ``positions`` for this step, read from the params, their
+        grads and ``self.state``, and checked (one C++ pass); state that does not
+        exist yet is made (not stored: see _run)."""
+        owners = [plan.params[i] for i in positions]
+        grads = [all_grads[i] for i in positions]
+        keys = self._step_state_keys(group)
+        states = []
+        for p in owners:
+            st = self.state.get(p)
+            if not st or "step" not in st or any(k not in st for k in keys):
+                missing = {k: v for k, v in self._new_state(p, group).items() if not st or k not in st}
+                new_states.append((p, missing))
+                st = {**(st or {}), **missing}
+            states.append(st)
+        like_keys = [k for k in keys if k not in self.slot_keys]
+        slot_keys = [k for k in keys if k in self.slot_keys]
+        lists = {k: [st[k] for st in states] for k in ("step",) + tuple(keys)}
+        where = lambda i: self._where(index, positions[i], owners[i])  # noqa: E731
+        for i, s in enumerate(lists["step"]):
+            if not isinstance(s, Tensor):
+                raise step_error(where(i), Problem.STEP, owners[i], tensor=s)
+        params = owners
+        if spec.complex_positions:
+            params, grads = list(owners), list(grads)
+            for i, pos in enumerate(positions):
+                if pos in spec.complex_positions:
+                    params[i], grads[i] = self._real_views(where(i), owners[i], grads[i], lists, like_keys, i)
+        backend = backend_for(group["backend"], self.algorithm, spec.device, self._name)
+        walk = Walk.ANY if backend == "reference" else (
+            Walk.CONTIGUOUS if self.fused_needs_contiguous else Walk.DENSE)
         while True:
-            missing, bad, problem = torch.ops.amos_fused.check_grads(params, grads)
-            if bad < 0:
-                return missing
-            if problem != _LAYOUT:
-                raise self._grad_error(index, params[bad], grads[bad], problem)
-            p = params[bad]
-            grads[bad] = torch.empty_strided(p.size(), p.stride(), dtype=p.dtype, device=p.device).copy_(grads[bad])
-
-    def _where(self, index: int, param: Tensor) -> str:
-        position = next(i for i, p in enumerate(self.param_groups[index]["params"]) if p is param)
-        return (
-            f"{self._name}: param_groups[{index}]['params'][{position}] "
-            f"({param.dtype}, shape {tuple(param.shape)}, on {param.device})"
-        )
-
-    def _grad_error(self, index: int, param: Tensor, grad: Tensor, problem: int) -> Exception:
-        where = self._where(index, param)
-        if problem == _SPARSE:
-            return RuntimeError(f"{where}: sparse gradients are not supported (grad layout {grad.layout})")
-        if problem == _DTYPE:
-            return TypeError(f"{where}: grad has dtype {grad.dtype}, expected {param.dtype}")
-        if problem == _DEVICE:
-            return ValueError(f"{where}: grad is on {grad.device}, expected {param.device}")
-        return ValueError(f"{where}: grad has shape {tuple(grad.shape)}, expected {tuple(param.shape)}")
-
-    def _check_devices(self, index: int, params: Sequence[Tensor]) -> None:
-        devices = sorted({str(p.device) for p in params})
-        if len(devices) > 1:
-            raise ValueError(
-                f"{self._name}: param_groups[{index}] mixes devices {devices}; "
-                "put the params of each device in a param group of their own"
-            )
-
-    def _check_backends(self, index: int, buckets: List[Bucket]) -> None:
-        group = self.param_groups[index]
-        for bucket in buckets:
-            backend = backend_for(group["backend"], self.algorithm, bucket.device, self._name)
-            if backend == "reference":
+            bad, problem, which = check_step(params, grads, [lists[k] for k in like_keys],
+                                             [lists[k] for k in slot_keys], lists["step"], walk)
+            if problem == Problem.NONE:
+                break
+            if problem == Problem.GRAD_LAYOUT:  # copy the grad into its param's layout
+                p = params[bad]
+                grads[bad] = torch.empty_strided(p.size(), p.stride(), dtype=p.dtype,
+                                                 device=p.device).copy_(grads[bad])
                 continue
-            for p in bucket.params:
-                if not (p.is_contiguous() if self.fused_needs_contiguous else _is_dense(p)):
-                    need = "contiguous" if self.fused_needs_contiguous else "dense in memory (not a strided view)"
-                    raise ValueError(
-                        f"{self._where(index, p)}: the fused {backend!r} backend of {self._name} "
-                        f"needs params that are {need}; use backend='reference'"
-                    )
+            if problem in (Problem.PARAM_MIXED, Problem.PARAM_DTYPE) and self._stale(owners[bad], spec):
+                raise _StalePlan()
+            name = {Problem.STATE: like_keys, Problem.SLOT: slot_keys}.get(problem, [""] * (which + 1))[which]
+            tensor = lists[name][bad] if name else lists["step"][bad]
+            raise step_error(where(bad), problem, owners[bad], grad=all_grads[positions[bad]],
+                             tensor=tensor, name=name, backend=backend, walk=walk)
+        if group.get("maximize"):
+            grads = torch._foreach_neg(grads)  # g ← −g
+        bucket = Bucket(spec.device, spec.dtype, backend, owners, positions, params, grads, lists)
+        for key in self.per_param_keys:
+            bucket.per_param[key] = self._per_param(index, group, plan, key, positions)
+        self._check_slots(where, group, plan, bucket)
+        return bucket
+
+    @staticmethod
+    def _stale(param: Tensor, spec: BucketSpec) -> bool:
+        """True when ``param`` no longer belongs to the bucket its plan put it in."""
+        kernel = REAL_OF_COMPLEX.get(param.dtype, param.dtype)
+        return param.device != spec.device or kernel != spec.dtype or (
+            param.dtype not in SUPPORTED_DTYPES and param.dtype not in REAL_OF_COMPLEX)
+
+    @staticmethod
+    def _real_views(where: str, param: Tensor, grad: Tensor, lists: dict, like_keys, i: int):
+        """A complex param, its grad and state as real views (torch.view_as_real),
+        after checking that they are complex of the param's dtype."""
+        if grad.layout != torch.strided:
+            raise step_error(where, Problem.GRAD_SPARSE, param, grad=grad)
+        if grad.dtype != param.dtype:
+            raise step_error(where, Problem.GRAD_DTYPE, param, grad=grad)
+        for key in like_keys:
+            if lists[key][i].dtype != param.dtype:
+                raise step_error(where, Problem.STATE, param, tensor=lists[key][i], name=key)
+            lists[key][i] = torch.view_as_real(lists[key][i])
+        return torch.view_as_real(param), torch.view_as_real(grad)
+
+    def _per_param(self, index: int, group: dict, plan: GroupPlan, key: str,
+                   positions: List[int]) -> List[float]:
+        """``group[key]`` for the params at ``positions``: the group value is a number
+        (for every param) or a tuple with one value per param.  The list for the
+        whole group is cached on the plan while the group keeps the same value."""
+        value = group[key]
+        cached = plan.per_param.get(key)
+        if cached is None or cached[0] is not value:
+            count = len(plan.params)
+            if isinstance(value, (tuple, list)):
+                if len(value) != count:
+                    raise ValueError(f"{self._name}: param_groups[{index}]['{key}'] has {len(value)} "
+                                     f"values for {count} params")
+                values = [float(v) for v in value]
+            else:
+                values = [float(value)] * count
+            self._check_per_param(index, key, values)
+            cached = plan.per_param[key] = (value, values)
+        return [cached[1][i] for i in positions]
+
+    def _check_per_param(self, index: int, key: str, values: List[float]) -> None:
+        """Raises on a bad per-param hyper-parameter value."""
 
     def _grad_scaling(self) -> Dict[str, Optional[Tensor]]:
         """GradScaler inputs set by torch.amp.GradScaler.step, as op keyword arguments."""
@@ -215,28 +296,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             return [g * unscale for g in grads]
         return grads
 
-    def _run(self, index: int, work: _Work) -> None:
-        group = work.group
-        if work.plan is not None:
-            buckets, plan_grads = work.plan.buckets, work.grads
-            grads_of = lambda bucket: plan_grads[bucket.start : bucket.stop]  # noqa: E731
-        else:
-            for p in work.params:
-                if not self.state[p]:
-                    self.state[p] = self._new_state(p, group)
-            buckets = make_buckets(work.params, self.state, ("step",) + self.state_keys)
-            by_param = {id(p): g for p, g in zip(work.params, work.grads)}
-            grads_of = lambda bucket: [by_param[id(p)] for p in bucket.params]  # noqa: E731
-        for bucket in buckets:
-            backend = backend_for(group["backend"], self.algorithm, bucket.device, self._name)
-            if backend == "reference":
-                unscaled = self._reference_grads(grads_of(bucket))
+    def _run(self, ready: _Ready) -> None:
+        for param, missing in ready.new_states:
+            self.state[param].update(missing)
+        for bucket in ready.buckets:
+            if bucket.backend == "reference":
+                unscaled = self._reference_grads(bucket.grads)
                 if unscaled is not None:
-                    self._reference_step(bucket, unscaled, group)
+                    bucket.grads = unscaled
+                    self._reference_step(bucket, ready.group)
             else:
-                self._fused_step(fused_ops(backend), bucket, grads_of(bucket), group)
-        if work.plan is None and all(self.state[p] for p in group["params"]):
-            self._plans[index] = GroupPlan.build(group["params"], self.state, ("step",) + self.state_keys)
+                self._fused_step(fused_ops(bucket.backend), bucket, ready.group)
 
     # ---- checkpoints ------------------------------------------------------
     def __setstate__(self, state: dict) -> None:
@@ -262,10 +332,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, value in list(state.items()):
                 state[key] = self._own_copy(param, key, value)
         self._plans = {}
-        for group in self.param_groups:
-            check_backend(group["backend"], self.algorithm, self._name)
-            self._check_group(group)
-            self._check_group_params(group)
+        for index, group in enumerate(self.param_groups):
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            self._check_new_group(index, group)
 
     @staticmethod
     def _own_copy(param: Tensor, key: str, value) -> object:

@@ -2,86 +2,160 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <vector>
+
 namespace amos_fused {
-
-GradProblem grad_problem(const at::Tensor& param, const at::Tensor& grad) {
-  if (grad.is_sparse() || grad.layout() != c10::kStrided) return GradProblem::kSparse;
-  if (grad.scalar_type() != param.scalar_type()) return GradProblem::kDtype;
-  if (grad.device() != param.device()) return GradProblem::kDevice;
-  if (grad.sizes() != param.sizes()) return GradProblem::kShape;
-  if (grad.numel() > 1 && grad.strides() != param.strides()) return GradProblem::kLayout;
-  return GradProblem::kNone;
-}
-
-std::tuple<int64_t, int64_t, int64_t> check_grads(
-    at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads) {
-  TORCH_CHECK_VALUE(static_cast<size_t>(params.size()) == grads.size(),
-                    "amos_fused: ", params.size(), " params but ", grads.size(), " grads");
-  int64_t missing = 0;
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const std::optional<at::Tensor> grad = grads.get(i);
-    if (!grad.has_value() || !grad->defined()) {
-      ++missing;
-      continue;
-    }
-    const GradProblem problem = grad_problem(params[i], *grad);
-    if (problem != GradProblem::kNone)
-      return {missing, static_cast<int64_t>(i), static_cast<int64_t>(problem)};
-  }
-  return {missing, -1, 0};
-}
-
 namespace {
 
 bool supported_dtype(c10::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
 
+// Strides only matter to the kernels that walk memory (not to the reference).
+Problem grad_problem(const at::Tensor& param, const at::Tensor& grad, Walk walk) {
+  if (grad.is_sparse() || grad.layout() != c10::kStrided) return Problem::kGradSparse;
+  if (grad.scalar_type() != param.scalar_type()) return Problem::kGradDtype;
+  if (grad.device() != param.device()) return Problem::kGradDevice;
+  if (grad.sizes() != param.sizes()) return Problem::kGradShape;
+  if (walk != Walk::kAny && grad.numel() > 1 && grad.strides() != param.strides())
+    return Problem::kGradLayout;
+  return Problem::kNone;
+}
+
+bool walkable(const at::Tensor& p, Walk walk) {
+  switch (walk) {
+    case Walk::kAny: return true;
+    case Walk::kDense: return is_dense(p);
+    case Walk::kContiguous: return p.numel() == 0 || p.is_contiguous();
+  }
+  return false;
+}
+
+bool like_param(const at::Tensor& s, const at::Tensor& p, Walk walk) {
+  return s.layout() == c10::kStrided && s.scalar_type() == p.scalar_type() &&
+         s.device() == p.device() && s.sizes() == p.sizes() &&
+         (walk == Walk::kAny || s.numel() <= 1 || s.strides() == p.strides());
+}
+
+// Index of a param whose memory overlaps another's, or -1 (dense params: each
+// occupies [data_ptr, data_ptr + nbytes)).
+int64_t first_overlap(at::TensorList params) {
+  std::vector<std::pair<uintptr_t, int64_t>> starts;
+  starts.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].numel() > 0)
+      starts.emplace_back(reinterpret_cast<uintptr_t>(params[i].data_ptr()), static_cast<int64_t>(i));
+  }
+  std::sort(starts.begin(), starts.end());
+  for (size_t k = 1; k < starts.size(); ++k) {
+    const at::Tensor& prev = params[starts[k - 1].second];
+    const uintptr_t prev_end = starts[k - 1].first + prev.numel() * prev.element_size();
+    if (starts[k].first < prev_end) return std::max(starts[k].second, starts[k - 1].second);
+  }
+  return -1;
+}
+
 }  // namespace
+
+bool is_dense(const at::Tensor& t) { return t.numel() == 0 || t.is_non_overlapping_and_dense(); }
+
+Found find_problem(at::TensorList params, at::TensorList grads,
+                   at::ArrayRef<at::TensorList> states, at::ArrayRef<at::TensorList> slots,
+                   at::TensorList steps, Walk walk, bool check_overlap) {
+  const size_t n = params.size();
+  TORCH_CHECK_VALUE(grads.size() == n, "amos_fused: ", n, " params but ", grads.size(), " grads");
+  TORCH_CHECK_VALUE(steps.empty() || steps.size() == n, "amos_fused: ", n, " params but ",
+                    steps.size(), " steps");
+  for (const at::TensorList& list : states)
+    TORCH_CHECK_VALUE(list.empty() || list.size() == n, "amos_fused: ", n, " params but ",
+                      list.size(), " state tensors");
+  for (const at::TensorList& list : slots)
+    TORCH_CHECK_VALUE(list.empty() || list.size() == n, "amos_fused: ", n, " params but ",
+                      list.size(), " slot tensors");
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const int64_t at = static_cast<int64_t>(i);
+    if (!supported_dtype(p.scalar_type())) return {at, Problem::kParamDtype, 0};
+    if (p.scalar_type() != params[0].scalar_type() || p.device() != params[0].device())
+      return {at, Problem::kParamMixed, 0};
+    if (!walkable(p, walk)) return {at, Problem::kParamLayout, 0};
+    const Problem grad = grad_problem(p, grads[i], walk);
+    if (grad != Problem::kNone) return {at, grad, 0};
+    for (size_t k = 0; k < states.size(); ++k)
+      if (!states[k].empty() && !like_param(states[k][i], p, walk)) return {at, Problem::kState, int64_t(k)};
+    for (size_t k = 0; k < slots.size(); ++k) {
+      if (slots[k].empty()) continue;
+      const at::Tensor& s = slots[k][i];
+      if (s.scalar_type() != p.scalar_type() || s.device() != p.device() || !s.is_contiguous())
+        return {at, Problem::kSlot, int64_t(k)};
+    }
+    if (!steps.empty()) {
+      const at::Tensor& s = steps[i];
+      if (!(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device().is_cpu()))
+        return {at, Problem::kStep, 0};
+    }
+  }
+  if (check_overlap && walk != Walk::kAny) {
+    const int64_t overlap = first_overlap(params);
+    if (overlap >= 0) return {overlap, Problem::kOverlap, 0};
+  }
+  return {};
+}
+
+std::tuple<int64_t, int64_t, int64_t> check_step(at::TensorList params, at::TensorList grads,
+                                                 at::TensorList states, at::TensorList slots,
+                                                 at::TensorList steps, int64_t walk) {
+  const size_t n = params.size();
+  auto split = [n](at::TensorList flat) {
+    std::vector<at::TensorList> lists;
+    if (n == 0) return lists;
+    TORCH_CHECK_VALUE(flat.size() % n == 0, "amos_fused.check_step: ", flat.size(),
+                      " tensors is not a whole number of lists of ", n);
+    for (size_t k = 0; k < flat.size() / n; ++k) lists.push_back(flat.slice(k * n, n));
+    return lists;
+  };
+  TORCH_CHECK_VALUE(walk >= 0 && walk <= 2, "amos_fused.check_step: walk must be 0, 1 or 2");
+  const std::vector<at::TensorList> state_lists = split(states), slot_lists = split(slots);
+  const Found found = find_problem(params, grads, state_lists, slot_lists, steps,
+                                   static_cast<Walk>(walk), /*check_overlap=*/true);
+  return {found.index, static_cast<int64_t>(found.problem), found.list};
+}
 
 void check_bucket(const char* op, at::TensorList params, at::TensorList grads,
                   std::initializer_list<NamedList> states, at::TensorList steps) {
-  const size_t n = params.size();
-  TORCH_CHECK_VALUE(n > 0, op, ": empty bucket");
-  TORCH_CHECK_VALUE(grads.size() == n, op, ": ", n, " params but ", grads.size(), " grads");
-  const at::Tensor& first = params[0];
-  TORCH_CHECK_TYPE(supported_dtype(first.scalar_type()), op, ": params of dtype ",
-                   first.scalar_type(), " are not supported (float32, float64, bfloat16, float16)");
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK_TYPE(p.scalar_type() == first.scalar_type(), op, ": params[", i, "] has dtype ",
-                     p.scalar_type(), " but params[0] has ", first.scalar_type());
-    TORCH_CHECK_VALUE(p.device() == first.device(), op, ": params[", i, "] is on ", p.device(),
-                      " but params[0] is on ", first.device());
-    TORCH_CHECK_VALUE(p.is_non_overlapping_and_dense(), op, ": params[", i,
-                      "] is not dense in memory (a strided view?)");
-    TORCH_CHECK_VALUE(grad_problem(p, grads[i]) == GradProblem::kNone, op, ": grads[", i,
-                      "] (", grads[i].scalar_type(), " ", grads[i].sizes(), " on ", grads[i].device(),
-                      ") does not match its param (", p.scalar_type(), " ", p.sizes(), " on ",
-                      p.device(), ")");
-  }
+  TORCH_CHECK_VALUE(!params.empty(), op, ": empty bucket");
+  std::vector<at::TensorList> lists;
+  std::vector<const char*> names;
   for (const NamedList& state : states) {
-    if (state.second.empty()) continue;
-    TORCH_CHECK_VALUE(state.second.size() == n, op, ": ", n, " params but ", state.second.size(),
-                      " ", state.first);
-    for (size_t i = 0; i < n; ++i) {
-      const at::Tensor& s = state.second[i];
-      const at::Tensor& p = params[i];
-      TORCH_CHECK_VALUE(s.scalar_type() == p.scalar_type() && s.device() == p.device() &&
-                            s.sizes() == p.sizes() && (s.numel() <= 1 || s.strides() == p.strides()),
-                        op, ": ", state.first, "[", i, "] (", s.scalar_type(), " ", s.sizes(),
-                        " on ", s.device(), ") does not match its param (", p.scalar_type(), " ",
-                        p.sizes(), " on ", p.device(), ")");
-    }
+    names.push_back(state.first);
+    lists.push_back(state.second);
   }
-  if (!steps.empty()) {
-    TORCH_CHECK_VALUE(steps.size() == n, op, ": ", n, " params but ", steps.size(), " steps");
-    for (size_t i = 0; i < n; ++i) {
-      const at::Tensor& s = steps[i];
-      TORCH_CHECK_VALUE(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device().is_cpu(),
-                        op, ": steps[", i, "] must be a float32 CPU scalar, got ", s.scalar_type(),
-                        " ", s.sizes(), " on ", s.device());
-    }
+  const Found f = find_problem(params, grads, lists, {}, steps, Walk::kDense, /*check_overlap=*/false);
+  if (f.problem == Problem::kNone) return;
+  const at::Tensor& p = params[f.index];
+  const std::string where = std::string(op) + ": params[" + std::to_string(f.index) + "]";
+  switch (f.problem) {
+    case Problem::kParamDtype:
+      TORCH_CHECK_TYPE(false, where, " has dtype ", p.scalar_type(),
+                       ", which is not supported (float32, float64, bfloat16, float16)");
+    case Problem::kParamMixed:
+      TORCH_CHECK_TYPE(false, where, " (", p.scalar_type(), " on ", p.device(),
+                       ") is unlike params[0] (", params[0].scalar_type(), " on ",
+                       params[0].device(), ")");
+    case Problem::kParamLayout:
+      TORCH_CHECK_VALUE(false, where, " is not dense in memory (a strided view?)");
+    case Problem::kState:
+      TORCH_CHECK_VALUE(false, op, ": ", names[f.list], "[", f.index, "] (",
+                        lists[f.list][f.index].scalar_type(), " ", lists[f.list][f.index].sizes(),
+                        ") does not match its param (", p.scalar_type(), " ", p.sizes(), ")");
+    case Problem::kStep:
+      TORCH_CHECK_VALUE(false, op, ": steps[", f.index, "] must be a float32 CPU scalar");
+    default:
+      TORCH_CHECK_VALUE(false, op, ": grads[", f.index, "] (", grads[f.index].scalar_type(), " ",
+                        grads[f.index].sizes(), " on ", grads[f.index].device(),
+                        ") does not match its param (", p.scalar_type(), " ", p.sizes(), " on ",
+                        p.device(), ")");
   }
 }
 

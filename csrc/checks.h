@@ -1,9 +1,11 @@
-// Input checks shared by every op, run before anything is written.  They look
-// only at tensor metadata, so they serve every device.
+// Input checks of a step, run before anything is written.  They look only at
+// tensor metadata, so they serve every device.  One copy: the Python layer calls
+// them once per bucket per step (the `check_step` op) before any bucket is
+// stepped, and the step ops call them again on the lists they are handed (cheap,
+// and it keeps a direct call of an op memory-safe).
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/core/List.h>
 
 #include <initializer_list>
 #include <optional>
@@ -12,28 +14,52 @@
 
 namespace amos_fused {
 
-// What is wrong with a gradient, as reported by check_grads (0 = nothing).
-enum class GradProblem : int64_t {
+// What is wrong with a bucket (0 = nothing).  The Python layer turns the code
+// into an error that names the param (amos_fused/checks.py mirrors these values).
+enum class Problem : int64_t {
   kNone = 0,
-  kSparse = 1,
-  kDtype = 2,
-  kDevice = 3,
-  kShape = 4,
-  kLayout = 5,  // same shape, but strides other than the param's
+  kGradSparse = 1,   // grad is not a strided tensor
+  kGradDtype = 2,
+  kGradDevice = 3,
+  kGradShape = 4,
+  kGradLayout = 5,   // same shape, other strides (the Python layer copies it)
+  kParamDtype = 6,   // not float32/float64/bfloat16/float16
+  kParamMixed = 7,   // dtype or device other than params[0]'s
+  kParamLayout = 8,  // not dense (or, where required, not contiguous)
+  kState = 9,        // a state tensor unlike its param (dtype, device, shape, strides)
+  kSlot = 10,        // an Amos slot of another dtype or device, or not contiguous
+  kStep = 11,        // a step counter that is not a float32 CPU scalar
+  kOverlap = 12,     // two params share memory
 };
 
-GradProblem grad_problem(const at::Tensor& param, const at::Tensor& grad);
+// How the kernels walk a param: any strides (reference), dense in some dim
+// order, or row-major contiguous.
+enum class Walk : int64_t { kAny = 0, kDense = 1, kContiguous = 2 };
 
-// (number of missing grads, index of the first bad grad or -1, its GradProblem)
-std::tuple<int64_t, int64_t, int64_t> check_grads(
-    at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads);
+struct Found {
+  int64_t index = -1;  // the param, or -1
+  Problem problem = Problem::kNone;
+  int64_t list = 0;    // which state / slot list, for kState / kSlot
+};
+
+// Dense: the elements fill one block of memory without gaps or overlap, in any
+// dim order (0-element tensors are dense).
+bool is_dense(const at::Tensor& t);
+
+Found find_problem(at::TensorList params, at::TensorList grads,
+                   at::ArrayRef<at::TensorList> states, at::ArrayRef<at::TensorList> slots,
+                   at::TensorList steps, Walk walk, bool check_overlap);
+
+// The op the Python layer calls: states and slots are key-major flat lists of
+// len(params) tensors per key.  Returns (index, Problem, list).
+std::tuple<int64_t, int64_t, int64_t> check_step(at::TensorList params, at::TensorList grads,
+                                                 at::TensorList states, at::TensorList slots,
+                                                 at::TensorList steps, int64_t walk);
 
 using NamedList = std::pair<const char*, at::TensorList>;
 
-// Checks one bucket before a kernel runs: params dense, of one supported dtype
-// and one device; every grad and state tensor shaped and laid out like its
-// param; steps are float32 scalars on the CPU.  `states` may hold empty lists
-// (state not used by this call).
+// The step ops' own check: raises (naming `op`) on any problem of find_problem
+// with Walk::kDense.  `states` may hold empty lists (state not used by this call).
 void check_bucket(const char* op, at::TensorList params, at::TensorList grads,
                   std::initializer_list<NamedList> states, at::TensorList steps);
 

@@ -20,9 +20,11 @@ bool built_with_cuda() {
 // multiplied by 1/grad_scale in the kernel, and a non-zero found_inf skips the
 // whole step (no write at all, step counters included).
 TORCH_LIBRARY(amos_fused, m) {
-  // (missing grads, index of the first bad grad or -1, amos_fused::GradProblem)
-  m.def("check_grads(Tensor[] params, Tensor?[] grads) -> (int, int, int)",
-        &amos_fused::check_grads);
+  // (index of the first bad param or -1, amos_fused::Problem, which state/slot list);
+  // states and slots: key-major flat lists; walk: amos_fused::Walk.
+  m.def("check_step(Tensor[] params, Tensor[] grads, Tensor[] states, Tensor[] slots, "
+        "Tensor[] steps, int walk) -> (int, int, int)",
+        &amos_fused::check_step);
   m.def("cpu_capability() -> str", &amos_fused::cpu::cpu_capability);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("set_cpu_capability(str name) -> ()", &amos_fused::cpu::set_cpu_capability);

@@ -1,5 +1,5 @@
-"""Input checks of the Triton ops, run before anything is written (mirrors
-csrc/checks.cpp; grads are checked by the compiled ``check_grads`` op)."""
+"""Input checks of the Triton ops, run before anything is written: the C++
+checks of csrc/checks.h (the ``check_step`` op) plus what only Triton needs."""
 from __future__ import annotations
 
 import math
@@ -8,30 +8,25 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-import amos_fused  # noqa: F401  (registers torch.ops.amos_fused)
+from ..checks import Problem, Walk, check_step
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-# amos_fused::GradProblem (csrc/checks.h)
-_GRAD_PROBLEMS = {1: "is sparse", 2: "has another dtype", 3: "is on another device",
-                  4: "has another shape", 5: "has other strides"}
+_DESCRIBE_PROBLEM = {
+    Problem.GRAD_SPARSE: "grads[{i}] is sparse",
+    Problem.GRAD_DTYPE: "grads[{i}] has another dtype than its param",
+    Problem.GRAD_DEVICE: "grads[{i}] is on another device than its param",
+    Problem.GRAD_SHAPE: "grads[{i}] has another shape than its param",
+    Problem.GRAD_LAYOUT: "grads[{i}] has other strides than its param",
+    Problem.PARAM_DTYPE: "params[{i}] has an unsupported dtype (float32, float64, bfloat16, float16)",
+    Problem.PARAM_MIXED: "params[{i}] has another dtype or device than params[0]",
+    Problem.PARAM_LAYOUT: "params[{i}] is not dense in memory (a strided view?)",
+    Problem.STATE: "{name}[{i}] does not match its param",
+    Problem.STEP: "steps[{i}] must be a float32 CPU scalar",
+    Problem.OVERLAP: "params[{i}] shares memory with another param",
+}
 
 
 def _describe(t: Tensor) -> str:
     return f"{t.dtype} {list(t.shape)} on {t.device}"
-
-
-def is_dense(t: Tensor) -> bool:
-    """True when t's elements fill one block of memory without gaps or overlap
-    (any dim order): what the kernels walk from ``data_ptr()``."""
-    if t.numel() <= 1:
-        return True
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def kernels_interpreted() -> bool:
@@ -52,56 +47,34 @@ def check_device(op: str, device: torch.device) -> None:
                          "(CPU tensors need TRITON_INTERPRET=1)")
 
 
-def _first_mismatch(params: Sequence[Tensor], tensors: Sequence[Optional[Tensor]]):
-    """(missing, index of the first tensor unlike its param or -1, GradProblem), in C++."""
-    return torch.ops.amos_fused.check_grads(list(params), list(tensors))
-
-
 def check_bucket(op: str, params: Sequence[Tensor], grads: Sequence[Optional[Tensor]],
                  states: Dict[str, Sequence[Tensor]], steps: Sequence[Tensor]) -> None:
-    """params dense, of one supported dtype and one device; every grad and state
-    tensor shaped and laid out like its param; steps float32 CPU scalars.  An empty
-    state list is not checked (that state is not used by the call)."""
+    """The C++ checks of csrc/checks.h (one pass): params dense, of one supported
+    dtype and one device, not overlapping; every grad and state tensor shaped and
+    laid out like its param; steps float32 CPU scalars.  An empty state list is
+    not checked (that state is not used by the call)."""
     n = len(params)
     if n == 0:
         raise ValueError(f"{op}: empty bucket")
     if len(grads) != n:
         raise ValueError(f"{op}: {n} params but {len(grads)} grads")
-    dtype, device = params[0].dtype, params[0].device
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: params of dtype {dtype} are not supported "
-                        "(float32, float64, bfloat16, float16)")
-    check_device(op, device)
-    for i, p in enumerate(params):
-        if p.dtype != dtype:
-            raise TypeError(f"{op}: params[{i}] has dtype {p.dtype} but params[0] has {dtype}")
-        if p.device != device:
-            raise ValueError(f"{op}: params[{i}] is on {p.device} but params[0] is on {device}")
-        if not (p.is_contiguous() or is_dense(p)):
-            raise ValueError(f"{op}: params[{i}] is not dense in memory (a strided view?)")
-    missing, bad, problem = _first_mismatch(params, grads)
+    missing = [i for i, g in enumerate(grads) if g is None]
     if missing:
-        index = next(i for i, g in enumerate(grads) if g is None)
-        raise ValueError(f"{op}: grads[{index}] is None")
-    if bad >= 0:
-        raise ValueError(f"{op}: grads[{bad}] ({_describe(grads[bad])}) "
-                         f"{_GRAD_PROBLEMS.get(problem, 'does not match')}: it does not match "
-                         f"its param ({_describe(params[bad])})")
-    for name, tensors in states.items():
-        if len(tensors) == 0:
-            continue
-        if len(tensors) != n:
-            raise ValueError(f"{op}: {n} params but {len(tensors)} {name}")
-        _, bad, _ = _first_mismatch(params, tensors)  # dtype, device, shape, strides
-        if bad >= 0:
-            raise ValueError(f"{op}: {name}[{bad}] ({_describe(tensors[bad])}) does not match "
-                             f"its param ({_describe(params[bad])})")
-    if len(steps) != 0:
-        if len(steps) != n:
-            raise ValueError(f"{op}: {n} params but {len(steps)} steps")
-        for i, s in enumerate(steps):
-            if not (s.numel() == 1 and s.dtype == torch.float32 and s.is_cpu):
-                raise ValueError(f"{op}: steps[{i}] must be a float32 CPU scalar, got {_describe(s)}")
+        raise ValueError(f"{op}: grads[{missing[0]}] is None")
+    check_device(op, params[0].device)
+    names = [name for name, tensors in states.items() if len(tensors)]
+    for name in names:
+        if len(states[name]) != n:
+            raise ValueError(f"{op}: {n} params but {len(states[name])} {name}")
+    if len(steps) not in (0, n):
+        raise ValueError(f"{op}: {n} params but {len(steps)} steps")
+    bad, problem, which = check_step(list(params), list(grads), [list(states[k]) for k in names], [],
+                                     list(steps), Walk.DENSE)
+    if problem != Problem.NONE:
+        error = TypeError if problem in (Problem.PARAM_DTYPE, Problem.PARAM_MIXED) else ValueError
+        name = names[which] if problem == Problem.STATE else ""
+        raise error(f"{op}: " + _DESCRIBE_PROBLEM[problem].format(i=bad, name=name)
+                    + f" (params[{bad}]: {_describe(params[bad])})")
 
 
 def require(op: str, **lists: Sequence[Tensor]) -> None:

@@ -1,0 +1,149 @@
+"""What a step checks before anything is written, on the Python side: the
+problem codes of the C++ ``check_step`` op (csrc/checks.h) turned into errors
+that name the param, and the memory-overlap check of a set of params."""
+from __future__ import annotations
+
+import enum
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers torch.ops.amos_fused)
+
+
+class Problem(enum.IntEnum):
+    """amos_fused::Problem (csrc/checks.h)."""
+
+    NONE = 0
+    GRAD_SPARSE = 1
+    GRAD_DTYPE = 2
+    GRAD_DEVICE = 3
+    GRAD_SHAPE = 4
+    GRAD_LAYOUT = 5
+    PARAM_DTYPE = 6
+    PARAM_MIXED = 7
+    PARAM_LAYOUT = 8
+    STATE = 9
+    SLOT = 10
+    STEP = 11
+    OVERLAP = 12
+
+
+class Walk(enum.IntEnum):
+    """amos_fused::Walk: how the kernels walk a param's memory."""
+
+    ANY = 0          # the reference: any strides
+    DENSE = 1        # one block of memory, any dim order
+    CONTIGUOUS = 2   # row-major
+
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Complex params are stepped as their real views (torch.view_as_real), like torch.optim.
+REAL_OF_COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+def check_step(params: List[Tensor], grads: List[Tensor], states: List[List[Tensor]],
+               slots: List[List[Tensor]], steps: List[Tensor], walk: Walk) -> Tuple[int, Problem, int]:
+    """One C++ pass over a bucket: (index of the first bad param or -1, Problem,
+    index of the state / slot list at fault)."""
+    index, problem, which = torch.ops.amos_fused.check_step(
+        params, grads, [t for ts in states for t in ts], [t for ts in slots for t in ts], steps, int(walk))
+    return index, Problem(problem), which
+
+
+def _describe(t: Tensor) -> str:
+    return f"{t.dtype}, shape {tuple(t.shape)}, strides {t.stride()}, on {t.device}"
+
+
+def step_error(where: str, problem: Problem, param: Tensor, grad: Optional[Tensor] = None,
+               tensor: Optional[Tensor] = None, name: str = "", backend: str = "",
+               walk: Walk = Walk.DENSE) -> Exception:
+    """The exception for ``problem`` of ``param`` (described by ``where``);
+    ``tensor``/``name``: the state tensor at fault; ``backend``/``walk``: the
+    fused backend and the layout it needs."""
+    if problem == Problem.GRAD_SPARSE:
+        return RuntimeError(f"{where}: sparse gradients are not supported (grad layout {grad.layout})")
+    if problem == Problem.GRAD_DTYPE:
+        return TypeError(f"{where}: grad has dtype {grad.dtype}, expected {param.dtype}")
+    if problem == Problem.GRAD_DEVICE:
+        return ValueError(f"{where}: grad is on {grad.device}, expected {param.device}")
+    if problem in (Problem.GRAD_SHAPE, Problem.GRAD_LAYOUT):
+        return ValueError(f"{where}: grad has shape {tuple(grad.shape)}, expected {tuple(param.shape)}")
+    if problem == Problem.PARAM_DTYPE:
+        return TypeError(f"{where}: params of dtype {param.dtype} are not supported "
+                         "(float32, float64, bfloat16, float16, and complex64/complex128 for "
+                         "the elementwise optimizers)")
+    if problem == Problem.PARAM_MIXED:
+        return ValueError(f"{where}: the param changed dtype or device since the step before")
+    if problem == Problem.PARAM_LAYOUT:
+        return ValueError(f"{where}: the fused {backend!r} backend needs params that are "
+                          + ("contiguous" if walk == Walk.CONTIGUOUS else "dense in memory (not a strided view)")
+                          + "; use backend='reference'")
+    if problem in (Problem.STATE, Problem.SLOT):
+        need = ("a contiguous tensor of the param's dtype and device" if problem == Problem.SLOT
+                else "a tensor with the param's dtype, device, shape and strides")
+        return ValueError(f"{where}: state[{name!r}] ({_describe(tensor)}) must be {need}")
+    if problem == Problem.STEP:
+        return ValueError(f"{where}: state['step'] must be a float32 CPU scalar tensor, got "
+                          + (_describe(tensor) if isinstance(tensor, Tensor) else repr(tensor)))
+    if problem == Problem.OVERLAP:
+        return ValueError(f"{where}: shares memory with another param of the optimizer; "
+                          "overlapping params cannot be stepped")
+    return RuntimeError(f"{where}: unexpected problem {problem!r}")  # pragma: no cover
+
+
+def _byte_span(t: Tensor) -> Tuple[int, int]:
+    """[first, last) byte address spanned by t (strides are non-negative in torch)."""
+    start = t.data_ptr()
+    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+    return start, start + extent * t.element_size()
+
+
+def _dense(t: Tensor) -> bool:
+    return t.numel() == 0 or t.is_non_overlapping_and_dense()
+
+
+def _byte_set(t: Tensor, origin: int, length: int) -> Tensor:
+    """Bool mask over [origin, origin + length) of the bytes t occupies."""
+    offsets = torch.zeros((), dtype=torch.int64)
+    for n, s in zip(t.shape, t.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * s
+    starts = (offsets.reshape(-1) * t.element_size() + (t.data_ptr() - origin))
+    mask = torch.zeros(length, dtype=torch.bool)
+    for byte in range(t.element_size()):
+        mask[starts + byte] = True
+    return mask
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """True when a and b share at least one byte of memory."""
+    (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
+    if a1 <= b0 or b1 <= a0:
+        return False
+    if a is b or (_dense(a) and _dense(b)):
+        return True
+    origin, end = min(a0, b0), max(a1, b1)
+    return bool((_byte_set(a, origin, end - origin) & _byte_set(b, origin, end - origin)).any())
+
+
+def first_overlap(params: Sequence[Tensor]) -> Optional[Tuple[int, int]]:
+    """Indices (i, j) of two params that share memory, or None.  Params on the
+    meta device (no memory) and empty ones never overlap."""
+    spans: List[Tuple[int, int, int]] = []
+    for i, p in enumerate(params):
+        if p.numel() == 0 or p.device.type == "meta":
+            continue
+        start, end = _byte_span(p)
+        spans.append((start, end, i))
+    spans.sort()
+    # Sweep: every earlier span still open at `start` is a candidate.
+    open_spans: List[Tuple[int, int]] = []
+    by_device: Dict[int, torch.device] = {i: params[i].device for _, _, i in spans}
+    for start, end, i in spans:
+        open_spans = [(e, j) for e, j in open_spans if e > start]
+        for _, j in open_spans:
+            if by_device[j] == by_device[i] and _overlap(params[j], params[i]):
+                return (j, i) if j < i else (i, j)
+        open_spans.append((end, i))
+    return None
