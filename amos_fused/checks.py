@@ -101,7 +101,16 @@ def _byte_span(t: Tensor) -> Tuple[int, int]:
 
 
 def _dense(t: Tensor) -> bool:
-    return t.numel() == 0 or t.is_non_overlapping_and_dense()
+    """t's elements fill one block of memory without gaps or overlap, in any dim
+    order (amos_fused::is_dense of csrc/checks.cpp; here for construction-time checks)."""
+    if t.numel() <= 1:
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _byte_set(t: Tensor, origin: int, length: int) -> Tensor:

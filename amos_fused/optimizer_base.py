@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from .backends import backend_for, check_backend, fused_ops
-from .buckets import Bucket, BucketSpec, GroupPlan
-from .checks import SUPPORTED_DTYPES, REAL_OF_COMPLEX, Problem, Walk, check_step, first_overlap, step_error
+from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype
+from .checks import Problem, Walk, check_step, first_overlap, step_error
 
 # torch.optim group flags that change the math and that we do not implement.
 _REFUSED_TORCH_FLAGS = ("differentiable",)
@@ -240,9 +240,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _stale(param: Tensor, spec: BucketSpec) -> bool:
         """True when ``param`` no longer belongs to the bucket its plan put it in."""
-        kernel = REAL_OF_COMPLEX.get(param.dtype, param.dtype)
-        return param.device != spec.device or kernel != spec.dtype or (
-            param.dtype not in SUPPORTED_DTYPES and param.dtype not in REAL_OF_COMPLEX)
+        return param.device != spec.device or kernel_dtype(param) != spec.dtype
 
     @staticmethod
     def _real_views(where: str, param: Tensor, grad: Tensor, lists: dict, like_keys, i: int):

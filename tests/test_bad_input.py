@@ -339,3 +339,67 @@ def test_grad_with_other_strides(backend):
     assert_state_close(states_of(ours, params), states_of(theirs, twins))
     for p, state in zip(params, states_of(ours, params)):
         assert state["exp_avg"].stride() == p.stride()
+
+
+# ---------------------------------------------------------------------------
+# per-param settings edited after construction
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_amos_eta_tuple_of_wrong_length_is_a_value_error(backend):
+    params = [torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
+    opt = af.Amos(params, lr=0.01, backend=backend)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = snapshot(opt, params)
+    opt.param_groups[0]["eta"] = (0.5,)
+    _raises_naming(ValueError, opt.step, r"param_groups\[0\]\['eta'\]", "1 values for 2 params")
+    assert_unchanged(before, opt, params)
+    extra = torch.randn(3, requires_grad=True)
+    extra.grad = torch.ones(3)
+    opt.param_groups[0]["eta"] = (0.5, 0.5)
+    opt.param_groups[0]["params"].append(extra)
+    _raises_naming(ValueError, opt.step, "2 values for 3 params")
+    assert_unchanged(before, opt, params)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_amos_reduce_axes_changed_after_state_is_refused_before_any_write(backend):
+    params = [torch.randn(4, 3, requires_grad=True), torch.randn(6, 2, requires_grad=True)]
+    opt = af.Amos(params, lr=0.01, eta=0.5, reduce_axes=(1,), backend=backend)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = snapshot(opt, params)
+    opt.param_groups[0]["reduce_axes"] = "all"
+    _raises_naming(ValueError, opt.step, "reduce_axes", r"\(4, 1\)")
+    assert_unchanged(before, opt, params)
+    # Clearing the state starts the slots anew with the new axes, like a fresh optimizer.
+    opt.state.clear()
+    opt.step()
+    assert all(opt.state[p]["v"].shape == () for p in params)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_amos_momentum_switched_on_creates_mu(backend):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(4, 3, generator=gen).requires_grad_()]
+    twin = [params[0].detach().clone().requires_grad_()]
+    opt = af.Amos(params, lr=0.01, eta=0.5, backend=backend)
+    fresh = None
+    for step in range(4):
+        g = torch.randn(4, 3, generator=gen)
+        params[0].grad = g.clone()
+        if step == 2:
+            opt.param_groups[0]["momentum"] = 0.9
+            # A fresh optimizer with momentum, from the same point and state.
+            fresh = af.Amos(twin, lr=0.01, eta=0.5, momentum=0.9, backend=backend)
+            twin[0].data.copy_(params[0].detach())
+            fresh.state[twin[0]].update({k: v.clone() for k, v in opt.state[params[0]].items()})
+        if fresh is not None:
+            twin[0].grad = g.clone()
+            fresh.step()
+        opt.step()
+    assert "mu" in opt.state[params[0]]
+    assert torch.equal(params[0].detach(), twin[0].detach())
