@@ -12,14 +12,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.amos_fused-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*)
 
-.PHONY: install bench test clean
+.PHONY: install bench test lint clean
 
 install: $(STAMP)
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install ninja numpy "pytest>=8"
+	$(PY) -m pip install ninja numpy "pytest>=8" "hypothesis>=6" "ruff>=0.5"
 	$(PY) -m pip install --no-deps pytorch-optimizer==4.1.0 triton==3.9.0
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $(STAMP)
@@ -29,6 +29,9 @@ bench: install
 
 test: install
 	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check amos_fused tests tools
 
 clean:
 	rm -rf build amos_fused/_C*.so $(VENV)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -12,7 +11,6 @@ from torch import Tensor
 from . import hyperparams as hp
 from . import reference
 from .amos_slots import normalize_reduce_axes, slot_shape
-from .buckets import Bucket
 from .optimizer_base import FusedOptimizer
 
 

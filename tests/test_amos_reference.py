@@ -23,7 +23,6 @@ from conftest import (
     make_params,
     run_pair,
     set_grads,
-    states_of,
 )
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)

@@ -36,7 +36,6 @@ from conftest import (
     param_groups,
     set_grads,
     snapshot,
-    states_of,
 )
 
 
