@@ -55,11 +55,11 @@ def adam_step(
     """
     theta, g, m, v = _load(param), _load(grad), _load(exp_avg), _load(exp_avg_sq)
     if weight_decay != 0 and not decoupled:
-        g = g + weight_decay * theta
+        g = g.add(theta, alpha=weight_decay)  # g + λθ, rounded like torch (one fma)
     if weight_decay != 0 and decoupled:
         theta = theta * (1 - lr * weight_decay)
     m = torch.lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
-    v = beta2 * v + (1 - beta2) * g * g
+    v = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
     second = v
     if amsgrad:
         second = torch.maximum(_load(max_exp_avg_sq), v)
@@ -108,11 +108,11 @@ def radam_step(
     """
     theta, g, m, v = _load(param), _load(grad), _load(exp_avg), _load(exp_avg_sq)
     if weight_decay != 0 and not decoupled:
-        g = g + weight_decay * theta
+        g = g.add(theta, alpha=weight_decay)  # g + λθ, rounded like torch (one fma)
     if weight_decay != 0 and decoupled:
         theta = theta * (1 - lr * weight_decay)
     m = torch.lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
-    v = beta2 * v + (1 - beta2) * g * g
+    v = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
     m_hat = m / (1 - beta1**step)
     r = radam_rectification(step, beta2, rectify_threshold)
     if r is None:
@@ -214,7 +214,7 @@ def scaled_lr_schedule(step: int, lr: float, p: float, decay: str) -> float:
 def _adam_direction(g, m, v, step, beta1, beta2, eps, bias_correction):
     """Updates m, v (values) and returns u = (m/bc1)/(sqrt(v/bc2)+ε) (DESIGN §2.1)."""
     m = torch.lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
-    v = beta2 * v + (1 - beta2) * g * g
+    v = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
     bc1 = 1 - beta1**step if bias_correction else 1.0
     bc2 = 1 - beta2**step if bias_correction else 1.0
     return m, v, (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)
