@@ -40,9 +40,9 @@ AF_HD S af_max(S a, S b) { return (a > b || a != a) ? a : b; }
 template <typename S>
 AF_HD S af_clamp(S x, S lo, S hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
-// torch.sign semantics: sign(±0) = ±0, sign(NaN) = NaN.
+// torch.sign semantics: (x > 0) − (x < 0), so sign(±0) = sign(NaN) = +0.
 template <typename S>
-AF_HD S af_sign(S x) { return x > S(0) ? S(1) : (x < S(0) ? S(-1) : x * S(0)); }
+AF_HD S af_sign(S x) { return S(x > S(0) ? 1 : 0) - S(x < S(0) ? 1 : 0); }
 
 // a·b + c rounded once.
 AF_HD float af_fma(float a, float b, float c) { return ::fmaf(a, b, c); }

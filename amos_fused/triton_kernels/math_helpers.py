@@ -40,8 +40,8 @@ def clamp_(x, lo, hi):
 
 @triton.jit
 def sign_(x):
-    """torch.sign: sign(±0) = ±0, sign(NaN) = NaN."""
-    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x * 0.0))
+    """torch.sign's (x > 0) − (x < 0): sign(±0) = sign(NaN) = +0."""
+    return tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)
 
 
 @triton.jit

@@ -29,14 +29,12 @@ inline at::vec::Vectorized<S> af_clamp(const at::vec::Vectorized<S>& x,
   return at::vec::minimum(at::vec::maximum(x, lo), hi);
 }
 
-// sign(±0) = ±0, sign(NaN) = NaN, like torch.sign.
+// torch.sign's (x > 0) − (x < 0): sign(±0) = sign(NaN) = +0.
 template <typename S>
 inline at::vec::Vectorized<S> af_sign(const at::vec::Vectorized<S>& x) {
   using V = at::vec::Vectorized<S>;
-  const V zero(S(0));
-  const V keep = x * zero;  // ±0 or NaN
-  V out = V::blendv(keep, V(S(-1)), x < zero);
-  return V::blendv(out, V(S(1)), x > zero);
+  const V zero(S(0)), one(S(1));
+  return V::blendv(zero, one, zero < x) - V::blendv(zero, one, x < zero);
 }
 
 // a·b + c rounded once, lane by lane, as the scalar af_fma rounds it.  at::vec::fmadd
