@@ -35,7 +35,11 @@ with_cuda = (
     and os.environ.get("AMOS_FUSED_NO_CUDA", "0") != "1"
 )
 
-cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
+# -ffp-contract=off: no implicit a·b + c → FMA, which GCC would do differently in
+# the SIMD body and the scalar tail of the AVX2 kernels; the math asks for FMA
+# explicitly where torch rounds once (af_fma in csrc/step_math.h).
+cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wall",
+             "-Wno-unknown-pragmas", "-Wno-psabi"]
 extension_kwargs = dict(
     name="amos_fused._C",
     sources=cpu_sources + (cuda_sources if with_cuda else []),

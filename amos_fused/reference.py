@@ -52,14 +52,17 @@ def adam_step(
         m ← β1·m + (1−β1)·g,  v ← β2·v + (1−β2)·g²,  v̂max ← max(v̂max, v) (amsgrad)
         u = (m/bc1) / (sqrt(v/bc2) + ε),  bc1 = 1−β1^t, bc2 = 1−β2^t (1 without bias correction)
         θ ← θ·(1−ηλ) (decoupled);  θ ← θ − η·u
+
+    Non-finite values propagate elementwise (a NaN/Inf in g or θ reaches only its own
+    element; ε = 0 with g = 0 gives 0/0 = NaN there).
     """
     theta, g, m, v = _load(param), _load(grad), _load(exp_avg), _load(exp_avg_sq)
     if weight_decay != 0 and not decoupled:
-        g = g + weight_decay * theta
+        g = g.add(theta, alpha=weight_decay)  # g + λθ, rounded like torch (one fma)
     if weight_decay != 0 and decoupled:
         theta = theta * (1 - lr * weight_decay)
     m = torch.lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
-    v = beta2 * v + (1 - beta2) * g * g
+    v = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
     second = v
     if amsgrad:
         second = torch.maximum(_load(max_exp_avg_sq), v)
@@ -105,14 +108,16 @@ def radam_step(
 
         m, v as in Adam;  u = r·(m/bc1)·sqrt(bc2)/(sqrt(v)+ε) if ρt > threshold else m/bc1
         θ ← θ − η·u   (decay: L2 on g, or θ·(1−ηλ) when decoupled)
+
+    Non-finite values propagate elementwise, as in Adam.
     """
     theta, g, m, v = _load(param), _load(grad), _load(exp_avg), _load(exp_avg_sq)
     if weight_decay != 0 and not decoupled:
-        g = g + weight_decay * theta
+        g = g.add(theta, alpha=weight_decay)  # g + λθ, rounded like torch (one fma)
     if weight_decay != 0 and decoupled:
         theta = theta * (1 - lr * weight_decay)
     m = torch.lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
-    v = beta2 * v + (1 - beta2) * g * g
+    v = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
     m_hat = m / (1 - beta1**step)
     r = radam_rectification(step, beta2, rectify_threshold)
     if r is None:
@@ -138,6 +143,9 @@ def lion_step(
     """Lion / SignSGDM-W, DESIGN §2.3 (seed 003)::
 
     c = β1·m + (1−β1)·g;  θ ← θ·(1−ηλ) − η·sign(c);  m ← β2·m + (1−β2)·g
+
+    Non-finite values: torch.sign(NaN) = 0, so a NaN in c only decays θ (θ stays
+    finite; m turns NaN); ±Inf in c is a step of ∓η; NaN in θ stays in its element.
     """
     theta, g, m = _load(param), _load(grad), _load(exp_avg)
     c = beta1 * m + (1 - beta1) * g
@@ -175,6 +183,9 @@ def amos_step(
         α = ξ·η;  d = 1/(1 + d_coef·sqrt(α)·b)
         Δ = d·((−½γ − extra_l2)·θ − α·sqrt(r)·g)      (old b, pre-update θ)
         b ← b + γ·(1+b);  mu ← momentum·mu + (1−momentum)·Δ, Δ ← mu;  θ ← θ + Δ
+
+    Non-finite values propagate through the slot: a NaN/Inf in g reaches every element
+    of its slot via g2 (and v, b for later steps); NaN in θ stays in its element.
     """
     if param.numel() == 0:
         return
@@ -214,7 +225,7 @@ def scaled_lr_schedule(step: int, lr: float, p: float, decay: str) -> float:
 def _adam_direction(g, m, v, step, beta1, beta2, eps, bias_correction):
     """Updates m, v (values) and returns u = (m/bc1)/(sqrt(v/bc2)+ε) (DESIGN §2.1)."""
     m = torch.lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
-    v = beta2 * v + (1 - beta2) * g * g
+    v = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
     bc1 = 1 - beta1**step if bias_correction else 1.0
     bc2 = 1 - beta2**step if bias_correction else 1.0
     return m, v, (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)
@@ -240,14 +251,18 @@ def scaled_adam_step(
 
         u = m̂/(sqrt(v̂)+ε);  α_t = α0·‖ε0‖/‖u‖·s(t);  ρ_t = α0²/(2q)·s(t)
         θ ← θ − (α_t·u + ρ_t·θ)        (‖ε0‖ = init_norm = sqrt(numel)·σ)
+
+    Non-finite values: the scale is k = α0·‖ε0‖·s(t)/‖u‖ when ‖u‖ > 0, else 0 (also
+    for a NaN ‖u‖), and θ ← θ − (k·u + ρθ), so a NaN/Inf in u reaches θ only at its
+    own element (0·NaN = 0·Inf = NaN); ε = 0 with g = 0 makes u, hence θ, all NaN.
     """
     theta, g = _load(param), _load(grad)
     m, v, u = _adam_direction(g, _load(exp_avg), _load(exp_avg_sq), step, beta1, beta2, eps, True)
     s = scaled_lr_schedule(step, lr, p, decay)
-    u_norm = u.norm()
-    scaled_u = torch.where(u_norm > 0, u * (lr * init_norm * s / u_norm), torch.zeros_like(u))
+    u_norm = float(u.double().norm())
+    k = lr * init_norm * s / u_norm if u_norm > 0 else 0.0
     rho = lr**2 / (2 * q) * s
-    theta = theta - (scaled_u + rho * theta)
+    theta = theta - (u * k + rho * theta)
     _store(exp_avg, m)
     _store(exp_avg_sq, v)
     _store(param, theta)
@@ -268,7 +283,10 @@ def lamb_step(
     bias_correction: bool = True,
 ) -> None:
     """LAMB, DESIGN §2.5: u = m̂/(sqrt(v̂)+ε) + λθ;  θ ← θ − η·(‖θ‖/‖u‖)·u, the trust
-    ratio ‖θ‖/‖u‖ being 1 when either norm is 0."""
+    ratio ‖θ‖/‖u‖ being 1 when either norm is 0.
+
+    Non-finite values: the ratio is also 1 when a norm is NaN, so a NaN/Inf in u or θ
+    reaches θ only at its own element (an Inf ‖u‖ gives ratio 0, and 0·Inf = NaN)."""
     theta, g = _load(param), _load(grad)
     m, v, u = _adam_direction(
         g, _load(exp_avg), _load(exp_avg_sq), step, beta1, beta2, eps, bias_correction

@@ -8,6 +8,9 @@
 
 namespace amos_fused {
 
+// torch.lerp's choice of form for the weight w = 1 − β1 (|w| < ½, af_lerp).
+inline bool lerp_weight_small(double w) { return std::fabs(w) < 0.5; }
+
 struct AdamHyper {
   double lr, beta1, beta2, eps, weight_decay;
   bool decoupled, amsgrad, bias_correction;
@@ -28,6 +31,7 @@ inline AdamCoef<double> adam_coefficients(const AdamHyper& h, double step) {
   c.bc2_sqrt = std::sqrt(bc2);
   c.neg_step_size = -(h.lr / bc1);
   c.grad_unscale = h.grad_unscale;
+  c.lerp_small = lerp_weight_small(c.beta1_complement);
   return c;
 }
 
@@ -56,6 +60,7 @@ inline RAdamCoef<double> radam_coefficients(const RAdamHyper& h, double step) {
   c.bc2_sqrt = std::sqrt(bc2);
   c.grad_unscale = h.grad_unscale;
   c.rectified = rho_t > h.rectify_threshold;
+  c.lerp_small = lerp_weight_small(c.beta1_complement);
   c.rect = c.rectified ? std::sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf /
                                    ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
                        : 1.0;
@@ -78,7 +83,9 @@ inline MomentCoef<double> moment_coefficients(double beta1, double beta2, double
                                               double grad_unscale, double step) {
   const double bc1 = bias_correction ? 1.0 - std::pow(beta1, step) : 1.0;
   const double bc2 = bias_correction ? 1.0 - std::pow(beta2, step) : 1.0;
-  return {1.0 - beta1, beta2, 1.0 - beta2, eps, bc1, std::sqrt(bc2), weight_decay, grad_unscale};
+  return {1.0 - beta1,  beta2,        1.0 - beta2,  eps,
+          bc1,          std::sqrt(bc2), weight_decay, grad_unscale,
+          lerp_weight_small(1.0 - beta1)};
 }
 
 // §2.5 s(t): 1/(α0·p·t + 1)² (inverse_square, constant p) or 1/(2·α0·p·t + 1)

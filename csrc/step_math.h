@@ -2,8 +2,8 @@
 //
 // Every function here is a template over the value type T, which is a scalar
 // (float, double) or, on the CPU, a SIMD vector (at::vec::Vectorized<float>
-// or <double>; overloads of af_sqrt / af_max / af_sign for those live in
-// csrc/cpu/vec_ops.h and must be declared before this header is included).
+// or <double>; overloads of af_sqrt / af_max / af_sign / af_fma for those live
+// in csrc/cpu/vec_ops.h and must be declared before this header is included).
 // The CUDA kernels call the same functions with T = float.
 //
 // Coefficient structs hold per-step, per-tensor scalars. They are computed once
@@ -12,6 +12,9 @@
 //
 // Operation order follows torch.optim's single-tensor implementation
 // (mul_, lerp_, addcmul_, addcdiv_) so float32 results agree to a few ULP.
+// Where torch's CPU kernels round a·b + c once (lerp, addcmul, add with alpha)
+// the math says so with af_fma; everything else is rounded op by op (the C++
+// build uses -ffp-contract=off, so SIMD body and scalar tail agree bitwise).
 // Equation numbers refer to DESIGN.md §2.
 #pragma once
 
@@ -37,9 +40,21 @@ AF_HD S af_max(S a, S b) { return (a > b || a != a) ? a : b; }
 template <typename S>
 AF_HD S af_clamp(S x, S lo, S hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
-// torch.sign semantics: sign(±0) = ±0, sign(NaN) = NaN.
+// torch.sign semantics: (x > 0) − (x < 0), so sign(±0) = sign(NaN) = +0.
 template <typename S>
-AF_HD S af_sign(S x) { return x > S(0) ? S(1) : (x < S(0) ? S(-1) : x * S(0)); }
+AF_HD S af_sign(S x) { return S(x > S(0) ? 1 : 0) - S(x < S(0) ? 1 : 0); }
+
+// a·b + c rounded once.
+AF_HD float af_fma(float a, float b, float c) { return ::fmaf(a, b, c); }
+AF_HD double af_fma(double a, double b, double c) { return ::fma(a, b, c); }
+
+// torch.lerp(a, b, w) as torch's kernels round it: a + w·(b−a) when |w| < ½,
+// else b + (w−1)·(b−a), each one fma.  `small` (|w| < ½) is chosen per tensor on
+// the host; w − 1 is exact in T for ½ ≤ w ≤ 2 (Sterbenz), as in torch.
+template <typename T>
+AF_HD T af_lerp(T a, T b, T w, bool small) {
+  return small ? af_fma(w, b - a, a) : af_fma(w - T(1), b - a, b);
+}
 
 // ---- Adam / AdamW (§2.1) ----------------------------------------------------
 template <typename T>
@@ -53,11 +68,12 @@ struct AdamCoef {
   T bc2_sqrt;          // sqrt(1 - β2^t), or 1 without bias correction
   T neg_step_size;     // -η / (1 - β1^t), or -η without bias correction
   T grad_unscale;      // 1 / GradScaler scale, or 1
+  bool lerp_small;     // 1 − β1 < ½: which form of torch.lerp (af_lerp)
 
   template <typename U, typename F>
   AdamCoef<U> map(F f) const {
     return {f(beta1_complement), f(beta2), f(beta2_complement), f(param_decay),
-            f(l2), f(eps), f(bc2_sqrt), f(neg_step_size), f(grad_unscale)};
+            f(l2), f(eps), f(bc2_sqrt), f(neg_step_size), f(grad_unscale), lerp_small};
   }
 };
 
@@ -65,10 +81,10 @@ struct AdamCoef {
 template <bool AMSGRAD, bool L2, typename T>
 AF_HD void adam_update(T& p, T g, T& m, T& v, T& vmax, const AdamCoef<T>& c) {
   g = g * c.grad_unscale;                          // g ← g · inv_grad_scale
-  if (L2) g = g + c.l2 * p;                        // g ← g + λθ
+  if (L2) g = af_fma(c.l2, p, g);                  // g ← g + λθ  (grad.add(θ, alpha=λ))
   p = p * c.param_decay;                           // θ ← θ·(1 − ηλ)
-  m = m + c.beta1_complement * (g - m);            // m ← β1·m + (1−β1)·g (lerp)
-  v = v * c.beta2 + c.beta2_complement * g * g;    // v ← β2·v + (1−β2)·g²
+  m = af_lerp(m, g, c.beta1_complement, c.lerp_small);  // m ← lerp(m, g, 1−β1)
+  v = af_fma(c.beta2_complement * g, g, v * c.beta2);   // v ← β2·v + (1−β2)·g² (addcmul)
   T second = v;
   if (AMSGRAD) {
     vmax = af_max(vmax, v);                        // v̂max ← max(v̂max, v)
@@ -91,21 +107,23 @@ struct RAdamCoef {
   T rect;         // r_t, used only when rectified
   T grad_unscale; // 1 / GradScaler scale, or 1
   bool rectified; // ρ_t > threshold (the same for every element of a tensor)
+  bool lerp_small; // 1 − β1 < ½ (af_lerp)
 
   template <typename U, typename F>
   RAdamCoef<U> map(F f) const {
     return {f(beta1_complement), f(beta2), f(beta2_complement), f(param_decay), f(l2),
-            f(eps), f(bc1), f(lr), f(bc2_sqrt), f(rect), f(grad_unscale), rectified};
+            f(eps), f(bc1), f(lr), f(bc2_sqrt), f(rect), f(grad_unscale), rectified,
+            lerp_small};
   }
 };
 
 template <bool L2, typename T>
 AF_HD void radam_update(T& p, T g, T& m, T& v, const RAdamCoef<T>& c) {
   g = g * c.grad_unscale;                          // g ← g · inv_grad_scale
-  if (L2) g = g + c.l2 * p;                        // g ← g + λθ
+  if (L2) g = af_fma(c.l2, p, g);                  // g ← g + λθ  (grad.add(θ, alpha=λ))
   p = p * c.param_decay;                           // θ ← θ·(1 − ηλ)
-  m = m + c.beta1_complement * (g - m);
-  v = v * c.beta2 + c.beta2_complement * g * g;
+  m = af_lerp(m, g, c.beta1_complement, c.lerp_small);  // m ← lerp(m, g, 1−β1)
+  v = af_fma(c.beta2_complement * g, g, v * c.beta2);   // v ← β2·v + (1−β2)·g² (addcmul)
   T step = (m / c.bc1) * c.lr;                     // η·m̂
   if (c.rectified) {                               // ρ_t > threshold
     T adaptive = c.bc2_sqrt / (af_sqrt(v) + c.eps);  // sqrt(bc2)/(sqrt(v)+ε)
@@ -146,19 +164,20 @@ struct MomentCoef {
   T bc2_sqrt;  // sqrt(1 − β2^t)
   T weight_decay;  // λ added to the direction (LAMB), else 0
   T grad_unscale;  // 1 / GradScaler scale, or 1
+  bool lerp_small; // 1 − β1 < ½ (af_lerp)
 
   template <typename U, typename F>
   MomentCoef<U> map(F f) const {
     return {f(beta1_complement), f(beta2), f(beta2_complement), f(eps), f(bc1), f(bc2_sqrt),
-            f(weight_decay), f(grad_unscale)};
+            f(weight_decay), f(grad_unscale), lerp_small};
   }
 };
 
 template <typename T>
 AF_HD void update_moments(T g, T& m, T& v, const MomentCoef<T>& c) {
   g = g * c.grad_unscale;                        // g ← g · inv_grad_scale
-  m = m + c.beta1_complement * (g - m);          // m ← β1·m + (1−β1)·g
-  v = v * c.beta2 + c.beta2_complement * g * g;  // v ← β2·v + (1−β2)·g²
+  m = af_lerp(m, g, c.beta1_complement, c.lerp_small);  // m ← lerp(m, g, 1−β1)
+  v = af_fma(c.beta2_complement * g, g, v * c.beta2);   // v ← β2·v + (1−β2)·g² (addcmul)
 }
 
 // u = m̂/(sqrt(v̂)+ε) (+ λθ for LAMB), with torch's ε placement.

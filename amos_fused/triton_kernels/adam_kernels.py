@@ -26,9 +26,9 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, coef_row, COMP
     vmax = v
     if AMSGRAD:
         vmax = load_(vmax_ptr + offs, mask, MASKED, COMPUTE)
-    b1c, b2, b2c, decay, l2, eps, bc2_sqrt, neg_step, unscale = load_adam_coefficients(coef_row)
+    b1c, b2, b2c, decay, l2, eps, bc2_sqrt, neg_step, unscale, small = load_adam_coefficients(coef_row)
     p, m, v, vmax = adam_update(p, g, m, v, vmax, b1c, b2, b2c, decay, l2, eps, bc2_sqrt,
-                                neg_step, unscale, AMSGRAD, L2, FP64)
+                                neg_step, unscale, small, AMSGRAD, L2, FP64)
     store_(p_ptr + offs, p, mask, MASKED)
     store_(m_ptr + offs, m, mask, MASKED)
     store_(v_ptr + offs, v, mask, MASKED)
@@ -67,9 +67,9 @@ def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, COMPUTE: tl.c
     m = load_(m_ptr + offs, mask, MASKED, COMPUTE)
     v = load_(v_ptr + offs, mask, MASKED, COMPUTE)
     (b1c, b2, b2c, decay, l2, eps, bc1, lr, bc2_sqrt, rect, unscale,
-     rectified) = load_radam_coefficients(coef_row)
+     rectified, small) = load_radam_coefficients(coef_row)
     p, m, v = radam_update(p, g, m, v, b1c, b2, b2c, decay, l2, eps, bc1, lr, bc2_sqrt, rect,
-                           unscale, rectified, L2, FP64)
+                           unscale, rectified, small, L2, FP64)
     store_(p_ptr + offs, p, mask, MASKED)
     store_(m_ptr + offs, m, mask, MASKED)
     store_(v_ptr + offs, v, mask, MASKED)

@@ -9,7 +9,7 @@ by the ``load_*`` helpers below)."""
 import triton
 import triton.language as tl
 
-from .math_helpers import div_, maximum_, sign_, sqrt_
+from .math_helpers import div_, lerp_, maximum_, sign_, sqrt_
 
 ADAM_COLUMNS = (
     "beta1_complement",  # 1 − β1 (lerp weight)
@@ -21,6 +21,7 @@ ADAM_COLUMNS = (
     "bc2_sqrt",          # sqrt(1 − β2^t), 1 without bias correction
     "neg_step_size",     # −η/(1 − β1^t), −η without bias correction
     "grad_unscale",      # 1/GradScaler scale, or 1
+    "lerp_small",        # 1 when 1 − β1 < ½ (the form of lerp_), else 0
 )
 
 
@@ -28,20 +29,20 @@ ADAM_COLUMNS = (
 def load_adam_coefficients(row):
     return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
             tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7),
-            tl.load(row + 8))
+            tl.load(row + 8), tl.load(row + 9))
 
 
 @triton.jit
 def adam_update(p, g, m, v, vmax, beta1_complement, beta2, beta2_complement, param_decay, l2,
-                eps, bc2_sqrt, neg_step_size, grad_unscale,
+                eps, bc2_sqrt, neg_step_size, grad_unscale, lerp_small,
                 AMSGRAD: tl.constexpr, L2: tl.constexpr, FP64: tl.constexpr):
     """One Adam(W) step (§2.1); vmax is only used with AMSGRAD.  Returns p, m, v, vmax."""
     g = g * grad_unscale                             # g ← g · inv_grad_scale
     if L2:
-        g = g + l2 * p                               # g ← g + λθ
+        g = tl.fma(l2, p, g)                         # g ← g + λθ  (grad.add(θ, alpha=λ))
     p = p * param_decay                              # θ ← θ·(1 − ηλ)
-    m = m + beta1_complement * (g - m)               # m ← β1·m + (1−β1)·g (lerp)
-    v = v * beta2 + beta2_complement * g * g         # v ← β2·v + (1−β2)·g²
+    m = lerp_(m, g, beta1_complement, lerp_small)    # m ← lerp(m, g, 1−β1)
+    v = tl.fma(beta2_complement * g, g, v * beta2)   # v ← β2·v + (1−β2)·g² (addcmul)
     second = v
     if AMSGRAD:
         vmax = maximum_(vmax, v)                     # v̂max ← max(v̂max, v)
@@ -62,6 +63,7 @@ RADAM_COLUMNS = (
     "rect",          # r_t (used only when rectified)
     "grad_unscale",
     "rectified",     # 1 when ρ_t > threshold, else 0
+    "lerp_small",    # 1 when 1 − β1 < ½ (the form of lerp_), else 0
 )
 
 
@@ -69,20 +71,21 @@ RADAM_COLUMNS = (
 def load_radam_coefficients(row):
     return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
             tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7),
-            tl.load(row + 8), tl.load(row + 9), tl.load(row + 10), tl.load(row + 11))
+            tl.load(row + 8), tl.load(row + 9), tl.load(row + 10), tl.load(row + 11),
+            tl.load(row + 12))
 
 
 @triton.jit
 def radam_update(p, g, m, v, beta1_complement, beta2, beta2_complement, param_decay, l2, eps,
-                 bc1, lr, bc2_sqrt, rect, grad_unscale, rectified,
+                 bc1, lr, bc2_sqrt, rect, grad_unscale, rectified, lerp_small,
                  L2: tl.constexpr, FP64: tl.constexpr):
     """One RAdam step (§2.2).  Returns p, m, v."""
     g = g * grad_unscale
     if L2:
-        g = g + l2 * p                               # g ← g + λθ
+        g = tl.fma(l2, p, g)                         # g ← g + λθ  (grad.add(θ, alpha=λ))
     p = p * param_decay                              # θ ← θ·(1 − ηλ)
-    m = m + beta1_complement * (g - m)
-    v = v * beta2 + beta2_complement * g * g
+    m = lerp_(m, g, beta1_complement, lerp_small)    # m ← lerp(m, g, 1−β1)
+    v = tl.fma(beta2_complement * g, g, v * beta2)   # v ← β2·v + (1−β2)·g² (addcmul)
     step = div_(m, bc1, FP64) * lr                   # η·m̂
     adaptive = div_(bc2_sqrt, sqrt_(v, FP64) + eps, FP64)  # sqrt(bc2)/(sqrt(v)+ε)
     step = tl.where(rectified != 0, step * adaptive * rect, step)  # ρ_t > threshold

@@ -27,6 +27,11 @@ def _table(columns: Sequence[str], values: Dict[str, Column], n: int) -> Tensor:
     return out
 
 
+def _lerp_small(beta1) -> float:
+    """torch.lerp's choice of form for the weight 1 − β1 (|w| < ½), as a column."""
+    return 1.0 if abs(1.0 - beta1) < 0.5 else 0.0
+
+
 def adam(steps: Tensor, lr, beta1, beta2, eps, weight_decay, decoupled, bias_correction,
          grad_unscale) -> Tensor:
     """§2.1: bc1 = 1 − β1^t, bc2 = 1 − β2^t (both 1 without bias correction)."""
@@ -37,7 +42,7 @@ def adam(steps: Tensor, lr, beta1, beta2, eps, weight_decay, decoupled, bias_cor
         beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2,
         param_decay=1.0 - lr * weight_decay if decoupled else 1.0,
         l2=0.0 if decoupled else weight_decay, eps=eps, bc2_sqrt=bc2.sqrt(),
-        neg_step_size=-(lr / bc1), grad_unscale=grad_unscale,
+        neg_step_size=-(lr / bc1), grad_unscale=grad_unscale, lerp_small=_lerp_small(beta1),
     ), len(steps))
 
 
@@ -57,7 +62,7 @@ def radam(steps: Tensor, lr, beta1, beta2, eps, weight_decay, decoupled, rectify
         param_decay=1.0 - lr * weight_decay if decoupled else 1.0,
         l2=0.0 if decoupled else weight_decay, eps=eps, bc1=1.0 - torch.pow(beta1, steps),
         lr=lr, bc2_sqrt=bc2.sqrt(), rect=rect, grad_unscale=grad_unscale,
-        rectified=rectified.double(),
+        rectified=rectified.double(), lerp_small=_lerp_small(beta1),
     ), len(steps))
 
 
@@ -90,7 +95,7 @@ def _moments(steps, beta1, beta2, eps, weight_decay, bias_correction, grad_unsca
     return _table(MOMENT_COLUMNS, dict(
         beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2, eps=eps,
         bc1=bc1, bc2_sqrt=bc2.sqrt(), weight_decay=weight_decay, grad_unscale=grad_unscale,
-        k_scale=k_scale, rho=rho,
+        k_scale=k_scale, rho=rho, lerp_small=_lerp_small(beta1),
     ), len(steps))
 
 

@@ -40,5 +40,13 @@ def clamp_(x, lo, hi):
 
 @triton.jit
 def sign_(x):
-    """torch.sign: sign(±0) = ±0, sign(NaN) = NaN."""
-    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x * 0.0))
+    """torch.sign's (x > 0) − (x < 0): sign(±0) = sign(NaN) = +0."""
+    return tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)
+
+
+@triton.jit
+def lerp_(a, b, w, small):
+    """torch.lerp(a, b, w) as torch rounds it (af_lerp): a + w·(b−a) when |w| < ½
+    (``small`` ≠ 0, chosen per tensor on the host), else b + (w−1)·(b−a), each one
+    fma; w − 1 is exact for ½ ≤ w ≤ 2."""
+    return tl.where(small != 0, tl.fma(w, b - a, a), tl.fma(w - 1.0, b - a, b))

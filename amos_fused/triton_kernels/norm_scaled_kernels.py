@@ -28,8 +28,8 @@ def _phase1_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, COMPUTE: tl.
     g = load_(g_ptr + offs, mask, MASKED, COMPUTE)
     m = load_(m_ptr + offs, mask, MASKED, COMPUTE)
     v = load_(v_ptr + offs, mask, MASKED, COMPUTE)
-    b1c, b2, b2c, eps, bc1, bc2_sqrt, wd, unscale = load_moment_coefficients(coef_row)
-    m, v = update_moments(g, m, v, b1c, b2, b2c, unscale)
+    b1c, b2, b2c, eps, bc1, bc2_sqrt, wd, unscale, small = load_moment_coefficients(coef_row)
+    m, v = update_moments(g, m, v, b1c, b2, b2c, unscale, small)
     p = g  # θ is read only by LAMB (its direction includes λθ)
     if LAMB:
         p = load_(p_ptr + offs, mask, MASKED, COMPUTE)
@@ -81,10 +81,10 @@ def _phase2_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, k, rho, COMP
     p = load_(p_ptr + offs, mask, MASKED, COMPUTE)
     m = load_(m_ptr + offs, mask, MASKED, COMPUTE)
     v = load_(v_ptr + offs, mask, MASKED, COMPUTE)
-    b1c, b2, b2c, eps, bc1, bc2_sqrt, wd, unscale = load_moment_coefficients(coef_row)
+    b1c, b2, b2c, eps, bc1, bc2_sqrt, wd, unscale, small = load_moment_coefficients(coef_row)
     if MOMENTS_IN_PHASE2:
         g = load_(g_ptr + offs, mask, MASKED, COMPUTE)
-        m, v = update_moments(g, m, v, b1c, b2, b2c, unscale)
+        m, v = update_moments(g, m, v, b1c, b2, b2c, unscale, small)
         store_(m_ptr + offs, m, mask, MASKED)
         store_(v_ptr + offs, v, mask, MASKED)
     u = adam_direction(p, m, v, eps, bc1, bc2_sqrt, wd, LAMB, FP64)

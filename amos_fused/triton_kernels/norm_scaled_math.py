@@ -5,7 +5,7 @@ update θ ← θ − (k·u + ρ·θ) with per-tensor k, ρ."""
 import triton
 import triton.language as tl
 
-from .math_helpers import div_, sqrt_
+from .math_helpers import div_, lerp_, sqrt_
 
 MOMENT_COLUMNS = (
     "beta1_complement", "beta2", "beta2_complement",
@@ -16,13 +16,15 @@ MOMENT_COLUMNS = (
     "grad_unscale",
     "k_scale",       # scale-aware Adam: α0·‖ε0‖·s(t);  LAMB: η
     "rho",           # scale-aware Adam: α0²/(2q)·s(t); LAMB: 0
+    "lerp_small",    # 1 when 1 − β1 < ½ (the form of lerp_), else 0
 )
 
 
 @triton.jit
 def load_moment_coefficients(row):
     return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
-            tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7))
+            tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7),
+            tl.load(row + 10))
 
 
 @triton.jit
@@ -31,10 +33,10 @@ def load_scale_coefficients(row):
 
 
 @triton.jit
-def update_moments(g, m, v, beta1_complement, beta2, beta2_complement, grad_unscale):
-    g = g * grad_unscale                        # g ← g · inv_grad_scale
-    m = m + beta1_complement * (g - m)          # m ← β1·m + (1−β1)·g
-    v = v * beta2 + beta2_complement * g * g    # v ← β2·v + (1−β2)·g²
+def update_moments(g, m, v, beta1_complement, beta2, beta2_complement, grad_unscale, lerp_small):
+    g = g * grad_unscale                              # g ← g · inv_grad_scale
+    m = lerp_(m, g, beta1_complement, lerp_small)     # m ← lerp(m, g, 1−β1)
+    v = tl.fma(beta2_complement * g, g, v * beta2)    # v ← β2·v + (1−β2)·g² (addcmul)
     return m, v
 
 

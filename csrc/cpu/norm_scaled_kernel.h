@@ -10,6 +10,7 @@
 
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "bucket_loop.h"
@@ -17,13 +18,15 @@
 namespace amos_fused::cpu {
 inline namespace CPU_CAPABILITY {
 
-// Phase 1: m, v ← moments; Σu² (and Σθ²) per tensor, combined chunk by chunk in a
-// fixed order (deterministic).  Sums run in float lanes within blocks of
-// kBlock elements and in double across blocks.
 // Whether m, v are written in phase 2 (storage dtype narrower than the math).
 template <typename scalar_t>
 constexpr bool kMomentsInPhase2 = !std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
 
+// Phase 1: m, v ← moments; Σu² (and Σθ²) per tensor.  Each tensor is cut into
+// blocks of kBlock elements from its own start; a block is summed whole (float
+// lanes, then its scalar tail, in double) by whichever thread takes it, and a
+// tensor's blocks are added in order, so the sums are bitwise the same for any
+// thread count and any place of the tensor in the bucket.
 template <typename scalar_t, bool LAMB>
 void norm_scaled_phase1_typed(const NormScaledLaunch& L, double* u_sq, double* theta_sq) {
   using IO = TileIO<scalar_t>;
@@ -32,16 +35,22 @@ void norm_scaled_phase1_typed(const NormScaledLaunch& L, double* u_sq, double* t
   constexpr unsigned kMomentMask = kMomentsInPhase2<scalar_t> ? 0u : 0b11u;  // m, v bits
   constexpr int64_t kBlock = 64 * IO::kTile;
   const int64_t n = L.bucket.num_tensors;
-  const int64_t chunks = num_chunks(L.bucket.offsets[n]);
-  std::vector<double> partial(2 * chunks * n, 0.0);  // [chunk][tensor][u, θ]
-  for_each_chunk_segment(L.bucket, chunks, [&](int64_t chunk, int64_t t, int64_t begin, int64_t end) {
-    const TileCoef<MomentCoef, scalar_t> coef(L.coef[t]);
-    scalar_t* p = stream<scalar_t>(L.param, t);
-    scalar_t* g = stream<scalar_t>(L.grad, t);
-    scalar_t* m = stream<scalar_t>(L.exp_avg, t);
-    scalar_t* v = stream<scalar_t>(L.exp_avg_sq, t);
-    double sums[2] = {0.0, 0.0};
-    for (int64_t i = begin; i < end; i += kBlock) {
+  const int64_t* offsets = L.bucket.offsets;
+  std::vector<int64_t> first_block(n + 1, 0);  // tensor t owns blocks [first_block[t], first_block[t+1])
+  for (int64_t t = 0; t < n; ++t)
+    first_block[t + 1] = first_block[t] + (offsets[t + 1] - offsets[t] + kBlock - 1) / kBlock;
+  std::vector<double> partial(2 * first_block[n], 0.0);  // [block][u, θ]
+  at::parallel_for(0, first_block[n], std::max<int64_t>(1, kGrainSize / kBlock), [&](int64_t lo, int64_t hi) {
+    int64_t t = std::upper_bound(first_block.begin(), first_block.end(), lo) - first_block.begin() - 1;
+    for (int64_t block = lo; block < hi; ++block) {
+      while (block >= first_block[t + 1]) ++t;
+      const TileCoef<MomentCoef, scalar_t> coef(L.coef[t]);
+      scalar_t* p = stream<scalar_t>(L.param, t);
+      scalar_t* g = stream<scalar_t>(L.grad, t);
+      scalar_t* m = stream<scalar_t>(L.exp_avg, t);
+      scalar_t* v = stream<scalar_t>(L.exp_avg_sq, t);
+      const int64_t i = (block - first_block[t]) * kBlock;
+      const int64_t stop = std::min(offsets[t + 1] - offsets[t], i + kBlock);
       Vec acc_u(Op(0)), acc_p(Op(0));
       Op tail_u(0), tail_p(0);
       auto phase1 = [&](auto theta, auto grad, auto& m_, auto& v_) {
@@ -57,7 +66,6 @@ void norm_scaled_phase1_typed(const NormScaledLaunch& L, double* u_sq, double* t
           if (LAMB) tail_p += theta * theta;
         }
       };
-      const int64_t stop = std::min(end, i + kBlock);
       if constexpr (LAMB) {
         map_streams<scalar_t, 4, (kMomentMask << 2)>({p, g, m, v}, i, stop,
                                                      [&](auto& x) { phase1(x[0], x[1], x[2], x[3]); });
@@ -73,18 +81,16 @@ void norm_scaled_phase1_typed(const NormScaledLaunch& L, double* u_sq, double* t
         block_u += lanes_u[k];
         block_p += lanes_p[k];
       }
-      sums[0] += block_u;
-      sums[1] += block_p;
+      partial[2 * block] = block_u;
+      partial[2 * block + 1] = block_p;
     }
-    partial[2 * (chunk * n + t)] += sums[0];
-    partial[2 * (chunk * n + t) + 1] += sums[1];
   });
   for (int64_t t = 0; t < n; ++t) {
     u_sq[t] = 0.0;
     theta_sq[t] = 0.0;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      u_sq[t] += partial[2 * (chunk * n + t)];
-      theta_sq[t] += partial[2 * (chunk * n + t) + 1];
+    for (int64_t block = first_block[t]; block < first_block[t + 1]; ++block) {
+      u_sq[t] += partial[2 * block];
+      theta_sq[t] += partial[2 * block + 1];
     }
   }
 }

@@ -7,6 +7,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <cmath>
+
 namespace amos_fused {
 
 template <typename S>
@@ -27,14 +29,32 @@ inline at::vec::Vectorized<S> af_clamp(const at::vec::Vectorized<S>& x,
   return at::vec::minimum(at::vec::maximum(x, lo), hi);
 }
 
-// sign(±0) = ±0, sign(NaN) = NaN, like torch.sign.
+// torch.sign's (x > 0) − (x < 0): sign(±0) = sign(NaN) = +0.
 template <typename S>
 inline at::vec::Vectorized<S> af_sign(const at::vec::Vectorized<S>& x) {
   using V = at::vec::Vectorized<S>;
-  const V zero(S(0));
-  const V keep = x * zero;  // ±0 or NaN
-  V out = V::blendv(keep, V(S(-1)), x < zero);
-  return V::blendv(out, V(S(1)), x > zero);
+  const V zero(S(0)), one(S(1));
+  return V::blendv(zero, one, zero < x) - V::blendv(zero, one, x < zero);
+}
+
+// a·b + c rounded once, lane by lane, as the scalar af_fma rounds it.  at::vec::fmadd
+// is a true FMA only where the ISA has one (AVX2/AVX512 builds); the baseline
+// build's fmadd is a·b + c, so it goes lane by lane through std::fma there.
+template <typename S>
+inline at::vec::Vectorized<S> af_fma(const at::vec::Vectorized<S>& a,
+                                     const at::vec::Vectorized<S>& b,
+                                     const at::vec::Vectorized<S>& c) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  return at::vec::fmadd(a, b, c);
+#else
+  using V = at::vec::Vectorized<S>;
+  S x[V::size()], y[V::size()], z[V::size()];
+  a.store(x);
+  b.store(y);
+  c.store(z);
+  for (int64_t k = 0; k < V::size(); ++k) x[k] = std::fma(x[k], y[k], z[k]);
+  return V::loadu(x);
+#endif
 }
 
 }  // namespace amos_fused

@@ -1,0 +1,344 @@
+"""Numerics of the fused kernels beyond closeness to the reference:
+
+* bitwise determinism of the CPU kernels on every instruction set: results do
+  not depend on the thread count, on the order / grouping of params, or on
+  whether an element goes through the SIMD body or the scalar tail;
+* torch's rounding where torch has the algorithm: torch.lerp's two forms (fma,
+  exact for β1 = 0), the L2 term rounded like grad.add(param, alpha=λ);
+* one non-finite semantics per algorithm, the same on reference, cpu and triton.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import amos_fused as af  # noqa: E402
+from amos_fused import reference  # noqa: E402
+
+from conftest import CPU_CAPABILITIES  # noqa: E402
+
+
+@contextlib.contextmanager
+def cpu_setup(capability, threads):
+    """Forces one instruction set and intra-op thread count, restoring both."""
+    before_threads, before_cap = torch.get_num_threads(), torch.ops.amos_fused.cpu_capability()
+    torch.ops.amos_fused.set_cpu_capability(capability)
+    torch.set_num_threads(threads)
+    try:
+        assert torch.ops.amos_fused.cpu_capability() == capability
+        yield
+    finally:
+        torch.set_num_threads(before_threads)
+        torch.ops.amos_fused.set_cpu_capability(before_cap)
+
+
+# ---------------------------------------------------------------------------
+# 1. Bitwise determinism
+# ---------------------------------------------------------------------------
+
+# name -> (constructor over param groups, shape of the big param, elementwise?)
+# Elementwise algorithms (every element stepped on its own) also get the
+# body-vs-tail check; Amos' row layouts and the norm-scaled rules couple the
+# elements of a tensor, so only thread count, order and grouping vary there.
+BIG = 100_003
+ALGORITHMS = {
+    "adamw": (lambda g: af.AdamW(g, lr=1e-2, weight_decay=0.1, backend="cpu"), (BIG,), True),
+    "adam_l2": (lambda g: af.Adam(g, lr=1e-2, weight_decay=0.1, backend="cpu"), (BIG,), True),
+    "adam_amsgrad": (lambda g: af.AdamW(g, lr=1e-2, betas=(0.3, 0.99), amsgrad=True, backend="cpu"),
+                     (BIG,), True),
+    # β2 = 0.9: ρ_t > 5 (rectified) from step 6 on; RADAM_STEPS covers both regimes.
+    "radam_l2": (lambda g: af.RAdam(g, lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1, backend="cpu"),
+                 (BIG,), True),
+    "radam_decoupled": (lambda g: af.RAdam(g, lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1,
+                                           decoupled_weight_decay=True, backend="cpu"), (BIG,), True),
+    "lion": (lambda g: af.Lion(g, lr=1e-3, weight_decay=0.1, backend="cpu"), (BIG,), True),
+    "amos": (lambda g: af.Amos(g, lr=0.05, eta=0.5, extra_l2=0.01, backend="cpu"), (BIG,), True),
+    "amos_momentum": (lambda g: af.Amos(g, lr=0.05, eta=0.5, momentum=0.9, backend="cpu"),
+                      (BIG,), True),
+    "amos_trailing": (lambda g: af.Amos(g, lr=0.05, eta=0.5, reduce_axes=(1,), backend="cpu"),
+                      (257, 389), False),
+    "amos_trailing_momentum": (lambda g: af.Amos(g, lr=0.05, eta=0.5, reduce_axes=(1,),
+                                                 momentum=0.9, backend="cpu"), (257, 389), False),
+    "amos_general": (lambda g: af.Amos(g, lr=0.05, eta=0.5, reduce_axes=(0,), backend="cpu"),
+                     (389, 257), False),
+    "amos_general_momentum": (lambda g: af.Amos(g, lr=0.05, eta=0.5, reduce_axes=(0,),
+                                                momentum=0.9, backend="cpu"), (389, 257), False),
+    "scaled_adamw": (lambda g: af.ScaledAdamW(g, lr=1e-2, p=0.1, sigma=0.1, backend="cpu"),
+                     (BIG,), False),
+    "lamb": (lambda g: af.Lamb(g, lr=1e-2, weight_decay=0.01, backend="cpu"), (BIG,), False),
+}
+SMALL = [(7, 1), (13, 3), (1, 1), (3, 11)]
+STEPS = 3
+RADAM_STEPS = 7
+
+
+def _steps(name):
+    return RADAM_STEPS if name.startswith("radam") else STEPS
+
+
+def _values(shapes, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+
+
+def _run(make, values, grads, groups):
+    """Steps copies of ``values`` (param groups: lists of indices) with ``grads``
+    (one list per step); returns the params and their state tensors, by index."""
+    params = [v.clone().requires_grad_(True) for v in values]
+    opt = make([{"params": [params[i] for i in group]} for group in groups])
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    out = []
+    for p in params:
+        st = opt.state[p]
+        out.append([p.detach()] + [st[k] for k in sorted(st) if k != "step"])
+    return out
+
+
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bitwise_equal(a, b):
+    bits = _BITS[a.element_size()]
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+        a.reshape(-1).view(bits), b.reshape(-1).view(bits))
+
+
+def _count_differing(a_runs, b_runs):
+    """Elements whose bits differ, over every param and state tensor."""
+    n = 0
+    for ta, tb in zip(a_runs, b_runs):
+        for a, b in zip(ta, tb):
+            assert a.shape == b.shape
+            if not _bitwise_equal(a, b):
+                n += int((a.reshape(-1) != b.reshape(-1)).sum()) or 1  # ±0 / NaN bits
+    return n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+@pytest.mark.parametrize("capability", CPU_CAPABILITIES)
+def test_bitwise_across_threads_and_order(capability, name, dtype):
+    make, big, _ = ALGORITHMS[name]
+    shapes = [big] + SMALL
+    values = _values(shapes, dtype, seed=1)
+    grads = [_values(shapes, dtype, seed=100 + s) for s in range(_steps(name))]
+    base = None
+    for threads in (1, 2, 3):
+        with cpu_setup(capability, threads):
+            runs = _run(make, values, grads, [list(range(len(shapes)))])
+        if base is None:
+            base = runs
+            assert all(torch.isfinite(t).all() for ts in base for t in ts)
+        else:
+            assert _count_differing(base, runs) == 0, f"{threads} threads differ from 1"
+    # Reversed order, split over two groups (other buckets, other offsets).
+    order = list(reversed(range(len(shapes))))
+    with cpu_setup(capability, 2):
+        runs = _run(make, [values[i] for i in order], [[g[i] for i in order] for g in grads],
+                    [[0, 1], [2, 3, 4]])
+    runs = [runs[order.index(i)] for i in range(len(shapes))]
+    assert _count_differing(base, runs) == 0, "order / grouping changed the result"
+
+
+TAIL_SIZES = [7, 13, 29, 1000, 3047]  # sums to 4096
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", [n for n, (_, _, elementwise) in ALGORITHMS.items() if elementwise])
+@pytest.mark.parametrize("capability", CPU_CAPABILITIES)
+def test_bitwise_body_vs_tail(capability, name, dtype):
+    """The same 4096 values stepped as one tensor (all SIMD body) and as tensors of
+    odd sizes (many elements in scalar tails) end bitwise equal."""
+    make = ALGORITHMS[name][0]
+    whole = _values([(4096,)], dtype, seed=3)
+    grads = [_values([(4096,)], dtype, seed=300 + s) for s in range(_steps(name))]
+    with cpu_setup(capability, 1):
+        one = _run(make, whole, grads, [[0]])[0]
+        parts = _run(make, list(whole[0].split(TAIL_SIZES)),
+                     [list(g[0].split(TAIL_SIZES)) for g in grads], [list(range(len(TAIL_SIZES)))])
+    joined = [torch.cat([p[k] for p in parts]) for k in range(len(one))]
+    assert _count_differing([one], [joined]) == 0
+
+
+# ---------------------------------------------------------------------------
+# 2. torch's rounding: lerp forms and the L2 term
+# ---------------------------------------------------------------------------
+
+def _against_torch(ours, theirs, values, grads):
+    a = [v.clone().requires_grad_(True) for v in values]
+    b = [v.clone().requires_grad_(True) for v in values]
+    opt_a, opt_b = ours(a), theirs(b)
+    for step_grads in grads:
+        for pa, pb, g in zip(a, b, step_grads):
+            pa.grad, pb.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    return a, b, opt_a, opt_b
+
+
+# Sizes: multiples of every SIMD width and odd ones (torch's own scalar tail).
+TORCH_SHAPES = [(4096,), (37,), (5, 7)]
+
+
+@pytest.mark.parametrize("betas", [(0.0, 0.0), (0.3, 0.999), (0.9, 0.999)])
+@pytest.mark.parametrize("decoupled", [True, False], ids=["adamw", "adam_l2"])
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_adam_matches_torch(backend, decoupled, betas):
+    """Adam(W) in fp32 against torch.optim's single-tensor path.  m and v are
+    bitwise torch's: lerp and addcmul are one fma each in torch's kernels, and so is
+    the L2 term grad.add(param, alpha=λ).  θ is only close: torch's CPU sqrt (VML)
+    is not correctly rounded, ours is; so with L2 (θ feeds g) m, v stay bitwise
+    equal only for the first step."""
+    cls, tcls = (af.AdamW, torch.optim.AdamW) if decoupled else (af.Adam, torch.optim.Adam)
+    h = dict(lr=1e-2, betas=betas, eps=1e-8, weight_decay=0.1)
+    values = _values(TORCH_SHAPES, torch.float32, seed=5)
+    grads = [_values(TORCH_SHAPES, torch.float32, seed=500 + s) for s in range(4)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for steps in (1, len(grads)):
+            a, b, opt_a, opt_b = _against_torch(lambda p: cls(p, backend=backend, **h),
+                                                lambda p: tcls(p, foreach=False, **h), values,
+                                                grads[:steps])
+            for pa, pb in zip(a, b):
+                for key in ("exp_avg", "exp_avg_sq"):
+                    sa, sb = opt_a.state[pa][key], opt_b.state[pb][key]
+                    if steps == 1 or decoupled:
+                        assert torch.equal(sa, sb), (steps, key)
+                    else:
+                        torch.testing.assert_close(sa, sb, rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(pa.detach(), pb.detach(), rtol=1e-6, atol=1e-7)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_beta1_zero_gives_m_equal_g(backend):
+    """lerp(m, g, 1) = g exactly: with betas (0, 0), m = g and v = g² after any step."""
+    values = _values([(40,)], torch.float32, seed=6)
+    grads = [_values([(40,)], torch.float32, seed=600 + s) for s in range(3)]
+    a, _, opt, _ = _against_torch(
+        lambda p: af.AdamW(p, lr=1e-2, betas=(0.0, 0.0), backend=backend),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, betas=(0.0, 0.0), foreach=False), values, grads)
+    assert torch.equal(opt.state[a[0]]["exp_avg"], grads[-1][0])
+    assert torch.equal(opt.state[a[0]]["exp_avg_sq"], grads[-1][0] * grads[-1][0])
+
+
+def _ulp(x):
+    x = x.abs()
+    return torch.nextafter(x, torch.full_like(x, math.inf)) - x
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_l2_term_rounds_like_torch(backend):
+    """g ≈ −λθ: g + λθ cancels, so its rounding dominates m.  Like torch's
+    grad.add(param, alpha=λ), it must be rounded once (an fma)."""
+    lam = 0.1
+    theta = _values([(4099,)], torch.float32, seed=7)[0]
+    noise = _values([(4099,)], torch.float32, seed=8)[0] * 1e-6
+    grad = (-lam * theta.double() + noise.double()).float()
+    a, b, opt_a, opt_b = _against_torch(
+        lambda p: af.Adam(p, lr=1e-3, betas=(0.0, 0.0), weight_decay=lam, backend=backend),
+        lambda p: torch.optim.Adam(p, lr=1e-3, betas=(0.0, 0.0), weight_decay=lam, foreach=False),
+        [theta], [[grad]])
+    ours, theirs = opt_a.state[a[0]]["exp_avg"], opt_b.state[b[0]]["exp_avg"]
+    assert torch.all((ours - theirs).abs() <= _ulp(theirs)), float(((ours - theirs).abs() / _ulp(theirs)).max())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("beta1", [0.0, 0.3, 0.5, 0.9])
+def test_lerp_form_matches_reference(backend, beta1):
+    """m of Adam, RAdam, ScaledAdamW and LAMB equals torch.lerp(m, g, 1 − β1)
+    bitwise in fp32 (the reference computes it with torch.lerp)."""
+    values = _values([(300,)], torch.float32, seed=9)
+    grads = [_values([(300,)], torch.float32, seed=900 + s) for s in range(3)]
+    makers = [
+        lambda p, b: af.Adam(p, lr=1e-2, betas=(beta1, 0.99), backend=b),
+        lambda p, b: af.RAdam(p, lr=1e-2, betas=(beta1, 0.99), backend=b),
+        lambda p, b: af.ScaledAdamW(p, lr=1e-2, betas=(beta1, 0.99), p=0.1, sigma=0.1, backend=b),
+        lambda p, b: af.Lamb(p, lr=1e-2, betas=(beta1, 0.99), backend=b),
+    ]
+    for make in makers:
+        a, r, opt_a, opt_r = _against_torch(lambda p: make(p, backend), lambda p: make(p, "reference"),
+                                            values, grads[:1])
+        assert torch.equal(opt_a.state[a[0]]["exp_avg"], opt_r.state[r[0]]["exp_avg"])
+
+
+# ---------------------------------------------------------------------------
+# 3. Non-finite values: one semantics on every backend
+# ---------------------------------------------------------------------------
+
+def test_torch_sign_of_nan_and_zero():
+    """What af_sign mirrors: torch.sign(NaN) = sign(±0) = +0."""
+    s = torch.sign(torch.tensor([math.nan, -0.0, 0.0, -2.0, 3.0] * 7))  # body and tail
+    assert s.tolist() == [0.0, 0.0, 0.0, -1.0, 1.0] * 7
+    assert not torch.signbit(s[s == 0]).any()
+
+
+NONFINITE_BACKENDS = ["reference", "cpu", "triton"]
+NONFINITE_ALGORITHMS = {
+    "adamw": lambda p, b, eps: af.AdamW(p, lr=1e-2, eps=eps, weight_decay=0.1, backend=b),
+    "adam_l2_amsgrad": lambda p, b, eps: af.Adam(p, lr=1e-2, eps=eps, weight_decay=0.1, amsgrad=True,
+                                                 backend=b),
+    "radam": lambda p, b, eps: af.RAdam(p, lr=1e-2, eps=eps, betas=(0.9, 0.9), backend=b),
+    "lion": lambda p, b, eps: af.Lion(p, lr=1e-2, weight_decay=0.1, backend=b),
+    "amos": lambda p, b, eps: af.Amos(p, lr=0.05, eta=0.5, backend=b),
+    "amos_rows": lambda p, b, eps: af.Amos(p, lr=0.05, eta=0.5, reduce_axes=(1,), momentum=0.9,
+                                           backend=b),
+    "scaled_adamw": lambda p, b, eps: af.ScaledAdamW(p, lr=1e-2, eps=eps, p=0.1, sigma=0.1, backend=b),
+    "lamb": lambda p, b, eps: af.Lamb(p, lr=1e-2, eps=eps, weight_decay=0.01, backend=b),
+}
+
+
+def _nonfinite_case(case, steps):
+    """(params, grads per step, eps) of a non-finite scenario on a (5, 8) and a (3, 8)
+    tensor; the second stays finite."""
+    values = _values([(5, 8), (3, 8)], torch.float32, seed=11)
+    grads = [_values([(5, 8), (3, 8)], torch.float32, seed=1100 + s) for s in range(steps)]
+    eps = 1e-8
+    if case == "nan_grad":
+        grads[0][0][1, 3] = math.nan
+    elif case == "inf_grad":
+        grads[0][0][2, 5] = math.inf
+        grads[1][0][0, 0] = -math.inf
+    elif case == "nan_param":
+        values[0][4, 7] = math.nan
+    elif case == "zero_grad_eps0":
+        grads = [[torch.zeros_like(g) for g in step] for step in grads]
+        eps = 0.0
+    return values, grads, eps
+
+
+@pytest.mark.parametrize("case", ["nan_grad", "inf_grad", "nan_param", "zero_grad_eps0"])
+@pytest.mark.parametrize("name", list(NONFINITE_ALGORITHMS))
+def test_nonfinite_semantics_agree(name, case):
+    make = NONFINITE_ALGORITHMS[name]
+    values, grads, eps = _nonfinite_case(case, 7 if name == "radam" else 2)
+    results = {}
+    for backend in NONFINITE_BACKENDS:
+        params = [v.clone().requires_grad_(True) for v in values]
+        opt = make(params, backend, eps)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        results[backend] = [p.detach() for p in params]
+    ref = results["reference"]
+    for backend in NONFINITE_BACKENDS[1:]:
+        for i, (x, r) in enumerate(zip(results[backend], ref)):
+            assert torch.equal(torch.isnan(x), torch.isnan(r)), f"{backend} param {i}: NaN pattern"
+            assert torch.equal(torch.isinf(x), torch.isinf(r)), f"{backend} param {i}: Inf pattern"
+            finite = torch.isfinite(r)
+            torch.testing.assert_close(x[finite], r[finite], rtol=1e-5, atol=1e-6)
+    if name == "lion" and case == "nan_grad":  # sign(NaN) = 0: θ only decays there
+        assert torch.isfinite(ref[0]).all()
