@@ -24,6 +24,13 @@ def positive(name: str, value) -> None:
         raise ValueError(f"Invalid {name}: {value} (must be a finite number > 0)")
 
 
+def finite_at_least(name: str, value, low: float) -> float:
+    v = _value(value)
+    if not (v >= low and math.isfinite(v)):
+        raise ValueError(f"Invalid {name}: {value} (must be a finite number >= {low})")
+    return v
+
+
 def in_unit_interval(name: str, value) -> None:
     """0 <= value < 1, like torch's betas."""
     v = _value(value)

@@ -129,7 +129,8 @@ class RAdam(FusedOptimizer):
 
     def _check_group(self, group):
         hp.adam_group(group)
-        hp.nonnegative("rectify_threshold", group["rectify_threshold"])
+        # r_t = sqrt((ρt−4)(ρt−2)ρ∞ / ((ρ∞−4)(ρ∞−2)ρt)) is real only where ρt ≥ 4.
+        hp.finite_at_least("rectify_threshold", group["rectify_threshold"], 4.0)
 
     def _new_state(self, p, group):
         return adam_state(p)

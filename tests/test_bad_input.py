@@ -403,3 +403,10 @@ def test_amos_momentum_switched_on_creates_mu(backend):
         opt.step()
     assert "mu" in opt.state[params[0]]
     assert torch.equal(params[0].detach(), twin[0].detach())
+
+
+@pytest.mark.parametrize("threshold", [3.9, 0.0, -1.0, float("inf"), float("nan")])
+def test_radam_rectify_threshold_below_four_is_refused(threshold):
+    """Below ρt = 4 the rectification term is the square root of a negative number."""
+    _raises_naming(ValueError, lambda: af.RAdam(_param(), rectify_threshold=threshold),
+                   "rectify_threshold", re.escape(str(threshold)))
