@@ -1,6 +1,6 @@
-"""amos_fused: the whole optimizer step of AdamW, Adam, RAdam, Lion and Amos in one
-pass over memory per bucket of parameters, as fused kernels behind
-torch.optim-compatible classes.  See README.md and DESIGN.md."""
+"""amos_fused: the whole optimizer step of AdamW, Adam, RAdam, Lion, Amos,
+scale-aware AdamW (ScaledAdamW) and LAMB in one pass over memory per bucket of
+parameters, as fused kernels behind torch.optim-compatible classes.  See README.md."""
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
 from . import _C  # noqa: F401  (registers the compiled ops: torch.ops.amos_fused)

@@ -1,6 +1,6 @@
 """Amos param groups from a model: η (the expected scale of a tensor's entries)
 and ``reduce_axes`` (which axes its second moment averages over) inferred from
-each parameter's module, by the table of DESIGN §2.4:
+each parameter's module, by this table:
 
 ==============================  =============================  ==========================
 tensor                          η                              reduce_axes (slot)

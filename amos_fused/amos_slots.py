@@ -1,4 +1,4 @@
-"""Amos slot shapes (DESIGN §2.4): which axes of a tensor its second-moment
+"""Amos slot shapes: which axes of a tensor its second-moment
 slots ``v`` and ``b`` average over, and the resulting slot shape."""
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ Reported per implementation: median ms per step over all rounds, effective GB/s
 speed-up over torch's fused AdamW (torch fused ms / this ms) and over our AdamW;
 then the optimizer-state bytes of every optimizer and their fraction of AdamW's.  A table goes to
 stdout, progress to stderr, and the results to bench/results/<device>-<date>.json
-(relative to the current directory) in the schema of DESIGN.md §6, plus a
+(relative to the current directory) in one schema for every device, plus a
 "memory" list of {impl, state_bytes, fraction_of_adamw}.  The `copy` row
 carries the workload's params and tensors: the workload whose bytes it mirrors.
 """
@@ -236,7 +236,7 @@ def gbps(bytes_moved: float, ms: float) -> float:
 
 
 def result_rows(measurements: List[dict], workload: str) -> List[dict]:
-    """Rows of the DESIGN.md §6 schema; needs the copy and torch fused measurements."""
+    """Rows of the results schema; needs the copy and torch fused measurements."""
     by_name = {m["impl"].name: m for m in measurements}
     copy = by_name[COPY]
     copy_gbps = gbps(copy["impl"].bytes_per_param * copy["params"], copy["ms"])

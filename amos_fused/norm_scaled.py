@@ -1,5 +1,7 @@
-"""Optimizers that scale each tensor's Adam direction u = m̂/(sqrt(v̂)+ε) by a norm
-(DESIGN §2.5), stepped in two phases: moments and ‖u‖ first, then θ."""
+"""Optimizers that scale each tensor's Adam direction u = m̂/(sqrt(v̂)+ε) by a norm,
+stepped in two phases: moments and ‖u‖ first, then θ.  ScaledAdamW follows
+Su Jianlin, "基于Amos优化器思想推导出来的一些'炼丹策略'", kexue.fm, 2022-11-22;
+LAMB follows You et al., arXiv:1904.00962."""
 from __future__ import annotations
 
 import math
@@ -15,8 +17,9 @@ from .theory import DECAYS, half_life_p
 
 
 def initial_sigma(p: torch.Tensor) -> float:
-    """σ of a tensor for ‖ε0‖ = sqrt(numel)·σ (seed 002): the init std (here its RMS)
-    of weight matrices/kernels; 0.5 for vectors (zero-init biases, one-init gains)."""
+    """σ of a tensor for ‖ε0‖ = sqrt(numel)·σ (as in the kexue.fm post cited above): the
+    init std (here its RMS) of weight matrices/kernels; 0.5 for vectors (zero-init
+    biases, one-init gains)."""
     if p.dim() < 2 or p.numel() == 0:
         return 0.5
     rms = float(p.detach().double().pow(2).mean().sqrt())
@@ -32,7 +35,7 @@ class _AdamMoments(FusedOptimizer):
 
 
 class ScaledAdamW(_AdamMoments):
-    """Scale-aware Adam from the Amos derivation (DESIGN §2.5, seed 002)::
+    """Scale-aware Adam from the Amos derivation (Su Jianlin, kexue.fm, 2022-11-22)::
 
         θ ← θ − (α_t·u + ρ_t·θ),  α_t = α0·‖ε0‖/‖u‖·s(t),  ρ_t = α0²/(2q)·s(t)
 
@@ -107,9 +110,9 @@ class ScaledAdamW(_AdamMoments):
 
 
 class Lamb(_AdamMoments):
-    """LAMB (DESIGN §2.5): u = m̂/(sqrt(v̂)+ε) + λθ;  θ ← θ − η·(‖θ‖/‖u‖)·u per
-    tensor, the trust ratio being 1 when either norm is 0.  State: ``step``,
-    ``exp_avg``, ``exp_avg_sq``."""
+    """LAMB (You et al., arXiv:1904.00962): u = m̂/(sqrt(v̂)+ε) + λθ;
+    θ ← θ − η·(‖θ‖/‖u‖)·u per tensor, the trust ratio being 1 when either norm is 0.
+    State: ``step``, ``exp_avg``, ``exp_avg_sq``."""
 
     algorithm = "lamb"
 

@@ -34,7 +34,8 @@ def _advance(step: Tensor) -> float:
 
 
 class _AdamFamily(FusedOptimizer):
-    """Adam and AdamW: DESIGN §2.1, state keys as torch.optim.Adam."""
+    """Adam and AdamW (Kingma & Ba, arXiv:1412.6980; Loshchilov & Hutter,
+    arXiv:1711.05101), state keys as torch.optim.Adam."""
 
     algorithm = "adam"
     state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -111,7 +112,7 @@ class Adam(_AdamFamily):
 
 
 class RAdam(FusedOptimizer):
-    """RAdam (DESIGN §2.2), a drop-in for torch.optim.RAdam.  The update is
+    """RAdam (Liu et al., arXiv:1908.03265), a drop-in for torch.optim.RAdam.  The update is
     rectified when ρ_t > ``rectify_threshold`` (5, like torch; the paper uses 4).
     Weight decay is L2 unless ``decoupled_weight_decay=True``."""
 
@@ -160,8 +161,9 @@ class RAdam(FusedOptimizer):
 
 
 class Lion(FusedOptimizer):
-    """Lion / SignSGDM-W (DESIGN §2.3): θ ← θ·(1−ηλ) − η·sign(β1·m + (1−β1)·g),
-    then m ← β2·m + (1−β2)·g.  State: ``exp_avg`` (and ``step``, a counter)."""
+    """Lion (Chen et al., arXiv:2302.06675) / SignSGDM-W (sign momentum, decoupled decay):
+    θ ← θ·(1−ηλ) − η·sign(β1·m + (1−β1)·g), then m ← β2·m + (1−β2)·g.
+    State: ``exp_avg`` (and ``step``, a counter)."""
 
     algorithm = "lion"
     state_keys = ("exp_avg",)
@@ -196,7 +198,7 @@ class Lion(FusedOptimizer):
 
 def initial_rms_eta(p: Tensor) -> float:
     """Amos's default η for a tensor: the RMS of its (freshly initialized) entries,
-    0.5 where that is zero (zero-init biases) — DESIGN §2.4."""
+    0.5 where that is zero (zero-init biases)."""
     if p.numel() == 0:
         return 0.5
     rms = float(p.detach().double().pow(2).mean().sqrt())
@@ -204,8 +206,9 @@ def initial_rms_eta(p: Tensor) -> float:
 
 
 class Amos(FusedOptimizer):
-    """Amos (DESIGN §2.4; Tian & Parikh 2022, jestimator's amos.py): adaptive weight
-    decay toward a model-oriented scale η, no learning-rate schedule needed.
+    """Amos (Tian & Parikh, arXiv:2210.11693; semantics of google-research/jestimator's
+    amos.py): adaptive weight decay toward a model-oriented scale η, no learning-rate
+    schedule needed.
 
     ``lr`` is the global learning rate ξ.  ``eta``: the expected RMS of the tensor's
     entries; None infers it per tensor from its RMS at construction (0.5 for

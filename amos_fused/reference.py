@@ -1,7 +1,7 @@
 """Eager reference implementation of every algorithm: the ground truth of all tests.
 
 One function per algorithm; each steps ONE tensor in place with plain torch ops,
-written to read like the equations of DESIGN.md §2 (cited in each docstring),
+written to read like the equations of each algorithm's paper (cited in each docstring),
 not like the kernels.  It runs in the tensors' own dtype for float32/float64;
 bfloat16/float16 tensors are computed in float32 and rounded back when stored,
 which is what the fused kernels do.  ``step`` is the 1-based step count AFTER
@@ -46,7 +46,7 @@ def adam_step(
     amsgrad: bool,
     bias_correction: bool = True,
 ) -> None:
-    """Adam / AdamW, DESIGN §2.1 (seed 001)::
+    """Adam / AdamW (Kingma & Ba, arXiv:1412.6980; Loshchilov & Hutter, arXiv:1711.05101)::
 
         g ← g + λθ                        (L2, when not decoupled)
         m ← β1·m + (1−β1)·g,  v ← β2·v + (1−β2)·g²,  v̂max ← max(v̂max, v) (amsgrad)
@@ -77,7 +77,7 @@ def adam_step(
 
 
 def radam_rectification(step: int, beta2: float, threshold: float) -> Optional[float]:
-    """RAdam's r_t (DESIGN §2.2, seed 004), or None when ρ_t ≤ threshold::
+    """RAdam's r_t (Liu et al., arXiv:1908.03265), or None when ρ_t ≤ threshold::
 
     ρ∞ = 2/(1−β2) − 1,  ρt = ρ∞ − 2·t·β2^t/(1−β2^t),
     r = sqrt((ρt−4)(ρt−2)ρ∞ / ((ρ∞−4)(ρ∞−2)ρt))
@@ -104,7 +104,7 @@ def radam_step(
     decoupled: bool,
     rectify_threshold: float = 5.0,
 ) -> None:
-    """RAdam, DESIGN §2.2 (seed 004)::
+    """RAdam (Liu et al., arXiv:1908.03265)::
 
         m, v as in Adam;  u = r·(m/bc1)·sqrt(bc2)/(sqrt(v)+ε) if ρt > threshold else m/bc1
         θ ← θ − η·u   (decay: L2 on g, or θ·(1−ηλ) when decoupled)
@@ -140,7 +140,8 @@ def lion_step(
     beta2: float,
     weight_decay: float,
 ) -> None:
-    """Lion / SignSGDM-W, DESIGN §2.3 (seed 003)::
+    """Lion (Chen et al., arXiv:2302.06675) / SignSGDM-W: sign momentum with decoupled
+    weight decay, as in Su Jianlin's kexue.fm post on AdamW's weight RMS::
 
     c = β1·m + (1−β1)·g;  θ ← θ·(1−ηλ) − η·sign(c);  m ← β2·m + (1−β2)·g
 
@@ -175,7 +176,8 @@ def amos_step(
     c_coef: float = 0.25,
     epsilon: float = 2.0**-125,
 ) -> None:
-    """Amos, DESIGN §2.4 (seeds 000, 002; semantics of jestimator's amos.py)::
+    """Amos (Tian & Parikh, arXiv:2210.11693; semantics of google-research/jestimator's
+    amos.py)::
 
         g ← clamp(g, −clip, clip)
         g2 = mean(g², reduce_axes, keepdims);  v ← β·v + (1−β)·g2
@@ -213,8 +215,9 @@ def amos_step(
 
 
 def scaled_lr_schedule(step: int, lr: float, p: float, decay: str) -> float:
-    """s(t) of DESIGN §2.5 (seed 002): 'inverse_square' = 1/(α0·p·t + 1)² (constant p,
-    eq. alpha-rho-3) or 'inverse_time' = 1/(2·α0·p0·t + 1) (dynamic p, eq. alpha-rho-4)."""
+    """s(t) of scale-aware Adam (Su Jianlin's post on kexue.fm, 2022-11-22):
+    'inverse_square' = 1/(α0·p·t + 1)² (constant p, eq. alpha-rho-3 of that post) or
+    'inverse_time' = 1/(2·α0·p0·t + 1) (dynamic p, eq. alpha-rho-4)."""
     if decay == "inverse_square":
         return 1.0 / (lr * p * step + 1.0) ** 2
     if decay == "inverse_time":
@@ -223,7 +226,7 @@ def scaled_lr_schedule(step: int, lr: float, p: float, decay: str) -> float:
 
 
 def _adam_direction(g, m, v, step, beta1, beta2, eps, bias_correction):
-    """Updates m, v (values) and returns u = (m/bc1)/(sqrt(v/bc2)+ε) (DESIGN §2.1)."""
+    """Updates m, v (values) and returns Adam's direction u = (m/bc1)/(sqrt(v/bc2)+ε)."""
     m = torch.lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
     v = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
     bc1 = 1 - beta1**step if bias_correction else 1.0
@@ -247,7 +250,7 @@ def scaled_adam_step(
     decay: str = "inverse_square",
     q: float = 1.0,
 ) -> None:
-    """Scale-aware Adam, DESIGN §2.5 (seed 002)::
+    """Scale-aware Adam derived from Amos (Su Jianlin, kexue.fm, 2022-11-22)::
 
         u = m̂/(sqrt(v̂)+ε);  α_t = α0·‖ε0‖/‖u‖·s(t);  ρ_t = α0²/(2q)·s(t)
         θ ← θ − (α_t·u + ρ_t·θ)        (‖ε0‖ = init_norm = sqrt(numel)·σ)
@@ -282,8 +285,8 @@ def lamb_step(
     weight_decay: float,
     bias_correction: bool = True,
 ) -> None:
-    """LAMB, DESIGN §2.5: u = m̂/(sqrt(v̂)+ε) + λθ;  θ ← θ − η·(‖θ‖/‖u‖)·u, the trust
-    ratio ‖θ‖/‖u‖ being 1 when either norm is 0.
+    """LAMB (You et al., arXiv:1904.00962): u = m̂/(sqrt(v̂)+ε) + λθ;
+    θ ← θ − η·(‖θ‖/‖u‖)·u, the trust ratio ‖θ‖/‖u‖ being 1 when either norm is 0.
 
     Non-finite values: the ratio is also 1 when a norm is NaN, so a NaN/Inf in u or θ
     reaches θ only at its own element (an Inf ‖u‖ gives ratio 0, and 0·Inf = NaN)."""

@@ -1,4 +1,4 @@
-// Amos slot layouts (DESIGN §2.4): how a tensor's elements map to the entries of
+// Amos slot layouts: how a tensor's elements map to the entries of
 // its v / b slots, read off the shapes of v and the param.  Shared by the CPU and
 // CUDA ops; everything here only checks and describes, it never writes.
 #pragma once

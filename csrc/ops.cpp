@@ -28,36 +28,36 @@ TORCH_LIBRARY(amos_fused, m) {
   m.def("cpu_capability() -> str", &amos_fused::cpu::cpu_capability);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("set_cpu_capability(str name) -> ()", &amos_fused::cpu::set_cpu_capability);
-  // §2.1 Adam / AdamW (decoupled), amsgrad, optional bias correction.
+  // Adam / AdamW (decoupled), amsgrad, optional bias correction.
   m.def(
       "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, float lr, "
       "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, "
       "bool bias_correction, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-  // §2.2 RAdam, L2 or decoupled decay.
+  // RAdam, L2 or decoupled decay.
   m.def(
       "radam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, bool decoupled, float rectify_threshold, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-  // §2.3 Lion / SignSGDM-W.
+  // Lion / SignSGDM-W.
   m.def(
       "lion_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] steps, float lr, "
       "float beta1, float beta2, float weight_decay, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
-  // §2.4 Amos; slot layout of each tensor read off the shapes of its v / b.
+  // Amos; slot layout of each tensor read off the shapes of its v / b.
   m.def(
       "amos_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] vs, Tensor(c!)[] bs, "
       "Tensor(d!)[] mus, Tensor(e!)[] steps, float[] etas, float lr, float beta, float? momentum, "
       "float? clip_value, float extra_l2, float d_coef, float c_coef, float epsilon, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-  // §2.5 scale-aware Adam (seed 002): two phases, per-tensor ‖u‖.
+  // Scale-aware Adam (Su Jianlin, kexue.fm, 2022-11-22): two phases, per-tensor ‖u‖.
   m.def(
       "scaled_adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float[] init_norms, float lr, float beta1, "
       "float beta2, float eps, float p, bool inverse_time, float q, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
-  // §2.5 LAMB: two phases, per-tensor ‖u‖ and ‖θ‖.
+  // LAMB: two phases, per-tensor ‖u‖ and ‖θ‖.
   m.def(
       "lamb_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float lr, float beta1, float beta2, "

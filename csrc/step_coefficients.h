@@ -17,7 +17,7 @@ struct AdamHyper {
   double grad_unscale;
 };
 
-// §2.1: bc1 = 1 − β1^t, bc2 = 1 − β2^t (both 1 without bias correction).
+// Adam: bc1 = 1 − β1^t, bc2 = 1 − β2^t (both 1 without bias correction).
 inline AdamCoef<double> adam_coefficients(const AdamHyper& h, double step) {
   const double bc1 = h.bias_correction ? 1.0 - std::pow(h.beta1, step) : 1.0;
   const double bc2 = h.bias_correction ? 1.0 - std::pow(h.beta2, step) : 1.0;
@@ -41,7 +41,7 @@ struct RAdamHyper {
   double grad_unscale;
 };
 
-// §2.2: ρ∞ = 2/(1−β2) − 1, ρt = ρ∞ − 2tβ2^t/(1−β2^t),
+// RAdam: ρ∞ = 2/(1−β2) − 1, ρt = ρ∞ − 2tβ2^t/(1−β2^t),
 //       r = sqrt((ρt−4)(ρt−2)ρ∞ / ((ρ∞−4)(ρ∞−2)ρt)) when ρt > threshold.
 inline RAdamCoef<double> radam_coefficients(const RAdamHyper& h, double step) {
   const double beta2_t = std::pow(h.beta2, step);
@@ -71,13 +71,13 @@ struct LionHyper {
   double lr, beta1, beta2, weight_decay, grad_unscale;
 };
 
-// §2.3
+// Lion
 inline LionCoef<double> lion_coefficients(const LionHyper& h) {
   return {h.beta1,          1.0 - h.beta1, h.beta2, 1.0 - h.beta2, 1.0 - h.lr * h.weight_decay,
           -h.lr,            h.grad_unscale};
 }
 
-// §2.5: Adam moments for the two-phase rules (scale-aware Adam, LAMB).
+// Adam moments for the two-phase rules (scale-aware Adam, LAMB).
 inline MomentCoef<double> moment_coefficients(double beta1, double beta2, double eps,
                                               double weight_decay, bool bias_correction,
                                               double grad_unscale, double step) {
@@ -88,8 +88,8 @@ inline MomentCoef<double> moment_coefficients(double beta1, double beta2, double
           lerp_weight_small(1.0 - beta1)};
 }
 
-// §2.5 s(t): 1/(α0·p·t + 1)² (inverse_square, constant p) or 1/(2·α0·p·t + 1)
-// (inverse_time, dynamic p).
+// Scale-aware Adam's s(t): 1/(α0·p·t + 1)² (inverse_square, constant p) or
+// 1/(2·α0·p·t + 1) (inverse_time, dynamic p).
 inline double scaled_schedule(double lr, double p, bool inverse_time, double step) {
   return inverse_time ? 1.0 / (2.0 * lr * p * step + 1.0)
                       : 1.0 / ((lr * p * step + 1.0) * (lr * p * step + 1.0));
@@ -99,7 +99,7 @@ struct AmosHyper {
   double lr, beta, momentum, clip_value, extra_l2, d_coef, c_coef, epsilon, grad_unscale;
 };
 
-// §2.4, for one tensor of scale η at step t.
+// Amos, for one tensor of scale η at step t.
 inline AmosCoef<double> amos_coefficients(const AmosHyper& h, double eta, double step) {
   const double alpha = h.lr * eta;
   return {h.beta,

@@ -15,7 +15,11 @@
 // Where torch's CPU kernels round a·b + c once (lerp, addcmul, add with alpha)
 // the math says so with af_fma; everything else is rounded op by op (the C++
 // build uses -ffp-contract=off, so SIMD body and scalar tail agree bitwise).
-// Equation numbers refer to DESIGN.md §2.
+// Sources: Adam / AdamW (Kingma & Ba, arXiv:1412.6980; Loshchilov & Hutter,
+// arXiv:1711.05101), RAdam (Liu et al., arXiv:1908.03265), Lion (Chen et al.,
+// arXiv:2302.06675), Amos (Tian & Parikh, arXiv:2210.11693;
+// google-research/jestimator's amos.py), scale-aware Adam (Su Jianlin, kexue.fm,
+// 2022-11-22) and LAMB (You et al., arXiv:1904.00962).
 #pragma once
 
 #include <cmath>
@@ -56,7 +60,7 @@ AF_HD T af_lerp(T a, T b, T w, bool small) {
   return small ? af_fma(w, b - a, a) : af_fma(w - T(1), b - a, b);
 }
 
-// ---- Adam / AdamW (§2.1) ----------------------------------------------------
+// ---- Adam / AdamW -----------------------------------------------------------
 template <typename T>
 struct AdamCoef {
   T beta1_complement;  // 1 - β1   (lerp weight)
@@ -94,7 +98,7 @@ AF_HD void adam_update(T& p, T g, T& m, T& v, T& vmax, const AdamCoef<T>& c) {
   p = p + c.neg_step_size * m / denom;             // θ ← θ − η/bc1 · m/denom
 }
 
-// ---- RAdam (§2.2) -------------------------------------------------------------
+// ---- RAdam --------------------------------------------------------------------
 template <typename T>
 struct RAdamCoef {
   T beta1_complement, beta2, beta2_complement;
@@ -132,7 +136,7 @@ AF_HD void radam_update(T& p, T g, T& m, T& v, const RAdamCoef<T>& c) {
   p = p - step;
 }
 
-// ---- Lion / SignSGDM-W (§2.3) --------------------------------------------------
+// ---- Lion / SignSGDM-W ---------------------------------------------------------
 template <typename T>
 struct LionCoef {
   T beta1, beta1_complement, beta2, beta2_complement;
@@ -155,7 +159,7 @@ AF_HD void lion_update(T& p, T g, T& m, const LionCoef<T>& c) {
   m = m * c.beta2 + g * c.beta2_complement;                    // m ← β2·m + (1−β2)·g
 }
 
-// ---- Adam moments and direction, shared by the two-phase rules (§2.5) ---------------
+// ---- Adam moments and direction, shared by the two-phase rules ----------------------
 template <typename T>
 struct MomentCoef {
   T beta1_complement, beta2, beta2_complement;
@@ -196,7 +200,7 @@ AF_HD void scaled_update(T& p, T u, T k, T rho) {
   p = p - (k * u + rho * p);
 }
 
-// ---- Amos (§2.4) ------------------------------------------------------------------
+// ---- Amos -------------------------------------------------------------------------
 template <typename T>
 struct AmosCoef {
   T beta, beta_complement;  // β, 1 − β

@@ -1,4 +1,4 @@
-"""Amos (DESIGN §2.4): the fused C++ CPU kernel (``backend='cpu'``) against the eager
+"""Amos: the fused C++ CPU kernel (``backend='cpu'``) against the eager
 reference (``backend='reference'``) on both CPU instruction-set paths, the param-group
 helper ``amos_param_groups`` (the table in amos_fused/amos_helpers.py), checkpoints,
 optimizer-state memory, and bad input.

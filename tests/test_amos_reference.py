@@ -1,5 +1,6 @@
 """The reference Amos (backend='reference') against an independent, deliberately
-plain implementation of DESIGN §2.4's pseudo-code written here, in float64
+plain implementation of the Amos update (Tian & Parikh, arXiv:2210.11693, with the
+semantics of google-research/jestimator's amos.py) written here, in float64
 (tight), for every kind of slot; its state layout; η inference; and against the
 PyPI package pytorch-optimizer's Amos (scalar slots only, extra_l2 = 0) when it
 is installed.
@@ -30,7 +31,7 @@ STEPS = 12
 
 
 # ---------------------------------------------------------------------------
-# An independent Amos, straight from DESIGN §2.4
+# An independent Amos, straight from the paper and jestimator's amos.py
 # ---------------------------------------------------------------------------
 
 def _reduced_dims(reduce_axes, ndim):
@@ -299,7 +300,7 @@ def test_matches_pytorch_optimizer_amos(momentum, foreach):
     # Its slots are scalars (the mean of g² over the whole tensor): reduce_axes='all'.
     # Its η is get_scale(p) (sqrt(2/fan_in) for matrices, 0.5 for vectors / scalars);
     # its eps is ADDED to v (ours is a floor), so eps=0 makes them identical (v > 0 here);
-    # momentum 0.0 means "off" there; its extra_l2 is wrong (DESIGN §6): 0 here.
+    # momentum 0.0 means "off" there; its extra_l2 term differs from jestimator's amos.py: 0 here.
     # No None grads: its step counter is per group, ours per param.
     shapes = [s for s in SHAPES if math.prod(s) > 0] + [(8, 3, 2)]
     lr, beta = 0.05, 0.99

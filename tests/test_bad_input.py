@@ -1,6 +1,6 @@
 """Bad input: hyper-parameters refused at construction (ValueError naming the
 parameter and value, like torch.optim), unavailable backends, and bad grads or
-groups refused at step() BEFORE anything is written (DESIGN §3): after a failed
+groups refused at step() BEFORE anything is written: after a failed
 step every param and every state tensor is bitwise what it was, also when only
 the second param group is bad.  Non-finite grads and grads with other strides
 than their param are not errors and behave like torch.optim.AdamW."""

@@ -1,5 +1,5 @@
 """Checkpoints move between torch.optim and amos_fused in both directions
-(DESIGN §2.1: same state keys), directly and through torch.save/torch.load;
+(same state keys), directly and through torch.save/torch.load;
 loading copies (never aliases) the source tensors; maximize=True is honoured."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""torch.amp.GradScaler with the amos_fused optimizers (DESIGN §3: `grad_scale` /
-`found_inf` like torch's fused kernels).
+"""torch.amp.GradScaler with the amos_fused optimizers (`grad_scale` / `found_inf`
+like torch's fused kernels).
 
 Our optimizers set ``_step_supports_amp_scaling``: GradScaler.step does not
 unscale the grads itself but hands the optimizer ``grad_scale`` and ``found_inf``;

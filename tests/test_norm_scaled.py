@@ -1,6 +1,6 @@
-"""The rules that scale each tensor's Adam direction u = m̂/(sqrt(v̂)+ε) by a norm
-(DESIGN §2.5): ScaledAdamW (scale-aware Adam from the Amos derivation, seed 002) and
-LAMB.  The fused two-phase CPU kernels (``backend='cpu'``) against the eager
+"""The rules that scale each tensor's Adam direction u = m̂/(sqrt(v̂)+ε) by a norm:
+ScaledAdamW (scale-aware Adam derived from Amos by Su Jianlin, kexue.fm, 2022-11-22)
+and LAMB.  The fused two-phase CPU kernels (``backend='cpu'``) against the eager
 reference on both CPU instruction-set paths, closed forms (zero norms, the
 half-life helper), determinism, and bad input.
 
@@ -185,7 +185,8 @@ def test_scaled_adamw_group_values(decay):
 # ---------------------------------------------------------------------------
 
 def _s(step, lr, p, decay):
-    """s(t), written out independently of the library (DESIGN §2.5)."""
+    """s(t), written out independently of the library (eqs. alpha-rho-3 / alpha-rho-4 of
+    Su Jianlin's kexue.fm post, 2022-11-22)."""
     if decay == "inverse_square":
         return 1.0 / (lr * p * step + 1.0) ** 2
     return 1.0 / (2.0 * lr * p * step + 1.0)
@@ -276,7 +277,7 @@ def test_half_life_p_halves_the_schedule(decay, lr, half_life):
     s0 = reference.scaled_lr_schedule(0, lr, p, decay)
     assert s0 == 1.0
     assert abs(reference.scaled_lr_schedule(half_life, lr, p, decay) / s0 - 0.5) <= 1e-12
-    # and it is the closed form of DESIGN §2.5: α0·p = (√2−1)/T, α0·p0 = 1/(2T)
+    # and it is the closed form α0·p = (√2−1)/T, α0·p0 = 1/(2T)
     expected = (math.sqrt(2) - 1) / half_life if decay == "inverse_square" else 1 / (2 * half_life)
     assert lr * p == pytest.approx(expected, rel=1e-14)
     # monotone: the rate is above one half before T and below after

@@ -1,4 +1,4 @@
-"""Triton kernels of the amos_fused steps (DESIGN §3): one launch per bucket and
+"""Triton kernels of the amos_fused steps: one launch per bucket and
 phase, on CUDA tensors, or on CPU tensors under Triton's interpreter
 (TRITON_INTERPRET=1, set before this package's kernels are first imported).
 

@@ -1,4 +1,4 @@
-"""One-pass kernels of the Adam family (DESIGN §2.1–2.3) over a whole bucket:
+"""One-pass kernels of the Adam family over a whole bucket:
 program i steps block ``blocks[2i+1]`` of tensor ``blocks[2i]`` (bucket.py).
 Full blocks run unmasked (vector accesses); only a tensor's last block is masked.
 Math: adam_math.py."""

@@ -1,4 +1,4 @@
-"""Per-element math of the Adam family (DESIGN §2.1–2.3): Adam / AdamW (+ amsgrad,
+"""Per-element math of the Adam family: Adam / AdamW (+ amsgrad,
 L2, no bias correction), RAdam and Lion.  Mirrors csrc/step_math.h operation by
 operation (torch.optim's single-tensor order), in the compute dtype of the
 caller (fp32, or fp64 for fp64 tensors).
@@ -36,7 +36,7 @@ def load_adam_coefficients(row):
 def adam_update(p, g, m, v, vmax, beta1_complement, beta2, beta2_complement, param_decay, l2,
                 eps, bc2_sqrt, neg_step_size, grad_unscale, lerp_small,
                 AMSGRAD: tl.constexpr, L2: tl.constexpr, FP64: tl.constexpr):
-    """One Adam(W) step (§2.1); vmax is only used with AMSGRAD.  Returns p, m, v, vmax."""
+    """One Adam(W) step; vmax is only used with AMSGRAD.  Returns p, m, v, vmax."""
     g = g * grad_unscale                             # g ← g · inv_grad_scale
     if L2:
         g = tl.fma(l2, p, g)                         # g ← g + λθ  (grad.add(θ, alpha=λ))
@@ -79,7 +79,7 @@ def load_radam_coefficients(row):
 def radam_update(p, g, m, v, beta1_complement, beta2, beta2_complement, param_decay, l2, eps,
                  bc1, lr, bc2_sqrt, rect, grad_unscale, rectified, lerp_small,
                  L2: tl.constexpr, FP64: tl.constexpr):
-    """One RAdam step (§2.2).  Returns p, m, v."""
+    """One RAdam step.  Returns p, m, v."""
     g = g * grad_unscale
     if L2:
         g = tl.fma(l2, p, g)                         # g ← g + λθ  (grad.add(θ, alpha=λ))
@@ -110,7 +110,7 @@ def load_lion_coefficients(row):
 @triton.jit
 def lion_update(p, g, m, beta1, beta1_complement, beta2, beta2_complement, param_decay, neg_lr,
                 grad_unscale):
-    """One Lion / SignSGDM-W step (§2.3).  Returns p, m."""
+    """One Lion / SignSGDM-W step.  Returns p, m."""
     g = g * grad_unscale
     direction = sign_(m * beta1 + g * beta1_complement)  # sign(β1·m + (1−β1)·g)
     p = p * param_decay + neg_lr * direction             # θ ← θ(1−ηλ) − η·sign(c)

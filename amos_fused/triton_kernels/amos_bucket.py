@@ -1,4 +1,4 @@
-"""Cached metadata of an Amos bucket (DESIGN §2.4, §3): the bucket tables of
+"""Cached metadata of an Amos bucket: the bucket tables of
 bucket.py plus, per tensor, its slot layout (amos_layout.py) as one int64 row of
 ``info``:
 

@@ -1,4 +1,4 @@
-"""Amos kernels (DESIGN §2.4) over a whole bucket; slot layouts and tables:
+"""Amos kernels over a whole bucket; slot layouts and tables:
 amos_layout.py, amos_bucket.py; math: amos_math.py.
 
 Launch order of a step:

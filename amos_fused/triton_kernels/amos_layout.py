@@ -1,4 +1,4 @@
-"""How an Amos tensor's elements map to its v / b slots (DESIGN §2.4), read off
+"""How an Amos tensor's elements map to its v / b slots, read off
 the shapes of the param and of its slot tensor, as csrc/cpu/amos_ops.cpp does.
 
 Four ways to walk a tensor:

@@ -1,4 +1,4 @@
-"""Per-element math of Amos (DESIGN §2.4), mirroring csrc/step_math.h: a slot's
+"""Per-element math of Amos, mirroring csrc/step_math.h: a slot's
 update of v and b, which yields the slot's Δ = w·θ − a·g, then the elementwise
 part (optional momentum, θ ← θ + Δ).  γ, c and d use the OLD b; b is updated
 last; weight decay acts on the pre-update θ."""

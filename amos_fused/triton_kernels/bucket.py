@@ -1,4 +1,4 @@
-"""Per-bucket metadata of the Triton kernels (DESIGN §3), built once and cached.
+"""Per-bucket metadata of the Triton kernels, built once and cached.
 
 A bucket's kernels find everything through small device tables:
   * addresses — the element address of every tensor of every stream (param and

@@ -34,7 +34,7 @@ def _lerp_small(beta1) -> float:
 
 def adam(steps: Tensor, lr, beta1, beta2, eps, weight_decay, decoupled, bias_correction,
          grad_unscale) -> Tensor:
-    """§2.1: bc1 = 1 − β1^t, bc2 = 1 − β2^t (both 1 without bias correction)."""
+    """Adam: bc1 = 1 − β1^t, bc2 = 1 − β2^t (both 1 without bias correction)."""
     ones = torch.ones_like(steps)
     bc1 = 1.0 - torch.pow(beta1, steps) if bias_correction else ones
     bc2 = 1.0 - torch.pow(beta2, steps) if bias_correction else ones
@@ -48,7 +48,7 @@ def adam(steps: Tensor, lr, beta1, beta2, eps, weight_decay, decoupled, bias_cor
 
 def radam(steps: Tensor, lr, beta1, beta2, eps, weight_decay, decoupled, rectify_threshold,
           grad_unscale) -> Tensor:
-    """§2.2: ρ∞ = 2/(1−β2) − 1, ρt = ρ∞ − 2tβ2^t/(1−β2^t),
+    """RAdam: ρ∞ = 2/(1−β2) − 1, ρt = ρ∞ − 2tβ2^t/(1−β2^t),
     r = sqrt((ρt−4)(ρt−2)ρ∞ / ((ρ∞−4)(ρ∞−2)ρt)) when ρt > threshold."""
     beta2_t = torch.pow(beta2, steps)
     bc2 = 1.0 - beta2_t
@@ -67,7 +67,7 @@ def radam(steps: Tensor, lr, beta1, beta2, eps, weight_decay, decoupled, rectify
 
 
 def lion(n: int, lr, beta1, beta2, weight_decay, grad_unscale) -> Tensor:
-    """§2.3: the same row for every tensor (Lion's update does not depend on t)."""
+    """Lion: the same row for every tensor (Lion's update does not depend on t)."""
     return _table(LION_COLUMNS, dict(
         beta1=beta1, beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2,
         param_decay=1.0 - lr * weight_decay, neg_lr=-lr, grad_unscale=grad_unscale,
@@ -76,7 +76,7 @@ def lion(n: int, lr, beta1, beta2, weight_decay, grad_unscale) -> Tensor:
 
 def amos(steps: Tensor, etas: Sequence[float], lr, beta, momentum, clip_value, extra_l2, d_coef,
          c_coef, epsilon, grad_unscale) -> Tensor:
-    """§2.4, per tensor of scale η at step t (momentum / clip_value None → 0)."""
+    """Amos, per tensor of scale η at step t (momentum / clip_value None → 0)."""
     alpha = lr * torch.tensor(etas, dtype=torch.float64)
     momentum = 0.0 if momentum is None else momentum
     return _table(AMOS_COLUMNS, dict(
@@ -100,7 +100,8 @@ def _moments(steps, beta1, beta2, eps, weight_decay, bias_correction, grad_unsca
 
 
 def scaled_schedule(steps: Tensor, lr, p, inverse_time) -> Tensor:
-    """§2.5 s(t): 1/(2·α0·p·t + 1) (inverse_time) or 1/(α0·p·t + 1)² (inverse_square)."""
+    """Scale-aware Adam's s(t): 1/(2·α0·p·t + 1) (inverse_time) or 1/(α0·p·t + 1)²
+    (inverse_square)."""
     if inverse_time:
         return 1.0 / (2.0 * lr * p * steps + 1.0)
     return 1.0 / ((lr * p * steps + 1.0) * (lr * p * steps + 1.0))
@@ -108,7 +109,8 @@ def scaled_schedule(steps: Tensor, lr, p, inverse_time) -> Tensor:
 
 def scaled_adam(steps: Tensor, init_norms: Sequence[float], lr, beta1, beta2, eps, p,
                 inverse_time, q, grad_unscale) -> Tensor:
-    """§2.5: k = α0·‖ε0‖·s(t)/‖u‖ (the ‖u‖ part on the device), ρ = α0²/(2q)·s(t)."""
+    """Scale-aware Adam: k = α0·‖ε0‖·s(t)/‖u‖ (the ‖u‖ part on the device),
+    ρ = α0²/(2q)·s(t)."""
     s = scaled_schedule(steps, lr, p, inverse_time)
     norms = torch.tensor(init_norms, dtype=torch.float64)
     return _moments(steps, beta1, beta2, eps, 0.0, True, grad_unscale,
@@ -117,6 +119,6 @@ def scaled_adam(steps: Tensor, init_norms: Sequence[float], lr, beta1, beta2, ep
 
 def lamb(steps: Tensor, lr, beta1, beta2, eps, weight_decay, bias_correction,
          grad_unscale) -> Tensor:
-    """§2.5 LAMB: k = η·‖θ‖/‖u‖ (the norms on the device), ρ = 0."""
+    """LAMB: k = η·‖θ‖/‖u‖ (the norms on the device), ρ = 0."""
     return _moments(steps, beta1, beta2, eps, weight_decay, bias_correction, grad_unscale,
                     k_scale=lr, rho=0.0)

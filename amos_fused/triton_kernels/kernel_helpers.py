@@ -1,4 +1,4 @@
-"""How the Triton kernels walk a bucket (DESIGN §3): which tensor and block a
+"""How the Triton kernels walk a bucket: which tensor and block a
 program owns, the address of a tensor's stream, and loads / stores in the
 storage dtype with math in the compute dtype.  Tables: see bucket.py."""
 import triton

@@ -1,6 +1,6 @@
 """Launches the Triton kernels over one bucket: fetches the bucket's cached
 metadata (bucket.py, amos_bucket.py), uploads the per-step coefficient table and
-runs ONE launch per phase, whatever the number of tensors (DESIGN §3).
+runs ONE launch per phase, whatever the number of tensors.
 
 Inputs are checked by ops.py before anything here runs."""
 from __future__ import annotations
@@ -105,7 +105,7 @@ class NormScaledMeta(bucket.BucketMeta):
 
 
 def norm_scaled(params, grads, exp_avgs, exp_avg_sqs, coef: Tensor, lamb: bool) -> None:
-    """Scale-aware Adam (lamb=False) or LAMB: phase 1 then phase 2 (§2.5)."""
+    """Scale-aware Adam (lamb=False) or LAMB: phase 1 then phase 2."""
     meta = bucket.elementwise_meta("norm_scaled", [params, exp_avgs, exp_avg_sqs], BLOCK,
                                    NormScaledMeta)
     if meta.num_blocks == 0:

@@ -1,4 +1,4 @@
-"""Two-phase kernels of scale-aware Adam and LAMB (DESIGN §2.5) over a whole
+"""Two-phase kernels of scale-aware Adam and LAMB over a whole
 bucket, one launch per phase (program map: bucket.py):
   phase 1 updates m, v and adds each block's Σu² (LAMB: and Σθ²) to its tensor's
           accumulators with one atomic per block;

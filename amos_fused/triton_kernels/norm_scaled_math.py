@@ -1,5 +1,5 @@
 """Per-element math of the rules that scale each tensor's Adam direction by a
-norm (DESIGN §2.5: scale-aware Adam, LAMB), mirroring csrc/step_math.h: the
+norm (scale-aware Adam, LAMB), mirroring csrc/step_math.h: the
 moments, the direction u = m̂/(sqrt(v̂)+ε) (+ λθ for LAMB), and the phase-2
 update θ ← θ − (k·u + ρ·θ) with per-tensor k, ρ."""
 import triton

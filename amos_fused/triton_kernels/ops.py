@@ -36,7 +36,7 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
               decoupled: bool, amsgrad: bool, bias_correction: bool,
               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-    """§2.1 Adam / AdamW (decoupled), amsgrad, optional bias correction."""
+    """Adam / AdamW (decoupled), amsgrad, optional bias correction."""
     op = "amos_fused.triton.adam_step"
     if amsgrad and len(max_exp_avg_sqs) == 0:
         raise ValueError(f"{op}: amsgrad=True needs max_exp_avg_sqs")
@@ -57,7 +57,7 @@ def radam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
                beta2: float, eps: float, weight_decay: float, decoupled: bool,
                rectify_threshold: float, grad_scale: Optional[Tensor] = None,
                found_inf: Optional[Tensor] = None) -> None:
-    """§2.2 RAdam, L2 or decoupled decay."""
+    """RAdam, L2 or decoupled decay."""
     op = "amos_fused.triton.radam_step"
     check_bucket(op, params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, steps)
     require(op, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps)
@@ -73,7 +73,7 @@ def radam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
 def lion_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
               steps: List[Tensor], lr: float, beta1: float, beta2: float, weight_decay: float,
               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-    """§2.3 Lion / SignSGDM-W (the step counter is kept for checkpoints only)."""
+    """Lion / SignSGDM-W (the step counter is kept for checkpoints only)."""
     op = "amos_fused.triton.lion_step"
     check_bucket(op, params, grads, {"exp_avgs": exp_avgs}, steps)
     require(op, exp_avgs=exp_avgs, steps=steps)
@@ -90,7 +90,7 @@ def amos_step(params: List[Tensor], grads: List[Tensor], vs: List[Tensor], bs: L
               beta: float, momentum: Optional[float], clip_value: Optional[float],
               extra_l2: float, d_coef: float, c_coef: float, epsilon: float,
               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-    """§2.4 Amos; each tensor's slot layout is read off the shapes of its v / b."""
+    """Amos; each tensor's slot layout is read off the shapes of its v / b."""
     op = "amos_fused.triton.amos_step"
     with_momentum = momentum is not None
     check_bucket(op, params, grads, {"mus": mus if with_momentum else []}, steps)
@@ -125,7 +125,7 @@ def scaled_adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[T
                      lr: float, beta1: float, beta2: float, eps: float, p: float,
                      inverse_time: bool, q: float, grad_scale: Optional[Tensor] = None,
                      found_inf: Optional[Tensor] = None) -> None:
-    """§2.5 scale-aware Adam: θ ← θ − (α_t·u + ρ_t·θ), α_t = α0·‖ε0‖/‖u‖·s(t)."""
+    """Scale-aware Adam: θ ← θ − (α_t·u + ρ_t·θ), α_t = α0·‖ε0‖/‖u‖·s(t)."""
     op = "amos_fused.triton.scaled_adam_step"
     _check_moments(op, params, grads, exp_avgs, exp_avg_sqs, steps)
     if len(init_norms) != len(params):
@@ -142,7 +142,7 @@ def lamb_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
               exp_avg_sqs: List[Tensor], steps: List[Tensor], lr: float, beta1: float,
               beta2: float, eps: float, weight_decay: float, bias_correction: bool,
               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-    """§2.5 LAMB: θ ← θ − η·(‖θ‖/‖u‖)·u, u = m̂/(sqrt(v̂)+ε) + λθ (ratio 1 when a norm is 0)."""
+    """LAMB: θ ← θ − η·(‖θ‖/‖u‖)·u, u = m̂/(sqrt(v̂)+ε) + λθ (ratio 1 when a norm is 0)."""
     op = "amos_fused.triton.lamb_step"
     _check_moments(op, params, grads, exp_avgs, exp_avg_sqs, steps)
     skip, unscale = read_grad_scaling(op, grad_scale, found_inf)

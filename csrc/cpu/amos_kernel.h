@@ -1,4 +1,4 @@
-// The Amos CPU kernel (math: csrc/step_math.h §2.4).  Three ways to walk a tensor:
+// The Amos CPU kernel (math: csrc/step_math.h).  Three ways to walk a tensor:
 //  - elementwise slots: one vectorized pass, slot math per element;
 //  - trailing reduced axes (torch's Linear/Conv/Embedding layouts): each slot is
 //    a contiguous row; a row's g² is summed and the row updated straight away,

@@ -79,7 +79,7 @@ struct AmosLaunch {
   bool clip;
 };
 
-// Scale-aware Adam and LAMB (§2.5): phase 1 updates m, v and reduces Σu² (and
+// Scale-aware Adam and LAMB: phase 1 updates m, v and reduces Σu² (and
 // Σθ² for LAMB) per tensor; phase 2 recomputes u and writes θ ← θ − (k·u + ρ·θ).
 struct NormScaledLaunch {
   BucketView bucket;

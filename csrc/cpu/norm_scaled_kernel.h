@@ -1,5 +1,5 @@
 // Two-phase CPU kernels of the rules that scale each tensor's Adam direction by a
-// norm (scale-aware Adam and LAMB, DESIGN §2.5).  Math: csrc/step_math.h.
+// norm (scale-aware Adam and LAMB).  Math: csrc/step_math.h.
 //
 // float32/float64: phase 1 writes m, v; phase 2 recomputes u from them (36 B/param
 // in fp32).  bfloat16/float16: rounding m, v to storage between the phases would

@@ -1,4 +1,4 @@
-// CPU entry points of scale-aware Adam and LAMB (DESIGN §2.5): check, advance the
+// CPU entry points of scale-aware Adam and LAMB: check, advance the
 // steps, phase 1 (moments + per-tensor norms), per-tensor k and ρ, phase 2.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -56,7 +56,7 @@ void check(const char* op, at::TensorList params, at::TensorList grads, at::Tens
                     ": exp_avgs, exp_avg_sqs and steps are required");
 }
 
-// §2.5: θ ← θ − (α_t·u + ρ_t·θ), α_t = α0·‖ε0‖/‖u‖·s(t), ρ_t = α0²/(2q)·s(t).
+// Scale-aware Adam: θ ← θ − (α_t·u + ρ_t·θ), α_t = α0·‖ε0‖/‖u‖·s(t), ρ_t = α0²/(2q)·s(t).
 void scaled_adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                           at::TensorList exp_avg_sqs, at::TensorList steps,
                           at::ArrayRef<double> init_norms, double lr, double beta1, double beta2,
@@ -84,7 +84,7 @@ void scaled_adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   active_kernels().norm_scaled_phase2(launch, k.data(), rho.data());
 }
 
-// §2.5 LAMB: θ ← θ − η·(‖θ‖/‖u‖)·u, u = m̂/(sqrt(v̂)+ε) + λθ, ratio 1 when a norm is 0.
+// LAMB: θ ← θ − η·(‖θ‖/‖u‖)·u, u = m̂/(sqrt(v̂)+ε) + λθ, ratio 1 when a norm is 0.
 void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1,
                    double beta2, double eps, double weight_decay, bool bias_correction,

@@ -1,4 +1,4 @@
-// CUDA Adam / AdamW (§2.1), RAdam (§2.2) and Lion (§2.3): one elementwise launch
+// CUDA Adam / AdamW, RAdam and Lion: one elementwise launch
 // per bucket (multi_tensor_apply.cuh); the per-element math is step_math.h's.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -1,4 +1,4 @@
-// CUDA Amos (DESIGN §2.4).  amos_plan.h cuts a bucket into blocks by slot layout;
+// CUDA Amos.  amos_plan.h cuts a bucket into blocks by slot layout;
 // the kernels here only walk memory and call step_math.h (amos_clip, amos_slot,
 // amos_element):
 //   main   elementwise chunks and row blocks in one pass (a row's g, θ, mu are

@@ -1,4 +1,4 @@
-// How a bucket of Amos tensors is cut into thread blocks (DESIGN §2.4), and the
+// How a bucket of Amos tensors is cut into thread blocks, and the
 // device table that tells each block what to do.  Each tensor gets a kind from its
 // slot layout (csrc/amos_layout.h):
 //   kElementwise  one slot per element: chunks of `chunk` elements, one pass;

@@ -1,4 +1,4 @@
-// A bucket's metadata table (DESIGN §3): element addresses, numels, per-tensor
+// A bucket's metadata table: element addresses, numels, per-tensor
 // coefficients and the block→(tensor, chunk) map, built on the host every call as
 // a list of byte sections and mirrored in device memory.  The device copy is cached
 // per bucket; a call uploads only the sections whose bytes changed (typically the

@@ -1,4 +1,4 @@
-// How the CUDA kernels walk memory (DESIGN §3): the threads of a group stream
+// How the CUDA kernels walk memory: the threads of a group stream
 // through a range of elements of S same-dtype arrays, 16 bytes per array per load
 // when every array is 16-byte aligned at the start of the range, one element at a
 // time otherwise and for the tail.  Values are converted to the opmath type (float

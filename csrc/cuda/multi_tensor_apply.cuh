@@ -1,4 +1,4 @@
-// The generic multi-tensor launcher (DESIGN §3): ONE launch steps a whole bucket,
+// The generic multi-tensor launcher: ONE launch steps a whole bucket,
 // whatever its tensor count.  Nothing per tensor travels as a kernel argument: the
 // bucket's metadata is a table in device memory (device_table.h), cached per bucket
 // and re-uploaded only where it changed:

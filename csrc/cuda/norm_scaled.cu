@@ -1,4 +1,4 @@
-// CUDA scale-aware Adam and LAMB (DESIGN §2.5): the update of a tensor is scaled by
+// CUDA scale-aware Adam and LAMB: the update of a tensor is scaled by
 // its norms, so a bucket takes three launches, all on the current stream and with
 // no host synchronization:
 //   1. moments: m, v ← moments; each block reduces Σu² (and Σθ² for LAMB) over its
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
   }
 }
 
-// Phase 2: one warp per tensor; k_rho[2t] = k, k_rho[2t + 1] = ρ (§2.5):
+// Phase 2: one warp per tensor; k_rho[2t] = k, k_rho[2t + 1] = ρ:
 //   scale-aware Adam: k = α0·‖ε0‖·s(t)/‖u‖ (0 when ‖u‖ = 0), ρ = α0²/(2q)·s(t)
 //   LAMB:             k = η·‖θ‖/‖u‖ (η when a norm is 0),     ρ = 0
 template <typename Op>
@@ -216,7 +216,7 @@ void norm_scaled_step(const char* op, bool lamb, at::TensorList params, at::Tens
   });
 }
 
-// §2.5: θ ← θ − (α_t·u + ρ_t·θ), α_t = α0·‖ε0‖/‖u‖·s(t), ρ_t = α0²/(2q)·s(t).
+// Scale-aware Adam: θ ← θ − (α_t·u + ρ_t·θ), α_t = α0·‖ε0‖/‖u‖·s(t), ρ_t = α0²/(2q)·s(t).
 void scaled_adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                            at::TensorList exp_avg_sqs, at::TensorList steps,
                            at::ArrayRef<double> init_norms, double lr, double beta1, double beta2,
@@ -239,7 +239,7 @@ void scaled_adam_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
                    });
 }
 
-// §2.5 LAMB: θ ← θ − η·(‖θ‖/‖u‖)·u, u = m̂/(sqrt(v̂)+ε) + λθ, ratio 1 when a norm is 0.
+// LAMB: θ ← θ − η·(‖θ‖/‖u‖)·u, u = m̂/(sqrt(v̂)+ε) + λθ, ratio 1 when a norm is 0.
 void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1,
                     double beta2, double eps, double weight_decay, bool bias_correction,
