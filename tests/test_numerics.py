@@ -20,7 +20,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import amos_fused as af  # noqa: E402
-from amos_fused import reference  # noqa: E402
 
 from conftest import CPU_CAPABILITIES  # noqa: E402
 
