@@ -132,17 +132,9 @@ def test_param_data_replaced(backend):
 def test_param_group_added_later(backend):
     def edit(params, opt):
         extra = torch.ones(4, 4, dtype=torch.float64, requires_grad=True)
-        extra.grad = torch.full((4, 4), 0.5, dtype=torch.float64)
         opt.add_param_group({"params": [extra], "lr": 0.01})
         params.append(extra)
-    ours, opt, theirs, torch_opt = _pair(backend)
-    for step in range(2):
-        _step(ours, opt, theirs, torch_opt, step)
-    edit(ours, opt)
-    edit(theirs, torch_opt)
-    for step in range(2, 4):
-        _step(ours, opt, theirs, torch_opt, step)
-    _same(ours, opt, theirs, torch_opt)
+    _run(backend, edit)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
