@@ -11,8 +11,11 @@ try:
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError as error:  # pragma: no cover - explained to the user
     raise SystemExit(
-        "amos_fused needs torch installed before it is built: `pip install torch` first, "
-        "then `pip install --no-build-isolation -e .`"
+        "amos_fused compiles against the torch of the environment it is installed into, and "
+        "this build cannot import torch. If torch IS installed, pip's build isolation hid it "
+        "(it builds in a fresh environment): install with "
+        "`pip install --no-build-isolation -e .` instead. Otherwise install torch first "
+        "(`pip install torch`), then run that command."
     ) from error
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -11,7 +11,7 @@ import torch
 from . import hyperparams as hp
 from . import reference
 from .optim import _advance, adam_state
-from .optimizer_base import FusedOptimizer
+from .optimizer_base import FusedOptimizer, torch_flags
 from .theory import DECAYS, half_life_p
 
 
@@ -52,9 +52,12 @@ class ScaledAdamW(_AdamMoments):
     per_param_keys = ("init_norm",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, p=None, half_life=None,
-                 decay="inverse_square", q=1.0, sigma=None, backend=None):
+                 decay="inverse_square", q=1.0, sigma=None,
+                 *, maximize=False, foreach=None, capturable=False, differentiable=False,
+                 fused=None, backend=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, p=p, half_life=half_life, decay=decay, q=q,
-                        sigma=sigma, init_norm=None, backend=backend)
+                        sigma=sigma, init_norm=None,
+                        **torch_flags(maximize, foreach, capturable, differentiable, fused, backend))
         super().__init__(params, defaults)
 
     def _check_group(self, group):
@@ -117,9 +120,12 @@ class Lamb(_AdamMoments):
     algorithm = "lamb"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                 bias_correction=True, backend=None):
+                 bias_correction=True,
+                 *, maximize=False, foreach=None, capturable=False, differentiable=False,
+                 fused=None, backend=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        bias_correction=bias_correction, backend=backend)
+                        bias_correction=bias_correction,
+                        **torch_flags(maximize, foreach, capturable, differentiable, fused, backend))
         super().__init__(params, defaults)
 
     def _check_group(self, group):

@@ -11,7 +11,7 @@ from torch import Tensor
 from . import hyperparams as hp
 from . import reference
 from .amos_slots import normalize_reduce_axes, slot_shape
-from .optimizer_base import FusedOptimizer
+from .optimizer_base import FusedOptimizer, torch_flags
 
 
 
@@ -40,11 +40,11 @@ class _AdamFamily(FusedOptimizer):
     algorithm = "adam"
     state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-    def __init__(self, params, lr, betas, eps, weight_decay, amsgrad, bias_correction, backend, decoupled):
+    def __init__(self, params, lr, betas, eps, weight_decay, amsgrad, bias_correction, decoupled, flags):
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, amsgrad=amsgrad, bias_correction=bias_correction,
-            decoupled_weight_decay=decoupled, backend=backend,
+            decoupled_weight_decay=decoupled, **flags,
         )
         super().__init__(params, defaults)
 
@@ -94,8 +94,11 @@ class AdamW(_AdamFamily):
     (the fastest available for the parameters' device)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, bias_correction=True, backend=None):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, bias_correction, backend, True)
+                 amsgrad=False, bias_correction=True,
+                 *, maximize=False, foreach=None, capturable=False, differentiable=False,
+                 fused=None, backend=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, bias_correction, True,
+                         torch_flags(maximize, foreach, capturable, differentiable, fused, backend))
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -107,8 +110,11 @@ class Adam(_AdamFamily):
     """Adam with L2 weight decay (g ← g + λθ), a drop-in for torch.optim.Adam."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, bias_correction=True, backend=None):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, bias_correction, backend, False)
+                 amsgrad=False, bias_correction=True,
+                 *, maximize=False, foreach=None, capturable=False, differentiable=False,
+                 fused=None, backend=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, bias_correction, False,
+                         torch_flags(maximize, foreach, capturable, differentiable, fused, backend))
 
 
 class RAdam(FusedOptimizer):
@@ -120,11 +126,13 @@ class RAdam(FusedOptimizer):
     state_keys = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 decoupled_weight_decay=False, rectify_threshold=5.0, backend=None):
+                 decoupled_weight_decay=False, rectify_threshold=5.0,
+                 *, maximize=False, foreach=None, capturable=False, differentiable=False,
+                 fused=None, backend=None):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, rectify_threshold=rectify_threshold,
-            backend=backend,
+            **torch_flags(maximize, foreach, capturable, differentiable, fused, backend),
         )
         super().__init__(params, defaults)
 
@@ -168,8 +176,11 @@ class Lion(FusedOptimizer):
     algorithm = "lion"
     state_keys = ("exp_avg",)
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, backend=None):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, backend=backend))
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
+                 *, maximize=False, foreach=None, capturable=False, differentiable=False,
+                 fused=None, backend=None):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                                      **torch_flags(maximize, foreach, capturable, differentiable, fused, backend)))
 
     def _check_group(self, group):
         hp.nonnegative("learning rate", group["lr"])
@@ -226,11 +237,13 @@ class Amos(FusedOptimizer):
 
     def __init__(self, params, lr, eta=None, reduce_axes=None, beta=0.999, momentum=None,
                  clip_value=None, extra_l2=0.0, d_coef=0.25, c_coef=0.25, epsilon=2.0**-125,
-                 backend=None):
+                 *, maximize=False, foreach=None, capturable=False, differentiable=False,
+                 fused=None, backend=None):
         defaults = dict(
             lr=lr, eta=eta, reduce_axes=reduce_axes, beta=beta, momentum=momentum,
             clip_value=clip_value, extra_l2=extra_l2, d_coef=d_coef, c_coef=c_coef,
-            epsilon=epsilon, backend=backend,
+            epsilon=epsilon,
+            **torch_flags(maximize, foreach, capturable, differentiable, fused, backend),
         )
         super().__init__(params, defaults)
 

@@ -19,8 +19,22 @@ from .backends import backend_for, check_backend, fused_ops
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype
 from .checks import Problem, Walk, check_step, first_overlap, step_error
 
-# torch.optim group flags that change the math and that we do not implement.
-_REFUSED_TORCH_FLAGS = ("differentiable",)
+
+def torch_flags(maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                backend=None) -> Dict[str, Any]:
+    """The keyword-only flags every optimizer takes, as group defaults: torch.optim's
+    own (``maximize``: g ← −g; ``foreach``: accepted, no effect — every step is one
+    fused pass per bucket or the reference's per-tensor loop; ``fused``: None or
+    True for the fused kernels, False for the reference; ``capturable`` and
+    ``differentiable``: False only) and ``backend``, the constructor's choice of
+    kernels (never saved in checkpoints)."""
+    return dict(maximize=maximize, foreach=foreach, capturable=capturable,
+                differentiable=differentiable, fused=fused, backend=backend)
+
+
+def group_backend(group: dict) -> Optional[str]:
+    """The backend a group asks for: ``fused=False`` means the reference."""
+    return "reference" if group.get("fused") is False else group["backend"]
 
 
 class _StalePlan(Exception):
@@ -105,12 +119,23 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise
 
     def _check_new_group(self, index: int, group: dict) -> None:
-        check_backend(group["backend"], self.algorithm, self._name)
-        for flag in _REFUSED_TORCH_FLAGS:
-            if group.get(flag):
-                raise ValueError(f"{self._name}: {flag}=True is not supported")
+        self._check_flags(group)
+        check_backend(group_backend(group), self.algorithm, self._name)
         self._check_group(group)
         self._plans[index] = self._make_plan(index, group)
+
+    def _check_flags(self, group: dict) -> None:
+        """torch.optim's flags: what we cannot honour is refused, never ignored."""
+        if group.get("differentiable"):
+            raise ValueError(f"{self._name}: differentiable=True is not supported (the steps do not "
+                             "record autograd history); use torch.optim for differentiable optimizers")
+        if group.get("capturable"):
+            raise ValueError(f"{self._name}: capturable=True (CUDA-graph capture) is not supported yet; "
+                             "the steps read their step counters on the host")
+        if group.get("fused") and group["backend"] == "reference":
+            raise ValueError(f"{self._name}: fused=True contradicts backend='reference'")
+        if not isinstance(group.get("maximize", False), bool):
+            raise ValueError(f"{self._name}: maximize must be True or False, got {group['maximize']!r}")
 
     def _where(self, index: int, position: int, param: Tensor) -> str:
         return (
@@ -164,6 +189,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         return plan
 
     def _prepare(self, index: int, group: dict, rebuild: bool = False) -> Optional[_Ready]:
+        self._check_flags(group)
         self._check_group(group)
         plan = self._plan(index, group, rebuild)
         grads = [p.grad for p in plan.params]
@@ -210,7 +236,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for i, pos in enumerate(positions):
                 if pos in spec.complex_positions:
                     params[i], grads[i] = self._real_views(where(i), owners[i], grads[i], lists, like_keys, i)
-        backend = backend_for(group["backend"], self.algorithm, spec.device, self._name)
+        backend = backend_for(group_backend(group), self.algorithm, spec.device, self._name)
         walk = Walk.ANY if backend == "reference" else (
             Walk.CONTIGUOUS if self.fused_needs_contiguous else Walk.DENSE)
         while True:
@@ -314,17 +340,28 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
+    def state_dict(self) -> dict:
+        """torch.optim's state_dict, without ``backend`` (a choice of this machine's
+        kernels, not part of the optimizer's state)."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            group.pop("backend", None)
+        return state_dict
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a checkpoint of this optimizer or of the matching torch.optim one.
         Every state tensor is copied (never aliased) into the layout of its param;
-        ``step`` becomes a float32 CPU scalar."""
+        ``step`` becomes a float32 CPU scalar.  Each group keeps the backend this
+        optimizer was built with (a ``backend`` saved by older versions is ignored),
+        and torch's ``fused``/``foreach``/``capturable`` choices of the saver are not
+        carried over."""
         for index, group in enumerate(state_dict.get("param_groups", [])):
-            for flag in _REFUSED_TORCH_FLAGS:
-                if group.get(flag):
-                    raise ValueError(
-                        f"{self._name}: cannot load param_groups[{index}] with {flag}=True "
-                        "(not supported by amos_fused)"
-                    )
+            if group.get("differentiable"):
+                raise ValueError(f"{self._name}: cannot load param_groups[{index}] with "
+                                 "differentiable=True (not supported by amos_fused)")
+        machine = [{key: group.get(key, self.defaults.get(key)) for key in ("backend", "fused", "foreach",
+                                                                             "capturable")}
+                   for group in self.param_groups]
         super().load_state_dict(state_dict)
         for param, state in self.state.items():
             for key, value in list(state.items()):
@@ -333,6 +370,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+            group.update(machine[index])
             self._check_new_group(index, group)
 
     @staticmethod

@@ -1,0 +1,155 @@
+"""torch.optim's keyword-only flags, accepted like torch.optim accepts them:
+nanoGPT-style call sites work unchanged; ``fused=False`` runs the reference;
+``maximize`` steps uphill on every backend; what we cannot honour
+(``differentiable=True``, ``capturable=True``) is refused with a clear error;
+``backend`` is never saved in checkpoints."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import amos_fused as af
+from conftest import make_grads
+
+CLASSES = {
+    "AdamW": (af.AdamW, {}),
+    "Adam": (af.Adam, {}),
+    "RAdam": (af.RAdam, {}),
+    "Lion": (af.Lion, {}),
+    "Amos": (af.Amos, {"lr": 0.01}),
+    "ScaledAdamW": (af.ScaledAdamW, {}),
+    "Lamb": (af.Lamb, {}),
+}
+FLAGS = ("maximize", "foreach", "capturable", "differentiable", "fused", "backend")
+TORCH = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "RAdam": torch.optim.RAdam}
+
+
+def _params():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(6, 4, generator=gen, dtype=torch.float64).requires_grad_(),
+            torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_()]
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_flags_are_keyword_only_with_torch_defaults(name):
+    cls, _ = CLASSES[name]
+    signature = inspect.signature(cls.__init__).parameters
+    for flag in FLAGS:
+        assert signature[flag].kind is inspect.Parameter.KEYWORD_ONLY, flag
+    defaults = {flag: signature[flag].default for flag in FLAGS}
+    assert defaults == dict(maximize=False, foreach=None, capturable=False, differentiable=False,
+                            fused=None, backend=None)
+    if name in TORCH:  # the flags torch's own optimizer carries in its defaults
+        ours = cls(_params(), **CLASSES[name][1]).defaults
+        theirs = TORCH[name](_params()).defaults
+        for flag in ("maximize", "foreach", "capturable", "differentiable"):
+            assert ours[flag] == theirs[flag], flag
+
+
+def test_nanogpt_call_site():
+    params = _params()
+    decay = [{"params": [params[0]], "weight_decay": 0.1}, {"params": [params[1]], "weight_decay": 0.0}]
+    opt = af.AdamW(decay, lr=6e-4, betas=(0.9, 0.95), fused=True)
+    for p, g in zip(params, make_grads(params, 0)):
+        p.grad = g
+    opt.step()
+    assert all(float(opt.state[p]["step"]) == 1 for p in params)
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_no_op_flags_accepted(name):
+    cls, kw = CLASSES[name]
+    cls(_params(), **kw, foreach=True, fused=None, capturable=False, differentiable=False, maximize=False)
+    cls(_params(), **kw, foreach=False, fused=True)
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_fused_false_runs_the_reference(name, monkeypatch):
+    cls, kw = CLASSES[name]
+    ours, twin = _params(), _params()
+    opt, ref = cls(ours, **kw, fused=False), cls(twin, **kw, backend="reference")
+    calls = []
+    real = type(opt)._reference_step
+    monkeypatch.setattr(type(opt), "_reference_step", lambda self, *a: (calls.append(1), real(self, *a)))
+    for step in range(3):
+        for p, q, g in zip(ours, twin, make_grads(ours, step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    assert calls, "fused=False did not step through the reference"
+    for p, q in zip(ours, twin):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+@pytest.mark.parametrize("flag, message", [("differentiable", "differentiable"), ("capturable", "capturable")])
+def test_unsupported_flags_refused(name, flag, message):
+    cls, kw = CLASSES[name]
+    with pytest.raises(ValueError, match=message):
+        cls(_params(), **kw, **{flag: True})
+
+
+def test_fused_true_with_reference_backend_refused():
+    with pytest.raises(ValueError, match="fused=True"):
+        af.AdamW(_params(), fused=True, backend="reference")
+
+
+@pytest.mark.parametrize("backend", af.available_backends())
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_maximize_is_minimizing_the_negated_loss(name, backend):
+    """maximize=True with grads g equals maximize=False with grads −g, bitwise."""
+    cls, kw = CLASSES[name]
+    ours, twin = _params(), _params()
+    opt = cls(ours, **kw, maximize=True, backend=backend)
+    ref = cls(twin, **kw, backend=backend)
+    for step in range(3):
+        for p, q, g in zip(ours, twin, make_grads(ours, step)):
+            p.grad, q.grad = g.clone(), -g
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, twin):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("backend", af.available_backends())
+@pytest.mark.parametrize("name", sorted(TORCH))
+def test_maximize_matches_torch(name, backend):
+    ours, theirs = _params(), _params()
+    opt = CLASSES[name][0](ours, lr=0.01, weight_decay=0.1, maximize=True, backend=backend)
+    ref = TORCH[name](theirs, lr=0.01, weight_decay=0.1, maximize=True)
+    for step in range(4):
+        for p, q, g in zip(ours, theirs, make_grads(ours, step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_backend_is_not_saved_and_not_loaded():
+    params = _params()
+    opt = af.AdamW(params, lr=0.01, backend="reference")
+    for p, g in zip(params, make_grads(params, 0)):
+        p.grad = g
+    opt.step()
+    saved = opt.state_dict()
+    assert all("backend" not in g for g in saved["param_groups"])
+    # An older checkpoint that still names a backend loads; the constructor's choice stays.
+    saved["param_groups"][0]["backend"] = "triton-on-a-machine-that-had-one"
+    loaded = af.AdamW(_params(), lr=0.01, backend="cpu")
+    loaded.load_state_dict(saved)
+    assert loaded.param_groups[0]["backend"] == "cpu"
+    assert opt.param_groups[0]["backend"] == "reference"
+
+
+def test_torch_fused_checkpoint_keeps_our_choice():
+    params, twin = _params(), _params()
+    source = torch.optim.AdamW(twin, lr=0.01, fused=True)
+    for q, g in zip(twin, make_grads(twin, 0)):
+        q.grad = g
+    source.step()
+    opt = af.AdamW(params, lr=0.01, fused=False)
+    opt.load_state_dict(source.state_dict())
+    assert opt.param_groups[0]["fused"] is False
