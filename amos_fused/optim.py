@@ -11,7 +11,7 @@ from torch import Tensor
 from . import hyperparams as hp
 from . import reference
 from .amos_slots import normalize_reduce_axes, slot_shape
-from .optimizer_base import FusedOptimizer, torch_flags
+from .optimizer_base import FusedOptimizer, torch_flags, zeros_in_memory_order
 
 
 
@@ -278,7 +278,7 @@ class Amos(FusedOptimizer):
     def _step_state_keys(self, group):
         return ("v", "b", "mu") if group["momentum"] is not None else ("v", "b")
 
-    def _check_slots(self, where, group, plan, bucket):
+    def _check_slots(self, where, group, plan, positions, lists):
         """v and b must have the slot shape that the group's reduce_axes gives
         (changing reduce_axes after the state exists is refused here, before any
         write: clear that param's state to start its slots anew)."""
@@ -286,10 +286,10 @@ class Amos(FusedOptimizer):
         if cached is None or cached[0] != group["reduce_axes"]:
             shapes = [slot_shape(p.shape, group["reduce_axes"]) for p in plan.params]
             cached = plan.per_param["reduce_axes"] = (group["reduce_axes"], shapes)
-        for i, position in enumerate(bucket.positions):
+        for i, position in enumerate(positions):
             expected = cached[1][position]
             for key in self.slot_keys:
-                slot = bucket.state[key][i]
+                slot = lists[key][i]
                 if tuple(slot.shape) != expected:
                     raise ValueError(
                         f"{where(i)}: state[{key!r}] has shape {tuple(slot.shape)} but "
@@ -300,12 +300,25 @@ class Amos(FusedOptimizer):
         slot = slot_shape(p.shape, group["reduce_axes"])
         state = {
             "step": _new_step(),
-            "v": torch.zeros(slot, dtype=p.dtype, device=p.device),
-            "b": torch.zeros(slot, dtype=p.dtype, device=p.device),
+            "v": self._slot_zeros(p, slot),
+            "b": self._slot_zeros(p, slot),
         }
         if group["momentum"] is not None:
             state["mu"] = _zeros_like(p)
         return state
+
+    @staticmethod
+    def _slot_zeros(p: Tensor, slot) -> Tensor:
+        """A v / b slot: 0-dim, or p's dims (reduced ones of size 1) in p's memory order."""
+        if len(slot) != p.dim():
+            return torch.zeros(slot, dtype=p.dtype, device=p.device)
+        return zeros_in_memory_order(p, slot)
+
+    def _own_copy(self, param, key, value):
+        if key in self.slot_keys and isinstance(value, Tensor):
+            slot = tuple(value.shape)
+            return self._slot_zeros(param, slot).copy_(value.detach().to(param.device, param.dtype))
+        return super()._own_copy(param, key, value)
 
     def _fused_step(self, ops, bucket, group):
         s = bucket.state

@@ -37,6 +37,21 @@ def group_backend(group: dict) -> Optional[str]:
     return "reference" if group.get("fused") is False else group["backend"]
 
 
+def memory_order(t: Tensor) -> List[int]:
+    """t's dims from the outermost in memory to the innermost (stable for ties):
+    ``t.permute(memory_order(t))`` is contiguous when t is dense."""
+    return sorted(range(t.dim()), key=lambda d: -t.stride(d))
+
+
+def zeros_in_memory_order(like: Tensor, shape) -> Tensor:
+    """Zeros of ``shape`` (like's dims, some of size 1) laid out in like's memory
+    order, so that permuting both into that order gives row-major tensors."""
+    order = memory_order(like)
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    zeros = torch.zeros([shape[d] for d in order], dtype=like.dtype, device=like.device)
+    return zeros.permute(inverse)
+
+
 class _StalePlan(Exception):
     """A param changed dtype or device since its group's plan was made."""
 
@@ -63,7 +78,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     per_param_keys: Tuple[str, ...] = ()
     # Elementwise algorithms step complex params as their real views, like torch.optim.
     supports_complex: bool = True
-    # The fused kernels walk params in memory order; some need it row-major.
+    # The fused kernels walk params in memory order; some (Amos's slot layouts) read
+    # it as row-major: their dense params are handed over permuted into memory order.
     fused_needs_contiguous: bool = False
     # torch.amp.GradScaler hands us `grad_scale` / `found_inf` (as attributes)
     # instead of unscaling the grads itself; the kernels unscale in-kernel and skip
@@ -90,8 +106,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _new_state(self, param: Tensor, group: dict) -> dict:
         raise NotImplementedError
 
-    def _check_slots(self, where, group: dict, plan: GroupPlan, bucket: Bucket) -> None:
-        """Raises when a slot-shaped state tensor of ``bucket`` has the wrong shape."""
+    def _check_slots(self, where, group: dict, plan: GroupPlan, positions: List[int],
+                     lists: Dict[str, List[Tensor]]) -> None:
+        """Raises when a slot-shaped state tensor (``lists[key][i]`` of the param at
+        ``positions[i]``) has the wrong shape."""
 
     def _fused_step(self, ops, bucket: Bucket, group: dict) -> None:
         """Steps the bucket with ``ops.<algorithm>_step`` (``ops``: torch.ops.amos_fused,
@@ -237,8 +255,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if pos in spec.complex_positions:
                     params[i], grads[i] = self._real_views(where(i), owners[i], grads[i], lists, like_keys, i)
         backend = backend_for(group_backend(group), self.algorithm, spec.device, self._name)
+        self._check_slots(where, group, plan, positions, lists)
         walk = Walk.ANY if backend == "reference" else (
             Walk.CONTIGUOUS if self.fused_needs_contiguous else Walk.DENSE)
+        if walk == Walk.CONTIGUOUS:
+            params, grads = list(params), list(grads)
+            for i, p in enumerate(params):
+                if not p.is_contiguous():
+                    self._to_memory_order(i, params, grads, lists, keys)
         while True:
             bad, problem, which = check_step(params, grads, [lists[k] for k in like_keys],
                                              [lists[k] for k in slot_keys], lists["step"], walk)
@@ -260,8 +284,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         bucket = Bucket(spec.device, spec.dtype, backend, owners, positions, params, grads, lists)
         for key in self.per_param_keys:
             bucket.per_param[key] = self._per_param(index, group, plan, key, positions)
-        self._check_slots(where, group, plan, bucket)
         return bucket
+
+    @staticmethod
+    def _to_memory_order(i: int, params, grads, lists, keys) -> None:
+        """Replaces param i, its grad and state by views with the dims permuted into
+        the param's memory order (row-major views of a dense param: channels_last,
+        transposed, …).  Slots keep their logical dims, permuted alike."""
+        order = memory_order(params[i])
+        params[i] = params[i].permute(order)
+        grads[i] = grads[i].permute(order)
+        for key in keys:
+            if lists[key][i].dim() == len(order):
+                lists[key][i] = lists[key][i].permute(order)
 
     @staticmethod
     def _stale(param: Tensor, spec: BucketSpec) -> bool:

@@ -87,7 +87,8 @@ Found find_problem(at::TensorList params, at::TensorList grads,
     for (size_t k = 0; k < slots.size(); ++k) {
       if (slots[k].empty()) continue;
       const at::Tensor& s = slots[k][i];
-      if (s.scalar_type() != p.scalar_type() || s.device() != p.device() || !s.is_contiguous())
+      if (s.scalar_type() != p.scalar_type() || s.device() != p.device() ||
+          (walk != Walk::kAny && !s.is_contiguous()))
         return {at, Problem::kSlot, int64_t(k)};
     }
     if (!steps.empty()) {

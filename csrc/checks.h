@@ -27,7 +27,7 @@ enum class Problem : int64_t {
   kParamMixed = 7,   // dtype or device other than params[0]'s
   kParamLayout = 8,  // not dense (or, where required, not contiguous)
   kState = 9,        // a state tensor unlike its param (dtype, device, shape, strides)
-  kSlot = 10,        // an Amos slot of another dtype or device, or not contiguous
+  kSlot = 10,        // an Amos slot of another dtype or device, or (fused) not contiguous
   kStep = 11,        // a step counter that is not a float32 CPU scalar
   kOverlap = 12,     // two params share memory
 };
