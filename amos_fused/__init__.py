@@ -4,6 +4,7 @@ parameters, as fused kernels behind torch.optim-compatible classes.  See README.
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
 from . import _C  # noqa: F401  (registers the compiled ops: torch.ops.amos_fused)
+from . import fake_kernels  # noqa: F401  (lets torch.compile trace the step ops)
 from .amos_helpers import amos_param_groups
 from .backends import available_backends
 from .norm_scaled import Lamb, ScaledAdamW

@@ -186,10 +186,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         return GroupPlan.build(params)
 
     # ---- step -------------------------------------------------------------
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """Performs one optimization step.  Every group's inputs are checked
-        before anything is written: a step that raises changes nothing."""
+        before anything is written: a step that raises changes nothing.
+
+        Under ``torch.compile`` the step runs eagerly, as one opaque call: its
+        checks and state reads are host-side Python, and its hyper-parameters
+        (a changing ``lr``) reach the kernels as numbers, so a scheduler never
+        causes a recompile."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
