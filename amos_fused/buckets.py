@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .checks import REAL_OF_COMPLEX
+from .sharding import is_dtensor
 
 
 @dataclass
@@ -23,6 +24,7 @@ class BucketSpec:
     dtype: torch.dtype  # the dtype the kernels see (the real dtype of complex params)
     positions: List[int]
     complex_positions: frozenset = frozenset()
+    dtensor_positions: frozenset = frozenset()
 
 
 @dataclass
@@ -70,6 +72,7 @@ class GroupPlan:
             by_kind[kind].positions.append(i)
         for spec in by_kind.values():
             spec.complex_positions = frozenset(i for i in spec.positions if params[i].is_complex())
+            spec.dtensor_positions = frozenset(i for i in spec.positions if is_dtensor(params[i]))
         return cls(list(params), list(by_kind.values()))
 
     def matches(self, params: Sequence[Tensor]) -> bool:

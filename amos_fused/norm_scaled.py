@@ -29,6 +29,7 @@ def initial_sigma(p: torch.Tensor) -> float:
 class _AdamMoments(FusedOptimizer):
     state_keys = ("exp_avg", "exp_avg_sq")
     supports_complex = False  # per-tensor norms have no complex form here
+    supports_sharded_reductions = False  # a sharded tensor's norm needs an all-reduce
 
     def _new_state(self, p, group):
         return adam_state(p)

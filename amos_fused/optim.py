@@ -10,8 +10,9 @@ from torch import Tensor
 
 from . import hyperparams as hp
 from . import reference
-from .amos_slots import normalize_reduce_axes, slot_shape
+from .amos_slots import normalize_reduce_axes, reduced_dims, slot_shape
 from .optimizer_base import FusedOptimizer, torch_flags, zeros_in_memory_order
+from .sharding import is_dtensor, sharded_dims, slot_zeros
 
 
 
@@ -268,8 +269,15 @@ class Amos(FusedOptimizer):
                 hp.positive("eta", eta)
         else:
             hp.positive("eta", group["eta"])
-        for p in group["params"]:
+        for position, p in enumerate(group["params"]):
             normalize_reduce_axes(group["reduce_axes"], p.dim())
+            across = set(reduced_dims(group["reduce_axes"], p.dim())) & sharded_dims(p)
+            if across:
+                raise NotImplementedError(
+                    f"Amos: param {position} of the group is a DTensor sharded on dim(s) {sorted(across)} "
+                    f"({p.placements}), which reduce_axes={group['reduce_axes']!r} averages over; "
+                    "slots reduced across shards are not supported yet (reduce over unsharded dims, "
+                    "e.g. the trailing ones under FSDP2's Shard(0))")
 
     def _check_per_param(self, index, key, values):
         for eta in values:
@@ -309,10 +317,13 @@ class Amos(FusedOptimizer):
 
     @staticmethod
     def _slot_zeros(p: Tensor, slot) -> Tensor:
-        """A v / b slot: 0-dim, or p's dims (reduced ones of size 1) in p's memory order."""
-        if len(slot) != p.dim():
-            return torch.zeros(slot, dtype=p.dtype, device=p.device)
-        return zeros_in_memory_order(p, slot)
+        """A v / b slot: 0-dim, or p's dims (reduced ones of size 1) in p's memory
+        order; for a DTensor param, a DTensor with its mesh and placements."""
+        def make(like, shape):
+            if len(shape) != like.dim():
+                return torch.zeros(shape, dtype=like.dtype, device=like.device)
+            return zeros_in_memory_order(like, shape)
+        return slot_zeros(p, slot, make) if is_dtensor(p) else make(p, slot)
 
     def _own_copy(self, param, key, value):
         if key in self.slot_keys and isinstance(value, Tensor):

@@ -18,6 +18,7 @@ from torch import Tensor
 from .backends import backend_for, check_backend, fused_ops
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype
 from .checks import Problem, Walk, check_step, first_overlap, step_error
+from .sharding import local, sharded_dims
 
 
 def torch_flags(maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
@@ -78,6 +79,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     per_param_keys: Tuple[str, ...] = ()
     # Elementwise algorithms step complex params as their real views, like torch.optim.
     supports_complex: bool = True
+    # False where the step reduces over a whole tensor (a sharded DTensor would need
+    # an all-reduce, not supported yet).
+    supports_sharded_reductions: bool = True
     # The fused kernels walk params in memory order; some (Amos's slot layouts) read
     # it as row-major: their dense params are handed over permuted into memory order.
     fused_needs_contiguous: bool = False
@@ -177,11 +181,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             )
         everyone = [(i, pos, p) for i, g in enumerate(self.param_groups)
                     for pos, p in enumerate(params if i == index else g["params"])]
-        clash = first_overlap([p for _, _, p in everyone])
+        clash = first_overlap([local(p) for _, _, p in everyone])
         if clash is not None:
             (gi, pi, p), (gj, pj, q) = everyone[clash[0]], everyone[clash[1]]
             raise ValueError(f"{self._where(gj, pj, q)} shares memory with param_groups[{gi}]"
                              f"['params'][{pi}]; overlapping params cannot be stepped")
+        if not self.supports_sharded_reductions:
+            for position, p in enumerate(params):
+                if sharded_dims(p):
+                    raise NotImplementedError(
+                        f"{self._where(index, position, p)}: {self._name} needs a per-tensor norm "
+                        f"over a sharded DTensor ({p.placements}), which is not supported yet")
         self._check_group_params(group)
         return GroupPlan.build(params)
 
@@ -254,14 +264,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         for i, s in enumerate(lists["step"]):
             if not isinstance(s, Tensor):
                 raise step_error(where(i), Problem.STEP, owners[i], tensor=s)
+        self._check_slots(where, group, plan, positions, lists)
         params = owners
+        if spec.dtensor_positions:  # the kernels and the reference step the local shards
+            params, grads = [local(p) for p in owners], [local(g) for g in grads]
+            for key in keys:
+                lists[key] = [local(t) for t in lists[key]]
         if spec.complex_positions:
             params, grads = list(owners), list(grads)
             for i, pos in enumerate(positions):
                 if pos in spec.complex_positions:
-                    params[i], grads[i] = self._real_views(where(i), owners[i], grads[i], lists, like_keys, i)
+                    params[i], grads[i] = self._real_views(where(i), params[i], grads[i], lists, like_keys, i)
         backend = backend_for(group_backend(group), self.algorithm, spec.device, self._name)
-        self._check_slots(where, group, plan, positions, lists)
         walk = Walk.ANY if backend == "reference" else (
             Walk.CONTIGUOUS if self.fused_needs_contiguous else Walk.DENSE)
         if walk == Walk.CONTIGUOUS:

@@ -1,0 +1,161 @@
+"""DTensor params under FSDP2 (``fully_shard``), 2 processes with gloo on CPU:
+every elementwise algorithm steps the local shards and equals the unsharded run,
+with and without CPU offload; states are DTensors, so distributed checkpoints
+save, reshard (2 → 1 ranks) and resume them; reductions across shards (ScaledAdamW,
+LAMB, Amos slots over a sharded dim) are refused with a clear error."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+
+STEPS = 10
+
+
+def _optimizers():
+    import amos_fused as af
+
+    return {
+        "AdamW": lambda ps: af.AdamW(ps, lr=0.01, weight_decay=0.1),
+        "Adam": lambda ps: af.Adam(ps, lr=0.01, weight_decay=0.1, amsgrad=True),
+        "RAdam": lambda ps: af.RAdam(ps, lr=0.01, decoupled_weight_decay=True, weight_decay=0.1),
+        "Lion": lambda ps: af.Lion(ps, lr=1e-3, weight_decay=0.1),
+        "Amos": lambda ps: af.Amos(ps, lr=0.01, eta=0.5, momentum=0.9),
+        "Amos-rows": lambda ps: af.Amos(
+            [{"params": [p for p in ps if p.dim() == 2], "reduce_axes": (1,)},
+             {"params": [p for p in ps if p.dim() != 2]}], lr=0.01, eta=0.5),
+        "AdamW-reference": lambda ps: af.AdamW(ps, lr=0.01, weight_decay=0.1, backend="reference"),
+    }
+
+
+def _model(dtype):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 6)).to(dtype)
+
+
+def _train(model, opt, first, last, dtype):
+    for step in range(first, last):
+        gen = torch.Generator().manual_seed(step)
+        x, y = torch.randn(4, 8, generator=gen, dtype=dtype), torch.randn(4, 6, generator=gen, dtype=dtype)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _full(p):
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def _init(rank, world, path):
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+
+
+def _fsdp_matches_single_process(rank, world, path, offload):
+    _init(rank, world, path)
+    try:
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+        from torch.distributed.tensor import DTensor
+
+        for dtype in (torch.float64, torch.float32):
+            for name, make in _optimizers().items():
+                sharded, single = _model(dtype), _model(dtype)
+                fully_shard(sharded, offload_policy=CPUOffloadPolicy(pin_memory=False) if offload else None)
+                opt, single_opt = make(list(sharded.parameters())), make(list(single.parameters()))
+                _train(sharded, opt, 0, STEPS, dtype)
+                _train(single, single_opt, 0, STEPS, dtype)
+                tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else {}
+                for p, q in zip(sharded.parameters(), single.parameters()):
+                    torch.testing.assert_close(_full(p), q, **tol, msg=lambda m: f"{name} {dtype}: {m}")
+                for p in sharded.parameters():
+                    for key, value in opt.state[p].items():
+                        if key != "step":
+                            assert isinstance(value, DTensor), (name, key)
+                            assert value.placements == p.placements, (name, key)
+    finally:
+        dist.destroy_process_group()
+
+
+def _refused_reductions(rank, world, path):
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        from torch.distributed.fsdp import fully_shard
+
+        model = _model(torch.float64)
+        fully_shard(model)
+        for make in (lambda ps: af.ScaledAdamW(ps), lambda ps: af.Lamb(ps),
+                     lambda ps: af.Amos(ps, lr=0.01, eta=0.5, reduce_axes="all")):
+            with pytest.raises(NotImplementedError, match="shard|sharded"):
+                make(list(model.parameters()))
+    finally:
+        dist.destroy_process_group()
+
+
+def _checkpoint_save(rank, world, path, directory):
+    _init(rank, world, path)
+    try:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.fsdp import fully_shard
+
+        for name in ("AdamW", "Amos-rows"):
+            model = _model(torch.float64)
+            fully_shard(model)
+            opt = _optimizers()[name](list(model.parameters()))
+            _train(model, opt, 0, 4, torch.float64)
+            model_state, optim_state = get_state_dict(model, opt)
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=os.path.join(directory, name))
+    finally:
+        dist.destroy_process_group()
+
+
+def _checkpoint_resume(rank, world, path, directory):
+    _init(rank, world, path)
+    try:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.fsdp import fully_shard
+
+        for name in ("AdamW", "Amos-rows"):
+            model = _model(torch.float64)
+            fully_shard(model)
+            opt = _optimizers()[name](list(model.parameters()))
+            model_state, optim_state = get_state_dict(model, opt)
+            state = {"model": model_state, "optim": optim_state}
+            dcp.load(state, checkpoint_id=os.path.join(directory, name))
+            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            _train(model, opt, 4, 8, torch.float64)
+            single = _model(torch.float64)
+            single_opt = _optimizers()[name](list(single.parameters()))
+            _train(single, single_opt, 0, 8, torch.float64)
+            for p, q in zip(model.parameters(), single.parameters()):
+                torch.testing.assert_close(_full(p), q, rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, world, *args):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(fn, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["fsdp2", "fsdp2-cpu-offload"])
+def test_fsdp2_matches_single_process(offload):
+    _spawn(_fsdp_matches_single_process, 2, offload)
+
+
+def test_fsdp2_refuses_reductions_across_shards():
+    _spawn(_refused_reductions, 2)
+
+
+@pytest.mark.parametrize("resume_world", [2, 1], ids=["2-to-2", "2-to-1"])
+def test_distributed_checkpoint_reshards_and_resumes(resume_world):
+    with tempfile.TemporaryDirectory() as directory:
+        _spawn(_checkpoint_save, 2, directory)
+        _spawn(_checkpoint_resume, resume_world, directory)
