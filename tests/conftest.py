@@ -92,6 +92,13 @@ def set_grads(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Ten
         p.grad = None if (g is None or i in none) else g.clone()
 
 
+def step_together(grads: Sequence[Optional[torch.Tensor]], *runs) -> None:
+    """Hands the same ``grads`` to each ``(params, optimizer)`` of ``runs`` and steps it."""
+    for params, opt in runs:
+        set_grads(params, grads)
+        opt.step()
+
+
 # ---------------------------------------------------------------------------
 # Running two optimizers side by side
 # ---------------------------------------------------------------------------

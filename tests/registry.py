@@ -168,6 +168,21 @@ CASES: Dict[str, Case] = {
     "lamb-eps1e-3": Case(af.Lamb, dict(lr=1e-2, weight_decay=0.01, eps=1e-3)),
 }
 
+# The Adam family on default-like settings with torch.optim twins (test_reference.py):
+# every weight decay x amsgrad / decoupled switch.
+for _wd in (0.0, 0.1):
+    for _on in (False, True):
+        CASES[f"torch-adamw-ams{int(_on)}-wd{_wd}"] = Case(
+            af.AdamW, dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=_wd, amsgrad=_on), torch.optim.AdamW)
+        CASES[f"torch-adam-l2-ams{int(_on)}-wd{_wd}"] = Case(
+            af.Adam, dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=_wd, amsgrad=_on), torch.optim.Adam)
+        # β2 = 0.999: ρ_t ≤ 5 for t ≤ 5, so the first steps take the momentum-only
+        # branch and the later ones the rectified one.
+        CASES[f"torch-radam-decoupled{int(_on)}-wd{_wd}"] = Case(
+            af.RAdam, dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=_wd, decoupled_weight_decay=_on),
+            torch.optim.RAdam)
+TORCH_TWIN_GRID = [name for name in CASES if name.startswith("torch-")]
+
 # Amos: slot layouts (reduce_axes) and configurations, crossed by the kernel tests.
 AMOS_LR = 0.3  # b reaches ~0.3 within a run: c and d differ from 1 by a few %, so
                # using the updated b where the old one is due shows at float32 precision

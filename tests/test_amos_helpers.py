@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import amos_fused as af
-from conftest import clone_params, make_grads, make_params, set_grads
+from conftest import clone_params, make_grads, make_params, set_grads, step_together
 from registry import Case, assert_close_scaled, assert_states_equal, tolerance
 
 pytestmark = pytest.mark.usefixtures("one_thread_outside_the_kernels")
@@ -377,10 +377,6 @@ def test_eta_survives_a_checkpoint():
     other.load_state_dict(opt.state_dict())
     assert other.param_groups[0]["eta"] == opt.param_groups[0]["eta"]
     for step in (1, 2):
-        grads = make_grads(params, step)
-        set_grads(params, grads)
-        set_grads(copies, grads)
-        opt.step()
-        other.step()
+        step_together(make_grads(params, step), (params, opt), (copies, other))
     for a, b in zip(params, copies):
         assert torch.equal(a, b)

@@ -24,6 +24,7 @@ from conftest import (
     set_grads,
     snapshot,
     states_of,
+    step_together,
 )
 from registry import CASES
 
@@ -209,11 +210,7 @@ def test_non_finite_grads_propagate_like_torch(backend, amsgrad):
     ours = af.AdamW(param_groups(ours_params), lr=1e-2, amsgrad=amsgrad, backend=backend)
     theirs = torch.optim.AdamW(param_groups(torch_params), lr=1e-2, amsgrad=amsgrad)
     for step in range(6):
-        grads = _non_finite_grads(base, step)
-        set_grads(ours_params, grads)
-        set_grads(torch_params, grads)
-        ours.step()
-        theirs.step()
+        step_together(_non_finite_grads(base, step), (ours_params, ours), (torch_params, theirs))
     assert torch.isnan(ours_params[2]).any() and torch.isnan(ours_params[0])
     assert torch.isfinite(ours_params[4]).all()  # untouched by the bad grads
     assert_params_close(ours_params, torch_params, equal_nan=True)

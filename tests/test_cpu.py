@@ -68,8 +68,8 @@ from conftest import (
     make_grads,
     make_params,
     run_pair,
-    set_grads,
     states_of,
+    step_together,
 )
 from registry import (
     AMOS_REDUCE_AXES,
@@ -236,11 +236,7 @@ def test_param_added_later_is_stepped(backend):
         if step == 3:
             ours.add_param_group({"params": params[3:], "lr": 2e-2})
             theirs.add_param_group({"params": twin[3:], "lr": 2e-2})
-        grads = make_grads(params, step)
-        set_grads(params, grads)
-        set_grads(twin, grads)
-        ours.step()
-        theirs.step()
+        step_together(make_grads(params, step), (params, ours), (twin, theirs))
     for a, b in zip(params, twin):
         torch.testing.assert_close(a, b)
     for sa, sb in zip(states_of(ours, params), states_of(theirs, twin)):

@@ -34,7 +34,7 @@ from conftest import (
     run_pair,
     states_of,
 )
-from registry import CASES, TIGHT
+from registry import CASES, TIGHT, TORCH_TWIN_GRID
 
 STEPS = 12
 
@@ -43,48 +43,15 @@ STEPS = 12
 # Adam family vs torch.optim
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("amsgrad", [False, True])
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_adamw_matches_torch(amsgrad, weight_decay):
-    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay, amsgrad=amsgrad)
-    run = run_pair(
-        lambda g: af.AdamW(g, backend="reference", **kw),
-        lambda g: torch.optim.AdamW(g, **kw),
-        steps=STEPS,
-    )
+@pytest.mark.parametrize("name", TORCH_TWIN_GRID)
+def test_matches_torch(name):
+    """AdamW / Adam (L2) / RAdam (L2 and decoupled) with and without weight decay
+    and amsgrad, against their torch.optim twins."""
+    case = CASES[name]
+    run = run_pair(case.factory("reference"), case.torch_factory(), steps=STEPS)
     assert_moved(run)
     assert_run_close(run)
-    keys = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
-    assert all(set(s) == keys for s in run.states_a())
-
-
-@pytest.mark.parametrize("amsgrad", [False, True])
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_adam_l2_matches_torch(amsgrad, weight_decay):
-    kw = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay, amsgrad=amsgrad)
-    run = run_pair(
-        lambda g: af.Adam(g, backend="reference", **kw),
-        lambda g: torch.optim.Adam(g, **kw),
-        steps=STEPS,
-    )
-    assert_moved(run)
-    assert_run_close(run)
-
-
-@pytest.mark.parametrize("decoupled", [False, True])
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_radam_matches_torch(decoupled, weight_decay):
-    # β2 = 0.999: ρ_t ≤ 5 for t ≤ 5, so the first steps take the momentum-only
-    # branch and the later ones the rectified one.
-    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
-              decoupled_weight_decay=decoupled)
-    run = run_pair(
-        lambda g: af.RAdam(g, backend="reference", **kw),
-        lambda g: torch.optim.RAdam(g, **kw),
-        steps=STEPS,
-    )
-    assert_moved(run)
-    assert_run_close(run)
+    assert all(set(s) == case.state_keys() for s in run.states_a())
 
 
 # ---------------------------------------------------------------------------
