@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import os
+import re
 
 import pytest
 import torch
@@ -91,6 +92,13 @@ def set_grads(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Ten
         p.grad = None if (g is None or i in none) else g.clone()
 
 
+def step_together(grads: Sequence[Optional[torch.Tensor]], *runs) -> None:
+    """Hands the same ``grads`` to each ``(params, optimizer)`` of ``runs`` and steps it."""
+    for params, opt in runs:
+        set_grads(params, grads)
+        opt.step()
+
+
 # ---------------------------------------------------------------------------
 # Running two optimizers side by side
 # ---------------------------------------------------------------------------
@@ -124,19 +132,24 @@ def run_pair(
     before_step: Optional[Callable[[int, torch.optim.Optimizer, torch.optim.Optimizer], None]] = None,
     params: Optional[List[torch.Tensor]] = None,
     split: int = GROUP_SPLIT,
+    device: str = "cpu",
 ) -> PairRun:
     """Runs ``steps`` steps of two optimizers over identical copies of a param
     set, fed identical grads (with the None grads of ``none_grads``, default
     NONE_GRADS).  ``make_a`` / ``make_b`` take a list of param groups.
-    ``before_step(step, opt_a, opt_b)`` runs before every step (schedulers)."""
+    ``before_step(step, opt_a, opt_b)`` runs before every step (schedulers).
+    ``device``: where the params (drawn on the CPU, so every device sees the same
+    values) and their grads live."""
     assert steps >= 1
     none_grads = NONE_GRADS if none_grads is None else none_grads
-    base = make_params(dtype, seed, shapes) if params is None else params
+    if params is None:
+        params = [p.detach().to(device).requires_grad_(True) for p in make_params(dtype, seed, shapes)]
+    base = params
     params_a, params_b = clone_params(base), clone_params(base)
     opt_a = make_a(param_groups(params_a, second_group, split))
     opt_b = make_b(param_groups(params_b, second_group, split))
     for step in range(steps):
-        grads = make_grads(base, step, seed, grad_scale)
+        grads = [g.to(p.device) for g, p in zip(make_grads([p.detach().cpu() for p in base], step, seed, grad_scale), base)]
         none = none_grads.get(step, ())
         if before_step is not None:
             before_step(step, opt_a, opt_b)
@@ -228,6 +241,17 @@ def assert_moved(run: PairRun) -> None:
     changed = sum(int((p.detach() != b.detach()).sum()) for p, b in zip(run.params_a, run.initial))
     total = sum(p.numel() for p in run.params_a)
     assert changed > total // 2, f"only {changed} of {total} param elements were updated"
+
+
+def raises_naming(exc, fn, *fragments):
+    """``fn()`` raises ``exc`` whose message matches every regex of ``fragments``
+    (case-insensitive); returns the message."""
+    with pytest.raises(exc) as info:
+        fn()
+    message = str(info.value)
+    for fragment in fragments:
+        assert re.search(fragment, message, re.IGNORECASE), f"{fragment!r} not in {message!r}"
+    return message
 
 
 @contextlib.contextmanager

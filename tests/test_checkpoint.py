@@ -20,26 +20,15 @@ from conftest import (
     set_grads,
     states_of,
 )
+from registry import CASES, backends
 
+# family -> (ours for a backend, torch.optim's twin), from the registry
 FAMILIES = {
-    "adamw": (
-        lambda g, backend: af.AdamW(g, lr=1e-2, weight_decay=0.1, amsgrad=True, backend=backend),
-        lambda g: torch.optim.AdamW(g, lr=1e-2, weight_decay=0.1, amsgrad=True),
-    ),
-    "adam": (
-        lambda g, backend: af.Adam(g, lr=1e-2, weight_decay=0.1, backend=backend),
-        lambda g: torch.optim.Adam(g, lr=1e-2, weight_decay=0.1),
-    ),
-    "radam": (
-        lambda g, backend: af.RAdam(g, lr=1e-2, weight_decay=0.1, backend=backend),
-        lambda g: torch.optim.RAdam(g, lr=1e-2, weight_decay=0.1),
-    ),
-    "radam-decoupled": (
-        lambda g, backend: af.RAdam(g, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, backend=backend),
-        lambda g: torch.optim.RAdam(g, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
-    ),
+    key: (lambda g, backend, case=CASES[name]: case.make(g, backend), CASES[name].torch_factory())
+    for key, name in {"adamw": "adamw-wd-amsgrad", "adam": "adam-l2", "radam": "radam",
+                      "radam-decoupled": "radam-decoupled"}.items()
 }
-BACKENDS = ["reference", "cpu"]
+BACKENDS = backends("reference", "cpu")
 # None grads before the checkpoint: the saved step counters differ per param.
 NONE_BEFORE = {0: (2,), 2: (5,)}
 

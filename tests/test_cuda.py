@@ -33,7 +33,6 @@ from conftest import (
     clone_params,
     make_grads,
     make_params,
-    param_groups,
     set_grads,
     snapshot,
 )
@@ -53,16 +52,25 @@ pytestmark = [
     pytest.mark.skipif(_SKIP_REASON is not None, reason=_SKIP_REASON or "CUDA is available"),
 ]
 
+import registry  # noqa: E402
+from conftest import run_pair  # noqa: E402
+from registry import (  # noqa: E402
+    AMOS_LR,
+    AMOS_REDUCE_AXES,
+    AMOS_SECOND_GROUP,
+    CASES,
+    DTYPE_IDS,
+    amos_case,
+    assert_bitwise_equal,
+    assert_close_scaled,
+    decay_lr,
+    tolerance,
+)
+
 DEVICE = "cuda"
 STEPS = 10
-TOL = {
-    torch.float64: dict(rtol=1e-10, atol=1e-12),
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
-    torch.bfloat16: dict(rtol=2e-2, atol=1e-2),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-}
+TOL = {dtype: tolerance("cuda", "elementwise", dtype) for dtype in DTYPE_IDS}  # the same for every family
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
 # ---------------------------------------------------------------------------
@@ -82,79 +90,41 @@ def run_cuda_pair(make_a, make_b, *, dtype, shapes=SHAPES, steps=STEPS, seed=0, 
                   second_group=None, none_grads=None, before_step=None):
     """conftest.run_pair on CUDA tensors: two optimizers over identical copies of a
     param set, fed identical grads (None for the indices in none_grads[step])."""
-    base = cuda_params(dtype, shapes, seed)
-    split = len(base) // 2 if split is None else split
-    none_grads = {0: (len(base) - 1,), 5: (0,)} if none_grads is None else none_grads
-    params_a, params_b = clone_params(base), clone_params(base)
-    opt_a = make_a(param_groups(params_a, second_group or {"lr": 3e-3}, split))
-    opt_b = make_b(param_groups(params_b, second_group or {"lr": 3e-3}, split))
-    for step in range(steps):
-        grads = cuda_grads(base, step, seed)
-        if before_step is not None:
-            before_step(step, opt_a, opt_b)
-        set_grads(params_a, grads, none_grads.get(step, ()))
-        set_grads(params_b, grads, none_grads.get(step, ()))
-        opt_a.step()
-        opt_b.step()
-    return PairRun(params_a, opt_a, params_b, opt_b, clone_params(base))
-
-
-def assert_close_scaled(actual, expected, rtol, atol, what):
-    """|a − e| <= atol·max|e| + rtol·|e| elementwise; same dtype, shape and device."""
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert actual.device == expected.device, f"{what}: device {actual.device} != {expected.device}"
-    if expected.numel() == 0:
-        return
-    a, e = actual.detach().double(), expected.detach().double()
-    scale = float(e.abs().max())
-    torch.testing.assert_close(a, e, rtol=rtol, atol=atol * max(scale, 1e-30), msg=lambda m: f"{what}: {m}")
+    n = len(shapes)
+    return run_pair(
+        make_a, make_b, device=DEVICE, dtype=dtype, shapes=shapes, steps=steps, seed=seed,
+        split=n // 2 if split is None else split, second_group=second_group or {"lr": 3e-3},
+        none_grads={0: (n - 1,), 5: (0,)} if none_grads is None else none_grads, before_step=before_step)
 
 
 def assert_runs_close(run, tol):
-    for i, (pa, pb) in enumerate(zip(run.params_a, run.params_b)):
-        assert_close_scaled(pa, pb, what=f"param {i}", **tol)
-    for i, (sa, sb) in enumerate(zip(run.states_a(), run.states_b())):
-        assert set(sa) == set(sb), f"param {i}: state keys {sorted(sa)} != {sorted(sb)}"
-        for key in sorted(sa):
-            if key == "step":
-                assert float(sa[key]) == float(sb[key]), f"param {i}: step {float(sa[key])} != {float(sb[key])}"
-                assert sa[key].device.type == "cpu" and sa[key].dtype == torch.float32
-            else:
-                assert_close_scaled(sa[key], sb[key], what=f"param {i} state {key!r}", **tol)
-
-
-def _decay_lr(step, opt_a, opt_b):
-    """An lr schedule: new lr before every step but the first (coefficients change)."""
-    if step == 0:
-        return
-    for opt in (opt_a, opt_b):
-        for group in opt.param_groups:
-            group["lr"] = group["lr"] * 0.85
+    """Params and states agree with the scaled floor (registry.assert_runs_close): same
+    keys, ``step`` equal and a float32 CPU scalar, tensors in the param's dtype and on
+    its device."""
+    registry.assert_runs_close(run, tol, scaled=True)
 
 
 # ---------------------------------------------------------------------------
 # every elementwise and norm-scaled algorithm against the reference
 # ---------------------------------------------------------------------------
 
+# test id -> registry case
 ALGORITHMS = {
-    "adamw": (af.AdamW, dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)),
-    "adamw-amsgrad": (af.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
-    "adamw-no_bias_correction": (af.AdamW, dict(lr=1e-2, weight_decay=0.1, bias_correction=False)),
-    "adam-l2": (af.Adam, dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)),
-    "adam-l2-amsgrad": (af.Adam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
-    "adam-no_decay": (af.Adam, dict(lr=1e-2)),
-    "radam-l2": (af.RAdam, dict(lr=1e-2, weight_decay=0.1)),
-    "radam-decoupled": (af.RAdam, dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)),
-    # ρ_t > 4 from t = 5 on: both branches within 10 steps
-    "radam-threshold4": (af.RAdam, dict(lr=1e-2, weight_decay=0.1, rectify_threshold=4.0)),
-    "lion": (af.Lion, dict(lr=1e-2, betas=(0.9, 0.99))),
-    "lion-wd": (af.Lion, dict(lr=1e-2, betas=(0.95, 0.98), weight_decay=0.5)),
-    "scaled_adamw": (af.ScaledAdamW, dict(lr=0.05, p=2.0, decay="inverse_square")),
-    "scaled_adamw-time-q": (af.ScaledAdamW, dict(lr=0.05, half_life=4, decay="inverse_time", q=0.5)),
-    "lamb": (af.Lamb, dict(lr=1e-2, weight_decay=0.1)),
-    "lamb-no_bias_correction": (af.Lamb, dict(lr=1e-2, bias_correction=False, betas=(0.8, 0.9),
-                                              weight_decay=0.01)),
+    "adamw": "adamw-ams0-bc1-wd0.1",
+    "adamw-amsgrad": "adamw-wd-amsgrad",
+    "adamw-no_bias_correction": "adamw-wd-no_bias_correction",
+    "adam-l2": "adam-l2-ams0",
+    "adam-l2-amsgrad": "adam-l2-amsgrad",
+    "adam-no_decay": "adam-no_decay",
+    "radam-l2": "radam",
+    "radam-decoupled": "radam-decoupled",
+    "radam-threshold4": "radam-threshold4",
+    "lion": "lion",
+    "lion-wd": "lion-wd",
+    "scaled_adamw": "scaled-square-p",
+    "scaled_adamw-time-q": "scaled-time-half_life-q",
+    "lamb": "lamb-lr1e-2-wd0.1",
+    "lamb-no_bias_correction": "lamb-lr1e-2-no_bias_correction",
 }
 
 # SHAPES plus tensors of several chunks (65537 > 65536) and odd row lengths.
@@ -162,8 +132,7 @@ ELEMENTWISE_SHAPES = SHAPES + [(65537,), (3, 9000), (1,)]
 
 
 def _factory(name, backend):
-    cls, kwargs = ALGORITHMS[name]
-    return lambda groups: cls(groups, backend=backend, **kwargs)
+    return CASES[ALGORITHMS[name]].factory(backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
@@ -172,9 +141,7 @@ def test_cuda_matches_reference(name, dtype):
     run = run_cuda_pair(_factory(name, "cuda"), _factory(name, "reference"), dtype=dtype,
                         shapes=ELEMENTWISE_SHAPES)
     assert_moved(run)
-    assert_runs_close(run, TOL[dtype])
-    for p, state in zip(run.params_a, run.states_a()):
-        assert all(v.dtype == p.dtype and v.device == p.device for k, v in state.items() if k != "step")
+    assert_runs_close(run, TOL[dtype])  # state tensors in the param's dtype, on its device
 
 
 @pytest.mark.parametrize("name", ["adamw-amsgrad", "radam-l2", "lion-wd", "scaled_adamw", "lamb"])
@@ -189,52 +156,45 @@ def test_cuda_matches_reference_float16(name):
 # Amos: every slot layout and kernel path
 # ---------------------------------------------------------------------------
 
-AMOS_LR = 0.3  # b reaches ~0.3 within the run: using a wrong (old/new) b shows at float32 precision
-
 # reduce_axes -> shapes.  Paths (float32/bfloat16/float16; float64 halves the lengths):
 # rows of <= 512 elements: a warp per row; <= 4096: a block per row; longer: two
 # phases.  Non-trailing reduced axes: two phases with per-(slot, piece) sums.
 AMOS_LAYOUTS = {
-    "elementwise": (None, [(), (0,), (1,), (37,), (1000,), (3, 1, 7), (4, 16), (65537,)]),
-    "all": ("all", [(), (0,), (1,), (37,), (1000,), (3, 1, 7), (4, 16), (64, 130), (3, 9000)]),
-    "rows": ((1,), [(37, 5), (4, 16), (3, 1, 7), (0, 5), (1, 33), (33, 1), (50, 1000),
+    "elementwise": (AMOS_REDUCE_AXES["elementwise"], [(), (0,), (1,), (37,), (1000,), (3, 1, 7), (4, 16), (65537,)]),
+    "all": (AMOS_REDUCE_AXES["all"], [(), (0,), (1,), (37,), (1000,), (3, 1, 7), (4, 16), (64, 130), (3, 9000)]),
+    "rows": (AMOS_REDUCE_AXES["rows"], [(37, 5), (4, 16), (3, 1, 7), (0, 5), (1, 33), (33, 1), (50, 1000),
                     (20, 3000), (3, 9000), (7, 5003)]),
-    "dim0": ((0,), [(37, 5), (4, 16), (1, 9), (9, 1), (0, 5), (300, 7), (1000, 3)]),
-    "middle": ((1,), [(2, 6, 5), (3, 4, 8), (4, 1, 3), (3, 700, 2)]),
-    "outer_and_inner": ((0, 2), [(3, 4, 5), (5, 3, 17), (0, 3, 4), (40, 2, 9)]),
+    "dim0": (AMOS_REDUCE_AXES["dim0"], [(37, 5), (4, 16), (1, 9), (9, 1), (0, 5), (300, 7), (1000, 3)]),
+    "middle": (AMOS_REDUCE_AXES["middle"], [(2, 6, 5), (3, 4, 8), (4, 1, 3), (3, 700, 2)]),
+    "outer_and_inner": (AMOS_REDUCE_AXES["outer_and_inner"], [(3, 4, 5), (5, 3, 17), (0, 3, 4), (40, 2, 9)]),
 }
-AMOS_CONFIGS = {
-    "plain": {},
-    "momentum": dict(momentum=0.9),
-    "clip": dict(clip_value=0.5),
-    "everything": dict(momentum=0.8, clip_value=0.7, extra_l2=0.02, beta=0.99, d_coef=0.5, c_coef=0.3),
-}
+AMOS_CONFIG_NAMES = ["plain", "momentum", "clip", "everything"]  # of registry.AMOS_CONFIGS
 
 
 def _amos_factory(backend, reduce_axes, config):
-    return lambda groups: af.Amos(groups, lr=AMOS_LR, reduce_axes=reduce_axes, backend=backend, **config)
+    return amos_case(reduce_axes, config, AMOS_LR).factory(backend)
 
 
 def _amos_run(layout, config, dtype, **kwargs):
     reduce_axes, shapes = AMOS_LAYOUTS[layout]
     return run_cuda_pair(
-        _amos_factory("cuda", reduce_axes, AMOS_CONFIGS[config]),
-        _amos_factory("reference", reduce_axes, AMOS_CONFIGS[config]),
+        _amos_factory("cuda", reduce_axes, config),
+        _amos_factory("reference", reduce_axes, config),
         dtype=dtype, shapes=shapes,
         # group 0: η inferred per tensor; group 1: its own lr and one η
-        second_group={"lr": 0.1, "eta": 0.7},
-        before_step=_decay_lr, **kwargs,
+        second_group=AMOS_SECOND_GROUP,
+        before_step=decay_lr, **kwargs,
     )
 
 
-@pytest.mark.parametrize("config", list(AMOS_CONFIGS))
+@pytest.mark.parametrize("config", AMOS_CONFIG_NAMES)
 @pytest.mark.parametrize("layout", list(AMOS_LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 def test_amos_matches_reference(layout, config, dtype):
     run = _amos_run(layout, config, dtype)
     assert_moved(run)
     assert_runs_close(run, TOL[dtype])
-    keys = {"step", "v", "b"} | ({"mu"} if "momentum" in AMOS_CONFIGS[config] else set())
+    keys = amos_case(None, config).state_keys()
     for state in run.states_a():
         assert set(state) == keys
 
@@ -273,15 +233,11 @@ def test_amos_param_groups_of_a_model():
 # against torch.optim's fused CUDA kernels
 # ---------------------------------------------------------------------------
 
+# test id -> (ours on cuda, torch.optim's fused (RAdam: foreach) twin), from the registry
 _TORCH_PAIRS = {
-    "adamw": (lambda g: af.AdamW(g, lr=1e-2, weight_decay=0.1, backend="cuda"),
-              lambda g: torch.optim.AdamW(g, lr=1e-2, weight_decay=0.1, fused=True)),
-    "adamw-amsgrad": (lambda g: af.AdamW(g, lr=1e-2, amsgrad=True, backend="cuda"),
-                      lambda g: torch.optim.AdamW(g, lr=1e-2, amsgrad=True, fused=True)),
-    "adam-l2": (lambda g: af.Adam(g, lr=1e-2, weight_decay=0.1, backend="cuda"),
-                lambda g: torch.optim.Adam(g, lr=1e-2, weight_decay=0.1, fused=True)),
-    "radam": (lambda g: af.RAdam(g, lr=1e-2, weight_decay=0.1, backend="cuda"),
-              lambda g: torch.optim.RAdam(g, lr=1e-2, weight_decay=0.1, foreach=True)),
+    key: (CASES[name].factory("cuda"), CASES[name].torch_factory(**extra))
+    for key, name, extra in [("adamw", "adamw", dict(fused=True)), ("adamw-amsgrad", "adamw-amsgrad", dict(fused=True)),
+                             ("adam-l2", "adam-l2", dict(fused=True)), ("radam", "radam", dict(foreach=True))]
 }
 
 
@@ -327,18 +283,14 @@ def _many_shapes(count, seed, matrices_only=False):
     return shapes
 
 
+# test id -> (ours on cuda, ours on the reference, matrices only)
 MANY_CASES = {
-    "adamw": (_factory("adamw", "cuda"), _factory("adamw", "reference"), False),
-    "adamw-amsgrad": (_factory("adamw-amsgrad", "cuda"), _factory("adamw-amsgrad", "reference"), False),
-    "radam": (_factory("radam-threshold4", "cuda"), _factory("radam-threshold4", "reference"), False),
-    "lion": (_factory("lion-wd", "cuda"), _factory("lion-wd", "reference"), False),
-    "scaled_adamw": (_factory("scaled_adamw", "cuda"), _factory("scaled_adamw", "reference"), False),
-    "lamb": (_factory("lamb", "cuda"), _factory("lamb", "reference"), False),
-    "amos-all": (_amos_factory("cuda", "all", {"momentum": 0.9}),
-                 _amos_factory("reference", "all", {"momentum": 0.9}), False),
-    "amos-rows": (_amos_factory("cuda", (1,), {"clip_value": 0.5}),
-                  _amos_factory("reference", (1,), {"clip_value": 0.5}), True),
-    "amos-dim0": (_amos_factory("cuda", (0,), {}), _amos_factory("reference", (0,), {}), True),
+    **{key: (_factory(name, "cuda"), _factory(name, "reference"), False)
+       for key, name in [("adamw", "adamw"), ("adamw-amsgrad", "adamw-amsgrad"), ("radam", "radam-threshold4"),
+                         ("lion", "lion-wd"), ("scaled_adamw", "scaled_adamw"), ("lamb", "lamb")]},
+    **{key: (_amos_factory("cuda", axes, config), _amos_factory("reference", axes, config), matrices)
+       for key, axes, config, matrices in [("amos-all", "all", "momentum", False), ("amos-rows", (1,), "clip", True),
+                                           ("amos-dim0", (0,), "plain", True)]},
 }
 
 
@@ -427,14 +379,10 @@ def test_amos_rows_on_a_tensor_of_more_than_2_31_elements():
 # torch.amp.GradScaler: grad_scale / found_inf handed to the kernels
 # ---------------------------------------------------------------------------
 
+# test id -> registry case (the cases of test_grad_scaler.py, and Amos with elementwise slots)
 SCALER_CASES = {
-    "adamw": (af.AdamW, dict(lr=1e-2, weight_decay=0.1, eps=1e-3)),
-    "radam": (af.RAdam, dict(lr=1e-2, weight_decay=0.1, eps=1e-3)),
-    "lion": (af.Lion, dict(lr=1e-3, weight_decay=0.1)),
-    "amos": (af.Amos, dict(lr=0.1, reduce_axes="all", momentum=0.9, clip_value=0.5)),
-    "amos-elementwise": (af.Amos, dict(lr=0.1, clip_value=0.5)),
-    "scaled_adamw": (af.ScaledAdamW, dict(lr=0.05, half_life=5, eps=1e-3)),
-    "lamb": (af.Lamb, dict(lr=1e-2, weight_decay=0.01, eps=1e-3)),
+    "adamw": "adamw-eps1e-3", "radam": "radam-eps1e-3", "lion": "lion-lr1e-3", "amos": "amos-all-momentum-clip",
+    "amos-elementwise": "amos-clip", "scaled_adamw": "scaled-half_life5-eps1e-3", "lamb": "lamb-eps1e-3",
 }
 INF_STEPS = {2: float("inf"), 4: float("nan"), 5: float("-inf")}
 
@@ -452,11 +400,11 @@ def test_grad_scaler_skips_inf_steps_and_unscales(name):
     """An inf/nan grad skips the whole step (params and every state tensor, `step`
     included, bitwise unchanged; the scale halves); other steps equal the reference
     driven by its own GradScaler."""
-    cls, kwargs = SCALER_CASES[name]
+    case = CASES[SCALER_CASES[name]]
     base = cuda_params(torch.float32, SHAPES)
     params, ref_params = clone_params(base), clone_params(base)
-    opt = cls(params, backend="cuda", **kwargs)
-    ref = cls(ref_params, backend="reference", **kwargs)
+    opt = case.make(params, "cuda")
+    ref = case.make(ref_params, "reference")
     scalers = [torch.amp.GradScaler("cuda", init_scale=2.0**12, growth_interval=2) for _ in range(2)]
     for step in range(9):
         grads = cuda_grads(base, step)
@@ -485,10 +433,10 @@ def test_grad_scaler_skips_inf_steps_and_unscales(name):
 def test_new_grad_tensors_every_step(name):
     """Grads at new addresses every step (the old ones kept alive so the allocator
     cannot hand the same memory back): the table's grad addresses are re-uploaded."""
-    cls, kwargs = ALGORITHMS[name]
+    case = CASES[ALGORITHMS[name]]
     base = cuda_params(torch.float32, SHAPES)
     params, ref_params = clone_params(base), clone_params(base)
-    opt, ref = cls(params, backend="cuda", **kwargs), cls(ref_params, backend="reference", **kwargs)
+    opt, ref = case.make(params, "cuda"), case.make(ref_params, "reference")
     keep = []
     for step in range(6):
         grads = cuda_grads(base, step)
@@ -526,10 +474,10 @@ def test_param_storage_replaced_between_steps(name):
 def test_steps_on_another_stream():
     """A step on a side stream, then on the default stream (a table last used on
     another stream is replaced, not rewritten under a queued kernel)."""
-    cls, kwargs = ALGORITHMS["adamw"]
+    case = CASES[ALGORITHMS["adamw"]]
     base = cuda_params(torch.float32, ELEMENTWISE_SHAPES)
     params, ref_params = clone_params(base), clone_params(base)
-    opt, ref = cls(params, backend="cuda", **kwargs), cls(ref_params, backend="reference", **kwargs)
+    opt, ref = case.make(params, "cuda"), case.make(ref_params, "reference")
     side = torch.cuda.Stream()
     for step in range(6):
         grads = cuda_grads(base, step)
@@ -557,12 +505,7 @@ def test_deterministic(name):
             make, matrices = _factory(name, "cuda"), False
         return run_cuda_pair(make, make, dtype=torch.float32,
                              shapes=_many_shapes(40, seed=9, matrices_only=matrices) + [(3, 9000)], steps=3)
-    first, second = run(), run()
-    for a, b in zip(first.params_a, second.params_a):
-        assert torch.equal(a, b)
-    for sa, sb in zip(first.states_a(), second.states_a()):
-        for key in sa:
-            assert torch.equal(sa[key], sb[key]), key
+    assert_bitwise_equal([run(), run()])
 
 
 def test_misaligned_params_take_the_scalar_path():

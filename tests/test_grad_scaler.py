@@ -15,15 +15,15 @@ everything when found_inf is set.  Checked for every optimizer on both backends:
   the optimizer gets ``grad_scale=None`` and the grads already unscaled;
 * AdamW driven by GradScaler follows torch.optim.AdamW(foreach=False) driven by
   its own GradScaler (which unscales the grads itself), at the float32 tolerance
-  of test_cpu_kernels (torch.testing defaults).
+  of test_cpu.py (torch.testing defaults).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-import amos_fused as af
 from conftest import SHAPES, assert_unchanged, clone_params, make_grads, make_params, snapshot, states_of
+from registry import CASES, SCALER_TOL, backends
 
 # Adam-type directions m̂/(sqrt(v̂)+ε) are invariant to the grad scale but for ε:
 # a large ε (and L2 decay, and Amos's clip_value) makes a step that forgets to
@@ -31,19 +31,19 @@ from conftest import SHAPES, assert_unchanged, clone_params, make_grads, make_pa
 # scale, but its m mixes steps taken at different scales: the scale grows during
 # the run.)  Checked by hand: with the unscaling removed, every case but the
 # unscale_-first ones fails.
+# test id -> registry case
 OPTIMIZERS = {
-    "adamw": (af.AdamW, dict(lr=1e-2, weight_decay=0.1, eps=1e-3)),
-    "radam": (af.RAdam, dict(lr=1e-2, weight_decay=0.1, eps=1e-3)),  # L2: g + λθ
-    "lion": (af.Lion, dict(lr=1e-3, weight_decay=0.1)),
-    # clip_value: the grads must be unscaled before they are clipped
-    "amos": (af.Amos, dict(lr=0.1, reduce_axes="all", momentum=0.9, clip_value=0.5)),
-    "scaled_adamw": (af.ScaledAdamW, dict(lr=0.05, half_life=5, eps=1e-3)),
-    "lamb": (af.Lamb, dict(lr=1e-2, weight_decay=0.01, eps=1e-3)),
+    "adamw": "adamw-eps1e-3",
+    "radam": "radam-eps1e-3",  # L2: g + λθ
+    "lion": "lion-lr1e-3",
+    "amos": "amos-all-momentum-clip",  # clip_value: the grads must be unscaled before they are clipped
+    "scaled_adamw": "scaled-half_life5-eps1e-3",
+    "lamb": "lamb-eps1e-3",
 }
-BACKENDS = ["cpu", "reference"]
+BACKENDS = backends("cpu", "reference")  # the backends that step CPU tensors (GPU ones: test_cuda.py)
 STEPS = 9
 INF_STEPS = {0: float("inf"), 4: float("nan"), 5: float("-inf")}  # step -> bad value injected
-TOL = dict(rtol=1e-6, atol=1e-7)
+TOL = SCALER_TOL
 
 
 def _grads(params, step):
@@ -79,11 +79,11 @@ def _assert_same(params_a, opt_a, params_b, opt_b, tol=TOL):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_grad_scaler(name, backend, unscale_first):
-    cls, kwargs = OPTIMIZERS[name]
+    case = CASES[OPTIMIZERS[name]]
     base = make_params(torch.float32, 0, SHAPES)
     params, plain_params = clone_params(base), clone_params(base)
-    opt = cls(params, backend=backend, **kwargs)
-    plain = cls(plain_params, backend=backend, **kwargs)
+    opt = case.make(params, backend)
+    plain = case.make(plain_params, backend)
     # growth_interval=2: the scale also grows during the run, so the step must read
     # the current scale every time
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
@@ -125,9 +125,9 @@ def test_grad_scaler(name, backend, unscale_first):
 def test_adamw_grad_scaler_matches_torch(backend, amsgrad):
     base = make_params(torch.float32, 1, SHAPES)
     ours_params, torch_params = clone_params(base), clone_params(base)
-    kwargs = dict(lr=1e-2, weight_decay=0.1, eps=1e-3, amsgrad=amsgrad)
-    ours = af.AdamW(ours_params, backend=backend, **kwargs)
-    theirs = torch.optim.AdamW(torch_params, foreach=False, **kwargs)
+    case = CASES["adamw-eps1e-3"]
+    ours = case.make(ours_params, backend, amsgrad=amsgrad)
+    theirs = case.torch_factory(foreach=False, amsgrad=amsgrad)(torch_params)
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2) for _ in range(2)]
     for step in range(STEPS):
         grads = _grads(base, step)

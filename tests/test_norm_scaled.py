@@ -1,25 +1,8 @@
-"""The rules that scale each tensor's Adam direction u = m̂/(sqrt(v̂)+ε) by a norm:
-ScaledAdamW (scale-aware Adam derived from Amos by Su Jianlin, kexue.fm, 2022-11-22)
-and LAMB.  The fused two-phase CPU kernels (``backend='cpu'``) against the eager
-reference on both CPU instruction-set paths, closed forms (zero norms, the
-half-life helper), determinism, and bad input.
-
-Tolerances: every param and state tensor is compared with ``rtol`` plus an
-absolute floor of ``atol × max|reference tensor|`` (v ≈ (1−β2)·g² is ~1e-3 while
-params are O(1), so the floor follows each tensor's own scale); ``step`` must be
-equal.
-
-* float64: rtol=1e-10, atol=1e-12.  Double on both sides; only the order of
-  operations differs (norms summed in float blocks then double in the kernel,
-  FMAs on AVX2).  Measured <= 4.3e-16 relative to the tensor's max.
-* float32: rtol=1.3e-6, atol=1e-5 (torch.testing's float32 defaults), applied with
-  the scaled floor.  A few float32 ULP per step, the norm ratio ‖ε0‖/‖u‖ or
-  ‖θ‖/‖u‖ adding one more rounding.  Measured <= 5.6e-7 relative to the max.
-* bfloat16: rtol=2e-2, atol=1e-2: both sides compute in float32 and round every
-  stored value to bf16 each step; a one-ULP float32 difference can flip one bf16
-  rounding (<= 2^-7 relative), and such a flip in m or v moves later updates by a
-  relative 2^-8, below a param ULP: <= ~2.5 ULP.
-* float16 is held to the same argument (rtol=atol=2e-3, ~2 fp16 ULP).
+"""amos_fused/norm_scaled.py: the rules that scale each tensor's Adam direction
+u = m̂/(sqrt(v̂)+ε) by a norm: ScaledAdamW (scale-aware Adam derived from Amos by
+Su Jianlin, kexue.fm, 2022-11-22) and LAMB.  Group values, closed forms (zero
+norms, the half-life helper, the step norm in every dtype) on both backends.
+The kernels against the reference: test_cpu.py; bad input: test_api.py.
 """
 from __future__ import annotations
 
@@ -30,128 +13,14 @@ import torch
 
 import amos_fused as af
 from amos_fused import reference
-from conftest import (
-    with_threads,
-    SHAPES,
-    assert_moved,
-    make_grads,
-    make_params,
-    run_pair,
-)
-
-TOL = {
-    torch.float64: dict(rtol=1e-10, atol=1e-12),
-    torch.float32: dict(rtol=1.3e-6, atol=1e-5),
-    torch.bfloat16: dict(rtol=2e-2, atol=1e-2),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-}
-DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-STEPS = 10
+from conftest import make_grads, make_params
+from registry import DTYPE_IDS, Case
 
 pytestmark = pytest.mark.usefixtures("one_thread_outside_the_kernels")
 
 
 def make_opt(cls, params, backend, **kwargs):
-    opt = cls(params, backend=backend, **kwargs)
-    return with_threads(opt) if backend == "cpu" else opt
-
-
-def factory(cls, backend, **kwargs):
-    return lambda groups: make_opt(cls, groups, backend, **kwargs)
-
-
-def assert_close_scaled(actual, expected, rtol, atol, what):
-    """|a − e| <= atol·max|e| + rtol·|e| elementwise; same dtype and shape."""
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    if expected.numel() == 0:
-        return
-    a, e = actual.detach().double(), expected.detach().double()
-    scale = float(e.abs().max())
-    torch.testing.assert_close(a, e, rtol=rtol, atol=atol * max(scale, 1e-30),
-                               msg=lambda m: f"{what}: {m}")
-
-
-def assert_run_close(run, dtype):
-    tol = TOL[dtype]
-    for i, (pa, pb) in enumerate(zip(run.params_a, run.params_b)):
-        assert_close_scaled(pa, pb, what=f"param {i}", **tol)
-    for i, (sa, sb) in enumerate(zip(run.states_a(), run.states_b())):
-        assert set(sa) == set(sb) == {"step", "exp_avg", "exp_avg_sq"}, f"param {i}: {sorted(sa)}"
-        assert float(sa["step"]) == float(sb["step"]), f"param {i}: step"
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert_close_scaled(sa[key], sb[key], what=f"param {i} state {key!r}", **tol)
-
-
-SCALED_CONFIGS = {
-    "square-p": dict(p=2.0, decay="inverse_square"),
-    "time-p": dict(p=2.0, decay="inverse_time"),
-    "square-half_life": dict(half_life=4, decay="inverse_square"),
-    "time-half_life-q": dict(half_life=4, decay="inverse_time", q=0.5),
-    "square-no_p-q": dict(decay="inverse_square", q=2.0),
-    "time-no_p-sigma": dict(decay="inverse_time", sigma=0.02),
-    "square-p-sigma-q": dict(p=1.0, decay="inverse_square", sigma=0.1, q=3.0, betas=(0.8, 0.95)),
-}
-LAMB_CONFIGS = {
-    "plain": dict(),
-    "weight_decay": dict(weight_decay=0.1),
-    "no_bias_correction": dict(bias_correction=False, betas=(0.8, 0.9), weight_decay=0.01),
-    "big_eps": dict(eps=1e-3, weight_decay=0.01),
-}
-ALGORITHMS = {
-    **{f"scaled-{k}": (af.ScaledAdamW, dict(lr=0.05, **v)) for k, v in SCALED_CONFIGS.items()},
-    **{f"lamb-{k}": (af.Lamb, dict(lr=0.05, **v)) for k, v in LAMB_CONFIGS.items()},
-}
-
-
-def _pair(name, dtype, shapes=SHAPES, steps=STEPS, **kwargs):
-    cls, kw = ALGORITHMS[name]
-    return run_pair(factory(cls, "cpu", **kw), factory(cls, "reference", **kw),
-                    dtype=dtype, steps=steps, shapes=shapes, second_group={"lr": 0.02}, **kwargs)
-
-
-# ---------------------------------------------------------------------------
-# cpu vs reference
-# ---------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name", list(ALGORITHMS))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
-def test_cpu_matches_reference(name, dtype, capabilities):
-    run = _pair(name, dtype)
-    assert_moved(run)
-    assert_run_close(run, dtype)
-
-
-@pytest.mark.parametrize("name", ["scaled-square-p", "lamb-weight_decay"])
-def test_cpu_matches_reference_float16(name, capabilities):
-    run = _pair(name, torch.float16)
-    assert_run_close(run, torch.float16)
-
-
-# Tensors bigger than the parallel grain (32768 elements): a tensor's ‖u‖² (and ‖θ‖²)
-# is summed by several threads and combined chunk by chunk.
-BIG_SHAPES = [(40_000,), (300, 257), (5,), (), (0,), (33_000,), (7, 9), (65_537,)]
-
-
-@pytest.mark.parametrize("name", ["scaled-time-half_life-q", "scaled-square-p-sigma-q", "lamb-weight_decay"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_IDS.get)
-def test_big_tensors_match_reference(name, dtype, capabilities):
-    run = _pair(name, dtype, shapes=BIG_SHAPES, split=5, none_grads={3: (1,)})
-    assert_moved(run)
-    assert_run_close(run, dtype)
-
-
-@pytest.mark.parametrize("name", ["scaled-square-p", "lamb-weight_decay"])
-def test_deterministic(name, capabilities):
-    """The kernels reduce norms in a fixed order: two runs agree bitwise."""
-    cls, kw = ALGORITHMS[name]
-    make = factory(cls, "cpu", **kw)
-    run = run_pair(make, make, dtype=torch.float32, steps=4, shapes=BIG_SHAPES, split=len(BIG_SHAPES))
-    for pa, pb in zip(run.params_a, run.params_b):
-        assert torch.equal(pa, pb)
-    for sa, sb in zip(run.states_a(), run.states_b()):
-        for key in sa:
-            assert torch.equal(sa[key], sb[key]), key
+    return Case(cls).make(params, backend, threads=True, **kwargs)
 
 
 # ---------------------------------------------------------------------------
@@ -358,44 +227,3 @@ def test_lamb_step_norm_in_every_dtype(dtype, backend):
         for param, old in zip(params, before):
             applied = float((old - param.detach().double()).norm())
             assert applied == pytest.approx(lr * float(old.norm()), rel=rel), f"step {t}, shape {tuple(param.shape)}"
-
-
-# ---------------------------------------------------------------------------
-# Bad input
-# ---------------------------------------------------------------------------
-
-def _params():
-    return make_params(torch.float32, 6, [(4, 3), (5,)])
-
-
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-@pytest.mark.parametrize("cls,kwargs,match", [
-    (af.ScaledAdamW, dict(p=0.1, half_life=10), "half_life"),
-    (af.ScaledAdamW, dict(decay="exponential"), "decay"),
-    (af.ScaledAdamW, dict(decay=None), "decay"),
-    (af.ScaledAdamW, dict(q=0.0), "q"),
-    (af.ScaledAdamW, dict(q=-1.0), "q"),
-    (af.ScaledAdamW, dict(sigma=0.0), "sigma"),
-    (af.ScaledAdamW, dict(sigma=-0.5), "sigma"),
-    (af.ScaledAdamW, dict(lr=-1e-3), "learning rate"),
-    (af.ScaledAdamW, dict(half_life=0), "half_life"),
-    (af.ScaledAdamW, dict(p=-1.0), "p"),
-    (af.Lamb, dict(lr=-1e-3), "learning rate"),
-    (af.Lamb, dict(weight_decay=-0.1), "weight_decay"),
-], ids=lambda x: x.__name__ if isinstance(x, type) else str(x))
-def test_bad_input_raises_at_construction(cls, kwargs, match, backend):
-    params = _params()
-    for p in params:
-        p.grad = torch.ones_like(p)
-    before = [p.detach().clone() for p in params]
-    with pytest.raises(ValueError, match=match):
-        cls(params, backend=backend, **kwargs)
-    for p, b in zip(params, before):
-        assert torch.equal(p.detach(), b)
-
-
-def test_p_and_half_life_in_one_group_raise():
-    params = _params()
-    with pytest.raises(ValueError, match="half_life"):
-        af.ScaledAdamW([{"params": params[:1]}, {"params": params[1:], "p": 0.1, "half_life": 10}],
-                       lr=0.01, backend="cpu")

@@ -40,12 +40,10 @@ from amos_fused.triton_kernels.checks import kernels_interpreted  # noqa: E402
 
 DEVICE = torch.device("cpu" if kernels_interpreted() else "cuda")
 
-TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
-    torch.float64: dict(rtol=1e-12, atol=1e-14),
-    torch.bfloat16: dict(rtol=2e-2, atol=1e-2),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-}
+from registry import CASES, tolerance  # noqa: E402
+
+TOL = {dtype: tolerance("triton", "elementwise", dtype)  # the same for every family
+       for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
 
 # 0-dim, 0-element, odd sizes, a size-1 dim, and two blocks (full + masked tail).
 SHAPES = [(), (0,), (37,), (5, 7), (3, 1, 9), (1500,)]
@@ -537,26 +535,23 @@ def test_importing_amos_fused_does_not_import_triton():
 # Through the optimizers (once backend='triton' dispatches to these ops)
 # ---------------------------------------------------------------------------
 
+# test id -> registry case
 OPTIMIZERS = {
-    "adamw": (af.AdamW, dict(lr=1e-2, weight_decay=0.1)),
-    "radam": (af.RAdam, dict(lr=1e-2, weight_decay=0.1)),
-    "lion": (af.Lion, dict(lr=1e-2)),
-    "amos": (af.Amos, dict(lr=0.05, reduce_axes="all", momentum=0.9)),
-    "scaled_adam": (af.ScaledAdamW, dict(lr=1e-2, half_life=100)),
-    "lamb": (af.Lamb, dict(lr=1e-2, weight_decay=0.01)),
+    "adamw": "adamw", "radam": "radam", "lion": "lion", "amos": "amos-all-momentum",
+    "scaled_adam": "scaled-lr1e-2-half_life100", "lamb": "lamb-lr1e-2-wd0.01",
 }
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_optimizer_backend_triton(name):
-    cls, kw = OPTIMIZERS[name]
+    case = CASES[OPTIMIZERS[name]]
     params = [p.requires_grad_(True) for p in _bucket(SHAPES, torch.float32)]
     try:
-        opt = cls([{"params": params}], backend="triton", **kw)
+        opt = case.make([{"params": params}], "triton")
     except (RuntimeError, NotImplementedError, ValueError) as error:
         pytest.skip(f"backend='triton' not available for {name}: {error}")
     ref_params = [p.detach().clone().requires_grad_(True) for p in params]
-    ref = cls([{"params": ref_params}], backend="reference", **kw)
+    ref = case.make([{"params": ref_params}], "reference")
     for step in range(STEPS):
         for p, q, g in zip(params, ref_params, _grads(params, step)):
             p.grad, q.grad = g.clone(), g.clone()

@@ -1,18 +1,18 @@
-"""Bad input: hyper-parameters refused at construction (ValueError naming the
-parameter and value, like torch.optim), unavailable backends, and bad grads or
-groups refused at step() BEFORE anything is written: after a failed
-step every param and every state tensor is bitwise what it was, also when only
-the second param group is bad.  Non-finite grads and grads with other strides
-than their param are not errors and behave like torch.optim.AdamW."""
+"""amos_fused/checks.py: bad grads, params or groups are refused at step()
+BEFORE anything is written: after a failed step every param and every state
+tensor is bitwise what it was, also when only the second param group is bad.
+Non-finite grads and grads with other strides than their param are not errors
+and behave like torch.optim.AdamW.  (Hyper-parameters refused at construction:
+test_api.py.)"""
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
 
 import amos_fused as af
 from conftest import (
+    raises_naming,
     assert_params_close,
     assert_state_close,
     assert_unchanged,
@@ -24,107 +24,9 @@ from conftest import (
     set_grads,
     snapshot,
     states_of,
+    step_together,
 )
-
-
-def _param():
-    return [torch.zeros(4, 3, dtype=torch.float64, requires_grad=True)]
-
-
-# ---------------------------------------------------------------------------
-# construction
-# ---------------------------------------------------------------------------
-
-ALL_CLASSES = {
-    "AdamW": lambda params, **kw: af.AdamW(params, **kw),
-    "Adam": lambda params, **kw: af.Adam(params, **kw),
-    "RAdam": lambda params, **kw: af.RAdam(params, **kw),
-    "Lion": lambda params, **kw: af.Lion(params, **kw),
-    "Amos": lambda params, **kw: af.Amos(params, **{"lr": 0.01, **kw}),
-}
-WITH_EPS = ["AdamW", "Adam", "RAdam"]
-WITH_BETAS = ["AdamW", "Adam", "RAdam", "Lion"]
-WITH_WEIGHT_DECAY = ["AdamW", "Adam", "RAdam", "Lion"]
-
-
-def _raises_naming(exc, fn, *fragments):
-    with pytest.raises(exc) as info:
-        fn()
-    message = str(info.value)
-    for fragment in fragments:
-        assert re.search(fragment, message, re.IGNORECASE), f"{fragment!r} not in {message!r}"
-    return message
-
-
-@pytest.mark.parametrize("name", sorted(ALL_CLASSES))
-@pytest.mark.parametrize("lr", [-0.5, float("nan")])
-def test_bad_lr(name, lr):
-    _raises_naming(ValueError, lambda: ALL_CLASSES[name](_param(), lr=lr),
-                   r"lr|learning rate", re.escape(str(lr)))
-
-
-@pytest.mark.parametrize("name", WITH_EPS)
-def test_negative_eps(name):
-    _raises_naming(ValueError, lambda: ALL_CLASSES[name](_param(), eps=-1e-8), r"eps", re.escape("-1e-08"))
-
-
-@pytest.mark.parametrize("name", WITH_WEIGHT_DECAY)
-def test_negative_weight_decay(name):
-    _raises_naming(ValueError, lambda: ALL_CLASSES[name](_param(), weight_decay=-0.25),
-                   r"weight_decay", re.escape("-0.25"))
-
-
-@pytest.mark.parametrize("name", WITH_BETAS)
-@pytest.mark.parametrize("betas, index, value", [
-    ((1.0, 0.999), 0, "1.0"),
-    ((-0.1, 0.999), 0, "-0.1"),
-    ((0.9, 1.0), 1, "1.0"),
-    ((0.9, -0.01), 1, "-0.01"),
-    ((0.9, 1.5), 1, "1.5"),
-])
-def test_betas_out_of_range(name, betas, index, value):
-    _raises_naming(ValueError, lambda: ALL_CLASSES[name](_param(), betas=betas),
-                   r"beta", rf"index {index}", re.escape(value))
-
-
-@pytest.mark.parametrize("name", sorted(ALL_CLASSES))
-def test_unknown_backend(name):
-    _raises_naming(ValueError, lambda: ALL_CLASSES[name](_param(), backend="bogus"), "bogus")
-
-
-@pytest.mark.parametrize("name", sorted(ALL_CLASSES))
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_unavailable_gpu_backend(name, backend):
-    if backend in af.available_backends():  # not on this CPU machine; keep the test honest elsewhere
-        assert name  # construction on CPU params is then checked at step time
-        return
-    _raises_naming(RuntimeError, lambda: ALL_CLASSES[name](_param(), backend=backend), backend)
-
-
-def test_available_backends_on_this_machine():
-    backends = af.available_backends()
-    assert backends[:2] == ["reference", "cpu"]
-    if not torch.cuda.is_available():
-        assert "cuda" not in backends
-
-
-@pytest.mark.parametrize("eta", [0.0, -1.0, (0.5, 0.0)])
-def test_amos_eta_must_be_positive(eta):
-    params = [torch.zeros(4, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)]
-    _raises_naming(ValueError, lambda: af.Amos(params, lr=0.01, eta=eta, backend="reference"), "eta")
-
-
-@pytest.mark.parametrize("reduce_axes", [(2,), (-3,), (1, 1), (0, -2), (1, -1), "most"])
-def test_amos_bad_reduce_axes(reduce_axes):
-    params = [torch.zeros(4, 3, dtype=torch.float64)]
-    _raises_naming(ValueError, lambda: af.Amos(params, lr=0.01, reduce_axes=reduce_axes,
-                                               backend="reference"), "reduce_axes")
-
-
-def test_amos_reduce_axes_checked_against_every_param():
-    params = [torch.zeros(4, 3, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)]
-    with pytest.raises(ValueError, match="reduce_axes"):
-        af.Amos(params, lr=0.01, reduce_axes=(1,), backend="reference")
+from registry import CASES
 
 
 # ---------------------------------------------------------------------------
@@ -150,13 +52,14 @@ def _any_grad_param(p):
     return AnyGrad._make_subclass(AnyGrad, p.detach().clone(), True)
 
 
+# id -> (registry case, backend, overrides of the second param group)
 OPTIMIZERS = {
-    "adamw-cpu": (lambda g: af.AdamW(g, lr=1e-2, amsgrad=True, backend="cpu"), None),
-    "adamw-reference": (lambda g: af.AdamW(g, lr=1e-2, amsgrad=True, backend="reference"), None),
-    "adam-cpu": (lambda g: af.Adam(g, lr=1e-2, weight_decay=0.1, backend="cpu"), None),
-    "radam-cpu": (lambda g: af.RAdam(g, lr=1e-2, backend="cpu"), None),
-    "lion-cpu": (lambda g: af.Lion(g, lr=1e-2, weight_decay=0.1, backend="cpu"), None),
-    "amos-reference": (lambda g: af.Amos(g, lr=1e-2, eta=0.5, momentum=0.9, backend="reference"), {"lr": 3e-3}),
+    "adamw-cpu": ("adamw-amsgrad", "cpu", None),
+    "adamw-reference": ("adamw-amsgrad", "reference", None),
+    "adam-cpu": ("adam-l2", "cpu", None),
+    "radam-cpu": ("radam-no_decay", "cpu", None),
+    "lion-cpu": ("lion-wd0.1", "cpu", None),
+    "amos-reference": ("amos-eta-momentum", "reference", {"lr": 3e-3}),
 }
 
 # kind -> the exception step() must raise
@@ -208,7 +111,8 @@ def _undo(kind, opt, group_index, saved_lr):
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_failed_step_writes_nothing(name, kind, group_index, warm_steps):
-    make, second = OPTIMIZERS[name]
+    case, backend, second = OPTIMIZERS[name]
+    make = CASES[case].factory(backend)
     base = make_params(torch.float64)
     if kind == "grad-on-meta":
         base[TARGET[group_index]] = _any_grad_param(base[TARGET[group_index]])
@@ -306,11 +210,7 @@ def test_non_finite_grads_propagate_like_torch(backend, amsgrad):
     ours = af.AdamW(param_groups(ours_params), lr=1e-2, amsgrad=amsgrad, backend=backend)
     theirs = torch.optim.AdamW(param_groups(torch_params), lr=1e-2, amsgrad=amsgrad)
     for step in range(6):
-        grads = _non_finite_grads(base, step)
-        set_grads(ours_params, grads)
-        set_grads(torch_params, grads)
-        ours.step()
-        theirs.step()
+        step_together(_non_finite_grads(base, step), (ours_params, ours), (torch_params, theirs))
     assert torch.isnan(ours_params[2]).any() and torch.isnan(ours_params[0])
     assert torch.isfinite(ours_params[4]).all()  # untouched by the bad grads
     assert_params_close(ours_params, torch_params, equal_nan=True)
@@ -354,13 +254,13 @@ def test_amos_eta_tuple_of_wrong_length_is_a_value_error(backend):
     opt.step()
     before = snapshot(opt, params)
     opt.param_groups[0]["eta"] = (0.5,)
-    _raises_naming(ValueError, opt.step, r"param_groups\[0\]\['eta'\]", "1 values for 2 params")
+    raises_naming(ValueError, opt.step, r"param_groups\[0\]\['eta'\]", "1 values for 2 params")
     assert_unchanged(before, opt, params)
     extra = torch.randn(3, requires_grad=True)
     extra.grad = torch.ones(3)
     opt.param_groups[0]["eta"] = (0.5, 0.5)
     opt.param_groups[0]["params"].append(extra)
-    _raises_naming(ValueError, opt.step, "2 values for 3 params")
+    raises_naming(ValueError, opt.step, "2 values for 3 params")
     assert_unchanged(before, opt, params)
 
 
@@ -373,7 +273,7 @@ def test_amos_reduce_axes_changed_after_state_is_refused_before_any_write(backen
     opt.step()
     before = snapshot(opt, params)
     opt.param_groups[0]["reduce_axes"] = "all"
-    _raises_naming(ValueError, opt.step, "reduce_axes", r"\(4, 1\)")
+    raises_naming(ValueError, opt.step, "reduce_axes", r"\(4, 1\)")
     assert_unchanged(before, opt, params)
     # Clearing the state starts the slots anew with the new axes, like a fresh optimizer.
     opt.state.clear()
@@ -403,10 +303,3 @@ def test_amos_momentum_switched_on_creates_mu(backend):
         opt.step()
     assert "mu" in opt.state[params[0]]
     assert torch.equal(params[0].detach(), twin[0].detach())
-
-
-@pytest.mark.parametrize("threshold", [3.9, 0.0, -1.0, float("inf"), float("nan")])
-def test_radam_rectify_threshold_below_four_is_refused(threshold):
-    """Below ρt = 4 the rectification term is the square root of a negative number."""
-    _raises_naming(ValueError, lambda: af.RAdam(_param(), rectify_threshold=threshold),
-                   "rectify_threshold", re.escape(str(threshold)))
