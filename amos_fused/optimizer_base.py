@@ -196,7 +196,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         return GroupPlan.build(params)
 
     # ---- step -------------------------------------------------------------
-    @torch.compiler.disable
+    # torch.optim's own way to keep Dynamo out (imports torch._dynamo lazily, at the first call).
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure=None):
         """Performs one optimization step.  Every group's inputs are checked
