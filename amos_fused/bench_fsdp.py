@@ -1,0 +1,128 @@
+"""Time the optimizer step of a CPU-offloaded FSDP2 model: the case where the
+whole step runs on the host.
+
+    python -m amos_fused.bench_fsdp [--ranks 2] [--rounds 3] [--steps 10] [--json PATH | --no-json]
+
+``--ranks`` processes (gloo) shard the gpt2-39m workload with ``fully_shard(...,
+offload_policy=CPUOffloadPolicy(pin_memory=False))``; each rank times
+``optimizer.step()`` between barriers (the slowest rank's time is the step's time)
+for torch.optim.AdamW(fused=True), our AdamW and our Amos (factored slots for the
+matrices, elementwise for the sharded vectors, no momentum), in interleaved rounds,
+and rank 0 writes the table and bench/results/<device>-fsdp2-offload-<date>.json
+(the schema of ``python -m amos_fused.bench``, without a copy floor)."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from amos_fused.bench import ADAMW_HYPER, AMOS_LR, OUR_ALGORITHMS, device_slug, gbps, log, write_json
+from amos_fused.bench_workloads import WORKLOADS
+
+WORKLOAD = "gpt2-39m"
+TORCH_FUSED = "torch-fused-adamw"
+
+
+def _optimizer(name, model):
+    import amos_fused as af
+
+    params = list(model.parameters())
+    if name == TORCH_FUSED:
+        return torch.optim.AdamW(params, **ADAMW_HYPER, fused=True)
+    if name == "cpu-adamw":
+        return af.AdamW(params, **ADAMW_HYPER)
+    if name == "cpu-amos":  # factored where the slot stays within a shard (Shard(0): trailing dims)
+        matrices = [p for p in params if p.dim() == 2]
+        vectors = [p for p in params if p.dim() != 2]
+        return af.Amos([{"params": matrices, "reduce_axes": (1,)}, {"params": vectors}], lr=AMOS_LR, eta=0.5)
+    raise ValueError(name)
+
+
+IMPLS = {TORCH_FUSED: 28, "cpu-adamw": 28, "cpu-amos": OUR_ALGORITHMS["amos"]}
+
+
+def _time(rank, world, path, args, out):
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    torch.set_num_threads(max(1, args.threads // world))
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    times = {name: [] for name in IMPLS}
+    sizes = {}
+    for _ in range(args.rounds):
+        for name in IMPLS:
+            model = WORKLOADS[WORKLOAD]("cpu", torch.float32)
+            for p in model.parameters():
+                p.grad = None
+            fully_shard(model, offload_policy=CPUOffloadPolicy(pin_memory=False))
+            gen = torch.Generator().manual_seed(rank)
+            for p in model.parameters():
+                p.grad = p.detach().clone()
+                p.grad.to_local().copy_(torch.randn(p.to_local().shape, generator=gen))
+            opt = _optimizer(name, model)
+            sizes = dict(params=sum(p.numel() for p in model.parameters()),
+                         tensors=len(list(model.parameters())))
+            for step in range(args.warmup + args.steps):
+                dist.barrier()
+                start = time.perf_counter()
+                opt.step()
+                dist.barrier()
+                if step >= args.warmup:
+                    times[name].append(1e3 * (time.perf_counter() - start))
+            del opt, model
+    if rank == 0:
+        torch.save({"times": times, "sizes": sizes}, out)
+    dist.destroy_process_group()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m amos_fused.bench_fsdp", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="threads in all, split over the ranks")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", metavar="PATH")
+    output.add_argument("--no-json", action="store_true")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "times.pt")
+        log(f"timing {list(IMPLS)} on {WORKLOAD}, FSDP2 + CPU offload, {args.ranks} ranks ...")
+        mp.spawn(_time, args=(args.ranks, os.path.join(tmp, "store"), args, out), nprocs=args.ranks)
+        measured = torch.load(out)
+    times, sizes = measured["times"], measured["sizes"]
+    ms = {name: statistics.median(values) for name, values in times.items()}
+    workload = f"{WORKLOAD}-fsdp2-offload-{args.ranks}ranks"
+    rows = [{
+        "workload": workload, "impl": name, "dtype": "float32", "params": sizes["params"],
+        "tensors": sizes["tensors"], "ms": round(ms[name], 4),
+        "gbps": round(gbps(IMPLS[name] * sizes["params"], ms[name]), 3),
+        "copy_gbps": None, "fraction_of_copy_bandwidth": None,
+        "ratio_vs_torch_fused": round(ms[TORCH_FUSED] / ms[name], 4),
+    } for name in IMPLS]
+    slug_, date = device_slug(torch.device("cpu")), datetime.date.today().isoformat()
+    print(f"device {slug_}  torch {torch.__version__}  {workload}: {sizes['params']:,} params in "
+          f"{sizes['tensors']} tensors; median of {args.rounds} x {args.steps} steps\n")
+    print(f"{'impl':<18}  {'ms':>9}  {'GB/s':>7}  {'x vs torch fused':>16}  {'ms / torch fused':>16}")
+    for r in rows:
+        print(f"{r['impl']:<18}  {r['ms']:>9.3f}  {r['gbps']:>7.2f}  {r['ratio_vs_torch_fused']:>15.2f}x  "
+              f"{r['ms'] / ms[TORCH_FUSED]:>16.2f}")
+    if not args.no_json:
+        path = args.json or os.path.join("bench", "results", f"{slug_}-fsdp2-offload-{date}.json")
+        write_json(path, {"device": slug_, "torch": torch.__version__, "triton": None, "date": date,
+                          "command": " ".join(["python", "-m", "amos_fused.bench_fsdp"] + sys.argv[1:]),
+                          "results": rows})
+        print(f"\nresults written to {path}")
+
+
+if __name__ == "__main__":
+    main()
