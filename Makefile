@@ -21,6 +21,8 @@ $(STAMP): $(SOURCES)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install ninja numpy "pytest>=8" "hypothesis>=6" "ruff>=0.5"
 	$(PY) -m pip install --no-deps pytorch-optimizer==4.1.0 triton==3.9.0
+	# Real clients for the integration tests (tests/test_clients.py); torch stays as installed.
+	$(PY) -m pip install "transformers==5.24.0" "accelerate==1.15.0"
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
