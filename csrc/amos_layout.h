@@ -9,12 +9,21 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu/kernel_api.h"  // AmosLayout, kAmosMaxDims
-
 namespace amos_fused {
 
-using cpu::AmosLayout;
-using cpu::kAmosMaxDims;
+// How an Amos tensor's elements map to its slots (every backend reads it the same way).
+constexpr int kAmosMaxDims = 16;
+struct AmosLayout {
+  // Elements per slot when each slot owns one contiguous run (reduced axes are
+  // trailing, or none: row_len 1); 0 for any other layout ("general").
+  int64_t row_len;
+  // General layouts: dims after dropping size-1 dims and merging neighbours,
+  // with the slot stride of each (0 for reduced dims).
+  int ndim;
+  int64_t sizes[kAmosMaxDims];
+  int64_t slot_strides[kAmosMaxDims];
+  int64_t num_slots;
+};
 
 // Slot layout of param p with slot tensor v: v is 0-dim (one slot) or has p's
 // dims with each size equal to p's or 1 (reduced).

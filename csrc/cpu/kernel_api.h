@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <string>
 
+#include "../amos_layout.h"  // AmosLayout
 #include "../step_math.h"
 
 namespace amos_fused::cpu {
@@ -48,20 +49,6 @@ struct LionLaunch {
   const void* const* grad;
   void* const* exp_avg;
   LionCoef<double> coef;  // the same for every tensor
-};
-
-// How an Amos tensor's elements map to its slots (csrc/cpu/amos_ops.cpp).
-constexpr int kAmosMaxDims = 16;
-struct AmosLayout {
-  // Elements per slot when each slot owns one contiguous run (reduced axes are
-  // trailing, or none: row_len 1); 0 for any other layout ("general").
-  int64_t row_len;
-  // General layouts: dims after dropping size-1 dims and merging neighbours,
-  // with the slot stride of each (0 for reduced dims).
-  int ndim;
-  int64_t sizes[kAmosMaxDims];
-  int64_t slot_strides[kAmosMaxDims];
-  int64_t num_slots;
 };
 
 struct AmosLaunch {
