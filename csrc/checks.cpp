@@ -124,7 +124,7 @@ std::tuple<int64_t, int64_t, int64_t> check_step(at::TensorList params, at::Tens
 }
 
 void check_bucket(const char* op, at::TensorList params, at::TensorList grads,
-                  std::initializer_list<NamedList> states, at::TensorList steps) {
+                  at::ArrayRef<NamedList> states, at::TensorList steps) {
   TORCH_CHECK_VALUE(!params.empty(), op, ": empty bucket");
   std::vector<at::TensorList> lists;
   std::vector<const char*> names;

@@ -58,10 +58,11 @@ std::tuple<int64_t, int64_t, int64_t> check_step(at::TensorList params, at::Tens
 
 using NamedList = std::pair<const char*, at::TensorList>;
 
-// The step ops' own check: raises (naming `op`) on any problem of find_problem
-// with Walk::kDense.  `states` may hold empty lists (state not used by this call).
+// The step ops' own check (through start_step, csrc/step_prologue.h): raises
+// (naming `op`) on any problem of find_problem with Walk::kDense.  `states` may
+// hold empty lists (state not used by this call).
 void check_bucket(const char* op, at::TensorList params, at::TensorList grads,
-                  std::initializer_list<NamedList> states, at::TensorList steps);
+                  at::ArrayRef<NamedList> states, at::TensorList steps);
 
 // GradScaler inputs of a step, read on the host: skip the step when found_inf is
 // non-zero; otherwise multiply grads by `unscale` (1 without a scale).  Checks

@@ -97,25 +97,9 @@ def _refused_reductions(rank, world, path):
         dist.destroy_process_group()
 
 
-def _checkpoint_save(rank, world, path, directory):
-    _init(rank, world, path)
-    try:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-        from torch.distributed.fsdp import fully_shard
-
-        for name in ("AdamW", "Amos-rows"):
-            model = _model(torch.float64)
-            fully_shard(model)
-            opt = _optimizers()[name](list(model.parameters()))
-            _train(model, opt, 0, 4, torch.float64)
-            model_state, optim_state = get_state_dict(model, opt)
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=os.path.join(directory, name))
-    finally:
-        dist.destroy_process_group()
-
-
-def _checkpoint_resume(rank, world, path, directory):
+def _checkpoint(rank, world, path, directory, resume):
+    """Saves after 4 steps (resume=False), or loads that checkpoint onto ``world``
+    ranks, trains 4 more steps and compares with an uninterrupted 8-step run."""
     _init(rank, world, path)
     try:
         import torch.distributed.checkpoint as dcp
@@ -126,9 +110,15 @@ def _checkpoint_resume(rank, world, path, directory):
             model = _model(torch.float64)
             fully_shard(model)
             opt = _optimizers()[name](list(model.parameters()))
+            where = os.path.join(directory, name)
+            if not resume:
+                _train(model, opt, 0, 4, torch.float64)
             model_state, optim_state = get_state_dict(model, opt)
             state = {"model": model_state, "optim": optim_state}
-            dcp.load(state, checkpoint_id=os.path.join(directory, name))
+            if not resume:
+                dcp.save(state, checkpoint_id=where)
+                continue
+            dcp.load(state, checkpoint_id=where)
             set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
             _train(model, opt, 4, 8, torch.float64)
             single = _model(torch.float64)
@@ -157,5 +147,5 @@ def test_fsdp2_refuses_reductions_across_shards():
 @pytest.mark.parametrize("resume_world", [2, 1], ids=["2-to-2", "2-to-1"])
 def test_distributed_checkpoint_reshards_and_resumes(resume_world):
     with tempfile.TemporaryDirectory() as directory:
-        _spawn(_checkpoint_save, 2, directory)
-        _spawn(_checkpoint_resume, resume_world, directory)
+        _spawn(_checkpoint, 2, directory, False)
+        _spawn(_checkpoint, resume_world, directory, True)

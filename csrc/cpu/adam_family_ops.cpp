@@ -5,14 +5,14 @@
 
 #include <vector>
 
-#include "../checks.h"
 #include "../step_coefficients.h"
+#include "../step_prologue.h"
 #include "kernel_api.h"
 
 namespace amos_fused::cpu {
 namespace {
 
-// Addresses and prefix sums of one bucket, gathered after check_bucket passed.
+// Addresses and prefix sums of one bucket, gathered after start_step's checks passed.
 struct BucketTables {
   std::vector<int64_t> offsets;
   std::vector<void*> param, grad, state0, state1, state2;
@@ -40,41 +40,24 @@ struct BucketTables {
   }
 };
 
-// Advances every step counter by one and returns the new values.
-std::vector<double> advance_steps(at::TensorList steps) {
-  std::vector<double> out;
-  out.reserve(steps.size());
-  for (const at::Tensor& s : steps) {
-    float* value = s.data_ptr<float>();
-    *value += 1.0f;
-    out.push_back(static_cast<double>(*value));
-  }
-  return out;
-}
-
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                    at::TensorList steps, double lr, double beta1, double beta2, double eps,
                    double weight_decay, bool decoupled, bool amsgrad, bool bias_correction,
                    const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf) {
-  TORCH_CHECK_VALUE(!amsgrad || !max_exp_avg_sqs.empty(),
-                    "amos_fused.adam_step: amsgrad=True needs max_exp_avg_sqs");
-  check_bucket("amos_fused.adam_step", params, grads,
-               {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
-                {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList()}},
-               steps);
-  TORCH_CHECK_VALUE(!exp_avgs.empty() && !exp_avg_sqs.empty() && !steps.empty(),
-                    "amos_fused.adam_step: exp_avgs, exp_avg_sqs and steps are required");
-  const GradScaling scaling = read_grad_scaling("amos_fused.adam_step", grad_scale, found_inf);
-  if (scaling.skip) return;
+  const auto start = start_step(
+      "amos_fused.adam_step", params, grads,
+      {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList(), amsgrad}},
+      steps, grad_scale, found_inf, [] {});
+  if (!start) return;
   const AdamHyper hyper{lr,        beta1,   beta2,           eps,
                         weight_decay, decoupled, amsgrad, bias_correction,
-                        scaling.unscale};
+                        start->grad_unscale};
   const BucketTables tables(params, grads, exp_avgs, exp_avg_sqs,
                             amsgrad ? max_exp_avg_sqs : at::TensorList());
   std::vector<AdamCoef<double>> coef;
-  for (double step : advance_steps(steps)) coef.push_back(adam_coefficients(hyper, step));
+  for (double step : start->steps) coef.push_back(adam_coefficients(hyper, step));
   AdamLaunch launch{tables.view(params[0].scalar_type()),
                     tables.param.data(),
                     const_cast<const void* const*>(tables.grad.data()),
@@ -92,17 +75,15 @@ void radam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     double beta2, double eps, double weight_decay, bool decoupled,
                     double rectify_threshold, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf) {
-  check_bucket("amos_fused.radam_step", params, grads,
-               {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, steps);
-  TORCH_CHECK_VALUE(!exp_avgs.empty() && !exp_avg_sqs.empty() && !steps.empty(),
-                    "amos_fused.radam_step: exp_avgs, exp_avg_sqs and steps are required");
-  const GradScaling scaling = read_grad_scaling("amos_fused.radam_step", grad_scale, found_inf);
-  if (scaling.skip) return;
+  const auto start = start_step("amos_fused.radam_step", params, grads,
+                                {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, steps,
+                                grad_scale, found_inf, [] {});
+  if (!start) return;
   const RAdamHyper hyper{lr,        beta1, beta2, eps, weight_decay, rectify_threshold,
-                         decoupled, scaling.unscale};
+                         decoupled, start->grad_unscale};
   const BucketTables tables(params, grads, exp_avgs, exp_avg_sqs);
   std::vector<RAdamCoef<double>> coef;
-  for (double step : advance_steps(steps)) coef.push_back(radam_coefficients(hyper, step));
+  for (double step : start->steps) coef.push_back(radam_coefficients(hyper, step));
   RAdamLaunch launch{tables.view(params[0].scalar_type()),
                      tables.param.data(),
                      const_cast<const void* const*>(tables.grad.data()),
@@ -117,16 +98,14 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    at::TensorList steps, double lr, double beta1, double beta2, double weight_decay,
                    const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf) {
-  check_bucket("amos_fused.lion_step", params, grads, {{"exp_avgs", exp_avgs}}, steps);
-  TORCH_CHECK_VALUE(!exp_avgs.empty() && !steps.empty(),
-                    "amos_fused.lion_step: exp_avgs and steps are required");
-  const GradScaling scaling = read_grad_scaling("amos_fused.lion_step", grad_scale, found_inf);
-  if (scaling.skip) return;
+  // Lion's update does not depend on t; the counter is kept for checkpoints.
+  const auto start = start_step("amos_fused.lion_step", params, grads, {{"exp_avgs", exp_avgs}}, steps,
+                                grad_scale, found_inf, [] {});
+  if (!start) return;
   const BucketTables tables(params, grads, exp_avgs);
-  advance_steps(steps);  // Lion's update does not depend on t; the counter is kept for checkpoints
   LionLaunch launch{tables.view(params[0].scalar_type()), tables.param.data(),
                     const_cast<const void* const*>(tables.grad.data()), tables.state0.data(),
-                    lion_coefficients({lr, beta1, beta2, weight_decay, scaling.unscale})};
+                    lion_coefficients({lr, beta1, beta2, weight_decay, start->grad_unscale})};
   active_kernels().lion(launch);
 }
 

@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "../amos_layout.h"
-#include "../checks.h"
 #include "../step_coefficients.h"
+#include "../step_prologue.h"
 #include "kernel_api.h"
 
 namespace amos_fused::cpu {
@@ -23,22 +23,21 @@ void amos_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList v
                    std::optional<double> clip_value, double extra_l2, double d_coef, double c_coef,
                    double epsilon, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf) {
-  check_bucket(kOp, params, grads, {{"mus", momentum ? mus : at::TensorList()}}, steps);
-  TORCH_CHECK_VALUE(!steps.empty(), kOp, ": steps are required");
-  TORCH_CHECK_VALUE(!momentum || !mus.empty(), kOp, ": momentum needs mus");
-  TORCH_CHECK_VALUE(etas.size() == params.size(), kOp, ": ", params.size(), " params but ",
-                    etas.size(), " etas");
-  const std::vector<AmosLayout> layouts = amos_slot_layouts(kOp, params, vs, bs);
+  std::vector<AmosLayout> layouts;
+  const auto start = start_step(kOp, params, grads, {{"mus", momentum ? mus : at::TensorList(), bool(momentum)}},
+                                steps, grad_scale, found_inf, [&] {
+                                  check_per_tensor(kOp, params, etas.size(), "etas");
+                                  layouts = amos_slot_layouts(kOp, params, vs, bs);
+                                });
+  if (!start) return;
   const size_t n = params.size();
-  const GradScaling scaling = read_grad_scaling(kOp, grad_scale, found_inf);
-  if (scaling.skip) return;
   // -- every check passed: from here on we write --
   std::vector<int64_t> offsets(n + 1, 0), general;
   std::vector<void*> param(n), grad(n), v(n), b(n), mu(n, nullptr);
   std::vector<AmosCoef<double>> coef;
   coef.reserve(n);
   const AmosHyper hyper{lr,     beta,   momentum.value_or(0.0), clip_value.value_or(0.0), extra_l2,
-                        d_coef, c_coef, epsilon,                scaling.unscale};
+                        d_coef, c_coef, epsilon,                start->grad_unscale};
   for (size_t i = 0; i < n; ++i) {
     const bool is_general = layouts[i].row_len == 0 && params[i].numel() > 0;
     if (is_general) general.push_back(static_cast<int64_t>(i));
@@ -48,9 +47,7 @@ void amos_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList v
     v[i] = vs[i].data_ptr();
     b[i] = bs[i].data_ptr();
     if (momentum) mu[i] = mus[i].data_ptr();
-    float* step = steps[i].data_ptr<float>();
-    *step += 1.0f;
-    coef.push_back(amos_coefficients(hyper, etas[i], static_cast<double>(*step)));
+    coef.push_back(amos_coefficients(hyper, etas[i], start->steps[i]));
   }
   AmosLaunch launch{{params[0].scalar_type(), static_cast<int64_t>(n), offsets.data()},
                     param.data(),

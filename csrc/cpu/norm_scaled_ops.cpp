@@ -6,8 +6,8 @@
 #include <cmath>
 #include <vector>
 
-#include "../checks.h"
 #include "../step_coefficients.h"
+#include "../step_prologue.h"
 #include "kernel_api.h"
 
 namespace amos_fused::cpu {
@@ -20,9 +20,9 @@ struct NormScaledBucket {
   std::vector<double> steps;
 
   NormScaledBucket(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                   at::TensorList exp_avg_sqs, at::TensorList step_tensors, double beta1,
-                   double beta2, double eps, double weight_decay, bool bias_correction,
-                   double grad_unscale) {
+                   at::TensorList exp_avg_sqs, const StepStart& start, double beta1, double beta2,
+                   double eps, double weight_decay, bool bias_correction)
+      : steps(start.steps) {
     const size_t n = params.size();
     offsets.assign(n + 1, 0);
     for (size_t i = 0; i < n; ++i) {
@@ -31,10 +31,8 @@ struct NormScaledBucket {
       grad.push_back(grads[i].data_ptr());
       exp_avg.push_back(exp_avgs[i].data_ptr());
       exp_avg_sq.push_back(exp_avg_sqs[i].data_ptr());
-      float* step = step_tensors[i].data_ptr<float>();
-      *step += 1.0f;
-      steps.push_back(*step);
-      coef.push_back(moment_coefficients(beta1, beta2, eps, weight_decay, bias_correction, grad_unscale, *step));
+      coef.push_back(moment_coefficients(beta1, beta2, eps, weight_decay, bias_correction,
+                                         start.grad_unscale, steps[i]));
     }
   }
 
@@ -49,13 +47,6 @@ struct NormScaledBucket {
   }
 };
 
-void check(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-           at::TensorList exp_avg_sqs, at::TensorList steps) {
-  check_bucket(op, params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, steps);
-  TORCH_CHECK_VALUE(!exp_avgs.empty() && !exp_avg_sqs.empty() && !steps.empty(), op,
-                    ": exp_avgs, exp_avg_sqs and steps are required");
-}
-
 // Scale-aware Adam: θ ← θ − (α_t·u + ρ_t·θ), α_t = α0·‖ε0‖/‖u‖·s(t), ρ_t = α0²/(2q)·s(t).
 void scaled_adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                           at::TensorList exp_avg_sqs, at::TensorList steps,
@@ -64,14 +55,12 @@ void scaled_adam_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
                           const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf) {
   const char* op = "amos_fused.scaled_adam_step";
-  check(op, params, grads, exp_avgs, exp_avg_sqs, steps);
-  TORCH_CHECK_VALUE(init_norms.size() == params.size(), op, ": ", params.size(), " params but ",
-                    init_norms.size(), " init_norms");
-  const GradScaling scaling = read_grad_scaling(op, grad_scale, found_inf);
-  if (scaling.skip) return;
+  const auto start = start_step(op, params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
+                                steps, grad_scale, found_inf,
+                                [&] { check_per_tensor(op, params, init_norms.size(), "init_norms"); });
+  if (!start) return;
   const size_t n = params.size();
-  const NormScaledBucket bucket(params, grads, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, 0.0,
-                                true, scaling.unscale);
+  const NormScaledBucket bucket(params, grads, exp_avgs, exp_avg_sqs, *start, beta1, beta2, eps, 0.0, true);
   const NormScaledLaunch launch = bucket.launch(params[0].scalar_type(), false);
   std::vector<double> u_sq(n), theta_sq(n), k(n), rho(n);
   active_kernels().norm_scaled_phase1(launch, u_sq.data(), theta_sq.data());
@@ -90,13 +79,13 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    double beta2, double eps, double weight_decay, bool bias_correction,
                    const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf) {
-  const char* op = "amos_fused.lamb_step";
-  check(op, params, grads, exp_avgs, exp_avg_sqs, steps);
-  const GradScaling scaling = read_grad_scaling(op, grad_scale, found_inf);
-  if (scaling.skip) return;
+  const auto start = start_step("amos_fused.lamb_step", params, grads,
+                                {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, steps, grad_scale,
+                                found_inf, [] {});
+  if (!start) return;
   const size_t n = params.size();
-  const NormScaledBucket bucket(params, grads, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps,
-                                weight_decay, bias_correction, scaling.unscale);
+  const NormScaledBucket bucket(params, grads, exp_avgs, exp_avg_sqs, *start, beta1, beta2, eps,
+                                weight_decay, bias_correction);
   const NormScaledLaunch launch = bucket.launch(params[0].scalar_type(), true);
   std::vector<double> u_sq(n), theta_sq(n), k(n), rho(n, 0.0);
   active_kernels().norm_scaled_phase1(launch, u_sq.data(), theta_sq.data());

@@ -9,8 +9,8 @@
 #include <optional>
 #include <vector>
 
-#include "../checks.h"
 #include "../step_coefficients.h"
+#include "../step_prologue.h"
 #include "multi_tensor_apply.cuh"
 
 namespace amos_fused::cuda {
@@ -49,22 +49,17 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf) {
   const char* op = "amos_fused.adam_step";
-  TORCH_CHECK_VALUE(!amsgrad || !max_exp_avg_sqs.empty(), op, ": amsgrad=True needs max_exp_avg_sqs");
-  check_bucket(op, params, grads,
-               {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
-                {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList()}},
-               steps);
-  TORCH_CHECK_VALUE(!exp_avgs.empty() && !exp_avg_sqs.empty() && !steps.empty(), op,
-                    ": exp_avgs, exp_avg_sqs and steps are required");
-  require_cuda_params(op, params);
+  const auto start = start_step(
+      op, params, grads,
+      {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
+       {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList(), amsgrad}},
+      steps, grad_scale, found_inf, cuda_checks(op, params));
+  if (!start) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  refuse_graph_capture(op);
-  const GradScaling scaling = read_grad_scaling(op, grad_scale, found_inf);
-  if (scaling.skip) return;
   // -- every check passed: from here on we write --
   const AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, bias_correction,
-                        scaling.unscale};
-  const std::vector<double> step = advance_steps(steps);
+                        start->grad_unscale};
+  const std::vector<double>& step = start->steps;
   const TableKey key = table_key(op, params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "amos_fused_adam_cuda", [&] {
     using Op = at::opmath_type<scalar_t>;
@@ -90,18 +85,14 @@ void radam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      double rectify_threshold, const std::optional<at::Tensor>& grad_scale,
                      const std::optional<at::Tensor>& found_inf) {
   const char* op = "amos_fused.radam_step";
-  check_bucket(op, params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, steps);
-  TORCH_CHECK_VALUE(!exp_avgs.empty() && !exp_avg_sqs.empty() && !steps.empty(), op,
-                    ": exp_avgs, exp_avg_sqs and steps are required");
-  require_cuda_params(op, params);
+  const auto start = start_step(op, params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
+                                steps, grad_scale, found_inf, cuda_checks(op, params));
+  if (!start) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  refuse_graph_capture(op);
-  const GradScaling scaling = read_grad_scaling(op, grad_scale, found_inf);
-  if (scaling.skip) return;
   // -- every check passed: from here on we write --
   const RAdamHyper hyper{lr,        beta1, beta2, eps, weight_decay, rectify_threshold,
-                         decoupled, scaling.unscale};
-  const std::vector<double> step = advance_steps(steps);
+                         decoupled, start->grad_unscale};
+  const std::vector<double>& step = start->steps;
   const TableKey key = table_key(op, params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "amos_fused_radam_cuda", [&] {
     using Op = at::opmath_type<scalar_t>;
@@ -120,16 +111,13 @@ void lion_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     double weight_decay, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf) {
   const char* op = "amos_fused.lion_step";
-  check_bucket(op, params, grads, {{"exp_avgs", exp_avgs}}, steps);
-  TORCH_CHECK_VALUE(!exp_avgs.empty() && !steps.empty(), op, ": exp_avgs and steps are required");
-  require_cuda_params(op, params);
+  // Lion's update does not depend on t; the counter is kept for checkpoints.
+  const auto start = start_step(op, params, grads, {{"exp_avgs", exp_avgs}}, steps, grad_scale, found_inf,
+                                cuda_checks(op, params));
+  if (!start) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  refuse_graph_capture(op);
-  const GradScaling scaling = read_grad_scaling(op, grad_scale, found_inf);
-  if (scaling.skip) return;
   // -- every check passed: from here on we write --
-  advance_steps(steps);  // Lion's update does not depend on t; the counter is kept for checkpoints
-  const LionCoef<double> coef = lion_coefficients({lr, beta1, beta2, weight_decay, scaling.unscale});
+  const LionCoef<double> coef = lion_coefficients({lr, beta1, beta2, weight_decay, start->grad_unscale});
   const TableKey key = table_key(op, params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "amos_fused_lion_cuda", [&] {
     using Op = at::opmath_type<scalar_t>;

@@ -21,8 +21,8 @@
 #include <vector>
 
 #include "../amos_layout.h"
-#include "../checks.h"
 #include "../step_coefficients.h"
+#include "../step_prologue.h"
 #include "amos_plan.h"
 #include "block_reduce.cuh"
 
@@ -420,21 +420,19 @@ void amos_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     double epsilon, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf) {
   const char* op = "amos_fused.amos_step";
-  check_bucket(op, params, grads, {{"mus", momentum ? mus : at::TensorList()}}, steps);
-  TORCH_CHECK_VALUE(!steps.empty(), op, ": steps are required");
-  TORCH_CHECK_VALUE(!momentum || !mus.empty(), op, ": momentum needs mus");
-  TORCH_CHECK_VALUE(etas.size() == params.size(), op, ": ", params.size(), " params but ",
-                    etas.size(), " etas");
-  const std::vector<AmosLayout> layouts = amos_slot_layouts(op, params, vs, bs);
-  require_cuda_params(op, params);
+  std::vector<AmosLayout> layouts;
+  const auto start = start_step(op, params, grads, {{"mus", momentum ? mus : at::TensorList(), bool(momentum)}},
+                                steps, grad_scale, found_inf, [&] {
+                                  check_per_tensor(op, params, etas.size(), "etas");
+                                  layouts = amos_slot_layouts(op, params, vs, bs);
+                                  cuda_checks(op, params)();
+                                });
+  if (!start) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  refuse_graph_capture(op);
-  const GradScaling scaling = read_grad_scaling(op, grad_scale, found_inf);
-  if (scaling.skip) return;
   // -- every check passed: from here on we write --
   const AmosHyper hyper{lr,     beta,   momentum.value_or(0.0), clip_value.value_or(0.0), extra_l2,
-                        d_coef, c_coef, epsilon,                scaling.unscale};
-  const std::vector<double> step = advance_steps(steps);
+                        d_coef, c_coef, epsilon,                start->grad_unscale};
+  const std::vector<double>& step = start->steps;
   const TableKey key = table_key(op, params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "amos_fused_amos_cuda", [&] {
     using Op = at::opmath_type<scalar_t>;

@@ -24,8 +24,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "../checks.h"
 #include "../step_coefficients.h"
+#include "../step_prologue.h"
 #include "block_reduce.cuh"
 #include "multi_tensor_apply.cuh"
 
@@ -173,24 +173,15 @@ void launch_norm_scaled(const TableKey& key, ElementwisePlan<NormCoef<at::opmath
   });
 }
 
-// The checks both ops share (before any write).
-void check_norm_bucket(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-           at::TensorList exp_avg_sqs, at::TensorList steps) {
-  check_bucket(op, params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, steps);
-  TORCH_CHECK_VALUE(!exp_avgs.empty() && !exp_avg_sqs.empty() && !steps.empty(), op,
-                    ": exp_avgs, exp_avg_sqs and steps are required");
-  require_cuda_params(op, params);
-}
-
 // Both rules: `scale_and_rho(step)` gives NormCoef's (scale, ρ) at a step; the
 // per-tensor ‖ε0‖ go to a table section of their own (they never change).
 template <typename ScaleAndRho>
 void norm_scaled_step(const char* op, bool lamb, at::TensorList params, at::TensorList grads,
-                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
+                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs, const StepStart& start,
                       at::ArrayRef<double> init_norms, double beta1, double beta2, double eps,
-                      double weight_decay, bool bias_correction, double grad_unscale,
-                      const ScaleAndRho& scale_and_rho) {
-  const std::vector<double> step = advance_steps(steps);
+                      double weight_decay, bool bias_correction, const ScaleAndRho& scale_and_rho) {
+  const std::vector<double>& step = start.steps;
+  const double grad_unscale = start.grad_unscale;
   const TableKey key = table_key(op, params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "amos_fused_norm_scaled_cuda", [&] {
     using Op = at::opmath_type<scalar_t>;
@@ -224,16 +215,16 @@ void scaled_adam_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
                            const std::optional<at::Tensor>& grad_scale,
                            const std::optional<at::Tensor>& found_inf) {
   const char* op = "amos_fused.scaled_adam_step";
-  check_norm_bucket(op, params, grads, exp_avgs, exp_avg_sqs, steps);
-  TORCH_CHECK_VALUE(init_norms.size() == params.size(), op, ": ", params.size(), " params but ",
-                    init_norms.size(), " init_norms");
+  const auto start = start_step(op, params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
+                                steps, grad_scale, found_inf, [&] {
+                                  check_per_tensor(op, params, init_norms.size(), "init_norms");
+                                  cuda_checks(op, params)();
+                                });
+  if (!start) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  refuse_graph_capture(op);
-  const GradScaling scaling = read_grad_scaling(op, grad_scale, found_inf);
-  if (scaling.skip) return;
   // -- every check passed: from here on we write --
-  norm_scaled_step(op, false, params, grads, exp_avgs, exp_avg_sqs, steps, init_norms, beta1, beta2,
-                   eps, 0.0, true, scaling.unscale, [&](double step) {
+  norm_scaled_step(op, false, params, grads, exp_avgs, exp_avg_sqs, *start, init_norms, beta1, beta2,
+                   eps, 0.0, true, [&](double step) {
                      const double s = scaled_schedule(lr, p, inverse_time, step);
                      return std::make_pair(lr * s, lr * lr / (2.0 * q) * s);
                    });
@@ -246,15 +237,13 @@ void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf) {
   const char* op = "amos_fused.lamb_step";
-  check_norm_bucket(op, params, grads, exp_avgs, exp_avg_sqs, steps);
+  const auto start = start_step(op, params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
+                                steps, grad_scale, found_inf, cuda_checks(op, params));
+  if (!start) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  refuse_graph_capture(op);
-  const GradScaling scaling = read_grad_scaling(op, grad_scale, found_inf);
-  if (scaling.skip) return;
   // -- every check passed: from here on we write --
-  norm_scaled_step(op, true, params, grads, exp_avgs, exp_avg_sqs, steps, {}, beta1, beta2, eps,
-                   weight_decay, bias_correction, scaling.unscale,
-                   [&](double) { return std::make_pair(lr, 0.0); });
+  norm_scaled_step(op, true, params, grads, exp_avgs, exp_avg_sqs, *start, {}, beta1, beta2, eps,
+                   weight_decay, bias_correction, [&](double) { return std::make_pair(lr, 0.0); });
 }
 
 }  // namespace

@@ -1,10 +1,11 @@
 // Host-side steps every CUDA op shares: device checks, refusing CUDA graph capture,
-// advancing the (CPU) step counters, folding equal per-tensor coefficients, and
+// folding equal per-tensor coefficients, and
 // the key of a bucket's cached device table.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -16,7 +17,7 @@
 
 namespace amos_fused::cuda {
 
-// After check_bucket: the bucket lives on a CUDA device.
+// After the bucket's checks: the bucket lives on a CUDA device.
 inline void require_cuda_params(const char* op, at::TensorList params) {
   TORCH_CHECK_VALUE(params[0].is_cuda(), op, ": the CUDA kernels step CUDA tensors, params are on ",
                     params[0].device());
@@ -29,16 +30,14 @@ inline void refuse_graph_capture(const char* op) {
               op, ": cannot run inside CUDA graph capture (step counts are host tensors)");
 }
 
-// Advances every step counter (float32 CPU scalars) by one; returns the new values.
-inline std::vector<double> advance_steps(at::TensorList steps) {
-  std::vector<double> out;
-  out.reserve(steps.size());
-  for (const at::Tensor& s : steps) {
-    float* value = s.data_ptr<float>();
-    *value += 1.0f;
-    out.push_back(static_cast<double>(*value));
-  }
-  return out;
+// start_step's device checks of a CUDA op (csrc/step_prologue.h): CUDA params, and
+// not under CUDA graph capture.
+inline auto cuda_checks(const char* op, at::TensorList params) {
+  return [op, params] {
+    require_cuda_params(op, params);
+    const c10::cuda::CUDAGuard guard(params[0].device());
+    refuse_graph_capture(op);
+  };
 }
 
 // Per-tensor coefficients with runs of equal ones folded: tensor t uses
