@@ -35,8 +35,8 @@ pytest.importorskip("triton")
 
 import amos_fused as af  # noqa: E402
 from amos_fused import reference  # noqa: E402
-from amos_fused.triton_kernels import bucket, launcher, ops  # noqa: E402
-from amos_fused.triton_kernels.checks import kernels_interpreted  # noqa: E402
+from amos_fused.triton_kernels import common, launcher, ops  # noqa: E402
+from amos_fused.triton_kernels.common import kernels_interpreted  # noqa: E402
 
 DEVICE = torch.device("cpu" if kernels_interpreted() else "cuda")
 
@@ -511,17 +511,17 @@ def test_bad_amos_slots_raise_before_any_write():
 def test_metadata_is_cached_and_follows_addresses():
     run = Run(lion_case(0.0), [(37,), (5, 7)], torch.float32)
     run.step(0)
-    key = bucket.elementwise_key("lion", [run.params, run.lists()["exp_avg"]], launcher.BLOCK)
-    meta = bucket._cache[key]
+    key = common.elementwise_key("lion", [run.params, run.lists()["exp_avg"]], launcher.BLOCK)
+    meta = common._cache[key]
     run.step(1)  # new grad tensors every step: same bucket tables, grad table refreshed
-    assert bucket._cache[key] is meta
+    assert common._cache[key] is meta
     assert meta.grad_addresses.key != ()
     # A state tensor replaced (e.g. by load_state_dict): new tables, same results.
     for st in run.states:
         st["exp_avg"] = st["exp_avg"].clone()
     run.step(2)
-    new_key = bucket.elementwise_key("lion", [run.params, run.lists()["exp_avg"]], launcher.BLOCK)
-    assert new_key != key and new_key in bucket._cache
+    new_key = common.elementwise_key("lion", [run.params, run.lists()["exp_avg"]], launcher.BLOCK)
+    assert new_key != key and new_key in common._cache
     run.check(3)
 
 

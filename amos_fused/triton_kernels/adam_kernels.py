@@ -1,5 +1,5 @@
 """One-pass kernels of the Adam family over a whole bucket:
-program i steps block ``blocks[2i+1]`` of tensor ``blocks[2i]`` (bucket.py).
+program i steps block ``blocks[2i+1]`` of tensor ``blocks[2i]`` (common.py).
 Full blocks run unmasked (vector accesses); only a tensor's last block is masked.
 Math: adam_math.py."""
 import triton
@@ -8,7 +8,7 @@ import triton.language as tl
 from .adam_math import (ADAM_COLUMNS, LION_COLUMNS, RADAM_COLUMNS, adam_update,
                         load_adam_coefficients, load_lion_coefficients,
                         load_radam_coefficients, lion_update, radam_update)
-from .kernel_helpers import load_, program_entry, store_, stream
+from .common import load_block, program_entry, store_block, stream
 
 ADAM_WIDTH = tl.constexpr(len(ADAM_COLUMNS))
 RADAM_WIDTH = tl.constexpr(len(RADAM_COLUMNS))
@@ -19,21 +19,21 @@ LION_WIDTH = tl.constexpr(len(LION_COLUMNS))
 def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, coef_row, COMPUTE: tl.constexpr,
                 FP64: tl.constexpr, AMSGRAD: tl.constexpr, L2: tl.constexpr,
                 MASKED: tl.constexpr):
-    p = load_(p_ptr + offs, mask, MASKED, COMPUTE)
-    g = load_(g_ptr + offs, mask, MASKED, COMPUTE)
-    m = load_(m_ptr + offs, mask, MASKED, COMPUTE)
-    v = load_(v_ptr + offs, mask, MASKED, COMPUTE)
+    p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
+    g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
+    m = load_block(m_ptr + offs, mask, MASKED, COMPUTE)
+    v = load_block(v_ptr + offs, mask, MASKED, COMPUTE)
     vmax = v
     if AMSGRAD:
-        vmax = load_(vmax_ptr + offs, mask, MASKED, COMPUTE)
+        vmax = load_block(vmax_ptr + offs, mask, MASKED, COMPUTE)
     b1c, b2, b2c, decay, l2, eps, bc2_sqrt, neg_step, unscale, small = load_adam_coefficients(coef_row)
     p, m, v, vmax = adam_update(p, g, m, v, vmax, b1c, b2, b2c, decay, l2, eps, bc2_sqrt,
                                 neg_step, unscale, small, AMSGRAD, L2, FP64)
-    store_(p_ptr + offs, p, mask, MASKED)
-    store_(m_ptr + offs, m, mask, MASKED)
-    store_(v_ptr + offs, v, mask, MASKED)
+    store_block(p_ptr + offs, p, mask, MASKED)
+    store_block(m_ptr + offs, m, mask, MASKED)
+    store_block(v_ptr + offs, v, mask, MASKED)
     if AMSGRAD:
-        store_(vmax_ptr + offs, vmax, mask, MASKED)
+        store_block(vmax_ptr + offs, vmax, mask, MASKED)
 
 
 @triton.jit
@@ -62,17 +62,17 @@ def adam_kernel(addresses, grad_addresses, numels, blocks, coef, n, DTYPE: tl.co
 @triton.jit
 def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, COMPUTE: tl.constexpr,
                  FP64: tl.constexpr, L2: tl.constexpr, MASKED: tl.constexpr):
-    p = load_(p_ptr + offs, mask, MASKED, COMPUTE)
-    g = load_(g_ptr + offs, mask, MASKED, COMPUTE)
-    m = load_(m_ptr + offs, mask, MASKED, COMPUTE)
-    v = load_(v_ptr + offs, mask, MASKED, COMPUTE)
+    p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
+    g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
+    m = load_block(m_ptr + offs, mask, MASKED, COMPUTE)
+    v = load_block(v_ptr + offs, mask, MASKED, COMPUTE)
     (b1c, b2, b2c, decay, l2, eps, bc1, lr, bc2_sqrt, rect, unscale,
      rectified, small) = load_radam_coefficients(coef_row)
     p, m, v = radam_update(p, g, m, v, b1c, b2, b2c, decay, l2, eps, bc1, lr, bc2_sqrt, rect,
                            unscale, rectified, small, L2, FP64)
-    store_(p_ptr + offs, p, mask, MASKED)
-    store_(m_ptr + offs, m, mask, MASKED)
-    store_(v_ptr + offs, v, mask, MASKED)
+    store_block(p_ptr + offs, p, mask, MASKED)
+    store_block(m_ptr + offs, m, mask, MASKED)
+    store_block(v_ptr + offs, v, mask, MASKED)
 
 
 @triton.jit
@@ -98,13 +98,13 @@ def radam_kernel(addresses, grad_addresses, numels, blocks, coef, n, DTYPE: tl.c
 @triton.jit
 def _lion_block(p_ptr, g_ptr, m_ptr, offs, mask, coef_row, COMPUTE: tl.constexpr,
                 MASKED: tl.constexpr):
-    p = load_(p_ptr + offs, mask, MASKED, COMPUTE)
-    g = load_(g_ptr + offs, mask, MASKED, COMPUTE)
-    m = load_(m_ptr + offs, mask, MASKED, COMPUTE)
+    p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
+    g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
+    m = load_block(m_ptr + offs, mask, MASKED, COMPUTE)
     beta1, b1c, beta2, b2c, decay, neg_lr, unscale = load_lion_coefficients(coef_row)
     p, m = lion_update(p, g, m, beta1, b1c, beta2, b2c, decay, neg_lr, unscale)
-    store_(p_ptr + offs, p, mask, MASKED)
-    store_(m_ptr + offs, m, mask, MASKED)
+    store_block(p_ptr + offs, p, mask, MASKED)
+    store_block(m_ptr + offs, m, mask, MASKED)
 
 
 @triton.jit

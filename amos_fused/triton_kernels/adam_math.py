@@ -9,7 +9,7 @@ by the ``load_*`` helpers below)."""
 import triton
 import triton.language as tl
 
-from .math_helpers import div_, lerp_, maximum_, sign_, sqrt_
+from .common import ieee_div, ieee_sqrt, nan_maximum, torch_lerp, torch_sign
 
 ADAM_COLUMNS = (
     "beta1_complement",  # 1 − β1 (lerp weight)
@@ -21,7 +21,7 @@ ADAM_COLUMNS = (
     "bc2_sqrt",          # sqrt(1 − β2^t), 1 without bias correction
     "neg_step_size",     # −η/(1 − β1^t), −η without bias correction
     "grad_unscale",      # 1/GradScaler scale, or 1
-    "lerp_small",        # 1 when 1 − β1 < ½ (the form of lerp_), else 0
+    "lerp_small",        # 1 when 1 − β1 < ½ (the form of torch_lerp), else 0
 )
 
 
@@ -41,14 +41,14 @@ def adam_update(p, g, m, v, vmax, beta1_complement, beta2, beta2_complement, par
     if L2:
         g = tl.fma(l2, p, g)                         # g ← g + λθ  (grad.add(θ, alpha=λ))
     p = p * param_decay                              # θ ← θ·(1 − ηλ)
-    m = lerp_(m, g, beta1_complement, lerp_small)    # m ← lerp(m, g, 1−β1)
+    m = torch_lerp(m, g, beta1_complement, lerp_small)    # m ← lerp(m, g, 1−β1)
     v = tl.fma(beta2_complement * g, g, v * beta2)   # v ← β2·v + (1−β2)·g² (addcmul)
     second = v
     if AMSGRAD:
-        vmax = maximum_(vmax, v)                     # v̂max ← max(v̂max, v)
+        vmax = nan_maximum(vmax, v)                     # v̂max ← max(v̂max, v)
         second = vmax
-    denom = div_(sqrt_(second, FP64), bc2_sqrt, FP64) + eps  # sqrt(v/bc2) + ε
-    p = p + div_(neg_step_size * m, denom, FP64)     # θ ← θ − η/bc1 · m/denom
+    denom = ieee_div(ieee_sqrt(second, FP64), bc2_sqrt, FP64) + eps  # sqrt(v/bc2) + ε
+    p = p + ieee_div(neg_step_size * m, denom, FP64)     # θ ← θ − η/bc1 · m/denom
     return p, m, v, vmax
 
 
@@ -63,7 +63,7 @@ RADAM_COLUMNS = (
     "rect",          # r_t (used only when rectified)
     "grad_unscale",
     "rectified",     # 1 when ρ_t > threshold, else 0
-    "lerp_small",    # 1 when 1 − β1 < ½ (the form of lerp_), else 0
+    "lerp_small",    # 1 when 1 − β1 < ½ (the form of torch_lerp), else 0
 )
 
 
@@ -84,10 +84,10 @@ def radam_update(p, g, m, v, beta1_complement, beta2, beta2_complement, param_de
     if L2:
         g = tl.fma(l2, p, g)                         # g ← g + λθ  (grad.add(θ, alpha=λ))
     p = p * param_decay                              # θ ← θ·(1 − ηλ)
-    m = lerp_(m, g, beta1_complement, lerp_small)    # m ← lerp(m, g, 1−β1)
+    m = torch_lerp(m, g, beta1_complement, lerp_small)    # m ← lerp(m, g, 1−β1)
     v = tl.fma(beta2_complement * g, g, v * beta2)   # v ← β2·v + (1−β2)·g² (addcmul)
-    step = div_(m, bc1, FP64) * lr                   # η·m̂
-    adaptive = div_(bc2_sqrt, sqrt_(v, FP64) + eps, FP64)  # sqrt(bc2)/(sqrt(v)+ε)
+    step = ieee_div(m, bc1, FP64) * lr                   # η·m̂
+    adaptive = ieee_div(bc2_sqrt, ieee_sqrt(v, FP64) + eps, FP64)  # sqrt(bc2)/(sqrt(v)+ε)
     step = tl.where(rectified != 0, step * adaptive * rect, step)  # ρ_t > threshold
     p = p - step
     return p, m, v
@@ -112,7 +112,7 @@ def lion_update(p, g, m, beta1, beta1_complement, beta2, beta2_complement, param
                 grad_unscale):
     """One Lion / SignSGDM-W step.  Returns p, m."""
     g = g * grad_unscale
-    direction = sign_(m * beta1 + g * beta1_complement)  # sign(β1·m + (1−β1)·g)
+    direction = torch_sign(m * beta1 + g * beta1_complement)  # sign(β1·m + (1−β1)·g)
     p = p * param_decay + neg_lr * direction             # θ ← θ(1−ηλ) − η·sign(c)
     m = m * beta2 + g * beta2_complement                 # m ← β2·m + (1−β2)·g
     return p, m

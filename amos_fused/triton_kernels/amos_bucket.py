@@ -1,5 +1,5 @@
 """Cached metadata of an Amos bucket: the bucket tables of
-bucket.py plus, per tensor, its slot layout (amos_layout.py) as one int64 row of
+common.py plus, per tensor, its slot layout (amos_layout.py) as one int64 row of
 ``info``:
 
     numel, kind, row_len, slot_base, num_slots, sizes[ndim], slot_strides[ndim]
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .amos_layout import GENERAL, LONG_ROWS, ROWS, SlotLayout, describe_slots
-from .bucket import (GradAddresses, addresses_of, all_aligned, cached, compute_dtype,
+from .common import (GradAddresses, addresses_of, all_aligned, cached, compute_dtype,
                      int64_table, program_map)
 
 INFO_FIXED = 5  # numel, kind, row_len, slot_base, num_slots

@@ -15,8 +15,7 @@ from .amos_bucket import INFO_FIXED
 from .amos_layout import ELEMENTWISE, LONG_ROWS, ROWS
 from .amos_math import (AMOS_CLIP_COLUMN, AMOS_COLUMNS, AMOS_UNSCALE_COLUMN, amos_clip,
                         amos_element, amos_slot, load_amos_coefficients)
-from .kernel_helpers import load_, program_entry, store_, stream, to_storage
-from .math_helpers import div_
+from .common import ieee_div, load_block, program_entry, store_block, stream, to_storage
 
 AMOS_WIDTH = tl.constexpr(len(AMOS_COLUMNS))
 INFO_FIXED_ = tl.constexpr(INFO_FIXED)
@@ -64,12 +63,12 @@ def amos_sums_kernel(grad_addresses, info, blocks, coef, slot_sums, n, DTYPE: tl
     if kind == LONG_ROWS_:  # the piece lies inside one row: one atomic for the block
         row_len = tl.load(meta + 2)
         mask = offs < (start // row_len + 1) * row_len
-        g = amos_clip(load_(g_ptr + offs, mask, True, COMPUTE), unscale, clip, CLIP)
+        g = amos_clip(load_block(g_ptr + offs, mask, True, COMPUTE), unscale, clip, CLIP)
         total = tl.sum(tl.where(mask, g * g, 0.0), 0)
         tl.atomic_add(slot_sums + slot_base + start // row_len, total, sem="relaxed")
     else:
         mask = offs < numel
-        g = amos_clip(load_(g_ptr + offs, mask, True, COMPUTE), unscale, clip, CLIP)
+        g = amos_clip(load_block(g_ptr + offs, mask, True, COMPUTE), unscale, clip, CLIP)
         slot = slot_base + slot_index(offs, meta + INFO_FIXED_, NDIM)
         tl.atomic_add(slot_sums + slot, g * g, mask=mask, sem="relaxed")
 
@@ -90,15 +89,15 @@ def amos_slots_kernel(addresses, info, blocks, coef, slot_sums, slot_updates, n,
     s = index * BLOCK + tl.arange(0, BLOCK)
     mask = s < num_slots
     sums = slot_sums + slot_base + s
-    g2 = div_(tl.load(sums, mask=mask, other=0.0), (numel // num_slots).to(COMPUTE), FP64)
-    v = load_(v_ptr + s, mask, True, COMPUTE)
-    b = load_(b_ptr + s, mask, True, COMPUTE)
+    g2 = ieee_div(tl.load(sums, mask=mask, other=0.0), (numel // num_slots).to(COMPUTE), FP64)
+    v = load_block(v_ptr + s, mask, True, COMPUTE)
+    b = load_block(b_ptr + s, mask, True, COMPUTE)
     (beta, beta_c, bias_correction, epsilon, c_scale, lr_sq, alpha, d_scale, extra_l2, _clip,
      _momentum, _momentum_c, _unscale) = load_amos_coefficients(coef + t * AMOS_WIDTH)
     v, b, w, a = amos_slot(v, b, g2, beta, beta_c, bias_correction, epsilon, c_scale, lr_sq,
                            alpha, d_scale, extra_l2, FP64)
-    store_(v_ptr + s, v, mask, True)
-    store_(b_ptr + s, b, mask, True)
+    store_block(v_ptr + s, v, mask, True)
+    store_block(b_ptr + s, b, mask, True)
     updates = slot_updates + 2 * (slot_base + s)
     tl.store(updates, w, mask=mask)
     tl.store(updates + 1, a, mask=mask)
@@ -109,30 +108,30 @@ def amos_slots_kernel(addresses, info, blocks, coef, slot_sums, slot_updates, n,
 def _elementwise_block(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, offs, mask, coef_row,
                        COMPUTE: tl.constexpr, FP64: tl.constexpr, MOMENTUM: tl.constexpr,
                        CLIP: tl.constexpr, MASKED: tl.constexpr):
-    p = load_(p_ptr + offs, mask, MASKED, COMPUTE)
-    g = load_(g_ptr + offs, mask, MASKED, COMPUTE)
-    v = load_(v_ptr + offs, mask, MASKED, COMPUTE)
-    b = load_(b_ptr + offs, mask, MASKED, COMPUTE)
+    p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
+    g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
+    v = load_block(v_ptr + offs, mask, MASKED, COMPUTE)
+    b = load_block(b_ptr + offs, mask, MASKED, COMPUTE)
     mu = p
     if MOMENTUM:
-        mu = load_(mu_ptr + offs, mask, MASKED, COMPUTE)
+        mu = load_block(mu_ptr + offs, mask, MASKED, COMPUTE)
     (beta, beta_c, bias_correction, epsilon, c_scale, lr_sq, alpha, d_scale, extra_l2, clip,
      momentum, momentum_c, unscale) = load_amos_coefficients(coef_row)
     g = amos_clip(g, unscale, clip, CLIP)
     v, b, w, a = amos_slot(v, b, g * g, beta, beta_c, bias_correction, epsilon, c_scale, lr_sq,
                            alpha, d_scale, extra_l2, FP64)
     p, mu = amos_element(p, g, mu, w, a, momentum, momentum_c, MOMENTUM)
-    store_(p_ptr + offs, p, mask, MASKED)
-    store_(v_ptr + offs, v, mask, MASKED)
-    store_(b_ptr + offs, b, mask, MASKED)
+    store_block(p_ptr + offs, p, mask, MASKED)
+    store_block(v_ptr + offs, v, mask, MASKED)
+    store_block(b_ptr + offs, b, mask, MASKED)
     if MOMENTUM:
-        store_(mu_ptr + offs, mu, mask, MASKED)
+        store_block(mu_ptr + offs, mu, mask, MASKED)
 
 
 @triton.jit
 def _row_squares(g_ptr, cols, mask, unscale, clip, COMPUTE: tl.constexpr, CLIP: tl.constexpr,
                  MASKED: tl.constexpr):
-    g = amos_clip(load_(g_ptr + cols, mask, MASKED, COMPUTE), unscale, clip, CLIP)
+    g = amos_clip(load_block(g_ptr + cols, mask, MASKED, COMPUTE), unscale, clip, CLIP)
     if MASKED:
         g = tl.where(mask, g, 0.0)
     return g * g
@@ -142,15 +141,15 @@ def _row_squares(g_ptr, cols, mask, unscale, clip, COMPUTE: tl.constexpr, CLIP: 
 def _row_update(p_ptr, g_ptr, mu_ptr, cols, mask, w, a, unscale, clip, momentum, momentum_c,
                 COMPUTE: tl.constexpr, MOMENTUM: tl.constexpr, CLIP: tl.constexpr,
                 MASKED: tl.constexpr):
-    p = load_(p_ptr + cols, mask, MASKED, COMPUTE)
-    g = amos_clip(load_(g_ptr + cols, mask, MASKED, COMPUTE), unscale, clip, CLIP)
+    p = load_block(p_ptr + cols, mask, MASKED, COMPUTE)
+    g = amos_clip(load_block(g_ptr + cols, mask, MASKED, COMPUTE), unscale, clip, CLIP)
     mu = p
     if MOMENTUM:
-        mu = load_(mu_ptr + cols, mask, MASKED, COMPUTE)
+        mu = load_block(mu_ptr + cols, mask, MASKED, COMPUTE)
     p, mu = amos_element(p, g, mu, w, a, momentum, momentum_c, MOMENTUM)
-    store_(p_ptr + cols, p, mask, MASKED)
+    store_block(p_ptr + cols, p, mask, MASKED)
     if MOMENTUM:
-        store_(mu_ptr + cols, mu, mask, MASKED)
+        store_block(mu_ptr + cols, mu, mask, MASKED)
 
 
 @triton.jit
@@ -174,7 +173,7 @@ def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, COMPUTE: tl.c
             acc += _row_squares(g_ptr, cols, cols < end, unscale, clip, COMPUTE, CLIP, False)
         else:
             acc += _row_squares(g_ptr, cols, cols < end, unscale, clip, COMPUTE, CLIP, True)
-    g2 = div_(tl.sum(acc, 0), row_len.to(COMPUTE), FP64)   # g2 = mean of g² over the row
+    g2 = ieee_div(tl.sum(acc, 0), row_len.to(COMPUTE), FP64)   # g2 = mean of g² over the row
     v = tl.load(v_ptr + r).to(COMPUTE)
     b = tl.load(b_ptr + r).to(COMPUTE)
     v, b, w, a = amos_slot(v, b, g2, beta, beta_c, bias_correction, epsilon, c_scale, lr_sq,
@@ -205,18 +204,18 @@ def _phased_block(p_ptr, g_ptr, mu_ptr, offs, mask, coef_row, slots, COMPUTE: tl
     else:
         w = tl.load(slots)
         a = tl.load(slots + 1)
-    p = load_(p_ptr + offs, mask, MASKED, COMPUTE)
-    g = load_(g_ptr + offs, mask, MASKED, COMPUTE)
+    p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
+    g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
     mu = p
     if MOMENTUM:
-        mu = load_(mu_ptr + offs, mask, MASKED, COMPUTE)
+        mu = load_block(mu_ptr + offs, mask, MASKED, COMPUTE)
     (_beta, _beta_c, _bias_correction, _epsilon, _c_scale, _lr_sq, _alpha, _d_scale, _extra_l2,
      clip, momentum, momentum_c, unscale) = load_amos_coefficients(coef_row)
     g = amos_clip(g, unscale, clip, CLIP)
     p, mu = amos_element(p, g, mu, w, a, momentum, momentum_c, MOMENTUM)
-    store_(p_ptr + offs, p, mask, MASKED)
+    store_block(p_ptr + offs, p, mask, MASKED)
     if MOMENTUM:
-        store_(mu_ptr + offs, mu, mask, MASKED)
+        store_block(mu_ptr + offs, mu, mask, MASKED)
 
 
 @triton.jit

@@ -5,7 +5,7 @@ last; weight decay acts on the pre-update θ."""
 import triton
 import triton.language as tl
 
-from .math_helpers import clamp_, div_, maximum_, sqrt_
+from .common import ieee_div, ieee_sqrt, nan_clamp, nan_maximum
 
 AMOS_COLUMNS = (
     "beta", "beta_complement",  # β, 1 − β
@@ -37,7 +37,7 @@ def load_amos_coefficients(row):
 def amos_clip(g, grad_unscale, clip, CLIP: tl.constexpr):
     g = g * grad_unscale                  # g ← g · inv_grad_scale
     if CLIP:
-        g = clamp_(g, 0.0 - clip, clip)   # g ← clamp(g, −clip, clip)
+        g = nan_clamp(g, 0.0 - clip, clip)   # g ← clamp(g, −clip, clip)
     return g
 
 
@@ -47,12 +47,12 @@ def amos_slot(v, b, g2, beta, beta_complement, bias_correction, epsilon, c_scale
     """One slot given g2 = mean of g² over its elements.  Returns the new v, b and
     the slot's (w, a) with Δ = w·θ − a·g."""
     v = beta * v + beta_complement * g2                             # v ← β·v + (1−β)·g2
-    r = div_(bias_correction, maximum_(v, epsilon), FP64)           # r = (1−β^t)/max(v, ε)
-    decay_c = div_(1.0, sqrt_(1.0 + c_scale * b, FP64), FP64)       # c = 1/sqrt(1 + c_coef·sqrt(ξ)·b)
+    r = ieee_div(bias_correction, nan_maximum(v, epsilon), FP64)           # r = (1−β^t)/max(v, ε)
+    decay_c = ieee_div(1.0, ieee_sqrt(1.0 + c_scale * b, FP64), FP64)       # c = 1/sqrt(1 + c_coef·sqrt(ξ)·b)
     gamma = decay_c * lr_sq * r * g2                                # γ = c·ξ²·r·g2
-    d = div_(1.0, 1.0 + d_scale * b, FP64)                          # d = 1/(1 + d_coef·sqrt(α)·b)
+    d = ieee_div(1.0, 1.0 + d_scale * b, FP64)                          # d = 1/(1 + d_coef·sqrt(α)·b)
     w = d * (-0.5 * gamma - extra_l2)                               # Δ = d·((−½γ − l2)·θ − α·sqrt(r)·g)
-    a = d * alpha * sqrt_(r, FP64)
+    a = d * alpha * ieee_sqrt(r, FP64)
     b = b + gamma * (1.0 + b)                                       # b ← b + γ·(1+b)  (last)
     return v, b, w, a
 

@@ -6,30 +6,15 @@ tuple of the matching math module."""
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence, Union
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from .adam_math import ADAM_COLUMNS, LION_COLUMNS, RADAM_COLUMNS
 from .amos_math import AMOS_COLUMNS
+from .common import coefficient_table, lerp_small_flag
 from .norm_scaled_math import MOMENT_COLUMNS
-
-Column = Union[float, Tensor]
-
-
-def _table(columns: Sequence[str], values: Dict[str, Column], n: int) -> Tensor:
-    """[n, len(columns)] float64 table; a float value fills its whole column."""
-    assert set(values) == set(columns), set(values) ^ set(columns)
-    out = torch.empty(n, len(columns), dtype=torch.float64)
-    for j, name in enumerate(columns):
-        out[:, j] = values[name]
-    return out
-
-
-def _lerp_small(beta1) -> float:
-    """torch.lerp's choice of form for the weight 1 − β1 (|w| < ½), as a column."""
-    return 1.0 if abs(1.0 - beta1) < 0.5 else 0.0
 
 
 def adam(steps: Tensor, lr, beta1, beta2, eps, weight_decay, decoupled, bias_correction,
@@ -38,11 +23,11 @@ def adam(steps: Tensor, lr, beta1, beta2, eps, weight_decay, decoupled, bias_cor
     ones = torch.ones_like(steps)
     bc1 = 1.0 - torch.pow(beta1, steps) if bias_correction else ones
     bc2 = 1.0 - torch.pow(beta2, steps) if bias_correction else ones
-    return _table(ADAM_COLUMNS, dict(
+    return coefficient_table(ADAM_COLUMNS, dict(
         beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2,
         param_decay=1.0 - lr * weight_decay if decoupled else 1.0,
         l2=0.0 if decoupled else weight_decay, eps=eps, bc2_sqrt=bc2.sqrt(),
-        neg_step_size=-(lr / bc1), grad_unscale=grad_unscale, lerp_small=_lerp_small(beta1),
+        neg_step_size=-(lr / bc1), grad_unscale=grad_unscale, lerp_small=lerp_small_flag(beta1),
     ), len(steps))
 
 
@@ -57,18 +42,18 @@ def radam(steps: Tensor, lr, beta1, beta2, eps, weight_decay, decoupled, rectify
     rectified = rho_t > rectify_threshold
     rect_sq = (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)
     rect = torch.where(rectified, rect_sq.sqrt(), torch.ones_like(steps))
-    return _table(RADAM_COLUMNS, dict(
+    return coefficient_table(RADAM_COLUMNS, dict(
         beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2,
         param_decay=1.0 - lr * weight_decay if decoupled else 1.0,
         l2=0.0 if decoupled else weight_decay, eps=eps, bc1=1.0 - torch.pow(beta1, steps),
         lr=lr, bc2_sqrt=bc2.sqrt(), rect=rect, grad_unscale=grad_unscale,
-        rectified=rectified.double(), lerp_small=_lerp_small(beta1),
+        rectified=rectified.double(), lerp_small=lerp_small_flag(beta1),
     ), len(steps))
 
 
 def lion(n: int, lr, beta1, beta2, weight_decay, grad_unscale) -> Tensor:
     """Lion: the same row for every tensor (Lion's update does not depend on t)."""
-    return _table(LION_COLUMNS, dict(
+    return coefficient_table(LION_COLUMNS, dict(
         beta1=beta1, beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2,
         param_decay=1.0 - lr * weight_decay, neg_lr=-lr, grad_unscale=grad_unscale,
     ), n)
@@ -79,7 +64,7 @@ def amos(steps: Tensor, etas: Sequence[float], lr, beta, momentum, clip_value, e
     """Amos, per tensor of scale η at step t (momentum / clip_value None → 0)."""
     alpha = lr * torch.tensor(etas, dtype=torch.float64)
     momentum = 0.0 if momentum is None else momentum
-    return _table(AMOS_COLUMNS, dict(
+    return coefficient_table(AMOS_COLUMNS, dict(
         beta=beta, beta_complement=1.0 - beta, bias_correction=1.0 - torch.pow(beta, steps),
         epsilon=epsilon, c_scale=c_coef * math.sqrt(lr), lr_sq=lr * lr, alpha=alpha,
         d_scale=d_coef * alpha.sqrt(), extra_l2=extra_l2,
@@ -92,10 +77,10 @@ def _moments(steps, beta1, beta2, eps, weight_decay, bias_correction, grad_unsca
     ones = torch.ones_like(steps)
     bc1 = 1.0 - torch.pow(beta1, steps) if bias_correction else ones
     bc2 = 1.0 - torch.pow(beta2, steps) if bias_correction else ones
-    return _table(MOMENT_COLUMNS, dict(
+    return coefficient_table(MOMENT_COLUMNS, dict(
         beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2, eps=eps,
         bc1=bc1, bc2_sqrt=bc2.sqrt(), weight_decay=weight_decay, grad_unscale=grad_unscale,
-        k_scale=k_scale, rho=rho, lerp_small=_lerp_small(beta1),
+        k_scale=k_scale, rho=rho, lerp_small=lerp_small_flag(beta1),
     ), len(steps))
 
 

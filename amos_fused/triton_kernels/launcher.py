@@ -1,99 +1,68 @@
 """Launches the Triton kernels over one bucket: fetches the bucket's cached
-metadata (bucket.py, amos_bucket.py), uploads the per-step coefficient table and
+metadata (common.py, amos_bucket.py), uploads the per-step coefficient table and
 runs ONE launch per phase, whatever the number of tensors.
 
 Inputs are checked by ops.py before anything here runs."""
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import torch
-import triton.language as tl
 from torch import Tensor
 
-from . import bucket
 from .adam_kernels import adam_kernel, lion_kernel, radam_kernel
 from .amos_bucket import AmosMeta, amos_meta
 from .amos_kernels import amos_kernel, amos_slots_kernel, amos_sums_kernel
 from .amos_layout import ELEMENTWISE, ROWS
-from .bucket import compute_dtype
+from .common import (BLOCK, NUM_WARPS, BucketMeta, compute_dtype, elementwise_meta, kernel_dtypes,
+                     launching, upload_coefficients)
 from .norm_scaled_kernels import norm_scaled_phase1_kernel, norm_scaled_phase2_kernel
 
-BLOCK = 1024          # elements per program (blocks, row chunks, slots)
-NUM_WARPS = 4
 AMOS_NUM_WARPS = 8    # the Amos kernels hold more values per element (fewer registers per thread)
 AMOS_MAX_ROW = 16384  # Amos rows longer than this are split over programs (LONG_ROWS)
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
-              torch.float16: tl.float16, torch.float64: tl.float64}
-
-
-def _types(dtype: torch.dtype) -> dict:
-    """Storage and compute dtypes (fp32 math; fp64 for fp64 tensors) as constexprs."""
-    fp64 = dtype == torch.float64
-    return dict(DTYPE=_TL_DTYPES[dtype], COMPUTE=tl.float64 if fp64 else tl.float32, FP64=fp64)
-
-
-def _upload(coef: Tensor, params: Sequence[Tensor]) -> Tensor:
-    return coef.to(device=params[0].device, dtype=compute_dtype(params[0].dtype))
-
-
-@contextlib.contextmanager
-def _launching(meta):
-    """Runs launches on the bucket's device; a failed launch drops the bucket's cached
-    metadata (its scratch buffers may be left half-written)."""
-    device = meta.device
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    try:
-        with guard:
-            yield
-    except BaseException:
-        bucket.forget(meta.cache_key)
-        raise
 
 
 def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs: Optional[Sequence[Tensor]],
          coef: Tensor, l2: bool) -> None:
     amsgrad = max_exp_avg_sqs is not None
     streams = [params, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    meta = bucket.elementwise_meta("adam", streams, BLOCK)
+    meta = elementwise_meta("adam", streams, BLOCK)
     if meta.num_blocks == 0:
         return
     grad_table, grads_aligned = meta.grad_addresses.get(grads)
-    with _launching(meta):
+    with launching(meta):
         adam_kernel[(meta.num_blocks,)](
-            meta.addresses, grad_table, meta.numels, meta.blocks, _upload(coef, params), meta.n,
-            **_types(params[0].dtype), AMSGRAD=amsgrad, L2=l2,
+            meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params), meta.n,
+            **kernel_dtypes(params[0].dtype), AMSGRAD=amsgrad, L2=l2,
             ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 def radam(params, grads, exp_avgs, exp_avg_sqs, coef: Tensor, l2: bool) -> None:
-    meta = bucket.elementwise_meta("radam", [params, exp_avgs, exp_avg_sqs], BLOCK)
+    meta = elementwise_meta("radam", [params, exp_avgs, exp_avg_sqs], BLOCK)
     if meta.num_blocks == 0:
         return
     grad_table, grads_aligned = meta.grad_addresses.get(grads)
-    with _launching(meta):
+    with launching(meta):
         radam_kernel[(meta.num_blocks,)](
-            meta.addresses, grad_table, meta.numels, meta.blocks, _upload(coef, params), meta.n,
-            **_types(params[0].dtype), L2=l2, ALIGNED=meta.aligned and grads_aligned,
+            meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params), meta.n,
+            **kernel_dtypes(params[0].dtype), L2=l2, ALIGNED=meta.aligned and grads_aligned,
             BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 def lion(params, grads, exp_avgs, coef: Tensor) -> None:
-    meta = bucket.elementwise_meta("lion", [params, exp_avgs], BLOCK)
+    meta = elementwise_meta("lion", [params, exp_avgs], BLOCK)
     if meta.num_blocks == 0:
         return
     grad_table, grads_aligned = meta.grad_addresses.get(grads)
-    types = _types(params[0].dtype)
+    types = kernel_dtypes(params[0].dtype)
     del types["FP64"]  # Lion's math has no division or square root
-    with _launching(meta):
+    with launching(meta):
         lion_kernel[(meta.num_blocks,)](
-            meta.addresses, grad_table, meta.numels, meta.blocks, _upload(coef, params), meta.n,
+            meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params), meta.n,
             **types, ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
-class NormScaledMeta(bucket.BucketMeta):
+class NormScaledMeta(BucketMeta):
     """Adds the per-tensor accumulators [2 parities, n, (Σu², Σθ²)] and the parity
     of the next step (norm_scaled_kernels.py)."""
 
@@ -106,18 +75,17 @@ class NormScaledMeta(bucket.BucketMeta):
 
 def norm_scaled(params, grads, exp_avgs, exp_avg_sqs, coef: Tensor, lamb: bool) -> None:
     """Scale-aware Adam (lamb=False) or LAMB: phase 1 then phase 2."""
-    meta = bucket.elementwise_meta("norm_scaled", [params, exp_avgs, exp_avg_sqs], BLOCK,
-                                   NormScaledMeta)
+    meta = elementwise_meta("norm_scaled", [params, exp_avgs, exp_avg_sqs], BLOCK, NormScaledMeta)
     if meta.num_blocks == 0:
         return
     grad_table, grads_aligned = meta.grad_addresses.get(grads)
-    coef = _upload(coef, params)
-    types = _types(params[0].dtype)
+    coef = upload_coefficients(coef, params)
+    types = kernel_dtypes(params[0].dtype)
     grid = (meta.num_blocks,)
     # Narrow storage: m, v are written in phase 2 (see norm_scaled_kernels.py).
     moments_in_phase2 = params[0].dtype in (torch.bfloat16, torch.float16)
     aligned = meta.aligned and grads_aligned
-    with _launching(meta):
+    with launching(meta):
         norm_scaled_phase1_kernel[grid](
             meta.addresses, grad_table, meta.numels, meta.blocks, coef, meta.sums, meta.n,
             meta.parity, **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
@@ -138,9 +106,9 @@ def amos(meta: AmosMeta, params, grads, coef: Tensor, momentum: bool, clip: bool
     if meta.num_main == 0:
         return
     grad_table, grads_aligned = meta.grad_addresses.get(grads)
-    coef = _upload(coef, params)
-    types = _types(params[0].dtype)
-    with _launching(meta):
+    coef = upload_coefficients(coef, params)
+    types = kernel_dtypes(params[0].dtype)
+    with launching(meta):
         if meta.num_sum_blocks:
             amos_sums_kernel[(meta.num_sum_blocks,)](
                 grad_table, meta.info, meta.sum_blocks, coef, meta.slot_sums, meta.n,

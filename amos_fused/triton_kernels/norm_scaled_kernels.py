@@ -1,5 +1,5 @@
 """Two-phase kernels of scale-aware Adam and LAMB over a whole
-bucket, one launch per phase (program map: bucket.py):
+bucket, one launch per phase (program map: common.py):
   phase 1 updates m, v and adds each block's Σu² (LAMB: and Σθ²) to its tensor's
           accumulators with one atomic per block;
   phase 2 turns the sums into the tensor's k on the device, recomputes u from the
@@ -13,7 +13,7 @@ launch is needed.  Math: norm_scaled_math.py."""
 import triton
 import triton.language as tl
 
-from .kernel_helpers import load_, program_entry, store_, stream
+from .common import load_block, program_entry, store_block, stream
 from .norm_scaled_math import (MOMENT_COLUMNS, adam_direction, load_moment_coefficients,
                                load_scale_coefficients, norm_scale, scaled_update,
                                update_moments)
@@ -25,18 +25,18 @@ MOMENT_WIDTH = tl.constexpr(len(MOMENT_COLUMNS))
 def _phase1_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, COMPUTE: tl.constexpr,
                   FP64: tl.constexpr, LAMB: tl.constexpr, MASKED: tl.constexpr,
                   MOMENTS_IN_PHASE2: tl.constexpr):
-    g = load_(g_ptr + offs, mask, MASKED, COMPUTE)
-    m = load_(m_ptr + offs, mask, MASKED, COMPUTE)
-    v = load_(v_ptr + offs, mask, MASKED, COMPUTE)
+    g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
+    m = load_block(m_ptr + offs, mask, MASKED, COMPUTE)
+    v = load_block(v_ptr + offs, mask, MASKED, COMPUTE)
     b1c, b2, b2c, eps, bc1, bc2_sqrt, wd, unscale, small = load_moment_coefficients(coef_row)
     m, v = update_moments(g, m, v, b1c, b2, b2c, unscale, small)
     p = g  # θ is read only by LAMB (its direction includes λθ)
     if LAMB:
-        p = load_(p_ptr + offs, mask, MASKED, COMPUTE)
+        p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
     u = adam_direction(p, m, v, eps, bc1, bc2_sqrt, wd, LAMB, FP64)
     if not MOMENTS_IN_PHASE2:
-        store_(m_ptr + offs, m, mask, MASKED)
-        store_(v_ptr + offs, v, mask, MASKED)
+        store_block(m_ptr + offs, m, mask, MASKED)
+        store_block(v_ptr + offs, v, mask, MASKED)
     if MASKED:
         u = tl.where(mask, u, 0.0)
         p = tl.where(mask, p, 0.0)
@@ -78,17 +78,17 @@ def norm_scaled_phase1_kernel(addresses, grad_addresses, numels, blocks, coef, s
 def _phase2_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, k, rho, COMPUTE: tl.constexpr,
                   FP64: tl.constexpr, LAMB: tl.constexpr, MASKED: tl.constexpr,
                   MOMENTS_IN_PHASE2: tl.constexpr):
-    p = load_(p_ptr + offs, mask, MASKED, COMPUTE)
-    m = load_(m_ptr + offs, mask, MASKED, COMPUTE)
-    v = load_(v_ptr + offs, mask, MASKED, COMPUTE)
+    p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
+    m = load_block(m_ptr + offs, mask, MASKED, COMPUTE)
+    v = load_block(v_ptr + offs, mask, MASKED, COMPUTE)
     b1c, b2, b2c, eps, bc1, bc2_sqrt, wd, unscale, small = load_moment_coefficients(coef_row)
     if MOMENTS_IN_PHASE2:
-        g = load_(g_ptr + offs, mask, MASKED, COMPUTE)
+        g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
         m, v = update_moments(g, m, v, b1c, b2, b2c, unscale, small)
-        store_(m_ptr + offs, m, mask, MASKED)
-        store_(v_ptr + offs, v, mask, MASKED)
+        store_block(m_ptr + offs, m, mask, MASKED)
+        store_block(v_ptr + offs, v, mask, MASKED)
     u = adam_direction(p, m, v, eps, bc1, bc2_sqrt, wd, LAMB, FP64)
-    store_(p_ptr + offs, scaled_update(p, u, k, rho), mask, MASKED)
+    store_block(p_ptr + offs, scaled_update(p, u, k, rho), mask, MASKED)
 
 
 @triton.jit

@@ -5,7 +5,7 @@ update θ ← θ − (k·u + ρ·θ) with per-tensor k, ρ."""
 import triton
 import triton.language as tl
 
-from .math_helpers import div_, lerp_, sqrt_
+from .common import ieee_div, ieee_sqrt, torch_lerp
 
 MOMENT_COLUMNS = (
     "beta1_complement", "beta2", "beta2_complement",
@@ -16,7 +16,7 @@ MOMENT_COLUMNS = (
     "grad_unscale",
     "k_scale",       # scale-aware Adam: α0·‖ε0‖·s(t);  LAMB: η
     "rho",           # scale-aware Adam: α0²/(2q)·s(t); LAMB: 0
-    "lerp_small",    # 1 when 1 − β1 < ½ (the form of lerp_), else 0
+    "lerp_small",    # 1 when 1 − β1 < ½ (the form of torch_lerp), else 0
 )
 
 
@@ -35,7 +35,7 @@ def load_scale_coefficients(row):
 @triton.jit
 def update_moments(g, m, v, beta1_complement, beta2, beta2_complement, grad_unscale, lerp_small):
     g = g * grad_unscale                              # g ← g · inv_grad_scale
-    m = lerp_(m, g, beta1_complement, lerp_small)     # m ← lerp(m, g, 1−β1)
+    m = torch_lerp(m, g, beta1_complement, lerp_small)     # m ← lerp(m, g, 1−β1)
     v = tl.fma(beta2_complement * g, g, v * beta2)    # v ← β2·v + (1−β2)·g² (addcmul)
     return m, v
 
@@ -44,7 +44,7 @@ def update_moments(g, m, v, beta1_complement, beta2, beta2_complement, grad_unsc
 def adam_direction(p, m, v, eps, bc1, bc2_sqrt, weight_decay, DECAY: tl.constexpr,
                    FP64: tl.constexpr):
     """u = m̂/(sqrt(v̂)+ε) with torch's ε placement, + λθ when DECAY (LAMB)."""
-    u = div_(div_(m, bc1, FP64), div_(sqrt_(v, FP64), bc2_sqrt, FP64) + eps, FP64)
+    u = ieee_div(ieee_div(m, bc1, FP64), ieee_div(ieee_sqrt(v, FP64), bc2_sqrt, FP64) + eps, FP64)
     if DECAY:
         u = u + weight_decay * p
     return u
@@ -55,14 +55,14 @@ def norm_scale(u_sq, theta_sq, k_scale, LAMB: tl.constexpr, FP64: tl.constexpr):
     """Per-tensor k from Σu² (and Σθ²):
     scale-aware Adam k = α0·‖ε0‖·s(t)/‖u‖ (0 when ‖u‖ = 0);
     LAMB k = η·‖θ‖/‖u‖ (η when either norm is 0)."""
-    u_norm = sqrt_(u_sq, FP64)
+    u_norm = ieee_sqrt(u_sq, FP64)
     safe_u_norm = tl.where(u_norm > 0, u_norm, 1.0)
     if LAMB:
-        theta_norm = sqrt_(theta_sq, FP64)
-        ratio = tl.where((u_norm > 0) & (theta_norm > 0), div_(theta_norm, safe_u_norm, FP64), 1.0)
+        theta_norm = ieee_sqrt(theta_sq, FP64)
+        ratio = tl.where((u_norm > 0) & (theta_norm > 0), ieee_div(theta_norm, safe_u_norm, FP64), 1.0)
         k = k_scale * ratio
     else:
-        k = tl.where(u_norm > 0, div_(k_scale, safe_u_norm, FP64), 0.0)
+        k = tl.where(u_norm > 0, ieee_div(k_scale, safe_u_norm, FP64), 0.0)
     return k
 
 

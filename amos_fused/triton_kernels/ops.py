@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import coefficients, launcher
-from .checks import check_bucket, check_slots, read_grad_scaling, require
+from .common import check_bucket, check_slots, read_grad_scaling, require
 
 
 def _advance_steps(steps: Sequence[Tensor]) -> Tensor:
