@@ -11,52 +11,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .adam_math import ADAM_COLUMNS, LION_COLUMNS, RADAM_COLUMNS
 from .amos_math import AMOS_COLUMNS
 from .common import coefficient_table, lerp_small_flag
 from .norm_scaled_math import MOMENT_COLUMNS
-
-
-def adam(steps: Tensor, lr, beta1, beta2, eps, weight_decay, decoupled, bias_correction,
-         grad_unscale) -> Tensor:
-    """Adam: bc1 = 1 − β1^t, bc2 = 1 − β2^t (both 1 without bias correction)."""
-    ones = torch.ones_like(steps)
-    bc1 = 1.0 - torch.pow(beta1, steps) if bias_correction else ones
-    bc2 = 1.0 - torch.pow(beta2, steps) if bias_correction else ones
-    return coefficient_table(ADAM_COLUMNS, dict(
-        beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2,
-        param_decay=1.0 - lr * weight_decay if decoupled else 1.0,
-        l2=0.0 if decoupled else weight_decay, eps=eps, bc2_sqrt=bc2.sqrt(),
-        neg_step_size=-(lr / bc1), grad_unscale=grad_unscale, lerp_small=lerp_small_flag(beta1),
-    ), len(steps))
-
-
-def radam(steps: Tensor, lr, beta1, beta2, eps, weight_decay, decoupled, rectify_threshold,
-          grad_unscale) -> Tensor:
-    """RAdam: ρ∞ = 2/(1−β2) − 1, ρt = ρ∞ − 2tβ2^t/(1−β2^t),
-    r = sqrt((ρt−4)(ρt−2)ρ∞ / ((ρ∞−4)(ρ∞−2)ρt)) when ρt > threshold."""
-    beta2_t = torch.pow(beta2, steps)
-    bc2 = 1.0 - beta2_t
-    rho_inf = 2.0 / (1.0 - beta2) - 1.0
-    rho_t = rho_inf - 2.0 * steps * beta2_t / bc2
-    rectified = rho_t > rectify_threshold
-    rect_sq = (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)
-    rect = torch.where(rectified, rect_sq.sqrt(), torch.ones_like(steps))
-    return coefficient_table(RADAM_COLUMNS, dict(
-        beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2,
-        param_decay=1.0 - lr * weight_decay if decoupled else 1.0,
-        l2=0.0 if decoupled else weight_decay, eps=eps, bc1=1.0 - torch.pow(beta1, steps),
-        lr=lr, bc2_sqrt=bc2.sqrt(), rect=rect, grad_unscale=grad_unscale,
-        rectified=rectified.double(), lerp_small=lerp_small_flag(beta1),
-    ), len(steps))
-
-
-def lion(n: int, lr, beta1, beta2, weight_decay, grad_unscale) -> Tensor:
-    """Lion: the same row for every tensor (Lion's update does not depend on t)."""
-    return coefficient_table(LION_COLUMNS, dict(
-        beta1=beta1, beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2,
-        param_decay=1.0 - lr * weight_decay, neg_lr=-lr, grad_unscale=grad_unscale,
-    ), n)
 
 
 def amos(steps: Tensor, etas: Sequence[float], lr, beta, momentum, clip_value, extra_l2, d_coef,

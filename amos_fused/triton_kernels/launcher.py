@@ -10,7 +10,6 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .adam_kernels import adam_kernel, lion_kernel, radam_kernel
 from .amos_bucket import AmosMeta, amos_meta
 from .amos_kernels import amos_kernel, amos_slots_kernel, amos_sums_kernel
 from .amos_layout import ELEMENTWISE, ROWS
@@ -20,46 +19,6 @@ from .norm_scaled_kernels import norm_scaled_phase1_kernel, norm_scaled_phase2_k
 
 AMOS_NUM_WARPS = 8    # the Amos kernels hold more values per element (fewer registers per thread)
 AMOS_MAX_ROW = 16384  # Amos rows longer than this are split over programs (LONG_ROWS)
-
-
-def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs: Optional[Sequence[Tensor]],
-         coef: Tensor, l2: bool) -> None:
-    amsgrad = max_exp_avg_sqs is not None
-    streams = [params, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    meta = elementwise_meta("adam", streams, BLOCK)
-    if meta.num_blocks == 0:
-        return
-    grad_table, grads_aligned = meta.grad_addresses.get(grads)
-    with launching(meta):
-        adam_kernel[(meta.num_blocks,)](
-            meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params), meta.n,
-            **kernel_dtypes(params[0].dtype), AMSGRAD=amsgrad, L2=l2,
-            ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
-
-
-def radam(params, grads, exp_avgs, exp_avg_sqs, coef: Tensor, l2: bool) -> None:
-    meta = elementwise_meta("radam", [params, exp_avgs, exp_avg_sqs], BLOCK)
-    if meta.num_blocks == 0:
-        return
-    grad_table, grads_aligned = meta.grad_addresses.get(grads)
-    with launching(meta):
-        radam_kernel[(meta.num_blocks,)](
-            meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params), meta.n,
-            **kernel_dtypes(params[0].dtype), L2=l2, ALIGNED=meta.aligned and grads_aligned,
-            BLOCK=BLOCK, num_warps=NUM_WARPS)
-
-
-def lion(params, grads, exp_avgs, coef: Tensor) -> None:
-    meta = elementwise_meta("lion", [params, exp_avgs], BLOCK)
-    if meta.num_blocks == 0:
-        return
-    grad_table, grads_aligned = meta.grad_addresses.get(grads)
-    types = kernel_dtypes(params[0].dtype)
-    del types["FP64"]  # Lion's math has no division or square root
-    with launching(meta):
-        lion_kernel[(meta.num_blocks,)](
-            meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params), meta.n,
-            **types, ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 class NormScaledMeta(BucketMeta):

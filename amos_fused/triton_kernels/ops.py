@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import coefficients, launcher
+from . import adam, coefficients, launcher
 from .common import check_bucket, check_slots, read_grad_scaling, require
 
 
@@ -46,10 +46,10 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
     skip, unscale = read_grad_scaling(op, grad_scale, found_inf)
     if skip:
         return
-    coef = coefficients.adam(_advance_steps(steps), lr, beta1, beta2, eps, weight_decay,
-                             decoupled, bias_correction, unscale)
-    launcher.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None,
-                  coef, l2=not decoupled and weight_decay != 0.0)
+    coef = adam.adam_coefficients(_advance_steps(steps), lr, beta1, beta2, eps, weight_decay,
+                                  decoupled, bias_correction, unscale)
+    adam.launch_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None,
+                     coef, l2=not decoupled and weight_decay != 0.0)
 
 
 def radam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
@@ -64,10 +64,10 @@ def radam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
     skip, unscale = read_grad_scaling(op, grad_scale, found_inf)
     if skip:
         return
-    coef = coefficients.radam(_advance_steps(steps), lr, beta1, beta2, eps, weight_decay,
-                              decoupled, rectify_threshold, unscale)
-    launcher.radam(params, grads, exp_avgs, exp_avg_sqs, coef,
-                   l2=not decoupled and weight_decay != 0.0)
+    coef = adam.radam_coefficients(_advance_steps(steps), lr, beta1, beta2, eps, weight_decay,
+                                   decoupled, rectify_threshold, unscale)
+    adam.launch_radam(params, grads, exp_avgs, exp_avg_sqs, coef,
+                      l2=not decoupled and weight_decay != 0.0)
 
 
 def lion_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
@@ -81,8 +81,8 @@ def lion_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
     if skip:
         return
     _advance_steps(steps)
-    coef = coefficients.lion(len(params), lr, beta1, beta2, weight_decay, unscale)
-    launcher.lion(params, grads, exp_avgs, coef)
+    coef = adam.lion_coefficients(len(params), lr, beta1, beta2, weight_decay, unscale)
+    adam.launch_lion(params, grads, exp_avgs, coef)
 
 
 def amos_step(params: List[Tensor], grads: List[Tensor], vs: List[Tensor], bs: List[Tensor],
