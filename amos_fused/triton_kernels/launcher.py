@@ -7,53 +7,15 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from .amos_bucket import AmosMeta, amos_meta
 from .amos_kernels import amos_kernel, amos_slots_kernel, amos_sums_kernel
 from .amos_layout import ELEMENTWISE, ROWS
-from .common import (BLOCK, NUM_WARPS, BucketMeta, compute_dtype, elementwise_meta, kernel_dtypes,
-                     launching, upload_coefficients)
-from .norm_scaled_kernels import norm_scaled_phase1_kernel, norm_scaled_phase2_kernel
+from .common import BLOCK, kernel_dtypes, launching, upload_coefficients
 
 AMOS_NUM_WARPS = 8    # the Amos kernels hold more values per element (fewer registers per thread)
 AMOS_MAX_ROW = 16384  # Amos rows longer than this are split over programs (LONG_ROWS)
-
-
-class NormScaledMeta(BucketMeta):
-    """Adds the per-tensor accumulators [2 parities, n, (Σu², Σθ²)] and the parity
-    of the next step (norm_scaled_kernels.py)."""
-
-    def __init__(self, streams, block):
-        super().__init__(streams, block)
-        self.sums = torch.zeros(2 * self.n * 2, dtype=compute_dtype(streams[0][0].dtype),
-                                device=self.device)
-        self.parity = 0
-
-
-def norm_scaled(params, grads, exp_avgs, exp_avg_sqs, coef: Tensor, lamb: bool) -> None:
-    """Scale-aware Adam (lamb=False) or LAMB: phase 1 then phase 2."""
-    meta = elementwise_meta("norm_scaled", [params, exp_avgs, exp_avg_sqs], BLOCK, NormScaledMeta)
-    if meta.num_blocks == 0:
-        return
-    grad_table, grads_aligned = meta.grad_addresses.get(grads)
-    coef = upload_coefficients(coef, params)
-    types = kernel_dtypes(params[0].dtype)
-    grid = (meta.num_blocks,)
-    # Narrow storage: m, v are written in phase 2 (see norm_scaled_kernels.py).
-    moments_in_phase2 = params[0].dtype in (torch.bfloat16, torch.float16)
-    aligned = meta.aligned and grads_aligned
-    with launching(meta):
-        norm_scaled_phase1_kernel[grid](
-            meta.addresses, grad_table, meta.numels, meta.blocks, coef, meta.sums, meta.n,
-            meta.parity, **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
-            MOMENTS_IN_PHASE2=moments_in_phase2)
-        norm_scaled_phase2_kernel[grid](
-            meta.addresses, grad_table, meta.numels, meta.blocks, coef, meta.sums, meta.n,
-            meta.parity, **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
-            MOMENTS_IN_PHASE2=moments_in_phase2)
-    meta.parity = 1 - meta.parity
 
 
 def amos_bucket(op: str, params, vs, bs, mus: Optional[Sequence[Tensor]]) -> AmosMeta:

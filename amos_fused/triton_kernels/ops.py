@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import adam, coefficients, launcher
+from . import adam, coefficients, launcher, norm_scaled
 from .common import check_bucket, check_slots, read_grad_scaling, require
 
 
@@ -133,9 +133,9 @@ def scaled_adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[T
     skip, unscale = read_grad_scaling(op, grad_scale, found_inf)
     if skip:
         return
-    coef = coefficients.scaled_adam(_advance_steps(steps), [float(x) for x in init_norms], lr,
-                                    beta1, beta2, eps, p, inverse_time, q, unscale)
-    launcher.norm_scaled(params, grads, exp_avgs, exp_avg_sqs, coef, lamb=False)
+    coef = norm_scaled.scaled_adam_coefficients(_advance_steps(steps), [float(x) for x in init_norms],
+                                                lr, beta1, beta2, eps, p, inverse_time, q, unscale)
+    norm_scaled.launch_norm_scaled(params, grads, exp_avgs, exp_avg_sqs, coef, lamb=False)
 
 
 def lamb_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
@@ -148,6 +148,6 @@ def lamb_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
     skip, unscale = read_grad_scaling(op, grad_scale, found_inf)
     if skip:
         return
-    coef = coefficients.lamb(_advance_steps(steps), lr, beta1, beta2, eps, weight_decay,
-                             bias_correction, unscale)
-    launcher.norm_scaled(params, grads, exp_avgs, exp_avg_sqs, coef, lamb=True)
+    coef = norm_scaled.lamb_coefficients(_advance_steps(steps), lr, beta1, beta2, eps, weight_decay,
+                                         bias_correction, unscale)
+    norm_scaled.launch_norm_scaled(params, grads, exp_avgs, exp_avg_sqs, coef, lamb=True)
