@@ -35,7 +35,7 @@ pytest.importorskip("triton")
 
 import amos_fused as af  # noqa: E402
 from amos_fused import reference  # noqa: E402
-from amos_fused.triton_kernels import common, launcher, ops  # noqa: E402
+from amos_fused.triton_kernels import amos, common, ops  # noqa: E402
 from amos_fused.triton_kernels.common import kernels_interpreted  # noqa: E402
 
 DEVICE = torch.device("cpu" if kernels_interpreted() else "cuda")
@@ -340,7 +340,7 @@ def test_amos_float64(reduce_axes):
 @pytest.mark.parametrize("momentum", [None, 0.9])
 def test_amos_long_rows(monkeypatch, momentum):
     """Rows longer than AMOS_MAX_ROW are split into pieces that never cross a row."""
-    monkeypatch.setattr(launcher, "AMOS_MAX_ROW", 600)
+    monkeypatch.setattr(amos, "AMOS_MAX_ROW", 600)
     run_and_check(amos_case((1,), momentum, 0.5), shapes=[(2, 1100), (5, 7)])
     run_and_check(amos_case("all", momentum, None), shapes=[(1500,), (37,), ()])
 
@@ -511,7 +511,7 @@ def test_bad_amos_slots_raise_before_any_write():
 def test_metadata_is_cached_and_follows_addresses():
     run = Run(lion_case(0.0), [(37,), (5, 7)], torch.float32)
     run.step(0)
-    key = common.elementwise_key("lion", [run.params, run.lists()["exp_avg"]], launcher.BLOCK)
+    key = common.elementwise_key("lion", [run.params, run.lists()["exp_avg"]], common.BLOCK)
     meta = common._cache[key]
     run.step(1)  # new grad tensors every step: same bucket tables, grad table refreshed
     assert common._cache[key] is meta
@@ -520,7 +520,7 @@ def test_metadata_is_cached_and_follows_addresses():
     for st in run.states:
         st["exp_avg"] = st["exp_avg"].clone()
     run.step(2)
-    new_key = common.elementwise_key("lion", [run.params, run.lists()["exp_avg"]], launcher.BLOCK)
+    new_key = common.elementwise_key("lion", [run.params, run.lists()["exp_avg"]], common.BLOCK)
     assert new_key != key and new_key in common._cache
     run.check(3)
 

@@ -6,7 +6,7 @@ Each op checks its inputs before any write, reads the GradScaler inputs on the
 host (a non-zero ``found_inf`` skips the whole step, step counters included;
 grads are multiplied by 1/``grad_scale`` in the kernel), advances the float32
 CPU step counters, computes the per-tensor coefficients in double on the host
-(coefficients.py) and launches the kernels over the whole bucket (launcher.py).
+and launches the kernels over the whole bucket (adam.py, amos.py, norm_scaled.py).
 Tensors: CUDA, or CPU under TRITON_INTERPRET=1; float32 / bfloat16 / float16
 with fp32 math, float64 with fp64 math."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import adam, coefficients, launcher, norm_scaled
+from . import adam, amos, norm_scaled
 from .common import check_bucket, check_slots, read_grad_scaling, require
 
 
@@ -105,14 +105,14 @@ def amos_step(params: List[Tensor], grads: List[Tensor], vs: List[Tensor], bs: L
         if b.shape != v.shape:
             raise ValueError(f"{op}: bs[{i}] has shape {list(b.shape)} but vs[{i}] has "
                              f"{list(v.shape)}")
-    meta = launcher.amos_bucket(op, params, vs, bs, mus if with_momentum else None)
+    meta = amos.amos_meta(op, params, vs, bs, mus if with_momentum else None)
     skip, unscale = read_grad_scaling(op, grad_scale, found_inf)
     if skip:
         return
-    coef = coefficients.amos(_advance_steps(steps), [float(e) for e in etas], lr, beta, momentum,
-                             clip_value, extra_l2, d_coef, c_coef, epsilon, unscale)
-    launcher.amos(meta, params, grads, coef, momentum=with_momentum,
-                  clip=clip_value is not None)
+    coef = amos.amos_coefficients(_advance_steps(steps), [float(e) for e in etas], lr, beta,
+                                  momentum, clip_value, extra_l2, d_coef, c_coef, epsilon, unscale)
+    amos.launch_amos(meta, params, grads, coef, momentum=with_momentum,
+                     clip=clip_value is not None)
 
 
 def _check_moments(op, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
