@@ -35,8 +35,8 @@ pytest.importorskip("triton")
 
 import amos_fused as af  # noqa: E402
 from amos_fused import reference  # noqa: E402
-from amos_fused.triton_kernels import bucket, launcher, ops  # noqa: E402
-from amos_fused.triton_kernels.checks import kernels_interpreted  # noqa: E402
+from amos_fused.triton_kernels import amos, common, ops  # noqa: E402
+from amos_fused.triton_kernels.common import kernels_interpreted  # noqa: E402
 
 DEVICE = torch.device("cpu" if kernels_interpreted() else "cuda")
 
@@ -301,7 +301,7 @@ def test_lion(weight_decay, dtype):
 # Amos
 # ---------------------------------------------------------------------------
 
-# reduce_axes -> shapes that admit it, covering every walk of amos_layout.py:
+# reduce_axes -> shapes that admit it, covering every walk of amos.py:
 AMOS_LAYOUTS = {
     None: SHAPES,                                   # ELEMENTWISE
     "all": SHAPES,                                  # ROWS: one row per tensor
@@ -338,7 +338,7 @@ def test_amos_float64(reduce_axes):
 @pytest.mark.parametrize("momentum", [None, 0.9])
 def test_amos_long_rows(monkeypatch, momentum):
     """Rows longer than AMOS_MAX_ROW are split into pieces that never cross a row."""
-    monkeypatch.setattr(launcher, "AMOS_MAX_ROW", 600)
+    monkeypatch.setattr(amos, "AMOS_MAX_ROW", 600)
     run_and_check(amos_case((1,), momentum, 0.5), shapes=[(2, 1100), (5, 7)])
     run_and_check(amos_case("all", momentum, None), shapes=[(1500,), (37,), ()])
 
@@ -509,17 +509,17 @@ def test_bad_amos_slots_raise_before_any_write():
 def test_metadata_is_cached_and_follows_addresses():
     run = Run(lion_case(0.0), [(37,), (5, 7)], torch.float32)
     run.step(0)
-    key = bucket.elementwise_key("lion", [run.params, run.lists()["exp_avg"]], launcher.BLOCK)
-    meta = bucket._cache[key]
+    key = common.elementwise_key("lion", [run.params, run.lists()["exp_avg"]], common.BLOCK)
+    meta = common._cache[key]
     run.step(1)  # new grad tensors every step: same bucket tables, grad table refreshed
-    assert bucket._cache[key] is meta
+    assert common._cache[key] is meta
     assert meta.grad_addresses.key != ()
     # A state tensor replaced (e.g. by load_state_dict): new tables, same results.
     for st in run.states:
         st["exp_avg"] = st["exp_avg"].clone()
     run.step(2)
-    new_key = bucket.elementwise_key("lion", [run.params, run.lists()["exp_avg"]], launcher.BLOCK)
-    assert new_key != key and new_key in bucket._cache
+    new_key = common.elementwise_key("lion", [run.params, run.lists()["exp_avg"]], common.BLOCK)
+    assert new_key != key and new_key in common._cache
     run.check(3)
 
 

@@ -6,7 +6,7 @@ Each op checks its inputs before any write, reads the GradScaler inputs on the
 host (a non-zero ``found_inf`` skips the whole step, step counters included;
 grads are multiplied by 1/``grad_scale`` in the kernel), advances the float32
 CPU step counters, computes the per-tensor coefficients in double on the host
-(coefficients.py) and launches the kernels over the whole bucket (launcher.py).
+and launches the kernels over the whole bucket (adam.py, amos.py, norm_scaled.py).
 Tensors: CUDA, or CPU under TRITON_INTERPRET=1; float32 / bfloat16 / float16
 with fp32 math, float64 with fp64 math."""
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import coefficients, launcher
-from .checks import check_bucket, check_slots, read_grad_scaling, require
+from . import adam, amos, norm_scaled
+from .common import check_bucket, check_slots, read_grad_scaling, require
 
 
 def _advance_steps(steps: Sequence[Tensor]) -> Tensor:
@@ -46,10 +46,10 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
     skip, unscale = read_grad_scaling(op, grad_scale, found_inf)
     if skip:
         return
-    coef = coefficients.adam(_advance_steps(steps), lr, beta1, beta2, eps, weight_decay,
-                             decoupled, bias_correction, unscale)
-    launcher.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None,
-                  coef, l2=not decoupled and weight_decay != 0.0)
+    coef = adam.adam_coefficients(_advance_steps(steps), lr, beta1, beta2, eps, weight_decay,
+                                  decoupled, bias_correction, unscale)
+    adam.launch_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None,
+                     coef, l2=not decoupled and weight_decay != 0.0)
 
 
 def radam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
@@ -64,10 +64,10 @@ def radam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
     skip, unscale = read_grad_scaling(op, grad_scale, found_inf)
     if skip:
         return
-    coef = coefficients.radam(_advance_steps(steps), lr, beta1, beta2, eps, weight_decay,
-                              decoupled, rectify_threshold, unscale)
-    launcher.radam(params, grads, exp_avgs, exp_avg_sqs, coef,
-                   l2=not decoupled and weight_decay != 0.0)
+    coef = adam.radam_coefficients(_advance_steps(steps), lr, beta1, beta2, eps, weight_decay,
+                                   decoupled, rectify_threshold, unscale)
+    adam.launch_radam(params, grads, exp_avgs, exp_avg_sqs, coef,
+                      l2=not decoupled and weight_decay != 0.0)
 
 
 def lion_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
@@ -81,8 +81,8 @@ def lion_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
     if skip:
         return
     _advance_steps(steps)
-    coef = coefficients.lion(len(params), lr, beta1, beta2, weight_decay, unscale)
-    launcher.lion(params, grads, exp_avgs, coef)
+    coef = adam.lion_coefficients(len(params), lr, beta1, beta2, weight_decay, unscale)
+    adam.launch_lion(params, grads, exp_avgs, coef)
 
 
 def amos_step(params: List[Tensor], grads: List[Tensor], vs: List[Tensor], bs: List[Tensor],
@@ -105,14 +105,14 @@ def amos_step(params: List[Tensor], grads: List[Tensor], vs: List[Tensor], bs: L
         if b.shape != v.shape:
             raise ValueError(f"{op}: bs[{i}] has shape {list(b.shape)} but vs[{i}] has "
                              f"{list(v.shape)}")
-    meta = launcher.amos_bucket(op, params, vs, bs, mus if with_momentum else None)
+    meta = amos.amos_meta(op, params, vs, bs, mus if with_momentum else None)
     skip, unscale = read_grad_scaling(op, grad_scale, found_inf)
     if skip:
         return
-    coef = coefficients.amos(_advance_steps(steps), [float(e) for e in etas], lr, beta, momentum,
-                             clip_value, extra_l2, d_coef, c_coef, epsilon, unscale)
-    launcher.amos(meta, params, grads, coef, momentum=with_momentum,
-                  clip=clip_value is not None)
+    coef = amos.amos_coefficients(_advance_steps(steps), [float(e) for e in etas], lr, beta,
+                                  momentum, clip_value, extra_l2, d_coef, c_coef, epsilon, unscale)
+    amos.launch_amos(meta, params, grads, coef, momentum=with_momentum,
+                     clip=clip_value is not None)
 
 
 def _check_moments(op, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
@@ -133,9 +133,9 @@ def scaled_adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[T
     skip, unscale = read_grad_scaling(op, grad_scale, found_inf)
     if skip:
         return
-    coef = coefficients.scaled_adam(_advance_steps(steps), [float(x) for x in init_norms], lr,
-                                    beta1, beta2, eps, p, inverse_time, q, unscale)
-    launcher.norm_scaled(params, grads, exp_avgs, exp_avg_sqs, coef, lamb=False)
+    coef = norm_scaled.scaled_adam_coefficients(_advance_steps(steps), [float(x) for x in init_norms],
+                                                lr, beta1, beta2, eps, p, inverse_time, q, unscale)
+    norm_scaled.launch_norm_scaled(params, grads, exp_avgs, exp_avg_sqs, coef, lamb=False)
 
 
 def lamb_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
@@ -148,6 +148,6 @@ def lamb_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
     skip, unscale = read_grad_scaling(op, grad_scale, found_inf)
     if skip:
         return
-    coef = coefficients.lamb(_advance_steps(steps), lr, beta1, beta2, eps, weight_decay,
-                             bias_correction, unscale)
-    launcher.norm_scaled(params, grads, exp_avgs, exp_avg_sqs, coef, lamb=True)
+    coef = norm_scaled.lamb_coefficients(_advance_steps(steps), lr, beta1, beta2, eps, weight_decay,
+                                         bias_correction, unscale)
+    norm_scaled.launch_norm_scaled(params, grads, exp_avgs, exp_avg_sqs, coef, lamb=True)

@@ -1,0 +1,345 @@
+"""Adam / AdamW (+ amsgrad, L2, no bias correction), RAdam and Lion on the Triton
+backend: for each, its per-tensor coefficient table (computed on the host in
+double, as csrc/step_coefficients.h does), its per-element math (mirroring
+csrc/step_math.h operation by operation, torch.optim's single-tensor order, in
+the compute dtype: fp32, or fp64 for fp64 tensors), its one-pass kernel over a
+whole bucket and its launch.
+
+Each ``*_COLUMNS`` tuple names the per-tensor coefficients of one algorithm in
+the order of its row in the coefficient table (built by ``*_coefficients``, read
+by the ``load_*_coefficients`` helpers).  Program i of a kernel steps block
+``blocks[2i+1]`` of tensor ``blocks[2i]`` (common.py); full blocks run unmasked
+(vector accesses), only a tensor's last block is masked.
+
+Inputs are checked by ops.py before anything here runs."""
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import (BLOCK, NUM_WARPS, coefficient_table, elementwise_meta, ieee_div, ieee_sqrt,
+                     kernel_dtypes, launching, lerp_small_flag, load_block, nan_maximum,
+                     program_entry, store_block, stream, torch_lerp, torch_sign,
+                     upload_coefficients)
+
+
+# ---------------------------------------------------------------------------
+# Adam / AdamW
+# ---------------------------------------------------------------------------
+
+ADAM_COLUMNS = (
+    "beta1_complement",  # 1 − β1 (lerp weight)
+    "beta2",
+    "beta2_complement",  # 1 − β2
+    "param_decay",       # 1 − ηλ when decoupled, else 1
+    "l2",                # λ when coupled (L2), else 0
+    "eps",
+    "bc2_sqrt",          # sqrt(1 − β2^t), 1 without bias correction
+    "neg_step_size",     # −η/(1 − β1^t), −η without bias correction
+    "grad_unscale",      # 1/GradScaler scale, or 1
+    "lerp_small",        # 1 when 1 − β1 < ½ (the form of torch_lerp), else 0
+)
+
+
+@triton.jit
+def load_adam_coefficients(row):
+    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
+            tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7),
+            tl.load(row + 8), tl.load(row + 9))
+
+
+@triton.jit
+def adam_update(p, g, m, v, vmax, beta1_complement, beta2, beta2_complement, param_decay, l2,
+                eps, bc2_sqrt, neg_step_size, grad_unscale, lerp_small,
+                AMSGRAD: tl.constexpr, L2: tl.constexpr, FP64: tl.constexpr):
+    """One Adam(W) step; vmax is only used with AMSGRAD.  Returns p, m, v, vmax."""
+    g = g * grad_unscale                                 # g ← g · inv_grad_scale
+    if L2:
+        g = tl.fma(l2, p, g)                             # g ← g + λθ  (grad.add(θ, alpha=λ))
+    p = p * param_decay                                  # θ ← θ·(1 − ηλ)
+    m = torch_lerp(m, g, beta1_complement, lerp_small)   # m ← lerp(m, g, 1−β1)
+    v = tl.fma(beta2_complement * g, g, v * beta2)       # v ← β2·v + (1−β2)·g² (addcmul)
+    second = v
+    if AMSGRAD:
+        vmax = nan_maximum(vmax, v)                      # v̂max ← max(v̂max, v)
+        second = vmax
+    denom = ieee_div(ieee_sqrt(second, FP64), bc2_sqrt, FP64) + eps  # sqrt(v/bc2) + ε
+    p = p + ieee_div(neg_step_size * m, denom, FP64)     # θ ← θ − η/bc1 · m/denom
+    return p, m, v, vmax
+
+
+ADAM_WIDTH = tl.constexpr(len(ADAM_COLUMNS))
+
+
+@triton.jit
+def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, coef_row, COMPUTE: tl.constexpr,
+                FP64: tl.constexpr, AMSGRAD: tl.constexpr, L2: tl.constexpr,
+                MASKED: tl.constexpr):
+    p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
+    g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
+    m = load_block(m_ptr + offs, mask, MASKED, COMPUTE)
+    v = load_block(v_ptr + offs, mask, MASKED, COMPUTE)
+    vmax = v
+    if AMSGRAD:
+        vmax = load_block(vmax_ptr + offs, mask, MASKED, COMPUTE)
+    b1c, b2, b2c, decay, l2, eps, bc2_sqrt, neg_step, unscale, small = load_adam_coefficients(coef_row)
+    p, m, v, vmax = adam_update(p, g, m, v, vmax, b1c, b2, b2c, decay, l2, eps, bc2_sqrt,
+                                neg_step, unscale, small, AMSGRAD, L2, FP64)
+    store_block(p_ptr + offs, p, mask, MASKED)
+    store_block(m_ptr + offs, m, mask, MASKED)
+    store_block(v_ptr + offs, v, mask, MASKED)
+    if AMSGRAD:
+        store_block(vmax_ptr + offs, vmax, mask, MASKED)
+
+
+@triton.jit
+def adam_kernel(addresses, grad_addresses, numels, blocks, coef, n, DTYPE: tl.constexpr,
+                COMPUTE: tl.constexpr, FP64: tl.constexpr, AMSGRAD: tl.constexpr,
+                L2: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Streams: 0 param, 1 exp_avg, 2 exp_avg_sq, 3 max_exp_avg_sq (AMSGRAD)."""
+    t, index = program_entry(blocks)
+    p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
+    m = stream(addresses, 1, n, t, DTYPE, ALIGNED)
+    v = stream(addresses, 2, n, t, DTYPE, ALIGNED)
+    vmax = v
+    if AMSGRAD:
+        vmax = stream(addresses, 3, n, t, DTYPE, ALIGNED)
+    g = stream(grad_addresses, 0, n, t, DTYPE, ALIGNED)
+    coef_row = coef + t * ADAM_WIDTH
+    start = index * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    numel = tl.load(numels + t)
+    if start + BLOCK <= numel:
+        _adam_block(p, g, m, v, vmax, offs, offs < numel, coef_row, COMPUTE, FP64, AMSGRAD, L2, False)
+    else:
+        _adam_block(p, g, m, v, vmax, offs, offs < numel, coef_row, COMPUTE, FP64, AMSGRAD, L2, True)
+
+
+def adam_coefficients(steps: Tensor, lr, beta1, beta2, eps, weight_decay, decoupled,
+                      bias_correction, grad_unscale) -> Tensor:
+    """Adam: bc1 = 1 − β1^t, bc2 = 1 − β2^t (both 1 without bias correction)."""
+    ones = torch.ones_like(steps)
+    bc1 = 1.0 - torch.pow(beta1, steps) if bias_correction else ones
+    bc2 = 1.0 - torch.pow(beta2, steps) if bias_correction else ones
+    return coefficient_table(ADAM_COLUMNS, dict(
+        beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2,
+        param_decay=1.0 - lr * weight_decay if decoupled else 1.0,
+        l2=0.0 if decoupled else weight_decay, eps=eps, bc2_sqrt=bc2.sqrt(),
+        neg_step_size=-(lr / bc1), grad_unscale=grad_unscale, lerp_small=lerp_small_flag(beta1),
+    ), len(steps))
+
+
+def launch_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs: Optional[Sequence[Tensor]],
+                coef: Tensor, l2: bool) -> None:
+    amsgrad = max_exp_avg_sqs is not None
+    streams = [params, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    meta = elementwise_meta("adam", streams, BLOCK)
+    if meta.num_blocks == 0:
+        return
+    grad_table, grads_aligned = meta.grad_addresses.get(grads)
+    with launching(meta):
+        adam_kernel[(meta.num_blocks,)](
+            meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params), meta.n,
+            **kernel_dtypes(params[0].dtype), AMSGRAD=amsgrad, L2=l2,
+            ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+# ---------------------------------------------------------------------------
+# RAdam
+# ---------------------------------------------------------------------------
+
+RADAM_COLUMNS = (
+    "beta1_complement", "beta2", "beta2_complement",
+    "param_decay",   # 1 − ηλ when decoupled, else 1
+    "l2",            # λ when coupled, else 0
+    "eps",
+    "bc1",           # 1 − β1^t
+    "lr",            # η
+    "bc2_sqrt",      # sqrt(1 − β2^t)
+    "rect",          # r_t (used only when rectified)
+    "grad_unscale",
+    "rectified",     # 1 when ρ_t > threshold, else 0
+    "lerp_small",    # 1 when 1 − β1 < ½ (the form of torch_lerp), else 0
+)
+
+
+@triton.jit
+def load_radam_coefficients(row):
+    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
+            tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7),
+            tl.load(row + 8), tl.load(row + 9), tl.load(row + 10), tl.load(row + 11),
+            tl.load(row + 12))
+
+
+@triton.jit
+def radam_update(p, g, m, v, beta1_complement, beta2, beta2_complement, param_decay, l2, eps,
+                 bc1, lr, bc2_sqrt, rect, grad_unscale, rectified, lerp_small,
+                 L2: tl.constexpr, FP64: tl.constexpr):
+    """One RAdam step.  Returns p, m, v."""
+    g = g * grad_unscale
+    if L2:
+        g = tl.fma(l2, p, g)                             # g ← g + λθ  (grad.add(θ, alpha=λ))
+    p = p * param_decay                                  # θ ← θ·(1 − ηλ)
+    m = torch_lerp(m, g, beta1_complement, lerp_small)   # m ← lerp(m, g, 1−β1)
+    v = tl.fma(beta2_complement * g, g, v * beta2)       # v ← β2·v + (1−β2)·g² (addcmul)
+    step = ieee_div(m, bc1, FP64) * lr                   # η·m̂
+    adaptive = ieee_div(bc2_sqrt, ieee_sqrt(v, FP64) + eps, FP64)  # sqrt(bc2)/(sqrt(v)+ε)
+    step = tl.where(rectified != 0, step * adaptive * rect, step)  # ρ_t > threshold
+    p = p - step
+    return p, m, v
+
+
+RADAM_WIDTH = tl.constexpr(len(RADAM_COLUMNS))
+
+
+@triton.jit
+def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, COMPUTE: tl.constexpr,
+                 FP64: tl.constexpr, L2: tl.constexpr, MASKED: tl.constexpr):
+    p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
+    g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
+    m = load_block(m_ptr + offs, mask, MASKED, COMPUTE)
+    v = load_block(v_ptr + offs, mask, MASKED, COMPUTE)
+    (b1c, b2, b2c, decay, l2, eps, bc1, lr, bc2_sqrt, rect, unscale,
+     rectified, small) = load_radam_coefficients(coef_row)
+    p, m, v = radam_update(p, g, m, v, b1c, b2, b2c, decay, l2, eps, bc1, lr, bc2_sqrt, rect,
+                           unscale, rectified, small, L2, FP64)
+    store_block(p_ptr + offs, p, mask, MASKED)
+    store_block(m_ptr + offs, m, mask, MASKED)
+    store_block(v_ptr + offs, v, mask, MASKED)
+
+
+@triton.jit
+def radam_kernel(addresses, grad_addresses, numels, blocks, coef, n, DTYPE: tl.constexpr,
+                 COMPUTE: tl.constexpr, FP64: tl.constexpr, L2: tl.constexpr,
+                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Streams: 0 param, 1 exp_avg, 2 exp_avg_sq."""
+    t, index = program_entry(blocks)
+    p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
+    m = stream(addresses, 1, n, t, DTYPE, ALIGNED)
+    v = stream(addresses, 2, n, t, DTYPE, ALIGNED)
+    g = stream(grad_addresses, 0, n, t, DTYPE, ALIGNED)
+    coef_row = coef + t * RADAM_WIDTH
+    start = index * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    numel = tl.load(numels + t)
+    if start + BLOCK <= numel:
+        _radam_block(p, g, m, v, offs, offs < numel, coef_row, COMPUTE, FP64, L2, False)
+    else:
+        _radam_block(p, g, m, v, offs, offs < numel, coef_row, COMPUTE, FP64, L2, True)
+
+
+def radam_coefficients(steps: Tensor, lr, beta1, beta2, eps, weight_decay, decoupled,
+                       rectify_threshold, grad_unscale) -> Tensor:
+    """RAdam: ρ∞ = 2/(1−β2) − 1, ρt = ρ∞ − 2tβ2^t/(1−β2^t),
+    r = sqrt((ρt−4)(ρt−2)ρ∞ / ((ρ∞−4)(ρ∞−2)ρt)) when ρt > threshold."""
+    beta2_t = torch.pow(beta2, steps)
+    bc2 = 1.0 - beta2_t
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * steps * beta2_t / bc2
+    rectified = rho_t > rectify_threshold
+    rect_sq = (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)
+    rect = torch.where(rectified, rect_sq.sqrt(), torch.ones_like(steps))
+    return coefficient_table(RADAM_COLUMNS, dict(
+        beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2,
+        param_decay=1.0 - lr * weight_decay if decoupled else 1.0,
+        l2=0.0 if decoupled else weight_decay, eps=eps, bc1=1.0 - torch.pow(beta1, steps),
+        lr=lr, bc2_sqrt=bc2.sqrt(), rect=rect, grad_unscale=grad_unscale,
+        rectified=rectified.double(), lerp_small=lerp_small_flag(beta1),
+    ), len(steps))
+
+
+def launch_radam(params, grads, exp_avgs, exp_avg_sqs, coef: Tensor, l2: bool) -> None:
+    meta = elementwise_meta("radam", [params, exp_avgs, exp_avg_sqs], BLOCK)
+    if meta.num_blocks == 0:
+        return
+    grad_table, grads_aligned = meta.grad_addresses.get(grads)
+    with launching(meta):
+        radam_kernel[(meta.num_blocks,)](
+            meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params), meta.n,
+            **kernel_dtypes(params[0].dtype), L2=l2, ALIGNED=meta.aligned and grads_aligned,
+            BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+# ---------------------------------------------------------------------------
+# Lion
+# ---------------------------------------------------------------------------
+
+LION_COLUMNS = (
+    "beta1", "beta1_complement", "beta2", "beta2_complement",
+    "param_decay",   # 1 − ηλ
+    "neg_lr",        # −η
+    "grad_unscale",
+)
+
+
+@triton.jit
+def load_lion_coefficients(row):
+    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
+            tl.load(row + 4), tl.load(row + 5), tl.load(row + 6))
+
+
+@triton.jit
+def lion_update(p, g, m, beta1, beta1_complement, beta2, beta2_complement, param_decay, neg_lr,
+                grad_unscale):
+    """One Lion / SignSGDM-W step.  Returns p, m."""
+    g = g * grad_unscale
+    direction = torch_sign(m * beta1 + g * beta1_complement)  # sign(β1·m + (1−β1)·g)
+    p = p * param_decay + neg_lr * direction                  # θ ← θ(1−ηλ) − η·sign(c)
+    m = m * beta2 + g * beta2_complement                      # m ← β2·m + (1−β2)·g
+    return p, m
+
+
+LION_WIDTH = tl.constexpr(len(LION_COLUMNS))
+
+
+@triton.jit
+def _lion_block(p_ptr, g_ptr, m_ptr, offs, mask, coef_row, COMPUTE: tl.constexpr,
+                MASKED: tl.constexpr):
+    p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
+    g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
+    m = load_block(m_ptr + offs, mask, MASKED, COMPUTE)
+    beta1, b1c, beta2, b2c, decay, neg_lr, unscale = load_lion_coefficients(coef_row)
+    p, m = lion_update(p, g, m, beta1, b1c, beta2, b2c, decay, neg_lr, unscale)
+    store_block(p_ptr + offs, p, mask, MASKED)
+    store_block(m_ptr + offs, m, mask, MASKED)
+
+
+@triton.jit
+def lion_kernel(addresses, grad_addresses, numels, blocks, coef, n, DTYPE: tl.constexpr,
+                COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Streams: 0 param, 1 exp_avg."""
+    t, index = program_entry(blocks)
+    p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
+    m = stream(addresses, 1, n, t, DTYPE, ALIGNED)
+    g = stream(grad_addresses, 0, n, t, DTYPE, ALIGNED)
+    coef_row = coef + t * LION_WIDTH
+    start = index * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    numel = tl.load(numels + t)
+    if start + BLOCK <= numel:
+        _lion_block(p, g, m, offs, offs < numel, coef_row, COMPUTE, False)
+    else:
+        _lion_block(p, g, m, offs, offs < numel, coef_row, COMPUTE, True)
+
+
+def lion_coefficients(n: int, lr, beta1, beta2, weight_decay, grad_unscale) -> Tensor:
+    """Lion: the same row for every tensor (Lion's update does not depend on t)."""
+    return coefficient_table(LION_COLUMNS, dict(
+        beta1=beta1, beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2,
+        param_decay=1.0 - lr * weight_decay, neg_lr=-lr, grad_unscale=grad_unscale,
+    ), n)
+
+
+def launch_lion(params, grads, exp_avgs, coef: Tensor) -> None:
+    meta = elementwise_meta("lion", [params, exp_avgs], BLOCK)
+    if meta.num_blocks == 0:
+        return
+    grad_table, grads_aligned = meta.grad_addresses.get(grads)
+    types = kernel_dtypes(params[0].dtype)
+    del types["FP64"]  # Lion's math has no division or square root
+    with launching(meta):
+        lion_kernel[(meta.num_blocks,)](
+            meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params), meta.n,
+            **types, ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)

@@ -1,0 +1,575 @@
+"""Amos on the Triton backend: slot layouts, bucket metadata, per-element math,
+kernels, coefficients and launch.
+
+Slot layouts.  How an Amos tensor's elements map to its v / b slots, read off
+the shapes of the param and of its slot tensor, as csrc/cpu/amos_ops.cpp does.
+Four ways to walk a tensor:
+  ELEMENTWISE — one slot per element (no reduced axis, or ≤ 1 element): one pass;
+  ROWS        — the reduced axes are trailing and merge into rows of ≤ max_row
+                contiguous elements: one program owns a row, sums its g², updates
+                the slot and then the row (one pass over memory);
+  LONG_ROWS   — the same layout with longer rows (e.g. 'all' over a big tensor):
+                split over many programs, so reduced in phases like GENERAL;
+  GENERAL     — any other reduced axes: phases (Σg² per slot, slot update,
+                elementwise update), the slot of an element found from the
+                merged sizes and slot strides.
+
+Bucket metadata.  The bucket tables of common.py plus, per tensor, its slot
+layout as one int64 row of ``info``:
+
+    numel, kind, row_len, slot_base, num_slots, sizes[ndim], slot_strides[ndim]
+
+(merged dims padded in front with size 1 / stride 0), and three program maps:
+  * main  — ELEMENTWISE / phased tensors in blocks of ``block`` elements, ROWS one
+            program per row: the launch that writes θ (and v, b of the first two);
+  * sums  — phased tensors: (tensor, first element) pairs; a LONG_ROWS piece never
+            crosses a row, so it adds one block sum to its slot;
+  * slots — phased tensors' slots in blocks of ``block``.
+Phased tensors share two scratch buffers indexed by slot_base + slot: the Σg²
+accumulators (zeroed again by the slot launch after reading) and (w, a).
+
+Math, mirroring csrc/step_math.h: a slot's update of v and b, which yields the
+slot's Δ = w·θ − a·g, then the elementwise part (optional momentum, θ ← θ + Δ).
+γ, c and d use the OLD b; b is updated last; weight decay acts on the pre-update θ.
+
+Launch order of a step:
+  amos_sums_kernel   (phased tensors only) Σ clip(g)² per slot, atomically;
+  amos_slots_kernel  (phased tensors only) v, b of each slot and its (w, a);
+  amos_kernel        every tensor: ELEMENTWISE blocks (slot math per element),
+                     ROWS (one program per row: Σg², slot update, row update —
+                     one pass over memory), phased blocks (Δ from the slot's w, a).
+
+Inputs are checked by ops.py before anything here runs (describing the slot
+layouts checks the slot shapes)."""
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import (BLOCK, GradAddresses, addresses_of, all_aligned, cached, coefficient_table,
+                     compute_dtype, ieee_div, ieee_sqrt, int64_table, kernel_dtypes, launching,
+                     load_block, nan_clamp, nan_maximum, program_entry, program_map, store_block,
+                     stream, to_storage, upload_coefficients)
+
+AMOS_NUM_WARPS = 8    # the Amos kernels hold more values per element (fewer registers per thread)
+AMOS_MAX_ROW = 16384  # Amos rows longer than this are split over programs (LONG_ROWS)
+
+
+# ---------------------------------------------------------------------------
+# Slot layouts (host)
+# ---------------------------------------------------------------------------
+
+ELEMENTWISE, ROWS, LONG_ROWS, GENERAL = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    kind: int
+    num_slots: int
+    row_len: int = 1                      # ROWS / LONG_ROWS: elements per slot
+    sizes: Tuple[int, ...] = ()           # LONG_ROWS / GENERAL: merged dims (row-major)
+    slot_strides: Tuple[int, ...] = ()    # slot stride of each merged dim (0 = reduced)
+
+    @property
+    def phased(self) -> bool:
+        """True when its slots are reduced and updated in separate launches."""
+        return self.kind in (LONG_ROWS, GENERAL)
+
+
+def describe_slots(op: str, param_shape: Sequence[int], slot_shape: Sequence[int], index: int,
+                   max_row: int) -> SlotLayout:
+    """The layout of a param with slot tensor v: v is 0-dim (one slot) or has the
+    param's dims, each of the param's size or 1 (reduced).  Raises ValueError."""
+    param_shape, slot_shape = tuple(param_shape), tuple(slot_shape)
+    numel = math.prod(param_shape)
+    num_slots = math.prod(slot_shape)
+    ndim = len(param_shape)
+    bad = ValueError(f"{op}: vs[{index}] has shape {list(slot_shape)}, not a slot shape of its "
+                     f"param {list(param_shape)}")
+    if len(slot_shape) == 0:
+        reduced = [True] * ndim
+    else:
+        if len(slot_shape) != ndim:
+            raise bad
+        reduced = []
+        for p, v in zip(param_shape, slot_shape):
+            if v != p and v != 1:
+                raise bad
+            reduced.append(v == 1 and p != 1)
+    # Merge: drop size-1 dims, join neighbours that are both reduced or both kept.
+    sizes, kinds = [], []
+    for size, is_reduced in zip(param_shape, reduced):
+        if size == 1:
+            continue
+        if kinds and kinds[-1] == is_reduced:
+            sizes[-1] *= size
+        else:
+            sizes.append(size)
+            kinds.append(is_reduced)
+    if not any(kinds) or numel <= 1:
+        return SlotLayout(ELEMENTWISE, num_slots)
+    strides, stride = [0] * len(sizes), 1
+    for d in reversed(range(len(sizes))):
+        if not kinds[d]:
+            strides[d] = stride
+            stride *= sizes[d]
+    if kinds[-1] and kinds.count(True) == 1:
+        row_len = sizes[-1]
+        if row_len <= max_row:
+            return SlotLayout(ROWS, num_slots, row_len=row_len)
+        return SlotLayout(LONG_ROWS, num_slots, row_len, tuple(sizes), tuple(strides))
+    return SlotLayout(GENERAL, num_slots, 0, tuple(sizes), tuple(strides))
+
+
+# ---------------------------------------------------------------------------
+# Bucket metadata (host)
+# ---------------------------------------------------------------------------
+
+INFO_FIXED = tl.constexpr(5)  # numel, kind, row_len, slot_base, num_slots
+
+
+class AmosMeta:
+    """Device tables and scratch buffers of one Amos bucket (see the module docstring)."""
+
+    def __init__(self, streams: Sequence[Sequence[Tensor]], layouts: Sequence[SlotLayout],
+                 block: int):
+        params = streams[0]
+        self.device = params[0].device
+        self.n = len(params)
+        addresses = addresses_of(streams)
+        self.addresses = int64_table(addresses, self.device)
+        self.aligned = all_aligned(addresses)
+        self.grad_addresses = GradAddresses(self.device)
+        numels = [p.numel() for p in params]
+        phased = [layout.phased and numel > 0 for layout, numel in zip(layouts, numels)]
+        self.ndim = max([len(l.sizes) for l, ph in zip(layouts, phased) if ph] + [1])
+        self.kinds = {l.kind for l, numel in zip(layouts, numels) if numel > 0}
+        # ROWS chunks may start on 16-byte boundaries (with an aligned bucket).
+        self.rows_aligned = all(l.row_len % 8 == 0 for l in layouts if l.kind == ROWS)
+
+        info: List[List[int]] = []
+        main_programs, slot_programs = [], []
+        sums_tensor: List[Tensor] = []
+        sums_start: List[Tensor] = []
+        slot_base = 0
+        for t, (layout, numel, is_phased) in enumerate(zip(layouts, numels, phased)):
+            pad = self.ndim - len(layout.sizes)
+            info.append([numel, layout.kind, layout.row_len, slot_base, layout.num_slots]
+                        + [1] * pad + list(layout.sizes) + [0] * pad + list(layout.slot_strides))
+            if layout.kind == ROWS:
+                main_programs.append(numel // layout.row_len)
+            else:
+                main_programs.append(-(-numel // block))
+            slot_programs.append(-(-layout.num_slots // block) if is_phased else 0)
+            if is_phased:
+                starts = self._sum_starts(layout, numel, block)
+                sums_tensor.append(torch.full_like(starts, t))
+                sums_start.append(starts)
+                slot_base += layout.num_slots
+        self.info = int64_table(info, self.device)
+        self.main_blocks = program_map(torch.tensor(main_programs)).to(self.device)
+        self.num_main = len(self.main_blocks) // 2
+        self.slot_blocks = program_map(torch.tensor(slot_programs)).to(self.device)
+        self.num_slot_blocks = len(self.slot_blocks) // 2
+        if sums_start:
+            pairs = torch.stack([torch.cat(sums_tensor), torch.cat(sums_start)], 1).reshape(-1)
+        else:
+            pairs = torch.empty(0, dtype=torch.int64)
+        self.sum_blocks = pairs.to(self.device)
+        self.num_sum_blocks = len(pairs) // 2
+        self.total_slots = slot_base
+        scratch = dict(dtype=compute_dtype(params[0].dtype), device=self.device)
+        self.slot_sums = torch.zeros(max(slot_base, 1), **scratch)
+        self.slot_updates = torch.empty(2 * max(slot_base, 1), **scratch)  # (w, a) per slot
+
+    @staticmethod
+    def _sum_starts(layout: SlotLayout, numel: int, block: int) -> Tensor:
+        if layout.kind == LONG_ROWS:  # pieces of ≤ block elements inside each row
+            row = layout.row_len
+            rows = torch.arange(numel // row) * row
+            pieces = torch.arange(-(-row // block)) * block
+            return (rows[:, None] + pieces[None, :]).reshape(-1)
+        assert layout.kind == GENERAL
+        return torch.arange(-(-numel // block)) * block
+
+
+def amos_meta(op: str, params: Sequence[Tensor], vs: Sequence[Tensor], bs: Sequence[Tensor],
+              mus: Optional[Sequence[Tensor]]) -> AmosMeta:
+    """The cached metadata of an Amos bucket (blocks of BLOCK, rows up to AMOS_MAX_ROW);
+    describing the layouts checks the slot shapes (ValueError) before anything is written."""
+    block, max_row = BLOCK, AMOS_MAX_ROW
+    streams = [params, vs, bs] + ([mus] if mus is not None else [])
+    param_shapes = tuple(tuple(p.shape) for p in params)
+    slot_shapes = tuple(tuple(v.shape) for v in vs)
+    key = ("amos", params[0].dtype, params[0].device, block, max_row, addresses_of(streams),
+           param_shapes, slot_shapes)
+
+    def build() -> AmosMeta:
+        layouts = [describe_slots(op, p, v, i, max_row)
+                   for i, (p, v) in enumerate(zip(param_shapes, slot_shapes))]
+        return AmosMeta(streams, layouts, block)
+
+    return cached(key, build)
+
+
+# ---------------------------------------------------------------------------
+# Per-element math
+# ---------------------------------------------------------------------------
+
+AMOS_COLUMNS = (
+    "beta", "beta_complement",  # β, 1 − β
+    "bias_correction",          # 1 − β^t
+    "epsilon",                  # floor of v
+    "c_scale",                  # c_coef·sqrt(ξ)
+    "lr_sq",                    # ξ²
+    "alpha",                    # α = ξ·η
+    "d_scale",                  # d_coef·sqrt(α)
+    "extra_l2",
+    "clip",                     # clip_value (used only when clipping)
+    "momentum", "momentum_complement",
+    "grad_unscale",             # 1/GradScaler scale, or 1
+)
+# Positions of the two columns the gradient pre-processing needs on its own.
+AMOS_CLIP_COLUMN = tl.constexpr(9)
+AMOS_UNSCALE_COLUMN = tl.constexpr(12)
+
+
+@triton.jit
+def load_amos_coefficients(row):
+    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
+            tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7),
+            tl.load(row + 8), tl.load(row + 9), tl.load(row + 10), tl.load(row + 11),
+            tl.load(row + 12))
+
+
+@triton.jit
+def amos_clip(g, grad_unscale, clip, CLIP: tl.constexpr):
+    g = g * grad_unscale                  # g ← g · inv_grad_scale
+    if CLIP:
+        g = nan_clamp(g, 0.0 - clip, clip)  # g ← clamp(g, −clip, clip)
+    return g
+
+
+@triton.jit
+def amos_slot(v, b, g2, beta, beta_complement, bias_correction, epsilon, c_scale, lr_sq, alpha,
+              d_scale, extra_l2, FP64: tl.constexpr):
+    """One slot given g2 = mean of g² over its elements.  Returns the new v, b and
+    the slot's (w, a) with Δ = w·θ − a·g."""
+    v = beta * v + beta_complement * g2                             # v ← β·v + (1−β)·g2
+    r = ieee_div(bias_correction, nan_maximum(v, epsilon), FP64)    # r = (1−β^t)/max(v, ε)
+    decay_c = ieee_div(1.0, ieee_sqrt(1.0 + c_scale * b, FP64), FP64)  # c = 1/sqrt(1 + c_coef·sqrt(ξ)·b)
+    gamma = decay_c * lr_sq * r * g2                                # γ = c·ξ²·r·g2
+    d = ieee_div(1.0, 1.0 + d_scale * b, FP64)                      # d = 1/(1 + d_coef·sqrt(α)·b)
+    w = d * (-0.5 * gamma - extra_l2)                               # Δ = d·((−½γ − l2)·θ − α·sqrt(r)·g)
+    a = d * alpha * ieee_sqrt(r, FP64)
+    b = b + gamma * (1.0 + b)                                       # b ← b + γ·(1+b)  (last)
+    return v, b, w, a
+
+
+@triton.jit
+def amos_element(p, g, mu, w, a, momentum, momentum_complement, MOMENTUM: tl.constexpr):
+    """Δ = w·θ − a·g, optional un-debiased EMA of Δ, θ ← θ + Δ.  Returns p, mu."""
+    delta = w * p - a * g
+    if MOMENTUM:
+        mu = momentum * mu + momentum_complement * delta  # mu ← m·mu + (1−m)·Δ;  Δ ← mu
+        delta = mu
+    p = p + delta
+    return p, mu
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+
+AMOS_WIDTH = tl.constexpr(len(AMOS_COLUMNS))
+ELEMENTWISE_KIND = tl.constexpr(ELEMENTWISE)
+ROWS_KIND = tl.constexpr(ROWS)
+LONG_ROWS_KIND = tl.constexpr(LONG_ROWS)
+
+
+@triton.jit
+def tensor_info(info, t, NDIM: tl.constexpr):
+    """Row of tensor t in the info table: numel, kind, row_len, slot_base, num_slots,
+    sizes[NDIM], slot_strides[NDIM]."""
+    return info + t * (INFO_FIXED + 2 * NDIM)
+
+
+@triton.jit
+def slot_index(offs, layout, NDIM: tl.constexpr):
+    """Slot of each element offset, from the merged sizes (layout[0:NDIM], row-major)
+    and their slot strides (layout[NDIM:2·NDIM], 0 for reduced dims)."""
+    rem = offs
+    slot = tl.zeros_like(offs)
+    for i in tl.static_range(NDIM):
+        d = NDIM - 1 - i
+        size = tl.load(layout + d)
+        slot += (rem % size) * tl.load(layout + NDIM + d)
+        rem = rem // size
+    return slot
+
+
+@triton.jit
+def amos_sums_kernel(grad_addresses, info, blocks, coef, slot_sums, n, DTYPE: tl.constexpr,
+                     COMPUTE: tl.constexpr, CLIP: tl.constexpr, NDIM: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """Phase 1: slot_sums[slot_base + slot] += Σ clip(g)² (blocks: tensor, first element)."""
+    t, start = program_entry(blocks)
+    g_ptr = stream(grad_addresses, 0, n, t, DTYPE, False)
+    meta = tensor_info(info, t, NDIM)
+    numel = tl.load(meta)
+    kind = tl.load(meta + 1)
+    slot_base = tl.load(meta + 3)
+    coef_row = coef + t * AMOS_WIDTH
+    unscale = tl.load(coef_row + AMOS_UNSCALE_COLUMN)
+    clip = tl.load(coef_row + AMOS_CLIP_COLUMN)
+    offs = start + tl.arange(0, BLOCK)
+    if kind == LONG_ROWS_KIND:  # the piece lies inside one row: one atomic for the block
+        row_len = tl.load(meta + 2)
+        mask = offs < (start // row_len + 1) * row_len
+        g = amos_clip(load_block(g_ptr + offs, mask, True, COMPUTE), unscale, clip, CLIP)
+        total = tl.sum(tl.where(mask, g * g, 0.0), 0)
+        tl.atomic_add(slot_sums + slot_base + start // row_len, total, sem="relaxed")
+    else:
+        mask = offs < numel
+        g = amos_clip(load_block(g_ptr + offs, mask, True, COMPUTE), unscale, clip, CLIP)
+        slot = slot_base + slot_index(offs, meta + INFO_FIXED, NDIM)
+        tl.atomic_add(slot_sums + slot, g * g, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def amos_slots_kernel(addresses, info, blocks, coef, slot_sums, slot_updates, n,
+                      DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FP64: tl.constexpr,
+                      NDIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Phase 2: g2 = Σ/count per slot; updates v, b; stores the slot's (w, a)
+    interleaved in slot_updates; zeroes the slot's sum for the next step."""
+    t, index = program_entry(blocks)
+    v_ptr = stream(addresses, 1, n, t, DTYPE, False)
+    b_ptr = stream(addresses, 2, n, t, DTYPE, False)
+    meta = tensor_info(info, t, NDIM)
+    numel = tl.load(meta)
+    slot_base = tl.load(meta + 3)
+    num_slots = tl.load(meta + 4)
+    s = index * BLOCK + tl.arange(0, BLOCK)
+    mask = s < num_slots
+    sums = slot_sums + slot_base + s
+    g2 = ieee_div(tl.load(sums, mask=mask, other=0.0), (numel // num_slots).to(COMPUTE), FP64)
+    v = load_block(v_ptr + s, mask, True, COMPUTE)
+    b = load_block(b_ptr + s, mask, True, COMPUTE)
+    (beta, beta_c, bias_correction, epsilon, c_scale, lr_sq, alpha, d_scale, extra_l2, _clip,
+     _momentum, _momentum_c, _unscale) = load_amos_coefficients(coef + t * AMOS_WIDTH)
+    v, b, w, a = amos_slot(v, b, g2, beta, beta_c, bias_correction, epsilon, c_scale, lr_sq,
+                           alpha, d_scale, extra_l2, FP64)
+    store_block(v_ptr + s, v, mask, True)
+    store_block(b_ptr + s, b, mask, True)
+    updates = slot_updates + 2 * (slot_base + s)
+    tl.store(updates, w, mask=mask)
+    tl.store(updates + 1, a, mask=mask)
+    tl.store(sums, 0.0, mask=mask)
+
+
+@triton.jit
+def _elementwise_block(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, offs, mask, coef_row,
+                       COMPUTE: tl.constexpr, FP64: tl.constexpr, MOMENTUM: tl.constexpr,
+                       CLIP: tl.constexpr, MASKED: tl.constexpr):
+    p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
+    g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
+    v = load_block(v_ptr + offs, mask, MASKED, COMPUTE)
+    b = load_block(b_ptr + offs, mask, MASKED, COMPUTE)
+    mu = p
+    if MOMENTUM:
+        mu = load_block(mu_ptr + offs, mask, MASKED, COMPUTE)
+    (beta, beta_c, bias_correction, epsilon, c_scale, lr_sq, alpha, d_scale, extra_l2, clip,
+     momentum, momentum_c, unscale) = load_amos_coefficients(coef_row)
+    g = amos_clip(g, unscale, clip, CLIP)
+    v, b, w, a = amos_slot(v, b, g * g, beta, beta_c, bias_correction, epsilon, c_scale, lr_sq,
+                           alpha, d_scale, extra_l2, FP64)
+    p, mu = amos_element(p, g, mu, w, a, momentum, momentum_c, MOMENTUM)
+    store_block(p_ptr + offs, p, mask, MASKED)
+    store_block(v_ptr + offs, v, mask, MASKED)
+    store_block(b_ptr + offs, b, mask, MASKED)
+    if MOMENTUM:
+        store_block(mu_ptr + offs, mu, mask, MASKED)
+
+
+@triton.jit
+def _row_squares(g_ptr, cols, mask, unscale, clip, COMPUTE: tl.constexpr, CLIP: tl.constexpr,
+                 MASKED: tl.constexpr):
+    g = amos_clip(load_block(g_ptr + cols, mask, MASKED, COMPUTE), unscale, clip, CLIP)
+    if MASKED:
+        g = tl.where(mask, g, 0.0)
+    return g * g
+
+
+@triton.jit
+def _row_update(p_ptr, g_ptr, mu_ptr, cols, mask, w, a, unscale, clip, momentum, momentum_c,
+                COMPUTE: tl.constexpr, MOMENTUM: tl.constexpr, CLIP: tl.constexpr,
+                MASKED: tl.constexpr):
+    p = load_block(p_ptr + cols, mask, MASKED, COMPUTE)
+    g = amos_clip(load_block(g_ptr + cols, mask, MASKED, COMPUTE), unscale, clip, CLIP)
+    mu = p
+    if MOMENTUM:
+        mu = load_block(mu_ptr + cols, mask, MASKED, COMPUTE)
+    p, mu = amos_element(p, g, mu, w, a, momentum, momentum_c, MOMENTUM)
+    store_block(p_ptr + cols, p, mask, MASKED)
+    if MOMENTUM:
+        store_block(mu_ptr + cols, mu, mask, MASKED)
+
+
+@triton.jit
+def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, COMPUTE: tl.constexpr,
+         FP64: tl.constexpr, MOMENTUM: tl.constexpr, CLIP: tl.constexpr,
+         ROWS_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Row r (slot r): Σ clip(g)² over the row, the slot update, then the row's update.
+    Full chunks run unmasked; with ROWS_ALIGNED (row lengths multiples of 8 elements
+    in an aligned bucket) they start on 16-byte boundaries."""
+    (beta, beta_c, bias_correction, epsilon, c_scale, lr_sq, alpha, d_scale, extra_l2, clip,
+     momentum, momentum_c, unscale) = load_amos_coefficients(coef_row)
+    base = r * row_len
+    end = base + row_len
+    acc = tl.zeros([BLOCK], COMPUTE)
+    for off in range(0, row_len, BLOCK):
+        first = base + off
+        if ROWS_ALIGNED:
+            first = tl.multiple_of(first, 8)
+        cols = first + tl.arange(0, BLOCK)
+        if off + BLOCK <= row_len:
+            acc += _row_squares(g_ptr, cols, cols < end, unscale, clip, COMPUTE, CLIP, False)
+        else:
+            acc += _row_squares(g_ptr, cols, cols < end, unscale, clip, COMPUTE, CLIP, True)
+    g2 = ieee_div(tl.sum(acc, 0), row_len.to(COMPUTE), FP64)  # g2 = mean of g² over the row
+    v = tl.load(v_ptr + r).to(COMPUTE)
+    b = tl.load(b_ptr + r).to(COMPUTE)
+    v, b, w, a = amos_slot(v, b, g2, beta, beta_c, bias_correction, epsilon, c_scale, lr_sq,
+                           alpha, d_scale, extra_l2, FP64)
+    tl.store(v_ptr + r, to_storage(v, v_ptr.dtype.element_ty))
+    tl.store(b_ptr + r, to_storage(b, b_ptr.dtype.element_ty))
+    for off in range(0, row_len, BLOCK):  # the row is still in cache
+        first = base + off
+        if ROWS_ALIGNED:
+            first = tl.multiple_of(first, 8)
+        cols = first + tl.arange(0, BLOCK)
+        if off + BLOCK <= row_len:
+            _row_update(p_ptr, g_ptr, mu_ptr, cols, cols < end, w, a, unscale, clip, momentum,
+                        momentum_c, COMPUTE, MOMENTUM, CLIP, False)
+        else:
+            _row_update(p_ptr, g_ptr, mu_ptr, cols, cols < end, w, a, unscale, clip, momentum,
+                        momentum_c, COMPUTE, MOMENTUM, CLIP, True)
+
+
+@triton.jit
+def _phased_block(p_ptr, g_ptr, mu_ptr, offs, mask, coef_row, slots, COMPUTE: tl.constexpr,
+                  MOMENTUM: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr):
+    """Elements of a phased tensor given the (w, a) of their slots (slots: scratch
+    addresses of w; a follows each w)."""
+    if MASKED:
+        w = tl.load(slots, mask=mask, other=0.0)
+        a = tl.load(slots + 1, mask=mask, other=0.0)
+    else:
+        w = tl.load(slots)
+        a = tl.load(slots + 1)
+    p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
+    g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
+    mu = p
+    if MOMENTUM:
+        mu = load_block(mu_ptr + offs, mask, MASKED, COMPUTE)
+    (_beta, _beta_c, _bias_correction, _epsilon, _c_scale, _lr_sq, _alpha, _d_scale, _extra_l2,
+     clip, momentum, momentum_c, unscale) = load_amos_coefficients(coef_row)
+    g = amos_clip(g, unscale, clip, CLIP)
+    p, mu = amos_element(p, g, mu, w, a, momentum, momentum_c, MOMENTUM)
+    store_block(p_ptr + offs, p, mask, MASKED)
+    if MOMENTUM:
+        store_block(mu_ptr + offs, mu, mask, MASKED)
+
+
+@triton.jit
+def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, n,
+                DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FP64: tl.constexpr,
+                MOMENTUM: tl.constexpr, CLIP: tl.constexpr, ALIGNED: tl.constexpr,
+                ROWS_ALIGNED: tl.constexpr, HAS_ELEMENTWISE: tl.constexpr, HAS_ROWS: tl.constexpr,
+                HAS_PHASED: tl.constexpr, NDIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Streams: 0 param, 1 v, 2 b, 3 mu (MOMENTUM).  blocks: (tensor, block index),
+    or (tensor, row) for ROWS tensors."""
+    t, index = program_entry(blocks)
+    p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
+    v = stream(addresses, 1, n, t, DTYPE, ALIGNED)
+    b = stream(addresses, 2, n, t, DTYPE, ALIGNED)
+    mu = p
+    if MOMENTUM:
+        mu = stream(addresses, 3, n, t, DTYPE, ALIGNED)
+    g = stream(grad_addresses, 0, n, t, DTYPE, ALIGNED)
+    coef_row = coef + t * AMOS_WIDTH
+    meta = tensor_info(info, t, NDIM)
+    numel = tl.load(meta)
+    kind = tl.load(meta + 1)
+    start = index * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    if HAS_ELEMENTWISE:
+        if kind == ELEMENTWISE_KIND:
+            if start + BLOCK <= numel:
+                _elementwise_block(p, g, v, b, mu, offs, offs < numel, coef_row, COMPUTE, FP64,
+                                   MOMENTUM, CLIP, False)
+            else:
+                _elementwise_block(p, g, v, b, mu, offs, offs < numel, coef_row, COMPUTE, FP64,
+                                   MOMENTUM, CLIP, True)
+    if HAS_ROWS:
+        if kind == ROWS_KIND:
+            _row(p, g, v, b, mu, index, tl.load(meta + 2), coef_row, COMPUTE, FP64, MOMENTUM, CLIP,
+                 ROWS_ALIGNED, BLOCK)
+    if HAS_PHASED:
+        if kind >= LONG_ROWS_KIND:
+            slots = slot_updates + 2 * (tl.load(meta + 3) + slot_index(offs, meta + INFO_FIXED,
+                                                                       NDIM))
+            if start + BLOCK <= numel:
+                _phased_block(p, g, mu, offs, offs < numel, coef_row, slots, COMPUTE, MOMENTUM, CLIP,
+                              False)
+            else:
+                _phased_block(p, g, mu, offs, offs < numel, coef_row, slots, COMPUTE, MOMENTUM, CLIP,
+                              True)
+
+
+# ---------------------------------------------------------------------------
+# Coefficients and launch
+# ---------------------------------------------------------------------------
+
+def amos_coefficients(steps: Tensor, etas: Sequence[float], lr, beta, momentum, clip_value,
+                      extra_l2, d_coef, c_coef, epsilon, grad_unscale) -> Tensor:
+    """Amos, per tensor of scale η at step t (momentum / clip_value None → 0)."""
+    alpha = lr * torch.tensor(etas, dtype=torch.float64)
+    momentum = 0.0 if momentum is None else momentum
+    return coefficient_table(AMOS_COLUMNS, dict(
+        beta=beta, beta_complement=1.0 - beta, bias_correction=1.0 - torch.pow(beta, steps),
+        epsilon=epsilon, c_scale=c_coef * math.sqrt(lr), lr_sq=lr * lr, alpha=alpha,
+        d_scale=d_coef * alpha.sqrt(), extra_l2=extra_l2,
+        clip=0.0 if clip_value is None else clip_value,
+        momentum=momentum, momentum_complement=1.0 - momentum, grad_unscale=grad_unscale,
+    ), len(steps))
+
+
+def launch_amos(meta: AmosMeta, params, grads, coef: Tensor, momentum: bool, clip: bool) -> None:
+    if meta.num_main == 0:
+        return
+    grad_table, grads_aligned = meta.grad_addresses.get(grads)
+    coef = upload_coefficients(coef, params)
+    types = kernel_dtypes(params[0].dtype)
+    with launching(meta):
+        if meta.num_sum_blocks:
+            amos_sums_kernel[(meta.num_sum_blocks,)](
+                grad_table, meta.info, meta.sum_blocks, coef, meta.slot_sums, meta.n,
+                DTYPE=types["DTYPE"], COMPUTE=types["COMPUTE"], CLIP=clip, NDIM=meta.ndim,
+                BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS)
+            amos_slots_kernel[(meta.num_slot_blocks,)](
+                meta.addresses, meta.info, meta.slot_blocks, coef, meta.slot_sums,
+                meta.slot_updates, meta.n, **types, NDIM=meta.ndim, BLOCK=BLOCK,
+                num_warps=AMOS_NUM_WARPS)
+        amos_kernel[(meta.num_main,)](
+            meta.addresses, grad_table, meta.info, meta.main_blocks, coef, meta.slot_updates,
+            meta.n, **types, MOMENTUM=momentum, CLIP=clip,
+            ALIGNED=meta.aligned and grads_aligned,
+            ROWS_ALIGNED=meta.aligned and grads_aligned and meta.rows_aligned,
+            HAS_ELEMENTWISE=ELEMENTWISE in meta.kinds,
+            HAS_ROWS=ROWS in meta.kinds, HAS_PHASED=meta.num_sum_blocks > 0, NDIM=meta.ndim,
+            BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS)

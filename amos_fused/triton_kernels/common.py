@@ -1,0 +1,431 @@
+"""What every algorithm of the Triton backend shares:
+
+  * bucket metadata (host): per-bucket device tables, built once and cached;
+  * the bucket walker (device): which tensor and block a program owns, the
+    address of a tensor's stream, loads / stores in the storage dtype with math
+    in the compute dtype;
+  * scalar math helpers (the counterparts of the af_* helpers of csrc/step_math.h);
+  * coefficient tables and launch helpers;
+  * the input checks of the ops, run before anything is written.
+
+The algorithms (math, kernels, coefficients and launch of each) live in adam.py,
+amos.py and norm_scaled.py; ops.py holds the public ops."""
+import contextlib
+import math
+from collections import OrderedDict
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
+
+from ..checks import Problem, Walk, check_step
+
+BLOCK = 1024          # elements per program (blocks, row chunks, slots)
+NUM_WARPS = 4
+
+# ---------------------------------------------------------------------------
+# Bucket metadata (host)
+# ---------------------------------------------------------------------------
+#
+# A bucket's kernels find everything through small device tables:
+#   * addresses — the element address of every tensor of every stream (param and
+#     state lists), int64, stream-major: ``addresses[s * n + t]``;
+#   * numels    — elements per tensor, int64;
+#   * blocks    — the block→tensor map: for program i, ``blocks[2i]`` is its tensor
+#     and ``blocks[2i + 1]`` the index of its block (or row) within that tensor,
+#     so ONE launch covers the whole bucket whatever the number of tensors.
+# Grads get a table of their own (``GradAddresses``): autograd may hand over new
+# grad tensors every step, and only that small table is re-uploaded then.
+#
+# The cache key is made of the tensors' ``data_ptr()``s and sizes (never ``id()``),
+# so a table is rebuilt exactly when an address or a shape changes.
+
+# Vector loads need 16-byte aligned tensors (torch's allocations are; views may not be).
+VECTOR_BYTES = 16
+MAX_CACHED_BUCKETS = 64
+
+_cache: "OrderedDict[Hashable, object]" = OrderedDict()
+
+
+def cached(key: Hashable, build: Callable[[], object]):
+    """The metadata stored under ``key``, built on a miss (least recently used evicted)."""
+    meta = _cache.get(key)
+    if meta is None:
+        meta = build()
+        meta.cache_key = key
+        _cache[key] = meta
+        if len(_cache) > MAX_CACHED_BUCKETS:
+            _cache.popitem(last=False)
+    else:
+        _cache.move_to_end(key)
+    return meta
+
+
+def forget(key: Hashable) -> None:
+    """Drops a cache entry (after a failed launch, whose scratch state is unknown)."""
+    _cache.pop(key, None)
+
+
+def clear_cache() -> None:
+    _cache.clear()
+
+
+def addresses_of(streams: Sequence[Sequence[Tensor]]) -> Tuple[int, ...]:
+    return tuple(t.data_ptr() for stream in streams for t in stream)
+
+
+def all_aligned(addresses: Sequence[int]) -> bool:
+    return all(a % VECTOR_BYTES == 0 for a in addresses)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' math dtype for a storage dtype: fp32, fp64 for fp64 tensors."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def int64_table(values, device: torch.device) -> Tensor:
+    return torch.as_tensor(values, dtype=torch.int64).to(device)
+
+
+def program_map(programs: Tensor) -> Tensor:
+    """Interleaved (tensor, index) pairs: ``programs[t]`` programs for tensor t,
+    numbered 0, 1, … within it."""
+    programs = programs.to(torch.int64)
+    total = int(programs.sum())
+    tensor = torch.repeat_interleave(torch.arange(len(programs)), programs)
+    first = torch.cumsum(programs, 0) - programs
+    index = torch.arange(total) - torch.repeat_interleave(first, programs)
+    return torch.stack([tensor, index], 1).reshape(-1)
+
+
+def block_map(counts: Tensor, block: int) -> Tensor:
+    """program_map covering ``counts[t]`` elements of each tensor in blocks of ``block``."""
+    counts = counts.to(torch.int64)
+    return program_map((counts + block - 1) // block)
+
+
+class GradAddresses:
+    """The grad address table of one bucket, re-uploaded only when a grad moved."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.key: Tuple[int, ...] = ()
+        self.table: Tensor = torch.empty(0, dtype=torch.int64, device=device)
+        self.aligned = True
+
+    def get(self, grads: Sequence[Tensor]) -> Tuple[Tensor, bool]:
+        key = tuple(g.data_ptr() for g in grads)
+        if key != self.key:
+            self.table = int64_table(key, self.device)
+            self.aligned = all_aligned(key)
+            self.key = key
+        return self.table, self.aligned
+
+
+class BucketMeta:
+    """Device tables of one bucket walked elementwise in blocks of ``block``."""
+
+    def __init__(self, streams: Sequence[Sequence[Tensor]], block: int):
+        params = streams[0]
+        self.device = params[0].device
+        self.n = len(params)
+        addresses = addresses_of(streams)
+        self.addresses = int64_table(addresses, self.device)
+        self.aligned = all_aligned(addresses)
+        numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
+        self.numels = numels.to(self.device)
+        blocks = block_map(numels, block)
+        self.num_blocks = len(blocks) // 2
+        self.blocks = blocks.to(self.device)
+        self.grad_addresses = GradAddresses(self.device)
+
+
+def elementwise_key(tag: str, streams: Sequence[Sequence[Tensor]], block: int) -> tuple:
+    params = streams[0]
+    return (tag, params[0].dtype, params[0].device, block, addresses_of(streams),
+            tuple(p.numel() for p in params))
+
+
+def elementwise_meta(tag: str, streams: List[Sequence[Tensor]], block: int,
+                     kind: Type[BucketMeta] = BucketMeta) -> BucketMeta:
+    """The cached metadata (of class ``kind``) of a bucket whose streams (params
+    first) are walked elementwise."""
+    return cached(elementwise_key(tag, streams, block), lambda: kind(streams, block))
+
+
+# ---------------------------------------------------------------------------
+# The bucket walker (device)
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def program_entry(table):
+    """This program's (tensor, index) pair of a program map."""
+    pid = tl.program_id(0).to(tl.int64)
+    return tl.load(table + 2 * pid), tl.load(table + 2 * pid + 1)
+
+
+# True when triton.jit made interpreted functions (TRITON_INTERPRET=1 at import):
+# the kernels then step CPU tensors.  The interpreter converts fp32 → bf16 by
+# truncation where GPUs round to nearest even, so its stores round explicitly
+# and CPU tests see the GPU's rounding.
+INTERPRETED = tl.constexpr(isinstance(program_entry, InterpretedFunction))
+
+
+@triton.jit
+def stream(addresses, s, n, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointer to the first element of tensor t of stream s (addresses[s·n + t])."""
+    ptr = tl.load(addresses + s * n + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)  # lets full blocks use 16-byte vector accesses
+    return ptr
+
+
+@triton.jit
+def load_block(ptrs, mask, MASKED: tl.constexpr, COMPUTE: tl.constexpr):
+    """The elements at ptrs (masked ones read as 0) in the compute dtype."""
+    if MASKED:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x.to(COMPUTE)
+
+
+@triton.jit
+def to_storage(x, DTYPE: tl.constexpr):
+    """x (compute dtype) rounded to nearest even in the storage dtype."""
+    y = x.to(DTYPE)
+    if INTERPRETED:
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            y = tl.where(x != x, y, rounded)  # NaN stays NaN
+    return y
+
+
+@triton.jit
+def store_block(ptrs, x, mask, MASKED: tl.constexpr):
+    """Stores x (compute dtype) at ptrs, rounded to their storage dtype."""
+    y = to_storage(x, ptrs.dtype.element_ty)
+    if MASKED:
+        tl.store(ptrs, y, mask=mask)
+    else:
+        tl.store(ptrs, y)
+
+
+# ---------------------------------------------------------------------------
+# Scalar math helpers
+# ---------------------------------------------------------------------------
+#
+# fp32 ``/`` and ``tl.sqrt`` lower to approximate instructions on NVIDIA GPUs;
+# the C++ kernels use IEEE-rounded ones, so fp32 math here goes through
+# ``div_rn`` / ``sqrt_rn``.  FP64 selects plain (IEEE) fp64 operations.
+
+@triton.jit
+def ieee_sqrt(x, FP64: tl.constexpr):
+    """sqrt rounded to nearest (sqrt_rn in fp32)."""
+    if FP64:
+        y = tl.sqrt(x)
+    else:
+        y = tl.sqrt_rn(x)
+    return y
+
+
+@triton.jit
+def ieee_div(a, b, FP64: tl.constexpr):
+    """a / b rounded to nearest (div_rn in fp32)."""
+    if FP64:
+        y = a / b
+    else:
+        y = tl.math.div_rn(a, b)
+    return y
+
+
+@triton.jit
+def nan_maximum(a, b):
+    """torch.maximum: a NaN in either operand propagates."""
+    return tl.where((a > b) | (a != a), a, b)
+
+
+@triton.jit
+def nan_clamp(x, lo, hi):
+    """torch.clamp: NaN stays NaN."""
+    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+
+
+@triton.jit
+def torch_sign(x):
+    """torch.sign's (x > 0) − (x < 0): sign(±0) = sign(NaN) = +0."""
+    return tl.where(x > 0, 1.0, 0.0) - tl.where(x < 0, 1.0, 0.0)
+
+
+@triton.jit
+def torch_lerp(a, b, w, small):
+    """torch.lerp(a, b, w) as torch rounds it (af_lerp): a + w·(b−a) when |w| < ½
+    (``small`` ≠ 0, chosen per tensor on the host), else b + (w−1)·(b−a), each one
+    fma; w − 1 is exact for ½ ≤ w ≤ 2."""
+    return tl.where(small != 0, tl.fma(w, b - a, a), tl.fma(w - 1.0, b - a, b))
+
+
+# ---------------------------------------------------------------------------
+# Coefficient tables and launches
+# ---------------------------------------------------------------------------
+#
+# Per-step, per-tensor scalars of each algorithm are computed on the host in
+# double from the tensors' step counts (as csrc/step_coefficients.h does), then
+# rounded once to the compute dtype and uploaded as one small table per launch.
+# Each table has one row per tensor, its columns in the order of the algorithm's
+# ``*_COLUMNS`` tuple.
+
+Column = Union[float, Tensor]
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+              torch.float16: tl.float16, torch.float64: tl.float64}
+
+
+def coefficient_table(columns: Sequence[str], values: Dict[str, Column], n: int) -> Tensor:
+    """[n, len(columns)] float64 table; a float value fills its whole column."""
+    assert set(values) == set(columns), set(values) ^ set(columns)
+    out = torch.empty(n, len(columns), dtype=torch.float64)
+    for j, name in enumerate(columns):
+        out[:, j] = values[name]
+    return out
+
+
+def lerp_small_flag(beta1) -> float:
+    """torch.lerp's choice of form for the weight 1 − β1 (|w| < ½), as a column."""
+    return 1.0 if abs(1.0 - beta1) < 0.5 else 0.0
+
+
+def kernel_dtypes(dtype: torch.dtype) -> dict:
+    """Storage and compute dtypes (fp32 math; fp64 for fp64 tensors) as constexprs."""
+    fp64 = dtype == torch.float64
+    return dict(DTYPE=_TL_DTYPES[dtype], COMPUTE=tl.float64 if fp64 else tl.float32, FP64=fp64)
+
+
+def upload_coefficients(coef: Tensor, params: Sequence[Tensor]) -> Tensor:
+    return coef.to(device=params[0].device, dtype=compute_dtype(params[0].dtype))
+
+
+@contextlib.contextmanager
+def launching(meta):
+    """Runs launches on the bucket's device; a failed launch drops the bucket's cached
+    metadata (its scratch buffers may be left half-written)."""
+    device = meta.device
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    try:
+        with guard:
+            yield
+    except BaseException:
+        forget(meta.cache_key)
+        raise
+
+
+# ---------------------------------------------------------------------------
+# Input checks: the C++ checks of csrc/checks.h (the ``check_step`` op) plus what
+# only Triton needs
+# ---------------------------------------------------------------------------
+
+_DESCRIBE_PROBLEM = {
+    Problem.GRAD_SPARSE: "grads[{i}] is sparse",
+    Problem.GRAD_DTYPE: "grads[{i}] has another dtype than its param",
+    Problem.GRAD_DEVICE: "grads[{i}] is on another device than its param",
+    Problem.GRAD_SHAPE: "grads[{i}] has another shape than its param",
+    Problem.GRAD_LAYOUT: "grads[{i}] has other strides than its param",
+    Problem.PARAM_DTYPE: "params[{i}] has an unsupported dtype (float32, float64, bfloat16, float16)",
+    Problem.PARAM_MIXED: "params[{i}] has another dtype or device than params[0]",
+    Problem.PARAM_LAYOUT: "params[{i}] is not dense in memory (a strided view?)",
+    Problem.STATE: "{name}[{i}] does not match its param",
+    Problem.STEP: "steps[{i}] must be a float32 CPU scalar",
+    Problem.OVERLAP: "params[{i}] shares memory with another param",
+}
+
+
+def _describe(t: Tensor) -> str:
+    return f"{t.dtype} {list(t.shape)} on {t.device}"
+
+
+def kernels_interpreted() -> bool:
+    """True when the kernels run in Triton's interpreter (TRITON_INTERPRET=1 when
+    they were first imported): they then step CPU tensors."""
+    return bool(INTERPRETED.value)
+
+
+def check_device(op: str, device: torch.device) -> None:
+    if kernels_interpreted():
+        if device.type != "cpu":
+            raise ValueError(f"{op}: Triton's interpreter (TRITON_INTERPRET=1) steps CPU tensors, "
+                             f"got tensors on {device}")
+    elif device.type != "cuda":
+        raise ValueError(f"{op}: the Triton kernels step CUDA tensors, got tensors on {device} "
+                         "(CPU tensors need TRITON_INTERPRET=1)")
+
+
+def check_bucket(op: str, params: Sequence[Tensor], grads: Sequence[Optional[Tensor]],
+                 states: Dict[str, Sequence[Tensor]], steps: Sequence[Tensor]) -> None:
+    """The C++ checks of csrc/checks.h (one pass): params dense, of one supported
+    dtype and one device, not overlapping; every grad and state tensor shaped and
+    laid out like its param; steps float32 CPU scalars.  An empty state list is
+    not checked (that state is not used by the call)."""
+    n = len(params)
+    if n == 0:
+        raise ValueError(f"{op}: empty bucket")
+    if len(grads) != n:
+        raise ValueError(f"{op}: {n} params but {len(grads)} grads")
+    missing = [i for i, g in enumerate(grads) if g is None]
+    if missing:
+        raise ValueError(f"{op}: grads[{missing[0]}] is None")
+    check_device(op, params[0].device)
+    names = [name for name, tensors in states.items() if len(tensors)]
+    for name in names:
+        if len(states[name]) != n:
+            raise ValueError(f"{op}: {n} params but {len(states[name])} {name}")
+    if len(steps) not in (0, n):
+        raise ValueError(f"{op}: {n} params but {len(steps)} steps")
+    bad, problem, which = check_step(list(params), list(grads), [list(states[k]) for k in names], [],
+                                     list(steps), Walk.DENSE)
+    if problem != Problem.NONE:
+        error = TypeError if problem in (Problem.PARAM_DTYPE, Problem.PARAM_MIXED) else ValueError
+        name = names[which] if problem == Problem.STATE else ""
+        raise error(f"{op}: " + _DESCRIBE_PROBLEM[problem].format(i=bad, name=name)
+                    + f" (params[{bad}]: {_describe(params[bad])})")
+
+
+def require(op: str, **lists: Sequence[Tensor]) -> None:
+    """The named lists must not be empty."""
+    empty = [name for name, values in lists.items() if len(values) == 0]
+    if empty:
+        raise ValueError(f"{op}: {', '.join(lists)} are required (empty: {', '.join(empty)})")
+
+
+def check_slots(op: str, params: Sequence[Tensor], slots: Sequence[Tensor], name: str) -> None:
+    """Amos v / b: contiguous, of the param's dtype and device; params contiguous."""
+    if len(slots) != len(params):
+        raise ValueError(f"{op}: {len(params)} params but {len(slots)} {name}")
+    for i, (s, p) in enumerate(zip(slots, params)):
+        if not (s.dtype == p.dtype and s.device == p.device and s.is_contiguous()):
+            raise ValueError(f"{op}: {name}[{i}] must be a contiguous {p.dtype} tensor on "
+                             f"{p.device}, got {s.dtype} on {s.device}")
+        if not p.is_contiguous():
+            raise ValueError(f"{op}: params[{i}] must be contiguous")
+
+
+def read_grad_scaling(op: str, grad_scale: Optional[Tensor],
+                      found_inf: Optional[Tensor]) -> Tuple[bool, float]:
+    """GradScaler inputs, read on the host: (skip the step?, factor for the grads)."""
+    skip, unscale = False, 1.0
+    if found_inf is not None:
+        if not (found_inf.numel() == 1 and found_inf.is_floating_point()):
+            raise ValueError(f"{op}: found_inf must be a one-element floating tensor, got "
+                             f"{found_inf.dtype} {list(found_inf.shape)}")
+        skip = float(found_inf) != 0.0
+    if grad_scale is not None:
+        if not (grad_scale.numel() == 1 and grad_scale.is_floating_point()):
+            raise ValueError(f"{op}: grad_scale must be a one-element floating tensor, got "
+                             f"{grad_scale.dtype} {list(grad_scale.shape)}")
+        scale = float(grad_scale)
+        unscale = 1.0 / scale if scale != 0.0 else math.copysign(math.inf, scale)  # as in C++
+    return skip, unscale

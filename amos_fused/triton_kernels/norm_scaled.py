@@ -1,0 +1,284 @@
+"""Scale-aware Adam (ScaledAdamW) and LAMB on the Triton backend: the rules that
+scale each tensor's Adam direction by a norm.  Coefficients, per-element math,
+two-phase kernels and launch.
+
+Math, mirroring csrc/step_math.h: the moments, the direction u = m̂/(sqrt(v̂)+ε)
+(+ λθ for LAMB), and the phase-2 update θ ← θ − (k·u + ρ·θ) with per-tensor k, ρ.
+
+Kernels: one launch per phase over a whole bucket (program map: common.py):
+  phase 1 updates m, v and adds each block's Σu² (LAMB: and Σθ²) to its tensor's
+          accumulators with one atomic per block;
+  phase 2 turns the sums into the tensor's k on the device, recomputes u from the
+          stored m, v and writes θ ← θ − (k·u + ρ·θ).
+For bf16/fp16 storage (MOMENTS_IN_PHASE2) phase 1 only reads, and phase 2 updates
+and stores m, v itself, so both phases use the same unrounded u (rounding m, v in
+between would change u after it was normed; in fp16 v can underflow to 0).
+The accumulators are double-buffered by step parity: phase 2 of one step reads
+``sums[parity]`` and zeroes ``sums[1 − parity]`` for the next step, so no memset
+launch is needed.
+
+Inputs are checked by ops.py before anything here runs."""
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import (BLOCK, NUM_WARPS, BucketMeta, coefficient_table, compute_dtype,
+                     elementwise_meta, ieee_div, ieee_sqrt, kernel_dtypes, launching,
+                     lerp_small_flag, load_block, program_entry, store_block, stream, torch_lerp,
+                     upload_coefficients)
+
+
+# ---------------------------------------------------------------------------
+# Coefficients
+# ---------------------------------------------------------------------------
+
+MOMENT_COLUMNS = (
+    "beta1_complement", "beta2", "beta2_complement",
+    "eps",
+    "bc1",           # 1 − β1^t (1 without bias correction)
+    "bc2_sqrt",      # sqrt(1 − β2^t)
+    "weight_decay",  # λ added to the direction (LAMB), else 0
+    "grad_unscale",
+    "k_scale",       # scale-aware Adam: α0·‖ε0‖·s(t);  LAMB: η
+    "rho",           # scale-aware Adam: α0²/(2q)·s(t); LAMB: 0
+    "lerp_small",    # 1 when 1 − β1 < ½ (the form of torch_lerp), else 0
+)
+
+
+def _moments(steps, beta1, beta2, eps, weight_decay, bias_correction, grad_unscale, k_scale, rho):
+    ones = torch.ones_like(steps)
+    bc1 = 1.0 - torch.pow(beta1, steps) if bias_correction else ones
+    bc2 = 1.0 - torch.pow(beta2, steps) if bias_correction else ones
+    return coefficient_table(MOMENT_COLUMNS, dict(
+        beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2, eps=eps,
+        bc1=bc1, bc2_sqrt=bc2.sqrt(), weight_decay=weight_decay, grad_unscale=grad_unscale,
+        k_scale=k_scale, rho=rho, lerp_small=lerp_small_flag(beta1),
+    ), len(steps))
+
+
+def scaled_schedule(steps: Tensor, lr, p, inverse_time) -> Tensor:
+    """Scale-aware Adam's s(t): 1/(2·α0·p·t + 1) (inverse_time) or 1/(α0·p·t + 1)²
+    (inverse_square)."""
+    if inverse_time:
+        return 1.0 / (2.0 * lr * p * steps + 1.0)
+    return 1.0 / ((lr * p * steps + 1.0) * (lr * p * steps + 1.0))
+
+
+def scaled_adam_coefficients(steps: Tensor, init_norms: Sequence[float], lr, beta1, beta2, eps,
+                             p, inverse_time, q, grad_unscale) -> Tensor:
+    """Scale-aware Adam: k = α0·‖ε0‖·s(t)/‖u‖ (the ‖u‖ part on the device),
+    ρ = α0²/(2q)·s(t)."""
+    s = scaled_schedule(steps, lr, p, inverse_time)
+    norms = torch.tensor(init_norms, dtype=torch.float64)
+    return _moments(steps, beta1, beta2, eps, 0.0, True, grad_unscale,
+                    k_scale=lr * norms * s, rho=lr * lr / (2.0 * q) * s)
+
+
+def lamb_coefficients(steps: Tensor, lr, beta1, beta2, eps, weight_decay, bias_correction,
+                      grad_unscale) -> Tensor:
+    """LAMB: k = η·‖θ‖/‖u‖ (the norms on the device), ρ = 0."""
+    return _moments(steps, beta1, beta2, eps, weight_decay, bias_correction, grad_unscale,
+                    k_scale=lr, rho=0.0)
+
+
+# ---------------------------------------------------------------------------
+# Per-element math
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def load_moment_coefficients(row):
+    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
+            tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7),
+            tl.load(row + 10))
+
+
+@triton.jit
+def load_scale_coefficients(row):
+    return tl.load(row + 8), tl.load(row + 9)
+
+
+@triton.jit
+def update_moments(g, m, v, beta1_complement, beta2, beta2_complement, grad_unscale, lerp_small):
+    g = g * grad_unscale                                 # g ← g · inv_grad_scale
+    m = torch_lerp(m, g, beta1_complement, lerp_small)   # m ← lerp(m, g, 1−β1)
+    v = tl.fma(beta2_complement * g, g, v * beta2)       # v ← β2·v + (1−β2)·g² (addcmul)
+    return m, v
+
+
+@triton.jit
+def adam_direction(p, m, v, eps, bc1, bc2_sqrt, weight_decay, DECAY: tl.constexpr,
+                   FP64: tl.constexpr):
+    """u = m̂/(sqrt(v̂)+ε) with torch's ε placement, + λθ when DECAY (LAMB)."""
+    u = ieee_div(ieee_div(m, bc1, FP64), ieee_div(ieee_sqrt(v, FP64), bc2_sqrt, FP64) + eps, FP64)
+    if DECAY:
+        u = u + weight_decay * p
+    return u
+
+
+@triton.jit
+def norm_scale(u_sq, theta_sq, k_scale, LAMB: tl.constexpr, FP64: tl.constexpr):
+    """Per-tensor k from Σu² (and Σθ²):
+    scale-aware Adam k = α0·‖ε0‖·s(t)/‖u‖ (0 when ‖u‖ = 0);
+    LAMB k = η·‖θ‖/‖u‖ (η when either norm is 0)."""
+    u_norm = ieee_sqrt(u_sq, FP64)
+    safe_u_norm = tl.where(u_norm > 0, u_norm, 1.0)
+    if LAMB:
+        theta_norm = ieee_sqrt(theta_sq, FP64)
+        ratio = tl.where((u_norm > 0) & (theta_norm > 0), ieee_div(theta_norm, safe_u_norm, FP64), 1.0)
+        k = k_scale * ratio
+    else:
+        k = tl.where(u_norm > 0, ieee_div(k_scale, safe_u_norm, FP64), 0.0)
+    return k
+
+
+@triton.jit
+def scaled_update(p, u, k, rho):
+    return p - (k * u + rho * p)   # θ ← θ − (k·u + ρ·θ)
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+
+MOMENT_WIDTH = tl.constexpr(len(MOMENT_COLUMNS))
+
+
+@triton.jit
+def _phase1_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, COMPUTE: tl.constexpr,
+                  FP64: tl.constexpr, LAMB: tl.constexpr, MASKED: tl.constexpr,
+                  MOMENTS_IN_PHASE2: tl.constexpr):
+    g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
+    m = load_block(m_ptr + offs, mask, MASKED, COMPUTE)
+    v = load_block(v_ptr + offs, mask, MASKED, COMPUTE)
+    b1c, b2, b2c, eps, bc1, bc2_sqrt, wd, unscale, small = load_moment_coefficients(coef_row)
+    m, v = update_moments(g, m, v, b1c, b2, b2c, unscale, small)
+    p = g  # θ is read only by LAMB (its direction includes λθ)
+    if LAMB:
+        p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
+    u = adam_direction(p, m, v, eps, bc1, bc2_sqrt, wd, LAMB, FP64)
+    if not MOMENTS_IN_PHASE2:
+        store_block(m_ptr + offs, m, mask, MASKED)
+        store_block(v_ptr + offs, v, mask, MASKED)
+    if MASKED:
+        u = tl.where(mask, u, 0.0)
+        p = tl.where(mask, p, 0.0)
+    u_sq = tl.sum(u * u, 0)
+    theta_sq = u_sq
+    if LAMB:
+        theta_sq = tl.sum(p * p, 0)
+    return u_sq, theta_sq
+
+
+@triton.jit
+def norm_scaled_phase1_kernel(addresses, grad_addresses, numels, blocks, coef, sums, n, parity,
+                              DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FP64: tl.constexpr,
+                              LAMB: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                              MOMENTS_IN_PHASE2: tl.constexpr):
+    """Streams: 0 param, 1 exp_avg, 2 exp_avg_sq.  sums: [2 parities, n, (Σu², Σθ²)]."""
+    t, index = program_entry(blocks)
+    p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
+    m = stream(addresses, 1, n, t, DTYPE, ALIGNED)
+    v = stream(addresses, 2, n, t, DTYPE, ALIGNED)
+    g = stream(grad_addresses, 0, n, t, DTYPE, ALIGNED)
+    coef_row = coef + t * MOMENT_WIDTH
+    start = index * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    numel = tl.load(numels + t)
+    if start + BLOCK <= numel:
+        u_sq, theta_sq = _phase1_block(p, g, m, v, offs, offs < numel, coef_row, COMPUTE, FP64, LAMB,
+                                       False, MOMENTS_IN_PHASE2)
+    else:
+        u_sq, theta_sq = _phase1_block(p, g, m, v, offs, offs < numel, coef_row, COMPUTE, FP64, LAMB,
+                                       True, MOMENTS_IN_PHASE2)
+    acc = sums + (parity * n + t) * 2
+    tl.atomic_add(acc, u_sq, sem="relaxed")
+    if LAMB:
+        tl.atomic_add(acc + 1, theta_sq, sem="relaxed")
+
+
+@triton.jit
+def _phase2_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, k, rho, COMPUTE: tl.constexpr,
+                  FP64: tl.constexpr, LAMB: tl.constexpr, MASKED: tl.constexpr,
+                  MOMENTS_IN_PHASE2: tl.constexpr):
+    p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
+    m = load_block(m_ptr + offs, mask, MASKED, COMPUTE)
+    v = load_block(v_ptr + offs, mask, MASKED, COMPUTE)
+    b1c, b2, b2c, eps, bc1, bc2_sqrt, wd, unscale, small = load_moment_coefficients(coef_row)
+    if MOMENTS_IN_PHASE2:
+        g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
+        m, v = update_moments(g, m, v, b1c, b2, b2c, unscale, small)
+        store_block(m_ptr + offs, m, mask, MASKED)
+        store_block(v_ptr + offs, v, mask, MASKED)
+    u = adam_direction(p, m, v, eps, bc1, bc2_sqrt, wd, LAMB, FP64)
+    store_block(p_ptr + offs, scaled_update(p, u, k, rho), mask, MASKED)
+
+
+@triton.jit
+def norm_scaled_phase2_kernel(addresses, grad_addresses, numels, blocks, coef, sums, n, parity,
+                              DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FP64: tl.constexpr,
+                              LAMB: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                              MOMENTS_IN_PHASE2: tl.constexpr):
+    t, index = program_entry(blocks)
+    g = stream(grad_addresses, 0, n, t, DTYPE, ALIGNED)
+    p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
+    m = stream(addresses, 1, n, t, DTYPE, ALIGNED)
+    v = stream(addresses, 2, n, t, DTYPE, ALIGNED)
+    coef_row = coef + t * MOMENT_WIDTH
+    acc = sums + (parity * n + t) * 2
+    k_scale, rho = load_scale_coefficients(coef_row)
+    k = norm_scale(tl.load(acc), tl.load(acc + 1), k_scale, LAMB, FP64)
+    start = index * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    numel = tl.load(numels + t)
+    if start + BLOCK <= numel:
+        _phase2_block(p, g, m, v, offs, offs < numel, coef_row, k, rho, COMPUTE, FP64, LAMB, False,
+                      MOMENTS_IN_PHASE2)
+    else:
+        _phase2_block(p, g, m, v, offs, offs < numel, coef_row, k, rho, COMPUTE, FP64, LAMB, True,
+                      MOMENTS_IN_PHASE2)
+    if index == 0:  # clear the other parity's accumulators for the next step
+        other = sums + ((1 - parity) * n + t) * 2
+        tl.store(other, 0.0)
+        tl.store(other + 1, 0.0)
+
+
+# ---------------------------------------------------------------------------
+# Launch
+# ---------------------------------------------------------------------------
+
+class NormScaledMeta(BucketMeta):
+    """Adds the per-tensor accumulators [2 parities, n, (Σu², Σθ²)] and the parity
+    of the next step (see the module docstring)."""
+
+    def __init__(self, streams, block):
+        super().__init__(streams, block)
+        self.sums = torch.zeros(2 * self.n * 2, dtype=compute_dtype(streams[0][0].dtype),
+                                device=self.device)
+        self.parity = 0
+
+
+def launch_norm_scaled(params, grads, exp_avgs, exp_avg_sqs, coef: Tensor, lamb: bool) -> None:
+    """Scale-aware Adam (lamb=False) or LAMB: phase 1 then phase 2."""
+    meta = elementwise_meta("norm_scaled", [params, exp_avgs, exp_avg_sqs], BLOCK, NormScaledMeta)
+    if meta.num_blocks == 0:
+        return
+    grad_table, grads_aligned = meta.grad_addresses.get(grads)
+    coef = upload_coefficients(coef, params)
+    types = kernel_dtypes(params[0].dtype)
+    grid = (meta.num_blocks,)
+    # Narrow storage: m, v are written in phase 2 (see the module docstring).
+    moments_in_phase2 = params[0].dtype in (torch.bfloat16, torch.float16)
+    aligned = meta.aligned and grads_aligned
+    with launching(meta):
+        norm_scaled_phase1_kernel[grid](
+            meta.addresses, grad_table, meta.numels, meta.blocks, coef, meta.sums, meta.n,
+            meta.parity, **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            MOMENTS_IN_PHASE2=moments_in_phase2)
+        norm_scaled_phase2_kernel[grid](
+            meta.addresses, grad_table, meta.numels, meta.blocks, coef, meta.sums, meta.n,
+            meta.parity, **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            MOMENTS_IN_PHASE2=moments_in_phase2)
+    meta.parity = 1 - meta.parity
