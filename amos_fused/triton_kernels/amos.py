@@ -425,13 +425,18 @@ def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, COMPUTE: tl.c
          ROWS_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """Row r (slot r): Σ clip(g)² over the row, the slot update, then the row's update.
     Full chunks run unmasked; with ROWS_ALIGNED (row lengths multiples of 8 elements
-    in an aligned bucket) they start on 16-byte boundaries."""
+    in an aligned bucket) they start on 16-byte boundaries.
+
+    The chunk loops are while loops: a ``for`` over ``range(0, row_len, BLOCK)``
+    compiles, but older interpreters (Triton 3.6) turn a runtime bound into a
+    Python int with ``int()`` of a one-element array, which NumPy 2 rejects."""
     (beta, beta_c, bias_correction, epsilon, c_scale, lr_sq, alpha, d_scale, extra_l2, clip,
      momentum, momentum_c, unscale) = load_amos_coefficients(coef_row)
     base = r * row_len
     end = base + row_len
     acc = tl.zeros([BLOCK], COMPUTE)
-    for off in range(0, row_len, BLOCK):
+    off = row_len * 0
+    while off < row_len:
         first = base + off
         if ROWS_ALIGNED:
             first = tl.multiple_of(first, 8)
@@ -440,6 +445,7 @@ def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, COMPUTE: tl.c
             acc += _row_squares(g_ptr, cols, cols < end, unscale, clip, COMPUTE, CLIP, False)
         else:
             acc += _row_squares(g_ptr, cols, cols < end, unscale, clip, COMPUTE, CLIP, True)
+        off += BLOCK
     g2 = ieee_div(tl.sum(acc, 0), row_len.to(COMPUTE), FP64)  # g2 = mean of g² over the row
     v = tl.load(v_ptr + r).to(COMPUTE)
     b = tl.load(b_ptr + r).to(COMPUTE)
@@ -447,7 +453,8 @@ def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, COMPUTE: tl.c
                            alpha, d_scale, extra_l2, FP64)
     tl.store(v_ptr + r, to_storage(v, v_ptr.dtype.element_ty))
     tl.store(b_ptr + r, to_storage(b, b_ptr.dtype.element_ty))
-    for off in range(0, row_len, BLOCK):  # the row is still in cache
+    off = row_len * 0
+    while off < row_len:  # the row is still in cache
         first = base + off
         if ROWS_ALIGNED:
             first = tl.multiple_of(first, 8)
@@ -458,6 +465,7 @@ def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, COMPUTE: tl.c
         else:
             _row_update(p_ptr, g_ptr, mu_ptr, cols, cols < end, w, a, unscale, clip, momentum,
                         momentum_c, COMPUTE, MOMENTUM, CLIP, True)
+        off += BLOCK
 
 
 @triton.jit
