@@ -343,6 +343,15 @@ def test_amos_long_rows(monkeypatch, momentum):
     run_and_check(amos_case("all", momentum, None), shapes=[(1500,), (37,), ()])
 
 
+@pytest.mark.parametrize("reduce_axes", [(0,), (0, 2)], ids=str)
+def test_amos_general_sums_in_runs(monkeypatch, reduce_axes):
+    """GENERAL slots whose Σg² is split into several runs of reduced elements (their
+    partials added in order by the slot kernel), and slots over two slot blocks."""
+    monkeypatch.setattr(amos, "AMOS_SUM_WORK", 8)
+    extra = [(3, 1100)] if reduce_axes == (0,) else [(4, 2, 9)]
+    run_and_check(amos_case(reduce_axes, 0.9, 0.5), shapes=AMOS_LAYOUTS[reduce_axes] + extra)
+
+
 # ---------------------------------------------------------------------------
 # Scale-aware Adam and LAMB (two phases)
 # ---------------------------------------------------------------------------
@@ -559,3 +568,54 @@ def test_optimizer_backend_triton(name):
         ref.step()
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------
+# Deterministic reductions
+# ---------------------------------------------------------------------------
+
+def _bits(t):
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+DETERMINISM_CASES = {
+    "scaled_adam": (lambda: scaled_adam_case(False), SHAPES + [(3000,)]),
+    "lamb": (lambda: lamb_case(True), SHAPES + [(3000,)]),
+    "amos-dim0": (lambda: amos_case((0,), 0.9, 0.5), [(5, 7), (1100, 3), (40, 1100)]),
+    "amos-dims02": (lambda: amos_case((0, 2), None, None), [(3, 4, 5), (4, 2, 9)]),
+    "amos-all-long": (lambda: amos_case("all", 0.9, None), [(2500,), (37,), ()]),
+}
+
+
+@pytest.mark.parametrize("name", DETERMINISM_CASES)
+def test_two_phase_reductions_are_deterministic(monkeypatch, name):
+    """Two identical runs of the two-phase rules (ScaledAdamW, LAMB, phased Amos:
+    a GENERAL layout and 'all' split over several blocks) are bitwise equal."""
+    monkeypatch.setattr(amos, "AMOS_MAX_ROW", 600)   # 'all' over 2500 elements: LONG_ROWS
+    monkeypatch.setattr(amos, "AMOS_SUM_WORK", 256)  # GENERAL Σg² in several runs
+    make, shapes = DETERMINISM_CASES[name]
+    runs = []
+    for _ in range(2):
+        common.clear_cache()  # fresh scratch buffers as well
+        run = Run(make(), shapes, torch.float32)
+        for step in range(STEPS):
+            run.step(step)
+        runs.append(run)
+    first, second = runs
+    for i, (a, b) in enumerate(zip(first.params, second.params)):
+        assert torch.equal(_bits(a), _bits(b)), f"params[{i}] differ between two runs"
+        for key in first.states[i]:
+            assert torch.equal(_bits(first.states[i][key]), _bits(second.states[i][key])), \
+                f"{key}[{i}] differ between two runs"
+
+
+def test_no_atomics_in_triton_kernels():
+    """Every reduction is written to per-program scratch and summed in a fixed order:
+    no atomic (float atomics make results depend on the order programs run in)."""
+    package = os.path.dirname(common.__file__)
+    sources = sorted(f for f in os.listdir(package) if f.endswith(".py"))
+    assert "amos.py" in sources and "norm_scaled.py" in sources
+    for name in sources:
+        with open(os.path.join(package, name), encoding="utf-8") as f:
+            text = f.read()
+        assert "atomic_" not in text, f"{name} uses an atomic"

@@ -17,24 +17,34 @@ Four ways to walk a tensor:
 Bucket metadata.  The bucket tables of common.py plus, per tensor, its slot
 layout as one int64 row of ``info``:
 
-    numel, kind, row_len, slot_base, num_slots, sizes[ndim], slot_strides[ndim]
+    numel, kind, row_len, slot_base, num_slots, partial_base, chunks, chunk_len,
+    sizes[ndim], slot_strides[ndim]
 
 (merged dims padded in front with size 1 / stride 0), and three program maps:
   * main  — ELEMENTWISE / phased tensors in blocks of ``block`` elements, ROWS one
             program per row: the launch that writes θ (and v, b of the first two);
-  * sums  — phased tensors: (tensor, first element) pairs; a LONG_ROWS piece never
-            crosses a row, so it adds one block sum to its slot;
+  * sums  — phased tensors: (tensor, piece) pairs.  A LONG_ROWS row is cut into
+            ``chunks`` pieces of ``block`` elements (a piece never crosses a row);
+            piece i sums its elements.  A GENERAL tensor's slots are walked in
+            blocks of ``block`` slots, each slot's elements (k = 0 … numel/num_slots)
+            in ``chunks`` runs of ``chunk_len``; piece i = (run, slot block) sums,
+            per slot, its run in k order;
   * slots — phased tensors' slots in blocks of ``block``.
-Phased tensors share two scratch buffers indexed by slot_base + slot: the Σg²
-accumulators (zeroed again by the slot launch after reading) and (w, a).
+Each piece writes its sums to its own entries of the ``partials`` buffer
+(partial_base + row·chunks + piece for LONG_ROWS, partial_base + run·num_slots +
+slot for GENERAL), never adding to another program's; the slot launch adds a
+slot's ``chunks`` partials in order.  The reductions are therefore deterministic:
+no atomics, nothing depends on the order the programs run in.  Phased tensors
+also share a scratch buffer of (w, a) indexed by slot_base + slot.
 
 Math, mirroring csrc/step_math.h: a slot's update of v and b, which yields the
 slot's Δ = w·θ − a·g, then the elementwise part (optional momentum, θ ← θ + Δ).
 γ, c and d use the OLD b; b is updated last; weight decay acts on the pre-update θ.
 
 Launch order of a step:
-  amos_sums_kernel   (phased tensors only) Σ clip(g)² per slot, atomically;
-  amos_slots_kernel  (phased tensors only) v, b of each slot and its (w, a);
+  amos_sums_kernel   (phased tensors only) partial sums of clip(g)² per slot;
+  amos_slots_kernel  (phased tensors only) Σ of each slot's partials (in order),
+                     v, b of each slot and its (w, a);
   amos_kernel        every tensor: ELEMENTWISE blocks (slot math per element),
                      ROWS (one program per row: Σg², slot update, row update —
                      one pass over memory), phased blocks (Δ from the slot's w, a).
@@ -57,6 +67,7 @@ from .common import (BLOCK, GradAddresses, addresses_of, all_aligned, cached, co
 
 AMOS_NUM_WARPS = 8    # the Amos kernels hold more values per element (fewer registers per thread)
 AMOS_MAX_ROW = 16384  # Amos rows longer than this are split over programs (LONG_ROWS)
+AMOS_SUM_WORK = 32 * 1024  # GENERAL Σg²: about this many elements per program
 
 
 # ---------------------------------------------------------------------------
@@ -129,7 +140,8 @@ def describe_slots(op: str, param_shape: Sequence[int], slot_shape: Sequence[int
 # Bucket metadata (host)
 # ---------------------------------------------------------------------------
 
-INFO_FIXED = tl.constexpr(5)  # numel, kind, row_len, slot_base, num_slots
+# numel, kind, row_len, slot_base, num_slots, partial_base, chunks, chunk_len
+INFO_FIXED = tl.constexpr(8)
 
 
 class AmosMeta:
@@ -152,49 +164,47 @@ class AmosMeta:
         self.rows_aligned = all(l.row_len % 8 == 0 for l in layouts if l.kind == ROWS)
 
         info: List[List[int]] = []
-        main_programs, slot_programs = [], []
-        sums_tensor: List[Tensor] = []
-        sums_start: List[Tensor] = []
-        slot_base = 0
-        for t, (layout, numel, is_phased) in enumerate(zip(layouts, numels, phased)):
+        main_programs, slot_programs, sum_programs = [], [], []
+        slot_base = partial_base = 0
+        for layout, numel, is_phased in zip(layouts, numels, phased):
             pad = self.ndim - len(layout.sizes)
-            info.append([numel, layout.kind, layout.row_len, slot_base, layout.num_slots]
+            chunks, chunk_len, pieces = (self._sum_pieces(layout, numel, block) if is_phased
+                                         else (0, 0, 0))
+            info.append([numel, layout.kind, layout.row_len, slot_base, layout.num_slots,
+                         partial_base, chunks, chunk_len]
                         + [1] * pad + list(layout.sizes) + [0] * pad + list(layout.slot_strides))
             if layout.kind == ROWS:
                 main_programs.append(numel // layout.row_len)
             else:
                 main_programs.append(-(-numel // block))
             slot_programs.append(-(-layout.num_slots // block) if is_phased else 0)
+            sum_programs.append(pieces)
             if is_phased:
-                starts = self._sum_starts(layout, numel, block)
-                sums_tensor.append(torch.full_like(starts, t))
-                sums_start.append(starts)
                 slot_base += layout.num_slots
+                partial_base += chunks * layout.num_slots
         self.info = int64_table(info, self.device)
         self.main_blocks = program_map(torch.tensor(main_programs)).to(self.device)
         self.num_main = len(self.main_blocks) // 2
         self.slot_blocks = program_map(torch.tensor(slot_programs)).to(self.device)
         self.num_slot_blocks = len(self.slot_blocks) // 2
-        if sums_start:
-            pairs = torch.stack([torch.cat(sums_tensor), torch.cat(sums_start)], 1).reshape(-1)
-        else:
-            pairs = torch.empty(0, dtype=torch.int64)
-        self.sum_blocks = pairs.to(self.device)
-        self.num_sum_blocks = len(pairs) // 2
+        self.sum_blocks = program_map(torch.tensor(sum_programs)).to(self.device)
+        self.num_sum_blocks = len(self.sum_blocks) // 2
         self.total_slots = slot_base
         scratch = dict(dtype=compute_dtype(params[0].dtype), device=self.device)
-        self.slot_sums = torch.zeros(max(slot_base, 1), **scratch)
+        self.partials = torch.empty(max(partial_base, 1), **scratch)  # Σg² pieces
         self.slot_updates = torch.empty(2 * max(slot_base, 1), **scratch)  # (w, a) per slot
 
     @staticmethod
-    def _sum_starts(layout: SlotLayout, numel: int, block: int) -> Tensor:
+    def _sum_pieces(layout: SlotLayout, numel: int, block: int) -> Tuple[int, int, int]:
+        """(chunks, chunk_len, pieces) of a phased tensor's Σg² (module docstring)."""
         if layout.kind == LONG_ROWS:  # pieces of ≤ block elements inside each row
-            row = layout.row_len
-            rows = torch.arange(numel // row) * row
-            pieces = torch.arange(-(-row // block)) * block
-            return (rows[:, None] + pieces[None, :]).reshape(-1)
+            chunks = -(-layout.row_len // block)
+            return chunks, 0, layout.num_slots * chunks
         assert layout.kind == GENERAL
-        return torch.arange(-(-numel // block)) * block
+        count = numel // layout.num_slots  # elements per slot
+        chunk_len = min(count, -(-AMOS_SUM_WORK // min(layout.num_slots, block)))
+        chunks = -(-count // chunk_len)
+        return chunks, chunk_len, chunks * -(-layout.num_slots // block)
 
 
 def amos_meta(op: str, params: Sequence[Tensor], vs: Sequence[Tensor], bs: Sequence[Tensor],
@@ -205,8 +215,8 @@ def amos_meta(op: str, params: Sequence[Tensor], vs: Sequence[Tensor], bs: Seque
     streams = [params, vs, bs] + ([mus] if mus is not None else [])
     param_shapes = tuple(tuple(p.shape) for p in params)
     slot_shapes = tuple(tuple(v.shape) for v in vs)
-    key = ("amos", params[0].dtype, params[0].device, block, max_row, addresses_of(streams),
-           param_shapes, slot_shapes)
+    key = ("amos", params[0].dtype, params[0].device, block, max_row, AMOS_SUM_WORK,
+           addresses_of(streams), param_shapes, slot_shapes)
 
     def build() -> AmosMeta:
         layouts = [describe_slots(op, p, v, i, max_row)
@@ -313,50 +323,101 @@ def slot_index(offs, layout, NDIM: tl.constexpr):
 
 
 @triton.jit
-def amos_sums_kernel(grad_addresses, info, blocks, coef, slot_sums, n, DTYPE: tl.constexpr,
+def element_offset(x, layout, KEPT: tl.constexpr, NDIM: tl.constexpr):
+    """Element offset (row-major over the merged sizes layout[0:NDIM]) of index x
+    along the kept dims (KEPT: x is a slot) or along the reduced dims (x is the
+    rank k of an element within its slot, reduced dims in row-major order); the
+    other dims at 0.  A slot's elements are at element_offset(slot, True) +
+    element_offset(k, False) for k = 0 … numel/num_slots − 1."""
+    off = x * 0
+    elem_stride = x * 0 + 1
+    rank_stride = x * 0 + 1
+    for i in tl.static_range(NDIM):
+        d = NDIM - 1 - i
+        size = tl.load(layout + d)
+        slot_stride = tl.load(layout + NDIM + d)
+        if KEPT:
+            idx = tl.where(slot_stride != 0, (x // tl.maximum(slot_stride, 1)) % size, 0)
+        else:
+            idx = tl.where(slot_stride == 0, (x // rank_stride) % size, 0)
+            rank_stride = tl.where(slot_stride == 0, rank_stride * size, rank_stride)
+        off += idx * elem_stride
+        elem_stride = elem_stride * size
+    return off
+
+
+@triton.jit
+def amos_sums_kernel(grad_addresses, info, blocks, coef, partials, n, DTYPE: tl.constexpr,
                      COMPUTE: tl.constexpr, CLIP: tl.constexpr, NDIM: tl.constexpr,
                      BLOCK: tl.constexpr):
-    """Phase 1: slot_sums[slot_base + slot] += Σ clip(g)² (blocks: tensor, first element)."""
-    t, start = program_entry(blocks)
+    """Phase 1: partial sums of clip(g)² (blocks: tensor, piece), each written to
+    the piece's own entries of partials (see the module docstring)."""
+    t, piece = program_entry(blocks)
     g_ptr = stream(grad_addresses, 0, n, t, DTYPE, False)
     meta = tensor_info(info, t, NDIM)
     numel = tl.load(meta)
     kind = tl.load(meta + 1)
-    slot_base = tl.load(meta + 3)
+    num_slots = tl.load(meta + 4)
+    partial_base = tl.load(meta + 5)
+    chunks = tl.load(meta + 6)
     coef_row = coef + t * AMOS_WIDTH
     unscale = tl.load(coef_row + AMOS_UNSCALE_COLUMN)
     clip = tl.load(coef_row + AMOS_CLIP_COLUMN)
-    offs = start + tl.arange(0, BLOCK)
-    if kind == LONG_ROWS_KIND:  # the piece lies inside one row: one atomic for the block
+    if kind == LONG_ROWS_KIND:  # piece (row, j): elements j·BLOCK … of the row, one sum
         row_len = tl.load(meta + 2)
-        mask = offs < (start // row_len + 1) * row_len
+        row = piece // chunks
+        start = row * row_len + (piece % chunks) * BLOCK
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < (row + 1) * row_len
         g = amos_clip(load_block(g_ptr + offs, mask, True, COMPUTE), unscale, clip, CLIP)
-        total = tl.sum(tl.where(mask, g * g, 0.0), 0)
-        tl.atomic_add(slot_sums + slot_base + start // row_len, total, sem="relaxed")
-    else:
-        mask = offs < numel
-        g = amos_clip(load_block(g_ptr + offs, mask, True, COMPUTE), unscale, clip, CLIP)
-        slot = slot_base + slot_index(offs, meta + INFO_FIXED, NDIM)
-        tl.atomic_add(slot_sums + slot, g * g, mask=mask, sem="relaxed")
+        tl.store(partials + partial_base + piece, tl.sum(tl.where(mask, g * g, 0.0), 0))
+    else:  # GENERAL: piece (run c, slot block), per slot Σ over k in run c, in k order
+        chunk_len = tl.load(meta + 7)
+        slot_blocks = (num_slots + BLOCK - 1) // BLOCK
+        c = piece // slot_blocks
+        s = (piece % slot_blocks) * BLOCK + tl.arange(0, BLOCK)
+        mask = s < num_slots
+        layout = meta + INFO_FIXED
+        slot_offs = element_offset(s, layout, True, NDIM)
+        k = c * chunk_len
+        k_end = tl.minimum(k + chunk_len, numel // num_slots)
+        acc = tl.zeros([BLOCK], COMPUTE)
+        while k < k_end:
+            offs = slot_offs + element_offset(k, layout, False, NDIM)
+            g = amos_clip(load_block(g_ptr + offs, mask, True, COMPUTE), unscale, clip, CLIP)
+            acc += tl.where(mask, g * g, 0.0)
+            k += 1
+        tl.store(partials + partial_base + c * num_slots + s, acc, mask=mask)
 
 
 @triton.jit
-def amos_slots_kernel(addresses, info, blocks, coef, slot_sums, slot_updates, n,
+def amos_slots_kernel(addresses, info, blocks, coef, partials, slot_updates, n,
                       DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FP64: tl.constexpr,
                       NDIM: tl.constexpr, BLOCK: tl.constexpr):
-    """Phase 2: g2 = Σ/count per slot; updates v, b; stores the slot's (w, a)
-    interleaved in slot_updates; zeroes the slot's sum for the next step."""
+    """Phase 2: Σ of each slot's partials in order, g2 = Σ/count; updates v, b;
+    stores the slot's (w, a) interleaved in slot_updates."""
     t, index = program_entry(blocks)
     v_ptr = stream(addresses, 1, n, t, DTYPE, False)
     b_ptr = stream(addresses, 2, n, t, DTYPE, False)
     meta = tensor_info(info, t, NDIM)
     numel = tl.load(meta)
+    kind = tl.load(meta + 1)
     slot_base = tl.load(meta + 3)
     num_slots = tl.load(meta + 4)
+    partial_base = tl.load(meta + 5)
+    chunks = tl.load(meta + 6)
     s = index * BLOCK + tl.arange(0, BLOCK)
     mask = s < num_slots
-    sums = slot_sums + slot_base + s
-    g2 = ieee_div(tl.load(sums, mask=mask, other=0.0), (numel // num_slots).to(COMPUTE), FP64)
+    # A slot's partials: LONG_ROWS consecutive (row·chunks + j), GENERAL num_slots apart.
+    long_rows = kind == LONG_ROWS_KIND
+    slot_partials = partials + partial_base + s * tl.where(long_rows, chunks, 1)
+    step = tl.where(long_rows, 1, num_slots)
+    total = tl.zeros([BLOCK], COMPUTE)
+    j = chunks * 0
+    while j < chunks:
+        total += tl.load(slot_partials + j * step, mask=mask, other=0.0)
+        j += 1
+    g2 = ieee_div(total, (numel // num_slots).to(COMPUTE), FP64)
     v = load_block(v_ptr + s, mask, True, COMPUTE)
     b = load_block(b_ptr + s, mask, True, COMPUTE)
     (beta, beta_c, bias_correction, epsilon, c_scale, lr_sq, alpha, d_scale, extra_l2, _clip,
@@ -368,7 +429,6 @@ def amos_slots_kernel(addresses, info, blocks, coef, slot_sums, slot_updates, n,
     updates = slot_updates + 2 * (slot_base + s)
     tl.store(updates, w, mask=mask)
     tl.store(updates + 1, a, mask=mask)
-    tl.store(sums, 0.0, mask=mask)
 
 
 @triton.jit
@@ -425,13 +485,18 @@ def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, COMPUTE: tl.c
          ROWS_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """Row r (slot r): Σ clip(g)² over the row, the slot update, then the row's update.
     Full chunks run unmasked; with ROWS_ALIGNED (row lengths multiples of 8 elements
-    in an aligned bucket) they start on 16-byte boundaries."""
+    in an aligned bucket) they start on 16-byte boundaries.
+
+    The chunk loops are while loops: a ``for`` over ``range(0, row_len, BLOCK)``
+    compiles, but older interpreters (Triton 3.6) turn a runtime bound into a
+    Python int with ``int()`` of a one-element array, which NumPy 2 rejects."""
     (beta, beta_c, bias_correction, epsilon, c_scale, lr_sq, alpha, d_scale, extra_l2, clip,
      momentum, momentum_c, unscale) = load_amos_coefficients(coef_row)
     base = r * row_len
     end = base + row_len
     acc = tl.zeros([BLOCK], COMPUTE)
-    for off in range(0, row_len, BLOCK):
+    off = row_len * 0
+    while off < row_len:
         first = base + off
         if ROWS_ALIGNED:
             first = tl.multiple_of(first, 8)
@@ -440,6 +505,7 @@ def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, COMPUTE: tl.c
             acc += _row_squares(g_ptr, cols, cols < end, unscale, clip, COMPUTE, CLIP, False)
         else:
             acc += _row_squares(g_ptr, cols, cols < end, unscale, clip, COMPUTE, CLIP, True)
+        off += BLOCK
     g2 = ieee_div(tl.sum(acc, 0), row_len.to(COMPUTE), FP64)  # g2 = mean of g² over the row
     v = tl.load(v_ptr + r).to(COMPUTE)
     b = tl.load(b_ptr + r).to(COMPUTE)
@@ -447,7 +513,8 @@ def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, COMPUTE: tl.c
                            alpha, d_scale, extra_l2, FP64)
     tl.store(v_ptr + r, to_storage(v, v_ptr.dtype.element_ty))
     tl.store(b_ptr + r, to_storage(b, b_ptr.dtype.element_ty))
-    for off in range(0, row_len, BLOCK):  # the row is still in cache
+    off = row_len * 0
+    while off < row_len:  # the row is still in cache
         first = base + off
         if ROWS_ALIGNED:
             first = tl.multiple_of(first, 8)
@@ -458,6 +525,7 @@ def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, COMPUTE: tl.c
         else:
             _row_update(p_ptr, g_ptr, mu_ptr, cols, cols < end, w, a, unscale, clip, momentum,
                         momentum_c, COMPUTE, MOMENTUM, CLIP, True)
+        off += BLOCK
 
 
 @triton.jit
@@ -558,11 +626,11 @@ def launch_amos(meta: AmosMeta, params, grads, coef: Tensor, momentum: bool, cli
     with launching(meta):
         if meta.num_sum_blocks:
             amos_sums_kernel[(meta.num_sum_blocks,)](
-                grad_table, meta.info, meta.sum_blocks, coef, meta.slot_sums, meta.n,
+                grad_table, meta.info, meta.sum_blocks, coef, meta.partials, meta.n,
                 DTYPE=types["DTYPE"], COMPUTE=types["COMPUTE"], CLIP=clip, NDIM=meta.ndim,
                 BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS)
             amos_slots_kernel[(meta.num_slot_blocks,)](
-                meta.addresses, meta.info, meta.slot_blocks, coef, meta.slot_sums,
+                meta.addresses, meta.info, meta.slot_blocks, coef, meta.partials,
                 meta.slot_updates, meta.n, **types, NDIM=meta.ndim, BLOCK=BLOCK,
                 num_warps=AMOS_NUM_WARPS)
         amos_kernel[(meta.num_main,)](

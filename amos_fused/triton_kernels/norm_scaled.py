@@ -5,17 +5,19 @@ two-phase kernels and launch.
 Math, mirroring csrc/step_math.h: the moments, the direction u = m̂/(sqrt(v̂)+ε)
 (+ λθ for LAMB), and the phase-2 update θ ← θ − (k·u + ρ·θ) with per-tensor k, ρ.
 
-Kernels: one launch per phase over a whole bucket (program map: common.py):
-  phase 1 updates m, v and adds each block's Σu² (LAMB: and Σθ²) to its tensor's
-          accumulators with one atomic per block;
+Kernels: one launch per phase over a whole bucket (program map: common.py), and
+a small reduction launch between them:
+  phase 1 updates m, v and writes each block's Σu² (LAMB: and Σθ²) to the block's
+          own entry of ``partials`` (one pair per block, in block order);
+  reduce  one program per tensor adds its blocks' partials (contiguous in the
+          block list) in a fixed order, so the sums are deterministic: no
+          atomics, nothing depends on the order the programs run in;
   phase 2 turns the sums into the tensor's k on the device, recomputes u from the
           stored m, v and writes θ ← θ − (k·u + ρ·θ).
 For bf16/fp16 storage (MOMENTS_IN_PHASE2) phase 1 only reads, and phase 2 updates
 and stores m, v itself, so both phases use the same unrounded u (rounding m, v in
 between would change u after it was normed; in fp16 v can underflow to 0).
-The accumulators are double-buffered by step parity: phase 2 of one step reads
-``sums[parity]`` and zeroes ``sums[1 − parity]`` for the next step, so no memset
-launch is needed.
+Every scratch entry is written before it is read in each step: nothing to zero.
 
 Inputs are checked by ops.py before anything here runs."""
 from typing import Sequence
@@ -26,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (BLOCK, NUM_WARPS, BucketMeta, coefficient_table, compute_dtype,
-                     elementwise_meta, ieee_div, ieee_sqrt, kernel_dtypes, launching,
+                     elementwise_meta, ieee_div, ieee_sqrt, int64_table, kernel_dtypes, launching,
                      lerp_small_flag, load_block, program_entry, store_block, stream, torch_lerp,
                      upload_coefficients)
 
@@ -173,11 +175,12 @@ def _phase1_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, COMPUTE: tl.
 
 
 @triton.jit
-def norm_scaled_phase1_kernel(addresses, grad_addresses, numels, blocks, coef, sums, n, parity,
+def norm_scaled_phase1_kernel(addresses, grad_addresses, numels, blocks, coef, partials, n,
                               DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FP64: tl.constexpr,
                               LAMB: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                               MOMENTS_IN_PHASE2: tl.constexpr):
-    """Streams: 0 param, 1 exp_avg, 2 exp_avg_sq.  sums: [2 parities, n, (Σu², Σθ²)]."""
+    """Streams: 0 param, 1 exp_avg, 2 exp_avg_sq.  partials: [num_blocks, (Σu², Σθ²)],
+    this program's pair written by it alone."""
     t, index = program_entry(blocks)
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
     m = stream(addresses, 1, n, t, DTYPE, ALIGNED)
@@ -193,10 +196,34 @@ def norm_scaled_phase1_kernel(addresses, grad_addresses, numels, blocks, coef, s
     else:
         u_sq, theta_sq = _phase1_block(p, g, m, v, offs, offs < numel, coef_row, COMPUTE, FP64, LAMB,
                                        True, MOMENTS_IN_PHASE2)
-    acc = sums + (parity * n + t) * 2
-    tl.atomic_add(acc, u_sq, sem="relaxed")
+    own = partials + 2 * tl.program_id(0).to(tl.int64)
+    tl.store(own, u_sq)
     if LAMB:
-        tl.atomic_add(acc + 1, theta_sq, sem="relaxed")
+        tl.store(own + 1, theta_sq)
+
+
+@triton.jit
+def norm_scaled_reduce_kernel(partials, first_blocks, sums, COMPUTE: tl.constexpr,
+                              LAMB: tl.constexpr, BLOCK: tl.constexpr):
+    """Program t: sums[t] = Σ of tensor t's block partials (blocks first_blocks[t] …
+    first_blocks[t + 1] − 1), added in a fixed order: lane i of a vector takes the
+    blocks ≡ i (mod BLOCK) in block order, then one tree sum of the lanes."""
+    t = tl.program_id(0).to(tl.int64)
+    first = tl.load(first_blocks + t)
+    end = tl.load(first_blocks + t + 1)
+    u_acc = tl.zeros([BLOCK], COMPUTE)
+    theta_acc = tl.zeros([BLOCK], COMPUTE)
+    j = first
+    while j < end:
+        blocks = j + tl.arange(0, BLOCK)
+        mask = blocks < end
+        u_acc += tl.load(partials + 2 * blocks, mask=mask, other=0.0)
+        if LAMB:
+            theta_acc += tl.load(partials + 2 * blocks + 1, mask=mask, other=0.0)
+        j += BLOCK
+    tl.store(sums + 2 * t, tl.sum(u_acc, 0))
+    if LAMB:
+        tl.store(sums + 2 * t + 1, tl.sum(theta_acc, 0))
 
 
 @triton.jit
@@ -217,7 +244,7 @@ def _phase2_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, k, rho, COMP
 
 
 @triton.jit
-def norm_scaled_phase2_kernel(addresses, grad_addresses, numels, blocks, coef, sums, n, parity,
+def norm_scaled_phase2_kernel(addresses, grad_addresses, numels, blocks, coef, sums, n,
                               DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FP64: tl.constexpr,
                               LAMB: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                               MOMENTS_IN_PHASE2: tl.constexpr):
@@ -227,7 +254,7 @@ def norm_scaled_phase2_kernel(addresses, grad_addresses, numels, blocks, coef, s
     m = stream(addresses, 1, n, t, DTYPE, ALIGNED)
     v = stream(addresses, 2, n, t, DTYPE, ALIGNED)
     coef_row = coef + t * MOMENT_WIDTH
-    acc = sums + (parity * n + t) * 2
+    acc = sums + 2 * t
     k_scale, rho = load_scale_coefficients(coef_row)
     k = norm_scale(tl.load(acc), tl.load(acc + 1), k_scale, LAMB, FP64)
     start = index * BLOCK
@@ -239,10 +266,6 @@ def norm_scaled_phase2_kernel(addresses, grad_addresses, numels, blocks, coef, s
     else:
         _phase2_block(p, g, m, v, offs, offs < numel, coef_row, k, rho, COMPUTE, FP64, LAMB, True,
                       MOMENTS_IN_PHASE2)
-    if index == 0:  # clear the other parity's accumulators for the next step
-        other = sums + ((1 - parity) * n + t) * 2
-        tl.store(other, 0.0)
-        tl.store(other + 1, 0.0)
 
 
 # ---------------------------------------------------------------------------
@@ -250,14 +273,20 @@ def norm_scaled_phase2_kernel(addresses, grad_addresses, numels, blocks, coef, s
 # ---------------------------------------------------------------------------
 
 class NormScaledMeta(BucketMeta):
-    """Adds the per-tensor accumulators [2 parities, n, (Σu², Σθ²)] and the parity
-    of the next step (see the module docstring)."""
+    """Adds the per-block partials [num_blocks, (Σu², Σθ²)], the per-tensor sums
+    [n, (Σu², Σθ²)] and each tensor's first block (n + 1 entries, the last one
+    num_blocks) (see the module docstring)."""
 
     def __init__(self, streams, block):
         super().__init__(streams, block)
-        self.sums = torch.zeros(2 * self.n * 2, dtype=compute_dtype(streams[0][0].dtype),
-                                device=self.device)
-        self.parity = 0
+        scratch = dict(dtype=compute_dtype(streams[0][0].dtype), device=self.device)
+        self.partials = torch.zeros(2 * max(self.num_blocks, 1), **scratch)
+        self.sums = torch.zeros(2 * self.n, **scratch)
+        counts = [-(-p.numel() // block) for p in streams[0]]
+        firsts = [0]
+        for count in counts:
+            firsts.append(firsts[-1] + count)
+        self.first_blocks = int64_table(firsts, self.device)
 
 
 def launch_norm_scaled(params, grads, exp_avgs, exp_avg_sqs, coef: Tensor, lamb: bool) -> None:
@@ -274,11 +303,13 @@ def launch_norm_scaled(params, grads, exp_avgs, exp_avg_sqs, coef: Tensor, lamb:
     aligned = meta.aligned and grads_aligned
     with launching(meta):
         norm_scaled_phase1_kernel[grid](
-            meta.addresses, grad_table, meta.numels, meta.blocks, coef, meta.sums, meta.n,
-            meta.parity, **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            meta.addresses, grad_table, meta.numels, meta.blocks, coef, meta.partials, meta.n,
+            **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
             MOMENTS_IN_PHASE2=moments_in_phase2)
+        norm_scaled_reduce_kernel[(meta.n,)](
+            meta.partials, meta.first_blocks, meta.sums, COMPUTE=types["COMPUTE"], LAMB=lamb,
+            BLOCK=BLOCK, num_warps=NUM_WARPS)
         norm_scaled_phase2_kernel[grid](
             meta.addresses, grad_table, meta.numels, meta.blocks, coef, meta.sums, meta.n,
-            meta.parity, **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
             MOMENTS_IN_PHASE2=moments_in_phase2)
-    meta.parity = 1 - meta.parity
