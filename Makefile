@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.amos_fused-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*)
 
-.PHONY: install bench test lint clean
+.PHONY: install bench test lint test-triton-3.6 clean
 
 install: $(STAMP)
 
@@ -42,5 +42,15 @@ test: install
 lint: install
 	$(PY) -m ruff check amos_fused tests tools
 
+# The Triton interpreter tests under triton 3.6.0 (the GPU machine's version), with the
+# extension built by `install` (same torch): a second venv, .venv-triton36.
+T36 := .venv-triton36/bin/python
+test-triton-3.6: install
+	test -x $(T36) || $(PYTHON) -m venv .venv-triton36
+	$(T36) -c "import torch" 2>/dev/null || $(T36) -m pip install "$(TORCH_SPEC)"
+	$(T36) -m pip install numpy "pytest>=8" "hypothesis>=6"
+	$(T36) -m pip install --no-deps triton==3.6.0 pytorch-optimizer==4.1.0
+	$(T36) -m pytest -q -p no:cacheprovider tests/test_triton.py
+
 clean:
-	rm -rf build amos_fused/_C*.so $(VENV)
+	rm -rf build amos_fused/_C*.so $(VENV) .venv-triton36
