@@ -79,6 +79,7 @@ def _time(rank, world, path, args, out):
             del opt, model
     if rank == 0:
         torch.save({"times": times, "sizes": sizes}, out)
+    dist.barrier()  # no rank tears down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -5,6 +5,7 @@ save, reshard (2 → 1 ranks) and resume them; reductions across shards (ScaledA
 LAMB, Amos slots over a sharded dim) are refused with a clear error."""
 from __future__ import annotations
 
+import datetime
 import os
 import tempfile
 
@@ -53,7 +54,16 @@ def _full(p):
 
 
 def _init(rank, world, path):
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    # A stuck collective fails in 2 minutes instead of hanging the suite.
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+
+
+def _finish():
+    """Every rank reaches the end before any tears its process group down (a rank
+    that exits while another still talks to it can abort in gloo's threads)."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _fsdp_matches_single_process(rank, world, path, offload):
@@ -77,8 +87,10 @@ def _fsdp_matches_single_process(rank, world, path, offload):
                         if key != "step":
                             assert isinstance(value, DTensor), (name, key)
                             assert value.placements == p.placements, (name, key)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: another rank may be stuck
+        raise
+    _finish()
 
 
 def _refused_reductions(rank, world, path):
@@ -93,8 +105,10 @@ def _refused_reductions(rank, world, path):
                      lambda ps: af.Amos(ps, lr=0.01, eta=0.5, reduce_axes="all")):
             with pytest.raises(NotImplementedError, match="shard|sharded"):
                 make(list(model.parameters()))
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: another rank may be stuck
+        raise
+    _finish()
 
 
 def _checkpoint(rank, world, path, directory, resume):
@@ -126,8 +140,10 @@ def _checkpoint(rank, world, path, directory, resume):
             _train(single, single_opt, 0, 8, torch.float64)
             for p, q in zip(model.parameters(), single.parameters()):
                 torch.testing.assert_close(_full(p), q, rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: another rank may be stuck
+        raise
+    _finish()
 
 
 def _spawn(fn, world, *args):
