@@ -337,7 +337,9 @@ _DESCRIBE_PROBLEM = {
     Problem.GRAD_LAYOUT: "grads[{i}] has other strides than its param",
     Problem.PARAM_DTYPE: "params[{i}] has an unsupported dtype (float32, float64, bfloat16, float16)",
     Problem.PARAM_MIXED: "params[{i}] has another dtype or device than params[0]",
-    Problem.PARAM_LAYOUT: "params[{i}] is not dense in memory (a strided view?)",
+    Problem.PARAM_LAYOUT: "params[{i}] is not dense in memory (a strided view?), or not contiguous "
+                          "where its slots need it",
+    Problem.SLOT: "{name}[{i}] must be a contiguous tensor of its param's dtype and device",
     Problem.STATE: "{name}[{i}] does not match its param",
     Problem.STEP: "steps[{i}] must be a float32 CPU scalar",
     Problem.OVERLAP: "params[{i}] shares memory with another param",
@@ -365,11 +367,15 @@ def check_device(op: str, device: torch.device) -> None:
 
 
 def check_bucket(op: str, params: Sequence[Tensor], grads: Sequence[Optional[Tensor]],
-                 states: Dict[str, Sequence[Tensor]], steps: Sequence[Tensor]) -> None:
-    """The C++ checks of csrc/checks.h (one pass): params dense, of one supported
-    dtype and one device, not overlapping; every grad and state tensor shaped and
-    laid out like its param; steps float32 CPU scalars.  An empty state list is
-    not checked (that state is not used by the call)."""
+                 states: Dict[str, Sequence[Tensor]], steps: Sequence[Tensor],
+                 slots: Optional[Dict[str, Sequence[Tensor]]] = None) -> None:
+    """The C++ checks of csrc/checks.h (one pass): params dense (contiguous when
+    ``slots`` are given: Amos), of one supported dtype and one device, not
+    overlapping; every grad and state tensor shaped and laid out like its param;
+    every slot (Amos v, b) contiguous, of its param's dtype and device; steps
+    float32 CPU scalars.  An empty state list is not checked (that state is not
+    used by the call)."""
+    slots = slots or {}
     n = len(params)
     if n == 0:
         raise ValueError(f"{op}: empty bucket")
@@ -380,16 +386,18 @@ def check_bucket(op: str, params: Sequence[Tensor], grads: Sequence[Optional[Ten
         raise ValueError(f"{op}: grads[{missing[0]}] is None")
     check_device(op, params[0].device)
     names = [name for name, tensors in states.items() if len(tensors)]
-    for name in names:
-        if len(states[name]) != n:
-            raise ValueError(f"{op}: {n} params but {len(states[name])} {name}")
+    for name, tensors in list(states.items()) + list(slots.items()):
+        if len(tensors) not in (0, n) or (name in slots and len(tensors) != n):
+            raise ValueError(f"{op}: {n} params but {len(tensors)} {name}")
     if len(steps) not in (0, n):
         raise ValueError(f"{op}: {n} params but {len(steps)} steps")
-    bad, problem, which = check_step(list(params), list(grads), [list(states[k]) for k in names], [],
-                                     list(steps), Walk.DENSE)
+    slot_names = list(slots)
+    bad, problem, which = check_step(list(params), list(grads), [list(states[k]) for k in names],
+                                     [list(slots[k]) for k in slot_names], list(steps),
+                                     Walk.CONTIGUOUS if slots else Walk.DENSE)
     if problem != Problem.NONE:
         error = TypeError if problem in (Problem.PARAM_DTYPE, Problem.PARAM_MIXED) else ValueError
-        name = names[which] if problem == Problem.STATE else ""
+        name = {Problem.STATE: names, Problem.SLOT: slot_names}.get(problem, [""] * (which + 1))[which]
         raise error(f"{op}: " + _DESCRIBE_PROBLEM[problem].format(i=bad, name=name)
                     + f" (params[{bad}]: {_describe(params[bad])})")
 
@@ -399,18 +407,6 @@ def require(op: str, **lists: Sequence[Tensor]) -> None:
     empty = [name for name, values in lists.items() if len(values) == 0]
     if empty:
         raise ValueError(f"{op}: {', '.join(lists)} are required (empty: {', '.join(empty)})")
-
-
-def check_slots(op: str, params: Sequence[Tensor], slots: Sequence[Tensor], name: str) -> None:
-    """Amos v / b: contiguous, of the param's dtype and device; params contiguous."""
-    if len(slots) != len(params):
-        raise ValueError(f"{op}: {len(params)} params but {len(slots)} {name}")
-    for i, (s, p) in enumerate(zip(slots, params)):
-        if not (s.dtype == p.dtype and s.device == p.device and s.is_contiguous()):
-            raise ValueError(f"{op}: {name}[{i}] must be a contiguous {p.dtype} tensor on "
-                             f"{p.device}, got {s.dtype} on {s.device}")
-        if not p.is_contiguous():
-            raise ValueError(f"{op}: params[{i}] must be contiguous")
 
 
 def read_grad_scaling(op: str, grad_scale: Optional[Tensor],

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import adam, amos, norm_scaled
-from .common import check_bucket, check_slots, read_grad_scaling, require
+from .common import check_bucket, read_grad_scaling, require
 
 
 def _advance_steps(steps: Sequence[Tensor]) -> Tensor:
@@ -93,14 +93,12 @@ def amos_step(params: List[Tensor], grads: List[Tensor], vs: List[Tensor], bs: L
     """Amos; each tensor's slot layout is read off the shapes of its v / b."""
     op = "amos_fused.triton.amos_step"
     with_momentum = momentum is not None
-    check_bucket(op, params, grads, {"mus": mus if with_momentum else []}, steps)
+    check_bucket(op, params, grads, {"mus": mus if with_momentum else []}, steps, {"vs": vs, "bs": bs})
     require(op, steps=steps)
     if with_momentum:
         require(op, mus=mus)
     if len(etas) != len(params):
         raise ValueError(f"{op}: {len(params)} params but {len(etas)} etas")
-    check_slots(op, params, vs, "vs")
-    check_slots(op, params, bs, "bs")
     for i, (v, b) in enumerate(zip(vs, bs)):
         if b.shape != v.shape:
             raise ValueError(f"{op}: bs[{i}] has shape {list(b.shape)} but vs[{i}] has "
