@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (BLOCK, GradAddresses, addresses_of, all_aligned, cached, coefficient_table,
+from .common import (BLOCK, StreamTables, addresses_of, cached, coefficient_table,
                      compute_dtype, ieee_div, ieee_sqrt, int64_table, kernel_dtypes, launching,
                      load_block, nan_clamp, nan_maximum, program_entry, program_map, store_block,
                      stream, to_storage, upload_coefficients)
@@ -144,18 +144,13 @@ def describe_slots(op: str, param_shape: Sequence[int], slot_shape: Sequence[int
 INFO_FIXED = tl.constexpr(8)
 
 
-class AmosMeta:
+class AmosMeta(StreamTables):
     """Device tables and scratch buffers of one Amos bucket (see the module docstring)."""
 
     def __init__(self, streams: Sequence[Sequence[Tensor]], layouts: Sequence[SlotLayout],
                  block: int):
+        super().__init__(streams)
         params = streams[0]
-        self.device = params[0].device
-        self.n = len(params)
-        addresses = addresses_of(streams)
-        self.addresses = int64_table(addresses, self.device)
-        self.aligned = all_aligned(addresses)
-        self.grad_addresses = GradAddresses(self.device)
         numels = [p.numel() for p in params]
         phased = [layout.phased and numel > 0 for layout, numel in zip(layouts, numels)]
         self.ndim = max([len(l.sizes) for l, ph in zip(layouts, phased) if ph] + [1])

@@ -125,22 +125,31 @@ class GradAddresses:
         return self.table, self.aligned
 
 
-class BucketMeta:
-    """Device tables of one bucket walked elementwise in blocks of ``block``."""
+class StreamTables:
+    """What every bucket's metadata holds: its device, size, the address table of
+    its streams (params first) and of its grads, and whether all are aligned."""
 
-    def __init__(self, streams: Sequence[Sequence[Tensor]], block: int):
+    def __init__(self, streams: Sequence[Sequence[Tensor]]):
         params = streams[0]
         self.device = params[0].device
         self.n = len(params)
         addresses = addresses_of(streams)
         self.addresses = int64_table(addresses, self.device)
         self.aligned = all_aligned(addresses)
+        self.grad_addresses = GradAddresses(self.device)
+
+
+class BucketMeta(StreamTables):
+    """Device tables of one bucket walked elementwise in blocks of ``block``."""
+
+    def __init__(self, streams: Sequence[Sequence[Tensor]], block: int):
+        super().__init__(streams)
+        params = streams[0]
         numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
         self.numels = numels.to(self.device)
         blocks = block_map(numels, block)
         self.num_blocks = len(blocks) // 2
         self.blocks = blocks.to(self.device)
-        self.grad_addresses = GradAddresses(self.device)
 
 
 def elementwise_key(tag: str, streams: Sequence[Sequence[Tensor]], block: int) -> tuple:
