@@ -26,7 +26,7 @@ def sources(pattern):
 
 
 # kernels_default.cpp must come before the other instruction sets (see its header).
-cpu_sources = ["csrc/ops.cpp", "csrc/checks.cpp", "csrc/cpu/kernels_default.cpp"] + [
+cpu_sources = ["csrc/ops.cpp", "csrc/checks.cpp", "csrc/contracts.cpp", "csrc/cpu/kernels_default.cpp"] + [
     s for s in sources("csrc/cpu/*.cpp")
     if os.path.basename(s) not in ("kernels_default.cpp",)
 ]

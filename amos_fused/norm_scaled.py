@@ -93,15 +93,11 @@ class ScaledAdamW(_AdamMoments):
             raise ValueError(f"Invalid init_norm: {len(group['init_norm'])} values for "
                              f"{len(group['params'])} params")
 
-    def _fused_step(self, ops, bucket, group):
+    def _hyper(self, group):
         beta1, beta2 = (float(b) for b in group["betas"])
-        s = bucket.state
-        ops.scaled_adam_step(
-            bucket.params, bucket.grads, s["exp_avg"], s["exp_avg_sq"], s["step"],
-            bucket.per_param["init_norm"], float(group["lr"]), beta1, beta2,
-            float(group["eps"]), self._schedule_p(group), group["decay"] == "inverse_time", float(group["q"]),
-            **self._grad_scaling(),
-        )
+        return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                    p=self._schedule_p(group), inverse_time=group["decay"] == "inverse_time",
+                    q=float(group["q"]))
 
     def _reference_step(self, bucket, group):
         beta1, beta2 = (float(b) for b in group["betas"])
@@ -137,13 +133,6 @@ class Lamb(_AdamMoments):
         return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                     weight_decay=float(group["weight_decay"]),
                     bias_correction=bool(group["bias_correction"]))
-
-    def _fused_step(self, ops, bucket, group):
-        h = self._hyper(group)
-        s = bucket.state
-        ops.lamb_step(bucket.params, bucket.grads, s["exp_avg"], s["exp_avg_sq"], s["step"], h["lr"],
-                       h["beta1"], h["beta2"], h["eps"], h["weight_decay"], h["bias_correction"],
-                       **self._grad_scaling())
 
     def _reference_step(self, bucket, group):
         h = self._hyper(group)

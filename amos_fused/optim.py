@@ -69,16 +69,6 @@ class _AdamFamily(FusedOptimizer):
             amsgrad=bool(group["amsgrad"]), bias_correction=bool(group["bias_correction"]),
         )
 
-    def _fused_step(self, ops, bucket, group):
-        h = self._hyper(group)
-        s = bucket.state
-        ops.adam_step(
-            bucket.params, bucket.grads, s["exp_avg"], s["exp_avg_sq"],
-            s.get("max_exp_avg_sq", []) if h["amsgrad"] else [], s["step"],
-            h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
-            h["decoupled"], h["amsgrad"], h["bias_correction"], **self._grad_scaling(),
-        )
-
     def _reference_step(self, bucket, group):
         h = self._hyper(group)
         for p, g, st in bucket.each():
@@ -154,15 +144,6 @@ class RAdam(FusedOptimizer):
             rectify_threshold=float(group["rectify_threshold"]),
         )
 
-    def _fused_step(self, ops, bucket, group):
-        h = self._hyper(group)
-        s = bucket.state
-        ops.radam_step(
-            bucket.params, bucket.grads, s["exp_avg"], s["exp_avg_sq"], s["step"], h["lr"], h["beta1"],
-            h["beta2"], h["eps"], h["weight_decay"], h["decoupled"], h["rectify_threshold"],
-            **self._grad_scaling(),
-        )
-
     def _reference_step(self, bucket, group):
         h = self._hyper(group)
         for p, g, st in bucket.each():
@@ -195,11 +176,6 @@ class Lion(FusedOptimizer):
         beta1, beta2 = (float(b) for b in group["betas"])
         return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                     weight_decay=float(group["weight_decay"]))
-
-    def _fused_step(self, ops, bucket, group):
-        h = self._hyper(group)
-        ops.lion_step(bucket.params, bucket.grads, bucket.state["exp_avg"], bucket.state["step"],
-                       h["lr"], h["beta1"], h["beta2"], h["weight_decay"], **self._grad_scaling())
 
     def _reference_step(self, bucket, group):
         h = self._hyper(group)
@@ -331,14 +307,13 @@ class Amos(FusedOptimizer):
             return self._slot_zeros(param, slot).copy_(value.detach().to(param.device, param.dtype))
         return super()._own_copy(param, key, value)
 
-    def _fused_step(self, ops, bucket, group):
-        s = bucket.state
-        ops.amos_step(
-            bucket.params, bucket.grads, s["v"], s["b"], s.get("mu", []) if group["momentum"] is not None else [],
-            s["step"], bucket.per_param["eta"], float(group["lr"]), float(group["beta"]),
-            group["momentum"], group["clip_value"], float(group["extra_l2"]), float(group["d_coef"]),
-            float(group["c_coef"]), float(group["epsilon"]), **self._grad_scaling(),
-        )
+    def _hyper(self, group):
+        momentum, clip_value = group["momentum"], group["clip_value"]
+        return dict(lr=float(group["lr"]), beta=float(group["beta"]), momentum=float(momentum or 0.0),
+                    clip_value=float(clip_value or 0.0), extra_l2=float(group["extra_l2"]),
+                    d_coef=float(group["d_coef"]), c_coef=float(group["c_coef"]),
+                    epsilon=float(group["epsilon"]), use_momentum=momentum is not None,
+                    clip=clip_value is not None)
 
     def _reference_step(self, bucket, group):
         for (p, g, st), eta in zip(bucket.each(), bucket.per_param["eta"]):

@@ -18,6 +18,7 @@ from torch import Tensor
 from .backends import backend_for, check_backend, fused_ops
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype
 from .checks import Problem, Walk, check_step, first_overlap, step_error
+from .contracts import call_step
 from .sharding import local, sharded_dims
 
 
@@ -67,8 +68,8 @@ class _Ready:
 
 class FusedOptimizer(torch.optim.Optimizer):
     """Base of the amos_fused optimizers.  Subclasses set ``algorithm`` and
-    ``state_keys`` and implement ``_check_group``, ``_new_state``, ``_fused_step``
-    and ``_reference_step``."""
+    ``state_keys`` and implement ``_check_group``, ``_new_state``, ``_hyper`` and
+    ``_reference_step``."""
 
     algorithm: str = ""
     # State tensors shaped like the param, besides 'step' (all that may exist).
@@ -115,10 +116,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Raises when a slot-shaped state tensor (``lists[key][i]`` of the param at
         ``positions[i]``) has the wrong shape."""
 
-    def _fused_step(self, ops, bucket: Bucket, group: dict) -> None:
-        """Steps the bucket with ``ops.<algorithm>_step`` (``ops``: torch.ops.amos_fused,
-        or the Triton ops with the same signatures); pass ``**self._grad_scaling()``."""
+    def _hyper(self, group: dict) -> dict:
+        """The group's hyper-parameters under the names of the algorithm's contract
+        (amos_fused/contracts.py), flags as bools."""
         raise NotImplementedError
+
+    def _fused_step(self, ops, bucket: Bucket, group: dict) -> None:
+        """Steps the bucket with one ``ops.step`` call (``ops``: torch.ops.amos_fused,
+        or the Triton ops with the same signature)."""
+        per_tensor = bucket.per_param[self.per_param_keys[0]] if self.per_param_keys else []
+        call_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
+                  self._hyper(group), per_tensor, **self._grad_scaling())
 
     def _reference_step(self, bucket: Bucket, group: dict) -> None:
         raise NotImplementedError

@@ -58,7 +58,7 @@ std::tuple<int64_t, int64_t, int64_t> check_step(at::TensorList params, at::Tens
 
 using NamedList = std::pair<const char*, at::TensorList>;
 
-// The step ops' own check (through start_step, csrc/step_prologue.h): raises
+// The step ops' own check (through begin_step, csrc/step_prologue.h): raises
 // (naming `op`) on any problem of find_problem with Walk::kDense.  `states` may
 // hold empty lists (state not used by this call).
 void check_bucket(const char* op, at::TensorList params, at::TensorList grads,

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "contracts.h"
 #include "cpu/kernel_api.h"
 
 namespace {
@@ -28,41 +29,26 @@ TORCH_LIBRARY(amos_fused, m) {
   m.def("cpu_capability() -> str", &amos_fused::cpu::cpu_capability);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("set_cpu_capability(str name) -> ()", &amos_fused::cpu::set_cpu_capability);
-  // Adam / AdamW (decoupled), amsgrad, optional bias correction.
+  // One step of `algorithm` over a bucket (its contract: csrc/contracts.h, and the
+  // `contract` op below): states are the contract's enabled state lists,
+  // key-major (len(params) tensors each); hyper its hyper-parameters in order;
+  // per_tensor one value per param where the algorithm has one (Amos η,
+  // scale-aware Adam's ‖ε0‖), else empty.
   m.def(
-      "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, float lr, "
-      "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, "
-      "bool bias_correction, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-  // RAdam, L2 or decoupled decay.
-  m.def(
-      "radam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay, bool decoupled, float rectify_threshold, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-  // Lion / SignSGDM-W.
-  m.def(
-      "lion_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] steps, float lr, "
-      "float beta1, float beta2, float weight_decay, Tensor? grad_scale=None, "
+      "step(str algorithm, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, "
+      "Tensor(c!)[] steps, float[] hyper, float[] per_tensor, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
-  // Amos; slot layout of each tensor read off the shapes of its v / b.
+  // (hyper names, state keys, the flag enabling each state or "", [per-tensor
+  // value name] or [], coefficient column names) of an algorithm.
+  m.def("contract(str algorithm) -> (str[], str[], str[], str[], str[])", &amos_fused::contract_op);
+  // The checks, step advance and coefficients of `step` without the kernels:
+  // (false, empty) when found_inf skips the step, else (true, the float64
+  // coefficient table, one row per param).  Used by the Triton backend.
   m.def(
-      "amos_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] vs, Tensor(c!)[] bs, "
-      "Tensor(d!)[] mus, Tensor(e!)[] steps, float[] etas, float lr, float beta, float? momentum, "
-      "float? clip_value, float extra_l2, float d_coef, float c_coef, float epsilon, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-  // Scale-aware Adam (Su Jianlin, kexue.fm, 2022-11-22): two phases, per-tensor ‖u‖.
-  m.def(
-      "scaled_adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float[] init_norms, float lr, float beta1, "
-      "float beta2, float eps, float p, bool inverse_time, float q, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
-  // LAMB: two phases, per-tensor ‖u‖ and ‖θ‖.
-  m.def(
-      "lamb_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay, bool bias_correction, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "begin_step(str algorithm, Tensor[] params, Tensor[] grads, Tensor[] states, "
+      "Tensor(a!)[] steps, float[] hyper, float[] per_tensor, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> (bool, Tensor)",
+      &amos_fused::begin_step_op);
 }
 
 extern "C" PyObject* PyInit__C(void) {

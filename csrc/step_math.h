@@ -60,26 +60,41 @@ AF_HD T af_lerp(T a, T b, T w, bool small) {
   return small ? af_fma(w, b - a, a) : af_fma(w - T(1), b - a, b);
 }
 
-// ---- Adam / AdamW -----------------------------------------------------------
-template <typename T>
-struct AdamCoef {
-  T beta1_complement;  // 1 - β1   (lerp weight)
-  T beta2;             // β2
-  T beta2_complement;  // 1 - β2
-  T param_decay;       // 1 - ηλ when decoupled, else 1
-  T l2;                // λ when coupled (L2), else 0
-  T eps;               // ε
-  T bc2_sqrt;          // sqrt(1 - β2^t), or 1 without bias correction
-  T neg_step_size;     // -η / (1 - β1^t), or -η without bias correction
-  T grad_unscale;      // 1 / GradScaler scale, or 1
-  bool lerp_small;     // 1 − β1 < ½: which form of torch.lerp (af_lerp)
+// ---- coefficient structs ------------------------------------------------------
+// Each struct's fields are listed ONCE, in an X-macro of (type, name): the
+// struct, its `map` (conversion to another value type) and the columns of the
+// table that other backends read (csrc/step_coefficients.h) all expand it.
+// Value fields have type T; per-tensor flags are bool and are never converted.
+template <typename F>
+inline bool af_map_field(const F&, bool x) { return x; }
+template <typename F, typename S>
+inline auto af_map_field(const F& f, const S& x) { return f(x); }
 
-  template <typename U, typename F>
-  AdamCoef<U> map(F f) const {
-    return {f(beta1_complement), f(beta2), f(beta2_complement), f(param_decay),
-            f(l2), f(eps), f(bc2_sqrt), f(neg_step_size), f(grad_unscale), lerp_small};
-  }
-};
+#define AF_COEF_FIELD(type, name) type name;
+#define AF_COEF_MAP(type, name) af_map_field(f, name),
+#define AF_COEF_STRUCT(Name, FIELDS)                 \
+  template <typename T>                              \
+  struct Name {                                      \
+    FIELDS(AF_COEF_FIELD)                            \
+    template <typename U, typename F>                \
+    Name<U> map(F f) const {                         \
+      return {FIELDS(AF_COEF_MAP)};                  \
+    }                                                \
+  };
+
+// ---- Adam / AdamW -----------------------------------------------------------
+#define AF_ADAM_COEF(X) \
+  X(T, beta1_complement) /* 1 − β1 (lerp weight) */                      \
+  X(T, beta2)            /* β2 */                                        \
+  X(T, beta2_complement) /* 1 − β2 */                                    \
+  X(T, param_decay)      /* 1 − ηλ when decoupled, else 1 */             \
+  X(T, l2)               /* λ when coupled (L2), else 0 */               \
+  X(T, eps)              /* ε */                                         \
+  X(T, bc2_sqrt)         /* sqrt(1 − β2^t), 1 without bias corr. */      \
+  X(T, neg_step_size)    /* −η/(1 − β1^t), −η without */                 \
+  X(T, grad_unscale)     /* 1 / GradScaler scale, or 1 */                \
+  X(bool, lerp_small)    /* 1 − β1 < ½: form of af_lerp */
+AF_COEF_STRUCT(AdamCoef, AF_ADAM_COEF)
 
 // One Adam(W) element.  vmax is only touched when AMSGRAD.
 template <bool AMSGRAD, bool L2, typename T>
@@ -99,27 +114,21 @@ AF_HD void adam_update(T& p, T g, T& m, T& v, T& vmax, const AdamCoef<T>& c) {
 }
 
 // ---- RAdam --------------------------------------------------------------------
-template <typename T>
-struct RAdamCoef {
-  T beta1_complement, beta2, beta2_complement;
-  T param_decay;  // 1 - ηλ when decoupled, else 1
-  T l2;           // λ when coupled, else 0
-  T eps;
-  T bc1;          // 1 - β1^t
-  T lr;           // η
-  T bc2_sqrt;     // sqrt(1 - β2^t)
-  T rect;         // r_t, used only when rectified
-  T grad_unscale; // 1 / GradScaler scale, or 1
-  bool rectified; // ρ_t > threshold (the same for every element of a tensor)
-  bool lerp_small; // 1 − β1 < ½ (af_lerp)
-
-  template <typename U, typename F>
-  RAdamCoef<U> map(F f) const {
-    return {f(beta1_complement), f(beta2), f(beta2_complement), f(param_decay), f(l2),
-            f(eps), f(bc1), f(lr), f(bc2_sqrt), f(rect), f(grad_unscale), rectified,
-            lerp_small};
-  }
-};
+#define AF_RADAM_COEF(X) \
+  X(T, beta1_complement) /* 1 − β1 */                                    \
+  X(T, beta2)                                                            \
+  X(T, beta2_complement) /* 1 − β2 */                                    \
+  X(T, param_decay)      /* 1 − ηλ when decoupled, else 1 */             \
+  X(T, l2)               /* λ when coupled, else 0 */                    \
+  X(T, eps)                                                              \
+  X(T, bc1)              /* 1 − β1^t */                                  \
+  X(T, lr)               /* η */                                         \
+  X(T, bc2_sqrt)         /* sqrt(1 − β2^t) */                            \
+  X(T, rect)             /* r_t, used only when rectified */             \
+  X(T, grad_unscale)     /* 1 / GradScaler scale, or 1 */                \
+  X(bool, rectified)     /* ρ_t > threshold */                           \
+  X(bool, lerp_small)    /* 1 − β1 < ½ (af_lerp) */
+AF_COEF_STRUCT(RAdamCoef, AF_RADAM_COEF)
 
 template <bool L2, typename T>
 AF_HD void radam_update(T& p, T g, T& m, T& v, const RAdamCoef<T>& c) {
@@ -137,19 +146,15 @@ AF_HD void radam_update(T& p, T g, T& m, T& v, const RAdamCoef<T>& c) {
 }
 
 // ---- Lion / SignSGDM-W ---------------------------------------------------------
-template <typename T>
-struct LionCoef {
-  T beta1, beta1_complement, beta2, beta2_complement;
-  T param_decay;  // 1 - ηλ
-  T neg_lr;       // -η
-  T grad_unscale; // 1 / GradScaler scale, or 1
-
-  template <typename U, typename F>
-  LionCoef<U> map(F f) const {
-    return {f(beta1), f(beta1_complement), f(beta2), f(beta2_complement), f(param_decay),
-            f(neg_lr), f(grad_unscale)};
-  }
-};
+#define AF_LION_COEF(X) \
+  X(T, beta1)                                                            \
+  X(T, beta1_complement)                                                 \
+  X(T, beta2)                                                            \
+  X(T, beta2_complement)                                                 \
+  X(T, param_decay)      /* 1 − ηλ */                                    \
+  X(T, neg_lr)           /* −η */                                        \
+  X(T, grad_unscale)     /* 1 / GradScaler scale, or 1 */
+AF_COEF_STRUCT(LionCoef, AF_LION_COEF)
 
 template <typename T>
 AF_HD void lion_update(T& p, T g, T& m, const LionCoef<T>& c) {
@@ -160,22 +165,17 @@ AF_HD void lion_update(T& p, T g, T& m, const LionCoef<T>& c) {
 }
 
 // ---- Adam moments and direction, shared by the two-phase rules ----------------------
-template <typename T>
-struct MomentCoef {
-  T beta1_complement, beta2, beta2_complement;
-  T eps;
-  T bc1;       // 1 − β1^t (1 without bias correction)
-  T bc2_sqrt;  // sqrt(1 − β2^t)
-  T weight_decay;  // λ added to the direction (LAMB), else 0
-  T grad_unscale;  // 1 / GradScaler scale, or 1
-  bool lerp_small; // 1 − β1 < ½ (af_lerp)
-
-  template <typename U, typename F>
-  MomentCoef<U> map(F f) const {
-    return {f(beta1_complement), f(beta2), f(beta2_complement), f(eps), f(bc1), f(bc2_sqrt),
-            f(weight_decay), f(grad_unscale), lerp_small};
-  }
-};
+#define AF_MOMENT_COEF(X) \
+  X(T, beta1_complement)                                                 \
+  X(T, beta2)                                                            \
+  X(T, beta2_complement)                                                 \
+  X(T, eps)                                                              \
+  X(T, bc1)              /* 1 − β1^t (1 without bias correction) */      \
+  X(T, bc2_sqrt)         /* sqrt(1 − β2^t) */                            \
+  X(T, weight_decay)     /* λ added to the direction (LAMB), else 0 */   \
+  X(T, grad_unscale)     /* 1 / GradScaler scale, or 1 */                \
+  X(bool, lerp_small)    /* 1 − β1 < ½ (af_lerp) */
+AF_COEF_STRUCT(MomentCoef, AF_MOMENT_COEF)
 
 template <typename T>
 AF_HD void update_moments(T g, T& m, T& v, const MomentCoef<T>& c) {
@@ -201,27 +201,21 @@ AF_HD void scaled_update(T& p, T u, T k, T rho) {
 }
 
 // ---- Amos -------------------------------------------------------------------------
-template <typename T>
-struct AmosCoef {
-  T beta, beta_complement;  // β, 1 − β
-  T bias_correction;        // 1 − β^t
-  T epsilon;                // floor of v
-  T c_scale;                // c_coef·sqrt(ξ)
-  T lr_sq;                  // ξ²
-  T alpha;                  // α = ξ·η
-  T d_scale;                // d_coef·sqrt(α)
-  T extra_l2;
-  T clip;                   // clip_value (used only when clipping)
-  T momentum, momentum_complement;
-  T grad_unscale;           // 1 / GradScaler scale, or 1
-
-  template <typename U, typename F>
-  AmosCoef<U> map(F f) const {
-    return {f(beta), f(beta_complement), f(bias_correction), f(epsilon), f(c_scale), f(lr_sq),
-            f(alpha), f(d_scale), f(extra_l2), f(clip), f(momentum), f(momentum_complement),
-            f(grad_unscale)};
-  }
-};
+#define AF_AMOS_COEF(X) \
+  X(T, beta)                /* β */                                         \
+  X(T, beta_complement)     /* 1 − β */                                     \
+  X(T, bias_correction)     /* 1 − β^t */                                   \
+  X(T, epsilon)             /* floor of v */                                \
+  X(T, c_scale)             /* c_coef·sqrt(ξ) */                            \
+  X(T, lr_sq)               /* ξ² */                                        \
+  X(T, alpha)               /* α = ξ·η */                                   \
+  X(T, d_scale)             /* d_coef·sqrt(α) */                            \
+  X(T, extra_l2)                                                            \
+  X(T, clip)                /* clip_value (used only when clipping) */      \
+  X(T, momentum)                                                            \
+  X(T, momentum_complement) /* 1 − momentum */                              \
+  X(T, grad_unscale)        /* 1 / GradScaler scale, or 1 */
+AF_COEF_STRUCT(AmosCoef, AF_AMOS_COEF)
 
 template <bool CLIP, typename T>
 AF_HD T amos_clip(T g, const AmosCoef<T>& c) {

@@ -1,30 +1,22 @@
-// The start of every step op, the same on every device: check the bucket, run the
-// op's own checks, read the GradScaler inputs and, unless found_inf skips the
-// step, advance the step counters.  Nothing is written before it returns a value.
+// The start of every step op, the same on every device: find the algorithm's
+// contract, check the bucket and the op's arguments, read the GradScaler inputs
+// and, unless found_inf skips the step, advance the step counters and compute
+// every tensor's coefficients.  Nothing is written before it returns a value.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <initializer_list>
 #include <optional>
 #include <vector>
 
+#include "amos_layout.h"
 #include "checks.h"
+#include "contracts.h"
 
 namespace amos_fused {
-
-// A state list of an op; an optional one may be empty (a state this call does not use).
-struct StateList {
-  const char* name;
-  at::TensorList tensors;
-  bool required = true;
-};
-
-struct StepStart {
-  double grad_unscale;        // 1 / GradScaler scale, or 1
-  std::vector<double> steps;  // every tensor's step count, after the increment
-};
 
 // Advances every step counter (float32 CPU scalars) by one, in float32 as torch.optim
 // does; returns the new values.
@@ -39,30 +31,105 @@ inline std::vector<double> advance_steps(at::TensorList steps) {
   return out;
 }
 
-// `more()`: the op's own checks (its device, slot layouts, per-tensor lists), run
-// after the bucket's and before anything is written.  Returns nullopt when
-// found_inf says to skip the step: then nothing at all is written.
-template <typename More>
-std::optional<StepStart> start_step(const char* op, at::TensorList params, at::TensorList grads,
-                                    std::initializer_list<StateList> states, at::TensorList steps,
-                                    const std::optional<at::Tensor>& grad_scale,
-                                    const std::optional<at::Tensor>& found_inf, const More& more) {
-  std::vector<NamedList> named;
-  for (const StateList& state : states) {
-    TORCH_CHECK_VALUE(!state.required || !state.tensors.empty(), op, ": ", state.name, " are required");
-    named.emplace_back(state.name, state.tensors);
-  }
-  TORCH_CHECK_VALUE(!steps.empty(), op, ": steps are required");
-  check_bucket(op, params, grads, named, steps);
-  more();
-  const GradScaling scaling = read_grad_scaling(op, grad_scale, found_inf);
-  if (scaling.skip) return std::nullopt;
-  return StepStart{scaling.unscale, advance_steps(steps)};
-}
-
 // A per-tensor list of an op (etas, init_norms) has one value per param.
 inline void check_per_tensor(const char* op, at::TensorList params, size_t count, const char* name) {
   TORCH_CHECK_VALUE(count == params.size(), op, ": ", params.size(), " params but ", count, " ", name);
+}
+
+constexpr size_t kMaxStates = 3;
+
+// One checked step of algorithm A, handed to a backend's launch(): the lists in
+// the contract's order (a disabled state's list is empty), the hyper-parameters
+// and every tensor's coefficients.
+template <typename A>
+struct StepCall {
+  const char* op;
+  at::TensorList params, grads;
+  std::array<at::TensorList, kMaxStates> states;
+  typename A::Hyper hyper;
+  std::vector<typename A::Coef> coef;  // per tensor
+  std::vector<double> per_tensor;      // η or ‖ε0‖ per tensor; empty when the algorithm has none
+  std::vector<double> steps;           // per tensor, after the increment
+  std::vector<AmosLayout> layouts;     // Amos: per tensor
+};
+
+inline std::string joined(const std::vector<std::string>& names) {
+  std::string out;
+  for (const std::string& name : names) out += (out.empty() ? "" : ", ") + name;
+  return out;
+}
+
+// Checks a step call of algorithm A against its contract and, unless found_inf
+// skips the step, advances the steps and computes the coefficients.
+// `device_checks(op, params)`: the backend's own checks, run before any write.
+template <typename A, typename DeviceChecks>
+std::optional<StepCall<A>> begin_step(const Contract& c, at::TensorList params, at::TensorList grads,
+                                      at::TensorList states, at::TensorList steps,
+                                      at::ArrayRef<double> hyper, at::ArrayRef<double> per_tensor,
+                                      const std::optional<at::Tensor>& grad_scale,
+                                      const std::optional<at::Tensor>& found_inf,
+                                      const DeviceChecks& device_checks) {
+  const char* op = c.op;
+  TORCH_CHECK_VALUE(hyper.size() == c.hyper.size(), op, ": expected ", c.hyper.size(),
+                    " hyper-parameters (", joined(c.hyper), "), got ", hyper.size());
+  StepCall<A> call{op, params, grads};
+  call.hyper = A::Hyper::read(hyper.data());
+  const size_t n = params.size();
+  std::vector<NamedList> like_params, slots;
+  size_t used = 0;
+  for (size_t k = 0; k < c.states.size(); ++k) {
+    const StateSpec& spec = c.states[k];
+    bool enabled = true;
+    for (size_t h = 0; spec.enabled_by != nullptr && h < c.hyper.size(); ++h) {
+      if (c.hyper[h] == spec.enabled_by) enabled = hyper[h] != 0.0;
+    }
+    if (!enabled) continue;
+    TORCH_CHECK_VALUE(states.size() >= (used + 1) * n, op, ": ", spec.list, " are required (",
+                      states.size(), " state tensors for ", n, " params)");
+    call.states[k] = states.slice(used * n, n);
+    (spec.slot ? slots : like_params).emplace_back(spec.list, call.states[k]);
+    ++used;
+  }
+  TORCH_CHECK_VALUE(states.size() == used * n, op, ": expected ", used, " state lists of ", n,
+                    " tensors, got ", states.size(), " state tensors");
+  TORCH_CHECK_VALUE(!steps.empty() || n == 0, op, ": steps are required");
+  check_bucket(op, params, grads, like_params, steps);
+  if (c.per_tensor != nullptr) {
+    check_per_tensor(op, params, per_tensor.size(), c.per_tensor);
+  } else {
+    TORCH_CHECK_VALUE(per_tensor.empty(), op, ": takes no per-tensor values, got ", per_tensor.size());
+  }
+  if constexpr (A::kId == Algorithm::kAmos) {
+    call.layouts = amos_slot_layouts(op, params, call.states[0], call.states[1]);
+  }
+  if (n > 0) device_checks(op, params);
+  const GradScaling scaling = read_grad_scaling(op, grad_scale, found_inf);
+  if (scaling.skip) return std::nullopt;
+  // -- every check passed: from here on we write --
+  call.steps = advance_steps(steps);
+  call.per_tensor.assign(per_tensor.begin(), per_tensor.end());
+  call.coef.reserve(n);
+  for (size_t t = 0; t < n; ++t) {
+    call.coef.push_back(A::coefficients(call.hyper, per_tensor.empty() ? 0.0 : per_tensor[t],
+                                        call.steps[t], scaling.unscale));
+  }
+  return call;
+}
+
+// The step op of a backend: Backend::device_checks(op, params) and
+// Backend::launch(const StepCall<A>&) for every algorithm A.
+template <typename Backend>
+void run_step(c10::string_view algorithm, at::TensorList params, at::TensorList grads,
+              at::TensorList states, at::TensorList steps, at::ArrayRef<double> hyper,
+              at::ArrayRef<double> per_tensor, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf) {
+  const Contract& c = find_contract(algorithm);
+  with_algorithm(c, [&](auto traits) {
+    using A = decltype(traits);
+    auto call = begin_step<A>(c, params, grads, states, steps, hyper, per_tensor, grad_scale, found_inf,
+                              &Backend::device_checks);
+    if (call && !params.empty()) Backend::launch(*call);
+  });
 }
 
 }  // namespace amos_fused

@@ -1,4 +1,4 @@
-"""torch.compile: the step ops have fake kernels (traceable, schema-checked by
+"""torch.compile: the step op has a fake kernel (traceable, schema-checked by
 torch.library.opcheck); a compiled ``opt.step`` with an lr scheduler never
 recompiles (the step runs eagerly as one opaque call) and equals eager bitwise;
 a compiled train step (forward, backward, step) equals eager."""
@@ -10,6 +10,7 @@ import torch._dynamo
 import torch._dynamo.testing
 
 import amos_fused as af
+from amos_fused.contracts import step_arguments
 
 
 def _lists(n=2):
@@ -22,44 +23,53 @@ def _lists(n=2):
     return params, grads, zeros, steps
 
 
-def _op_args(name):
+ADAMW = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True,
+             amsgrad=False, bias_correction=True)
+
+# algorithm → (state lists by key, hyper-parameters, per-tensor values) for two params
+_OP_CASES = {
+    "adam": (("exp_avg", "exp_avg_sq"), ADAMW, []),
+    "radam": (("exp_avg", "exp_avg_sq"), dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                                              decoupled=False, rectify_threshold=5.0), []),
+    "lion": (("exp_avg",), dict(lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.1), []),
+    "amos": (("v", "b"), dict(lr=0.01, beta=0.999, momentum=0.0, clip_value=0.0, extra_l2=0.0, d_coef=0.25,
+                              c_coef=0.25, epsilon=2.0**-125, use_momentum=False, clip=False), [0.5, 0.5]),
+    "scaled_adam": (("exp_avg", "exp_avg_sq"), dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, p=0.0,
+                                                    inverse_time=False, q=1.0), [1.0, 1.0]),
+    "lamb": (("exp_avg", "exp_avg_sq"), dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01,
+                                             bias_correction=True), []),
+}
+
+
+def _op_args(algorithm):
     params, grads, zeros, steps = _lists()
-    if name == "adam_step":
-        return (params, grads, zeros(), zeros(), [], steps, 0.01, 0.9, 0.999, 1e-8, 0.01, True, False, True)
-    if name == "radam_step":
-        return (params, grads, zeros(), zeros(), steps, 0.01, 0.9, 0.999, 1e-8, 0.0, False, 5.0)
-    if name == "lion_step":
-        return (params, grads, zeros(), steps, 1e-4, 0.9, 0.99, 0.1)
-    if name == "amos_step":
-        slots = lambda: [torch.zeros(5, 1), torch.zeros(())]  # noqa: E731
-        return (params, grads, slots(), slots(), [], steps, [0.5, 0.5], 0.01, 0.999, None, None,
-                0.0, 0.25, 0.25, 2.0**-125)
-    if name == "scaled_adam_step":
-        return (params, grads, zeros(), zeros(), steps, [1.0, 1.0], 1e-3, 0.9, 0.999, 1e-8, 0.0, False, 1.0)
-    if name == "lamb_step":
-        return (params, grads, zeros(), zeros(), steps, 1e-3, 0.9, 0.999, 1e-6, 0.01, True)
-    raise AssertionError(name)
+    keys, hyper, per_tensor = _OP_CASES[algorithm]
+    if algorithm == "amos":
+        state = {k: [torch.zeros(5, 1), torch.zeros(())] for k in keys}
+    else:
+        state = {k: zeros() for k in keys}
+    states, values = step_arguments(algorithm, hyper, state)
+    return (algorithm, params, grads, states, steps, values, per_tensor)
 
 
-@pytest.mark.parametrize("name", af.fake_kernels.STEP_OPS)
-def test_step_ops_pass_opcheck(name):
-    op = getattr(torch.ops.amos_fused, name).default
-    torch.library.opcheck(op, _op_args(name), test_utils=("test_schema", "test_faketensor"))
+@pytest.mark.parametrize("algorithm", list(_OP_CASES))
+def test_step_op_passes_opcheck(algorithm):
+    torch.library.opcheck(torch.ops.amos_fused.step.default, _op_args(algorithm),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_step_op_traced_in_a_full_graph():
     params, grads, zeros, steps = _lists()
     exp_avgs, exp_avg_sqs = zeros(), zeros()
     eager = [p.clone() for p in params]
-    torch.ops.amos_fused.adam_step(eager, grads, zeros(), zeros(), [], [torch.tensor(0.0) for _ in steps],
-                                   0.01, 0.9, 0.999, 1e-8, 0.01, True, False, True)
+    states, hyper = step_arguments("adam", ADAMW, {"exp_avg": zeros(), "exp_avg_sq": zeros()})
+    torch.ops.amos_fused.step("adam", eager, grads, states, [torch.tensor(0.0) for _ in steps], hyper, [])
 
     @torch.compile(backend="aot_eager", fullgraph=True)
-    def traced(params, grads, exp_avgs, exp_avg_sqs, steps):
-        torch.ops.amos_fused.adam_step(params, grads, exp_avgs, exp_avg_sqs, [], steps,
-                                       0.01, 0.9, 0.999, 1e-8, 0.01, True, False, True)
+    def traced(params, grads, states, steps):
+        torch.ops.amos_fused.step("adam", params, grads, states, steps, hyper, [])
 
-    traced(params, grads, exp_avgs, exp_avg_sqs, steps)
+    traced(params, grads, exp_avgs + exp_avg_sqs, steps)
     for p, q in zip(params, eager):
         assert torch.equal(p, q)
 

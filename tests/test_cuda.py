@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import amos_fused as af
+from amos_fused.contracts import call_step
 from conftest import (
     SHAPES,
     PairRun,
@@ -534,8 +535,12 @@ def test_misaligned_params_take_the_scalar_path():
 # the ops themselves
 # ---------------------------------------------------------------------------
 
+ADAMW_HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True,
+                   amsgrad=False, bias_correction=True)
+
+
 def test_ops_dispatch_to_the_cuda_kernels():
-    """torch.ops.amos_fused.adam_step on CUDA tensors runs the CUDA kernel (the same
+    """torch.ops.amos_fused.step on CUDA tensors runs the CUDA kernel (the same
     result as the CPU kernel on CPU copies), whatever the Python routing says."""
     shapes = [(37, 5), (), (1000,)]
     cpu = [p.detach() for p in make_params(torch.float32, 3, shapes)]
@@ -545,8 +550,8 @@ def test_ops_dispatch_to_the_cuda_kernels():
         m = [torch.zeros_like(p) for p in ps]
         v = [torch.zeros_like(p) for p in ps]
         steps = [torch.tensor(0.0) for _ in ps]
-        torch.ops.amos_fused.adam_step(ps, gs, m, v, [], steps, 1e-2, 0.9, 0.999, 1e-8, 0.1,
-                                       True, False, True)
+        call_step(torch.ops.amos_fused, "adam", ps, gs, {"exp_avg": m, "exp_avg_sq": v}, steps,
+                  dict(ADAMW_HYPER, weight_decay=0.1))
         assert all(float(s) == 1.0 for s in steps)
     for a, b in zip(cpu, gpu):
         torch.testing.assert_close(b.cpu(), a)
@@ -557,12 +562,11 @@ def test_bad_input_raises_before_any_write():
     m, v, step = torch.zeros_like(p), torch.zeros_like(p), torch.tensor(0.0)
     before = p.clone()
     with pytest.raises(ValueError):
-        torch.ops.amos_fused.adam_step([p], [torch.randn(11, device=DEVICE)], [m], [v], [], [step],
-                                       1e-2, 0.9, 0.999, 1e-8, 0.0, True, False, True)
+        call_step(torch.ops.amos_fused, "adam", [p], [torch.randn(11, device=DEVICE)],
+                  {"exp_avg": [m], "exp_avg_sq": [v]}, [step], ADAMW_HYPER)
     with pytest.raises(ValueError):  # steps must be float32 CPU scalars
-        torch.ops.amos_fused.adam_step([p], [torch.randn(10, device=DEVICE)], [m], [v], [],
-                                       [torch.tensor(0.0, device=DEVICE)], 1e-2, 0.9, 0.999, 1e-8, 0.0,
-                                       True, False, True)
+        call_step(torch.ops.amos_fused, "adam", [p], [torch.randn(10, device=DEVICE)],
+                  {"exp_avg": [m], "exp_avg_sq": [v]}, [torch.tensor(0.0, device=DEVICE)], ADAMW_HYPER)
     assert torch.equal(p, before) and float(step) == 0.0
     assert torch.count_nonzero(m) == 0 and torch.count_nonzero(v) == 0
 
@@ -571,8 +575,7 @@ def test_found_inf_skips_without_writing():
     p = torch.randn(100, device=DEVICE)
     m, v, step = torch.zeros_like(p), torch.zeros_like(p), torch.tensor(0.0)
     before = p.clone()
-    torch.ops.amos_fused.adam_step([p], [torch.randn(100, device=DEVICE)], [m], [v], [], [step],
-                                   1e-2, 0.9, 0.999, 1e-8, 0.0, True, False, True,
-                                   grad_scale=torch.tensor(4.0, device=DEVICE),
-                                   found_inf=torch.tensor(1.0, device=DEVICE))
+    call_step(torch.ops.amos_fused, "adam", [p], [torch.randn(100, device=DEVICE)],
+              {"exp_avg": [m], "exp_avg_sq": [v]}, [step], ADAMW_HYPER,
+              grad_scale=torch.tensor(4.0, device=DEVICE), found_inf=torch.tensor(1.0, device=DEVICE))
     assert torch.equal(p, before) and float(step) == 0.0 and torch.count_nonzero(m) == 0

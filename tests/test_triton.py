@@ -35,6 +35,7 @@ pytest.importorskip("triton")
 
 import amos_fused as af  # noqa: E402
 from amos_fused import reference  # noqa: E402
+from amos_fused.contracts import call_step  # noqa: E402
 from amos_fused.triton_kernels import amos, common, ops  # noqa: E402
 from amos_fused.triton_kernels.common import kernels_interpreted  # noqa: E402
 
@@ -86,10 +87,8 @@ def adam_case(amsgrad, decoupled, bias_correction, weight_decay):
     keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def triton_step(params, grads, states, steps, **scaling):
-        ops.adam_step(params, grads, states["exp_avg"], states["exp_avg_sq"],
-                      states["max_exp_avg_sq"] if amsgrad else [], steps, h["lr"], h["beta1"],
-                      h["beta2"], h["eps"], weight_decay, decoupled, amsgrad, bias_correction,
-                      **scaling)
+        call_step(ops, "adam", params, grads, states, steps,
+                  dict(h, bias_correction=bias_correction), **scaling)
 
     def reference_step(p, g, st, _i, step):
         reference.adam_step(p, g, st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"], step,
@@ -104,9 +103,7 @@ def radam_case(decoupled, threshold):
     keys = ("exp_avg", "exp_avg_sq")
 
     def triton_step(params, grads, states, steps, **scaling):
-        ops.radam_step(params, grads, states["exp_avg"], states["exp_avg_sq"], steps, h["lr"],
-                       h["beta1"], h["beta2"], h["eps"], h["weight_decay"], decoupled, threshold,
-                       **scaling)
+        call_step(ops, "radam", params, grads, states, steps, h, **scaling)
 
     def reference_step(p, g, st, _i, step):
         reference.radam_step(p, g, st["exp_avg"], st["exp_avg_sq"], step, **h)
@@ -118,8 +115,7 @@ def lion_case(weight_decay):
     h = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=weight_decay)
 
     def triton_step(params, grads, states, steps, **scaling):
-        ops.lion_step(params, grads, states["exp_avg"], steps, h["lr"], h["beta1"], h["beta2"],
-                      weight_decay, **scaling)
+        call_step(ops, "lion", params, grads, states, steps, h, **scaling)
 
     def reference_step(p, g, st, _i, _step):
         reference.lion_step(p, g, st["exp_avg"], **h)
@@ -144,9 +140,10 @@ def amos_case(reduce_axes, momentum, clip_value):
         return state
 
     def triton_step(params, grads, states, steps, **scaling):
-        ops.amos_step(params, grads, states["v"], states["b"], states.get("mu", []), steps,
-                      list(ETAS[: len(params)]), h["lr"], h["beta"], momentum, clip_value,
-                      h["extra_l2"], h["d_coef"], h["c_coef"], h["epsilon"], **scaling)
+        hyper = dict(h, momentum=momentum or 0.0, clip_value=clip_value or 0.0,
+                     use_momentum=momentum is not None, clip=clip_value is not None)
+        call_step(ops, "amos", params, grads, states, steps, hyper, list(ETAS[: len(params)]),
+                  **scaling)
 
     def reference_step(p, g, st, i, step):
         reference.amos_step(p, g, st["v"], st["b"], st.get("mu"), step, eta=ETAS[i],
@@ -162,9 +159,8 @@ def scaled_adam_case(inverse_time):
         return (max(p.numel(), 1) ** 0.5) * (0.5 if p.dim() < 2 else 0.2)
 
     def triton_step(params, grads, states, steps, **scaling):
-        ops.scaled_adam_step(params, grads, states["exp_avg"], states["exp_avg_sq"], steps,
-                             [init_norm(p) for p in params], h["lr"], h["beta1"], h["beta2"],
-                             h["eps"], h["p"], inverse_time, h["q"], **scaling)
+        call_step(ops, "scaled_adam", params, grads, states, steps, dict(h, inverse_time=inverse_time),
+                  [init_norm(p) for p in params], **scaling)
 
     def reference_step(p, g, st, _i, step):
         reference.scaled_adam_step(p, g, st["exp_avg"], st["exp_avg_sq"], step,
@@ -179,8 +175,8 @@ def lamb_case(bias_correction, weight_decay=0.01):
     h = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=weight_decay)
 
     def triton_step(params, grads, states, steps, **scaling):
-        ops.lamb_step(params, grads, states["exp_avg"], states["exp_avg_sq"], steps, h["lr"],
-                      h["beta1"], h["beta2"], h["eps"], weight_decay, bias_correction, **scaling)
+        call_step(ops, "lamb", params, grads, states, steps, dict(h, bias_correction=bias_correction),
+                  **scaling)
 
     def reference_step(p, g, st, _i, step):
         reference.lamb_step(p, g, st["exp_avg"], st["exp_avg_sq"], step,
@@ -389,14 +385,14 @@ def test_norm_scaled_float16_matches_cpu_kernels(lamb):
         grads = _grads(params, step)
         cpu_grads = [g.cpu() for g in grads]
         if lamb:
-            ops.lamb_step(params, grads, m, v, steps, 1e-2, 0.9, 0.99, 1e-6, 0.01, True)
-            torch.ops.amos_fused.lamb_step(cpu_params, cpu_grads, cpu_m, cpu_v, cpu_steps, 1e-2,
-                                           0.9, 0.99, 1e-6, 0.01, True)
+            algorithm, per_tensor = "lamb", []
+            hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.01, bias_correction=True)
         else:
-            ops.scaled_adam_step(params, grads, m, v, steps, norms, 1e-2, 0.9, 0.99, 1e-8, 5.0,
-                                 False, 1.0)
-            torch.ops.amos_fused.scaled_adam_step(cpu_params, cpu_grads, cpu_m, cpu_v, cpu_steps,
-                                                  norms, 1e-2, 0.9, 0.99, 1e-8, 5.0, False, 1.0)
+            algorithm, per_tensor = "scaled_adam", norms
+            hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, p=5.0, inverse_time=False, q=1.0)
+        call_step(ops, algorithm, params, grads, {"exp_avg": m, "exp_avg_sq": v}, steps, hyper, per_tensor)
+        call_step(torch.ops.amos_fused, algorithm, cpu_params, cpu_grads,
+                  {"exp_avg": cpu_m, "exp_avg_sq": cpu_v}, cpu_steps, hyper, per_tensor)
     for a, b in zip(params + m + v, cpu_params + cpu_m + cpu_v):
         torch.testing.assert_close(a.cpu(), b, **TOL[torch.float16])
     assert [float(s) for s in steps] == [float(s) for s in cpu_steps]
@@ -510,8 +506,9 @@ def test_bad_amos_slots_raise_before_any_write():
     lists["v"] = [lists["v"][0], torch.zeros(4, 2, device=DEVICE)]
     lists["b"] = [lists["b"][0], torch.zeros(4, 2, device=DEVICE)]
     with pytest.raises(ValueError, match="not a slot shape"):
-        ops.amos_step(run.params, _grads(run.params, 0), lists["v"], lists["b"], [], run.steps,
-                      [0.5, 0.5], 0.05, 0.98, None, None, 0.0, 0.25, 0.25, 2.0**-125)
+        call_step(ops, "amos", run.params, _grads(run.params, 0), lists, run.steps,
+                  dict(lr=0.05, beta=0.98, momentum=0.0, clip_value=0.0, extra_l2=0.0, d_coef=0.25,
+                       c_coef=0.25, epsilon=2.0**-125, use_momentum=False, clip=False), [0.5, 0.5])
     _assert_untouched(run, before)
 
 

@@ -1,35 +1,34 @@
 """Adam / AdamW (+ amsgrad, L2, no bias correction), RAdam and Lion on the Triton
-backend: for each, its per-tensor coefficient table (computed on the host in
-double, as csrc/step_coefficients.h does), its per-element math (mirroring
+backend: for each, the columns it reads from its coefficient table (computed on
+the host in double by csrc/step_coefficients.h, columns named by the contract),
+its per-element math (mirroring
 csrc/step_math.h operation by operation, torch.optim's single-tensor order, in
 the compute dtype: fp32, or fp64 for fp64 tensors), its one-pass kernel over a
 whole bucket and its launch.
 
-Each ``*_COLUMNS`` tuple names the per-tensor coefficients of one algorithm in
-the order of its row in the coefficient table (built by ``*_coefficients``, read
-by the ``load_*_coefficients`` helpers).  Program i of a kernel steps block
+Each ``*_COLUMNS`` maps the coefficient names one algorithm reads to their
+columns (``contracts.column_indices`` checks that they are exactly the
+contract's); the ``load_*_coefficients`` helpers read them by those names.  Program i of a kernel steps block
 ``blocks[2i+1]`` of tensor ``blocks[2i]`` (common.py); full blocks run unmasked
 (vector accesses), only a tensor's last block is masked.
 
 Inputs are checked by ops.py before anything here runs."""
-from typing import Optional, Sequence
-
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (BLOCK, NUM_WARPS, coefficient_table, elementwise_meta, ieee_div, ieee_sqrt,
-                     kernel_dtypes, launching, lerp_small_flag, load_block, nan_maximum,
-                     program_entry, store_block, stream, torch_lerp, torch_sign,
-                     upload_coefficients)
+from ..contracts import column_indices, contract
+from .common import (BLOCK, NUM_WARPS, elementwise_meta, ieee_div, ieee_sqrt, kernel_dtypes,
+                     launching, load_block, nan_maximum, program_entry, store_block, stream,
+                     torch_lerp, torch_sign, upload_coefficients)
 
 
 # ---------------------------------------------------------------------------
 # Adam / AdamW
 # ---------------------------------------------------------------------------
 
-ADAM_COLUMNS = (
+# The columns this module reads, placed by the contract (csrc/step_math.h's AdamCoef).
+ADAM_COLUMNS = column_indices("adam", (
     "beta1_complement",  # 1 − β1 (lerp weight)
     "beta2",
     "beta2_complement",  # 1 − β2
@@ -40,14 +39,24 @@ ADAM_COLUMNS = (
     "neg_step_size",     # −η/(1 − β1^t), −η without bias correction
     "grad_unscale",      # 1/GradScaler scale, or 1
     "lerp_small",        # 1 when 1 − β1 < ½ (the form of torch_lerp), else 0
-)
+))
+A_B1C = tl.constexpr(ADAM_COLUMNS["beta1_complement"])
+A_B2 = tl.constexpr(ADAM_COLUMNS["beta2"])
+A_B2C = tl.constexpr(ADAM_COLUMNS["beta2_complement"])
+A_DECAY = tl.constexpr(ADAM_COLUMNS["param_decay"])
+A_L2 = tl.constexpr(ADAM_COLUMNS["l2"])
+A_EPS = tl.constexpr(ADAM_COLUMNS["eps"])
+A_BC2_SQRT = tl.constexpr(ADAM_COLUMNS["bc2_sqrt"])
+A_NEG_STEP = tl.constexpr(ADAM_COLUMNS["neg_step_size"])
+A_UNSCALE = tl.constexpr(ADAM_COLUMNS["grad_unscale"])
+A_LERP_SMALL = tl.constexpr(ADAM_COLUMNS["lerp_small"])
 
 
 @triton.jit
 def load_adam_coefficients(row):
-    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
-            tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7),
-            tl.load(row + 8), tl.load(row + 9))
+    return (tl.load(row + A_B1C), tl.load(row + A_B2), tl.load(row + A_B2C), tl.load(row + A_DECAY),
+            tl.load(row + A_L2), tl.load(row + A_EPS), tl.load(row + A_BC2_SQRT),
+            tl.load(row + A_NEG_STEP), tl.load(row + A_UNSCALE), tl.load(row + A_LERP_SMALL))
 
 
 @triton.jit
@@ -70,7 +79,7 @@ def adam_update(p, g, m, v, vmax, beta1_complement, beta2, beta2_complement, par
     return p, m, v, vmax
 
 
-ADAM_WIDTH = tl.constexpr(len(ADAM_COLUMNS))
+ADAM_WIDTH = tl.constexpr(len(contract("adam").columns))
 
 
 @triton.jit
@@ -117,24 +126,15 @@ def adam_kernel(addresses, grad_addresses, numels, blocks, coef, n, DTYPE: tl.co
         _adam_block(p, g, m, v, vmax, offs, offs < numel, coef_row, COMPUTE, FP64, AMSGRAD, L2, True)
 
 
-def adam_coefficients(steps: Tensor, lr, beta1, beta2, eps, weight_decay, decoupled,
-                      bias_correction, grad_unscale) -> Tensor:
-    """Adam: bc1 = 1 − β1^t, bc2 = 1 − β2^t (both 1 without bias correction)."""
-    ones = torch.ones_like(steps)
-    bc1 = 1.0 - torch.pow(beta1, steps) if bias_correction else ones
-    bc2 = 1.0 - torch.pow(beta2, steps) if bias_correction else ones
-    return coefficient_table(ADAM_COLUMNS, dict(
-        beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2,
-        param_decay=1.0 - lr * weight_decay if decoupled else 1.0,
-        l2=0.0 if decoupled else weight_decay, eps=eps, bc2_sqrt=bc2.sqrt(),
-        neg_step_size=-(lr / bc1), grad_unscale=grad_unscale, lerp_small=lerp_small_flag(beta1),
-    ), len(steps))
+def _l2(hyper) -> bool:
+    """Coupled (L2) weight decay: g ← g + λθ."""
+    return not hyper["decoupled"] and hyper["weight_decay"] != 0.0
 
 
-def launch_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs: Optional[Sequence[Tensor]],
-                coef: Tensor, l2: bool) -> None:
-    amsgrad = max_exp_avg_sqs is not None
-    streams = [params, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+def launch_adam(params, grads, states, hyper, coef: Tensor, _prepared=None) -> None:
+    amsgrad = bool(hyper["amsgrad"])
+    l2 = _l2(hyper)
+    streams = [params, states["exp_avg"], states["exp_avg_sq"]] + ([states["max_exp_avg_sq"]] if amsgrad else [])
     meta = elementwise_meta("adam", streams, BLOCK)
     if meta.num_blocks == 0:
         return
@@ -150,7 +150,8 @@ def launch_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs: Optional[
 # RAdam
 # ---------------------------------------------------------------------------
 
-RADAM_COLUMNS = (
+# The columns this module reads, placed by the contract (csrc/step_math.h's RAdamCoef).
+RADAM_COLUMNS = column_indices("radam", (
     "beta1_complement", "beta2", "beta2_complement",
     "param_decay",   # 1 − ηλ when decoupled, else 1
     "l2",            # λ when coupled, else 0
@@ -162,15 +163,28 @@ RADAM_COLUMNS = (
     "grad_unscale",
     "rectified",     # 1 when ρ_t > threshold, else 0
     "lerp_small",    # 1 when 1 − β1 < ½ (the form of torch_lerp), else 0
-)
+))
+R_B1C = tl.constexpr(RADAM_COLUMNS["beta1_complement"])
+R_B2 = tl.constexpr(RADAM_COLUMNS["beta2"])
+R_B2C = tl.constexpr(RADAM_COLUMNS["beta2_complement"])
+R_DECAY = tl.constexpr(RADAM_COLUMNS["param_decay"])
+R_L2 = tl.constexpr(RADAM_COLUMNS["l2"])
+R_EPS = tl.constexpr(RADAM_COLUMNS["eps"])
+R_BC1 = tl.constexpr(RADAM_COLUMNS["bc1"])
+R_LR = tl.constexpr(RADAM_COLUMNS["lr"])
+R_BC2_SQRT = tl.constexpr(RADAM_COLUMNS["bc2_sqrt"])
+R_RECT = tl.constexpr(RADAM_COLUMNS["rect"])
+R_UNSCALE = tl.constexpr(RADAM_COLUMNS["grad_unscale"])
+R_RECTIFIED = tl.constexpr(RADAM_COLUMNS["rectified"])
+R_LERP_SMALL = tl.constexpr(RADAM_COLUMNS["lerp_small"])
 
 
 @triton.jit
 def load_radam_coefficients(row):
-    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
-            tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7),
-            tl.load(row + 8), tl.load(row + 9), tl.load(row + 10), tl.load(row + 11),
-            tl.load(row + 12))
+    return (tl.load(row + R_B1C), tl.load(row + R_B2), tl.load(row + R_B2C), tl.load(row + R_DECAY),
+            tl.load(row + R_L2), tl.load(row + R_EPS), tl.load(row + R_BC1), tl.load(row + R_LR),
+            tl.load(row + R_BC2_SQRT), tl.load(row + R_RECT), tl.load(row + R_UNSCALE),
+            tl.load(row + R_RECTIFIED), tl.load(row + R_LERP_SMALL))
 
 
 @triton.jit
@@ -191,7 +205,7 @@ def radam_update(p, g, m, v, beta1_complement, beta2, beta2_complement, param_de
     return p, m, v
 
 
-RADAM_WIDTH = tl.constexpr(len(RADAM_COLUMNS))
+RADAM_WIDTH = tl.constexpr(len(contract("radam").columns))
 
 
 @triton.jit
@@ -230,28 +244,9 @@ def radam_kernel(addresses, grad_addresses, numels, blocks, coef, n, DTYPE: tl.c
         _radam_block(p, g, m, v, offs, offs < numel, coef_row, COMPUTE, FP64, L2, True)
 
 
-def radam_coefficients(steps: Tensor, lr, beta1, beta2, eps, weight_decay, decoupled,
-                       rectify_threshold, grad_unscale) -> Tensor:
-    """RAdam: ρ∞ = 2/(1−β2) − 1, ρt = ρ∞ − 2tβ2^t/(1−β2^t),
-    r = sqrt((ρt−4)(ρt−2)ρ∞ / ((ρ∞−4)(ρ∞−2)ρt)) when ρt > threshold."""
-    beta2_t = torch.pow(beta2, steps)
-    bc2 = 1.0 - beta2_t
-    rho_inf = 2.0 / (1.0 - beta2) - 1.0
-    rho_t = rho_inf - 2.0 * steps * beta2_t / bc2
-    rectified = rho_t > rectify_threshold
-    rect_sq = (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)
-    rect = torch.where(rectified, rect_sq.sqrt(), torch.ones_like(steps))
-    return coefficient_table(RADAM_COLUMNS, dict(
-        beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2,
-        param_decay=1.0 - lr * weight_decay if decoupled else 1.0,
-        l2=0.0 if decoupled else weight_decay, eps=eps, bc1=1.0 - torch.pow(beta1, steps),
-        lr=lr, bc2_sqrt=bc2.sqrt(), rect=rect, grad_unscale=grad_unscale,
-        rectified=rectified.double(), lerp_small=lerp_small_flag(beta1),
-    ), len(steps))
-
-
-def launch_radam(params, grads, exp_avgs, exp_avg_sqs, coef: Tensor, l2: bool) -> None:
-    meta = elementwise_meta("radam", [params, exp_avgs, exp_avg_sqs], BLOCK)
+def launch_radam(params, grads, states, hyper, coef: Tensor, _prepared=None) -> None:
+    l2 = _l2(hyper)
+    meta = elementwise_meta("radam", [params, states["exp_avg"], states["exp_avg_sq"]], BLOCK)
     if meta.num_blocks == 0:
         return
     grad_table, grads_aligned = meta.grad_addresses.get(grads)
@@ -266,18 +261,26 @@ def launch_radam(params, grads, exp_avgs, exp_avg_sqs, coef: Tensor, l2: bool) -
 # Lion
 # ---------------------------------------------------------------------------
 
-LION_COLUMNS = (
+# The columns this module reads, placed by the contract (csrc/step_math.h's LionCoef).
+LION_COLUMNS = column_indices("lion", (
     "beta1", "beta1_complement", "beta2", "beta2_complement",
     "param_decay",   # 1 − ηλ
     "neg_lr",        # −η
     "grad_unscale",
-)
+))
+L_B1 = tl.constexpr(LION_COLUMNS["beta1"])
+L_B1C = tl.constexpr(LION_COLUMNS["beta1_complement"])
+L_B2 = tl.constexpr(LION_COLUMNS["beta2"])
+L_B2C = tl.constexpr(LION_COLUMNS["beta2_complement"])
+L_DECAY = tl.constexpr(LION_COLUMNS["param_decay"])
+L_NEG_LR = tl.constexpr(LION_COLUMNS["neg_lr"])
+L_UNSCALE = tl.constexpr(LION_COLUMNS["grad_unscale"])
 
 
 @triton.jit
 def load_lion_coefficients(row):
-    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
-            tl.load(row + 4), tl.load(row + 5), tl.load(row + 6))
+    return (tl.load(row + L_B1), tl.load(row + L_B1C), tl.load(row + L_B2), tl.load(row + L_B2C),
+            tl.load(row + L_DECAY), tl.load(row + L_NEG_LR), tl.load(row + L_UNSCALE))
 
 
 @triton.jit
@@ -291,7 +294,7 @@ def lion_update(p, g, m, beta1, beta1_complement, beta2, beta2_complement, param
     return p, m
 
 
-LION_WIDTH = tl.constexpr(len(LION_COLUMNS))
+LION_WIDTH = tl.constexpr(len(contract("lion").columns))
 
 
 @triton.jit
@@ -324,16 +327,8 @@ def lion_kernel(addresses, grad_addresses, numels, blocks, coef, n, DTYPE: tl.co
         _lion_block(p, g, m, offs, offs < numel, coef_row, COMPUTE, True)
 
 
-def lion_coefficients(n: int, lr, beta1, beta2, weight_decay, grad_unscale) -> Tensor:
-    """Lion: the same row for every tensor (Lion's update does not depend on t)."""
-    return coefficient_table(LION_COLUMNS, dict(
-        beta1=beta1, beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2,
-        param_decay=1.0 - lr * weight_decay, neg_lr=-lr, grad_unscale=grad_unscale,
-    ), n)
-
-
-def launch_lion(params, grads, exp_avgs, coef: Tensor) -> None:
-    meta = elementwise_meta("lion", [params, exp_avgs], BLOCK)
+def launch_lion(params, grads, states, hyper, coef: Tensor, _prepared=None) -> None:
+    meta = elementwise_meta("lion", [params, states["exp_avg"]], BLOCK)
     if meta.num_blocks == 0:
         return
     grad_table, grads_aligned = meta.grad_addresses.get(grads)

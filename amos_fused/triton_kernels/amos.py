@@ -1,5 +1,5 @@
-"""Amos on the Triton backend: slot layouts, bucket metadata, per-element math,
-kernels, coefficients and launch.
+"""Amos on the Triton backend: slot layouts, bucket metadata, the coefficient
+columns it reads, per-element math, kernels and launch.
 
 Slot layouts.  How an Amos tensor's elements map to its v / b slots, read off
 the shapes of the param and of its slot tensor, as csrc/cpu/amos_ops.cpp does.
@@ -60,8 +60,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (BLOCK, StreamTables, addresses_of, cached, coefficient_table,
-                     compute_dtype, ieee_div, ieee_sqrt, int64_table, kernel_dtypes, launching,
+from ..contracts import column_indices, contract
+from .common import (BLOCK, StreamTables, addresses_of, cached, compute_dtype, ieee_div, ieee_sqrt,
+                     int64_table, kernel_dtypes, launching,
                      load_block, nan_clamp, nan_maximum, program_entry, program_map, store_block,
                      stream, to_storage, upload_coefficients)
 
@@ -225,7 +226,8 @@ def amos_meta(op: str, params: Sequence[Tensor], vs: Sequence[Tensor], bs: Seque
 # Per-element math
 # ---------------------------------------------------------------------------
 
-AMOS_COLUMNS = (
+# The columns this module reads, placed by the contract (csrc/step_math.h's AmosCoef).
+AMOS_COLUMNS = column_indices("amos", (
     "beta", "beta_complement",  # β, 1 − β
     "bias_correction",          # 1 − β^t
     "epsilon",                  # floor of v
@@ -237,18 +239,29 @@ AMOS_COLUMNS = (
     "clip",                     # clip_value (used only when clipping)
     "momentum", "momentum_complement",
     "grad_unscale",             # 1/GradScaler scale, or 1
-)
-# Positions of the two columns the gradient pre-processing needs on its own.
-AMOS_CLIP_COLUMN = tl.constexpr(9)
-AMOS_UNSCALE_COLUMN = tl.constexpr(12)
+))
+M_BETA = tl.constexpr(AMOS_COLUMNS["beta"])
+M_BETA_C = tl.constexpr(AMOS_COLUMNS["beta_complement"])
+M_BIAS_CORRECTION = tl.constexpr(AMOS_COLUMNS["bias_correction"])
+M_EPSILON = tl.constexpr(AMOS_COLUMNS["epsilon"])
+M_C_SCALE = tl.constexpr(AMOS_COLUMNS["c_scale"])
+M_LR_SQ = tl.constexpr(AMOS_COLUMNS["lr_sq"])
+M_ALPHA = tl.constexpr(AMOS_COLUMNS["alpha"])
+M_D_SCALE = tl.constexpr(AMOS_COLUMNS["d_scale"])
+M_EXTRA_L2 = tl.constexpr(AMOS_COLUMNS["extra_l2"])
+M_CLIP = tl.constexpr(AMOS_COLUMNS["clip"])
+M_MOMENTUM = tl.constexpr(AMOS_COLUMNS["momentum"])
+M_MOMENTUM_C = tl.constexpr(AMOS_COLUMNS["momentum_complement"])
+M_UNSCALE = tl.constexpr(AMOS_COLUMNS["grad_unscale"])
 
 
 @triton.jit
 def load_amos_coefficients(row):
-    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
-            tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7),
-            tl.load(row + 8), tl.load(row + 9), tl.load(row + 10), tl.load(row + 11),
-            tl.load(row + 12))
+    return (tl.load(row + M_BETA), tl.load(row + M_BETA_C), tl.load(row +
+            M_BIAS_CORRECTION), tl.load(row + M_EPSILON), tl.load(row + M_C_SCALE),
+            tl.load(row + M_LR_SQ), tl.load(row + M_ALPHA), tl.load(row + M_D_SCALE),
+            tl.load(row + M_EXTRA_L2), tl.load(row + M_CLIP), tl.load(row + M_MOMENTUM),
+            tl.load(row + M_MOMENTUM_C), tl.load(row + M_UNSCALE))
 
 
 @triton.jit
@@ -290,7 +303,7 @@ def amos_element(p, g, mu, w, a, momentum, momentum_complement, MOMENTUM: tl.con
 # Kernels
 # ---------------------------------------------------------------------------
 
-AMOS_WIDTH = tl.constexpr(len(AMOS_COLUMNS))
+AMOS_WIDTH = tl.constexpr(len(contract("amos").columns))
 ELEMENTWISE_KIND = tl.constexpr(ELEMENTWISE)
 ROWS_KIND = tl.constexpr(ROWS)
 LONG_ROWS_KIND = tl.constexpr(LONG_ROWS)
@@ -356,8 +369,8 @@ def amos_sums_kernel(grad_addresses, info, blocks, coef, partials, n, DTYPE: tl.
     partial_base = tl.load(meta + 5)
     chunks = tl.load(meta + 6)
     coef_row = coef + t * AMOS_WIDTH
-    unscale = tl.load(coef_row + AMOS_UNSCALE_COLUMN)
-    clip = tl.load(coef_row + AMOS_CLIP_COLUMN)
+    unscale = tl.load(coef_row + M_UNSCALE)
+    clip = tl.load(coef_row + M_CLIP)
     if kind == LONG_ROWS_KIND:  # piece (row, j): elements j·BLOCK … of the row, one sum
         row_len = tl.load(meta + 2)
         row = piece // chunks
@@ -595,24 +608,11 @@ def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, n,
 
 
 # ---------------------------------------------------------------------------
-# Coefficients and launch
+# Launch
 # ---------------------------------------------------------------------------
 
-def amos_coefficients(steps: Tensor, etas: Sequence[float], lr, beta, momentum, clip_value,
-                      extra_l2, d_coef, c_coef, epsilon, grad_unscale) -> Tensor:
-    """Amos, per tensor of scale η at step t (momentum / clip_value None → 0)."""
-    alpha = lr * torch.tensor(etas, dtype=torch.float64)
-    momentum = 0.0 if momentum is None else momentum
-    return coefficient_table(AMOS_COLUMNS, dict(
-        beta=beta, beta_complement=1.0 - beta, bias_correction=1.0 - torch.pow(beta, steps),
-        epsilon=epsilon, c_scale=c_coef * math.sqrt(lr), lr_sq=lr * lr, alpha=alpha,
-        d_scale=d_coef * alpha.sqrt(), extra_l2=extra_l2,
-        clip=0.0 if clip_value is None else clip_value,
-        momentum=momentum, momentum_complement=1.0 - momentum, grad_unscale=grad_unscale,
-    ), len(steps))
-
-
-def launch_amos(meta: AmosMeta, params, grads, coef: Tensor, momentum: bool, clip: bool) -> None:
+def launch_amos(params, grads, states, hyper, coef: Tensor, meta: AmosMeta) -> None:
+    momentum, clip = bool(hyper["use_momentum"]), bool(hyper["clip"])
     if meta.num_main == 0:
         return
     grad_table, grads_aligned = meta.grad_addresses.get(grads)

@@ -11,9 +11,8 @@
 The algorithms (math, kernels, coefficients and launch of each) live in adam.py,
 amos.py and norm_scaled.py; ops.py holds the public ops."""
 import contextlib
-import math
 from collections import OrderedDict
-from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Type
 
 import torch
 import triton
@@ -284,29 +283,13 @@ def torch_lerp(a, b, w, small):
 # ---------------------------------------------------------------------------
 #
 # Per-step, per-tensor scalars of each algorithm are computed on the host in
-# double from the tensors' step counts (as csrc/step_coefficients.h does), then
-# rounded once to the compute dtype and uploaded as one small table per launch.
-# Each table has one row per tensor, its columns in the order of the algorithm's
-# ``*_COLUMNS`` tuple.
-
-Column = Union[float, Tensor]
+# double by the C++ prologue shared with the CPU and CUDA ops (the
+# ``begin_step`` op; csrc/step_coefficients.h), then rounded once to the compute
+# dtype and uploaded as one small table per launch: one row per tensor, its
+# columns named by the algorithm's contract (amos_fused/contracts.py).
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
               torch.float16: tl.float16, torch.float64: tl.float64}
-
-
-def coefficient_table(columns: Sequence[str], values: Dict[str, Column], n: int) -> Tensor:
-    """[n, len(columns)] float64 table; a float value fills its whole column."""
-    assert set(values) == set(columns), set(values) ^ set(columns)
-    out = torch.empty(n, len(columns), dtype=torch.float64)
-    for j, name in enumerate(columns):
-        out[:, j] = values[name]
-    return out
-
-
-def lerp_small_flag(beta1) -> float:
-    """torch.lerp's choice of form for the weight 1 − β1 (|w| < ½), as a column."""
-    return 1.0 if abs(1.0 - beta1) < 0.5 else 0.0
 
 
 def kernel_dtypes(dtype: torch.dtype) -> dict:
@@ -409,28 +392,3 @@ def check_bucket(op: str, params: Sequence[Tensor], grads: Sequence[Optional[Ten
         name = {Problem.STATE: names, Problem.SLOT: slot_names}.get(problem, [""] * (which + 1))[which]
         raise error(f"{op}: " + _DESCRIBE_PROBLEM[problem].format(i=bad, name=name)
                     + f" (params[{bad}]: {_describe(params[bad])})")
-
-
-def require(op: str, **lists: Sequence[Tensor]) -> None:
-    """The named lists must not be empty."""
-    empty = [name for name, values in lists.items() if len(values) == 0]
-    if empty:
-        raise ValueError(f"{op}: {', '.join(lists)} are required (empty: {', '.join(empty)})")
-
-
-def read_grad_scaling(op: str, grad_scale: Optional[Tensor],
-                      found_inf: Optional[Tensor]) -> Tuple[bool, float]:
-    """GradScaler inputs, read on the host: (skip the step?, factor for the grads)."""
-    skip, unscale = False, 1.0
-    if found_inf is not None:
-        if not (found_inf.numel() == 1 and found_inf.is_floating_point()):
-            raise ValueError(f"{op}: found_inf must be a one-element floating tensor, got "
-                             f"{found_inf.dtype} {list(found_inf.shape)}")
-        skip = float(found_inf) != 0.0
-    if grad_scale is not None:
-        if not (grad_scale.numel() == 1 and grad_scale.is_floating_point()):
-            raise ValueError(f"{op}: grad_scale must be a one-element floating tensor, got "
-                             f"{grad_scale.dtype} {list(grad_scale.shape)}")
-        scale = float(grad_scale)
-        unscale = 1.0 / scale if scale != 0.0 else math.copysign(math.inf, scale)  # as in C++
-    return skip, unscale

@@ -1,6 +1,6 @@
 """Scale-aware Adam (ScaledAdamW) and LAMB on the Triton backend: the rules that
-scale each tensor's Adam direction by a norm.  Coefficients, per-element math,
-two-phase kernels and launch.
+scale each tensor's Adam direction by a norm.  The coefficient columns it reads,
+per-element math, two-phase kernels and launch.
 
 Math, mirroring csrc/step_math.h: the moments, the direction u = m̂/(sqrt(v̂)+ε)
 (+ λθ for LAMB), and the phase-2 update θ ← θ − (k·u + ρ·θ) with per-tensor k, ρ.
@@ -20,70 +20,49 @@ between would change u after it was normed; in fp16 v can underflow to 0).
 Every scratch entry is written before it is read in each step: nothing to zero.
 
 Inputs are checked by ops.py before anything here runs."""
-from typing import Sequence
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (BLOCK, NUM_WARPS, BucketMeta, coefficient_table, compute_dtype,
-                     elementwise_meta, ieee_div, ieee_sqrt, int64_table, kernel_dtypes, launching,
-                     lerp_small_flag, load_block, program_entry, store_block, stream, torch_lerp,
-                     upload_coefficients)
+from ..contracts import column_indices, contract
+from .common import (BLOCK, NUM_WARPS, BucketMeta, compute_dtype, elementwise_meta, ieee_div,
+                     ieee_sqrt, int64_table, kernel_dtypes, launching, load_block, program_entry,
+                     store_block, stream, torch_lerp, upload_coefficients)
 
 
 # ---------------------------------------------------------------------------
 # Coefficients
 # ---------------------------------------------------------------------------
 
-MOMENT_COLUMNS = (
+# The columns this module reads, placed by the contract (csrc/step_coefficients.h's
+# NormScaledCoef: MomentCoef's fields, then scale, rho, init_norm); both rules
+# have the same columns.
+MOMENT_COLUMNS = column_indices("scaled_adam", (
     "beta1_complement", "beta2", "beta2_complement",
     "eps",
     "bc1",           # 1 − β1^t (1 without bias correction)
     "bc2_sqrt",      # sqrt(1 − β2^t)
     "weight_decay",  # λ added to the direction (LAMB), else 0
     "grad_unscale",
-    "k_scale",       # scale-aware Adam: α0·‖ε0‖·s(t);  LAMB: η
-    "rho",           # scale-aware Adam: α0²/(2q)·s(t); LAMB: 0
     "lerp_small",    # 1 when 1 − β1 < ½ (the form of torch_lerp), else 0
-)
-
-
-def _moments(steps, beta1, beta2, eps, weight_decay, bias_correction, grad_unscale, k_scale, rho):
-    ones = torch.ones_like(steps)
-    bc1 = 1.0 - torch.pow(beta1, steps) if bias_correction else ones
-    bc2 = 1.0 - torch.pow(beta2, steps) if bias_correction else ones
-    return coefficient_table(MOMENT_COLUMNS, dict(
-        beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2, eps=eps,
-        bc1=bc1, bc2_sqrt=bc2.sqrt(), weight_decay=weight_decay, grad_unscale=grad_unscale,
-        k_scale=k_scale, rho=rho, lerp_small=lerp_small_flag(beta1),
-    ), len(steps))
-
-
-def scaled_schedule(steps: Tensor, lr, p, inverse_time) -> Tensor:
-    """Scale-aware Adam's s(t): 1/(2·α0·p·t + 1) (inverse_time) or 1/(α0·p·t + 1)²
-    (inverse_square)."""
-    if inverse_time:
-        return 1.0 / (2.0 * lr * p * steps + 1.0)
-    return 1.0 / ((lr * p * steps + 1.0) * (lr * p * steps + 1.0))
-
-
-def scaled_adam_coefficients(steps: Tensor, init_norms: Sequence[float], lr, beta1, beta2, eps,
-                             p, inverse_time, q, grad_unscale) -> Tensor:
-    """Scale-aware Adam: k = α0·‖ε0‖·s(t)/‖u‖ (the ‖u‖ part on the device),
-    ρ = α0²/(2q)·s(t)."""
-    s = scaled_schedule(steps, lr, p, inverse_time)
-    norms = torch.tensor(init_norms, dtype=torch.float64)
-    return _moments(steps, beta1, beta2, eps, 0.0, True, grad_unscale,
-                    k_scale=lr * norms * s, rho=lr * lr / (2.0 * q) * s)
-
-
-def lamb_coefficients(steps: Tensor, lr, beta1, beta2, eps, weight_decay, bias_correction,
-                      grad_unscale) -> Tensor:
-    """LAMB: k = η·‖θ‖/‖u‖ (the norms on the device), ρ = 0."""
-    return _moments(steps, beta1, beta2, eps, weight_decay, bias_correction, grad_unscale,
-                    k_scale=lr, rho=0.0)
+    "scale",         # scale-aware Adam: α0·s(t);  LAMB: η
+    "rho",           # scale-aware Adam: α0²/(2q)·s(t); LAMB: 0
+    "init_norm",     # scale-aware Adam: ‖ε0‖;  LAMB: 0
+))
+assert contract("lamb").columns == contract("scaled_adam").columns
+N_B1C = tl.constexpr(MOMENT_COLUMNS["beta1_complement"])
+N_B2 = tl.constexpr(MOMENT_COLUMNS["beta2"])
+N_B2C = tl.constexpr(MOMENT_COLUMNS["beta2_complement"])
+N_EPS = tl.constexpr(MOMENT_COLUMNS["eps"])
+N_BC1 = tl.constexpr(MOMENT_COLUMNS["bc1"])
+N_BC2_SQRT = tl.constexpr(MOMENT_COLUMNS["bc2_sqrt"])
+N_WEIGHT_DECAY = tl.constexpr(MOMENT_COLUMNS["weight_decay"])
+N_UNSCALE = tl.constexpr(MOMENT_COLUMNS["grad_unscale"])
+N_LERP_SMALL = tl.constexpr(MOMENT_COLUMNS["lerp_small"])
+N_SCALE = tl.constexpr(MOMENT_COLUMNS["scale"])
+N_RHO = tl.constexpr(MOMENT_COLUMNS["rho"])
+N_INIT_NORM = tl.constexpr(MOMENT_COLUMNS["init_norm"])
 
 
 # ---------------------------------------------------------------------------
@@ -92,14 +71,14 @@ def lamb_coefficients(steps: Tensor, lr, beta1, beta2, eps, weight_decay, bias_c
 
 @triton.jit
 def load_moment_coefficients(row):
-    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
-            tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7),
-            tl.load(row + 10))
+    return (tl.load(row + N_B1C), tl.load(row + N_B2), tl.load(row + N_B2C), tl.load(row + N_EPS),
+            tl.load(row + N_BC1), tl.load(row + N_BC2_SQRT), tl.load(row + N_WEIGHT_DECAY),
+            tl.load(row + N_UNSCALE), tl.load(row + N_LERP_SMALL))
 
 
 @triton.jit
 def load_scale_coefficients(row):
-    return tl.load(row + 8), tl.load(row + 9)
+    return tl.load(row + N_SCALE), tl.load(row + N_RHO), tl.load(row + N_INIT_NORM)
 
 
 @triton.jit
@@ -121,18 +100,18 @@ def adam_direction(p, m, v, eps, bc1, bc2_sqrt, weight_decay, DECAY: tl.constexp
 
 
 @triton.jit
-def norm_scale(u_sq, theta_sq, k_scale, LAMB: tl.constexpr, FP64: tl.constexpr):
+def norm_scale(u_sq, theta_sq, scale, init_norm, LAMB: tl.constexpr, FP64: tl.constexpr):
     """Per-tensor k from Σu² (and Σθ²):
-    scale-aware Adam k = α0·‖ε0‖·s(t)/‖u‖ (0 when ‖u‖ = 0);
+    scale-aware Adam k = α0·s(t)·‖ε0‖/‖u‖ (0 when ‖u‖ = 0);
     LAMB k = η·‖θ‖/‖u‖ (η when either norm is 0)."""
     u_norm = ieee_sqrt(u_sq, FP64)
     safe_u_norm = tl.where(u_norm > 0, u_norm, 1.0)
     if LAMB:
         theta_norm = ieee_sqrt(theta_sq, FP64)
         ratio = tl.where((u_norm > 0) & (theta_norm > 0), ieee_div(theta_norm, safe_u_norm, FP64), 1.0)
-        k = k_scale * ratio
+        k = scale * ratio
     else:
-        k = tl.where(u_norm > 0, ieee_div(k_scale, safe_u_norm, FP64), 0.0)
+        k = tl.where(u_norm > 0, ieee_div(scale * init_norm, safe_u_norm, FP64), 0.0)
     return k
 
 
@@ -145,7 +124,7 @@ def scaled_update(p, u, k, rho):
 # Kernels
 # ---------------------------------------------------------------------------
 
-MOMENT_WIDTH = tl.constexpr(len(MOMENT_COLUMNS))
+MOMENT_WIDTH = tl.constexpr(len(contract("scaled_adam").columns))
 
 
 @triton.jit
@@ -255,8 +234,8 @@ def norm_scaled_phase2_kernel(addresses, grad_addresses, numels, blocks, coef, s
     v = stream(addresses, 2, n, t, DTYPE, ALIGNED)
     coef_row = coef + t * MOMENT_WIDTH
     acc = sums + 2 * t
-    k_scale, rho = load_scale_coefficients(coef_row)
-    k = norm_scale(tl.load(acc), tl.load(acc + 1), k_scale, LAMB, FP64)
+    scale, rho, init_norm = load_scale_coefficients(coef_row)
+    k = norm_scale(tl.load(acc), tl.load(acc + 1), scale, init_norm, LAMB, FP64)
     start = index * BLOCK
     offs = start + tl.arange(0, BLOCK)
     numel = tl.load(numels + t)
@@ -289,9 +268,18 @@ class NormScaledMeta(BucketMeta):
         self.first_blocks = int64_table(firsts, self.device)
 
 
-def launch_norm_scaled(params, grads, exp_avgs, exp_avg_sqs, coef: Tensor, lamb: bool) -> None:
+def launch_scaled_adam(params, grads, states, hyper, coef: Tensor, _prepared=None) -> None:
+    launch_norm_scaled(params, grads, states, coef, lamb=False)
+
+
+def launch_lamb(params, grads, states, hyper, coef: Tensor, _prepared=None) -> None:
+    launch_norm_scaled(params, grads, states, coef, lamb=True)
+
+
+def launch_norm_scaled(params, grads, states, coef: Tensor, lamb: bool) -> None:
     """Scale-aware Adam (lamb=False) or LAMB: phase 1 then phase 2."""
-    meta = elementwise_meta("norm_scaled", [params, exp_avgs, exp_avg_sqs], BLOCK, NormScaledMeta)
+    meta = elementwise_meta("norm_scaled", [params, states["exp_avg"], states["exp_avg_sq"]], BLOCK,
+                            NormScaledMeta)
     if meta.num_blocks == 0:
         return
     grad_table, grads_aligned = meta.grad_addresses.get(grads)

@@ -20,11 +20,9 @@
 #include <utility>
 #include <vector>
 
-#include "../amos_layout.h"
-#include "../step_coefficients.h"
-#include "../step_prologue.h"
 #include "amos_plan.h"
 #include "block_reduce.cuh"
+#include "step_launch.h"
 
 namespace amos_fused::cuda {
 namespace {
@@ -413,43 +411,24 @@ void launch_amos(const TableKey& key, AmosPlan<at::opmath_type<scalar_t>>& plan,
   });
 }
 
-void amos_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList vs,
-                    at::TensorList bs, at::TensorList mus, at::TensorList steps,
-                    at::ArrayRef<double> etas, double lr, double beta, std::optional<double> momentum,
-                    std::optional<double> clip_value, double extra_l2, double d_coef, double c_coef,
-                    double epsilon, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
-  const char* op = "amos_fused.amos_step";
-  std::vector<AmosLayout> layouts;
-  const auto start = start_step(op, params, grads, {{"mus", momentum ? mus : at::TensorList(), bool(momentum)}},
-                                steps, grad_scale, found_inf, [&] {
-                                  check_per_tensor(op, params, etas.size(), "etas");
-                                  layouts = amos_slot_layouts(op, params, vs, bs);
-                                  cuda_checks(op, params)();
-                                });
-  if (!start) return;
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  // -- every check passed: from here on we write --
-  const AmosHyper hyper{lr,     beta,   momentum.value_or(0.0), clip_value.value_or(0.0), extra_l2,
-                        d_coef, c_coef, epsilon,                start->grad_unscale};
-  const std::vector<double>& step = start->steps;
-  const TableKey key = table_key(op, params);
+}  // namespace
+
+void launch(const StepCall<AmosAlgorithm>& call) {
+  const c10::cuda::CUDAGuard guard(call.params[0].device());
+  const at::TensorList params = call.params;
+  const bool momentum = call.hyper.use_momentum != 0, clip = call.hyper.clip != 0;
+  const TableKey key = table_key(call.op, params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "amos_fused_amos_cuda", [&] {
     using Op = at::opmath_type<scalar_t>;
-    const CoefTable<AmosCoef<Op>> coefs = fold_coefficients<AmosCoef<Op>>(
-        params.size(), [&](size_t t) { return std::make_pair(etas[t], step[t]); },
-        [&](size_t t) { return to_opmath<Op>(amos_coefficients(hyper, etas[t], step[t])); });
-    AmosPlan<Op> plan(op, params, grads, vs, bs, momentum ? mus : at::TensorList(), layouts, coefs);
+    const CoefTable<AmosCoef<Op>> coefs = opmath_coefficients<Op, AmosCoef>(call);
+    AmosPlan<Op> plan(call.op, params, call.grads, call.states[0], call.states[1],
+                      momentum ? call.states[2] : at::TensorList(), call.layouts, coefs);
     if (momentum) {
-      launch_amos<scalar_t, true>(key, plan, clip_value.has_value(), params[0].device());
+      launch_amos<scalar_t, true>(key, plan, clip, params[0].device());
     } else {
-      launch_amos<scalar_t, false>(key, plan, clip_value.has_value(), params[0].device());
+      launch_amos<scalar_t, false>(key, plan, clip, params[0].device());
     }
   });
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(amos_fused, CUDA, m) { m.impl("amos_step", &amos_step_cuda); }
 
 }  // namespace amos_fused::cuda

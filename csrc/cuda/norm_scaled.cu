@@ -24,10 +24,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "../step_coefficients.h"
-#include "../step_prologue.h"
 #include "block_reduce.cuh"
 #include "multi_tensor_apply.cuh"
+#include "step_launch.h"
 
 namespace amos_fused::cuda {
 namespace {
@@ -173,32 +172,28 @@ void launch_norm_scaled(const TableKey& key, ElementwisePlan<NormCoef<at::opmath
   });
 }
 
-// Both rules: `scale_and_rho(step)` gives NormCoef's (scale, ρ) at a step; the
-// per-tensor ‖ε0‖ go to a table section of their own (they never change).
-template <typename ScaleAndRho>
-void norm_scaled_step(const char* op, bool lamb, at::TensorList params, at::TensorList grads,
-                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs, const StepStart& start,
-                      at::ArrayRef<double> init_norms, double beta1, double beta2, double eps,
-                      double weight_decay, bool bias_correction, const ScaleAndRho& scale_and_rho) {
-  const std::vector<double>& step = start.steps;
-  const double grad_unscale = start.grad_unscale;
-  const TableKey key = table_key(op, params);
+// Both rules: the per-tensor ‖ε0‖ (scale-aware Adam) go to a table section of
+// their own (they never change); the coefficients depend on the step only.
+template <typename A>
+void norm_scaled_step(const StepCall<A>& call, bool lamb) {
+  const c10::cuda::CUDAGuard guard(call.params[0].device());
+  const at::TensorList params = call.params;
+  const TableKey key = table_key(call.op, params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "amos_fused_norm_scaled_cuda", [&] {
     using Op = at::opmath_type<scalar_t>;
     const CoefTable<NormCoef<Op>> coefs = fold_coefficients<NormCoef<Op>>(
-        params.size(), [&](size_t t) { return step[t]; },
+        params.size(), [&](size_t t) { return call.steps[t]; },
         [&](size_t t) {
-          const std::pair<double, double> sr = scale_and_rho(step[t]);
-          const MomentCoef<double> moments = moment_coefficients(
-              beta1, beta2, eps, weight_decay, bias_correction, grad_unscale, step[t]);
-          return NormCoef<Op>{to_opmath<Op>(moments), sr.first, sr.second};
+          const NormScaledCoef& c = call.coef[t];
+          return NormCoef<Op>{to_opmath<Op>(c.moments), c.scale, c.rho};
         });
-    ElementwisePlan<NormCoef<Op>, 4> plan(op, {params, grads, exp_avgs, exp_avg_sqs}, coefs);
+    ElementwisePlan<NormCoef<Op>, 4> plan(call.op, {params, call.grads, call.states[0], call.states[1]},
+                                          coefs);
     if (plan.num_tasks == 0) return;
     const int init_norm_section = plan.image.add<double>(static_cast<int64_t>(params.size()));
     plan.fill();
     double* norms = plan.image.data<double>(init_norm_section);
-    for (size_t t = 0; t < params.size(); ++t) norms[t] = init_norms.empty() ? 0.0 : init_norms[t];
+    for (size_t t = 0; t < params.size(); ++t) norms[t] = call.per_tensor.empty() ? 0.0 : call.per_tensor[t];
     if (lamb) {
       launch_norm_scaled<scalar_t, true>(key, plan, init_norm_section, params[0].device());
     } else {
@@ -207,50 +202,12 @@ void norm_scaled_step(const char* op, bool lamb, at::TensorList params, at::Tens
   });
 }
 
-// Scale-aware Adam: θ ← θ − (α_t·u + ρ_t·θ), α_t = α0·‖ε0‖/‖u‖·s(t), ρ_t = α0²/(2q)·s(t).
-void scaled_adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                           at::TensorList exp_avg_sqs, at::TensorList steps,
-                           at::ArrayRef<double> init_norms, double lr, double beta1, double beta2,
-                           double eps, double p, bool inverse_time, double q,
-                           const std::optional<at::Tensor>& grad_scale,
-                           const std::optional<at::Tensor>& found_inf) {
-  const char* op = "amos_fused.scaled_adam_step";
-  const auto start = start_step(op, params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
-                                steps, grad_scale, found_inf, [&] {
-                                  check_per_tensor(op, params, init_norms.size(), "init_norms");
-                                  cuda_checks(op, params)();
-                                });
-  if (!start) return;
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  // -- every check passed: from here on we write --
-  norm_scaled_step(op, false, params, grads, exp_avgs, exp_avg_sqs, *start, init_norms, beta1, beta2,
-                   eps, 0.0, true, [&](double step) {
-                     const double s = scaled_schedule(lr, p, inverse_time, step);
-                     return std::make_pair(lr * s, lr * lr / (2.0 * q) * s);
-                   });
-}
-
-// LAMB: θ ← θ − η·(‖θ‖/‖u‖)·u, u = m̂/(sqrt(v̂)+ε) + λθ, ratio 1 when a norm is 0.
-void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                    at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1,
-                    double beta2, double eps, double weight_decay, bool bias_correction,
-                    const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
-  const char* op = "amos_fused.lamb_step";
-  const auto start = start_step(op, params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
-                                steps, grad_scale, found_inf, cuda_checks(op, params));
-  if (!start) return;
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  // -- every check passed: from here on we write --
-  norm_scaled_step(op, true, params, grads, exp_avgs, exp_avg_sqs, *start, {}, beta1, beta2, eps,
-                   weight_decay, bias_correction, [&](double) { return std::make_pair(lr, 0.0); });
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(amos_fused, CUDA, m) {
-  m.impl("scaled_adam_step", &scaled_adam_step_cuda);
-  m.impl("lamb_step", &lamb_step_cuda);
-}
+// Scale-aware Adam: θ ← θ − (α_t·u + ρ_t·θ), α_t = α0·‖ε0‖/‖u‖·s(t), ρ_t = α0²/(2q)·s(t).
+void launch(const StepCall<ScaledAdamAlgorithm>& call) { norm_scaled_step(call, false); }
+
+// LAMB: θ ← θ − η·(‖θ‖/‖u‖)·u, u = m̂/(sqrt(v̂)+ε) + λθ, ratio 1 when a norm is 0.
+void launch(const StepCall<LambAlgorithm>& call) { norm_scaled_step(call, true); }
 
 }  // namespace amos_fused::cuda

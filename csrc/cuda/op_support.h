@@ -30,7 +30,7 @@ inline void refuse_graph_capture(const char* op) {
               op, ": cannot run inside CUDA graph capture (step counts are host tensors)");
 }
 
-// start_step's device checks of a CUDA op (csrc/step_prologue.h): CUDA params, and
+// The device checks of a CUDA step (Backend::device_checks, cuda/step_launch.h): CUDA params, and
 // not under CUDA graph capture.
 inline auto cuda_checks(const char* op, at::TensorList params) {
   return [op, params] {

@@ -1,0 +1,69 @@
+"""Each algorithm's contract with the kernels, read from the compiled library (the
+one place it is declared): the names of its hyper-parameters in the order the
+``step`` op takes them, its state lists (and the flag that enables an optional
+one), its per-tensor value, and the columns of its coefficient table.
+
+``step_arguments`` turns an optimizer's hyper-parameters and bucket state into the
+``states`` and ``hyper`` arguments of ``torch.ops.amos_fused.step`` (and of the
+Triton backend's ``step``), checking the names against the contract."""
+from __future__ import annotations
+
+import functools
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers torch.ops.amos_fused)
+
+
+class Contract(NamedTuple):
+    hyper: Tuple[str, ...]        # the op's hyper list, in order
+    states: Tuple[str, ...]       # state keys, in the op's (key-major) order
+    enabled_by: Tuple[str, ...]   # per state: the hyper flag that enables it, or ""
+    per_tensor: Tuple[str, ...]   # () or the name of the per-tensor value
+    columns: Tuple[str, ...]      # the coefficient table's columns, in order
+
+
+@functools.lru_cache(maxsize=None)
+def contract(algorithm: str) -> Contract:
+    return Contract(*(tuple(names) for names in torch.ops.amos_fused.contract(algorithm)))
+
+
+def step_arguments(algorithm: str, hyper: Mapping[str, float],
+                   state: Mapping[str, Sequence[Tensor]]) -> Tuple[List[Tensor], List[float]]:
+    """(states, hyper) of a step op call: the enabled state lists of ``state`` (key →
+    one tensor per param) concatenated in the contract's order, and ``hyper``'s
+    values in the contract's order (flags as 0 / 1)."""
+    c = contract(algorithm)
+    if set(hyper) != set(c.hyper):
+        raise ValueError(f"{algorithm}: hyper-parameters {sorted(hyper)} do not match the kernels' "
+                         f"{list(c.hyper)}")
+    values = [float(hyper[name]) for name in c.hyper]
+    states: List[Tensor] = []
+    for key, flag in zip(c.states, c.enabled_by):
+        if not flag or hyper[flag]:
+            states.extend(state[key])
+    return states, values
+
+
+def column_indices(algorithm: str, names: Sequence[str]) -> Dict[str, int]:
+    """The column of each name in ``algorithm``'s coefficient table; ``names`` must be
+    exactly the contract's columns (any order), so a reader cannot fall out of step
+    with the table."""
+    columns = contract(algorithm).columns
+    if sorted(names) != sorted(columns):
+        raise RuntimeError(f"{algorithm}: coefficient columns {sorted(names)} do not match the "
+                           f"kernels' {list(columns)}")
+    return {name: columns.index(name) for name in names}
+
+
+def call_step(ops, algorithm: str, params: Sequence[Tensor], grads: Sequence[Tensor],
+              state: Mapping[str, Sequence[Tensor]], steps: Sequence[Tensor],
+              hyper: Mapping[str, float], per_tensor: Sequence[float] = (),
+              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+    """One ``ops.step`` call (``ops``: torch.ops.amos_fused or the Triton ops) with the
+    state lists and hyper-parameters given by name."""
+    states, values = step_arguments(algorithm, hyper, state)
+    ops.step(algorithm, list(params), list(grads), states, list(steps), values, list(per_tensor),
+             grad_scale=grad_scale, found_inf=found_inf)

@@ -1,0 +1,62 @@
+// The CPU step op (csrc/step_prologue.h's run_step): after the shared prologue,
+// one launch per algorithm over the whole bucket (cpu/*_ops.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "../step_prologue.h"
+#include "kernel_api.h"
+
+namespace amos_fused::cpu {
+
+void launch(const StepCall<AdamAlgorithm>& call);
+void launch(const StepCall<RAdamAlgorithm>& call);
+void launch(const StepCall<LionAlgorithm>& call);
+void launch(const StepCall<AmosAlgorithm>& call);
+void launch(const StepCall<ScaledAdamAlgorithm>& call);
+void launch(const StepCall<LambAlgorithm>& call);
+
+struct Backend {
+  static void device_checks(const char*, at::TensorList) {}
+  template <typename A>
+  static void launch(const StepCall<A>& call) {
+    cpu::launch(call);
+  }
+};
+
+// Prefix sums of numel and the addresses of each list, for the kernels.
+struct BucketTables {
+  std::vector<int64_t> offsets;
+  std::vector<void*> param, grad;
+  std::vector<std::vector<void*>> states;
+
+  template <typename A>
+  explicit BucketTables(const StepCall<A>& call) {
+    const size_t n = call.params.size();
+    offsets.resize(n + 1, 0);
+    for (size_t i = 0; i < n; ++i) offsets[i + 1] = offsets[i] + call.params[i].numel();
+    gather(param, call.params);
+    gather(grad, call.grads);
+    for (const at::TensorList& list : call.states) {
+      states.emplace_back(list.size(), nullptr);
+      for (size_t i = 0; i < list.size(); ++i) states.back()[i] = list[i].data_ptr();
+    }
+  }
+
+  BucketView view(const at::TensorList& params) const {
+    return {params[0].scalar_type(), static_cast<int64_t>(offsets.size() - 1), offsets.data()};
+  }
+  const void* const* grads() const { return const_cast<const void* const*>(grad.data()); }
+  void* const* params() { return param.data(); }
+  void* const* state(size_t k) { return states[k].data(); }
+
+ private:
+  static void gather(std::vector<void*>& out, at::TensorList list) {
+    out.reserve(list.size());
+    for (const at::Tensor& t : list) out.push_back(t.data_ptr());
+  }
+};
+
+}  // namespace amos_fused::cpu
