@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import importlib
-from typing import Dict, FrozenSet, List, Optional
+from typing import FrozenSet, List, Optional
 
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.amos_fused)
 from . import triton_kernels
+from .contracts import algorithms
 
 KNOWN_BACKENDS = ("reference", "cpu", "cuda", "triton")
 
-# Algorithms with a fused kernel, per backend (the reference has them all).
-FUSED_ALGORITHMS: Dict[str, FrozenSet[str]] = {
-    "cpu": frozenset({"adam", "radam", "lion", "amos", "scaled_adam", "lamb"}),
-    "cuda": frozenset({"adam", "radam", "lion", "amos", "scaled_adam", "lamb"}),
-    "triton": frozenset({"adam", "radam", "lion", "amos", "scaled_adam", "lamb"}),
-}
+def fused_algorithms(backend: str) -> FrozenSet[str]:
+    """The algorithms with a fused kernel on an available backend (the reference has
+    them all): every algorithm of the compiled step op, and those the Triton
+    package launches (this imports triton)."""
+    if backend == "triton":
+        return frozenset(importlib.import_module("amos_fused.triton_kernels.ops").algorithms())
+    return frozenset(algorithms())
 
 
 def _device_types(backend: str):
@@ -71,7 +73,7 @@ def check_backend(backend: Optional[str], algorithm: str, optimizer: str) -> Non
     reason = _why_unavailable(backend)
     if reason is not None:
         raise RuntimeError(f"{optimizer}: backend {backend!r} is not available: {reason}")
-    if backend != "reference" and algorithm not in FUSED_ALGORITHMS[backend]:
+    if backend != "reference" and algorithm not in fused_algorithms(backend):
         raise NotImplementedError(
             f"{optimizer}: backend {backend!r} has no fused {algorithm} kernel; "
             f"use backend='reference' or one of {available_backends()}"
@@ -92,8 +94,8 @@ def backend_for(requested: Optional[str], algorithm: str, device: torch.device, 
     for name in ("cuda", "cpu", "triton"):
         if (
             device.type in _device_types(name)
-            and algorithm in FUSED_ALGORITHMS[name]
             and _why_unavailable(name) is None
+            and algorithm in fused_algorithms(name)
         ):
             return name
     return "reference"

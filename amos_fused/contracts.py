@@ -9,7 +9,7 @@ Triton backend's ``step``), checking the names against the contract."""
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -23,6 +23,12 @@ class Contract(NamedTuple):
     enabled_by: Tuple[str, ...]   # per state: the hyper flag that enables it, or ""
     per_tensor: Tuple[str, ...]   # () or the name of the per-tensor value
     columns: Tuple[str, ...]      # the coefficient table's columns, in order
+
+
+@functools.lru_cache(maxsize=None)
+def algorithms() -> Tuple[str, ...]:
+    """Every algorithm the compiled step op runs."""
+    return tuple(torch.ops.amos_fused.algorithms())
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,15 +53,15 @@ def step_arguments(algorithm: str, hyper: Mapping[str, float],
     return states, values
 
 
-def column_indices(algorithm: str, names: Sequence[str]) -> Dict[str, int]:
-    """The column of each name in ``algorithm``'s coefficient table; ``names`` must be
-    exactly the contract's columns (any order), so a reader cannot fall out of step
-    with the table."""
+def column_indices(algorithm: str, names: Sequence[str]) -> List[int]:
+    """The column of each name in ``algorithm``'s coefficient table, in the order of
+    ``names``, which must be exactly the contract's columns (any order), so a
+    reader cannot fall out of step with the table."""
     columns = contract(algorithm).columns
     if sorted(names) != sorted(columns):
         raise RuntimeError(f"{algorithm}: coefficient columns {sorted(names)} do not match the "
                            f"kernels' {list(columns)}")
-    return {name: columns.index(name) for name in names}
+    return [columns.index(name) for name in names]
 
 
 def call_step(ops, algorithm: str, params: Sequence[Tensor], grads: Sequence[Tensor],
@@ -66,4 +72,4 @@ def call_step(ops, algorithm: str, params: Sequence[Tensor], grads: Sequence[Ten
     state lists and hyper-parameters given by name."""
     states, values = step_arguments(algorithm, hyper, state)
     ops.step(algorithm, list(params), list(grads), states, list(steps), values, list(per_tensor),
-             grad_scale=grad_scale, found_inf=found_inf)
+             grad_scale, found_inf)

@@ -11,14 +11,21 @@
 
 namespace amos_fused {
 
-// How an Amos tensor's elements map to its slots (every backend reads it the same way).
+// How an Amos tensor's elements map to its slots: the three kinds every backend
+// walks (how a backend schedules long or short rows is its own business).
+enum AmosSlotKind : int32_t {
+  kSlotsElementwise = 0,  // one slot per element (no reduced axis, or ≤ 1 element)
+  kSlotsRows = 1,         // the reduced axes are trailing: each slot owns a contiguous row
+  kSlotsGeneral = 2,      // any other layout
+};
+
 constexpr int kAmosMaxDims = 16;
 struct AmosLayout {
-  // Elements per slot when each slot owns one contiguous run (reduced axes are
-  // trailing, or none: row_len 1); 0 for any other layout ("general").
+  int32_t kind;  // AmosSlotKind
+  // Elements per slot for kSlotsRows, 1 for kSlotsElementwise, 0 for kSlotsGeneral.
   int64_t row_len;
-  // General layouts: dims after dropping size-1 dims and merging neighbours,
-  // with the slot stride of each (0 for reduced dims).
+  // Rows and general layouts: dims after dropping size-1 dims and merging
+  // neighbours, with the slot stride of each (0 for reduced dims).
   int ndim;
   int64_t sizes[kAmosMaxDims];
   int64_t slot_strides[kAmosMaxDims];
@@ -56,20 +63,21 @@ inline AmosLayout describe_amos_slots(const char* op, const at::Tensor& p, const
   }
   const bool any_reduced = std::find(kinds.begin(), kinds.end(), true) != kinds.end();
   if (!any_reduced || numel <= 1) {
+    layout.kind = kSlotsElementwise;
     layout.row_len = 1;
-  } else if (kinds.back() && std::count(kinds.begin(), kinds.end(), true) == 1) {
-    layout.row_len = sizes.back();
-  } else {
-    TORCH_CHECK_VALUE(static_cast<int>(sizes.size()) <= kAmosMaxDims, op, ": params[", index,
-                      "] has too many dims");
-    layout.row_len = 0;
-    layout.ndim = static_cast<int>(sizes.size());
-    int64_t stride = 1;
-    for (int d = layout.ndim - 1; d >= 0; --d) {
-      layout.sizes[d] = sizes[d];
-      layout.slot_strides[d] = kinds[d] ? 0 : stride;
-      if (!kinds[d]) stride *= sizes[d];
-    }
+    return layout;
+  }
+  TORCH_CHECK_VALUE(static_cast<int>(sizes.size()) <= kAmosMaxDims, op, ": params[", index,
+                    "] has too many dims");
+  const bool rows = kinds.back() && std::count(kinds.begin(), kinds.end(), true) == 1;
+  layout.kind = rows ? kSlotsRows : kSlotsGeneral;
+  layout.row_len = rows ? sizes.back() : 0;
+  layout.ndim = static_cast<int>(sizes.size());
+  int64_t stride = 1;
+  for (int d = layout.ndim - 1; d >= 0; --d) {
+    layout.sizes[d] = sizes[d];
+    layout.slot_strides[d] = kinds[d] ? 0 : stride;
+    if (!kinds[d]) stride *= sizes[d];
   }
   return layout;
 }
@@ -103,5 +111,10 @@ inline std::vector<AmosLayout> amos_slot_layouts(const char* op, at::TensorList 
   }
   return layouts;
 }
+
+// The op form of amos_slot_layouts (for the Triton backend): one int64 row per
+// tensor, (kind, num_slots, row_len, ndim, sizes[kAmosMaxDims], slot_strides[kAmosMaxDims]).
+at::Tensor amos_slot_layouts_op(c10::string_view op, at::TensorList params, at::TensorList vs,
+                                at::TensorList bs);
 
 }  // namespace amos_fused

@@ -8,60 +8,34 @@
 
 #include <tuple>
 
+#include "amos_layout.h"
 #include "step_prologue.h"
 
 namespace amos_fused {
+
 namespace {
-
-template <typename A>
-Contract make_contract(const char* name, const char* op, std::vector<StateSpec> states,
-                       const char* per_tensor) {
-  return {A::kId, name, op, std::move(states), per_tensor, A::Hyper::names(),
-          CoefColumns<typename A::Coef>::names()};
+template <typename... A>
+std::vector<std::string> names_of(TypeList<A...>) {
+  return {A::kName...};
 }
-
-const std::vector<Contract>& contracts() {
-  static const std::vector<Contract> all = {
-      make_contract<AdamAlgorithm>("adam", "amos_fused.adam_step",
-                                   {{"exp_avg", "exp_avgs", false, nullptr},
-                                    {"exp_avg_sq", "exp_avg_sqs", false, nullptr},
-                                    {"max_exp_avg_sq", "max_exp_avg_sqs", false, "amsgrad"}},
-                                   nullptr),
-      make_contract<RAdamAlgorithm>("radam", "amos_fused.radam_step",
-                                    {{"exp_avg", "exp_avgs", false, nullptr},
-                                     {"exp_avg_sq", "exp_avg_sqs", false, nullptr}},
-                                    nullptr),
-      make_contract<LionAlgorithm>("lion", "amos_fused.lion_step",
-                                   {{"exp_avg", "exp_avgs", false, nullptr}}, nullptr),
-      make_contract<AmosAlgorithm>("amos", "amos_fused.amos_step",
-                                   {{"v", "vs", true, nullptr},
-                                    {"b", "bs", true, nullptr},
-                                    {"mu", "mus", false, "use_momentum"}},
-                                   "etas"),
-      make_contract<ScaledAdamAlgorithm>("scaled_adam", "amos_fused.scaled_adam_step",
-                                         {{"exp_avg", "exp_avgs", false, nullptr},
-                                          {"exp_avg_sq", "exp_avg_sqs", false, nullptr}},
-                                         "init_norms"),
-      make_contract<LambAlgorithm>("lamb", "amos_fused.lamb_step",
-                                   {{"exp_avg", "exp_avgs", false, nullptr},
-                                    {"exp_avg_sq", "exp_avg_sqs", false, nullptr}},
-                                   nullptr),
-  };
-  return all;
-}
-
 }  // namespace
+
+std::vector<std::string> algorithms_op() { return names_of(Algorithms{}); }
 
 // (hyper, state keys, the flag enabling each state or "", per-tensor value or none, columns)
 ContractNames contract_op(c10::string_view algorithm) {
-  const Contract& c = find_contract(algorithm);
-  std::vector<std::string> keys, flags, per_tensor;
-  for (const StateSpec& spec : c.states) {
-    keys.emplace_back(spec.key);
-    flags.emplace_back(spec.enabled_by != nullptr ? spec.enabled_by : "");
-  }
-  if (c.per_tensor != nullptr) per_tensor.emplace_back(c.per_tensor);
-  return {c.hyper, keys, flags, per_tensor, c.columns};
+  ContractNames out;
+  with_algorithm(algorithm, [&](auto traits) {
+    const Contract& c = contract_of<decltype(traits)>();
+    std::vector<std::string> keys, flags, per_tensor;
+    for (const StateSpec& spec : c.states) {
+      keys.emplace_back(spec.key);
+      flags.emplace_back(spec.enabled_by != nullptr ? spec.enabled_by : "");
+    }
+    if (c.per_tensor != nullptr) per_tensor.emplace_back(c.per_tensor);
+    out = {c.hyper, keys, flags, per_tensor, c.columns};
+  });
+  return out;
 }
 
 namespace {
@@ -86,23 +60,37 @@ std::tuple<bool, at::Tensor> begin_step_op(c10::string_view algorithm, at::Tenso
                                            at::ArrayRef<double> per_tensor,
                                            const std::optional<at::Tensor>& grad_scale,
                                            const std::optional<at::Tensor>& found_inf) {
-  const Contract& c = find_contract(algorithm);
-  return with_algorithm(c, [&](auto traits) -> std::tuple<bool, at::Tensor> {
+  std::tuple<bool, at::Tensor> out;
+  with_algorithm(algorithm, [&](auto traits) {
     using A = decltype(traits);
-    const auto call = begin_step<A>(c, params, grads, states, steps, hyper, per_tensor, grad_scale,
+    const size_t width = contract_of<A>().columns.size();
+    const auto call = begin_step<A>(params, grads, states, steps, hyper, per_tensor, grad_scale,
                                     found_inf, [](const char*, at::TensorList) {});
-    if (!call) return {false, coefficient_table(std::vector<typename A::Coef>(), c.columns.size())};
-    return {true, coefficient_table(call->coef, c.columns.size())};
+    out = call ? std::make_tuple(true, coefficient_table(call->coef, width))
+               : std::make_tuple(false, coefficient_table(std::vector<CoefRow<A>>(), width));
   });
+  return out;
 }
 
-const Contract& find_contract(c10::string_view name) {
-  for (const Contract& c : contracts()) {
-    if (name == c.name) return c;
+at::Tensor amos_slot_layouts_op(c10::string_view op, at::TensorList params, at::TensorList vs,
+                                at::TensorList bs) {
+  const std::string name(op);
+  const std::vector<AmosLayout> layouts = amos_slot_layouts(name.c_str(), params, vs, bs);
+  constexpr int64_t kWidth = 4 + 2 * kAmosMaxDims;
+  at::Tensor out = at::zeros({static_cast<int64_t>(layouts.size()), kWidth}, at::TensorOptions().dtype(at::kLong));
+  int64_t* row = out.data_ptr<int64_t>();
+  for (const AmosLayout& layout : layouts) {
+    row[0] = layout.kind;
+    row[1] = layout.num_slots;
+    row[2] = layout.row_len;
+    row[3] = layout.ndim;
+    for (int d = 0; d < layout.ndim; ++d) {
+      row[4 + d] = layout.sizes[d];
+      row[4 + kAmosMaxDims + d] = layout.slot_strides[d];
+    }
+    row += kWidth;
   }
-  std::string known;
-  for (const Contract& c : contracts()) known += (known.empty() ? "" : ", ") + std::string(c.name);
-  TORCH_CHECK_VALUE(false, "amos_fused: unknown algorithm '", std::string(name), "' (known: ", known, ")");
+  return out;
 }
 
 }  // namespace amos_fused

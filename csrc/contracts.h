@@ -1,24 +1,27 @@
-// The algorithms the step op runs, each described once: its hyper-parameters and
-// coefficients (csrc/step_coefficients.h), its state lists and its per-tensor
-// value.  Every backend's entry point and the Python layer read these (the
-// `contract` op), so a new flag or state is one edit here, not one per backend.
+// The algorithms the step op runs, each described once, here: its name, its
+// state lists, its per-tensor value, its hyper-parameters and coefficients
+// (csrc/step_coefficients.h) and, for the elementwise ones, which streams its
+// per-element update reads and writes.  Every backend's entry point and the
+// Python layer (the `contract` op) read these, so a new algorithm, flag or state
+// is one edit here, not one per backend.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
-
-#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "step_coefficients.h"
 
 namespace amos_fused {
 
-enum class Algorithm { kAdam, kRAdam, kLion, kAmos, kScaledAdam, kLamb };
+// The most state lists an algorithm has.
+constexpr size_t kMaxStateLists = 3;
 
 // One state list of a step, in the order the op receives them (key-major).
 struct StateSpec {
@@ -28,62 +31,182 @@ struct StateSpec {
   const char* enabled_by;  // the hyper flag that enables it, or nullptr (always there)
 };
 
+inline std::vector<StateSpec> adam_moments() {
+  return {{"exp_avg", "exp_avgs", false, nullptr}, {"exp_avg_sq", "exp_avg_sqs", false, nullptr}};
+}
+
+// Per algorithm (traits): kName (the op's `algorithm` argument), kOp (the name
+// errors use), kPerTensor (the per-tensor value's list name, or nullptr),
+// states(), Hyper, CoefOf<T> and the ONE function computing its coefficients.
+// Elementwise algorithms (ElementwiseAlgorithms below) also give kStreams (param,
+// grad, then their states), kWriteMask (the streams written back) and update(x, c),
+// which every backend's generic elementwise walk calls.
+struct AdamAlgorithm {
+  static constexpr const char* kName = "adam";
+  static constexpr const char* kOp = "amos_fused.adam_step";
+  static constexpr const char* kPerTensor = nullptr;
+  static std::vector<StateSpec> states() {
+    std::vector<StateSpec> out = adam_moments();
+    out.push_back({"max_exp_avg_sq", "max_exp_avg_sqs", false, "amsgrad"});
+    return out;
+  }
+  using Hyper = AdamHyper;
+  template <typename T>
+  using CoefOf = AdamCoef<T>;
+  static CoefOf<double> coefficients(const Hyper& h, double x, double t, double u) {
+    return adam_coefficients(h, x, t, u);
+  }
+};
+
+struct RAdamAlgorithm {
+  static constexpr const char* kName = "radam";
+  static constexpr const char* kOp = "amos_fused.radam_step";
+  static constexpr const char* kPerTensor = nullptr;
+  static std::vector<StateSpec> states() { return adam_moments(); }
+  using Hyper = RAdamHyper;
+  template <typename T>
+  using CoefOf = RAdamCoef<T>;
+  static CoefOf<double> coefficients(const Hyper& h, double x, double t, double u) {
+    return radam_coefficients(h, x, t, u);
+  }
+};
+
+struct LionAlgorithm {
+  static constexpr const char* kName = "lion";
+  static constexpr const char* kOp = "amos_fused.lion_step";
+  static constexpr const char* kPerTensor = nullptr;
+  static std::vector<StateSpec> states() { return {{"exp_avg", "exp_avgs", false, nullptr}}; }
+  using Hyper = LionHyper;
+  template <typename T>
+  using CoefOf = LionCoef<T>;
+  static CoefOf<double> coefficients(const Hyper& h, double x, double t, double u) {
+    return lion_coefficients(h, x, t, u);
+  }
+  // streams: param, grad, exp_avg; written: param, exp_avg
+  static constexpr int kStreams = 3;
+  static constexpr unsigned kWriteMask = 0b101u;
+  template <typename X, typename C>
+  static AF_HD void update(X& x, const C& c) {
+    lion_update(x[0], x[1], x[2], c);
+  }
+};
+
+struct AmosAlgorithm {
+  static constexpr const char* kName = "amos";
+  static constexpr const char* kOp = "amos_fused.amos_step";
+  static constexpr const char* kPerTensor = "etas";
+  static std::vector<StateSpec> states() {
+    return {{"v", "vs", true, nullptr}, {"b", "bs", true, nullptr}, {"mu", "mus", false, "use_momentum"}};
+  }
+  using Hyper = AmosHyper;
+  template <typename T>
+  using CoefOf = AmosCoef<T>;
+  static CoefOf<double> coefficients(const Hyper& h, double eta, double t, double u) {
+    return amos_coefficients(h, eta, t, u);
+  }
+};
+
+struct ScaledAdamAlgorithm {
+  static constexpr const char* kName = "scaled_adam";
+  static constexpr const char* kOp = "amos_fused.scaled_adam_step";
+  static constexpr const char* kPerTensor = "init_norms";
+  static std::vector<StateSpec> states() { return adam_moments(); }
+  using Hyper = ScaledAdamHyper;
+  static NormScaledCoef coefficients(const Hyper& h, double init_norm, double t, double u) {
+    return scaled_adam_coefficients(h, init_norm, t, u);
+  }
+};
+
+struct LambAlgorithm {
+  static constexpr const char* kName = "lamb";
+  static constexpr const char* kOp = "amos_fused.lamb_step";
+  static constexpr const char* kPerTensor = nullptr;
+  static std::vector<StateSpec> states() { return adam_moments(); }
+  using Hyper = LambHyper;
+  static NormScaledCoef coefficients(const Hyper& h, double x, double t, double u) {
+    return lamb_coefficients(h, x, t, u);
+  }
+};
+
+template <typename... A>
+struct TypeList {};
+
+// Every algorithm of the step op; the elementwise ones run through the generic
+// elementwise walk of every backend (no backend code of their own).
+using Algorithms = TypeList<AdamAlgorithm, RAdamAlgorithm, LionAlgorithm, AmosAlgorithm,
+                            ScaledAdamAlgorithm, LambAlgorithm>;
+using ElementwiseAlgorithms = TypeList<LionAlgorithm>;
+
+// The coefficient row of algorithm A.
+template <typename A>
+using CoefRow = decltype(A::coefficients(std::declval<typename A::Hyper>(), 0.0, 0.0, 0.0));
+
+template <typename A, typename List>
+struct Contains;
+template <typename A, typename... B>
+struct Contains<A, TypeList<B...>> : std::bool_constant<(std::is_same_v<A, B> || ...)> {};
+
+template <typename A>
+constexpr bool kIsElementwise = Contains<A, ElementwiseAlgorithms>::value;
+
+// Index of A in a type list (the CPU kernel tables are indexed by it).
+template <typename A, typename List>
+struct IndexOf;
+template <typename A, typename... B>
+struct IndexOf<A, TypeList<A, B...>> : std::integral_constant<size_t, 0> {};
+template <typename A, typename C, typename... B>
+struct IndexOf<A, TypeList<C, B...>> : std::integral_constant<size_t, 1 + IndexOf<A, TypeList<B...>>::value> {};
+
+template <typename List>
+struct Count;
+template <typename... A>
+struct Count<TypeList<A...>> : std::integral_constant<size_t, sizeof...(A)> {};
+
+// The description of algorithm A handed to Python and used by the shared prologue.
 struct Contract {
-  Algorithm id;
-  const char* name;        // the op's `algorithm` argument
-  const char* op;          // the name errors use
+  const char* name;
+  const char* op;
   std::vector<StateSpec> states;
-  const char* per_tensor;  // the per-tensor value's name, or nullptr
+  const char* per_tensor;
   std::vector<std::string> hyper;
   std::vector<std::string> columns;
 };
 
-// Per algorithm: its hyper-parameters, coefficient row and the ONE function that
-// computes it.
-#define AF_ALGORITHM(Traits, ID, HYPER, COEF, FN)                                       \
-  struct Traits {                                                                      \
-    static constexpr Algorithm kId = Algorithm::ID;                                    \
-    using Hyper = HYPER;                                                               \
-    using Coef = COEF;                                                                 \
-    static Coef coefficients(const Hyper& h, double per_tensor, double step, double u) { \
-      return FN(h, per_tensor, step, u);                                               \
-    }                                                                                  \
-  };
+template <typename A>
+const Contract& contract_of() {
+  static const Contract c{A::kName, A::kOp, A::states(), A::kPerTensor, A::Hyper::names(),
+                          CoefColumns<CoefRow<A>>::names()};
+  return c;
+}
 
-AF_ALGORITHM(AdamAlgorithm, kAdam, AdamHyper, AdamCoef<double>, adam_coefficients)
-AF_ALGORITHM(RAdamAlgorithm, kRAdam, RAdamHyper, RAdamCoef<double>, radam_coefficients)
-AF_ALGORITHM(LionAlgorithm, kLion, LionHyper, LionCoef<double>, lion_coefficients)
-AF_ALGORITHM(AmosAlgorithm, kAmos, AmosHyper, AmosCoef<double>, amos_coefficients)
-AF_ALGORITHM(ScaledAdamAlgorithm, kScaledAdam, ScaledAdamHyper, NormScaledCoef, scaled_adam_coefficients)
-AF_ALGORITHM(LambAlgorithm, kLamb, LambHyper, NormScaledCoef, lamb_coefficients)
+// Calls f(A{}) for the algorithm A named `name`; ValueError listing the known
+// ones otherwise.
+template <typename F, typename... A>
+void with_algorithm_in(TypeList<A...>, c10::string_view name, const F& f) {
+  const bool found = ((name == A::kName ? (f(A{}), true) : false) || ...);
+  if (!found) {
+    std::string known;
+    ((known += (known.empty() ? "" : ", ") + std::string(A::kName)), ...);
+    TORCH_CHECK_VALUE(false, "amos_fused: unknown algorithm '", std::string(name), "' (known: ", known, ")");
+  }
+}
 
-// The contract named `name` (ValueError listing the known ones otherwise).
-const Contract& find_contract(c10::string_view name);
+template <typename F>
+void with_algorithm(c10::string_view name, const F& f) {
+  with_algorithm_in(Algorithms{}, name, f);
+}
 
-// The ops that hand the contracts to Python (csrc/contracts.cpp).
+// The ops that hand the contracts to Python (csrc/contracts.cpp, registered in ops.cpp).
 using ContractNames = std::tuple<std::vector<std::string>, std::vector<std::string>,
                                  std::vector<std::string>, std::vector<std::string>,
                                  std::vector<std::string>>;
 ContractNames contract_op(c10::string_view algorithm);
+std::vector<std::string> algorithms_op();
 std::tuple<bool, at::Tensor> begin_step_op(c10::string_view algorithm, at::TensorList params,
                                            at::TensorList grads, at::TensorList states,
                                            at::TensorList steps, at::ArrayRef<double> hyper,
                                            at::ArrayRef<double> per_tensor,
                                            const std::optional<at::Tensor>& grad_scale,
                                            const std::optional<at::Tensor>& found_inf);
-
-// f(Traits{}) for the contract's algorithm.
-template <typename F>
-decltype(auto) with_algorithm(const Contract& c, const F& f) {
-  switch (c.id) {
-    case Algorithm::kAdam: return f(AdamAlgorithm{});
-    case Algorithm::kRAdam: return f(RAdamAlgorithm{});
-    case Algorithm::kLion: return f(LionAlgorithm{});
-    case Algorithm::kAmos: return f(AmosAlgorithm{});
-    case Algorithm::kScaledAdam: return f(ScaledAdamAlgorithm{});
-    case Algorithm::kLamb: return f(LambAlgorithm{});
-  }
-  TORCH_CHECK(false, "unknown algorithm");
-}
 
 }  // namespace amos_fused

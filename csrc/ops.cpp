@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "amos_layout.h"
 #include "contracts.h"
 #include "cpu/kernel_api.h"
 
@@ -41,6 +42,12 @@ TORCH_LIBRARY(amos_fused, m) {
   // (hyper names, state keys, the flag enabling each state or "", [per-tensor
   // value name] or [], coefficient column names) of an algorithm.
   m.def("contract(str algorithm) -> (str[], str[], str[], str[], str[])", &amos_fused::contract_op);
+  // Every Amos tensor's slot layout (csrc/amos_layout.h), one int64 row each:
+  // (kind, num_slots, row_len, ndim, sizes[16], slot_strides[16]); checks the slots.
+  m.def("amos_slot_layouts(str op, Tensor[] params, Tensor[] vs, Tensor[] bs) -> Tensor",
+        &amos_fused::amos_slot_layouts_op);
+  // The names of every algorithm of the step op.
+  m.def("algorithms() -> str[]", &amos_fused::algorithms_op);
   // The checks, step advance and coefficients of `step` without the kernels:
   // (false, empty) when found_inf skips the step, else (true, the float64
   // coefficient table, one row per param).  Used by the Triton backend.

@@ -10,6 +10,7 @@
 #include <array>
 #include <initializer_list>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "amos_layout.h"
@@ -36,8 +37,6 @@ inline void check_per_tensor(const char* op, at::TensorList params, size_t count
   TORCH_CHECK_VALUE(count == params.size(), op, ": ", params.size(), " params but ", count, " ", name);
 }
 
-constexpr size_t kMaxStates = 3;
-
 // One checked step of algorithm A, handed to a backend's launch(): the lists in
 // the contract's order (a disabled state's list is empty), the hyper-parameters
 // and every tensor's coefficients.
@@ -45,9 +44,9 @@ template <typename A>
 struct StepCall {
   const char* op;
   at::TensorList params, grads;
-  std::array<at::TensorList, kMaxStates> states;
+  std::array<at::TensorList, kMaxStateLists> states;
   typename A::Hyper hyper;
-  std::vector<typename A::Coef> coef;  // per tensor
+  std::vector<CoefRow<A>> coef;        // per tensor
   std::vector<double> per_tensor;      // η or ‖ε0‖ per tensor; empty when the algorithm has none
   std::vector<double> steps;           // per tensor, after the increment
   std::vector<AmosLayout> layouts;     // Amos: per tensor
@@ -63,12 +62,13 @@ inline std::string joined(const std::vector<std::string>& names) {
 // skips the step, advances the steps and computes the coefficients.
 // `device_checks(op, params)`: the backend's own checks, run before any write.
 template <typename A, typename DeviceChecks>
-std::optional<StepCall<A>> begin_step(const Contract& c, at::TensorList params, at::TensorList grads,
+std::optional<StepCall<A>> begin_step(at::TensorList params, at::TensorList grads,
                                       at::TensorList states, at::TensorList steps,
                                       at::ArrayRef<double> hyper, at::ArrayRef<double> per_tensor,
                                       const std::optional<at::Tensor>& grad_scale,
                                       const std::optional<at::Tensor>& found_inf,
                                       const DeviceChecks& device_checks) {
+  const Contract& c = contract_of<A>();
   const char* op = c.op;
   TORCH_CHECK_VALUE(hyper.size() == c.hyper.size(), op, ": expected ", c.hyper.size(),
                     " hyper-parameters (", joined(c.hyper), "), got ", hyper.size());
@@ -99,7 +99,7 @@ std::optional<StepCall<A>> begin_step(const Contract& c, at::TensorList params, 
   } else {
     TORCH_CHECK_VALUE(per_tensor.empty(), op, ": takes no per-tensor values, got ", per_tensor.size());
   }
-  if constexpr (A::kId == Algorithm::kAmos) {
+  if constexpr (std::is_same_v<A, AmosAlgorithm>) {
     call.layouts = amos_slot_layouts(op, params, call.states[0], call.states[1]);
   }
   if (n > 0) device_checks(op, params);
@@ -116,6 +116,18 @@ std::optional<StepCall<A>> begin_step(const Contract& c, at::TensorList params, 
   return call;
 }
 
+// Declares, in a backend's namespace, its launch of every algorithm with kernels
+// of its own, and of every elementwise algorithm (its generic walk, defined by the
+// backend).  Backend: device_checks(op, params), and launch() forwarding to these.
+#define AF_DECLARE_BACKEND_LAUNCHES                                        \
+  void launch(const StepCall<AdamAlgorithm>& call);                        \
+  void launch(const StepCall<RAdamAlgorithm>& call);                       \
+  void launch(const StepCall<AmosAlgorithm>& call);                        \
+  void launch(const StepCall<ScaledAdamAlgorithm>& call);                  \
+  void launch(const StepCall<LambAlgorithm>& call);                        \
+  template <typename A, typename = std::enable_if_t<kIsElementwise<A>>>  \
+  void launch(const StepCall<A>& call);
+
 // The step op of a backend: Backend::device_checks(op, params) and
 // Backend::launch(const StepCall<A>&) for every algorithm A.
 template <typename Backend>
@@ -123,10 +135,9 @@ void run_step(c10::string_view algorithm, at::TensorList params, at::TensorList 
               at::TensorList states, at::TensorList steps, at::ArrayRef<double> hyper,
               at::ArrayRef<double> per_tensor, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf) {
-  const Contract& c = find_contract(algorithm);
-  with_algorithm(c, [&](auto traits) {
+  with_algorithm(algorithm, [&](auto traits) {
     using A = decltype(traits);
-    auto call = begin_step<A>(c, params, grads, states, steps, hyper, per_tensor, grad_scale, found_inf,
+    auto call = begin_step<A>(params, grads, states, steps, hyper, per_tensor, grad_scale, found_inf,
                               &Backend::device_checks);
     if (call && !params.empty()) Backend::launch(*call);
   });

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..contracts import column_indices, contract
-from .common import (BLOCK, NUM_WARPS, elementwise_meta, ieee_div, ieee_sqrt, kernel_dtypes,
+from ..contracts import contract
+from .common import (column_constants, BLOCK, NUM_WARPS, elementwise_meta, ieee_div, ieee_sqrt, kernel_dtypes,
                      launching, load_block, nan_maximum, program_entry, store_block, stream,
                      torch_lerp, torch_sign, upload_coefficients)
 
@@ -28,7 +28,7 @@ from .common import (BLOCK, NUM_WARPS, elementwise_meta, ieee_div, ieee_sqrt, ke
 # ---------------------------------------------------------------------------
 
 # The columns this module reads, placed by the contract (csrc/step_math.h's AdamCoef).
-ADAM_COLUMNS = column_indices("adam", (
+(A_B1C, A_B2, A_B2C, A_DECAY, A_L2, A_EPS, A_BC2_SQRT, A_NEG_STEP, A_UNSCALE, A_LERP_SMALL) = column_constants("adam", (
     "beta1_complement",  # 1 − β1 (lerp weight)
     "beta2",
     "beta2_complement",  # 1 − β2
@@ -40,16 +40,6 @@ ADAM_COLUMNS = column_indices("adam", (
     "grad_unscale",      # 1/GradScaler scale, or 1
     "lerp_small",        # 1 when 1 − β1 < ½ (the form of torch_lerp), else 0
 ))
-A_B1C = tl.constexpr(ADAM_COLUMNS["beta1_complement"])
-A_B2 = tl.constexpr(ADAM_COLUMNS["beta2"])
-A_B2C = tl.constexpr(ADAM_COLUMNS["beta2_complement"])
-A_DECAY = tl.constexpr(ADAM_COLUMNS["param_decay"])
-A_L2 = tl.constexpr(ADAM_COLUMNS["l2"])
-A_EPS = tl.constexpr(ADAM_COLUMNS["eps"])
-A_BC2_SQRT = tl.constexpr(ADAM_COLUMNS["bc2_sqrt"])
-A_NEG_STEP = tl.constexpr(ADAM_COLUMNS["neg_step_size"])
-A_UNSCALE = tl.constexpr(ADAM_COLUMNS["grad_unscale"])
-A_LERP_SMALL = tl.constexpr(ADAM_COLUMNS["lerp_small"])
 
 
 @triton.jit
@@ -151,7 +141,8 @@ def launch_adam(params, grads, states, hyper, coef: Tensor, _prepared=None) -> N
 # ---------------------------------------------------------------------------
 
 # The columns this module reads, placed by the contract (csrc/step_math.h's RAdamCoef).
-RADAM_COLUMNS = column_indices("radam", (
+(R_B1C, R_B2, R_B2C, R_DECAY, R_L2, R_EPS, R_BC1, R_LR, R_BC2_SQRT, R_RECT, R_UNSCALE,
+ R_RECTIFIED, R_LERP_SMALL) = column_constants("radam", (
     "beta1_complement", "beta2", "beta2_complement",
     "param_decay",   # 1 − ηλ when decoupled, else 1
     "l2",            # λ when coupled, else 0
@@ -164,19 +155,6 @@ RADAM_COLUMNS = column_indices("radam", (
     "rectified",     # 1 when ρ_t > threshold, else 0
     "lerp_small",    # 1 when 1 − β1 < ½ (the form of torch_lerp), else 0
 ))
-R_B1C = tl.constexpr(RADAM_COLUMNS["beta1_complement"])
-R_B2 = tl.constexpr(RADAM_COLUMNS["beta2"])
-R_B2C = tl.constexpr(RADAM_COLUMNS["beta2_complement"])
-R_DECAY = tl.constexpr(RADAM_COLUMNS["param_decay"])
-R_L2 = tl.constexpr(RADAM_COLUMNS["l2"])
-R_EPS = tl.constexpr(RADAM_COLUMNS["eps"])
-R_BC1 = tl.constexpr(RADAM_COLUMNS["bc1"])
-R_LR = tl.constexpr(RADAM_COLUMNS["lr"])
-R_BC2_SQRT = tl.constexpr(RADAM_COLUMNS["bc2_sqrt"])
-R_RECT = tl.constexpr(RADAM_COLUMNS["rect"])
-R_UNSCALE = tl.constexpr(RADAM_COLUMNS["grad_unscale"])
-R_RECTIFIED = tl.constexpr(RADAM_COLUMNS["rectified"])
-R_LERP_SMALL = tl.constexpr(RADAM_COLUMNS["lerp_small"])
 
 
 @triton.jit
@@ -262,19 +240,12 @@ def launch_radam(params, grads, states, hyper, coef: Tensor, _prepared=None) -> 
 # ---------------------------------------------------------------------------
 
 # The columns this module reads, placed by the contract (csrc/step_math.h's LionCoef).
-LION_COLUMNS = column_indices("lion", (
+(L_B1, L_B1C, L_B2, L_B2C, L_DECAY, L_NEG_LR, L_UNSCALE) = column_constants("lion", (
     "beta1", "beta1_complement", "beta2", "beta2_complement",
     "param_decay",   # 1 − ηλ
     "neg_lr",        # −η
     "grad_unscale",
 ))
-L_B1 = tl.constexpr(LION_COLUMNS["beta1"])
-L_B1C = tl.constexpr(LION_COLUMNS["beta1_complement"])
-L_B2 = tl.constexpr(LION_COLUMNS["beta2"])
-L_B2C = tl.constexpr(LION_COLUMNS["beta2_complement"])
-L_DECAY = tl.constexpr(LION_COLUMNS["param_decay"])
-L_NEG_LR = tl.constexpr(LION_COLUMNS["neg_lr"])
-L_UNSCALE = tl.constexpr(LION_COLUMNS["grad_unscale"])
 
 
 @triton.jit

@@ -2,8 +2,8 @@
 columns it reads, per-element math, kernels and launch.
 
 Slot layouts.  How an Amos tensor's elements map to its v / b slots, read off
-the shapes of the param and of its slot tensor, as csrc/cpu/amos_ops.cpp does.
-Four ways to walk a tensor:
+the shapes of the param and of its slot tensor by csrc/amos_layout.h (the
+``amos_slot_layouts`` op): elementwise, rows or general, walked four ways:
   ELEMENTWISE — one slot per element (no reduced axis, or ≤ 1 element): one pass;
   ROWS        — the reduced axes are trailing and merge into rows of ≤ max_row
                 contiguous elements: one program owns a row, sums its g², updates
@@ -51,7 +51,6 @@ Launch order of a step:
 
 Inputs are checked by ops.py before anything here runs (describing the slot
 layouts checks the slot shapes)."""
-import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -60,8 +59,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..contracts import column_indices, contract
-from .common import (BLOCK, StreamTables, addresses_of, cached, compute_dtype, ieee_div, ieee_sqrt,
+from ..contracts import contract
+from .common import (column_constants, BLOCK, StreamTables, addresses_of, cached, compute_dtype, ieee_div, ieee_sqrt,
                      int64_table, kernel_dtypes, launching,
                      load_block, nan_clamp, nan_maximum, program_entry, program_map, store_block,
                      stream, to_storage, upload_coefficients)
@@ -75,6 +74,8 @@ AMOS_SUM_WORK = 32 * 1024  # GENERAL Σg²: about this many elements per program
 # Slot layouts (host)
 # ---------------------------------------------------------------------------
 
+# How this backend walks a tensor: the three slot kinds of csrc/amos_layout.h, with
+# rows split into ROWS (one program per row) and LONG_ROWS (reduced in phases).
 ELEMENTWISE, ROWS, LONG_ROWS, GENERAL = 0, 1, 2, 3
 
 
@@ -92,49 +93,29 @@ class SlotLayout:
         return self.kind in (LONG_ROWS, GENERAL)
 
 
-def describe_slots(op: str, param_shape: Sequence[int], slot_shape: Sequence[int], index: int,
-                   max_row: int) -> SlotLayout:
-    """The layout of a param with slot tensor v: v is 0-dim (one slot) or has the
-    param's dims, each of the param's size or 1 (reduced).  Raises ValueError."""
-    param_shape, slot_shape = tuple(param_shape), tuple(slot_shape)
-    numel = math.prod(param_shape)
-    num_slots = math.prod(slot_shape)
-    ndim = len(param_shape)
-    bad = ValueError(f"{op}: vs[{index}] has shape {list(slot_shape)}, not a slot shape of its "
-                     f"param {list(param_shape)}")
-    if len(slot_shape) == 0:
-        reduced = [True] * ndim
-    else:
-        if len(slot_shape) != ndim:
-            raise bad
-        reduced = []
-        for p, v in zip(param_shape, slot_shape):
-            if v != p and v != 1:
-                raise bad
-            reduced.append(v == 1 and p != 1)
-    # Merge: drop size-1 dims, join neighbours that are both reduced or both kept.
-    sizes, kinds = [], []
-    for size, is_reduced in zip(param_shape, reduced):
-        if size == 1:
-            continue
-        if kinds and kinds[-1] == is_reduced:
-            sizes[-1] *= size
+# The slot kinds of csrc/amos_layout.h (AmosSlotKind), described there for every backend.
+SLOTS_ELEMENTWISE, SLOTS_ROWS, SLOTS_GENERAL = 0, 1, 2
+
+
+def slot_layouts(op: str, params: Sequence[Tensor], vs: Sequence[Tensor], bs: Sequence[Tensor],
+                 max_row: int) -> List[SlotLayout]:
+    """Every tensor's layout, as csrc/amos_layout.h describes it (the ``amos_slot_layouts``
+    op, which also checks the slots: ValueError), with rows longer than ``max_row``
+    walked as LONG_ROWS."""
+    table = torch.ops.amos_fused.amos_slot_layouts(op, list(params), list(vs), list(bs)).tolist()
+    out = []
+    for kind, num_slots, row_len, ndim, *rest in table:
+        sizes = tuple(rest[:ndim])
+        strides = tuple(rest[len(rest) // 2:len(rest) // 2 + ndim])
+        if kind == SLOTS_ELEMENTWISE:
+            out.append(SlotLayout(ELEMENTWISE, num_slots))
+        elif kind == SLOTS_ROWS and row_len <= max_row:
+            out.append(SlotLayout(ROWS, num_slots, row_len=row_len))
+        elif kind == SLOTS_ROWS:
+            out.append(SlotLayout(LONG_ROWS, num_slots, row_len, sizes, strides))
         else:
-            sizes.append(size)
-            kinds.append(is_reduced)
-    if not any(kinds) or numel <= 1:
-        return SlotLayout(ELEMENTWISE, num_slots)
-    strides, stride = [0] * len(sizes), 1
-    for d in reversed(range(len(sizes))):
-        if not kinds[d]:
-            strides[d] = stride
-            stride *= sizes[d]
-    if kinds[-1] and kinds.count(True) == 1:
-        row_len = sizes[-1]
-        if row_len <= max_row:
-            return SlotLayout(ROWS, num_slots, row_len=row_len)
-        return SlotLayout(LONG_ROWS, num_slots, row_len, tuple(sizes), tuple(strides))
-    return SlotLayout(GENERAL, num_slots, 0, tuple(sizes), tuple(strides))
+            out.append(SlotLayout(GENERAL, num_slots, 0, sizes, strides))
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -215,9 +196,7 @@ def amos_meta(op: str, params: Sequence[Tensor], vs: Sequence[Tensor], bs: Seque
            addresses_of(streams), param_shapes, slot_shapes)
 
     def build() -> AmosMeta:
-        layouts = [describe_slots(op, p, v, i, max_row)
-                   for i, (p, v) in enumerate(zip(param_shapes, slot_shapes))]
-        return AmosMeta(streams, layouts, block)
+        return AmosMeta(streams, slot_layouts(op, params, vs, bs, max_row), block)
 
     return cached(key, build)
 
@@ -227,7 +206,8 @@ def amos_meta(op: str, params: Sequence[Tensor], vs: Sequence[Tensor], bs: Seque
 # ---------------------------------------------------------------------------
 
 # The columns this module reads, placed by the contract (csrc/step_math.h's AmosCoef).
-AMOS_COLUMNS = column_indices("amos", (
+(M_BETA, M_BETA_C, M_BIAS_CORRECTION, M_EPSILON, M_C_SCALE, M_LR_SQ, M_ALPHA, M_D_SCALE,
+ M_EXTRA_L2, M_CLIP, M_MOMENTUM, M_MOMENTUM_C, M_UNSCALE) = column_constants("amos", (
     "beta", "beta_complement",  # β, 1 − β
     "bias_correction",          # 1 − β^t
     "epsilon",                  # floor of v
@@ -240,26 +220,12 @@ AMOS_COLUMNS = column_indices("amos", (
     "momentum", "momentum_complement",
     "grad_unscale",             # 1/GradScaler scale, or 1
 ))
-M_BETA = tl.constexpr(AMOS_COLUMNS["beta"])
-M_BETA_C = tl.constexpr(AMOS_COLUMNS["beta_complement"])
-M_BIAS_CORRECTION = tl.constexpr(AMOS_COLUMNS["bias_correction"])
-M_EPSILON = tl.constexpr(AMOS_COLUMNS["epsilon"])
-M_C_SCALE = tl.constexpr(AMOS_COLUMNS["c_scale"])
-M_LR_SQ = tl.constexpr(AMOS_COLUMNS["lr_sq"])
-M_ALPHA = tl.constexpr(AMOS_COLUMNS["alpha"])
-M_D_SCALE = tl.constexpr(AMOS_COLUMNS["d_scale"])
-M_EXTRA_L2 = tl.constexpr(AMOS_COLUMNS["extra_l2"])
-M_CLIP = tl.constexpr(AMOS_COLUMNS["clip"])
-M_MOMENTUM = tl.constexpr(AMOS_COLUMNS["momentum"])
-M_MOMENTUM_C = tl.constexpr(AMOS_COLUMNS["momentum_complement"])
-M_UNSCALE = tl.constexpr(AMOS_COLUMNS["grad_unscale"])
 
 
 @triton.jit
 def load_amos_coefficients(row):
-    return (tl.load(row + M_BETA), tl.load(row + M_BETA_C), tl.load(row +
-            M_BIAS_CORRECTION), tl.load(row + M_EPSILON), tl.load(row + M_C_SCALE),
-            tl.load(row + M_LR_SQ), tl.load(row + M_ALPHA), tl.load(row + M_D_SCALE),
+    return (tl.load(row + M_BETA), tl.load(row + M_BETA_C), tl.load(row + M_BIAS_CORRECTION),
+            tl.load(row + M_EPSILON), tl.load(row + M_C_SCALE), tl.load(row + M_LR_SQ), tl.load(row + M_ALPHA), tl.load(row + M_D_SCALE),
             tl.load(row + M_EXTRA_L2), tl.load(row + M_CLIP), tl.load(row + M_MOMENTUM),
             tl.load(row + M_MOMENTUM_C), tl.load(row + M_UNSCALE))
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
 from ..checks import Problem, Walk, check_step
+from ..contracts import column_indices
 
 BLOCK = 1024          # elements per program (blocks, row chunks, slots)
 NUM_WARPS = 4
@@ -287,6 +288,12 @@ def torch_lerp(a, b, w, small):
 # ``begin_step`` op; csrc/step_coefficients.h), then rounded once to the compute
 # dtype and uploaded as one small table per launch: one row per tensor, its
 # columns named by the algorithm's contract (amos_fused/contracts.py).
+
+def column_constants(algorithm: str, names: Sequence[str]) -> Tuple[tl.constexpr, ...]:
+    """The columns of ``names`` in ``algorithm``'s coefficient table, as constexprs the
+    kernels add to a row's address (``names``: exactly the contract's columns)."""
+    return tuple(tl.constexpr(i) for i in column_indices(algorithm, names))
+
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
               torch.float16: tl.float16, torch.float64: tl.float64}

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..contracts import column_indices, contract
-from .common import (BLOCK, NUM_WARPS, BucketMeta, compute_dtype, elementwise_meta, ieee_div,
+from ..contracts import contract
+from .common import (column_constants, BLOCK, NUM_WARPS, BucketMeta, compute_dtype, elementwise_meta, ieee_div,
                      ieee_sqrt, int64_table, kernel_dtypes, launching, load_block, program_entry,
                      store_block, stream, torch_lerp, upload_coefficients)
 
@@ -38,7 +38,8 @@ from .common import (BLOCK, NUM_WARPS, BucketMeta, compute_dtype, elementwise_me
 # The columns this module reads, placed by the contract (csrc/step_coefficients.h's
 # NormScaledCoef: MomentCoef's fields, then scale, rho, init_norm); both rules
 # have the same columns.
-MOMENT_COLUMNS = column_indices("scaled_adam", (
+(N_B1C, N_B2, N_B2C, N_EPS, N_BC1, N_BC2_SQRT, N_WEIGHT_DECAY, N_UNSCALE, N_LERP_SMALL, N_SCALE, N_RHO,
+ N_INIT_NORM) = column_constants("scaled_adam", (
     "beta1_complement", "beta2", "beta2_complement",
     "eps",
     "bc1",           # 1 − β1^t (1 without bias correction)
@@ -51,18 +52,6 @@ MOMENT_COLUMNS = column_indices("scaled_adam", (
     "init_norm",     # scale-aware Adam: ‖ε0‖;  LAMB: 0
 ))
 assert contract("lamb").columns == contract("scaled_adam").columns
-N_B1C = tl.constexpr(MOMENT_COLUMNS["beta1_complement"])
-N_B2 = tl.constexpr(MOMENT_COLUMNS["beta2"])
-N_B2C = tl.constexpr(MOMENT_COLUMNS["beta2_complement"])
-N_EPS = tl.constexpr(MOMENT_COLUMNS["eps"])
-N_BC1 = tl.constexpr(MOMENT_COLUMNS["bc1"])
-N_BC2_SQRT = tl.constexpr(MOMENT_COLUMNS["bc2_sqrt"])
-N_WEIGHT_DECAY = tl.constexpr(MOMENT_COLUMNS["weight_decay"])
-N_UNSCALE = tl.constexpr(MOMENT_COLUMNS["grad_unscale"])
-N_LERP_SMALL = tl.constexpr(MOMENT_COLUMNS["lerp_small"])
-N_SCALE = tl.constexpr(MOMENT_COLUMNS["scale"])
-N_RHO = tl.constexpr(MOMENT_COLUMNS["rho"])
-N_INIT_NORM = tl.constexpr(MOMENT_COLUMNS["init_norm"])
 
 
 # ---------------------------------------------------------------------------
@@ -269,14 +258,14 @@ class NormScaledMeta(BucketMeta):
 
 
 def launch_scaled_adam(params, grads, states, hyper, coef: Tensor, _prepared=None) -> None:
-    launch_norm_scaled(params, grads, states, coef, lamb=False)
+    _launch_norm_scaled(params, grads, states, coef, lamb=False)
 
 
 def launch_lamb(params, grads, states, hyper, coef: Tensor, _prepared=None) -> None:
-    launch_norm_scaled(params, grads, states, coef, lamb=True)
+    _launch_norm_scaled(params, grads, states, coef, lamb=True)
 
 
-def launch_norm_scaled(params, grads, states, coef: Tensor, lamb: bool) -> None:
+def _launch_norm_scaled(params, grads, states, coef: Tensor, lamb: bool) -> None:
     """Scale-aware Adam (lamb=False) or LAMB: phase 1 then phase 2."""
     meta = elementwise_meta("norm_scaled", [params, states["exp_avg"], states["exp_avg_sq"]], BLOCK,
                             NormScaledMeta)

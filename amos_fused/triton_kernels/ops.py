@@ -18,19 +18,21 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..contracts import algorithms as contract_algorithms
 from ..contracts import contract
 from . import adam, amos, norm_scaled
 from .common import check_bucket
 
-# algorithm → launch(op, params, grads, states by key, hyper by name, coefficient table, prepared)
-_LAUNCH = {
-    "adam": adam.launch_adam,
-    "radam": adam.launch_radam,
-    "lion": adam.launch_lion,
-    "amos": amos.launch_amos,
-    "scaled_adam": norm_scaled.launch_scaled_adam,
-    "lamb": norm_scaled.launch_lamb,
-}
+# Each algorithm's launch is ``launch_<algorithm>(params, grads, states by key, hyper by
+# name, coefficient table, prepared)`` in one of these modules.
+_MODULES = (adam, amos, norm_scaled)
+_LAUNCH = {name[len("launch_"):]: getattr(module, name)
+           for module in _MODULES for name in dir(module) if name.startswith("launch_")}
+
+
+def algorithms() -> List[str]:
+    """The algorithms of the compiled step op that the Triton kernels launch."""
+    return [name for name in contract_algorithms() if name in _LAUNCH]
 
 
 def _state_lists(op: str, algorithm: str, n: int, states: Sequence[Tensor],
@@ -52,8 +54,8 @@ def step(algorithm: str, params: List[Tensor], grads: List[Tensor], states: List
          steps: List[Tensor], hyper: Sequence[float], per_tensor: Sequence[float],
          grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """One step of ``algorithm`` over a bucket (arguments as ``torch.ops.amos_fused.step``)."""
-    if algorithm not in _LAUNCH:
-        raise ValueError(f"amos_fused: unknown algorithm {algorithm!r} (known: {', '.join(_LAUNCH)})")
+    if algorithm not in algorithms():
+        raise ValueError(f"amos_fused: unknown algorithm {algorithm!r} (known: {', '.join(algorithms())})")
     op = f"amos_fused.triton.{algorithm}_step"
     lists = _state_lists(op, algorithm, len(params), states, hyper)
     hyper_by_name = dict(zip(contract(algorithm).hyper, (float(h) for h in hyper)))

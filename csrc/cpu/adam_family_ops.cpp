@@ -1,4 +1,4 @@
-// CPU launches of the Adam-family algorithms: one fused pass over the bucket.
+// CPU launches of Adam / AdamW and RAdam: one fused pass over the bucket.
 #include "step_launch.h"
 
 namespace amos_fused::cpu {
@@ -16,13 +16,6 @@ void launch(const StepCall<RAdamAlgorithm>& call) {
   active_kernels().radam({tables.view(call.params), tables.params(), tables.grads(), tables.state(0),
                           tables.state(1), call.coef.data(),
                           call.hyper.decoupled == 0 && call.hyper.weight_decay != 0.0});
-}
-
-// Lion's coefficients are the same for every tensor.
-void launch(const StepCall<LionAlgorithm>& call) {
-  BucketTables tables(call);
-  active_kernels().lion({tables.view(call.params), tables.params(), tables.grads(), tables.state(0),
-                         call.coef.front()});
 }
 
 }  // namespace amos_fused::cpu

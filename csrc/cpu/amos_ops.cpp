@@ -9,7 +9,7 @@ void launch(const StepCall<AmosAlgorithm>& call) {
   const size_t n = call.params.size();
   std::vector<int64_t> general;
   for (size_t i = 0; i < n; ++i) {
-    const bool is_general = call.layouts[i].row_len == 0 && call.params[i].numel() > 0;
+    const bool is_general = call.layouts[i].kind == kSlotsGeneral && call.params[i].numel() > 0;
     if (is_general) general.push_back(static_cast<int64_t>(i));
     // general-layout tensors count 0 elements in the prefix sums
     tables.offsets[i + 1] = tables.offsets[i] + (is_general ? 0 : call.params[i].numel());

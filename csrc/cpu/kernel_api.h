@@ -9,6 +9,7 @@
 #include <string>
 
 #include "../amos_layout.h"  // AmosLayout
+#include "../contracts.h"
 #include "../step_math.h"
 
 namespace amos_fused::cpu {
@@ -43,13 +44,17 @@ struct RAdamLaunch {
   bool l2;
 };
 
-struct LionLaunch {
+// An elementwise algorithm A (csrc/contracts.h): streams param, grad, then its
+// states; its coefficients, one CoefOf<double> per tensor.
+struct ElementwiseLaunch {
   BucketView bucket;
   void* const* param;
   const void* const* grad;
-  void* const* exp_avg;
-  LionCoef<double> coef;  // the same for every tensor
+  void* const* states[kMaxStateLists];
+  const void* coef;
 };
+
+using ElementwiseKernel = void (*)(const ElementwiseLaunch&);
 
 struct AmosLaunch {
   BucketView bucket;  // general-layout tensors count 0 elements here
@@ -82,12 +87,13 @@ struct KernelTable {
   const char* name;
   void (*adam)(const AdamLaunch&);
   void (*radam)(const RAdamLaunch&);
-  void (*lion)(const LionLaunch&);
   void (*amos)(const AmosLaunch&);
   // Fills u_sq[t] = Σu² and (LAMB) theta_sq[t] = Σθ² for every tensor t.
   void (*norm_scaled_phase1)(const NormScaledLaunch&, double* u_sq, double* theta_sq);
   // k[t], rho[t] per tensor.
   void (*norm_scaled_phase2)(const NormScaledLaunch&, const double* k, const double* rho);
+  // The elementwise algorithms, in the order of ElementwiseAlgorithms.
+  ElementwiseKernel elementwise[Count<ElementwiseAlgorithms>::value];
 };
 
 // One table per instruction set, and the one in use.

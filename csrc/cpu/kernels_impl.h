@@ -5,6 +5,8 @@
 
 #include <ATen/Dispatch.h>
 
+#include <utility>
+
 #include "amos_kernel.h"
 #include "bucket_loop.h"
 #include "norm_scaled_kernel.h"
@@ -72,33 +74,44 @@ inline void radam_kernel(const RAdamLaunch& L) {
   });
 }
 
-template <typename scalar_t>
-void lion_typed(const LionLaunch& L) {
-  const TileCoef<LionCoef, scalar_t> coef(L.coef);
+// Any elementwise algorithm A (csrc/contracts.h): its streams walked tile by
+// tile, A::update on each.
+template <typename A, typename scalar_t, size_t... S>
+void elementwise_typed(const ElementwiseLaunch& L, std::index_sequence<S...>) {
+  const auto* coefs = static_cast<const typename A::template CoefOf<double>*>(L.coef);
   for_each_segment(L.bucket, [&](int64_t t, int64_t begin, int64_t end) {
-    map_streams<scalar_t, 3, 0b101u>(
-        {stream<scalar_t>(L.param, t), stream<scalar_t>(L.grad, t),
-         stream<scalar_t>(L.exp_avg, t)},
+    const TileCoef<A::template CoefOf, scalar_t> coef(coefs[t]);
+    map_streams<scalar_t, A::kStreams, A::kWriteMask>(
+        {stream<scalar_t>(L.param, t), stream<scalar_t>(L.grad, t), stream<scalar_t>(L.states[S], t)...},
         begin, end, [&](auto& x) {
           using V = typename std::decay_t<decltype(x)>::value_type;
-          lion_update(x[0], x[1], x[2], coef.template get<V>());
+          A::update(x, coef.template get<V>());
         });
   });
 }
 
-inline void lion_kernel(const LionLaunch& L) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, L.bucket.dtype, "amos_fused_lion", [&] {
-    lion_typed<scalar_t>(L);
+template <typename A>
+void elementwise_kernel(const ElementwiseLaunch& L) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, L.bucket.dtype, "amos_fused_elementwise", [&] {
+    elementwise_typed<A, scalar_t>(L, std::make_index_sequence<A::kStreams - 2>());
   });
 }
 
 }  // namespace CPU_CAPABILITY
 }  // namespace amos_fused::cpu
 
-#define AMOS_FUSED_DEFINE_KERNEL_TABLE(getter, label)                              \
-  const amos_fused::cpu::KernelTable& amos_fused::cpu::getter() {                   \
-    static const KernelTable table{label, &adam_kernel, &radam_kernel, &lion_kernel, \
-                                   &amos_kernel, &norm_scaled_phase1,               \
-                                   &norm_scaled_phase2};                            \
-    return table;                                                                  \
+namespace amos_fused::cpu {
+inline namespace CPU_CAPABILITY {
+template <typename... A>
+KernelTable make_kernel_table(const char* label, TypeList<A...>) {
+  return {label, &adam_kernel, &radam_kernel, &amos_kernel, &norm_scaled_phase1,
+          &norm_scaled_phase2, {&elementwise_kernel<A>...}};
+}
+}  // namespace CPU_CAPABILITY
+}  // namespace amos_fused::cpu
+
+#define AMOS_FUSED_DEFINE_KERNEL_TABLE(getter, label)                                      \
+  const amos_fused::cpu::KernelTable& amos_fused::cpu::getter() {                           \
+    static const KernelTable table = make_kernel_table(label, ElementwiseAlgorithms{});  \
+    return table;                                                                          \
   }

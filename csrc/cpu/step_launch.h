@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../step_prologue.h"
@@ -11,12 +12,7 @@
 
 namespace amos_fused::cpu {
 
-void launch(const StepCall<AdamAlgorithm>& call);
-void launch(const StepCall<RAdamAlgorithm>& call);
-void launch(const StepCall<LionAlgorithm>& call);
-void launch(const StepCall<AmosAlgorithm>& call);
-void launch(const StepCall<ScaledAdamAlgorithm>& call);
-void launch(const StepCall<LambAlgorithm>& call);
+AF_DECLARE_BACKEND_LAUNCHES
 
 struct Backend {
   static void device_checks(const char*, at::TensorList) {}
@@ -58,5 +54,13 @@ struct BucketTables {
     for (const at::Tensor& t : list) out.push_back(t.data_ptr());
   }
 };
+
+template <typename A, typename>
+void launch(const StepCall<A>& call) {
+  BucketTables tables(call);
+  ElementwiseLaunch launch{tables.view(call.params), tables.params(), tables.grads(), {}, call.coef.data()};
+  for (size_t k = 0; k < kMaxStateLists; ++k) launch.states[k] = tables.state(k);
+  active_kernels().elementwise[IndexOf<A, ElementwiseAlgorithms>::value](launch);
+}
 
 }  // namespace amos_fused::cpu

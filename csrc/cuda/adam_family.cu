@@ -1,4 +1,4 @@
-// CUDA launches of Adam / AdamW, RAdam and Lion: one elementwise launch
+// CUDA launches of Adam / AdamW and RAdam: one elementwise launch
 // per bucket (multi_tensor_apply.cuh); the per-element math is step_math.h's.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -30,14 +30,6 @@ struct RAdamElement {
   template <typename Op>
   __device__ __forceinline__ void operator()(Op (&x)[4], const RAdamCoef<Op>& c) const {
     radam_update<L2>(x[0], x[1], x[2], x[3], c);
-  }
-};
-
-// Arrays: p, g, m.
-struct LionElement {
-  template <typename Op>
-  __device__ __forceinline__ void operator()(Op (&x)[3], const LionCoef<Op>& c) const {
-    lion_update(x[0], x[1], x[2], c);
   }
 };
 
@@ -79,18 +71,6 @@ void launch(const StepCall<RAdamAlgorithm>& call) {
     with_flag(l2, [&](auto l2_flag) {
       launch_elementwise<scalar_t, 4, 0b1101u>(key, plan, RAdamElement<decltype(l2_flag)::value>{});
     });
-  });
-}
-
-void launch(const StepCall<LionAlgorithm>& call) {
-  const c10::cuda::CUDAGuard guard(call.params[0].device());
-  const at::TensorList params = call.params;
-  const TableKey key = table_key(call.op, params);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "amos_fused_lion_cuda", [&] {
-    using Op = at::opmath_type<scalar_t>;
-    const CoefTable<LionCoef<Op>> coefs = opmath_coefficients<Op, LionCoef>(call);
-    ElementwisePlan<LionCoef<Op>, 3> plan(call.op, {params, call.grads, call.states[0]}, coefs);
-    launch_elementwise<scalar_t, 3, 0b101u>(key, plan, LionElement{});
   });
 }
 

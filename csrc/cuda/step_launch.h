@@ -1,22 +1,24 @@
 // The CUDA step op (csrc/step_prologue.h's run_step): after the shared prologue,
-// one launch per algorithm over the whole bucket (cuda/*.cu).
+// one launch per algorithm over the whole bucket: the generic elementwise launch
+// below, or the algorithm's own (cuda/*.cu).
 #pragma once
 
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
 
+#include <array>
+#include <type_traits>
 #include <vector>
 
 #include "../step_prologue.h"
+#include "multi_tensor_apply.cuh"
 #include "op_support.h"
 
 namespace amos_fused::cuda {
 
-void launch(const StepCall<AdamAlgorithm>& call);
-void launch(const StepCall<RAdamAlgorithm>& call);
-void launch(const StepCall<LionAlgorithm>& call);
-void launch(const StepCall<AmosAlgorithm>& call);
-void launch(const StepCall<ScaledAdamAlgorithm>& call);
-void launch(const StepCall<LambAlgorithm>& call);
+AF_DECLARE_BACKEND_LAUNCHES
 
 struct Backend {
   // CUDA params, and not under CUDA graph capture.
@@ -38,6 +40,31 @@ CoefTable<Coef<Op>> opmath_coefficients(const StepCall<A>& call) {
       call.coef.size(),
       [&](size_t t) { return std::vector<double>(rows.begin() + t * width, rows.begin() + (t + 1) * width); },
       [&](size_t t) { return to_opmath<Op>(call.coef[t]); });
+}
+
+template <typename A>
+struct AlgorithmElement {
+  template <typename Op, int S>
+  __device__ __forceinline__ void operator()(Op (&x)[S], const typename A::template CoefOf<Op>& c) const {
+    A::update(x, c);
+  }
+};
+
+template <typename A, typename>
+void launch(const StepCall<A>& call) {
+  constexpr int S = A::kStreams;
+  const c10::cuda::CUDAGuard guard(call.params[0].device());
+  std::array<at::TensorList, S> arrays;
+  arrays[0] = call.params;
+  arrays[1] = call.grads;
+  for (int s = 2; s < S; ++s) arrays[s] = call.states[s - 2];
+  const TableKey key = table_key(call.op, call.params);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, call.params[0].scalar_type(), "amos_fused_elementwise_cuda", [&] {
+    using Op = at::opmath_type<scalar_t>;
+    const CoefTable<typename A::template CoefOf<Op>> coefs = opmath_coefficients<Op, A::template CoefOf>(call);
+    ElementwisePlan<typename A::template CoefOf<Op>, S> plan(call.op, arrays, coefs);
+    launch_elementwise<scalar_t, S, A::kWriteMask>(key, plan, AlgorithmElement<A>{});
+  });
 }
 
 }  // namespace amos_fused::cuda

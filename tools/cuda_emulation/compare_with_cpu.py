@@ -23,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]  # this folder, the repository
 import amos_fused  # noqa: E402,F401  (the CPU ops)
 import build_emulated_ops  # noqa: E402
+from amos_fused.contracts import call_step  # noqa: E402
 
 EMU, CPU = None, torch.ops.amos_fused
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -78,6 +79,17 @@ def compare(what, emulated, cpu, dtype):
 SHAPES = [(), (0,), (37, 5), (1000,), (3, 1, 7), (19,), (4, 16), (10001,), (1,)]
 
 
+def adam_hyper(weight_decay, decoupled, amsgrad, bias_correction):
+    return dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=weight_decay, decoupled=decoupled,
+                amsgrad=amsgrad, bias_correction=bias_correction)
+
+
+def amos_hyper(lr, momentum, clip, extra_l2):
+    return dict(lr=lr, beta=0.99, momentum=momentum or 0.0, clip_value=clip or 0.0, extra_l2=extra_l2,
+                d_coef=0.25, c_coef=0.25, epsilon=2.0**-125, use_momentum=momentum is not None,
+                clip=clip is not None)
+
+
 def group_adam():
     for dtype, amsgrad, wd, decoupled, bc in itertools.product(
             DTYPES, [False, True], [0.0, 0.1], [True, False], [True, False]):
@@ -86,8 +98,9 @@ def group_adam():
         for ops in (EMU, CPU):
             p, m, v, vmax, steps = clone(start), zeros(start), zeros(start), zeros(start), counters([0] * len(start))
             for step in range(3):
-                ops.adam_step(p, tensors(SHAPES, dtype, 100 + step), m, v, vmax if amsgrad else [], steps,
-                              1e-2, 0.9, 0.99, 1e-8, wd, decoupled, amsgrad, bc, None, None)
+                call_step(ops, "adam", p, tensors(SHAPES, dtype, 100 + step),
+                          {"exp_avg": m, "exp_avg_sq": v, "max_exp_avg_sq": vmax}, steps,
+                          adam_hyper(wd, decoupled, amsgrad, bc))
             results.append([p, m, v, vmax, steps])
         compare(f"adam {dtype} amsgrad={amsgrad} wd={wd} decoupled={decoupled} bc={bc}", *results, dtype)
 
@@ -99,8 +112,9 @@ def group_radam_lion():
         for ops in (EMU, CPU):
             p, m, v, steps = clone(start), zeros(start), zeros(start), counters([0] * len(start))
             for step in range(7):  # threshold 4: both branches
-                ops.radam_step(p, tensors(SHAPES, dtype, 200 + step), m, v, steps, 1e-2, 0.9, 0.999, 1e-8,
-                               wd, decoupled, 4.0, None, None)
+                call_step(ops, "radam", p, tensors(SHAPES, dtype, 200 + step), {"exp_avg": m, "exp_avg_sq": v},
+                          steps, dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd,
+                                      decoupled=decoupled, rectify_threshold=4.0))
             results.append([p, m, v, steps])
         compare(f"radam {dtype} wd={wd} decoupled={decoupled}", *results, dtype)
     for dtype in DTYPES:
@@ -109,8 +123,9 @@ def group_radam_lion():
         for ops in (EMU, CPU):
             p, m, steps = clone(start), zeros(start), counters([0] * len(start))
             for step in range(3):
-                ops.lion_step(p, tensors(SHAPES, dtype, 300 + step), m, steps, 1e-2, 0.9, 0.99, 0.3,
-                              torch.tensor(4.0), torch.tensor(0.0))
+                call_step(ops, "lion", p, tensors(SHAPES, dtype, 300 + step), {"exp_avg": m}, steps,
+                          dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.3), (),
+                          torch.tensor(4.0), torch.tensor(0.0))
             results.append([p, m, steps])
         compare(f"lion {dtype}", *results, dtype)
 
@@ -125,11 +140,13 @@ def group_norm_scaled():
             p, m, v, steps = clone(start), zeros(start), zeros(start), counters([0] * len(start))
             for step in range(3):
                 grads = tensors(shapes, dtype, 400 + step)
+                moments = {"exp_avg": m, "exp_avg_sq": v}
                 if lamb:
-                    ops.lamb_step(p, grads, m, v, steps, 1e-2, 0.9, 0.99, 1e-6, 0.1, True, None, None)
+                    call_step(ops, "lamb", p, grads, moments, steps, dict(
+                        lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1, bias_correction=True))
                 else:
-                    ops.scaled_adam_step(p, grads, m, v, steps, norms, 0.05, 0.9, 0.99, 1e-8, 2.0, False, 0.5,
-                                         None, None)
+                    call_step(ops, "scaled_adam", p, grads, moments, steps, dict(
+                        lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, p=2.0, inverse_time=False, q=0.5), norms)
             results.append([p, m, v, steps])
         compare(f"{'lamb' if lamb else 'scaled_adam'} {dtype}", *results, dtype)
 
@@ -166,9 +183,9 @@ def group_amos():
             v, b = [slot_of(x, axes) for x in p], [slot_of(x, axes) for x in p]
             mu, steps = zeros(p) if momentum else [], counters([0] * len(p))
             for step in range(3):
-                ops.amos_step(p, tensors(shapes, dtype, 500 + step), v, b, mu, steps, etas, 0.3 * 0.9**step, 0.99,
-                              momentum, clip, 0.01, 0.25, 0.25, 2.0**-125,
-                              torch.tensor(2.0) if step == 1 else None, None)
+                call_step(ops, "amos", p, tensors(shapes, dtype, 500 + step), {"v": v, "b": b, "mu": mu}, steps,
+                          amos_hyper(0.3 * 0.9**step, momentum, clip, 0.01), etas,
+                          torch.tensor(2.0) if step == 1 else None)
             results.append([p, v, b, mu, steps])
         compare(f"amos {axes} {dtype} momentum={momentum} clip={clip}", *results, dtype)
 
@@ -190,12 +207,12 @@ def group_cache():
             if ops is EMU:
                 ops.emu_set_stream(1 if step == 7 else 0)  # another stream: a fresh table
             if step == 5:  # a sub-bucket (another key), then the whole bucket again
-                ops.adam_step(p[:3], grads[:3], m[:3], v[:3], [], steps[:3], 1e-2, 0.9, 0.99, 1e-8, 0.1, True,
-                              False, True, None, None)
+                call_step(ops, "adam", p[:3], grads[:3], {"exp_avg": m[:3], "exp_avg_sq": v[:3]}, steps[:3],
+                          adam_hyper(0.1, True, False, True))
                 continue
             amsgrad = step in (2, 6)  # the same bucket with another layout (5 arrays)
-            ops.adam_step(p, grads, m, v, vmax if amsgrad else [], steps, 1e-2 * (1 + step), 0.9, 0.99, 1e-8,
-                          0.1, True, amsgrad, True, None, None)
+            call_step(ops, "adam", p, grads, {"exp_avg": m, "exp_avg_sq": v, "max_exp_avg_sq": vmax}, steps,
+                      dict(adam_hyper(0.1, True, amsgrad, True), lr=1e-2 * (1 + step)))
         results.append([p, m, v, vmax, steps])
     compare("cache adam", *results, dtype)
     shapes = [(37, 5), (300, 7), (3, 9000), (50, 1000)]
@@ -207,8 +224,8 @@ def group_cache():
             v, b = [slot_of(x, axes) for x in p], [slot_of(x, axes) for x in p]
             steps = counters([3, 3, 0, 1])
             for step in range(4):
-                ops.amos_step(p, tensors(shapes, dtype, 800 + step), v, b, [], steps, [0.5, 0.5, 0.7, 0.2], 0.2,
-                              0.99, None, None, 0.0, 0.25, 0.25, 2.0**-125, None, None)
+                call_step(ops, "amos", p, tensors(shapes, dtype, 800 + step), {"v": v, "b": b}, steps,
+                          amos_hyper(0.2, None, None, 0.0), [0.5, 0.5, 0.7, 0.2])
             results.append([p, v, b, steps])
         compare(f"cache amos {axes}", *results, dtype)
 
