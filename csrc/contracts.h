@@ -41,47 +41,40 @@ inline std::vector<StateSpec> adam_moments() {
 // Elementwise algorithms (ElementwiseAlgorithms below) also give kStreams (param,
 // grad, then their states), kWriteMask (the streams written back) and update(x, c),
 // which every backend's generic elementwise walk calls.
+// The members every traits struct starts with; COEF<T> is the coefficient row
+// (NormScaledCoef, not a template, for the two-phase rules).
+#define AF_ALGORITHM_BASICS(NAME, OP, PER_TENSOR, HYPER, FN)                               \
+  static constexpr const char* kName = NAME;                                              \
+  static constexpr const char* kOp = OP;                                                  \
+  static constexpr const char* kPerTensor = PER_TENSOR;                                   \
+  using Hyper = HYPER;                                                                     \
+  static auto coefficients(const Hyper& h, double per_tensor, double step, double unscale) { \
+    return FN(h, per_tensor, step, unscale);                                               \
+  }
+
 struct AdamAlgorithm {
-  static constexpr const char* kName = "adam";
-  static constexpr const char* kOp = "amos_fused.adam_step";
-  static constexpr const char* kPerTensor = nullptr;
+  AF_ALGORITHM_BASICS("adam", "amos_fused.adam_step", nullptr, AdamHyper, adam_coefficients)
+  template <typename T>
+  using CoefOf = AdamCoef<T>;
   static std::vector<StateSpec> states() {
     std::vector<StateSpec> out = adam_moments();
     out.push_back({"max_exp_avg_sq", "max_exp_avg_sqs", false, "amsgrad"});
     return out;
   }
-  using Hyper = AdamHyper;
-  template <typename T>
-  using CoefOf = AdamCoef<T>;
-  static CoefOf<double> coefficients(const Hyper& h, double x, double t, double u) {
-    return adam_coefficients(h, x, t, u);
-  }
 };
 
 struct RAdamAlgorithm {
-  static constexpr const char* kName = "radam";
-  static constexpr const char* kOp = "amos_fused.radam_step";
-  static constexpr const char* kPerTensor = nullptr;
-  static std::vector<StateSpec> states() { return adam_moments(); }
-  using Hyper = RAdamHyper;
+  AF_ALGORITHM_BASICS("radam", "amos_fused.radam_step", nullptr, RAdamHyper, radam_coefficients)
   template <typename T>
   using CoefOf = RAdamCoef<T>;
-  static CoefOf<double> coefficients(const Hyper& h, double x, double t, double u) {
-    return radam_coefficients(h, x, t, u);
-  }
+  static std::vector<StateSpec> states() { return adam_moments(); }
 };
 
 struct LionAlgorithm {
-  static constexpr const char* kName = "lion";
-  static constexpr const char* kOp = "amos_fused.lion_step";
-  static constexpr const char* kPerTensor = nullptr;
-  static std::vector<StateSpec> states() { return {{"exp_avg", "exp_avgs", false, nullptr}}; }
-  using Hyper = LionHyper;
+  AF_ALGORITHM_BASICS("lion", "amos_fused.lion_step", nullptr, LionHyper, lion_coefficients)
   template <typename T>
   using CoefOf = LionCoef<T>;
-  static CoefOf<double> coefficients(const Hyper& h, double x, double t, double u) {
-    return lion_coefficients(h, x, t, u);
-  }
+  static std::vector<StateSpec> states() { return {{"exp_avg", "exp_avgs", false, nullptr}}; }
   // streams: param, grad, exp_avg; written: param, exp_avg
   static constexpr int kStreams = 3;
   static constexpr unsigned kWriteMask = 0b101u;
@@ -92,40 +85,23 @@ struct LionAlgorithm {
 };
 
 struct AmosAlgorithm {
-  static constexpr const char* kName = "amos";
-  static constexpr const char* kOp = "amos_fused.amos_step";
-  static constexpr const char* kPerTensor = "etas";
-  static std::vector<StateSpec> states() {
-    return {{"v", "vs", true, nullptr}, {"b", "bs", true, nullptr}, {"mu", "mus", false, "use_momentum"}};
-  }
-  using Hyper = AmosHyper;
+  AF_ALGORITHM_BASICS("amos", "amos_fused.amos_step", "etas", AmosHyper, amos_coefficients)
   template <typename T>
   using CoefOf = AmosCoef<T>;
-  static CoefOf<double> coefficients(const Hyper& h, double eta, double t, double u) {
-    return amos_coefficients(h, eta, t, u);
+  static std::vector<StateSpec> states() {
+    return {{"v", "vs", true, nullptr}, {"b", "bs", true, nullptr}, {"mu", "mus", false, "use_momentum"}};
   }
 };
 
 struct ScaledAdamAlgorithm {
-  static constexpr const char* kName = "scaled_adam";
-  static constexpr const char* kOp = "amos_fused.scaled_adam_step";
-  static constexpr const char* kPerTensor = "init_norms";
+  AF_ALGORITHM_BASICS("scaled_adam", "amos_fused.scaled_adam_step", "init_norms", ScaledAdamHyper,
+                      scaled_adam_coefficients)
   static std::vector<StateSpec> states() { return adam_moments(); }
-  using Hyper = ScaledAdamHyper;
-  static NormScaledCoef coefficients(const Hyper& h, double init_norm, double t, double u) {
-    return scaled_adam_coefficients(h, init_norm, t, u);
-  }
 };
 
 struct LambAlgorithm {
-  static constexpr const char* kName = "lamb";
-  static constexpr const char* kOp = "amos_fused.lamb_step";
-  static constexpr const char* kPerTensor = nullptr;
+  AF_ALGORITHM_BASICS("lamb", "amos_fused.lamb_step", nullptr, LambHyper, lamb_coefficients)
   static std::vector<StateSpec> states() { return adam_moments(); }
-  using Hyper = LambHyper;
-  static NormScaledCoef coefficients(const Hyper& h, double x, double t, double u) {
-    return lamb_coefficients(h, x, t, u);
-  }
 };
 
 template <typename... A>

@@ -3,7 +3,7 @@ phase, on CUDA tensors, or on CPU tensors under Triton's interpreter
 (TRITON_INTERPRET=1, set before this package's kernels are first imported).
 
 Importing this package does not import triton; ``amos_fused.triton_kernels.ops``
-(the functions mirroring ``torch.ops.amos_fused.*_step``) does.
+(``step``, mirroring ``torch.ops.amos_fused.step``) does.
 """
 from __future__ import annotations
 
