@@ -12,6 +12,7 @@ from . import hyperparams as hp
 from . import reference
 from .optim import _advance, adam_state
 from .optimizer_base import FusedOptimizer, torch_flags
+from .sharding import sharded_dims, sum_over_shards
 from .theory import DECAYS, half_life_p
 
 
@@ -27,12 +28,32 @@ def initial_sigma(p: torch.Tensor) -> float:
 
 
 class _AdamMoments(FusedOptimizer):
+    """The two-phase rules.  A bucket with a sharded DTensor (FSDP2) is stepped by
+    ``_sharded_step``: phase 1 on every local shard, the per-tensor sums of squares
+    summed over the shards in one all-reduce per bucket, then phase 2 — the result
+    of the unsharded step up to the order of summation."""
+
     state_keys = ("exp_avg", "exp_avg_sq")
     supports_complex = False  # per-tensor norms have no complex form here
-    supports_sharded_reductions = False  # a sharded tensor's norm needs an all-reduce
 
     def _new_state(self, p, group):
         return adam_state(p)
+
+    def _reduces_across_shards(self, bucket):
+        return any(sharded_dims(owner) for owner in bucket.owners)
+
+    def _sharded_step(self, bucket, group):
+        phase1 = []
+        partials = torch.zeros(len(bucket.params), 2, dtype=torch.float64, device=bucket.device)
+        for i, (p, g, st) in enumerate(bucket.each()):
+            step = _advance(st["step"])
+            theta, m, v, u = self._direction(p, g, st, step, group)
+            partials[i, 0] = u.double().pow(2).sum()
+            partials[i, 1] = theta.double().pow(2).sum()
+            phase1.append((step, theta, m, v, u))
+        sums = sum_over_shards(partials, bucket.owners).sqrt()
+        for i, ((p, _, st), (step, theta, m, v, u)) in enumerate(zip(bucket.each(), phase1)):
+            self._apply(p, st, i, step, theta, m, v, u, sums[i, 0], sums[i, 1], bucket, group)
 
 
 class ScaledAdamW(_AdamMoments):
@@ -99,6 +120,16 @@ class ScaledAdamW(_AdamMoments):
                     p=self._schedule_p(group), inverse_time=group["decay"] == "inverse_time",
                     q=float(group["q"]))
 
+    def _direction(self, p, g, st, step, group):
+        beta1, beta2 = (float(b) for b in group["betas"])
+        return reference.scaled_adam_direction(p, g, st["exp_avg"], st["exp_avg_sq"], step, beta1=beta1,
+                                               beta2=beta2, eps=float(group["eps"]))
+
+    def _apply(self, p, st, i, step, theta, m, v, u, u_norm, theta_norm, bucket, group):
+        reference.scaled_adam_apply(p, st["exp_avg"], st["exp_avg_sq"], theta, m, v, u, float(u_norm), step,
+                                    lr=float(group["lr"]), init_norm=bucket.per_param["init_norm"][i],
+                                    p=self._schedule_p(group), decay=group["decay"], q=float(group["q"]))
+
     def _reference_step(self, bucket, group):
         beta1, beta2 = (float(b) for b in group["betas"])
         for (p, g, st), norm in zip(bucket.each(), bucket.per_param["init_norm"]):
@@ -133,6 +164,15 @@ class Lamb(_AdamMoments):
         return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                     weight_decay=float(group["weight_decay"]),
                     bias_correction=bool(group["bias_correction"]))
+
+    def _direction(self, p, g, st, step, group):
+        h = self._hyper(group)
+        del h["lr"]
+        return reference.lamb_direction(p, g, st["exp_avg"], st["exp_avg_sq"], step, **h)
+
+    def _apply(self, p, st, i, step, theta, m, v, u, u_norm, theta_norm, bucket, group):
+        reference.lamb_apply(p, st["exp_avg"], st["exp_avg_sq"], theta, m, v, u, theta_norm.to(theta.dtype),
+                             u_norm.to(u.dtype), lr=float(group["lr"]))
 
     def _reference_step(self, bucket, group):
         h = self._hyper(group)

@@ -19,7 +19,7 @@ from .backends import backend_for, check_backend, fused_ops
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype
 from .checks import Problem, Walk, check_step, first_overlap, step_error
 from .contracts import call_step
-from .sharding import local, sharded_dims
+from .sharding import local
 
 
 def torch_flags(maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
@@ -80,9 +80,6 @@ class FusedOptimizer(torch.optim.Optimizer):
     per_param_keys: Tuple[str, ...] = ()
     # Elementwise algorithms step complex params as their real views, like torch.optim.
     supports_complex: bool = True
-    # False where the step reduces over a whole tensor (a sharded DTensor would need
-    # an all-reduce, not supported yet).
-    supports_sharded_reductions: bool = True
     # The fused kernels walk params in memory order; some (Amos's slot layouts) read
     # it as row-major: their dense params are handed over permuted into memory order.
     fused_needs_contiguous: bool = False
@@ -129,6 +126,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                   self._hyper(group), per_tensor, **self._grad_scaling())
 
     def _reference_step(self, bucket: Bucket, group: dict) -> None:
+        raise NotImplementedError
+
+    def _reduces_across_shards(self, bucket: Bucket) -> bool:
+        """True when the bucket's step reduces over a sharded DTensor (then
+        ``_sharded_step`` steps it, whatever the backend)."""
+        return False
+
+    def _sharded_step(self, bucket: Bucket, group: dict) -> None:
         raise NotImplementedError
 
     # ---- construction -----------------------------------------------------
@@ -194,12 +199,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             (gi, pi, p), (gj, pj, q) = everyone[clash[0]], everyone[clash[1]]
             raise ValueError(f"{self._where(gj, pj, q)} shares memory with param_groups[{gi}]"
                              f"['params'][{pi}]; overlapping params cannot be stepped")
-        if not self.supports_sharded_reductions:
-            for position, p in enumerate(params):
-                if sharded_dims(p):
-                    raise NotImplementedError(
-                        f"{self._where(index, position, p)}: {self._name} needs a per-tensor norm "
-                        f"over a sharded DTensor ({p.placements}), which is not supported yet")
         self._check_group_params(group)
         return GroupPlan.build(params)
 
@@ -388,7 +387,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         for param, missing in ready.new_states:
             self.state[param].update(missing)
         for bucket in ready.buckets:
-            if bucket.backend == "reference":
+            if self._reduces_across_shards(bucket):
+                unscaled = self._reference_grads(bucket.grads)
+                if unscaled is not None:
+                    bucket.grads = unscaled
+                    self._sharded_step(bucket, ready.group)
+            elif bucket.backend == "reference":
                 unscaled = self._reference_grads(bucket.grads)
                 if unscaled is not None:
                     bucket.grads = unscaled

@@ -10,7 +10,7 @@ the increment (the caller advances its counter first).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -234,6 +234,25 @@ def _adam_direction(g, m, v, step, beta1, beta2, eps, bias_correction):
     return m, v, (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)
 
 
+def scaled_adam_direction(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, *,
+                          beta1: float, beta2: float, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Phase 1 of scale-aware Adam: (θ, m, v, u) as values; nothing is stored."""
+    m, v, u = _adam_direction(_load(grad), _load(exp_avg), _load(exp_avg_sq), step, beta1, beta2, eps, True)
+    return _load(param), m, v, u
+
+
+def scaled_adam_apply(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, theta: Tensor, m: Tensor, v: Tensor,
+                      u: Tensor, u_norm: float, step: int, *, lr: float, init_norm: float, p: float,
+                      decay: str = "inverse_square", q: float = 1.0) -> None:
+    """Phase 2 of scale-aware Adam given ‖u‖: θ ← θ − (k·u + ρ·θ); stores θ, m, v."""
+    s = scaled_lr_schedule(step, lr, p, decay)
+    k = lr * init_norm * s / u_norm if u_norm > 0 else 0.0
+    rho = lr**2 / (2 * q) * s
+    _store(exp_avg, m)
+    _store(exp_avg_sq, v)
+    _store(param, theta - (u * k + rho * theta))
+
+
 def scaled_adam_step(
     param: Tensor,
     grad: Tensor,
@@ -259,16 +278,30 @@ def scaled_adam_step(
     for a NaN ‖u‖), and θ ← θ − (k·u + ρθ), so a NaN/Inf in u reaches θ only at its
     own element (0·NaN = 0·Inf = NaN); ε = 0 with g = 0 makes u, hence θ, all NaN.
     """
-    theta, g = _load(param), _load(grad)
-    m, v, u = _adam_direction(g, _load(exp_avg), _load(exp_avg_sq), step, beta1, beta2, eps, True)
-    s = scaled_lr_schedule(step, lr, p, decay)
-    u_norm = float(u.double().norm())
-    k = lr * init_norm * s / u_norm if u_norm > 0 else 0.0
-    rho = lr**2 / (2 * q) * s
-    theta = theta - (u * k + rho * theta)
+    theta, m, v, u = scaled_adam_direction(param, grad, exp_avg, exp_avg_sq, step, beta1=beta1, beta2=beta2,
+                                           eps=eps)
+    scaled_adam_apply(param, exp_avg, exp_avg_sq, theta, m, v, u, float(u.double().norm()), step, lr=lr,
+                      init_norm=init_norm, p=p, decay=decay, q=q)
+
+
+def lamb_direction(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, *,
+                   beta1: float, beta2: float, eps: float, weight_decay: float,
+                   bias_correction: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Phase 1 of LAMB: (θ, m, v, u = m̂/(sqrt(v̂)+ε) + λθ) as values; nothing is stored."""
+    theta = _load(param)
+    m, v, u = _adam_direction(_load(grad), _load(exp_avg), _load(exp_avg_sq), step, beta1, beta2, eps,
+                              bias_correction)
+    return theta, m, v, u + weight_decay * theta
+
+
+def lamb_apply(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, theta: Tensor, m: Tensor, v: Tensor,
+               u: Tensor, theta_norm: Tensor, u_norm: Tensor, *, lr: float) -> None:
+    """Phase 2 of LAMB given ‖θ‖ and ‖u‖: θ ← θ − η·ratio·u; stores θ, m, v."""
+    both = (theta_norm > 0) & (u_norm > 0)
+    ratio = torch.where(both, theta_norm / torch.where(both, u_norm, 1.0), 1.0)
     _store(exp_avg, m)
     _store(exp_avg_sq, v)
-    _store(param, theta)
+    _store(param, theta - lr * ratio * u)
 
 
 def lamb_step(
@@ -290,15 +323,6 @@ def lamb_step(
 
     Non-finite values: the ratio is also 1 when a norm is NaN, so a NaN/Inf in u or θ
     reaches θ only at its own element (an Inf ‖u‖ gives ratio 0, and 0·Inf = NaN)."""
-    theta, g = _load(param), _load(grad)
-    m, v, u = _adam_direction(
-        g, _load(exp_avg), _load(exp_avg_sq), step, beta1, beta2, eps, bias_correction
-    )
-    u = u + weight_decay * theta
-    theta_norm, u_norm = theta.norm(), u.norm()
-    both = (theta_norm > 0) & (u_norm > 0)
-    ratio = torch.where(both, theta_norm / torch.where(both, u_norm, 1.0), 1.0)
-    theta = theta - lr * ratio * u
-    _store(exp_avg, m)
-    _store(exp_avg_sq, v)
-    _store(param, theta)
+    theta, m, v, u = lamb_direction(param, grad, exp_avg, exp_avg_sq, step, beta1=beta1, beta2=beta2, eps=eps,
+                                    weight_decay=weight_decay, bias_correction=bias_correction)
+    lamb_apply(param, exp_avg, exp_avg_sq, theta, m, v, u, theta.norm(), u.norm(), lr=lr)
