@@ -12,7 +12,7 @@ from . import hyperparams as hp
 from . import reference
 from .optim import _advance, adam_state
 from .optimizer_base import FusedOptimizer, torch_flags
-from .sharding import sharded_dims, sum_over_shards
+from .sharding import shard_groups, sharded_dims, sum_over_shards
 from .theory import DECAYS, half_life_p
 
 
@@ -39,7 +39,7 @@ class _AdamMoments(FusedOptimizer):
     def _new_state(self, p, group):
         return adam_state(p)
 
-    def _reduces_across_shards(self, bucket):
+    def _reduces_across_shards(self, bucket, group):
         return any(sharded_dims(owner) for owner in bucket.owners)
 
     def _sharded_step(self, bucket, group):
@@ -51,9 +51,10 @@ class _AdamMoments(FusedOptimizer):
             partials[i, 0] = u.double().pow(2).sum()
             partials[i, 1] = theta.double().pow(2).sum()
             phase1.append((step, theta, m, v, u))
-        sums = sum_over_shards(partials, bucket.owners).sqrt()
+        sums = sum_over_shards(list(partials), [shard_groups(owner) for owner in bucket.owners])
         for i, ((p, _, st), (step, theta, m, v, u)) in enumerate(zip(bucket.each(), phase1)):
-            self._apply(p, st, i, step, theta, m, v, u, sums[i, 0], sums[i, 1], bucket, group)
+            norms = sums[i].sqrt()
+            self._apply(p, st, i, step, theta, m, v, u, norms[0], norms[1], bucket, group)
 
 
 class ScaledAdamW(_AdamMoments):

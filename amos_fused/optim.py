@@ -12,7 +12,7 @@ from . import hyperparams as hp
 from . import reference
 from .amos_slots import normalize_reduce_axes, reduced_dims, slot_shape
 from .optimizer_base import FusedOptimizer, torch_flags, zeros_in_memory_order
-from .sharding import is_dtensor, sharded_dims, slot_zeros
+from .sharding import is_dtensor, shard_groups, slot_zeros, sum_over_shards
 
 
 
@@ -245,15 +245,8 @@ class Amos(FusedOptimizer):
                 hp.positive("eta", eta)
         else:
             hp.positive("eta", group["eta"])
-        for position, p in enumerate(group["params"]):
+        for p in group["params"]:
             normalize_reduce_axes(group["reduce_axes"], p.dim())
-            across = set(reduced_dims(group["reduce_axes"], p.dim())) & sharded_dims(p)
-            if across:
-                raise NotImplementedError(
-                    f"Amos: param {position} of the group is a DTensor sharded on dim(s) {sorted(across)} "
-                    f"({p.placements}), which reduce_axes={group['reduce_axes']!r} averages over; "
-                    "slots reduced across shards are not supported yet (reduce over unsharded dims, "
-                    "e.g. the trailing ones under FSDP2's Shard(0))")
 
     def _check_per_param(self, index, key, values):
         for eta in values:
@@ -314,6 +307,40 @@ class Amos(FusedOptimizer):
                     d_coef=float(group["d_coef"]), c_coef=float(group["c_coef"]),
                     epsilon=float(group["epsilon"]), use_momentum=momentum is not None,
                     clip=clip_value is not None)
+
+    def _reduces_across_shards(self, bucket, group):
+        return any(shard_groups(owner, reduced_dims(group["reduce_axes"], owner.dim()))
+                   for owner in bucket.owners)
+
+    def _sharded_step(self, bucket, group):
+        """Slots averaged over a sharded dim: every shard's Σg² per slot, summed over
+        the shards in one all-reduce per bucket, divided by the slot's element count
+        (the slots are replicated there, so every rank updates them alike)."""
+        h = dict(lr=float(group["lr"]), beta=float(group["beta"]), momentum=group["momentum"],
+                 extra_l2=float(group["extra_l2"]), d_coef=float(group["d_coef"]),
+                 c_coef=float(group["c_coef"]), epsilon=float(group["epsilon"]))
+        parts, groups, phase1 = [], [], []
+        for (p, g, st), owner in zip(bucket.each(), bucket.owners):
+            step = _advance(st["step"])
+            theta, g = reference.amos_grad(p, g, clip_value=group["clip_value"])
+            dims = reduced_dims(group["reduce_axes"], g.dim())
+            across = shard_groups(owner, dims)
+            if across:
+                part = (g.double() * g.double()).sum(dim=dims, keepdim=True)
+            else:
+                part = (g * g).mean(dim=dims, keepdim=True) if dims else g * g
+            parts.append(part)
+            groups.append(across)
+            phase1.append((step, theta, g, dims, owner))
+        sums = sum_over_shards(parts, groups)
+        for i, ((p, _, st), eta) in enumerate(zip(bucket.each(), bucket.per_param["eta"])):
+            step, theta, g, dims, owner = phase1[i]
+            if owner.numel() == 0:
+                continue
+            g2 = sums[i]
+            if groups[i]:
+                g2 = (g2 / math.prod(owner.shape[d] for d in dims)).to(theta.dtype)
+            reference.amos_apply(p, st["v"], st["b"], st.get("mu"), theta, g, g2, step, eta=eta, **h)
 
     def _reference_step(self, bucket, group):
         for (p, g, st), eta in zip(bucket.each(), bucket.per_param["eta"]):

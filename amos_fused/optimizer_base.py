@@ -128,7 +128,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _reference_step(self, bucket: Bucket, group: dict) -> None:
         raise NotImplementedError
 
-    def _reduces_across_shards(self, bucket: Bucket) -> bool:
+    def _reduces_across_shards(self, bucket: Bucket, group: dict) -> bool:
         """True when the bucket's step reduces over a sharded DTensor (then
         ``_sharded_step`` steps it, whatever the backend)."""
         return False
@@ -387,7 +387,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for param, missing in ready.new_states:
             self.state[param].update(missing)
         for bucket in ready.buckets:
-            if self._reduces_across_shards(bucket):
+            if self._reduces_across_shards(bucket, ready.group):
                 unscaled = self._reference_grads(bucket.grads)
                 if unscaled is not None:
                     bucket.grads = unscaled

@@ -191,11 +191,25 @@ def amos_step(
     """
     if param.numel() == 0:
         return
-    theta, g, v_, b_ = _load(param), _load(grad), _load(v), _load(b)
-    if clip_value is not None:
-        g = g.clamp(-clip_value, clip_value)
+    theta, g = amos_grad(param, grad, clip_value=clip_value)
     dims = reduced_dims(reduce_axes, g.dim())
     g2 = (g * g).mean(dim=dims, keepdim=True) if dims else g * g
+    amos_apply(param, v, b, mu, theta, g, g2, step, lr=lr, eta=eta, beta=beta, momentum=momentum,
+               extra_l2=extra_l2, d_coef=d_coef, c_coef=c_coef, epsilon=epsilon)
+
+
+def amos_grad(param: Tensor, grad: Tensor, *, clip_value: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """Amos's inputs as values: θ and the clipped gradient."""
+    g = _load(grad)
+    return _load(param), g if clip_value is None else g.clamp(-clip_value, clip_value)
+
+
+def amos_apply(param: Tensor, v: Tensor, b: Tensor, mu: Optional[Tensor], theta: Tensor, g: Tensor, g2: Tensor,
+               step: int, *, lr: float, eta: float, beta: float, momentum: Optional[float], extra_l2: float,
+               d_coef: float, c_coef: float, epsilon: float) -> None:
+    """Amos given g2, the mean of g² over each slot's elements (any shape that holds
+    the slot's elements); updates and stores v, b, mu and θ."""
+    v_, b_ = _load(v), _load(b)
     g2 = g2.reshape(v_.shape)
     v_ = beta * v_ + (1 - beta) * g2
     r = (1 - beta**step) / v_.clamp_min(epsilon)

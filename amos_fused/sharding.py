@@ -2,22 +2,22 @@
 each param's local shard.  States of a DTensor param are DTensors with the
 param's mesh and placements (so ``torch.distributed.checkpoint`` saves and
 reshards them); the kernels see the local tensors.  An elementwise update needs
-no communication.  A per-tensor norm over a sharded tensor (ScaledAdamW, LAMB)
-sums the local partial sums of a bucket over the mesh dims that shard it, in one
-all-reduce per bucket (``sum_over_shards``).  Amos slots reduced over a sharded
-dim are refused clearly."""
+no communication.  A reduction over a sharded dim — the per-tensor norms of
+ScaledAdamW and LAMB, Amos slots averaged over a sharded dim — sums the local
+partial sums of a bucket over the mesh dims that shard it, in one all-reduce per
+bucket (``sum_over_shards``); such slots are replicated over those mesh dims."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
 
 try:  # torch built without distributed support has no DTensor
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover
-    dist = DTensor = Shard = None
+    dist = DTensor = Replicate = Shard = None
 
 
 def is_dtensor(t) -> bool:
@@ -38,40 +38,49 @@ def sharded_dims(t: Tensor) -> Set[int]:
 
 
 def slot_zeros(param: Tensor, slot_shape: Sequence[int], make) -> Tensor:
-    """Zeros of ``slot_shape`` (param's dims, reduced ones of size 1) for a DTensor
-    param: a DTensor with the param's mesh and placements whose local tensor has
-    the local param's sizes on the kept dims (``make(like, shape)`` allocates it)."""
+    """Zeros of ``slot_shape`` (param's dims, reduced ones of size 1, or () for one
+    slot) for a DTensor param: a DTensor on the param's mesh, sharded like the param
+    on its kept dims and replicated over the mesh dims that shard a reduced dim
+    (every rank then holds, and updates alike, the slots its shard shares); the
+    local tensor has the local param's sizes on the kept dims (``make(like, shape)``
+    allocates it)."""
     shard = local(param)
     local_shape = [shard.size(d) if n != 1 else 1 for d, n in enumerate(slot_shape)]
     zeros = make(shard, local_shape)
     stride = torch.empty(tuple(slot_shape), device="meta").stride()
-    return DTensor.from_local(zeros, param.device_mesh, param.placements, run_check=False,
+    kept = {d for d, n in enumerate(slot_shape) if n != 1 or param.size(d) == 1}
+    placements = [p if not isinstance(p, Shard) or p.dim % max(param.dim(), 1) in kept else Replicate()
+                  for p in param.placements]
+    return DTensor.from_local(zeros, param.device_mesh, placements, run_check=False,
                               shape=torch.Size(slot_shape), stride=stride)
 
 
-def shard_groups(t: Tensor) -> Tuple:
-    """The process groups of the mesh dims that shard t (empty for a plain or
-    replicated tensor): summing a partial sum over them gives the whole tensor's."""
+def shard_groups(t: Tensor, dims: Optional[Iterable[int]] = None) -> Tuple:
+    """The process groups of the mesh dims that shard t (only those sharding one of
+    ``dims`` when given): summing a partial sum over them gives the sum over the
+    whole tensor (over those dims).  Empty for a plain or replicated tensor."""
     if not is_dtensor(t):
         return ()
+    wanted = None if dims is None else {d % max(t.dim(), 1) for d in dims}
     mesh = t.device_mesh
-    return tuple(mesh.get_group(i) for i, p in enumerate(t.placements) if isinstance(p, Shard))
+    return tuple(mesh.get_group(i) for i, p in enumerate(t.placements)
+                 if isinstance(p, Shard) and (wanted is None or p.dim % max(t.dim(), 1) in wanted))
 
 
-def sum_over_shards(partials: Tensor, owners: Sequence[Tensor]) -> Tensor:
-    """``partials[i]``: the local partial sums of ``owners[i]`` (one row per tensor).
-    Returns the sums over the whole tensors: rows of sharded tensors are summed over
-    the ranks that hold their shards, with one all-reduce per distinct set of process
-    groups (one for a bucket of one FSDP2 mesh)."""
+def sum_over_shards(parts: Sequence[Tensor], groups: Sequence[Tuple]) -> List[Tensor]:
+    """``parts[i]``: local partial sums, to be summed over the process groups
+    ``groups[i]`` (empty: nothing to sum).  Returns the sums, with one all-reduce
+    per distinct set of groups (one for a bucket of one FSDP2 mesh) over the parts
+    concatenated."""
+    out = list(parts)
     by_groups: Dict[Tuple, List[int]] = {}
-    for i, owner in enumerate(owners):
-        groups = shard_groups(owner)
-        if groups:
-            by_groups.setdefault(groups, []).append(i)
-    out = partials.clone()
-    for groups, rows in by_groups.items():
-        block = out[rows].contiguous()
-        for group in groups:
-            dist.all_reduce(block, op=dist.ReduceOp.SUM, group=group)
-        out[rows] = block
+    for i, g in enumerate(groups):
+        if g:
+            by_groups.setdefault(g, []).append(i)
+    for group_set, members in by_groups.items():
+        flat = torch.cat([parts[i].reshape(-1) for i in members])
+        for group in group_set:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        for i, piece in zip(members, flat.split([parts[i].numel() for i in members])):
+            out[i] = piece.view(parts[i].shape)
     return out
