@@ -52,8 +52,9 @@ at::Tensor coefficient_table(const std::vector<Coef>& coef, size_t columns) {
 
 }  // namespace
 
-// (whether to run the kernels, the coefficient table): false when found_inf skips
-// the step, and then nothing was written.
+// (whether to run the kernels, the coefficient table at the next step counts):
+// false when found_inf skips the step.  Writes nothing: the caller launches, then
+// advances the step counters by one (in float32).
 std::tuple<bool, at::Tensor> begin_step_op(c10::string_view algorithm, at::TensorList params,
                                            at::TensorList grads, at::TensorList states,
                                            at::TensorList steps, at::ArrayRef<double> hyper,

@@ -48,12 +48,13 @@ TORCH_LIBRARY(amos_fused, m) {
         &amos_fused::amos_slot_layouts_op);
   // The names of every algorithm of the step op.
   m.def("algorithms() -> str[]", &amos_fused::algorithms_op);
-  // The checks, step advance and coefficients of `step` without the kernels:
-  // (false, empty) when found_inf skips the step, else (true, the float64
-  // coefficient table, one row per param).  Used by the Triton backend.
+  // The checks and coefficients of `step` without the kernels: (false, empty)
+  // when found_inf skips the step, else (true, the float64 coefficient table at
+  // the next step counts, one row per param).  Writes nothing: the caller launches
+  // and then advances the step counters.  Used by the Triton backend.
   m.def(
       "begin_step(str algorithm, Tensor[] params, Tensor[] grads, Tensor[] states, "
-      "Tensor(a!)[] steps, float[] hyper, float[] per_tensor, Tensor? grad_scale=None, "
+      "Tensor[] steps, float[] hyper, float[] per_tensor, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> (bool, Tensor)",
       &amos_fused::begin_step_op);
 }

@@ -19,17 +19,19 @@
 
 namespace amos_fused {
 
-// Advances every step counter (float32 CPU scalars) by one, in float32 as torch.optim
-// does; returns the new values.
-inline std::vector<double> advance_steps(at::TensorList steps) {
+// Every step counter (float32 CPU scalars) plus one, in float32 as torch.optim
+// adds it; nothing is written (commit_steps writes them after the launch).
+inline std::vector<double> next_steps(at::TensorList steps) {
   std::vector<double> out;
   out.reserve(steps.size());
-  for (const at::Tensor& s : steps) {
-    float* value = s.data_ptr<float>();
-    *value += 1.0f;
-    out.push_back(static_cast<double>(*value));
-  }
+  for (const at::Tensor& s : steps) out.push_back(static_cast<double>(*s.data_ptr<float>() + 1.0f));
   return out;
+}
+
+// Advances every step counter by one, once the kernels were launched: a launch
+// that raises leaves the counters as they were.
+inline void commit_steps(at::TensorList steps) {
+  for (const at::Tensor& s : steps) *s.data_ptr<float>() += 1.0f;
 }
 
 // A per-tensor list of an op (etas, init_norms) has one value per param.
@@ -59,7 +61,8 @@ inline std::string joined(const std::vector<std::string>& names) {
 }
 
 // Checks a step call of algorithm A against its contract and, unless found_inf
-// skips the step, advances the steps and computes the coefficients.
+// skips the step, computes the coefficients at the next step counts.  Writes
+// nothing: the caller launches, then commit_steps.
 // `device_checks(op, params)`: the backend's own checks, run before any write.
 template <typename A, typename DeviceChecks>
 std::optional<StepCall<A>> begin_step(at::TensorList params, at::TensorList grads,
@@ -105,8 +108,7 @@ std::optional<StepCall<A>> begin_step(at::TensorList params, at::TensorList grad
   if (n > 0) device_checks(op, params);
   const GradScaling scaling = read_grad_scaling(op, grad_scale, found_inf);
   if (scaling.skip) return std::nullopt;
-  // -- every check passed: from here on we write --
-  call.steps = advance_steps(steps);
+  call.steps = next_steps(steps);
   call.per_tensor.assign(per_tensor.begin(), per_tensor.end());
   call.coef.reserve(n);
   for (size_t t = 0; t < n; ++t) {
@@ -139,7 +141,10 @@ void run_step(c10::string_view algorithm, at::TensorList params, at::TensorList 
     using A = decltype(traits);
     auto call = begin_step<A>(params, grads, states, steps, hyper, per_tensor, grad_scale, found_inf,
                               &Backend::device_checks);
-    if (call && !params.empty()) Backend::launch(*call);
+    if (!call) return;
+    // -- every check passed: from here on we write --
+    if (!params.empty()) Backend::launch(*call);
+    commit_steps(steps);
   });
 }
 

@@ -81,12 +81,12 @@ def _begin(algorithm, hyper, n=2, per_tensor=(), state_shape=None, found_inf=Non
 
 def test_adam_table_is_the_equations():
     """Independent of csrc/step_coefficients.h: the columns are Adam's scalars at the
-    advanced step counts t = 1 and t = 5."""
+    next step counts t = 1 and t = 5."""
     h = dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=True, amsgrad=False,
              bias_correction=True)
     run, table, steps, col = _begin("adam", h)
     assert run and table.dtype == torch.float64 and table.shape == (2, len(contract("adam").columns))
-    assert [float(s) for s in steps] == [1.0, 5.0]
+    assert [float(s) for s in steps] == [0.0, 4.0]  # begin_step writes nothing: the table is at t + 1
     for i, t in enumerate((1.0, 5.0)):
         assert col["neg_step_size"][i] == pytest.approx(-0.01 / (1 - 0.9**t), rel=1e-15)
         assert col["bc2_sqrt"][i] == pytest.approx(math.sqrt(1 - 0.99**t), rel=1e-15)

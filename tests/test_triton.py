@@ -499,6 +499,20 @@ def test_bad_inputs_raise_before_any_write():
     _assert_untouched(run, before)
 
 
+def test_a_failed_launch_leaves_the_step_counters(monkeypatch):
+    """The counters advance only after the kernels were launched."""
+    run = Run(adam_case(**ADAM_CASES["adamw"]), SHAPES, torch.float32)
+    before = _snapshot(run)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("launch failed")
+
+    monkeypatch.setitem(ops._LAUNCH, "adam", failing)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        run.case.triton_step(run.params, _grads(run.params, 0), run.lists(), run.steps)
+    _assert_untouched(run, before)
+
+
 def test_bad_amos_slots_raise_before_any_write():
     run = Run(amos_case((1,), None, None), [(5, 7), (4, 3)], torch.float32)
     before = _snapshot(run)

@@ -6,10 +6,11 @@ A step checks its inputs (the C++ checks of ``check_step``, plus what only Trito
 needs), then runs the C++ prologue shared with the CPU and CUDA ops
 (``torch.ops.amos_fused.begin_step``: the same checks, the GradScaler inputs read
 on the host — a non-zero ``found_inf`` skips the whole step, step counters
-included — the float32 CPU step counters advanced, and every tensor's
-coefficients computed in double from the algorithm's contract), and launches the
-algorithm's kernels over the whole bucket (adam.py, amos.py, norm_scaled.py) with
-that coefficient table.  Tensors: CUDA, or CPU under TRITON_INTERPRET=1;
+included — and every tensor's coefficients computed in double from the
+algorithm's contract at the next step counts), launches the algorithm's kernels
+over the whole bucket (adam.py, amos.py, norm_scaled.py) with that coefficient
+table, and only then advances the float32 CPU step counters: a launch that raises
+leaves them as they were.  Tensors: CUDA, or CPU under TRITON_INTERPRET=1;
 float32 / bfloat16 / float16 with fp32 math, float64 with fp64 math."""
 from __future__ import annotations
 
@@ -68,3 +69,4 @@ def step(algorithm: str, params: List[Tensor], grads: List[Tensor], states: List
                                                 [float(x) for x in per_tensor], grad_scale, found_inf)
     if run:
         _LAUNCH[algorithm](params, grads, lists, hyper_by_name, coef, prepared)
+        torch._foreach_add_(list(steps), 1.0)  # after the launch: a failed one leaves them
