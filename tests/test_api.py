@@ -11,7 +11,7 @@ import torch
 
 import amos_fused as af
 from conftest import raises_naming, assert_unchanged, clone_params, make_grads, make_params, set_grads, snapshot
-from registry import Case
+from registry import CASES, CLASS_CASES, Case
 
 
 def test_public_names():
@@ -28,11 +28,12 @@ def _param():
 # construction
 # ---------------------------------------------------------------------------
 
-# class name -> constructor taking (params, **kwargs): the registry's classes, Amos with its required lr
+# class name -> constructor taking (params, **kwargs): every optimizer class of the
+# registry (its defaults; Amos with its required lr)
 ALL_CLASSES = {
     cls.__name__: (lambda params, cls=cls, **kw: Case(cls, {"lr": 0.01} if cls is af.Amos else {}).make(
         params, kw.pop("backend", None), **kw))
-    for cls in (af.AdamW, af.Adam, af.RAdam, af.Lion, af.Amos)
+    for cls in {CASES[name].cls for name in CLASS_CASES.values()}
 }
 WITH_EPS = ["AdamW", "Adam", "RAdam"]
 WITH_BETAS = ["AdamW", "Adam", "RAdam", "Lion"]

@@ -11,15 +11,12 @@ import torch
 import amos_fused as af
 from amos_fused import contracts
 from amos_fused.contracts import call_step, column_indices, contract, step_arguments
+from registry import CASES
 
-OPTIMIZERS = {
-    "adam": lambda ps: af.AdamW(ps, lr=0.01, amsgrad=True),
-    "radam": lambda ps: af.RAdam(ps, lr=0.01),
-    "lion": lambda ps: af.Lion(ps, lr=1e-3),
-    "amos": lambda ps: af.Amos(ps, lr=0.01, momentum=0.9, clip_value=1.0),
-    "scaled_adam": lambda ps: af.ScaledAdamW(ps, lr=0.01, p=1.0),
-    "lamb": lambda ps: af.Lamb(ps, lr=0.01),
-}
+# algorithm -> the registry's cases of it (every optimizer class of the registry)
+OPTIMIZERS = {}
+for _case in CASES.values():
+    OPTIMIZERS.setdefault(_case.cls.algorithm, []).append(_case)
 
 
 def test_every_algorithm_has_an_optimizer_and_a_contract():
@@ -32,16 +29,18 @@ def test_every_algorithm_has_an_optimizer_and_a_contract():
 
 @pytest.mark.parametrize("algorithm", sorted(OPTIMIZERS))
 def test_optimizer_hyper_names_are_the_contracts(algorithm):
-    opt = OPTIMIZERS[algorithm]([torch.nn.Parameter(torch.randn(4, 3))])
-    assert opt.algorithm == algorithm
-    assert sorted(opt._hyper(opt.param_groups[0])) == sorted(contract(algorithm).hyper)
+    for case in OPTIMIZERS[algorithm]:
+        opt = case.make([torch.nn.Parameter(torch.randn(4, 3))], "reference")
+        assert opt.algorithm == algorithm
+        assert sorted(opt._hyper(opt.param_groups[0])) == sorted(contract(algorithm).hyper)
 
 
 def test_unknown_algorithm_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown algorithm 'sgd'.*adam"):
-        torch.ops.amos_fused.contract("sgd")
+    with pytest.raises(ValueError, match="unknown algorithm 'no_such_rule'.*adam"):
+        torch.ops.amos_fused.contract("no_such_rule")
     with pytest.raises(ValueError, match="unknown algorithm"):
-        torch.ops.amos_fused.step("sgd", [torch.zeros(1)], [torch.zeros(1)], [], [torch.tensor(0.0)], [], [])
+        torch.ops.amos_fused.step("no_such_rule", [torch.zeros(1)], [torch.zeros(1)], [], [torch.tensor(0.0)],
+                                  [], [])
 
 
 def test_wrong_hyper_names_or_counts_are_refused():

@@ -75,6 +75,7 @@ from registry import (
     AMOS_REDUCE_AXES,
     AMOS_SECOND_GROUP,
     CASES,
+    CLASS_CASES,
     amos_case,
     assert_bitwise_equal,
     assert_matches,
@@ -107,6 +108,16 @@ def test_cpu_matches_reference(name, dtype, capabilities):
     run = _pair(name, dtype=dtype, steps=STEPS)
     assert_moved(run)
     assert_matches(run, "cpu", CASES[name], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("name", sorted(CLASS_CASES))
+def test_every_optimizer_matches_reference(name, dtype):
+    """Every optimizer class of the registry (its first row), cpu against the reference."""
+    case = CASES[CLASS_CASES[name]]
+    run = _pair(CLASS_CASES[name], dtype=dtype, steps=STEPS)
+    assert_moved(run)
+    assert_matches(run, "cpu", case, dtype)
 
 
 def test_radam_threshold_changes_the_branch():

@@ -127,6 +127,8 @@ ALGORITHMS = {
     "lamb": "lamb-lr1e-2-wd0.1",
     "lamb-no_bias_correction": "lamb-lr1e-2-no_bias_correction",
 }
+# every optimizer class of the registry (its first row), whatever is listed above
+ALGORITHMS.update({f"class-{name}": case for name, case in registry.CLASS_CASES.items()})
 
 # SHAPES plus tensors of several chunks (65537 > 65536) and odd row lengths.
 ELEMENTWISE_SHAPES = SHAPES + [(65537,), (3, 9000), (1,)]

@@ -12,16 +12,11 @@ import torch
 
 import amos_fused as af
 from conftest import make_grads
+from registry import CASES, CLASS_CASES
 
-CLASSES = {
-    "AdamW": (af.AdamW, {}),
-    "Adam": (af.Adam, {}),
-    "RAdam": (af.RAdam, {}),
-    "Lion": (af.Lion, {}),
-    "Amos": (af.Amos, {"lr": 0.01}),
-    "ScaledAdamW": (af.ScaledAdamW, {}),
-    "Lamb": (af.Lamb, {}),
-}
+# every optimizer class of the registry, with its defaults (Amos with its required lr)
+CLASSES = {cls.__name__: (cls, {"lr": 0.01} if cls is af.Amos else {})
+           for cls in {CASES[name].cls for name in CLASS_CASES.values()}}
 FLAGS = ("maximize", "foreach", "capturable", "differentiable", "fused", "backend")
 TORCH = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "RAdam": torch.optim.RAdam}
 

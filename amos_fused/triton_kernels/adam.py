@@ -6,11 +6,12 @@ csrc/step_math.h operation by operation, torch.optim's single-tensor order, in
 the compute dtype: fp32, or fp64 for fp64 tensors), its one-pass kernel over a
 whole bucket and its launch.
 
-Each ``*_COLUMNS`` maps the coefficient names one algorithm reads to their
-columns (``contracts.column_indices`` checks that they are exactly the
-contract's); the ``load_*_coefficients`` helpers read them by those names.  Program i of a kernel steps block
-``blocks[2i+1]`` of tensor ``blocks[2i]`` (common.py); full blocks run unmasked
-(vector accesses), only a tensor's last block is masked.
+Each algorithm names the coefficient columns it reads with ``column_constants``
+(common.py: the contract's columns, checked at import to be exactly the names
+given), and its ``load_*_coefficients`` helper reads a row through them.
+Program i of a kernel steps block ``blocks[2i+1]`` of tensor ``blocks[2i]``
+(common.py); full blocks run unmasked (vector accesses), only a tensor's last
+block is masked.
 
 Inputs are checked by ops.py before anything here runs."""
 import triton
