@@ -526,20 +526,44 @@ def test_bad_amos_slots_raise_before_any_write():
     _assert_untouched(run, before)
 
 
+def test_bucket_cache_grows_to_the_working_set():
+    """More buckets per round than the minimum: after one round, every lookup hits."""
+    cache = common.BucketCache(minimum=4)
+    builds = []
+
+    class Meta:
+        pass
+
+    def build(key):
+        builds.append(key)
+        return Meta()
+
+    for _ in range(3):
+        for key in range(10):
+            cache.get(key, lambda key=key: build(key))
+    assert builds[:10] == list(range(10)) and len(builds) <= 10 + 6  # the first rounds learn the size
+    builds.clear()
+    for key in range(10):
+        cache.get(key, lambda key=key: build(key))
+    assert builds == [] and cache.capacity >= 10
+    cache.clear()
+    assert cache.capacity == 4 and not cache.entries
+
+
 def test_metadata_is_cached_and_follows_addresses():
     run = Run(lion_case(0.0), [(37,), (5, 7)], torch.float32)
     run.step(0)
     key = common.elementwise_key("lion", [run.params, run.lists()["exp_avg"]], common.BLOCK)
-    meta = common._cache[key]
+    meta = common._cache.entries[key]
     run.step(1)  # new grad tensors every step: same bucket tables, grad table refreshed
-    assert common._cache[key] is meta
+    assert common._cache.entries[key] is meta
     assert meta.grad_addresses.key != ()
     # A state tensor replaced (e.g. by load_state_dict): new tables, same results.
     for st in run.states:
         st["exp_avg"] = st["exp_avg"].clone()
     run.step(2)
     new_key = common.elementwise_key("lion", [run.params, run.lists()["exp_avg"]], common.BLOCK)
-    assert new_key != key and new_key in common._cache
+    assert new_key != key and new_key in common._cache.entries
     run.check(3)
 
 

@@ -45,28 +45,59 @@ NUM_WARPS = 4
 
 # Vector loads need 16-byte aligned tensors (torch's allocations are; views may not be).
 VECTOR_BYTES = 16
-MAX_CACHED_BUCKETS = 64
 
-_cache: "OrderedDict[Hashable, object]" = OrderedDict()
+
+class BucketCache:
+    """Least-recently-used metadata, sized by use: it keeps at least ``minimum``
+    entries, and twice the largest reuse distance seen (the number of lookups
+    between two lookups of one key — about the buckets of one optimizer step),
+    so a model with more buckets than ``minimum`` is never rebuilt every step."""
+
+    def __init__(self, minimum: int = 64):
+        self.minimum = minimum
+        self.capacity = minimum
+        self.entries: "OrderedDict[Hashable, object]" = OrderedDict()
+        self.last_use: Dict[Hashable, int] = {}
+        self.lookups = 0
+
+    def get(self, key: Hashable, build: Callable[[], object]):
+        self.lookups += 1
+        if key in self.last_use:
+            self.capacity = max(self.capacity, 2 * (self.lookups - self.last_use[key]))
+        self.last_use[key] = self.lookups
+        meta = self.entries.get(key)
+        if meta is None:
+            meta = build()
+            meta.cache_key = key
+            self.entries[key] = meta
+            while len(self.entries) > self.capacity:
+                self.entries.popitem(last=False)
+            if len(self.last_use) > 4 * self.capacity:  # forget the reuse of long-gone keys
+                self.last_use = {k: self.last_use[k] for k in self.entries}
+        else:
+            self.entries.move_to_end(key)
+        return meta
+
+    def forget(self, key: Hashable) -> None:
+        self.entries.pop(key, None)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.last_use.clear()
+        self.capacity = self.minimum
+
+
+_cache = BucketCache()
 
 
 def cached(key: Hashable, build: Callable[[], object]):
-    """The metadata stored under ``key``, built on a miss (least recently used evicted)."""
-    meta = _cache.get(key)
-    if meta is None:
-        meta = build()
-        meta.cache_key = key
-        _cache[key] = meta
-        if len(_cache) > MAX_CACHED_BUCKETS:
-            _cache.popitem(last=False)
-    else:
-        _cache.move_to_end(key)
-    return meta
+    """The metadata stored under ``key``, built on a miss."""
+    return _cache.get(key, build)
 
 
 def forget(key: Hashable) -> None:
     """Drops a cache entry (after a failed launch, whose scratch state is unknown)."""
-    _cache.pop(key, None)
+    _cache.forget(key)
 
 
 def clear_cache() -> None:
