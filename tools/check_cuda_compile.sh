@@ -2,7 +2,10 @@
 # Compile-checks every csrc/cuda/*.cu to an object file with nvcc (no GPU needed,
 # nothing is linked), with the flags torch's BuildExtension passes for a
 # TORCH_CUDA_ARCH_LIST=9.0 build, against the installed torch's headers.
-# Prints one line per file; exits non-zero when any file fails to compile.
+# Prints one line per file, then ptxas's resource use per kernel (registers, stack
+# frame, spills: tools/ptxas_resources.py); exits non-zero when any file fails to
+# compile or any kernel uses a stack frame (local memory) or spills, unless that
+# kernel is in the allowlist of tools/ptxas_resources.py.
 # Skips (exit 0) only when nvcc is absent.
 #   PYTHON=...  the python whose torch to compile against (default: .venv/bin/python,
 #               else python3)
@@ -43,6 +46,7 @@ flags=(
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
   -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C
   -I csrc
+  -Xptxas -v  # per-kernel registers, stack frame and spills, read by tools/ptxas_resources.py
 )
 for dir in "${torch_includes[@]}"; do flags+=(-isystem "$dir"); done
 if [[ "${WERROR:-0}" == "1" ]]; then flags+=(--Werror all-warnings); fi
@@ -78,9 +82,13 @@ for src in "${sources[@]}"; do
   name="$(basename "$src" .cu)"
   if [[ "$(cat "$work/$name.status" 2>/dev/null)" != "ok" ]] || grep -qi "warning" "$work/$name.log"; then
     echo "---- $src"
-    cat "$work/$name.log"
+    grep -v -e '^ptxas info' -e 'bytes stack frame, .* bytes spill' "$work/$name.log" || true
   fi
   [[ "$(cat "$work/$name.status" 2>/dev/null)" == "ok" ]] || failed=1
 done
 echo "compile check: ${#sources[@]} file(s) in $((SECONDS - start))s, $([[ $failed == 0 ]] && echo passed || echo FAILED)"
+
+logs=()
+for src in "${sources[@]}"; do logs+=("$work/$(basename "$src" .cu).log"); done
+"$python_bin" tools/ptxas_resources.py "${logs[@]}" || failed=1
 exit "$failed"

@@ -242,6 +242,8 @@ __device__ __forceinline__ void long_row_partial(const AmosArrays<scalar_t>& x, 
 // kGeneral, phase 1: one thread per (slot s, piece): Σ clip(g)² over elements
 // [piece·kPieceLength, …) of the slot (in the order of its reduced dims), into
 // partials[piece·num_slots + s].  Neighbouring threads take neighbouring slots.
+// The offset of the slot's r-th element steps along the innermost reduced dim and
+// is mapped afresh from r where that dim wraps.
 template <typename scalar_t>
 __device__ __forceinline__ void general_partial(const AmosArrays<scalar_t>& x, const AmosTensor& info,
                                                 const AmosGeneralLayout& layout, uint32_t chunk, bool clip,
@@ -251,44 +253,27 @@ __device__ __forceinline__ void general_partial(const AmosArrays<scalar_t>& x, c
   const int64_t item = static_cast<int64_t>(chunk) * kAmosThreads + threadIdx.x;
   const int64_t slots = info.num_slots;
   if (item >= slots * info.pieces) return;
-  const int64_t slot = item % slots, piece = item / slots;
+  const int64_t piece = layout.num_slots.div(item), slot = item - piece * slots;
   assume_global(x.g);
-  int64_t base = 0;
-  for (int64_t rest = slot, d = layout.num_kept - 1; d >= 0; --d) {
-    base += rest % layout.kept_size[d] * layout.kept_stride[d];
-    rest /= layout.kept_size[d];
-  }
+  const scalar_t* const g = x.g + map_digits(layout.slot_base, layout.num_kept, slot);
   const int64_t first = piece * kPieceLength;
   const int64_t last = first + kPieceLength < info.row_len ? first + kPieceLength : info.row_len;
-  int64_t index[kAmosMaxDims];
-  int64_t offset = 0;
-  for (int64_t rest = first, d = layout.num_reduced - 1; d >= 0; --d) {
-    index[d] = rest % layout.reduced_size[d];
-    offset += index[d] * layout.reduced_stride[d];
-    rest /= layout.reduced_size[d];
-  }
+  const AmosDigit& inner = layout.reduced[layout.num_reduced - 1];
+  const int64_t inner_size = inner.size.divisor, inner_stride = inner.stride;
+  int64_t offset = map_digits(layout.reduced, layout.num_reduced, first);
+  int64_t inner_index = first - inner.size.div(first) * inner_size;
   Op sum_sq(0);
   for (int64_t r = first; r < last; ++r) {
-    const Op gc = clipped(static_cast<Op>(x.g[base + offset]), clip, c);
+    const Op gc = clipped(static_cast<Op>(g[offset]), clip, c);
     sum_sq += gc * gc;
-    for (int d = layout.num_reduced - 1; d >= 0; --d) {  // next element of the slot
-      offset += layout.reduced_stride[d];
-      if (++index[d] < layout.reduced_size[d]) break;
-      offset -= layout.reduced_stride[d] * layout.reduced_size[d];
-      index[d] = 0;
+    if (++inner_index < inner_size) {  // next element of the slot
+      offset += inner_stride;
+    } else {
+      inner_index = 0;
+      offset = map_digits(layout.reduced, layout.num_reduced, r + 1);
     }
   }
   partials[info.partial_base + piece * slots + slot] = sum_sq;
-}
-
-// The slot (index into v, b) of element e of a general layout.
-__device__ __forceinline__ int64_t general_slot(const AmosGeneralLayout& layout, int64_t e) {
-  int64_t slot = 0;
-  for (int d = layout.ndim - 1; d >= 0; --d) {
-    slot += e % layout.size[d] * layout.slot_stride[d];
-    e /= layout.size[d];
-  }
-  return slot;
 }
 
 template <typename scalar_t, bool MOMENTUM>
@@ -375,7 +360,7 @@ __global__ void __launch_bounds__(kAmosThreads)
     const int64_t begin = static_cast<int64_t>(task.chunk) * table.chunk;
     const int64_t end = begin + table.chunk < info.numel ? begin + table.chunk : info.numel;
     apply_slots<scalar_t, MOMENTUM>(x, begin, end, clip, c, [&](int64_t e) {
-      const int64_t s = general_slot(layout, e);
+      const int64_t s = map_digits(layout.element_slot, layout.num_kept, e);
       return std::pair<Op, Op>(slot_wa[2 * s], slot_wa[2 * s + 1]);
     });
   }

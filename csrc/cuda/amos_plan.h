@@ -17,12 +17,12 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
-#include <utility>
 #include <vector>
 
 #include "../amos_layout.h"
 #include "../step_math.h"
 #include "device_table.h"
+#include "fast_divisor.h"
 #include "multi_tensor_apply.cuh"
 #include "op_support.h"
 
@@ -57,13 +57,38 @@ struct AmosTensor {
   int32_t general;        // kGeneral: index into AmosTable::general
 };
 
-// A general layout: the coalesced dims of amos_layout.h, outermost first.
+// One coalesced dim of a general layout as a digit of an index n:
+// (n / inner) % size, which adds digit·stride to the mapped index.
+struct AmosDigit {
+  FastDivisor inner, size;
+  int64_t stride;
+};
+
+// Σ over `count` digits of n of digit·stride (0 ≤ n < 2^63).
+__host__ __device__ __forceinline__ int64_t map_digits(const AmosDigit* digits, int count, int64_t n) {
+  int64_t out = 0;
+  for (int i = 0; i < count; ++i) {
+    const AmosDigit& d = digits[i];
+    const int64_t q = d.inner.div(n);
+    out += (q - d.size.div(q) * d.size.divisor) * d.stride;
+  }
+  return out;
+}
+
+// Coalesced dims alternate between kept and reduced, so each kind has at most half.
+constexpr int kAmosMaxHalfDims = (kAmosMaxDims + 1) / 2;
+
+// A general layout (the coalesced dims of amos_layout.h), as the divisors its
+// index maps need, outermost dims first:
+//   element e -> its slot            Σ_kept    (e / element stride % size)·slot stride
+//   slot s -> its first element      Σ_kept    (s / slot stride % size)·element stride
+//   r-th element of a slot -> offset Σ_reduced (r / inner reduced count % size)·element stride
 struct AmosGeneralLayout {
-  int32_t ndim, num_kept, num_reduced, unused;
-  int64_t size[kAmosMaxDims];
-  int64_t slot_stride[kAmosMaxDims];  // 0 for reduced dims
-  int64_t kept_size[kAmosMaxDims], kept_stride[kAmosMaxDims];        // element strides
-  int64_t reduced_size[kAmosMaxDims], reduced_stride[kAmosMaxDims];  // element strides
+  int32_t num_kept, num_reduced;
+  FastDivisor num_slots;
+  AmosDigit element_slot[kAmosMaxHalfDims];
+  AmosDigit slot_base[kAmosMaxHalfDims];
+  AmosDigit reduced[kAmosMaxHalfDims];
 };
 
 enum AmosArray : int { kParam = 0, kGrad, kV, kB, kMu, kAmosArrays };
@@ -82,23 +107,32 @@ struct AmosTable {
   int64_t chunk;  // elements per chunk
 };
 
-inline AmosGeneralLayout general_layout(const AmosLayout& layout) {
+inline AmosGeneralLayout general_layout(const AmosLayout& layout, int64_t num_slots) {
   AmosGeneralLayout g{};
-  g.ndim = layout.ndim;
-  int64_t stride = 1;
-  std::vector<std::pair<int64_t, int64_t>> kept, reduced;  // (size, element stride), inner first
+  std::vector<AmosDigit> kept_slot, kept_base, reduced;  // inner dims first
+  int64_t element_stride = 1, slot_stride = 1, reduced_count = 1;
   for (int d = layout.ndim - 1; d >= 0; --d) {
-    g.size[d] = layout.sizes[d];
-    g.slot_stride[d] = layout.slot_strides[d];
-    (layout.slot_strides[d] == 0 ? reduced : kept).emplace_back(layout.sizes[d], stride);
-    stride *= layout.sizes[d];
+    const int64_t size = layout.sizes[d];
+    if (layout.slot_strides[d] == 0) {
+      reduced.push_back({FastDivisor::of(reduced_count), FastDivisor::of(size), element_stride});
+      reduced_count *= size;
+    } else {
+      TORCH_CHECK(layout.slot_strides[d] == slot_stride, "Amos general layout: unexpected slot stride");
+      kept_slot.push_back({FastDivisor::of(element_stride), FastDivisor::of(size), slot_stride});
+      kept_base.push_back({FastDivisor::of(slot_stride), FastDivisor::of(size), element_stride});
+      slot_stride *= size;
+    }
+    element_stride *= size;
   }
-  std::reverse(kept.begin(), kept.end());
-  std::reverse(reduced.begin(), reduced.end());
-  g.num_kept = static_cast<int32_t>(kept.size());
+  TORCH_CHECK(static_cast<int>(kept_slot.size()) <= kAmosMaxHalfDims &&
+                  static_cast<int>(reduced.size()) <= kAmosMaxHalfDims,
+              "Amos general layout: dims do not alternate");
+  g.num_kept = static_cast<int32_t>(kept_slot.size());
   g.num_reduced = static_cast<int32_t>(reduced.size());
-  for (size_t i = 0; i < kept.size(); ++i) std::tie(g.kept_size[i], g.kept_stride[i]) = kept[i];
-  for (size_t i = 0; i < reduced.size(); ++i) std::tie(g.reduced_size[i], g.reduced_stride[i]) = reduced[i];
+  g.num_slots = FastDivisor::of(num_slots);
+  std::copy(kept_slot.rbegin(), kept_slot.rend(), g.element_slot);
+  std::copy(kept_base.rbegin(), kept_base.rend(), g.slot_base);
+  std::copy(reduced.rbegin(), reduced.rend(), g.reduced);
   return g;
 }
 
@@ -157,7 +191,7 @@ class AmosPlan {
         x.row_len = x.numel / x.num_slots;
         x.pieces = ceil_div(x.row_len, kPieceLength);
         x.general = static_cast<int32_t>(generals.size());
-        generals.push_back(general_layout(layout));
+        generals.push_back(general_layout(layout, x.num_slots));
         add_two_phase(x, x.num_slots * x.pieces);
         add_tasks(main, t, ceil_div(x.num_slots * x.pieces, kAmosThreads));
         add_tasks(slot, t, ceil_div(x.num_slots, kAmosWarps));
