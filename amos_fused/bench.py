@@ -546,9 +546,6 @@ def plot_results(rows: List[dict], path: str, title: str) -> str:
     speed.set_xlim(0, 1.45 * max(max(r["gbps"], r["floor_gbps"]) for r in shown))
     speed.set_yticks(y, names)
     speed.invert_yaxis()
-    speed.legend(handles=[Patch(color="0.88", label="floor: the same bytes, trivial math"),
-                          Patch(color="tab:gray", label="torch"), Patch(color="tab:blue", label="amos_fused")],
-                 loc="lower right", fontsize=8)
     time_.barh(y, [r["ms"] for r in shown], height=0.5, color=[color(n) for n in names])
     # The floor's time for this row's bytes (a copy is credited its own bytes).
     floor_ms = [by_name[r["floor"]]["ms"] * r["bytes_per_param"] / by_name[r["floor"]]["bytes_per_param"]
@@ -559,8 +556,13 @@ def plot_results(rows: List[dict], path: str, title: str) -> str:
         time_.text(max(r["ms"], ms or 0.0), i, f"  {r['ms']:.1f}", va="center", fontsize=8)
     time_.set_xlabel("ms per step (median)")
     time_.set_xlim(0, 1.15 * max(max(r["ms"], ms or 0.0) for r, ms in zip(shown, floor_ms)))
-    time_.legend(handles=[Line2D([], [], marker="|", linestyle="", markersize=14, color="black",
-                                 label="floor's time for the same bytes")], loc="lower right", fontsize=8)
+    handles = [Patch(color="tab:gray", label="torch"), Patch(color="tab:blue", label="amos_fused")]
+    if any(n.startswith("triton-") for n in names):
+        handles.append(Patch(color="tab:green", label="amos_fused (Triton)"))
+    handles += [Patch(facecolor="0.88", edgecolor="0.6", label="floor's GB/s: the same bytes, trivial math"),
+                Line2D([], [], marker="|", linestyle="", markersize=14, color="black",
+                       label="floor's time for the same bytes")]
+    figure.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     figure.suptitle(title, fontsize=10)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     figure.savefig(path, dpi=110)
