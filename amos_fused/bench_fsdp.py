@@ -9,7 +9,7 @@ offload_policy=CPUOffloadPolicy(pin_memory=False))``; each rank times
 for torch.optim.AdamW(fused=True), our AdamW and our Amos (factored slots for the
 matrices, elementwise for the sharded vectors, no momentum), in interleaved rounds,
 and rank 0 writes the table and bench/results/<device>-fsdp2-offload-<date>.json
-(the schema of ``python -m amos_fused.bench``, without a copy floor)."""
+(the schema of ``python -m amos_fused.bench``, without a floor)."""
 from __future__ import annotations
 
 import argparse
@@ -107,6 +107,7 @@ def main(argv=None):
         "workload": workload, "impl": name, "dtype": "float32", "params": sizes["params"],
         "tensors": sizes["tensors"], "ms": round(ms[name], 4),
         "gbps": round(gbps(IMPLS[name] * sizes["params"], ms[name]), 3),
+        "bytes_per_param": IMPLS[name], "floor": None, "floor_gbps": None, "fraction_of_floor": None,
         "copy_gbps": None, "fraction_of_copy_bandwidth": None,
         "ratio_vs_torch_fused": round(ms[TORCH_FUSED] / ms[name], 4),
     } for name in IMPLS]

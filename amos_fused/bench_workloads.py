@@ -88,6 +88,8 @@ def gpt2(device, dtype, **config) -> ParamsModel:
 
 
 GPT2_CONFIGS = {
+    # ~0.17M params, 28 tensors: for tests and smoke runs of the benchmark itself.
+    "gpt2-tiny": dict(d_model=64, layers=2, vocab=1024, context=128),
     # ~39M params, 88 tensors: sized for a small CPU machine.
     "gpt2-39m": dict(d_model=512, layers=7, vocab=32000, context=1024),
     # The real GPT-2 small: 124M params, 148 tensors.

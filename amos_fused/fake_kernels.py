@@ -1,11 +1,15 @@
-"""The fake (meta) kernel of the step op, so that ``torch.compile`` and other
-tracers can trace a call of it: the op only mutates its inputs in place and
-returns nothing, so its fake kernel does nothing."""
+"""Fake (meta) kernels of the in-place ops, so that ``torch.compile`` and other
+tracers can trace a call of them: the step op (and the benchmark's bandwidth
+floor, ``stream_floor``) only mutate their inputs in place and return nothing,
+so their fake kernels do nothing."""
 import torch
 
 from . import _C  # noqa: F401  (registers the compiled ops: torch.ops.amos_fused)
 
+
 def _no_output(*args, **kwargs) -> None:
     return None
 
-torch.library.register_fake("amos_fused::step", _no_output)
+
+for _name in ("step", "stream_floor"):
+    torch.library.register_fake(f"amos_fused::{_name}", _no_output)

@@ -20,9 +20,13 @@
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #include "kernels_impl.h"
+#include "stream_floor_kernel.h"
 
 AMOS_FUSED_DEFINE_KERNEL_TABLE(kernels_avx2, "avx2")
+AMOS_FUSED_DEFINE_STREAM_FLOOR(stream_floor_avx2)
 #else
 #include "kernel_api.h"
 const amos_fused::cpu::KernelTable& amos_fused::cpu::kernels_avx2() { return kernels_default(); }
+#include "stream_floor_api.h"
+amos_fused::cpu::StreamFloorFn amos_fused::cpu::stream_floor_avx2() { return stream_floor_default(); }
 #endif
