@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.amos_fused-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*)
 
-.PHONY: install bench test lint test-triton-3.6 clean
+.PHONY: install bench test lint test-triton-3.6 check-triton-compile clean
 
 install: $(STAMP)
 
@@ -51,6 +51,12 @@ test-triton-3.6: install
 	$(T36) -m pip install numpy "pytest>=8" "hypothesis>=6"
 	$(T36) -m pip install --no-deps triton==3.6.0 pytorch-optimizer==4.1.0
 	$(T36) -m pytest -q -p no:cacheprovider tests/test_triton.py
+
+# Every Triton kernel variant the launches produce, compiled ahead of time for sm_90
+# (Triton's compiler and ptxas, no GPU needed): fails on a compile error or a register
+# spill.  JOBS=N parallel compiles (default 2).
+check-triton-compile: install
+	$(PY) tools/check_triton_compile.py
 
 clean:
 	rm -rf build amos_fused/_C*.so $(VENV) .venv-triton36

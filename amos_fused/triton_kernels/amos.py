@@ -276,59 +276,74 @@ LONG_ROWS_KIND = tl.constexpr(LONG_ROWS)
 
 
 @triton.jit
-def tensor_info(info, t, NDIM: tl.constexpr):
+def tensor_info(info, t, ndim):
     """Row of tensor t in the info table: numel, kind, row_len, slot_base, num_slots,
-    sizes[NDIM], slot_strides[NDIM]."""
-    return info + t * (INFO_FIXED + 2 * NDIM)
+    sizes[ndim], slot_strides[ndim]."""
+    return info + t * (INFO_FIXED + 2 * ndim)
 
+
+# The number of merged dims (ndim, 1 … 16) is a runtime argument and the dims are
+# walked by while loops, each digit read with one int64 division (the remainder
+# from the quotient).  As a constexpr unrolled over the dims, every dim's size and
+# slot stride was loaded up front and held in registers, and the values live across
+# the int64 divisions (a called routine on NVIDIA GPUs) took more: with many merged
+# dims amos_kernel and amos_sums_kernel spilled for sm_90
+# (tools/check_triton_compile.py fails on that).
 
 @triton.jit
-def slot_index(offs, layout, NDIM: tl.constexpr):
-    """Slot of each element offset, from the merged sizes (layout[0:NDIM], row-major)
-    and their slot strides (layout[NDIM:2·NDIM], 0 for reduced dims)."""
+def slot_index(offs, layout, ndim):
+    """Slot of each element offset, from the merged sizes (layout[0:ndim], row-major)
+    and their slot strides (layout[ndim:2·ndim], 0 for reduced dims)."""
     rem = offs
     slot = tl.zeros_like(offs)
-    for i in tl.static_range(NDIM):
-        d = NDIM - 1 - i
+    d = ndim - 1
+    while d >= 0:
         size = tl.load(layout + d)
-        slot += (rem % size) * tl.load(layout + NDIM + d)
-        rem = rem // size
+        quotient = rem // size
+        slot += (rem - quotient * size) * tl.load(layout + ndim + d)  # (rem % size)·stride
+        rem = quotient
+        d -= 1
     return slot
 
 
 @triton.jit
-def element_offset(x, layout, KEPT: tl.constexpr, NDIM: tl.constexpr):
-    """Element offset (row-major over the merged sizes layout[0:NDIM]) of index x
+def element_offset(x, layout, ndim, KEPT: tl.constexpr):
+    """Element offset (row-major over the merged sizes layout[0:ndim]) of index x
     along the kept dims (KEPT: x is a slot) or along the reduced dims (x is the
     rank k of an element within its slot, reduced dims in row-major order); the
     other dims at 0.  A slot's elements are at element_offset(slot, True) +
-    element_offset(k, False) for k = 0 … numel/num_slots − 1."""
+    element_offset(k, False) for k = 0 … numel/num_slots − 1.
+
+    x's digits, innermost dim first, in the radix of the sizes of the dims it
+    walks (a slot's kept-dim strides are the products of the inner kept sizes);
+    a dim it does not walk divides by 1 and yields digit 0."""
     off = x * 0
     elem_stride = x * 0 + 1
-    rank_stride = x * 0 + 1
-    for i in tl.static_range(NDIM):
-        d = NDIM - 1 - i
+    rem = x
+    d = ndim - 1
+    while d >= 0:
         size = tl.load(layout + d)
-        slot_stride = tl.load(layout + NDIM + d)
+        slot_stride = tl.load(layout + ndim + d)
         if KEPT:
-            idx = tl.where(slot_stride != 0, (x // tl.maximum(slot_stride, 1)) % size, 0)
+            radix = tl.where(slot_stride != 0, size, 1)
         else:
-            idx = tl.where(slot_stride == 0, (x // rank_stride) % size, 0)
-            rank_stride = tl.where(slot_stride == 0, rank_stride * size, rank_stride)
-        off += idx * elem_stride
+            radix = tl.where(slot_stride == 0, size, 1)
+        quotient = rem // radix
+        off += (rem - quotient * radix) * elem_stride
+        rem = quotient
         elem_stride = elem_stride * size
+        d -= 1
     return off
 
 
 @triton.jit
-def amos_sums_kernel(grad_addresses, info, blocks, coef, partials, n, DTYPE: tl.constexpr,
-                     COMPUTE: tl.constexpr, CLIP: tl.constexpr, NDIM: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def amos_sums_kernel(grad_addresses, info, blocks, coef, partials, n, ndim, DTYPE: tl.constexpr,
+                     COMPUTE: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
     """Phase 1: partial sums of clip(g)² (blocks: tensor, piece), each written to
     the piece's own entries of partials (see the module docstring)."""
     t, piece = program_entry(blocks)
     g_ptr = stream(grad_addresses, 0, n, t, DTYPE, False)
-    meta = tensor_info(info, t, NDIM)
+    meta = tensor_info(info, t, ndim)
     numel = tl.load(meta)
     kind = tl.load(meta + 1)
     num_slots = tl.load(meta + 4)
@@ -352,12 +367,12 @@ def amos_sums_kernel(grad_addresses, info, blocks, coef, partials, n, DTYPE: tl.
         s = (piece % slot_blocks) * BLOCK + tl.arange(0, BLOCK)
         mask = s < num_slots
         layout = meta + INFO_FIXED
-        slot_offs = element_offset(s, layout, True, NDIM)
+        slot_offs = element_offset(s, layout, ndim, True)
         k = c * chunk_len
         k_end = tl.minimum(k + chunk_len, numel // num_slots)
         acc = tl.zeros([BLOCK], COMPUTE)
         while k < k_end:
-            offs = slot_offs + element_offset(k, layout, False, NDIM)
+            offs = slot_offs + element_offset(k, layout, ndim, False)
             g = amos_clip(load_block(g_ptr + offs, mask, True, COMPUTE), unscale, clip, CLIP)
             acc += tl.where(mask, g * g, 0.0)
             k += 1
@@ -365,15 +380,15 @@ def amos_sums_kernel(grad_addresses, info, blocks, coef, partials, n, DTYPE: tl.
 
 
 @triton.jit
-def amos_slots_kernel(addresses, info, blocks, coef, partials, slot_updates, n,
+def amos_slots_kernel(addresses, info, blocks, coef, partials, slot_updates, n, ndim,
                       DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FP64: tl.constexpr,
-                      NDIM: tl.constexpr, BLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr):
     """Phase 2: Σ of each slot's partials in order, g2 = Σ/count; updates v, b;
     stores the slot's (w, a) interleaved in slot_updates."""
     t, index = program_entry(blocks)
     v_ptr = stream(addresses, 1, n, t, DTYPE, False)
     b_ptr = stream(addresses, 2, n, t, DTYPE, False)
-    meta = tensor_info(info, t, NDIM)
+    meta = tensor_info(info, t, ndim)
     numel = tl.load(meta)
     kind = tl.load(meta + 1)
     slot_base = tl.load(meta + 3)
@@ -528,11 +543,11 @@ def _phased_block(p_ptr, g_ptr, mu_ptr, offs, mask, coef_row, slots, COMPUTE: tl
 
 
 @triton.jit
-def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, n,
+def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, n, ndim,
                 DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FP64: tl.constexpr,
                 MOMENTUM: tl.constexpr, CLIP: tl.constexpr, ALIGNED: tl.constexpr,
                 ROWS_ALIGNED: tl.constexpr, HAS_ELEMENTWISE: tl.constexpr, HAS_ROWS: tl.constexpr,
-                HAS_PHASED: tl.constexpr, NDIM: tl.constexpr, BLOCK: tl.constexpr):
+                HAS_PHASED: tl.constexpr, BLOCK: tl.constexpr):
     """Streams: 0 param, 1 v, 2 b, 3 mu (MOMENTUM).  blocks: (tensor, block index),
     or (tensor, row) for ROWS tensors."""
     t, index = program_entry(blocks)
@@ -544,7 +559,7 @@ def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, n,
         mu = stream(addresses, 3, n, t, DTYPE, ALIGNED)
     g = stream(grad_addresses, 0, n, t, DTYPE, ALIGNED)
     coef_row = coef + t * AMOS_WIDTH
-    meta = tensor_info(info, t, NDIM)
+    meta = tensor_info(info, t, ndim)
     numel = tl.load(meta)
     kind = tl.load(meta + 1)
     start = index * BLOCK
@@ -563,8 +578,7 @@ def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, n,
                  ROWS_ALIGNED, BLOCK)
     if HAS_PHASED:
         if kind >= LONG_ROWS_KIND:
-            slots = slot_updates + 2 * (tl.load(meta + 3) + slot_index(offs, meta + INFO_FIXED,
-                                                                       NDIM))
+            slots = slot_updates + 2 * (tl.load(meta + 3) + slot_index(offs, meta + INFO_FIXED, ndim))
             if start + BLOCK <= numel:
                 _phased_block(p, g, mu, offs, offs < numel, coef_row, slots, COMPUTE, MOMENTUM, CLIP,
                               False)
@@ -587,18 +601,18 @@ def launch_amos(params, grads, states, hyper, coef: Tensor, meta: AmosMeta) -> N
     with launching(meta):
         if meta.num_sum_blocks:
             amos_sums_kernel[(meta.num_sum_blocks,)](
-                grad_table, meta.info, meta.sum_blocks, coef, meta.partials, meta.n,
-                DTYPE=types["DTYPE"], COMPUTE=types["COMPUTE"], CLIP=clip, NDIM=meta.ndim,
+                grad_table, meta.info, meta.sum_blocks, coef, meta.partials, meta.n, meta.ndim,
+                DTYPE=types["DTYPE"], COMPUTE=types["COMPUTE"], CLIP=clip,
                 BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS)
             amos_slots_kernel[(meta.num_slot_blocks,)](
                 meta.addresses, meta.info, meta.slot_blocks, coef, meta.partials,
-                meta.slot_updates, meta.n, **types, NDIM=meta.ndim, BLOCK=BLOCK,
+                meta.slot_updates, meta.n, meta.ndim, **types, BLOCK=BLOCK,
                 num_warps=AMOS_NUM_WARPS)
         amos_kernel[(meta.num_main,)](
             meta.addresses, grad_table, meta.info, meta.main_blocks, coef, meta.slot_updates,
-            meta.n, **types, MOMENTUM=momentum, CLIP=clip,
+            meta.n, meta.ndim, **types, MOMENTUM=momentum, CLIP=clip,
             ALIGNED=meta.aligned and grads_aligned,
             ROWS_ALIGNED=meta.aligned and grads_aligned and meta.rows_aligned,
             HAS_ELEMENTWISE=ELEMENTWISE in meta.kinds,
-            HAS_ROWS=ROWS in meta.kinds, HAS_PHASED=meta.num_sum_blocks > 0, NDIM=meta.ndim,
+            HAS_ROWS=ROWS in meta.kinds, HAS_PHASED=meta.num_sum_blocks > 0,
             BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS)
