@@ -424,18 +424,19 @@ def amos_slots_kernel(addresses, info, blocks, coef, partials, slot_updates, n, 
 def _elementwise_block(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, offs, mask, coef_row,
                        COMPUTE: tl.constexpr, FP64: tl.constexpr, MOMENTUM: tl.constexpr,
                        CLIP: tl.constexpr, MASKED: tl.constexpr):
-    p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
     g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
     v = load_block(v_ptr + offs, mask, MASKED, COMPUTE)
     b = load_block(b_ptr + offs, mask, MASKED, COMPUTE)
-    mu = p
-    if MOMENTUM:
-        mu = load_block(mu_ptr + offs, mask, MASKED, COMPUTE)
     (beta, beta_c, bias_correction, epsilon, c_scale, lr_sq, alpha, d_scale, extra_l2, clip,
      momentum, momentum_c, unscale) = load_amos_coefficients(coef_row)
     g = amos_clip(g, unscale, clip, CLIP)
     v, b, w, a = amos_slot(v, b, g * g, beta, beta_c, bias_correction, epsilon, c_scale, lr_sq,
                            alpha, d_scale, extra_l2, FP64)
+    # θ (and mu) are read after the slot math: not held in registers across it.
+    p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
+    mu = p
+    if MOMENTUM:
+        mu = load_block(mu_ptr + offs, mask, MASKED, COMPUTE)
     p, mu = amos_element(p, g, mu, w, a, momentum, momentum_c, MOMENTUM)
     store_block(p_ptr + offs, p, mask, MASKED)
     store_block(v_ptr + offs, v, mask, MASKED)
