@@ -95,7 +95,8 @@ class Case:
 
     def state_keys(self) -> set:
         """The state keys a step of this case creates (its optimizer says which)."""
-        opt = self.cls([torch.nn.Parameter(torch.zeros(2, 2))], backend="reference", **self.kwargs)
+        # a 4-dim param: every reduce_axes of the registry names dims of it
+        opt = self.cls([torch.nn.Parameter(torch.zeros(2, 2, 2, 2))], backend="reference", **self.kwargs)
         return {"step"} | set(opt._step_state_keys(opt.param_groups[0]))
 
 
