@@ -1,0 +1,54 @@
+"""python -m amos_fused.demo: a few steps of a tiny GPT with two optimizers write
+the JSON and the plots, with finite losses that go down."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+
+from amos_fused import demo
+
+
+def test_demo_tiny_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "demo"
+    cfg = demo.parse_args([
+        "--steps", "30", "--out", str(out), "--optimizers", "adamw,amos", "--seed", "1",
+        "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--seq-len", "32", "--batch", "8",
+        "--warmup", "3", "--rms-every", "5", "--eval-every", "15", "--eval-batches", "2",
+        "--data-bytes", "300000", "--no-progress", "--lr", "adamw=1e-2",
+    ])
+    report = demo.run(cfg, command="test")
+    saved = json.loads((out / "demo.json").read_text())
+    for name in ("loss.png", "rms.png", "rms_adamw.png", "state_bytes.png"):
+        assert (out / name).stat().st_size > 1000, name
+    assert set(saved["results"]) == {"adamw", "amos"}
+    for name, r in saved["results"].items():
+        assert len(r["train_loss"]) == 30
+        assert all(math.isfinite(v) for v in r["train_loss"] + r["val"]["loss"]), name
+        assert math.isfinite(r["final_val_loss"]) and r["state_bytes"] > 0
+        assert r["rms"]["step"] == [1, 6, 11, 16, 21, 26, 30]
+    adamw = saved["results"]["adamw"]["train_loss"]
+    assert sum(adamw[-5:]) / 5 < sum(adamw[:5]) / 5 - 0.5
+    assert saved["results"]["adamw"]["val"]["loss"][-1] < saved["results"]["adamw"]["val"]["loss"][0]
+    # Amos's factored slots: a small fraction of AdamW's two full moments.
+    assert saved["results"]["amos"]["state_bytes"] < 0.05 * saved["results"]["adamw"]["state_bytes"]
+    check = saved["checks"]["adamw"]
+    assert check["weight_rms_equilibrium_predicted"] == pytest.approx(math.sqrt(1e-2 / (2 * 1.0)), rel=1e-5)
+    assert check["update_rms_predicted"] == pytest.approx(math.sqrt(0.1 / 1.9), rel=1e-5)
+    assert report["results"]["adamw"]["final_val_loss"] == pytest.approx(saved["results"]["adamw"]["final_val_loss"],
+                                                                         rel=1e-5)
+
+
+def test_demo_without_matplotlib_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(SystemExit, match=r"pip install -e \.\[demo\]"):
+        demo.main(["--steps", "1"])
+
+
+def test_demo_rejects_unknown_optimizer():
+    with pytest.raises(SystemExit, match="unknown optimizer"):
+        demo.parse_args(["--optimizers", "adamw,sgd"])
