@@ -2,6 +2,7 @@
 'cpu' (fused C++ kernels), and the GPU backends 'cuda' and 'triton'."""
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import FrozenSet, List, Optional
 
@@ -13,6 +14,7 @@ from .contracts import algorithms
 
 KNOWN_BACKENDS = ("reference", "cpu", "cuda", "triton")
 
+@functools.lru_cache(maxsize=None)
 def fused_algorithms(backend: str) -> FrozenSet[str]:
     """The algorithms with a fused kernel on an available backend (the reference has
     them all): every algorithm of the compiled step op, and those the Triton

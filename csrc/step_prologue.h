@@ -1,14 +1,14 @@
 // The start of every step op, the same on every device: find the algorithm's
 // contract, check the bucket and the op's arguments, read the GradScaler inputs
-// and, unless found_inf skips the step, advance the step counters and compute
-// every tensor's coefficients.  Nothing is written before it returns a value.
+// and, unless found_inf skips the step, compute every tensor's coefficients at the
+// next step counts.  It writes nothing: run_step launches, then advances the
+// step counters.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <array>
-#include <initializer_list>
 #include <optional>
 #include <type_traits>
 #include <vector>
