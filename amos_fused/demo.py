@@ -7,13 +7,13 @@ Runs (``--optimizers`` picks a subset; ``--lr NAME=VALUE`` changes one):
 =============  ======================================  ======  ==========================
 name           optimizer                                 lr    decay / schedule
 =============  ======================================  ======  ==========================
-torch-adamw    torch.optim.AdamW(fused=True)            3e-3   λ=1.0 on matrices, β=(0.9, 0.99)
+torch-adamw    torch.optim.AdamW(fused=True)            3e-3   λ=1.0 on dim ≥ 2, β=(0.9, 0.99)
 adamw          amos_fused.AdamW                         3e-3   same as torch-adamw
 amos           amos_fused.Amos, amos_param_groups       0.02   its own adaptive decay; no momentum
-lion           amos_fused.Lion                          1e-3   λ=3.0 on matrices (same ηλ as AdamW)
-radam          amos_fused.RAdam(decoupled)              3e-3   λ=1.0 on matrices
+lion           amos_fused.Lion                          1e-3   λ=3.0 on dim ≥ 2 (same ηλ as AdamW)
+radam          amos_fused.RAdam(decoupled)              3e-3   λ=1.0 on dim ≥ 2
 scaled-adamw   amos_fused.ScaledAdamW                   7e-3   its ρ_t; rate halves once over the run
-lamb           amos_fused.Lamb                          7e-3   λ=0.1 on matrices
+lamb           amos_fused.Lamb                          7e-3   λ=0.1 on dim ≥ 2
 =============  ======================================  ======  ==========================
 
 Every run uses the same linear warm-up (``--warmup`` steps) and then a constant
@@ -23,11 +23,12 @@ predictions (``amos_fused.theory``): update RMS sqrt((1−β1)/(1+β1)) (Su Jian
 RMS sqrt(η/(2λ)) (Su Jianlin, 《AdamW的Weight RMS的渐近估计》 "Asymptotic estimation
 of AdamW's weight RMS", kexue.fm; Kosson et al., "Rotational Equilibrium",
 arXiv:2305.17212).  The weight RMS approaches its equilibrium on a timescale of
-1/(ηλ) steps; the default λ = 1.0 with η = 3e-3 (1/(ηλ) ≈ 333 steps) is chosen
-large enough for the short CPU run to get there, larger than the 0.1 of long GPT
-runs (Wang & Aitchison, "How to set AdamW's weight decay as you scale model and
-dataset size", arXiv:2405.13698, set the EMA timescale 1/(ηλ) as a fraction of the
-run).  The learning rates are the best of a coarse sweep (steps of about 3× around the
+1/(ηλ) steps; the default λ = 1.0 with η = 3e-3 (1/(ηλ) ≈ 333 steps, 1.5 of them
+in the default 500 steps; ``--steps 2000`` for 6) is chosen large so that a short
+CPU run gets near it, larger than the 0.1 of long GPT runs (Wang & Aitchison, "How
+to set AdamW's weight decay as you scale model and dataset size",
+arXiv:2405.13698, set the EMA timescale 1/(ηλ) as a fraction of the run).
+The learning rates are the best of a coarse sweep (steps of about 3× around the
 usual values, 200-step runs of the default model, lowest val loss; the numbers are
 in bench/results/demo/lr_sweep.json): AdamW and RAdam 3e-3 (a model this small
 takes a larger lr than GPT-2's 6e-4); Lion 1e-3, 3× smaller, with 3× the decay, as
@@ -246,6 +247,17 @@ class RMSMeter:
             self.series["weight"][key].append(math.sqrt(w[key] / n[key]))
             self.series["update"][key].append(math.sqrt(u[key] / n[key]))
             self.series["update_no_decay"][key].append(math.sqrt(und[key] / n[key]))
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _load_average() -> Optional[float]:
@@ -487,7 +499,7 @@ def run(cfg: DemoConfig, command: Optional[str] = None) -> dict:
     report = {
         "command": command,
         "date": datetime.date.today().isoformat(),
-        "device": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "device": {"cpu": cpu_name(), "threads": torch.get_num_threads(),
                    "os_cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                    "amos_fused": af.__version__},
         "config": {k: v for k, v in vars(cfg).items() if k not in ("progress",)},

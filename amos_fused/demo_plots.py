@@ -140,7 +140,7 @@ def plot_state_bytes(report: dict, path: pathlib.Path) -> None:
     names = list(results)
     values = [max(results[n]["state_bytes"], 1) for n in names]
     params = next(iter(results.values()))["param_bytes"] if results else 1
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = plt.subplots(figsize=(10, 4.4))
     bars = ax.bar(range(len(names)), values, color=[_color(n) for n in names])
     ax.set_yscale("log")
     ax.set_xticks(range(len(names)), [results[n]["label"].replace(" (", "\n(") for n in names], fontsize=7)
@@ -150,7 +150,7 @@ def plot_state_bytes(report: dict, path: pathlib.Path) -> None:
     for bar, v in zip(bars, values):
         text = f"{v:,} B\n{v / params:.2%} of params"
         if adamw:
-            text += f"\n{v / adamw:.2%} of AdamW's"
+            text += f"\n{v / adamw:.2%} of AdamW"
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=6.5)
     ax.set_ylim(top=max(values + [params]) * 8)
     ax.legend(fontsize=8, loc="upper right")
