@@ -67,9 +67,11 @@ def column_indices(algorithm: str, names: Sequence[str]) -> List[int]:
 def call_step(ops, algorithm: str, params: Sequence[Tensor], grads: Sequence[Tensor],
               state: Mapping[str, Sequence[Tensor]], steps: Sequence[Tensor],
               hyper: Mapping[str, float], per_tensor: Sequence[float] = (),
-              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+              telemetry: Optional[Tensor] = None) -> None:
     """One ``ops.step`` call (``ops``: torch.ops.amos_fused or the Triton ops) with the
-    state lists and hyper-parameters given by name."""
+    state lists and hyper-parameters given by name; ``telemetry``: the op's optional
+    [len(params), 2] float64 output (Σθ², Σ(Δθ)² per param)."""
     states, values = step_arguments(algorithm, hyper, state)
     ops.step(algorithm, list(params), list(grads), states, list(steps), values, list(per_tensor),
-             grad_scale, found_inf)
+             grad_scale, found_inf, telemetry)

@@ -20,18 +20,21 @@ from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype
 from .checks import Problem, Walk, check_step, first_overlap, step_error
 from .contracts import call_step
 from .sharding import local
+from .telemetry import RMS, Recorder, measured_sums, new_table, snapshot
 
 
 def torch_flags(maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                backend=None) -> Dict[str, Any]:
+                backend=None, track_rms=False) -> Dict[str, Any]:
     """The keyword-only flags every optimizer takes, as group defaults: torch.optim's
     own (``maximize``: g ← −g; ``foreach``: accepted, no effect — every step is one
     fused pass per bucket or the reference's per-tensor loop; ``fused``: None or
     True for the fused kernels, False for the reference; ``capturable`` and
-    ``differentiable``: False only) and ``backend``, the constructor's choice of
-    kernels (never saved in checkpoints)."""
+    ``differentiable``: False only), ``backend``, the constructor's choice of
+    kernels (never saved in checkpoints), and ``track_rms``: each step also
+    measures every param's weight and update RMS, read with ``optimizer.rms()``
+    (amos_fused/telemetry.py)."""
     return dict(maximize=maximize, foreach=foreach, capturable=capturable,
-                differentiable=differentiable, fused=fused, backend=backend)
+                differentiable=differentiable, fused=fused, backend=backend, track_rms=track_rms)
 
 
 def group_backend(group: dict) -> Optional[str]:
@@ -90,7 +93,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: Dict[str, Any]):
         self._plans: Dict[int, GroupPlan] = {}
-        super().__init__(params, {"maximize": False, **defaults})
+        self._telemetry = Recorder()
+        super().__init__(params, {"maximize": False, "track_rms": False, **defaults})
 
     # ---- subclass hooks ---------------------------------------------------
     def _check_group(self, group: dict) -> None:
@@ -118,12 +122,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         (amos_fused/contracts.py), flags as bools."""
         raise NotImplementedError
 
-    def _fused_step(self, ops, bucket: Bucket, group: dict) -> None:
+    def _fused_step(self, ops, bucket: Bucket, group: dict, telemetry: Optional[Tensor] = None) -> None:
         """Steps the bucket with one ``ops.step`` call (``ops``: torch.ops.amos_fused,
-        or the Triton ops with the same signature)."""
+        or the Triton ops with the same signature), which fills ``telemetry`` when
+        given."""
         per_tensor = bucket.per_param[self.per_param_keys[0]] if self.per_param_keys else []
         call_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
-                  self._hyper(group), per_tensor, **self._grad_scaling())
+                  self._hyper(group), per_tensor, telemetry=telemetry, **self._grad_scaling())
 
     def _reference_step(self, bucket: Bucket, group: dict) -> None:
         raise NotImplementedError
@@ -169,8 +174,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                              "the steps read their step counters on the host")
         if group.get("fused") and group["backend"] == "reference":
             raise ValueError(f"{self._name}: fused=True contradicts backend='reference'")
-        if not isinstance(group.get("maximize", False), bool):
-            raise ValueError(f"{self._name}: maximize must be True or False, got {group['maximize']!r}")
+        for flag in ("maximize", "track_rms"):
+            if not isinstance(group.get(flag, False), bool):
+                raise ValueError(f"{self._name}: {flag} must be True or False, got {group[flag]!r}")
 
     def _where(self, index: int, position: int, param: Tensor) -> str:
         return (
@@ -386,19 +392,34 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _run(self, ready: _Ready) -> None:
         for param, missing in ready.new_states:
             self.state[param].update(missing)
+        track = ready.group.get("track_rms", False)
         for bucket in ready.buckets:
+            table = new_table(len(bucket.params), bucket.params[0].device) if track else None
+            python_step = None
             if self._reduces_across_shards(bucket, ready.group):
-                unscaled = self._reference_grads(bucket.grads)
-                if unscaled is not None:
-                    bucket.grads = unscaled
-                    self._sharded_step(bucket, ready.group)
+                python_step = self._sharded_step
             elif bucket.backend == "reference":
+                python_step = self._reference_step
+            if python_step is None:
+                self._fused_step(fused_ops(bucket.backend), bucket, ready.group, table)
+            else:
                 unscaled = self._reference_grads(bucket.grads)
+                before = snapshot(bucket.params) if track and unscaled is not None else None
                 if unscaled is not None:
                     bucket.grads = unscaled
-                    self._reference_step(bucket, ready.group)
-            else:
-                self._fused_step(fused_ops(bucket.backend), bucket, ready.group)
+                    python_step(bucket, ready.group)
+                if track:
+                    measured_sums(bucket.params, before, table)
+            if track:
+                self._telemetry.record(bucket.owners, bucket.params, table, float(ready.group["lr"]))
+
+    # ---- telemetry --------------------------------------------------------
+    def rms(self) -> Dict[Tensor, RMS]:
+        """Every tracked param's weight RMS and update RMS (per unit of lr) at its
+        latest step: ``{param: RMS(weight, update)}`` for the params of groups with
+        ``track_rms=True`` that have been stepped (amos_fused/telemetry.py).  One
+        device-to-host copy; a collective when params are sharded DTensors."""
+        return self._telemetry.rms()
 
     # ---- checkpoints ------------------------------------------------------
     def __setstate__(self, state: dict) -> None:

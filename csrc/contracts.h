@@ -183,6 +183,7 @@ std::tuple<bool, at::Tensor> begin_step_op(c10::string_view algorithm, at::Tenso
                                            at::TensorList steps, at::ArrayRef<double> hyper,
                                            at::ArrayRef<double> per_tensor,
                                            const std::optional<at::Tensor>& grad_scale,
-                                           const std::optional<at::Tensor>& found_inf);
+                                           const std::optional<at::Tensor>& found_inf,
+                                           const std::optional<at::Tensor>& telemetry);
 
 }  // namespace amos_fused

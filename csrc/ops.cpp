@@ -34,11 +34,14 @@ TORCH_LIBRARY(amos_fused, m) {
   // `contract` op below): states are the contract's enabled state lists,
   // key-major (len(params) tensors each); hyper its hyper-parameters in order;
   // per_tensor one value per param where the algorithm has one (Amos η,
-  // scale-aware Adam's ‖ε0‖), else empty.
+  // scale-aware Adam's ‖ε0‖), else empty.  telemetry (optional): a contiguous
+  // float64 [len(params), 2] tensor on the params' device; row t gets
+  // (Σθ², Σ(Δθ)²) of param t as stored after the step, summed in a fixed order
+  // (csrc/step_prologue.h: check_telemetry).
   m.def(
       "step(str algorithm, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, "
       "Tensor(c!)[] steps, float[] hyper, float[] per_tensor, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, Tensor(d!)? telemetry=None) -> ()");
   // (hyper names, state keys, the flag enabling each state or "", [per-tensor
   // value name] or [], coefficient column names) of an algorithm.
   m.def("contract(str algorithm) -> (str[], str[], str[], str[], str[])", &amos_fused::contract_op);
@@ -51,11 +54,12 @@ TORCH_LIBRARY(amos_fused, m) {
   // The checks and coefficients of `step` without the kernels: (false, empty)
   // when found_inf skips the step, else (true, the float64 coefficient table at
   // the next step counts, one row per param).  Writes nothing: the caller launches
-  // and then advances the step counters.  Used by the Triton backend.
+  // and then advances the step counters (and, on a skipped step, zeroes the
+  // telemetry's update column).  Used by the Triton backend.
   m.def(
       "begin_step(str algorithm, Tensor[] params, Tensor[] grads, Tensor[] states, "
       "Tensor[] steps, float[] hyper, float[] per_tensor, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> (bool, Tensor)",
+      "Tensor? found_inf=None, Tensor(a!)? telemetry=None) -> (bool, Tensor)",
       &amos_fused::begin_step_op);
 }
 

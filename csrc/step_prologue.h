@@ -39,6 +39,23 @@ inline void check_per_tensor(const char* op, at::TensorList params, size_t count
   TORCH_CHECK_VALUE(count == params.size(), op, ": ", params.size(), " params but ", count, " ", name);
 }
 
+// The optional telemetry output of a step: Σθ² and Σ(Δθ)² per param, of the
+// values as stored (θ after the step, Δθ = θ_after − θ_before), each tensor's
+// sum taken in a fixed order (blocks cut from the tensor's own start, combined
+// in order), so it is bitwise the same for any thread count.  Checked here,
+// before any write.
+inline void check_telemetry(const char* op, at::TensorList params, const std::optional<at::Tensor>& telemetry) {
+  if (!telemetry) return;
+  const at::Tensor& t = *telemetry;
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kDouble && t.dim() == 2 && t.size(0) == n && t.size(1) == 2 &&
+                        t.is_contiguous(),
+                    op, ": telemetry must be a contiguous float64 tensor of shape [", n, ", 2], got ",
+                    t.scalar_type(), " of shape ", t.sizes(), t.is_contiguous() ? "" : " (not contiguous)");
+  TORCH_CHECK_VALUE(n == 0 || t.device() == params[0].device(), op, ": telemetry is on ", t.device(),
+                    ", the params on ", params[0].device());
+}
+
 // One checked step of algorithm A, handed to a backend's launch(): the lists in
 // the contract's order (a disabled state's list is empty), the hyper-parameters
 // and every tensor's coefficients.
@@ -52,6 +69,7 @@ struct StepCall {
   std::vector<double> per_tensor;      // η or ‖ε0‖ per tensor; empty when the algorithm has none
   std::vector<double> steps;           // per tensor, after the increment
   std::vector<AmosLayout> layouts;     // Amos: per tensor
+  double* telemetry = nullptr;         // [n][Σθ², Σ(Δθ)²] (check_telemetry) or null
 };
 
 inline std::string joined(const std::vector<std::string>& names) {
@@ -70,6 +88,7 @@ std::optional<StepCall<A>> begin_step(at::TensorList params, at::TensorList grad
                                       at::ArrayRef<double> hyper, at::ArrayRef<double> per_tensor,
                                       const std::optional<at::Tensor>& grad_scale,
                                       const std::optional<at::Tensor>& found_inf,
+                                      const std::optional<at::Tensor>& telemetry,
                                       const DeviceChecks& device_checks) {
   const Contract& c = contract_of<A>();
   const char* op = c.op;
@@ -105,9 +124,11 @@ std::optional<StepCall<A>> begin_step(at::TensorList params, at::TensorList grad
   if constexpr (std::is_same_v<A, AmosAlgorithm>) {
     call.layouts = amos_slot_layouts(op, params, call.states[0], call.states[1]);
   }
+  check_telemetry(op, params, telemetry);
   if (n > 0) device_checks(op, params);
   const GradScaling scaling = read_grad_scaling(op, grad_scale, found_inf);
   if (scaling.skip) return std::nullopt;
+  if (telemetry && n > 0) call.telemetry = telemetry->data_ptr<double>();
   call.steps = next_steps(steps);
   call.per_tensor.assign(per_tensor.begin(), per_tensor.end());
   call.coef.reserve(n);
@@ -136,12 +157,15 @@ template <typename Backend>
 void run_step(c10::string_view algorithm, at::TensorList params, at::TensorList grads,
               at::TensorList states, at::TensorList steps, at::ArrayRef<double> hyper,
               at::ArrayRef<double> per_tensor, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf) {
+              const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& telemetry) {
   with_algorithm(algorithm, [&](auto traits) {
     using A = decltype(traits);
     auto call = begin_step<A>(params, grads, states, steps, hyper, per_tensor, grad_scale, found_inf,
-                              &Backend::device_checks);
-    if (!call) return;
+                              telemetry, &Backend::device_checks);
+    if (!call) {  // skipped by found_inf: nothing moved
+      if (telemetry) telemetry->select(1, 1).zero_();
+      return;
+    }
     // -- every check passed: from here on we write --
     if (!params.empty()) Backend::launch(*call);
     commit_steps(steps);

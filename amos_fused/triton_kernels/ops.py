@@ -53,8 +53,12 @@ def _state_lists(op: str, algorithm: str, n: int, states: Sequence[Tensor],
 
 def step(algorithm: str, params: List[Tensor], grads: List[Tensor], states: List[Tensor],
          steps: List[Tensor], hyper: Sequence[float], per_tensor: Sequence[float],
-         grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+         grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+         telemetry: Optional[Tensor] = None) -> None:
     """One step of ``algorithm`` over a bucket (arguments as ``torch.ops.amos_fused.step``)."""
+    if telemetry is not None:
+        raise NotImplementedError("amos_fused: telemetry (track_rms=True) is not implemented by the "
+                                  "Triton kernels yet")
     if algorithm not in algorithms():
         raise ValueError(f"amos_fused: unknown algorithm {algorithm!r} (known: {', '.join(algorithms())})")
     op = f"amos_fused.triton.{algorithm}_step"

@@ -63,7 +63,7 @@ inline void amos_store_slot(scalar_t* v, scalar_t* b, double sum, int64_t count,
 template <typename scalar_t, bool MOMENTUM, bool CLIP>
 void amos_update_row(scalar_t* p, scalar_t* g, scalar_t* mu, int64_t n,
                      at::opmath_type<scalar_t> w, at::opmath_type<scalar_t> a,
-                     const TileCoef<AmosCoef, scalar_t>& coef) {
+                     const TileCoef<AmosCoef, scalar_t>& coef, Telemetry* sums) {
   using Vec = typename TileIO<scalar_t>::Vec;
   const Vec wv(w), av(a);
   auto update = [&](auto& x) {
@@ -77,9 +77,9 @@ void amos_update_row(scalar_t* p, scalar_t* g, scalar_t* mu, int64_t n,
     }
   };
   if constexpr (MOMENTUM) {
-    map_streams<scalar_t, 3, 0b101u>({p, g, mu}, 0, n, update);
+    map_streams<scalar_t, 3, 0b101u>({p, g, mu}, 0, n, update, sums);
   } else {
-    map_streams<scalar_t, 2, 0b1u>({p, g}, 0, n, update);
+    map_streams<scalar_t, 2, 0b1u>({p, g}, 0, n, update, sums);
   }
 }
 
@@ -127,20 +127,33 @@ void amos_general_tensor(const AmosLaunch& L, int64_t t) {
   std::vector<Op> w(slots), a(slots);
   for (int64_t s = 0; s < slots; ++s)
     amos_store_slot<scalar_t, MOMENTUM>(v + s, b + s, sums[s], numel / slots, coef.scalar, w[s], a[s]);
+  Telemetry sums_;
   amos_walk_general(layout, [&](int64_t e, int64_t s) {  // phase 2: elementwise update
-    Op pp = static_cast<Op>(p[e]);
+    const Op before = static_cast<Op>(p[e]);
+    Op pp = before;
     Op mm = MOMENTUM ? static_cast<Op>(mu[e]) : Op(0);
     const Op gg = amos_clip<CLIP>(static_cast<Op>(g[e]), coef.scalar);
     amos_element<MOMENTUM>(pp, gg, mm, w[s], a[s], coef.scalar);
     p[e] = static_cast<scalar_t>(pp);
     if (MOMENTUM) mu[e] = static_cast<scalar_t>(mm);
+    if (L.telemetry != nullptr) {  // in memory order, in double
+      const Op after = static_cast<Op>(p[e]);
+      sums_.weight_sq += static_cast<double>(after) * static_cast<double>(after);
+      sums_.update_sq += static_cast<double>(after - before) * static_cast<double>(after - before);
+    }
   });
+  if (L.telemetry != nullptr) {
+    L.telemetry[2 * t] = sums_.weight_sq;
+    L.telemetry[2 * t + 1] = sums_.update_sq;
+  }
 }
 
 template <typename scalar_t, bool MOMENTUM, bool CLIP>
 void amos_typed(const AmosLaunch& L) {
   using Op = at::opmath_type<scalar_t>;
-  for_each_segment(L.bucket, [&](int64_t t, int64_t begin, int64_t end) {
+  // (general-layout tensors own no elements of the bucket: their telemetry rows,
+  // written as zeros here, are filled by amos_general_tensor)
+  for_each_tracked_segment(L.bucket, L.telemetry, [&](int64_t t, int64_t begin, int64_t end, Telemetry* sums) {
     const TileCoef<AmosCoef, scalar_t> coef(L.coef[t]);
     auto* p = stream<scalar_t>(L.param, t);
     auto* g = stream<scalar_t>(L.grad, t);
@@ -158,9 +171,9 @@ void amos_typed(const AmosLaunch& L) {
         amos_element<MOMENTUM>(x[0], gg, x[MOMENTUM ? 4 : 0], w, a, c);
       };
       if constexpr (MOMENTUM) {
-        map_streams<scalar_t, 5, 0b11101u>({p, g, v, b, mu}, begin, end, update);
+        map_streams<scalar_t, 5, 0b11101u>({p, g, v, b, mu}, begin, end, update, sums);
       } else {
-        map_streams<scalar_t, 4, 0b1101u>({p, g, v, b}, begin, end, update);
+        map_streams<scalar_t, 4, 0b1101u>({p, g, v, b}, begin, end, update, sums);
       }
       return;
     }
@@ -171,7 +184,7 @@ void amos_typed(const AmosLaunch& L) {
       const double sum = amos_sum_squares<scalar_t, CLIP>(g + start, row, coef);
       amos_store_slot<scalar_t, MOMENTUM>(v + r, b + r, sum, row, coef.scalar, w, a);
       amos_update_row<scalar_t, MOMENTUM, CLIP>(p + start, g + start,
-                                                MOMENTUM ? mu + start : nullptr, row, w, a, coef);
+                                                MOMENTUM ? mu + start : nullptr, row, w, a, coef, sums);
     }
   });
   at::parallel_for(0, L.num_general, 1, [&](int64_t lo, int64_t hi) {

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <vector>
 
 #include "vec_ops.h"  // before anything that includes step_math.h
 #include "kernel_api.h"
@@ -57,6 +58,52 @@ template <typename F>
 inline void for_each_segment(const BucketView& bucket, const F& f) {
   for_each_chunk_segment(bucket, num_chunks(bucket.offsets[bucket.num_tensors]),
                          [&](int64_t, int64_t t, int64_t begin, int64_t end) { f(t, begin, end); });
+}
+
+// Σθ² and Σ(Δθ)² of a piece of one tensor, as stored (telemetry of a step).
+struct Telemetry {
+  double weight_sq = 0.0;
+  double update_sq = 0.0;
+};
+
+// With telemetry each tensor is cut into blocks of this many elements from its
+// own start; a block's sums are taken whole by whichever thread steps it.
+constexpr int64_t kTelemetryBlock = 4096;
+
+// for_each_segment's walk, calling f(tensor, begin, end, sums) with sums null
+// when `telemetry` is null.  Otherwise the pieces are telemetry blocks, each
+// with its own sums, added block by block in order into telemetry[2t] (Σθ²) and
+// telemetry[2t + 1] (Σ(Δθ)²): bitwise the same for any thread count.
+template <typename F>
+inline void for_each_tracked_segment(const BucketView& bucket, double* telemetry, const F& f) {
+  if (telemetry == nullptr) {
+    for_each_segment(bucket, [&](int64_t t, int64_t begin, int64_t end) { f(t, begin, end, nullptr); });
+    return;
+  }
+  const int64_t n = bucket.num_tensors;
+  const int64_t* offsets = bucket.offsets;
+  std::vector<int64_t> first_block(n + 1, 0);  // tensor t owns blocks [first_block[t], first_block[t+1])
+  for (int64_t t = 0; t < n; ++t)
+    first_block[t + 1] = first_block[t] + (offsets[t + 1] - offsets[t] + kTelemetryBlock - 1) / kTelemetryBlock;
+  std::vector<Telemetry> partial(first_block[n]);
+  at::parallel_for(0, first_block[n], std::max<int64_t>(1, kGrainSize / kTelemetryBlock),
+                   [&](int64_t lo, int64_t hi) {
+    int64_t t = std::upper_bound(first_block.begin(), first_block.end(), lo) - first_block.begin() - 1;
+    for (int64_t block = lo; block < hi; ++block) {
+      while (block >= first_block[t + 1]) ++t;
+      const int64_t begin = (block - first_block[t]) * kTelemetryBlock;
+      f(t, begin, std::min(offsets[t + 1] - offsets[t], begin + kTelemetryBlock), &partial[block]);
+    }
+  });
+  for (int64_t t = 0; t < n; ++t) {
+    Telemetry sums;
+    for (int64_t block = first_block[t]; block < first_block[t + 1]; ++block) {
+      sums.weight_sq += partial[block].weight_sq;
+      sums.update_sq += partial[block].update_sq;
+    }
+    telemetry[2 * t] = sums.weight_sq;
+    telemetry[2 * t + 1] = sums.update_sq;
+  }
 }
 
 // Tensor t's stream of a bucket, typed.
@@ -115,13 +162,18 @@ struct TileCoef {
 
 // Streams N arrays of one tensor over [begin, end): loads every stream, calls
 // f(values) on an std::array of N opmath values (vectors, then the scalar
-// tail), and stores back the streams whose bit is set in kWriteMask.
+// tail), and stores back the streams whose bit is set in kWriteMask.  With
+// `sums`, stream 0 is the param: Σθ² and Σ(Δθ)² of its stored values are added
+// to *sums (opmath lanes over the piece, then its tail, in double).
 template <typename scalar_t, int N, unsigned kWriteMask, typename F>
 inline void map_streams(const std::array<scalar_t*, N>& ptr, int64_t begin, int64_t end,
-                        const F& f) {
+                        const F& f, Telemetry* sums = nullptr) {
   using IO = TileIO<scalar_t>;
   using Vec = typename IO::Vec;
   using Op = at::opmath_type<scalar_t>;
+  // Only a stream 0 that is written can be a param (telemetry is off otherwise).
+  const bool track = (kWriteMask & 1u) != 0 && sums != nullptr;
+  Vec weight_sq(Op(0)), update_sq(Op(0));
   int64_t i = begin;
   for (; i + IO::kTile <= end; i += IO::kTile) {
     std::array<Vec, N> x[IO::kParts];
@@ -130,6 +182,8 @@ inline void map_streams(const std::array<scalar_t*, N>& ptr, int64_t begin, int6
       IO::load(ptr[s] + i, tile);
       for (int part = 0; part < IO::kParts; ++part) x[part][s] = tile[part];
     }
+    Vec before[IO::kParts];
+    for (int part = 0; part < IO::kParts; ++part) before[part] = x[part][0];
     for (int part = 0; part < IO::kParts; ++part) f(x[part]);
     for (int s = 0; s < N; ++s) {
       if (!((kWriteMask >> s) & 1u)) continue;
@@ -137,13 +191,44 @@ inline void map_streams(const std::array<scalar_t*, N>& ptr, int64_t begin, int6
       for (int part = 0; part < IO::kParts; ++part) tile[part] = x[part][s];
       IO::store(ptr[s] + i, tile);
     }
+    if (track) {
+      Vec after[IO::kParts];
+      if constexpr (IO::kParts == 1) {
+        after[0] = x[0][0];
+      } else {
+        IO::load(ptr[0] + i, after);  // the values as rounded to storage
+      }
+      for (int part = 0; part < IO::kParts; ++part) {
+        const Vec delta = after[part] - before[part];
+        weight_sq = weight_sq + after[part] * after[part];
+        update_sq = update_sq + delta * delta;
+      }
+    }
   }
+  double tail_weight = 0.0, tail_update = 0.0;
   for (; i < end; ++i) {
     std::array<Op, N> x;
     for (int s = 0; s < N; ++s) x[s] = static_cast<Op>(ptr[s][i]);
+    const Op before = x[0];
     f(x);
     for (int s = 0; s < N; ++s)
       if ((kWriteMask >> s) & 1u) ptr[s][i] = static_cast<scalar_t>(x[s]);
+    if (track) {
+      const Op after = static_cast<Op>(ptr[0][i]);
+      tail_weight += static_cast<double>(after * after);
+      tail_update += static_cast<double>((after - before) * (after - before));
+    }
+  }
+  if (track) {
+    Op lanes_weight[Vec::size()], lanes_update[Vec::size()];
+    weight_sq.store(lanes_weight);
+    update_sq.store(lanes_update);
+    for (int64_t k = 0; k < Vec::size(); ++k) {
+      sums->weight_sq += lanes_weight[k];
+      sums->update_sq += lanes_update[k];
+    }
+    sums->weight_sq += tail_weight;
+    sums->update_sq += tail_update;
   }
 }
 

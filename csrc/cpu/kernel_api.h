@@ -14,6 +14,10 @@
 
 namespace amos_fused::cpu {
 
+// Every launch may carry `telemetry`: then it also writes, per tensor t,
+// telemetry[2t] = Σθ² and telemetry[2t+1] = Σ(Δθ)² of the param as stored after
+// the step (bucket_loop.h: for_each_tracked_segment).
+
 // One bucket: tensor t owns elements [offsets[t], offsets[t+1]) of the virtual
 // concatenation; its streams are at the addresses below (all of one dtype).
 struct BucketView {
@@ -32,6 +36,7 @@ struct AdamLaunch {
   const AdamCoef<double>* coef;  // per tensor
   bool amsgrad;
   bool l2;
+  double* telemetry;  // [n][Σθ², Σ(Δθ)²] or null
 };
 
 struct RAdamLaunch {
@@ -42,6 +47,7 @@ struct RAdamLaunch {
   void* const* exp_avg_sq;
   const RAdamCoef<double>* coef;  // per tensor
   bool l2;
+  double* telemetry;  // [n][Σθ², Σ(Δθ)²] or null
 };
 
 // An elementwise algorithm A (csrc/contracts.h): streams param, grad, then its
@@ -52,6 +58,7 @@ struct ElementwiseLaunch {
   const void* const* grad;
   void* const* states[kMaxStateLists];
   const void* coef;
+  double* telemetry;  // [n][Σθ², Σ(Δθ)²] or null
 };
 
 using ElementwiseKernel = void (*)(const ElementwiseLaunch&);
@@ -69,6 +76,7 @@ struct AmosLaunch {
   int64_t num_general;
   bool momentum;
   bool clip;
+  double* telemetry;  // [n][Σθ², Σ(Δθ)²] or null
 };
 
 // Scale-aware Adam and LAMB: phase 1 updates m, v and reduces Σu² (and
@@ -81,6 +89,7 @@ struct NormScaledLaunch {
   void* const* exp_avg_sq;
   const MomentCoef<double>* coef;  // per tensor
   bool lamb;                       // u includes λθ; Σθ² is reduced too
+  double* telemetry;               // phase 2: [n][Σθ², Σ(Δθ)²] or null
 };
 
 struct KernelTable {

@@ -17,7 +17,7 @@ inline namespace CPU_CAPABILITY {
 
 template <typename scalar_t, bool AMSGRAD, bool L2>
 void adam_typed(const AdamLaunch& L) {
-  for_each_segment(L.bucket, [&](int64_t t, int64_t begin, int64_t end) {
+  for_each_tracked_segment(L.bucket, L.telemetry, [&](int64_t t, int64_t begin, int64_t end, Telemetry* sums) {
     const TileCoef<AdamCoef, scalar_t> coef(L.coef[t]);
     auto update = [&](auto& x) {
       using V = typename std::decay_t<decltype(x)>::value_type;
@@ -34,12 +34,12 @@ void adam_typed(const AdamLaunch& L) {
           {stream<scalar_t>(L.param, t), stream<scalar_t>(L.grad, t),
            stream<scalar_t>(L.exp_avg, t), stream<scalar_t>(L.exp_avg_sq, t),
            stream<scalar_t>(L.max_exp_avg_sq, t)},
-          begin, end, update);
+          begin, end, update, sums);
     } else {
       map_streams<scalar_t, 4, 0b1101u>(
           {stream<scalar_t>(L.param, t), stream<scalar_t>(L.grad, t),
            stream<scalar_t>(L.exp_avg, t), stream<scalar_t>(L.exp_avg_sq, t)},
-          begin, end, update);
+          begin, end, update, sums);
     }
   });
 }
@@ -56,7 +56,7 @@ inline void adam_kernel(const AdamLaunch& L) {
 
 template <typename scalar_t, bool L2>
 void radam_typed(const RAdamLaunch& L) {
-  for_each_segment(L.bucket, [&](int64_t t, int64_t begin, int64_t end) {
+  for_each_tracked_segment(L.bucket, L.telemetry, [&](int64_t t, int64_t begin, int64_t end, Telemetry* sums) {
     const TileCoef<RAdamCoef, scalar_t> coef(L.coef[t]);
     map_streams<scalar_t, 4, 0b1101u>(
         {stream<scalar_t>(L.param, t), stream<scalar_t>(L.grad, t),
@@ -64,7 +64,7 @@ void radam_typed(const RAdamLaunch& L) {
         begin, end, [&](auto& x) {
           using V = typename std::decay_t<decltype(x)>::value_type;
           radam_update<L2>(x[0], x[1], x[2], x[3], coef.template get<V>());
-        });
+        }, sums);
   });
 }
 
@@ -79,14 +79,14 @@ inline void radam_kernel(const RAdamLaunch& L) {
 template <typename A, typename scalar_t, size_t... S>
 void elementwise_typed(const ElementwiseLaunch& L, std::index_sequence<S...>) {
   const auto* coefs = static_cast<const typename A::template CoefOf<double>*>(L.coef);
-  for_each_segment(L.bucket, [&](int64_t t, int64_t begin, int64_t end) {
+  for_each_tracked_segment(L.bucket, L.telemetry, [&](int64_t t, int64_t begin, int64_t end, Telemetry* sums) {
     const TileCoef<A::template CoefOf, scalar_t> coef(coefs[t]);
     map_streams<scalar_t, A::kStreams, A::kWriteMask>(
         {stream<scalar_t>(L.param, t), stream<scalar_t>(L.grad, t), stream<scalar_t>(L.states[S], t)...},
         begin, end, [&](auto& x) {
           using V = typename std::decay_t<decltype(x)>::value_type;
           A::update(x, coef.template get<V>());
-        });
+        }, sums);
   });
 }
 

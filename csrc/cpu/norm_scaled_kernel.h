@@ -101,7 +101,7 @@ template <typename scalar_t, bool LAMB>
 void norm_scaled_phase2_typed(const NormScaledLaunch& L, const double* k, const double* rho) {
   using Vec = typename TileIO<scalar_t>::Vec;
   using Op = at::opmath_type<scalar_t>;
-  for_each_segment(L.bucket, [&](int64_t t, int64_t begin, int64_t end) {
+  for_each_tracked_segment(L.bucket, L.telemetry, [&](int64_t t, int64_t begin, int64_t end, Telemetry* sums) {
     const TileCoef<MomentCoef, scalar_t> coef(L.coef[t]);
     const Op ks = static_cast<Op>(k[t]), rs = static_cast<Op>(rho[t]);
     const Vec kv(ks), rv(rs);
@@ -123,10 +123,10 @@ void norm_scaled_phase2_typed(const NormScaledLaunch& L, const double* k, const 
                                           using V = typename std::decay_t<decltype(x)>::value_type;
                                           update_moments(x[1], x[2], x[3], coef.template get<V>());
                                           phase2(x[0], x[2], x[3]);
-                                        });
+                                        }, sums);
     } else {
       map_streams<scalar_t, 3, 0b1u>({p, m, v}, begin, end,
-                                     [&](auto& x) { phase2(x[0], x[1], x[2]); });  // x: p, m, v
+                                     [&](auto& x) { phase2(x[0], x[1], x[2]); }, sums);  // x: p, m, v
     }
   });
 }

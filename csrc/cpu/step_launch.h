@@ -58,7 +58,7 @@ struct BucketTables {
 template <typename A, typename>
 void launch(const StepCall<A>& call) {
   BucketTables tables(call);
-  ElementwiseLaunch launch{tables.view(call.params), tables.params(), tables.grads(), {}, call.coef.data()};
+  ElementwiseLaunch launch{tables.view(call.params), tables.params(), tables.grads(), {}, call.coef.data(), call.telemetry};
   for (size_t k = 0; k < kMaxStateLists; ++k) launch.states[k] = tables.state(k);
   active_kernels().elementwise[IndexOf<A, ElementwiseAlgorithms>::value](launch);
 }

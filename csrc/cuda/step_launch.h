@@ -25,6 +25,8 @@ struct Backend {
   static void device_checks(const char* op, at::TensorList params) { cuda_checks(op, params)(); }
   template <typename A>
   static void launch(const StepCall<A>& call) {
+    TORCH_CHECK_NOT_IMPLEMENTED(call.telemetry == nullptr, call.op,
+                                ": telemetry is not implemented by the CUDA kernels yet");
     cuda::launch(call);
   }
 };

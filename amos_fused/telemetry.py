@@ -1,0 +1,98 @@
+"""Weight and update RMS of every param, measured by the step itself.
+
+With ``track_rms=True`` (a group flag of every optimizer) each step also sums, per
+param, Σθ² of the param after the step and Σ(Δθ)² of the step's update, both of
+the values as stored.  The fused kernels take the sums while the data is in
+registers (no extra pass over memory), cutting each tensor into fixed blocks from
+its own start and adding the blocks in order, so they are bitwise the same for any
+thread count; the reference backend computes them in float64 from a copy of the
+params taken before the step.  ``optimizer.rms()`` turns them into
+
+- weight RMS = sqrt(Σθ²/n), and
+- update RMS = sqrt(Σ(Δθ)²/n) / lr, the update per unit of learning rate,
+
+to set beside the equilibrium predictions of Su Jianlin, "AdamW的Weight RMS的渐近估计"
+(kexue.fm, 2025), in ``amos_fused.theory``: for AdamW the update RMS tends to
+sqrt((1−β1)/(1+β1)) under noise-dominated gradients and the weight RMS to
+sqrt(η/(2λ)).  n counts real numbers (a complex param counts two per element);
+a DTensor param's sums are all-reduced over the mesh dims that shard it (so
+``rms()`` is then a collective: call it on every rank)."""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .sharding import shard_groups, sum_over_shards
+
+
+class RMS(NamedTuple):
+    """One param's RMS at its latest step."""
+
+    weight: float  # sqrt(Σθ²/n) after the step; nan when GradScaler skipped it
+    update: float  # sqrt(Σ(Δθ)²/n) / lr; 0 when skipped, nan when lr is 0
+
+
+def new_table(count: int, device: torch.device) -> Tensor:
+    """The [count, 2] float64 table a step writes (Σθ², Σ(Δθ)²) into: nan until
+    written (a skipped step leaves Σθ² unmeasured and writes Σ(Δθ)² = 0)."""
+    return torch.full((count, 2), math.nan, dtype=torch.float64, device=device)
+
+
+def snapshot(params: Sequence[Tensor]) -> List[Tensor]:
+    """Copies of the params before a step that computes its telemetry in Python."""
+    return [p.detach().clone() for p in params]
+
+
+def measured_sums(params: Sequence[Tensor], before: Optional[Sequence[Tensor]], table: Tensor) -> None:
+    """Fills ``table`` in float64 from the params after a step and their copies
+    ``before`` it (None: the step was skipped)."""
+    if before is None:
+        table[:, 1] = 0.0
+        return
+    for row, (p, b) in enumerate(zip(params, before)):
+        after = p.detach().double()
+        table[row, 0] = after.square().sum()
+        table[row, 1] = (after - b.double()).square().sum()
+
+
+class _Record(NamedTuple):
+    table: Tensor     # [count, 2] of the bucket the param was stepped in
+    row: int
+    numel: int        # real numbers in the whole param (every shard)
+    lr: float
+    groups: Tuple     # process groups to sum a sharded param's sums over
+
+
+class Recorder:
+    """The latest telemetry of every tracked param of an optimizer."""
+
+    def __init__(self):
+        self._records: Dict[Tensor, _Record] = {}
+
+    def record(self, owners: Sequence[Tensor], params: Sequence[Tensor], table: Tensor, lr: float) -> None:
+        """``owners``: the params as the user holds them; ``params``: what was
+        stepped (local shards, real views), row by row of ``table``."""
+        for row, (owner, stepped) in enumerate(zip(owners, params)):
+            groups = shard_groups(owner)
+            numel = owner.numel() * (2 if owner.is_complex() else 1)
+            if not groups:
+                numel = stepped.numel()
+            self._records[owner] = _Record(table, row, numel, lr, groups)
+
+    def forget(self) -> None:
+        self._records.clear()
+
+    def rms(self) -> Dict[Tensor, RMS]:
+        records = list(self._records.items())
+        rows = [record.table[record.row] for _, record in records]
+        rows = sum_over_shards(rows, [record.groups for _, record in records])
+        values = torch.stack(rows).cpu().tolist() if rows else []
+        out: Dict[Tensor, RMS] = {}
+        for (owner, record), (weight_sq, update_sq) in zip(records, values):
+            n = max(record.numel, 1)
+            update = math.sqrt(update_sq / n)
+            out[owner] = RMS(math.sqrt(weight_sq / n), update / record.lr if record.lr != 0 else math.nan)
+        return out
