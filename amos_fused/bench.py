@@ -55,6 +55,7 @@ DTYPE = torch.float32
 ADAMW_FP32_BYTES_PER_PARAM = 28  # reads p, g, m, v; writes p, m, v
 ADAMW_HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 # Bytes per fp32 parameter each of our algorithms must move in one step.
+TELEMETRY_SUFFIX = "+rms"
 OUR_ALGORITHMS = {
     "adamw": ADAMW_FP32_BYTES_PER_PARAM,
     "radam": 28,          # as AdamW
@@ -63,6 +64,9 @@ OUR_ALGORITHMS = {
     "amos-momentum": 20,  # + reads and writes mu
     "scaled-adamw": 36,   # phase 1: g, m, v in, m, v out; phase 2: p, m, v in, p out
     "lamb": 40,           # as scaled-adamw, and phase 1 also reads p
+    # with telemetry (track_rms=True): the same traffic, Σθ² and Σ(Δθ)² summed in registers
+    "adamw" + TELEMETRY_SUFFIX: ADAMW_FP32_BYTES_PER_PARAM,
+    "amos" + TELEMETRY_SUFFIX: 12,
 }
 # Where those bytes come from: each algorithm's passes over memory, each pass
 # (streams read and written in place, streams only read), one param-sized tensor per
@@ -78,6 +82,7 @@ PASSES: Dict[str, List[Pass]] = {
     "scaled-adamw": [(("m", "v"), ("g",)), (("p",), ("m", "v"))],
     "lamb": [(("m", "v"), ("g", "p")), (("p",), ("m", "v"))],
 }
+PASSES.update({a + TELEMETRY_SUFFIX: PASSES[a] for a in ("adamw", "amos")})
 AMOS_LR = 0.01
 TORCH_FUSED = "torch-fused-adamw"
 COPY = "copy"
@@ -129,9 +134,15 @@ def make_torch_adamw(model, **flags):
 
 
 def make_ours(model, backend="cpu", algorithm="adamw"):
-    """Our optimizer `algorithm` on `backend`; Amos takes its groups from amos_param_groups."""
+    """Our optimizer `algorithm` on `backend`; Amos takes its groups from amos_param_groups.
+    `<algorithm>+rms`: the same with track_rms=True."""
     import amos_fused
 
+    if algorithm.endswith(TELEMETRY_SUFFIX):
+        opt = make_ours(model, backend, algorithm[:-len(TELEMETRY_SUFFIX)])
+        for group in opt.param_groups:
+            group["track_rms"] = True
+        return opt
     if algorithm == "adamw":
         return amos_fused.AdamW(model.parameters(), **ADAMW_HYPER, backend=backend)
     if algorithm == "amos":

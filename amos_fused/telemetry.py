@@ -11,8 +11,8 @@ params taken before the step.  ``optimizer.rms()`` turns them into
 - weight RMS = sqrt(Σθ²/n), and
 - update RMS = sqrt(Σ(Δθ)²/n) / lr, the update per unit of learning rate,
 
-to set beside the equilibrium predictions of Su Jianlin, "AdamW的Weight RMS的渐近估计"
-(kexue.fm, 2025), in ``amos_fused.theory``: for AdamW the update RMS tends to
+to set beside the equilibrium predictions of Su Jianlin's 《AdamW的Weight RMS的渐近估计(上)》
+("Asymptotic estimation of AdamW's weight RMS, part 1", kexue.fm) in ``amos_fused.theory``: for AdamW the update RMS tends to
 sqrt((1−β1)/(1+β1)) under noise-dominated gradients and the weight RMS to
 sqrt(η/(2λ)).  n counts real numbers (a complex param counts two per element);
 a DTensor param's sums are all-reduced over the mesh dims that shard it (so
