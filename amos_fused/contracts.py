@@ -68,10 +68,11 @@ def call_step(ops, algorithm: str, params: Sequence[Tensor], grads: Sequence[Ten
               state: Mapping[str, Sequence[Tensor]], steps: Sequence[Tensor],
               hyper: Mapping[str, float], per_tensor: Sequence[float] = (),
               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-              telemetry: Optional[Tensor] = None) -> None:
+              telemetry: Optional[Tensor] = None, round_keys: Optional[Sequence[int]] = None) -> None:
     """One ``ops.step`` call (``ops``: torch.ops.amos_fused or the Triton ops) with the
     state lists and hyper-parameters given by name; ``telemetry``: the op's optional
-    [len(params), 2] float64 output (Σθ², Σ(Δθ)² per param)."""
+    [len(params), 2] float64 output (Σθ², Σ(Δθ)² per param); ``round_keys``: one key per
+    bfloat16 param to store it with stochastic rounding (amos_fused/stochastic_round.py)."""
     states, values = step_arguments(algorithm, hyper, state)
     ops.step(algorithm, list(params), list(grads), states, list(steps), values, list(per_tensor),
-             grad_scale, found_inf, telemetry)
+             grad_scale, found_inf, telemetry, None if round_keys is None else list(round_keys))

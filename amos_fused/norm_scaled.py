@@ -77,10 +77,12 @@ class ScaledAdamW(_AdamMoments):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, p=None, half_life=None,
                  decay="inverse_square", q=1.0, sigma=None,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False,
-                 fused=None, backend=None, track_rms=False):
+                 fused=None, backend=None, track_rms=False,
+                 bf16_stochastic_round=False, stochastic_round_seed=0):
         defaults = dict(lr=lr, betas=betas, eps=eps, p=p, half_life=half_life, decay=decay, q=q,
                         sigma=sigma, init_norm=None,
-                        **torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms))
+                        **torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms,
+                                    bf16_stochastic_round, stochastic_round_seed))
         super().__init__(params, defaults)
 
     def _check_group(self, group):
@@ -151,10 +153,12 @@ class Lamb(_AdamMoments):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  bias_correction=True,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False,
-                 fused=None, backend=None, track_rms=False):
+                 fused=None, backend=None, track_rms=False,
+                 bf16_stochastic_round=False, stochastic_round_seed=0):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction,
-                        **torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms))
+                        **torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms,
+                                    bf16_stochastic_round, stochastic_round_seed))
         super().__init__(params, defaults)
 
     def _check_group(self, group):

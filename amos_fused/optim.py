@@ -87,9 +87,11 @@ class AdamW(_AdamFamily):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, bias_correction=True,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False,
-                 fused=None, backend=None, track_rms=False):
+                 fused=None, backend=None, track_rms=False,
+                 bf16_stochastic_round=False, stochastic_round_seed=0):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, bias_correction, True,
-                         torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms))
+                         torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms,
+                                    bf16_stochastic_round, stochastic_round_seed))
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -103,9 +105,11 @@ class Adam(_AdamFamily):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, bias_correction=True,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False,
-                 fused=None, backend=None, track_rms=False):
+                 fused=None, backend=None, track_rms=False,
+                 bf16_stochastic_round=False, stochastic_round_seed=0):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, bias_correction, False,
-                         torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms))
+                         torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms,
+                                    bf16_stochastic_round, stochastic_round_seed))
 
 
 class RAdam(FusedOptimizer):
@@ -119,11 +123,13 @@ class RAdam(FusedOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  decoupled_weight_decay=False, rectify_threshold=5.0,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False,
-                 fused=None, backend=None, track_rms=False):
+                 fused=None, backend=None, track_rms=False,
+                 bf16_stochastic_round=False, stochastic_round_seed=0):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, rectify_threshold=rectify_threshold,
-            **torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms),
+            **torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms,
+                                    bf16_stochastic_round, stochastic_round_seed),
         )
         super().__init__(params, defaults)
 
@@ -160,9 +166,11 @@ class Lion(FusedOptimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False,
-                 fused=None, backend=None, track_rms=False):
+                 fused=None, backend=None, track_rms=False,
+                 bf16_stochastic_round=False, stochastic_round_seed=0):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
-                                      **torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms)))
+                                      **torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms,
+                                    bf16_stochastic_round, stochastic_round_seed)))
 
     def _check_group(self, group):
         hp.nonnegative("learning rate", group["lr"])
@@ -215,12 +223,14 @@ class Amos(FusedOptimizer):
     def __init__(self, params, lr, eta=None, reduce_axes=None, beta=0.999, momentum=None,
                  clip_value=None, extra_l2=0.0, d_coef=0.25, c_coef=0.25, epsilon=2.0**-125,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False,
-                 fused=None, backend=None, track_rms=False):
+                 fused=None, backend=None, track_rms=False,
+                 bf16_stochastic_round=False, stochastic_round_seed=0):
         defaults = dict(
             lr=lr, eta=eta, reduce_axes=reduce_axes, beta=beta, momentum=momentum,
             clip_value=clip_value, extra_l2=extra_l2, d_coef=d_coef, c_coef=c_coef,
             epsilon=epsilon,
-            **torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms),
+            **torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms,
+                                    bf16_stochastic_round, stochastic_round_seed),
         )
         super().__init__(params, defaults)
 

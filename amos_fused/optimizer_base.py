@@ -20,21 +20,26 @@ from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype
 from .checks import Problem, Walk, check_step, first_overlap, step_error
 from .contracts import call_step
 from .sharding import local
+from .stochastic_round import round_key, round_to_bfloat16
 from .telemetry import RMS, Recorder, measured_sums, new_table, snapshot
 
 
 def torch_flags(maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                backend=None, track_rms=False) -> Dict[str, Any]:
+                backend=None, track_rms=False, bf16_stochastic_round=False,
+                stochastic_round_seed=0) -> Dict[str, Any]:
     """The keyword-only flags every optimizer takes, as group defaults: torch.optim's
     own (``maximize``: g ← −g; ``foreach``: accepted, no effect — every step is one
     fused pass per bucket or the reference's per-tensor loop; ``fused``: None or
     True for the fused kernels, False for the reference; ``capturable`` and
     ``differentiable``: False only), ``backend``, the constructor's choice of
-    kernels (never saved in checkpoints), and ``track_rms``: each step also
+    kernels (never saved in checkpoints), ``track_rms``: each step also
     measures every param's weight and update RMS, read with ``optimizer.rms()``
-    (amos_fused/telemetry.py)."""
+    (amos_fused/telemetry.py), and ``bf16_stochastic_round``: bfloat16 params are
+    stored with stochastic rounding, its bits hashed from ``stochastic_round_seed``
+    (amos_fused/stochastic_round.py)."""
     return dict(maximize=maximize, foreach=foreach, capturable=capturable,
-                differentiable=differentiable, fused=fused, backend=backend, track_rms=track_rms)
+                differentiable=differentiable, fused=fused, backend=backend, track_rms=track_rms,
+                bf16_stochastic_round=bf16_stochastic_round, stochastic_round_seed=stochastic_round_seed)
 
 
 def group_backend(group: dict) -> Optional[str]:
@@ -65,8 +70,10 @@ class _Ready:
     """One param group's step, checked and ready to run: its buckets and the
     state to create for params stepped for the first time."""
 
-    def __init__(self, group: dict, buckets: List[Bucket], new_states: List[Tuple[Tensor, dict]]):
+    def __init__(self, group: dict, buckets: List[Bucket], new_states: List[Tuple[Tensor, dict]],
+                 first_index: int):
         self.group, self.buckets, self.new_states = group, buckets, new_states
+        self.first_index = first_index  # the optimizer-wide index of the group's first param
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -94,7 +101,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: Dict[str, Any]):
         self._plans: Dict[int, GroupPlan] = {}
         self._telemetry = Recorder()
-        super().__init__(params, {"maximize": False, "track_rms": False, **defaults})
+        super().__init__(params, {"maximize": False, "track_rms": False, "bf16_stochastic_round": False,
+                                  "stochastic_round_seed": 0, **defaults})
 
     # ---- subclass hooks ---------------------------------------------------
     def _check_group(self, group: dict) -> None:
@@ -122,13 +130,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         (amos_fused/contracts.py), flags as bools."""
         raise NotImplementedError
 
-    def _fused_step(self, ops, bucket: Bucket, group: dict, telemetry: Optional[Tensor] = None) -> None:
+    def _fused_step(self, ops, bucket: Bucket, group: dict, telemetry: Optional[Tensor] = None,
+                    round_keys: Optional[List[int]] = None) -> None:
         """Steps the bucket with one ``ops.step`` call (``ops``: torch.ops.amos_fused,
-        or the Triton ops with the same signature), which fills ``telemetry`` when
-        given."""
+        or the Triton ops with the same signature), which fills ``telemetry`` and
+        rounds bfloat16 params stochastically with ``round_keys`` when given."""
         per_tensor = bucket.per_param[self.per_param_keys[0]] if self.per_param_keys else []
         call_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
-                  self._hyper(group), per_tensor, telemetry=telemetry, **self._grad_scaling())
+                  self._hyper(group), per_tensor, telemetry=telemetry, round_keys=round_keys,
+                  **self._grad_scaling())
 
     def _reference_step(self, bucket: Bucket, group: dict) -> None:
         raise NotImplementedError
@@ -174,9 +184,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                              "the steps read their step counters on the host")
         if group.get("fused") and group["backend"] == "reference":
             raise ValueError(f"{self._name}: fused=True contradicts backend='reference'")
-        for flag in ("maximize", "track_rms"):
+        for flag in ("maximize", "track_rms", "bf16_stochastic_round"):
             if not isinstance(group.get(flag, False), bool):
                 raise ValueError(f"{self._name}: {flag} must be True or False, got {group[flag]!r}")
+        seed = group.get("stochastic_round_seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+            raise ValueError(f"{self._name}: stochastic_round_seed must be an int in [0, 2**31), got {seed!r}")
 
     def _where(self, index: int, position: int, param: Tensor) -> str:
         return (
@@ -252,7 +265,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if rebuild:
                 raise RuntimeError("amos_fused: a param's dtype or device is not stable")  # pragma: no cover
             return self._prepare(index, group, rebuild=True)
-        return _Ready(group, buckets, new_states) if buckets else None
+        first_index = sum(len(g["params"]) for g in self.param_groups[:index])
+        return _Ready(group, buckets, new_states, first_index) if buckets else None
 
     def _gather(self, index: int, group: dict, plan: GroupPlan, spec: BucketSpec,
                 positions: List[int], all_grads: List[Optional[Tensor]],
@@ -392,26 +406,49 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _run(self, ready: _Ready) -> None:
         for param, missing in ready.new_states:
             self.state[param].update(missing)
-        track = ready.group.get("track_rms", False)
+        group = ready.group
+        track = group.get("track_rms", False)
         for bucket in ready.buckets:
             table = new_table(len(bucket.params), bucket.params[0].device) if track else None
+            keys = None
+            if group.get("bf16_stochastic_round") and bucket.dtype == torch.bfloat16:
+                keys = [round_key(group.get("stochastic_round_seed", 0), ready.first_index + position)
+                        for position in bucket.positions]
             python_step = None
-            if self._reduces_across_shards(bucket, ready.group):
+            if self._reduces_across_shards(bucket, group):
                 python_step = self._sharded_step
             elif bucket.backend == "reference":
                 python_step = self._reference_step
             if python_step is None:
-                self._fused_step(fused_ops(bucket.backend), bucket, ready.group, table)
+                self._fused_step(fused_ops(bucket.backend), bucket, group, table, keys)
             else:
                 unscaled = self._reference_grads(bucket.grads)
                 before = snapshot(bucket.params) if track and unscaled is not None else None
                 if unscaled is not None:
                     bucket.grads = unscaled
-                    python_step(bucket, ready.group)
+                    if keys is None:
+                        python_step(bucket, group)
+                    else:
+                        self._python_step_rounded(python_step, bucket, group, keys)
                 if track:
                     measured_sums(bucket.params, before, table)
             if track:
                 self._telemetry.record(bucket.owners, bucket.params, table, float(ready.group["lr"]))
+
+    @staticmethod
+    def _python_step_rounded(python_step, bucket: Bucket, group: dict, keys: List[int]) -> None:
+        """An eager step of bfloat16 params with stochastic rounding: the step runs on
+        float32 copies (the eager math reads every tensor as float32 anyway, so the
+        result is the same float32 value), then each copy is rounded into its param
+        with the kernels' bits."""
+        params = bucket.params
+        bucket.params = [p.float() for p in params]
+        try:
+            python_step(bucket, group)
+        finally:
+            exact, bucket.params = bucket.params, params
+        for p, value, key, step in zip(params, exact, keys, bucket.state["step"]):
+            p.copy_(round_to_bfloat16(value, key, int(step), p))
 
     # ---- telemetry --------------------------------------------------------
     def rms(self) -> Dict[Tensor, RMS]:

@@ -61,13 +61,14 @@ std::tuple<bool, at::Tensor> begin_step_op(c10::string_view algorithm, at::Tenso
                                            at::ArrayRef<double> per_tensor,
                                            const std::optional<at::Tensor>& grad_scale,
                                            const std::optional<at::Tensor>& found_inf,
-                                           const std::optional<at::Tensor>& telemetry) {
+                                           const std::optional<at::Tensor>& telemetry,
+                                           at::OptionalIntArrayRef round_keys) {
   std::tuple<bool, at::Tensor> out;
   with_algorithm(algorithm, [&](auto traits) {
     using A = decltype(traits);
     const size_t width = contract_of<A>().columns.size();
     const auto call = begin_step<A>(params, grads, states, steps, hyper, per_tensor, grad_scale,
-                                    found_inf, telemetry, [](const char*, at::TensorList) {});
+                                    found_inf, telemetry, round_keys, [](const char*, at::TensorList) {});
     if (!call && telemetry) telemetry->select(1, 1).zero_();  // skipped: nothing moved
     out = call ? std::make_tuple(true, coefficient_table(call->coef, width))
                : std::make_tuple(false, coefficient_table(std::vector<CoefRow<A>>(), width));

@@ -184,6 +184,7 @@ std::tuple<bool, at::Tensor> begin_step_op(c10::string_view algorithm, at::Tenso
                                            at::ArrayRef<double> per_tensor,
                                            const std::optional<at::Tensor>& grad_scale,
                                            const std::optional<at::Tensor>& found_inf,
-                                           const std::optional<at::Tensor>& telemetry);
+                                           const std::optional<at::Tensor>& telemetry,
+                                           at::OptionalIntArrayRef round_keys);
 
 }  // namespace amos_fused

@@ -37,11 +37,13 @@ TORCH_LIBRARY(amos_fused, m) {
   // scale-aware Adam's ‖ε0‖), else empty.  telemetry (optional): a contiguous
   // float64 [len(params), 2] tensor on the params' device; row t gets
   // (Σθ², Σ(Δθ)²) of param t as stored after the step, summed in a fixed order
-  // (csrc/step_prologue.h: check_telemetry).
+  // (csrc/step_prologue.h: check_telemetry).  round_keys (optional, bfloat16
+  // params only): one key per param; the params are then stored with stochastic
+  // rounding (csrc/stochastic_round.h).
   m.def(
       "step(str algorithm, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, "
       "Tensor(c!)[] steps, float[] hyper, float[] per_tensor, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, Tensor(d!)? telemetry=None) -> ()");
+      "Tensor? found_inf=None, Tensor(d!)? telemetry=None, int[]? round_keys=None) -> ()");
   // (hyper names, state keys, the flag enabling each state or "", [per-tensor
   // value name] or [], coefficient column names) of an algorithm.
   m.def("contract(str algorithm) -> (str[], str[], str[], str[], str[])", &amos_fused::contract_op);
@@ -59,7 +61,7 @@ TORCH_LIBRARY(amos_fused, m) {
   m.def(
       "begin_step(str algorithm, Tensor[] params, Tensor[] grads, Tensor[] states, "
       "Tensor[] steps, float[] hyper, float[] per_tensor, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, Tensor(a!)? telemetry=None) -> (bool, Tensor)",
+      "Tensor? found_inf=None, Tensor(a!)? telemetry=None, int[]? round_keys=None) -> (bool, Tensor)",
       &amos_fused::begin_step_op);
 }
 

@@ -16,6 +16,7 @@
 #include "amos_layout.h"
 #include "checks.h"
 #include "contracts.h"
+#include "stochastic_round.h"
 
 namespace amos_fused {
 
@@ -56,6 +57,17 @@ inline void check_telemetry(const char* op, at::TensorList params, const std::op
                     ", the params on ", params[0].device());
 }
 
+// Stochastic rounding (csrc/stochastic_round.h) is asked for with one key per
+// param, and only of bfloat16 params.
+inline void check_round_keys(const char* op, at::TensorList params, at::OptionalIntArrayRef round_keys) {
+  if (!round_keys) return;
+  TORCH_CHECK_VALUE(round_keys->size() == params.size(), op, ": ", params.size(), " params but ",
+                    round_keys->size(), " round_keys");
+  TORCH_CHECK_VALUE(params.empty() || params[0].scalar_type() == at::kBFloat16, op,
+                    ": stochastic rounding (round_keys) applies to bfloat16 params, got ",
+                    params[0].scalar_type());
+}
+
 // One checked step of algorithm A, handed to a backend's launch(): the lists in
 // the contract's order (a disabled state's list is empty), the hyper-parameters
 // and every tensor's coefficients.
@@ -70,6 +82,9 @@ struct StepCall {
   std::vector<double> steps;           // per tensor, after the increment
   std::vector<AmosLayout> layouts;     // Amos: per tensor
   double* telemetry = nullptr;         // [n][Σθ², Σ(Δθ)²] (check_telemetry) or null
+  std::vector<StochasticRound> round;  // per tensor with stochastic rounding, else empty
+
+  const StochasticRound* round_or_null() const { return round.empty() ? nullptr : round.data(); }
 };
 
 inline std::string joined(const std::vector<std::string>& names) {
@@ -89,6 +104,7 @@ std::optional<StepCall<A>> begin_step(at::TensorList params, at::TensorList grad
                                       const std::optional<at::Tensor>& grad_scale,
                                       const std::optional<at::Tensor>& found_inf,
                                       const std::optional<at::Tensor>& telemetry,
+                                      at::OptionalIntArrayRef round_keys,
                                       const DeviceChecks& device_checks) {
   const Contract& c = contract_of<A>();
   const char* op = c.op;
@@ -125,11 +141,17 @@ std::optional<StepCall<A>> begin_step(at::TensorList params, at::TensorList grad
     call.layouts = amos_slot_layouts(op, params, call.states[0], call.states[1]);
   }
   check_telemetry(op, params, telemetry);
+  check_round_keys(op, params, round_keys);
   if (n > 0) device_checks(op, params);
   const GradScaling scaling = read_grad_scaling(op, grad_scale, found_inf);
   if (scaling.skip) return std::nullopt;
   if (telemetry && n > 0) call.telemetry = telemetry->data_ptr<double>();
   call.steps = next_steps(steps);
+  if (round_keys && n > 0) {
+    for (size_t t = 0; t < n; ++t) {
+      call.round.push_back({static_cast<uint64_t>((*round_keys)[t]), static_cast<uint32_t>(call.steps[t])});
+    }
+  }
   call.per_tensor.assign(per_tensor.begin(), per_tensor.end());
   call.coef.reserve(n);
   for (size_t t = 0; t < n; ++t) {
@@ -157,11 +179,12 @@ template <typename Backend>
 void run_step(c10::string_view algorithm, at::TensorList params, at::TensorList grads,
               at::TensorList states, at::TensorList steps, at::ArrayRef<double> hyper,
               at::ArrayRef<double> per_tensor, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& telemetry) {
+              const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& telemetry,
+              at::OptionalIntArrayRef round_keys) {
   with_algorithm(algorithm, [&](auto traits) {
     using A = decltype(traits);
     auto call = begin_step<A>(params, grads, states, steps, hyper, per_tensor, grad_scale, found_inf,
-                              telemetry, &Backend::device_checks);
+                              telemetry, round_keys, &Backend::device_checks);
     if (!call) {  // skipped by found_inf: nothing moved
       if (telemetry) telemetry->select(1, 1).zero_();
       return;

@@ -54,8 +54,11 @@ def _state_lists(op: str, algorithm: str, n: int, states: Sequence[Tensor],
 def step(algorithm: str, params: List[Tensor], grads: List[Tensor], states: List[Tensor],
          steps: List[Tensor], hyper: Sequence[float], per_tensor: Sequence[float],
          grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-         telemetry: Optional[Tensor] = None) -> None:
+         telemetry: Optional[Tensor] = None, round_keys: Optional[Sequence[int]] = None) -> None:
     """One step of ``algorithm`` over a bucket (arguments as ``torch.ops.amos_fused.step``)."""
+    if round_keys is not None:
+        raise NotImplementedError("amos_fused: stochastic rounding (bf16_stochastic_round=True) is not "
+                                  "implemented by the Triton kernels yet")
     if telemetry is not None:
         raise NotImplementedError("amos_fused: telemetry (track_rms=True) is not implemented by the "
                                   "Triton kernels yet")

@@ -59,11 +59,12 @@ inline void amos_store_slot(scalar_t* v, scalar_t* b, double sum, int64_t count,
   *b = static_cast<scalar_t>(bb);
 }
 
-// Updates elements [0, n) of one row given its slot's (w, a).
+// Updates elements [begin, end) of a tensor (one row) given its slot's (w, a).
 template <typename scalar_t, bool MOMENTUM, bool CLIP>
-void amos_update_row(scalar_t* p, scalar_t* g, scalar_t* mu, int64_t n,
+void amos_update_row(scalar_t* p, scalar_t* g, scalar_t* mu, int64_t begin, int64_t end,
                      at::opmath_type<scalar_t> w, at::opmath_type<scalar_t> a,
-                     const TileCoef<AmosCoef, scalar_t>& coef, Telemetry* sums) {
+                     const TileCoef<AmosCoef, scalar_t>& coef, Telemetry* sums,
+                     const StochasticRound* round) {
   using Vec = typename TileIO<scalar_t>::Vec;
   const Vec wv(w), av(a);
   auto update = [&](auto& x) {
@@ -77,9 +78,9 @@ void amos_update_row(scalar_t* p, scalar_t* g, scalar_t* mu, int64_t n,
     }
   };
   if constexpr (MOMENTUM) {
-    map_streams<scalar_t, 3, 0b101u>({p, g, mu}, 0, n, update, sums);
+    map_streams<scalar_t, 3, 0b101u>({p, g, mu}, begin, end, update, sums, round);
   } else {
-    map_streams<scalar_t, 2, 0b1u>({p, g}, 0, n, update, sums);
+    map_streams<scalar_t, 2, 0b1u>({p, g}, begin, end, update, sums, round);
   }
 }
 
@@ -134,6 +135,14 @@ void amos_general_tensor(const AmosLaunch& L, int64_t t) {
     Op mm = MOMENTUM ? static_cast<Op>(mu[e]) : Op(0);
     const Op gg = amos_clip<CLIP>(static_cast<Op>(g[e]), coef.scalar);
     amos_element<MOMENTUM>(pp, gg, mm, w[s], a[s], coef.scalar);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (L.round != nullptr) {
+        const StochasticRound& r = L.round[t];
+        const uint64_t index = static_cast<uint64_t>(e);
+        pp = round_to_bfloat16(pp, round_bits(round_base(r.key, r.step, static_cast<uint32_t>(index >> 32)),
+                                              static_cast<uint32_t>(index)));
+      }
+    }
     p[e] = static_cast<scalar_t>(pp);
     if (MOMENTUM) mu[e] = static_cast<scalar_t>(mm);
     if (L.telemetry != nullptr) {  // in memory order, in double
@@ -161,6 +170,7 @@ void amos_typed(const AmosLaunch& L) {
     auto* b = stream<scalar_t>(L.b, t);
     auto* mu = MOMENTUM ? stream<scalar_t>(L.mu, t) : nullptr;
     const int64_t row = L.layout[t].row_len;
+    const StochasticRound* round = L.round ? &L.round[t] : nullptr;
     if (row == 1) {  // elementwise slots: slot math per element
       auto update = [&](auto& x) {
         using V = typename std::decay_t<decltype(x)>::value_type;
@@ -171,9 +181,9 @@ void amos_typed(const AmosLaunch& L) {
         amos_element<MOMENTUM>(x[0], gg, x[MOMENTUM ? 4 : 0], w, a, c);
       };
       if constexpr (MOMENTUM) {
-        map_streams<scalar_t, 5, 0b11101u>({p, g, v, b, mu}, begin, end, update, sums);
+        map_streams<scalar_t, 5, 0b11101u>({p, g, v, b, mu}, begin, end, update, sums, round);
       } else {
-        map_streams<scalar_t, 4, 0b1101u>({p, g, v, b}, begin, end, update, sums);
+        map_streams<scalar_t, 4, 0b1101u>({p, g, v, b}, begin, end, update, sums, round);
       }
       return;
     }
@@ -183,8 +193,7 @@ void amos_typed(const AmosLaunch& L) {
       Op w, a;
       const double sum = amos_sum_squares<scalar_t, CLIP>(g + start, row, coef);
       amos_store_slot<scalar_t, MOMENTUM>(v + r, b + r, sum, row, coef.scalar, w, a);
-      amos_update_row<scalar_t, MOMENTUM, CLIP>(p + start, g + start,
-                                                MOMENTUM ? mu + start : nullptr, row, w, a, coef, sums);
+      amos_update_row<scalar_t, MOMENTUM, CLIP>(p, g, mu, start, start + row, w, a, coef, sums, round);
     }
   });
   at::parallel_for(0, L.num_general, 1, [&](int64_t lo, int64_t hi) {

@@ -19,7 +19,7 @@ void launch(const StepCall<AmosAlgorithm>& call) {
   active_kernels().amos({tables.view(call.params), tables.params(), tables.grads(), tables.state(0),
                          tables.state(1), momentum ? tables.state(2) : no_mu.data(), call.coef.data(),
                          call.layouts.data(), general.data(), static_cast<int64_t>(general.size()),
-                         momentum, call.hyper.clip != 0, call.telemetry});
+                         momentum, call.hyper.clip != 0, call.telemetry, call.round_or_null()});
 }
 
 }  // namespace amos_fused::cpu

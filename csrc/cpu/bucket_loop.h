@@ -9,10 +9,12 @@
 
 #include <algorithm>
 #include <array>
+#include <type_traits>
 #include <vector>
 
 #include "vec_ops.h"  // before anything that includes step_math.h
 #include "kernel_api.h"
+#include "../stochastic_round.h"
 
 namespace amos_fused::cpu {
 inline namespace CPU_CAPABILITY {
@@ -160,14 +162,48 @@ struct TileCoef {
   }
 };
 
+// Rounds the float lanes of x — elements first, first + 1, … of a bfloat16
+// param — stochastically to bfloat16 values (csrc/stochastic_round.h).
+inline Vectorized<float> round_tile_to_bfloat16(const Vectorized<float>& x, int64_t first,
+                                                const StochasticRound& round) {
+  using IVec = Vectorized<int32_t>;
+  constexpr int64_t kLanes = Vectorized<float>::size();
+  const uint64_t lo = static_cast<uint32_t>(first);
+  if (lo + kLanes - 1 > 0xffffffffu) {  // the lanes cross into the next high word
+    float lanes[kLanes];
+    x.store(lanes);
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const uint64_t e = static_cast<uint64_t>(first + k);
+      lanes[k] = round_to_bfloat16(
+          lanes[k], round_bits(round_base(round.key, round.step, static_cast<uint32_t>(e >> 32)),
+                               static_cast<uint32_t>(e)));
+    }
+    return Vectorized<float>::loadu(lanes);
+  }
+  const uint32_t base = round_base(round.key, round.step, static_cast<uint32_t>(static_cast<uint64_t>(first) >> 32));
+  // lowbias32 on the lanes; >> is arithmetic on int32 lanes, hence the masks
+  IVec h = IVec(static_cast<int32_t>(base)) ^ IVec::arange(static_cast<int32_t>(static_cast<uint32_t>(lo)), 1);
+  h = h ^ ((h >> IVec(16)) & IVec(0xffff));
+  h = h * IVec(static_cast<int32_t>(0x7feb352du));
+  h = h ^ ((h >> IVec(15)) & IVec(0x1ffff));
+  h = h * IVec(static_cast<int32_t>(0x846ca68bu));
+  h = h ^ ((h >> IVec(16)) & IVec(0xffff));
+  const IVec bits = at::vec::cast<int32_t>(x);
+  const IVec rounded = (bits + (h & IVec(0xffff))) & IVec(static_cast<int32_t>(0xffff0000u));
+  return Vectorized<float>::blendv(at::vec::cast<float>(rounded), x, x != x);  // NaN kept
+}
+
 // Streams N arrays of one tensor over [begin, end): loads every stream, calls
 // f(values) on an std::array of N opmath values (vectors, then the scalar
 // tail), and stores back the streams whose bit is set in kWriteMask.  With
 // `sums`, stream 0 is the param: Σθ² and Σ(Δθ)² of its stored values are added
-// to *sums (opmath lanes over the piece, then its tail, in double).
+// to *sums (opmath lanes over the piece, then its tail, in double).  With
+// `round` (bfloat16 params only), stream 0 is the param, stored with stochastic
+// rounding (its elements' indices are the indices within the tensor).
 template <typename scalar_t, int N, unsigned kWriteMask, typename F>
 inline void map_streams(const std::array<scalar_t*, N>& ptr, int64_t begin, int64_t end,
-                        const F& f, Telemetry* sums = nullptr) {
+                        const F& f, Telemetry* sums = nullptr, const StochasticRound* round = nullptr) {
+  constexpr bool kCanRound = std::is_same_v<scalar_t, c10::BFloat16> && (kWriteMask & 1u) != 0;
   using IO = TileIO<scalar_t>;
   using Vec = typename IO::Vec;
   using Op = at::opmath_type<scalar_t>;
@@ -185,6 +221,12 @@ inline void map_streams(const std::array<scalar_t*, N>& ptr, int64_t begin, int6
     Vec before[IO::kParts];
     for (int part = 0; part < IO::kParts; ++part) before[part] = x[part][0];
     for (int part = 0; part < IO::kParts; ++part) f(x[part]);
+    if constexpr (kCanRound) {
+      if (round != nullptr) {
+        for (int part = 0; part < IO::kParts; ++part)
+          x[part][0] = round_tile_to_bfloat16(x[part][0], i + part * Vec::size(), *round);
+      }
+    }
     for (int s = 0; s < N; ++s) {
       if (!((kWriteMask >> s) & 1u)) continue;
       Vec tile[IO::kParts];
@@ -211,6 +253,13 @@ inline void map_streams(const std::array<scalar_t*, N>& ptr, int64_t begin, int6
     for (int s = 0; s < N; ++s) x[s] = static_cast<Op>(ptr[s][i]);
     const Op before = x[0];
     f(x);
+    if constexpr (kCanRound) {
+      if (round != nullptr) {
+        const uint64_t e = static_cast<uint64_t>(i);
+        x[0] = round_to_bfloat16(x[0], round_bits(round_base(round->key, round->step, static_cast<uint32_t>(e >> 32)),
+                                                  static_cast<uint32_t>(e)));
+      }
+    }
     for (int s = 0; s < N; ++s)
       if ((kWriteMask >> s) & 1u) ptr[s][i] = static_cast<scalar_t>(x[s]);
     if (track) {

@@ -11,12 +11,15 @@
 #include "../amos_layout.h"  // AmosLayout
 #include "../contracts.h"
 #include "../step_math.h"
+#include "../stochastic_round.h"
 
 namespace amos_fused::cpu {
 
 // Every launch may carry `telemetry`: then it also writes, per tensor t,
 // telemetry[2t] = Σθ² and telemetry[2t+1] = Σ(Δθ)² of the param as stored after
-// the step (bucket_loop.h: for_each_tracked_segment).
+// the step (bucket_loop.h: for_each_tracked_segment); and `round`: bfloat16
+// params stored with stochastic rounding, round[t] for tensor t
+// (csrc/stochastic_round.h).
 
 // One bucket: tensor t owns elements [offsets[t], offsets[t+1]) of the virtual
 // concatenation; its streams are at the addresses below (all of one dtype).
@@ -37,6 +40,7 @@ struct AdamLaunch {
   bool amsgrad;
   bool l2;
   double* telemetry;  // [n][Σθ², Σ(Δθ)²] or null
+  const StochasticRound* round;  // per tensor, or null
 };
 
 struct RAdamLaunch {
@@ -48,6 +52,7 @@ struct RAdamLaunch {
   const RAdamCoef<double>* coef;  // per tensor
   bool l2;
   double* telemetry;  // [n][Σθ², Σ(Δθ)²] or null
+  const StochasticRound* round;  // per tensor, or null
 };
 
 // An elementwise algorithm A (csrc/contracts.h): streams param, grad, then its
@@ -59,6 +64,7 @@ struct ElementwiseLaunch {
   void* const* states[kMaxStateLists];
   const void* coef;
   double* telemetry;  // [n][Σθ², Σ(Δθ)²] or null
+  const StochasticRound* round;  // per tensor, or null
 };
 
 using ElementwiseKernel = void (*)(const ElementwiseLaunch&);
@@ -77,6 +83,7 @@ struct AmosLaunch {
   bool momentum;
   bool clip;
   double* telemetry;  // [n][Σθ², Σ(Δθ)²] or null
+  const StochasticRound* round;  // per tensor, or null
 };
 
 // Scale-aware Adam and LAMB: phase 1 updates m, v and reduces Σu² (and
@@ -90,6 +97,7 @@ struct NormScaledLaunch {
   const MomentCoef<double>* coef;  // per tensor
   bool lamb;                       // u includes λθ; Σθ² is reduced too
   double* telemetry;               // phase 2: [n][Σθ², Σ(Δθ)²] or null
+  const StochasticRound* round;    // phase 2: per tensor, or null
 };
 
 struct KernelTable {

@@ -34,12 +34,12 @@ void adam_typed(const AdamLaunch& L) {
           {stream<scalar_t>(L.param, t), stream<scalar_t>(L.grad, t),
            stream<scalar_t>(L.exp_avg, t), stream<scalar_t>(L.exp_avg_sq, t),
            stream<scalar_t>(L.max_exp_avg_sq, t)},
-          begin, end, update, sums);
+          begin, end, update, sums, L.round ? &L.round[t] : nullptr);
     } else {
       map_streams<scalar_t, 4, 0b1101u>(
           {stream<scalar_t>(L.param, t), stream<scalar_t>(L.grad, t),
            stream<scalar_t>(L.exp_avg, t), stream<scalar_t>(L.exp_avg_sq, t)},
-          begin, end, update, sums);
+          begin, end, update, sums, L.round ? &L.round[t] : nullptr);
     }
   });
 }
@@ -64,7 +64,7 @@ void radam_typed(const RAdamLaunch& L) {
         begin, end, [&](auto& x) {
           using V = typename std::decay_t<decltype(x)>::value_type;
           radam_update<L2>(x[0], x[1], x[2], x[3], coef.template get<V>());
-        }, sums);
+        }, sums, L.round ? &L.round[t] : nullptr);
   });
 }
 
@@ -86,7 +86,7 @@ void elementwise_typed(const ElementwiseLaunch& L, std::index_sequence<S...>) {
         begin, end, [&](auto& x) {
           using V = typename std::decay_t<decltype(x)>::value_type;
           A::update(x, coef.template get<V>());
-        }, sums);
+        }, sums, L.round ? &L.round[t] : nullptr);
   });
 }
 

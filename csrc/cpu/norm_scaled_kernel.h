@@ -123,10 +123,10 @@ void norm_scaled_phase2_typed(const NormScaledLaunch& L, const double* k, const 
                                           using V = typename std::decay_t<decltype(x)>::value_type;
                                           update_moments(x[1], x[2], x[3], coef.template get<V>());
                                           phase2(x[0], x[2], x[3]);
-                                        }, sums);
+                                        }, sums, L.round ? &L.round[t] : nullptr);
     } else {
       map_streams<scalar_t, 3, 0b1u>({p, m, v}, begin, end,
-                                     [&](auto& x) { phase2(x[0], x[1], x[2]); }, sums);  // x: p, m, v
+                                     [&](auto& x) { phase2(x[0], x[1], x[2]); }, sums, L.round ? &L.round[t] : nullptr);  // x: p, m, v
     }
   });
 }

@@ -8,13 +8,14 @@ namespace amos_fused::cpu {
 namespace {
 
 void norm_scaled_launch(const std::vector<NormScaledCoef>& coefs, BucketTables& tables,
-                        at::TensorList params, bool lamb, double* telemetry) {
+                        at::TensorList params, bool lamb, double* telemetry,
+                        const StochasticRound* round) {
   const size_t n = params.size();
   std::vector<MomentCoef<double>> moments;
   moments.reserve(n);
   for (const NormScaledCoef& c : coefs) moments.push_back(c.moments);
   const NormScaledLaunch launch{tables.view(params), tables.params(), tables.grads(), tables.state(0),
-                                tables.state(1), moments.data(), lamb, telemetry};
+                                tables.state(1), moments.data(), lamb, telemetry, round};
   std::vector<double> u_sq(n), theta_sq(n), k(n), rho(n);
   active_kernels().norm_scaled_phase1(launch, u_sq.data(), theta_sq.data());
   for (size_t t = 0; t < n; ++t) {
@@ -35,12 +36,12 @@ void norm_scaled_launch(const std::vector<NormScaledCoef>& coefs, BucketTables& 
 
 void launch(const StepCall<ScaledAdamAlgorithm>& call) {
   BucketTables tables(call);
-  norm_scaled_launch(call.coef, tables, call.params, false, call.telemetry);
+  norm_scaled_launch(call.coef, tables, call.params, false, call.telemetry, call.round_or_null());
 }
 
 void launch(const StepCall<LambAlgorithm>& call) {
   BucketTables tables(call);
-  norm_scaled_launch(call.coef, tables, call.params, true, call.telemetry);
+  norm_scaled_launch(call.coef, tables, call.params, true, call.telemetry, call.round_or_null());
 }
 
 }  // namespace amos_fused::cpu

@@ -58,7 +58,8 @@ struct BucketTables {
 template <typename A, typename>
 void launch(const StepCall<A>& call) {
   BucketTables tables(call);
-  ElementwiseLaunch launch{tables.view(call.params), tables.params(), tables.grads(), {}, call.coef.data(), call.telemetry};
+  ElementwiseLaunch launch{tables.view(call.params), tables.params(), tables.grads(), {}, call.coef.data(), call.telemetry,
+                         call.round_or_null()};
   for (size_t k = 0; k < kMaxStateLists; ++k) launch.states[k] = tables.state(k);
   active_kernels().elementwise[IndexOf<A, ElementwiseAlgorithms>::value](launch);
 }

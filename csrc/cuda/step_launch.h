@@ -27,6 +27,8 @@ struct Backend {
   static void launch(const StepCall<A>& call) {
     TORCH_CHECK_NOT_IMPLEMENTED(call.telemetry == nullptr, call.op,
                                 ": telemetry is not implemented by the CUDA kernels yet");
+    TORCH_CHECK_NOT_IMPLEMENTED(call.round.empty(), call.op,
+                                ": stochastic rounding is not implemented by the CUDA kernels yet");
     cuda::launch(call);
   }
 };

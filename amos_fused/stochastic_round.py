@@ -1,0 +1,67 @@
+"""Stochastic rounding of bfloat16 params (``bf16_stochastic_round=True``), the
+reference copy of the hash the kernels use (csrc/stochastic_round.h; Triton:
+triton_kernels/common.py).
+
+A float32 result x becomes the bfloat16 value whose bit pattern is
+``(bits(x) + r) & 0xffff0000`` with r a random integer in [0, 2^16): rounded up
+with probability equal to the dropped fraction, so E[rounded] = x and updates
+smaller than half a bfloat16 ulp are not lost on average (as torchao's
+``bf16_stochastic_round``).  r is the low 16 bits of a counter-based hash of (the
+param's key, its step count, the element's index in memory order)::
+
+    key  = seed << 32 | the param's index in the optimizer
+    base = h(key_lo ^ h(key_hi ^ h(step ^ h(index >> 32))))
+    r    = h(base ^ (index & 0xffffffff)) & 0xffff
+
+with h = lowbias32 (C. Wellons' 32-bit integer hash).  No generator state: the
+same bits on every backend, for any thread count, run after run.  NaN is kept."""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import Tensor
+
+MASK32 = 0xFFFFFFFF
+IntOrTensor = Union[int, Tensor]
+
+
+def round_key(seed: int, index: int) -> int:
+    """The key of the param at ``index`` (its position in the optimizer's params)."""
+    return (seed << 32) | index
+
+
+def lowbias32(x: IntOrTensor) -> IntOrTensor:
+    """h on uint32 values held in Python ints or int64 tensors (products wrap mod
+    2^64 in int64; their low 32 bits are kept)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def round_base(key: int, step: int, index_hi: IntOrTensor) -> IntOrTensor:
+    return lowbias32((key & MASK32) ^ lowbias32(((key >> 32) & MASK32) ^ lowbias32((step & MASK32) ^ lowbias32(index_hi))))
+
+
+def memory_indices(t: Tensor) -> Tensor:
+    """Each element's offset in memory from t's first element (int64, t's shape): its
+    index in memory order for a dense tensor."""
+    index = torch.zeros(t.shape, dtype=torch.int64, device=t.device)
+    for dim, (size, stride) in enumerate(zip(t.shape, t.stride())):
+        shape = [1] * t.dim()
+        shape[dim] = size
+        index = index + (torch.arange(size, dtype=torch.int64, device=t.device) * stride).view(shape)
+    return index
+
+
+def round_to_bfloat16(value: Tensor, key: int, step: int, like: Tensor) -> Tensor:
+    """``value`` (float32, shaped like the bfloat16 param ``like``) stochastically
+    rounded to bfloat16, with the bits of ``like``'s elements at this step."""
+    index = memory_indices(like)
+    bits = lowbias32(round_base(key, step, index >> 32) ^ (index & MASK32))
+    pattern = value.float().contiguous().view(torch.int32).to(torch.int64) & MASK32
+    rounded = (pattern + (bits & 0xFFFF)) & 0xFFFF0000
+    rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32).view(torch.float32)
+    return torch.where(value.isnan(), value.float(), rounded).to(torch.bfloat16)  # exact: low bits are 0
