@@ -67,7 +67,10 @@ OUR_ALGORITHMS = {
     # with telemetry (track_rms=True): the same traffic, Σθ² and Σ(Δθ)² summed in registers
     "adamw" + TELEMETRY_SUFFIX: ADAMW_FP32_BYTES_PER_PARAM,
     "amos" + TELEMETRY_SUFFIX: 12,
+    # bfloat16 params, grads and states, stored with stochastic rounding: AdamW's streams at 2 B
+    "adamw-bf16-sr": 14,
 }
+BF16_ALGORITHMS = ("adamw-bf16-sr",)
 # Where those bytes come from: each algorithm's passes over memory, each pass
 # (streams read and written in place, streams only read), one param-sized tensor per
 # stream and param: p the param, g its grad, the others optimizer state.  Slots
@@ -83,6 +86,12 @@ PASSES: Dict[str, List[Pass]] = {
     "lamb": [(("m", "v"), ("g", "p")), (("p",), ("m", "v"))],
 }
 PASSES.update({a + TELEMETRY_SUFFIX: PASSES[a] for a in ("adamw", "amos")})
+PASSES["adamw-bf16-sr"] = PASSES["adamw"]
+
+
+def element_size(algorithm: str) -> int:
+    """Bytes per element of every stream of `algorithm`'s rows."""
+    return 2 if algorithm in BF16_ALGORITHMS else 4
 AMOS_LR = 0.01
 TORCH_FUSED = "torch-fused-adamw"
 COPY = "copy"
@@ -105,8 +114,10 @@ def traffic(passes: Sequence[Pass]) -> Tuple[Tuple[int, int], ...]:
 
 def floor_name(algorithm: str) -> str:
     """The floor row of `algorithm`: named after the first algorithm of OUR_ALGORITHMS
-    with the same traffic (RAdam's floor is AdamW's, Amos with momentum's is Lion's)."""
-    first = next(a for a in OUR_ALGORITHMS if traffic(PASSES[a]) == traffic(PASSES[algorithm]))
+    with the same traffic and element size (RAdam's floor is AdamW's, Amos with
+    momentum's is Lion's)."""
+    first = next(a for a in OUR_ALGORITHMS if traffic(PASSES[a]) == traffic(PASSES[algorithm])
+                 and element_size(a) == element_size(algorithm))
     return FLOOR_PREFIX + first
 
 
@@ -138,6 +149,9 @@ def make_ours(model, backend="cpu", algorithm="adamw"):
     `<algorithm>+rms`: the same with track_rms=True."""
     import amos_fused
 
+    if algorithm == "adamw-bf16-sr":
+        return amos_fused.AdamW(model.to(torch.bfloat16).parameters(), **ADAMW_HYPER, backend=backend,
+                                bf16_stochastic_round=True)
     if algorithm.endswith(TELEMETRY_SUFFIX):
         opt = make_ours(model, backend, algorithm[:-len(TELEMETRY_SUFFIX)])
         for group in opt.param_groups:
@@ -185,8 +199,8 @@ class StreamFloor:
     params' own memory and g their grads; every other stream gets a param-sized
     tensor per param, filled (so every page is mapped)."""
 
-    def __init__(self, model, passes: Sequence[Pass]):
-        params = list(model.parameters())
+    def __init__(self, model, passes: Sequence[Pass], dtype: Optional[torch.dtype] = None):
+        params = list(model.to(dtype).parameters() if dtype is not None else model.parameters())
         self.streams: Dict[str, List[torch.Tensor]] = {
             "p": [p.detach() for p in params],
             "g": [p.grad for p in params],
@@ -256,11 +270,13 @@ def copy_impl() -> Impl:
 def stream_floor_impls() -> List[Impl]:
     """One floor row per distinct pattern of passes of OUR_ALGORITHMS."""
     names = dict.fromkeys(floor_name(a) for a in OUR_ALGORITHMS)
-    return [
-        Impl(name, bytes_per_param(PASSES[name[len(FLOOR_PREFIX):]]),
-             functools.partial(StreamFloor, passes=PASSES[name[len(FLOOR_PREFIX):]]), name)
-        for name in names
-    ]
+    impls = []
+    for name in names:
+        algorithm = name[len(FLOOR_PREFIX):]
+        dtype = torch.bfloat16 if element_size(algorithm) == 2 else None
+        impls.append(Impl(name, bytes_per_param(PASSES[algorithm], element_size(algorithm)),
+                          functools.partial(StreamFloor, passes=PASSES[algorithm], dtype=dtype), name))
+    return impls
 
 
 def uses_stream_floors(device_type: str) -> bool:

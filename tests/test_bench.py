@@ -132,7 +132,7 @@ def _tiny_model():
 @pytest.mark.parametrize("algorithm", sorted(bench.OUR_ALGORITHMS))
 def test_bytes_per_param_are_the_bytes_of_the_passes(algorithm):
     passes = bench.PASSES[algorithm]
-    assert bench.bytes_per_param(passes) == bench.OUR_ALGORITHMS[algorithm]
+    assert bench.bytes_per_param(passes, bench.element_size(algorithm)) == bench.OUR_ALGORITHMS[algorithm]
     streams = {name for written, read in passes for name in written + read}
     assert {"p", "g"} <= streams
     assert "g" not in {name for written, _ in passes for name in written}  # grads are only read
@@ -179,10 +179,12 @@ def test_stream_floor_rows_move_their_streams(floor):
     """One step of a floor row does its passes over the model's own params and grads:
     the written streams get the sum of the read ones, the grads stay as they were."""
     model = _tiny_model()
-    params = list(model.parameters())
-    passes = bench.PASSES[floor[len(bench.FLOOR_PREFIX):]]
+    algorithm = floor[len(bench.FLOOR_PREFIX):]
+    passes = bench.PASSES[algorithm]
     impl = next(i for i in bench.stream_floor_impls() if i.name == floor)
     runner = impl.build(model)
+    params = list(model.parameters())  # (a bfloat16 floor converts the model first)
+    assert all(p.element_size() == bench.element_size(algorithm) for p in params)
     assert [t.data_ptr() for t in runner.streams["p"]] == [p.data_ptr() for p in params]
     assert [t.data_ptr() for t in runner.streams["g"]] == [p.grad.data_ptr() for p in params]
     expected = {name: [t.clone() for t in tensors] for name, tensors in runner.streams.items()}
@@ -194,7 +196,7 @@ def test_stream_floor_rows_move_their_streams(floor):
     runner.step()
     for name, tensors in runner.streams.items():
         assert all(torch.equal(a, b) for a, b in zip(tensors, expected[name])), name
-    assert bench.bytes_per_param(passes) == impl.bytes_per_param
+    assert bench.bytes_per_param(passes, bench.element_size(algorithm)) == impl.bytes_per_param
 
 
 def _measurement(impl, ms, params=1000, tensors=3, state=None):
