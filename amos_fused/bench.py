@@ -501,8 +501,10 @@ def floor_legend(rows: List[dict]) -> List[str]:
         if floor == COPY:
             what = f"dst.copy_(src), {ADAMW_FP32_BYTES_PER_PARAM // 2} B/param each way"
         else:
-            passes = PASSES[floor[len(FLOOR_PREFIX):]]
-            what = f"{describe_passes(passes)}, {bytes_per_param(passes)} B/param"
+            algorithm = floor[len(FLOOR_PREFIX):]
+            passes = PASSES[algorithm]
+            dtype = "bfloat16" if element_size(algorithm) == 2 else "float32"
+            what = f"{describe_passes(passes)} in {dtype}, {bytes_per_param(passes, element_size(algorithm))} B/param"
         lines.append(f"  {floor}: {what}; floor of {', '.join(users) or '-'}")
     return lines
 

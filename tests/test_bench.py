@@ -244,8 +244,8 @@ def test_table_names_each_floor_and_its_rows():
     memory = bench.memory_rows([_measurement(impls[bench.TORCH_FUSED], 4.0, state=100)])
     table = bench.format_table(rows, memory, ["header"], None)
     assert "% of floor" in table
-    assert "floor-lion: p, m += g, 20 B/param; floor of cpu-amos-momentum" in table
-    assert "floor-adamw: p, m, v += g, 28 B/param; floor of torch-fused-adamw" in table
+    assert "floor-lion: p, m += g in float32, 20 B/param; floor of cpu-amos-momentum" in table
+    assert "floor-adamw: p, m, v += g in float32, 28 B/param; floor of torch-fused-adamw" in table
 
 
 # ---------------------------------------------------------------- the command

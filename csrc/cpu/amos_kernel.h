@@ -129,6 +129,8 @@ void amos_general_tensor(const AmosLaunch& L, int64_t t) {
   for (int64_t s = 0; s < slots; ++s)
     amos_store_slot<scalar_t, MOMENTUM>(v + s, b + s, sums[s], numel / slots, coef.scalar, w[s], a[s]);
   Telemetry sums_;
+  std::optional<TensorRounding> rounding;
+  if (L.round != nullptr) rounding.emplace(L.round[t]);
   amos_walk_general(layout, [&](int64_t e, int64_t s) {  // phase 2: elementwise update
     const Op before = static_cast<Op>(p[e]);
     Op pp = before;
@@ -136,12 +138,7 @@ void amos_general_tensor(const AmosLaunch& L, int64_t t) {
     const Op gg = amos_clip<CLIP>(static_cast<Op>(g[e]), coef.scalar);
     amos_element<MOMENTUM>(pp, gg, mm, w[s], a[s], coef.scalar);
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (L.round != nullptr) {
-        const StochasticRound& r = L.round[t];
-        const uint64_t index = static_cast<uint64_t>(e);
-        pp = round_to_bfloat16(pp, round_bits(round_base(r.key, r.step, static_cast<uint32_t>(index >> 32)),
-                                              static_cast<uint32_t>(index)));
-      }
+      if (rounding) pp = rounding->scalar(pp, e);
     }
     p[e] = static_cast<scalar_t>(pp);
     if (MOMENTUM) mu[e] = static_cast<scalar_t>(mm);

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -162,36 +163,56 @@ struct TileCoef {
   }
 };
 
-// Rounds the float lanes of x — elements first, first + 1, … of a bfloat16
-// param — stochastically to bfloat16 values (csrc/stochastic_round.h).
-inline Vectorized<float> round_tile_to_bfloat16(const Vectorized<float>& x, int64_t first,
-                                                const StochasticRound& round) {
-  using IVec = Vectorized<int32_t>;
-  constexpr int64_t kLanes = Vectorized<float>::size();
-  const uint64_t lo = static_cast<uint32_t>(first);
-  if (lo + kLanes - 1 > 0xffffffffu) {  // the lanes cross into the next high word
-    float lanes[kLanes];
-    x.store(lanes);
-    for (int64_t k = 0; k < kLanes; ++k) {
-      const uint64_t e = static_cast<uint64_t>(first + k);
-      lanes[k] = round_to_bfloat16(
-          lanes[k], round_bits(round_base(round.key, round.step, static_cast<uint32_t>(e >> 32)),
-                               static_cast<uint32_t>(e)));
-    }
-    return Vectorized<float>::loadu(lanes);
+// Stochastic rounding of one tensor's elements (csrc/stochastic_round.h), with
+// the hash's per-tensor part kept for the current high word of the index.
+class TensorRounding {
+ public:
+  explicit TensorRounding(const StochasticRound& round)
+      : round_(round), base_(round_base(round.key, round.step, 0)) {}
+
+  // x rounded to a bfloat16 value, x being element `index`.
+  float scalar(float x, int64_t index) {
+    const uint64_t e = static_cast<uint64_t>(index);
+    return round_to_bfloat16(x, round_bits(base_for(static_cast<uint32_t>(e >> 32)), static_cast<uint32_t>(e)));
   }
-  const uint32_t base = round_base(round.key, round.step, static_cast<uint32_t>(static_cast<uint64_t>(first) >> 32));
-  // lowbias32 on the lanes; >> is arithmetic on int32 lanes, hence the masks
-  IVec h = IVec(static_cast<int32_t>(base)) ^ IVec::arange(static_cast<int32_t>(static_cast<uint32_t>(lo)), 1);
-  h = h ^ ((h >> IVec(16)) & IVec(0xffff));
-  h = h * IVec(static_cast<int32_t>(0x7feb352du));
-  h = h ^ ((h >> IVec(15)) & IVec(0x1ffff));
-  h = h * IVec(static_cast<int32_t>(0x846ca68bu));
-  h = h ^ ((h >> IVec(16)) & IVec(0xffff));
-  const IVec bits = at::vec::cast<int32_t>(x);
-  const IVec rounded = (bits + (h & IVec(0xffff))) & IVec(static_cast<int32_t>(0xffff0000u));
-  return Vectorized<float>::blendv(at::vec::cast<float>(rounded), x, x != x);  // NaN kept
-}
+
+  // The float lanes of x, elements first, first + 1, …, rounded to bfloat16 values.
+  Vectorized<float> tile(const Vectorized<float>& x, int64_t first) {
+    using IVec = Vectorized<int32_t>;
+    constexpr int64_t kLanes = Vectorized<float>::size();
+    const uint64_t e = static_cast<uint64_t>(first);
+    if ((e & 0xffffffffu) + kLanes - 1 > 0xffffffffu) {  // the lanes cross into the next high word
+      float lanes[kLanes];
+      x.store(lanes);
+      for (int64_t k = 0; k < kLanes; ++k) lanes[k] = scalar(lanes[k], first + k);
+      return Vectorized<float>::loadu(lanes);
+    }
+    const uint32_t base = base_for(static_cast<uint32_t>(e >> 32));
+    // lowbias32 on the lanes; >> is arithmetic on int32 lanes, hence the masks
+    IVec h = IVec(static_cast<int32_t>(base)) ^ IVec::arange(static_cast<int32_t>(static_cast<uint32_t>(e)), 1);
+    h = h ^ ((h >> IVec(16)) & IVec(0xffff));
+    h = h * IVec(static_cast<int32_t>(0x7feb352du));
+    h = h ^ ((h >> IVec(15)) & IVec(0x1ffff));
+    h = h * IVec(static_cast<int32_t>(0x846ca68bu));
+    h = h ^ ((h >> IVec(16)) & IVec(0xffff));
+    const IVec bits = at::vec::cast<int32_t>(x);
+    const IVec rounded = (bits + (h & IVec(0xffff))) & IVec(static_cast<int32_t>(0xffff0000u));
+    return Vectorized<float>::blendv(at::vec::cast<float>(rounded), x, x != x);  // NaN kept
+  }
+
+ private:
+  uint32_t base_for(uint32_t hi) {
+    if (hi != hi_) {
+      hi_ = hi;
+      base_ = round_base(round_.key, round_.step, hi);
+    }
+    return base_;
+  }
+
+  StochasticRound round_;
+  uint32_t hi_ = 0;
+  uint32_t base_;
+};
 
 // Streams N arrays of one tensor over [begin, end): loads every stream, calls
 // f(values) on an std::array of N opmath values (vectors, then the scalar
@@ -210,6 +231,8 @@ inline void map_streams(const std::array<scalar_t*, N>& ptr, int64_t begin, int6
   // Only a stream 0 that is written can be a param (telemetry is off otherwise).
   const bool track = (kWriteMask & 1u) != 0 && sums != nullptr;
   Vec weight_sq(Op(0)), update_sq(Op(0));
+  std::optional<TensorRounding> rounding;
+  if (kCanRound && round != nullptr) rounding.emplace(*round);
   int64_t i = begin;
   for (; i + IO::kTile <= end; i += IO::kTile) {
     std::array<Vec, N> x[IO::kParts];
@@ -222,9 +245,8 @@ inline void map_streams(const std::array<scalar_t*, N>& ptr, int64_t begin, int6
     for (int part = 0; part < IO::kParts; ++part) before[part] = x[part][0];
     for (int part = 0; part < IO::kParts; ++part) f(x[part]);
     if constexpr (kCanRound) {
-      if (round != nullptr) {
-        for (int part = 0; part < IO::kParts; ++part)
-          x[part][0] = round_tile_to_bfloat16(x[part][0], i + part * Vec::size(), *round);
+      if (rounding) {
+        for (int part = 0; part < IO::kParts; ++part) x[part][0] = rounding->tile(x[part][0], i + part * Vec::size());
       }
     }
     for (int s = 0; s < N; ++s) {
@@ -254,11 +276,7 @@ inline void map_streams(const std::array<scalar_t*, N>& ptr, int64_t begin, int6
     const Op before = x[0];
     f(x);
     if constexpr (kCanRound) {
-      if (round != nullptr) {
-        const uint64_t e = static_cast<uint64_t>(i);
-        x[0] = round_to_bfloat16(x[0], round_bits(round_base(round->key, round->step, static_cast<uint32_t>(e >> 32)),
-                                                  static_cast<uint32_t>(e)));
-      }
+      if (rounding) x[0] = rounding->scalar(x[0], i);
     }
     for (int s = 0; s < N; ++s)
       if ((kWriteMask >> s) & 1u) ptr[s][i] = static_cast<scalar_t>(x[s]);
