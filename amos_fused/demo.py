@@ -16,6 +16,11 @@ scaled-adamw   amos_fused.ScaledAdamW                   7e-3   its ρ_t; rate ha
 lamb           amos_fused.Lamb                          7e-3   λ=0.1 on dim ≥ 2
 =============  ======================================  ======  ==========================
 
+Not run by default (name them in ``--optimizers``): ``adamw-bf16`` and
+``adamw-bf16-sr``, amos_fused.AdamW as ``adamw`` on a bfloat16 copy of the model
+(params, grads and states in bfloat16; the loss in float32), rounding the params to
+nearest or stochastically (``bf16_stochastic_round=True``).
+
 Every run uses the same linear warm-up (``--warmup`` steps) and then a constant
 learning rate, so AdamW's weight and update RMS can be held to their steady-state
 predictions (``amos_fused.theory``): update RMS sqrt((1−β1)/(1+β1)) (Su Jianlin,
@@ -83,6 +88,8 @@ class RunSpec:
     build: Callable[[GPT, float, "DemoConfig"], torch.optim.Optimizer]
     hparams: Callable[["DemoConfig"], dict]
     decoupled_decay: bool = False  # θ ← θ(1−ηλ) − η·u: the RMS of u is measured without the decay term
+    dtype: torch.dtype = torch.float32  # of the model's params (and so of grads and states)
+    default: bool = True                # part of the default set of runs
 
 
 def decay_groups(model: GPT, weight_decay: float) -> List[dict]:
@@ -108,7 +115,7 @@ def _build_amos(model, lr, cfg):
 
 RUNS: Dict[str, RunSpec] = {}
 DEFAULT_LRS = {"torch-adamw": 3e-3, "adamw": 3e-3, "amos": 0.02, "lion": 1e-3, "radam": 3e-3,
-               "scaled-adamw": 7e-3, "lamb": 7e-3}
+               "scaled-adamw": 7e-3, "lamb": 7e-3, "adamw-bf16": 3e-3, "adamw-bf16-sr": 3e-3}
 
 
 def _register(spec: RunSpec):
@@ -143,6 +150,16 @@ _register(RunSpec(
     "lamb", "af.Lamb", DEFAULT_LRS["lamb"],
     lambda m, lr, c: af.Lamb(decay_groups(m, 0.1), lr=lr, betas=c.betas),
     lambda c: {"betas": list(c.betas), "weight_decay": 0.1, "decay_on": "dim >= 2"}))
+# bfloat16 params, grads and states (not run by default): round-to-nearest against stochastic rounding
+_register(RunSpec(
+    "adamw-bf16", "af.AdamW, bf16 params", DEFAULT_LRS["adamw-bf16"],
+    lambda m, lr, c: af.AdamW(decay_groups(m, c.weight_decay), lr=lr, betas=c.betas),
+    _adam_hparams, decoupled_decay=True, dtype=torch.bfloat16, default=False))
+_register(RunSpec(
+    "adamw-bf16-sr", "af.AdamW, bf16 params, stochastic rounding", DEFAULT_LRS["adamw-bf16-sr"],
+    lambda m, lr, c: af.AdamW(decay_groups(m, c.weight_decay), lr=lr, betas=c.betas, bf16_stochastic_round=True),
+    _adam_hparams, decoupled_decay=True, dtype=torch.bfloat16, default=False))
+DEFAULT_RUNS = [name for name, spec in RUNS.items() if spec.default]
 
 
 # ---------------------------------------------------------------------------
@@ -153,7 +170,7 @@ _register(RunSpec(
 class DemoConfig:
     steps: int = 500
     out: str = "bench/results/demo"
-    optimizers: List[str] = field(default_factory=lambda: list(RUNS))
+    optimizers: List[str] = field(default_factory=lambda: list(DEFAULT_RUNS))
     seed: int = 0
     threads: Optional[int] = None
     d_model: int = 128
@@ -308,7 +325,7 @@ class _Progress:
 # ---------------------------------------------------------------------------
 
 def train_one(spec: RunSpec, init_model: GPT, cfg: DemoConfig, corpus, offsets, val_offsets) -> dict:
-    model = copy.deepcopy(init_model)
+    model = copy.deepcopy(init_model).to(spec.dtype)
     lr = cfg.lrs[spec.name]
     opt = spec.build(model, lr, cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -563,8 +580,8 @@ def parse_args(argv=None) -> DemoConfig:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=defaults.steps)
     ap.add_argument("--out", default=defaults.out)
-    ap.add_argument("--optimizers", default=",".join(RUNS),
-                    help=f"comma-separated subset of {','.join(RUNS)}")
+    ap.add_argument("--optimizers", default=",".join(DEFAULT_RUNS),
+                    help=f"comma-separated runs of {','.join(RUNS)} (default: all but the bf16 ones)")
     ap.add_argument("--seed", type=int, default=defaults.seed)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--lr", action="append", default=[], metavar="NAME=VALUE",

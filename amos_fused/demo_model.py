@@ -115,7 +115,7 @@ class GPT(nn.Module):
         logits = self.head(self.ln_f(x))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+        return F.cross_entropy(logits.float().reshape(-1, VOCAB), targets.reshape(-1))  # (bf16 models: in fp32)
 
 
 # ---------------------------------------------------------------------------

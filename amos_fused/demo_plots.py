@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .demo_model import KINDS  # noqa: E402
 
 COLORS = {"torch-adamw": "tab:gray", "adamw": "tab:blue", "amos": "tab:red", "lion": "tab:green",
-          "radam": "tab:purple", "scaled-adamw": "tab:orange", "lamb": "tab:brown"}
+          "radam": "tab:purple", "scaled-adamw": "tab:orange", "lamb": "tab:brown",
+          "adamw-bf16": "tab:olive", "adamw-bf16-sr": "tab:cyan"}
 DECAYED_KINDS = ("attention", "mlp", "embedding", "head")  # λ applies to tensors with dim >= 2
 
 
@@ -26,7 +27,7 @@ def ema(values, span: int = 20):
 
 
 def _color(name):
-    return COLORS.get(name, None)
+    return COLORS.get(name, "tab:pink")
 
 
 def plot_loss(report: dict, path: pathlib.Path) -> None:

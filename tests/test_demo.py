@@ -52,3 +52,25 @@ def test_demo_without_matplotlib_names_the_extra(monkeypatch):
 def test_demo_rejects_unknown_optimizer():
     with pytest.raises(SystemExit, match="unknown optimizer"):
         demo.parse_args(["--optimizers", "adamw,sgd"])
+
+
+def test_demo_bf16_runs(tmp_path):
+    """The bf16 runs train a bfloat16 copy of the model; they are not in the default set."""
+    pytest.importorskip("matplotlib")
+    assert "adamw-bf16-sr" not in demo.DemoConfig().optimizers
+    out = tmp_path / "demo"
+    cfg = demo.parse_args([
+        "--steps", "12", "--out", str(out), "--optimizers", "adamw-bf16,adamw-bf16-sr", "--seed", "1",
+        "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--seq-len", "32", "--batch", "8",
+        "--warmup", "3", "--rms-every", "4", "--eval-every", "6", "--eval-batches", "2",
+        "--data-bytes", "300000", "--no-progress",
+    ])
+    demo.run(cfg, command="test")
+    saved = json.loads((out / "demo.json").read_text())
+    nearest, stochastic = (saved["results"][n] for n in ("adamw-bf16", "adamw-bf16-sr"))
+    for r in (nearest, stochastic):
+        assert all(math.isfinite(v) for v in r["train_loss"])
+        assert r["train_loss"][-1] < r["train_loss"][0]
+    assert nearest["train_loss"] != stochastic["train_loss"]  # the rounding differs
+    # bf16 states: half of float32 AdamW's 8 bytes per param (and a step counter per tensor)
+    assert nearest["state_bytes"] == pytest.approx(4 * saved["model"]["params"], rel=0.01)

@@ -178,7 +178,6 @@ class TensorRounding {
 
   // The float lanes of x, elements first, first + 1, …, rounded to bfloat16 values.
   Vectorized<float> tile(const Vectorized<float>& x, int64_t first) {
-    using IVec = Vectorized<int32_t>;
     constexpr int64_t kLanes = Vectorized<float>::size();
     const uint64_t e = static_cast<uint64_t>(first);
     if ((e & 0xffffffffu) + kLanes - 1 > 0xffffffffu) {  // the lanes cross into the next high word
@@ -188,8 +187,24 @@ class TensorRounding {
       return Vectorized<float>::loadu(lanes);
     }
     const uint32_t base = base_for(static_cast<uint32_t>(e >> 32));
+    const int32_t lo = static_cast<int32_t>(static_cast<uint32_t>(e));
+#if defined(CPU_CAPABILITY_AVX2)
+    // lowbias32 on the lanes, then bits(x) + (h & 0xffff) with the low half cleared
+    const __m256 xf = x;
+    __m256i h = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int32_t>(base)),
+                                 _mm256_add_epi32(_mm256_set1_epi32(lo), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x7feb352d));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int32_t>(0x846ca68bu)));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    const __m256i sum = _mm256_add_epi32(_mm256_castps_si256(xf), _mm256_and_si256(h, _mm256_set1_epi32(0xffff)));
+    const __m256 rounded = _mm256_castsi256_ps(_mm256_and_si256(sum, _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u))));
+    return _mm256_blendv_ps(rounded, xf, _mm256_cmp_ps(xf, xf, _CMP_UNORD_Q));  // NaN kept
+#else
     // lowbias32 on the lanes; >> is arithmetic on int32 lanes, hence the masks
-    IVec h = IVec(static_cast<int32_t>(base)) ^ IVec::arange(static_cast<int32_t>(static_cast<uint32_t>(e)), 1);
+    using IVec = Vectorized<int32_t>;
+    IVec h = IVec(static_cast<int32_t>(base)) ^ IVec::arange(lo, 1);
     h = h ^ ((h >> IVec(16)) & IVec(0xffff));
     h = h * IVec(static_cast<int32_t>(0x7feb352du));
     h = h ^ ((h >> IVec(15)) & IVec(0x1ffff));
@@ -198,6 +213,7 @@ class TensorRounding {
     const IVec bits = at::vec::cast<int32_t>(x);
     const IVec rounded = (bits + (h & IVec(0xffff))) & IVec(static_cast<int32_t>(0xffff0000u));
     return Vectorized<float>::blendv(at::vec::cast<float>(rounded), x, x != x);  // NaN kept
+#endif
   }
 
  private:
