@@ -85,11 +85,19 @@ def _fsdp_matches_single_process(rank, world, path, offload):
                 sharded, single = _model(dtype), _model(dtype)
                 fully_shard(sharded, offload_policy=CPUOffloadPolicy(pin_memory=False) if offload else None)
                 opt, single_opt = make(list(sharded.parameters())), make(list(single.parameters()))
+                for group in opt.param_groups + single_opt.param_groups:
+                    group["track_rms"] = True
                 _train(sharded, opt, 0, STEPS, dtype)
                 _train(single, single_opt, 0, STEPS, dtype)
                 tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else {}
                 for p, q in zip(sharded.parameters(), single.parameters()):
                     torch.testing.assert_close(_full(p), q, **tol, msg=lambda m: f"{name} {dtype}: {m}")
+                # telemetry: the shards' sums all-reduced, as the unsharded param's
+                rms, single_rms = opt.rms(), single_opt.rms()
+                rel = 1e-9 if dtype == torch.float64 else 1e-4
+                for p, q in zip(sharded.parameters(), single.parameters()):
+                    assert rms[p].weight == pytest.approx(single_rms[q].weight, rel=rel), name
+                    assert rms[p].update == pytest.approx(single_rms[q].update, rel=rel, abs=1e-12), name
                 if name in ("ScaledAdamW", "Lamb", "Amos-all"):  # one all-reduce per bucket and step
                     calls = []
                     real = dist.all_reduce
