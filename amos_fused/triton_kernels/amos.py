@@ -438,6 +438,9 @@ def _elementwise_block(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, offs, mask, coef_row,
     g = amos_clip(g, unscale, clip, CLIP)
     v, b, w, a = amos_slot(v, b, g * g, beta, beta_c, bias_correction, epsilon, c_scale, lr_sq,
                            alpha, d_scale, extra_l2, FP64)
+    if TELEMETRY:  # v, b stored first: not held in registers beside θ before and after
+        store_block(v_ptr + offs, v, mask, MASKED)
+        store_block(b_ptr + offs, b, mask, MASKED)
     # θ (and mu) are read after the slot math: not held in registers across it.
     p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
     before = p
@@ -446,8 +449,9 @@ def _elementwise_block(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, offs, mask, coef_row,
         mu = load_block(mu_ptr + offs, mask, MASKED, COMPUTE)
     p, mu = amos_element(p, g, mu, w, a, momentum, momentum_c, MOMENTUM)
     store_block(p_ptr + offs, p, mask, MASKED)
-    store_block(v_ptr + offs, v, mask, MASKED)
-    store_block(b_ptr + offs, b, mask, MASKED)
+    if not TELEMETRY:
+        store_block(v_ptr + offs, v, mask, MASKED)
+        store_block(b_ptr + offs, b, mask, MASKED)
     if MOMENTUM:
         store_block(mu_ptr + offs, mu, mask, MASKED)
     if TELEMETRY:

@@ -296,7 +296,8 @@ def store_block(ptrs, x, mask, MASKED: tl.constexpr):
 # in the compute dtype, the stored values exact in it), in one tree sum per block
 # (a program walking several blocks adds them lane by lane first), and writes the
 # pair in float64; tensor_sums_kernel then writes row t of the [n, 2] float64
-# telemetry table.  Without TELEMETRY the kernels compile exactly as before.
+# telemetry table.  Without TELEMETRY a kernel does what it did before telemetry
+# existed (its partials argument, then a table it never writes, is unused).
 
 @triton.jit
 def tracked_squares(before, x, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr):
