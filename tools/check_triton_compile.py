@@ -12,6 +12,8 @@ pointers).  The inputs swept:
   * every storage dtype (float32, bfloat16, float16, float64);
   * 16-byte aligned and misaligned tensors (ALIGNED, ROWS_ALIGNED);
   * buckets of one tensor and of several (the JIT turns ``n == 1`` into a constant);
+  * steps without and with telemetry (the step op's optional [n, 2] float64 output:
+    the TELEMETRY variants of the kernels that write θ, and its sums launch);
   * the hyper-parameters that change a launch: starting from typical values, a
     hyper-parameter joins the sweep when setting it to another of its values
     (typical, 0, 1) at some point of the sweep changes what is launched, until
@@ -217,9 +219,11 @@ class Recorder:
         return torch.zeros(numel + 1, dtype=dtype)[1:].view(shape)
 
     def step(self, algorithm: str, hyper: Dict[str, float], dtype: str, aligned: bool,
-             tensors: Sequence[Tuple[tuple, object]], strict: bool = True) -> Optional[FrozenSet[Variant]]:
-        """The variants one step launches (bucket: (shape, reduce_axes) per tensor);
-        unless ``strict``, None when the step op refuses these hyper-parameters."""
+             tensors: Sequence[Tuple[tuple, object]], strict: bool = True,
+             telemetry: bool = False) -> Optional[FrozenSet[Variant]]:
+        """The variants one step launches (bucket: (shape, reduce_axes) per tensor),
+        with a telemetry table when ``telemetry``; unless ``strict``, None when the
+        step op refuses these hyper-parameters."""
         torch, contract = self.torch, self.contracts.contract(algorithm)
         dt = getattr(torch, dtype)
         params = [self._tensor(shape, dt, aligned) for shape, _ in tensors]
@@ -234,10 +238,12 @@ class Recorder:
         states, values = self.contracts.step_arguments(algorithm, hyper, state)
         steps = [torch.tensor(0.0) for _ in tensors]
         per_tensor = [0.5] * len(tensors) if contract.per_tensor else []
+        table = torch.full((len(tensors), 2), math.nan, dtype=torch.float64) if telemetry else None
         self.calls.clear()
         with self.active():
             try:
-                self.ops.step(algorithm, params, grads, states, steps, values, per_tensor)
+                self.ops.step(algorithm, params, grads, states, steps, values, per_tensor,
+                              telemetry=table)
             except (ValueError, RuntimeError):
                 if strict:
                     raise
@@ -342,12 +348,13 @@ def launched_variants(recorder: Recorder, log: Callable[[str], None]) -> Dict[st
         swept = sorted({name for point in sweep for name, value in point.items()
                         if value != hyper_values(name)[0]})
         before = len(found)
-        for hyper, dtype, aligned, bucket in itertools.product(sweep, DTYPES, (True, False), buckets):
-            for variant in recorder.step(algorithm, hyper, dtype, aligned, bucket):
+        for hyper, dtype, aligned, bucket, telemetry in itertools.product(
+                sweep, DTYPES, (True, False), buckets, (False, True)):
+            for variant in recorder.step(algorithm, hyper, dtype, aligned, bucket, telemetry=telemetry):
                 found.setdefault(variant)
         log(f"{algorithm}: swept {', '.join(swept) or 'no hyper-parameter'} ({len(sweep)} point(s)) "
-            f"x {len(DTYPES)} dtypes x aligned/misaligned x {len(buckets)} bucket(s): "
-            f"{len(found) - before} new variant(s)")
+            f"x {len(DTYPES)} dtypes x aligned/misaligned x {len(buckets)} bucket(s) "
+            f"x without/with telemetry: {len(found) - before} new variant(s)")
     by_kernel: Dict[str, List[Variant]] = {}
     for variant in found:
         by_kernel.setdefault(variant.kernel, []).append(variant)
@@ -478,9 +485,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability (default 90)")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "2")),
                         help="parallel compiles (default: $JOBS or 2)")
-    parser.add_argument("--max-all", type=int, default=64,
+    parser.add_argument("--max-all", type=int, default=128,
                         help="kernels with at most this many variants are compiled in all of them; "
-                             "others in a pairwise cover (default 64)")
+                             "others in a pairwise cover (default 128)")
     parser.add_argument("--all", action="store_true", help="compile every variant of every kernel")
     parser.add_argument("--kernel", default="", help="only kernels whose name matches this regex")
     parser.add_argument("--list", action="store_true", help="list the variants, compile nothing")

@@ -11,17 +11,21 @@ Each algorithm names the coefficient columns it reads with ``column_constants``
 given), and its ``load_*_coefficients`` helper reads a row through them.
 Program i of a kernel steps block ``blocks[2i+1]`` of tensor ``blocks[2i]``
 (common.py); full blocks run unmasked (vector accesses), only a tensor's last
-block is masked.
+block is masked.  With TELEMETRY, program i also writes its block's Σθ², Σ(Δθ)²
+to pair i of ``telemetry`` (the float64 partials; common.py adds them per tensor).
 
 Inputs are checked by ops.py before anything here runs."""
+from typing import Optional
+
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ..contracts import contract
 from .common import (column_constants, BLOCK, NUM_WARPS, elementwise_meta, ieee_div, ieee_sqrt, kernel_dtypes,
-                     launching, load_block, nan_maximum, program_entry, store_block, stream,
-                     torch_lerp, torch_sign, upload_coefficients)
+                     launch_telemetry_sums, launching, load_block, nan_maximum, program_entry, store_block,
+                     stream, telemetry_entry, telemetry_partials, torch_lerp, torch_sign, track_block,
+                     upload_coefficients)
 
 
 # ---------------------------------------------------------------------------
@@ -74,10 +78,11 @@ ADAM_WIDTH = tl.constexpr(len(contract("adam").columns))
 
 
 @triton.jit
-def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, coef_row, COMPUTE: tl.constexpr,
+def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, coef_row, own, COMPUTE: tl.constexpr,
                 FP64: tl.constexpr, AMSGRAD: tl.constexpr, L2: tl.constexpr,
-                MASKED: tl.constexpr):
+                MASKED: tl.constexpr, TELEMETRY: tl.constexpr):
     p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
+    before = p
     g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
     m = load_block(m_ptr + offs, mask, MASKED, COMPUTE)
     v = load_block(v_ptr + offs, mask, MASKED, COMPUTE)
@@ -92,12 +97,14 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, coef_row, COMP
     store_block(v_ptr + offs, v, mask, MASKED)
     if AMSGRAD:
         store_block(vmax_ptr + offs, vmax, mask, MASKED)
+    if TELEMETRY:
+        track_block(own, before, p, mask, p_ptr.dtype.element_ty, MASKED)
 
 
 @triton.jit
-def adam_kernel(addresses, grad_addresses, numels, blocks, coef, n, DTYPE: tl.constexpr,
+def adam_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, n, DTYPE: tl.constexpr,
                 COMPUTE: tl.constexpr, FP64: tl.constexpr, AMSGRAD: tl.constexpr,
-                L2: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                L2: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr):
     """Streams: 0 param, 1 exp_avg, 2 exp_avg_sq, 3 max_exp_avg_sq (AMSGRAD)."""
     t, index = program_entry(blocks)
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
@@ -111,10 +118,13 @@ def adam_kernel(addresses, grad_addresses, numels, blocks, coef, n, DTYPE: tl.co
     start = index * BLOCK
     offs = start + tl.arange(0, BLOCK)
     numel = tl.load(numels + t)
+    own = telemetry_entry(telemetry)
     if start + BLOCK <= numel:
-        _adam_block(p, g, m, v, vmax, offs, offs < numel, coef_row, COMPUTE, FP64, AMSGRAD, L2, False)
+        _adam_block(p, g, m, v, vmax, offs, offs < numel, coef_row, own, COMPUTE, FP64, AMSGRAD, L2, False,
+                    TELEMETRY)
     else:
-        _adam_block(p, g, m, v, vmax, offs, offs < numel, coef_row, COMPUTE, FP64, AMSGRAD, L2, True)
+        _adam_block(p, g, m, v, vmax, offs, offs < numel, coef_row, own, COMPUTE, FP64, AMSGRAD, L2, True,
+                    TELEMETRY)
 
 
 def _l2(hyper) -> bool:
@@ -122,19 +132,22 @@ def _l2(hyper) -> bool:
     return not hyper["decoupled"] and hyper["weight_decay"] != 0.0
 
 
-def launch_adam(params, grads, states, hyper, coef: Tensor, _prepared=None) -> None:
+def launch_adam(params, grads, states, hyper, coef: Tensor, _prepared=None,
+                telemetry: Optional[Tensor] = None) -> None:
     amsgrad = bool(hyper["amsgrad"])
     l2 = _l2(hyper)
     streams = [params, states["exp_avg"], states["exp_avg_sq"]] + ([states["max_exp_avg_sq"]] if amsgrad else [])
     meta = elementwise_meta("adam", streams, BLOCK)
-    if meta.num_blocks == 0:
-        return
     grad_table, grads_aligned = meta.grad_addresses.get(grads)
     with launching(meta):
-        adam_kernel[(meta.num_blocks,)](
-            meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params), meta.n,
-            **kernel_dtypes(params[0].dtype), AMSGRAD=amsgrad, L2=l2,
-            ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        if meta.num_blocks:
+            adam_kernel[(meta.num_blocks,)](
+                meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params),
+                telemetry_partials(meta, telemetry), meta.n,
+                **kernel_dtypes(params[0].dtype), AMSGRAD=amsgrad, L2=l2,
+                ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                TELEMETRY=telemetry is not None)
+        launch_telemetry_sums(meta, telemetry)
 
 
 # ---------------------------------------------------------------------------
@@ -188,9 +201,10 @@ RADAM_WIDTH = tl.constexpr(len(contract("radam").columns))
 
 
 @triton.jit
-def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, COMPUTE: tl.constexpr,
-                 FP64: tl.constexpr, L2: tl.constexpr, MASKED: tl.constexpr):
+def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, own, COMPUTE: tl.constexpr,
+                 FP64: tl.constexpr, L2: tl.constexpr, MASKED: tl.constexpr, TELEMETRY: tl.constexpr):
     p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
+    before = p
     g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
     m = load_block(m_ptr + offs, mask, MASKED, COMPUTE)
     v = load_block(v_ptr + offs, mask, MASKED, COMPUTE)
@@ -201,12 +215,14 @@ def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, COMPUTE: tl.c
     store_block(p_ptr + offs, p, mask, MASKED)
     store_block(m_ptr + offs, m, mask, MASKED)
     store_block(v_ptr + offs, v, mask, MASKED)
+    if TELEMETRY:
+        track_block(own, before, p, mask, p_ptr.dtype.element_ty, MASKED)
 
 
 @triton.jit
-def radam_kernel(addresses, grad_addresses, numels, blocks, coef, n, DTYPE: tl.constexpr,
+def radam_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, n, DTYPE: tl.constexpr,
                  COMPUTE: tl.constexpr, FP64: tl.constexpr, L2: tl.constexpr,
-                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr):
     """Streams: 0 param, 1 exp_avg, 2 exp_avg_sq."""
     t, index = program_entry(blocks)
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
@@ -217,23 +233,26 @@ def radam_kernel(addresses, grad_addresses, numels, blocks, coef, n, DTYPE: tl.c
     start = index * BLOCK
     offs = start + tl.arange(0, BLOCK)
     numel = tl.load(numels + t)
+    own = telemetry_entry(telemetry)
     if start + BLOCK <= numel:
-        _radam_block(p, g, m, v, offs, offs < numel, coef_row, COMPUTE, FP64, L2, False)
+        _radam_block(p, g, m, v, offs, offs < numel, coef_row, own, COMPUTE, FP64, L2, False, TELEMETRY)
     else:
-        _radam_block(p, g, m, v, offs, offs < numel, coef_row, COMPUTE, FP64, L2, True)
+        _radam_block(p, g, m, v, offs, offs < numel, coef_row, own, COMPUTE, FP64, L2, True, TELEMETRY)
 
 
-def launch_radam(params, grads, states, hyper, coef: Tensor, _prepared=None) -> None:
+def launch_radam(params, grads, states, hyper, coef: Tensor, _prepared=None,
+                 telemetry: Optional[Tensor] = None) -> None:
     l2 = _l2(hyper)
     meta = elementwise_meta("radam", [params, states["exp_avg"], states["exp_avg_sq"]], BLOCK)
-    if meta.num_blocks == 0:
-        return
     grad_table, grads_aligned = meta.grad_addresses.get(grads)
     with launching(meta):
-        radam_kernel[(meta.num_blocks,)](
-            meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params), meta.n,
-            **kernel_dtypes(params[0].dtype), L2=l2, ALIGNED=meta.aligned and grads_aligned,
-            BLOCK=BLOCK, num_warps=NUM_WARPS)
+        if meta.num_blocks:
+            radam_kernel[(meta.num_blocks,)](
+                meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params),
+                telemetry_partials(meta, telemetry), meta.n,
+                **kernel_dtypes(params[0].dtype), L2=l2, ALIGNED=meta.aligned and grads_aligned,
+                BLOCK=BLOCK, num_warps=NUM_WARPS, TELEMETRY=telemetry is not None)
+        launch_telemetry_sums(meta, telemetry)
 
 
 # ---------------------------------------------------------------------------
@@ -270,20 +289,23 @@ LION_WIDTH = tl.constexpr(len(contract("lion").columns))
 
 
 @triton.jit
-def _lion_block(p_ptr, g_ptr, m_ptr, offs, mask, coef_row, COMPUTE: tl.constexpr,
-                MASKED: tl.constexpr):
+def _lion_block(p_ptr, g_ptr, m_ptr, offs, mask, coef_row, own, COMPUTE: tl.constexpr,
+                MASKED: tl.constexpr, TELEMETRY: tl.constexpr):
     p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
+    before = p
     g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
     m = load_block(m_ptr + offs, mask, MASKED, COMPUTE)
     beta1, b1c, beta2, b2c, decay, neg_lr, unscale = load_lion_coefficients(coef_row)
     p, m = lion_update(p, g, m, beta1, b1c, beta2, b2c, decay, neg_lr, unscale)
     store_block(p_ptr + offs, p, mask, MASKED)
     store_block(m_ptr + offs, m, mask, MASKED)
+    if TELEMETRY:
+        track_block(own, before, p, mask, p_ptr.dtype.element_ty, MASKED)
 
 
 @triton.jit
-def lion_kernel(addresses, grad_addresses, numels, blocks, coef, n, DTYPE: tl.constexpr,
-                COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def lion_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, n, DTYPE: tl.constexpr,
+                COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr):
     """Streams: 0 param, 1 exp_avg."""
     t, index = program_entry(blocks)
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
@@ -293,20 +315,24 @@ def lion_kernel(addresses, grad_addresses, numels, blocks, coef, n, DTYPE: tl.co
     start = index * BLOCK
     offs = start + tl.arange(0, BLOCK)
     numel = tl.load(numels + t)
+    own = telemetry_entry(telemetry)
     if start + BLOCK <= numel:
-        _lion_block(p, g, m, offs, offs < numel, coef_row, COMPUTE, False)
+        _lion_block(p, g, m, offs, offs < numel, coef_row, own, COMPUTE, False, TELEMETRY)
     else:
-        _lion_block(p, g, m, offs, offs < numel, coef_row, COMPUTE, True)
+        _lion_block(p, g, m, offs, offs < numel, coef_row, own, COMPUTE, True, TELEMETRY)
 
 
-def launch_lion(params, grads, states, hyper, coef: Tensor, _prepared=None) -> None:
+def launch_lion(params, grads, states, hyper, coef: Tensor, _prepared=None,
+                telemetry: Optional[Tensor] = None) -> None:
     meta = elementwise_meta("lion", [params, states["exp_avg"]], BLOCK)
-    if meta.num_blocks == 0:
-        return
     grad_table, grads_aligned = meta.grad_addresses.get(grads)
     types = kernel_dtypes(params[0].dtype)
     del types["FP64"]  # Lion's math has no division or square root
     with launching(meta):
-        lion_kernel[(meta.num_blocks,)](
-            meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params), meta.n,
-            **types, ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        if meta.num_blocks:
+            lion_kernel[(meta.num_blocks,)](
+                meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params),
+                telemetry_partials(meta, telemetry), meta.n,
+                **types, ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                TELEMETRY=telemetry is not None)
+        launch_telemetry_sums(meta, telemetry)

@@ -47,7 +47,11 @@ Launch order of a step:
                      v, b of each slot and its (w, a);
   amos_kernel        every tensor: ELEMENTWISE blocks (slot math per element),
                      ROWS (one program per row: Σg², slot update, row update —
-                     one pass over memory), phased blocks (Δ from the slot's w, a).
+                     one pass over memory), phased blocks (Δ from the slot's w, a);
+                     with TELEMETRY each program (a block, or a ROWS row: its
+                     chunks added lane by lane) writes Σθ², Σ(Δθ)² of the θ it
+                     stored to its own pair of the telemetry partials, and
+  tensor_sums_kernel (telemetry only; common.py) adds each tensor's pairs in order.
 
 Inputs are checked by ops.py before anything here runs (describing the slot
 layouts checks the slot shapes)."""
@@ -61,9 +65,10 @@ from torch import Tensor
 
 from ..contracts import contract
 from .common import (column_constants, BLOCK, StreamTables, addresses_of, cached, compute_dtype, ieee_div, ieee_sqrt,
-                     int64_table, kernel_dtypes, launching,
+                     int64_table, kernel_dtypes, launch_telemetry_sums, launching,
                      load_block, nan_clamp, nan_maximum, program_entry, program_map, store_block,
-                     stream, to_storage, upload_coefficients)
+                     stream, telemetry_entry, telemetry_partials, to_storage, track_block, tracked_squares,
+                     upload_coefficients, write_telemetry)
 
 AMOS_NUM_WARPS = 8    # the Amos kernels hold more values per element (fewer registers per thread)
 AMOS_MAX_ROW = 16384  # Amos rows longer than this are split over programs (LONG_ROWS)
@@ -160,6 +165,7 @@ class AmosMeta(StreamTables):
                 slot_base += layout.num_slots
                 partial_base += chunks * layout.num_slots
         self.info = int64_table(info, self.device)
+        self.program_counts = main_programs  # the telemetry partials: one pair per main program
         self.main_blocks = program_map(torch.tensor(main_programs)).to(self.device)
         self.num_main = len(self.main_blocks) // 2
         self.slot_blocks = program_map(torch.tensor(slot_programs)).to(self.device)
@@ -421,9 +427,9 @@ def amos_slots_kernel(addresses, info, blocks, coef, partials, slot_updates, n, 
 
 
 @triton.jit
-def _elementwise_block(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, offs, mask, coef_row,
+def _elementwise_block(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, offs, mask, coef_row, own,
                        COMPUTE: tl.constexpr, FP64: tl.constexpr, MOMENTUM: tl.constexpr,
-                       CLIP: tl.constexpr, MASKED: tl.constexpr):
+                       CLIP: tl.constexpr, MASKED: tl.constexpr, TELEMETRY: tl.constexpr):
     g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
     v = load_block(v_ptr + offs, mask, MASKED, COMPUTE)
     b = load_block(b_ptr + offs, mask, MASKED, COMPUTE)
@@ -432,17 +438,24 @@ def _elementwise_block(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, offs, mask, coef_row,
     g = amos_clip(g, unscale, clip, CLIP)
     v, b, w, a = amos_slot(v, b, g * g, beta, beta_c, bias_correction, epsilon, c_scale, lr_sq,
                            alpha, d_scale, extra_l2, FP64)
+    if TELEMETRY:  # v, b stored first: not held in registers beside θ before and after
+        store_block(v_ptr + offs, v, mask, MASKED)
+        store_block(b_ptr + offs, b, mask, MASKED)
     # θ (and mu) are read after the slot math: not held in registers across it.
     p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
+    before = p
     mu = p
     if MOMENTUM:
         mu = load_block(mu_ptr + offs, mask, MASKED, COMPUTE)
     p, mu = amos_element(p, g, mu, w, a, momentum, momentum_c, MOMENTUM)
     store_block(p_ptr + offs, p, mask, MASKED)
-    store_block(v_ptr + offs, v, mask, MASKED)
-    store_block(b_ptr + offs, b, mask, MASKED)
+    if not TELEMETRY:
+        store_block(v_ptr + offs, v, mask, MASKED)
+        store_block(b_ptr + offs, b, mask, MASKED)
     if MOMENTUM:
         store_block(mu_ptr + offs, mu, mask, MASKED)
+    if TELEMETRY:
+        track_block(own, before, p, mask, p_ptr.dtype.element_ty, MASKED)
 
 
 @triton.jit
@@ -458,7 +471,9 @@ def _row_squares(g_ptr, cols, mask, unscale, clip, COMPUTE: tl.constexpr, CLIP: 
 def _row_update(p_ptr, g_ptr, mu_ptr, cols, mask, w, a, unscale, clip, momentum, momentum_c,
                 COMPUTE: tl.constexpr, MOMENTUM: tl.constexpr, CLIP: tl.constexpr,
                 MASKED: tl.constexpr):
+    """Updates a chunk of a row; returns θ before and after (compute dtype)."""
     p = load_block(p_ptr + cols, mask, MASKED, COMPUTE)
+    before = p
     g = amos_clip(load_block(g_ptr + cols, mask, MASKED, COMPUTE), unscale, clip, CLIP)
     mu = p
     if MOMENTUM:
@@ -467,15 +482,28 @@ def _row_update(p_ptr, g_ptr, mu_ptr, cols, mask, w, a, unscale, clip, momentum,
     store_block(p_ptr + cols, p, mask, MASKED)
     if MOMENTUM:
         store_block(mu_ptr + cols, mu, mask, MASKED)
+    return before, p
 
 
 @triton.jit
-def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, COMPUTE: tl.constexpr,
+def _tracked_row_update(p_ptr, g_ptr, mu_ptr, cols, mask, w, a, unscale, clip, momentum, momentum_c,
+                        weight_acc, update_acc, COMPUTE: tl.constexpr, MOMENTUM: tl.constexpr,
+                        CLIP: tl.constexpr, MASKED: tl.constexpr):
+    """_row_update, adding the chunk's θ², (Δθ)² of the stored θ to the row's lanes."""
+    before, p = _row_update(p_ptr, g_ptr, mu_ptr, cols, mask, w, a, unscale, clip, momentum, momentum_c,
+                            COMPUTE, MOMENTUM, CLIP, MASKED)
+    weight_sq, update_sq = tracked_squares(before, p, mask, p_ptr.dtype.element_ty, MASKED)
+    return weight_acc + weight_sq, update_acc + update_sq
+
+
+@triton.jit
+def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, own, COMPUTE: tl.constexpr,
          FP64: tl.constexpr, MOMENTUM: tl.constexpr, CLIP: tl.constexpr,
-         ROWS_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+         ROWS_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr):
     """Row r (slot r): Σ clip(g)² over the row, the slot update, then the row's update.
     Full chunks run unmasked; with ROWS_ALIGNED (row lengths multiples of 8 elements
-    in an aligned bucket) they start on 16-byte boundaries.
+    in an aligned bucket) they start on 16-byte boundaries.  With TELEMETRY, the
+    row's Σθ², Σ(Δθ)² (chunks added lane by lane, then one tree sum) go to own.
 
     The chunk loops are while loops: a ``for`` over ``range(0, row_len, BLOCK)``
     compiles, but older interpreters (Triton 3.6) turn a runtime bound into a
@@ -503,24 +531,40 @@ def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, COMPUTE: tl.c
                            alpha, d_scale, extra_l2, FP64)
     tl.store(v_ptr + r, to_storage(v, v_ptr.dtype.element_ty))
     tl.store(b_ptr + r, to_storage(b, b_ptr.dtype.element_ty))
+    if TELEMETRY:
+        weight_acc = tl.zeros([BLOCK], COMPUTE)
+        update_acc = tl.zeros([BLOCK], COMPUTE)
     off = row_len * 0
     while off < row_len:  # the row is still in cache
         first = base + off
         if ROWS_ALIGNED:
             first = tl.multiple_of(first, 8)
         cols = first + tl.arange(0, BLOCK)
-        if off + BLOCK <= row_len:
-            _row_update(p_ptr, g_ptr, mu_ptr, cols, cols < end, w, a, unscale, clip, momentum,
-                        momentum_c, COMPUTE, MOMENTUM, CLIP, False)
+        if TELEMETRY:
+            if off + BLOCK <= row_len:
+                weight_acc, update_acc = _tracked_row_update(
+                    p_ptr, g_ptr, mu_ptr, cols, cols < end, w, a, unscale, clip, momentum, momentum_c,
+                    weight_acc, update_acc, COMPUTE, MOMENTUM, CLIP, False)
+            else:
+                weight_acc, update_acc = _tracked_row_update(
+                    p_ptr, g_ptr, mu_ptr, cols, cols < end, w, a, unscale, clip, momentum, momentum_c,
+                    weight_acc, update_acc, COMPUTE, MOMENTUM, CLIP, True)
         else:
-            _row_update(p_ptr, g_ptr, mu_ptr, cols, cols < end, w, a, unscale, clip, momentum,
-                        momentum_c, COMPUTE, MOMENTUM, CLIP, True)
+            if off + BLOCK <= row_len:
+                _row_update(p_ptr, g_ptr, mu_ptr, cols, cols < end, w, a, unscale, clip, momentum,
+                            momentum_c, COMPUTE, MOMENTUM, CLIP, False)
+            else:
+                _row_update(p_ptr, g_ptr, mu_ptr, cols, cols < end, w, a, unscale, clip, momentum,
+                            momentum_c, COMPUTE, MOMENTUM, CLIP, True)
         off += BLOCK
+    if TELEMETRY:
+        write_telemetry(own, weight_acc, update_acc)
 
 
 @triton.jit
-def _phased_block(p_ptr, g_ptr, mu_ptr, offs, mask, coef_row, slots, COMPUTE: tl.constexpr,
-                  MOMENTUM: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr):
+def _phased_block(p_ptr, g_ptr, mu_ptr, offs, mask, coef_row, slots, own, COMPUTE: tl.constexpr,
+                  MOMENTUM: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr,
+                  TELEMETRY: tl.constexpr):
     """Elements of a phased tensor given the (w, a) of their slots (slots: scratch
     addresses of w; a follows each w)."""
     if MASKED:
@@ -537,20 +581,24 @@ def _phased_block(p_ptr, g_ptr, mu_ptr, offs, mask, coef_row, slots, COMPUTE: tl
     (_beta, _beta_c, _bias_correction, _epsilon, _c_scale, _lr_sq, _alpha, _d_scale, _extra_l2,
      clip, momentum, momentum_c, unscale) = load_amos_coefficients(coef_row)
     g = amos_clip(g, unscale, clip, CLIP)
+    before = p
     p, mu = amos_element(p, g, mu, w, a, momentum, momentum_c, MOMENTUM)
     store_block(p_ptr + offs, p, mask, MASKED)
     if MOMENTUM:
         store_block(mu_ptr + offs, mu, mask, MASKED)
+    if TELEMETRY:
+        track_block(own, before, p, mask, p_ptr.dtype.element_ty, MASKED)
 
 
 @triton.jit
-def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, n, ndim,
+def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, telemetry, n, ndim,
                 DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FP64: tl.constexpr,
                 MOMENTUM: tl.constexpr, CLIP: tl.constexpr, ALIGNED: tl.constexpr,
                 ROWS_ALIGNED: tl.constexpr, HAS_ELEMENTWISE: tl.constexpr, HAS_ROWS: tl.constexpr,
-                HAS_PHASED: tl.constexpr, BLOCK: tl.constexpr):
+                HAS_PHASED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr):
     """Streams: 0 param, 1 v, 2 b, 3 mu (MOMENTUM).  blocks: (tensor, block index),
-    or (tensor, row) for ROWS tensors."""
+    or (tensor, row) for ROWS tensors.  telemetry (TELEMETRY): the float64 telemetry
+    partials, a pair per program."""
     t, index = program_entry(blocks)
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
     v = stream(addresses, 1, n, t, DTYPE, ALIGNED)
@@ -565,36 +613,40 @@ def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, n, 
     kind = tl.load(meta + 1)
     start = index * BLOCK
     offs = start + tl.arange(0, BLOCK)
+    own = telemetry_entry(telemetry)
     if HAS_ELEMENTWISE:
         if kind == ELEMENTWISE_KIND:
             if start + BLOCK <= numel:
-                _elementwise_block(p, g, v, b, mu, offs, offs < numel, coef_row, COMPUTE, FP64,
-                                   MOMENTUM, CLIP, False)
+                _elementwise_block(p, g, v, b, mu, offs, offs < numel, coef_row, own, COMPUTE, FP64,
+                                   MOMENTUM, CLIP, False, TELEMETRY)
             else:
-                _elementwise_block(p, g, v, b, mu, offs, offs < numel, coef_row, COMPUTE, FP64,
-                                   MOMENTUM, CLIP, True)
+                _elementwise_block(p, g, v, b, mu, offs, offs < numel, coef_row, own, COMPUTE, FP64,
+                                   MOMENTUM, CLIP, True, TELEMETRY)
     if HAS_ROWS:
         if kind == ROWS_KIND:
-            _row(p, g, v, b, mu, index, tl.load(meta + 2), coef_row, COMPUTE, FP64, MOMENTUM, CLIP,
-                 ROWS_ALIGNED, BLOCK)
+            _row(p, g, v, b, mu, index, tl.load(meta + 2), coef_row, own, COMPUTE, FP64, MOMENTUM, CLIP,
+                 ROWS_ALIGNED, BLOCK, TELEMETRY)
     if HAS_PHASED:
         if kind >= LONG_ROWS_KIND:
             slots = slot_updates + 2 * (tl.load(meta + 3) + slot_index(offs, meta + INFO_FIXED, ndim))
             if start + BLOCK <= numel:
-                _phased_block(p, g, mu, offs, offs < numel, coef_row, slots, COMPUTE, MOMENTUM, CLIP,
-                              False)
+                _phased_block(p, g, mu, offs, offs < numel, coef_row, slots, own, COMPUTE, MOMENTUM, CLIP,
+                              False, TELEMETRY)
             else:
-                _phased_block(p, g, mu, offs, offs < numel, coef_row, slots, COMPUTE, MOMENTUM, CLIP,
-                              True)
+                _phased_block(p, g, mu, offs, offs < numel, coef_row, slots, own, COMPUTE, MOMENTUM, CLIP,
+                              True, TELEMETRY)
 
 
 # ---------------------------------------------------------------------------
 # Launch
 # ---------------------------------------------------------------------------
 
-def launch_amos(params, grads, states, hyper, coef: Tensor, meta: AmosMeta) -> None:
+def launch_amos(params, grads, states, hyper, coef: Tensor, meta: AmosMeta,
+                telemetry: Optional[Tensor] = None) -> None:
     momentum, clip = bool(hyper["use_momentum"]), bool(hyper["clip"])
     if meta.num_main == 0:
+        with launching(meta):
+            launch_telemetry_sums(meta, telemetry)  # zeros: no elements
         return
     grad_table, grads_aligned = meta.grad_addresses.get(grads)
     coef = upload_coefficients(coef, params)
@@ -611,9 +663,10 @@ def launch_amos(params, grads, states, hyper, coef: Tensor, meta: AmosMeta) -> N
                 num_warps=AMOS_NUM_WARPS)
         amos_kernel[(meta.num_main,)](
             meta.addresses, grad_table, meta.info, meta.main_blocks, coef, meta.slot_updates,
-            meta.n, meta.ndim, **types, MOMENTUM=momentum, CLIP=clip,
+            telemetry_partials(meta, telemetry), meta.n, meta.ndim, **types, MOMENTUM=momentum, CLIP=clip,
             ALIGNED=meta.aligned and grads_aligned,
             ROWS_ALIGNED=meta.aligned and grads_aligned and meta.rows_aligned,
             HAS_ELEMENTWISE=ELEMENTWISE in meta.kinds,
             HAS_ROWS=ROWS in meta.kinds, HAS_PHASED=meta.num_sum_blocks > 0,
-            BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS)
+            BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS, TELEMETRY=telemetry is not None)
+        launch_telemetry_sums(meta, telemetry)

@@ -132,6 +132,15 @@ def program_map(programs: Tensor) -> Tensor:
     return torch.stack([tensor, index], 1).reshape(-1)
 
 
+def first_programs(counts: Sequence[int]) -> List[int]:
+    """Each tensor's first program of a program map with ``counts[t]`` programs for
+    tensor t, then the total (len(counts) + 1 entries)."""
+    firsts = [0]
+    for count in counts:
+        firsts.append(firsts[-1] + int(count))
+    return firsts
+
+
 def block_map(counts: Tensor, block: int) -> Tensor:
     """program_map covering ``counts[t]`` elements of each tensor in blocks of ``block``."""
     counts = counts.to(torch.int64)
@@ -168,6 +177,19 @@ class StreamTables:
         self.addresses = int64_table(addresses, self.device)
         self.aligned = all_aligned(addresses)
         self.grad_addresses = GradAddresses(self.device)
+        self.program_counts: List[int] = []  # programs per tensor of the launch that writes θ
+        self._telemetry_scratch: Optional[Tuple[Tensor, Tensor]] = None
+
+    def telemetry_scratch(self) -> Tuple[Tensor, Tensor]:
+        """(partials, first_programs) of the telemetry of a step, built on first use:
+        float64 partials [programs, (Σθ², Σ(Δθ)²)] of the launch that writes θ, one
+        pair per program, and each tensor's first program (n + 1 entries)."""
+        if self._telemetry_scratch is None:
+            firsts = first_programs(self.program_counts)
+            self._telemetry_scratch = (
+                torch.empty(2 * max(firsts[-1], 1), dtype=torch.float64, device=self.device),
+                int64_table(firsts, self.device))
+        return self._telemetry_scratch
 
 
 class BucketMeta(StreamTables):
@@ -181,6 +203,7 @@ class BucketMeta(StreamTables):
         blocks = block_map(numels, block)
         self.num_blocks = len(blocks) // 2
         self.blocks = blocks.to(self.device)
+        self.program_counts = [-(-int(numel) // block) for numel in numels]
 
 
 def elementwise_key(tag: str, streams: Sequence[Sequence[Tensor]], block: int) -> tuple:
@@ -254,6 +277,104 @@ def store_block(ptrs, x, mask, MASKED: tl.constexpr):
         tl.store(ptrs, y, mask=mask)
     else:
         tl.store(ptrs, y)
+
+
+# ---------------------------------------------------------------------------
+# Per-tensor sums, deterministic
+# ---------------------------------------------------------------------------
+#
+# A sum over a tensor that spans several programs (the norms of the norm-scaled
+# rules, the telemetry of a step) is taken in two launches: each program writes
+# its pair of sums to its own entry of a ``partials`` buffer (one pair per
+# program, in program order — a tensor's programs are contiguous in a program
+# map), then tensor_sums_kernel adds each tensor's entries in a fixed order.  No
+# atomics: nothing depends on the order the programs run in.
+#
+# Telemetry (``track_rms``): the launch that writes θ gets TELEMETRY=True and the
+# float64 partials of ``StreamTables.telemetry_scratch``; each program adds, over
+# its elements, Σθ² of θ as stored and Σ(Δθ)² of Δθ = stored θ − θ before (both
+# in the compute dtype, the stored values exact in it), in one tree sum per block
+# (a program walking several blocks adds them lane by lane first), and writes the
+# pair in float64; tensor_sums_kernel then writes row t of the [n, 2] float64
+# telemetry table.  Without TELEMETRY a kernel does what it did before telemetry
+# existed (its partials argument, then a table it never writes, is unused).
+
+@triton.jit
+def tracked_squares(before, x, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    """(θ², (Δθ)²) per element of θ = x (compute dtype) as stored in DTYPE and
+    Δθ = θ − before (the value loaded before the step); masked elements 0."""
+    after = to_storage(x, DTYPE).to(before.dtype)
+    delta = after - before
+    weight_sq = after * after
+    update_sq = delta * delta
+    if MASKED:
+        weight_sq = tl.where(mask, weight_sq, 0.0)
+        update_sq = tl.where(mask, update_sq, 0.0)
+    return weight_sq, update_sq
+
+
+@triton.jit
+def write_telemetry(own, weight_sq, update_sq):
+    """This program's (Σθ², Σ(Δθ)²) from per-element (or per-lane) values, to its
+    own float64 pair of the telemetry partials."""
+    tl.store(own, tl.sum(weight_sq, 0).to(tl.float64))
+    tl.store(own + 1, tl.sum(update_sq, 0).to(tl.float64))
+
+
+@triton.jit
+def track_block(own, before, x, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    """Telemetry of a program that writes one block of θ: x (compute dtype) is its
+    new θ, stored in DTYPE; before its θ before the step."""
+    weight_sq, update_sq = tracked_squares(before, x, mask, DTYPE, MASKED)
+    write_telemetry(own, weight_sq, update_sq)
+
+
+@triton.jit
+def telemetry_entry(partials):
+    """This program's pair of the telemetry partials."""
+    return partials + 2 * tl.program_id(0).to(tl.int64)
+
+
+@triton.jit
+def tensor_sums_kernel(partials, first_blocks, sums, COMPUTE: tl.constexpr, BOTH: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """Program t: sums[2t] (and sums[2t + 1] when BOTH) = Σ of the first (second)
+    entries of tensor t's pairs of partials (programs first_blocks[t] …
+    first_blocks[t + 1] − 1), in COMPUTE and a fixed order: lane i of a vector takes
+    the entries ≡ i (mod BLOCK) in program order, then one tree sum of the lanes.
+    A tensor with no programs gets 0."""
+    t = tl.program_id(0).to(tl.int64)
+    first = tl.load(first_blocks + t)
+    end = tl.load(first_blocks + t + 1)
+    acc = tl.zeros([BLOCK], COMPUTE)
+    second_acc = tl.zeros([BLOCK], COMPUTE)
+    j = first
+    while j < end:
+        blocks = j + tl.arange(0, BLOCK)
+        mask = blocks < end
+        acc += tl.load(partials + 2 * blocks, mask=mask, other=0.0)
+        if BOTH:
+            second_acc += tl.load(partials + 2 * blocks + 1, mask=mask, other=0.0)
+        j += BLOCK
+    tl.store(sums + 2 * t, tl.sum(acc, 0))
+    if BOTH:
+        tl.store(sums + 2 * t + 1, tl.sum(second_acc, 0))
+
+
+def telemetry_partials(meta, telemetry: Optional[Tensor]) -> Tensor:
+    """The partials a launch that writes θ gets: the float64 telemetry partials, or
+    (no telemetry) the address table, never written (TELEMETRY=False)."""
+    return meta.addresses if telemetry is None else meta.telemetry_scratch()[0]
+
+
+def launch_telemetry_sums(meta, telemetry: Optional[Tensor]) -> None:
+    """After the launch that wrote θ (with TELEMETRY): rows of ``telemetry`` from its
+    partials.  Nothing without telemetry."""
+    if telemetry is None:
+        return
+    partials, firsts = meta.telemetry_scratch()
+    tensor_sums_kernel[(meta.n,)](partials, firsts, telemetry, COMPUTE=tl.float64, BOTH=True,
+                                  BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 # ---------------------------------------------------------------------------

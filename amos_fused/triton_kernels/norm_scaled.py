@@ -11,24 +11,30 @@ a small reduction launch between them:
           own entry of ``partials`` (one pair per block, in block order);
   reduce  one program per tensor adds its blocks' partials (contiguous in the
           block list) in a fixed order, so the sums are deterministic: no
-          atomics, nothing depends on the order the programs run in;
+          atomics, nothing depends on the order the programs run in
+          (common.py's tensor_sums_kernel);
   phase 2 turns the sums into the tensor's k on the device, recomputes u from the
-          stored m, v and writes θ ← θ − (k·u + ρ·θ).
+          stored m, v and writes θ ← θ − (k·u + ρ·θ); with telemetry, each block's
+          Σθ², Σ(Δθ)² of the stored θ go to its own pair of the telemetry partials,
+          added per tensor by a second tensor_sums_kernel launch (common.py).
 For bf16/fp16 storage (MOMENTS_IN_PHASE2) phase 1 only reads, and phase 2 updates
 and stores m, v itself, so both phases use the same unrounded u (rounding m, v in
 between would change u after it was normed; in fp16 v can underflow to 0).
 Every scratch entry is written before it is read in each step: nothing to zero.
 
 Inputs are checked by ops.py before anything here runs."""
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ..contracts import contract
-from .common import (column_constants, BLOCK, NUM_WARPS, BucketMeta, compute_dtype, elementwise_meta, ieee_div,
-                     ieee_sqrt, int64_table, kernel_dtypes, launching, load_block, program_entry,
-                     store_block, stream, torch_lerp, upload_coefficients)
+from .common import (column_constants, BLOCK, NUM_WARPS, BucketMeta, compute_dtype, elementwise_meta,
+                     first_programs, ieee_div, ieee_sqrt, int64_table, kernel_dtypes, launch_telemetry_sums,
+                     launching, load_block, program_entry, store_block, stream, telemetry_entry,
+                     telemetry_partials, tensor_sums_kernel, torch_lerp, track_block, upload_coefficients)
 
 
 # ---------------------------------------------------------------------------
@@ -171,33 +177,9 @@ def norm_scaled_phase1_kernel(addresses, grad_addresses, numels, blocks, coef, p
 
 
 @triton.jit
-def norm_scaled_reduce_kernel(partials, first_blocks, sums, COMPUTE: tl.constexpr,
-                              LAMB: tl.constexpr, BLOCK: tl.constexpr):
-    """Program t: sums[t] = Σ of tensor t's block partials (blocks first_blocks[t] …
-    first_blocks[t + 1] − 1), added in a fixed order: lane i of a vector takes the
-    blocks ≡ i (mod BLOCK) in block order, then one tree sum of the lanes."""
-    t = tl.program_id(0).to(tl.int64)
-    first = tl.load(first_blocks + t)
-    end = tl.load(first_blocks + t + 1)
-    u_acc = tl.zeros([BLOCK], COMPUTE)
-    theta_acc = tl.zeros([BLOCK], COMPUTE)
-    j = first
-    while j < end:
-        blocks = j + tl.arange(0, BLOCK)
-        mask = blocks < end
-        u_acc += tl.load(partials + 2 * blocks, mask=mask, other=0.0)
-        if LAMB:
-            theta_acc += tl.load(partials + 2 * blocks + 1, mask=mask, other=0.0)
-        j += BLOCK
-    tl.store(sums + 2 * t, tl.sum(u_acc, 0))
-    if LAMB:
-        tl.store(sums + 2 * t + 1, tl.sum(theta_acc, 0))
-
-
-@triton.jit
-def _phase2_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, k, rho, COMPUTE: tl.constexpr,
+def _phase2_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, k, rho, own, COMPUTE: tl.constexpr,
                   FP64: tl.constexpr, LAMB: tl.constexpr, MASKED: tl.constexpr,
-                  MOMENTS_IN_PHASE2: tl.constexpr):
+                  MOMENTS_IN_PHASE2: tl.constexpr, TELEMETRY: tl.constexpr):
     p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
     m = load_block(m_ptr + offs, mask, MASKED, COMPUTE)
     v = load_block(v_ptr + offs, mask, MASKED, COMPUTE)
@@ -208,14 +190,18 @@ def _phase2_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, k, rho, COMP
         store_block(m_ptr + offs, m, mask, MASKED)
         store_block(v_ptr + offs, v, mask, MASKED)
     u = adam_direction(p, m, v, eps, bc1, bc2_sqrt, wd, LAMB, FP64)
-    store_block(p_ptr + offs, scaled_update(p, u, k, rho), mask, MASKED)
+    new_p = scaled_update(p, u, k, rho)
+    store_block(p_ptr + offs, new_p, mask, MASKED)
+    if TELEMETRY:
+        track_block(own, p, new_p, mask, p_ptr.dtype.element_ty, MASKED)
 
 
 @triton.jit
-def norm_scaled_phase2_kernel(addresses, grad_addresses, numels, blocks, coef, sums, n,
+def norm_scaled_phase2_kernel(addresses, grad_addresses, numels, blocks, coef, sums, telemetry, n,
                               DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FP64: tl.constexpr,
                               LAMB: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-                              MOMENTS_IN_PHASE2: tl.constexpr):
+                              MOMENTS_IN_PHASE2: tl.constexpr, TELEMETRY: tl.constexpr):
+    """telemetry (TELEMETRY): the float64 telemetry partials, a pair per program."""
     t, index = program_entry(blocks)
     g = stream(grad_addresses, 0, n, t, DTYPE, ALIGNED)
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
@@ -228,12 +214,13 @@ def norm_scaled_phase2_kernel(addresses, grad_addresses, numels, blocks, coef, s
     start = index * BLOCK
     offs = start + tl.arange(0, BLOCK)
     numel = tl.load(numels + t)
+    own = telemetry_entry(telemetry)
     if start + BLOCK <= numel:
-        _phase2_block(p, g, m, v, offs, offs < numel, coef_row, k, rho, COMPUTE, FP64, LAMB, False,
-                      MOMENTS_IN_PHASE2)
+        _phase2_block(p, g, m, v, offs, offs < numel, coef_row, k, rho, own, COMPUTE, FP64, LAMB, False,
+                      MOMENTS_IN_PHASE2, TELEMETRY)
     else:
-        _phase2_block(p, g, m, v, offs, offs < numel, coef_row, k, rho, COMPUTE, FP64, LAMB, True,
-                      MOMENTS_IN_PHASE2)
+        _phase2_block(p, g, m, v, offs, offs < numel, coef_row, k, rho, own, COMPUTE, FP64, LAMB, True,
+                      MOMENTS_IN_PHASE2, TELEMETRY)
 
 
 # ---------------------------------------------------------------------------
@@ -250,26 +237,28 @@ class NormScaledMeta(BucketMeta):
         scratch = dict(dtype=compute_dtype(streams[0][0].dtype), device=self.device)
         self.partials = torch.zeros(2 * max(self.num_blocks, 1), **scratch)
         self.sums = torch.zeros(2 * self.n, **scratch)
-        counts = [-(-p.numel() // block) for p in streams[0]]
-        firsts = [0]
-        for count in counts:
-            firsts.append(firsts[-1] + count)
-        self.first_blocks = int64_table(firsts, self.device)
+        self.first_blocks = int64_table(first_programs(self.program_counts), self.device)
 
 
-def launch_scaled_adam(params, grads, states, hyper, coef: Tensor, _prepared=None) -> None:
-    _launch_norm_scaled(params, grads, states, coef, lamb=False)
+def launch_scaled_adam(params, grads, states, hyper, coef: Tensor, _prepared=None,
+                       telemetry: Optional[Tensor] = None) -> None:
+    _launch_norm_scaled(params, grads, states, coef, lamb=False, telemetry=telemetry)
 
 
-def launch_lamb(params, grads, states, hyper, coef: Tensor, _prepared=None) -> None:
-    _launch_norm_scaled(params, grads, states, coef, lamb=True)
+def launch_lamb(params, grads, states, hyper, coef: Tensor, _prepared=None,
+                telemetry: Optional[Tensor] = None) -> None:
+    _launch_norm_scaled(params, grads, states, coef, lamb=True, telemetry=telemetry)
 
 
-def _launch_norm_scaled(params, grads, states, coef: Tensor, lamb: bool) -> None:
-    """Scale-aware Adam (lamb=False) or LAMB: phase 1 then phase 2."""
+def _launch_norm_scaled(params, grads, states, coef: Tensor, lamb: bool,
+                        telemetry: Optional[Tensor] = None) -> None:
+    """Scale-aware Adam (lamb=False) or LAMB: phase 1 then phase 2 (and, with
+    ``telemetry``, the sums of phase 2's telemetry partials into it)."""
     meta = elementwise_meta("norm_scaled", [params, states["exp_avg"], states["exp_avg_sq"]], BLOCK,
                             NormScaledMeta)
     if meta.num_blocks == 0:
+        with launching(meta):
+            launch_telemetry_sums(meta, telemetry)  # zeros: no elements
         return
     grad_table, grads_aligned = meta.grad_addresses.get(grads)
     coef = upload_coefficients(coef, params)
@@ -283,10 +272,12 @@ def _launch_norm_scaled(params, grads, states, coef: Tensor, lamb: bool) -> None
             meta.addresses, grad_table, meta.numels, meta.blocks, coef, meta.partials, meta.n,
             **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
             MOMENTS_IN_PHASE2=moments_in_phase2)
-        norm_scaled_reduce_kernel[(meta.n,)](
-            meta.partials, meta.first_blocks, meta.sums, COMPUTE=types["COMPUTE"], LAMB=lamb,
+        tensor_sums_kernel[(meta.n,)](
+            meta.partials, meta.first_blocks, meta.sums, COMPUTE=types["COMPUTE"], BOTH=lamb,
             BLOCK=BLOCK, num_warps=NUM_WARPS)
         norm_scaled_phase2_kernel[grid](
-            meta.addresses, grad_table, meta.numels, meta.blocks, coef, meta.sums, meta.n,
+            meta.addresses, grad_table, meta.numels, meta.blocks, coef, meta.sums,
+            telemetry_partials(meta, telemetry), meta.n,
             **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
-            MOMENTS_IN_PHASE2=moments_in_phase2)
+            MOMENTS_IN_PHASE2=moments_in_phase2, TELEMETRY=telemetry is not None)
+        launch_telemetry_sums(meta, telemetry)

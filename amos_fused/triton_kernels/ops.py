@@ -10,7 +10,11 @@ included — and every tensor's coefficients computed in double from the
 algorithm's contract at the next step counts), launches the algorithm's kernels
 over the whole bucket (adam.py, amos.py, norm_scaled.py) with that coefficient
 table, and only then advances the float32 CPU step counters: a launch that raises
-leaves them as they were.  Tensors: CUDA, or CPU under TRITON_INTERPRET=1;
+leaves them as they were.  ``telemetry`` (optional, a contiguous float64
+[len(params), 2] tensor on the params' device, checked by ``begin_step``) gets
+row t = (Σθ², Σ(Δθ)²) of param t as stored, taken by the launch that writes θ
+and added per tensor in a fixed order (common.py); on a step skipped by
+``found_inf``, ``begin_step`` zeroes its column 1 and leaves column 0.  Tensors: CUDA, or CPU under TRITON_INTERPRET=1;
 float32 / bfloat16 / float16 with fp32 math, float64 with fp64 math."""
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from . import adam, amos, norm_scaled
 from .common import check_bucket
 
 # Each algorithm's launch is ``launch_<algorithm>(params, grads, states by key, hyper by
-# name, coefficient table, prepared)`` in one of these modules.
+# name, coefficient table, prepared, telemetry=None)`` in one of these modules.
 _MODULES = (adam, amos, norm_scaled)
 _LAUNCH = {name[len("launch_"):]: getattr(module, name)
            for module in _MODULES for name in dir(module) if name.startswith("launch_")}
@@ -59,9 +63,6 @@ def step(algorithm: str, params: List[Tensor], grads: List[Tensor], states: List
     if round_keys is not None:
         raise NotImplementedError("amos_fused: stochastic rounding (bf16_stochastic_round=True) is not "
                                   "implemented by the Triton kernels yet")
-    if telemetry is not None:
-        raise NotImplementedError("amos_fused: telemetry (track_rms=True) is not implemented by the "
-                                  "Triton kernels yet")
     if algorithm not in algorithms():
         raise ValueError(f"amos_fused: unknown algorithm {algorithm!r} (known: {', '.join(algorithms())})")
     op = f"amos_fused.triton.{algorithm}_step"
@@ -73,7 +74,8 @@ def step(algorithm: str, params: List[Tensor], grads: List[Tensor], states: List
     prepared = amos.amos_meta(op, params, lists["v"], lists["b"], lists.get("mu")) if slot_keys else None
     run, coef = torch.ops.amos_fused.begin_step(algorithm, list(params), list(grads), list(states),
                                                 list(steps), [float(h) for h in hyper],
-                                                [float(x) for x in per_tensor], grad_scale, found_inf)
+                                                [float(x) for x in per_tensor], grad_scale, found_inf,
+                                                telemetry)
     if run:
-        _LAUNCH[algorithm](params, grads, lists, hyper_by_name, coef, prepared)
+        _LAUNCH[algorithm](params, grads, lists, hyper_by_name, coef, prepared, telemetry=telemetry)
         torch._foreach_add_(list(steps), 1.0)  # after the launch: a failed one leaves them
