@@ -456,7 +456,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         latest step: ``{param: RMS(weight, update)}`` for the params of groups with
         ``track_rms=True`` that have been stepped (amos_fused/telemetry.py).  One
         device-to-host copy; a collective when params are sharded DTensors."""
-        return self._telemetry.rms()
+        return self._telemetry.rms([p for group in self.param_groups for p in group["params"]])
 
     # ---- checkpoints ------------------------------------------------------
     def __setstate__(self, state: dict) -> None:

@@ -82,10 +82,12 @@ class Recorder:
                 numel = stepped.numel()
             self._records[owner] = _Record(table, row, numel, lr, groups)
 
-    def forget(self) -> None:
-        self._records.clear()
-
-    def rms(self) -> Dict[Tensor, RMS]:
+    def rms(self, current: Sequence[Tensor]) -> Dict[Tensor, RMS]:
+        """The RMS of the params of ``current`` (the optimizer's params now) that have
+        a record; records of params no longer in the optimizer are dropped."""
+        present = {id(p) for p in current}
+        for owner in [o for o in self._records if id(o) not in present]:
+            del self._records[owner]
         records = list(self._records.items())
         rows = [record.table[record.row] for _, record in records]
         rows = sum_over_shards(rows, [record.groups for _, record in records])

@@ -150,6 +150,15 @@ def test_off_by_default_and_per_group():
     assert plain.rms() == {}
 
 
+def test_params_removed_from_the_optimizer_are_not_reported():
+    a, b = _params([(4, 4), (3,)])
+    opt = af.AdamW([a, b], lr=0.1, track_rms=True)
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    opt.step()
+    opt.param_groups[0]["params"] = [b]
+    assert set(opt.rms()) == {b}
+
+
 def test_update_rms_is_per_unit_of_lr():
     """Adam's first step moves every element by lr (m̂/sqrt(v̂) = ±1): update RMS 1."""
     for lr in (0.1, 0.003):
