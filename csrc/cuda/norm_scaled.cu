@@ -97,13 +97,8 @@ __global__ void __launch_bounds__(kElementwiseThreads)
   const int64_t t = (static_cast<int64_t>(blockIdx.x) * kElementwiseThreads + threadIdx.x) / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (t >= num_tensors) return;  // whole warps
-  double u_sq = 0.0, theta_sq = 0.0;
-  for (int64_t i = table.first_task[t] + lane; i < table.first_task[t + 1]; i += kWarpSize) {
-    u_sq += static_cast<double>(partials[2 * i]);
-    theta_sq += static_cast<double>(partials[2 * i + 1]);
-  }
-  u_sq = warp_sum(u_sq);
-  theta_sq = warp_sum(theta_sq);
+  double u_sq, theta_sq;
+  warp_sum_pairs(partials, table.first_task[t], table.first_task[t + 1], lane, u_sq, theta_sq);
   if (lane != 0) return;
   const NormCoef<Op>& c = table.coefs[table.coef_index[t]];
   const double u_norm = ::sqrt(u_sq), theta_norm = ::sqrt(theta_sq);
