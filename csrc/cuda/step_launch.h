@@ -65,7 +65,7 @@ void launch(const StepCall<A>& call) {
     using Op = at::opmath_type<scalar_t>;
     const CoefTable<typename A::template CoefOf<Op>> coefs = opmath_coefficients<Op, A::template CoefOf>(call);
     ElementwisePlan<typename A::template CoefOf<Op>, S> plan(call.op, arrays, coefs);
-    launch_elementwise<scalar_t, S, A::kWriteMask>(key, plan, AlgorithmElement<A>{});
+    launch_elementwise<scalar_t, S, A::kWriteMask>(key, plan, AlgorithmElement<A>{}, call.telemetry);
   });
 }
 
