@@ -1,6 +1,7 @@
 // The CUDA step op (csrc/step_prologue.h's run_step): after the shared prologue,
 // one launch per algorithm over the whole bucket: the generic elementwise launch
-// below, or the algorithm's own (cuda/*.cu).
+// below, or the algorithm's own (cuda/*.cu).  Every launch fills the call's
+// telemetry when it has one (telemetry.cuh).
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -24,11 +25,7 @@ struct Backend {
   // CUDA params, and not under CUDA graph capture.
   static void device_checks(const char* op, at::TensorList params) { cuda_checks(op, params)(); }
   template <typename A>
-  static void launch(const StepCall<A>& call) {
-    TORCH_CHECK_NOT_IMPLEMENTED(call.telemetry == nullptr, call.op,
-                                ": telemetry is not implemented by the CUDA kernels yet");
-    cuda::launch(call);
-  }
+  static void launch(const StepCall<A>& call) { cuda::launch(call); }
 };
 
 // The call's coefficients in the kernels' math type, runs of equal rows folded.
