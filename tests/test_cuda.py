@@ -21,6 +21,8 @@ O(1)); ``step`` must be equal.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -34,6 +36,7 @@ from conftest import (
     clone_params,
     make_grads,
     make_params,
+    param_groups,
     set_grads,
     snapshot,
 )
@@ -60,6 +63,7 @@ from registry import (  # noqa: E402
     AMOS_REDUCE_AXES,
     AMOS_SECOND_GROUP,
     CASES,
+    CLASS_CASES,
     DTYPE_IDS,
     amos_case,
     assert_bitwise_equal,
@@ -581,3 +585,192 @@ def test_found_inf_skips_without_writing():
               {"exp_avg": [m], "exp_avg_sq": [v]}, [step], ADAMW_HYPER,
               grad_scale=torch.tensor(4.0, device=DEVICE), found_inf=torch.tensor(1.0, device=DEVICE))
     assert torch.equal(p, before) and float(step) == 0.0 and torch.count_nonzero(m) == 0
+
+
+# ---------------------------------------------------------------------------
+# telemetry: track_rms=True and opt.rms() (the step op's Σθ², Σ(Δθ)² per param)
+# ---------------------------------------------------------------------------
+# The kernels sum θ² and (Δθ)² of the stored values per thread in the math type
+# (float32 for float32 / bfloat16 / float16), then in double per block and per
+# tensor, in a fixed order; the reference sums in float64 from a copy of its own
+# params taken before the step.
+# * Against float64 sums of the cuda run's own params (same values, another
+#   summation): rtol 1e-5 on the RMS (a float32 thread sum of at most a few
+#   hundred squares: <= ~1e-5 relative in the worst case, ~1e-6 typically; the
+#   RMS halves it); float64: 1e-12.
+# * Against the reference's rms(): each side measures its own params, which differ
+#   within TOL; the weight RMS by as much as the params, the update RMS more:
+#   Δθ = θ_after − θ_before ~ lr·|θ| loses ~log10(1/lr) digits to cancellation,
+#   and in bfloat16 an element whose rounding flips changes its Δθ by a storage ULP.
+TELEMETRY_OWN_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float64: 1e-12}
+#   The CPU kernels against the reference with these helpers (the same structure,
+#   float32 lanes over blocks of 4096): weight ≤ 5e-7, update ≤ 2e-6 in float32;
+#   ≤ 4e-6 / 6e-5 in bfloat16; ≤ 2e-14 in float64.  The CUDA params differ from the
+#   reference's a little more (FMA contraction): rtol TELEMETRY_REF_RTOL.
+TELEMETRY_REF_RTOL = {  # (weight RMS, update RMS)
+    torch.float32: (2e-5, 2e-4), torch.bfloat16: (1e-2, 5e-2), torch.float64: (1e-10, 1e-7),
+}
+TELEMETRY_STEPS = 6
+
+
+def _measured_rms(opt, params, before):
+    """(weight RMS, update RMS per unit of lr) of each param in float64, from the
+    params after a step and their copies ``before`` it (telemetry.py's definition)."""
+    lr = {p: float(group["lr"]) for group in opt.param_groups for p in group["params"]}
+    out = []
+    for p, b in zip(params, before):
+        after = p.detach().double()
+        n = max(p.numel(), 1)
+        out.append((math.sqrt(after.square().sum().item() / n),
+                    math.sqrt((after - b.double()).square().sum().item() / n) / lr[p]))
+    return out
+
+
+def _telemetry_run(make_cuda, make_reference, dtype, shapes, steps=TELEMETRY_STEPS, second_group=None,
+                   before_step=None):
+    """A cuda and a reference optimizer, both built with track_rms=True, over copies
+    of one param set in two groups, fed the same grads.  Per step: (cuda rms(),
+    the same measured in float64 from the cuda params, reference rms()), each a
+    list of (weight, update) in param order."""
+    base = cuda_params(dtype, shapes)
+    params_a, params_b = clone_params(base), clone_params(base)
+    second = {"lr": 3e-3} if second_group is None else second_group
+    opt_a = make_cuda(param_groups(params_a, second, len(shapes) // 2))
+    opt_b = make_reference(param_groups(params_b, second, len(shapes) // 2))
+    log = []
+    for step in range(steps):
+        if before_step is not None:
+            before_step(step, opt_a, opt_b)
+        grads = cuda_grads(base, step)
+        set_grads(params_a, grads)
+        set_grads(params_b, grads)
+        before = [p.detach().clone() for p in params_a]
+        opt_a.step()
+        opt_b.step()
+        rms_a, rms_b = opt_a.rms(), opt_b.rms()
+        log.append(([tuple(rms_a[p]) for p in params_a], _measured_rms(opt_a, params_a, before),
+                    [tuple(rms_b[p]) for p in params_b]))
+    return log
+
+
+def _assert_rms_close(actual, expected, rtols, what):
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        for column, (x, y, rtol) in enumerate(zip(a, e, rtols)):
+            assert math.isclose(x, y, rel_tol=rtol, abs_tol=0.0), (
+                f"{what}: param {i}: {('weight', 'update')[column]} RMS {x!r} vs {y!r} (rtol {rtol})")
+
+
+def _assert_telemetry_matches(log, dtype):
+    for step, (cuda, own, reference) in enumerate(log):
+        _assert_rms_close(cuda, own, (TELEMETRY_OWN_RTOL[dtype],) * 2, f"step {step}: against its own params")
+        _assert_rms_close(cuda, reference, TELEMETRY_REF_RTOL[dtype], f"step {step}: against the reference")
+        assert any(update > 0 for _, update in cuda), "no param moved"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("name", list(CLASS_CASES))
+def test_telemetry_matches_reference(name, dtype):
+    """rms() of the cuda backend against the reference backend, every optimizer
+    class (its first registry row), tensors of several blocks included."""
+    case = CASES[CLASS_CASES[name]]
+    log = _telemetry_run(case.factory("cuda", track_rms=True), case.factory("reference", track_rms=True),
+                         dtype, ELEMENTWISE_SHAPES)
+    _assert_telemetry_matches(log, dtype)
+
+
+@pytest.mark.parametrize("momentum", [False, True], ids=["plain", "momentum"])
+@pytest.mark.parametrize("layout", list(AMOS_LAYOUTS))
+def test_amos_telemetry_matches_reference(layout, momentum):
+    """Amos on every slot layout: the one-pass kernels (elementwise chunks, warp and
+    block rows) and the two-phase ones (long rows, general layouts) all measure."""
+    reduce_axes, shapes = AMOS_LAYOUTS[layout]
+    config = "momentum" if momentum else "plain"
+    log = _telemetry_run(amos_case(reduce_axes, config).factory("cuda", track_rms=True),
+                         amos_case(reduce_axes, config).factory("reference", track_rms=True),
+                         torch.float32, shapes, second_group=AMOS_SECOND_GROUP, before_step=decay_lr)
+    _assert_telemetry_matches(log, torch.float32)
+
+
+TELEMETRY_BITWISE_CASES = {
+    **{name: CASES[case] for name, case in CLASS_CASES.items()},
+    "Amos-rows": amos_case((1,), "momentum"),
+    "Amos-dim0": amos_case((0,), "plain"),
+}
+
+
+@pytest.mark.parametrize("name", list(TELEMETRY_BITWISE_CASES))
+def test_telemetry_is_deterministic(name):
+    """Two identical runs give bitwise the same telemetry (no atomics: block sums
+    combined per tensor in a fixed order), on a bucket of many tensors."""
+    case = TELEMETRY_BITWISE_CASES[name]
+    matrices = name != "Amos" and name.startswith("Amos")
+    shapes = _many_shapes(40, seed=9, matrices_only=matrices) + [(3, 9000), (65537, 2)]
+
+    def run():
+        params = clone_params(cuda_params(torch.float32, shapes))
+        opt = case.make(params, "cuda", track_rms=True)
+        out = []
+        for step in range(3):
+            set_grads(params, cuda_grads(params, step))
+            opt.step()
+            rms = opt.rms()
+            out.append([tuple(rms[p]) for p in params])
+        return out
+
+    first, second = run(), run()
+    assert first == second  # floats compared exactly: the sums agree bitwise
+
+
+@pytest.mark.parametrize("name", list(CLASS_CASES))
+def test_telemetry_of_a_step_skipped_by_found_inf(name):
+    """A step GradScaler skips (an inf grad) writes Σ(Δθ)² = 0 and leaves Σθ²
+    unmeasured: rms() gives update 0 and weight nan for every param."""
+    case = CASES[CLASS_CASES[name]]
+    params = clone_params(cuda_params(torch.float32, SHAPES))
+    opt = case.make(params, "cuda", track_rms=True)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
+    for step in range(2):
+        grads = cuda_grads(params, step)
+        if step == 1:
+            grads[2].view(-1)[7] = float("inf")
+        _backward(params, grads, scaler)
+        scaler.step(opt)
+        scaler.update()
+        rms = opt.rms()
+        if step == 0:
+            assert all(math.isfinite(rms[p].weight) for p in params)
+            assert any(rms[p].update > 0 for p in params)
+        else:
+            assert all(rms[p].update == 0.0 for p in params)
+            assert all(math.isnan(rms[p].weight) for p in params)
+
+
+def test_telemetry_op_output():
+    """The op's telemetry output itself: row t = (Σθ², Σ(Δθ)²) of param t as
+    stored, for a bucket with empty tensors and a tensor of several blocks; a
+    bucket of empty tensors writes zeros; found_inf writes 0 into column 1 only."""
+    shapes = [(37, 5), (0,), (), (70001,)]
+    params = [p.detach() for p in cuda_params(torch.bfloat16, shapes)]
+    grads = cuda_grads(params, 0)
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    steps = [torch.tensor(0.0) for _ in params]
+    before = [p.clone() for p in params]
+    table = torch.full((len(params), 2), math.nan, dtype=torch.float64, device=DEVICE)
+    call_step(torch.ops.amos_fused, "adam", params, grads, {"exp_avg": m, "exp_avg_sq": v}, steps,
+              dict(ADAMW_HYPER, weight_decay=0.1), telemetry=table)
+    expected = torch.tensor([[p.double().square().sum().item(), (p.double() - b.double()).square().sum().item()]
+                             for p, b in zip(params, before)], dtype=torch.float64, device=DEVICE)
+    torch.testing.assert_close(table, expected, rtol=1e-5, atol=0.0)
+    assert table[1].tolist() == [0.0, 0.0]
+
+    empty = [torch.zeros(0, device=DEVICE), torch.zeros(0, 3, device=DEVICE)]
+    table = torch.full((2, 2), math.nan, dtype=torch.float64, device=DEVICE)
+    call_step(torch.ops.amos_fused, "adam", empty, [torch.zeros_like(p) for p in empty],
+              {"exp_avg": [torch.zeros_like(p) for p in empty], "exp_avg_sq": [torch.zeros_like(p) for p in empty]},
+              [torch.tensor(0.0) for _ in empty], ADAMW_HYPER, telemetry=table)
+    assert torch.equal(table, torch.zeros(2, 2, dtype=torch.float64, device=DEVICE))
+
+    table = torch.full((len(params), 2), math.nan, dtype=torch.float64, device=DEVICE)
+    call_step(torch.ops.amos_fused, "adam", params, grads, {"exp_avg": m, "exp_avg_sq": v}, steps, ADAMW_HYPER,
+              found_inf=torch.tensor(1.0, device=DEVICE), telemetry=table)
+    assert torch.all(table[:, 1] == 0) and torch.all(table[:, 0].isnan())

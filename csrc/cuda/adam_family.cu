@@ -48,11 +48,13 @@ void launch(const StepCall<AdamAlgorithm>& call) {
       if (amsgrad) {
         ElementwisePlan<AdamCoef<Op>, 5> plan(
             call.op, {params, call.grads, call.states[0], call.states[1], call.states[2]}, coefs);
-        launch_elementwise<scalar_t, 5, 0b11101u>(key, plan, AdamElement<true, decltype(l2_flag)::value>{});
+        launch_elementwise<scalar_t, 5, 0b11101u>(key, plan, AdamElement<true, decltype(l2_flag)::value>{},
+                                                  call.telemetry);
       } else {
         ElementwisePlan<AdamCoef<Op>, 4> plan(call.op, {params, call.grads, call.states[0], call.states[1]},
                                               coefs);
-        launch_elementwise<scalar_t, 4, 0b1101u>(key, plan, AdamElement<false, decltype(l2_flag)::value>{});
+        launch_elementwise<scalar_t, 4, 0b1101u>(key, plan, AdamElement<false, decltype(l2_flag)::value>{},
+                                                 call.telemetry);
       }
     });
   });
@@ -69,7 +71,7 @@ void launch(const StepCall<RAdamAlgorithm>& call) {
     ElementwisePlan<RAdamCoef<Op>, 4> plan(call.op, {params, call.grads, call.states[0], call.states[1]},
                                            coefs);
     with_flag(l2, [&](auto l2_flag) {
-      launch_elementwise<scalar_t, 4, 0b1101u>(key, plan, RAdamElement<decltype(l2_flag)::value>{});
+      launch_elementwise<scalar_t, 4, 0b1101u>(key, plan, RAdamElement<decltype(l2_flag)::value>{}, call.telemetry);
     });
   });
 }

@@ -8,6 +8,9 @@
 //   slots  two-phase tensors: one warp per slot adds its partial sums (fixed order)
 //          and runs the slot math, keeping (w, a) for the elementwise pass;
 //   apply  two-phase tensors: Δ = w·θ − a·g per element.
+// With telemetry (a compile-time variant of main and apply) the kernels that write
+// θ also sum θ² and (Δθ)² per block, and a last small launch adds them per tensor
+// (telemetry.cuh).
 // Deterministic: no atomics.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -23,6 +26,7 @@
 #include "amos_plan.h"
 #include "block_reduce.cuh"
 #include "step_launch.h"
+#include "telemetry.cuh"
 
 namespace amos_fused::cuda {
 namespace {
@@ -51,18 +55,21 @@ __device__ __forceinline__ bool aligned16(const scalar_t* ptr) {
 }
 
 // Elements [begin, end) of p, g (, mu) with the slot values (w, a) of each element
-// given by wa_of(e): Δ = w·θ − a·g, optional EMA, θ ← θ + Δ.
-template <typename scalar_t, bool MOMENTUM, typename WA>
+// given by wa_of(e): Δ = w·θ − a·g, optional EMA, θ ← θ + Δ.  TELEMETRY: θ², (Δθ)²
+// into `sums` (here and in the step_* functions below).
+template <typename scalar_t, bool MOMENTUM, bool TELEMETRY, typename WA>
 __device__ __forceinline__ void apply_slots(const AmosArrays<scalar_t>& x, int64_t begin, int64_t end,
                                             bool clip, const AmosCoef<at::opmath_type<scalar_t>>& c,
-                                            const WA& wa_of) {
+                                            const WA& wa_of, TelemetrySums<scalar_t>& sums) {
   using Op = at::opmath_type<scalar_t>;
   if constexpr (MOMENTUM) {
     scalar_t* const ptr[3] = {x.p, x.g, x.mu};
     map_elements<scalar_t, 3, 0b101u>(ptr, begin, end, threadIdx.x, kAmosThreads,
                                       [&](Op (&y)[3], int64_t e) {
                                         const std::pair<Op, Op> wa = wa_of(e);
+                                        [[maybe_unused]] const Op before = y[0];
                                         amos_element<true>(y[0], clipped(y[1], clip, c), y[2], wa.first, wa.second, c);
+                                        if constexpr (TELEMETRY) sums.add(y[0], before);
                                       });
   } else {
     scalar_t* const ptr[2] = {x.p, x.g};
@@ -70,21 +77,26 @@ __device__ __forceinline__ void apply_slots(const AmosArrays<scalar_t>& x, int64
                                     [&](Op (&y)[2], int64_t e) {
                                       const std::pair<Op, Op> wa = wa_of(e);
                                       Op unused(0);
+                                      [[maybe_unused]] const Op before = y[0];
                                       amos_element<false>(y[0], clipped(y[1], clip, c), unused, wa.first, wa.second, c);
+                                      if constexpr (TELEMETRY) sums.add(y[0], before);
                                     });
   }
 }
 
 // kElementwise: one slot per element, slot math and update in one pass.
-template <typename scalar_t, bool MOMENTUM>
+template <typename scalar_t, bool MOMENTUM, bool TELEMETRY>
 __device__ __forceinline__ void step_elementwise(const AmosArrays<scalar_t>& x, int64_t begin, int64_t end,
-                                                 bool clip, const AmosCoef<at::opmath_type<scalar_t>>& c) {
+                                                 bool clip, const AmosCoef<at::opmath_type<scalar_t>>& c,
+                                                 TelemetrySums<scalar_t>& sums) {
   using Op = at::opmath_type<scalar_t>;
   auto update = [&](Op& p, Op g, Op& v, Op& b, Op& mu) {
     const Op gc = clipped(g, clip, c);
     Op w, a;
     amos_slot(v, b, gc * gc, w, a, c);
+    [[maybe_unused]] const Op before = p;
     amos_element<MOMENTUM>(p, gc, mu, w, a, c);
+    if constexpr (TELEMETRY) sums.add(p, before);
   };
   if constexpr (MOMENTUM) {
     scalar_t* const ptr[5] = {x.p, x.g, x.v, x.b, x.mu};
@@ -104,10 +116,11 @@ __device__ __forceinline__ void step_elementwise(const AmosArrays<scalar_t>& x, 
 // packs of g, θ and mu, all loads in flight at once) into registers; Σ clip(g)²
 // over the group → slot math → the row is updated from registers and stored.
 // Rows whose packs are not 16-byte aligned go element by element (g held).
-template <typename scalar_t, bool MOMENTUM, int kGroup>
+template <typename scalar_t, bool MOMENTUM, bool TELEMETRY, int kGroup>
 __device__ __forceinline__ void step_rows(const AmosArrays<scalar_t>& x, const AmosTensor& info,
                                           uint32_t chunk, bool clip,
-                                          const AmosCoef<at::opmath_type<scalar_t>>& c) {
+                                          const AmosCoef<at::opmath_type<scalar_t>>& c,
+                                          TelemetrySums<scalar_t>& sums) {
   using Op = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t>;
   constexpr int W = P::kWidth;
@@ -180,9 +193,11 @@ __device__ __forceinline__ void step_rows(const AmosArrays<scalar_t>& x, const A
 #pragma unroll
         for (int k = 0; k < W; ++k) {
           Op p = static_cast<Op>(p_pack[j].lane[k]);
+          [[maybe_unused]] const Op before = p;
           Op mu = Op(0);
           if constexpr (MOMENTUM) mu = static_cast<Op>(mu_pack[j].lane[k]);
           amos_element<MOMENTUM>(p, clipped(static_cast<Op>(g_pack[j].lane[k]), clip, c), mu, w, a, c);
+          if constexpr (TELEMETRY) sums.add(p, before);
           p_pack[j].lane[k] = static_cast<scalar_t>(p);
           if constexpr (MOMENTUM) mu_pack[j].lane[k] = static_cast<scalar_t>(mu);
         }
@@ -208,8 +223,10 @@ __device__ __forceinline__ void step_rows(const AmosArrays<scalar_t>& x, const A
         const int64_t e = static_cast<int64_t>(i) * kGroup + rank;
         if (e >= L) continue;
         Op p = static_cast<Op>(x.p[start + e]);
+        [[maybe_unused]] const Op before = p;
         Op mu = MOMENTUM ? static_cast<Op>(x.mu[start + e]) : Op(0);
         amos_element<MOMENTUM>(p, held[i], mu, w, a, c);
+        if constexpr (TELEMETRY) sums.add(p, before);
         x.p[start + e] = static_cast<scalar_t>(p);
         if constexpr (MOMENTUM) x.mu[start + e] = static_cast<scalar_t>(mu);
       }
@@ -276,25 +293,36 @@ __device__ __forceinline__ void general_partial(const AmosArrays<scalar_t>& x, c
   partials[info.partial_base + piece * slots + slot] = sum_sq;
 }
 
-template <typename scalar_t, bool MOMENTUM>
-__global__ void __launch_bounds__(kAmosThreads)
-    amos_main_kernel(AmosTable<at::opmath_type<scalar_t>> table, bool clip, at::opmath_type<scalar_t>* partials) {
+// Blocks per SM the main kernel is compiled for (0: no minimum).  The telemetry
+// variants without momentum in float math ask for 3 (≤ 85 registers), the
+// occupancy of their plain kernels (73-77 registers): left to itself ptxas
+// squeezes the half-precision one into 64 registers, with spills.
+template <typename scalar_t, bool MOMENTUM, bool TELEMETRY>
+constexpr int kMainMinBlocks = TELEMETRY && !MOMENTUM && sizeof(at::opmath_type<scalar_t>) == 4 ? 3 : 0;
+
+// TELEMETRY: blocks of one-pass tensors also write their Σθ², Σ(Δθ)² to
+// telemetry_partials[2·block], [2·block + 1].
+template <typename scalar_t, bool MOMENTUM, bool TELEMETRY>
+__global__ void __launch_bounds__(kAmosThreads, (kMainMinBlocks<scalar_t, MOMENTUM, TELEMETRY>))
+    amos_main_kernel(AmosTable<at::opmath_type<scalar_t>> table, bool clip, at::opmath_type<scalar_t>* partials,
+                     double* telemetry_partials) {
   const BlockTask task = table.main_tasks[blockIdx.x];
   const AmosTensor info = table.tensor[task.tensor];
   const AmosCoef<at::opmath_type<scalar_t>> c = table.coefs[table.coef_index[task.tensor]];
   const AmosArrays<scalar_t> x = arrays_of<scalar_t>(table, task.tensor);
+  [[maybe_unused]] TelemetrySums<scalar_t> sums;
   switch (info.kind) {
     case kElementwise: {
       const int64_t begin = static_cast<int64_t>(task.chunk) * table.chunk;
       const int64_t end = begin + table.chunk < info.numel ? begin + table.chunk : info.numel;
-      step_elementwise<scalar_t, MOMENTUM>(x, begin, end, clip, c);
+      step_elementwise<scalar_t, MOMENTUM, TELEMETRY>(x, begin, end, clip, c, sums);
       break;
     }
     case kWarpRows:
-      step_rows<scalar_t, MOMENTUM, kWarpSize>(x, info, task.chunk, clip, c);
+      step_rows<scalar_t, MOMENTUM, TELEMETRY, kWarpSize>(x, info, task.chunk, clip, c, sums);
       break;
     case kBlockRows:
-      step_rows<scalar_t, MOMENTUM, kAmosThreads>(x, info, task.chunk, clip, c);
+      step_rows<scalar_t, MOMENTUM, TELEMETRY, kAmosThreads>(x, info, task.chunk, clip, c, sums);
       break;
     case kLongRows:
       long_row_partial(x, info, task.chunk, table.chunk, clip, c, partials);
@@ -304,6 +332,10 @@ __global__ void __launch_bounds__(kAmosThreads)
       break;
     default:
       break;
+  }
+  if constexpr (TELEMETRY) {  // a block-uniform condition: the block steps one tensor
+    if (info.kind == kElementwise || info.kind == kWarpRows || info.kind == kBlockRows)
+      store_block_telemetry<kAmosThreads>(sums, telemetry_partials + 2 * static_cast<int64_t>(blockIdx.x));
   }
 }
 
@@ -339,38 +371,53 @@ __global__ void __launch_bounds__(kAmosThreads)
 }
 
 // Two-phase tensors: the elementwise update with each element's slot (w, a).
-template <typename scalar_t, bool MOMENTUM>
+// TELEMETRY: also this block's Σθ², Σ(Δθ)² into telemetry_partials[2·block], [2·block + 1].
+template <typename scalar_t, bool MOMENTUM, bool TELEMETRY>
 __global__ void __launch_bounds__(kAmosThreads)
-    amos_apply_kernel(AmosTable<at::opmath_type<scalar_t>> table, bool clip, const at::opmath_type<scalar_t>* wa) {
+    amos_apply_kernel(AmosTable<at::opmath_type<scalar_t>> table, bool clip, const at::opmath_type<scalar_t>* wa,
+                      double* telemetry_partials) {
   using Op = at::opmath_type<scalar_t>;
   const BlockTask task = table.apply_tasks[blockIdx.x];
   const AmosTensor info = table.tensor[task.tensor];
   const AmosCoef<Op> c = table.coefs[table.coef_index[task.tensor]];
   const AmosArrays<scalar_t> x = arrays_of<scalar_t>(table, task.tensor);
   const Op* slot_wa = wa + 2 * info.slot_base;
+  [[maybe_unused]] TelemetrySums<scalar_t> sums;
   if (info.kind == kLongRows) {
     const int64_t row = task.chunk / info.pieces, piece = task.chunk % info.pieces;
     const int64_t begin = row * info.row_len + piece * table.chunk;
     int64_t end = begin + table.chunk;
     if (end > (row + 1) * info.row_len) end = (row + 1) * info.row_len;
     const std::pair<Op, Op> row_wa(slot_wa[2 * row], slot_wa[2 * row + 1]);
-    apply_slots<scalar_t, MOMENTUM>(x, begin, end, clip, c, [&](int64_t) { return row_wa; });
+    apply_slots<scalar_t, MOMENTUM, TELEMETRY>(x, begin, end, clip, c, [&](int64_t) { return row_wa; }, sums);
   } else {
     const AmosGeneralLayout& layout = table.general[info.general];
     const int64_t begin = static_cast<int64_t>(task.chunk) * table.chunk;
     const int64_t end = begin + table.chunk < info.numel ? begin + table.chunk : info.numel;
-    apply_slots<scalar_t, MOMENTUM>(x, begin, end, clip, c, [&](int64_t e) {
-      const int64_t s = map_digits(layout.element_slot, layout.num_kept, e);
-      return std::pair<Op, Op>(slot_wa[2 * s], slot_wa[2 * s + 1]);
-    });
+    apply_slots<scalar_t, MOMENTUM, TELEMETRY>(
+        x, begin, end, clip, c,
+        [&](int64_t e) {
+          const int64_t s = map_digits(layout.element_slot, layout.num_kept, e);
+          return std::pair<Op, Op>(slot_wa[2 * s], slot_wa[2 * s + 1]);
+        },
+        sums);
+  }
+  if constexpr (TELEMETRY) {
+    store_block_telemetry<kAmosThreads>(sums, telemetry_partials + 2 * static_cast<int64_t>(blockIdx.x));
   }
 }
 
-template <typename scalar_t, bool MOMENTUM>
+// `telemetry` (null: off): the step's [n][Σθ², Σ(Δθ)²] output (telemetry.cuh),
+// from the block sums of the main launch (one-pass tensors) and of the apply
+// launch (two-phase tensors); the plan was built with telemetry ranges.
+template <typename scalar_t, bool MOMENTUM, bool TELEMETRY>
 void launch_amos(const TableKey& key, AmosPlan<at::opmath_type<scalar_t>>& plan, bool clip,
-                 const at::Device& device) {
+                 const at::Device& device, double* telemetry) {
   using Op = at::opmath_type<scalar_t>;
-  if (plan.main_tasks == 0) return;
+  if (plan.main_tasks == 0) {
+    if constexpr (TELEMETRY) zero_telemetry(telemetry, plan.num_tensors, device);
+    return;
+  }
   at::Tensor scratch;  // partial sums, then (w, a) pairs
   Op* partials = nullptr;
   Op* wa = nullptr;
@@ -380,19 +427,32 @@ void launch_amos(const TableKey& key, AmosPlan<at::opmath_type<scalar_t>>& plan,
     partials = scratch.data_ptr<Op>();
     wa = partials + plan.num_partials;
   }
+  at::Tensor telemetry_scratch;  // block sums: the main launch's, then the apply launch's
+  double* main_sums = nullptr;
+  double* apply_sums = nullptr;
+  if constexpr (TELEMETRY) {
+    telemetry_scratch = telemetry_partials(plan.main_tasks + plan.apply_tasks, device);
+    main_sums = telemetry_scratch.data_ptr<double>();
+    apply_sums = main_sums + 2 * plan.main_tasks;
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   with_device_table(key, plan.image, [&](const uint8_t* base) {
     const AmosTable<Op> table = plan.view(base);
-    amos_main_kernel<scalar_t, MOMENTUM>
-        <<<static_cast<unsigned>(plan.main_tasks), kAmosThreads, 0, stream>>>(table, clip, partials);
+    amos_main_kernel<scalar_t, MOMENTUM, TELEMETRY>
+        <<<static_cast<unsigned>(plan.main_tasks), kAmosThreads, 0, stream>>>(table, clip, partials, main_sums);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (plan.slot_tasks == 0) return;
-    amos_slots_kernel<scalar_t>
-        <<<static_cast<unsigned>(plan.slot_tasks), kAmosThreads, 0, stream>>>(table, partials, wa);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    amos_apply_kernel<scalar_t, MOMENTUM>
-        <<<static_cast<unsigned>(plan.apply_tasks), kAmosThreads, 0, stream>>>(table, clip, wa);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (plan.slot_tasks > 0) {
+      amos_slots_kernel<scalar_t>
+          <<<static_cast<unsigned>(plan.slot_tasks), kAmosThreads, 0, stream>>>(table, partials, wa);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      amos_apply_kernel<scalar_t, MOMENTUM, TELEMETRY>
+          <<<static_cast<unsigned>(plan.apply_tasks), kAmosThreads, 0, stream>>>(table, clip, wa, apply_sums);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if constexpr (TELEMETRY) {
+      combine_telemetry(main_sums, plan.telemetry_begin(base), plan.telemetry_end(base), plan.num_tensors,
+                        telemetry, stream);
+    }
   });
 }
 
@@ -406,13 +466,17 @@ void launch(const StepCall<AmosAlgorithm>& call) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "amos_fused_amos_cuda", [&] {
     using Op = at::opmath_type<scalar_t>;
     const CoefTable<AmosCoef<Op>> coefs = opmath_coefficients<Op, AmosCoef>(call);
+    const bool telemetry = call.telemetry != nullptr;
     AmosPlan<Op> plan(call.op, params, call.grads, call.states[0], call.states[1],
-                      momentum ? call.states[2] : at::TensorList(), call.layouts, coefs);
-    if (momentum) {
-      launch_amos<scalar_t, true>(key, plan, clip, params[0].device());
-    } else {
-      launch_amos<scalar_t, false>(key, plan, clip, params[0].device());
-    }
+                      momentum ? call.states[2] : at::TensorList(), call.layouts, coefs, telemetry);
+    with_flag(momentum, [&](auto momentum_flag) {
+      constexpr bool kMomentum = decltype(momentum_flag)::value;
+      if (telemetry) {
+        launch_amos<scalar_t, kMomentum, true>(key, plan, clip, params[0].device(), call.telemetry);
+      } else {
+        launch_amos<scalar_t, kMomentum, false>(key, plan, clip, params[0].device(), nullptr);
+      }
+    });
   });
 }
 

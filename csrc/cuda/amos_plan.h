@@ -142,9 +142,10 @@ class AmosPlan {
  public:
   AmosPlan(const char* op, at::TensorList params, at::TensorList grads, at::TensorList vs,
            at::TensorList bs, at::TensorList mus, const std::vector<AmosLayout>& layouts,
-           const CoefTable<AmosCoef<Op>>& coefs) {
+           const CoefTable<AmosCoef<Op>>& coefs, bool telemetry = false) {
     const int64_t n = static_cast<int64_t>(params.size());
     check_tensor_count(op, params.size());
+    num_tensors = n;
     const int64_t width = 16 / params[0].element_size();  // elements per 16-byte pack
     const int64_t warp_row_capacity = 32 * row_packs(width) * width;
     const int64_t block_row_capacity = kAmosThreads * row_packs(width) * width;
@@ -159,7 +160,10 @@ class AmosPlan {
       check_chunks(op, count);
       for (int64_t c = 0; c < count; ++c) list.push_back({static_cast<int32_t>(t), static_cast<uint32_t>(c)});
     };
+    std::vector<int64_t> main_first(n + 1, 0), apply_first(n + 1, 0);  // tensor t's tasks: [first[t], first[t+1])
     for (int64_t t = 0; t < n; ++t) {
+      main_first[t] = static_cast<int64_t>(main.size());
+      apply_first[t] = static_cast<int64_t>(apply.size());
       AmosTensor& x = info[t];
       const AmosLayout& layout = layouts[t];
       x.numel = params[t].numel();
@@ -198,6 +202,8 @@ class AmosPlan {
         add_tasks(apply, t, ceil_div(x.numel, chunk));
       }
     }
+    main_first[n] = static_cast<int64_t>(main.size());
+    apply_first[n] = static_cast<int64_t>(apply.size());
     main_tasks = static_cast<int64_t>(main.size());
     slot_tasks = static_cast<int64_t>(slot.size());
     apply_tasks = static_cast<int64_t>(apply.size());
@@ -213,6 +219,7 @@ class AmosPlan {
     main_section_ = image.add<BlockTask>(main_tasks);
     slot_section_ = image.add<BlockTask>(slot_tasks);
     apply_section_ = image.add<BlockTask>(apply_tasks);
+    if (telemetry) telemetry_section_ = image.add<int64_t>(2 * n);
     image.allocate();
 
     image.set_used(coefs_section_, static_cast<int64_t>(coefs.unique.size()));
@@ -227,6 +234,27 @@ class AmosPlan {
     std::copy(main.begin(), main.end(), image.data<BlockTask>(main_section_));
     std::copy(slot.begin(), slot.end(), image.data<BlockTask>(slot_section_));
     std::copy(apply.begin(), apply.end(), image.data<BlockTask>(apply_section_));
+    if (telemetry) {  // θ of tensor t is written by its main blocks, or its apply blocks (two-phase kinds)
+      int64_t* begin = image.data<int64_t>(telemetry_section_);
+      int64_t* end = begin + n;
+      for (int64_t t = 0; t < n; ++t) {
+        const bool two_phase = info[t].kind == kLongRows || info[t].kind == kGeneral;
+        const std::vector<int64_t>& first = two_phase ? apply_first : main_first;
+        const int64_t offset = two_phase ? main_tasks : 0;
+        begin[t] = offset + first[t];
+        end[t] = offset + first[t + 1];
+      }
+    }
+  }
+
+  // With telemetry: tensor t's pairs of block sums are [begin[t], end[t]) of one
+  // buffer of main_tasks + apply_tasks pairs, the main launch's blocks first, then
+  // the apply launch's (device arrays of the table at base).
+  const int64_t* telemetry_begin(const uint8_t* base) const {
+    return device_section<int64_t>(base, image, telemetry_section_);
+  }
+  const int64_t* telemetry_end(const uint8_t* base) const {
+    return telemetry_begin(base) + num_tensors;
   }
 
   AmosTable<Op> view(const uint8_t* base) const {
@@ -249,6 +277,7 @@ class AmosPlan {
   int64_t main_tasks = 0, slot_tasks = 0, apply_tasks = 0;
   int64_t num_partials = 0;  // two-phase: partial sums of g²
   int64_t num_slots = 0;     // two-phase: (w, a) pairs
+  int64_t num_tensors = 0;
 
  private:
   void add_two_phase(AmosTensor& x, int64_t partials) {
@@ -259,7 +288,7 @@ class AmosPlan {
   }
 
   int coefs_section_, address_section_[kAmosArrays], coef_index_section_, tensor_section_,
-      general_section_, main_section_, slot_section_, apply_section_;
+      general_section_, main_section_, slot_section_, apply_section_, telemetry_section_ = -1;
 };
 
 }  // namespace amos_fused::cuda

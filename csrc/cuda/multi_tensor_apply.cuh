@@ -7,7 +7,8 @@
 //   coef_index[t] → coefs     per-tensor coefficients (step_math.h), folded
 //   tasks[block]    block → (tensor, chunk of `chunk` elements)
 // Each block walks its chunk with element_walk.cuh and calls the algorithm's
-// functor f(x, coef) on the opmath values x[0..S) of every element.
+// functor f(x, coef) on the opmath values x[0..S) of every element; with
+// telemetry (a compile-time variant) it also sums θ² and (Δθ)² of array 0.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -21,6 +22,7 @@
 #include "device_table.h"
 #include "element_walk.cuh"
 #include "op_support.h"
+#include "telemetry.cuh"
 
 namespace amos_fused::cuda {
 
@@ -108,6 +110,9 @@ class ElementwisePlan {
     return v;
   }
 
+  int64_t num_tensors() const { return n_; }
+  at::Device device() const { return arrays_[0][0].device(); }
+
   TableImage image;
   std::vector<int64_t> first_task;
   int64_t num_tasks = 0;
@@ -133,30 +138,61 @@ __device__ __forceinline__ void chunk_of(const ElementwiseTable<Coef, S>& table,
   if (end > numel) end = numel;
 }
 
-template <typename scalar_t, int S, unsigned kWriteMask, typename Coef, typename Functor>
+// TELEMETRY: also this block's Σθ², Σ(Δθ)² of array 0 (the params) into
+// telemetry_partials[2·block], [2·block + 1] (telemetry.cuh).
+template <typename scalar_t, int S, unsigned kWriteMask, bool TELEMETRY, typename Coef, typename Functor>
 __global__ void __launch_bounds__(kElementwiseThreads)
-    elementwise_kernel(ElementwiseTable<Coef, S> table, Functor f) {
+    elementwise_kernel(ElementwiseTable<Coef, S> table, Functor f, double* telemetry_partials) {
   using Op = at::opmath_type<scalar_t>;
   const BlockTask task = table.tasks[blockIdx.x];
   scalar_t* ptr[S];
   int64_t begin, end;
   chunk_of(table, task, ptr, begin, end);
   const Coef coef = table.coefs[table.coef_index[task.tensor]];
-  map_elements<scalar_t, S, kWriteMask>(ptr, begin, end, threadIdx.x, kElementwiseThreads,
-                                        [&](Op (&x)[S], int64_t) { f(x, coef); });
+  if constexpr (TELEMETRY) {
+    static_assert(kWriteMask & 1u, "telemetry tracks array 0, which must be the (written) params");
+    TelemetrySums<scalar_t> sums;
+    map_elements<scalar_t, S, kWriteMask>(ptr, begin, end, threadIdx.x, kElementwiseThreads,
+                                          [&](Op (&x)[S], int64_t) {
+                                            const Op before = x[0];
+                                            f(x, coef);
+                                            sums.add(x[0], before);
+                                          });
+    store_block_telemetry<kElementwiseThreads>(sums, telemetry_partials + 2 * static_cast<int64_t>(blockIdx.x));
+  } else {
+    map_elements<scalar_t, S, kWriteMask>(ptr, begin, end, threadIdx.x, kElementwiseThreads,
+                                          [&](Op (&x)[S], int64_t) { f(x, coef); });
+  }
 }
 
 // Uploads the plan's table (what changed) and steps the bucket in one launch on
-// the current stream.
+// the current stream.  `telemetry` (null: off): the [n][Σθ², Σ(Δθ)²] output of
+// the step (telemetry.cuh), written by a second, small launch.
 template <typename scalar_t, int S, unsigned kWriteMask, typename Coef, typename Functor>
-void launch_elementwise(const TableKey& key, ElementwisePlan<Coef, S>& plan, const Functor& f) {
-  if (plan.num_tasks == 0) return;
+void launch_elementwise(const TableKey& key, ElementwisePlan<Coef, S>& plan, const Functor& f,
+                        double* telemetry = nullptr) {
+  if (plan.num_tasks == 0) {
+    if (telemetry != nullptr) zero_telemetry(telemetry, plan.num_tensors(), plan.device());
+    return;
+  }
   plan.fill();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  at::Tensor partials;
+  if (telemetry != nullptr) partials = telemetry_partials(plan.num_tasks, plan.device());
   with_device_table(key, plan.image, [&](const uint8_t* base) {
-    elementwise_kernel<scalar_t, S, kWriteMask>
-        <<<static_cast<unsigned>(plan.num_tasks), kElementwiseThreads, 0, stream>>>(plan.view(base), f);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const ElementwiseTable<Coef, S> table = plan.view(base);
+    const unsigned blocks = static_cast<unsigned>(plan.num_tasks);
+    if (telemetry != nullptr) {
+      elementwise_kernel<scalar_t, S, kWriteMask, true>
+          <<<blocks, kElementwiseThreads, 0, stream>>>(table, f, partials.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      combine_telemetry(partials.data_ptr<double>(), table.first_task, table.first_task + 1, plan.num_tensors(),
+                        telemetry, stream);
+    } else {
+      elementwise_kernel<scalar_t, S, kWriteMask, false>
+          <<<blocks, kElementwiseThreads, 0, stream>>>(table, f, nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
 }
 

@@ -6,7 +6,9 @@
 //   2. scales:  one warp per tensor adds its blocks' partials in a fixed order (in
 //      double: per-tensor work, like the host's coefficients) and turns the norms
 //      into k and ρ;
-//   3. apply:   θ ← θ − (k·u + ρ·θ), u recomputed from the stored m, v.
+//   3. apply:   θ ← θ − (k·u + ρ·θ), u recomputed from the stored m, v; with
+//      telemetry (a compile-time variant) also each block's Σθ², Σ(Δθ)², added
+//      per tensor by a fourth, small launch (telemetry.cuh).
 // bfloat16/float16: m, v rounded to storage between the phases would give phase 3
 // another u than the one normed (in fp16 v underflows to 0 and u explodes), so
 // phase 1 only reads and phase 3 updates the moments again from the old m, v and
@@ -27,6 +29,7 @@
 #include "block_reduce.cuh"
 #include "multi_tensor_apply.cuh"
 #include "step_launch.h"
+#include "telemetry.cuh"
 
 namespace amos_fused::cuda {
 namespace {
@@ -97,13 +100,8 @@ __global__ void __launch_bounds__(kElementwiseThreads)
   const int64_t t = (static_cast<int64_t>(blockIdx.x) * kElementwiseThreads + threadIdx.x) / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (t >= num_tensors) return;  // whole warps
-  double u_sq = 0.0, theta_sq = 0.0;
-  for (int64_t i = table.first_task[t] + lane; i < table.first_task[t + 1]; i += kWarpSize) {
-    u_sq += static_cast<double>(partials[2 * i]);
-    theta_sq += static_cast<double>(partials[2 * i + 1]);
-  }
-  u_sq = warp_sum(u_sq);
-  theta_sq = warp_sum(theta_sq);
+  double u_sq, theta_sq;
+  warp_sum_pairs(partials, table.first_task[t], table.first_task[t + 1], lane, u_sq, theta_sq);
   if (lane != 0) return;
   const NormCoef<Op>& c = table.coefs[table.coef_index[t]];
   const double u_norm = ::sqrt(u_sq), theta_norm = ::sqrt(theta_sq);
@@ -120,9 +118,11 @@ __global__ void __launch_bounds__(kElementwiseThreads)
 }
 
 // Phase 3: θ ← θ − (k·u + ρ·θ) (narrow storage: the moments are updated and stored here).
-template <typename scalar_t, bool LAMB>
+// TELEMETRY: also this block's Σθ², Σ(Δθ)² into telemetry_partials[2·block], [2·block + 1].
+template <typename scalar_t, bool LAMB, bool TELEMETRY>
 __global__ void __launch_bounds__(kElementwiseThreads)
-    norm_apply_kernel(NormTable<at::opmath_type<scalar_t>> table, const at::opmath_type<scalar_t>* k_rho) {
+    norm_apply_kernel(NormTable<at::opmath_type<scalar_t>> table, const at::opmath_type<scalar_t>* k_rho,
+                      double* telemetry_partials) {
   using Op = at::opmath_type<scalar_t>;
   const BlockTask task = table.tasks[blockIdx.x];
   scalar_t* ptr[4];
@@ -131,26 +131,36 @@ __global__ void __launch_bounds__(kElementwiseThreads)
   const MomentCoef<Op> c = table.coefs[table.coef_index[task.tensor]].moments;
   const Op k = k_rho[2 * static_cast<int64_t>(task.tensor)];
   const Op rho = k_rho[2 * static_cast<int64_t>(task.tensor) + 1];
+  [[maybe_unused]] TelemetrySums<scalar_t> sums;
   if constexpr (kMomentsInApply<scalar_t>) {
     map_elements<scalar_t, 4, 0b1101u>(ptr, begin, end, threadIdx.x, kElementwiseThreads,
                                        [&](Op (&x)[4], int64_t) {  // θ, g, m, v
+                                         [[maybe_unused]] const Op before = x[0];
                                          update_moments(x[1], x[2], x[3], c);
                                          const Op u = adam_direction<LAMB>(x[0], x[2], x[3], c);
                                          scaled_update(x[0], u, k, rho);
+                                         if constexpr (TELEMETRY) sums.add(x[0], before);
                                        });
   } else {
     scalar_t* const pmv[3] = {ptr[0], ptr[2], ptr[3]};
     map_elements<scalar_t, 3, 0b1u>(pmv, begin, end, threadIdx.x, kElementwiseThreads,
                                     [&](Op (&x)[3], int64_t) {  // θ, m, v
+                                      [[maybe_unused]] const Op before = x[0];
                                       const Op u = adam_direction<LAMB>(x[0], x[1], x[2], c);
                                       scaled_update(x[0], u, k, rho);
+                                      if constexpr (TELEMETRY) sums.add(x[0], before);
                                     });
+  }
+  if constexpr (TELEMETRY) {
+    store_block_telemetry<kElementwiseThreads>(sums, telemetry_partials + 2 * static_cast<int64_t>(blockIdx.x));
   }
 }
 
+// `telemetry` (null: off): the step's [n][Σθ², Σ(Δθ)²] output, from phase 3's block
+// sums (telemetry.cuh).
 template <typename scalar_t, bool LAMB>
 void launch_norm_scaled(const TableKey& key, ElementwisePlan<NormCoef<at::opmath_type<scalar_t>>, 4>& plan,
-                        int init_norm_section, const at::Device& device) {
+                        int init_norm_section, const at::Device& device, double* telemetry) {
   using Op = at::opmath_type<scalar_t>;
   const int64_t n = static_cast<int64_t>(plan.first_task.size()) - 1;
   // partials: 2 per block; k_rho: 2 per tensor.
@@ -158,6 +168,8 @@ void launch_norm_scaled(const TableKey& key, ElementwisePlan<NormCoef<at::opmath
       at::empty({2 * (plan.num_tasks + n)}, at::TensorOptions().dtype(c10::CppTypeToScalarType<Op>::value).device(device));
   Op* partials = scratch.data_ptr<Op>();
   Op* k_rho = partials + 2 * plan.num_tasks;
+  at::Tensor telemetry_scratch;
+  if (telemetry != nullptr) telemetry_scratch = telemetry_partials(plan.num_tasks, device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   with_device_table(key, plan.image, [&](const uint8_t* base) {
     const NormTable<Op> table = plan.view(base);
@@ -167,8 +179,15 @@ void launch_norm_scaled(const TableKey& key, ElementwisePlan<NormCoef<at::opmath
     norm_scales_kernel<Op><<<static_cast<unsigned>(ceil_div(n, kWarpsPerBlock)), kElementwiseThreads, 0, stream>>>(
         table, device_section<double>(base, plan.image, init_norm_section), partials, n, LAMB, k_rho);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    norm_apply_kernel<scalar_t, LAMB><<<blocks, kElementwiseThreads, 0, stream>>>(table, k_rho);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (telemetry != nullptr) {
+      double* const block_sums = telemetry_scratch.data_ptr<double>();
+      norm_apply_kernel<scalar_t, LAMB, true><<<blocks, kElementwiseThreads, 0, stream>>>(table, k_rho, block_sums);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      combine_telemetry(block_sums, table.first_task, table.first_task + 1, n, telemetry, stream);
+    } else {
+      norm_apply_kernel<scalar_t, LAMB, false><<<blocks, kElementwiseThreads, 0, stream>>>(table, k_rho, nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
 }
 
@@ -189,15 +208,18 @@ void norm_scaled_step(const StepCall<A>& call, bool lamb) {
         });
     ElementwisePlan<NormCoef<Op>, 4> plan(call.op, {params, call.grads, call.states[0], call.states[1]},
                                           coefs);
-    if (plan.num_tasks == 0) return;
+    if (plan.num_tasks == 0) {
+      if (call.telemetry != nullptr) zero_telemetry(call.telemetry, plan.num_tensors(), params[0].device());
+      return;
+    }
     const int init_norm_section = plan.image.add<double>(static_cast<int64_t>(params.size()));
     plan.fill();
     double* norms = plan.image.data<double>(init_norm_section);
     for (size_t t = 0; t < params.size(); ++t) norms[t] = call.per_tensor.empty() ? 0.0 : call.per_tensor[t];
     if (lamb) {
-      launch_norm_scaled<scalar_t, true>(key, plan, init_norm_section, params[0].device());
+      launch_norm_scaled<scalar_t, true>(key, plan, init_norm_section, params[0].device(), call.telemetry);
     } else {
-      launch_norm_scaled<scalar_t, false>(key, plan, init_norm_section, params[0].device());
+      launch_norm_scaled<scalar_t, false>(key, plan, init_norm_section, params[0].device(), call.telemetry);
     }
   });
 }

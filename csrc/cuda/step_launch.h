@@ -1,6 +1,7 @@
 // The CUDA step op (csrc/step_prologue.h's run_step): after the shared prologue,
 // one launch per algorithm over the whole bucket: the generic elementwise launch
-// below, or the algorithm's own (cuda/*.cu).
+// below, or the algorithm's own (cuda/*.cu).  Every launch fills the call's
+// telemetry when it has one (telemetry.cuh).
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -25,8 +26,6 @@ struct Backend {
   static void device_checks(const char* op, at::TensorList params) { cuda_checks(op, params)(); }
   template <typename A>
   static void launch(const StepCall<A>& call) {
-    TORCH_CHECK_NOT_IMPLEMENTED(call.telemetry == nullptr, call.op,
-                                ": telemetry is not implemented by the CUDA kernels yet");
     TORCH_CHECK_NOT_IMPLEMENTED(call.round.empty(), call.op,
                                 ": stochastic rounding is not implemented by the CUDA kernels yet");
     cuda::launch(call);
@@ -67,7 +66,7 @@ void launch(const StepCall<A>& call) {
     using Op = at::opmath_type<scalar_t>;
     const CoefTable<typename A::template CoefOf<Op>> coefs = opmath_coefficients<Op, A::template CoefOf>(call);
     ElementwisePlan<typename A::template CoefOf<Op>, S> plan(call.op, arrays, coefs);
-    launch_elementwise<scalar_t, S, A::kWriteMask>(key, plan, AlgorithmElement<A>{});
+    launch_elementwise<scalar_t, S, A::kWriteMask>(key, plan, AlgorithmElement<A>{}, call.telemetry);
   });
 }
 

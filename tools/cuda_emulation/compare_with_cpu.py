@@ -1,9 +1,9 @@
 """Runs the CUDA ops under host emulation (build_emulated_ops.py) and compares them
 with the CPU ops on the same inputs: every algorithm, every storage dtype, every Amos kernel
 path (elementwise, warp rows, block rows, long rows, general layouts), misaligned
-params, GradScaler inputs, and the cached device tables (grads at new addresses,
-a param moved, a sub-bucket, a changed layout, another stream, per-tensor step
-counts).  Checks logic only: no timing, memory model or real-device behaviour.
+params, GradScaler inputs, the step's telemetry output (group "telemetry"), and the
+cached device tables (grads at new addresses, a param moved, a sub-bucket, a changed
+layout, another stream, per-tensor step counts).  Checks logic only: no timing, memory model or real-device behaviour.
 
     python tools/cuda_emulation/compare_with_cpu.py [group ...]   # groups: see GROUPS
 
@@ -230,8 +230,127 @@ def group_cache():
         compare(f"cache amos {axes}", *results, dtype)
 
 
+# Telemetry (the step's [n, 2] float64 output of Σθ², Σ(Δθ)² per param):
+# * against float64 sums of the emulated run's own params before and after the
+#   step: the same stored values, only the summation differs (per-thread opmath
+#   sums of at most a few hundred terms, then double): rtol TELEMETRY_SELF_RTOL;
+# * against the CPU op's telemetry, which steps its own params (a few ULP apart,
+#   see TOL) and sums in other blocks (4096 elements, SIMD lanes): Σθ² is a sum of
+#   O(1) terms, so a few ULP; Σ(Δθ)² sums differences θ_after − θ_before ~ lr·θ, in
+#   which one ULP of θ is ~1/lr times larger relatively, and in bfloat16 an
+#   element whose rounding flips changes its Δθ by a whole storage ULP:
+#   rtol TELEMETRY_CPU_RTOL[dtype] = (Σθ², Σ(Δθ)²).  Seen on these inputs: ≤ 5.3e-7,
+#   3.9e-6 in float32 and ≤ 4.3e-6, 6.6e-6 in bfloat16;
+# * two emulated runs: bitwise equal; the params and states of the telemetry run
+#   bitwise equal to a run without telemetry, and close to the CPU run (TOL);
+# * a step skipped by found_inf: Σ(Δθ)² = 0, Σθ² untouched; an empty bucket: zeros.
+TELEMETRY_SELF_RTOL = 1e-5
+TELEMETRY_CPU_RTOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-4, 1e-3)}
+
+
+def telemetry_cases():
+    """(name, algorithm, shapes, state names, hyper(step), per_tensor, slot axes) of every kernel variant."""
+    adam_shapes = SHAPES
+    for amsgrad, decoupled in itertools.product([False, True], [True, False]):
+        yield (f"adam amsgrad={amsgrad} decoupled={decoupled}", "adam", adam_shapes,
+               ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else []),
+               lambda step, a=amsgrad, d=decoupled: adam_hyper(0.1, d, a, True), (), None)
+    for decoupled in (True, False):
+        yield (f"radam decoupled={decoupled}", "radam", SHAPES, ["exp_avg", "exp_avg_sq"],
+               lambda step, d=decoupled: dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                                              decoupled=d, rectify_threshold=4.0), (), None)
+    yield ("lion", "lion", SHAPES, ["exp_avg"],
+           lambda step: dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.3), (), None)
+    norm_shapes = SHAPES + [(70000,)]
+    yield ("scaled_adam", "scaled_adam", norm_shapes, ["exp_avg", "exp_avg_sq"],
+           lambda step: dict(lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, p=2.0, inverse_time=False, q=0.5),
+           [1.0 + i for i in range(len(norm_shapes))], None)
+    yield ("lamb", "lamb", norm_shapes, ["exp_avg", "exp_avg_sq"],
+           lambda step: dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1, bias_correction=True),
+           (), None)
+    for (axes, shapes), momentum in itertools.product(AMOS_LAYOUTS.items(), [None, 0.9]):
+        yield (f"amos {axes} momentum={momentum}", "amos", shapes, ["v", "b"] + (["mu"] if momentum else []),
+               lambda step, m=momentum: amos_hyper(0.3 * 0.9**step, m, 0.5, 0.01),
+               [0.3 + 0.1 * i for i in range(len(shapes))], axes)
+
+
+def telemetry_run(ops, algorithm, shapes, names, hyper, per_tensor, axes, dtype, track, steps=3,
+                  skip_last=False):
+    """A few steps from seeded tensors; returns (params, states, steps, [telemetry per step],
+    [float64 sums of each step's own before/after params])."""
+    p = tensors(shapes, dtype, 9, misaligned=(1,) if axes != (0, 2) else ())
+    state = {name: ([slot_of(x, axes) for x in p] if name in ("v", "b") else zeros(p)) for name in names}
+    counts = counters([0] * len(p))
+    tables, own = [], []
+    for step in range(steps):
+        before = clone(p)
+        table = torch.full((len(p), 2), float("nan"), dtype=torch.float64) if track else None
+        skip = skip_last and step == steps - 1
+        call_step(ops, algorithm, p, tensors(shapes, dtype, 900 + step), state, counts, hyper(step), per_tensor,
+                  None, torch.tensor(1.0) if skip else None, table)
+        tables.append(table)
+        own.append(torch.tensor([[x.double().square().sum().item(), (x.double() - b.double()).square().sum().item()]
+                                 for x, b in zip(p, before)], dtype=torch.float64).reshape(len(p), 2))
+    return p, [state[name] for name in names], counts, tables, own
+
+
+def close_rows(what, actual, expected, rtols):
+    """Column-wise |a − e| <= rtol·|e| (+ a floor of 1e-300 for zero sums)."""
+    for column, rtol in enumerate(rtols):
+        try:
+            torch.testing.assert_close(actual[:, column], expected[:, column], rtol=rtol, atol=1e-300)
+        except AssertionError as error:
+            FAILURES.append(f"{what}: column {column}: {str(error)[:400]}")
+
+
+def group_telemetry():
+    worst = {}
+    for (name, algorithm, shapes, names, hyper, per_tensor, axes), dtype in itertools.product(
+            telemetry_cases(), [torch.float32, torch.bfloat16]):
+        what = f"telemetry {name} {dtype}"
+        args = (algorithm, shapes, names, hyper, per_tensor, axes, dtype)
+        first = telemetry_run(EMU, *args, track=True)
+        second = telemetry_run(EMU, *args, track=True)
+        untracked = telemetry_run(EMU, *args, track=False)
+        cpu = telemetry_run(CPU, *args, track=True)
+        for step, (a, b, own, c) in enumerate(zip(first[3], second[3], first[4], cpu[3])):
+            if not torch.equal(a, b):
+                FAILURES.append(f"{what}: step {step}: two emulated runs differ: {a.tolist()} vs {b.tolist()}")
+            close_rows(f"{what}: step {step}: against its own params", a, own, [TELEMETRY_SELF_RTOL] * 2)
+            close_rows(f"{what}: step {step}: against the CPU op", a, c, TELEMETRY_CPU_RTOL[dtype])
+            relative = ((a - c).abs() / c.abs().clamp_min(1e-300)).max(dim=0).values
+            worst[dtype] = torch.maximum(worst.get(dtype, torch.zeros(2, dtype=torch.float64)), relative)
+        for x, y in zip([first[0]] + first[1], [untracked[0]] + untracked[1]):
+            if not all(torch.equal(u, v) for u, v in zip(x, y)):
+                FAILURES.append(f"{what}: params or states differ bitwise from the run without telemetry")
+                break
+        compare(f"{what}: params and states", [first[0]] + first[1] + [first[2]], [cpu[0]] + cpu[1] + [cpu[2]],
+                dtype)
+    for dtype, relative in worst.items():
+        print(f"  telemetry {dtype}: largest relative difference from the CPU op: "
+              f"Σθ² {relative[0]:.2e}, Σ(Δθ)² {relative[1]:.2e}")
+    # found_inf: the skipped last step writes Σ(Δθ)² = 0 and leaves Σθ² unwritten (nan).
+    for name, algorithm, shapes, names, hyper, per_tensor, axes in telemetry_cases():
+        if name not in ("adam amsgrad=False decoupled=True", "lamb", "amos (1,) momentum=0.9"):
+            continue
+        tables = telemetry_run(EMU, algorithm, shapes, names, hyper, per_tensor, axes, torch.float32, track=True,
+                               steps=2, skip_last=True)[3]
+        last = tables[-1]
+        if not (torch.all(last[:, 1] == 0) and torch.all(last[:, 0].isnan())):
+            FAILURES.append(f"telemetry {name}: a step skipped by found_inf wrote {last.tolist()}")
+    # A bucket of empty tensors: no block runs, the rows are zeros.
+    for name, algorithm, _, names, hyper, per_tensor, axes in telemetry_cases():
+        if name not in ("adam amsgrad=True decoupled=False", "lion", "scaled_adam", "amos None momentum=None"):
+            continue
+        empty = [(0,), (0, 3)]
+        tables = telemetry_run(EMU, algorithm, empty, names, hyper, [1.0, 1.0] if per_tensor else (), axes,
+                               torch.float32, track=True, steps=1)[3]
+        if not torch.equal(tables[0], torch.zeros(2, 2, dtype=torch.float64)):
+            FAILURES.append(f"telemetry {name}: a bucket of empty tensors wrote {tables[0].tolist()}")
+
+
 GROUPS = {"adam": group_adam, "radam_lion": group_radam_lion, "norm_scaled": group_norm_scaled,
-          "amos": group_amos, "cache": group_cache}
+          "amos": group_amos, "cache": group_cache, "telemetry": group_telemetry}
 
 
 def main(argv):
