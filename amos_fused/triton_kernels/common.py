@@ -5,6 +5,8 @@
     address of a tensor's stream, loads / stores in the storage dtype with math
     in the compute dtype;
   * scalar math helpers (the counterparts of the af_* helpers of csrc/step_math.h);
+  * stochastic rounding of bfloat16 params: the Triton copy of the hash of
+    csrc/stochastic_round.h and the per-step rounding table;
   * coefficient tables and launch helpers;
   * the input checks of the ops, run before anything is written.
 
