@@ -14,6 +14,8 @@ pointers).  The inputs swept:
   * buckets of one tensor and of several (the JIT turns ``n == 1`` into a constant);
   * steps without and with telemetry (the step op's optional [n, 2] float64 output:
     the TELEMETRY variants of the kernels that write θ, and its sums launch);
+  * bfloat16 steps without and with stochastic rounding (the step op's round_keys:
+    the ROUND variants of the kernels that write θ);
   * the hyper-parameters that change a launch: starting from typical values, a
     hyper-parameter joins the sweep when setting it to another of its values
     (typical, 0, 1) at some point of the sweep changes what is launched, until
@@ -220,10 +222,11 @@ class Recorder:
 
     def step(self, algorithm: str, hyper: Dict[str, float], dtype: str, aligned: bool,
              tensors: Sequence[Tuple[tuple, object]], strict: bool = True,
-             telemetry: bool = False) -> Optional[FrozenSet[Variant]]:
+             telemetry: bool = False, rounding: bool = False) -> Optional[FrozenSet[Variant]]:
         """The variants one step launches (bucket: (shape, reduce_axes) per tensor),
-        with a telemetry table when ``telemetry``; unless ``strict``, None when the
-        step op refuses these hyper-parameters."""
+        with a telemetry table when ``telemetry`` and round keys (stochastic rounding
+        of bfloat16 params) when ``rounding``; unless ``strict``, None when the step
+        op refuses these hyper-parameters."""
         torch, contract = self.torch, self.contracts.contract(algorithm)
         dt = getattr(torch, dtype)
         params = [self._tensor(shape, dt, aligned) for shape, _ in tensors]
@@ -239,11 +242,12 @@ class Recorder:
         steps = [torch.tensor(0.0) for _ in tensors]
         per_tensor = [0.5] * len(tensors) if contract.per_tensor else []
         table = torch.full((len(tensors), 2), math.nan, dtype=torch.float64) if telemetry else None
+        keys = [(1 << 32) | i for i in range(len(tensors))] if rounding else None
         self.calls.clear()
         with self.active():
             try:
                 self.ops.step(algorithm, params, grads, states, steps, values, per_tensor,
-                              telemetry=table)
+                              telemetry=table, round_keys=keys)
             except (ValueError, RuntimeError):
                 if strict:
                     raise
@@ -348,13 +352,17 @@ def launched_variants(recorder: Recorder, log: Callable[[str], None]) -> Dict[st
         swept = sorted({name for point in sweep for name, value in point.items()
                         if value != hyper_values(name)[0]})
         before = len(found)
-        for hyper, dtype, aligned, bucket, telemetry in itertools.product(
-                sweep, DTYPES, (True, False), buckets, (False, True)):
-            for variant in recorder.step(algorithm, hyper, dtype, aligned, bucket, telemetry=telemetry):
+        for hyper, dtype, aligned, bucket, telemetry, rounding in itertools.product(
+                sweep, DTYPES, (True, False), buckets, (False, True), (False, True)):
+            if rounding and dtype != "bfloat16":  # round keys are for bfloat16 params only
+                continue
+            for variant in recorder.step(algorithm, hyper, dtype, aligned, bucket, telemetry=telemetry,
+                                         rounding=rounding):
                 found.setdefault(variant)
         log(f"{algorithm}: swept {', '.join(swept) or 'no hyper-parameter'} ({len(sweep)} point(s)) "
             f"x {len(DTYPES)} dtypes x aligned/misaligned x {len(buckets)} bucket(s) "
-            f"x without/with telemetry: {len(found) - before} new variant(s)")
+            f"x without/with telemetry x (bfloat16) without/with stochastic rounding: "
+            f"{len(found) - before} new variant(s)")
     by_kernel: Dict[str, List[Variant]] = {}
     for variant in found:
         by_kernel.setdefault(variant.kernel, []).append(variant)
@@ -485,9 +493,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability (default 90)")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "2")),
                         help="parallel compiles (default: $JOBS or 2)")
-    parser.add_argument("--max-all", type=int, default=128,
+    parser.add_argument("--max-all", type=int, default=160,
                         help="kernels with at most this many variants are compiled in all of them; "
-                             "others in a pairwise cover (default 128)")
+                             "others in a pairwise cover (default 160: adam_kernel's 160)")
     parser.add_argument("--all", action="store_true", help="compile every variant of every kernel")
     parser.add_argument("--kernel", default="", help="only kernels whose name matches this regex")
     parser.add_argument("--list", action="store_true", help="list the variants, compile nothing")

@@ -13,6 +13,9 @@ Program i of a kernel steps block ``blocks[2i+1]`` of tensor ``blocks[2i]``
 (common.py); full blocks run unmasked (vector accesses), only a tensor's last
 block is masked.  With TELEMETRY, program i also writes its block's Σθ², Σ(Δθ)²
 to pair i of ``telemetry`` (the float64 partials; common.py adds them per tensor).
+With ROUND (bf16_stochastic_round: bfloat16 params with round_keys), θ is rounded
+stochastically before its store (common.py's round_block, row t of ``rounding``);
+telemetry then sees the rounded stored value.
 
 Inputs are checked by ops.py before anything here runs."""
 from typing import Optional
@@ -23,9 +26,9 @@ from torch import Tensor
 
 from ..contracts import contract
 from .common import (column_constants, BLOCK, NUM_WARPS, elementwise_meta, ieee_div, ieee_sqrt, kernel_dtypes,
-                     launch_telemetry_sums, launching, load_block, nan_maximum, program_entry, store_block,
-                     stream, telemetry_entry, telemetry_partials, torch_lerp, torch_sign, track_block,
-                     upload_coefficients)
+                     launch_telemetry_sums, launching, load_block, nan_maximum, program_entry, round_block,
+                     rounding_table, store_block, stream, telemetry_entry, telemetry_partials, torch_lerp,
+                     torch_sign, track_block, upload_coefficients, ROUND_WIDTH)
 
 
 # ---------------------------------------------------------------------------
@@ -78,9 +81,9 @@ ADAM_WIDTH = tl.constexpr(len(contract("adam").columns))
 
 
 @triton.jit
-def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, coef_row, own, COMPUTE: tl.constexpr,
-                FP64: tl.constexpr, AMSGRAD: tl.constexpr, L2: tl.constexpr,
-                MASKED: tl.constexpr, TELEMETRY: tl.constexpr):
+def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, offs, mask, coef_row, own, round_row,
+                COMPUTE: tl.constexpr, FP64: tl.constexpr, AMSGRAD: tl.constexpr, L2: tl.constexpr,
+                MASKED: tl.constexpr, TELEMETRY: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr):
     p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
     before = p
     g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
@@ -92,6 +95,8 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, coef_row, own,
     b1c, b2, b2c, decay, l2, eps, bc2_sqrt, neg_step, unscale, small = load_adam_coefficients(coef_row)
     p, m, v, vmax = adam_update(p, g, m, v, vmax, b1c, b2, b2c, decay, l2, eps, bc2_sqrt,
                                 neg_step, unscale, small, AMSGRAD, L2, FP64)
+    if ROUND:
+        p = round_block(p, round_row, start, offs, BLOCK)
     store_block(p_ptr + offs, p, mask, MASKED)
     store_block(m_ptr + offs, m, mask, MASKED)
     store_block(v_ptr + offs, v, mask, MASKED)
@@ -102,9 +107,10 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, coef_row, own,
 
 
 @triton.jit
-def adam_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, n, DTYPE: tl.constexpr,
+def adam_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, rounding, n, DTYPE: tl.constexpr,
                 COMPUTE: tl.constexpr, FP64: tl.constexpr, AMSGRAD: tl.constexpr,
-                L2: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr):
+                L2: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr,
+                ROUND: tl.constexpr):
     """Streams: 0 param, 1 exp_avg, 2 exp_avg_sq, 3 max_exp_avg_sq (AMSGRAD)."""
     t, index = program_entry(blocks)
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
@@ -119,12 +125,13 @@ def adam_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, n, D
     offs = start + tl.arange(0, BLOCK)
     numel = tl.load(numels + t)
     own = telemetry_entry(telemetry)
+    round_row = rounding + t * ROUND_WIDTH
     if start + BLOCK <= numel:
-        _adam_block(p, g, m, v, vmax, offs, offs < numel, coef_row, own, COMPUTE, FP64, AMSGRAD, L2, False,
-                    TELEMETRY)
+        _adam_block(p, g, m, v, vmax, start, offs, offs < numel, coef_row, own, round_row, COMPUTE, FP64,
+                    AMSGRAD, L2, False, TELEMETRY, ROUND, BLOCK)
     else:
-        _adam_block(p, g, m, v, vmax, offs, offs < numel, coef_row, own, COMPUTE, FP64, AMSGRAD, L2, True,
-                    TELEMETRY)
+        _adam_block(p, g, m, v, vmax, start, offs, offs < numel, coef_row, own, round_row, COMPUTE, FP64,
+                    AMSGRAD, L2, True, TELEMETRY, ROUND, BLOCK)
 
 
 def _l2(hyper) -> bool:
@@ -133,7 +140,7 @@ def _l2(hyper) -> bool:
 
 
 def launch_adam(params, grads, states, hyper, coef: Tensor, _prepared=None,
-                telemetry: Optional[Tensor] = None) -> None:
+                telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None) -> None:
     amsgrad = bool(hyper["amsgrad"])
     l2 = _l2(hyper)
     streams = [params, states["exp_avg"], states["exp_avg_sq"]] + ([states["max_exp_avg_sq"]] if amsgrad else [])
@@ -143,10 +150,10 @@ def launch_adam(params, grads, states, hyper, coef: Tensor, _prepared=None,
         if meta.num_blocks:
             adam_kernel[(meta.num_blocks,)](
                 meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params),
-                telemetry_partials(meta, telemetry), meta.n,
+                telemetry_partials(meta, telemetry), rounding_table(meta, rounding), meta.n,
                 **kernel_dtypes(params[0].dtype), AMSGRAD=amsgrad, L2=l2,
                 ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
-                TELEMETRY=telemetry is not None)
+                TELEMETRY=telemetry is not None, ROUND=rounding is not None)
         launch_telemetry_sums(meta, telemetry)
 
 
@@ -201,8 +208,9 @@ RADAM_WIDTH = tl.constexpr(len(contract("radam").columns))
 
 
 @triton.jit
-def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, own, COMPUTE: tl.constexpr,
-                 FP64: tl.constexpr, L2: tl.constexpr, MASKED: tl.constexpr, TELEMETRY: tl.constexpr):
+def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, start, offs, mask, coef_row, own, round_row, COMPUTE: tl.constexpr,
+                 FP64: tl.constexpr, L2: tl.constexpr, MASKED: tl.constexpr, TELEMETRY: tl.constexpr,
+                 ROUND: tl.constexpr, BLOCK: tl.constexpr):
     p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
     before = p
     g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
@@ -212,6 +220,8 @@ def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, own, COMPUTE:
      rectified, small) = load_radam_coefficients(coef_row)
     p, m, v = radam_update(p, g, m, v, b1c, b2, b2c, decay, l2, eps, bc1, lr, bc2_sqrt, rect,
                            unscale, rectified, small, L2, FP64)
+    if ROUND:
+        p = round_block(p, round_row, start, offs, BLOCK)
     store_block(p_ptr + offs, p, mask, MASKED)
     store_block(m_ptr + offs, m, mask, MASKED)
     store_block(v_ptr + offs, v, mask, MASKED)
@@ -220,9 +230,9 @@ def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, own, COMPUTE:
 
 
 @triton.jit
-def radam_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, n, DTYPE: tl.constexpr,
+def radam_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, rounding, n, DTYPE: tl.constexpr,
                  COMPUTE: tl.constexpr, FP64: tl.constexpr, L2: tl.constexpr,
-                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr):
+                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr, ROUND: tl.constexpr):
     """Streams: 0 param, 1 exp_avg, 2 exp_avg_sq."""
     t, index = program_entry(blocks)
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
@@ -234,14 +244,17 @@ def radam_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, n, 
     offs = start + tl.arange(0, BLOCK)
     numel = tl.load(numels + t)
     own = telemetry_entry(telemetry)
+    round_row = rounding + t * ROUND_WIDTH
     if start + BLOCK <= numel:
-        _radam_block(p, g, m, v, offs, offs < numel, coef_row, own, COMPUTE, FP64, L2, False, TELEMETRY)
+        _radam_block(p, g, m, v, start, offs, offs < numel, coef_row, own, round_row, COMPUTE, FP64, L2, False,
+                     TELEMETRY, ROUND, BLOCK)
     else:
-        _radam_block(p, g, m, v, offs, offs < numel, coef_row, own, COMPUTE, FP64, L2, True, TELEMETRY)
+        _radam_block(p, g, m, v, start, offs, offs < numel, coef_row, own, round_row, COMPUTE, FP64, L2, True,
+                     TELEMETRY, ROUND, BLOCK)
 
 
 def launch_radam(params, grads, states, hyper, coef: Tensor, _prepared=None,
-                 telemetry: Optional[Tensor] = None) -> None:
+                 telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None) -> None:
     l2 = _l2(hyper)
     meta = elementwise_meta("radam", [params, states["exp_avg"], states["exp_avg_sq"]], BLOCK)
     grad_table, grads_aligned = meta.grad_addresses.get(grads)
@@ -249,9 +262,9 @@ def launch_radam(params, grads, states, hyper, coef: Tensor, _prepared=None,
         if meta.num_blocks:
             radam_kernel[(meta.num_blocks,)](
                 meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params),
-                telemetry_partials(meta, telemetry), meta.n,
+                telemetry_partials(meta, telemetry), rounding_table(meta, rounding), meta.n,
                 **kernel_dtypes(params[0].dtype), L2=l2, ALIGNED=meta.aligned and grads_aligned,
-                BLOCK=BLOCK, num_warps=NUM_WARPS, TELEMETRY=telemetry is not None)
+                BLOCK=BLOCK, num_warps=NUM_WARPS, TELEMETRY=telemetry is not None, ROUND=rounding is not None)
         launch_telemetry_sums(meta, telemetry)
 
 
@@ -289,14 +302,16 @@ LION_WIDTH = tl.constexpr(len(contract("lion").columns))
 
 
 @triton.jit
-def _lion_block(p_ptr, g_ptr, m_ptr, offs, mask, coef_row, own, COMPUTE: tl.constexpr,
-                MASKED: tl.constexpr, TELEMETRY: tl.constexpr):
+def _lion_block(p_ptr, g_ptr, m_ptr, start, offs, mask, coef_row, own, round_row, COMPUTE: tl.constexpr,
+                MASKED: tl.constexpr, TELEMETRY: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr):
     p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
     before = p
     g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
     m = load_block(m_ptr + offs, mask, MASKED, COMPUTE)
     beta1, b1c, beta2, b2c, decay, neg_lr, unscale = load_lion_coefficients(coef_row)
     p, m = lion_update(p, g, m, beta1, b1c, beta2, b2c, decay, neg_lr, unscale)
+    if ROUND:
+        p = round_block(p, round_row, start, offs, BLOCK)
     store_block(p_ptr + offs, p, mask, MASKED)
     store_block(m_ptr + offs, m, mask, MASKED)
     if TELEMETRY:
@@ -304,8 +319,9 @@ def _lion_block(p_ptr, g_ptr, m_ptr, offs, mask, coef_row, own, COMPUTE: tl.cons
 
 
 @triton.jit
-def lion_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, n, DTYPE: tl.constexpr,
-                COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr):
+def lion_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, rounding, n, DTYPE: tl.constexpr,
+                COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr,
+                ROUND: tl.constexpr):
     """Streams: 0 param, 1 exp_avg."""
     t, index = program_entry(blocks)
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
@@ -316,14 +332,17 @@ def lion_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, n, D
     offs = start + tl.arange(0, BLOCK)
     numel = tl.load(numels + t)
     own = telemetry_entry(telemetry)
+    round_row = rounding + t * ROUND_WIDTH
     if start + BLOCK <= numel:
-        _lion_block(p, g, m, offs, offs < numel, coef_row, own, COMPUTE, False, TELEMETRY)
+        _lion_block(p, g, m, start, offs, offs < numel, coef_row, own, round_row, COMPUTE, False, TELEMETRY,
+                    ROUND, BLOCK)
     else:
-        _lion_block(p, g, m, offs, offs < numel, coef_row, own, COMPUTE, True, TELEMETRY)
+        _lion_block(p, g, m, start, offs, offs < numel, coef_row, own, round_row, COMPUTE, True, TELEMETRY,
+                    ROUND, BLOCK)
 
 
 def launch_lion(params, grads, states, hyper, coef: Tensor, _prepared=None,
-                telemetry: Optional[Tensor] = None) -> None:
+                telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None) -> None:
     meta = elementwise_meta("lion", [params, states["exp_avg"]], BLOCK)
     grad_table, grads_aligned = meta.grad_addresses.get(grads)
     types = kernel_dtypes(params[0].dtype)
@@ -332,7 +351,7 @@ def launch_lion(params, grads, states, hyper, coef: Tensor, _prepared=None,
         if meta.num_blocks:
             lion_kernel[(meta.num_blocks,)](
                 meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params),
-                telemetry_partials(meta, telemetry), meta.n,
+                telemetry_partials(meta, telemetry), rounding_table(meta, rounding), meta.n,
                 **types, ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
-                TELEMETRY=telemetry is not None)
+                TELEMETRY=telemetry is not None, ROUND=rounding is not None)
         launch_telemetry_sums(meta, telemetry)

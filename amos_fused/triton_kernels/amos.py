@@ -50,7 +50,9 @@ Launch order of a step:
                      one pass over memory), phased blocks (Δ from the slot's w, a);
                      with TELEMETRY each program (a block, or a ROWS row: its
                      chunks added lane by lane) writes Σθ², Σ(Δθ)² of the θ it
-                     stored to its own pair of the telemetry partials, and
+                     stored to its own pair of the telemetry partials; with ROUND
+                     (bf16_stochastic_round) θ is rounded stochastically before
+                     its store (common.py's round_block), and
   tensor_sums_kernel (telemetry only; common.py) adds each tensor's pairs in order.
 
 Inputs are checked by ops.py before anything here runs (describing the slot
@@ -66,9 +68,9 @@ from torch import Tensor
 from ..contracts import contract
 from .common import (column_constants, BLOCK, StreamTables, addresses_of, cached, compute_dtype, ieee_div, ieee_sqrt,
                      int64_table, kernel_dtypes, launch_telemetry_sums, launching,
-                     load_block, nan_clamp, nan_maximum, program_entry, program_map, store_block,
-                     stream, telemetry_entry, telemetry_partials, to_storage, track_block, tracked_squares,
-                     upload_coefficients, write_telemetry)
+                     load_block, nan_clamp, nan_maximum, program_entry, program_map, round_block, rounding_table,
+                     store_block, stream, telemetry_entry, telemetry_partials, to_storage, track_block,
+                     tracked_squares, upload_coefficients, write_telemetry, ROUND_WIDTH)
 
 AMOS_NUM_WARPS = 8    # the Amos kernels hold more values per element (fewer registers per thread)
 AMOS_MAX_ROW = 16384  # Amos rows longer than this are split over programs (LONG_ROWS)
@@ -427,9 +429,10 @@ def amos_slots_kernel(addresses, info, blocks, coef, partials, slot_updates, n, 
 
 
 @triton.jit
-def _elementwise_block(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, offs, mask, coef_row, own,
+def _elementwise_block(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, start, offs, mask, coef_row, own, round_row,
                        COMPUTE: tl.constexpr, FP64: tl.constexpr, MOMENTUM: tl.constexpr,
-                       CLIP: tl.constexpr, MASKED: tl.constexpr, TELEMETRY: tl.constexpr):
+                       CLIP: tl.constexpr, MASKED: tl.constexpr, TELEMETRY: tl.constexpr,
+                       ROUND: tl.constexpr, BLOCK: tl.constexpr):
     g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
     v = load_block(v_ptr + offs, mask, MASKED, COMPUTE)
     b = load_block(b_ptr + offs, mask, MASKED, COMPUTE)
@@ -448,6 +451,8 @@ def _elementwise_block(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, offs, mask, coef_row,
     if MOMENTUM:
         mu = load_block(mu_ptr + offs, mask, MASKED, COMPUTE)
     p, mu = amos_element(p, g, mu, w, a, momentum, momentum_c, MOMENTUM)
+    if ROUND:
+        p = round_block(p, round_row, start, offs, BLOCK)
     store_block(p_ptr + offs, p, mask, MASKED)
     if not TELEMETRY:
         store_block(v_ptr + offs, v, mask, MASKED)
@@ -468,10 +473,11 @@ def _row_squares(g_ptr, cols, mask, unscale, clip, COMPUTE: tl.constexpr, CLIP: 
 
 
 @triton.jit
-def _row_update(p_ptr, g_ptr, mu_ptr, cols, mask, w, a, unscale, clip, momentum, momentum_c,
+def _row_update(p_ptr, g_ptr, mu_ptr, first, cols, mask, w, a, unscale, clip, momentum, momentum_c, round_row,
                 COMPUTE: tl.constexpr, MOMENTUM: tl.constexpr, CLIP: tl.constexpr,
-                MASKED: tl.constexpr):
-    """Updates a chunk of a row; returns θ before and after (compute dtype)."""
+                MASKED: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr):
+    """Updates a chunk of a row (elements cols, from first); returns θ before and
+    after (compute dtype, after as stored)."""
     p = load_block(p_ptr + cols, mask, MASKED, COMPUTE)
     before = p
     g = amos_clip(load_block(g_ptr + cols, mask, MASKED, COMPUTE), unscale, clip, CLIP)
@@ -479,6 +485,8 @@ def _row_update(p_ptr, g_ptr, mu_ptr, cols, mask, w, a, unscale, clip, momentum,
     if MOMENTUM:
         mu = load_block(mu_ptr + cols, mask, MASKED, COMPUTE)
     p, mu = amos_element(p, g, mu, w, a, momentum, momentum_c, MOMENTUM)
+    if ROUND:
+        p = round_block(p, round_row, first, cols, BLOCK)
     store_block(p_ptr + cols, p, mask, MASKED)
     if MOMENTUM:
         store_block(mu_ptr + cols, mu, mask, MASKED)
@@ -486,20 +494,20 @@ def _row_update(p_ptr, g_ptr, mu_ptr, cols, mask, w, a, unscale, clip, momentum,
 
 
 @triton.jit
-def _tracked_row_update(p_ptr, g_ptr, mu_ptr, cols, mask, w, a, unscale, clip, momentum, momentum_c,
-                        weight_acc, update_acc, COMPUTE: tl.constexpr, MOMENTUM: tl.constexpr,
-                        CLIP: tl.constexpr, MASKED: tl.constexpr):
+def _tracked_row_update(p_ptr, g_ptr, mu_ptr, first, cols, mask, w, a, unscale, clip, momentum, momentum_c,
+                        round_row, weight_acc, update_acc, COMPUTE: tl.constexpr, MOMENTUM: tl.constexpr,
+                        CLIP: tl.constexpr, MASKED: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr):
     """_row_update, adding the chunk's θ², (Δθ)² of the stored θ to the row's lanes."""
-    before, p = _row_update(p_ptr, g_ptr, mu_ptr, cols, mask, w, a, unscale, clip, momentum, momentum_c,
-                            COMPUTE, MOMENTUM, CLIP, MASKED)
+    before, p = _row_update(p_ptr, g_ptr, mu_ptr, first, cols, mask, w, a, unscale, clip, momentum, momentum_c,
+                            round_row, COMPUTE, MOMENTUM, CLIP, MASKED, ROUND, BLOCK)
     weight_sq, update_sq = tracked_squares(before, p, mask, p_ptr.dtype.element_ty, MASKED)
     return weight_acc + weight_sq, update_acc + update_sq
 
 
 @triton.jit
-def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, own, COMPUTE: tl.constexpr,
+def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, own, round_row, COMPUTE: tl.constexpr,
          FP64: tl.constexpr, MOMENTUM: tl.constexpr, CLIP: tl.constexpr,
-         ROWS_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr):
+         ROWS_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr, ROUND: tl.constexpr):
     """Row r (slot r): Σ clip(g)² over the row, the slot update, then the row's update.
     Full chunks run unmasked; with ROWS_ALIGNED (row lengths multiples of 8 elements
     in an aligned bucket) they start on 16-byte boundaries.  With TELEMETRY, the
@@ -543,28 +551,28 @@ def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, own, COMPUTE:
         if TELEMETRY:
             if off + BLOCK <= row_len:
                 weight_acc, update_acc = _tracked_row_update(
-                    p_ptr, g_ptr, mu_ptr, cols, cols < end, w, a, unscale, clip, momentum, momentum_c,
-                    weight_acc, update_acc, COMPUTE, MOMENTUM, CLIP, False)
+                    p_ptr, g_ptr, mu_ptr, first, cols, cols < end, w, a, unscale, clip, momentum, momentum_c,
+                    round_row, weight_acc, update_acc, COMPUTE, MOMENTUM, CLIP, False, ROUND, BLOCK)
             else:
                 weight_acc, update_acc = _tracked_row_update(
-                    p_ptr, g_ptr, mu_ptr, cols, cols < end, w, a, unscale, clip, momentum, momentum_c,
-                    weight_acc, update_acc, COMPUTE, MOMENTUM, CLIP, True)
+                    p_ptr, g_ptr, mu_ptr, first, cols, cols < end, w, a, unscale, clip, momentum, momentum_c,
+                    round_row, weight_acc, update_acc, COMPUTE, MOMENTUM, CLIP, True, ROUND, BLOCK)
         else:
             if off + BLOCK <= row_len:
-                _row_update(p_ptr, g_ptr, mu_ptr, cols, cols < end, w, a, unscale, clip, momentum,
-                            momentum_c, COMPUTE, MOMENTUM, CLIP, False)
+                _row_update(p_ptr, g_ptr, mu_ptr, first, cols, cols < end, w, a, unscale, clip, momentum,
+                            momentum_c, round_row, COMPUTE, MOMENTUM, CLIP, False, ROUND, BLOCK)
             else:
-                _row_update(p_ptr, g_ptr, mu_ptr, cols, cols < end, w, a, unscale, clip, momentum,
-                            momentum_c, COMPUTE, MOMENTUM, CLIP, True)
+                _row_update(p_ptr, g_ptr, mu_ptr, first, cols, cols < end, w, a, unscale, clip, momentum,
+                            momentum_c, round_row, COMPUTE, MOMENTUM, CLIP, True, ROUND, BLOCK)
         off += BLOCK
     if TELEMETRY:
         write_telemetry(own, weight_acc, update_acc)
 
 
 @triton.jit
-def _phased_block(p_ptr, g_ptr, mu_ptr, offs, mask, coef_row, slots, own, COMPUTE: tl.constexpr,
+def _phased_block(p_ptr, g_ptr, mu_ptr, start, offs, mask, coef_row, slots, own, round_row, COMPUTE: tl.constexpr,
                   MOMENTUM: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr,
-                  TELEMETRY: tl.constexpr):
+                  TELEMETRY: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr):
     """Elements of a phased tensor given the (w, a) of their slots (slots: scratch
     addresses of w; a follows each w)."""
     if MASKED:
@@ -583,6 +591,8 @@ def _phased_block(p_ptr, g_ptr, mu_ptr, offs, mask, coef_row, slots, own, COMPUT
     g = amos_clip(g, unscale, clip, CLIP)
     before = p
     p, mu = amos_element(p, g, mu, w, a, momentum, momentum_c, MOMENTUM)
+    if ROUND:
+        p = round_block(p, round_row, start, offs, BLOCK)
     store_block(p_ptr + offs, p, mask, MASKED)
     if MOMENTUM:
         store_block(mu_ptr + offs, mu, mask, MASKED)
@@ -591,14 +601,14 @@ def _phased_block(p_ptr, g_ptr, mu_ptr, offs, mask, coef_row, slots, own, COMPUT
 
 
 @triton.jit
-def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, telemetry, n, ndim,
+def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, telemetry, rounding, n, ndim,
                 DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FP64: tl.constexpr,
                 MOMENTUM: tl.constexpr, CLIP: tl.constexpr, ALIGNED: tl.constexpr,
                 ROWS_ALIGNED: tl.constexpr, HAS_ELEMENTWISE: tl.constexpr, HAS_ROWS: tl.constexpr,
-                HAS_PHASED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr):
+                HAS_PHASED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr, ROUND: tl.constexpr):
     """Streams: 0 param, 1 v, 2 b, 3 mu (MOMENTUM).  blocks: (tensor, block index),
     or (tensor, row) for ROWS tensors.  telemetry (TELEMETRY): the float64 telemetry
-    partials, a pair per program."""
+    partials, a pair per program; rounding (ROUND): the rounding table (common.py)."""
     t, index = program_entry(blocks)
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
     v = stream(addresses, 1, n, t, DTYPE, ALIGNED)
@@ -614,27 +624,28 @@ def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, tel
     start = index * BLOCK
     offs = start + tl.arange(0, BLOCK)
     own = telemetry_entry(telemetry)
+    round_row = rounding + t * ROUND_WIDTH
     if HAS_ELEMENTWISE:
         if kind == ELEMENTWISE_KIND:
             if start + BLOCK <= numel:
-                _elementwise_block(p, g, v, b, mu, offs, offs < numel, coef_row, own, COMPUTE, FP64,
-                                   MOMENTUM, CLIP, False, TELEMETRY)
+                _elementwise_block(p, g, v, b, mu, start, offs, offs < numel, coef_row, own, round_row, COMPUTE,
+                                   FP64, MOMENTUM, CLIP, False, TELEMETRY, ROUND, BLOCK)
             else:
-                _elementwise_block(p, g, v, b, mu, offs, offs < numel, coef_row, own, COMPUTE, FP64,
-                                   MOMENTUM, CLIP, True, TELEMETRY)
+                _elementwise_block(p, g, v, b, mu, start, offs, offs < numel, coef_row, own, round_row, COMPUTE,
+                                   FP64, MOMENTUM, CLIP, True, TELEMETRY, ROUND, BLOCK)
     if HAS_ROWS:
         if kind == ROWS_KIND:
-            _row(p, g, v, b, mu, index, tl.load(meta + 2), coef_row, own, COMPUTE, FP64, MOMENTUM, CLIP,
-                 ROWS_ALIGNED, BLOCK, TELEMETRY)
+            _row(p, g, v, b, mu, index, tl.load(meta + 2), coef_row, own, round_row, COMPUTE, FP64, MOMENTUM,
+                 CLIP, ROWS_ALIGNED, BLOCK, TELEMETRY, ROUND)
     if HAS_PHASED:
         if kind >= LONG_ROWS_KIND:
             slots = slot_updates + 2 * (tl.load(meta + 3) + slot_index(offs, meta + INFO_FIXED, ndim))
             if start + BLOCK <= numel:
-                _phased_block(p, g, mu, offs, offs < numel, coef_row, slots, own, COMPUTE, MOMENTUM, CLIP,
-                              False, TELEMETRY)
+                _phased_block(p, g, mu, start, offs, offs < numel, coef_row, slots, own, round_row, COMPUTE,
+                              MOMENTUM, CLIP, False, TELEMETRY, ROUND, BLOCK)
             else:
-                _phased_block(p, g, mu, offs, offs < numel, coef_row, slots, own, COMPUTE, MOMENTUM, CLIP,
-                              True, TELEMETRY)
+                _phased_block(p, g, mu, start, offs, offs < numel, coef_row, slots, own, round_row, COMPUTE,
+                              MOMENTUM, CLIP, True, TELEMETRY, ROUND, BLOCK)
 
 
 # ---------------------------------------------------------------------------
@@ -642,7 +653,7 @@ def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, tel
 # ---------------------------------------------------------------------------
 
 def launch_amos(params, grads, states, hyper, coef: Tensor, meta: AmosMeta,
-                telemetry: Optional[Tensor] = None) -> None:
+                telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None) -> None:
     momentum, clip = bool(hyper["use_momentum"]), bool(hyper["clip"])
     if meta.num_main == 0:
         with launching(meta):
@@ -663,10 +674,12 @@ def launch_amos(params, grads, states, hyper, coef: Tensor, meta: AmosMeta,
                 num_warps=AMOS_NUM_WARPS)
         amos_kernel[(meta.num_main,)](
             meta.addresses, grad_table, meta.info, meta.main_blocks, coef, meta.slot_updates,
-            telemetry_partials(meta, telemetry), meta.n, meta.ndim, **types, MOMENTUM=momentum, CLIP=clip,
+            telemetry_partials(meta, telemetry), rounding_table(meta, rounding), meta.n, meta.ndim, **types,
+            MOMENTUM=momentum, CLIP=clip,
             ALIGNED=meta.aligned and grads_aligned,
             ROWS_ALIGNED=meta.aligned and grads_aligned and meta.rows_aligned,
             HAS_ELEMENTWISE=ELEMENTWISE in meta.kinds,
             HAS_ROWS=ROWS in meta.kinds, HAS_PHASED=meta.num_sum_blocks > 0,
-            BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS, TELEMETRY=telemetry is not None)
+            BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS, TELEMETRY=telemetry is not None,
+            ROUND=rounding is not None)
         launch_telemetry_sums(meta, telemetry)

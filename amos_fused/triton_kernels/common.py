@@ -5,6 +5,8 @@
     address of a tensor's stream, loads / stores in the storage dtype with math
     in the compute dtype;
   * scalar math helpers (the counterparts of the af_* helpers of csrc/step_math.h);
+  * stochastic rounding of bfloat16 params: the Triton copy of the hash of
+    csrc/stochastic_round.h and the per-step rounding table;
   * coefficient tables and launch helpers;
   * the input checks of the ops, run before anything is written.
 
@@ -20,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
+from .. import stochastic_round as host_rounding
 from ..checks import Problem, Walk, check_step
 from ..contracts import column_indices
 
@@ -277,6 +280,99 @@ def store_block(ptrs, x, mask, MASKED: tl.constexpr):
         tl.store(ptrs, y, mask=mask)
     else:
         tl.store(ptrs, y)
+
+
+# ---------------------------------------------------------------------------
+# Stochastic rounding of bfloat16 params (bf16_stochastic_round=True)
+# ---------------------------------------------------------------------------
+#
+# The Triton copy of the hash of csrc/stochastic_round.h (the reference copy is
+# amos_fused/stochastic_round.py; the bits are the same on every backend):
+#   key     = seed << 32 | the param's index in the optimizer (round_keys)
+#   base    = h(key_lo ^ h(key_hi ^ h(step ^ h(element >> 32))))
+#   bits    = h(base ^ (element & 0xffffffff))
+#   rounded = bits_of(x) + (bits & 0xffff), low 16 bits cleared (NaN kept as is)
+# with h = lowbias32, step the param's step count after this step's increment and
+# `element` the element's offset from the param's first element.
+#
+# A launch that writes θ with ROUND=True gets a ``rounding`` table (round_table):
+# per tensor t, at rounding[4t …], (base for elements < 2^32, key_lo, key_hi,
+# step), uint32 values in int64.  A block whose elements all lie below 2^32 (every
+# block of a tensor of fewer than 2^32 elements) takes the base from the table;
+# any other block hashes each element's own base.  Without ROUND a kernel does
+# what it did before (its rounding argument, then another table, is unused).
+
+ROUND_WIDTH = tl.constexpr(4)
+
+
+def round_table(round_keys: Optional[Sequence[int]], steps: Sequence[Tensor],
+                device: torch.device) -> Optional[Tensor]:
+    """The rounding table of a step (see above), or None without round_keys.
+    ``steps``: the float32 step counters BEFORE this step's increment (the hash
+    takes the count after it, float32 + 1 as csrc/step_prologue.h's next_steps)."""
+    if round_keys is None:
+        return None
+    mask32 = host_rounding.MASK32
+    after = torch.tensor([float(s) + 1.0 for s in steps], dtype=torch.float32).tolist()
+    rows = []
+    for key, step in zip(round_keys, after):
+        key, step = int(key) & 0xFFFFFFFFFFFFFFFF, int(step) & mask32
+        rows.append((host_rounding.round_base(key, step, 0), key & mask32, key >> 32, step))
+    return int64_table(rows, device)
+
+
+@triton.jit
+def lowbias32(x):
+    """C. Wellons' lowbias32 of uint32 values (csrc/stochastic_round.h)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def round_base(key_lo, key_hi, step, element_hi):
+    """The part of the hash shared by the elements of one tensor at one step whose
+    indices have the same high word (uint32 values)."""
+    return lowbias32(key_lo ^ lowbias32(key_hi ^ lowbias32(step ^ lowbias32(element_hi))))
+
+
+@triton.jit
+def round_bits(round_row, first, offs, BLOCK: tl.constexpr):
+    """The random bits (uint32) of the elements at offsets offs (int64) of the tensor
+    whose rounding-table row is round_row; first: a scalar ≤ every offset of offs,
+    all of them below first + BLOCK."""
+    base = tl.zeros_like(offs).to(tl.uint32) + tl.load(round_row).to(tl.uint32)
+    if (first + (BLOCK - 1)) >> 32 != 0:  # elements at or past 2^32: a base per element
+        key_lo = tl.load(round_row + 1).to(tl.uint32)
+        key_hi = tl.load(round_row + 2).to(tl.uint32)
+        step = tl.load(round_row + 3).to(tl.uint32)
+        base = round_base(key_lo, key_hi, step, (offs >> 32).to(tl.uint32))
+    return lowbias32(base ^ (offs & 0xFFFFFFFF).to(tl.uint32))
+
+
+@triton.jit
+def stochastic_round(x, bits):
+    """x (float32) rounded to a bfloat16 value (still float32, exact in bfloat16)
+    with the random bits; NaN kept as is."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u + (bits & 0xFFFF)) & 0xFFFF0000
+    return tl.where(x != x, x, u.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def round_block(x, round_row, first, offs, BLOCK: tl.constexpr):
+    """x (the float32 new θ of the elements at offs, see round_bits) stochastically
+    rounded to bfloat16 values: stored as they are (to_storage is then exact)."""
+    return stochastic_round(x, round_bits(round_row, first, offs, BLOCK))
+
+
+def rounding_table(meta, rounding: Optional[Tensor]) -> Tensor:
+    """The rounding table a launch that writes θ gets: ``rounding``, or (no rounding)
+    the address table, never read (ROUND=False)."""
+    return meta.addresses if rounding is None else rounding
 
 
 # ---------------------------------------------------------------------------

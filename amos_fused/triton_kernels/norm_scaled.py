@@ -16,7 +16,9 @@ a small reduction launch between them:
   phase 2 turns the sums into the tensor's k on the device, recomputes u from the
           stored m, v and writes θ ← θ − (k·u + ρ·θ); with telemetry, each block's
           Σθ², Σ(Δθ)² of the stored θ go to its own pair of the telemetry partials,
-          added per tensor by a second tensor_sums_kernel launch (common.py).
+          added per tensor by a second tensor_sums_kernel launch (common.py); with
+          ROUND (bf16_stochastic_round) θ is rounded stochastically before its
+          store (common.py's round_block).
 For bf16/fp16 storage (MOMENTS_IN_PHASE2) phase 1 only reads, and phase 2 updates
 and stores m, v itself, so both phases use the same unrounded u (rounding m, v in
 between would change u after it was normed; in fp16 v can underflow to 0).
@@ -33,8 +35,9 @@ from torch import Tensor
 from ..contracts import contract
 from .common import (column_constants, BLOCK, NUM_WARPS, BucketMeta, compute_dtype, elementwise_meta,
                      first_programs, ieee_div, ieee_sqrt, int64_table, kernel_dtypes, launch_telemetry_sums,
-                     launching, load_block, program_entry, store_block, stream, telemetry_entry,
-                     telemetry_partials, tensor_sums_kernel, torch_lerp, track_block, upload_coefficients)
+                     launching, load_block, program_entry, round_block, rounding_table, store_block, stream,
+                     telemetry_entry, telemetry_partials, tensor_sums_kernel, torch_lerp, track_block,
+                     upload_coefficients, ROUND_WIDTH)
 
 
 # ---------------------------------------------------------------------------
@@ -177,9 +180,10 @@ def norm_scaled_phase1_kernel(addresses, grad_addresses, numels, blocks, coef, p
 
 
 @triton.jit
-def _phase2_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, k, rho, own, COMPUTE: tl.constexpr,
-                  FP64: tl.constexpr, LAMB: tl.constexpr, MASKED: tl.constexpr,
-                  MOMENTS_IN_PHASE2: tl.constexpr, TELEMETRY: tl.constexpr):
+def _phase2_block(p_ptr, g_ptr, m_ptr, v_ptr, start, offs, mask, coef_row, k, rho, own, round_row,
+                  COMPUTE: tl.constexpr, FP64: tl.constexpr, LAMB: tl.constexpr, MASKED: tl.constexpr,
+                  MOMENTS_IN_PHASE2: tl.constexpr, TELEMETRY: tl.constexpr, ROUND: tl.constexpr,
+                  BLOCK: tl.constexpr):
     p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
     m = load_block(m_ptr + offs, mask, MASKED, COMPUTE)
     v = load_block(v_ptr + offs, mask, MASKED, COMPUTE)
@@ -191,17 +195,20 @@ def _phase2_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, k, rho, own,
         store_block(v_ptr + offs, v, mask, MASKED)
     u = adam_direction(p, m, v, eps, bc1, bc2_sqrt, wd, LAMB, FP64)
     new_p = scaled_update(p, u, k, rho)
+    if ROUND:
+        new_p = round_block(new_p, round_row, start, offs, BLOCK)
     store_block(p_ptr + offs, new_p, mask, MASKED)
     if TELEMETRY:
         track_block(own, p, new_p, mask, p_ptr.dtype.element_ty, MASKED)
 
 
 @triton.jit
-def norm_scaled_phase2_kernel(addresses, grad_addresses, numels, blocks, coef, sums, telemetry, n,
+def norm_scaled_phase2_kernel(addresses, grad_addresses, numels, blocks, coef, sums, telemetry, rounding, n,
                               DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FP64: tl.constexpr,
                               LAMB: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-                              MOMENTS_IN_PHASE2: tl.constexpr, TELEMETRY: tl.constexpr):
-    """telemetry (TELEMETRY): the float64 telemetry partials, a pair per program."""
+                              MOMENTS_IN_PHASE2: tl.constexpr, TELEMETRY: tl.constexpr, ROUND: tl.constexpr):
+    """telemetry (TELEMETRY): the float64 telemetry partials, a pair per program;
+    rounding (ROUND): the rounding table (common.py)."""
     t, index = program_entry(blocks)
     g = stream(grad_addresses, 0, n, t, DTYPE, ALIGNED)
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
@@ -215,12 +222,13 @@ def norm_scaled_phase2_kernel(addresses, grad_addresses, numels, blocks, coef, s
     offs = start + tl.arange(0, BLOCK)
     numel = tl.load(numels + t)
     own = telemetry_entry(telemetry)
+    round_row = rounding + t * ROUND_WIDTH
     if start + BLOCK <= numel:
-        _phase2_block(p, g, m, v, offs, offs < numel, coef_row, k, rho, own, COMPUTE, FP64, LAMB, False,
-                      MOMENTS_IN_PHASE2, TELEMETRY)
+        _phase2_block(p, g, m, v, start, offs, offs < numel, coef_row, k, rho, own, round_row, COMPUTE, FP64,
+                      LAMB, False, MOMENTS_IN_PHASE2, TELEMETRY, ROUND, BLOCK)
     else:
-        _phase2_block(p, g, m, v, offs, offs < numel, coef_row, k, rho, own, COMPUTE, FP64, LAMB, True,
-                      MOMENTS_IN_PHASE2, TELEMETRY)
+        _phase2_block(p, g, m, v, start, offs, offs < numel, coef_row, k, rho, own, round_row, COMPUTE, FP64,
+                      LAMB, True, MOMENTS_IN_PHASE2, TELEMETRY, ROUND, BLOCK)
 
 
 # ---------------------------------------------------------------------------
@@ -241,19 +249,20 @@ class NormScaledMeta(BucketMeta):
 
 
 def launch_scaled_adam(params, grads, states, hyper, coef: Tensor, _prepared=None,
-                       telemetry: Optional[Tensor] = None) -> None:
-    _launch_norm_scaled(params, grads, states, coef, lamb=False, telemetry=telemetry)
+                       telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None) -> None:
+    _launch_norm_scaled(params, grads, states, coef, lamb=False, telemetry=telemetry, rounding=rounding)
 
 
 def launch_lamb(params, grads, states, hyper, coef: Tensor, _prepared=None,
-                telemetry: Optional[Tensor] = None) -> None:
-    _launch_norm_scaled(params, grads, states, coef, lamb=True, telemetry=telemetry)
+                telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None) -> None:
+    _launch_norm_scaled(params, grads, states, coef, lamb=True, telemetry=telemetry, rounding=rounding)
 
 
 def _launch_norm_scaled(params, grads, states, coef: Tensor, lamb: bool,
-                        telemetry: Optional[Tensor] = None) -> None:
+                        telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None) -> None:
     """Scale-aware Adam (lamb=False) or LAMB: phase 1 then phase 2 (and, with
-    ``telemetry``, the sums of phase 2's telemetry partials into it)."""
+    ``telemetry``, the sums of phase 2's telemetry partials into it; with
+    ``rounding``, phase 2 stores θ with stochastic rounding)."""
     meta = elementwise_meta("norm_scaled", [params, states["exp_avg"], states["exp_avg_sq"]], BLOCK,
                             NormScaledMeta)
     if meta.num_blocks == 0:
@@ -277,7 +286,8 @@ def _launch_norm_scaled(params, grads, states, coef: Tensor, lamb: bool,
             BLOCK=BLOCK, num_warps=NUM_WARPS)
         norm_scaled_phase2_kernel[grid](
             meta.addresses, grad_table, meta.numels, meta.blocks, coef, meta.sums,
-            telemetry_partials(meta, telemetry), meta.n,
+            telemetry_partials(meta, telemetry), rounding_table(meta, rounding), meta.n,
             **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
-            MOMENTS_IN_PHASE2=moments_in_phase2, TELEMETRY=telemetry is not None)
+            MOMENTS_IN_PHASE2=moments_in_phase2, TELEMETRY=telemetry is not None,
+            ROUND=rounding is not None)
         launch_telemetry_sums(meta, telemetry)

@@ -14,7 +14,11 @@ leaves them as they were.  ``telemetry`` (optional, a contiguous float64
 [len(params), 2] tensor on the params' device, checked by ``begin_step``) gets
 row t = (Σθ², Σ(Δθ)²) of param t as stored, taken by the launch that writes θ
 and added per tensor in a fixed order (common.py); on a step skipped by
-``found_inf``, ``begin_step`` zeroes its column 1 and leaves column 0.  Tensors: CUDA, or CPU under TRITON_INTERPRET=1;
+``found_inf``, ``begin_step`` zeroes its column 1 and leaves column 0.  ``round_keys`` (optional, one int key per param, bfloat16 params
+only, checked by ``begin_step``): the launch that writes θ stores it with stochastic
+rounding, the same bits as the CPU and CUDA kernels (csrc/stochastic_round.h; the
+Triton copy of the hash and the per-step rounding table are in common.py); telemetry
+then sees the rounded stored values.  Tensors: CUDA, or CPU under TRITON_INTERPRET=1;
 float32 / bfloat16 / float16 with fp32 math, float64 with fp64 math."""
 from __future__ import annotations
 
@@ -26,10 +30,11 @@ from torch import Tensor
 from ..contracts import algorithms as contract_algorithms
 from ..contracts import contract
 from . import adam, amos, norm_scaled
-from .common import check_bucket
+from .common import check_bucket, round_table
 
 # Each algorithm's launch is ``launch_<algorithm>(params, grads, states by key, hyper by
-# name, coefficient table, prepared, telemetry=None)`` in one of these modules.
+# name, coefficient table, prepared, telemetry=None, rounding=None)`` in one of these
+# modules (rounding: common.py's rounding table).
 _MODULES = (adam, amos, norm_scaled)
 _LAUNCH = {name[len("launch_"):]: getattr(module, name)
            for module in _MODULES for name in dir(module) if name.startswith("launch_")}
@@ -60,9 +65,6 @@ def step(algorithm: str, params: List[Tensor], grads: List[Tensor], states: List
          grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
          telemetry: Optional[Tensor] = None, round_keys: Optional[Sequence[int]] = None) -> None:
     """One step of ``algorithm`` over a bucket (arguments as ``torch.ops.amos_fused.step``)."""
-    if round_keys is not None:
-        raise NotImplementedError("amos_fused: stochastic rounding (bf16_stochastic_round=True) is not "
-                                  "implemented by the Triton kernels yet")
     if algorithm not in algorithms():
         raise ValueError(f"amos_fused: unknown algorithm {algorithm!r} (known: {', '.join(algorithms())})")
     op = f"amos_fused.triton.{algorithm}_step"
@@ -75,7 +77,9 @@ def step(algorithm: str, params: List[Tensor], grads: List[Tensor], states: List
     run, coef = torch.ops.amos_fused.begin_step(algorithm, list(params), list(grads), list(states),
                                                 list(steps), [float(h) for h in hyper],
                                                 [float(x) for x in per_tensor], grad_scale, found_inf,
-                                                telemetry)
+                                                telemetry, None if round_keys is None else [int(k) for k in round_keys])
     if run:
-        _LAUNCH[algorithm](params, grads, lists, hyper_by_name, coef, prepared, telemetry=telemetry)
+        rounding = round_table(round_keys, steps, params[0].device)
+        _LAUNCH[algorithm](params, grads, lists, hyper_by_name, coef, prepared, telemetry=telemetry,
+                           rounding=rounding)
         torch._foreach_add_(list(steps), 1.0)  # after the launch: a failed one leaves them
