@@ -47,12 +47,13 @@ void launch(const StepCall<AdamAlgorithm>& call) {
     with_flag(l2, [&](auto l2_flag) {
       if (amsgrad) {
         ElementwisePlan<AdamCoef<Op>, 5> plan(
-            call.op, {params, call.grads, call.states[0], call.states[1], call.states[2]}, coefs);
+            call.op, {params, call.grads, call.states[0], call.states[1], call.states[2]}, coefs,
+            call.round_or_null());
         launch_elementwise<scalar_t, 5, 0b11101u>(key, plan, AdamElement<true, decltype(l2_flag)::value>{},
                                                   call.telemetry);
       } else {
         ElementwisePlan<AdamCoef<Op>, 4> plan(call.op, {params, call.grads, call.states[0], call.states[1]},
-                                              coefs);
+                                              coefs, call.round_or_null());
         launch_elementwise<scalar_t, 4, 0b1101u>(key, plan, AdamElement<false, decltype(l2_flag)::value>{},
                                                  call.telemetry);
       }
@@ -69,7 +70,7 @@ void launch(const StepCall<RAdamAlgorithm>& call) {
     using Op = at::opmath_type<scalar_t>;
     const CoefTable<RAdamCoef<Op>> coefs = opmath_coefficients<Op, RAdamCoef>(call);
     ElementwisePlan<RAdamCoef<Op>, 4> plan(call.op, {params, call.grads, call.states[0], call.states[1]},
-                                           coefs);
+                                           coefs, call.round_or_null());
     with_flag(l2, [&](auto l2_flag) {
       launch_elementwise<scalar_t, 4, 0b1101u>(key, plan, RAdamElement<decltype(l2_flag)::value>{}, call.telemetry);
     });

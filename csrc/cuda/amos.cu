@@ -10,7 +10,9 @@
 //   apply  two-phase tensors: Δ = w·θ − a·g per element.
 // With telemetry (a compile-time variant of main and apply) the kernels that write
 // θ also sum θ² and (Δθ)² per block, and a last small launch adds them per tensor
-// (telemetry.cuh).
+// (telemetry.cuh).  With stochastic rounding (another variant of main and apply,
+// bfloat16 only) they store θ rounded (param_rounding.cuh); telemetry then sums
+// the rounded values.
 // Deterministic: no atomics.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -56,11 +58,12 @@ __device__ __forceinline__ bool aligned16(const scalar_t* ptr) {
 
 // Elements [begin, end) of p, g (, mu) with the slot values (w, a) of each element
 // given by wa_of(e): Δ = w·θ − a·g, optional EMA, θ ← θ + Δ.  TELEMETRY: θ², (Δθ)²
-// into `sums` (here and in the step_* functions below).
-template <typename scalar_t, bool MOMENTUM, bool TELEMETRY, typename WA>
+// into `sums`; θ stored through `rounding` (here and in the step_* functions below).
+template <typename scalar_t, bool MOMENTUM, bool TELEMETRY, bool ROUND, typename WA>
 __device__ __forceinline__ void apply_slots(const AmosArrays<scalar_t>& x, int64_t begin, int64_t end,
                                             bool clip, const AmosCoef<at::opmath_type<scalar_t>>& c,
-                                            const WA& wa_of, TelemetrySums<scalar_t>& sums) {
+                                            const WA& wa_of, TelemetrySums<scalar_t>& sums,
+                                            const ParamRounding<ROUND>& rounding) {
   using Op = at::opmath_type<scalar_t>;
   if constexpr (MOMENTUM) {
     scalar_t* const ptr[3] = {x.p, x.g, x.mu};
@@ -69,6 +72,7 @@ __device__ __forceinline__ void apply_slots(const AmosArrays<scalar_t>& x, int64
                                         const std::pair<Op, Op> wa = wa_of(e);
                                         [[maybe_unused]] const Op before = y[0];
                                         amos_element<true>(y[0], clipped(y[1], clip, c), y[2], wa.first, wa.second, c);
+                                        y[0] = rounding(y[0], e);
                                         if constexpr (TELEMETRY) sums.add(y[0], before);
                                       });
   } else {
@@ -79,34 +83,37 @@ __device__ __forceinline__ void apply_slots(const AmosArrays<scalar_t>& x, int64
                                       Op unused(0);
                                       [[maybe_unused]] const Op before = y[0];
                                       amos_element<false>(y[0], clipped(y[1], clip, c), unused, wa.first, wa.second, c);
+                                      y[0] = rounding(y[0], e);
                                       if constexpr (TELEMETRY) sums.add(y[0], before);
                                     });
   }
 }
 
 // kElementwise: one slot per element, slot math and update in one pass.
-template <typename scalar_t, bool MOMENTUM, bool TELEMETRY>
+template <typename scalar_t, bool MOMENTUM, bool TELEMETRY, bool ROUND>
 __device__ __forceinline__ void step_elementwise(const AmosArrays<scalar_t>& x, int64_t begin, int64_t end,
                                                  bool clip, const AmosCoef<at::opmath_type<scalar_t>>& c,
-                                                 TelemetrySums<scalar_t>& sums) {
+                                                 TelemetrySums<scalar_t>& sums,
+                                                 const ParamRounding<ROUND>& rounding) {
   using Op = at::opmath_type<scalar_t>;
-  auto update = [&](Op& p, Op g, Op& v, Op& b, Op& mu) {
+  auto update = [&](Op& p, Op g, Op& v, Op& b, Op& mu, int64_t e) {
     const Op gc = clipped(g, clip, c);
     Op w, a;
     amos_slot(v, b, gc * gc, w, a, c);
     [[maybe_unused]] const Op before = p;
     amos_element<MOMENTUM>(p, gc, mu, w, a, c);
+    p = rounding(p, e);
     if constexpr (TELEMETRY) sums.add(p, before);
   };
   if constexpr (MOMENTUM) {
     scalar_t* const ptr[5] = {x.p, x.g, x.v, x.b, x.mu};
     map_elements<scalar_t, 5, 0b11101u>(ptr, begin, end, threadIdx.x, kAmosThreads,
-                                        [&](Op (&y)[5], int64_t) { update(y[0], y[1], y[2], y[3], y[4]); });
+                                        [&](Op (&y)[5], int64_t e) { update(y[0], y[1], y[2], y[3], y[4], e); });
   } else {
     scalar_t* const ptr[4] = {x.p, x.g, x.v, x.b};
-    map_elements<scalar_t, 4, 0b1101u>(ptr, begin, end, threadIdx.x, kAmosThreads, [&](Op (&y)[4], int64_t) {
+    map_elements<scalar_t, 4, 0b1101u>(ptr, begin, end, threadIdx.x, kAmosThreads, [&](Op (&y)[4], int64_t e) {
       Op unused(0);
-      update(y[0], y[1], y[2], y[3], unused);
+      update(y[0], y[1], y[2], y[3], unused, e);
     });
   }
 }
@@ -116,11 +123,11 @@ __device__ __forceinline__ void step_elementwise(const AmosArrays<scalar_t>& x, 
 // packs of g, θ and mu, all loads in flight at once) into registers; Σ clip(g)²
 // over the group → slot math → the row is updated from registers and stored.
 // Rows whose packs are not 16-byte aligned go element by element (g held).
-template <typename scalar_t, bool MOMENTUM, bool TELEMETRY, int kGroup>
+template <typename scalar_t, bool MOMENTUM, bool TELEMETRY, bool ROUND, int kGroup>
 __device__ __forceinline__ void step_rows(const AmosArrays<scalar_t>& x, const AmosTensor& info,
                                           uint32_t chunk, bool clip,
                                           const AmosCoef<at::opmath_type<scalar_t>>& c,
-                                          TelemetrySums<scalar_t>& sums) {
+                                          TelemetrySums<scalar_t>& sums, const ParamRounding<ROUND>& rounding) {
   using Op = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t>;
   constexpr int W = P::kWidth;
@@ -197,6 +204,7 @@ __device__ __forceinline__ void step_rows(const AmosArrays<scalar_t>& x, const A
           Op mu = Op(0);
           if constexpr (MOMENTUM) mu = static_cast<Op>(mu_pack[j].lane[k]);
           amos_element<MOMENTUM>(p, clipped(static_cast<Op>(g_pack[j].lane[k]), clip, c), mu, w, a, c);
+          p = rounding(p, r * L + e + k);
           if constexpr (TELEMETRY) sums.add(p, before);
           p_pack[j].lane[k] = static_cast<scalar_t>(p);
           if constexpr (MOMENTUM) mu_pack[j].lane[k] = static_cast<scalar_t>(mu);
@@ -226,6 +234,7 @@ __device__ __forceinline__ void step_rows(const AmosArrays<scalar_t>& x, const A
         [[maybe_unused]] const Op before = p;
         Op mu = MOMENTUM ? static_cast<Op>(x.mu[start + e]) : Op(0);
         amos_element<MOMENTUM>(p, held[i], mu, w, a, c);
+        p = rounding(p, start + e);
         if constexpr (TELEMETRY) sums.add(p, before);
         x.p[start + e] = static_cast<scalar_t>(p);
         if constexpr (MOMENTUM) x.mu[start + e] = static_cast<scalar_t>(mu);
@@ -297,13 +306,14 @@ __device__ __forceinline__ void general_partial(const AmosArrays<scalar_t>& x, c
 // variants without momentum in float math ask for 3 (≤ 85 registers), the
 // occupancy of their plain kernels (73-77 registers): left to itself ptxas
 // squeezes the half-precision one into 64 registers, with spills.
-template <typename scalar_t, bool MOMENTUM, bool TELEMETRY>
+template <typename scalar_t, bool MOMENTUM, bool TELEMETRY, bool ROUND>
 constexpr int kMainMinBlocks = TELEMETRY && !MOMENTUM && sizeof(at::opmath_type<scalar_t>) == 4 ? 3 : 0;
 
 // TELEMETRY: blocks of one-pass tensors also write their Σθ², Σ(Δθ)² to
-// telemetry_partials[2·block], [2·block + 1].
-template <typename scalar_t, bool MOMENTUM, bool TELEMETRY>
-__global__ void __launch_bounds__(kAmosThreads, (kMainMinBlocks<scalar_t, MOMENTUM, TELEMETRY>))
+// telemetry_partials[2·block], [2·block + 1].  ROUND: θ stored with stochastic
+// rounding (table.round).
+template <typename scalar_t, bool MOMENTUM, bool TELEMETRY, bool ROUND>
+__global__ void __launch_bounds__(kAmosThreads, (kMainMinBlocks<scalar_t, MOMENTUM, TELEMETRY, ROUND>))
     amos_main_kernel(AmosTable<at::opmath_type<scalar_t>> table, bool clip, at::opmath_type<scalar_t>* partials,
                      double* telemetry_partials) {
   const BlockTask task = table.main_tasks[blockIdx.x];
@@ -315,14 +325,17 @@ __global__ void __launch_bounds__(kAmosThreads, (kMainMinBlocks<scalar_t, MOMENT
     case kElementwise: {
       const int64_t begin = static_cast<int64_t>(task.chunk) * table.chunk;
       const int64_t end = begin + table.chunk < info.numel ? begin + table.chunk : info.numel;
-      step_elementwise<scalar_t, MOMENTUM, TELEMETRY>(x, begin, end, clip, c, sums);
+      step_elementwise<scalar_t, MOMENTUM, TELEMETRY>(x, begin, end, clip, c, sums,
+                                                      ParamRounding<ROUND>(table.round, task.tensor));
       break;
     }
     case kWarpRows:
-      step_rows<scalar_t, MOMENTUM, TELEMETRY, kWarpSize>(x, info, task.chunk, clip, c, sums);
+      step_rows<scalar_t, MOMENTUM, TELEMETRY, ROUND, kWarpSize>(x, info, task.chunk, clip, c, sums,
+                                                                 ParamRounding<ROUND>(table.round, task.tensor));
       break;
     case kBlockRows:
-      step_rows<scalar_t, MOMENTUM, TELEMETRY, kAmosThreads>(x, info, task.chunk, clip, c, sums);
+      step_rows<scalar_t, MOMENTUM, TELEMETRY, ROUND, kAmosThreads>(x, info, task.chunk, clip, c, sums,
+                                                                    ParamRounding<ROUND>(table.round, task.tensor));
       break;
     case kLongRows:
       long_row_partial(x, info, task.chunk, table.chunk, clip, c, partials);
@@ -372,7 +385,8 @@ __global__ void __launch_bounds__(kAmosThreads)
 
 // Two-phase tensors: the elementwise update with each element's slot (w, a).
 // TELEMETRY: also this block's Σθ², Σ(Δθ)² into telemetry_partials[2·block], [2·block + 1].
-template <typename scalar_t, bool MOMENTUM, bool TELEMETRY>
+// ROUND: θ stored with stochastic rounding (table.round).
+template <typename scalar_t, bool MOMENTUM, bool TELEMETRY, bool ROUND>
 __global__ void __launch_bounds__(kAmosThreads)
     amos_apply_kernel(AmosTable<at::opmath_type<scalar_t>> table, bool clip, const at::opmath_type<scalar_t>* wa,
                       double* telemetry_partials) {
@@ -382,6 +396,7 @@ __global__ void __launch_bounds__(kAmosThreads)
   const AmosCoef<Op> c = table.coefs[table.coef_index[task.tensor]];
   const AmosArrays<scalar_t> x = arrays_of<scalar_t>(table, task.tensor);
   const Op* slot_wa = wa + 2 * info.slot_base;
+  const ParamRounding<ROUND> rounding(table.round, task.tensor);
   [[maybe_unused]] TelemetrySums<scalar_t> sums;
   if (info.kind == kLongRows) {
     const int64_t row = task.chunk / info.pieces, piece = task.chunk % info.pieces;
@@ -389,7 +404,8 @@ __global__ void __launch_bounds__(kAmosThreads)
     int64_t end = begin + table.chunk;
     if (end > (row + 1) * info.row_len) end = (row + 1) * info.row_len;
     const std::pair<Op, Op> row_wa(slot_wa[2 * row], slot_wa[2 * row + 1]);
-    apply_slots<scalar_t, MOMENTUM, TELEMETRY>(x, begin, end, clip, c, [&](int64_t) { return row_wa; }, sums);
+    apply_slots<scalar_t, MOMENTUM, TELEMETRY>(x, begin, end, clip, c, [&](int64_t) { return row_wa; }, sums,
+                                               rounding);
   } else {
     const AmosGeneralLayout& layout = table.general[info.general];
     const int64_t begin = static_cast<int64_t>(task.chunk) * table.chunk;
@@ -400,7 +416,7 @@ __global__ void __launch_bounds__(kAmosThreads)
           const int64_t s = map_digits(layout.element_slot, layout.num_kept, e);
           return std::pair<Op, Op>(slot_wa[2 * s], slot_wa[2 * s + 1]);
         },
-        sums);
+        sums, rounding);
   }
   if constexpr (TELEMETRY) {
     store_block_telemetry<kAmosThreads>(sums, telemetry_partials + 2 * static_cast<int64_t>(blockIdx.x));
@@ -409,8 +425,9 @@ __global__ void __launch_bounds__(kAmosThreads)
 
 // `telemetry` (null: off): the step's [n][Σθ², Σ(Δθ)²] output (telemetry.cuh),
 // from the block sums of the main launch (one-pass tensors) and of the apply
-// launch (two-phase tensors); the plan was built with telemetry ranges.
-template <typename scalar_t, bool MOMENTUM, bool TELEMETRY>
+// launch (two-phase tensors); the plan was built with telemetry ranges.  ROUND:
+// θ stored with stochastic rounding (the plan was built with round keys).
+template <typename scalar_t, bool MOMENTUM, bool TELEMETRY, bool ROUND>
 void launch_amos(const TableKey& key, AmosPlan<at::opmath_type<scalar_t>>& plan, bool clip,
                  const at::Device& device, double* telemetry) {
   using Op = at::opmath_type<scalar_t>;
@@ -438,14 +455,14 @@ void launch_amos(const TableKey& key, AmosPlan<at::opmath_type<scalar_t>>& plan,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   with_device_table(key, plan.image, [&](const uint8_t* base) {
     const AmosTable<Op> table = plan.view(base);
-    amos_main_kernel<scalar_t, MOMENTUM, TELEMETRY>
+    amos_main_kernel<scalar_t, MOMENTUM, TELEMETRY, ROUND>
         <<<static_cast<unsigned>(plan.main_tasks), kAmosThreads, 0, stream>>>(table, clip, partials, main_sums);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (plan.slot_tasks > 0) {
       amos_slots_kernel<scalar_t>
           <<<static_cast<unsigned>(plan.slot_tasks), kAmosThreads, 0, stream>>>(table, partials, wa);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      amos_apply_kernel<scalar_t, MOMENTUM, TELEMETRY>
+      amos_apply_kernel<scalar_t, MOMENTUM, TELEMETRY, ROUND>
           <<<static_cast<unsigned>(plan.apply_tasks), kAmosThreads, 0, stream>>>(table, clip, wa, apply_sums);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -468,14 +485,18 @@ void launch(const StepCall<AmosAlgorithm>& call) {
     const CoefTable<AmosCoef<Op>> coefs = opmath_coefficients<Op, AmosCoef>(call);
     const bool telemetry = call.telemetry != nullptr;
     AmosPlan<Op> plan(call.op, params, call.grads, call.states[0], call.states[1],
-                      momentum ? call.states[2] : at::TensorList(), call.layouts, coefs, telemetry);
+                      momentum ? call.states[2] : at::TensorList(), call.layouts, coefs, telemetry,
+                      call.round_or_null());
     with_flag(momentum, [&](auto momentum_flag) {
       constexpr bool kMomentum = decltype(momentum_flag)::value;
-      if (telemetry) {
-        launch_amos<scalar_t, kMomentum, true>(key, plan, clip, params[0].device(), call.telemetry);
-      } else {
-        launch_amos<scalar_t, kMomentum, false>(key, plan, clip, params[0].device(), nullptr);
-      }
+      with_rounding<scalar_t>(call.op, plan.rounds(), [&](auto round_flag) {
+        constexpr bool kRound = decltype(round_flag)::value;
+        if (telemetry) {
+          launch_amos<scalar_t, kMomentum, true, kRound>(key, plan, clip, params[0].device(), call.telemetry);
+        } else {
+          launch_amos<scalar_t, kMomentum, false, kRound>(key, plan, clip, params[0].device(), nullptr);
+        }
+      });
     });
   });
 }

@@ -25,6 +25,7 @@
 #include "fast_divisor.h"
 #include "multi_tensor_apply.cuh"
 #include "op_support.h"
+#include "param_rounding.cuh"
 
 namespace amos_fused::cuda {
 
@@ -104,6 +105,7 @@ struct AmosTable {
   const BlockTask* main_tasks;
   const BlockTask* slot_tasks;
   const BlockTask* apply_tasks;
+  const RoundKey* round;  // per tensor with stochastic rounding, else null
   int64_t chunk;  // elements per chunk
 };
 
@@ -136,13 +138,17 @@ inline AmosGeneralLayout general_layout(const AmosLayout& layout, int64_t num_sl
   return g;
 }
 
-// Host side: the table image of one bucket.
+// Host side: the table image of one bucket.  `telemetry`: with the ranges of
+// block sums per tensor; `round` (StepCall::round_or_null, per tensor): with the
+// tensors' RoundKeys (θ stored with stochastic rounding).
 template <typename Op>
 class AmosPlan {
  public:
   AmosPlan(const char* op, at::TensorList params, at::TensorList grads, at::TensorList vs,
            at::TensorList bs, at::TensorList mus, const std::vector<AmosLayout>& layouts,
-           const CoefTable<AmosCoef<Op>>& coefs, bool telemetry = false) {
+           const CoefTable<AmosCoef<Op>>& coefs, bool telemetry = false,
+           const StochasticRound* round = nullptr)
+      : rounds_(round != nullptr) {
     const int64_t n = static_cast<int64_t>(params.size());
     check_tensor_count(op, params.size());
     num_tensors = n;
@@ -211,6 +217,7 @@ class AmosPlan {
 
     // Sections that change from step to step first, so one upload covers them.
     coefs_section_ = image.add<AmosCoef<Op>>(n);
+    if (rounds_) round_section_ = image.add<RoundKey>(n);
     const at::TensorList arrays[kAmosArrays] = {params, grads, vs, bs, mus};
     for (int a = 0; a < kAmosArrays; ++a) address_section_[a] = image.add<void*>(n);
     coef_index_section_ = image.add<int32_t>(n);
@@ -224,6 +231,10 @@ class AmosPlan {
 
     image.set_used(coefs_section_, static_cast<int64_t>(coefs.unique.size()));
     std::copy(coefs.unique.begin(), coefs.unique.end(), image.data<AmosCoef<Op>>(coefs_section_));
+    if (rounds_) {
+      RoundKey* keys = image.data<RoundKey>(round_section_);
+      for (int64_t t = 0; t < n; ++t) keys[t] = round_key(round[t]);
+    }
     for (int a = 0; a < kAmosArrays; ++a) {
       void** out = image.data<void*>(address_section_[a]);
       for (int64_t t = 0; t < n; ++t) out[t] = arrays[a].empty() ? nullptr : arrays[a][t].data_ptr();
@@ -268,9 +279,12 @@ class AmosPlan {
     v.main_tasks = device_section<BlockTask>(base, image, main_section_);
     v.slot_tasks = device_section<BlockTask>(base, image, slot_section_);
     v.apply_tasks = device_section<BlockTask>(base, image, apply_section_);
+    v.round = rounds_ ? device_section<RoundKey>(base, image, round_section_) : nullptr;
     v.chunk = chunk;
     return v;
   }
+
+  bool rounds() const { return rounds_; }
 
   TableImage image;
   int64_t chunk = 0;
@@ -287,8 +301,10 @@ class AmosPlan {
     num_slots += x.num_slots;
   }
 
+  bool rounds_;
   int coefs_section_, address_section_[kAmosArrays], coef_index_section_, tensor_section_,
-      general_section_, main_section_, slot_section_, apply_section_, telemetry_section_ = -1;
+      general_section_, main_section_, slot_section_, apply_section_, telemetry_section_ = -1,
+      round_section_ = -1;
 };
 
 }  // namespace amos_fused::cuda

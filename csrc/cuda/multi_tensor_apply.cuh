@@ -8,7 +8,10 @@
 //   tasks[block]    block → (tensor, chunk of `chunk` elements)
 // Each block walks its chunk with element_walk.cuh and calls the algorithm's
 // functor f(x, coef) on the opmath values x[0..S) of every element; with
-// telemetry (a compile-time variant) it also sums θ² and (Δθ)² of array 0.
+// telemetry (a compile-time variant) it also sums θ² and (Δθ)² of array 0, with
+// stochastic rounding (another, bfloat16 only: param_rounding.cuh) it stores
+// array 0 rounded with round[t] (a table section only then):
+//   round[t]        tensor t's RoundKey
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,6 +25,7 @@
 #include "device_table.h"
 #include "element_walk.cuh"
 #include "op_support.h"
+#include "param_rounding.cuh"
 #include "telemetry.cuh"
 
 namespace amos_fused::cuda {
@@ -46,18 +50,20 @@ struct ElementwiseTable {
   const int32_t* coef_index;
   const Coef* coefs;
   const BlockTask* tasks;
+  const RoundKey* round;  // per tensor with stochastic rounding, else null
   int64_t chunk;  // elements per block
 };
 
 // Host side: the table image of a bucket whose tensors each have S arrays of one
 // dtype and one memory layout.  Construct (declares the sections), optionally add
-// sections of your own to `image`, then fill().
+// sections of your own to `image`, then fill().  `round` (StepCall::round_or_null,
+// per tensor; kept until fill): array 0 stored with stochastic rounding.
 template <typename Coef, int S>
 class ElementwisePlan {
  public:
   ElementwisePlan(const char* op, const std::array<at::TensorList, S>& arrays,
-                  const CoefTable<Coef>& coefs)
-      : arrays_(arrays), coefs_(coefs), n_(static_cast<int64_t>(arrays[0].size())) {
+                  const CoefTable<Coef>& coefs, const StochasticRound* round = nullptr)
+      : arrays_(arrays), coefs_(coefs), round_(round), n_(static_cast<int64_t>(arrays[0].size())) {
     check_tensor_count(op, arrays[0].size());
     int64_t total = 0;
     for (int64_t t = 0; t < n_; ++t) total += arrays[0][t].numel();
@@ -72,6 +78,7 @@ class ElementwisePlan {
     check_grid(op, num_tasks);
     // Sections that change from step to step first, so one upload covers them.
     coefs_section_ = image.add<Coef>(n_);
+    if (round_ != nullptr) round_section_ = image.add<RoundKey>(n_);
     for (int s = 0; s < S; ++s) address_section_[s] = image.add<void*>(n_);
     coef_index_section_ = image.add<int32_t>(n_);
     numel_section_ = image.add<int64_t>(n_);
@@ -84,6 +91,10 @@ class ElementwisePlan {
     image.set_used(coefs_section_, static_cast<int64_t>(coefs_.unique.size()));
     std::copy(coefs_.unique.begin(), coefs_.unique.end(), image.data<Coef>(coefs_section_));
     std::copy(coefs_.index.begin(), coefs_.index.end(), image.data<int32_t>(coef_index_section_));
+    if (round_ != nullptr) {
+      RoundKey* keys = image.data<RoundKey>(round_section_);
+      for (int64_t t = 0; t < n_; ++t) keys[t] = round_key(round_[t]);
+    }
     for (int s = 0; s < S; ++s) {
       void** out = image.data<void*>(address_section_[s]);
       for (int64_t t = 0; t < n_; ++t) out[t] = arrays_[s][t].data_ptr();
@@ -106,11 +117,13 @@ class ElementwisePlan {
     v.coef_index = device_section<int32_t>(base, image, coef_index_section_);
     v.coefs = device_section<Coef>(base, image, coefs_section_);
     v.tasks = device_section<BlockTask>(base, image, tasks_section_);
+    v.round = round_ != nullptr ? device_section<RoundKey>(base, image, round_section_) : nullptr;
     v.chunk = chunk;
     return v;
   }
 
   int64_t num_tensors() const { return n_; }
+  bool rounds() const { return round_ != nullptr; }
   at::Device device() const { return arrays_[0][0].device(); }
 
   TableImage image;
@@ -121,9 +134,10 @@ class ElementwisePlan {
  private:
   std::array<at::TensorList, S> arrays_;
   const CoefTable<Coef>& coefs_;
+  const StochasticRound* round_;
   int64_t n_;
   int coefs_section_, address_section_[S], coef_index_section_, numel_section_,
-      first_task_section_, tasks_section_;
+      first_task_section_, tasks_section_, round_section_ = -1;
 };
 
 // The arrays of block `task` of tensor task.tensor, typed, and its element range.
@@ -138,36 +152,51 @@ __device__ __forceinline__ void chunk_of(const ElementwiseTable<Coef, S>& table,
   if (end > numel) end = numel;
 }
 
+// Blocks per SM the elementwise kernel is compiled for (0: no minimum).  With
+// both telemetry and stochastic rounding 3 (≤ 85 registers): left to itself ptxas
+// squeezes the Adam variants into 64 registers, with spills.
+template <bool TELEMETRY, bool ROUND>
+constexpr int kElementwiseMinBlocks = TELEMETRY && ROUND ? 3 : 0;
+
 // TELEMETRY: also this block's Σθ², Σ(Δθ)² of array 0 (the params) into
-// telemetry_partials[2·block], [2·block + 1] (telemetry.cuh).
-template <typename scalar_t, int S, unsigned kWriteMask, bool TELEMETRY, typename Coef, typename Functor>
-__global__ void __launch_bounds__(kElementwiseThreads)
+// telemetry_partials[2·block], [2·block + 1] (telemetry.cuh).  ROUND: array 0
+// stored with stochastic rounding (table.round), telemetry of the rounded values.
+template <typename scalar_t, int S, unsigned kWriteMask, bool TELEMETRY, bool ROUND, typename Coef,
+          typename Functor>
+__global__ void __launch_bounds__(kElementwiseThreads, (kElementwiseMinBlocks<TELEMETRY, ROUND>))
     elementwise_kernel(ElementwiseTable<Coef, S> table, Functor f, double* telemetry_partials) {
   using Op = at::opmath_type<scalar_t>;
+  static_assert(!ROUND || (kWriteMask & 1u), "stochastic rounding applies to array 0, the (written) params");
   const BlockTask task = table.tasks[blockIdx.x];
   scalar_t* ptr[S];
   int64_t begin, end;
   chunk_of(table, task, ptr, begin, end);
   const Coef coef = table.coefs[table.coef_index[task.tensor]];
+  const ParamRounding<ROUND> rounding(table.round, task.tensor);
   if constexpr (TELEMETRY) {
     static_assert(kWriteMask & 1u, "telemetry tracks array 0, which must be the (written) params");
     TelemetrySums<scalar_t> sums;
     map_elements<scalar_t, S, kWriteMask>(ptr, begin, end, threadIdx.x, kElementwiseThreads,
-                                          [&](Op (&x)[S], int64_t) {
+                                          [&](Op (&x)[S], int64_t e) {
                                             const Op before = x[0];
                                             f(x, coef);
+                                            x[0] = rounding(x[0], e);
                                             sums.add(x[0], before);
                                           });
     store_block_telemetry<kElementwiseThreads>(sums, telemetry_partials + 2 * static_cast<int64_t>(blockIdx.x));
   } else {
     map_elements<scalar_t, S, kWriteMask>(ptr, begin, end, threadIdx.x, kElementwiseThreads,
-                                          [&](Op (&x)[S], int64_t) { f(x, coef); });
+                                          [&](Op (&x)[S], int64_t e) {
+                                            f(x, coef);
+                                            x[0] = rounding(x[0], e);
+                                          });
   }
 }
 
 // Uploads the plan's table (what changed) and steps the bucket in one launch on
 // the current stream.  `telemetry` (null: off): the [n][Σθ², Σ(Δθ)²] output of
-// the step (telemetry.cuh), written by a second, small launch.
+// the step (telemetry.cuh), written by a second, small launch.  Stochastic
+// rounding when the plan was built with round keys.
 template <typename scalar_t, int S, unsigned kWriteMask, typename Coef, typename Functor>
 void launch_elementwise(const TableKey& key, ElementwisePlan<Coef, S>& plan, const Functor& f,
                         double* telemetry = nullptr) {
@@ -182,17 +211,20 @@ void launch_elementwise(const TableKey& key, ElementwisePlan<Coef, S>& plan, con
   with_device_table(key, plan.image, [&](const uint8_t* base) {
     const ElementwiseTable<Coef, S> table = plan.view(base);
     const unsigned blocks = static_cast<unsigned>(plan.num_tasks);
-    if (telemetry != nullptr) {
-      elementwise_kernel<scalar_t, S, kWriteMask, true>
-          <<<blocks, kElementwiseThreads, 0, stream>>>(table, f, partials.data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      combine_telemetry(partials.data_ptr<double>(), table.first_task, table.first_task + 1, plan.num_tensors(),
-                        telemetry, stream);
-    } else {
-      elementwise_kernel<scalar_t, S, kWriteMask, false>
-          <<<blocks, kElementwiseThreads, 0, stream>>>(table, f, nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    with_rounding<scalar_t>("amos_fused elementwise step", plan.rounds(), [&](auto round_flag) {
+      constexpr bool kRound = decltype(round_flag)::value;
+      if (telemetry != nullptr) {
+        elementwise_kernel<scalar_t, S, kWriteMask, true, kRound>
+            <<<blocks, kElementwiseThreads, 0, stream>>>(table, f, partials.data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        combine_telemetry(partials.data_ptr<double>(), table.first_task, table.first_task + 1,
+                          plan.num_tensors(), telemetry, stream);
+      } else {
+        elementwise_kernel<scalar_t, S, kWriteMask, false, kRound>
+            <<<blocks, kElementwiseThreads, 0, stream>>>(table, f, nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
   });
 }
 

@@ -8,7 +8,8 @@
 //      into k and ρ;
 //   3. apply:   θ ← θ − (k·u + ρ·θ), u recomputed from the stored m, v; with
 //      telemetry (a compile-time variant) also each block's Σθ², Σ(Δθ)², added
-//      per tensor by a fourth, small launch (telemetry.cuh).
+//      per tensor by a fourth, small launch (telemetry.cuh); with stochastic
+//      rounding (another, bfloat16 only) θ is stored rounded (param_rounding.cuh).
 // bfloat16/float16: m, v rounded to storage between the phases would give phase 3
 // another u than the one normed (in fp16 v underflows to 0 and u explodes), so
 // phase 1 only reads and phase 3 updates the moments again from the old m, v and
@@ -119,7 +120,8 @@ __global__ void __launch_bounds__(kElementwiseThreads)
 
 // Phase 3: θ ← θ − (k·u + ρ·θ) (narrow storage: the moments are updated and stored here).
 // TELEMETRY: also this block's Σθ², Σ(Δθ)² into telemetry_partials[2·block], [2·block + 1].
-template <typename scalar_t, bool LAMB, bool TELEMETRY>
+// ROUND: θ stored with stochastic rounding (table.round).
+template <typename scalar_t, bool LAMB, bool TELEMETRY, bool ROUND>
 __global__ void __launch_bounds__(kElementwiseThreads)
     norm_apply_kernel(NormTable<at::opmath_type<scalar_t>> table, const at::opmath_type<scalar_t>* k_rho,
                       double* telemetry_partials) {
@@ -131,23 +133,26 @@ __global__ void __launch_bounds__(kElementwiseThreads)
   const MomentCoef<Op> c = table.coefs[table.coef_index[task.tensor]].moments;
   const Op k = k_rho[2 * static_cast<int64_t>(task.tensor)];
   const Op rho = k_rho[2 * static_cast<int64_t>(task.tensor) + 1];
+  const ParamRounding<ROUND> rounding(table.round, task.tensor);
   [[maybe_unused]] TelemetrySums<scalar_t> sums;
   if constexpr (kMomentsInApply<scalar_t>) {
     map_elements<scalar_t, 4, 0b1101u>(ptr, begin, end, threadIdx.x, kElementwiseThreads,
-                                       [&](Op (&x)[4], int64_t) {  // θ, g, m, v
+                                       [&](Op (&x)[4], int64_t e) {  // θ, g, m, v
                                          [[maybe_unused]] const Op before = x[0];
                                          update_moments(x[1], x[2], x[3], c);
                                          const Op u = adam_direction<LAMB>(x[0], x[2], x[3], c);
                                          scaled_update(x[0], u, k, rho);
+                                         x[0] = rounding(x[0], e);
                                          if constexpr (TELEMETRY) sums.add(x[0], before);
                                        });
   } else {
     scalar_t* const pmv[3] = {ptr[0], ptr[2], ptr[3]};
     map_elements<scalar_t, 3, 0b1u>(pmv, begin, end, threadIdx.x, kElementwiseThreads,
-                                    [&](Op (&x)[3], int64_t) {  // θ, m, v
+                                    [&](Op (&x)[3], int64_t e) {  // θ, m, v
                                       [[maybe_unused]] const Op before = x[0];
                                       const Op u = adam_direction<LAMB>(x[0], x[1], x[2], c);
                                       scaled_update(x[0], u, k, rho);
+                                      x[0] = rounding(x[0], e);
                                       if constexpr (TELEMETRY) sums.add(x[0], before);
                                     });
   }
@@ -179,15 +184,20 @@ void launch_norm_scaled(const TableKey& key, ElementwisePlan<NormCoef<at::opmath
     norm_scales_kernel<Op><<<static_cast<unsigned>(ceil_div(n, kWarpsPerBlock)), kElementwiseThreads, 0, stream>>>(
         table, device_section<double>(base, plan.image, init_norm_section), partials, n, LAMB, k_rho);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (telemetry != nullptr) {
-      double* const block_sums = telemetry_scratch.data_ptr<double>();
-      norm_apply_kernel<scalar_t, LAMB, true><<<blocks, kElementwiseThreads, 0, stream>>>(table, k_rho, block_sums);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      combine_telemetry(block_sums, table.first_task, table.first_task + 1, n, telemetry, stream);
-    } else {
-      norm_apply_kernel<scalar_t, LAMB, false><<<blocks, kElementwiseThreads, 0, stream>>>(table, k_rho, nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    with_rounding<scalar_t>("amos_fused norm-scaled step", plan.rounds(), [&](auto round_flag) {
+      constexpr bool kRound = decltype(round_flag)::value;
+      if (telemetry != nullptr) {
+        double* const block_sums = telemetry_scratch.data_ptr<double>();
+        norm_apply_kernel<scalar_t, LAMB, true, kRound>
+            <<<blocks, kElementwiseThreads, 0, stream>>>(table, k_rho, block_sums);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        combine_telemetry(block_sums, table.first_task, table.first_task + 1, n, telemetry, stream);
+      } else {
+        norm_apply_kernel<scalar_t, LAMB, false, kRound>
+            <<<blocks, kElementwiseThreads, 0, stream>>>(table, k_rho, nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
   });
 }
 
@@ -207,7 +217,7 @@ void norm_scaled_step(const StepCall<A>& call, bool lamb) {
           return NormCoef<Op>{to_opmath<Op>(c.moments), c.scale, c.rho};
         });
     ElementwisePlan<NormCoef<Op>, 4> plan(call.op, {params, call.grads, call.states[0], call.states[1]},
-                                          coefs);
+                                          coefs, call.round_or_null());
     if (plan.num_tasks == 0) {
       if (call.telemetry != nullptr) zero_telemetry(call.telemetry, plan.num_tensors(), params[0].device());
       return;

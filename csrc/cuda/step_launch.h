@@ -1,7 +1,8 @@
 // The CUDA step op (csrc/step_prologue.h's run_step): after the shared prologue,
 // one launch per algorithm over the whole bucket: the generic elementwise launch
 // below, or the algorithm's own (cuda/*.cu).  Every launch fills the call's
-// telemetry when it has one (telemetry.cuh).
+// telemetry when it has one (telemetry.cuh) and stores bfloat16 params with
+// stochastic rounding when the call has round keys (param_rounding.cuh).
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -26,8 +27,6 @@ struct Backend {
   static void device_checks(const char* op, at::TensorList params) { cuda_checks(op, params)(); }
   template <typename A>
   static void launch(const StepCall<A>& call) {
-    TORCH_CHECK_NOT_IMPLEMENTED(call.round.empty(), call.op,
-                                ": stochastic rounding is not implemented by the CUDA kernels yet");
     cuda::launch(call);
   }
 };
@@ -65,7 +64,7 @@ void launch(const StepCall<A>& call) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, call.params[0].scalar_type(), "amos_fused_elementwise_cuda", [&] {
     using Op = at::opmath_type<scalar_t>;
     const CoefTable<typename A::template CoefOf<Op>> coefs = opmath_coefficients<Op, A::template CoefOf>(call);
-    ElementwisePlan<typename A::template CoefOf<Op>, S> plan(call.op, arrays, coefs);
+    ElementwisePlan<typename A::template CoefOf<Op>, S> plan(call.op, arrays, coefs, call.round_or_null());
     launch_elementwise<scalar_t, S, A::kWriteMask>(key, plan, AlgorithmElement<A>{}, call.telemetry);
   });
 }
