@@ -774,3 +774,215 @@ def test_telemetry_op_output():
     call_step(torch.ops.amos_fused, "adam", params, grads, {"exp_avg": m, "exp_avg_sq": v}, steps, ADAMW_HYPER,
               found_inf=torch.tensor(1.0, device=DEVICE), telemetry=table)
     assert torch.all(table[:, 1] == 0) and torch.all(table[:, 0].isnan())
+
+
+# ---------------------------------------------------------------------------
+# stochastic rounding: bf16_stochastic_round=True
+# ---------------------------------------------------------------------------
+# The CUDA kernels draw csrc/stochastic_round.h's bits, like the CPU kernels: from
+# the same params, grads and seed the bfloat16 params are bitwise equal wherever
+# the float32 results are — every elementwise rule and Amos with a slot per
+# element (step_math.h: one rounding per operation on both).  Where the kernels sum
+# over several elements in another order (norm-scaled rules, Amos slots over rows
+# or other axes) a float32 result may differ in its last bits and round to the
+# other neighbour: stepped in lockstep (each step from the cpu run's params and
+# states, copied into the cuda run's), every param equal or a neighbouring bfloat16
+# value, and at most SR_DIFFER_FRACTION of them differing.  (Run freely, a
+# differing element keeps its absolute difference while Amos's decay shrinks θ, so
+# it can end several of the smaller binade's steps apart.)
+SR_STEPS = 5
+SR_DIFFER_FRACTION = 0.01
+SR_SHAPES = ELEMENTWISE_SHAPES + [(70001,)]
+
+
+def _sr_exact(case):
+    return case.family != "norm" and not (case.cls is af.Amos and case.kwargs.get("reduce_axes") is not None)
+
+
+def _sr_run(case, device, shapes, second_group=None, decay=False, **extra):
+    """SR_STEPS steps of ``case`` with bf16_stochastic_round=True on ``device`` (the
+    cpu backend on the CPU), from make_params in two groups, the lr decayed before
+    every step but the first when ``decay``; returns (params, opt)."""
+    backend = "cuda" if device == DEVICE else "cpu"
+    params = [p.detach().to(device).requires_grad_(True) for p in make_params(torch.bfloat16, 0, shapes)]
+    second = {"lr": 3e-3} if second_group is None else second_group
+    opt = case.make(param_groups(params, second, len(shapes) // 2), backend, bf16_stochastic_round=True,
+                    stochastic_round_seed=77, **extra)
+    for step in range(SR_STEPS):
+        if decay and step > 0:
+            for group in opt.param_groups:
+                group["lr"] = group["lr"] * 0.85
+        set_grads(params, [g.to(device) for g in make_grads([p.detach().cpu() for p in params], step, 0)])
+        opt.step()
+    return params, opt
+
+
+def _sr_lockstep(case, shapes, second_group=None, decay=False):
+    """A cuda and a cpu optimizer with bf16_stochastic_round=True stepped together
+    from make_params; before every step but the first the cpu run's params and
+    states are copied into the cuda run's.  Per step: (cuda params, cpu params)."""
+    runs = []
+    for device in (DEVICE, "cpu"):
+        params = [p.detach().to(device).requires_grad_(True) for p in make_params(torch.bfloat16, 0, shapes)]
+        second = {"lr": 3e-3} if second_group is None else second_group
+        opt = case.make(param_groups(params, second, len(shapes) // 2), "cuda" if device == DEVICE else "cpu",
+                        bf16_stochastic_round=True, stochastic_round_seed=77)
+        runs.append((params, opt))
+    (params_g, opt_g), (params_c, opt_c) = runs
+    log = []
+    for step in range(SR_STEPS):
+        if step > 0:
+            with torch.no_grad():
+                for pg, pc in zip(params_g, params_c):
+                    pg.copy_(pc)
+                    for key, value in opt_c.state[pc].items():
+                        if torch.is_tensor(value):
+                            opt_g.state[pg][key].copy_(value)
+        grads = make_grads([p.detach().cpu() for p in params_c], step, 0)
+        for params, opt in runs:
+            if decay and step > 0:
+                for group in opt.param_groups:
+                    group["lr"] = group["lr"] * 0.85
+            set_grads(params, [g.to(params[0].device) for g in grads])
+            opt.step()
+        log.append(([p.detach().clone() for p in params_g], [p.detach().clone() for p in params_c]))
+    return log
+
+
+def _assert_sr_lockstep(log, exact, what):
+    for step, (cuda, cpu) in enumerate(log):
+        _assert_sr_equal(cuda, cpu, exact, f"{what}: step {step}")
+
+
+def _bf16_ordered(t):
+    bits = t.detach().cpu().contiguous().view(torch.int16).int()
+    return torch.where(bits < 0, -(bits & 0x7FFF), bits)  # ±0 both 0
+
+
+def _assert_sr_equal(cuda, cpu, exact, what):
+    differ = total = 0
+    for i, (a, c) in enumerate(zip(cuda, cpu)):
+        assert a.dtype == torch.bfloat16 and a.device.type == "cuda"
+        if exact:
+            assert torch.equal(a.detach().cpu(), c.detach()), (
+                f"{what}: param {i} {tuple(c.shape)}: {int((a.detach().cpu() != c.detach()).sum())} elements differ")
+            continue
+        if c.numel() == 0:
+            continue
+        gap = (_bf16_ordered(a) - _bf16_ordered(c)).abs()
+        assert int(gap.max()) <= 1, f"{what}: param {i}: {int(gap.max())} bfloat16 steps apart"
+        differ += int((gap != 0).sum())
+        total += c.numel()
+    assert differ <= SR_DIFFER_FRACTION * max(total, 1), f"{what}: {differ} of {total} params differ"
+
+
+@pytest.mark.parametrize("name", list(CLASS_CASES))
+def test_stochastic_rounding_matches_cpu(name):
+    """Every optimizer class (its first registry row): the cuda backend's bfloat16
+    params against the cpu backend's, tensors of several blocks and odd lengths."""
+    case = CASES[CLASS_CASES[name]]
+    _assert_sr_lockstep(_sr_lockstep(case, SR_SHAPES), _sr_exact(case), name)
+    if _sr_exact(case):  # run freely too: bitwise equal throughout
+        cuda, _ = _sr_run(case, DEVICE, SR_SHAPES)
+        cpu, _ = _sr_run(case, "cpu", SR_SHAPES)
+        _assert_sr_equal(cuda, cpu, True, name)
+
+
+@pytest.mark.parametrize("momentum", [False, True], ids=["plain", "momentum"])
+@pytest.mark.parametrize("layout", list(AMOS_LAYOUTS))
+def test_amos_stochastic_rounding_matches_cpu(layout, momentum):
+    """Amos on every slot layout (one-pass kernels: elementwise chunks, warp and block
+    rows; two-phase: long rows, general layouts), with an lr schedule and two groups."""
+    reduce_axes, shapes = AMOS_LAYOUTS[layout]
+    case = amos_case(reduce_axes, "momentum" if momentum else "plain")
+    _assert_sr_lockstep(_sr_lockstep(case, shapes, AMOS_SECOND_GROUP, decay=True), reduce_axes is None,
+                        f"Amos {layout}")
+    if reduce_axes is None:
+        cuda, _ = _sr_run(case, DEVICE, shapes, AMOS_SECOND_GROUP, decay=True)
+        cpu, _ = _sr_run(case, "cpu", shapes, AMOS_SECOND_GROUP, decay=True)
+        _assert_sr_equal(cuda, cpu, True, f"Amos {layout}")
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Lamb", "Amos"])
+def test_stochastic_rounding_rounds_and_is_deterministic(name):
+    """Two runs bitwise equal; the params differ from round-to-nearest's; with
+    track_rms=True the params are the same and rms() measures the stored (rounded)
+    values."""
+    case = CASES[CLASS_CASES[name]]
+    first, _ = _sr_run(case, DEVICE, SR_SHAPES)
+    second, _ = _sr_run(case, DEVICE, SR_SHAPES)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    params = [p.detach().to(DEVICE).requires_grad_(True) for p in make_params(torch.bfloat16, 0, SR_SHAPES)]
+    opt = case.make(param_groups(params, {"lr": 3e-3}, len(SR_SHAPES) // 2), "cuda")
+    for step in range(SR_STEPS):
+        set_grads(params, [g.to(DEVICE) for g in make_grads([p.detach().cpu() for p in params], step, 0)])
+        opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(first, params))
+    # telemetry: one more step of a tracked copy, measured against its own params
+    tracked, opt = _sr_run(case, DEVICE, SR_SHAPES, track_rms=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, tracked))
+    before = [p.detach().clone() for p in tracked]
+    set_grads(tracked, [g.to(DEVICE) for g in make_grads([p.detach().cpu() for p in tracked], SR_STEPS, 0)])
+    opt.step()
+    rms = opt.rms()
+    _assert_rms_close([tuple(rms[p]) for p in tracked], _measured_rms(opt, tracked, before),
+                      (TELEMETRY_OWN_RTOL[torch.bfloat16],) * 2, f"{name}: rms() against its own params")
+
+
+def test_stochastic_rounding_of_misaligned_params_and_nan():
+    """Params at an odd element offset (the kernels' scalar path) round like the CPU
+    op's; a NaN param stays NaN, and NaNs (and ±inf) are where the CPU op has them."""
+    storage = make_params(torch.bfloat16, 3, [(1 + 64 * 33 + 1 + 1000,)])[0].detach()
+    views = [storage[1:1 + 64 * 33].view(64, 33), storage[2 + 64 * 33:].view(1000)]
+    views[1][:4] = torch.tensor([float("nan"), 1.0, float("inf"), -float("inf")])
+    for case in (CASES[CLASS_CASES["AdamW"]], amos_case(None, "momentum"), amos_case("all", "momentum")):
+        exact = case.kwargs.get("reduce_axes") != "all"
+        runs = []
+        for device in (DEVICE, "cpu"):
+            buffer = storage.to(device).clone()
+            params = [t.detach().requires_grad_(True)  # views into `buffer`, leaves
+                      for t in (buffer[1:1 + 64 * 33].view(64, 33), buffer[2 + 64 * 33:].view(1000))]
+            assert device != DEVICE or params[0].data_ptr() % 16 != 0
+            opt = case.make(params, "cuda" if device == DEVICE else "cpu", bf16_stochastic_round=True)
+            for step in range(3 if exact else 1):  # one step: neighbours at most (see above)
+                grads = [torch.ones_like(p) if i == 1 else g.to(device)
+                         for i, (p, g) in enumerate(zip(params, make_grads([p.detach().cpu() for p in params],
+                                                                            step, 0)))]
+                set_grads(params, grads)
+                opt.step()
+            runs.append(params)
+        cuda, cpu = runs
+        assert torch.isnan(cuda[1][0])
+        for a, c in zip(cuda, cpu):
+            assert torch.equal(a.detach().cpu().isnan(), c.detach().isnan())
+            assert torch.equal(a.detach().cpu().isinf(), c.detach().isinf())
+        finite = [torch.nan_to_num(p.detach().cpu(), nan=0.0) for p in cuda]
+        finite_cpu = [torch.nan_to_num(p.detach(), nan=0.0) for p in cpu]
+        _assert_sr_equal([f.to(DEVICE) for f in finite], finite_cpu, exact, "misaligned")
+
+
+def test_stochastic_rounding_past_element_2_32():
+    """Lion on a bfloat16 tensor of 2^32 + 2^16 elements (3 arrays of 8.6 GB): each
+    element moves from 1.5 by exactly lr = 2^-10 (a float32 value between two
+    bfloat16 neighbours) and is rounded with the bits of its own index, the elements
+    past 2^32 with the hash's other high word (amos_fused/stochastic_round.py)."""
+    from amos_fused.stochastic_round import MASK32, lowbias32, round_base
+    _need_free_gib(27)
+    n = 2**32 + 2**16
+    p = torch.full((n,), 1.5, dtype=torch.bfloat16, device=DEVICE)
+    g = torch.ones_like(p)
+    m = torch.zeros_like(p)
+    key, lr = (5 << 32) | 3, 2.0**-10
+    call_step(torch.ops.amos_fused, "lion", [p], [g], {"exp_avg": [m]}, [torch.tensor(0.0)],
+              dict(lr=lr, beta1=0.9, beta2=0.99, weight_decay=0.0), round_keys=[key])
+    exact = torch.tensor(1.5 - lr, dtype=torch.float32)  # 1.4990234375, exact in float32
+    pattern = int(exact.view(torch.int32))
+    for start, stop in ((0, 4096), (2**32 - 4096, 2**32 + 4096), (n - 4096, n)):
+        index = torch.arange(start, stop, dtype=torch.int64)
+        bits = lowbias32(round_base(key, 1, index >> 32) ^ (index & MASK32))
+        rounded = ((pattern + (bits & 0xFFFF)) & 0xFFFF0000).to(torch.int64)
+        rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32).view(torch.float32)
+        assert torch.equal(p[start:stop].cpu(), rounded.to(torch.bfloat16)), f"elements [{start}, {stop})"
+    assert set(p[:4096].float().unique().tolist()) == {1.4921875, 1.5}
+    del p, g, m
+    torch.cuda.empty_cache()
