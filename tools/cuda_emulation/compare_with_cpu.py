@@ -1,7 +1,8 @@
 """Runs the CUDA ops under host emulation (build_emulated_ops.py) and compares them
 with the CPU ops on the same inputs: every algorithm, every storage dtype, every Amos kernel
 path (elementwise, warp rows, block rows, long rows, general layouts), misaligned
-params, GradScaler inputs, the step's telemetry output (group "telemetry"), and the
+params, GradScaler inputs, the step's telemetry output (group "telemetry"),
+bfloat16 params stored with stochastic rounding (group "stochastic_round"), and the
 cached device tables (grads at new addresses, a param moved, a sub-bucket, a changed
 layout, another stream, per-tensor step counts).  Checks logic only: no timing, memory model or real-device behaviour.
 
@@ -13,6 +14,7 @@ Needs amos_fused built (the CPU ops) and a C++20 compiler; takes a few minutes
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import sys
 import time
@@ -275,10 +277,13 @@ def telemetry_cases():
 
 
 def telemetry_run(ops, algorithm, shapes, names, hyper, per_tensor, axes, dtype, track, steps=3,
-                  skip_last=False):
+                  skip_last=False, round_keys=None, nan_at=None):
     """A few steps from seeded tensors; returns (params, states, steps, [telemetry per step],
-    [float64 sums of each step's own before/after params])."""
+    [float64 sums of each step's own before/after params]).  round_keys: stochastic
+    rounding; nan_at: (tensor, element) of a param made NaN before the first step."""
     p = tensors(shapes, dtype, 9, misaligned=(1,) if axes != (0, 2) else ())
+    if nan_at is not None:
+        p[nan_at[0]].view(-1)[nan_at[1]] = float("nan")
     state = {name: ([slot_of(x, axes) for x in p] if name in ("v", "b") else zeros(p)) for name in names}
     counts = counters([0] * len(p))
     tables, own = [], []
@@ -287,7 +292,7 @@ def telemetry_run(ops, algorithm, shapes, names, hyper, per_tensor, axes, dtype,
         table = torch.full((len(p), 2), float("nan"), dtype=torch.float64) if track else None
         skip = skip_last and step == steps - 1
         call_step(ops, algorithm, p, tensors(shapes, dtype, 900 + step), state, counts, hyper(step), per_tensor,
-                  None, torch.tensor(1.0) if skip else None, table)
+                  None, torch.tensor(1.0) if skip else None, table, round_keys)
         tables.append(table)
         own.append(torch.tensor([[x.double().square().sum().item(), (x.double() - b.double()).square().sum().item()]
                                  for x, b in zip(p, before)], dtype=torch.float64).reshape(len(p), 2))
@@ -349,8 +354,140 @@ def group_telemetry():
             FAILURES.append(f"telemetry {name}: a bucket of empty tensors wrote {tables[0].tolist()}")
 
 
+# Stochastic rounding (bfloat16 params, csrc/stochastic_round.h; the CUDA kernels'
+# ROUND variants, csrc/cuda/param_rounding.cuh), for every kernel variant of
+# telemetry_cases() (misaligned params included), against the CPU op with the
+# same round_keys:
+# * elementwise rules (adam, radam, lion, Amos with a slot per element): the float32
+#   results are the same (step_math.h, one rounding per operation), so the bits
+#   drawn give bitwise-equal params;
+# * rules that reduce over several elements (scale-aware Adam and LAMB norms, Amos
+#   slots over rows or other axes): the sums are ordered differently, a float32
+#   result may differ in its last bits and round to the other neighbour.  Stepped
+#   in lockstep (each step from the CPU op's params and states, copied into the
+#   emulated run's tensors): every param equal or a neighbouring bfloat16 value —
+#   or, where the update cancels most of θ (a result far smaller than θ before the
+#   step), within SR_CANCEL_ULPS float32 ulps of |θ before| (the float32 results'
+#   own difference, now many of the small result's bfloat16 steps) — and at
+#   most SR_DIFFER_FRACTION of them differing over the bucket.  (Run freely, a
+#   differing element keeps its absolute difference while Amos's decay shrinks θ,
+#   so it can end several of the smaller binade's steps apart: close within TOL);
+# * states (stored round-to-nearest) close to the CPU's (TOL); two emulated runs
+#   bitwise equal; the run differs from the same run without round_keys (the
+#   rounding happened); with telemetry, the params bitwise those of the run without
+#   it and the sums those of its own (rounded) stored params;
+# * a NaN param stays NaN, and the NaNs are where the CPU op has them.
+SR_DIFFER_FRACTION = 1e-3
+SR_CANCEL_ULPS = 8
+SR_SEED = 0x5EED1234  # key_hi of every key; key_lo = the param's index
+
+
+def sr_keys(count):
+    return [(SR_SEED << 32) | i for i in range(count)]
+
+
+def bf16_ordered(t):
+    """bfloat16 bit patterns as integers in the order of the values (±0 both 0)."""
+    bits = t.contiguous().view(torch.int16).int()
+    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+
+def sr_elementwise(algorithm, axes):
+    return algorithm in ("adam", "radam", "lion") or (algorithm == "amos" and axes is None)
+
+
+def sr_lockstep(algorithm, shapes, names, hyper, per_tensor, axes, keys, steps=3):
+    """Steps the emulated and the CPU op from the same params and states each step;
+    returns (elements differing, elements, largest distance in bfloat16 steps of
+    those not within SR_CANCEL_ULPS float32 ulps of |θ before the step|)."""
+    runs = []
+    for _ in (EMU, CPU):
+        p = tensors(shapes, torch.bfloat16, 9, misaligned=(1,) if axes != (0, 2) else ())
+        state = {name: ([slot_of(x, axes) for x in p] if name in ("v", "b") else zeros(p)) for name in names}
+        runs.append((p, state, counters([0] * len(p))))
+    differ = total = gap_max = 0
+    for step in range(steps):
+        (p_e, state_e, counts_e), (p_c, state_c, counts_c) = runs
+        for x, y in zip(p_e + [t for name in names for t in state_e[name]] + counts_e,
+                        p_c + [t for name in names for t in state_c[name]] + counts_c):
+            x.copy_(y)
+        grads = tensors(shapes, torch.bfloat16, 900 + step)
+        before = clone(p_c)
+        for ops, (p, state, counts) in zip((EMU, CPU), runs):
+            call_step(ops, algorithm, p, grads, state, counts, hyper(step), per_tensor, None, None, None, keys)
+        for a, c, b in zip(p_e, p_c, before):
+            if c.numel() == 0:
+                continue
+            gap = (bf16_ordered(a) - bf16_ordered(c)).abs()
+            cancelled = (a.float() - c.float()).abs() <= SR_CANCEL_ULPS * 2.0**-23 * b.float().abs()
+            gap_max = max(gap_max, int(torch.where(cancelled, 0, gap).max()))
+            differ += int((gap != 0).sum())
+            total += c.numel()
+    return differ, total, gap_max
+
+
+def group_stochastic_round():
+    dtype = torch.bfloat16
+    worst = {}
+    for name, algorithm, shapes, names, hyper, per_tensor, axes in telemetry_cases():
+        what = f"stochastic_round {name}"
+        keys = sr_keys(len(shapes))
+        args = (algorithm, shapes, names, hyper, per_tensor, axes, dtype)
+        first = telemetry_run(EMU, *args, track=False, round_keys=keys)
+        second = telemetry_run(EMU, *args, track=False, round_keys=keys)
+        cpu = telemetry_run(CPU, *args, track=False, round_keys=keys)
+        nearest = telemetry_run(EMU, *args, track=False)
+        for x, y in zip([first[0]] + first[1], [second[0]] + second[1]):
+            if not all(torch.equal(u, v) for u, v in zip(x, y)):
+                FAILURES.append(f"{what}: two emulated runs differ bitwise")
+                break
+        if all(torch.equal(u, v) for u, v in zip(first[0], nearest[0])):
+            FAILURES.append(f"{what}: the params equal those of round-to-nearest (no rounding?)")
+        if sr_elementwise(algorithm, axes):
+            for i, (a, c) in enumerate(zip(first[0], cpu[0])):
+                if not torch.equal(a, c):
+                    differ = int((a != c).sum())
+                    FAILURES.append(f"{what}: param {i} {tuple(c.shape)}: {differ} of {c.numel()} elements differ "
+                                    "from the CPU op (bitwise expected)")
+                    break
+            differ, total = 0, sum(c.numel() for c in cpu[0])
+        else:
+            differ, total, gap = sr_lockstep(algorithm, shapes, names, hyper, per_tensor, axes, keys)
+            if gap > 1:
+                FAILURES.append(f"{what}: a param {gap} bfloat16 steps from the CPU op's (at most 1 expected)")
+            if differ > SR_DIFFER_FRACTION * total:
+                FAILURES.append(f"{what}: {differ} of {total} params differ from the CPU op")
+            compare(f"{what}: params", [first[0]], [cpu[0]], dtype)
+        worst[name] = (differ, total)
+        compare(f"{what}: states", first[1] + [first[2]], cpu[1] + [cpu[2]], dtype)
+        # Telemetry of the rounded values.
+        tracked = telemetry_run(EMU, *args, track=True, round_keys=keys)
+        for x, y in zip([tracked[0]] + tracked[1], [first[0]] + first[1]):
+            if not all(torch.equal(u, v) for u, v in zip(x, y)):
+                FAILURES.append(f"{what}: with telemetry the params or states differ bitwise from the run without")
+                break
+        for step, (table, own) in enumerate(zip(tracked[3], tracked[4])):
+            close_rows(f"{what}: step {step}: telemetry against its own params", table, own,
+                       [TELEMETRY_SELF_RTOL] * 2)
+        # A NaN param: kept by the rounding, where the CPU op has its NaNs.
+        nan_at = (3, 5) if shapes[3] and math.prod(shapes[3]) > 5 else None
+        if nan_at is None:
+            nan_at = next((i, 0) for i, shape in enumerate(shapes) if math.prod(shape) > 0)
+        emu_nan = telemetry_run(EMU, *args, track=False, round_keys=keys, steps=2, nan_at=nan_at)[0]
+        cpu_nan = telemetry_run(CPU, *args, track=False, round_keys=keys, steps=2, nan_at=nan_at)[0]
+        if not emu_nan[nan_at[0]].view(-1)[nan_at[1]].isnan():
+            FAILURES.append(f"{what}: a NaN param was not kept")
+        for i, (a, c) in enumerate(zip(emu_nan, cpu_nan)):
+            if not torch.equal(a.isnan(), c.isnan()):
+                FAILURES.append(f"{what}: param {i}: NaNs where the CPU op has none, or the reverse")
+                break
+    print("  stochastic_round: params differing from the CPU op in lockstep (one bfloat16 step): "
+          + ", ".join(f"{name} {d}/{t}" for name, (d, t) in worst.items() if d))
+
+
 GROUPS = {"adam": group_adam, "radam_lion": group_radam_lion, "norm_scaled": group_norm_scaled,
-          "amos": group_amos, "cache": group_cache, "telemetry": group_telemetry}
+          "amos": group_amos, "cache": group_cache, "telemetry": group_telemetry,
+          "stochastic_round": group_stochastic_round}
 
 
 def main(argv):
