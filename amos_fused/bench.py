@@ -418,6 +418,7 @@ def measure(impl: Impl, make_model, device, warmup: int, steps: int) -> dict:
     sizes = dict(params=sum(p.numel() for p in params), tensors=len(params))
     del params
     optimizer = impl.build(model)
+    sizes["dtype"] = next(model.parameters()).dtype  # (a bfloat16 row converts the model)
     del model  # the optimizer keeps what it needs
     timer = step_times_cuda if device.type == "cuda" else step_times_cpu
     times = timer(optimizer.step, warmup, steps)
@@ -466,7 +467,7 @@ def result_rows(measurements: List[dict], workload: str) -> List[dict]:
         rows.append({
             "workload": workload,
             "impl": m["impl"].name,
-            "dtype": str(DTYPE).replace("torch.", ""),
+            "dtype": str(m.get("dtype", DTYPE)).replace("torch.", ""),
             "params": m["params"],
             "tensors": m["tensors"],
             "bytes_per_param": m["impl"].bytes_per_param,

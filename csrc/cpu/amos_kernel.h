@@ -63,7 +63,7 @@ inline void amos_store_slot(scalar_t* v, scalar_t* b, double sum, int64_t count,
 template <typename scalar_t, bool MOMENTUM, bool CLIP>
 void amos_update_row(scalar_t* p, scalar_t* g, scalar_t* mu, int64_t begin, int64_t end,
                      at::opmath_type<scalar_t> w, at::opmath_type<scalar_t> a,
-                     const TileCoef<AmosCoef, scalar_t>& coef, Telemetry* sums,
+                     const TileCoef<AmosCoef, scalar_t>& coef, PieceSums<scalar_t>* acc,
                      const StochasticRound* round) {
   using Vec = typename TileIO<scalar_t>::Vec;
   const Vec wv(w), av(a);
@@ -78,9 +78,9 @@ void amos_update_row(scalar_t* p, scalar_t* g, scalar_t* mu, int64_t begin, int6
     }
   };
   if constexpr (MOMENTUM) {
-    map_streams<scalar_t, 3, 0b101u>({p, g, mu}, begin, end, update, sums, round);
+    map_streams_summed<scalar_t, 3, 0b101u>({p, g, mu}, begin, end, update, acc, round);
   } else {
-    map_streams<scalar_t, 2, 0b1u>({p, g}, begin, end, update, sums, round);
+    map_streams_summed<scalar_t, 2, 0b1u>({p, g}, begin, end, update, acc, round);
   }
 }
 
@@ -185,13 +185,16 @@ void amos_typed(const AmosLaunch& L) {
       return;
     }
     // Rows whose first element lies in [begin, end): reduce, then update, in cache.
+    PieceSums<scalar_t> acc;  // telemetry of the rows, flushed once for the piece
     for (int64_t r = (begin + row - 1) / row; r * row < end; ++r) {
       const int64_t start = r * row;
       Op w, a;
       const double sum = amos_sum_squares<scalar_t, CLIP>(g + start, row, coef);
       amos_store_slot<scalar_t, MOMENTUM>(v + r, b + r, sum, row, coef.scalar, w, a);
-      amos_update_row<scalar_t, MOMENTUM, CLIP>(p, g, mu, start, start + row, w, a, coef, sums, round);
+      amos_update_row<scalar_t, MOMENTUM, CLIP>(p, g, mu, start, start + row, w, a, coef,
+                                                sums != nullptr ? &acc : nullptr, round);
     }
+    if (sums != nullptr) acc.flush(sums);
   });
   at::parallel_for(0, L.num_general, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) amos_general_tensor<scalar_t, MOMENTUM, CLIP>(L, L.general[i]);

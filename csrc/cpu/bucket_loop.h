@@ -71,7 +71,7 @@ struct Telemetry {
 
 // With telemetry each tensor is cut into blocks of this many elements from its
 // own start; a block's sums are taken whole by whichever thread steps it.
-constexpr int64_t kTelemetryBlock = 4096;
+constexpr int64_t kTelemetryBlock = 16384;
 
 // for_each_segment's walk, calling f(tensor, begin, end, sums) with sums null
 // when `telemetry` is null.  Otherwise the pieces are telemetry blocks, each
@@ -230,25 +230,51 @@ class TensorRounding {
   uint32_t base_;
 };
 
+// Σθ² and Σ(Δθ)² of the pieces of one tensor streamed so far: opmath lanes for
+// the SIMD tiles, double for the scalar tails; added into a Telemetry by flush().
+template <typename scalar_t>
+struct PieceSums {
+  using Vec = typename TileIO<scalar_t>::Vec;
+  using Op = at::opmath_type<scalar_t>;
+  Vec weight_sq = Vec(Op(0));
+  Vec update_sq = Vec(Op(0));
+  double tail_weight = 0.0;
+  double tail_update = 0.0;
+
+  void flush(Telemetry* sums) const {
+    Op lanes_weight[Vec::size()], lanes_update[Vec::size()];
+    weight_sq.store(lanes_weight);
+    update_sq.store(lanes_update);
+    for (int64_t k = 0; k < Vec::size(); ++k) {
+      sums->weight_sq += lanes_weight[k];
+      sums->update_sq += lanes_update[k];
+    }
+    sums->weight_sq += tail_weight;
+    sums->update_sq += tail_update;
+  }
+};
+
 // Streams N arrays of one tensor over [begin, end): loads every stream, calls
 // f(values) on an std::array of N opmath values (vectors, then the scalar
 // tail), and stores back the streams whose bit is set in kWriteMask.  With
-// `sums`, stream 0 is the param: Σθ² and Σ(Δθ)² of its stored values are added
-// to *sums (opmath lanes over the piece, then its tail, in double).  With
-// `round` (bfloat16 params only), stream 0 is the param, stored with stochastic
-// rounding (its elements' indices are the indices within the tensor).
+// `acc`, stream 0 is the param: Σθ² and Σ(Δθ)² of its stored values are added to
+// *acc.  With `round` (bfloat16 params only), stream 0 is the param, stored with
+// stochastic rounding (its elements' indices are the indices within the tensor).
 template <typename scalar_t, int N, unsigned kWriteMask, typename F>
-inline void map_streams(const std::array<scalar_t*, N>& ptr, int64_t begin, int64_t end,
-                        const F& f, Telemetry* sums = nullptr, const StochasticRound* round = nullptr) {
+inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begin, int64_t end, const F& f,
+                               PieceSums<scalar_t>* acc, const StochasticRound* round = nullptr) {
   constexpr bool kCanRound = std::is_same_v<scalar_t, c10::BFloat16> && (kWriteMask & 1u) != 0;
   using IO = TileIO<scalar_t>;
   using Vec = typename IO::Vec;
   using Op = at::opmath_type<scalar_t>;
   // Only a stream 0 that is written can be a param (telemetry is off otherwise).
-  const bool track = (kWriteMask & 1u) != 0 && sums != nullptr;
-  Vec weight_sq(Op(0)), update_sq(Op(0));
+  const bool track = (kWriteMask & 1u) != 0 && acc != nullptr;
   std::optional<TensorRounding> rounding;
   if (kCanRound && round != nullptr) rounding.emplace(*round);
+  // local accumulators (kept in registers: *acc could alias the streams), written back at the end
+  Vec weight_sq = track ? acc->weight_sq : Vec(Op(0));
+  Vec update_sq = track ? acc->update_sq : Vec(Op(0));
+  double tail_weight = 0.0, tail_update = 0.0;
   int64_t i = begin;
   for (; i + IO::kTile <= end; i += IO::kTile) {
     std::array<Vec, N> x[IO::kParts];
@@ -280,12 +306,11 @@ inline void map_streams(const std::array<scalar_t*, N>& ptr, int64_t begin, int6
       }
       for (int part = 0; part < IO::kParts; ++part) {
         const Vec delta = after[part] - before[part];
-        weight_sq = weight_sq + after[part] * after[part];
-        update_sq = update_sq + delta * delta;
+        weight_sq = at::vec::fmadd(after[part], after[part], weight_sq);
+        update_sq = at::vec::fmadd(delta, delta, update_sq);
       }
     }
   }
-  double tail_weight = 0.0, tail_update = 0.0;
   for (; i < end; ++i) {
     std::array<Op, N> x;
     for (int s = 0; s < N; ++s) x[s] = static_cast<Op>(ptr[s][i]);
@@ -303,16 +328,24 @@ inline void map_streams(const std::array<scalar_t*, N>& ptr, int64_t begin, int6
     }
   }
   if (track) {
-    Op lanes_weight[Vec::size()], lanes_update[Vec::size()];
-    weight_sq.store(lanes_weight);
-    update_sq.store(lanes_update);
-    for (int64_t k = 0; k < Vec::size(); ++k) {
-      sums->weight_sq += lanes_weight[k];
-      sums->update_sq += lanes_update[k];
-    }
-    sums->weight_sq += tail_weight;
-    sums->update_sq += tail_update;
+    acc->weight_sq = weight_sq;
+    acc->update_sq = update_sq;
+    acc->tail_weight += tail_weight;
+    acc->tail_update += tail_update;
   }
+}
+
+// map_streams_summed over one piece, its sums (when `sums` is given) added into *sums.
+template <typename scalar_t, int N, unsigned kWriteMask, typename F>
+inline void map_streams(const std::array<scalar_t*, N>& ptr, int64_t begin, int64_t end,
+                        const F& f, Telemetry* sums = nullptr, const StochasticRound* round = nullptr) {
+  if (sums == nullptr) {
+    map_streams_summed<scalar_t, N, kWriteMask>(ptr, begin, end, f, nullptr, round);
+    return;
+  }
+  PieceSums<scalar_t> acc;
+  map_streams_summed<scalar_t, N, kWriteMask>(ptr, begin, end, f, &acc, round);
+  acc.flush(sums);
 }
 
 }  // namespace CPU_CAPABILITY
