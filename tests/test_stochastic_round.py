@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import amos_fused as af
 from amos_fused.stochastic_round import lowbias32, memory_indices, round_key, round_to_bfloat16
@@ -71,7 +73,7 @@ def _assert_equal_or_neighbours(fused, reference, exact):
         assert torch.all((a - b).abs() <= ulp * 1.01)
         differ += int((a != b).sum())
         total += a.numel()
-    assert differ <= 0.01 * total, (differ, total)
+    assert differ <= max(1, 0.01 * total), (differ, total)
 
 
 @pytest.mark.parametrize("reduce_axes", ["all", (1,), (0,), (0, 2), None])
@@ -246,3 +248,33 @@ def test_op_refuses_round_keys_for_other_dtypes_before_writing():
                                   steps, hyper, [], None, None, None, [1])
     for t, k in zip(params + states + steps, kept):
         assert torch.equal(t, k)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 40), min_size=0, max_size=3).map(tuple), min_size=1, max_size=4),
+    name=st.sampled_from(["AdamW", "Adam", "RAdam", "Lion"]),
+    with_grad=st.lists(st.booleans(), min_size=4, max_size=4),
+    split=st.integers(0, 4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_cpu_equals_reference(shapes, name, with_grad, split, seed):
+    """Any shapes, None grads, two param groups, any seed: the elementwise rules give the
+    same bf16 params on cpu and reference (the param index in the key counts across
+    groups).  Equal or neighbouring values: the eager float32 result and the kernel's
+    can differ in their last bit for rare elements (found: Adam with L2 decay, an
+    update that nearly cancels θ, 1 element of 1040), which round-to-nearest hides but
+    a random threshold can expose."""
+    case = CASES[CLASS_CASES[name]]
+    results = []
+    for backend in ("cpu", "reference"):
+        params = _params(shapes)
+        groups = [{"params": params[:split]}, {"params": params[split:]}]
+        groups = [g for g in groups if g["params"]]
+        opt = case.make(groups, backend, bf16_stochastic_round=True, stochastic_round_seed=seed)
+        for step in range(2):
+            for p, g, has in zip(params, _grads(params, step), with_grad):
+                p.grad = g if has else None
+            opt.step()
+        results.append(params)
+    _assert_equal_or_neighbours(*results, exact=False)
