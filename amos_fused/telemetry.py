@@ -20,7 +20,7 @@ a DTensor param's sums are all-reduced over the mesh dims that shard it (so
 from __future__ import annotations
 
 import math
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -61,13 +61,13 @@ def measured_sums(params: Sequence[Tensor], before: Optional[Sequence[Tensor]], 
 class _Record(NamedTuple):
     table: Tensor     # [count, 2] of the bucket the param was stepped in
     row: int
-    numel: int        # real numbers in the whole param (every shard)
+    stepped: Tensor   # what the step saw (a local shard, a real view)
     lr: float
-    groups: Tuple     # process groups to sum a sharded param's sums over
 
 
 class Recorder:
-    """The latest telemetry of every tracked param of an optimizer."""
+    """The latest telemetry of every tracked param of an optimizer.  A step only
+    files where its sums are; what they are sums over is worked out by ``rms()``."""
 
     def __init__(self):
         self._records: Dict[Tensor, _Record] = {}
@@ -76,11 +76,7 @@ class Recorder:
         """``owners``: the params as the user holds them; ``params``: what was
         stepped (local shards, real views), row by row of ``table``."""
         for row, (owner, stepped) in enumerate(zip(owners, params)):
-            groups = shard_groups(owner)
-            numel = owner.numel() * (2 if owner.is_complex() else 1)
-            if not groups:
-                numel = stepped.numel()
-            self._records[owner] = _Record(table, row, numel, lr, groups)
+            self._records[owner] = _Record(table, row, stepped, lr)
 
     def rms(self, current: Sequence[Tensor]) -> Dict[Tensor, RMS]:
         """The RMS of the params of ``current`` (the optimizer's params now) that have
@@ -89,12 +85,15 @@ class Recorder:
         for owner in [o for o in self._records if id(o) not in present]:
             del self._records[owner]
         records = list(self._records.items())
+        groups = [shard_groups(owner) for owner, _ in records]
         rows = [record.table[record.row] for _, record in records]
-        rows = sum_over_shards(rows, [record.groups for _, record in records])
+        rows = sum_over_shards(rows, groups)
         values = torch.stack(rows).cpu().tolist() if rows else []
         out: Dict[Tensor, RMS] = {}
-        for (owner, record), (weight_sq, update_sq) in zip(records, values):
-            n = max(record.numel, 1)
+        for (owner, record), sharded, (weight_sq, update_sq) in zip(records, groups, values):
+            # real numbers in the whole param (every shard; two per complex element)
+            n = owner.numel() * (2 if owner.is_complex() else 1) if sharded else record.stepped.numel()
+            n = max(n, 1)
             update = math.sqrt(update_sq / n)
             out[owner] = RMS(math.sqrt(weight_sq / n), update / record.lr if record.lr != 0 else math.nan)
         return out

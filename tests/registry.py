@@ -316,3 +316,41 @@ def assert_states_equal(opt_a, params_a, opt_b, params_b) -> None:
         assert set(sa) == set(sb)
         for key in sa:
             assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+
+
+# ---------------------------------------------------------------------------
+# Seeded params and grads, and bf16 results compared up to a neighbour
+# ---------------------------------------------------------------------------
+
+def seeded_params(shapes, dtype=torch.float32, device="cpu", seed: int = 0) -> list:
+    """Parameters of ``shapes`` drawn from one generator (the same values on any device)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype).to(device)) for s in shapes]
+
+
+def seeded_grads(params, step: int) -> list:
+    """The grads of ``step``, like their params, the same values on any device."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(p.shape, generator=gen).to(p.dtype).to(p.device) for p in params]
+
+
+def assert_equal_or_neighbours(got, expected, exact: bool, what: str = "", allow_one: bool = False) -> None:
+    """bf16 params: bitwise equal (``exact``), else each value equal to the expected one
+    or one of its bfloat16 neighbours, and at most 1% of them different (or one value,
+    with ``allow_one``).  Where the float32 results differ in their last bits (sums in
+    another order), a rounding to bf16 can land on the other neighbour."""
+    differ = total = 0
+    for i, (a, b) in enumerate(zip(got, expected)):
+        a, b = a.detach(), b.detach()
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.bfloat16, what
+        if exact:
+            assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), \
+                f"{what}: param {i} {tuple(a.shape)}: {int((a != b).sum())} of {a.numel()} values differ"
+            continue
+        a, b = a.float(), b.float()
+        ulp = torch.where(b == 0, torch.tensor(2.0**-133), b.abs() * 2**-7)
+        assert torch.all((a - b).abs() <= ulp * 1.01), f"{what}: param {i} differs by more than one bf16 ulp"
+        differ += int((a != b).sum())
+        total += a.numel()
+    allowed = max(1, 0.01 * total) if allow_one else 0.01 * max(total, 1)
+    assert differ <= allowed, f"{what}: {differ} of {total} values differ"

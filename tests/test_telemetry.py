@@ -10,20 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import amos_fused as af
-from registry import CASES, CLASS_CASES, amos_case
+from registry import CASES, CLASS_CASES, amos_case, seeded_grads, seeded_params
 
 CPU_BACKENDS = ["cpu", "reference"]
 SHAPES = [(37, 70), (5001,), (3, 4, 5, 6), (), (0, 3), (2, 9000)]
 
 
-def _params(shapes, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+def _params(shapes, dtype=torch.float32):
+    return seeded_params(shapes, dtype)
 
 
-def _grads(params, step, seed=1):
-    g = torch.Generator().manual_seed(seed * 1000 + step)
-    return [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+_grads = seeded_grads
 
 
 def _expected(after, before, lr):

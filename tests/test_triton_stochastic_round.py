@@ -39,7 +39,7 @@ from amos_fused import stochastic_round as host_rounding  # noqa: E402
 from amos_fused.telemetry import new_table  # noqa: E402
 from amos_fused.triton_kernels import amos, common, ops  # noqa: E402
 
-from registry import CASES, CLASS_CASES  # noqa: E402
+from registry import CASES, CLASS_CASES, assert_equal_or_neighbours, seeded_grads, seeded_params  # noqa: E402
 from test_triton import AMOS_LAYOUTS, DEVICE, STEPS, _bits  # noqa: E402
 from test_triton_telemetry import AMOS_WALKS  # noqa: E402
 
@@ -47,14 +47,11 @@ from test_triton_telemetry import AMOS_WALKS  # noqa: E402
 SHAPES = [(), (0,), (37,), (5, 7), (3, 1, 9), (1024,), (2100,)]
 
 
-def _params(shapes, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(torch.bfloat16).to(device)) for s in shapes]
+def _params(shapes, device):
+    return seeded_params(shapes, torch.bfloat16, device)
 
 
-def _grads(params, step):
-    gen = torch.Generator().manual_seed(1000 + step)
-    return [torch.randn(p.shape, generator=gen).to(torch.bfloat16).to(p.device) for p in params]
+_grads = seeded_grads
 
 
 def _run(case, backend, shapes, steps=STEPS, make_params=None, skip=None, **extra):
@@ -71,28 +68,10 @@ def _run(case, backend, shapes, steps=STEPS, make_params=None, skip=None, **extr
     return [p.detach().cpu() for p in params]
 
 
-def _assert_equal_or_neighbours(got, expected, exact, what):
-    """Bitwise equal (exact), else each value equal to the expected one or one of its
-    bfloat16 neighbours, and at most 1 % of them different."""
-    differ = total = 0
-    for i, (a, b) in enumerate(zip(got, expected)):
-        assert a.shape == b.shape and a.dtype == b.dtype == torch.bfloat16
-        if exact:
-            assert torch.equal(_bits(a), _bits(b)), \
-                f"{what}: param {i} {tuple(a.shape)}: {int((a != b).sum())} of {a.numel()} values differ"
-            continue
-        a, b = a.float(), b.float()
-        ulp = torch.where(b == 0, torch.tensor(2.0**-133), b.abs() * 2**-7)
-        assert torch.all((a - b).abs() <= ulp * 1.01), f"{what}: param {i} differs by more than one bf16 ulp"
-        differ += int((a != b).sum())
-        total += a.numel()
-    assert differ <= 0.01 * max(total, 1), f"{what}: {differ} of {total} values differ"
-
-
 def _check_against_cpu(case, shapes, exact, **kwargs):
     got = _run(case, "triton", shapes, **kwargs)
     expected = _run(case, "cpu", shapes, **kwargs)
-    _assert_equal_or_neighbours(got, expected, exact, "triton vs cpu")
+    assert_equal_or_neighbours(got, expected, exact, "triton vs cpu")
     return got
 
 
