@@ -9,10 +9,11 @@ from .amos_helpers import amos_param_groups
 from .backends import available_backends
 from .norm_scaled import Lamb, ScaledAdamW
 from .optim import Adam, AdamW, Amos, Lion, RAdam
+from .optim_fp8 import Adam8bit, AdamW8bit, Lion8bit
 from .theory import half_life_p
 
 __all__ = [
-    "Adam", "AdamW", "Amos", "Lamb", "Lion", "RAdam", "ScaledAdamW",
+    "Adam", "Adam8bit", "AdamW", "AdamW8bit", "Amos", "Lamb", "Lion", "Lion8bit", "RAdam", "ScaledAdamW",
     "amos_param_groups", "available_backends", "half_life_p",
 ]
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ differ.  The lists of a bucket are gathered anew at every step from the params'
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ class BucketSpec:
     positions: List[int]
     complex_positions: frozenset = frozenset()
     dtensor_positions: frozenset = frozenset()
+    fp8: bool = False  # its states are block-scaled FP8 (amos_fused/fp8_states.py)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Bucket:
     state: Dict[str, List[Tensor]] = field(default_factory=dict)
     # Per-param hyper-parameters (e.g. Amos's eta), by group key, in bucket order.
     per_param: Dict[str, List[float]] = field(default_factory=dict)
+    fp8: bool = False  # its states are block-scaled FP8 (amos_fused/fp8_states.py)
 
     def each(self):
         """(param, grad, state) per param, the state a dict of kernel views by key."""
@@ -55,7 +57,8 @@ def kernel_dtype(p: Tensor) -> torch.dtype:
 
 @dataclass
 class GroupPlan:
-    """How one param group splits into buckets (first-seen order of (device, dtype))."""
+    """How one param group splits into buckets (first-seen order of (device, dtype,
+    whether the states are FP8))."""
 
     params: List[Tensor]  # a copy of group['params'] when the plan was made
     specs: List[BucketSpec]
@@ -63,12 +66,12 @@ class GroupPlan:
     per_param: Dict[str, tuple] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, params: Sequence[Tensor]) -> "GroupPlan":
+    def build(cls, params: Sequence[Tensor], keeps_fp8: Callable[[Tensor], bool] = lambda p: False) -> "GroupPlan":
         by_kind: Dict[tuple, BucketSpec] = {}
         for i, p in enumerate(params):
-            kind = (p.device, kernel_dtype(p))
+            kind = (p.device, kernel_dtype(p), keeps_fp8(p))
             if kind not in by_kind:
-                by_kind[kind] = BucketSpec(device=kind[0], dtype=kind[1], positions=[])
+                by_kind[kind] = BucketSpec(device=kind[0], dtype=kind[1], positions=[], fp8=kind[2])
             by_kind[kind].positions.append(i)
         for spec in by_kind.values():
             spec.complex_positions = frozenset(i for i in spec.positions if params[i].is_complex())

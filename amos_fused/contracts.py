@@ -36,16 +36,22 @@ def contract(algorithm: str) -> Contract:
     return Contract(*(tuple(names) for names in torch.ops.amos_fused.contract(algorithm)))
 
 
+def hyper_values(algorithm: str, hyper: Mapping[str, float]) -> List[float]:
+    """``hyper``'s values in the order of ``algorithm``'s contract (flags as 0 / 1)."""
+    names = contract(algorithm).hyper
+    if set(hyper) != set(names):
+        raise ValueError(f"{algorithm}: hyper-parameters {sorted(hyper)} do not match the kernels' "
+                         f"{list(names)}")
+    return [float(hyper[name]) for name in names]
+
+
 def step_arguments(algorithm: str, hyper: Mapping[str, float],
                    state: Mapping[str, Sequence[Tensor]]) -> Tuple[List[Tensor], List[float]]:
     """(states, hyper) of a step op call: the enabled state lists of ``state`` (key →
     one tensor per param) concatenated in the contract's order, and ``hyper``'s
     values in the contract's order (flags as 0 / 1)."""
     c = contract(algorithm)
-    if set(hyper) != set(c.hyper):
-        raise ValueError(f"{algorithm}: hyper-parameters {sorted(hyper)} do not match the kernels' "
-                         f"{list(c.hyper)}")
-    values = [float(hyper[name]) for name in c.hyper]
+    values = hyper_values(algorithm, hyper)
     states: List[Tensor] = []
     for key, flag in zip(c.states, c.enabled_by):
         if not flag or hyper[flag]:
@@ -76,3 +82,18 @@ def call_step(ops, algorithm: str, params: Sequence[Tensor], grads: Sequence[Ten
     states, values = step_arguments(algorithm, hyper, state)
     ops.step(algorithm, list(params), list(grads), states, list(steps), values, list(per_tensor),
              grad_scale, found_inf, telemetry, None if round_keys is None else list(round_keys))
+
+
+def call_fp8_step(algorithm: str, params: Sequence[Tensor], grads: Sequence[Tensor],
+                  state: Mapping[str, Sequence[Tensor]], steps: Sequence[Tensor],
+                  hyper: Mapping[str, float], keys: Sequence[str],
+                  grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+                  telemetry: Optional[Tensor] = None, round_keys: Optional[Sequence[int]] = None) -> None:
+    """One ``torch.ops.amos_fused.step_fp8`` call: the states under ``keys`` are FP8
+    codes, each with its per-block absmax under ``key + '_absmax'``
+    (amos_fused/fp8_states.py); the rest as in ``call_step``."""
+    codes = [t for key in keys for t in state[key]]
+    absmax = [t for key in keys for t in state[key + "_absmax"]]
+    torch.ops.amos_fused.step_fp8(algorithm, list(params), list(grads), codes, absmax, list(steps),
+                                  hyper_values(algorithm, hyper), grad_scale, found_inf, telemetry,
+                                  None if round_keys is None else list(round_keys))

@@ -18,8 +18,9 @@ from torch import Tensor
 from .backends import backend_for, check_backend, fused_ops
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype
 from .checks import Problem, Walk, check_step, first_overlap, step_error
-from .contracts import call_step
-from .sharding import local
+from . import fp8_states
+from .contracts import call_fp8_step, call_step
+from .sharding import is_dtensor, local
 from .stochastic_round import round_key, round_to_bfloat16
 from .telemetry import RMS, Recorder, measured_sums, new_table, snapshot
 
@@ -88,6 +89,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     slot_keys: Tuple[str, ...] = ()
     # Group keys that may hold one value per param (a tuple) instead of one float.
     per_param_keys: Tuple[str, ...] = ()
+    # States kept as block-scaled FP8 codes (plus a per-block absmax under
+    # fp8_states.absmax_key(key)) for the params fp8_states.keeps_fp8 accepts: the
+    # 8-bit optimizers (amos_fused/optim_fp8.py).
+    fp8_state_keys: Tuple[str, ...] = ()
     # Elementwise algorithms step complex params as their real views, like torch.optim.
     supports_complex: bool = True
     # The fused kernels walk params in memory order; some (Amos's slot layouts) read
@@ -120,6 +125,15 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _new_state(self, param: Tensor, group: dict) -> dict:
         raise NotImplementedError
 
+    def _keeps_fp8(self, param: Tensor) -> bool:
+        """Whether this optimizer keeps ``param``'s states as FP8 codes."""
+        if not self.fp8_state_keys or not fp8_states.keeps_fp8(param) or param.is_complex():
+            return False
+        if is_dtensor(param):
+            raise NotImplementedError(f"{self._name}: FP8 states of sharded (DTensor) params are not "
+                                      "supported yet; use the full-precision optimizer")
+        return True
+
     def _check_slots(self, where, group: dict, plan: GroupPlan, positions: List[int],
                      lists: Dict[str, List[Tensor]]) -> None:
         """Raises when a slot-shaped state tensor (``lists[key][i]`` of the param at
@@ -135,6 +149,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Steps the bucket with one ``ops.step`` call (``ops``: torch.ops.amos_fused,
         or the Triton ops with the same signature), which fills ``telemetry`` and
         rounds bfloat16 params stochastically with ``round_keys`` when given."""
+        if bucket.fp8:
+            call_fp8_step(self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
+                          self._hyper(group), self.fp8_state_keys, telemetry=telemetry, round_keys=round_keys,
+                          **self._grad_scaling())
+            return
         per_tensor = bucket.per_param[self.per_param_keys[0]] if self.per_param_keys else []
         call_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
                   self._hyper(group), per_tensor, telemetry=telemetry, round_keys=round_keys,
@@ -184,6 +203,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                              "the steps read their step counters on the host")
         if group.get("fused") and group["backend"] == "reference":
             raise ValueError(f"{self._name}: fused=True contradicts backend='reference'")
+        if self.fp8_state_keys and group_backend(group) in ("cuda", "triton"):
+            raise NotImplementedError(f"{self._name}: FP8 states have fused kernels on backend='cpu' only "
+                                      f"(and the reference), not on {group_backend(group)!r}")
         for flag in ("maximize", "track_rms", "bf16_stochastic_round"):
             if not isinstance(group.get(flag, False), bool):
                 raise ValueError(f"{self._name}: {flag} must be True or False, got {group[flag]!r}")
@@ -219,7 +241,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{self._where(gj, pj, q)} shares memory with param_groups[{gi}]"
                              f"['params'][{pi}]; overlapping params cannot be stepped")
         self._check_group_params(group)
-        return GroupPlan.build(params)
+        return GroupPlan.build(params, self._keeps_fp8)
 
     # ---- step -------------------------------------------------------------
     # torch.optim's own way to keep Dynamo out (imports torch._dynamo lazily, at the first call).
@@ -275,8 +297,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         grads and ``self.state``, and checked (one C++ pass); state that does not
         exist yet is made (not stored: see _run)."""
         owners = [plan.params[i] for i in positions]
+        if self.fp8_state_keys and any(self._keeps_fp8(p) != spec.fp8 for p in owners):
+            raise _StalePlan()
         grads = [all_grads[i] for i in positions]
         keys = self._step_state_keys(group)
+        coded = ()  # the FP8 states' keys: codes, then absmax
+        if spec.fp8:
+            coded = tuple(k for k in keys if k in self.fp8_state_keys)
+            coded += tuple(fp8_states.absmax_key(k) for k in coded)
+            keys = keys + coded[len(coded) // 2:]
         states = []
         for p in owners:
             st = self.state.get(p)
@@ -285,7 +314,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 new_states.append((p, missing))
                 st = {**(st or {}), **missing}
             states.append(st)
-        like_keys = [k for k in keys if k not in self.slot_keys]
+        like_keys = [k for k in keys if k not in self.slot_keys and k not in coded]
         slot_keys = [k for k in keys if k in self.slot_keys]
         lists = {k: [st[k] for st in states] for k in ("step",) + tuple(keys)}
         where = lambda i: self._where(index, positions[i], owners[i])  # noqa: E731
@@ -304,6 +333,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if pos in spec.complex_positions:
                     params[i], grads[i] = self._real_views(where(i), params[i], grads[i], lists, like_keys, i)
         backend = backend_for(group_backend(group), self.algorithm, spec.device, self._name)
+        if spec.fp8 and backend != "cpu":
+            backend = "reference"  # the FP8 states' only fused kernels are the CPU ones
         walk = Walk.ANY if backend == "reference" else (
             Walk.CONTIGUOUS if self.fused_needs_contiguous else Walk.DENSE)
         if walk == Walk.CONTIGUOUS:
@@ -327,12 +358,30 @@ class FusedOptimizer(torch.optim.Optimizer):
             tensor = lists[name][bad] if name else lists["step"][bad]
             raise step_error(where(bad), problem, owners[bad], grad=all_grads[positions[bad]],
                              tensor=tensor, name=name, backend=backend, walk=walk)
+        if coded:
+            self._check_fp8(where, owners, params, lists, coded)
         if group.get("maximize"):
             grads = torch._foreach_neg(grads)  # g ← −g
-        bucket = Bucket(spec.device, spec.dtype, backend, owners, positions, params, grads, lists)
+        bucket = Bucket(spec.device, spec.dtype, backend, owners, positions, params, grads, lists, fp8=spec.fp8)
         for key in self.per_param_keys:
             bucket.per_param[key] = self._per_param(index, group, plan, key, positions)
         return bucket
+
+    @staticmethod
+    def _check_fp8(where, owners, params, lists, coded) -> None:
+        """Raises when an FP8 state (codes and absmax under the keys ``coded``) does
+        not fit its param (csrc/checks.h: find_fp8_problem)."""
+        half = len(coded) // 2
+        bad, which = torch.ops.amos_fused.check_fp8_states(
+            params, [t for k in coded[:half] for t in lists[k]], [t for k in coded[half:] for t in lists[k]])
+        if bad < 0:
+            return
+        key, tensor, p = coded[which], lists[coded[which]][bad], params[bad]
+        expected = ("uint8 codes with the param's shape and strides" if which < half else
+                    f"a contiguous float32 tensor of {fp8_states.num_blocks(p.numel())} elements "
+                    f"(one per block of {fp8_states.BLOCK})")
+        raise ValueError(f"{where(bad)}: state {key!r} ({tensor.dtype}, shape {tuple(tensor.shape)}, "
+                         f"strides {tensor.stride()}, on {tensor.device}) does not fit: expected {expected}")
 
     @staticmethod
     def _to_memory_order(i: int, params, grads, lists, keys) -> None:
@@ -346,10 +395,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             if lists[key][i].dim() == len(order):
                 lists[key][i] = lists[key][i].permute(order)
 
-    @staticmethod
-    def _stale(param: Tensor, spec: BucketSpec) -> bool:
+    def _stale(self, param: Tensor, spec: BucketSpec) -> bool:
         """True when ``param`` no longer belongs to the bucket its plan put it in."""
-        return param.device != spec.device or kernel_dtype(param) != spec.dtype
+        return (param.device != spec.device or kernel_dtype(param) != spec.dtype
+                or self._keeps_fp8(param) != spec.fp8)
 
     @staticmethod
     def _real_views(where: str, param: Tensor, grad: Tensor, lists: dict, like_keys, i: int):
@@ -480,7 +529,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         ``step`` becomes a float32 CPU scalar.  Each group keeps the backend this
         optimizer was built with (a ``backend`` saved by older versions is ignored),
         and torch's ``fused``/``foreach``/``capturable`` choices of the saver are not
-        carried over."""
+        carried over.  States are brought to this optimizer's precision: a
+        full-precision ``exp_avg``/``exp_avg_sq`` loaded into an 8-bit optimizer is
+        quantized, and FP8 codes loaded into a full-precision one are decoded
+        (amos_fused/fp8_states.py)."""
         for index, group in enumerate(state_dict.get("param_groups", [])):
             if group.get("differentiable"):
                 raise ValueError(f"{self._name}: cannot load param_groups[{index}] with "
@@ -492,6 +544,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for param, state in self.state.items():
             for key, value in list(state.items()):
                 state[key] = self._own_copy(param, key, value)
+            fp8_states.convert_loaded(param, state, self.fp8_state_keys if self._keeps_fp8(param) else ())
         self._plans = {}
         for index, group in enumerate(self.param_groups):
             for key, value in self.defaults.items():
@@ -506,6 +559,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not isinstance(value, Tensor):
             return value
         value = value.detach()
+        if value.dtype == torch.uint8 or key.endswith("_absmax"):  # FP8 codes and absmax keep their dtype
+            if value.shape == param.shape:
+                return torch.empty_like(param, dtype=value.dtype).copy_(value)
+            return value.to(device=param.device, copy=True).contiguous()
         if value.shape == param.shape:
             return torch.empty_like(param).copy_(value)
         return value.to(device=param.device, dtype=param.dtype, copy=True).contiguous()

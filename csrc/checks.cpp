@@ -1,5 +1,7 @@
 #include "checks.h"
 
+#include "fp8_states.h"
+
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -121,6 +123,48 @@ std::tuple<int64_t, int64_t, int64_t> check_step(at::TensorList params, at::Tens
   const Found found = find_problem(params, grads, state_lists, slot_lists, steps,
                                    static_cast<Walk>(walk), /*check_overlap=*/true);
   return {found.index, static_cast<int64_t>(found.problem), found.list};
+}
+
+std::pair<int64_t, int64_t> find_fp8_problem(at::TensorList params, at::ArrayRef<at::TensorList> codes,
+                                             at::ArrayRef<at::TensorList> absmax) {
+  const size_t n = params.size();
+  const int64_t lists = static_cast<int64_t>(codes.size());
+  TORCH_CHECK_VALUE(absmax.size() == codes.size(), "amos_fused: ", codes.size(), " code lists but ",
+                    absmax.size(), " absmax lists");
+  for (int64_t k = 0; k < lists; ++k) {
+    TORCH_CHECK_VALUE(codes[k].size() == n && absmax[k].size() == n, "amos_fused: ", n, " params but ",
+                      codes[k].size(), " codes and ", absmax[k].size(), " absmax tensors");
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const int64_t blocks = (p.numel() + kFp8Block - 1) / kFp8Block;
+    for (int64_t k = 0; k < lists; ++k) {
+      const at::Tensor& c = codes[k][i];
+      if (!(c.layout() == c10::kStrided && c.scalar_type() == at::kByte && c.device() == p.device() &&
+            c.sizes() == p.sizes() && (c.numel() <= 1 || c.strides() == p.strides())))
+        return {static_cast<int64_t>(i), k};
+      const at::Tensor& a = absmax[k][i];
+      if (!(a.layout() == c10::kStrided && a.scalar_type() == at::kFloat && a.device() == p.device() &&
+            a.dim() == 1 && a.numel() == blocks && a.is_contiguous()))
+        return {static_cast<int64_t>(i), lists + k};
+    }
+  }
+  return {-1, 0};
+}
+
+std::tuple<int64_t, int64_t> check_fp8_states(at::TensorList params, at::TensorList codes,
+                                              at::TensorList absmax) {
+  const size_t n = params.size();
+  TORCH_CHECK_VALUE(n > 0 && codes.size() % n == 0 && codes.size() == absmax.size(),
+                    "amos_fused.check_fp8_states: ", codes.size(), " codes and ", absmax.size(),
+                    " absmax tensors are not whole lists of ", n);
+  std::vector<at::TensorList> code_lists, absmax_lists;
+  for (size_t k = 0; k < codes.size() / n; ++k) {
+    code_lists.push_back(codes.slice(k * n, n));
+    absmax_lists.push_back(absmax.slice(k * n, n));
+  }
+  const auto found = find_fp8_problem(params, code_lists, absmax_lists);
+  return {found.first, found.second};
 }
 
 void check_bucket(const char* op, at::TensorList params, at::TensorList grads,

@@ -56,6 +56,18 @@ std::tuple<int64_t, int64_t, int64_t> check_step(at::TensorList params, at::Tens
                                                  at::TensorList states, at::TensorList slots,
                                                  at::TensorList steps, int64_t walk);
 
+// The FP8 state lists of a bucket (csrc/fp8_states.h), S lists of codes and S of
+// absmax: codes[k][i] must be uint8 with param i's sizes and strides, on its
+// device; absmax[k][i] a contiguous float32 tensor of one element per block of
+// 256 on the same device.  Returns (i, k) of the first bad tensor (k < S: codes
+// list k; S + k: absmax list k), or (-1, 0).
+std::pair<int64_t, int64_t> find_fp8_problem(at::TensorList params, at::ArrayRef<at::TensorList> codes,
+                                             at::ArrayRef<at::TensorList> absmax);
+
+// The op form for the Python layer: codes and absmax are key-major flat lists.
+std::tuple<int64_t, int64_t> check_fp8_states(at::TensorList params, at::TensorList codes,
+                                              at::TensorList absmax);
+
 using NamedList = std::pair<const char*, at::TensorList>;
 
 // The step ops' own check (through begin_step, csrc/step_prologue.h): raises

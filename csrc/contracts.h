@@ -112,6 +112,8 @@ struct TypeList {};
 using Algorithms = TypeList<AdamAlgorithm, RAdamAlgorithm, LionAlgorithm, AmosAlgorithm,
                             ScaledAdamAlgorithm, LambAlgorithm>;
 using ElementwiseAlgorithms = TypeList<LionAlgorithm>;
+// The algorithms the step_fp8 op runs with block-scaled FP8 states (csrc/fp8_states.h).
+using Fp8Algorithms = TypeList<AdamAlgorithm, LionAlgorithm>;
 
 // The coefficient row of algorithm A.
 template <typename A>
@@ -178,6 +180,7 @@ using ContractNames = std::tuple<std::vector<std::string>, std::vector<std::stri
                                  std::vector<std::string>>;
 ContractNames contract_op(c10::string_view algorithm);
 std::vector<std::string> algorithms_op();
+std::vector<std::string> fp8_algorithms_op();
 std::tuple<bool, at::Tensor> begin_step_op(c10::string_view algorithm, at::TensorList params,
                                            at::TensorList grads, at::TensorList states,
                                            at::TensorList steps, at::ArrayRef<double> hyper,

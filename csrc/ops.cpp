@@ -53,6 +53,19 @@ TORCH_LIBRARY(amos_fused, m) {
         &amos_fused::amos_slot_layouts_op);
   // The names of every algorithm of the step op.
   m.def("algorithms() -> str[]", &amos_fused::algorithms_op);
+  // The step op of the optimizers with block-scaled FP8 states (csrc/fp8_states.h):
+  // `step`'s arguments, with the state lists as codes (uint8, shaped like the
+  // params: exp_avg[, exp_avg_sq as sqrt]) and absmax (float32, one per block of
+  // 256), key-major.  Algorithms: fp8_algorithms().
+  m.def(
+      "step_fp8(str algorithm, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] codes, "
+      "Tensor(c!)[] absmax, Tensor(d!)[] steps, float[] hyper, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None, Tensor(e!)? telemetry=None, int[]? round_keys=None) -> ()");
+  m.def("fp8_algorithms() -> str[]", &amos_fused::fp8_algorithms_op);
+  // (index of the first param whose FP8 states do not fit it or -1, which list:
+  // k for codes list k, S + k for absmax list k); codes and absmax key-major.
+  m.def("check_fp8_states(Tensor[] params, Tensor[] codes, Tensor[] absmax) -> (int, int)",
+        &amos_fused::check_fp8_states);
   // The checks and coefficients of `step` without the kernels: (false, empty)
   // when found_inf skips the step, else (true, the float64 coefficient table at
   // the next step counts, one row per param).  Writes nothing: the caller launches

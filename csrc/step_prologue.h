@@ -11,6 +11,7 @@
 #include <array>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "amos_layout.h"
@@ -93,45 +94,34 @@ inline std::string joined(const std::vector<std::string>& names) {
   return out;
 }
 
-// Checks a step call of algorithm A against its contract and, unless found_inf
-// skips the step, computes the coefficients at the next step counts.  Writes
-// nothing: the caller launches, then commit_steps.
-// `device_checks(op, params)`: the backend's own checks, run before any write.
+// A step call of algorithm A with its hyper-parameters read (checked against
+// the contract's count); its state lists are filled by the caller.
+template <typename A>
+StepCall<A> new_step_call(at::TensorList params, at::TensorList grads, at::ArrayRef<double> hyper) {
+  const Contract& c = contract_of<A>();
+  TORCH_CHECK_VALUE(hyper.size() == c.hyper.size(), c.op, ": expected ", c.hyper.size(),
+                    " hyper-parameters (", joined(c.hyper), "), got ", hyper.size());
+  StepCall<A> call{c.op, params, grads};
+  call.hyper = A::Hyper::read(hyper.data());
+  return call;
+}
+
+// The rest of a step's prologue, once the bucket and its states are checked:
+// the per-tensor values, Amos's slot layouts, telemetry, round keys and the
+// backend's own checks, then (unless found_inf skips the step) the coefficients
+// at the next step counts.  Writes nothing.
 template <typename A, typename DeviceChecks>
-std::optional<StepCall<A>> begin_step(at::TensorList params, at::TensorList grads,
-                                      at::TensorList states, at::TensorList steps,
-                                      at::ArrayRef<double> hyper, at::ArrayRef<double> per_tensor,
-                                      const std::optional<at::Tensor>& grad_scale,
-                                      const std::optional<at::Tensor>& found_inf,
-                                      const std::optional<at::Tensor>& telemetry,
-                                      at::OptionalIntArrayRef round_keys,
-                                      const DeviceChecks& device_checks) {
+std::optional<StepCall<A>> finish_step(StepCall<A> call, at::TensorList steps,
+                                       at::ArrayRef<double> per_tensor,
+                                       const std::optional<at::Tensor>& grad_scale,
+                                       const std::optional<at::Tensor>& found_inf,
+                                       const std::optional<at::Tensor>& telemetry,
+                                       at::OptionalIntArrayRef round_keys,
+                                       const DeviceChecks& device_checks) {
   const Contract& c = contract_of<A>();
   const char* op = c.op;
-  TORCH_CHECK_VALUE(hyper.size() == c.hyper.size(), op, ": expected ", c.hyper.size(),
-                    " hyper-parameters (", joined(c.hyper), "), got ", hyper.size());
-  StepCall<A> call{op, params, grads};
-  call.hyper = A::Hyper::read(hyper.data());
+  const at::TensorList params = call.params;
   const size_t n = params.size();
-  std::vector<NamedList> like_params, slots;
-  size_t used = 0;
-  for (size_t k = 0; k < c.states.size(); ++k) {
-    const StateSpec& spec = c.states[k];
-    bool enabled = true;
-    for (size_t h = 0; spec.enabled_by != nullptr && h < c.hyper.size(); ++h) {
-      if (c.hyper[h] == spec.enabled_by) enabled = hyper[h] != 0.0;
-    }
-    if (!enabled) continue;
-    TORCH_CHECK_VALUE(states.size() >= (used + 1) * n, op, ": ", spec.list, " are required (",
-                      states.size(), " state tensors for ", n, " params)");
-    call.states[k] = states.slice(used * n, n);
-    (spec.slot ? slots : like_params).emplace_back(spec.list, call.states[k]);
-    ++used;
-  }
-  TORCH_CHECK_VALUE(states.size() == used * n, op, ": expected ", used, " state lists of ", n,
-                    " tensors, got ", states.size(), " state tensors");
-  TORCH_CHECK_VALUE(!steps.empty() || n == 0, op, ": steps are required");
-  check_bucket(op, params, grads, like_params, steps);
   if (c.per_tensor != nullptr) {
     check_per_tensor(op, params, per_tensor.size(), c.per_tensor);
   } else {
@@ -159,6 +149,46 @@ std::optional<StepCall<A>> begin_step(at::TensorList params, at::TensorList grad
                                         call.steps[t], scaling.unscale));
   }
   return call;
+}
+
+// Checks a step call of algorithm A against its contract and, unless found_inf
+// skips the step, computes the coefficients at the next step counts.  Writes
+// nothing: the caller launches, then commit_steps.
+// `device_checks(op, params)`: the backend's own checks, run before any write.
+template <typename A, typename DeviceChecks>
+std::optional<StepCall<A>> begin_step(at::TensorList params, at::TensorList grads,
+                                      at::TensorList states, at::TensorList steps,
+                                      at::ArrayRef<double> hyper, at::ArrayRef<double> per_tensor,
+                                      const std::optional<at::Tensor>& grad_scale,
+                                      const std::optional<at::Tensor>& found_inf,
+                                      const std::optional<at::Tensor>& telemetry,
+                                      at::OptionalIntArrayRef round_keys,
+                                      const DeviceChecks& device_checks) {
+  const Contract& c = contract_of<A>();
+  const char* op = c.op;
+  StepCall<A> call = new_step_call<A>(params, grads, hyper);
+  const size_t n = params.size();
+  std::vector<NamedList> like_params, slots;
+  size_t used = 0;
+  for (size_t k = 0; k < c.states.size(); ++k) {
+    const StateSpec& spec = c.states[k];
+    bool enabled = true;
+    for (size_t h = 0; spec.enabled_by != nullptr && h < c.hyper.size(); ++h) {
+      if (c.hyper[h] == spec.enabled_by) enabled = hyper[h] != 0.0;
+    }
+    if (!enabled) continue;
+    TORCH_CHECK_VALUE(states.size() >= (used + 1) * n, op, ": ", spec.list, " are required (",
+                      states.size(), " state tensors for ", n, " params)");
+    call.states[k] = states.slice(used * n, n);
+    (spec.slot ? slots : like_params).emplace_back(spec.list, call.states[k]);
+    ++used;
+  }
+  TORCH_CHECK_VALUE(states.size() == used * n, op, ": expected ", used, " state lists of ", n,
+                    " tensors, got ", states.size(), " state tensors");
+  TORCH_CHECK_VALUE(!steps.empty() || n == 0, op, ": steps are required");
+  check_bucket(op, params, grads, like_params, steps);
+  return finish_step(std::move(call), steps, per_tensor, grad_scale, found_inf, telemetry, round_keys,
+                     device_checks);
 }
 
 // Declares, in a backend's namespace, its launch of every algorithm with kernels

@@ -100,6 +100,23 @@ struct NormScaledLaunch {
   const StochasticRound* round;    // phase 2: per tensor, or null
 };
 
+// The optimizers with block-scaled FP8 states (csrc/fp8_states.h): Adam(W)
+// (exp_avg, then exp_avg_sq stored as sqrt) and Lion (exp_avg).
+enum class Fp8Algorithm { kAdam, kLion };
+
+struct Fp8Launch {
+  BucketView bucket;
+  void* const* param;
+  const void* const* grad;
+  uint8_t* const* codes[2];  // per state: per tensor, the param's layout
+  float* const* absmax[2];   // per state: per tensor, one per block of kFp8Block
+  Fp8Algorithm algorithm;
+  const void* coef;          // per tensor: AdamCoef<double> or LionCoef<double>
+  bool l2;                   // Adam: L2 (coupled) decay
+  double* telemetry;         // [n][Σθ², Σ(Δθ)²] or null
+  const StochasticRound* round;  // per tensor, or null
+};
+
 struct KernelTable {
   const char* name;
   void (*adam)(const AdamLaunch&);
@@ -111,6 +128,7 @@ struct KernelTable {
   void (*norm_scaled_phase2)(const NormScaledLaunch&, const double* k, const double* rho);
   // The elementwise algorithms, in the order of ElementwiseAlgorithms.
   ElementwiseKernel elementwise[Count<ElementwiseAlgorithms>::value];
+  void (*fp8)(const Fp8Launch&);
 };
 
 // One table per instruction set, and the one in use.

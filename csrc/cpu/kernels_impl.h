@@ -9,6 +9,7 @@
 
 #include "amos_kernel.h"
 #include "bucket_loop.h"
+#include "fp8_kernel.h"
 #include "norm_scaled_kernel.h"
 #include "kernel_api.h"
 
@@ -105,7 +106,7 @@ inline namespace CPU_CAPABILITY {
 template <typename... A>
 KernelTable make_kernel_table(const char* label, TypeList<A...>) {
   return {label, &adam_kernel, &radam_kernel, &amos_kernel, &norm_scaled_phase1,
-          &norm_scaled_phase2, {&elementwise_kernel<A>...}};
+          &norm_scaled_phase2, {&elementwise_kernel<A>...}, &fp8_kernel};
 }
 }  // namespace CPU_CAPABILITY
 }  // namespace amos_fused::cpu

@@ -1,0 +1,134 @@
+"""Block-scaled FP8 optimizer states, the format of the 8-bit optimizers
+(``AdamW8bit``, ``Adam8bit``, ``Lion8bit``): the Python copy of
+csrc/fp8_states.h, written with torch's own ``float8_e4m3fn`` conversion so that
+it checks the kernels' bit-level encoder independently.
+
+A state of n elements is cut into blocks of 256 consecutive elements in the
+param's memory order (the last one partial).  Each block keeps one float32
+``absmax`` and one uint8 code per element: the E4M3 float (torch.float8_e4m3fn's
+bits) of the value scaled so the block's absmax maps to 448, rounded to nearest
+even::
+
+    code = e4m3(clamp(x · (448/absmax), −448, 448)),   x = e4m3_value(code) · (absmax/448)
+
+``exp_avg`` stores m; ``exp_avg_sq`` stores sqrt(v) (its absmax is max sqrt(v)),
+so one block spans 2^34 in v.  The same scheme as torchao's ``AdamWFp8``
+(block-wise absmax scaling to E4M3), with the square root for v; bitsandbytes'
+8-bit optimizers (Dettmers et al., arXiv:2110.02861) use block-wise absmax with a
+dynamic code map instead.  A block whose absmax is below 2^-96 is stored as
+zeros; a block holding NaN or ±Inf stores absmax = NaN and codes 0, so it
+decodes as NaN (a non-finite value never turns finite, and never leaves its
+block).  Params with fewer than 4096 elements, float64, complex and sharded
+(DTensor) params keep full-precision states.
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+BLOCK = 256
+MIN_NUMEL = 4096
+FP8_MAX = 448.0
+TINY = 2.0**-96
+# The states stored as sqrt (the second moments).
+ROOT_KEYS = frozenset({"exp_avg_sq"})
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def absmax_key(key: str) -> str:
+    """The state key of a coded state's per-block absmax: ``exp_avg`` → ``exp_avg_absmax``."""
+    return key + "_absmax"
+
+
+def keeps_fp8(p: Tensor) -> bool:
+    """Whether a param's states are kept in FP8 (float32/bfloat16/float16 params of
+    at least 4096 elements; bitsandbytes' ``min_8bit_size``)."""
+    return p.dtype in _DTYPES and p.numel() >= MIN_NUMEL
+
+
+def num_blocks(numel: int) -> int:
+    return (numel + BLOCK - 1) // BLOCK
+
+
+def _memory_order(t: Tensor):
+    return sorted(range(t.dim()), key=lambda d: -t.stride(d))
+
+
+def _flat(t: Tensor, layout: Tensor) -> Tensor:
+    """t's elements in ``layout``'s memory order (a view when t is laid out like it)."""
+    return t.permute(_memory_order(layout)).reshape(-1)
+
+
+def encode(values: Tensor, root: bool) -> Tuple[Tensor, Tensor]:
+    """(codes, absmax) of a 1-D float32 tensor: uint8 codes, one float32 absmax per
+    block; ``root``: sqrt(values) is stored."""
+    if root:
+        values = values.sqrt()
+    n = values.numel()
+    blocks = torch.zeros(num_blocks(n) * BLOCK, dtype=torch.float32, device=values.device)
+    blocks[:n] = values
+    blocks = blocks.view(-1, BLOCK)
+    absmax = blocks.abs().amax(dim=1)  # NaN propagates
+    absmax = torch.where(torch.isfinite(absmax), absmax, torch.full_like(absmax, float("nan")))
+    absmax = torch.where(absmax < TINY, torch.zeros_like(absmax), absmax)
+    coded = absmax > 0
+    # 448/absmax as a true division (``448 / t`` multiplies by a reciprocal)
+    factor = torch.where(coded, torch.full_like(absmax, FP8_MAX).div(absmax), torch.zeros_like(absmax))
+    scaled = (blocks * factor[:, None]).clamp(-FP8_MAX, FP8_MAX)
+    codes = scaled.to(torch.float8_e4m3fn).view(torch.uint8)
+    codes = torch.where(coded[:, None], codes, torch.zeros_like(codes))
+    return codes.reshape(-1)[:n].clone(), absmax
+
+
+def decode(codes: Tensor, absmax: Tensor, root: bool) -> Tensor:
+    """The float32 values of 1-D codes and their blocks' absmax; ``root``: the codes
+    store sqrt(v) and v is returned."""
+    n = codes.numel()
+    padded = torch.zeros(num_blocks(n) * BLOCK, dtype=torch.uint8, device=codes.device)
+    padded[:n] = codes
+    values = padded.view(torch.float8_e4m3fn).float().view(-1, BLOCK)
+    values = (values * (absmax / FP8_MAX)[:, None]).reshape(-1)[:n]
+    return values * values if root else values
+
+
+def new_state(p: Tensor) -> Tuple[Tensor, Tensor]:
+    """Zero (codes, absmax) of a param: codes with the param's layout."""
+    codes = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.preserve_format)
+    return codes, torch.zeros(num_blocks(p.numel()), dtype=torch.float32, device=p.device)
+
+
+def decoded(codes: Tensor, absmax: Tensor, root: bool) -> Tensor:
+    """A coded state as a float32 tensor with the codes' shape and layout."""
+    out = torch.empty_like(codes, dtype=torch.float32)
+    _flat(out, codes).copy_(decode(_flat(codes, codes), absmax, root))
+    return out
+
+
+def store(value: Tensor, codes: Tensor, absmax: Tensor, root: bool) -> None:
+    """Encodes ``value`` (shaped like the codes) into ``codes`` and ``absmax`` in place."""
+    new_codes, new_absmax = encode(_flat(value, codes).float(), root)
+    _flat(codes, codes).copy_(new_codes)
+    absmax.copy_(new_absmax)
+
+
+def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[str]) -> None:
+    """Brings a loaded state to this optimizer's precision in place: the
+    full-precision states under ``fp8_keys`` are quantized (a checkpoint of
+    torch.optim.AdamW loaded into AdamW8bit), and coded states under any other
+    key are decoded to the param's dtype (an 8-bit checkpoint loaded into a
+    full-precision optimizer, or a param that no longer keeps FP8 states)."""
+    for key in list(state):
+        value = state[key]
+        if not isinstance(value, Tensor) or key.endswith("_absmax"):
+            continue
+        root = key in ROOT_KEYS
+        coded = value.dtype == torch.uint8 and absmax_key(key) in state
+        if key in fp8_keys and not coded and value.is_floating_point():
+            codes, absmax = new_state(param)
+            store(value.to(device=param.device, dtype=torch.float32), codes, absmax, root)
+            state[key], state[absmax_key(key)] = codes, absmax
+        elif key not in fp8_keys and coded:
+            absmax = state.pop(absmax_key(key))
+            state[key] = decoded(value, absmax.to(value.device), root).to(param.dtype)

@@ -1,0 +1,79 @@
+"""The 8-bit optimizers: ``AdamW8bit``, ``Adam8bit`` and ``Lion8bit`` (the
+ecosystem's names, from bitsandbytes), the same constructors, hyper-parameters
+and update as ``AdamW``, ``Adam`` and ``Lion``, with the moments kept as
+block-scaled FP8 (amos_fused/fp8_states.py): one uint8 code per element plus one
+float32 absmax per block of 256, about 26% of the full-precision state of a
+float32 model.
+
+Each step decodes a block, runs the full-precision update in float32 (the same
+per-element function) and encodes the block back, in one pass (fused kernels on
+``backend='cpu'``; the eager reference on any device).  Params with fewer than
+4096 elements, float64, complex and sharded (DTensor) params keep
+full-precision states.  State keys: ``exp_avg`` (codes of m),
+``exp_avg_absmax``, and for Adam ``exp_avg_sq`` (codes of sqrt(v)),
+``exp_avg_sq_absmax``.  Loading a full-precision checkpoint (torch.optim.AdamW's
+or AdamW's) quantizes it; loading an 8-bit checkpoint into a full-precision
+optimizer decodes it."""
+from __future__ import annotations
+
+from . import fp8_states
+from .optim import Adam, AdamW, Lion
+
+
+class _Fp8States:
+    """Mixed into a full-precision optimizer class: its ``fp8_state_keys`` are kept
+    as FP8 codes for the params fp8_states.keeps_fp8 accepts."""
+
+    def _new_state(self, p, group):
+        state = super()._new_state(p, group)
+        if self._keeps_fp8(p):
+            for key in self.fp8_state_keys:
+                state[key], state[fp8_states.absmax_key(key)] = fp8_states.new_state(p)
+        return state
+
+    def _reference_step(self, bucket, group):
+        """The full-precision reference step on the decoded states, encoded back."""
+        if not bucket.fp8:
+            return super()._reference_step(bucket, group)
+        coded = {key: (bucket.state[key], bucket.state[fp8_states.absmax_key(key)])
+                 for key in self.fp8_state_keys}
+        for key, (codes, absmax) in coded.items():
+            root = key in fp8_states.ROOT_KEYS
+            bucket.state[key] = [fp8_states.decoded(c, a, root) for c, a in zip(codes, absmax)]
+        try:
+            super()._reference_step(bucket, group)
+        finally:
+            values = {key: bucket.state[key] for key in coded}
+            for key, (codes, absmax) in coded.items():
+                bucket.state[key] = codes
+        for key, (codes, absmax) in coded.items():
+            root = key in fp8_states.ROOT_KEYS
+            for value, c, a in zip(values[key], codes, absmax):
+                fp8_states.store(value, c, a, root)
+
+
+class _NoAmsgrad:
+    def _check_group(self, group):
+        super()._check_group(group)
+        if group["amsgrad"]:
+            raise ValueError(f"{self._name}: amsgrad=True is not supported with 8-bit states "
+                             "(its running maximum would need a third state)")
+
+
+class AdamW8bit(_NoAmsgrad, _Fp8States, AdamW):
+    """AdamW with block-scaled FP8 moments; otherwise ``AdamW`` (same constructor,
+    defaults and update).  amsgrad is not supported."""
+
+    fp8_state_keys = ("exp_avg", "exp_avg_sq")
+
+
+class Adam8bit(_NoAmsgrad, _Fp8States, Adam):
+    """Adam (L2 decay) with block-scaled FP8 moments; otherwise ``Adam``."""
+
+    fp8_state_keys = ("exp_avg", "exp_avg_sq")
+
+
+class Lion8bit(_Fp8States, Lion):
+    """Lion with a block-scaled FP8 momentum; otherwise ``Lion``."""
+
+    fp8_state_keys = ("exp_avg",)

@@ -1,0 +1,254 @@
+// The CPU kernel of the optimizers with block-scaled FP8 states (csrc/fp8_states.h):
+// one pass, block by block.  A block of 256 elements is decoded into float32
+// arrays (L1-resident), stepped tile by tile with the algorithm's own update
+// (csrc/step_math.h, the same function as the full-precision kernels), then its
+// new absmax is taken and it is encoded back.  Blocks are independent, so they
+// are split over the threads freely; telemetry sums are per block, added in
+// order per tensor (bitwise the same at any thread count).
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "bucket_loop.h"
+#include "../fp8_states.h"
+
+namespace amos_fused::cpu {
+inline namespace CPU_CAPABILITY {
+
+// Blocks per task of the parallel walk (32768 elements).
+constexpr int64_t kFp8GrainBlocks = 128;
+
+// Decodes `len` codes of a block into out[0, len); `root`: the codes store
+// sqrt(v), out gets v = x².
+inline void fp8_decode_block(const uint8_t* codes, float absmax, int64_t len, bool root, float* out) {
+  const float factor = fp8_decode_factor(absmax);
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 vfactor = _mm256_set1_ps(factor);
+  const __m256i low7 = _mm256_set1_epi32(0x7f), seven = _mm256_set1_epi32(7);
+  const __m256i rebias = _mm256_set1_epi32(120 << 23);
+  for (; i + 8 <= len; i += 8) {
+    const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)));
+    const __m256i magnitude = _mm256_and_si256(code, low7);
+    const __m256 normal = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(magnitude, 20), rebias));
+    const __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(magnitude), _mm256_set1_ps(1.0f / 512.0f));
+    const __m256 is_normal = _mm256_castsi256_ps(_mm256_cmpgt_epi32(magnitude, seven));
+    __m256 value = _mm256_blendv_ps(subnormal, normal, is_normal);
+    const __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(code, 7), 31);
+    value = _mm256_mul_ps(_mm256_or_ps(value, _mm256_castsi256_ps(sign)), vfactor);
+    if (root) value = _mm256_mul_ps(value, value);
+    _mm256_storeu_ps(out + i, value);
+  }
+#endif
+  for (; i < len; ++i) {
+    const float x = fp8_decode(codes[i], factor);
+    out[i] = root ? x * x : x;
+  }
+}
+
+// Encodes values[0, len) of a block into codes and its absmax (csrc/fp8_states.h);
+// `root`: values are v ≥ 0, sqrt(v) is stored (values is overwritten with it).
+inline void fp8_encode_block(float* values, int64_t len, bool root, uint8_t* codes, float* absmax) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t kLanes = Vec::size();
+  Vec top(0.0f);
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    Vec x = Vec::loadu(values + i);
+    if (root) {
+      x = x.sqrt();
+      x.store(values + i);
+    }
+    top = at::vec::maximum(top, x.abs());  // NaN propagates
+  }
+  float lanes[kLanes];
+  top.store(lanes);
+  float block_max = 0.0f;
+  for (int64_t k = 0; k < kLanes; ++k) block_max = af_max(block_max, lanes[k]);
+  for (; i < len; ++i) {
+    if (root) values[i] = std::sqrt(values[i]);
+    block_max = af_max(block_max, std::fabs(values[i]));
+  }
+  const float stored = fp8_stored_absmax(block_max);
+  *absmax = stored;
+  if (!(stored > 0.0f)) {  // all zeros, or non-finite: codes 0
+    std::fill(codes, codes + len, uint8_t(0));
+    return;
+  }
+  const float factor = fp8_encode_factor(stored);
+  i = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 vfactor = _mm256_set1_ps(factor), limit = _mm256_set1_ps(kFp8Max);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i min_normal = _mm256_set1_epi32((121 << 23) - 1), rebias = _mm256_set1_epi32(120 << 23);
+  const __m256i half_minus_one = _mm256_set1_epi32(0x7ffff), one = _mm256_set1_epi32(1);
+  for (; i + 8 <= len; i += 8) {
+    const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(values + i), vfactor);
+    const __m256 a = _mm256_min_ps(_mm256_and_ps(scaled, abs_mask), limit);
+    const __m256i u = _mm256_castps_si256(a);
+    // normal: (u − 120·2^23 + 0x7ffff + lsb) >> 20, rounding the mantissa to 3 bits (ties to even)
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 20), one);
+    const __m256i normal = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_sub_epi32(u, rebias), _mm256_add_epi32(half_minus_one, lsb)), 20);
+    // subnormal: a·2^9 rounded to the nearest integer (ties to even)
+    const __m256i subnormal = _mm256_cvtps_epi32(
+        _mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(512.0f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m256i code = _mm256_blendv_epi8(subnormal, normal, _mm256_cmpgt_epi32(u, min_normal));
+    code = _mm256_or_si256(code, _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(scaled), 24),
+                                                  _mm256_set1_epi32(0x80)));
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(words, words));
+  }
+#endif
+  for (; i < len; ++i) codes[i] = fp8_encode(values[i], factor);
+}
+
+// Steps every block of a bucket: tensor t's elements are param[t], grad[t] and
+// the S states, each codes[k][t] (uint8, the param's layout) with
+// absmax[k][t] (float32, one per block); state k is stored as sqrt when bit k
+// of root_mask is set.  update(x, t) steps std::array<V, 2 + S> values
+// (param, grad, states) of tensor t.
+template <typename scalar_t, int S, typename Update>
+void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
+  using IO = TileIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  using Op = at::opmath_type<scalar_t>;
+  static_assert(std::is_same_v<Op, float>, "FP8 states are stepped in float32");
+  const int64_t n = L.bucket.num_tensors;
+  const int64_t* offsets = L.bucket.offsets;
+  std::vector<int64_t> first_block(n + 1, 0);  // tensor t owns blocks [first_block[t], first_block[t+1])
+  for (int64_t t = 0; t < n; ++t)
+    first_block[t + 1] = first_block[t] + (offsets[t + 1] - offsets[t] + kFp8Block - 1) / kFp8Block;
+  std::vector<Telemetry> partial(L.telemetry != nullptr ? first_block[n] : 0);
+  at::parallel_for(0, first_block[n], kFp8GrainBlocks, [&](int64_t lo, int64_t hi) {
+    alignas(64) float state[S][kFp8Block];
+    int64_t t = std::upper_bound(first_block.begin(), first_block.end(), lo) - first_block.begin() - 1;
+    int64_t rounding_for = -1;
+    std::optional<TensorRounding> rounding;
+    for (int64_t block = lo; block < hi; ++block) {
+      while (block >= first_block[t + 1]) ++t;
+      const int64_t index = block - first_block[t];
+      const int64_t begin = index * kFp8Block;
+      const int64_t len = std::min(kFp8Block, offsets[t + 1] - offsets[t] - begin);
+      scalar_t* p = stream<scalar_t>(L.param, t) + begin;
+      const scalar_t* g = stream<scalar_t>(L.grad, t) + begin;
+      for (int k = 0; k < S; ++k)
+        fp8_decode_block(L.codes[k][t] + begin, L.absmax[k][t][index], len, (root_mask >> k) & 1u, state[k]);
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (L.round != nullptr && rounding_for != t) {
+          rounding.emplace(L.round[t]);
+          rounding_for = t;
+        }
+      }
+      Vec weight_sq(0.0f), update_sq(0.0f);
+      double tail_weight = 0.0, tail_update = 0.0;
+      int64_t i = 0;
+      for (; i + IO::kTile <= len; i += IO::kTile) {
+        Vec pv[IO::kParts], gv[IO::kParts];
+        IO::load(p + i, pv);
+        IO::load(g + i, gv);
+        Vec before[IO::kParts];
+        for (int part = 0; part < IO::kParts; ++part) {
+          std::array<Vec, 2 + S> x;
+          x[0] = before[part] = pv[part];
+          x[1] = gv[part];
+          const int64_t offset = i + part * Vec::size();
+          for (int k = 0; k < S; ++k) x[2 + k] = Vec::loadu(state[k] + offset);
+          update(x, t);
+          for (int k = 0; k < S; ++k) x[2 + k].store(state[k] + offset);
+          pv[part] = x[0];
+          if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+            if (rounding) pv[part] = rounding->tile(pv[part], begin + offset);
+          }
+        }
+        IO::store(p + i, pv);
+        if (L.telemetry != nullptr) {
+          Vec after[IO::kParts];
+          if constexpr (IO::kParts == 1) after[0] = pv[0]; else IO::load(p + i, after);  // as stored
+          for (int part = 0; part < IO::kParts; ++part) {
+            const Vec delta = after[part] - before[part];
+            weight_sq = at::vec::fmadd(after[part], after[part], weight_sq);
+            update_sq = at::vec::fmadd(delta, delta, update_sq);
+          }
+        }
+      }
+      for (; i < len; ++i) {
+        std::array<float, 2 + S> x;
+        x[0] = static_cast<float>(p[i]);
+        x[1] = static_cast<float>(g[i]);
+        for (int k = 0; k < S; ++k) x[2 + k] = state[k][i];
+        const float before = x[0];
+        update(x, t);
+        for (int k = 0; k < S; ++k) state[k][i] = x[2 + k];
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          if (rounding) x[0] = rounding->scalar(x[0], begin + i);
+        }
+        p[i] = static_cast<scalar_t>(x[0]);
+        if (L.telemetry != nullptr) {
+          const float after = static_cast<float>(p[i]);
+          tail_weight += static_cast<double>(after * after);
+          tail_update += static_cast<double>((after - before) * (after - before));
+        }
+      }
+      for (int k = 0; k < S; ++k)
+        fp8_encode_block(state[k], len, (root_mask >> k) & 1u, L.codes[k][t] + begin, &L.absmax[k][t][index]);
+      if (L.telemetry != nullptr) {
+        PieceSums<scalar_t> sums;
+        sums.weight_sq = weight_sq;
+        sums.update_sq = update_sq;
+        sums.tail_weight = tail_weight;
+        sums.tail_update = tail_update;
+        sums.flush(&partial[block]);
+      }
+    }
+  });
+  if (L.telemetry == nullptr) return;
+  for (int64_t t = 0; t < n; ++t) {
+    Telemetry sums;
+    for (int64_t block = first_block[t]; block < first_block[t + 1]; ++block) {
+      sums.weight_sq += partial[block].weight_sq;
+      sums.update_sq += partial[block].update_sq;
+    }
+    L.telemetry[2 * t] = sums.weight_sq;
+    L.telemetry[2 * t + 1] = sums.update_sq;
+  }
+}
+
+template <typename scalar_t>
+void fp8_typed(const Fp8Launch& L) {
+  if (L.algorithm == Fp8Algorithm::kLion) {
+    const auto* coefs = static_cast<const LionCoef<double>*>(L.coef);
+    std::vector<TileCoef<LionCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
+    fp8_blocks<scalar_t, 1>(L, 0b0u, [&](auto& x, int64_t t) {
+      using V = typename std::decay_t<decltype(x)>::value_type;
+      lion_update(x[0], x[1], x[2], coef[t].template get<V>());
+    });
+    return;
+  }
+  const auto* coefs = static_cast<const AdamCoef<double>*>(L.coef);
+  std::vector<TileCoef<AdamCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
+  auto run = [&](auto l2) {
+    fp8_blocks<scalar_t, 2>(L, 0b10u, [&](auto& x, int64_t t) {
+      using V = typename std::decay_t<decltype(x)>::value_type;
+      adam_update<false, decltype(l2)::value>(x[0], x[1], x[2], x[3], x[3], coef[t].template get<V>());
+    });
+  };
+  if (L.l2) run(std::true_type{}); else run(std::false_type{});
+}
+
+inline void fp8_kernel(const Fp8Launch& L) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, L.bucket.dtype, "amos_fused_fp8", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "amos_fused: FP8 states are not kept for float64 params");
+    } else {
+      fp8_typed<scalar_t>(L);
+    }
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace amos_fused::cpu
