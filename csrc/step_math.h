@@ -96,9 +96,10 @@ inline auto af_map_field(const F& f, const S& x) { return f(x); }
   X(bool, lerp_small)    /* 1 − β1 < ½: form of af_lerp */
 AF_COEF_STRUCT(AdamCoef, AF_ADAM_COEF)
 
-// One Adam(W) element.  vmax is only touched when AMSGRAD.
+// One Adam(W) element.  vmax is only touched when AMSGRAD.  Returns the root it
+// took, sqrt(v) (sqrt(v̂max) with AMSGRAD), which FP8 states store.
 template <bool AMSGRAD, bool L2, typename T>
-AF_HD void adam_update(T& p, T g, T& m, T& v, T& vmax, const AdamCoef<T>& c) {
+AF_HD T adam_update(T& p, T g, T& m, T& v, T& vmax, const AdamCoef<T>& c) {
   g = g * c.grad_unscale;                          // g ← g · inv_grad_scale
   if (L2) g = af_fma(c.l2, p, g);                  // g ← g + λθ  (grad.add(θ, alpha=λ))
   p = p * c.param_decay;                           // θ ← θ·(1 − ηλ)
@@ -109,8 +110,10 @@ AF_HD void adam_update(T& p, T g, T& m, T& v, T& vmax, const AdamCoef<T>& c) {
     vmax = af_max(vmax, v);                        // v̂max ← max(v̂max, v)
     second = vmax;
   }
-  T denom = af_sqrt(second) / c.bc2_sqrt + c.eps;  // sqrt(v/bc2) + ε
+  const T root = af_sqrt(second);
+  T denom = root / c.bc2_sqrt + c.eps;             // sqrt(v/bc2) + ε
   p = p + c.neg_step_size * m / denom;             // θ ← θ − η/bc1 · m/denom
+  return root;
 }
 
 // ---- RAdam --------------------------------------------------------------------

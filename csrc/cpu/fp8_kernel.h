@@ -50,29 +50,9 @@ inline void fp8_decode_block(const uint8_t* codes, float absmax, int64_t len, bo
   }
 }
 
-// Encodes values[0, len) of a block into codes and its absmax (csrc/fp8_states.h);
-// `root`: values are v ≥ 0, sqrt(v) is stored (values is overwritten with it).
-inline void fp8_encode_block(float* values, int64_t len, bool root, uint8_t* codes, float* absmax) {
-  using Vec = Vectorized<float>;
-  constexpr int64_t kLanes = Vec::size();
-  Vec top(0.0f);
-  int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes) {
-    Vec x = Vec::loadu(values + i);
-    if (root) {
-      x = x.sqrt();
-      x.store(values + i);
-    }
-    top = at::vec::maximum(top, x.abs());  // NaN propagates
-  }
-  float lanes[kLanes];
-  top.store(lanes);
-  float block_max = 0.0f;
-  for (int64_t k = 0; k < kLanes; ++k) block_max = af_max(block_max, lanes[k]);
-  for (; i < len; ++i) {
-    if (root) values[i] = std::sqrt(values[i]);
-    block_max = af_max(block_max, std::fabs(values[i]));
-  }
+// Encodes values[0, len) of a block, whose largest |value| is block_max (NaN
+// when a value is NaN), into codes and its absmax (csrc/fp8_states.h).
+inline void fp8_encode_block(const float* values, int64_t len, float block_max, uint8_t* codes, float* absmax) {
   const float stored = fp8_stored_absmax(block_max);
   *absmax = stored;
   if (!(stored > 0.0f)) {  // all zeros, or non-finite: codes 0
@@ -80,7 +60,7 @@ inline void fp8_encode_block(float* values, int64_t len, bool root, uint8_t* cod
     return;
   }
   const float factor = fp8_encode_factor(stored);
-  i = 0;
+  int64_t i = 0;
 #if defined(CPU_CAPABILITY_AVX2)
   const __m256 vfactor = _mm256_set1_ps(factor), limit = _mm256_set1_ps(kFp8Max);
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -111,7 +91,8 @@ inline void fp8_encode_block(float* values, int64_t len, bool root, uint8_t* cod
 // the S states, each codes[k][t] (uint8, the param's layout) with
 // absmax[k][t] (float32, one per block); state k is stored as sqrt when bit k
 // of root_mask is set.  update(x, t) steps std::array<V, 2 + S> values
-// (param, grad, states) of tensor t.
+// (param, grad, states) of tensor t and leaves each state in its stored form
+// (sqrt(v) for a root state).
 template <typename scalar_t, int S, typename Update>
 void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
   using IO = TileIO<scalar_t>;
@@ -146,6 +127,12 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
       }
       Vec weight_sq(0.0f), update_sq(0.0f);
       double tail_weight = 0.0, tail_update = 0.0;
+      Vec top[S];  // per state: the largest |stored value| (NaN propagates)
+      float tail_top[S];
+      for (int k = 0; k < S; ++k) {
+        top[k] = Vec(0.0f);
+        tail_top[k] = 0.0f;
+      }
       int64_t i = 0;
       for (; i + IO::kTile <= len; i += IO::kTile) {
         Vec pv[IO::kParts], gv[IO::kParts];
@@ -159,7 +146,10 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
           const int64_t offset = i + part * Vec::size();
           for (int k = 0; k < S; ++k) x[2 + k] = Vec::loadu(state[k] + offset);
           update(x, t);
-          for (int k = 0; k < S; ++k) x[2 + k].store(state[k] + offset);
+          for (int k = 0; k < S; ++k) {
+            x[2 + k].store(state[k] + offset);
+            top[k] = at::vec::maximum(top[k], x[2 + k].abs());
+          }
           pv[part] = x[0];
           if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
             if (rounding) pv[part] = rounding->tile(pv[part], begin + offset);
@@ -183,7 +173,10 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
         for (int k = 0; k < S; ++k) x[2 + k] = state[k][i];
         const float before = x[0];
         update(x, t);
-        for (int k = 0; k < S; ++k) state[k][i] = x[2 + k];
+        for (int k = 0; k < S; ++k) {
+          state[k][i] = x[2 + k];
+          tail_top[k] = af_max(tail_top[k], std::fabs(x[2 + k]));
+        }
         if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
           if (rounding) x[0] = rounding->scalar(x[0], begin + i);
         }
@@ -194,8 +187,13 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
           tail_update += static_cast<double>((after - before) * (after - before));
         }
       }
-      for (int k = 0; k < S; ++k)
-        fp8_encode_block(state[k], len, (root_mask >> k) & 1u, L.codes[k][t] + begin, &L.absmax[k][t][index]);
+      for (int k = 0; k < S; ++k) {
+        float lanes[Vec::size()];
+        top[k].store(lanes);
+        float block_max = tail_top[k];
+        for (int64_t lane = 0; lane < Vec::size(); ++lane) block_max = af_max(block_max, lanes[lane]);
+        fp8_encode_block(state[k], len, block_max, L.codes[k][t] + begin, &L.absmax[k][t][index]);
+      }
       if (L.telemetry != nullptr) {
         PieceSums<scalar_t> sums;
         sums.weight_sq = weight_sq;
@@ -234,7 +232,7 @@ void fp8_typed(const Fp8Launch& L) {
   auto run = [&](auto l2) {
     fp8_blocks<scalar_t, 2>(L, 0b10u, [&](auto& x, int64_t t) {
       using V = typename std::decay_t<decltype(x)>::value_type;
-      adam_update<false, decltype(l2)::value>(x[0], x[1], x[2], x[3], x[3], coef[t].template get<V>());
+      x[3] = adam_update<false, decltype(l2)::value>(x[0], x[1], x[2], x[3], x[3], coef[t].template get<V>());  // sqrt(v) stored
     });
   };
   if (L.l2) run(std::true_type{}); else run(std::false_type{});
