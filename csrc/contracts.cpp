@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "amos_layout.h"
+#include "fp8_prologue.h"
 #include "step_prologue.h"
 
 namespace amos_fused {
@@ -74,6 +75,29 @@ std::tuple<bool, at::Tensor> begin_step_op(c10::string_view algorithm, at::Tenso
     if (!call && telemetry) telemetry->select(1, 1).zero_();  // skipped: nothing moved
     out = call ? std::make_tuple(true, coefficient_table(call->coef, width))
                : std::make_tuple(false, coefficient_table(std::vector<CoefRow<A>>(), width));
+  });
+  return out;
+}
+
+// begin_step for the FP8-state step (csrc/fp8_prologue.h): the same checks and
+// coefficients as step_fp8, nothing written.
+std::tuple<bool, at::Tensor> begin_step_fp8_op(c10::string_view algorithm, at::TensorList params,
+                                               at::TensorList grads, at::TensorList codes,
+                                               at::TensorList absmax, at::TensorList steps,
+                                               at::ArrayRef<double> hyper,
+                                               const std::optional<at::Tensor>& grad_scale,
+                                               const std::optional<at::Tensor>& found_inf,
+                                               const std::optional<at::Tensor>& telemetry,
+                                               at::OptionalIntArrayRef round_keys) {
+  std::tuple<bool, at::Tensor> out;
+  with_algorithm_in(Fp8Algorithms{}, algorithm, [&](auto traits) {
+    using A = decltype(traits);
+    const size_t width = contract_of<A>().columns.size();
+    const auto ready = begin_fp8_step<A>(params, grads, codes, absmax, steps, hyper, grad_scale, found_inf,
+                                         telemetry, round_keys);
+    if (!ready && telemetry) telemetry->select(1, 1).zero_();  // skipped: nothing moved
+    out = ready ? std::make_tuple(true, coefficient_table(ready->call.coef, width))
+                : std::make_tuple(false, coefficient_table(std::vector<CoefRow<A>>(), width));
   });
   return out;
 }

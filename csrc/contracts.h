@@ -189,5 +189,13 @@ std::tuple<bool, at::Tensor> begin_step_op(c10::string_view algorithm, at::Tenso
                                            const std::optional<at::Tensor>& found_inf,
                                            const std::optional<at::Tensor>& telemetry,
                                            at::OptionalIntArrayRef round_keys);
+std::tuple<bool, at::Tensor> begin_step_fp8_op(c10::string_view algorithm, at::TensorList params,
+                                               at::TensorList grads, at::TensorList codes,
+                                               at::TensorList absmax, at::TensorList steps,
+                                               at::ArrayRef<double> hyper,
+                                               const std::optional<at::Tensor>& grad_scale,
+                                               const std::optional<at::Tensor>& found_inf,
+                                               const std::optional<at::Tensor>& telemetry,
+                                               at::OptionalIntArrayRef round_keys);
 
 }  // namespace amos_fused

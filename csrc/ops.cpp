@@ -62,6 +62,12 @@ TORCH_LIBRARY(amos_fused, m) {
       "Tensor(c!)[] absmax, Tensor(d!)[] steps, float[] hyper, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, Tensor(e!)? telemetry=None, int[]? round_keys=None) -> ()");
   m.def("fp8_algorithms() -> str[]", &amos_fused::fp8_algorithms_op);
+  // begin_step for step_fp8: its checks and coefficient table, nothing written.
+  m.def(
+      "begin_step_fp8(str algorithm, Tensor[] params, Tensor[] grads, Tensor[] codes, Tensor[] absmax, "
+      "Tensor[] steps, float[] hyper, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor(a!)? telemetry=None, int[]? round_keys=None) -> (bool, Tensor)",
+      &amos_fused::begin_step_fp8_op);
   // (index of the first param whose FP8 states do not fit it or -1, which list:
   // k for codes list k, S + k for absmax list k); codes and absmax key-major.
   m.def("check_fp8_states(Tensor[] params, Tensor[] codes, Tensor[] absmax) -> (int, int)",
