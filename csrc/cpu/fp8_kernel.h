@@ -1,8 +1,8 @@
 // The CPU kernel of the optimizers with block-scaled FP8 states (csrc/fp8_states.h):
-// one pass, block by block.  A block of 256 elements is decoded into float32
-// arrays (L1-resident), stepped tile by tile with the algorithm's own update
-// (csrc/step_math.h, the same function as the full-precision kernels), then its
-// new absmax is taken and it is encoded back.  Blocks are independent, so they
+// one pass, block by block.  A block of 256 elements is decoded and stepped tile
+// by tile with the algorithm's own update (csrc/step_math.h, the same function as
+// the full-precision kernels), its new states kept in float32 arrays (L1) while
+// its new absmax is taken, then encoded back.  Blocks are independent, so they
 // are split over the threads freely; telemetry sums are per block, added in
 // order per tensor (bitwise the same at any thread count).
 #pragma once
@@ -22,32 +22,42 @@ inline namespace CPU_CAPABILITY {
 // Blocks per task of the parallel walk (32768 elements).
 constexpr int64_t kFp8GrainBlocks = 128;
 
-// Decodes `len` codes of a block into out[0, len); `root`: the codes store
-// sqrt(v), out gets v = x².
-inline void fp8_decode_block(const uint8_t* codes, float absmax, int64_t len, bool root, float* out) {
-  const float factor = fp8_decode_factor(absmax);
-  int64_t i = 0;
+// Decodes the 8 codes at `codes` (one float vector; AVX2 tiles are 8 floats):
+// e4m3_value(code)·factor, squared for a root state.
+inline Vectorized<float> fp8_decode_tile(const uint8_t* codes, float factor, bool root) {
+  using Vec = Vectorized<float>;
 #if defined(CPU_CAPABILITY_AVX2)
-  const __m256 vfactor = _mm256_set1_ps(factor);
-  const __m256i low7 = _mm256_set1_epi32(0x7f), seven = _mm256_set1_epi32(7);
-  const __m256i rebias = _mm256_set1_epi32(120 << 23);
-  for (; i + 8 <= len; i += 8) {
-    const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)));
-    const __m256i magnitude = _mm256_and_si256(code, low7);
-    const __m256 normal = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(magnitude, 20), rebias));
-    const __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(magnitude), _mm256_set1_ps(1.0f / 512.0f));
-    const __m256 is_normal = _mm256_castsi256_ps(_mm256_cmpgt_epi32(magnitude, seven));
-    __m256 value = _mm256_blendv_ps(subnormal, normal, is_normal);
-    const __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(code, 7), 31);
-    value = _mm256_mul_ps(_mm256_or_ps(value, _mm256_castsi256_ps(sign)), vfactor);
-    if (root) value = _mm256_mul_ps(value, value);
-    _mm256_storeu_ps(out + i, value);
+  static_assert(Vec::size() == 8, "an AVX2 float vector holds 8 lanes");
+  const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+  const __m256i magnitude = _mm256_and_si256(code, _mm256_set1_epi32(0x7f));
+  // E ≥ 1: the float with exponent E + 120 and mantissa M; E = 0: M·2^-9
+  const __m256 normal = _mm256_castsi256_ps(
+      _mm256_add_epi32(_mm256_slli_epi32(magnitude, 20), _mm256_set1_epi32(120 << 23)));
+  const __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(magnitude), _mm256_set1_ps(1.0f / 512.0f));
+  __m256 value = _mm256_blendv_ps(subnormal, normal,
+                                  _mm256_castsi256_ps(_mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(7))));
+  const __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(code, 7), 31);
+  value = _mm256_mul_ps(_mm256_or_ps(value, _mm256_castsi256_ps(sign)), _mm256_set1_ps(factor));
+  return root ? _mm256_mul_ps(value, value) : value;
+#else
+  float lanes[Vec::size()];
+  for (int64_t k = 0; k < Vec::size(); ++k) {
+    const float x = fp8_decode(codes[k], factor);
+    lanes[k] = root ? x * x : x;
   }
+  return Vec::loadu(lanes);
 #endif
-  for (; i < len; ++i) {
-    const float x = fp8_decode(codes[i], factor);
-    out[i] = root ? x * x : x;
-  }
+}
+
+// max(top, |x|) lane by lane, NaN propagating: as integers, the bits of |x|
+// order like the values, with NaN above +Inf.
+inline Vectorized<float> fp8_abs_max(const Vectorized<float>& top, const Vectorized<float>& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256i bits = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fffffff));
+  return _mm256_castsi256_ps(_mm256_max_epi32(_mm256_castps_si256(top), bits));
+#else
+  return at::vec::maximum(top, x.abs());
+#endif
 }
 
 // Encodes values[0, len) of a block, whose largest |value| is block_max (NaN
@@ -62,26 +72,30 @@ inline void fp8_encode_block(const float* values, int64_t len, float block_max, 
   const float factor = fp8_encode_factor(stored);
   int64_t i = 0;
 #if defined(CPU_CAPABILITY_AVX2)
-  const __m256 vfactor = _mm256_set1_ps(factor), limit = _mm256_set1_ps(kFp8Max);
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const __m256i min_normal = _mm256_set1_epi32((121 << 23) - 1), rebias = _mm256_set1_epi32(120 << 23);
-  const __m256i half_minus_one = _mm256_set1_epi32(0x7ffff), one = _mm256_set1_epi32(1);
-  for (; i + 8 <= len; i += 8) {
-    const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(values + i), vfactor);
-    const __m256 a = _mm256_min_ps(_mm256_and_ps(scaled, abs_mask), limit);
+  const __m256 vfactor = _mm256_set1_ps(factor);
+  // the magnitude and sign bits of 8 codes, as int32 lanes
+  auto encode8 = [&](const float* src) {
+    const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(src), vfactor);
+    const __m256 a = _mm256_min_ps(_mm256_and_ps(scaled, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))),
+                                   _mm256_set1_ps(kFp8Max));
     const __m256i u = _mm256_castps_si256(a);
-    // normal: (u − 120·2^23 + 0x7ffff + lsb) >> 20, rounding the mantissa to 3 bits (ties to even)
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 20), one);
+    // normal: (u − 120·2^23 + 0x7ffff + lsb) >> 20, the mantissa rounded to 3 bits (ties to even)
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 20), _mm256_set1_epi32(1));
     const __m256i normal = _mm256_srli_epi32(
-        _mm256_add_epi32(_mm256_sub_epi32(u, rebias), _mm256_add_epi32(half_minus_one, lsb)), 20);
+        _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7ffff - (120 << 23))), lsb), 20);
     // subnormal: a·2^9 rounded to the nearest integer (ties to even)
     const __m256i subnormal = _mm256_cvtps_epi32(
         _mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(512.0f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    __m256i code = _mm256_blendv_epi8(subnormal, normal, _mm256_cmpgt_epi32(u, min_normal));
-    code = _mm256_or_si256(code, _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(scaled), 24),
-                                                  _mm256_set1_epi32(0x80)));
-    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(words, words));
+    const __m256i code = _mm256_blendv_epi8(subnormal, normal, _mm256_cmpgt_epi32(u, _mm256_set1_epi32((121 << 23) - 1)));
+    const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(scaled), 24), _mm256_set1_epi32(0x80));
+    return _mm256_or_si256(code, sign);
+  };
+  for (; i + 32 <= len; i += 32) {  // 4 × 8 codes packed to 32 bytes, then put back in order
+    const __m256i words01 = _mm256_packus_epi32(encode8(values + i), encode8(values + i + 8));
+    const __m256i words23 = _mm256_packus_epi32(encode8(values + i + 16), encode8(values + i + 24));
+    const __m256i bytes = _mm256_packus_epi16(words01, words23);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i),
+                        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
   }
 #endif
   for (; i < len; ++i) codes[i] = fp8_encode(values[i], factor);
@@ -117,8 +131,12 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
       const int64_t len = std::min(kFp8Block, offsets[t + 1] - offsets[t] - begin);
       scalar_t* p = stream<scalar_t>(L.param, t) + begin;
       const scalar_t* g = stream<scalar_t>(L.grad, t) + begin;
-      for (int k = 0; k < S; ++k)
-        fp8_decode_block(L.codes[k][t] + begin, L.absmax[k][t][index], len, (root_mask >> k) & 1u, state[k]);
+      const uint8_t* codes[S];
+      float factor[S];
+      for (int k = 0; k < S; ++k) {
+        codes[k] = L.codes[k][t] + begin;
+        factor[k] = fp8_decode_factor(L.absmax[k][t][index]);
+      }
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         if (L.round != nullptr && rounding_for != t) {
           rounding.emplace(L.round[t]);
@@ -144,11 +162,11 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
           x[0] = before[part] = pv[part];
           x[1] = gv[part];
           const int64_t offset = i + part * Vec::size();
-          for (int k = 0; k < S; ++k) x[2 + k] = Vec::loadu(state[k] + offset);
+          for (int k = 0; k < S; ++k) x[2 + k] = fp8_decode_tile(codes[k] + offset, factor[k], (root_mask >> k) & 1u);
           update(x, t);
           for (int k = 0; k < S; ++k) {
             x[2 + k].store(state[k] + offset);
-            top[k] = at::vec::maximum(top[k], x[2 + k].abs());
+            top[k] = fp8_abs_max(top[k], x[2 + k]);
           }
           pv[part] = x[0];
           if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
@@ -170,7 +188,10 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
         std::array<float, 2 + S> x;
         x[0] = static_cast<float>(p[i]);
         x[1] = static_cast<float>(g[i]);
-        for (int k = 0; k < S; ++k) x[2 + k] = state[k][i];
+        for (int k = 0; k < S; ++k) {
+          const float value = fp8_decode(codes[k][i], factor[k]);
+          x[2 + k] = (root_mask >> k) & 1u ? value * value : value;
+        }
         const float before = x[0];
         update(x, t);
         for (int k = 0; k < S; ++k) {
