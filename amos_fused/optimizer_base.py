@@ -540,7 +540,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         machine = [{key: group.get(key, self.defaults.get(key)) for key in ("backend", "fused", "foreach",
                                                                              "capturable")}
                    for group in self.param_groups]
+        coded = self._coded_states(state_dict)
         super().load_state_dict(state_dict)
+        for param, entries in coded.items():
+            self.state[param].update(entries)
         for param, state in self.state.items():
             for key, value in list(state.items()):
                 state[key] = self._own_copy(param, key, value)
@@ -551,6 +554,22 @@ class FusedOptimizer(torch.optim.Optimizer):
                 group.setdefault(key, value)
             group.update(machine[index])
             self._check_new_group(index, group)
+
+    def _coded_states(self, state_dict: dict) -> Dict[Tensor, Dict[str, Tensor]]:
+        """The FP8 codes and absmax of a checkpoint, by the param they will belong to:
+        torch.optim's load_state_dict casts every state tensor of a floating param
+        to the param's dtype, which would turn codes into floats and round the
+        absmax of a reduced-precision param; they are put back as saved."""
+        saved_ids = [pid for group in state_dict.get("param_groups", []) for pid in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        by_id = dict(zip(saved_ids, params)) if len(saved_ids) == len(params) else {}
+        coded = {}
+        for pid, state in state_dict.get("state", {}).items():
+            entries = {key: value for key, value in state.items() if isinstance(value, Tensor)
+                       and (value.dtype == torch.uint8 or key.endswith("_absmax"))}
+            if entries and pid in by_id:
+                coded[by_id[pid]] = entries
+        return coded
 
     @staticmethod
     def _own_copy(param: Tensor, key: str, value) -> object:
