@@ -84,16 +84,15 @@ def call_step(ops, algorithm: str, params: Sequence[Tensor], grads: Sequence[Ten
              grad_scale, found_inf, telemetry, None if round_keys is None else list(round_keys))
 
 
-def call_fp8_step(algorithm: str, params: Sequence[Tensor], grads: Sequence[Tensor],
+def call_fp8_step(ops, algorithm: str, params: Sequence[Tensor], grads: Sequence[Tensor],
                   state: Mapping[str, Sequence[Tensor]], steps: Sequence[Tensor],
                   hyper: Mapping[str, float], keys: Sequence[str],
                   grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
                   telemetry: Optional[Tensor] = None, round_keys: Optional[Sequence[int]] = None) -> None:
-    """One ``torch.ops.amos_fused.step_fp8`` call: the states under ``keys`` are FP8
-    codes, each with its per-block absmax under ``key + '_absmax'``
-    (amos_fused/fp8_states.py); the rest as in ``call_step``."""
+    """One ``ops.step_fp8`` call (``ops``: torch.ops.amos_fused or the Triton ops): the
+    states under ``keys`` are FP8 codes, each with its per-block absmax under
+    ``key + '_absmax'`` (amos_fused/fp8_states.py); the rest as in ``call_step``."""
     codes = [t for key in keys for t in state[key]]
     absmax = [t for key in keys for t in state[key + "_absmax"]]
-    torch.ops.amos_fused.step_fp8(algorithm, list(params), list(grads), codes, absmax, list(steps),
-                                  hyper_values(algorithm, hyper), grad_scale, found_inf, telemetry,
-                                  None if round_keys is None else list(round_keys))
+    ops.step_fp8(algorithm, list(params), list(grads), codes, absmax, list(steps), hyper_values(algorithm, hyper),
+                 grad_scale, found_inf, telemetry, None if round_keys is None else list(round_keys))

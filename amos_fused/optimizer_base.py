@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .backends import backend_for, check_backend, fused_ops
+from .backends import FP8_BACKENDS, backend_for, check_backend, fused_ops
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype
 from .checks import Problem, Walk, check_step, first_overlap, step_error
 from . import fp8_states
@@ -146,11 +146,12 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _fused_step(self, ops, bucket: Bucket, group: dict, telemetry: Optional[Tensor] = None,
                     round_keys: Optional[List[int]] = None) -> None:
-        """Steps the bucket with one ``ops.step`` call (``ops``: torch.ops.amos_fused,
-        or the Triton ops with the same signature), which fills ``telemetry`` and
-        rounds bfloat16 params stochastically with ``round_keys`` when given."""
+        """Steps the bucket with one ``ops.step`` call (``ops.step_fp8`` for FP8 states;
+        ``ops``: torch.ops.amos_fused, or the Triton ops with the same signatures),
+        which fills ``telemetry`` and rounds bfloat16 params stochastically with
+        ``round_keys`` when given."""
         if bucket.fp8:
-            call_fp8_step(self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
+            call_fp8_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
                           self._hyper(group), self.fp8_state_keys, telemetry=telemetry, round_keys=round_keys,
                           **self._grad_scaling())
             return
@@ -203,9 +204,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                              "the steps read their step counters on the host")
         if group.get("fused") and group["backend"] == "reference":
             raise ValueError(f"{self._name}: fused=True contradicts backend='reference'")
-        if self.fp8_state_keys and group_backend(group) in ("cuda", "triton"):
-            raise NotImplementedError(f"{self._name}: FP8 states have fused kernels on backend='cpu' only "
-                                      f"(and the reference), not on {group_backend(group)!r}")
+        if self.fp8_state_keys and group_backend(group) not in (None, "reference") + FP8_BACKENDS:
+            raise NotImplementedError(f"{self._name}: FP8 states have fused kernels on backends "
+                                      f"{', '.join(map(repr, FP8_BACKENDS))} only (and the reference), "
+                                      f"not on {group_backend(group)!r}")
         for flag in ("maximize", "track_rms", "bf16_stochastic_round"):
             if not isinstance(group.get(flag, False), bool):
                 raise ValueError(f"{self._name}: {flag} must be True or False, got {group[flag]!r}")
@@ -332,9 +334,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for i, pos in enumerate(positions):
                 if pos in spec.complex_positions:
                     params[i], grads[i] = self._real_views(where(i), params[i], grads[i], lists, like_keys, i)
-        backend = backend_for(group_backend(group), self.algorithm, spec.device, self._name)
-        if spec.fp8 and backend != "cpu":
-            backend = "reference"  # the FP8 states' only fused kernels are the CPU ones
+        backend = backend_for(group_backend(group), self.algorithm, spec.device, self._name, fp8=spec.fp8)
         walk = Walk.ANY if backend == "reference" else (
             Walk.CONTIGUOUS if self.fused_needs_contiguous else Walk.DENSE)
         if walk == Walk.CONTIGUOUS:

@@ -2,14 +2,15 @@
 default), on a machine without one.
 
 The kernel variants are not listed here: they are recorded.  Every algorithm of
-``amos_fused.triton_kernels.ops`` is stepped through its public ``ops.step`` on CPU
-tensors with ``JITFunction.run`` replaced by a recorder, so the launches pick the
+``amos_fused.triton_kernels.ops`` is stepped through its public ``ops.step`` (and
+those with FP8 states through ``ops.step_fp8``) on CPU tensors with ``JITFunction.run`` replaced by a recorder, so the launches pick the
 kernels, constexprs and ``num_warps`` themselves; each recorded call is turned
 into the compile the JIT would make for it (its signature, with the JIT's
 specialisation of int arguments equal to 1 and of 16-divisible ints and
 pointers).  The inputs swept:
 
-  * every storage dtype (float32, bfloat16, float16, float64);
+  * every storage dtype (float32, bfloat16, float16, float64; the steps with
+    block-scaled FP8 states, ``ops.step_fp8``, all but float64);
   * 16-byte aligned and misaligned tensors (ALIGNED, ROWS_ALIGNED);
   * buckets of one tensor and of several (the JIT turns ``n == 1`` into a constant);
   * steps without and with telemetry (the step op's optional [n, 2] float64 output:
@@ -71,6 +72,7 @@ from typing import Callable, Dict, FrozenSet, Iterable, List, NamedTuple, Option
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+FP8_DTYPES = DTYPES[:3]  # FP8 states are kept for float32 / bfloat16 / float16 params
 # Typical values of the hyper-parameters (by the names of the algorithms' contracts);
 # a name missing here starts at 0.5.  Each is also tried at 0 and at 1.
 TYPICAL = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=1.0,
@@ -189,13 +191,14 @@ class Recorder:
         from triton.runtime.jit import JITFunction
 
         import amos_fused  # noqa: F401  (the C++ ops)
-        from amos_fused import amos_slots, contracts
+        from amos_fused import amos_slots, contracts, fp8_states
         from amos_fused.triton_kernels import amos, common, ops
         if common.kernels_interpreted() or not isinstance(common.program_entry, JITFunction):
             raise RuntimeError("the kernels were imported for Triton's interpreter (TRITON_INTERPRET=1)")
         torch.set_num_threads(1)  # thousands of tiny host ops: threads only add overhead
         self.torch, self.JITFunction = torch, JITFunction
         self.amos_slots, self.contracts, self.amos, self.common, self.ops = amos_slots, contracts, amos, common, ops
+        self.fp8_states = fp8_states
         self.calls: List[Tuple[object, tuple, dict]] = []
 
     @contextlib.contextmanager
@@ -222,11 +225,12 @@ class Recorder:
 
     def step(self, algorithm: str, hyper: Dict[str, float], dtype: str, aligned: bool,
              tensors: Sequence[Tuple[tuple, object]], strict: bool = True,
-             telemetry: bool = False, rounding: bool = False) -> Optional[FrozenSet[Variant]]:
+             telemetry: bool = False, rounding: bool = False, fp8: bool = False) -> Optional[FrozenSet[Variant]]:
         """The variants one step launches (bucket: (shape, reduce_axes) per tensor),
         with a telemetry table when ``telemetry`` and round keys (stochastic rounding
-        of bfloat16 params) when ``rounding``; unless ``strict``, None when the step
-        op refuses these hyper-parameters."""
+        of bfloat16 params) when ``rounding``, through ``ops.step_fp8`` (uint8 codes
+        and float32 absmax for the enabled states) when ``fp8``; unless ``strict``,
+        None when the step op refuses these hyper-parameters."""
         torch, contract = self.torch, self.contracts.contract(algorithm)
         dt = getattr(torch, dtype)
         params = [self._tensor(shape, dt, aligned) for shape, _ in tensors]
@@ -237,7 +241,7 @@ class Recorder:
                 state[key] = [self._tensor(self.amos_slots.slot_shape(shape, axes), dt, aligned)
                               for shape, axes in tensors]
             else:
-                state[key] = [self._tensor(shape, dt, aligned) for shape, _ in tensors]
+                state[key] = [self._tensor(shape, torch.uint8 if fp8 else dt, aligned) for shape, _ in tensors]
         states, values = self.contracts.step_arguments(algorithm, hyper, state)
         steps = [torch.tensor(0.0) for _ in tensors]
         per_tensor = [0.5] * len(tensors) if contract.per_tensor else []
@@ -246,8 +250,14 @@ class Recorder:
         self.calls.clear()
         with self.active():
             try:
-                self.ops.step(algorithm, params, grads, states, steps, values, per_tensor,
-                              telemetry=table, round_keys=keys)
+                if fp8:
+                    absmax = [self._tensor((self.fp8_states.num_blocks(c.numel()),), torch.float32, aligned)
+                              for c in states]
+                    self.ops.step_fp8(algorithm, params, grads, states, absmax, steps, values,
+                                      telemetry=table, round_keys=keys)
+                else:
+                    self.ops.step(algorithm, params, grads, states, steps, values, per_tensor,
+                                  telemetry=table, round_keys=keys)
             except (ValueError, RuntimeError):
                 if strict:
                     raise
@@ -334,16 +344,19 @@ def launched_variants(recorder: Recorder, log: Callable[[str], None]) -> Dict[st
     """Every variant the launches produce, by kernel (in first-launch order)."""
     found: Dict[Variant, None] = {}
     plain_buckets = [[((37,), None)], [((37,), None), ((5, 7), None)]]  # one tensor, two
-    for algorithm in recorder.ops.algorithms():
+    steps = [(algorithm, False) for algorithm in recorder.ops.algorithms()]
+    steps += [(algorithm, True) for algorithm in recorder.ops.fp8_algorithms()]  # FP8 states
+    for algorithm, fp8 in steps:
         buckets = amos_buckets(recorder) if algorithm == "amos" else plain_buckets
         probe_bucket = max(buckets, key=len)  # every walk of the algorithm
+        dtypes = FP8_DTYPES if fp8 else DTYPES
         memo: Dict[tuple, Optional[FrozenSet[Variant]]] = {}
 
         def probe(hyper):
             key = tuple(sorted(hyper.items()))
             if key not in memo:
-                results = [recorder.step(algorithm, hyper, dtype, True, probe_bucket, strict=False)
-                           for dtype in DTYPES]
+                results = [recorder.step(algorithm, hyper, dtype, True, probe_bucket, strict=False, fp8=fp8)
+                           for dtype in dtypes]
                 memo[key] = None if None in results else frozenset().union(*results)
             return memo[key]
 
@@ -353,14 +366,14 @@ def launched_variants(recorder: Recorder, log: Callable[[str], None]) -> Dict[st
                         if value != hyper_values(name)[0]})
         before = len(found)
         for hyper, dtype, aligned, bucket, telemetry, rounding in itertools.product(
-                sweep, DTYPES, (True, False), buckets, (False, True), (False, True)):
+                sweep, dtypes, (True, False), buckets, (False, True), (False, True)):
             if rounding and dtype != "bfloat16":  # round keys are for bfloat16 params only
                 continue
             for variant in recorder.step(algorithm, hyper, dtype, aligned, bucket, telemetry=telemetry,
-                                         rounding=rounding):
+                                         rounding=rounding, fp8=fp8):
                 found.setdefault(variant)
-        log(f"{algorithm}: swept {', '.join(swept) or 'no hyper-parameter'} ({len(sweep)} point(s)) "
-            f"x {len(DTYPES)} dtypes x aligned/misaligned x {len(buckets)} bucket(s) "
+        log(f"{algorithm}{' (FP8 states)' if fp8 else ''}: swept {', '.join(swept) or 'no hyper-parameter'} "
+            f"({len(sweep)} point(s)) x {len(dtypes)} dtypes x aligned/misaligned x {len(buckets)} bucket(s) "
             f"x without/with telemetry x (bfloat16) without/with stochastic rounding: "
             f"{len(found) - before} new variant(s)")
     by_kernel: Dict[str, List[Variant]] = {}

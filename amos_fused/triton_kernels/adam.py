@@ -61,7 +61,8 @@ def load_adam_coefficients(row):
 def adam_update(p, g, m, v, vmax, beta1_complement, beta2, beta2_complement, param_decay, l2,
                 eps, bc2_sqrt, neg_step_size, grad_unscale, lerp_small,
                 AMSGRAD: tl.constexpr, L2: tl.constexpr, FP64: tl.constexpr):
-    """One Adam(W) step; vmax is only used with AMSGRAD.  Returns p, m, v, vmax."""
+    """One Adam(W) step; vmax is only used with AMSGRAD.  Returns p, m, v, vmax and the
+    root it took, sqrt(v) (sqrt(vmax) with AMSGRAD): the stored form of an FP8 v (fp8.py)."""
     g = g * grad_unscale                                 # g ← g · inv_grad_scale
     if L2:
         g = tl.fma(l2, p, g)                             # g ← g + λθ  (grad.add(θ, alpha=λ))
@@ -72,9 +73,10 @@ def adam_update(p, g, m, v, vmax, beta1_complement, beta2, beta2_complement, par
     if AMSGRAD:
         vmax = nan_maximum(vmax, v)                      # v̂max ← max(v̂max, v)
         second = vmax
-    denom = ieee_div(ieee_sqrt(second, FP64), bc2_sqrt, FP64) + eps  # sqrt(v/bc2) + ε
+    root = ieee_sqrt(second, FP64)
+    denom = ieee_div(root, bc2_sqrt, FP64) + eps         # sqrt(v/bc2) + ε
     p = p + ieee_div(neg_step_size * m, denom, FP64)     # θ ← θ − η/bc1 · m/denom
-    return p, m, v, vmax
+    return p, m, v, vmax, root
 
 
 ADAM_WIDTH = tl.constexpr(len(contract("adam").columns))
@@ -93,8 +95,8 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, offs, mask, coef_ro
     if AMSGRAD:
         vmax = load_block(vmax_ptr + offs, mask, MASKED, COMPUTE)
     b1c, b2, b2c, decay, l2, eps, bc2_sqrt, neg_step, unscale, small = load_adam_coefficients(coef_row)
-    p, m, v, vmax = adam_update(p, g, m, v, vmax, b1c, b2, b2c, decay, l2, eps, bc2_sqrt,
-                                neg_step, unscale, small, AMSGRAD, L2, FP64)
+    p, m, v, vmax, _ = adam_update(p, g, m, v, vmax, b1c, b2, b2c, decay, l2, eps, bc2_sqrt,
+                                   neg_step, unscale, small, AMSGRAD, L2, FP64)
     if ROUND:
         p = round_block(p, round_row, start, offs, BLOCK)
     store_block(p_ptr + offs, p, mask, MASKED)

@@ -19,7 +19,12 @@ only, checked by ``begin_step``): the launch that writes θ stores it with stoch
 rounding, the same bits as the CPU and CUDA kernels (csrc/stochastic_round.h; the
 Triton copy of the hash and the per-step rounding table are in common.py); telemetry
 then sees the rounded stored values.  Tensors: CUDA, or CPU under TRITON_INTERPRET=1;
-float32 / bfloat16 / float16 with fp32 math, float64 with fp64 math."""
+float32 / bfloat16 / float16 with fp32 math, float64 with fp64 math.
+
+``step_fp8`` (the signature of ``torch.ops.amos_fused.step_fp8``) steps the
+algorithms whose states are block-scaled FP8 codes (fp8.py), the same way: the
+C++ prologue ``begin_step_fp8`` (its checks, found_inf, coefficients), one
+launch, then the step counters."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
@@ -29,7 +34,7 @@ from torch import Tensor
 
 from ..contracts import algorithms as contract_algorithms
 from ..contracts import contract
-from . import adam, amos, norm_scaled
+from . import adam, amos, fp8, norm_scaled
 from .common import check_bucket, round_table
 
 # Each algorithm's launch is ``launch_<algorithm>(params, grads, states by key, hyper by
@@ -82,4 +87,35 @@ def step(algorithm: str, params: List[Tensor], grads: List[Tensor], states: List
         rounding = round_table(round_keys, steps, params[0].device)
         _LAUNCH[algorithm](params, grads, lists, hyper_by_name, coef, prepared, telemetry=telemetry,
                            rounding=rounding)
+        torch._foreach_add_(list(steps), 1.0)  # after the launch: a failed one leaves them
+
+
+def fp8_algorithms() -> List[str]:
+    """The algorithms of the compiled step_fp8 op that the Triton kernels launch."""
+    return [name for name in torch.ops.amos_fused.fp8_algorithms() if name in fp8.ALGORITHMS]
+
+
+def _per_state(tensors: Sequence[Tensor], n: int) -> List[List[Tensor]]:
+    """A key-major list cut into one list of n tensors per state."""
+    return [list(tensors[k:k + n]) for k in range(0, len(tensors), n)]
+
+
+def step_fp8(algorithm: str, params: List[Tensor], grads: List[Tensor], codes: List[Tensor],
+             absmax: List[Tensor], steps: List[Tensor], hyper: Sequence[float],
+             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+             telemetry: Optional[Tensor] = None, round_keys: Optional[Sequence[int]] = None) -> None:
+    """One step of ``algorithm`` over a bucket with FP8 states (arguments as
+    ``torch.ops.amos_fused.step_fp8``: codes and absmax key-major lists)."""
+    if algorithm not in fp8_algorithms():
+        raise ValueError(f"amos_fused: no FP8-state step for {algorithm!r} (known: {', '.join(fp8_algorithms())})")
+    check_bucket(f"amos_fused.triton.{algorithm}_step_fp8", params, grads, {}, steps)
+    keys = None if round_keys is None else [int(k) for k in round_keys]
+    hyper = [float(h) for h in hyper]
+    run, coef = torch.ops.amos_fused.begin_step_fp8(algorithm, list(params), list(grads), list(codes),
+                                                    list(absmax), list(steps), hyper, grad_scale, found_inf,
+                                                    telemetry, keys)
+    if run:
+        fp8.launch_fp8(algorithm, list(params), list(grads), _per_state(codes, len(params)),
+                       _per_state(absmax, len(params)), dict(zip(contract(algorithm).hyper, hyper)), coef,
+                       telemetry=telemetry, rounding=round_table(keys, steps, params[0].device))
         torch._foreach_add_(list(steps), 1.0)  # after the launch: a failed one leaves them
