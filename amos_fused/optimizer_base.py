@@ -541,6 +541,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                                                              "capturable")}
                    for group in self.param_groups]
         super().load_state_dict(state_dict)
+        self._restore_fp8_dtypes(state_dict)
         for param, state in self.state.items():
             for key, value in list(state.items()):
                 state[key] = self._own_copy(param, key, value)
@@ -551,6 +552,22 @@ class FusedOptimizer(torch.optim.Optimizer):
                 group.setdefault(key, value)
             group.update(machine[index])
             self._check_new_group(index, group)
+
+    def _restore_fp8_dtypes(self, state_dict: dict) -> None:
+        """torch.optim's load_state_dict casts every non-step state tensor to its
+        param's dtype: FP8 codes (uint8) would become floats holding 0..255, and a
+        float32 absmax of a bfloat16 param would lose bits.  Puts the saved codes
+        and absmax back (the params are matched like torch.optim does: in group
+        order); _own_copy then copies them."""
+        saved = state_dict.get("state", {})
+        ids = (i for group in state_dict.get("param_groups", []) for i in group["params"])
+        params = (p for group in self.param_groups for p in group["params"])
+        for saved_id, param in zip(ids, params):
+            if saved_id not in saved or param not in self.state:
+                continue
+            for key, value in saved[saved_id].items():
+                if isinstance(value, Tensor) and (value.dtype == torch.uint8 or key.endswith("_absmax")):
+                    self.state[param][key] = value
 
     @staticmethod
     def _own_copy(param: Tensor, key: str, value) -> object:
