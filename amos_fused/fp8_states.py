@@ -123,7 +123,7 @@ def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[s
     key are decoded to the param's dtype (an 8-bit checkpoint loaded into a
     full-precision optimizer, or a param that no longer keeps FP8 states)."""
     for key in list(state):
-        value = state[key]
+        value = state.get(key)  # an absmax is popped with its codes
         if not isinstance(value, Tensor) or key.endswith("_absmax"):
             continue
         root = key in ROOT_KEYS
