@@ -65,7 +65,10 @@ def encode(values: Tensor, root: bool) -> Tuple[Tensor, Tensor]:
     """(codes, absmax) of a 1-D float32 tensor: uint8 codes, one float32 absmax per
     block; ``root``: sqrt(values) is stored."""
     if root:
-        values = values.sqrt()
+        # correctly rounded, like C++'s sqrtf: torch's float32 sqrt is not on every
+        # build (MKL's vector sqrt on the CPU is one ulp off for ~15% of inputs); the
+        # float64 root rounded to float32 is (53 ≥ 2·24 + 2 bits: no double rounding)
+        values = values.double().sqrt().to(torch.float32)
     n = values.numel()
     blocks = torch.zeros(num_blocks(n) * BLOCK, dtype=torch.float32, device=values.device)
     blocks[:n] = values
@@ -120,7 +123,7 @@ def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[s
     key are decoded to the param's dtype (an 8-bit checkpoint loaded into a
     full-precision optimizer, or a param that no longer keeps FP8 states)."""
     for key in list(state):
-        value = state.get(key)  # a popped absmax is gone
+        value = state.get(key)  # an absmax is popped with its codes
         if not isinstance(value, Tensor) or key.endswith("_absmax"):
             continue
         root = key in ROOT_KEYS

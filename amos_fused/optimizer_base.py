@@ -540,10 +540,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         machine = [{key: group.get(key, self.defaults.get(key)) for key in ("backend", "fused", "foreach",
                                                                              "capturable")}
                    for group in self.param_groups]
-        coded = self._coded_states(state_dict)
         super().load_state_dict(state_dict)
-        for param, entries in coded.items():
-            self.state[param].update(entries)
+        self._restore_fp8_dtypes(state_dict)
         for param, state in self.state.items():
             for key, value in list(state.items()):
                 state[key] = self._own_copy(param, key, value)
@@ -555,21 +553,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             group.update(machine[index])
             self._check_new_group(index, group)
 
-    def _coded_states(self, state_dict: dict) -> Dict[Tensor, Dict[str, Tensor]]:
-        """The FP8 codes and absmax of a checkpoint, by the param they will belong to:
-        torch.optim's load_state_dict casts every state tensor of a floating param
-        to the param's dtype, which would turn codes into floats and round the
-        absmax of a reduced-precision param; they are put back as saved."""
-        saved_ids = [pid for group in state_dict.get("param_groups", []) for pid in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        by_id = dict(zip(saved_ids, params)) if len(saved_ids) == len(params) else {}
-        coded = {}
-        for pid, state in state_dict.get("state", {}).items():
-            entries = {key: value for key, value in state.items() if isinstance(value, Tensor)
-                       and (value.dtype == torch.uint8 or key.endswith("_absmax"))}
-            if entries and pid in by_id:
-                coded[by_id[pid]] = entries
-        return coded
+    def _restore_fp8_dtypes(self, state_dict: dict) -> None:
+        """torch.optim's load_state_dict casts every non-step state tensor to its
+        param's dtype: FP8 codes (uint8) would become floats holding 0..255, and a
+        float32 absmax of a bfloat16 param would lose bits.  Puts the saved codes
+        and absmax back (the params are matched like torch.optim does: in group
+        order); _own_copy then copies them."""
+        saved = state_dict.get("state", {})
+        ids = (i for group in state_dict.get("param_groups", []) for i in group["params"])
+        params = (p for group in self.param_groups for p in group["params"])
+        for saved_id, param in zip(ids, params):
+            if saved_id not in saved or param not in self.state:
+                continue
+            for key, value in saved[saved_id].items():
+                if isinstance(value, Tensor) and (value.dtype == torch.uint8 or key.endswith("_absmax")):
+                    self.state[param][key] = value
 
     @staticmethod
     def _own_copy(param: Tensor, key: str, value) -> object:

@@ -86,7 +86,7 @@ AF_FP8_HD float fp8_decode_factor(float stored_absmax) { return stored_absmax / 
 // x's code, x·factor being within ±448 up to rounding (factor = fp8_encode_factor).
 AF_FP8_HD uint8_t fp8_encode(float x, float factor) {
   const float scaled = x * factor;
-  float a = scaled < 0.0f ? -scaled : scaled;
+  float a = fp8_float_of(fp8_bits_of(scaled) & 0x7fffffffu);  // |scaled|, also for −0
   if (a > kFp8Max) a = kFp8Max;
   const uint32_t sign = (fp8_bits_of(scaled) >> 24) & 0x80u;
   return static_cast<uint8_t>(sign | e4m3_magnitude(a));
