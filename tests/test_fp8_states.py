@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 import amos_fused as af
 from amos_fused import fp8_states
 from conftest import assert_unchanged, raises_naming, snapshot, states_of, with_threads
-from registry import assert_equal_or_neighbours, backends, seeded_grads, seeded_params
+from registry import assert_equal_or_neighbours, seeded_grads, seeded_params
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 BLOCK = fp8_states.BLOCK
@@ -820,14 +820,6 @@ def test_amsgrad_is_refused(name):
     before = snapshot(opt, [p])
     raises_naming(ValueError, opt.step, "amsgrad")
     assert_unchanged(before, opt, [p])
-
-
-@pytest.mark.parametrize("backend", backends("triton", "cuda"))
-@pytest.mark.parametrize("name", list(CLASSES))
-def test_gpu_backends_are_refused(name, backend):
-    p = _param(torch.randn(5000))
-    raises_naming(NotImplementedError, lambda: CLASSES[name]([p], backend=backend),
-                  name, "FP8 states", f"'{backend}'", "backend='cpu'")
 
 
 # ---------------------------------------------------------------------------
