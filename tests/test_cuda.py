@@ -3,7 +3,8 @@ eager reference (``backend='reference'``, same tensors, same device) for every
 algorithm and Amos slot layout, against torch.optim.AdamW / Adam (fused=True),
 on buckets of hundreds of tensors, on a tensor of more than 2^31 elements, with
 torch.amp.GradScaler, and through the cached device tables (new grad addresses,
-replaced params, another stream).  Skipped without a GPU or a CUDA build.
+replaced params, another stream), and the 8-bit optimizers' FP8 states against
+the cpu backend.  Skipped without a GPU or a CUDA build.
 
 Tolerances (10 steps, two groups, an lr schedule for Amos, missing grads on some
 steps).  Params and state tensors are compared with ``rtol`` plus an absolute

@@ -12,7 +12,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../fp8_prologue.h"

@@ -8,15 +8,18 @@
 //   absmax  the block's NaN-propagating max |stored value| (fp8_stored_absmax)
 //   encode  code = e4m3_rne(min(|x|·448/absmax, 448)) with x's sign
 // 64 threads rather than 256: one vector load per array per thread (4 codes in
-// 32 bits, 4 params in 16 bytes for float32, 8 for bfloat16/float16), two warps
-// to reduce the absmax over (one butterfly each, one barrier), and 32 resident
-// blocks (the per-SM block limit) still fill the 2048 threads of an SM.
+// 32 bits, 4 params in 16 bytes for float32, 8 for bfloat16/float16), 4
+// independent elements in flight per thread, and two warps to reduce the absmax
+// over (one butterfly each, one barrier).  32 resident blocks (the per-SM block
+// limit on sm_80/sm_90) hold 2048 threads, so only registers limit occupancy:
+// Lion's variants use 32–45 (full to 2/3), Adam's 56–63 (16 blocks, 1024 threads).
 // Misaligned arrays and the partial last block of a tensor load element by element.
 #pragma once
 
 #include <ATen/OpMathType.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../fp8_states.h"
 #include "../step_math.h"
