@@ -3,7 +3,8 @@ eager reference (``backend='reference'``, same tensors, same device) for every
 algorithm and Amos slot layout, against torch.optim.AdamW / Adam (fused=True),
 on buckets of hundreds of tensors, on a tensor of more than 2^31 elements, with
 torch.amp.GradScaler, and through the cached device tables (new grad addresses,
-replaced params, another stream).  Skipped without a GPU or a CUDA build.
+replaced params, another stream), and the 8-bit optimizers' FP8 states against
+the cpu backend.  Skipped without a GPU or a CUDA build.
 
 Tolerances (10 steps, two groups, an lr schedule for Amos, missing grads on some
 steps).  Params and state tensors are compared with ``rtol`` plus an absolute
@@ -998,3 +999,263 @@ def test_stochastic_rounding_past_element_2_32():
     assert set(p[:4096].float().unique().tolist()) == {1.4921875, 1.5}
     del p, g, m
     torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------
+# 8-bit optimizers: block-scaled FP8 states (csrc/cuda/fp8.cu) against the cpu backend
+# ---------------------------------------------------------------------------
+# Both backends decode a block (csrc/fp8_states.h), run step_math.h's update in
+# float32 and encode the block back, but nvcc contracts a·b + c into one FMA
+# where the C++ build (-ffp-contract=off) rounds twice: θ·(1−ηλ) + the step in
+# Adam's and Lion's θ update, and Lion's momentum β2·m + (1−β2)·g.  (The host
+# emulation, tools/cuda_emulation group "fp8", contracts nothing and is bitwise.)
+# * AdamW8bit: m and v read only g and their own codes, through explicit fmas,
+#   so codes and absmax are bitwise equal over every step; params within TOL.
+# * Adam8bit (L2: g + λθ reads θ) and Lion8bit (its momentum): a state may differ
+#   in its last bit, so a block's absmax by a few float32 ulps and a code by one
+#   E4M3 step where the scaled value sits at a rounding boundary.  Stepped in
+#   lockstep (each step from the cpu run's params and states): absmax within
+#   FP8_ABSMAX_RTOL, codes equal or neighbouring E4M3 values (±0 alike), at most
+#   FP8_CODE_DIFFER_FRACTION of them differing; params within TOL.
+# Shapes: FP8 states for params of ≥ 4096 elements (a partial last block, a
+# transposed one), full precision for the small one.
+FP8_CLASSES = {"AdamW8bit": (af.AdamW8bit, {"weight_decay": 0.1}), "Adam8bit": (af.Adam8bit, {"weight_decay": 0.1}),
+               "Lion8bit": (af.Lion8bit, {"lr": 1e-3, "weight_decay": 0.3})}
+FP8_SHAPES = [(4096,), (70001,), (3, 9000), (37, 5), (64, 300)]
+FP8_STEPS = 5
+FP8_ABSMAX_RTOL = 2.0**-20
+FP8_CODE_DIFFER_FRACTION = 1e-3
+FP8_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _fp8_params(dtype, device):
+    """make_params(FP8_SHAPES) on ``device``, the last one transposed (dense, not contiguous)."""
+    params = [p.detach() for p in make_params(dtype, 0, FP8_SHAPES)]
+    params[-1] = params[-1].reshape(FP8_SHAPES[-1][::-1]).t()
+    return [p.to(device).requires_grad_(True) for p in params]
+
+
+def _fp8_pair(name, dtype, **extra):
+    """[(params, optimizer)] of backend='cuda' and of backend='cpu' over the same values."""
+    cls, kwargs = FP8_CLASSES[name]
+    runs = []
+    for device, backend in ((DEVICE, "cuda"), ("cpu", "cpu")):
+        params = _fp8_params(dtype, device)
+        runs.append((params, cls(param_groups(params, {"lr": 3e-3}, 2), backend=backend, **kwargs, **extra)))
+    return runs
+
+
+def _e4m3_ordered(codes):
+    """E4M3 codes as integers in the order of their values (±0 both 0)."""
+    c = codes.detach().cpu().to(torch.int32)
+    return torch.where(c >= 128, -(c & 0x7F), c)
+
+
+def _assert_fp8_states_close(cuda, cpu, exact, what):
+    """Codes, absmax and full-precision states of two optimizers' params (see above)."""
+    differ = total = 0
+    for i, (sa, sb) in enumerate(zip(cuda, cpu)):
+        assert set(sa) == set(sb), f"{what}: param {i}: state keys {sorted(sa)} != {sorted(sb)}"
+        for key in sorted(sa):
+            a, b = sa[key], sb[key]
+            if key == "step":
+                assert float(a) == float(b), f"{what}: param {i}: step"
+                continue
+            assert a.device.type == DEVICE and a.dtype == b.dtype, f"{what}: param {i} state {key!r}"
+            if exact and (a.dtype == torch.uint8 or key.endswith("_absmax")):
+                assert torch.equal(a.cpu(), b), f"{what}: param {i} state {key!r} differs bitwise"
+            elif b.numel() == 0:
+                continue
+            elif a.dtype == torch.uint8:
+                gap = (_e4m3_ordered(a) - _e4m3_ordered(b)).abs()
+                assert int(gap.max()) <= 1, f"{what}: param {i} {key!r}: codes {int(gap.max())} steps apart"
+                differ += int((gap != 0).sum())
+                total += b.numel()
+            elif key.endswith("_absmax"):
+                torch.testing.assert_close(a.cpu(), b, rtol=FP8_ABSMAX_RTOL, atol=0.0, equal_nan=True,
+                                           msg=lambda m: f"{what}: param {i} {key!r}: {m}")
+            else:  # full-precision states of a small param
+                assert_close_scaled(a.cpu(), b, what=f"{what}: param {i} {key!r}", **TOL[b.dtype])
+    assert differ <= FP8_CODE_DIFFER_FRACTION * max(total, 1), f"{what}: {differ} of {total} codes differ"
+
+
+def _fp8_lockstep(name, dtype, steps=FP8_STEPS, **extra):
+    """A cuda and a cpu optimizer stepped together; before every step but the first
+    the cpu run's params and states are copied into the cuda run's.  Per step:
+    (cuda params, cpu params, cuda states, cpu states, cpu params before the step)."""
+    runs = _fp8_pair(name, dtype, **extra)
+    (params_g, opt_g), (params_c, opt_c) = runs
+    log = []
+    for step in range(steps):
+        if step > 0:
+            with torch.no_grad():
+                for pg, pc in zip(params_g, params_c):
+                    pg.copy_(pc)
+                    for key, value in opt_c.state[pc].items():
+                        if torch.is_tensor(value):
+                            opt_g.state[pg][key].copy_(value)
+        grads = make_grads([p.detach() for p in params_c], step, 0)
+        before = [p.detach().clone() for p in params_c]
+        for params, opt in runs:
+            set_grads(params, [g.to(params[0].device) for g in grads])
+            opt.step()
+        log.append(([p.detach().clone() for p in params_g], [p.detach().clone() for p in params_c],
+                    [dict(opt_g.state[p]) for p in params_g], [dict(opt_c.state[p]) for p in params_c], before))
+    return log
+
+
+@pytest.mark.parametrize("dtype", FP8_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("name", list(FP8_CLASSES))
+def test_fp8_optimizers_match_cpu(name, dtype):
+    """AdamW8bit, Adam8bit, Lion8bit with backend='cuda' against backend='cpu', in lockstep."""
+    for step, (cuda, cpu, states_g, states_c, _) in enumerate(_fp8_lockstep(name, dtype)):
+        what = f"{name} {dtype} step {step}"
+        assert any(p.dtype == torch.uint8 for s in states_g for p in s.values() if torch.is_tensor(p)), what
+        for i, (a, c) in enumerate(zip(cuda, cpu)):
+            assert a.stride() == c.stride()
+            assert_close_scaled(a.cpu(), c, what=f"{what}: param {i}", **TOL[dtype])
+        _assert_fp8_states_close(states_g, states_c, name == "AdamW8bit", what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_fp8_adamw_states_are_bitwise_those_of_cpu(dtype):
+    """AdamW8bit run freely for 10 steps: its codes and absmax never depend on θ, so
+    they stay bitwise the cpu backend's; params within TOL."""
+    runs = _fp8_pair("AdamW8bit", dtype)
+    for step in range(10):
+        grads = make_grads([p.detach().cpu() for p in runs[1][0]], step, 0)
+        for params, opt in runs:
+            set_grads(params, [g.to(params[0].device) for g in grads])
+            opt.step()
+    (params_g, opt_g), (params_c, opt_c) = runs
+    for i, (a, c) in enumerate(zip(params_g, params_c)):
+        assert_close_scaled(a.detach().cpu(), c.detach(), what=f"param {i}", **TOL[dtype])
+    _assert_fp8_states_close([opt_g.state[p] for p in params_g], [opt_c.state[p] for p in params_c], True,
+                             "AdamW8bit free run")
+
+
+@pytest.mark.parametrize("name", list(FP8_CLASSES))
+def test_fp8_telemetry_matches_cpu(name):
+    """track_rms=True: rms() of the cuda backend against its own params (measured in
+    float64) and against the cpu backend's rms() on the same steps."""
+    runs = _fp8_pair(name, torch.float32, track_rms=True)
+    (params_g, opt_g), (params_c, opt_c) = runs
+    for step in range(3):
+        grads = make_grads([p.detach().cpu() for p in params_c], step, 0)
+        before = [p.detach().clone() for p in params_g]
+        for params, opt in runs:
+            set_grads(params, [g.to(params[0].device) for g in grads])
+            opt.step()
+        rms_g, rms_c = opt_g.rms(), opt_c.rms()
+        cuda = [tuple(rms_g[p]) for p in params_g]
+        _assert_rms_close(cuda, _measured_rms(opt_g, params_g, before), (TELEMETRY_OWN_RTOL[torch.float32],) * 2,
+                          f"{name} step {step}: against its own params")
+        _assert_rms_close(cuda, [tuple(rms_c[p]) for p in params_c], TELEMETRY_REF_RTOL[torch.float32],
+                          f"{name} step {step}: against the cpu backend")
+        assert all(update > 0 for _, update in cuda)
+
+
+@pytest.mark.parametrize("name", list(FP8_CLASSES))
+def test_fp8_stochastic_rounding_matches_cpu(name):
+    """bf16_stochastic_round=True: in lockstep, every bfloat16 param equal to the cpu
+    backend's or a neighbour (the float32 results may differ in their last bit, see
+    above), states as in test_fp8_optimizers_match_cpu; two cuda runs bitwise equal."""
+    extra = dict(bf16_stochastic_round=True, stochastic_round_seed=77)
+    log = _fp8_lockstep(name, torch.bfloat16, **extra)
+    for step, (cuda, cpu, states_g, states_c, before) in enumerate(log):
+        _assert_sr_equal(cuda, cpu, False, f"{name} step {step}", before)
+        _assert_fp8_states_close(states_g, states_c, name == "AdamW8bit", f"{name} step {step}")
+    again = _fp8_lockstep(name, torch.bfloat16, **extra)
+    for (a, *_), (b, *_) in zip(log, again):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _fp8_op_inputs(dtype, device, algorithm):
+    """Params (one misaligned by an element, one transposed, partial last blocks, an
+    empty one), grads and random nonzero FP8 states, the same values on any device."""
+    from amos_fused import fp8_states
+    shapes = [(37, 5), (0,), (10001,), (300, 64), (4096,), (1,)]
+    params = [p.detach() for p in make_params(dtype, 4, shapes)]
+    storage = torch.empty(params[2].numel() + 1, dtype=dtype)
+    storage[1:] = params[2]
+    params[2] = storage[1:]
+    params[3] = params[3].reshape(64, 300).t()
+    grads = [torch.empty_like(p).copy_(g).to(device) for p, g in zip(params, make_grads(params, 0, 4))]
+    gen = torch.Generator().manual_seed(5)
+    state = {}
+    for key, root in (("exp_avg", False), ("exp_avg_sq", True))[: 2 if algorithm == "adam" else 1]:
+        state[key], state[key + "_absmax"] = [], []
+        for p in params:
+            codes, absmax = fp8_states.new_state(p)
+            value = torch.randn(p.shape, generator=gen).abs() * 1e-3 if root else torch.randn(p.shape, generator=gen)
+            fp8_states.store(value, codes, absmax, root)
+            state[key].append(codes.to(device))
+            state[key + "_absmax"].append(absmax.to(device))
+    moved = [p.to(device) for p in params]
+    if device != "cpu":  # keep the misaligned view misaligned
+        storage = storage.to(device)
+        moved[2] = storage[1:]
+    return moved, grads, state
+
+
+@pytest.mark.parametrize("round_keys", [False, True], ids=["nearest", "sr"])
+@pytest.mark.parametrize("config", ["adamw", "adam-l2", "lion"])
+@pytest.mark.parametrize("dtype", FP8_DTYPES, ids=DTYPE_IDS.get)
+def test_fp8_op_matches_cpu_op(dtype, config, round_keys):
+    """The step_fp8 op itself on CUDA tensors against the CPU op, one step from random
+    nonzero states, with telemetry (and round_keys for bfloat16): codes and absmax as in
+    test_fp8_optimizers_match_cpu, params within TOL (neighbours with round_keys),
+    the telemetry rows close, the step counters advanced."""
+    from amos_fused.contracts import call_fp8_step
+    if round_keys and dtype != torch.bfloat16:
+        pytest.skip("stochastic rounding applies to bfloat16 params")
+    algorithm = "lion" if config == "lion" else "adam"
+    hyper = (dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.3) if algorithm == "lion"
+             else dict(ADAMW_HYPER, weight_decay=0.1, decoupled=config == "adamw"))
+    keys = ("exp_avg", "exp_avg_sq") if algorithm == "adam" else ("exp_avg",)
+    out = []
+    for device in (DEVICE, "cpu"):
+        params, grads, state = _fp8_op_inputs(dtype, device, algorithm)
+        steps = [torch.tensor(3.0) for _ in params]
+        table = torch.full((len(params), 2), math.nan, dtype=torch.float64, device=device)
+        call_fp8_step(algorithm, params, grads, state, steps, hyper, keys, telemetry=table,
+                      round_keys=[(9 << 32) | i for i in range(len(params))] if round_keys else None)
+        out.append((params, state, steps, table))
+    (params_g, state_g, steps_g, table_g), (params_c, state_c, steps_c, table_c) = out
+    assert params_g[2].data_ptr() % 16 != 0
+    assert [float(s) for s in steps_g] == [4.0] * len(steps_g) == [float(s) for s in steps_c]
+    if round_keys:
+        _assert_sr_equal(params_g, params_c, False, f"{config} sr")
+    else:
+        for i, (a, c) in enumerate(zip(params_g, params_c)):
+            assert_close_scaled(a.cpu(), c, what=f"{config}: param {i}", **TOL[dtype])
+    per_param = [{key: state_g[key][i] for key in state_g} for i in range(len(params_g))]
+    per_param_c = [{key: state_c[key][i] for key in state_c} for i in range(len(params_c))]
+    _assert_fp8_states_close(per_param, per_param_c, config == "adamw", config)
+    rtols = TELEMETRY_REF_RTOL[torch.float32 if dtype == torch.float32 else torch.bfloat16]
+    _assert_rms_close(table_g.tolist(), table_c.tolist(), tuple(2 * r for r in rtols), f"{config}: telemetry")
+    assert table_g[1].tolist() == [0.0, 0.0]
+
+
+def test_fp8_op_found_inf_and_empty_bucket():
+    """found_inf skips a step_fp8 call: nothing written but Σ(Δθ)² = 0; a bucket of
+    empty tensors writes zero telemetry."""
+    from amos_fused.contracts import call_fp8_step
+    params, grads, state = _fp8_op_inputs(torch.float32, DEVICE, "adam")
+    before = [t.clone() for t in params + state["exp_avg"] + state["exp_avg_sq_absmax"]]
+    steps = [torch.tensor(3.0) for _ in params]
+    table = torch.full((len(params), 2), math.nan, dtype=torch.float64, device=DEVICE)
+    call_fp8_step("adam", params, grads, state, steps, ADAMW_HYPER, ("exp_avg", "exp_avg_sq"),
+                  found_inf=torch.tensor(1.0, device=DEVICE), telemetry=table)
+    after = params + state["exp_avg"] + state["exp_avg_sq_absmax"]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    assert [float(s) for s in steps] == [3.0] * len(steps)
+    assert torch.all(table[:, 1] == 0) and torch.all(table[:, 0].isnan())
+    empty = [torch.zeros(0, device=DEVICE), torch.zeros(0, 3, device=DEVICE)]
+    codes = [torch.zeros_like(p, dtype=torch.uint8) for p in empty]
+    absmax = [torch.zeros(0, device=DEVICE) for _ in empty]
+    table = torch.full((2, 2), math.nan, dtype=torch.float64, device=DEVICE)
+    call_fp8_step("lion", empty, [torch.zeros_like(p) for p in empty], {"exp_avg": codes, "exp_avg_absmax": absmax},
+                  [torch.tensor(0.0) for _ in empty], dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.0),
+                  ("exp_avg",), telemetry=table)
+    assert torch.equal(table, torch.zeros(2, 2, dtype=torch.float64, device=DEVICE))

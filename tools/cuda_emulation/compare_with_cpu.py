@@ -2,7 +2,8 @@
 with the CPU ops on the same inputs: every algorithm, every storage dtype, every Amos kernel
 path (elementwise, warp rows, block rows, long rows, general layouts), misaligned
 params, GradScaler inputs, the step's telemetry output (group "telemetry"),
-bfloat16 params stored with stochastic rounding (group "stochastic_round"), and the
+bfloat16 params stored with stochastic rounding (group "stochastic_round"), the
+step op with block-scaled FP8 states (group "fp8"), and the
 cached device tables (grads at new addresses, a param moved, a sub-bucket, a changed
 layout, another stream, per-tensor step counts).  Checks logic only: no timing, memory model or real-device behaviour.
 
@@ -25,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]  # this folder, the repository
 import amos_fused  # noqa: E402,F401  (the CPU ops)
 import build_emulated_ops  # noqa: E402
-from amos_fused.contracts import call_step  # noqa: E402
+from amos_fused.contracts import call_step, hyper_values  # noqa: E402
 
 EMU, CPU = None, torch.ops.amos_fused
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -485,9 +486,213 @@ def group_stochastic_round():
           + ", ".join(f"{name} {d}/{t}" for name, (d, t) in worst.items() if d))
 
 
+# FP8 states (the step_fp8 op: csrc/cuda/fp8.cu against csrc/cpu/fp8_ops.cpp;
+# the format csrc/fp8_states.h): Adam with decoupled decay, Adam with L2 decay and
+# Lion under a GradScaler scale, in float32, bfloat16 and float16, from zero states,
+# on a tensor of one partial block, one of several blocks with a partial last one,
+# a transposed (dense, not contiguous) param, a misaligned param and misaligned codes
+# (the element-by-element path), 0- and 1-element tensors, and a bucket of 120 small
+# and empty tensors (the table's tensor per 64 blocks and the search from it).  Both sides
+# compute the same float32 values (step_math.h's update, fp8_states.h's decode and
+# encode; the host build contracts no a·b + c), so params, codes and absmax must be
+# bitwise equal (NaN where NaN), free-running over FP8_STEPS steps, and nothing
+# outside the tensors written (guard values around each).  Also: a NaN param (it
+# stays NaN) and an inf grad (its block: absmax NaN, codes 0), telemetry
+# (two runs bitwise equal, close to its own params and to the CPU op's sums, which
+# add in another order; params and states bitwise those of the run without),
+# stochastic rounding (bitwise the CPU op's; not round-to-nearest), found_inf (Σ(Δθ)²
+# = 0, nothing moved) and an empty bucket (zero telemetry).
+FP8_STEPS = 3
+FP8_CONFIGS = {
+    "adamw": ("adam", adam_hyper(0.1, True, False, True), None),
+    "adam-l2": ("adam", adam_hyper(0.1, False, False, True), None),
+    "lion-scaled": ("lion", dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.3), 4.0),
+}
+FP8_SHAPES = [(37, 5), (0,), (), (10001,), (33, 64), (4096,), (300,), (1,)]
+
+
+# Every tensor of the group is a view into a buffer with FP8_GUARD elements of a
+# fill value on each side (FP8_FILL: large, so a block that reads past its tensor
+# gets another absmax; a write past it changes the fill): fp8_guards_intact.
+FP8_GUARD = 64
+FP8_FILL = {"param": 1000.0, "codes": 0x7E, "absmax": -1.0}
+
+
+def fp8_guarded(values, fill, misalign=0):
+    """values (contiguous) copied into a view into a buffer of `fill` around it."""
+    flat = values.reshape(-1)
+    start = FP8_GUARD + misalign
+    buffer = torch.full((flat.numel() + start + FP8_GUARD,), fill, dtype=values.dtype)
+    buffer[start:start + flat.numel()] = flat
+    return buffer[start:start + flat.numel()].view(values.shape)
+
+
+def fp8_guards_intact(ts, fill):
+    for t in ts:
+        inner = torch.zeros(t._base.numel(), dtype=torch.bool)
+        inner[t.storage_offset():t.storage_offset() + t.numel()] = True
+        if not bool((t._base[~inner] == fill).all()):
+            return False
+    return True
+
+
+def fp8_layouts(shapes):
+    """make(dtype, seed): seeded guarded tensors of `shapes`; the one at 4 transposed
+    (dense, not contiguous), the one at 5 misaligned by an element."""
+    def make(dtype, seed):
+        out = [fp8_guarded(t, FP8_FILL["param"], int(i == 5)) for i, t in enumerate(tensors(shapes, dtype, seed))]
+        if len(out) > 4:
+            out[4] = out[4].t()
+        return out
+    return make
+
+
+def fp8_many_shapes():
+    gen = torch.Generator().manual_seed(11)
+    sizes = torch.randint(0, 700, (120,), generator=gen).tolist()
+    sizes[::9] = [0] * len(sizes[::9])  # empty tensors own no block
+    sizes[4::20] = [256] * len(sizes[4::20])
+    return [(n,) for n in sizes] + [(70, 300)]
+
+
+def fp8_state(params, count):
+    """Zero guarded codes (the param's layout; tensor 3's misaligned by a byte) and absmax, key-major."""
+    codes, absmax = [], []
+    for _ in range(count):
+        for i, p in enumerate(params):
+            transposed = not p.is_contiguous()  # fp8_layouts' tensor 4
+            zeros = torch.zeros(p.t().shape if transposed else p.shape, dtype=torch.uint8)
+            c = fp8_guarded(zeros, FP8_FILL["codes"], int(i == 3))
+            codes.append(c.t() if transposed else c)
+            absmax.append(fp8_guarded(torch.zeros((p.numel() + 255) // 256), FP8_FILL["absmax"]))
+    return codes, absmax
+
+
+def fp8_run(ops, config, make, dtype, steps=FP8_STEPS, track=False, round_keys=None, skip_last=False,
+            nonfinite=False):
+    """Steps from seeded params and zero states; returns (params, codes, absmax, step
+    counters, [telemetry per step], [float64 sums of each step's own params])."""
+    algorithm, hyper, scale = FP8_CONFIGS[config]
+    params = make(dtype, 9)
+    if nonfinite:
+        params[3].view(-1)[5] = float("nan")
+    codes, absmax = fp8_state(params, 2 if algorithm == "adam" else 1)
+    counts = counters([0] * len(params))
+    tables, own = [], []
+    for step in range(steps):
+        grads = make(dtype, 100 + step)
+        if nonfinite and step == 0:
+            grads[4][7, 3] = float("inf")
+        before = clone(params)
+        table = torch.full((len(params), 2), float("nan"), dtype=torch.float64) if track else None
+        skip = torch.tensor(1.0) if skip_last and step == steps - 1 else None
+        ops.step_fp8(algorithm, params, grads, codes, absmax, counts, hyper_values(algorithm, hyper),
+                     None if scale is None else torch.tensor(scale), skip, table,
+                     None if round_keys is None else list(round_keys))
+        tables.append(table)
+        own.append(torch.tensor([[x.double().square().sum().item(), (x.double() - b.double()).square().sum().item()]
+                                 for x, b in zip(params, before)], dtype=torch.float64).reshape(len(params), 2))
+    return params, codes, absmax, counts, tables, own
+
+
+def fp8_bits(t):
+    """t's bit patterns (NaN as one pattern), flat."""
+    t = t.reshape(-1)
+    if not t.is_floating_point():
+        return t
+    t = torch.where(t.isnan(), torch.full_like(t, float("nan")), t).contiguous()
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def fp8_equal(what, a, b):
+    """Lists of tensors bitwise equal (NaN where NaN); records the first difference."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(fp8_bits(x), fp8_bits(y)):
+            differ = int((fp8_bits(x) != fp8_bits(y)).sum()) if x.shape == y.shape else -1
+            FAILURES.append(f"{what}: tensor {i} {tuple(y.shape)}: {differ} of {y.numel()} elements differ")
+            return False
+    return True
+
+
+def group_fp8():
+    cases = [(config, dtype, "mixed", fp8_layouts(FP8_SHAPES))
+             for config, dtype in itertools.product(FP8_CONFIGS, [torch.float32, torch.bfloat16, torch.float16])]
+    cases += [("adamw", torch.float32, "many", fp8_layouts(fp8_many_shapes())),
+              ("lion-scaled", torch.bfloat16, "many", fp8_layouts(fp8_many_shapes()))]
+    for config, dtype, name, make in cases:
+        what = f"fp8 {config} {dtype} {name}"
+        emu, cpu = fp8_run(EMU, config, make, dtype), fp8_run(CPU, config, make, dtype)
+        for label, index in (("params", 0), ("codes", 1), ("absmax", 2), ("steps", 3)):
+            fp8_equal(f"{what}: {label}", emu[index], cpu[index])
+        if not any(bool(c.any()) for c in emu[1]):
+            FAILURES.append(f"{what}: every code is 0 (no state stored?)")
+        for label, index in (("param", 0), ("codes", 1), ("absmax", 2)):
+            if not fp8_guards_intact(emu[index], FP8_FILL[label]):
+                FAILURES.append(f"{what}: written past a {label} tensor")
+    # NaN param, inf grad: their blocks store absmax NaN and codes 0 on both.
+    for config in FP8_CONFIGS:
+        what = f"fp8 {config} non-finite"
+        make = fp8_layouts(FP8_SHAPES)
+        emu, cpu = (fp8_run(ops, config, make, torch.float32, nonfinite=True) for ops in (EMU, CPU))
+        fp8_equal(f"{what}: params, codes, absmax", emu[0] + emu[1] + emu[2], cpu[0] + cpu[1] + cpu[2])
+        if not emu[0][3].view(-1)[5].isnan():
+            FAILURES.append(f"{what}: the NaN param turned finite")
+        states = len(emu[1]) // len(FP8_SHAPES)  # the inf grad's block: block 0 of tensor 4 (memory order)
+        for k in range(states):
+            codes, absmax = emu[1][k * len(FP8_SHAPES) + 4], emu[2][k * len(FP8_SHAPES) + 4]
+            if not (absmax[0].isnan() and not codes.t().reshape(-1)[:256].any()):
+                FAILURES.append(f"{what}: state {k}: the inf grad's block is not absmax NaN with codes 0")
+    # Telemetry.
+    worst = torch.zeros(2, dtype=torch.float64)
+    for config, dtype in itertools.product(FP8_CONFIGS, [torch.float32, torch.bfloat16]):
+        what = f"fp8 telemetry {config} {dtype}"
+        make = fp8_layouts(FP8_SHAPES)
+        first, second = (fp8_run(EMU, config, make, dtype, track=True) for _ in range(2))
+        untracked = fp8_run(EMU, config, make, dtype)
+        cpu = fp8_run(CPU, config, make, dtype, track=True)
+        for step, (a, b, own, c) in enumerate(zip(first[4], second[4], first[5], cpu[4])):
+            if not torch.equal(a, b):
+                FAILURES.append(f"{what}: step {step}: two emulated runs differ")
+            close_rows(f"{what}: step {step}: against its own params", a, own, [TELEMETRY_SELF_RTOL] * 2)
+            close_rows(f"{what}: step {step}: against the CPU op", a, c, TELEMETRY_CPU_RTOL[dtype])
+            worst = torch.maximum(worst, ((a - c).abs() / c.abs().clamp_min(1e-300)).max(dim=0).values)
+        fp8_equal(f"{what}: against the run without telemetry", first[0] + first[1] + first[2],
+                  untracked[0] + untracked[1] + untracked[2])
+    print(f"  fp8 telemetry: largest relative difference from the CPU op: Σθ² {worst[0]:.2e}, Σ(Δθ)² {worst[1]:.2e}")
+    # Stochastic rounding (bfloat16): bitwise the CPU op's params and states.
+    for config in FP8_CONFIGS:
+        what = f"fp8 stochastic_round {config}"
+        make = fp8_layouts(FP8_SHAPES)
+        keys = sr_keys(len(FP8_SHAPES))
+        emu, again, cpu = (fp8_run(ops, config, make, torch.bfloat16, round_keys=keys) for ops in (EMU, EMU, CPU))
+        nearest = fp8_run(EMU, config, make, torch.bfloat16)
+        fp8_equal(f"{what}: against the CPU op", emu[0] + emu[1] + emu[2], cpu[0] + cpu[1] + cpu[2])
+        fp8_equal(f"{what}: two emulated runs", emu[0] + emu[1], again[0] + again[1])
+        if all(torch.equal(a, b) for a, b in zip(emu[0], nearest[0])):
+            FAILURES.append(f"{what}: the params equal those of round-to-nearest (no rounding?)")
+        tracked = fp8_run(EMU, config, make, torch.bfloat16, track=True, round_keys=keys)
+        fp8_equal(f"{what}: with telemetry", tracked[0] + tracked[1], emu[0] + emu[1])
+        for step, (table, own) in enumerate(zip(tracked[4], tracked[5])):
+            close_rows(f"{what}: step {step}: telemetry against its own params", table, own, [TELEMETRY_SELF_RTOL] * 2)
+    # found_inf skips the last step: nothing moves, Σ(Δθ)² = 0, Σθ² left unwritten.
+    for config in FP8_CONFIGS:
+        make = fp8_layouts(FP8_SHAPES)
+        skipped = fp8_run(EMU, config, make, torch.float32, steps=2, track=True, skip_last=True)
+        one = fp8_run(EMU, config, make, torch.float32, steps=1)
+        fp8_equal(f"fp8 found_inf {config}: a skipped step moved something",
+                  skipped[0] + skipped[1] + skipped[2] + skipped[3], one[0] + one[1] + one[2] + one[3])
+        last = skipped[4][-1]
+        if not (torch.all(last[:, 1] == 0) and torch.all(last[:, 0].isnan())):
+            FAILURES.append(f"fp8 found_inf {config}: the skipped step wrote {last.tolist()}")
+    # A bucket of empty tensors: no block, zero telemetry.
+    tables = fp8_run(EMU, "adamw", fp8_layouts([(0,), (0, 3)]), torch.float32, steps=1, track=True)[4]
+    if not torch.equal(tables[0], torch.zeros(2, 2, dtype=torch.float64)):
+        FAILURES.append(f"fp8: a bucket of empty tensors wrote telemetry {tables[0].tolist()}")
+
+
 GROUPS = {"adam": group_adam, "radam_lion": group_radam_lion, "norm_scaled": group_norm_scaled,
           "amos": group_amos, "cache": group_cache, "telemetry": group_telemetry,
-          "stochastic_round": group_stochastic_round}
+          "stochastic_round": group_stochastic_round, "fp8": group_fp8}
 
 
 def main(argv):
