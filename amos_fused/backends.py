@@ -13,8 +13,6 @@ from . import triton_kernels
 from .contracts import algorithms
 
 KNOWN_BACKENDS = ("reference", "cpu", "cuda", "triton")
-# The fused backends with kernels for block-scaled FP8 states (the 8-bit optimizers).
-FP8_BACKENDS = ("cpu", "triton")
 
 @functools.lru_cache(maxsize=None)
 def fused_algorithms(backend: str) -> FrozenSet[str]:
@@ -84,11 +82,9 @@ def check_backend(backend: Optional[str], algorithm: str, optimizer: str) -> Non
         )
 
 
-def backend_for(requested: Optional[str], algorithm: str, device: torch.device, optimizer: str,
-                fp8: bool = False) -> str:
+def backend_for(requested: Optional[str], algorithm: str, device: torch.device, optimizer: str) -> str:
     """The backend that steps a bucket on ``device``: the requested one (checked
-    against the device) or, for None, the fastest available for that device
-    (with ``fp8``, a bucket of FP8 states: one of FP8_BACKENDS, else the reference)."""
+    against the device) or, for None, the fastest available for that device."""
     if requested == "reference":
         return requested
     if requested is not None:
@@ -99,8 +95,7 @@ def backend_for(requested: Optional[str], algorithm: str, device: torch.device, 
         return requested
     for name in ("cuda", "cpu", "triton"):
         if (
-            (not fp8 or name in FP8_BACKENDS)
-            and device.type in _device_types(name)
+            device.type in _device_types(name)
             and _why_unavailable(name) is None
             and algorithm in fused_algorithms(name)
         ):

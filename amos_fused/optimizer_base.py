@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .backends import FP8_BACKENDS, backend_for, check_backend, fused_ops
+from .backends import backend_for, check_backend, fused_ops
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype
 from .checks import Problem, Walk, check_step, first_overlap, step_error
 from . import fp8_states
@@ -204,10 +204,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                              "the steps read their step counters on the host")
         if group.get("fused") and group["backend"] == "reference":
             raise ValueError(f"{self._name}: fused=True contradicts backend='reference'")
-        if self.fp8_state_keys and group_backend(group) not in (None, "reference") + FP8_BACKENDS:
-            raise NotImplementedError(f"{self._name}: FP8 states have fused kernels on backends "
-                                      f"{', '.join(map(repr, FP8_BACKENDS))} only (and the reference), "
-                                      f"not on {group_backend(group)!r}")
         for flag in ("maximize", "track_rms", "bf16_stochastic_round"):
             if not isinstance(group.get(flag, False), bool):
                 raise ValueError(f"{self._name}: {flag} must be True or False, got {group[flag]!r}")
@@ -334,7 +330,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for i, pos in enumerate(positions):
                 if pos in spec.complex_positions:
                     params[i], grads[i] = self._real_views(where(i), params[i], grads[i], lists, like_keys, i)
-        backend = backend_for(group_backend(group), self.algorithm, spec.device, self._name, fp8=spec.fp8)
+        backend = backend_for(group_backend(group), self.algorithm, spec.device, self._name)
         walk = Walk.ANY if backend == "reference" else (
             Walk.CONTIGUOUS if self.fused_needs_contiguous else Walk.DENSE)
         if walk == Walk.CONTIGUOUS:
