@@ -18,8 +18,9 @@ so one block spans 2^34 in v.  The same scheme as torchao's ``AdamWFp8``
 dynamic code map instead.  A block whose absmax is below 2^-96 is stored as
 zeros; a block holding NaN or ±Inf stores absmax = NaN and codes 0, so it
 decodes as NaN (a non-finite value never turns finite, and never leaves its
-block).  Params with fewer than 4096 elements, float64, complex and sharded
-(DTensor) params keep full-precision states.
+block).  Params with fewer than 4096 elements, float64 and complex params
+keep full-precision states (the 8-bit optimizers refuse sharded DTensor params
+for now).
 """
 from __future__ import annotations
 

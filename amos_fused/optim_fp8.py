@@ -7,10 +7,10 @@ float32 model.
 
 Each step decodes a block, runs the full-precision update in float32 (the same
 per-element function) and encodes the block back, in one pass (fused kernels on
-``backend='cpu'`` and ``'triton'``, which ``backend=None`` picks on a CUDA device;
-not yet on ``'cuda'``; the eager reference on any device).  Params with fewer than
-4096 elements, float64, complex and sharded (DTensor) params keep
-full-precision states.  State keys: ``exp_avg`` (codes of m),
+the 'cpu', 'cuda' and 'triton' backends; the eager reference on any device).
+Params with fewer than 4096 elements, float64 and complex params keep
+full-precision states; sharded (DTensor) params are refused
+(NotImplementedError) for now.  State keys: ``exp_avg`` (codes of m),
 ``exp_avg_absmax``, and for Adam ``exp_avg_sq`` (codes of sqrt(v)),
 ``exp_avg_sq_absmax``.  Loading a full-precision checkpoint (torch.optim.AdamW's
 or AdamW's) quantizes it; loading an 8-bit checkpoint into a full-precision
