@@ -1030,22 +1030,33 @@ def write_json(path: str, document: dict):
 
 
 def run_rounds(impls: List[Impl], make_model, device, args) -> List[List[dict]]:
-    """Every implementation once per round, under a progress bar."""
+    """Every implementation once per round, under a progress bar.  A peer (a slow row)
+    that raises is dropped from every round with a logged line (e.g. torchao's
+    torch.compile without a working C++ toolchain); any other row's error stops the run."""
     global _progress
     _progress = progress_bar(args.rounds * len(impls))
+    failed = set()
     try:
         rounds = []
         for r in range(1, args.rounds + 1):
             round_ = []
             for impl in impls:
                 _progress.start(f"round {r}/{args.rounds}: {impl.name}")
-                round_.append(measure(impl, make_model, device, args.warmup, args.steps))
+                if impl.name not in failed:
+                    try:
+                        round_.append(measure(impl, make_model, device, args.warmup, args.steps))
+                    except Exception as error:
+                        if not impl.slow:
+                            raise
+                        failed.add(impl.name)
+                        release_memory(device)
+                        log(f"dropping {impl.name}: it raised {type(error).__name__}: {error}")
                 _progress.advance()
             rounds.append(round_)
     finally:
         _progress.close()
         _progress = None
-    return rounds
+    return [[m for m in round_ if m["impl"].name not in failed] for round_ in rounds]
 
 
 def main(argv=None):

@@ -502,6 +502,23 @@ def test_progress_falls_back_to_text_without_tqdm(monkeypatch, capsys):
     assert bench._progress is None  # log() prints plainly again afterwards
 
 
+def test_a_peer_that_raises_is_dropped(capsys):
+    class Step:
+        def step(self):
+            pass
+
+    def broken(model):
+        raise RuntimeError("no compiler")
+
+    impls = [bench.Impl("fine", 4, lambda model: Step()), bench.Impl("peer", 4, broken, slow=True)]
+    args = bench.parse_args(["--rounds", "2", "--steps", "1", "--warmup", "0"])
+    rounds = bench.run_rounds(impls, WORKLOADS["gpt2-tiny"], torch.device("cpu"), args)
+    assert [[m["impl"].name for m in r] for r in rounds] == [["fine"], ["fine"]]
+    assert "dropping peer: it raised RuntimeError: no compiler" in capsys.readouterr().err
+    with pytest.raises(RuntimeError):  # not a peer: the run stops
+        bench.run_rounds([bench.Impl("ours", 4, broken)], WORKLOADS["gpt2-tiny"], torch.device("cpu"), args)
+
+
 def test_progress_uses_tqdm_when_installed():
     pytest.importorskip("tqdm")
     bar = bench.progress_bar(1)
