@@ -52,8 +52,8 @@ tables), per param, and their fraction of AdamW's.  The 8-bit rows, their floors
 the peers count the bytes of the workload's own params (``bytes_per_param`` is their
 mean); the others the bytes per param of `OUR_ALGORITHMS`.  The peers are slow (on
 CPU, eager or compiled per-param steps of seconds each, after a torch.compile of
-minutes for torchao's): they run at most `SLOW_WARMUP` warm-up and `SLOW_STEPS` timed
-steps per round.  A table goes to stdout, progress to stderr (a tqdm bar when tqdm is
+minutes for torchao's): they run in the first `SLOW_ROUNDS` round(s) only, at most
+`SLOW_WARMUP` warm-up and `SLOW_STEPS` timed steps each.  A table goes to stdout, progress to stderr (a tqdm bar when tqdm is
 installed), and the results to bench/results/<device>-<date>.json (relative to the
 current directory) in one schema for every device, plus a "memory" list of
 {impl, state_bytes, state_bytes_per_param, fraction_of_adamw}.  The floor rows carry
@@ -189,8 +189,10 @@ COPY = "copy"
 FLOOR_PREFIX = "floor-"
 # Our backends worth timing on each device type (the interpreted Triton on CPU is not).
 OUR_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
-# Warm-up and timed steps per round, at most, of the slow rows (the peers).
-SLOW_WARMUP, SLOW_STEPS = 1, 2
+# The slow rows (the peers): in the first SLOW_ROUNDS rounds only, at most SLOW_WARMUP
+# warm-up and SLOW_STEPS timed steps each (their steps take seconds on CPU, where a
+# few more samples would not change what they show).
+SLOW_ROUNDS, SLOW_WARMUP, SLOW_STEPS = 1, 1, 3
 PLOT_EXTRA_HINT = ("install the 'plot' extra: pip install --no-build-isolation -e '.[plot]' "
                    "(or: pip install matplotlib tqdm)")
 
@@ -237,7 +239,7 @@ class Impl:
     # The bytes one step moves on the workload's model, param by param (the 8-bit rows,
     # their floors and the peers); None: bytes_per_param × params.
     model_bytes: Optional[Callable[[torch.nn.Module], int]] = None
-    slow: bool = False  # at most SLOW_WARMUP warm-up and SLOW_STEPS timed steps per round
+    slow: bool = False  # SLOW_ROUNDS rounds of at most SLOW_WARMUP warm-up and SLOW_STEPS timed steps
 
 
 # ---------------------------------------------------------------- implementations
@@ -740,11 +742,16 @@ def measure(impl: Impl, make_model, device, warmup: int, steps: int) -> dict:
 
 
 def pool_rounds(rounds: List[List[dict]]) -> List[dict]:
-    """One measurement per implementation: the median of its step times over all rounds."""
+    """One measurement per implementation, in the order of their first round: the
+    median of its step times over all rounds it ran in."""
+    per_impl: Dict[str, List[dict]] = {}
+    for round_ in rounds:
+        for m in round_:
+            per_impl.setdefault(m["impl"].name, []).append(m)
     pooled = []
-    for per_impl in zip(*rounds):
-        times = [t for m in per_impl for t in m["times"]]
-        pooled.append(dict(per_impl[0], times=times, ms=statistics.median(times)))
+    for ms in per_impl.values():
+        times = [t for m in ms for t in m["times"]]
+        pooled.append(dict(ms[0], times=times, ms=statistics.median(times)))
     return pooled
 
 
@@ -1030,17 +1037,19 @@ def write_json(path: str, document: dict):
 
 
 def run_rounds(impls: List[Impl], make_model, device, args) -> List[List[dict]]:
-    """Every implementation once per round, under a progress bar.  A peer (a slow row)
-    that raises is dropped from every round with a logged line (e.g. torchao's
-    torch.compile without a working C++ toolchain); any other row's error stops the run."""
+    """Every implementation once per round (a slow one in the first SLOW_ROUNDS rounds),
+    under a progress bar.  A peer (a slow row) that raises is dropped with a logged line
+    (e.g. torchao's torch.compile without a working C++ toolchain); any other row's
+    error stops the run."""
     global _progress
-    _progress = progress_bar(args.rounds * len(impls))
+    plan = [[impl for impl in impls if not impl.slow or r <= SLOW_ROUNDS] for r in range(1, args.rounds + 1)]
+    _progress = progress_bar(sum(len(round_) for round_ in plan))
     failed = set()
     try:
         rounds = []
-        for r in range(1, args.rounds + 1):
+        for r, round_impls in enumerate(plan, 1):
             round_ = []
-            for impl in impls:
+            for impl in round_impls:
                 _progress.start(f"round {r}/{args.rounds}: {impl.name}")
                 if impl.name not in failed:
                     try:
@@ -1084,8 +1093,8 @@ def main(argv=None):
         f"workload {workload}: {rows[0]['params']:,} {rows[0]['dtype']} params in "
         f"{rows[0]['tensors']} tensors; median of {args.rounds} x {args.steps} steps "
         f"({args.warmup} warm-up each round)"
-        + (f"; {', '.join(i.name for i in impls if i.slow)}: at most {SLOW_WARMUP} warm-up and {SLOW_STEPS} "
-           f"steps per round" if any(i.slow for i in impls) else ""),
+        + (f"; {', '.join(i.name for i in impls if i.slow)}: {SLOW_ROUNDS} round of at most {SLOW_WARMUP} "
+           f"warm-up and {SLOW_STEPS} steps" if any(i.slow for i in impls) else ""),
     ]
     print(format_table(rows, memory, header, baseline), flush=True)
 

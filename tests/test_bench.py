@@ -365,6 +365,14 @@ def test_slow_rows_take_fewer_steps():
     impl = bench.Impl("slow", 4, lambda model: Step(), slow=True)
     m = bench.measure(impl, WORKLOADS["gpt2-tiny"], torch.device("cpu"), warmup=3, steps=10)
     assert len(m["times"]) == bench.SLOW_STEPS and len(calls) == bench.SLOW_WARMUP + bench.SLOW_STEPS
+    # ... and in the first SLOW_ROUNDS rounds only; pooled with the rows of every round
+    fast = bench.Impl("fast", 4, lambda model: Step())
+    args = bench.parse_args(["--rounds", "3", "--steps", "5", "--warmup", "0"])
+    rounds = bench.run_rounds([fast, impl], WORKLOADS["gpt2-tiny"], torch.device("cpu"), args)
+    assert [len(r) for r in rounds] == [2] * bench.SLOW_ROUNDS + [1] * (3 - bench.SLOW_ROUNDS)
+    pooled = {m["impl"].name: m for m in bench.pool_rounds(rounds)}
+    assert list(pooled) == ["fast", "slow"]
+    assert len(pooled["fast"]["times"]) == 15 and len(pooled["slow"]["times"]) == bench.SLOW_ROUNDS * bench.SLOW_STEPS
 
 
 def _measurement(impl, ms, params=1000, tensors=3, state=None):
