@@ -36,9 +36,10 @@ reference:
   workload (up to 3 bytes per code tensor whose size is not a multiple of 4: none in
   the GPT-2 workloads), with the same trivial math, in two passes rather than one.
   The peers are read against the floor of the same traffic: bitsandbytes' and
-  torchao's 8-bit AdamW keep the same bytes (uint8 codes, one float32 absmax per 256,
-  float32 states under 4096 elements) as AdamW8bit; torchao's bf16 AdamW those of
-  our adamw-bf16-sr.
+  torchao's 8-bit AdamW keep the same bytes (uint8 codes, one float32 absmax or scale
+  per 256, float32 states under 4096 elements — torchao's also for sizes that are not
+  a multiple of 256: none in the GPT-2 workloads) as AdamW8bit (plus their 256-entry
+  code tables, a few KB); torchao's bf16 AdamW those of our adamw-bf16-sr.
 - on GPU, `copy`: `dst.copy_(src)` of one flat buffer of 14 B/param (the 28 B/param
   that fp32 AdamW moves), the usual reference there, for every row.
 
