@@ -418,21 +418,28 @@ class _Tape:
         return self.buffers[i][begin - self.offsets[i]:end - self.offsets[i]]
 
 
+# Pairs of (written, read) stream counts of stream_floor calls, by written:read ratio:
+# a step whose ratio lies between a pair's is cut into one call of each.
+WORD_FLOOR_SHAPES = (((1, 1), (3, 2)), ((3, 2), (2, 1)), ((2, 1), (3, 1)), ((3, 1), (4, 1)))
+
+
 def word_floor_calls(written_words: int, read_words: int) -> List[Tuple[int, int, int]]:
-    """(W, R, S) of the stream_floor calls (W written and R read streams of S words) that
-    read and write `written_words` and read `read_words` exactly once: two shapes whose
-    written : read ratios bracket the step's, (1, 1) and (3, 2) for a ratio up to 1.5,
-    (2, 1) and (3, 2) up to 2 (the (3, 2) call's read words are always even)."""
+    """(W, R, S) of the stream_floor calls (W written and R read streams of S words each)
+    that read and write `written_words` and read `read_words`, each word once: one call
+    of each shape of the `WORD_FLOOR_SHAPES` pair whose ratios bracket the step's
+    written:read ratio (1 to 4).  For every pair the split is whole: with r_b the read
+    words of the second call, a·(r − r_b) + b·r_b = w has the solutions 2(w − r),
+    2w − 3r (leaving 4r − 2w, even, to (3, 2)), w − 2r and w − 3r."""
     w, r = written_words, read_words
-    if not r <= w <= 2 * r:
-        raise ValueError(f"no floor for {w} written and {r} read words (ratio outside [1, 2])")
-    if 2 * w <= 3 * r:
-        r_big = 2 * (w - r)                 # r_small + r_big = r; r_small + 1.5 r_big = w
-        calls = [(1, 1, r - r_big), (3, 2, r_big // 2)]
-    else:
-        r_small = 2 * w - 3 * r             # r_small + r_big = r; 2 r_small + 1.5 r_big = w
-        calls = [(2, 1, r_small), (3, 2, (r - r_small) // 2)]
-    return [call for call in calls if call[2] > 0]
+    for (wa, ra), (wb, rb) in WORD_FLOOR_SHAPES:
+        if wa * r <= w * ra and w * rb <= wb * r:  # wa/ra <= w/r <= wb/rb
+            num, den = (w * ra - wa * r) * rb, wb * ra - wa * rb
+            assert num % den == 0
+            r_b = num // den
+            r_a = r - r_b
+            assert r_a % ra == 0 and r_b % rb == 0
+            return [call for call in ((wa, ra, r_a // ra), (wb, rb, r_b // rb)) if call[2] > 0]
+    raise ValueError(f"no floor for {w} written and {r} read words (ratio outside [1, 4])")
 
 
 class WordFloor:
@@ -840,7 +847,7 @@ def floor_legend(rows: List[dict]) -> List[str]:
                     f"uint8 and absmax float32 per 256 ({algorithm_bytes(algorithm)} B/param"
                     + (f"; {on_workload:g} on this workload, whose params under 4096 elements keep float32 "
                        f"{FP8_ALGORITHMS[algorithm]} states" if on_workload is not None else "")
-                    + "), moved as float32 words by 2 stream_floor calls")
+                    + "), moved as float32 words by one or two stream_floor calls")
         else:
             algorithm = floor[len(FLOOR_PREFIX):]
             passes = PASSES[algorithm]

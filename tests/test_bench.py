@@ -219,13 +219,24 @@ def test_stream_floor_rows_move_their_streams(floor):
 
 def test_word_floor_calls_take_every_word_once():
     for read in range(1, 40):
-        for written in range(read, 2 * read + 1):
+        for written in range(read, 4 * read + 1):
             calls = bench.word_floor_calls(written, read)
             assert sum(w * size for w, _, size in calls) == written
             assert sum(r * size for _, r, size in calls) == read
-            assert all(size > 0 and (w, r) in ((1, 1), (2, 1), (3, 2)) for w, r, size in calls)
-    with pytest.raises(ValueError, match="ratio"):
-        bench.word_floor_calls(21, 10 - 1)
+            # shapes stream_floor takes (1 to 4 written, 1 to 3 read streams)
+            assert all(size > 0 and 1 <= w <= 4 and 1 <= r <= 3 for w, r, size in calls)
+    for written, read in ((41, 10), (9, 10)):
+        with pytest.raises(ValueError, match="ratio"):
+            bench.word_floor_calls(written, read)
+
+
+def test_word_floor_of_params_that_all_keep_float32_states():
+    """Params under 4096 elements only: AdamW8bit's floor is AdamW's traffic (3 written
+    words per read one)."""
+    model = WORKLOADS["many-small"](torch.device("cpu"), torch.float32, count=3, numel=100)
+    runner = bench.WordFloor(model, "adamw8bit")
+    assert runner.bytes_moved == bench.step_bytes("adamw8bit", model) == 28 * 300
+    runner.step()
 
 
 def test_step_bytes_of_fp8_algorithms_count_each_param():
