@@ -30,6 +30,12 @@ $(STAMP): $(SOURCES)
 	# Real clients for the integration tests (tests/test_clients.py skips without them).
 	$(PY) -m pip install "transformers==5.24.0" "accelerate==1.15.0" \
 	  || echo "transformers/accelerate not installed: tests/test_clients.py will be skipped"
+	# The benchmark's peers of the 8-bit rows (bnb-adamw8bit; torchao-adamw8bit and
+	# torchao-adamw-bf16-sr) and the demo's bnb-adamw8bit run; each is skipped without its package.
+	$(PY) -m pip install "bitsandbytes==0.50.2" \
+	  || echo "bitsandbytes not installed: the benchmark and the tests skip bnb-adamw8bit"
+	$(PY) -m pip install "torchao==0.18.0" \
+	  || echo "torchao not installed: the benchmark and the tests skip the torchao rows"
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

@@ -1,14 +1,21 @@
-"""Time one optimizer step of amos_fused against torch.optim.AdamW and against the
-bandwidth floor of each algorithm.
+"""Time one optimizer step of amos_fused against torch.optim.AdamW, against other
+libraries' 8-bit and bf16 optimizers, and against the bandwidth floor of each
+algorithm.
 
     python -m amos_fused.bench [--workload NAME] [--rounds R] [--steps N] [--warmup N]
-                               [--json PATH | --no-json] [--plot [PATH]]
+                               [--no-peers] [--json PATH | --no-json] [--plot [PATH]]
 
 Every implementation steps its own copy of the same GPT-2-shaped fp32 parameters
 (see amos_fused.bench_workloads) in the same run: torch's for-loop, foreach and fused
 AdamW; each of our algorithms (AdamW, RAdam, Lion, Amos with factored slots from
-amos_param_groups with and without momentum, ScaledAdamW, Lamb) for each backend
-available on the device; and the floors, each row's own reference:
+amos_param_groups with and without momentum, ScaledAdamW, Lamb, and the 8-bit
+AdamW8bit and Lion8bit) for each backend available on the device; the peers, when
+their package is installed (each is skipped with a logged line otherwise; ``--no-peers``
+skips them all): ``bnb-adamw8bit`` (bitsandbytes.optim.AdamW8bit, min_8bit_size=4096),
+``torchao-adamw8bit`` (torchao.optim.AdamW8bit) and ``torchao-adamw-bf16-sr``
+(torchao's full-precision AdamW, ``torchao.optim._AdamW``, with
+bf16_stochastic_round=True on bfloat16 params); and the floors, each row's own
+reference:
 
 - on CPU, one `floor-<algorithm>` row per pattern of memory traffic (`PASSES`):
   ``torch.ops.amos_fused.stream_floor`` moves exactly the bytes of the algorithm's
@@ -18,22 +25,45 @@ available on the device; and the floors, each row's own reference:
   traffic alone takes (≤ 100% up to noise).  A plain copy is no floor on CPU: with
   write-allocate caches, `dst.copy_(src)` reads every destination line before
   writing it, so it moves more bytes than it is credited.
+  The 8-bit algorithms (`FP8_ALGORITHMS`) move streams of three sizes: p and g in
+  float32, the moments as uint8 codes (1 B/param each) and one float32 absmax per
+  block of 256 (4/256 B/param each), read and written — AdamW8bit 16.0625 B/param,
+  Lion8bit 14.03125 — and params under 4096 elements keep float32 states (their
+  full-precision algorithm's bytes).  stream_floor takes streams of one float dtype
+  only, so their floor (`WordFloor`) sees every buffer of the step as float32 words
+  (a code tensor of n bytes as n/4 words) and cuts the written and the read words
+  into the streams of two stream_floor calls: the exact bytes of the step on the
+  workload (up to 3 bytes per code tensor whose size is not a multiple of 4: none in
+  the GPT-2 workloads), with the same trivial math, in two passes rather than one.
+  The peers are read against the floor of the same traffic: bitsandbytes' and
+  torchao's 8-bit AdamW keep the same bytes (uint8 codes, one float32 absmax or scale
+  per 256, float32 states under 4096 elements — torchao's also for sizes that are not
+  a multiple of 256: none in the GPT-2 workloads) as AdamW8bit (plus their 256-entry
+  code tables, a few KB); torchao's bf16 AdamW those of our adamw-bf16-sr.
 - on GPU, `copy`: `dst.copy_(src)` of one flat buffer of 14 B/param (the 28 B/param
   that fp32 AdamW moves), the usual reference there, for every row.
 
 Reported per implementation: median ms per step over all rounds, effective GB/s
 (bytes the algorithm must move / time), its floor and the fraction of the floor's
 GB/s, the speed-up over torch's fused AdamW (torch fused ms / this ms) and over our
-AdamW; then the optimizer-state bytes of every optimizer and their fraction of
-AdamW's.  A table goes to stdout, progress to stderr (a tqdm bar when tqdm is
+AdamW; then the optimizer-state bytes of every optimizer (every tensor of its state
+but the step counters, a tensor shared by several params once, a tensor subclass by
+its inner tensors: for the 8-bit optimizers the codes, the absmax and the lookup
+tables), per param, and their fraction of AdamW's.  The 8-bit rows, their floors and
+the peers count the bytes of the workload's own params (``bytes_per_param`` is their
+mean); the others the bytes per param of `OUR_ALGORITHMS`.  The peers are slow (on
+CPU, eager or compiled per-param steps of seconds each, after a torch.compile of
+minutes for torchao's): they run in the first `SLOW_ROUNDS` round(s) only, at most
+`SLOW_WARMUP` warm-up and `SLOW_STEPS` timed steps each.  A table goes to stdout, progress to stderr (a tqdm bar when tqdm is
 installed), and the results to bench/results/<device>-<date>.json (relative to the
 current directory) in one schema for every device, plus a "memory" list of
-{impl, state_bytes, fraction_of_adamw}.  The floor rows carry the workload's params
-and tensors: the workload whose bytes they mirror.  ``--plot`` also draws the
-results (GB/s per implementation against its floor, and ms per step) into a PNG
-beside the JSON; it needs matplotlib (the ``plot`` extra).
+{impl, state_bytes, state_bytes_per_param, fraction_of_adamw}.  The floor rows carry
+the workload's params and tensors: the workload whose bytes they mirror.  ``--plot``
+also draws the results (GB/s per implementation against its floor, and ms per step)
+into a PNG beside the JSON; it needs matplotlib (the ``plot`` extra).
 """
 import argparse
+import bisect
 import datetime
 import functools
 import gc
@@ -54,7 +84,8 @@ from amos_fused.bench_workloads import DEFAULT_WORKLOAD, WORKLOADS
 DTYPE = torch.float32
 ADAMW_FP32_BYTES_PER_PARAM = 28  # reads p, g, m, v; writes p, m, v
 ADAMW_HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
-# Bytes per fp32 parameter each of our algorithms must move in one step.
+# Bytes per fp32 parameter each of our algorithms must move in one step (the 8-bit
+# ones: per param that keeps FP8 states, whose size is a multiple of the block).
 TELEMETRY_SUFFIX = "+rms"
 OUR_ALGORITHMS = {
     "adamw": ADAMW_FP32_BYTES_PER_PARAM,
@@ -69,12 +100,22 @@ OUR_ALGORITHMS = {
     "amos" + TELEMETRY_SUFFIX: 12,
     # bfloat16 params, grads and states, stored with stochastic rounding: AdamW's streams at 2 B
     "adamw-bf16-sr": 14,
+    # FP8 states (amos_fused/fp8_states.py): p, g in float32 (12 B), each moment as uint8
+    # codes (1 B in, 1 B out) and one float32 absmax per block of 256 (4/256 B in and out)
+    "adamw8bit": 12 + 2 * (2 + 8 / 256),   # 16.0625
+    "lion8bit": 12 + (2 + 8 / 256),        # 14.03125
 }
 BF16_ALGORITHMS = ("adamw-bf16-sr",)
+# The 8-bit algorithms, and the full-precision algorithm whose states (and bytes) the
+# params with fewer than fp8_states.MIN_NUMEL elements keep.
+FP8_ALGORITHMS = {"adamw8bit": "adamw", "lion8bit": "lion"}
+FP8_BACKENDS = ("cpu",)  # the backends with fused kernels for FP8 states
+ABSMAX_SUFFIX = "_absmax"
 # Where those bytes come from: each algorithm's passes over memory, each pass
 # (streams read and written in place, streams only read), one param-sized tensor per
 # stream and param: p the param, g its grad, the others optimizer state.  Slots
-# smaller than the param (Amos's factored v, b: one value per row) are left out.
+# smaller than the param (Amos's factored v, b: one value per row) are left out,
+# except the FP8 states' absmax (`stream_bytes`).
 Pass = Tuple[Tuple[str, ...], Tuple[str, ...]]
 PASSES: Dict[str, List[Pass]] = {
     "adamw": [(("p", "m", "v"), ("g",))],
@@ -84,40 +125,101 @@ PASSES: Dict[str, List[Pass]] = {
     "amos-momentum": [(("p", "mu"), ("g",))],
     "scaled-adamw": [(("m", "v"), ("g",)), (("p",), ("m", "v"))],
     "lamb": [(("m", "v"), ("g", "p")), (("p",), ("m", "v"))],
+    # m, v: the codes; m_absmax, v_absmax: their blocks' absmax
+    "adamw8bit": [(("p", "m", "m" + ABSMAX_SUFFIX, "v", "v" + ABSMAX_SUFFIX), ("g",))],
+    "lion8bit": [(("p", "m", "m" + ABSMAX_SUFFIX), ("g",))],
 }
 PASSES.update({a + TELEMETRY_SUFFIX: PASSES[a] for a in ("adamw", "amos")})
 PASSES["adamw-bf16-sr"] = PASSES["adamw"]
 
 
 def element_size(algorithm: str) -> int:
-    """Bytes per element of every stream of `algorithm`'s rows."""
+    """Bytes per element of the params and grads of `algorithm`'s rows (and of every
+    stream but the FP8 states')."""
     return 2 if algorithm in BF16_ALGORITHMS else 4
+
+
+def stream_bytes(algorithm: str, stream: str, numel: int) -> int:
+    """Bytes of `stream` of one param of `numel` elements that keeps `algorithm`'s
+    states: an FP8 state's codes take 1 B per element and its absmax 4 B per block."""
+    if algorithm in FP8_ALGORITHMS and stream not in ("p", "g"):
+        from amos_fused import fp8_states
+
+        return 4 * fp8_states.num_blocks(numel) if stream.endswith(ABSMAX_SUFFIX) else numel
+    return element_size(algorithm) * numel
+
+
+def tensor_bytes(algorithm: str, numel: int) -> int:
+    """Bytes one step of `algorithm` moves for a param of `numel` elements that keeps its
+    states: each written stream is read and written."""
+    return sum(stream_bytes(algorithm, name, numel) * (2 if name in written else 1)
+               for written, read in PASSES[algorithm] for name in written + read)
+
+
+def algorithm_bytes(algorithm: str) -> float:
+    """Bytes per param of `algorithm` (`OUR_ALGORITHMS`): for an FP8 one, of a param
+    that keeps FP8 states and whose size is a multiple of the block."""
+    numel = 1
+    if algorithm in FP8_ALGORITHMS:
+        from amos_fused import fp8_states
+
+        numel = fp8_states.BLOCK * (-(-fp8_states.MIN_NUMEL // fp8_states.BLOCK))
+    return tensor_bytes(algorithm, numel) / numel
+
+
+def param_algorithm(algorithm: str, param: torch.Tensor) -> str:
+    """The algorithm whose states `param` keeps: an FP8 algorithm's full-precision one
+    for the params fp8_states.keeps_fp8 turns down."""
+    if algorithm in FP8_ALGORITHMS:
+        from amos_fused import fp8_states
+
+        if not fp8_states.keeps_fp8(param):
+            return FP8_ALGORITHMS[algorithm]
+    return algorithm
+
+
+def step_bytes(algorithm: str, model: torch.nn.Module) -> int:
+    """Bytes one step of `algorithm` moves on the model's params, param by param (an
+    FP8 algorithm's small params keep full-precision states)."""
+    return sum(tensor_bytes(param_algorithm(algorithm, p), p.numel()) for p in model.parameters())
+
+
 AMOS_LR = 0.01
 TORCH_FUSED = "torch-fused-adamw"
 COPY = "copy"
 FLOOR_PREFIX = "floor-"
 # Our backends worth timing on each device type (the interpreted Triton on CPU is not).
 OUR_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+# The slow rows (the peers): in the first SLOW_ROUNDS rounds only, at most SLOW_WARMUP
+# warm-up and SLOW_STEPS timed steps each (their steps take seconds on CPU, where a
+# few more samples would not change what they show).
+SLOW_ROUNDS, SLOW_WARMUP, SLOW_STEPS = 1, 1, 3
 PLOT_EXTRA_HINT = ("install the 'plot' extra: pip install --no-build-isolation -e '.[plot]' "
                    "(or: pip install matplotlib tqdm)")
 
 
 def bytes_per_param(passes: Sequence[Pass], element_size: int = 4) -> int:
-    """Bytes per parameter that `passes` move: each written stream is read and written."""
+    """Bytes per parameter that `passes` move when every stream has `element_size`-byte
+    elements: each written stream is read and written."""
     return element_size * sum(2 * len(written) + len(read) for written, read in passes)
 
 
-def traffic(passes: Sequence[Pass]) -> Tuple[Tuple[int, int], ...]:
-    """What a floor of `passes` moves: per pass, (streams written, streams only read)."""
-    return tuple((len(written), len(read)) for written, read in passes)
+def traffic(algorithm: str) -> Tuple[Tuple[Tuple[float, ...], Tuple[float, ...]], ...]:
+    """What a floor of `algorithm` moves: per pass, the bytes per element of each stream
+    written and of each stream only read."""
+    numel = 4096  # a multiple of the FP8 block: per-element sizes are exact binary fractions
+
+    def sizes(names):
+        return tuple(sorted(stream_bytes(algorithm, name, numel) / numel for name in names))
+
+    return tuple((sizes(written), sizes(read)) for written, read in PASSES[algorithm])
 
 
 def floor_name(algorithm: str) -> str:
     """The floor row of `algorithm`: named after the first algorithm of OUR_ALGORITHMS
-    with the same traffic and element size (RAdam's floor is AdamW's, Amos with
-    momentum's is Lion's)."""
-    first = next(a for a in OUR_ALGORITHMS if traffic(PASSES[a]) == traffic(PASSES[algorithm])
-                 and element_size(a) == element_size(algorithm))
+    with the same traffic, stream by stream and byte by byte (RAdam's floor is AdamW's,
+    Amos with momentum's is Lion's)."""
+    first = next(a for a in OUR_ALGORITHMS if traffic(a) == traffic(algorithm))
     return FLOOR_PREFIX + first
 
 
@@ -132,9 +234,13 @@ class Impl:
     `floor` names the row whose GB/s this row is read against."""
 
     name: str
-    bytes_per_param: int  # bytes one step must move per parameter (fp32)
+    bytes_per_param: float  # bytes one step must move per parameter (fp32)
     build: Callable[[torch.nn.Module], object]
     floor: str = COPY
+    # The bytes one step moves on the workload's model, param by param (the 8-bit rows,
+    # their floors and the peers); None: bytes_per_param × params.
+    model_bytes: Optional[Callable[[torch.nn.Module], int]] = None
+    slow: bool = False  # SLOW_ROUNDS rounds of at most SLOW_WARMUP warm-up and SLOW_STEPS timed steps
 
 
 # ---------------------------------------------------------------- implementations
@@ -159,6 +265,10 @@ def make_ours(model, backend="cpu", algorithm="adamw"):
         return opt
     if algorithm == "adamw":
         return amos_fused.AdamW(model.parameters(), **ADAMW_HYPER, backend=backend)
+    if algorithm == "adamw8bit":
+        return amos_fused.AdamW8bit(model.parameters(), **ADAMW_HYPER, backend=backend)
+    if algorithm == "lion8bit":
+        return amos_fused.Lion8bit(model.parameters(), lr=1e-4, weight_decay=0.1, backend=backend)
     if algorithm == "amos":
         groups = amos_fused.amos_param_groups(model, lr=AMOS_LR)
         return amos_fused.Amos(groups, lr=AMOS_LR, backend=backend)
@@ -174,6 +284,71 @@ def make_ours(model, backend="cpu", algorithm="adamw"):
     if algorithm == "lamb":
         return amos_fused.Lamb(model.parameters(), lr=1e-3, weight_decay=0.01, backend=backend)
     raise ValueError(f"unknown algorithm {algorithm!r}")
+
+
+# ---------------------------------------------------------------- peers: other libraries
+
+
+def make_bnb_adamw8bit(model):
+    """bitsandbytes' AdamW8bit (block-wise dynamic 8-bit states; on CPU its eager
+    torch path); min_8bit_size as ours: params under 4096 elements keep float32 states."""
+    import bitsandbytes
+
+    from amos_fused import fp8_states
+
+    return bitsandbytes.optim.AdamW8bit(model.parameters(), **ADAMW_HYPER, min_8bit_size=fp8_states.MIN_NUMEL)
+
+
+def make_torchao_adamw8bit(model):
+    """torchao's AdamW8bit (block size 256; params under 4096 elements keep float32
+    states); each param's step is torch.compile'd (the first step compiles)."""
+    import torchao.optim
+
+    return torchao.optim.AdamW8bit(model.parameters(), **ADAMW_HYPER)
+
+
+def torchao_adamw_class():
+    """torchao's full-precision AdamW, the one that takes bf16_stochastic_round:
+    torchao.optim._AdamW (torchao.prototype.low_bit_optim._AdamW in older torchao)."""
+    try:
+        from torchao.optim import _AdamW
+    except ImportError:
+        from torchao.prototype.low_bit_optim import _AdamW
+    return _AdamW
+
+
+def make_torchao_adamw_bf16_sr(model):
+    """torchao's AdamW on the bfloat16 model with bf16_stochastic_round=True (states in
+    bfloat16, as our adamw-bf16-sr)."""
+    return torchao_adamw_class()(model.to(torch.bfloat16).parameters(), **ADAMW_HYPER, bf16_stochastic_round=True)
+
+
+# name: (package to import, builder, the algorithm of OUR_ALGORITHMS with the same traffic)
+PEERS = {
+    "bnb-adamw8bit": ("bitsandbytes", make_bnb_adamw8bit, "adamw8bit"),
+    "torchao-adamw8bit": ("torchao", make_torchao_adamw8bit, "adamw8bit"),
+    "torchao-adamw-bf16-sr": ("torchao", make_torchao_adamw_bf16_sr, "adamw-bf16-sr"),
+}
+PEER_INSTALL_HINT = {"bitsandbytes": "pip install bitsandbytes==0.50.2", "torchao": "pip install torchao==0.18.0"}
+
+
+def peer_missing(name: str) -> Optional[str]:
+    """Why peer `name` cannot run here (its package does not import, or lacks the
+    optimizer), or None."""
+    package = PEERS[name][0]
+    try:
+        if package == "bitsandbytes":
+            import bitsandbytes
+
+            bitsandbytes.optim.AdamW8bit  # noqa: B018 - probe only
+        else:
+            import torchao.optim
+
+            torchao.optim.AdamW8bit  # noqa: B018 - probe only
+            torchao_adamw_class()
+    except Exception as error:  # an ImportError, or a broken install of the package
+        return f"{package} is not usable ({type(error).__name__}: {error}; {PEER_INSTALL_HINT[package]})"
+    return None
 
 
 class CopyFloor:
@@ -220,6 +395,102 @@ class StreamFloor:
             torch.ops.amos_fused.stream_floor(written, read, self.num_tensors)
 
 
+class _Tape:
+    """Float32 buffers laid end to end: `piece(begin, end)` is the view of tape words
+    [begin, end), which must lie in one buffer."""
+
+    def __init__(self, buffers: Sequence[torch.Tensor]):
+        self.buffers = [b for b in buffers if b.numel() > 0]
+        self.offsets = [0]
+        for b in self.buffers:
+            self.offsets.append(self.offsets[-1] + b.numel())
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def boundaries(self, begin: int, end: int) -> List[int]:
+        """The buffer boundaries strictly inside (begin, end)."""
+        return self.offsets[bisect.bisect_right(self.offsets, begin):bisect.bisect_left(self.offsets, end)]
+
+    def piece(self, begin: int, end: int) -> torch.Tensor:
+        i = bisect.bisect_right(self.offsets, begin) - 1
+        assert end <= self.offsets[i + 1], "a piece crosses a buffer boundary"
+        return self.buffers[i][begin - self.offsets[i]:end - self.offsets[i]]
+
+
+# Pairs of (written, read) stream counts of stream_floor calls, by written:read ratio:
+# a step whose ratio lies between a pair's is cut into one call of each.
+WORD_FLOOR_SHAPES = (((1, 1), (3, 2)), ((3, 2), (2, 1)), ((2, 1), (3, 1)), ((3, 1), (4, 1)))
+
+
+def word_floor_calls(written_words: int, read_words: int) -> List[Tuple[int, int, int]]:
+    """(W, R, S) of the stream_floor calls (W written and R read streams of S words each)
+    that read and write `written_words` and read `read_words`, each word once: one call
+    of each shape of the `WORD_FLOOR_SHAPES` pair whose ratios bracket the step's
+    written:read ratio (1 to 4).  For every pair the split is whole: with r_b the read
+    words of the second call, a·(r − r_b) + b·r_b = w has the solutions 2(w − r),
+    2w − 3r (leaving 4r − 2w, even, to (3, 2)), w − 2r and w − 3r."""
+    w, r = written_words, read_words
+    for (wa, ra), (wb, rb) in WORD_FLOOR_SHAPES:
+        if wa * r <= w * ra and w * rb <= wb * r:  # wa/ra <= w/r <= wb/rb
+            num, den = (w * ra - wa * r) * rb, wb * ra - wa * rb
+            assert num % den == 0
+            r_b = num // den
+            r_a = r - r_b
+            assert r_a % ra == 0 and r_b % rb == 0
+            return [call for call in ((wa, ra, r_a // ra), (wb, rb, r_b // rb)) if call[2] > 0]
+    raise ValueError(f"no floor for {w} written and {r} read words (ratio outside [1, 4])")
+
+
+class WordFloor:
+    """The memory traffic of an 8-bit algorithm's step (`FP8_ALGORITHMS`) on the model's
+    params, byte for byte, with trivial math.  ``torch.ops.amos_fused.stream_floor``
+    takes streams of one float dtype with one element count per tensor, and the step's
+    streams are of three sizes (p, g float32; codes uint8; absmax one float32 per block),
+    so every buffer of the step is seen as float32 words (a code tensor of n bytes as
+    ceil(n/4) words): the buffers the step reads and writes laid end to end on one tape
+    (p and, per param that keeps FP8 states, each state's codes and absmax; a small
+    param's float32 states), the ones it only reads (g) on another, and the tapes cut
+    into the streams of two stream_floor calls (`word_floor_calls`), each call's streams
+    cut at every buffer boundary into tensors.  Every word is read once and, if its
+    buffer is written, written once: the step's bytes, in two passes instead of one.
+    p and g are the params' own memory and grads; the states are new buffers, filled."""
+
+    def __init__(self, model, algorithm: str):
+        written, read = [], []
+        for p in model.parameters():
+            kind = param_algorithm(algorithm, p)
+            (w_names, r_names), = PASSES[kind]
+            for names, tape in ((w_names, written), (r_names, read)):
+                for name in names:
+                    if name == "p":
+                        tape.append(p.detach().view(-1))
+                    elif name == "g":
+                        tape.append(p.grad.view(-1))
+                    else:
+                        words = -(-stream_bytes(kind, name, p.numel()) // 4)
+                        tape.append(torch.empty(words, dtype=torch.float32).fill_(0.0))
+        assert all(t.dtype == torch.float32 and t.is_contiguous() for t in written + read)
+        self.written, self.read = _Tape(written), _Tape(read)
+        self.calls = []  # (written tensors, read tensors, num_tensors) of each stream_floor call
+        w_at = r_at = 0
+        for num_w, num_r, size in word_floor_calls(len(self.written), len(self.read)):
+            bases = ([(self.written, w_at + k * size) for k in range(num_w)]
+                     + [(self.read, r_at + k * size) for k in range(num_r)])
+            cuts = sorted({0, size}.union(*({b - base for b in tape.boundaries(base, base + size)}
+                                             for tape, base in bases)))
+            streams = [[tape.piece(base + a, base + b) for a, b in zip(cuts, cuts[1:])] for tape, base in bases]
+            self.calls.append(([t for s in streams[:num_w] for t in s], [t for s in streams[num_w:] for t in s],
+                               len(cuts) - 1))
+            w_at, r_at = w_at + num_w * size, r_at + num_r * size
+        assert (w_at, r_at) == (len(self.written), len(self.read))
+        self.bytes_moved = 4 * (2 * len(self.written) + len(self.read))
+
+    def step(self):
+        for written, read, num_tensors in self.calls:
+            torch.ops.amos_fused.stream_floor(written, read, num_tensors)
+
+
 def stream_floor_available() -> bool:
     """Whether the compiled op torch.ops.amos_fused.stream_floor is there."""
     try:
@@ -240,8 +511,15 @@ def torch_impls(floor: str = COPY) -> List[Impl]:
     ]
 
 
+def _model_bytes(algorithm: str) -> Optional[Callable[[torch.nn.Module], int]]:
+    """The bytes of `algorithm` counted param by param, for the FP8 algorithms (whose
+    small params keep full-precision states); None for the others."""
+    return functools.partial(step_bytes, algorithm) if algorithm in FP8_ALGORITHMS else None
+
+
 def our_impls(device_type: str, stream_floors: bool = False) -> List[Impl]:
-    """Each of our algorithms once per backend that is available and fast on this device type."""
+    """Each of our algorithms once per backend that is available and fast on this device
+    type (the 8-bit ones on the backends of FP8_BACKENDS)."""
     try:
         import amos_fused
 
@@ -256,10 +534,25 @@ def our_impls(device_type: str, stream_floors: bool = False) -> List[Impl]:
         log(f"skipping amos_fused rows: none of {list(wanted)} in available_backends() = {available}")
     return [
         Impl(f"{b}-{algorithm}", bytes_per_param, functools.partial(make_ours, backend=b, algorithm=algorithm),
-             floor_name(algorithm) if stream_floors else COPY)
+             floor_name(algorithm) if stream_floors else COPY, _model_bytes(algorithm))
         for b in backends
         for algorithm, bytes_per_param in OUR_ALGORITHMS.items()
+        if algorithm not in FP8_ALGORITHMS or b in FP8_BACKENDS
     ]
+
+
+def peer_impls(stream_floors: bool = False) -> List[Impl]:
+    """The other libraries' optimizers (`PEERS`) whose package is usable here; a logged
+    line for each one that is not."""
+    impls = []
+    for name, (_, build, algorithm) in PEERS.items():
+        why = peer_missing(name)
+        if why is not None:
+            log(f"skipping {name}: {why}")
+            continue
+        impls.append(Impl(name, OUR_ALGORITHMS[algorithm], build, floor_name(algorithm) if stream_floors else COPY,
+                          functools.partial(step_bytes, algorithm), slow=True))
+    return impls
 
 
 def copy_impl() -> Impl:
@@ -268,11 +561,16 @@ def copy_impl() -> Impl:
 
 
 def stream_floor_impls() -> List[Impl]:
-    """One floor row per distinct pattern of passes of OUR_ALGORITHMS."""
+    """One floor row per distinct pattern of traffic of OUR_ALGORITHMS: a StreamFloor of
+    its passes, or for an FP8 algorithm the WordFloor of its bytes."""
     names = dict.fromkeys(floor_name(a) for a in OUR_ALGORITHMS)
     impls = []
     for name in names:
         algorithm = name[len(FLOOR_PREFIX):]
+        if algorithm in FP8_ALGORITHMS:
+            impls.append(Impl(name, OUR_ALGORITHMS[algorithm], functools.partial(WordFloor, algorithm=algorithm),
+                              name, _model_bytes(algorithm)))
+            continue
         dtype = torch.bfloat16 if element_size(algorithm) == 2 else None
         impls.append(Impl(name, bytes_per_param(PASSES[algorithm], element_size(algorithm)),
                           functools.partial(StreamFloor, passes=PASSES[algorithm], dtype=dtype), name))
@@ -290,13 +588,16 @@ def uses_stream_floors(device_type: str) -> bool:
     return False
 
 
-def all_impls(device_type: str, stream_floors: Optional[bool] = None) -> List[Impl]:
-    """Every row: torch's, ours, then the floors they are read against."""
+def all_impls(device_type: str, stream_floors: Optional[bool] = None, peers: bool = True) -> List[Impl]:
+    """Every row: torch's, ours, the peers (with `peers`), then the floors they are read
+    against."""
     if stream_floors is None:
         stream_floors = uses_stream_floors(device_type)
+    others = peer_impls(stream_floors) if peers else []
     if stream_floors:
-        return torch_impls(floor_name("adamw")) + our_impls(device_type, True) + stream_floor_impls()
-    return torch_impls() + our_impls(device_type) + [copy_impl()]
+        return (torch_impls(floor_name("adamw")) + our_impls(device_type, True) + others
+                + stream_floor_impls())
+    return torch_impls() + our_impls(device_type) + others + [copy_impl()]
 
 
 def is_floor(impl_name: str) -> bool:
@@ -398,25 +699,43 @@ def release_memory(device: torch.device):
         torch.cuda.empty_cache()
 
 
+def _storage_tensors(value: torch.Tensor) -> List[torch.Tensor]:
+    """The plain tensors that hold `value`'s data: a wrapper tensor subclass (torchao's
+    quantized optimizer states) by its inner tensors (codes, scales, lookup table)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not is_traceable_wrapper_subclass(value):
+        return [value]
+    names, _ = value.__tensor_flatten__()
+    return [inner for name in names for inner in _storage_tensors(getattr(value, name))]
+
+
 def state_bytes(optimizer) -> Optional[int]:
-    """Bytes of the optimizer's per-parameter state tensors (None when it has none)."""
+    """Bytes of the optimizer's per-parameter state tensors but the step counters (None
+    when it has none): an 8-bit state's codes, absmax and lookup tables; a tensor that
+    several params share (bitsandbytes' quantization maps) once."""
     state = getattr(optimizer, "state", None)
     if state is None:
         return None
-    return sum(
-        value.numel() * value.element_size()
-        for per_param in state.values()
-        for key, value in per_param.items()
-        if isinstance(value, torch.Tensor) and key != "step"
-    )
+    seen = {}
+    for per_param in state.values():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                for t in _storage_tensors(value):
+                    seen[(t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
+    return sum(seen.values())
 
 
 def measure(impl: Impl, make_model, device, warmup: int, steps: int) -> dict:
-    """Median ms per step of `impl` on fresh parameters, which are freed afterwards."""
+    """Median ms per step of `impl` on fresh parameters, which are freed afterwards (a
+    slow row: at most SLOW_WARMUP warm-up and SLOW_STEPS timed steps)."""
+    if impl.slow:
+        warmup, steps = min(warmup, SLOW_WARMUP), min(steps, SLOW_STEPS)
     model = make_model(device, DTYPE)
     params = list(model.parameters())
     sizes = dict(params=sum(p.numel() for p in params), tensors=len(params))
     del params
+    sizes["bytes"] = impl.model_bytes(model) if impl.model_bytes is not None else None
     optimizer = impl.build(model)
     sizes["dtype"] = next(model.parameters()).dtype  # (a bfloat16 row converts the model)
     del model  # the optimizer keeps what it needs
@@ -431,11 +750,16 @@ def measure(impl: Impl, make_model, device, warmup: int, steps: int) -> dict:
 
 
 def pool_rounds(rounds: List[List[dict]]) -> List[dict]:
-    """One measurement per implementation: the median of its step times over all rounds."""
+    """One measurement per implementation, in the order of their first round: the
+    median of its step times over all rounds it ran in."""
+    per_impl: Dict[str, List[dict]] = {}
+    for round_ in rounds:
+        for m in round_:
+            per_impl.setdefault(m["impl"].name, []).append(m)
     pooled = []
-    for per_impl in zip(*rounds):
-        times = [t for m in per_impl for t in m["times"]]
-        pooled.append(dict(per_impl[0], times=times, ms=statistics.median(times)))
+    for ms in per_impl.values():
+        times = [t for m in ms for t in m["times"]]
+        pooled.append(dict(ms[0], times=times, ms=statistics.median(times)))
     return pooled
 
 
@@ -446,17 +770,27 @@ def gbps(bytes_moved: float, ms: float) -> float:
     return bytes_moved / (ms * 1e-3) / 1e9
 
 
+def moved_bytes(m: dict) -> float:
+    """Bytes one step of a measured row moves: counted param by param on the workload's
+    model (the 8-bit rows, their floors and the peers), else bytes_per_param × params."""
+    if m.get("bytes") is not None:
+        return m["bytes"]
+    return m["impl"].bytes_per_param * m["params"]
+
+
 def result_rows(measurements: List[dict], workload: str) -> List[dict]:
     """Rows of the results schema; needs the torch fused measurement and every row's floor.
 
-    `floor`, `floor_gbps`, `fraction_of_floor`: the row's floor and this row's GB/s as a
+    `bytes_per_param`: the bytes one step moves / params (for the rows counted param by
+    param, their mean over the workload's params, rounded to 4 decimals).  `floor`,
+    `floor_gbps`, `fraction_of_floor`: the row's floor and this row's GB/s as a
     fraction of it (the same bytes, so also floor ms / this ms).  `copy_gbps` and
     `fraction_of_copy_bandwidth`: the same against the copy, None where no copy ran
-    (CPU, whose floors are stream floors)."""
+    (CPU, whose floors are stream floors).  `samples`: the timed steps of all rounds."""
     by_name = {m["impl"].name: m for m in measurements}
 
     def speed(m):
-        return gbps(m["impl"].bytes_per_param * m["params"], m["ms"])
+        return gbps(moved_bytes(m), m["ms"])
 
     copy_gbps = speed(by_name[COPY]) if COPY in by_name else None
     fused_ms = by_name[TORCH_FUSED]["ms"]
@@ -464,14 +798,17 @@ def result_rows(measurements: List[dict], workload: str) -> List[dict]:
     for m in measurements:
         this = speed(m)
         floor_gbps = speed(by_name[m["impl"].floor])
+        per_param = (m["impl"].bytes_per_param if m.get("bytes") is None
+                     else round(m["bytes"] / m["params"], 4))
         rows.append({
             "workload": workload,
             "impl": m["impl"].name,
             "dtype": str(m.get("dtype", DTYPE)).replace("torch.", ""),
             "params": m["params"],
             "tensors": m["tensors"],
-            "bytes_per_param": m["impl"].bytes_per_param,
+            "bytes_per_param": per_param,
             "ms": round(m["ms"], 4),
+            "samples": len(m["times"]),
             "gbps": round(this, 3),
             "floor": m["impl"].floor,
             "floor_gbps": round(floor_gbps, 3),
@@ -484,10 +821,12 @@ def result_rows(measurements: List[dict], workload: str) -> List[dict]:
 
 
 def memory_rows(measurements: List[dict]) -> List[dict]:
-    """Optimizer-state bytes of every optimizer row, and their fraction of torch AdamW's."""
+    """Optimizer-state bytes of every optimizer row, per param, and their fraction of
+    torch AdamW's."""
     adamw = next(m["state_bytes"] for m in measurements if m["impl"].name == TORCH_FUSED)
     return [
         {"impl": m["impl"].name, "state_bytes": m["state_bytes"],
+         "state_bytes_per_param": round(m["state_bytes"] / m["params"], 4),
          "fraction_of_adamw": round(m["state_bytes"] / adamw, 6)}
         for m in measurements
         if m["state_bytes"] is not None
@@ -501,6 +840,14 @@ def floor_legend(rows: List[dict]) -> List[str]:
         users = [r["impl"] for r in rows if r["floor"] == floor and r["impl"] != floor]
         if floor == COPY:
             what = f"dst.copy_(src), {ADAMW_FP32_BYTES_PER_PARAM // 2} B/param each way"
+        elif floor[len(FLOOR_PREFIX):] in FP8_ALGORITHMS:
+            algorithm = floor[len(FLOOR_PREFIX):]
+            on_workload = next((r["bytes_per_param"] for r in rows if r["impl"] == floor), None)
+            what = (f"the bytes of {describe_passes(PASSES[algorithm])}, p and g float32, the states' codes "
+                    f"uint8 and absmax float32 per 256 ({algorithm_bytes(algorithm)} B/param"
+                    + (f"; {on_workload:g} on this workload, whose params under 4096 elements keep float32 "
+                       f"{FP8_ALGORITHMS[algorithm]} states" if on_workload is not None else "")
+                    + "), moved as float32 words by one or two stream_floor calls")
         else:
             algorithm = floor[len(FLOOR_PREFIX):]
             passes = PASSES[algorithm]
@@ -518,20 +865,21 @@ def format_table(rows: List[dict], memory: List[dict], header: List[str], baseli
     base_ms = next((r["ms"] for r in rows if r["impl"] == baseline), None)
     lines = header + [
         "",
-        f"{'impl':<{width}}  {'ms':>9}  {'GB/s':>7}  {'floor':<{floor_width}}  {'% of floor':>10}  "
+        f"{'impl':<{width}}  {'ms':>9}  {'B/param':>7}  {'GB/s':>7}  {'floor':<{floor_width}}  {'% of floor':>10}  "
         f"{'x vs torch fused':>16}" + (f"  {'x vs ' + baseline:>16}" if base_ms else ""),
     ]
     for r in rows:
         lines.append(
-            f"{r['impl']:<{width}}  {r['ms']:>9.3f}  {r['gbps']:>7.2f}  {r['floor']:<{floor_width}}  "
+            f"{r['impl']:<{width}}  {r['ms']:>9.3f}  {r['bytes_per_param']:>7.4g}  {r['gbps']:>7.2f}  "
+            f"{r['floor']:<{floor_width}}  "
             f"{100 * r['fraction_of_floor']:>9.1f}%  {r['ratio_vs_torch_fused']:>15.2f}x"
             + (f"  {base_ms / r['ms']:>15.2f}x" if base_ms else "")
         )
     lines += ["", "floors (GB/s counts the bytes of the row's algorithm; % of floor = floor ms / row ms):"]
     lines += floor_legend(rows)
-    lines += ["", f"{'optimizer state':<{width}}  {'MB':>9}  {'% of AdamW':>10}"]
+    lines += ["", f"{'optimizer state':<{width}}  {'MB':>9}  {'B/param':>9}  {'% of AdamW':>10}"]
     for m in memory:
-        lines.append(f"{m['impl']:<{width}}  {m['state_bytes'] / 1e6:>9.2f}  "
+        lines.append(f"{m['impl']:<{width}}  {m['state_bytes'] / 1e6:>9.2f}  {m['state_bytes_per_param']:>9.3f}  "
                      f"{100 * m['fraction_of_adamw']:>9.2f}%")
     return "\n".join(lines)
 
@@ -659,6 +1007,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps per round (default 3)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before timing")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="skip the other libraries' rows (" + ", ".join(PEERS) + ")")
     parser.add_argument("--impls", help="comma-separated subset of rows to run "
                         f"({TORCH_FUSED} and the floors of the chosen rows always run)")
     output = parser.add_mutually_exclusive_group()
@@ -695,22 +1045,35 @@ def write_json(path: str, document: dict):
 
 
 def run_rounds(impls: List[Impl], make_model, device, args) -> List[List[dict]]:
-    """Every implementation once per round, under a progress bar."""
+    """Every implementation once per round (a slow one in the first SLOW_ROUNDS rounds),
+    under a progress bar.  A peer (a slow row) that raises is dropped with a logged line
+    (e.g. torchao's torch.compile without a working C++ toolchain); any other row's
+    error stops the run."""
     global _progress
-    _progress = progress_bar(args.rounds * len(impls))
+    plan = [[impl for impl in impls if not impl.slow or r <= SLOW_ROUNDS] for r in range(1, args.rounds + 1)]
+    _progress = progress_bar(sum(len(round_) for round_ in plan))
+    failed = set()
     try:
         rounds = []
-        for r in range(1, args.rounds + 1):
+        for r, round_impls in enumerate(plan, 1):
             round_ = []
-            for impl in impls:
+            for impl in round_impls:
                 _progress.start(f"round {r}/{args.rounds}: {impl.name}")
-                round_.append(measure(impl, make_model, device, args.warmup, args.steps))
+                if impl.name not in failed:
+                    try:
+                        round_.append(measure(impl, make_model, device, args.warmup, args.steps))
+                    except Exception as error:
+                        if not impl.slow:
+                            raise
+                        failed.add(impl.name)
+                        release_memory(device)
+                        log(f"dropping {impl.name}: it raised {type(error).__name__}: {error}")
                 _progress.advance()
             rounds.append(round_)
     finally:
         _progress.close()
         _progress = None
-    return rounds
+    return [[m for m in round_ if m["impl"].name not in failed] for round_ in rounds]
 
 
 def main(argv=None):
@@ -721,7 +1084,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     workload = args.workload or DEFAULT_WORKLOAD[device.type]
-    impls = select_impls(all_impls(device.type), args.impls)
+    chosen = {n.strip() for n in (args.impls or "").split(",")}
+    peers = not args.no_peers and (not args.impls or bool(chosen & set(PEERS)))
+    impls = select_impls(all_impls(device.type, peers=peers), args.impls)
 
     measurements = pool_rounds(run_rounds(impls, WORKLOADS[workload], device, args))
     rows = result_rows(measurements, workload)
@@ -735,7 +1100,9 @@ def main(argv=None):
         f"torch {torch.__version__}  triton {triton_version() or 'n/a'}",
         f"workload {workload}: {rows[0]['params']:,} {rows[0]['dtype']} params in "
         f"{rows[0]['tensors']} tensors; median of {args.rounds} x {args.steps} steps "
-        f"({args.warmup} warm-up each round)",
+        f"({args.warmup} warm-up each round)"
+        + (f"; {', '.join(i.name for i in impls if i.slow)}: {SLOW_ROUNDS} round of at most {SLOW_WARMUP} "
+           f"warm-up and {SLOW_STEPS} steps" if any(i.slow for i in impls) else ""),
     ]
     print(format_table(rows, memory, header, baseline), flush=True)
 

@@ -1,5 +1,5 @@
 """``python -m amos_fused.demo``: train a small byte-level GPT on the Python standard
-library's own sources with seven optimizers, on the same data order from the same
+library's own sources with nine optimizers, on the same data order from the same
 init, and plot what happened.
 
 Runs (``--optimizers`` picks a subset; ``--lr NAME=VALUE`` changes one):
@@ -14,12 +14,20 @@ lion           amos_fused.Lion                          1e-3   λ=3.0 on dim ≥
 radam          amos_fused.RAdam(decoupled)              3e-3   λ=1.0 on dim ≥ 2
 scaled-adamw   amos_fused.ScaledAdamW                   7e-3   its ρ_t; rate halves once over the run
 lamb           amos_fused.Lamb                          7e-3   λ=0.1 on dim ≥ 2
+adamw8bit      amos_fused.AdamW8bit                     3e-3   as adamw; FP8 moments
+lion8bit       amos_fused.Lion8bit                      1e-3   as lion; FP8 momentum
 =============  ======================================  ======  ==========================
 
 Not run by default (name them in ``--optimizers``): ``adamw-bf16`` and
 ``adamw-bf16-sr``, amos_fused.AdamW as ``adamw`` on a bfloat16 copy of the model
 (params, grads and states in bfloat16; the loss in float32), rounding the params to
-nearest or stochastically (``bf16_stochastic_round=True``).
+nearest or stochastically (``bf16_stochastic_round=True``); and ``bnb-adamw8bit``,
+bitsandbytes' AdamW8bit with adamw's hyper-parameters and min_8bit_size=4096 (the
+threshold of AdamW8bit: smaller params keep float32 states), the reference point of
+the 8-bit runs (it needs bitsandbytes, ``pip install bitsandbytes==0.50.2``; on CPU
+its step is eager torch code, several times slower than the fused one).  The 8-bit
+runs keep block-scaled FP8 states (amos_fused/fp8_states.py) for the params of at
+least 4096 elements: every matrix and embedding of the default model.
 
 Every run uses the same linear warm-up (``--warmup`` steps) and then a constant
 learning rate, so AdamW's weight and update RMS can be held to their steady-state
@@ -90,6 +98,7 @@ class RunSpec:
     decoupled_decay: bool = False  # θ ← θ(1−ηλ) − η·u: the RMS of u is measured without the decay term
     dtype: torch.dtype = torch.float32  # of the model's params (and so of grads and states)
     default: bool = True                # part of the default set of runs
+    requires: Optional[str] = None      # a package the run needs (checked before anything is trained)
 
 
 def decay_groups(model: GPT, weight_decay: float) -> List[dict]:
@@ -108,6 +117,21 @@ def _lion_decay(cfg, lr):
     return cfg.weight_decay * cfg.lrs["adamw"] / lr
 
 
+def _lion_hparams(name):
+    return lambda c: {"betas": [0.9, 0.99], "weight_decay": _lion_decay(c, c.lrs[name]), "decay_on": "dim >= 2"}
+
+
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' default, and the size from which AdamW8bit keeps FP8 states
+REQUIRES_HINT = {"bitsandbytes": "pip install bitsandbytes==0.50.2"}
+
+
+def _build_bnb_adamw8bit(model, lr, cfg):
+    import bitsandbytes
+
+    return bitsandbytes.optim.AdamW8bit(decay_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas, eps=1e-8,
+                                        min_8bit_size=BNB_MIN_8BIT_SIZE)
+
+
 def _build_amos(model, lr, cfg):
     groups = af.amos_param_groups(model, lr=lr, overrides=model.residual_scale_overrides())
     return af.Amos(groups, lr=lr)
@@ -116,6 +140,9 @@ def _build_amos(model, lr, cfg):
 RUNS: Dict[str, RunSpec] = {}
 DEFAULT_LRS = {"torch-adamw": 3e-3, "adamw": 3e-3, "amos": 0.02, "lion": 1e-3, "radam": 3e-3,
                "scaled-adamw": 7e-3, "lamb": 7e-3, "adamw-bf16": 3e-3, "adamw-bf16-sr": 3e-3}
+# The 8-bit runs take the lr of their full-precision run.
+DEFAULT_LRS.update({"adamw8bit": DEFAULT_LRS["adamw"], "lion8bit": DEFAULT_LRS["lion"],
+                    "bnb-adamw8bit": DEFAULT_LRS["adamw"]})
 
 
 def _register(spec: RunSpec):
@@ -136,8 +163,7 @@ _register(RunSpec(
 _register(RunSpec(
     "lion", "af.Lion", DEFAULT_LRS["lion"],
     lambda m, lr, c: af.Lion(decay_groups(m, _lion_decay(c, lr)), lr=lr, betas=(0.9, 0.99)),
-    lambda c: {"betas": [0.9, 0.99], "weight_decay": _lion_decay(c, c.lrs["lion"]), "decay_on": "dim >= 2"},
-    decoupled_decay=True))
+    _lion_hparams("lion"), decoupled_decay=True))
 _register(RunSpec(
     "radam", "af.RAdam (decoupled decay)", DEFAULT_LRS["radam"],
     lambda m, lr, c: af.RAdam(decay_groups(m, c.weight_decay), lr=lr, betas=c.betas, decoupled_weight_decay=True),
@@ -159,6 +185,20 @@ _register(RunSpec(
     "adamw-bf16-sr", "af.AdamW, bf16 params, stochastic rounding", DEFAULT_LRS["adamw-bf16-sr"],
     lambda m, lr, c: af.AdamW(decay_groups(m, c.weight_decay), lr=lr, betas=c.betas, bf16_stochastic_round=True),
     _adam_hparams, decoupled_decay=True, dtype=torch.bfloat16, default=False))
+# 8-bit states (block-scaled FP8 moments), with the hyper-parameters of adamw and lion
+_register(RunSpec(
+    "adamw8bit", "af.AdamW8bit", DEFAULT_LRS["adamw8bit"],
+    lambda m, lr, c: af.AdamW8bit(decay_groups(m, c.weight_decay), lr=lr, betas=c.betas),
+    _adam_hparams, decoupled_decay=True))
+_register(RunSpec(
+    "lion8bit", "af.Lion8bit", DEFAULT_LRS["lion8bit"],
+    lambda m, lr, c: af.Lion8bit(decay_groups(m, _lion_decay(c, lr)), lr=lr, betas=(0.9, 0.99)),
+    _lion_hparams("lion8bit"), decoupled_decay=True))
+# bitsandbytes' AdamW8bit, the reference point of adamw8bit (not run by default)
+_register(RunSpec(
+    "bnb-adamw8bit", "bitsandbytes AdamW8bit", DEFAULT_LRS["bnb-adamw8bit"], _build_bnb_adamw8bit,
+    lambda c: {**_adam_hparams(c), "min_8bit_size": BNB_MIN_8BIT_SIZE},
+    decoupled_decay=True, default=False, requires="bitsandbytes"))
 DEFAULT_RUNS = [name for name, spec in RUNS.items() if spec.default]
 
 
@@ -192,6 +232,10 @@ class DemoConfig:
         unknown = [n for n in self.optimizers if n not in RUNS]
         if unknown:
             raise SystemExit(f"unknown optimizer(s) {unknown}; choose from {list(RUNS)}")
+        for name in self.optimizers:
+            package = RUNS[name].requires
+            if package is not None and importlib.util.find_spec(package) is None:
+                raise SystemExit(f"{name} needs {package}, which is not installed: {REQUIRES_HINT[package]}")
         self.lrs = {**DEFAULT_LRS, **self.lrs}
 
     def lr_factor(self, step: int) -> float:
@@ -204,12 +248,14 @@ class DemoConfig:
 # ---------------------------------------------------------------------------
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
-    total = 0
+    """Bytes of every state tensor (step counters included); a tensor that several
+    params share (bitsandbytes' quantization maps) once."""
+    seen = {}
     for state in opt.state.values():
         for value in state.values():
             if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-    return total
+                seen[(value.data_ptr(), value.numel(), value.dtype)] = value.numel() * value.element_size()
+    return sum(seen.values())
 
 
 class RMSMeter:
@@ -465,6 +511,17 @@ def theory_checks(cfg: DemoConfig, results: Dict[str, dict]) -> dict:
             "eta_lambda_times_steps": lr * cfg.weight_decay * cfg.steps,
             "steps_to_within_10pct_of_equilibrium": steps_to_equilibrium(lr, cfg.weight_decay, w0),
         }
+    for low, full in (("adamw8bit", "adamw"), ("lion8bit", "lion"), ("bnb-adamw8bit", "adamw"),
+                      ("adamw8bit", "bnb-adamw8bit")):
+        if low in results and full in results:
+            a, w = results[low], results[full]
+            checks[f"{low}_vs_{full}"] = {
+                "val_loss_relative_difference": a["final_val_loss"] / w["final_val_loss"] - 1,
+                "train_loss_relative_difference": a["final_train_loss"] / w["final_train_loss"] - 1,
+                "state_bytes_ratio": a["state_bytes"] / w["state_bytes"],
+                "within_1pct_loss": bool(abs(a["final_val_loss"] / w["final_val_loss"] - 1) <= 0.01
+                                         and abs(a["final_train_loss"] / w["final_train_loss"] - 1) <= 0.01),
+            }
     if "amos" in results and "adamw" in results:
         a, w = results["amos"], results["adamw"]
         checks["amos_vs_adamw"] = {
@@ -581,7 +638,7 @@ def parse_args(argv=None) -> DemoConfig:
     ap.add_argument("--steps", type=int, default=defaults.steps)
     ap.add_argument("--out", default=defaults.out)
     ap.add_argument("--optimizers", default=",".join(DEFAULT_RUNS),
-                    help=f"comma-separated runs of {','.join(RUNS)} (default: all but the bf16 ones)")
+                    help=f"comma-separated runs of {','.join(RUNS)} (default: {','.join(DEFAULT_RUNS)})")
     ap.add_argument("--seed", type=int, default=defaults.seed)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--lr", action="append", default=[], metavar="NAME=VALUE",

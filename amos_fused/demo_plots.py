@@ -13,7 +13,8 @@ from .demo_model import KINDS  # noqa: E402
 
 COLORS = {"torch-adamw": "tab:gray", "adamw": "tab:blue", "amos": "tab:red", "lion": "tab:green",
           "radam": "tab:purple", "scaled-adamw": "tab:orange", "lamb": "tab:brown",
-          "adamw-bf16": "tab:olive", "adamw-bf16-sr": "tab:cyan"}
+          "adamw-bf16": "tab:olive", "adamw-bf16-sr": "tab:cyan",
+          "adamw8bit": "midnightblue", "lion8bit": "darkgreen", "bnb-adamw8bit": "tab:pink"}
 DECAYED_KINDS = ("attention", "mlp", "embedding", "head")  # λ applies to tensors with dim >= 2
 
 

@@ -122,7 +122,9 @@ def test_stream_floor_rejects_bad_buckets(case):
 
 # ---------------------------------------------------------------- bookkeeping
 
-STATE_STREAMS = {"exp_avg": "m", "exp_avg_sq": "v", "mu": "mu"}
+STATE_STREAMS = {"exp_avg": "m", "exp_avg_sq": "v", "mu": "mu",
+                 "exp_avg_absmax": "m_absmax", "exp_avg_sq_absmax": "v_absmax"}
+FP8_FLOORS = [bench.FLOOR_PREFIX + a for a in bench.FP8_ALGORITHMS]
 
 
 def _tiny_model():
@@ -132,7 +134,9 @@ def _tiny_model():
 @pytest.mark.parametrize("algorithm", sorted(bench.OUR_ALGORITHMS))
 def test_bytes_per_param_are_the_bytes_of_the_passes(algorithm):
     passes = bench.PASSES[algorithm]
-    assert bench.bytes_per_param(passes, bench.element_size(algorithm)) == bench.OUR_ALGORITHMS[algorithm]
+    assert bench.algorithm_bytes(algorithm) == bench.OUR_ALGORITHMS[algorithm]
+    if algorithm not in bench.FP8_ALGORITHMS:
+        assert bench.bytes_per_param(passes, bench.element_size(algorithm)) == bench.OUR_ALGORITHMS[algorithm]
     streams = {name for written, read in passes for name in written + read}
     assert {"p", "g"} <= streams
     assert "g" not in {name for written, _ in passes for name in written}  # grads are only read
@@ -141,8 +145,9 @@ def test_bytes_per_param_are_the_bytes_of_the_passes(algorithm):
 
 @pytest.mark.parametrize("algorithm", sorted(bench.OUR_ALGORITHMS))
 def test_passes_stream_the_optimizer_state_of_the_matrices(algorithm):
-    """Every param-sized state tensor of a matrix is a stream of the algorithm's passes
-    (Amos's factored slots are not param-sized and are left out)."""
+    """Every param-sized state tensor of a matrix, and every FP8 state's absmax, is a
+    stream of the algorithm's passes (Amos's factored slots are not param-sized and are
+    left out), of the bytes `stream_bytes` says."""
     model = _tiny_model()
     optimizer = bench.make_ours(model, backend="cpu", algorithm=algorithm)
     optimizer.step()
@@ -150,9 +155,14 @@ def test_passes_stream_the_optimizer_state_of_the_matrices(algorithm):
     for param in model.parameters():
         if param.dim() != 2:
             continue
-        full = {key for key, value in optimizer.state[param].items()
-                if isinstance(value, torch.Tensor) and value.shape == param.shape}
-        assert {STATE_STREAMS[key] for key in full} == streams, (algorithm, sorted(full))
+        state = optimizer.state[param]
+        kept = {key for key, value in state.items() if isinstance(value, torch.Tensor) and
+                (value.shape == param.shape or key.endswith(bench.ABSMAX_SUFFIX))}
+        assert {STATE_STREAMS[key] for key in kept} == streams, (algorithm, sorted(kept))
+        for key in kept:
+            value = state[key]
+            assert value.numel() * value.element_size() == bench.stream_bytes(
+                algorithm, STATE_STREAMS[key], param.numel()), (algorithm, key)
 
 
 def test_every_row_reads_against_a_floor_of_its_own_bytes():
@@ -168,13 +178,21 @@ def test_every_row_reads_against_a_floor_of_its_own_bytes():
         "floor-adamw"}
     assert by_name["cpu-amos-momentum"].floor == "floor-lion"  # the same traffic as Lion
     assert by_name["cpu-lamb"].floor == "floor-lamb"
+    # Lion8bit writes three streams as AdamW does, but not of AdamW's sizes.
+    assert by_name["cpu-adamw8bit"].floor == "floor-adamw8bit"
+    assert by_name["cpu-lion8bit"].floor == "floor-lion8bit"
+    assert by_name["cpu-adamw8bit"].bytes_per_param == 16.0625
+    assert by_name["cpu-lion8bit"].bytes_per_param == 14.03125
+    for name, (_, _, algorithm) in bench.PEERS.items():
+        if name in by_name:  # (its package is installed)
+            assert by_name[name].floor == bench.floor_name(algorithm) and by_name[name].slow
     assert bench.COPY not in by_name
     # Without the op (and on GPU) the copy is every row's floor.
     assert {i.floor for i in bench.all_impls("cpu", stream_floors=False)} == {bench.COPY}
     assert {i.floor for i in bench.all_impls("cuda")} == {bench.COPY}
 
 
-@pytest.mark.parametrize("floor", [i.name for i in bench.stream_floor_impls()])
+@pytest.mark.parametrize("floor", [i.name for i in bench.stream_floor_impls() if i.name not in FP8_FLOORS])
 def test_stream_floor_rows_move_their_streams(floor):
     """One step of a floor row does its passes over the model's own params and grads:
     the written streams get the sum of the read ones, the grads stay as they were."""
@@ -197,6 +215,175 @@ def test_stream_floor_rows_move_their_streams(floor):
     for name, tensors in runner.streams.items():
         assert all(torch.equal(a, b) for a, b in zip(tensors, expected[name])), name
     assert bench.bytes_per_param(passes, bench.element_size(algorithm)) == impl.bytes_per_param
+
+
+def test_word_floor_calls_take_every_word_once():
+    for read in range(1, 40):
+        for written in range(read, 4 * read + 1):
+            calls = bench.word_floor_calls(written, read)
+            assert sum(w * size for w, _, size in calls) == written
+            assert sum(r * size for _, r, size in calls) == read
+            # shapes stream_floor takes (1 to 4 written, 1 to 3 read streams)
+            assert all(size > 0 and 1 <= w <= 4 and 1 <= r <= 3 for w, r, size in calls)
+    for written, read in ((41, 10), (9, 10)):
+        with pytest.raises(ValueError, match="ratio"):
+            bench.word_floor_calls(written, read)
+
+
+def test_word_floor_of_params_that_all_keep_float32_states():
+    """Params under 4096 elements only: AdamW8bit's floor is AdamW's traffic (3 written
+    words per read one)."""
+    model = WORKLOADS["many-small"](torch.device("cpu"), torch.float32, count=3, numel=100)
+    runner = bench.WordFloor(model, "adamw8bit")
+    assert runner.bytes_moved == bench.step_bytes("adamw8bit", model) == 28 * 300
+    runner.step()
+
+
+def test_step_bytes_of_fp8_algorithms_count_each_param():
+    """Params of at least 4096 elements move codes and absmax; smaller ones keep the
+    full-precision algorithm's float32 states."""
+    from amos_fused import fp8_states
+
+    model = _tiny_model()
+    params = list(model.parameters())
+    assert any(p.numel() < fp8_states.MIN_NUMEL for p in params) and any(
+        p.numel() >= fp8_states.MIN_NUMEL for p in params)
+    for algorithm, states in (("adamw8bit", 2), ("lion8bit", 1)):
+        full = bench.FP8_ALGORITHMS[algorithm]
+        expected = sum(
+            12 * p.numel() + states * (2 * p.numel() + 8 * fp8_states.num_blocks(p.numel()))
+            if p.numel() >= fp8_states.MIN_NUMEL else bench.OUR_ALGORITHMS[full] * p.numel()
+            for p in params)
+        assert bench.step_bytes(algorithm, model) == expected
+
+
+@pytest.mark.parametrize("floor", FP8_FLOORS)
+def test_word_floor_moves_the_bytes_of_the_step(floor):
+    """The floor of an 8-bit algorithm: float32 words of the params, the grads and state
+    buffers of the step's sizes, each word in exactly one stream of one call (written
+    ones in a written stream), and a step is what stream_floor does on those calls."""
+    model = _tiny_model()
+    algorithm = floor[len(bench.FLOOR_PREFIX):]
+    impl = next(i for i in bench.stream_floor_impls() if i.name == floor)
+    runner = impl.build(model)
+    assert isinstance(runner, bench.WordFloor)
+    assert runner.bytes_moved == bench.step_bytes(algorithm, model) == impl.model_bytes(model)
+    params = list(model.parameters())
+    written_ptrs = {t.data_ptr() for t in runner.written.buffers}
+    assert {p.data_ptr() for p in params} <= written_ptrs
+    assert {p.grad.data_ptr() for p in params} == {t.data_ptr() for t in runner.read.buffers}
+
+    # The pieces are views of the tape's buffers: disjoint and as many words as the tape,
+    # they cover every word exactly once.
+    for tape, side in ((runner.written, 0), (runner.read, 1)):
+        pieces = sorted((t.data_ptr(), t.data_ptr() + 4 * t.numel()) for call in runner.calls for t in call[side])
+        assert all(end <= begin for (_, end), (begin, _) in zip(pieces, pieces[1:]))
+        assert sum(end - begin for begin, end in pieces) == 4 * len(tape)
+        buffers = [(t.data_ptr(), t.data_ptr() + 4 * t.numel()) for t in tape.buffers]
+        assert all(any(b <= begin and end <= e for b, e in buffers) for begin, end in pieces)
+    expected = []
+    for written, read, n in runner.calls:
+        sums = [sum(read[k * n + t] for k in range(1, len(read) // n)) + read[t] for t in range(n)]
+        expected.append([w + sums[i % n] for i, w in enumerate(written)])
+    runner.step()
+    for (written, _, _), want in zip(runner.calls, expected):
+        assert all(torch.equal(a, b) for a, b in zip(written, want))
+
+
+def test_state_bytes_count_codes_absmax_and_shared_tensors_once():
+    from amos_fused import fp8_states
+
+    model = _tiny_model()
+    optimizer = bench.make_ours(model, backend="cpu", algorithm="adamw8bit")
+    optimizer.step()
+    expected = sum(2 * (p.numel() + 4 * fp8_states.num_blocks(p.numel())) if fp8_states.keeps_fp8(p)
+                   else 8 * p.numel() for p in model.parameters())
+    assert bench.state_bytes(optimizer) == expected
+
+    class Shared:  # a lookup table shared by two params' states counts once
+        table = torch.zeros(256)
+        state = {0: {"step": torch.zeros(()), "codes": torch.zeros(10, dtype=torch.uint8), "qmap": table},
+                 1: {"codes": torch.zeros(20, dtype=torch.uint8), "qmap": table}}
+
+    assert bench.state_bytes(Shared()) == 30 + 4 * 256
+
+
+def test_state_bytes_of_a_tensor_subclass_count_its_inner_tensors():
+    """torchao keeps an 8-bit state as a tensor subclass: codes, one scale per block and
+    its lookup table count, not the float32 values it stands for."""
+    pytest.importorskip("torchao")
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    class One:
+        state = {0: {"exp_avg": OptimState8bit.zeros((64, 64), True, 256, "cpu")}}
+
+    assert bench.state_bytes(One()) == 4096 + 4 * 16 + 4 * 256
+
+
+def test_adamw8bit_state_is_at_most_27_percent_of_adamw_on_the_default_workload():
+    model = WORKLOADS[bench.DEFAULT_WORKLOAD["cpu"]](torch.device("cpu"), torch.float32)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = bench.make_ours(model, backend="cpu", algorithm="adamw8bit")
+    optimizer.step()
+    fraction = bench.state_bytes(optimizer) / (8 * params)  # AdamW: m and v in float32
+    assert 0.25 < fraction <= 0.27
+
+
+def test_peer_rows_are_skipped_with_a_line_when_their_package_is_missing(monkeypatch, capsys):
+    for module in ("bitsandbytes", "torchao", "torchao.optim"):
+        monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    assert bench.peer_impls(stream_floors=True) == []
+    err = capsys.readouterr().err
+    for name in bench.PEERS:
+        assert f"skipping {name}:" in err
+    assert "pip install bitsandbytes==" in err and "pip install torchao==" in err
+    names = [i.name for i in bench.all_impls("cpu", stream_floors=True)]
+    assert "cpu-adamw8bit" in names and not set(bench.PEERS) & set(names)
+
+
+def test_peer_rows_when_installed():
+    impls = {i.name: i for i in bench.all_impls("cpu", stream_floors=True)}
+    assert not set(bench.PEERS) & {i.name for i in bench.all_impls("cpu", stream_floors=True, peers=False)}
+    for name, (package, _, algorithm) in bench.PEERS.items():
+        if bench.peer_missing(name) is None:
+            impl = impls[name]
+            assert impl.floor == bench.floor_name(algorithm)
+            assert impl.bytes_per_param == impls[impl.floor].bytes_per_param
+            assert impl.slow and impl.model_bytes is not None
+
+
+def test_bnb_adamw8bit_row_keeps_the_bytes_of_adamw8bit():
+    """bitsandbytes' 8-bit states: uint8 codes and one float32 absmax per 256 elements
+    (float32 states under 4096 elements), as ours, plus its two shared 256-entry maps."""
+    pytest.importorskip("bitsandbytes")
+    if bench.peer_missing("bnb-adamw8bit"):
+        pytest.skip(bench.peer_missing("bnb-adamw8bit"))
+    model = _tiny_model()
+    ours = bench.make_ours(_tiny_model(), backend="cpu", algorithm="adamw8bit")
+    ours.step()
+    optimizer = bench.make_bnb_adamw8bit(model)
+    optimizer.step()
+    assert bench.state_bytes(optimizer) == bench.state_bytes(ours) + 2 * 256 * 4
+
+
+def test_slow_rows_take_fewer_steps():
+    calls = []
+
+    class Step:
+        def step(self):
+            calls.append(1)
+
+    impl = bench.Impl("slow", 4, lambda model: Step(), slow=True)
+    m = bench.measure(impl, WORKLOADS["gpt2-tiny"], torch.device("cpu"), warmup=3, steps=10)
+    assert len(m["times"]) == bench.SLOW_STEPS and len(calls) == bench.SLOW_WARMUP + bench.SLOW_STEPS
+    # ... and in the first SLOW_ROUNDS rounds only; pooled with the rows of every round
+    fast = bench.Impl("fast", 4, lambda model: Step())
+    args = bench.parse_args(["--rounds", "3", "--steps", "5", "--warmup", "0"])
+    rounds = bench.run_rounds([fast, impl], WORKLOADS["gpt2-tiny"], torch.device("cpu"), args)
+    assert [len(r) for r in rounds] == [2] * bench.SLOW_ROUNDS + [1] * (3 - bench.SLOW_ROUNDS)
+    pooled = {m["impl"].name: m for m in bench.pool_rounds(rounds)}
+    assert list(pooled) == ["fast", "slow"]
+    assert len(pooled["fast"]["times"]) == 15 and len(pooled["slow"]["times"]) == bench.SLOW_ROUNDS * bench.SLOW_STEPS
 
 
 def _measurement(impl, ms, params=1000, tensors=3, state=None):
@@ -271,6 +458,31 @@ def test_bench_writes_json_and_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_8bit_rows(tmp_path):
+    """The 8-bit rows and their floors: bytes counted param by param on the workload,
+    the same for a row and its floor; state bytes per param in the memory table."""
+    path = tmp_path / "result.json"
+    bench.main(["--workload", "gpt2-tiny", "--device", "cpu", "--rounds", "1", "--steps", "1", "--warmup", "0",
+                "--impls", "cpu-adamw8bit,cpu-lion8bit", "--json", str(path)])
+    document = json.loads(path.read_text())
+    rows = {r["impl"]: r for r in document["results"]}
+    assert set(rows) == {bench.TORCH_FUSED, "cpu-adamw8bit", "cpu-lion8bit",
+                         "floor-adamw", "floor-adamw8bit", "floor-lion8bit"}
+    model = _tiny_model()
+    params = sum(p.numel() for p in model.parameters())
+    for name, algorithm in (("cpu-adamw8bit", "adamw8bit"), ("cpu-lion8bit", "lion8bit")):
+        row = rows[name]
+        assert row["floor"] == "floor-" + algorithm
+        assert row["bytes_per_param"] == round(bench.step_bytes(algorithm, model) / params, 4)
+        assert row["bytes_per_param"] == rows[row["floor"]]["bytes_per_param"]
+        assert bench.OUR_ALGORITHMS[algorithm] < row["bytes_per_param"] < bench.OUR_ALGORITHMS[algorithm] + 0.2
+        assert row["ratio_vs_torch_fused"] > 0 and row["samples"] == 1
+    memory = {m["impl"]: m for m in document["memory"]}
+    assert memory[bench.TORCH_FUSED]["state_bytes_per_param"] == 8
+    assert 2 < memory["cpu-adamw8bit"]["state_bytes_per_param"] < 2.2  # codes + absmax (+ small params)
+    assert memory["cpu-adamw8bit"]["fraction_of_adamw"] < 0.28
+
+
 def test_plot_path_without_json(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "plots" / "bench.png"
@@ -307,6 +519,23 @@ def test_progress_falls_back_to_text_without_tqdm(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "0/2 round 1/2: dummy" in err and "1/2 round 2/2: dummy" in err and "2/2 done" in err
     assert bench._progress is None  # log() prints plainly again afterwards
+
+
+def test_a_peer_that_raises_is_dropped(capsys):
+    class Step:
+        def step(self):
+            pass
+
+    def broken(model):
+        raise RuntimeError("no compiler")
+
+    impls = [bench.Impl("fine", 4, lambda model: Step()), bench.Impl("peer", 4, broken, slow=True)]
+    args = bench.parse_args(["--rounds", "2", "--steps", "1", "--warmup", "0"])
+    rounds = bench.run_rounds(impls, WORKLOADS["gpt2-tiny"], torch.device("cpu"), args)
+    assert [[m["impl"].name for m in r] for r in rounds] == [["fine"], ["fine"]]
+    assert "dropping peer: it raised RuntimeError: no compiler" in capsys.readouterr().err
+    with pytest.raises(RuntimeError):  # not a peer: the run stops
+        bench.run_rounds([bench.Impl("ours", 4, broken)], WORKLOADS["gpt2-tiny"], torch.device("cpu"), args)
 
 
 def test_progress_uses_tqdm_when_installed():

@@ -74,3 +74,58 @@ def test_demo_bf16_runs(tmp_path):
     assert nearest["train_loss"] != stochastic["train_loss"]  # the rounding differs
     # bf16 states: half of float32 AdamW's 8 bytes per param (and a step counter per tensor)
     assert nearest["state_bytes"] == pytest.approx(4 * saved["model"]["params"], rel=0.01)
+
+
+def _tiny_8bit_args(out, optimizers):
+    # d_model 64: every matrix and the embedding have at least 4096 elements (FP8 states)
+    return demo.parse_args([
+        "--steps", "12", "--out", str(out), "--optimizers", optimizers, "--seed", "1",
+        "--d-model", "64", "--n-layer", "1", "--n-head", "2", "--seq-len", "32", "--batch", "8",
+        "--warmup", "3", "--rms-every", "4", "--eval-every", "6", "--eval-batches", "2",
+        "--data-bytes", "300000", "--no-progress",
+    ])
+
+
+def test_demo_8bit_runs(tmp_path):
+    """adamw8bit and lion8bit: the hyper-parameters of adamw and lion, FP8 states (about
+    a quarter of AdamW's bytes), in the default set; bnb-adamw8bit is not."""
+    pytest.importorskip("matplotlib")
+    defaults = demo.DemoConfig().optimizers
+    assert {"adamw8bit", "lion8bit"} <= set(defaults) and "bnb-adamw8bit" not in defaults
+    out = tmp_path / "demo"
+    demo.run(_tiny_8bit_args(out, "adamw,adamw8bit,lion,lion8bit"), command="test")
+    saved = json.loads((out / "demo.json").read_text())
+    results = saved["results"]
+    for low, full in (("adamw8bit", "adamw"), ("lion8bit", "lion")):
+        assert results[low]["lr"] == results[full]["lr"] and results[low]["hparams"] == results[full]["hparams"]
+        r = results[low]
+        assert all(math.isfinite(v) for v in r["train_loss"] + r["val"]["loss"]), low
+        assert r["train_loss"][-1] < r["train_loss"][0]
+        assert r["train_loss"] != results[full]["train_loss"]  # the states are quantized
+        check = saved["checks"][f"{low}_vs_{full}"]
+        assert check["state_bytes_ratio"] == pytest.approx(r["state_bytes"] / results[full]["state_bytes"], rel=1e-5)
+        assert check["state_bytes_ratio"] < 0.35  # codes + absmax; float32 states of the vectors
+    assert "adamw8bit_vs_bnb-adamw8bit" not in saved["checks"]
+
+
+def test_demo_bnb_adamw8bit_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "demo"
+    demo.run(_tiny_8bit_args(out, "adamw8bit,bnb-adamw8bit"), command="test")
+    saved = json.loads((out / "demo.json").read_text())
+    bnb, ours = saved["results"]["bnb-adamw8bit"], saved["results"]["adamw8bit"]
+    assert bnb["hparams"] == {**ours["hparams"], "min_8bit_size": 4096} and bnb["lr"] == ours["lr"]
+    assert all(math.isfinite(v) for v in bnb["train_loss"]) and bnb["train_loss"][-1] < bnb["train_loss"][0]
+    # 8-bit states of the same params (bnb: plus two shared 1 KB maps, less the step tensors)
+    assert bnb["state_bytes"] == pytest.approx(ours["state_bytes"], rel=0.02)
+    assert "adamw8bit_vs_bnb-adamw8bit" in saved["checks"]
+
+
+def test_demo_bnb_run_without_bitsandbytes_names_the_package(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(SystemExit, match=r"pip install bitsandbytes"):
+        demo.parse_args(["--optimizers", "adamw,bnb-adamw8bit"])
+    assert demo.parse_args(["--optimizers", "adamw8bit"]).optimizers == ["adamw8bit"]
