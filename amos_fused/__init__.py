@@ -1,6 +1,7 @@
 """amos_fused: the whole optimizer step of AdamW, Adam, RAdam, Lion, Amos,
-scale-aware AdamW (ScaledAdamW) and LAMB in one pass over memory per bucket of
-parameters, as fused kernels behind torch.optim-compatible classes.  See README.md."""
+scale-aware AdamW (ScaledAdamW) and LAMB, and of AdamW8bit, Adam8bit and Lion8bit
+(block-scaled FP8 moments), in one pass over memory per bucket of parameters, as
+fused kernels behind torch.optim-compatible classes.  See README.md."""
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
 from . import _C  # noqa: F401  (registers the compiled ops: torch.ops.amos_fused)

@@ -1,7 +1,9 @@
 """The machinery every amos_fused optimizer shares: checking a whole step before
 anything is written, bucketing, lazy state, backend dispatch and checkpoint
-loading.  Subclasses (optim.py, norm_scaled.py) only say what their state is
-and how one bucket is stepped by the fused kernels and by the reference.
+loading.  Subclasses (optim.py, norm_scaled.py, optim_fp8.py) only say what
+their state is and how one bucket is stepped by the fused kernels and by the
+reference; states named in ``fp8_state_keys`` are kept as block-scaled FP8 codes
+for the params that allow it (fp8_states.py), in buckets of their own.
 
 Like torch.optim, every step reads ``group['params']``, each param's ``.grad``
 and ``self.state`` afresh: a user may clear the state, replace a state tensor,
