@@ -24,7 +24,8 @@ VENV_FLAGS := $(shell $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.versi
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install ninja numpy "pytest>=8" "hypothesis>=6" "ruff>=0.5"
+	# matplotlib and tqdm (the plot and demo extras): the tests of --plot and of the demo run too.
+	$(PY) -m pip install ninja numpy "pytest>=8" "hypothesis>=6" "ruff>=0.5" matplotlib tqdm
 	$(PY) -m pip install --no-deps pytorch-optimizer==4.1.0
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install --no-deps triton==3.9.0
 	# Real clients for the integration tests (tests/test_clients.py skips without them).
