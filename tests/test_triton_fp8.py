@@ -94,14 +94,56 @@ def _run(name, backend, dtype, steps=STEPS, **extra):
     return params, opt
 
 
+@triton.jit
+def _fma_kernel(out):
+    x = tl.full((1,), 1.0 + 2.0**-12, tl.float32)
+    tl.store(out + tl.arange(0, 1), tl.fma(x, x, tl.full((1,), -(1.0 + 2.0**-11), tl.float32)))
+
+
+def _fma_rounds_once() -> bool:
+    """Whether tl.fma rounds a·b + c once, as the CPU kernels' fma does: true on a
+    GPU and in triton 3.9's interpreter; triton 3.6's interpreter computes a·b + c
+    with two float32 roundings (its full-precision Adam then differs from the CPU
+    kernels by an ulp here and there too).  (1 + 2^-12)² − (1 + 2^-11) is 2^-24
+    rounded once, 0 rounded twice."""
+    out = torch.zeros(1, device=DEVICE)
+    _fma_kernel[(1,)](out)
+    return float(out) == 2.0**-24
+
+
+FMA_ROUNDS_ONCE = _fma_rounds_once()
+
+
+def _code_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many E4M3 steps apart two codes are (same sign: magnitude difference)."""
+    signed = lambda c: torch.where(c >= 128, -(c - 128), c)  # noqa: E731
+    return (signed(a.cpu().int()) - signed(b.cpu().int())).abs()
+
+
 def _assert_bitwise(run_a, run_b):
+    """Params, codes and absmax bit for bit equal where tl.fma rounds once; with an
+    fma rounded twice (triton 3.6's interpreter) the update differs by an ulp at
+    times, so: params and absmax within 1e-5 (reduced-precision params: a
+    neighbouring value), codes at most one E4M3 step apart in at most 1% of them."""
     (params_a, opt_a), (params_b, opt_b) = run_a, run_b
     for i, (a, b) in enumerate(zip(params_a, params_b)):
-        assert a.stride() == b.stride() and torch.equal(_bits(a), _bits(b)), f"param {i}"
+        assert a.stride() == b.stride(), f"param {i}"
         state_a, state_b = opt_a.state[a], opt_b.state[b]
         assert set(state_a) == set(state_b)
+        if FMA_ROUNDS_ONCE:
+            assert torch.equal(_bits(a), _bits(b)), f"param {i}"
+            for key in state_a:
+                assert torch.equal(_bits(state_a[key]), _bits(state_b[key])), f"param {i} state {key!r}"
+            continue
+        tol = 1e-5 if a.dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(a.detach().cpu().float(), b.detach().cpu().float(), rtol=tol, atol=tol)
         for key in state_a:
-            assert torch.equal(_bits(state_a[key]), _bits(state_b[key])), f"param {i} state {key!r}"
+            x, y = state_a[key].cpu(), state_b[key].cpu()
+            if x.dtype == torch.uint8:
+                steps = _code_steps(x, y)
+                assert int(steps.max()) <= 1 and float((steps > 0).float().mean()) <= 0.01, f"param {i} {key!r}"
+            else:
+                torch.testing.assert_close(x.float(), y.float(), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------

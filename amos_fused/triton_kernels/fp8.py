@@ -83,7 +83,9 @@ def fp8_decode(code, factor):
     normal = ((magnitude << 20) + (120 << 23)).to(tl.float32, bitcast=True)
     subnormal = magnitude.to(tl.float32) * (1.0 / 512.0)
     value = tl.where(magnitude >= 8, normal, subnormal)
-    return tl.where((c & 0x80) != 0, -value, value) * factor
+    # the code's sign bit set on the value's bits (−0 for code 0x80, as in C++)
+    signed = (value.to(tl.uint32, bitcast=True) | ((c & 0x80) << 24)).to(tl.float32, bitcast=True)
+    return signed * factor
 
 
 @triton.jit
