@@ -51,6 +51,12 @@ class Bucket:
             yield p, g, {key: values[i] for key, values in self.state.items()}
 
 
+def memory_order(t: Tensor) -> List[int]:
+    """t's dims from the outermost in memory to the innermost (stable for ties):
+    ``t.permute(memory_order(t))`` is contiguous when t is dense."""
+    return sorted(range(t.dim()), key=lambda d: -t.stride(d))
+
+
 def kernel_dtype(p: Tensor) -> torch.dtype:
     return REAL_OF_COMPLEX.get(p.dtype, p.dtype)
 

@@ -29,6 +29,8 @@ from typing import Dict, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .buckets import memory_order
+
 BLOCK = 256
 MIN_NUMEL = 4096
 FP8_MAX = 448.0
@@ -53,13 +55,9 @@ def num_blocks(numel: int) -> int:
     return (numel + BLOCK - 1) // BLOCK
 
 
-def _memory_order(t: Tensor):
-    return sorted(range(t.dim()), key=lambda d: -t.stride(d))
-
-
 def _flat(t: Tensor, layout: Tensor) -> Tensor:
     """t's elements in ``layout``'s memory order (a view when t is laid out like it)."""
-    return t.permute(_memory_order(layout)).reshape(-1)
+    return t.permute(memory_order(layout)).reshape(-1)
 
 
 def encode(values: Tensor, root: bool) -> Tuple[Tensor, Tensor]:

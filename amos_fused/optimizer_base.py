@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .backends import backend_for, check_backend, fused_ops
-from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype
+from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype, memory_order
 from .checks import Problem, Walk, check_step, first_overlap, step_error
 from . import fp8_states
 from .contracts import call_fp8_step, call_step
@@ -48,12 +48,6 @@ def torch_flags(maximize=False, foreach=None, capturable=False, differentiable=F
 def group_backend(group: dict) -> Optional[str]:
     """The backend a group asks for: ``fused=False`` means the reference."""
     return "reference" if group.get("fused") is False else group["backend"]
-
-
-def memory_order(t: Tensor) -> List[int]:
-    """t's dims from the outermost in memory to the innermost (stable for ties):
-    ``t.permute(memory_order(t))`` is contiguous when t is dense."""
-    return sorted(range(t.dim()), key=lambda d: -t.stride(d))
 
 
 def zeros_in_memory_order(like: Tensor, shape) -> Tensor:
