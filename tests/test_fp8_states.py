@@ -1049,3 +1049,83 @@ def test_tracks_float32_adamw_like_bitsandbytes(lr, ratio):
     assert float((theta_full - theta32).norm()) <= 1e-4
     assert d_ours <= ratio * d_bnb + 1e-3 * moved
     assert d_ours >= 0.02 * moved  # not vacuous: 8-bit states do move the trajectory
+
+
+# ---------------------------------------------------------------------------
+# torch.optim's semantics when the user edits opt.state or param_groups
+# ---------------------------------------------------------------------------
+
+def _fresh_step_states(params, grads, backend):
+    opt = af.AdamW8bit(params, backend=backend, lr=1e-2)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_cleared_state_starts_afresh(backend):
+    """opt.state.clear() between steps: the next step creates new FP8 states, exactly
+    as a new optimizer's first step does."""
+    torch.manual_seed(0)
+    start = [torch.randn(64, 80), torch.randn(30)]
+    grads = [torch.randn_like(t) for t in start]
+    params = [torch.nn.Parameter(t.clone()) for t in start]
+    opt = af.AdamW8bit(params, backend=backend, lr=1e-2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.state.clear()
+    for p, t, g in zip(params, start, grads):
+        p.data.copy_(t)
+        p.grad = g.clone()
+    opt.step()
+    fresh_params = [torch.nn.Parameter(t.clone()) for t in start]
+    fresh = _fresh_step_states(fresh_params, grads, backend)
+    for p, q in zip(params, fresh_params):
+        assert torch.equal(p, q)
+        assert set(opt.state[p]) == set(fresh.state[q])
+        for key in opt.state[p]:
+            assert torch.equal(opt.state[p][key], fresh.state[q][key]), key
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_param_that_shrinks_below_the_fp8_size_gets_float_states(backend):
+    """A param whose data is replaced by a tensor under 4096 elements (its state
+    deleted, as torch.optim requires for a new shape) is stepped with float states;
+    one that grows past it gets codes; the group's plan follows."""
+    big, small = torch.nn.Parameter(torch.randn(64, 80)), torch.nn.Parameter(torch.randn(30))
+    opt = af.AdamW8bit([big, small], backend=backend, lr=1e-2)
+    for p in (big, small):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[big]["exp_avg"].dtype == torch.uint8 and opt.state[small]["exp_avg"].dtype == torch.float32
+    big.data, small.data = torch.randn(10, 10), torch.randn(70, 64)
+    del opt.state[big], opt.state[small]
+    for p in (big, small):
+        p.grad = torch.randn_like(p)
+    before = [big.detach().clone(), small.detach().clone()]
+    opt.step()
+    assert opt.state[big]["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in opt.state[big]
+    assert opt.state[small]["exp_avg"].dtype == torch.uint8 and "exp_avg_absmax" in opt.state[small]
+    assert not torch.equal(big, before[0]) and not torch.equal(small, before[1])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_added_param_group_keeps_fp8_states(backend):
+    """A group added after steps: its big params get FP8 states, its small ones float
+    states, and the first group's states are untouched by the new group's creation."""
+    first = torch.nn.Parameter(torch.randn(5000))
+    opt = af.Lion8bit([first], backend=backend, lr=1e-3)
+    first.grad = torch.randn(5000)
+    opt.step()
+    kept = {k: v.clone() for k, v in opt.state[first].items()}
+    added = [torch.nn.Parameter(torch.randn(4096)), torch.nn.Parameter(torch.randn(8))]
+    opt.add_param_group({"params": added, "lr": 1e-2})
+    for p in added:
+        p.grad = torch.randn_like(p)
+    first.grad = None
+    opt.step()
+    assert all(torch.equal(opt.state[first][k], v) for k, v in kept.items())
+    assert opt.state[added[0]]["exp_avg"].dtype == torch.uint8
+    assert opt.state[added[1]]["exp_avg"].dtype == torch.float32
