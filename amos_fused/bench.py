@@ -15,7 +15,10 @@ skips them all): ``bnb-adamw8bit`` (bitsandbytes.optim.AdamW8bit, min_8bit_size=
 ``torchao-adamw8bit`` (torchao.optim.AdamW8bit) and ``torchao-adamw-bf16-sr``
 (torchao's full-precision AdamW, ``torchao.optim._AdamW``, with
 bf16_stochastic_round=True on bfloat16 params); and the floors, each row's own
-reference:
+reference (``adamw-master``, AdamW on bfloat16 params and grads with float32 master
+weights and states, moves 28 B/param like float32 AdamW and is read against its
+floor: the same byte count, 14 B read and 14 B written where the floor reads 16 and
+writes 12):
 
 - on CPU, one `floor-<algorithm>` row per pattern of memory traffic (`PASSES`):
   ``torch.ops.amos_fused.stream_floor`` moves exactly the bytes of the algorithm's
@@ -100,6 +103,9 @@ OUR_ALGORITHMS = {
     "amos" + TELEMETRY_SUFFIX: 12,
     # bfloat16 params, grads and states, stored with stochastic rounding: AdamW's streams at 2 B
     "adamw-bf16-sr": 14,
+    # bfloat16 params and grads with float32 master weights and states (master_weights=True):
+    # reads the master, m, v (12 B) and g (2 B); writes the master, m, v (12 B) and p (2 B)
+    "adamw-master": 28,
     # FP8 states (amos_fused/fp8_states.py): p, g in float32 (12 B), each moment as uint8
     # codes (1 B in, 1 B out) and one float32 absmax per block of 256 (4/256 B in and out)
     "adamw8bit": 12 + 2 * (2 + 8 / 256),   # 16.0625
@@ -131,6 +137,9 @@ PASSES: Dict[str, List[Pass]] = {
 }
 PASSES.update({a + TELEMETRY_SUFFIX: PASSES[a] for a in ("adamw", "amos")})
 PASSES["adamw-bf16-sr"] = PASSES["adamw"]
+# 28 B as AdamW's floor (p, m, v read and written, g read, all float32), which it is
+# read against: the same byte count, with 2 B of the reads moved to the writes.
+PASSES["adamw-master"] = PASSES["adamw"]
 
 
 def element_size(algorithm: str) -> int:
@@ -258,6 +267,9 @@ def make_ours(model, backend="cpu", algorithm="adamw"):
     if algorithm == "adamw-bf16-sr":
         return amos_fused.AdamW(model.to(torch.bfloat16).parameters(), **ADAMW_HYPER, backend=backend,
                                 bf16_stochastic_round=True)
+    if algorithm == "adamw-master":
+        return amos_fused.AdamW(model.to(torch.bfloat16).parameters(), **ADAMW_HYPER, backend=backend,
+                                master_weights=True)
     if algorithm.endswith(TELEMETRY_SUFFIX):
         opt = make_ours(model, backend, algorithm[:-len(TELEMETRY_SUFFIX)])
         for group in opt.param_groups:

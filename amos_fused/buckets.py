@@ -7,12 +7,13 @@ differ.  The lists of a bucket are gathered anew at every step from the params'
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .checks import REAL_OF_COMPLEX
+from .master_weights import has_master
 from .sharding import is_dtensor
 
 
@@ -26,6 +27,9 @@ class BucketSpec:
     complex_positions: frozenset = frozenset()
     dtensor_positions: frozenset = frozenset()
     fp8: bool = False  # its states are block-scaled FP8 (amos_fused/fp8_states.py)
+    # The params' dtype when the kernels step their float32 masters (dtype is then
+    # float32; amos_fused/master_weights.py), else None.
+    master_of: Optional[torch.dtype] = None
 
 
 @dataclass
@@ -44,6 +48,10 @@ class Bucket:
     # Per-param hyper-parameters (e.g. Amos's eta), by group key, in bucket order.
     per_param: Dict[str, List[float]] = field(default_factory=dict)
     fp8: bool = False  # its states are block-scaled FP8 (amos_fused/fp8_states.py)
+    # With master weights: the low-precision params (aligned with ``params``, the
+    # masters), written from the masters after the step.  Else empty.
+    shadows: List[Tensor] = field(default_factory=list)
+    shadows_in_kernel: bool = False  # the step op writes them (its low_params), else a copy after
 
     def each(self):
         """(param, grad, state) per param, the state a dict of kernel views by key."""
@@ -64,27 +72,33 @@ def kernel_dtype(p: Tensor) -> torch.dtype:
 @dataclass
 class GroupPlan:
     """How one param group splits into buckets (first-seen order of (device, dtype,
-    whether the states are FP8))."""
+    whether the states are FP8, whether float32 masters are stepped))."""
 
     params: List[Tensor]  # a copy of group['params'] when the plan was made
     specs: List[BucketSpec]
+    master_weights: bool  # the group's master_weights when the plan was made
     # Per-param hyper-parameter lists by group key, with the group value they came from.
     per_param: Dict[str, tuple] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, params: Sequence[Tensor], keeps_fp8: Callable[[Tensor], bool] = lambda p: False) -> "GroupPlan":
+    def build(cls, params: Sequence[Tensor], keeps_fp8: Callable[[Tensor], bool] = lambda p: False,
+              master_weights: bool = False) -> "GroupPlan":
         by_kind: Dict[tuple, BucketSpec] = {}
         for i, p in enumerate(params):
-            kind = (p.device, kernel_dtype(p), keeps_fp8(p))
+            master = has_master(p, master_weights)
+            kind = (p.device, kernel_dtype(p), keeps_fp8(p), master)
             if kind not in by_kind:
-                by_kind[kind] = BucketSpec(device=kind[0], dtype=kind[1], positions=[], fp8=kind[2])
+                by_kind[kind] = BucketSpec(device=p.device, dtype=torch.float32 if master else kind[1], positions=[],
+                                           fp8=kind[2], master_of=p.dtype if master else None)
             by_kind[kind].positions.append(i)
         for spec in by_kind.values():
             spec.complex_positions = frozenset(i for i in spec.positions if params[i].is_complex())
             spec.dtensor_positions = frozenset(i for i in spec.positions if is_dtensor(params[i]))
-        return cls(list(params), list(by_kind.values()))
+        return cls(list(params), list(by_kind.values()), bool(master_weights))
 
-    def matches(self, params: Sequence[Tensor]) -> bool:
-        """True while ``params`` holds the same tensors, in the same order."""
+    def matches(self, params: Sequence[Tensor], master_weights: bool = False) -> bool:
+        """True while ``params`` holds the same tensors, in the same order (and the
+        group's master_weights is unchanged)."""
         mine = self.params
-        return len(params) == len(mine) and all(a is b for a, b in zip(params, mine))
+        return (bool(master_weights) == self.master_weights and len(params) == len(mine)
+                and all(a is b for a, b in zip(params, mine)))

@@ -32,6 +32,13 @@ def algorithms() -> Tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=None)
+def master_algorithms() -> Tuple[str, ...]:
+    """The algorithms whose CPU step op writes low-precision params from their
+    float32 masters in the same pass (its ``low_params``)."""
+    return tuple(torch.ops.amos_fused.master_algorithms())
+
+
+@functools.lru_cache(maxsize=None)
 def contract(algorithm: str) -> Contract:
     return Contract(*(tuple(names) for names in torch.ops.amos_fused.contract(algorithm)))
 
@@ -74,14 +81,18 @@ def call_step(ops, algorithm: str, params: Sequence[Tensor], grads: Sequence[Ten
               state: Mapping[str, Sequence[Tensor]], steps: Sequence[Tensor],
               hyper: Mapping[str, float], per_tensor: Sequence[float] = (),
               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-              telemetry: Optional[Tensor] = None, round_keys: Optional[Sequence[int]] = None) -> None:
+              telemetry: Optional[Tensor] = None, round_keys: Optional[Sequence[int]] = None,
+              low_params: Optional[Sequence[Tensor]] = None) -> None:
     """One ``ops.step`` call (``ops``: torch.ops.amos_fused or the Triton ops) with the
     state lists and hyper-parameters given by name; ``telemetry``: the op's optional
     [len(params), 2] float64 output (Σθ², Σ(Δθ)² per param); ``round_keys``: one key per
-    bfloat16 param to store it with stochastic rounding (amos_fused/stochastic_round.py)."""
+    bfloat16 param to store it with stochastic rounding (amos_fused/stochastic_round.py);
+    ``low_params``: the bfloat16 / float16 params whose float32 masters ``params`` are,
+    written in the same pass (CPU, ``master_algorithms()``)."""
     states, values = step_arguments(algorithm, hyper, state)
+    extra = {} if low_params is None else {"low_params": list(low_params)}
     ops.step(algorithm, list(params), list(grads), states, list(steps), values, list(per_tensor),
-             grad_scale, found_inf, telemetry, None if round_keys is None else list(round_keys))
+             grad_scale, found_inf, telemetry, None if round_keys is None else list(round_keys), **extra)
 
 
 def call_fp8_step(ops, algorithm: str, params: Sequence[Tensor], grads: Sequence[Tensor],

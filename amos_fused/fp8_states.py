@@ -40,9 +40,12 @@ ROOT_KEYS = frozenset({"exp_avg_sq"})
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+ABSMAX_SUFFIX = "_absmax"
+
+
 def absmax_key(key: str) -> str:
     """The state key of a coded state's per-block absmax: ``exp_avg`` → ``exp_avg_absmax``."""
-    return key + "_absmax"
+    return key + ABSMAX_SUFFIX
 
 
 def keeps_fp8(p: Tensor) -> bool:

@@ -78,11 +78,11 @@ class ScaledAdamW(_AdamMoments):
                  decay="inverse_square", q=1.0, sigma=None,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False,
                  fused=None, backend=None, track_rms=False,
-                 bf16_stochastic_round=False, stochastic_round_seed=0):
+                 bf16_stochastic_round=False, stochastic_round_seed=0, master_weights=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, p=p, half_life=half_life, decay=decay, q=q,
                         sigma=sigma, init_norm=None,
                         **torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms,
-                                    bf16_stochastic_round, stochastic_round_seed))
+                                    bf16_stochastic_round, stochastic_round_seed, master_weights))
         super().__init__(params, defaults)
 
     def _check_group(self, group):
@@ -154,11 +154,11 @@ class Lamb(_AdamMoments):
                  bias_correction=True,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False,
                  fused=None, backend=None, track_rms=False,
-                 bf16_stochastic_round=False, stochastic_round_seed=0):
+                 bf16_stochastic_round=False, stochastic_round_seed=0, master_weights=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction,
                         **torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms,
-                                    bf16_stochastic_round, stochastic_round_seed))
+                                    bf16_stochastic_round, stochastic_round_seed, master_weights))
         super().__init__(params, defaults)
 
     def _check_group(self, group):

@@ -88,10 +88,10 @@ class AdamW(_AdamFamily):
                  amsgrad=False, bias_correction=True,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False,
                  fused=None, backend=None, track_rms=False,
-                 bf16_stochastic_round=False, stochastic_round_seed=0):
+                 bf16_stochastic_round=False, stochastic_round_seed=0, master_weights=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, bias_correction, True,
                          torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms,
-                                    bf16_stochastic_round, stochastic_round_seed))
+                                    bf16_stochastic_round, stochastic_round_seed, master_weights))
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -106,10 +106,10 @@ class Adam(_AdamFamily):
                  amsgrad=False, bias_correction=True,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False,
                  fused=None, backend=None, track_rms=False,
-                 bf16_stochastic_round=False, stochastic_round_seed=0):
+                 bf16_stochastic_round=False, stochastic_round_seed=0, master_weights=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, bias_correction, False,
                          torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms,
-                                    bf16_stochastic_round, stochastic_round_seed))
+                                    bf16_stochastic_round, stochastic_round_seed, master_weights))
 
 
 class RAdam(FusedOptimizer):
@@ -124,12 +124,12 @@ class RAdam(FusedOptimizer):
                  decoupled_weight_decay=False, rectify_threshold=5.0,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False,
                  fused=None, backend=None, track_rms=False,
-                 bf16_stochastic_round=False, stochastic_round_seed=0):
+                 bf16_stochastic_round=False, stochastic_round_seed=0, master_weights=False):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, rectify_threshold=rectify_threshold,
             **torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms,
-                                    bf16_stochastic_round, stochastic_round_seed),
+                                    bf16_stochastic_round, stochastic_round_seed, master_weights),
         )
         super().__init__(params, defaults)
 
@@ -167,10 +167,10 @@ class Lion(FusedOptimizer):
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False,
                  fused=None, backend=None, track_rms=False,
-                 bf16_stochastic_round=False, stochastic_round_seed=0):
+                 bf16_stochastic_round=False, stochastic_round_seed=0, master_weights=False):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
                                       **torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms,
-                                    bf16_stochastic_round, stochastic_round_seed)))
+                                    bf16_stochastic_round, stochastic_round_seed, master_weights)))
 
     def _check_group(self, group):
         hp.nonnegative("learning rate", group["lr"])
@@ -224,13 +224,13 @@ class Amos(FusedOptimizer):
                  clip_value=None, extra_l2=0.0, d_coef=0.25, c_coef=0.25, epsilon=2.0**-125,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False,
                  fused=None, backend=None, track_rms=False,
-                 bf16_stochastic_round=False, stochastic_round_seed=0):
+                 bf16_stochastic_round=False, stochastic_round_seed=0, master_weights=False):
         defaults = dict(
             lr=lr, eta=eta, reduce_axes=reduce_axes, beta=beta, momentum=momentum,
             clip_value=clip_value, extra_l2=extra_l2, d_coef=d_coef, c_coef=c_coef,
             epsilon=epsilon,
             **torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms,
-                                    bf16_stochastic_round, stochastic_round_seed),
+                                    bf16_stochastic_round, stochastic_round_seed, master_weights),
         )
         super().__init__(params, defaults)
 
@@ -304,11 +304,13 @@ class Amos(FusedOptimizer):
             return zeros_in_memory_order(like, shape)
         return slot_zeros(p, slot, make) if is_dtensor(p) else make(p, slot)
 
-    def _own_copy(self, param, key, value):
+    def _own_copy(self, param, key, value, master=False):
         if key in self.slot_keys and isinstance(value, Tensor):
-            slot = tuple(value.shape)
-            return self._slot_zeros(param, slot).copy_(value.detach().to(param.device, param.dtype))
-        return super()._own_copy(param, key, value)
+            like = param
+            if master and value.dtype == torch.float32:  # the slots of a param with a float32 master
+                like = param.detach().to(torch.float32)
+            return self._slot_zeros(like, tuple(value.shape)).copy_(value.detach().to(like.device, like.dtype))
+        return super()._own_copy(param, key, value, master)
 
     def _hyper(self, group):
         momentum, clip_value = group["momentum"], group["clip_value"]

@@ -21,7 +21,9 @@ from .backends import backend_for, check_backend, fused_ops
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype, memory_order
 from .checks import Problem, Walk, check_step, first_overlap, step_error
 from . import fp8_states
-from .contracts import call_fp8_step, call_step
+from .master_weights import MASTER_KEY, float32_copy, has_master, master_problem, upcast_states
+from . import master_weights as masters
+from .contracts import call_fp8_step, call_step, master_algorithms
 from .sharding import is_dtensor, local
 from .stochastic_round import round_key, round_to_bfloat16
 from .telemetry import RMS, Recorder, measured_sums, new_table, snapshot
@@ -29,7 +31,7 @@ from .telemetry import RMS, Recorder, measured_sums, new_table, snapshot
 
 def torch_flags(maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
                 backend=None, track_rms=False, bf16_stochastic_round=False,
-                stochastic_round_seed=0) -> Dict[str, Any]:
+                stochastic_round_seed=0, master_weights=False) -> Dict[str, Any]:
     """The keyword-only flags every optimizer takes, as group defaults: torch.optim's
     own (``maximize``: g ← −g; ``foreach``: accepted, no effect — every step is one
     fused pass per bucket or the reference's per-tensor loop; ``fused``: None or
@@ -39,10 +41,14 @@ def torch_flags(maximize=False, foreach=None, capturable=False, differentiable=F
     measures every param's weight and update RMS, read with ``optimizer.rms()``
     (amos_fused/telemetry.py), and ``bf16_stochastic_round``: bfloat16 params are
     stored with stochastic rounding, its bits hashed from ``stochastic_round_seed``
-    (amos_fused/stochastic_round.py)."""
+    (amos_fused/stochastic_round.py), and ``master_weights``: each bfloat16 /
+    float16 param has a float32 copy in its state (``'master_param'``) which the
+    step updates, with float32 states, and the param is written as the master
+    rounded to nearest (amos_fused/master_weights.py)."""
     return dict(maximize=maximize, foreach=foreach, capturable=capturable,
                 differentiable=differentiable, fused=fused, backend=backend, track_rms=track_rms,
-                bf16_stochastic_round=bf16_stochastic_round, stochastic_round_seed=stochastic_round_seed)
+                bf16_stochastic_round=bf16_stochastic_round, stochastic_round_seed=stochastic_round_seed,
+                master_weights=master_weights)
 
 
 def group_backend(group: dict) -> Optional[str]:
@@ -65,7 +71,8 @@ class _StalePlan(Exception):
 
 class _Ready:
     """One param group's step, checked and ready to run: its buckets and the
-    state to create for params stepped for the first time."""
+    state changes to make first (``(param, {key: tensor, or None to remove})``:
+    fresh state of params stepped for the first time, masters made or dropped)."""
 
     def __init__(self, group: dict, buckets: List[Bucket], new_states: List[Tuple[Tensor, dict]],
                  first_index: int):
@@ -103,7 +110,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._plans: Dict[int, GroupPlan] = {}
         self._telemetry = Recorder()
         super().__init__(params, {"maximize": False, "track_rms": False, "bf16_stochastic_round": False,
-                                  "stochastic_round_seed": 0, **defaults})
+                                  "stochastic_round_seed": 0, "master_weights": False, **defaults})
 
     # ---- subclass hooks ---------------------------------------------------
     def _check_group(self, group: dict) -> None:
@@ -154,7 +161,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         per_tensor = bucket.per_param[self.per_param_keys[0]] if self.per_param_keys else []
         call_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
                   self._hyper(group), per_tensor, telemetry=telemetry, round_keys=round_keys,
-                  **self._grad_scaling())
+                  low_params=bucket.shadows if bucket.shadows_in_kernel else None, **self._grad_scaling())
 
     def _reference_step(self, bucket: Bucket, group: dict) -> None:
         raise NotImplementedError
@@ -200,9 +207,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                              "the steps read their step counters on the host")
         if group.get("fused") and group["backend"] == "reference":
             raise ValueError(f"{self._name}: fused=True contradicts backend='reference'")
-        for flag in ("maximize", "track_rms", "bf16_stochastic_round"):
+        for flag in ("maximize", "track_rms", "bf16_stochastic_round", "master_weights"):
             if not isinstance(group.get(flag, False), bool):
                 raise ValueError(f"{self._name}: {flag} must be True or False, got {group[flag]!r}")
+        if group.get("master_weights") and group.get("bf16_stochastic_round"):
+            raise ValueError(f"{self._name}: master_weights=True and bf16_stochastic_round=True exclude each "
+                             "other (with float32 master weights the param is the master rounded to nearest)")
         seed = group.get("stochastic_round_seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
             raise ValueError(f"{self._name}: stochastic_round_seed must be an int in [0, 2**31), got {seed!r}")
@@ -235,7 +245,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{self._where(gj, pj, q)} shares memory with param_groups[{gi}]"
                              f"['params'][{pi}]; overlapping params cannot be stepped")
         self._check_group_params(group)
-        return GroupPlan.build(params, self._keeps_fp8)
+        return GroupPlan.build(params, self._keeps_fp8, group.get("master_weights", False))
 
     # ---- step -------------------------------------------------------------
     # torch.optim's own way to keep Dynamo out (imports torch._dynamo lazily, at the first call).
@@ -261,7 +271,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _plan(self, index: int, group: dict, rebuild: bool) -> GroupPlan:
         plan = self._plans.get(index)
-        if rebuild or plan is None or not plan.matches(group["params"]):
+        if rebuild or plan is None or not plan.matches(group["params"], group.get("master_weights", False)):
             plan = self._plans[index] = self._make_plan(index, group)
         return plan
 
@@ -293,6 +303,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         owners = [plan.params[i] for i in positions]
         if self.fp8_state_keys and any(self._keeps_fp8(p) != spec.fp8 for p in owners):
             raise _StalePlan()
+        if spec.master_of is not None and any(p.dtype != spec.master_of for p in owners):
+            raise _StalePlan()
         grads = [all_grads[i] for i in positions]
         keys = self._step_state_keys(group)
         coded = ()  # the FP8 states' keys: codes, then absmax
@@ -300,15 +312,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             coded = tuple(k for k in keys if k in self.fp8_state_keys)
             coded += tuple(fp8_states.absmax_key(k) for k in coded)
             keys = keys + coded[len(coded) // 2:]
+        master = spec.master_of is not None
+        if master:
+            keys = keys + (MASTER_KEY,)
         states = []
         for p in owners:
-            st = self.state.get(p)
-            if not st or "step" not in st or any(k not in st for k in keys):
-                missing = {k: v for k, v in self._new_state(p, group).items() if not st or k not in st}
-                new_states.append((p, missing))
-                st = {**(st or {}), **missing}
+            st = self.state.get(p) or {}
+            changes = self._state_changes(p, st, group, keys, master)
+            if changes:
+                new_states.append((p, changes))
+                st = {k: v for k, v in {**st, **changes}.items() if v is not None}
             states.append(st)
-        like_keys = [k for k in keys if k not in self.slot_keys and k not in coded]
+        like_keys = [k for k in keys if k not in self.slot_keys and k not in coded and k != MASTER_KEY]
         slot_keys = [k for k in keys if k in self.slot_keys]
         lists = {k: [st[k] for st in states] for k in ("step",) + tuple(keys)}
         where = lambda i: self._where(index, positions[i], owners[i])  # noqa: E731
@@ -316,13 +331,19 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not isinstance(s, Tensor):
                 raise step_error(where(i), Problem.STEP, owners[i], tensor=s)
         self._check_slots(where, group, plan, positions, lists)
-        params = owners
+        params, shadows = owners, []
+        if master:  # the kernels step the float32 masters; the params are written from them
+            for i, m in enumerate(lists[MASTER_KEY]):
+                problem = master_problem(owners[i], m)
+                if problem is not None:
+                    raise ValueError(f"{where(i)}: state {MASTER_KEY!r} {problem}")
+            params, shadows = list(lists[MASTER_KEY]), list(owners)
         if spec.dtensor_positions:  # the kernels and the reference step the local shards
-            params, grads = [local(p) for p in owners], [local(g) for g in grads]
+            params, grads, shadows = [local(p) for p in params], [local(g) for g in grads], [local(p) for p in shadows]
             for key in keys:
                 lists[key] = [local(t) for t in lists[key]]
         if spec.complex_positions:
-            params, grads = list(owners), list(grads)
+            params, grads = list(params), list(grads)
             for i, pos in enumerate(positions):
                 if pos in spec.complex_positions:
                     params[i], grads[i] = self._real_views(where(i), params[i], grads[i], lists, like_keys, i)
@@ -333,31 +354,77 @@ class FusedOptimizer(torch.optim.Optimizer):
             params, grads = list(params), list(grads)
             for i, p in enumerate(params):
                 if not p.is_contiguous():
+                    if shadows:
+                        shadows[i] = shadows[i].permute(memory_order(p))
                     self._to_memory_order(i, params, grads, lists, keys)
-        while True:
-            bad, problem, which = check_step(params, grads, [lists[k] for k in like_keys],
-                                             [lists[k] for k in slot_keys], lists["step"], walk)
-            if problem == Problem.NONE:
-                break
-            if problem == Problem.GRAD_LAYOUT:  # copy the grad into its param's layout
-                p = params[bad]
-                grads[bad] = torch.empty_strided(p.size(), p.stride(), dtype=p.dtype,
-                                                 device=p.device).copy_(grads[bad])
-                continue
-            if problem in (Problem.PARAM_MIXED, Problem.PARAM_DTYPE) and self._stale(owners[bad], spec):
-                raise _StalePlan()
-            name = {Problem.STATE: like_keys, Problem.SLOT: slot_keys}.get(problem, [""] * (which + 1))[which]
-            tensor = lists[name][bad] if name else lists["step"][bad]
-            raise step_error(where(bad), problem, owners[bad], grad=all_grads[positions[bad]],
-                             tensor=tensor, name=name, backend=backend, walk=walk)
+        shadows_in_kernel = False
+        if master:  # the grads belong to the low-precision params
+            grads = self._checked_grads(where, owners, shadows, list(grads), all_grads, positions, lists["step"], walk)
+            shadows_in_kernel = (backend == "cpu" and not spec.fp8 and walk == Walk.DENSE
+                                 and self.algorithm in master_algorithms())
+            if not shadows_in_kernel:  # the kernels step float32 grads; the params are copied after
+                grads = [g.float() for g in grads]
+        # (the masters stand in for the grads the kernel reads in the low params' dtype)
+        checked = self._checked_grads(where, owners, params, params if shadows_in_kernel else grads, all_grads,
+                                      positions, lists["step"], walk, spec, backend,
+                                      [lists[k] for k in like_keys], [lists[k] for k in slot_keys],
+                                      like_keys, slot_keys, lists)
+        if not shadows_in_kernel:
+            grads = checked
         if coded:
             self._check_fp8(where, owners, params, lists, coded)
         if group.get("maximize"):
             grads = torch._foreach_neg(grads)  # g ← −g
-        bucket = Bucket(spec.device, spec.dtype, backend, owners, positions, params, grads, lists, fp8=spec.fp8)
+        bucket = Bucket(spec.device, spec.dtype, backend, owners, positions, params, grads, lists, fp8=spec.fp8,
+                        shadows=shadows, shadows_in_kernel=shadows_in_kernel)
         for key in self.per_param_keys:
             bucket.per_param[key] = self._per_param(index, group, plan, key, positions)
         return bucket
+
+    def _checked_grads(self, where, owners, params, grads, all_grads, positions, steps, walk, spec=None,
+                       backend=None, states=(), slots=(), like_keys=(), slot_keys=(), lists=None) -> List[Tensor]:
+        """Checks the bucket (``check_step``: params with their grads, states, slots
+        and steps) and returns the grads, a grad whose strides differ from its
+        param's copied into the param's layout; raises on any other problem."""
+        grads = list(grads)
+        while True:
+            bad, problem, which = check_step(params, grads, list(states), list(slots), steps, walk)
+            if problem == Problem.NONE:
+                return grads
+            if problem == Problem.GRAD_LAYOUT:  # copy the grad into its param's layout
+                p = params[bad]
+                grads[bad] = torch.empty_strided(p.size(), p.stride(), dtype=grads[bad].dtype,
+                                                 device=p.device).copy_(grads[bad])
+                continue
+            if problem in (Problem.PARAM_MIXED, Problem.PARAM_DTYPE) and spec is not None and self._stale(owners[bad], spec):
+                raise _StalePlan()
+            name = {Problem.STATE: like_keys, Problem.SLOT: slot_keys}.get(problem, [""] * (which + 1))[which]
+            tensor = lists[name][bad] if name else steps[bad]
+            raise step_error(where(bad), problem, owners[bad], grad=all_grads[positions[bad]],
+                             tensor=tensor, name=name, backend=backend, walk=walk)
+
+    def _state_changes(self, p: Tensor, st: dict, group: dict, keys: Tuple[str, ...], master: bool) -> dict:
+        """The entries to set (None: to remove) in p's state before this step: the
+        master made (with float32 states) or dropped (states rounded to p's dtype)
+        when ``master_weights`` changed, and fresh state where keys are missing."""
+        changes: Dict[str, Any] = {}
+        if master and MASTER_KEY not in st and "step" in st:
+            changes.update(upcast_states(p, st))
+        elif not master and MASTER_KEY in st:
+            changes[MASTER_KEY] = None
+            for key, value in st.items():
+                if (key not in ("step", MASTER_KEY) and not key.endswith(fp8_states.ABSMAX_SUFFIX) and isinstance(value, Tensor)
+                        and value.dtype == torch.float32 and p.dtype != torch.float32):
+                    changes[key] = value.to(p.dtype)
+        current = {**st, **changes}
+        if "step" not in current or any(k not in current for k in keys):
+            like = p
+            if master:
+                like = current.get(MASTER_KEY)
+                if like is None:
+                    like = changes[MASTER_KEY] = float32_copy(p.detach())
+            changes.update({k: v for k, v in self._new_state(like, group).items() if k not in current})
+        return changes
 
     @staticmethod
     def _check_fp8(where, owners, params, lists, coded) -> None:
@@ -389,7 +456,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _stale(self, param: Tensor, spec: BucketSpec) -> bool:
         """True when ``param`` no longer belongs to the bucket its plan put it in."""
-        return (param.device != spec.device or kernel_dtype(param) != spec.dtype
+        return (param.device != spec.device or kernel_dtype(param) != (spec.master_of or spec.dtype)
                 or self._keeps_fp8(param) != spec.fp8)
 
     @staticmethod
@@ -445,8 +512,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         return grads
 
     def _run(self, ready: _Ready) -> None:
-        for param, missing in ready.new_states:
-            self.state[param].update(missing)
+        for param, changes in ready.new_states:
+            state = self.state[param]
+            for key, value in changes.items():
+                if value is None:
+                    state.pop(key, None)
+                else:
+                    state[key] = value
         group = ready.group
         track = group.get("track_rms", False)
         for bucket in ready.buckets:
@@ -473,6 +545,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                         self._python_step_rounded(python_step, bucket, group, keys)
                 if track:
                     measured_sums(bucket.params, before, table)
+            if bucket.shadows and not bucket.shadows_in_kernel:  # the params, rounded from their masters
+                torch._foreach_copy_(bucket.shadows, bucket.params)
             if track:
                 self._telemetry.record(bucket.owners, bucket.params, table, float(ready.group["lr"]))
 
@@ -524,7 +598,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         carried over.  States are brought to this optimizer's precision: a
         full-precision ``exp_avg``/``exp_avg_sq`` loaded into an 8-bit optimizer is
         quantized, and FP8 codes loaded into a full-precision one are decoded
-        (amos_fused/fp8_states.py)."""
+        (amos_fused/fp8_states.py).  With ``master_weights``, the float32 master
+        and states of a low-precision param are kept in float32 (a checkpoint
+        without a master gets one at the next step, made from the param); without,
+        they are rounded to the param's dtype and the master is dropped
+        (amos_fused/master_weights.py)."""
         for index, group in enumerate(state_dict.get("param_groups", [])):
             if group.get("differentiable"):
                 raise ValueError(f"{self._name}: cannot load param_groups[{index}] with "
@@ -533,10 +611,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                                                                              "capturable")}
                    for group in self.param_groups]
         super().load_state_dict(state_dict)
-        self._restore_fp8_dtypes(state_dict)
+        with_master = {p: has_master(p, group.get("master_weights", self.defaults.get("master_weights", False)))
+                       for group in self.param_groups for p in group["params"]}
+        self._restore_saved_dtypes(state_dict, with_master)
         for param, state in self.state.items():
+            master = with_master.get(param, False)
             for key, value in list(state.items()):
-                state[key] = self._own_copy(param, key, value)
+                state[key] = self._own_copy(param, key, value, master)
+            masters.convert_loaded(param, state, master)
             fp8_states.convert_loaded(param, state, self.fp8_state_keys if self._keeps_fp8(param) else ())
         self._plans = {}
         for index, group in enumerate(self.param_groups):
@@ -545,30 +627,38 @@ class FusedOptimizer(torch.optim.Optimizer):
             group.update(machine[index])
             self._check_new_group(index, group)
 
-    def _restore_fp8_dtypes(self, state_dict: dict) -> None:
+    def _restore_saved_dtypes(self, state_dict: dict, with_master: Dict[Tensor, bool]) -> None:
         """torch.optim's load_state_dict casts every non-step state tensor to its
         param's dtype: FP8 codes (uint8) would become floats holding 0..255, and a
-        float32 absmax of a bfloat16 param would lose bits.  Puts the saved codes
-        and absmax back (the params are matched like torch.optim does: in group
-        order); _own_copy then copies them."""
+        float32 absmax, master or state of a bfloat16 param would lose bits.  Puts
+        the saved codes and absmax back, and the float32 tensors of params with a
+        master (the params are matched like torch.optim does: in group order);
+        _own_copy then copies them."""
         saved = state_dict.get("state", {})
         ids = (i for group in state_dict.get("param_groups", []) for i in group["params"])
         params = (p for group in self.param_groups for p in group["params"])
         for saved_id, param in zip(ids, params):
             if saved_id not in saved or param not in self.state:
                 continue
+            master = with_master.get(param, False)
             for key, value in saved[saved_id].items():
-                if isinstance(value, Tensor) and (value.dtype == torch.uint8 or key.endswith("_absmax")):
+                if isinstance(value, Tensor) and key != "step" and (
+                        value.dtype == torch.uint8 or key.endswith(fp8_states.ABSMAX_SUFFIX)
+                        or (master and value.dtype == torch.float32)):
                     self.state[param][key] = value
 
     @staticmethod
-    def _own_copy(param: Tensor, key: str, value) -> object:
+    def _own_copy(param: Tensor, key: str, value, master: bool = False) -> object:
+        """A loaded state value as this param's own tensor: the param's device and
+        layout, and its dtype except for FP8 codes and absmax and (``master``: the
+        param has a float32 master) float32 tensors."""
         if key == "step":
             return torch.tensor(float(value), dtype=torch.float32)
         if not isinstance(value, Tensor):
             return value
         value = value.detach()
-        if value.dtype == torch.uint8 or key.endswith("_absmax"):  # FP8 codes and absmax keep their dtype
+        if (value.dtype == torch.uint8 or key.endswith(fp8_states.ABSMAX_SUFFIX)
+                or (master and value.dtype == torch.float32)):  # these keep their dtype
             if value.shape == param.shape:
                 return torch.empty_like(param, dtype=value.dtype).copy_(value)
             return value.to(device=param.device, copy=True).contiguous()

@@ -204,6 +204,34 @@ void check_bucket(const char* op, at::TensorList params, at::TensorList grads,
   }
 }
 
+void check_low_params(const char* op, at::TensorList params, at::TensorList grads, at::TensorList low_params,
+                      at::TensorList steps) {
+  TORCH_CHECK_VALUE(low_params.size() == params.size(), op, ": ", params.size(), " params but ",
+                    low_params.size(), " low_params");
+  TORCH_CHECK_VALUE(!params.empty(), op, ": empty bucket");
+  const at::ScalarType low = low_params[0].scalar_type();
+  TORCH_CHECK_TYPE(low == at::kBFloat16 || low == at::kHalf, op,
+                   ": low_params must be bfloat16 or float16, got ", low);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& q = low_params[i];
+    TORCH_CHECK_TYPE(p.scalar_type() == at::kFloat, op, ": params[", i, "] must be a float32 master, got ",
+                     p.scalar_type());
+    TORCH_CHECK_VALUE(q.layout() == at::kStrided && q.scalar_type() == low && q.device() == p.device() &&
+                          q.sizes() == p.sizes() && q.strides() == p.strides(),
+                      op, ": low_params[", i, "] (", q.scalar_type(), " ", q.sizes(), " strides ", q.strides(),
+                      " on ", q.device(), ") must be ", low, " with the sizes and strides of params[", i, "] (",
+                      p.sizes(), " strides ", p.strides(), " on ", p.device(), ")");
+    const int64_t bytes = p.numel() * 4;
+    const auto* a = static_cast<const char*>(p.data_ptr());
+    const auto* b = static_cast<const char*>(q.data_ptr());
+    TORCH_CHECK_VALUE(p.numel() == 0 || b + p.numel() * 2 <= a || a + bytes <= b, op, ": low_params[", i,
+                      "] shares memory with its master");
+  }
+  // the grads against the low params (dtype, sizes, strides, density)
+  check_bucket(op, low_params, grads, {}, steps);
+}
+
 GradScaling read_grad_scaling(const char* op, const std::optional<at::Tensor>& grad_scale,
                               const std::optional<at::Tensor>& found_inf) {
   GradScaling out{false, 1.0};

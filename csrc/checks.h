@@ -70,6 +70,13 @@ std::tuple<int64_t, int64_t> check_fp8_states(at::TensorList params, at::TensorL
 
 using NamedList = std::pair<const char*, at::TensorList>;
 
+// A step with master weights: params are float32 masters, low_params[i] the
+// bfloat16 / float16 param written from params[i] (one dtype; params[i]'s sizes,
+// strides and device; no memory shared with the masters), grads[i] its grad
+// (low_params' dtype, sizes and strides).  Raises, naming `op`.
+void check_low_params(const char* op, at::TensorList params, at::TensorList grads, at::TensorList low_params,
+                      at::TensorList steps);
+
 // The step ops' own check (through begin_step, csrc/step_prologue.h): raises
 // (naming `op`) on any problem of find_problem with Walk::kDense.  `states` may
 // hold empty lists (state not used by this call).

@@ -25,6 +25,8 @@ std::vector<std::string> algorithms_op() { return names_of(Algorithms{}); }
 
 std::vector<std::string> fp8_algorithms_op() { return names_of(Fp8Algorithms{}); }
 
+std::vector<std::string> master_algorithms_op() { return names_of(MasterAlgorithms{}); }
+
 // (hyper, state keys, the flag enabling each state or "", per-tensor value or none, columns)
 ContractNames contract_op(c10::string_view algorithm) {
   ContractNames out;

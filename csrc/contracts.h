@@ -114,6 +114,9 @@ using Algorithms = TypeList<AdamAlgorithm, RAdamAlgorithm, LionAlgorithm, AmosAl
 using ElementwiseAlgorithms = TypeList<LionAlgorithm>;
 // The algorithms the step_fp8 op runs with block-scaled FP8 states (csrc/fp8_states.h).
 using Fp8Algorithms = TypeList<AdamAlgorithm, LionAlgorithm>;
+// The algorithms whose CPU step writes low-precision params from float32 masters
+// in the same pass (the step op's low_params).
+using MasterAlgorithms = TypeList<AdamAlgorithm, RAdamAlgorithm, LionAlgorithm>;
 
 // The coefficient row of algorithm A.
 template <typename A>
@@ -181,6 +184,7 @@ using ContractNames = std::tuple<std::vector<std::string>, std::vector<std::stri
 ContractNames contract_op(c10::string_view algorithm);
 std::vector<std::string> algorithms_op();
 std::vector<std::string> fp8_algorithms_op();
+std::vector<std::string> master_algorithms_op();
 std::tuple<bool, at::Tensor> begin_step_op(c10::string_view algorithm, at::TensorList params,
                                            at::TensorList grads, at::TensorList states,
                                            at::TensorList steps, at::ArrayRef<double> hyper,

@@ -39,11 +39,18 @@ TORCH_LIBRARY(amos_fused, m) {
   // (Σθ², Σ(Δθ)²) of param t as stored after the step, summed in a fixed order
   // (csrc/step_prologue.h: check_telemetry).  round_keys (optional, bfloat16
   // params only): one key per param; the params are then stored with stochastic
-  // rounding (csrc/stochastic_round.h).
+  // rounding (csrc/stochastic_round.h).  low_params (optional; algorithms of
+  // master_algorithms(), CPU): bfloat16 or float16 tensors, one per param with its
+  // sizes and strides; the params are then their float32 master weights, the
+  // grads have the low_params' dtype, and each low param is written in the same
+  // pass as its master rounded to nearest (even).
   m.def(
       "step(str algorithm, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, "
       "Tensor(c!)[] steps, float[] hyper, float[] per_tensor, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, Tensor(d!)? telemetry=None, int[]? round_keys=None) -> ()");
+      "Tensor? found_inf=None, Tensor(d!)? telemetry=None, int[]? round_keys=None, "
+      "Tensor(e!)[]? low_params=None) -> ()");
+  // The algorithms whose CPU step op takes low_params.
+  m.def("master_algorithms() -> str[]", &amos_fused::master_algorithms_op);
   // (hyper names, state keys, the flag enabling each state or "", [per-tensor
   // value name] or [], coefficient column names) of an algorithm.
   m.def("contract(str algorithm) -> (str[], str[], str[], str[], str[])", &amos_fused::contract_op);

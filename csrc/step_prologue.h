@@ -84,6 +84,7 @@ struct StepCall {
   std::vector<AmosLayout> layouts;     // Amos: per tensor
   double* telemetry = nullptr;         // [n][Σθ², Σ(Δθ)²] (check_telemetry) or null
   std::vector<StochasticRound> round;  // per tensor with stochastic rounding, else empty
+  at::TensorList low_params;           // written from the params (float32 masters), or empty
 
   const StochasticRound* round_or_null() const { return round.empty() ? nullptr : round.data(); }
 };
@@ -163,7 +164,8 @@ std::optional<StepCall<A>> begin_step(at::TensorList params, at::TensorList grad
                                       const std::optional<at::Tensor>& found_inf,
                                       const std::optional<at::Tensor>& telemetry,
                                       at::OptionalIntArrayRef round_keys,
-                                      const DeviceChecks& device_checks) {
+                                      const DeviceChecks& device_checks,
+                                      at::TensorList low_params = {}) {
   const Contract& c = contract_of<A>();
   const char* op = c.op;
   StepCall<A> call = new_step_call<A>(params, grads, hyper);
@@ -186,7 +188,14 @@ std::optional<StepCall<A>> begin_step(at::TensorList params, at::TensorList grad
   TORCH_CHECK_VALUE(states.size() == used * n, op, ": expected ", used, " state lists of ", n,
                     " tensors, got ", states.size(), " state tensors");
   TORCH_CHECK_VALUE(!steps.empty() || n == 0, op, ": steps are required");
-  check_bucket(op, params, grads, like_params, steps);
+  if (low_params.empty()) {
+    check_bucket(op, params, grads, like_params, steps);
+  } else {  // the grads belong to the low params; the float32 masters carry the states
+    TORCH_CHECK_VALUE(!round_keys.has_value(), op, ": low_params and round_keys exclude each other");
+    check_low_params(op, params, grads, low_params, steps);
+    check_bucket(op, params, params, like_params, steps);
+    call.low_params = low_params;
+  }
   return finish_step(std::move(call), steps, per_tensor, grad_scale, found_inf, telemetry, round_keys,
                      device_checks);
 }
@@ -203,18 +212,23 @@ std::optional<StepCall<A>> begin_step(at::TensorList params, at::TensorList grad
   template <typename A, typename = std::enable_if_t<kIsElementwise<A>>>  \
   void launch(const StepCall<A>& call);
 
-// The step op of a backend: Backend::device_checks(op, params) and
-// Backend::launch(const StepCall<A>&) for every algorithm A.
+// The step op of a backend: Backend::device_checks(op, params),
+// Backend::launch(const StepCall<A>&) for every algorithm A and
+// Backend::writes_low_params<A>() (whether its launch takes low_params).
 template <typename Backend>
 void run_step(c10::string_view algorithm, at::TensorList params, at::TensorList grads,
               at::TensorList states, at::TensorList steps, at::ArrayRef<double> hyper,
               at::ArrayRef<double> per_tensor, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& telemetry,
-              at::OptionalIntArrayRef round_keys) {
+              at::OptionalIntArrayRef round_keys, const std::optional<at::TensorList>& low_params) {
   with_algorithm(algorithm, [&](auto traits) {
     using A = decltype(traits);
+    TORCH_CHECK_VALUE(!low_params || Backend::template writes_low_params<A>(), contract_of<A>().op,
+                      ": low_params (master weights written in the same pass) are not supported by this "
+                      "backend for this algorithm");
     auto call = begin_step<A>(params, grads, states, steps, hyper, per_tensor, grad_scale, found_inf,
-                              telemetry, round_keys, &Backend::device_checks);
+                              telemetry, round_keys, &Backend::device_checks,
+                              low_params ? *low_params : at::TensorList{});
     if (!call) {  // skipped by found_inf: nothing moved
       if (telemetry) telemetry->select(1, 1).zero_();
       return;

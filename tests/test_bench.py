@@ -14,6 +14,7 @@ import torch
 
 import amos_fused.bench as bench
 from amos_fused.bench_workloads import WORKLOADS
+from amos_fused.master_weights import MASTER_KEY
 from conftest import KERNEL_THREADS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -147,7 +148,8 @@ def test_bytes_per_param_are_the_bytes_of_the_passes(algorithm):
 def test_passes_stream_the_optimizer_state_of_the_matrices(algorithm):
     """Every param-sized state tensor of a matrix, and every FP8 state's absmax, is a
     stream of the algorithm's passes (Amos's factored slots are not param-sized and are
-    left out), of the bytes `stream_bytes` says."""
+    left out), of the bytes `stream_bytes` says; a float32 master weight is the `p`
+    stream (the bfloat16 param it writes is counted in the bytes, not as a stream)."""
     model = _tiny_model()
     optimizer = bench.make_ours(model, backend="cpu", algorithm=algorithm)
     optimizer.step()
@@ -156,7 +158,11 @@ def test_passes_stream_the_optimizer_state_of_the_matrices(algorithm):
         if param.dim() != 2:
             continue
         state = optimizer.state[param]
-        kept = {key for key, value in state.items() if isinstance(value, torch.Tensor) and
+        master = state.get(MASTER_KEY)
+        assert (master is not None) == (algorithm == "adamw-master")
+        if master is not None:
+            assert master.numel() * master.element_size() == bench.stream_bytes(algorithm, "p", param.numel())
+        kept = {key for key, value in state.items() if isinstance(value, torch.Tensor) and key != MASTER_KEY and
                 (value.shape == param.shape or key.endswith(bench.ABSMAX_SUFFIX))}
         assert {STATE_STREAMS[key] for key in kept} == streams, (algorithm, sorted(kept))
         for key in kept:

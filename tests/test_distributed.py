@@ -69,9 +69,13 @@ def _init(rank, world, path):
 
 def _finish():
     """Every rank reaches the end before any tears its process group down (a rank
-    that exits while another still talks to it can abort in gloo's threads)."""
+    that exits while another still talks to it can abort in gloo's threads), then
+    leaves at once: a normal interpreter exit can still abort in a gloo thread's
+    destructor ("terminate called without an active exception", seen under load)
+    after every check has passed."""
     dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)
 
 
 def _fsdp_matches_single_process(rank, world, path, offload):
@@ -123,6 +127,37 @@ def _fsdp_matches_single_process(rank, world, path, offload):
     _finish()
 
 
+def _fsdp_master_weights(rank, world, path):
+    """bfloat16 params under FSDP2 with master_weights=True: each master is a DTensor
+    placed like its param, the states too, and the run equals the unsharded one."""
+    _init(rank, world, path)
+    try:
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor
+
+        from amos_fused.master_weights import MASTER_KEY
+
+        for name in ("AdamW", "Lion", "Amos-rows", "AdamW-reference"):
+            sharded, single = _model(torch.bfloat16), _model(torch.bfloat16)
+            fully_shard(sharded)
+            opt, single_opt = (_optimizers()[name](list(m.parameters())) for m in (sharded, single))
+            for group in opt.param_groups + single_opt.param_groups:
+                group["master_weights"] = True
+            _train(sharded, opt, 0, STEPS, torch.bfloat16)
+            _train(single, single_opt, 0, STEPS, torch.bfloat16)
+            for p, q in zip(sharded.parameters(), single.parameters()):
+                master = opt.state[p][MASTER_KEY]
+                assert isinstance(master, DTensor) and master.placements == p.placements, name
+                assert master.dtype == torch.float32 and opt.state[p]["step"] is not None
+                torch.testing.assert_close(_full(master), single_opt.state[q][MASTER_KEY], rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"{name}: {m}")
+                assert torch.equal(_full(p), _full(master).to(torch.bfloat16)), name
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: another rank may be stuck
+        raise
+    _finish()
+
+
 def _checkpoint(rank, world, path, directory, resume):
     """Saves after 4 steps (resume=False), or loads that checkpoint onto ``world``
     ranks, trains 4 more steps and compares with an uninterrupted 8-step run."""
@@ -166,6 +201,10 @@ def _spawn(fn, world, *args):
 @pytest.mark.parametrize("offload", [False, True], ids=["fsdp2", "fsdp2-cpu-offload"])
 def test_fsdp2_matches_single_process(offload):
     _spawn(_fsdp_matches_single_process, 2, offload)
+
+
+def test_fsdp2_master_weights_match_single_process():
+    _spawn(_fsdp_master_weights, 2)
 
 
 @pytest.mark.parametrize("resume_world", [2, 1], ids=["2-to-2", "2-to-1"])

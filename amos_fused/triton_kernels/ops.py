@@ -68,8 +68,14 @@ def _state_lists(op: str, algorithm: str, n: int, states: Sequence[Tensor],
 def step(algorithm: str, params: List[Tensor], grads: List[Tensor], states: List[Tensor],
          steps: List[Tensor], hyper: Sequence[float], per_tensor: Sequence[float],
          grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-         telemetry: Optional[Tensor] = None, round_keys: Optional[Sequence[int]] = None) -> None:
-    """One step of ``algorithm`` over a bucket (arguments as ``torch.ops.amos_fused.step``)."""
+         telemetry: Optional[Tensor] = None, round_keys: Optional[Sequence[int]] = None,
+         low_params: Optional[Sequence[Tensor]] = None) -> None:
+    """One step of ``algorithm`` over a bucket (arguments as ``torch.ops.amos_fused.step``;
+    ``low_params`` is not taken: the optimizers copy masters into their params after
+    the step)."""
+    if low_params is not None:
+        raise ValueError(f"amos_fused.triton.{algorithm}_step: low_params (master weights written in the same "
+                         "pass) are not supported by the triton backend")
     if algorithm not in algorithms():
         raise ValueError(f"amos_fused: unknown algorithm {algorithm!r} (known: {', '.join(algorithms())})")
     op = f"amos_fused.triton.{algorithm}_step"

@@ -147,6 +147,38 @@ struct TileIO<c10::BFloat16> : ReducedTileIO<c10::BFloat16> {};
 template <>
 struct TileIO<c10::Half> : ReducedTileIO<c10::Half> {};
 
+// The Low type of a bucket without master weights.
+struct NoLow {};
+
+// A bucket with master weights (kernel_api.h: BucketView) walks its float32
+// streams in tiles of two float vectors, the size of a tile of its Low params.
+struct MasterTileIO {
+  using Vec = Vectorized<float>;
+  static constexpr int kParts = 2;
+  static constexpr int64_t kTile = 2 * Vec::size();
+  static void load(const float* src, Vec* out) {
+    out[0] = Vec::loadu(src);
+    out[1] = Vec::loadu(src + Vec::size());
+  }
+  static void store(float* dst, const Vec* in) {
+    in[0].store(dst);
+    in[1].store(dst + Vec::size());
+  }
+};
+
+template <typename scalar_t, typename Low>
+using StreamIO = std::conditional_t<std::is_same_v<Low, NoLow>, TileIO<scalar_t>, MasterTileIO>;
+
+// Tensor t's low-precision param (master weights), or null.
+template <typename Low>
+inline Low* low_stream(const BucketView& bucket, int64_t t) {
+  if constexpr (std::is_same_v<Low, NoLow>) {
+    return nullptr;
+  } else {
+    return static_cast<Low*>(bucket.low_params[t]);
+  }
+}
+
 // Coefficients of one tensor, in both the vector and the scalar opmath type.
 template <template <typename> class Coef, typename scalar_t>
 struct TileCoef {
@@ -260,11 +292,18 @@ struct PieceSums {
 // `acc`, stream 0 is the param: Σθ² and Σ(Δθ)² of its stored values are added to
 // *acc.  With `round` (bfloat16 params only), stream 0 is the param, stored with
 // stochastic rounding (its elements' indices are the indices within the tensor).
-template <typename scalar_t, int N, unsigned kWriteMask, typename F>
+// With master weights (Low not NoLow; scalar_t float): stream 0 is the float32
+// master, stream 1 the grad, of type Low (its pointer cast to float*), and `low`
+// the param, written as the stepped master rounded to nearest even.
+template <typename scalar_t, int N, unsigned kWriteMask, typename F, typename Low = NoLow>
 inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begin, int64_t end, const F& f,
-                               PieceSums<scalar_t>* acc, const StochasticRound* round = nullptr) {
+                               PieceSums<scalar_t>* acc, const StochasticRound* round = nullptr,
+                               Low* low = nullptr) {
   constexpr bool kCanRound = std::is_same_v<scalar_t, c10::BFloat16> && (kWriteMask & 1u) != 0;
-  using IO = TileIO<scalar_t>;
+  constexpr bool kMaster = !std::is_same_v<Low, NoLow>;
+  static_assert(!kMaster || (std::is_same_v<scalar_t, float> && (kWriteMask & 0b11u) == 0b01u),
+                "master weights: float32 streams, the master written, the grad read");
+  using IO = StreamIO<scalar_t, Low>;
   using Vec = typename IO::Vec;
   using Op = at::opmath_type<scalar_t>;
   // Only a stream 0 that is written can be a param (telemetry is off otherwise).
@@ -280,7 +319,15 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
     std::array<Vec, N> x[IO::kParts];
     for (int s = 0; s < N; ++s) {
       Vec tile[IO::kParts];
-      IO::load(ptr[s] + i, tile);
+      if constexpr (kMaster) {
+        if (s == 1) {
+          TileIO<Low>::load(reinterpret_cast<const Low*>(ptr[1]) + i, tile);
+        } else {
+          IO::load(ptr[s] + i, tile);
+        }
+      } else {
+        IO::load(ptr[s] + i, tile);
+      }
       for (int part = 0; part < IO::kParts; ++part) x[part][s] = tile[part];
     }
     Vec before[IO::kParts];
@@ -296,6 +343,9 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
       Vec tile[IO::kParts];
       for (int part = 0; part < IO::kParts; ++part) tile[part] = x[part][s];
       IO::store(ptr[s] + i, tile);
+      if constexpr (kMaster) {
+        if (s == 0) TileIO<Low>::store(low + i, tile);  // the param, rounded to nearest even
+      }
     }
     if (track) {
       Vec after[IO::kParts];
@@ -314,6 +364,7 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
   for (; i < end; ++i) {
     std::array<Op, N> x;
     for (int s = 0; s < N; ++s) x[s] = static_cast<Op>(ptr[s][i]);
+    if constexpr (kMaster) x[1] = static_cast<Op>(reinterpret_cast<const Low*>(ptr[1])[i]);
     const Op before = x[0];
     f(x);
     if constexpr (kCanRound) {
@@ -321,6 +372,7 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
     }
     for (int s = 0; s < N; ++s)
       if ((kWriteMask >> s) & 1u) ptr[s][i] = static_cast<scalar_t>(x[s]);
+    if constexpr (kMaster) low[i] = static_cast<Low>(x[0]);
     if (track) {
       const Op after = static_cast<Op>(ptr[0][i]);
       tail_weight += static_cast<double>(after * after);
@@ -336,15 +388,16 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
 }
 
 // map_streams_summed over one piece, its sums (when `sums` is given) added into *sums.
-template <typename scalar_t, int N, unsigned kWriteMask, typename F>
+template <typename scalar_t, int N, unsigned kWriteMask, typename F, typename Low = NoLow>
 inline void map_streams(const std::array<scalar_t*, N>& ptr, int64_t begin, int64_t end,
-                        const F& f, Telemetry* sums = nullptr, const StochasticRound* round = nullptr) {
+                        const F& f, Telemetry* sums = nullptr, const StochasticRound* round = nullptr,
+                        Low* low = nullptr) {
   if (sums == nullptr) {
-    map_streams_summed<scalar_t, N, kWriteMask>(ptr, begin, end, f, nullptr, round);
+    map_streams_summed<scalar_t, N, kWriteMask>(ptr, begin, end, f, nullptr, round, low);
     return;
   }
   PieceSums<scalar_t> acc;
-  map_streams_summed<scalar_t, N, kWriteMask>(ptr, begin, end, f, &acc, round);
+  map_streams_summed<scalar_t, N, kWriteMask>(ptr, begin, end, f, &acc, round, low);
   acc.flush(sums);
 }
 

@@ -22,11 +22,17 @@ namespace amos_fused::cpu {
 // (csrc/stochastic_round.h).
 
 // One bucket: tensor t owns elements [offsets[t], offsets[t+1]) of the virtual
-// concatenation; its streams are at the addresses below (all of one dtype).
+// concatenation; its streams are at the addresses below (all of one dtype but
+// for master weights).
+// With master weights, the streams are float32 masters, except the grads, which
+// have low_dtype like low_params (the bfloat16 / float16 params, written from the
+// masters rounded to nearest even in the same pass).
 struct BucketView {
   c10::ScalarType dtype;
   int64_t num_tensors;
   const int64_t* offsets;  // num_tensors + 1 prefix sums of numel
+  c10::ScalarType low_dtype = c10::ScalarType::Undefined;
+  void* const* low_params = nullptr;  // per tensor, or null without master weights
 };
 
 struct AdamLaunch {

@@ -16,7 +16,24 @@
 namespace amos_fused::cpu {
 inline namespace CPU_CAPABILITY {
 
-template <typename scalar_t, bool AMSGRAD, bool L2>
+// Calls f(scalar_t{}, Low{}): the type of the bucket's streams and, with master
+// weights (float32 streams), the type of its low-precision params, else NoLow.
+template <typename F>
+void dispatch_streams(const BucketView& bucket, const char* name, const F& f) {
+  if (bucket.low_params != nullptr) {
+    TORCH_CHECK(bucket.dtype == at::kFloat, name, ": master weights are float32, got ", bucket.dtype);
+    if (bucket.low_dtype == at::kBFloat16) {
+      f(float{}, c10::BFloat16{});
+    } else {
+      TORCH_CHECK(bucket.low_dtype == at::kHalf, name, ": low params are bfloat16 or float16");
+      f(float{}, c10::Half{});
+    }
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bucket.dtype, "amos_fused_step", [&] { f(scalar_t{}, NoLow{}); });
+}
+
+template <typename scalar_t, bool AMSGRAD, bool L2, typename Low>
 void adam_typed(const AdamLaunch& L) {
   for_each_tracked_segment(L.bucket, L.telemetry, [&](int64_t t, int64_t begin, int64_t end, Telemetry* sums) {
     const TileCoef<AdamCoef, scalar_t> coef(L.coef[t]);
@@ -35,27 +52,29 @@ void adam_typed(const AdamLaunch& L) {
           {stream<scalar_t>(L.param, t), stream<scalar_t>(L.grad, t),
            stream<scalar_t>(L.exp_avg, t), stream<scalar_t>(L.exp_avg_sq, t),
            stream<scalar_t>(L.max_exp_avg_sq, t)},
-          begin, end, update, sums, L.round ? &L.round[t] : nullptr);
+          begin, end, update, sums, L.round ? &L.round[t] : nullptr, low_stream<Low>(L.bucket, t));
     } else {
       map_streams<scalar_t, 4, 0b1101u>(
           {stream<scalar_t>(L.param, t), stream<scalar_t>(L.grad, t),
            stream<scalar_t>(L.exp_avg, t), stream<scalar_t>(L.exp_avg_sq, t)},
-          begin, end, update, sums, L.round ? &L.round[t] : nullptr);
+          begin, end, update, sums, L.round ? &L.round[t] : nullptr, low_stream<Low>(L.bucket, t));
     }
   });
 }
 
 inline void adam_kernel(const AdamLaunch& L) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, L.bucket.dtype, "amos_fused_adam", [&] {
+  dispatch_streams(L.bucket, "amos_fused_adam", [&](auto storage, auto low) {
+    using scalar_t = decltype(storage);
+    using Low = decltype(low);
     if (L.amsgrad) {
-      L.l2 ? adam_typed<scalar_t, true, true>(L) : adam_typed<scalar_t, true, false>(L);
+      L.l2 ? adam_typed<scalar_t, true, true, Low>(L) : adam_typed<scalar_t, true, false, Low>(L);
     } else {
-      L.l2 ? adam_typed<scalar_t, false, true>(L) : adam_typed<scalar_t, false, false>(L);
+      L.l2 ? adam_typed<scalar_t, false, true, Low>(L) : adam_typed<scalar_t, false, false, Low>(L);
     }
   });
 }
 
-template <typename scalar_t, bool L2>
+template <typename scalar_t, bool L2, typename Low>
 void radam_typed(const RAdamLaunch& L) {
   for_each_tracked_segment(L.bucket, L.telemetry, [&](int64_t t, int64_t begin, int64_t end, Telemetry* sums) {
     const TileCoef<RAdamCoef, scalar_t> coef(L.coef[t]);
@@ -65,19 +84,21 @@ void radam_typed(const RAdamLaunch& L) {
         begin, end, [&](auto& x) {
           using V = typename std::decay_t<decltype(x)>::value_type;
           radam_update<L2>(x[0], x[1], x[2], x[3], coef.template get<V>());
-        }, sums, L.round ? &L.round[t] : nullptr);
+        }, sums, L.round ? &L.round[t] : nullptr, low_stream<Low>(L.bucket, t));
   });
 }
 
 inline void radam_kernel(const RAdamLaunch& L) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, L.bucket.dtype, "amos_fused_radam", [&] {
-    L.l2 ? radam_typed<scalar_t, true>(L) : radam_typed<scalar_t, false>(L);
+  dispatch_streams(L.bucket, "amos_fused_radam", [&](auto storage, auto low) {
+    using scalar_t = decltype(storage);
+    using Low = decltype(low);
+    L.l2 ? radam_typed<scalar_t, true, Low>(L) : radam_typed<scalar_t, false, Low>(L);
   });
 }
 
 // Any elementwise algorithm A (csrc/contracts.h): its streams walked tile by
 // tile, A::update on each.
-template <typename A, typename scalar_t, size_t... S>
+template <typename A, typename scalar_t, typename Low, size_t... S>
 void elementwise_typed(const ElementwiseLaunch& L, std::index_sequence<S...>) {
   const auto* coefs = static_cast<const typename A::template CoefOf<double>*>(L.coef);
   for_each_tracked_segment(L.bucket, L.telemetry, [&](int64_t t, int64_t begin, int64_t end, Telemetry* sums) {
@@ -87,14 +108,14 @@ void elementwise_typed(const ElementwiseLaunch& L, std::index_sequence<S...>) {
         begin, end, [&](auto& x) {
           using V = typename std::decay_t<decltype(x)>::value_type;
           A::update(x, coef.template get<V>());
-        }, sums, L.round ? &L.round[t] : nullptr);
+        }, sums, L.round ? &L.round[t] : nullptr, low_stream<Low>(L.bucket, t));
   });
 }
 
 template <typename A>
 void elementwise_kernel(const ElementwiseLaunch& L) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, L.bucket.dtype, "amos_fused_elementwise", [&] {
-    elementwise_typed<A, scalar_t>(L, std::make_index_sequence<A::kStreams - 2>());
+  dispatch_streams(L.bucket, "amos_fused_elementwise", [&](auto storage, auto low) {
+    elementwise_typed<A, decltype(storage), decltype(low)>(L, std::make_index_sequence<A::kStreams - 2>());
   });
 }
 

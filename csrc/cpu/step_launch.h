@@ -17,6 +17,8 @@ AF_DECLARE_BACKEND_LAUNCHES
 struct Backend {
   static void device_checks(const char*, at::TensorList) {}
   template <typename A>
+  static constexpr bool writes_low_params() { return Contains<A, MasterAlgorithms>::value; }
+  template <typename A>
   static void launch(const StepCall<A>& call) {
     cpu::launch(call);
   }
@@ -25,7 +27,8 @@ struct Backend {
 // Prefix sums of numel and the addresses of each list, for the kernels.
 struct BucketTables {
   std::vector<int64_t> offsets;
-  std::vector<void*> param, grad;
+  std::vector<void*> param, grad, low;  // low: the low-precision params written from masters, or empty
+  c10::ScalarType low_dtype = c10::ScalarType::Undefined;
   std::vector<std::vector<void*>> states;
 
   template <typename A>
@@ -35,6 +38,8 @@ struct BucketTables {
     for (size_t i = 0; i < n; ++i) offsets[i + 1] = offsets[i] + call.params[i].numel();
     gather(param, call.params);
     gather(grad, call.grads);
+    gather(low, call.low_params);
+    if (!low.empty()) low_dtype = call.low_params[0].scalar_type();
     for (const at::TensorList& list : call.states) {
       states.emplace_back(list.size(), nullptr);
       for (size_t i = 0; i < list.size(); ++i) states.back()[i] = list[i].data_ptr();
@@ -42,7 +47,12 @@ struct BucketTables {
   }
 
   BucketView view(const at::TensorList& params) const {
-    return {params[0].scalar_type(), static_cast<int64_t>(offsets.size() - 1), offsets.data()};
+    BucketView out{params[0].scalar_type(), static_cast<int64_t>(offsets.size() - 1), offsets.data()};
+    if (!low.empty()) {
+      out.low_dtype = low_dtype;
+      out.low_params = low.data();
+    }
+    return out;
   }
   const void* const* grads() const { return const_cast<const void* const*>(grad.data()); }
   void* const* params() { return param.data(); }

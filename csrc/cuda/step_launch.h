@@ -25,6 +25,9 @@ AF_DECLARE_BACKEND_LAUNCHES
 struct Backend {
   // CUDA params, and not under CUDA graph capture.
   static void device_checks(const char* op, at::TensorList params) { cuda_checks(op, params)(); }
+  // Master weights are written by a second pass (amos_fused/master_weights.py).
+  template <typename A>
+  static constexpr bool writes_low_params() { return false; }
   template <typename A>
   static void launch(const StepCall<A>& call) {
     cuda::launch(call);

@@ -1,0 +1,337 @@
+"""master_weights=True: a bfloat16 / float16 param is stepped as its float32 master
+(state 'master_param', float32 states), and written as the master rounded to
+nearest.  Held to: the float32 step of a float32 param with the same (upcast)
+grads, bitwise, on every optimizer and backend; the same-pass CPU kernels and
+the second-pass copy agree bitwise; checkpoints, the toggling of the flag, bad
+input (nothing written) and the point of it all (tiny updates accumulate)."""
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import amos_fused as af
+from amos_fused.master_weights import MASTER_KEY
+from registry import CASES, CLASS_CASES, seeded_params, seeded_grads
+
+LOW = [torch.bfloat16, torch.float16]
+SHAPES = [(37, 70), (5001,), (3, 4, 5, 6), (), (0, 3), (2, 9000)]
+BACKENDS = ["reference", "cpu"]
+
+
+def _run(case, backend, dtype, steps=3, shapes=SHAPES, **extra):
+    """(optimizer, params) after ``steps`` steps of low-precision params with master weights."""
+    params = seeded_params(shapes, dtype)
+    opt = case.make(params, backend, master_weights=True, **extra)
+    for step in range(steps):
+        for p, g in zip(params, seeded_grads(params, step)):
+            p.grad = g
+        opt.step()
+    return opt, params
+
+
+def _run_float32(case, backend, dtype, steps=3, shapes=SHAPES):
+    """The same run on float32 params that start from the low-precision values,
+    with the low-precision grads upcast: what the masters must hold."""
+    low = seeded_params(shapes, dtype)
+    params = [torch.nn.Parameter(p.detach().float()) for p in low]
+    opt = case.make(params, backend)
+    for step in range(steps):
+        for p, g in zip(params, seeded_grads(low, step)):
+            p.grad = g.float()
+        opt.step()
+    return opt, params
+
+
+def _bits(t):
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", sorted(CLASS_CASES))
+def test_master_steps_like_a_float32_param(name, dtype, backend):
+    """Every optimizer: the masters (and every float32 state) are bitwise the float32
+    run's params and states; each param is its master rounded to nearest."""
+    case = CASES[CLASS_CASES[name]]
+    opt, params = _run(case, backend, dtype)
+    ref_opt, ref_params = _run_float32(case, backend, dtype)
+    for p, q in zip(params, ref_params):
+        state, ref_state = opt.state[p], ref_opt.state[q]
+        master = state[MASTER_KEY]
+        assert master.dtype == torch.float32 and master.stride() == p.stride()
+        assert torch.equal(_bits(master), _bits(q)), f"{name}: master of {tuple(p.shape)}"
+        assert torch.equal(_bits(p), _bits(master.to(dtype))), f"{name}: param is not its master rounded"
+        assert set(state) == set(ref_state) | {MASTER_KEY}
+        for key, value in ref_state.items():
+            assert state[key].dtype == value.dtype, key
+            assert torch.equal(_bits(state[key]), _bits(value)), f"{name}: state {key!r} of {tuple(p.shape)}"
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", ["adamw", "adam-l2-amsgrad", "radam", "lion"])
+def test_same_pass_kernel_equals_the_copy_after(name, dtype, monkeypatch):
+    """The CPU kernels that write the params in the same pass (master_algorithms)
+    give bitwise what the second-pass copy gives, at 1 and 2 threads."""
+    case = CASES[name]
+    assert case.cls.algorithm in af.contracts.master_algorithms()
+    runs = []
+    for threads in (1, 2):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            runs.append(_run(case, "cpu", dtype))
+        finally:
+            torch.set_num_threads(before)
+    monkeypatch.setattr(af.optimizer_base, "master_algorithms", lambda: ())
+    runs.append(_run(case, "cpu", dtype))
+    (opt, params), others = runs[0], runs[1:]
+    for other_opt, other_params in others:
+        for p, q in zip(params, other_params):
+            assert torch.equal(_bits(p), _bits(q))
+            for key in opt.state[p]:
+                assert torch.equal(_bits(opt.state[p][key]), _bits(other_opt.state[q][key])), key
+
+
+def test_channels_last_and_transposed_params_keep_their_layout():
+    conv = torch.randn(8, 6, 5, 5).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    params = [torch.nn.Parameter(conv), torch.nn.Parameter(torch.randn(40, 30).bfloat16().t())]
+    ref = [torch.nn.Parameter(p.detach().float()) for p in params]
+    opt = af.AdamW(params, lr=1e-2, master_weights=True, backend="cpu")
+    ref_opt = af.AdamW(ref, lr=1e-2, backend="cpu")
+    for step in range(2):
+        for p, q, g in zip(params, ref, seeded_grads(params, step)):
+            p.grad, q.grad = g, g.float()
+        opt.step()
+        ref_opt.step()
+    for p, q in zip(params, ref):
+        master = opt.state[p][MASTER_KEY]
+        assert master.stride() == p.stride() and opt.state[p]["exp_avg"].stride() == p.stride()
+        assert torch.equal(master, q.detach()) and torch.equal(p.detach(), master.bfloat16())
+
+
+def test_float32_params_have_no_master():
+    p = torch.nn.Parameter(torch.randn(10, 10))
+    opt = af.AdamW([p], master_weights=True)
+    p.grad = torch.randn(10, 10)
+    opt.step()
+    assert MASTER_KEY not in opt.state[p] and opt.state[p]["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_updates_accumulate_in_the_master(backend):
+    """The point of master weights: an update far below the param's bfloat16 ulp
+    is lost by rounding every step, but accumulates in the master."""
+    def final(master_weights):
+        p = torch.nn.Parameter(torch.ones(5000, dtype=torch.bfloat16))
+        opt = af.Lion([p], lr=1e-4, weight_decay=0.0, master_weights=master_weights, backend=backend)
+        for _ in range(200):
+            p.grad = torch.ones_like(p)
+            opt.step()
+        return p.detach().float()
+    assert torch.equal(final(False), torch.ones(5000))          # 1 − 1e-4 rounds back to 1
+    moved = final(True)                                          # 1 − 200·1e-4 = 0.98
+    assert torch.allclose(moved, torch.full((5000,), 0.98), atol=4e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_checkpoint_round_trip_is_bitwise(backend):
+    case = CASES["adamw"]
+    opt, params = _run(case, backend, torch.bfloat16, steps=2)
+    saved = copy.deepcopy(opt.state_dict())
+    clone_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    clone = case.make(clone_params, backend, master_weights=True)
+    clone.load_state_dict(saved)
+    for p, q in zip(params, clone_params):
+        for key, value in opt.state[p].items():
+            assert clone.state[q][key].dtype == value.dtype and torch.equal(clone.state[q][key], value), key
+    for step in range(2, 4):
+        for group in (params, clone_params):
+            for p, g in zip(group, seeded_grads(group, step)):
+                p.grad = g
+        opt.step()
+        clone.step()
+    for p, q in zip(params, clone_params):
+        assert torch.equal(_bits(p), _bits(q))
+        assert torch.equal(opt.state[p][MASTER_KEY], clone.state[q][MASTER_KEY])
+
+
+def test_torch_checkpoint_of_bfloat16_params_gets_a_master():
+    """A torch.optim.AdamW checkpoint (bfloat16 states, no master) loads; the next step
+    makes the master from the param and the states float32."""
+    params = seeded_params([(30, 40), (5000,)], torch.bfloat16)
+    torch_opt = torch.optim.AdamW(params, lr=1e-2)
+    for p, g in zip(params, seeded_grads(params, 0)):
+        p.grad = g
+    torch_opt.step()
+    opt = af.AdamW(params, lr=1e-2, master_weights=True)
+    opt.load_state_dict(torch_opt.state_dict())
+    assert all(opt.state[p]["exp_avg"].dtype == torch.bfloat16 for p in params)
+    expected = {p: {k: v.float() for k, v in torch_opt.state[p].items() if k != "step"} for p in params}
+    starts = [p.detach().float() for p in params]
+    for p, g in zip(params, seeded_grads(params, 1)):
+        p.grad = g
+    opt.step()
+    ref = [torch.nn.Parameter(s) for s in starts]
+    ref_opt = af.AdamW(ref, lr=1e-2)
+    for p, q in zip(params, ref):
+        ref_opt.state[q].update(step=torch.tensor(1.0), **expected[p])
+        q.grad = p.grad.float()
+    ref_opt.step()
+    for p, q in zip(params, ref):
+        assert opt.state[p][MASTER_KEY].dtype == torch.float32
+        assert torch.equal(opt.state[p][MASTER_KEY], q.detach())
+        assert torch.equal(opt.state[p]["exp_avg_sq"], ref_opt.state[q]["exp_avg_sq"])
+
+
+def test_master_checkpoint_into_an_optimizer_without_masters():
+    opt, params = _run(CASES["adamw"], "cpu", torch.bfloat16, steps=2)
+    plain = af.AdamW(params, lr=1e-2, weight_decay=0.1)
+    state_dict = opt.state_dict()
+    for group in state_dict["param_groups"]:
+        group["master_weights"] = False
+    plain.load_state_dict(state_dict)
+    for p in params:
+        assert MASTER_KEY not in plain.state[p]
+        assert plain.state[p]["exp_avg"].dtype == torch.bfloat16
+        assert torch.equal(plain.state[p]["exp_avg"], opt.state[p]["exp_avg"].bfloat16())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_toggling_master_weights_between_steps(backend):
+    """param_groups[i]['master_weights'] edited between steps, like any torch.optim
+    group setting: on → master from the param, states upcast; off → states rounded,
+    master dropped; each step then is that of the new setting."""
+    params = seeded_params([(30, 40), (6000,)], torch.bfloat16)
+    opt = af.AdamW(params, lr=1e-2, backend=backend)
+    for step in range(4):
+        on = step in (1, 2)
+        opt.param_groups[0]["master_weights"] = on
+        before = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+        starts = [p.detach().clone() for p in params]
+        grads = seeded_grads(params, step)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        for p, start, g in zip(params, starts, grads):
+            state = opt.state[p]
+            assert (MASTER_KEY in state) == on
+            assert state["exp_avg"].dtype == (torch.float32 if on else torch.bfloat16)
+            # replay the step on float32 (on) or bfloat16 (off) copies
+            kind = torch.float32 if on else torch.bfloat16
+            origin = before[p].get(MASTER_KEY, start) if on else start
+            q = torch.nn.Parameter(origin.to(kind).clone())
+            replay = af.AdamW([q], lr=1e-2, backend=backend)
+            if before[p]:
+                replay.state[q].update({k: v.to(kind) if k != "step" else v
+                                        for k, v in before[p].items() if k != MASTER_KEY})
+            q.grad = g.to(kind)
+            replay.step()
+            assert torch.equal(p.detach(), q.detach().to(torch.bfloat16)), f"step {step}"
+
+
+def _snapshot(opt, params):
+    return ([p.detach().clone() for p in params],
+            {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+             for p in params if p in opt.state})
+
+
+def _assert_unchanged(opt, params, snap):
+    values, states = snap
+    for p, v in zip(params, values):
+        assert torch.equal(_bits(p), _bits(v))
+    for p in params:
+        if id(p) in states:
+            assert set(opt.state[p]) == set(states[id(p)])
+            for k, v in states[id(p)].items():
+                same = torch.equal(opt.state[p][k], v) if isinstance(v, torch.Tensor) else opt.state[p][k] == v
+                assert same, k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_master_is_refused_before_any_write(backend):
+    opt, params = _run(CASES["adamw"], backend, torch.bfloat16, steps=1, shapes=[(30, 40), (5000,)])
+    for bad in (torch.zeros(30, 40, dtype=torch.float64), torch.zeros(40, 30).t(), torch.zeros(30, 41), 1.5):
+        opt.state[params[0]][MASTER_KEY] = bad
+        for p, g in zip(params, seeded_grads(params, 5)):
+            p.grad = g
+        snap = _snapshot(opt, params)
+        with pytest.raises(ValueError, match="master_param"):
+            opt.step()
+        _assert_unchanged(opt, params, snap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_grad_is_refused_before_any_write(backend):
+    opt, params = _run(CASES["adamw"], backend, torch.bfloat16, steps=1, shapes=[(30, 40), (5000,)])
+    for p, g in zip(params, seeded_grads(params, 5)):
+        p.grad = g
+    params[1].grad_dtype = None  # let torch accept a grad of another dtype
+    params[1].grad = params[1].grad.float()  # a float32 grad of a bfloat16 param
+    snap = _snapshot(opt, params)
+    with pytest.raises((TypeError, ValueError), match=r"param_groups\[0\]\['params'\]\[1\]"):
+        opt.step()
+    _assert_unchanged(opt, params, snap)
+
+
+def test_flags_are_checked():
+    p = torch.nn.Parameter(torch.randn(3).bfloat16())
+    with pytest.raises(ValueError, match="master_weights"):
+        af.AdamW([p], master_weights=1)
+    with pytest.raises(ValueError, match="exclude each other"):
+        af.AdamW([p], master_weights=True, bf16_stochastic_round=True)
+
+
+def test_step_op_checks_low_params():
+    """The op itself: low_params must match the masters, only for the algorithms of
+    master_algorithms(), and not with stochastic rounding."""
+    ops = torch.ops.amos_fused
+    master = torch.randn(4096)
+    low = master.bfloat16()
+    grad = torch.randn(4096).bfloat16()
+    m, v, step = torch.zeros(4096), torch.zeros(4096), torch.tensor(0.0)
+    hyper = af.contracts.hyper_values("adam", dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                                                   decoupled=True, amsgrad=False, bias_correction=True))
+    with pytest.raises(ValueError, match="low_params"):
+        ops.step("adam", [master], [grad], [m, v], [step], hyper, [], low_params=[low[:100]])
+    with pytest.raises(ValueError, match="low_params"):
+        ops.step("adam", [master], [grad], [m, v], [step], hyper, [], round_keys=[1], low_params=[low])
+    with pytest.raises((TypeError, ValueError), match="grads"):
+        ops.step("adam", [master], [grad.float()], [m, v], [step], hyper, [], low_params=[low])
+    assert torch.equal(m, torch.zeros(4096)) and float(step) == 0.0
+    ops.step("adam", [master], [grad], [m, v], [step], hyper, [], low_params=[low])
+    assert torch.equal(low, master.bfloat16()) and float(step) == 1.0
+    assert "amos" not in af.contracts.master_algorithms()
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes=st.lists(st.sampled_from([(), (1,), (7,), (33, 5), (4, 1, 9), (4097,), (0, 2)]), min_size=1, max_size=4),
+       dtype=st.sampled_from(LOW), name=st.sampled_from(["adamw", "adam-l2-amsgrad", "radam", "lion"]),
+       threads=st.sampled_from([1, 2]), missing=st.sets(st.integers(0, 3), max_size=2),
+       maximize=st.booleans())
+def test_property_same_pass_kernels_equal_the_float32_step(shapes, dtype, name, threads, missing, maximize):
+    """Any shapes, dtype, thread count, params without a grad and maximize: the CPU
+    same-pass step's masters are bitwise the float32 step of float32 params, and a
+    param without a grad is not touched (no master, no state)."""
+    case = CASES[name]
+    low = seeded_params(shapes, dtype)
+    full = [torch.nn.Parameter(p.detach().float()) for p in low]
+    opt = case.make(low, "cpu", master_weights=True, maximize=maximize)
+    ref = case.make(full, "cpu", maximize=maximize)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for step in range(2):
+            for i, (p, q, g) in enumerate(zip(low, full, seeded_grads(low, step))):
+                p.grad, q.grad = (None, None) if i in missing else (g, g.float())
+            opt.step()
+            ref.step()
+    finally:
+        torch.set_num_threads(before)
+    for i, (p, q) in enumerate(zip(low, full)):
+        if i in missing:
+            assert p not in opt.state or not opt.state[p]
+            continue
+        assert torch.equal(_bits(opt.state[p][MASTER_KEY]), _bits(q))
+        assert torch.equal(_bits(p), _bits(q.detach().to(dtype)))
