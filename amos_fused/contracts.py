@@ -90,9 +90,9 @@ def call_step(ops, algorithm: str, params: Sequence[Tensor], grads: Sequence[Ten
     ``low_params``: the bfloat16 / float16 params whose float32 masters ``params`` are,
     written in the same pass (CPU, ``master_algorithms()``)."""
     states, values = step_arguments(algorithm, hyper, state)
-    extra = {} if low_params is None else {"low_params": list(low_params)}
     ops.step(algorithm, list(params), list(grads), states, list(steps), values, list(per_tensor),
-             grad_scale, found_inf, telemetry, None if round_keys is None else list(round_keys), **extra)
+             grad_scale, found_inf, telemetry, None if round_keys is None else list(round_keys),
+             None if low_params is None else list(low_params))
 
 
 def call_fp8_step(ops, algorithm: str, params: Sequence[Tensor], grads: Sequence[Tensor],

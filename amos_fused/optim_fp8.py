@@ -1,9 +1,9 @@
 """The 8-bit optimizers: ``AdamW8bit``, ``Adam8bit`` and ``Lion8bit`` (the
-ecosystem's names, from bitsandbytes), the same constructors, hyper-parameters
-and update as ``AdamW``, ``Adam`` and ``Lion``, with the moments kept as
-block-scaled FP8 (amos_fused/fp8_states.py): one uint8 code per element plus one
-float32 absmax per block of 256, about 26% of the full-precision state of a
-float32 model.
+ecosystem's names, from bitsandbytes) and ``RAdam8bit``, the same constructors,
+hyper-parameters and update as ``AdamW``, ``Adam``, ``Lion`` and ``RAdam``, with
+the moments kept as block-scaled FP8 (amos_fused/fp8_states.py): one uint8 code
+per element plus one float32 absmax per block of 256, about 26% of the
+full-precision state of a float32 model.
 
 Each step decodes a block, runs the full-precision update in float32 (the same
 per-element function) and encodes the block back, in one pass (fused kernels on
@@ -11,14 +11,14 @@ the 'cpu', 'cuda' and 'triton' backends; the eager reference on any device).
 Params with fewer than 4096 elements, float64 and complex params keep
 full-precision states; sharded (DTensor) params are refused
 (NotImplementedError) for now.  State keys: ``exp_avg`` (codes of m),
-``exp_avg_absmax``, and for Adam ``exp_avg_sq`` (codes of sqrt(v)),
+``exp_avg_absmax``, and for Adam and RAdam ``exp_avg_sq`` (codes of sqrt(v)),
 ``exp_avg_sq_absmax``.  Loading a full-precision checkpoint (torch.optim.AdamW's
 or AdamW's) quantizes it; loading an 8-bit checkpoint into a full-precision
 optimizer decodes it."""
 from __future__ import annotations
 
 from . import fp8_states
-from .optim import Adam, AdamW, Lion
+from .optim import Adam, AdamW, Lion, RAdam
 
 
 class _Fp8States:
@@ -70,6 +70,13 @@ class AdamW8bit(_NoAmsgrad, _Fp8States, AdamW):
 
 class Adam8bit(_NoAmsgrad, _Fp8States, Adam):
     """Adam (L2 decay) with block-scaled FP8 moments; otherwise ``Adam``."""
+
+    fp8_state_keys = ("exp_avg", "exp_avg_sq")
+
+
+class RAdam8bit(_Fp8States, RAdam):
+    """RAdam with block-scaled FP8 moments; otherwise ``RAdam`` (same constructor,
+    defaults, rectification and weight decay)."""
 
     fp8_state_keys = ("exp_avg", "exp_avg_sq")
 

@@ -113,7 +113,7 @@ using Algorithms = TypeList<AdamAlgorithm, RAdamAlgorithm, LionAlgorithm, AmosAl
                             ScaledAdamAlgorithm, LambAlgorithm>;
 using ElementwiseAlgorithms = TypeList<LionAlgorithm>;
 // The algorithms the step_fp8 op runs with block-scaled FP8 states (csrc/fp8_states.h).
-using Fp8Algorithms = TypeList<AdamAlgorithm, LionAlgorithm>;
+using Fp8Algorithms = TypeList<AdamAlgorithm, RAdamAlgorithm, LionAlgorithm>;
 // The algorithms whose CPU step writes low-precision params from float32 masters
 // in the same pass (the step op's low_params).
 using MasterAlgorithms = TypeList<AdamAlgorithm, RAdamAlgorithm, LionAlgorithm>;

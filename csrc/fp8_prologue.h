@@ -26,6 +26,11 @@ struct Fp8States<AdamAlgorithm> {
   static constexpr int64_t kCount = 2;
 };
 template <>
+struct Fp8States<RAdamAlgorithm> {
+  static constexpr const char* kLists[2] = {"exp_avg", "exp_avg_sq"};  // m; sqrt(v)
+  static constexpr int64_t kCount = 2;
+};
+template <>
 struct Fp8States<LionAlgorithm> {
   static constexpr const char* kLists[2] = {"exp_avg", ""};
   static constexpr int64_t kCount = 1;

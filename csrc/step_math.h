@@ -133,19 +133,22 @@ AF_HD T adam_update(T& p, T g, T& m, T& v, T& vmax, const AdamCoef<T>& c) {
   X(bool, lerp_small)    /* 1 − β1 < ½ (af_lerp) */
 AF_COEF_STRUCT(RAdamCoef, AF_RADAM_COEF)
 
+// One RAdam element.  Returns sqrt(v), which FP8 states store.
 template <bool L2, typename T>
-AF_HD void radam_update(T& p, T g, T& m, T& v, const RAdamCoef<T>& c) {
+AF_HD T radam_update(T& p, T g, T& m, T& v, const RAdamCoef<T>& c) {
   g = g * c.grad_unscale;                          // g ← g · inv_grad_scale
   if (L2) g = af_fma(c.l2, p, g);                  // g ← g + λθ  (grad.add(θ, alpha=λ))
   p = p * c.param_decay;                           // θ ← θ·(1 − ηλ)
   m = af_lerp(m, g, c.beta1_complement, c.lerp_small);  // m ← lerp(m, g, 1−β1)
   v = af_fma(c.beta2_complement * g, g, v * c.beta2);   // v ← β2·v + (1−β2)·g² (addcmul)
+  const T root = af_sqrt(v);
   T step = (m / c.bc1) * c.lr;                     // η·m̂
   if (c.rectified) {                               // ρ_t > threshold
-    T adaptive = c.bc2_sqrt / (af_sqrt(v) + c.eps);  // sqrt(bc2)/(sqrt(v)+ε)
+    T adaptive = c.bc2_sqrt / (root + c.eps);      // sqrt(bc2)/(sqrt(v)+ε)
     step = step * adaptive * c.rect;               // η·r·m̂·sqrt(bc2)/(sqrt(v)+ε)
   }
   p = p - step;
+  return root;
 }
 
 // ---- Lion / SignSGDM-W ---------------------------------------------------------

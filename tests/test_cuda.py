@@ -1011,7 +1011,7 @@ def test_stochastic_rounding_past_element_2_32():
 # emulation, tools/cuda_emulation group "fp8", contracts nothing and is bitwise.)
 # * AdamW8bit: m and v read only g and their own codes, through explicit fmas,
 #   so codes and absmax are bitwise equal over every step; params within TOL.
-# * Adam8bit (L2: g + λθ reads θ) and Lion8bit (its momentum): a state may differ
+# * Adam8bit and RAdam8bit (L2: g + λθ reads θ) and Lion8bit (its momentum): a state may differ
 #   in its last bit, so a block's absmax by a few float32 ulps and a code by one
 #   E4M3 step where the scaled value sits at a rounding boundary.  Stepped in
 #   lockstep (each step from the cpu run's params and states): absmax within
@@ -1020,6 +1020,7 @@ def test_stochastic_rounding_past_element_2_32():
 # Shapes: FP8 states for params of ≥ 4096 elements (a partial last block, a
 # transposed one), full precision for the small one.
 FP8_CLASSES = {"AdamW8bit": (af.AdamW8bit, {"weight_decay": 0.1}), "Adam8bit": (af.Adam8bit, {"weight_decay": 0.1}),
+               "RAdam8bit": (af.RAdam8bit, {"weight_decay": 0.1}),
                "Lion8bit": (af.Lion8bit, {"lr": 1e-3, "weight_decay": 0.3})}
 FP8_SHAPES = [(4096,), (70001,), (3, 9000), (37, 5), (64, 300)]
 FP8_STEPS = 5
@@ -1107,7 +1108,7 @@ def _fp8_lockstep(name, dtype, steps=FP8_STEPS, **extra):
 @pytest.mark.parametrize("dtype", FP8_DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("name", list(FP8_CLASSES))
 def test_fp8_optimizers_match_cpu(name, dtype):
-    """AdamW8bit, Adam8bit, Lion8bit with backend='cuda' against backend='cpu', in lockstep."""
+    """AdamW8bit, Adam8bit, RAdam8bit, Lion8bit with backend='cuda' against backend='cpu', in lockstep."""
     for step, (cuda, cpu, states_g, states_c, _) in enumerate(_fp8_lockstep(name, dtype)):
         what = f"{name} {dtype} step {step}"
         assert any(p.dtype == torch.uint8 for s in states_g for p in s.values() if torch.is_tensor(p)), what

@@ -1,4 +1,4 @@
-"""The 8-bit optimizers (AdamW8bit, Adam8bit, Lion8bit): block-scaled FP8 states
+"""The 8-bit optimizers (AdamW8bit, Adam8bit, RAdam8bit, Lion8bit): block-scaled FP8 states
 (amos_fused/fp8_states.py, csrc/fp8_states.h).
 
 * the CPU kernel's encoder is bit-exact against the torch codec
@@ -40,7 +40,8 @@ POSITIVE = E4M3[:127]  # codes 0x00 … 0x7e: 0 … 448, increasing
 # Eager work (the reference, grads, comparisons) on one thread, the cpu kernels on
 # two (conftest: on a busy two-core machine this saves most of the time).
 pytestmark = pytest.mark.usefixtures("one_thread_outside_the_kernels")
-RAW_CLASSES = {"AdamW8bit": af.AdamW8bit, "Adam8bit": af.Adam8bit, "Lion8bit": af.Lion8bit}
+RAW_CLASSES = {"AdamW8bit": af.AdamW8bit, "Adam8bit": af.Adam8bit, "RAdam8bit": af.RAdam8bit,
+               "Lion8bit": af.Lion8bit}
 
 
 def _make(cls, *args, **kwargs):
@@ -52,6 +53,7 @@ CLASSES = {name: functools.partial(_make, cls) for name, cls in RAW_CLASSES.item
 HYPER = {  # per class: settings where every part of the update matters
     "AdamW8bit": dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
     "Adam8bit": dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1),
+    "RAdam8bit": dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),  # L2 decay; rectified from step 6
     "Lion8bit": dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
 }
 
@@ -423,7 +425,7 @@ def _train(name, backend, dtype, steps=5, seed=0, grads=None, **extra):
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=["f32", "bf16", "f16"])
 @pytest.mark.parametrize("name", list(CLASSES))
 def test_cpu_matches_reference(name, dtype, decay, maximize):
-    steps = 5
+    steps = 7 if name == "RAdam8bit" else 5  # RAdam: ρ_t > 5 (rectified) from step 6
     runs = [_train(name, backend, dtype, steps, weight_decay=decay, maximize=maximize)
             for backend in ("cpu", "reference")]
     (pa, oa), (pb, ob) = runs
@@ -442,6 +444,7 @@ def test_cpu_matches_reference(name, dtype, decay, maximize):
 @pytest.mark.parametrize("name, dtype, extra", [
     ("AdamW8bit", F32, dict(track_rms=True)),
     ("Adam8bit", F16, dict(track_rms=True)),
+    ("RAdam8bit", BF16, dict(track_rms=True, decoupled_weight_decay=True)),
     ("Lion8bit", BF16, dict(track_rms=True, bf16_stochastic_round=True)),
 ])
 def test_bitwise_the_same_at_any_thread_count(name, dtype, extra):

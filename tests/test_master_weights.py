@@ -335,3 +335,38 @@ def test_property_same_pass_kernels_equal_the_float32_step(shapes, dtype, name, 
             continue
         assert torch.equal(_bits(opt.state[p][MASTER_KEY]), _bits(q))
         assert torch.equal(_bits(p), _bits(q.detach().to(dtype)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["adamw", "lion", "amos-eta-momentum"])
+def test_grad_scaler_skips_and_unscales(name, backend):
+    """torch.amp.GradScaler on bfloat16 params with masters: a step whose grads hold
+    an inf changes nothing (params, masters, states, step counters); the others
+    equal the optimizer fed the unscaled grads (a power-of-two scale: exact)."""
+    case = CASES[name]
+    params = seeded_params([(30, 40), (5000,)], torch.bfloat16)
+    plain_params = seeded_params([(30, 40), (5000,)], torch.bfloat16)
+    opt = case.make(params, backend, master_weights=True)
+    plain = case.make(plain_params, backend, master_weights=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=100)
+    for step in range(4):
+        grads = seeded_grads(params, step)
+        if step == 2:
+            grads[1][17] = float("inf")
+        for p in params:
+            p.grad = None
+        loss = sum((p * g).float().sum() for p, g in zip(params, grads))
+        scaler.scale(loss).backward()
+        snap = _snapshot(opt, params)
+        scaler.step(opt)
+        scaler.update()
+        if step == 2:
+            _assert_unchanged(opt, params, snap)
+            continue
+        for p, g in zip(plain_params, grads):
+            p.grad = g
+        plain.step()
+        for p, q in zip(params, plain_params):
+            assert torch.equal(_bits(p), _bits(q))
+            for key, value in plain.state[q].items():
+                assert torch.equal(opt.state[p][key], value), key

@@ -1,4 +1,4 @@
-"""The 8-bit optimizers (AdamW8bit, Adam8bit, Lion8bit: block-scaled FP8 states,
+"""The 8-bit optimizers (AdamW8bit, Adam8bit, RAdam8bit, Lion8bit: block-scaled FP8 states,
 amos_fused/fp8_states.py) on the Triton backend (amos_fused/triton_kernels/fp8.py),
 on CUDA tensors when a GPU is visible, otherwise on CPU tensors through Triton's
 interpreter.
@@ -46,8 +46,10 @@ from registry import seeded_grads, seeded_params  # noqa: E402
 from test_triton import DEVICE  # noqa: E402
 
 CPU = torch.device("cpu")
-CLASSES = {"AdamW8bit": af.AdamW8bit, "Adam8bit": af.Adam8bit, "Lion8bit": af.Lion8bit}
+CLASSES = {"AdamW8bit": af.AdamW8bit, "Adam8bit": af.Adam8bit, "RAdam8bit": af.RAdam8bit,
+           "Lion8bit": af.Lion8bit}
 KWARGS = {"AdamW8bit": dict(lr=1e-2, weight_decay=0.1), "Adam8bit": dict(lr=1e-2, weight_decay=0.1),
+          "RAdam8bit": dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
           "Lion8bit": dict(lr=1e-2, weight_decay=0.1)}
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 # 17.5 blocks (a partial last block; its program has 2 of its 4 blocks), a
@@ -157,6 +159,15 @@ def test_matches_the_cpu_kernels(name, dtype, launches):
     assert launches == [got[1].algorithm] * STEPS  # the FP8 bucket ran on the Triton kernels
     assert "exp_avg_absmax" in got[1].state[got[0][0]] and "exp_avg_absmax" not in got[1].state[got[0][2]]
     _assert_bitwise(got, _run(name, "cpu", DTYPES[dtype]))
+
+
+def test_radam8bit_rectified_steps_match_the_cpu_kernels(launches):
+    """RAdam8bit past step 5 (β2 = 0.99: ρ_t > 5 from step 6), where the update takes
+    the rectified branch, with L2 decay."""
+    kwargs = dict(decoupled_weight_decay=False, betas=(0.9, 0.99))
+    got = _run("RAdam8bit", "triton", torch.float32, steps=7, **kwargs)
+    assert launches == ["radam"] * 7
+    _assert_bitwise(got, _run("RAdam8bit", "cpu", torch.float32, steps=7, **kwargs))
 
 
 @pytest.mark.parametrize("name", ["AdamW8bit", "Lion8bit"])

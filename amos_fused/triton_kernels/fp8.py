@@ -1,6 +1,7 @@
-"""Adam / AdamW and Lion with block-scaled FP8 states (the 8-bit optimizers) on the
-Triton backend: the Triton copy of the format of csrc/fp8_states.h (Python's:
-amos_fused/fp8_states.py) and one one-pass kernel per algorithm.
+"""Adam / AdamW, RAdam and Lion with block-scaled FP8 states (the 8-bit optimizers)
+on the Triton backend: the Triton copy of the format of csrc/fp8_states.h
+(Python's: amos_fused/fp8_states.py) and one-pass kernels (one for the two-moment
+rules, one for Lion).
 
 Format: a state tensor is cut into blocks of 256 elements in the param's memory
 order, each with one float32 absmax and one uint8 E4M3 code per element
@@ -15,7 +16,7 @@ Program i steps ROWS (= PROGRAM_BLOCKS) consecutive blocks of tensor
 ``blocks[2i]`` (its blocks ROWS·``blocks[2i+1]`` …) as a [ROWS, 256] tile
 (missing blocks of a tensor's last program masked): it decodes the states, runs the
 per-element update of the full-precision kernels (adam.py's adam_update /
-lion_update, the same functions), takes each block's new absmax (tl.max drops
+radam_update / lion_update, the same functions), takes each block's new absmax (tl.max drops
 NaN, in the interpreter as on GPUs: a NaN enters it as +Inf, and a block whose
 max is not finite stores NaN either way) and encodes the block back.  Programs
 covering whole blocks run unmasked.  θ is stored in the param's dtype,
@@ -33,9 +34,10 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import fp8_states
-from .adam import (ADAM_WIDTH, LION_WIDTH, _l2, adam_update, lion_update, load_adam_coefficients,
-                   load_lion_coefficients)
-from .common import (NUM_WARPS, ROUND_WIDTH, elementwise_meta, ieee_div, kernel_dtypes, launch_telemetry_sums,
+from .adam import (ADAM_WIDTH, LION_WIDTH, RADAM_WIDTH, _l2, adam_update, lion_update, load_adam_coefficients,
+                   load_lion_coefficients, load_radam_coefficients, radam_update)
+from .common import (NUM_WARPS, ROUND_WIDTH, elementwise_meta, ieee_div, ieee_sqrt, kernel_dtypes,
+                     launch_telemetry_sums,
                      launching, load_block, program_entry, round_block, rounding_table, store_block, stream,
                      telemetry_entry, telemetry_partials, tracked_squares, upload_coefficients, write_telemetry)
 
@@ -158,7 +160,7 @@ def store_param(p_ptr, offs, mask, p, before, own, round_row, first, MASKED: tl.
 @triton.jit
 def _adam_fp8_tile(addresses, grad_addresses, coef, telemetry, rounding, n, t, index, numel,
                    DTYPE: tl.constexpr, L2: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr,
-                   MASKED: tl.constexpr, TELEMETRY: tl.constexpr, ROUND: tl.constexpr):
+                   MASKED: tl.constexpr, TELEMETRY: tl.constexpr, ROUND: tl.constexpr, RADAM: tl.constexpr):
     p_ptr = stream(addresses, 0, n, t, DTYPE, ALIGNED)
     m_codes = stream(addresses, 1, n, t, tl.uint8, ALIGNED)
     v_codes = stream(addresses, 2, n, t, tl.uint8, ALIGNED)
@@ -171,9 +173,17 @@ def _adam_fp8_tile(addresses, grad_addresses, coef, telemetry, rounding, n, t, i
     g = load_block(g_ptr + offs, mask, MASKED, tl.float32)
     m = load_fp8(m_codes, m_absmax, blocks, offs, mask, block_mask, MASKED)
     root = load_fp8(v_codes, v_absmax, blocks, offs, mask, block_mask, MASKED)  # sqrt(v)
-    b1c, b2, b2c, decay, l2, eps, bc2_sqrt, neg_step, unscale, small = load_adam_coefficients(coef + t * ADAM_WIDTH)
-    p, m, v, _, root = adam_update(p, g, m, root * root, root, b1c, b2, b2c, decay, l2, eps, bc2_sqrt,
-                                   neg_step, unscale, small, False, L2, False)
+    if RADAM:
+        (b1c, b2, b2c, decay, l2, eps, bc1, lr, bc2_sqrt, rect, unscale,
+         rectified, small) = load_radam_coefficients(coef + t * RADAM_WIDTH)
+        p, m, v = radam_update(p, g, m, root * root, b1c, b2, b2c, decay, l2, eps, bc1, lr, bc2_sqrt, rect,
+                               unscale, rectified, small, L2, False)
+        root = ieee_sqrt(v, False)
+    else:
+        b1c, b2, b2c, decay, l2, eps, bc2_sqrt, neg_step, unscale, small = load_adam_coefficients(
+            coef + t * ADAM_WIDTH)
+        p, m, v, _, root = adam_update(p, g, m, root * root, root, b1c, b2, b2c, decay, l2, eps, bc2_sqrt,
+                                       neg_step, unscale, small, False, L2, False)
     store_fp8(m_codes, m_absmax, blocks, offs, mask, block_mask, m, MASKED)
     store_fp8(v_codes, v_absmax, blocks, offs, mask, block_mask, root, MASKED)  # sqrt(v), the root taken
     store_param(p_ptr, offs, mask, p, before, telemetry_entry(telemetry), rounding + t * ROUND_WIDTH,
@@ -183,17 +193,17 @@ def _adam_fp8_tile(addresses, grad_addresses, coef, telemetry, rounding, n, t, i
 @triton.jit
 def adam_fp8_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, rounding, n,
                     DTYPE: tl.constexpr, L2: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr,
-                    TELEMETRY: tl.constexpr, ROUND: tl.constexpr):
-    """Streams: 0 param, 1 exp_avg codes (m), 2 exp_avg_sq codes (sqrt(v)), 3 and 4
-    their absmax."""
+                    TELEMETRY: tl.constexpr, ROUND: tl.constexpr, RADAM: tl.constexpr):
+    """Adam(W), or RAdam with RADAM.  Streams: 0 param, 1 exp_avg codes (m), 2
+    exp_avg_sq codes (sqrt(v)), 3 and 4 their absmax."""
     t, index = program_entry(blocks)
     numel = tl.load(numels + t)
     if (index + 1) * (ROWS * FP8_BLOCK) <= numel:
         _adam_fp8_tile(addresses, grad_addresses, coef, telemetry, rounding, n, t, index, numel, DTYPE, L2,
-                       ALIGNED, ROWS, False, TELEMETRY, ROUND)
+                       ALIGNED, ROWS, False, TELEMETRY, ROUND, RADAM)
     else:
         _adam_fp8_tile(addresses, grad_addresses, coef, telemetry, rounding, n, t, index, numel, DTYPE, L2,
-                       ALIGNED, ROWS, True, TELEMETRY, ROUND)
+                       ALIGNED, ROWS, True, TELEMETRY, ROUND, RADAM)
 
 
 @triton.jit
@@ -243,7 +253,8 @@ def launch_fp8(algorithm: str, params: List[Tensor], grads: List[Tensor], codes:
     streams = [params, *codes, *absmax]
     meta = elementwise_meta(f"{algorithm}_fp8", streams, PROGRAM_BLOCKS * fp8_states.BLOCK)
     grad_table, grads_aligned = meta.grad_addresses.get(grads)
-    kernel, flags = (adam_fp8_kernel, dict(L2=_l2(hyper))) if algorithm == "adam" else (lion_fp8_kernel, {})
+    kernel, flags = ((lion_fp8_kernel, {}) if algorithm == "lion"
+                     else (adam_fp8_kernel, dict(L2=_l2(hyper), RADAM=algorithm == "radam")))
     with launching(meta):
         if meta.num_blocks:
             kernel[(meta.num_blocks,)](
@@ -254,4 +265,4 @@ def launch_fp8(algorithm: str, params: List[Tensor], grads: List[Tensor], codes:
         launch_telemetry_sums(meta, telemetry)
 
 
-ALGORITHMS = ("adam", "lion")
+ALGORITHMS = ("adam", "radam", "lion")

@@ -248,6 +248,18 @@ void fp8_typed(const Fp8Launch& L) {
     });
     return;
   }
+  if (L.algorithm == Fp8Algorithm::kRAdam) {
+    const auto* coefs = static_cast<const RAdamCoef<double>*>(L.coef);
+    std::vector<TileCoef<RAdamCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
+    auto run = [&](auto l2) {
+      fp8_blocks<scalar_t, 2>(L, 0b10u, [&](auto& x, int64_t t) {
+        using V = typename std::decay_t<decltype(x)>::value_type;
+        x[3] = radam_update<decltype(l2)::value>(x[0], x[1], x[2], x[3], coef[t].template get<V>());  // sqrt(v) stored
+      });
+    };
+    if (L.l2) run(std::true_type{}); else run(std::false_type{});
+    return;
+  }
   const auto* coefs = static_cast<const AdamCoef<double>*>(L.coef);
   std::vector<TileCoef<AdamCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
   auto run = [&](auto l2) {

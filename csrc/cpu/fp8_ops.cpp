@@ -32,7 +32,9 @@ void run_fp8_step(at::TensorList params, at::TensorList grads, at::TensorList co
     param[i] = params[i].data_ptr();
     grad[i] = grads[i].data_ptr();
   }
-  const Fp8Algorithm kind = std::is_same_v<A, AdamAlgorithm> ? Fp8Algorithm::kAdam : Fp8Algorithm::kLion;
+  const Fp8Algorithm kind = std::is_same_v<A, AdamAlgorithm>    ? Fp8Algorithm::kAdam
+                            : std::is_same_v<A, RAdamAlgorithm> ? Fp8Algorithm::kRAdam
+                                                                : Fp8Algorithm::kLion;
   Fp8Launch launch{{params[0].scalar_type(), static_cast<int64_t>(n), offsets.data()},
                    param.data(), const_cast<const void* const*>(grad.data()), {}, {}, kind,
                    call.coef.data(), false, call.telemetry, call.round_or_null()};
@@ -44,7 +46,7 @@ void run_fp8_step(at::TensorList params, at::TensorList grads, at::TensorList co
     launch.codes[k] = code_ptr[k].data();
     launch.absmax[k] = absmax_ptr[k].data();
   }
-  if constexpr (std::is_same_v<A, AdamAlgorithm>) {
+  if constexpr (!std::is_same_v<A, LionAlgorithm>) {
     launch.l2 = call.hyper.decoupled == 0 && call.hyper.weight_decay != 0.0;
   }
   active_kernels().fp8(launch);

@@ -106,9 +106,9 @@ struct NormScaledLaunch {
   const StochasticRound* round;    // phase 2: per tensor, or null
 };
 
-// The optimizers with block-scaled FP8 states (csrc/fp8_states.h): Adam(W)
-// (exp_avg, then exp_avg_sq stored as sqrt) and Lion (exp_avg).
-enum class Fp8Algorithm { kAdam, kLion };
+// The optimizers with block-scaled FP8 states (csrc/fp8_states.h): Adam(W) and
+// RAdam (exp_avg, then exp_avg_sq stored as sqrt) and Lion (exp_avg).
+enum class Fp8Algorithm { kAdam, kRAdam, kLion };
 
 struct Fp8Launch {
   BucketView bucket;
@@ -117,8 +117,8 @@ struct Fp8Launch {
   uint8_t* const* codes[2];  // per state: per tensor, the param's layout
   float* const* absmax[2];   // per state: per tensor, one per block of kFp8Block
   Fp8Algorithm algorithm;
-  const void* coef;          // per tensor: AdamCoef<double> or LionCoef<double>
-  bool l2;                   // Adam: L2 (coupled) decay
+  const void* coef;          // per tensor: AdamCoef<double>, RAdamCoef<double> or LionCoef<double>
+  bool l2;                   // Adam, RAdam: L2 (coupled) decay
   double* telemetry;         // [n][Σθ², Σ(Δθ)²] or null
   const StochasticRound* round;  // per tensor, or null
 };

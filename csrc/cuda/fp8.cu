@@ -156,6 +156,11 @@ void launch_fp8_step(const Fp8StepCall<A>& ready) {
     with_flag(l2, [&](auto l2_flag) {
       launch_fp8<scalar_t>(call.op, key, plan, Fp8AdamUpdate<decltype(l2_flag)::value>{}, device, call.telemetry);
     });
+  } else if constexpr (std::is_same_v<A, RAdamAlgorithm>) {
+    const bool l2 = call.hyper.decoupled == 0 && call.hyper.weight_decay != 0.0;
+    with_flag(l2, [&](auto l2_flag) {
+      launch_fp8<scalar_t>(call.op, key, plan, Fp8RAdamUpdate<decltype(l2_flag)::value>{}, device, call.telemetry);
+    });
   } else {
     launch_fp8<scalar_t>(call.op, key, plan, Fp8LionUpdate{}, device, call.telemetry);
   }

@@ -50,6 +50,17 @@ struct Fp8AdamUpdate {
   }
 };
 
+// RAdam: x = θ, g, m, v → radam_update<L2> (csrc/step_math.h); v is left as the
+// root it returns, sqrt(v).
+template <bool L2>
+struct Fp8RAdamUpdate {
+  static constexpr int kStates = 2;
+  static constexpr unsigned kRootMask = 0b10u;  // state 1 (exp_avg_sq) stored as sqrt(v)
+  __device__ __forceinline__ void operator()(float (&x)[4], const RAdamCoef<float>& c) const {
+    x[3] = radam_update<L2>(x[0], x[1], x[2], x[3], c);
+  }
+};
+
 // Lion: x = θ, g, m → lion_update (csrc/step_math.h).
 struct Fp8LionUpdate {
   static constexpr int kStates = 1;

@@ -487,8 +487,8 @@ def group_stochastic_round():
 
 
 # FP8 states (the step_fp8 op: csrc/cuda/fp8.cu against csrc/cpu/fp8_ops.cpp;
-# the format csrc/fp8_states.h): Adam with decoupled decay, Adam with L2 decay and
-# Lion under a GradScaler scale, in float32, bfloat16 and float16, from zero states,
+# the format csrc/fp8_states.h): Adam with decoupled decay, Adam with L2 decay,
+# RAdam with L2 decay (into its rectified steps) and Lion under a GradScaler scale, in float32, bfloat16 and float16, from zero states,
 # on a tensor of one partial block, one of several blocks with a partial last one,
 # a transposed (dense, not contiguous) param, a misaligned param and misaligned codes
 # (the element-by-element path), 0- and 1-element tensors, and a bucket of 120 small
@@ -507,7 +507,11 @@ FP8_CONFIGS = {
     "adamw": ("adam", adam_hyper(0.1, True, False, True), None),
     "adam-l2": ("adam", adam_hyper(0.1, False, False, True), None),
     "lion-scaled": ("lion", dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.3), 4.0),
+    "radam-l2": ("radam", dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=0.0,
+                               rectify_threshold=5.0), None),
 }
+# RAdam runs 7 steps: its update is rectified from step 6 (β2 = 0.99: ρ_t > 5).
+FP8_CONFIG_STEPS = {"radam-l2": 7}
 FP8_SHAPES = [(37, 5), (0,), (), (10001,), (33, 64), (4096,), (300,), (1,)]
 
 
@@ -568,15 +572,16 @@ def fp8_state(params, count):
     return codes, absmax
 
 
-def fp8_run(ops, config, make, dtype, steps=FP8_STEPS, track=False, round_keys=None, skip_last=False,
+def fp8_run(ops, config, make, dtype, steps=None, track=False, round_keys=None, skip_last=False,
             nonfinite=False):
     """Steps from seeded params and zero states; returns (params, codes, absmax, step
     counters, [telemetry per step], [float64 sums of each step's own params])."""
     algorithm, hyper, scale = FP8_CONFIGS[config]
+    steps = FP8_CONFIG_STEPS.get(config, FP8_STEPS) if steps is None else steps
     params = make(dtype, 9)
     if nonfinite:
         params[3].view(-1)[5] = float("nan")
-    codes, absmax = fp8_state(params, 2 if algorithm == "adam" else 1)
+    codes, absmax = fp8_state(params, 1 if algorithm == "lion" else 2)
     counts = counters([0] * len(params))
     tables, own = [], []
     for step in range(steps):
