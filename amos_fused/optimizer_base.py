@@ -360,8 +360,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         shadows_in_kernel = False
         if master:  # the grads belong to the low-precision params
             grads = self._checked_grads(where, owners, shadows, list(grads), all_grads, positions, lists["step"], walk)
-            shadows_in_kernel = (backend == "cpu" and not spec.fp8 and walk == Walk.DENSE
-                                 and self.algorithm in master_algorithms())
+            shadows_in_kernel = backend == "cpu" and not spec.fp8 and self.algorithm in master_algorithms()
             if not shadows_in_kernel:  # the kernels step float32 grads; the params are copied after
                 grads = [g.float() for g in grads]
         # (the masters stand in for the grads the kernel reads in the low params' dtype)
@@ -379,6 +378,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                         shadows=shadows, shadows_in_kernel=shadows_in_kernel)
         for key in self.per_param_keys:
             bucket.per_param[key] = self._per_param(index, group, plan, key, positions)
+        if shadows_in_kernel and self._reduces_across_shards(bucket, group):  # stepped in Python: copy after
+            bucket.grads, bucket.shadows_in_kernel = [g.float() for g in bucket.grads], False
         return bucket
 
     def _checked_grads(self, where, owners, params, grads, all_grads, positions, steps, walk, spec=None,

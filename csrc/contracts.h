@@ -116,7 +116,7 @@ using ElementwiseAlgorithms = TypeList<LionAlgorithm>;
 using Fp8Algorithms = TypeList<AdamAlgorithm, RAdamAlgorithm, LionAlgorithm>;
 // The algorithms whose CPU step writes low-precision params from float32 masters
 // in the same pass (the step op's low_params).
-using MasterAlgorithms = TypeList<AdamAlgorithm, RAdamAlgorithm, LionAlgorithm>;
+using MasterAlgorithms = TypeList<AdamAlgorithm, RAdamAlgorithm, LionAlgorithm, AmosAlgorithm>;
 
 // The coefficient row of algorithm A.
 template <typename A>

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import amos_fused as af
 from amos_fused.master_weights import MASTER_KEY
-from registry import CASES, CLASS_CASES, seeded_params, seeded_grads
+from registry import AMOS_REDUCE_AXES, CASES, CLASS_CASES, amos_case, seeded_params, seeded_grads
 
 LOW = [torch.bfloat16, torch.float16]
 SHAPES = [(37, 70), (5001,), (3, 4, 5, 6), (), (0, 3), (2, 9000)]
@@ -70,7 +70,8 @@ def test_master_steps_like_a_float32_param(name, dtype, backend):
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=["bf16", "f16"])
-@pytest.mark.parametrize("name", ["adamw", "adam-l2-amsgrad", "radam", "lion"])
+@pytest.mark.parametrize("name", ["adamw", "adam-l2-amsgrad", "radam", "lion", "amos-all-momentum-clip",
+                                  "amos-eta-momentum"])
 def test_same_pass_kernel_equals_the_copy_after(name, dtype, monkeypatch):
     """The CPU kernels that write the params in the same pass (master_algorithms)
     give bitwise what the second-pass copy gives, at 1 and 2 threads."""
@@ -302,12 +303,13 @@ def test_step_op_checks_low_params():
     assert torch.equal(m, torch.zeros(4096)) and float(step) == 0.0
     ops.step("adam", [master], [grad], [m, v], [step], hyper, [], low_params=[low])
     assert torch.equal(low, master.bfloat16()) and float(step) == 1.0
-    assert "amos" not in af.contracts.master_algorithms()
+    assert "scaled_adam" not in af.contracts.master_algorithms()
 
 
 @settings(max_examples=25, deadline=None)
 @given(shapes=st.lists(st.sampled_from([(), (1,), (7,), (33, 5), (4, 1, 9), (4097,), (0, 2)]), min_size=1, max_size=4),
-       dtype=st.sampled_from(LOW), name=st.sampled_from(["adamw", "adam-l2-amsgrad", "radam", "lion"]),
+       dtype=st.sampled_from(LOW),
+       name=st.sampled_from(["adamw", "adam-l2-amsgrad", "radam", "lion", "amos-eta-momentum", "amos-clip"]),
        threads=st.sampled_from([1, 2]), missing=st.sets(st.integers(0, 3), max_size=2),
        maximize=st.booleans())
 def test_property_same_pass_kernels_equal_the_float32_step(shapes, dtype, name, threads, missing, maximize):
@@ -370,3 +372,20 @@ def test_grad_scaler_skips_and_unscales(name, backend):
             assert torch.equal(_bits(p), _bits(q))
             for key, value in plain.state[q].items():
                 assert torch.equal(opt.state[p][key], value), key
+
+
+@pytest.mark.parametrize("config", ["plain", "everything"])
+@pytest.mark.parametrize("layout", sorted(AMOS_REDUCE_AXES))
+def test_amos_same_pass_every_layout(layout, config):
+    """Amos on the CPU kernels with master weights, every slot layout (elementwise,
+    rows reduced in cache, general layouts in two passes) and configuration: the
+    masters, slots and momentum bitwise those of float32 params."""
+    case = amos_case(AMOS_REDUCE_AXES[layout], config)
+    shapes = [(6, 10, 7), (4, 33, 5), (2, 9, 300)]
+    opt, params = _run(case, "cpu", torch.bfloat16, steps=3, shapes=shapes)
+    ref_opt, ref_params = _run_float32(case, "cpu", torch.bfloat16, steps=3, shapes=shapes)
+    for p, q in zip(params, ref_params):
+        assert torch.equal(_bits(opt.state[p][MASTER_KEY]), _bits(q)), f"{layout} {config}: {tuple(p.shape)}"
+        assert torch.equal(_bits(p), _bits(q.detach().bfloat16()))
+        for key, value in ref_opt.state[q].items():
+            assert torch.equal(_bits(opt.state[p][key]), _bits(value)), f"{layout} {config}: state {key!r}"

@@ -15,10 +15,14 @@
 namespace amos_fused::cpu {
 inline namespace CPU_CAPABILITY {
 
-// Σ clip(g)² over n contiguous elements: float lanes within blocks, blocks in double.
-template <typename scalar_t, bool CLIP>
-double amos_sum_squares(const scalar_t* g, int64_t n, const TileCoef<AmosCoef, scalar_t>& coef) {
-  using IO = TileIO<scalar_t>;
+// Σ clip(g)² over n contiguous elements: float lanes within blocks of kBlock
+// elements, blocks in double.  grad_t: the grads' type, the params' or, with master
+// weights (AS_FLOAT32), the low params': then the tiles and blocks are those of
+// float32 grads, so the sum is bitwise a float32 param's.
+template <typename grad_t, bool CLIP, bool AS_FLOAT32 = false, typename Coef>
+double amos_sum_squares(const grad_t* g, int64_t n, const Coef& coef) {
+  using scalar_t = grad_t;
+  using IO = std::conditional_t<AS_FLOAT32, TileIO<float>, TileIO<scalar_t>>;
   using Vec = typename IO::Vec;
   using Op = at::opmath_type<scalar_t>;
   constexpr int64_t kBlock = 64 * IO::kTile;
@@ -29,7 +33,11 @@ double amos_sum_squares(const scalar_t* g, int64_t n, const TileCoef<AmosCoef, s
     Vec acc(Op(0));
     for (; i + IO::kTile <= stop; i += IO::kTile) {
       Vec tile[IO::kParts];
-      IO::load(g + i, tile);
+      if constexpr (AS_FLOAT32 && !std::is_same_v<scalar_t, float>) {  // Vec::size() low values, as floats
+        tile[0] = std::get<0>(at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(g + i, Vec::size())));
+      } else {
+        IO::load(g + i, tile);
+      }
       for (int part = 0; part < IO::kParts; ++part) {
         const Vec x = amos_clip<CLIP>(tile[part], coef.vec);
         acc = acc + x * x;
@@ -59,12 +67,13 @@ inline void amos_store_slot(scalar_t* v, scalar_t* b, double sum, int64_t count,
   *b = static_cast<scalar_t>(bb);
 }
 
-// Updates elements [begin, end) of a tensor (one row) given its slot's (w, a).
-template <typename scalar_t, bool MOMENTUM, bool CLIP>
+// Updates elements [begin, end) of a tensor (one row) given its slot's (w, a);
+// with master weights (Low), g points to Low grads and `low` gets the params.
+template <typename scalar_t, bool MOMENTUM, bool CLIP, typename Low>
 void amos_update_row(scalar_t* p, scalar_t* g, scalar_t* mu, int64_t begin, int64_t end,
                      at::opmath_type<scalar_t> w, at::opmath_type<scalar_t> a,
                      const TileCoef<AmosCoef, scalar_t>& coef, PieceSums<scalar_t>* acc,
-                     const StochasticRound* round) {
+                     const StochasticRound* round, Low* low) {
   using Vec = typename TileIO<scalar_t>::Vec;
   const Vec wv(w), av(a);
   auto update = [&](auto& x) {
@@ -78,9 +87,19 @@ void amos_update_row(scalar_t* p, scalar_t* g, scalar_t* mu, int64_t begin, int6
     }
   };
   if constexpr (MOMENTUM) {
-    map_streams_summed<scalar_t, 3, 0b101u>({p, g, mu}, begin, end, update, acc, round);
+    map_streams_summed<scalar_t, 3, 0b101u>({p, g, mu}, begin, end, update, acc, round, low);
   } else {
-    map_streams_summed<scalar_t, 2, 0b1u>({p, g}, begin, end, update, acc, round);
+    map_streams_summed<scalar_t, 2, 0b1u>({p, g}, begin, end, update, acc, round, low);
+  }
+}
+
+// Element e of a tensor's grads: of the param's type, or of Low (master weights).
+template <typename scalar_t, typename Low>
+inline at::opmath_type<scalar_t> amos_grad_at(const scalar_t* g, int64_t e) {
+  if constexpr (std::is_same_v<Low, NoLow>) {
+    return static_cast<at::opmath_type<scalar_t>>(g[e]);
+  } else {
+    return static_cast<at::opmath_type<scalar_t>>(reinterpret_cast<const Low*>(g)[e]);
   }
 }
 
@@ -107,7 +126,7 @@ void amos_walk_general(const AmosLayout& L, const F& f) {
   }
 }
 
-template <typename scalar_t, bool MOMENTUM, bool CLIP>
+template <typename scalar_t, bool MOMENTUM, bool CLIP, typename Low>
 void amos_general_tensor(const AmosLaunch& L, int64_t t) {
   using Op = at::opmath_type<scalar_t>;
   const AmosLayout& layout = L.layout[t];
@@ -117,12 +136,13 @@ void amos_general_tensor(const AmosLaunch& L, int64_t t) {
   auto* v = stream<scalar_t>(L.v, t);
   auto* b = stream<scalar_t>(L.b, t);
   auto* mu = MOMENTUM ? stream<scalar_t>(L.mu, t) : nullptr;
+  Low* low = low_stream<Low>(L.bucket, t);
   const int64_t slots = layout.num_slots;
   int64_t numel = 1;
   for (int d = 0; d < layout.ndim; ++d) numel *= layout.sizes[d];
   std::vector<double> sums(slots, 0.0);
   amos_walk_general(layout, [&](int64_t e, int64_t s) {  // phase 1: Σ g² per slot
-    const Op x = amos_clip<CLIP>(static_cast<Op>(g[e]), coef.scalar);
+    const Op x = amos_clip<CLIP>(amos_grad_at<scalar_t, Low>(g, e), coef.scalar);
     sums[s] += static_cast<double>(x * x);
   });
   std::vector<Op> w(slots), a(slots);
@@ -135,12 +155,13 @@ void amos_general_tensor(const AmosLaunch& L, int64_t t) {
     const Op before = static_cast<Op>(p[e]);
     Op pp = before;
     Op mm = MOMENTUM ? static_cast<Op>(mu[e]) : Op(0);
-    const Op gg = amos_clip<CLIP>(static_cast<Op>(g[e]), coef.scalar);
+    const Op gg = amos_clip<CLIP>(amos_grad_at<scalar_t, Low>(g, e), coef.scalar);
     amos_element<MOMENTUM>(pp, gg, mm, w[s], a[s], coef.scalar);
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (rounding) pp = rounding->scalar(pp, e);
     }
     p[e] = static_cast<scalar_t>(pp);
+    if constexpr (!std::is_same_v<Low, NoLow>) low[e] = static_cast<Low>(pp);  // rounded to nearest even
     if (MOMENTUM) mu[e] = static_cast<scalar_t>(mm);
     if (L.telemetry != nullptr) {  // in memory order, in double
       const Op after = static_cast<Op>(p[e]);
@@ -154,7 +175,7 @@ void amos_general_tensor(const AmosLaunch& L, int64_t t) {
   }
 }
 
-template <typename scalar_t, bool MOMENTUM, bool CLIP>
+template <typename scalar_t, bool MOMENTUM, bool CLIP, typename Low>
 void amos_typed(const AmosLaunch& L) {
   using Op = at::opmath_type<scalar_t>;
   // (general-layout tensors own no elements of the bucket: their telemetry rows,
@@ -168,6 +189,7 @@ void amos_typed(const AmosLaunch& L) {
     auto* mu = MOMENTUM ? stream<scalar_t>(L.mu, t) : nullptr;
     const int64_t row = L.layout[t].row_len;
     const StochasticRound* round = L.round ? &L.round[t] : nullptr;
+    Low* low = low_stream<Low>(L.bucket, t);
     if (row == 1) {  // elementwise slots: slot math per element
       auto update = [&](auto& x) {
         using V = typename std::decay_t<decltype(x)>::value_type;
@@ -178,9 +200,9 @@ void amos_typed(const AmosLaunch& L) {
         amos_element<MOMENTUM>(x[0], gg, x[MOMENTUM ? 4 : 0], w, a, c);
       };
       if constexpr (MOMENTUM) {
-        map_streams<scalar_t, 5, 0b11101u>({p, g, v, b, mu}, begin, end, update, sums, round);
+        map_streams<scalar_t, 5, 0b11101u>({p, g, v, b, mu}, begin, end, update, sums, round, low);
       } else {
-        map_streams<scalar_t, 4, 0b1101u>({p, g, v, b}, begin, end, update, sums, round);
+        map_streams<scalar_t, 4, 0b1101u>({p, g, v, b}, begin, end, update, sums, round, low);
       }
       return;
     }
@@ -189,24 +211,31 @@ void amos_typed(const AmosLaunch& L) {
     for (int64_t r = (begin + row - 1) / row; r * row < end; ++r) {
       const int64_t start = r * row;
       Op w, a;
-      const double sum = amos_sum_squares<scalar_t, CLIP>(g + start, row, coef);
+      double sum;
+      if constexpr (std::is_same_v<Low, NoLow>) {
+        sum = amos_sum_squares<scalar_t, CLIP>(g + start, row, coef);
+      } else {
+        sum = amos_sum_squares<Low, CLIP, true>(reinterpret_cast<const Low*>(g) + start, row, coef);
+      }
       amos_store_slot<scalar_t, MOMENTUM>(v + r, b + r, sum, row, coef.scalar, w, a);
       amos_update_row<scalar_t, MOMENTUM, CLIP>(p, g, mu, start, start + row, w, a, coef,
-                                                sums != nullptr ? &acc : nullptr, round);
+                                                sums != nullptr ? &acc : nullptr, round, low);
     }
     if (sums != nullptr) acc.flush(sums);
   });
   at::parallel_for(0, L.num_general, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) amos_general_tensor<scalar_t, MOMENTUM, CLIP>(L, L.general[i]);
+    for (int64_t i = lo; i < hi; ++i) amos_general_tensor<scalar_t, MOMENTUM, CLIP, Low>(L, L.general[i]);
   });
 }
 
 inline void amos_kernel(const AmosLaunch& L) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, L.bucket.dtype, "amos_fused_amos", [&] {
+  dispatch_streams(L.bucket, "amos_fused_amos", [&](auto storage, auto low) {
+    using scalar_t = decltype(storage);
+    using Low = decltype(low);
     if (L.momentum) {
-      L.clip ? amos_typed<scalar_t, true, true>(L) : amos_typed<scalar_t, true, false>(L);
+      L.clip ? amos_typed<scalar_t, true, true, Low>(L) : amos_typed<scalar_t, true, false, Low>(L);
     } else {
-      L.clip ? amos_typed<scalar_t, false, true>(L) : amos_typed<scalar_t, false, false>(L);
+      L.clip ? amos_typed<scalar_t, false, true, Low>(L) : amos_typed<scalar_t, false, false, Low>(L);
     }
   });
 }

@@ -4,6 +4,7 @@
 // SIMD tiles with a scalar tail.  Include after defining CPU_CAPABILITY.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -168,6 +169,23 @@ struct MasterTileIO {
 
 template <typename scalar_t, typename Low>
 using StreamIO = std::conditional_t<std::is_same_v<Low, NoLow>, TileIO<scalar_t>, MasterTileIO>;
+
+// Calls f(scalar_t{}, Low{}): the type of the bucket's streams and, with master
+// weights (float32 streams), the type of its low-precision params, else NoLow.
+template <typename F>
+void dispatch_streams(const BucketView& bucket, const char* name, const F& f) {
+  if (bucket.low_params != nullptr) {
+    TORCH_CHECK(bucket.dtype == at::kFloat, name, ": master weights are float32, got ", bucket.dtype);
+    if (bucket.low_dtype == at::kBFloat16) {
+      f(float{}, c10::BFloat16{});
+    } else {
+      TORCH_CHECK(bucket.low_dtype == at::kHalf, name, ": low params are bfloat16 or float16");
+      f(float{}, c10::Half{});
+    }
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bucket.dtype, "amos_fused_step", [&] { f(scalar_t{}, NoLow{}); });
+}
 
 // Tensor t's low-precision param (master weights), or null.
 template <typename Low>

@@ -16,23 +16,6 @@
 namespace amos_fused::cpu {
 inline namespace CPU_CAPABILITY {
 
-// Calls f(scalar_t{}, Low{}): the type of the bucket's streams and, with master
-// weights (float32 streams), the type of its low-precision params, else NoLow.
-template <typename F>
-void dispatch_streams(const BucketView& bucket, const char* name, const F& f) {
-  if (bucket.low_params != nullptr) {
-    TORCH_CHECK(bucket.dtype == at::kFloat, name, ": master weights are float32, got ", bucket.dtype);
-    if (bucket.low_dtype == at::kBFloat16) {
-      f(float{}, c10::BFloat16{});
-    } else {
-      TORCH_CHECK(bucket.low_dtype == at::kHalf, name, ": low params are bfloat16 or float16");
-      f(float{}, c10::Half{});
-    }
-    return;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bucket.dtype, "amos_fused_step", [&] { f(scalar_t{}, NoLow{}); });
-}
-
 template <typename scalar_t, bool AMSGRAD, bool L2, typename Low>
 void adam_typed(const AdamLaunch& L) {
   for_each_tracked_segment(L.bucket, L.telemetry, [&](int64_t t, int64_t begin, int64_t end, Telemetry* sums) {
