@@ -6,9 +6,10 @@ shape and strides, and its other states in float32.  A step updates the master
 in float32 with the param's (low-precision) grad, exactly as it would update a
 float32 param, and writes the param as the master rounded to nearest: the
 small updates that rounding a low-precision param would drop accumulate in the
-master.  The master is the source of truth: a value written into the param
-directly is overwritten by the next step (clear that param's state to restart
-from the param).
+master.  A param written between steps (replaced, or written in place through
+autograd: ``WriteMarks``) gets its master remade from its new value at the next
+step; a write through ``p.data`` is not seen (clear that param's state to
+restart from the param).
 
 Turning ``master_weights`` on for a param with low-precision state makes the
 master from the param and its states float32 at the next step; turning it off
@@ -19,6 +20,8 @@ from typing import Dict, Optional
 
 import torch
 from torch import Tensor
+
+from .sharding import local
 
 MASTER_KEY = "master_param"
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -64,3 +67,32 @@ def convert_loaded(param: Tensor, state: Dict[str, object], master_weights: bool
     if has_master(param, master_weights):
         return
     state.pop(MASTER_KEY, None)
+
+
+class WriteMarks:
+    """What each param with a master looked like when a step last wrote it: its
+    storage address and version counter.  A param replaced (``p.data = …``) or
+    written in place through autograd's view of it (``with torch.no_grad():
+    p.copy_(…)``, ``torch.nn.init``) between steps no longer matches, and the next
+    step remakes its master from it, so the step starts from the param's value as
+    torch.optim's would.  (A write through ``p.data`` keeps the version counter
+    and is not seen.)"""
+
+    def __init__(self):
+        self._marks: Dict[int, tuple] = {}
+
+    @staticmethod
+    def _mark_of(param: Tensor) -> tuple:
+        t = local(param)
+        return (t.data_ptr(), t._version)
+
+    def mark(self, params) -> None:
+        for p in params:
+            self._marks[id(p)] = (p, self._mark_of(p))
+
+    def edited(self, param: Tensor) -> bool:
+        entry = self._marks.get(id(param))
+        return entry is not None and entry[0] is param and entry[1] != self._mark_of(param)
+
+    def clear(self) -> None:
+        self._marks.clear()

@@ -21,7 +21,7 @@ from .backends import backend_for, check_backend, fused_ops
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype, memory_order
 from .checks import Problem, Walk, check_step, first_overlap, step_error
 from . import fp8_states
-from .master_weights import MASTER_KEY, float32_copy, has_master, master_problem, upcast_states
+from .master_weights import MASTER_KEY, WriteMarks, float32_copy, has_master, master_problem, upcast_states
 from . import master_weights as masters
 from .contracts import call_fp8_step, call_step, master_algorithms
 from .sharding import is_dtensor, local
@@ -109,6 +109,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: Dict[str, Any]):
         self._plans: Dict[int, GroupPlan] = {}
         self._telemetry = Recorder()
+        self._master_marks = WriteMarks()
         super().__init__(params, {"maximize": False, "track_rms": False, "bf16_stochastic_round": False,
                                   "stochastic_round_seed": 0, "master_weights": False, **defaults})
 
@@ -411,6 +412,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         changes: Dict[str, Any] = {}
         if master and MASTER_KEY not in st and "step" in st:
             changes.update(upcast_states(p, st))
+        elif master and MASTER_KEY in st and self._master_marks.edited(p):  # written since our last step
+            changes[MASTER_KEY] = float32_copy(p.detach())
         elif not master and MASTER_KEY in st:
             changes[MASTER_KEY] = None
             for key, value in st.items():
@@ -548,6 +551,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     measured_sums(bucket.params, before, table)
             if bucket.shadows and not bucket.shadows_in_kernel:  # the params, rounded from their masters
                 torch._foreach_copy_(bucket.shadows, bucket.params)
+            if bucket.shadows:
+                self._master_marks.mark(bucket.owners)
             if track:
                 self._telemetry.record(bucket.owners, bucket.params, table, float(ready.group["lr"]))
 
@@ -578,6 +583,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._plans = {}
+        self._telemetry = Recorder()  # (torch.optim pickles defaults, state and groups only)
+        self._master_marks = WriteMarks()
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -622,6 +629,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             masters.convert_loaded(param, state, master)
             fp8_states.convert_loaded(param, state, self.fp8_state_keys if self._keeps_fp8(param) else ())
         self._plans = {}
+        self._master_marks.clear()
         for index, group in enumerate(self.param_groups):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)

@@ -389,3 +389,53 @@ def test_amos_same_pass_every_layout(layout, config):
         assert torch.equal(_bits(p), _bits(q.detach().bfloat16()))
         for key, value in ref_opt.state[q].items():
             assert torch.equal(_bits(opt.state[p][key]), _bits(value)), f"{layout} {config}: state {key!r}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["no_grad-copy_", "replaced-data", "init"])
+def test_param_written_between_steps_restarts_its_master(how, backend):
+    """Like torch.optim, a step starts from the param's value when the user wrote it
+    between steps (in place through autograd, p.data replaced, torch.nn.init): its
+    master is remade from it; the other params keep theirs."""
+    params = seeded_params([(30, 40), (5000,)], torch.bfloat16)
+    opt = af.AdamW(params, lr=1e-2, master_weights=True, backend=backend)
+    for step in range(2):
+        for p, g in zip(params, seeded_grads(params, step)):
+            p.grad = g
+        opt.step()
+    before = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    new = torch.full((30, 40), 0.5, dtype=torch.bfloat16)
+    if how == "no_grad-copy_":
+        with torch.no_grad():
+            params[0].copy_(new)
+    elif how == "replaced-data":
+        params[0].data = new.clone()
+    else:
+        torch.nn.init.constant_(params[0], 0.5)
+    grads = seeded_grads(params, 2)
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    # replay on float32 params: the edited one from its new value, the other from its master
+    for i, start in enumerate([new.float(), before[1][MASTER_KEY]]):
+        q = torch.nn.Parameter(start.clone())
+        replay = af.AdamW([q], lr=1e-2, backend=backend)
+        replay.state[q].update({k: v for k, v in before[i].items() if k != MASTER_KEY})
+        q.grad = grads[i].float()
+        replay.step()
+        assert torch.equal(opt.state[params[i]][MASTER_KEY], q.detach()), f"param {i}"
+
+
+def test_deepcopy_and_pickle_keep_working():
+    """An optimizer copied (copy.deepcopy, pickle) steps, with telemetry and masters."""
+    import pickle
+    p = torch.nn.Parameter(torch.randn(30, 40).bfloat16())
+    opt = af.AdamW([p], lr=1e-2, master_weights=True, track_rms=True)
+    p.grad = torch.randn(30, 40).bfloat16()
+    opt.step()
+    for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        q = twin.param_groups[0]["params"][0]
+        q.grad = p.grad.clone()
+        twin.step()
+        assert torch.equal(q.detach(), twin.state[q][MASTER_KEY].bfloat16())
+        assert twin.rms()[q].weight > 0
