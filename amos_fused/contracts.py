@@ -99,11 +99,14 @@ def call_fp8_step(ops, algorithm: str, params: Sequence[Tensor], grads: Sequence
                   state: Mapping[str, Sequence[Tensor]], steps: Sequence[Tensor],
                   hyper: Mapping[str, float], keys: Sequence[str],
                   grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-                  telemetry: Optional[Tensor] = None, round_keys: Optional[Sequence[int]] = None) -> None:
+                  telemetry: Optional[Tensor] = None, round_keys: Optional[Sequence[int]] = None,
+                  low_params: Optional[Sequence[Tensor]] = None) -> None:
     """One ``ops.step_fp8`` call (``ops``: torch.ops.amos_fused or the Triton ops): the
     states under ``keys`` are FP8 codes, each with its per-block absmax under
-    ``key + '_absmax'`` (amos_fused/fp8_states.py); the rest as in ``call_step``."""
+    ``key + '_absmax'`` (amos_fused/fp8_states.py); the rest as in ``call_step``
+    (``low_params``: the CPU op only)."""
     codes = [t for key in keys for t in state[key]]
     absmax = [t for key in keys for t in state[key + "_absmax"]]
     ops.step_fp8(algorithm, list(params), list(grads), codes, absmax, list(steps), hyper_values(algorithm, hyper),
-                 grad_scale, found_inf, telemetry, None if round_keys is None else list(round_keys))
+                 grad_scale, found_inf, telemetry, None if round_keys is None else list(round_keys),
+                 None if low_params is None else list(low_params))

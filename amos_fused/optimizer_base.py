@@ -65,6 +65,13 @@ def zeros_in_memory_order(like: Tensor, shape) -> Tensor:
     return zeros.permute(inverse)
 
 
+def writes_low_params(backend: str, algorithm: str, fp8: bool) -> bool:
+    """Whether the step op writes the low-precision params of float32 masters in the
+    same pass (its ``low_params``): the CPU kernels of ``master_algorithms()`` and
+    the CPU FP8 kernels.  Otherwise the masters are copied into them after."""
+    return backend == "cpu" and (fp8 or algorithm in master_algorithms())
+
+
 class _StalePlan(Exception):
     """A param changed dtype or device since its group's plan was made."""
 
@@ -154,15 +161,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         ``ops``: torch.ops.amos_fused, or the Triton ops with the same signatures),
         which fills ``telemetry`` and rounds bfloat16 params stochastically with
         ``round_keys`` when given."""
+        low_params = bucket.shadows if bucket.shadows_in_kernel else None
         if bucket.fp8:
             call_fp8_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
                           self._hyper(group), self.fp8_state_keys, telemetry=telemetry, round_keys=round_keys,
-                          **self._grad_scaling())
+                          low_params=low_params, **self._grad_scaling())
             return
         per_tensor = bucket.per_param[self.per_param_keys[0]] if self.per_param_keys else []
         call_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
                   self._hyper(group), per_tensor, telemetry=telemetry, round_keys=round_keys,
-                  low_params=bucket.shadows if bucket.shadows_in_kernel else None, **self._grad_scaling())
+                  low_params=low_params, **self._grad_scaling())
 
     def _reference_step(self, bucket: Bucket, group: dict) -> None:
         raise NotImplementedError
@@ -361,7 +369,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         shadows_in_kernel = False
         if master:  # the grads belong to the low-precision params
             grads = self._checked_grads(where, owners, shadows, list(grads), all_grads, positions, lists["step"], walk)
-            shadows_in_kernel = backend == "cpu" and not spec.fp8 and self.algorithm in master_algorithms()
+            shadows_in_kernel = writes_low_params(backend, self.algorithm, spec.fp8)
             if not shadows_in_kernel:  # the kernels step float32 grads; the params are copied after
                 grads = [g.float() for g in grads]
         # (the masters stand in for the grads the kernel reads in the low params' dtype)

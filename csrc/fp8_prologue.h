@@ -53,7 +53,8 @@ std::optional<Fp8StepCall<A>> begin_fp8_step(at::TensorList params, at::TensorLi
                                              const std::optional<at::Tensor>& grad_scale,
                                              const std::optional<at::Tensor>& found_inf,
                                              const std::optional<at::Tensor>& telemetry,
-                                             at::OptionalIntArrayRef round_keys) {
+                                             at::OptionalIntArrayRef round_keys,
+                                             at::TensorList low_params = {}) {
   using States = Fp8States<A>;
   StepCall<A> call = new_step_call<A>(params, grads, hyper);
   const char* op = call.op;
@@ -65,7 +66,14 @@ std::optional<Fp8StepCall<A>> begin_fp8_step(at::TensorList params, at::TensorLi
                     ": expected ", States::kCount, " lists of ", n, " codes and of ", n,
                     " absmax tensors, got ", codes.size(), " and ", absmax.size());
   TORCH_CHECK_VALUE(!steps.empty() || n == 0, op, ": steps are required");
-  check_bucket(op, params, grads, {}, steps);
+  if (low_params.empty()) {
+    check_bucket(op, params, grads, {}, steps);
+  } else {  // float32 masters; the grads belong to the low params (step_prologue.h: begin_step)
+    TORCH_CHECK_VALUE(!round_keys.has_value(), op, ": low_params and round_keys exclude each other");
+    check_low_params(op, params, grads, low_params, steps);
+    check_bucket(op, params, params, {}, steps);
+    call.low_params = low_params;
+  }
   TORCH_CHECK_TYPE(params[0].scalar_type() != at::kDouble, op,
                    ": FP8 states are kept for float32, bfloat16 and float16 params, got float64");
   Fp8StepCall<A> out;

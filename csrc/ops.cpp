@@ -63,11 +63,12 @@ TORCH_LIBRARY(amos_fused, m) {
   // The step op of the optimizers with block-scaled FP8 states (csrc/fp8_states.h):
   // `step`'s arguments, with the state lists as codes (uint8, shaped like the
   // params: exp_avg[, exp_avg_sq as sqrt]) and absmax (float32, one per block of
-  // 256), key-major.  Algorithms: fp8_algorithms().
+  // 256), key-major.  Algorithms: fp8_algorithms().  low_params (CPU): as step's.
   m.def(
       "step_fp8(str algorithm, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] codes, "
       "Tensor(c!)[] absmax, Tensor(d!)[] steps, float[] hyper, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, Tensor(e!)? telemetry=None, int[]? round_keys=None) -> ()");
+      "Tensor? found_inf=None, Tensor(e!)? telemetry=None, int[]? round_keys=None, "
+      "Tensor(f!)[]? low_params=None) -> ()");
   m.def("fp8_algorithms() -> str[]", &amos_fused::fp8_algorithms_op);
   // begin_step for step_fp8: its checks and coefficient table, nothing written.
   m.def(

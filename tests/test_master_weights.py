@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import amos_fused as af
 from amos_fused.master_weights import MASTER_KEY
-from registry import AMOS_REDUCE_AXES, CASES, CLASS_CASES, amos_case, seeded_params, seeded_grads
+from registry import AMOS_REDUCE_AXES, CASES, CLASS_CASES, Case, amos_case, seeded_params, seeded_grads
 
 LOW = [torch.bfloat16, torch.float16]
 SHAPES = [(37, 70), (5001,), (3, 4, 5, 6), (), (0, 3), (2, 9000)]
@@ -85,7 +85,7 @@ def test_same_pass_kernel_equals_the_copy_after(name, dtype, monkeypatch):
             runs.append(_run(case, "cpu", dtype))
         finally:
             torch.set_num_threads(before)
-    monkeypatch.setattr(af.optimizer_base, "master_algorithms", lambda: ())
+    monkeypatch.setattr(af.optimizer_base, "writes_low_params", lambda *args: False)
     runs.append(_run(case, "cpu", dtype))
     (opt, params), others = runs[0], runs[1:]
     for other_opt, other_params in others:
@@ -304,6 +304,13 @@ def test_step_op_checks_low_params():
     ops.step("adam", [master], [grad], [m, v], [step], hyper, [], low_params=[low])
     assert torch.equal(low, master.bfloat16()) and float(step) == 1.0
     assert "scaled_adam" not in af.contracts.master_algorithms()
+    # the FP8 op takes them too
+    codes, absmax = [torch.zeros(4096, dtype=torch.uint8)] * 2, [torch.zeros(16)] * 2
+    with pytest.raises(ValueError, match="low_params"):
+        ops.step_fp8("adam", [master], [grad], codes, absmax, [step], hyper, low_params=[low[:100]])
+    ops.step_fp8("adam", [master], [grad], [c.clone() for c in codes], [a.clone() for a in absmax], [step], hyper,
+                 low_params=[low])
+    assert torch.equal(low, master.bfloat16()) and float(step) == 2.0
 
 
 @settings(max_examples=25, deadline=None)
@@ -439,3 +446,30 @@ def test_deepcopy_and_pickle_keep_working():
         twin.step()
         assert torch.equal(q.detach(), twin.state[q][MASTER_KEY].bfloat16())
         assert twin.rms()[q].weight > 0
+
+
+FP8_CASES = {"AdamW8bit": Case(af.AdamW8bit, dict(lr=1e-2, weight_decay=0.1)),
+             "RAdam8bit": Case(af.RAdam8bit, dict(lr=1e-2, weight_decay=0.1)),
+             "Lion8bit": Case(af.Lion8bit, dict(lr=1e-2, weight_decay=0.1))}
+FP8_SHAPES = [(64, 70), (5000,), (10,)]  # FP8 states, a partial last block; a small param (float32 states)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", sorted(FP8_CASES))
+def test_8bit_master_steps_like_a_float32_param(name, dtype, backend, monkeypatch):
+    """The 8-bit optimizers with master weights: masters, codes and absmax bitwise
+    those of float32 params; on cpu the FP8 kernel writes the params in the same
+    pass, bitwise what the copy after gives."""
+    case = FP8_CASES[name]
+    opt, params = _run(case, backend, dtype, steps=7, shapes=FP8_SHAPES)
+    ref_opt, ref_params = _run_float32(case, backend, dtype, steps=7, shapes=FP8_SHAPES)
+    monkeypatch.setattr(af.optimizer_base, "writes_low_params", lambda *args: False)
+    copy_opt, copy_params = _run(case, backend, dtype, steps=7, shapes=FP8_SHAPES)
+    for p, q, r in zip(params, ref_params, copy_params):
+        assert torch.equal(_bits(opt.state[p][MASTER_KEY]), _bits(q)), f"{name}: master of {tuple(p.shape)}"
+        assert torch.equal(_bits(p), _bits(q.detach().to(dtype))) and torch.equal(_bits(p), _bits(r))
+        assert (opt.state[p]["exp_avg"].dtype == torch.uint8) == (p.numel() >= 4096)
+        for key, value in ref_opt.state[q].items():
+            assert torch.equal(_bits(opt.state[p][key]), _bits(value)), f"{name}: state {key!r}"
+            assert torch.equal(_bits(copy_opt.state[r][key]), _bits(value)), f"{name}: state {key!r} (copy after)"

@@ -109,9 +109,14 @@ def _per_state(tensors: Sequence[Tensor], n: int) -> List[List[Tensor]]:
 def step_fp8(algorithm: str, params: List[Tensor], grads: List[Tensor], codes: List[Tensor],
              absmax: List[Tensor], steps: List[Tensor], hyper: Sequence[float],
              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-             telemetry: Optional[Tensor] = None, round_keys: Optional[Sequence[int]] = None) -> None:
+             telemetry: Optional[Tensor] = None, round_keys: Optional[Sequence[int]] = None,
+             low_params: Optional[Sequence[Tensor]] = None) -> None:
     """One step of ``algorithm`` over a bucket with FP8 states (arguments as
-    ``torch.ops.amos_fused.step_fp8``: codes and absmax key-major lists)."""
+    ``torch.ops.amos_fused.step_fp8``: codes and absmax key-major lists; no
+    ``low_params``, as ``step``)."""
+    if low_params is not None:
+        raise ValueError(f"amos_fused.triton.{algorithm}_step_fp8: low_params (master weights written in the same "
+                         "pass) are not supported by the triton backend")
     if algorithm not in fp8_algorithms():
         raise ValueError(f"amos_fused: no FP8-state step for {algorithm!r} (known: {', '.join(fp8_algorithms())})")
     check_bucket(f"amos_fused.triton.{algorithm}_step_fp8", params, grads, {}, steps)

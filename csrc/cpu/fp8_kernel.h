@@ -106,10 +106,12 @@ inline void fp8_encode_block(const float* values, int64_t len, float block_max, 
 // absmax[k][t] (float32, one per block); state k is stored as sqrt when bit k
 // of root_mask is set.  update(x, t) steps std::array<V, 2 + S> values
 // (param, grad, states) of tensor t and leaves each state in its stored form
-// (sqrt(v) for a root state).
-template <typename scalar_t, int S, typename Update>
+// (sqrt(v) for a root state).  With master weights (Low: bucket_loop.h), the
+// params are float32 masters, the grads Low, and the Low params are written too.
+template <typename scalar_t, int S, typename Low, typename Update>
 void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
-  using IO = TileIO<scalar_t>;
+  constexpr bool kMaster = !std::is_same_v<Low, NoLow>;
+  using IO = StreamIO<scalar_t, Low>;
   using Vec = typename IO::Vec;
   using Op = at::opmath_type<scalar_t>;
   static_assert(std::is_same_v<Op, float>, "FP8 states are stepped in float32");
@@ -130,7 +132,8 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
       const int64_t begin = index * kFp8Block;
       const int64_t len = std::min(kFp8Block, offsets[t + 1] - offsets[t] - begin);
       scalar_t* p = stream<scalar_t>(L.param, t) + begin;
-      const scalar_t* g = stream<scalar_t>(L.grad, t) + begin;
+      const scalar_t* g = stream<scalar_t>(L.grad, t) + begin;  // (Low values with master weights)
+      Low* low = kMaster ? low_stream<Low>(L.bucket, t) + begin : nullptr;
       const uint8_t* codes[S];
       float factor[S];
       for (int k = 0; k < S; ++k) {
@@ -155,7 +158,11 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
       for (; i + IO::kTile <= len; i += IO::kTile) {
         Vec pv[IO::kParts], gv[IO::kParts];
         IO::load(p + i, pv);
-        IO::load(g + i, gv);
+        if constexpr (kMaster) {
+          TileIO<Low>::load(reinterpret_cast<const Low*>(stream<scalar_t>(L.grad, t)) + begin + i, gv);
+        } else {
+          IO::load(g + i, gv);
+        }
         Vec before[IO::kParts];
         for (int part = 0; part < IO::kParts; ++part) {
           std::array<Vec, 2 + S> x;
@@ -174,6 +181,7 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
           }
         }
         IO::store(p + i, pv);
+        if constexpr (kMaster) TileIO<Low>::store(low + i, pv);  // rounded to nearest even
         if (L.telemetry != nullptr) {
           Vec after[IO::kParts];
           if constexpr (IO::kParts == 1) after[0] = pv[0]; else IO::load(p + i, after);  // as stored
@@ -187,7 +195,11 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
       for (; i < len; ++i) {
         std::array<float, 2 + S> x;
         x[0] = static_cast<float>(p[i]);
-        x[1] = static_cast<float>(g[i]);
+        if constexpr (kMaster) {
+          x[1] = static_cast<float>(reinterpret_cast<const Low*>(stream<scalar_t>(L.grad, t))[begin + i]);
+        } else {
+          x[1] = static_cast<float>(g[i]);
+        }
         for (int k = 0; k < S; ++k) {
           const float value = fp8_decode(codes[k][i], factor[k]);
           x[2 + k] = (root_mask >> k) & 1u ? value * value : value;
@@ -202,6 +214,7 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
           if (rounding) x[0] = rounding->scalar(x[0], begin + i);
         }
         p[i] = static_cast<scalar_t>(x[0]);
+        if constexpr (kMaster) low[i] = static_cast<Low>(x[0]);
         if (L.telemetry != nullptr) {
           const float after = static_cast<float>(p[i]);
           tail_weight += static_cast<double>(after * after);
@@ -237,12 +250,12 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename Low>
 void fp8_typed(const Fp8Launch& L) {
   if (L.algorithm == Fp8Algorithm::kLion) {
     const auto* coefs = static_cast<const LionCoef<double>*>(L.coef);
     std::vector<TileCoef<LionCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
-    fp8_blocks<scalar_t, 1>(L, 0b0u, [&](auto& x, int64_t t) {
+    fp8_blocks<scalar_t, 1, Low>(L, 0b0u, [&](auto& x, int64_t t) {
       using V = typename std::decay_t<decltype(x)>::value_type;
       lion_update(x[0], x[1], x[2], coef[t].template get<V>());
     });
@@ -252,7 +265,7 @@ void fp8_typed(const Fp8Launch& L) {
     const auto* coefs = static_cast<const RAdamCoef<double>*>(L.coef);
     std::vector<TileCoef<RAdamCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
     auto run = [&](auto l2) {
-      fp8_blocks<scalar_t, 2>(L, 0b10u, [&](auto& x, int64_t t) {
+      fp8_blocks<scalar_t, 2, Low>(L, 0b10u, [&](auto& x, int64_t t) {
         using V = typename std::decay_t<decltype(x)>::value_type;
         x[3] = radam_update<decltype(l2)::value>(x[0], x[1], x[2], x[3], coef[t].template get<V>());  // sqrt(v) stored
       });
@@ -263,7 +276,7 @@ void fp8_typed(const Fp8Launch& L) {
   const auto* coefs = static_cast<const AdamCoef<double>*>(L.coef);
   std::vector<TileCoef<AdamCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
   auto run = [&](auto l2) {
-    fp8_blocks<scalar_t, 2>(L, 0b10u, [&](auto& x, int64_t t) {
+    fp8_blocks<scalar_t, 2, Low>(L, 0b10u, [&](auto& x, int64_t t) {
       using V = typename std::decay_t<decltype(x)>::value_type;
       x[3] = adam_update<false, decltype(l2)::value>(x[0], x[1], x[2], x[3], x[3], coef[t].template get<V>());  // sqrt(v) stored
     });
@@ -272,11 +285,12 @@ void fp8_typed(const Fp8Launch& L) {
 }
 
 inline void fp8_kernel(const Fp8Launch& L) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, L.bucket.dtype, "amos_fused_fp8", [&] {
+  dispatch_streams(L.bucket, "amos_fused_fp8", [&](auto storage, auto low) {
+    using scalar_t = decltype(storage);
     if constexpr (std::is_same_v<scalar_t, double>) {
       TORCH_CHECK(false, "amos_fused: FP8 states are not kept for float64 params");
     } else {
-      fp8_typed<scalar_t>(L);
+      fp8_typed<scalar_t, decltype(low)>(L);
     }
   });
 }

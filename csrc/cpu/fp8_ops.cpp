@@ -13,9 +13,10 @@ template <typename A>
 void run_fp8_step(at::TensorList params, at::TensorList grads, at::TensorList codes, at::TensorList absmax,
                   at::TensorList steps, at::ArrayRef<double> hyper,
                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                  const std::optional<at::Tensor>& telemetry, at::OptionalIntArrayRef round_keys) {
+                  const std::optional<at::Tensor>& telemetry, at::OptionalIntArrayRef round_keys,
+                  at::TensorList low_params) {
   auto ready = begin_fp8_step<A>(params, grads, codes, absmax, steps, hyper, grad_scale, found_inf, telemetry,
-                                 round_keys);
+                                 round_keys, low_params);
   if (!ready) {  // skipped by found_inf: nothing moved
     if (telemetry) telemetry->select(1, 1).zero_();
     return;
@@ -24,7 +25,7 @@ void run_fp8_step(at::TensorList params, at::TensorList grads, at::TensorList co
   const StepCall<A>& call = ready->call;
   const size_t n = params.size();
   std::vector<int64_t> offsets(n + 1, 0);
-  std::vector<void*> param(n), grad(n);
+  std::vector<void*> param(n), grad(n), low(low_params.size());
   std::vector<uint8_t*> code_ptr[2];
   std::vector<float*> absmax_ptr[2];
   for (size_t i = 0; i < n; ++i) {
@@ -32,12 +33,17 @@ void run_fp8_step(at::TensorList params, at::TensorList grads, at::TensorList co
     param[i] = params[i].data_ptr();
     grad[i] = grads[i].data_ptr();
   }
+  for (size_t i = 0; i < low_params.size(); ++i) low[i] = low_params[i].data_ptr();
   const Fp8Algorithm kind = std::is_same_v<A, AdamAlgorithm>    ? Fp8Algorithm::kAdam
                             : std::is_same_v<A, RAdamAlgorithm> ? Fp8Algorithm::kRAdam
                                                                 : Fp8Algorithm::kLion;
   Fp8Launch launch{{params[0].scalar_type(), static_cast<int64_t>(n), offsets.data()},
                    param.data(), const_cast<const void* const*>(grad.data()), {}, {}, kind,
                    call.coef.data(), false, call.telemetry, call.round_or_null()};
+  if (!low_params.empty()) {
+    launch.bucket.low_dtype = low_params[0].scalar_type();
+    launch.bucket.low_params = low.data();
+  }
   for (size_t k = 0; k < ready->codes.size(); ++k) {
     for (size_t i = 0; i < n; ++i) {
       code_ptr[k].push_back(ready->codes[k][i].template data_ptr<uint8_t>());
@@ -55,10 +61,11 @@ void run_fp8_step(at::TensorList params, at::TensorList grads, at::TensorList co
 void step_fp8(c10::string_view algorithm, at::TensorList params, at::TensorList grads, at::TensorList codes,
               at::TensorList absmax, at::TensorList steps, at::ArrayRef<double> hyper,
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-              const std::optional<at::Tensor>& telemetry, at::OptionalIntArrayRef round_keys) {
+              const std::optional<at::Tensor>& telemetry, at::OptionalIntArrayRef round_keys,
+              const std::optional<at::TensorList>& low_params) {
   with_algorithm_in(Fp8Algorithms{}, algorithm, [&](auto traits) {
     run_fp8_step<decltype(traits)>(params, grads, codes, absmax, steps, hyper, grad_scale, found_inf,
-                                   telemetry, round_keys);
+                                   telemetry, round_keys, low_params ? *low_params : at::TensorList{});
   });
 }
 

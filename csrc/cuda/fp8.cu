@@ -196,7 +196,10 @@ void run_fp8_step(at::TensorList params, at::TensorList grads, at::TensorList co
 void step_fp8(c10::string_view algorithm, at::TensorList params, at::TensorList grads, at::TensorList codes,
               at::TensorList absmax, at::TensorList steps, at::ArrayRef<double> hyper,
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-              const std::optional<at::Tensor>& telemetry, at::OptionalIntArrayRef round_keys) {
+              const std::optional<at::Tensor>& telemetry, at::OptionalIntArrayRef round_keys,
+              const std::optional<at::TensorList>& low_params) {
+  TORCH_CHECK_VALUE(!low_params, "amos_fused: step_fp8 on CUDA does not take low_params (master weights are "
+                                 "copied into their params after the step)");
   with_algorithm_in(Fp8Algorithms{}, algorithm, [&](auto traits) {
     run_fp8_step<decltype(traits)>(params, grads, codes, absmax, steps, hyper, grad_scale, found_inf, telemetry,
                                    round_keys);
