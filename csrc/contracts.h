@@ -116,7 +116,8 @@ using ElementwiseAlgorithms = TypeList<LionAlgorithm>;
 using Fp8Algorithms = TypeList<AdamAlgorithm, RAdamAlgorithm, LionAlgorithm>;
 // The algorithms whose CPU step writes low-precision params from float32 masters
 // in the same pass (the step op's low_params).
-using MasterAlgorithms = TypeList<AdamAlgorithm, RAdamAlgorithm, LionAlgorithm, AmosAlgorithm>;
+using MasterAlgorithms = TypeList<AdamAlgorithm, RAdamAlgorithm, LionAlgorithm, AmosAlgorithm, ScaledAdamAlgorithm,
+                                  LambAlgorithm>;
 
 // The coefficient row of algorithm A.
 template <typename A>

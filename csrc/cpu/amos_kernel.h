@@ -34,7 +34,7 @@ double amos_sum_squares(const grad_t* g, int64_t n, const Coef& coef) {
     for (; i + IO::kTile <= stop; i += IO::kTile) {
       Vec tile[IO::kParts];
       if constexpr (AS_FLOAT32 && !std::is_same_v<scalar_t, float>) {  // Vec::size() low values, as floats
-        tile[0] = std::get<0>(at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(g + i, Vec::size())));
+        tile[0] = LowLanes<scalar_t>::load(g + i);
       } else {
         IO::load(g + i, tile);
       }

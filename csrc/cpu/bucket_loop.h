@@ -151,24 +151,44 @@ struct TileIO<c10::Half> : ReducedTileIO<c10::Half> {};
 // The Low type of a bucket without master weights.
 struct NoLow {};
 
-// A bucket with master weights (kernel_api.h: BucketView) walks its float32
-// streams in tiles of two float vectors, the size of a tile of its Low params.
-struct MasterTileIO {
+// A bucket with master weights (kernel_api.h: BucketView) is walked exactly as a
+// float32 bucket (float32 tiles of one vector: the same sums and tails as float32
+// params), its Low streams (the grads, the params written) one float vector of
+// values at a time.
+template <typename Low>
+struct LowLanes {
   using Vec = Vectorized<float>;
-  static constexpr int kParts = 2;
-  static constexpr int64_t kTile = 2 * Vec::size();
-  static void load(const float* src, Vec* out) {
-    out[0] = Vec::loadu(src);
-    out[1] = Vec::loadu(src + Vec::size());
+  static_assert(std::is_same_v<Low, c10::BFloat16> || std::is_same_v<Low, c10::Half>, "bfloat16 or float16");
+  static Vec load(const Low* src) {
+#if defined(CPU_CAPABILITY_AVX2)
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    if constexpr (std::is_same_v<Low, c10::BFloat16>) {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));  // exact
+    } else {
+      return _mm256_cvtph_ps(raw);  // exact
+    }
+#else
+    float lanes[Vec::size()];
+    for (int64_t k = 0; k < Vec::size(); ++k) lanes[k] = static_cast<float>(src[k]);
+    return Vec::loadu(lanes);
+#endif
   }
-  static void store(float* dst, const Vec* in) {
-    in[0].store(dst);
-    in[1].store(dst + Vec::size());
+  // x rounded to nearest even.
+  static void store(Low* dst, const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<Low, c10::BFloat16>) {
+      const __m256i both = at::vec::convert_from_float<c10::BFloat16>(x, x);  // x's lanes, twice
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(both));
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    }
+#else
+    float lanes[Vec::size()];
+    x.store(lanes);
+    for (int64_t k = 0; k < Vec::size(); ++k) dst[k] = static_cast<Low>(lanes[k]);
+#endif
   }
 };
-
-template <typename scalar_t, typename Low>
-using StreamIO = std::conditional_t<std::is_same_v<Low, NoLow>, TileIO<scalar_t>, MasterTileIO>;
 
 // Calls f(scalar_t{}, Low{}): the type of the bucket's streams and, with master
 // weights (float32 streams), the type of its low-precision params, else NoLow.
@@ -310,18 +330,21 @@ struct PieceSums {
 // `acc`, stream 0 is the param: Σθ² and Σ(Δθ)² of its stored values are added to
 // *acc.  With `round` (bfloat16 params only), stream 0 is the param, stored with
 // stochastic rounding (its elements' indices are the indices within the tensor).
-// With master weights (Low not NoLow; scalar_t float): stream 0 is the float32
-// master, stream 1 the grad, of type Low (its pointer cast to float*), and `low`
-// the param, written as the stepped master rounded to nearest even.
-template <typename scalar_t, int N, unsigned kWriteMask, typename F, typename Low = NoLow>
+// With master weights (Low not NoLow; scalar_t float): stream kLowStream (the
+// grad; -1: none) holds Low values (its pointer cast to float*), and when stream
+// 0, the float32 master, is written, `low` (the param; may be null otherwise)
+// gets it rounded to nearest even.
+template <typename scalar_t, int N, unsigned kWriteMask, typename F, typename Low = NoLow, int kLowStream = 1>
 inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begin, int64_t end, const F& f,
                                PieceSums<scalar_t>* acc, const StochasticRound* round = nullptr,
                                Low* low = nullptr) {
   constexpr bool kCanRound = std::is_same_v<scalar_t, c10::BFloat16> && (kWriteMask & 1u) != 0;
   constexpr bool kMaster = !std::is_same_v<Low, NoLow>;
-  static_assert(!kMaster || (std::is_same_v<scalar_t, float> && (kWriteMask & 0b11u) == 0b01u),
-                "master weights: float32 streams, the master written, the grad read");
-  using IO = StreamIO<scalar_t, Low>;
+  constexpr bool kWritesLow = kMaster && (kWriteMask & 1u) != 0;
+  static_assert(!kMaster || (std::is_same_v<scalar_t, float> && kLowStream < N &&
+                             (kLowStream < 0 || !((kWriteMask >> kLowStream) & 1u))),
+                "master weights: float32 streams, the Low stream read only");
+  using IO = TileIO<scalar_t>;
   using Vec = typename IO::Vec;
   using Op = at::opmath_type<scalar_t>;
   // Only a stream 0 that is written can be a param (telemetry is off otherwise).
@@ -338,8 +361,8 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
     for (int s = 0; s < N; ++s) {
       Vec tile[IO::kParts];
       if constexpr (kMaster) {
-        if (s == 1) {
-          TileIO<Low>::load(reinterpret_cast<const Low*>(ptr[1]) + i, tile);
+        if (s == kLowStream) {
+          tile[0] = LowLanes<Low>::load(reinterpret_cast<const Low*>(ptr[s]) + i);
         } else {
           IO::load(ptr[s] + i, tile);
         }
@@ -361,8 +384,8 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
       Vec tile[IO::kParts];
       for (int part = 0; part < IO::kParts; ++part) tile[part] = x[part][s];
       IO::store(ptr[s] + i, tile);
-      if constexpr (kMaster) {
-        if (s == 0) TileIO<Low>::store(low + i, tile);  // the param, rounded to nearest even
+      if constexpr (kWritesLow) {
+        if (s == 0) LowLanes<Low>::store(low + i, tile[0]);  // the param, rounded to nearest even
       }
     }
     if (track) {
@@ -382,7 +405,7 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
   for (; i < end; ++i) {
     std::array<Op, N> x;
     for (int s = 0; s < N; ++s) x[s] = static_cast<Op>(ptr[s][i]);
-    if constexpr (kMaster) x[1] = static_cast<Op>(reinterpret_cast<const Low*>(ptr[1])[i]);
+    if constexpr (kMaster && kLowStream >= 0) x[kLowStream] = static_cast<Op>(reinterpret_cast<const Low*>(ptr[kLowStream])[i]);
     const Op before = x[0];
     f(x);
     if constexpr (kCanRound) {
@@ -390,7 +413,7 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
     }
     for (int s = 0; s < N; ++s)
       if ((kWriteMask >> s) & 1u) ptr[s][i] = static_cast<scalar_t>(x[s]);
-    if constexpr (kMaster) low[i] = static_cast<Low>(x[0]);
+    if constexpr (kWritesLow) low[i] = static_cast<Low>(x[0]);
     if (track) {
       const Op after = static_cast<Op>(ptr[0][i]);
       tail_weight += static_cast<double>(after * after);
@@ -406,16 +429,16 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
 }
 
 // map_streams_summed over one piece, its sums (when `sums` is given) added into *sums.
-template <typename scalar_t, int N, unsigned kWriteMask, typename F, typename Low = NoLow>
+template <typename scalar_t, int N, unsigned kWriteMask, int kLowStream = 1, typename F, typename Low = NoLow>
 inline void map_streams(const std::array<scalar_t*, N>& ptr, int64_t begin, int64_t end,
                         const F& f, Telemetry* sums = nullptr, const StochasticRound* round = nullptr,
                         Low* low = nullptr) {
   if (sums == nullptr) {
-    map_streams_summed<scalar_t, N, kWriteMask>(ptr, begin, end, f, nullptr, round, low);
+    map_streams_summed<scalar_t, N, kWriteMask, F, Low, kLowStream>(ptr, begin, end, f, nullptr, round, low);
     return;
   }
   PieceSums<scalar_t> acc;
-  map_streams_summed<scalar_t, N, kWriteMask>(ptr, begin, end, f, &acc, round, low);
+  map_streams_summed<scalar_t, N, kWriteMask, F, Low, kLowStream>(ptr, begin, end, f, &acc, round, low);
   acc.flush(sums);
 }
 

@@ -111,7 +111,7 @@ inline void fp8_encode_block(const float* values, int64_t len, float block_max, 
 template <typename scalar_t, int S, typename Low, typename Update>
 void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
   constexpr bool kMaster = !std::is_same_v<Low, NoLow>;
-  using IO = StreamIO<scalar_t, Low>;
+  using IO = TileIO<scalar_t>;
   using Vec = typename IO::Vec;
   using Op = at::opmath_type<scalar_t>;
   static_assert(std::is_same_v<Op, float>, "FP8 states are stepped in float32");
@@ -159,7 +159,7 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
         Vec pv[IO::kParts], gv[IO::kParts];
         IO::load(p + i, pv);
         if constexpr (kMaster) {
-          TileIO<Low>::load(reinterpret_cast<const Low*>(stream<scalar_t>(L.grad, t)) + begin + i, gv);
+          gv[0] = LowLanes<Low>::load(reinterpret_cast<const Low*>(stream<scalar_t>(L.grad, t)) + begin + i);
         } else {
           IO::load(g + i, gv);
         }
@@ -181,7 +181,7 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
           }
         }
         IO::store(p + i, pv);
-        if constexpr (kMaster) TileIO<Low>::store(low + i, pv);  // rounded to nearest even
+        if constexpr (kMaster) LowLanes<Low>::store(low + i, pv[0]);  // rounded to nearest even
         if (L.telemetry != nullptr) {
           Vec after[IO::kParts];
           if constexpr (IO::kParts == 1) after[0] = pv[0]; else IO::load(p + i, after);  // as stored

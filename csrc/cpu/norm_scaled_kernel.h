@@ -27,7 +27,7 @@ constexpr bool kMomentsInPhase2 = !std::is_same_v<scalar_t, at::opmath_type<scal
 // lanes, then its scalar tail, in double) by whichever thread takes it, and a
 // tensor's blocks are added in order, so the sums are bitwise the same for any
 // thread count and any place of the tensor in the bucket.
-template <typename scalar_t, bool LAMB>
+template <typename scalar_t, bool LAMB, typename Low>
 void norm_scaled_phase1_typed(const NormScaledLaunch& L, double* u_sq, double* theta_sq) {
   using IO = TileIO<scalar_t>;
   using Vec = typename IO::Vec;
@@ -66,12 +66,15 @@ void norm_scaled_phase1_typed(const NormScaledLaunch& L, double* u_sq, double* t
           if (LAMB) tail_p += theta * theta;
         }
       };
+      Low* const no_low = nullptr;  // (master weights: the grads are Low; nothing else is)
       if constexpr (LAMB) {
-        map_streams<scalar_t, 4, (kMomentMask << 2)>({p, g, m, v}, i, stop,
-                                                     [&](auto& x) { phase1(x[0], x[1], x[2], x[3]); });
+        map_streams<scalar_t, 4, (kMomentMask << 2), 1>({p, g, m, v}, i, stop,
+                                                        [&](auto& x) { phase1(x[0], x[1], x[2], x[3]); },
+                                                        nullptr, nullptr, no_low);
       } else {  // θ is not read: its slot gets g, which the direction ignores
-        map_streams<scalar_t, 3, (kMomentMask << 1)>({g, m, v}, i, stop,
-                                                    [&](auto& x) { phase1(x[0], x[0], x[1], x[2]); });
+        map_streams<scalar_t, 3, (kMomentMask << 1), 0>({g, m, v}, i, stop,
+                                                       [&](auto& x) { phase1(x[0], x[0], x[1], x[2]); },
+                                                       nullptr, nullptr, no_low);
       }
       Op lanes_u[Vec::size()], lanes_p[Vec::size()];
       acc_u.store(lanes_u);
@@ -97,7 +100,7 @@ void norm_scaled_phase1_typed(const NormScaledLaunch& L, double* u_sq, double* t
 
 // Phase 2: recompute u (from the stored m, v, or from the moments updated here
 // for narrow storage) and write θ ← θ − (k·u + ρ·θ).
-template <typename scalar_t, bool LAMB>
+template <typename scalar_t, bool LAMB, typename Low>
 void norm_scaled_phase2_typed(const NormScaledLaunch& L, const double* k, const double* rho) {
   using Vec = typename TileIO<scalar_t>::Vec;
   using Op = at::opmath_type<scalar_t>;
@@ -125,23 +128,28 @@ void norm_scaled_phase2_typed(const NormScaledLaunch& L, const double* k, const 
                                           phase2(x[0], x[2], x[3]);
                                         }, sums, L.round ? &L.round[t] : nullptr);
     } else {
-      map_streams<scalar_t, 3, 0b1u>({p, m, v}, begin, end,
-                                     [&](auto& x) { phase2(x[0], x[1], x[2]); }, sums, L.round ? &L.round[t] : nullptr);  // x: p, m, v
+      map_streams<scalar_t, 3, 0b1u, -1>({p, m, v}, begin, end,  // x: p, m, v (master weights: p → low)
+                                         [&](auto& x) { phase2(x[0], x[1], x[2]); }, sums,
+                                         L.round ? &L.round[t] : nullptr, low_stream<Low>(L.bucket, t));
     }
   });
 }
 
 inline void norm_scaled_phase1(const NormScaledLaunch& L, double* u_sq, double* theta_sq) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, L.bucket.dtype, "amos_fused_norm_scaled", [&] {
-    L.lamb ? norm_scaled_phase1_typed<scalar_t, true>(L, u_sq, theta_sq)
-           : norm_scaled_phase1_typed<scalar_t, false>(L, u_sq, theta_sq);
+  dispatch_streams(L.bucket, "amos_fused_norm_scaled", [&](auto storage, auto low) {
+    using scalar_t = decltype(storage);
+    using Low = decltype(low);
+    L.lamb ? norm_scaled_phase1_typed<scalar_t, true, Low>(L, u_sq, theta_sq)
+           : norm_scaled_phase1_typed<scalar_t, false, Low>(L, u_sq, theta_sq);
   });
 }
 
 inline void norm_scaled_phase2(const NormScaledLaunch& L, const double* k, const double* rho) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, L.bucket.dtype, "amos_fused_norm_scaled", [&] {
-    L.lamb ? norm_scaled_phase2_typed<scalar_t, true>(L, k, rho)
-           : norm_scaled_phase2_typed<scalar_t, false>(L, k, rho);
+  dispatch_streams(L.bucket, "amos_fused_norm_scaled", [&](auto storage, auto low) {
+    using scalar_t = decltype(storage);
+    using Low = decltype(low);
+    L.lamb ? norm_scaled_phase2_typed<scalar_t, true, Low>(L, k, rho)
+           : norm_scaled_phase2_typed<scalar_t, false, Low>(L, k, rho);
   });
 }
 
