@@ -48,6 +48,16 @@ def _bits(t):
     return t.detach().reshape(-1).view(torch.uint8)
 
 
+def step_side_by_side(opt, ref, low, full, steps):
+    """Steps ``opt`` (low-precision params ``low`` with masters) and ``ref`` (their
+    float32 copies ``full``) with the same grads, upcast for ``ref``."""
+    for step in range(steps):
+        for p, q, g in zip(low, full, seeded_grads(low, step)):
+            p.grad, q.grad = g, g.float()
+        opt.step()
+        ref.step()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", LOW, ids=["bf16", "f16"])
 @pytest.mark.parametrize("name", sorted(CLASS_CASES))
@@ -100,12 +110,7 @@ def test_channels_last_and_transposed_params_keep_their_layout():
     params = [torch.nn.Parameter(conv), torch.nn.Parameter(torch.randn(40, 30).bfloat16().t())]
     ref = [torch.nn.Parameter(p.detach().float()) for p in params]
     opt = af.AdamW(params, lr=1e-2, master_weights=True, backend="cpu")
-    ref_opt = af.AdamW(ref, lr=1e-2, backend="cpu")
-    for step in range(2):
-        for p, q, g in zip(params, ref, seeded_grads(params, step)):
-            p.grad, q.grad = g, g.float()
-        opt.step()
-        ref_opt.step()
+    step_side_by_side(opt, af.AdamW(ref, lr=1e-2, backend="cpu"), params, ref, steps=2)
     for p, q in zip(params, ref):
         master = opt.state[p][MASTER_KEY]
         assert master.stride() == p.stride() and opt.state[p]["exp_avg"].stride() == p.stride()

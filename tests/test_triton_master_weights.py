@@ -18,7 +18,8 @@ pytest.importorskip("triton")
 
 from amos_fused.master_weights import MASTER_KEY  # noqa: E402
 
-from registry import CASES, CLASS_CASES, seeded_grads, seeded_params  # noqa: E402
+from registry import CASES, CLASS_CASES, seeded_params  # noqa: E402
+from test_master_weights import step_side_by_side  # noqa: E402
 from test_triton import DEVICE, STEPS, _bits  # noqa: E402
 
 SHAPES = [(), (37,), (5, 7), (2100,)]
@@ -31,11 +32,7 @@ def test_master_steps_like_a_float32_param(name):
     full = [torch.nn.Parameter(p.detach().float()) for p in low]
     opt = case.make(low, "triton", master_weights=True)
     ref = case.make(full, "triton")
-    for step in range(STEPS):
-        for p, q, g in zip(low, full, seeded_grads(low, step)):
-            p.grad, q.grad = g, g.float()
-        opt.step()
-        ref.step()
+    step_side_by_side(opt, ref, low, full, STEPS)
     for p, q in zip(low, full):
         master = opt.state[p][MASTER_KEY]
         assert master.dtype == torch.float32
