@@ -226,6 +226,8 @@ void run_step(c10::string_view algorithm, at::TensorList params, at::TensorList 
     TORCH_CHECK_VALUE(!low_params || Backend::template writes_low_params<A>(), contract_of<A>().op,
                       ": low_params (master weights written in the same pass) are not supported by this "
                       "backend for this algorithm");
+    TORCH_CHECK_VALUE(!low_params || low_params->size() == params.size(), contract_of<A>().op, ": ",
+                      params.size(), " params but ", low_params ? low_params->size() : 0, " low_params");
     auto call = begin_step<A>(params, grads, states, steps, hyper, per_tensor, grad_scale, found_inf,
                               telemetry, round_keys, &Backend::device_checks,
                               low_params ? *low_params : at::TensorList{});

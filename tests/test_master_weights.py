@@ -303,6 +303,8 @@ def test_step_op_checks_low_params():
         ops.step("adam", [master], [grad], [m, v], [step], hyper, [], low_params=[low[:100]])
     with pytest.raises(ValueError, match="low_params"):
         ops.step("adam", [master], [grad], [m, v], [step], hyper, [], round_keys=[1], low_params=[low])
+    with pytest.raises(ValueError, match="1 params but 0 low_params"):
+        ops.step("adam", [master], [grad], [m, v], [step], hyper, [], low_params=[])
     with pytest.raises((TypeError, ValueError), match="grads"):
         ops.step("adam", [master], [grad.float()], [m, v], [step], hyper, [], low_params=[low])
     assert torch.equal(m, torch.zeros(4096)) and float(step) == 0.0

@@ -63,6 +63,8 @@ void step_fp8(c10::string_view algorithm, at::TensorList params, at::TensorList 
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
               const std::optional<at::Tensor>& telemetry, at::OptionalIntArrayRef round_keys,
               const std::optional<at::TensorList>& low_params) {
+  TORCH_CHECK_VALUE(!low_params || low_params->size() == params.size(), "amos_fused.step_fp8: ", params.size(),
+                    " params but ", low_params ? low_params->size() : 0, " low_params");
   with_algorithm_in(Fp8Algorithms{}, algorithm, [&](auto traits) {
     run_fp8_step<decltype(traits)>(params, grads, codes, absmax, steps, hyper, grad_scale, found_inf,
                                    telemetry, round_keys, low_params ? *low_params : at::TensorList{});
