@@ -127,19 +127,21 @@ def _fsdp_matches_single_process(rank, world, path, offload):
     _finish()
 
 
-def _fsdp_master_weights(rank, world, path):
-    """bfloat16 params under FSDP2 with master_weights=True: each master is a DTensor
-    placed like its param, the states too, and the run equals the unsharded one."""
+def _fsdp_master_weights(rank, world, path, offload):
+    """bfloat16 params under FSDP2 (with and without CPU offload) with
+    master_weights=True: each master is a DTensor placed like its param, the states
+    too, and the run equals the unsharded one (nothing FSDP2 does to the params
+    between steps is taken for a user's write)."""
     _init(rank, world, path)
     try:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
         from torch.distributed.tensor import DTensor
 
         from amos_fused.master_weights import MASTER_KEY
 
-        for name in ("AdamW", "Lion", "Amos-rows", "AdamW-reference"):
+        for name in ("AdamW", "Lion", "Amos-rows", "AdamW-reference", "ScaledAdamW"):
             sharded, single = _model(torch.bfloat16), _model(torch.bfloat16)
-            fully_shard(sharded)
+            fully_shard(sharded, offload_policy=CPUOffloadPolicy(pin_memory=False) if offload else None)
             opt, single_opt = (_optimizers()[name](list(m.parameters())) for m in (sharded, single))
             for group in opt.param_groups + single_opt.param_groups:
                 group["master_weights"] = True
@@ -203,8 +205,9 @@ def test_fsdp2_matches_single_process(offload):
     _spawn(_fsdp_matches_single_process, 2, offload)
 
 
-def test_fsdp2_master_weights_match_single_process():
-    _spawn(_fsdp_master_weights, 2)
+@pytest.mark.parametrize("offload", [False, True], ids=["fsdp2", "fsdp2-cpu-offload"])
+def test_fsdp2_master_weights_match_single_process(offload):
+    _spawn(_fsdp_master_weights, 2, offload)
 
 
 @pytest.mark.parametrize("resume_world", [2, 1], ids=["2-to-2", "2-to-1"])
