@@ -428,7 +428,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if (key not in ("step", MASTER_KEY) and not key.endswith(fp8_states.ABSMAX_SUFFIX) and isinstance(value, Tensor)
                         and value.dtype == torch.float32 and p.dtype != torch.float32):
                     changes[key] = value.to(p.dtype)
-        current = {**st, **changes}
+        current = {**st, **changes} if changes else st
         if "step" not in current or any(k not in current for k in keys):
             like = p
             if master:

@@ -822,6 +822,16 @@ def _sr_run(case, device, shapes, second_group=None, decay=False, **extra):
     return params, opt
 
 
+def _copy_run(params_src, opt_src, params_dst, opt_dst):
+    """Lockstep: the params and every state tensor of one run copied into the other's."""
+    with torch.no_grad():
+        for p_dst, p_src in zip(params_dst, params_src):
+            p_dst.copy_(p_src)
+            for key, value in opt_src.state[p_src].items():
+                if torch.is_tensor(value):
+                    opt_dst.state[p_dst][key].copy_(value)
+
+
 def _sr_lockstep(case, shapes, second_group=None, decay=False):
     """A cuda and a cpu optimizer with bf16_stochastic_round=True stepped together
     from make_params; before every step but the first the cpu run's params and
@@ -838,12 +848,7 @@ def _sr_lockstep(case, shapes, second_group=None, decay=False):
     log = []
     for step in range(SR_STEPS):
         if step > 0:
-            with torch.no_grad():
-                for pg, pc in zip(params_g, params_c):
-                    pg.copy_(pc)
-                    for key, value in opt_c.state[pc].items():
-                        if torch.is_tensor(value):
-                            opt_g.state[pg][key].copy_(value)
+            _copy_run(params_c, opt_c, params_g, opt_g)
         grads = make_grads([p.detach().cpu() for p in params_c], step, 0)
         before = [p.detach().clone() for p in params_c]
         for params, opt in runs:
@@ -1089,12 +1094,7 @@ def _fp8_lockstep(name, dtype, steps=FP8_STEPS, **extra):
     log = []
     for step in range(steps):
         if step > 0:
-            with torch.no_grad():
-                for pg, pc in zip(params_g, params_c):
-                    pg.copy_(pc)
-                    for key, value in opt_c.state[pc].items():
-                        if torch.is_tensor(value):
-                            opt_g.state[pg][key].copy_(value)
+            _copy_run(params_c, opt_c, params_g, opt_g)
         grads = make_grads([p.detach() for p in params_c], step, 0)
         before = [p.detach().clone() for p in params_c]
         for params, opt in runs:

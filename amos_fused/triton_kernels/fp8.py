@@ -1,7 +1,7 @@
 """Adam / AdamW, RAdam and Lion with block-scaled FP8 states (the 8-bit optimizers)
 on the Triton backend: the Triton copy of the format of csrc/fp8_states.h
 (Python's: amos_fused/fp8_states.py) and one-pass kernels (one for the two-moment
-rules, one for Lion).
+rules and Lion, by a compile-time ALGORITHM).
 
 Format: a state tensor is cut into blocks of 256 elements in the param's memory
 order, each with one float32 absmax and one uint8 E4M3 code per element
@@ -157,88 +157,65 @@ def store_param(p_ptr, offs, mask, p, before, own, round_row, first, MASKED: tl.
 # Kernels
 # ---------------------------------------------------------------------------
 
+# The algorithms of fp8_kernel (its ALGORITHM), by name.
+KINDS = {"adam": 0, "radam": 1, "lion": 2}
+ADAM, RADAM, LION = (tl.constexpr(KINDS[name]) for name in ("adam", "radam", "lion"))
+
+
 @triton.jit
-def _adam_fp8_tile(addresses, grad_addresses, coef, telemetry, rounding, n, t, index, numel,
-                   DTYPE: tl.constexpr, L2: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr,
-                   MASKED: tl.constexpr, TELEMETRY: tl.constexpr, ROUND: tl.constexpr, RADAM: tl.constexpr):
+def _fp8_tile(addresses, grad_addresses, coef, telemetry, rounding, n, t, index, numel,
+              DTYPE: tl.constexpr, ALGORITHM: tl.constexpr, L2: tl.constexpr, ALIGNED: tl.constexpr,
+              ROWS: tl.constexpr, MASKED: tl.constexpr, TELEMETRY: tl.constexpr, ROUND: tl.constexpr):
     p_ptr = stream(addresses, 0, n, t, DTYPE, ALIGNED)
-    m_codes = stream(addresses, 1, n, t, tl.uint8, ALIGNED)
-    v_codes = stream(addresses, 2, n, t, tl.uint8, ALIGNED)
-    m_absmax = stream(addresses, 3, n, t, tl.float32, ALIGNED)
-    v_absmax = stream(addresses, 4, n, t, tl.float32, ALIGNED)
     g_ptr = stream(grad_addresses, 0, n, t, DTYPE, ALIGNED)
+    m_codes = stream(addresses, 1, n, t, tl.uint8, ALIGNED)
     blocks, offs, mask, block_mask = fp8_tile(index, numel, ROWS)
     p = load_block(p_ptr + offs, mask, MASKED, tl.float32)
     before = p
     g = load_block(g_ptr + offs, mask, MASKED, tl.float32)
-    m = load_fp8(m_codes, m_absmax, blocks, offs, mask, block_mask, MASKED)
-    root = load_fp8(v_codes, v_absmax, blocks, offs, mask, block_mask, MASKED)  # sqrt(v)
-    if RADAM:
-        (b1c, b2, b2c, decay, l2, eps, bc1, lr, bc2_sqrt, rect, unscale,
-         rectified, small) = load_radam_coefficients(coef + t * RADAM_WIDTH)
-        p, m, v = radam_update(p, g, m, root * root, b1c, b2, b2c, decay, l2, eps, bc1, lr, bc2_sqrt, rect,
-                               unscale, rectified, small, L2, False)
-        root = ieee_sqrt(v, False)
+    if ALGORITHM == LION:
+        m_absmax = stream(addresses, 2, n, t, tl.float32, ALIGNED)
+        m = load_fp8(m_codes, m_absmax, blocks, offs, mask, block_mask, MASKED)
+        beta1, b1c, beta2, b2c, decay, neg_lr, unscale = load_lion_coefficients(coef + t * LION_WIDTH)
+        p, m = lion_update(p, g, m, beta1, b1c, beta2, b2c, decay, neg_lr, unscale)
     else:
-        b1c, b2, b2c, decay, l2, eps, bc2_sqrt, neg_step, unscale, small = load_adam_coefficients(
-            coef + t * ADAM_WIDTH)
-        p, m, v, _, root = adam_update(p, g, m, root * root, root, b1c, b2, b2c, decay, l2, eps, bc2_sqrt,
-                                       neg_step, unscale, small, False, L2, False)
-    store_fp8(m_codes, m_absmax, blocks, offs, mask, block_mask, m, MASKED)
-    store_fp8(v_codes, v_absmax, blocks, offs, mask, block_mask, root, MASKED)  # sqrt(v), the root taken
-    store_param(p_ptr, offs, mask, p, before, telemetry_entry(telemetry), rounding + t * ROUND_WIDTH,
-                index * (ROWS * FP8_BLOCK), MASKED, TELEMETRY, ROUND, ROWS * FP8_BLOCK)
-
-
-@triton.jit
-def adam_fp8_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, rounding, n,
-                    DTYPE: tl.constexpr, L2: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr,
-                    TELEMETRY: tl.constexpr, ROUND: tl.constexpr, RADAM: tl.constexpr):
-    """Adam(W), or RAdam with RADAM.  Streams: 0 param, 1 exp_avg codes (m), 2
-    exp_avg_sq codes (sqrt(v)), 3 and 4 their absmax."""
-    t, index = program_entry(blocks)
-    numel = tl.load(numels + t)
-    if (index + 1) * (ROWS * FP8_BLOCK) <= numel:
-        _adam_fp8_tile(addresses, grad_addresses, coef, telemetry, rounding, n, t, index, numel, DTYPE, L2,
-                       ALIGNED, ROWS, False, TELEMETRY, ROUND, RADAM)
-    else:
-        _adam_fp8_tile(addresses, grad_addresses, coef, telemetry, rounding, n, t, index, numel, DTYPE, L2,
-                       ALIGNED, ROWS, True, TELEMETRY, ROUND, RADAM)
-
-
-@triton.jit
-def _lion_fp8_tile(addresses, grad_addresses, coef, telemetry, rounding, n, t, index, numel,
-                   DTYPE: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.constexpr,
-                   TELEMETRY: tl.constexpr, ROUND: tl.constexpr):
-    p_ptr = stream(addresses, 0, n, t, DTYPE, ALIGNED)
-    m_codes = stream(addresses, 1, n, t, tl.uint8, ALIGNED)
-    m_absmax = stream(addresses, 2, n, t, tl.float32, ALIGNED)
-    g_ptr = stream(grad_addresses, 0, n, t, DTYPE, ALIGNED)
-    blocks, offs, mask, block_mask = fp8_tile(index, numel, ROWS)
-    p = load_block(p_ptr + offs, mask, MASKED, tl.float32)
-    before = p
-    g = load_block(g_ptr + offs, mask, MASKED, tl.float32)
-    m = load_fp8(m_codes, m_absmax, blocks, offs, mask, block_mask, MASKED)
-    beta1, b1c, beta2, b2c, decay, neg_lr, unscale = load_lion_coefficients(coef + t * LION_WIDTH)
-    p, m = lion_update(p, g, m, beta1, b1c, beta2, b2c, decay, neg_lr, unscale)
+        v_codes = stream(addresses, 2, n, t, tl.uint8, ALIGNED)
+        m_absmax = stream(addresses, 3, n, t, tl.float32, ALIGNED)
+        v_absmax = stream(addresses, 4, n, t, tl.float32, ALIGNED)
+        m = load_fp8(m_codes, m_absmax, blocks, offs, mask, block_mask, MASKED)
+        root = load_fp8(v_codes, v_absmax, blocks, offs, mask, block_mask, MASKED)  # sqrt(v)
+        if ALGORITHM == RADAM:
+            (b1c, b2, b2c, decay, l2, eps, bc1, lr, bc2_sqrt, rect, unscale,
+             rectified, small) = load_radam_coefficients(coef + t * RADAM_WIDTH)
+            p, m, v = radam_update(p, g, m, root * root, b1c, b2, b2c, decay, l2, eps, bc1, lr, bc2_sqrt, rect,
+                                   unscale, rectified, small, L2, False)
+            root = ieee_sqrt(v, False)
+        else:
+            b1c, b2, b2c, decay, l2, eps, bc2_sqrt, neg_step, unscale, small = load_adam_coefficients(
+                coef + t * ADAM_WIDTH)
+            p, m, v, _, root = adam_update(p, g, m, root * root, root, b1c, b2, b2c, decay, l2, eps, bc2_sqrt,
+                                           neg_step, unscale, small, False, L2, False)
+        store_fp8(v_codes, v_absmax, blocks, offs, mask, block_mask, root, MASKED)  # sqrt(v), the root taken
     store_fp8(m_codes, m_absmax, blocks, offs, mask, block_mask, m, MASKED)
     store_param(p_ptr, offs, mask, p, before, telemetry_entry(telemetry), rounding + t * ROUND_WIDTH,
                 index * (ROWS * FP8_BLOCK), MASKED, TELEMETRY, ROUND, ROWS * FP8_BLOCK)
 
 
 @triton.jit
-def lion_fp8_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, rounding, n,
-                    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr,
-                    TELEMETRY: tl.constexpr, ROUND: tl.constexpr):
-    """Streams: 0 param, 1 exp_avg codes (m), 2 its absmax."""
+def fp8_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, rounding, n,
+               DTYPE: tl.constexpr, ALGORITHM: tl.constexpr, L2: tl.constexpr, ALIGNED: tl.constexpr,
+               ROWS: tl.constexpr, TELEMETRY: tl.constexpr, ROUND: tl.constexpr):
+    """ALGORITHM: ADAM (Adam(W)), RADAM or LION.  Streams: 0 param, 1 exp_avg codes
+    (m), then for ADAM and RADAM 2 exp_avg_sq codes (sqrt(v)), 3 and 4 their absmax;
+    for LION 2 the absmax of m."""
     t, index = program_entry(blocks)
     numel = tl.load(numels + t)
     if (index + 1) * (ROWS * FP8_BLOCK) <= numel:
-        _lion_fp8_tile(addresses, grad_addresses, coef, telemetry, rounding, n, t, index, numel, DTYPE,
-                       ALIGNED, ROWS, False, TELEMETRY, ROUND)
+        _fp8_tile(addresses, grad_addresses, coef, telemetry, rounding, n, t, index, numel, DTYPE, ALGORITHM, L2,
+                  ALIGNED, ROWS, False, TELEMETRY, ROUND)
     else:
-        _lion_fp8_tile(addresses, grad_addresses, coef, telemetry, rounding, n, t, index, numel, DTYPE,
-                       ALIGNED, ROWS, True, TELEMETRY, ROUND)
+        _fp8_tile(addresses, grad_addresses, coef, telemetry, rounding, n, t, index, numel, DTYPE, ALGORITHM, L2,
+                  ALIGNED, ROWS, True, TELEMETRY, ROUND)
 
 
 # ---------------------------------------------------------------------------
@@ -253,11 +230,10 @@ def launch_fp8(algorithm: str, params: List[Tensor], grads: List[Tensor], codes:
     streams = [params, *codes, *absmax]
     meta = elementwise_meta(f"{algorithm}_fp8", streams, PROGRAM_BLOCKS * fp8_states.BLOCK)
     grad_table, grads_aligned = meta.grad_addresses.get(grads)
-    kernel, flags = ((lion_fp8_kernel, {}) if algorithm == "lion"
-                     else (adam_fp8_kernel, dict(L2=_l2(hyper), RADAM=algorithm == "radam")))
+    flags = dict(ALGORITHM=KINDS[algorithm], L2=algorithm != "lion" and _l2(hyper))
     with launching(meta):
         if meta.num_blocks:
-            kernel[(meta.num_blocks,)](
+            fp8_kernel[(meta.num_blocks,)](
                 meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params),
                 telemetry_partials(meta, telemetry), rounding_table(meta, rounding), meta.n,
                 DTYPE=kernel_dtypes(params[0].dtype)["DTYPE"], ALIGNED=meta.aligned and grads_aligned, ROWS=PROGRAM_BLOCKS,
@@ -265,4 +241,4 @@ def launch_fp8(algorithm: str, params: List[Tensor], grads: List[Tensor], codes:
         launch_telemetry_sums(meta, telemetry)
 
 
-ALGORITHMS = ("adam", "radam", "lion")
+ALGORITHMS = tuple(KINDS)

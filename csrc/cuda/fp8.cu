@@ -33,38 +33,21 @@ class Fp8Plan {
 
   Fp8Plan(const char* op, const std::array<at::TensorList, kArrays>& arrays, const CoefTable<Coef>& coefs,
           const StochasticRound* round)
-      : arrays_(arrays), coefs_(coefs), round_(round), n_(static_cast<int64_t>(arrays[0].size())) {
+      : tensors_(arrays, coefs, round), n_(static_cast<int64_t>(arrays[0].size())) {
     check_tensor_count(op, arrays[0].size());
     first_block.assign(n_ + 1, 0);
     for (int64_t t = 0; t < n_; ++t) first_block[t + 1] = first_block[t] + ceil_div(arrays[0][t].numel(), kFp8Block);
     num_blocks = first_block[n_];
     check_grid(op, num_blocks);
     groups_ = ceil_div(num_blocks, kFp8GroupBlocks);
-    // Sections that change from step to step first, so one upload covers them.
-    coefs_section_ = image.add<Coef>(n_);
-    if (round_ != nullptr) round_section_ = image.add<RoundKey>(n_);
-    for (int a = 0; a < kArrays; ++a) address_section_[a] = image.add<void*>(n_);
-    coef_index_section_ = image.add<int32_t>(n_);
-    numel_section_ = image.add<int64_t>(n_);
+    tensors_.declare(image);
     first_block_section_ = image.add<int64_t>(n_ + 1);
     group_tensor_section_ = image.add<int32_t>(groups_ + 1);
   }
 
   void fill() {
     image.allocate();
-    image.set_used(coefs_section_, static_cast<int64_t>(coefs_.unique.size()));
-    std::copy(coefs_.unique.begin(), coefs_.unique.end(), image.data<Coef>(coefs_section_));
-    std::copy(coefs_.index.begin(), coefs_.index.end(), image.data<int32_t>(coef_index_section_));
-    if (round_ != nullptr) {
-      RoundKey* keys = image.data<RoundKey>(round_section_);
-      for (int64_t t = 0; t < n_; ++t) keys[t] = round_key(round_[t]);
-    }
-    for (int a = 0; a < kArrays; ++a) {
-      void** out = image.data<void*>(address_section_[a]);
-      for (int64_t t = 0; t < n_; ++t) out[t] = arrays_[a][t].data_ptr();
-    }
-    int64_t* numel = image.data<int64_t>(numel_section_);
-    for (int64_t t = 0; t < n_; ++t) numel[t] = arrays_[0][t].numel();
+    tensors_.fill(image);
     std::copy(first_block.begin(), first_block.end(), image.data<int64_t>(first_block_section_));
     int32_t* group_tensor = image.data<int32_t>(group_tensor_section_);
     for (int64_t t = 0; t < n_; ++t) {  // group g starts at block g·kFp8GroupBlocks
@@ -76,29 +59,22 @@ class Fp8Plan {
 
   Fp8Table<Coef, S> view(const uint8_t* base) const {
     Fp8Table<Coef, S> v;
-    for (int a = 0; a < kArrays; ++a) v.address[a] = device_section<void*>(base, image, address_section_[a]);
-    v.numel = device_section<int64_t>(base, image, numel_section_);
+    tensors_.view_into(base, image, v);
     v.first_block = device_section<int64_t>(base, image, first_block_section_);
     v.group_tensor = device_section<int32_t>(base, image, group_tensor_section_);
-    v.coef_index = device_section<int32_t>(base, image, coef_index_section_);
-    v.coefs = device_section<Coef>(base, image, coefs_section_);
-    v.round = round_ != nullptr ? device_section<RoundKey>(base, image, round_section_) : nullptr;
     return v;
   }
 
-  bool rounds() const { return round_ != nullptr; }
+  bool rounds() const { return tensors_.rounds(); }
 
   TableImage image;
   std::vector<int64_t> first_block;
   int64_t num_blocks = 0;
 
  private:
-  std::array<at::TensorList, kArrays> arrays_;
-  const CoefTable<Coef>& coefs_;
-  const StochasticRound* round_;
+  TensorSections<Coef, kArrays> tensors_;
   int64_t n_, groups_ = 0;
-  int coefs_section_, address_section_[kArrays], coef_index_section_, numel_section_, first_block_section_,
-      group_tensor_section_, round_section_ = -1;
+  int first_block_section_, group_tensor_section_;
 };
 
 // Uploads the table (what changed) and launches the kernel over every block, then

@@ -54,6 +54,66 @@ struct ElementwiseTable {
   int64_t chunk;  // elements per block
 };
 
+// Host side: the per-tensor sections of every bucket table (the elementwise
+// launcher's below, the FP8 step's in fp8.cu): the coefficients (runs folded) and
+// each tensor's index into them, its stochastic-rounding key (only when `round`,
+// StepCall::round_or_null, is given; kept until fill), the addresses of its A
+// arrays and its numel (array 0's).  declare() adds them to an image, first (they
+// change from step to step, so one upload covers them); fill() writes them once
+// the image is allocated; view_into() sets the matching fields of a device view.
+template <typename Coef, int A>
+class TensorSections {
+ public:
+  TensorSections(const std::array<at::TensorList, A>& arrays, const CoefTable<Coef>& coefs,
+                 const StochasticRound* round)
+      : arrays_(arrays), coefs_(coefs), round_(round), n_(static_cast<int64_t>(arrays[0].size())) {}
+
+  void declare(TableImage& image) {
+    coefs_section_ = image.add<Coef>(n_);
+    if (round_ != nullptr) round_section_ = image.add<RoundKey>(n_);
+    for (int a = 0; a < A; ++a) address_section_[a] = image.add<void*>(n_);
+    coef_index_section_ = image.add<int32_t>(n_);
+    numel_section_ = image.add<int64_t>(n_);
+  }
+
+  void fill(TableImage& image) const {
+    image.set_used(coefs_section_, static_cast<int64_t>(coefs_.unique.size()));
+    std::copy(coefs_.unique.begin(), coefs_.unique.end(), image.data<Coef>(coefs_section_));
+    std::copy(coefs_.index.begin(), coefs_.index.end(), image.data<int32_t>(coef_index_section_));
+    if (round_ != nullptr) {
+      RoundKey* keys = image.data<RoundKey>(round_section_);
+      for (int64_t t = 0; t < n_; ++t) keys[t] = round_key(round_[t]);
+    }
+    for (int a = 0; a < A; ++a) {
+      void** out = image.data<void*>(address_section_[a]);
+      for (int64_t t = 0; t < n_; ++t) out[t] = arrays_[a][t].data_ptr();
+    }
+    int64_t* numel = image.data<int64_t>(numel_section_);
+    for (int64_t t = 0; t < n_; ++t) numel[t] = arrays_[0][t].numel();
+  }
+
+  // View: a device table with fields address[A], numel, coef_index, coefs, round.
+  template <typename View>
+  void view_into(const uint8_t* base, const TableImage& image, View& v) const {
+    for (int a = 0; a < A; ++a) v.address[a] = device_section<void*>(base, image, address_section_[a]);
+    v.numel = device_section<int64_t>(base, image, numel_section_);
+    v.coef_index = device_section<int32_t>(base, image, coef_index_section_);
+    v.coefs = device_section<Coef>(base, image, coefs_section_);
+    v.round = round_ != nullptr ? device_section<RoundKey>(base, image, round_section_) : nullptr;
+  }
+
+  int64_t num_tensors() const { return n_; }
+  bool rounds() const { return round_ != nullptr; }
+  const std::array<at::TensorList, A>& arrays() const { return arrays_; }
+
+ private:
+  std::array<at::TensorList, A> arrays_;
+  const CoefTable<Coef>& coefs_;
+  const StochasticRound* round_;
+  int64_t n_;
+  int coefs_section_, address_section_[A], coef_index_section_, numel_section_, round_section_ = -1;
+};
+
 // Host side: the table image of a bucket whose tensors each have S arrays of one
 // dtype and one memory layout.  Construct (declares the sections), optionally add
 // sections of your own to `image`, then fill().  `round` (StepCall::round_or_null,
@@ -63,7 +123,7 @@ class ElementwisePlan {
  public:
   ElementwisePlan(const char* op, const std::array<at::TensorList, S>& arrays,
                   const CoefTable<Coef>& coefs, const StochasticRound* round = nullptr)
-      : arrays_(arrays), coefs_(coefs), round_(round), n_(static_cast<int64_t>(arrays[0].size())) {
+      : tensors_(arrays, coefs, round), n_(static_cast<int64_t>(arrays[0].size())) {
     check_tensor_count(op, arrays[0].size());
     int64_t total = 0;
     for (int64_t t = 0; t < n_; ++t) total += arrays[0][t].numel();
@@ -76,31 +136,14 @@ class ElementwisePlan {
     }
     num_tasks = first_task[n_];
     check_grid(op, num_tasks);
-    // Sections that change from step to step first, so one upload covers them.
-    coefs_section_ = image.add<Coef>(n_);
-    if (round_ != nullptr) round_section_ = image.add<RoundKey>(n_);
-    for (int s = 0; s < S; ++s) address_section_[s] = image.add<void*>(n_);
-    coef_index_section_ = image.add<int32_t>(n_);
-    numel_section_ = image.add<int64_t>(n_);
+    tensors_.declare(image);
     first_task_section_ = image.add<int64_t>(n_ + 1);
     tasks_section_ = image.add<BlockTask>(num_tasks);
   }
 
   void fill() {
     image.allocate();
-    image.set_used(coefs_section_, static_cast<int64_t>(coefs_.unique.size()));
-    std::copy(coefs_.unique.begin(), coefs_.unique.end(), image.data<Coef>(coefs_section_));
-    std::copy(coefs_.index.begin(), coefs_.index.end(), image.data<int32_t>(coef_index_section_));
-    if (round_ != nullptr) {
-      RoundKey* keys = image.data<RoundKey>(round_section_);
-      for (int64_t t = 0; t < n_; ++t) keys[t] = round_key(round_[t]);
-    }
-    for (int s = 0; s < S; ++s) {
-      void** out = image.data<void*>(address_section_[s]);
-      for (int64_t t = 0; t < n_; ++t) out[t] = arrays_[s][t].data_ptr();
-    }
-    int64_t* numel = image.data<int64_t>(numel_section_);
-    for (int64_t t = 0; t < n_; ++t) numel[t] = arrays_[0][t].numel();
+    tensors_.fill(image);
     std::copy(first_task.begin(), first_task.end(), image.data<int64_t>(first_task_section_));
     BlockTask* tasks = image.data<BlockTask>(tasks_section_);
     for (int64_t t = 0; t < n_; ++t) {
@@ -111,20 +154,16 @@ class ElementwisePlan {
 
   ElementwiseTable<Coef, S> view(const uint8_t* base) const {
     ElementwiseTable<Coef, S> v;
-    for (int s = 0; s < S; ++s) v.address[s] = device_section<void*>(base, image, address_section_[s]);
-    v.numel = device_section<int64_t>(base, image, numel_section_);
+    tensors_.view_into(base, image, v);
     v.first_task = device_section<int64_t>(base, image, first_task_section_);
-    v.coef_index = device_section<int32_t>(base, image, coef_index_section_);
-    v.coefs = device_section<Coef>(base, image, coefs_section_);
     v.tasks = device_section<BlockTask>(base, image, tasks_section_);
-    v.round = round_ != nullptr ? device_section<RoundKey>(base, image, round_section_) : nullptr;
     v.chunk = chunk;
     return v;
   }
 
   int64_t num_tensors() const { return n_; }
-  bool rounds() const { return round_ != nullptr; }
-  at::Device device() const { return arrays_[0][0].device(); }
+  bool rounds() const { return tensors_.rounds(); }
+  at::Device device() const { return tensors_.arrays()[0][0].device(); }
 
   TableImage image;
   std::vector<int64_t> first_task;
@@ -132,12 +171,9 @@ class ElementwisePlan {
   int64_t chunk = 0;
 
  private:
-  std::array<at::TensorList, S> arrays_;
-  const CoefTable<Coef>& coefs_;
-  const StochasticRound* round_;
+  TensorSections<Coef, S> tensors_;
   int64_t n_;
-  int coefs_section_, address_section_[S], coef_index_section_, numel_section_,
-      first_task_section_, tasks_section_, round_section_ = -1;
+  int first_task_section_, tasks_section_;
 };
 
 // The arrays of block `task` of tensor task.tensor, typed, and its element range.
