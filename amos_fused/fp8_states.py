@@ -19,8 +19,19 @@ dynamic code map instead.  A block whose absmax is below 2^-96 is stored as
 zeros; a block holding NaN or ±Inf stores absmax = NaN and codes 0, so it
 decodes as NaN (a non-finite value never turns finite, and never leaves its
 block).  Params with fewer than 4096 elements, float64 and complex params
-keep full-precision states (the 8-bit optimizers refuse sharded DTensor params
-for now).
+keep full-precision states.
+
+Sharded params (DTensor: FSDP2's ``fully_shard``, tensor parallelism) keep FP8
+states when no block can straddle a shard: params sharded on dim 0 only, whose
+dim-0 rows hold whole blocks (numel/size(0) a multiple of 256) and whose local
+shard is contiguous, and params that are not sharded at all.  Their codes are
+DTensors placed like the param; the absmax of a dim-0-sharded param is a
+DTensor of shape (size(0), numel/size(0)/256), one row of block maxima per row
+of the param, sharded like it, so ``torch.distributed.checkpoint`` reshards it
+with the codes.  Every block is then the block of the unsharded param, and the
+codes and absmax are the unsharded run's whatever the number of shards.  Other
+sharded params (1-D, rows that are not whole blocks, sharded on another dim)
+keep full-precision states.
 """
 from __future__ import annotations
 
@@ -30,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .buckets import memory_order
+from .sharding import DTensor, is_dtensor, local, sharded_dims
 
 BLOCK = 256
 MIN_NUMEL = 4096
@@ -50,8 +62,20 @@ def absmax_key(key: str) -> str:
 
 def keeps_fp8(p: Tensor) -> bool:
     """Whether a param's states are kept in FP8 (float32/bfloat16/float16 params of
-    at least 4096 elements; bitsandbytes' ``min_8bit_size``)."""
-    return p.dtype in _DTYPES and p.numel() >= MIN_NUMEL
+    at least 4096 elements, bitsandbytes' ``min_8bit_size``, whose blocks stay
+    inside their shards when the param is a DTensor: ``blocks_fit_shards``)."""
+    return p.dtype in _DTYPES and p.numel() >= MIN_NUMEL and blocks_fit_shards(p)
+
+
+def blocks_fit_shards(p: Tensor) -> bool:
+    """True for a plain tensor, a DTensor no mesh dim shards, and a DTensor sharded
+    on dim 0 only whose dim-0 rows hold whole blocks and whose local shard is
+    contiguous (its blocks are then rows' blocks, the unsharded param's)."""
+    dims = sharded_dims(p)
+    if not dims:
+        return True
+    return (dims == {0} and p.dim() >= 2 and p.size(0) > 0 and (p.numel() // p.size(0)) % BLOCK == 0
+            and local(p).is_contiguous())
 
 
 def num_blocks(numel: int) -> int:
@@ -90,7 +114,7 @@ def encode(values: Tensor, root: bool) -> Tuple[Tensor, Tensor]:
 def decode(codes: Tensor, absmax: Tensor, root: bool) -> Tensor:
     """The float32 values of 1-D codes and their blocks' absmax; ``root``: the codes
     store sqrt(v) and v is returned."""
-    n = codes.numel()
+    n, absmax = codes.numel(), absmax.reshape(-1)
     padded = torch.zeros(num_blocks(n) * BLOCK, dtype=torch.uint8, device=codes.device)
     padded[:n] = codes
     values = padded.view(torch.float8_e4m3fn).float().view(-1, BLOCK)
@@ -99,23 +123,51 @@ def decode(codes: Tensor, absmax: Tensor, root: bool) -> Tensor:
 
 
 def new_state(p: Tensor) -> Tuple[Tensor, Tensor]:
-    """Zero (codes, absmax) of a param: codes with the param's layout."""
-    codes = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.preserve_format)
-    return codes, torch.zeros(num_blocks(p.numel()), dtype=torch.float32, device=p.device)
+    """Zero (codes, absmax) of a param: codes with the param's layout (for a
+    DTensor: DTensors placed like it, the absmax shaped as the module docstring
+    says)."""
+    shard = local(p)
+    codes = torch.zeros_like(shard, dtype=torch.uint8, memory_format=torch.preserve_format)
+    if not is_dtensor(p):
+        return codes, torch.zeros(num_blocks(p.numel()), dtype=torch.float32, device=p.device)
+    if sharded_dims(p):  # one row of block maxima per row of the param
+        per_row = p.numel() // p.size(0) // BLOCK
+        shape, local_shape = (p.size(0), per_row), (shard.size(0), per_row)
+    else:
+        shape = local_shape = (num_blocks(p.numel()),)
+    absmax = torch.zeros(local_shape, dtype=torch.float32, device=shard.device)
+    return _like(codes, p, p.shape, p.stride()), _like(absmax, p, shape, torch.empty(shape, device="meta").stride())
+
+
+def _like(shard: Tensor, p: Tensor, shape, stride) -> Tensor:
+    """The DTensor of local tensor ``shard`` on p's mesh with p's placements."""
+    return DTensor.from_local(shard, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape),
+                              stride=tuple(stride))
 
 
 def decoded(codes: Tensor, absmax: Tensor, root: bool) -> Tensor:
-    """A coded state as a float32 tensor with the codes' shape and layout."""
+    """A coded state as a float32 tensor with the codes' shape and layout (a DTensor
+    placed like the codes when they are one)."""
+    if is_dtensor(codes):
+        return _like(decoded(local(codes), local(absmax), root), codes, codes.shape, codes.stride())
     out = torch.empty_like(codes, dtype=torch.float32)
     _flat(out, codes).copy_(decode(_flat(codes, codes), absmax, root))
     return out
 
 
 def store(value: Tensor, codes: Tensor, absmax: Tensor, root: bool) -> None:
-    """Encodes ``value`` (shaped like the codes) into ``codes`` and ``absmax`` in place."""
+    """Encodes ``value`` (shaped like the codes; a DTensor placed like them when they
+    are one) into ``codes`` and ``absmax`` in place."""
+    if is_dtensor(codes):
+        if not is_dtensor(value) or value.placements != codes.placements or value.shape != codes.shape:
+            where = (f"a DTensor placed {value.placements}" if is_dtensor(value) else "a plain tensor")
+            raise ValueError(f"amos_fused: cannot encode {where} of shape {tuple(value.shape)} into the FP8 "
+                             f"state of a param of shape {tuple(codes.shape)} placed {codes.placements}")
+        store(local(value), local(codes), local(absmax), root)
+        return
     new_codes, new_absmax = encode(_flat(value, codes).float(), root)
     _flat(codes, codes).copy_(new_codes)
-    absmax.copy_(new_absmax)
+    absmax.view(-1).copy_(new_absmax)
 
 
 def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[str]) -> None:

@@ -9,8 +9,9 @@ Each step decodes a block, runs the full-precision update in float32 (the same
 per-element function) and encodes the block back, in one pass (fused kernels on
 the 'cpu', 'cuda' and 'triton' backends; the eager reference on any device).
 Params with fewer than 4096 elements, float64 and complex params keep
-full-precision states; sharded (DTensor) params are refused
-(NotImplementedError) for now.  State keys: ``exp_avg`` (codes of m),
+full-precision states; so do sharded (DTensor) params whose blocks could
+straddle a shard (fp8_states.blocks_fit_shards: FSDP2's dim-0 shards of params
+whose rows are whole blocks keep FP8 states).  State keys: ``exp_avg`` (codes of m),
 ``exp_avg_absmax``, and for Adam and RAdam ``exp_avg_sq`` (codes of sqrt(v)),
 ``exp_avg_sq_absmax``.  Loading a full-precision checkpoint (torch.optim.AdamW's
 or AdamW's) quantizes it; loading an 8-bit checkpoint into a full-precision

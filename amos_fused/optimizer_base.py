@@ -24,7 +24,7 @@ from . import fp8_states
 from .master_weights import MASTER_KEY, WriteMarks, float32_copy, has_master, master_problem, upcast_states
 from . import master_weights as masters
 from .contracts import call_fp8_step, call_step, master_algorithms
-from .sharding import is_dtensor, local
+from .sharding import local
 from .stochastic_round import round_key, round_to_bfloat16
 from .telemetry import RMS, Recorder, measured_sums, new_table, snapshot
 
@@ -138,12 +138,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _keeps_fp8(self, param: Tensor) -> bool:
         """Whether this optimizer keeps ``param``'s states as FP8 codes."""
-        if not self.fp8_state_keys or not fp8_states.keeps_fp8(param) or param.is_complex():
-            return False
-        if is_dtensor(param):
-            raise NotImplementedError(f"{self._name}: FP8 states of sharded (DTensor) params are not "
-                                      "supported yet; use the full-precision optimizer")
-        return True
+        return bool(self.fp8_state_keys) and not param.is_complex() and fp8_states.keeps_fp8(param)
 
     def _check_slots(self, where, group: dict, plan: GroupPlan, positions: List[int],
                      lists: Dict[str, List[Tensor]]) -> None:
@@ -351,6 +346,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             params, grads, shadows = [local(p) for p in params], [local(g) for g in grads], [local(p) for p in shadows]
             for key in keys:
                 lists[key] = [local(t) for t in lists[key]]
+            for key in coded[len(coded) // 2:]:  # the kernels see each absmax as one row of blocks
+                lists[key] = [t.view(-1) if t.is_contiguous() else t for t in lists[key]]
         if spec.complex_positions:
             params, grads = list(params), list(grads)
             for i, pos in enumerate(positions):

@@ -2,8 +2,8 @@
 every algorithm steps the local shards and equals the unsharded run, with and
 without CPU offload — ScaledAdamW, LAMB and Amos slots averaged over a sharded dim
 sum their partial sums over the shards (one all-reduce per bucket); states are
-DTensors (such slots replicated), so distributed checkpoints save, reshard (2 → 1
-ranks) and resume them."""
+DTensors (such slots replicated; FP8 codes and absmax sharded like the param), so
+distributed checkpoints save, reshard (2 → 1 ranks) and resume them."""
 from __future__ import annotations
 
 import datetime
@@ -43,15 +43,34 @@ def _optimizers():
     }
 
 
-def _model(dtype):
+def _fp8_optimizers():
+    import amos_fused as af
+
+    return {
+        "AdamW8bit": lambda ps: af.AdamW8bit(ps, lr=0.01, weight_decay=0.1),
+        "Adam8bit": lambda ps: af.Adam8bit(ps, lr=0.01, weight_decay=0.1),
+        "RAdam8bit": lambda ps: af.RAdam8bit(ps, lr=0.01, weight_decay=0.1),
+        "Lion8bit": lambda ps: af.Lion8bit(ps, lr=1e-3, weight_decay=0.1),
+        "AdamW8bit-reference": lambda ps: af.AdamW8bit(ps, lr=0.01, weight_decay=0.1, backend="reference"),
+    }
+
+
+def _model(dtype, width=8, hidden=16):
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 6)).to(dtype)
+    return torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 6)).to(dtype)
+
+
+def _wide_model(dtype):
+    """Its first weight (25 × 256) keeps FP8 states when sharded: rows of one block,
+    split 13 + 12 over 2 ranks."""
+    return _model(dtype, width=256, hidden=25)
 
 
 def _train(model, opt, first, last, dtype):
+    width = next(model.parameters()).shape[1]
     for step in range(first, last):
         gen = torch.Generator().manual_seed(step)
-        x, y = torch.randn(4, 8, generator=gen, dtype=dtype), torch.randn(4, 6, generator=gen, dtype=dtype)
+        x, y = torch.randn(4, width, generator=gen, dtype=dtype), torch.randn(4, 6, generator=gen, dtype=dtype)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
@@ -160,6 +179,119 @@ def _fsdp_master_weights(rank, world, path, offload):
     _finish()
 
 
+def _fsdp_fp8_states(rank, world, path, offload):
+    """The 8-bit optimizers under FSDP2 (with and without CPU offload): a weight
+    whose rows are whole blocks keeps FP8 states, its codes and absmax DTensors
+    sharded like it (13 + 12 rows), bitwise the unsharded run's, and so is the
+    run (float32, bfloat16, bfloat16 with master weights); a weight whose rows
+    are not whole blocks keeps full-precision states and
+    steps like the full-precision optimizer.  A sharded AdamW checkpoint loads
+    into AdamW8bit (quantized as the unsharded one) and back (decoded)."""
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+        from torch.distributed.tensor import DTensor
+
+        policy = CPUOffloadPolicy(pin_memory=False) if offload else None
+        for name, make in _fp8_optimizers().items():
+            for dtype, master in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+                sharded, single = _wide_model(dtype), _wide_model(dtype)
+                fully_shard(sharded, offload_policy=policy)
+                opt, single_opt = make(list(sharded.parameters())), make(list(single.parameters()))
+                for group in opt.param_groups + single_opt.param_groups:
+                    group["master_weights"] = master
+                _train(sharded, opt, 0, STEPS, dtype)
+                _train(single, single_opt, 0, STEPS, dtype)
+                coded = [k for k in opt.fp8_state_keys]
+                for p, q in zip(sharded.parameters(), single.parameters()):
+                    assert torch.equal(_full(p), q), (name, dtype, master, tuple(p.shape))
+                    if master:
+                        assert torch.equal(_full(opt.state[p]["master_param"]), single_opt.state[q]["master_param"])
+                    state, single_state = opt.state[p], single_opt.state[q]
+                    assert sorted(state) == sorted(single_state), (name, sorted(state), sorted(single_state))
+                    for key in coded:
+                        if q.numel() < 4096:
+                            assert state[key].dtype == (torch.float32 if master else dtype), (name, key)
+                            continue
+                        codes, absmax = state[key], state[key + "_absmax"]
+                        assert isinstance(codes, DTensor) and codes.placements == p.placements, (name, key)
+                        assert isinstance(absmax, DTensor) and absmax.placements == p.placements, (name, key)
+                        assert absmax.shape == (p.shape[0], p.shape[1] // 256), (name, tuple(absmax.shape))
+                        assert absmax.to_local().shape[0] == p.to_local().shape[0] == (13, 12)[rank]
+                        assert torch.equal(_full(codes), single_state[key]), (name, key)
+                        assert torch.equal(_full(absmax).reshape(-1), single_state[key + "_absmax"]), (name, key)
+        # rows of 16 elements are not whole blocks: full-precision states, as af.AdamW's
+        sharded, single = (torch.nn.Sequential(torch.nn.Linear(16, 300)) for _ in range(2))
+        single.load_state_dict(sharded.state_dict())
+        fully_shard(sharded, offload_policy=policy)
+        opt, single_opt = af.AdamW8bit(sharded.parameters(), lr=0.01), af.AdamW(single.parameters(), lr=0.01)
+        for model, o in ((sharded, opt), (single, single_opt)):
+            for step in range(3):
+                o.zero_grad()
+                model(torch.randn(4, 16, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+                o.step()
+        for p, q in zip(sharded.parameters(), single.parameters()):
+            assert opt.state[p]["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in opt.state[p]
+            torch.testing.assert_close(_full(p), q, rtol=0, atol=0)
+        # DTensors placed otherwise: replicated keeps FP8 (absmax replicated), Shard(1) does not
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        value, grad = torch.randn(20, 512, generator=torch.Generator().manual_seed(1)), torch.randn(20, 512)
+        for placement, fp8 in ((Replicate(), True), (Shard(1), False), (Shard(0), True)):
+            p = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [placement]))
+            q = torch.nn.Parameter(value.clone())
+            opt = af.AdamW8bit([p], lr=0.01)
+            single_opt = (af.AdamW8bit if fp8 else af.AdamW)([q], lr=0.01)  # Shard(1): full precision
+            for _ in range(3):
+                p.grad, q.grad = distribute_tensor(grad, mesh, [placement]), grad.clone()
+                opt.step()
+                single_opt.step()
+            assert torch.equal(_full(p), q), placement
+            assert ("exp_avg_absmax" in opt.state[p]) == fp8, placement
+            if fp8:
+                absmax = opt.state[p]["exp_avg_absmax"]
+                assert absmax.placements == (placement,) and absmax.dim() == (2 if placement == Shard(0) else 1)
+                assert torch.equal(_full(absmax).reshape(-1), single_opt.state[q]["exp_avg_absmax"])
+        # checkpoints across precisions: AdamW's sharded state quantized on load, and back
+        sharded, single = _wide_model(torch.float32), _wide_model(torch.float32)
+        fully_shard(sharded, offload_policy=policy)
+        full, single_full = af.AdamW(sharded.parameters(), lr=0.01), af.AdamW(single.parameters(), lr=0.01)
+        _train(sharded, full, 0, 3, torch.float32)
+        _train(single, single_full, 0, 3, torch.float32)
+        coded, single_coded = af.AdamW8bit(sharded.parameters()), af.AdamW8bit(single.parameters())
+        coded.load_state_dict(full.state_dict())
+        single_coded.load_state_dict(single_full.state_dict())
+        back, single_back = af.AdamW(sharded.parameters()), af.AdamW(single.parameters())
+        back.load_state_dict(coded.state_dict())
+        single_back.load_state_dict(single_coded.state_dict())
+        for p, q in zip(sharded.parameters(), single.parameters()):
+            for key, value in single_coded.state[q].items():
+                if key != "step":
+                    assert torch.equal(_full(coded.state[p][key]).reshape(value.shape), value), key
+            if q.numel() >= 4096:
+                assert isinstance(coded.state[p]["exp_avg_absmax"], DTensor)
+                decoded = back.state[p]["exp_avg_sq"]
+                assert isinstance(decoded, DTensor) and decoded.placements == p.placements
+                assert torch.equal(_full(decoded), single_back.state[q]["exp_avg_sq"])
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: another rank may be stuck
+        raise
+    _finish()
+
+
+# The runs the checkpoint test saves and resumes: optimizer, model and dtype.
+_CHECKPOINTED = ("AdamW", "Amos-rows", "Amos-all", "AdamW8bit", "Lion8bit")
+
+
+def _checkpointed(name):
+    if name in _fp8_optimizers():
+        return _fp8_optimizers()[name], _wide_model(torch.float32), torch.float32
+    return _optimizers()[name], _model(torch.float64), torch.float64
+
+
 def _checkpoint(rank, world, path, directory, resume):
     """Saves after 4 steps (resume=False), or loads that checkpoint onto ``world``
     ranks, trains 4 more steps and compares with an uninterrupted 8-step run."""
@@ -169,13 +301,13 @@ def _checkpoint(rank, world, path, directory, resume):
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         from torch.distributed.fsdp import fully_shard
 
-        for name in ("AdamW", "Amos-rows", "Amos-all"):
-            model = _model(torch.float64)
+        for name in _CHECKPOINTED:
+            make, model, dtype = _checkpointed(name)
             fully_shard(model)
-            opt = _optimizers()[name](list(model.parameters()))
+            opt = make(list(model.parameters()))
             where = os.path.join(directory, name)
             if not resume:
-                _train(model, opt, 0, 4, torch.float64)
+                _train(model, opt, 0, 4, dtype)
             model_state, optim_state = get_state_dict(model, opt)
             state = {"model": model_state, "optim": optim_state}
             if not resume:
@@ -183,12 +315,15 @@ def _checkpoint(rank, world, path, directory, resume):
                 continue
             dcp.load(state, checkpoint_id=where)
             set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-            _train(model, opt, 4, 8, torch.float64)
-            single = _model(torch.float64)
-            single_opt = _optimizers()[name](list(single.parameters()))
-            _train(single, single_opt, 0, 8, torch.float64)
+            _train(model, opt, 4, 8, dtype)
+            _, single, _ = _checkpointed(name)
+            single_opt = make(list(single.parameters()))
+            _train(single, single_opt, 0, 8, dtype)
             for p, q in zip(model.parameters(), single.parameters()):
                 torch.testing.assert_close(_full(p), q, rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
+                for key, value in single_opt.state[q].items():  # FP8 codes and absmax resharded bitwise
+                    if key != "step" and value.dtype in (torch.uint8,) or key.endswith("_absmax"):
+                        assert torch.equal(_full(opt.state[p][key]).reshape(value.shape), value), (name, key)
     except BaseException:
         dist.destroy_process_group()  # no barrier: another rank may be stuck
         raise
@@ -208,6 +343,11 @@ def test_fsdp2_matches_single_process(offload):
 @pytest.mark.parametrize("offload", [False, True], ids=["fsdp2", "fsdp2-cpu-offload"])
 def test_fsdp2_master_weights_match_single_process(offload):
     _spawn(_fsdp_master_weights, 2, offload)
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["fsdp2", "fsdp2-cpu-offload"])
+def test_fsdp2_fp8_states_match_single_process(offload):
+    _spawn(_fsdp_fp8_states, 2, offload)
 
 
 @pytest.mark.parametrize("resume_world", [2, 1], ids=["2-to-2", "2-to-1"])
