@@ -549,7 +549,17 @@ def _corrupt_sq_absmax_dtype(state, p):
     state["exp_avg_sq_absmax"] = state["exp_avg_sq_absmax"].double()
 
 
+def _corrupt_absmax_deleted(state, p):
+    del state["exp_avg_absmax"]
+
+
+def _corrupt_codes_deleted(state, p):
+    del state["exp_avg_sq"]
+
+
 CORRUPTIONS = {
+    "absmax_deleted": (_corrupt_absmax_deleted, "exp_avg"),
+    "codes_deleted": (_corrupt_codes_deleted, "exp_avg_sq_absmax"),
     "codes_dtype": (_corrupt_codes_dtype, "exp_avg"),
     "codes_shape": (_corrupt_codes_shape, "exp_avg"),
     "codes_strides": (_corrupt_codes_strides, "exp_avg"),
@@ -580,7 +590,7 @@ def test_a_corrupt_state_raises_before_any_write(corruption, backend):
         p.grad = g
     before = snapshot(opt, params)
     message = raises_naming(ValueError, opt.step, r"param_groups\[1\]\['params'\]\[1\]", f"'{key}'")
-    assert "does not fit" in message, message
+    assert ("is missing" if corruption.endswith("deleted") else "does not fit") in message, message
     assert_unchanged(before, opt, params)
     assert all(float(opt.state[p]["step"]) == 2 for p in params)
 
