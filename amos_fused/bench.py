@@ -82,6 +82,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from amos_fused.bench_paired import TELEMETRY_SUFFIX, format_costs, paired_cost, telemetry_pairs
 from amos_fused.bench_workloads import DEFAULT_WORKLOAD, WORKLOADS
 
 DTYPE = torch.float32
@@ -89,7 +90,6 @@ ADAMW_FP32_BYTES_PER_PARAM = 28  # reads p, g, m, v; writes p, m, v
 ADAMW_HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 # Bytes per fp32 parameter each of our algorithms must move in one step (the 8-bit
 # ones: per param that keeps FP8 states, whose size is a multiple of the block).
-TELEMETRY_SUFFIX = "+rms"
 OUR_ALGORITHMS = {
     "adamw": ADAMW_FP32_BYTES_PER_PARAM,
     "radam": 28,          # as AdamW
@@ -1030,9 +1030,13 @@ def parse_args(argv=None):
     parser.add_argument("--plot", nargs="?", const="", metavar="PATH",
                         help="also write a PNG bar chart (default path: the JSON's, ending in .png); "
                              "needs matplotlib: " + PLOT_EXTRA_HINT)
+    parser.add_argument("--pairs", type=int, default=40,
+                        help="after the rounds, each chosen <row> and <row>+rms pair steps in alternation "
+                             "this many times, for the cost of telemetry as a median ratio (default 40; "
+                             "0: skip)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
-        parser.error("--rounds and --steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.pairs < 0:
+        parser.error("--rounds and --steps must be >= 1, --warmup and --pairs >= 0")
     return args
 
 
@@ -1117,6 +1121,13 @@ def main(argv=None):
            f"warm-up and {SLOW_STEPS} steps" if any(i.slow for i in impls) else ""),
     ]
     print(format_table(rows, memory, header, baseline), flush=True)
+    costs = []
+    if args.pairs:
+        for plain, tracked in telemetry_pairs(impls):
+            costs.append(paired_cost(plain, tracked, WORKLOADS[workload], device, DTYPE, args.warmup, args.pairs))
+            release_memory(device)
+        if costs:
+            print("\n" + format_costs(costs), flush=True)
 
     json_path = None
     if not args.no_json:
@@ -1129,6 +1140,7 @@ def main(argv=None):
             "command": command_line(),
             "results": rows,
             "memory": memory,
+            "telemetry_cost": costs,
         })
         print(f"\nresults written to {json_path}")
     if args.plot is not None:

@@ -559,3 +559,57 @@ def test_plot_extra_is_declared():
         extras = tomllib.load(f)["project"]["optional-dependencies"]
     assert set(extras["plot"]) == {"matplotlib", "tqdm"}
     assert ".[plot]" in bench.PLOT_EXTRA_HINT
+
+
+def test_telemetry_pairs_are_the_chosen_rows_with_their_plain_row():
+    impls = bench.select_impls(bench.all_impls("cpu", peers=False), "cpu-amos,cpu-amos+rms,cpu-adamw+rms")
+    pairs = [(plain.name, tracked.name) for plain, tracked in bench.telemetry_pairs(impls)]
+    assert pairs == [("cpu-amos", "cpu-amos+rms")]  # cpu-adamw was not chosen
+
+
+def test_paired_cost_swaps_which_optimizer_tracks(monkeypatch):
+    """Two optimizers of the plain row step in alternation (order swapped every pair),
+    the first tracking for half the pairs and the second for the rest (warm-up steps
+    after each switch); the ratio is the geometric mean of the halves' medians of
+    tracked ms / plain ms, which cancels a difference between the two optimizers."""
+    from amos_fused import bench_paired
+
+    calls, now = [], [0.0]
+
+    class Recorded:  # optimizer 1 takes twice as long as optimizer 0; tracking adds 10%
+        def __init__(self, index):
+            self.index, self.param_groups = index, [{"track_rms": False}]
+
+        def step(self):
+            tracking = self.param_groups[0]["track_rms"]
+            calls.append((self.index, tracking))
+            now[0] += (2.0 if self.index else 1.0) * (1.1 if tracking else 1.0)
+
+    built = iter(range(2))
+    plain = bench.Impl("a", 12, lambda model: Recorded(next(built)))
+    monkeypatch.setattr(bench_paired.time, "perf_counter", lambda: now[0] * 1e-3)
+    cost = bench_paired.paired_cost(plain, bench.Impl("a+rms", 12, plain.build), WORKLOADS["gpt2-tiny"],
+                                    torch.device("cpu"), torch.float32, warmup=1, pairs=4)
+    assert calls == ([(0, True), (1, False)] + [(0, True), (1, False), (1, False), (0, True)]
+                     + [(0, False), (1, True)] + [(0, False), (1, True), (1, True), (0, False)])
+    assert cost["ratio_halves"] == pytest.approx([1.1 / 2, 2.2])
+    assert cost["ratio"] == pytest.approx(1.1) and cost["pairs"] == 4
+    assert (cost["impl"], cost["baseline"]) == ("a+rms", "a")
+    with pytest.raises(ValueError, match="not 'a' with telemetry"):
+        bench_paired.paired_cost(plain, bench.Impl("b+rms", 12, plain.build), WORKLOADS["gpt2-tiny"],
+                                 torch.device("cpu"), torch.float32, warmup=0, pairs=2)
+
+
+def test_bench_reports_the_telemetry_cost(tmp_path, capsys):
+    path = tmp_path / "result.json"
+    bench.main(["--workload", "gpt2-tiny", "--device", "cpu", "--rounds", "1", "--steps", "1", "--warmup", "0",
+                "--impls", "cpu-amos,cpu-amos+rms", "--pairs", "3", "--json", str(path)])
+    (cost,) = json.loads(path.read_text())["telemetry_cost"]
+    assert (cost["impl"], cost["baseline"], cost["pairs"]) == ("cpu-amos+rms", "cpu-amos", 3)
+    assert cost["ratio"] > 0 and len(cost["ratio_halves"]) == 2
+    assert "telemetry cost (track_rms)" in capsys.readouterr().out
+    bench.main(["--workload", "gpt2-tiny", "--device", "cpu", "--rounds", "1", "--steps", "1", "--warmup", "0",
+                "--impls", "cpu-amos,cpu-amos+rms", "--pairs", "0", "--json", str(path)])
+    assert json.loads(path.read_text())["telemetry_cost"] == []
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--pairs", "-1"])
