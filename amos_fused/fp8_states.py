@@ -175,7 +175,9 @@ def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[s
     full-precision states under ``fp8_keys`` are quantized (a checkpoint of
     torch.optim.AdamW loaded into AdamW8bit), and coded states under any other
     key are decoded to the param's dtype (an 8-bit checkpoint loaded into a
-    full-precision optimizer, or a param that no longer keeps FP8 states)."""
+    full-precision optimizer, or a param that no longer keeps FP8 states).  The
+    absmax of a sharded param, gathered (a full state dict of an FSDP2 run), is
+    flattened for a plain param."""
     for key in list(state):
         value = state.get(key)  # an absmax is popped with its codes
         if not isinstance(value, Tensor) or key.endswith("_absmax"):
@@ -186,6 +188,10 @@ def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[s
             codes, absmax = new_state(param)
             store(value.to(device=param.device, dtype=torch.float32), codes, absmax, root)
             state[key], state[absmax_key(key)] = codes, absmax
+        elif key in fp8_keys and coded and not is_dtensor(param):
+            absmax = state[absmax_key(key)]
+            if absmax.dim() != 1 and absmax.numel() == num_blocks(param.numel()) and not is_dtensor(absmax):
+                state[absmax_key(key)] = absmax.reshape(-1)  # a sharded run's (rows, blocks per row), gathered
         elif key not in fp8_keys and coded:
             absmax = state.pop(absmax_key(key))
             state[key] = decoded(value, absmax.to(value.device), root).to(param.dtype)

@@ -255,6 +255,27 @@ def _fsdp_fp8_states(rank, world, path, offload):
                 absmax = opt.state[p]["exp_avg_absmax"]
                 assert absmax.placements == (placement,) and absmax.dim() == (2 if placement == Shard(0) else 1)
                 assert torch.equal(_full(absmax).reshape(-1), single_opt.state[q]["exp_avg_absmax"])
+        # a full (gathered) state dict of the sharded run loads into the unsharded optimizer
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_optimizer_state_dict)
+
+        sharded, single = _wide_model(torch.float32), _wide_model(torch.float32)
+        fully_shard(sharded, offload_policy=policy)
+        opt, single_opt = af.AdamW8bit(sharded.parameters(), lr=0.01), af.AdamW8bit(single.parameters(), lr=0.01)
+        _train(sharded, opt, 0, 3, torch.float32)
+        _train(single, single_opt, 0, 3, torch.float32)
+        full = get_optimizer_state_dict(sharded, opt, options=StateDictOptions(full_state_dict=True))
+        fresh = _wide_model(torch.float32)
+        fresh_opt = af.AdamW8bit(fresh.parameters(), lr=0.01)
+        set_optimizer_state_dict(fresh, fresh_opt, full)
+        fresh.load_state_dict(single.state_dict())  # (equal to the sharded run's, checked above)
+        for q, r in zip(single.parameters(), fresh.parameters()):
+            for key, value in single_opt.state[q].items():
+                assert torch.equal(fresh_opt.state[r][key], value), key
+        _train(single, single_opt, 3, 5, torch.float32)
+        _train(fresh, fresh_opt, 3, 5, torch.float32)
+        for q, r in zip(single.parameters(), fresh.parameters()):
+            assert torch.equal(q, r)
         # checkpoints across precisions: AdamW's sharded state quantized on load, and back
         sharded, single = _wide_model(torch.float32), _wide_model(torch.float32)
         fully_shard(sharded, offload_policy=policy)
