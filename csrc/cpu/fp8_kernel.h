@@ -28,16 +28,12 @@ inline Vectorized<float> fp8_decode_tile(const uint8_t* codes, float factor, boo
   using Vec = Vectorized<float>;
 #if defined(CPU_CAPABILITY_AVX2)
   static_assert(Vec::size() == 8, "an AVX2 float vector holds 8 lanes");
-  const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
-  const __m256i magnitude = _mm256_and_si256(code, _mm256_set1_epi32(0x7f));
-  // E ≥ 1: the float with exponent E + 120 and mantissa M; E = 0: M·2^-9
-  const __m256 normal = _mm256_castsi256_ps(
-      _mm256_add_epi32(_mm256_slli_epi32(magnitude, 20), _mm256_set1_epi32(120 << 23)));
-  const __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(magnitude), _mm256_set1_ps(1.0f / 512.0f));
-  __m256 value = _mm256_blendv_ps(subnormal, normal,
-                                  _mm256_castsi256_ps(_mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(7))));
-  const __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(code, 7), 31);
-  value = _mm256_mul_ps(_mm256_or_ps(value, _mm256_castsi256_ps(sign)), _mm256_set1_ps(factor));
+  // s eeee mmm → the binary16 s 0eeee mmm0000000, whose value is the code's / 2^8 (its
+  // subnormals too, E = 0); F16C widens it exactly, and one multiply by factor·2^8
+  // (exact: factor < 2^120) gives the code's value · factor, rounded once
+  const __m128i code = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+  const __m128i half = _mm_slli_epi16(_mm_add_epi16(code, _mm_and_si128(code, _mm_set1_epi16(0x80))), 7);
+  const __m256 value = _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(factor * 256.0f));
   return root ? _mm256_mul_ps(value, value) : value;
 #else
   float lanes[Vec::size()];
