@@ -6,8 +6,9 @@ whole step runs on the host.
 ``--ranks`` processes (gloo) shard the gpt2-39m workload with ``fully_shard(...,
 offload_policy=CPUOffloadPolicy(pin_memory=False))``; each rank times
 ``optimizer.step()`` between barriers (the slowest rank's time is the step's time)
-for torch.optim.AdamW(fused=True), our AdamW and our Amos (factored slots for the
-matrices, elementwise for the sharded vectors, no momentum), in interleaved rounds,
+for torch.optim.AdamW(fused=True), our AdamW, our AdamW8bit (FP8 states of the
+matrices, whose dim-0 shards hold whole blocks) and our Amos (factored slots for
+the matrices, elementwise for the sharded vectors, no momentum), in interleaved rounds,
 and rank 0 writes the table and bench/results/<device>-fsdp2-offload-<date>.json
 (the schema of ``python -m amos_fused.bench``, without a floor)."""
 from __future__ import annotations
@@ -39,6 +40,8 @@ def _optimizer(name, model):
         return torch.optim.AdamW(params, **ADAMW_HYPER, fused=True)
     if name == "cpu-adamw":
         return af.AdamW(params, **ADAMW_HYPER)
+    if name == "cpu-adamw8bit":  # FP8 states: every matrix's rows are whole blocks of 256
+        return af.AdamW8bit(params, **ADAMW_HYPER)
     if name == "cpu-amos":  # factored where the slot stays within a shard (Shard(0): trailing dims)
         matrices = [p for p in params if p.dim() == 2]
         vectors = [p for p in params if p.dim() != 2]
@@ -46,7 +49,8 @@ def _optimizer(name, model):
     raise ValueError(name)
 
 
-IMPLS = {TORCH_FUSED: 28, "cpu-adamw": 28, "cpu-amos": OUR_ALGORITHMS["amos"]}
+IMPLS = {TORCH_FUSED: 28, "cpu-adamw": 28, "cpu-adamw8bit": OUR_ALGORITHMS["adamw8bit"],
+         "cpu-amos": OUR_ALGORITHMS["amos"]}
 
 
 def _time(rank, world, path, args, out):
