@@ -197,6 +197,28 @@ def test_encoder_is_bit_exact(name, backend, capabilities):
     assert (p.detach()[finite] == 0).all(), "lr = 0 moved a param"
 
 
+@pytest.mark.parametrize("name", ["AdamW8bit", "Lion8bit"])
+def test_encoder_is_bit_exact_on_a_million_log_uniform_values(name, capabilities):
+    """Blocks scaled to absmax 448 (factor 1), the other values log-uniform over
+    2^-14 .. 448 with either sign, also just off every subnormal tie: every code
+    equal to torch's float8 conversion (the kernels round normals in integer bits
+    and subnormals through a + 2^14)."""
+    gen = torch.Generator().manual_seed(3)
+    blocks = 4096
+    magnitude = torch.exp2(torch.rand(blocks, BLOCK, generator=gen) * 22.8 - 14.0)
+    sign = torch.where(torch.rand(blocks, BLOCK, generator=gen) < 0.5, -1.0, 1.0)
+    grad = magnitude * sign
+    ties = (torch.arange(1, 16, 2, dtype=F32) * 2.0**-10).repeat(8)  # halfway between subnormal codes
+    grad[:64, 1:1 + ties.numel()] = ties * (1 + torch.randint(-1, 2, (64, ties.numel()), generator=gen) * 2.0**-20)
+    grad[:, 0] = 448.0
+    grad = grad.reshape(-1)
+    _, _, state = _encoded_state(name, "cpu", grad)
+    codes, absmax = fp8_states.encode(_stored_m(name, "cpu", grad), root=False)
+    assert (absmax == 448.0).all()
+    differ = (state["exp_avg"] != codes).nonzero().flatten()
+    assert differ.numel() == 0, f"{differ.numel()} codes differ, first at {grad[differ[:4]].tolist()}"
+
+
 def test_lerp_with_weight_one_is_exact(capabilities):
     """The premise of the encoder test, checked where quantization cannot hide it:
     AdamW8bit with β = (0, 0), lr = 1, ε = 0 steps θ ← 0 − 1·m/(sqrt(g²) + 0), so θ =

@@ -79,9 +79,10 @@ inline void fp8_encode_block(const float* values, int64_t len, float block_max, 
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 20), _mm256_set1_epi32(1));
     const __m256i normal = _mm256_srli_epi32(
         _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7ffff - (120 << 23))), lsb), 20);
-    // subnormal: a·2^9 rounded to the nearest integer (ties to even)
-    const __m256i subnormal = _mm256_cvtps_epi32(
-        _mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(512.0f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    // subnormal: a·2^9 rounded to the nearest integer (ties to even), as a + 2^14 (whose
+    // ulp is 2^-9: one rounding) less 2^14, in float bits
+    const __m256i subnormal = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(a, _mm256_set1_ps(16384.0f))),
+                                               _mm256_set1_epi32(0x46800000));  // the bits of 2^14
     const __m256i code = _mm256_blendv_epi8(subnormal, normal, _mm256_cmpgt_epi32(u, _mm256_set1_epi32((121 << 23) - 1)));
     const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(scaled), 24), _mm256_set1_epi32(0x80));
     return _mm256_or_si256(code, sign);
