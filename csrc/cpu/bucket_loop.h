@@ -12,6 +12,7 @@
 #include <array>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "vec_ops.h"  // before anything that includes step_math.h
@@ -354,6 +355,9 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
   // local accumulators (kept in registers: *acc could alias the streams), written back at the end
   Vec weight_sq = track ? acc->weight_sq : Vec(Op(0));
   Vec update_sq = track ? acc->update_sq : Vec(Op(0));
+  // and a second pair for every other tile (swapped in after each tile): two chains
+  // of fused multiply-adds, so the loop does not wait one FMA latency per tile
+  Vec weight_other = Vec(Op(0)), update_other = Vec(Op(0));
   double tail_weight = 0.0, tail_update = 0.0;
   int64_t i = begin;
   for (; i + IO::kTile <= end; i += IO::kTile) {
@@ -400,6 +404,8 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
         weight_sq = at::vec::fmadd(after[part], after[part], weight_sq);
         update_sq = at::vec::fmadd(delta, delta, update_sq);
       }
+      std::swap(weight_sq, weight_other);
+      std::swap(update_sq, update_other);
     }
   }
   for (; i < end; ++i) {
@@ -421,8 +427,8 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
     }
   }
   if (track) {
-    acc->weight_sq = weight_sq;
-    acc->update_sq = update_sq;
+    acc->weight_sq = weight_sq + weight_other;
+    acc->update_sq = update_sq + update_other;
     acc->tail_weight += tail_weight;
     acc->tail_update += tail_update;
   }
