@@ -603,6 +603,32 @@ def test_optimizer_backend_triton(name):
         torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float32])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (host syncs of a CUDA step)")
+@pytest.mark.parametrize("name", ["adamw", "amos", "lion"])
+def test_a_step_without_grad_scaler_does_not_sync_the_host(name):
+    """Tables reach the GPU from pinned memory without blocking: after a first step
+    (compiles, caches), a step under ``set_sync_debug_mode('error')`` raises on any
+    synchronizing call.  (GradScaler's found_inf and grad_scale are still read on the
+    host.)"""
+    case = CASES[OPTIMIZERS[name]]
+    params = [p.requires_grad_(True) for p in _bucket(SHAPES, torch.float32)]
+    opt = case.make([{"params": params}], "triton")
+    for step in range(2):
+        for p, g in zip(params, _grads(params, step)):
+            p.grad = g
+        if step == 0:
+            opt.step()
+            torch.cuda.synchronize()
+            continue
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in params)
+
+
 # ---------------------------------------------------------------------------
 # Deterministic reductions
 # ---------------------------------------------------------------------------

@@ -70,7 +70,7 @@ from .common import (column_constants, BLOCK, StreamTables, addresses_of, cached
                      int64_table, kernel_dtypes, launch_telemetry_sums, launching,
                      load_block, nan_clamp, nan_maximum, program_entry, program_map, round_block, rounding_table,
                      store_block, stream, telemetry_entry, telemetry_partials, to_storage, track_block,
-                     tracked_squares, upload_coefficients, write_telemetry, ROUND_WIDTH)
+                     to_device, tracked_squares, upload_coefficients, write_telemetry, ROUND_WIDTH)
 
 AMOS_NUM_WARPS = 8    # the Amos kernels hold more values per element (fewer registers per thread)
 AMOS_MAX_ROW = 16384  # Amos rows longer than this are split over programs (LONG_ROWS)
@@ -168,11 +168,11 @@ class AmosMeta(StreamTables):
                 partial_base += chunks * layout.num_slots
         self.info = int64_table(info, self.device)
         self.program_counts = main_programs  # the telemetry partials: one pair per main program
-        self.main_blocks = program_map(torch.tensor(main_programs)).to(self.device)
+        self.main_blocks = to_device(program_map(torch.tensor(main_programs)), self.device)
         self.num_main = len(self.main_blocks) // 2
-        self.slot_blocks = program_map(torch.tensor(slot_programs)).to(self.device)
+        self.slot_blocks = to_device(program_map(torch.tensor(slot_programs)), self.device)
         self.num_slot_blocks = len(self.slot_blocks) // 2
-        self.sum_blocks = program_map(torch.tensor(sum_programs)).to(self.device)
+        self.sum_blocks = to_device(program_map(torch.tensor(sum_programs)), self.device)
         self.num_sum_blocks = len(self.sum_blocks) // 2
         self.total_slots = slot_base
         scratch = dict(dtype=compute_dtype(params[0].dtype), device=self.device)

@@ -120,8 +120,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A host table on ``device``.  For CUDA it is staged in pinned memory and copied
+    without blocking the host (a copy from pageable memory waits for the stream);
+    torch's caching host allocator keeps the pinned block until the copy has run."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def int64_table(values, device: torch.device) -> Tensor:
-    return torch.as_tensor(values, dtype=torch.int64).to(device)
+    return to_device(torch.as_tensor(values, dtype=torch.int64), device)
 
 
 def program_map(programs: Tensor) -> Tensor:
@@ -202,10 +211,10 @@ class BucketMeta(StreamTables):
         super().__init__(streams)
         params = streams[0]
         numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
-        self.numels = numels.to(self.device)
+        self.numels = to_device(numels, self.device)
         blocks = block_map(numels, block)
         self.num_blocks = len(blocks) // 2
-        self.blocks = blocks.to(self.device)
+        self.blocks = to_device(blocks, self.device)
         self.program_counts = [-(-int(numel) // block) for numel in numels]
 
 
@@ -554,7 +563,9 @@ def kernel_dtypes(dtype: torch.dtype) -> dict:
 
 
 def upload_coefficients(coef: Tensor, params: Sequence[Tensor]) -> Tensor:
-    return coef.to(device=params[0].device, dtype=compute_dtype(params[0].dtype))
+    """The step's coefficient table (host, float64) in the compute dtype on the
+    params' device, copied without a host sync (to_device)."""
+    return to_device(coef.to(dtype=compute_dtype(params[0].dtype)), params[0].device)
 
 
 @contextlib.contextmanager
