@@ -103,10 +103,17 @@ def many_small(device, dtype, count: int = 20_000, numel: int = 4096) -> ParamsM
     return model_with_grads([(f"t{i}.weight", (numel,)) for i in range(count)], device, dtype)
 
 
+def one_matrix(device, dtype, rows: int = 38_000, cols: int = 1024) -> ParamsModel:
+    """One (rows, cols) weight (38.9M params): per-element costs without per-tensor ones."""
+    return model_with_grads([("matrix.weight", (rows, cols))], device, dtype)
+
+
 WORKLOADS: Dict[str, Callable[..., torch.nn.Module]] = {
     **{name: functools.partial(gpt2, **config) for name, config in GPT2_CONFIGS.items()},
     # 20,000 tensors of 4,096 elements (82M params).
     "many-small": many_small,
+    # One 38,000 x 1,024 matrix (38.9M params, Amos rows of 1,024).
+    "one-matrix": one_matrix,
 }
 
 DEFAULT_WORKLOAD = {"cpu": "gpt2-39m", "cuda": "gpt2-medium"}

@@ -352,11 +352,12 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
   const bool track = (kWriteMask & 1u) != 0 && acc != nullptr;
   std::optional<TensorRounding> rounding;
   if (kCanRound && round != nullptr) rounding.emplace(*round);
-  // local accumulators (kept in registers: *acc could alias the streams), written back at the end
-  Vec weight_sq = track ? acc->weight_sq : Vec(Op(0));
-  Vec update_sq = track ? acc->update_sq : Vec(Op(0));
-  // and a second pair for every other tile (swapped in after each tile): two chains
-  // of fused multiply-adds, so the loop does not wait one FMA latency per tile
+  // local accumulators (kept in registers: *acc could alias the streams), added into
+  // *acc at the end (starting from zero, not from *acc: a run of short calls, one per
+  // Amos row, does not chain each call's sums to the previous call's), and a second
+  // pair for every other tile (swapped in after each tile): two chains of fused
+  // multiply-adds, so the loop does not wait one FMA latency per tile
+  Vec weight_sq = Vec(Op(0)), update_sq = Vec(Op(0));
   Vec weight_other = Vec(Op(0)), update_other = Vec(Op(0));
   double tail_weight = 0.0, tail_update = 0.0;
   int64_t i = begin;
@@ -427,8 +428,8 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
     }
   }
   if (track) {
-    acc->weight_sq = weight_sq + weight_other;
-    acc->update_sq = update_sq + update_other;
+    acc->weight_sq = acc->weight_sq + (weight_sq + weight_other);
+    acc->update_sq = acc->update_sq + (update_sq + update_other);
     acc->tail_weight += tail_weight;
     acc->tail_update += tail_update;
   }
