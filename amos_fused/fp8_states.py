@@ -35,7 +35,7 @@ keep full-precision states.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -58,6 +58,16 @@ ABSMAX_SUFFIX = "_absmax"
 def absmax_key(key: str) -> str:
     """The state key of a coded state's per-block absmax: ``exp_avg`` → ``exp_avg_absmax``."""
     return key + ABSMAX_SUFFIX
+
+
+def unpaired(state: Dict[str, object], code_keys: Sequence[str]) -> Optional[Tuple[str, str]]:
+    """(the key present, the key missing) of the first coded state in ``state`` whose
+    codes are there without their absmax or the reverse (neither can be read alone),
+    or None."""
+    for key in code_keys:
+        if (key in state) != (absmax_key(key) in state):
+            return (key, absmax_key(key)) if key in state else (absmax_key(key), key)
+    return None
 
 
 def keeps_fp8(p: Tensor) -> bool:

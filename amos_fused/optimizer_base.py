@@ -322,11 +322,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         states = []
         for i, p in enumerate(owners):
             st = self.state.get(p) or {}
-            for key in coded[:len(coded) // 2]:  # codes without their absmax (or the reverse) cannot be read
-                if (key in st) != (fp8_states.absmax_key(key) in st) and "step" in st:
-                    there, missing = (key, fp8_states.absmax_key(key)) if key in st else (fp8_states.absmax_key(key), key)
-                    raise ValueError(f"{self._where(index, positions[i], p)}: state {there!r} is there but "
-                                     f"{missing!r} is missing; set both (or delete both to start them afresh)")
+            pair = fp8_states.unpaired(st, coded[:len(coded) // 2]) if coded and "step" in st else None
+            if pair is not None:
+                raise ValueError(f"{self._where(index, positions[i], p)}: state {pair[0]!r} is there but "
+                                 f"{pair[1]!r} is missing; set both (or delete both to start them afresh)")
             changes = self._state_changes(p, st, group, keys, master)
             if changes:
                 new_states.append((p, changes))
