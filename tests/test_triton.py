@@ -319,6 +319,25 @@ def test_amos_aligned_rows():
     run_and_check(amos_case((1,), 0.9, 0.5), shapes=[(3, 1040), (2, 16)])
 
 
+SHORT_ROW_SHAPES = [(70, 5), (3, 33), (40, 64), (2, 100), (9, 1)]
+
+
+def test_amos_short_rows_share_programs():
+    """Rows of ≤ SHORT_ROW_MAX elements are walked as tiles of rows, one tile per
+    program (the bucket's tile width set by its longest short row; last tiles
+    partial), beside rows walked one per program; every row matches the reference."""
+    params = [torch.zeros(s) for s in SHORT_ROW_SHAPES]
+    slots = [torch.zeros(af.amos_slots.slot_shape(p.shape, (1,))) for p in params]
+    meta = amos.amos_meta("check", params, slots, slots, None)
+    assert meta.kinds == {amos.SHORT_ROWS, amos.ROWS, amos.ELEMENTWISE}  # (9, 1): one element per slot
+    assert meta.row_tile == 64
+    rows_per_program = amos.BLOCK // 64
+    assert meta.program_counts == [-(-70 // rows_per_program), 1, -(-40 // rows_per_program), 2, 1]
+    for momentum, clip in [(None, None), (0.9, 0.5)]:
+        run_and_check(amos_case((1,), momentum, clip), shapes=SHORT_ROW_SHAPES)
+    run_and_check(amos_case((1,), 0.9, None), shapes=SHORT_ROW_SHAPES, dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("reduce_axes", [None, "all", (1,), (0,)], ids=str)
 def test_amos_bfloat16(reduce_axes):
     run_and_check(amos_case(reduce_axes, 0.9, 0.5), shapes=AMOS_LAYOUTS[reduce_axes],

@@ -21,8 +21,8 @@ pointers).  The inputs swept:
     hyper-parameter joins the sweep when setting it to another of its values
     (typical, 0, 1) at some point of the sweep changes what is launched, until
     none does;
-  * for Amos, buckets of every combination of its walks (elementwise, rows, rows
-    of a multiple of 8 elements), each with no phased tensor or with one of
+  * for Amos, buckets of every combination of its walks (elementwise, short rows,
+    rows, rows of a multiple of 8 elements), each with no phased tensor or with one of
     1, 2, … merged dims, up to the layout op's maximum (the kernels' ``ndim``
     argument, which the JIT specialises at 1 and at multiples of 16).
 
@@ -318,9 +318,10 @@ def hyper_sweep(names: Sequence[str], probe: Callable[[Dict[str, float]], Option
 def amos_buckets(recorder: Recorder) -> List[List[Tuple[tuple, object]]]:
     """Every combination of Amos' walks, with at most one phased tensor, of each
     number of merged dims."""
-    walks = [((5, 7), None),    # elementwise slots
-             ((5, 7), (1,)),    # rows of 7 elements
-             ((4, 64), (1,))]   # rows of a multiple of 8 elements
+    walks = [((5, 7), None),     # elementwise slots
+             ((5, 7), (1,)),     # short rows of 7 elements (a tile of rows per program)
+             ((2, 100), (1,)),   # rows of 100 elements (a program per row)
+             ((4, 128), (1,))]   # rows of a multiple of 8 elements
     phased = [None, ((recorder.amos.AMOS_MAX_ROW + 1,), "all")]  # a long row: 1 merged dim
     for ndim in range(2, recorder.max_amos_dims() + 1):  # alternately reduced dims: ndim merged
         phased.append(((2,) * ndim, tuple(range(0, ndim, 2))))

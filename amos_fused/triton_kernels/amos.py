@@ -5,9 +5,13 @@ Slot layouts.  How an Amos tensor's elements map to its v / b slots, read off
 the shapes of the param and of its slot tensor by csrc/amos_layout.h (the
 ``amos_slot_layouts`` op): elementwise, rows or general, walked four ways:
   ELEMENTWISE — one slot per element (no reduced axis, or ≤ 1 element): one pass;
-  ROWS        — the reduced axes are trailing and merge into rows of ≤ max_row
-                contiguous elements: one program owns a row, sums its g², updates
-                the slot and then the row (one pass over memory);
+  SHORT_ROWS  — the reduced axes are trailing and merge into rows of ≤ SHORT_ROW_MAX
+                contiguous elements: one program owns BLOCK // ROW_TILE consecutive
+                rows as a [rows, ROW_TILE] tile (ROW_TILE: the bucket's longest
+                short row, rounded up to a power of two), sums each row's g²,
+                updates the slots and then the rows (one pass over memory);
+  ROWS        — the same layout with rows of ≤ max_row elements: one program owns
+                a row, sums its g², updates the slot and then the row;
   LONG_ROWS   — the same layout with longer rows (e.g. 'all' over a big tensor):
                 split over many programs, so reduced in phases like GENERAL;
   GENERAL     — any other reduced axes: phases (Σg² per slot, slot update,
@@ -22,7 +26,8 @@ layout as one int64 row of ``info``:
 
 (merged dims padded in front with size 1 / stride 0), and three program maps:
   * main  — ELEMENTWISE / phased tensors in blocks of ``block`` elements, ROWS one
-            program per row: the launch that writes θ (and v, b of the first two);
+            program per row, SHORT_ROWS one per ``block // row_tile`` rows: the
+            launch that writes θ (and v, b of all but the phased);
   * sums  — phased tensors: (tensor, piece) pairs.  A LONG_ROWS row is cut into
             ``chunks`` pieces of ``block`` elements (a piece never crosses a row);
             piece i sums its elements.  A GENERAL tensor's slots are walked in
@@ -46,8 +51,9 @@ Launch order of a step:
   amos_slots_kernel  (phased tensors only) Σ of each slot's partials (in order),
                      v, b of each slot and its (w, a);
   amos_kernel        every tensor: ELEMENTWISE blocks (slot math per element),
-                     ROWS (one program per row: Σg², slot update, row update —
-                     one pass over memory), phased blocks (Δ from the slot's w, a);
+                     SHORT_ROWS (a tile of rows per program) and ROWS (one program
+                     per row): Σg², slot update, row update — one pass over memory;
+                     phased blocks (Δ from the slot's w, a);
                      with TELEMETRY each program (a block, or a ROWS row: its
                      chunks added lane by lane) writes Σθ², Σ(Δθ)² of the θ it
                      stored to its own pair of the telemetry partials; with ROUND
@@ -74,6 +80,7 @@ from .common import (column_constants, BLOCK, StreamTables, addresses_of, cached
 
 AMOS_NUM_WARPS = 8    # the Amos kernels hold more values per element (fewer registers per thread)
 AMOS_MAX_ROW = 16384  # Amos rows longer than this are split over programs (LONG_ROWS)
+SHORT_ROW_MAX = 64    # Amos rows up to this long share a program (SHORT_ROWS)
 AMOS_SUM_WORK = 32 * 1024  # GENERAL Σg²: about this many elements per program
 
 
@@ -82,15 +89,16 @@ AMOS_SUM_WORK = 32 * 1024  # GENERAL Σg²: about this many elements per program
 # ---------------------------------------------------------------------------
 
 # How this backend walks a tensor: the three slot kinds of csrc/amos_layout.h, with
-# rows split into ROWS (one program per row) and LONG_ROWS (reduced in phases).
-ELEMENTWISE, ROWS, LONG_ROWS, GENERAL = 0, 1, 2, 3
+# rows split into SHORT_ROWS (a tile of rows per program), ROWS (one program per
+# row) and LONG_ROWS (reduced in phases).  The phased kinds come last.
+ELEMENTWISE, SHORT_ROWS, ROWS, LONG_ROWS, GENERAL = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
 class SlotLayout:
     kind: int
     num_slots: int
-    row_len: int = 1                      # ROWS / LONG_ROWS: elements per slot
+    row_len: int = 1                      # (SHORT_/LONG_)ROWS: elements per slot
     sizes: Tuple[int, ...] = ()           # LONG_ROWS / GENERAL: merged dims (row-major)
     slot_strides: Tuple[int, ...] = ()    # slot stride of each merged dim (0 = reduced)
 
@@ -105,10 +113,10 @@ SLOTS_ELEMENTWISE, SLOTS_ROWS, SLOTS_GENERAL = 0, 1, 2
 
 
 def slot_layouts(op: str, params: Sequence[Tensor], vs: Sequence[Tensor], bs: Sequence[Tensor],
-                 max_row: int) -> List[SlotLayout]:
+                 max_row: int, short_row: int = 0) -> List[SlotLayout]:
     """Every tensor's layout, as csrc/amos_layout.h describes it (the ``amos_slot_layouts``
-    op, which also checks the slots: ValueError), with rows longer than ``max_row``
-    walked as LONG_ROWS."""
+    op, which also checks the slots: ValueError), with rows of at most ``short_row``
+    elements walked as SHORT_ROWS and rows longer than ``max_row`` as LONG_ROWS."""
     table = torch.ops.amos_fused.amos_slot_layouts(op, list(params), list(vs), list(bs)).tolist()
     out = []
     for kind, num_slots, row_len, ndim, *rest in table:
@@ -116,6 +124,8 @@ def slot_layouts(op: str, params: Sequence[Tensor], vs: Sequence[Tensor], bs: Se
         strides = tuple(rest[len(rest) // 2:len(rest) // 2 + ndim])
         if kind == SLOTS_ELEMENTWISE:
             out.append(SlotLayout(ELEMENTWISE, num_slots))
+        elif kind == SLOTS_ROWS and row_len <= short_row:
+            out.append(SlotLayout(SHORT_ROWS, num_slots, row_len=row_len))
         elif kind == SLOTS_ROWS and row_len <= max_row:
             out.append(SlotLayout(ROWS, num_slots, row_len=row_len))
         elif kind == SLOTS_ROWS:
@@ -146,6 +156,8 @@ class AmosMeta(StreamTables):
         self.kinds = {l.kind for l, numel in zip(layouts, numels) if numel > 0}
         # ROWS chunks may start on 16-byte boundaries (with an aligned bucket).
         self.rows_aligned = all(l.row_len % 8 == 0 for l in layouts if l.kind == ROWS)
+        # SHORT_ROWS tiles: [block // row_tile rows, row_tile elements]
+        self.row_tile = row_tile([l.row_len for l in layouts if l.kind == SHORT_ROWS], block)
 
         info: List[List[int]] = []
         main_programs, slot_programs, sum_programs = [], [], []
@@ -159,6 +171,9 @@ class AmosMeta(StreamTables):
                         + [1] * pad + list(layout.sizes) + [0] * pad + list(layout.slot_strides))
             if layout.kind == ROWS:
                 main_programs.append(numel // layout.row_len)
+            elif layout.kind == SHORT_ROWS:
+                rows_per_program = block // self.row_tile
+                main_programs.append(-(-layout.num_slots // rows_per_program))
             else:
                 main_programs.append(-(-numel // block))
             slot_programs.append(-(-layout.num_slots // block) if is_phased else 0)
@@ -192,19 +207,26 @@ class AmosMeta(StreamTables):
         return chunks, chunk_len, chunks * -(-layout.num_slots // block)
 
 
+def row_tile(short_row_lengths: Sequence[int], block: int) -> int:
+    """The width of a bucket's SHORT_ROWS tiles: its longest short row rounded up to
+    a power of two (at least 8 elements, at most ``block``)."""
+    return min(block, max(8, triton.next_power_of_2(max(short_row_lengths, default=1))))
+
+
 def amos_meta(op: str, params: Sequence[Tensor], vs: Sequence[Tensor], bs: Sequence[Tensor],
               mus: Optional[Sequence[Tensor]]) -> AmosMeta:
-    """The cached metadata of an Amos bucket (blocks of BLOCK, rows up to AMOS_MAX_ROW);
-    describing the layouts checks the slot shapes (ValueError) before anything is written."""
-    block, max_row = BLOCK, AMOS_MAX_ROW
+    """The cached metadata of an Amos bucket (blocks of BLOCK, rows up to AMOS_MAX_ROW,
+    rows up to SHORT_ROW_MAX in tiles); describing the layouts checks the slot shapes
+    (ValueError) before anything is written."""
+    block, max_row, short_row = BLOCK, AMOS_MAX_ROW, SHORT_ROW_MAX
     streams = [params, vs, bs] + ([mus] if mus is not None else [])
     param_shapes = tuple(tuple(p.shape) for p in params)
     slot_shapes = tuple(tuple(v.shape) for v in vs)
-    key = ("amos", params[0].dtype, params[0].device, block, max_row, AMOS_SUM_WORK,
+    key = ("amos", params[0].dtype, params[0].device, block, max_row, short_row, AMOS_SUM_WORK,
            addresses_of(streams), param_shapes, slot_shapes)
 
     def build() -> AmosMeta:
-        return AmosMeta(streams, slot_layouts(op, params, vs, bs, max_row), block)
+        return AmosMeta(streams, slot_layouts(op, params, vs, bs, max_row, short_row), block)
 
     return cached(key, build)
 
@@ -279,6 +301,7 @@ def amos_element(p, g, mu, w, a, momentum, momentum_complement, MOMENTUM: tl.con
 
 AMOS_WIDTH = tl.constexpr(len(contract("amos").columns))
 ELEMENTWISE_KIND = tl.constexpr(ELEMENTWISE)
+SHORT_ROWS_KIND = tl.constexpr(SHORT_ROWS)
 ROWS_KIND = tl.constexpr(ROWS)
 LONG_ROWS_KIND = tl.constexpr(LONG_ROWS)
 
@@ -570,6 +593,38 @@ def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, own, round_ro
 
 
 @triton.jit
+def _short_rows(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, index, row_len, num_rows, coef_row, own, round_row,
+                COMPUTE: tl.constexpr, FP64: tl.constexpr, MOMENTUM: tl.constexpr, CLIP: tl.constexpr,
+                ROW_TILE: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr, ROUND: tl.constexpr):
+    """Rows index·R … index·R + R − 1 (slots; R = BLOCK // ROW_TILE, those that exist)
+    as one [R, ROW_TILE] tile: each row's Σ clip(g)², its slot update, then its
+    update — _row's math, rows side by side.  With TELEMETRY the tile's Σθ², Σ(Δθ)²
+    go to own."""
+    R: tl.constexpr = BLOCK // ROW_TILE
+    (beta, beta_c, bias_correction, epsilon, c_scale, lr_sq, alpha, d_scale, extra_l2, clip,
+     momentum, momentum_c, unscale) = load_amos_coefficients(coef_row)
+    rows = index * R + tl.arange(0, R)
+    row_mask = rows < num_rows
+    cols = tl.arange(0, ROW_TILE)
+    offs = rows[:, None] * row_len + cols[None, :]
+    mask = row_mask[:, None] & (cols[None, :] < row_len)
+    squares = _row_squares(g_ptr, offs, mask, unscale, clip, COMPUTE, CLIP, True)
+    g2 = ieee_div(tl.sum(squares, 1), row_len.to(COMPUTE), FP64)  # g2 = mean of g² over each row
+    v = load_block(v_ptr + rows, row_mask, True, COMPUTE)
+    b = load_block(b_ptr + rows, row_mask, True, COMPUTE)
+    v, b, w, a = amos_slot(v, b, g2, beta, beta_c, bias_correction, epsilon, c_scale, lr_sq,
+                           alpha, d_scale, extra_l2, FP64)
+    store_block(v_ptr + rows, v, row_mask, True)
+    store_block(b_ptr + rows, b, row_mask, True)
+    first = index * R * row_len
+    before, p = _row_update(p_ptr, g_ptr, mu_ptr, first, offs, mask, w[:, None], a[:, None], unscale, clip,
+                            momentum, momentum_c, round_row, COMPUTE, MOMENTUM, CLIP, True, ROUND, BLOCK)
+    if TELEMETRY:
+        weight_sq, update_sq = tracked_squares(before, p, mask, p_ptr.dtype.element_ty, True)
+        write_telemetry(own, tl.reshape(weight_sq, (BLOCK,)), tl.reshape(update_sq, (BLOCK,)))
+
+
+@triton.jit
 def _phased_block(p_ptr, g_ptr, mu_ptr, start, offs, mask, coef_row, slots, own, round_row, COMPUTE: tl.constexpr,
                   MOMENTUM: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr,
                   TELEMETRY: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr):
@@ -604,11 +659,13 @@ def _phased_block(p_ptr, g_ptr, mu_ptr, start, offs, mask, coef_row, slots, own,
 def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, telemetry, rounding, n, ndim,
                 DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FP64: tl.constexpr,
                 MOMENTUM: tl.constexpr, CLIP: tl.constexpr, ALIGNED: tl.constexpr,
-                ROWS_ALIGNED: tl.constexpr, HAS_ELEMENTWISE: tl.constexpr, HAS_ROWS: tl.constexpr,
-                HAS_PHASED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr, ROUND: tl.constexpr):
+                ROWS_ALIGNED: tl.constexpr, HAS_ELEMENTWISE: tl.constexpr, HAS_SHORT_ROWS: tl.constexpr,
+                HAS_ROWS: tl.constexpr, HAS_PHASED: tl.constexpr, ROW_TILE: tl.constexpr, BLOCK: tl.constexpr,
+                TELEMETRY: tl.constexpr, ROUND: tl.constexpr):
     """Streams: 0 param, 1 v, 2 b, 3 mu (MOMENTUM).  blocks: (tensor, block index),
-    or (tensor, row) for ROWS tensors.  telemetry (TELEMETRY): the float64 telemetry
-    partials, a pair per program; rounding (ROUND): the rounding table (common.py)."""
+    (tensor, row) for ROWS tensors, (tensor, tile) for SHORT_ROWS tensors (ROW_TILE:
+    their tiles' width).  telemetry (TELEMETRY): the float64 telemetry partials, a
+    pair per program; rounding (ROUND): the rounding table (common.py)."""
     t, index = program_entry(blocks)
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
     v = stream(addresses, 1, n, t, DTYPE, ALIGNED)
@@ -633,6 +690,10 @@ def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, tel
             else:
                 _elementwise_block(p, g, v, b, mu, start, offs, offs < numel, coef_row, own, round_row, COMPUTE,
                                    FP64, MOMENTUM, CLIP, True, TELEMETRY, ROUND, BLOCK)
+    if HAS_SHORT_ROWS:
+        if kind == SHORT_ROWS_KIND:
+            _short_rows(p, g, v, b, mu, index, tl.load(meta + 2), tl.load(meta + 4), coef_row, own, round_row,
+                        COMPUTE, FP64, MOMENTUM, CLIP, ROW_TILE, BLOCK, TELEMETRY, ROUND)
     if HAS_ROWS:
         if kind == ROWS_KIND:
             _row(p, g, v, b, mu, index, tl.load(meta + 2), coef_row, own, round_row, COMPUTE, FP64, MOMENTUM,
@@ -678,8 +739,8 @@ def launch_amos(params, grads, states, hyper, coef: Tensor, meta: AmosMeta,
             MOMENTUM=momentum, CLIP=clip,
             ALIGNED=meta.aligned and grads_aligned,
             ROWS_ALIGNED=meta.aligned and grads_aligned and meta.rows_aligned,
-            HAS_ELEMENTWISE=ELEMENTWISE in meta.kinds,
+            HAS_ELEMENTWISE=ELEMENTWISE in meta.kinds, HAS_SHORT_ROWS=SHORT_ROWS in meta.kinds,
             HAS_ROWS=ROWS in meta.kinds, HAS_PHASED=meta.num_sum_blocks > 0,
-            BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS, TELEMETRY=telemetry is not None,
+            ROW_TILE=meta.row_tile if SHORT_ROWS in meta.kinds else 8, BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS, TELEMETRY=telemetry is not None,
             ROUND=rounding is not None)
         launch_telemetry_sums(meta, telemetry)
