@@ -10,7 +10,8 @@ import torch
 
 from . import hyperparams as hp
 from . import reference
-from .optim import _advance, adam_state
+from .deterministic_sums import local_sum_of_squares
+from .optim import _advance, adam_state, sum_of_squares
 from .optimizer_base import FusedOptimizer, torch_flags
 from .sharding import shard_groups, sharded_dims, sum_over_shards
 from .theory import DECAYS, half_life_p
@@ -20,10 +21,11 @@ from .theory import DECAYS, half_life_p
 def initial_sigma(p: torch.Tensor) -> float:
     """σ of a tensor for ‖ε0‖ = sqrt(numel)·σ (as in the kexue.fm post cited above): the
     init std (here its RMS) of weight matrices/kernels; 0.5 for vectors (zero-init
-    biases, one-init gains)."""
+    biases, one-init gains).  Thread-count independent, as Amos's inferred η
+    (``optim.sum_of_squares``)."""
     if p.dim() < 2 or p.numel() == 0:
         return 0.5
-    rms = float(p.detach().double().pow(2).mean().sqrt())
+    rms = math.sqrt(float(sum_of_squares(p)) / p.numel())
     return rms if rms > 0 and math.isfinite(rms) else 0.5
 
 
@@ -48,8 +50,8 @@ class _AdamMoments(FusedOptimizer):
         for i, (p, g, st) in enumerate(bucket.each()):
             step = _advance(st["step"])
             theta, m, v, u = self._direction(p, g, st, step, group)
-            partials[i, 0] = u.double().pow(2).sum()
-            partials[i, 1] = theta.double().pow(2).sum()
+            partials[i, 0] = local_sum_of_squares(u)  # fixed order: any thread count
+            partials[i, 1] = local_sum_of_squares(theta)
             phase1.append((step, theta, m, v, u))
         sums = sum_over_shards(list(partials), [shard_groups(owner) for owner in bucket.owners])
         for i, ((p, _, st), (step, theta, m, v, u)) in enumerate(zip(bucket.each(), phase1)):

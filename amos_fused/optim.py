@@ -11,6 +11,7 @@ from torch import Tensor
 from . import hyperparams as hp
 from . import reference
 from .amos_slots import normalize_reduce_axes, reduced_dims, slot_shape
+from .deterministic_sums import local_sum_of_squares
 from .optimizer_base import FusedOptimizer, torch_flags, zeros_in_memory_order
 from .sharding import is_dtensor, shard_groups, slot_zeros, sum_over_shards
 
@@ -192,13 +193,29 @@ class Lion(FusedOptimizer):
             reference.lion_step(p, g, st["exp_avg"], **h)
 
 
+def sum_of_squares(t: Tensor) -> Tensor:
+    """Σ|x|² over t's entries, a float64 0-d tensor on t's device, bitwise the same
+    at any torch thread count (amos_fused/deterministic_sums.py), so the scales
+    inferred from it (Amos's η, ScaledAdamW's ‖ε0‖, amos_param_groups) are too.  A
+    sharded DTensor: its local shard's sum, summed over the mesh dims that shard
+    it (one all-reduce)."""
+    total = local_sum_of_squares(t.to_local() if is_dtensor(t) else t)
+    if is_dtensor(t):
+        total = sum_over_shards([total], [shard_groups(t)])[0]
+    return total
+
+
 def initial_rms_eta(p: Tensor) -> float:
     """Amos's default η for a tensor: the RMS of its (freshly initialized) entries,
-    0.5 where that is zero (zero-init biases)."""
+    0.5 where that is zero (zero-init biases); thread-count independent
+    (``sum_of_squares``)."""
     if p.numel() == 0:
         return 0.5
-    rms = float(p.detach().double().pow(2).mean().sqrt())
+    rms = math.sqrt(float(sum_of_squares(p)) / p.numel())
     return rms if rms > 0 and math.isfinite(rms) else 0.5
+
+
+_FUSED_MAX_RUNS = 16  # kAmosMaxDims of csrc/amos_layout.h
 
 
 class Amos(FusedOptimizer):

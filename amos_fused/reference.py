@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .amos_slots import ReduceAxes, reduced_dims
+from .deterministic_sums import local_sum_of_squares, norm
 
 _REDUCED = (torch.bfloat16, torch.float16)
 
@@ -294,8 +295,9 @@ def scaled_adam_step(
     """
     theta, m, v, u = scaled_adam_direction(param, grad, exp_avg, exp_avg_sq, step, beta1=beta1, beta2=beta2,
                                            eps=eps)
-    scaled_adam_apply(param, exp_avg, exp_avg_sq, theta, m, v, u, float(u.double().norm()), step, lr=lr,
-                      init_norm=init_norm, p=p, decay=decay, q=q)
+    u_norm = math.sqrt(float(local_sum_of_squares(u)))  # in a fixed order: any thread count
+    scaled_adam_apply(param, exp_avg, exp_avg_sq, theta, m, v, u, u_norm, step, lr=lr, init_norm=init_norm, p=p,
+                      decay=decay, q=q)
 
 
 def lamb_direction(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, *,
@@ -339,4 +341,4 @@ def lamb_step(
     reaches θ only at its own element (an Inf ‖u‖ gives ratio 0, and 0·Inf = NaN)."""
     theta, m, v, u = lamb_direction(param, grad, exp_avg, exp_avg_sq, step, beta1=beta1, beta2=beta2, eps=eps,
                                     weight_decay=weight_decay, bias_correction=bias_correction)
-    lamb_apply(param, exp_avg, exp_avg_sq, theta, m, v, u, theta.norm(), u.norm(), lr=lr)
+    lamb_apply(param, exp_avg, exp_avg_sq, theta, m, v, u, norm(theta), norm(u), lr=lr)

@@ -1,0 +1,33 @@
+"""Sums of squares that are bitwise the same at any torch thread count.
+
+torch's own ``sum`` / ``norm`` / ``mean`` of a large CPU tensor split it between
+threads, so their rounding depends on ``torch.set_num_threads``.  Here the
+squares are zero-padded to rows of _SUM_CHUNK elements and each row is summed by
+one thread (rows are shorter than torch's parallel grain), then the row sums
+likewise, until one row is left."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Elements per row of the fixed-order sum: under torch's parallel grain
+# (at::internal::GRAIN_SIZE, 32768), so no thread split ever happens inside a row.
+_SUM_CHUNK = 8192
+
+
+def local_sum_of_squares(t: Tensor) -> Tensor:
+    """Σ|x|² over a plain tensor's entries (real and imaginary parts of a complex
+    t), a float64 0-d tensor on t's device, in a fixed order."""
+    x = t.detach()
+    if x.is_complex():
+        x = torch.view_as_real(x)
+    x = x.reshape(-1).double()
+    x = x * x
+    while x.numel() > _SUM_CHUNK:
+        x = torch.nn.functional.pad(x, (0, -x.numel() % _SUM_CHUNK)).view(-1, _SUM_CHUNK).sum(dim=1)
+    return x.sum()
+
+
+def norm(t: Tensor) -> Tensor:
+    """‖t‖₂ from local_sum_of_squares, as a 0-d tensor of t's dtype."""
+    return local_sum_of_squares(t).sqrt().to(t.dtype)
