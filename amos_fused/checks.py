@@ -93,6 +93,17 @@ def step_error(where: str, problem: Problem, param: Tensor, grad: Optional[Tenso
     return RuntimeError(f"{where}: unexpected problem {problem!r}")  # pragma: no cover
 
 
+def is_foreign_step(step: Tensor) -> bool:
+    """True for a one-element step counter of another real dtype or device than
+    the float32 CPU scalar the steps keep (``torch.tensor(10)``, a float64 or CUDA
+    count): torch.optim steps from it, so the step converts it."""
+    return (step.numel() == 1 and not (step.dtype == torch.float32 and step.device.type == "cpu")
+            and (step.dtype.is_floating_point or step.dtype in _INTEGER_DTYPES))
+
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def _byte_span(t: Tensor) -> Tuple[int, int]:
     """[first, last) byte address spanned by t (strides are non-negative in torch)."""
     start = t.data_ptr()
@@ -100,7 +111,7 @@ def _byte_span(t: Tensor) -> Tuple[int, int]:
     return start, start + extent * t.element_size()
 
 
-def _dense(t: Tensor) -> bool:
+def is_dense(t: Tensor) -> bool:
     """t's elements fill one block of memory without gaps or overlap, in any dim
     order (amos_fused::is_dense of csrc/checks.cpp; here for construction-time checks)."""
     if t.numel() <= 1:
@@ -130,7 +141,7 @@ def _overlap(a: Tensor, b: Tensor) -> bool:
     (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
     if a1 <= b0 or b1 <= a0:
         return False
-    if a is b or (_dense(a) and _dense(b)):
+    if a is b or (is_dense(a) and is_dense(b)):
         return True
     origin, end = min(a0, b0), max(a1, b1)
     return bool((_byte_set(a, origin, end - origin) & _byte_set(b, origin, end - origin)).any())

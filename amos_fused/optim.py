@@ -300,6 +300,22 @@ class Amos(FusedOptimizer):
                         f"reduce_axes={group['reduce_axes']!r} gives slots of shape {expected}; "
                         "reduce_axes cannot change once a param has state (clear its state first)")
 
+    def _check_walk(self, where, group, backend, params, lists):
+        """The fused kernels walk a tensor's dims merged into runs (neighbours both
+        reduced or both kept, size-1 dims dropped, in memory order): at most
+        _FUSED_MAX_RUNS of them (kAmosMaxDims, csrc/amos_layout.h), so only a param
+        of more dims can exceed it."""
+        for i, p in enumerate(params):
+            if p.dim() <= _FUSED_MAX_RUNS:
+                continue
+            try:
+                torch.ops.amos_fused.amos_slot_layouts("Amos", [p], [lists["v"][i]], [lists["b"][i]])
+            except ValueError:
+                raise ValueError(
+                    f"{where(i)}: reduce_axes={group['reduce_axes']!r} splits its dims into more than "
+                    f"{_FUSED_MAX_RUNS} alternately reduced and kept runs, more than the fused {backend!r} "
+                    "backend walks; use backend='reference'") from None
+
     def _new_state(self, p, group):
         slot = slot_shape(p.shape, group["reduce_axes"])
         state = {

@@ -19,12 +19,12 @@ from torch import Tensor
 
 from .backends import backend_for, check_backend, fused_ops
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype, memory_order
-from .checks import Problem, Walk, check_step, first_overlap, step_error
+from .checks import Problem, Walk, check_step, first_overlap, is_dense, is_foreign_step, step_error
 from . import fp8_states
 from .master_weights import MASTER_KEY, WriteMarks, float32_copy, has_master, master_problem, upcast_states
 from . import master_weights as masters
 from .contracts import call_fp8_step, call_step, master_algorithms
-from .sharding import local
+from .sharding import is_dtensor, local
 from .stochastic_round import round_key, round_to_bfloat16
 from .telemetry import RMS, Recorder, measured_sums, new_table, snapshot
 
@@ -56,12 +56,13 @@ def group_backend(group: dict) -> Optional[str]:
     return "reference" if group.get("fused") is False else group["backend"]
 
 
-def zeros_in_memory_order(like: Tensor, shape) -> Tensor:
-    """Zeros of ``shape`` (like's dims, some of size 1) laid out in like's memory
-    order, so that permuting both into that order gives row-major tensors."""
+def zeros_in_memory_order(like: Tensor, shape, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Zeros of ``shape`` (like's dims, some of size 1; of like's dtype unless
+    ``dtype``) laid out in like's memory order, so that permuting both into that
+    order gives row-major tensors."""
     order = memory_order(like)
     inverse = sorted(range(len(order)), key=order.__getitem__)
-    zeros = torch.zeros([shape[d] for d in order], dtype=like.dtype, device=like.device)
+    zeros = torch.zeros([shape[d] for d in order], dtype=dtype or like.dtype, device=like.device)
     return zeros.permute(inverse)
 
 
@@ -241,15 +242,31 @@ class FusedOptimizer(torch.optim.Optimizer):
                 f"{self._name}: param_groups[{index}] mixes devices {devices}; "
                 "put the params of each device in a param group of their own"
             )
-        everyone = [(i, pos, p) for i, g in enumerate(self.param_groups)
-                    for pos, p in enumerate(params if i == index else g["params"])]
-        clash = first_overlap([local(p) for _, _, p in everyone])
-        if clash is not None:
-            (gi, pi, p), (gj, pj, q) = everyone[clash[0]], everyone[clash[1]]
-            raise ValueError(f"{self._where(gj, pj, q)} shares memory with param_groups[{gi}]"
-                             f"['params'][{pi}]; overlapping params cannot be stepped")
+        self._check_no_overlap([(i, pos, p) for i, g in enumerate(self.param_groups)
+                                for pos, p in enumerate(params if i == index else g["params"])])
         self._check_group_params(group)
         return GroupPlan.build(params, self._keeps_fp8, group.get("master_weights", False))
+
+    def _check_no_overlap(self, everyone: List[Tuple[int, int, Tensor]]) -> None:
+        """Raises when two params ((group index, position, param) triples) share memory."""
+        clash = first_overlap([local(p) for _, _, p in everyone])
+        if clash is not None:
+            (gi, pi, _), (gj, pj, q) = everyone[clash[0]], everyone[clash[1]]
+            raise ValueError(f"{self._where(gj, pj, q)} shares memory with param_groups[{gi}]"
+                             f"['params'][{pi}]; overlapping params cannot be stepped")
+
+    def _check_swaps(self) -> None:
+        """Raises when params were made to share memory since the last check (a
+        ``p.data = …`` swap keeps the plans, which checked overlap when made).  The
+        params' addresses and layouts are compared with the last check's; the full
+        check runs only when they changed."""
+        params = [local(p) for g in self.param_groups for p in g["params"]]
+        signature = [(p.data_ptr(), p.shape, p.stride()) for p in params]
+        if signature == getattr(self, "_checked_layouts", None):
+            return
+        self._check_no_overlap([(i, pos, p) for i, g in enumerate(self.param_groups)
+                                for pos, p in enumerate(g["params"])])
+        self._checked_layouts = signature
 
     # ---- step -------------------------------------------------------------
     # torch.optim's own way to keep Dynamo out (imports torch._dynamo lazily, at the first call).
@@ -268,6 +285,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         ready = [self._prepare(index, group) for index, group in enumerate(self.param_groups)]
+        self._check_swaps()
         for item in ready:
             if item is not None:
                 self._run(item)
@@ -338,6 +356,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         for i, s in enumerate(lists["step"]):
             if not isinstance(s, Tensor):
                 raise step_error(where(i), Problem.STEP, owners[i], tensor=s)
+        for key in keys:
+            if key == MASTER_KEY:  # checked below (master_problem)
+                continue
+            for i, t in enumerate(lists[key]):
+                if not isinstance(t, Tensor):
+                    raise ValueError(f"{where(i)}: state[{key!r}] must be a tensor, got {type(t).__name__} {t!r:.60}")
         self._check_slots(where, group, plan, positions, lists)
         params, shadows = owners, []
         if master:  # the kernels step the float32 masters; the params are written from them
@@ -382,6 +406,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             grads = checked
         if coded:
             self._check_fp8(where, owners, params, lists, coded)
+        if walk == Walk.ANY:
+            self._check_written_once(where, params, lists, keys)
+        else:
+            self._check_walk(where, group, backend, params, lists)
         if group.get("maximize"):
             grads = torch._foreach_neg(grads)  # g ← −g
         bucket = Bucket(spec.device, spec.dtype, backend, owners, positions, params, grads, lists, fp8=spec.fp8,
@@ -430,6 +458,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                         and value.dtype == torch.float32 and p.dtype != torch.float32):
                     changes[key] = value.to(p.dtype)
         current = {**st, **changes} if changes else st
+        step = current.get("step")
+        if isinstance(step, Tensor) and is_foreign_step(step):  # e.g. torch.tensor(10), as torch.optim takes it
+            changes["step"] = torch.tensor(float(step), dtype=torch.float32)
+        if p.dim() > 1 and not is_dtensor(p):  # states left in an old layout (p.data in another memory format)
+            relaid = self._relaid_states(p, current)
+            if relaid:
+                changes.update(relaid)
+                current = {**st, **changes}
         if "step" not in current or any(k not in current for k in keys):
             like = p
             if master:
@@ -438,6 +474,60 @@ class FusedOptimizer(torch.optim.Optimizer):
                     like = changes[MASTER_KEY] = float32_copy(p.detach())
             changes.update({k: v for k, v in self._new_state(like, group).items() if k not in current})
         return changes
+
+    @staticmethod
+    def _check_written_once(where, params, lists, keys) -> None:
+        """The reference steps any strides, but no tensor it writes in place may have
+        elements that share memory (an expanded view): torch's in-place ops refuse
+        them half-way through a step."""
+        for i, p in enumerate(params):
+            if torch._debug_has_internal_overlap(p) == 1:
+                raise ValueError(f"{where(i)}: elements of the param share memory (an expanded view?); "
+                                 "it cannot be written in place")
+            for key in keys:
+                t = lists[key][i]
+                if t.device.type != "meta" and torch._debug_has_internal_overlap(t) == 1:
+                    raise ValueError(f"{where(i)}: elements of state[{key!r}] ({t.dtype}, shape {tuple(t.shape)}, "
+                                     f"strides {t.stride()}) share memory; it cannot be written in place")
+
+    def _check_walk(self, where, group: dict, backend: str, params, lists) -> None:
+        """Raises when a fused backend cannot walk a checked bucket (params and
+        states as the kernels see them)."""
+
+    def _relaid_states(self, p: Tensor, st: dict) -> dict:
+        """Copies, in p's layout, of p's state tensors that are laid out otherwise
+        (a param replaced by one of another memory format: torch.optim steps it,
+        its elementwise math taking any strides): the states shaped like p, with p's
+        strides (FP8 codes re-encoded in p's memory order, with their absmax), and
+        the slots with p's memory order.  Empty when nothing needs it (the common
+        case, found from strides alone)."""
+        stride, order = p.stride(), None
+        stale = []
+        for key, value in st.items():
+            if not isinstance(value, Tensor) or value.dim() != p.dim() or key.endswith(fp8_states.ABSMAX_SUFFIX):
+                continue
+            if value.shape == p.shape and value.stride() != stride:
+                stale.append(key)
+            elif key in self.slot_keys and value.shape != p.shape:
+                order = memory_order(p) if order is None else order
+                if not value.permute(order).is_contiguous():
+                    stale.append(key)
+        if not stale or not is_dense(p):
+            return {}
+        out = {}
+        for key in stale:
+            value = st[key]
+            if key in self.slot_keys:
+                out[key] = zeros_in_memory_order(p, tuple(value.shape), value.dtype).copy_(value)
+            elif value.dtype == torch.uint8 and fp8_states.absmax_key(key) in st:
+                root = key in fp8_states.ROOT_KEYS
+                values = fp8_states.decoded(value, st[fp8_states.absmax_key(key)], root)
+                codes, absmax = fp8_states.new_state(p)
+                fp8_states.store(values, codes, absmax, root)
+                out[key], out[fp8_states.absmax_key(key)] = codes, absmax
+            else:
+                out[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+        return out
 
     @staticmethod
     def _check_fp8(where, owners, params, lists, coded) -> None:

@@ -1,0 +1,224 @@
+"""Corners of torch.optim's semantics met between steps: a param swapped for one
+of another memory format, params swapped into sharing memory, a step counter of
+another dtype, state entries that are not tensors or that are expanded views, and
+Amos params whose dims the fused kernels cannot walk.  torch.optim steps what it
+can; what cannot be stepped raises before anything is written."""
+import copy
+
+import pytest
+import torch
+
+import amos_fused as af
+
+BACKENDS = ["cpu", "reference"]
+
+
+def _snapshot(opt):
+    """Every param and state value of opt, cloned (non-tensors as they are)."""
+    params = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    state = {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in st.items()}
+             for p, st in opt.state.items()}
+    return params, state
+
+
+def _assert_unchanged(opt, snapshot):
+    params, state = snapshot
+    now = [p.detach() for g in opt.param_groups for p in g["params"]]
+    for before, after in zip(params, now):
+        assert torch.equal(before, after)
+    assert set(state) == {id(p) for p in opt.state}
+    for p, st in opt.state.items():
+        assert set(st) == set(state[id(p)])
+        for key, value in st.items():
+            old = state[id(p)][key]
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == old.dtype and torch.equal(value, old), key
+            else:
+                assert value == old, key
+
+
+def _grads(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+
+
+# ---- a param swapped for one of another memory format -------------------------
+
+LAYOUT_CASES = {
+    "AdamW": (af.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "Lion": (af.Lion, dict(lr=1e-3, weight_decay=0.1)),
+    "Amos-elementwise": (af.Amos, dict(lr=0.01, eta=0.1)),
+    "Amos-rows": (af.Amos, dict(lr=0.01, eta=0.1, reduce_axes=(1, 2, 3))),
+    "Amos-dim0": (af.Amos, dict(lr=0.01, eta=0.1, reduce_axes=(0,))),
+    "ScaledAdamW": (af.ScaledAdamW, dict(lr=1e-3, half_life=10)),
+    "Lamb": (af.Lamb, dict(lr=1e-3)),
+    "AdamW8bit": (af.AdamW8bit, dict(lr=1e-2)),
+    "AdamW-master": (af.AdamW, dict(lr=1e-2, master_weights=True)),
+}
+
+
+def _conv_weight(dtype):
+    return torch.nn.Parameter(torch.randn(8, 16, 6, 6, generator=torch.Generator().manual_seed(0)).to(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", LAYOUT_CASES)
+def test_a_param_swapped_into_another_memory_format_keeps_stepping(name, backend):
+    """``model.to(memory_format=torch.channels_last)`` between steps: the states
+    follow the param's new layout (elementwise math: the same values as a run that
+    never switched; Amos rows are summed in the new memory order, FP8 codes are
+    re-encoded in it, a master is remade from the replaced param: close, not
+    bitwise)."""
+    cls, kwargs = LAYOUT_CASES[name]
+    dtype = torch.bfloat16 if kwargs.get("master_weights") else torch.float32
+    switched, kept = _conv_weight(dtype), _conv_weight(dtype)
+    opt_switched = cls([switched], backend=backend, **kwargs)
+    opt_kept = cls([kept], backend=backend, **kwargs)
+    for step in range(5):
+        if step == 2:
+            switched.data = switched.data.contiguous(memory_format=torch.channels_last)
+        for p, opt in ((switched, opt_switched), (kept, opt_kept)):
+            _grads([p], step)
+            opt.step()
+    assert switched.is_contiguous(memory_format=torch.channels_last)
+    if name in ("AdamW", "Lion", "Amos-elementwise"):
+        assert torch.equal(switched.detach(), kept.detach())
+    elif name == "AdamW8bit":  # moments requantized once: e4m3 codes are good to 2^-4 of their value
+        torch.testing.assert_close(switched.detach(), kept.detach(), rtol=0, atol=kwargs["lr"])
+    elif name == "AdamW-master":  # a replaced param gets its master remade from it (bfloat16 bits)
+        torch.testing.assert_close(switched.detach(), kept.detach(), rtol=2**-7, atol=1e-3)
+    else:
+        torch.testing.assert_close(switched.detach(), kept.detach(), rtol=1e-3, atol=1e-4)
+    for key, value in opt_switched.state[switched].items():
+        if isinstance(value, torch.Tensor) and value.shape == switched.shape:
+            assert value.stride() == switched.stride(), key
+
+
+def test_amos_slots_follow_the_new_memory_order():
+    """Slots of reduced dims are laid out in the param's memory order, after a
+    swap too (the fused walk permutes both into it)."""
+    p = _conv_weight(torch.float32)
+    opt = af.Amos([p], lr=0.01, eta=0.1, reduce_axes=(0,))
+    _grads([p], 0)
+    opt.step()
+    p.data = p.data.contiguous(memory_format=torch.channels_last)
+    _grads([p], 1)
+    opt.step()
+    order = sorted(range(4), key=lambda d: -p.stride(d))
+    assert opt.state[p]["v"].permute(order).is_contiguous()
+
+
+# ---- params swapped into sharing memory ----------------------------------------
+
+def _two_params():
+    return torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(5000))
+
+
+@pytest.mark.parametrize("layout", ["one-group", "two-groups", "8bit-buckets", "reference"])
+def test_params_swapped_into_sharing_memory_are_refused_before_any_write(layout):
+    a, b = _two_params()
+    if layout == "two-groups":
+        opt = af.AdamW([{"params": [b]}, {"params": [a]}], lr=0.1)
+    elif layout == "8bit-buckets":  # b keeps FP8 states, a full precision: two buckets
+        opt = af.AdamW8bit([b, a], lr=0.1)
+    else:
+        opt = af.AdamW([b, a], lr=0.1, backend="reference" if layout == "reference" else None)
+    _grads([a, b], 0)
+    opt.step()
+    a.data = b.data[:6]
+    _grads([a, b], 1)
+    snapshot = _snapshot(opt)
+    with pytest.raises(ValueError, match="shares memory"):
+        opt.step()
+    _assert_unchanged(opt, snapshot)
+    a.data = torch.randn(6)  # apart again: steps
+    opt.step()
+
+
+# ---- state entries --------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float64])
+def test_a_step_counter_of_another_dtype_steps_like_torch(backend, dtype):
+    """``state['step'] = torch.tensor(10)`` (torch.optim steps from it): the step
+    reads it as that count."""
+    ours, theirs = torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.randn(7))
+    theirs.data.copy_(ours.data)
+    opt = af.AdamW([ours], lr=0.1, backend=backend)
+    ref = torch.optim.AdamW([theirs], lr=0.1)
+    for opt_, p in ((opt, ours), (ref, theirs)):
+        _grads([p], 0)
+        opt_.step()
+        opt_.state[p]["step"] = torch.tensor(10, dtype=dtype)
+        _grads([p], 1)
+        opt_.step()
+    assert float(opt.state[ours]["step"]) == 11.0
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [None, 0.5, "x"])
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
+def test_a_state_entry_that_is_not_a_tensor_is_named_before_any_write(backend, value, key):
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    opt = af.AdamW([{"params": [a]}, {"params": [b]}], lr=0.1, backend=backend)
+    _grads([a, b], 0)
+    opt.step()
+    opt.state[b][key] = value
+    snapshot = _snapshot(opt)
+    with pytest.raises(ValueError, match=rf"param_groups\[1\]\['params'\]\[0\].*state\['{key}'\] must be a tensor"):
+        opt.step()
+    _assert_unchanged(opt, snapshot)
+
+
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
+def test_an_expanded_state_is_refused_by_the_reference_before_any_write(key):
+    """The reference steps any strides, but not a state whose elements share memory
+    (torch's in-place ops would refuse it half-way through the step)."""
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    opt = af.AdamW([{"params": [a]}, {"params": [b]}], lr=0.1, backend="reference")
+    _grads([a, b], 0)
+    opt.step()
+    opt.state[b][key] = torch.zeros(1).expand(5)
+    snapshot = _snapshot(opt)
+    with pytest.raises(ValueError, match=rf"param_groups\[1\]\['params'\]\[0\].*state\['{key}'\].*share memory"):
+        opt.step()
+    _assert_unchanged(opt, snapshot)
+
+
+# ---- Amos params the fused kernels cannot walk ---------------------------------
+
+def test_amos_dims_beyond_the_fused_walk_are_refused_before_any_write():
+    """17 dims, alternately reduced: 17 runs of dims, one more than the fused
+    kernels walk.  The cpu backend refuses it (naming the param and the way out)
+    before group 0 is written; the reference steps it."""
+    a = torch.nn.Parameter(torch.randn(4, 4))
+    b = torch.nn.Parameter(torch.randn([2] * 17))
+
+    def groups():
+        return [{"params": [a], "reduce_axes": (1,)}, {"params": [b], "reduce_axes": tuple(range(0, 17, 2))}]
+    opt = af.Amos(groups(), lr=0.01, eta=0.1)
+    _grads([a, b], 0)
+    snapshot = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\].*backend='reference'"):
+        opt.step()
+    _assert_unchanged(opt, snapshot)
+    reference = af.Amos(groups(), lr=0.01, eta=0.1, backend="reference")
+    before = b.detach().clone()
+    reference.step()
+    assert not torch.equal(b.detach(), before)
+
+
+def test_amos_16_runs_of_dims_are_walked_by_the_fused_kernels():
+    b = torch.nn.Parameter(torch.randn([2] * 16, dtype=torch.float64))
+    twin = torch.nn.Parameter(b.detach().clone())
+    axes = tuple(range(0, 16, 2))
+    fused = af.Amos([b], lr=0.01, eta=0.1, reduce_axes=axes)
+    reference = af.Amos([twin], lr=0.01, eta=0.1, reduce_axes=axes, backend="reference")
+    for step in range(2):
+        _grads([b], step)
+        _grads([twin], step)
+        fused.step()
+        reference.step()
+    torch.testing.assert_close(b.detach(), twin.detach(), rtol=1e-12, atol=1e-14)
