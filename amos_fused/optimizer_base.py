@@ -244,7 +244,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             )
         self._check_no_overlap([(i, pos, p) for i, g in enumerate(self.param_groups)
                                 for pos, p in enumerate(params if i == index else g["params"])])
-        self._check_group_params(group)
+        try:
+            self._check_group_params(group)
+        except ValueError as error:  # (per-param settings: one value per param, in group['params'] order)
+            raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
         return GroupPlan.build(params, self._keeps_fp8, group.get("master_weights", False))
 
     def _check_no_overlap(self, everyone: List[Tuple[int, int, Tensor]]) -> None:
@@ -258,10 +261,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_swaps(self) -> None:
         """Raises when params were made to share memory since the last check (a
         ``p.data = …`` swap keeps the plans, which checked overlap when made).  The
-        params' addresses and layouts are compared with the last check's; the full
+        params' addresses and sizes are compared with the last check's; the full
         check runs only when they changed."""
-        params = [local(p) for g in self.param_groups for p in g["params"]]
-        signature = [(p.data_ptr(), p.shape, p.stride()) for p in params]
+        signature = [(p.data_ptr(), p.numel()) for g in self.param_groups for p in map(local, g["params"])]
         if signature == getattr(self, "_checked_layouts", None):
             return
         self._check_no_overlap([(i, pos, p) for i, g in enumerate(self.param_groups)
