@@ -502,11 +502,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         its elementwise math taking any strides): the states shaped like p, with p's
         strides (FP8 codes re-encoded in p's memory order, with their absmax), and
         the slots with p's memory order.  Empty when nothing needs it (the common
-        case, found from strides alone)."""
+        case, found from strides alone).  Only dense states on p's device move: any
+        other misfit (an expanded view, another device) is left to the step's checks."""
         stride, order = p.stride(), None
         stale = []
         for key, value in st.items():
-            if not isinstance(value, Tensor) or value.dim() != p.dim() or key.endswith(fp8_states.ABSMAX_SUFFIX):
+            if (not isinstance(value, Tensor) or value.dim() != p.dim() or key.endswith(fp8_states.ABSMAX_SUFFIX)
+                    or value.device != p.device):
                 continue
             if value.shape == p.shape and value.stride() != stride:
                 stale.append(key)
@@ -514,6 +516,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 order = memory_order(p) if order is None else order
                 if not value.permute(order).is_contiguous():
                     stale.append(key)
+        stale = [key for key in stale if is_dense(st[key])]
         if not stale or not is_dense(p):
             return {}
         out = {}

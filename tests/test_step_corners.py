@@ -172,17 +172,22 @@ def test_a_state_entry_that_is_not_a_tensor_is_named_before_any_write(backend, v
     _assert_unchanged(opt, snapshot)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(5,), (4, 5)])
 @pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
-def test_an_expanded_state_is_refused_by_the_reference_before_any_write(key):
-    """The reference steps any strides, but not a state whose elements share memory
-    (torch's in-place ops would refuse it half-way through the step)."""
-    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
-    opt = af.AdamW([{"params": [a]}, {"params": [b]}], lr=0.1, backend="reference")
+def test_an_expanded_state_is_refused_before_any_write(key, shape, backend):
+    """No state whose elements share memory is stepped (torch's in-place ops would
+    refuse it half-way through the step): the reference, which takes any strides,
+    checks for it; the fused kernels take states with the param's strides only (an
+    expanded state is not re-laid out like a state of another memory format)."""
+    a, b = torch.nn.Parameter(torch.randn(shape)), torch.nn.Parameter(torch.randn(shape))
+    opt = af.AdamW([{"params": [a]}, {"params": [b]}], lr=0.1, backend=backend)
     _grads([a, b], 0)
     opt.step()
-    opt.state[b][key] = torch.zeros(1).expand(5)
+    opt.state[b][key] = torch.zeros([1] * len(shape)).expand(shape)
     snapshot = _snapshot(opt)
-    with pytest.raises(ValueError, match=rf"param_groups\[1\]\['params'\]\[0\].*state\['{key}'\].*share memory"):
+    problem = "share memory" if backend == "reference" else "strides"
+    with pytest.raises(ValueError, match=rf"param_groups\[1\]\['params'\]\[0\].*state\['{key}'\].*{problem}"):
         opt.step()
     _assert_unchanged(opt, snapshot)
 
