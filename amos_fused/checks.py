@@ -58,10 +58,11 @@ def _describe(t: Tensor) -> str:
 
 def step_error(where: str, problem: Problem, param: Tensor, grad: Optional[Tensor] = None,
                tensor: Optional[Tensor] = None, name: str = "", backend: str = "",
-               walk: Walk = Walk.DENSE) -> Exception:
+               walk: Walk = Walk.DENSE, master: Optional[Tensor] = None) -> Exception:
     """The exception for ``problem`` of ``param`` (described by ``where``);
     ``tensor``/``name``: the state tensor at fault; ``backend``/``walk``: the
-    fused backend and the layout it needs."""
+    fused backend and the layout it needs; ``master``: the float32 master the
+    step updates in the param's place (its states are like it)."""
     if problem == Problem.GRAD_SPARSE:
         return RuntimeError(f"{where}: sparse gradients are not supported (grad layout {grad.layout})")
     if problem == Problem.GRAD_DTYPE:
@@ -81,8 +82,13 @@ def step_error(where: str, problem: Problem, param: Tensor, grad: Optional[Tenso
                           + ("contiguous" if walk == Walk.CONTIGUOUS else "dense in memory (not a strided view)")
                           + "; use backend='reference'")
     if problem in (Problem.STATE, Problem.SLOT):
-        need = ("a contiguous tensor of the param's dtype and device" if problem == Problem.SLOT
-                else "a tensor with the param's dtype, device, shape and strides")
+        whose = "the param's" if master is None else "the param's float32 master's"
+        need = (f"a contiguous tensor of {whose} dtype and device" if problem == Problem.SLOT
+                else f"a tensor with {whose} dtype, device, shape and strides")
+        if problem == Problem.STATE:
+            need += f" ({_describe(param if master is None else master)})"
+        elif master is not None:
+            need += f" ({master.dtype}, on {master.device})"
         return ValueError(f"{where}: state[{name!r}] ({_describe(tensor)}) must be {need}")
     if problem == Problem.STEP:
         return ValueError(f"{where}: state['step'] must be a float32 CPU scalar tensor, got "

@@ -97,6 +97,35 @@ def _flat(t: Tensor, layout: Tensor) -> Tensor:
     return t.permute(memory_order(layout)).reshape(-1)
 
 
+def _write_flat(t: Tensor, layout: Tensor, values: Tensor) -> None:
+    """Writes the 1-D ``values`` into t's elements in ``layout``'s memory order
+    (the inverse of _flat; through a permuted view, so whatever t's strides: a
+    non-dense t included, where _flat is a copy)."""
+    view = t.permute(memory_order(layout))
+    view.copy_(values.view(view.shape))
+
+
+def block_dims(t: Tensor) -> Tuple[int, ...]:
+    """The dims of size > 1 of t in its memory order: two tensors of one shape cut
+    their elements into the same blocks exactly when these are equal (size-1 dims,
+    whatever their strides, do not change the order)."""
+    return tuple(d for d in memory_order(t) if t.size(d) > 1)
+
+
+def loaded_codes(codes: Tensor, param: Tensor) -> Tensor:
+    """A copy on param's device of loaded codes shaped like param, with the blocks
+    they were saved with: dense, in the saved codes' memory order (convert_loaded
+    then relays them into the param's layout, their absmax at hand).  DTensor
+    codes are copied into the param's layout element by element (relaying the
+    blocks of sharded states is not supported)."""
+    if is_dtensor(codes) or is_dtensor(param):
+        return torch.empty_like(param, dtype=codes.dtype).copy_(codes)
+    order = memory_order(codes)
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    dense = codes.permute(order).to(device=param.device, memory_format=torch.contiguous_format, copy=True)
+    return dense.permute(inverse)
+
+
 def encode(values: Tensor, root: bool) -> Tuple[Tensor, Tensor]:
     """(codes, absmax) of a 1-D float32 tensor: uint8 codes, one float32 absmax per
     block; ``root``: sqrt(values) is stored."""
@@ -133,11 +162,14 @@ def decode(codes: Tensor, absmax: Tensor, root: bool) -> Tensor:
 
 
 def new_state(p: Tensor) -> Tuple[Tensor, Tensor]:
-    """Zero (codes, absmax) of a param: codes with the param's layout (for a
-    DTensor: DTensors placed like it, the absmax shaped as the module docstring
-    says)."""
+    """Zero (codes, absmax) of a param: codes with the param's shape and strides,
+    as the step's check (csrc/checks.h: find_fp8_problem) asks, a non-dense
+    param's (a strided view, stepped by the reference) included (for a DTensor:
+    DTensors placed like it, the absmax shaped as the module docstring says)."""
     shard = local(p)
     codes = torch.zeros_like(shard, dtype=torch.uint8, memory_format=torch.preserve_format)
+    if not is_dtensor(p) and codes.stride() != shard.stride():  # a non-dense param: zeros_like is dense
+        codes = torch.empty_strided(shard.size(), shard.stride(), dtype=torch.uint8, device=shard.device).zero_()
     if not is_dtensor(p):
         return codes, torch.zeros(num_blocks(p.numel()), dtype=torch.float32, device=p.device)
     if sharded_dims(p):  # one row of block maxima per row of the param
@@ -156,12 +188,14 @@ def _like(shard: Tensor, p: Tensor, shape, stride) -> Tensor:
 
 
 def decoded(codes: Tensor, absmax: Tensor, root: bool) -> Tensor:
-    """A coded state as a float32 tensor with the codes' shape and layout (a DTensor
-    placed like the codes when they are one)."""
+    """A coded state as a float32 tensor with the codes' shape and layout (dense
+    codes; torch.empty_like's dense layout for non-dense ones), its blocks read
+    in the codes' own memory order (a DTensor placed like the codes when they
+    are one)."""
     if is_dtensor(codes):
         return _like(decoded(local(codes), local(absmax), root), codes, codes.shape, codes.stride())
     out = torch.empty_like(codes, dtype=torch.float32)
-    _flat(out, codes).copy_(decode(_flat(codes, codes), absmax, root))
+    _write_flat(out, codes, decode(_flat(codes, codes), absmax, root))
     return out
 
 
@@ -176,18 +210,42 @@ def store(value: Tensor, codes: Tensor, absmax: Tensor, root: bool) -> None:
         store(local(value), local(codes), local(absmax), root)
         return
     new_codes, new_absmax = encode(_flat(value, codes).float(), root)
-    _flat(codes, codes).copy_(new_codes)
+    _write_flat(codes, codes, new_codes)
     absmax.view(-1).copy_(new_absmax)
 
 
-def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[str]) -> None:
-    """Brings a loaded state to this optimizer's precision in place: the
-    full-precision states under ``fp8_keys`` are quantized (a checkpoint of
-    torch.optim.AdamW loaded into AdamW8bit), and coded states under any other
-    key are decoded to the param's dtype (an 8-bit checkpoint loaded into a
-    full-precision optimizer, or a param that no longer keeps FP8 states).  The
+def relaid(codes: Tensor, absmax: Tensor, like: Tensor, root: bool) -> Tuple[Tensor, Tensor]:
+    """A loaded coded state in the layout of ``like``'s new state (new_state(like):
+    like's strides): the codes copied as they are when both layouts cut the same
+    blocks (block_dims), else decoded in their own memory order and encoded in
+    like's, as a full-precision state is quantized on load.  Returned as they are
+    when they already fit, or when the absmax does not match the codes (the
+    step's check then names the key)."""
+    if codes.stride() == like.stride() or absmax.numel() != num_blocks(codes.numel()):
+        return codes, absmax
+    new_codes, new_absmax = new_state(like)
+    if block_dims(codes) == block_dims(new_codes):
+        return new_codes.copy_(codes), absmax
+    store(decoded(codes, absmax, root), new_codes, new_absmax, root)
+    return new_codes, new_absmax
+
+
+def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[str],
+                   like: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> None:
+    """Brings a loaded state to this optimizer's precision and layout in place:
+    the full-precision states under ``fp8_keys`` are quantized (a checkpoint of
+    torch.optim.AdamW loaded into AdamW8bit), coded states under ``fp8_keys`` saved
+    from a param of another memory layout are relaid (``relaid``: their blocks
+    follow the saved layout), and coded states under any other key are decoded
+    (an 8-bit checkpoint loaded into a full-precision optimizer, or a param that
+    no longer keeps FP8 states) into ``dtype`` (default the param's: float32 for
+    a param with a float32 master) in torch.empty_like(param)'s layout.  ``like``
+    (default the param) is the tensor the step writes, whose strides the codes
+    take: the param, or its float32 master (master_weights.stepped_like).  The
     absmax of a sharded param, gathered (a full state dict of an FSDP2 run), is
     flattened for a plain param."""
+    like = param if like is None else like
+    dtype = param.dtype if dtype is None else dtype
     for key in list(state):
         value = state.get(key)  # an absmax is popped with its codes
         if not isinstance(value, Tensor) or key.endswith("_absmax"):
@@ -195,13 +253,20 @@ def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[s
         root = key in ROOT_KEYS
         coded = value.dtype == torch.uint8 and absmax_key(key) in state
         if key in fp8_keys and not coded and value.is_floating_point():
-            codes, absmax = new_state(param)
+            codes, absmax = new_state(like)
             store(value.to(device=param.device, dtype=torch.float32), codes, absmax, root)
             state[key], state[absmax_key(key)] = codes, absmax
         elif key in fp8_keys and coded and not is_dtensor(param):
             absmax = state[absmax_key(key)]
             if absmax.dim() != 1 and absmax.numel() == num_blocks(param.numel()) and not is_dtensor(absmax):
-                state[absmax_key(key)] = absmax.reshape(-1)  # a sharded run's (rows, blocks per row), gathered
+                absmax = absmax.reshape(-1)  # a sharded run's (rows, blocks per row), gathered
+            if not is_dtensor(value) and not is_dtensor(absmax) and value.shape == param.shape:
+                value, absmax = relaid(value, absmax, like, root)
+            state[key], state[absmax_key(key)] = value, absmax
         elif key not in fp8_keys and coded:
             absmax = state.pop(absmax_key(key))
-            state[key] = decoded(value, absmax.to(value.device), root).to(param.dtype)
+            values = decoded(value, absmax.to(value.device), root)
+            if is_dtensor(values) or values.shape != param.shape:
+                state[key] = values.to(dtype)
+            else:
+                state[key] = torch.empty_like(param, dtype=dtype).copy_(values)

@@ -2,14 +2,17 @@
 the name of Apex's and Transformer Engine's fused Adam).
 
 Such a param keeps a float32 copy, ``state['master_param']``, with the param's
-shape and strides, and its other states in float32.  A step updates the master
+shape and strides (a non-dense param's, a strided view stepped by the reference:
+the dense layout torch.empty_like gives it, ``master_strides``), and its other
+states in float32.  A step updates the master
 in float32 with the param's (low-precision) grad, exactly as it would update a
 float32 param, and writes the param as the master rounded to nearest: the
 small updates that rounding a low-precision param would drop accumulate in the
 master.  A param written between steps (replaced, or written in place through
 autograd: ``WriteMarks``) gets its master remade from its new value at the next
 step; a write through ``p.data`` is not seen (clear that param's state to
-restart from the param).
+restart from the param).  Loading a checkpoint marks the params with a master as
+they are then: a step with no write in between resumes from the loaded master.
 
 Turning ``master_weights`` on for a param with low-precision state makes the
 master from the param and its states float32 at the next step; turning it off
@@ -21,7 +24,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from .sharding import local
+from .sharding import is_dtensor, local
 
 MASTER_KEY = "master_param"
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -33,8 +36,28 @@ def has_master(param: Tensor, master_weights: bool) -> bool:
 
 
 def float32_copy(t: Tensor) -> Tensor:
-    """A float32 copy of t in t's layout (a DTensor stays a DTensor)."""
+    """A float32 copy of t in t's layout (a DTensor stays a DTensor; a non-dense
+    t's copy is dense: master_strides)."""
     return torch.empty_like(t, dtype=torch.float32).copy_(t)
+
+
+def master_strides(param: Tensor) -> tuple:
+    """The strides of param's master as float32_copy makes it (torch.empty_like,
+    preserve_format): the param's own when it is dense in memory (in any dim
+    order), the dense layout torch picks for a non-dense one (a strided view,
+    which the reference steps: its master, states and grads stay dense)."""
+    if is_dtensor(param):
+        return tuple(param.stride())
+    return tuple(torch.empty_like(param, dtype=torch.float32, device="meta").stride())
+
+
+def stepped_like(param: Tensor, master: bool) -> Tensor:
+    """A tensor with the layout of the one the step writes: the param, or (``master``)
+    its float32 master: the param itself when the master has its strides, else an
+    empty float32 tensor laid out as the master (new FP8 codes take its strides)."""
+    if not master or master_strides(param) == tuple(param.stride()):
+        return param
+    return torch.empty_like(param, dtype=torch.float32)
 
 
 def upcast_states(param: Tensor, state: Dict[str, object]) -> Dict[str, Tensor]:
@@ -49,14 +72,18 @@ def upcast_states(param: Tensor, state: Dict[str, object]) -> Dict[str, Tensor]:
 
 def master_problem(param: Tensor, master: object) -> Optional[str]:
     """Why ``master`` cannot be ``param``'s master (None when it can): a float32
-    tensor on the param's device with its shape and strides."""
+    tensor on the param's device with its shape and the strides float32_copy
+    gives it (master_strides: the param's, or a non-dense param's dense ones)."""
     if not isinstance(master, Tensor):
         return f"is a {type(master).__name__}, not a tensor"
     if master.dtype != torch.float32 or master.device != param.device or master.shape != param.shape:
         return (f"is {master.dtype}, shape {tuple(master.shape)}, on {master.device}; expected float32, "
                 f"shape {tuple(param.shape)}, on {param.device}")
-    if master.stride() != param.stride():
-        return f"has strides {master.stride()}; expected the param's {param.stride()}"
+    expected = master_strides(param)
+    if tuple(master.stride()) != expected:
+        whose = "the param's" if expected == tuple(param.stride()) else \
+            f"the dense layout of the param's shape (the param's strides {param.stride()} are not dense)"
+        return f"has strides {master.stride()}; expected {whose} {expected}"
     return None
 
 
@@ -96,3 +123,10 @@ class WriteMarks:
 
     def clear(self) -> None:
         self._marks.clear()
+
+    def mark_masters(self, state: Dict[Tensor, dict]) -> None:
+        """Marks, as they are now, the params of ``state`` (an optimizer's) that have a
+        master (after a checkpoint is loaded or an optimizer unpickled): the next
+        step resumes from the master unless the param is written before it."""
+        self.mark([p for p, st in state.items() if isinstance(p, Tensor) and isinstance(st, dict)
+                   and MASTER_KEY in st])

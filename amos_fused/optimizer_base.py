@@ -118,6 +118,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._plans: Dict[int, GroupPlan] = {}
         self._telemetry = Recorder()
         self._master_marks = WriteMarks()
+        self._layouts: Dict[int, Tuple[Tensor, tuple]] = {}  # id(p) -> (p, its strides at its last step)
         super().__init__(params, {"maximize": False, "track_rms": False, "bf16_stochastic_round": False,
                                   "stochastic_round_seed": 0, "master_weights": False, **defaults})
 
@@ -395,7 +396,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     self._to_memory_order(i, params, grads, lists, keys)
         shadows_in_kernel = False
         if master:  # the grads belong to the low-precision params
-            grads = self._checked_grads(where, owners, shadows, list(grads), all_grads, positions, lists["step"], walk)
+            grads = self._checked_grads(where, owners, shadows, list(grads), all_grads, positions, lists["step"], walk,
+                                        backend=backend)
             shadows_in_kernel = writes_low_params(backend, self.algorithm, spec.fp8)
             if not shadows_in_kernel:  # the kernels step float32 grads; the params are copied after
                 grads = [g.float() for g in grads]
@@ -441,8 +443,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise _StalePlan()
             name = {Problem.STATE: like_keys, Problem.SLOT: slot_keys}.get(problem, [""] * (which + 1))[which]
             tensor = lists[name][bad] if name else steps[bad]
+            master = spec is not None and spec.master_of is not None
             raise step_error(where(bad), problem, owners[bad], grad=all_grads[positions[bad]],
-                             tensor=tensor, name=name, backend=backend, walk=walk)
+                             tensor=tensor, name=name, backend=backend, walk=walk,
+                             master=params[bad] if master else None)
 
     def _state_changes(self, p: Tensor, st: dict, group: dict, keys: Tuple[str, ...], master: bool) -> dict:
         """The entries to set (None: to remove) in p's state before this step: the
@@ -497,18 +501,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         states as the kernels see them)."""
 
     def _relaid_states(self, p: Tensor, st: dict) -> dict:
-        """Copies, in p's layout, of p's state tensors that are laid out otherwise
-        (a param replaced by one of another memory format: torch.optim steps it,
-        its elementwise math taking any strides): the states shaped like p, with p's
-        strides (FP8 codes re-encoded in p's memory order, with their absmax), and
-        the slots with p's memory order.  Empty when nothing needs it (the common
-        case, found from strides alone).  Only dense states on p's device move: any
-        other misfit (an expanded view, another device) is left to the step's checks."""
+        """When p's strides changed since its last step (a param replaced by one of
+        another memory format: torch.optim steps it, its elementwise math taking any
+        strides), copies in p's new layout of its state tensors laid out otherwise:
+        the states shaped like p, with p's strides (FP8 codes, whose blocks follow
+        their own memory order, re-encoded in p's, with their absmax), and the slots
+        with p's memory order.  Only dense states on p's device move; a master is
+        remade from the replaced param anyway.  Any other misfit, and a state laid
+        out otherwise beside a param that kept its layout, is left to the step's
+        checks.  Empty when nothing needs it (the common case)."""
+        last = self._layouts.get(id(p))
+        if last is None or last[0] is not p or last[1] == p.stride():
+            return {}
         stride, order = p.stride(), None
         stale = []
         for key, value in st.items():
             if (not isinstance(value, Tensor) or value.dim() != p.dim() or key.endswith(fp8_states.ABSMAX_SUFFIX)
-                    or value.device != p.device):
+                    or value.device != p.device or key == MASTER_KEY):
                 continue
             if value.shape == p.shape and value.stride() != stride:
                 stale.append(key)
@@ -657,6 +666,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 torch._foreach_copy_(bucket.shadows, bucket.params)
             if bucket.shadows:
                 self._master_marks.mark(bucket.owners)
+            for p in bucket.owners:
+                if p.dim() > 1:
+                    self._layouts[id(p)] = (p, p.stride())
             if track:
                 self._telemetry.record(bucket.owners, bucket.params, table, float(ready.group["lr"]))
 
@@ -689,6 +701,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._plans = {}
         self._telemetry = Recorder()  # (torch.optim pickles defaults, state and groups only)
         self._master_marks = WriteMarks()
+        self._layouts: Dict[int, Tuple[Tensor, tuple]] = {}  # id(p) -> (p, its strides at its last step)
+        self._master_marks.mark_masters(self.state)  # a param written from now on gets its master remade
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -712,9 +726,37 @@ class FusedOptimizer(torch.optim.Optimizer):
         quantized, and FP8 codes loaded into a full-precision one are decoded
         (amos_fused/fp8_states.py).  With ``master_weights``, the float32 master
         and states of a low-precision param are kept in float32 (a checkpoint
-        without a master gets one at the next step, made from the param); without,
-        they are rounded to the param's dtype and the master is dropped
-        (amos_fused/master_weights.py)."""
+        without a master gets one at the next step, made from the param), and FP8
+        codes are decoded to float32; without, they are rounded to the param's
+        dtype and the master is dropped (amos_fused/master_weights.py).  As with every
+        group setting, ``master_weights`` is the checkpoint's group's when it has
+        one (as in torch.optim); set ``param_groups[i]['master_weights']`` after
+        loading to change it.  FP8 codes saved from a param of another memory
+        layout are decoded in their own and quantized in the param's
+        (fp8_states.relaid): their blocks follow the memory order.  A param with
+        a master resumes from it at the next step unless written after the load
+        (master_weights.WriteMarks).
+
+        All or nothing: a load that raises leaves the optimizer as it was (state,
+        param_groups, caches, marks), then the error propagates."""
+        attrs = dict(self.__dict__)  # torch.optim's load replaces self.state and the groups, never edits them
+        groups = [dict(group) for group in self.param_groups]
+        states = {param: dict(state) for param, state in self.state.items()}
+        try:
+            self._load_checkpoint(state_dict)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(attrs)
+            for group, saved in zip(self.param_groups, groups):
+                group.clear()
+                group.update(saved)
+            for param, saved in states.items():
+                self.state[param].clear()
+                self.state[param].update(saved)
+            raise
+
+    def _load_checkpoint(self, state_dict: dict) -> None:
+        """load_state_dict's work, undone by it when this raises."""
         for index, group in enumerate(state_dict.get("param_groups", [])):
             if group.get("differentiable"):
                 raise ValueError(f"{self._name}: cannot load param_groups[{index}] with "
@@ -731,14 +773,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, value in list(state.items()):
                 state[key] = self._own_copy(param, key, value, master)
             masters.convert_loaded(param, state, master)
-            fp8_states.convert_loaded(param, state, self.fp8_state_keys if self._keeps_fp8(param) else ())
+            keys = self.fp8_state_keys if self._keeps_fp8(param) else ()
+            fp8_states.convert_loaded(param, state, keys, like=masters.stepped_like(param, master) if keys else param,
+                                      dtype=torch.float32 if master else param.dtype)
         self._plans = {}
-        self._master_marks.clear()
         for index, group in enumerate(self.param_groups):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             group.update(machine[index])
             self._check_new_group(index, group)
+        self._master_marks.clear()
+        self._master_marks.mark_masters(self.state)  # the next step starts from the loaded master unless written
 
     def _restore_saved_dtypes(self, state_dict: dict, with_master: Dict[Tensor, bool]) -> None:
         """torch.optim's load_state_dict casts every non-step state tensor to its
@@ -764,7 +809,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _own_copy(param: Tensor, key: str, value, master: bool = False) -> object:
         """A loaded state value as this param's own tensor: the param's device and
         layout, and its dtype except for FP8 codes and absmax and (``master``: the
-        param has a float32 master) float32 tensors."""
+        param has a float32 master) float32 tensors.  Codes keep the memory order
+        they were saved in (fp8_states.loaded_codes: their absmax belongs to it)
+        until fp8_states.convert_loaded relays them."""
         if key == "step":
             return torch.tensor(float(value), dtype=torch.float32)
         if not isinstance(value, Tensor):
@@ -772,6 +819,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         value = value.detach()
         if (value.dtype == torch.uint8 or key.endswith(fp8_states.ABSMAX_SUFFIX)
                 or (master and value.dtype == torch.float32)):  # these keep their dtype
+            if value.shape == param.shape and value.dtype == torch.uint8:
+                return fp8_states.loaded_codes(value, param)
             if value.shape == param.shape:
                 return torch.empty_like(param, dtype=value.dtype).copy_(value)
             return value.to(device=param.device, copy=True).contiguous()
