@@ -227,3 +227,19 @@ def test_amos_16_runs_of_dims_are_walked_by_the_fused_kernels():
         fused.step()
         reference.step()
     torch.testing.assert_close(b.detach(), twin.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
+def test_a_state_laid_out_otherwise_beside_an_unchanged_param_is_refused_on_cpu(key):
+    """Re-layout follows the param: a state given another memory format while its
+    param kept its own is refused by the fused step (its strides named), before any
+    write."""
+    a, b = torch.nn.Parameter(torch.randn(4, 6)), torch.nn.Parameter(torch.randn(4, 6))
+    opt = af.AdamW([{"params": [a]}, {"params": [b]}], lr=0.1)
+    _grads([a, b], 0)
+    opt.step()
+    opt.state[b][key] = opt.state[b][key].t().contiguous().t()
+    snapshot = _snapshot(opt)
+    with pytest.raises(ValueError, match=rf"param_groups\[1\]\['params'\]\[0\].*state\['{key}'\].*strides \(1, 4\)"):
+        opt.step()
+    _assert_unchanged(opt, snapshot)
