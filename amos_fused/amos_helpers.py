@@ -67,7 +67,9 @@ def amos_param_groups(
 ) -> List[Dict[str, Any]]:
     """Param groups for ``amos_fused.Amos``, one per distinct ``reduce_axes``, each
     with a tuple ``eta`` (one value per param) and the params' names in
-    ``param_names``.
+    ``param_names`` (torch.optim's key for named params, kept in state dicts: as
+    torch.optim requires, a group added later then needs its ``param_names`` too,
+    e.g. ``amos_param_groups(new_head, lr)``).
 
     ``overrides`` maps glob patterns over parameter names (``fnmatch``, e.g.
     ``"*.mlp.c_fc.weight"``) to ``{"eta": float, "reduce_axes": ...}``; every

@@ -8,24 +8,28 @@ from typing import Optional, Sequence
 import torch
 
 
-def _value(x) -> float:
-    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+def _value(name: str, x) -> float:
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:  # torch.optim's own check of a tensor lr
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(x.shape)}")
+        return float(x.item())
+    return float(x)
 
 
 def nonnegative(name: str, value) -> None:
-    v = _value(value)
+    v = _value(name, value)
     if not (v >= 0.0 and math.isfinite(v)):
         raise ValueError(f"Invalid {name}: {value} (must be a finite number >= 0)")
 
 
 def positive(name: str, value) -> None:
-    v = _value(value)
+    v = _value(name, value)
     if not (v > 0.0 and math.isfinite(v)):
         raise ValueError(f"Invalid {name}: {value} (must be a finite number > 0)")
 
 
 def finite_at_least(name: str, value, low: float) -> float:
-    v = _value(value)
+    v = _value(name, value)
     if not (v >= low and math.isfinite(v)):
         raise ValueError(f"Invalid {name}: {value} (must be a finite number >= {low})")
     return v
@@ -33,13 +37,16 @@ def finite_at_least(name: str, value, low: float) -> float:
 
 def in_unit_interval(name: str, value) -> None:
     """0 <= value < 1, like torch's betas."""
-    v = _value(value)
+    v = _value(name, value)
     if not 0.0 <= v < 1.0:
         raise ValueError(f"Invalid {name}: {value} (must be in [0, 1))")
 
 
 def betas(value: Sequence[float], count: int = 2) -> None:
-    if not isinstance(value, (tuple, list)) or len(value) != count:
+    """Any sequence of ``count`` numbers (a tuple, a list, a config library's list, a
+    NumPy array, tensors), each in [0, 1)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__getitem__") or not hasattr(value, "__len__") \
+            or len(value) != count:
         raise ValueError(f"Invalid betas: {value!r} (expected a pair of floats)")
     for index, beta in enumerate(value):
         in_unit_interval(f"beta parameter at index {index}", beta)

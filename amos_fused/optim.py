@@ -101,14 +101,19 @@ class AdamW(_AdamFamily):
 
 
 class Adam(_AdamFamily):
-    """Adam with L2 weight decay (g ← g + λθ), a drop-in for torch.optim.Adam."""
+    """Adam with L2 weight decay (g ← g + λθ), a drop-in for torch.optim.Adam;
+    ``decoupled_weight_decay=True`` (keyword-only, as in torch.optim.Adam) makes
+    it AdamW."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, bias_correction=True,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False,
                  fused=None, backend=None, track_rms=False,
-                 bf16_stochastic_round=False, stochastic_round_seed=0, master_weights=False):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, bias_correction, False,
+                 bf16_stochastic_round=False, stochastic_round_seed=0, master_weights=False,
+                 decoupled_weight_decay=False):
+        if not isinstance(decoupled_weight_decay, bool):
+            raise ValueError(f"Adam: decoupled_weight_decay must be True or False, got {decoupled_weight_decay!r}")
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, bias_correction, decoupled_weight_decay,
                          torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms,
                                     bf16_stochastic_round, stochastic_round_seed, master_weights))
 

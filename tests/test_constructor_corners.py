@@ -1,0 +1,88 @@
+"""Constructor arguments as torch.optim takes them: ``betas`` as any sequence of two
+numbers, a tensor ``lr`` of one element, torch.optim.Adam's keyword-only
+``decoupled_weight_decay``."""
+import collections.abc
+
+import numpy as np
+import pytest
+import torch
+
+import amos_fused as af
+
+
+class ConfigList(collections.abc.MutableSequence):
+    """A config library's list (OmegaConf's ListConfig is a MutableSequence)."""
+
+    def __init__(self, items):
+        self._items = list(items)
+
+    def __getitem__(self, i):
+        return self._items[i]
+
+    def __setitem__(self, i, v):
+        self._items[i] = v
+
+    def __delitem__(self, i):
+        del self._items[i]
+
+    def __len__(self):
+        return len(self._items)
+
+    def insert(self, i, v):
+        self._items.insert(i, v)
+
+
+def _run(opt_cls, steps=3, **kwargs):
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 11, dtype=torch.float64))
+    opt = opt_cls([p], **kwargs)
+    for step in range(steps):
+        p.grad = torch.sin(torch.arange(11, dtype=torch.float64) * (step + 1))
+        opt.step()
+    return p.detach()
+
+
+@pytest.mark.parametrize("betas", [np.array([0.9, 0.95]), ConfigList([0.9, 0.95]),
+                                   (torch.tensor(0.9), torch.tensor(0.95))],
+                         ids=["ndarray", "config-list", "tensors"])
+@pytest.mark.parametrize("ours,theirs", [(af.AdamW, torch.optim.AdamW), (af.RAdam, torch.optim.RAdam)],
+                         ids=["AdamW", "RAdam"])
+def test_betas_as_any_sequence_of_two_numbers(betas, ours, theirs):
+    # (torch computes with float32 tensor betas as float32 tensors, hence the looser match)
+    tol = 1e-6 if isinstance(betas, tuple) else 1e-12
+    torch.testing.assert_close(_run(ours, lr=0.1, betas=betas), _run(theirs, lr=0.1, betas=betas),
+                               rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.parametrize("betas", ["ab", (0.9,), (0.9, 0.95, 0.99), 0.9, (0.9, 1.0)])
+def test_betas_that_are_not_two_numbers_in_range_are_refused(betas):
+    with pytest.raises(ValueError, match="betas|beta parameter"):
+        af.AdamW([torch.nn.Parameter(torch.zeros(3))], betas=betas)
+
+
+@pytest.mark.parametrize("cls", [af.AdamW, af.RAdam, af.Lion])
+def test_a_tensor_lr_of_several_elements_is_a_value_error(cls):
+    with pytest.raises(ValueError, match="must be 1-element"):
+        cls([torch.nn.Parameter(torch.zeros(3))], lr=torch.tensor([0.1, 0.2]))
+
+
+def test_a_one_element_tensor_lr_steps_like_torch():
+    # (torch's coefficients from a float32 tensor lr are float32 tensors: a float32-level match)
+    torch.testing.assert_close(_run(af.AdamW, lr=torch.tensor(0.1)), _run(torch.optim.AdamW, lr=torch.tensor(0.1)),
+                               rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_adam_takes_decoupled_weight_decay_like_torch(decoupled, backend):
+    ours = _run(af.Adam, lr=0.1, weight_decay=0.3, decoupled_weight_decay=decoupled, backend=backend)
+    theirs = _run(torch.optim.Adam, lr=0.1, weight_decay=0.3, decoupled_weight_decay=decoupled)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(ours, _run(af.Adam, lr=0.1, weight_decay=0.3, decoupled_weight_decay=not decoupled))
+
+
+def test_adam_decoupled_weight_decay_is_kept_in_checkpoints():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = af.Adam([p], decoupled_weight_decay=True)
+    assert opt.state_dict()["param_groups"][0]["decoupled_weight_decay"] is True
+    with pytest.raises(ValueError, match="decoupled_weight_decay"):
+        af.Adam([p], decoupled_weight_decay="yes")
