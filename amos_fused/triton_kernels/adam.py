@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..contracts import contract
-from .common import (column_constants, BLOCK, NUM_WARPS, elementwise_meta, ieee_div, ieee_sqrt, kernel_dtypes,
+from .common import (skip_flag, column_constants, BLOCK, NUM_WARPS, elementwise_meta, ieee_div, ieee_sqrt, kernel_dtypes,
                      launch_telemetry_sums, launching, load_block, nan_maximum, program_entry, round_block,
                      rounding_table, store_block, stream, telemetry_entry, telemetry_partials, torch_lerp,
                      torch_sign, track_block, upload_coefficients, ROUND_WIDTH)
@@ -112,8 +112,12 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, offs, mask, coef_ro
 def adam_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, rounding, n, DTYPE: tl.constexpr,
                 COMPUTE: tl.constexpr, FP64: tl.constexpr, AMSGRAD: tl.constexpr,
                 L2: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr,
-                ROUND: tl.constexpr):
+                ROUND: tl.constexpr, skip,
+                SKIPPABLE: tl.constexpr):
     """Streams: 0 param, 1 exp_avg, 2 exp_avg_sq, 3 max_exp_avg_sq (AMSGRAD)."""
+    if SKIPPABLE:  # a capturable step: GradScaler's found_inf read here, the step skipped on the device
+        if tl.load(skip) != 0:
+            return
     t, index = program_entry(blocks)
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
     m = stream(addresses, 1, n, t, DTYPE, ALIGNED)
@@ -142,7 +146,8 @@ def _l2(hyper) -> bool:
 
 
 def launch_adam(params, grads, states, hyper, coef: Tensor, _prepared=None,
-                telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None) -> None:
+                telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None,
+                skip: Optional[Tensor] = None) -> None:
     amsgrad = bool(hyper["amsgrad"])
     l2 = _l2(hyper)
     streams = [params, states["exp_avg"], states["exp_avg_sq"]] + ([states["max_exp_avg_sq"]] if amsgrad else [])
@@ -155,7 +160,7 @@ def launch_adam(params, grads, states, hyper, coef: Tensor, _prepared=None,
                 telemetry_partials(meta, telemetry), rounding_table(meta, rounding), meta.n,
                 **kernel_dtypes(params[0].dtype), AMSGRAD=amsgrad, L2=l2,
                 ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
-                TELEMETRY=telemetry is not None, ROUND=rounding is not None)
+                TELEMETRY=telemetry is not None, ROUND=rounding is not None, skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
         launch_telemetry_sums(meta, telemetry)
 
 
@@ -234,8 +239,12 @@ def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, start, offs, mask, coef_row, own, r
 @triton.jit
 def radam_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, rounding, n, DTYPE: tl.constexpr,
                  COMPUTE: tl.constexpr, FP64: tl.constexpr, L2: tl.constexpr,
-                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr, ROUND: tl.constexpr):
+                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr, ROUND: tl.constexpr, skip,
+                 SKIPPABLE: tl.constexpr):
     """Streams: 0 param, 1 exp_avg, 2 exp_avg_sq."""
+    if SKIPPABLE:  # a capturable step: GradScaler's found_inf read here, the step skipped on the device
+        if tl.load(skip) != 0:
+            return
     t, index = program_entry(blocks)
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
     m = stream(addresses, 1, n, t, DTYPE, ALIGNED)
@@ -256,7 +265,8 @@ def radam_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, rou
 
 
 def launch_radam(params, grads, states, hyper, coef: Tensor, _prepared=None,
-                 telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None) -> None:
+                 telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None,
+                 skip: Optional[Tensor] = None) -> None:
     l2 = _l2(hyper)
     meta = elementwise_meta("radam", [params, states["exp_avg"], states["exp_avg_sq"]], BLOCK)
     grad_table, grads_aligned = meta.grad_addresses.get(grads)
@@ -266,7 +276,7 @@ def launch_radam(params, grads, states, hyper, coef: Tensor, _prepared=None,
                 meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params),
                 telemetry_partials(meta, telemetry), rounding_table(meta, rounding), meta.n,
                 **kernel_dtypes(params[0].dtype), L2=l2, ALIGNED=meta.aligned and grads_aligned,
-                BLOCK=BLOCK, num_warps=NUM_WARPS, TELEMETRY=telemetry is not None, ROUND=rounding is not None)
+                BLOCK=BLOCK, num_warps=NUM_WARPS, TELEMETRY=telemetry is not None, ROUND=rounding is not None, skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
         launch_telemetry_sums(meta, telemetry)
 
 
@@ -323,8 +333,12 @@ def _lion_block(p_ptr, g_ptr, m_ptr, start, offs, mask, coef_row, own, round_row
 @triton.jit
 def lion_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, rounding, n, DTYPE: tl.constexpr,
                 COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, TELEMETRY: tl.constexpr,
-                ROUND: tl.constexpr):
+                ROUND: tl.constexpr, skip,
+                SKIPPABLE: tl.constexpr):
     """Streams: 0 param, 1 exp_avg."""
+    if SKIPPABLE:  # a capturable step: GradScaler's found_inf read here, the step skipped on the device
+        if tl.load(skip) != 0:
+            return
     t, index = program_entry(blocks)
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
     m = stream(addresses, 1, n, t, DTYPE, ALIGNED)
@@ -344,7 +358,8 @@ def lion_kernel(addresses, grad_addresses, numels, blocks, coef, telemetry, roun
 
 
 def launch_lion(params, grads, states, hyper, coef: Tensor, _prepared=None,
-                telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None) -> None:
+                telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None,
+                skip: Optional[Tensor] = None) -> None:
     meta = elementwise_meta("lion", [params, states["exp_avg"]], BLOCK)
     grad_table, grads_aligned = meta.grad_addresses.get(grads)
     types = kernel_dtypes(params[0].dtype)
@@ -355,5 +370,5 @@ def launch_lion(params, grads, states, hyper, coef: Tensor, _prepared=None,
                 meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params),
                 telemetry_partials(meta, telemetry), rounding_table(meta, rounding), meta.n,
                 **types, ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
-                TELEMETRY=telemetry is not None, ROUND=rounding is not None)
+                TELEMETRY=telemetry is not None, ROUND=rounding is not None, skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
         launch_telemetry_sums(meta, telemetry)

@@ -72,7 +72,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..contracts import contract
-from .common import (column_constants, BLOCK, StreamTables, addresses_of, cached, compute_dtype, ieee_div, ieee_sqrt,
+from .common import (skip_flag, column_constants, BLOCK, StreamTables, addresses_of, cached, compute_dtype, ieee_div, ieee_sqrt,
                      int64_table, kernel_dtypes, launch_telemetry_sums, launching,
                      load_block, nan_clamp, nan_maximum, program_entry, program_map, round_block, rounding_table,
                      store_block, stream, telemetry_entry, telemetry_partials, to_storage, track_block,
@@ -369,9 +369,13 @@ def element_offset(x, layout, ndim, KEPT: tl.constexpr):
 
 @triton.jit
 def amos_sums_kernel(grad_addresses, info, blocks, coef, partials, n, ndim, DTYPE: tl.constexpr,
-                     COMPUTE: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
+                     COMPUTE: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr, skip,
+                     SKIPPABLE: tl.constexpr):
     """Phase 1: partial sums of clip(g)² (blocks: tensor, piece), each written to
     the piece's own entries of partials (see the module docstring)."""
+    if SKIPPABLE:  # a capturable step: GradScaler's found_inf read here, the step skipped on the device
+        if tl.load(skip) != 0:
+            return
     t, piece = program_entry(blocks)
     g_ptr = stream(grad_addresses, 0, n, t, DTYPE, False)
     meta = tensor_info(info, t, ndim)
@@ -413,9 +417,13 @@ def amos_sums_kernel(grad_addresses, info, blocks, coef, partials, n, ndim, DTYP
 @triton.jit
 def amos_slots_kernel(addresses, info, blocks, coef, partials, slot_updates, n, ndim,
                       DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FP64: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr, skip,
+                      SKIPPABLE: tl.constexpr):
     """Phase 2: Σ of each slot's partials in order, g2 = Σ/count; updates v, b;
     stores the slot's (w, a) interleaved in slot_updates."""
+    if SKIPPABLE:  # a capturable step: GradScaler's found_inf read here, the step skipped on the device
+        if tl.load(skip) != 0:
+            return
     t, index = program_entry(blocks)
     v_ptr = stream(addresses, 1, n, t, DTYPE, False)
     b_ptr = stream(addresses, 2, n, t, DTYPE, False)
@@ -661,11 +669,15 @@ def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, tel
                 MOMENTUM: tl.constexpr, CLIP: tl.constexpr, ALIGNED: tl.constexpr,
                 ROWS_ALIGNED: tl.constexpr, HAS_ELEMENTWISE: tl.constexpr, HAS_SHORT_ROWS: tl.constexpr,
                 HAS_ROWS: tl.constexpr, HAS_PHASED: tl.constexpr, ROW_TILE: tl.constexpr, BLOCK: tl.constexpr,
-                TELEMETRY: tl.constexpr, ROUND: tl.constexpr):
+                TELEMETRY: tl.constexpr, ROUND: tl.constexpr, skip,
+                SKIPPABLE: tl.constexpr):
     """Streams: 0 param, 1 v, 2 b, 3 mu (MOMENTUM).  blocks: (tensor, block index),
     (tensor, row) for ROWS tensors, (tensor, tile) for SHORT_ROWS tensors (ROW_TILE:
     their tiles' width).  telemetry (TELEMETRY): the float64 telemetry partials, a
     pair per program; rounding (ROUND): the rounding table (common.py)."""
+    if SKIPPABLE:  # a capturable step: GradScaler's found_inf read here, the step skipped on the device
+        if tl.load(skip) != 0:
+            return
     t, index = program_entry(blocks)
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
     v = stream(addresses, 1, n, t, DTYPE, ALIGNED)
@@ -714,7 +726,8 @@ def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, tel
 # ---------------------------------------------------------------------------
 
 def launch_amos(params, grads, states, hyper, coef: Tensor, meta: AmosMeta,
-                telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None) -> None:
+                telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None,
+                skip: Optional[Tensor] = None) -> None:
     momentum, clip = bool(hyper["use_momentum"]), bool(hyper["clip"])
     if meta.num_main == 0:
         with launching(meta):
@@ -728,11 +741,11 @@ def launch_amos(params, grads, states, hyper, coef: Tensor, meta: AmosMeta,
             amos_sums_kernel[(meta.num_sum_blocks,)](
                 grad_table, meta.info, meta.sum_blocks, coef, meta.partials, meta.n, meta.ndim,
                 DTYPE=types["DTYPE"], COMPUTE=types["COMPUTE"], CLIP=clip,
-                BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS)
+                BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS, skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
             amos_slots_kernel[(meta.num_slot_blocks,)](
                 meta.addresses, meta.info, meta.slot_blocks, coef, meta.partials,
                 meta.slot_updates, meta.n, meta.ndim, **types, BLOCK=BLOCK,
-                num_warps=AMOS_NUM_WARPS)
+                num_warps=AMOS_NUM_WARPS, skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
         amos_kernel[(meta.num_main,)](
             meta.addresses, grad_table, meta.info, meta.main_blocks, coef, meta.slot_updates,
             telemetry_partials(meta, telemetry), rounding_table(meta, rounding), meta.n, meta.ndim, **types,
@@ -742,5 +755,5 @@ def launch_amos(params, grads, states, hyper, coef: Tensor, meta: AmosMeta,
             HAS_ELEMENTWISE=ELEMENTWISE in meta.kinds, HAS_SHORT_ROWS=SHORT_ROWS in meta.kinds,
             HAS_ROWS=ROWS in meta.kinds, HAS_PHASED=meta.num_sum_blocks > 0,
             ROW_TILE=meta.row_tile if SHORT_ROWS in meta.kinds else 8, BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS, TELEMETRY=telemetry is not None,
-            ROUND=rounding is not None)
+            ROUND=rounding is not None, skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
         launch_telemetry_sums(meta, telemetry)

@@ -563,9 +563,18 @@ def kernel_dtypes(dtype: torch.dtype) -> dict:
 
 
 def upload_coefficients(coef: Tensor, params: Sequence[Tensor]) -> Tensor:
-    """The step's coefficient table (host, float64) in the compute dtype on the
+    """The step's coefficient table (float64, on the host or already on the params'
+    device: a capturable step's, device_coefficients.py) in the compute dtype on the
     params' device, copied without a host sync (to_device)."""
-    return to_device(coef.to(dtype=compute_dtype(params[0].dtype)), params[0].device)
+    coef = coef.to(dtype=compute_dtype(params[0].dtype))
+    return coef if coef.device == params[0].device else to_device(coef, params[0].device)
+
+
+def skip_flag(found_inf: Optional[Tensor], meta) -> Tensor:
+    """The ``skip`` argument of a kernel that writes: GradScaler's found_inf on the
+    device (a capturable step: SKIPPABLE kernels return when it is non-zero), or a
+    stand-in never read (the bucket's address table)."""
+    return meta.addresses if found_inf is None else found_inf
 
 
 @contextlib.contextmanager

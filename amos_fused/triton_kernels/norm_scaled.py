@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..contracts import contract
-from .common import (column_constants, BLOCK, NUM_WARPS, BucketMeta, compute_dtype, elementwise_meta,
+from .common import (skip_flag, column_constants, BLOCK, NUM_WARPS, BucketMeta, compute_dtype, elementwise_meta,
                      first_programs, ieee_div, ieee_sqrt, int64_table, kernel_dtypes, launch_telemetry_sums,
                      launching, load_block, program_entry, round_block, rounding_table, store_block, stream,
                      telemetry_entry, telemetry_partials, tensor_sums_kernel, torch_lerp, track_block,
@@ -155,9 +155,13 @@ def _phase1_block(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, coef_row, COMPUTE: tl.
 def norm_scaled_phase1_kernel(addresses, grad_addresses, numels, blocks, coef, partials, n,
                               DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FP64: tl.constexpr,
                               LAMB: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-                              MOMENTS_IN_PHASE2: tl.constexpr):
+                              MOMENTS_IN_PHASE2: tl.constexpr, skip,
+                              SKIPPABLE: tl.constexpr):
     """Streams: 0 param, 1 exp_avg, 2 exp_avg_sq.  partials: [num_blocks, (Σu², Σθ²)],
     this program's pair written by it alone."""
+    if SKIPPABLE:  # a capturable step: GradScaler's found_inf read here, the step skipped on the device
+        if tl.load(skip) != 0:
+            return
     t, index = program_entry(blocks)
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
     m = stream(addresses, 1, n, t, DTYPE, ALIGNED)
@@ -206,9 +210,13 @@ def _phase2_block(p_ptr, g_ptr, m_ptr, v_ptr, start, offs, mask, coef_row, k, rh
 def norm_scaled_phase2_kernel(addresses, grad_addresses, numels, blocks, coef, sums, telemetry, rounding, n,
                               DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FP64: tl.constexpr,
                               LAMB: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-                              MOMENTS_IN_PHASE2: tl.constexpr, TELEMETRY: tl.constexpr, ROUND: tl.constexpr):
+                              MOMENTS_IN_PHASE2: tl.constexpr, TELEMETRY: tl.constexpr, ROUND: tl.constexpr, skip,
+                              SKIPPABLE: tl.constexpr):
     """telemetry (TELEMETRY): the float64 telemetry partials, a pair per program;
     rounding (ROUND): the rounding table (common.py)."""
+    if SKIPPABLE:  # a capturable step: GradScaler's found_inf read here, the step skipped on the device
+        if tl.load(skip) != 0:
+            return
     t, index = program_entry(blocks)
     g = stream(grad_addresses, 0, n, t, DTYPE, ALIGNED)
     p = stream(addresses, 0, n, t, DTYPE, ALIGNED)
@@ -249,17 +257,20 @@ class NormScaledMeta(BucketMeta):
 
 
 def launch_scaled_adam(params, grads, states, hyper, coef: Tensor, _prepared=None,
-                       telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None) -> None:
-    _launch_norm_scaled(params, grads, states, coef, lamb=False, telemetry=telemetry, rounding=rounding)
+                       telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None,
+                       skip: Optional[Tensor] = None) -> None:
+    _launch_norm_scaled(params, grads, states, coef, lamb=False, telemetry=telemetry, rounding=rounding, skip=skip)
 
 
 def launch_lamb(params, grads, states, hyper, coef: Tensor, _prepared=None,
-                telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None) -> None:
-    _launch_norm_scaled(params, grads, states, coef, lamb=True, telemetry=telemetry, rounding=rounding)
+                telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None,
+                skip: Optional[Tensor] = None) -> None:
+    _launch_norm_scaled(params, grads, states, coef, lamb=True, telemetry=telemetry, rounding=rounding, skip=skip)
 
 
 def _launch_norm_scaled(params, grads, states, coef: Tensor, lamb: bool,
-                        telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None) -> None:
+                        telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None,
+                        skip: Optional[Tensor] = None) -> None:
     """Scale-aware Adam (lamb=False) or LAMB: phase 1 then phase 2 (and, with
     ``telemetry``, the sums of phase 2's telemetry partials into it; with
     ``rounding``, phase 2 stores θ with stochastic rounding)."""
@@ -280,7 +291,7 @@ def _launch_norm_scaled(params, grads, states, coef: Tensor, lamb: bool,
         norm_scaled_phase1_kernel[grid](
             meta.addresses, grad_table, meta.numels, meta.blocks, coef, meta.partials, meta.n,
             **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
-            MOMENTS_IN_PHASE2=moments_in_phase2)
+            MOMENTS_IN_PHASE2=moments_in_phase2, skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
         tensor_sums_kernel[(meta.n,)](
             meta.partials, meta.first_blocks, meta.sums, COMPUTE=types["COMPUTE"], BOTH=lamb,
             BLOCK=BLOCK, num_warps=NUM_WARPS)
@@ -289,5 +300,5 @@ def _launch_norm_scaled(params, grads, states, coef: Tensor, lamb: bool,
             telemetry_partials(meta, telemetry), rounding_table(meta, rounding), meta.n,
             **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
             MOMENTS_IN_PHASE2=moments_in_phase2, TELEMETRY=telemetry is not None,
-            ROUND=rounding is not None)
+            ROUND=rounding is not None, skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
         launch_telemetry_sums(meta, telemetry)

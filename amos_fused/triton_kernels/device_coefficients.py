@@ -1,0 +1,120 @@
+"""Every tensor's per-step coefficients computed on the device, for capturable
+steps (``capturable=True``): from the step counters on the params' device, a
+learning rate that may be a device tensor, and GradScaler's ``grad_scale``, with
+torch ops only, so a step reads nothing on the host and can be captured in a CUDA
+graph and replayed.
+
+The formulas are csrc/step_coefficients.h's (the host computes the same table in
+double for every other step), column for column, in float64: the table is the
+one the Triton kernels read (its columns named by the algorithm's contract).
+``tests/test_triton_capturable.py`` holds both to each other."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Mapping, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..contracts import contract
+
+Number = Union[float, Tensor]
+
+
+def _lerp_small(beta1: float) -> float:
+    """torch.lerp's choice of form for the weight 1 − β1 (step_coefficients.h)."""
+    return 1.0 if abs(1.0 - beta1) < 0.5 else 0.0
+
+
+def _adam(h, t, lr, per_tensor) -> Dict[str, Number]:
+    # bc1 = 1 − β1^t, bc2 = 1 − β2^t (both 1 without bias correction)
+    bc1 = 1.0 - torch.pow(h["beta1"], t) if h["bias_correction"] else torch.ones_like(t)
+    bc2 = 1.0 - torch.pow(h["beta2"], t) if h["bias_correction"] else torch.ones_like(t)
+    decoupled = bool(h["decoupled"])
+    return dict(beta1_complement=1.0 - h["beta1"], beta2=h["beta2"], beta2_complement=1.0 - h["beta2"],
+                param_decay=1.0 - lr * h["weight_decay"] if decoupled else 1.0,
+                l2=0.0 if decoupled else h["weight_decay"], eps=h["eps"], bc2_sqrt=bc2.sqrt(),
+                neg_step_size=-(lr / bc1), lerp_small=_lerp_small(h["beta1"]))
+
+
+def _radam(h, t, lr, per_tensor) -> Dict[str, Number]:
+    # ρ∞ = 2/(1−β2) − 1, ρt = ρ∞ − 2tβ2^t/(1−β2^t),
+    # r = sqrt((ρt−4)(ρt−2)ρ∞ / ((ρ∞−4)(ρ∞−2)ρt)) when ρt > threshold
+    beta2_t = torch.pow(h["beta2"], t)
+    bc2 = 1.0 - beta2_t
+    rho_inf = 2.0 / (1.0 - h["beta2"]) - 1.0
+    rho_t = rho_inf - 2.0 * t * beta2_t / bc2
+    rectified = rho_t > h["rectify_threshold"]
+    rect = ((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)).sqrt()
+    decoupled = bool(h["decoupled"])
+    return dict(beta1_complement=1.0 - h["beta1"], beta2=h["beta2"], beta2_complement=1.0 - h["beta2"],
+                param_decay=1.0 - lr * h["weight_decay"] if decoupled else 1.0,
+                l2=0.0 if decoupled else h["weight_decay"], eps=h["eps"], bc1=1.0 - torch.pow(h["beta1"], t),
+                lr=lr, bc2_sqrt=bc2.sqrt(), rect=torch.where(rectified, rect, 1.0),
+                rectified=rectified.double(), lerp_small=_lerp_small(h["beta1"]))
+
+
+def _lion(h, t, lr, per_tensor) -> Dict[str, Number]:
+    return dict(beta1=h["beta1"], beta1_complement=1.0 - h["beta1"], beta2=h["beta2"],
+                beta2_complement=1.0 - h["beta2"], param_decay=1.0 - lr * h["weight_decay"], neg_lr=-lr)
+
+
+def _amos(h, t, lr, per_tensor) -> Dict[str, Number]:
+    # α = ξ·η per tensor; the schedule-free coefficients of Amos (step_coefficients.h)
+    alpha = lr * per_tensor
+    momentum = h["momentum"] if h["use_momentum"] else 0.0
+    lr = torch.as_tensor(lr, dtype=torch.float64, device=t.device)
+    return dict(beta=h["beta"], beta_complement=1.0 - h["beta"], bias_correction=1.0 - torch.pow(h["beta"], t),
+                epsilon=h["epsilon"], c_scale=h["c_coef"] * lr.sqrt(), lr_sq=lr * lr, alpha=alpha,
+                d_scale=h["d_coef"] * alpha.sqrt(), extra_l2=h["extra_l2"],
+                clip=h["clip_value"] if h["clip"] else 0.0, momentum=momentum, momentum_complement=1.0 - momentum)
+
+
+def _moments(beta1, beta2, eps, weight_decay, bias_correction, t) -> Dict[str, Number]:
+    bc1 = 1.0 - torch.pow(beta1, t) if bias_correction else torch.ones_like(t)
+    bc2 = 1.0 - torch.pow(beta2, t) if bias_correction else torch.ones_like(t)
+    return dict(beta1_complement=1.0 - beta1, beta2=beta2, beta2_complement=1.0 - beta2, eps=eps, bc1=bc1,
+                bc2_sqrt=bc2.sqrt(), weight_decay=weight_decay, lerp_small=_lerp_small(beta1))
+
+
+def _scaled_adam(h, t, lr, per_tensor) -> Dict[str, Number]:
+    # s(t) = 1/(2·α0·p·t + 1) (inverse_time) or 1/(α0·p·t + 1)²; scale = α0·s, ρ = α0²/(2q)·s
+    rate = lr * h["p"] * t
+    s = 1.0 / (2.0 * rate + 1.0) if h["inverse_time"] else 1.0 / ((rate + 1.0) * (rate + 1.0))
+    return dict(_moments(h["beta1"], h["beta2"], h["eps"], 0.0, True, t), scale=lr * s,
+                rho=lr * lr / (2.0 * h["q"]) * s, init_norm=per_tensor)
+
+
+def _lamb(h, t, lr, per_tensor) -> Dict[str, Number]:
+    return dict(_moments(h["beta1"], h["beta2"], h["eps"], h["weight_decay"], bool(h["bias_correction"]), t),
+                scale=lr, rho=0.0, init_norm=0.0)
+
+
+_COEFFICIENTS: Dict[str, Callable[..., Dict[str, Number]]] = {
+    "adam": _adam, "radam": _radam, "lion": _lion, "amos": _amos, "scaled_adam": _scaled_adam, "lamb": _lamb,
+}
+
+
+def algorithms() -> Sequence[str]:
+    return tuple(_COEFFICIENTS)
+
+
+def coefficient_table(algorithm: str, steps: Sequence[Tensor], hyper: Mapping[str, Number],
+                      per_tensor: Sequence[float], grad_scale: Union[Tensor, None]) -> Tensor:
+    """The [len(steps), columns] float64 table of a step on the steps' device:
+    ``steps`` the float32 counters BEFORE this step's increment (the table is at
+    t = count + 1, in float32 as torch.optim adds it), ``hyper`` by the contract's
+    names (``lr`` a float or a one-element tensor), ``grad_scale`` GradScaler's
+    scale (the grad_unscale column is its reciprocal) or None."""
+    device = steps[0].device
+    t = (torch.stack([s.reshape(()) for s in steps]) + 1.0).double()  # float32 count + 1, then double
+    lr = hyper["lr"]
+    if isinstance(lr, Tensor):
+        lr = lr.to(device=device, dtype=torch.float64).reshape(())
+    h = {name: (value if name == "lr" else float(value)) for name, value in hyper.items()}
+    eta = torch.tensor([float(x) for x in per_tensor] or [0.0] * len(steps), dtype=torch.float64, device=device)
+    values = _COEFFICIENTS[algorithm](h, t, lr, eta)
+    values["grad_unscale"] = (torch.ones((), dtype=torch.float64, device=device) if grad_scale is None
+                              else 1.0 / grad_scale.to(torch.float64).reshape(()))
+    columns = contract(algorithm).columns
+    return torch.stack([torch.as_tensor(values[name], dtype=torch.float64, device=device).expand(len(steps))
+                        for name in columns], dim=1).contiguous()

@@ -1,0 +1,201 @@
+"""Capturable Triton steps (``capturable=True``): step counters on the params'
+device, coefficients computed there (triton_kernels/device_coefficients.py),
+GradScaler's found_inf read by the kernels.  Held to the host-coefficient steps
+(``ops.step``) on the interpreter (CPU tensors) and, with a GPU, captured in a
+CUDA graph and replayed."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import amos_fused as af  # noqa: E402
+from amos_fused.contracts import contract, step_arguments  # noqa: E402
+from amos_fused.triton_kernels import device_coefficients, ops  # noqa: E402
+from amos_fused.triton_kernels.common import kernels_interpreted  # noqa: E402
+
+DEVICE = torch.device("cpu" if kernels_interpreted() else "cuda")
+SHAPES = [(37,), (5, 7), (1500,), (3, 1, 9)]
+
+# algorithm -> hyper-parameters by the contract's names, state keys, per-tensor values
+CASES = {
+    "adamw": ("adam", dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=1, amsgrad=0,
+                           bias_correction=1), ("exp_avg", "exp_avg_sq"), None),
+    "adam-l2-amsgrad": ("adam", dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=0,
+                                     amsgrad=1, bias_correction=1), ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), None),
+    "radam": ("radam", dict(lr=0.01, beta1=0.9, beta2=0.9, eps=1e-8, weight_decay=0.1, decoupled=1,
+                            rectify_threshold=5.0), ("exp_avg", "exp_avg_sq"), None),
+    "lion": ("lion", dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1), ("exp_avg",), None),
+    "amos": ("amos", dict(lr=0.05, beta=0.98, momentum=0.9, clip_value=0.5, extra_l2=0.01, d_coef=0.25,
+                          c_coef=0.25, epsilon=2.0**-125, use_momentum=1, clip=1), ("v", "b", "mu"), 0.3),
+    "scaled_adam": ("scaled_adam", dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, p=5.0, inverse_time=0, q=1.0),
+                    ("exp_avg", "exp_avg_sq"), 2.0),
+    "lamb": ("lamb", dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.01, bias_correction=1),
+             ("exp_avg", "exp_avg_sq"), None),
+}
+
+
+def _bucket(name, dtype):
+    algorithm, hyper, keys, per = CASES[name]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype=dtype, device=DEVICE) for s in SHAPES]
+    state = {}
+    for key in keys:
+        if key in ("v", "b"):  # Amos slots of reduce_axes (last dim,): one per row
+            state[key] = [torch.zeros(p.shape[:-1] + (1,) if p.dim() else (), dtype=dtype, device=DEVICE)
+                          for p in params]
+        else:
+            state[key] = [torch.zeros_like(p) for p in params]
+    per_tensor = [per * (i + 1) for i in range(len(params))] if per is not None else []
+    return algorithm, hyper, params, state, per_tensor
+
+
+def _grads(params, step):
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype=p.dtype, device=p.device)
+            for p in params]
+
+
+def _clone(params, state):
+    return [p.clone() for p in params], {k: [t.clone() for t in v] for k, v in state.items()}
+
+
+def _step_host(algorithm, hyper, params, grads, state, steps, per_tensor, scaling):
+    states, values = step_arguments(algorithm, hyper, state)
+    ops.step(algorithm, params, grads, states, steps, values, per_tensor, scaling.get("grad_scale"),
+             scaling.get("found_inf"))
+
+
+def _step_device(algorithm, hyper, params, grads, state, steps, per_tensor, scaling, lr_tensor):
+    states, _ = step_arguments(algorithm, hyper, state)
+    h = dict(hyper)
+    if lr_tensor:
+        h["lr"] = torch.tensor(hyper["lr"], dtype=torch.float64, device=DEVICE)
+    ops.step_capturable(algorithm, params, grads, states, steps, h, per_tensor, **scaling)
+
+
+@pytest.mark.parametrize("lr_tensor", [False, True], ids=["lr-float", "lr-tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_capturable_step_matches_the_host_coefficient_step(name, dtype, lr_tensor):
+    """Four steps, the third with found_inf set (nothing written, counters kept), a
+    GradScaler scale of 2^10: the same params and states as ``ops.step`` (its
+    coefficients computed on the host in double; the device's may differ in the
+    last bit of a double, so float64 params match to 1e-12), counters on the
+    device advanced like the host's."""
+    algorithm, hyper, params, state, per_tensor = _bucket(name, dtype)
+    (pa, sa), (pb, sb) = _clone(params, state), _clone(params, state)
+    host_steps = [torch.tensor(0.0) for _ in params]
+    device_steps = [torch.zeros((), dtype=torch.float32, device=DEVICE) for _ in params]
+    scale = torch.tensor(1024.0, device=DEVICE)
+    for step in range(4):
+        found = torch.tensor(1.0 if step == 2 else 0.0, device=DEVICE)
+        grads = [g * 1024.0 for g in _grads(params, step)]
+        if step == 2:
+            grads[0].view(-1)[0] = float("inf")
+        scaling = dict(grad_scale=scale, found_inf=found)
+        _step_host(algorithm, hyper, pa, [g.clone() for g in grads], sa, host_steps, per_tensor, scaling)
+        _step_device(algorithm, hyper, pb, grads, sb, device_steps, per_tensor, scaling, lr_tensor)
+    assert [float(s) for s in device_steps] == [float(s) for s in host_steps] == [3.0] * len(params)
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=0, atol=0)
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(b, a, **tol)
+    for key in sa:
+        for a, b in zip(sa[key], sb[key]):
+            torch.testing.assert_close(b, a, **tol)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_device_coefficients_are_the_host_table(name):
+    """The device table equals the C++ prologue's (begin_step) column by column, up
+    to the last bit of a double, at several step counts and with a GradScaler scale."""
+    algorithm, hyper, params, state, per_tensor = _bucket(name, torch.float64)
+    states, values = step_arguments(algorithm, hyper, state)
+    for count in (0.0, 1.0, 9.0, 999.0):
+        steps = [torch.tensor(count) for _ in params]
+        grads = _grads(params, 0)
+        run, host = torch.ops.amos_fused.begin_step(algorithm, params, grads, states, steps, values, per_tensor,
+                                                    torch.tensor(4.0), None, None, None)
+        assert run
+        device = device_coefficients.coefficient_table(algorithm, steps, hyper, per_tensor, torch.tensor(4.0))
+        assert device.shape == host.shape == (len(params), len(contract(algorithm).columns))
+        torch.testing.assert_close(device.cpu(), host, rtol=4e-16, atol=0)
+
+
+def test_bad_capturable_inputs_raise_before_any_write():
+    algorithm, hyper, params, state, per_tensor = _bucket("adamw", torch.float32)
+    states, _ = step_arguments(algorithm, hyper, state)
+    before = [p.clone() for p in params]
+    grads = _grads(params, 0)
+    host_steps = [torch.tensor(0.0, dtype=torch.float64) for _ in params]
+    with pytest.raises(ValueError, match=r"steps\[0\] must be a one-element float32 tensor"):
+        ops.step_capturable(algorithm, params, grads, states, host_steps, hyper, per_tensor)
+    steps = [torch.zeros((), device=DEVICE) for _ in params]
+    with pytest.raises(ValueError, match="lr must be a one-element"):
+        ops.step_capturable(algorithm, params, grads, states, steps, dict(hyper, lr=torch.ones(2, device=DEVICE)),
+                            per_tensor)
+    with pytest.raises(ValueError, match="expected the hyper-parameters"):
+        ops.step_capturable(algorithm, params, grads, states, steps, {"lr": 0.1}, per_tensor)
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+    assert all(float(s) == 0.0 for s in steps)
+
+
+@pytest.mark.skipif(kernels_interpreted(), reason="needs a CUDA device (CUDA graph capture)")
+@pytest.mark.parametrize("cls,kwargs", [(af.AdamW, {}), (af.Lion, {}), (af.RAdam, {}),
+                                        (af.Amos, dict(reduce_axes=(1,))), (af.Lamb, {})],
+                         ids=["AdamW", "Lion", "RAdam", "Amos", "Lamb"])
+def test_a_captured_step_replays_like_eager_steps(cls, kwargs):
+    """torch's capturable semantics: a step captured in a CUDA graph and replayed 10
+    times with a changing lr (a device tensor) equals 10 eager capturable steps."""
+    def model():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(64, 33, device="cuda")), torch.nn.Parameter(torch.randn(70, device="cuda"))]
+    grads = [[torch.randn(p.shape, device="cuda") for p in model()] for _ in range(10)]
+    lrs = [1e-3 * (1 + i) for i in range(10)]
+
+    eager = model()
+    lr = torch.tensor(lrs[0], device="cuda")
+    opt = cls(eager, lr=lr, capturable=True, backend="triton", **kwargs)
+    for i in range(10):
+        lr.fill_(lrs[i])
+        for p, g in zip(eager, grads[i]):
+            p.grad = g.clone()
+        opt.step()
+
+    captured = model()
+    lr = torch.tensor(lrs[0], device="cuda")
+    opt = cls(captured, lr=lr, capturable=True, backend="triton", **kwargs)
+    static = [torch.zeros_like(p) for p in captured]
+    for p, s in zip(captured, static):
+        p.grad = s
+    warmup = [p.detach().clone() for p in captured]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in captured} if opt.state else {}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (tables, compiles) on zero grads, undone below
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.no_grad():
+        for p, w in zip(captured, warmup):
+            p.copy_(w)
+    for p in captured:
+        for k, v in opt.state[p].items():
+            v.copy_(state[id(p)][k] if state else torch.zeros_like(v))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for i in range(10):
+        lr.fill_(lrs[i])
+        for s, g in zip(static, grads[i]):
+            s.copy_(g)
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, eager):
+        torch.testing.assert_close(a, b)
