@@ -101,3 +101,18 @@ def backend_for(requested: Optional[str], algorithm: str, device: torch.device, 
         ):
             return name
     return "reference"
+
+
+def capturable_backend(requested: Optional[str], device: torch.device, optimizer: str) -> str:
+    """The backend of a capturable step (capturable=True) on ``device``: 'triton', the
+    only one whose steps read nothing on the host (requested, or chosen for None on
+    a CUDA device; CPU tensors, under Triton's interpreter, need it requested)."""
+    if requested == "triton" or (requested is None and device.type == "cuda"):
+        reason = _why_unavailable("triton")
+        if reason is None and device.type in _device_types("triton"):
+            return "triton"
+        raise ValueError(f"{optimizer}: capturable=True steps on the 'triton' backend, which cannot step "
+                         f"parameters on {device}" + (f": {reason}" if reason else ""))
+    raise ValueError(f"{optimizer}: capturable=True (CUDA-graph capture) needs backend='triton' (the only backend "
+                     f"whose steps read nothing on the host), not {requested or 'the default'!r} for parameters "
+                     f"on {device}")

@@ -110,3 +110,20 @@ def call_fp8_step(ops, algorithm: str, params: Sequence[Tensor], grads: Sequence
     ops.step_fp8(algorithm, list(params), list(grads), codes, absmax, list(steps), hyper_values(algorithm, hyper),
                  grad_scale, found_inf, telemetry, None if round_keys is None else list(round_keys),
                  None if low_params is None else list(low_params))
+
+
+def call_capturable_step(ops, algorithm: str, params: Sequence[Tensor], grads: Sequence[Tensor],
+                         state: Mapping[str, Sequence[Tensor]], steps: Sequence[Tensor], hyper: Mapping[str, object],
+                         per_tensor: Sequence[float] = (), grad_scale: Optional[Tensor] = None,
+                         found_inf: Optional[Tensor] = None) -> None:
+    """One ``ops.step_capturable`` call (the Triton ops): as ``call_step``, with step
+    counters on the device and ``hyper['lr']`` possibly a device tensor (not read
+    on the host); flags as 0 / 1."""
+    c = contract(algorithm)
+    values = {name: hyper[name] if isinstance(hyper[name], Tensor) else float(hyper[name]) for name in c.hyper}
+    states: List[Tensor] = []
+    for key, flag in zip(c.states, c.enabled_by):
+        if not flag or values[flag]:
+            states.extend(state[key])
+    ops.step_capturable(algorithm, list(params), list(grads), states, list(steps), values, list(per_tensor),
+                        grad_scale, found_inf)

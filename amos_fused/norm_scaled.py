@@ -125,6 +125,13 @@ class ScaledAdamW(_AdamMoments):
                     p=self._schedule_p(group), inverse_time=group["decay"] == "inverse_time",
                     q=float(group["q"]))
 
+    def _capturable_hyper(self, group):
+        hyper = super()._capturable_hyper(group)
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and group["half_life"] is not None:  # α0·p is set by the half-life
+            hyper["p"] = half_life_p(1.0, group["half_life"], group["decay"]) / lr
+        return hyper
+
     def _direction(self, p, g, st, step, group):
         beta1, beta2 = (float(b) for b in group["betas"])
         return reference.scaled_adam_direction(p, g, st["exp_avg"], st["exp_avg_sq"], step, beta1=beta1,

@@ -17,13 +17,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .backends import backend_for, check_backend, fused_ops
+from .backends import backend_for, capturable_backend, check_backend, fused_ops
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype, memory_order
 from .checks import Problem, Walk, check_step, first_overlap, is_dense, is_foreign_step, step_error
 from . import fp8_states
 from .master_weights import MASTER_KEY, WriteMarks, float32_copy, has_master, master_problem, upcast_states
 from . import master_weights as masters
-from .contracts import call_fp8_step, call_step, master_algorithms
+from .contracts import call_capturable_step, call_fp8_step, call_step, master_algorithms
 from .sharding import is_dtensor, local
 from .stochastic_round import round_key, round_to_bfloat16
 from .telemetry import RMS, Recorder, measured_sums, new_table, snapshot
@@ -35,8 +35,9 @@ def torch_flags(maximize=False, foreach=None, capturable=False, differentiable=F
     """The keyword-only flags every optimizer takes, as group defaults: torch.optim's
     own (``maximize``: g ← −g; ``foreach``: accepted, no effect — every step is one
     fused pass per bucket or the reference's per-tensor loop; ``fused``: None or
-    True for the fused kernels, False for the reference; ``capturable`` and
-    ``differentiable``: False only), ``backend``, the constructor's choice of
+    True for the fused kernels, False for the reference; ``capturable``: steps
+    that read nothing on the host, on the Triton backend; ``differentiable``: False
+    only), ``backend``, the constructor's choice of
     kernels (never saved in checkpoints), ``track_rms``: each step also
     measures every param's weight and update RMS, read with ``optimizer.rms()``
     (amos_fused/telemetry.py), and ``bf16_stochastic_round``: bfloat16 params are
@@ -159,6 +160,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         which fills ``telemetry`` and rounds bfloat16 params stochastically with
         ``round_keys`` when given."""
         low_params = bucket.shadows if bucket.shadows_in_kernel else None
+        if group.get("capturable"):
+            per_tensor = bucket.per_param[self.per_param_keys[0]] if self.per_param_keys else []
+            call_capturable_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
+                                 self._capturable_hyper(group), per_tensor, **self._grad_scaling())
+            return
         if bucket.fp8:
             call_fp8_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
                           self._hyper(group), self.fp8_state_keys, telemetry=telemetry, round_keys=round_keys,
@@ -168,6 +174,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         call_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
                   self._hyper(group), per_tensor, telemetry=telemetry, round_keys=round_keys,
                   low_params=low_params, **self._grad_scaling())
+
+    def _capturable_hyper(self, group: dict) -> dict:
+        """_hyper for a capturable step: a tensor ``lr`` stays a tensor (read on the
+        device), the rest as _hyper gives it."""
+        lr = group["lr"]
+        if not isinstance(lr, Tensor):
+            return self._hyper(group)
+        hyper = self._hyper({**group, "lr": 1.0})  # (nothing but 'lr' may depend on lr: see ScaledAdamW)
+        hyper["lr"] = lr
+        return hyper
 
     def _reference_step(self, bucket: Bucket, group: dict) -> None:
         raise NotImplementedError
@@ -209,8 +225,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{self._name}: differentiable=True is not supported (the steps do not "
                              "record autograd history); use torch.optim for differentiable optimizers")
         if group.get("capturable"):
-            raise ValueError(f"{self._name}: capturable=True (CUDA-graph capture) is not supported yet; "
-                             "the steps read their step counters on the host")
+            self._check_capturable(group)
         if group.get("fused") and group["backend"] == "reference":
             raise ValueError(f"{self._name}: fused=True contradicts backend='reference'")
         for flag in ("maximize", "track_rms", "bf16_stochastic_round", "master_weights"):
@@ -222,6 +237,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         seed = group.get("stochastic_round_seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
             raise ValueError(f"{self._name}: stochastic_round_seed must be an int in [0, 2**31), got {seed!r}")
+
+    def _check_capturable(self, group: dict) -> None:
+        """capturable=True (torch's flag: a step that reads nothing on the host, so it
+        can be captured in a CUDA graph) runs on the Triton backend, whose capturable
+        steps keep their counters and coefficients on the device
+        (triton_kernels/device_coefficients.py); the rest is refused, never ignored."""
+        refuse = None
+        if self.fp8_state_keys:
+            refuse = "8-bit states"
+        elif group.get("track_rms"):
+            refuse = "track_rms=True (rms() reads the sums on the host)"
+        elif group.get("bf16_stochastic_round"):
+            refuse = "bf16_stochastic_round=True (its hash takes the step count on the host)"
+        if refuse is not None:
+            raise ValueError(f"{self._name}: capturable=True is not supported with {refuse}")
+        for device in {p.device for p in group["params"]}:
+            capturable_backend(group_backend(group), device, self._name)
 
     def _where(self, index: int, position: int, param: Tensor) -> str:
         return (
@@ -302,7 +334,12 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _prepare(self, index: int, group: dict, rebuild: bool = False) -> Optional[_Ready]:
         self._check_flags(group)
-        self._check_group(group)
+        lr, checked = group.get("lr"), group
+        if group.get("capturable") and isinstance(lr, Tensor) and lr.device.type != "cpu":
+            if lr.numel() != 1:  # its value stays on the device (checked when the group was added)
+                raise ValueError(f"{self._name}: Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+            checked = {**group, "lr": 0.0}
+        self._check_group(checked)
         plan = self._plan(index, group, rebuild)
         grads = [p.grad for p in plan.params]
         buckets: List[Bucket] = []
@@ -384,7 +421,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             for i, pos in enumerate(positions):
                 if pos in spec.complex_positions:
                     params[i], grads[i] = self._real_views(where(i), params[i], grads[i], lists, like_keys, i)
-        backend = backend_for(group_backend(group), self.algorithm, spec.device, self._name)
+        capturable = bool(group.get("capturable"))
+        if capturable:
+            if spec.dtensor_positions:
+                raise ValueError(f"{self._name}: param_groups[{index}]: capturable=True is not supported for "
+                                 "sharded (DTensor) params")
+            backend = capturable_backend(group_backend(group), spec.device, self._name)
+        else:
+            backend = backend_for(group_backend(group), self.algorithm, spec.device, self._name)
         walk = Walk.ANY if backend == "reference" else (
             Walk.CONTIGUOUS if self.fused_needs_contiguous else Walk.DENSE)
         if walk == Walk.CONTIGUOUS:
@@ -395,15 +439,23 @@ class FusedOptimizer(torch.optim.Optimizer):
                         shadows[i] = shadows[i].permute(memory_order(p))
                     self._to_memory_order(i, params, grads, lists, keys)
         shadows_in_kernel = False
+        host_steps = lists["step"]
+        if capturable:  # float32 counters on the params' device (the C++ check takes host ones)
+            host_steps = []
+            for i, s in enumerate(lists["step"]):
+                if not (s.numel() == 1 and s.dtype == torch.float32 and s.device == params[i].device):
+                    raise ValueError(f"{where(i)}: state['step'] must be a one-element float32 tensor on "
+                                     f"{params[i].device} with capturable=True, got {s.dtype} {tuple(s.shape)} "
+                                     f"on {s.device}")
         if master:  # the grads belong to the low-precision params
-            grads = self._checked_grads(where, owners, shadows, list(grads), all_grads, positions, lists["step"], walk,
+            grads = self._checked_grads(where, owners, shadows, list(grads), all_grads, positions, host_steps, walk,
                                         backend=backend)
             shadows_in_kernel = writes_low_params(backend, self.algorithm, spec.fp8)
             if not shadows_in_kernel:  # the kernels step float32 grads; the params are copied after
                 grads = [g.float() for g in grads]
         # (the masters stand in for the grads the kernel reads in the low params' dtype)
         checked = self._checked_grads(where, owners, params, params if shadows_in_kernel else grads, all_grads,
-                                      positions, lists["step"], walk, spec, backend,
+                                      positions, host_steps, walk, spec, backend,
                                       [lists[k] for k in like_keys], [lists[k] for k in slot_keys],
                                       like_keys, slot_keys, lists)
         if not shadows_in_kernel:
@@ -465,8 +517,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                     changes[key] = value.to(p.dtype)
         current = {**st, **changes} if changes else st
         step = current.get("step")
-        if isinstance(step, Tensor) and is_foreign_step(step):  # e.g. torch.tensor(10), as torch.optim takes it
+        capturable = bool(group.get("capturable"))
+        if isinstance(step, Tensor) and not capturable and is_foreign_step(step):  # torch.tensor(10), as torch takes it
             changes["step"] = torch.tensor(float(step), dtype=torch.float32)
+        if isinstance(step, Tensor) and capturable and step.numel() == 1 and (
+                step.device != local(p).device or step.dtype != torch.float32):  # torch's capturable: on the device
+            changes["step"] = step.detach().to(device=local(p).device, dtype=torch.float32).reshape(())
         if p.dim() > 1 and not is_dtensor(p):  # states left in an old layout (p.data in another memory format)
             relaid = self._relaid_states(p, current)
             if relaid:
@@ -479,6 +535,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if like is None:
                     like = changes[MASTER_KEY] = float32_copy(p.detach())
             changes.update({k: v for k, v in self._new_state(like, group).items() if k not in current})
+            if capturable and "step" not in current:
+                changes["step"] = torch.zeros((), dtype=torch.float32, device=local(p).device)
         return changes
 
     @staticmethod

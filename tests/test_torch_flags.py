@@ -1,7 +1,8 @@
 """torch.optim's keyword-only flags, accepted like torch.optim accepts them:
 nanoGPT-style call sites work unchanged; ``fused=False`` runs the reference;
 ``maximize`` steps uphill on every backend; what we cannot honour
-(``differentiable=True``, ``capturable=True``) is refused with a clear error;
+(``differentiable=True``; ``capturable=True`` off the Triton backend, see
+test_triton_capturable.py) is refused with a clear error;
 ``backend`` is never saved in checkpoints."""
 from __future__ import annotations
 

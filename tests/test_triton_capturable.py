@@ -199,3 +199,131 @@ def test_a_captured_step_replays_like_eager_steps(cls, kwargs):
     torch.cuda.synchronize()
     for a, b in zip(captured, eager):
         torch.testing.assert_close(a, b)
+
+
+# ---- the optimizers with capturable=True -------------------------------------------
+
+CLASS_CASES = {
+    "AdamW": (af.AdamW, dict(weight_decay=0.1)),
+    "Adam-amsgrad": (af.Adam, dict(weight_decay=0.1, amsgrad=True)),
+    "RAdam": (af.RAdam, dict(betas=(0.9, 0.9))),
+    "Lion": (af.Lion, dict(weight_decay=0.1)),
+    "Amos": (af.Amos, dict(eta=0.3, reduce_axes="all", momentum=0.9)),
+    "ScaledAdamW": (af.ScaledAdamW, dict(half_life=3)),
+    "Lamb": (af.Lamb, dict(weight_decay=0.01)),
+    "AdamW-master": (af.AdamW, dict(master_weights=True)),
+}
+
+
+def _model(dtype):
+    gen = torch.Generator().manual_seed(1)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype=dtype, device=DEVICE))
+            for s in [(5, 7), (1500, 3), (33,)]]
+
+
+@pytest.mark.parametrize("lr_tensor", [False, True], ids=["lr-float", "lr-tensor"])
+@pytest.mark.parametrize("name", list(CLASS_CASES))
+def test_capturable_optimizer_steps_like_the_host_step(name, lr_tensor):
+    """capturable=True on the triton backend: counters on the params' device, the
+    same params and states as capturable=False over five steps with a changing lr
+    and GradScaler's found_inf set at the third (nothing changes there)."""
+    cls, kwargs = CLASS_CASES[name]
+    dtype = torch.bfloat16 if kwargs.get("master_weights") else torch.float32
+    ours, twin = _model(dtype), _model(dtype)
+    lrs = [1e-2, 2e-2, 3e-2, 1.5e-2, 5e-3]
+    lr = torch.tensor(lrs[0], dtype=torch.float64, device=DEVICE) if lr_tensor else lrs[0]
+    opt = cls(ours, lr=lr, capturable=True, backend="triton", **kwargs)
+    ref = cls(twin, lr=lrs[0], backend="triton", **kwargs)
+    for step in range(5):
+        if lr_tensor:
+            opt.param_groups[0]["lr"].fill_(lrs[step])
+        else:
+            opt.param_groups[0]["lr"] = lrs[step]
+        ref.param_groups[0]["lr"] = lrs[step]
+        for o, (a, b) in ((opt, (ours, None)), (ref, (twin, None))):
+            grads = _grads(a, step)
+            if step == 2:
+                grads[1].view(-1)[3] = float("nan")
+            for p, g in zip(a, grads):
+                p.grad = g
+            o.grad_scale = torch.tensor(1.0, device=DEVICE)  # as torch.amp.GradScaler.step sets them
+            o.found_inf = torch.tensor(1.0 if step == 2 else 0.0, device=DEVICE)
+            o.step()
+            del o.grad_scale, o.found_inf
+    for p, q in zip(ours, twin):
+        assert opt.state[p]["step"].device == p.device and float(opt.state[p]["step"]) == 4.0
+        assert torch.equal(p.detach(), q.detach())
+        for key, value in ref.state[q].items():
+            if key != "step":
+                assert torch.equal(opt.state[p][key], value), key
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(), "capturable=True .*backend='triton'"),
+    (dict(backend="cpu"), "capturable=True .*backend='triton'"),
+    (dict(backend="reference"), "capturable=True .*backend='triton'"),
+    (dict(backend="triton", track_rms=True), "track_rms"),
+    (dict(backend="triton", bf16_stochastic_round=True), "bf16_stochastic_round"),
+])
+def test_capturable_refusals_name_the_reason(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        af.AdamW(_model(torch.float32), capturable=True, **kwargs)
+
+
+def test_capturable_8bit_states_are_refused():
+    with pytest.raises(ValueError, match="8-bit states"):
+        af.AdamW8bit(_model(torch.float32), capturable=True, backend="triton")
+
+
+def test_a_capturable_step_that_raises_changes_nothing():
+    params = _model(torch.float32)
+    opt = af.AdamW(params, lr=0.1, capturable=True, backend="triton")
+    for p, g in zip(params, _grads(params, 0)):
+        p.grad = g
+    opt.step()
+    opt.state[params[2]]["step"] = torch.zeros(2, device=DEVICE)
+    before = [p.detach().clone() for p in params]
+    steps = [opt.state[p]["step"].clone() for p in params]
+    with pytest.raises(ValueError, match=r"params'\]\[2\].*state\['step'\] must be a one-element float32 tensor"):
+        opt.step()
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, params))
+    assert all(torch.equal(a, opt.state[p]["step"]) for a, p in zip(steps, params))
+
+
+def test_capturable_counters_move_to_the_device_and_back():
+    """Switching capturable on moves host counters to the params' device (torch's
+    capturable keeps them there); switching it off brings them back as float32 CPU
+    scalars: both steps continue the count."""
+    params = _model(torch.float32)
+    opt = af.AdamW(params, lr=0.1, backend="triton")
+    for step in range(3):
+        for p, g in zip(params, _grads(params, step)):
+            p.grad = g
+        opt.param_groups[0]["capturable"] = step == 1
+        opt.step()
+        expected = "cpu" if step != 1 else DEVICE.type
+        assert all(opt.state[p]["step"].device.type == expected for p in params)
+    assert all(float(opt.state[p]["step"]) == 3.0 for p in params)
+
+
+@pytest.mark.skipif(kernels_interpreted(), reason="needs a CUDA device (host syncs of a CUDA step)")
+@pytest.mark.parametrize("cls", [af.AdamW, af.Amos, af.Lamb], ids=lambda c: c.__name__)
+def test_a_capturable_step_under_grad_scaler_does_not_sync_the_host(cls):
+    """With capturable=True even a GradScaler step (found_inf, grad_scale on the
+    device) reads nothing on the host: it runs under set_sync_debug_mode('error')."""
+    params = [torch.nn.Parameter(torch.randn(64, 33, device="cuda")), torch.nn.Parameter(torch.randn(70, device="cuda"))]
+    opt = cls(params, lr=torch.tensor(1e-3, device="cuda"), capturable=True, backend="triton")
+    scaler = torch.amp.GradScaler("cuda")
+    for step in range(3):
+        loss = sum((p.float() ** 2).sum() for p in params)
+        scaler.scale(loss).backward()
+        if step == 0:  # the first step builds the tables (host copies, allowed)
+            scaler.step(opt)
+        else:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                scaler.step(opt)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        scaler.update()
+        opt.zero_grad()

@@ -17,6 +17,8 @@ pointers).  The inputs swept:
     the TELEMETRY variants of the kernels that write θ, and its sums launch);
   * bfloat16 steps without and with stochastic rounding (the step op's round_keys:
     the ROUND variants of the kernels that write θ);
+  * host-coefficient and capturable steps (``ops.step_capturable``: the SKIPPABLE
+    variants of the kernels that write, which read GradScaler's found_inf);
   * the hyper-parameters that change a launch: starting from typical values, a
     hyper-parameter joins the sweep when setting it to another of its values
     (typical, 0, 1) at some point of the sweep changes what is launched, until
@@ -225,12 +227,14 @@ class Recorder:
 
     def step(self, algorithm: str, hyper: Dict[str, float], dtype: str, aligned: bool,
              tensors: Sequence[Tuple[tuple, object]], strict: bool = True,
-             telemetry: bool = False, rounding: bool = False, fp8: bool = False) -> Optional[FrozenSet[Variant]]:
+             telemetry: bool = False, rounding: bool = False, fp8: bool = False,
+             capturable: bool = False) -> Optional[FrozenSet[Variant]]:
         """The variants one step launches (bucket: (shape, reduce_axes) per tensor),
         with a telemetry table when ``telemetry`` and round keys (stochastic rounding
         of bfloat16 params) when ``rounding``, through ``ops.step_fp8`` (uint8 codes
-        and float32 absmax for the enabled states) when ``fp8``; unless ``strict``,
-        None when the step op refuses these hyper-parameters."""
+        and float32 absmax for the enabled states) when ``fp8``, through
+        ``ops.step_capturable`` (found_inf read by the kernels) when ``capturable``;
+        unless ``strict``, None when the step op refuses these hyper-parameters."""
         torch, contract = self.torch, self.contracts.contract(algorithm)
         dt = getattr(torch, dtype)
         params = [self._tensor(shape, dt, aligned) for shape, _ in tensors]
@@ -255,6 +259,10 @@ class Recorder:
                               for c in states]
                     self.ops.step_fp8(algorithm, params, grads, states, absmax, steps, values,
                                       telemetry=table, round_keys=keys)
+                elif capturable:
+                    self.ops.step_capturable(algorithm, params, grads, states, steps,
+                                             dict(zip(contract.hyper, values)), per_tensor,
+                                             grad_scale=torch.tensor(1.0), found_inf=torch.tensor(0.0))
                 else:
                     self.ops.step(algorithm, params, grads, states, steps, values, per_tensor,
                                   telemetry=table, round_keys=keys)
@@ -366,16 +374,18 @@ def launched_variants(recorder: Recorder, log: Callable[[str], None]) -> Dict[st
         swept = sorted({name for point in sweep for name, value in point.items()
                         if value != hyper_values(name)[0]})
         before = len(found)
-        for hyper, dtype, aligned, bucket, telemetry, rounding in itertools.product(
-                sweep, dtypes, (True, False), buckets, (False, True), (False, True)):
+        for hyper, dtype, aligned, bucket, telemetry, rounding, capturable in itertools.product(
+                sweep, dtypes, (True, False), buckets, (False, True), (False, True), (False, True)):
             if rounding and dtype != "bfloat16":  # round keys are for bfloat16 params only
                 continue
+            if capturable and (telemetry or rounding or fp8):  # capturable steps take neither
+                continue
             for variant in recorder.step(algorithm, hyper, dtype, aligned, bucket, telemetry=telemetry,
-                                         rounding=rounding, fp8=fp8):
+                                         rounding=rounding, fp8=fp8, capturable=capturable):
                 found.setdefault(variant)
         log(f"{algorithm}{' (FP8 states)' if fp8 else ''}: swept {', '.join(swept) or 'no hyper-parameter'} "
             f"({len(sweep)} point(s)) x {len(dtypes)} dtypes x aligned/misaligned x {len(buckets)} bucket(s) "
-            f"x without/with telemetry x (bfloat16) without/with stochastic rounding: "
+            f"x without/with telemetry x (bfloat16) without/with stochastic rounding x host/capturable: "
             f"{len(found) - before} new variant(s)")
     by_kernel: Dict[str, List[Variant]] = {}
     for variant in found:

@@ -107,10 +107,9 @@ def coefficient_table(algorithm: str, steps: Sequence[Tensor], hyper: Mapping[st
     scale (the grad_unscale column is its reciprocal) or None."""
     device = steps[0].device
     t = (torch.stack([s.reshape(()) for s in steps]) + 1.0).double()  # float32 count + 1, then double
-    lr = hyper["lr"]
-    if isinstance(lr, Tensor):
-        lr = lr.to(device=device, dtype=torch.float64).reshape(())
-    h = {name: (value if name == "lr" else float(value)) for name, value in hyper.items()}
+    h = {name: value.to(device=device, dtype=torch.float64).reshape(()) if isinstance(value, Tensor) else float(value)
+         for name, value in hyper.items()}  # (tensors: lr, and what derives from it, read on the device)
+    lr = h["lr"]
     eta = torch.tensor([float(x) for x in per_tensor] or [0.0] * len(steps), dtype=torch.float64, device=device)
     values = _COEFFICIENTS[algorithm](h, t, lr, eta)
     values["grad_unscale"] = (torch.ones((), dtype=torch.float64, device=device) if grad_scale is None

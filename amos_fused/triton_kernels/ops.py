@@ -24,7 +24,11 @@ float32 / bfloat16 / float16 with fp32 math, float64 with fp64 math.
 ``step_fp8`` (the signature of ``torch.ops.amos_fused.step_fp8``) steps the
 algorithms whose states are block-scaled FP8 codes (fp8.py), the same way: the
 C++ prologue ``begin_step_fp8`` (its checks, found_inf, coefficients), one
-launch, then the step counters."""
+launch, then the step counters.
+
+``step_capturable`` (``capturable=True``) reads nothing on the host: its counters
+are on the params' device, its coefficients computed there (device_coefficients.py)
+and its kernels read found_inf themselves."""
 from __future__ import annotations
 
 from typing import Dict, List, Mapping, Optional, Sequence
