@@ -156,7 +156,8 @@ def test_a_captured_step_replays_like_eager_steps(cls, kwargs):
     times with a changing lr (a device tensor) equals 10 eager capturable steps."""
     def model():
         torch.manual_seed(0)
-        return [torch.nn.Parameter(torch.randn(64, 33, device="cuda")), torch.nn.Parameter(torch.randn(70, device="cuda"))]
+        return [torch.nn.Parameter(torch.randn(64, 33, device="cuda")),
+                torch.nn.Parameter(torch.randn(70, device="cuda"))]
     grads = [[torch.randn(p.shape, device="cuda") for p in model()] for _ in range(10)]
     lrs = [1e-3 * (1 + i) for i in range(10)]
 
@@ -311,7 +312,8 @@ def test_capturable_counters_move_to_the_device_and_back():
 def test_a_capturable_step_under_grad_scaler_does_not_sync_the_host(cls):
     """With capturable=True even a GradScaler step (found_inf, grad_scale on the
     device) reads nothing on the host: it runs under set_sync_debug_mode('error')."""
-    params = [torch.nn.Parameter(torch.randn(64, 33, device="cuda")), torch.nn.Parameter(torch.randn(70, device="cuda"))]
+    params = [torch.nn.Parameter(torch.randn(64, 33, device="cuda")),
+              torch.nn.Parameter(torch.randn(70, device="cuda"))]
     opt = cls(params, lr=torch.tensor(1e-3, device="cuda"), capturable=True, backend="triton")
     scaler = torch.amp.GradScaler("cuda")
     for step in range(3):

@@ -72,11 +72,11 @@ import triton.language as tl
 from torch import Tensor
 
 from ..contracts import contract
-from .common import (skip_flag, column_constants, BLOCK, StreamTables, addresses_of, cached, compute_dtype, ieee_div, ieee_sqrt,
+from .common import (column_constants, BLOCK, StreamTables, addresses_of, cached, compute_dtype, ieee_div, ieee_sqrt,
                      int64_table, kernel_dtypes, launch_telemetry_sums, launching,
                      load_block, nan_clamp, nan_maximum, program_entry, program_map, round_block, rounding_table,
                      store_block, stream, telemetry_entry, telemetry_partials, to_storage, track_block,
-                     to_device, tracked_squares, upload_coefficients, write_telemetry, ROUND_WIDTH)
+                     to_device, tracked_squares, upload_coefficients, write_telemetry, ROUND_WIDTH, skip_flag)
 
 AMOS_NUM_WARPS = 8    # the Amos kernels hold more values per element (fewer registers per thread)
 AMOS_MAX_ROW = 16384  # Amos rows longer than this are split over programs (LONG_ROWS)
@@ -754,6 +754,7 @@ def launch_amos(params, grads, states, hyper, coef: Tensor, meta: AmosMeta,
             ROWS_ALIGNED=meta.aligned and grads_aligned and meta.rows_aligned,
             HAS_ELEMENTWISE=ELEMENTWISE in meta.kinds, HAS_SHORT_ROWS=SHORT_ROWS in meta.kinds,
             HAS_ROWS=ROWS in meta.kinds, HAS_PHASED=meta.num_sum_blocks > 0,
-            ROW_TILE=meta.row_tile if SHORT_ROWS in meta.kinds else 8, BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS, TELEMETRY=telemetry is not None,
-            ROUND=rounding is not None, skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
+            ROW_TILE=meta.row_tile if SHORT_ROWS in meta.kinds else 8, BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS,
+            TELEMETRY=telemetry is not None, ROUND=rounding is not None,
+            skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
         launch_telemetry_sums(meta, telemetry)

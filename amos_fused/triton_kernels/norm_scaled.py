@@ -33,11 +33,11 @@ import triton.language as tl
 from torch import Tensor
 
 from ..contracts import contract
-from .common import (skip_flag, column_constants, BLOCK, NUM_WARPS, BucketMeta, compute_dtype, elementwise_meta,
+from .common import (column_constants, BLOCK, NUM_WARPS, BucketMeta, compute_dtype, elementwise_meta,
                      first_programs, ieee_div, ieee_sqrt, int64_table, kernel_dtypes, launch_telemetry_sums,
                      launching, load_block, program_entry, round_block, rounding_table, store_block, stream,
                      telemetry_entry, telemetry_partials, tensor_sums_kernel, torch_lerp, track_block,
-                     upload_coefficients, ROUND_WIDTH)
+                     upload_coefficients, ROUND_WIDTH, skip_flag)
 
 
 # ---------------------------------------------------------------------------
