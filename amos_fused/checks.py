@@ -91,6 +91,9 @@ def step_error(where: str, problem: Problem, param: Tensor, grad: Optional[Tenso
             need += f" ({master.dtype}, on {master.device})"
         return ValueError(f"{where}: state[{name!r}] ({_describe(tensor)}) must be {need}")
     if problem == Problem.STEP:
+        if isinstance(tensor, Tensor) and tensor.numel() == 1 and tensor.dtype == torch.float32 \
+                and tensor.device.type == "cpu":
+            return ValueError(f"{where}: state['step'] must be a count >= 0, got {float(tensor)}")
         return ValueError(f"{where}: state['step'] must be a float32 CPU scalar tensor, got "
                           + (_describe(tensor) if isinstance(tensor, Tensor) else repr(tensor)))
     if problem == Problem.OVERLAP:
@@ -103,7 +106,8 @@ def is_foreign_step(step: Tensor) -> bool:
     """True for a one-element step counter of another real dtype or device than
     the float32 CPU scalar the steps keep (``torch.tensor(10)``, a float64 or CUDA
     count): torch.optim steps from it, so the step converts it."""
-    return (step.numel() == 1 and not (step.dtype == torch.float32 and step.device.type == "cpu")
+    return (step.numel() == 1 and step.device.type != "meta"
+            and not (step.dtype == torch.float32 and step.device.type == "cpu")
             and (step.dtype.is_floating_point or step.dtype in _INTEGER_DTYPES))
 
 

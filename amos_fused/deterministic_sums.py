@@ -7,6 +7,9 @@ one thread (rows are shorter than torch's parallel grain), then the row sums
 likewise, until one row is left."""
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -31,3 +34,17 @@ def local_sum_of_squares(t: Tensor) -> Tensor:
 def norm(t: Tensor) -> Tensor:
     """‖t‖₂ from local_sum_of_squares, as a 0-d tensor of t's dtype."""
     return local_sum_of_squares(t).sqrt().to(t.dtype)
+
+
+def fixed_order_mean(x: Tensor, dims: Sequence[int]) -> Tensor:
+    """x's mean over ``dims`` (kept as size-1 dims), summed in float64 in a fixed
+    order (each slot's elements in rows of _SUM_CHUNK, rows summed by one thread
+    each), returned in x's dtype."""
+    kept = [d for d in range(x.dim()) if d not in dims]
+    count = math.prod(x.size(d) for d in dims)
+    rows = x.permute(kept + list(dims)).reshape(-1, count).double()
+    while rows.size(1) > _SUM_CHUNK:
+        rows = torch.nn.functional.pad(rows, (0, -rows.size(1) % _SUM_CHUNK))
+        rows = rows.view(rows.size(0), -1, _SUM_CHUNK).sum(dim=2)
+    shape = [1 if d in dims else x.size(d) for d in range(x.dim())]
+    return (rows.sum(dim=1) / count).to(x.dtype).reshape(shape)

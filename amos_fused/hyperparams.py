@@ -12,8 +12,11 @@ def _value(name: str, x) -> float:
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:  # torch.optim's own check of a tensor lr
             raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(x.shape)}")
-        return float(x.item())
-    return float(x)
+        x = x.item()
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid {name}: {x!r} (must be a real number)") from None
 
 
 def nonnegative(name: str, value) -> None:

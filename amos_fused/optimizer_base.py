@@ -321,6 +321,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         ready = [self._prepare(index, group) for index, group in enumerate(self.param_groups)]
         self._check_swaps()
+        self._check_grad_scaling()
         for item in ready:
             if item is not None:
                 self._run(item)
@@ -427,6 +428,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{self._name}: param_groups[{index}]: capturable=True is not supported for "
                                  "sharded (DTensor) params")
             backend = capturable_backend(group_backend(group), spec.device, self._name)
+            lr = group["lr"]
+            if isinstance(lr, Tensor) and (lr.numel() != 1 or lr.is_complex() or lr.dtype == torch.bool
+                                           or lr.device != spec.device):
+                raise ValueError(f"{self._name}: param_groups[{index}]['lr'] must be a number or a one-element "
+                                 f"real tensor on the params' device ({spec.device}) with capturable=True, got "
+                                 f"{lr.dtype} {tuple(lr.shape)} on {lr.device}")
         else:
             backend = backend_for(group_backend(group), self.algorithm, spec.device, self._name)
         walk = Walk.ANY if backend == "reference" else (
@@ -674,6 +681,16 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _grad_scaling(self) -> Dict[str, Optional[Tensor]]:
         """GradScaler inputs set by torch.amp.GradScaler.step, as op keyword arguments."""
         return {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+
+    def _check_grad_scaling(self) -> None:
+        """GradScaler's inputs, checked before anything is written (every backend
+        alike): one-element floating tensors."""
+        for name, value in self._grad_scaling().items():
+            if value is not None and not (isinstance(value, Tensor) and value.numel() == 1
+                                          and value.is_floating_point()):
+                got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)
+                raise ValueError(f"{self._name}: {name} (set by torch.amp.GradScaler) must be a one-element "
+                                 f"floating tensor, got {got}")
 
     def _reference_grads(self, grads: List[Tensor]) -> Optional[List[Tensor]]:
         """Grads for the reference: unscaled by GradScaler's scale, or None when

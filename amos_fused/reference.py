@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .amos_slots import ReduceAxes, reduced_dims
-from .deterministic_sums import local_sum_of_squares, norm
+from .deterministic_sums import fixed_order_mean, local_sum_of_squares, norm
 
 _REDUCED = (torch.bfloat16, torch.float16)
 
@@ -194,7 +194,7 @@ def amos_step(
         return
     theta, g = amos_grad(param, grad, clip_value=clip_value)
     dims = reduced_dims(reduce_axes, g.dim())
-    g2 = (g * g).mean(dim=dims, keepdim=True) if dims else g * g
+    g2 = fixed_order_mean(g * g, dims) if dims else g * g  # (any thread count: the same bits)
     amos_apply(param, v, b, mu, theta, g, g2, step, lr=lr, eta=eta, beta=beta, momentum=momentum,
                extra_l2=extra_l2, d_coef=d_coef, c_coef=c_coef, epsilon=epsilon)
 

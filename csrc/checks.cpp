@@ -95,7 +95,8 @@ Found find_problem(at::TensorList params, at::TensorList grads,
     }
     if (!steps.empty()) {
       const at::Tensor& s = steps[i];
-      if (!(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device().is_cpu()))
+      // a float32 CPU count >= 0 (a negative or NaN count has no bias correction)
+      if (!(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device().is_cpu() && *s.data_ptr<float>() >= 0.0f))
         return {at, Problem::kStep, 0};
     }
   }
@@ -195,7 +196,7 @@ void check_bucket(const char* op, at::TensorList params, at::TensorList grads,
                         lists[f.list][f.index].scalar_type(), " ", lists[f.list][f.index].sizes(),
                         ") does not match its param (", p.scalar_type(), " ", p.sizes(), ")");
     case Problem::kStep:
-      TORCH_CHECK_VALUE(false, op, ": steps[", f.index, "] must be a float32 CPU scalar");
+      TORCH_CHECK_VALUE(false, op, ": steps[", f.index, "] must be a float32 CPU scalar >= 0");
     default:
       TORCH_CHECK_VALUE(false, op, ": grads[", f.index, "] (", grads[f.index].scalar_type(), " ",
                         grads[f.index].sizes(), " on ", grads[f.index].device(),

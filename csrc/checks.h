@@ -28,7 +28,7 @@ enum class Problem : int64_t {
   kParamLayout = 8,  // not dense (or, where required, not contiguous)
   kState = 9,        // a state tensor unlike its param (dtype, device, shape, strides)
   kSlot = 10,        // an Amos slot of another dtype or device, or (fused) not contiguous
-  kStep = 11,        // a step counter that is not a float32 CPU scalar
+  kStep = 11,        // a step counter that is not a float32 CPU scalar >= 0
   kOverlap = 12,     // two params share memory
 };
 

@@ -232,3 +232,26 @@ def test_reference_norms_are_the_same_at_any_thread_count(name):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize("reduce_axes", ["all", (0,), (1,)])
+def test_reference_amos_slot_means_are_the_same_at_any_thread_count(reduce_axes):
+    """The reference's Amos mean of g² over a slot's elements is summed in a fixed
+    order: bitwise the same params at 1, 2 and 3 threads, large slots included."""
+    gen = torch.Generator().manual_seed(5)
+    start = torch.randn(3, 150001, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(3, 150001, generator=gen, dtype=torch.float64) for _ in range(2)]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            p = torch.nn.Parameter(start.clone())
+            opt = af.Amos([p], lr=0.01, eta=0.5, reduce_axes=reduce_axes, backend="reference")
+            for g in grads:
+                p.grad = g.clone()
+                opt.step()
+            results.append(p.detach().clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])

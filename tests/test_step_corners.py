@@ -32,7 +32,8 @@ def _assert_unchanged(opt, snapshot):
         for key, value in st.items():
             old = state[id(p)][key]
             if isinstance(value, torch.Tensor):
-                assert value.dtype == old.dtype and torch.equal(value, old), key
+                assert value.dtype == old.dtype, key
+                torch.testing.assert_close(value, old, rtol=0, atol=0, equal_nan=True, msg=key)
             else:
                 assert value == old, key
 
@@ -241,5 +242,49 @@ def test_a_state_laid_out_otherwise_beside_an_unchanged_param_is_refused_on_cpu(
     opt.state[b][key] = opt.state[b][key].t().contiguous().t()
     snapshot = _snapshot(opt)
     with pytest.raises(ValueError, match=rf"param_groups\[1\]\['params'\]\[0\].*state\['{key}'\].*strides \(1, 4\)"):
+        opt.step()
+    _assert_unchanged(opt, snapshot)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("count", [-3.0, float("nan")])
+def test_a_negative_or_nan_step_count_is_refused_before_any_write(backend, count):
+    """A count with no bias correction (torch.optim fails on it half-way): refused on
+    every backend, naming the param, before group 0 is written."""
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    opt = af.AdamW([{"params": [a]}, {"params": [b]}], lr=0.1, backend=backend)
+    _grads([a, b], 0)
+    opt.step()
+    opt.state[b]["step"] = torch.tensor(count)
+    snapshot = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\].*state\['step'\] must be a count >= 0"):
+        opt.step()
+    _assert_unchanged(opt, snapshot)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_count_on_the_meta_device_is_named(backend):
+    a = torch.nn.Parameter(torch.randn(5))
+    opt = af.AdamW([a], lr=0.1, backend=backend)
+    _grads([a], 0)
+    opt.step()
+    opt.state[a]["step"] = torch.zeros((), device="meta")
+    snapshot = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*state\['step'\]"):
+        opt.step()
+    _assert_unchanged(opt, snapshot)
+
+
+@pytest.mark.parametrize("backends", [("cpu", "cpu"), ("reference", "reference"), ("reference", "cpu")])
+@pytest.mark.parametrize("name", ["found_inf", "grad_scale"])
+def test_grad_scaler_inputs_that_are_not_floating_are_refused_before_any_write(name, backends):
+    """GradScaler's found_inf / grad_scale are checked before any group is stepped,
+    the same on every backend (none of them creates state first)."""
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    opt = af.AdamW([{"params": [a], "backend": backends[0]}, {"params": [b], "backend": backends[1]}], lr=0.1)
+    _grads([a, b], 0)
+    setattr(opt, name, torch.tensor(0 if name == "found_inf" else 1, dtype=torch.int64))
+    snapshot = _snapshot(opt)
+    with pytest.raises(ValueError, match=rf"{name} \(set by torch.amp.GradScaler\) must be a one-element floating"):
         opt.step()
     _assert_unchanged(opt, snapshot)

@@ -329,3 +329,32 @@ def test_a_capturable_step_under_grad_scaler_does_not_sync_the_host(cls):
                 torch.cuda.set_sync_debug_mode("default")
         scaler.update()
         opt.zero_grad()
+
+
+def test_capturable_lr_of_an_integer_dtype_steps_like_a_float():
+    """torch.optim takes an integer tensor lr; the capturable step reads it on the device."""
+    ours, twin = _model(torch.float32), _model(torch.float32)
+    opt = af.Lion(ours, lr=torch.tensor(1, device=DEVICE), capturable=True, backend="triton")
+    ref = af.Lion(twin, lr=1.0, backend="triton")
+    for o, params in ((opt, ours), (ref, twin)):
+        for p, g in zip(params, _grads(params, 0)):
+            p.grad = g
+        o.step()
+    assert all(torch.equal(p.detach(), q.detach()) for p, q in zip(ours, twin))
+
+
+@pytest.mark.parametrize("lr", [torch.ones(2), torch.tensor(True), torch.tensor(1 + 1j)], ids=["2-elements", "bool",
+                                                                                               "complex"])
+def test_a_bad_capturable_lr_is_refused_before_any_write(lr):
+    """Checked with the step's other inputs: group 0 is not stepped when group 1's
+    lr cannot be read on the device."""
+    a, b = _model(torch.float32)[:2]
+    opt = af.AdamW([{"params": [a]}, {"params": [b]}], lr=0.1, capturable=True, backend="triton")
+    for p, g in zip((a, b), _grads([a, b], 0)):
+        p.grad = g
+    opt.param_groups[1]["lr"] = lr.to(DEVICE)
+    before = [a.detach().clone(), b.detach().clone()]
+    with pytest.raises(ValueError, match=r"(param_groups\[1\]\['lr'\]|must be 1-element|Invalid learning rate)"):
+        opt.step()
+    assert torch.equal(before[0], a.detach()) and torch.equal(before[1], b.detach())
+    assert not opt.state

@@ -105,11 +105,15 @@ def capturable_algorithms() -> List[str]:
     return [name for name in algorithms() if name in device_coefficients.algorithms()]
 
 
-def _check_on_device(op: str, name: str, t: object, device: torch.device, dtype: Optional[torch.dtype]) -> None:
+def _check_on_device(op: str, name: str, t: object, device: torch.device, dtype: Optional[torch.dtype],
+                     real: bool = False) -> None:
+    """A one-element tensor on ``device``: of ``dtype``, else floating (any real
+    number type when ``real``)."""
+    is_real = isinstance(t, Tensor) and not t.is_complex() and t.dtype != torch.bool
     if not (isinstance(t, Tensor) and t.numel() == 1 and t.device == device
-            and (t.dtype == dtype if dtype is not None else t.is_floating_point())):
+            and (t.dtype == dtype if dtype is not None else t.is_floating_point() or (real and is_real))):
         got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else repr(t)
-        kind = str(dtype).replace("torch.", "") if dtype is not None else "floating"
+        kind = str(dtype).replace("torch.", "") if dtype is not None else "real" if real else "floating"
         raise ValueError(f"{op}: {name} must be a one-element {kind} tensor on {device} (a "
                          f"capturable step reads nothing on the host), got {got}")
 
@@ -149,7 +153,7 @@ def step_capturable(algorithm: str, params: List[Tensor], grads: List[Tensor], s
         if t is not None:
             _check_on_device(op, name, t, device, None)
     if isinstance(hyper["lr"], Tensor):
-        _check_on_device(op, "lr", hyper["lr"], device, None)
+        _check_on_device(op, "lr", hyper["lr"], device, None, real=True)
     prepared = amos.amos_meta(op, params, lists["v"], lists["b"], lists.get("mu")) if slot_keys else None
     coef = device_coefficients.coefficient_table(algorithm, steps, hyper, per_tensor, grad_scale)
     floats = {name: (1.0 if isinstance(value, Tensor) else float(value)) for name, value in hyper.items()}
