@@ -322,6 +322,17 @@ def one_thread_outside_the_kernels():
         torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch.set_num_threads(n) inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def with_threads(opt, threads=KERNEL_THREADS):
     """Makes ``opt.step`` run with ``threads`` intra-op threads."""
     step = opt.step

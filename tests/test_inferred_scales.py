@@ -5,7 +5,6 @@ sum of squares behind them (``amos_fused.optim.sum_of_squares``) is summed in a
 fixed order, not by torch's thread-split reductions."""
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -13,18 +12,9 @@ import torch
 from torch import nn
 
 import amos_fused as af
+from conftest import num_threads
 
 THREADS = (1, 2, 3)
-
-
-@contextlib.contextmanager
-def threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _heavy(shape, gen, dtype, scale):
@@ -63,7 +53,7 @@ def _key(opt):
 
 def _run(make, n_threads):
     """The inferred values and the params after 2 steps, at ``n_threads`` threads."""
-    with threads(n_threads):
+    with num_threads(n_threads):
         torch.manual_seed(0)
         model = Big()
         opt = make(model)
@@ -133,7 +123,7 @@ def _sharded_inferred(rank, world, path):
                 expected = [v for g in single_opt.param_groups for v in g[_key(single_opt)]]
                 seen = []
                 for n in THREADS[:2]:
-                    with threads(n):
+                    with num_threads(n):
                         sharded = fully_shard(model())
                         opt = make(sharded)
                         seen.append([v for g in opt.param_groups for v in g[_key(opt)]])
@@ -199,7 +189,7 @@ def test_sum_of_squares_is_thread_independent(x, counts):
 
     values = []
     for n in counts:
-        with threads(n):
+        with num_threads(n):
             s = sum_of_squares(x)
         assert s.dtype == torch.float64 and s.dim() == 0
         values.append(s)
@@ -210,6 +200,21 @@ def test_sum_of_squares_is_thread_independent(x, counts):
     torch.testing.assert_close(values[0], expected, rtol=1e-12, atol=0)
 
 
+def _steps_at_each_thread_count(make, start, grads):
+    """The param after stepping ``make([param])`` through ``grads`` from ``start``, at
+    each of THREADS."""
+    results = []
+    for count in THREADS:
+        with num_threads(count):
+            p = torch.nn.Parameter(start.clone())
+            opt = make([p])
+            for g in grads:
+                p.grad = g.clone()
+                opt.step()
+            results.append(p.detach().clone())
+    return results
+
+
 @pytest.mark.parametrize("name", ["ScaledAdamW", "Lamb"])
 def test_reference_norms_are_the_same_at_any_thread_count(name):
     """The reference backend's per-step norms (‖u‖, ‖θ‖) are summed in a fixed
@@ -218,19 +223,7 @@ def test_reference_norms_are_the_same_at_any_thread_count(name):
     gen = torch.Generator().manual_seed(3)
     start = torch.randn(700, 700, generator=gen, dtype=torch.float64) * torch.rand(700, 700, generator=gen) ** 4
     grads = [torch.randn(700, 700, generator=gen, dtype=torch.float64) for _ in range(2)]
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            p = torch.nn.Parameter(start.clone())
-            opt = cls([p], lr=1e-2, backend="reference")
-            for g in grads:
-                p.grad = g.clone()
-                opt.step()
-            results.append(p.detach().clone())
-    finally:
-        torch.set_num_threads(threads)
+    results = _steps_at_each_thread_count(lambda ps: cls(ps, lr=1e-2, backend="reference"), start, grads)
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
@@ -241,17 +234,6 @@ def test_reference_amos_slot_means_are_the_same_at_any_thread_count(reduce_axes)
     gen = torch.Generator().manual_seed(5)
     start = torch.randn(3, 150001, generator=gen, dtype=torch.float64)
     grads = [torch.randn(3, 150001, generator=gen, dtype=torch.float64) for _ in range(2)]
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            p = torch.nn.Parameter(start.clone())
-            opt = af.Amos([p], lr=0.01, eta=0.5, reduce_axes=reduce_axes, backend="reference")
-            for g in grads:
-                p.grad = g.clone()
-                opt.step()
-            results.append(p.detach().clone())
-    finally:
-        torch.set_num_threads(threads)
+    results = _steps_at_each_thread_count(
+        lambda ps: af.Amos(ps, lr=0.01, eta=0.5, reduce_axes=reduce_axes, backend="reference"), start, grads)
     assert all(torch.equal(results[0], r) for r in results[1:])

@@ -32,7 +32,6 @@ Triton interpreter (~1 ms per program) gets only a few small examples.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
@@ -47,6 +46,7 @@ from hypothesis import HealthCheck, Phase, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import amos_fused as af  # noqa: E402
+from conftest import num_threads  # noqa: E402
 
 FUSED_BACKENDS = [b for b in af.available_backends() if b != "reference"]
 GPU = torch.cuda.is_available()
@@ -248,16 +248,6 @@ def cases(draw, algos=ALGO_NAMES, dtypes=DTYPES, max_params=6, steps=(3, 5), gra
 # ---------------------------------------------------------------------------
 # Running a scenario
 # ---------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def num_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 def initial_params(case: Case, device="cpu") -> List[torch.Tensor]:
     gen = torch.Generator().manual_seed(case.seed)
