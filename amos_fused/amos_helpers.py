@@ -39,6 +39,8 @@ _CONVS = (nn.modules.conv._ConvNd,)
 def infer_eta_and_axes(module: nn.Module, attr: str, param) -> Tuple[float, Any]:
     """η and reduce_axes of ``module.<attr>`` by the table above."""
     shape = tuple(param.shape)
+    if param.numel() == 0:  # nothing to scale (its fan-in may be 0): stepped as one empty slot
+        return 0.5, "all"
     if isinstance(module, _NORMS):
         return (1.0 if attr == "weight" else 0.5), "all"
     if attr == "bias" or param.dim() <= 1:
@@ -81,6 +83,10 @@ def amos_param_groups(
         groups = amos_param_groups(model, lr=0.01, overrides={"*.fc1.weight": {"eta": math.sqrt(2 / 768)}})
         optimizer = amos_fused.Amos(groups, lr=0.01)
     """
+    clash = sorted(set(group_options) & {"params", "param_names", "eta", "reduce_axes"})
+    if clash:
+        raise ValueError(f"amos_param_groups: {', '.join(clash)} cannot be group options: they are set per "
+                         "param (give eta and reduce_axes through overrides)")
     overrides = dict(overrides or {})
     for pattern, override in overrides.items():
         unknown = set(override) - {"eta", "reduce_axes"}

@@ -76,6 +76,7 @@ import re
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -1037,7 +1038,28 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.pairs < 0:
         parser.error("--rounds and --steps must be >= 1, --warmup and --pairs >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
+    if args.json is not None and not _writable_path(args.json):
+        parser.error(f"--json {args.json}: cannot write there (checked before the benchmark runs)")
     return args
+
+
+def _writable_path(path: str) -> bool:
+    """Whether a file can be written at ``path``: its folder is made (as writing the
+    result would) and a scratch file written and removed there."""
+    if os.path.isdir(path):
+        return False
+    try:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        return False
+    return True
 
 
 def select_impls(impls: List[Impl], names: Optional[str]) -> List[Impl]:

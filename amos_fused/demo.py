@@ -653,9 +653,22 @@ def parse_args(argv=None) -> DemoConfig:
     lrs = {}
     for item in args.lr:
         name, _, value = item.partition("=")
-        if name not in RUNS or not value:
-            ap.error(f"--lr {item!r}: expected NAME=VALUE with NAME in {list(RUNS)}")
-        lrs[name] = float(value)
+        try:
+            lrs[name] = float(value)
+        except ValueError:
+            lrs[name] = None
+        if name not in RUNS or lrs[name] is None or not lrs[name] >= 0:
+            ap.error(f"--lr {item!r}: expected NAME=VALUE with NAME in {list(RUNS)} and VALUE a number >= 0")
+    for name in ("steps", "d_model", "n_layer", "n_head", "seq_len", "batch", "rms_every", "eval_every",
+                 "eval_batches", "data_bytes"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        ap.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    if args.d_model % args.n_head:
+        ap.error(f"--d-model ({args.d_model}) must be a multiple of --n-head ({args.n_head})")
     optimizers = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     return DemoConfig(
         steps=args.steps, out=args.out, optimizers=optimizers, seed=args.seed, threads=args.threads,

@@ -105,7 +105,10 @@ class ScaledAdamW(_AdamMoments):
         """p of s(t): the group's p, or the one whose rate halves every half_life steps
         at the group's current lr (α0·p = (√2−1)/T or α0·p0 = 1/(2T)), or 0."""
         if group["half_life"] is not None:
-            return half_life_p(float(group["lr"]), group["half_life"], group["decay"])
+            lr = float(group["lr"])
+            if lr == 0.0:  # no step is taken (scale = ρ = 0 whatever p): a warm-up's or DCP's first step
+                return 0.0
+            return half_life_p(lr, group["half_life"], group["decay"])
         return float(group["p"] or 0.0)
 
     def _check_group_params(self, group):
@@ -129,7 +132,8 @@ class ScaledAdamW(_AdamMoments):
         hyper = super()._capturable_hyper(group)
         lr = group["lr"]
         if isinstance(lr, torch.Tensor) and group["half_life"] is not None:  # α0·p is set by the half-life
-            hyper["p"] = half_life_p(1.0, group["half_life"], group["decay"]) / lr
+            rate = half_life_p(1.0, group["half_life"], group["decay"])  # (p = 0 at lr = 0: no step taken)
+            hyper["p"] = torch.where(lr != 0, rate / lr, torch.zeros_like(lr, dtype=torch.float64))
         return hyper
 
     def _direction(self, p, g, st, step, group):

@@ -349,7 +349,11 @@ def ema_of_ema_variance_approx(beta3: float, t: float) -> float:
     if steps == 0.0:
         raise ValueError("Invalid step count t: 0 (must be > 0)")
     b = b3 ** steps
-    return (1.0 - b3) * (1.0 + b) / (2.0 * (1.0 - b))
+    one_minus_b = -math.expm1(steps * math.log(b3))  # 1 − β3^t, exact for t near 0 too
+    value = (1.0 - b3) * (1.0 + b) / (2.0 * one_minus_b) if one_minus_b > 0.0 else math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"Invalid step count t: {t} (too small: 1 − beta3^t underflows)")
+    return value
 
 
 # ---------------------------------------------------------------------------

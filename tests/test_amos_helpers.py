@@ -380,3 +380,20 @@ def test_eta_survives_a_checkpoint():
         step_together(make_grads(params, step), (params, opt), (copies, other))
     for a, b in zip(params, copies):
         assert torch.equal(a, b)
+
+
+def test_param_groups_of_zero_element_params():
+    """Params with no elements (a fan-in of 0 included) get groups and step."""
+    model = nn.Sequential(nn.Linear(0, 3), nn.Embedding(5, 0), nn.Linear(3, 2))
+    groups = af.amos_param_groups(model, lr=0.01)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    opt = af.Amos(groups, lr=0.01)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+
+
+@pytest.mark.parametrize("option", ["eta", "reduce_axes", "params", "param_names"])
+def test_param_groups_refuse_options_they_set_per_param(option):
+    with pytest.raises(ValueError, match=f"{option} cannot be group options"):
+        af.amos_param_groups(nn.Linear(3, 2), 0.01, **{option: 0.3})

@@ -613,3 +613,18 @@ def test_bench_reports_the_telemetry_cost(tmp_path, capsys):
     assert json.loads(path.read_text())["telemetry_cost"] == []
     with pytest.raises(SystemExit):
         bench.parse_args(["--pairs", "-1"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--threads", "-2"], "--threads must be >= 1"),
+    (["--json", "/proc/no-such-folder/result.json"], "cannot write there"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device")]))
+def test_bad_command_lines_are_refused_before_the_benchmark_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_json_path_in_a_new_folder_is_accepted(tmp_path):
+    assert bench.parse_args(["--json", str(tmp_path / "new" / "result.json")]).json.endswith("result.json")

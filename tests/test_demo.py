@@ -129,3 +129,20 @@ def test_demo_bnb_run_without_bitsandbytes_names_the_package(monkeypatch):
     with pytest.raises(SystemExit, match=r"pip install bitsandbytes"):
         demo.parse_args(["--optimizers", "adamw,bnb-adamw8bit"])
     assert demo.parse_args(["--optimizers", "adamw8bit"]).optimizers == ["adamw8bit"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "-1"], "--steps must be >= 1"),
+    (["--eval-every", "0"], "--eval-every must be >= 1"),
+    (["--rms-every", "0"], "--rms-every must be >= 1"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--threads", "-1"], "--threads must be >= 1"),
+    (["--lr", "adamw=abc"], "VALUE a number >= 0"),
+    (["--n-head", "3", "--d-model", "32"], "must be a multiple of --n-head"),
+])
+def test_bad_command_lines_are_refused_before_training(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        demo.parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -227,3 +227,23 @@ def test_lamb_step_norm_in_every_dtype(dtype, backend):
         for param, old in zip(params, before):
             applied = float((old - param.detach().double()).norm())
             assert applied == pytest.approx(lr * float(old.norm()), rel=rel), f"step {t}, shape {tuple(param.shape)}"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_scaled_adamw_with_a_half_life_steps_at_lr_zero(backend):
+    """A warm-up from lr = 0 (and DCP's state initialisation, which steps at lr = 0):
+    no step is taken, the moments advance, and the schedule goes on from there."""
+    p = torch.nn.Parameter(torch.randn(40, dtype=torch.float64))
+    twin = torch.nn.Parameter(p.detach().clone())
+    opt = af.ScaledAdamW([p], lr=0.0, half_life=5, backend=backend)
+    ref = af.ScaledAdamW([twin], lr=0.0, p=0.0, backend=backend)
+    start = p.detach().clone()
+    for o, q in ((opt, p), (ref, twin)):
+        q.grad = torch.ones_like(q)
+        o.step()
+    assert torch.equal(p.detach(), start) and torch.equal(p.detach(), twin.detach())
+    assert torch.equal(opt.state[p]["exp_avg"], ref.state[twin]["exp_avg"])
+    opt.param_groups[0]["lr"] = 1e-2
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert not torch.equal(p.detach(), start)

@@ -357,3 +357,15 @@ def test_valid_edge_inputs():
     assert theory.adamw_weight_rms_at(1e-3, 0.0, 0, 0.0) == 0.0
     assert theory.ema_of_ema_mean_coefficient(0.9, 0.99, np.int64(3)) > 0  # numpy integers are step counts
     assert theory.half_life_p(1e-3, 1000.0) == pytest.approx((math.sqrt(2) - 1) / 1.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("t", [1e-17, 1e-300])
+def test_ema_of_ema_variance_approx_near_t_zero_is_finite(t):
+    """1 − β3^t taken as −expm1(t·ln β3): finite for tiny t, where β3^t rounds to 1."""
+    value = theory.ema_of_ema_variance_approx(0.99, t)
+    assert math.isfinite(value) and value > 1e15
+
+
+def test_ema_of_ema_variance_approx_refuses_an_underflowing_t():
+    with pytest.raises(ValueError, match="too small"):
+        theory.ema_of_ema_variance_approx(0.99, 1e-323)

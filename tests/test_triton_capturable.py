@@ -358,3 +358,21 @@ def test_a_bad_capturable_lr_is_refused_before_any_write(lr):
         opt.step()
     assert torch.equal(before[0], a.detach()) and torch.equal(before[1], b.detach())
     assert not opt.state
+
+
+def test_capturable_scaled_adamw_half_life_at_a_zero_tensor_lr():
+    """p = (α0·p)/α0 from a tensor lr: 0 at lr = 0 (no step taken, no NaN), then the
+    schedule of the host step."""
+    ours, twin = _model(torch.float32), _model(torch.float32)
+    lr = torch.tensor(0.0, dtype=torch.float64, device=DEVICE)
+    opt = af.ScaledAdamW(ours, lr=lr, half_life=3, capturable=True, backend="triton")
+    ref = af.ScaledAdamW(twin, lr=0.0, half_life=3, backend="triton")
+    for step, value in enumerate([0.0, 1e-2, 2e-2]):
+        lr.fill_(value)
+        ref.param_groups[0]["lr"] = value
+        for o, params in ((opt, ours), (ref, twin)):
+            for p, g in zip(params, _grads(params, step)):
+                p.grad = g
+            o.step()
+        assert all(torch.isfinite(p).all() for p in ours)
+    assert all(torch.equal(p.detach(), q.detach()) for p, q in zip(ours, twin))
