@@ -565,6 +565,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Raises when a fused backend cannot walk a checked bucket (params and
         states as the kernels see them)."""
 
+    def _mark_layouts(self) -> None:
+        """Records the strides of every param with state as they are now, the layout
+        its states have (after a load, which copies them into it, or an unpickling):
+        a param given another memory format before its next step has them re-laid."""
+        for p in self.state:
+            if isinstance(p, Tensor) and p.dim() > 1:
+                self._layouts[id(p)] = (p, p.stride())
+
     def _relaid_states(self, p: Tensor, st: dict) -> dict:
         """When p's strides changed since its last step (a param replaced by one of
         another memory format: torch.optim steps it, its elementwise math taking any
@@ -777,6 +785,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._telemetry = Recorder()  # (torch.optim pickles defaults, state and groups only)
         self._master_marks = WriteMarks()
         self._layouts: Dict[int, Tuple[Tensor, tuple]] = {}  # id(p) -> (p, its strides at its last step)
+        self._mark_layouts()
         self._master_marks.mark_masters(self.state)  # a param written from now on gets its master remade
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -859,6 +868,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_new_group(index, group)
         self._master_marks.clear()
         self._master_marks.mark_masters(self.state)  # the next step starts from the loaded master unless written
+        self._mark_layouts()
 
     def _restore_saved_dtypes(self, state_dict: dict, with_master: Dict[Tensor, bool]) -> None:
         """torch.optim's load_state_dict casts every non-step state tensor to its

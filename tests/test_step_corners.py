@@ -288,3 +288,24 @@ def test_grad_scaler_inputs_that_are_not_floating_are_refused_before_any_write(n
     with pytest.raises(ValueError, match=rf"{name} \(set by torch.amp.GradScaler\) must be a one-element floating"):
         opt.step()
     _assert_unchanged(opt, snapshot)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_param_swapped_into_another_memory_format_right_after_a_load_keeps_stepping(backend):
+    """A checkpoint loaded, then the model moved to channels_last before its next
+    step: the loaded states (in the old layout) follow the param."""
+    source, target, twin = _conv_weight(torch.float32), _conv_weight(torch.float32), _conv_weight(torch.float32)
+    opt = af.AdamW([source], lr=1e-2, backend=backend)
+    _grads([source], 0)
+    opt.step()
+    loaded = af.AdamW([target], lr=1e-2, backend=backend)
+    loaded.load_state_dict(opt.state_dict())
+    target.data = source.data.contiguous(memory_format=torch.channels_last)
+    twin.data = source.data.clone()
+    reference = af.AdamW([twin], lr=1e-2, backend=backend)
+    reference.load_state_dict(opt.state_dict())
+    for p, o in ((target, loaded), (twin, reference)):
+        _grads([p], 1)
+        o.step()
+    assert torch.equal(target.detach(), twin.detach())
+    assert loaded.state[target]["exp_avg"].stride() == target.stride()
