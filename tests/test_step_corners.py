@@ -38,6 +38,14 @@ def _assert_unchanged(opt, snapshot):
                 assert value == old, key
 
 
+def _assert_refused(opt, match):
+    """opt.step() raises a ValueError matching ``match`` and changes nothing."""
+    snapshot = _snapshot(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    _assert_unchanged(opt, snapshot)
+
+
 def _grads(params, seed):
     g = torch.Generator().manual_seed(seed)
     for p in params:
@@ -129,10 +137,7 @@ def test_params_swapped_into_sharing_memory_are_refused_before_any_write(layout)
     opt.step()
     a.data = b.data[:6]
     _grads([a, b], 1)
-    snapshot = _snapshot(opt)
-    with pytest.raises(ValueError, match="shares memory"):
-        opt.step()
-    _assert_unchanged(opt, snapshot)
+    _assert_refused(opt, "shares memory")
     a.data = torch.randn(6)  # apart again: steps
     opt.step()
 
@@ -167,10 +172,7 @@ def test_a_state_entry_that_is_not_a_tensor_is_named_before_any_write(backend, v
     _grads([a, b], 0)
     opt.step()
     opt.state[b][key] = value
-    snapshot = _snapshot(opt)
-    with pytest.raises(ValueError, match=rf"param_groups\[1\]\['params'\]\[0\].*state\['{key}'\] must be a tensor"):
-        opt.step()
-    _assert_unchanged(opt, snapshot)
+    _assert_refused(opt, rf"param_groups\[1\]\['params'\]\[0\].*state\['{key}'\] must be a tensor")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -206,10 +208,7 @@ def test_amos_dims_beyond_the_fused_walk_are_refused_before_any_write():
         return [{"params": [a], "reduce_axes": (1,)}, {"params": [b], "reduce_axes": tuple(range(0, 17, 2))}]
     opt = af.Amos(groups(), lr=0.01, eta=0.1)
     _grads([a, b], 0)
-    snapshot = _snapshot(opt)
-    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\].*backend='reference'"):
-        opt.step()
-    _assert_unchanged(opt, snapshot)
+    _assert_refused(opt, r"param_groups\[1\]\['params'\]\[0\].*backend='reference'")
     reference = af.Amos(groups(), lr=0.01, eta=0.1, backend="reference")
     before = b.detach().clone()
     reference.step()
@@ -240,10 +239,7 @@ def test_a_state_laid_out_otherwise_beside_an_unchanged_param_is_refused_on_cpu(
     _grads([a, b], 0)
     opt.step()
     opt.state[b][key] = opt.state[b][key].t().contiguous().t()
-    snapshot = _snapshot(opt)
-    with pytest.raises(ValueError, match=rf"param_groups\[1\]\['params'\]\[0\].*state\['{key}'\].*strides \(1, 4\)"):
-        opt.step()
-    _assert_unchanged(opt, snapshot)
+    _assert_refused(opt, rf"param_groups\[1\]\['params'\]\[0\].*state\['{key}'\].*strides \(1, 4\)")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -256,10 +252,7 @@ def test_a_negative_or_nan_step_count_is_refused_before_any_write(backend, count
     _grads([a, b], 0)
     opt.step()
     opt.state[b]["step"] = torch.tensor(count)
-    snapshot = _snapshot(opt)
-    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\].*state\['step'\] must be a count >= 0"):
-        opt.step()
-    _assert_unchanged(opt, snapshot)
+    _assert_refused(opt, r"param_groups\[1\]\['params'\]\[0\].*state\['step'\] must be a count >= 0")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -269,10 +262,7 @@ def test_a_step_count_on_the_meta_device_is_named(backend):
     _grads([a], 0)
     opt.step()
     opt.state[a]["step"] = torch.zeros((), device="meta")
-    snapshot = _snapshot(opt)
-    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*state\['step'\]"):
-        opt.step()
-    _assert_unchanged(opt, snapshot)
+    _assert_refused(opt, r"param_groups\[0\]\['params'\]\[0\].*state\['step'\]")
 
 
 @pytest.mark.parametrize("backends", [("cpu", "cpu"), ("reference", "reference"), ("reference", "cpu")])
@@ -284,10 +274,7 @@ def test_grad_scaler_inputs_that_are_not_floating_are_refused_before_any_write(n
     opt = af.AdamW([{"params": [a], "backend": backends[0]}, {"params": [b], "backend": backends[1]}], lr=0.1)
     _grads([a, b], 0)
     setattr(opt, name, torch.tensor(0 if name == "found_inf" else 1, dtype=torch.int64))
-    snapshot = _snapshot(opt)
-    with pytest.raises(ValueError, match=rf"{name} \(set by torch.amp.GradScaler\) must be a one-element floating"):
-        opt.step()
-    _assert_unchanged(opt, snapshot)
+    _assert_refused(opt, rf"{name} \(set by torch.amp.GradScaler\) must be a one-element floating")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
