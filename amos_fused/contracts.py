@@ -52,18 +52,23 @@ def hyper_values(algorithm: str, hyper: Mapping[str, float]) -> List[float]:
     return [float(hyper[name]) for name in names]
 
 
-def step_arguments(algorithm: str, hyper: Mapping[str, float],
-                   state: Mapping[str, Sequence[Tensor]]) -> Tuple[List[Tensor], List[float]]:
-    """(states, hyper) of a step op call: the enabled state lists of ``state`` (key →
-    one tensor per param) concatenated in the contract's order, and ``hyper``'s
-    values in the contract's order (flags as 0 / 1)."""
+def enabled_states(algorithm: str, hyper: Mapping[str, object],
+                   state: Mapping[str, Sequence[Tensor]]) -> List[Tensor]:
+    """The enabled state lists of ``state`` (key → one tensor per param, a key
+    enabled by a flag of ``hyper`` or by none) concatenated in the contract's order."""
     c = contract(algorithm)
-    values = hyper_values(algorithm, hyper)
     states: List[Tensor] = []
     for key, flag in zip(c.states, c.enabled_by):
         if not flag or hyper[flag]:
             states.extend(state[key])
-    return states, values
+    return states
+
+
+def step_arguments(algorithm: str, hyper: Mapping[str, float],
+                   state: Mapping[str, Sequence[Tensor]]) -> Tuple[List[Tensor], List[float]]:
+    """(states, hyper) of a step op call: ``enabled_states`` and ``hyper``'s values
+    in the contract's order (flags as 0 / 1)."""
+    return enabled_states(algorithm, hyper, state), hyper_values(algorithm, hyper)
 
 
 def column_indices(algorithm: str, names: Sequence[str]) -> List[int]:
@@ -119,11 +124,7 @@ def call_capturable_step(ops, algorithm: str, params: Sequence[Tensor], grads: S
     """One ``ops.step_capturable`` call (the Triton ops): as ``call_step``, with step
     counters on the device and ``hyper['lr']`` possibly a device tensor (not read
     on the host); flags as 0 / 1."""
-    c = contract(algorithm)
-    values = {name: hyper[name] if isinstance(hyper[name], Tensor) else float(hyper[name]) for name in c.hyper}
-    states: List[Tensor] = []
-    for key, flag in zip(c.states, c.enabled_by):
-        if not flag or values[flag]:
-            states.extend(state[key])
-    ops.step_capturable(algorithm, list(params), list(grads), states, list(steps), values, list(per_tensor),
-                        grad_scale, found_inf)
+    values = {name: hyper[name] if isinstance(hyper[name], Tensor) else float(hyper[name])
+              for name in contract(algorithm).hyper}
+    ops.step_capturable(algorithm, list(params), list(grads), enabled_states(algorithm, values, state), list(steps),
+                        values, list(per_tensor), grad_scale, found_inf)

@@ -18,17 +18,24 @@ from torch import Tensor
 _SUM_CHUNK = 8192
 
 
+def _row_sums(rows: Tensor) -> Tensor:
+    """The sums of a 2-D tensor's rows, in a fixed order: each row cut into pieces
+    of _SUM_CHUNK summed one per thread, the pieces' sums likewise, until one is
+    left per row."""
+    while rows.size(1) > _SUM_CHUNK:
+        rows = torch.nn.functional.pad(rows, (0, -rows.size(1) % _SUM_CHUNK))
+        rows = rows.view(rows.size(0), -1, _SUM_CHUNK).sum(dim=2)
+    return rows.sum(dim=1)
+
+
 def local_sum_of_squares(t: Tensor) -> Tensor:
     """Σ|x|² over a plain tensor's entries (real and imaginary parts of a complex
     t), a float64 0-d tensor on t's device, in a fixed order."""
     x = t.detach()
     if x.is_complex():
         x = torch.view_as_real(x)
-    x = x.reshape(-1).double()
-    x = x * x
-    while x.numel() > _SUM_CHUNK:
-        x = torch.nn.functional.pad(x, (0, -x.numel() % _SUM_CHUNK)).view(-1, _SUM_CHUNK).sum(dim=1)
-    return x.sum()
+    x = x.reshape(1, -1).double()
+    return _row_sums(x * x)[0]
 
 
 def norm(t: Tensor) -> Tensor:
@@ -38,13 +45,9 @@ def norm(t: Tensor) -> Tensor:
 
 def fixed_order_mean(x: Tensor, dims: Sequence[int]) -> Tensor:
     """x's mean over ``dims`` (kept as size-1 dims), summed in float64 in a fixed
-    order (each slot's elements in rows of _SUM_CHUNK, rows summed by one thread
-    each), returned in x's dtype."""
+    order (_row_sums of each slot's elements), returned in x's dtype."""
     kept = [d for d in range(x.dim()) if d not in dims]
     count = math.prod(x.size(d) for d in dims)
     rows = x.permute(kept + list(dims)).reshape(-1, count).double()
-    while rows.size(1) > _SUM_CHUNK:
-        rows = torch.nn.functional.pad(rows, (0, -rows.size(1) % _SUM_CHUNK))
-        rows = rows.view(rows.size(0), -1, _SUM_CHUNK).sum(dim=2)
     shape = [1 if d in dims else x.size(d) for d in range(x.dim())]
-    return (rows.sum(dim=1) / count).to(x.dtype).reshape(shape)
+    return (_row_sums(rows) / count).to(x.dtype).reshape(shape)

@@ -215,7 +215,8 @@ def store(value: Tensor, codes: Tensor, absmax: Tensor, root: bool) -> None:
 
 
 def relaid(codes: Tensor, absmax: Tensor, like: Tensor, root: bool) -> Tuple[Tensor, Tensor]:
-    """A loaded coded state in the layout of ``like``'s new state (new_state(like):
+    """A coded state (loaded, or of a param given another memory format since its
+    last step) in the layout of ``like``'s new state (new_state(like):
     like's strides): the codes copied as they are when both layouts cut the same
     blocks (block_dims), else decoded in their own memory order and encoded in
     like's, as a full-precision state is quantized on load.  Returned as they are

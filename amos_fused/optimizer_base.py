@@ -337,9 +337,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._check_flags(group)
         lr, checked = group.get("lr"), group
         if group.get("capturable") and isinstance(lr, Tensor) and lr.device.type != "cpu":
-            if lr.numel() != 1:  # its value stays on the device (checked when the group was added)
-                raise ValueError(f"{self._name}: Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
-            checked = {**group, "lr": 0.0}
+            checked = {**group, "lr": 0.0}  # its value stays on the device (_gather checks the tensor)
         self._check_group(checked)
         plan = self._plan(index, group, rebuild)
         grads = [p.grad for p in plan.params]
@@ -606,12 +604,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             value = st[key]
             if key in self.slot_keys:
                 out[key] = zeros_in_memory_order(p, tuple(value.shape), value.dtype).copy_(value)
-            elif value.dtype == torch.uint8 and fp8_states.absmax_key(key) in st:
-                root = key in fp8_states.ROOT_KEYS
-                values = fp8_states.decoded(value, st[fp8_states.absmax_key(key)], root)
-                codes, absmax = fp8_states.new_state(p)
-                fp8_states.store(values, codes, absmax, root)
-                out[key], out[fp8_states.absmax_key(key)] = codes, absmax
+            elif value.dtype == torch.uint8 and fp8_states.absmax_key(key) in st:  # as a load relays them
+                out[key], out[fp8_states.absmax_key(key)] = fp8_states.relaid(
+                    value, st[fp8_states.absmax_key(key)], p, key in fp8_states.ROOT_KEYS)
             else:
                 out[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
         return out
