@@ -108,10 +108,7 @@ def is_foreign_step(step: Tensor) -> bool:
     count): torch.optim steps from it, so the step converts it."""
     return (step.numel() == 1 and step.device.type != "meta"
             and not (step.dtype == torch.float32 and step.device.type == "cpu")
-            and (step.dtype.is_floating_point or step.dtype in _INTEGER_DTYPES))
-
-
-_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+            and not step.dtype.is_complex and step.dtype != torch.bool)  # a real count
 
 
 def _byte_span(t: Tensor) -> Tuple[int, int]:
