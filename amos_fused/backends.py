@@ -13,6 +13,7 @@ from . import triton_kernels
 from .contracts import algorithms
 
 KNOWN_BACKENDS = ("reference", "cpu", "cuda", "triton")
+CAPTURABLE_BACKENDS = ("cuda", "triton")  # in the order None prefers them on CUDA params
 
 @functools.lru_cache(maxsize=None)
 def fused_algorithms(backend: str) -> FrozenSet[str]:
@@ -104,15 +105,32 @@ def backend_for(requested: Optional[str], algorithm: str, device: torch.device, 
 
 
 def capturable_backend(requested: Optional[str], device: torch.device, optimizer: str) -> str:
-    """The backend of a capturable step (capturable=True) on ``device``: 'triton', the
-    only one whose steps read nothing on the host (requested, or chosen for None on
-    a CUDA device; CPU tensors, under Triton's interpreter, need it requested)."""
-    if requested == "triton" or (requested is None and device.type == "cuda"):
-        reason = _why_unavailable("triton")
-        if reason is None and device.type in _device_types("triton"):
-            return "triton"
-        raise ValueError(f"{optimizer}: capturable=True steps on the 'triton' backend, which cannot step "
+    """The backend of a capturable step (capturable=True) on ``device``: 'cuda' or
+    'triton', the backends whose steps read nothing on the host (requested, or for
+    None on a CUDA device the CUDA kernels when built, else Triton; CPU tensors,
+    under Triton's interpreter, need 'triton' requested)."""
+    if requested in CAPTURABLE_BACKENDS:
+        reason = _why_unavailable(requested)
+        if reason is None and device.type in _device_types(requested):
+            return requested
+        raise ValueError(f"{optimizer}: capturable=True steps on the {requested!r} backend, which cannot step "
                          f"parameters on {device}" + (f": {reason}" if reason else ""))
-    raise ValueError(f"{optimizer}: capturable=True (CUDA-graph capture) needs backend='triton' (the only backend "
-                     f"whose steps read nothing on the host), not {requested or 'the default'!r} for parameters "
-                     f"on {device}")
+    if requested is None and device.type == "cuda":
+        reasons = {name: _why_unavailable(name) for name in CAPTURABLE_BACKENDS}
+        for name in CAPTURABLE_BACKENDS:
+            if reasons[name] is None:
+                return name
+        raise ValueError(f"{optimizer}: capturable=True needs the 'cuda' or the 'triton' backend, and neither can "
+                         f"run: " + "; ".join(f"{name}: {why}" for name, why in reasons.items()))
+    raise ValueError(f"{optimizer}: capturable=True (CUDA-graph capture) needs backend='cuda' or backend='triton' "
+                     f"(the backends whose steps read nothing on the host), not {requested or 'the default'!r} for "
+                     f"parameters on {device}")
+
+
+def capturable_ops(backend: str):
+    """The module whose ``step_capturable`` steps a bucket of a capturable group on
+    ``backend`` ('cuda': amos_fused/capturable.py over the compiled op; 'triton':
+    the Triton ops)."""
+    if backend == "triton":
+        return importlib.import_module("amos_fused.triton_kernels.ops")
+    return importlib.import_module("amos_fused.capturable")

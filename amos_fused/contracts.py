@@ -121,7 +121,8 @@ def call_capturable_step(ops, algorithm: str, params: Sequence[Tensor], grads: S
                          state: Mapping[str, Sequence[Tensor]], steps: Sequence[Tensor], hyper: Mapping[str, object],
                          per_tensor: Sequence[float] = (), grad_scale: Optional[Tensor] = None,
                          found_inf: Optional[Tensor] = None) -> None:
-    """One ``ops.step_capturable`` call (the Triton ops): as ``call_step``, with step
+    """One ``ops.step_capturable`` call (``ops``: backends.capturable_ops, the Triton
+    ops or amos_fused/capturable.py): as ``call_step``, with step
     counters on the device and ``hyper['lr']`` possibly a device tensor (not read
     on the host); flags as 0 / 1."""
     values = {name: hyper[name] if isinstance(hyper[name], Tensor) else float(hyper[name])

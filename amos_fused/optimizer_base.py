@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .backends import backend_for, capturable_backend, check_backend, fused_ops
+from .backends import backend_for, capturable_backend, capturable_ops, check_backend, fused_ops
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype, memory_order
 from .checks import Problem, Walk, check_step, first_overlap, is_dense, is_foreign_step, step_error
 from . import fp8_states
@@ -160,9 +160,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         which fills ``telemetry`` and rounds bfloat16 params stochastically with
         ``round_keys`` when given."""
         low_params = bucket.shadows if bucket.shadows_in_kernel else None
-        if group.get("capturable"):
+        if group.get("capturable"):  # (ops of its own: capturable_ops)
             per_tensor = bucket.per_param[self.per_param_keys[0]] if self.per_param_keys else []
-            call_capturable_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
+            call_capturable_step(capturable_ops(bucket.backend), self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
                                  self._capturable_hyper(group), per_tensor, **self._grad_scaling())
             return
         if bucket.fp8:
@@ -240,9 +240,10 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _check_capturable(self, group: dict) -> None:
         """capturable=True (torch's flag: a step that reads nothing on the host, so it
-        can be captured in a CUDA graph) runs on the Triton backend, whose capturable
-        steps keep their counters and coefficients on the device
-        (triton_kernels/device_coefficients.py); the rest is refused, never ignored."""
+        can be captured in a CUDA graph) runs on the CUDA or the Triton backend,
+        whose capturable steps keep their counters and coefficients on the device
+        (amos_fused/capturable.py, device_coefficients.py); the rest is refused,
+        never ignored."""
         refuse = None
         if self.fp8_state_keys:
             refuse = "8-bit states"

@@ -8,9 +8,10 @@
 #   bash bench/gpu_run.sh smoke     ~1 min    fail-fast (-x, CUDA_LAUNCH_BLOCKING=1): the ops dispatch,
 #                                             found_inf, misaligned views, another stream, bad input,
 #                                             fp32 AdamW and Amos against the reference
-#   bash bench/gpu_run.sh tests     ~5 min    tests/test_cuda.py, tests/test_triton.py and
-#                                             tests/test_triton_capturable.py (CUDA-graph capture and
-#                                             replay, no host sync under GradScaler) over 8 worker
+#   bash bench/gpu_run.sh tests     ~5 min    tests/test_cuda.py, tests/test_triton.py,
+#                                             tests/test_triton_capturable.py and tests/test_cuda_capturable.py
+#                                             (CUDA-graph capture and replay, no host sync under
+#                                             GradScaler) over 8 worker
 #                                             processes (pytest-xdist), 120 s per test
 #   bash bench/gpu_run.sh bench     ~5 min    python -m amos_fused.bench on gpt2-medium and many-small
 #                                             (JSON per workload, written as soon as each finishes)
@@ -58,7 +59,8 @@ print('built_with_cuda', torch.ops.amos_fused.built_with_cuda(), \
   tests)
     note "tests (8 workers, 120 s per test)"
     timeout 540 "$PYTHON" -m pytest -q -rs -p no:cacheprovider -n 8 --timeout 120 \
-      tests/test_cuda.py tests/test_triton.py tests/test_triton_capturable.py > "$OUT/tests.log" 2>&1
+      tests/test_cuda.py tests/test_triton.py tests/test_triton_capturable.py tests/test_cuda_capturable.py \
+      > "$OUT/tests.log" 2>&1
     status=$?
     note "tests exit status $status: $(tail -1 "$OUT/tests.log")"
     exit "$status"

@@ -49,6 +49,17 @@ TORCH_LIBRARY(amos_fused, m) {
       "Tensor(c!)[] steps, float[] hyper, float[] per_tensor, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, Tensor(d!)? telemetry=None, int[]? round_keys=None, "
       "Tensor(e!)[]? low_params=None) -> ()");
+  // A capturable step (capturable=True; CUDA only): `step`'s bucket, states, hyper
+  // (flags and the values the kernels branch on; lr may be a placeholder) and
+  // per_tensor, with nothing read on the host, so it can be captured in a CUDA
+  // graph.  coef: the contiguous float64 [len(params), columns] coefficient
+  // table of this step (the `contract` op's columns), computed on the params'
+  // device; found_inf: GradScaler's, one float32 element there: the kernels
+  // return without writing when it is non-zero.  No step counters: the caller
+  // advances them (by 1 − found_inf) after the launch.
+  m.def(
+      "step_capturable(str algorithm, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, "
+      "float[] hyper, float[] per_tensor, Tensor coef, Tensor? found_inf=None) -> ()");
   // The algorithms whose CPU step op takes low_params.
   m.def("master_algorithms() -> str[]", &amos_fused::master_algorithms_op);
   // (hyper names, state keys, the flag enabling each state or "", [per-tensor

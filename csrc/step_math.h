@@ -70,15 +70,27 @@ inline bool af_map_field(const F&, bool x) { return x; }
 template <typename F, typename S>
 inline auto af_map_field(const F& f, const S& x) { return f(x); }
 
+// from_columns reads one row of that table (double, flags as 0 / 1) into the
+// struct, each value converted to T as map() converts it: the capturable steps
+// of the CUDA backend compute the table on the device and read it there.
 #define AF_COEF_FIELD(type, name) type name;
 #define AF_COEF_MAP(type, name) af_map_field(f, name),
+#define AF_COEF_COUNT(type, name) +1
+#define AF_COEF_LOAD(type, name) c.name = static_cast<type>(row[i++]);
 #define AF_COEF_STRUCT(Name, FIELDS)                 \
   template <typename T>                              \
   struct Name {                                      \
     FIELDS(AF_COEF_FIELD)                            \
+    static constexpr int kColumns = 0 FIELDS(AF_COEF_COUNT); \
     template <typename U, typename F>                \
     Name<U> map(F f) const {                         \
       return {FIELDS(AF_COEF_MAP)};                  \
+    }                                                \
+    AF_HD static Name from_columns(const double* row) { \
+      Name c;                                        \
+      int i = 0;                                     \
+      FIELDS(AF_COEF_LOAD)                           \
+      return c;                                      \
     }                                                \
   };
 

@@ -85,6 +85,12 @@ struct StepCall {
   double* telemetry = nullptr;         // [n][Σθ², Σ(Δθ)²] (check_telemetry) or null
   std::vector<StochasticRound> round;  // per tensor with stochastic rounding, else empty
   at::TensorList low_params;           // written from the params (float32 masters), or empty
+  // A capturable step (run_capturable_step): `coef` and `steps` stay empty; the
+  // coefficients are the rows of a [n][device_width] float64 table on the
+  // params' device, and `skip` is GradScaler's found_inf there (or null).
+  const double* device_columns = nullptr;
+  int64_t device_width = 0;
+  const float* skip = nullptr;
 
   const StochasticRound* round_or_null() const { return round.empty() ? nullptr : round.data(); }
 };
@@ -152,6 +158,34 @@ std::optional<StepCall<A>> finish_step(StepCall<A> call, at::TensorList steps,
   return call;
 }
 
+// Cuts the op's flat `states` into the call's state lists (the contract's, those
+// enabled by the hyper-parameters); returns those shaped like the params, named,
+// for check_bucket (Amos's slot lists are checked by amos_slot_layouts).
+template <typename A>
+std::vector<NamedList> slice_states(StepCall<A>& call, at::TensorList states, at::ArrayRef<double> hyper) {
+  const Contract& c = contract_of<A>();
+  const char* op = c.op;
+  const size_t n = call.params.size();
+  std::vector<NamedList> like_params;
+  size_t used = 0;
+  for (size_t k = 0; k < c.states.size(); ++k) {
+    const StateSpec& spec = c.states[k];
+    bool enabled = true;
+    for (size_t h = 0; spec.enabled_by != nullptr && h < c.hyper.size(); ++h) {
+      if (c.hyper[h] == spec.enabled_by) enabled = hyper[h] != 0.0;
+    }
+    if (!enabled) continue;
+    TORCH_CHECK_VALUE(states.size() >= (used + 1) * n, op, ": ", spec.list, " are required (",
+                      states.size(), " state tensors for ", n, " params)");
+    call.states[k] = states.slice(used * n, n);
+    if (!spec.slot) like_params.emplace_back(spec.list, call.states[k]);
+    ++used;
+  }
+  TORCH_CHECK_VALUE(states.size() == used * n, op, ": expected ", used, " state lists of ", n,
+                    " tensors, got ", states.size(), " state tensors");
+  return like_params;
+}
+
 // Checks a step call of algorithm A against its contract and, unless found_inf
 // skips the step, computes the coefficients at the next step counts.  Writes
 // nothing: the caller launches, then commit_steps.
@@ -166,27 +200,10 @@ std::optional<StepCall<A>> begin_step(at::TensorList params, at::TensorList grad
                                       at::OptionalIntArrayRef round_keys,
                                       const DeviceChecks& device_checks,
                                       at::TensorList low_params = {}) {
-  const Contract& c = contract_of<A>();
-  const char* op = c.op;
+  const char* op = contract_of<A>().op;
   StepCall<A> call = new_step_call<A>(params, grads, hyper);
   const size_t n = params.size();
-  std::vector<NamedList> like_params, slots;
-  size_t used = 0;
-  for (size_t k = 0; k < c.states.size(); ++k) {
-    const StateSpec& spec = c.states[k];
-    bool enabled = true;
-    for (size_t h = 0; spec.enabled_by != nullptr && h < c.hyper.size(); ++h) {
-      if (c.hyper[h] == spec.enabled_by) enabled = hyper[h] != 0.0;
-    }
-    if (!enabled) continue;
-    TORCH_CHECK_VALUE(states.size() >= (used + 1) * n, op, ": ", spec.list, " are required (",
-                      states.size(), " state tensors for ", n, " params)");
-    call.states[k] = states.slice(used * n, n);
-    (spec.slot ? slots : like_params).emplace_back(spec.list, call.states[k]);
-    ++used;
-  }
-  TORCH_CHECK_VALUE(states.size() == used * n, op, ": expected ", used, " state lists of ", n,
-                    " tensors, got ", states.size(), " state tensors");
+  const std::vector<NamedList> like_params = slice_states(call, states, hyper);
   TORCH_CHECK_VALUE(!steps.empty() || n == 0, op, ": steps are required");
   if (low_params.empty()) {
     check_bucket(op, params, grads, like_params, steps);
@@ -198,6 +215,52 @@ std::optional<StepCall<A>> begin_step(at::TensorList params, at::TensorList grad
   }
   return finish_step(std::move(call), steps, per_tensor, grad_scale, found_inf, telemetry, round_keys,
                      device_checks);
+}
+
+// The prologue of a capturable step (run_capturable_step): the bucket and its
+// states checked as begin_step does (no step counters: they live on the device
+// and the caller advances them), `coef` a contiguous float64 [n][columns] table
+// of the contract's columns on the params' device, `found_inf` a one-element
+// float32 tensor there.  Reads no tensor's values on the host; writes nothing.
+template <typename A, typename CapturableChecks>
+StepCall<A> begin_capturable_step(at::TensorList params, at::TensorList grads, at::TensorList states,
+                                  at::ArrayRef<double> hyper, at::ArrayRef<double> per_tensor,
+                                  const at::Tensor& coef, const std::optional<at::Tensor>& found_inf,
+                                  const CapturableChecks& capturable_checks) {
+  const Contract& c = contract_of<A>();
+  const char* op = c.op;
+  StepCall<A> call = new_step_call<A>(params, grads, hyper);
+  const int64_t n = static_cast<int64_t>(params.size());
+  const std::vector<NamedList> like_params = slice_states(call, states, hyper);
+  check_bucket(op, params, grads, like_params, {});
+  if (c.per_tensor != nullptr) {
+    check_per_tensor(op, params, per_tensor.size(), c.per_tensor);
+  } else {
+    TORCH_CHECK_VALUE(per_tensor.empty(), op, ": takes no per-tensor values, got ", per_tensor.size());
+  }
+  if constexpr (std::is_same_v<A, AmosAlgorithm>) {
+    call.layouts = amos_slot_layouts(op, params, call.states[0], call.states[1]);
+  }
+  const int64_t width = static_cast<int64_t>(c.columns.size());
+  TORCH_CHECK_VALUE(coef.scalar_type() == at::kDouble && coef.dim() == 2 && coef.size(0) == n &&
+                        coef.size(1) == width && coef.is_contiguous(),
+                    op, ": coef must be a contiguous float64 tensor of shape [", n, ", ", width, "], got ",
+                    coef.scalar_type(), " of shape ", coef.sizes(), coef.is_contiguous() ? "" : " (not contiguous)");
+  if (n == 0) return call;
+  capturable_checks(op, params);
+  TORCH_CHECK_VALUE(coef.device() == params[0].device(), op, ": coef is on ", coef.device(), ", the params on ",
+                    params[0].device());
+  if (found_inf) {
+    const at::Tensor& f = *found_inf;
+    TORCH_CHECK_VALUE(f.scalar_type() == at::kFloat && f.numel() == 1 && f.device() == params[0].device(), op,
+                      ": found_inf must be a one-element float32 tensor on ", params[0].device(), ", got ",
+                      f.scalar_type(), " of shape ", f.sizes(), " on ", f.device());
+    call.skip = f.data_ptr<float>();
+  }
+  call.device_columns = coef.data_ptr<double>();
+  call.device_width = width;
+  call.per_tensor.assign(per_tensor.begin(), per_tensor.end());
+  return call;
 }
 
 // Declares, in a backend's namespace, its launch of every algorithm with kernels
@@ -238,6 +301,22 @@ void run_step(c10::string_view algorithm, at::TensorList params, at::TensorList 
     // -- every check passed: from here on we write --
     if (!params.empty()) Backend::launch(*call);
     commit_steps(steps);
+  });
+}
+
+// The capturable step op of a backend (capturable=True): begin_capturable_step,
+// then Backend::launch; Backend::capturable_checks(op, params) are its device
+// checks.  No telemetry, stochastic rounding or low params: those need the host.
+template <typename Backend>
+void run_capturable_step(c10::string_view algorithm, at::TensorList params, at::TensorList grads,
+                         at::TensorList states, at::ArrayRef<double> hyper, at::ArrayRef<double> per_tensor,
+                         const at::Tensor& coef, const std::optional<at::Tensor>& found_inf) {
+  with_algorithm(algorithm, [&](auto traits) {
+    using A = decltype(traits);
+    const StepCall<A> call = begin_capturable_step<A>(params, grads, states, hyper, per_tensor, coef, found_inf,
+                                                      &Backend::capturable_checks);
+    // -- every check passed: from here on we write --
+    if (!params.empty()) Backend::launch(call);
   });
 }
 

@@ -1,5 +1,5 @@
 """Capturable Triton steps (``capturable=True``): step counters on the params'
-device, coefficients computed there (triton_kernels/device_coefficients.py),
+device, coefficients computed there (amos_fused/device_coefficients.py),
 GradScaler's found_inf read by the kernels.  Held to the host-coefficient steps
 (``ops.step``) on the interpreter (CPU tensors) and, with a GPU, captured in a
 CUDA graph and replayed."""
@@ -18,7 +18,8 @@ pytest.importorskip("triton")
 
 import amos_fused as af  # noqa: E402
 from amos_fused.contracts import contract, step_arguments  # noqa: E402
-from amos_fused.triton_kernels import device_coefficients, ops  # noqa: E402
+from amos_fused import device_coefficients  # noqa: E402
+from amos_fused.triton_kernels import ops  # noqa: E402
 from amos_fused.triton_kernels.common import kernels_interpreted  # noqa: E402
 
 DEVICE = torch.device("cpu" if kernels_interpreted() else "cuda")

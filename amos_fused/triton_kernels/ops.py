@@ -27,7 +27,8 @@ C++ prologue ``begin_step_fp8`` (its checks, found_inf, coefficients), one
 launch, then the step counters.
 
 ``step_capturable`` (``capturable=True``) reads nothing on the host: its counters
-are on the params' device, its coefficients computed there (device_coefficients.py)
+are on the params' device, its coefficients computed there (amos_fused/device_coefficients.py;
+the checks and counters of amos_fused/capturable.py, shared with the CUDA backend)
 and its kernels read found_inf themselves."""
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ from torch import Tensor
 
 from ..contracts import algorithms as contract_algorithms
 from ..contracts import contract
-from . import adam, amos, device_coefficients, fp8, norm_scaled
+from .. import capturable, device_coefficients
+from . import adam, amos, fp8, norm_scaled
 from .common import check_bucket, round_table
 
 # Each algorithm's launch is ``launch_<algorithm>(params, grads, states by key, hyper by
@@ -105,19 +107,6 @@ def capturable_algorithms() -> List[str]:
     return [name for name in algorithms() if name in device_coefficients.algorithms()]
 
 
-def _check_on_device(op: str, name: str, t: object, device: torch.device, dtype: Optional[torch.dtype],
-                     real: bool = False) -> None:
-    """A one-element tensor on ``device``: of ``dtype``, else floating (any real
-    number type when ``real``)."""
-    is_real = isinstance(t, Tensor) and not t.is_complex() and t.dtype != torch.bool
-    if not (isinstance(t, Tensor) and t.numel() == 1 and t.device == device
-            and (t.dtype == dtype if dtype is not None else t.is_floating_point() or (real and is_real))):
-        got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else repr(t)
-        kind = str(dtype).replace("torch.", "") if dtype is not None else "real" if real else "floating"
-        raise ValueError(f"{op}: {name} must be a one-element {kind} tensor on {device} (a "
-                         f"capturable step reads nothing on the host), got {got}")
-
-
 def step_capturable(algorithm: str, params: List[Tensor], grads: List[Tensor], states: List[Tensor],
                     steps: List[Tensor], hyper: Mapping[str, object], per_tensor: Sequence[float],
                     grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
@@ -135,31 +124,20 @@ def step_capturable(algorithm: str, params: List[Tensor], grads: List[Tensor], s
         raise ValueError(f"amos_fused: no capturable step for {algorithm!r} "
                          f"(known: {', '.join(capturable_algorithms())})")
     op = f"amos_fused.triton.{algorithm}_step_capturable"
+    capturable.check_hyper_names(op, algorithm, hyper)
     names = contract(algorithm).hyper
-    if set(hyper) != set(names):
-        raise ValueError(f"{op}: expected the hyper-parameters {', '.join(names)}, got {', '.join(hyper)}")
     lists = _state_lists(op, algorithm, len(params), states, [hyper[name] for name in names])
     slot_keys = ("v", "b") if algorithm == "amos" else ()
     check_bucket(op, params, grads, {k: v for k, v in lists.items() if k not in slot_keys}, [],
                  {k: lists[k] for k in slot_keys})
     if not params:
         return
-    device = params[0].device
-    if len(steps) != len(params):
-        raise ValueError(f"{op}: {len(params)} params but {len(steps)} steps")
-    for i, s in enumerate(steps):
-        _check_on_device(op, f"steps[{i}]", s, device, torch.float32)
-    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
-        if t is not None:
-            _check_on_device(op, name, t, device, None)
-    if isinstance(hyper["lr"], Tensor):
-        _check_on_device(op, "lr", hyper["lr"], device, None, real=True)
+    capturable.check_device_arguments(op, params, steps, hyper, grad_scale, found_inf)
     prepared = amos.amos_meta(op, params, lists["v"], lists["b"], lists.get("mu")) if slot_keys else None
     coef = device_coefficients.coefficient_table(algorithm, steps, hyper, per_tensor, grad_scale)
-    floats = {name: (1.0 if isinstance(value, Tensor) else float(value)) for name, value in hyper.items()}
-    _LAUNCH[algorithm](params, grads, lists, floats, coef, prepared, skip=found_inf)  # (floats: constexpr choices)
-    increment = 1.0 if found_inf is None else (1.0 - found_inf.to(torch.float32)).reshape(())
-    torch._foreach_add_(list(steps), increment)  # after the launch: a failed one leaves them
+    _LAUNCH[algorithm](params, grads, lists, capturable.host_hyper(hyper), coef, prepared,
+                       skip=found_inf)  # (host_hyper: the constexpr choices)
+    capturable.advance_counters(steps, found_inf)
 
 
 def fp8_algorithms() -> List[str]:

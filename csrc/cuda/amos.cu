@@ -316,6 +316,7 @@ template <typename scalar_t, bool MOMENTUM, bool TELEMETRY, bool ROUND>
 __global__ void __launch_bounds__(kAmosThreads, (kMainMinBlocks<scalar_t, MOMENTUM, TELEMETRY, ROUND>))
     amos_main_kernel(AmosTable<at::opmath_type<scalar_t>> table, bool clip, at::opmath_type<scalar_t>* partials,
                      double* telemetry_partials) {
+  if (step_skipped(table.skip)) return;
   const BlockTask task = table.main_tasks[blockIdx.x];
   const AmosTensor info = table.tensor[task.tensor];
   const AmosCoef<at::opmath_type<scalar_t>> c = table.coefs[table.coef_index[task.tensor]];
@@ -358,6 +359,7 @@ __global__ void __launch_bounds__(kAmosThreads)
     amos_slots_kernel(AmosTable<at::opmath_type<scalar_t>> table, const at::opmath_type<scalar_t>* partials,
                       at::opmath_type<scalar_t>* wa) {
   using Op = at::opmath_type<scalar_t>;
+  if (step_skipped(table.skip)) return;
   const BlockTask task = table.slot_tasks[blockIdx.x];
   const AmosTensor info = table.tensor[task.tensor];
   const int64_t s = static_cast<int64_t>(task.chunk) * kAmosWarps + threadIdx.x / kWarpSize;
@@ -391,6 +393,7 @@ __global__ void __launch_bounds__(kAmosThreads)
     amos_apply_kernel(AmosTable<at::opmath_type<scalar_t>> table, bool clip, const at::opmath_type<scalar_t>* wa,
                       double* telemetry_partials) {
   using Op = at::opmath_type<scalar_t>;
+  if (step_skipped(table.skip)) return;
   const BlockTask task = table.apply_tasks[blockIdx.x];
   const AmosTensor info = table.tensor[task.tensor];
   const AmosCoef<Op> c = table.coefs[table.coef_index[task.tensor]];
@@ -454,6 +457,7 @@ void launch_amos(const TableKey& key, AmosPlan<at::opmath_type<scalar_t>>& plan,
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   with_device_table(key, plan.image, [&](const uint8_t* base) {
+    plan.fill_device_coefficients(base, stream);
     const AmosTable<Op> table = plan.view(base);
     amos_main_kernel<scalar_t, MOMENTUM, TELEMETRY, ROUND>
         <<<static_cast<unsigned>(plan.main_tasks), kAmosThreads, 0, stream>>>(table, clip, partials, main_sums);
@@ -482,7 +486,7 @@ void launch(const StepCall<AmosAlgorithm>& call) {
   const TableKey key = table_key(call.op, params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "amos_fused_amos_cuda", [&] {
     using Op = at::opmath_type<scalar_t>;
-    const CoefTable<AmosCoef<Op>> coefs = opmath_coefficients<Op, AmosCoef>(call);
+    const CoefTable<AmosCoef<Op>> coefs = opmath_coefficients<Op, AmosCoef>(call);  // (outlives the plan)
     const bool telemetry = call.telemetry != nullptr;
     AmosPlan<Op> plan(call.op, params, call.grads, call.states[0], call.states[1],
                       momentum ? call.states[2] : at::TensorList(), call.layouts, coefs, telemetry,

@@ -106,6 +106,7 @@ struct AmosTable {
   const BlockTask* slot_tasks;
   const BlockTask* apply_tasks;
   const RoundKey* round;  // per tensor with stochastic rounding, else null
+  const float* skip;      // capturable steps: found_inf on the device, else null
   int64_t chunk;  // elements per chunk
 };
 
@@ -148,7 +149,7 @@ class AmosPlan {
            at::TensorList bs, at::TensorList mus, const std::vector<AmosLayout>& layouts,
            const CoefTable<AmosCoef<Op>>& coefs, bool telemetry = false,
            const StochasticRound* round = nullptr)
-      : rounds_(round != nullptr) {
+      : rounds_(round != nullptr), coefs_(coefs) {
     const int64_t n = static_cast<int64_t>(params.size());
     check_tensor_count(op, params.size());
     num_tensors = n;
@@ -230,7 +231,8 @@ class AmosPlan {
     image.allocate();
 
     image.set_used(coefs_section_, static_cast<int64_t>(coefs.unique.size()));
-    std::copy(coefs.unique.begin(), coefs.unique.end(), image.data<AmosCoef<Op>>(coefs_section_));
+    if (coefs.device_columns == nullptr)  // (a capturable step's stay zero bytes: filled on the device)
+      std::copy(coefs.unique.begin(), coefs.unique.end(), image.data<AmosCoef<Op>>(coefs_section_));
     if (rounds_) {
       RoundKey* keys = image.data<RoundKey>(round_section_);
       for (int64_t t = 0; t < n; ++t) keys[t] = round_key(round[t]);
@@ -280,8 +282,16 @@ class AmosPlan {
     v.slot_tasks = device_section<BlockTask>(base, image, slot_section_);
     v.apply_tasks = device_section<BlockTask>(base, image, apply_section_);
     v.round = rounds_ ? device_section<RoundKey>(base, image, round_section_) : nullptr;
+    v.skip = coefs_.skip;
     v.chunk = chunk;
     return v;
+  }
+
+  // A capturable step's coefficients, computed into the table at `base` on the
+  // device (device_coefficients.cuh); nothing for host-computed ones.  Call after
+  // the upload, before the step's kernels.
+  void fill_device_coefficients(const uint8_t* base, cudaStream_t stream) const {
+    cuda::fill_device_coefficients(coefs_, view(base).coefs, num_tensors, stream);
   }
 
   bool rounds() const { return rounds_; }
@@ -302,6 +312,7 @@ class AmosPlan {
   }
 
   bool rounds_;
+  const CoefTable<AmosCoef<Op>>& coefs_;  // (outlives the plan: the launch's)
   int coefs_section_, address_section_[kAmosArrays], coef_index_section_, tensor_section_,
       general_section_, main_section_, slot_section_, apply_section_, telemetry_section_ = -1,
       round_section_ = -1;

@@ -3,8 +3,17 @@
 // pinned staging memory from torch's caching host allocator with non_blocking
 // copies on the current stream, which keep the staging block alive until the copy
 // has run.  No host synchronization.
+//
+// CUDA graphs: a step captured in a graph (a capturable step) reads the table as it
+// was at capture, on every replay.  So under capture nothing is uploaded or
+// allocated: the bucket's table must already hold exactly the step's image (an
+// eager step with the same tensors before the capture, as torch's recipe warms up),
+// and it is then marked captured.  A captured table is never rewritten or freed: when
+// a later eager step needs other contents, or another stream, it gets a new
+// table, and the captured one is kept (graph_tables) for the graphs that read it.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <mutex>
@@ -39,13 +48,21 @@ struct CachedTable {
   std::vector<Section> sections;    // the layout of `host`
   c10::StreamId stream = 0;         // the stream every upload and launch was ordered on
   uint64_t last_use = 0;
+  bool captured = false;            // read by a captured CUDA graph: never rewritten or freed
 };
 
 struct Cache {
   std::mutex mutex;
   std::unordered_map<TableKey, CachedTable, KeyHash> tables;
+  std::vector<at::Tensor> graph_tables;  // device tables of captured graphs, kept for their replays
   uint64_t clock = 0;
 };
+
+// Detaches a table's device memory for good when a captured graph reads it.
+void retire_if_captured(Cache& c, CachedTable& table) {
+  if (table.captured && table.device.defined()) c.graph_tables.push_back(table.device);
+  table.captured = false;
+}
 
 // Never destroyed: device tensors must not be freed after CUDA is torn down at exit.
 Cache& cache() {
@@ -108,6 +125,7 @@ void evict_least_recently_used(Cache& c) {
   for (auto it = c.tables.begin(); it != c.tables.end(); ++it) {
     if (it->second.last_use < oldest->second.last_use) oldest = it;
   }
+  retire_if_captured(c, oldest->second);
   c.tables.erase(oldest);  // the caching allocator frees it in stream order
 }
 
@@ -125,19 +143,41 @@ void with_device_table(const TableKey& key, TableImage& image,
     it = c.tables.emplace(key, CachedTable{}).first;
   }
   CachedTable& table = it->second;
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    // Captured: no upload, no allocation; the table must hold this image already
+    // (any stream: graph capture begins after the device is synchronized).
+    const bool ready = table.device.defined() && table.device.numel() >= image.total() &&
+                       same_layout(image.sections(), table.sections) && dirty_ranges(image, table).empty();
+    TORCH_CHECK(ready, key.op,
+                ": a step captured in a CUDA graph must follow an eager step of the same optimizer with the "
+                "same params, grads and states (its device tables are uploaded then; warm up before capturing, "
+                "as torch's capturable optimizers do)");
+    table.captured = true;
+    table.last_use = ++c.clock;
+    launch(table.device.data_ptr<uint8_t>());
+    return;
+  }
   // A table last used on another stream is replaced, not rewritten: kernels that
   // read it may still be queued there.
   const bool fresh = !table.device.defined() || table.device.numel() < image.total() ||
                      table.stream != stream.id();
   if (fresh) {
+    retire_if_captured(c, table);
     table.device = at::empty({image.total()}, at::TensorOptions()
                                                   .dtype(at::kByte)
                                                   .device(at::kCUDA, stream.device_index()));
   }
-  const std::vector<ByteRange> ranges =
+  std::vector<ByteRange> ranges =
       fresh || !same_layout(image.sections(), table.sections)
           ? std::vector<ByteRange>{{0, image.total()}}
           : dirty_ranges(image, table);
+  if (table.captured && !fresh && !ranges.empty()) {  // a graph reads it: write a new one
+    retire_if_captured(c, table);
+    table.device = at::empty({image.total()}, at::TensorOptions()
+                                                  .dtype(at::kByte)
+                                                  .device(at::kCUDA, stream.device_index()));
+    ranges = {{0, image.total()}};
+  }
   try {
     if (!ranges.empty()) upload(table.device, image.bytes(), ranges);
   } catch (...) {

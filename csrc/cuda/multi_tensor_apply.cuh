@@ -12,6 +12,9 @@
 // stochastic rounding (another, bfloat16 only: param_rounding.cuh) it stores
 // array 0 rounded with round[t] (a table section only then):
 //   round[t]        tensor t's RoundKey
+// A capturable step's coefficients are computed on the device into the coefs
+// section, and its kernels return at once when found_inf (skip) is set
+// (device_coefficients.cuh).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,6 +25,7 @@
 #include <array>
 #include <vector>
 
+#include "device_coefficients.cuh"
 #include "device_table.h"
 #include "element_walk.cuh"
 #include "op_support.h"
@@ -51,6 +55,7 @@ struct ElementwiseTable {
   const Coef* coefs;
   const BlockTask* tasks;
   const RoundKey* round;  // per tensor with stochastic rounding, else null
+  const float* skip;      // capturable steps: found_inf on the device, else null
   int64_t chunk;  // elements per block
 };
 
@@ -78,7 +83,8 @@ class TensorSections {
 
   void fill(TableImage& image) const {
     image.set_used(coefs_section_, static_cast<int64_t>(coefs_.unique.size()));
-    std::copy(coefs_.unique.begin(), coefs_.unique.end(), image.data<Coef>(coefs_section_));
+    if (coefs_.device_columns == nullptr)  // (a capturable step's stay zero bytes: filled on the device)
+      std::copy(coefs_.unique.begin(), coefs_.unique.end(), image.data<Coef>(coefs_section_));
     std::copy(coefs_.index.begin(), coefs_.index.end(), image.data<int32_t>(coef_index_section_));
     if (round_ != nullptr) {
       RoundKey* keys = image.data<RoundKey>(round_section_);
@@ -105,6 +111,7 @@ class TensorSections {
   int64_t num_tensors() const { return n_; }
   bool rounds() const { return round_ != nullptr; }
   const std::array<at::TensorList, A>& arrays() const { return arrays_; }
+  const CoefTable<Coef>& coefficients() const { return coefs_; }
 
  private:
   std::array<at::TensorList, A> arrays_;
@@ -157,8 +164,16 @@ class ElementwisePlan {
     tensors_.view_into(base, image, v);
     v.first_task = device_section<int64_t>(base, image, first_task_section_);
     v.tasks = device_section<BlockTask>(base, image, tasks_section_);
+    v.skip = tensors_.coefficients().skip;
     v.chunk = chunk;
     return v;
+  }
+
+  // A capturable step's coefficients, computed into the table at `base` on the
+  // device (device_coefficients.cuh); nothing for host-computed ones.  Call after
+  // the upload, before the step's kernels.
+  void fill_device_coefficients(const uint8_t* base, cudaStream_t stream) const {
+    cuda::fill_device_coefficients(tensors_.coefficients(), view(base).coefs, n_, stream);
   }
 
   int64_t num_tensors() const { return n_; }
@@ -203,6 +218,7 @@ __global__ void __launch_bounds__(kElementwiseThreads, (kElementwiseMinBlocks<TE
     elementwise_kernel(ElementwiseTable<Coef, S> table, Functor f, double* telemetry_partials) {
   using Op = at::opmath_type<scalar_t>;
   static_assert(!ROUND || (kWriteMask & 1u), "stochastic rounding applies to array 0, the (written) params");
+  if (step_skipped(table.skip)) return;
   const BlockTask task = table.tasks[blockIdx.x];
   scalar_t* ptr[S];
   int64_t begin, end;
@@ -245,6 +261,7 @@ void launch_elementwise(const TableKey& key, ElementwisePlan<Coef, S>& plan, con
   at::Tensor partials;
   if (telemetry != nullptr) partials = telemetry_partials(plan.num_tasks, plan.device());
   with_device_table(key, plan.image, [&](const uint8_t* base) {
+    plan.fill_device_coefficients(base, stream);
     const ElementwiseTable<Coef, S> table = plan.view(base);
     const unsigned blocks = static_cast<unsigned>(plan.num_tasks);
     with_rounding<scalar_t>("amos_fused elementwise step", plan.rounds(), [&](auto round_flag) {

@@ -43,6 +43,13 @@ struct NormCoef {
   MomentCoef<Op> moments;
   double scale;  // scale-aware Adam: α0·s(t), so k = scale·‖ε0‖/‖u‖;  LAMB: η
   double rho;    // scale-aware Adam: ρ_t = α0²/(2q)·s(t);  LAMB: 0
+
+  // A row of the coefficient table (CoefColumns<NormScaledCoef>: the moments'
+  // columns, scale, rho, init_norm), for capturable steps (device_coefficients.cuh).
+  __host__ __device__ static NormCoef from_columns(const double* row) {
+    constexpr int kMoments = MomentCoef<Op>::kColumns;
+    return {MomentCoef<Op>::from_columns(row), row[kMoments], row[kMoments + 1]};
+  }
 };
 
 // Arrays of the table: p, g, m, v.
@@ -58,6 +65,7 @@ template <typename scalar_t, bool LAMB>
 __global__ void __launch_bounds__(kElementwiseThreads)
     norm_moments_kernel(NormTable<at::opmath_type<scalar_t>> table, at::opmath_type<scalar_t>* partials) {
   using Op = at::opmath_type<scalar_t>;
+  if (step_skipped(table.skip)) return;
   const BlockTask task = table.tasks[blockIdx.x];
   scalar_t* ptr[4];
   int64_t begin, end;
@@ -100,7 +108,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
                        int64_t num_tensors, bool lamb, Op* k_rho) {
   const int64_t t = (static_cast<int64_t>(blockIdx.x) * kElementwiseThreads + threadIdx.x) / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
-  if (t >= num_tensors) return;  // whole warps
+  if (t >= num_tensors || step_skipped(table.skip)) return;  // whole warps
   double u_sq, theta_sq;
   warp_sum_pairs(partials, table.first_task[t], table.first_task[t + 1], lane, u_sq, theta_sq);
   if (lane != 0) return;
@@ -120,12 +128,15 @@ __global__ void __launch_bounds__(kElementwiseThreads)
 
 // Phase 3: θ ← θ − (k·u + ρ·θ) (narrow storage: the moments are updated and stored here).
 // TELEMETRY: also this block's Σθ², Σ(Δθ)² into telemetry_partials[2·block], [2·block + 1].
-// ROUND: θ stored with stochastic rounding (table.round).
+// ROUND: θ stored with stochastic rounding (table.round).  With both, compiled
+// for 3 blocks per SM (≤ 85 registers) like the elementwise kernel: left to
+// itself ptxas squeezes the bfloat16 variants into 64 registers, with spills.
 template <typename scalar_t, bool LAMB, bool TELEMETRY, bool ROUND>
-__global__ void __launch_bounds__(kElementwiseThreads)
+__global__ void __launch_bounds__(kElementwiseThreads, (kElementwiseMinBlocks<TELEMETRY, ROUND>))
     norm_apply_kernel(NormTable<at::opmath_type<scalar_t>> table, const at::opmath_type<scalar_t>* k_rho,
                       double* telemetry_partials) {
   using Op = at::opmath_type<scalar_t>;
+  if (step_skipped(table.skip)) return;
   const BlockTask task = table.tasks[blockIdx.x];
   scalar_t* ptr[4];
   int64_t begin, end;
@@ -177,6 +188,7 @@ void launch_norm_scaled(const TableKey& key, ElementwisePlan<NormCoef<at::opmath
   if (telemetry != nullptr) telemetry_scratch = telemetry_partials(plan.num_tasks, device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   with_device_table(key, plan.image, [&](const uint8_t* base) {
+    plan.fill_device_coefficients(base, stream);
     const NormTable<Op> table = plan.view(base);
     const unsigned blocks = static_cast<unsigned>(plan.num_tasks);
     norm_moments_kernel<scalar_t, LAMB><<<blocks, kElementwiseThreads, 0, stream>>>(table, partials);
@@ -210,12 +222,15 @@ void norm_scaled_step(const StepCall<A>& call, bool lamb) {
   const TableKey key = table_key(call.op, params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "amos_fused_norm_scaled_cuda", [&] {
     using Op = at::opmath_type<scalar_t>;
-    const CoefTable<NormCoef<Op>> coefs = fold_coefficients<NormCoef<Op>>(
-        params.size(), [&](size_t t) { return call.steps[t]; },
-        [&](size_t t) {
-          const NormScaledCoef& c = call.coef[t];
-          return NormCoef<Op>{to_opmath<Op>(c.moments), c.scale, c.rho};
-        });
+    const CoefTable<NormCoef<Op>> coefs =
+        call.device_columns != nullptr
+            ? device_coefficient_table<NormCoef<Op>>(params.size(), call.device_columns, call.device_width, call.skip)
+            : fold_coefficients<NormCoef<Op>>(
+                  params.size(), [&](size_t t) { return call.steps[t]; },
+                  [&](size_t t) {
+                    const NormScaledCoef& c = call.coef[t];
+                    return NormCoef<Op>{to_opmath<Op>(c.moments), c.scale, c.rho};
+                  });
     ElementwisePlan<NormCoef<Op>, 4> plan(call.op, {params, call.grads, call.states[0], call.states[1]},
                                           coefs, call.round_or_null());
     if (plan.num_tasks == 0) {

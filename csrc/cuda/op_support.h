@@ -24,10 +24,12 @@ inline void require_cuda_params(const char* op, at::TensorList params) {
 }
 
 // Steps are host counters and the GradScaler inputs are read on the host: a
-// captured graph would replay stale values.  Call under the bucket's device guard.
+// captured graph would replay stale values (capturable steps, which read nothing
+// there, skip this check).  Call under the bucket's device guard.
 inline void refuse_graph_capture(const char* op) {
   TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
-              op, ": cannot run inside CUDA graph capture (step counts are host tensors)");
+              op, ": cannot run inside CUDA graph capture (step counts are host tensors; "
+              "capturable=True steps can be captured)");
 }
 
 // The device checks of a CUDA step (Backend::device_checks, cuda/step_launch.h): CUDA params, and
@@ -40,14 +42,39 @@ inline auto cuda_checks(const char* op, at::TensorList params) {
   };
 }
 
+// The device checks of a capturable step (run_capturable_step): CUDA params; it
+// may run under CUDA graph capture, since it reads nothing on the host.
+inline void cuda_capturable_checks(const char* op, at::TensorList params) { require_cuda_params(op, params); }
+
 // Per-tensor coefficients with runs of equal ones folded: tensor t uses
 // unique[index[t]].  A bucket whose tensors share a step count (the usual case)
 // has one entry, so the index never changes and only that entry is uploaded.
+// A capturable step (StepCall::device_columns) has one placeholder entry per
+// tensor (its table section is left zero bytes, the same every step), which
+// device_coefficients.cuh fills on the device from row t of `device_columns`
+// before the step's kernels run; its kernels return at once
+// when `skip` (GradScaler's found_inf on the device) is non-zero.
 template <typename Coef>
 struct CoefTable {
   std::vector<Coef> unique;
   std::vector<int32_t> index;
+  const double* device_columns = nullptr;  // [n][Coef::kColumns or more] float64, row-major
+  int64_t width = 0;                       // columns per row of device_columns
+  const float* skip = nullptr;
 };
+
+// The table of a capturable step: n placeholders filled on the device.
+template <typename Coef>
+CoefTable<Coef> device_coefficient_table(size_t n, const double* columns, int64_t width, const float* skip) {
+  CoefTable<Coef> table;
+  table.unique.assign(n, Coef{});
+  table.index.resize(n);
+  for (size_t t = 0; t < n; ++t) table.index[t] = static_cast<int32_t>(t);
+  table.device_columns = columns;
+  table.width = width;
+  table.skip = skip;
+  return table;
+}
 
 // key(t): what tensor t's coefficients depend on (comparable with ==);
 // make(t): its coefficients.

@@ -25,6 +25,8 @@ AF_DECLARE_BACKEND_LAUNCHES
 struct Backend {
   // CUDA params, and not under CUDA graph capture.
   static void device_checks(const char* op, at::TensorList params) { cuda_checks(op, params)(); }
+  // A capturable step: CUDA params (it may run under CUDA graph capture).
+  static void capturable_checks(const char* op, at::TensorList params) { cuda_capturable_checks(op, params); }
   // Master weights are written by a second pass (amos_fused/master_weights.py).
   template <typename A>
   static constexpr bool writes_low_params() { return false; }
@@ -34,9 +36,13 @@ struct Backend {
   }
 };
 
-// The call's coefficients in the kernels' math type, runs of equal rows folded.
+// The call's coefficients in the kernels' math type, runs of equal rows folded
+// (a capturable call's: placeholders filled on the device, op_support.h).
 template <typename Op, template <typename> class Coef, typename A>
 CoefTable<Coef<Op>> opmath_coefficients(const StepCall<A>& call) {
+  if (call.device_columns != nullptr) {
+    return device_coefficient_table<Coef<Op>>(call.params.size(), call.device_columns, call.device_width, call.skip);
+  }
   using Columns = CoefColumns<Coef<double>>;
   const size_t width = Columns::names().size();
   std::vector<double> rows(call.coef.size() * width);

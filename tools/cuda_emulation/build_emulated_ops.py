@@ -10,7 +10,8 @@ the few places that cannot compile or run as host code:
   at::kCUDA, pinned memory, params[0].is_cuda()  ->  CPU memory, pageable, true
 Everything else (tables, cache, kernels, the step_math.h calls) is the real code.
 The ops appear as torch.ops.amos_fused_emu.<op> (positional arguments only), plus
-emu_skip_kernels(bool) and emu_set_stream(int).
+emu_skip_kernels(bool), emu_set_stream(int) and emu_set_capturing(bool) (the
+capture status the ops see).
 
     python tools/cuda_emulation/build_emulated_ops.py      # builds, prints the library path
 """
@@ -29,13 +30,16 @@ BUILD = os.environ.get("AMOS_EMU_BUILD", os.path.join(ROOT, "build", "cuda_emula
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;{}]*?>)?)\s*<<<(.*?)>>>\((.*?)\);", re.S)
 
 _CONTROL = """\
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 void emu_skip_kernels(bool on) { emu::skip_kernels = on; }
 void emu_set_stream(int64_t id) { c10::cuda::emulated_stream_id = id; }
+void emu_set_capturing(bool on) { c10::cuda::emulated_capturing = on; }
 TORCH_LIBRARY_FRAGMENT(amos_fused_emu, m) {
   m.def("emu_skip_kernels", &emu_skip_kernels);
   m.def("emu_set_stream", &emu_set_stream);
+  m.def("emu_set_capturing", &emu_set_capturing);
 }
 """
 

@@ -3,7 +3,9 @@ with the CPU ops on the same inputs: every algorithm, every storage dtype, every
 path (elementwise, warp rows, block rows, long rows, general layouts), misaligned
 params, GradScaler inputs, the step's telemetry output (group "telemetry"),
 bfloat16 params stored with stochastic rounding (group "stochastic_round"), the
-step op with block-scaled FP8 states (group "fp8"), and the
+step op with block-scaled FP8 states (group "fp8"), the capturable step op
+(group "capturable": coefficients computed by torch ops, found_inf read by the
+kernels), and the
 cached device tables (grads at new addresses, a param moved, a sub-bucket, a changed
 layout, another stream, per-tensor step counts).  Checks logic only: no timing, memory model or real-device behaviour.
 
@@ -26,7 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]  # this folder, the repository
 import amos_fused  # noqa: E402,F401  (the CPU ops)
 import build_emulated_ops  # noqa: E402
-from amos_fused.contracts import call_step, hyper_values  # noqa: E402
+from amos_fused import capturable  # noqa: E402
+from amos_fused.contracts import call_capturable_step, call_step, hyper_values  # noqa: E402
 
 EMU, CPU = None, torch.ops.amos_fused
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -695,9 +698,120 @@ def group_fp8():
         FAILURES.append(f"fp8: a bucket of empty tensors wrote telemetry {tables[0].tolist()}")
 
 
+def capturable_cases():
+    """(name, algorithm, shapes, state keys (slot keys: Amos's v, b), hyper at step k, per_tensor, Amos axes)."""
+    adam = [(f"adam amsgrad={a} decoupled={d} bc={bc}", "adam", SHAPES, ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
+             lambda k, a=a, d=d, bc=bc: adam_hyper(0.1, d, a, bc), (), None)
+            for a, d, bc in [(False, True, True), (True, False, True), (False, False, False)]]
+    amos = [(f"amos {axes} momentum={m} clip={c}", "amos", shapes, ["v", "b", "mu"],
+             lambda k, m=m, c=c: amos_hyper(0.3 * 0.9**k, m, c, 0.01), [0.3 + 0.1 * i for i in range(len(shapes))],
+             axes)
+            for axes, shapes, m, c in [(None, [(37,), (3, 1, 7), (10001,)], 0.9, 0.5),
+                                       ("all", [(4, 16), (3, 9000)], None, None),
+                                       ((1,), [(37, 5), (50, 1000), (7, 5003), (3, 9000)], 0.9, None),
+                                       ((0,), [(37, 5), (300, 7)], None, 0.5),
+                                       ((0, 2), [(3, 4, 5), (2, 300, 3)], 0.9, 0.5)]]
+    return adam + amos + [
+        ("radam", "radam", SHAPES, ["exp_avg", "exp_avg_sq"],
+         lambda k: dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=False,
+                        rectify_threshold=4.0), (), None),
+        ("lion", "lion", SHAPES, ["exp_avg"], lambda k: dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.3),
+         (), None),
+        ("scaled_adam", "scaled_adam", SHAPES + [(70000,)], ["exp_avg", "exp_avg_sq"],
+         lambda k: dict(lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, p=2.0, inverse_time=False, q=0.5),
+         [1.0 + i for i in range(len(SHAPES) + 1)], None),
+        ("lamb", "lamb", SHAPES, ["exp_avg", "exp_avg_sq"],
+         lambda k: dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1, bias_correction=True), (),
+         None),
+    ]
+
+
+def group_capturable():
+    """The capturable step op (coefficients from a device table, found_inf read by
+    the kernels) against the CPU op with host coefficients, over 7 steps: step 1
+    under grad_scale 4, step 3 skipped by found_inf (nothing written, counters
+    unmoved), lr a float64 or float32 tensor on steps 4 and 5."""
+    capturable.compiled_ops = EMU
+    for (name, algorithm, shapes, keys, hyper_at, per_tensor, axes), dtype in itertools.product(
+            capturable_cases(), [torch.float32, torch.bfloat16, torch.float64]):
+        start = tensors(shapes, dtype, 11, misaligned=(1,) if axes != (0, 2) else ())
+        results = []
+        for ops in (EMU, CPU):
+            p = clone(start)
+            state = {key: ([slot_of(x, axes) for x in p] if key in ("v", "b") else zeros(p)) for key in keys}
+            steps = [torch.zeros((), dtype=torch.float32) for _ in p]
+            for k in range(7):
+                hyper = hyper_at(k)
+                if k == 5:  # an lr that a float32 tensor holds exactly
+                    hyper = dict(hyper, lr=float(torch.tensor(hyper["lr"], dtype=torch.float32)))
+                grad_scale = torch.tensor(4.0) if k == 1 else None
+                found_inf = torch.tensor(float(k == 3))
+                if ops is CPU:
+                    call_step(CPU, algorithm, p, tensors(shapes, dtype, 600 + k), state, steps, hyper, per_tensor,
+                              grad_scale, found_inf)
+                    continue
+                if k in (4, 5):
+                    hyper = dict(hyper, lr=torch.tensor(hyper["lr"], dtype=torch.float64 if k == 4 else torch.float32))
+                before = [t.clone() for t in p + [t for key in keys for t in state[key]] + steps]
+                call_capturable_step(capturable, algorithm, p, tensors(shapes, dtype, 600 + k), state, steps, hyper,
+                                     per_tensor, grad_scale, found_inf)
+                after = p + [t for key in keys for t in state[key]] + steps
+                if k == 3 and not all(torch.equal(a, b) for a, b in zip(after, before)):
+                    FAILURES.append(f"capturable {name} {dtype}: the step skipped by found_inf wrote")
+            results.append([p] + [state[key] for key in keys] + [steps])
+        if [float(s) for s in results[0][-1]] != [6.0] * len(shapes):
+            FAILURES.append(f"capturable {name} {dtype}: counters {[float(s) for s in results[0][-1]]}, not 6")
+        compare(f"capturable {name} {dtype}", *results, dtype)
+    capture_steps()
+    capturable.compiled_ops = torch.ops.amos_fused
+
+
+def capture_steps():
+    """Under (emulated) graph capture a capturable step uploads nothing: it runs on
+    the tables of an eager step with the same tensors, and is refused, writing
+    nothing, when they differ; the host step op is refused under capture; after the
+    capture an eager step with other grads gets a new table."""
+    shapes, hyper = [(37, 5), (1000,), ()], adam_hyper(0.1, True, False, True)
+    start = tensors(shapes, torch.float32, 12)
+    grads = [tensors(shapes, torch.float32, 700 + k) for k in range(3)]
+    static = clone(grads[0])
+    p, m, v = clone(start), zeros(start), zeros(start)
+    steps = [torch.zeros((), dtype=torch.float32) for _ in p]
+    q, qm, qv, qsteps = clone(start), zeros(start), zeros(start), counters([0] * len(start))
+    state = {"exp_avg": m, "exp_avg_sq": v, "max_exp_avg_sq": []}
+    call_capturable_step(capturable, "adam", p, static, state, steps, hyper)  # the warm-up
+    EMU.emu_set_capturing(True)
+    try:
+        for s, g in zip(static, grads[1]):
+            s.copy_(g)
+        call_capturable_step(capturable, "adam", p, static, state, steps, hyper)  # captured: same tensors
+        before = clone(p)
+        try:
+            call_capturable_step(capturable, "adam", p, clone(grads[2]), state, steps, hyper)
+            FAILURES.append("capture: a captured step with grads at new addresses was not refused")
+        except RuntimeError as error:
+            if "must follow an eager step" not in str(error):
+                FAILURES.append(f"capture: unexpected error {error}")
+        if not all(torch.equal(a, b) for a, b in zip(p, before)):
+            FAILURES.append("capture: the refused captured step wrote")
+        try:
+            call_step(EMU, "adam", clone(start), grads[0], {"exp_avg": zeros(start), "exp_avg_sq": zeros(start)},
+                      counters([0] * len(start)), hyper)
+            FAILURES.append("capture: the host step op ran under capture")
+        except RuntimeError as error:
+            if "cannot run inside CUDA graph capture" not in str(error):
+                FAILURES.append(f"capture: unexpected error of the host step {error}")
+    finally:
+        EMU.emu_set_capturing(False)
+    call_capturable_step(capturable, "adam", p, clone(grads[2]), state, steps, hyper)  # eager, other grads
+    for k in range(3):
+        call_step(CPU, "adam", q, grads[k], {"exp_avg": qm, "exp_avg_sq": qv}, qsteps, hyper)
+    compare("capture: warm-up, captured and eager steps", [p, m, v, steps], [q, qm, qv, qsteps], torch.float32)
+
+
 GROUPS = {"adam": group_adam, "radam_lion": group_radam_lion, "norm_scaled": group_norm_scaled,
           "amos": group_amos, "cache": group_cache, "telemetry": group_telemetry,
-          "stochastic_round": group_stochastic_round, "fp8": group_fp8}
+          "stochastic_round": group_stochastic_round, "fp8": group_fp8, "capturable": group_capturable}
 
 
 def main(argv):

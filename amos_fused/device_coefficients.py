@@ -2,7 +2,9 @@
 steps (``capturable=True``): from the step counters on the params' device, a
 learning rate that may be a device tensor, and GradScaler's ``grad_scale``, with
 torch ops only, so a step reads nothing on the host and can be captured in a CUDA
-graph and replayed.
+graph and replayed: host numbers become device values through fill kernels
+(torch.full, the number a kernel argument), never through a host-to-device copy,
+which graph capture forbids.
 
 The formulas are csrc/step_coefficients.h's (the host computes the same table in
 double for every other step), column for column, in float64: the table is the
@@ -15,7 +17,7 @@ from typing import Callable, Dict, Mapping, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..contracts import contract
+from .contracts import contract
 
 Number = Union[float, Tensor]
 
@@ -62,7 +64,7 @@ def _amos(h, t, lr, per_tensor) -> Dict[str, Number]:
     # α = ξ·η per tensor; the schedule-free coefficients of Amos (step_coefficients.h)
     alpha = lr * per_tensor
     momentum = h["momentum"] if h["use_momentum"] else 0.0
-    lr = torch.as_tensor(lr, dtype=torch.float64, device=t.device)
+    lr = lr if isinstance(lr, Tensor) else torch.full((), float(lr), dtype=torch.float64, device=t.device)
     return dict(beta=h["beta"], beta_complement=1.0 - h["beta"], bias_correction=1.0 - torch.pow(h["beta"], t),
                 epsilon=h["epsilon"], c_scale=h["c_coef"] * lr.sqrt(), lr_sq=lr * lr, alpha=alpha,
                 d_scale=h["d_coef"] * alpha.sqrt(), extra_l2=h["extra_l2"],
@@ -94,6 +96,25 @@ _COEFFICIENTS: Dict[str, Callable[..., Dict[str, Number]]] = {
 }
 
 
+def _filled(values: Sequence[float], device: torch.device) -> Tensor:
+    """A float64 vector of host numbers on ``device``, one fill kernel per run of
+    equal values (no host-to-device copy)."""
+    runs: list = []
+    for x in values:
+        if runs and runs[-1][0] == float(x):
+            runs[-1][1] += 1
+        else:
+            runs.append([float(x), 1])
+    parts = [torch.full((count,), value, dtype=torch.float64, device=device) for value, count in runs]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _column(value: Number, n: int, device: torch.device) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.to(torch.float64).expand(n)
+    return torch.full((n,), float(value), dtype=torch.float64, device=device)
+
+
 def algorithms() -> Sequence[str]:
     return tuple(_COEFFICIENTS)
 
@@ -110,10 +131,8 @@ def coefficient_table(algorithm: str, steps: Sequence[Tensor], hyper: Mapping[st
     h = {name: value.to(device=device, dtype=torch.float64).reshape(()) if isinstance(value, Tensor) else float(value)
          for name, value in hyper.items()}  # (tensors: lr, and what derives from it, read on the device)
     lr = h["lr"]
-    eta = torch.tensor([float(x) for x in per_tensor] or [0.0] * len(steps), dtype=torch.float64, device=device)
+    eta = _filled(list(per_tensor) or [0.0] * len(steps), device)
     values = _COEFFICIENTS[algorithm](h, t, lr, eta)
-    values["grad_unscale"] = (torch.ones((), dtype=torch.float64, device=device) if grad_scale is None
-                              else 1.0 / grad_scale.to(torch.float64).reshape(()))
+    values["grad_unscale"] = 1.0 if grad_scale is None else 1.0 / grad_scale.to(torch.float64).reshape(())
     columns = contract(algorithm).columns
-    return torch.stack([torch.as_tensor(values[name], dtype=torch.float64, device=device).expand(len(steps))
-                        for name in columns], dim=1).contiguous()
+    return torch.stack([_column(values[name], len(steps), device) for name in columns], dim=1).contiguous()
