@@ -26,14 +26,17 @@ import sys
 ALLOWED: list[tuple[str, str]] = [
     # Adam with amsgrad and L2 weight decay, Half and float storage: ptxas gives these an
     # 8-byte stack frame with 8 bytes of spill stores and loads at 64 / 48 registers, so
-    # not from register pressure; the frame comes from the inlined adam_update<true, true>
-    # of step_math.h (not changed by this check).  Not yet diagnosed from the SASS.
+    # not from register pressure.  The SASS (cuobjdump -sass of the float variant) shows
+    # what it holds: one 64-bit value, the tensor's numel read from the table, kept
+    # across the calls (CALL.REL.NOINC) to the IEEE division / square-root slow-path
+    # subroutines, whose calling convention does not preserve it: one STL.64 when the
+    # block starts and one LDL.64 before its tail, none in the element loop.
     # `false, false`: the variant without telemetry and without stochastic rounding
     # (the telemetry ones have no frame; rounding exists for bfloat16 only).
     ("elementwise_kernel<Half, 5, 29u, false, false, AdamCoef<float>, AdamElement<true, true> >",
-     "adam amsgrad+L2: 8 B frame, not yet diagnosed"),
+     "adam amsgrad+L2: 8 B frame, numel kept across slow-path calls (1 store + 1 load per block)"),
     ("elementwise_kernel<float, 5, 29u, false, false, AdamCoef<float>, AdamElement<true, true> >",
-     "adam amsgrad+L2: 8 B frame, not yet diagnosed"),
+     "adam amsgrad+L2: 8 B frame, numel kept across slow-path calls (1 store + 1 load per block)"),
 ]
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
