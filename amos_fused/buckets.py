@@ -79,6 +79,8 @@ class GroupPlan:
     master_weights: bool  # the group's master_weights when the plan was made
     # Per-param hyper-parameter lists by group key, with the group value they came from.
     per_param: Dict[str, tuple] = field(default_factory=dict)
+    # The group's per-param values (by key) when the plan was made, in ``params`` order.
+    group_values: Dict[str, object] = field(default_factory=dict)
 
     @classmethod
     def build(cls, params: Sequence[Tensor], keeps_fp8: Callable[[Tensor], bool] = lambda p: False,

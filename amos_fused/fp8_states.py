@@ -253,8 +253,8 @@ def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[s
             continue
         root = key in ROOT_KEYS
         coded = value.dtype == torch.uint8 and absmax_key(key) in state
-        if key in fp8_keys and not coded and value.is_floating_point():
-            codes, absmax = new_state(like)
+        if key in fp8_keys and not coded and value.is_floating_point() and value.shape == param.shape:
+            codes, absmax = new_state(like)  # (a state of another shape is kept: the step refuses it by name)
             store(value.to(device=param.device, dtype=torch.float32), codes, absmax, root)
             state[key], state[absmax_key(key)] = codes, absmax
         elif key in fp8_keys and coded and not is_dtensor(param):

@@ -111,12 +111,13 @@ class ScaledAdamW(_AdamMoments):
             return half_life_p(lr, group["half_life"], group["decay"])
         return float(group["p"] or 0.0)
 
+    def _default_per_param(self, key, group, param):
+        # ‖ε0‖ = sqrt(numel)·σ, σ the group's or the param's own initial RMS
+        return math.sqrt(param.numel()) * (group["sigma"] if group["sigma"] is not None else initial_sigma(param))
+
     def _check_group_params(self, group):
         if group["init_norm"] is None:
-            group["init_norm"] = tuple(
-                math.sqrt(p.numel()) * (group["sigma"] if group["sigma"] is not None else initial_sigma(p))
-                for p in group["params"]
-            )
+            group["init_norm"] = tuple(self._default_per_param("init_norm", group, p) for p in group["params"])
         group["init_norm"] = tuple(group["init_norm"])
         if len(group["init_norm"]) != len(group["params"]):
             raise ValueError(f"Invalid init_norm: {len(group['init_norm'])} values for "
@@ -133,7 +134,8 @@ class ScaledAdamW(_AdamMoments):
         lr = group["lr"]
         if isinstance(lr, torch.Tensor) and group["half_life"] is not None:  # α0·p is set by the half-life
             rate = half_life_p(1.0, group["half_life"], group["decay"])  # (p = 0 at lr = 0: no step taken)
-            hyper["p"] = torch.where(lr != 0, rate / lr, torch.zeros_like(lr, dtype=torch.float64))
+            lr = lr.to(torch.float64)  # (in float64 as the host's p, whatever lr's dtype)
+            hyper["p"] = torch.where(lr != 0, rate / lr, torch.zeros_like(lr))
         return hyper
 
     def _direction(self, p, g, st, step, group):

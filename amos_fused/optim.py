@@ -266,9 +266,12 @@ class Amos(FusedOptimizer):
         hp.nonnegative("c_coef", group["c_coef"])
         hp.positive("epsilon", group["epsilon"])
 
+    def _default_per_param(self, key, group, param):
+        return initial_rms_eta(param)
+
     def _check_group_params(self, group):
         if group["eta"] is None:
-            group["eta"] = tuple(initial_rms_eta(p) for p in group["params"])
+            group["eta"] = tuple(self._default_per_param("eta", group, p) for p in group["params"])
         if isinstance(group["eta"], (tuple, list)):
             group["eta"] = tuple(group["eta"])
             if len(group["eta"]) != len(group["params"]):

@@ -132,6 +132,35 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Checks (and completes) the per-param settings of ``group``; run when the
         group is added or loaded and when its params change."""
 
+    def _default_per_param(self, key: str, group: dict, param: Tensor) -> float:
+        """The value of per-param key ``key`` the class gives ``param`` when none is
+        given (e.g. Amos's η inferred from the param)."""
+        raise NotImplementedError
+
+    def _values_following_params(self, group: dict, old: Optional[GroupPlan]) -> Dict[str, tuple]:
+        """Per-param group values (tuples in group['params'] order: Amos's eta,
+        ScaledAdamW's init_norm) that follow their params when group['params'] was
+        reordered, or params were added or removed, since the last plan (``old``), as
+        torch.optim steps each param by itself: a kept param keeps its value, a new
+        one gets _default_per_param.  Only for a value the user left as it was (the
+        same tuple object): a tuple set anew is taken in the new order.  Returns
+        the new tuples by key (nothing is written here)."""
+        if old is None:
+            return {}
+        params = group["params"]
+        if len(params) == len(old.params) and all(p is q for p, q in zip(params, old.params)):
+            return {}
+        moved = {}
+        for key in self.per_param_keys:
+            value = group.get(key)
+            if not (isinstance(value, tuple) and value is old.group_values.get(key)
+                    and len(value) == len(old.params)):
+                continue
+            kept = {id(p): v for p, v in zip(old.params, value)}
+            moved[key] = tuple(kept[id(p)] if id(p) in kept else self._default_per_param(key, group, p)
+                               for p in params)
+        return moved
+
     def _step_state_keys(self, group: dict) -> Tuple[str, ...]:
         """The state keys (besides 'step') this group's step reads and writes."""
         return self.state_keys
@@ -162,8 +191,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         low_params = bucket.shadows if bucket.shadows_in_kernel else None
         if group.get("capturable"):  # (ops of its own: capturable_ops)
             per_tensor = bucket.per_param[self.per_param_keys[0]] if self.per_param_keys else []
-            call_capturable_step(capturable_ops(bucket.backend), self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
-                                 self._capturable_hyper(group), per_tensor, **self._grad_scaling())
+            # GradScaler's tensors on this bucket's device, as torch's capturable steps
+            # take them (a device-to-device copy where they live elsewhere)
+            scaling = {name: None if t is None else t.to(bucket.device, non_blocking=True)
+                       for name, t in self._grad_scaling().items()}
+            call_capturable_step(capturable_ops(bucket.backend), self.algorithm, bucket.params, bucket.grads,
+                                 bucket.state, bucket.state["step"], self._capturable_hyper(group), per_tensor,
+                                 **scaling)
             return
         if bucket.fp8:
             call_fp8_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
@@ -278,11 +312,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             )
         self._check_no_overlap([(i, pos, p) for i, g in enumerate(self.param_groups)
                                 for pos, p in enumerate(params if i == index else g["params"])])
+        moved = self._values_following_params(group, self._plans.get(index))
+        before = {key: group[key] for key in moved}
+        group.update(moved)
         try:
             self._check_group_params(group)
         except ValueError as error:  # (per-param settings: one value per param, in group['params'] order)
+            group.update(before)  # (a raising step changes nothing)
             raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
-        return GroupPlan.build(params, self._keeps_fp8, group.get("master_weights", False))
+        plan = GroupPlan.build(params, self._keeps_fp8, group.get("master_weights", False))
+        plan.group_values = {key: group.get(key) for key in self.per_param_keys}
+        return plan
 
     def _check_no_overlap(self, everyone: List[Tuple[int, int, Tensor]]) -> None:
         """Raises when two params ((group index, position, param) triples) share memory."""
@@ -691,10 +731,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         alike): one-element floating tensors."""
         for name, value in self._grad_scaling().items():
             if value is not None and not (isinstance(value, Tensor) and value.numel() == 1
-                                          and value.is_floating_point()):
-                got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)
+                                          and value.is_floating_point() and value.device.type != "meta"):
+                got = (f"{value.dtype} {tuple(value.shape)} on {value.device}" if isinstance(value, Tensor)
+                       else repr(value))
                 raise ValueError(f"{self._name}: {name} (set by torch.amp.GradScaler) must be a one-element "
-                                 f"floating tensor, got {got}")
+                                 f"floating tensor with data, got {got}")
 
     def _reference_grads(self, grads: List[Tensor]) -> Optional[List[Tensor]]:
         """Grads for the reference: unscaled by GradScaler's scale, or None when

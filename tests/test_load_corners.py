@@ -545,3 +545,25 @@ def test_failed_decode_changes_nothing():
     _assert_as_before(full, snap)
     q.grad = torch.ones_like(q)
     full.step()
+
+
+@pytest.mark.parametrize("cls", [af.AdamW8bit, af.Lion8bit], ids=lambda c: c.__name__)
+def test_an_8bit_checkpoint_of_other_shapes_loads_and_the_step_names_the_param(cls):
+    """As torch.optim: a checkpoint saved with the params in another order loads
+    (positions only), and the step then refuses the mismatched state, naming the
+    param, before anything is written."""
+    def model(shapes):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        return params
+    saved = cls(model([(4096,), (300,)]), lr=1e-2)
+    saved.step()
+    params = model([(300,), (4096,)])
+    opt = cls(params, lr=1e-2)
+    opt.load_state_dict(saved.state_dict())
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*state\['exp_avg'\]"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, params))

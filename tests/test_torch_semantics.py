@@ -151,3 +151,94 @@ def test_amsgrad_switched_on(backend):
     assert all("max_exp_avg_sq" in opt.state[p] for p in ours)
     for p in ours:
         torch.testing.assert_close(opt.state[p]["max_exp_avg_sq"], opt.state[p]["exp_avg_sq"])
+
+
+# ---- per-param group values (Amos's eta, ScaledAdamW's init_norm) follow their params
+
+PER_PARAM_CLASSES = {
+    "Amos": (af.Amos, dict(lr=0.05), "eta"),
+    "Amos-momentum": (af.Amos, dict(lr=0.05, momentum=0.9), "eta"),
+    "ScaledAdamW": (af.ScaledAdamW, dict(lr=0.05, half_life=50), "init_norm"),
+}
+
+
+def _scaled_params():
+    """Params of very different scales, so a value applied to the wrong one shows."""
+    gen = torch.Generator().manual_seed(5)
+    return [torch.nn.Parameter(s * torch.randn(shape, generator=gen, dtype=torch.float64))
+            for s, shape in [(0.01, (10,)), (3.0, (8, 5)), (0.5, (7, 3))]]
+
+
+def _steps(params, opt, first, last):
+    for step in range(first, last):
+        gen = torch.Generator().manual_seed(50 + step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(PER_PARAM_CLASSES))
+@pytest.mark.parametrize("edit", ["reverse", "rotate"])
+def test_per_param_values_follow_reordered_params(name, edit, backend):
+    """Reordering group['params'] between steps leaves every param's update as it
+    was: its inferred per-param value goes with it."""
+    cls, kw, key = PER_PARAM_CLASSES[name]
+    ours, plain = _scaled_params(), _scaled_params()
+    opt, ref = cls(ours, backend=backend, **kw), cls(plain, backend=backend, **kw)
+    _steps(ours, opt, 0, 2)
+    _steps(plain, ref, 0, 2)
+    group = opt.param_groups[0]["params"]
+    if edit == "reverse":
+        group.reverse()
+    else:
+        group.append(group.pop(0))
+    _steps(ours, opt, 2, 4)
+    _steps(plain, ref, 2, 4)
+    for p, q in zip(ours, plain):
+        assert torch.equal(p, q)
+    values = dict(zip(map(id, ours), ref.param_groups[0][key]))
+    assert [values[id(p)] for p in group] == list(opt.param_groups[0][key])
+
+
+@pytest.mark.parametrize("name", list(PER_PARAM_CLASSES))
+def test_a_param_appended_to_a_group_gets_its_own_inferred_value(name):
+    """torch.optim steps a param appended to group['params']; it gets the value a
+    fresh optimizer would infer for it, and the others keep theirs."""
+    cls, kw, key = PER_PARAM_CLASSES[name]
+    params = _scaled_params()
+    fresh = cls([params[2].detach().clone()], **kw).param_groups[0][key]
+    opt = cls(params[:2], **kw)
+    _steps(params[:2], opt, 0, 1)
+    kept = opt.param_groups[0][key]
+    opt.param_groups[0]["params"].append(params[2])
+    _steps(params, opt, 1, 2)
+    assert opt.param_groups[0][key] == kept + fresh
+
+
+def test_a_per_param_tuple_set_with_the_reorder_is_taken_in_the_new_order():
+    """A user who reorders the params and sets group['eta'] anew means the new tuple
+    in the new order: it is not remapped."""
+    params = _scaled_params()
+    opt = af.Amos(params, lr=0.05)
+    _steps(params, opt, 0, 1)
+    opt.param_groups[0]["params"].reverse()
+    opt.param_groups[0]["eta"] = (0.1, 0.2, 0.3)
+    _steps(params, opt, 1, 2)
+    assert opt.param_groups[0]["eta"] == (0.1, 0.2, 0.3)
+
+
+def test_a_refused_regrouping_leaves_the_per_param_values():
+    """A step refused for the reordered group (an appended param that overlaps
+    another) leaves group['eta'] as it was: a raising step changes nothing."""
+    params = _scaled_params()
+    opt = af.Amos(params[:2], lr=0.05)
+    _steps(params[:2], opt, 0, 1)
+    before = opt.param_groups[0]["eta"]
+    snapshot = [p.detach().clone() for p in params[:2]]
+    opt.param_groups[0]["params"].reverse()
+    opt.param_groups[0]["params"].append(params[1].detach()[:2].requires_grad_())
+    with pytest.raises(ValueError, match="shares memory"):
+        _steps(params[:2], opt, 1, 2)
+    assert opt.param_groups[0]["eta"] is before
+    assert all(torch.equal(p, s) for p, s in zip(params[:2], snapshot))

@@ -223,17 +223,20 @@ def _model(dtype):
             for s in [(5, 7), (1500, 3), (33,)]]
 
 
-@pytest.mark.parametrize("lr_tensor", [False, True], ids=["lr-float", "lr-tensor"])
+@pytest.mark.parametrize("lr_dtype", [None, torch.float64, torch.float32], ids=["lr-float", "lr-tensor", "lr-f32"])
 @pytest.mark.parametrize("name", list(CLASS_CASES))
-def test_capturable_optimizer_steps_like_the_host_step(name, lr_tensor):
+def test_capturable_optimizer_steps_like_the_host_step(name, lr_dtype):
     """capturable=True on the triton backend: counters on the params' device, the
     same params and states as capturable=False over five steps with a changing lr
-    and GradScaler's found_inf set at the third (nothing changes there)."""
+    (a float, or a float64 or float32 tensor: the host step then takes the value
+    the tensor holds) and GradScaler's found_inf set at the third (nothing changes
+    there)."""
     cls, kwargs = CLASS_CASES[name]
     dtype = torch.bfloat16 if kwargs.get("master_weights") else torch.float32
     ours, twin = _model(dtype), _model(dtype)
-    lrs = [1e-2, 2e-2, 3e-2, 1.5e-2, 5e-3]
-    lr = torch.tensor(lrs[0], dtype=torch.float64, device=DEVICE) if lr_tensor else lrs[0]
+    lr_tensor = lr_dtype is not None
+    lrs = [float(torch.tensor(x, dtype=lr_dtype or torch.float64)) for x in [1e-2, 2e-2, 3e-2, 1.5e-2, 5e-3]]
+    lr = torch.tensor(lrs[0], dtype=lr_dtype, device=DEVICE) if lr_tensor else lrs[0]
     opt = cls(ours, lr=lr, capturable=True, backend="triton", **kwargs)
     ref = cls(twin, lr=lrs[0], backend="triton", **kwargs)
     for step in range(5):
@@ -275,6 +278,21 @@ def test_capturable_refusals_name_the_reason(kwargs, message):
 def test_capturable_8bit_states_are_refused():
     with pytest.raises(ValueError, match="8-bit states"):
         af.AdamW8bit(_model(torch.float32), capturable=True, backend="triton")
+
+
+@pytest.mark.parametrize("name", ["found_inf", "grad_scale"])
+def test_grad_scaler_tensors_without_data_are_refused_before_any_write(name):
+    """A found_inf / grad_scale that cannot be read (a meta tensor) is refused by
+    name before a first step creates any state."""
+    params = _model(torch.float32)
+    opt = af.AdamW(params, lr=0.1, capturable=True, backend="triton")
+    for p, g in zip(params, _grads(params, 0)):
+        p.grad = g
+    setattr(opt, name, torch.zeros((), device="meta"))
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=f"{name} .*must be a one-element floating tensor with data"):
+        opt.step()
+    assert not opt.state and all(torch.equal(a, p.detach()) for a, p in zip(before, params))
 
 
 def test_a_capturable_step_that_raises_changes_nothing():
