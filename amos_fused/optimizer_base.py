@@ -202,12 +202,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         if bucket.fp8:
             call_fp8_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
                           self._hyper(group), self.fp8_state_keys, telemetry=telemetry, round_keys=round_keys,
-                          low_params=low_params, **self._grad_scaling())
+                          low_params=low_params, **self._host_grad_scaling())
             return
         per_tensor = bucket.per_param[self.per_param_keys[0]] if self.per_param_keys else []
         call_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
                   self._hyper(group), per_tensor, telemetry=telemetry, round_keys=round_keys,
-                  low_params=low_params, **self._grad_scaling())
+                  low_params=low_params, **self._host_grad_scaling())
 
     def _capturable_hyper(self, group: dict) -> dict:
         """_hyper for a capturable step: a tensor ``lr`` stays a tensor (read on the
@@ -363,9 +363,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         ready = [self._prepare(index, group) for index, group in enumerate(self.param_groups)]
         self._check_swaps()
         self._check_grad_scaling()
-        for item in ready:
-            if item is not None:
-                self._run(item)
+        self._step_host_scaling = None  # (read afresh by this step: _host_grad_scaling)
+        try:
+            for item in ready:
+                if item is not None:
+                    self._run(item)
+        finally:
+            self._step_host_scaling = None
         return loss
 
     def _plan(self, index: int, group: dict, rebuild: bool) -> GroupPlan:
@@ -726,6 +730,24 @@ class FusedOptimizer(torch.optim.Optimizer):
         """GradScaler inputs set by torch.amp.GradScaler.step, as op keyword arguments."""
         return {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
 
+    def _host_grad_scaling(self) -> Dict[str, Optional[Tensor]]:
+        """GradScaler's inputs as the host-side steps read them (all but capturable
+        ones): copied to the host once per step, both in one device-to-host copy
+        (float64 holds either exactly), instead of one sync per bucket and tensor."""
+        cached = getattr(self, "_step_host_scaling", None)  # (this step's, reset by step())
+        scaling = self._grad_scaling()
+        if cached is not None and all(cached[0][name] is scaling[name] for name in scaling):
+            return cached[1]
+        on_device = {name: t for name, t in scaling.items() if t is not None and t.device.type != "cpu"}
+        host = dict(scaling)
+        if len({t.device for t in on_device.values()}) == 1:
+            values = torch.stack([t.reshape(()).to(torch.float64) for t in on_device.values()]).cpu()
+            host.update(zip(on_device, values.unbind()))
+        else:
+            host.update({name: t.cpu() for name, t in on_device.items()})
+        self._step_host_scaling = (scaling, host)
+        return host
+
     def _check_grad_scaling(self) -> None:
         """GradScaler's inputs, checked before anything is written (every backend
         alike): one-element floating tensors."""
@@ -740,7 +762,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _reference_grads(self, grads: List[Tensor]) -> Optional[List[Tensor]]:
         """Grads for the reference: unscaled by GradScaler's scale, or None when
         found_inf says to skip the step."""
-        scaling = self._grad_scaling()
+        scaling = self._host_grad_scaling()
         if scaling["found_inf"] is not None and float(scaling["found_inf"]) != 0.0:
             return None
         if scaling["grad_scale"] is not None:

@@ -1260,3 +1260,33 @@ def test_fp8_op_found_inf_and_empty_bucket():
                   [torch.tensor(0.0) for _ in empty], dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.0),
                   ("exp_avg",), telemetry=table)
     assert torch.equal(table, torch.zeros(2, 2, dtype=torch.float64, device=DEVICE))
+
+
+# ---------------------------------------------------------------------------
+# GradScaler on the host-coefficient step: one device sync per step
+# ---------------------------------------------------------------------------
+
+def test_a_grad_scaler_step_syncs_once_whatever_its_buckets(recwarn):
+    """found_inf and grad_scale are read on the host once per step, both in one copy
+    (not once per bucket and tensor): a step over two buckets (float32 and bfloat16
+    params) under set_sync_debug_mode('warn') warns of one synchronizing call."""
+    params = [torch.nn.Parameter(torch.randn(64, 33, device="cuda")),
+              torch.nn.Parameter(torch.randn(70, device="cuda", dtype=torch.bfloat16))]
+    opt = af.AdamW(params, lr=1e-3, backend="cuda")
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.grad_scale = torch.tensor(2.0, device="cuda")
+        opt.found_inf = torch.tensor(0.0, device="cuda")
+        if step == 0:  # the first step builds the tables
+            opt.step()
+            torch.cuda.synchronize()
+            continue
+        recwarn.clear()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in recwarn.list if "synchroniz" in str(w.message)]
+        assert len(syncs) == 1, [str(w.message) for w in syncs]
