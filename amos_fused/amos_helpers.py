@@ -2,17 +2,18 @@
 and ``reduce_axes`` (which axes its second moment averages over) inferred from
 each parameter's module, by this table:
 
-==============================  =============================  ==========================
-tensor                          η                              reduce_axes (slot)
-==============================  =============================  ==========================
-``nn.Linear.weight`` (out, in)  sqrt(1/in)                     (1,)  → (out, 1)
-``nn.Conv*d.weight`` (out, …)   sqrt(1/(in/groups · prod(k)))  all but 0 → (out, 1, …)
-``nn.Embedding.weight``         sqrt(1/dim)                    (1,)  → (vocab, 1)
-biases, norm shifts             0.5                            'all' → scalar
-norm scales                     1.0                            'all' → scalar
-anything else, rank ≥ 2         sqrt(1/prod(shape[1:]))        all but 0
-anything else, rank ≤ 1         its RMS (0.5 if all zero)      'all'
-==============================  =============================  ==========================
+==============================  ==============================  =======================
+tensor                          η                               reduce_axes (slot)
+==============================  ==============================  =======================
+``nn.Linear.weight`` (out, in)  sqrt(1/in)                      (1,)  → (out, 1)
+``nn.Conv*d.weight`` (out, …)   sqrt(1/(in/groups · prod(k)))   all but 0 → (out, 1, …)
+``nn.ConvTranspose*d.weight``   sqrt(1/(out/groups · prod(k)))  all but 0 → (in, 1, …)
+``nn.Embedding.weight``         sqrt(1/dim)                     (1,)  → (vocab, 1)
+biases, norm shifts             0.5                             'all' → scalar
+norm scales                     1.0                             'all' → scalar
+anything else, rank ≥ 2         sqrt(1/prod(shape[1:]))         all but 0
+anything else, rank ≤ 1         its RMS (0.5 if all zero)       'all'
+==============================  ==============================  =======================
 
 What the table cannot know (a gain before a ReLU-like, a custom init) is set by
 ``overrides``: glob patterns over parameter names, mapped to ``eta`` and/or
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from torch import nn
@@ -52,7 +54,9 @@ def infer_eta_and_axes(module: nn.Module, attr: str, param) -> Tuple[float, Any]
     if isinstance(module, nn.Embedding) and attr == "weight":
         return math.sqrt(1.0 / shape[1]), (1,)
     if isinstance(module, _CONVS) and attr == "weight":
-        fan_in = math.prod(shape[1:])  # in/groups · prod(kernel)
+        # in/groups · prod(kernel); a transposed conv's weight is (in, out/groups, k…):
+        # out/groups · prod(kernel), the fan-in torch's init gives that weight
+        fan_in = math.prod(shape[1:])
         return math.sqrt(1.0 / fan_in), tuple(range(1, param.dim()))
     return math.sqrt(1.0 / math.prod(shape[1:])), tuple(range(1, param.dim()))
 
@@ -105,9 +109,12 @@ def amos_param_groups(
             if fnmatch.fnmatchcase(full, pattern):
                 eta = override.get("eta", eta)
                 axes = override.get("reduce_axes", axes)
-        axes = normalize_reduce_axes(axes, param.dim())
-        if not (eta > 0 and math.isfinite(eta)):
-            raise ValueError(f"Invalid eta for {full}: {eta} (must be a finite number > 0)")
+        try:
+            axes = normalize_reduce_axes(axes, param.dim())
+        except ValueError as error:
+            raise ValueError(f"amos_param_groups: {full} (shape {tuple(param.shape)}): {error}") from None
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not (eta > 0 and math.isfinite(eta)):
+            raise ValueError(f"Invalid eta for {full}: {eta!r} (must be a finite number > 0)")
         group = groups.setdefault(
             _axes_key(axes),
             {"params": [], "param_names": [], "eta": [], "reduce_axes": axes, "lr": lr, **group_options},

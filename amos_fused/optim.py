@@ -294,19 +294,29 @@ class Amos(FusedOptimizer):
         """v and b must have the slot shape that the group's reduce_axes gives
         (changing reduce_axes after the state exists is refused here, before any
         write: clear that param's state to start its slots anew)."""
+        axes = group["reduce_axes"]
+        # (the cache follows the value, not the object: a list edited in place, and
+        # the params' shapes: a p.data of another shape)
+        key = (tuple(axes) if isinstance(axes, list) else axes, [tuple(p.shape) for p in plan.params])
         cached = plan.per_param.get("reduce_axes")
-        if cached is None or cached[0] != group["reduce_axes"]:
-            shapes = [slot_shape(p.shape, group["reduce_axes"]) for p in plan.params]
-            cached = plan.per_param["reduce_axes"] = (group["reduce_axes"], shapes)
+        if cached is None or cached[0] != key:
+            cached = plan.per_param["reduce_axes"] = (key, {})
+        shapes = cached[1]
         for i, position in enumerate(positions):
-            expected = cached[1][position]
+            if position not in shapes:
+                try:
+                    shapes[position] = slot_shape(plan.params[position].shape, axes)
+                except ValueError as error:
+                    raise ValueError(f"{where(i)}: {error}") from None
+            expected = shapes[position]
             for key in self.slot_keys:
                 slot = lists[key][i]
                 if tuple(slot.shape) != expected:
                     raise ValueError(
                         f"{where(i)}: state[{key!r}] has shape {tuple(slot.shape)} but "
-                        f"reduce_axes={group['reduce_axes']!r} gives slots of shape {expected}; "
-                        "reduce_axes cannot change once a param has state (clear its state first)")
+                        f"reduce_axes={group['reduce_axes']!r} gives this param slots of shape {expected}; "
+                        "neither reduce_axes nor the param's shape can change once it has state "
+                        "(clear its state first)")
 
     def _check_walk(self, where, group, backend, params, lists):
         """The fused kernels walk a tensor's dims merged into runs (neighbours both

@@ -374,7 +374,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _plan(self, index: int, group: dict, rebuild: bool) -> GroupPlan:
         plan = self._plans.get(index)
-        if rebuild or plan is None or not plan.matches(group["params"], group.get("master_weights", False)):
+        reinfer = any(key in group and group[key] is None for key in self.per_param_keys)  # (None: inferred anew)
+        if (rebuild or reinfer or plan is None
+                or not plan.matches(group["params"], group.get("master_weights", False))):
             plan = self._plans[index] = self._make_plan(index, group)
         return plan
 
@@ -706,22 +708,25 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _per_param(self, index: int, group: dict, plan: GroupPlan, key: str,
                    positions: List[int]) -> List[float]:
         """``group[key]`` for the params at ``positions``: the group value is a number
-        (for every param) or a tuple with one value per param.  The list for the
-        whole group is cached on the plan while the group keeps the same value."""
+        (for every param) or a tuple with one value per param.  Read and checked at
+        every step, as the group holds it now (a list edited in place included)."""
         value = group[key]
-        cached = plan.per_param.get(key)
-        if cached is None or cached[0] is not value:
-            count = len(plan.params)
+        count = len(plan.params)
+        where = f"{self._name}: param_groups[{index}]['{key}']"
+        try:
             if isinstance(value, (tuple, list)):
-                if len(value) != count:
-                    raise ValueError(f"{self._name}: param_groups[{index}]['{key}'] has {len(value)} "
-                                     f"values for {count} params")
                 values = [float(v) for v in value]
             else:
                 values = [float(value)] * count
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{where} must be a number or a tuple of one number per param, got {value!r}") from None
+        if len(values) != count:
+            raise ValueError(f"{where} has {len(values)} values for {count} params")
+        try:
             self._check_per_param(index, key, values)
-            cached = plan.per_param[key] = (value, values)
-        return [cached[1][i] for i in positions]
+        except ValueError as error:
+            raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
+        return [values[i] for i in positions]
 
     def _check_per_param(self, index: int, key: str, values: List[float]) -> None:
         """Raises on a bad per-param hyper-parameter value."""

@@ -162,10 +162,25 @@ def test_param_groups_unknown_override_key(override):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-@pytest.mark.parametrize("override", [{"eta": 0.0}, {"eta": -1.0}, {"reduce_axes": (2,)}, {"reduce_axes": "rows"}])
+@pytest.mark.parametrize("override", [{"eta": 0.0}, {"eta": -1.0}, {"eta": "0.1"}, {"eta": None}, {"eta": True},
+                                      {"reduce_axes": (2,)}, {"reduce_axes": "rows"}])
 def test_param_groups_bad_override_value(override):
-    with pytest.raises(ValueError):
+    """A bad override value is a ValueError naming the param it was set for."""
+    with pytest.raises(ValueError, match="block.fc.weight"):
         af.amos_param_groups(_model(), lr=0.01, overrides={"block.fc.weight": override})
+
+
+def test_param_groups_of_a_transposed_conv_follow_its_weight_layout():
+    """nn.ConvTranspose2d's weight is (in, out/groups, k, k): η from torch's fan-in
+    of that weight, out/groups·k², and one slot per dim-0 (input) channel."""
+    model = nn.ConvTranspose2d(in_channels=8, out_channels=4, kernel_size=3, groups=2)
+    groups = af.amos_param_groups(model, lr=0.01)
+    by_name = {name: (eta, g["reduce_axes"]) for g in groups for name, eta in zip(g["param_names"], g["eta"])}
+    assert by_name["weight"] == (math.sqrt(1 / (2 * 9)), (1, 2, 3))
+    opt = af.Amos(groups, lr=0.01)
+    model(torch.randn(1, 8, 5, 5)).sum().backward()
+    opt.step()
+    assert opt.state[model.weight]["v"].shape == (8, 1, 1, 1)
 
 
 def test_param_groups_both_backends_agree(capabilities):
@@ -397,3 +412,98 @@ def test_param_groups_of_zero_element_params():
 def test_param_groups_refuse_options_they_set_per_param(option):
     with pytest.raises(ValueError, match=f"{option} cannot be group options"):
         af.amos_param_groups(nn.Linear(3, 2), 0.01, **{option: 0.3})
+
+
+# ---- group values edited between steps: read as the group holds them now ---------
+
+def _stepped_amos(reduce_axes=(0,), **kwargs):
+    gen = torch.Generator().manual_seed(2)
+    params = [nn.Parameter(torch.randn(4, 6, generator=gen)), nn.Parameter(torch.randn(5, 3, generator=gen))]
+    opt = af.Amos(params, lr=0.01, reduce_axes=reduce_axes, **kwargs)
+    _grads_step(params, opt, 0)
+    return params, opt
+
+
+def _grads_step(params, opt, step):
+    gen = torch.Generator().manual_seed(10 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+
+
+def _unchanged(params, opt):
+    return [p.detach().clone() for p in params], {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+
+
+def _assert_unchanged(params, opt, snapshot):
+    before, states = snapshot
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    for p in params:
+        assert all(torch.equal(v, opt.state[p][k]) for k, v in states[p].items())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("eta", ["abc", ("x", 0.5), (None, 0.5), torch.tensor([1.0, 2.0]), [float("nan"), 0.5]])
+def test_a_bad_eta_set_between_steps_is_refused_by_name(eta, backend):
+    params, opt = _stepped_amos(backend=backend)
+    opt.param_groups[0]["eta"] = eta
+    snapshot = _unchanged(params, opt)
+    with pytest.raises(ValueError, match=r"param_groups\[0\].*eta"):
+        _grads_step(params, opt, 1)
+    _assert_unchanged(params, opt, snapshot)
+
+
+def test_an_eta_list_edited_in_place_is_read_as_it_is_now():
+    """A list eta edited in place between steps steps like a new list of the same values."""
+    runs = []
+    for in_place in (True, False):
+        params, opt = _stepped_amos()
+        opt.param_groups[0]["eta"] = [0.3, 0.7]
+        _grads_step(params, opt, 1)
+        if in_place:
+            opt.param_groups[0]["eta"][0] = 5.0
+        else:
+            opt.param_groups[0]["eta"] = [5.0, 0.7]
+        _grads_step(params, opt, 2)
+        runs.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_eta_set_to_none_between_steps_is_inferred_anew():
+    """None means what it means at construction: η inferred from each param (as
+    it is when the step begins)."""
+    params, opt = _stepped_amos(eta=0.3)
+    opt.param_groups[0]["eta"] = None
+    expected = tuple(af.optim.initial_rms_eta(p) for p in params)
+    _grads_step(params, opt, 1)
+    assert opt.param_groups[0]["eta"] == expected
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_reduce_axes_list_edited_in_place_is_refused_before_any_write(backend):
+    params, opt = _stepped_amos(backend=backend)
+    axes = [1]
+    opt.param_groups[0]["reduce_axes"] = axes
+    opt.state.clear()
+    _grads_step(params, opt, 1)  # slots of (1,) made afresh
+    axes[0] = 0  # in place: another slot shape than the state's
+    snapshot = _unchanged(params, opt)
+    with pytest.raises(ValueError, match=r"params'\]\[0\].*state\['v'\].*reduce_axes=\[0\]"):
+        _grads_step(params, opt, 2)
+    _assert_unchanged(params, opt, snapshot)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_param_data_of_another_shape_is_refused_before_any_write(backend):
+    """p.data swapped for a tensor of another shape: its slots no longer fit; the
+    step names the param and writes nothing (the first param included)."""
+    params, opt = _stepped_amos(reduce_axes=(1,), backend=backend)
+    params[1].data = torch.randn(7, 3)
+    params[1].grad = None
+    snapshot = _unchanged(params, opt)
+    gen = torch.Generator().manual_seed(3)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    with pytest.raises(ValueError, match=r"params'\]\[1\].*state\['v'\] has shape"):
+        opt.step()
+    _assert_unchanged(params, opt, snapshot)
