@@ -818,6 +818,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     self._layouts[id(p)] = (p, p.stride())
             if track:
                 self._telemetry.record(bucket.owners, bucket.params, table, float(ready.group["lr"]))
+            else:
+                self._telemetry.forget(bucket.owners)
 
     @staticmethod
     def _python_step_rounded(python_step, bucket: Bucket, group: dict, keys: List[int]) -> None:

@@ -25,6 +25,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .deterministic_sums import local_sum_of_squares
 from .sharding import shard_groups, sum_over_shards
 
 
@@ -48,14 +49,15 @@ def snapshot(params: Sequence[Tensor]) -> List[Tensor]:
 
 def measured_sums(params: Sequence[Tensor], before: Optional[Sequence[Tensor]], table: Tensor) -> None:
     """Fills ``table`` in float64 from the params after a step and their copies
-    ``before`` it (None: the step was skipped)."""
+    ``before`` it (None: the step was skipped), each sum taken in a fixed order
+    (deterministic_sums: the same bits at any thread count)."""
     if before is None:
         table[:, 1] = 0.0
         return
     for row, (p, b) in enumerate(zip(params, before)):
         after = p.detach().double()
-        table[row, 0] = after.square().sum()
-        table[row, 1] = (after - b.double()).square().sum()
+        table[row, 0] = local_sum_of_squares(after)
+        table[row, 1] = local_sum_of_squares(after - b.double())
 
 
 class _Record(NamedTuple):
@@ -77,6 +79,12 @@ class Recorder:
         stepped (local shards, real views), row by row of ``table``."""
         for row, (owner, stepped) in enumerate(zip(owners, params)):
             self._records[owner] = _Record(table, row, stepped, lr)
+
+    def forget(self, owners: Sequence[Tensor]) -> None:
+        """Drops the records of params stepped without telemetry (their group's
+        track_rms was switched off): what they hold is no longer their latest step."""
+        for owner in owners:
+            self._records.pop(owner, None)
 
     def rms(self, current: Sequence[Tensor]) -> Dict[Tensor, RMS]:
         """The RMS of the params of ``current`` (the optimizer's params now) that have

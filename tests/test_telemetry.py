@@ -235,3 +235,35 @@ def test_property_any_bucket(shapes, dtype, name, with_grad):
         weight, update = _expected(p, b, lr)
         _close(rms[p].weight, weight, 1e-5)
         _close(rms[p].update, update, 1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_param_stepped_without_tracking_leaves_rms(backend):
+    """rms() holds each tracked param at its latest step: a step of its group with
+    track_rms switched off drops it (its old record is no longer its latest), and
+    tracking it again brings it back."""
+    p = torch.nn.Parameter(torch.randn(300))
+    opt = af.AdamW([p], lr=1e-2, track_rms=True, backend=backend)
+    for step, track in enumerate([True, False, True]):
+        opt.param_groups[0]["track_rms"] = track
+        p.grad = torch.randn(300)
+        opt.step()
+        assert (p in opt.rms()) == track, step
+
+
+def test_reference_telemetry_is_bitwise_the_same_at_any_thread_count():
+    """The reference backend's sums are taken in a fixed order too (a tensor large
+    enough for torch's own sum to split it between threads)."""
+    from conftest import num_threads
+
+    results = []
+    for threads in (1, 2):
+        gen = torch.Generator().manual_seed(1)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(70001,), (33, 1001), (300_000,)]]
+        opt = af.AdamW(params, lr=1e-2, track_rms=True, backend="reference")
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        with num_threads(threads):
+            opt.step()
+            results.append([tuple(opt.rms()[p]) for p in params])
+    assert results[0] == results[1]
