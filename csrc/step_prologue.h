@@ -113,6 +113,21 @@ StepCall<A> new_step_call(at::TensorList params, at::TensorList grads, at::Array
   return call;
 }
 
+// The op's per-tensor values (one per param where the algorithm has them, else
+// none) checked, and Amos's slot layouts read into the call (amos_layout.h).
+template <typename A>
+void check_per_tensor_and_layouts(StepCall<A>& call, at::ArrayRef<double> per_tensor) {
+  const Contract& c = contract_of<A>();
+  if (c.per_tensor != nullptr) {
+    check_per_tensor(c.op, call.params, per_tensor.size(), c.per_tensor);
+  } else {
+    TORCH_CHECK_VALUE(per_tensor.empty(), c.op, ": takes no per-tensor values, got ", per_tensor.size());
+  }
+  if constexpr (std::is_same_v<A, AmosAlgorithm>) {
+    call.layouts = amos_slot_layouts(c.op, call.params, call.states[0], call.states[1]);
+  }
+}
+
 // The rest of a step's prologue, once the bucket and its states are checked:
 // the per-tensor values, Amos's slot layouts, telemetry, round keys and the
 // backend's own checks, then (unless found_inf skips the step) the coefficients
@@ -129,14 +144,7 @@ std::optional<StepCall<A>> finish_step(StepCall<A> call, at::TensorList steps,
   const char* op = c.op;
   const at::TensorList params = call.params;
   const size_t n = params.size();
-  if (c.per_tensor != nullptr) {
-    check_per_tensor(op, params, per_tensor.size(), c.per_tensor);
-  } else {
-    TORCH_CHECK_VALUE(per_tensor.empty(), op, ": takes no per-tensor values, got ", per_tensor.size());
-  }
-  if constexpr (std::is_same_v<A, AmosAlgorithm>) {
-    call.layouts = amos_slot_layouts(op, params, call.states[0], call.states[1]);
-  }
+  check_per_tensor_and_layouts(call, per_tensor);
   check_telemetry(op, params, telemetry);
   check_round_keys(op, params, round_keys);
   if (n > 0) device_checks(op, params);
@@ -233,14 +241,7 @@ StepCall<A> begin_capturable_step(at::TensorList params, at::TensorList grads, a
   const int64_t n = static_cast<int64_t>(params.size());
   const std::vector<NamedList> like_params = slice_states(call, states, hyper);
   check_bucket(op, params, grads, like_params, {});
-  if (c.per_tensor != nullptr) {
-    check_per_tensor(op, params, per_tensor.size(), c.per_tensor);
-  } else {
-    TORCH_CHECK_VALUE(per_tensor.empty(), op, ": takes no per-tensor values, got ", per_tensor.size());
-  }
-  if constexpr (std::is_same_v<A, AmosAlgorithm>) {
-    call.layouts = amos_slot_layouts(op, params, call.states[0], call.states[1]);
-  }
+  check_per_tensor_and_layouts(call, per_tensor);
   const int64_t width = static_cast<int64_t>(c.columns.size());
   TORCH_CHECK_VALUE(coef.scalar_type() == at::kDouble && coef.dim() == 2 && coef.size(0) == n &&
                         coef.size(1) == width && coef.is_contiguous(),

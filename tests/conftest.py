@@ -347,3 +347,76 @@ def with_threads(opt, threads=KERNEL_THREADS):
 
     opt.step = wrapped
     return opt
+
+
+def assert_captured_steps_replay_like_eager(cls, kwargs: dict, backend: str, model: Callable[[], List[torch.Tensor]],
+                                            replays: int = 10) -> None:
+    """torch's capturable semantics on a CUDA device: ``replays`` eager steps of
+    ``cls(model(), capturable=True, backend=backend, **kwargs)`` with a changing lr
+    (a device tensor) equal one step captured in a CUDA graph (after a warm-up step
+    on a side stream, undone) and replayed as often with the same grads and lrs."""
+    grads = [[torch.randn(p.shape, device="cuda") for p in model()] for _ in range(replays)]
+    lrs = [1e-3 * (1 + i) for i in range(replays)]
+
+    eager = model()
+    lr = torch.tensor(lrs[0], device="cuda")
+    opt = cls(eager, lr=lr, capturable=True, backend=backend, **kwargs)
+    for i in range(replays):
+        lr.fill_(lrs[i])
+        for p, g in zip(eager, grads[i]):
+            p.grad = g.clone()
+        opt.step()
+
+    captured = model()
+    lr = torch.tensor(lrs[0], device="cuda")
+    opt = cls(captured, lr=lr, capturable=True, backend=backend, **kwargs)
+    static = [torch.zeros_like(p) for p in captured]
+    for p, s in zip(captured, static):
+        p.grad = s
+    initial = [p.detach().clone() for p in captured]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (tables, compiles, states) on zero grads, undone below
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.no_grad():
+        for p, w in zip(captured, initial):
+            p.copy_(w)
+        for p in captured:
+            for value in opt.state[p].values():
+                value.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for i in range(replays):
+        lr.fill_(lrs[i])
+        for s, g in zip(static, grads[i]):
+            s.copy_(g)
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, eager):
+        torch.testing.assert_close(a, b)
+        assert float(opt.state[a]["step"]) == float(replays)
+
+
+def assert_grad_scaler_steps_do_not_sync(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                                         steps: int = 3) -> None:
+    """Steps ``opt`` under torch.amp.GradScaler on a CUDA device; every step after
+    the first (which builds tables and states) runs under
+    set_sync_debug_mode('error'), which raises on any synchronizing call."""
+    scaler = torch.amp.GradScaler("cuda")
+    for step in range(steps):
+        loss = sum((p.float() ** 2).sum() for p in params)
+        scaler.scale(loss).backward()
+        if step == 0:
+            scaler.step(opt)
+        else:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                scaler.step(opt)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        scaler.update()
+        opt.zero_grad()
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in params)

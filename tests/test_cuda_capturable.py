@@ -17,6 +17,7 @@ import torch
 import amos_fused as af
 from amos_fused import capturable
 from amos_fused.backends import capturable_backend
+from conftest import assert_captured_steps_replay_like_eager, assert_grad_scaler_steps_do_not_sync
 
 needs_cuda_kernels = pytest.mark.skipif("cuda" not in af.available_backends(),
                                         reason="needs a CUDA device and amos_fused built with CUDA kernels")
@@ -155,48 +156,7 @@ def test_a_captured_cuda_step_replays_like_eager_steps(name):
     """torch's capturable semantics: a step captured in a CUDA graph and replayed 10
     times with a changing lr (a device tensor) equals 10 eager capturable steps."""
     cls, kwargs = CLASS_CASES[name]
-    grads = [_grads(_model(torch.float32), i) for i in range(10)]
-    lrs = [1e-3 * (1 + i) for i in range(10)]
-
-    eager = _model(torch.float32)
-    lr = torch.tensor(lrs[0], device="cuda")
-    opt = cls(eager, lr=lr, capturable=True, backend="cuda", **kwargs)
-    for i in range(10):
-        lr.fill_(lrs[i])
-        for p, g in zip(eager, grads[i]):
-            p.grad = g.clone()
-        opt.step()
-
-    captured = _model(torch.float32)
-    lr = torch.tensor(lrs[0], device="cuda")
-    opt = cls(captured, lr=lr, capturable=True, backend="cuda", **kwargs)
-    static = [torch.zeros_like(p) for p in captured]
-    for p, s in zip(captured, static):
-        p.grad = s
-    initial = [p.detach().clone() for p in captured]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (tables, states) on zero grads, undone below
-        opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.no_grad():
-        for p, w in zip(captured, initial):
-            p.copy_(w)
-        for p in captured:
-            for value in opt.state[p].values():
-                value.zero_()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
-        opt.step()
-    for i in range(10):
-        lr.fill_(lrs[i])
-        for s, g in zip(static, grads[i]):
-            s.copy_(g)
-        graph.replay()
-    torch.cuda.synchronize()
-    for a, b in zip(captured, eager):
-        torch.testing.assert_close(a, b)
-        assert float(opt.state[a]["step"]) == 10.0
+    assert_captured_steps_replay_like_eager(cls, kwargs, "cuda", lambda: _model(torch.float32))
 
 
 @needs_cuda_kernels
@@ -207,19 +167,4 @@ def test_a_capturable_cuda_step_under_grad_scaler_does_not_sync_the_host(name):
     cls, kwargs = CLASS_CASES[name]
     params = _model(torch.float32)
     opt = cls(params, lr=torch.tensor(1e-3, device="cuda"), capturable=True, backend="cuda", **kwargs)
-    scaler = torch.amp.GradScaler("cuda")
-    for step in range(3):
-        loss = sum((p.float() ** 2).sum() for p in params)
-        scaler.scale(loss).backward()
-        if step == 0:  # the first step builds the tables and states
-            scaler.step(opt)
-        else:
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                scaler.step(opt)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        scaler.update()
-        opt.zero_grad()
-    torch.cuda.synchronize()
-    assert all(torch.isfinite(p).all() for p in params)
+    assert_grad_scaler_steps_do_not_sync(opt, params)

@@ -21,6 +21,7 @@ from amos_fused.contracts import contract, step_arguments  # noqa: E402
 from amos_fused import device_coefficients  # noqa: E402
 from amos_fused.triton_kernels import ops  # noqa: E402
 from amos_fused.triton_kernels.common import kernels_interpreted  # noqa: E402
+from conftest import assert_captured_steps_replay_like_eager, assert_grad_scaler_steps_do_not_sync  # noqa: E402
 
 DEVICE = torch.device("cpu" if kernels_interpreted() else "cuda")
 SHAPES = [(37,), (5, 7), (1500,), (3, 1, 9)]
@@ -159,48 +160,7 @@ def test_a_captured_step_replays_like_eager_steps(cls, kwargs):
         torch.manual_seed(0)
         return [torch.nn.Parameter(torch.randn(64, 33, device="cuda")),
                 torch.nn.Parameter(torch.randn(70, device="cuda"))]
-    grads = [[torch.randn(p.shape, device="cuda") for p in model()] for _ in range(10)]
-    lrs = [1e-3 * (1 + i) for i in range(10)]
-
-    eager = model()
-    lr = torch.tensor(lrs[0], device="cuda")
-    opt = cls(eager, lr=lr, capturable=True, backend="triton", **kwargs)
-    for i in range(10):
-        lr.fill_(lrs[i])
-        for p, g in zip(eager, grads[i]):
-            p.grad = g.clone()
-        opt.step()
-
-    captured = model()
-    lr = torch.tensor(lrs[0], device="cuda")
-    opt = cls(captured, lr=lr, capturable=True, backend="triton", **kwargs)
-    static = [torch.zeros_like(p) for p in captured]
-    for p, s in zip(captured, static):
-        p.grad = s
-    warmup = [p.detach().clone() for p in captured]
-    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in captured} if opt.state else {}
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (tables, compiles) on zero grads, undone below
-        opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.no_grad():
-        for p, w in zip(captured, warmup):
-            p.copy_(w)
-    for p in captured:
-        for k, v in opt.state[p].items():
-            v.copy_(state[id(p)][k] if state else torch.zeros_like(v))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
-    for i in range(10):
-        lr.fill_(lrs[i])
-        for s, g in zip(static, grads[i]):
-            s.copy_(g)
-        graph.replay()
-    torch.cuda.synchronize()
-    for a, b in zip(captured, eager):
-        torch.testing.assert_close(a, b)
+    assert_captured_steps_replay_like_eager(cls, kwargs, "triton", model)
 
 
 # ---- the optimizers with capturable=True -------------------------------------------
@@ -334,20 +294,7 @@ def test_a_capturable_step_under_grad_scaler_does_not_sync_the_host(cls):
     params = [torch.nn.Parameter(torch.randn(64, 33, device="cuda")),
               torch.nn.Parameter(torch.randn(70, device="cuda"))]
     opt = cls(params, lr=torch.tensor(1e-3, device="cuda"), capturable=True, backend="triton")
-    scaler = torch.amp.GradScaler("cuda")
-    for step in range(3):
-        loss = sum((p.float() ** 2).sum() for p in params)
-        scaler.scale(loss).backward()
-        if step == 0:  # the first step builds the tables (host copies, allowed)
-            scaler.step(opt)
-        else:
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                scaler.step(opt)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        scaler.update()
-        opt.zero_grad()
+    assert_grad_scaler_steps_do_not_sync(opt, params)
 
 
 def test_capturable_lr_of_an_integer_dtype_steps_like_a_float():
