@@ -11,7 +11,7 @@ import torch
 from . import hyperparams as hp
 from . import reference
 from .deterministic_sums import local_sum_of_squares
-from .optim import _advance, adam_state, sum_of_squares
+from .optim import _advance, _next_step, adam_state, sum_of_squares
 from .optimizer_base import FusedOptimizer, torch_flags
 from .sharding import shard_groups, sharded_dims, sum_over_shards
 from .theory import DECAYS, half_life_p
@@ -48,13 +48,14 @@ class _AdamMoments(FusedOptimizer):
         phase1 = []
         partials = torch.zeros(len(bucket.params), 2, dtype=torch.float64, device=bucket.device)
         for i, (p, g, st) in enumerate(bucket.each()):
-            step = _advance(st["step"])
+            step = _next_step(st["step"])
             theta, m, v, u = self._direction(p, g, st, step, group)
             partials[i, 0] = local_sum_of_squares(u)  # fixed order: any thread count
             partials[i, 1] = local_sum_of_squares(theta)
             phase1.append((step, theta, m, v, u))
         sums = sum_over_shards(list(partials), [shard_groups(owner) for owner in bucket.owners])
         for i, ((p, _, st), (step, theta, m, v, u)) in enumerate(zip(bucket.each(), phase1)):
+            _advance(st["step"])  # (after the all-reduce: one that raises leaves the counters)
             norms = sums[i].sqrt()
             self._apply(p, st, i, step, theta, m, v, u, norms[0], norms[1], bucket, group)
 

@@ -35,6 +35,12 @@ def _advance(step: Tensor) -> float:
     return float(step)
 
 
+def _next_step(step: Tensor) -> float:
+    """The count _advance will give, without writing it (a sharded step advances
+    its counters only once its collective has returned)."""
+    return float(step + 1)
+
+
 class _AdamFamily(FusedOptimizer):
     """Adam and AdamW (Kingma & Ba, arXiv:1412.6980; Loshchilov & Hutter,
     arXiv:1711.05101), state keys as torch.optim.Adam."""
@@ -384,7 +390,7 @@ class Amos(FusedOptimizer):
                  c_coef=float(group["c_coef"]), epsilon=float(group["epsilon"]))
         parts, groups, phase1 = [], [], []
         for (p, g, st), owner in zip(bucket.each(), bucket.owners):
-            step = _advance(st["step"])
+            step = _next_step(st["step"])
             theta, g = reference.amos_grad(p, g, clip_value=group["clip_value"])
             dims = reduced_dims(group["reduce_axes"], g.dim())
             across = shard_groups(owner, dims)
@@ -397,6 +403,7 @@ class Amos(FusedOptimizer):
             phase1.append((step, theta, g, dims, owner))
         sums = sum_over_shards(parts, groups)
         for i, ((p, _, st), eta) in enumerate(zip(bucket.each(), bucket.per_param["eta"])):
+            _advance(st["step"])  # (after the all-reduce: one that raises leaves the counters)
             step, theta, g, dims, owner = phase1[i]
             if owner.numel() == 0:
                 continue

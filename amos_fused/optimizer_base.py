@@ -24,7 +24,7 @@ from . import fp8_states
 from .master_weights import MASTER_KEY, WriteMarks, float32_copy, has_master, master_problem, upcast_states
 from . import master_weights as masters
 from .contracts import call_capturable_step, call_fp8_step, call_step, master_algorithms
-from .sharding import is_dtensor, local
+from .sharding import is_dtensor, local, placed_like, shard_offset
 from .stochastic_round import round_key, round_to_bfloat16
 from .telemetry import RMS, Recorder, measured_sums, new_table, snapshot
 
@@ -387,7 +387,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             checked = {**group, "lr": 0.0}  # its value stays on the device (_gather checks the tensor)
         self._check_group(checked)
         plan = self._plan(index, group, rebuild)
-        grads = [p.grad for p in plan.params]
+        grads = [placed_like(p, p.grad) for p in plan.params]
         buckets: List[Bucket] = []
         new_states: List[Tuple[Tensor, dict]] = []
         try:
@@ -789,8 +789,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             table = new_table(len(bucket.params), bucket.params[0].device) if track else None
             keys = None
             if group.get("bf16_stochastic_round") and bucket.dtype == torch.bfloat16:
-                keys = [round_key(group.get("stochastic_round_seed", 0), ready.first_index + position)
-                        for position in bucket.positions]
+                keys = [round_key(group.get("stochastic_round_seed", 0), ready.first_index + position,
+                                  shard_offset(owner))
+                        for position, owner in zip(bucket.positions, bucket.owners)]
             python_step = None
             if self._reduces_across_shards(bucket, group):
                 python_step = self._sharded_step

@@ -30,6 +30,34 @@ def local(t: Tensor) -> Tensor:
     return t._local_tensor if is_dtensor(t) else t
 
 
+def placed_like(param: Tensor, grad: Optional[Tensor]) -> Optional[Tensor]:
+    """A DTensor param's DTensor grad on the param's mesh and placements, as the
+    step reads it (a Partial or otherwise placed grad redistributed, as torch's ops
+    on DTensors would do: a collective, taken alike on every rank); any other
+    grad as it is (the step's checks name a mismatch)."""
+    if (grad is None or not is_dtensor(param) or not is_dtensor(grad)
+            or (grad.device_mesh == param.device_mesh and tuple(grad.placements) == tuple(param.placements))):
+        return grad
+    return grad.redistribute(param.device_mesh, param.placements)
+
+
+def shard_offset(t: Tensor) -> int:
+    """The flat (row-major) index, in the whole tensor, of the first element of
+    this rank's shard of a DTensor (0 for a plain tensor, a replica of the whole,
+    or an empty shard)."""
+    if not is_dtensor(t) or t.numel() == 0:
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    local_shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    if 0 in local_shape:
+        return 0
+    flat, stride = 0, 1
+    for size, offset in zip(reversed(t.shape), reversed(offsets)):
+        flat += offset * stride
+        stride *= size
+    return flat
+
+
 def sharded_dims(t: Tensor) -> Set[int]:
     """The dims of t that some mesh dim shards (empty for a plain tensor)."""
     if not is_dtensor(t):

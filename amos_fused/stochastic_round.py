@@ -10,6 +10,7 @@ smaller than half a bfloat16 ulp are not lost on average (as torchao's
 param's key, its step count, the element's index in memory order)::
 
     key  = seed << 32 | the param's index in the optimizer
+           (a shard of a sharded param: its index ^ h(offset_lo ^ h(offset_hi)))
     base = h(key_lo ^ h(key_hi ^ h(step ^ h(index >> 32))))
     r    = h(base ^ (index & 0xffffffff)) & 0xffff
 
@@ -26,9 +27,15 @@ MASK32 = 0xFFFFFFFF
 IntOrTensor = Union[int, Tensor]
 
 
-def round_key(seed: int, index: int) -> int:
-    """The key of the param at ``index`` (its position in the optimizer's params)."""
-    return (seed << 32) | index
+def round_key(seed: int, index: int, shard_offset: int = 0) -> int:
+    """The key of the param at ``index`` (its position in the optimizer's params).
+    A shard of a sharded param (DTensor) whose first element is at flat
+    ``shard_offset`` > 0 of the whole param mixes that offset into the index
+    half, so its shards draw their own bits (replicas of one shard the same);
+    the element index stays the one within the shard."""
+    if shard_offset:
+        index ^= lowbias32((shard_offset & MASK32) ^ lowbias32(shard_offset >> 32))
+    return (seed << 32) | (index & MASK32)
 
 
 def lowbias32(x: IntOrTensor) -> IntOrTensor:

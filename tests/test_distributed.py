@@ -351,6 +351,63 @@ def _checkpoint(rank, world, path, directory, resume):
     _finish()
 
 
+def _dtensor_corners(rank, world, path):
+    """Three corners of DTensor params (plain distribute_tensor on a 1-D mesh):
+    a grad placed otherwise than its param (Partial) is redistributed as torch's
+    ops would; bf16 stochastic rounding draws other bits on each shard and the same
+    on replicas; a sharded reduction whose all-reduce raises leaves the counters."""
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        import amos_fused.norm_scaled as norm_scaled
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        gen = torch.Generator().manual_seed(0)
+        value, grad = torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)
+        # 1. a Partial grad of a replicated param: the step sees the summed grad
+        p = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Replicate()]))
+        p.grad = DTensor.from_local(grad / world, mesh, [Partial()], run_check=False)
+        single = torch.nn.Parameter(value.clone())
+        single.grad = (grad / world) * world
+        af.AdamW([p], lr=0.1).step()
+        af.AdamW([single], lr=0.1).step()
+        torch.testing.assert_close(p.to_local(), single.detach(), rtol=1e-6, atol=1e-7)
+        # 2. stochastic rounding: the shards of one param draw distinct bits, replicas the same
+        half = torch.full((2 * world, 4096), 1.0 + 2.0 ** -10, dtype=torch.bfloat16)
+        for placement in (Shard(0), Replicate()):
+            q = torch.nn.Parameter(distribute_tensor(half.clone(), mesh, [placement]))
+            q.grad = distribute_tensor(torch.ones_like(half), mesh, [placement])
+            af.Lion([q], lr=2.0 ** -12, bf16_stochastic_round=True).step()
+            rows = [torch.empty_like(q.to_local()) for _ in range(world)]
+            dist.all_gather(rows, q.to_local().contiguous())
+            same = torch.equal(rows[0], rows[1])
+            assert same == (placement == Replicate()), (placement, same)
+        # 3. a failing all-reduce of a sharded reduction leaves every counter as it was
+        r = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0)]))
+        opt = af.Lamb([r], lr=0.01)
+        r.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])
+        opt.step()
+        before = float(opt.state[r]["step"])
+
+        def broken(parts, groups):
+            raise RuntimeError("all-reduce failed")
+        saved, norm_scaled.sum_over_shards = norm_scaled.sum_over_shards, broken
+        try:
+            opt.step()
+            raise AssertionError("the broken all-reduce did not raise")
+        except RuntimeError as error:
+            assert "all-reduce failed" in str(error)
+        finally:
+            norm_scaled.sum_over_shards = saved
+        assert float(opt.state[r]["step"]) == before
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: another rank may be stuck
+        raise
+    _finish()
+
+
 def _spawn(fn, world, *args):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(fn, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
@@ -376,3 +433,7 @@ def test_distributed_checkpoint_reshards_and_resumes(resume_world):
     with tempfile.TemporaryDirectory() as directory:
         _spawn(_checkpoint, 2, directory, False)
         _spawn(_checkpoint, resume_world, directory, True)
+
+
+def test_dtensor_grad_placement_stochastic_rounding_and_failed_reductions():
+    _spawn(_dtensor_corners, 2)
