@@ -1038,13 +1038,24 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.pairs < 0:
         parser.error("--rounds and --steps must be >= 1, --warmup and --pairs >= 0")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        parser.error(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
     if args.json is not None and not _writable_path(args.json):
         parser.error(f"--json {args.json}: cannot write there (checked before the benchmark runs)")
+    if args.plot:
+        if os.path.isdir(args.plot):
+            parser.error(f"--plot {args.plot}: a folder, not a file (checked before the benchmark runs)")
+        if not os.path.splitext(args.plot)[1]:
+            args.plot += ".png"  # (the name matplotlib would give it)
+        if not _writable_path(args.plot):
+            parser.error(f"--plot {args.plot}: cannot write there (checked before the benchmark runs)")
     return args
+
+
+# torch.set_num_threads beyond this many threads may fail to start them (a crash, not an error).
+MAX_THREADS = 4096
 
 
 def _writable_path(path: str) -> bool:

@@ -79,6 +79,7 @@ import torch
 import amos_fused as af
 from amos_fused import theory
 
+from .bench import MAX_THREADS
 from .demo_model import GPT, KINDS, GPTConfig, batch_offsets, get_batch, layer_kind, load_corpus
 
 MATRIX_KINDS = ("attention", "mlp")  # the 2-D weights held to the AdamW theory
@@ -541,7 +542,7 @@ def theory_checks(cfg: DemoConfig, results: Dict[str, dict]) -> dict:
 def require_matplotlib():
     if importlib.util.find_spec("matplotlib") is None:
         raise SystemExit("python -m amos_fused.demo needs matplotlib (and tqdm for a progress bar): "
-                         "install the demo extra, pip install -e .[demo]")
+                         "install the demo extra, pip install --no-build-isolation -e .[demo]")
 
 
 def run(cfg: DemoConfig, command: Optional[str] = None) -> dict:
@@ -657,19 +658,28 @@ def parse_args(argv=None) -> DemoConfig:
             lrs[name] = float(value)
         except ValueError:
             lrs[name] = None
-        if name not in RUNS or lrs[name] is None or not lrs[name] >= 0:
-            ap.error(f"--lr {item!r}: expected NAME=VALUE with NAME in {list(RUNS)} and VALUE a number >= 0")
+        if name not in RUNS or lrs[name] is None or not 0 < lrs[name] < math.inf:
+            ap.error(f"--lr {item!r}: expected NAME=VALUE with NAME in {list(RUNS)} and VALUE a finite number > 0")
     for name in ("steps", "d_model", "n_layer", "n_head", "seq_len", "batch", "rms_every", "eval_every",
                  "eval_batches", "data_bytes"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         ap.error(f"--warmup must be >= 0, got {args.warmup}")
-    if args.threads is not None and args.threads < 1:
-        ap.error(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        ap.error(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
+    if not 0 <= args.seed < 2**63:
+        ap.error(f"--seed must be in [0, 2**63), got {args.seed}")
+    if not 0 <= args.weight_decay < math.inf:
+        ap.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
     if args.d_model % args.n_head:
         ap.error(f"--d-model ({args.d_model}) must be a multiple of --n-head ({args.n_head})")
+    out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir() or any(parent.exists() and not parent.is_dir() for parent in out.parents):
+        ap.error(f"--out {args.out!r}: not a directory (the demo writes its plots and demo.json into it)")
     optimizers = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    if not optimizers:
+        ap.error(f"--optimizers {args.optimizers!r}: name at least one of {','.join(RUNS)}")
     return DemoConfig(
         steps=args.steps, out=args.out, optimizers=optimizers, seed=args.seed, threads=args.threads,
         d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head, seq_len=args.seq_len, batch=args.batch,
@@ -679,9 +689,10 @@ def parse_args(argv=None) -> DemoConfig:
 
 
 def main(argv=None):
-    require_matplotlib()  # before anything is trained
     argv = sys.argv[1:] if argv is None else list(argv)
-    run(parse_args(argv), command=" ".join(["python -m amos_fused.demo", *argv]))
+    cfg = parse_args(argv)  # (--help works without matplotlib)
+    require_matplotlib()  # before anything is trained
+    run(cfg, command=" ".join(["python -m amos_fused.demo", *argv]))
 
 
 if __name__ == "__main__":

@@ -197,6 +197,9 @@ def load_corpus(max_bytes: int = 8_000_000, val_every: int = 10) -> Corpus:
 def batch_offsets(n_tokens: int, seq_len: int, batch: int, steps: int, seed: int) -> torch.Tensor:
     """(steps, batch) random start offsets, drawn once from ``seed`` so every
     optimizer sees the same batches in the same order."""
+    if n_tokens < seq_len + 2:
+        raise SystemExit(f"--seq-len {seq_len} needs more text than the {n_tokens} bytes of a split "
+                         "(raise --data-bytes or lower --seq-len)")
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, n_tokens - seq_len - 1, (steps, batch), generator=gen)
 

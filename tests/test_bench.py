@@ -616,14 +616,21 @@ def test_bench_reports_the_telemetry_cost(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--threads", "0"], "--threads must be >= 1"),
-    (["--threads", "-2"], "--threads must be >= 1"),
+    (["--threads", "0"], "--threads must be in [1, 4096]"),
+    (["--threads", "-2"], "--threads must be in [1, 4096]"),
+    (["--threads", "100000"], "--threads must be in [1, 4096]"),
     (["--json", "/proc/no-such-folder/result.json"], "cannot write there"),
+    (["--plot", "/proc/no-such-folder/chart.png"], "--plot /proc/no-such-folder/chart.png: cannot write there"),
+    (["--plot", "/tmp"], "--plot /tmp: a folder, not a file"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device")]))
 def test_bad_command_lines_are_refused_before_the_benchmark_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.parse_args(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_plot_path_without_a_suffix_is_the_png_written(tmp_path):
+    assert bench.parse_args(["--plot", str(tmp_path / "chart")]).plot == str(tmp_path / "chart.png")
 
 
 def test_a_json_path_in_a_new_folder_is_accepted(tmp_path):

@@ -45,8 +45,16 @@ def test_demo_tiny_run(tmp_path):
 def test_demo_without_matplotlib_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
-    with pytest.raises(SystemExit, match=r"pip install -e \.\[demo\]"):
+    with pytest.raises(SystemExit, match=r"pip install --no-build-isolation -e \.\[demo\]"):
         demo.main(["--steps", "1"])
+
+
+def test_demo_help_needs_no_matplotlib(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--help"])
+    assert exit_.value.code == 0 and "--optimizers" in capsys.readouterr().out
 
 
 def test_demo_rejects_unknown_optimizer():
@@ -138,8 +146,16 @@ def test_demo_bnb_run_without_bitsandbytes_names_the_package(monkeypatch):
     (["--rms-every", "0"], "--rms-every must be >= 1"),
     (["--batch", "0"], "--batch must be >= 1"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
-    (["--threads", "-1"], "--threads must be >= 1"),
-    (["--lr", "adamw=abc"], "VALUE a number >= 0"),
+    (["--threads", "-1"], "--threads must be in [1, 4096]"),
+    (["--threads", "100000"], "--threads must be in [1, 4096]"),
+    (["--lr", "adamw=abc"], "VALUE a finite number > 0"),
+    (["--lr", "adamw=0"], "VALUE a finite number > 0"),
+    (["--lr", "adamw=inf"], "VALUE a finite number > 0"),
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+    (["--seed", str(2**70)], "--seed must be in [0, 2**63)"),
+    (["--optimizers", " , "], "--optimizers ' , ': name at least one"),
+    (["--out", "/dev/null/x"], "not a directory"),
     (["--n-head", "3", "--d-model", "32"], "must be a multiple of --n-head"),
 ])
 def test_bad_command_lines_are_refused_before_training(argv, message, capsys):
