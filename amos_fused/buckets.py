@@ -77,8 +77,9 @@ class GroupPlan:
     params: List[Tensor]  # a copy of group['params'] when the plan was made
     specs: List[BucketSpec]
     master_weights: bool  # the group's master_weights when the plan was made
-    # Per-param hyper-parameter lists by group key, with the group value they came from.
-    per_param: Dict[str, tuple] = field(default_factory=dict)
+    # What a class works out for the group while the plan lasts, by name, with the
+    # group value it came from (Amos: the params' slot shapes for its reduce_axes).
+    cache: Dict[str, tuple] = field(default_factory=dict)
     # The group's per-param values (by key) when the plan was made, in ``params`` order.
     group_values: Dict[str, object] = field(default_factory=dict)
 

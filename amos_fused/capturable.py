@@ -38,6 +38,12 @@ def check_on_device(op: str, name: str, t: object, device: torch.device, dtype: 
                          f"capturable step reads nothing on the host), got {got}")
 
 
+def check_algorithm(algorithm: str, known: List[str]) -> None:
+    """``algorithm`` has a capturable step on the backend whose ``known`` ones these are."""
+    if algorithm not in known:
+        raise ValueError(f"amos_fused: no capturable step for {algorithm!r} (known: {', '.join(known)})")
+
+
 def check_hyper_names(op: str, algorithm: str, hyper: Mapping[str, object]) -> None:
     names = contract(algorithm).hyper
     if set(hyper) != set(names):
@@ -89,9 +95,7 @@ def step_capturable(algorithm: str, params: List[Tensor], grads: List[Tensor], s
     ``grad_scale`` / ``found_inf`` GradScaler's, there.  The C++ op checks the
     bucket and its states before any write; its kernels read the coefficient table
     and found_inf on the device."""
-    if algorithm not in capturable_algorithms():
-        raise ValueError(f"amos_fused: no capturable step for {algorithm!r} "
-                         f"(known: {', '.join(capturable_algorithms())})")
+    check_algorithm(algorithm, capturable_algorithms())
     op = f"amos_fused.cuda.{algorithm}_step_capturable"
     check_hyper_names(op, algorithm, hyper)
     if params:

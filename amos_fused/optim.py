@@ -304,9 +304,9 @@ class Amos(FusedOptimizer):
         # (the cache follows the value, not the object: a list edited in place, and
         # the params' shapes: a p.data of another shape)
         key = (tuple(axes) if isinstance(axes, list) else axes, [tuple(p.shape) for p in plan.params])
-        cached = plan.per_param.get("reduce_axes")
+        cached = plan.cache.get("reduce_axes")
         if cached is None or cached[0] != key:
-            cached = plan.per_param["reduce_axes"] = (key, {})
+            cached = plan.cache["reduce_axes"] = (key, {})
         shapes = cached[1]
         for i, position in enumerate(positions):
             if position not in shapes:

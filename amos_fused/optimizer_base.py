@@ -739,10 +739,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         """GradScaler's inputs as the host-side steps read them (all but capturable
         ones): copied to the host once per step, both in one device-to-host copy
         (float64 holds either exactly), instead of one sync per bucket and tensor."""
-        cached = getattr(self, "_step_host_scaling", None)  # (this step's, reset by step())
+        cached = getattr(self, "_step_host_scaling", None)  # (this step's: step() resets it)
+        if cached is not None:
+            return cached
         scaling = self._grad_scaling()
-        if cached is not None and all(cached[0][name] is scaling[name] for name in scaling):
-            return cached[1]
         on_device = {name: t for name, t in scaling.items() if t is not None and t.device.type != "cpu"}
         host = dict(scaling)
         if len({t.device for t in on_device.values()}) == 1:
@@ -750,7 +750,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             host.update(zip(on_device, values.unbind()))
         else:
             host.update({name: t.cpu() for name, t in on_device.items()})
-        self._step_host_scaling = (scaling, host)
+        self._step_host_scaling = host
         return host
 
     def _check_grad_scaling(self) -> None:

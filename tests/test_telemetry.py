@@ -252,12 +252,12 @@ def test_a_param_stepped_without_tracking_leaves_rms(backend):
 
 
 def test_reference_telemetry_is_bitwise_the_same_at_any_thread_count():
-    """The reference backend's sums are taken in a fixed order too (a tensor large
-    enough for torch's own sum to split it between threads)."""
+    """The reference backend's sums are taken in a fixed order too (tensors large
+    enough for torch's own sum to split them between threads): 1, 2 and 3 threads."""
     from conftest import num_threads
 
     results = []
-    for threads in (1, 2):
+    for threads in (1, 2, 3):
         gen = torch.Generator().manual_seed(1)
         params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(70001,), (33, 1001), (300_000,)]]
         opt = af.AdamW(params, lr=1e-2, track_rms=True, backend="reference")
@@ -266,4 +266,4 @@ def test_reference_telemetry_is_bitwise_the_same_at_any_thread_count():
         with num_threads(threads):
             opt.step()
             results.append([tuple(opt.rms()[p]) for p in params])
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]

@@ -120,9 +120,7 @@ def step_capturable(algorithm: str, params: List[Tensor], grads: List[Tensor], s
     found_inf themselves and return when it is set (nothing written), and the
     counters then advance by 1 − found_inf.  No telemetry, stochastic rounding or
     low params."""
-    if algorithm not in capturable_algorithms():
-        raise ValueError(f"amos_fused: no capturable step for {algorithm!r} "
-                         f"(known: {', '.join(capturable_algorithms())})")
+    capturable.check_algorithm(algorithm, capturable_algorithms())
     op = f"amos_fused.triton.{algorithm}_step_capturable"
     capturable.check_hyper_names(op, algorithm, hyper)
     names = contract(algorithm).hyper
