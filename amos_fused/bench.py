@@ -981,6 +981,13 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def instruction_sets() -> Dict[str, str]:
+    """The instruction set each library's CPU kernels run with (ours may be forced
+    with AMOS_FUSED_CPU_CAPABILITY; torch's with ATEN_CPU_CAPABILITY)."""
+    return {"amos_fused": torch.ops.amos_fused.cpu_capability(),
+            "torch": torch.backends.cpu.get_cpu_capability().lower()}
+
+
 def device_slug(device: torch.device) -> str:
     if device.type == "cuda":
         return slug(torch.cuda.get_device_name(device))
@@ -1144,9 +1151,11 @@ def main(argv=None):
                      if any(r["impl"] == f"{b}-adamw" for r in rows)), None)
 
     slug_, date = device_slug(device), datetime.date.today().isoformat()
+    isa = instruction_sets() if device.type == "cpu" else {}
     header = [
         f"device {slug_} ({device.type}, {torch.get_num_threads()} threads)  "
-        f"torch {torch.__version__}  triton {triton_version() or 'n/a'}",
+        f"torch {torch.__version__}  triton {triton_version() or 'n/a'}"
+        + (f"  CPU kernels: amos_fused {isa['amos_fused']}, torch {isa['torch']}" if isa else ""),
         f"workload {workload}: {rows[0]['params']:,} {rows[0]['dtype']} params in "
         f"{rows[0]['tensors']} tensors; median of {args.rounds} x {args.steps} steps "
         f"({args.warmup} warm-up each round)"
@@ -1171,6 +1180,7 @@ def main(argv=None):
             "triton": triton_version(),
             "date": date,
             "command": command_line(),
+            **({"cpu_kernels": isa} if isa else {}),
             "results": rows,
             "memory": memory,
             "telemetry_cost": costs,

@@ -277,13 +277,14 @@ def hang_guard(seconds: float = 5.0):
 
 def _available_capabilities() -> List[str]:
     caps = ["default"]
-    try:
-        torch.ops.amos_fused.set_cpu_capability("avx2")
-        caps.append("avx2")
-    except Exception:  # this CPU (or build) has no AVX2 path
-        pass
-    finally:
-        torch.ops.amos_fused.set_cpu_capability("best")
+    for name in ("avx2", "avx512"):
+        try:
+            torch.ops.amos_fused.set_cpu_capability(name)
+            caps.append(name)
+        except Exception:  # this CPU (or build) has no such path
+            pass
+        finally:
+            torch.ops.amos_fused.set_cpu_capability("best")
     return caps
 
 

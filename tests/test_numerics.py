@@ -103,7 +103,7 @@ def _run(make, values, grads, groups):
     return out
 
 
-_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _bitwise_equal(a, b):
@@ -167,6 +167,47 @@ def test_bitwise_body_vs_tail(capability, name, dtype):
                      [list(g[0].split(TAIL_SIZES)) for g in grads], [list(range(len(TAIL_SIZES)))])
     joined = [torch.cat([p[k] for p in parts]) for k in range(len(one))]
     assert _count_differing([one], [joined]) == 0
+
+
+# Steps that round each element on its own, whatever its neighbours: the same bits
+# on every instruction set (the 8-bit states' absmax is a max, their codes a
+# rounding per element, and stochastic rounding draws per element).  Sums over a
+# tensor (Amos's rows, the norm-scaled rules, telemetry) add SIMD lanes of another
+# width on each instruction set, so they are held to the reference instead.
+CROSS_ISA = {
+    **{name: (ALGORITHMS[name][0], (torch.float32, torch.bfloat16))
+       for name, (_, _, elementwise) in ALGORITHMS.items() if elementwise},
+    "adamw8bit": (lambda g: af.AdamW8bit(g, lr=1e-2, weight_decay=0.1, backend="cpu"),
+                  (torch.float32, torch.bfloat16)),
+    "radam8bit": (lambda g: af.RAdam8bit(g, lr=1e-2, betas=(0.9, 0.9), backend="cpu"), (torch.float32,)),
+    "lion8bit": (lambda g: af.Lion8bit(g, lr=1e-3, weight_decay=0.1, backend="cpu"),
+                 (torch.float32, torch.bfloat16)),
+    "adamw_bf16_sr": (lambda g: af.AdamW(g, lr=1e-2, weight_decay=0.1, bf16_stochastic_round=True,
+                                         backend="cpu"), (torch.bfloat16,)),
+    "lion8bit_bf16_sr": (lambda g: af.Lion8bit(g, lr=1e-3, bf16_stochastic_round=True, backend="cpu"),
+                         (torch.bfloat16,)),
+    "adamw_master": (lambda g: af.AdamW(g, lr=1e-2, weight_decay=0.1, master_weights=True, backend="cpu"),
+                     (torch.bfloat16, torch.float16)),
+}
+
+
+@pytest.mark.skipif(len(CPU_CAPABILITIES) < 2, reason="this CPU runs one instruction set only")
+@pytest.mark.parametrize("name,dtype", [(n, d) for n, (_, dtypes) in CROSS_ISA.items() for d in dtypes],
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_bitwise_across_instruction_sets(name, dtype):
+    make = CROSS_ISA[name][0]
+    shapes = [(BIG,), (4096,), (4099,)] + SMALL
+    values = _values(shapes, dtype, seed=5)
+    grads = [_values(shapes, dtype, seed=500 + s) for s in range(_steps(name))]
+    base = None
+    for capability in CPU_CAPABILITIES:
+        with cpu_setup(capability, 2):
+            runs = _run(make, values, grads, [list(range(len(shapes)))])
+        if base is None:
+            base = runs
+            assert all(torch.isfinite(t.float()).all() for ts in base for t in ts)
+        else:
+            assert _count_differing(base, runs) == 0, f"{capability} differs from {CPU_CAPABILITIES[0]}"
 
 
 # ---------------------------------------------------------------------------

@@ -168,6 +168,13 @@ struct LowLanes {
     } else {
       return _mm256_cvtph_ps(raw);  // exact
     }
+#elif defined(CPU_CAPABILITY_AVX512)
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    if constexpr (std::is_same_v<Low, c10::BFloat16>) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));  // exact
+    } else {
+      return _mm512_cvtph_ps(raw);  // exact
+    }
 #else
     float lanes[Vec::size()];
     for (int64_t k = 0; k < Vec::size(); ++k) lanes[k] = static_cast<float>(src[k]);
@@ -182,6 +189,13 @@ struct LowLanes {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(both));
     } else {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    }
+#elif defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<Low, c10::BFloat16>) {
+      const __m512i both = at::vec::convert_from_float<c10::BFloat16>(x, x);  // x's lanes, twice
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_castsi512_si256(both));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
     }
 #else
     float lanes[Vec::size()];
@@ -272,6 +286,20 @@ class TensorRounding {
     const __m256i sum = _mm256_add_epi32(_mm256_castps_si256(xf), _mm256_and_si256(h, _mm256_set1_epi32(0xffff)));
     const __m256 rounded = _mm256_castsi256_ps(_mm256_and_si256(sum, _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u))));
     return _mm256_blendv_ps(rounded, xf, _mm256_cmp_ps(xf, xf, _CMP_UNORD_Q));  // NaN kept
+#elif defined(CPU_CAPABILITY_AVX512)
+    // the AVX2 path above on 16 lanes
+    const __m512 xf = x;
+    __m512i h = _mm512_xor_si512(_mm512_set1_epi32(static_cast<int32_t>(base)),
+                                 _mm512_add_epi32(_mm512_set1_epi32(lo),
+                                                  _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb352d));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int32_t>(0x846ca68bu)));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    const __m512i sum = _mm512_add_epi32(_mm512_castps_si512(xf), _mm512_and_si512(h, _mm512_set1_epi32(0xffff)));
+    const __m512 rounded = _mm512_castsi512_ps(_mm512_and_si512(sum, _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u))));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xf, xf, _CMP_UNORD_Q), rounded, xf);  // NaN kept
 #else
     // lowbias32 on the lanes; >> is arithmetic on int32 lanes, hence the masks
     using IVec = Vectorized<int32_t>;

@@ -22,7 +22,7 @@ inline namespace CPU_CAPABILITY {
 // Blocks per task of the parallel walk (32768 elements).
 constexpr int64_t kFp8GrainBlocks = 128;
 
-// Decodes the 8 codes at `codes` (one float vector; AVX2 tiles are 8 floats):
+// Decodes the codes of one float vector at `codes` (8 with AVX2, 16 with AVX-512):
 // e4m3_value(code)·factor, squared for a root state.
 inline Vectorized<float> fp8_decode_tile(const uint8_t* codes, float factor, bool root) {
   using Vec = Vectorized<float>;
@@ -35,6 +35,13 @@ inline Vectorized<float> fp8_decode_tile(const uint8_t* codes, float factor, boo
   const __m128i half = _mm_slli_epi16(_mm_add_epi16(code, _mm_and_si128(code, _mm_set1_epi16(0x80))), 7);
   const __m256 value = _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(factor * 256.0f));
   return root ? _mm256_mul_ps(value, value) : value;
+#elif defined(CPU_CAPABILITY_AVX512)
+  static_assert(Vec::size() == 16, "an AVX-512 float vector holds 16 lanes");
+  // as the AVX2 path above, 16 codes at a time
+  const __m256i code = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  const __m256i half = _mm256_slli_epi16(_mm256_add_epi16(code, _mm256_and_si256(code, _mm256_set1_epi16(0x80))), 7);
+  const __m512 value = _mm512_mul_ps(_mm512_cvtph_ps(half), _mm512_set1_ps(factor * 256.0f));
+  return root ? _mm512_mul_ps(value, value) : value;
 #else
   float lanes[Vec::size()];
   for (int64_t k = 0; k < Vec::size(); ++k) {
@@ -51,6 +58,9 @@ inline Vectorized<float> fp8_abs_max(const Vectorized<float>& top, const Vectori
 #if defined(CPU_CAPABILITY_AVX2)
   const __m256i bits = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fffffff));
   return _mm256_castsi256_ps(_mm256_max_epi32(_mm256_castps_si256(top), bits));
+#elif defined(CPU_CAPABILITY_AVX512)
+  const __m512i bits = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff));
+  return _mm512_castsi512_ps(_mm512_max_epi32(_mm512_castps_si512(top), bits));
 #else
   return at::vec::maximum(top, x.abs());
 #endif
@@ -93,6 +103,25 @@ inline void fp8_encode_block(const float* values, int64_t len, float block_max, 
     const __m256i bytes = _mm256_packus_epi16(words01, words23);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i),
                         _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+#elif defined(CPU_CAPABILITY_AVX512)
+  // the AVX2 encoder above on 16 lanes; vpmovdb narrows the int32 codes (< 256) to bytes in order
+  const __m512 vfactor = _mm512_set1_ps(factor);
+  for (; i + 16 <= len; i += 16) {
+    const __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(values + i), vfactor);
+    const __m512 a = _mm512_min_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(scaled),
+                                                                          _mm512_set1_epi32(0x7fffffff))),
+                                   _mm512_set1_ps(kFp8Max));
+    const __m512i u = _mm512_castps_si512(a);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 20), _mm512_set1_epi32(1));
+    const __m512i normal = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7ffff - (120 << 23))), lsb), 20);
+    const __m512i subnormal = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(a, _mm512_set1_ps(16384.0f))),
+                                               _mm512_set1_epi32(0x46800000));
+    const __m512i code = _mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(u, _mm512_set1_epi32((121 << 23) - 1)),
+                                                 subnormal, normal);
+    const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(scaled), 24), _mm512_set1_epi32(0x80));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(_mm512_or_si512(code, sign)));
   }
 #endif
   for (; i < len; ++i) codes[i] = fp8_encode(values[i], factor);

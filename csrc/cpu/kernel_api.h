@@ -140,6 +140,7 @@ struct KernelTable {
 // One table per instruction set, and the one in use.
 const KernelTable& kernels_default();
 const KernelTable& kernels_avx2();
+const KernelTable& kernels_avx512();
 const KernelTable& active_kernels();
 std::string cpu_capability();
 void set_cpu_capability(const std::string& name);

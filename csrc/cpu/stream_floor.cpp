@@ -24,7 +24,9 @@ constexpr int64_t kMaxRead = 3;
 
 // The kernel of the instruction set the step kernels run with.
 StreamFloorFn active_stream_floor() {
-  return std::string(active_kernels().name) == "avx2" ? stream_floor_avx2() : stream_floor_default();
+  const std::string name = active_kernels().name;
+  if (name == "avx512") return stream_floor_avx512();
+  return name == "avx2" ? stream_floor_avx2() : stream_floor_default();
 }
 
 // No written tensor may share memory with any other tensor of the call (two read

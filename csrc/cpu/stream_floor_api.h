@@ -22,5 +22,6 @@ using StreamFloorFn = void (*)(const StreamFloorLaunch&);
 // One kernel per instruction set (defined in cpu/kernels_<isa>.cpp).
 StreamFloorFn stream_floor_default();
 StreamFloorFn stream_floor_avx2();
+StreamFloorFn stream_floor_avx512();
 
 }  // namespace amos_fused::cpu
