@@ -15,8 +15,10 @@ def normalize_reduce_axes(reduce_axes: ReduceAxes, ndim: int) -> Union[None, str
         return reduce_axes
     if isinstance(reduce_axes, str):
         raise ValueError(f"reduce_axes must be None, 'all' or a tuple of dims, got {reduce_axes!r}")
-    if isinstance(reduce_axes, int):
+    if isinstance(reduce_axes, int) and not isinstance(reduce_axes, bool):
         reduce_axes = (reduce_axes,)
+    if not isinstance(reduce_axes, (tuple, list, range)):
+        raise ValueError(f"reduce_axes must be None, 'all', a dim or a tuple of dims, got {reduce_axes!r}")
     dims = []
     for axis in reduce_axes:
         if not isinstance(axis, int) or isinstance(axis, bool):

@@ -93,7 +93,7 @@ def step_error(where: str, problem: Problem, param: Tensor, grad: Optional[Tenso
     if problem == Problem.STEP:
         if isinstance(tensor, Tensor) and tensor.numel() == 1 and tensor.dtype == torch.float32 \
                 and tensor.device.type == "cpu":
-            return ValueError(f"{where}: state['step'] must be a count >= 0, got {float(tensor)}")
+            return ValueError(f"{where}: state['step'] must be a finite count >= 0, got {float(tensor)}")
         return ValueError(f"{where}: state['step'] must be a float32 CPU scalar tensor, got "
                           + (_describe(tensor) if isinstance(tensor, Tensor) else repr(tensor)))
     if problem == Problem.OVERLAP:

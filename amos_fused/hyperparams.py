@@ -12,6 +12,8 @@ def _value(name: str, x) -> float:
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:  # torch.optim's own check of a tensor lr
             raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(x.shape)}")
+        if x.is_meta:
+            raise ValueError(f"Invalid {name}: a tensor on the meta device has no value")
         x = x.item()
     try:
         return float(x)
@@ -53,6 +55,25 @@ def betas(value: Sequence[float], count: int = 2) -> None:
         raise ValueError(f"Invalid betas: {value!r} (expected a pair of floats)")
     for index, beta in enumerate(value):
         in_unit_interval(f"beta parameter at index {index}", beta)
+
+
+def _is_numpy_bool(value) -> bool:
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover (torch's optional dependency)
+        return False
+    return isinstance(value, numpy.bool_)
+
+
+def flag(name: str, value) -> None:
+    """True or False (also NumPy's bools and the ints 0 and 1, which torch.optim
+    reads as flags alike); anything else, e.g. an array whose truth is ambiguous, is
+    refused here rather than at the step's first use of it."""
+    if isinstance(value, bool) or _is_numpy_bool(value):
+        return
+    if isinstance(value, int) and value in (0, 1):
+        return
+    raise ValueError(f"Invalid {name}: {value!r} (must be True or False)")
 
 
 def optional_positive(name: str, value: Optional[float]) -> None:

@@ -95,6 +95,10 @@ class ScaledAdamW(_AdamMoments):
         hp.positive("q", group["q"])
         if group["sigma"] is not None:
             hp.positive("sigma", group["sigma"])
+        if group["half_life"] is not None:
+            hp.positive("half_life", group["half_life"])
+        if group["p"] is not None:
+            hp.nonnegative("p", group["p"])
         if group["p"] is not None and group["half_life"] is not None:
             raise ValueError(
                 f"ScaledAdamW: give p or half_life, not both (p={group['p']}, half_life={group['half_life']})"
@@ -109,20 +113,31 @@ class ScaledAdamW(_AdamMoments):
             lr = float(group["lr"])
             if lr == 0.0:  # no step is taken (scale = ρ = 0 whatever p): a warm-up's or DCP's first step
                 return 0.0
-            return half_life_p(lr, group["half_life"], group["decay"])
+            return half_life_p(lr, float(group["half_life"]), group["decay"])
         return float(group["p"] or 0.0)
 
     def _default_per_param(self, key, group, param):
         # ‖ε0‖ = sqrt(numel)·σ, σ the group's or the param's own initial RMS
-        return math.sqrt(param.numel()) * (group["sigma"] if group["sigma"] is not None else initial_sigma(param))
+        sigma = group["sigma"]
+        return math.sqrt(param.numel()) * (float(sigma) if sigma is not None else initial_sigma(param))
 
     def _check_group_params(self, group):
         if group["init_norm"] is None:
             group["init_norm"] = tuple(self._default_per_param("init_norm", group, p) for p in group["params"])
+        if not isinstance(group["init_norm"], (tuple, list)):  # one number for every param
+            hp.nonnegative("init_norm", group["init_norm"])
+            return
         group["init_norm"] = tuple(group["init_norm"])
         if len(group["init_norm"]) != len(group["params"]):
             raise ValueError(f"Invalid init_norm: {len(group['init_norm'])} values for "
                              f"{len(group['params'])} params")
+        self._check_per_param(None, "init_norm", group["init_norm"])
+
+    def _check_per_param(self, index, key, values):
+        # a finite ‖ε0‖ >= 0: α_t scales the update by ‖ε0‖/‖u‖ (a negative norm would step
+        # the param uphill; 0 is a zero-element param's, which has nothing to step)
+        for norm in values:
+            hp.nonnegative("init_norm", norm)
 
     def _hyper(self, group):
         beta1, beta2 = (float(b) for b in group["betas"])
@@ -179,6 +194,7 @@ class Lamb(_AdamMoments):
 
     def _check_group(self, group):
         hp.adam_group(group)
+        hp.flag("bias_correction", group["bias_correction"])
 
     def _hyper(self, group):
         beta1, beta2 = (float(b) for b in group["betas"])

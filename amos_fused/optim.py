@@ -58,6 +58,8 @@ class _AdamFamily(FusedOptimizer):
 
     def _check_group(self, group):
         hp.adam_group(group)
+        for key in ("amsgrad", "bias_correction", "decoupled_weight_decay"):
+            hp.flag(key, group[key])
 
     def _step_state_keys(self, group):
         return self.state_keys if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
@@ -147,6 +149,7 @@ class RAdam(FusedOptimizer):
 
     def _check_group(self, group):
         hp.adam_group(group)
+        hp.flag("decoupled_weight_decay", group["decoupled_weight_decay"])
         # r_t = sqrt((ρt−4)(ρt−2)ρ∞ / ((ρ∞−4)(ρ∞−2)ρt)) is real only where ρt ≥ 4.
         hp.finite_at_least("rectify_threshold", group["rectify_threshold"], 4.0)
 

@@ -360,9 +360,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        ready = [self._prepare(index, group) for index, group in enumerate(self.param_groups)]
-        self._check_swaps()
-        self._check_grad_scaling()
+        # what preparing may write (per-param values re-inferred or following their
+        # params, plans), put back when any group's checks fail
+        kept = [(group, {key: group[key] for key in self.per_param_keys if key in group})
+                for group in self.param_groups]
+        plans = dict(self._plans)
+        try:
+            if not isinstance(self.state, dict):
+                raise TypeError(f"{self._name}: state must be a dict of param -> dict, got "
+                                f"{type(self.state).__name__}")
+            ready = [self._prepare(index, group) for index, group in enumerate(self.param_groups)]
+            self._check_swaps()
+            self._check_grad_scaling()
+        except BaseException:
+            for group, values in kept:
+                group.update(values)
+            self._plans = plans
+            raise
         self._step_host_scaling = None  # (read afresh by this step: _host_grad_scaling)
         try:
             for item in ready:
@@ -381,11 +395,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         return plan
 
     def _prepare(self, index: int, group: dict, rebuild: bool = False) -> Optional[_Ready]:
+        missing = [key for key in self.defaults if key not in group]
+        if missing:
+            raise ValueError(f"{self._name}: param_groups[{index}] has no {missing[0]!r}; every group holds "
+                             f"each of the optimizer's settings (its default: {self.defaults[missing[0]]!r})")
         self._check_flags(group)
         lr, checked = group.get("lr"), group
         if group.get("capturable") and isinstance(lr, Tensor) and lr.device.type != "cpu":
             checked = {**group, "lr": 0.0}  # its value stays on the device (_gather checks the tensor)
         self._check_group(checked)
+        try:  # (every value _run reads, converted now: nothing may fail once a group is written)
+            self._hyper(checked)
+        except (TypeError, ValueError, KeyError, RuntimeError) as error:
+            raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
         plan = self._plan(index, group, rebuild)
         grads = [placed_like(p, p.grad) for p in plan.params]
         buckets: List[Bucket] = []
@@ -425,7 +447,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             keys = keys + (MASTER_KEY,)
         states = []
         for i, p in enumerate(owners):
-            st = self.state.get(p) or {}
+            st = self.state[p] if p in self.state else {}
+            if not isinstance(st, dict):
+                raise ValueError(f"{self._where(index, positions[i], p)}: its state must be a dict, got "
+                                 f"{type(st).__name__} {st!r:.60}")
             pair = fp8_states.unpaired(st, coded[:len(coded) // 2]) if coded and "step" in st else None
             if pair is not None:
                 raise ValueError(f"{self._where(index, positions[i], p)}: state {pair[0]!r} is there but "
@@ -518,8 +543,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_written_once(where, params, lists, keys)
         else:
             self._check_walk(where, group, backend, params, lists)
-        if group.get("maximize"):
-            grads = torch._foreach_neg(grads)  # g ← −g
+        if group.get("maximize"):  # g ← −g, in the grads' checked layout (neg may restride a size-1 dim)
+            grads = [n if n.stride() == g.stride() else
+                     torch.empty_strided(g.shape, g.stride(), dtype=g.dtype, device=g.device).copy_(n)
+                     for n, g in zip(torch._foreach_neg(grads), grads)]
         bucket = Bucket(spec.device, spec.dtype, backend, owners, positions, params, grads, lists, fp8=spec.fp8,
                         shadows=shadows, shadows_in_kernel=shadows_in_kernel)
         for key in self.per_param_keys:
@@ -777,7 +804,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _run(self, ready: _Ready) -> None:
         for param, changes in ready.new_states:
-            state = self.state[param]
+            state = self.state.setdefault(param, {})  # (a plain dict in place of torch's defaultdict too)
             for key, value in changes.items():
                 if value is None:
                     state.pop(key, None)

@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace amos_fused {
@@ -95,8 +96,9 @@ Found find_problem(at::TensorList params, at::TensorList grads,
     }
     if (!steps.empty()) {
       const at::Tensor& s = steps[i];
-      // a float32 CPU count >= 0 (a negative or NaN count has no bias correction)
-      if (!(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device().is_cpu() && *s.data_ptr<float>() >= 0.0f))
+      // a finite float32 CPU count >= 0 (a negative, NaN or infinite count has no bias correction)
+      if (!(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device().is_cpu() &&
+            *s.data_ptr<float>() >= 0.0f && std::isfinite(*s.data_ptr<float>())))
         return {at, Problem::kStep, 0};
     }
   }
@@ -196,7 +198,7 @@ void check_bucket(const char* op, at::TensorList params, at::TensorList grads,
                         lists[f.list][f.index].scalar_type(), " ", lists[f.list][f.index].sizes(),
                         ") does not match its param (", p.scalar_type(), " ", p.sizes(), ")");
     case Problem::kStep:
-      TORCH_CHECK_VALUE(false, op, ": steps[", f.index, "] must be a float32 CPU scalar >= 0");
+      TORCH_CHECK_VALUE(false, op, ": steps[", f.index, "] must be a finite float32 CPU scalar >= 0");
     default:
       TORCH_CHECK_VALUE(false, op, ": grads[", f.index, "] (", grads[f.index].scalar_type(), " ",
                         grads[f.index].sizes(), " on ", grads[f.index].device(),

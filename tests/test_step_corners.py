@@ -1,10 +1,12 @@
 """Corners of torch.optim's semantics met between steps: a param swapped for one
 of another memory format, params swapped into sharing memory, a step counter of
-another dtype, state entries that are not tensors or that are expanded views, and
-Amos params whose dims the fused kernels cannot walk.  torch.optim steps what it
+another dtype, state entries that are not tensors or that are expanded views,
+Amos params whose dims the fused kernels cannot walk, and group values (flags,
+keys deleted, per-param values) that only a later group's step would read.  torch.optim steps what it
 can; what cannot be stepped raises before anything is written."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ def _snapshot(opt):
     """Every param and state value of opt, cloned (non-tensors as they are)."""
     params = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
     state = {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in st.items()}
-             for p, st in opt.state.items()}
+             if isinstance(st, dict) else copy.deepcopy(st) for p, st in opt.state.items()}
     return params, state
 
 
@@ -28,6 +30,9 @@ def _assert_unchanged(opt, snapshot):
         assert torch.equal(before, after)
     assert set(state) == {id(p) for p in opt.state}
     for p, st in opt.state.items():
+        if not isinstance(st, dict):  # (a user's bad entry, left as it was)
+            assert st == state[id(p)]
+            continue
         assert set(st) == set(state[id(p)])
         for key, value in st.items():
             old = state[id(p)][key]
@@ -243,8 +248,8 @@ def test_a_state_laid_out_otherwise_beside_an_unchanged_param_is_refused_on_cpu(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("count", [-3.0, float("nan")])
-def test_a_negative_or_nan_step_count_is_refused_before_any_write(backend, count):
+@pytest.mark.parametrize("count", [-3.0, float("nan"), float("inf")])
+def test_a_negative_nan_or_infinite_step_count_is_refused_before_any_write(backend, count):
     """A count with no bias correction (torch.optim fails on it half-way): refused on
     every backend, naming the param, before group 0 is written."""
     a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
@@ -252,7 +257,7 @@ def test_a_negative_or_nan_step_count_is_refused_before_any_write(backend, count
     _grads([a, b], 0)
     opt.step()
     opt.state[b]["step"] = torch.tensor(count)
-    _assert_refused(opt, r"param_groups\[1\]\['params'\]\[0\].*state\['step'\] must be a count >= 0")
+    _assert_refused(opt, r"param_groups\[1\]\['params'\]\[0\].*state\['step'\] must be a finite count >= 0")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -296,3 +301,150 @@ def test_a_param_swapped_into_another_memory_format_right_after_a_load_keeps_ste
         o.step()
     assert torch.equal(target.detach(), twin.detach())
     assert loaded.state[target]["exp_avg"].stride() == target.stride()
+
+
+# ---- every group value a step reads, checked before group 0 is written ------------
+
+FLAG_EDITS = [
+    (af.AdamW, "bias_correction", np.array([True, False])),
+    (af.Adam, "decoupled_weight_decay", torch.tensor([1, 0])),
+    (af.AdamW, "amsgrad", "yes"),
+    (af.RAdam, "decoupled_weight_decay", None),
+    (af.Lamb, "bias_correction", torch.tensor(True, device="meta")),
+    (af.AdamW8bit, "bias_correction", 2),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,key,value", FLAG_EDITS, ids=lambda v: getattr(v, "__name__", str(v)[:12]))
+def test_a_bad_flag_in_the_last_group_is_refused_before_any_write(backend, cls, key, value):
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    opt = cls([{"params": [a]}, {"params": [b]}], lr=0.1, backend=backend)
+    _grads([a, b], 0)
+    opt.step()
+    opt.param_groups[1][key] = value
+    _assert_refused(opt, rf"Invalid {key}: .* \(must be True or False\)")
+    with pytest.raises(ValueError, match=rf"{key}.*must be True or False"):
+        cls([a], lr=0.1, backend=backend, **{key: value})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,key", [(af.AdamW, "weight_decay"), (af.RAdam, "decoupled_weight_decay"),
+                                     (af.AdamW8bit, "bias_correction"), (af.Lion, "betas"), (af.Amos, "beta"),
+                                     (af.ScaledAdamW, "half_life")], ids=lambda v: getattr(v, "__name__", v))
+def test_a_group_key_deleted_is_refused_before_any_write(backend, cls, key):
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    opt = cls([{"params": [a]}, {"params": [b]}], lr=0.1, backend=backend)
+    _grads([a, b], 0)
+    opt.step()
+    del opt.param_groups[1][key]
+    _assert_refused(opt, rf"param_groups\[1\] has no '{key}'")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [None, 0, []], ids=repr)
+def test_a_state_that_is_not_a_dict_is_refused_before_any_write(backend, value):
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    opt = af.AdamW([{"params": [a]}, {"params": [b]}], lr=0.1, backend=backend, track_rms=True)
+    _grads([a, b], 0)
+    opt.step()
+    rms = opt.rms()[a]
+    opt.state[b] = value
+    _assert_refused(opt, r"param_groups\[1\]\['params'\]\[0\].*its state must be a dict")
+    assert opt.rms()[a] == rms
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_plain_dict_state_without_a_param_starts_it_afresh(backend):
+    """opt.state replaced by a plain dict (not torch's defaultdict) that lacks a param:
+    the param starts afresh, as with opt.state[p] = {} — the others continue."""
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    opt = af.AdamW([{"params": [a]}, {"params": [b]}], lr=0.1, backend=backend)
+    _grads([a, b], 0)
+    opt.step()
+    opt.state = {a: opt.state[a]}
+    opt.step()
+    assert float(opt.state[a]["step"]) == 2.0 and float(opt.state[b]["step"]) == 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", [float("nan"), float("inf"), -3.0], ids=repr)
+def test_scaled_adamw_refuses_a_bad_init_norm(backend, norm):
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    opt = af.ScaledAdamW([{"params": [a]}, {"params": [b]}], lr=0.1, backend=backend)
+    _grads([a, b], 0)
+    opt.step()
+    opt.param_groups[1]["init_norm"] = (norm,)
+    _assert_refused(opt, r"param_groups\[1\]: Invalid init_norm")
+    opt.param_groups[1]["init_norm"] = norm
+    _assert_refused(opt, r"param_groups\[1\]: Invalid init_norm")
+    with pytest.raises(ValueError, match="Invalid init_norm"):
+        af.ScaledAdamW([{"params": [a], "init_norm": (norm,)}], lr=0.1, backend=backend)
+
+
+@pytest.mark.parametrize("cls,key", [(af.Amos, "eta"), (af.ScaledAdamW, "init_norm")])
+@pytest.mark.parametrize("edit", ["reorder", "reinfer"])
+def test_a_failed_step_leaves_per_param_values_as_they_were(cls, key, edit):
+    """Group 0's per-param tuple follows its reordered params, or is inferred anew
+    from None, only by a step that succeeds: group 1's bad lr leaves it untouched."""
+    a, b, c = (torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(3 * torch.randn(5)),
+               torch.nn.Parameter(torch.randn(3)))
+    opt = cls([{"params": [a, b]}, {"params": [c]}], lr=0.01, backend="cpu")
+    _grads([a, b, c], 0)
+    opt.step()
+    if edit == "reorder":
+        opt.param_groups[0]["params"].reverse()
+    else:
+        opt.param_groups[0][key] = None
+    before = opt.param_groups[0][key]
+    opt.param_groups[1]["lr"] = -1.0
+    _assert_refused(opt, "Invalid learning rate")
+    assert opt.param_groups[0][key] is before
+    opt.param_groups[1]["lr"] = 0.01
+    opt.step()  # and the next good step takes the edit
+    assert isinstance(opt.param_groups[0][key], tuple) and len(opt.param_groups[0][key]) == 2
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: af.Amos(p, lr=0.01, reduce_axes=1.0), r"reduce_axes must be None, 'all', a dim or a tuple"),
+    (lambda p: af.Amos(p, lr=0.01, reduce_axes=torch.tensor(1)), r"reduce_axes must be None"),
+    (lambda p: af.ScaledAdamW(p, half_life="soon"), r"Invalid half_life: 'soon'"),
+    (lambda p: af.ScaledAdamW(p, half_life=1j), r"Invalid half_life"),
+    (lambda p: af.ScaledAdamW(p, p="x"), r"Invalid p: 'x'"),
+    (lambda p: af.AdamW(p, lr=torch.tensor(1e-3, device="meta")), r"Invalid learning rate: .*meta"),
+], ids=["axes-float", "axes-tensor", "half-life-str", "half-life-complex", "p-str", "lr-meta"])
+def test_bad_values_are_named(make, match):
+    with pytest.raises(ValueError, match=match):
+        make([torch.nn.Parameter(torch.randn(4, 3))])
+
+
+def test_numeric_strings_are_read_as_numbers():
+    """As lr='0.1' is: a half-life and a sigma given as strings of numbers."""
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    ref = torch.nn.Parameter(p.detach().clone())
+    opts = [af.ScaledAdamW([p], half_life="1000", sigma="0.5"), af.ScaledAdamW([ref], half_life=1000, sigma=0.5)]
+    for q, opt in zip((p, ref), opts):
+        q.grad = torch.ones_like(q)
+        opt.step()
+    assert torch.equal(p, ref)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_amos_maximize_keeps_a_size_one_dim_layout(backend):
+    """A channels_last Conv2d(1, C, k) weight (a dense non-contiguous param with a
+    size-1 dim): maximize's g ← −g keeps the grad's checked layout, and the step is
+    the negated grad's."""
+    if backend not in af.available_backends():
+        pytest.skip(f"{backend} is not available here")
+    conv = torch.nn.Conv2d(1, 8, 3).to(memory_format=torch.channels_last)
+    twin = torch.nn.Parameter(conv.weight.detach().clone())
+    lin = torch.nn.Linear(4, 4)
+    opt = af.Amos([{"params": [lin.weight]}, {"params": [conv.weight]}], lr=0.01, eta=0.1, maximize=True,
+                  backend=backend)
+    plain = af.Amos([twin], lr=0.01, eta=0.1, backend=backend)
+    for p in (lin.weight, conv.weight):
+        p.grad = torch.randn_like(p)
+    twin.grad = -conv.weight.grad
+    opt.step()
+    plain.step()
+    torch.testing.assert_close(conv.weight.detach(), twin.detach(), rtol=0, atol=0)
