@@ -176,7 +176,8 @@ class ScaledAdamW(_AdamMoments):
 
 class Lamb(_AdamMoments):
     """LAMB (You et al., arXiv:1904.00962): u = m̂/(sqrt(v̂)+ε) + λθ;
-    θ ← θ − η·(‖θ‖/‖u‖)·u per tensor, the trust ratio being 1 when either norm is 0.
+    θ ← θ − η·(‖θ‖/‖u‖)·u per tensor, the trust ratio being 1 when either norm is 0
+    (or not finite: a NaN/Inf reaches θ only at its own element).
     State: ``step``, ``exp_avg``, ``exp_avg_sq``."""
 
     algorithm = "lamb"

@@ -36,7 +36,7 @@ def torch_flags(maximize=False, foreach=None, capturable=False, differentiable=F
     own (``maximize``: g ← −g; ``foreach``: accepted, no effect — every step is one
     fused pass per bucket or the reference's per-tensor loop; ``fused``: None or
     True for the fused kernels, False for the reference; ``capturable``: steps
-    that read nothing on the host, on the Triton backend; ``differentiable``: False
+    that read nothing on the host, on the CUDA and Triton backends; ``differentiable``: False
     only), ``backend``, the constructor's choice of
     kernels (never saved in checkpoints), ``track_rms``: each step also
     measures every param's weight and update RMS, read with ``optimizer.rms()``
@@ -382,9 +382,42 @@ class FusedOptimizer(torch.optim.Optimizer):
             for item in ready:
                 if item is not None:
                     self._run(item)
+            self._unscale_stepped_grads(ready)
         finally:
             self._step_host_scaling = None
         return loss
+
+    def _unscale_stepped_grads(self, ready: List[Optional[_Ready]]) -> None:
+        """As torch's fused optimizers leave them: after a step that ran with
+        GradScaler's ``grad_scale``, every stepped param's grad is divided by it in
+        place (the kernels read the scaled grads and unscale them in registers); a
+        step skipped for ``found_inf`` leaves the grads scaled.  Host steps read
+        found_inf on the host already; capturable ones divide on the device by 1 or
+        the scale, reading nothing."""
+        scaling = self._grad_scaling()
+        if scaling["grad_scale"] is None:
+            return
+        host: List[Tensor] = []
+        on_device: Dict[torch.device, List[Tensor]] = {}
+        for item in ready:
+            if item is None:
+                continue
+            grads = [p.grad for bucket in item.buckets for p in bucket.owners if p.grad is not None]
+            if item.group.get("capturable"):
+                for g in grads:
+                    on_device.setdefault(local(g).device, []).append(g)
+            else:
+                host.extend(grads)
+        if host:
+            values = self._host_grad_scaling()
+            if values["found_inf"] is None or float(values["found_inf"]) == 0.0:
+                torch._foreach_div_(host, float(values["grad_scale"]))
+        for device, grads in on_device.items():
+            scale = scaling["grad_scale"].to(device, non_blocking=True)
+            found_inf = scaling["found_inf"]
+            if found_inf is not None:
+                scale = torch.where(found_inf.to(device, non_blocking=True) != 0, torch.ones_like(scale), scale)
+            torch._foreach_div_(grads, scale)
 
     def _plan(self, index: int, group: dict, rebuild: bool) -> GroupPlan:
         plan = self._plans.get(index)
@@ -400,6 +433,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{self._name}: param_groups[{index}] has no {missing[0]!r}; every group holds "
                              f"each of the optimizer's settings (its default: {self.defaults[missing[0]]!r})")
         self._check_flags(group)
+        check_backend(group_backend(group), self.algorithm, self._name)  # (a group's backend may be set anew)
         lr, checked = group.get("lr"), group
         if group.get("capturable") and isinstance(lr, Tensor) and lr.device.type != "cpu":
             checked = {**group, "lr": 0.0}  # its value stays on the device (_gather checks the tensor)

@@ -313,7 +313,7 @@ def lamb_direction(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
 def lamb_apply(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, theta: Tensor, m: Tensor, v: Tensor,
                u: Tensor, theta_norm: Tensor, u_norm: Tensor, *, lr: float) -> None:
     """Phase 2 of LAMB given ‖θ‖ and ‖u‖: θ ← θ − η·ratio·u; stores θ, m, v."""
-    both = (theta_norm > 0) & (u_norm > 0)
+    both = (theta_norm > 0) & (u_norm > 0) & torch.isfinite(theta_norm) & torch.isfinite(u_norm)
     ratio = torch.where(both, theta_norm / torch.where(both, u_norm, 1.0), 1.0)
     _store(exp_avg, m)
     _store(exp_avg_sq, v)
@@ -337,8 +337,9 @@ def lamb_step(
     """LAMB (You et al., arXiv:1904.00962): u = m̂/(sqrt(v̂)+ε) + λθ;
     θ ← θ − η·(‖θ‖/‖u‖)·u, the trust ratio ‖θ‖/‖u‖ being 1 when either norm is 0.
 
-    Non-finite values: the ratio is also 1 when a norm is NaN, so a NaN/Inf in u or θ
-    reaches θ only at its own element (an Inf ‖u‖ gives ratio 0, and 0·Inf = NaN)."""
+    Non-finite values: the ratio is also 1 when a norm is NaN or Inf, so a NaN/Inf in u
+    or θ reaches θ only at its own element (with λ > 0 an Inf in θ is also one in u:
+    ‖θ‖/‖u‖ would be Inf/Inf = NaN, and every element NaN)."""
     theta, m, v, u = lamb_direction(param, grad, exp_avg, exp_avg_sq, step, beta1=beta1, beta2=beta2, eps=eps,
                                     weight_decay=weight_decay, bias_correction=bias_correction)
     lamb_apply(param, exp_avg, exp_avg_sq, theta, m, v, u, norm(theta), norm(u), lr=lr)

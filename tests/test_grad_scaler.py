@@ -142,3 +142,33 @@ def test_adamw_grad_scaler_matches_torch(backend, amsgrad):
             continue
         _assert_same(ours_params, ours, torch_params, theirs, tol={})
     assert float(ours.state[ours_params[3]]["step"]) == STEPS - len(INF_STEPS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(OPTIMIZERS) + ["adamw8bit"])
+def test_grads_after_the_step_are_those_of_torchs_fused_step(name, backend):
+    """torch's fused AdamW unscales the grads in its kernel and writes them back:
+    after ``scaler.step`` the grads are unscaled, and after a step skipped for
+    found_inf they are left as scaled.  Ours leave them alike, bitwise."""
+    base = make_params(torch.float32, 1, [(37, 5), (4096 + 3,)])
+    ours_params, torch_params = clone_params(base), clone_params(base)
+    if name == "adamw8bit":
+        import amos_fused as af
+        ours = af.AdamW8bit(ours_params, lr=1e-3, backend=backend)
+    else:
+        ours = CASES[OPTIMIZERS[name]].make(ours_params, backend)
+    theirs = torch.optim.AdamW(torch_params, lr=1e-3, fused=True)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**12) for _ in range(2)]
+    for step in range(3):
+        grads = make_grads(base, step)
+        if step == 1:
+            grads[0].view(-1)[3] = float("inf")
+        for ps, opt, scaler in ((ours_params, ours, scalers[0]), (torch_params, theirs, scalers[1])):
+            _backward(ps, grads, scaler)
+            scaler.step(opt)
+            scaler.update()
+        for p, q in zip(ours_params, torch_params):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, equal_nan=True)
+        scaled = scalers[0].get_scale() * (2.0 if step == 1 else 1.0)  # (the skip halved it)
+        expected = grads[1] * (scaled if step == 1 else 1.0)
+        torch.testing.assert_close(ours_params[1].grad, expected, rtol=0, atol=0)

@@ -353,13 +353,15 @@ def _nonfinite_case(case, steps):
         grads[1][0][0, 0] = -math.inf
     elif case == "nan_param":
         values[0][4, 7] = math.nan
+    elif case == "inf_param":
+        values[0][1, 2] = math.inf
     elif case == "zero_grad_eps0":
         grads = [[torch.zeros_like(g) for g in step] for step in grads]
         eps = 0.0
     return values, grads, eps
 
 
-@pytest.mark.parametrize("case", ["nan_grad", "inf_grad", "nan_param", "zero_grad_eps0"])
+@pytest.mark.parametrize("case", ["nan_grad", "inf_grad", "nan_param", "inf_param", "zero_grad_eps0"])
 @pytest.mark.parametrize("name", list(NONFINITE_ALGORITHMS))
 def test_nonfinite_semantics_agree(name, case):
     make = NONFINITE_ALGORITHMS[name]
@@ -382,3 +384,5 @@ def test_nonfinite_semantics_agree(name, case):
             torch.testing.assert_close(x[finite], r[finite], rtol=1e-5, atol=1e-6)
     if name == "lion" and case == "nan_grad":  # sign(NaN) = 0: θ only decays there
         assert torch.isfinite(ref[0]).all()
+    if name == "lamb" and case.endswith("_param"):  # (λ > 0: ‖θ‖ and ‖u‖ both non-finite)
+        assert int((~torch.isfinite(ref[0])).sum()) == 1, "a non-finite θ reached other elements"

@@ -448,3 +448,13 @@ def test_amos_maximize_keeps_a_size_one_dim_layout(backend):
     opt.step()
     plain.step()
     torch.testing.assert_close(conv.weight.detach(), twin.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["tpu", "CPU"])
+def test_a_backend_set_anew_is_checked_like_the_constructors(backend):
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    opt = af.AdamW([{"params": [a]}, {"params": [b]}], lr=0.1, backend="cpu")
+    _grads([a, b], 0)
+    opt.step()
+    opt.param_groups[1]["backend"] = backend
+    _assert_refused(opt, rf"AdamW: unknown backend '{backend}'")

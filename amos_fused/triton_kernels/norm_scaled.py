@@ -101,12 +101,13 @@ def adam_direction(p, m, v, eps, bc1, bc2_sqrt, weight_decay, DECAY: tl.constexp
 def norm_scale(u_sq, theta_sq, scale, init_norm, LAMB: tl.constexpr, FP64: tl.constexpr):
     """Per-tensor k from Σu² (and Σθ²):
     scale-aware Adam k = α0·s(t)·‖ε0‖/‖u‖ (0 when ‖u‖ = 0);
-    LAMB k = η·‖θ‖/‖u‖ (η when either norm is 0)."""
+    LAMB k = η·‖θ‖/‖u‖ (η when either norm is 0, NaN or Inf)."""
     u_norm = ieee_sqrt(u_sq, FP64)
     safe_u_norm = tl.where(u_norm > 0, u_norm, 1.0)
     if LAMB:
         theta_norm = ieee_sqrt(theta_sq, FP64)
-        ratio = tl.where((u_norm > 0) & (theta_norm > 0), ieee_div(theta_norm, safe_u_norm, FP64), 1.0)
+        both = (u_norm > 0) & (theta_norm > 0) & (u_norm < float("inf")) & (theta_norm < float("inf"))
+        ratio = tl.where(both, ieee_div(theta_norm, tl.where(both, u_norm, 1.0), FP64), 1.0)
         k = scale * ratio
     else:
         k = tl.where(u_norm > 0, ieee_div(scale * init_norm, safe_u_norm, FP64), 0.0)

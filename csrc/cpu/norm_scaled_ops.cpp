@@ -21,9 +21,10 @@ void norm_scaled_launch(const std::vector<NormScaledCoef>& coefs, BucketTables& 
   for (size_t t = 0; t < n; ++t) {
     const NormScaledCoef& c = coefs[t];
     const double u_norm = std::sqrt(u_sq[t]);
-    if (lamb) {  // k = η·‖θ‖/‖u‖, η when a norm is 0
+    if (lamb) {  // k = η·‖θ‖/‖u‖, η when a norm is 0, NaN or Inf
       const double theta_norm = std::sqrt(theta_sq[t]);
-      k[t] = c.scale * (u_norm > 0.0 && theta_norm > 0.0 ? theta_norm / u_norm : 1.0);
+      const bool ratio = u_norm > 0.0 && theta_norm > 0.0 && std::isfinite(u_norm) && std::isfinite(theta_norm);
+      k[t] = c.scale * (ratio ? theta_norm / u_norm : 1.0);
     } else {     // k = α0·s(t)·‖ε0‖/‖u‖, 0 when ‖u‖ = 0
       k[t] = u_norm > 0.0 ? c.scale * c.init_norm / u_norm : 0.0;
     }

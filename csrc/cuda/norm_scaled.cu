@@ -116,7 +116,8 @@ __global__ void __launch_bounds__(kElementwiseThreads)
   const double u_norm = ::sqrt(u_sq), theta_norm = ::sqrt(theta_sq);
   double k, rho;
   if (lamb) {
-    k = c.scale * (u_norm > 0.0 && theta_norm > 0.0 ? theta_norm / u_norm : 1.0);
+    k = c.scale * (u_norm > 0.0 && theta_norm > 0.0 && ::isfinite(u_norm) && ::isfinite(theta_norm)
+                   ? theta_norm / u_norm : 1.0);
     rho = 0.0;
   } else {
     k = u_norm > 0.0 ? c.scale * init_norm[t] / u_norm : 0.0;
@@ -254,7 +255,7 @@ void norm_scaled_step(const StepCall<A>& call, bool lamb) {
 // Scale-aware Adam: θ ← θ − (α_t·u + ρ_t·θ), α_t = α0·‖ε0‖/‖u‖·s(t), ρ_t = α0²/(2q)·s(t).
 void launch(const StepCall<ScaledAdamAlgorithm>& call) { norm_scaled_step(call, false); }
 
-// LAMB: θ ← θ − η·(‖θ‖/‖u‖)·u, u = m̂/(sqrt(v̂)+ε) + λθ, ratio 1 when a norm is 0.
+// LAMB: θ ← θ − η·(‖θ‖/‖u‖)·u, u = m̂/(sqrt(v̂)+ε) + λθ, ratio 1 when a norm is 0, NaN or Inf.
 void launch(const StepCall<LambAlgorithm>& call) { norm_scaled_step(call, true); }
 
 }  // namespace amos_fused::cuda
