@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cfloat>
 #include <cmath>
 #include <optional>
 #include <type_traits>
@@ -116,7 +117,8 @@ __global__ void __launch_bounds__(kElementwiseThreads)
   const double u_norm = ::sqrt(u_sq), theta_norm = ::sqrt(theta_sq);
   double k, rho;
   if (lamb) {
-    k = c.scale * (u_norm > 0.0 && theta_norm > 0.0 && ::isfinite(u_norm) && ::isfinite(theta_norm)
+    // (x <= DBL_MAX: finite, for the norms, which are >= 0 or NaN)
+    k = c.scale * (u_norm > 0.0 && theta_norm > 0.0 && u_norm <= DBL_MAX && theta_norm <= DBL_MAX
                    ? theta_norm / u_norm : 1.0);
     rho = 0.0;
   } else {
