@@ -17,10 +17,10 @@ def normalize_reduce_axes(reduce_axes: ReduceAxes, ndim: int) -> Union[None, str
         raise ValueError(f"reduce_axes must be None, 'all' or a tuple of dims, got {reduce_axes!r}")
     if isinstance(reduce_axes, int) and not isinstance(reduce_axes, bool):
         reduce_axes = (reduce_axes,)
-    if not isinstance(reduce_axes, (tuple, list, range)):
+    if not isinstance(reduce_axes, (tuple, list, range, set, frozenset)):
         raise ValueError(f"reduce_axes must be None, 'all', a dim or a tuple of dims, got {reduce_axes!r}")
     dims = []
-    for axis in reduce_axes:
+    for axis in sorted(reduce_axes) if isinstance(reduce_axes, (set, frozenset)) else reduce_axes:
         if not isinstance(axis, int) or isinstance(axis, bool):
             raise ValueError(f"reduce_axes must hold ints, got {reduce_axes!r}")
         if not -ndim <= axis < max(ndim, 1) or ndim == 0:

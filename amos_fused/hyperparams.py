@@ -66,10 +66,11 @@ def _is_numpy_bool(value) -> bool:
 
 
 def flag(name: str, value) -> None:
-    """True or False (also NumPy's bools and the ints 0 and 1, which torch.optim
-    reads as flags alike); anything else, e.g. an array whose truth is ambiguous, is
-    refused here rather than at the step's first use of it."""
-    if isinstance(value, bool) or _is_numpy_bool(value):
+    """True or False (also None for False, NumPy's bools and the ints 0 and 1, which
+    torch.optim reads as flags alike, as a config file may give them); anything
+    else, e.g. an array whose truth is ambiguous, is refused here rather than at the
+    step's first use of it."""
+    if value is None or isinstance(value, bool) or _is_numpy_bool(value):
         return
     if isinstance(value, int) and value in (0, 1):
         return

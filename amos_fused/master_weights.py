@@ -19,6 +19,7 @@ master from the param and its states float32 at the next step; turning it off
 rounds the states to the param's dtype and drops the master."""
 from __future__ import annotations
 
+import weakref
 from typing import Dict, Optional
 
 import torch
@@ -98,7 +99,8 @@ def convert_loaded(param: Tensor, state: Dict[str, object], master_weights: bool
 
 class WriteMarks:
     """What each param with a master looked like when a step last wrote it: its
-    storage address and version counter.  A param replaced (``p.data = …``) or
+    storage (held weakly), address and version counter.  A param replaced
+    (``p.data = …``, also by a new storage the allocator put at the old address) or
     written in place through autograd's view of it (``with torch.no_grad():
     p.copy_(…)``, ``torch.nn.init``) between steps no longer matches, and the next
     step remakes its master from it, so the step starts from the param's value as
@@ -111,7 +113,7 @@ class WriteMarks:
     @staticmethod
     def _mark_of(param: Tensor) -> tuple:
         t = local(param)
-        return (t.data_ptr(), t._version)
+        return (weakref.ref(t.untyped_storage()), t.data_ptr(), t._version)
 
     def mark(self, params) -> None:
         for p in params:
@@ -119,7 +121,15 @@ class WriteMarks:
 
     def edited(self, param: Tensor) -> bool:
         entry = self._marks.get(id(param))
-        return entry is not None and entry[0] is param and entry[1] != self._mark_of(param)
+        if entry is None or entry[0] is not param:
+            return False
+        storage, *where = entry[1]
+        t = local(param)
+        return storage() is not t.untyped_storage() or where != [t.data_ptr(), t._version]
+
+    def keep(self, ids) -> None:
+        """Drops the marks of params whose id is not in ``ids``."""
+        self._marks = {key: entry for key, entry in self._marks.items() if key in ids}
 
     def clear(self) -> None:
         self._marks.clear()

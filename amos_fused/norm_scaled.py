@@ -124,10 +124,13 @@ class ScaledAdamW(_AdamMoments):
     def _check_group_params(self, group):
         if group["init_norm"] is None:
             group["init_norm"] = tuple(self._default_per_param("init_norm", group, p) for p in group["params"])
-        if not isinstance(group["init_norm"], (tuple, list)):  # one number for every param
-            hp.nonnegative("init_norm", group["init_norm"])
+        norms = group["init_norm"]
+        if getattr(norms, "ndim", None) == 1 and hasattr(norms, "tolist"):  # one per param, as a tensor/array
+            norms = group["init_norm"] = tuple(float(v) for v in norms.tolist())
+        if not isinstance(norms, (tuple, list)):  # one number for every param
+            hp.nonnegative("init_norm", norms)
             return
-        group["init_norm"] = tuple(group["init_norm"])
+        group["init_norm"] = tuple(norms)
         if len(group["init_norm"]) != len(group["params"]):
             raise ValueError(f"Invalid init_norm: {len(group['init_norm'])} values for "
                              f"{len(group['params'])} params")

@@ -115,13 +115,22 @@ class FusedOptimizer(torch.optim.Optimizer):
     # the step when found_inf is set.
     _step_supports_amp_scaling = True
 
+    # Set while torch.optim's constructor or a load adds many groups: the memory overlap
+    # of all params is then checked once at the end, not once per group added.
+    _bulk_adding: bool = False
+
     def __init__(self, params, defaults: Dict[str, Any]):
         self._plans: Dict[int, GroupPlan] = {}
         self._telemetry = Recorder()
         self._master_marks = WriteMarks()
         self._layouts: Dict[int, Tuple[Tensor, tuple]] = {}  # id(p) -> (p, its strides at its last step)
-        super().__init__(params, {"maximize": False, "track_rms": False, "bf16_stochastic_round": False,
-                                  "stochastic_round_seed": 0, "master_weights": False, **defaults})
+        self._bulk_adding = True
+        try:
+            super().__init__(params, {"maximize": False, "track_rms": False, "bf16_stochastic_round": False,
+                                      "stochastic_round_seed": 0, "master_weights": False, **defaults})
+            self._check_all_overlaps()
+        finally:
+            self._bulk_adding = False
 
     # ---- subclass hooks ---------------------------------------------------
     def _check_group(self, group: dict) -> None:
@@ -310,8 +319,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 f"{self._name}: param_groups[{index}] mixes devices {devices}; "
                 "put the params of each device in a param group of their own"
             )
-        self._check_no_overlap([(i, pos, p) for i, g in enumerate(self.param_groups)
-                                for pos, p in enumerate(params if i == index else g["params"])])
+        if not self._bulk_adding:  # (else checked once when all groups are in: _check_all_overlaps)
+            self._check_no_overlap([(i, pos, p) for i, g in enumerate(self.param_groups)
+                                    for pos, p in enumerate(params if i == index else g["params"])])
         moved = self._values_following_params(group, self._plans.get(index))
         before = {key: group[key] for key in moved}
         group.update(moved)
@@ -322,7 +332,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
         plan = GroupPlan.build(params, self._keeps_fp8, group.get("master_weights", False))
         plan.group_values = {key: group.get(key) for key in self.per_param_keys}
+        self._members_changed = True
         return plan
+
+    def _check_all_overlaps(self) -> None:
+        self._check_no_overlap([(i, pos, p) for i, g in enumerate(self.param_groups)
+                                for pos, p in enumerate(g["params"])])
 
     def _check_no_overlap(self, everyone: List[Tuple[int, int, Tensor]]) -> None:
         """Raises when two params ((group index, position, param) triples) share memory."""
@@ -335,9 +350,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_swaps(self) -> None:
         """Raises when params were made to share memory since the last check (a
         ``p.data = …`` swap keeps the plans, which checked overlap when made).  The
-        params' addresses and sizes are compared with the last check's; the full
-        check runs only when they changed."""
-        signature = [(p.data_ptr(), p.numel()) for g in self.param_groups for p in map(local, g["params"])]
+        params' addresses, sizes and strides are compared with the last check's; the
+        full check runs only when they changed."""
+        signature = [(p.data_ptr(), p.numel(), p.stride()) for g in self.param_groups for p in map(local, g["params"])]
         if signature == getattr(self, "_checked_layouts", None):
             return
         self._check_no_overlap([(i, pos, p) for i, g in enumerate(self.param_groups)
@@ -385,7 +400,23 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._unscale_stepped_grads(ready)
         finally:
             self._step_host_scaling = None
+        if getattr(self, "_members_changed", True) or any(i >= len(self.param_groups) for i in self._plans):
+            self._forget_departed_params()
         return loss
+
+    def _forget_departed_params(self) -> None:
+        """Drops what the caches hold of params that left the optimizer (in no group
+        and without state: torch.optim keeps nothing of them either) — their last
+        layouts and write marks, their telemetry (out of every group), the plans of
+        removed groups — so that they can be freed.  Run after a step whose plans
+        changed."""
+        self._members_changed = False
+        self._plans = {i: plan for i, plan in self._plans.items() if i < len(self.param_groups)}
+        in_groups = {id(p) for group in self.param_groups for p in group["params"]}
+        kept = in_groups | {id(p) for p in self.state}
+        self._layouts = {key: entry for key, entry in self._layouts.items() if key in kept}
+        self._master_marks.keep(kept)
+        self._telemetry.keep(in_groups)
 
     def _unscale_stepped_grads(self, ready: List[Optional[_Ready]]) -> None:
         """As torch's fused optimizers leave them: after a step that ran with
@@ -577,10 +608,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_written_once(where, params, lists, keys)
         else:
             self._check_walk(where, group, backend, params, lists)
-        if group.get("maximize"):  # g ← −g, in the grads' checked layout (neg may restride a size-1 dim)
-            grads = [n if n.stride() == g.stride() else
-                     torch.empty_strided(g.shape, g.stride(), dtype=g.dtype, device=g.device).copy_(n)
-                     for n, g in zip(torch._foreach_neg(grads), grads)]
+        if group.get("maximize"):  # g ← −g; for the fused walks in the grads' checked layout (neg may
+            negated = torch._foreach_neg(grads)  # restride a size-1 dim; the reference takes any strides)
+            if walk != Walk.ANY:
+                negated = [n if n.stride() == g.stride() else
+                           torch.empty_strided(g.shape, g.stride(), dtype=g.dtype, device=g.device).copy_(n)
+                           for n, g in zip(negated, grads)]
+            grads = negated
         bucket = Bucket(spec.device, spec.dtype, backend, owners, positions, params, grads, lists, fp8=spec.fp8,
                         shadows=shadows, shadows_in_kernel=shadows_in_kernel)
         for key in self.per_param_keys:
@@ -989,11 +1023,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             fp8_states.convert_loaded(param, state, keys, like=masters.stepped_like(param, master) if keys else param,
                                       dtype=torch.float32 if master else param.dtype)
         self._plans = {}
-        for index, group in enumerate(self.param_groups):
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-            group.update(machine[index])
-            self._check_new_group(index, group)
+        self._bulk_adding = True
+        try:
+            for index, group in enumerate(self.param_groups):
+                for key, value in self.defaults.items():
+                    group.setdefault(key, value)
+                group.update(machine[index])
+                self._check_new_group(index, group)
+            self._check_all_overlaps()
+        finally:
+            self._bulk_adding = False
         self._master_marks.clear()
         self._master_marks.mark_masters(self.state)  # the next step starts from the loaded master unless written
         self._mark_layouts()

@@ -80,6 +80,10 @@ class Recorder:
         for row, (owner, stepped) in enumerate(zip(owners, params)):
             self._records[owner] = _Record(table, row, stepped, lr)
 
+    def keep(self, ids) -> None:
+        """Drops the records of params whose id is not in ``ids``."""
+        self._records = {owner: record for owner, record in self._records.items() if id(owner) in ids}
+
     def forget(self, owners: Sequence[Tensor]) -> None:
         """Drops the records of params stepped without telemetry (their group's
         track_rms was switched off): what they hold is no longer their latest step."""

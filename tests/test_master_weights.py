@@ -502,3 +502,23 @@ def test_non_finite_grads_agree_on_every_backend(name):
     for p, q in zip(pa, pb):
         for x, y in ((p.detach(), q.detach()), (oa.state[p][MASTER_KEY], ob.state[q][MASTER_KEY])):
             torch.testing.assert_close(x.float(), y.float(), rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_param_replaced_by_a_new_storage_at_the_same_address_remakes_its_master(backend):
+    """``p.data = t`` whose new storage lies where the marked one did (an allocator
+    reusing a freed block does so): the param is still seen as replaced, and the
+    step starts from its new values, not from the master."""
+    np = pytest.importorskip("numpy")
+    values = np.ones(4096, dtype=np.float16)
+    p = torch.nn.Parameter(torch.from_numpy(values))
+    opt = af.AdamW([p], lr=0.1, weight_decay=0.0, master_weights=True, backend=backend)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    values[:] = 5.0
+    p.data = torch.from_numpy(values)  # another storage, the same address
+    assert p.data_ptr() == values.ctypes.data
+    opt.param_groups[0]["lr"] = 0.0
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(p.detach(), torch.full_like(p, 5.0))

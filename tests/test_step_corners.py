@@ -309,7 +309,7 @@ FLAG_EDITS = [
     (af.AdamW, "bias_correction", np.array([True, False])),
     (af.Adam, "decoupled_weight_decay", torch.tensor([1, 0])),
     (af.AdamW, "amsgrad", "yes"),
-    (af.RAdam, "decoupled_weight_decay", None),
+    (af.RAdam, "decoupled_weight_decay", 0.5),
     (af.Lamb, "bias_correction", torch.tensor(True, device="meta")),
     (af.AdamW8bit, "bias_correction", 2),
 ]
@@ -458,3 +458,57 @@ def test_a_backend_set_anew_is_checked_like_the_constructors(backend):
     opt.step()
     opt.param_groups[1]["backend"] = backend
     _assert_refused(opt, rf"AdamW: unknown backend '{backend}'")
+
+
+@pytest.mark.parametrize("cls", [af.AdamW, af.Lion, af.Amos], ids=lambda c: c.__name__)
+def test_maximize_takes_an_expanded_grad_on_the_reference(cls):
+    """A stride-0 grad (torch.optim steps it): maximize negates it whatever its layout."""
+    kwargs = dict(lr=1e-2, eta=0.1) if cls is af.Amos else dict(lr=1e-2)
+    p, q = torch.nn.Parameter(torch.randn(4, 3)), None
+    q = torch.nn.Parameter(p.detach().clone())
+    grad = torch.randn(1, 3)
+    p.grad = grad.expand(4, 3)
+    q.grad = -grad.expand(4, 3).contiguous()
+    cls([p], maximize=True, backend="reference", **kwargs).step()
+    cls([q], backend="reference", **kwargs).step()
+    assert torch.equal(p, q)
+
+
+def test_a_swap_that_keeps_address_and_size_but_not_strides_is_checked_for_overlap():
+    """(On the reference, which steps strided params; the fused backends refuse the
+    strided view itself.)"""
+    base = torch.zeros(16)
+    a, b = torch.nn.Parameter(base[0:4]), torch.nn.Parameter(base[8:12])
+    opt = af.AdamW([a, b], lr=0.1, backend="reference")
+    _grads([a, b], 0)
+    opt.step()
+    a.data = base.as_strided((4,), (4,), 0)  # elements 0, 4, 8, 12: b's first
+    _grads([a, b], 1)
+    _assert_refused(opt, r"param_groups\[0\]\['params'\]\[1\].*shares memory")
+
+
+@pytest.mark.parametrize("cls,key", [(af.AdamW, "amsgrad"), (af.RAdam, "decoupled_weight_decay"),
+                                     (af.Adam, "bias_correction")], ids=lambda v: getattr(v, "__name__", v))
+def test_a_flag_given_as_none_is_false(cls, key):
+    """As torch.optim reads it (a config file's null)."""
+    p, q = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    q.data.copy_(p.data)
+    opts = [cls([p], lr=0.1, weight_decay=0.1, **{key: None}), cls([q], lr=0.1, weight_decay=0.1, **{key: False})]
+    for param, opt in zip((p, q), opts):
+        param.grad = torch.ones(5)
+        opt.step()
+    assert torch.equal(p, q)
+
+
+def test_group_values_as_arrays_and_sets():
+    """ScaledAdamW's init_norm as a vector (a tensor or a NumPy array: one per
+    param) and Amos's reduce_axes as a set, as earlier versions took them."""
+    ps = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    for norms in (torch.tensor([1.0, 2.0]), np.array([1.0, 2.0])):
+        opt = af.ScaledAdamW([{"params": ps, "init_norm": norms}], lr=1e-3)
+        assert opt.param_groups[0]["init_norm"] == (1.0, 2.0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    w.grad = torch.randn(4, 3)
+    opt = af.Amos([{"params": [w], "reduce_axes": {1}}], lr=1e-2, eta=0.1)
+    opt.step()
+    assert opt.state[w]["v"].shape == (4, 1)
