@@ -384,7 +384,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not isinstance(self.state, dict):
                 raise TypeError(f"{self._name}: state must be a dict of param -> dict, got "
                                 f"{type(self.state).__name__}")
-            ready = [self._prepare(index, group) for index, group in enumerate(self.param_groups)]
+            ready, first_index = [], 0
+            for index, group in enumerate(self.param_groups):
+                ready.append(self._prepare(index, group, first_index))
+                first_index += len(group["params"])
             self._check_swaps()
             self._check_grad_scaling()
         except BaseException:
@@ -458,7 +461,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             plan = self._plans[index] = self._make_plan(index, group)
         return plan
 
-    def _prepare(self, index: int, group: dict, rebuild: bool = False) -> Optional[_Ready]:
+    def _prepare(self, index: int, group: dict, first_index: int, rebuild: bool = False) -> Optional[_Ready]:
+        """Checks group ``index`` (whose first param is the optimizer's
+        ``first_index``-th) and gathers its buckets; None when nothing to step."""
         missing = [key for key in self.defaults if key not in group]
         if missing:
             raise ValueError(f"{self._name}: param_groups[{index}] has no {missing[0]!r}; every group holds "
@@ -485,8 +490,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         except _StalePlan:
             if rebuild:
                 raise RuntimeError("amos_fused: a param's dtype or device is not stable")  # pragma: no cover
-            return self._prepare(index, group, rebuild=True)
-        first_index = sum(len(g["params"]) for g in self.param_groups[:index])
+            return self._prepare(index, group, first_index, rebuild=True)
         return _Ready(group, buckets, new_states, first_index) if buckets else None
 
     def _gather(self, index: int, group: dict, plan: GroupPlan, spec: BucketSpec,
