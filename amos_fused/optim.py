@@ -119,8 +119,7 @@ class Adam(_AdamFamily):
                  fused=None, backend=None, track_rms=False,
                  bf16_stochastic_round=False, stochastic_round_seed=0, master_weights=False,
                  decoupled_weight_decay=False):
-        if not isinstance(decoupled_weight_decay, bool):
-            raise ValueError(f"Adam: decoupled_weight_decay must be True or False, got {decoupled_weight_decay!r}")
+        hp.flag("decoupled_weight_decay", decoupled_weight_decay)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, bias_correction, decoupled_weight_decay,
                          torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms,
                                     bf16_stochastic_round, stochastic_round_seed, master_weights))
