@@ -831,8 +831,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Raises on a bad per-param hyper-parameter value."""
 
     def _grad_scaling(self) -> Dict[str, Optional[Tensor]]:
-        """GradScaler inputs set by torch.amp.GradScaler.step, as op keyword arguments."""
-        return {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+        """GradScaler inputs set by torch.amp.GradScaler.step, as op keyword arguments.
+        (GradScaler sums found_inf over the devices it checked: a step where no param
+        had a grad gets the int 0, as torch's fused optimizers take it.)"""
+        found_inf = getattr(self, "found_inf", None)
+        if isinstance(found_inf, (int, float)) and not isinstance(found_inf, bool):
+            found_inf = torch.tensor(float(found_inf))
+        return {"grad_scale": getattr(self, "grad_scale", None), "found_inf": found_inf}
 
     def _host_grad_scaling(self) -> Dict[str, Optional[Tensor]]:
         """GradScaler's inputs as the host-side steps read them (all but capturable

@@ -172,3 +172,23 @@ def test_grads_after_the_step_are_those_of_torchs_fused_step(name, backend):
         scaled = scalers[0].get_scale() * (2.0 if step == 1 else 1.0)  # (the skip halved it)
         expected = grads[1] * (scaled if step == 1 else 1.0)
         torch.testing.assert_close(ours_params[1].grad, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_optimizer_without_grads_this_step_under_a_shared_scaler(backend):
+    """Two optimizers, one GradScaler, one sub-model unused this iteration (a GAN's
+    other half): GradScaler hands the idle optimizer found_inf = 0 (an int: the sum
+    over no device), which torch's fused step takes; so does ours, and steps nothing."""
+    import amos_fused as af
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    before = b.detach().clone()
+    opt1 = af.AdamW([a], lr=1e-2, backend=backend)
+    opt2 = af.AdamW([b], lr=1e-2, backend=backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaler.scale((a * 2).sum()).backward()
+    scaler.step(opt1)
+    scaler.step(opt2)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**12
+    assert torch.equal(b.detach(), before) and b not in opt2.state
+    torch.testing.assert_close(a.grad, torch.full_like(a, 2.0), rtol=0, atol=0)
