@@ -126,7 +126,7 @@ class ScaledAdamW(_AdamMoments):
             group["init_norm"] = tuple(self._default_per_param("init_norm", group, p) for p in group["params"])
         norms = group["init_norm"]
         if getattr(norms, "ndim", None) == 1 and hasattr(norms, "tolist"):  # one per param, as a tensor/array
-            norms = group["init_norm"] = tuple(float(v) for v in norms.tolist())
+            norms = norms.tolist()
         if not isinstance(norms, (tuple, list)):  # one number for every param
             hp.nonnegative("init_norm", norms)
             return

@@ -118,6 +118,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     # Set while torch.optim's constructor or a load adds many groups: the memory overlap
     # of all params is then checked once at the end, not once per group added.
     _bulk_adding: bool = False
+    # Set when a plan is made (a group added, or its params changed): the step then
+    # drops what the caches hold of params that left (_forget_departed_params).
+    _members_changed: bool = True
 
     def __init__(self, params, defaults: Dict[str, Any]):
         self._plans: Dict[int, GroupPlan] = {}
@@ -355,8 +358,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         signature = [(p.data_ptr(), p.numel(), p.stride()) for g in self.param_groups for p in map(local, g["params"])]
         if signature == getattr(self, "_checked_layouts", None):
             return
-        self._check_no_overlap([(i, pos, p) for i, g in enumerate(self.param_groups)
-                                for pos, p in enumerate(g["params"])])
+        self._check_all_overlaps()
         self._checked_layouts = signature
 
     # ---- step -------------------------------------------------------------
@@ -403,7 +405,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._unscale_stepped_grads(ready)
         finally:
             self._step_host_scaling = None
-        if getattr(self, "_members_changed", True) or any(i >= len(self.param_groups) for i in self._plans):
+        if self._members_changed or any(i >= len(self.param_groups) for i in self._plans):
             self._forget_departed_params()
         return loss
 

@@ -93,9 +93,7 @@ class Recorder:
     def rms(self, current: Sequence[Tensor]) -> Dict[Tensor, RMS]:
         """The RMS of the params of ``current`` (the optimizer's params now) that have
         a record; records of params no longer in the optimizer are dropped."""
-        present = {id(p) for p in current}
-        for owner in [o for o in self._records if id(o) not in present]:
-            del self._records[owner]
+        self.keep({id(p) for p in current})
         records = list(self._records.items())
         groups = [shard_groups(owner) for owner, _ in records]
         rows = [record.table[record.row] for _, record in records]
