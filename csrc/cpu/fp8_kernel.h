@@ -10,7 +10,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "bucket_loop.h"
@@ -64,6 +66,34 @@ inline Vectorized<float> fp8_abs_max(const Vectorized<float>& top, const Vectori
 #else
   return at::vec::maximum(top, x.abs());
 #endif
+}
+
+// The largest lane of fp8_abs_max's result (NaN when a lane is NaN): the lanes
+// hold the bits of |x|, so an integer maximum across them is the float one.
+inline float fp8_lane_max(const Vectorized<float>& top) {
+#if defined(CPU_CAPABILITY_AVX2)
+  __m256i m = _mm256_castps_si256(top);
+  m = _mm256_max_epi32(m, _mm256_permute2x128_si256(m, m, 1));
+  m = _mm256_max_epi32(m, _mm256_shuffle_epi32(m, 0x4e));
+  m = _mm256_max_epi32(m, _mm256_shuffle_epi32(m, 0xb1));
+  return _mm256_cvtss_f32(_mm256_castsi256_ps(m));
+#elif defined(CPU_CAPABILITY_AVX512)
+  return fp8_float_of(static_cast<uint32_t>(_mm512_reduce_max_epi32(_mm512_castps_si512(top))));
+#else
+  float lanes[Vectorized<float>::size()];
+  top.store(lanes);
+  float block_max = 0.0f;
+  for (float lane : lanes) block_max = af_max(block_max, lane);
+  return block_max;
+#endif
+}
+
+// f(k) for each state k in [0, S), k a compile-time constant (so that per-state
+// arrays of vectors stay in registers).
+template <int S, typename F>
+inline void for_each_state(const F& f) {
+  [&]<int... k>(std::integer_sequence<int, k...>) { (f(std::integral_constant<int, k>{}), ...); }(
+      std::make_integer_sequence<int, S>{});
 }
 
 // Encodes values[0, len) of a block, whose largest |value| is block_max (NaN
@@ -130,12 +160,12 @@ inline void fp8_encode_block(const float* values, int64_t len, float block_max, 
 // Steps every block of a bucket: tensor t's elements are param[t], grad[t] and
 // the S states, each codes[k][t] (uint8, the param's layout) with
 // absmax[k][t] (float32, one per block); state k is stored as sqrt when bit k
-// of root_mask is set.  update(x, t) steps std::array<V, 2 + S> values
-// (param, grad, states) of tensor t and leaves each state in its stored form
-// (sqrt(v) for a root state).  With master weights (Low: bucket_loop.h), the
+// of root_mask is set.  update_of(t) gives tensor t's update: a callable that
+// steps std::array<V, 2 + S> values (param, grad, states) and leaves each state
+// in its stored form (sqrt(v) for a root state).  With master weights (Low: bucket_loop.h), the
 // params are float32 masters, the grads Low, and the Low params are written too.
-template <typename scalar_t, int S, typename Low, typename Update>
-void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
+template <typename scalar_t, int S, typename Low, typename UpdateOf>
+void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const UpdateOf& update_of) {
   constexpr bool kMaster = !std::is_same_v<Low, NoLow>;
   using IO = TileIO<scalar_t>;
   using Vec = typename IO::Vec;
@@ -160,6 +190,7 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
       scalar_t* p = stream<scalar_t>(L.param, t) + begin;
       const scalar_t* g = stream<scalar_t>(L.grad, t) + begin;  // (Low values with master weights)
       Low* low = kMaster ? low_stream<Low>(L.bucket, t) + begin : nullptr;
+      const auto update = update_of(t);
       const uint8_t* codes[S];
       float factor[S];
       for (int k = 0; k < S; ++k) {
@@ -174,12 +205,12 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
       }
       Vec weight_sq(0.0f), update_sq(0.0f);
       double tail_weight = 0.0, tail_update = 0.0;
-      Vec top[S];  // per state: the largest |stored value| (NaN propagates)
-      float tail_top[S];
-      for (int k = 0; k < S; ++k) {
+      std::array<Vec, S> top;  // per state: the largest |stored value| (NaN propagates)
+      std::array<float, S> tail_top;
+      for_each_state<S>([&](auto k) {
         top[k] = Vec(0.0f);
         tail_top[k] = 0.0f;
-      }
+      });
       int64_t i = 0;
       for (; i + IO::kTile <= len; i += IO::kTile) {
         Vec pv[IO::kParts], gv[IO::kParts];
@@ -195,12 +226,14 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
           x[0] = before[part] = pv[part];
           x[1] = gv[part];
           const int64_t offset = i + part * Vec::size();
-          for (int k = 0; k < S; ++k) x[2 + k] = fp8_decode_tile(codes[k] + offset, factor[k], (root_mask >> k) & 1u);
-          update(x, t);
-          for (int k = 0; k < S; ++k) {
+          for_each_state<S>([&](auto k) {
+            x[2 + k] = fp8_decode_tile(codes[k] + offset, factor[k], (root_mask >> k) & 1u);
+          });
+          update(x);
+          for_each_state<S>([&](auto k) {
             x[2 + k].store(state[k] + offset);
             top[k] = fp8_abs_max(top[k], x[2 + k]);
-          }
+          });
           pv[part] = x[0];
           if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
             if (rounding) pv[part] = rounding->tile(pv[part], begin + offset);
@@ -231,7 +264,7 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
           x[2 + k] = (root_mask >> k) & 1u ? value * value : value;
         }
         const float before = x[0];
-        update(x, t);
+        update(x);
         for (int k = 0; k < S; ++k) {
           state[k][i] = x[2 + k];
           tail_top[k] = af_max(tail_top[k], std::fabs(x[2 + k]));
@@ -248,10 +281,7 @@ void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const Update& update) {
         }
       }
       for (int k = 0; k < S; ++k) {
-        float lanes[Vec::size()];
-        top[k].store(lanes);
-        float block_max = tail_top[k];
-        for (int64_t lane = 0; lane < Vec::size(); ++lane) block_max = af_max(block_max, lanes[lane]);
+        const float block_max = af_max(tail_top[k], fp8_lane_max(top[k]));
         fp8_encode_block(state[k], len, block_max, L.codes[k][t] + begin, &L.absmax[k][t][index]);
       }
       if (L.telemetry != nullptr) {
@@ -281,9 +311,11 @@ void fp8_typed(const Fp8Launch& L) {
   if (L.algorithm == Fp8Algorithm::kLion) {
     const auto* coefs = static_cast<const LionCoef<double>*>(L.coef);
     std::vector<TileCoef<LionCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
-    fp8_blocks<scalar_t, 1, Low>(L, 0b0u, [&](auto& x, int64_t t) {
-      using V = typename std::decay_t<decltype(x)>::value_type;
-      lion_update(x[0], x[1], x[2], coef[t].template get<V>());
+    fp8_blocks<scalar_t, 1, Low>(L, 0b0u, [&](int64_t t) {
+      return [&c = coef[t]](auto& x) {
+        using V = typename std::decay_t<decltype(x)>::value_type;
+        lion_update(x[0], x[1], x[2], c.template get<V>());
+      };
     });
     return;
   }
@@ -291,9 +323,11 @@ void fp8_typed(const Fp8Launch& L) {
     const auto* coefs = static_cast<const RAdamCoef<double>*>(L.coef);
     std::vector<TileCoef<RAdamCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
     auto run = [&](auto l2) {
-      fp8_blocks<scalar_t, 2, Low>(L, 0b10u, [&](auto& x, int64_t t) {
-        using V = typename std::decay_t<decltype(x)>::value_type;
-        x[3] = radam_update<decltype(l2)::value>(x[0], x[1], x[2], x[3], coef[t].template get<V>());  // sqrt(v) stored
+      fp8_blocks<scalar_t, 2, Low>(L, 0b10u, [&](int64_t t) {
+        return [&c = coef[t]](auto& x) {
+          using V = typename std::decay_t<decltype(x)>::value_type;
+          x[3] = radam_update<decltype(l2)::value>(x[0], x[1], x[2], x[3], c.template get<V>());  // sqrt(v) stored
+        };
       });
     };
     if (L.l2) run(std::true_type{}); else run(std::false_type{});
@@ -302,9 +336,11 @@ void fp8_typed(const Fp8Launch& L) {
   const auto* coefs = static_cast<const AdamCoef<double>*>(L.coef);
   std::vector<TileCoef<AdamCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
   auto run = [&](auto l2) {
-    fp8_blocks<scalar_t, 2, Low>(L, 0b10u, [&](auto& x, int64_t t) {
-      using V = typename std::decay_t<decltype(x)>::value_type;
-      x[3] = adam_update<false, decltype(l2)::value>(x[0], x[1], x[2], x[3], x[3], coef[t].template get<V>());  // sqrt(v) stored
+    fp8_blocks<scalar_t, 2, Low>(L, 0b10u, [&](int64_t t) {
+      return [&c = coef[t]](auto& x) {
+        using V = typename std::decay_t<decltype(x)>::value_type;
+        x[3] = adam_update<false, decltype(l2)::value>(x[0], x[1], x[2], x[3], x[3], c.template get<V>());  // sqrt(v) stored
+      };
     });
   };
   if (L.l2) run(std::true_type{}); else run(std::false_type{});
