@@ -201,8 +201,8 @@ def test_encoder_is_bit_exact(name, backend, capabilities):
 def test_encoder_is_bit_exact_on_a_million_log_uniform_values(name, capabilities):
     """Blocks scaled to absmax 448 (factor 1), the other values log-uniform over
     2^-14 .. 448 with either sign, also just off every subnormal tie: every code
-    equal to torch's float8 conversion (the kernels round normals in integer bits
-    and subnormals through a + 2^14)."""
+    equal to torch's float8 conversion (the SIMD kernels round every value through
+    one float add, a + c, with c = 2^20·max(2^exponent(a), 2^-6))."""
     gen = torch.Generator().manual_seed(3)
     blocks = 4096
     magnitude = torch.exp2(torch.rand(blocks, BLOCK, generator=gen) * 22.8 - 14.0)

@@ -96,6 +96,42 @@ inline void for_each_state(const F& f) {
       std::make_integer_sequence<int, S>{});
 }
 
+// The codes of scaled = x·(448/absmax), |scaled| ≤ 448·(1 + 2^-23) (|x| ≤ absmax), as
+// int32 lanes: csrc/fp8_states.h's encode, rounding done by one float add.  With
+// a = |scaled|, q = its exponent bits, t = max(q − bits(2^-6), 0) and the float
+// c = 2^20·max(2^q, 2^-6) (bits t + bits(2^14)), a + c rounds a to a multiple of
+// c·2^-23: E4M3's spacing (2^-9 below 2^-6, then 8 steps per binade), ties to
+// even, carrying into the next binade; bits(a + c) − bits(c) counts those steps
+// (0..16), and t >> 20 adds the 8 codes of each binade below a's.  Matches
+// e4m3_magnitude for every float in [0, 464) (checked exhaustively).
+#if defined(CPU_CAPABILITY_AVX2)
+inline __m256i fp8_encode_lanes(const float* values, __m256 factor) {
+  const __m256i bits = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(values), factor));
+  const __m256 a = _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)));
+  const __m256i t = _mm256_max_epi32(
+      _mm256_sub_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7f800000)), _mm256_set1_epi32(0x3c800000)),
+      _mm256_setzero_si256());
+  const __m256i c = _mm256_add_epi32(t, _mm256_set1_epi32(0x46800000));
+  const __m256i steps = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(a, _mm256_castsi256_ps(c))), c);
+  const __m256i magnitude = _mm256_add_epi32(steps, _mm256_srli_epi32(t, 20));
+  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(bits, 24), _mm256_set1_epi32(0x80));
+  return _mm256_or_si256(magnitude, sign);
+}
+#elif defined(CPU_CAPABILITY_AVX512)
+inline __m512i fp8_encode_lanes(const float* values, __m512 factor) {
+  const __m512i bits = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(values), factor));
+  const __m512 a = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)));
+  const __m512i t = _mm512_max_epi32(
+      _mm512_sub_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7f800000)), _mm512_set1_epi32(0x3c800000)),
+      _mm512_setzero_si512());
+  const __m512i c = _mm512_add_epi32(t, _mm512_set1_epi32(0x46800000));
+  const __m512i steps = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(a, _mm512_castsi512_ps(c))), c);
+  const __m512i magnitude = _mm512_add_epi32(steps, _mm512_srli_epi32(t, 20));
+  // magnitude | (bits >> 24 & 0x80)
+  return _mm512_ternarylogic_epi32(magnitude, _mm512_srli_epi32(bits, 24), _mm512_set1_epi32(0x80), 0xf8);
+}
+#endif
+
 // Encodes values[0, len) of a block, whose largest |value| is block_max (NaN
 // when a value is NaN), into codes and its absmax (csrc/fp8_states.h).
 inline void fp8_encode_block(const float* values, int64_t len, float block_max, uint8_t* codes, float* absmax) {
@@ -109,50 +145,30 @@ inline void fp8_encode_block(const float* values, int64_t len, float block_max, 
   int64_t i = 0;
 #if defined(CPU_CAPABILITY_AVX2)
   const __m256 vfactor = _mm256_set1_ps(factor);
-  // the magnitude and sign bits of 8 codes, as int32 lanes
-  auto encode8 = [&](const float* src) {
-    const __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(src), vfactor);
-    const __m256 a = _mm256_min_ps(_mm256_and_ps(scaled, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))),
-                                   _mm256_set1_ps(kFp8Max));
-    const __m256i u = _mm256_castps_si256(a);
-    // normal: (u − 120·2^23 + 0x7ffff + lsb) >> 20, the mantissa rounded to 3 bits (ties to even)
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 20), _mm256_set1_epi32(1));
-    const __m256i normal = _mm256_srli_epi32(
-        _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7ffff - (120 << 23))), lsb), 20);
-    // subnormal: a·2^9 rounded to the nearest integer (ties to even), as a + 2^14 (whose
-    // ulp is 2^-9: one rounding) less 2^14, in float bits
-    const __m256i subnormal = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(a, _mm256_set1_ps(16384.0f))),
-                                               _mm256_set1_epi32(0x46800000));  // the bits of 2^14
-    const __m256i code = _mm256_blendv_epi8(subnormal, normal, _mm256_cmpgt_epi32(u, _mm256_set1_epi32((121 << 23) - 1)));
-    const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(scaled), 24), _mm256_set1_epi32(0x80));
-    return _mm256_or_si256(code, sign);
-  };
   for (; i + 32 <= len; i += 32) {  // 4 × 8 codes packed to 32 bytes, then put back in order
-    const __m256i words01 = _mm256_packus_epi32(encode8(values + i), encode8(values + i + 8));
-    const __m256i words23 = _mm256_packus_epi32(encode8(values + i + 16), encode8(values + i + 24));
+    const __m256i words01 = _mm256_packus_epi32(fp8_encode_lanes(values + i, vfactor),
+                                                fp8_encode_lanes(values + i + 8, vfactor));
+    const __m256i words23 = _mm256_packus_epi32(fp8_encode_lanes(values + i + 16, vfactor),
+                                                fp8_encode_lanes(values + i + 24, vfactor));
     const __m256i bytes = _mm256_packus_epi16(words01, words23);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i),
                         _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
   }
 #elif defined(CPU_CAPABILITY_AVX512)
-  // the AVX2 encoder above on 16 lanes; vpmovdb narrows the int32 codes (< 256) to bytes in order
   const __m512 vfactor = _mm512_set1_ps(factor);
-  for (; i + 16 <= len; i += 16) {
-    const __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(values + i), vfactor);
-    const __m512 a = _mm512_min_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(scaled),
-                                                                          _mm512_set1_epi32(0x7fffffff))),
-                                   _mm512_set1_ps(kFp8Max));
-    const __m512i u = _mm512_castps_si512(a);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 20), _mm512_set1_epi32(1));
-    const __m512i normal = _mm512_srli_epi32(
-        _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7ffff - (120 << 23))), lsb), 20);
-    const __m512i subnormal = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(a, _mm512_set1_ps(16384.0f))),
-                                               _mm512_set1_epi32(0x46800000));
-    const __m512i code = _mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(u, _mm512_set1_epi32((121 << 23) - 1)),
-                                                 subnormal, normal);
-    const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(scaled), 24), _mm512_set1_epi32(0x80));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(_mm512_or_si512(code, sign)));
+  // 4 × 16 codes packed to 64 bytes (each 128-bit lane holds 4 codes of each
+  // vector), then put back in order
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  for (; i + 64 <= len; i += 64) {
+    const __m512i words01 = _mm512_packus_epi32(fp8_encode_lanes(values + i, vfactor),
+                                                fp8_encode_lanes(values + i + 16, vfactor));
+    const __m512i words23 = _mm512_packus_epi32(fp8_encode_lanes(values + i + 32, vfactor),
+                                                fp8_encode_lanes(values + i + 48, vfactor));
+    const __m512i bytes = _mm512_packus_epi16(words01, words23);
+    _mm512_storeu_si512(codes + i, _mm512_permutexvar_epi32(order, bytes));
   }
+  for (; i + 16 <= len; i += 16)  // vpmovdb narrows the int32 codes (< 256) to bytes in order
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(fp8_encode_lanes(values + i, vfactor)));
 #endif
   for (; i < len; ++i) codes[i] = fp8_encode(values[i], factor);
 }
@@ -164,8 +180,8 @@ inline void fp8_encode_block(const float* values, int64_t len, float block_max, 
 // steps std::array<V, 2 + S> values (param, grad, states) and leaves each state
 // in its stored form (sqrt(v) for a root state).  With master weights (Low: bucket_loop.h), the
 // params are float32 masters, the grads Low, and the Low params are written too.
-template <typename scalar_t, int S, typename Low, typename UpdateOf>
-void fp8_blocks(const Fp8Launch& L, unsigned root_mask, const UpdateOf& update_of) {
+template <typename scalar_t, int S, unsigned root_mask, typename Low, typename UpdateOf>
+void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of) {
   constexpr bool kMaster = !std::is_same_v<Low, NoLow>;
   using IO = TileIO<scalar_t>;
   using Vec = typename IO::Vec;
@@ -311,7 +327,7 @@ void fp8_typed(const Fp8Launch& L) {
   if (L.algorithm == Fp8Algorithm::kLion) {
     const auto* coefs = static_cast<const LionCoef<double>*>(L.coef);
     std::vector<TileCoef<LionCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
-    fp8_blocks<scalar_t, 1, Low>(L, 0b0u, [&](int64_t t) {
+    fp8_blocks<scalar_t, 1, 0b0u, Low>(L, [&](int64_t t) {
       return [&c = coef[t]](auto& x) {
         using V = typename std::decay_t<decltype(x)>::value_type;
         lion_update(x[0], x[1], x[2], c.template get<V>());
@@ -323,7 +339,7 @@ void fp8_typed(const Fp8Launch& L) {
     const auto* coefs = static_cast<const RAdamCoef<double>*>(L.coef);
     std::vector<TileCoef<RAdamCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
     auto run = [&](auto l2) {
-      fp8_blocks<scalar_t, 2, Low>(L, 0b10u, [&](int64_t t) {
+      fp8_blocks<scalar_t, 2, 0b10u, Low>(L, [&](int64_t t) {
         return [&c = coef[t]](auto& x) {
           using V = typename std::decay_t<decltype(x)>::value_type;
           x[3] = radam_update<decltype(l2)::value>(x[0], x[1], x[2], x[3], c.template get<V>());  // sqrt(v) stored
@@ -336,7 +352,7 @@ void fp8_typed(const Fp8Launch& L) {
   const auto* coefs = static_cast<const AdamCoef<double>*>(L.coef);
   std::vector<TileCoef<AdamCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
   auto run = [&](auto l2) {
-    fp8_blocks<scalar_t, 2, Low>(L, 0b10u, [&](int64_t t) {
+    fp8_blocks<scalar_t, 2, 0b10u, Low>(L, [&](int64_t t) {
       return [&c = coef[t]](auto& x) {
         using V = typename std::decay_t<decltype(x)>::value_type;
         x[3] = adam_update<false, decltype(l2)::value>(x[0], x[1], x[2], x[3], x[3], c.template get<V>());  // sqrt(v) stored
