@@ -132,45 +132,96 @@ inline __m512i fp8_encode_lanes(const float* values, __m512 factor) {
 }
 #endif
 
-// Encodes values[0, len) of a block, whose largest |value| is block_max (NaN
-// when a value is NaN), into codes and its absmax (csrc/fp8_states.h).
-inline void fp8_encode_block(const float* values, int64_t len, float block_max, uint8_t* codes, float* absmax) {
-  const float stored = fp8_stored_absmax(block_max);
-  *absmax = stored;
-  if (!(stored > 0.0f)) {  // all zeros, or non-finite: codes 0
-    std::fill(codes, codes + len, uint8_t(0));
-    return;
-  }
-  const float factor = fp8_encode_factor(stored);
-  int64_t i = 0;
+// Codes encoded per fp8_encode_step: one pack of four vectors.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kFp8EncodeStep = 64;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int64_t kFp8EncodeStep = 32;
+#else
+constexpr int64_t kFp8EncodeStep = 16;
+#endif
+
+// codes[0, kFp8EncodeStep) of values·factor (factor = fp8_encode_factor > 0).
+inline void fp8_encode_step(const float* values, float factor, uint8_t* codes) {
 #if defined(CPU_CAPABILITY_AVX2)
+  // 4 × 8 codes packed to 32 bytes, then put back in order
   const __m256 vfactor = _mm256_set1_ps(factor);
-  for (; i + 32 <= len; i += 32) {  // 4 × 8 codes packed to 32 bytes, then put back in order
-    const __m256i words01 = _mm256_packus_epi32(fp8_encode_lanes(values + i, vfactor),
-                                                fp8_encode_lanes(values + i + 8, vfactor));
-    const __m256i words23 = _mm256_packus_epi32(fp8_encode_lanes(values + i + 16, vfactor),
-                                                fp8_encode_lanes(values + i + 24, vfactor));
-    const __m256i bytes = _mm256_packus_epi16(words01, words23);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i),
-                        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-  }
+  const __m256i words01 = _mm256_packus_epi32(fp8_encode_lanes(values, vfactor), fp8_encode_lanes(values + 8, vfactor));
+  const __m256i words23 = _mm256_packus_epi32(fp8_encode_lanes(values + 16, vfactor),
+                                              fp8_encode_lanes(values + 24, vfactor));
+  const __m256i bytes = _mm256_packus_epi16(words01, words23);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
 #elif defined(CPU_CAPABILITY_AVX512)
-  const __m512 vfactor = _mm512_set1_ps(factor);
   // 4 × 16 codes packed to 64 bytes (each 128-bit lane holds 4 codes of each
   // vector), then put back in order
+  const __m512 vfactor = _mm512_set1_ps(factor);
+  const __m512i words01 = _mm512_packus_epi32(fp8_encode_lanes(values, vfactor), fp8_encode_lanes(values + 16, vfactor));
+  const __m512i words23 = _mm512_packus_epi32(fp8_encode_lanes(values + 32, vfactor),
+                                              fp8_encode_lanes(values + 48, vfactor));
+  const __m512i bytes = _mm512_packus_epi16(words01, words23);
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  for (; i + 64 <= len; i += 64) {
-    const __m512i words01 = _mm512_packus_epi32(fp8_encode_lanes(values + i, vfactor),
-                                                fp8_encode_lanes(values + i + 16, vfactor));
-    const __m512i words23 = _mm512_packus_epi32(fp8_encode_lanes(values + i + 32, vfactor),
-                                                fp8_encode_lanes(values + i + 48, vfactor));
-    const __m512i bytes = _mm512_packus_epi16(words01, words23);
-    _mm512_storeu_si512(codes + i, _mm512_permutexvar_epi32(order, bytes));
-  }
-  for (; i + 16 <= len; i += 16)  // vpmovdb narrows the int32 codes (< 256) to bytes in order
+  _mm512_storeu_si512(codes, _mm512_permutexvar_epi32(order, bytes));
+#else
+  for (int64_t i = 0; i < kFp8EncodeStep; ++i) codes[i] = fp8_encode(values[i], factor);
+#endif
+}
+
+// codes[from, to) of values·factor.
+inline void fp8_encode_span(const float* values, float factor, uint8_t* codes, int64_t from, int64_t to) {
+  int64_t i = from;
+  for (; i + kFp8EncodeStep <= to; i += kFp8EncodeStep) fp8_encode_step(values + i, factor, codes + i);
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 vfactor = _mm512_set1_ps(factor);
+  for (; i + 16 <= to; i += 16)  // vpmovdb narrows the int32 codes (< 256) to bytes in order
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(fp8_encode_lanes(values + i, vfactor)));
 #endif
-  for (; i < len; ++i) codes[i] = fp8_encode(values[i], factor);
+  for (; i < to; ++i) codes[i] = fp8_encode(values[i], factor);
+}
+
+// One block's new state, stepped but not yet encoded: its values (float32, in
+// the kernel's buffer), where its codes go, and the factor they are encoded
+// with (0: the block is stored as zero codes, written already).  The kernel
+// encodes it a step at a time while it steps the next block, so that the
+// encoder's integer work fills the gaps the update's divisions and square roots
+// leave; codes are the same whatever the split.
+struct Fp8PendingState {
+  const float* values = nullptr;
+  uint8_t* codes = nullptr;
+  float factor = 0.0f;
+};
+
+template <int S>
+struct Fp8PendingBlock {
+  std::array<Fp8PendingState, S> state;
+  int64_t len = 0;   // elements in the block (0: none pending)
+  int64_t done = 0;  // codes [0, done) written
+
+  // Encodes steps while a whole one fits below `upto`.
+  void encode_upto(int64_t upto) {
+    upto = std::min(upto, len);
+    for (; done + kFp8EncodeStep <= upto; done += kFp8EncodeStep)
+      for (const Fp8PendingState& k : state)
+        if (k.factor > 0.0f) fp8_encode_step(k.values + done, k.factor, k.codes + done);
+  }
+
+  void finish() {
+    for (const Fp8PendingState& k : state)
+      if (k.factor > 0.0f) fp8_encode_span(k.values, k.factor, k.codes, done, len);
+    len = done = 0;
+  }
+};
+
+// Stores a block's absmax, whose largest |value| is block_max (NaN when a value
+// is NaN), and returns the factor its len codes are to be encoded with; 0 when
+// the block is all zeros or not finite, whose codes are written here, as 0
+// (csrc/fp8_states.h).
+inline float fp8_seal_block(float block_max, float* absmax, uint8_t* codes, int64_t len) {
+  const float stored = fp8_stored_absmax(block_max);
+  *absmax = stored;
+  if (stored > 0.0f) return fp8_encode_factor(stored);
+  std::fill(codes, codes + len, uint8_t(0));
+  return 0.0f;
 }
 
 // Steps every block of a bucket: tensor t's elements are param[t], grad[t] and
@@ -194,7 +245,8 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of) {
     first_block[t + 1] = first_block[t] + (offsets[t + 1] - offsets[t] + kFp8Block - 1) / kFp8Block;
   std::vector<Telemetry> partial(L.telemetry != nullptr ? first_block[n] : 0);
   at::parallel_for(0, first_block[n], kFp8GrainBlocks, [&](int64_t lo, int64_t hi) {
-    alignas(64) float state[S][kFp8Block];
+    alignas(64) float buffers[2][S][kFp8Block];  // this block's new states, and the pending block's
+    Fp8PendingBlock<S> pending;
     int64_t t = std::upper_bound(first_block.begin(), first_block.end(), lo) - first_block.begin() - 1;
     int64_t rounding_for = -1;
     std::optional<TensorRounding> rounding;
@@ -207,6 +259,7 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of) {
       const scalar_t* g = stream<scalar_t>(L.grad, t) + begin;  // (Low values with master weights)
       Low* low = kMaster ? low_stream<Low>(L.bucket, t) + begin : nullptr;
       const auto update = update_of(t);
+      float(&state)[S][kFp8Block] = buffers[block & 1];
       const uint8_t* codes[S];
       float factor[S];
       for (int k = 0; k < S; ++k) {
@@ -257,6 +310,7 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of) {
         }
         IO::store(p + i, pv);
         if constexpr (kMaster) LowLanes<Low>::store(low + i, pv[0]);  // rounded to nearest even
+        pending.encode_upto(i + IO::kTile);
         if (L.telemetry != nullptr) {
           Vec after[IO::kParts];
           if constexpr (IO::kParts == 1) after[0] = pv[0]; else IO::load(p + i, after);  // as stored
@@ -296,10 +350,13 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of) {
           tail_update += static_cast<double>((after - before) * (after - before));
         }
       }
+      pending.finish();  // the previous block's last codes
       for (int k = 0; k < S; ++k) {
         const float block_max = af_max(tail_top[k], fp8_lane_max(top[k]));
-        fp8_encode_block(state[k], len, block_max, L.codes[k][t] + begin, &L.absmax[k][t][index]);
+        uint8_t* block_codes = L.codes[k][t] + begin;
+        pending.state[k] = {state[k], block_codes, fp8_seal_block(block_max, &L.absmax[k][t][index], block_codes, len)};
       }
+      pending.len = len;
       if (L.telemetry != nullptr) {
         PieceSums<scalar_t> sums;
         sums.weight_sq = weight_sq;
@@ -309,6 +366,7 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of) {
         sums.flush(&partial[block]);
       }
     }
+    pending.finish();
   });
   if (L.telemetry == nullptr) return;
   for (int64_t t = 0; t < n; ++t) {
