@@ -210,6 +210,33 @@ def test_bitwise_across_instruction_sets(name, dtype):
             assert _count_differing(base, runs) == 0, f"{capability} differs from {CPU_CAPABILITIES[0]}"
 
 
+@pytest.mark.parametrize("name", ["lion", "lion8bit"])
+def test_lion_sign_of_zero_nan_and_inf_on_every_instruction_set(name):
+    """sign(c) of c = ±0, NaN, ±Inf, subnormal and normal, every SIMD lane and the
+    scalar tail: θ moves by ∓η, or not at all for ±0 and NaN (torch.sign(±0) = 0;
+    the reference's NaN rule), bitwise the same on every instruction set and as the
+    reference."""
+    specials = torch.tensor([0.0, -0.0, float("nan"), float("inf"), float("-inf"), 1e-40, -1e-40, 2.5, -3.0])
+    grad = specials.repeat(4096 // specials.numel() + 2)[:4099]  # every lane position; a scalar tail
+    param = torch.linspace(-1.0, 1.0, grad.numel())
+    make = {"lion": af.Lion, "lion8bit": af.Lion8bit}[name]
+    results = {}
+    for backend, capabilities in (("reference", [None]), ("cpu", CPU_CAPABILITIES)):
+        for capability in capabilities:
+            with contextlib.ExitStack() as stack:
+                if capability is not None:
+                    stack.enter_context(cpu_setup(capability, 2))
+                p = param.clone().requires_grad_(True)
+                opt = make([p], lr=0.5, betas=(0.0, 0.99), weight_decay=0.0, backend=backend)
+                p.grad = grad.clone()
+                opt.step()
+                results[capability or backend] = p.detach().clone()
+    moved = torch.where(torch.isnan(grad) | (grad == 0), 0.0, -0.5 * torch.sign(grad))
+    assert torch.equal(results["reference"], param + moved)
+    for where, got in results.items():
+        assert _bitwise_equal(got, results["reference"]), f"{where} differs from the reference"
+
+
 # ---------------------------------------------------------------------------
 # 2. torch's rounding: lerp forms and the L2 term
 # ---------------------------------------------------------------------------

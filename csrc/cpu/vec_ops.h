@@ -37,6 +37,24 @@ inline at::vec::Vectorized<S> af_sign(const at::vec::Vectorized<S>& x) {
   return V::blendv(zero, one, zero < x) - V::blendv(zero, one, x < zero);
 }
 
+// The same for float lanes in fewer instructions: ±1 with x's sign where x is
+// ordered and not ±0, else +0.
+#if defined(CPU_CAPABILITY_AVX512)
+inline at::vec::Vectorized<float> af_sign(const at::vec::Vectorized<float>& x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __mmask16 nonzero = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+  // (bits & sign) | bits(1.0), where nonzero
+  return _mm512_castsi512_ps(_mm512_maskz_ternarylogic_epi32(
+      nonzero, bits, _mm512_set1_epi32(INT32_MIN), _mm512_set1_epi32(0x3f800000), 0xea));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline at::vec::Vectorized<float> af_sign(const at::vec::Vectorized<float>& x) {
+  const __m256 nonzero = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_NEQ_OQ);
+  const __m256 sign = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(INT32_MIN)));
+  return _mm256_and_ps(_mm256_or_ps(sign, _mm256_set1_ps(1.0f)), nonzero);
+}
+#endif
+
 // a·b + c rounded once, lane by lane, as the scalar af_fma rounds it.  at::vec::fmadd
 // is a true FMA only where the ISA has one (AVX2/AVX512 builds); the baseline
 // build's fmadd is a·b + c, so it goes lane by lane through std::fma there.
