@@ -23,6 +23,10 @@ inline namespace CPU_CAPABILITY {
 
 // Blocks per task of the parallel walk (32768 elements).
 constexpr int64_t kFp8GrainBlocks = 128;
+// How far ahead the block walk prefetches its streams, in elements: with it the
+// step moves 4-5% closer to the memory floor (CPU: 2 threads, 39M params,
+// AdamW8bit and Lion8bit); 512..8192 all help, 2048 the most.
+constexpr int64_t kFp8PrefetchAhead = 2048;
 
 // Decodes the codes of one float vector at `codes` (8 with AVX2, 16 with AVX-512):
 // e4m3_value(code)·factor, squared for a root state.
@@ -311,6 +315,16 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of) {
         IO::store(p + i, pv);
         if constexpr (kMaster) LowLanes<Low>::store(low + i, pv[0]);  // rounded to nearest even
         pending.encode_upto(i + IO::kTile);
+        // the lines kFp8PrefetchAhead elements on (past the end of a tensor too:
+        // a prefetch never faults)
+        __builtin_prefetch(p + i + kFp8PrefetchAhead);
+        if constexpr (kMaster) {
+          __builtin_prefetch(reinterpret_cast<const Low*>(stream<scalar_t>(L.grad, t)) + begin + i + kFp8PrefetchAhead);
+        } else {
+          __builtin_prefetch(g + i + kFp8PrefetchAhead);
+        }
+        if ((i & 63) < IO::kTile)  // a line of codes per 64 elements
+          for_each_state<S>([&](auto k) { __builtin_prefetch(codes[k] + i + kFp8PrefetchAhead); });
         if (L.telemetry != nullptr) {
           Vec after[IO::kParts];
           if constexpr (IO::kParts == 1) after[0] = pv[0]; else IO::load(p + i, after);  // as stored
