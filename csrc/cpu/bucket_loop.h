@@ -285,7 +285,9 @@ class TensorRounding {
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
     const __m256i sum = _mm256_add_epi32(_mm256_castps_si256(xf), _mm256_and_si256(h, _mm256_set1_epi32(0xffff)));
     const __m256 rounded = _mm256_castsi256_ps(_mm256_and_si256(sum, _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u))));
-    return _mm256_blendv_ps(rounded, xf, _mm256_cmp_ps(xf, xf, _CMP_UNORD_Q));  // NaN kept
+    // NaN: the bits 0xffff0000, which store_rounded stores as torch's vector conversion does (0xffff)
+    return _mm256_blendv_ps(rounded, _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(0xffff0000u))),
+                            _mm256_cmp_ps(xf, xf, _CMP_UNORD_Q));
 #elif defined(CPU_CAPABILITY_AVX512)
     // the AVX2 path above on 16 lanes
     const __m512 xf = x;
@@ -299,7 +301,8 @@ class TensorRounding {
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
     const __m512i sum = _mm512_add_epi32(_mm512_castps_si512(xf), _mm512_and_si512(h, _mm512_set1_epi32(0xffff)));
     const __m512 rounded = _mm512_castsi512_ps(_mm512_and_si512(sum, _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u))));
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xf, xf, _CMP_UNORD_Q), rounded, xf);  // NaN kept
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xf, xf, _CMP_UNORD_Q), rounded,  // NaN as on AVX2
+                                _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(0xffff0000u))));
 #else
     // lowbias32 on the lanes; >> is arithmetic on int32 lanes, hence the masks
     using IVec = Vectorized<int32_t>;
@@ -312,6 +315,26 @@ class TensorRounding {
     const IVec bits = at::vec::cast<int32_t>(x);
     const IVec rounded = (bits + (h & IVec(0xffff))) & IVec(static_cast<int32_t>(0xffff0000u));
     return Vectorized<float>::blendv(at::vec::cast<float>(rounded), x, x != x);  // NaN kept
+#endif
+  }
+
+  // Stores a tile of tile()'s results (bfloat16 values, NaN as 0xffff0000 bits on
+  // AVX2/AVX-512) as bfloat16: the high halves, no rounding left to do.
+  template <typename IO>
+  static void store(c10::BFloat16* dst, const Vectorized<float>* in) {
+    static_assert(IO::kParts == 2, "a bfloat16 tile holds two float vectors");
+#if defined(CPU_CAPABILITY_AVX2)
+    const __m256i words = _mm256_packus_epi32(_mm256_srli_epi32(_mm256_castps_si256(in[0]), 16),
+                                              _mm256_srli_epi32(_mm256_castps_si256(in[1]), 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute4x64_epi64(words, 0xd8));
+#elif defined(CPU_CAPABILITY_AVX512)
+    const __m512i high_words = _mm512_setr_epi32(  // word 2j + 1 of the pair, j = 0..31
+        0x00030001, 0x00070005, 0x000b0009, 0x000f000d, 0x00130011, 0x00170015, 0x001b0019, 0x001f001d,
+        0x00230021, 0x00270025, 0x002b0029, 0x002f002d, 0x00330031, 0x00370035, 0x003b0039, 0x003f003d);
+    _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(_mm512_castps_si512(in[0]), high_words,
+                                                      _mm512_castps_si512(in[1])));
+#else
+    IO::store(dst, in);
 #endif
   }
 
@@ -416,6 +439,12 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
       if (!((kWriteMask >> s) & 1u)) continue;
       Vec tile[IO::kParts];
       for (int part = 0; part < IO::kParts; ++part) tile[part] = x[part][s];
+      if constexpr (kCanRound) {
+        if (s == 0 && rounding) {
+          TensorRounding::store<IO>(ptr[s] + i, tile);
+          continue;
+        }
+      }
       IO::store(ptr[s] + i, tile);
       if constexpr (kWritesLow) {
         if (s == 0) LowLanes<Low>::store(low + i, tile[0]);  // the param, rounded to nearest even

@@ -312,7 +312,11 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of) {
             if (rounding) pv[part] = rounding->tile(pv[part], begin + offset);
           }
         }
-        IO::store(p + i, pv);
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          if (rounding) TensorRounding::store<IO>(p + i, pv); else IO::store(p + i, pv);
+        } else {
+          IO::store(p + i, pv);
+        }
         if constexpr (kMaster) LowLanes<Low>::store(low + i, pv[0]);  // rounded to nearest even
         pending.encode_upto(i + IO::kTile);
         // the lines kFp8PrefetchAhead elements on (past the end of a tensor too:
