@@ -37,15 +37,16 @@ inline Vectorized<float> fp8_decode_tile(const uint8_t* codes, float factor, boo
   // s eeee mmm → the binary16 s 0eeee mmm0000000, whose value is the code's / 2^8 (its
   // subnormals too, E = 0); F16C widens it exactly, and one multiply by factor·2^8
   // (exact: factor < 2^120) gives the code's value · factor, rounded once
-  const __m128i code = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
-  const __m128i half = _mm_slli_epi16(_mm_add_epi16(code, _mm_and_si128(code, _mm_set1_epi16(0x80))), 7);
+  // (the code sign-extended to 16 bits and shifted by 7 holds s s eeee mmm 0000000: bit 14 cleared)
+  const __m128i code = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+  const __m128i half = _mm_and_si128(_mm_slli_epi16(code, 7), _mm_set1_epi16(static_cast<int16_t>(0xbfff)));
   const __m256 value = _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(factor * 256.0f));
   return root ? _mm256_mul_ps(value, value) : value;
 #elif defined(CPU_CAPABILITY_AVX512)
   static_assert(Vec::size() == 16, "an AVX-512 float vector holds 16 lanes");
   // as the AVX2 path above, 16 codes at a time
-  const __m256i code = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
-  const __m256i half = _mm256_slli_epi16(_mm256_add_epi16(code, _mm256_and_si256(code, _mm256_set1_epi16(0x80))), 7);
+  const __m256i code = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  const __m256i half = _mm256_and_si256(_mm256_slli_epi16(code, 7), _mm256_set1_epi16(static_cast<int16_t>(0xbfff)));
   const __m512 value = _mm512_mul_ps(_mm512_cvtph_ps(half), _mm512_set1_ps(factor * 256.0f));
   return root ? _mm512_mul_ps(value, value) : value;
 #else
@@ -108,7 +109,10 @@ inline void for_each_state(const F& f) {
 // even, carrying into the next binade; bits(a + c) − bits(c) counts those steps
 // (0..16), and t >> 20 adds the 8 codes of each binade below a's.  Matches
 // e4m3_magnitude for every float in [0, 464) (checked exhaustively).
+// kSigned false: the values are ≥ +0 (a root state: sqrt(v)), so the sign bit is
+// left out.
 #if defined(CPU_CAPABILITY_AVX2)
+template <bool kSigned>
 inline __m256i fp8_encode_lanes(const float* values, __m256 factor) {
   const __m256i bits = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(values), factor));
   const __m256 a = _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)));
@@ -118,10 +122,12 @@ inline __m256i fp8_encode_lanes(const float* values, __m256 factor) {
   const __m256i c = _mm256_add_epi32(t, _mm256_set1_epi32(0x46800000));
   const __m256i steps = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(a, _mm256_castsi256_ps(c))), c);
   const __m256i magnitude = _mm256_add_epi32(steps, _mm256_srli_epi32(t, 20));
+  if constexpr (!kSigned) return magnitude;
   const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(bits, 24), _mm256_set1_epi32(0x80));
   return _mm256_or_si256(magnitude, sign);
 }
 #elif defined(CPU_CAPABILITY_AVX512)
+template <bool kSigned>
 inline __m512i fp8_encode_lanes(const float* values, __m512 factor) {
   const __m512i bits = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(values), factor));
   const __m512 a = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)));
@@ -131,6 +137,7 @@ inline __m512i fp8_encode_lanes(const float* values, __m512 factor) {
   const __m512i c = _mm512_add_epi32(t, _mm512_set1_epi32(0x46800000));
   const __m512i steps = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(a, _mm512_castsi512_ps(c))), c);
   const __m512i magnitude = _mm512_add_epi32(steps, _mm512_srli_epi32(t, 20));
+  if constexpr (!kSigned) return magnitude;
   // magnitude | (bits >> 24 & 0x80)
   return _mm512_ternarylogic_epi32(magnitude, _mm512_srli_epi32(bits, 24), _mm512_set1_epi32(0x80), 0xf8);
 }
@@ -146,13 +153,15 @@ constexpr int64_t kFp8EncodeStep = 16;
 #endif
 
 // codes[0, kFp8EncodeStep) of values·factor (factor = fp8_encode_factor > 0).
+template <bool kSigned>
 inline void fp8_encode_step(const float* values, float factor, uint8_t* codes) {
 #if defined(CPU_CAPABILITY_AVX2)
   // 4 × 8 codes packed to 32 bytes, then put back in order
   const __m256 vfactor = _mm256_set1_ps(factor);
-  const __m256i words01 = _mm256_packus_epi32(fp8_encode_lanes(values, vfactor), fp8_encode_lanes(values + 8, vfactor));
-  const __m256i words23 = _mm256_packus_epi32(fp8_encode_lanes(values + 16, vfactor),
-                                              fp8_encode_lanes(values + 24, vfactor));
+  const __m256i words01 = _mm256_packus_epi32(fp8_encode_lanes<kSigned>(values, vfactor),
+                                              fp8_encode_lanes<kSigned>(values + 8, vfactor));
+  const __m256i words23 = _mm256_packus_epi32(fp8_encode_lanes<kSigned>(values + 16, vfactor),
+                                              fp8_encode_lanes<kSigned>(values + 24, vfactor));
   const __m256i bytes = _mm256_packus_epi16(words01, words23);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes),
                       _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
@@ -160,9 +169,10 @@ inline void fp8_encode_step(const float* values, float factor, uint8_t* codes) {
   // 4 × 16 codes packed to 64 bytes (each 128-bit lane holds 4 codes of each
   // vector), then put back in order
   const __m512 vfactor = _mm512_set1_ps(factor);
-  const __m512i words01 = _mm512_packus_epi32(fp8_encode_lanes(values, vfactor), fp8_encode_lanes(values + 16, vfactor));
-  const __m512i words23 = _mm512_packus_epi32(fp8_encode_lanes(values + 32, vfactor),
-                                              fp8_encode_lanes(values + 48, vfactor));
+  const __m512i words01 = _mm512_packus_epi32(fp8_encode_lanes<kSigned>(values, vfactor),
+                                              fp8_encode_lanes<kSigned>(values + 16, vfactor));
+  const __m512i words23 = _mm512_packus_epi32(fp8_encode_lanes<kSigned>(values + 32, vfactor),
+                                              fp8_encode_lanes<kSigned>(values + 48, vfactor));
   const __m512i bytes = _mm512_packus_epi16(words01, words23);
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   _mm512_storeu_si512(codes, _mm512_permutexvar_epi32(order, bytes));
@@ -172,13 +182,15 @@ inline void fp8_encode_step(const float* values, float factor, uint8_t* codes) {
 }
 
 // codes[from, to) of values·factor.
+template <bool kSigned>
 inline void fp8_encode_span(const float* values, float factor, uint8_t* codes, int64_t from, int64_t to) {
   int64_t i = from;
-  for (; i + kFp8EncodeStep <= to; i += kFp8EncodeStep) fp8_encode_step(values + i, factor, codes + i);
+  for (; i + kFp8EncodeStep <= to; i += kFp8EncodeStep) fp8_encode_step<kSigned>(values + i, factor, codes + i);
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 vfactor = _mm512_set1_ps(factor);
   for (; i + 16 <= to; i += 16)  // vpmovdb narrows the int32 codes (< 256) to bytes in order
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(fp8_encode_lanes(values + i, vfactor)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i),
+                     _mm512_cvtepi32_epi8(fp8_encode_lanes<kSigned>(values + i, vfactor)));
 #endif
   for (; i < to; ++i) codes[i] = fp8_encode(values[i], factor);
 }
@@ -195,7 +207,7 @@ struct Fp8PendingState {
   float factor = 0.0f;
 };
 
-template <int S>
+template <int S, unsigned root_mask>
 struct Fp8PendingBlock {
   std::array<Fp8PendingState, S> state;
   int64_t len = 0;   // elements in the block (0: none pending)
@@ -205,13 +217,23 @@ struct Fp8PendingBlock {
   void encode_upto(int64_t upto) {
     upto = std::min(upto, len);
     for (; done + kFp8EncodeStep <= upto; done += kFp8EncodeStep)
-      for (const Fp8PendingState& k : state)
-        if (k.factor > 0.0f) fp8_encode_step(k.values + done, k.factor, k.codes + done);
+      for (int k = 0; k < S; ++k) {
+        const Fp8PendingState& pending = state[k];
+        if (!(pending.factor > 0.0f)) continue;
+        if ((root_mask >> k) & 1u) {
+          fp8_encode_step<false>(pending.values + done, pending.factor, pending.codes + done);
+        } else {
+          fp8_encode_step<true>(pending.values + done, pending.factor, pending.codes + done);
+        }
+      }
   }
 
   void finish() {
-    for (const Fp8PendingState& k : state)
-      if (k.factor > 0.0f) fp8_encode_span(k.values, k.factor, k.codes, done, len);
+    for_each_state<S>([&](auto k) {
+      const Fp8PendingState& pending = state[k];
+      if (pending.factor > 0.0f)
+        fp8_encode_span<!((root_mask >> k) & 1u)>(pending.values, pending.factor, pending.codes, done, len);
+    });
     len = done = 0;
   }
 };
@@ -250,7 +272,7 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of) {
   std::vector<Telemetry> partial(L.telemetry != nullptr ? first_block[n] : 0);
   at::parallel_for(0, first_block[n], kFp8GrainBlocks, [&](int64_t lo, int64_t hi) {
     alignas(64) float buffers[2][S][kFp8Block];  // this block's new states, and the pending block's
-    Fp8PendingBlock<S> pending;
+    Fp8PendingBlock<S, root_mask> pending;
     int64_t t = std::upper_bound(first_block.begin(), first_block.end(), lo) - first_block.begin() - 1;
     int64_t rounding_for = -1;
     std::optional<TensorRounding> rounding;
