@@ -106,8 +106,9 @@ def is_foreign_step(step: Tensor) -> bool:
     """True for a one-element step counter of another real dtype or device than
     the float32 CPU scalar the steps keep (``torch.tensor(10)``, a float64 or CUDA
     count): torch.optim steps from it, so the step converts it."""
+    if step.dtype == torch.float32 and step.is_cpu:  # the steps' own kind (the common case)
+        return False
     return (step.numel() == 1 and step.device.type != "meta"
-            and not (step.dtype == torch.float32 and step.device.type == "cpu")
             and not step.dtype.is_complex and step.dtype != torch.bool)  # a real count
 
 

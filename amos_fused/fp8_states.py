@@ -74,7 +74,7 @@ def keeps_fp8(p: Tensor) -> bool:
     """Whether a param's states are kept in FP8 (float32/bfloat16/float16 params of
     at least 4096 elements, bitsandbytes' ``min_8bit_size``, whose blocks stay
     inside their shards when the param is a DTensor: ``blocks_fit_shards``)."""
-    return p.dtype in _DTYPES and p.numel() >= MIN_NUMEL and blocks_fit_shards(p)
+    return p.dtype in _DTYPES and p.numel() >= MIN_NUMEL and (not is_dtensor(p) or blocks_fit_shards(p))
 
 
 def blocks_fit_shards(p: Tensor) -> bool:
