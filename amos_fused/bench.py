@@ -83,7 +83,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from amos_fused.bench_paired import TELEMETRY_SUFFIX, format_costs, paired_cost, telemetry_pairs
+from amos_fused.bench_paired import (TELEMETRY_SUFFIX, format_costs, format_speedups, paired_cost, paired_speedup,
+                                     telemetry_pairs)
 from amos_fused.bench_workloads import DEFAULT_WORKLOAD, WORKLOADS
 
 DTYPE = torch.float32
@@ -1042,9 +1043,13 @@ def parse_args(argv=None):
                         help="after the rounds, each chosen <row> and <row>+rms pair steps in alternation "
                              "this many times, for the cost of telemetry as a median ratio (default 40; "
                              "0: skip)")
+    parser.add_argument("--speedup-pairs", type=int, default=40, metavar="PAIRS",
+                        help="after the rounds, each chosen row of ours (not the +rms ones) and torch's fused "
+                             "AdamW step in alternation this many times, for the speed-up as a median ratio "
+                             "(default 40; 0: skip)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.pairs < 0:
-        parser.error("--rounds and --steps must be >= 1, --warmup and --pairs >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.pairs < 0 or args.speedup_pairs < 0:
+        parser.error("--rounds and --steps must be >= 1, --warmup, --pairs and --speedup-pairs >= 0")
     if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
         parser.error(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1170,6 +1175,17 @@ def main(argv=None):
             release_memory(device)
         if costs:
             print("\n" + format_costs(costs), flush=True)
+    speedups = []
+    if args.speedup_pairs:
+        ours = {i.name for i in our_impls(device.type)}
+        torch_fused = next(i for i in impls if i.name == TORCH_FUSED)
+        for impl in impls:
+            if impl.name in ours and not impl.name.endswith(TELEMETRY_SUFFIX):
+                speedups.append(paired_speedup(impl, torch_fused, WORKLOADS[workload], device, DTYPE, args.warmup,
+                                               args.speedup_pairs))
+                release_memory(device)
+        if speedups:
+            print("\n" + format_speedups(speedups), flush=True)
 
     json_path = None
     if not args.no_json:
@@ -1184,6 +1200,7 @@ def main(argv=None):
             "results": rows,
             "memory": memory,
             "telemetry_cost": costs,
+            "paired_speedup": speedups,
         })
         print(f"\nresults written to {json_path}")
     if args.plot is not None:

@@ -75,6 +75,41 @@ def paired_cost(plain, tracked, make_model: Callable, device: torch.device, dtyp
                 baseline_ms=statistics.median(plain_ms) if plain_ms else None)
 
 
+def paired_speedup(impl, baseline, make_model: Callable, device: torch.device, dtype: torch.dtype,
+                   warmup: int, pairs: int) -> dict:
+    """How many times faster a step of ``impl`` is than one of ``baseline`` (bench
+    Impls; torch's fused AdamW), both on the same machine at the same moment: each
+    on its own model built alike, they step in alternation ``pairs`` times after
+    ``warmup`` steps each, the order swapped every pair; the speed-up is the median
+    of the pairs' ratios (baseline ms / impl ms), returned with its quartiles and
+    the two rows' median ms.  On a machine whose memory bandwidth drifts between
+    rows timed seconds apart, this is the ratio the two rows' own medians blur."""
+    optimizers = [impl.build(make_model(device, dtype)), baseline.build(make_model(device, dtype))]
+    for _ in range(warmup):
+        for optimizer in optimizers:
+            optimizer.step()
+    ratios, ms, baseline_ms = [], [], []
+    for i in range(pairs):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        times = {k: _timed_step(optimizers[k], device) for k in order}
+        ratios.append(times[1] / times[0])
+        ms.append(times[0])
+        baseline_ms.append(times[1])
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0], ratios[0], ratios[0]]
+    return dict(impl=impl.name, baseline=baseline.name, pairs=pairs, speedup=statistics.median(ratios),
+                quartiles=[quartiles[0], quartiles[2]], ms=statistics.median(ms),
+                baseline_ms=statistics.median(baseline_ms))
+
+
+def format_speedups(speedups: Sequence[dict]) -> str:
+    lines = ["speed-up over torch's fused AdamW, in pairs: the row and torch's fused AdamW step in alternation; "
+             "median of the pairs' ratios (torch ms / row ms), its quartiles"]
+    for s in speedups:
+        lines.append(f"  {s['impl']:<22} {s['speedup']:.2f}x  ({s['quartiles'][0]:.2f}..{s['quartiles'][1]:.2f}) "
+                     f"over {s['pairs']} pairs, medians {s['ms']:.3f} and {s['baseline_ms']:.3f} ms")
+    return "\n".join(lines)
+
+
 def format_costs(costs: Sequence[dict]) -> str:
     lines = ["telemetry cost (track_rms): two optimizers of the row step in alternation, one tracking (the first "
              "for half the pairs, the second for the rest); ratio of their step times, the geometric mean of the "

@@ -635,3 +635,46 @@ def test_a_plot_path_without_a_suffix_is_the_png_written(tmp_path):
 
 def test_a_json_path_in_a_new_folder_is_accepted(tmp_path):
     assert bench.parse_args(["--json", str(tmp_path / "new" / "result.json")]).json.endswith("result.json")
+
+
+def test_paired_speedup_alternates_the_row_and_torch_fused(monkeypatch):
+    """The row and torch's fused AdamW step in alternation, the order swapped every
+    pair; the speed-up is the median of torch ms / row ms."""
+    from amos_fused import bench_paired
+
+    calls, now = [], [0.0]
+
+    class Recorded:
+        def __init__(self, name, ms):
+            self.name, self.ms = name, ms
+
+        def step(self):
+            calls.append(self.name)
+            now[0] += self.ms.pop(0) if isinstance(self.ms, list) else self.ms
+
+    row = bench.Impl("row", 16, lambda model: Recorded("row", [9.0, 1.0, 1.0, 1.0, 2.0]))
+    torch_fused = bench.Impl(bench.TORCH_FUSED, 28, lambda model: Recorded("torch", 3.0))
+    monkeypatch.setattr(bench_paired.time, "perf_counter", lambda: now[0] * 1e-3)
+    result = bench_paired.paired_speedup(row, torch_fused, WORKLOADS["gpt2-tiny"], torch.device("cpu"),
+                                         torch.float32, warmup=1, pairs=4)
+    assert calls == ["row", "torch"] + ["row", "torch", "torch", "row", "row", "torch", "torch", "row"]
+    assert result["speedup"] == pytest.approx(3.0)  # ratios 3, 3, 3, 1.5 (the warm-up's 9 ms not timed)
+    assert result["ms"] == pytest.approx(1.0) and result["baseline_ms"] == pytest.approx(3.0)
+    assert (result["impl"], result["baseline"], result["pairs"]) == ("row", bench.TORCH_FUSED, 4)
+    assert result["quartiles"][0] <= result["speedup"] <= result["quartiles"][1]
+
+
+def test_bench_reports_paired_speedups_of_our_rows_only(tmp_path, capsys):
+    path = tmp_path / "result.json"
+    bench.main(["--workload", "gpt2-tiny", "--device", "cpu", "--rounds", "1", "--steps", "1", "--warmup", "0",
+                "--impls", "cpu-lion8bit,cpu-amos,cpu-amos+rms", "--pairs", "0", "--speedup-pairs", "3",
+                "--json", str(path)])
+    speedups = json.loads(path.read_text())["paired_speedup"]
+    assert sorted(s["impl"] for s in speedups) == ["cpu-amos", "cpu-lion8bit"]  # not the +rms row, nor torch's
+    assert all(s["baseline"] == bench.TORCH_FUSED and s["pairs"] == 3 and s["speedup"] > 0 for s in speedups)
+    assert "speed-up over torch's fused AdamW, in pairs" in capsys.readouterr().out
+    bench.main(["--workload", "gpt2-tiny", "--device", "cpu", "--rounds", "1", "--steps", "1", "--warmup", "0",
+                "--impls", "cpu-lion8bit", "--pairs", "0", "--speedup-pairs", "0", "--json", str(path)])
+    assert json.loads(path.read_text())["paired_speedup"] == []
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--speedup-pairs", "-1"])
