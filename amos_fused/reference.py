@@ -30,6 +30,13 @@ def _store(dst: Tensor, value: Tensor) -> None:
     dst.copy_(value)
 
 
+def _sqrt(x: Tensor) -> Tensor:
+    """sqrt(x) correctly rounded, as the kernels' (IEEE) square root: torch's float32
+    sqrt on CPU is not always (a vector math library's), so float32 goes through
+    float64, whose root rounds to float32 correctly (53 ≥ 2·24 + 2 bits)."""
+    return x.double().sqrt().to(torch.float32) if x.dtype == torch.float32 else x.sqrt()
+
+
 def adam_step(
     param: Tensor,
     grad: Tensor,
@@ -70,8 +77,8 @@ def adam_step(
         _store(max_exp_avg_sq, second)
     bc1 = 1 - beta1**step if bias_correction else 1.0
     bc2 = 1 - beta2**step if bias_correction else 1.0
-    u = (m / bc1) / (second.sqrt() / math.sqrt(bc2) + eps)
-    theta = theta - lr * u
+    denom = _sqrt(second) / math.sqrt(bc2) + eps
+    theta = theta + (m * (-lr / bc1)) / denom  # θ − η·u, rounded as torch's CPU addcdiv(θ, m, denom, −η/bc1)
     _store(exp_avg, m)
     _store(exp_avg_sq, v)
     _store(param, theta)
@@ -121,11 +128,11 @@ def radam_step(
     v = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
     m_hat = m / (1 - beta1**step)
     r = radam_rectification(step, beta2, rectify_threshold)
-    if r is None:
-        u = m_hat
-    else:
-        u = r * m_hat * math.sqrt(1 - beta2**step) / (v.sqrt() + eps)
-    theta = theta - lr * u
+    step_size = m_hat * lr  # η·u, in torch's order: ((m̂·η)·sqrt(bc2)/(sqrt(v)+ε))·r
+    if r is not None:
+        denom = _sqrt(v) + eps
+        step_size = step_size * (torch.full_like(denom, math.sqrt(1 - beta2**step)) / denom) * r
+    theta = theta - step_size
     _store(exp_avg, m)
     _store(exp_avg_sq, v)
     _store(param, theta)
@@ -246,7 +253,7 @@ def _adam_direction(g, m, v, step, beta1, beta2, eps, bias_correction):
     v = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
     bc1 = 1 - beta1**step if bias_correction else 1.0
     bc2 = 1 - beta2**step if bias_correction else 1.0
-    return m, v, (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)
+    return m, v, (m / bc1) / (_sqrt(v) / math.sqrt(bc2) + eps)
 
 
 def scaled_adam_direction(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, *,
