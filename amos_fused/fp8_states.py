@@ -231,6 +231,27 @@ def relaid(codes: Tensor, absmax: Tensor, like: Tensor, root: bool) -> Tuple[Ten
     return new_codes, new_absmax
 
 
+def nan_codes_poison_their_blocks(codes: Tensor, absmax: Tensor) -> Tuple[Tensor, Tensor]:
+    """Loaded codes holding E4M3's NaN (0x7f or 0xff: the encoder never writes it; an
+    edited checkpoint's, or another tool's) as the format stores a block holding NaN:
+    absmax NaN and codes 0, so that every backend reads the whole block as NaN, as it
+    would after a step (new tensors; the loaded ones are left as they are).  Codes
+    whose absmax does not fit them are returned as they are: the step names them."""
+    if codes.numel() == 0 or absmax.numel() != num_blocks(codes.numel()) or absmax.device != codes.device:
+        return codes, absmax
+    flat = _flat(codes, codes)
+    nan = (flat & 0x7F) == 0x7F
+    if not bool(nan.any()):
+        return codes, absmax
+    poisoned = torch.zeros(absmax.numel(), dtype=torch.bool, device=codes.device)
+    poisoned[nan.nonzero().flatten() // BLOCK] = True
+    absmax = absmax.clone()
+    absmax.view(-1)[poisoned] = float("nan")
+    codes = torch.empty_like(codes)
+    _write_flat(codes, codes, flat.masked_fill(poisoned.repeat_interleave(BLOCK)[:flat.numel()], 0))
+    return codes, absmax
+
+
 def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[str],
                    like: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> None:
     """Brings a loaded state to this optimizer's precision and layout in place:
@@ -262,7 +283,7 @@ def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[s
             if absmax.dim() != 1 and absmax.numel() == num_blocks(param.numel()) and not is_dtensor(absmax):
                 absmax = absmax.reshape(-1)  # a sharded run's (rows, blocks per row), gathered
             if not is_dtensor(value) and not is_dtensor(absmax) and value.shape == param.shape:
-                value, absmax = relaid(value, absmax, like, root)
+                value, absmax = nan_codes_poison_their_blocks(*relaid(value, absmax, like, root))
             state[key], state[absmax_key(key)] = value, absmax
         elif key not in fp8_keys and coded:
             absmax = state.pop(absmax_key(key))

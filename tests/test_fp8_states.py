@@ -667,6 +667,53 @@ def test_checkpoint_round_trip_is_bitwise(name, dtype):
             assert torch.equal(opt.state[p][key], fresh.state[q][key]), key
 
 
+@pytest.mark.parametrize("name", ["AdamW8bit", "Lion8bit"])
+def test_a_loaded_nan_code_poisons_its_block_on_every_backend(name):
+    """E4M3's NaN codes (0x7f, 0xff) are never written by the encoder; loaded from an
+    edited checkpoint they turn their block into what a block holding NaN is (absmax
+    NaN, codes 0), the checkpoint itself untouched: the next step on cpu and on the
+    reference gives bitwise the same params and states, the params NaN in those
+    blocks only (AdamW8bit)."""
+    def fresh(backend):
+        p = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 17 * BLOCK + 7))  # 18 blocks, the last partial
+        return p, CLASSES[name]([p], backend=backend, **HYPER[name])
+
+    p, opt = fresh("cpu")
+    p.grad = torch.linspace(-0.5, 0.7, p.numel())
+    opt.step()
+    saved = opt.state_dict()
+    codes = saved["state"][0]["exp_avg"]
+    codes[5], codes[2 * BLOCK + 9] = 0x7F, 0xFF
+    if name == "AdamW8bit":
+        saved["state"][0]["exp_avg_sq"][4 * BLOCK + 1] = 0xFF
+    before = {k: v.clone() for k, v in saved["state"][0].items()}
+    results = {}
+    for backend in ("cpu", "reference"):
+        q, loaded = fresh(backend)
+        loaded.load_state_dict(saved)
+        st = loaded.state[q]
+        assert torch.isnan(st["exp_avg_absmax"][[0, 2]]).all() and torch.isfinite(st["exp_avg_absmax"][[1, 3, 4]]).all()
+        assert (st["exp_avg"][:BLOCK] == 0).all() and (st["exp_avg"][2 * BLOCK:3 * BLOCK] == 0).all()
+        if name == "AdamW8bit":
+            assert torch.isnan(st["exp_avg_sq_absmax"][4]) and (st["exp_avg_sq"][4 * BLOCK:5 * BLOCK] == 0).all()
+        q.grad = torch.linspace(-0.5, 0.7, q.numel())
+        loaded.step()
+        results[backend] = (q.detach().clone(), {k: v.clone() for k, v in st.items()})
+    for key, value in saved["state"][0].items():
+        assert torch.equal(value, before[key]), f"loading changed the checkpoint's {key}"
+    (p_cpu, st_cpu), (p_ref, st_ref) = results["cpu"], results["reference"]
+    assert torch.equal(torch.isnan(p_cpu), torch.isnan(p_ref))
+    assert torch.equal(p_cpu.nan_to_num(), p_ref.nan_to_num())
+    # (Lion: sign(NaN) = 0, so a NaN momentum only decays θ; the momentum stays NaN)
+    nan_blocks = [0, 2, 4] if name == "AdamW8bit" else []
+    assert torch.isnan(st_cpu["exp_avg_absmax"][[0, 2]]).all()
+    for b in range(18):
+        block = torch.isnan(p_cpu[b * BLOCK:(b + 1) * BLOCK])
+        assert (block.all() if b in nan_blocks else not block.any()), b
+    for key in st_cpu:
+        assert _nan_equal(st_cpu[key], st_ref[key]), key
+
+
 def test_torch_adamw_checkpoint_loads_into_adamw8bit():
     """torch.optim.AdamW(fused=False) after 3 steps → af.AdamW8bit: each ≥ 4096-element
     param's states become uint8 codes equal to fp8_states.encode of the float32
