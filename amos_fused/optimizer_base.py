@@ -876,9 +876,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         scaling = self._host_grad_scaling()
         if scaling["found_inf"] is not None and float(scaling["found_inf"]) != 0.0:
             return None
-        if scaling["grad_scale"] is not None:
+        if scaling["grad_scale"] is not None:  # unscaled in the step's float32, as the kernels unscale
             unscale = 1.0 / float(scaling["grad_scale"])
-            return [g * unscale for g in grads]
+            return [(g.float() if g.dtype in (torch.bfloat16, torch.float16) else g) * unscale for g in grads]
         return grads
 
     def _run(self, ready: _Ready) -> None:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import amos_fused as af
+
 from conftest import SHAPES, assert_unchanged, clone_params, make_grads, make_params, snapshot, states_of
 from registry import CASES, SCALER_TOL, backends
 
@@ -192,3 +194,25 @@ def test_an_optimizer_without_grads_this_step_under_a_shared_scaler(backend):
     assert scaler.get_scale() == 2.0**12
     assert torch.equal(b.detach(), before) and b not in opt2.state
     torch.testing.assert_close(a.grad, torch.full_like(a, 2.0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Lion", "AdamW8bit", "Lion8bit"])
+def test_bf16_grads_unscaled_in_float32_by_the_reference_as_by_the_kernels(name):
+    """A scale that is no power of two: 1/scale·g is rounded once, in the step's
+    float32, on the reference as in the kernels (not to bf16 first), so both give
+    bitwise the same params and states."""
+    make = getattr(af, name)
+    out = {}
+    for backend in ("reference", "cpu"):
+        p = torch.randn(4352, generator=torch.Generator().manual_seed(0)).bfloat16().requires_grad_(True)
+        opt = make([p], lr=1e-2, backend=backend)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1000.0)
+        w = torch.randn(4352, generator=torch.Generator().manual_seed(1)).bfloat16()
+        for _ in range(2):
+            opt.zero_grad()
+            scaler.scale((p * w).sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+        out[backend] = [p.detach().clone()] + [v.clone() for k, v in sorted(opt.state[p].items())]
+    for a, b in zip(out["reference"], out["cpu"]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
