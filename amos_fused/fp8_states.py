@@ -235,9 +235,12 @@ def nan_codes_poison_their_blocks(codes: Tensor, absmax: Tensor) -> Tuple[Tensor
     """Loaded codes holding E4M3's NaN (0x7f or 0xff: the encoder never writes it; an
     edited checkpoint's, or another tool's) as the format stores a block holding NaN:
     absmax NaN and codes 0, so that every backend reads the whole block as NaN, as it
-    would after a step (new tensors; the loaded ones are left as they are).  Codes
-    whose absmax does not fit them are returned as they are: the step names them."""
-    if codes.numel() == 0 or absmax.numel() != num_blocks(codes.numel()) or absmax.device != codes.device:
+    would after a step (new tensors; the loaded ones are left as they are).  The
+    blocks are those the codes were saved with (their own memory order), so this
+    comes before any relaying into another layout.  Codes whose absmax does not fit
+    them are returned as they are: the step names them; sharded (DTensor) codes too."""
+    if (codes.numel() == 0 or absmax.numel() != num_blocks(codes.numel()) or absmax.device != codes.device
+            or is_dtensor(codes) or is_dtensor(absmax)):
         return codes, absmax
     flat = _flat(codes, codes)
     nan = (flat & 0x7F) == 0x7F
@@ -283,11 +286,11 @@ def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[s
             if absmax.dim() != 1 and absmax.numel() == num_blocks(param.numel()) and not is_dtensor(absmax):
                 absmax = absmax.reshape(-1)  # a sharded run's (rows, blocks per row), gathered
             if not is_dtensor(value) and not is_dtensor(absmax) and value.shape == param.shape:
-                value, absmax = nan_codes_poison_their_blocks(*relaid(value, absmax, like, root))
+                value, absmax = relaid(*nan_codes_poison_their_blocks(value, absmax), like, root)
             state[key], state[absmax_key(key)] = value, absmax
         elif key not in fp8_keys and coded:
-            absmax = state.pop(absmax_key(key))
-            values = decoded(value, absmax.to(value.device), root)
+            value, absmax = nan_codes_poison_their_blocks(value, state.pop(absmax_key(key)).to(value.device))
+            values = decoded(value, absmax, root)
             if is_dtensor(values) or values.shape != param.shape:
                 state[key] = values.to(dtype)
             else:

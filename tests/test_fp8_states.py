@@ -714,6 +714,34 @@ def test_a_loaded_nan_code_poisons_its_block_on_every_backend(name):
         assert _nan_equal(st_cpu[key], st_ref[key]), key
 
 
+@pytest.mark.parametrize("into", ["AdamW8bit, contiguous", "AdamW8bit, transposed", "AdamW"])
+def test_a_loaded_nan_code_poisons_its_saved_block_in_any_layout(into):
+    """The block a NaN code poisons is the one it was saved in (the saved layout's
+    memory order), whether the state is relaid into a param of another memory
+    format or decoded by a full-precision optimizer: all 256 of its elements read
+    as NaN."""
+    src = torch.nn.Parameter(torch.randn(96, 64).t())  # (64, 96), strides (1, 64)
+    src.grad = torch.randn_like(src)
+    opt = af.AdamW8bit([src], backend="cpu")
+    opt.step()
+    saved = opt.state_dict()
+    codes = saved["state"][0]["exp_avg"]
+    flat = fp8_states._flat(codes, codes).clone()
+    flat[300] = 0x7F  # in saved block 1
+    fp8_states._write_flat(codes, codes, flat)
+    in_block = torch.empty(96, 64).t()  # the saved layout's elements 256..511, as a (64, 96) mask
+    fp8_states._write_flat(in_block, in_block, (torch.arange(64 * 96) // BLOCK == 1).float())
+    in_block = in_block.bool()
+    dst = torch.nn.Parameter(torch.randn(96, 64).t() if into.endswith("transposed") else torch.randn(64, 96))
+    loaded = (af.AdamW if into == "AdamW" else af.AdamW8bit)([dst], backend="cpu")
+    loaded.load_state_dict(saved)
+    st = loaded.state[dst]
+    m = st["exp_avg"] if into == "AdamW" else fp8_states.decoded(st["exp_avg"], st["exp_avg_absmax"], False)
+    assert torch.isnan(m[in_block]).all()
+    if into != "AdamW8bit, contiguous":  # (relaid: every new block touching the saved one is NaN too)
+        assert not torch.isnan(m[~in_block]).any()
+
+
 def test_torch_adamw_checkpoint_loads_into_adamw8bit():
     """torch.optim.AdamW(fused=False) after 3 steps → af.AdamW8bit: each ≥ 4096-element
     param's states become uint8 codes equal to fp8_states.encode of the float32
