@@ -32,9 +32,12 @@ def _store(dst: Tensor, value: Tensor) -> None:
 
 def _sqrt(x: Tensor) -> Tensor:
     """sqrt(x) correctly rounded, as the kernels' (IEEE) square root: torch's float32
-    sqrt on CPU is not always (a vector math library's), so float32 goes through
-    float64, whose root rounds to float32 correctly (53 ≥ 2·24 + 2 bits)."""
-    return x.double().sqrt().to(torch.float32) if x.dtype == torch.float32 else x.sqrt()
+    sqrt on CPU is not always (a vector math library's), so there float32 goes
+    through float64, whose root rounds to float32 correctly (53 ≥ 2·24 + 2 bits);
+    a CUDA float32 sqrt is correctly rounded already."""
+    if x.dtype == torch.float32 and x.device.type == "cpu":
+        return x.double().sqrt().to(torch.float32)
+    return x.sqrt()
 
 
 def adam_step(
