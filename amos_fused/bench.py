@@ -531,6 +531,11 @@ def _model_bytes(algorithm: str) -> Optional[Callable[[torch.nn.Module], int]]:
     return functools.partial(step_bytes, algorithm) if algorithm in FP8_ALGORITHMS else None
 
 
+def is_ours(impl: Impl) -> bool:
+    """Whether a row steps one of our optimizers (built by make_ours)."""
+    return isinstance(impl.build, functools.partial) and impl.build.func is make_ours
+
+
 def our_impls(device_type: str, stream_floors: bool = False) -> List[Impl]:
     """Each of our algorithms once per backend that is available and fast on this device
     type (the 8-bit ones on the backends of FP8_BACKENDS)."""
@@ -1177,10 +1182,9 @@ def main(argv=None):
             print("\n" + format_costs(costs), flush=True)
     speedups = []
     if args.speedup_pairs:
-        ours = {i.name for i in our_impls(device.type)}
         torch_fused = next(i for i in impls if i.name == TORCH_FUSED)
         for impl in impls:
-            if impl.name in ours and not impl.name.endswith(TELEMETRY_SUFFIX):
+            if is_ours(impl) and not impl.name.endswith(TELEMETRY_SUFFIX):
                 speedups.append(paired_speedup(impl, torch_fused, WORKLOADS[workload], device, DTYPE, args.warmup,
                                                args.speedup_pairs))
                 release_memory(device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Callable, List, Sequence
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 
@@ -40,6 +40,20 @@ def _track(optimizer, on: bool) -> None:
         group["track_rms"] = on
 
 
+def _alternated(optimizers: Sequence, warmup: int, pairs: int, device: torch.device) -> List[Tuple[float, float]]:
+    """(ms of optimizers[0], ms of optimizers[1]) of ``pairs`` pairs of steps after
+    ``warmup`` steps of each, the order within a pair swapped every pair."""
+    for _ in range(warmup):
+        for optimizer in optimizers:
+            optimizer.step()
+    times = []
+    for i in range(pairs):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        ms = {k: _timed_step(optimizers[k], device) for k in order}
+        times.append((ms[0], ms[1]))
+    return times
+
+
 def paired_cost(plain, tracked, make_model: Callable, device: torch.device, dtype: torch.dtype,
                 warmup: int, pairs: int) -> dict:
     """The cost of ``tracked`` (bench Impl: ``plain`` with track_rms=True) over
@@ -58,13 +72,8 @@ def paired_cost(plain, tracked, make_model: Callable, device: torch.device, dtyp
     for tracking in (0, 1):
         for k, optimizer in enumerate(optimizers):
             _track(optimizer, k == tracking)
-        for _ in range(warmup):
-            for optimizer in optimizers:
-                optimizer.step()
         ratios = []
-        for i in range((pairs + 1) // 2 if tracking == 0 else pairs // 2):
-            order = (0, 1) if i % 2 == 0 else (1, 0)
-            times = {k: _timed_step(optimizers[k], device) for k in order}
+        for times in _alternated(optimizers, warmup, (pairs + 1) // 2 if tracking == 0 else pairs // 2, device):
             ratios.append(times[tracking] / times[1 - tracking])
             tracked_ms.append(times[tracking])
             plain_ms.append(times[1 - tracking])
@@ -84,17 +93,10 @@ def paired_speedup(impl, baseline, make_model: Callable, device: torch.device, d
     of the pairs' ratios (baseline ms / impl ms), returned with its quartiles and
     the two rows' median ms.  On a machine whose memory bandwidth drifts between
     rows timed seconds apart, this is the ratio the two rows' own medians blur."""
-    optimizers = [impl.build(make_model(device, dtype)), baseline.build(make_model(device, dtype))]
-    for _ in range(warmup):
-        for optimizer in optimizers:
-            optimizer.step()
-    ratios, ms, baseline_ms = [], [], []
-    for i in range(pairs):
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        times = {k: _timed_step(optimizers[k], device) for k in order}
-        ratios.append(times[1] / times[0])
-        ms.append(times[0])
-        baseline_ms.append(times[1])
+    times = _alternated([impl.build(make_model(device, dtype)), baseline.build(make_model(device, dtype))],
+                        warmup, pairs, device)
+    ratios = [theirs / ours for ours, theirs in times]
+    ms, baseline_ms = [ours for ours, _ in times], [theirs for _, theirs in times]
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0], ratios[0], ratios[0]]
     return dict(impl=impl.name, baseline=baseline.name, pairs=pairs, speedup=statistics.median(ratios),
                 quartiles=[quartiles[0], quartiles[2]], ms=statistics.median(ms),

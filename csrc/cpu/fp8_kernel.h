@@ -214,7 +214,9 @@ struct Fp8PendingBlock {
   int64_t len = 0;   // elements in the block (0: none pending)
   int64_t done = 0;  // codes [0, done) written
 
-  // Encodes steps while a whole one fits below `upto`.
+  // Encodes steps while a whole one fits below `upto`.  (A plain loop over the
+  // states with fp8_encode_step, not for_each_state over fp8_encode_span as in
+  // finish(): that form measured 10-40% slower on the whole step.)
   void encode_upto(int64_t upto) {
     upto = std::min(upto, len);
     for (; done + kFp8EncodeStep <= upto; done += kFp8EncodeStep)
