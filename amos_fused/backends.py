@@ -25,6 +25,18 @@ def fused_algorithms(backend: str) -> FrozenSet[str]:
     return frozenset(algorithms())
 
 
+@functools.lru_cache(maxsize=None)
+def fused_fp8_algorithms(backend: str) -> FrozenSet[str]:
+    """The algorithms with a fused FP8-state step (the 8-bit optimizers) on a backend:
+    the compiled step_fp8 op's (on CUDA its CUDA kernels'), and those the Triton
+    package launches."""
+    if backend == "triton":
+        return frozenset(importlib.import_module("amos_fused.triton_kernels.ops").fp8_algorithms())
+    if backend == "cuda":
+        return frozenset(torch.ops.amos_fused.cuda_fp8_algorithms())
+    return frozenset(torch.ops.amos_fused.fp8_algorithms())
+
+
 def _device_types(backend: str):
     """Devices a backend steps (Triton's interpreter steps CPU tensors)."""
     if backend == "triton":
@@ -83,9 +95,11 @@ def check_backend(backend: Optional[str], algorithm: str, optimizer: str) -> Non
         )
 
 
-def backend_for(requested: Optional[str], algorithm: str, device: torch.device, optimizer: str) -> str:
+def backend_for(requested: Optional[str], algorithm: str, device: torch.device, optimizer: str,
+                fp8: bool = False) -> str:
     """The backend that steps a bucket on ``device``: the requested one (checked
-    against the device) or, for None, the fastest available for that device."""
+    against the device) or, for None, the fastest available for that device.
+    ``fp8``: the bucket's states are FP8 codes (fused_fp8_algorithms)."""
     if requested == "reference":
         return requested
     if requested is not None:
@@ -93,12 +107,18 @@ def backend_for(requested: Optional[str], algorithm: str, device: torch.device, 
             raise ValueError(
                 f"{optimizer}: backend {requested!r} cannot step parameters on {device}"
             )
+        if fp8 and algorithm not in fused_fp8_algorithms(requested):
+            raise NotImplementedError(
+                f"{optimizer}: backend {requested!r} has no fused {algorithm} kernel with 8-bit states; use "
+                f"backend=None (it picks one that has), 'reference' or one of "
+                f"{[name for name in available_backends() if name == 'reference' or algorithm in fused_fp8_algorithms(name)]}"
+            )
         return requested
     for name in ("cuda", "cpu", "triton"):
         if (
             device.type in _device_types(name)
             and _why_unavailable(name) is None
-            and algorithm in fused_algorithms(name)
+            and algorithm in (fused_fp8_algorithms(name) if fp8 else fused_algorithms(name))
         ):
             return name
     return "reference"

@@ -105,16 +105,21 @@ def call_fp8_step(ops, algorithm: str, params: Sequence[Tensor], grads: Sequence
                   hyper: Mapping[str, float], keys: Sequence[str],
                   grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
                   telemetry: Optional[Tensor] = None, round_keys: Optional[Sequence[int]] = None,
-                  low_params: Optional[Sequence[Tensor]] = None) -> None:
+                  low_params: Optional[Sequence[Tensor]] = None, full_keys: Sequence[str] = (),
+                  per_tensor: Sequence[float] = ()) -> None:
     """One ``ops.step_fp8`` call (``ops``: torch.ops.amos_fused or the Triton ops): the
     states under ``keys`` are FP8 codes, each with its per-block absmax under
-    ``key + '_absmax'`` (amos_fused/fp8_states.py); the rest as in ``call_step``
-    (``low_params``: the CPU op only)."""
+    ``key + '_absmax'`` (amos_fused/fp8_states.py), those under ``full_keys`` are
+    kept in full precision (Amos's slots v, b) and ``per_tensor`` are the
+    per-tensor values (Amos's η); the rest as in ``call_step`` (``low_params``:
+    the CPU op only)."""
     codes = [t for key in keys for t in state[key]]
     absmax = [t for key in keys for t in state[key + "_absmax"]]
+    full = [t for key in full_keys for t in state[key]]
     ops.step_fp8(algorithm, list(params), list(grads), codes, absmax, list(steps), hyper_values(algorithm, hyper),
                  grad_scale, found_inf, telemetry, None if round_keys is None else list(round_keys),
-                 None if low_params is None else list(low_params))
+                 None if low_params is None else list(low_params), full or None,
+                 [float(x) for x in per_tensor] or None)
 
 
 def call_capturable_step(ops, algorithm: str, params: Sequence[Tensor], grads: Sequence[Tensor],

@@ -19,31 +19,42 @@ optimizer decodes it."""
 from __future__ import annotations
 
 from . import fp8_states
-from .optim import Adam, AdamW, Lion, RAdam
+from .optim import Adam, AdamW, Amos, Lion, RAdam
 
 
 class _Fp8States:
     """Mixed into a full-precision optimizer class: its ``fp8_state_keys`` are kept
-    as FP8 codes for the params fp8_states.keeps_fp8 accepts."""
+    as FP8 codes for the params fp8_states.keeps_fp8 accepts (those of them the
+    full-precision class makes: Amos's ``mu`` only with momentum)."""
 
     def _new_state(self, p, group):
         state = super()._new_state(p, group)
         if self._keeps_fp8(p):
             for key in self.fp8_state_keys:
-                state[key], state[fp8_states.absmax_key(key)] = fp8_states.new_state(p)
+                if key in state:
+                    state[key], state[fp8_states.absmax_key(key)] = fp8_states.new_state(p)
         return state
 
     def _reference_step(self, bucket, group):
         """The full-precision reference step on the decoded states, encoded back."""
-        if not bucket.fp8:
-            return super()._reference_step(bucket, group)
-        coded = {key: (bucket.state[key], bucket.state[fp8_states.absmax_key(key)])
-                 for key in self.fp8_state_keys}
+        self._on_decoded_states(bucket, lambda: super(_Fp8States, self)._reference_step(bucket, group))
+
+    def _sharded_step(self, bucket, group):
+        """The step of slots reduced across shards (Amos), on the decoded states."""
+        self._on_decoded_states(bucket, lambda: super(_Fp8States, self)._sharded_step(bucket, group))
+
+    def _on_decoded_states(self, bucket, step):
+        """Runs ``step`` with the bucket's coded states decoded to float32, then
+        encodes them back."""
+        keys = self._coded_keys(bucket)
+        if not keys:
+            return step()
+        coded = {key: (bucket.state[key], bucket.state[fp8_states.absmax_key(key)]) for key in keys}
         for key, (codes, absmax) in coded.items():
             root = key in fp8_states.ROOT_KEYS
             bucket.state[key] = [fp8_states.decoded(c, a, root) for c, a in zip(codes, absmax)]
         try:
-            super()._reference_step(bucket, group)
+            step()
         finally:
             values = {key: bucket.state[key] for key in coded}
             for key, (codes, absmax) in coded.items():
@@ -86,3 +97,16 @@ class Lion8bit(_Fp8States, Lion):
     """Lion with a block-scaled FP8 momentum; otherwise ``Lion``."""
 
     fp8_state_keys = ("exp_avg",)
+
+
+class Amos8bit(_Fp8States, Amos):
+    """Amos with its momentum ``mu`` kept as block-scaled FP8 (state keys ``mu``, the
+    codes, and ``mu_absmax``); otherwise ``Amos`` (same constructor, defaults,
+    slots and update).  Only the momentum is coded: the slots v and b are the
+    size of the reduced second moment (one value per row of a matrix with
+    ``reduce_axes=1``) and stay in the param's dtype.  Without momentum
+    (``momentum=None``, Amos's default) there is nothing to code and it steps
+    exactly as ``Amos``.  The fused 'cpu' and 'triton' backends step it; 'cuda'
+    has no kernel for it (backend=None picks Triton there, or the reference)."""
+
+    fp8_state_keys = ("mu",)

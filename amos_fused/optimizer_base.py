@@ -211,15 +211,24 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  bucket.state, bucket.state["step"], self._capturable_hyper(group), per_tensor,
                                  **scaling)
             return
-        if bucket.fp8:
-            call_fp8_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
-                          self._hyper(group), self.fp8_state_keys, telemetry=telemetry, round_keys=round_keys,
-                          low_params=low_params, **self._host_grad_scaling())
-            return
         per_tensor = bucket.per_param[self.per_param_keys[0]] if self.per_param_keys else []
+        coded = self._coded_keys(bucket)
+        if coded:
+            full = tuple(k for k in self._step_state_keys(group) if k not in coded)
+            call_fp8_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
+                          self._hyper(group), coded, telemetry=telemetry, round_keys=round_keys,
+                          low_params=low_params, full_keys=full, per_tensor=per_tensor,
+                          **self._host_grad_scaling())
+            return
         call_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
                   self._hyper(group), per_tensor, telemetry=telemetry, round_keys=round_keys,
                   low_params=low_params, **self._host_grad_scaling())
+
+    def _coded_keys(self, bucket: Bucket) -> Tuple[str, ...]:
+        """The keys of the bucket's states stepped as FP8 codes (none for a bucket of
+        full-precision states, or when the group's step has no such state: Amos8bit
+        without momentum)."""
+        return tuple(k for k in self.fp8_state_keys if k in bucket.state) if bucket.fp8 else ()
 
     def _capturable_hyper(self, group: dict) -> dict:
         """_hyper for a capturable step: a tensor ``lr`` stays a tensor (read on the
@@ -576,7 +585,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"real tensor on the params' device ({spec.device}) with capturable=True, got "
                                  f"{lr.dtype} {tuple(lr.shape)} on {lr.device}")
         else:
-            backend = backend_for(group_backend(group), self.algorithm, spec.device, self._name)
+            backend = backend_for(group_backend(group), self.algorithm, spec.device, self._name, fp8=bool(coded))
         walk = Walk.ANY if backend == "reference" else (
             Walk.CONTIGUOUS if self.fused_needs_contiguous else Walk.DENSE)
         if walk == Walk.CONTIGUOUS:

@@ -24,6 +24,7 @@ std::vector<std::string> names_of(TypeList<A...>) {
 std::vector<std::string> algorithms_op() { return names_of(Algorithms{}); }
 
 std::vector<std::string> fp8_algorithms_op() { return names_of(Fp8Algorithms{}); }
+std::vector<std::string> cuda_fp8_algorithms_op() { return names_of(CudaFp8Algorithms{}); }
 
 std::vector<std::string> master_algorithms_op() { return names_of(MasterAlgorithms{}); }
 
@@ -90,13 +91,16 @@ std::tuple<bool, at::Tensor> begin_step_fp8_op(c10::string_view algorithm, at::T
                                                const std::optional<at::Tensor>& grad_scale,
                                                const std::optional<at::Tensor>& found_inf,
                                                const std::optional<at::Tensor>& telemetry,
-                                               at::OptionalIntArrayRef round_keys) {
+                                               at::OptionalIntArrayRef round_keys,
+                                               const std::optional<at::TensorList>& states,
+                                               const std::optional<at::ArrayRef<double>>& per_tensor) {
   std::tuple<bool, at::Tensor> out;
   with_algorithm_in(Fp8Algorithms{}, algorithm, [&](auto traits) {
     using A = decltype(traits);
     const size_t width = contract_of<A>().columns.size();
     const auto ready = begin_fp8_step<A>(params, grads, codes, absmax, steps, hyper, grad_scale, found_inf,
-                                         telemetry, round_keys);
+                                         telemetry, round_keys, {}, states ? *states : at::TensorList{},
+                                         per_tensor ? *per_tensor : at::ArrayRef<double>{});
     if (!ready && telemetry) telemetry->select(1, 1).zero_();  // skipped: nothing moved
     out = ready ? std::make_tuple(true, coefficient_table(ready->call.coef, width))
                 : std::make_tuple(false, coefficient_table(std::vector<CoefRow<A>>(), width));

@@ -112,8 +112,11 @@ struct TypeList {};
 using Algorithms = TypeList<AdamAlgorithm, RAdamAlgorithm, LionAlgorithm, AmosAlgorithm,
                             ScaledAdamAlgorithm, LambAlgorithm>;
 using ElementwiseAlgorithms = TypeList<LionAlgorithm>;
-// The algorithms the step_fp8 op runs with block-scaled FP8 states (csrc/fp8_states.h).
-using Fp8Algorithms = TypeList<AdamAlgorithm, RAdamAlgorithm, LionAlgorithm>;
+// The algorithms the step_fp8 op runs with block-scaled FP8 states (csrc/fp8_states.h):
+// Amos keeps its momentum in FP8, its slots (v, b) in full precision.
+using Fp8Algorithms = TypeList<AdamAlgorithm, RAdamAlgorithm, LionAlgorithm, AmosAlgorithm>;
+// Those with an FP8 step on CUDA (csrc/cuda/fp8.cu).
+using CudaFp8Algorithms = TypeList<AdamAlgorithm, RAdamAlgorithm, LionAlgorithm>;
 // The algorithms whose CPU step writes low-precision params from float32 masters
 // in the same pass (the step op's low_params).
 using MasterAlgorithms = TypeList<AdamAlgorithm, RAdamAlgorithm, LionAlgorithm, AmosAlgorithm, ScaledAdamAlgorithm,
@@ -185,6 +188,7 @@ using ContractNames = std::tuple<std::vector<std::string>, std::vector<std::stri
 ContractNames contract_op(c10::string_view algorithm);
 std::vector<std::string> algorithms_op();
 std::vector<std::string> fp8_algorithms_op();
+std::vector<std::string> cuda_fp8_algorithms_op();
 std::vector<std::string> master_algorithms_op();
 std::tuple<bool, at::Tensor> begin_step_op(c10::string_view algorithm, at::TensorList params,
                                            at::TensorList grads, at::TensorList states,
@@ -201,6 +205,8 @@ std::tuple<bool, at::Tensor> begin_step_fp8_op(c10::string_view algorithm, at::T
                                                const std::optional<at::Tensor>& grad_scale,
                                                const std::optional<at::Tensor>& found_inf,
                                                const std::optional<at::Tensor>& telemetry,
-                                               at::OptionalIntArrayRef round_keys);
+                                               at::OptionalIntArrayRef round_keys,
+                                               const std::optional<at::TensorList>& states,
+                                               const std::optional<at::ArrayRef<double>>& per_tensor);
 
 }  // namespace amos_fused

@@ -35,6 +35,11 @@ struct Fp8States<LionAlgorithm> {
   static constexpr const char* kLists[2] = {"exp_avg", ""};
   static constexpr int64_t kCount = 1;
 };
+template <>
+struct Fp8States<AmosAlgorithm> {  // the momentum; v and b stay full precision (the op's `states`)
+  static constexpr const char* kLists[2] = {"mu", ""};
+  static constexpr int64_t kCount = 1;
+};
 
 // A checked FP8 step: the StepCall (no full-precision states) and the code and
 // absmax lists, one per state.
@@ -45,7 +50,9 @@ struct Fp8StepCall {
 };
 
 // Checks a step_fp8 call of algorithm A and, unless found_inf skips the step
-// (then nullopt), computes the coefficients at the next step counts.
+// (then nullopt), computes the coefficients at the next step counts.  `states`
+// and `per_tensor`: Amos's full-precision slots (vs, then bs) and etas; empty for
+// the others.
 template <typename A>
 std::optional<Fp8StepCall<A>> begin_fp8_step(at::TensorList params, at::TensorList grads, at::TensorList codes,
                                              at::TensorList absmax, at::TensorList steps,
@@ -54,13 +61,26 @@ std::optional<Fp8StepCall<A>> begin_fp8_step(at::TensorList params, at::TensorLi
                                              const std::optional<at::Tensor>& found_inf,
                                              const std::optional<at::Tensor>& telemetry,
                                              at::OptionalIntArrayRef round_keys,
-                                             at::TensorList low_params = {}) {
+                                             at::TensorList low_params = {}, at::TensorList states = {},
+                                             at::ArrayRef<double> per_tensor = {}) {
   using States = Fp8States<A>;
   StepCall<A> call = new_step_call<A>(params, grads, hyper);
   const char* op = call.op;
   const size_t n = params.size();
   if constexpr (std::is_same_v<A, AdamAlgorithm>) {
     TORCH_CHECK_VALUE(call.hyper.amsgrad == 0, op, ": amsgrad is not supported with FP8 states");
+  }
+  if constexpr (std::is_same_v<A, AmosAlgorithm>) {
+    TORCH_CHECK_VALUE(call.hyper.use_momentum != 0, op,
+                      ": the FP8 step keeps Amos's momentum in FP8; without momentum there is none "
+                      "(use the step op)");
+    TORCH_CHECK_VALUE(states.size() == 2 * n, op, ": expected 2 lists of ", n, " slot tensors (vs, bs), got ",
+                      states.size(), " state tensors");
+    call.states[0] = states.slice(0, n);
+    call.states[1] = states.slice(n, n);
+  } else {
+    TORCH_CHECK_VALUE(states.empty(), op, ": takes no full-precision states with FP8 states, got ",
+                      states.size());
   }
   TORCH_CHECK_VALUE(codes.size() == States::kCount * n && absmax.size() == States::kCount * n, op,
                     ": expected ", States::kCount, " lists of ", n, " codes and of ", n,
@@ -93,7 +113,7 @@ std::optional<Fp8StepCall<A>> begin_fp8_step(at::TensorList params, at::TensorLi
                       is_codes ? "uint8 codes with the param's shape and strides"
                                : "a contiguous float32 tensor of one absmax per block of 256");
   }
-  auto ready = finish_step(std::move(call), steps, {}, grad_scale, found_inf, telemetry, round_keys,
+  auto ready = finish_step(std::move(call), steps, per_tensor, grad_scale, found_inf, telemetry, round_keys,
                            [](const char*, at::TensorList) {});
   if (!ready) return std::nullopt;
   out.call = std::move(*ready);

@@ -72,20 +72,25 @@ TORCH_LIBRARY(amos_fused, m) {
   // The names of every algorithm of the step op.
   m.def("algorithms() -> str[]", &amos_fused::algorithms_op);
   // The step op of the optimizers with block-scaled FP8 states (csrc/fp8_states.h):
-  // `step`'s arguments, with the state lists as codes (uint8, shaped like the
-  // params: exp_avg[, exp_avg_sq as sqrt]) and absmax (float32, one per block of
-  // 256), key-major.  Algorithms: fp8_algorithms().  low_params (CPU): as step's.
+  // `step`'s arguments, with the coded state lists as codes (uint8, shaped like the
+  // params: exp_avg[, exp_avg_sq as sqrt], or Amos's mu) and absmax (float32, one
+  // per block of 256), key-major; `states` and `per_tensor`: those of the states
+  // kept in full precision and the per-tensor values (Amos: vs, bs and etas; none
+  // for the others).  Algorithms: fp8_algorithms() (on CUDA:
+  // cuda_fp8_algorithms()).  low_params (CPU): as step's.
   m.def(
       "step_fp8(str algorithm, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] codes, "
       "Tensor(c!)[] absmax, Tensor(d!)[] steps, float[] hyper, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, Tensor(e!)? telemetry=None, int[]? round_keys=None, "
-      "Tensor(f!)[]? low_params=None) -> ()");
+      "Tensor(f!)[]? low_params=None, Tensor(g!)[]? states=None, float[]? per_tensor=None) -> ()");
   m.def("fp8_algorithms() -> str[]", &amos_fused::fp8_algorithms_op);
+  m.def("cuda_fp8_algorithms() -> str[]", &amos_fused::cuda_fp8_algorithms_op);
   // begin_step for step_fp8: its checks and coefficient table, nothing written.
   m.def(
       "begin_step_fp8(str algorithm, Tensor[] params, Tensor[] grads, Tensor[] codes, Tensor[] absmax, "
       "Tensor[] steps, float[] hyper, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor(a!)? telemetry=None, int[]? round_keys=None) -> (bool, Tensor)",
+      "Tensor(a!)? telemetry=None, int[]? round_keys=None, Tensor[]? states=None, "
+      "float[]? per_tensor=None) -> (bool, Tensor)",
       &amos_fused::begin_step_fp8_op);
   // (index of the first param whose FP8 states do not fit it or -1, which list:
   // k for codes list k, S + k for absmax list k); codes and absmax key-major.

@@ -152,10 +152,12 @@ def step_fp8(algorithm: str, params: List[Tensor], grads: List[Tensor], codes: L
              absmax: List[Tensor], steps: List[Tensor], hyper: Sequence[float],
              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
              telemetry: Optional[Tensor] = None, round_keys: Optional[Sequence[int]] = None,
-             low_params: Optional[Sequence[Tensor]] = None) -> None:
+             low_params: Optional[Sequence[Tensor]] = None, states: Optional[Sequence[Tensor]] = None,
+             per_tensor: Optional[Sequence[float]] = None) -> None:
     """One step of ``algorithm`` over a bucket with FP8 states (arguments as
-    ``torch.ops.amos_fused.step_fp8``: codes and absmax key-major lists; no
-    ``low_params``, as ``step``)."""
+    ``torch.ops.amos_fused.step_fp8``: codes and absmax key-major lists, Amos's
+    slots in ``states`` and its η in ``per_tensor``; no ``low_params``, as
+    ``step``)."""
     if low_params is not None:
         raise ValueError(f"amos_fused.triton.{algorithm}_step_fp8: low_params (master weights written in the same "
                          "pass) are not supported by the triton backend")
@@ -166,7 +168,8 @@ def step_fp8(algorithm: str, params: List[Tensor], grads: List[Tensor], codes: L
     hyper = [float(h) for h in hyper]
     run, coef = torch.ops.amos_fused.begin_step_fp8(algorithm, list(params), list(grads), list(codes),
                                                     list(absmax), list(steps), hyper, grad_scale, found_inf,
-                                                    telemetry, keys)
+                                                    telemetry, keys, None if states is None else list(states),
+                                                    None if per_tensor is None else [float(x) for x in per_tensor])
     if run:
         fp8.launch_fp8(algorithm, list(params), list(grads), _per_state(codes, len(params)),
                        _per_state(absmax, len(params)), dict(zip(contract(algorithm).hyper, hyper)), coef,

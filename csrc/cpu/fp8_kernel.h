@@ -256,9 +256,11 @@ inline float fp8_seal_block(float block_max, float* absmax, uint8_t* codes, int6
 // Steps every block of a bucket: tensor t's elements are param[t], grad[t] and
 // the S states, each codes[k][t] (uint8, the param's layout) with
 // absmax[k][t] (float32, one per block); state k is stored as sqrt when bit k
-// of root_mask is set.  update_of(t) gives tensor t's update: a callable that
-// steps std::array<V, 2 + S> values (param, grad, states) and leaves each state
-// in its stored form (sqrt(v) for a root state).  With master weights (Low: bucket_loop.h), the
+// of root_mask is set.  update_of(t, begin, len) gives the update of tensor t's
+// block of len elements from element begin: a callable (x, i) that steps
+// std::array<V, 2 + S> values x (param, grad, states) of the block's elements
+// from i on (one lane each) and leaves each state in its stored form (sqrt(v)
+// for a root state).  With master weights (Low: bucket_loop.h), the
 // params are float32 masters, the grads Low, and the Low params are written too.
 template <typename scalar_t, int S, unsigned root_mask, typename Low, typename UpdateOf>
 void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of) {
@@ -287,7 +289,7 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of) {
       scalar_t* p = stream<scalar_t>(L.param, t) + begin;
       const scalar_t* g = stream<scalar_t>(L.grad, t) + begin;  // (Low values with master weights)
       Low* low = kMaster ? low_stream<Low>(L.bucket, t) + begin : nullptr;
-      const auto update = update_of(t);
+      const auto update = update_of(t, begin, len);
       float(&state)[S][kFp8Block] = buffers[block & 1];
       const uint8_t* codes[S];
       float factor[S];
@@ -327,7 +329,7 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of) {
           for_each_state<S>([&](auto k) {
             x[2 + k] = fp8_decode_tile(codes[k] + offset, factor[k], (root_mask >> k) & 1u);
           });
-          update(x);
+          update(x, offset);
           for_each_state<S>([&](auto k) {
             x[2 + k].store(state[k] + offset);
             top[k] = fp8_abs_max(top[k], x[2 + k]);
@@ -377,7 +379,7 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of) {
           x[2 + k] = (root_mask >> k) & 1u ? value * value : value;
         }
         const float before = x[0];
-        update(x);
+        update(x, i);
         for (int k = 0; k < S; ++k) {
           state[k][i] = x[2 + k];
           tail_top[k] = af_max(tail_top[k], std::fabs(x[2 + k]));
@@ -421,57 +423,6 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of) {
     L.telemetry[2 * t] = sums.weight_sq;
     L.telemetry[2 * t + 1] = sums.update_sq;
   }
-}
-
-template <typename scalar_t, typename Low>
-void fp8_typed(const Fp8Launch& L) {
-  if (L.algorithm == Fp8Algorithm::kLion) {
-    const auto* coefs = static_cast<const LionCoef<double>*>(L.coef);
-    std::vector<TileCoef<LionCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
-    fp8_blocks<scalar_t, 1, 0b0u, Low>(L, [&](int64_t t) {
-      return [&c = coef[t]](auto& x) {
-        using V = typename std::decay_t<decltype(x)>::value_type;
-        lion_update(x[0], x[1], x[2], c.template get<V>());
-      };
-    });
-    return;
-  }
-  if (L.algorithm == Fp8Algorithm::kRAdam) {
-    const auto* coefs = static_cast<const RAdamCoef<double>*>(L.coef);
-    std::vector<TileCoef<RAdamCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
-    auto run = [&](auto l2) {
-      fp8_blocks<scalar_t, 2, 0b10u, Low>(L, [&](int64_t t) {
-        return [&c = coef[t]](auto& x) {
-          using V = typename std::decay_t<decltype(x)>::value_type;
-          x[3] = radam_update<decltype(l2)::value>(x[0], x[1], x[2], x[3], c.template get<V>());  // sqrt(v) stored
-        };
-      });
-    };
-    if (L.l2) run(std::true_type{}); else run(std::false_type{});
-    return;
-  }
-  const auto* coefs = static_cast<const AdamCoef<double>*>(L.coef);
-  std::vector<TileCoef<AdamCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
-  auto run = [&](auto l2) {
-    fp8_blocks<scalar_t, 2, 0b10u, Low>(L, [&](int64_t t) {
-      return [&c = coef[t]](auto& x) {
-        using V = typename std::decay_t<decltype(x)>::value_type;
-        x[3] = adam_update<false, decltype(l2)::value>(x[0], x[1], x[2], x[3], x[3], c.template get<V>());  // sqrt(v) stored
-      };
-    });
-  };
-  if (L.l2) run(std::true_type{}); else run(std::false_type{});
-}
-
-inline void fp8_kernel(const Fp8Launch& L) {
-  dispatch_streams(L.bucket, "amos_fused_fp8", [&](auto storage, auto low) {
-    using scalar_t = decltype(storage);
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK(false, "amos_fused: FP8 states are not kept for float64 params");
-    } else {
-      fp8_typed<scalar_t, decltype(low)>(L);
-    }
-  });
 }
 
 }  // namespace CPU_CAPABILITY

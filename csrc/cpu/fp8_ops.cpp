@@ -14,9 +14,9 @@ void run_fp8_step(at::TensorList params, at::TensorList grads, at::TensorList co
                   at::TensorList steps, at::ArrayRef<double> hyper,
                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                   const std::optional<at::Tensor>& telemetry, at::OptionalIntArrayRef round_keys,
-                  at::TensorList low_params) {
+                  at::TensorList low_params, at::TensorList states, at::ArrayRef<double> per_tensor) {
   auto ready = begin_fp8_step<A>(params, grads, codes, absmax, steps, hyper, grad_scale, found_inf, telemetry,
-                                 round_keys, low_params);
+                                 round_keys, low_params, states, per_tensor);
   if (!ready) {  // skipped by found_inf: nothing moved
     if (telemetry) telemetry->select(1, 1).zero_();
     return;
@@ -36,6 +36,7 @@ void run_fp8_step(at::TensorList params, at::TensorList grads, at::TensorList co
   for (size_t i = 0; i < low_params.size(); ++i) low[i] = low_params[i].data_ptr();
   const Fp8Algorithm kind = std::is_same_v<A, AdamAlgorithm>    ? Fp8Algorithm::kAdam
                             : std::is_same_v<A, RAdamAlgorithm> ? Fp8Algorithm::kRAdam
+                            : std::is_same_v<A, AmosAlgorithm>  ? Fp8Algorithm::kAmos
                                                                 : Fp8Algorithm::kLion;
   Fp8Launch launch{{params[0].scalar_type(), static_cast<int64_t>(n), offsets.data()},
                    param.data(), const_cast<const void* const*>(grad.data()), {}, {}, kind,
@@ -52,7 +53,16 @@ void run_fp8_step(at::TensorList params, at::TensorList grads, at::TensorList co
     launch.codes[k] = code_ptr[k].data();
     launch.absmax[k] = absmax_ptr[k].data();
   }
-  if constexpr (!std::is_same_v<A, LionAlgorithm>) {
+  std::vector<void*> slot_v(n), slot_b(n);
+  Fp8AmosSlots amos{};
+  if constexpr (std::is_same_v<A, AmosAlgorithm>) {
+    for (size_t i = 0; i < n; ++i) {
+      slot_v[i] = call.states[0][i].data_ptr();
+      slot_b[i] = call.states[1][i].data_ptr();
+    }
+    amos = {slot_v.data(), slot_b.data(), call.layouts.data(), call.hyper.clip != 0};
+    launch.amos = &amos;
+  } else if constexpr (!std::is_same_v<A, LionAlgorithm>) {
     launch.l2 = call.hyper.decoupled == 0 && call.hyper.weight_decay != 0.0;
   }
   active_kernels().fp8(launch);
@@ -62,12 +72,15 @@ void step_fp8(c10::string_view algorithm, at::TensorList params, at::TensorList 
               at::TensorList absmax, at::TensorList steps, at::ArrayRef<double> hyper,
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
               const std::optional<at::Tensor>& telemetry, at::OptionalIntArrayRef round_keys,
-              const std::optional<at::TensorList>& low_params) {
+              const std::optional<at::TensorList>& low_params, const std::optional<at::TensorList>& states,
+              const std::optional<at::ArrayRef<double>>& per_tensor) {
   TORCH_CHECK_VALUE(!low_params || low_params->size() == params.size(), "amos_fused.step_fp8: ", params.size(),
                     " params but ", low_params ? low_params->size() : 0, " low_params");
   with_algorithm_in(Fp8Algorithms{}, algorithm, [&](auto traits) {
     run_fp8_step<decltype(traits)>(params, grads, codes, absmax, steps, hyper, grad_scale, found_inf,
-                                   telemetry, round_keys, low_params ? *low_params : at::TensorList{});
+                                   telemetry, round_keys, low_params ? *low_params : at::TensorList{},
+                                   states ? *states : at::TensorList{},
+                                   per_tensor ? *per_tensor : at::ArrayRef<double>{});
   });
 }
 

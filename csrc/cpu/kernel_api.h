@@ -107,8 +107,18 @@ struct NormScaledLaunch {
 };
 
 // The optimizers with block-scaled FP8 states (csrc/fp8_states.h): Adam(W) and
-// RAdam (exp_avg, then exp_avg_sq stored as sqrt) and Lion (exp_avg).
-enum class Fp8Algorithm { kAdam, kRAdam, kLion };
+// RAdam (exp_avg, then exp_avg_sq stored as sqrt), Lion (exp_avg) and Amos with
+// momentum (mu; its slots v, b in full precision: Fp8AmosSlots).
+enum class Fp8Algorithm { kAdam, kRAdam, kLion, kAmos };
+
+// Amos's full-precision part of an FP8 step: per tensor, its slots (of the
+// params' dtype) and slot layout.
+struct Fp8AmosSlots {
+  void* const* v;
+  void* const* b;
+  const AmosLayout* layout;
+  bool clip;
+};
 
 struct Fp8Launch {
   BucketView bucket;
@@ -117,10 +127,11 @@ struct Fp8Launch {
   uint8_t* const* codes[2];  // per state: per tensor, the param's layout
   float* const* absmax[2];   // per state: per tensor, one per block of kFp8Block
   Fp8Algorithm algorithm;
-  const void* coef;          // per tensor: AdamCoef<double>, RAdamCoef<double> or LionCoef<double>
+  const void* coef;          // per tensor: AdamCoef<double>, RAdamCoef<double>, LionCoef<double> or AmosCoef<double>
   bool l2;                   // Adam, RAdam: L2 (coupled) decay
   double* telemetry;         // [n][Σθ², Σ(Δθ)²] or null
   const StochasticRound* round;  // per tensor, or null
+  const Fp8AmosSlots* amos = nullptr;  // Amos only
 };
 
 struct KernelTable {

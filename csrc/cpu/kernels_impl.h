@@ -9,7 +9,7 @@
 
 #include "amos_kernel.h"
 #include "bucket_loop.h"
-#include "fp8_kernel.h"
+#include "fp8_step.h"
 #include "norm_scaled_kernel.h"
 #include "kernel_api.h"
 

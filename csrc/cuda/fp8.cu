@@ -173,10 +173,15 @@ void step_fp8(c10::string_view algorithm, at::TensorList params, at::TensorList 
               at::TensorList absmax, at::TensorList steps, at::ArrayRef<double> hyper,
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
               const std::optional<at::Tensor>& telemetry, at::OptionalIntArrayRef round_keys,
-              const std::optional<at::TensorList>& low_params) {
+              const std::optional<at::TensorList>& low_params, const std::optional<at::TensorList>& states,
+              const std::optional<at::ArrayRef<double>>& per_tensor) {
   TORCH_CHECK_VALUE(!low_params, "amos_fused: step_fp8 on CUDA does not take low_params (master weights are "
                                  "copied into their params after the step)");
-  with_algorithm_in(Fp8Algorithms{}, algorithm, [&](auto traits) {
+  TORCH_CHECK_VALUE(algorithm != "amos", "amos_fused: step_fp8 on CUDA has no Amos kernel (Amos's FP8 momentum "
+                                         "is stepped by the 'cpu' and 'triton' backends)");
+  TORCH_CHECK_VALUE((!states || states->empty()) && (!per_tensor || per_tensor->empty()),
+                    "amos_fused: step_fp8 on CUDA takes no full-precision states or per-tensor values");
+  with_algorithm_in(CudaFp8Algorithms{}, algorithm, [&](auto traits) {
     run_fp8_step<decltype(traits)>(params, grads, codes, absmax, steps, hyper, grad_scale, found_inf, telemetry,
                                    round_keys);
   });
