@@ -59,7 +59,7 @@ test-triton-3.6: install
 	$(T36) -m pip install --no-deps triton==3.6.0 pytorch-optimizer==4.1.0
 	$(T36) -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_triton_telemetry.py \
 	  tests/test_triton_stochastic_round.py tests/test_triton_fp8.py tests/test_triton_master_weights.py \
-	  tests/test_triton_capturable.py
+	  tests/test_triton_capturable.py tests/test_triton_amos8bit.py
 
 # Every Triton kernel variant the launches produce, compiled ahead of time for sm_90
 # (Triton's compiler and ptxas, no GPU needed): fails on a compile error or a register

@@ -236,6 +236,8 @@ class Recorder:
         ``ops.step_capturable`` (found_inf read by the kernels) when ``capturable``;
         unless ``strict``, None when the step op refuses these hyper-parameters."""
         torch, contract = self.torch, self.contracts.contract(algorithm)
+        if fp8 and algorithm in SLOT_STATES:  # Amos's FP8 step is that of its momentum (without, `step` runs)
+            hyper = dict(hyper, use_momentum=1.0)
         dt = getattr(torch, dtype)
         params = [self._tensor(shape, dt, aligned) for shape, _ in tensors]
         grads = [self._tensor(shape, dt, aligned) for shape, _ in tensors]
@@ -254,11 +256,14 @@ class Recorder:
         self.calls.clear()
         with self.active():
             try:
-                if fp8:
+                if fp8:  # Amos: its slots (v, b) in full precision, then the codes of mu
+                    slots = 2 * len(tensors) if algorithm in SLOT_STATES else 0
+                    codes = states[slots:]
                     absmax = [self._tensor((self.fp8_states.num_blocks(c.numel()),), torch.float32, aligned)
-                              for c in states]
-                    self.ops.step_fp8(algorithm, params, grads, states, absmax, steps, values,
-                                      telemetry=table, round_keys=keys)
+                              for c in codes]
+                    self.ops.step_fp8(algorithm, params, grads, codes, absmax, steps, values,
+                                      telemetry=table, round_keys=keys, states=states[:slots] or None,
+                                      per_tensor=per_tensor or None)
                 elif capturable:
                     self.ops.step_capturable(algorithm, params, grads, states, steps,
                                              dict(zip(contract.hyper, values)), per_tensor,

@@ -40,7 +40,7 @@ from torch import Tensor
 from ..contracts import algorithms as contract_algorithms
 from ..contracts import contract
 from .. import capturable, device_coefficients
-from . import adam, amos, fp8, norm_scaled
+from . import adam, amos, amos_fp8, fp8, norm_scaled
 from .common import check_bucket, round_table
 
 # Each algorithm's launch is ``launch_<algorithm>(params, grads, states by key, hyper by
@@ -139,8 +139,9 @@ def step_capturable(algorithm: str, params: List[Tensor], grads: List[Tensor], s
 
 
 def fp8_algorithms() -> List[str]:
-    """The algorithms of the compiled step_fp8 op that the Triton kernels launch."""
-    return [name for name in torch.ops.amos_fused.fp8_algorithms() if name in fp8.ALGORITHMS]
+    """The algorithms of the compiled step_fp8 op that the Triton kernels launch
+    (fp8.py's, and Amos: amos_fp8.py)."""
+    return [name for name in torch.ops.amos_fused.fp8_algorithms() if name in fp8.ALGORITHMS or name == "amos"]
 
 
 def _per_state(tensors: Sequence[Tensor], n: int) -> List[List[Tensor]]:
@@ -163,14 +164,22 @@ def step_fp8(algorithm: str, params: List[Tensor], grads: List[Tensor], codes: L
                          "pass) are not supported by the triton backend")
     if algorithm not in fp8_algorithms():
         raise ValueError(f"amos_fused: no FP8-state step for {algorithm!r} (known: {', '.join(fp8_algorithms())})")
-    check_bucket(f"amos_fused.triton.{algorithm}_step_fp8", params, grads, {}, steps)
+    op = f"amos_fused.triton.{algorithm}_step_fp8"
+    check_bucket(op, params, grads, {}, steps)
     keys = None if round_keys is None else [int(k) for k in round_keys]
     hyper = [float(h) for h in hyper]
     run, coef = torch.ops.amos_fused.begin_step_fp8(algorithm, list(params), list(grads), list(codes),
                                                     list(absmax), list(steps), hyper, grad_scale, found_inf,
                                                     telemetry, keys, None if states is None else list(states),
                                                     None if per_tensor is None else [float(x) for x in per_tensor])
-    if run:
+    if run and algorithm == "amos":
+        n = len(params)
+        meta = amos_fp8.amos_fp8_meta(op, params, states[:n], states[n:], codes, absmax)
+        amos_fp8.launch_amos_fp8(list(params), list(grads), states[:n], states[n:], list(codes), list(absmax),
+                                 dict(zip(contract(algorithm).hyper, hyper)), coef, meta, telemetry=telemetry,
+                                 rounding=round_table(keys, steps, params[0].device))
+        torch._foreach_add_(list(steps), 1.0)  # after the launch: a failed one leaves them
+    elif run:
         fp8.launch_fp8(algorithm, list(params), list(grads), _per_state(codes, len(params)),
                        _per_state(absmax, len(params)), dict(zip(contract(algorithm).hyper, hyper)), coef,
                        telemetry=telemetry, rounding=round_table(keys, steps, params[0].device))
