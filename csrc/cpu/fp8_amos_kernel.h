@@ -44,10 +44,11 @@ class AmosSlotCursor {
   int64_t slot_ = 0;
 };
 
-// Phase 1 of tensor t (reduced slots): v, b of every slot updated with the mean
-// of its clip(g)², and its (w, a) written to w[s], a[s].
+// Phase 1 of tensor t (reduced slots), slots [first, last): v, b of each updated
+// with the mean of its clip(g)², and its (w, a) written to w[s], a[s].
 template <typename scalar_t, bool CLIP, typename Low>
-void amos_fp8_slots(const Fp8Launch& L, int64_t t, const TileCoef<AmosCoef, scalar_t>& coef, float* w, float* a) {
+void amos_fp8_slots(const Fp8Launch& L, int64_t t, int64_t first, int64_t last,
+                    const TileCoef<AmosCoef, scalar_t>& coef, float* w, float* a) {
   using Op = at::opmath_type<scalar_t>;
   static_assert(std::is_same_v<Op, float>, "FP8 states are stepped in float32");
   const AmosLayout& layout = L.amos->layout[t];
@@ -57,26 +58,51 @@ void amos_fp8_slots(const Fp8Launch& L, int64_t t, const TileCoef<AmosCoef, scal
   const int64_t numel = L.bucket.offsets[t + 1] - L.bucket.offsets[t];
   if (layout.kind == kSlotsRows) {
     const int64_t row = layout.row_len;
-    at::parallel_for(0, layout.num_slots, std::max<int64_t>(1, 32768 / row), [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) {
-        double sum;
-        if constexpr (std::is_same_v<Low, NoLow>) {
-          sum = amos_sum_squares<scalar_t, CLIP>(g + r * row, row, coef);
-        } else {
-          sum = amos_sum_squares<Low, CLIP, true>(reinterpret_cast<const Low*>(g) + r * row, row, coef);
-        }
-        amos_store_slot<scalar_t, true>(v + r, b + r, sum, row, coef.scalar, w[r], a[r]);
+    for (int64_t r = first; r < last; ++r) {
+      double sum;
+      if constexpr (std::is_same_v<Low, NoLow>) {
+        sum = amos_sum_squares<scalar_t, CLIP>(g + r * row, row, coef);
+      } else {
+        sum = amos_sum_squares<Low, CLIP, true>(reinterpret_cast<const Low*>(g) + r * row, row, coef);
       }
-    });
+      amos_store_slot<scalar_t, true>(v + r, b + r, sum, row, coef.scalar, w[r], a[r]);
+    }
     return;
   }
-  std::vector<double> sums(layout.num_slots, 0.0);  // Σ clip(g)² per slot, in memory order
+  // a general layout: all its slots at once (first = 0, last = num_slots), in memory order
+  std::vector<double> sums(layout.num_slots, 0.0);
   amos_walk_general(layout, [&](int64_t e, int64_t s) {
     const Op x = amos_clip<CLIP>(amos_grad_at<scalar_t, Low>(g, e), coef.scalar);
     sums[s] += static_cast<double>(x * x);
   });
-  for (int64_t s = 0; s < layout.num_slots; ++s)
+  for (int64_t s = first; s < last; ++s)
     amos_store_slot<scalar_t, true>(v + s, b + s, sums[s], numel / layout.num_slots, coef.scalar, w[s], a[s]);
+}
+
+// Phase 1 of a bucket: the reduced slots of every tensor, split over the threads
+// in pieces of rows (about 32768 elements each) and whole general tensors.  Each
+// slot's sum is taken by one thread in a fixed order: the same at any thread count.
+template <typename scalar_t, bool CLIP, typename Low>
+void amos_fp8_all_slots(const Fp8Launch& L, const std::vector<TileCoef<AmosCoef, scalar_t>>& coef,
+                        const std::vector<int64_t>& first_slot, float* w, float* a) {
+  struct Piece {
+    int64_t t, first, last;
+  };
+  std::vector<Piece> pieces;
+  for (int64_t t = 0; t < L.bucket.num_tensors; ++t) {
+    const AmosLayout& layout = L.amos->layout[t];
+    if (layout.kind == kSlotsElementwise || layout.num_slots == 0) continue;
+    const int64_t step = layout.kind == kSlotsRows ? std::max<int64_t>(1, 32768 / layout.row_len) : layout.num_slots;
+    for (int64_t s = 0; s < layout.num_slots; s += step)
+      pieces.push_back({t, s, std::min(layout.num_slots, s + step)});
+  }
+  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const Piece& piece = pieces[i];
+      amos_fp8_slots<scalar_t, CLIP, Low>(L, piece.t, piece.first, piece.last, coef[piece.t],
+                                          w + first_slot[piece.t], a + first_slot[piece.t]);
+    }
+  });
 }
 
 // The update of one block of an Amos tensor: x = (θ, g, mu) from element `begin`
@@ -136,9 +162,7 @@ void amos_fp8_typed(const Fp8Launch& L) {
     first_slot[t + 1] = first_slot[t] + (reduced ? L.amos->layout[t].num_slots : 0);
   }
   std::vector<float> w(first_slot[n]), a(first_slot[n]);
-  for (int64_t t = 0; t < n; ++t)  // phase 1: the reduced slots
-    if (first_slot[t + 1] > first_slot[t])
-      amos_fp8_slots<scalar_t, CLIP, Low>(L, t, coef[t], w.data() + first_slot[t], a.data() + first_slot[t]);
+  amos_fp8_all_slots<scalar_t, CLIP, Low>(L, coef, first_slot, w.data(), a.data());  // phase 1
   fp8_blocks<scalar_t, 1, 0b0u, Low>(L, [&](int64_t t, int64_t begin, int64_t len) {
     AmosFp8BlockUpdate<scalar_t, CLIP> update;
     update.coef = &coef[t];
