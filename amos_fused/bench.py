@@ -31,8 +31,8 @@ writes 12):
   The 8-bit algorithms (`FP8_ALGORITHMS`) move streams of three sizes: p and g in
   float32, the moments as uint8 codes (1 B/param each) and one float32 absmax per
   block of 256 (4/256 B/param each), read and written — AdamW8bit 16.0625 B/param,
-  Lion8bit 14.03125 — and params under 4096 elements keep float32 states (their
-  full-precision algorithm's bytes).  stream_floor takes streams of one float dtype
+  Lion8bit and Amos8bit (its momentum) 14.03125 — and params under 4096 elements
+  keep float32 states (their full-precision algorithm's bytes).  stream_floor takes streams of one float dtype
   only, so their floor (`WordFloor`) sees every buffer of the step as float32 words
   (a code tensor of n bytes as n/4 words) and cuts the written and the read words
   into the streams of two stream_floor calls: the exact bytes of the step on the
@@ -112,11 +112,14 @@ OUR_ALGORITHMS = {
     # codes (1 B in, 1 B out) and one float32 absmax per block of 256 (4/256 B in and out)
     "adamw8bit": 12 + 2 * (2 + 8 / 256),   # 16.0625
     "lion8bit": 12 + (2 + 8 / 256),        # 14.03125
+    # Amos with momentum, mu as FP8 codes: Lion8bit's traffic (the slots v, b are left
+    # out, as for amos); the kernels read g once more where slots reduce (README)
+    "amos8bit": 12 + (2 + 8 / 256),        # 14.03125
 }
 BF16_ALGORITHMS = ("adamw-bf16-sr",)
 # The 8-bit algorithms, and the full-precision algorithm whose states (and bytes) the
 # params with fewer than fp8_states.MIN_NUMEL elements keep.
-FP8_ALGORITHMS = {"adamw8bit": "adamw", "lion8bit": "lion"}
+FP8_ALGORITHMS = {"adamw8bit": "adamw", "lion8bit": "lion", "amos8bit": "amos-momentum"}
 FP8_BACKENDS = ("cpu",)  # the backends with fused kernels for FP8 states
 ABSMAX_SUFFIX = "_absmax"
 # Where those bytes come from: each algorithm's passes over memory, each pass
@@ -136,6 +139,7 @@ PASSES: Dict[str, List[Pass]] = {
     # m, v: the codes; m_absmax, v_absmax: their blocks' absmax
     "adamw8bit": [(("p", "m", "m" + ABSMAX_SUFFIX, "v", "v" + ABSMAX_SUFFIX), ("g",))],
     "lion8bit": [(("p", "m", "m" + ABSMAX_SUFFIX), ("g",))],
+    "amos8bit": [(("p", "mu", "mu" + ABSMAX_SUFFIX), ("g",))],
 }
 PASSES.update({a + TELEMETRY_SUFFIX: PASSES[a] for a in ("adamw", "amos")})
 PASSES["adamw-bf16-sr"] = PASSES["adamw"]
@@ -289,6 +293,9 @@ def make_ours(model, backend="cpu", algorithm="adamw"):
     if algorithm == "amos-momentum":
         groups = amos_fused.amos_param_groups(model, lr=AMOS_LR, momentum=0.9)
         return amos_fused.Amos(groups, lr=AMOS_LR, backend=backend)
+    if algorithm == "amos8bit":
+        groups = amos_fused.amos_param_groups(model, lr=AMOS_LR, momentum=0.9)
+        return amos_fused.Amos8bit(groups, lr=AMOS_LR, backend=backend)
     if algorithm == "radam":
         return amos_fused.RAdam(model.parameters(), lr=1e-3, backend=backend)
     if algorithm == "lion":

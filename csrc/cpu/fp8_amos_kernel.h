@@ -9,6 +9,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "amos_kernel.h"
@@ -107,13 +108,17 @@ void amos_fp8_all_slots(const Fp8Launch& L, const std::vector<TileCoef<AmosCoef,
 
 // The update of one block of an Amos tensor: x = (θ, g, mu) from element `begin`
 // of the tensor.  Elementwise slots: v, b of the block's elements are read and
-// written here; reduced slots: each element's (w, a), gathered for the block.
+// written here; reduced slots: each element's (w, a), one pair for a block inside
+// one slot (`uniform`: most blocks of rows of 256 elements or more), else gathered
+// for the block.
 template <typename scalar_t, bool CLIP>
 struct AmosFp8BlockUpdate {
   using Vec = Vectorized<float>;
   const TileCoef<AmosCoef, scalar_t>* coef;
   scalar_t* v = nullptr;  // elementwise slots: the block's v and b; else null
   scalar_t* b = nullptr;
+  bool uniform = false;   // every element's (w, a) is (w0, a0)
+  float w0 = 0.0f, a0 = 0.0f;
   alignas(64) float w[kFp8Block];
   alignas(64) float a[kFp8Block];
 
@@ -136,6 +141,8 @@ struct AmosFp8BlockUpdate {
         store(v + i, vv);
         store(b + i, bb);
         amos_element<true>(x[0], gg, x[2], ww, aa, c);
+      } else if (uniform) {
+        amos_element<true>(x[0], gg, x[2], Vec(w0), Vec(a0), c);
       } else {
         amos_element<true>(x[0], gg, x[2], Vec::loadu(w + i), Vec::loadu(a + i), c);
       }
@@ -145,6 +152,8 @@ struct AmosFp8BlockUpdate {
       v[i] = static_cast<scalar_t>(vv);
       b[i] = static_cast<scalar_t>(bb);
       amos_element<true>(x[0], gg, x[2], ww, aa, c);
+    } else if (uniform) {
+      amos_element<true>(x[0], gg, x[2], w0, a0, c);
     } else {
       amos_element<true>(x[0], gg, x[2], w[i], a[i], c);
     }
@@ -176,13 +185,17 @@ void amos_fp8_typed(const Fp8Launch& L) {
     const float* slot_a = a.data() + first_slot[t];
     if (layout.kind == kSlotsRows) {  // runs of one row each
       int64_t r = begin / layout.row_len, left = layout.row_len - (begin - r * layout.row_len);
-      for (int64_t k = 0; k < len; ++k) {
-        update.w[k] = slot_w[r];
-        update.a[k] = slot_a[r];
-        if (--left == 0) {
-          ++r;
-          left = layout.row_len;
-        }
+      if (len <= left) {
+        update.uniform = true;
+        update.w0 = slot_w[r];
+        update.a0 = slot_a[r];
+        return update;
+      }
+      for (int64_t k = 0; k < len; ++r, left = layout.row_len) {
+        const int64_t run = std::min(left, len - k);
+        std::fill_n(update.w + k, run, slot_w[r]);
+        std::fill_n(update.a + k, run, slot_a[r]);
+        k += run;
       }
     } else {
       AmosSlotCursor cursor(layout, begin);
