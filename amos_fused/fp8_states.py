@@ -1,5 +1,5 @@
 """Block-scaled FP8 optimizer states, the format of the 8-bit optimizers
-(``AdamW8bit``, ``Adam8bit``, ``Lion8bit``): the Python copy of
+(``AdamW8bit``, ``Adam8bit``, ``RAdam8bit``, ``Lion8bit``, ``Amos8bit``): the Python copy of
 csrc/fp8_states.h, written with torch's own ``float8_e4m3fn`` conversion so that
 it checks the kernels' bit-level encoder independently.
 

@@ -1,19 +1,21 @@
 """The 8-bit optimizers: ``AdamW8bit``, ``Adam8bit`` and ``Lion8bit`` (the
-ecosystem's names, from bitsandbytes) and ``RAdam8bit``, the same constructors,
-hyper-parameters and update as ``AdamW``, ``Adam``, ``Lion`` and ``RAdam``, with
-the moments kept as block-scaled FP8 (amos_fused/fp8_states.py): one uint8 code
-per element plus one float32 absmax per block of 256, about 26% of the
-full-precision state of a float32 model.
+ecosystem's names, from bitsandbytes), ``RAdam8bit`` and ``Amos8bit``, the same
+constructors, hyper-parameters and update as ``AdamW``, ``Adam``, ``Lion``,
+``RAdam`` and ``Amos``, with the moments (Amos: its momentum) kept as
+block-scaled FP8 (amos_fused/fp8_states.py): one uint8 code per element plus one
+float32 absmax per block of 256, about 26% of the full-precision state of a
+float32 model.
 
 Each step decodes a block, runs the full-precision update in float32 (the same
 per-element function) and encodes the block back, in one pass (fused kernels on
-the 'cpu', 'cuda' and 'triton' backends; the eager reference on any device).
+the 'cpu', 'cuda' and 'triton' backends, Amos8bit's on 'cpu' and 'triton'; the
+eager reference on any device).
 Params with fewer than 4096 elements, float64 and complex params keep
 full-precision states; so do sharded (DTensor) params whose blocks could
 straddle a shard (fp8_states.blocks_fit_shards: FSDP2's dim-0 shards of params
 whose rows are whole blocks keep FP8 states).  State keys: ``exp_avg`` (codes of m),
 ``exp_avg_absmax``, and for Adam and RAdam ``exp_avg_sq`` (codes of sqrt(v)),
-``exp_avg_sq_absmax``.  Loading a full-precision checkpoint (torch.optim.AdamW's
+``exp_avg_sq_absmax``; for Amos ``mu`` and ``mu_absmax``.  Loading a full-precision checkpoint (torch.optim.AdamW's
 or AdamW's) quantizes it; loading an 8-bit checkpoint into a full-precision
 optimizer decodes it."""
 from __future__ import annotations

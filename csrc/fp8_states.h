@@ -1,4 +1,4 @@
-// Block-scaled FP8 optimizer states (the 8-bit optimizers' exp_avg / exp_avg_sq):
+// Block-scaled FP8 optimizer states (the 8-bit optimizers' exp_avg / exp_avg_sq, Amos8bit's mu):
 // the ONE C++ copy of the format, used by the CPU kernels (and any device
 // kernel).  Python's copy: amos_fused/fp8_states.py.
 //
