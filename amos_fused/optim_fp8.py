@@ -108,7 +108,8 @@ class Amos8bit(_Fp8States, Amos):
     size of the reduced second moment (one value per row of a matrix with
     ``reduce_axes=1``) and stay in the param's dtype.  Without momentum
     (``momentum=None``, Amos's default) there is nothing to code and it steps
-    exactly as ``Amos``.  The fused 'cpu' and 'triton' backends step it; 'cuda'
-    has no kernel for it (backend=None picks Triton there, or the reference)."""
+    exactly as ``Amos``.  The fused 'cpu' and 'triton' backends step it (the CPU
+    kernel in one pass over memory for rows slots); 'cuda' has no kernel for it
+    (backend=None picks Triton there, or the reference)."""
 
     fp8_state_keys = ("mu",)

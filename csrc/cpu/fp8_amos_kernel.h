@@ -1,15 +1,21 @@
 // Amos with its momentum mu in block-scaled FP8 (csrc/fp8_states.h) on the CPU:
 // the block walk of fp8_kernel.h with Amos's update (csrc/step_math.h, the same
-// functions as amos_kernel.h).  Elementwise slots are stepped inside the walk
-// (v, b read and written per element); reduced slots first get every slot's v, b
-// and (w, a) (phase 1: Σg² per slot, as amos_kernel.h sums it), and the walk
-// then steps each element with its slot's (w, a): Δ = w·θ − a·g,
-// mu ← m·mu + (1−m)·Δ, θ ← θ + mu.
+// functions as amos_kernel.h).  Each element is stepped with its slot's (w, a):
+// Δ = w·θ − a·g, mu ← m·mu + (1−m)·Δ, θ ← θ + mu.
+//  - elementwise slots: the slot math per element inside the walk (v, b read and
+//    written there);
+//  - rows (trailing reduced axes): the walk's tasks start at row starts, and a
+//    row's Σg² (as amos_kernel.h sums it), v, b and (w, a) are taken when the walk
+//    reaches the block its first element is in, so its grads are still in cache
+//    when its blocks are stepped: one pass over memory;
+//  - general layouts: every slot first (phase 1: Σg² per slot in memory order),
+//    then the walk.
 #pragma once
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "amos_kernel.h"
@@ -80,9 +86,8 @@ void amos_fp8_slots(const Fp8Launch& L, int64_t t, int64_t first, int64_t last,
     amos_store_slot<scalar_t, true>(v + s, b + s, sums[s], numel / layout.num_slots, coef.scalar, w[s], a[s]);
 }
 
-// Phase 1 of a bucket: the reduced slots of every tensor, split over the threads
-// in pieces of rows (about 32768 elements each) and whole general tensors.  Each
-// slot's sum is taken by one thread in a fixed order: the same at any thread count.
+// Phase 1 of a bucket: the slots of its general-layout tensors, one tensor per
+// task; each slot's sum is taken in memory order: the same at any thread count.
 template <typename scalar_t, bool CLIP, typename Low>
 void amos_fp8_all_slots(const Fp8Launch& L, const std::vector<TileCoef<AmosCoef, scalar_t>>& coef,
                         const std::vector<int64_t>& first_slot, float* w, float* a) {
@@ -92,10 +97,7 @@ void amos_fp8_all_slots(const Fp8Launch& L, const std::vector<TileCoef<AmosCoef,
   std::vector<Piece> pieces;
   for (int64_t t = 0; t < L.bucket.num_tensors; ++t) {
     const AmosLayout& layout = L.amos->layout[t];
-    if (layout.kind == kSlotsElementwise || layout.num_slots == 0) continue;
-    const int64_t step = layout.kind == kSlotsRows ? std::max<int64_t>(1, 32768 / layout.row_len) : layout.num_slots;
-    for (int64_t s = 0; s < layout.num_slots; s += step)
-      pieces.push_back({t, s, std::min(layout.num_slots, s + step)});
+    if (layout.kind == kSlotsGeneral && layout.num_slots > 0) pieces.push_back({t, 0, layout.num_slots});
   }
   at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
@@ -172,6 +174,11 @@ void amos_fp8_typed(const Fp8Launch& L) {
   }
   std::vector<float> w(first_slot[n]), a(first_slot[n]);
   amos_fp8_all_slots<scalar_t, CLIP, Low>(L, coef, first_slot, w.data(), a.data());  // phase 1
+  // a task starts at a block where a row starts too: lcm(row, 256) / 256 blocks apart
+  auto blocks_per_cut = [&](int64_t t) {
+    const AmosLayout& layout = L.amos->layout[t];
+    return layout.kind == kSlotsRows ? layout.row_len / std::gcd(layout.row_len, kFp8Block) : int64_t(1);
+  };
   fp8_blocks<scalar_t, 1, 0b0u, Low>(L, [&](int64_t t, int64_t begin, int64_t len) {
     AmosFp8BlockUpdate<scalar_t, CLIP> update;
     update.coef = &coef[t];
@@ -181,17 +188,22 @@ void amos_fp8_typed(const Fp8Launch& L) {
       update.b = stream<scalar_t>(L.amos->b, t) + begin;
       return update;
     }
-    const float* slot_w = w.data() + first_slot[t];
-    const float* slot_a = a.data() + first_slot[t];
+    float* slot_w = w.data() + first_slot[t];
+    float* slot_a = a.data() + first_slot[t];
     if (layout.kind == kSlotsRows) {  // runs of one row each
-      int64_t r = begin / layout.row_len, left = layout.row_len - (begin - r * layout.row_len);
+      const int64_t row = layout.row_len;
+      // the slots of the rows that start in this block (those that started before
+      // were taken by this task: it started at a row start)
+      const int64_t first_row = (begin + row - 1) / row, end_row = (begin + len + row - 1) / row;
+      if (end_row > first_row) amos_fp8_slots<scalar_t, CLIP, Low>(L, t, first_row, end_row, coef[t], slot_w, slot_a);
+      int64_t r = begin / row, left = row - (begin - r * row);
       if (len <= left) {
         update.uniform = true;
         update.w0 = slot_w[r];
         update.a0 = slot_a[r];
         return update;
       }
-      for (int64_t k = 0; k < len; ++r, left = layout.row_len) {
+      for (int64_t k = 0; k < len; ++r, left = row) {
         const int64_t run = std::min(left, len - k);
         std::fill_n(update.w + k, run, slot_w[r]);
         std::fill_n(update.a + k, run, slot_a[r]);
@@ -205,7 +217,7 @@ void amos_fp8_typed(const Fp8Launch& L) {
       }
     }
     return update;
-  });
+  }, blocks_per_cut);
 }
 
 }  // namespace CPU_CAPABILITY

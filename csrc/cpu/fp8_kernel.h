@@ -260,10 +260,14 @@ inline float fp8_seal_block(float block_max, float* absmax, uint8_t* codes, int6
 // block of len elements from element begin: a callable (x, i) that steps
 // std::array<V, 2 + S> values x (param, grad, states) of the block's elements
 // from i on (one lane each) and leaves each state in its stored form (sqrt(v)
-// for a root state).  With master weights (Low: bucket_loop.h), the
+// for a root state).  A task of the parallel walk starts only at a block of
+// tensor t whose index is a multiple of blocks_per_cut(t) (1: any block), and
+// walks its blocks in order.  With master weights (Low: bucket_loop.h), the
 // params are float32 masters, the grads Low, and the Low params are written too.
-template <typename scalar_t, int S, unsigned root_mask, typename Low, typename UpdateOf>
-void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of) {
+template <typename scalar_t, int S, unsigned root_mask, typename Low, typename UpdateOf,
+          typename BlocksPerCut = int64_t (*)(int64_t)>
+void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of,
+                const BlocksPerCut& blocks_per_cut = [](int64_t) { return int64_t(1); }) {
   constexpr bool kMaster = !std::is_same_v<Low, NoLow>;
   using IO = TileIO<scalar_t>;
   using Vec = typename IO::Vec;
@@ -275,7 +279,7 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of) {
   for (int64_t t = 0; t < n; ++t)
     first_block[t + 1] = first_block[t] + (offsets[t + 1] - offsets[t] + kFp8Block - 1) / kFp8Block;
   std::vector<Telemetry> partial(L.telemetry != nullptr ? first_block[n] : 0);
-  at::parallel_for(0, first_block[n], kFp8GrainBlocks, [&](int64_t lo, int64_t hi) {
+  auto walk = [&](int64_t lo, int64_t hi) {
     alignas(64) float buffers[2][S][kFp8Block];  // this block's new states, and the pending block's
     Fp8PendingBlock<S, root_mask> pending;
     int64_t t = std::upper_bound(first_block.begin(), first_block.end(), lo) - first_block.begin() - 1;
@@ -412,7 +416,21 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of) {
       }
     }
     pending.finish();
-  });
+  };
+  std::vector<int64_t> cuts;  // the blocks a task may start at, then the end
+  for (int64_t t = 0; t < n && cuts.empty(); ++t)
+    if (blocks_per_cut(t) != 1) cuts.push_back(0);
+  if (cuts.empty()) {
+    at::parallel_for(0, first_block[n], kFp8GrainBlocks, walk);
+  } else {
+    cuts.clear();
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t b = first_block[t]; b < first_block[t + 1]; b += blocks_per_cut(t)) cuts.push_back(b);
+    const int64_t units = static_cast<int64_t>(cuts.size());
+    cuts.push_back(first_block[n]);
+    const int64_t grain = std::max<int64_t>(1, kFp8GrainBlocks * units / std::max<int64_t>(first_block[n], 1));
+    at::parallel_for(0, units, grain, [&](int64_t lo, int64_t hi) { walk(cuts[lo], cuts[hi]); });
+  }
   if (L.telemetry == nullptr) return;
   for (int64_t t = 0; t < n; ++t) {
     Telemetry sums;

@@ -596,7 +596,8 @@ def fp8_run(ops, config, make, dtype, steps=None, track=False, round_keys=None, 
         skip = torch.tensor(1.0) if skip_last and step == steps - 1 else None
         ops.step_fp8(algorithm, params, grads, codes, absmax, counts, hyper_values(algorithm, hyper),
                      None if scale is None else torch.tensor(scale), skip, table,
-                     None if round_keys is None else list(round_keys), None)  # no low_params
+                     None if round_keys is None else list(round_keys), None, None, None)
+        # (no low_params; no full-precision states or per-tensor values: Amos8bit has no CUDA kernel)
         tables.append(table)
         own.append(torch.tensor([[x.double().square().sum().item(), (x.double() - b.double()).square().sum().item()]
                                  for x, b in zip(params, before)], dtype=torch.float64).reshape(len(params), 2))
