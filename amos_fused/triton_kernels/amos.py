@@ -725,6 +725,22 @@ def amos_kernel(addresses, grad_addresses, info, blocks, coef, slot_updates, tel
 # Launch
 # ---------------------------------------------------------------------------
 
+def launch_slot_phases(meta: AmosMeta, grad_table: Tensor, coef: Tensor, types: dict, clip: bool, block: int,
+                       skip: Optional[Tensor] = None) -> None:
+    """The phased tensors' slots (when the bucket has any): amos_sums_kernel, then
+    amos_slots_kernel, which leaves each slot's (w, a) in meta.slot_updates."""
+    if not meta.num_sum_blocks:
+        return
+    amos_sums_kernel[(meta.num_sum_blocks,)](
+        grad_table, meta.info, meta.sum_blocks, coef, meta.partials, meta.n, meta.ndim,
+        DTYPE=types["DTYPE"], COMPUTE=types["COMPUTE"], CLIP=clip,
+        BLOCK=block, num_warps=AMOS_NUM_WARPS, skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
+    amos_slots_kernel[(meta.num_slot_blocks,)](
+        meta.addresses, meta.info, meta.slot_blocks, coef, meta.partials,
+        meta.slot_updates, meta.n, meta.ndim, **types, BLOCK=block,
+        num_warps=AMOS_NUM_WARPS, skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
+
+
 def launch_amos(params, grads, states, hyper, coef: Tensor, meta: AmosMeta,
                 telemetry: Optional[Tensor] = None, rounding: Optional[Tensor] = None,
                 skip: Optional[Tensor] = None) -> None:
@@ -737,15 +753,7 @@ def launch_amos(params, grads, states, hyper, coef: Tensor, meta: AmosMeta,
     coef = upload_coefficients(coef, params)
     types = kernel_dtypes(params[0].dtype)
     with launching(meta):
-        if meta.num_sum_blocks:
-            amos_sums_kernel[(meta.num_sum_blocks,)](
-                grad_table, meta.info, meta.sum_blocks, coef, meta.partials, meta.n, meta.ndim,
-                DTYPE=types["DTYPE"], COMPUTE=types["COMPUTE"], CLIP=clip,
-                BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS, skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
-            amos_slots_kernel[(meta.num_slot_blocks,)](
-                meta.addresses, meta.info, meta.slot_blocks, coef, meta.partials,
-                meta.slot_updates, meta.n, meta.ndim, **types, BLOCK=BLOCK,
-                num_warps=AMOS_NUM_WARPS, skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
+        launch_slot_phases(meta, grad_table, coef, types, clip, BLOCK, skip)
         amos_kernel[(meta.num_main,)](
             meta.addresses, grad_table, meta.info, meta.main_blocks, coef, meta.slot_updates,
             telemetry_partials(meta, telemetry), rounding_table(meta, rounding), meta.n, meta.ndim, **types,

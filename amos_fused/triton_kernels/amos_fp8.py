@@ -22,10 +22,10 @@ from torch import Tensor
 
 from . import amos
 from .amos import (AMOS_NUM_WARPS, AMOS_WIDTH, ELEMENTWISE_KIND, INFO_FIXED, AmosMeta, amos_clip,
-                   amos_element, amos_slot, amos_slots_kernel, amos_sums_kernel, load_amos_coefficients,
-                   slot_index, slot_layouts, tensor_info)
+                   amos_element, amos_slot, launch_slot_phases, load_amos_coefficients, slot_index, slot_layouts,
+                   tensor_info)
 from .common import (ROUND_WIDTH, addresses_of, cached, kernel_dtypes, launch_telemetry_sums, launching,
-                     load_block, program_entry, rounding_table, skip_flag, store_block, stream, telemetry_entry,
+                     load_block, program_entry, rounding_table, store_block, stream, telemetry_entry,
                      telemetry_partials, upload_coefficients)
 from .fp8 import FP8_BLOCK, PROGRAM_BLOCKS, fp8_tile, load_fp8, store_fp8, store_param
 
@@ -119,14 +119,7 @@ def launch_amos_fp8(params, grads, vs, bs, codes, absmax, hyper, coef: Tensor, m
     coef = upload_coefficients(coef, params)
     types = kernel_dtypes(params[0].dtype)
     with launching(meta):
-        if meta.num_sum_blocks:
-            amos_sums_kernel[(meta.num_sum_blocks,)](
-                grad_table, meta.info, meta.sum_blocks, coef, meta.partials, meta.n, meta.ndim,
-                DTYPE=types["DTYPE"], COMPUTE=types["COMPUTE"], CLIP=clip, BLOCK=TILE, num_warps=AMOS_NUM_WARPS,
-                skip=skip_flag(None, meta), SKIPPABLE=False)
-            amos_slots_kernel[(meta.num_slot_blocks,)](
-                meta.addresses, meta.info, meta.slot_blocks, coef, meta.partials, meta.slot_updates, meta.n,
-                meta.ndim, **types, BLOCK=TILE, num_warps=AMOS_NUM_WARPS, skip=skip_flag(None, meta), SKIPPABLE=False)
+        launch_slot_phases(meta, grad_table, coef, types, clip, TILE)
         if meta.num_main:
             amos_fp8_kernel[(meta.num_main,)](
                 meta.addresses, grad_table, meta.info, meta.main_blocks, coef, meta.slot_updates,
