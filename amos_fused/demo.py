@@ -18,8 +18,9 @@ adamw8bit      amos_fused.AdamW8bit                     3e-3   as adamw; FP8 mom
 lion8bit       amos_fused.Lion8bit                      1e-3   as lion; FP8 momentum
 =============  ======================================  ======  ==========================
 
-Not run by default (name them in ``--optimizers``): ``adamw-bf16`` and
-``adamw-bf16-sr``, amos_fused.AdamW as ``adamw`` on a bfloat16 copy of the model
+Not run by default (name them in ``--optimizers``): ``amos-momentum`` and
+``amos8bit``, amos_fused.Amos and amos_fused.Amos8bit as ``amos`` with momentum 0.9
+(a float32 momentum, and one in FP8); ``adamw-bf16`` and ``adamw-bf16-sr``, amos_fused.AdamW as ``adamw`` on a bfloat16 copy of the model
 (params, grads and states in bfloat16; the loss in float32), rounding the params to
 nearest or stochastically (``bf16_stochastic_round=True``); and ``bnb-adamw8bit``,
 bitsandbytes' AdamW8bit with adamw's hyper-parameters and min_8bit_size=4096 (the
@@ -133,9 +134,12 @@ def _build_bnb_adamw8bit(model, lr, cfg):
                                         min_8bit_size=BNB_MIN_8BIT_SIZE)
 
 
-def _build_amos(model, lr, cfg):
-    groups = af.amos_param_groups(model, lr=lr, overrides=model.residual_scale_overrides())
-    return af.Amos(groups, lr=lr)
+def _build_amos(model, lr, cfg, cls=af.Amos, **options):
+    groups = af.amos_param_groups(model, lr=lr, overrides=model.residual_scale_overrides(), **options)
+    return cls(groups, lr=lr)
+
+
+AMOS_MOMENTUM = 0.9  # of the amos-momentum and amos8bit runs
 
 
 RUNS: Dict[str, RunSpec] = {}
@@ -143,7 +147,8 @@ DEFAULT_LRS = {"torch-adamw": 3e-3, "adamw": 3e-3, "amos": 0.02, "lion": 1e-3, "
                "scaled-adamw": 7e-3, "lamb": 7e-3, "adamw-bf16": 3e-3, "adamw-bf16-sr": 3e-3}
 # The 8-bit runs take the lr of their full-precision run.
 DEFAULT_LRS.update({"adamw8bit": DEFAULT_LRS["adamw"], "lion8bit": DEFAULT_LRS["lion"],
-                    "bnb-adamw8bit": DEFAULT_LRS["adamw"]})
+                    "bnb-adamw8bit": DEFAULT_LRS["adamw"], "amos-momentum": DEFAULT_LRS["amos"],
+                    "amos8bit": DEFAULT_LRS["amos"]})
 
 
 def _register(spec: RunSpec):
@@ -195,6 +200,15 @@ _register(RunSpec(
     "lion8bit", "af.Lion8bit", DEFAULT_LRS["lion8bit"],
     lambda m, lr, c: af.Lion8bit(decay_groups(m, _lion_decay(c, lr)), lr=lr, betas=(0.9, 0.99)),
     _lion_hparams("lion8bit"), decoupled_decay=True))
+# Amos with momentum, float32 and FP8 (not run by default)
+_register(RunSpec(
+    "amos-momentum", "af.Amos (factored, momentum 0.9)", DEFAULT_LRS["amos-momentum"],
+    lambda m, lr, c: _build_amos(m, lr, c, momentum=AMOS_MOMENTUM),
+    lambda c: {"reduce_axes": "amos_param_groups", "momentum": AMOS_MOMENTUM, "beta": 0.999}, default=False))
+_register(RunSpec(
+    "amos8bit", "af.Amos8bit (factored, FP8 momentum 0.9)", DEFAULT_LRS["amos8bit"],
+    lambda m, lr, c: _build_amos(m, lr, c, af.Amos8bit, momentum=AMOS_MOMENTUM),
+    lambda c: {"reduce_axes": "amos_param_groups", "momentum": AMOS_MOMENTUM, "beta": 0.999}, default=False))
 # bitsandbytes' AdamW8bit, the reference point of adamw8bit (not run by default)
 _register(RunSpec(
     "bnb-adamw8bit", "bitsandbytes AdamW8bit", DEFAULT_LRS["bnb-adamw8bit"], _build_bnb_adamw8bit,
@@ -513,7 +527,7 @@ def theory_checks(cfg: DemoConfig, results: Dict[str, dict]) -> dict:
             "steps_to_within_10pct_of_equilibrium": steps_to_equilibrium(lr, cfg.weight_decay, w0),
         }
     for low, full in (("adamw8bit", "adamw"), ("lion8bit", "lion"), ("bnb-adamw8bit", "adamw"),
-                      ("adamw8bit", "bnb-adamw8bit")):
+                      ("adamw8bit", "bnb-adamw8bit"), ("amos8bit", "amos-momentum")):
         if low in results and full in results:
             a, w = results[low], results[full]
             checks[f"{low}_vs_{full}"] = {

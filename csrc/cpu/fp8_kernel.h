@@ -3,9 +3,9 @@
 // by tile with the algorithm's own update (csrc/step_math.h, the same function as
 // the full-precision kernels), its new states kept in float32 arrays (L1) while
 // its new absmax is taken, then encoded back while the next block is stepped
-// (Fp8PendingBlock).  Blocks are independent, so they are split over the threads
-// freely; telemetry sums are per block, added in order per tensor (bitwise the
-// same at any thread count).
+// (Fp8PendingBlock).  Blocks are split over the threads freely (Amos8bit's rows:
+// at row starts, fp8_amos_kernel.h); telemetry sums are per block, added in order
+// per tensor (bitwise the same at any thread count).
 #pragma once
 
 #include <ATen/Parallel.h>
