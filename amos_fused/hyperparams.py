@@ -21,6 +21,12 @@ def _value(name: str, x) -> float:
         raise ValueError(f"Invalid {name}: {x!r} (must be a real number)") from None
 
 
+def value_of(x) -> float:
+    """The float a checked hyper-parameter holds (a number, a one-element tensor, a
+    numeric string)."""
+    return _value("value", x)
+
+
 def nonnegative(name: str, value) -> None:
     v = _value(name, value)
     if not (v >= 0.0 and math.isfinite(v)):

@@ -35,6 +35,12 @@ def _advance(step: Tensor) -> float:
     return float(step)
 
 
+def _optional_float(value):
+    """None, or the number a group holds (a number, a 0-dim tensor, or a numeric
+    string, as the checks read them)."""
+    return None if value is None else hp.value_of(value)
+
+
 def _next_step(step: Tensor) -> float:
     """The count _advance will give, without writing it (a sharded step advances
     its counters only once its collective has returned)."""
@@ -387,13 +393,13 @@ class Amos(FusedOptimizer):
         """Slots averaged over a sharded dim: every shard's Σg² per slot, summed over
         the shards in one all-reduce per bucket, divided by the slot's element count
         (the slots are replicated there, so every rank updates them alike)."""
-        h = dict(lr=float(group["lr"]), beta=float(group["beta"]), momentum=group["momentum"],
+        h = dict(lr=float(group["lr"]), beta=float(group["beta"]), momentum=_optional_float(group["momentum"]),
                  extra_l2=float(group["extra_l2"]), d_coef=float(group["d_coef"]),
                  c_coef=float(group["c_coef"]), epsilon=float(group["epsilon"]))
         parts, groups, phase1 = [], [], []
         for (p, g, st), owner in zip(bucket.each(), bucket.owners):
             step = _next_step(st["step"])
-            theta, g = reference.amos_grad(p, g, clip_value=group["clip_value"])
+            theta, g = reference.amos_grad(p, g, clip_value=_optional_float(group["clip_value"]))
             dims = reduced_dims(group["reduce_axes"], g.dim())
             across = shard_groups(owner, dims)
             if across:
@@ -420,7 +426,7 @@ class Amos(FusedOptimizer):
                 p, g, st["v"], st["b"], st.get("mu"), _advance(st["step"]),
                 lr=float(group["lr"]), eta=eta,
                 reduce_axes=group["reduce_axes"], beta=float(group["beta"]),
-                momentum=group["momentum"], clip_value=group["clip_value"],
+                momentum=_optional_float(group["momentum"]), clip_value=_optional_float(group["clip_value"]),
                 extra_l2=float(group["extra_l2"]), d_coef=float(group["d_coef"]),
                 c_coef=float(group["c_coef"]), epsilon=float(group["epsilon"]),
             )

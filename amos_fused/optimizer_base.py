@@ -12,6 +12,7 @@ a group splits into buckets, per-param hyper-parameter lists) is validated
 against them at every step and rebuilt when they differ."""
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -484,12 +485,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         lr, checked = group.get("lr"), group
         if group.get("capturable") and isinstance(lr, Tensor) and lr.device.type != "cpu":
             checked = {**group, "lr": 0.0}  # its value stays on the device (_gather checks the tensor)
-        self._check_group(checked)
+        try:
+            self._check_group(checked)
+        except ValueError as error:  # (named by its group)
+            raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
         try:  # (every value _run reads, converted now: nothing may fail once a group is written)
-            self._hyper(checked)
+            hyper = self._hyper(checked)
         except (TypeError, ValueError, KeyError, RuntimeError) as error:
             raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
         plan = self._plan(index, group, rebuild)
+        self._check_range(index, hyper, plan)
         grads = [placed_like(p, p.grad) for p in plan.params]
         buckets: List[Bucket] = []
         new_states: List[Tuple[Tensor, dict]] = []
@@ -503,6 +508,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise RuntimeError("amos_fused: a param's dtype or device is not stable")  # pragma: no cover
             return self._prepare(index, group, first_index, rebuild=True)
         return _Ready(group, buckets, new_states, first_index) if buckets else None
+
+    def _check_range(self, index: int, hyper: dict, plan: GroupPlan) -> None:
+        """A finite hyper-parameter beyond float32's range (lr=1e300) is refused for a
+        group with params of a narrower dtype than float64, whose step computes in
+        float32: the kernels would store it as Inf, the reference could not convert it."""
+        dtypes = [spec.dtype for spec in plan.specs if spec.dtype not in (torch.float64, torch.complex128)]
+        if not dtypes:
+            return
+        limit = torch.finfo(torch.float32).max
+        for name, value in hyper.items():
+            if isinstance(value, float) and math.isfinite(value) and abs(value) > limit:
+                raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (beyond float32's "
+                                 f"range, in which the step of {dtypes[0]} params computes)")
 
     def _gather(self, index: int, group: dict, plan: GroupPlan, spec: BucketSpec,
                 positions: List[int], all_grads: List[Optional[Tensor]],
@@ -531,7 +549,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not isinstance(st, dict):
                 raise ValueError(f"{self._where(index, positions[i], p)}: its state must be a dict, got "
                                  f"{type(st).__name__} {st!r:.60}")
-            pair = fp8_states.unpaired(st, coded[:len(coded) // 2]) if coded and "step" in st else None
+            pair = fp8_states.unpaired(st, coded[:len(coded) // 2]) if coded else None
             if pair is not None:
                 raise ValueError(f"{self._where(index, positions[i], p)}: state {pair[0]!r} is there but "
                                  f"{pair[1]!r} is missing; set both (or delete both to start them afresh)")

@@ -17,6 +17,7 @@ GradScaler; the CUDA kernels' refusal; a hypothesis property.
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -356,3 +357,58 @@ def test_cuda_kernels_refuse_amos8bit_with_a_clear_error():
 def test_property_cpu_matches_reference(rows, cols, axes, dtype, clip, steps, maximize):
     cpu, ref = _one_step_each((rows, cols), axes, dtype, steps, clip_value=clip, maximize=maximize)
     _assert_matches_reference(cpu, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("key, value", [("lr", 1e300), ("clip_value", -1e300), ("epsilon", 1e300),
+                                        ("extra_l2", 1e39)])
+def test_a_hyper_parameter_out_of_float32_range_raises_before_any_write(backend, key, value):
+    """A later group's value that float32 cannot hold (the step of float32 params
+    computes in float32: the kernels would store it as Inf, the reference could not
+    convert it) is refused naming the group and the value, with the first group and
+    every step counter as they were."""
+    gen = torch.Generator().manual_seed(10)
+    first = torch.nn.Parameter(torch.randn(64, 80, generator=gen))
+    second = torch.nn.Parameter(torch.randn(64, 80, generator=gen))
+    opt = _amos8([{"params": [first]}, {"params": [second]}], reduce_axes=1, backend=backend)
+    first.grad, second.grad = _grads(first, 0), _grads(second, 0)
+    opt.step()
+    opt.param_groups[1][key] = value
+    before = snapshot(opt, [first, second])
+    raises_naming(ValueError, opt.step, r"param_groups\[1\]", key, re.escape(str(value)))
+    assert_unchanged(before, opt, [first, second])
+
+
+def test_float64_params_take_hyper_parameters_beyond_float32_range():
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.float64))
+    opt = af.Amos8bit([p], lr=1e-3, extra_l2=1e39, momentum=0.9, backend="cpu")
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.state[p]["mu"].dtype == torch.float64  # (float64 params keep a float momentum)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_codes_without_their_absmax_are_refused_even_without_a_step_count(backend):
+    p = torch.nn.Parameter(torch.randn(64, 80))
+    opt = _amos8([p], reduce_axes=1, backend=backend)
+    p.grad = _grads(p, 0)
+    opt.step()
+    for key in ("mu_absmax", "step"):
+        del opt.state[p][key]
+    before = snapshot(opt, [p])
+    raises_naming(ValueError, opt.step, "mu", "mu_absmax", "missing")
+    assert_unchanged(before, opt, [p])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_numeric_strings_are_read_as_numbers_by_every_backend(backend):
+    """momentum='0.9' and clip_value='0.5' step as 0.9 and 0.5 do (as lr='0.1' is read)."""
+    results = []
+    for momentum, clip in (("0.9", "0.5"), (0.9, 0.5)):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 64 * 80).reshape(64, 80))
+        opt = af.Amos8bit([p], lr=0.02, reduce_axes=1, momentum=momentum, clip_value=clip, backend=backend)
+        for step in range(2):
+            p.grad = _grads(p, step)
+            opt.step()
+        results.append((p.detach().clone(), opt.state[p]["mu"].clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
