@@ -261,6 +261,17 @@ def test_checkpoints_move_between_amos_and_amos8bit(backend):
     assert "mu_absmax" not in plain.state[back]
 
 
+def _two_groups_stepped(backend, seed):
+    """Amos8bit over two groups of one (64, 80) param each (rows slots), stepped once."""
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.nn.Parameter(torch.randn(64, 80, generator=gen))
+    second = torch.nn.Parameter(torch.randn(64, 80, generator=gen))
+    opt = _amos8([{"params": [first]}, {"params": [second]}], reduce_axes=1, backend=backend)
+    first.grad, second.grad = _grads(first, 0), _grads(second, 0)
+    opt.step()
+    return opt, first, second
+
+
 CORRUPTIONS = {
     "codes of another dtype": lambda s: s.__setitem__("mu", s["mu"].float()),
     "codes of another shape": lambda s: s.__setitem__("mu", s["mu"].reshape(-1)),
@@ -273,12 +284,7 @@ CORRUPTIONS = {
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_a_corrupt_state_raises_before_any_write(corruption, backend):
-    gen = torch.Generator().manual_seed(6)
-    first = torch.nn.Parameter(torch.randn(64, 80, generator=gen))
-    second = torch.nn.Parameter(torch.randn(64, 80, generator=gen))
-    opt = _amos8([{"params": [first]}, {"params": [second]}], reduce_axes=1, backend=backend)
-    first.grad, second.grad = _grads(first, 0), _grads(second, 0)
-    opt.step()
+    opt, first, second = _two_groups_stepped(backend, seed=6)
     CORRUPTIONS[corruption](opt.state[second])
     before = snapshot(opt, [first, second])
     with pytest.raises((ValueError, RuntimeError)):
@@ -367,12 +373,7 @@ def test_a_hyper_parameter_out_of_float32_range_raises_before_any_write(backend,
     computes in float32: the kernels would store it as Inf, the reference could not
     convert it) is refused naming the group and the value, with the first group and
     every step counter as they were."""
-    gen = torch.Generator().manual_seed(10)
-    first = torch.nn.Parameter(torch.randn(64, 80, generator=gen))
-    second = torch.nn.Parameter(torch.randn(64, 80, generator=gen))
-    opt = _amos8([{"params": [first]}, {"params": [second]}], reduce_axes=1, backend=backend)
-    first.grad, second.grad = _grads(first, 0), _grads(second, 0)
-    opt.step()
+    opt, first, second = _two_groups_stepped(backend, seed=10)
     opt.param_groups[1][key] = value
     before = snapshot(opt, [first, second])
     raises_naming(ValueError, opt.step, r"param_groups\[1\]", key, re.escape(str(value)))

@@ -633,10 +633,8 @@ def _short_rows(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, index, row_len, num_rows, co
 
 
 @triton.jit
-def _phased_block(p_ptr, g_ptr, mu_ptr, start, offs, mask, coef_row, slots, own, round_row, COMPUTE: tl.constexpr,
-                  MOMENTUM: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr,
-                  TELEMETRY: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr):
-    """Elements of a phased tensor given the (w, a) of their slots (slots: scratch
+def load_slot_updates(slots, mask, MASKED: tl.constexpr):
+    """The (w, a) amos_slots_kernel left for each element's slot (slots: scratch
     addresses of w; a follows each w)."""
     if MASKED:
         w = tl.load(slots, mask=mask, other=0.0)
@@ -644,6 +642,16 @@ def _phased_block(p_ptr, g_ptr, mu_ptr, start, offs, mask, coef_row, slots, own,
     else:
         w = tl.load(slots)
         a = tl.load(slots + 1)
+    return w, a
+
+
+@triton.jit
+def _phased_block(p_ptr, g_ptr, mu_ptr, start, offs, mask, coef_row, slots, own, round_row, COMPUTE: tl.constexpr,
+                  MOMENTUM: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr,
+                  TELEMETRY: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr):
+    """Elements of a phased tensor given the (w, a) of their slots (slots: scratch
+    addresses of w; a follows each w)."""
+    w, a = load_slot_updates(slots, mask, MASKED)
     p = load_block(p_ptr + offs, mask, MASKED, COMPUTE)
     g = load_block(g_ptr + offs, mask, MASKED, COMPUTE)
     mu = p

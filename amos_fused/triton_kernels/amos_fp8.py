@@ -22,8 +22,8 @@ from torch import Tensor
 
 from . import amos
 from .amos import (AMOS_NUM_WARPS, AMOS_WIDTH, ELEMENTWISE_KIND, INFO_FIXED, AmosMeta, amos_clip,
-                   amos_element, amos_slot, launch_slot_phases, load_amos_coefficients, slot_index, slot_layouts,
-                   tensor_info)
+                   amos_element, amos_slot, launch_slot_phases, load_amos_coefficients, load_slot_updates, slot_index,
+                   slot_layouts, tensor_info)
 from .common import (ROUND_WIDTH, addresses_of, cached, kernel_dtypes, launch_telemetry_sums, launching,
                      load_block, program_entry, rounding_table, store_block, stream, telemetry_entry,
                      telemetry_partials, upload_coefficients)
@@ -66,12 +66,7 @@ def _amos_fp8_tile(addresses, grad_addresses, meta, coef_row, slot_updates, own,
         store_block(b_ptr + offs, b, mask, MASKED)
     else:  # the (w, a) of each element's slot (amos_slots_kernel)
         slots = slot_updates + 2 * (tl.load(meta + 3) + slot_index(offs, meta + INFO_FIXED, ndim))
-        if MASKED:
-            w = tl.load(slots, mask=mask, other=0.0)
-            a = tl.load(slots + 1, mask=mask, other=0.0)
-        else:
-            w = tl.load(slots)
-            a = tl.load(slots + 1)
+        w, a = load_slot_updates(slots, mask, MASKED)
     mu = load_fp8(mu_codes, mu_absmax, blocks, offs, mask, block_mask, MASKED)
     p = load_block(p_ptr + offs, mask, MASKED, tl.float32)
     before = p
