@@ -426,10 +426,14 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of,
     cuts.clear();
     for (int64_t t = 0; t < n; ++t)
       for (int64_t b = first_block[t]; b < first_block[t + 1]; b += blocks_per_cut(t)) cuts.push_back(b);
-    const int64_t units = static_cast<int64_t>(cuts.size());
     cuts.push_back(first_block[n]);
-    const int64_t grain = std::max<int64_t>(1, kFp8GrainBlocks * units / std::max<int64_t>(first_block[n], 1));
-    at::parallel_for(0, units, grain, [&](int64_t lo, int64_t hi) { walk(cuts[lo], cuts[hi]); });
+    // the threads' shares split by blocks, as above, each end moved on to the next cut:
+    // the tasks still cover every block once, and weigh about the same
+    auto cut_at = [&](int64_t block) { return *std::lower_bound(cuts.begin(), cuts.end(), block); };
+    at::parallel_for(0, first_block[n], kFp8GrainBlocks, [&](int64_t lo, int64_t hi) {
+      const int64_t from = cut_at(lo), to = cut_at(hi);
+      if (from < to) walk(from, to);
+    });
   }
   if (L.telemetry == nullptr) return;
   for (int64_t t = 0; t < n; ++t) {
