@@ -172,15 +172,16 @@ def step_fp8(algorithm: str, params: List[Tensor], grads: List[Tensor], codes: L
                                                     list(absmax), list(steps), hyper, grad_scale, found_inf,
                                                     telemetry, keys, None if states is None else list(states),
                                                     None if per_tensor is None else [float(x) for x in per_tensor])
-    if run and algorithm == "amos":
+    if not run:
+        return
+    by_name = dict(zip(contract(algorithm).hyper, hyper))
+    rounding = round_table(keys, steps, params[0].device)
+    if algorithm == "amos":
         n = len(params)
         meta = amos_fp8.amos_fp8_meta(op, params, states[:n], states[n:], codes, absmax)
         amos_fp8.launch_amos_fp8(list(params), list(grads), states[:n], states[n:], list(codes), list(absmax),
-                                 dict(zip(contract(algorithm).hyper, hyper)), coef, meta, telemetry=telemetry,
-                                 rounding=round_table(keys, steps, params[0].device))
-        torch._foreach_add_(list(steps), 1.0)  # after the launch: a failed one leaves them
-    elif run:
+                                 by_name, coef, meta, telemetry=telemetry, rounding=rounding)
+    else:
         fp8.launch_fp8(algorithm, list(params), list(grads), _per_state(codes, len(params)),
-                       _per_state(absmax, len(params)), dict(zip(contract(algorithm).hyper, hyper)), coef,
-                       telemetry=telemetry, rounding=round_table(keys, steps, params[0].device))
-        torch._foreach_add_(list(steps), 1.0)  # after the launch: a failed one leaves them
+                       _per_state(absmax, len(params)), by_name, coef, telemetry=telemetry, rounding=rounding)
+    torch._foreach_add_(list(steps), 1.0)  # after the launch: a failed one leaves them
