@@ -265,12 +265,7 @@ class TensorRounding {
   Vectorized<float> tile(const Vectorized<float>& x, int64_t first) {
     constexpr int64_t kLanes = Vectorized<float>::size();
     const uint64_t e = static_cast<uint64_t>(first);
-    if ((e & 0xffffffffu) + kLanes - 1 > 0xffffffffu) {  // the lanes cross into the next high word
-      float lanes[kLanes];
-      x.store(lanes);
-      for (int64_t k = 0; k < kLanes; ++k) lanes[k] = scalar(lanes[k], first + k);
-      return Vectorized<float>::loadu(lanes);
-    }
+    if ((e & 0xffffffffu) + kLanes - 1 > 0xffffffffu) return tile_across_words(x, first);  // (rare)
     const uint32_t base = base_for(static_cast<uint32_t>(e >> 32));
     const int32_t lo = static_cast<int32_t>(static_cast<uint32_t>(e));
 #if defined(CPU_CAPABILITY_AVX2)
@@ -339,6 +334,16 @@ class TensorRounding {
   }
 
  private:
+  // tile() of lanes that cross into the next high word of the index, lane by lane;
+  // out of line, so that tile() stays small enough to be unrolled over a tile's parts
+  // with its values in registers.
+  [[gnu::noinline, gnu::cold]] Vectorized<float> tile_across_words(const Vectorized<float>& x, int64_t first) {
+    float lanes[Vectorized<float>::size()];
+    x.store(lanes);
+    for (int64_t k = 0; k < Vectorized<float>::size(); ++k) lanes[k] = scalar(lanes[k], first + k);
+    return Vectorized<float>::loadu(lanes);
+  }
+
   uint32_t base_for(uint32_t hi) {
     if (hi != hi_) {
       hi_ = hi;
