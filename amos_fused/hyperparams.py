@@ -53,11 +53,19 @@ def in_unit_interval(name: str, value) -> None:
         raise ValueError(f"Invalid {name}: {value} (must be in [0, 1))")
 
 
+def _length(value) -> Optional[int]:
+    """len(value), or None where it has none (a 0-d tensor or array has __len__ but
+    raises)."""
+    try:
+        return len(value)
+    except TypeError:
+        return None
+
+
 def betas(value: Sequence[float], count: int = 2) -> None:
     """Any sequence of ``count`` numbers (a tuple, a list, a config library's list, a
     NumPy array, tensors), each in [0, 1)."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__getitem__") or not hasattr(value, "__len__") \
-            or len(value) != count:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__getitem__") or _length(value) != count:
         raise ValueError(f"Invalid betas: {value!r} (expected a pair of floats)")
     for index, beta in enumerate(value):
         in_unit_interval(f"beta parameter at index {index}", beta)

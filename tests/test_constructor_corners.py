@@ -53,10 +53,29 @@ def test_betas_as_any_sequence_of_two_numbers(betas, ours, theirs):
                                rtol=tol, atol=tol * 1e-2)
 
 
-@pytest.mark.parametrize("betas", ["ab", (0.9,), (0.9, 0.95, 0.99), 0.9, (0.9, 1.0)])
+NOT_TWO_NUMBERS = ["ab", (0.9,), (0.9, 0.95, 0.99), 0.9, (0.9, 1.0),
+                   torch.tensor(0.9), np.array(0.9), torch.tensor([[0.9, 0.95]])]  # 0-d: __len__ that raises
+
+
+@pytest.mark.parametrize("betas", NOT_TWO_NUMBERS, ids=repr)
 def test_betas_that_are_not_two_numbers_in_range_are_refused(betas):
     with pytest.raises(ValueError, match="betas|beta parameter"):
         af.AdamW([torch.nn.Parameter(torch.zeros(3))], betas=betas)
+
+
+@pytest.mark.parametrize("betas", NOT_TWO_NUMBERS[-3:], ids=repr)
+def test_betas_written_between_steps_are_refused_before_any_write(betas):
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = af.AdamW([p], lr=0.1)
+    p.grad = torch.randn(5)
+    opt.step()
+    before = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+    opt.param_groups[0]["betas"] = betas
+    with pytest.raises(ValueError, match=r"param_groups\[0\].*betas"):
+        opt.step()
+    assert torch.equal(p.detach(), before[0])
+    for key, value in opt.state[p].items():
+        assert torch.equal(value, before[1][key]), key
 
 
 @pytest.mark.parametrize("cls", [af.AdamW, af.RAdam, af.Lion])
