@@ -273,7 +273,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._check_flags(group)
         check_backend(group_backend(group), self.algorithm, self._name)
         self._check_group(group)
-        self._plans[index] = self._make_plan(index, group)
+        plan = self._plans[index] = self._make_plan(index, group)
+        lr = group.get("lr")
+        if group.get("capturable") and isinstance(lr, Tensor) and lr.device.type != "cpu":
+            group = {**group, "lr": 0.0}  # (as in _prepare: its value stays on the device)
+        try:
+            hyper = self._hyper(group)
+        except (TypeError, ValueError, KeyError, RuntimeError) as error:
+            raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
+        self._check_range(index, hyper, plan)  # lr=1e300 for float32 params: refused now, not at step()
 
     def _check_flags(self, group: dict) -> None:
         """torch.optim's flags: what we cannot honour is refused, never ignored."""
@@ -531,6 +539,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         owners = [plan.params[i] for i in positions]
         if self.fp8_state_keys and any(self._keeps_fp8(p) != spec.fp8 for p in owners):
             raise _StalePlan()
+        if any(p.is_complex() != (i in spec.complex_positions) or is_dtensor(p) != (i in spec.dtensor_positions)
+               for i, p in zip(positions, owners)):  # p.data set to a complex tensor, or back
+            raise _StalePlan()
         if spec.master_of is not None and any(p.dtype != spec.master_of for p in owners):
             raise _StalePlan()
         grads = [all_grads[i] for i in positions]
@@ -553,7 +564,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             if pair is not None:
                 raise ValueError(f"{self._where(index, positions[i], p)}: state {pair[0]!r} is there but "
                                  f"{pair[1]!r} is missing; set both (or delete both to start them afresh)")
-            changes = self._state_changes(p, st, group, keys, master)
+            try:  # (new state made for p's shape: Amos's slots for its reduce_axes)
+                changes = self._state_changes(p, st, group, keys, master)
+            except ValueError as error:
+                raise ValueError(f"{self._where(index, positions[i], p)}: {error}") from None
             if changes:
                 new_states.append((p, changes))
                 st = {k: v for k, v in {**st, **changes}.items() if v is not None}

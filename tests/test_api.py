@@ -174,6 +174,24 @@ def test_amos_bad_param_group_leaves_the_optimizer_as_it_was(group, backend):
     assert torch.equal(params[0], twin[0])
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("keep_state", [True, False], ids=["state-kept", "state-cleared"])
+def test_amos_param_reshaped_out_of_its_reduce_axes_is_named(keep_state, backend):
+    """p.data set to a tensor that the group's reduce_axes cannot reduce: the step
+    raises naming the param, with or without its state, and writes nothing."""
+    a, p = torch.randn(5, 2, requires_grad=True), torch.randn(4, 6, requires_grad=True)
+    opt = af.Amos([a, p], lr=0.01, backend=backend, reduce_axes=(1,))
+    a.grad, p.grad = torch.randn_like(a), torch.randn_like(p)
+    opt.step()
+    p.data, p.grad = torch.randn(21), torch.randn(21)
+    if not keep_state:
+        del opt.state[p]
+    before = snapshot(opt, [a, p])
+    with pytest.raises(ValueError, match=r"Amos: param_groups\[0\]\['params'\]\[1\].*reduce_axes \(1,\)"):
+        opt.step()
+    assert_unchanged(before, opt, [a, p])
+
+
 # ---------------------------------------------------------------------------
 # ScaledAdamW and LAMB
 # ---------------------------------------------------------------------------

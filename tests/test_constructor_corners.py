@@ -2,6 +2,7 @@
 numbers, a tensor ``lr`` of one element, torch.optim.Adam's keyword-only
 ``decoupled_weight_decay``."""
 import collections.abc
+import re
 
 import numpy as np
 import pytest
@@ -105,3 +106,21 @@ def test_adam_decoupled_weight_decay_is_kept_in_checkpoints():
     assert opt.state_dict()["param_groups"][0]["decoupled_weight_decay"] is True
     with pytest.raises(ValueError, match="decoupled_weight_decay"):
         af.Adam([p], decoupled_weight_decay="yes")
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (af.AdamW, dict(lr=1e300)), (af.AdamW, dict(weight_decay=1e39)), (af.Lion, dict(weight_decay=1e39)),
+    (af.Amos, dict(lr=1e39)), (af.Lamb, dict(eps=1e39)), (af.ScaledAdamW, dict(q=1e39)),
+    (af.AdamW8bit, dict(eps=1e39)),
+], ids=lambda x: x.__name__ if isinstance(x, type) else str(x))
+def test_a_value_beyond_float32_range_is_refused_at_construction(cls, kwargs):
+    """The step of float32 params computes in float32: a finite value it cannot
+    hold is refused when the group is made (not first at step()), naming it;
+    float64 params take it."""
+    name, value = next(iter(kwargs.items()))
+    with pytest.raises(ValueError, match=rf"param_groups\[0\].*{name}.*{re.escape(str(value))}"):
+        cls([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+    opt = cls([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))], **kwargs)
+    with pytest.raises(ValueError, match=rf"param_groups\[1\].*{name}"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+    assert len(opt.param_groups) == 1

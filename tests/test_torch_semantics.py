@@ -129,6 +129,36 @@ def test_param_data_replaced(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("before,after", [(torch.float64, torch.complex128), (torch.complex128, torch.float64)],
+                         ids=["real-to-complex", "complex-to-real"])
+def test_param_data_made_complex_or_real(backend, before, after):
+    """p.data set to a tensor of the other kind (its state cleared): the cached plan,
+    which steps complex params as their real views, is rebuilt, and both kinds step
+    as torch.optim steps them."""
+    gen = torch.Generator().manual_seed(5)
+    ours = [torch.randn(4, 3, generator=gen, dtype=before).requires_grad_(), torch.randn(6, dtype=torch.float64,
+                                                                                        generator=gen).requires_grad_()]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt, torch_opt = af.AdamW(ours, lr=0.05, backend=backend), torch.optim.AdamW(theirs, lr=0.05, foreach=False)
+    for step in range(4):
+        if step == 2:
+            value = torch.randn(4, 3, generator=gen, dtype=after)
+            for p, o in ((ours[0], opt), (theirs[0], torch_opt)):
+                p.data = value.clone()
+                del o.state[p]
+        for p, q in zip(ours, theirs):
+            q.grad = torch.randn(q.shape, generator=gen, dtype=q.dtype)
+            p.grad = q.grad.clone()
+        opt.step()
+        torch_opt.step()
+    for p, q in zip(ours, theirs):
+        assert p.dtype == q.dtype == q.grad.dtype
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][key], torch_opt.state[q][key], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_param_group_added_later(backend):
     def edit(params, opt):
         extra = torch.ones(4, 4, dtype=torch.float64, requires_grad=True)
