@@ -150,10 +150,10 @@ def test_params_swapped_into_sharing_memory_are_refused_before_any_write(layout)
 # ---- state entries --------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float64, torch.float16])
 def test_a_step_counter_of_another_dtype_steps_like_torch(backend, dtype):
     """``state['step'] = torch.tensor(10)`` (torch.optim steps from it): the step
-    reads it as that count."""
+    reads it as that count, and keeps it from then on as a float32 CPU scalar."""
     ours, theirs = torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.randn(7))
     theirs.data.copy_(ours.data)
     opt = af.AdamW([ours], lr=0.1, backend=backend)
@@ -164,7 +164,9 @@ def test_a_step_counter_of_another_dtype_steps_like_torch(backend, dtype):
         opt_.state[p]["step"] = torch.tensor(10, dtype=dtype)
         _grads([p], 1)
         opt_.step()
-    assert float(opt.state[ours]["step"]) == 11.0
+    step = opt.state[ours]["step"]
+    assert float(step) == 11.0
+    assert (step.dtype, step.dim(), step.device.type) == (torch.float32, 0, "cpu")
     torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-6, atol=1e-7)
 
 
@@ -245,6 +247,24 @@ def test_a_state_laid_out_otherwise_beside_an_unchanged_param_is_refused_on_cpu(
     opt.step()
     opt.state[b][key] = opt.state[b][key].t().contiguous().t()
     _assert_refused(opt, rf"param_groups\[1\]\['params'\]\[0\].*state\['{key}'\].*strides \(1, 4\)")
+
+
+def test_a_state_laid_out_otherwise_is_stepped_as_it_is_by_the_reference():
+    """The reference takes any strides: the same state in another layout steps to the
+    same values, and keeps its layout."""
+    runs = []
+    for relaid in (False, True):
+        a = torch.nn.Parameter(torch.arange(24.0).reshape(4, 6) / 7)
+        opt = af.AdamW([a], lr=0.1, backend="reference")
+        _grads([a], 0)
+        opt.step()
+        if relaid:
+            opt.state[a]["exp_avg"] = opt.state[a]["exp_avg"].t().contiguous().t()
+        _grads([a], 1)
+        opt.step()
+        runs.append((a.detach().clone(), opt.state[a]["exp_avg"]))
+    assert runs[1][1].stride() == (1, 4)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
