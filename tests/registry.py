@@ -189,6 +189,18 @@ CLASS_CASES: Dict[str, str] = {}
 for _name, _case in CASES.items():
     CLASS_CASES.setdefault(_case.cls.__name__, _name)
 
+# The classes with FP8 states (not in CASES: the full-precision kernel tests cross
+# those), for the tests of promises every class keeps.
+FP8_CLASS_CASES: Dict[str, Case] = {
+    "AdamW8bit": Case(af.AdamW8bit, dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)),
+    "Adam8bit": Case(af.Adam8bit, dict(lr=1e-2, weight_decay=0.1)),
+    "RAdam8bit": Case(af.RAdam8bit, dict(lr=1e-2, weight_decay=0.1)),
+    "Lion8bit": Case(af.Lion8bit, dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)),
+    "Amos8bit": Case(af.Amos8bit, dict(lr=0.05, reduce_axes=-1, momentum=0.9)),
+}
+# Every class: its CASES row or its FP8 case.
+ALL_CLASS_CASES: Dict[str, Case] = {**{name: CASES[row] for name, row in CLASS_CASES.items()}, **FP8_CLASS_CASES}
+
 # Amos: slot layouts (reduce_axes) and configurations, crossed by the kernel tests.
 AMOS_LR = 0.3  # b reaches ~0.3 within a run: c and d differ from 1 by a few %, so
                # using the updated b where the old one is due shows at float32 precision

@@ -198,6 +198,34 @@ def test_without_momentum_it_is_amos(backend):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("axes", [None, 1, "all"])
+@pytest.mark.parametrize("cls", [af.Amos, af.Amos8bit])
+def test_momentum_switched_off_is_ignored_while_off(cls, axes, backend):
+    """momentum set to None after two steps: the step is a momentum-free Amos's from
+    the same v, b and step, and the momentum (float or FP8 codes with their absmax)
+    is left as it was."""
+    gen = torch.Generator().manual_seed(4)
+    p = torch.nn.Parameter(torch.randn(64, 80, generator=gen) * 0.1)
+    opt = cls([p], lr=0.05, eta=0.1, momentum=0.9, reduce_axes=axes, backend=backend)
+    for step in range(2):
+        p.grad = _grads(p, step)
+        opt.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    twin = af.Amos([q], lr=0.05, eta=0.1, reduce_axes=axes, backend=backend)
+    twin.state[q] = {key: opt.state[p][key].clone() for key in ("step", "v", "b")}
+    momentum = {key: value.clone() for key, value in opt.state[p].items() if key.startswith("mu")}
+    assert sorted(momentum) == (["mu", "mu_absmax"] if cls is af.Amos8bit else ["mu"])
+    opt.param_groups[0]["momentum"] = None
+    for step in range(2, 4):
+        p.grad = q.grad = _grads(p, step)
+        opt.step()
+        twin.step()
+    assert torch.equal(p, q)
+    for key, value in momentum.items():
+        assert torch.equal(opt.state[p][key], value), key
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_small_params_keep_a_float_momentum(backend):
     gen = torch.Generator().manual_seed(4)
     small = torch.nn.Parameter(torch.randn(40, 50, generator=gen))  # 2000 < 4096 elements

@@ -20,7 +20,7 @@ from conftest import (
     set_grads,
     states_of,
 )
-from registry import CASES, backends
+from registry import ALL_CLASS_CASES, CASES, backends, seeded_grads, seeded_params
 
 # family -> (ours for a backend, torch.optim's twin), from the registry
 FAMILIES = {
@@ -181,6 +181,42 @@ def test_load_copies_state(backend):
     for index, state in saved["state"].items():
         for key, value in state.items():
             assert torch.equal(value, source_copy[index][key])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("name", sorted(ALL_CLASS_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16-masters"])
+def test_load_copies_every_state_of_every_class(name, dtype, backend):
+    """Loading copies every tensor: the 8-bit codes and absmax, Amos's slots and
+    momentum, masters; the loaded optimizer shares no memory with the checkpoint,
+    and later writes to either side leave the other as it was."""
+    case = ALL_CLASS_CASES[name]
+    extra = {"master_weights": True} if dtype == torch.bfloat16 else {}
+    source_params = seeded_params([(64, 80), (5000,), (7,)], dtype)
+    source = case.make(source_params, backend, **extra)
+    for step in range(2):
+        for p, g in zip(source_params, seeded_grads(source_params, step)):
+            p.grad = g
+        source.step()
+    saved = source.state_dict()
+    params = [torch.nn.Parameter(p.detach().clone()) for p in source_params]
+    opt = case.make(params, backend, **extra)
+    opt.load_state_dict(saved)
+    source_ptrs = {value.untyped_storage().data_ptr() for state in saved["state"].values()
+                   for value in state.values() if isinstance(value, torch.Tensor) and value.numel() > 0}
+    loaded = [opt.state[p] for p in params]
+    for state in loaded:
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.numel() > 0:
+                assert value.untyped_storage().data_ptr() not in source_ptrs, f"{name}: {key} aliases the checkpoint"
+    before = [{k: v.clone() for k, v in state.items()} for state in loaded]
+    for state in saved["state"].values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.numel() > 0:
+                value.add_(1 if value.dtype == torch.uint8 else 100.0)
+    for state, kept in zip(loaded, before):
+        for key, value in state.items():
+            assert torch.equal(value, kept[key]), f"{name}: {key} changed with the checkpoint"
 
 
 @pytest.mark.parametrize("source_step", ["float32", "float64", "int64", "python-int"])

@@ -440,6 +440,49 @@ def test_param_written_between_steps_restarts_its_master(how, backend):
         assert torch.equal(opt.state[params[i]][MASTER_KEY], q.detach()), f"param {i}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_write_through_p_data_in_place_is_not_seen(backend):
+    """p.data.copy_(…) bypasses the param's version counter: the master is kept (the
+    documented limit), and the step writes the param from it."""
+    params = seeded_params([(30, 40)], torch.bfloat16)
+    opt = af.AdamW(params, lr=1e-2, master_weights=True, backend=backend)
+    params[0].grad = seeded_grads(params, 0)[0]
+    opt.step()
+    master = opt.state[params[0]][MASTER_KEY].clone()
+    params[0].data.copy_(torch.full((30, 40), 0.5, dtype=torch.bfloat16))
+    opt.param_groups[0]["lr"] = 0.0
+    params[0].grad = torch.zeros_like(params[0])
+    opt.step()
+    assert torch.equal(opt.state[params[0]][MASTER_KEY], master)
+    assert torch.equal(params[0].detach(), master.bfloat16())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["no_grad-copy_", "replaced-data"])
+def test_a_write_before_a_step_that_raises_is_seen_by_the_next_step(how, backend):
+    """A step that raises changes nothing, the masters' marks included: the param
+    written before it still restarts its master at the next step that runs."""
+    a, b = seeded_params([(100,)], torch.bfloat16)[0], torch.nn.Parameter(torch.randn(7))
+    opt = af.AdamW([{"params": [a]}, {"params": [b]}], lr=1e-3, master_weights=True, backend=backend)
+    a.grad, b.grad = seeded_grads([a], 0)[0], torch.randn(7)
+    opt.step()
+    new = torch.full((100,), 0.333, dtype=torch.bfloat16)
+    if how == "no_grad-copy_":
+        with torch.no_grad():
+            a.copy_(new)
+    else:
+        a.data = new.clone()
+    master = opt.state[a][MASTER_KEY].clone()
+    opt.param_groups[1]["lr"] = -1.0
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: Invalid learning rate: -1.0"):
+        opt.step()
+    assert torch.equal(opt.state[a][MASTER_KEY], master) and torch.equal(a.detach(), new)
+    opt.param_groups[1]["lr"], opt.param_groups[0]["lr"] = 1e-3, 0.0
+    a.grad = torch.zeros_like(a)
+    opt.step()
+    assert torch.equal(opt.state[a][MASTER_KEY], new.float())
+
+
 def test_deepcopy_and_pickle_keep_working():
     """An optimizer copied (copy.deepcopy, pickle) steps, with telemetry and masters."""
     import pickle

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import amos_fused as af
 from amos_fused.stochastic_round import lowbias32, memory_indices, round_key, round_to_bfloat16
-from registry import CASES, CLASS_CASES, amos_case, assert_equal_or_neighbours, seeded_grads, seeded_params
+from registry import ALL_CLASS_CASES, CASES, CLASS_CASES, amos_case, assert_equal_or_neighbours, seeded_grads, seeded_params
 
 SHAPES = [(37, 70), (5001,), (3, 4, 5, 6), (), (0, 3), (2, 9000)]
 
@@ -195,6 +195,32 @@ def test_float32_params_are_not_affected():
         opt.step()
     for a, b in zip(with_flag, params):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("name", sorted(ALL_CLASS_CASES))
+def test_states_are_rounded_to_nearest_and_wider_params_not_affected(name, backend):
+    """Only the bfloat16 param is rounded stochastically: after one step from the
+    same values its states are bitwise those of a round-to-nearest step; float32
+    and float64 params and states are bitwise those of a step without the flag."""
+    case = ALL_CLASS_CASES[name]
+    shapes = [(37, 70), (5001,), (2, 9000)]
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        runs = []
+        for flag in (True, False):
+            params = _params(shapes, dtype)
+            opt = case.make(params, backend, bf16_stochastic_round=flag)
+            for p, g in zip(params, _grads(params, 0)):
+                p.grad = g
+            opt.step()
+            runs.append((params, opt))
+        (params_sr, opt_sr), (params_rn, opt_rn) = runs
+        for p, q in zip(params_sr, params_rn):
+            if dtype != torch.bfloat16:
+                assert torch.equal(p, q), f"{name} {dtype}: param"
+            assert opt_sr.state[p].keys() == opt_rn.state[q].keys()
+            for key, value in opt_rn.state[q].items():
+                assert torch.equal(opt_sr.state[p][key], value), f"{name} {dtype}: state {key!r}"
 
 
 def test_memory_order_indices():
