@@ -410,6 +410,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 first_index += len(group["params"])
             self._check_swaps()
             self._check_grad_scaling()
+            self._check_unscalable_grads(ready)
         except BaseException:
             for group, values in kept:
                 group.update(values)
@@ -453,10 +454,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         host: List[Tensor] = []
         on_device: Dict[torch.device, List[Tensor]] = {}
+        seen: set = set()
         for item in ready:
             if item is None:
                 continue
             grads = [p.grad for bucket in item.buckets for p in bucket.owners if p.grad is not None]
+            grads = [g for g in grads if id(g) not in seen and not seen.add(id(g))]  # a grad two params share: once
             if item.group.get("capturable"):
                 for g in grads:
                     on_device.setdefault(local(g).device, []).append(g)
@@ -910,6 +913,29 @@ class FusedOptimizer(torch.optim.Optimizer):
                        else repr(value))
                 raise ValueError(f"{self._name}: {name} (set by torch.amp.GradScaler) must be a one-element "
                                  f"floating tensor with data, got {got}")
+
+    def _check_unscalable_grads(self, ready: List[Optional[_Ready]]) -> None:
+        """Under GradScaler every stepped grad is divided in place after the step
+        (_unscale_stepped_grads): a grad that cannot be written in place is refused
+        now, before anything is written (torch's in-place ops refuse it only then)."""
+        if self._grad_scaling()["grad_scale"] is None:
+            return
+        for index, item in enumerate(ready):
+            for bucket in item.buckets if item is not None else ():
+                for position, p in zip(bucket.positions, bucket.owners):
+                    grad = local(p.grad) if p.grad is not None else None
+                    if grad is None:
+                        continue
+                    if torch._debug_has_internal_overlap(grad) == 1:
+                        problem = f"has elements that share memory (strides {tuple(grad.stride())})"
+                    elif grad.is_inference() and not torch.is_inference_mode_enabled():
+                        problem = "is an inference tensor (made under torch.inference_mode())"
+                    else:
+                        continue
+                    raise ValueError(
+                        f"{self._where(index, position, p)}: its grad {problem}; under torch.amp.GradScaler the "
+                        "step divides the grads in place once it has run, as torch's fused optimizers do: give "
+                        "it a grad of its own (p.grad = p.grad.clone())")
 
     def _reference_grads(self, grads: List[Tensor]) -> Optional[List[Tensor]]:
         """Grads for the reference: unscaled by GradScaler's scale, or None when

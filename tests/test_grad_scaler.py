@@ -177,6 +177,54 @@ def test_grads_after_the_step_are_those_of_torchs_fused_step(name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["expanded", "inference"])
+def test_a_grad_that_cannot_be_unscaled_in_place_is_refused_before_any_write(kind, backend):
+    """The step divides the stepped grads in place once it has run: a grad whose
+    elements share memory, or an inference tensor, is refused naming its param
+    before group 0 is stepped or any grad divided."""
+    import amos_fused as af
+    a, b = torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(4, 3))
+    opt = af.AdamW([{"params": [a]}, {"params": [b]}], lr=1e-2, backend=backend)
+    a.grad = torch.randn(5, 7) * 4
+    if kind == "expanded":
+        b.grad = torch.tensor([8.0]).expand(4, 3)
+    else:
+        with torch.inference_mode():
+            b.grad = torch.full((4, 3), 8.0)
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)  # as GradScaler.step sets them
+    before, grad = snapshot(opt, [a, b]), a.grad.clone()
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\].*its grad (has elements that "
+                                         r"share memory|is an inference tensor)"):
+        opt.step()
+    assert_unchanged(before, opt, [a, b])
+    assert torch.equal(a.grad, grad)
+    opt.grad_scale = opt.found_inf = None  # without GradScaler nothing is written to the grads: stepped
+    opt.step()
+    assert float(opt.state[b]["step"]) == 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_grad_two_params_share_is_unscaled_once(backend):
+    """Both params step on the unscaled grad (the kernels read it before it is
+    divided), and the grad is left unscaled once, not divided by the scale twice."""
+    import amos_fused as af
+    base = [torch.randn(6, 5), torch.randn(6, 5)]
+    shared = torch.randn(6, 5)
+    ours, twins = [torch.nn.Parameter(t.clone()) for t in base], [torch.nn.Parameter(t.clone()) for t in base]
+    opt = af.AdamW(ours, lr=1e-2, backend=backend)
+    twin = af.AdamW(twins, lr=1e-2, backend=backend)
+    ours[0].grad = ours[1].grad = shared * 8
+    for p in twins:
+        p.grad = shared.clone()
+    opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(0.0)
+    opt.step()
+    twin.step()
+    for p, q in zip(ours, twins):
+        assert torch.equal(p, q)
+    assert ours[0].grad is ours[1].grad and torch.equal(ours[0].grad, shared)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_an_optimizer_without_grads_this_step_under_a_shared_scaler(backend):
     """Two optimizers, one GradScaler, one sub-model unused this iteration (a GAN's
     other half): GradScaler hands the idle optimizer found_inf = 0 (an int: the sum
