@@ -468,13 +468,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         if host:
             values = self._host_grad_scaling()
             if values["found_inf"] is None or float(values["found_inf"]) == 0.0:
-                torch._foreach_div_(host, float(values["grad_scale"]))
+                with torch.inference_mode():  # (which also writes a grad made under inference_mode)
+                    torch._foreach_div_(host, float(values["grad_scale"]))
         for device, grads in on_device.items():
             scale = scaling["grad_scale"].to(device, non_blocking=True)
             found_inf = scaling["found_inf"]
             if found_inf is not None:
                 scale = torch.where(found_inf.to(device, non_blocking=True) != 0, torch.ones_like(scale), scale)
-            torch._foreach_div_(grads, scale)
+            with torch.inference_mode():
+                torch._foreach_div_(grads, scale)
 
     def _plan(self, index: int, group: dict, rebuild: bool) -> GroupPlan:
         plan = self._plans.get(index)
@@ -542,9 +544,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         owners = [plan.params[i] for i in positions]
         if self.fp8_state_keys and any(self._keeps_fp8(p) != spec.fp8 for p in owners):
             raise _StalePlan()
-        if any(p.is_complex() != (i in spec.complex_positions) or is_dtensor(p) != (i in spec.dtensor_positions)
-               for i, p in zip(positions, owners)):  # p.data set to a complex tensor, or back
-            raise _StalePlan()
         if spec.master_of is not None and any(p.dtype != spec.master_of for p in owners):
             raise _StalePlan()
         grads = [all_grads[i] for i in positions]
@@ -606,6 +605,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             params, grads = list(params), list(grads)
             for i, pos in enumerate(positions):
                 if pos in spec.complex_positions:
+                    if not owners[i].is_complex():  # p.data set to a real tensor since the plan was made
+                        raise _StalePlan()
                     params[i], grads[i] = self._real_views(where(i), params[i], grads[i], lists, like_keys, i)
         capturable = bool(group.get("capturable"))
         if capturable:
@@ -688,7 +689,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 grads[bad] = torch.empty_strided(p.size(), p.stride(), dtype=grads[bad].dtype,
                                                  device=p.device).copy_(grads[bad])
                 continue
-            if problem in (Problem.PARAM_MIXED, Problem.PARAM_DTYPE) and spec is not None and self._stale(owners[bad], spec):
+            if (problem in (Problem.PARAM_MIXED, Problem.PARAM_DTYPE) and spec is not None
+                    and self._stale(owners[bad], spec, positions[bad])):
                 raise _StalePlan()
             name = {Problem.STATE: like_keys, Problem.SLOT: slot_keys}.get(problem, [""] * (which + 1))[which]
             tensor = lists[name][bad] if name else steps[bad]
@@ -831,10 +833,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             if lists[key][i].dim() == len(order):
                 lists[key][i] = lists[key][i].permute(order)
 
-    def _stale(self, param: Tensor, spec: BucketSpec) -> bool:
-        """True when ``param`` no longer belongs to the bucket its plan put it in."""
+    def _stale(self, param: Tensor, spec: BucketSpec, position: int) -> bool:
+        """True when ``param`` (at ``position`` in its group) no longer belongs to the
+        bucket its plan put it in (p.data set to another dtype, device or size, or
+        to a complex tensor)."""
         return (param.device != spec.device or kernel_dtype(param) != (spec.master_of or spec.dtype)
-                or self._keeps_fp8(param) != spec.fp8)
+                or self._keeps_fp8(param) != spec.fp8 or param.is_complex() != (position in spec.complex_positions))
 
     @staticmethod
     def _real_views(where: str, param: Tensor, grad: Tensor, lists: dict, like_keys, i: int):
@@ -916,26 +920,22 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _check_unscalable_grads(self, ready: List[Optional[_Ready]]) -> None:
         """Under GradScaler every stepped grad is divided in place after the step
-        (_unscale_stepped_grads): a grad that cannot be written in place is refused
-        now, before anything is written (torch's in-place ops refuse it only then)."""
+        (_unscale_stepped_grads): a grad whose elements share memory (an expanded
+        view), which no in-place op may write, is refused now, before anything is
+        written.  (A contiguous grad has none; the others are looked at.)"""
         if self._grad_scaling()["grad_scale"] is None:
             return
         for index, item in enumerate(ready):
             for bucket in item.buckets if item is not None else ():
                 for position, p in zip(bucket.positions, bucket.owners):
-                    grad = local(p.grad) if p.grad is not None else None
-                    if grad is None:
-                        continue
-                    if torch._debug_has_internal_overlap(grad) == 1:
-                        problem = f"has elements that share memory (strides {tuple(grad.stride())})"
-                    elif grad.is_inference() and not torch.is_inference_mode_enabled():
-                        problem = "is an inference tensor (made under torch.inference_mode())"
-                    else:
+                    grad = p.grad
+                    if grad is None or grad.is_contiguous() or torch._debug_has_internal_overlap(local(grad)) != 1:
                         continue
                     raise ValueError(
-                        f"{self._where(index, position, p)}: its grad {problem}; under torch.amp.GradScaler the "
-                        "step divides the grads in place once it has run, as torch's fused optimizers do: give "
-                        "it a grad of its own (p.grad = p.grad.clone())")
+                        f"{self._where(index, position, p)}: its grad has elements that share memory (strides "
+                        f"{tuple(local(grad).stride())}); under torch.amp.GradScaler the step divides the grads in "
+                        "place once it has run, as torch's fused optimizers do: give it a grad of its own "
+                        "(p.grad = p.grad.clone())")
 
     def _reference_grads(self, grads: List[Tensor]) -> Optional[List[Tensor]]:
         """Grads for the reference: unscaled by GradScaler's scale, or None when
