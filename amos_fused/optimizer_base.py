@@ -25,7 +25,7 @@ from . import fp8_states
 from .master_weights import MASTER_KEY, WriteMarks, float32_copy, has_master, master_problem, upcast_states
 from . import master_weights as masters
 from .contracts import call_capturable_step, call_fp8_step, call_step, master_algorithms
-from .sharding import is_dtensor, local, placed_like, shard_offset
+from .sharding import is_dtensor, local, placed_like, shard_groups, shard_offset, wait_for_every_shard
 from .stochastic_round import round_key, round_to_bfloat16
 from .telemetry import RMS, Recorder, measured_sums, new_table, snapshot
 
@@ -73,6 +73,18 @@ def writes_low_params(backend: str, algorithm: str, fp8: bool) -> bool:
     same pass (its ``low_params``): the CPU kernels of ``master_algorithms()`` and
     the CPU FP8 kernels.  Otherwise the masters are copied into them after."""
     return backend == "cpu" and (fp8 or algorithm in master_algorithms())
+
+
+def _process_groups(collective: List[Tuple["_Ready", Bucket]]) -> List[Tuple[object, torch.device]]:
+    """The process groups (with a device for their tensors) that shard the params of
+    the buckets summed over shards, in the order first met (the same on every rank)."""
+    found: List[Tuple[object, torch.device]] = []
+    for _, bucket in collective:
+        for owner in bucket.owners:
+            for group in shard_groups(owner):
+                if all(group is not seen for seen, _ in found):
+                    found.append((group, bucket.device))
+    return found
 
 
 class _StalePlan(Exception):
@@ -411,6 +423,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_swaps()
             self._check_grad_scaling()
             self._check_unscalable_grads(ready)
+            collective = [(item, bucket) for item in ready if item is not None for bucket in item.buckets
+                          if self._reduces_across_shards(bucket, item.group)]
+            if collective:  # every rank's checks passed before any rank writes (a rank whose step raised
+                wait_for_every_shard(_process_groups(collective))  # leaves the others waiting here)
         except BaseException:
             for group, values in kept:
                 group.update(values)
@@ -420,7 +436,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         try:
             for item in ready:
                 if item is not None:
-                    self._run(item)
+                    self._apply_new_states(item)
+            # the buckets summed over shards first: a sum that fails then finds the others unwritten
+            in_order = collective + [(item, bucket) for item in ready if item is not None for bucket in item.buckets
+                                     if all(bucket is not b for _, b in collective)]
+            for n, (item, bucket) in enumerate(in_order):
+                self._run_bucket(item, bucket, summed_over_shards=n < len(collective))
             self._unscale_stepped_grads(ready)
         finally:
             self._step_host_scaling = None
@@ -948,7 +969,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             return [(g.float() if g.dtype in (torch.bfloat16, torch.float16) else g) * unscale for g in grads]
         return grads
 
-    def _run(self, ready: _Ready) -> None:
+    def _apply_new_states(self, ready: _Ready) -> None:
         for param, changes in ready.new_states:
             state = self.state.setdefault(param, {})  # (a plain dict in place of torch's defaultdict too)
             for key, value in changes.items():
@@ -956,44 +977,47 @@ class FusedOptimizer(torch.optim.Optimizer):
                     state.pop(key, None)
                 else:
                     state[key] = value
+
+    def _run_bucket(self, ready: _Ready, bucket: Bucket, summed_over_shards: bool) -> None:
+        """Steps one bucket (``summed_over_shards``: by ``_sharded_step``, whatever
+        the backend)."""
         group = ready.group
         track = group.get("track_rms", False)
-        for bucket in ready.buckets:
-            table = new_table(len(bucket.params), bucket.params[0].device) if track else None
-            keys = None
-            if group.get("bf16_stochastic_round") and bucket.dtype == torch.bfloat16:
-                keys = [round_key(group.get("stochastic_round_seed", 0), ready.first_index + position,
-                                  shard_offset(owner))
-                        for position, owner in zip(bucket.positions, bucket.owners)]
-            python_step = None
-            if self._reduces_across_shards(bucket, group):
-                python_step = self._sharded_step
-            elif bucket.backend == "reference":
-                python_step = self._reference_step
-            if python_step is None:
-                self._fused_step(fused_ops(bucket.backend), bucket, group, table, keys)
-            else:
-                unscaled = self._reference_grads(bucket.grads)
-                before = snapshot(bucket.params) if track and unscaled is not None else None
-                if unscaled is not None:
-                    bucket.grads = unscaled
-                    if keys is None:
-                        python_step(bucket, group)
-                    else:
-                        self._python_step_rounded(python_step, bucket, group, keys)
-                if track:
-                    measured_sums(bucket.params, before, table)
-            if bucket.shadows and not bucket.shadows_in_kernel:  # the params, rounded from their masters
-                torch._foreach_copy_(bucket.shadows, bucket.params)
-            if bucket.shadows:
-                self._master_marks.mark(bucket.owners)
-            for p in bucket.owners:
-                if p.dim() > 1:
-                    self._layouts[id(p)] = (p, p.stride())
+        table = new_table(len(bucket.params), bucket.params[0].device) if track else None
+        keys = None
+        if group.get("bf16_stochastic_round") and bucket.dtype == torch.bfloat16:
+            keys = [round_key(group.get("stochastic_round_seed", 0), ready.first_index + position,
+                              shard_offset(owner))
+                    for position, owner in zip(bucket.positions, bucket.owners)]
+        python_step = None
+        if summed_over_shards:
+            python_step = self._sharded_step
+        elif bucket.backend == "reference":
+            python_step = self._reference_step
+        if python_step is None:
+            self._fused_step(fused_ops(bucket.backend), bucket, group, table, keys)
+        else:
+            unscaled = self._reference_grads(bucket.grads)
+            before = snapshot(bucket.params) if track and unscaled is not None else None
+            if unscaled is not None:
+                bucket.grads = unscaled
+                if keys is None:
+                    python_step(bucket, group)
+                else:
+                    self._python_step_rounded(python_step, bucket, group, keys)
             if track:
-                self._telemetry.record(bucket.owners, bucket.params, table, float(ready.group["lr"]))
-            else:
-                self._telemetry.forget(bucket.owners)
+                measured_sums(bucket.params, before, table)
+        if bucket.shadows and not bucket.shadows_in_kernel:  # the params, rounded from their masters
+            torch._foreach_copy_(bucket.shadows, bucket.params)
+        if bucket.shadows:
+            self._master_marks.mark(bucket.owners)
+        for p in bucket.owners:
+            if p.dim() > 1:
+                self._layouts[id(p)] = (p, p.stride())
+        if track:
+            self._telemetry.record(bucket.owners, bucket.params, table, float(ready.group["lr"]))
+        else:
+            self._telemetry.forget(bucket.owners)
 
     @staticmethod
     def _python_step_rounded(python_step, bucket: Bucket, group: dict, keys: List[int]) -> None:

@@ -95,6 +95,14 @@ def shard_groups(t: Tensor, dims: Optional[Iterable[int]] = None) -> Tuple:
                  if isinstance(p, Shard) and (wanted is None or p.dim % max(t.dim(), 1) in wanted))
 
 
+def wait_for_every_shard(groups: Sequence[Tuple[object, torch.device]]) -> None:
+    """One all-reduce of a one-element tensor (on the given device) over each of
+    ``groups``, in order: returns once every rank of each group has reached it.
+    Every rank must pass the same groups in the same order."""
+    for group, device in groups:
+        dist.all_reduce(torch.ones(1, device=device), op=dist.ReduceOp.SUM, group=group)
+
+
 def sum_over_shards(parts: Sequence[Tensor], groups: Sequence[Tuple]) -> List[Tensor]:
     """``parts[i]``: local partial sums, to be summed over the process groups
     ``groups[i]`` (empty: nothing to sum).  Returns the sums, with one all-reduce

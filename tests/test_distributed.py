@@ -128,7 +128,8 @@ def _fsdp_matches_single_process(rank, world, path, offload):
                 for p, q in zip(sharded.parameters(), single.parameters()):
                     assert rms[p].weight == pytest.approx(single_rms[q].weight, rel=rel), name
                     assert rms[p].update == pytest.approx(single_rms[q].update, rel=rel, abs=1e-12), name
-                if name in ("ScaledAdamW", "Lamb", "Amos-all"):  # one all-reduce per bucket and step
+                if name in ("ScaledAdamW", "Lamb", "Amos-all"):  # one all-reduce per bucket and step,
+                    # after the one that waits for every rank (one mesh here)
                     calls = []
                     real = dist.all_reduce
                     dist.all_reduce = lambda *a, **k: calls.append(1) or real(*a, **k)
@@ -136,7 +137,7 @@ def _fsdp_matches_single_process(rank, world, path, offload):
                         opt.step()  # the grads of the last training step, once more
                     finally:
                         dist.all_reduce = real
-                    assert len(calls) == 1, (name, len(calls))
+                    assert len(calls) == 2, (name, len(calls))
                 for p in sharded.parameters():
                     for key, value in opt.state[p].items():
                         if key == "step":
@@ -367,10 +368,11 @@ def _checkpoint(rank, world, path, directory, resume):
 
 
 def _dtensor_corners(rank, world, path):
-    """Three corners of DTensor params (plain distribute_tensor on a 1-D mesh):
-    a grad placed otherwise than its param (Partial) is redistributed as torch's
-    ops would; bf16 stochastic rounding draws other bits on each shard and the same
-    on replicas; a sharded reduction whose all-reduce raises leaves the counters."""
+    """Corners of DTensor params (plain distribute_tensor on a 1-D mesh): a grad
+    placed otherwise than its param (Partial) is redistributed as torch's ops would;
+    bf16 stochastic rounding draws other bits on each shard and the same on
+    replicas; a sharded reduction whose all-reduce raises leaves the counters; a
+    failing wait for the other ranks or sum over shards leaves every bucket."""
     _init(rank, world, path)
     try:
         import amos_fused as af
@@ -417,6 +419,40 @@ def _dtensor_corners(rank, world, path):
         finally:
             norm_scaled.sum_over_shards = saved
         assert float(opt.state[r]["step"]) == before
+        # 4. a step with a bucket summed over shards waits for every rank before anything is
+        # written, and steps such buckets first: a wait or a sum that fails leaves every bucket
+        # (the one needing no sum too) and every counter as they were
+        import amos_fused.optim as optim
+        import amos_fused.optimizer_base as optimizer_base
+        rows, whole = (torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0)])) for _ in range(2))
+        opt = af.Amos([{"params": [rows], "reduce_axes": 1}, {"params": [whole], "reduce_axes": "all"}], lr=0.01,
+                      eta=0.5)
+        for q in (rows, whole):
+            q.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])
+        opt.step()
+
+        def values():
+            return [q.to_local().clone() for q in (rows, whole)] + [
+                v.to_local().clone() if isinstance(v, DTensor) else v.clone()
+                for q in (rows, whole) for v in opt.state[q].values()]
+
+        def lost(*args):
+            raise RuntimeError("a peer was lost")
+        for module, name in ((optimizer_base, "wait_for_every_shard"), (optim, "sum_over_shards")):
+            assert hasattr(module, name), name
+            before = values()
+            saved = getattr(module, name)
+            setattr(module, name, lost)
+            try:
+                opt.step()
+                raise AssertionError(f"the failing {name} did not raise")
+            except RuntimeError as error:
+                assert "a peer was lost" in str(error), error
+            finally:
+                setattr(module, name, saved)
+            assert all(torch.equal(a, b) for a, b in zip(before, values())), name
+        opt.step()  # and steps on
+        assert float(opt.state[rows]["step"]) == 2.0
     except BaseException:
         dist.destroy_process_group()  # no barrier: another rank may be stuck
         raise
