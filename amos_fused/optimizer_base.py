@@ -87,6 +87,15 @@ def _process_groups(collective: List[Tuple["_Ready", Bucket]]) -> List[Tuple[obj
     return found
 
 
+def _host_values(group: dict) -> dict:
+    """``group`` as the host-side checks read it: a capturable step's lr tensor on
+    the device reads as 0.0 (its value stays there; _gather checks the tensor)."""
+    lr = group.get("lr")
+    if group.get("capturable") and isinstance(lr, Tensor) and lr.device.type != "cpu":
+        return {**group, "lr": 0.0}
+    return group
+
+
 class _StalePlan(Exception):
     """A param changed dtype or device since its group's plan was made."""
 
@@ -286,14 +295,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         check_backend(group_backend(group), self.algorithm, self._name)
         self._check_group(group)
         plan = self._plans[index] = self._make_plan(index, group)
-        lr = group.get("lr")
-        if group.get("capturable") and isinstance(lr, Tensor) and lr.device.type != "cpu":
-            group = {**group, "lr": 0.0}  # (as in _prepare: its value stays on the device)
+        hyper = self._named_hyper(index, _host_values(group))
+        self._check_range(index, hyper, plan)  # lr=1e300 for float32 params: refused now, not at step()
+
+    def _named_hyper(self, index: int, group: dict) -> dict:
+        """``_hyper(group)``: every value the step reads, converted (nothing may fail
+        once a group is written); its errors named by the group."""
         try:
-            hyper = self._hyper(group)
+            return self._hyper(group)
         except (TypeError, ValueError, KeyError, RuntimeError) as error:
             raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
-        self._check_range(index, hyper, plan)  # lr=1e300 for float32 params: refused now, not at step()
 
     def _check_flags(self, group: dict) -> None:
         """torch.optim's flags: what we cannot honour is refused, never ignored."""
@@ -438,8 +449,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if item is not None:
                     self._apply_new_states(item)
             # the buckets summed over shards first: a sum that fails then finds the others unwritten
+            summed = {id(bucket) for _, bucket in collective}
             in_order = collective + [(item, bucket) for item in ready if item is not None for bucket in item.buckets
-                                     if all(bucket is not b for _, b in collective)]
+                                     if id(bucket) not in summed]
             for n, (item, bucket) in enumerate(in_order):
                 self._run_bucket(item, bucket, summed_over_shards=n < len(collective))
             self._unscale_stepped_grads(ready)
@@ -516,17 +528,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                              f"each of the optimizer's settings (its default: {self.defaults[missing[0]]!r})")
         self._check_flags(group)
         check_backend(group_backend(group), self.algorithm, self._name)  # (a group's backend may be set anew)
-        lr, checked = group.get("lr"), group
-        if group.get("capturable") and isinstance(lr, Tensor) and lr.device.type != "cpu":
-            checked = {**group, "lr": 0.0}  # its value stays on the device (_gather checks the tensor)
+        checked = _host_values(group)
         try:
             self._check_group(checked)
         except ValueError as error:  # (named by its group)
             raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
-        try:  # (every value _run reads, converted now: nothing may fail once a group is written)
-            hyper = self._hyper(checked)
-        except (TypeError, ValueError, KeyError, RuntimeError) as error:
-            raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
+        hyper = self._named_hyper(index, checked)
         plan = self._plan(index, group, rebuild)
         self._check_range(index, hyper, plan)
         grads = [placed_like(p, p.grad) for p in plan.params]
