@@ -96,6 +96,14 @@ def _host_values(group: dict) -> dict:
     return group
 
 
+def _unscalable_grad(where: str, grad: Tensor) -> ValueError:
+    """The error for a grad GradScaler's in-place unscaling cannot write (its
+    elements share memory: an expanded view), raised before the step writes."""
+    return ValueError(f"{where}: its grad has elements that share memory (strides {tuple(grad.stride())}); under "
+                      "torch.amp.GradScaler the step divides the grads in place once it has run, as torch's fused "
+                      "optimizers do: give it a grad of its own (p.grad = p.grad.clone())")
+
+
 class _StalePlan(Exception):
     """A param changed dtype or device since its group's plan was made."""
 
@@ -433,7 +441,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                 first_index += len(group["params"])
             self._check_swaps()
             self._check_grad_scaling()
-            self._check_unscalable_grads(ready)
             collective = [(item, bucket) for item in ready if item is not None for bucket in item.buckets
                           if self._reduces_across_shards(bucket, item.group)]
             if collective:  # every rank's checks passed before any rank writes (a rank whose step raised
@@ -684,7 +691,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if coded:
             self._check_fp8(where, owners, params, lists, coded)
         if walk == Walk.ANY:
-            self._check_written_once(where, params, lists, keys)
+            self._check_written_once(where, params, lists, keys,
+                                     [local(p.grad) for p in owners] if self._unscales_grads() else ())
         else:
             self._check_walk(where, group, backend, params, lists)
         if group.get("maximize"):  # g ← −g; for the fused walks in the grads' checked layout (neg may
@@ -713,6 +721,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if problem == Problem.NONE:
                 return grads
             if problem == Problem.GRAD_LAYOUT:  # copy the grad into its param's layout
+                if self._unscales_grads() and torch._debug_has_internal_overlap(grads[bad]) == 1:
+                    raise _unscalable_grad(where(bad), grads[bad])
                 p = params[bad]
                 grads[bad] = torch.empty_strided(p.size(), p.stride(), dtype=grads[bad].dtype,
                                                  device=p.device).copy_(grads[bad])
@@ -767,10 +777,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         return changes
 
     @staticmethod
-    def _check_written_once(where, params, lists, keys) -> None:
+    def _check_written_once(where, params, lists, keys, grads=()) -> None:
         """The reference steps any strides, but no tensor it writes in place may have
         elements that share memory (an expanded view): torch's in-place ops refuse
-        them half-way through a step."""
+        them half-way through a step.  ``grads``: those GradScaler's unscaling will
+        divide in place after the step."""
+        for i, g in enumerate(grads):
+            if torch._debug_has_internal_overlap(g) == 1:
+                raise _unscalable_grad(where(i), g)
         for i, p in enumerate(params):
             if torch._debug_has_internal_overlap(p) == 1:
                 raise ValueError(f"{where(i)}: elements of the param share memory (an expanded view?); "
@@ -946,24 +960,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{self._name}: {name} (set by torch.amp.GradScaler) must be a one-element "
                                  f"floating tensor with data, got {got}")
 
-    def _check_unscalable_grads(self, ready: List[Optional[_Ready]]) -> None:
-        """Under GradScaler every stepped grad is divided in place after the step
-        (_unscale_stepped_grads): a grad whose elements share memory (an expanded
-        view), which no in-place op may write, is refused now, before anything is
-        written.  (A contiguous grad has none; the others are looked at.)"""
-        if self._grad_scaling()["grad_scale"] is None:
-            return
-        for index, item in enumerate(ready):
-            for bucket in item.buckets if item is not None else ():
-                for position, p in zip(bucket.positions, bucket.owners):
-                    grad = p.grad
-                    if grad is None or grad.is_contiguous() or torch._debug_has_internal_overlap(local(grad)) != 1:
-                        continue
-                    raise ValueError(
-                        f"{self._where(index, position, p)}: its grad has elements that share memory (strides "
-                        f"{tuple(local(grad).stride())}); under torch.amp.GradScaler the step divides the grads in "
-                        "place once it has run, as torch's fused optimizers do: give it a grad of its own "
-                        "(p.grad = p.grad.clone())")
+    def _unscales_grads(self) -> bool:
+        """Whether this step divides the grads in place once it has run (GradScaler's
+        grad_scale is set: _unscale_stepped_grads)."""
+        return self._grad_scaling()["grad_scale"] is not None
 
     def _reference_grads(self, grads: List[Tensor]) -> Optional[List[Tensor]]:
         """Grads for the reference: unscaled by GradScaler's scale, or None when

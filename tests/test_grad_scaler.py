@@ -177,14 +177,16 @@ def test_grads_after_the_step_are_those_of_torchs_fused_step(name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_grad_that_cannot_be_unscaled_in_place_is_refused_before_any_write(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16-masters"])
+def test_a_grad_that_cannot_be_unscaled_in_place_is_refused_before_any_write(dtype, backend):
     """The step divides the stepped grads in place once it has run: a grad whose
     elements share memory (an expanded view) is refused naming its param before
     group 0 is stepped or any grad divided; without GradScaler it is stepped."""
     import amos_fused as af
-    a, b = torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(4, 3))
-    opt = af.AdamW([{"params": [a]}, {"params": [b]}], lr=1e-2, backend=backend)
-    a.grad, b.grad = torch.randn(5, 7) * 4, torch.tensor([8.0]).expand(4, 3)
+    a, b = torch.nn.Parameter(torch.randn(5, 7).to(dtype)), torch.nn.Parameter(torch.randn(4, 3).to(dtype))
+    opt = af.AdamW([{"params": [a]}, {"params": [b]}], lr=1e-2, backend=backend,
+                   master_weights=dtype == torch.bfloat16)
+    a.grad, b.grad = (torch.randn(5, 7) * 4).to(dtype), torch.tensor([8.0], dtype=dtype).expand(4, 3)
     opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)  # as GradScaler.step sets them
     before, grad = snapshot(opt, [a, b]), a.grad.clone()
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\].*its grad has elements that "
