@@ -192,9 +192,10 @@ for _name, _case in CASES.items():
 # The classes with FP8 states (not in CASES: the full-precision kernel tests cross
 # those), for the tests of promises every class keeps.
 FP8_CLASS_CASES: Dict[str, Case] = {
+    # settings where every part of the update matters
     "AdamW8bit": Case(af.AdamW8bit, dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)),
-    "Adam8bit": Case(af.Adam8bit, dict(lr=1e-2, weight_decay=0.1)),
-    "RAdam8bit": Case(af.RAdam8bit, dict(lr=1e-2, weight_decay=0.1)),
+    "Adam8bit": Case(af.Adam8bit, dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)),
+    "RAdam8bit": Case(af.RAdam8bit, dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)),  # L2; rectified from step 6
     "Lion8bit": Case(af.Lion8bit, dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)),
     "Amos8bit": Case(af.Amos8bit, dict(lr=0.05, reduce_axes=-1, momentum=0.9)),
 }

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 import amos_fused as af
 from amos_fused import fp8_states
 from conftest import assert_unchanged, raises_naming, snapshot, states_of, with_threads
-from registry import assert_equal_or_neighbours, seeded_grads, seeded_params
+from registry import FP8_CLASS_CASES, assert_equal_or_neighbours, seeded_grads, seeded_params
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 BLOCK = fp8_states.BLOCK
@@ -40,8 +40,8 @@ POSITIVE = E4M3[:127]  # codes 0x00 … 0x7e: 0 … 448, increasing
 # Eager work (the reference, grads, comparisons) on one thread, the cpu kernels on
 # two (conftest: on a busy two-core machine this saves most of the time).
 pytestmark = pytest.mark.usefixtures("one_thread_outside_the_kernels")
-RAW_CLASSES = {"AdamW8bit": af.AdamW8bit, "Adam8bit": af.Adam8bit, "RAdam8bit": af.RAdam8bit,
-               "Lion8bit": af.Lion8bit}
+ADAM_LION_CASES = {name: case for name, case in FP8_CLASS_CASES.items() if name != "Amos8bit"}  # (test_amos8bit.py)
+RAW_CLASSES = {name: case.cls for name, case in ADAM_LION_CASES.items()}
 
 
 def _make(cls, *args, **kwargs):
@@ -50,12 +50,7 @@ def _make(cls, *args, **kwargs):
 
 
 CLASSES = {name: functools.partial(_make, cls) for name, cls in RAW_CLASSES.items()}
-HYPER = {  # per class: settings where every part of the update matters
-    "AdamW8bit": dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
-    "Adam8bit": dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1),
-    "RAdam8bit": dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),  # L2 decay; rectified from step 6
-    "Lion8bit": dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
-}
+HYPER = {name: case.kwargs for name, case in ADAM_LION_CASES.items()}  # per class (tests/registry.py)
 
 
 def _param(values, dtype=F32):
