@@ -277,7 +277,7 @@ def hang_guard(seconds: float = 5.0):
 
 def _available_capabilities() -> List[str]:
     caps = ["default"]
-    for name in ("avx2", "avx512"):
+    for name in ("avx2", "avx512", "avx512_bf16"):
         try:
             torch.ops.amos_fused.set_cpu_capability(name)
             caps.append(name)

@@ -56,11 +56,16 @@ too strict for params).  ``step`` must be equal.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import amos_fused as af
 from conftest import (
+    CPU_CAPABILITIES,
     SHAPES,
     assert_moved,
     assert_run_close,
@@ -92,6 +97,40 @@ ONE_THREAD = pytest.mark.usefixtures("one_thread_outside_the_kernels")
 def _pair(name, **kwargs):
     case = CASES[name]
     return run_pair(case.factory("cpu"), case.factory("reference"), **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Instruction sets
+# ---------------------------------------------------------------------------
+
+def _capability_at_load(forced):
+    env = dict(os.environ)
+    env.pop("AMOS_FUSED_CPU_CAPABILITY", None)
+    if forced is not None:
+        env["AMOS_FUSED_CPU_CAPABILITY"] = forced
+    out = subprocess.run([sys.executable, "-c", "import torch, amos_fused; "
+                          "print(torch.ops.amos_fused.cpu_capability())"],
+                         env=env, capture_output=True, text=True, timeout=300, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_the_best_instruction_set_is_chosen_at_load_and_each_other_can_be_forced():
+    """The widest set this CPU has runs unless AMOS_FUSED_CPU_CAPABILITY names a
+    narrower one (sets are tried in the order default, avx2, avx512, avx512_bf16)."""
+    assert _capability_at_load(None) == CPU_CAPABILITIES[-1]
+    for forced in CPU_CAPABILITIES[:-1]:
+        assert _capability_at_load(forced) == forced
+
+
+def test_an_unknown_or_missing_instruction_set_is_refused_by_name():
+    before = torch.ops.amos_fused.cpu_capability()
+    with pytest.raises(ValueError, match=r"unknown cpu capability 'avx1024'.*'avx512_bf16'"):
+        torch.ops.amos_fused.set_cpu_capability("avx1024")
+    for name in ("avx2", "avx512", "avx512_bf16"):
+        if name not in CPU_CAPABILITIES:
+            with pytest.raises(ValueError, match=f"'{name}' requested but this CPU lacks"):
+                torch.ops.amos_fused.set_cpu_capability(name)
+    assert torch.ops.amos_fused.cpu_capability() == before
 
 
 # ---------------------------------------------------------------------------

@@ -210,6 +210,66 @@ def test_bitwise_across_instruction_sets(name, dtype):
             assert _count_differing(base, runs) == 0, f"{capability} differs from {CPU_CAPABILITIES[0]}"
 
 
+# The bfloat16 stores that round to nearest, with every kind of value a lane can
+# hold: AVX512_BF16's conversion reads a denormal as zero and keeps a NaN's
+# payload, so a tile holding either is converted as on every other instruction set.
+BF16_NEAREST = {
+    "params_and_states": lambda ps: af.AdamW(ps, lr=1e-2, betas=(0.5, 0.5), eps=1e-30, backend="cpu"),
+    "states_of_sr": lambda ps: af.AdamW(ps, lr=1e-2, betas=(0.5, 0.5), eps=1e-30, bf16_stochastic_round=True,
+                                        backend="cpu"),
+    "master_weights": lambda ps: af.AdamW(ps, lr=1e-2, betas=(0.5, 0.5), eps=1e-30, master_weights=True,
+                                          backend="cpu"),
+}
+
+
+@pytest.mark.parametrize("name", list(BF16_NEAREST))
+def test_bfloat16_denormals_and_nan_round_alike_on_every_instruction_set(name):
+    """Denormal params, grads and states (bfloat16 shares float32's exponent range)
+    stay denormal where they are not rounded away, and NaN lanes store the same bits,
+    on every instruction set and in every lane position (special lanes spread over
+    the tiles, plain tiles between them, a scalar tail).  NaN's payload bits differ
+    between the baseline's scalar conversion and the SIMD ones (README, "Bitwise
+    determinism")."""
+    n = 4099
+    index = torch.arange(n)
+    denormal = 2.0 ** -130
+    param = torch.linspace(-1.0, 1.0, n)
+    grad = torch.linspace(-0.5, 0.5, n)
+    still = index % 37 == 3          # a denormal param that a zero grad leaves in place
+    param[still], grad[still] = denormal, 0.0
+    small = (index % 41 == 5) & ~still  # a denormal grad: denormal first moment
+    grad[small] = -denormal
+    nan = (index % 43 == 7) & ~still & ~small
+    grad[nan] = float("nan")
+    param, grad = param.to(torch.bfloat16), grad.to(torch.bfloat16)
+    results = {}
+    for capability in CPU_CAPABILITIES:
+        with cpu_setup(capability, 2):
+            p = torch.nn.Parameter(param.clone())
+            opt = BF16_NEAREST[name]([p])
+            for _ in range(2):
+                p.grad = grad.clone()
+                opt.step()
+        results[capability] = [p.detach().view(torch.int16)] + [
+            v.view(torch.int32 if v.dtype == torch.float32 else torch.int16)
+            for k, v in sorted(opt.state[p].items()) if torch.is_tensor(v) and v.numel() == n]
+    base_capability = CPU_CAPABILITIES[0]
+    base = results[base_capability]
+    assert len(base) >= 3  # the param and both moments (and the master)
+    stored = base[0].view(torch.bfloat16).float()
+    assert torch.equal(stored[still], torch.full_like(stored[still], denormal))
+    assert torch.isnan(stored[nan]).all() and torch.isfinite(stored[~nan]).all()
+    first_moment = opt.state[p]["exp_avg"].float()
+    assert (first_moment[small].abs() < 2.0 ** -126).all() and (first_moment[small] != 0).all()
+    for capability, tensors in results.items():
+        for got, want in zip(tensors, base):  # NaN's payload bits aside
+            as_float = (lambda t: t.view(torch.float32)) if got.dtype == torch.int32 else (
+                lambda t: t.view(torch.bfloat16))
+            is_nan = torch.isnan(as_float(want))
+            assert torch.equal(torch.isnan(as_float(got)), is_nan), f"{capability}: NaN elsewhere"
+            assert torch.equal(got[~is_nan], want[~is_nan]), f"{capability} differs from {base_capability}"
+
+
 REFERENCE_EXACT = {
     "adamw": (lambda p, b: af.AdamW(p, lr=1e-2, weight_decay=0.1, backend=b), torch.float32),
     "adam_l2_amsgrad": (lambda p, b: af.Adam(p, lr=1e-2, weight_decay=0.1, amsgrad=True, backend=b), torch.float32),

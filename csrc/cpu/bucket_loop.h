@@ -119,6 +119,17 @@ inline T* stream(const void* const* table, int64_t t) {
   return const_cast<T*>(static_cast<const T*>(table[t]));  // read-only: never stored
 }
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(AMOS_FUSED_AVX512_BF16)
+// Whether vcvtne(2)ps2bf16 rounds x's lanes to nearest even as torch's vector
+// conversion does: not for a denormal (read as zero) or a NaN (kept, where torch
+// writes 0xffff); tiles with such a lane take torch's conversion, so the bits do
+// not depend on the instruction set.  (Normal values round to normal bfloat16
+// values or infinities, never to denormals.)
+inline bool bf16_lanes_plain(const __m512& x) {
+  return _mm512_fpclass_ps_mask(x, 0xa1) == 0;  // not QNaN (0x01), denormal (0x20) or SNaN (0x80)
+}
+#endif
+
 // Loads and stores a tile of a storage dtype as opmath vectors.
 template <typename scalar_t>
 struct TileIO {
@@ -141,6 +152,14 @@ struct ReducedTileIO {
     out[1] = std::get<1>(halves);
   }
   static void store(reduced_t* dst, const Vec* in) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(AMOS_FUSED_AVX512_BF16)
+    if constexpr (std::is_same_v<reduced_t, c10::BFloat16>) {
+      if (__builtin_expect(bf16_lanes_plain(in[0]) & bf16_lanes_plain(in[1]), 1)) {
+        _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(in[1], in[0]));
+        return;
+      }
+    }
+#endif
     at::vec::convert_from_float<reduced_t>(in[0], in[1]).store(dst);
   }
 };
@@ -192,6 +211,12 @@ struct LowLanes {
     }
 #elif defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<Low, c10::BFloat16>) {
+#if defined(AMOS_FUSED_AVX512_BF16)
+      if (__builtin_expect(bf16_lanes_plain(x), 1)) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));
+        return;
+      }
+#endif
       const __m512i both = at::vec::convert_from_float<c10::BFloat16>(x, x);  // x's lanes, twice
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_castsi512_si256(both));
     } else {

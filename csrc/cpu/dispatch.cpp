@@ -29,10 +29,21 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx512_bf16() {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 const KernelTable* best_kernels() {
   const char* forced = std::getenv("AMOS_FUSED_CPU_CAPABILITY");
   if (forced != nullptr && std::string(forced) == "default") return &kernels_default();
   if (forced != nullptr && std::string(forced) == "avx2" && cpu_has_avx2()) return &kernels_avx2();
+  if (forced != nullptr && std::string(forced) == "avx512" && cpu_has_avx512()) return &kernels_avx512();
+  if (cpu_has_avx512_bf16()) return &kernels_avx512_bf16();
   if (cpu_has_avx512()) return &kernels_avx512();
   return cpu_has_avx2() ? &kernels_avx2() : &kernels_default();
 }
@@ -58,11 +69,15 @@ void set_cpu_capability(const std::string& name) {
     TORCH_CHECK_VALUE(cpu_has_avx512(), "amos_fused: cpu capability 'avx512' requested but this CPU lacks "
                       "AVX-512 F/BW/VL/DQ (or AVX2/FMA/F16C)");
     current().store(&kernels_avx512());
+  } else if (name == "avx512_bf16") {
+    TORCH_CHECK_VALUE(cpu_has_avx512_bf16(), "amos_fused: cpu capability 'avx512_bf16' requested but this CPU "
+                      "lacks AVX512_BF16 (or AVX-512 F/BW/VL/DQ, AVX2/FMA/F16C)");
+    current().store(&kernels_avx512_bf16());
   } else if (name == "best") {
     current().store(best_kernels());
   } else {
     TORCH_CHECK_VALUE(false, "amos_fused: unknown cpu capability '", name,
-                      "' (expected 'default', 'avx2', 'avx512' or 'best')");
+                      "' (expected 'default', 'avx2', 'avx512', 'avx512_bf16' or 'best')");
   }
 }
 

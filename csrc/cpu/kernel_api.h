@@ -152,6 +152,7 @@ struct KernelTable {
 const KernelTable& kernels_default();
 const KernelTable& kernels_avx2();
 const KernelTable& kernels_avx512();
+const KernelTable& kernels_avx512_bf16();
 const KernelTable& active_kernels();
 std::string cpu_capability();
 void set_cpu_capability(const std::string& name);

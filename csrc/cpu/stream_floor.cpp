@@ -25,7 +25,7 @@ constexpr int64_t kMaxRead = 3;
 // The kernel of the instruction set the step kernels run with.
 StreamFloorFn active_stream_floor() {
   const std::string name = active_kernels().name;
-  if (name == "avx512") return stream_floor_avx512();
+  if (name == "avx512" || name == "avx512_bf16") return stream_floor_avx512();
   return name == "avx2" ? stream_floor_avx2() : stream_floor_default();
 }
 
