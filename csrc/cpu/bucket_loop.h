@@ -130,51 +130,11 @@ inline bool bf16_lanes_plain(const __m512& x) {
 }
 #endif
 
-// Loads and stores a tile of a storage dtype as opmath vectors.
-template <typename scalar_t>
-struct TileIO {
-  using Vec = Vectorized<scalar_t>;
-  static constexpr int kParts = 1;
-  static constexpr int64_t kTile = Vec::size();
-  static void load(const scalar_t* src, Vec* out) { out[0] = Vec::loadu(src); }
-  static void store(scalar_t* dst, const Vec* in) { in[0].store(dst); }
-};
-
-template <typename reduced_t>
-struct ReducedTileIO {
-  using Vec = Vectorized<float>;
-  static constexpr int kParts = 2;
-  static constexpr int64_t kTile = Vectorized<reduced_t>::size();
-  static_assert(kTile == 2 * Vec::size(), "reduced tile must hold two float vectors");
-  static void load(const reduced_t* src, Vec* out) {
-    auto halves = at::vec::convert_to_float<reduced_t>(Vectorized<reduced_t>::loadu(src));
-    out[0] = std::get<0>(halves);
-    out[1] = std::get<1>(halves);
-  }
-  static void store(reduced_t* dst, const Vec* in) {
-#if defined(CPU_CAPABILITY_AVX512) && defined(AMOS_FUSED_AVX512_BF16)
-    if constexpr (std::is_same_v<reduced_t, c10::BFloat16>) {
-      if (__builtin_expect(bf16_lanes_plain(in[0]) & bf16_lanes_plain(in[1]), 1)) {
-        _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(in[1], in[0]));
-        return;
-      }
-    }
-#endif
-    at::vec::convert_from_float<reduced_t>(in[0], in[1]).store(dst);
-  }
-};
-template <>
-struct TileIO<c10::BFloat16> : ReducedTileIO<c10::BFloat16> {};
-template <>
-struct TileIO<c10::Half> : ReducedTileIO<c10::Half> {};
-
-// The Low type of a bucket without master weights.
-struct NoLow {};
-
-// A bucket with master weights (kernel_api.h: BucketView) is walked exactly as a
-// float32 bucket (float32 tiles of one vector: the same sums and tails as float32
-// params), its Low streams (the grads, the params written) one float vector of
-// values at a time.
+// One float vector of bfloat16 or float16 values: widened exactly on load, rounded
+// to nearest even on store.  The halves of a reduced tile (ReducedTileIO) load
+// through it; and a bucket with master weights (kernel_api.h: BucketView), walked
+// exactly as a float32 bucket (float32 tiles of one vector: the same sums and tails
+// as float32 params), streams its Low values (the grads, the params written) through it.
 template <typename Low>
 struct LowLanes {
   using Vec = Vectorized<float>;
@@ -229,6 +189,54 @@ struct LowLanes {
 #endif
   }
 };
+
+// Loads and stores a tile of a storage dtype as opmath vectors.
+template <typename scalar_t>
+struct TileIO {
+  using Vec = Vectorized<scalar_t>;
+  static constexpr int kParts = 1;
+  static constexpr int64_t kTile = Vec::size();
+  static void load(const scalar_t* src, Vec* out) { out[0] = Vec::loadu(src); }
+  static void store(scalar_t* dst, const Vec* in) { in[0].store(dst); }
+};
+
+template <typename reduced_t>
+struct ReducedTileIO {
+  using Vec = Vectorized<float>;
+  static constexpr int kParts = 2;
+  static constexpr int64_t kTile = Vectorized<reduced_t>::size();
+  static_assert(kTile == 2 * Vec::size(), "reduced tile must hold two float vectors");
+  static void load(const reduced_t* src, Vec* out) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    // each half widened straight from memory (at::vec loads the whole tile, then
+    // extracts its upper half: two more instructions)
+    out[0] = LowLanes<reduced_t>::load(src);
+    out[1] = LowLanes<reduced_t>::load(src + Vec::size());
+#else
+    auto halves = at::vec::convert_to_float<reduced_t>(Vectorized<reduced_t>::loadu(src));
+    out[0] = std::get<0>(halves);
+    out[1] = std::get<1>(halves);
+#endif
+  }
+  static void store(reduced_t* dst, const Vec* in) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(AMOS_FUSED_AVX512_BF16)
+    if constexpr (std::is_same_v<reduced_t, c10::BFloat16>) {
+      if (__builtin_expect(bf16_lanes_plain(in[0]) & bf16_lanes_plain(in[1]), 1)) {
+        _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(in[1], in[0]));
+        return;
+      }
+    }
+#endif
+    at::vec::convert_from_float<reduced_t>(in[0], in[1]).store(dst);
+  }
+};
+template <>
+struct TileIO<c10::BFloat16> : ReducedTileIO<c10::BFloat16> {};
+template <>
+struct TileIO<c10::Half> : ReducedTileIO<c10::Half> {};
+
+// The Low type of a bucket without master weights.
+struct NoLow {};
 
 // Calls f(scalar_t{}, Low{}): the type of the bucket's streams and, with master
 // weights (float32 streams), the type of its low-precision params, else NoLow.
