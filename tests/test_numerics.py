@@ -270,6 +270,46 @@ def test_bfloat16_denormals_and_nan_round_alike_on_every_instruction_set(name):
             assert torch.equal(got[~is_nan], want[~is_nan]), f"{capability} differs from {base_capability}"
 
 
+def _float32_bit_patterns(n, seed):
+    """n float32 values of uniformly random bits (every class: denormals, NaNs of
+    any payload, infinities, both zeros), the specials also at fixed lanes."""
+    gen = torch.Generator().manual_seed(seed)
+    bits = torch.randint(-2 ** 31, 2 ** 31, (n,), generator=gen, dtype=torch.int64).to(torch.int32)
+    small = torch.randint(-2 ** 23, 2 ** 23, (n,), generator=gen, dtype=torch.int64).to(torch.int32)
+    bits[1::3] = small[1::3]  # a third denormal (or zero), either sign
+    specials = torch.tensor([0x00000000, -0x80000000, 0x7f800000, -0x00800000, 0x7fc00000, 0x7f800001,
+                             -0x00000001, 0x00000001, 0x007fffff, 0x7f7fffff, 0x7f7f7fff, 0x7f7f8000,
+                             0x3f808000, 0x3f818000, 0x00808000, 0x0000ffff], dtype=torch.int32)
+    bits[:specials.numel()] = specials
+    return bits.view(torch.float32)
+
+
+@pytest.mark.parametrize("low_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_master_weights_round_every_float32_to_nearest_as_torch(low_dtype):
+    """A param with a float32 master is written as torch's `master.to(dtype)` (round
+    to nearest even) for float32 values of every bit pattern, on every instruction
+    set: the masters are set by hand and stepped with a zero grad, which leaves them
+    as they are.  NaN is NaN (its payload bits may differ)."""
+    n = 4096 + 77
+    masters = _float32_bit_patterns(n, seed=11)
+    want = masters.to(low_dtype)
+    want_nan = torch.isnan(want)
+    for capability in CPU_CAPABILITIES:
+        with cpu_setup(capability, 2):
+            p = torch.nn.Parameter(torch.zeros(n, dtype=low_dtype))
+            opt = af.AdamW([p], lr=1e-3, weight_decay=0.0, master_weights=True, backend="cpu")
+            p.grad = torch.zeros_like(p)
+            opt.step()
+            opt.state[p]["master_param"].copy_(masters)
+            opt.step()
+        master = opt.state[p]["master_param"]
+        assert torch.equal(master.view(torch.int32)[~torch.isnan(masters)],
+                           masters.view(torch.int32)[~torch.isnan(masters)]), capability
+        got = p.detach()
+        assert torch.equal(torch.isnan(got), want_nan), capability
+        assert torch.equal(got.view(torch.int16)[~want_nan], want.view(torch.int16)[~want_nan]), capability
+
+
 REFERENCE_EXACT = {
     "adamw": (lambda p, b: af.AdamW(p, lr=1e-2, weight_decay=0.1, backend=b), torch.float32),
     "adam_l2_amsgrad": (lambda p, b: af.Adam(p, lr=1e-2, weight_decay=0.1, amsgrad=True, backend=b), torch.float32),
