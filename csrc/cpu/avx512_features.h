@@ -1,21 +1,10 @@
-// The feature macros of a file compiled for AVX-512 (F, BW, VL, DQ) by its own
-// `#pragma GCC target`, which sets none of them: defined by hand so that at::vec
-// selects its 512-bit code (float tiles of 16 lanes) and the kernels their
-// AVX-512 paths.  Include right after the pragma, before anything else.
+// The feature macros of a file compiled for AVX-512 (F, BW, VL, DQ) besides AVX2 +
+// FMA + F16C by its own `#pragma GCC target`, which sets none of them: defined by
+// hand so that at::vec selects its 512-bit code (float tiles of 16 lanes) and the
+// kernels their AVX-512 paths.  Include right after the pragma, before anything else.
 #pragma once
 
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "avx2_features.h"
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #endif

@@ -1,22 +1,10 @@
 // The CPU kernels for x86-64 with AVX2 + FMA + F16C, chosen at run time when the
 // CPU has them (cpu/dispatch.cpp).  The whole file is compiled for that target by
 // the pragma below (the rest of the build stays baseline), so it comes before
-// every include; the feature macros the pragma does not set are defined by hand
-// so that at::vec and its SLEEF header select their AVX2 code.
+// every include, then the feature macros the pragma does not set (avx2_features.h).
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("avx,avx2,fma,f16c")
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "avx2_features.h"
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #include "kernels_impl.h"
