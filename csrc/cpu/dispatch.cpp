@@ -29,8 +29,9 @@ bool cpu_has_avx512() {
 #endif
 }
 
+// False where kernels_avx512_bf16.cpp is built as the baseline's alias.
 bool cpu_has_avx512_bf16() {
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
   __builtin_cpu_init();
   return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
 #else

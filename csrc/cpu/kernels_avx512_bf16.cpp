@@ -3,7 +3,8 @@
 // by vcvtne2ps2bf16, one instruction for 32 values where the AVX-512 kernels
 // spend about 16 (bucket_loop.h: bf16_lanes_plain).  The same bits as every
 // other instruction set; chosen at run time when the CPU has it (cpu/dispatch.cpp).
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
+// (GCC 10 and later know the target.)
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
 #pragma GCC target("avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 #include "avx512_features.h"
 #define AMOS_FUSED_AVX512_BF16 1
