@@ -870,7 +870,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         transposed, …).  Slots keep their logical dims, permuted alike."""
         order = memory_order(params[i])
         params[i] = params[i].permute(order)
-        grads[i] = grads[i].permute(order)
+        if grads[i].dim() == len(order):  # (a grad of another rank is refused by the checks, as it is)
+            grads[i] = grads[i].permute(order)
         for key in keys:
             if lists[key][i].dim() == len(order):
                 lists[key][i] = lists[key][i].permute(order)

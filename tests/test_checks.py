@@ -6,6 +6,7 @@ and behave like torch.optim.AdamW.  (Hyper-parameters refused at construction:
 test_api.py.)"""
 from __future__ import annotations
 
+import re
 
 import pytest
 import torch
@@ -153,6 +154,30 @@ def test_failed_step_writes_nothing(name, kind, group_index, warm_steps):
         assert set(sa) == set(sb)
         for key in sa:
             assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize("grad_shape", [(3, 2), (2, 3, 1), (6,)], ids=["swapped", "rank3", "rank1"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("make", [
+    lambda ps, b: af.Amos(ps, lr=0.1, backend=b),
+    lambda ps, b: af.Amos8bit(ps, lr=0.1, momentum=0.9, backend=b),
+    lambda ps, b: af.AdamW(ps, backend=b),
+], ids=["amos", "amos8bit", "adamw"])
+def test_grad_of_another_shape_for_a_transposed_param_is_named(make, backend, grad_shape):
+    """A dense param in another dim order (here transposed), which Amos's kernels walk
+    as a row-major view, with a grad of another shape or rank: a ValueError naming
+    the param and both shapes, before anything is written."""
+    gen = torch.Generator().manual_seed(3)
+    p = torch.randn(3, 2, generator=gen).t().requires_grad_(True)  # (2, 3), column-major
+    q = torch.randn(5, generator=gen, requires_grad=True)
+    opt = make([q, p], backend)
+    q.grad, p.grad = torch.randn(5, generator=gen), torch.randn(2, 3, generator=gen)
+    opt.step()
+    p.grad.data = torch.randn(grad_shape, generator=gen)
+    before = snapshot(opt, [q, p])
+    raises_naming(ValueError, opt.step, r"param_groups\[0\]\['params'\]\[1\]",
+                  re.escape(f"grad has shape {grad_shape}, expected (2, 3)"))
+    assert_unchanged(before, opt, [q, p])
 
 
 def _non_dense_leaf():
