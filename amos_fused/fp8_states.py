@@ -231,6 +231,21 @@ def relaid(codes: Tensor, absmax: Tensor, like: Tensor, root: bool) -> Tuple[Ten
     return new_codes, new_absmax
 
 
+def relaid_into(state: Dict[str, object], like: Tensor) -> Dict[str, Tensor]:
+    """The coded states of ``state`` (codes with their absmax) whose layout is not
+    ``like``'s, relaid into it (``relaid``, after ``nan_codes_poison_their_blocks``
+    as on load): the step's target changed layout (a float32 master made for, or
+    dropped from, a non-dense param).  Empty when every code already fits."""
+    out: Dict[str, Tensor] = {}
+    for key, codes in state.items():
+        absmax = state.get(absmax_key(key))
+        if (isinstance(codes, Tensor) and codes.dtype == torch.uint8 and isinstance(absmax, Tensor)
+                and not is_dtensor(codes) and codes.shape == like.shape and codes.stride() != like.stride()):
+            out[key], out[absmax_key(key)] = relaid(*nan_codes_poison_their_blocks(codes, absmax), like,
+                                                    key in ROOT_KEYS)
+    return out
+
+
 def nan_codes_poison_their_blocks(codes: Tensor, absmax: Tensor) -> Tuple[Tensor, Tensor]:
     """Loaded codes holding E4M3's NaN (0x7f or 0xff: the encoder never writes it; an
     edited checkpoint's, or another tool's) as the format stores a block holding NaN:

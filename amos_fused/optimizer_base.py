@@ -744,6 +744,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         changes: Dict[str, Any] = {}
         if master and MASTER_KEY not in st and "step" in st:
             changes.update(upcast_states(p, st))
+            changes.update(fp8_states.relaid_into(st, changes[MASTER_KEY]))  # codes follow the master's layout
         elif master and MASTER_KEY in st and self._master_marks.edited(p):  # written since our last step
             changes[MASTER_KEY] = float32_copy(p.detach())
         elif not master and MASTER_KEY in st:
@@ -752,6 +753,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if (key not in ("step", MASTER_KEY) and not key.endswith(fp8_states.ABSMAX_SUFFIX) and isinstance(value, Tensor)
                         and value.dtype == torch.float32 and p.dtype != torch.float32):
                     changes[key] = value.to(p.dtype)
+            if not is_dtensor(p):  # codes made in the master's layout follow the param's (when not dense)
+                changes.update(fp8_states.relaid_into(st, p))
         current = {**st, **changes} if changes else st
         step = current.get("step")
         capturable = bool(group.get("capturable"))

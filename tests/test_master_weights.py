@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import amos_fused as af
 from amos_fused.master_weights import MASTER_KEY
-from registry import AMOS_REDUCE_AXES, CASES, CLASS_CASES, Case, amos_case, seeded_params, seeded_grads
+from registry import AMOS_REDUCE_AXES, CASES, CLASS_CASES, FP8_CLASS_CASES, Case, amos_case, seeded_params, seeded_grads
 
 LOW = [torch.bfloat16, torch.float16]
 SHAPES = [(37, 70), (5001,), (3, 4, 5, 6), (), (0, 3), (2, 9000)]
@@ -565,3 +565,42 @@ def test_a_param_replaced_by_a_new_storage_at_the_same_address_remakes_its_maste
     p.grad = torch.zeros_like(p)
     opt.step()
     assert torch.equal(p.detach(), torch.full_like(p, 5.0))
+
+
+def _strided_and_dense(view: str):
+    """A bfloat16 param that is a non-dense view of a buffer (every other element,
+    or every other column), and a dense copy of it."""
+    values = torch.randn(64, 128, generator=torch.Generator().manual_seed(3)).bfloat16()
+    if view == "columns":
+        strided = torch.zeros(64, 256, dtype=torch.bfloat16)[:, ::2]
+    else:
+        values = values.reshape(-1)
+        strided = torch.zeros(2 * values.numel(), dtype=torch.bfloat16)[::2]
+    strided.copy_(values)
+    assert not strided.is_contiguous() and strided.numel() >= 4096
+    return torch.nn.Parameter(strided), torch.nn.Parameter(values.clone())
+
+
+@pytest.mark.parametrize("name", sorted(FP8_CLASS_CASES))
+@pytest.mark.parametrize("view", ["every_other", "columns"])
+def test_toggling_master_weights_of_a_strided_param_relays_its_8bit_states(name, view):
+    """The reference steps a non-dense param; its float32 master is dense.  Its FP8
+    codes follow the tensor the step writes, so turning ``master_weights`` on or off
+    between steps relays them (their blocks are the same: the same memory order):
+    the run equals, bitwise, that of a dense copy of the param."""
+    strided, dense = _strided_and_dense(view)
+    case = FP8_CLASS_CASES[name]
+    opts = [case.make([p], "reference") for p in (strided, dense)]
+    for step, on in enumerate([False, True, True, False, False, True, False]):
+        grad = torch.randn(dense.shape, generator=torch.Generator().manual_seed(step)).bfloat16()
+        for opt, p in zip(opts, (strided, dense)):
+            opt.param_groups[0]["master_weights"] = on
+            p.grad = grad.clone()
+            opt.step()
+        assert torch.equal(_bits(strided.contiguous()), _bits(dense)), f"step {step}"
+        mine, twin = opts[0].state[strided], opts[1].state[dense]
+        assert sorted(mine) == sorted(twin) and (MASTER_KEY in mine) == on
+        for key, value in twin.items():
+            assert torch.equal(mine[key], value), f"step {step}: {key}"
+            if value.dtype == torch.uint8:  # codes in the layout of the tensor the step writes
+                assert mine[key].stride() == (mine[MASTER_KEY] if on else strided).stride(), f"step {step}: {key}"
