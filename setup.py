@@ -25,11 +25,15 @@ def sources(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
-# kernels_default.cpp must come before the other instruction sets (see its header).
-cpu_sources = ["csrc/ops.cpp", "csrc/checks.cpp", "csrc/contracts.cpp", "csrc/cpu/kernels_default.cpp"] + [
-    s for s in sources("csrc/cpu/*.cpp")
-    if os.path.basename(s) not in ("kernels_default.cpp",)
-]
+# The SIMD builds of the CPU kernels (csrc/simd/: each file compiled for its own
+# instruction set) are linked last.  They emit copies of inline functions they
+# share with the baseline code (c10's message builders, std containers), and the
+# linker keeps the first copy it meets: the baseline's must come first, or code
+# that runs on any CPU would call AVX instructions (tests/test_isa_isolation.py).
+# setuptools links in the sorted order of the sources' paths, where "csrc/simd/"
+# comes after every other source; the list below puts them last as well.
+cpu_sources = ["csrc/ops.cpp", "csrc/checks.cpp", "csrc/contracts.cpp"] + sources("csrc/cpu/*.cpp")
+simd_sources = sources("csrc/simd/*.cpp")
 cuda_sources = sources("csrc/cuda/*.cu")
 with_cuda = (
     torch.version.cuda is not None
@@ -45,7 +49,7 @@ cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wall",
              "-Wno-unknown-pragmas", "-Wno-psabi"]
 extension_kwargs = dict(
     name="amos_fused._C",
-    sources=cpu_sources + (cuda_sources if with_cuda else []),
+    sources=cpu_sources + (cuda_sources if with_cuda else []) + simd_sources,
     include_dirs=[os.path.join(HERE, "csrc")],
     extra_compile_args={"cxx": cxx_flags + (["-DAMOS_FUSED_WITH_CUDA"] if with_cuda else [])},
     extra_link_args=["-fopenmp"],

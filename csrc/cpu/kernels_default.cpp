@@ -1,6 +1,6 @@
 // The CPU kernels for any x86-64 / other CPU (the compiler's baseline ISA).
-// Listed before the other instruction sets in setup.py, so the linker keeps
-// this file's copies of inline functions shared with them.
+// Its copies of the inline functions it shares with the SIMD builds (csrc/simd/)
+// are the ones the linker keeps: setup.py links those builds last.
 #define CPU_CAPABILITY DEFAULT
 #include "kernels_impl.h"
 #include "stream_floor_kernel.h"
