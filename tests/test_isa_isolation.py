@@ -62,7 +62,11 @@ def _demangled(names) -> dict:
 def test_baseline_code_never_calls_a_simd_build_copy():
     vector = _functions_with_vector_instructions() & _global_functions()
     names = _demangled(vector)
-    assert any(SIMD_OWN.search(d) for d in names.values()), "no SIMD kernel found: is this the x86-64 build?"
+    if not any(SIMD_OWN.search(d) for d in names.values()):
+        comment = subprocess.run(["objdump", "-s", "-j", ".comment", _C.__file__], capture_output=True, text=True)
+        if "clang" in comment.stdout.lower():
+            pytest.skip("built by clang: the SIMD builds need GCC's target pragmas and are absent")
+        pytest.fail("no SIMD kernel found in a GCC build of the library")
     shared = sorted(d for d in names.values() if not SIMD_OWN.search(d))
     assert not shared, (
         f"{len(shared)} shared function(s) kept from a SIMD build (setup.py must link the SIMD "
