@@ -6,13 +6,16 @@ A float32 result x becomes the bfloat16 value whose bit pattern is
 ``(bits(x) + r) & 0xffff0000`` with r a random integer in [0, 2^16): rounded up
 with probability equal to the dropped fraction, so E[rounded] = x and updates
 smaller than half a bfloat16 ulp are not lost on average (as torchao's
-``bf16_stochastic_round``).  r is the low 16 bits of a counter-based hash of (the
-param's key, its step count, the element's index in memory order)::
+``bf16_stochastic_round``).  r is half of a counter-based hash of (the param's
+key, its step count, the element's index in memory order), one 32-bit hash word
+serving the two elements of a pair::
 
     key  = seed << 32 | the param's index in the optimizer
            (a shard of a sharded param: its index ^ h(offset_lo ^ h(offset_hi)))
-    base = h(key_lo ^ h(key_hi ^ h(step ^ h(index >> 32))))
-    r    = h(base ^ (index & 0xffffffff)) & 0xffff
+    pair = index >> 1
+    base = h(key_lo ^ h(key_hi ^ h(step ^ h(pair >> 32))))
+    word = h(base ^ (pair & 0xffffffff))
+    r    = word & 0xffff (an even index) or word >> 16 (an odd one)
 
 with h = lowbias32 (C. Wellons' 32-bit integer hash).  No generator state: the
 same bits on every backend, for any thread count, run after run.  NaN is kept."""
@@ -48,8 +51,16 @@ def lowbias32(x: IntOrTensor) -> IntOrTensor:
     return x ^ (x >> 16)
 
 
-def round_base(key: int, step: int, index_hi: IntOrTensor) -> IntOrTensor:
-    return lowbias32((key & MASK32) ^ lowbias32(((key >> 32) & MASK32) ^ lowbias32((step & MASK32) ^ lowbias32(index_hi))))
+def round_base(key: int, step: int, pair_hi: IntOrTensor) -> IntOrTensor:
+    return lowbias32((key & MASK32) ^ lowbias32(((key >> 32) & MASK32) ^ lowbias32((step & MASK32) ^ lowbias32(pair_hi))))
+
+
+def element_bits(key: int, step: int, index: IntOrTensor) -> IntOrTensor:
+    """r of the elements at ``index`` (int64 memory indices): their halves of their
+    pairs' hash words."""
+    pair = index >> 1
+    word = lowbias32(round_base(key, step, pair >> 32) ^ (pair & MASK32))
+    return (word >> ((index & 1) * 16)) & 0xFFFF
 
 
 def memory_indices(t: Tensor) -> Tensor:
@@ -66,9 +77,8 @@ def memory_indices(t: Tensor) -> Tensor:
 def round_to_bfloat16(value: Tensor, key: int, step: int, like: Tensor) -> Tensor:
     """``value`` (float32, shaped like the bfloat16 param ``like``) stochastically
     rounded to bfloat16, with the bits of ``like``'s elements at this step."""
-    index = memory_indices(like)
-    bits = lowbias32(round_base(key, step, index >> 32) ^ (index & MASK32))
+    bits = element_bits(key, step, memory_indices(like))
     pattern = value.float().contiguous().view(torch.int32).to(torch.int64) & MASK32
-    rounded = (pattern + (bits & 0xFFFF)) & 0xFFFF0000
+    rounded = (pattern + bits) & 0xFFFF0000
     rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32).view(torch.float32)
     return torch.where(value.isnan(), value.float(), rounded).to(torch.bfloat16)  # exact: low bits are 0

@@ -8,11 +8,14 @@
 // One copy per language: here (CPU and CUDA), amos_fused/stochastic_round.py
 // (reference), amos_fused/triton_kernels/common.py (Triton).
 //   key     = seed << 32 | the param's index in the optimizer (set by Python)
-//   base    = h(key_lo ^ h(key_hi ^ h(step ^ h(element >> 32))))
-//   bits    = h(base ^ (element & 0xffffffff))
-//   rounded = bits_of(x) + (bits & 0xffff), low 16 bits cleared (NaN kept as is)
+//   pair    = element >> 1            (elements 2k and 2k + 1 share one hash word)
+//   base    = h(key_lo ^ h(key_hi ^ h(step ^ h(pair >> 32))))
+//   word    = h(base ^ (pair & 0xffffffff))
+//   bits    = word & 0xffff for an even element, word >> 16 for an odd one
+//   rounded = bits_of(x) + bits, low 16 bits cleared (NaN kept as is)
 // with h = lowbias32 (C. Wellons' integer hash, a bijection of 32-bit words) and
-// `element` the element's index in the param's memory order.
+// `element` the element's index in the param's memory order.  A rounding needs
+// 16 random bits, so one 32-bit word serves two elements (half a hash each).
 #pragma once
 
 #include <cstdint>
@@ -36,13 +39,19 @@ AF_HOST_DEVICE uint32_t lowbias32(uint32_t x) {
 }
 
 // The part of the hash shared by the elements of one tensor at one step whose
-// indices have the same high word.
-AF_HOST_DEVICE uint32_t round_base(uint64_t key, uint32_t step, uint32_t element_hi) {
+// pair indices have the same high word.
+AF_HOST_DEVICE uint32_t round_base(uint64_t key, uint32_t step, uint32_t pair_hi) {
   return lowbias32(static_cast<uint32_t>(key) ^
-                   lowbias32(static_cast<uint32_t>(key >> 32) ^ lowbias32(step ^ lowbias32(element_hi))));
+                   lowbias32(static_cast<uint32_t>(key >> 32) ^ lowbias32(step ^ lowbias32(pair_hi))));
 }
 
-AF_HOST_DEVICE uint32_t round_bits(uint32_t base, uint32_t element_lo) { return lowbias32(base ^ element_lo); }
+// The hash word of a pair of elements.
+AF_HOST_DEVICE uint32_t round_bits(uint32_t base, uint32_t pair_lo) { return lowbias32(base ^ pair_lo); }
+
+// Element `element`'s 16 random bits: its half of its pair's word.
+AF_HOST_DEVICE uint32_t element_bits(uint32_t word, uint64_t element) {
+  return (element & 1u) ? word >> 16 : word & 0xffffu;
+}
 
 // x rounded to a bfloat16 value with the random `bits` (still a float, exactly
 // representable in bfloat16); NaN is returned unchanged.

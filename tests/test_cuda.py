@@ -980,13 +980,14 @@ def test_stochastic_rounding_of_misaligned_params_and_nan():
 
 
 def test_stochastic_rounding_past_element_2_32():
-    """Lion on a bfloat16 tensor of 2^32 + 2^16 elements (3 arrays of 8.6 GB): each
+    """Lion on a bfloat16 tensor of 2^33 + 2^16 elements (3 arrays of 17.2 GB): each
     element moves from 1.5 by exactly lr = 2^-10 (a float32 value between two
     bfloat16 neighbours) and is rounded with the bits of its own index, the elements
-    past 2^32 with the hash's other high word (amos_fused/stochastic_round.py)."""
-    from amos_fused.stochastic_round import MASK32, lowbias32, round_base
-    _need_free_gib(27)
-    n = 2**32 + 2**16
+    past 2^32 with 32-bit offsets no longer enough, those past 2^33 (pair indices
+    past 2^32) with the hash's other high word (amos_fused/stochastic_round.py)."""
+    from amos_fused.stochastic_round import element_bits
+    _need_free_gib(54)
+    n = 2**33 + 2**16
     p = torch.full((n,), 1.5, dtype=torch.bfloat16, device=DEVICE)
     g = torch.ones_like(p)
     m = torch.zeros_like(p)
@@ -995,10 +996,9 @@ def test_stochastic_rounding_past_element_2_32():
               dict(lr=lr, beta1=0.9, beta2=0.99, weight_decay=0.0), round_keys=[key])
     exact = torch.tensor(1.5 - lr, dtype=torch.float32)  # 1.4990234375, exact in float32
     pattern = int(exact.view(torch.int32))
-    for start, stop in ((0, 4096), (2**32 - 4096, 2**32 + 4096), (n - 4096, n)):
+    for start, stop in ((0, 4096), (2**32 - 4096, 2**32 + 4096), (2**33 - 4096, 2**33 + 4096), (n - 4096, n)):
         index = torch.arange(start, stop, dtype=torch.int64)
-        bits = lowbias32(round_base(key, 1, index >> 32) ^ (index & MASK32))
-        rounded = ((pattern + (bits & 0xFFFF)) & 0xFFFF0000).to(torch.int64)
+        rounded = ((pattern + element_bits(key, 1, index)) & 0xFFFF0000).to(torch.int64)
         rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32).view(torch.float32)
         assert torch.equal(p[start:stop].cpu(), rounded.to(torch.bfloat16)), f"elements [{start}, {stop})"
     assert set(p[:4096].float().unique().tolist()) == {1.4921875, 1.5}

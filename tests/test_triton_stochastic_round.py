@@ -169,11 +169,12 @@ def _round_kernel(rounding, offsets, x, out, BLOCK: tl.constexpr):
 
 
 def test_hash_matches_the_reference_past_2_32():
-    """Blocks below 2^32 (the table's base), crossing it, and past it (a base per
-    element): the bits of amos_fused/stochastic_round.py (= csrc/stochastic_round.h),
-    without allocating a tensor of 2^32 elements.  NaN stays NaN."""
+    """Blocks whose pair indices lie below 2^32 (the table's base), cross it, and lie
+    past it (a base per element), odd and even first elements: the bits of
+    amos_fused/stochastic_round.py (= csrc/stochastic_round.h), without allocating
+    a tensor of 2^33 elements.  NaN stays NaN."""
     block = 128
-    starts = [0, 12345, 2**32 - 50, 2**32, 3 * 2**32 + 7, 2**40 - 64]
+    starts = [0, 12345, 2**32 - 50, 2**32, 2**33 - 51, 2**33 - 50, 2**33, 3 * 2**33 + 7, 2**40 - 64]
     key, step = host_rounding.round_key(12345, 77), 9
     offsets = torch.cat([torch.arange(s, s + block, dtype=torch.int64) for s in starts])
     gen = torch.Generator().manual_seed(0)
@@ -183,9 +184,9 @@ def test_hash_matches_the_reference_past_2_32():
     out = torch.empty_like(x, device=DEVICE)
     _round_kernel[(len(starts),)](table, offsets.to(DEVICE), x.to(DEVICE), out, BLOCK=block)
     out = out.cpu()
-    bits = host_rounding.lowbias32(host_rounding.round_base(key, step, offsets >> 32) ^ (offsets & host_rounding.MASK32))
+    bits = host_rounding.element_bits(key, step, offsets)
     pattern = x.view(torch.int32).to(torch.int64) & host_rounding.MASK32
-    expected = (pattern + (bits & 0xFFFF)) & 0xFFFF0000
+    expected = (pattern + bits) & 0xFFFF0000
     expected = torch.where(expected >= 2**31, expected - 2**32, expected).to(torch.int32)
     nan = x.isnan()
     assert torch.isnan(out[nan]).all()
@@ -193,7 +194,7 @@ def test_hash_matches_the_reference_past_2_32():
 
 
 def test_round_table():
-    """(base for indices < 2^32, key_lo, key_hi, step after the increment) per tensor."""
+    """(base for pair indices < 2^32, key_lo, key_hi, step after the increment) per tensor."""
     keys = [host_rounding.round_key(5, 0), host_rounding.round_key(2**31 - 1, 3)]
     table = common.round_table(keys, [torch.tensor(0.0), torch.tensor(41.0)], torch.device("cpu"))
     assert table.dtype == torch.int64 and table.shape == (2, 4)

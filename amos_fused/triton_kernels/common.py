@@ -298,16 +298,18 @@ def store_block(ptrs, x, mask, MASKED: tl.constexpr):
 # The Triton copy of the hash of csrc/stochastic_round.h (the reference copy is
 # amos_fused/stochastic_round.py; the bits are the same on every backend):
 #   key     = seed << 32 | the param's index in the optimizer (round_keys)
-#   base    = h(key_lo ^ h(key_hi ^ h(step ^ h(element >> 32))))
-#   bits    = h(base ^ (element & 0xffffffff))
-#   rounded = bits_of(x) + (bits & 0xffff), low 16 bits cleared (NaN kept as is)
+#   pair    = element >> 1
+#   base    = h(key_lo ^ h(key_hi ^ h(step ^ h(pair >> 32))))
+#   word    = h(base ^ (pair & 0xffffffff))
+#   bits    = word & 0xffff for an even element, word >> 16 for an odd one
+#   rounded = bits_of(x) + bits, low 16 bits cleared (NaN kept as is)
 # with h = lowbias32, step the param's step count after this step's increment and
 # `element` the element's offset from the param's first element.
 #
 # A launch that writes θ with ROUND=True gets a ``rounding`` table (round_table):
-# per tensor t, at rounding[4t …], (base for elements < 2^32, key_lo, key_hi,
-# step), uint32 values in int64.  A block whose elements all lie below 2^32 (every
-# block of a tensor of fewer than 2^32 elements) takes the base from the table;
+# per tensor t, at rounding[4t …], (base for pairs < 2^32, key_lo, key_hi,
+# step), uint32 values in int64.  A block whose elements all lie below 2^33 (every
+# block of a tensor of fewer than 2^33 elements) takes the base from the table;
 # any other block hashes each element's own base.  Without ROUND a kernel does
 # what it did before (its rounding argument, then another table, is unused).
 
@@ -342,24 +344,26 @@ def lowbias32(x):
 
 
 @triton.jit
-def round_base(key_lo, key_hi, step, element_hi):
+def round_base(key_lo, key_hi, step, pair_hi):
     """The part of the hash shared by the elements of one tensor at one step whose
-    indices have the same high word (uint32 values)."""
-    return lowbias32(key_lo ^ lowbias32(key_hi ^ lowbias32(step ^ lowbias32(element_hi))))
+    pair indices have the same high word (uint32 values)."""
+    return lowbias32(key_lo ^ lowbias32(key_hi ^ lowbias32(step ^ lowbias32(pair_hi))))
 
 
 @triton.jit
 def round_bits(round_row, first, offs, BLOCK: tl.constexpr):
-    """The random bits (uint32) of the elements at offsets offs (int64) of the tensor
-    whose rounding-table row is round_row; first: a scalar ≤ every offset of offs,
-    all of them below first + BLOCK."""
+    """The random bits (uint32, below 2^16) of the elements at offsets offs (int64)
+    of the tensor whose rounding-table row is round_row; first: a scalar ≤ every
+    offset of offs, all of them below first + BLOCK."""
+    pairs = offs >> 1
     base = tl.zeros_like(offs).to(tl.uint32) + tl.load(round_row).to(tl.uint32)
-    if (first + (BLOCK - 1)) >> 32 != 0:  # elements at or past 2^32: a base per element
+    if (first + (BLOCK - 1)) >> 33 != 0:  # pairs at or past 2^32: a base per element
         key_lo = tl.load(round_row + 1).to(tl.uint32)
         key_hi = tl.load(round_row + 2).to(tl.uint32)
         step = tl.load(round_row + 3).to(tl.uint32)
-        base = round_base(key_lo, key_hi, step, (offs >> 32).to(tl.uint32))
-    return lowbias32(base ^ (offs & 0xFFFFFFFF).to(tl.uint32))
+        base = round_base(key_lo, key_hi, step, (pairs >> 32).to(tl.uint32))
+    word = lowbias32(base ^ (pairs & 0xFFFFFFFF).to(tl.uint32))
+    return (word >> ((offs & 1) * 16).to(tl.uint32)) & 0xFFFF
 
 
 @triton.jit

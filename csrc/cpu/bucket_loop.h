@@ -282,7 +282,7 @@ struct TileCoef {
 };
 
 // Stochastic rounding of one tensor's elements (csrc/stochastic_round.h), with
-// the hash's per-tensor part kept for the current high word of the index.
+// the hash's per-tensor part kept for the current high word of the pair index.
 class TensorRounding {
  public:
   explicit TensorRounding(const StochasticRound& round)
@@ -291,34 +291,45 @@ class TensorRounding {
   // x rounded to a bfloat16 value, x being element `index`.
   float scalar(float x, int64_t index) {
     const uint64_t e = static_cast<uint64_t>(index);
-    return round_to_bfloat16(x, round_bits(base_for(static_cast<uint32_t>(e >> 32)), static_cast<uint32_t>(e)));
+    const uint64_t pair = e >> 1;
+    const uint32_t word = round_bits(base_for(static_cast<uint32_t>(pair >> 32)), static_cast<uint32_t>(pair));
+    return round_to_bfloat16(x, element_bits(word, e));
   }
 
-  // The float lanes of x, elements first, first + 1, …, rounded to bfloat16 values.
-  Vectorized<float> tile(const Vectorized<float>& x, int64_t first) {
-    constexpr int64_t kLanes = Vectorized<float>::size();
+  // The float lanes of a bfloat16 tile, x[0] then x[1] (elements first, first + 1,
+  // …), rounded to bfloat16 values in place.  From an even `first`, one hash
+  // lane serves two elements (its low half the even one, its high half the odd
+  // one): the hash words read as 16-bit halves and zero-extended.
+  void tile(Vectorized<float> (&x)[2], int64_t first) {
+    constexpr int64_t kLanes = Vectorized<float>::size();  // the tile's pairs
     const uint64_t e = static_cast<uint64_t>(first);
-    if ((e & 0xffffffffu) + kLanes - 1 > 0xffffffffu) return tile_across_words(x, first);  // (rare)
-    const uint32_t base = base_for(static_cast<uint32_t>(e >> 32));
-    const int32_t lo = static_cast<int32_t>(static_cast<uint32_t>(e));
+    const uint64_t pair = e >> 1;
+    if ((e & 1u) || (pair & 0xffffffffu) + kLanes - 1 > 0xffffffffu) {  // (rare)
+      tile_by_lanes(x, first);
+      return;
+    }
+    const uint32_t base = base_for(static_cast<uint32_t>(pair >> 32));
+    const int32_t lo = static_cast<int32_t>(static_cast<uint32_t>(pair));
 #if defined(CPU_CAPABILITY_AVX2)
-    // lowbias32 on the lanes, then bits(x) + (h & 0xffff) with the low half cleared
-    const __m256 xf = x;
     __m256i h = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int32_t>(base)),
                                  _mm256_add_epi32(_mm256_set1_epi32(lo), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));  // lowbias32 on the lanes
     h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x7feb352d));
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
     h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int32_t>(0x846ca68bu)));
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-    const __m256i sum = _mm256_add_epi32(_mm256_castps_si256(xf), _mm256_and_si256(h, _mm256_set1_epi32(0xffff)));
-    const __m256 rounded = _mm256_castsi256_ps(_mm256_and_si256(sum, _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u))));
-    // NaN: the bits 0xffff0000, which store_rounded stores as torch's vector conversion does (0xffff)
-    return _mm256_blendv_ps(rounded, _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(0xffff0000u))),
-                            _mm256_cmp_ps(xf, xf, _CMP_UNORD_Q));
+    const __m256i bits[2] = {_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)),
+                             _mm256_cvtepu16_epi32(_mm256_extracti128_si256(h, 1))};
+    for (int part = 0; part < 2; ++part) {
+      const __m256 xf = x[part];
+      const __m256i sum = _mm256_add_epi32(_mm256_castps_si256(xf), bits[part]);
+      const __m256 rounded = _mm256_castsi256_ps(_mm256_and_si256(sum, _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u))));
+      // NaN: the bits 0xffff0000, which store() stores as torch's vector conversion does (0xffff)
+      x[part] = _mm256_blendv_ps(rounded, _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(0xffff0000u))),
+                                 _mm256_cmp_ps(xf, xf, _CMP_UNORD_Q));
+    }
 #elif defined(CPU_CAPABILITY_AVX512)
     // the AVX2 path above on 16 lanes
-    const __m512 xf = x;
     __m512i h = _mm512_xor_si512(_mm512_set1_epi32(static_cast<int32_t>(base)),
                                  _mm512_add_epi32(_mm512_set1_epi32(lo),
                                                   _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)));
@@ -327,12 +338,18 @@ class TensorRounding {
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
     h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int32_t>(0x846ca68bu)));
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-    const __m512i sum = _mm512_add_epi32(_mm512_castps_si512(xf), _mm512_and_si512(h, _mm512_set1_epi32(0xffff)));
-    const __m512 rounded = _mm512_castsi512_ps(_mm512_and_si512(sum, _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u))));
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xf, xf, _CMP_UNORD_Q), rounded,  // NaN as on AVX2
-                                _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(0xffff0000u))));
+    const __m512i bits[2] = {_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)),
+                             _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1))};
+    for (int part = 0; part < 2; ++part) {
+      const __m512 xf = x[part];
+      const __m512i sum = _mm512_add_epi32(_mm512_castps_si512(xf), bits[part]);
+      const __m512 rounded = _mm512_castsi512_ps(_mm512_and_si512(sum, _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u))));
+      x[part] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xf, xf, _CMP_UNORD_Q), rounded,  // NaN as on AVX2
+                                     _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(0xffff0000u))));
+    }
 #else
-    // lowbias32 on the lanes; >> is arithmetic on int32 lanes, hence the masks
+    // lowbias32 on the lanes (>> is arithmetic on int32 lanes, hence the masks),
+    // then each element's half of its pair's word
     using IVec = Vectorized<int32_t>;
     IVec h = IVec(static_cast<int32_t>(base)) ^ IVec::arange(lo, 1);
     h = h ^ ((h >> IVec(16)) & IVec(0xffff));
@@ -340,9 +357,15 @@ class TensorRounding {
     h = h ^ ((h >> IVec(15)) & IVec(0x1ffff));
     h = h * IVec(static_cast<int32_t>(0x846ca68bu));
     h = h ^ ((h >> IVec(16)) & IVec(0xffff));
-    const IVec bits = at::vec::cast<int32_t>(x);
-    const IVec rounded = (bits + (h & IVec(0xffff))) & IVec(static_cast<int32_t>(0xffff0000u));
-    return Vectorized<float>::blendv(at::vec::cast<float>(rounded), x, x != x);  // NaN kept
+    int32_t words[kLanes], halves[2 * kLanes];
+    h.store(words);
+    for (int64_t k = 0; k < 2 * kLanes; ++k)
+      halves[k] = static_cast<int32_t>(element_bits(static_cast<uint32_t>(words[k >> 1]), static_cast<uint64_t>(k)));
+    for (int part = 0; part < 2; ++part) {
+      const IVec bits = at::vec::cast<int32_t>(x[part]);
+      const IVec rounded = (bits + IVec::loadu(halves + part * kLanes)) & IVec(static_cast<int32_t>(0xffff0000u));
+      x[part] = Vectorized<float>::blendv(at::vec::cast<float>(rounded), x[part], x[part] != x[part]);  // NaN kept
+    }
 #endif
   }
 
@@ -367,14 +390,17 @@ class TensorRounding {
   }
 
  private:
-  // tile() of lanes that cross into the next high word of the index, lane by lane;
-  // out of line, so that tile() stays small enough to be unrolled over a tile's parts
-  // with its values in registers.
-  [[gnu::noinline, gnu::cold]] Vectorized<float> tile_across_words(const Vectorized<float>& x, int64_t first) {
-    float lanes[Vectorized<float>::size()];
-    x.store(lanes);
-    for (int64_t k = 0; k < Vectorized<float>::size(); ++k) lanes[k] = scalar(lanes[k], first + k);
-    return Vectorized<float>::loadu(lanes);
+  // tile() lane by lane: an odd first element, or pairs that cross into the next
+  // high word of the pair index; out of line, so that tile() stays small enough
+  // to be inlined with its values in registers.
+  [[gnu::noinline, gnu::cold]] void tile_by_lanes(Vectorized<float> (&x)[2], int64_t first) {
+    constexpr int64_t kLanes = Vectorized<float>::size();
+    float lanes[2 * kLanes];
+    x[0].store(lanes);
+    x[1].store(lanes + kLanes);
+    for (int64_t k = 0; k < 2 * kLanes; ++k) lanes[k] = scalar(lanes[k], first + k);
+    x[0] = Vectorized<float>::loadu(lanes);
+    x[1] = Vectorized<float>::loadu(lanes + kLanes);
   }
 
   uint32_t base_for(uint32_t hi) {
@@ -449,7 +475,28 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
   Vec weight_sq = Vec(Op(0)), update_sq = Vec(Op(0));
   Vec weight_other = Vec(Op(0)), update_other = Vec(Op(0));
   double tail_weight = 0.0, tail_update = 0.0;
+  auto one_element = [&](int64_t i) {  // the scalar step of element i
+    std::array<Op, N> x;
+    for (int s = 0; s < N; ++s) x[s] = static_cast<Op>(ptr[s][i]);
+    if constexpr (kMaster && kLowStream >= 0) x[kLowStream] = static_cast<Op>(reinterpret_cast<const Low*>(ptr[kLowStream])[i]);
+    const Op before = x[0];
+    f(x);
+    if constexpr (kCanRound) {
+      if (rounding) x[0] = rounding->scalar(x[0], i);
+    }
+    for (int s = 0; s < N; ++s)
+      if ((kWriteMask >> s) & 1u) ptr[s][i] = static_cast<scalar_t>(x[s]);
+    if constexpr (kWritesLow) low[i] = static_cast<Low>(x[0]);
+    if (track) {
+      const Op after = static_cast<Op>(ptr[0][i]);
+      tail_weight += static_cast<double>(after * after);
+      tail_update += static_cast<double>((after - before) * (after - before));
+    }
+  };
   int64_t i = begin;
+  if constexpr (kCanRound) {  // stochastic rounding hashes pairs of elements from an even one
+    if (rounding && (i & 1) && i < end) one_element(i++);
+  }
   for (; i + IO::kTile <= end; i += IO::kTile) {
     std::array<Vec, N> x[IO::kParts];
     for (int s = 0; s < N; ++s) {
@@ -470,7 +517,11 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
     for (int part = 0; part < IO::kParts; ++part) f(x[part]);
     if constexpr (kCanRound) {
       if (rounding) {
-        for (int part = 0; part < IO::kParts; ++part) x[part][0] = rounding->tile(x[part][0], i + part * Vec::size());
+        static_assert(IO::kParts == 2, "a bfloat16 tile holds two float vectors");
+        Vec param[2] = {x[0][0], x[1][0]};
+        rounding->tile(param, i);
+        x[0][0] = param[0];
+        x[1][0] = param[1];
       }
     }
     for (int s = 0; s < N; ++s) {
@@ -504,24 +555,7 @@ inline void map_streams_summed(const std::array<scalar_t*, N>& ptr, int64_t begi
       std::swap(update_sq, update_other);
     }
   }
-  for (; i < end; ++i) {
-    std::array<Op, N> x;
-    for (int s = 0; s < N; ++s) x[s] = static_cast<Op>(ptr[s][i]);
-    if constexpr (kMaster && kLowStream >= 0) x[kLowStream] = static_cast<Op>(reinterpret_cast<const Low*>(ptr[kLowStream])[i]);
-    const Op before = x[0];
-    f(x);
-    if constexpr (kCanRound) {
-      if (rounding) x[0] = rounding->scalar(x[0], i);
-    }
-    for (int s = 0; s < N; ++s)
-      if ((kWriteMask >> s) & 1u) ptr[s][i] = static_cast<scalar_t>(x[s]);
-    if constexpr (kWritesLow) low[i] = static_cast<Low>(x[0]);
-    if (track) {
-      const Op after = static_cast<Op>(ptr[0][i]);
-      tail_weight += static_cast<double>(after * after);
-      tail_update += static_cast<double>((after - before) * (after - before));
-    }
-  }
+  for (; i < end; ++i) one_element(i);
   if (track) {
     acc->weight_sq = acc->weight_sq + (weight_sq + weight_other);
     acc->update_sq = acc->update_sq + (update_sq + update_other);

@@ -339,12 +339,14 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of,
             top[k] = fp8_abs_max(top[k], x[2 + k]);
           });
           pv[part] = x[0];
-          if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-            if (rounding) pv[part] = rounding->tile(pv[part], begin + offset);
-          }
         }
         if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-          if (rounding) TensorRounding::store<IO>(p + i, pv); else IO::store(p + i, pv);
+          if (rounding) {
+            rounding->tile(pv, begin + i);
+            TensorRounding::store<IO>(p + i, pv);
+          } else {
+            IO::store(p + i, pv);
+          }
         } else {
           IO::store(p + i, pv);
         }

@@ -6,8 +6,8 @@
 // instantiated for bfloat16 storage); without it ParamRounding<false> is the
 // identity and reads nothing.
 // Per tensor the table holds a RoundKey: key, step and the hash's per-tensor part
-// for index_hi = 0, so an element costs one lowbias32 (indices ≥ 2^32 recompute
-// the per-tensor part from key and step, read from the table again).
+// for pair_hi = 0, so an element costs one lowbias32 (pair indices ≥ 2^32
+// recompute the per-tensor part from key and step, read from the table again).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -52,9 +52,10 @@ struct ParamRounding<true> {
 
   __device__ __forceinline__ float operator()(float x, int64_t e) const {
     const uint64_t index = static_cast<uint64_t>(e);
-    const uint32_t hi = static_cast<uint32_t>(index >> 32);
+    const uint64_t pair = index >> 1;
+    const uint32_t hi = static_cast<uint32_t>(pair >> 32);
     const uint32_t b = hi == 0 ? base : round_base(entry->key, entry->step, hi);
-    return round_to_bfloat16(x, round_bits(b, static_cast<uint32_t>(index)));
+    return round_to_bfloat16(x, element_bits(round_bits(b, static_cast<uint32_t>(pair)), index));
   }
 };
 
