@@ -299,9 +299,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise
 
     def _check_new_group(self, index: int, group: dict) -> None:
-        self._check_flags(group)
+        self._check_flags(index, group)
         check_backend(group_backend(group), self.algorithm, self._name)
-        self._check_group(group)
+        self._checked_group(index, group)
         plan = self._plans[index] = self._make_plan(index, group)
         hyper = self._named_hyper(index, _host_values(group))
         self._check_range(index, hyper, plan)  # lr=1e300 for float32 params: refused now, not at step()
@@ -314,24 +314,33 @@ class FusedOptimizer(torch.optim.Optimizer):
         except (TypeError, ValueError, KeyError, RuntimeError) as error:
             raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
 
-    def _check_flags(self, group: dict) -> None:
+    def _checked_group(self, index: int, group: dict) -> None:
+        """``_check_group(group)``, its errors named by the group."""
+        try:
+            self._check_group(group)
+        except ValueError as error:
+            raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
+
+    def _check_flags(self, index: int, group: dict) -> None:
         """torch.optim's flags: what we cannot honour is refused, never ignored."""
+        where = f"{self._name}: param_groups[{index}]"
         if group.get("differentiable"):
-            raise ValueError(f"{self._name}: differentiable=True is not supported (the steps do not "
+            raise ValueError(f"{where}: differentiable=True is not supported (the steps do not "
                              "record autograd history); use torch.optim for differentiable optimizers")
         if group.get("capturable"):
             self._check_capturable(group)
         if group.get("fused") and group["backend"] == "reference":
-            raise ValueError(f"{self._name}: fused=True contradicts backend='reference'")
+            raise ValueError(f"{where}: fused=True contradicts backend='reference'")
         for flag in ("maximize", "track_rms", "bf16_stochastic_round", "master_weights"):
             if not isinstance(group.get(flag, False), bool):
-                raise ValueError(f"{self._name}: {flag} must be True or False, got {group[flag]!r}")
+                raise ValueError(f"{where}: {flag} must be True or False, "
+                                 f"got {group[flag]!r}")
         if group.get("master_weights") and group.get("bf16_stochastic_round"):
-            raise ValueError(f"{self._name}: master_weights=True and bf16_stochastic_round=True exclude each "
+            raise ValueError(f"{where}: master_weights=True and bf16_stochastic_round=True exclude each "
                              "other (with float32 master weights the param is the master rounded to nearest)")
         seed = group.get("stochastic_round_seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-            raise ValueError(f"{self._name}: stochastic_round_seed must be an int in [0, 2**31), got {seed!r}")
+            raise ValueError(f"{where}: stochastic_round_seed must be an int in [0, 2**31), got {seed!r}")
 
     def _check_capturable(self, group: dict) -> None:
         """capturable=True (torch's flag: a step that reads nothing on the host, so it
@@ -533,13 +542,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"{self._name}: param_groups[{index}] has no {missing[0]!r}; every group holds "
                              f"each of the optimizer's settings (its default: {self.defaults[missing[0]]!r})")
-        self._check_flags(group)
+        self._check_flags(index, group)
         check_backend(group_backend(group), self.algorithm, self._name)  # (a group's backend may be set anew)
         checked = _host_values(group)
-        try:
-            self._check_group(checked)
-        except ValueError as error:  # (named by its group)
-            raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
+        self._checked_group(index, checked)
         hyper = self._named_hyper(index, checked)
         plan = self._plan(index, group, rebuild)
         self._check_range(index, hyper, plan)
