@@ -28,6 +28,8 @@ class Problem(enum.IntEnum):
     SLOT = 10
     STEP = 11
     OVERLAP = 12
+    STATE_SHARED = 13
+    STEP_SHARED = 14
 
 
 class Walk(enum.IntEnum):
@@ -96,6 +98,13 @@ def step_error(where: str, problem: Problem, param: Tensor, grad: Optional[Tenso
             return ValueError(f"{where}: state['step'] must be a finite count >= 0, got {float(tensor)}")
         return ValueError(f"{where}: state['step'] must be a float32 CPU scalar tensor, got "
                           + (_describe(tensor) if isinstance(tensor, Tensor) else repr(tensor)))
+    if problem == Problem.STATE_SHARED:
+        return ValueError(f"{where}: state[{name!r}] ({_describe(tensor)}) shares memory with its param or with "
+                          "another of its states; each state needs memory of its own (it is written in place)")
+    if problem == Problem.STEP_SHARED:
+        return ValueError(f"{where}: state['step'] is also another param's state['step'] (one tensor); each "
+                          "param needs a step counter of its own (torch.optim would advance a shared one once "
+                          "per param, so each param would see another count)")
     if problem == Problem.OVERLAP:
         return ValueError(f"{where}: shares memory with another param of the optimizer; "
                           "overlapping params cannot be stepped")

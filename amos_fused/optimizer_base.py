@@ -736,7 +736,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if (problem in (Problem.PARAM_MIXED, Problem.PARAM_DTYPE) and spec is not None
                     and self._stale(owners[bad], spec, positions[bad])):
                 raise _StalePlan()
-            name = {Problem.STATE: like_keys, Problem.SLOT: slot_keys}.get(problem, [""] * (which + 1))[which]
+            name = {Problem.STATE: like_keys, Problem.STATE_SHARED: like_keys,
+                    Problem.SLOT: slot_keys}.get(problem, [""] * (which + 1))[which]
             tensor = lists[name][bad] if name else steps[bad]
             master = spec is not None and spec.master_of is not None
             raise step_error(where(bad), problem, owners[bad], grad=all_grads[positions[bad]],

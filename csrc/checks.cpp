@@ -41,6 +41,41 @@ bool like_param(const at::Tensor& s, const at::Tensor& p, Walk walk) {
          (walk == Walk::kAny || s.numel() <= 1 || s.strides() == p.strides());
 }
 
+// The bytes from t's lowest to its highest element, [first, last) (any strides).
+std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  const intptr_t size = static_cast<intptr_t>(t.element_size());
+  intptr_t low = 0, high = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const intptr_t reach = static_cast<intptr_t>((t.size(d) - 1) * t.stride(d)) * size;
+    (reach < 0 ? low : high) += reach;
+  }
+  const uintptr_t base = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {base + low, base + high + size};
+}
+
+// Whether a and b may share memory: their byte spans intersect (exact for two
+// dense tensors; interleaved strided views count as sharing).
+bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device() || a.is_meta() ||
+      a.layout() != c10::kStrided || b.layout() != c10::kStrided)
+    return false;
+  const auto [a_first, a_last] = byte_span(a);
+  const auto [b_first, b_last] = byte_span(b);
+  return a_first < b_last && b_first < a_last;
+}
+
+// Index of a param whose step counter is another's (the same one-element tensor), or -1.
+int64_t first_shared_step(at::TensorList steps) {
+  std::vector<std::pair<uintptr_t, int64_t>> at;
+  at.reserve(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i)
+    at.emplace_back(reinterpret_cast<uintptr_t>(steps[i].data_ptr()), static_cast<int64_t>(i));
+  std::sort(at.begin(), at.end());
+  for (size_t k = 1; k < at.size(); ++k)
+    if (at[k].first == at[k - 1].first) return std::max(at[k].second, at[k - 1].second);
+  return -1;
+}
+
 // Index of a param whose memory overlaps another's, or -1 (dense params: each
 // occupies [data_ptr, data_ptr + nbytes)).
 int64_t first_overlap(at::TensorList params) {
@@ -85,8 +120,14 @@ Found find_problem(at::TensorList params, at::TensorList grads,
     if (!walkable(p, walk)) return {at, Problem::kParamLayout, 0};
     const Problem grad = grad_problem(p, grads[i], walk);
     if (grad != Problem::kNone) return {at, grad, 0};
-    for (size_t k = 0; k < states.size(); ++k)
-      if (!states[k].empty() && !like_param(states[k][i], p, walk)) return {at, Problem::kState, int64_t(k)};
+    for (size_t k = 0; k < states.size(); ++k) {
+      if (states[k].empty()) continue;
+      const at::Tensor& s = states[k][i];
+      if (!like_param(s, p, walk)) return {at, Problem::kState, int64_t(k)};
+      bool shared = may_share_memory(s, p);  // (state['exp_avg'] = p.data, or exp_avg_sq itself)
+      for (size_t j = 0; j < k && !shared; ++j) shared = !states[j].empty() && may_share_memory(s, states[j][i]);
+      if (shared) return {at, Problem::kStateShared, int64_t(k)};
+    }
     for (size_t k = 0; k < slots.size(); ++k) {
       if (slots[k].empty()) continue;
       const at::Tensor& s = slots[k][i];
@@ -101,6 +142,10 @@ Found find_problem(at::TensorList params, at::TensorList grads,
             *s.data_ptr<float>() >= 0.0f && std::isfinite(*s.data_ptr<float>())))
         return {at, Problem::kStep, 0};
     }
+  }
+  if (!steps.empty()) {
+    const int64_t shared = first_shared_step(steps);
+    if (shared >= 0) return {shared, Problem::kStepShared, 0};
   }
   if (check_overlap && walk != Walk::kAny) {
     const int64_t overlap = first_overlap(params);
@@ -199,6 +244,11 @@ void check_bucket(const char* op, at::TensorList params, at::TensorList grads,
                         ") does not match its param (", p.scalar_type(), " ", p.sizes(), ")");
     case Problem::kStep:
       TORCH_CHECK_VALUE(false, op, ": steps[", f.index, "] must be a finite float32 CPU scalar >= 0");
+    case Problem::kStateShared:
+      TORCH_CHECK_VALUE(false, op, ": ", names[f.list], "[", f.index, "] shares memory with its param or ",
+                        "another of its states");
+    case Problem::kStepShared:
+      TORCH_CHECK_VALUE(false, op, ": steps[", f.index, "] is also another param's step counter");
     default:
       TORCH_CHECK_VALUE(false, op, ": grads[", f.index, "] (", grads[f.index].scalar_type(), " ",
                         grads[f.index].sizes(), " on ", grads[f.index].device(),

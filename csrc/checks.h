@@ -30,6 +30,8 @@ enum class Problem : int64_t {
   kSlot = 10,        // an Amos slot of another dtype or device, or (fused) not contiguous
   kStep = 11,        // a step counter that is not a float32 CPU scalar >= 0
   kOverlap = 12,     // two params share memory
+  kStateShared = 13, // a state tensor shares memory with its param or an earlier state of it
+  kStepShared = 14,  // one step counter for two params
 };
 
 // How the kernels walk a param: any strides (reference), dense in some dim

@@ -328,3 +328,73 @@ def test_amos_momentum_switched_on_creates_mu(backend):
         opt.step()
     assert "mu" in opt.state[params[0]]
     assert torch.equal(params[0].detach(), twin[0].detach())
+
+
+def _two_stepped(make, backend):
+    params = [torch.nn.Parameter(torch.randn(300, generator=torch.Generator().manual_seed(i))) for i in range(2)]
+    opt = make(params, backend)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return opt, params
+
+
+_ADAM_FAMILY = [lambda ps, b: af.AdamW(ps, lr=1e-2, backend=b), lambda ps, b: af.Adam(ps, lr=1e-2, backend=b),
+                lambda ps, b: af.RAdam(ps, lr=1e-2, backend=b)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("make", _ADAM_FAMILY, ids=["AdamW", "Adam", "RAdam"])
+def test_a_step_counter_shared_by_two_params_is_refused_before_any_write(make, backend):
+    """torch.optim advances a shared state['step'] once per param, each param
+    seeing another count; the fused kernels read every count before advancing
+    any.  Neither is what sharing it means: refused, by name, nothing written."""
+    opt, params = _two_stepped(make, backend)
+    shared = torch.tensor(1.0)
+    for p in params:
+        opt.state[p]["step"] = shared
+    before = snapshot(opt, params)
+    raises_naming(ValueError, opt.step, r"params'\]\[1\]", r"state\['step'\] is also another param's")
+    assert_unchanged(before, opt, params)
+    assert float(shared) == 1.0
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("alias", ["param", "param's_storage", "other_state"])
+def test_a_state_sharing_memory_with_its_param_or_another_state_is_refused(alias, backend):
+    """A state written in place in the same pass as its param (or as another state
+    of it) would read values the step already wrote: torch.optim, the reference
+    and the kernels would each give other numbers.  Refused, by name."""
+    opt, params = _two_stepped(_ADAM_FAMILY[0], backend)
+    p = params[1]
+    if alias == "param":
+        opt.state[p]["exp_avg"] = p.data
+    elif alias == "param's_storage":  # a view of the same memory with other metadata
+        opt.state[p]["exp_avg_sq"] = torch.as_strided(p.detach(), p.shape, p.stride())
+    else:
+        opt.state[p]["exp_avg_sq"] = opt.state[p]["exp_avg"]
+    before = snapshot(opt, params)
+    key = "exp_avg" if alias == "param" else "exp_avg_sq"
+    raises_naming(ValueError, opt.step, r"params'\]\[1\]", rf"state\['{key}'\].*shares memory")
+    assert_unchanged(before, opt, params)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_states_next_to_their_param_in_one_buffer_are_stepped(backend):
+    """Params and states carved from one buffer without overlap are not refused
+    (the check compares the bytes each tensor spans), and step as separate ones do."""
+    buffer = torch.zeros(3 * 300)
+    params = [torch.nn.Parameter(torch.randn(300, generator=torch.Generator().manual_seed(0))) for _ in range(2)]
+    opts = [af.AdamW([p], lr=1e-2, backend=backend) for p in params]
+    p_own, p_buffered = params
+    p_buffered.data = buffer[:300].copy_(p_buffered.detach())
+    grads = torch.randn(300, generator=torch.Generator().manual_seed(5))
+    for opt, p in zip(opts, params):
+        p.grad = grads.clone()
+        opt.step()
+    opts[1].state[p_buffered]["exp_avg"] = buffer[300:600].copy_(opts[1].state[p_buffered]["exp_avg"])
+    opts[1].state[p_buffered]["exp_avg_sq"] = buffer[600:].copy_(opts[1].state[p_buffered]["exp_avg_sq"])
+    for opt, p in zip(opts, params):
+        p.grad = grads.clone()
+        opt.step()
+    assert torch.equal(p_own.detach(), p_buffered.detach())
