@@ -157,6 +157,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._telemetry = Recorder()
         self._master_marks = WriteMarks()
         self._layouts: Dict[int, Tuple[Tensor, tuple]] = {}  # id(p) -> (p, its strides at its last step)
+        self._awaiting_master: Dict[int, Tensor] = {}  # id(p) -> p: see _mark_awaiting_masters
         self._bulk_adding = True
         try:
             super().__init__(params, {"maximize": False, "track_rms": False, "bf16_stochastic_round": False,
@@ -754,8 +755,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             changes.update(fp8_states.relaid_into(st, changes[MASTER_KEY]))  # codes follow the master's layout
         elif master and MASTER_KEY in st and self._master_marks.edited(p):  # written since our last step
             changes[MASTER_KEY] = float32_copy(p.detach())
-        elif not master and MASTER_KEY in st:
-            changes[MASTER_KEY] = None
+        elif not master and (MASTER_KEY in st or self._awaiting_master.get(id(p)) is p):
+            if MASTER_KEY in st:
+                changes[MASTER_KEY] = None
             for key, value in st.items():
                 if (key not in ("step", MASTER_KEY) and not key.endswith(fp8_states.ABSMAX_SUFFIX) and isinstance(value, Tensor)
                         and value.dtype == torch.float32 and p.dtype != torch.float32):
@@ -989,6 +991,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _apply_new_states(self, ready: _Ready) -> None:
         for param, changes in ready.new_states:
+            self._awaiting_master.pop(id(param), None)  # its master made, or its states rounded
             state = self.state.setdefault(param, {})  # (a plain dict in place of torch's defaultdict too)
             for key, value in changes.items():
                 if value is None:
@@ -1069,6 +1072,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._layouts: Dict[int, Tuple[Tensor, tuple]] = {}  # id(p) -> (p, its strides at its last step)
         self._mark_layouts()
         self._master_marks.mark_masters(self.state)  # a param written from now on gets its master remade
+        self._mark_awaiting_masters()
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -1156,6 +1160,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._master_marks.clear()
         self._master_marks.mark_masters(self.state)  # the next step starts from the loaded master unless written
         self._mark_layouts()
+        self._mark_awaiting_masters()
+
+    def _mark_awaiting_masters(self) -> None:
+        """Records the params of master groups whose loaded states (float32, FP8
+        codes in the master's layout) wait for the master their next step makes
+        from the param.  Should ``master_weights`` be turned off first, that step
+        brings those states to the param's dtype and layout as it does when a
+        master is dropped."""
+        self._awaiting_master = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p) if p in self.state else None
+                if (isinstance(st, dict) and "step" in st and MASTER_KEY not in st
+                        and has_master(p, group.get("master_weights", False))):
+                    self._awaiting_master[id(p)] = p
 
     def _restore_saved_dtypes(self, state_dict: dict, with_master: Dict[Tensor, bool]) -> None:
         """torch.optim's load_state_dict casts every non-step state tensor to its

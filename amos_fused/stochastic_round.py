@@ -26,6 +26,8 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from .checks import is_dense
+
 MASK32 = 0xFFFFFFFF
 IntOrTensor = Union[int, Tensor]
 
@@ -64,13 +66,20 @@ def element_bits(key: int, step: int, index: IntOrTensor) -> IntOrTensor:
 
 
 def memory_indices(t: Tensor) -> Tensor:
-    """Each element's offset in memory from t's first element (int64, t's shape): its
-    index in memory order for a dense tensor."""
+    """Each element's index in t's memory order (int64, t's shape): its offset from
+    t's first element for a dense tensor; for a non-dense view (a strided slice,
+    which the reference steps), its rank among t's elements sorted by address, so
+    that it draws the bits of the same element of a dense copy."""
     index = torch.zeros(t.shape, dtype=torch.int64, device=t.device)
     for dim, (size, stride) in enumerate(zip(t.shape, t.stride())):
         shape = [1] * t.dim()
         shape[dim] = size
         index = index + (torch.arange(size, dtype=torch.int64, device=t.device) * stride).view(shape)
+    if not is_dense(t):
+        flat = index.reshape(-1)
+        rank = torch.empty_like(flat)
+        rank[torch.argsort(flat)] = torch.arange(flat.numel(), dtype=torch.int64, device=t.device)
+        index = rank.view(t.shape)
     return index
 
 

@@ -604,3 +604,61 @@ def test_toggling_master_weights_of_a_strided_param_relays_its_8bit_states(name,
             assert torch.equal(mine[key], value), f"step {step}: {key}"
             if value.dtype == torch.uint8:  # codes in the layout of the tensor the step writes
                 assert mine[key].stride() == (mine[MASTER_KEY] if on else strided).stride(), f"step {step}: {key}"
+
+
+def _checkpoint_of(cls, make_param):
+    """A checkpoint of ``cls`` (two groups of one float32 param each) after one
+    step, without the ``master_weights`` setting (as torch.optim's checkpoints)."""
+    params = [make_param(torch.float32), _dense_param(torch.float32)]
+    opt = cls([{"params": [params[0]]}, {"params": [params[1]]}], lr=1e-2, backend="reference")
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
+    opt.step()
+    state_dict = copy.deepcopy(opt.state_dict())
+    for group in state_dict["param_groups"]:  # as torch.optim's: the loading group's setting holds
+        del group["master_weights"]
+    return state_dict
+
+
+def _dense_param(dtype):
+    return torch.nn.Parameter(torch.randn(64, 128, generator=torch.Generator().manual_seed(9)).to(dtype))
+
+
+def _strided_param(dtype):
+    base = torch.zeros(64, 256, dtype=dtype)
+    view = base[:, ::2]
+    view.copy_(torch.randn(64, 128, generator=torch.Generator().manual_seed(9)))
+    return torch.nn.Parameter(view)
+
+
+@pytest.mark.parametrize("cls,make_param,backend", [
+    (cls, make_param, backend)
+    for cls, make_param in [(af.AdamW, _dense_param), (af.Lion, _dense_param), (af.AdamW8bit, _dense_param),
+                            (af.AdamW8bit, _strided_param), (af.Amos8bit, _strided_param)]
+    for backend in BACKENDS if backend == "reference" or make_param is _dense_param])  # (cpu: dense params)
+def test_masters_turned_off_before_the_first_step_after_a_load(cls, make_param, backend):
+    """A checkpoint loaded into a master group keeps float32 states (and FP8 codes in
+    the master's layout) for the master its next step makes.  Turned off before that
+    step (or left waiting by a param without a grad), the states come to the param's
+    dtype and layout then, as when a master is dropped: the run equals loading into a
+    group without masters."""
+    state_dict = _checkpoint_of(cls, make_param)
+    runs = []
+    for master_at_load in (True, False):
+        params = [make_param(torch.bfloat16), _dense_param(torch.bfloat16)]
+        opt = cls([{"params": [params[0]]}, {"params": [params[1]]}], lr=1e-2, backend=backend,
+                  master_weights=master_at_load)
+        opt.load_state_dict(state_dict)
+        for step in range(3):
+            opt.param_groups[0]["master_weights"] = False  # before any master was made
+            opt.param_groups[1]["master_weights"] = master_at_load and step == 0
+            params[0].grad = torch.randn(64, 128, generator=torch.Generator().manual_seed(10 + step)).bfloat16()
+            params[1].grad = None if step == 0 else params[0].grad.clone()  # no master made at step 0
+            opt.step()
+        runs.append((params, opt))
+    (with_master, opt_a), (without, opt_b) = runs
+    for a, b in zip(with_master, without):
+        assert torch.equal(_bits(a.contiguous()), _bits(b.contiguous()))
+        assert MASTER_KEY not in opt_a.state[a]
+        for key, value in opt_b.state[b].items():
+            assert opt_a.state[a][key].dtype == value.dtype and torch.equal(opt_a.state[a][key], value), key

@@ -304,3 +304,26 @@ def test_property_cpu_equals_reference(shapes, name, with_grad, split, seed):
             opt.step()
         results.append(params)
     assert_equal_or_neighbours(*results, exact=False, allow_one=True)
+
+
+@pytest.mark.parametrize("view", ["columns", "transposed_columns"])
+def test_a_strided_view_draws_the_bits_of_a_dense_copy(view):
+    """The reference steps non-dense params; an element's index is its rank in
+    memory order, so a strided view is rounded with the bits of the same element
+    of a dense copy (whose index is its offset)."""
+    values = torch.randn(40, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
+    if view == "columns":  # strides (128, 2); its dense copy is row-major
+        strided = torch.zeros(40, 128, dtype=torch.bfloat16)[:, ::2]
+    else:  # strides (1, 80); its dense copy is column-major
+        strided = torch.zeros(128, 40, dtype=torch.bfloat16)[::2].t()
+    strided.copy_(values)
+    assert not strided.is_contiguous()
+    twins = [torch.nn.Parameter(strided), torch.nn.Parameter(values.clone() if view == "columns"
+                                                              else values.t().contiguous().t())]
+    opts = [af.AdamW([p], lr=1e-3, backend="reference", bf16_stochastic_round=True) for p in twins]
+    for step in range(3):
+        grad = torch.randn(40, 64, generator=torch.Generator().manual_seed(step)).bfloat16()
+        for opt, p in zip(opts, twins):
+            p.grad = grad.clone()
+            opt.step()
+    assert torch.equal(twins[0].detach().contiguous().view(torch.int16), twins[1].detach().contiguous().view(torch.int16))
