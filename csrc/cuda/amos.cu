@@ -385,11 +385,18 @@ __global__ void __launch_bounds__(kAmosThreads)
   wa[2 * (info.slot_base + s) + 1] = a;
 }
 
+// Blocks per SM the apply kernel is compiled for (0: no minimum).  The variants
+// with momentum and stochastic rounding ask for 3 (≤ 85 registers), the occupancy
+// they have at 74 registers: left to itself ptxas squeezes them into 64, with
+// spills (as kMainMinBlocks above).
+template <bool MOMENTUM, bool ROUND>
+constexpr int kApplyMinBlocks = MOMENTUM && ROUND ? 3 : 0;
+
 // Two-phase tensors: the elementwise update with each element's slot (w, a).
 // TELEMETRY: also this block's Σθ², Σ(Δθ)² into telemetry_partials[2·block], [2·block + 1].
 // ROUND: θ stored with stochastic rounding (table.round).
 template <typename scalar_t, bool MOMENTUM, bool TELEMETRY, bool ROUND>
-__global__ void __launch_bounds__(kAmosThreads)
+__global__ void __launch_bounds__(kAmosThreads, (kApplyMinBlocks<MOMENTUM, ROUND>))
     amos_apply_kernel(AmosTable<at::opmath_type<scalar_t>> table, bool clip, const at::opmath_type<scalar_t>* wa,
                       double* telemetry_partials) {
   using Op = at::opmath_type<scalar_t>;

@@ -51,11 +51,11 @@ struct ParamRounding<true> {
       : entry(table + tensor), base(table[tensor].base) {}
 
   __device__ __forceinline__ float operator()(float x, int64_t e) const {
-    const uint64_t index = static_cast<uint64_t>(e);
-    const uint64_t pair = index >> 1;
+    const uint64_t pair = static_cast<uint64_t>(e) >> 1;
+    const uint32_t half = (static_cast<uint32_t>(e) & 1u) << 4;  // element_bits: the odd element's high half
     const uint32_t hi = static_cast<uint32_t>(pair >> 32);
     const uint32_t b = hi == 0 ? base : round_base(entry->key, entry->step, hi);
-    return round_to_bfloat16(x, element_bits(round_bits(b, static_cast<uint32_t>(pair)), index));
+    return round_to_bfloat16(x, round_bits(b, static_cast<uint32_t>(pair)) >> half);
   }
 };
 
