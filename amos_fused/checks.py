@@ -30,6 +30,7 @@ class Problem(enum.IntEnum):
     OVERLAP = 12
     STATE_SHARED = 13
     STEP_SHARED = 14
+    SLOT_SHARED = 15
 
 
 class Walk(enum.IntEnum):
@@ -98,7 +99,7 @@ def step_error(where: str, problem: Problem, param: Tensor, grad: Optional[Tenso
             return ValueError(f"{where}: state['step'] must be a finite count >= 0, got {float(tensor)}")
         return ValueError(f"{where}: state['step'] must be a float32 CPU scalar tensor, got "
                           + (_describe(tensor) if isinstance(tensor, Tensor) else repr(tensor)))
-    if problem == Problem.STATE_SHARED:
+    if problem in (Problem.STATE_SHARED, Problem.SLOT_SHARED):
         return ValueError(f"{where}: state[{name!r}] ({_describe(tensor)}) shares memory with its param or with "
                           "another of its states; each state needs memory of its own (it is written in place)")
     if problem == Problem.STEP_SHARED:

@@ -737,8 +737,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if (problem in (Problem.PARAM_MIXED, Problem.PARAM_DTYPE) and spec is not None
                     and self._stale(owners[bad], spec, positions[bad])):
                 raise _StalePlan()
-            name = {Problem.STATE: like_keys, Problem.STATE_SHARED: like_keys,
-                    Problem.SLOT: slot_keys}.get(problem, [""] * (which + 1))[which]
+            name = {Problem.STATE: like_keys, Problem.STATE_SHARED: like_keys, Problem.SLOT: slot_keys,
+                    Problem.SLOT_SHARED: slot_keys}.get(problem, [""] * (which + 1))[which]
             tensor = lists[name][bad] if name else steps[bad]
             master = spec is not None and spec.master_of is not None
             raise step_error(where(bad), problem, owners[bad], grad=all_grads[positions[bad]],
@@ -985,7 +985,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if scaling["found_inf"] is not None and float(scaling["found_inf"]) != 0.0:
             return None
         if scaling["grad_scale"] is not None:  # unscaled in the step's float32, as the kernels unscale
-            unscale = 1.0 / float(scaling["grad_scale"])
+            scale = float(scaling["grad_scale"])  # 1/0 = inf as in C++ (a scale that backed off to 0)
+            unscale = 1.0 / scale if scale != 0.0 else math.copysign(math.inf, scale)
             return [(g.float() if g.dtype in (torch.bfloat16, torch.float16) else g) * unscale for g in grads]
         return grads
 

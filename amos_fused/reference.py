@@ -225,7 +225,7 @@ def amos_apply(param: Tensor, v: Tensor, b: Tensor, mu: Optional[Tensor], theta:
     v_ = beta * v_ + (1 - beta) * g2
     r = (1 - beta**step) / v_.clamp_min(epsilon)
     c = 1 / torch.sqrt(1 + c_coef * math.sqrt(lr) * b_)
-    gamma = c * lr**2 * r * g2
+    gamma = c * (lr * lr) * r * g2  # (lr * lr: a finite lr past 1e154 gives inf, as in C++, not an OverflowError)
     alpha = lr * eta
     d = 1 / (1 + d_coef * math.sqrt(alpha) * b_)
     delta = d * ((-0.5 * gamma - extra_l2) * theta - alpha * torch.sqrt(r) * g)
@@ -244,7 +244,8 @@ def scaled_lr_schedule(step: int, lr: float, p: float, decay: str) -> float:
     'inverse_square' = 1/(α0·p·t + 1)² (constant p, eq. alpha-rho-3 of that post) or
     'inverse_time' = 1/(2·α0·p0·t + 1) (dynamic p, eq. alpha-rho-4)."""
     if decay == "inverse_square":
-        return 1.0 / (lr * p * step + 1.0) ** 2
+        x = lr * p * step + 1.0
+        return 1.0 / (x * x)
     if decay == "inverse_time":
         return 1.0 / (2.0 * lr * p * step + 1.0)
     raise ValueError(f"decay must be 'inverse_square' or 'inverse_time', got {decay!r}")
@@ -272,7 +273,7 @@ def scaled_adam_apply(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, theta:
     """Phase 2 of scale-aware Adam given ‖u‖: θ ← θ − (k·u + ρ·θ); stores θ, m, v."""
     s = scaled_lr_schedule(step, lr, p, decay)
     k = lr * init_norm * s / u_norm if u_norm > 0 else 0.0
-    rho = lr**2 / (2 * q) * s
+    rho = (lr * lr) / (2 * q) * s
     _store(exp_avg, m)
     _store(exp_avg_sq, v)
     _store(param, theta - (u * k + rho * theta))

@@ -134,6 +134,10 @@ Found find_problem(at::TensorList params, at::TensorList grads,
       if (s.scalar_type() != p.scalar_type() || s.device() != p.device() ||
           (walk != Walk::kAny && !s.is_contiguous()))
         return {at, Problem::kSlot, int64_t(k)};
+      bool shared = may_share_memory(s, p);
+      for (size_t j = 0; j < states.size() && !shared; ++j) shared = !states[j].empty() && may_share_memory(s, states[j][i]);
+      for (size_t j = 0; j < k && !shared; ++j) shared = !slots[j].empty() && may_share_memory(s, slots[j][i]);
+      if (shared) return {at, Problem::kSlotShared, int64_t(k)};
     }
     if (!steps.empty()) {
       const at::Tensor& s = steps[i];

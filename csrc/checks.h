@@ -32,6 +32,7 @@ enum class Problem : int64_t {
   kOverlap = 12,     // two params share memory
   kStateShared = 13, // a state tensor shares memory with its param or an earlier state of it
   kStepShared = 14,  // one step counter for two params
+  kSlotShared = 15,  // an Amos slot shares memory with its param, a state or an earlier slot of it
 };
 
 // How the kernels walk a param: any strides (reference), dense in some dim

@@ -398,3 +398,23 @@ def test_states_next_to_their_param_in_one_buffer_are_stepped(backend):
         p.grad = grads.clone()
         opt.step()
     assert torch.equal(p_own.detach(), p_buffered.detach())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("alias", ["v_is_param", "b_is_v", "b_is_param", "mu_is_v"])
+def test_an_amos_slot_sharing_memory_with_its_param_or_another_state_is_refused(alias, backend):
+    """Amos's slots v and b (here elementwise: shaped like the param) are written in
+    place like its states: sharing memory with the param, a state or each other is
+    refused by name, before any write."""
+    params = [torch.nn.Parameter(torch.randn(300, generator=torch.Generator().manual_seed(i))) for i in range(2)]
+    opt = af.Amos(params, lr=0.1, reduce_axes=None, momentum=0.9, backend=backend)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    p, st = params[1], opt.state[params[1]]
+    key, target = {"v_is_param": ("v", p.data), "b_is_v": ("b", st["v"]), "b_is_param": ("b", p.data),
+                   "mu_is_v": ("mu", st["v"])}[alias]
+    st[key] = target
+    before = snapshot(opt, params)
+    raises_naming(ValueError, opt.step, r"params'\]\[1\]", r"shares memory")
+    assert_unchanged(before, opt, params)

@@ -275,3 +275,23 @@ def test_bf16_grads_unscaled_in_float32_by_the_reference_as_by_the_kernels(name)
         out[backend] = [p.detach().clone()] + [v.clone() for k, v in sorted(opt.state[p].items())]
     for a, b in zip(out["reference"], out["cpu"]):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.0, 1e-30])
+def test_a_grad_scale_read_as_zero_is_stepped_as_torch_steps_it(scale):
+    """A scale that backed off to 0 (or reads as 0 in its dtype) with no inf found:
+    torch's fused step divides by it, giving inf/NaN; the kernels and the
+    reference multiply by 1/0 = ±inf alike, and the reference does not raise."""
+    results = []
+    for backend in ("reference", "cpu", "torch"):
+        p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 0.5]))
+        p.grad = torch.tensor([0.0, 1e-3, -2e-3, 0.0])
+        opt = torch.optim.AdamW([p], fused=True) if backend == "torch" else af.AdamW([p], backend=backend)
+        stored = torch.tensor(scale, dtype=torch.float16 if scale == 1e-30 else torch.float32)  # 1e-30: 0
+        opt.grad_scale = stored.float() if backend == "torch" else stored  # (torch's fused step: float32 only)
+        opt.found_inf = torch.tensor(0.0)
+        opt.step()
+        results.append(p.detach().clone())
+    for other in results[1:]:
+        assert torch.equal(other.isnan(), results[0].isnan())
+        assert torch.equal(torch.nan_to_num(other), torch.nan_to_num(results[0]))

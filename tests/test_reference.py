@@ -485,3 +485,23 @@ def test_matches_pytorch_optimizer_amos(momentum, foreach):
             # theirs keeps the EMA of the update it subtracts: −Δ
             torch.testing.assert_close(sa["mu"], -sb["exp_avg"], **TIGHT)
         assert float(sa["step"]) == STEPS
+
+
+@pytest.mark.parametrize("make", [lambda ps, b: af.Amos(ps, lr=0.1, backend=b),
+                                  lambda ps, b: af.ScaledAdamW(ps, lr=0.1, half_life=10, backend=b)],
+                         ids=["Amos", "ScaledAdamW"])
+def test_a_huge_finite_lr_on_float64_params_steps_as_on_the_kernels(make):
+    """float64 params take any finite lr (refused past float32's range only for
+    float32 steps); lr² overflows to inf in the host coefficients, on the reference
+    as in C++, rather than raising OverflowError half-way through a step."""
+    results = []
+    for backend in ("reference", "cpu"):
+        p = torch.nn.Parameter(torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+        opt = make([p], backend)
+        for lr in (0.1, 1e300):
+            opt.param_groups[0]["lr"] = lr
+            p.grad = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+            opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(results[0].isnan(), results[1].isnan())
+    assert torch.allclose(torch.nan_to_num(results[0]), torch.nan_to_num(results[1]), rtol=1e-12, atol=0)
