@@ -64,19 +64,7 @@ bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
   return a_first < b_last && b_first < a_last;
 }
 
-// Index of a param whose step counter is another's (the same one-element tensor), or -1.
-int64_t first_shared_step(at::TensorList steps) {
-  std::vector<std::pair<uintptr_t, int64_t>> at;
-  at.reserve(steps.size());
-  for (size_t i = 0; i < steps.size(); ++i)
-    at.emplace_back(reinterpret_cast<uintptr_t>(steps[i].data_ptr()), static_cast<int64_t>(i));
-  std::sort(at.begin(), at.end());
-  for (size_t k = 1; k < at.size(); ++k)
-    if (at[k].first == at[k - 1].first) return std::max(at[k].second, at[k - 1].second);
-  return -1;
-}
-
-// Index of a param whose memory overlaps another's, or -1 (dense params: each
+// Index of a tensor whose memory overlaps another's, or -1 (dense tensors: each
 // occupies [data_ptr, data_ptr + nbytes)).
 int64_t first_overlap(at::TensorList params) {
   std::vector<std::pair<uintptr_t, int64_t>> starts;
@@ -148,7 +136,7 @@ Found find_problem(at::TensorList params, at::TensorList grads,
     }
   }
   if (!steps.empty()) {
-    const int64_t shared = first_shared_step(steps);
+    const int64_t shared = first_overlap(steps);  // (one-element counters: the same tensor)
     if (shared >= 0) return {shared, Problem::kStepShared, 0};
   }
   if (check_overlap && walk != Walk::kAny) {
