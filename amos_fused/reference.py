@@ -30,6 +30,19 @@ def _store(dst: Tensor, value: Tensor) -> None:
     dst.copy_(value)
 
 
+def _lerp(m: Tensor, g: Tensor, weight: float) -> Tensor:
+    """torch.lerp(m, g, weight) as torch's vectorized CPU kernel rounds it, whatever
+    the element's position: m + w·(g − m) for |w| < ½, else g + (w − 1)·(g − m), each
+    one fma, w − 1 taken in m's dtype (exact there, Sterbenz).  torch's scalar loop,
+    which steps the last elements of a tensor, writes the second form as
+    g − (g − m)·(1 − w): the same value, except that with w = 1 (β1 = 0) a grad of −0
+    gives +0 there and −0 in the vector lanes and in the fused kernels."""
+    if abs(weight) < 0.5:
+        return torch.lerp(m, g, weight)
+    weight_minus_one = (torch.tensor(weight, dtype=m.dtype) - 1).item()
+    return torch.add(g, g - m, alpha=weight_minus_one)
+
+
 def _sqrt(x: Tensor) -> Tensor:
     """sqrt(x) correctly rounded, as the kernels' (IEEE) square root: torch's float32
     sqrt on CPU is not always (a vector math library's), so there float32 goes
@@ -72,7 +85,7 @@ def adam_step(
         g = g.add(theta, alpha=weight_decay)  # g + λθ, rounded like torch (one fma)
     if weight_decay != 0 and decoupled:
         theta = theta * (1 - lr * weight_decay)
-    m = torch.lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
+    m = _lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
     v = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
     second = v
     if amsgrad:
@@ -127,7 +140,7 @@ def radam_step(
         g = g.add(theta, alpha=weight_decay)  # g + λθ, rounded like torch (one fma)
     if weight_decay != 0 and decoupled:
         theta = theta * (1 - lr * weight_decay)
-    m = torch.lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
+    m = _lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
     v = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
     m_hat = m / (1 - beta1**step)
     r = radam_rectification(step, beta2, rectify_threshold)
@@ -253,7 +266,7 @@ def scaled_lr_schedule(step: int, lr: float, p: float, decay: str) -> float:
 
 def _adam_direction(g, m, v, step, beta1, beta2, eps, bias_correction):
     """Updates m, v (values) and returns Adam's direction u = (m/bc1)/(sqrt(v/bc2)+ε)."""
-    m = torch.lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
+    m = _lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
     v = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
     bc1 = 1 - beta1**step if bias_correction else 1.0
     bc2 = 1 - beta2**step if bias_correction else 1.0

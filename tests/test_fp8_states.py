@@ -148,13 +148,12 @@ def _encoded_state(name, backend, grad):
 
 def _stored_m(name, backend, grad):
     """The m that step holds before encoding, equal to the grad but for the sign of
-    zeros: the kernel's lerp with weight 1 is g + 0·(g − m), one fma, so exactly g
-    (−0 included); torch.lerp (the reference) rounds g − (g − m)·0, which turns −0
-    into +0; Lion's 0·m + g is +0 for g = −0 on both."""
+    zeros: Adam's lerp with weight 1 is g + 0·(g − m), one fma, so exactly g (−0
+    included) on every backend (the reference rounds it as torch's vector lanes do,
+    also where torch's scalar loop would turn −0 into +0); Lion's 0·m + g is +0 for
+    g = −0 on both."""
     if name == "Lion8bit":
         return grad + 0.0
-    if backend == "reference":
-        return torch.lerp(torch.zeros_like(grad), grad, 1.0)
     return grad
 
 

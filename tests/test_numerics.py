@@ -433,6 +433,41 @@ def test_beta1_zero_gives_m_equal_g(backend):
     assert torch.equal(opt.state[a[0]]["exp_avg_sq"], grads[-1][0] * grads[-1][0])
 
 
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("beta1", [0.0, 0.3, 0.9])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_signed_zeros_of_m_and_params_match_reference_at_every_position(backend, beta1, maximize):
+    """m = lerp(m, g, 1 − β1) keeps a zero's sign as the fma form does (with β1 = 0 a
+    grad of −0 gives m = −0) in every element, also where torch's own lerp takes its
+    scalar loop (small tensors, the last elements): params and states bit for bit
+    the reference's, sizes 1…20 and 37."""
+    sizes = list(range(1, 21)) + [37]
+    values = [torch.where(torch.arange(n) % 3 == 0, torch.tensor(-0.0), torch.linspace(-1, 1, n))
+              for n in sizes]
+    grads = [[torch.where(torch.arange(n) % 2 == s % 2, torch.tensor(-0.0 if s else 0.0),
+                          torch.linspace(-0.5, 0.5, n)) for n in sizes] for s in range(3)]
+    # (maker, params bitwise too): the norm-scaled rules' params are held to the
+    # reference within a tolerance (test_cpu.py), their moments bitwise.
+    makers = [
+        (lambda p, b: af.AdamW(p, lr=1e-2, betas=(beta1, 0.99), maximize=maximize, backend=b), True),
+        (lambda p, b: af.Adam(p, lr=1e-2, betas=(beta1, 0.99), weight_decay=0.1, maximize=maximize,
+                              backend=b), True),
+        (lambda p, b: af.RAdam(p, lr=1e-2, betas=(beta1, 0.9), maximize=maximize, backend=b), True),
+        (lambda p, b: af.ScaledAdamW(p, lr=1e-2, betas=(beta1, 0.99), p=0.1, sigma=0.1, backend=b), False),
+        (lambda p, b: af.Lamb(p, lr=1e-2, betas=(beta1, 0.99), backend=b), False),
+    ]
+    for make, params_bitwise in makers:
+        a, r, opt_a, opt_r = _against_torch(lambda p: make(p, backend), lambda p: make(p, "reference"),
+                                            values, grads[:1 if not params_bitwise else 3])
+        for pa, pr in zip(a, r):
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(opt_a.state[pa][key].view(torch.int32),
+                                   opt_r.state[pr][key].view(torch.int32)), (type(opt_a).__name__, key)
+            if params_bitwise:
+                assert torch.equal(pa.detach().view(torch.int32), pr.detach().view(torch.int32)), \
+                    type(opt_a).__name__
+
+
 def _ulp(x):
     x = x.abs()
     return torch.nextafter(x, torch.full_like(x, math.inf)) - x
