@@ -31,6 +31,8 @@ class Problem(enum.IntEnum):
     STATE_SHARED = 13
     STEP_SHARED = 14
     SLOT_SHARED = 15
+    STEP_ALIASED = 16
+    INFERENCE = 17
 
 
 class Walk(enum.IntEnum):
@@ -106,6 +108,14 @@ def step_error(where: str, problem: Problem, param: Tensor, grad: Optional[Tenso
         return ValueError(f"{where}: state['step'] is also another param's state['step'] (one tensor); each "
                           "param needs a step counter of its own (torch.optim would advance a shared one once "
                           "per param, so each param would see another count)")
+    if problem == Problem.STEP_ALIASED:
+        return ValueError(f"{where}: state['step'] shares memory with its param, its grad or one of its states; "
+                          "the step counter needs memory of its own (it is written in place)")
+    if problem == Problem.INFERENCE:
+        what = "the param" if not name else f"state[{name!r}]"
+        return RuntimeError(f"{where}: {what} is an inference tensor (made under torch.inference_mode()), which "
+                            "cannot be updated in place outside inference mode; clone it outside inference "
+                            "mode (or step inside torch.inference_mode())")
     if problem == Problem.OVERLAP:
         return ValueError(f"{where}: shares memory with another param of the optimizer; "
                           "overlapping params cannot be stepped")

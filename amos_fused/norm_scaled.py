@@ -148,6 +148,9 @@ class ScaledAdamW(_AdamMoments):
                     p=self._schedule_p(group), inverse_time=group["decay"] == "inverse_time",
                     q=float(group["q"]))
 
+    def _derived_hyper(self, hyper):
+        return {"decay rate lr²/(2q)": hyper["lr"] * hyper["lr"] / (2.0 * hyper["q"])}
+
     def _capturable_hyper(self, group):
         hyper = super()._capturable_hyper(group)
         lr = group["lr"]

@@ -87,6 +87,17 @@ def _process_groups(collective: List[Tuple["_Ready", Bucket]]) -> List[Tuple[obj
     return found
 
 
+def _as_float(value) -> Optional[float]:
+    """A real number (a Python or NumPy number, a one-element tensor) as a float,
+    else None (what is not a number is checked elsewhere)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError, RuntimeError):
+        return None
+
+
 def _host_values(group: dict) -> dict:
     """``group`` as the host-side checks read it: a capturable step's lr tensor on
     the device reads as 0.0 (its value stays there; _gather checks the tensor)."""
@@ -305,7 +316,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._checked_group(index, group)
         plan = self._plans[index] = self._make_plan(index, group)
         hyper = self._named_hyper(index, _host_values(group))
-        self._check_range(index, hyper, plan)  # lr=1e300 for float32 params: refused now, not at step()
+        self._check_range(index, group, hyper, plan)  # lr=1e300 for float32 params: refused now, not at step()
 
     def _named_hyper(self, index: int, group: dict) -> dict:
         """``_hyper(group)``: every value the step reads, converted (nothing may fail
@@ -372,6 +383,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         param, per-param settings) and splits them into buckets."""
         params = group["params"]
         for position, p in enumerate(params):
+            if p.layout != torch.strided:
+                raise TypeError(f"{self._name}: param_groups[{index}]['params'][{position}] is a {p.layout} "
+                                "tensor; only dense (strided) params can be stepped")
             if p.is_complex() and not self.supports_complex:
                 raise TypeError(f"{self._where(index, position, p)}: {self._name} does not support "
                                 "complex params (its per-tensor reductions have no complex form)")
@@ -549,7 +563,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._checked_group(index, checked)
         hyper = self._named_hyper(index, checked)
         plan = self._plan(index, group, rebuild)
-        self._check_range(index, hyper, plan)
+        self._check_range(index, group, hyper, plan)
         grads = [placed_like(p, p.grad) for p in plan.params]
         buckets: List[Bucket] = []
         new_states: List[Tuple[Tensor, dict]] = []
@@ -564,7 +578,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             return self._prepare(index, group, first_index, rebuild=True)
         return _Ready(group, buckets, new_states, first_index) if buckets else None
 
-    def _check_range(self, index: int, hyper: dict, plan: GroupPlan) -> None:
+    def _derived_hyper(self, hyper: dict) -> Dict[str, float]:
+        """Per-step values derived from the hyper-parameters, named by their formula,
+        that the kernels take in the step's dtype too (_check_range)."""
+        return {}
+
+    def _check_range(self, index: int, group: dict, hyper: dict, plan: GroupPlan) -> None:
         """A finite hyper-parameter beyond float32's range (lr=1e300) is refused for a
         group with params of a narrower dtype than float64, whose step computes in
         float32: the kernels would store it as Inf, the reference could not convert it."""
@@ -572,7 +591,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not dtypes:
             return
         limit = torch.finfo(torch.float32).max
-        for name, value in hyper.items():
+        for name, value in self._derived_hyper(hyper).items():  # (from finite values: an Inf overflowed)
+            if not abs(value) <= limit:
+                raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (beyond float32's "
+                                 f"range, in which the step of {dtypes[0]} params computes)")
+        named = dict(hyper)
+        for key in self.per_param_keys:  # (Amos's eta, ScaledAdamW's init_norm: one value or one per param)
+            values = group.get(key)
+            if isinstance(values, tuple):
+                named.update((f"{key}[{j}] (param_groups[{index}]['params'][{j}]'s)", _as_float(v))
+                             for j, v in enumerate(values))
+            else:
+                named[key] = _as_float(values)
+        for name, value in named.items():
             if isinstance(value, float) and math.isfinite(value) and abs(value) > limit:
                 raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (beyond float32's "
                                  f"range, in which the step of {dtypes[0]} params computes)")
@@ -737,9 +768,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             if (problem in (Problem.PARAM_MIXED, Problem.PARAM_DTYPE) and spec is not None
                     and self._stale(owners[bad], spec, positions[bad])):
                 raise _StalePlan()
-            name = {Problem.STATE: like_keys, Problem.STATE_SHARED: like_keys, Problem.SLOT: slot_keys,
-                    Problem.SLOT_SHARED: slot_keys}.get(problem, [""] * (which + 1))[which]
-            tensor = lists[name][bad] if name else steps[bad]
+            if problem == Problem.INFERENCE:  # which: 0 the param, 1 its step, then its states and slots
+                name = ["", "step", *like_keys, *slot_keys][which]
+            else:
+                name = {Problem.STATE: like_keys, Problem.STATE_SHARED: like_keys, Problem.SLOT: slot_keys,
+                        Problem.SLOT_SHARED: slot_keys}.get(problem, [""] * (which + 1))[which]
+            tensor = steps[bad] if name in ("", "step") else lists[name][bad]
             master = spec is not None and spec.master_of is not None
             raise step_error(where(bad), problem, owners[bad], grad=all_grads[positions[bad]],
                              tensor=tensor, name=name, backend=backend, walk=walk,

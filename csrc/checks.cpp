@@ -2,6 +2,7 @@
 
 #include "fp8_states.h"
 
+#include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -99,6 +100,8 @@ Found find_problem(at::TensorList params, at::TensorList grads,
   for (const at::TensorList& list : slots)
     TORCH_CHECK_VALUE(list.empty() || list.size() == n, "amos_fused: ", n, " params but ",
                       list.size(), " slot tensors");
+  // torch refuses in-place updates of inference tensors outside inference mode
+  const bool inference_mode = c10::InferenceMode::is_enabled();
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     const int64_t at = static_cast<int64_t>(i);
@@ -133,6 +136,19 @@ Found find_problem(at::TensorList params, at::TensorList grads,
       if (!(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device().is_cpu() &&
             *s.data_ptr<float>() >= 0.0f && std::isfinite(*s.data_ptr<float>())))
         return {at, Problem::kStep, 0};
+      bool aliased = may_share_memory(s, p) || may_share_memory(s, grads[i]);
+      for (const at::TensorList& list : states) aliased = aliased || (!list.empty() && may_share_memory(s, list[i]));
+      for (const at::TensorList& list : slots) aliased = aliased || (!list.empty() && may_share_memory(s, list[i]));
+      if (aliased) return {at, Problem::kStepAliased, 0};
+    }
+    if (!inference_mode) {
+      if (p.is_inference()) return {at, Problem::kInference, 0};
+      if (!steps.empty() && steps[i].is_inference()) return {at, Problem::kInference, 1};
+      for (size_t k = 0; k < states.size(); ++k)
+        if (!states[k].empty() && states[k][i].is_inference()) return {at, Problem::kInference, int64_t(2 + k)};
+      for (size_t k = 0; k < slots.size(); ++k)
+        if (!slots[k].empty() && slots[k][i].is_inference())
+          return {at, Problem::kInference, int64_t(2 + states.size() + k)};
     }
   }
   if (!steps.empty()) {
@@ -241,6 +257,11 @@ void check_bucket(const char* op, at::TensorList params, at::TensorList grads,
                         "another of its states");
     case Problem::kStepShared:
       TORCH_CHECK_VALUE(false, op, ": steps[", f.index, "] is also another param's step counter");
+    case Problem::kStepAliased:
+      TORCH_CHECK_VALUE(false, op, ": steps[", f.index, "] shares memory with its param, grad or a state");
+    case Problem::kInference:
+      TORCH_CHECK(false, op, ": ", f.list == 0 ? "params" : f.list == 1 ? "steps" : names[f.list - 2], "[",
+                  f.index, "] is an inference tensor, which cannot be updated in place outside inference mode");
     default:
       TORCH_CHECK_VALUE(false, op, ": grads[", f.index, "] (", grads[f.index].scalar_type(), " ",
                         grads[f.index].sizes(), " on ", grads[f.index].device(),

@@ -33,6 +33,9 @@ enum class Problem : int64_t {
   kStateShared = 13, // a state tensor shares memory with its param or an earlier state of it
   kStepShared = 14,  // one step counter for two params
   kSlotShared = 15,  // an Amos slot shares memory with its param, a state or an earlier slot of it
+  kStepAliased = 16, // a step counter shares memory with its param, grad, a state or a slot of it
+  kInference = 17,   // a tensor the step writes is an inference tensor (outside inference mode);
+                     // list: 0 the param, 1 its step, 2 + k state k, 2 + #states + k slot k
 };
 
 // How the kernels walk a param: any strides (reference), dense in some dim

@@ -1,0 +1,157 @@
+"""Tensors a step would write that it must not: inference tensors outside
+inference mode (torch.optim raises on their in-place update), a step counter
+sharing memory with its own param, grad or states, sparse params; and values the
+step's float32 math cannot hold (per-param values beyond float32's range,
+ScaledAdamW's q so small that lr²/(2q) overflows).  Each is refused by name
+before anything is written, on every backend."""
+import pytest
+import torch
+
+import amos_fused as af
+
+from test_step_corners import _assert_unchanged, _grads, _snapshot
+
+BACKENDS = ["cpu", "reference"]
+
+CLASSES = {
+    "AdamW": lambda ps, b: af.AdamW(ps, lr=1e-2, backend=b),
+    "Lion": lambda ps, b: af.Lion(ps, lr=1e-3, backend=b),
+    "Amos": lambda ps, b: af.Amos(ps, lr=1e-2, eta=0.1, momentum=0.9, backend=b),
+    "ScaledAdamW": lambda ps, b: af.ScaledAdamW(ps, lr=1e-3, half_life=10, backend=b),
+    "AdamW8bit": lambda ps, b: af.AdamW8bit(ps, lr=1e-2, backend=b),
+    "AdamW-master": lambda ps, b: af.AdamW(ps, lr=1e-2, master_weights=True, backend=b),
+}
+
+
+def _params(name, n=4):
+    dtype = torch.bfloat16 if name == "AdamW-master" else torch.float32
+    return [torch.nn.Parameter(torch.randn(n, 5).to(dtype)) for _ in range(2)]
+
+
+def _refused(opt, error, match):
+    snapshot = _snapshot(opt)
+    with pytest.raises(error, match=match):
+        opt.step()
+    _assert_unchanged(opt, snapshot)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_an_inference_param_is_refused_before_any_write(name, backend):
+    a, b = _params(name)
+    with torch.inference_mode():
+        c = torch.nn.Parameter(b.detach().clone())
+    assert c.is_inference()
+    opt = CLASSES[name]([{"params": [a]}, {"params": [c]}], backend)
+    _grads([a, c], 0)
+    _refused(opt, RuntimeError, r"param_groups\[1\]\['params'\]\[0\].*the param is an inference tensor")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_inference_states_are_refused_before_any_write(name, backend):
+    """States loaded under torch.inference_mode() are inference tensors."""
+    a, b = _params(name, n=1024)  # (AdamW8bit: FP8 states from 4096 elements)
+    opt = CLASSES[name]([{"params": [a]}, {"params": [b]}], backend)
+    _grads([a, b], 0)
+    opt.step()
+    saved = opt.state_dict()
+    with torch.inference_mode():
+        opt.load_state_dict(saved)
+    assert opt.state[b]["step"].is_inference()
+    _grads([a, b], 1)
+    _refused(opt, RuntimeError, r"param_groups\[0\]\['params'\]\[0\].*state\['\w+'\] is an inference tensor")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_tensors_step_inside_inference_mode(backend):
+    """As torch.optim: inside inference mode their in-place updates are allowed,
+    and the step is the one a normal tensor gets."""
+    a = torch.nn.Parameter(torch.randn(4, 5))
+    with torch.inference_mode():
+        b = a.detach().clone()
+    ref = af.AdamW([a], lr=1e-2, backend=backend)
+    opt = af.AdamW([b], lr=1e-2, backend=backend)
+    a.grad = torch.randn(4, 5)
+    with torch.inference_mode():
+        b.grad = a.grad.clone()
+        opt.step()
+    ref.step()
+    assert torch.equal(a.detach(), b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("target", ["param", "grad", "exp_avg", "exp_avg_sq"])
+def test_a_step_counter_inside_its_own_param_grad_or_state_is_refused(backend, target):
+    """state['step'] = p.data[0] (or an element of the grad or a state): the step
+    would count in memory that the update also writes or reads."""
+    a, b = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(6))
+    opt = af.AdamW([{"params": [a]}, {"params": [b]}], lr=1e-2, backend=backend)
+    _grads([a, b], 0)
+    opt.step()
+    host = {"param": b.data, "grad": b.grad, "exp_avg": opt.state[b]["exp_avg"],
+            "exp_avg_sq": opt.state[b]["exp_avg_sq"]}[target]
+    host[2] = 1.0
+    opt.state[b]["step"] = host[2]
+    _refused(opt, ValueError, r"param_groups\[1\]\['params'\]\[0\].*state\['step'\] shares memory with its param")
+
+
+@pytest.mark.parametrize("add_later", [False, True])
+def test_a_sparse_param_is_refused_by_name(add_later):
+    dense = torch.nn.Parameter(torch.randn(3))
+    sparse = torch.nn.Parameter(torch.randn(3, 3).to_sparse())
+    if add_later:
+        opt = af.AdamW([dense], lr=1e-2)
+        with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\] is a torch.sparse_coo tensor"):
+            opt.add_param_group({"params": [sparse]})
+        assert len(opt.param_groups) == 1
+    else:
+        with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\] is a torch.sparse_coo tensor"):
+            af.AdamW([dense, sparse], lr=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make,key", [
+    (lambda ps, b, v: af.Amos(ps, lr=1e-2, eta=v, backend=b), "eta"),
+    (lambda ps, b, v: af.ScaledAdamW([{"params": ps, "init_norm": v}], lr=1e-3, backend=b), "init_norm"),
+], ids=["Amos-eta", "ScaledAdamW-init_norm"])
+def test_per_param_values_beyond_float32s_range_are_refused(make, key, backend):
+    """One value for every param, or one per param, set at construction or edited
+    later: refused for float32 params (they would step as Inf), not for float64."""
+    a, b = torch.nn.Parameter(torch.randn(4, 5)), torch.nn.Parameter(torch.randn(4, 5))
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]: Invalid {key}: 1e\+300 \(beyond float32's range"):
+        make([a, b], backend, 1e300)
+    opt = make([a, b], backend, 0.5)
+    _grads([a, b], 0)
+    opt.step()
+    opt.param_groups[0][key] = (0.5, 1e300)
+    _grads([a, b], 1)
+    snapshot = _snapshot(opt)
+    with pytest.raises(ValueError, match=rf"Invalid {key}\[1\] \(param_groups\[0\]\['params'\]\[1\]'s\): 1e\+300"):
+        opt.step()
+    _assert_unchanged(opt, snapshot)
+    wide = [torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))]
+    make(wide, backend, 1e300)  # float64 params step in float64
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scaled_adamw_q_whose_decay_rate_overflows_is_refused_for_float32_params(backend):
+    """ρ = lr²/(2q): q=1e-320 passes 'q > 0' but ρ is Inf even in float64, q=1e-45
+    gives a ρ beyond float32's range: both refused for float32 params, whose step
+    computes in float32.  float64 params take them (their step gives Inf, as with
+    any finite lr whose lr² overflows)."""
+    p = torch.nn.Parameter(torch.randn(4, 5))
+    for q in (1e-320, 1e-45):
+        with pytest.raises(ValueError, match=r"Invalid decay rate lr²/\(2q\): .* \(beyond float32's range"):
+            af.ScaledAdamW([p], lr=1e-3, q=q, backend=backend)
+    opt = af.ScaledAdamW([p], lr=1e-3, backend=backend)
+    _grads([p], 0)
+    opt.step()
+    opt.param_groups[0]["q"] = 1e-320
+    _grads([p], 1)
+    snapshot = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: Invalid decay rate lr²/\(2q\): inf"):
+        opt.step()
+    _assert_unchanged(opt, snapshot)
+    af.ScaledAdamW([torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))], lr=1e-3, q=1e-320,
+                   backend=backend)
