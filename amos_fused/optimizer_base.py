@@ -13,6 +13,7 @@ against them at every step and rebuilt when they differ."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -1166,6 +1167,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             if group.get("differentiable"):
                 raise ValueError(f"{self._name}: cannot load param_groups[{index}] with "
                                  "differentiable=True (not supported by amos_fused)")
+        for key, saved in state_dict.get("state", {}).items():
+            step = saved.get("step") if isinstance(saved, dict) else None
+            if step is not None and (isinstance(step, bool) or not isinstance(step, (numbers.Real, Tensor))):
+                raise ValueError(f"{self._name}: cannot load the checkpoint's state[{key!r}]['step']: it must be "
+                                 f"a count (a number or a one-element tensor), got {type(step).__name__} {step!r:.40}")
         machine = [{key: group.get(key, self.defaults.get(key)) for key in ("backend", "fused", "foreach",
                                                                              "capturable")}
                    for group in self.param_groups]

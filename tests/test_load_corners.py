@@ -567,3 +567,27 @@ def test_an_8bit_checkpoint_of_other_shapes_loads_and_the_step_names_the_param(c
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*state\['exp_avg'\]"):
         opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, params))
+
+
+@pytest.mark.parametrize("step", ["3", b"3", None.__class__, [3.0]], ids=["str", "bytes", "type", "list"])
+def test_a_checkpoint_step_that_is_not_a_count_is_named_and_changes_nothing(step):
+    """A number (NumPy's too) or a one-element tensor loads; anything else is named
+    by its checkpoint key, before anything is loaded."""
+    p = torch.nn.Parameter(torch.randn(4))
+    p.grad = torch.randn(4)
+    opt = af.AdamW([p], lr=1e-3)
+    opt.step()
+    saved = opt.state_dict()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    bad = copy.deepcopy(saved)
+    bad["state"][0]["step"] = step
+    bad["param_groups"][0]["lr"] = 0.5
+    with pytest.raises(ValueError, match=r"AdamW: cannot load the checkpoint's state\[0\]\['step'\]: it must be a count"):
+        opt.load_state_dict(bad)
+    assert opt.param_groups[0]["lr"] == 1e-3
+    assert all(torch.equal(before[k], v) for k, v in opt.state[p].items())
+    for good in (7, 7.0, torch.tensor(7.0), __import__("numpy").float32(7)):
+        ok = copy.deepcopy(saved)
+        ok["state"][0]["step"] = good
+        opt.load_state_dict(ok)
+        assert float(opt.state[p]["step"]) == 7.0
