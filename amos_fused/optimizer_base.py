@@ -23,6 +23,7 @@ from .backends import backend_for, capturable_backend, capturable_ops, check_bac
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype, memory_order
 from .checks import Problem, Walk, check_step, first_overlap, is_dense, is_foreign_step, step_error
 from . import fp8_states
+from . import hyperparams as hp
 from .master_weights import MASTER_KEY, WriteMarks, float32_copy, has_master, master_problem, upcast_states
 from . import master_weights as masters
 from .contracts import call_capturable_step, call_fp8_step, call_step, master_algorithms
@@ -344,7 +345,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_capturable(group)
         if group.get("fused") and group["backend"] == "reference":
             raise ValueError(f"{where}: fused=True contradicts backend='reference'")
-        for flag in ("maximize", "track_rms", "bf16_stochastic_round", "master_weights"):
+        try:  # torch's flag, read as torch.optim reads it (None, 0 and 1 too; hyperparams.flag)
+            hp.flag("maximize", group.get("maximize", False))
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        for flag in ("track_rms", "bf16_stochastic_round", "master_weights"):  # ours: True or False
             if not isinstance(group.get(flag, False), bool):
                 raise ValueError(f"{where}: {flag} must be True or False, "
                                  f"got {group[flag]!r}")

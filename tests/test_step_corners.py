@@ -532,3 +532,21 @@ def test_group_values_as_arrays_and_sets():
     opt = af.Amos([{"params": [w], "reduce_axes": {1}}], lr=1e-2, eta=0.1)
     opt.step()
     assert opt.state[w]["v"].shape == (4, 1)
+
+
+@pytest.mark.parametrize("value,means", [(1, True), (0, False), (None, False), (np.bool_(True), True)],
+                         ids=["1", "0", "None", "np.True_"])
+def test_maximize_is_read_as_torch_reads_it(value, means):
+    """torch.optim's maximize taken as torch takes it (a config file's 0, 1 or null);
+    a value whose truth is not a flag's is refused by name."""
+    p, q, r = (torch.nn.Parameter(torch.ones(5)) for _ in range(3))
+    ours = af.AdamW([p], lr=0.1, maximize=value)
+    same = af.AdamW([q], lr=0.1, maximize=means)
+    theirs = torch.optim.AdamW([r], lr=0.1, maximize=value, foreach=False)
+    for param, opt in ((p, ours), (q, same), (r, theirs)):
+        param.grad = torch.linspace(-1, 1, 5)
+        opt.step()
+    assert torch.equal(p, q)
+    torch.testing.assert_close(p.detach(), r.detach())
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: Invalid maximize: 'yes' \(must be True or False\)"):
+        af.AdamW([p], lr=0.1, maximize="yes")
