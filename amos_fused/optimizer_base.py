@@ -1118,21 +1118,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
-    def state_dict(self) -> dict:
-        """torch.optim's state_dict, without ``backend`` (a choice of this machine's
-        kernels, not part of the optimizer's state)."""
-        state_dict = super().state_dict()
-        for group in state_dict["param_groups"]:
-            group.pop("backend", None)
-        return state_dict
-
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a checkpoint of this optimizer or of the matching torch.optim one.
         Every state tensor is copied (never aliased) into the layout of its param;
         ``step`` becomes a float32 CPU scalar.  Each group keeps the backend this
         optimizer was built with (a ``backend`` saved by older versions is ignored),
         and torch's ``fused``/``foreach``/``capturable`` choices of the saver are not
-        carried over.  States are brought to this optimizer's precision: a
+        carried over (``state_dict()`` saves every group key, ``backend`` too, as
+        torch.distributed.checkpoint's flattened form reads each key the live groups
+        have).  States are brought to this optimizer's precision: a
         full-precision ``exp_avg``/``exp_avg_sq`` loaded into an 8-bit optimizer is
         quantized, and FP8 codes loaded into a full-precision one are decoded
         (amos_fused/fp8_states.py).  With ``master_weights``, the float32 master

@@ -6,6 +6,7 @@ DTensors (such slots replicated; FP8 codes and absmax sharded like the param), s
 distributed checkpoints save, reshard (2 → 1 ranks) and resume them."""
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import tempfile
@@ -459,6 +460,49 @@ def _dtensor_corners(rank, world, path):
     _finish()
 
 
+def _flattened_checkpoint(rank, world, path):
+    """torch.distributed.checkpoint's flattened optimizer state dict (its
+    ``flatten_optimizer_state_dict`` option, keys ``param_groups.<fqn>.<key>``
+    looked up for every key the live groups have) saves and loads into an
+    optimizer whose state was overwritten since (torch's unflattening fills the
+    states an optimizer has), and the run resumes bitwise as an unsaved one."""
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_optimizer_state_dict)
+        from torch.distributed.fsdp import fully_shard
+
+        options = StateDictOptions(flatten_optimizer_state_dict=True)
+        makers = {"AdamW": lambda m: af.AdamW(m.parameters(), lr=0.01, weight_decay=0.1),
+                  "AdamW8bit": lambda m: af.AdamW8bit(m.parameters(), lr=0.01),
+                  "Amos": lambda m: af.Amos(af.amos_param_groups(m, lr=0.01), lr=0.01, momentum=0.9),
+                  "ScaledAdamW": lambda m: af.ScaledAdamW(m.parameters(), lr=0.01, half_life=10)}
+        for name, make in makers.items():
+            models = [_wide_model(torch.float32) for _ in range(2)]
+            for model in models:
+                fully_shard(model)
+            opts = [make(model) for model in models]
+            for model, opt in zip(models, opts):
+                _train(model, opt, 0, 2, torch.float32)
+            saved = copy.deepcopy(get_optimizer_state_dict(models[0], opts[0], options=options))  # (as written)
+            assert any(key.startswith("param_groups.") for key in saved), name
+            for state in opts[0].state.values():
+                for value in state.values():
+                    value.zero_()
+            opts[0].param_groups[0]["lr"] = 0.5
+            set_optimizer_state_dict(models[0], opts[0], saved, options=options)
+            assert opts[0].param_groups[0]["lr"] == 0.01, name
+            _train(models[0], opts[0], 2, 4, torch.float32)
+            _train(models[1], opts[1], 2, 4, torch.float32)
+            for p, q in zip(models[0].parameters(), models[1].parameters()):
+                assert torch.equal(_full(p), _full(q)), name
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
 def _spawn(fn, world, *args):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(fn, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
@@ -488,3 +532,7 @@ def test_distributed_checkpoint_reshards_and_resumes(resume_world):
 
 def test_dtensor_grad_placement_stochastic_rounding_and_failed_reductions():
     _spawn(_dtensor_corners, 2)
+
+
+def test_flattened_distributed_checkpoint_loads_and_resumes():
+    _spawn(_flattened_checkpoint, 1)
