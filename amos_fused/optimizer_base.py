@@ -1143,12 +1143,22 @@ class FusedOptimizer(torch.optim.Optimizer):
         (master_weights.WriteMarks).
 
         All or nothing: a load that raises leaves the optimizer as it was (state,
-        param_groups, caches, marks), then the error propagates."""
+        param_groups, caches, marks), then the error propagates.  Hooks run as
+        torch.optim runs them: the load_state_dict pre-hooks first (a state_dict one
+        returns is the one loaded, every part of it), the post-hooks once the load
+        is complete (conversions included), and not after a load that raised."""
+        state_dict = state_dict.copy()  # (shallow, as torch.optim's: a pre-hook may edit or replace it)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            returned = pre_hook(self, state_dict)
+            if returned is not None:
+                state_dict = returned
         attrs = dict(self.__dict__)  # torch.optim's load replaces self.state and the groups, never edits them
         groups = [dict(group) for group in self.param_groups]
         states = {param: dict(state) for param, state in self.state.items()}
+        hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
         try:
-            self._load_checkpoint(state_dict)
+            self._load_checkpoint(state_dict)  # (torch.optim's load inside runs no hook: they run here)
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(attrs)
@@ -1159,6 +1169,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self.state[param].clear()
                 self.state[param].update(saved)
             raise
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = hooks
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _load_checkpoint(self, state_dict: dict) -> None:
         """load_state_dict's work, undone by it when this raises."""

@@ -591,3 +591,51 @@ def test_a_checkpoint_step_that_is_not_a_count_is_named_and_changes_nothing(step
         ok["state"][0]["step"] = good
         opt.load_state_dict(ok)
         assert float(opt.state[p]["step"]) == 7.0
+
+
+LOAD_HOOK_CASES = {
+    "AdamW": (lambda ps: af.AdamW(ps, lr=1e-2), torch.float32, "exp_avg"),
+    "AdamW8bit": (lambda ps: af.AdamW8bit(ps, lr=1e-2), torch.float32, "exp_avg"),
+    "AdamW-master": (lambda ps: af.AdamW(ps, lr=1e-2, master_weights=True), torch.bfloat16, "exp_avg"),
+}
+
+
+@pytest.mark.parametrize("name", list(LOAD_HOOK_CASES))
+def test_load_state_dict_hooks_run_as_torch_runs_them(name):
+    """A pre-hook's returned state_dict is the one loaded, all of it (8-bit codes
+    and float32 master states too); post-hooks see the finished load (codes as
+    uint8, master states in float32) and what they write stays; a load that raises
+    runs no post-hook."""
+    make, dtype, key = LOAD_HOOK_CASES[name]
+    p = torch.nn.Parameter(torch.randn(64, 80).to(dtype))  # 5120 elements: FP8 states for AdamW8bit
+    p.grad = torch.randn(64, 80).to(dtype)
+    opt = make([p])
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    want_dtype = opt.state[p][key].dtype
+
+    def zeroing_pre_hook(optimizer, state_dict):
+        edited = copy.deepcopy(state_dict)
+        edited["state"][0][key] = torch.zeros_like(edited["state"][0][key])
+        return edited
+
+    seen = []
+
+    def post_hook(optimizer):
+        seen.append((optimizer.state[p][key].dtype, optimizer.param_groups[0]["lr"]))
+        optimizer.state[p]["exp_avg_sq"].fill_(1)
+
+    fresh = make([p])
+    pre = fresh.register_load_state_dict_pre_hook(zeroing_pre_hook)
+    post = fresh.register_load_state_dict_post_hook(post_hook)
+    fresh.load_state_dict(saved)
+    assert not fresh.state[p][key].any()
+    assert seen == [(want_dtype, 1e-2)]
+    assert (fresh.state[p]["exp_avg_sq"] == 1).all()
+    pre.remove()
+    bad = copy.deepcopy(saved)
+    bad["param_groups"][0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="learning rate"):
+        fresh.load_state_dict(bad)
+    assert len(seen) == 1 and fresh.param_groups[0]["lr"] == 1e-2
+    post.remove()
