@@ -1122,7 +1122,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Loads a checkpoint of this optimizer or of the matching torch.optim one.
         Every state tensor is copied (never aliased) into the layout of its param;
         ``step`` becomes a float32 CPU scalar.  Each group keeps the backend this
-        optimizer was built with (a ``backend`` saved by older versions is ignored),
+        optimizer was built with (a saved ``backend`` is ignored),
         and torch's ``fused``/``foreach``/``capturable`` choices of the saver are not
         carried over (``state_dict()`` saves every group key, ``backend`` too, as
         torch.distributed.checkpoint's flattened form reads each key the live groups
