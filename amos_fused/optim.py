@@ -253,6 +253,7 @@ class Amos(FusedOptimizer):
     state_keys = ("v", "b", "mu")
     slot_keys = ("v", "b")
     per_param_keys = ("eta",)
+    positive_in_step = ("epsilon",)
     supports_complex = False
     fused_needs_contiguous = True
 

@@ -144,6 +144,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     slot_keys: Tuple[str, ...] = ()
     # Group keys that may hold one value per param (a tuple) instead of one float.
     per_param_keys: Tuple[str, ...] = ()
+    positive_in_step: Tuple[str, ...] = ()  # hyper-parameters that must stay > 0 in the step's dtype
     # States kept as block-scaled FP8 codes (plus a per-block absmax under
     # fp8_states.absmax_key(key)) for the params fp8_states.keeps_fp8 accepts: the
     # 8-bit optimizers (amos_fused/optim_fp8.py).
@@ -601,6 +602,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not abs(value) <= limit:
                 raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (beyond float32's "
                                  f"range, in which the step of {dtypes[0]} params computes)")
+        for name in self.positive_in_step:  # (> 0 by its check, yet 0 in float32: refused alike)
+            value = hyper.get(name)
+            if isinstance(value, float) and 0.0 < value <= 2.0 ** -150:
+                raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (positive, but 0 in "
+                                 f"float32, in which the step of {dtypes[0]} params computes)")
         named = dict(hyper)
         for key in self.per_param_keys:  # (Amos's eta, ScaledAdamW's init_norm: one value or one per param)
             values = group.get(key)

@@ -236,7 +236,9 @@ def amos_apply(param: Tensor, v: Tensor, b: Tensor, mu: Optional[Tensor], theta:
     v_, b_ = _load(v), _load(b)
     g2 = g2.reshape(v_.shape)
     v_ = beta * v_ + (1 - beta) * g2
-    r = (1 - beta**step) / v_.clamp_min(epsilon)
+    floor = v_.clamp_min(epsilon)
+    r = torch.full_like(floor, 1 - beta**step) / floor  # a true division (number / tensor would take 1/v first,
+    # which overflows for a v below ~2.9e-39 in float32)
     c = 1 / torch.sqrt(1 + c_coef * math.sqrt(lr) * b_)
     gamma = c * (lr * lr) * r * g2  # (lr * lr: a finite lr past 1e154 gives inf, as in C++, not an OverflowError)
     alpha = lr * eta

@@ -581,3 +581,20 @@ def test_nonfinite_semantics_agree(name, case):
         assert torch.isfinite(ref[0]).all()
     if name == "lamb" and case.endswith("_param"):  # (λ > 0: ‖θ‖ and ‖u‖ both non-finite)
         assert int((~torch.isfinite(ref[0])).sum()) == 1, "a non-finite θ reached other elements"
+
+
+@pytest.mark.parametrize("epsilon", [1e-40, 2e-39])
+def test_amos_denormal_epsilon_floors_v_alike_on_every_backend(epsilon):
+    """r = (1 − β^t)/max(v, ε) is one division on every backend: with a zero-grad
+    row (v = 0) and a denormal ε, 1/ε alone would overflow float32 (γ = ∞·0 = NaN),
+    the quotient does not (its row stays where it was)."""
+    runs = []
+    for backend in ("reference", "cpu"):
+        p = torch.nn.Parameter(torch.ones(3, 3))
+        opt = af.Amos([p], lr=0.01, eta=0.5, reduce_axes=(1,), epsilon=epsilon, backend=backend)
+        p.grad = torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5], [3.0, 0.0, -1.0]])
+        opt.step()
+        runs.append(p.detach().clone())
+    assert torch.isfinite(runs[0]).all() and torch.equal(runs[0][0], torch.ones(3))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-6)
+

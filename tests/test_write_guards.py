@@ -155,3 +155,17 @@ def test_scaled_adamw_q_whose_decay_rate_overflows_is_refused_for_float32_params
     _assert_unchanged(opt, snapshot)
     af.ScaledAdamW([torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))], lr=1e-3, q=1e-320,
                    backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_amos_epsilon_that_is_zero_in_float32_is_refused_like_zero(backend):
+    """epsilon > 0 is Amos's floor of v; 1e-50 passes 'epsilon > 0' but is 0 in
+    float32, where a zero-grad slot would give 0/0: refused for float32 params,
+    taken for float64 ones; the smallest float32 denormal is taken."""
+    p = torch.nn.Parameter(torch.randn(4, 5))
+    for value in (0.0, 1e-50, 2.0 ** -150):
+        with pytest.raises(ValueError, match=rf"Invalid epsilon: {value}"):
+            af.Amos([p], lr=1e-2, eta=0.1, epsilon=value, backend=backend)
+    af.Amos([p], lr=1e-2, eta=0.1, epsilon=2.0 ** -149, backend=backend)
+    af.Amos([torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))], lr=1e-2, eta=0.1, epsilon=1e-50,
+            backend=backend)
