@@ -598,3 +598,30 @@ def test_amos_denormal_epsilon_floors_v_alike_on_every_backend(epsilon):
     assert torch.isfinite(runs[0]).all() and torch.equal(runs[0][0], torch.ones(3))
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps, b: af.Amos(ps, lr=0.01, eta=0.5, reduce_axes=(1,), backend=b),
+    lambda ps, b: af.Amos(ps, lr=0.01, eta=0.5, reduce_axes="all", momentum=0.9, backend=b),
+    lambda ps, b: af.Amos8bit(ps, lr=0.01, eta=0.5, reduce_axes=(1,), momentum=0.9, backend=b),
+], ids=["rows", "all-momentum", "Amos8bit-rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_amos_slot_sums_of_huge_finite_grads_stay_finite_on_cpu(make, dtype, capabilities):
+    """Σg² of a row of finite grads past ~2.3e18 overflows float32 lanes; the CPU
+    kernels sum such a block again in double, as the reference does, so the slot
+    stays finite (its mean g², 2.5e37, fits float32) and the step matches."""
+    value = torch.linspace(-1, 1, 3 * 4100).reshape(3, 4100)
+    grad = torch.full((3, 4100), 5e18)
+    grad[1] = -3e18
+    grad[2] = torch.linspace(-1, 1, 4100)  # an ordinary row beside them
+    runs = []
+    for backend in ("reference", "cpu"):
+        p = torch.nn.Parameter(value.to(dtype))
+        opt = make([p], backend)
+        for _ in range(2):
+            p.grad = grad.to(dtype)
+            opt.step()
+        runs.append(p.detach().float())
+    assert torch.isfinite(runs[0]).all() and torch.isfinite(runs[1]).all()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(runs[1], runs[0], **tol)

@@ -16,9 +16,11 @@ namespace amos_fused::cpu {
 inline namespace CPU_CAPABILITY {
 
 // Σ clip(g)² over n contiguous elements: float lanes within blocks of kBlock
-// elements, blocks in double.  grad_t: the grads' type, the params' or, with master
-// weights (AS_FLOAT32), the low params': then the tiles and blocks are those of
-// float32 grads, so the sum is bitwise a float32 param's.
+// elements, blocks in double.  A block whose float lanes overflow (finite grads
+// past ~2.3e18) is summed again in double, element by element, as the reference
+// sums; one with a non-finite grad stays NaN / Inf.  grad_t: the grads' type, the
+// params' or, with master weights (AS_FLOAT32), the low params': then the tiles
+// and blocks are those of float32 grads, so the sum is bitwise a float32 param's.
 template <typename grad_t, bool CLIP, bool AS_FLOAT32 = false, typename Coef>
 double amos_sum_squares(const grad_t* g, int64_t n, const Coef& coef) {
   using scalar_t = grad_t;
@@ -29,7 +31,7 @@ double amos_sum_squares(const grad_t* g, int64_t n, const Coef& coef) {
   double total = 0.0;
   int64_t i = 0;
   while (i < n) {
-    const int64_t stop = std::min(n, i + kBlock);
+    const int64_t first = i, stop = std::min(n, i + kBlock);
     Vec acc(Op(0));
     for (; i + IO::kTile <= stop; i += IO::kTile) {
       Vec tile[IO::kParts];
@@ -50,6 +52,13 @@ double amos_sum_squares(const grad_t* g, int64_t n, const Coef& coef) {
     for (; i < stop; ++i) {
       const Op x = amos_clip<CLIP>(static_cast<Op>(g[i]), coef.scalar);
       block += static_cast<double>(x * x);
+    }
+    if (!std::isfinite(block)) [[unlikely]] {
+      block = 0.0;
+      for (int64_t k = first; k < stop; ++k) {
+        const double x = static_cast<double>(amos_clip<CLIP>(static_cast<Op>(g[k]), coef.scalar));
+        block += x * x;
+      }
     }
     total += block;
   }
