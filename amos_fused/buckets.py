@@ -79,7 +79,7 @@ class GroupPlan:
     master_weights: bool  # the group's master_weights when the plan was made
     # What a class works out for the group while the plan lasts, by name, with the
     # group value it came from (Amos: the params' slot shapes for its reduce_axes).
-    cache: Dict[str, tuple] = field(default_factory=dict)
+    cache: Dict[str, object] = field(default_factory=dict)
     # The group's per-param values (by key) when the plan was made, in ``params`` order.
     group_values: Dict[str, object] = field(default_factory=dict)
 

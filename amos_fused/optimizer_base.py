@@ -608,17 +608,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (positive, but 0 in "
                                  f"float32, in which the step of {dtypes[0]} params computes)")
         named = dict(hyper)
+        checked = plan.cache.setdefault("per_param_in_range", {})  # key -> the tuple last found in range
         for key in self.per_param_keys:  # (Amos's eta, ScaledAdamW's init_norm: one value or one per param)
             values = group.get(key)
             if isinstance(values, tuple):
-                named.update((f"{key}[{j}] (param_groups[{index}]['params'][{j}]'s)", _as_float(v))
-                             for j, v in enumerate(values))
+                if checked.get(key) is not values:  # (a tuple is checked once, not at every step)
+                    named.update((f"{key}[{j}] (param_groups[{index}]['params'][{j}]'s)", _as_float(v))
+                                 for j, v in enumerate(values))
             else:
                 named[key] = _as_float(values)
         for name, value in named.items():
             if isinstance(value, float) and math.isfinite(value) and abs(value) > limit:
                 raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (beyond float32's "
                                  f"range, in which the step of {dtypes[0]} params computes)")
+        checked.update((key, group.get(key)) for key in self.per_param_keys if isinstance(group.get(key), tuple))
 
     def _gather(self, index: int, group: dict, plan: GroupPlan, spec: BucketSpec,
                 positions: List[int], all_grads: List[Optional[Tensor]],
