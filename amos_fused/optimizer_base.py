@@ -41,7 +41,8 @@ def torch_flags(maximize=False, foreach=None, capturable=False, differentiable=F
     True for the fused kernels, False for the reference; ``capturable``: steps
     that read nothing on the host, on the CUDA and Triton backends; ``differentiable``: False
     only), ``backend``, the constructor's choice of
-    kernels (never saved in checkpoints), ``track_rms``: each step also
+    kernels (kept in the defaults only, not copied into the groups, where a
+    ``backend`` key of a group's own overrides it; never saved in checkpoints), ``track_rms``: each step also
     measures every param's weight and update RMS, read with ``optimizer.rms()``
     (amos_fused/telemetry.py), and ``bf16_stochastic_round``: bfloat16 params are
     stored with stochastic rounding, its bits hashed from ``stochastic_round_seed``
@@ -55,9 +56,21 @@ def torch_flags(maximize=False, foreach=None, capturable=False, differentiable=F
                 master_weights=master_weights)
 
 
-def group_backend(group: dict) -> Optional[str]:
-    """The backend a group asks for: ``fused=False`` means the reference."""
-    return "reference" if group.get("fused") is False else group["backend"]
+def group_backend(group: dict, defaults: dict) -> Optional[str]:
+    """The backend a group asks for: ``fused=False`` means the reference; else a
+    ``backend`` set in the group itself, else the constructor's (``defaults``: the
+    constructor's choice is not copied into the groups, so that no checkpoint
+    carries it)."""
+    if group.get("fused") is False:
+        return "reference"
+    return group.get("backend", defaults.get("backend"))
+
+
+def fill_group_defaults(group: dict, defaults: dict) -> None:
+    """The group keys torch.optim fills from the defaults, all but ``backend``."""
+    for key, value in defaults.items():
+        if key != "backend":
+            group.setdefault(key, value)
 
 
 def zeros_in_memory_order(like: Tensor, shape, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -304,8 +317,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """Adds a group like torch.optim does, then checks it; a group that fails
         the checks is not kept."""
+        explicit_backend = isinstance(param_group, dict) and "backend" in param_group
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1
+        if not explicit_backend:  # (torch.optim copied every default into the group)
+            self.param_groups[index].pop("backend", None)
         try:
             self._check_new_group(index, self.param_groups[index])
         except Exception:
@@ -315,7 +331,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _check_new_group(self, index: int, group: dict) -> None:
         self._check_flags(index, group)
-        check_backend(group_backend(group), self.algorithm, self._name)
+        check_backend(group_backend(group, self.defaults), self.algorithm, self._name)
         self._checked_group(index, group)
         plan = self._plans[index] = self._make_plan(index, group)
         hyper = self._named_hyper(index, _host_values(group))
@@ -344,7 +360,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                              "record autograd history); use torch.optim for differentiable optimizers")
         if group.get("capturable"):
             self._check_capturable(group)
-        if group.get("fused") and group["backend"] == "reference":
+        if group.get("fused") and group_backend(group, self.defaults) == "reference":
             raise ValueError(f"{where}: fused=True contradicts backend='reference'")
         try:  # torch's flag, read as torch.optim reads it (None, 0 and 1 too; hyperparams.flag)
             hp.flag("maximize", group.get("maximize", False))
@@ -377,7 +393,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if refuse is not None:
             raise ValueError(f"{self._name}: capturable=True is not supported with {refuse}")
         for device in {p.device for p in group["params"]}:
-            capturable_backend(group_backend(group), device, self._name)
+            capturable_backend(group_backend(group, self.defaults), device, self._name)
 
     def _where(self, index: int, position: int, param: Tensor) -> str:
         return (
@@ -560,12 +576,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _prepare(self, index: int, group: dict, first_index: int, rebuild: bool = False) -> Optional[_Ready]:
         """Checks group ``index`` (whose first param is the optimizer's
         ``first_index``-th) and gathers its buckets; None when nothing to step."""
-        missing = [key for key in self.defaults if key not in group]
+        missing = [key for key in self.defaults if key not in group and key != "backend"]
         if missing:
             raise ValueError(f"{self._name}: param_groups[{index}] has no {missing[0]!r}; every group holds "
                              f"each of the optimizer's settings (its default: {self.defaults[missing[0]]!r})")
         self._check_flags(index, group)
-        check_backend(group_backend(group), self.algorithm, self._name)  # (a group's backend may be set anew)
+        # (a group's backend may be set anew)
+        check_backend(group_backend(group, self.defaults), self.algorithm, self._name)
         checked = _host_values(group)
         self._checked_group(index, checked)
         hyper = self._named_hyper(index, checked)
@@ -701,7 +718,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if spec.dtensor_positions:
                 raise ValueError(f"{self._name}: param_groups[{index}]: capturable=True is not supported for "
                                  "sharded (DTensor) params")
-            backend = capturable_backend(group_backend(group), spec.device, self._name)
+            backend = capturable_backend(group_backend(group, self.defaults), spec.device, self._name)
             lr = group["lr"]
             if isinstance(lr, Tensor) and (lr.numel() != 1 or lr.is_complex() or lr.dtype == torch.bool
                                            or lr.device != spec.device):
@@ -709,7 +726,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"real tensor on the params' device ({spec.device}) with capturable=True, got "
                                  f"{lr.dtype} {tuple(lr.shape)} on {lr.device}")
         else:
-            backend = backend_for(group_backend(group), self.algorithm, spec.device, self._name, fp8=bool(coded))
+            backend = backend_for(group_backend(group, self.defaults), self.algorithm, spec.device, self._name,
+                                  fp8=bool(coded))
         walk = Walk.ANY if backend == "reference" else (
             Walk.CONTIGUOUS if self.fused_needs_contiguous else Walk.DENSE)
         if walk == Walk.CONTIGUOUS:
@@ -1124,18 +1142,25 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._master_marks.mark_masters(self.state)  # a param written from now on gets its master remade
         self._mark_awaiting_masters()
         for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+            fill_group_defaults(group, self.defaults)
+
+    def state_dict(self) -> dict:
+        """torch.optim's state_dict, without ``backend`` (a choice of this machine's
+        kernels, not part of the optimizer's state; the constructor's choice is not
+        a group key at all, one set in a group is left out here)."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            group.pop("backend", None)
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a checkpoint of this optimizer or of the matching torch.optim one.
         Every state tensor is copied (never aliased) into the layout of its param;
         ``step`` becomes a float32 CPU scalar.  Each group keeps the backend this
-        optimizer was built with (a saved ``backend`` is ignored),
-        and torch's ``fused``/``foreach``/``capturable`` choices of the saver are not
-        carried over (``state_dict()`` saves every group key, ``backend`` too, as
-        torch.distributed.checkpoint's flattened form reads each key the live groups
-        have).  States are brought to this optimizer's precision: a
+        optimizer was built with (``state_dict()`` does not save it; one saved by
+        older versions is ignored), and torch's ``fused``/``foreach``/``capturable``
+        choices of the saver are not carried over.  States are brought to this
+        optimizer's precision: a
         full-precision ``exp_avg``/``exp_avg_sq`` loaded into an 8-bit optimizer is
         quantized, and FP8 codes loaded into a full-precision one are decoded
         (amos_fused/fp8_states.py).  With ``master_weights``, the float32 master
@@ -1194,8 +1219,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if step is not None and (isinstance(step, bool) or not isinstance(step, (numbers.Real, Tensor))):
                 raise ValueError(f"{self._name}: cannot load the checkpoint's state[{key!r}]['step']: it must be "
                                  f"a count (a number or a one-element tensor), got {type(step).__name__} {step!r:.40}")
-        machine = [{key: group.get(key, self.defaults.get(key)) for key in ("backend", "fused", "foreach",
-                                                                             "capturable")}
+        machine = [{**{key: group.get(key, self.defaults.get(key)) for key in ("fused", "foreach", "capturable")},
+                    **({"backend": group["backend"]} if "backend" in group else {})}
                    for group in self.param_groups]
         super().load_state_dict(state_dict)
         with_master = {p: has_master(p, group.get("master_weights", self.defaults.get("master_weights", False)))
@@ -1213,8 +1238,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._bulk_adding = True
         try:
             for index, group in enumerate(self.param_groups):
-                for key, value in self.defaults.items():
-                    group.setdefault(key, value)
+                fill_group_defaults(group, self.defaults)
+                group.pop("backend", None)  # (saved by older versions: never loaded)
                 group.update(machine[index])
                 self._check_new_group(index, group)
             self._check_all_overlaps()

@@ -3,7 +3,7 @@ nanoGPT-style call sites work unchanged; ``fused=False`` runs the reference;
 ``maximize`` steps uphill on every backend; what we cannot honour
 (``differentiable=True``; ``capturable=True`` off the Triton backend, see
 test_triton_capturable.py) is refused with a clear error;
-``backend`` is saved in checkpoints but never loaded."""
+``backend`` is never saved in checkpoints."""
 from __future__ import annotations
 
 import inspect
@@ -124,22 +124,61 @@ def test_maximize_matches_torch(name, backend):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
-def test_backend_is_saved_but_not_loaded():
-    """Saved like every group key (torch.distributed.checkpoint's flattened form
-    reads each key the live groups have), never loaded: a checkpoint made on a
-    machine with another backend loads; the constructor's choice stays."""
+def _steps_a_strided_view(opt_class, **kwargs):
+    """The backend an optimizer runs, seen in what it does: the fused backends
+    refuse a param that is not dense in memory, the reference steps it."""
+    view = torch.randn(4, 6)[:, ::2]
+    view.grad = torch.ones_like(view)
+    opt = opt_class([view], lr=0.01, **kwargs)
+    try:
+        opt.step()
+    except ValueError as error:
+        assert "dense" in str(error), error
+        return False
+    return True
+
+
+def test_backend_is_not_saved_and_not_loaded():
+    """``backend`` is the constructor's choice of this machine's kernels: kept in
+    ``defaults``, not copied into the groups, never saved; a checkpoint that names
+    one (as older versions saved it) loads, and the constructor's choice stays."""
     params = _params()
     opt = af.AdamW(params, lr=0.01, backend="reference")
+    assert opt.defaults["backend"] == "reference"
+    assert all("backend" not in g for g in opt.param_groups)
     for p, g in zip(params, make_grads(params, 0)):
         p.grad = g
     opt.step()
     saved = opt.state_dict()
-    assert all(g["backend"] == "reference" for g in saved["param_groups"])
+    assert all("backend" not in g for g in saved["param_groups"])
     saved["param_groups"][0]["backend"] = "triton-on-a-machine-that-had-one"
     loaded = af.AdamW(_params(), lr=0.01, backend="cpu")
     loaded.load_state_dict(saved)
-    assert loaded.param_groups[0]["backend"] == "cpu"
-    assert opt.param_groups[0]["backend"] == "reference"
+    assert all("backend" not in g for g in loaded.param_groups)
+    assert loaded.defaults["backend"] == "cpu"
+    assert not _steps_a_strided_view(af.AdamW, backend="cpu")
+    assert _steps_a_strided_view(af.AdamW, backend="reference")
+
+
+def test_a_group_may_choose_its_backend():
+    """A ``backend`` given in a group (or set in it between steps) is that group's;
+    ``state_dict`` leaves it out, ``load_state_dict`` keeps the live one."""
+    view = torch.randn(4, 6)[:, ::2]
+    dense = torch.randn(5)
+    opt = af.AdamW([{"params": [view], "backend": "reference"}, {"params": [dense]}], lr=0.01, backend="cpu")
+    assert opt.param_groups[0]["backend"] == "reference" and "backend" not in opt.param_groups[1]
+    view.grad, dense.grad = torch.ones_like(view), torch.ones_like(dense)
+    before = view.clone()
+    opt.step()  # the view on the reference, the dense param on cpu
+    assert not torch.equal(view, before)
+    saved = opt.state_dict()
+    assert all("backend" not in g for g in saved["param_groups"])
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["backend"] == "reference" and "backend" not in opt.param_groups[1]
+    opt.step()
+    del opt.param_groups[0]["backend"]  # the constructor's cpu from now on: refuses the view
+    with pytest.raises(ValueError, match="dense"):
+        opt.step()
 
 
 def test_torch_fused_checkpoint_keeps_our_choice():
