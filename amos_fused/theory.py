@@ -300,6 +300,30 @@ def _nested_args(name: str, beta: float, beta3: float, t: int) -> tuple:
     return b, b3, steps
 
 
+# Up to this t the nested sums are added term by term (in float64, from each term's
+# stable form): the closed forms' differences of geometric sums cancel when β3 is
+# close to β (a 22% error at β = 0.99999, β3 = 0.999999, t = 1).
+_SUMMED_UP_TO = 1 << 22
+
+
+def _nested_sums(b: float, b3: float, t: int) -> Optional[tuple]:
+    """(Σ S_n, Σ S_n²) over n = 1..t of S_n = Σ_{k<n} β3^{n−1−k} β^k = (β3^n − β^n)/(β3 − β),
+    each S_n as −β3^n·expm1(n·log1p((β − β3)/β3))/(β3 − β), which keeps its digits
+    when β ≈ β3; None past _SUMMED_UP_TO (the closed forms then)."""
+    if t > _SUMMED_UP_TO:
+        return None
+    import torch  # (this module is plain math otherwise)
+
+    rate = math.log1p((b - b3) / b3) if b > 0.0 else -math.inf  # log(β/β3)
+    total = total_sq = 0.0
+    for start in range(1, t + 1, 1 << 20):
+        n = torch.arange(start, min(t, start + (1 << 20) - 1) + 1, dtype=torch.float64)
+        terms = -torch.exp(n * math.log(b3)) * torch.expm1(n * rate) / (b3 - b)  # (β = 0: β3^(n−1))
+        total += float(terms.sum())
+        total_sq += float((terms * terms).sum())
+    return total, total_sq
+
+
 def ema_of_ema_mean_coefficient(beta: float, beta3: float, t: int) -> float:
     """The exact weight c with E[x̄_t] = c·E[x] for the β3-average of an EMA,
     x̄_t = (1−β3)/(1−β3^t) Σ_{i≤t} β3^{t−i} e_i, e_i = (1−β) Σ_{j≤i} β^{i−j} x_j,
@@ -310,8 +334,12 @@ def ema_of_ema_mean_coefficient(beta: float, beta3: float, t: int) -> float:
     ≈ 1 when β3 ≈ 1 and β^t ≈ 0 (with β = β2, x = g² this is E[v̄_t] ≈ μ² + σ²; with β = β1,
     x = g, E[m̄_t] ≈ μ).  Su Jianlin, 《AdamW的Weight RMS的渐近估计(上)》 "Asymptotic
     estimation of AdamW's weight RMS, part 1", steps 2–3; uses Σ_{i=j}^{t} β3^{t−i}β^{i−j}
-    = (β3^{t−j+1} − β^{t−j+1})/(β3 − β), so needs β3 ≠ β."""
+    = (β3^{t−j+1} − β^{t−j+1})/(β3 − β), so needs β3 ≠ β.  Evaluated as the sum it
+    closes (_nested_sums, which keeps its digits when β3 ≈ β) up to t = 2^22."""
     b, b3, t = _nested_args("beta", beta, beta3, t)
+    sums = _nested_sums(b, b3, t)
+    if sums is not None:
+        return (1.0 - b3) * (1.0 - b) / (1.0 - b3 ** t) * sums[0]
     head = (1.0 - b3) * (1.0 - b) / ((1.0 - b3 ** t) * (b3 - b))
     return head * ((b3 - b3 ** (t + 1)) / (1.0 - b3) - (b - b ** (t + 1)) / (1.0 - b))
 
@@ -326,8 +354,12 @@ def ema_of_ema_variance_coefficient(beta1: float, beta3: float, t: int) -> float
 
     ≈ (1−β3)(1+β3^t)/(2(1−β3^t)) (:func:`ema_of_ema_variance_approx`) when β3 ≈ 1 and
     β1^t ≈ 0 (Su Jianlin, 《AdamW的Weight RMS的渐近估计(上)》 "Asymptotic estimation of
-    AdamW's weight RMS, part 1", step 4).  Needs β3 ≠ β1."""
+    AdamW's weight RMS, part 1", step 4).  Needs β3 ≠ β1.  Evaluated as the sum it
+    closes (_nested_sums, which keeps its digits when β3 ≈ β1) up to t = 2^22."""
     b1, b3, t = _nested_args("beta1", beta1, beta3, t)
+    sums = _nested_sums(b1, b3, t)
+    if sums is not None:
+        return ((1.0 - b3) * (1.0 - b1) / (1.0 - b3 ** t)) ** 2 * sums[1]
     head = ((1.0 - b3) * (1.0 - b1) / ((1.0 - b3 ** t) * (b3 - b1))) ** 2
     cross = b1 * b3
     body = ((b3 ** 2 - b3 ** (2 * (t + 1))) / (1.0 - b3 ** 2)

@@ -178,6 +178,22 @@ def test_nested_ema_closed_forms(beta, beta3, t):
         float((norm * w) @ (norm * w)), rel=1e-9)
 
 
+@pytest.mark.parametrize("beta,beta3", [(0.999, 0.9999), (0.9999, 0.99999), (0.99999, 0.999999),
+                                        (0.999999, 0.99999)])
+def test_nested_ema_sums_keep_their_digits_when_the_betas_are_close(beta, beta3):
+    """At t = 1 the averages are exactly (1−β)·x, so the weights are 1−β and (1−β)²;
+    the closed forms' differences of geometric sums cancel when β3 ≈ β (they gave
+    −22% at β = 0.99999, β3 = 0.999999).  And the brute force at t = 40."""
+    assert theory.ema_of_ema_mean_coefficient(beta, beta3, 1) == pytest.approx(1 - beta, rel=1e-12)
+    assert theory.ema_of_ema_variance_coefficient(beta, beta3, 1) == pytest.approx((1 - beta) ** 2, rel=1e-12)
+    t = 40
+    w = brute_force_weights(beta, beta3, t)
+    norm = (1 - beta3) * (1 - beta) / (1 - beta3 ** t)
+    assert theory.ema_of_ema_mean_coefficient(beta, beta3, t) == pytest.approx(norm * w.sum(), rel=1e-9)
+    assert theory.ema_of_ema_variance_coefficient(beta, beta3, t) == pytest.approx(
+        float((norm * w) @ (norm * w)), rel=1e-9)
+
+
 @pytest.mark.parametrize("t", [200, 1000, 20000])
 def test_nested_ema_approximations(t):
     """β3 ≈ 1, β^t ≈ 0: the mean weight ≈ 1 and Var ≈ (1−β3)(1+β3^t)/(2(1−β3^t))."""
