@@ -147,7 +147,9 @@ def radam_step(
     step_size = m_hat * lr  # η·u, in torch's order: ((m̂·η)·sqrt(bc2)/(sqrt(v)+ε))·r
     if r is not None:
         denom = _sqrt(v) + eps
-        step_size = step_size * (torch.full_like(denom, math.sqrt(1 - beta2**step)) / denom) * r
+        # sqrt(bc2)/denom as torch.optim.RAdam computes it (number / tensor: the
+        # tensor's reciprocal times the number, two roundings)
+        step_size = step_size * (denom.reciprocal() * math.sqrt(1 - beta2**step)) * r
     theta = theta - step_size
     _store(exp_avg, m)
     _store(exp_avg_sq, v)

@@ -156,7 +156,9 @@ AF_HD T radam_update(T& p, T g, T& m, T& v, const RAdamCoef<T>& c) {
   const T root = af_sqrt(v);
   T step = (m / c.bc1) * c.lr;                     // η·m̂
   if (c.rectified) {                               // ρ_t > threshold
-    T adaptive = c.bc2_sqrt / (root + c.eps);      // sqrt(bc2)/(sqrt(v)+ε)
+    // sqrt(bc2)/(sqrt(v)+ε) as torch.optim.RAdam rounds it: a number over a tensor is
+    // the tensor's reciprocal times the number (two roundings)
+    T adaptive = (T(1) / (root + c.eps)) * c.bc2_sqrt;
     step = step * adaptive * c.rect;               // η·r·m̂·sqrt(bc2)/(sqrt(v)+ε)
   }
   p = p - step;

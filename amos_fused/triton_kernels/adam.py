@@ -206,7 +206,8 @@ def radam_update(p, g, m, v, beta1_complement, beta2, beta2_complement, param_de
     m = torch_lerp(m, g, beta1_complement, lerp_small)   # m ← lerp(m, g, 1−β1)
     v = tl.fma(beta2_complement * g, g, v * beta2)       # v ← β2·v + (1−β2)·g² (addcmul)
     step = ieee_div(m, bc1, FP64) * lr                   # η·m̂
-    adaptive = ieee_div(bc2_sqrt, ieee_sqrt(v, FP64) + eps, FP64)  # sqrt(bc2)/(sqrt(v)+ε)
+    # sqrt(bc2)/(sqrt(v)+ε) as torch.optim.RAdam rounds it: 1/(sqrt(v)+ε), then times sqrt(bc2)
+    adaptive = ieee_div(1.0, ieee_sqrt(v, FP64) + eps, FP64) * bc2_sqrt
     step = tl.where(rectified != 0, step * adaptive * rect, step)  # ρ_t > threshold
     p = p - step
     return p, m, v
