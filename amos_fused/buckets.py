@@ -52,6 +52,9 @@ class Bucket:
     # masters), written from the masters after the step.  Else empty.
     shadows: List[Tensor] = field(default_factory=list)
     shadows_in_kernel: bool = False  # the step op writes them (its low_params), else a copy after
+    # The grads as the params hold them (local shards), which the step only reads
+    # (``grads`` may be copies of them): checked not to share memory with what it writes.
+    held_grads: List[Tensor] = field(default_factory=list)
 
     def each(self):
         """(param, grad, state) per param, the state a dict of kernel views by key."""

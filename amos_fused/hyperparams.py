@@ -19,6 +19,10 @@ def _value(name: str, x) -> float:
         return float(x)
     except (TypeError, ValueError):
         raise ValueError(f"Invalid {name}: {x!r} (must be a real number)") from None
+    except OverflowError:  # (an int past float64's range, e.g. 10**400)
+        text = repr(x)
+        shown = text if len(text) <= 40 else f"{text[:12]}… ({len(text)} characters)"
+        raise ValueError(f"Invalid {name}: {shown} (beyond float64's range)") from None
 
 
 def value_of(x) -> float:

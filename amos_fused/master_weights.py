@@ -91,8 +91,14 @@ def master_problem(param: Tensor, master: object) -> Optional[str]:
 def convert_loaded(param: Tensor, state: Dict[str, object], master_weights: bool) -> None:
     """Brings a loaded state to the group's choice: without a master, the states
     in the param's dtype and no ``master_param``.  (With a master, float32 states
-    are kept as saved; a checkpoint without a master gets one at the next step.)"""
+    are kept as saved; a checkpoint without a master gets one at the next step.
+    A saved master that is not float32 is dropped like a missing one: it went
+    through torch.optim, whose load casts every state to the param's dtype, and
+    predates the steps taken there, so the param is the value to resume from.)"""
     if has_master(param, master_weights):
+        master = state.get(MASTER_KEY)
+        if master is not None and not (isinstance(master, Tensor) and master.dtype == torch.float32):
+            del state[MASTER_KEY]
         return
     state.pop(MASTER_KEY, None)
 

@@ -20,8 +20,9 @@ from .theory import DECAYS, half_life_p
 
 def initial_sigma(p: torch.Tensor) -> float:
     """σ of a tensor for ‖ε0‖ = sqrt(numel)·σ (as in the kexue.fm post cited above): the
-    init std (here its RMS) of weight matrices/kernels; 0.5 for vectors (zero-init
-    biases, one-init gains).  Thread-count independent, as Amos's inferred η
+    init std (here its RMS) of weight matrices/kernels (0.5 for an all-zero or
+    non-finite one: a zero-initialised matrix would otherwise never move); 0.5 for
+    vectors (zero-init biases, one-init gains).  Thread-count independent, as Amos's inferred η
     (``optim.sum_of_squares``)."""
     if p.dim() < 2 or p.numel() == 0:
         return 0.5

@@ -253,7 +253,8 @@ class Amos(FusedOptimizer):
     state_keys = ("v", "b", "mu")
     slot_keys = ("v", "b")
     per_param_keys = ("eta",)
-    positive_in_step = ("epsilon",)
+    reciprocal_in_step = ("epsilon",)
+    positive_in_step = ("eta",)
     supports_complex = False
     fused_needs_contiguous = True
 

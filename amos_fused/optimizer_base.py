@@ -61,9 +61,19 @@ def group_backend(group: dict, defaults: dict) -> Optional[str]:
     ``backend`` set in the group itself, else the constructor's (``defaults``: the
     constructor's choice is not copied into the groups, so that no checkpoint
     carries it)."""
-    if group.get("fused") is False:
+    fused = group.get("fused")
+    if fused is not None and not fused:  # (False, 0, NumPy's False: torch.optim's "not fused")
         return "reference"
     return group.get("backend", defaults.get("backend"))
+
+
+def _without_backend(optimizer, state_dict: dict) -> None:
+    """The first state_dict post-hook of every optimizer: a ``backend`` set in a
+    group is left out of the checkpoint (a choice of this machine's kernels, not
+    part of the optimizer's state; the constructor's is no group key at all), before
+    any hook of the user's sees the state_dict."""
+    for group in state_dict["param_groups"]:
+        group.pop("backend", None)
 
 
 def fill_group_defaults(group: dict, defaults: dict) -> None:
@@ -157,7 +167,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     slot_keys: Tuple[str, ...] = ()
     # Group keys that may hold one value per param (a tuple) instead of one float.
     per_param_keys: Tuple[str, ...] = ()
-    positive_in_step: Tuple[str, ...] = ()  # hyper-parameters that must stay > 0 in the step's dtype
+    # Hyper-parameters (or per-param values) that must stay > 0 in float32 for float32 steps.
+    positive_in_step: Tuple[str, ...] = ()
+    # Hyper-parameters whose reciprocal the step takes: finite in the step's dtype (_check_reciprocals).
+    reciprocal_in_step: Tuple[str, ...] = ()
     # States kept as block-scaled FP8 codes (plus a per-block absmax under
     # fp8_states.absmax_key(key)) for the params fp8_states.keeps_fp8 accepts: the
     # 8-bit optimizers (amos_fused/optim_fp8.py).
@@ -192,6 +205,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_all_overlaps()
         finally:
             self._bulk_adding = False
+        self.register_state_dict_post_hook(_without_backend, prepend=True)
 
     # ---- subclass hooks ---------------------------------------------------
     def _check_group(self, group: dict) -> None:
@@ -342,7 +356,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         once a group is written); its errors named by the group."""
         try:
             return self._hyper(group)
-        except (TypeError, ValueError, KeyError, RuntimeError) as error:
+        except (TypeError, ValueError, KeyError, RuntimeError, OverflowError) as error:
             raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
 
     def _checked_group(self, index: int, group: dict) -> None:
@@ -355,6 +369,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_flags(self, index: int, group: dict) -> None:
         """torch.optim's flags: what we cannot honour is refused, never ignored."""
         where = f"{self._name}: param_groups[{index}]"
+        for flag in ("maximize", "foreach", "capturable", "differentiable", "fused"):
+            try:  # torch's flags, read as torch.optim reads them (None, 0 and 1 too; hyperparams.flag)
+                hp.flag(flag, group.get(flag))
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
         if group.get("differentiable"):
             raise ValueError(f"{where}: differentiable=True is not supported (the steps do not "
                              "record autograd history); use torch.optim for differentiable optimizers")
@@ -362,10 +381,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_capturable(group)
         if group.get("fused") and group_backend(group, self.defaults) == "reference":
             raise ValueError(f"{where}: fused=True contradicts backend='reference'")
-        try:  # torch's flag, read as torch.optim reads it (None, 0 and 1 too; hyperparams.flag)
-            hp.flag("maximize", group.get("maximize", False))
-        except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
+        if group.get("fused") and group.get("foreach"):  # (torch.optim's error, RuntimeError as there)
+            raise RuntimeError(f"{where}: `fused` and `foreach` cannot be `True` together")
+        if group.get("foreach") and not group.get("capturable"):
+            # torch.optim refuses these (its foreach step cannot take them), so a checkpoint
+            # saved with them would not step there
+            betas = group.get("betas")
+            tensors = [("lr", group.get("lr"))] + ([(f"betas[{i}]", b) for i, b in enumerate(betas)]
+                                                   if isinstance(betas, (tuple, list)) else [])
+            for name, value in tensors:
+                if isinstance(value, Tensor):
+                    raise ValueError(f"{where}: {name} as a Tensor is not supported with foreach=True and "
+                                     "capturable=False (as in torch.optim)")
         for flag in ("track_rms", "bf16_stochastic_round", "master_weights"):  # ours: True or False
             if not isinstance(group.get(flag, False), bool):
                 raise ValueError(f"{where}: {flag} must be True or False, "
@@ -457,6 +484,44 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._check_all_overlaps()
         self._checked_layouts = signature
 
+    def _check_own_memory(self, ready: List[Optional[_Ready]]) -> None:
+        """Raises when a tensor the step writes (a param, its master, a state, a
+        step counter) shares memory with another tensor of the step other than
+        through the grads (which may share memory with each other, and are only
+        read): one param's state given to another, a counter viewing an absmax.
+        torch.optim, stepping param by param, would then read one param's writes
+        in the next one's step; the fused kernels step them in parallel, so the
+        result would depend on the thread count.  (Sharing among one param's own
+        tensors is named by its bucket's check already, with its own message.)"""
+        written: List[Tensor] = []
+        read: List[Tensor] = []
+        for item in ready:
+            for bucket in item.buckets if item is not None else ():
+                written.extend(bucket.shadows or bucket.params)  # (masters: in bucket.state)
+                for values in bucket.state.values():
+                    written.extend(values)
+                read.extend(bucket.held_grads)
+        first, second = torch.ops.amos_fused.first_written_overlap(written + read, len(written))
+        if first < 0:
+            return
+        # (where, short name, what) of each tensor, in the order of written + read
+        names: List[Tuple[str, str, str]] = []
+        grads: List[Tuple[str, str, str]] = []
+        for index, item in enumerate(ready):
+            for bucket in item.buckets if item is not None else ():
+                owners = [(self._where(index, pos, p), f"param_groups[{index}]['params'][{pos}]")
+                          for pos, p in zip(bucket.positions, bucket.owners)]
+                names.extend((where, short, "the param") for where, short in owners)
+                for key in bucket.state:
+                    names.extend((where, short, f"state[{key!r}]") for where, short in owners)
+                grads.extend((where, short, "the grad") for where, short in owners)
+        names.extend(grads)
+        (_, short, what), (where, other, other_what) = names[first], names[second]
+        whose = "the same param" if short == other else short
+        raise ValueError(f"{where}: {other_what} shares memory with {what} of {whose}; every tensor a step "
+                         "writes needs memory of its own (the params are stepped in parallel: the result "
+                         "would depend on their order and on the thread count)")
+
     # ---- step -------------------------------------------------------------
     # torch.optim's own way to keep Dynamo out (imports torch._dynamo lazily, at the first call).
     @torch._disable_dynamo
@@ -487,6 +552,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 ready.append(self._prepare(index, group, first_index))
                 first_index += len(group["params"])
             self._check_swaps()
+            self._check_own_memory(ready)
             self._check_grad_scaling()
             collective = [(item, bucket) for item in ready if item is not None for bucket in item.buckets
                           if self._reduces_across_shards(bucket, item.group)]
@@ -576,6 +642,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _prepare(self, index: int, group: dict, first_index: int, rebuild: bool = False) -> Optional[_Ready]:
         """Checks group ``index`` (whose first param is the optimizer's
         ``first_index``-th) and gathers its buckets; None when nothing to step."""
+        for position, p in enumerate(group["params"]):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"{self._name}: param_groups[{index}]['params'][{position}] must be a tensor, got "
+                                f"{type(p).__name__} {p!r:.40}")
         missing = [key for key in self.defaults if key not in group and key != "backend"]
         if missing:
             raise ValueError(f"{self._name}: param_groups[{index}] has no {missing[0]!r}; every group holds "
@@ -611,6 +681,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """A finite hyper-parameter beyond float32's range (lr=1e300) is refused for a
         group with params of a narrower dtype than float64, whose step computes in
         float32: the kernels would store it as Inf, the reference could not convert it."""
+        self._check_reciprocals(index, hyper, plan)
         dtypes = [spec.dtype for spec in plan.specs if spec.dtype not in (torch.float64, torch.complex128)]
         if not dtypes:
             return
@@ -619,11 +690,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not abs(value) <= limit:
                 raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (beyond float32's "
                                  f"range, in which the step of {dtypes[0]} params computes)")
-        for name in self.positive_in_step:  # (> 0 by its check, yet 0 in float32: refused alike)
-            value = hyper.get(name)
-            if isinstance(value, float) and 0.0 < value <= 2.0 ** -150:
-                raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (positive, but 0 in "
-                                 f"float32, in which the step of {dtypes[0]} params computes)")
         named = dict(hyper)
         checked = plan.cache.setdefault("per_param_in_range", {})  # key -> the tuple last found in range
         for key in self.per_param_keys:  # (Amos's eta, ScaledAdamW's init_norm: one value or one per param)
@@ -638,7 +704,27 @@ class FusedOptimizer(torch.optim.Optimizer):
             if isinstance(value, float) and math.isfinite(value) and abs(value) > limit:
                 raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (beyond float32's "
                                  f"range, in which the step of {dtypes[0]} params computes)")
+            if name.split("[")[0] in self.positive_in_step and isinstance(value, float) and 0.0 < value <= 2.0 ** -150:
+                raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (positive, but 0 in "
+                                 f"float32, in which the step of {dtypes[0]} params computes)")
         checked.update((key, group.get(key)) for key in self.per_param_keys if isinstance(group.get(key), tuple))
+
+    def _check_reciprocals(self, index: int, hyper: dict, plan: GroupPlan) -> None:
+        """A value of ``reciprocal_in_step`` (positive by its group check) is refused
+        where its reciprocal overflows the dtype the step computes in (float64 for
+        float64 params, else float32): Amos's r = (1 − β^t)/max(v, ε) would be Inf
+        for a slot below ε, and a zero grad's Inf·0 a NaN in θ and b for good."""
+        for name in self.reciprocal_in_step:
+            value = hyper.get(name)
+            if not (isinstance(value, float) and value > 0.0):
+                continue
+            for dtype in sorted({torch.float64 if spec.dtype in (torch.float64, torch.complex128) else torch.float32
+                                 for spec in plan.specs}, key=str):
+                if not torch.isfinite(torch.tensor(value, dtype=dtype).reciprocal()):
+                    smallest = 1.0 / torch.finfo(dtype).max
+                    raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (its "
+                                     f"reciprocal overflows {dtype}, in which the step of such params computes: "
+                                     f"it must be at least about {smallest:.4g})")
 
     def _gather(self, index: int, group: dict, plan: GroupPlan, spec: BucketSpec,
                 positions: List[int], all_grads: List[Optional[Tensor]],
@@ -652,6 +738,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if spec.master_of is not None and any(p.dtype != spec.master_of for p in owners):
             raise _StalePlan()
         grads = [all_grads[i] for i in positions]
+        held_grads = [local(g) for g in grads] if spec.dtensor_positions else grads
         keys = self._step_state_keys(group)
         coded = ()  # the FP8 states' keys: codes, then absmax
         if spec.fp8:
@@ -774,7 +861,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                            for n, g in zip(negated, grads)]
             grads = negated
         bucket = Bucket(spec.device, spec.dtype, backend, owners, positions, params, grads, lists, fp8=spec.fp8,
-                        shadows=shadows, shadows_in_kernel=shadows_in_kernel)
+                        shadows=shadows, shadows_in_kernel=shadows_in_kernel, held_grads=held_grads)
         for key in self.per_param_keys:
             bucket.per_param[key] = self._per_param(index, group, plan, key, positions)
         if shadows_in_kernel and self._reduces_across_shards(bucket, group):  # stepped in Python: copy after
@@ -1143,15 +1230,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._mark_awaiting_masters()
         for group in self.param_groups:
             fill_group_defaults(group, self.defaults)
-
-    def state_dict(self) -> dict:
-        """torch.optim's state_dict, without ``backend`` (a choice of this machine's
-        kernels, not part of the optimizer's state; the constructor's choice is not
-        a group key at all, one set in a group is left out here)."""
-        state_dict = super().state_dict()
-        for group in state_dict["param_groups"]:
-            group.pop("backend", None)
-        return state_dict
+        self.register_state_dict_post_hook(_without_backend, prepend=True)  # (torch.optim pickles no hook)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a checkpoint of this optimizer or of the matching torch.optim one.
@@ -1227,6 +1306,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                        for group in self.param_groups for p in group["params"]}
         self._restore_saved_dtypes(state_dict, with_master)
         for param, state in self.state.items():
+            if not isinstance(param, Tensor) or not isinstance(state, dict):
+                continue  # an entry of no param of ours (kept as saved, as torch.optim keeps it)
             master = with_master.get(param, False)
             for key, value in list(state.items()):
                 state[key] = self._own_copy(param, key, value, master)

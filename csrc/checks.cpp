@@ -181,6 +181,43 @@ std::tuple<int64_t, int64_t, int64_t> check_step(at::TensorList params, at::Tens
   return {found.index, static_cast<int64_t>(found.problem), found.list};
 }
 
+std::tuple<int64_t, int64_t> first_written_overlap(at::TensorList tensors, int64_t written) {
+  TORCH_CHECK_VALUE(written >= 0 && written <= static_cast<int64_t>(tensors.size()),
+                    "amos_fused.first_written_overlap: written must be in [0, ", tensors.size(), "]");
+  struct Span {
+    int64_t device_key;
+    uintptr_t first, last;
+    int64_t index;
+  };
+  std::vector<Span> spans;
+  spans.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (!t.defined() || t.numel() == 0 || t.is_meta() || t.layout() != c10::kStrided) continue;
+    const auto [first, last] = byte_span(t);
+    const int64_t device_key = static_cast<int64_t>(t.device().type()) * 65536 + t.device().index() + 1;
+    spans.push_back({device_key, first, last, static_cast<int64_t>(i)});
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
+    return a.device_key != b.device_key ? a.device_key < b.device_key : a.first < b.first;
+  });
+  // Sweep in address order: an earlier span overlapping this one reaches past its
+  // start, so the farthest-reaching earlier span (of any kind, or of a written
+  // tensor) finds it.
+  const Span* reach_any = nullptr;
+  const Span* reach_written = nullptr;
+  for (const Span& span : spans) {
+    if (reach_any != nullptr && reach_any->device_key != span.device_key) reach_any = reach_written = nullptr;
+    const bool is_written = span.index < written;
+    const Span* other = is_written ? reach_any : reach_written;
+    if (other != nullptr && span.first < other->last)
+      return {std::min(other->index, span.index), std::max(other->index, span.index)};
+    if (reach_any == nullptr || span.last > reach_any->last) reach_any = &span;
+    if (is_written && (reach_written == nullptr || span.last > reach_written->last)) reach_written = &span;
+  }
+  return {-1, -1};
+}
+
 std::pair<int64_t, int64_t> find_fp8_problem(at::TensorList params, at::ArrayRef<at::TensorList> codes,
                                              at::ArrayRef<at::TensorList> absmax) {
   const size_t n = params.size();

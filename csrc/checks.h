@@ -62,6 +62,13 @@ std::tuple<int64_t, int64_t, int64_t> check_step(at::TensorList params, at::Tens
                                                  at::TensorList states, at::TensorList slots,
                                                  at::TensorList steps, int64_t walk);
 
+// Two tensors of a step that share memory where one of them is written: the
+// first `written` tensors of `tensors` are written in place by the step (params,
+// masters, states, counters), the rest only read (grads, which may share memory
+// with each other).  Byte spans are compared (any strides), per device.
+// Returns (i, j), i < j, indices into `tensors`, or (-1, -1).
+std::tuple<int64_t, int64_t> first_written_overlap(at::TensorList tensors, int64_t written);
+
 // The FP8 state lists of a bucket (csrc/fp8_states.h), S lists of codes and S of
 // absmax: codes[k][i] must be uint8 with param i's sizes and strides, on its
 // device; absmax[k][i] a contiguous float32 tensor of one element per block of

@@ -27,6 +27,8 @@ TORCH_LIBRARY(amos_fused, m) {
   m.def("check_step(Tensor[] params, Tensor[] grads, Tensor[] states, Tensor[] slots, "
         "Tensor[] steps, int walk) -> (int, int, int)",
         &amos_fused::check_step);
+  // (i, j) of two tensors sharing memory, one of them among the first `written`, or (-1, -1).
+  m.def("first_written_overlap(Tensor[] tensors, int written) -> (int, int)", &amos_fused::first_written_overlap);
   m.def("cpu_capability() -> str", &amos_fused::cpu::cpu_capability);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("set_cpu_capability(str name) -> ()", &amos_fused::cpu::set_cpu_capability);

@@ -639,3 +639,71 @@ def test_load_state_dict_hooks_run_as_torch_runs_them(name):
         fresh.load_state_dict(bad)
     assert len(seen) == 1 and fresh.param_groups[0]["lr"] == 1e-2
     post.remove()
+
+
+@pytest.mark.parametrize("master_weights", [True, False])
+def test_master_checkpoint_that_went_through_torch_resumes_from_the_param(master_weights):
+    """torch.optim carries our 'master_param' along and its load casts it to the
+    param's dtype; after torch's steps it is stale too.  Loaded back, that master is
+    dropped like a missing one: the next step remakes it from the param (states
+    upcast), exactly as loading torch's checkpoint without it does."""
+    p = torch.nn.Parameter(torch.randn(64, 64).to(torch.bfloat16))
+    p.grad = torch.randn(64, 64).to(torch.bfloat16)
+    ours = af.AdamW([p], lr=1e-2, master_weights=True)
+    ours.step()
+    theirs = torch.optim.AdamW([p], lr=1e-2)
+    theirs.load_state_dict(ours.state_dict())
+    p.grad = torch.randn(64, 64).to(torch.bfloat16)
+    theirs.step()
+    saved = theirs.state_dict()
+    assert saved["state"][0][MASTER_KEY].dtype == torch.bfloat16
+    without = copy.deepcopy(saved)
+    del without["state"][0][MASTER_KEY]
+    q = torch.nn.Parameter(p.detach().clone())
+    loaded, twin = af.AdamW([p], lr=1e-2, master_weights=master_weights), af.AdamW([q], lr=1e-2,
+                                                                               master_weights=master_weights)
+    loaded.load_state_dict(saved)
+    twin.load_state_dict(without)
+    assert MASTER_KEY not in loaded.state[p]
+    for step in range(2):
+        p.grad = q.grad = _grads((64, 64), torch.bfloat16, step)
+        loaded.step()
+        twin.step()
+    assert torch.equal(p, q)
+    assert set(loaded.state[p]) == set(twin.state[q])
+    for key, value in loaded.state[p].items():
+        assert torch.equal(value, twin.state[q][key]), key
+    if master_weights:
+        assert loaded.state[p][MASTER_KEY].dtype == torch.float32
+
+
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, af.AdamW, af.AdamW8bit, af.Amos])
+def test_state_entries_of_no_param_load_as_torch_keeps_them(cls):
+    """torch.optim keeps a checkpoint's state entries that belong to no param as they
+    are (wrappers keep counters in opt.state): a checkpoint with one loads and steps."""
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    kwargs = {"eta": 0.5} if cls is af.Amos else {}
+    opt = cls([p], lr=1e-2, **kwargs)
+    p.grad = torch.ones(8, 8)
+    opt.step()
+    opt.state["custom"] = {"counter": 3}
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][5] = {"step": torch.tensor(1.0)}
+    loaded = cls([p], lr=1e-2, **kwargs)
+    loaded.load_state_dict(saved)
+    assert loaded.state["custom"] == {"counter": 3} and 5 in loaded.state
+    loaded.step()
+    assert sorted(map(str, loaded.state_dict()["state"])) == ["0", "5", "custom"]
+
+
+def test_state_dict_post_hook_may_return_another_dict():
+    """torch.optim returns what a state_dict post-hook returns (the group's backend
+    is left out before any hook runs)."""
+    p = torch.nn.Parameter(torch.randn(8))
+    opt = af.AdamW([{"params": [p], "backend": "reference"}], lr=1e-2)
+    seen = []
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append(dict(sd["param_groups"][0])) or {"wrapped": sd})
+    wrapped = opt.state_dict()
+    assert list(wrapped) == ["wrapped"] and "backend" not in seen[0]
+    assert "backend" not in copy.deepcopy(opt).state_dict()["param_groups"][0]  # (torch pickles no hook)

@@ -190,3 +190,25 @@ def test_torch_fused_checkpoint_keeps_our_choice():
     opt = af.AdamW(params, lr=0.01, fused=False)
     opt.load_state_dict(source.state_dict())
     assert opt.param_groups[0]["fused"] is False
+
+
+def test_flags_torch_refuses_together_are_refused():
+    """What torch.optim refuses at construction is refused here too: fused=True with
+    foreach=True, and a Tensor lr or betas with foreach=True (torch's foreach step
+    cannot take them, so a checkpoint saved with them would not step there)."""
+    p = torch.nn.Parameter(torch.randn(5))
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
+        af.AdamW([p], fused=True, foreach=True)
+    with pytest.raises(ValueError, match=r"lr as a Tensor is not supported with foreach=True"):
+        af.AdamW([p], lr=torch.tensor(0.01), foreach=True)
+    with pytest.raises(ValueError, match=r"betas\[0\] as a Tensor is not supported with foreach=True"):
+        af.Adam([p], betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True)
+    opt = af.AdamW([p], lr=torch.tensor(0.01))
+    p.grad = torch.randn(5)
+    opt.step()
+    opt.param_groups[0]["foreach"] = True  # set between steps: refused before anything is written
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: lr as a Tensor"):
+        opt.step()
+    assert torch.equal(p, before)
+    af.AdamW([p], lr=torch.tensor(0.01), foreach=False).step()

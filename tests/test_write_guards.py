@@ -158,14 +158,132 @@ def test_scaled_adamw_q_whose_decay_rate_overflows_is_refused_for_float32_params
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_amos_epsilon_that_is_zero_in_float32_is_refused_like_zero(backend):
-    """epsilon > 0 is Amos's floor of v; 1e-50 passes 'epsilon > 0' but is 0 in
-    float32, where a zero-grad slot would give 0/0: refused for float32 params,
-    taken for float64 ones; the smallest float32 denormal is taken."""
-    p = torch.nn.Parameter(torch.randn(4, 5))
-    for value in (0.0, 1e-50, 2.0 ** -150):
-        with pytest.raises(ValueError, match=rf"Invalid epsilon: {value}"):
-            af.Amos([p], lr=1e-2, eta=0.1, epsilon=value, backend=backend)
+def test_amos_epsilon_whose_reciprocal_overflows_is_refused(backend):
+    """epsilon > 0 is Amos's floor of v in r = (1 − β^t)/max(v, ε): an epsilon
+    whose reciprocal overflows the step's dtype (float32 for float32 params,
+    float64 for float64 ones) makes r Inf for a slot below it, and a zero grad's
+    Inf·0 a NaN in θ and b for good.  Refused there, at construction and at a
+    step (nothing written); the smallest accepted value keeps a zero-grad element
+    where it is over many steps."""
+    for dtype, refused, smallest in ((torch.float32, (0.0, 1e-50, 2.0 ** -150, 2.0 ** -149, 1e-40, 2.0 ** -128),
+                                      2.93874e-39),
+                                     (torch.float64, (0.0, 1e-310, 5.5e-309), 5.563e-309)):
+        p = torch.nn.Parameter(torch.ones(3, dtype=dtype))
+        for value in refused:
+            with pytest.raises(ValueError, match=rf"Invalid epsilon: {value}"):
+                af.Amos([p], lr=1e-2, eta=0.1, epsilon=value, backend=backend)
+        opt = af.Amos([p], lr=0.1, eta=0.5, epsilon=smallest, backend=backend)
+        for _ in range(60):
+            p.grad = torch.tensor([0.0, 1.0, -1.0], dtype=dtype)
+            opt.step()
+        assert p[0].item() == 1.0 and opt.state[p]["b"][0].item() == 0.0, (dtype, p, opt.state[p]["b"])
+        assert torch.isfinite(p).all()
+        opt.param_groups[0]["epsilon"] = refused[-1]
+        snapshot = _snapshot(opt)
+        with pytest.raises(ValueError, match=r"param_groups\[0\]: Invalid epsilon: .*reciprocal overflows"):
+            opt.step()
+        _assert_unchanged(opt, snapshot)
+    mixed = [torch.nn.Parameter(torch.ones(3, dtype=torch.float64)), torch.nn.Parameter(torch.ones(3))]
+    with pytest.raises(ValueError, match=r"reciprocal overflows torch.float32"):
+        af.Amos(mixed, lr=1e-2, eta=0.1, epsilon=1e-300, backend=backend)
     af.Amos([p], lr=1e-2, eta=0.1, epsilon=2.0 ** -149, backend=backend)
     af.Amos([torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))], lr=1e-2, eta=0.1, epsilon=1e-50,
             backend=backend)
+
+
+def _state_keys(opt, p):
+    return [k for k, v in opt.state[p].items() if isinstance(v, torch.Tensor) and v.numel() > 1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_a_state_shared_by_two_params_is_refused_before_any_write(name, backend):
+    """One param's state tensor given to another (whole, or a view of it), in the same
+    group or another: torch.optim steps the params one after the other, the fused
+    kernels in parallel, so the result would depend on the thread count.  Refused,
+    naming both params, with nothing written; so is a grad that is another param's
+    state (a grad shared by two params is fine: grads are only read)."""
+    a, b = _params(name, n=1024)
+    opt = CLASSES[name]([{"params": [a]}, {"params": [b]}], backend)
+    _grads([a, b], 0)
+    opt.step()
+    for key in _state_keys(opt, a):
+        kept = opt.state[b][key]
+        opt.state[b][key] = opt.state[a][key]
+        _grads([a, b], 1)
+        _refused(opt, ValueError, rf"param_groups\[1\]\['params'\]\[0\].*: state\['{key}'\] shares memory with "
+                                  rf"state\['{key}'\] of param_groups\[0\]\['params'\]\[0\]")
+        opt.state[b][key] = kept
+    like = [k for k in _state_keys(opt, a) if opt.state[a][k].dtype == a.dtype and opt.state[a][k].shape == a.shape]
+    if like:  # (not for FP8 codes nor for the float32 states of bfloat16 params with masters)
+        key = like[0]
+        b.grad = opt.state[a][key]
+        _refused(opt, ValueError, rf"param_groups\[1\]\['params'\]\[0\].*: the grad shares memory with "
+                                  rf"state\['{key}'\] of param_groups\[0\]\['params'\]\[0\]")
+    _grads([a], 2)
+    b.grad = a.grad
+    opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", [af.AdamW8bit, af.Lion8bit], ids=lambda c: c.__name__)
+def test_a_step_counter_viewing_an_absmax_is_refused(cls, backend):
+    """The 8-bit states' absmax are written by the step too: a counter that views one
+    would be written twice."""
+    p = torch.nn.Parameter(torch.randn(64, 70))
+    opt = cls([p], lr=1e-3, backend=backend)
+    _grads([p], 0)
+    opt.step()
+    key = next(k for k in opt.state[p] if k.endswith("_absmax"))
+    opt.state[p]["step"] = opt.state[p][key].reshape(-1)[:1].view(())
+    _grads([p], 1)
+    _refused(opt, ValueError, rf"state\['{key}'\] shares memory with state\['step'\] of the same param")
+
+
+def test_torch_flags_and_params_of_no_clear_value_are_named():
+    """A torch flag holding something that is neither True nor False (a two-element
+    tensor, a string), an int beyond float64's range, a param replaced by None:
+    refused with the group, the name and the value, before anything is written."""
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = af.AdamW([p], lr=1e-2)
+    _grads([p], 0)
+    opt.step()
+    for key, value, match in (("fused", torch.tensor([1, 0]), r"Invalid fused: tensor\(\[1, 0\]\)"),
+                              ("differentiable", "no", r"Invalid differentiable: 'no'"),
+                              ("capturable", "no", r"Invalid capturable: 'no'"),
+                              ("foreach", 2, r"Invalid foreach: 2"),
+                              ("lr", 10 ** 400, r"Invalid learning rate: 1000.*beyond float64's range"),
+                              ("eps", 10 ** 400, r"Invalid epsilon value: 1000.*beyond float64's range")):
+        kept = opt.param_groups[0][key]
+        opt.param_groups[0][key] = value
+        _refused(opt, ValueError, rf"AdamW: param_groups\[0\]: {match}")
+        opt.param_groups[0][key] = kept
+    with pytest.raises(ValueError, match=r"Invalid learning rate: 1000.*beyond float64's range"):
+        af.AdamW([p], lr=10 ** 400)
+    opt.param_groups[0]["params"].append(None)
+    before = p.detach().clone()
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\] must be a tensor, got NoneType None"):
+        opt.step()
+    assert torch.equal(p, before)
+    opt.param_groups[0]["params"].pop()
+    view = torch.randn(4, 6)[:, ::2]  # fused=0, torch.optim's "not fused": the reference, which steps a strided view
+    view.grad = torch.ones_like(view)
+    opt.add_param_group({"params": [view], "fused": 0})
+    opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_amos_eta_that_is_zero_in_float32_is_refused_like_zero(backend):
+    """eta = 0 is refused; so is one that rounds to 0 in float32 for float32 params
+    (a scalar or a per-param entry), taken for float64 ones."""
+    p = torch.nn.Parameter(torch.randn(4, 5))
+    for eta in (1e-300, 2.0 ** -150, (1e-46,)):
+        with pytest.raises(ValueError, match=r"Invalid eta(\[0\].*)?: .*positive, but 0 in float32"):
+            af.Amos([p], lr=1e-2, eta=eta, backend=backend)
+    opt = af.Amos([p], lr=1e-2, eta=2.0 ** -149, backend=backend)
+    _grads([p], 0)
+    opt.step()
+    opt.param_groups[0]["eta"] = (1e-300,)
+    _grads([p], 1)
+    _refused(opt, ValueError, r"Invalid eta\[0\] \(param_groups\[0\]\['params'\]\[0\]'s\): 1e-300")
+    af.Amos([torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))], lr=1e-2, eta=1e-300, backend=backend)
