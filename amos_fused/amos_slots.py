@@ -17,10 +17,11 @@ def normalize_reduce_axes(reduce_axes: ReduceAxes, ndim: int) -> Union[None, str
         raise ValueError(f"reduce_axes must be None, 'all' or a tuple of dims, got {reduce_axes!r}")
     if isinstance(reduce_axes, int) and not isinstance(reduce_axes, bool):
         reduce_axes = (reduce_axes,)
-    if not isinstance(reduce_axes, (tuple, list, range, set, frozenset)):
+    # (a tuple, list or set: what a checkpoint loads with torch.load(weights_only=True))
+    if not isinstance(reduce_axes, (tuple, list, set)):
         raise ValueError(f"reduce_axes must be None, 'all', a dim or a tuple of dims, got {reduce_axes!r}")
     dims = []
-    for axis in sorted(reduce_axes) if isinstance(reduce_axes, (set, frozenset)) else reduce_axes:
+    for axis in sorted(reduce_axes) if isinstance(reduce_axes, set) else reduce_axes:
         if not isinstance(axis, int) or isinstance(axis, bool):
             raise ValueError(f"reduce_axes must hold ints, got {reduce_axes!r}")
         if not -ndim <= axis < max(ndim, 1) or ndim == 0:

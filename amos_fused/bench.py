@@ -1054,14 +1054,16 @@ def parse_args(argv=None):
     parser.add_argument("--pairs", type=int, default=40,
                         help="after the rounds, each chosen <row> and <row>+rms pair steps in alternation "
                              "this many times, for the cost of telemetry as a median ratio (default 40; "
-                             "0: skip)")
+                             "0: skip; else at least 2)")
     parser.add_argument("--speedup-pairs", type=int, default=40, metavar="PAIRS",
                         help="after the rounds, each chosen row of ours (not the +rms ones) and torch's fused "
                              "AdamW step in alternation this many times, for the speed-up as a median ratio "
-                             "(default 40; 0: skip)")
+                             "(default 40; 0: skip; else at least 2)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.pairs < 0 or args.speedup_pairs < 0:
         parser.error("--rounds and --steps must be >= 1, --warmup, --pairs and --speedup-pairs >= 0")
+    if args.pairs == 1 or args.speedup_pairs == 1:  # (each median ratio takes two halves / two quartiles)
+        parser.error("--pairs and --speedup-pairs must be 0 (skip) or at least 2")
     if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
         parser.error(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -97,7 +97,9 @@ def paired_speedup(impl, baseline, make_model: Callable, device: torch.device, d
                         warmup, pairs, device)
     ratios = [theirs / ours for ours, theirs in times]
     ms, baseline_ms = [ours for ours, _ in times], [theirs for _, theirs in times]
-    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0], ratios[0], ratios[0]]
+    # (inclusive: quartiles within the measured ratios, also for a few pairs)
+    quartiles = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1
+                 else [ratios[0], ratios[0], ratios[0]])
     return dict(impl=impl.name, baseline=baseline.name, pairs=pairs, speedup=statistics.median(ratios),
                 quartiles=[quartiles[0], quartiles[2]], ms=statistics.median(ms),
                 baseline_ms=statistics.median(baseline_ms))

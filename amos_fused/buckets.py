@@ -85,6 +85,11 @@ class GroupPlan:
     cache: Dict[str, object] = field(default_factory=dict)
     # The group's per-param values (by key) when the plan was made, in ``params`` order.
     group_values: Dict[str, object] = field(default_factory=dict)
+    # The group (dict) the plan was made for: plans are kept by group index, and
+    # groups may be reordered or removed between steps.
+    group: Optional[dict] = None
+    # The params' dtypes when the plan was made (filled by build).
+    dtypes: List[torch.dtype] = field(default_factory=list)
 
     @classmethod
     def build(cls, params: Sequence[Tensor], keeps_fp8: Callable[[Tensor], bool] = lambda p: False,
@@ -100,11 +105,12 @@ class GroupPlan:
         for spec in by_kind.values():
             spec.complex_positions = frozenset(i for i in spec.positions if params[i].is_complex())
             spec.dtensor_positions = frozenset(i for i in spec.positions if is_dtensor(params[i]))
-        return cls(list(params), list(by_kind.values()), bool(master_weights))
+        return cls(list(params), list(by_kind.values()), bool(master_weights), dtypes=[p.dtype for p in params])
 
     def matches(self, params: Sequence[Tensor], master_weights: bool = False) -> bool:
-        """True while ``params`` holds the same tensors, in the same order (and the
-        group's master_weights is unchanged)."""
+        """True while ``params`` holds the same tensors, in the same order, of the same
+        dtypes (``p.data`` may be set to another dtype between steps), and the group's
+        master_weights is unchanged."""
         mine = self.params
         return (bool(master_weights) == self.master_weights and len(params) == len(mine)
-                and all(a is b for a, b in zip(params, mine)))
+                and all(a is b and a.dtype == d for a, b, d in zip(params, mine, self.dtypes)))

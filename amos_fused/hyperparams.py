@@ -3,6 +3,7 @@ a ValueError that names the parameter and the value."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -84,13 +85,17 @@ def _is_numpy_bool(value) -> bool:
 
 
 def flag(name: str, value) -> None:
-    """True or False (also None for False, NumPy's bools and the ints 0 and 1, which
-    torch.optim reads as flags alike, as a config file may give them); anything
-    else, e.g. an array whose truth is ambiguous, is refused here rather than at the
-    step's first use of it."""
+    """A flag, read as torch.optim reads it, by its truth: True or False, None (False),
+    NumPy's bools, and a real number (NumPy's too) or one-element real tensor that is
+    0 or 1, as a config file or a tensor may give it; anything else (a string, 0.5,
+    a list, an array or tensor of several elements, a tensor on the meta device) is
+    refused here rather than at the step's first use of it."""
     if value is None or isinstance(value, bool) or _is_numpy_bool(value):
         return
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, numbers.Real) and value in (0, 1):
+        return
+    if (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta
+            and not value.is_complex() and value.item() in (0, 1)):
         return
     raise ValueError(f"Invalid {name}: {value!r} (must be True or False)")
 

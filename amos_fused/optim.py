@@ -53,6 +53,7 @@ class _AdamFamily(FusedOptimizer):
 
     algorithm = "adam"
     state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    torch_refuses_with_foreach = True
 
     def __init__(self, params, lr, betas, eps, weight_decay, amsgrad, bias_correction, decoupled, flags):
         defaults = dict(

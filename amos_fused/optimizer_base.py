@@ -41,8 +41,8 @@ def torch_flags(maximize=False, foreach=None, capturable=False, differentiable=F
     True for the fused kernels, False for the reference; ``capturable``: steps
     that read nothing on the host, on the CUDA and Triton backends; ``differentiable``: False
     only), ``backend``, the constructor's choice of
-    kernels (kept in the defaults only, not copied into the groups, where a
-    ``backend`` key of a group's own overrides it; never saved in checkpoints), ``track_rms``: each step also
+    kernels (kept in the defaults only, not copied into the groups, so never saved
+    in checkpoints; a ``backend`` key of a group's own overrides it), ``track_rms``: each step also
     measures every param's weight and update RMS, read with ``optimizer.rms()``
     (amos_fused/telemetry.py), and ``bf16_stochastic_round``: bfloat16 params are
     stored with stochastic rounding, its bits hashed from ``stochastic_round_seed``
@@ -65,15 +65,6 @@ def group_backend(group: dict, defaults: dict) -> Optional[str]:
     if fused is not None and not fused:  # (False, 0, NumPy's False: torch.optim's "not fused")
         return "reference"
     return group.get("backend", defaults.get("backend"))
-
-
-def _without_backend(optimizer, state_dict: dict) -> None:
-    """The first state_dict post-hook of every optimizer: a ``backend`` set in a
-    group is left out of the checkpoint (a choice of this machine's kernels, not
-    part of the optimizer's state; the constructor's is no group key at all), before
-    any hook of the user's sees the state_dict."""
-    for group in state_dict["param_groups"]:
-        group.pop("backend", None)
 
 
 def fill_group_defaults(group: dict, defaults: dict) -> None:
@@ -167,6 +158,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     slot_keys: Tuple[str, ...] = ()
     # Group keys that may hold one value per param (a tuple) instead of one float.
     per_param_keys: Tuple[str, ...] = ()
+    # torch.optim.Adam/AdamW's refusals: fused=True with foreach=True, and a Tensor lr or betas
+    # with foreach=True (its foreach step cannot take them); set by the classes of that peer.
+    torch_refuses_with_foreach: bool = False
     # Hyper-parameters (or per-param values) that must stay > 0 in float32 for float32 steps.
     positive_in_step: Tuple[str, ...] = ()
     # Hyper-parameters whose reciprocal the step takes: finite in the step's dtype (_check_reciprocals).
@@ -205,7 +199,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_all_overlaps()
         finally:
             self._bulk_adding = False
-        self.register_state_dict_post_hook(_without_backend, prepend=True)
 
     # ---- subclass hooks ---------------------------------------------------
     def _check_group(self, group: dict) -> None:
@@ -229,7 +222,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         one gets _default_per_param.  Only for a value the user left as it was (the
         same tuple object): a tuple set anew is taken in the new order.  Returns
         the new tuples by key (nothing is written here)."""
-        if old is None:
+        if old is None or old.group is not group:  # (another group's plan: groups reordered or removed)
             return {}
         params = group["params"]
         if len(params) == len(old.params) and all(p is q for p, q in zip(params, old.params)):
@@ -381,9 +374,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_capturable(group)
         if group.get("fused") and group_backend(group, self.defaults) == "reference":
             raise ValueError(f"{where}: fused=True contradicts backend='reference'")
-        if group.get("fused") and group.get("foreach"):  # (torch.optim's error, RuntimeError as there)
-            raise RuntimeError(f"{where}: `fused` and `foreach` cannot be `True` together")
-        if group.get("foreach") and not group.get("capturable"):
+        if self.torch_refuses_with_foreach and group.get("fused") and group.get("foreach"):
+            raise RuntimeError(f"{where}: `fused` and `foreach` cannot be `True` together")  # (torch's error)
+        if self.torch_refuses_with_foreach and group.get("foreach") and not group.get("capturable"):
             # torch.optim refuses these (its foreach step cannot take them), so a checkpoint
             # saved with them would not step there
             betas = group.get("betas")
@@ -458,6 +451,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
         plan = GroupPlan.build(params, self._keeps_fp8, group.get("master_weights", False))
         plan.group_values = {key: group.get(key) for key in self.per_param_keys}
+        plan.group = group
         self._members_changed = True
         return plan
 
@@ -634,7 +628,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _plan(self, index: int, group: dict, rebuild: bool) -> GroupPlan:
         plan = self._plans.get(index)
         reinfer = any(key in group and group[key] is None for key in self.per_param_keys)  # (None: inferred anew)
-        if (rebuild or reinfer or plan is None
+        if (rebuild or reinfer or plan is None or plan.group is not group
                 or not plan.matches(group["params"], group.get("master_weights", False))):
             plan = self._plans[index] = self._make_plan(index, group)
         return plan
@@ -694,8 +688,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         checked = plan.cache.setdefault("per_param_in_range", {})  # key -> the tuple last found in range
         for key in self.per_param_keys:  # (Amos's eta, ScaledAdamW's init_norm: one value or one per param)
             values = group.get(key)
-            if isinstance(values, tuple):
-                if checked.get(key) is not values:  # (a tuple is checked once, not at every step)
+            if isinstance(values, (tuple, list)):
+                # (a tuple is checked once, not at every step; a list, which may be edited in place, always)
+                if isinstance(values, list) or checked.get(key) is not values:
                     named.update((f"{key}[{j}] (param_groups[{index}]['params'][{j}]'s)", _as_float(v))
                                  for j, v in enumerate(values))
             else:
@@ -1230,14 +1225,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._mark_awaiting_masters()
         for group in self.param_groups:
             fill_group_defaults(group, self.defaults)
-        self.register_state_dict_post_hook(_without_backend, prepend=True)  # (torch.optim pickles no hook)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a checkpoint of this optimizer or of the matching torch.optim one.
         Every state tensor is copied (never aliased) into the layout of its param;
         ``step`` becomes a float32 CPU scalar.  Each group keeps the backend this
-        optimizer was built with (``state_dict()`` does not save it; one saved by
-        older versions is ignored), and torch's ``fused``/``foreach``/``capturable``
+        optimizer was built with (a saved ``backend`` — a group's own, or one saved
+        by older versions — is ignored), and torch's ``fused``/``foreach``/``capturable``
         choices of the saver are not carried over.  States are brought to this
         optimizer's precision: a
         full-precision ``exp_avg``/``exp_avg_sq`` loaded into an 8-bit optimizer is

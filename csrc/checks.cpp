@@ -193,7 +193,9 @@ std::tuple<int64_t, int64_t> first_written_overlap(at::TensorList tensors, int64
   spans.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    if (!t.defined() || t.numel() == 0 || t.is_meta() || t.layout() != c10::kStrided) continue;
+    // (strided views that are not dense, which only the reference steps, one param after
+    // another, may interleave without sharing an element: not compared)
+    if (!t.defined() || t.numel() == 0 || t.is_meta() || t.layout() != c10::kStrided || !is_dense(t)) continue;
     const auto [first, last] = byte_span(t);
     const int64_t device_key = static_cast<int64_t>(t.device().type()) * 65536 + t.device().index() + 1;
     spans.push_back({device_key, first, last, static_cast<int64_t>(i)});

@@ -161,8 +161,8 @@ def test_backend_is_not_saved_and_not_loaded():
 
 
 def test_a_group_may_choose_its_backend():
-    """A ``backend`` given in a group (or set in it between steps) is that group's;
-    ``state_dict`` leaves it out, ``load_state_dict`` keeps the live one."""
+    """A ``backend`` given in a group (or set in it between steps) is that group's,
+    saved with it like any group key; ``load_state_dict`` keeps the live one."""
     view = torch.randn(4, 6)[:, ::2]
     dense = torch.randn(5)
     opt = af.AdamW([{"params": [view], "backend": "reference"}, {"params": [dense]}], lr=0.01, backend="cpu")
@@ -172,7 +172,8 @@ def test_a_group_may_choose_its_backend():
     opt.step()  # the view on the reference, the dense param on cpu
     assert not torch.equal(view, before)
     saved = opt.state_dict()
-    assert all("backend" not in g for g in saved["param_groups"])
+    assert saved["param_groups"][0]["backend"] == "reference" and "backend" not in saved["param_groups"][1]
+    saved["param_groups"][1]["backend"] = "reference"  # (never loaded)
     opt.load_state_dict(saved)
     assert opt.param_groups[0]["backend"] == "reference" and "backend" not in opt.param_groups[1]
     opt.step()
@@ -212,3 +213,49 @@ def test_flags_torch_refuses_together_are_refused():
         opt.step()
     assert torch.equal(p, before)
     af.AdamW([p], lr=torch.tensor(0.01), foreach=False).step()
+
+
+def test_a_checkpoint_keeps_a_groups_own_backend_and_the_flattened_form_loads():
+    """A backend set in a group is a group key like any other: saved with it (never
+    loaded: the live group keeps its own), so torch.distributed.checkpoint's
+    flattened form, which reads every key of the live groups, round-trips."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = af.AdamW([{"params": model[0].parameters()},
+                    {"params": model[1].parameters(), "backend": "reference"}], lr=1e-3, backend="cpu")
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    assert "backend" not in saved["param_groups"][0] and saved["param_groups"][1]["backend"] == "reference"
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    model_sd, optim_sd = get_state_dict(model, opt, options=options)
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+    assert "backend" not in opt.param_groups[0] and opt.param_groups[1]["backend"] == "reference"
+    opt.step()
+
+
+@pytest.mark.parametrize("flag,value", [("foreach", "np0"), ("fused", "np1"), ("foreach", 0.0), ("maximize", 1.0),
+                                        ("capturable", torch.tensor(False)), ("amsgrad", torch.tensor(True))],
+                         ids=str)
+def test_flags_torch_takes_are_taken(flag, value):
+    """torch.optim reads its flags by their truth: NumPy ints, floats and one-element
+    tensors that are 0 or 1 are taken (strings, 0.5, 2 are refused: see test_step_corners)."""
+    import numpy as np
+
+    value = {"np0": np.int64(0), "np1": np.int64(1)}.get(value, value) if isinstance(value, str) else value
+    p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    p.grad = q.grad = torch.linspace(-1, 1, 4)
+    af.AdamW([p], lr=1e-3, **{flag: value}).step()
+    torch.optim.AdamW([q], lr=1e-3, **{"foreach": False, flag: value}).step()
+    torch.testing.assert_close(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("cls", [af.RAdam, af.Lion, af.Amos, af.Lamb], ids=lambda c: c.__name__)
+def test_a_tensor_lr_with_foreach_is_taken_where_torch_takes_it(cls):
+    """Only torch.optim.Adam/AdamW refuse a Tensor lr with foreach=True (their foreach
+    step cannot take it); torch.optim.RAdam takes it, and so do the other classes here."""
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    p.grad = torch.randn(4, 4)
+    kwargs = {"eta": 0.5} if cls is af.Amos else {}
+    cls([p], lr=torch.tensor(1e-3), foreach=True, **kwargs).step()

@@ -287,3 +287,20 @@ def test_amos_eta_that_is_zero_in_float32_is_refused_like_zero(backend):
     _grads([p], 1)
     _refused(opt, ValueError, r"Invalid eta\[0\] \(param_groups\[0\]\['params'\]\[0\]'s\): 1e-300")
     af.Amos([torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))], lr=1e-2, eta=1e-300, backend=backend)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Amos", "AdamW8bit"])
+def test_interleaved_strided_params_on_the_reference_step_as_torch(name):
+    """Column slices of one weight share no element, though their byte ranges
+    interleave: the reference (which steps one param after another, as torch.optim)
+    takes them, as torch does."""
+    weight = torch.randn(64, 128)
+    a, b = torch.nn.Parameter(weight[:, :64]), torch.nn.Parameter(weight[:, 64:])
+    twin = [torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())]
+    opts = [CLASSES[name]([a, b], "reference"), CLASSES[name](twin, "reference")]
+    for step in range(2):
+        for p, q in zip((a, b), twin):
+            p.grad = q.grad = torch.randn(64, 64, generator=torch.Generator().manual_seed(step))
+        for opt in opts:
+            opt.step()
+    assert torch.equal(a, twin[0]) and torch.equal(b, twin[1])

@@ -15,6 +15,15 @@
 namespace amos_fused::cpu {
 inline namespace CPU_CAPABILITY {
 
+// One element's g², added in double: squared in float as the reference squares,
+// or in double where a finite g's float square overflows (as the reference takes it).
+template <typename Op>
+inline double amos_square_term(Op x) {
+  const Op square = x * x;
+  return std::isinf(square) && std::isfinite(x) ? static_cast<double>(x) * static_cast<double>(x)
+                                                : static_cast<double>(square);
+}
+
 // Σ clip(g)² over n contiguous elements: float lanes within blocks of kBlock
 // elements, blocks in double.  A block whose float lanes overflow (finite grads
 // past ~2.3e18) is summed again in double, element by element, as the reference
@@ -152,7 +161,7 @@ void amos_general_tensor(const AmosLaunch& L, int64_t t) {
   std::vector<double> sums(slots, 0.0);
   amos_walk_general(layout, [&](int64_t e, int64_t s) {  // phase 1: Σ g² per slot
     const Op x = amos_clip<CLIP>(amos_grad_at<scalar_t, Low>(g, e), coef.scalar);
-    sums[s] += static_cast<double>(x * x);
+    sums[s] += amos_square_term(x);
   });
   std::vector<Op> w(slots), a(slots);
   for (int64_t s = 0; s < slots; ++s)

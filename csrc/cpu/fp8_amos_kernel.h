@@ -80,7 +80,7 @@ void amos_fp8_slots(const Fp8Launch& L, int64_t t, int64_t first, int64_t last,
   std::vector<double> sums(layout.num_slots, 0.0);
   amos_walk_general(layout, [&](int64_t e, int64_t s) {
     const Op x = amos_clip<CLIP>(amos_grad_at<scalar_t, Low>(g, e), coef.scalar);
-    sums[s] += static_cast<double>(x * x);
+    sums[s] += amos_square_term(x);
   });
   for (int64_t s = first; s < last; ++s)
     amos_store_slot<scalar_t, true>(v + s, b + s, sums[s], numel / layout.num_slots, coef.scalar, w[s], a[s]);

@@ -1,0 +1,116 @@
+"""Amos under what users do between steps: per-param eta shared by groups that are
+reordered, params whose dtype changes (range checks follow the step's dtype), eta
+given as a list, reduce_axes given as a type a weights_only checkpoint cannot
+hold, and huge finite grads in every slot layout (the same on both backends)."""
+import io
+
+import pytest
+import torch
+
+import amos_fused as af
+
+BACKENDS = ["cpu", "reference"]
+
+
+def _grads(params, seed):
+    generator = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+
+
+@pytest.mark.parametrize("edit", ["reverse", "delete"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_eta_tuple_shared_by_groups_stays_with_them_when_groups_are_reordered(backend, edit):
+    """Plans are kept by group index: a reordered or removed group must not make the
+    other group's own eta look like values of moved params (re-inferred)."""
+    a, b, c, d = (torch.nn.Parameter(torch.randn(20, 30) * 3) for _ in range(4))
+    eta = (0.1, 0.2)
+    opt = af.Amos([{"params": [a, b], "eta": eta}, {"params": [c, d], "eta": eta}], lr=0.01, backend=backend)
+    _grads([a, b, c, d], 0)
+    opt.step()
+    if edit == "reverse":
+        opt.param_groups.reverse()
+    else:
+        del opt.param_groups[0]
+    _grads([a, b, c, d], 1)
+    opt.step()
+    assert all(group["eta"] == (0.1, 0.2) for group in opt.param_groups)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_range_checks_follow_a_param_whose_dtype_changed(backend):
+    """After p.data = p.data.float() the step computes in float32: a value only
+    float64 can hold is refused there (nothing written), and the other way round a
+    float64 param takes it again."""
+    w = torch.nn.Parameter(torch.randn(40, 30, dtype=torch.float64))
+    opt = af.Amos([w], lr=0.05, backend=backend)
+    _grads([w], 0)
+    opt.step()
+    w.data = w.data.float()
+    opt.state.clear()
+    opt.param_groups[0]["epsilon"] = 1e-300
+    _grads([w], 1)
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match=r"Invalid epsilon: 1e-300 \(its reciprocal overflows torch.float32"):
+        opt.step()
+    assert torch.equal(w, before) and not opt.state
+    w.data = w.data.double()
+    _grads([w], 2)
+    opt.step()
+    assert torch.isfinite(w).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_eta_list_is_range_checked_like_a_tuple(backend):
+    """A per-param eta given as a list (edited in place or not) is checked at every
+    step, as a tuple is."""
+    ps = [torch.nn.Parameter(torch.randn(40, 30)), torch.nn.Parameter(torch.randn(50))]
+    opt = af.Amos(ps, lr=0.05, backend=backend)
+    _grads(ps, 0)
+    opt.step()
+    eta = [0.1, 0.2]
+    opt.param_groups[0]["eta"] = eta
+    opt.step()
+    for bad, match in ((1e300, "beyond float32's range"), (1e-50, "positive, but 0 in float32")):
+        eta[1] = bad  # (in place)
+        before = [p.detach().clone() for p in ps]
+        with pytest.raises(ValueError, match=rf"Invalid eta\[1\] \(param_groups\[0\]\['params'\]\[1\]'s\): .*{match}"):
+            opt.step()
+        assert all(torch.equal(p, q) for p, q in zip(ps, before))
+
+
+@pytest.mark.parametrize("reduce_axes", [range(1, 2), frozenset({1})], ids=["range", "frozenset"])
+def test_reduce_axes_of_types_a_checkpoint_cannot_hold_are_refused(reduce_axes):
+    """torch.load(weights_only=True) cannot load a range or a frozenset: refused when
+    given (a tuple, a list or a set is taken, and its checkpoint loads)."""
+    q = torch.nn.Parameter(torch.randn(64, 80))
+    with pytest.raises(ValueError, match="reduce_axes must be None, 'all', a dim or a tuple of dims"):
+        af.Amos([q], lr=0.05, reduce_axes=reduce_axes)
+    for good in ((1,), [1], {1}):
+        opt = af.Amos([q], lr=0.05, reduce_axes=good)
+        _grads([q], 0)
+        opt.step()
+        buffer = io.BytesIO()
+        torch.save(opt.state_dict(), buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("reduce_axes", [(1,), "all", (0,), None])
+def test_a_finite_grad_whose_square_overflows_float32_agrees_across_backends(reduce_axes):
+    """|g| = 3e19: g² overflows float32, the slot's mean g² does not (for reduced
+    slots): both backends square such a grad in float64, in every slot layout."""
+    runs = []
+    for backend in BACKENDS:
+        w = torch.nn.Parameter(torch.ones(300, 300))
+        opt = af.Amos([w], lr=0.05, reduce_axes=reduce_axes, backend=backend)
+        g = torch.zeros(300, 300)
+        g[0, 0] = 3e19
+        w.grad = g
+        opt.step()
+        runs.append((w.detach().clone(), opt.state[w]["v"].clone()))
+    (p_ref, v_ref), (p_cpu, v_cpu) = runs[1], runs[0]
+    if reduce_axes is not None:
+        assert torch.isfinite(p_ref).all() and torch.isfinite(v_ref).all()
+    torch.testing.assert_close(v_cpu, v_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(p_cpu, p_ref, rtol=1e-5, atol=1e-6, equal_nan=True)
