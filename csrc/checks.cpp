@@ -65,22 +65,10 @@ bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
   return a_first < b_last && b_first < a_last;
 }
 
-// Index of a tensor whose memory overlaps another's, or -1 (dense tensors: each
-// occupies [data_ptr, data_ptr + nbytes)).
-int64_t first_overlap(at::TensorList params) {
-  std::vector<std::pair<uintptr_t, int64_t>> starts;
-  starts.reserve(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    if (params[i].numel() > 0)
-      starts.emplace_back(reinterpret_cast<uintptr_t>(params[i].data_ptr()), static_cast<int64_t>(i));
-  }
-  std::sort(starts.begin(), starts.end());
-  for (size_t k = 1; k < starts.size(); ++k) {
-    const at::Tensor& prev = params[starts[k - 1].second];
-    const uintptr_t prev_end = starts[k - 1].first + prev.numel() * prev.element_size();
-    if (starts[k].first < prev_end) return std::max(starts[k].second, starts[k - 1].second);
-  }
-  return -1;
+// Index of a tensor whose memory overlaps another's (the later of the first pair
+// found), or -1: first_written_overlap with every tensor written.
+int64_t first_overlap(at::TensorList tensors) {
+  return std::get<1>(first_written_overlap(tensors, static_cast<int64_t>(tensors.size())));
 }
 
 }  // namespace
