@@ -107,6 +107,10 @@ class GroupPlan:
             spec.dtensor_positions = frozenset(i for i in spec.positions if is_dtensor(params[i]))
         return cls(list(params), list(by_kind.values()), bool(master_weights), dtypes=[p.dtype for p in params])
 
+    @property
+    def has_dtensors(self) -> bool:
+        return any(spec.dtensor_positions for spec in self.specs)
+
     def matches(self, params: Sequence[Tensor], master_weights: bool = False) -> bool:
         """True while ``params`` holds the same tensors, in the same order, of the same
         dtypes (``p.data`` may be set to another dtype between steps), and the group's

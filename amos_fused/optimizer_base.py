@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from itertools import repeat
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -652,7 +653,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         hyper = self._named_hyper(index, checked)
         plan = self._plan(index, group, rebuild)
         self._check_range(index, group, hyper, plan)
-        grads = [placed_like(p, p.grad) for p in plan.params]
+        grads = ([placed_like(p, p.grad) for p in plan.params] if plan.has_dtensors
+                 else [p.grad for p in plan.params])
         buckets: List[Bucket] = []
         new_states: List[Tuple[Tensor, dict]] = []
         try:
@@ -744,8 +746,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         if master:
             keys = keys + (MASTER_KEY,)
         states = []
+        state_of = self.state
+        settled = self._settled_state(group, keys, master)
         for i, p in enumerate(owners):
-            st = self.state[p] if p in self.state else {}
+            st = state_of[p] if p in state_of else {}
+            if settled(p, st):  # the common case: nothing to make, convert or move
+                states.append(st)
+                continue
             if not isinstance(st, dict):
                 raise ValueError(f"{self._where(index, positions[i], p)}: its state must be a dict, got "
                                  f"{type(st).__name__} {st!r:.60}")
@@ -765,14 +772,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         slot_keys = [k for k in keys if k in self.slot_keys]
         lists = {k: [st[k] for st in states] for k in ("step",) + tuple(keys)}
         where = lambda i: self._where(index, positions[i], owners[i])  # noqa: E731
-        for i, s in enumerate(lists["step"]):
-            if not isinstance(s, Tensor):
-                raise step_error(where(i), Problem.STEP, owners[i], tensor=s)
-        for key in keys:
-            if key == MASTER_KEY:  # checked below (master_problem)
+        for key in ("step",) + tuple(keys):
+            if key == MASTER_KEY or all(map(isinstance, lists[key], repeat(Tensor))):  # (master: master_problem)
                 continue
             for i, t in enumerate(lists[key]):
                 if not isinstance(t, Tensor):
+                    if key == "step":
+                        raise step_error(where(i), Problem.STEP, owners[i], tensor=t)
                     raise ValueError(f"{where(i)}: state[{key!r}] must be a tensor, got {type(t).__name__} {t!r:.60}")
         self._check_slots(where, group, plan, positions, lists)
         params, shadows = owners, []
@@ -893,6 +899,30 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise step_error(where(bad), problem, owners[bad], grad=all_grads[positions[bad]],
                              tensor=tensor, name=name, backend=backend, walk=walk,
                              master=params[bad] if master else None)
+
+    def _settled_state(self, group: dict, keys: Tuple[str, ...], master: bool):
+        """A test ``(p, st) -> bool``, True only where ``_state_changes(p, st, …)``
+        has nothing to do (states all there, a float32 CPU step, no master to make
+        or drop, the layout p's states were last stepped in): cheaper than that
+        call, for the common case of every step after the first."""
+        if master or group.get("capturable"):
+            return lambda p, st: False
+        wanted = frozenset(("step",) + tuple(keys))
+        awaiting, layouts, float32 = self._awaiting_master, self._layouts, torch.float32
+
+        def settled(p: Tensor, st: dict) -> bool:
+            if type(st) is not dict or not wanted <= st.keys() or MASTER_KEY in st:
+                return False
+            step = st["step"]
+            if not (type(step) is Tensor and step.dtype == float32 and step.is_cpu):
+                return False
+            if awaiting and awaiting.get(id(p)) is p:
+                return False
+            if p.dim() > 1:
+                last = layouts.get(id(p))
+                return last is None or last[0] is not p or last[1] == p.stride()
+            return True
+        return settled
 
     def _state_changes(self, p: Tensor, st: dict, group: dict, keys: Tuple[str, ...], master: bool) -> dict:
         """The entries to set (None: to remove) in p's state before this step: the
