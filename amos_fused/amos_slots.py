@@ -11,7 +11,7 @@ def normalize_reduce_axes(reduce_axes: ReduceAxes, ndim: int) -> Union[None, str
     """Validates ``reduce_axes`` for a tensor of ``ndim`` dims: None (elementwise slots),
     'all' (one 0-dim slot) or a sequence of distinct dims in [-ndim, ndim), returned
     sorted and non-negative.  Raises ValueError naming the bad value."""
-    if reduce_axes is None or reduce_axes == "all":
+    if reduce_axes is None or (isinstance(reduce_axes, str) and reduce_axes == "all"):
         return reduce_axes
     if isinstance(reduce_axes, str):
         raise ValueError(f"reduce_axes must be None, 'all' or a tuple of dims, got {reduce_axes!r}")

@@ -4,7 +4,7 @@ that name the param, and the memory-overlap check of a set of params."""
 from __future__ import annotations
 
 import enum
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -152,46 +152,77 @@ def is_dense(t: Tensor) -> bool:
     return True
 
 
-def _byte_set(t: Tensor, origin: int, length: int) -> Tensor:
-    """Bool mask over [origin, origin + length) of the bytes t occupies."""
+def _element_offsets(t: Tensor, origin: int, unit: int) -> Tensor:
+    """The offsets from ``origin``, in units of ``unit`` bytes (t's element size or
+    1), of every unit of t's elements (int64, flat)."""
     offsets = torch.zeros((), dtype=torch.int64)
     for n, s in zip(t.shape, t.stride()):
         offsets = offsets.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * s
-    starts = (offsets.reshape(-1) * t.element_size() + (t.data_ptr() - origin))
-    mask = torch.zeros(length, dtype=torch.bool)
-    for byte in range(t.element_size()):
-        mask[starts + byte] = True
-    return mask
+    per_element = t.element_size() // unit
+    starts = offsets.reshape(-1) * per_element + (t.data_ptr() - origin) // unit
+    return (starts.unsqueeze(-1) + torch.arange(per_element, dtype=torch.int64)).reshape(-1)
 
 
-def _overlap(a: Tensor, b: Tensor) -> bool:
-    """True when a and b share at least one byte of memory."""
-    (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
-    if a1 <= b0 or b1 <= a0:
-        return False
-    if a is b or (is_dense(a) and is_dense(b)):
-        return True
-    origin, end = min(a0, b0), max(a1, b1)
-    return bool((_byte_set(a, origin, end - origin) & _byte_set(b, origin, end - origin)).any())
+def _first_shared_byte(members: List[Tuple[int, Tensor]]) -> Optional[Tuple[int, int]]:
+    """(i, j), i < j, of two of ``members`` ((index, tensor) of one device whose
+    byte spans chain into one range) that share a byte, or None: every byte each
+    one occupies (every element, when they all have one element size and
+    alignment), sorted once, a repeated one naming its two owners."""
+    origin = min(_byte_span(t)[0] for _, t in members)
+    unit = members[0][1].element_size()
+    if any(t.element_size() != unit or (t.data_ptr() - origin) % unit for _, t in members):
+        unit = 1
+    units = [_element_offsets(t, origin, unit) for _, t in members]
+    owners = torch.cat([torch.full((len(u),), k, dtype=torch.int64) for k, u in enumerate(units)])
+    ordered, order = torch.sort(torch.cat(units), stable=True)
+    repeated = (ordered[1:] == ordered[:-1]).nonzero()
+    if len(repeated) == 0:
+        return None
+    at = int(repeated[0])
+    a, b = members[int(owners[order[at]])][0], members[int(owners[order[at + 1]])][0]
+    return (min(a, b), max(a, b))
 
 
 def first_overlap(params: Sequence[Tensor]) -> Optional[Tuple[int, int]]:
     """Indices (i, j) of two params that share memory, or None.  Params on the
-    meta device (no memory) and empty ones never overlap."""
-    spans: List[Tuple[int, int, int]] = []
+    meta device (no memory) and empty ones never overlap.  Dense params overlap
+    where their byte spans do; params that are not dense (strided views, which may
+    interleave) are compared byte by byte with the params whose spans chain with
+    theirs, all at once (linear in their bytes, whatever their number)."""
+    spans: List[Tuple[str, int, int, int]] = []
     for i, p in enumerate(params):
         if p.numel() == 0 or p.device.type == "meta":
             continue
         start, end = _byte_span(p)
-        spans.append((start, end, i))
+        spans.append((str(p.device), start, end, i))
     spans.sort()
-    # Sweep: every earlier span still open at `start` is a candidate.
-    open_spans: List[Tuple[int, int]] = []
-    by_device: Dict[int, torch.device] = {i: params[i].device for _, _, i in spans}
-    for start, end, i in spans:
-        open_spans = [(e, j) for e, j in open_spans if e > start]
-        for _, j in open_spans:
-            if by_device[j] == by_device[i] and _overlap(params[j], params[i]):
-                return (j, i) if j < i else (i, j)
-        open_spans.append((end, i))
+    cluster: List[Tuple[int, int, int]] = []  # (start, end, index) of spans chained into one range
+    reach, device = -1, None
+    for where, start, end, i in spans + [("", 0, 0, -1)]:
+        if cluster and (where != device or start >= reach):  # the cluster is complete
+            found = _cluster_overlap(params, cluster)
+            if found is not None:
+                return found
+            cluster = []
+        if i < 0:
+            break
+        if not cluster:
+            reach, device = end, where
+        cluster.append((start, end, i))
+        reach = max(reach, end)
     return None
+
+
+def _cluster_overlap(params: Sequence[Tensor], cluster: List[Tuple[int, int, int]]) -> Optional[Tuple[int, int]]:
+    if len(cluster) < 2:
+        return None
+    if all(is_dense(params[i]) for _, _, i in cluster):  # two spans of dense params that meet share memory
+        open_spans: List[Tuple[int, int]] = []
+        for start, end, i in cluster:
+            open_spans = [(e, j) for e, j in open_spans if e > start]
+            if open_spans:
+                j = open_spans[0][1]
+                return (j, i) if j < i else (i, j)
+            open_spans.append((end, i))
+        return None
+    return _first_shared_byte([(i, params[i]) for _, _, i in cluster])

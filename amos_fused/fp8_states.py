@@ -270,6 +270,23 @@ def nan_codes_poison_their_blocks(codes: Tensor, absmax: Tensor) -> Tuple[Tensor
     return codes, absmax
 
 
+def _check_loaded_absmax(param: Tensor, key: str, codes: Tensor, absmax, decoding: bool) -> None:
+    """Raises when a checkpoint's absmax cannot go with its codes: not a tensor, or,
+    for codes decoded on load, not one float32 value per block of 256 of them (the
+    codes kept as FP8 are checked at the step, by name)."""
+    name = absmax_key(key)
+    if not isinstance(absmax, Tensor):
+        raise ValueError(f"cannot load state {name!r} of a param of shape {tuple(param.shape)}: it must be a "
+                         f"float32 tensor of one value per block of {BLOCK} codes, got {type(absmax).__name__} "
+                         f"{absmax!r:.40}")
+    if decoding and not (is_dtensor(codes) or is_dtensor(absmax)) and (
+            absmax.numel() != num_blocks(codes.numel()) or not absmax.is_floating_point()
+            or absmax.layout != torch.strided):
+        raise ValueError(f"cannot load state {name!r} of a param of shape {tuple(param.shape)}: expected "
+                         f"{num_blocks(codes.numel())} float32 values (one per block of {BLOCK} of its "
+                         f"{codes.numel()} codes), got {absmax.dtype} of shape {tuple(absmax.shape)}")
+
+
 def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[str],
                    like: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> None:
     """Brings a loaded state to this optimizer's precision and layout in place:
@@ -292,6 +309,8 @@ def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[s
             continue
         root = key in ROOT_KEYS
         coded = value.dtype == torch.uint8 and absmax_key(key) in state
+        if coded:
+            _check_loaded_absmax(param, key, value, state[absmax_key(key)], decoding=key not in fp8_keys)
         if key in fp8_keys and not coded and value.is_floating_point() and value.shape == param.shape:
             codes, absmax = new_state(like)  # (a state of another shape is kept: the step refuses it by name)
             store(value.to(device=param.device, dtype=torch.float32), codes, absmax, root)

@@ -16,19 +16,24 @@ def _value(name: str, x) -> float:
         if x.is_meta:
             raise ValueError(f"Invalid {name}: a tensor on the meta device has no value")
         x = x.item()
+    if isinstance(x, (str, bytes, bytearray)):  # (float() reads "1e-3"; torch.optim refuses it)
+        raise ValueError(f"Invalid {name}: {x!r} (must be a real number, not a {type(x).__name__})")
     try:
         return float(x)
     except (TypeError, ValueError):
         raise ValueError(f"Invalid {name}: {x!r} (must be a real number)") from None
     except OverflowError:  # (an int past float64's range, e.g. 10**400)
-        text = repr(x)
-        shown = text if len(text) <= 40 else f"{text[:12]}… ({len(text)} characters)"
-        raise ValueError(f"Invalid {name}: {shown} (beyond float64's range)") from None
+        raise ValueError(f"Invalid {name}: {shown(x)} (beyond float64's range)") from None
+
+
+def shown(x) -> str:
+    """repr(x), cut short when long (an int of 400 digits)."""
+    text = repr(x)
+    return text if len(text) <= 40 else f"{text[:12]}… ({len(text)} characters)"
 
 
 def value_of(x) -> float:
-    """The float a checked hyper-parameter holds (a number, a one-element tensor, a
-    numeric string)."""
+    """The float a checked hyper-parameter holds (a number or a one-element tensor)."""
     return _value("value", x)
 
 

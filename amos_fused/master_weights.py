@@ -105,8 +105,9 @@ def convert_loaded(param: Tensor, state: Dict[str, object], master_weights: bool
 
 class WriteMarks:
     """What each param with a master looked like when a step last wrote it: its
-    storage (held weakly), address and version counter.  A param replaced
-    (``p.data = …``, also by a new storage the allocator put at the old address) or
+    storage (held weakly), address, version counter, shape and strides.  A param
+    replaced (``p.data = …``, also by a new storage the allocator put at the old
+    address, or by another view of its own storage: ``p.data = p.data.t()``) or
     written in place through autograd's view of it (``with torch.no_grad():
     p.copy_(…)``, ``torch.nn.init``) between steps no longer matches, and the next
     step remakes its master from it, so the step starts from the param's value as
@@ -119,7 +120,7 @@ class WriteMarks:
     @staticmethod
     def _mark_of(param: Tensor) -> tuple:
         t = local(param)
-        return (weakref.ref(t.untyped_storage()), t.data_ptr(), t._version)
+        return (weakref.ref(t.untyped_storage()), t.data_ptr(), t._version, tuple(t.shape), t.stride())
 
     def mark(self, params) -> None:
         for p in params:
@@ -131,7 +132,7 @@ class WriteMarks:
             return False
         storage, *where = entry[1]
         t = local(param)
-        return storage() is not t.untyped_storage() or where != [t.data_ptr(), t._version]
+        return storage() is not t.untyped_storage() or where != [t.data_ptr(), t._version, tuple(t.shape), t.stride()]
 
     def keep(self, ids) -> None:
         """Drops the marks of params whose id is not in ``ids``."""

@@ -77,6 +77,7 @@ class ScaledAdamW(_AdamMoments):
 
     algorithm = "scaled_adam"
     per_param_keys = ("init_norm",)
+    per_param_arrays = True  # (init_norm as a vector: one per param)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, p=None, half_life=None,
                  decay="inverse_square", q=1.0, sigma=None,
@@ -91,7 +92,7 @@ class ScaledAdamW(_AdamMoments):
 
     def _check_group(self, group):
         hp.adam_group(group)
-        if group["decay"] not in DECAYS:
+        if not (isinstance(group["decay"], str) and group["decay"] in DECAYS):
             raise ValueError(f"Invalid decay: {group['decay']!r} (expected one of {DECAYS})")
         hp.positive("q", group["q"])
         if group["sigma"] is not None:

@@ -54,6 +54,8 @@ class _AdamFamily(FusedOptimizer):
     algorithm = "adam"
     state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     torch_refuses_with_foreach = True
+    torch_setstate_defaults = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
+                                   differentiable=False, decoupled_weight_decay=False, fused=None)
 
     def __init__(self, params, lr, betas, eps, weight_decay, amsgrad, bias_correction, decoupled, flags):
         defaults = dict(
@@ -139,6 +141,8 @@ class RAdam(FusedOptimizer):
 
     algorithm = "radam"
     state_keys = ("exp_avg", "exp_avg_sq")
+    torch_setstate_defaults = dict(foreach=None, maximize=False, differentiable=False,
+                                   decoupled_weight_decay=False, capturable=False)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  decoupled_weight_decay=False, rectify_threshold=5.0,
@@ -372,13 +376,13 @@ class Amos(FusedOptimizer):
             return zeros_in_memory_order(like, shape)
         return slot_zeros(p, slot, make) if is_dtensor(p) else make(p, slot)
 
-    def _own_copy(self, param, key, value, master=False):
+    def _own_copy(self, param, key, value, master=False, upcast=False):
         if key in self.slot_keys and isinstance(value, Tensor):
             like = param
-            if master and value.dtype == torch.float32:  # the slots of a param with a float32 master
-                like = param.detach().to(torch.float32)
+            if master and (value.dtype == torch.float32 or (upcast and value.is_floating_point())):
+                like = param.detach().to(torch.float32)  # the slots of a param with a float32 master
             return self._slot_zeros(like, tuple(value.shape)).copy_(value.detach().to(like.device, like.dtype))
-        return super()._own_copy(param, key, value, master)
+        return super()._own_copy(param, key, value, master, upcast)
 
     def _hyper(self, group):
         momentum, clip_value = group["momentum"], group["clip_value"]

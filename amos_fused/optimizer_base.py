@@ -12,6 +12,7 @@ a group splits into buckets, per-param hyper-parameter lists) is validated
 against them at every step and rebuilt when they differ."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from itertools import repeat
@@ -124,6 +125,46 @@ def _host_values(group: dict) -> dict:
     return group
 
 
+@contextlib.contextmanager
+def _naming_group(index: int):
+    """Adds the group to the message of a group-level refusal (its backend, its
+    capturable flag) raised inside."""
+    try:
+        yield
+    except (ValueError, RuntimeError, NotImplementedError) as error:
+        raise type(error)(f"{error} (param_groups[{index}])") from None
+
+
+def _float32_master(state) -> bool:
+    """Whether a (saved) state holds a float32 master, which a load keeps."""
+    return isinstance(state, dict) and isinstance(state.get(MASTER_KEY), Tensor) and \
+        state[MASTER_KEY].dtype == torch.float32
+
+
+def _steps_beside_master(key: str, value: Tensor) -> bool:
+    """A floating state (not the master, not an FP8 absmax) that a float32 master's
+    step reads in float32: a load beside a kept master brings it to float32, where
+    torch.optim would cast it to the param's dtype (a checkpoint without a master
+    gets its states upcast with the master made at the next step)."""
+    return (key not in (MASTER_KEY, "step") and isinstance(value, Tensor) and value.is_floating_point()
+            and not key.endswith(fp8_states.ABSMAX_SUFFIX))
+
+
+def _loadable_count(step) -> bool:
+    """A checkpoint's ``step`` that reads as a count: a real number within float64's
+    range, or a one-element real tensor with data (its value is checked at the step)."""
+    if isinstance(step, Tensor):
+        return (step.numel() == 1 and step.layout == torch.strided and step.device.type != "meta"
+                and not step.is_complex() and step.dtype != torch.bool)
+    if isinstance(step, bool) or not isinstance(step, numbers.Real):
+        return False
+    try:
+        float(step)
+    except OverflowError:
+        return False
+    return True
+
+
 def _unscalable_grad(where: str, grad: Tensor) -> ValueError:
     """The error for a grad GradScaler's in-place unscaling cannot write (its
     elements share memory: an expanded view), raised before the step writes."""
@@ -186,6 +227,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     # Set when a plan is made (a group added, or its params changed): the step then
     # drops what the caches hold of params that left (_forget_departed_params).
     _members_changed: bool = True
+    # The flags the matching torch.optim class sets, when a loaded (or unpickled)
+    # group lacks them, to torch's defaults rather than to this optimizer's: a
+    # checkpoint saved by a torch without a flag meant the flag's default.
+    torch_setstate_defaults: Dict[str, Any] = {}
+    _plans_before_step: Dict[int, GroupPlan] = {}
+    # Whether per-param values (per_param_keys) may be given as 1-D tensors or arrays.
+    per_param_arrays: bool = False
 
     def __init__(self, params, defaults: Dict[str, Any]):
         self._plans: Dict[int, GroupPlan] = {}
@@ -339,7 +387,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _check_new_group(self, index: int, group: dict) -> None:
         self._check_flags(index, group)
-        check_backend(group_backend(group, self.defaults), self.algorithm, self._name)
+        with _naming_group(index):
+            check_backend(group_backend(group, self.defaults), self.algorithm, self._name)
         self._checked_group(index, group)
         plan = self._plans[index] = self._make_plan(index, group)
         hyper = self._named_hyper(index, _host_values(group))
@@ -372,7 +421,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{where}: differentiable=True is not supported (the steps do not "
                              "record autograd history); use torch.optim for differentiable optimizers")
         if group.get("capturable"):
-            self._check_capturable(group)
+            with _naming_group(index):
+                self._check_capturable(group)
         if group.get("fused") and group_backend(group, self.defaults) == "reference":
             raise ValueError(f"{where}: fused=True contradicts backend='reference'")
         if self.torch_refuses_with_foreach and group.get("fused") and group.get("foreach"):
@@ -427,6 +477,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         param, per-param settings) and splits them into buckets."""
         params = group["params"]
         for position, p in enumerate(params):
+            if torch.nn.parameter.is_lazy(p):  # (its dtype, size and memory decide its bucket and checks)
+                raise ValueError(f"{self._name}: param_groups[{index}]['params'][{position}] is an uninitialized "
+                                 "parameter of a lazy module (torch.nn.LazyLinear, …); run a forward pass to "
+                                 "materialize it before making the optimizer")
             if p.layout != torch.strided:
                 raise TypeError(f"{self._name}: param_groups[{index}]['params'][{position}] is a {p.layout} "
                                 "tensor; only dense (strided) params can be stepped")
@@ -442,7 +496,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not self._bulk_adding:  # (else checked once when all groups are in: _check_all_overlaps)
             self._check_no_overlap([(i, pos, p) for i, g in enumerate(self.param_groups)
                                     for pos, p in enumerate(params if i == index else g["params"])])
-        moved = self._values_following_params(group, self._plans.get(index))
+        moved = self._values_following_params(group, self._last_plan_of(index, group))
         before = {key: group[key] for key in moved}
         group.update(moved)
         try:
@@ -455,6 +509,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         plan.group = group
         self._members_changed = True
         return plan
+
+    def _last_plan_of(self, index: int, group: dict) -> Optional[GroupPlan]:
+        """The plan last made for ``group`` (the dict): kept under its index, or under
+        another one when groups were reordered, removed or inserted since (the plans
+        as they were when this step began, before it replaced any)."""
+        plan = self._plans.get(index)
+        if plan is not None and plan.group is group:
+            return plan
+        for plan in list(self._plans_before_step.values()) + list(self._plans.values()):
+            if plan.group is group:
+                return plan
+        return None
 
     def _check_all_overlaps(self) -> None:
         self._check_no_overlap([(i, pos, p) for i, g in enumerate(self.param_groups)
@@ -512,8 +578,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 grads.extend((where, short, "the grad") for where, short in owners)
         names.extend(grads)
         (_, short, what), (where, other, other_what) = names[first], names[second]
-        whose = "the same param" if short == other else short
-        raise ValueError(f"{where}: {other_what} shares memory with {what} of {whose}; every tensor a step "
+        if short == other:  # (a grad that is its own param's memory: the bucket checks name the rest)
+            raise ValueError(f"{where}: {other_what} shares memory with {what} of the same param; a step "
+                             "reads the grad while it writes the param, so the grad needs memory of its own "
+                             "(torch.optim's for-loop and fused steps would give different results)")
+        raise ValueError(f"{where}: {other_what} shares memory with {what} of {short}; every tensor a step "
                          "writes needs memory of its own (the params are stepped in parallel: the result "
                          "would depend on their order and on the thread count)")
 
@@ -537,7 +606,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # params, plans), put back when any group's checks fail
         kept = [(group, {key: group[key] for key in self.per_param_keys if key in group})
                 for group in self.param_groups]
-        plans = dict(self._plans)
+        plans = self._plans_before_step = dict(self._plans)
         try:
             if not isinstance(self.state, dict):
                 raise TypeError(f"{self._name}: state must be a dict of param -> dict, got "
@@ -558,6 +627,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 group.update(values)
             self._plans = plans
             raise
+        finally:
+            self._plans_before_step = {}
         self._step_host_scaling = None  # (read afresh by this step: _host_grad_scaling)
         try:
             for item in ready:
@@ -617,7 +688,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             values = self._host_grad_scaling()
             if values["found_inf"] is None or float(values["found_inf"]) == 0.0:
                 with torch.inference_mode():  # (which also writes a grad made under inference_mode)
-                    torch._foreach_div_(host, float(values["grad_scale"]))
+                    # g·(1/s), the unscaled grad the kernels and the reference stepped with (as torch's
+                    # unscale_ leaves it; the same as g/s for GradScaler's power-of-two scales)
+                    scale = float(values["grad_scale"])
+                    torch._foreach_mul_(host, 1.0 / scale if scale != 0.0 else math.copysign(math.inf, scale))
         for device, grads in on_device.items():
             scale = scaling["grad_scale"].to(device, non_blocking=True)
             found_inf = scaling["found_inf"]
@@ -647,7 +721,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                              f"each of the optimizer's settings (its default: {self.defaults[missing[0]]!r})")
         self._check_flags(index, group)
         # (a group's backend may be set anew)
-        check_backend(group_backend(group, self.defaults), self.algorithm, self._name)
+        with _naming_group(index):
+            check_backend(group_backend(group, self.defaults), self.algorithm, self._name)
         checked = _host_values(group)
         self._checked_group(index, checked)
         hyper = self._named_hyper(index, checked)
@@ -686,24 +761,26 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not abs(value) <= limit:
                 raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (beyond float32's "
                                  f"range, in which the step of {dtypes[0]} params computes)")
-        named = dict(hyper)
+        named = {name: (value, dtypes[0]) for name, value in hyper.items()}
         checked = plan.cache.setdefault("per_param_in_range", {})  # key -> the tuple last found in range
+        wide = (torch.float64, torch.complex128)
         for key in self.per_param_keys:  # (Amos's eta, ScaledAdamW's init_norm: one value or one per param)
             values = group.get(key)
             if isinstance(values, (tuple, list)):
-                # (a tuple is checked once, not at every step; a list, which may be edited in place, always)
+                # (a tuple is checked once, not at every step; a list, which may be edited in place, always;
+                # each entry in the dtype its own param steps in)
                 if isinstance(values, list) or checked.get(key) is not values:
-                    named.update((f"{key}[{j}] (param_groups[{index}]['params'][{j}]'s)", _as_float(v))
-                                 for j, v in enumerate(values))
+                    named.update((f"{key}[{j}] (param_groups[{index}]['params'][{j}]'s)", (_as_float(v), dtype))
+                                 for j, (v, dtype) in enumerate(zip(values, plan.dtypes)) if dtype not in wide)
             else:
-                named[key] = _as_float(values)
-        for name, value in named.items():
+                named[key] = (_as_float(values), dtypes[0])
+        for name, (value, dtype) in named.items():
             if isinstance(value, float) and math.isfinite(value) and abs(value) > limit:
                 raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (beyond float32's "
-                                 f"range, in which the step of {dtypes[0]} params computes)")
+                                 f"range, in which the step of {dtype} params computes)")
             if name.split("[")[0] in self.positive_in_step and isinstance(value, float) and 0.0 < value <= 2.0 ** -150:
                 raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (positive, but 0 in "
-                                 f"float32, in which the step of {dtypes[0]} params computes)")
+                                 f"float32, in which the step of {dtype} params computes)")
         checked.update((key, group.get(key)) for key in self.per_param_keys if isinstance(group.get(key), tuple))
 
     def _check_reciprocals(self, index: int, hyper: dict, plan: GroupPlan) -> None:
@@ -806,7 +883,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if spec.dtensor_positions:
                 raise ValueError(f"{self._name}: param_groups[{index}]: capturable=True is not supported for "
                                  "sharded (DTensor) params")
-            backend = capturable_backend(group_backend(group, self.defaults), spec.device, self._name)
+            with _naming_group(index):
+                backend = capturable_backend(group_backend(group, self.defaults), spec.device, self._name)
             lr = group["lr"]
             if isinstance(lr, Tensor) and (lr.numel() != 1 or lr.is_complex() or lr.dtype == torch.bool
                                            or lr.device != spec.device):
@@ -1082,6 +1160,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise step_error(where, Problem.GRAD_SPARSE, param, grad=grad)
         if grad.dtype != param.dtype:
             raise step_error(where, Problem.GRAD_DTYPE, param, grad=grad)
+        for what, tensor in [("the param", param), ("its grad", grad)] + [(f"state[{k!r}]", lists[k][i])
+                                                                          for k in like_keys]:
+            if tensor.is_conj():  # (torch.view_as_real needs the conjugation resolved, as torch.optim does)
+                raise ValueError(f"{where}: {what} is a lazily conjugated view (tensor.conj()); resolve it "
+                                 "first (tensor.resolve_conj())")
         for key in like_keys:
             if lists[key][i].dtype != param.dtype:
                 raise step_error(where, Problem.STATE, param, tensor=lists[key][i], name=key)
@@ -1096,6 +1179,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         value = group[key]
         count = len(plan.params)
         where = f"{self._name}: param_groups[{index}]['{key}']"
+        if getattr(value, "ndim", None) == 1 and hasattr(value, "tolist") and self.per_param_arrays:
+            value = value.tolist()  # one per param, as a tensor or an array (as the group takes it when added)
         try:
             if isinstance(value, (tuple, list)):
                 values = [float(v) for v in value]
@@ -1103,6 +1188,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 values = [float(value)] * count
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"{where} must be a number or a tuple of one number per param, got {value!r}") from None
+        except OverflowError:  # (an int past float64's range)
+            raise ValueError(f"{where} holds a value beyond float64's range: {hp.shown(value)}") from None
         if len(values) != count:
             raise ValueError(f"{where} has {len(values)} values for {count} params")
         try:
@@ -1145,12 +1232,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         """GradScaler's inputs, checked before anything is written (every backend
         alike): one-element floating tensors."""
         for name, value in self._grad_scaling().items():
-            if value is not None and not (isinstance(value, Tensor) and value.numel() == 1
-                                          and value.is_floating_point() and value.device.type != "meta"):
-                got = (f"{value.dtype} {tuple(value.shape)} on {value.device}" if isinstance(value, Tensor)
-                       else repr(value))
+            if value is not None and not (isinstance(value, Tensor) and value.layout == torch.strided
+                                          and value.numel() == 1 and value.is_floating_point()
+                                          and value.device.type != "meta" and not value.is_mkldnn):
+                got = (f"{value.dtype} {tuple(value.shape)} ({value.layout}) on {value.device}"
+                       if isinstance(value, Tensor) else repr(value))
                 raise ValueError(f"{self._name}: {name} (set by torch.amp.GradScaler) must be a one-element "
-                                 f"floating tensor with data, got {got}")
+                                 f"floating tensor, dense and with data, got {got}")
 
     def _unscales_grads(self) -> bool:
         """Whether this step divides the grads in place once it has run (GradScaler's
@@ -1254,6 +1342,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._master_marks.mark_masters(self.state)  # a param written from now on gets its master remade
         self._mark_awaiting_masters()
         for group in self.param_groups:
+            for key, value in self.torch_setstate_defaults.items():  # (a checkpoint of an older torch)
+                group.setdefault(key, value)
             fill_group_defaults(group, self.defaults)
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -1318,10 +1408,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{self._name}: cannot load param_groups[{index}] with "
                                  "differentiable=True (not supported by amos_fused)")
         for key, saved in state_dict.get("state", {}).items():
-            step = saved.get("step") if isinstance(saved, dict) else None
-            if step is not None and (isinstance(step, bool) or not isinstance(step, (numbers.Real, Tensor))):
+            if not (isinstance(saved, dict) and "step" in saved):
+                continue
+            step = saved["step"]
+            if not _loadable_count(step):
                 raise ValueError(f"{self._name}: cannot load the checkpoint's state[{key!r}]['step']: it must be "
-                                 f"a count (a number or a one-element tensor), got {type(step).__name__} {step!r:.40}")
+                                 f"a count (a number or a one-element tensor), got {type(step).__name__} "
+                                 f"{hp.shown(step)}")
         machine = [{**{key: group.get(key, self.defaults.get(key)) for key in ("fused", "foreach", "capturable")},
                     **({"backend": group["backend"]} if "backend" in group else {})}
                    for group in self.param_groups]
@@ -1333,12 +1426,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not isinstance(param, Tensor) or not isinstance(state, dict):
                 continue  # an entry of no param of ours (kept as saved, as torch.optim keeps it)
             master = with_master.get(param, False)
+            upcast = master and _float32_master(state)
             for key, value in list(state.items()):
-                state[key] = self._own_copy(param, key, value, master)
+                state[key] = self._own_copy(param, key, value, master, upcast)
             masters.convert_loaded(param, state, master)
             keys = self.fp8_state_keys if self._keeps_fp8(param) else ()
-            fp8_states.convert_loaded(param, state, keys, like=masters.stepped_like(param, master) if keys else param,
-                                      dtype=torch.float32 if master else param.dtype)
+            try:
+                fp8_states.convert_loaded(param, state, keys, dtype=torch.float32 if master else param.dtype,
+                                          like=masters.stepped_like(param, master) if keys else param)
+            except ValueError as error:
+                raise ValueError(f"{self._name}: {error}") from None
         self._plans = {}
         self._bulk_adding = True
         try:
@@ -1383,14 +1480,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             if saved_id not in saved or param not in self.state:
                 continue
             master = with_master.get(param, False)
+            own_master = _float32_master(saved[saved_id])
             for key, value in saved[saved_id].items():
                 if isinstance(value, Tensor) and key != "step" and (
                         value.dtype == torch.uint8 or key.endswith(fp8_states.ABSMAX_SUFFIX)
-                        or (master and value.dtype == torch.float32)):
+                        or (master and value.dtype == torch.float32)
+                        or (master and own_master and _steps_beside_master(key, value))):
                     self.state[param][key] = value
 
     @staticmethod
-    def _own_copy(param: Tensor, key: str, value, master: bool = False) -> object:
+    def _own_copy(param: Tensor, key: str, value, master: bool = False, upcast: bool = False) -> object:
         """A loaded state value as this param's own tensor: the param's device and
         layout, and its dtype except for FP8 codes and absmax and (``master``: the
         param has a float32 master) float32 tensors.  Codes keep the memory order
@@ -1401,6 +1500,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not isinstance(value, Tensor):
             return value
         value = value.detach()
+        if upcast and _steps_beside_master(key, value):  # (the states of a float32 master: float32 too)
+            value = value.float()
         if (value.dtype == torch.uint8 or key.endswith(fp8_states.ABSMAX_SUFFIX)
                 or (master and value.dtype == torch.float32)):  # these keep their dtype
             if value.shape == param.shape and value.dtype == torch.uint8:

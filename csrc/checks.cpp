@@ -121,7 +121,8 @@ Found find_problem(at::TensorList params, at::TensorList grads,
     if (!steps.empty()) {
       const at::Tensor& s = steps[i];
       // a finite float32 CPU count >= 0 (a negative, NaN or infinite count has no bias correction)
-      if (!(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device().is_cpu() &&
+      if (!(s.layout() == c10::kStrided && !s.is_mkldnn() && s.numel() == 1 && s.scalar_type() == at::kFloat &&
+            s.device().is_cpu() &&
             *s.data_ptr<float>() >= 0.0f && std::isfinite(*s.data_ptr<float>())))
         return {at, Problem::kStep, 0};
       bool aliased = may_share_memory(s, p) || may_share_memory(s, grads[i]);
@@ -181,9 +182,13 @@ std::tuple<int64_t, int64_t> first_written_overlap(at::TensorList tensors, int64
   spans.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    // (strided views that are not dense, which only the reference steps, one param after
-    // another, may interleave without sharing an element: not compared)
-    if (!t.defined() || t.numel() == 0 || t.is_meta() || t.layout() != c10::kStrided || !is_dense(t)) continue;
+    // (written strided views that are not dense, which only the reference steps, one
+    // param after another, may interleave without sharing an element: not compared; a
+    // grad that is not dense is compared by the bytes it spans, which may refuse a grad
+    // interleaved with another param's memory without sharing an element of it)
+    const bool is_read = static_cast<int64_t>(i) >= written;
+    if (!t.defined() || t.numel() == 0 || t.is_meta() || t.layout() != c10::kStrided || (!is_read && !is_dense(t)))
+      continue;
     const auto [first, last] = byte_span(t);
     const int64_t device_key = static_cast<int64_t>(t.device().type()) * 65536 + t.device().index() + 1;
     spans.push_back({device_key, first, last, static_cast<int64_t>(i)});

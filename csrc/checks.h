@@ -65,8 +65,9 @@ std::tuple<int64_t, int64_t, int64_t> check_step(at::TensorList params, at::Tens
 // Two tensors of a step that share memory where one of them is written: the
 // first `written` tensors of `tensors` are written in place by the step (params,
 // masters, states, counters), the rest only read (grads, which may share memory
-// with each other).  Byte spans of dense tensors are compared, per device (a
-// strided view that is not dense, stepped on the reference only, is left out).
+// with each other).  Byte spans are compared, per device (a written strided view
+// that is not dense, stepped on the reference only, is left out; a read one is
+// compared by the bytes it spans).
 // Returns (i, j), i < j, indices into `tensors`, or (-1, -1).
 std::tuple<int64_t, int64_t> first_written_overlap(at::TensorList tensors, int64_t written);
 

@@ -1,6 +1,9 @@
 // Registers the amos_fused ops (schemas here; device kernels in cpu/ and cuda/)
 // and makes this library importable as the Python module amos_fused._C.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -108,6 +111,50 @@ TORCH_LIBRARY(amos_fused, m) {
       "Tensor[] steps, float[] hyper, float[] per_tensor, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, Tensor(a!)? telemetry=None, int[]? round_keys=None) -> (bool, Tensor)",
       &amos_fused::begin_step_op);
+}
+
+namespace {
+
+// The step ops write their params, states and counters in place: like torch's
+// in-place ops, they bump the version counter of every tensor the schema marks
+// written (once the kernels have run), so that autograd refuses a backward
+// through a graph that saved a param the step has since changed.
+bool is_written(const c10::Argument& argument) {
+  const c10::AliasInfo* alias = argument.alias_info();
+  if (alias == nullptr) return false;
+  if (alias->isWrite()) return true;
+  for (const c10::AliasInfo& element : alias->containedTypes())  // (Tensor(a!)[]: on the elements)
+    if (element.isWrite()) return true;
+  return false;
+}
+
+void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const c10::FunctionSchema& schema = op.schema();
+  const size_t num_arguments = schema.arguments().size();
+  const size_t first = stack->size() - num_arguments;
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < num_arguments; ++i) {
+    if (!is_written(schema.arguments()[i])) continue;
+    const c10::IValue& value = (*stack)[first + i];
+    if (value.isTensor()) {
+      written.push_back(value.toTensor());
+    } else if (value.isTensorList()) {
+      for (const at::Tensor& t : value.toTensorVector()) written.push_back(t);
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written)
+    if (t.defined() && !t.is_inference()) torch::autograd::increment_version(t);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(amos_fused, ADInplaceOrView, m) {
+  for (const char* name : {"step", "step_fp8", "step_capturable"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
 }
 
 extern "C" PyObject* PyInit__C(void) {

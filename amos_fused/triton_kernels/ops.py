@@ -71,6 +71,13 @@ def _state_lists(op: str, algorithm: str, n: int, states: Sequence[Tensor],
     return {key: list(states[k * n:(k + 1) * n]) for k, key in enumerate(keys)}
 
 
+def _mark_written(*lists: Sequence[Tensor]) -> None:
+    """Bumps the version counters of the tensors the kernels wrote through their
+    addresses, as torch's in-place ops (and the compiled step ops) do: autograd
+    then refuses a backward through a graph that saved a param since changed."""
+    torch._C._increment_version([t for tensors in lists for t in tensors if not t.is_inference()])
+
+
 def step(algorithm: str, params: List[Tensor], grads: List[Tensor], states: List[Tensor],
          steps: List[Tensor], hyper: Sequence[float], per_tensor: Sequence[float],
          grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
@@ -99,6 +106,7 @@ def step(algorithm: str, params: List[Tensor], grads: List[Tensor], states: List
         rounding = round_table(round_keys, steps, params[0].device)
         _LAUNCH[algorithm](params, grads, lists, hyper_by_name, coef, prepared, telemetry=telemetry,
                            rounding=rounding)
+        _mark_written(params, states)
         torch._foreach_add_(list(steps), 1.0)  # after the launch: a failed one leaves them
 
 
@@ -135,6 +143,7 @@ def step_capturable(algorithm: str, params: List[Tensor], grads: List[Tensor], s
     coef = device_coefficients.coefficient_table(algorithm, steps, hyper, per_tensor, grad_scale)
     _LAUNCH[algorithm](params, grads, lists, capturable.host_hyper(hyper), coef, prepared,
                        skip=found_inf)  # (host_hyper: the constexpr choices)
+    _mark_written(params, states)
     capturable.advance_counters(steps, found_inf)
 
 
@@ -184,4 +193,5 @@ def step_fp8(algorithm: str, params: List[Tensor], grads: List[Tensor], codes: L
     else:
         fp8.launch_fp8(algorithm, list(params), list(grads), _per_state(codes, len(params)),
                        _per_state(absmax, len(params)), by_name, coef, telemetry=telemetry, rounding=rounding)
+    _mark_written(params, codes, absmax, states or ())
     torch._foreach_add_(list(steps), 1.0)  # after the launch: a failed one leaves them
