@@ -97,10 +97,10 @@ def step_error(where: str, problem: Problem, param: Tensor, grad: Optional[Tenso
         return ValueError(f"{where}: state[{name!r}] ({_describe(tensor)}) must be {need}")
     if problem == Problem.STEP:
         if isinstance(tensor, Tensor) and tensor.numel() == 1 and tensor.dtype == torch.float32 \
-                and tensor.device.type == "cpu":
+                and tensor.device.type == "cpu" and tensor.layout == torch.strided:
             return ValueError(f"{where}: state['step'] must be a finite count >= 0, got {float(tensor)}")
         return ValueError(f"{where}: state['step'] must be a float32 CPU scalar tensor, got "
-                          + (_describe(tensor) if isinstance(tensor, Tensor) else repr(tensor)))
+                          + (_describe(tensor) + f" ({tensor.layout})" if isinstance(tensor, Tensor) else repr(tensor)))
     if problem in (Problem.STATE_SHARED, Problem.SLOT_SHARED):
         return ValueError(f"{where}: state[{name!r}] ({_describe(tensor)}) shares memory with its param or with "
                           "another of its states; each state needs memory of its own (it is written in place)")

@@ -142,10 +142,22 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
       for (const at::Tensor& t : value.toTensorVector()) written.push_back(t);
     }
   }
+  // A step that found_inf skips writes nothing (read here when it is on the host, as
+  // the kernels read it; one on a device is not read: the versions are bumped)
+  bool skipped = false;
+  for (size_t i = 0; i < num_arguments; ++i) {
+    const c10::IValue& value = (*stack)[first + i];
+    if (schema.arguments()[i].name() == "found_inf" && value.isTensor()) {
+      const at::Tensor& found_inf = value.toTensor();
+      skipped = found_inf.defined() && found_inf.is_cpu() && found_inf.numel() == 1 &&
+                found_inf.layout() == c10::kStrided && found_inf.item<double>() != 0.0;
+    }
+  }
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
+  if (skipped) return;
   for (const at::Tensor& t : written)
     if (t.defined() && !t.is_inference()) torch::autograd::increment_version(t);
 }

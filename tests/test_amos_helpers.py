@@ -507,3 +507,65 @@ def test_a_param_data_of_another_shape_is_refused_before_any_write(backend):
     with pytest.raises(ValueError, match=r"params'\]\[1\].*state\['v'\] has shape"):
         opt.step()
     _assert_unchanged(params, opt, snapshot)
+
+
+@pytest.mark.parametrize("eta", [(1e-300, 0.5), (1e300, 0.5)])
+def test_a_per_param_eta_is_range_checked_in_its_own_params_dtype(eta):
+    """A float64 param steps in float64: its eta entry is not held to float32's range
+    because the group also has a float32 param (whose own entry still is)."""
+    p64 = nn.Parameter(torch.randn(16, 8, dtype=torch.float64))
+    p32 = nn.Parameter(torch.randn(16, 8))
+    opt = af.Amos([p64, p32], lr=0.01, eta=eta, backend="cpu")
+    for p in (p64, p32):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    with pytest.raises(ValueError, match=r"Invalid eta\[0\] \(param_groups\[0\]\['params'\]\[0\]'s\)"):
+        af.Amos([p32, p64], lr=0.01, eta=eta, backend="cpu")
+
+
+@pytest.mark.parametrize("edit", ["reverse", "delete-first"])
+def test_inferred_etas_follow_their_params_when_groups_are_also_reordered(edit):
+    """A param appended to a group gets its own inferred eta, and the others keep
+    theirs, also when the groups were reordered or one removed in the same edit."""
+    torch.manual_seed(0)
+    a, b, c, new = (nn.Parameter(torch.randn(20, 30)) for _ in range(4))
+    opt = af.Amos([{"params": [a, b]}, {"params": [c]}], lr=0.01, backend="cpu")
+    for p in (a, b, c, new):
+        p.grad = torch.randn(20, 30)
+    opt.step()
+    eta_of = {id(a): opt.param_groups[0]["eta"][0], id(b): opt.param_groups[0]["eta"][1],
+              id(c): opt.param_groups[1]["eta"][0]}
+    expected_new = af.Amos([new], lr=0.01).param_groups[0]["eta"][0]
+    if edit == "reverse":
+        opt.param_groups[0]["params"].append(new)
+        opt.param_groups.reverse()
+    else:
+        opt.param_groups[1]["params"].append(new)
+        del opt.param_groups[0]
+    opt.step()
+    for group in opt.param_groups:
+        for p, eta in zip(group["params"], group["eta"]):
+            assert eta == (expected_new if p is new else eta_of[id(p)])
+
+
+@pytest.mark.parametrize("where", ["constructor", "between steps"])
+def test_a_per_param_value_beyond_float64_is_named(where):
+    p = nn.Parameter(torch.randn(8, 8))
+    if where == "constructor":
+        with pytest.raises(ValueError, match=r"eta.*beyond float64's range"):
+            af.Amos([p], lr=1e-3, eta=(10 ** 400,))
+        return
+    opt = af.Amos([p], lr=1e-3, eta=0.5)
+    p.grad = torch.randn(8, 8)
+    opt.step()
+    before = p.detach().clone()
+    opt.param_groups[0]["eta"] = (10 ** 400,)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['eta'\] holds a value beyond float64's range"):
+        opt.step()
+    assert torch.equal(p, before)
+
+
+def test_a_numpy_array_reduce_axes_is_named():
+    import numpy as np
+    with pytest.raises(ValueError, match=r"reduce_axes must be None, 'all', a dim or a tuple of dims, got array"):
+        af.Amos([nn.Parameter(torch.randn(6, 5))], lr=0.01, reduce_axes=np.array([0, 1]))

@@ -418,3 +418,31 @@ def test_an_amos_slot_sharing_memory_with_its_param_or_another_state_is_refused(
     before = snapshot(opt, params)
     raises_naming(ValueError, opt.step, r"params'\]\[1\]", r"shares memory")
     assert_unchanged(before, opt, params)
+
+
+def test_column_slices_of_one_weight_share_no_memory_and_overlapping_ones_are_found():
+    """Strided params (stepped on the reference): per-head column slices of one weight
+    interleave without sharing an element; two that share a column are found, and
+    a float32 view and a bfloat16 view of the same bytes too."""
+    from amos_fused.checks import first_overlap
+    w = torch.randn(48, 64 * 12)
+    heads = [w[:, h * 64:(h + 1) * 64] for h in range(12)]
+    assert first_overlap(heads) is None
+    assert first_overlap(heads + [w[:, 100:101]]) == (1, 12)
+    assert first_overlap([w[:, 0::2], w[:, 1::2]]) is None
+    assert first_overlap([w[:, 0::2], w[:, 2::4]]) == (0, 1)
+    flat = torch.zeros(64)
+    assert first_overlap([flat[0::2], flat.view(torch.bfloat16)[4:6]]) == (0, 1)  # bytes 8..11: element 2
+    assert first_overlap([flat[0::2], flat.view(torch.bfloat16)[2:4]]) is None  # bytes 4..7: element 1
+    assert first_overlap([torch.zeros(0), flat[0::2], flat[1::2]]) is None
+
+
+@pytest.mark.parametrize("heads", [12, 96])
+def test_many_column_slices_are_checked_at_construction(heads):
+    """(linear in their bytes: 96 slices of one weight construct at once)"""
+    w = torch.randn(64, 16 * heads)
+    params = [torch.nn.Parameter(w[:, h * 16:(h + 1) * 16]) for h in range(heads)]
+    opt = af.AdamW(params, lr=1e-3, backend="reference")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()

@@ -295,3 +295,21 @@ def test_a_grad_scale_read_as_zero_is_stepped_as_torch_steps_it(scale):
     for other in results[1:]:
         assert torch.equal(other.isnan(), results[0].isnan())
         assert torch.equal(torch.nan_to_num(other), torch.nan_to_num(results[0]))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("scale", [1000.0, 3.0, 0.75, 2.0 ** 12])
+def test_the_grads_left_after_the_step_are_the_ones_it_stepped_with(scale, backend):
+    """With β1 = 0 the first moment after one step is the unscaled grad the step
+    used: the grads left behind are that same value, g·(1/s), whatever the scale
+    (for GradScaler's power-of-two scales, also torch's fused g/s)."""
+    p = torch.nn.Parameter(torch.randn(10_000))
+    opt = af.AdamW([p], lr=1e-3, betas=(0.0, 0.999), weight_decay=0.0, backend=backend)
+    scaled = torch.randn(10_000, generator=torch.Generator().manual_seed(1)) * scale
+    p.grad = scaled.clone()
+    opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)
+    opt.step()
+    assert torch.equal(opt.state[p]["exp_avg"], p.grad)
+    assert torch.equal(p.grad, scaled * torch.tensor(1.0 / scale, dtype=torch.float32))
+    if scale == 2.0 ** 12:
+        assert torch.equal(p.grad, scaled / scale)

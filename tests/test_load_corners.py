@@ -705,3 +705,52 @@ def test_state_dict_post_hook_may_return_another_dict():
     opt.register_state_dict_post_hook(lambda o, sd: seen.append(dict(sd["param_groups"][0])) or {"wrapped": sd})
     wrapped = opt.state_dict()
     assert list(wrapped) == ["wrapped"] and "backend" not in seen[0]
+
+
+@pytest.mark.parametrize("bad", [None, torch.tensor([1.0, 2.0]), torch.tensor([]), 10 ** 400, torch.tensor(True),
+                                 torch.tensor([3.0]).to_sparse()], ids=["None", "two", "empty", "huge", "bool", "sparse"])
+def test_a_checkpoint_step_that_is_not_a_count_is_named(bad):
+    """Named by its checkpoint key before anything changes (not a bare TypeError,
+    OverflowError or 'only one element tensors' from the conversion)."""
+    p = torch.nn.Parameter(torch.randn(64, 80))
+    opt = _trained(af.AdamW, p, steps=1)
+    saved = opt.state_dict()
+    saved["state"][0] = dict(saved["state"][0], step=bad)
+    snap = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"AdamW: cannot load the checkpoint's state\[0\]\['step'\]: it must be a count"):
+        opt.load_state_dict(saved)
+    _assert_as_before(opt, snap)
+
+
+@pytest.mark.parametrize("into", [af.AdamW8bit, af.AdamW], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("bad", [None, 1.0, "x"], ids=repr)
+def test_an_absmax_that_is_not_a_tensor_is_named(bad, into):
+    p = torch.nn.Parameter(torch.randn(64, 80))
+    saved = _trained(af.AdamW8bit, p, steps=1).state_dict()
+    saved["state"][0] = dict(saved["state"][0], exp_avg_absmax=bad)
+    q = torch.nn.Parameter(p.detach().clone())
+    opt = _trained(into, q, steps=1)
+    snap = _snapshot(opt)
+    with pytest.raises(ValueError, match=rf"{into.__name__}: cannot load state 'exp_avg_absmax' of a param of "
+                                         r"shape \(64, 80\): it must be a float32 tensor"):
+        opt.load_state_dict(saved)
+    _assert_as_before(opt, snap)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [BF16, torch.float64], ids=str)
+def test_a_master_checkpoint_loads_its_other_states_in_float32(dtype, backend):
+    """Beside a float32 master kept by the load, every floating state steps in float32:
+    one saved in another dtype (a bfloat16 or float64 exp_avg) is loaded as its
+    float32 value (not cast to the param's dtype, then refused by the step)."""
+    p = torch.nn.Parameter(torch.randn(64, 80).to(BF16))
+    saved = _trained(af.AdamW, p, steps=1, master_weights=True, backend=backend).state_dict()
+    saved["state"][0]["exp_avg"] = saved["state"][0]["exp_avg"].to(dtype)
+    q = torch.nn.Parameter(p.detach().clone())
+    opt = af.AdamW([q], lr=1e-2, master_weights=True, backend=backend)
+    opt.load_state_dict(saved)
+    assert all(opt.state[q][k].dtype == F32 for k in ("exp_avg", "exp_avg_sq", MASTER_KEY))
+    assert torch.equal(opt.state[q]["exp_avg"], saved["state"][0]["exp_avg"].float())
+    q.grad = _grads(q.shape, BF16, 5)
+    opt.step()
+    assert opt.state[q]["step"] == 2

@@ -662,3 +662,19 @@ def test_masters_turned_off_before_the_first_step_after_a_load(cls, make_param, 
         assert MASTER_KEY not in opt_a.state[a]
         for key, value in opt_b.state[b].items():
             assert opt_a.state[a][key].dtype == value.dtype and torch.equal(opt_a.state[a][key], value), key
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_param_swapped_for_another_view_of_its_storage_gets_its_master_remade(backend):
+    """p.data = p.data.t() keeps the storage, address and version: the master is
+    remade from the swapped param (as for any param replaced between steps) and the
+    step runs as for a fresh optimizer's param of that layout, not refused."""
+    p = torch.nn.Parameter(torch.randn(8, 8).bfloat16())
+    opt = af.AdamW([p], lr=1e-2, master_weights=True, backend=backend)
+    p.grad = torch.randn(8, 8).bfloat16()
+    opt.step()
+    p.data = p.data.t()
+    p.grad = torch.randn(8, 8).bfloat16()
+    opt.step()
+    assert opt.state[p][MASTER_KEY].shape == p.shape and opt.state[p][MASTER_KEY].stride() == p.stride()
+    assert torch.equal(opt.state[p][MASTER_KEY].bfloat16(), p.detach())

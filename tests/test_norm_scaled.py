@@ -247,3 +247,32 @@ def test_scaled_adamw_with_a_half_life_steps_at_lr_zero(backend):
     p.grad = torch.ones_like(p)
     opt.step()
     assert not torch.equal(p.detach(), start)
+
+
+@pytest.mark.parametrize("value", [lambda: torch.tensor([1.0, 2.0]), lambda: __import__("numpy").array([1.0, 2.0])],
+                         ids=["tensor", "array"])
+def test_init_norm_as_a_vector_is_taken_between_steps_as_at_construction(value):
+    ps = [torch.nn.Parameter(torch.randn(4, 5)), torch.nn.Parameter(torch.randn(3, 6))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = af.ScaledAdamW([{"params": ps, "init_norm": value()}], lr=1e-3, half_life=10, backend="cpu")
+    ref = af.ScaledAdamW([{"params": twins, "init_norm": (1.0, 2.0)}], lr=1e-3, half_life=10, backend="cpu")
+    for step in range(2):
+        for p, q in zip(ps, twins):
+            p.grad = q.grad = torch.full_like(p, 0.1 * (step + 1))
+        opt.step()
+        ref.step()
+        opt.param_groups[0]["init_norm"] = value()
+    assert all(torch.equal(p, q) for p, q in zip(ps, twins))
+
+
+def test_a_float64_params_init_norm_is_not_held_to_float32s_range():
+    big = torch.nn.Parameter(torch.randn(16, 8, dtype=torch.float64) * 1e38)
+    small = torch.nn.Parameter(torch.randn(16, 8))
+    opt = af.ScaledAdamW([big, small], lr=1e-3, half_life=100, backend="cpu")
+    assert opt.param_groups[0]["init_norm"][0] > torch.finfo(torch.float32).max
+
+
+def test_a_numpy_array_decay_is_named():
+    import numpy as np
+    with pytest.raises(ValueError, match=r"Invalid decay: array"):
+        af.ScaledAdamW([torch.nn.Parameter(torch.randn(6, 5))], half_life=10, decay=np.array(["inverse_time", "x"]))

@@ -259,3 +259,76 @@ def test_a_tensor_lr_with_foreach_is_taken_where_torch_takes_it(cls):
     p.grad = torch.randn(4, 4)
     kwargs = {"eta": 0.5} if cls is af.Amos else {}
     cls([p], lr=torch.tensor(1e-3), foreach=True, **kwargs).step()
+
+
+@pytest.mark.parametrize("ours,theirs,key,ctor", [
+    (af.Adam, torch.optim.Adam, "decoupled_weight_decay", dict(decoupled_weight_decay=True, weight_decay=0.5)),
+    (af.AdamW, torch.optim.AdamW, "maximize", dict(maximize=True)),
+    (af.Adam, torch.optim.Adam, "amsgrad", dict(amsgrad=True)),
+    (af.RAdam, torch.optim.RAdam, "decoupled_weight_decay", dict(decoupled_weight_decay=True, weight_decay=0.5)),
+    (af.RAdam, torch.optim.RAdam, "maximize", dict(maximize=True))], ids=lambda v: getattr(v, "__name__", v))
+def test_a_checkpoint_lacking_a_torch_flag_loads_it_as_torch_does(ours, theirs, key, ctor):
+    """A group saved by a torch that had no such flag (torch <= 2.5's Adam: no
+    decoupled_weight_decay) meant the flag's default: torch.optim's __setstate__
+    fills it with its default, not with the loading optimizer's value."""
+    start = torch.randn(6)
+    saved = theirs([torch.nn.Parameter(start.clone())], lr=0.1, weight_decay=0.5).state_dict()
+    for group in saved["param_groups"]:
+        del group[key]
+    results = []
+    for cls in (ours, theirs):
+        p = torch.nn.Parameter(start.clone())
+        opt = cls([p], lr=0.1, **ctor)
+        opt.load_state_dict(saved)
+        assert not opt.param_groups[0][key]
+        p.grad = torch.linspace(-1, 1, 6)
+        opt.step()
+        results.append((p.detach().clone(), sorted(opt.state[p])))
+    assert torch.allclose(results[0][0], results[1][0], rtol=0, atol=1e-6) and results[0][1] == results[1][1]
+
+
+def test_our_checkpoint_keeps_its_flags():
+    p = torch.nn.Parameter(torch.randn(6))
+    saved = af.Adam([p], lr=0.1, decoupled_weight_decay=True, amsgrad=True, maximize=True).state_dict()
+    opt = af.Adam([torch.nn.Parameter(torch.randn(6))], lr=0.1)
+    opt.load_state_dict(saved)
+    assert all(opt.param_groups[0][key] for key in ("decoupled_weight_decay", "amsgrad", "maximize"))
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: af.AdamW(ps, lr="1e-3"), lambda ps: af.AdamW(ps, lr=b"1e-3"),
+    lambda ps: af.AdamW(ps, betas=("0.9", "0.999")), lambda ps: af.RAdam(ps, eps="1e-8"),
+    lambda ps: af.ScaledAdamW(ps, half_life="1000"), lambda ps: af.ScaledAdamW(ps, half_life=10, sigma="0.5"),
+    lambda ps: af.Amos(ps, lr=0.01, momentum="0.9"), lambda ps: af.Lion(ps, weight_decay="0.1")])
+def test_numeric_strings_are_refused_as_torch_refuses_them(make):
+    """torch.optim refuses lr='1e-3'; kept in a group, a string would break an lr
+    scheduler (lr * gamma) and torch.optim stepping our checkpoint."""
+    with pytest.raises(ValueError, match=r"must be a real number, not a (str|bytes)"):
+        make([torch.nn.Parameter(torch.randn(4, 3))])
+
+
+def test_a_lazy_param_is_refused_by_name():
+    """torch's lazy modules materialize at the first forward: an optimizer made
+    before it is refused, naming the param, with what to do."""
+    model = torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] is an uninitialized parameter.*"
+                                         r"forward pass"):
+        af.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(3, 5))
+    opt = af.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(3, 5)).sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("group_kw,error,match", [
+    ({"backend": "bogus"}, ValueError, r"unknown backend 'bogus'.*\(param_groups\[1\]\)"),
+    ({"capturable": True, "track_rms": True}, ValueError, r"capturable=True.*\(param_groups\[1\]\)")])
+def test_group_level_refusals_name_the_group(group_kw, error, match):
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    opt = af.AdamW([{"params": [a]}], lr=0.1)
+    opt.param_groups.append({**opt.param_groups[0], "params": [b], **group_kw})
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    before = (a.detach().clone(), b.detach().clone())
+    with pytest.raises(error, match=match):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1]) and not opt.state

@@ -304,3 +304,91 @@ def test_interleaved_strided_params_on_the_reference_step_as_torch(name):
         for opt in opts:
             opt.step()
     assert torch.equal(a, twin[0]) and torch.equal(b, twin[1])
+
+
+def _sparse_scalar(value):
+    return torch.sparse_coo_tensor(torch.zeros(1, 1, dtype=torch.long), torch.tensor([value]), (1,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make", [_sparse_scalar, lambda v: torch.tensor([v]).to_mkldnn()], ids=["sparse", "mkldnn"])
+@pytest.mark.parametrize("which", ["grad_scale", "found_inf"])
+def test_a_grad_scaling_input_that_is_not_dense_is_refused_before_any_write(which, make, backend):
+    """GradScaler's one-element inputs are read by the kernels: a sparse or mkldnn one
+    is refused by name before any state is made or any group is stepped."""
+    a, b = torch.nn.Parameter(torch.randn(4, 5)), torch.nn.Parameter(torch.randn(6))
+    opt = af.AdamW([{"params": [a], "backend": "reference"}, {"params": [b]}], lr=1e-2, backend=backend)
+    _grads([a, b], 0)
+    opt.step()
+    values = {"grad_scale": 2.0, "found_inf": 0.0}
+    opt.grad_scale, opt.found_inf = torch.tensor(values["grad_scale"]), torch.tensor(values["found_inf"])
+    setattr(opt, which, make(values[which]))
+    _grads([a, b], 1)
+    _refused(opt, ValueError, rf"{which} \(set by torch.amp.GradScaler\) must be a one-element floating tensor")
+    fresh = af.AdamW([torch.nn.Parameter(torch.randn(3))], lr=1e-2, backend=backend)
+    fresh.grad_scale, fresh.found_inf = opt.grad_scale, opt.found_inf
+    _grads(fresh.param_groups[0]["params"], 0)
+    with pytest.raises(ValueError):
+        fresh.step()
+    assert not fresh.state  # (no state made by a refused first step)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["AdamW", "Amos", "AdamW8bit"])
+def test_a_non_dense_grad_viewing_another_param_is_refused_by_name(name, backend):
+    """B's grad a strided view of param A: the step would read what it writes (torch.optim
+    steps A first, the fused kernels read the grad as it was): refused, as a dense alias is."""
+    a = torch.nn.Parameter(torch.randn(64, 128))
+    b = torch.nn.Parameter(torch.randn(64, 64))
+    opt = CLASSES[name]([a, b], backend)
+    a.grad = torch.randn(64, 128)
+    b.grad = a.detach()[:, ::2]
+    _refused(opt, ValueError, r"param_groups\[0\]\['params'\]\[1\].*the grad shares memory with the param of "
+                              r"param_groups\[0\]\['params'\]\[0\]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_grad_that_is_its_own_param_is_refused_naming_one_param(backend):
+    p = torch.nn.Parameter(torch.randn(8, 5))
+    opt = af.AdamW([p], lr=1e-2, backend=backend)
+    p.grad = p.detach()
+    _refused(opt, ValueError, r"the grad shares memory with the param of the same param; a step reads the grad "
+                              "while it writes the param")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_dense_grads_of_their_own_buffers_still_step(backend):
+    """Expanded and strided grads that view no param's memory step as before."""
+    a, b = torch.nn.Parameter(torch.randn(8, 6)), torch.nn.Parameter(torch.randn(8, 6))
+    opt = af.AdamW([a, b], lr=1e-2, backend=backend)
+    a.grad = torch.ones(1, 6).expand(8, 6)
+    b.grad = torch.randn(8, 12)[:, ::2]
+    opt.step()
+    assert all(opt.state[p]["step"] == 1 for p in (a, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_counter_that_is_not_dense_is_named(backend):
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(5))
+    opt = af.AdamW([{"params": [a]}, {"params": [b]}], lr=1e-2, backend=backend)
+    _grads([a, b], 0)
+    opt.step()
+    opt.state[b]["step"] = torch.tensor([2.0]).to_sparse()
+    _grads([a, b], 1)
+    _refused(opt, ValueError, r"param_groups\[1\]\['params'\]\[0\].*state\['step'\]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("what", ["grad", "exp_avg"])
+def test_a_conjugated_view_of_a_complex_param_is_named(what, backend):
+    """torch.view_as_real needs a resolved conjugation; named before any write."""
+    a, z = torch.nn.Parameter(torch.randn(4, 5)), torch.nn.Parameter(torch.randn(6, dtype=torch.complex64))
+    opt = af.AdamW([{"params": [a]}, {"params": [z]}], lr=1e-2, backend=backend)
+    _grads([a, z], 0)
+    opt.step()
+    _grads([a, z], 1)
+    if what == "grad":
+        z.grad = z.grad.conj()
+    else:
+        opt.state[z]["exp_avg"] = opt.state[z]["exp_avg"].conj()
+    _refused(opt, ValueError, r"param_groups\[1\]\['params'\]\[0\].*lazily conjugated view")
