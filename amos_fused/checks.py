@@ -175,11 +175,14 @@ def _first_shared_byte(members: List[Tuple[int, Tensor]]) -> Optional[Tuple[int,
     units = [_element_offsets(t, origin, unit) for _, t in members]
     owners = torch.cat([torch.full((len(u),), k, dtype=torch.int64) for k, u in enumerate(units)])
     ordered, order = torch.sort(torch.cat(units), stable=True)
-    repeated = (ordered[1:] == ordered[:-1]).nonzero()
-    if len(repeated) == 0:
+    owned = owners[order]
+    # (a unit repeated by one owner alone is an expanded view's own sharing, not an overlap
+    # with another param; a run of one unit with two owners has two of them side by side)
+    shared = ((ordered[1:] == ordered[:-1]) & (owned[1:] != owned[:-1])).nonzero()
+    if len(shared) == 0:
         return None
-    at = int(repeated[0])
-    a, b = members[int(owners[order[at]])][0], members[int(owners[order[at + 1]])][0]
+    at = int(shared[0])
+    a, b = members[int(owned[at])][0], members[int(owned[at + 1])][0]
     return (min(a, b), max(a, b))
 
 

@@ -119,8 +119,9 @@ class WriteMarks:
 
     @staticmethod
     def _mark_of(param: Tensor) -> tuple:
-        t = local(param)
-        return (weakref.ref(t.untyped_storage()), t.data_ptr(), t._version, tuple(t.shape), t.stride())
+        t = local(param)  # (a DTensor's own version counter is not its local shard's: both are marked)
+        return (weakref.ref(t.untyped_storage()), t.data_ptr(), t._version, param._version, tuple(t.shape),
+                t.stride())
 
     def mark(self, params) -> None:
         for p in params:
@@ -132,7 +133,8 @@ class WriteMarks:
             return False
         storage, *where = entry[1]
         t = local(param)
-        return storage() is not t.untyped_storage() or where != [t.data_ptr(), t._version, tuple(t.shape), t.stride()]
+        return storage() is not t.untyped_storage() or where != [t.data_ptr(), t._version, param._version,
+                                                                 tuple(t.shape), t.stride()]
 
     def keep(self, ids) -> None:
         """Drops the marks of params whose id is not in ``ids``."""

@@ -765,7 +765,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         checked = plan.cache.setdefault("per_param_in_range", {})  # key -> the tuple last found in range
         wide = (torch.float64, torch.complex128)
         for key in self.per_param_keys:  # (Amos's eta, ScaledAdamW's init_norm: one value or one per param)
-            values = group.get(key)
+            values = self._per_param_value(group.get(key))
             if isinstance(values, (tuple, list)):
                 # (a tuple is checked once, not at every step; a list, which may be edited in place, always;
                 # each entry in the dtype its own param steps in)
@@ -1179,8 +1179,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         value = group[key]
         count = len(plan.params)
         where = f"{self._name}: param_groups[{index}]['{key}']"
-        if getattr(value, "ndim", None) == 1 and hasattr(value, "tolist") and self.per_param_arrays:
-            value = value.tolist()  # one per param, as a tensor or an array (as the group takes it when added)
+        value = self._per_param_value(value)
         try:
             if isinstance(value, (tuple, list)):
                 values = [float(v) for v in value]
@@ -1197,6 +1196,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         except ValueError as error:
             raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
         return [values[i] for i in positions]
+
+    def _per_param_value(self, value):
+        """A per-param group value as the step reads it: a 1-D tensor or array (one
+        per param, where the class takes them: ``per_param_arrays``) as a list, as
+        the group takes it when added; anything else as it is."""
+        if self.per_param_arrays and getattr(value, "ndim", None) == 1 and hasattr(value, "tolist"):
+            return value.tolist()
+        return value
 
     def _check_per_param(self, index: int, key: str, values: List[float]) -> None:
         """Raises on a bad per-param hyper-parameter value."""
@@ -1298,6 +1305,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 measured_sums(bucket.params, before, table)
         if bucket.shadows and not bucket.shadows_in_kernel:  # the params, rounded from their masters
             torch._foreach_copy_(bucket.shadows, bucket.params)
+        self._bump_sharded_versions(bucket, group)
         if bucket.shadows:
             self._master_marks.mark(bucket.owners)
         for p in bucket.owners:
@@ -1307,6 +1315,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._telemetry.record(bucket.owners, bucket.params, table, float(ready.group["lr"]))
         else:
             self._telemetry.forget(bucket.owners)
+
+    def _bump_sharded_versions(self, bucket: Bucket, group: dict) -> None:
+        """The step wrote the local shards of a bucket's DTensor params and states,
+        whose version counters are not the DTensors' own: bumps those too, as
+        torch's in-place ops on the DTensors would (autograd then refuses a
+        backward through a graph that saved such a param, and a master sees the
+        user's later writes as later ones) — unless found_inf, read on the host
+        by such a step already, skipped it (a capturable step: bumped anyway)."""
+        written = [t for p in bucket.owners if is_dtensor(p)
+                   for t in [p, *self.state.get(p, {}).values()] if is_dtensor(t)]
+        if not written:
+            return
+        found_inf = None if group.get("capturable") else self._host_grad_scaling()["found_inf"]
+        if found_inf is None or float(found_inf) == 0.0:
+            torch._C._increment_version(written)
 
     @staticmethod
     def _python_step_rounded(python_step, bucket: Bucket, group: dict, keys: List[int]) -> None:

@@ -446,3 +446,14 @@ def test_many_column_slices_are_checked_at_construction(heads):
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
+
+
+def test_an_expanded_param_does_not_overlap_itself():
+    """A frozen zero-stride param shares memory among its own elements only: no
+    overlap with another param (torch.optim accepts the pair too)."""
+    from amos_fused.checks import first_overlap
+    buf = torch.zeros(8, 8)
+    a, b = buf[:, :4], buf[:, 4:5].expand(8, 4)
+    assert first_overlap([a, b]) is None and first_overlap([b]) is None
+    assert first_overlap([b, buf[:, 4:5]]) == (0, 1)
+    af.AdamW([torch.nn.Parameter(a), torch.nn.Parameter(b, requires_grad=False)], lr=0.1, backend="reference")

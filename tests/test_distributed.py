@@ -503,6 +503,47 @@ def _flattened_checkpoint(rank, world, path):
     _finish()
 
 
+def _dtensor_versions_and_master_writes(rank, world, path):
+    """The step bumps the DTensors' own version counters (not only their local
+    shards'), so autograd refuses a backward through a graph that saved a param the
+    step then changed, and a user's in-place write to a DTensor param between steps
+    (which bumps the DTensor's counter) has its float32 master remade from it."""
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        for backend in ("cpu", "reference"):
+            for make in (lambda ps: af.AdamW(ps, lr=0.1, backend=backend),
+                         lambda ps: af.AdamW8bit(ps, lr=0.1, backend=backend)):
+                torch.manual_seed(0)
+                p = torch.nn.Parameter(distribute_tensor(torch.randn(64, 256), mesh, [Shard(0)]))
+                opt = make([p])
+                loss = (p * p).sum()  # saves p
+                p.grad = distribute_tensor(torch.ones(64, 256), mesh, [Shard(0)])
+                version = p._version
+                opt.step()
+                assert p._version > version
+                with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                    loss.backward()
+            torch.manual_seed(0)
+            p = torch.nn.Parameter(distribute_tensor(torch.randn(16, dtype=torch.bfloat16), mesh, [Shard(0)]))
+            opt = af.AdamW([p], lr=1e-3, weight_decay=0.0, master_weights=True, backend=backend)
+            p.grad = distribute_tensor(torch.randn(16, dtype=torch.bfloat16), mesh, [Shard(0)])
+            opt.step()
+            with torch.no_grad():
+                p.copy_(distribute_tensor(torch.full((16,), 3.0, dtype=torch.bfloat16), mesh, [Shard(0)]))
+            p.grad = distribute_tensor(torch.zeros(16, dtype=torch.bfloat16), mesh, [Shard(0)])
+            opt.step()
+            assert torch.equal(p.full_tensor(), torch.full((16,), 3.0, dtype=torch.bfloat16))
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
 def _spawn(fn, world, *args):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(fn, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
@@ -536,3 +577,7 @@ def test_dtensor_grad_placement_stochastic_rounding_and_failed_reductions():
 
 def test_flattened_distributed_checkpoint_loads_and_resumes():
     _spawn(_flattened_checkpoint, 1)
+
+
+def test_dtensor_version_counters_and_master_writes():
+    _spawn(_dtensor_versions_and_master_writes, 2)

@@ -276,3 +276,18 @@ def test_a_numpy_array_decay_is_named():
     import numpy as np
     with pytest.raises(ValueError, match=r"Invalid decay: array"):
         af.ScaledAdamW([torch.nn.Parameter(torch.randn(6, 5))], half_life=10, decay=np.array(["inverse_time", "x"]))
+
+
+@pytest.mark.parametrize("make", [lambda v: torch.tensor(v, dtype=torch.float64), lambda v: __import__("numpy").array(v)],
+                         ids=["tensor", "array"])
+def test_an_init_norm_vector_set_between_steps_is_range_checked(make):
+    """As a tuple is: an entry beyond float32's range is refused before any write."""
+    ps = [torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(8))]
+    opt = af.ScaledAdamW(ps, lr=1e-3, half_life=100, backend="cpu")
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in ps]
+    opt.param_groups[0]["init_norm"] = make([1e300, 1.0])
+    with pytest.raises(ValueError, match=r"Invalid init_norm\[0\]"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(ps, before)) and not opt.state
