@@ -232,6 +232,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     # checkpoint saved by a torch without a flag meant the flag's default.
     torch_setstate_defaults: Dict[str, Any] = {}
     _plans_before_step: Dict[int, GroupPlan] = {}
+    _values_when_loaded: List[GroupPlan] = []
     # Whether per-param values (per_param_keys) may be given as 1-D tensors or arrays.
     per_param_arrays: bool = False
 
@@ -517,7 +518,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         plan = self._plans.get(index)
         if plan is not None and plan.group is group:
             return plan
-        for plan in list(self._plans_before_step.values()) + list(self._plans.values()):
+        for plan in list(self._plans_before_step.values()) + list(self._plans.values()) + self._values_when_loaded:
             if plan.group is group:
                 return plan
         return None
@@ -1069,12 +1070,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         states as the kernels see them)."""
 
     def _mark_layouts(self) -> None:
-        """Records the strides of every param with state as they are now, the layout
-        its states have (after a load, which copies them into it, or an unpickling):
-        a param given another memory format before its next step has them re-laid."""
-        for p in self.state:
+        """Records, for every param with state, the layout its states have (after a
+        load, which copies them into the param's; after an unpickling, the layout
+        they were saved in, which a param given another memory format since its
+        last step no longer has): a param whose strides differ at its next step has
+        them re-laid."""
+        for p, st in self.state.items():
             if isinstance(p, Tensor) and p.dim() > 1:
-                self._layouts[id(p)] = (p, p.stride())
+                shaped = [v for k, v in st.items() if k != MASTER_KEY and isinstance(v, Tensor)
+                          and v.shape == p.shape] if isinstance(st, dict) else []
+                self._layouts[id(p)] = (p, shaped[0].stride() if shaped else p.stride())
 
     def _relaid_states(self, p: Tensor, st: dict) -> dict:
         """When p's strides changed since its last step (a param replaced by one of
@@ -1355,9 +1360,43 @@ class FusedOptimizer(torch.optim.Optimizer):
         return self._telemetry.rms([p for group in self.param_groups for p in group["params"]])
 
     # ---- checkpoints ------------------------------------------------------
+    def _settle_for_saving(self) -> None:
+        """Brings what a step would bring up to date before saving (state_dict, a
+        pickle or deepcopy), so that a checkpoint or copy resumes as this optimizer
+        would: per-param group values (Amos's eta, ScaledAdamW's init_norm) moved to
+        follow params added, removed or reordered since the last step, and a float32
+        master remade from its param when the param was written since (the next
+        step would remake it: a copy marks its masters as in step with their
+        params)."""
+        for index, group in enumerate(self.param_groups):
+            if self.per_param_keys and isinstance(group, dict) and "params" in group:
+                group.update(self._values_following_params(group, self._last_plan_of(index, group)))
+            if not (isinstance(group, dict) and group.get("master_weights")):
+                continue
+            for p in group.get("params", ()):
+                st = self.state.get(p) if isinstance(p, Tensor) else None
+                if isinstance(st, dict) and MASTER_KEY in st and self._master_marks.edited(p):
+                    st[MASTER_KEY] = float32_copy(p.detach())
+                    self._master_marks.mark([p])
+
+    @torch._disable_dynamo
+    def state_dict(self) -> dict:
+        self._settle_for_saving()
+        return super().state_dict()
+
+    def __getstate__(self) -> dict:
+        self._settle_for_saving()
+        return super().__getstate__()
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._plans = {}
+        # which params each group's per-param values belong to (settled when saved): a
+        # param added to a group of the copy gets its own value, as in the original
+        self._values_when_loaded = [
+            GroupPlan(list(group["params"]), [], False, group_values={k: group.get(k) for k in self.per_param_keys},
+                      group=group)
+            for group in self.param_groups if self.per_param_keys and isinstance(group.get("params"), list)]
         self._telemetry = Recorder()  # (torch.optim pickles defaults, state and groups only)
         self._master_marks = WriteMarks()
         self._layouts: Dict[int, Tuple[Tensor, tuple]] = {}  # id(p) -> (p, its strides at its last step)

@@ -1,0 +1,122 @@
+"""A copy of an optimizer — ``copy.deepcopy``, a pickle, or ``state_dict`` loaded into
+a fresh one — resumes exactly as the original would, also when params, their
+values or their layout changed since the last step: per-param group values follow
+their params, a param written since its last step has its float32 master remade
+from it, and states whose param changed memory format are re-laid at its next step."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import amos_fused as af
+
+HOW = ["deepcopy", "pickle", "state_dict"]
+
+
+def _copied(opt, params, how, make):
+    """(the copy, its params): the optimizer and params together for deepcopy and
+    pickle; for state_dict, fresh params of the same values and a fresh optimizer
+    ``make(params)`` loading the checkpoint through torch.save / torch.load."""
+    if how == "deepcopy":
+        return copy.deepcopy((opt, params))
+    if how == "pickle":
+        return pickle.loads(pickle.dumps((opt, params)))
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    new = make(fresh[:len(opt.param_groups[0]["params"])])
+    new.load_state_dict(torch.load(buffer, weights_only=True))
+    return new, fresh
+
+
+PER_PARAM = {"Amos": (lambda ps: af.Amos(ps, lr=0.1, backend="cpu"), "eta"),
+             "Amos8bit": (lambda ps: af.Amos8bit(ps, lr=0.1, backend="cpu"), "eta"),
+             "ScaledAdamW": (lambda ps: af.ScaledAdamW(ps, lr=0.05, half_life=100, backend="cpu"), "init_norm")}
+
+
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("name", list(PER_PARAM))
+def test_per_param_values_follow_their_params_in_a_copy(name, how):
+    make, key = PER_PARAM[name]
+
+    def session(copy_how):
+        torch.manual_seed(0)
+        p0, p1 = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3, 4) * 3)
+        opt = make([p0, p1])
+        opt.param_groups[0]["params"] = [p0]  # p1 leaves before any step
+        if copy_how is not None:
+            opt, (p0, p1) = _copied(opt, [p0, p1], copy_how, make)
+        opt.param_groups[0]["params"] = [p1, p0]  # and comes back, first
+        p2 = torch.nn.Parameter(torch.randn(4, 4))
+        opt.param_groups[0]["params"].append(p2)  # a new one too
+        for p in (p0, p1, p2):
+            p.grad = torch.ones_like(p)
+        opt.step()
+        return [p.detach().clone() for p in (p0, p1, p2)], opt.param_groups[0][key]
+
+    (params, values), (copied, copied_values) = session(None), session(how)
+    assert copied_values == values
+    assert all(torch.equal(a, b) for a, b in zip(params, copied))
+
+
+@pytest.mark.parametrize("name", list(PER_PARAM))
+def test_a_checkpoint_after_removing_a_param_holds_one_value_per_saved_param(name):
+    make, key = PER_PARAM[name]
+    p0, p1 = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3, 4))
+    opt = make([p0, p1])
+    p0.grad, p1.grad = torch.ones_like(p0), torch.ones_like(p1)
+    opt.step()
+    opt.param_groups[0]["params"] = [p0]
+    del opt.state[p1]
+    saved = opt.state_dict()
+    assert len(saved["param_groups"][0][key]) == 1
+    new, (q0,) = _copied(opt, [p0], "state_dict", make)
+    q0.grad = torch.ones_like(q0)
+    new.step()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("how", HOW)
+def test_a_param_written_before_a_copy_resumes_from_its_written_value(how, backend):
+    """master_weights: the clamp between steps is kept by the copy, as by the original."""
+    def make(ps):
+        return af.AdamW(ps, lr=1e-2, master_weights=True, backend=backend)
+
+    def session(copy_how):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(64).bfloat16())
+        opt = make([p])
+        grads = [torch.randn(64).bfloat16() for _ in range(3)]
+        p.grad = grads[0]
+        opt.step()
+        with torch.no_grad():
+            p.clamp_(-0.5, 0.5)
+        if copy_how is not None:
+            opt, (p,) = _copied(opt, [p], copy_how, make)
+        for g in grads[1:]:
+            p.grad = g.clone()
+            opt.step()
+        return p.detach().clone(), opt.state[p]["master_param"].clone()
+
+    (p, master), (q, copied_master) = session(None), session(how)
+    assert torch.equal(p, q) and torch.equal(master, copied_master)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("cls", [af.AdamW, af.AdamW8bit, af.Amos], ids=lambda c: c.__name__)
+def test_a_copy_made_after_a_memory_format_change_re_lays_the_states(cls, how, backend):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(2, 8, 16, 18).contiguous(memory_format=torch.channels_last))
+    opt = cls([p], lr=0.1, backend=backend)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    p.data = p.data.contiguous()
+    copied, (q,) = _copied(opt, [p], how, None)
+    for o, x in ((opt, p), (copied, q)):
+        x.grad = torch.ones_like(x)
+        o.step()
+    assert torch.equal(p, q)
