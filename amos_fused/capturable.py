@@ -1,6 +1,6 @@
 """The host side of capturable steps (``capturable=True``), shared by the backends
 that have them: the checks of a call's device arguments, the advance of the step
-counters by 1 − found_inf, and the CUDA backend's step
+counters by 1 unless found_inf is set, and the CUDA backend's step
 (``torch.ops.amos_fused.step_capturable``).  Nothing here reads a tensor's value
 on the host, so a step can be captured in a CUDA graph and replayed, as torch's
 ``capturable`` optimizers can.
@@ -74,9 +74,10 @@ def host_hyper(hyper: Mapping[str, object]) -> dict:
 
 
 def advance_counters(steps: Sequence[Tensor], found_inf: Optional[Tensor]) -> None:
-    """Every counter + 1 − found_inf, on the device; after the launch, so a failed
-    one leaves them as they were."""
-    increment = 1.0 if found_inf is None else (1.0 - found_inf.to(torch.float32)).reshape(())
+    """Every counter + 1 where found_inf is 0 (GradScaler may sum it over devices:
+    any other value skips the step, and the counts stay), on the device; after the
+    launch, so a failed one leaves them as they were."""
+    increment = 1.0 if found_inf is None else (found_inf == 0).to(torch.float32).reshape(())
     torch._foreach_add_(list(steps), increment)
 
 

@@ -103,6 +103,24 @@ def convert_loaded(param: Tensor, state: Dict[str, object], master_weights: bool
     state.pop(MASTER_KEY, None)
 
 
+def rounds_to(master, param: Tensor) -> bool:
+    """Whether a float32 master, rounded to nearest into the param's dtype (as the
+    step writes the param from it), is bitwise the param now: a write since the
+    last step that left those values (the model's own weights loaded after the
+    optimizer, as torch.distributed.checkpoint's set_state_dict loads them) keeps
+    the master and its extra bits.  Compared shard by shard for DTensors."""
+    if not isinstance(master, Tensor):
+        return False
+    m, p = local(master), local(param).detach()
+    if m.shape != p.shape or m.device != p.device or m.dtype != torch.float32:
+        return False
+    return torch.equal(m.to(p.dtype).view(_BITS[p.dtype]) if p.dtype in _BITS else m.to(p.dtype),
+                       p.view(_BITS[p.dtype]) if p.dtype in _BITS else p)
+
+
+_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
 class WriteMarks:
     """What each param with a master looked like when a step last wrote it: its
     storage (held weakly), address, version counter, shape and strides.  A param

@@ -125,6 +125,23 @@ def _host_values(group: dict) -> dict:
     return group
 
 
+def _multiply_grads(grads: List[Tensor], inverse) -> None:
+    """g ← g·(1/s) in place, as the steps read the grads: 1/s (``inverse``, a number
+    or a 0-dim float64 tensor) in float64 for float64 grads, else rounded to float32,
+    the product taken in float32 and rounded once into a bfloat16/float16 grad
+    (torch's own foreach multiply would round 1/s to the grad's dtype first)."""
+    for dtype in {g.dtype for g in grads}:
+        same = [g for g in grads if g.dtype == dtype]
+        factor = inverse if not isinstance(inverse, Tensor) else inverse.to(
+            torch.float64 if dtype == torch.float64 else torch.float32)
+        if dtype in (torch.float32, torch.float64):
+            torch._foreach_mul_(same, factor)
+        else:
+            if not isinstance(factor, Tensor):
+                factor = torch.tensor(factor, dtype=torch.float32)
+            torch._foreach_copy_(same, torch._foreach_mul([g.float() for g in same], factor))
+
+
 @contextlib.contextmanager
 def _naming_group(index: int):
     """Adds the group to the message of a group-level refusal (its backend, its
@@ -692,14 +709,16 @@ class FusedOptimizer(torch.optim.Optimizer):
                     # g·(1/s), the unscaled grad the kernels and the reference stepped with (as torch's
                     # unscale_ leaves it; the same as g/s for GradScaler's power-of-two scales)
                     scale = float(values["grad_scale"])
-                    torch._foreach_mul_(host, 1.0 / scale if scale != 0.0 else math.copysign(math.inf, scale))
+                    _multiply_grads(host, 1.0 / scale if scale != 0.0 else math.copysign(math.inf, scale))
         for device, grads in on_device.items():
-            scale = scaling["grad_scale"].to(device, non_blocking=True)
+            # g·(1/s) as the capturable kernels read it (device_coefficients: 1/s in float64), or 1 when skipped
+            inverse = 1.0 / scaling["grad_scale"].to(device, torch.float64, non_blocking=True).reshape(())
             found_inf = scaling["found_inf"]
             if found_inf is not None:
-                scale = torch.where(found_inf.to(device, non_blocking=True) != 0, torch.ones_like(scale), scale)
+                inverse = torch.where(found_inf.to(device, non_blocking=True).reshape(()) != 0,
+                                      torch.ones_like(inverse), inverse)
             with torch.inference_mode():
-                torch._foreach_div_(grads, scale)
+                _multiply_grads(grads, inverse)
 
     def _plan(self, index: int, group: dict, rebuild: bool) -> GroupPlan:
         plan = self._plans.get(index)
@@ -1011,8 +1030,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if master and MASTER_KEY not in st and "step" in st:
             changes.update(upcast_states(p, st))
             changes.update(fp8_states.relaid_into(st, changes[MASTER_KEY]))  # codes follow the master's layout
-        elif master and MASTER_KEY in st and self._master_marks.edited(p):  # written since our last step
-            changes[MASTER_KEY] = float32_copy(p.detach())
+        elif master and MASTER_KEY in st and self._master_marks.edited(p) and not masters.rounds_to(st[MASTER_KEY], p):
+            changes[MASTER_KEY] = float32_copy(p.detach())  # written since our last step, to another value
         elif not master and (MASTER_KEY in st or self._awaiting_master.get(id(p)) is p):
             if MASTER_KEY in st:
                 changes[MASTER_KEY] = None
@@ -1250,7 +1269,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 got = (f"{value.dtype} {tuple(value.shape)} ({value.layout}) on {value.device}"
                        if isinstance(value, Tensor) else repr(value))
                 raise ValueError(f"{self._name}: {name} (set by torch.amp.GradScaler) must be a one-element "
-                                 f"floating tensor, dense and with data, got {got}")
+                                 f"floating tensor with data (dense), got {got}")
 
     def _unscales_grads(self) -> bool:
         """Whether this step divides the grads in place once it has run (GradScaler's
@@ -1308,8 +1327,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     self._python_step_rounded(python_step, bucket, group, keys)
             if track:
                 measured_sums(bucket.params, before, table)
-        if bucket.shadows and not bucket.shadows_in_kernel:  # the params, rounded from their masters
-            torch._foreach_copy_(bucket.shadows, bucket.params)
+        if bucket.shadows and not bucket.shadows_in_kernel and not self._skipped_on_host():
+            torch._foreach_copy_(bucket.shadows, bucket.params)  # the params, rounded from their masters
         self._bump_sharded_versions(bucket, group)
         if bucket.shadows:
             self._master_marks.mark(bucket.owners)
@@ -1320,6 +1339,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._telemetry.record(bucket.owners, bucket.params, table, float(ready.group["lr"]))
         else:
             self._telemetry.forget(bucket.owners)
+
+    def _skipped_on_host(self) -> bool:
+        """Whether GradScaler's found_inf, held on the host, skips this step (one on a
+        device is not read here: the kernels read it there)."""
+        found_inf = self._grad_scaling()["found_inf"]
+        return found_inf is not None and found_inf.device.type == "cpu" and float(found_inf) != 0.0
 
     def _bump_sharded_versions(self, bucket: Bucket, group: dict) -> None:
         """The step wrote the local shards of a bucket's DTensor params and states,
@@ -1375,7 +1400,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             for p in group.get("params", ()):
                 st = self.state.get(p) if isinstance(p, Tensor) else None
-                if isinstance(st, dict) and MASTER_KEY in st and self._master_marks.edited(p):
+                if isinstance(st, dict) and MASTER_KEY in st and self._master_marks.edited(p) and \
+                        not masters.rounds_to(st[MASTER_KEY], p):
                     st[MASTER_KEY] = float32_copy(p.detach())
                     self._master_marks.mark([p])
 

@@ -313,3 +313,20 @@ def test_the_grads_left_after_the_step_are_the_ones_it_stepped_with(scale, backe
     assert torch.equal(p.grad, scaled * torch.tensor(1.0 / scale, dtype=torch.float32))
     if scale == 2.0 ** 12:
         assert torch.equal(p.grad, scaled / scale)
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_grads_are_left_as_the_float32_product_rounded_once(dtype, capturable):
+    """g·(1/s) taken in float32 (1/s rounded to float32, not to the grad's dtype) and
+    rounded once into the grad, on the host and the capturable (device) paths alike."""
+    backend = "triton" if capturable else "cpu"
+    if backend not in af.available_backends():
+        pytest.skip("the triton backend is not available here")
+    p = torch.nn.Parameter(torch.randn(1000).to(dtype))
+    opt = af.AdamW([p], lr=1e-3, backend=backend, capturable=capturable)
+    scaled = (torch.randn(1000, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    p.grad = scaled.clone()
+    opt.grad_scale, opt.found_inf = torch.tensor(3.0), torch.tensor(0.0)
+    opt.step()
+    assert torch.equal(p.grad, (scaled.float() * torch.tensor(1 / 3.0, dtype=torch.float32)).to(dtype))

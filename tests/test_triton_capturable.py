@@ -342,3 +342,26 @@ def test_capturable_scaled_adamw_half_life_at_a_zero_tensor_lr():
             o.step()
         assert all(torch.isfinite(p).all() for p in ours)
     assert all(torch.equal(p.detach(), q.detach()) for p, q in zip(ours, twin))
+
+
+def test_a_found_inf_summed_over_devices_skips_without_moving_the_counters():
+    """GradScaler sums found_inf over devices: 2 skips the step like 1, and the
+    capturable counters stay where the host step's stay."""
+    out = {}
+    for capturable in (False, True):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(100))
+        opt = af.AdamW([p], lr=1e-2, backend="triton", capturable=capturable)
+        grads = [torch.randn(100) for _ in range(3)]
+        p.grad = grads[0].clone()
+        opt.step()
+        p.grad = grads[1].clone()
+        opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(2.0)
+        opt.step()
+        del opt.grad_scale, opt.found_inf
+        after_skip = float(opt.state[p]["step"])
+        p.grad = grads[2].clone()
+        opt.step()
+        out[capturable] = (after_skip, p.detach().clone())
+    assert out[False][0] == out[True][0] == 1.0
+    assert torch.equal(out[False][1], out[True][1])

@@ -78,3 +78,20 @@ def test_a_step_inside_inference_mode_still_steps_inference_tensors():
         before = p.clone()
         opt.step()
         assert not torch.equal(p, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_skipped_step_with_master_weights_bumps_nothing(backend):
+    """(the params are not copied from their unchanged masters either)"""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    opt = af.AdamW(lin.parameters(), lr=1e-2, master_weights=True, backend=backend)
+    x = torch.randn(4, 16, dtype=torch.bfloat16, requires_grad=True)
+    lin(x).float().sum().backward()
+    opt.step()
+    loss = lin(x).float().sum()
+    version = lin.weight._version
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)
+    opt.step()
+    assert lin.weight._version == version
+    loss.backward()

@@ -126,7 +126,7 @@ def step_capturable(algorithm: str, params: List[Tensor], grads: List[Tensor], s
     ``grad_scale`` / ``found_inf``: GradScaler's, on the device.  The coefficient
     table is computed on the device (device_coefficients.py), the kernels read
     found_inf themselves and return when it is set (nothing written), and the
-    counters then advance by 1 − found_inf.  No telemetry, stochastic rounding or
+    counters then advance by 1 unless found_inf is set.  No telemetry, stochastic rounding or
     low params."""
     capturable.check_algorithm(algorithm, capturable_algorithms())
     op = f"amos_fused.triton.{algorithm}_step_capturable"

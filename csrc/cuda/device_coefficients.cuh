@@ -5,7 +5,7 @@
 //     launch ordered after the table upload and before the step's kernels;
 //   * GradScaler's found_inf stays on the device: every kernel that writes starts
 //     with step_skipped(table.skip) and returns when it is set, so a skipped step
-//     writes nothing (the counters advance by 1 − found_inf, in Python).
+//     writes nothing (the counters advance by 1 unless found_inf is set, in Python).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
