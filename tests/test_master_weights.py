@@ -678,3 +678,35 @@ def test_a_param_swapped_for_another_view_of_its_storage_gets_its_master_remade(
     opt.step()
     assert opt.state[p][MASTER_KEY].shape == p.shape and opt.state[p][MASTER_KEY].stride() == p.stride()
     assert torch.equal(opt.state[p][MASTER_KEY].bfloat16(), p.detach())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_masters_resume_through_set_state_dict_which_loads_the_model_last(backend):
+    """torch.distributed.checkpoint's set_state_dict loads the optimizer, then the
+    model: the params are rewritten with the values their masters round to, which
+    keeps the masters (a write of other values would remake them)."""
+    import copy as copy_module
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 32).to(torch.bfloat16)
+        return model, af.AdamW(model.parameters(), lr=1e-4, master_weights=True, backend=backend)
+
+    def train(model, opt, first, last):
+        for step in range(first, last):
+            g = torch.Generator().manual_seed(step)
+            opt.zero_grad()
+            model(torch.randn(8, 64, generator=g).bfloat16()).float().square().mean().backward()
+            opt.step()
+
+    model, opt = make()
+    train(model, opt, 0, 3)
+    saved = copy_module.deepcopy(get_state_dict(model, opt))
+    ref, ref_opt = make()
+    train(ref, ref_opt, 0, 6)
+    resumed, resumed_opt = make()
+    set_state_dict(resumed, resumed_opt, model_state_dict=saved[0], optim_state_dict=saved[1])
+    train(resumed, resumed_opt, 3, 6)
+    for p, q in zip(resumed.parameters(), ref.parameters()):
+        assert torch.equal(p, q) and torch.equal(resumed_opt.state[p][MASTER_KEY], ref_opt.state[q][MASTER_KEY])
