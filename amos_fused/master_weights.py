@@ -112,7 +112,8 @@ def rounds_to(master, param: Tensor) -> bool:
     if not isinstance(master, Tensor):
         return False
     m, p = local(master), local(param).detach()
-    if m.shape != p.shape or m.device != p.device or m.dtype != torch.float32:
+    if m.shape != p.shape or m.device != p.device or m.dtype != torch.float32 or (
+            p.numel() > 1 and m.stride() != p.stride()):  # (a param given another layout: its master remade)
         return False
     return torch.equal(m.to(p.dtype).view(_BITS[p.dtype]) if p.dtype in _BITS else m.to(p.dtype),
                        p.view(_BITS[p.dtype]) if p.dtype in _BITS else p)

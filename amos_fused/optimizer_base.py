@@ -13,6 +13,7 @@ against them at every step and rebuilt when they differ."""
 from __future__ import annotations
 
 import contextlib
+from collections import defaultdict
 import math
 import numbers
 from itertools import repeat
@@ -130,11 +131,12 @@ def _multiply_grads(grads: List[Tensor], inverse) -> None:
     or a 0-dim float64 tensor) in float64 for float64 grads, else rounded to float32,
     the product taken in float32 and rounded once into a bfloat16/float16 grad
     (torch's own foreach multiply would round 1/s to the grad's dtype first)."""
+    grads = [local(g) for g in grads]  # (a DTensor's local shard: its data, multiplied in place)
     for dtype in {g.dtype for g in grads}:
         same = [g for g in grads if g.dtype == dtype]
-        factor = inverse if not isinstance(inverse, Tensor) else inverse.to(
-            torch.float64 if dtype == torch.float64 else torch.float32)
-        if dtype in (torch.float32, torch.float64):
+        wide = dtype in (torch.float64, torch.complex128)
+        factor = inverse if not isinstance(inverse, Tensor) else inverse.to(torch.float64 if wide else torch.float32)
+        if dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128):
             torch._foreach_mul_(same, factor)
         else:
             if not isinstance(factor, Tensor):
@@ -249,7 +251,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     # checkpoint saved by a torch without a flag meant the flag's default.
     torch_setstate_defaults: Dict[str, Any] = {}
     _plans_before_step: Dict[int, GroupPlan] = {}
-    _values_when_loaded: List[GroupPlan] = []
+    # Per group (by id) loaded or unpickled, until its first plan: which params its
+    # per-param values belong to (a checkpoint or copy holds them settled).
+    _values_when_loaded: Dict[int, GroupPlan] = {}
     # Whether per-param values (per_param_keys) may be given as 1-D tensors or arrays.
     per_param_arrays: bool = False
 
@@ -535,7 +539,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         plan = self._plans.get(index)
         if plan is not None and plan.group is group:
             return plan
-        for plan in list(self._plans_before_step.values()) + list(self._plans.values()) + self._values_when_loaded:
+        for plan in list(self._plans_before_step.values()) + list(self._plans.values()) + \
+                list(self._values_when_loaded.values()):
             if plan.group is group:
                 return plan
         return None
@@ -673,6 +678,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         changed."""
         self._members_changed = False
         self._plans = {i: plan for i, plan in self._plans.items() if i < len(self.param_groups)}
+        self._values_when_loaded = {}  # (every group has a plan after a step)
         in_groups = {id(p) for group in self.param_groups for p in group["params"]}
         kept = in_groups | {id(p) for p in self.state}
         self._layouts = {key: entry for key, entry in self._layouts.items() if key in kept}
@@ -1385,44 +1391,75 @@ class FusedOptimizer(torch.optim.Optimizer):
         return self._telemetry.rms([p for group in self.param_groups for p in group["params"]])
 
     # ---- checkpoints ------------------------------------------------------
-    def _settle_for_saving(self) -> None:
-        """Brings what a step would bring up to date before saving (state_dict, a
-        pickle or deepcopy), so that a checkpoint or copy resumes as this optimizer
-        would: per-param group values (Amos's eta, ScaledAdamW's init_norm) moved to
-        follow params added, removed or reordered since the last step, and a float32
-        master remade from its param when the param was written since (the next
-        step would remake it: a copy marks its masters as in step with their
-        params)."""
+    def _settled_for_saving(self) -> Tuple[List[dict], Dict[int, Tensor]]:
+        """What a step would bring up to date, for a checkpoint or a copy to resume
+        as this optimizer would, without changing this optimizer: each group's
+        per-param values (Amos's eta, ScaledAdamW's init_norm) following the params
+        added, removed or reordered since the last step (a new param's inferred now:
+        a checkpoint holds numbers), by group index; and a float32 master made from
+        each param written since its last step (to other values than its master
+        rounds to), by id of the param."""
+        values: List[dict] = []
+        fresh: Dict[int, Tensor] = {}
         for index, group in enumerate(self.param_groups):
-            if self.per_param_keys and isinstance(group, dict) and "params" in group:
-                group.update(self._values_following_params(group, self._last_plan_of(index, group)))
+            moved = {}
+            if self.per_param_keys and isinstance(group, dict) and isinstance(group.get("params"), list):
+                try:
+                    moved = self._values_following_params(group, self._last_plan_of(index, group))
+                except Exception:  # (a param whose value cannot be inferred: saved as it is, refused at the step)
+                    moved = {}
+            values.append(moved)
             if not (isinstance(group, dict) and group.get("master_weights")):
                 continue
             for p in group.get("params", ()):
                 st = self.state.get(p) if isinstance(p, Tensor) else None
                 if isinstance(st, dict) and MASTER_KEY in st and self._master_marks.edited(p) and \
                         not masters.rounds_to(st[MASTER_KEY], p):
-                    st[MASTER_KEY] = float32_copy(p.detach())
-                    self._master_marks.mark([p])
+                    with torch.inference_mode(False):
+                        fresh[id(p)] = float32_copy(p.detach())
+        return values, fresh
 
     @torch._disable_dynamo
     def state_dict(self) -> dict:
-        self._settle_for_saving()
-        return super().state_dict()
+        """torch.optim's state_dict, with what the next step would bring up to date
+        (_settled_for_saving) in the saved groups and states."""
+        values, fresh = self._settled_for_saving()
+        saved = super().state_dict()
+        groups, states = saved.get("param_groups"), saved.get("state")
+        if not (isinstance(groups, list) and len(groups) == len(self.param_groups) and isinstance(states, dict)):
+            return saved  # (a post-hook reshaped it)
+        for group, saved_group, moved in zip(self.param_groups, groups, values):
+            if not isinstance(saved_group, dict):
+                continue
+            saved_group.update({key: value for key, value in moved.items() if key in saved_group})
+            for p, key in zip(group["params"], saved_group.get("params", ())):
+                if id(p) in fresh and isinstance(states.get(key), dict) and MASTER_KEY in states[key]:
+                    states[key] = {**states[key], MASTER_KEY: fresh[id(p)]}
+        return saved
 
     def __getstate__(self) -> dict:
-        self._settle_for_saving()
-        return super().__getstate__()
+        """torch.optim's, with what the next step would bring up to date
+        (_settled_for_saving) in the copied groups and states."""
+        values, fresh = self._settled_for_saving()
+        state = super().__getstate__()
+        state = dict(state)
+        state["param_groups"] = [{**group, **moved} for group, moved in zip(self.param_groups, values)]
+        if fresh:
+            copied = defaultdict(dict)
+            for p, st in self.state.items():
+                copied[p] = {**st, MASTER_KEY: fresh[id(p)]} if id(p) in fresh else st
+            state["state"] = copied
+        return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._plans = {}
         # which params each group's per-param values belong to (settled when saved): a
         # param added to a group of the copy gets its own value, as in the original
-        self._values_when_loaded = [
-            GroupPlan(list(group["params"]), [], False, group_values={k: group.get(k) for k in self.per_param_keys},
-                      group=group)
-            for group in self.param_groups if self.per_param_keys and isinstance(group.get("params"), list)]
+        self._values_when_loaded = {
+            id(group): GroupPlan(list(group["params"]), [], False,
+                                 group_values={k: group.get(k) for k in self.per_param_keys}, group=group)
+            for group in self.param_groups if self.per_param_keys and isinstance(group.get("params"), list)}
         self._telemetry = Recorder()  # (torch.optim pickles defaults, state and groups only)
         self._master_marks = WriteMarks()
         self._layouts: Dict[int, Tuple[Tensor, tuple]] = {}  # id(p) -> (p, its strides at its last step)

@@ -149,8 +149,12 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
     const c10::IValue& value = (*stack)[first + i];
     if (schema.arguments()[i].name() == "found_inf" && value.isTensor()) {
       const at::Tensor& found_inf = value.toTensor();
-      skipped = found_inf.defined() && found_inf.is_cpu() && found_inf.numel() == 1 &&
-                found_inf.layout() == c10::kStrided && found_inf.item<double>() != 0.0;
+      // (a traced call's fake or functional tensor has no value to read: bumped)
+      const c10::DispatchKeySet found_keys = found_inf.defined() ? found_inf.key_set() : c10::DispatchKeySet();
+      const bool has_value = found_inf.defined() && !found_keys.has(c10::DispatchKey::Python) &&
+                             !found_keys.has(c10::DispatchKey::Functionalize) && found_inf.has_storage();
+      skipped = has_value && found_inf.is_cpu() && found_inf.numel() == 1 && found_inf.layout() == c10::kStrided &&
+                found_inf.item<double>() != 0.0;
     }
   }
   {

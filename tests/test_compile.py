@@ -172,3 +172,23 @@ def test_compiled_train_step_breaks_no_more_than_torch_optim(name):
     ours = _step_graph_breaks(OPTIMIZERS[name])
     assert torch_breaks >= 1  # the comparison is against a real count
     assert ours <= torch_breaks, (ours, torch_breaks)
+
+
+def test_a_direct_call_of_the_step_op_with_found_inf_traces():
+    from amos_fused.contracts import step_arguments
+    hyper = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True, amsgrad=False,
+                 bias_correction=True)
+    params = [torch.randn(5, 3), torch.randn(4)]
+    grads = [torch.randn_like(p) for p in params]
+    states, values = step_arguments("adam", hyper, {"exp_avg": [torch.zeros_like(p) for p in params],
+                                                    "exp_avg_sq": [torch.zeros_like(p) for p in params]})
+    steps = [torch.tensor(0.0) for _ in params]
+    torch._dynamo.reset()
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def traced(params, grads, states, steps, grad_scale, found_inf):
+        torch.ops.amos_fused.step("adam", params, grads, states, steps, values, [], grad_scale, found_inf)
+
+    before = [p.clone() for p in params]
+    traced(params, grads, states, steps, torch.tensor(2.0), torch.tensor(0.0))
+    assert all(not torch.equal(p, b) for p, b in zip(params, before)) and all(s == 1 for s in steps)

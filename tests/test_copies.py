@@ -120,3 +120,76 @@ def test_a_copy_made_after_a_memory_format_change_re_lays_the_states(cls, how, b
         x.grad = torch.ones_like(x)
         o.step()
     assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("how", ["state_dict", "deepcopy", "pickle"])
+@pytest.mark.parametrize("name", list(PER_PARAM))
+def test_taking_a_copy_changes_nothing_in_the_original(name, how):
+    """A state_dict, deepcopy or pickle between two group edits leaves the original's
+    per-param values following its params, and infers nothing early (a param
+    appended, then written, gets the value of its param as the next step sees it)."""
+    make, key = PER_PARAM[name]
+
+    def session(take):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(4, 8) * 3), torch.nn.Parameter(torch.randn(4, 8) * 0.1)
+        c = torch.nn.Parameter(torch.zeros(4, 8))
+        opt = make([a, b])
+        for p in (a, b, c):
+            p.grad = torch.ones_like(p)
+        opt.step()
+        opt.param_groups[0]["params"].append(c)
+        if take == "state_dict":
+            opt.state_dict()
+        elif take == "deepcopy":
+            copy.deepcopy(opt)
+        elif take == "pickle":
+            pickle.dumps(opt)
+        torch.nn.init.normal_(c, std=2.0, generator=torch.Generator().manual_seed(1))
+        opt.param_groups[0]["params"].reverse()
+        opt.step()
+        return opt.param_groups[0][key], [p.detach().clone() for p in (a, b, c)]
+
+    (values, params), (taken_values, taken_params) = session(None), session(how)
+    assert taken_values == values and all(torch.equal(p, q) for p, q in zip(params, taken_params))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_state_dict_taken_in_inference_mode_after_a_write_leaves_the_masters_usable(backend):
+    p = torch.nn.Parameter(torch.randn(64).bfloat16())
+    opt = af.AdamW([p], lr=1e-3, master_weights=True, backend=backend)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    with torch.no_grad():
+        p.mul_(0.5)
+    with torch.inference_mode():
+        saved = opt.state_dict()
+    assert torch.equal(saved["state"][0]["master_param"], p.detach().float())
+    assert not opt.state[p]["master_param"].is_inference()
+    p.grad = torch.randn_like(p)
+    opt.step()
+
+
+@pytest.mark.parametrize("how", ["state_dict-load", "deepcopy"])
+@pytest.mark.parametrize("name", list(PER_PARAM))
+def test_a_param_removed_after_a_load_or_copy_is_not_held(name, how):
+    import gc
+    import weakref
+    make, _ = PER_PARAM[name]
+    a, b = torch.nn.Parameter(torch.randn(64)), torch.nn.Parameter(torch.randn(64))
+    opt = make([a, b])
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    opt.step()
+    if how == "deepcopy":
+        opt, (a, b) = copy.deepcopy((opt, (a, b)))
+    else:
+        opt.load_state_dict(opt.state_dict())
+    held = weakref.ref(b)
+    del opt.param_groups[0]["params"][1]
+    opt.state.pop(b, None)
+    del b
+    a.grad = torch.ones_like(a)
+    opt.step()
+    opt.step()
+    gc.collect()
+    assert held() is None

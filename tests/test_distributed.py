@@ -538,6 +538,15 @@ def _dtensor_versions_and_master_writes(rank, world, path):
             p.grad = distribute_tensor(torch.zeros(16, dtype=torch.bfloat16), mesh, [Shard(0)])
             opt.step()
             assert torch.equal(p.full_tensor(), torch.full((16,), 3.0, dtype=torch.bfloat16))
+            # bfloat16 DTensor grads left by a GradScaler step: g·(1/s), the float32 product rounded once
+            p = torch.nn.Parameter(distribute_tensor(torch.randn(16, 8).bfloat16(), mesh, [Shard(0)]))
+            scaled = (torch.randn(16, 8, generator=torch.Generator().manual_seed(3)) * 9).bfloat16()
+            p.grad = distribute_tensor(scaled, mesh, [Shard(0)])
+            opt = af.AdamW([p], lr=1e-3, backend=backend)
+            opt.grad_scale, opt.found_inf = torch.tensor(3.0), torch.tensor(0.0)
+            opt.step()
+            expected = (scaled.float() * torch.tensor(1 / 3.0, dtype=torch.float32)).bfloat16()
+            assert torch.equal(p.grad.full_tensor(), expected)
     except BaseException:
         dist.destroy_process_group()
         raise

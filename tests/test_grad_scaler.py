@@ -330,3 +330,15 @@ def test_low_precision_grads_are_left_as_the_float32_product_rounded_once(dtype,
     opt.grad_scale, opt.found_inf = torch.tensor(3.0), torch.tensor(0.0)
     opt.step()
     assert torch.equal(p.grad, (scaled.float() * torch.tensor(1 / 3.0, dtype=torch.float32)).to(dtype))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+def test_complex_grads_are_left_whole(dtype, backend):
+    p = torch.nn.Parameter(torch.randn(4, dtype=dtype))
+    g = torch.randn(4, dtype=dtype) * 10
+    p.grad = g.clone()
+    opt = af.AdamW([p], lr=1e-3, backend=backend)
+    opt.grad_scale, opt.found_inf = torch.tensor(3.0), torch.tensor(0.0)
+    opt.step()
+    assert torch.equal(p.grad, g * (1 / 3.0))

@@ -710,3 +710,16 @@ def test_masters_resume_through_set_state_dict_which_loads_the_model_last(backen
     train(resumed, resumed_opt, 3, 6)
     for p, q in zip(resumed.parameters(), ref.parameters()):
         assert torch.equal(p, q) and torch.equal(resumed_opt.state[p][MASTER_KEY], ref_opt.state[q][MASTER_KEY])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_masters_of_a_model_moved_to_channels_last_are_remade_in_its_layout(backend):
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(4, 8, 3).to(torch.bfloat16)
+    opt = af.AdamW(model.parameters(), lr=1e-3, master_weights=True, backend=backend)
+    model(torch.randn(2, 4, 8, 8, dtype=torch.bfloat16)).sum().backward()
+    opt.step()
+    model.to(memory_format=torch.channels_last)
+    opt.step()
+    master = opt.state[model.weight][MASTER_KEY]
+    assert master.stride() == model.weight.stride() and torch.equal(master.bfloat16(), model.weight.detach())
