@@ -55,6 +55,7 @@ class Bucket:
     # The grads as the params hold them (local shards), which the step only reads
     # (``grads`` may be copies of them): checked not to share memory with what it writes.
     held_grads: List[Tensor] = field(default_factory=list)
+    sharded: bool = False  # some params are DTensors (the kernels step their local shards)
 
     def each(self):
         """(param, grad, state) per param, the state a dict of kernel views by key."""

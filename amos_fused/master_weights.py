@@ -109,14 +109,13 @@ def rounds_to(master, param: Tensor) -> bool:
     last step that left those values (the model's own weights loaded after the
     optimizer, as torch.distributed.checkpoint's set_state_dict loads them) keeps
     the master and its extra bits.  Compared shard by shard for DTensors."""
-    if not isinstance(master, Tensor):
+    if master_problem(param, master) is not None:  # (a param given another layout: its master remade)
         return False
     m, p = local(master), local(param).detach()
-    if m.shape != p.shape or m.device != p.device or m.dtype != torch.float32 or (
-            p.numel() > 1 and m.stride() != p.stride()):  # (a param given another layout: its master remade)
-        return False
-    return torch.equal(m.to(p.dtype).view(_BITS[p.dtype]) if p.dtype in _BITS else m.to(p.dtype),
-                       p.view(_BITS[p.dtype]) if p.dtype in _BITS else p)
+    rounded = m.to(p.dtype)
+    if p.dtype in _BITS:  # (bitwise: -0 is not +0)
+        return torch.equal(rounded.view(_BITS[p.dtype]), p.view(_BITS[p.dtype]))
+    return torch.equal(rounded, p)
 
 
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}

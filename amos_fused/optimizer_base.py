@@ -131,12 +131,13 @@ def _multiply_grads(grads: List[Tensor], inverse) -> None:
     or a 0-dim float64 tensor) in float64 for float64 grads, else rounded to float32,
     the product taken in float32 and rounded once into a bfloat16/float16 grad
     (torch's own foreach multiply would round 1/s to the grad's dtype first)."""
-    grads = [local(g) for g in grads]  # (a DTensor's local shard: its data, multiplied in place)
+    # (a DTensor's local shard holds its data; a complex grad is stepped as its real view)
+    grads = [torch.view_as_real(g) if g.is_complex() else g for g in map(local, grads)]
     for dtype in {g.dtype for g in grads}:
         same = [g for g in grads if g.dtype == dtype]
-        wide = dtype in (torch.float64, torch.complex128)
-        factor = inverse if not isinstance(inverse, Tensor) else inverse.to(torch.float64 if wide else torch.float32)
-        if dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128):
+        factor = inverse if not isinstance(inverse, Tensor) else inverse.to(
+            torch.float64 if dtype == torch.float64 else torch.float32)
+        if dtype in (torch.float32, torch.float64):
             torch._foreach_mul_(same, factor)
         else:
             if not isinstance(factor, Tensor):
@@ -966,7 +967,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                            for n, g in zip(negated, grads)]
             grads = negated
         bucket = Bucket(spec.device, spec.dtype, backend, owners, positions, params, grads, lists, fp8=spec.fp8,
-                        shadows=shadows, shadows_in_kernel=shadows_in_kernel, held_grads=held_grads)
+                        shadows=shadows, shadows_in_kernel=shadows_in_kernel, held_grads=held_grads,
+                        sharded=bool(spec.dtensor_positions))
         for key in self.per_param_keys:
             bucket.per_param[key] = self._per_param(index, group, plan, key, positions)
         if shadows_in_kernel and self._reduces_across_shards(bucket, group):  # stepped in Python: copy after
@@ -1359,10 +1361,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         backward through a graph that saved such a param, and a master sees the
         user's later writes as later ones) — unless found_inf, read on the host
         by such a step already, skipped it (a capturable step: bumped anyway)."""
+        if not bucket.sharded:
+            return
         written = [t for p in bucket.owners if is_dtensor(p)
                    for t in [p, *self.state.get(p, {}).values()] if is_dtensor(t)]
-        if not written:
-            return
         found_inf = None if group.get("capturable") else self._host_grad_scaling()["found_inf"]
         if found_inf is None or float(found_inf) == 0.0:
             torch._C._increment_version(written)
@@ -1403,7 +1405,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         fresh: Dict[int, Tensor] = {}
         for index, group in enumerate(self.param_groups):
             moved = {}
-            if self.per_param_keys and isinstance(group, dict) and isinstance(group.get("params"), list):
+            if self.per_param_keys and isinstance(group, dict) and isinstance(group.get("params"), (list, tuple)):
                 try:
                     moved = self._values_following_params(group, self._last_plan_of(index, group))
                 except Exception:  # (a param whose value cannot be inferred: saved as it is, refused at the step)
@@ -1459,7 +1461,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._values_when_loaded = {
             id(group): GroupPlan(list(group["params"]), [], False,
                                  group_values={k: group.get(k) for k in self.per_param_keys}, group=group)
-            for group in self.param_groups if self.per_param_keys and isinstance(group.get("params"), list)}
+            for group in self.param_groups if self.per_param_keys and isinstance(group.get("params"), (list, tuple))}
         self._telemetry = Recorder()  # (torch.optim pickles defaults, state and groups only)
         self._master_marks = WriteMarks()
         self._layouts: Dict[int, Tuple[Tensor, tuple]] = {}  # id(p) -> (p, its strides at its last step)

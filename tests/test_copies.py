@@ -193,3 +193,28 @@ def test_a_param_removed_after_a_load_or_copy_is_not_held(name, how):
     opt.step()
     gc.collect()
     assert held() is None
+
+
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("name", list(PER_PARAM))
+def test_per_param_values_of_a_tuple_group_follow_their_params_in_a_copy(name, how):
+    """group['params'] may be a tuple (torch.optim steps one): reordered, it is settled too."""
+    make, key = PER_PARAM[name]
+
+    def session(copy_how):
+        torch.manual_seed(0)
+        p0, p1 = torch.nn.Parameter(torch.randn(5) * 3), torch.nn.Parameter(torch.randn(5) * 0.1)
+        opt = make([p0, p1])
+        p0.grad, p1.grad = torch.ones_like(p0), torch.ones_like(p1)
+        opt.step()
+        opt.param_groups[0]["params"] = (p1, p0)
+        if copy_how is not None:
+            opt, (p0, p1) = _copied(opt, [p0, p1], copy_how, lambda ps: make(ps[::-1]))
+            if copy_how == "state_dict":
+                opt.param_groups[0]["params"] = (p1, p0)
+        p0.grad, p1.grad = torch.ones_like(p0), torch.ones_like(p1)
+        opt.step()
+        return opt.param_groups[0][key], [p0.detach().clone(), p1.detach().clone()]
+
+    (values, params), (copied_values, copied) = session(None), session(how)
+    assert tuple(copied_values) == tuple(values) and all(torch.equal(a, b) for a, b in zip(params, copied))

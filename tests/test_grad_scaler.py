@@ -342,3 +342,15 @@ def test_complex_grads_are_left_whole(dtype, backend):
     opt.grad_scale, opt.found_inf = torch.tensor(3.0), torch.tensor(0.0)
     opt.step()
     assert torch.equal(p.grad, g * (1 / 3.0))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_complex_grads_are_left_with_their_signed_zeros(backend):
+    """(each real and imaginary part times 1/s, as the step reads their real view)"""
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.complex64))
+    g = torch.view_as_complex(torch.tensor([[-0.0, -1.0], [-0.0, 2.0], [3.0, -0.0], [1.0, 1.0]]))
+    p.grad = g.clone()
+    opt = af.AdamW([p], lr=1e-3, backend=backend)
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(0.0)
+    opt.step()
+    assert torch.equal(torch.view_as_real(p.grad).view(torch.int32), (torch.view_as_real(g) * 0.5).view(torch.int32))

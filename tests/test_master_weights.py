@@ -723,3 +723,22 @@ def test_masters_of_a_model_moved_to_channels_last_are_remade_in_its_layout(back
     opt.step()
     master = opt.state[model.weight][MASTER_KEY]
     assert master.stride() == model.weight.stride() and torch.equal(master.bfloat16(), model.weight.detach())
+
+
+def test_a_strided_params_master_is_kept_across_a_write_of_its_own_values():
+    """The master of a non-dense param is dense (master_strides): a write that leaves
+    the param what its master rounds to keeps the master's extra bits all the same."""
+    base = torch.randn(4, 8, dtype=torch.bfloat16)
+    p = torch.nn.Parameter(base[:, :4])
+    opt = af.AdamW([p], lr=1e-3, master_weights=True, backend="reference")
+    for seed in range(3):
+        p.grad = torch.randn(4, 4, generator=torch.Generator().manual_seed(seed)).bfloat16()
+        opt.step()
+    before = opt.state[p][MASTER_KEY].clone()
+    assert not torch.equal(before.bfloat16().float(), before)
+    with torch.no_grad():
+        p.copy_(p.detach().clone())
+    p.grad = torch.zeros(4, 4, dtype=torch.bfloat16)
+    opt.param_groups[0]["lr"] = 0.0
+    opt.step()
+    assert torch.equal(opt.state[p][MASTER_KEY], before)
