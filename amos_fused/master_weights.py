@@ -121,6 +121,13 @@ def rounds_to(master, param: Tensor) -> bool:
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
+def _version_of(t: Tensor) -> object:
+    """t's version counter; for an inference tensor, which has none, a mark equal to
+    nothing (such a param counts as written since every step, and its master is
+    kept only where it still rounds to the param: rounds_to)."""
+    return object() if t.is_inference() else t._version
+
+
 class WriteMarks:
     """What each param with a master looked like when a step last wrote it: its
     storage (held weakly), address, version counter, shape and strides.  A param
@@ -138,7 +145,7 @@ class WriteMarks:
     @staticmethod
     def _mark_of(param: Tensor) -> tuple:
         t = local(param)  # (a DTensor's own version counter is not its local shard's: both are marked)
-        return (weakref.ref(t.untyped_storage()), t.data_ptr(), t._version, param._version, tuple(t.shape),
+        return (weakref.ref(t.untyped_storage()), t.data_ptr(), _version_of(t), _version_of(param), tuple(t.shape),
                 t.stride())
 
     def mark(self, params) -> None:
@@ -151,7 +158,7 @@ class WriteMarks:
             return False
         storage, *where = entry[1]
         t = local(param)
-        return storage() is not t.untyped_storage() or where != [t.data_ptr(), t._version, param._version,
+        return storage() is not t.untyped_storage() or where != [t.data_ptr(), _version_of(t), _version_of(param),
                                                                  tuple(t.shape), t.stride()]
 
     def keep(self, ids) -> None:

@@ -13,7 +13,7 @@ against them at every step and rebuilt when they differ."""
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 import math
 import numbers
 from itertools import repeat
@@ -1424,19 +1424,28 @@ class FusedOptimizer(torch.optim.Optimizer):
     @torch._disable_dynamo
     def state_dict(self) -> dict:
         """torch.optim's state_dict, with what the next step would bring up to date
-        (_settled_for_saving) in the saved groups and states."""
+        (_settled_for_saving) in the saved groups and states.  Hooks run as
+        torch.optim runs them: the pre-hooks first (what they change is saved), the
+        post-hooks on the settled state_dict (one a hook returns is the result)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         values, fresh = self._settled_for_saving()
-        saved = super().state_dict()
-        groups, states = saved.get("param_groups"), saved.get("state")
-        if not (isinstance(groups, list) and len(groups) == len(self.param_groups) and isinstance(states, dict)):
-            return saved  # (a post-hook reshaped it)
+        hooks = self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        try:
+            saved = super().state_dict()  # (runs no hook: they run here, around the settling)
+        finally:
+            self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = hooks
+        groups, states = saved["param_groups"], saved["state"]
         for group, saved_group, moved in zip(self.param_groups, groups, values):
-            if not isinstance(saved_group, dict):
-                continue
             saved_group.update({key: value for key, value in moved.items() if key in saved_group})
-            for p, key in zip(group["params"], saved_group.get("params", ())):
+            for p, key in zip(group["params"], saved_group["params"]):
                 if id(p) in fresh and isinstance(states.get(key), dict) and MASTER_KEY in states[key]:
                     states[key] = {**states[key], MASTER_KEY: fresh[id(p)]}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            returned = post_hook(self, saved)
+            if returned is not None:
+                saved = returned
         return saved
 
     def __getstate__(self) -> dict:

@@ -218,3 +218,71 @@ def test_per_param_values_of_a_tuple_group_follow_their_params_in_a_copy(name, h
 
     (values, params), (copied_values, copied) = session(None), session(how)
     assert tuple(copied_values) == tuple(values) and all(torch.equal(a, b) for a, b in zip(params, copied))
+
+
+def test_state_dict_hooks_see_and_keep_the_settled_values():
+    """torch.optim's hook order holds around the settling: a pre-hook's group edit is
+    settled, a post-hook sees the settled per-param values and fresh masters, and
+    what a post-hook converts or returns is the result (not patched over)."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(4, 8) * 3), torch.nn.Parameter(torch.randn(4, 8) * 0.1)
+    opt = af.Amos([a], lr=0.1, backend="cpu")
+    a.grad = torch.ones_like(a)
+    opt.step()
+    opt.register_state_dict_pre_hook(lambda o: o.param_groups[0]["params"].append(b))
+    seen = []
+
+    def post_hook(o, sd):
+        seen.append(list(sd["param_groups"][0]["eta"]))
+        sd["param_groups"][0]["eta"] = [round(x, 3) for x in sd["param_groups"][0]["eta"]]
+
+    opt.register_state_dict_post_hook(post_hook)
+    saved = opt.state_dict()
+    assert len(seen[0]) == 2 and saved["param_groups"][0]["eta"] == [round(x, 3) for x in seen[0]]
+    assert opt.param_groups[0]["params"][1] is b  # (the pre-hook's edit stays, as in torch.optim)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_state_dict_post_hook_sees_a_fresh_master_and_may_convert_it(backend):
+    p = torch.nn.Parameter(torch.randn(64).bfloat16())
+    opt = af.AdamW([p], lr=1e-3, master_weights=True, backend=backend)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    with torch.no_grad():
+        p.mul_(2)
+    seen = []
+
+    def post_hook(o, sd):
+        seen.append(sd["state"][0]["master_param"].clone())
+        sd["state"][0] = {**sd["state"][0], "master_param": sd["state"][0]["master_param"].double()}
+
+    opt.register_state_dict_post_hook(post_hook)
+    saved = opt.state_dict()
+    assert torch.equal(seen[0], p.detach().float())
+    assert saved["state"][0]["master_param"].dtype == torch.float64 and torch.equal(saved["state"][0]["master_param"], seen[0].double())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_deepcopy_taken_in_inference_mode_resumes_as_the_original(backend):
+    """The copy's params are inference tensors (no version counter): the copy steps
+    in inference mode as the original steps, and a write to a param between steps
+    has its master remade from it there too."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64).bfloat16())
+    opt = af.AdamW([p], lr=1e-3, master_weights=True, backend=backend)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    with torch.inference_mode():
+        copied, (q,) = copy.deepcopy((opt, [p]))
+    assert q.is_inference()
+    for write in (False, True, False):
+        if write:
+            with torch.no_grad():
+                p.mul_(2)
+            with torch.inference_mode():
+                q.mul_(2)
+        opt.step()
+        with torch.inference_mode():
+            q.grad = p.grad.clone()
+            copied.step()
+        assert torch.equal(p.detach(), q)
