@@ -1449,12 +1449,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         return saved
 
     def __getstate__(self) -> dict:
-        """torch.optim's, with what the next step would bring up to date
-        (_settled_for_saving) in the copied groups and states."""
-        values, fresh = self._settled_for_saving()
-        state = super().__getstate__()
-        state = dict(state)
-        state["param_groups"] = [{**group, **moved} for group, moved in zip(self.param_groups, values)]
+        """torch.optim's, with each float32 master a step would remake (a param written
+        since its last step) made fresh in the copied states, and each group's last
+        plan of per-param values (_per_param_plans): the copy settles those at its
+        own next step, from its params as they are then, as this optimizer will."""
+        _, fresh = self._settled_for_saving()
+        state = dict(super().__getstate__())
+        state["_per_param_plans"] = self._per_param_plans()
         if fresh:
             copied = defaultdict(dict)
             for p, st in self.state.items():
@@ -1462,15 +1463,32 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["state"] = copied
         return state
 
+    def _per_param_plans(self) -> Dict[int, Tuple[List[Tensor], dict]]:
+        """{group index: (params, {key: values})}: the params and per-param values of
+        each group's last plan (what _values_following_params follows from)."""
+        plans = {}
+        for index, group in enumerate(self.param_groups):
+            if self.per_param_keys and isinstance(group, dict) and isinstance(group.get("params"), (list, tuple)):
+                old = self._last_plan_of(index, group)
+                if old is not None:
+                    plans[index] = (list(old.params), dict(old.group_values))
+        return plans
+
     def __setstate__(self, state: dict) -> None:
+        plans = state.pop("_per_param_plans", {})  # (none in a copy pickled by an older version)
         super().__setstate__(state)
         self._plans = {}
-        # which params each group's per-param values belong to (settled when saved): a
-        # param added to a group of the copy gets its own value, as in the original
+        # which params each group's per-param values belong to: the original's last
+        # plan, or (none) the params the group holds now, so that a param added to a
+        # group of the copy gets its own value at the copy's next step, as in the original
         self._values_when_loaded = {
             id(group): GroupPlan(list(group["params"]), [], False,
                                  group_values={k: group.get(k) for k in self.per_param_keys}, group=group)
             for group in self.param_groups if self.per_param_keys and isinstance(group.get("params"), (list, tuple))}
+        for index, (params, values) in plans.items():
+            if index < len(self.param_groups):
+                group = self.param_groups[index]
+                self._values_when_loaded[id(group)] = GroupPlan(params, [], False, group_values=values, group=group)
         self._telemetry = Recorder()  # (torch.optim pickles defaults, state and groups only)
         self._master_marks = WriteMarks()
         self._layouts: Dict[int, Tuple[Tensor, tuple]] = {}  # id(p) -> (p, its strides at its last step)

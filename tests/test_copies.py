@@ -286,3 +286,35 @@ def test_a_deepcopy_taken_in_inference_mode_resumes_as_the_original(backend):
             q.grad = p.grad.clone()
             copied.step()
         assert torch.equal(p.detach(), q)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", list(PER_PARAM))
+def test_a_param_appended_before_a_copy_gets_its_value_at_the_copys_next_step(name, how):
+    """A copy infers nothing early either: a param appended before the copy and
+    written after it gets, in the copy, the value of its param as the copy's next
+    step sees it, as in the original."""
+    make, key = PER_PARAM[name]
+
+    def session(take):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(4, 8) * 3), torch.nn.Parameter(torch.randn(4, 8) * 0.1)
+        c = torch.nn.Parameter(torch.zeros(4, 8))
+        opt = make([a, b])
+        for p in (a, b, c):
+            p.grad = torch.ones_like(p)
+        opt.step()
+        opt.param_groups[0]["params"].insert(1, c)
+        if take is not None:
+            opt, (a, b, c) = _copied(opt, [a, b, c], take, make)
+        torch.nn.init.normal_(c, std=2.0, generator=torch.Generator().manual_seed(1))
+        before = [p.detach().clone() for p in (a, b, c)]
+        for p in (a, b, c):  # (a deepcopy or pickle of a param holds no grad)
+            p.grad = torch.full_like(p, 0.5)
+        opt.step()
+        opt.step()
+        assert not any(torch.equal(p, q) for p, q in zip(before, (a, b, c)))
+        return opt.param_groups[0][key], [p.detach().clone() for p in (a, b, c)]
+
+    (values, params), (copied_values, copied_params) = session(None), session(how)
+    assert copied_values == values and all(torch.equal(p, q) for p, q in zip(params, copied_params))
