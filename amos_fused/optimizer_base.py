@@ -1393,16 +1393,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         return self._telemetry.rms([p for group in self.param_groups for p in group["params"]])
 
     # ---- checkpoints ------------------------------------------------------
-    def _settled_for_saving(self) -> Tuple[List[dict], Dict[int, Tensor]]:
-        """What a step would bring up to date, for a checkpoint or a copy to resume
-        as this optimizer would, without changing this optimizer: each group's
-        per-param values (Amos's eta, ScaledAdamW's init_norm) following the params
-        added, removed or reordered since the last step (a new param's inferred now:
-        a checkpoint holds numbers), by group index; and a float32 master made from
-        each param written since its last step (to other values than its master
-        rounds to), by id of the param."""
+    def _settled_values(self) -> List[dict]:
+        """Each group's per-param values (Amos's eta, ScaledAdamW's init_norm) as the
+        next step would settle them, following the params added, removed or
+        reordered since the last step (a new param's inferred now: a checkpoint holds
+        numbers), by group index, without changing this optimizer."""
         values: List[dict] = []
-        fresh: Dict[int, Tensor] = {}
         for index, group in enumerate(self.param_groups):
             moved = {}
             if self.per_param_keys and isinstance(group, dict) and isinstance(group.get("params"), (list, tuple)):
@@ -1411,6 +1407,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                 except Exception:  # (a param whose value cannot be inferred: saved as it is, refused at the step)
                     moved = {}
             values.append(moved)
+        return values
+
+    def _fresh_masters(self) -> Dict[int, Tensor]:
+        """A float32 master made from each param written since its last step (to
+        other values than its master rounds to), by id of the param, as the next
+        step would make it, without changing this optimizer."""
+        fresh: Dict[int, Tensor] = {}
+        for group in self.param_groups:
             if not (isinstance(group, dict) and group.get("master_weights")):
                 continue
             for p in group.get("params", ()):
@@ -1419,17 +1423,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                         not masters.rounds_to(st[MASTER_KEY], p):
                     with torch.inference_mode(False):
                         fresh[id(p)] = float32_copy(p.detach())
-        return values, fresh
+        return fresh
 
     @torch._disable_dynamo
     def state_dict(self) -> dict:
         """torch.optim's state_dict, with what the next step would bring up to date
-        (_settled_for_saving) in the saved groups and states.  Hooks run as
+        (_settled_values, _fresh_masters) in the saved groups and states.  Hooks run as
         torch.optim runs them: the pre-hooks first (what they change is saved), the
         post-hooks on the settled state_dict (one a hook returns is the result)."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        values, fresh = self._settled_for_saving()
+        values, fresh = self._settled_values(), self._fresh_masters()
         hooks = self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks
         self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = OrderedDict(), OrderedDict()
         try:
@@ -1453,7 +1457,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         since its last step) made fresh in the copied states, and each group's last
         plan of per-param values (_per_param_plans): the copy settles those at its
         own next step, from its params as they are then, as this optimizer will."""
-        _, fresh = self._settled_for_saving()
+        fresh = self._fresh_masters()
         state = dict(super().__getstate__())
         state["_per_param_plans"] = self._per_param_plans()
         if fresh:
