@@ -645,7 +645,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             collective = [(item, bucket) for item in ready if item is not None for bucket in item.buckets
                           if self._reduces_across_shards(bucket, item.group)]
             if collective:  # every rank's checks passed before any rank writes (a rank whose step raised
-                wait_for_every_shard(_process_groups(collective))  # leaves the others waiting here)
+                wait_for_every_shard(_process_groups(collective),  # leaves the others waiting here)
+                                     self._grad_scaling()["found_inf"], self._name)
         except BaseException:
             for group, values in kept:
                 group.update(values)

@@ -373,7 +373,8 @@ def _dtensor_corners(rank, world, path):
     placed otherwise than its param (Partial) is redistributed as torch's ops would;
     bf16 stochastic rounding draws other bits on each shard and the same on
     replicas; a sharded reduction whose all-reduce raises leaves the counters; a
-    failing wait for the other ranks or sum over shards leaves every bucket."""
+    failing wait for the other ranks or sum over shards leaves every bucket; a
+    found_inf that skips the step on some ranks only is refused on every rank."""
     _init(rank, world, path)
     try:
         import amos_fused as af
@@ -454,6 +455,24 @@ def _dtensor_corners(rank, world, path):
             assert all(torch.equal(a, b) for a, b in zip(before, values())), name
         opt.step()  # and steps on
         assert float(opt.state[rows]["step"]) == 2.0
+        # 5. GradScaler's found_inf skipping the step on one rank only (not reduced over the
+        # ranks): every rank raises before any write, where the sum over the shards would hang;
+        # skipped or stepped on every rank alike, the step goes on
+        for found in ((1.0, 0.0), (0.0, 1.0)):
+            before = values()
+            opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(found[rank])
+            try:
+                opt.step()
+                raise AssertionError("a found_inf differing over the ranks did not raise")
+            except ValueError as error:
+                assert "found_inf skips the step on 1 of the 2 ranks" in str(error), error
+            assert all(torch.equal(a, b) for a, b in zip(before, values()))
+        opt.found_inf = torch.tensor(1.0)
+        opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, values()))
+        opt.found_inf = torch.tensor(0.0)
+        opt.step()
+        assert float(opt.state[rows]["step"]) == 3.0
     except BaseException:
         dist.destroy_process_group()  # no barrier: another rank may be stuck
         raise
