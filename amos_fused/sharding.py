@@ -100,21 +100,26 @@ def wait_for_every_shard(groups: Sequence[Tuple[object, torch.device]], found_in
     """One all-reduce over each of ``groups``, in order: returns once every rank of
     each group has reached it.  Every rank must pass the same groups in the same
     order.  With GradScaler's ``found_inf``, the ranks also count those whose step
-    it skips: when some do and others do not (a GradScaler whose found_inf is not
-    reduced over the ranks), every rank raises here, before any writes, where the
-    steps summing over the shards would wait on each other forever."""
+    it skips, one count summed over each group in turn (over the mesh dims that
+    shard the params: the count of the whole mesh, the same on every rank): when
+    some skip and others do not (a GradScaler whose found_inf is not reduced over
+    the ranks), every rank raises here, before any writes, where the steps summing
+    over the shards would wait on each other forever."""
+    counts = None  # (ranks, ranks skipping), summed over each group in turn: over the whole mesh they span
     for group, device in groups:
-        skipped = torch.zeros((), device=device) if found_inf is None else \
-            (found_inf.detach().to(device=device, dtype=torch.float32).reshape(()) != 0).float()
-        counts = torch.stack([torch.ones((), device=device), skipped])  # (ranks, ranks skipping)
+        if counts is None:
+            skipped = torch.zeros((), device=device) if found_inf is None else \
+                (found_inf.detach().to(device=device, dtype=torch.float32).reshape(()) != 0).float()
+            counts = torch.stack([torch.ones((), device=device), skipped])
+        counts = counts.to(device)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
-        if found_inf is not None:
-            ranks, skipping = counts.tolist()
-            if 0 < skipping < ranks:
-                raise ValueError(
-                    f"{name}: GradScaler's found_inf skips the step on {skipping:.0f} of the {ranks:.0f} ranks "
-                    "that shard these params, whose step sums over the shards: every rank must skip or step "
-                    "together (reduce found_inf over the ranks first, as torch's ShardedGradScaler does)")
+    if found_inf is not None and counts is not None:
+        ranks, skipping = counts.tolist()
+        if 0 < skipping < ranks:
+            raise ValueError(
+                f"{name}: GradScaler's found_inf skips the step on {skipping:.0f} of the {ranks:.0f} ranks "
+                "that shard these params, whose step sums over the shards: every rank must skip or step "
+                "together (reduce found_inf over the ranks first, as torch's ShardedGradScaler does)")
 
 
 def sum_over_shards(parts: Sequence[Tensor], groups: Sequence[Tuple]) -> List[Tensor]:

@@ -572,6 +572,43 @@ def _dtensor_versions_and_master_writes(rank, world, path):
     _finish()
 
 
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _found_inf_on_a_2d_mesh(rank, world, path):
+    """found_inf skipping the step on one rank of a 2 × 2 mesh that shards a param
+    over both dims: every rank raises (none left waiting in a later group's
+    all-reduce, nor stepping on where the others raised), nothing written."""
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (2, 2))
+        gen = torch.Generator().manual_seed(0)
+        value, grad = torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)
+        for skipping in range(world):
+            r = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0), Shard(1)]))
+            r.grad = distribute_tensor(grad.clone(), mesh, [Shard(0), Shard(1)])
+            opt = af.Lamb([r], lr=0.01)
+            opt.step()
+            before = [_local(v).clone() for v in [r, *opt.state[r].values()]]
+            opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(float(rank == skipping))
+            try:
+                opt.step()
+                raise AssertionError("a found_inf differing over the ranks did not raise")
+            except ValueError as error:
+                assert "skips the step on 1 of the 4 ranks" in str(error), error
+            after = [_local(v) for v in [r, *opt.state[r].values()]]
+            assert all(torch.equal(a, b) for a, b in zip(before, after))
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
 def _spawn(fn, world, *args):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(fn, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
@@ -609,3 +646,7 @@ def test_flattened_distributed_checkpoint_loads_and_resumes():
 
 def test_dtensor_version_counters_and_master_writes():
     _spawn(_dtensor_versions_and_master_writes, 2)
+
+
+def test_a_found_inf_differing_over_a_2d_mesh_is_refused_on_every_rank():
+    _spawn(_found_inf_on_a_2d_mesh, 4)
