@@ -602,6 +602,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 grads.extend((where, short, "the grad") for where, short in owners)
         names.extend(grads)
         (_, short, what), (where, other, other_what) = names[first], names[second]
+        if short == other and "the grad" not in (what, other_what):  # (a master on its own param's memory)
+            raise ValueError(f"{where}: {other_what} shares memory with {what} of the same param; every tensor "
+                             "a step writes needs memory of its own")
         if short == other:  # (a grad that is its own param's memory: the bucket checks name the rest)
             raise ValueError(f"{where}: {other_what} shares memory with {what} of the same param; a step "
                              "reads the grad while it writes the param, so the grad needs memory of its own "

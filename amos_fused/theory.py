@@ -113,6 +113,9 @@ def half_life_p(lr: float, half_life: float, decay: str = "inverse_square") -> f
         raise ValueError(f"Invalid half_life: {half_life} (must be a finite number > 0)")
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"Invalid learning rate: {lr} (must be > 0 to derive p from a half-life)")
+    if half_life * lr == 0.0:  # (the product underflows: p infinite)
+        raise ValueError(f"Invalid half_life: {half_life} at lr={lr} (their product underflows to 0, so p, "
+                         "which divides by it, would be infinite)")
     if decay == "inverse_square":
         return (math.sqrt(2.0) - 1.0) / (half_life * lr)
     if decay == "inverse_time":

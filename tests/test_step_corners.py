@@ -549,3 +549,39 @@ def test_maximize_is_read_as_torch_reads_it(value, means):
     torch.testing.assert_close(p.detach(), r.detach())
     with pytest.raises(ValueError, match=r"param_groups\[0\]: Invalid maximize: 'yes' \(must be True or False\)"):
         af.AdamW([p], lr=0.1, maximize="yes")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_half_life_whose_product_with_lr_underflows_is_named(backend):
+    """p = c/(half_life·lr): each finite and > 0, their product 0 — refused by name,
+    at construction and at a step after a scheduler wrote them, nothing written."""
+    a, b = (torch.randn(64, 128, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    with pytest.raises(ValueError, match=r"ScaledAdamW: .*Invalid half_life: 1e-170 at lr=1e-170 .*underflows"):
+        af.ScaledAdamW([a], lr=1e-170, half_life=1e-170, backend=backend)
+    for t in (a, b):
+        t.grad = torch.randn_like(t)
+    opt = af.ScaledAdamW([{"params": [a]}, {"params": [b], "half_life": 100.0}], lr=1e-2, backend=backend)
+    opt.step()
+    opt.param_groups[1].update(lr=1e-170, half_life=1e-170)
+    snapshot = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"param_groups\[1\].*Invalid half_life: 1e-170 at lr=1e-170"):
+        opt.step()
+    _assert_unchanged(opt, snapshot)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_master_on_its_own_params_memory_is_named(backend):
+    """Not blamed on the grad, which has memory of its own."""
+    a = torch.randn(64, 128, requires_grad=True)
+    buf = torch.randn(4 * 64 * 128, dtype=torch.bfloat16)
+    b = torch.nn.Parameter(buf[:64 * 128].view(64, 128))
+    for t in (a, b):
+        t.grad = torch.randn_like(t)
+    opt = af.AdamW([a, b], lr=1e-2, master_weights=True, backend=backend)
+    opt.step()
+    opt.state[b]["master_param"] = buf.view(torch.float32)[:64 * 128].view(64, 128)
+    snapshot = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"\['params'\]\[1\].*state\['master_param'\] shares memory with the param "
+                                         r"of the same param; every tensor a step writes needs memory of its own"):
+        opt.step()
+    _assert_unchanged(opt, snapshot)
