@@ -252,9 +252,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     # checkpoint saved by a torch without a flag meant the flag's default.
     torch_setstate_defaults: Dict[str, Any] = {}
     _plans_before_step: Dict[int, GroupPlan] = {}
-    # Per group (by id) loaded or unpickled, until its first plan: which params its
-    # per-param values belong to (a checkpoint or copy holds them settled).
-    _values_when_loaded: Dict[int, GroupPlan] = {}
+    # Plans kept by id of their group until the next step: which params a loaded or
+    # unpickled group's per-param values belong to, and a plan that add_param_group
+    # displaced from its index (its group moved there when an earlier one was removed).
+    _plans_by_group: Dict[int, GroupPlan] = {}
     # Whether per-param values (per_param_keys) may be given as 1-D tensors or arrays.
     per_param_arrays: bool = False
 
@@ -413,6 +414,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         with _naming_group(index):
             check_backend(group_backend(group, self.defaults), self.algorithm, self._name)
         self._checked_group(index, group)
+        displaced = self._plans.get(index)
+        if displaced is not None and displaced.group is not None and displaced.group is not group:
+            self._plans_by_group = {**self._plans_by_group, id(displaced.group): displaced}
         plan = self._plans[index] = self._make_plan(index, group)
         hyper = self._named_hyper(index, _host_values(group))
         self._check_range(index, group, hyper, plan)  # lr=1e300 for float32 params: refused now, not at step()
@@ -541,7 +545,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if plan is not None and plan.group is group:
             return plan
         for plan in list(self._plans_before_step.values()) + list(self._plans.values()) + \
-                list(self._values_when_loaded.values()):
+                list(self._plans_by_group.values()):
             if plan.group is group:
                 return plan
         return None
@@ -683,7 +687,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         changed."""
         self._members_changed = False
         self._plans = {i: plan for i, plan in self._plans.items() if i < len(self.param_groups)}
-        self._values_when_loaded = {}  # (every group has a plan after a step)
+        self._plans_by_group = {}  # (every group has a plan after a step)
         in_groups = {id(p) for group in self.param_groups for p in group["params"]}
         kept = in_groups | {id(p) for p in self.state}
         self._layouts = {key: entry for key, entry in self._layouts.items() if key in kept}
@@ -1489,14 +1493,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         # which params each group's per-param values belong to: the original's last
         # plan, or (none) the params the group holds now, so that a param added to a
         # group of the copy gets its own value at the copy's next step, as in the original
-        self._values_when_loaded = {
+        self._plans_by_group = {
             id(group): GroupPlan(list(group["params"]), [], False,
                                  group_values={k: group.get(k) for k in self.per_param_keys}, group=group)
             for group in self.param_groups if self.per_param_keys and isinstance(group.get("params"), (list, tuple))}
         for index, (params, values) in plans.items():
             if index < len(self.param_groups):
                 group = self.param_groups[index]
-                self._values_when_loaded[id(group)] = GroupPlan(params, [], False, group_values=values, group=group)
+                self._plans_by_group[id(group)] = GroupPlan(params, [], False, group_values=values, group=group)
         self._telemetry = Recorder()  # (torch.optim pickles defaults, state and groups only)
         self._master_marks = WriteMarks()
         self._layouts: Dict[int, Tuple[Tensor, tuple]] = {}  # id(p) -> (p, its strides at its last step)

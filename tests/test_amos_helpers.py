@@ -523,10 +523,11 @@ def test_a_per_param_eta_is_range_checked_in_its_own_params_dtype(eta):
         af.Amos([p32, p64], lr=0.01, eta=eta, backend="cpu")
 
 
-@pytest.mark.parametrize("edit", ["reverse", "delete-first"])
+@pytest.mark.parametrize("edit", ["reverse", "delete-first", "delete-first-then-add"])
 def test_inferred_etas_follow_their_params_when_groups_are_also_reordered(edit):
     """A param appended to a group gets its own inferred eta, and the others keep
-    theirs, also when the groups were reordered or one removed in the same edit."""
+    theirs, also when the groups were reordered or one removed in the same edit
+    (and a group added after the removal, at the index the moved group had)."""
     torch.manual_seed(0)
     a, b, c, new = (nn.Parameter(torch.randn(20, 30)) for _ in range(4))
     opt = af.Amos([{"params": [a, b]}, {"params": [c]}], lr=0.01, backend="cpu")
@@ -539,12 +540,20 @@ def test_inferred_etas_follow_their_params_when_groups_are_also_reordered(edit):
     if edit == "reverse":
         opt.param_groups[0]["params"].append(new)
         opt.param_groups.reverse()
-    else:
+    elif edit == "delete-first":
         opt.param_groups[1]["params"].append(new)
         del opt.param_groups[0]
+    else:
+        added = nn.Parameter(torch.randn(20, 30))
+        del opt.param_groups[0]
+        opt.add_param_group({"params": [added], "eta": 0.25})
+        opt.param_groups[0]["params"].append(new)
+        eta_of[id(added)] = 0.25
     opt.step()
     for group in opt.param_groups:
-        for p, eta in zip(group["params"], group["eta"]):
+        etas = group["eta"] if isinstance(group["eta"], tuple) else (group["eta"],) * len(group["params"])
+        assert len(etas) == len(group["params"])
+        for p, eta in zip(group["params"], etas):
             assert eta == (expected_new if p is new else eta_of[id(p)])
 
 
