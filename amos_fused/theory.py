@@ -90,7 +90,9 @@ def _decay_terms(eta: float, lam: float, t: float) -> tuple:
     """(β3^t, (1−β3^t)/λ), the second → η·t as λ → 0; computed without cancellation."""
     log_beta3 = math.log1p(-eta * lam)
     b = math.exp(t * log_beta3)
-    a = -math.expm1(t * log_beta3) / lam if lam > 0.0 else eta * t
+    a = -math.expm1(t * log_beta3) / lam if lam > 0.0 else 0.0
+    if a == 0.0:  # (λ = 0, or t·ηλ below float64's range: the limit, exact to its last digits there)
+        a = eta * t
     return b, a
 
 
@@ -109,18 +111,18 @@ def half_life_p(lr: float, half_life: float, decay: str = "inverse_square") -> f
     """The p (or p0) of scale-aware Adam whose s(t) halves after ``half_life`` steps:
     α0·p = (√2−1)/T for 'inverse_square', α0·p0 = 1/(2T) for
     'inverse_time'."""
-    if not (half_life > 0 and math.isfinite(half_life)):
-        raise ValueError(f"Invalid half_life: {half_life} (must be a finite number > 0)")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"Invalid learning rate: {lr} (must be > 0 to derive p from a half-life)")
-    if half_life * lr == 0.0:  # (the product underflows: p infinite)
-        raise ValueError(f"Invalid half_life: {half_life} at lr={lr} (their product underflows to 0, so p, "
-                         "which divides by it, would be infinite)")
+    half_life = _finite("half_life", half_life, 0.0, strict=True, what="half_life")
+    lr = _finite("lr", lr, 0.0, strict=True, what="learning rate")  # (> 0 to derive p from a half-life)
     if decay == "inverse_square":
-        return (math.sqrt(2.0) - 1.0) / (half_life * lr)
-    if decay == "inverse_time":
-        return 1.0 / (2.0 * half_life * lr)
-    raise ValueError(f"Invalid decay: {decay!r} (expected one of {DECAYS})")
+        p = (math.sqrt(2.0) - 1.0) / (half_life * lr) if half_life * lr > 0.0 else math.inf
+    elif decay == "inverse_time":
+        p = 1.0 / (2.0 * half_life * lr) if half_life * lr > 0.0 else math.inf
+    else:
+        raise ValueError(f"Invalid decay: {decay!r} (expected one of {DECAYS})")
+    if not math.isfinite(p):  # (their product underflows)
+        raise ValueError(f"Invalid half_life: {half_life} at lr={lr} (p, which divides by their product, "
+                         "would be beyond float64's range)")
+    return p
 
 
 # ---------------------------------------------------------------------------
@@ -234,7 +236,10 @@ def adamw_averaged_update_rms(lr: float, weight_decay: float, t: float, snr: flo
     if steps == 0.0:
         raise ValueError("Invalid step count t: 0 (the average of the updates needs t > 0)")
     b, a = _decay_terms(eta, lam, steps)
-    noise = eta * (1.0 + b) / (2.0 * a)  # (1−β3)(1+β3^t)/(2(1−β3^t)); a = (1−β3^t)/λ
+    noise = eta * (1.0 + b) / (2.0 * a) if a > 0.0 else math.inf  # (1−β3)(1+β3^t)/(2(1−β3^t)); a = (1−β3^t)/λ
+    if not math.isfinite(noise):
+        raise ValueError(f"Invalid step count t: {t} (too small: the average's weight 1/(1 − beta3^t) "
+                         "leaves float64's range)")
     return math.sqrt(_snr_ratio(_snr(snr), noise, 1.0))
 
 
@@ -311,8 +316,9 @@ _SUMMED_UP_TO = 1 << 22
 
 def _nested_sums(b: float, b3: float, t: int) -> Optional[tuple]:
     """(Σ S_n, Σ S_n²) over n = 1..t of S_n = Σ_{k<n} β3^{n−1−k} β^k = (β3^n − β^n)/(β3 − β),
-    each S_n as −β3^n·expm1(n·log1p((β − β3)/β3))/(β3 − β), which keeps its digits
-    when β ≈ β3; None past _SUMMED_UP_TO (the closed forms then)."""
+    each S_n as −β3^n·expm1(n·log1p((β − β3)/β3))/(β3 − β) (β < β3; else the same with β
+    and β3 swapped), which keeps its digits when β ≈ β3; None past _SUMMED_UP_TO (the
+    closed forms then)."""
     if t > _SUMMED_UP_TO:
         return None
     import torch  # (this module is plain math otherwise)
@@ -321,7 +327,10 @@ def _nested_sums(b: float, b3: float, t: int) -> Optional[tuple]:
     total = total_sq = 0.0
     for start in range(1, t + 1, 1 << 20):
         n = torch.arange(start, min(t, start + (1 << 20) - 1) + 1, dtype=torch.float64)
-        terms = -torch.exp(n * math.log(b3)) * torch.expm1(n * rate) / (b3 - b)  # (β = 0: β3^(n−1))
+        if b > b3:  # (the larger base outside, the ratio's power inside: no 0·inf)
+            terms = -torch.exp(n * math.log(b)) * torch.expm1(-n * rate) / (b - b3)
+        else:
+            terms = -torch.exp(n * math.log(b3)) * torch.expm1(n * rate) / (b3 - b)  # (β = 0: β3^(n−1))
         total += float(terms.sum())
         total_sq += float((terms * terms).sum())
     return total, total_sq
@@ -344,7 +353,7 @@ def ema_of_ema_mean_coefficient(beta: float, beta3: float, t: int) -> float:
     if sums is not None:
         return (1.0 - b3) * (1.0 - b) / (1.0 - b3 ** t) * sums[0]
     head = (1.0 - b3) * (1.0 - b) / ((1.0 - b3 ** t) * (b3 - b))
-    return head * ((b3 - b3 ** (t + 1)) / (1.0 - b3) - (b - b ** (t + 1)) / (1.0 - b))
+    return _in_range(head * ((b3 - b3 ** (t + 1)) / (1.0 - b3) - (b - b ** (t + 1)) / (1.0 - b)), beta, beta3, t)
 
 
 def ema_of_ema_variance_coefficient(beta1: float, beta3: float, t: int) -> float:
@@ -363,12 +372,21 @@ def ema_of_ema_variance_coefficient(beta1: float, beta3: float, t: int) -> float
     sums = _nested_sums(b1, b3, t)
     if sums is not None:
         return ((1.0 - b3) * (1.0 - b1) / (1.0 - b3 ** t)) ** 2 * sums[1]
-    head = ((1.0 - b3) * (1.0 - b1) / ((1.0 - b3 ** t) * (b3 - b1))) ** 2
+    root = (1.0 - b3) * (1.0 - b1) / ((1.0 - b3 ** t) * (b3 - b1))
     cross = b1 * b3
     body = ((b3 ** 2 - b3 ** (2 * (t + 1))) / (1.0 - b3 ** 2)
             + (b1 ** 2 - b1 ** (2 * (t + 1))) / (1.0 - b1 ** 2)
             - 2.0 * (cross - cross ** (t + 1)) / (1.0 - cross))
-    return head * body
+    return _in_range(root * root * body, beta1, beta3, t)
+
+
+def _in_range(value: float, beta: float, beta3: float, t: int) -> float:
+    """A closed form's value, or a ValueError naming the arguments when it left
+    float64's range on the way (betas so far apart, t so large)."""
+    if not math.isfinite(value):
+        raise ValueError(f"Invalid beta3: {beta3} with beta {beta} at t={t} (the closed form leaves float64's "
+                         "range)")
+    return value
 
 
 def ema_of_ema_variance_approx(beta3: float, t: float) -> float:
@@ -443,6 +461,10 @@ def signsgdmw_weight_rms_at(lr: float, weight_decay: float, beta1: float, t: flo
     return math.sqrt(_weight_sq(eta, lam, steps, theta0, ratio, (1.0 - b1) / (1.0 + b1)))
 
 
+# The most terms signsgdmw_weight_rms_arcsine sums (β1·β3 within about 3e-7 of 1).
+_ARCSINE_TERMS = 1 << 27
+
+
 def signsgdmw_weight_rms_arcsine(lr: float, weight_decay: float, beta1: float, t: Optional[float] = None,
                                  init_rms: float = 0.0) -> float:
     """Weight RMS of SignSGDM-W for zero-mean Gaussian gradient noise with the exact sign
@@ -467,9 +489,20 @@ def signsgdmw_weight_rms_arcsine(lr: float, weight_decay: float, beta1: float, t
     series, q = 0.0, b1 * b3
     if q > 0.0:
         last = max(1, int(math.ceil(math.log(1e-17) / math.log(q))))
-        for k in range(1, last + 1):
-            series += b3 ** k * math.asin(b1 ** k)
-    steady_sq = eta * eta * (1.0 + 4.0 / math.pi * series) / (eta * lam * (1.0 + b3))  # / (1 − β3²)
+        if last > _ARCSINE_TERMS:
+            raise ValueError(f"Invalid beta1: {beta1} (beta1·beta3 = {q} is so close to 1 that the series "
+                             f"needs {last} terms; signsgdmw_weight_rms gives the mean field)")
+        import torch  # (this module is plain math otherwise)
+
+        log_b1, log_b3 = math.log(b1), math.log(b3)
+        for start in range(1, last + 1, 1 << 20):
+            k = torch.arange(start, min(last, start + (1 << 20) - 1) + 1, dtype=torch.float64)
+            series += float((torch.exp(k * log_b3) * torch.asin(torch.exp(k * log_b1))).sum())
+    # η²/(1 − β3²) = η/(λ(1 + β3)): 1 − β3² = ηλ(1 + β3), without the product ηλ (it may underflow)
+    steady_sq = eta * (1.0 + 4.0 / math.pi * series) / (lam * (1.0 + b3))
+    if not math.isfinite(steady_sq):
+        raise ValueError(f"Invalid weight_decay: {weight_decay} at lr={lr} (the weight RMS, about "
+                         "sqrt(lr/(2·weight_decay)), is beyond float64's range)")
     if t is None:
         return math.sqrt(steady_sq)
     b_sq = b3 ** (2.0 * _time(t))

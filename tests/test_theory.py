@@ -385,3 +385,38 @@ def test_ema_of_ema_variance_approx_near_t_zero_is_finite(t):
 def test_ema_of_ema_variance_approx_refuses_an_underflowing_t():
     with pytest.raises(ValueError, match="too small"):
         theory.ema_of_ema_variance_approx(0.99, 1e-323)
+
+
+@pytest.mark.parametrize("beta,beta3,t", [(0.999, 0.99, 100_000), (0.9, 0.5, 2000), (0.99, 0.999, 5000), (0.5, 0.9, 3)])
+def test_nested_coefficients_when_beta_exceeds_beta3(beta, beta3, t):
+    """β > β3 (β2 = 0.999 averaged by β3 = 1 − ηλ = 0.99): the sums stay finite (no
+    0·inf once β3^n underflows), equal to S_n = β3·S_{n−1} + β^{n−1} added one by one."""
+    s = total = total_sq = 0.0
+    for n in range(1, t + 1):
+        s = beta3 * s + beta ** (n - 1)
+        total, total_sq = total + s, total_sq + s * s
+    weight = (1 - beta3) * (1 - beta) / (1 - beta3 ** t)
+    assert theory.ema_of_ema_mean_coefficient(beta, beta3, t) == pytest.approx(weight * total, rel=1e-12)
+    assert theory.ema_of_ema_variance_coefficient(beta, beta3, t) == pytest.approx(weight ** 2 * total_sq, rel=1e-12)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: theory.adamw_averaged_update_rms(1e-3, 0.1, 1e-320), r"Invalid step count t: 1e-320 \(too small"),
+    (lambda: theory.ema_of_ema_variance_coefficient(1e-200, 1e-300, 2 ** 23), r"Invalid beta3: 1e-300 .*float64"),
+    (lambda: theory.signsgdmw_weight_rms_arcsine(1e-3, 1e-6, 0.99999999), r"Invalid beta1: 0.99999999 .*terms"),
+    (lambda: theory.signsgdmw_weight_rms_arcsine(1.0, 1e-320, 0.5), r"Invalid weight_decay: 1e-320 .*float64"),
+    (lambda: theory.half_life_p(1e-320, 2.0), r"Invalid half_life: 2.0 at lr=1e-320"),
+    (lambda: theory.half_life_p(1e-3, None), r"Invalid half_life: None"),
+], ids=["t-subnormal", "closed-form-overflow", "arcsine-too-many-terms", "arcsine-overflow", "p-overflow",
+        "half-life-none"])
+def test_theory_inputs_beyond_float64_are_named(call, match):
+    """Valid-looking inputs whose values leave float64's range: a ValueError naming
+    them, not ZeroDivisionError, OverflowError, inf or NaN."""
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_theory_products_that_underflow_take_their_limits():
+    """ηλ below float64's range: β3 → 1, the λ → 0 limits (no division by the product)."""
+    assert theory.adamw_averaged_update_rms(1e-300, 1e-200, 1) == pytest.approx(1.0, rel=1e-12)
+    assert theory.signsgdmw_weight_rms_arcsine(1e-200, 1e-200, 0.0) == pytest.approx(math.sqrt(0.5), rel=1e-12)
