@@ -1068,14 +1068,14 @@ def parse_args(argv=None):
         parser.error(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
-    if args.json is not None and not _writable_path(args.json):
+    if args.json is not None and not writable_path(args.json):
         parser.error(f"--json {args.json}: cannot write there (checked before the benchmark runs)")
     if args.plot:
         if os.path.isdir(args.plot):
             parser.error(f"--plot {args.plot}: a folder, not a file (checked before the benchmark runs)")
         if not os.path.splitext(args.plot)[1]:
             args.plot += ".png"  # (the name matplotlib would give it)
-        if not _writable_path(args.plot):
+        if not writable_path(args.plot):
             parser.error(f"--plot {args.plot}: cannot write there (checked before the benchmark runs)")
     return args
 
@@ -1084,7 +1084,7 @@ def parse_args(argv=None):
 MAX_THREADS = 4096
 
 
-def _writable_path(path: str) -> bool:
+def writable_path(path: str) -> bool:
     """Whether a file can be written at ``path``: its folder is made (as writing the
     result would) and a scratch file written and removed there."""
     if os.path.isdir(path):

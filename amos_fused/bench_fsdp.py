@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from amos_fused.bench import ADAMW_HYPER, AMOS_LR, OUR_ALGORITHMS, device_slug, gbps, log, write_json
+from amos_fused.bench import (ADAMW_HYPER, AMOS_LR, MAX_THREADS, OUR_ALGORITHMS, device_slug, gbps, log,
+                              triton_version, writable_path, write_json)
 from amos_fused.bench_workloads import WORKLOADS
 
 WORKLOAD = "gpt2-39m"
@@ -55,7 +56,7 @@ IMPLS = {TORCH_FUSED: 28, "cpu-adamw": 28, "cpu-adamw8bit": OUR_ALGORITHMS["adam
 
 def _time(rank, world, path, args, out):
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
-    torch.set_num_threads(max(1, args.threads // world))
+    torch.set_num_threads(args.threads // world + (rank < args.threads % world))  # (threads in all, split)
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     times = {name: [] for name in IMPLS}
@@ -93,12 +94,22 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="threads in all, split over the ranks")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads in all, split over the ranks (default: torch's thread count, at least "
+                             "one per rank)")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", metavar="PATH")
     output.add_argument("--no-json", action="store_true")
     args = parser.parse_args(argv)
+    if args.ranks < 1 or args.rounds < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error("--ranks, --rounds and --steps must be >= 1, --warmup >= 0")
+    if args.threads is None:
+        args.threads = max(args.ranks, torch.get_num_threads())
+    if not args.ranks <= args.threads <= MAX_THREADS:
+        parser.error(f"--threads must be in [--ranks ({args.ranks}), {MAX_THREADS}] (one at least per rank), "
+                     f"got {args.threads}")
+    if args.json is not None and not writable_path(args.json):
+        parser.error(f"--json {args.json}: cannot write there (checked before the benchmark runs)")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.pt")
         log(f"timing {list(IMPLS)} on {WORKLOAD}, FSDP2 + CPU offload, {args.ranks} ranks ...")
@@ -124,7 +135,7 @@ def main(argv=None):
               f"{r['ms'] / ms[TORCH_FUSED]:>16.2f}")
     if not args.no_json:
         path = args.json or os.path.join("bench", "results", f"{slug_}-fsdp2-offload-{date}.json")
-        write_json(path, {"device": slug_, "torch": torch.__version__, "triton": None, "date": date,
+        write_json(path, {"device": slug_, "torch": torch.__version__, "triton": triton_version(), "date": date,
                           "command": " ".join(["python", "-m", "amos_fused.bench_fsdp"] + sys.argv[1:]),
                           "results": rows})
         print(f"\nresults written to {path}")
