@@ -1103,7 +1103,10 @@ def select_impls(impls: List[Impl], names: Optional[str]) -> List[Impl]:
     """The rows named in `names`, torch's fused AdamW, and the floors of all of them."""
     if not names:
         return impls
-    wanted = {n.strip() for n in names.split(",") if n.strip()} | {TORCH_FUSED}
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    if not wanted:
+        raise SystemExit(f"--impls {names!r}: name at least one of {[i.name for i in impls]}")
+    wanted |= {TORCH_FUSED}
     unknown = wanted - {i.name for i in impls}
     if unknown:
         raise SystemExit(f"unknown or unavailable --impls: {sorted(unknown)}; "

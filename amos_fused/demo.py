@@ -694,6 +694,9 @@ def parse_args(argv=None) -> DemoConfig:
     optimizers = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     if not optimizers:
         ap.error(f"--optimizers {args.optimizers!r}: name at least one of {','.join(RUNS)}")
+    unused = sorted(set(lrs) - set(optimizers))
+    if unused:
+        ap.error(f"--lr {unused[0]}=...: {unused[0]!r} is not among the runs ({','.join(optimizers)})")
     return DemoConfig(
         steps=args.steps, out=args.out, optimizers=optimizers, seed=args.seed, threads=args.threads,
         d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head, seq_len=args.seq_len, batch=args.batch,

@@ -62,6 +62,12 @@ def test_demo_rejects_unknown_optimizer():
         demo.parse_args(["--optimizers", "adamw,sgd"])
 
 
+def test_demo_rejects_an_lr_for_a_run_it_does_not_make(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        demo.parse_args(["--optimizers", "adamw", "--lr", "amos=0.1"])
+    assert exit_.value.code == 2 and "'amos' is not among the runs" in capsys.readouterr().err
+
+
 def test_demo_bf16_runs(tmp_path):
     """The bf16 runs train a bfloat16 copy of the model; they are not in the default set."""
     pytest.importorskip("matplotlib")
