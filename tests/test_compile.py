@@ -108,7 +108,7 @@ def test_compiled_step_with_scheduler_does_not_recompile(name):
             step()
             sched.step()
         if compiled:
-            assert counter.frame_count <= 2
+            assert counter.frame_count == 0  # (the step runs eagerly: nothing to compile, so no recompile)
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
@@ -164,14 +164,14 @@ def _step_graph_breaks(make_opt):
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_compiled_train_step_breaks_no_more_than_torch_optim(name):
+def test_compiled_train_step_breaks_as_often_as_torch_optim(name):
     """torch.optim's own step breaks the graph around itself (torch/optim/optimizer.py:
     two ``torch._dynamo.graph_break()`` calls); ours is one opaque call, which breaks it
     in the same places and no more often."""
     torch_breaks = _step_graph_breaks(lambda params: torch.optim.AdamW(params, lr=0.01))
     ours = _step_graph_breaks(OPTIMIZERS[name])
     assert torch_breaks >= 1  # the comparison is against a real count
-    assert ours <= torch_breaks, (ours, torch_breaks)
+    assert ours == torch_breaks, (ours, torch_breaks)
 
 
 def test_a_direct_call_of_the_step_op_with_found_inf_traces():
