@@ -30,7 +30,7 @@ from . import hyperparams as hp
 from .master_weights import MASTER_KEY, WriteMarks, float32_copy, has_master, master_problem, upcast_states
 from . import master_weights as masters
 from .contracts import call_capturable_step, call_fp8_step, call_step, master_algorithms
-from .sharding import is_dtensor, local, placed_like, shard_groups, shard_offset, wait_for_every_shard
+from .sharding import is_dtensor, local, mesh_groups, placed_like, shard_offset, wait_for_every_shard
 from .stochastic_round import round_key, round_to_bfloat16
 from .telemetry import RMS, Recorder, measured_sums, new_table, snapshot
 
@@ -95,12 +95,13 @@ def writes_low_params(backend: str, algorithm: str, fp8: bool) -> bool:
 
 
 def _process_groups(collective: List[Tuple["_Ready", Bucket]]) -> List[Tuple[object, torch.device]]:
-    """The process groups (with a device for their tensors) that shard the params of
-    the buckets summed over shards, in the order first met (the same on every rank)."""
+    """The process groups (with a device for their tensors) of every mesh dim of the
+    params of the buckets summed over shards (the dims that shard them and those that
+    replicate them), in the order first met (the same on every rank)."""
     found: List[Tuple[object, torch.device]] = []
     for _, bucket in collective:
         for owner in bucket.owners:
-            for group in shard_groups(owner):
+            for group in mesh_groups(owner):
                 if all(group is not seen for seen, _ in found):
                     found.append((group, bucket.device))
     return found
@@ -402,6 +403,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         index = len(self.param_groups) - 1
         if not explicit_backend:  # (torch.optim copied every default into the group)
             self.param_groups[index].pop("backend", None)
+        displaced = self._plans.pop(index, None)  # (the plan of a group moved to this index by a removal)
+        if displaced is not None and displaced.group is not None:
+            self._plans_by_group = {**self._plans_by_group, id(displaced.group): displaced}
         try:
             self._check_new_group(index, self.param_groups[index])
         except Exception:
@@ -414,9 +418,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         with _naming_group(index):
             check_backend(group_backend(group, self.defaults), self.algorithm, self._name)
         self._checked_group(index, group)
-        displaced = self._plans.get(index)
-        if displaced is not None and displaced.group is not None and displaced.group is not group:
-            self._plans_by_group = {**self._plans_by_group, id(displaced.group): displaced}
         plan = self._plans[index] = self._make_plan(index, group)
         hyper = self._named_hyper(index, _host_values(group))
         self._check_range(index, group, hyper, plan)  # lr=1e300 for float32 params: refused now, not at step()
@@ -663,15 +664,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._plans_before_step = {}
         self._step_host_scaling = None  # (read afresh by this step: _host_grad_scaling)
         try:
-            for item in ready:
-                if item is not None:
-                    self._apply_new_states(item)
-            # the buckets summed over shards first: a sum that fails then finds the others unwritten
+            # the buckets summed over shards first: a sum that fails then finds the others unwritten;
+            # a bucket's new states (which its step reads from the bucket) are stored once it stepped
             summed = {id(bucket) for _, bucket in collective}
             in_order = collective + [(item, bucket) for item in ready if item is not None for bucket in item.buckets
                                      if id(bucket) not in summed]
             for n, (item, bucket) in enumerate(in_order):
                 self._run_bucket(item, bucket, summed_over_shards=n < len(collective))
+                self._apply_new_states(item, bucket)
             self._unscale_stepped_grads(ready)
         finally:
             self._step_host_scaling = None
@@ -1304,8 +1304,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             return [(g.float() if g.dtype in (torch.bfloat16, torch.float16) else g) * unscale for g in grads]
         return grads
 
-    def _apply_new_states(self, ready: _Ready) -> None:
+    def _apply_new_states(self, ready: _Ready, bucket: Bucket) -> None:
+        """Stores the state made or changed for the params of ``bucket`` (once it stepped)."""
+        if not ready.new_states:
+            return
+        owners = {id(p) for p in bucket.owners}
         for param, changes in ready.new_states:
+            if id(param) not in owners:
+                continue
             self._awaiting_master.pop(id(param), None)  # its master made, or its states rounded
             state = self.state.setdefault(param, {})  # (a plain dict in place of torch's defaultdict too)
             for key, value in changes.items():

@@ -95,13 +95,21 @@ def shard_groups(t: Tensor, dims: Optional[Iterable[int]] = None) -> Tuple:
                  if isinstance(p, Shard) and (wanted is None or p.dim % max(t.dim(), 1) in wanted))
 
 
+def mesh_groups(t: Tensor) -> Tuple:
+    """The process groups of every dim of t's mesh (empty for a plain tensor)."""
+    if not is_dtensor(t):
+        return ()
+    mesh = t.device_mesh
+    return tuple(mesh.get_group(i) for i in range(mesh.ndim))
+
+
 def wait_for_every_shard(groups: Sequence[Tuple[object, torch.device]], found_inf: Optional[Tensor] = None,
                          name: str = "amos_fused") -> None:
     """One all-reduce over each of ``groups``, in order: returns once every rank of
     each group has reached it.  Every rank must pass the same groups in the same
     order.  With GradScaler's ``found_inf``, the ranks also count those whose step
-    it skips, one count summed over each group in turn (over the mesh dims that
-    shard the params: the count of the whole mesh, the same on every rank): when
+    it skips, one count summed over each group in turn (over every dim of the params'
+    mesh: the count of the whole mesh, the same on every rank): when
     some skip and others do not (a GradScaler whose found_inf is not reduced over
     the ranks), every rank raises here, before any writes, where the steps summing
     over the shards would wait on each other forever."""

@@ -235,12 +235,15 @@ def adamw_averaged_update_rms(lr: float, weight_decay: float, t: float, snr: flo
     steps = _time(t)
     if steps == 0.0:
         raise ValueError("Invalid step count t: 0 (the average of the updates needs t > 0)")
+    ratio = _snr(snr)
+    if math.isinf(ratio):  # (pure signal: 1, whatever the noise term)
+        return 1.0
     b, a = _decay_terms(eta, lam, steps)
     noise = eta * (1.0 + b) / (2.0 * a) if a > 0.0 else math.inf  # (1−β3)(1+β3^t)/(2(1−β3^t)); a = (1−β3^t)/λ
     if not math.isfinite(noise):
         raise ValueError(f"Invalid step count t: {t} (too small: the average's weight 1/(1 − beta3^t) "
                          "leaves float64's range)")
-    return math.sqrt(_snr_ratio(_snr(snr), noise, 1.0))
+    return math.sqrt(_snr_ratio(ratio, noise, 1.0))
 
 
 def adamw_weight_rms_at(lr: float, weight_decay: float, t: float, init_rms: float, snr: float = 0.0) -> float:

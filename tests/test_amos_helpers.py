@@ -523,7 +523,7 @@ def test_a_per_param_eta_is_range_checked_in_its_own_params_dtype(eta):
         af.Amos([p32, p64], lr=0.01, eta=eta, backend="cpu")
 
 
-@pytest.mark.parametrize("edit", ["reverse", "delete-first", "delete-first-then-add"])
+@pytest.mark.parametrize("edit", ["reverse", "delete-first", "delete-first-then-add", "delete-first-then-refused-add"])
 def test_inferred_etas_follow_their_params_when_groups_are_also_reordered(edit):
     """A param appended to a group gets its own inferred eta, and the others keep
     theirs, also when the groups were reordered or one removed in the same edit
@@ -543,12 +543,17 @@ def test_inferred_etas_follow_their_params_when_groups_are_also_reordered(edit):
     elif edit == "delete-first":
         opt.param_groups[1]["params"].append(new)
         del opt.param_groups[0]
-    else:
+    elif edit == "delete-first-then-add":
         added = nn.Parameter(torch.randn(20, 30))
         del opt.param_groups[0]
         opt.add_param_group({"params": [added], "eta": 0.25})
         opt.param_groups[0]["params"].append(new)
         eta_of[id(added)] = 0.25
+    else:  # (a group refused by add_param_group changes nothing)
+        del opt.param_groups[0]
+        with pytest.raises(ValueError, match="learning rate"):
+            opt.add_param_group({"params": [nn.Parameter(torch.randn(3))], "lr": -1.0})
+        opt.param_groups[0]["params"].insert(0, new)
     opt.step()
     for group in opt.param_groups:
         etas = group["eta"] if isinstance(group["eta"], tuple) else (group["eta"],) * len(group["params"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import itertools
 import os
 import tempfile
 
@@ -440,6 +441,19 @@ def _dtensor_corners(rank, world, path):
 
         def lost(*args):
             raise RuntimeError("a peer was lost")
+        # (at a first step too: no state stored for a bucket not stepped)
+        fresh = af.Amos([{"params": [rows], "reduce_axes": 1}, {"params": [whole], "reduce_axes": "all"}], lr=0.01,
+                        eta=0.5)
+        saved_sum = optim.sum_over_shards
+        optim.sum_over_shards = lambda *args: (_ for _ in ()).throw(RuntimeError("a peer was lost"))
+        try:
+            fresh.step()
+            raise AssertionError("the failing sum did not raise")
+        except RuntimeError as error:
+            assert "a peer was lost" in str(error), error
+        finally:
+            optim.sum_over_shards = saved_sum
+        assert len(fresh.state) == 0, list(fresh.state.values())
         for module, name in ((optimizer_base, "wait_for_every_shard"), (optim, "sum_over_shards")):
             assert hasattr(module, name), name
             before = values()
@@ -578,20 +592,23 @@ def _local(t):
 
 def _found_inf_on_a_2d_mesh(rank, world, path):
     """found_inf skipping the step on one rank of a 2 × 2 mesh that shards a param
-    over both dims: every rank raises (none left waiting in a later group's
+    over one or both dims: every rank raises (none left waiting in a later group's
     all-reduce, nor stepping on where the others raised), nothing written."""
     _init(rank, world, path)
     try:
         import amos_fused as af
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Shard, distribute_tensor
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
         mesh = init_device_mesh("cpu", (2, 2))
         gen = torch.Generator().manual_seed(0)
         value, grad = torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)
-        for skipping in range(world):
-            r = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0), Shard(1)]))
-            r.grad = distribute_tensor(grad.clone(), mesh, [Shard(0), Shard(1)])
+        # (sharded over both dims; sharded over one and replicated over the other, as HSDP: the
+        # replicas raise too, rather than step on apart from the replica that skipped)
+        for placements, skipping in itertools.product(([Shard(0), Shard(1)], [Replicate(), Shard(0)],
+                                                        [Shard(0), Replicate()]), range(world)):
+            r = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, placements))
+            r.grad = distribute_tensor(grad.clone(), mesh, placements)
             opt = af.Lamb([r], lr=0.01)
             opt.step()
             before = [_local(v).clone() for v in [r, *opt.state[r].values()]]

@@ -417,6 +417,8 @@ def test_theory_inputs_beyond_float64_are_named(call, match):
 
 
 def test_theory_products_that_underflow_take_their_limits():
-    """ηλ below float64's range: β3 → 1, the λ → 0 limits (no division by the product)."""
+    """ηλ below float64's range: β3 → 1, the λ → 0 limits (no division by the product);
+    snr = ∞ is 1 whatever the noise term (a t too small for it included)."""
+    assert theory.adamw_averaged_update_rms(1e-4, 0.1, 1e-310, snr=math.inf) == 1.0
     assert theory.adamw_averaged_update_rms(1e-300, 1e-200, 1) == pytest.approx(1.0, rel=1e-12)
     assert theory.signsgdmw_weight_rms_arcsine(1e-200, 1e-200, 0.0) == pytest.approx(math.sqrt(0.5), rel=1e-12)
