@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from typing import Optional
 
 DECAYS = ("inverse_square", "inverse_time")
@@ -90,9 +91,9 @@ def _decay_terms(eta: float, lam: float, t: float) -> tuple:
     """(β3^t, (1−β3^t)/λ), the second → η·t as λ → 0; computed without cancellation."""
     log_beta3 = math.log1p(-eta * lam)
     b = math.exp(t * log_beta3)
-    a = -math.expm1(t * log_beta3) / lam if lam > 0.0 else 0.0
-    if a == 0.0:  # (λ = 0, or t·ηλ below float64's range: the limit, exact to its last digits there)
-        a = eta * t
+    a = -math.expm1(t * log_beta3) / lam if eta * lam >= sys.float_info.min else 0.0
+    if a == 0.0:  # (λ = 0, or ηλ (or t·ηλ) below float64's normal range, where it keeps few digits:
+        a = eta * t  # the limit, off by a relative t·ηλ/2 there)
     return b, a
 
 
