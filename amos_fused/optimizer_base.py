@@ -664,14 +664,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._plans_before_step = {}
         self._step_host_scaling = None  # (read afresh by this step: _host_grad_scaling)
         try:
-            # the buckets summed over shards first: a sum that fails then finds the others unwritten;
-            # a bucket's new states (which its step reads from the bucket) are stored once it stepped
+            # the buckets summed over shards first: a sum that fails then finds the others unwritten
+            # (a bucket's new states, which its step reads from the bucket, are stored once it stepped)
             summed = {id(bucket) for _, bucket in collective}
             in_order = collective + [(item, bucket) for item in ready if item is not None for bucket in item.buckets
                                      if id(bucket) not in summed]
             for n, (item, bucket) in enumerate(in_order):
                 self._run_bucket(item, bucket, summed_over_shards=n < len(collective))
-                self._apply_new_states(item, bucket)
             self._unscale_stepped_grads(ready)
         finally:
             self._step_host_scaling = None
@@ -1351,6 +1350,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 measured_sums(bucket.params, before, table)
         if bucket.shadows and not bucket.shadows_in_kernel and not self._skipped_on_host():
             torch._foreach_copy_(bucket.shadows, bucket.params)  # the params, rounded from their masters
+        self._apply_new_states(ready, bucket)  # (stepped: a sum over shards that failed stores none)
         self._bump_sharded_versions(bucket, group)
         if bucket.shadows:
             self._master_marks.mark(bucket.owners)

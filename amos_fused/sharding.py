@@ -107,27 +107,30 @@ def wait_for_every_shard(groups: Sequence[Tuple[object, torch.device]], found_in
                          name: str = "amos_fused") -> None:
     """One all-reduce over each of ``groups``, in order: returns once every rank of
     each group has reached it.  Every rank must pass the same groups in the same
-    order.  With GradScaler's ``found_inf``, the ranks also count those whose step
-    it skips, one count summed over each group in turn (over every dim of the params'
-    mesh: the count of the whole mesh, the same on every rank): when
-    some skip and others do not (a GradScaler whose found_inf is not reduced over
-    the ranks), every rank raises here, before any writes, where the steps summing
-    over the shards would wait on each other forever."""
-    counts = None  # (ranks, ranks skipping), summed over each group in turn: over the whole mesh they span
+    order.  With GradScaler's ``found_inf``, the ranks also learn whether any of them
+    skips the step and whether any steps (a maximum over each group in turn: over
+    every dim of the params' mesh, the same answer on every rank): when some skip and
+    others do not (a GradScaler whose found_inf is not reduced over the ranks), every
+    rank raises here, before any writes, where the steps summing over the shards
+    would wait on each other forever or the replicas would part."""
+    flags = None  # (whether this rank skips, negated: the maximum of both is (any skips, −(all skip)))
+    skipping = False
     for group, device in groups:
-        if counts is None:
+        if flags is None:
             skipped = torch.zeros((), device=device) if found_inf is None else \
                 (found_inf.detach().to(device=device, dtype=torch.float32).reshape(()) != 0).float()
-            counts = torch.stack([torch.ones((), device=device), skipped])
-        counts = counts.to(device)
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
-    if found_inf is not None and counts is not None:
-        ranks, skipping = counts.tolist()
-        if 0 < skipping < ranks:
+            skipping = found_inf is not None and bool(skipped)
+            flags = torch.stack([skipped, -skipped])
+        flags = flags.to(device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    if found_inf is not None and flags is not None:
+        any_skips, not_all_skip = flags.tolist()
+        if any_skips == 1.0 and not_all_skip == 0.0:
             raise ValueError(
-                f"{name}: GradScaler's found_inf skips the step on {skipping:.0f} of the {ranks:.0f} ranks "
-                "that shard these params, whose step sums over the shards: every rank must skip or step "
-                "together (reduce found_inf over the ranks first, as torch's ShardedGradScaler does)")
+                f"{name}: GradScaler's found_inf skips the step on some of the ranks that hold these params "
+                f"and not on others (on this rank it {'does' if skipping else 'does not'}), and their step sums "
+                "over the shards: every rank must skip or step together (reduce found_inf over the ranks "
+                "first, as torch's ShardedGradScaler does)")
 
 
 def sum_over_shards(parts: Sequence[Tensor], groups: Sequence[Tuple]) -> List[Tensor]:
