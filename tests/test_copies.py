@@ -37,6 +37,18 @@ PER_PARAM = {"Amos": (lambda ps: af.Amos(ps, lr=0.1, backend="cpu"), "eta"),
              "ScaledAdamW": (lambda ps: af.ScaledAdamW(ps, lr=0.05, half_life=100, backend="cpu"), "init_norm")}
 
 
+def _stepped_with_a_third_param(make):
+    """(opt, a, b, c): opt made over a and b and stepped once; c, zero, not in it yet."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(4, 8) * 3), torch.nn.Parameter(torch.randn(4, 8) * 0.1)
+    c = torch.nn.Parameter(torch.zeros(4, 8))
+    opt = make([a, b])
+    for p in (a, b, c):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return opt, a, b, c
+
+
 @pytest.mark.parametrize("how", HOW)
 @pytest.mark.parametrize("name", list(PER_PARAM))
 def test_per_param_values_follow_their_params_in_a_copy(name, how):
@@ -131,13 +143,7 @@ def test_taking_a_copy_changes_nothing_in_the_original(name, how):
     make, key = PER_PARAM[name]
 
     def session(take):
-        torch.manual_seed(0)
-        a, b = torch.nn.Parameter(torch.randn(4, 8) * 3), torch.nn.Parameter(torch.randn(4, 8) * 0.1)
-        c = torch.nn.Parameter(torch.zeros(4, 8))
-        opt = make([a, b])
-        for p in (a, b, c):
-            p.grad = torch.ones_like(p)
-        opt.step()
+        opt, a, b, c = _stepped_with_a_third_param(make)
         opt.param_groups[0]["params"].append(c)
         if take == "state_dict":
             opt.state_dict()
@@ -154,14 +160,20 @@ def test_taking_a_copy_changes_nothing_in_the_original(name, how):
     assert taken_values == values and all(torch.equal(p, q) for p, q in zip(params, taken_params))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_a_state_dict_taken_in_inference_mode_after_a_write_leaves_the_masters_usable(backend):
+def _master_stepped_then_written(backend, factor):
+    """(opt, p): a bfloat16 p with a master, stepped once, then multiplied by factor."""
     p = torch.nn.Parameter(torch.randn(64).bfloat16())
     opt = af.AdamW([p], lr=1e-3, master_weights=True, backend=backend)
     p.grad = torch.randn_like(p)
     opt.step()
     with torch.no_grad():
-        p.mul_(0.5)
+        p.mul_(factor)
+    return opt, p
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_state_dict_taken_in_inference_mode_after_a_write_leaves_the_masters_usable(backend):
+    opt, p = _master_stepped_then_written(backend, 0.5)
     with torch.inference_mode():
         saved = opt.state_dict()
     assert torch.equal(saved["state"][0]["master_param"], p.detach().float())
@@ -244,12 +256,7 @@ def test_state_dict_hooks_see_and_keep_the_settled_values():
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_a_state_dict_post_hook_sees_a_fresh_master_and_may_convert_it(backend):
-    p = torch.nn.Parameter(torch.randn(64).bfloat16())
-    opt = af.AdamW([p], lr=1e-3, master_weights=True, backend=backend)
-    p.grad = torch.randn_like(p)
-    opt.step()
-    with torch.no_grad():
-        p.mul_(2)
+    opt, p = _master_stepped_then_written(backend, 2)
     seen = []
 
     def post_hook(o, sd):
@@ -297,13 +304,7 @@ def test_a_param_appended_before_a_copy_gets_its_value_at_the_copys_next_step(na
     make, key = PER_PARAM[name]
 
     def session(take):
-        torch.manual_seed(0)
-        a, b = torch.nn.Parameter(torch.randn(4, 8) * 3), torch.nn.Parameter(torch.randn(4, 8) * 0.1)
-        c = torch.nn.Parameter(torch.zeros(4, 8))
-        opt = make([a, b])
-        for p in (a, b, c):
-            p.grad = torch.ones_like(p)
-        opt.step()
+        opt, a, b, c = _stepped_with_a_third_param(make)
         opt.param_groups[0]["params"].insert(1, c)
         if take is not None:
             opt, (a, b, c) = _copied(opt, [a, b, c], take, make)
