@@ -110,9 +110,10 @@ def wait_for_every_shard(groups: Sequence[Tuple[object, torch.device]], found_in
     order.  With GradScaler's ``found_inf``, the ranks also learn whether any of them
     skips the step and whether any steps (a maximum over each group in turn: over
     every dim of the params' mesh, the same answer on every rank): when some skip and
-    others do not (a GradScaler whose found_inf is not reduced over the ranks), every
-    rank raises here, before any writes, where the steps summing over the shards
-    would wait on each other forever or the replicas would part."""
+    others do not (a GradScaler whose found_inf is not reduced over the ranks, or
+    set on some ranks only), every rank raises here, before any writes, where the
+    steps summing over the shards would wait on each other forever or the replicas
+    would part."""
     flags = None  # (whether this rank skips, negated: the maximum of both is (any skips, −(all skip)))
     skipping = False
     for group, device in groups:
@@ -123,7 +124,7 @@ def wait_for_every_shard(groups: Sequence[Tuple[object, torch.device]], found_in
             flags = torch.stack([skipped, -skipped])
         flags = flags.to(device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    if found_inf is not None and flags is not None:
+    if flags is not None:  # (this rank too when its found_inf is None: it steps where others skip)
         any_skips, not_all_skip = flags.tolist()
         if any_skips == 1.0 and not_all_skip == 0.0:
             raise ValueError(

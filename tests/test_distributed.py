@@ -375,7 +375,8 @@ def _dtensor_corners(rank, world, path):
     bf16 stochastic rounding draws other bits on each shard and the same on
     replicas; a sharded reduction whose all-reduce raises leaves the counters; a
     failing wait for the other ranks or sum over shards leaves every bucket; a
-    found_inf that skips the step on some ranks only is refused on every rank."""
+    found_inf that skips the step on some ranks only (or is set on some only) is
+    refused on every rank."""
     _init(rank, world, path)
     try:
         import amos_fused as af
@@ -487,6 +488,23 @@ def _dtensor_corners(rank, world, path):
         opt.found_inf = torch.tensor(0.0)
         opt.step()
         assert float(opt.state[rows]["step"]) == 3.0
+        # 6. found_inf set on one rank only (the other steps without GradScaler): every rank
+        # raises, the one without found_inf too (it would otherwise wait in the sum forever)
+        r = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0)]))
+        r.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])
+        opt = af.Lamb([r], lr=0.01)
+        opt.step()
+        if rank == 1:
+            opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
+        before = [_local(v).clone() for v in [r, *opt.state[r].values()]]
+        try:
+            opt.step()
+            raise AssertionError("found_inf set on one rank only did not raise")
+        except ValueError as error:
+            assert "skips the step on some of the ranks" in str(error), error
+            assert f"on this rank it {'does' if rank == 1 else 'does not'}" in str(error), error
+        after = [_local(v) for v in [r, *opt.state[r].values()]]
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
     except BaseException:
         dist.destroy_process_group()  # no barrier: another rank may be stuck
         raise
