@@ -42,15 +42,20 @@ bool like_param(const at::Tensor& s, const at::Tensor& p, Walk walk) {
          (walk == Walk::kAny || s.numel() <= 1 || s.strides() == p.strides());
 }
 
-// The bytes from t's lowest to its highest element, [first, last) (any strides).
+// The bytes from t's lowest to its highest element, [first, last) (any strides;
+// t has elements).  data_ptr() gives a copy-on-write tensor (torch._lazy_clone)
+// memory of its own first, as the step's write would: two such clones of one
+// tensor are then not taken to share memory.
 std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
   const intptr_t size = static_cast<intptr_t>(t.element_size());
+  const uintptr_t base = reinterpret_cast<uintptr_t>(t.data_ptr());
+  if (t.is_contiguous()) return {base, base + static_cast<uintptr_t>(t.numel() * size)};
   intptr_t low = 0, high = 0;
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    const intptr_t reach = static_cast<intptr_t>((t.size(d) - 1) * t.stride(d)) * size;
+  const c10::IntArrayRef sizes = t.sizes(), strides = t.strides();
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    const intptr_t reach = static_cast<intptr_t>((sizes[d] - 1) * strides[d]) * size;
     (reach < 0 ? low : high) += reach;
   }
-  const uintptr_t base = reinterpret_cast<uintptr_t>(t.data_ptr());
   return {base + low, base + high + size};
 }
 

@@ -226,6 +226,32 @@ def test_a_state_shared_by_two_params_is_refused_before_any_write(name, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_lazy_clones_of_another_params_state_step_as_copies(name, backend):
+    """A copy-on-write clone (torch._lazy_clone) of one param's state given to
+    another shares memory only until one of them is written: the step takes it as
+    the copy it is (each gets memory of its own when written), as torch.optim would."""
+    a, b = _params(name, n=1024)
+    twin_a, twin_b = (torch.nn.Parameter(p.detach().clone()) for p in (a, b))
+    opt, twin = CLASSES[name]([a, b], backend), CLASSES[name]([twin_a, twin_b], backend)
+    for ps in ([a, b], [twin_a, twin_b]):
+        _grads(ps, 0)
+    opt.step()
+    twin.step()
+    for key in _state_keys(opt, a):
+        opt.state[b][key] = torch._lazy_clone(opt.state[a][key])
+        twin.state[twin_b][key] = twin.state[twin_a][key].clone()
+    for ps in ([a, b], [twin_a, twin_b]):
+        _grads(ps, 1)
+    opt.step()
+    twin.step()
+    for p, q in ((a, twin_a), (b, twin_b)):
+        assert torch.equal(p, q)
+        for key in _state_keys(opt, a):
+            assert torch.equal(opt.state[p][key], twin.state[q][key]), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls", [af.AdamW8bit, af.Lion8bit], ids=lambda c: c.__name__)
 def test_a_step_counter_viewing_an_absmax_is_refused(cls, backend):
     """The 8-bit states' absmax are written by the step too: a counter that views one
