@@ -1101,7 +1101,7 @@ def writable_path(path: str) -> bool:
 
 def select_impls(impls: List[Impl], names: Optional[str]) -> List[Impl]:
     """The rows named in `names`, torch's fused AdamW, and the floors of all of them."""
-    if not names:
+    if names is None:
         return impls
     wanted = {n.strip() for n in names.split(",") if n.strip()}
     if not wanted:
@@ -1163,7 +1163,7 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     workload = args.workload or DEFAULT_WORKLOAD[device.type]
     chosen = {n.strip() for n in (args.impls or "").split(",")}
-    peers = not args.no_peers and (not args.impls or bool(chosen & set(PEERS)))
+    peers = not args.no_peers and (args.impls is None or bool(chosen & set(PEERS)))
     impls = select_impls(all_impls(device.type, peers=peers), args.impls)
 
     measurements = pool_rounds(run_rounds(impls, WORKLOADS[workload], device, args))

@@ -14,7 +14,7 @@ from .deterministic_sums import local_sum_of_squares
 from .optim import _advance, _next_step, adam_state, sum_of_squares
 from .optimizer_base import FusedOptimizer, torch_flags
 from .sharding import shard_groups, sharded_dims, sum_over_shards
-from .theory import DECAYS, half_life_p
+from .theory import DECAYS, half_life_p, half_life_rate
 
 
 
@@ -154,13 +154,25 @@ class ScaledAdamW(_AdamMoments):
         return {"decay rate lr²/(2q)": hyper["lr"] * hyper["lr"] / (2.0 * hyper["q"])}
 
     def _capturable_hyper(self, group):
-        hyper = super()._capturable_hyper(group)
         lr = group["lr"]
-        if isinstance(lr, torch.Tensor) and group["half_life"] is not None:  # α0·p is set by the half-life
-            rate = half_life_p(1.0, group["half_life"], group["decay"])  # (p = 0 at lr = 0: no step taken)
-            lr = lr.to(torch.float64)  # (in float64 as the host's p, whatever lr's dtype)
-            hyper["p"] = torch.where(lr != 0, rate / lr, torch.zeros_like(lr))
+        if not (isinstance(lr, torch.Tensor) and group["half_life"] is not None):
+            return super()._capturable_hyper(group)
+        # α0·p is set by the half-life: p = rate/(T·α0) as half_life_p computes it (one division,
+        # on the device), in float64 whatever lr's dtype (the group's checks found it finite at
+        # this lr); p = 0 at lr = 0: no step taken
+        hyper = super()._capturable_hyper({**group, "half_life": None, "p": 0.0})
+        product = lr.to(torch.float64) * float(group["half_life"])
+        p = torch.full_like(product, half_life_rate(group["decay"])) / product
+        hyper["p"] = torch.where(product != 0, p, torch.zeros_like(p))
         return hyper
+
+    def _check_range(self, index, group, hyper, plan):
+        narrow = [spec.dtype for spec in plan.specs if spec.dtype not in (torch.float64, torch.complex128)]
+        if group["half_life"] is not None and narrow and not abs(hyper["p"]) <= torch.finfo(torch.float32).max:
+            raise ValueError(f"{self._name}: param_groups[{index}]: Invalid half_life: {group['half_life']} at "
+                             f"lr={hyper['lr']} (the p they give, {hyper['p']:.4g}, is beyond float32's range, "
+                             f"in which the step of {narrow[0]} params computes)")
+        super()._check_range(index, group, hyper, plan)
 
     def _direction(self, p, g, st, step, group):
         beta1, beta2 = (float(b) for b in group["betas"])

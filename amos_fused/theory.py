@@ -90,9 +90,11 @@ def _lr_wd(lr: float, weight_decay: float, *, allow_zero: bool) -> tuple:
 def _decay_terms(eta: float, lam: float, t: float) -> tuple:
     """(β3^t, (1−β3^t)/λ), the second → η·t as λ → 0; computed without cancellation."""
     log_beta3 = math.log1p(-eta * lam)
-    b = math.exp(t * log_beta3)
-    a = -math.expm1(t * log_beta3) / lam if eta * lam >= sys.float_info.min else 0.0
-    if a == 0.0:  # (λ = 0, or ηλ (or t·ηλ) below float64's normal range, where it keeps few digits:
+    exponent = t * log_beta3  # t·ln β3
+    b = math.exp(exponent)
+    if eta * lam >= sys.float_info.min and -exponent >= sys.float_info.min:
+        a = -math.expm1(exponent) / lam
+    else:  # (λ = 0, or ηλ or t·ηλ below float64's normal range, where it keeps few digits:
         a = eta * t  # the limit, off by a relative t·ηλ/2 there)
     return b, a
 
@@ -108,18 +110,23 @@ def _snr_ratio(snr: float, numerator_noise: float, denominator_noise: float) -> 
 # Scale-aware Adam (Amos)
 # ---------------------------------------------------------------------------
 
+def half_life_rate(decay: str) -> float:
+    """α0·p·T of a half-life T: √2−1 for 'inverse_square' ((1 + α0·p·T)² = 2),
+    1/2 for 'inverse_time' (1 + 2·α0·p0·T = 2)."""
+    if decay == "inverse_square":
+        return math.sqrt(2.0) - 1.0
+    if decay == "inverse_time":
+        return 0.5
+    raise ValueError(f"Invalid decay: {decay!r} (expected one of {DECAYS})")
+
+
 def half_life_p(lr: float, half_life: float, decay: str = "inverse_square") -> float:
     """The p (or p0) of scale-aware Adam whose s(t) halves after ``half_life`` steps:
     α0·p = (√2−1)/T for 'inverse_square', α0·p0 = 1/(2T) for
     'inverse_time'."""
     half_life = _finite("half_life", half_life, 0.0, strict=True, what="half_life")
     lr = _finite("lr", lr, 0.0, strict=True, what="learning rate")  # (> 0 to derive p from a half-life)
-    if decay == "inverse_square":
-        p = (math.sqrt(2.0) - 1.0) / (half_life * lr) if half_life * lr > 0.0 else math.inf
-    elif decay == "inverse_time":
-        p = 1.0 / (2.0 * half_life * lr) if half_life * lr > 0.0 else math.inf
-    else:
-        raise ValueError(f"Invalid decay: {decay!r} (expected one of {DECAYS})")
+    p = half_life_rate(decay) / (half_life * lr) if half_life * lr > 0.0 else math.inf
     if not math.isfinite(p):  # (their product underflows)
         raise ValueError(f"Invalid half_life: {half_life} at lr={lr} (p, which divides by their product, "
                          "would be beyond float64's range)")

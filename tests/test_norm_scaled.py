@@ -291,3 +291,40 @@ def test_an_init_norm_vector_set_between_steps_is_range_checked(make):
     with pytest.raises(ValueError, match=r"Invalid init_norm\[0\]"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(ps, before)) and not opt.state
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_half_life_whose_p_leaves_float32s_range_is_named_for_float32_params(backend):
+    """p = (√2−1)/(half_life·lr) beyond float32's range: refused for float32 params
+    (whose step computes in float32) naming half_life and lr, the values the user
+    gave (not the derived p); float64 params take it."""
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: Invalid half_life: 1e-40 at lr=0.001 \(the p they "
+                                         r"give, 4.142e\+42, is beyond float32's range"):
+        af.ScaledAdamW([p], lr=1e-3, half_life=1e-40, backend=backend)
+    opt = af.ScaledAdamW([p], lr=1e-3, half_life=10, backend=backend)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    opt.param_groups[0]["half_life"] = 1e-40
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    with pytest.raises(ValueError, match=r"Invalid half_life: 1e-40 at lr=0.001"):
+        opt.step()
+    assert torch.equal(p, before[0]) and all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
+    af.ScaledAdamW([torch.nn.Parameter(torch.randn(8, 8, dtype=torch.float64))], lr=1e-3, half_life=1e-40,
+                   backend=backend)
+
+
+@pytest.mark.parametrize("decay", ["inverse_square", "inverse_time"])
+@pytest.mark.parametrize("lr, half_life", [(1e-3, 100), (3e-4, 7.5), (10.0, 1e-309), (0.0, 100)])
+def test_a_capturable_steps_p_from_a_tensor_lr_is_the_hosts(decay, lr, half_life):
+    """With capturable=True and a tensor lr, p is derived from the half-life on the
+    device: bitwise the p a host step at that lr uses (one division in float64), also
+    where (√2−1)/half_life alone would overflow; 0 at lr = 0 (no step is taken)."""
+    opt = af.ScaledAdamW([torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64))], lr=10.0, half_life=half_life,
+                         decay=decay)
+    group = dict(opt.param_groups[0])
+    for dtype in (torch.float32, torch.float64):
+        group["lr"] = torch.tensor(lr, dtype=dtype)
+        host = {**group, "lr": float(group["lr"])}
+        opt._check_group(host)
+        assert opt._capturable_hyper(group)["p"].item() == opt._schedule_p(host)

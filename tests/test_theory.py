@@ -423,3 +423,9 @@ def test_theory_products_that_underflow_take_their_limits():
     assert theory.adamw_averaged_update_rms(1e-160, 1e-163, 1) == pytest.approx(1.0, rel=1e-12, abs=0)  # ηλ subnormal
     assert theory.adamw_averaged_update_rms(1e-300, 1e-200, 1) == pytest.approx(1.0, rel=1e-12, abs=0)
     assert theory.signsgdmw_weight_rms_arcsine(1e-200, 1e-200, 0.0) == pytest.approx(math.sqrt(0.5), rel=1e-12, abs=0)
+    # ηλ normal but t·ηλ subnormal (a fractional t): the λ → 0 limit too, to all digits
+    for t in (1e-22, 1e-20):
+        assert theory.adamw_averaged_update_rms(1.0, 1e-300, t) == pytest.approx(
+            theory.adamw_averaged_update_rms(1.0, 0.0, t), rel=1e-15, abs=0)
+    assert theory.adamw_weight_rms_signal_dominated(1.0, 1e-300, 1e-22, 0.0, math.inf) == pytest.approx(
+        theory.adamw_weight_rms_signal_dominated(1.0, 0.0, 1e-22, 0.0, math.inf), rel=1e-15, abs=0)
