@@ -107,13 +107,6 @@ def _process_groups(collective: List[Tuple["_Ready", Bucket]]) -> List[Tuple[obj
     return found
 
 
-def _sums_taken(collective: List[Tuple["_Ready", Bucket]]) -> Tuple[int, int, int]:
-    """(buckets, params, sum of the params' optimizer-wide indices) of the buckets
-    summed over shards: the same on every rank when they take the same sums."""
-    indices = [item.first_index + position for item, bucket in collective for position in bucket.positions]
-    return len(collective), len(indices), sum(indices)
-
-
 def _as_float(value) -> Optional[float]:
     """A real number (a Python or NumPy number, a one-element tensor) as a float,
     else None (what is not a number is checked elsewhere)."""
@@ -661,7 +654,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                           if self._reduces_across_shards(bucket, item.group)]
             if collective:  # every rank's checks passed before any rank writes (a rank whose step raised
                 wait_for_every_shard(_process_groups(collective),  # leaves the others waiting here)
-                                     self._grad_scaling()["found_inf"], self._name, _sums_taken(collective))
+                                     self._grad_scaling()["found_inf"], self._name)
         except BaseException:
             for group, values in kept:
                 group.update(values)

@@ -73,11 +73,10 @@ def slot_zeros(param: Tensor, slot_shape: Sequence[int], make) -> Tensor:
     local tensor has the local param's sizes on the kept dims (``make(like, shape)``
     allocates it)."""
     shard = local(param)
-    kept = {d for d, n in enumerate(slot_shape) if n != 1 or param.size(d) == 1}
-    # (a kept dim of size 1 sharded over more ranks than it has rows is empty on some: as the param's shard)
-    local_shape = [shard.size(d) if d in kept else 1 for d in range(len(slot_shape))]
+    local_shape = [shard.size(d) if n != 1 else 1 for d, n in enumerate(slot_shape)]
     zeros = make(shard, local_shape)
     stride = torch.empty(tuple(slot_shape), device="meta").stride()
+    kept = {d for d, n in enumerate(slot_shape) if n != 1 or param.size(d) == 1}
     placements = [p if not isinstance(p, Shard) or p.dim % max(param.dim(), 1) in kept else Replicate()
                   for p in param.placements]
     return DTensor.from_local(zeros, param.device_mesh, placements, run_check=False,
@@ -105,7 +104,7 @@ def mesh_groups(t: Tensor) -> Tuple:
 
 
 def wait_for_every_shard(groups: Sequence[Tuple[object, torch.device]], found_inf: Optional[Tensor] = None,
-                         name: str = "amos_fused", sums: Sequence[float] = ()) -> None:
+                         name: str = "amos_fused") -> None:
     """One all-reduce over each of ``groups``, in order: returns once every rank of
     each group has reached it.  Every rank must pass the same groups in the same
     order.  With GradScaler's ``found_inf``, the ranks also learn whether any of them
@@ -114,33 +113,19 @@ def wait_for_every_shard(groups: Sequence[Tuple[object, torch.device]], found_in
     others do not (a GradScaler whose found_inf is not reduced over the ranks, or
     set on some ranks only), every rank raises here, before any writes, where the
     steps summing over the shards would wait on each other forever or the replicas
-    would part.  ``sums`` describes the sums over shards this rank's step will take
-    (numbers, as many on every rank): when they differ between ranks (a param with
-    a grad on some ranks only), every rank raises here too, where the sums would
-    wait forever or add up unlike buffers."""
-    # (whether this rank skips, and the sums, each with its negation: their maxima are
-    # (any skips, −(all skip)) and the largest and smallest of each number over the ranks)
-    flags = None
+    would part."""
+    flags = None  # (whether this rank skips, negated: the maximum of both is (any skips, −(all skip)))
     skipping = False
     for group, device in groups:
         if flags is None:
-            skipped = torch.zeros((), dtype=torch.float64, device=device) if found_inf is None else \
-                (found_inf.detach().to(device=device, dtype=torch.float32).reshape(()) != 0).double()
+            skipped = torch.zeros((), device=device) if found_inf is None else \
+                (found_inf.detach().to(device=device, dtype=torch.float32).reshape(()) != 0).float()
             skipping = found_inf is not None and bool(skipped)
-            plan = torch.tensor([float(x) for x in sums], dtype=torch.float64, device=device)
-            flags = torch.cat([skipped.reshape(1), plan, -skipped.reshape(1), -plan])
+            flags = torch.stack([skipped, -skipped])
         flags = flags.to(device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    if flags is not None:
-        largest, negated_smallest = flags.tolist()[:len(sums) + 1], flags.tolist()[len(sums) + 1:]
-        if any(a != -b for a, b in zip(largest[1:], negated_smallest[1:])):
-            raise ValueError(
-                f"{name}: the ranks that hold these params would sum over their shards for different params "
-                f"(on this rank: {', '.join(f'{x:g}' for x in sums)} as (buckets, params, sum of their indices)); "
-                "a param whose step sums over its shards needs a grad on every rank or on none (set the "
-                "grads of params unused on a rank to zeros there)")
-        # (this rank too when its found_inf is None: it steps where others skip)
-        any_skips, not_all_skip = largest[0], negated_smallest[0]
+    if flags is not None:  # (this rank too when its found_inf is None: it steps where others skip)
+        any_skips, not_all_skip = flags.tolist()
         if any_skips == 1.0 and not_all_skip == 0.0:
             raise ValueError(
                 f"{name}: GradScaler's found_inf skips the step on some of the ranks that hold these params "

@@ -647,68 +647,6 @@ def _found_inf_on_a_2d_mesh(rank, world, path):
     _finish()
 
 
-def _uneven_slots_and_grads(rank, world, path):
-    """(1) Amos slots of a param whose kept dim of size 1 is sharded (FSDP2's
-    Linear(3, 1): rank 1's shard has no rows) have the param's local rows, step as
-    the single process does and load a full state dict on every rank. (2) A param
-    whose step sums over its shards, with a grad on one rank only: every rank raises
-    before any write (the sums would wait forever or add unlike buffers)."""
-    _init(rank, world, path)
-    try:
-        import amos_fused as af
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-
-        torch.manual_seed(0)
-        single = torch.nn.Linear(3, 1, bias=False)
-        model = torch.nn.Linear(3, 1, bias=False)
-        model.load_state_dict(single.state_dict())
-        fully_shard(model)
-        opt, single_opt = (af.Amos(m.parameters(), lr=0.01, eta=0.5, reduce_axes=(1,)) for m in (model, single))
-        x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
-        for _ in range(2):
-            for m, o in ((model, opt), (single, single_opt)):
-                m(x).square().mean().backward()
-                o.step()
-                o.zero_grad()
-        v = opt.state[model.weight]["v"]
-        assert v.to_local().shape == (model.weight.to_local().shape[0], 1), (rank, v.to_local().shape)
-        full = model.weight.full_tensor()
-        assert torch.equal(full, single.weight.detach()), (full, single.weight)
-        saved = single_opt.state_dict()
-        whole = {"state": {"weight": saved["state"][0]},
-                 "param_groups": [{**saved["param_groups"][0], "params": ["weight"]}]}
-        set_optimizer_state_dict(model, opt, whole, options=StateDictOptions(full_state_dict=True))
-        assert opt.state[model.weight]["v"].to_local().shape == v.to_local().shape
-        # (2) a grad on rank 0 only
-        mesh = init_device_mesh("cpu", (world,))
-        value = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
-        p, q = (torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0)])) for _ in range(2))
-        for make in (lambda: af.Lamb([p, q], lr=0.01), lambda: af.Amos([p, q], lr=0.01, eta=0.5, reduce_axes="all")):
-            opt = make()
-            p.grad, q.grad = (DTensor.from_local(torch.ones(4, 4), mesh, [Shard(0)], run_check=False)
-                              for _ in range(2))
-            opt.step()
-            if rank == 1:
-                q.grad = None
-            before = [_local(t).clone() for t in [p, q, *opt.state[p].values(), *opt.state[q].values()]]
-            try:
-                opt.step()
-                raise AssertionError("a grad on some ranks only did not raise")
-            except ValueError as error:
-                assert "would sum over their shards for different params" in str(error), error
-            after = [_local(t) for t in [p, q, *opt.state[p].values(), *opt.state[q].values()]]
-            assert all(torch.equal(a, b) for a, b in zip(before, after))
-            q.grad = DTensor.from_local(torch.ones(4, 4), mesh, [Shard(0)], run_check=False)
-            opt.step()  # and steps on once every rank has the grad
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    _finish()
-
-
 def _spawn(fn, world, *args):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(fn, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
@@ -750,7 +688,3 @@ def test_dtensor_version_counters_and_master_writes():
 
 def test_a_found_inf_differing_over_a_2d_mesh_is_refused_on_every_rank():
     _spawn(_found_inf_on_a_2d_mesh, 4)
-
-
-def test_uneven_amos_slots_and_a_grad_on_some_ranks_only():
-    _spawn(_uneven_slots_and_grads, 2)
