@@ -52,3 +52,18 @@ def slot_shape(shape: Sequence[int], reduce_axes: ReduceAxes) -> Tuple[int, ...]
         return ()
     dims = set(axes or ())
     return tuple(1 if i in dims else n for i, n in enumerate(shape))
+
+
+def loaded_slot_dims(shape: Sequence[int], slot: Sequence[int], reduce_axes: ReduceAxes) -> Tuple[int, ...]:
+    """The dims a loaded slot of shape ``slot`` averages over, for a tensor of
+    ``shape``: those of ``reduce_axes`` when it gives that slot shape, else read off
+    the shapes (a size-1 slot dim where the tensor's is not; a slot of another
+    shape is named by the step's checks)."""
+    try:
+        if tuple(slot) == slot_shape(shape, reduce_axes):
+            return reduced_dims(reduce_axes, len(shape))
+    except ValueError:
+        pass
+    if len(slot) != len(shape):
+        return tuple(range(len(shape)))
+    return tuple(d for d, (n, m) in enumerate(zip(shape, slot)) if m == 1 and n != 1)

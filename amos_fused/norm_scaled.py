@@ -42,8 +42,8 @@ class _AdamMoments(FusedOptimizer):
     def _new_state(self, p, group):
         return adam_state(p)
 
-    def _reduces_across_shards(self, bucket, group):
-        return any(sharded_dims(owner) for owner in bucket.owners)
+    def _sums_over_shards(self, param, group):
+        return bool(sharded_dims(param))
 
     def _sharded_step(self, bucket, group):
         phase1 = []

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import hyperparams as hp
 from . import reference
-from .amos_slots import normalize_reduce_axes, reduced_dims, slot_shape
+from .amos_slots import loaded_slot_dims, normalize_reduce_axes, reduced_dims, slot_shape
 from .deterministic_sums import local_sum_of_squares
 from .optimizer_base import FusedOptimizer, torch_flags, zeros_in_memory_order
 from .sharding import is_dtensor, shard_groups, slot_zeros, sum_over_shards
@@ -359,30 +359,33 @@ class Amos(FusedOptimizer):
         slot = slot_shape(p.shape, group["reduce_axes"])
         state = {
             "step": _new_step(),
-            "v": self._slot_zeros(p, slot),
-            "b": self._slot_zeros(p, slot),
+            "v": self._slot_zeros(p, slot, reduced_dims(group["reduce_axes"], p.dim())),
+            "b": self._slot_zeros(p, slot, reduced_dims(group["reduce_axes"], p.dim())),
         }
         if group["momentum"] is not None:
             state["mu"] = _zeros_like(p)
         return state
 
     @staticmethod
-    def _slot_zeros(p: Tensor, slot) -> Tensor:
-        """A v / b slot: 0-dim, or p's dims (reduced ones of size 1) in p's memory
-        order; for a DTensor param, a DTensor with its mesh and placements."""
+    def _slot_zeros(p: Tensor, slot, reduced) -> Tensor:
+        """A v / b slot of shape ``slot`` averaging over the ``reduced`` dims: 0-dim,
+        or p's dims (reduced ones of size 1) in p's memory order; for a DTensor
+        param, a DTensor on its mesh (sharding.slot_zeros)."""
         def make(like, shape):
             if len(shape) != like.dim():
                 return torch.zeros(shape, dtype=like.dtype, device=like.device)
             return zeros_in_memory_order(like, shape)
-        return slot_zeros(p, slot, make) if is_dtensor(p) else make(p, slot)
+        return slot_zeros(p, slot, reduced, make) if is_dtensor(p) else make(p, slot)
 
-    def _own_copy(self, param, key, value, master=False, upcast=False):
+    def _own_copy(self, param, key, value, master=False, upcast=False, group=None):
         if key in self.slot_keys and isinstance(value, Tensor):
             like = param
             if master and (value.dtype == torch.float32 or (upcast and value.is_floating_point())):
                 like = param.detach().to(torch.float32)  # the slots of a param with a float32 master
-            return self._slot_zeros(like, tuple(value.shape)).copy_(value.detach().to(like.device, like.dtype))
-        return super()._own_copy(param, key, value, master, upcast)
+            slot = tuple(value.shape)
+            reduced = loaded_slot_dims(param.shape, slot, None if group is None else group.get("reduce_axes"))
+            return self._slot_zeros(like, slot, reduced).copy_(value.detach().to(like.device, like.dtype))
+        return super()._own_copy(param, key, value, master, upcast, group)
 
     def _hyper(self, group):
         momentum, clip_value = group["momentum"], group["clip_value"]
@@ -392,9 +395,8 @@ class Amos(FusedOptimizer):
                     epsilon=float(group["epsilon"]), use_momentum=momentum is not None,
                     clip=clip_value is not None)
 
-    def _reduces_across_shards(self, bucket, group):
-        return any(shard_groups(owner, reduced_dims(group["reduce_axes"], owner.dim()))
-                   for owner in bucket.owners)
+    def _sums_over_shards(self, param, group):
+        return bool(shard_groups(param, reduced_dims(group["reduce_axes"], param.dim())))
 
     def _sharded_step(self, bucket, group):
         """Slots averaged over a sharded dim: every shard's Σg² per slot, summed over

@@ -94,16 +94,15 @@ def writes_low_params(backend: str, algorithm: str, fp8: bool) -> bool:
     return backend == "cpu" and (fp8 or algorithm in master_algorithms())
 
 
-def _process_groups(collective: List[Tuple["_Ready", Bucket]]) -> List[Tuple[object, torch.device]]:
-    """The process groups (with a device for their tensors) of every mesh dim of the
-    params of the buckets summed over shards (the dims that shard them and those that
-    replicate them), in the order first met (the same on every rank)."""
+def _process_groups(params: List[Tensor]) -> List[Tuple[object, torch.device]]:
+    """The process groups (with a device for their tensors) of every mesh dim of
+    ``params`` (the dims that shard them and those that replicate them), in the
+    order first met (the same on every rank)."""
     found: List[Tuple[object, torch.device]] = []
-    for _, bucket in collective:
-        for owner in bucket.owners:
-            for group in mesh_groups(owner):
-                if all(group is not seen for seen, _ in found):
-                    found.append((group, bucket.device))
+    for p in params:
+        for group in mesh_groups(p):
+            if all(group is not seen for seen, _ in found):
+                found.append((group, local(p).device))
     return found
 
 
@@ -382,10 +381,27 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _reference_step(self, bucket: Bucket, group: dict) -> None:
         raise NotImplementedError
 
+    def _sums_over_shards(self, param: Tensor, group: dict) -> bool:
+        """True when the step of ``param`` (in ``group``) sums over its shards: a
+        DTensor param whose step reduces over a sharded dim."""
+        return False
+
     def _reduces_across_shards(self, bucket: Bucket, group: dict) -> bool:
         """True when the bucket's step reduces over a sharded DTensor (then
         ``_sharded_step`` steps it, whatever the backend)."""
-        return False
+        return any(self._sums_over_shards(owner, group) for owner in bucket.owners)
+
+    def _params_summed_over_shards(self) -> List[Tuple[str, Tensor]]:
+        """(where, param) of every param whose step sums over its shards, with a
+        grad or not, in group order: the same on every rank that holds them."""
+        if type(self)._sums_over_shards is FusedOptimizer._sums_over_shards:
+            return []  # (no per-param walk for the algorithms that never sum)
+        found = []
+        for index, group in enumerate(self.param_groups):
+            for position, p in enumerate(group["params"]):
+                if is_dtensor(p) and self._sums_over_shards(p, group):
+                    found.append((f"param_groups[{index}]['params'][{position}]", p))
+        return found
 
     def _sharded_step(self, bucket: Bucket, group: dict) -> None:
         raise NotImplementedError
@@ -652,9 +668,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_grad_scaling()
             collective = [(item, bucket) for item in ready if item is not None for bucket in item.buckets
                           if self._reduces_across_shards(bucket, item.group)]
-            if collective:  # every rank's checks passed before any rank writes (a rank whose step raised
-                wait_for_every_shard(_process_groups(collective),  # leaves the others waiting here)
-                                     self._grad_scaling()["found_inf"], self._name)
+            summing = self._params_summed_over_shards()  # (grads or not: the same on every rank)
+            if summing:  # every rank's checks passed before any rank writes (a rank whose step raised
+                taken = {id(p) for _, bucket in collective for p in bucket.owners}  # leaves the others waiting)
+                wait_for_every_shard(_process_groups([p for _, p in summing]), self._grad_scaling()["found_inf"],
+                                     self._name, [(where, mesh_groups(p), id(p) in taken) for where, p in summing])
         except BaseException:
             for group, values in kept:
                 group.update(values)
@@ -1593,6 +1611,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         with_master = {p: has_master(p, group.get("master_weights", self.defaults.get("master_weights", False)))
                        for group in self.param_groups for p in group["params"]}
+        group_of = {p: group for group in self.param_groups for p in group["params"]}
         self._restore_saved_dtypes(state_dict, with_master)
         for param, state in self.state.items():
             if not isinstance(param, Tensor) or not isinstance(state, dict):
@@ -1600,7 +1619,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             master = with_master.get(param, False)
             upcast = master and _float32_master(state)
             for key, value in list(state.items()):
-                state[key] = self._own_copy(param, key, value, master, upcast)
+                state[key] = self._own_copy(param, key, value, master, upcast, group_of.get(param))
             masters.convert_loaded(param, state, master)
             keys = self.fp8_state_keys if self._keeps_fp8(param) else ()
             try:
@@ -1661,12 +1680,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                     self.state[param][key] = value
 
     @staticmethod
-    def _own_copy(param: Tensor, key: str, value, master: bool = False, upcast: bool = False) -> object:
+    def _own_copy(param: Tensor, key: str, value, master: bool = False, upcast: bool = False,
+                  group: Optional[dict] = None) -> object:
         """A loaded state value as this param's own tensor: the param's device and
         layout, and its dtype except for FP8 codes and absmax and (``master``: the
         param has a float32 master) float32 tensors.  Codes keep the memory order
         they were saved in (fp8_states.loaded_codes: their absmax belongs to it)
-        until fp8_states.convert_loaded relays them."""
+        until fp8_states.convert_loaded relays them.  ``group``: the param's group
+        (None for a state of no param in a group), for states shaped by it."""
         if key == "step":
             return torch.tensor(float(value), dtype=torch.float32)
         if not isinstance(value, Tensor):

@@ -65,19 +65,21 @@ def sharded_dims(t: Tensor) -> Set[int]:
     return {p.dim % max(t.dim(), 1) for p in t.placements if isinstance(p, Shard)}
 
 
-def slot_zeros(param: Tensor, slot_shape: Sequence[int], make) -> Tensor:
-    """Zeros of ``slot_shape`` (param's dims, reduced ones of size 1, or () for one
-    slot) for a DTensor param: a DTensor on the param's mesh, sharded like the param
-    on its kept dims and replicated over the mesh dims that shard a reduced dim
-    (every rank then holds, and updates alike, the slots its shard shares); the
-    local tensor has the local param's sizes on the kept dims (``make(like, shape)``
-    allocates it)."""
+def slot_zeros(param: Tensor, slot_shape: Sequence[int], reduced: Iterable[int], make) -> Tensor:
+    """Zeros of ``slot_shape`` (param's dims, the ``reduced`` ones of size 1, or ()
+    for one slot) for a DTensor param: a DTensor on the param's mesh, sharded like
+    the param on its kept dims and replicated over the mesh dims that shard a
+    reduced dim (every rank then holds, and updates alike, the slots its shard
+    shares); the local tensor has the local param's sizes on the kept dims (none on
+    an empty shard, also of a kept dim of size 1) and 1 on the reduced ones
+    (``make(like, shape)`` allocates it)."""
     shard = local(param)
-    local_shape = [shard.size(d) if n != 1 else 1 for d, n in enumerate(slot_shape)]
+    ndim = max(param.dim(), 1)
+    reduced = {d % ndim for d in reduced} if slot_shape else set(range(param.dim()))
+    local_shape = [1 if d in reduced else shard.size(d) for d in range(len(slot_shape))]
     zeros = make(shard, local_shape)
     stride = torch.empty(tuple(slot_shape), device="meta").stride()
-    kept = {d for d, n in enumerate(slot_shape) if n != 1 or param.size(d) == 1}
-    placements = [p if not isinstance(p, Shard) or p.dim % max(param.dim(), 1) in kept else Replicate()
+    placements = [Replicate() if isinstance(p, Shard) and p.dim % ndim in reduced else p
                   for p in param.placements]
     return DTensor.from_local(zeros, param.device_mesh, placements, run_check=False,
                               shape=torch.Size(slot_shape), stride=stride)
@@ -104,34 +106,63 @@ def mesh_groups(t: Tensor) -> Tuple:
 
 
 def wait_for_every_shard(groups: Sequence[Tuple[object, torch.device]], found_inf: Optional[Tensor] = None,
-                         name: str = "amos_fused") -> None:
+                         name: str = "amos_fused", summed: Sequence[Tuple[str, Tuple, bool]] = ()) -> None:
     """One all-reduce over each of ``groups``, in order: returns once every rank of
     each group has reached it.  Every rank must pass the same groups in the same
-    order.  With GradScaler's ``found_inf``, the ranks also learn whether any of them
-    skips the step and whether any steps (a maximum over each group in turn: over
-    every dim of the params' mesh, the same answer on every rank): when some skip and
+    order, and every rank of a group the same params of ``summed`` on meshes with
+    that group (what a DTensor's mesh holds on each of its ranks).
+
+    With GradScaler's ``found_inf``, the ranks also learn whether any of them skips
+    the step and whether any steps (a maximum over each group in turn: over every
+    dim of the params' mesh, the same answer on every rank): when some skip and
     others do not (a GradScaler whose found_inf is not reduced over the ranks, or
     set on some ranks only), every rank raises here, before any writes, where the
     steps summing over the shards would wait on each other forever or the replicas
-    would part."""
-    flags = None  # (whether this rank skips, negated: the maximum of both is (any skips, −(all skip)))
+    would part.
+
+    ``summed``: (name, mesh groups, whether this rank takes its sum) of every param
+    whose step sums over its shards, with a grad on this rank or not.  Each group
+    compares which of its params the ranks take; a param taken on some ranks only
+    (a grad on some ranks only) makes every rank raise here too, where the sums
+    would wait forever or add up unlike buffers (the finding travels on with the
+    skip flags to the later groups: over a whole mesh, every rank learns it)."""
+    carried = None  # (whether this rank skips, negated, whether a rank found takes that differ)
     skipping = False
+    differing: List[str] = []
     for group, device in groups:
-        if flags is None:
-            skipped = torch.zeros((), device=device) if found_inf is None else \
-                (found_inf.detach().to(device=device, dtype=torch.float32).reshape(()) != 0).float()
+        if carried is None:
+            skipped = torch.zeros((), dtype=torch.float64, device=device) if found_inf is None else \
+                (found_inf.detach().to(device=device, dtype=torch.float64).reshape(()) != 0).double()
             skipping = found_inf is not None and bool(skipped)
-            flags = torch.stack([skipped, -skipped])
-        flags = flags.to(device)
+            carried = torch.stack([skipped, -skipped, torch.zeros_like(skipped)])
+        mine = [(where, takes) for where, mesh, takes in summed if any(g is group for g in mesh)]
+        takes = torch.tensor([float(t) for _, t in mine], dtype=torch.float64, device=device)
+        # maxima over the group: (any skips, −(all skip), any differed, any takes each, −(all take each))
+        flags = torch.cat([carried.to(device), takes, -takes])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    if flags is not None:  # (this rank too when its found_inf is None: it steps where others skip)
-        any_skips, not_all_skip = flags.tolist()
-        if any_skips == 1.0 and not_all_skip == 0.0:
-            raise ValueError(
-                f"{name}: GradScaler's found_inf skips the step on some of the ranks that hold these params "
-                f"and not on others (on this rank it {'does' if skipping else 'does not'}), and their step sums "
-                "over the shards: every rank must skip or step together (reduce found_inf over the ranks "
-                "first, as torch's ShardedGradScaler does)")
+        values = flags.tolist()
+        anyone, everyone = values[3:3 + len(mine)], [-x for x in values[3 + len(mine):]]
+        differing += [where for (where, _), a, e in zip(mine, anyone, everyone) if a != e and where not in differing]
+        carried = flags[:3]
+        if differing:
+            carried[2] = 1.0
+    if carried is None:
+        return
+    any_skips, not_all_skip, any_differed = carried.tolist()
+    all_skip = not_all_skip == -1.0  # (this rank too when its found_inf is None: it steps where others skip)
+    if any_differed == 1.0 and not all_skip:
+        which = (f"{', '.join(differing)} {'has' if len(differing) == 1 else 'have'}" if differing
+                 else "a param on other ranks has")
+        raise ValueError(
+            f"{name}: {which} a grad on some of the ranks that hold it and not on others, and its step sums "
+            "over its shards: every rank must take that sum or none (give the param zero grads on the ranks "
+            "that did not use it)")
+    if any_skips == 1.0 and not all_skip:
+        raise ValueError(
+            f"{name}: GradScaler's found_inf skips the step on some of the ranks that hold these params "
+            f"and not on others (on this rank it {'does' if skipping else 'does not'}), and their step sums "
+            "over the shards: every rank must skip or step together (reduce found_inf over the ranks "
+            "first, as torch's ShardedGradScaler does)")
 
 
 def sum_over_shards(parts: Sequence[Tensor], groups: Sequence[Tuple]) -> List[Tensor]:

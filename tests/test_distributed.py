@@ -647,6 +647,100 @@ def _found_inf_on_a_2d_mesh(rank, world, path):
     _finish()
 
 
+def _size_one_dims_and_uneven_grads(rank, world, path):
+    """(1) Amos slots of a param whose dim of size 1 is sharded (FSDP2's Linear(3, 1):
+    rank 1's shard has no rows): kept, the slots have the param's local rows (none
+    on rank 1); reduced, they are replicated (one row on every rank).  Either way the
+    step equals the single process's and a full state dict loads on every rank.
+    (2) A param whose step sums over its shards, with a grad on some ranks only —
+    one param of two, or every such param of that rank: every rank raises before
+    any write, naming the param where it has no grad (the sums would wait forever
+    or add unlike buffers), and steps on once the grads agree."""
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        for reduce_axes, local_rows in (((1,), int(rank == 0)), ((0,), 1)):
+            torch.manual_seed(0)
+            single = torch.nn.Linear(3, 1, bias=False)
+            model = torch.nn.Linear(3, 1, bias=False)
+            model.load_state_dict(single.state_dict())
+            fully_shard(model)
+            opt, single_opt = (af.Amos(m.parameters(), lr=0.01, eta=0.5, reduce_axes=reduce_axes)
+                               for m in (model, single))
+            x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+            for _ in range(2):
+                for m, o in ((model, opt), (single, single_opt)):
+                    m(x).square().mean().backward()
+                    o.step()
+                    o.zero_grad()
+            v = opt.state[model.weight]["v"]
+            assert v.shape == single_opt.state[single.weight]["v"].shape, (v.shape, reduce_axes)
+            assert v.to_local().shape[0] == local_rows, (rank, reduce_axes, v.to_local().shape)
+            assert torch.equal(v.full_tensor(), single_opt.state[single.weight]["v"]), reduce_axes
+            full = model.weight.full_tensor()
+            assert torch.equal(full, single.weight.detach()), (reduce_axes, full, single.weight)
+            saved = single_opt.state_dict()
+            whole = {"state": {"weight": saved["state"][0]},
+                     "param_groups": [{**saved["param_groups"][0], "params": ["weight"]}]}
+            set_optimizer_state_dict(model, opt, whole, options=StateDictOptions(full_state_dict=True))
+            loaded = opt.state[model.weight]["v"]
+            assert loaded.to_local().shape == v.to_local().shape and loaded.placements == v.placements
+            assert torch.equal(loaded.full_tensor(), single_opt.state[single.weight]["v"])
+            for m, o in ((model, opt), (single, single_opt)):  # steps on as the single process
+                m(x).square().mean().backward()
+                o.step()
+            assert torch.equal(model.weight.full_tensor(), single.weight.detach()), reduce_axes
+        # (2) grads on some ranks only, on a 1-D mesh and on a 2 x 2 one (sharded over one dim,
+        # replicated over the other, as HSDP: replicas that part are refused too)
+        meshes = [(init_device_mesh("cpu", (world,)), [Shard(0)])]
+        if world == 4:
+            meshes = [(init_device_mesh("cpu", (2, 2)), [Replicate(), Shard(0)]),
+                      (init_device_mesh("cpu", (2, 2)), [Shard(0), Shard(1)])]
+        value = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+        for (mesh, placements), missing, both in itertools.product(meshes, range(world), (False, True)):
+            p, q = (torch.nn.Parameter(distribute_tensor(value.clone(), mesh, placements)) for _ in range(2))
+            plain = torch.nn.Parameter(torch.ones(3))  # (not summed: its grad may differ)
+            for make in (lambda: af.Lamb([plain, p, q], lr=0.01),
+                         lambda: af.Amos([{"params": [plain]}, {"params": [p, q], "reduce_axes": "all"}],
+                                         lr=0.01, eta=0.5),
+                         lambda: af.ScaledAdamW([p, plain, q], lr=0.01, p=2.0)):
+                opt = make()
+                for t in (p, q):
+                    t.grad = distribute_tensor(torch.ones(8, 4), mesh, placements)
+                plain.grad = torch.ones(3) if rank else None
+                opt.step()
+                if rank == missing:
+                    q.grad = None
+                    if both:
+                        p.grad = None
+                before = [_local(t).clone() for t in [p, q, *opt.state[p].values(), *opt.state[q].values()]]
+                try:
+                    opt.step()
+                    raise AssertionError("a grad on some ranks only did not raise")
+                except ValueError as error:
+                    assert "a grad on some of the ranks that hold it and not on others" in str(error), error
+                    if rank == missing:
+                        position = [i for i, t in enumerate(opt.param_groups[-1]["params"]) if t is q][0]
+                        assert f"['params'][{position}]" in str(error), error
+                after = [_local(t) for t in [p, q, *opt.state[p].values(), *opt.state[q].values()]]
+                assert all(torch.equal(a, b) for a, b in zip(before, after))
+                for t in (p, q):
+                    t.grad = distribute_tensor(torch.ones(8, 4), mesh, placements)
+                opt.step()  # and steps on once every rank has the grads
+                for t in (p, q):
+                    t.grad = None
+                opt.step()  # (no grad on any rank: nothing summed, nothing refused)
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
 def _spawn(fn, world, *args):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(fn, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
@@ -688,3 +782,8 @@ def test_dtensor_version_counters_and_master_writes():
 
 def test_a_found_inf_differing_over_a_2d_mesh_is_refused_on_every_rank():
     _spawn(_found_inf_on_a_2d_mesh, 4)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_size_one_sharded_dims_and_grads_on_some_ranks_only(world):
+    _spawn(_size_one_dims_and_uneven_grads, world)
