@@ -30,7 +30,7 @@ from . import hyperparams as hp
 from .master_weights import MASTER_KEY, WriteMarks, float32_copy, has_master, master_problem, upcast_states
 from . import master_weights as masters
 from .contracts import call_capturable_step, call_fp8_step, call_step, master_algorithms
-from .sharding import is_dtensor, local, mesh_groups, placed_like, shard_offset, wait_for_every_shard
+from .sharding import dtensor_positions, is_dtensor, local, mesh_groups, placed_like, shard_offset, wait_for_every_shard
 from .stochastic_round import round_key, round_to_bfloat16
 from .telemetry import RMS, Recorder, measured_sums, new_table, snapshot
 
@@ -398,9 +398,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             return []  # (no per-param walk for the algorithms that never sum)
         found = []
         for index, group in enumerate(self.param_groups):
-            for position, p in enumerate(group["params"]):
-                if is_dtensor(p) and self._sums_over_shards(p, group):
-                    found.append((f"param_groups[{index}]['params'][{position}]", p))
+            params = group["params"]
+            for position in dtensor_positions(params):
+                if self._sums_over_shards(params[position], group):
+                    found.append((f"param_groups[{index}]['params'][{position}]", params[position]))
         return found
 
     def _sharded_step(self, bucket: Bucket, group: dict) -> None:

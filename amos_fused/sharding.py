@@ -24,6 +24,16 @@ def is_dtensor(t) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+_PLAIN = frozenset({Tensor, torch.nn.Parameter})  # (no DTensor: an isinstance check spared)
+
+
+def dtensor_positions(tensors: Sequence) -> List[int]:
+    """The positions of the DTensors among ``tensors`` (one pass, no call per item)."""
+    if DTensor is None:
+        return []
+    return [i for i, t in enumerate(tensors) if type(t) not in _PLAIN and isinstance(t, DTensor)]
+
+
 def local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (the tensor itself otherwise); in-place updates
     of it are updates of the DTensor."""
