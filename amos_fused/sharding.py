@@ -135,7 +135,8 @@ def wait_for_every_shard(groups: Sequence[Tuple[object, torch.device]], found_in
     compares which of its params the ranks take; a param taken on some ranks only
     (a grad on some ranks only) makes every rank raise here too, where the sums
     would wait forever or add up unlike buffers (the finding travels on with the
-    skip flags to the later groups: over a whole mesh, every rank learns it)."""
+    skip flags to the later groups, then once more over all but the last group:
+    over a whole mesh and its submeshes, every rank learns it)."""
     carried = None  # (whether this rank skips, negated, whether a rank found takes that differ)
     skipping = False
     differing: List[str] = []
@@ -153,11 +154,16 @@ def wait_for_every_shard(groups: Sequence[Tuple[object, torch.device]], found_in
         values = flags.tolist()
         anyone, everyone = values[3:3 + len(mine)], [-x for x in values[3 + len(mine):]]
         differing += [where for (where, _), a, e in zip(mine, anyone, everyone) if a != e and where not in differing]
-        carried = flags[:3]
+        carried = flags[:3].clone()
         if differing:
             carried[2] = 1.0
     if carried is None:
         return
+    # a difference found in a group after the first reached the ranks of the groups after it
+    # only: one more maximum over the groups before the last one tells every rank of the mesh
+    for group, device in list(groups)[:-1]:
+        carried = carried.to(device)
+        dist.all_reduce(carried, op=dist.ReduceOp.MAX, group=group)
     any_skips, not_all_skip, any_differed = carried.tolist()
     all_skip = not_all_skip == -1.0  # (this rank too when its found_inf is None: it steps where others skip)
     if any_differed == 1.0 and not all_skip:

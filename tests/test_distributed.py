@@ -735,6 +735,26 @@ def _size_one_dims_and_uneven_grads(rank, world, path):
                 for t in (p, q):
                     t.grad = None
                 opt.step()  # (no grad on any rank: nothing summed, nothing refused)
+        if world == 4:  # (3) params on a 2 x 2 mesh and on its submesh, the difference found in the last group
+            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+            for make in (lambda ps: af.Lamb(ps, lr=0.01),
+                         lambda ps: af.Amos(ps, lr=0.01, eta=0.5, reduce_axes="all")):
+                p = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0), Replicate()]))
+                q = torch.nn.Parameter(distribute_tensor(value.clone(), mesh["tp"], [Shard(0)]))
+                opt = make([p, q])
+                p.grad = distribute_tensor(torch.ones(8, 4), mesh, [Shard(0), Replicate()])
+                q.grad = distribute_tensor(torch.ones(8, 4), mesh["tp"], [Shard(0)])
+                opt.step()
+                if rank == 0:
+                    q.grad = None
+                before = [_local(t).clone() for t in [p, q, *opt.state[p].values(), *opt.state[q].values()]]
+                try:
+                    opt.step()
+                    raise AssertionError("a grad on some ranks only did not raise")
+                except ValueError as error:
+                    assert "a grad on some of the ranks that hold it and not on others" in str(error), error
+                after = [_local(t) for t in [p, q, *opt.state[p].values(), *opt.state[q].values()]]
+                assert all(torch.equal(a, b) for a, b in zip(before, after))
     except BaseException:
         dist.destroy_process_group()
         raise
