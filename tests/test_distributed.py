@@ -647,6 +647,21 @@ def _found_inf_on_a_2d_mesh(rank, world, path):
     _finish()
 
 
+def _refused_unwritten(opt, *params):
+    """opt.step() raises for a grad on some ranks only, with params and states as they
+    were; returns the error's text."""
+    held = [t for p in params for t in [p, *opt.state[p].values()]]
+    before = [_local(t).clone() for t in held]
+    try:
+        opt.step()
+        raise AssertionError("a grad on some ranks only did not raise")
+    except ValueError as error:
+        text = str(error)
+    assert "a grad on some of the ranks that hold it and not on others" in text, text
+    assert all(torch.equal(_local(a), b) for a, b in zip(held, before))
+    return text
+
+
 def _size_one_dims_and_uneven_grads(rank, world, path):
     """(1) Amos slots of a param whose dim of size 1 is sharded (FSDP2's Linear(3, 1):
     rank 1's shard has no rows): kept, the slots have the param's local rows (none
@@ -718,17 +733,10 @@ def _size_one_dims_and_uneven_grads(rank, world, path):
                     q.grad = None
                     if both:
                         p.grad = None
-                before = [_local(t).clone() for t in [p, q, *opt.state[p].values(), *opt.state[q].values()]]
-                try:
-                    opt.step()
-                    raise AssertionError("a grad on some ranks only did not raise")
-                except ValueError as error:
-                    assert "a grad on some of the ranks that hold it and not on others" in str(error), error
-                    if rank == missing:
-                        position = [i for i, t in enumerate(opt.param_groups[-1]["params"]) if t is q][0]
-                        assert f"['params'][{position}]" in str(error), error
-                after = [_local(t) for t in [p, q, *opt.state[p].values(), *opt.state[q].values()]]
-                assert all(torch.equal(a, b) for a, b in zip(before, after))
+                error = _refused_unwritten(opt, p, q)
+                if rank == missing:
+                    position = [i for i, t in enumerate(opt.param_groups[-1]["params"]) if t is q][0]
+                    assert f"['params'][{position}]" in error, error
                 for t in (p, q):
                     t.grad = distribute_tensor(torch.ones(8, 4), mesh, placements)
                 opt.step()  # and steps on once every rank has the grads
@@ -747,14 +755,7 @@ def _size_one_dims_and_uneven_grads(rank, world, path):
                 opt.step()
                 if rank == 0:
                     q.grad = None
-                before = [_local(t).clone() for t in [p, q, *opt.state[p].values(), *opt.state[q].values()]]
-                try:
-                    opt.step()
-                    raise AssertionError("a grad on some ranks only did not raise")
-                except ValueError as error:
-                    assert "a grad on some of the ranks that hold it and not on others" in str(error), error
-                after = [_local(t) for t in [p, q, *opt.state[p].values(), *opt.state[q].values()]]
-                assert all(torch.equal(a, b) for a, b in zip(before, after))
+                _refused_unwritten(opt, p, q)
     except BaseException:
         dist.destroy_process_group()
         raise
