@@ -1,95 +1,165 @@
 #!/usr/bin/env bash
-# The GPU run, in phases: one call per phase, each well under the 600 s a command
-# may take on the GPU machine (every step inside has its own `timeout`), each
-# writing its log to $OUT before the next starts, so no phase can lose another's
-# results.  Written on a machine without a GPU: not run on one yet.
+# The GPU run, in two calls of the GPU machine (each well under its 600 s limit; the
+# second while the machine is still warm keeps the first's build).  Each phase runs
+# under its own `timeout` and writes its log to $OUT before the next starts, so a
+# phase that fails or hangs loses nothing of the others.  A failed smoke phase does
+# not stop the run: the benchmark then times Triton's rows and torch's only (a CUDA
+# kernel that faults would end the benchmark's process).
 #
-#   bash bench/gpu_run.sh build     ~3-5 min  build the extension with CUDA kernels (sm_90); import check
+#   BUDGET=390 bash bench/gpu_run.sh first    build, smoke, bench                ~6 min
+#   BUDGET=300 bash bench/gpu_run.sh second   (build if missing), tests, sanitize  the budget
+#
+# or one phase at a time:
+#   bash bench/gpu_run.sh build     ~2-3 min  the extension with CUDA kernels (sm_90), in place; import check
 #   bash bench/gpu_run.sh smoke     ~1 min    fail-fast (-x, CUDA_LAUNCH_BLOCKING=1): the ops dispatch,
 #                                             found_inf, misaligned views, another stream, bad input,
 #                                             fp32 AdamW and Amos against the reference
-#   bash bench/gpu_run.sh tests     ~5 min    tests/test_cuda.py, tests/test_triton.py,
-#                                             tests/test_triton_capturable.py and tests/test_cuda_capturable.py
-#                                             (CUDA-graph capture and replay, no host sync under
-#                                             GradScaler) over 8 worker
-#                                             processes (pytest-xdist), 120 s per test
-#   bash bench/gpu_run.sh bench     ~5 min    python -m amos_fused.bench on gpt2-medium and many-small
-#                                             (JSON per workload, written as soon as each finishes)
-#   bash bench/gpu_run.sh sanitize  ~5 min    compute-sanitizer memcheck on a small CUDA subset
+#   bash bench/gpu_run.sh bench     ~3 min    python3 -m amos_fused.bench: (a) gpt2-medium (355M fp32
+#                                             params, every row), (b) many-small (20,000 tensors of
+#                                             4,096 elements: AdamW, Amos and torch's rows); one JSON
+#                                             each; the Amos rows of (a) are workload (c)
+#   bash bench/gpu_run.sh tests     ~5 min    every CUDA and Triton test file (GPU_TESTS) over 8 worker
+#                                             processes (pytest-xdist), 90 s per test, stopped with
+#                                             SIGINT at its time limit so pytest still prints its
+#                                             summary of failures
+#   bash bench/gpu_run.sh sanitize  ~2 min    compute-sanitizer memcheck on a small CUDA subset
 #
-# The GPU machine: python3, torch 2.11.0+cu130 and triton 3.6.0 preinstalled, nvcc 13.0,
+# The GPU machine: python3 with torch 2.11.0+cu130 and triton 3.6.0 preinstalled, nvcc 13.0,
 # ninja, pytest-xdist, pytest-timeout, no internet.  Files in $OUT (default
-# bench/results/gpu-run): summary.txt plus at most one log or JSON per phase step
-# (build.log, smoke.log, tests.log, bench-gpt2-medium.json/.log, bench-many-small.json,
-# sanitizer.log) -- at most 8.  Exit status: non-zero when the phase failed.
+# bench/results/gpu-run), at most 8 per call: summary.txt, build.log (build-no-cuda.log), smoke.log, bench.log,
+# bench-gpt2-medium.json, bench-many-small.json; tests.log, sanitizer.log.
+# Exit status: non-zero when a phase failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PHASE="${1:-}"
 OUT="${OUT:-bench/results/gpu-run}"
 PYTHON="${PYTHON:-python3}"
+BUDGET="${BUDGET:-470}"
 mkdir -p "$OUT"
 note() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
 
-case "$PHASE" in
-  build)
-    note "build (TORCH_CUDA_ARCH_LIST=9.0)"
-    start=$SECONDS
-    TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 540 "$PYTHON" -m pip install --no-build-isolation \
-      --no-deps -v -e . > "$OUT/build.log" 2>&1
-    status=$?
-    note "build exit status $status in $((SECONDS - start))s"
-    [[ $status -eq 0 ]] || { tail -40 "$OUT/build.log"; exit 1; }
-    timeout 60 "$PYTHON" -c "import torch, triton, amos_fused; \
+# Every test file whose cases step CUDA tensors on a GPU.
+GPU_TESTS=(tests/test_cuda.py tests/test_cuda_capturable.py tests/test_triton.py
+           tests/test_triton_capturable.py tests/test_triton_fp8.py tests/test_triton_amos8bit.py
+           tests/test_triton_stochastic_round.py tests/test_triton_master_weights.py
+           tests/test_triton_telemetry.py)
+# Triton's rows of the benchmark and torch's (what the benchmark times when the CUDA
+# kernels failed the smoke phase).
+TRITON_ROWS="torch-forloop-adamw,torch-foreach-adamw,torch-fused-adamw"
+TRITON_ROWS="$TRITON_ROWS,triton-adamw,triton-radam,triton-lion,triton-amos,triton-amos-momentum"
+TRITON_ROWS="$TRITON_ROWS,triton-scaled-adamw,triton-lamb,triton-adamw-bf16-sr"
+
+build() {  # $1: seconds; $2: "no-cuda" for the CPU kernels only (AMOS_FUSED_NO_CUDA=1)
+  local start=$SECONDS status log="$OUT/build.log" want_cuda=1
+  if [[ "${2:-}" == no-cuda ]]; then log="$OUT/build-no-cuda.log"; want_cuda=0; export AMOS_FUSED_NO_CUDA=1; fi
+  # torch looks for the toolkit beside the nvcc on PATH; the toolkit's own folder first.
+  if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME=/usr/local/cuda; fi
+  note "build (TORCH_CUDA_ARCH_LIST=9.0, in place${2:+, $2}, CUDA_HOME=${CUDA_HOME:-unset})"
+  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout "${1:-300}" "$PYTHON" setup.py build_ext --inplace \
+    > "$log" 2>&1
+  status=$?
+  note "build exit status $status in $((SECONDS - start))s"
+  [[ $status -eq 0 ]] || { tail -40 "$log"; return 1; }
+  # Fails (status 3) when the build left the CUDA kernels out (no CUDA toolkit found).
+  timeout 60 "$PYTHON" -c "import sys, torch, triton, amos_fused; \
 print('torch', torch.__version__, torch.cuda.get_device_name(), 'triton', triton.__version__); \
 print('built_with_cuda', torch.ops.amos_fused.built_with_cuda(), \
-'available_backends', amos_fused.available_backends())" 2>&1 | tee -a "$OUT/summary.txt"
-    exit "${PIPESTATUS[0]}"
-    ;;
-  smoke)
-    note "smoke (fail-fast)"
-    subset="ops_dispatch or found_inf or misaligned or another_stream or bad_input"
-    subset="$subset or (cuda_matches_reference and adamw and f32) or (amos_matches_reference and f32)"
-    CUDA_LAUNCH_BLOCKING=1 timeout 300 "$PYTHON" -m pytest -x -q -p no:cacheprovider \
-      tests/test_cuda.py -k "$subset" > "$OUT/smoke.log" 2>&1
-    status=$?
-    note "smoke exit status $status: $(tail -1 "$OUT/smoke.log")"
-    exit "$status"
-    ;;
-  tests)
-    note "tests (8 workers, 120 s per test)"
-    timeout 540 "$PYTHON" -m pytest -q -rs -p no:cacheprovider -n 8 --timeout 120 \
-      tests/test_cuda.py tests/test_triton.py tests/test_triton_capturable.py tests/test_cuda_capturable.py \
-      > "$OUT/tests.log" 2>&1
-    status=$?
-    note "tests exit status $status: $(tail -1 "$OUT/tests.log")"
-    exit "$status"
-    ;;
-  bench)
+'available_backends', amos_fused.available_backends()); \
+sys.exit(0 if torch.ops.amos_fused.built_with_cuda() or not $want_cuda else 3)" 2>&1 | tee -a "$OUT/summary.txt"
+  return "${PIPESTATUS[0]}"
+}
+
+smoke() {
+  note "smoke (fail-fast)"
+  local subset="ops_dispatch or found_inf or misaligned or another_stream or bad_input"
+  subset="$subset or (cuda_matches_reference and adamw and f32) or (amos_matches_reference and f32)"
+  CUDA_LAUNCH_BLOCKING=1 timeout "${1:-180}" "$PYTHON" -m pytest -x -q -p no:cacheprovider \
+    tests/test_cuda.py -k "$subset" > "$OUT/smoke.log" 2>&1
+  local status=$?
+  note "smoke exit status $status: $(tail -1 "$OUT/smoke.log")"
+  return "$status"
+}
+
+bench_one() {  # $1: workload, $2: seconds, then extra options
+  local workload="$1" seconds="$2" status
+  shift 2
+  note "bench $workload $*"
+  echo "== bench $workload $*" >> "$OUT/bench.log"
+  timeout "$seconds" "$PYTHON" -m amos_fused.bench --device cuda --workload "$workload" \
+    --json "$OUT/bench-$workload.json" "$@" >> "$OUT/bench.log" 2>&1
+  status=$?
+  note "bench $workload exit status $status"
+  return "$status"
+}
+
+bench() {  # $1: "triton" to time Triton's and torch's rows only
+  local status=0 rows=() small="torch-foreach-adamw,torch-fused-adamw,triton-adamw,triton-amos"
+  if [[ "${1:-}" == triton ]]; then rows=(--impls "$TRITON_ROWS"); else small="$small,cuda-adamw,cuda-amos"; fi
+  bench_one gpt2-medium "${2:-240}" --rounds 2 --pairs 10 --speedup-pairs 20 "${rows[@]}" || status=1
+  bench_one many-small "${3:-150}" --rounds 2 --steps 5 --warmup 2 --pairs 0 --speedup-pairs 10 \
+    --impls "$small" || status=1
+  return "$status"
+}
+
+tests() {
+  local seconds="${1:-540}"
+  note "tests (8 workers, 90 s per test, $seconds s in all)"
+  timeout -s INT -k 20 "$seconds" "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider -n 8 --timeout 90 \
+    "${GPU_TESTS[@]}" > "$OUT/tests.log" 2>&1
+  local status=$?
+  note "tests exit status $status: $(tail -1 "$OUT/tests.log")"
+  return "$status"
+}
+
+sanitize() {
+  local sanitizer status
+  sanitizer="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
+  local subset="three_hundred or misaligned or (amos_matches_reference and f32) or (cuda_matches_reference and f32)"
+  note "compute-sanitizer memcheck"
+  timeout "${1:-540}" "$sanitizer" --tool memcheck --error-exitcode 99 "$PYTHON" -m pytest -q -x \
+    -p no:cacheprovider tests/test_cuda.py -k "$subset" > "$OUT/sanitizer.log" 2>&1
+  status=$?
+  note "memcheck exit status $status"
+  return "$status"
+}
+
+left() { echo $((BUDGET - SECONDS)); }
+at_least() { echo $(( $2 > $1 ? $2 : $1 )); }
+
+case "$PHASE" in
+  first)
+    SECONDS=0
     status=0
-    for workload in gpt2-medium many-small; do
-      note "bench $workload"
-      timeout 270 "$PYTHON" -m amos_fused.bench --device cuda --workload "$workload" --rounds 3 \
-        --json "$OUT/bench-$workload.json" > "$OUT/bench-$workload.log" 2>&1
-      s=$?
-      note "bench $workload exit status $s"
-      [[ $s -eq 0 ]] || status=1
-    done
-    rm -f "$OUT/bench-many-small.log"  # its table is in the JSON; keeps $OUT at 8 files
+    if ! build 240; then  # Triton's rows still run on a build without the CUDA kernels
+      build 200 no-cuda || exit 1
+      bench triton 180 80
+      note "first: exit status 1 after ${SECONDS}s"
+      exit 1
+    fi
+    if smoke 90; then bench "" 180 80 || status=1; else status=1; bench triton 180 80; fi
+    note "first: exit status $status after ${SECONDS}s"
     exit "$status"
     ;;
-  sanitize)
-    sanitizer="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
-    subset="three_hundred or misaligned or (amos_matches_reference and f32) or (cuda_matches_reference and f32)"
-    note "compute-sanitizer memcheck"
-    timeout 540 "$sanitizer" --tool memcheck --error-exitcode 99 "$PYTHON" -m pytest -q -x -p no:cacheprovider \
-      tests/test_cuda.py -k "$subset" > "$OUT/sanitizer.log" 2>&1
-    status=$?
-    note "memcheck exit status $status"
+  second)
+    SECONDS=0
+    status=0
+    if ! "$PYTHON" -c "import torch, amos_fused, sys; sys.exit(0 if torch.ops.amos_fused.built_with_cuda() else 1)" \
+        2>/dev/null; then
+      build 240 || exit 1
+    fi
+    tests "$(at_least 60 $(( $(left) - 100 )))" || status=1
+    sanitize "$(at_least 30 $(( $(left) - 10 )))" || status=1
+    note "second: exit status $status after ${SECONDS}s"
     exit "$status"
     ;;
+  build) build ;;
+  smoke) smoke ;;
+  bench) bench ;;
+  tests) tests ;;
+  sanitize) sanitize ;;
   *)
-    echo "usage: bash bench/gpu_run.sh build|smoke|tests|bench|sanitize  (see the top of this file)" >&2
+    echo "usage: bash bench/gpu_run.sh first|second|build|smoke|bench|tests|sanitize  (see the top of this file)" >&2
     exit 2
     ;;
 esac
