@@ -8,6 +8,7 @@
 #
 #   BUDGET=390 bash bench/gpu_run.sh first    build, smoke, bench                ~6 min
 #   BUDGET=300 bash bench/gpu_run.sh second   (build if missing), tests, sanitize  the budget
+#   BUDGET=500 bash bench/gpu_run.sh all      build, smoke, bench, then tests in what is left
 #
 # or one phase at a time:
 #   bash bench/gpu_run.sh build     ~2-3 min  the extension with CUDA kernels (sm_90), in place; import check
@@ -40,8 +41,8 @@ mkdir -p "$OUT"
 note() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
 
 # Every test file whose cases step CUDA tensors on a GPU.
-GPU_TESTS=(tests/test_cuda.py tests/test_cuda_capturable.py tests/test_triton.py
-           tests/test_triton_capturable.py tests/test_triton_fp8.py tests/test_triton_amos8bit.py
+GPU_TESTS=(tests/test_cuda_capturable.py tests/test_triton_capturable.py tests/test_cuda.py
+           tests/test_triton.py tests/test_triton_fp8.py tests/test_triton_amos8bit.py
            tests/test_triton_stochastic_round.py tests/test_triton_master_weights.py
            tests/test_triton_telemetry.py)
 # Triton's rows of the benchmark and torch's (what the benchmark times when the CUDA
@@ -141,6 +142,21 @@ case "$PHASE" in
     note "first: exit status $status after ${SECONDS}s"
     exit "$status"
     ;;
+  all)  # first, then the tests in what is left of the budget (one call, when only one is left)
+    SECONDS=0
+    status=0
+    if ! build 200; then
+      build 200 no-cuda || exit 1
+      bench triton 170 60
+      tests "$(at_least 30 $(( $(left) - 15 )))"
+      note "all: exit status 1 after ${SECONDS}s"
+      exit 1
+    fi
+    if smoke 60; then bench "" 170 60 || status=1; else status=1; bench triton 170 60; fi
+    tests "$(at_least 30 $(( $(left) - 15 )))" || status=1
+    note "all: exit status $status after ${SECONDS}s"
+    exit "$status"
+    ;;
   second)
     SECONDS=0
     status=0
@@ -159,7 +175,7 @@ case "$PHASE" in
   tests) tests ;;
   sanitize) sanitize ;;
   *)
-    echo "usage: bash bench/gpu_run.sh first|second|build|smoke|bench|tests|sanitize  (see the top of this file)" >&2
+    echo "usage: bash bench/gpu_run.sh first|second|all|build|smoke|bench|tests|sanitize  (see the top of this file)" >&2
     exit 2
     ;;
 esac

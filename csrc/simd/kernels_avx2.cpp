@@ -3,6 +3,7 @@
 // the pragma below (the rest of the build stays baseline), so it comes before
 // every include, then the feature macros the pragma does not set (avx2_features.h).
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
+#include "target_independent_includes.h"  // before the pragma: see there
 #pragma GCC target("avx,avx2,fma,f16c")
 #include "avx2_features.h"
 #define CPU_CAPABILITY AVX2

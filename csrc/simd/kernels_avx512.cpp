@@ -2,6 +2,7 @@
 // chosen at run time when the CPU has them (csrc/cpu/dispatch.cpp).  As in
 // kernels_avx2.cpp, the pragma compiles this file alone for that target.
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
+#include "target_independent_includes.h"  // before the pragma: see there
 #pragma GCC target("avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
 #include "avx512_features.h"
 #define CPU_CAPABILITY AVX512

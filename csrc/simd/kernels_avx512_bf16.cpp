@@ -5,6 +5,7 @@
 // other instruction set; chosen at run time when the CPU has it (csrc/cpu/dispatch.cpp).
 // (GCC 10 and later know the target.)
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
+#include "target_independent_includes.h"  // before the pragma: see there
 #pragma GCC target("avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 #include "avx512_features.h"
 #define AMOS_FUSED_AVX512_BF16 1
