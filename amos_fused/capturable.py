@@ -77,8 +77,14 @@ def advance_counters(steps: Sequence[Tensor], found_inf: Optional[Tensor]) -> No
     """Every counter + 1 where found_inf is 0 (GradScaler may sum it over devices:
     any other value skips the step, and the counts stay), on the device; after the
     launch, so a failed one leaves them as they were."""
-    increment = 1.0 if found_inf is None else (found_inf == 0).to(torch.float32).reshape(())
-    torch._foreach_add_(list(steps), increment)
+    steps = list(steps)
+    if found_inf is None:
+        torch._foreach_add_(steps, 1.0)
+        return
+    # One tensor per counter (the TensorList overload): a 0-dim tensor where a Scalar
+    # is also accepted can be taken as a Scalar, read on the host (a sync).
+    increment = (found_inf == 0).to(torch.float32).reshape(())
+    torch._foreach_add_(steps, [increment] * len(steps))
 
 
 def capturable_algorithms() -> List[str]:

@@ -27,7 +27,7 @@ CLASS_CASES = {
     "Adam-amsgrad-L2": (af.Adam, dict(weight_decay=0.1, amsgrad=True)),
     "RAdam": (af.RAdam, dict(betas=(0.9, 0.9))),
     "Lion": (af.Lion, dict(weight_decay=0.1)),
-    "Amos-rows": (af.Amos, dict(eta=0.3, reduce_axes=(1,), momentum=0.9)),
+    "Amos-rows": (af.Amos, dict(eta=0.3, reduce_axes=(-1,), momentum=0.9)),
     "Amos-all": (af.Amos, dict(eta=0.3, reduce_axes="all", clip_value=1.0)),
     "ScaledAdamW": (af.ScaledAdamW, dict(half_life=3)),
     "Lamb": (af.Lamb, dict(weight_decay=0.01)),
