@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <array>
+#include <new>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -280,6 +281,29 @@ struct TileCoef {
     if constexpr (std::is_same_v<V, Vec>) return vec; else return scalar;
   }
 };
+
+// An allocator that asks operator new for T's alignment.  In a SIMD build the
+// standard library is parsed before the target pragma (csrc/simd/
+// target_independent_includes.h), and GCC's std::allocator instantiated there hands
+// an over-aligned T (a TileCoef of 32- or 64-byte vectors) memory aligned to 16
+// bytes only, where the vector stores fault.
+template <typename T>
+struct AlignedAllocator {
+  using value_type = T;
+  AlignedAllocator() = default;
+  template <typename U>
+  AlignedAllocator(const AlignedAllocator<U>&) noexcept {}
+  T* allocate(std::size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(alignof(T))));
+  }
+  void deallocate(T* p, std::size_t n) noexcept { ::operator delete(p, n * sizeof(T), std::align_val_t(alignof(T))); }
+  friend bool operator==(const AlignedAllocator&, const AlignedAllocator&) { return true; }
+  friend bool operator!=(const AlignedAllocator&, const AlignedAllocator&) { return false; }
+};
+
+// The coefficients of a bucket's tensors, one TileCoef each.
+template <template <typename> class Coef, typename scalar_t>
+using TileCoefs = std::vector<TileCoef<Coef, scalar_t>, AlignedAllocator<TileCoef<Coef, scalar_t>>>;
 
 // Stochastic rounding of one tensor's elements (csrc/stochastic_round.h), with
 // the hash's per-tensor part kept for the current high word of the pair index.

@@ -89,7 +89,7 @@ void amos_fp8_slots(const Fp8Launch& L, int64_t t, int64_t first, int64_t last,
 // Phase 1 of a bucket: the slots of its general-layout tensors, one tensor per
 // task; each slot's sum is taken in memory order: the same at any thread count.
 template <typename scalar_t, bool CLIP, typename Low>
-void amos_fp8_all_slots(const Fp8Launch& L, const std::vector<TileCoef<AmosCoef, scalar_t>>& coef,
+void amos_fp8_all_slots(const Fp8Launch& L, const TileCoefs<AmosCoef, scalar_t>& coef,
                         const std::vector<int64_t>& first_slot, float* w, float* a) {
   struct Piece {
     int64_t t, first, last;
@@ -166,7 +166,7 @@ template <typename scalar_t, bool CLIP, typename Low>
 void amos_fp8_typed(const Fp8Launch& L) {
   const int64_t n = L.bucket.num_tensors;
   const auto* coefs = static_cast<const AmosCoef<double>*>(L.coef);
-  std::vector<TileCoef<AmosCoef, scalar_t>> coef(coefs, coefs + n);
+  TileCoefs<AmosCoef, scalar_t> coef(coefs, coefs + n);
   std::vector<int64_t> first_slot(n + 1, 0);  // tensor t's (w, a) are [first_slot[t], first_slot[t+1])
   for (int64_t t = 0; t < n; ++t) {
     const bool reduced = L.amos->layout[t].kind != kSlotsElementwise;

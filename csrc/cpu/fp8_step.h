@@ -18,7 +18,7 @@ void fp8_typed(const Fp8Launch& L) {
   }
   if (L.algorithm == Fp8Algorithm::kLion) {
     const auto* coefs = static_cast<const LionCoef<double>*>(L.coef);
-    std::vector<TileCoef<LionCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
+    TileCoefs<LionCoef, scalar_t> coef(coefs, coefs + L.bucket.num_tensors);
     fp8_blocks<scalar_t, 1, 0b0u, Low>(L, [&](int64_t t, int64_t, int64_t) {
       return [&c = coef[t]](auto& x, int64_t) {
         using V = typename std::decay_t<decltype(x)>::value_type;
@@ -29,7 +29,7 @@ void fp8_typed(const Fp8Launch& L) {
   }
   if (L.algorithm == Fp8Algorithm::kRAdam) {
     const auto* coefs = static_cast<const RAdamCoef<double>*>(L.coef);
-    std::vector<TileCoef<RAdamCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
+    TileCoefs<RAdamCoef, scalar_t> coef(coefs, coefs + L.bucket.num_tensors);
     auto run = [&](auto l2) {
       fp8_blocks<scalar_t, 2, 0b10u, Low>(L, [&](int64_t t, int64_t, int64_t) {
         return [&c = coef[t]](auto& x, int64_t) {
@@ -42,7 +42,7 @@ void fp8_typed(const Fp8Launch& L) {
     return;
   }
   const auto* coefs = static_cast<const AdamCoef<double>*>(L.coef);
-  std::vector<TileCoef<AdamCoef, scalar_t>> coef(coefs, coefs + L.bucket.num_tensors);
+  TileCoefs<AdamCoef, scalar_t> coef(coefs, coefs + L.bucket.num_tensors);
   auto run = [&](auto l2) {
     fp8_blocks<scalar_t, 2, 0b10u, Low>(L, [&](int64_t t, int64_t, int64_t) {
       return [&c = coef[t]](auto& x, int64_t) {

@@ -1,12 +1,14 @@
-// The headers of the SIMD kernel files that do not depend on the target: included
-// BEFORE each file's `#pragma GCC target`, so they are compiled for the baseline like
-// the rest of the build.  GCC 13 and 14.1 give the implicitly defined members of a
-// class declared under the pragma the baseline target while its explicit always_inline
+// The C++ standard library headers of the SIMD kernel files, included BEFORE each
+// file's `#pragma GCC target` so the library is compiled for the baseline like the
+// rest of the build.  GCC 13 and 14.1 give the implicitly defined members of a class
+// declared under the pragma the baseline target while its explicit always_inline
 // members get the pragma's, then refuse to inline one into the other ("inlining
-// failed in call to 'always_inline' ... target specific option mismatch", e.g.
-// std::allocator's destructor in basic_string); a baseline callee is always inlinable
-// into a caller compiled for more.  What follows the pragma (at::vec and the kernels)
-// needs its target.
+// failed in call to 'always_inline' ... target specific option mismatch": e.g.
+// std::allocator's destructor in basic_string); a baseline callee is always
+// inlinable into a caller compiled for more.  One cost: std::allocator, parsed here,
+// gives an over-aligned type (a struct of AVX vectors) 16-byte aligned memory, so
+// the kernels keep such types in an AlignedAllocator (csrc/cpu/bucket_loop.h).
+// torch's headers follow the pragma (at::vec is compiled for its target there).
 #pragma once
 
 #include <algorithm>
@@ -27,8 +29,3 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
-
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <c10/core/ScalarType.h>
