@@ -25,9 +25,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ..contracts import contract
-from .common import (column_constants, BLOCK, NUM_WARPS, elementwise_meta, ieee_div, ieee_sqrt, kernel_dtypes,
-                     launch_telemetry_sums, launching, load_block, nan_maximum, program_entry, round_block,
-                     rounding_table, store_block, stream, telemetry_entry, telemetry_partials, torch_lerp,
+from .common import (column_constants, BLOCK, FP_FUSION, NUM_WARPS, elementwise_meta, ieee_div, ieee_sqrt,
+                     kernel_dtypes, launch_telemetry_sums, launching, load_block, nan_maximum, program_entry,
+                     round_block, rounding_table, store_block, stream, telemetry_entry, telemetry_partials, torch_lerp,
                      torch_sign, track_block, upload_coefficients, ROUND_WIDTH, skip_flag)
 
 
@@ -159,7 +159,7 @@ def launch_adam(params, grads, states, hyper, coef: Tensor, _prepared=None,
                 meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params),
                 telemetry_partials(meta, telemetry), rounding_table(meta, rounding), meta.n,
                 **kernel_dtypes(params[0].dtype), AMSGRAD=amsgrad, L2=l2,
-                ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
                 TELEMETRY=telemetry is not None, ROUND=rounding is not None,
                 skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
         launch_telemetry_sums(meta, telemetry)
@@ -278,7 +278,8 @@ def launch_radam(params, grads, states, hyper, coef: Tensor, _prepared=None,
                 meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params),
                 telemetry_partials(meta, telemetry), rounding_table(meta, rounding), meta.n,
                 **kernel_dtypes(params[0].dtype), L2=l2, ALIGNED=meta.aligned and grads_aligned,
-                BLOCK=BLOCK, num_warps=NUM_WARPS, TELEMETRY=telemetry is not None, ROUND=rounding is not None,
+                BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
+                TELEMETRY=telemetry is not None, ROUND=rounding is not None,
                 skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
         launch_telemetry_sums(meta, telemetry)
 
@@ -372,7 +373,8 @@ def launch_lion(params, grads, states, hyper, coef: Tensor, _prepared=None,
             lion_kernel[(meta.num_blocks,)](
                 meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params),
                 telemetry_partials(meta, telemetry), rounding_table(meta, rounding), meta.n,
-                **types, ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                **types, ALIGNED=meta.aligned and grads_aligned, BLOCK=BLOCK,
+                num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
                 TELEMETRY=telemetry is not None, ROUND=rounding is not None,
                 skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
         launch_telemetry_sums(meta, telemetry)

@@ -72,8 +72,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..contracts import contract
-from .common import (column_constants, BLOCK, StreamTables, addresses_of, cached, compute_dtype, ieee_div, ieee_sqrt,
-                     int64_table, kernel_dtypes, launch_telemetry_sums, launching,
+from .common import (column_constants, BLOCK, FP_FUSION, StreamTables, addresses_of, cached, compute_dtype, ieee_div,
+                     ieee_sqrt, int64_table, kernel_dtypes, launch_telemetry_sums, launching,
                      load_block, nan_clamp, nan_maximum, program_entry, program_map, round_block, rounding_table,
                      store_block, stream, telemetry_entry, telemetry_partials, to_storage, track_block,
                      to_device, tracked_squares, upload_coefficients, write_telemetry, ROUND_WIDTH, skip_flag)
@@ -742,11 +742,12 @@ def launch_slot_phases(meta: AmosMeta, grad_table: Tensor, coef: Tensor, types: 
     amos_sums_kernel[(meta.num_sum_blocks,)](
         grad_table, meta.info, meta.sum_blocks, coef, meta.partials, meta.n, meta.ndim,
         DTYPE=types["DTYPE"], COMPUTE=types["COMPUTE"], CLIP=clip,
-        BLOCK=block, num_warps=AMOS_NUM_WARPS, skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
+        BLOCK=block, num_warps=AMOS_NUM_WARPS, enable_fp_fusion=FP_FUSION, skip=skip_flag(skip, meta),
+        SKIPPABLE=skip is not None)
     amos_slots_kernel[(meta.num_slot_blocks,)](
         meta.addresses, meta.info, meta.slot_blocks, coef, meta.partials,
         meta.slot_updates, meta.n, meta.ndim, **types, BLOCK=block,
-        num_warps=AMOS_NUM_WARPS, skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
+        num_warps=AMOS_NUM_WARPS, enable_fp_fusion=FP_FUSION, skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
 
 
 def launch_amos(params, grads, states, hyper, coef: Tensor, meta: AmosMeta,
@@ -771,6 +772,7 @@ def launch_amos(params, grads, states, hyper, coef: Tensor, meta: AmosMeta,
             HAS_ELEMENTWISE=ELEMENTWISE in meta.kinds, HAS_SHORT_ROWS=SHORT_ROWS in meta.kinds,
             HAS_ROWS=ROWS in meta.kinds, HAS_PHASED=meta.num_sum_blocks > 0,
             ROW_TILE=meta.row_tile if SHORT_ROWS in meta.kinds else 8, BLOCK=BLOCK, num_warps=AMOS_NUM_WARPS,
+            enable_fp_fusion=FP_FUSION,
             TELEMETRY=telemetry is not None, ROUND=rounding is not None,
             skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
         launch_telemetry_sums(meta, telemetry)

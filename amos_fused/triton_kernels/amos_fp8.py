@@ -24,7 +24,7 @@ from . import amos
 from .amos import (AMOS_NUM_WARPS, AMOS_WIDTH, ELEMENTWISE_KIND, INFO_FIXED, AmosMeta, amos_clip,
                    amos_element, amos_slot, launch_slot_phases, load_amos_coefficients, load_slot_updates, slot_index,
                    slot_layouts, tensor_info)
-from .common import (ROUND_WIDTH, addresses_of, cached, kernel_dtypes, launch_telemetry_sums, launching,
+from .common import (FP_FUSION, ROUND_WIDTH, addresses_of, cached, kernel_dtypes, launch_telemetry_sums, launching,
                      load_block, program_entry, rounding_table, store_block, stream, telemetry_entry,
                      telemetry_partials, upload_coefficients)
 from .fp8 import FP8_BLOCK, PROGRAM_BLOCKS, fp8_tile, load_fp8, store_fp8, store_param
@@ -120,6 +120,6 @@ def launch_amos_fp8(params, grads, vs, bs, codes, absmax, hyper, coef: Tensor, m
                 meta.addresses, grad_table, meta.info, meta.main_blocks, coef, meta.slot_updates,
                 telemetry_partials(meta, telemetry), rounding_table(meta, rounding), meta.n, meta.ndim,
                 DTYPE=types["DTYPE"], CLIP=clip, ROWS=PROGRAM_BLOCKS, TELEMETRY=telemetry is not None,
-                ROUND=rounding is not None, num_warps=AMOS_NUM_WARPS)
+                ROUND=rounding is not None, num_warps=AMOS_NUM_WARPS, enable_fp_fusion=FP_FUSION)
         launch_telemetry_sums(meta, telemetry)
 

@@ -28,6 +28,13 @@ from ..contracts import column_indices
 
 BLOCK = 1024          # elements per program (blocks, row chunks, slots)
 NUM_WARPS = 4
+# Every launch passes enable_fp_fusion=FP_FUSION: no a·b + c contracted into one
+# fma behind the code's back.  Triton's GPU backends contract by default (LLVM's
+# fp-contract=fast, ptxas --fmad=true), the C++ kernels are built with
+# -ffp-contract=off; both round once only where the math says so (tl.fma here,
+# af_fma in csrc/step_math.h), which keeps them bitwise equal.  The interpreter
+# contracts nothing and ignores the option.
+FP_FUSION = False
 
 # ---------------------------------------------------------------------------
 # Bucket metadata (host)
@@ -483,7 +490,7 @@ def launch_telemetry_sums(meta, telemetry: Optional[Tensor]) -> None:
         return
     partials, firsts = meta.telemetry_scratch()
     tensor_sums_kernel[(meta.n,)](partials, firsts, telemetry, COMPUTE=tl.float64, BOTH=True,
-                                  BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                  BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
 
 # ---------------------------------------------------------------------------

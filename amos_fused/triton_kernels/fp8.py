@@ -36,7 +36,7 @@ from torch import Tensor
 from .. import fp8_states
 from .adam import (ADAM_WIDTH, LION_WIDTH, RADAM_WIDTH, _l2, adam_update, lion_update, load_adam_coefficients,
                    load_lion_coefficients, load_radam_coefficients, radam_update)
-from .common import (NUM_WARPS, ROUND_WIDTH, elementwise_meta, ieee_div, ieee_sqrt, kernel_dtypes,
+from .common import (FP_FUSION, NUM_WARPS, ROUND_WIDTH, elementwise_meta, ieee_div, ieee_sqrt, kernel_dtypes,
                      launch_telemetry_sums,
                      launching, load_block, program_entry, round_block, rounding_table, store_block, stream,
                      telemetry_entry, telemetry_partials, tracked_squares, upload_coefficients, write_telemetry)
@@ -237,7 +237,8 @@ def launch_fp8(algorithm: str, params: List[Tensor], grads: List[Tensor], codes:
                 meta.addresses, grad_table, meta.numels, meta.blocks, upload_coefficients(coef, params),
                 telemetry_partials(meta, telemetry), rounding_table(meta, rounding), meta.n,
                 DTYPE=kernel_dtypes(params[0].dtype)["DTYPE"], ALIGNED=meta.aligned and grads_aligned, ROWS=PROGRAM_BLOCKS,
-                TELEMETRY=telemetry is not None, ROUND=rounding is not None, num_warps=NUM_WARPS, **flags)
+                TELEMETRY=telemetry is not None, ROUND=rounding is not None, num_warps=NUM_WARPS,
+                enable_fp_fusion=FP_FUSION, **flags)
         launch_telemetry_sums(meta, telemetry)
 
 
