@@ -54,8 +54,12 @@ extension_kwargs = dict(
     extra_compile_args={"cxx": cxx_flags + (["-DAMOS_FUSED_WITH_CUDA"] if with_cuda else [])},
     extra_link_args=["-fopenmp"],
 )
+# --fmad=false: nvcc's -ffp-contract=off (its default contracts a·b + c into one FMA,
+# so a CUDA step would round differently from the CPU kernels').  Explicit fmaf
+# (af_fma) still compiles to FFMA, and division and sqrt stay IEEE-rounded
+# (-prec-div / -prec-sqrt default to true without --use_fast_math).
 if with_cuda:
-    extension_kwargs["extra_compile_args"]["nvcc"] = ["-O3"]
+    extension_kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--fmad=false"]
     extension = CUDAExtension(**extension_kwargs)
 else:
     extension = CppExtension(**extension_kwargs)

@@ -40,7 +40,7 @@ if [[ ${#sources[@]} -eq 0 ]]; then
 fi
 
 flags=(
-  -c -std=c++20 -O3 -arch=sm_90 --compiler-options -fPIC
+  -c -std=c++20 -O3 --fmad=false -arch=sm_90 --compiler-options -fPIC  # setup.py's nvcc flags
   -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE  # the CPU torch wheel lacks c10/cuda/impl/cuda_cmake_macros.h
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr

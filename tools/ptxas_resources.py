@@ -37,6 +37,14 @@ ALLOWED: list[tuple[str, str]] = [
      "adam amsgrad+L2: 8 B frame, numel kept across slow-path calls (1 store + 1 load per block)"),
     ("elementwise_kernel<float, 5, 29u, false, false, AdamCoef<float>, AdamElement<true, true> >",
      "adam amsgrad+L2: 8 B frame, numel kept across slow-path calls (1 store + 1 load per block)"),
+    # LAMB's moments (bfloat16) and apply (float with telemetry; double) passes: an 8-byte
+    # frame since the build passes --fmad=false (no a·b + c contracted: the CUDA kernels
+    # round as the CPU ones); without that flag these have none.  The SASS is not yet
+    # read: presumably a value kept across the IEEE division / square-root slow-path
+    # calls, as for Adam above.
+    ("norm_moments_kernel<BFloat16, true>", "lamb moments, bf16: 8 B frame under --fmad=false"),
+    ("norm_apply_kernel<float, true, true, false>", "lamb apply, float + telemetry: 8 B frame under --fmad=false"),
+    ("norm_apply_kernel<double, true, false, false>", "lamb apply, double: 8 B frame under --fmad=false"),
 ]
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
