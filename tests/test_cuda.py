@@ -22,6 +22,7 @@ O(1)); ``step`` must be equal.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -148,7 +149,15 @@ def _factory(name, backend):
 def test_cuda_matches_reference(name, dtype):
     run = run_cuda_pair(_factory(name, "cuda"), _factory(name, "reference"), dtype=dtype,
                         shapes=ELEMENTWISE_SHAPES)
-    assert_moved(run)
+    if dtype == torch.bfloat16:
+        # The second group (lr 3e-3) holds the 65537- and 27000-element tensors, where most
+        # bfloat16 steps of some algorithms (ScaledAdamW's, Amos's) are under half an ulp
+        # of the param and round back: the cpu backend and the reference move exactly the
+        # same elements.  The first group, at the case's lr, must move.
+        first = len(ELEMENTWISE_SHAPES) // 2
+        assert_moved(dataclasses.replace(run, params_a=run.params_a[:first], initial=run.initial[:first]))
+    else:
+        assert_moved(run)
     assert_runs_close(run, TOL[dtype])  # state tensors in the param's dtype, on its device
 
 
