@@ -28,8 +28,10 @@ from ..contracts import column_indices
 
 BLOCK = 1024          # elements per program (blocks, row chunks, slots)
 NUM_WARPS = 4
-# Every launch passes enable_fp_fusion=FP_FUSION: no a·b + c contracted into one
-# fma behind the code's back.  Triton's GPU backends contract by default (LLVM's
+# Every launch but ScaledAdamW's and LAMB's (norm_scaled.py: their norms are sums
+# whose last bits differ from the CPU kernels' anyway, and without contraction one
+# of LAMB's float16 variants spills) passes enable_fp_fusion=FP_FUSION: no a·b + c
+# contracted into one fma behind the code's back.  Triton's GPU backends contract by default (LLVM's
 # fp-contract=fast, ptxas --fmad=true), the C++ kernels are built with
 # -ffp-contract=off; both round once only where the math says so (tl.fma here,
 # af_fma in csrc/step_math.h), which keeps them bitwise equal.  The interpreter

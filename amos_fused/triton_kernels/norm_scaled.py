@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..contracts import contract
-from .common import (column_constants, BLOCK, FP_FUSION, NUM_WARPS, BucketMeta, compute_dtype, elementwise_meta,
+from .common import (column_constants, BLOCK, NUM_WARPS, BucketMeta, compute_dtype, elementwise_meta,
                      first_programs, ieee_div, ieee_sqrt, int64_table, kernel_dtypes, launch_telemetry_sums,
                      launching, load_block, program_entry, round_block, rounding_table, store_block, stream,
                      telemetry_entry, telemetry_partials, tensor_sums_kernel, torch_lerp, track_block,
@@ -291,15 +291,15 @@ def _launch_norm_scaled(params, grads, states, coef: Tensor, lamb: bool,
     with launching(meta):
         norm_scaled_phase1_kernel[grid](
             meta.addresses, grad_table, meta.numels, meta.blocks, coef, meta.partials, meta.n,
-            **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
+            **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
             MOMENTS_IN_PHASE2=moments_in_phase2, skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
         tensor_sums_kernel[(meta.n,)](
             meta.partials, meta.first_blocks, meta.sums, COMPUTE=types["COMPUTE"], BOTH=lamb,
-            BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+            BLOCK=BLOCK, num_warps=NUM_WARPS)
         norm_scaled_phase2_kernel[grid](
             meta.addresses, grad_table, meta.numels, meta.blocks, coef, meta.sums,
             telemetry_partials(meta, telemetry), rounding_table(meta, rounding), meta.n,
-            **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
+            **types, LAMB=lamb, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
             MOMENTS_IN_PHASE2=moments_in_phase2, TELEMETRY=telemetry is not None,
             ROUND=rounding is not None, skip=skip_flag(skip, meta), SKIPPABLE=skip is not None)
         launch_telemetry_sums(meta, telemetry)
