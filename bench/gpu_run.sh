@@ -61,6 +61,7 @@ build() {  # $1: seconds; $2: "no-cuda" for the CPU kernels only (AMOS_FUSED_NO_
   # torch looks for the toolkit beside the nvcc on PATH; the toolkit's own folder first.
   if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME=/usr/local/cuda; fi
   note "build (TORCH_CUDA_ARCH_LIST=9.0, in place${2:+, $2}, CUDA_HOME=${CUDA_HOME:-unset})"
+  { "${CXX:-c++}" --version | head -1; command -v "${CXX:-c++}"; } 2>&1 | tee -a "$OUT/summary.txt"
   TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout "${1:-300}" "$PYTHON" setup.py build_ext --inplace \
     > "$log" 2>&1
   status=$?
@@ -83,6 +84,12 @@ smoke() {
     tests/test_cuda.py -k "$subset" > "$OUT/smoke.log" 2>&1
   local status=$?
   note "smoke exit status $status: $(tail -1 "$OUT/smoke.log")"
+  if [[ $status -ge 128 && $status -ne 137 ]] && command -v cuda-gdb > /dev/null; then
+    # killed by a signal (a segfault): the same run under cuda-gdb, for the C++ backtrace
+    note "smoke again under cuda-gdb (backtrace at the end of smoke.log)"
+    timeout 90 cuda-gdb -q -batch -ex run -ex bt --args "$PYTHON" -m pytest -x -q -p no:cacheprovider \
+      tests/test_cuda.py -k "$subset" >> "$OUT/smoke.log" 2>&1
+  fi
   return "$status"
 }
 
