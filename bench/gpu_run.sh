@@ -140,31 +140,30 @@ sanitize() {
 left() { echo $((BUDGET - SECONDS)); }
 at_least() { echo $(( $2 > $1 ? $2 : $1 )); }
 
+# build, smoke, bench (the `first` call and the start of `all`); returns non-zero when
+# any failed.  A failed CUDA build falls back to a CPU-only one for Triton's rows.
+build_smoke_bench() {  # $1: seconds for the build, $2: for the smoke run
+  if ! build "$1"; then
+    build 200 no-cuda || return 2
+    bench triton 170 110
+    return 1
+  fi
+  if smoke "$2"; then bench "" 170 110; else bench triton 170 110; return 1; fi
+}
+
 case "$PHASE" in
   first)
     SECONDS=0
-    status=0
-    if ! build 240; then  # Triton's rows still run on a build without the CUDA kernels
-      build 200 no-cuda || exit 1
-      bench triton 170 110
-      note "first: exit status 1 after ${SECONDS}s"
-      exit 1
-    fi
-    if smoke 90; then bench "" 170 110 || status=1; else status=1; bench triton 170 110; fi
+    build_smoke_bench 240 90
+    status=$?
     note "first: exit status $status after ${SECONDS}s"
     exit "$status"
     ;;
   all)  # first, then the tests in what is left of the budget (one call, when only one is left)
     SECONDS=0
-    status=0
-    if ! build 200; then
-      build 200 no-cuda || exit 1
-      bench triton 170 110
-      tests "$(at_least 30 $(( $(left) - 15 )))"
-      note "all: exit status 1 after ${SECONDS}s"
-      exit 1
-    fi
-    if smoke 60; then bench "" 170 110 || status=1; else status=1; bench triton 170 110; fi
+    build_smoke_bench 200 60
+    status=$?
+    [[ $status -eq 2 ]] && exit 1  # nothing built
     tests "$(at_least 30 $(( $(left) - 15 )))" || status=1
     note "all: exit status $status after ${SECONDS}s"
     exit "$status"
