@@ -16,6 +16,8 @@
 #
 # or one phase at a time:
 #   bash bench/gpu_run.sh build     ~2-3 min  the extension with CUDA kernels (sm_90), in place; import check
+#   bash bench/gpu_run.sh probe     ~20 s     bench/raise_probe.py: do the ops' refusals raise (CPU op,
+#                                             host op on CUDA tensors, CUDA op), the toolchain's facts
 #   bash bench/gpu_run.sh smoke     ~1 min    fail-fast (-x, CUDA_LAUNCH_BLOCKING=1): the ops dispatch,
 #                                             found_inf, misaligned views, another stream, bad input,
 #                                             fp32 AdamW and Amos against the reference
@@ -74,6 +76,25 @@ print('built_with_cuda', torch.ops.amos_fused.built_with_cuda(), \
 'available_backends', amos_fused.available_backends()); \
 sys.exit(0 if torch.ops.amos_fused.built_with_cuda() or not $want_cuda else 3)" 2>&1 | tee -a "$OUT/summary.txt"
   return "${PIPESTATUS[0]}"
+}
+
+# Whether the compiled ops' refusals reach Python as exceptions (bench/raise_probe.py:
+# one child process per probe, so a segfault names its case), with the toolchain's
+# facts; a probe killed by a signal runs again under cuda-gdb for the C++ backtrace.
+probe() {
+  note "raise probe"
+  local report status killed
+  report="$(timeout "${1:-120}" "$PYTHON" bench/raise_probe.py 2>&1)"
+  status=$?
+  echo "$report" | tee -a "$OUT/summary.txt"
+  killed="$(echo "$report" | grep -m1 'killed by signal' | sed 's/: killed by signal.*//')"
+  if [[ -n "$killed" ]] && command -v cuda-gdb > /dev/null; then
+    note "probe '$killed' again under cuda-gdb"
+    timeout 60 cuda-gdb -q -batch -ex run -ex bt --args "$PYTHON" bench/raise_probe.py --run "$killed" 2>&1 \
+      | grep -v -E '^\[(New|Thread|Detaching)' | tail -40 >> "$OUT/summary.txt"
+  fi
+  note "raise probe exit status $status"
+  return "$status"
 }
 
 smoke() {
@@ -148,6 +169,7 @@ build_smoke_bench() {  # $1: seconds for the build, $2: for the smoke run
     bench triton 170 110
     return 1
   fi
+  probe 90
   if smoke "$2"; then bench "" 170 110; else bench triton 170 110; return 1; fi
 }
 
@@ -181,12 +203,13 @@ case "$PHASE" in
     exit "$status"
     ;;
   build) build ;;
+  probe) probe ;;
   smoke) smoke ;;
   bench) bench ;;
   tests) tests ;;
   sanitize) sanitize ;;
   *)
-    echo "usage: bash bench/gpu_run.sh first|second|all|build|smoke|bench|tests|sanitize  (see the top of this file)" >&2
+    echo "usage: bash bench/gpu_run.sh first|second|all|build|probe|smoke|bench|tests|sanitize  (see the top of this file)" >&2
     exit 2
     ;;
 esac
