@@ -45,8 +45,12 @@ with_cuda = (
 # -ffp-contract=off: no implicit a·b + c → FMA, which GCC would do differently in
 # the SIMD body and the scalar tail of the AVX2 kernels; the math asks for FMA
 # explicitly where torch rounds once (af_fma in csrc/step_math.h).
+# _GLIBCXX_USE_CXX11_ABI as torch was built: torch's cpp_extension no longer passes it,
+# and a compiler configured with the other default would give std::string and the
+# c10::Error thrown by every failed check another layout than torch's.
+abi = [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wall",
-             "-Wno-unknown-pragmas", "-Wno-psabi"]
+             "-Wno-unknown-pragmas", "-Wno-psabi"] + abi
 extension_kwargs = dict(
     name="amos_fused._C",
     sources=cpu_sources + (cuda_sources if with_cuda else []) + simd_sources,
@@ -59,7 +63,7 @@ extension_kwargs = dict(
 # (af_fma) still compiles to FFMA, and division and sqrt stay IEEE-rounded
 # (-prec-div / -prec-sqrt default to true without --use_fast_math).
 if with_cuda:
-    extension_kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--fmad=false"]
+    extension_kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--fmad=false"] + abi
     extension = CUDAExtension(**extension_kwargs)
 else:
     extension = CppExtension(**extension_kwargs)
