@@ -218,6 +218,20 @@ std::tuple<int64_t, int64_t> first_written_overlap(at::TensorList tensors, int64
   return {-1, -1};
 }
 
+std::vector<int64_t> layout_signature(at::TensorList tensors) {
+  size_t words = 0;
+  for (const at::Tensor& t : tensors) words += 3 + static_cast<size_t>(t.dim());
+  std::vector<int64_t> out;
+  out.reserve(words);
+  for (const at::Tensor& t : tensors) {
+    out.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.has_storage() ? t.data_ptr() : nullptr)));
+    out.push_back(t.numel());
+    out.push_back(t.dim());
+    out.insert(out.end(), t.strides().begin(), t.strides().end());
+  }
+  return out;
+}
+
 std::pair<int64_t, int64_t> find_fp8_problem(at::TensorList params, at::ArrayRef<at::TensorList> codes,
                                              at::ArrayRef<at::TensorList> absmax) {
   const size_t n = params.size();

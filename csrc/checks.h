@@ -11,6 +11,7 @@
 #include <optional>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 namespace amos_fused {
 
@@ -70,6 +71,13 @@ std::tuple<int64_t, int64_t, int64_t> check_step(at::TensorList params, at::Tens
 // compared by the bytes it spans).
 // Returns (i, j), i < j, indices into `tensors`, or (-1, -1).
 std::tuple<int64_t, int64_t> first_written_overlap(at::TensorList tensors, int64_t written);
+
+// The layouts of `tensors` (address, numel, ndim, then the strides of each, one
+// tensor after another): equal signatures, the same memory in the same layouts.
+// The optimizers compare it with the last step's to skip a full overlap check of
+// their params when none was swapped (`p.data = ...`).  Plain numbers, no tensor:
+// a step makes no torch op call besides its checks and kernels.
+std::vector<int64_t> layout_signature(at::TensorList tensors);
 
 // The FP8 state lists of a bucket (csrc/fp8_states.h), S lists of codes and S of
 // absmax: codes[k][i] must be uint8 with param i's sizes and strides, on its

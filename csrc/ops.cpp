@@ -6,6 +6,8 @@
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 #include "checks.h"
 #include "amos_layout.h"
 #include "contracts.h"
@@ -32,6 +34,8 @@ TORCH_LIBRARY(amos_fused, m) {
         &amos_fused::check_step);
   // (i, j) of two tensors sharing memory, one of them among the first `written`, or (-1, -1).
   m.def("first_written_overlap(Tensor[] tensors, int written) -> (int, int)", &amos_fused::first_written_overlap);
+  // (address, numel, ndim, strides...) of every tensor, one list of ints: a swap's trace.
+  m.def("layout_signature(Tensor[] tensors) -> int[]", &amos_fused::layout_signature);
   m.def("cpu_capability() -> str", &amos_fused::cpu::cpu_capability);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("set_cpu_capability(str name) -> ()", &amos_fused::cpu::set_cpu_capability);
@@ -90,6 +94,11 @@ TORCH_LIBRARY(amos_fused, m) {
       "Tensor(f!)[]? low_params=None, Tensor(g!)[]? states=None, float[]? per_tensor=None) -> ()");
   m.def("fp8_algorithms() -> str[]", &amos_fused::fp8_algorithms_op);
   m.def("cuda_fp8_algorithms() -> str[]", &amos_fused::cuda_fp8_algorithms_op);
+  // After a backend's launch (the Triton backend's): every step counter (a finite
+  // float32 CPU scalar) plus one, in float32 as torch.optim adds it, its version
+  // counter bumped as torch's in-place ops do.  Refuses a bad counter before it
+  // writes any.
+  m.def("advance_steps(Tensor(a!)[] steps) -> ()");
   // begin_step for step_fp8: its checks and coefficient table, nothing written.
   m.def(
       "begin_step_fp8(str algorithm, Tensor[] params, Tensor[] grads, Tensor[] codes, Tensor[] absmax, "
@@ -168,8 +177,22 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
 
 }  // namespace
 
+namespace {
+void advance_steps(at::TensorList steps) {  // (versions: bump_written_versions)
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK_VALUE(s.layout() == c10::kStrided && s.is_cpu() && s.scalar_type() == at::kFloat &&
+                          s.numel() == 1 && std::isfinite(*s.data_ptr<float>()),
+                      "amos_fused.advance_steps: steps[", i, "] must be a finite float32 CPU scalar");
+  }
+  for (const at::Tensor& s : steps) *s.data_ptr<float>() += 1.0f;  // (as commit_steps, csrc/step_prologue.h)
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(amos_fused, CompositeExplicitAutograd, m) { m.impl("advance_steps", &advance_steps); }
+
 TORCH_LIBRARY_IMPL(amos_fused, ADInplaceOrView, m) {
-  for (const char* name : {"step", "step_fp8", "step_capturable"})
+  for (const char* name : {"step", "step_fp8", "step_capturable", "advance_steps"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
 }
 
