@@ -44,11 +44,15 @@ def _device_types(backend: str):
     return {"cpu": ("cpu",), "cuda": ("cuda",)}[backend]
 
 
-def fused_ops(backend: str):
+def fused_ops(backend: str, prechecked: bool = False):
     """The op namespace of a fused backend: the compiled ops (dispatched on the
-    tensors' device) or the Triton ops, which have the same signatures."""
+    tensors' device) or the Triton ops, which have the same signatures;
+    ``prechecked``: for a caller that ran ``check_step`` over each bucket it steps
+    (the Triton ops then skip that pass; the compiled ops' own checks are part of
+    their single C++ call)."""
     if backend == "triton":
-        return importlib.import_module("amos_fused.triton_kernels.ops")
+        ops = importlib.import_module("amos_fused.triton_kernels.ops")
+        return ops.prechecked if prechecked else ops
     return torch.ops.amos_fused
 
 

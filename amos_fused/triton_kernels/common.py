@@ -648,13 +648,14 @@ def check_device(op: str, device: torch.device) -> None:
 
 def check_bucket(op: str, params: Sequence[Tensor], grads: Sequence[Optional[Tensor]],
                  states: Dict[str, Sequence[Tensor]], steps: Sequence[Tensor],
-                 slots: Optional[Dict[str, Sequence[Tensor]]] = None) -> None:
+                 slots: Optional[Dict[str, Sequence[Tensor]]] = None, elements: bool = True) -> None:
     """The C++ checks of csrc/checks.h (one pass): params dense (contiguous when
     ``slots`` are given: Amos), of one supported dtype and one device, not
     overlapping; every grad and state tensor shaped and laid out like its param;
     every slot (Amos v, b) contiguous, of its param's dtype and device; steps
     float32 CPU scalars.  An empty state list is not checked (that state is not
-    used by the call)."""
+    used by the call).  ``elements=False``: the list lengths, grads and device
+    only, for a caller that ran ``check_step`` over these very lists already."""
     slots = slots or {}
     n = len(params)
     if n == 0:
@@ -671,6 +672,8 @@ def check_bucket(op: str, params: Sequence[Tensor], grads: Sequence[Optional[Ten
             raise ValueError(f"{op}: {n} params but {len(tensors)} {name}")
     if len(steps) not in (0, n):
         raise ValueError(f"{op}: {n} params but {len(steps)} steps")
+    if not elements:
+        return
     slot_names = list(slots)
     bad, problem, which = check_step(list(params), list(grads), [list(states[k]) for k in names],
                                      [list(slots[k]) for k in slot_names], list(steps),

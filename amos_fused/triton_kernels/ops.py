@@ -74,18 +74,20 @@ def _state_lists(op: str, algorithm: str, n: int, states: Sequence[Tensor],
 def _mark_written(*lists: Sequence[Tensor]) -> None:
     """Bumps the version counters of the tensors the kernels wrote through their
     addresses, as torch's in-place ops (and the compiled step ops) do: autograd
-    then refuses a backward through a graph that saved a param since changed."""
-    torch._C._increment_version([t for tensors in lists for t in tensors if not t.is_inference()])
+    then refuses a backward through a graph that saved a param since changed.
+    (Inference tensors, which have no version counter, are passed over by torch.)"""
+    torch._C._increment_version([t for tensors in lists for t in tensors])
 
 
 def step(algorithm: str, params: List[Tensor], grads: List[Tensor], states: List[Tensor],
          steps: List[Tensor], hyper: Sequence[float], per_tensor: Sequence[float],
          grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
          telemetry: Optional[Tensor] = None, round_keys: Optional[Sequence[int]] = None,
-         low_params: Optional[Sequence[Tensor]] = None) -> None:
+         low_params: Optional[Sequence[Tensor]] = None, *, checked_by_caller: bool = False) -> None:
     """One step of ``algorithm`` over a bucket (arguments as ``torch.ops.amos_fused.step``;
     ``low_params`` is not taken: the optimizers copy masters into their params after
-    the step)."""
+    the step).  ``checked_by_caller``: the caller ran ``check_step`` over these lists
+    (``prechecked``), so its per-element checks are not run twice."""
     if low_params is not None:
         raise ValueError(f"amos_fused.triton.{algorithm}_step: low_params (master weights written in the same "
                          "pass) are not supported by the triton backend")
@@ -96,7 +98,7 @@ def step(algorithm: str, params: List[Tensor], grads: List[Tensor], states: List
     hyper_by_name = dict(zip(contract(algorithm).hyper, (float(h) for h in hyper)))
     slot_keys = ("v", "b") if algorithm == "amos" else ()
     check_bucket(op, params, grads, {k: v for k, v in lists.items() if k not in slot_keys}, steps,
-                 {k: lists[k] for k in slot_keys})
+                 {k: lists[k] for k in slot_keys}, elements=not checked_by_caller)
     prepared = amos.amos_meta(op, params, lists["v"], lists["b"], lists.get("mu")) if slot_keys else None
     run, coef = torch.ops.amos_fused.begin_step(algorithm, list(params), list(grads), list(states),
                                                 list(steps), [float(h) for h in hyper],
@@ -107,7 +109,7 @@ def step(algorithm: str, params: List[Tensor], grads: List[Tensor], states: List
         _LAUNCH[algorithm](params, grads, lists, hyper_by_name, coef, prepared, telemetry=telemetry,
                            rounding=rounding)
         _mark_written(params, states)
-        torch._foreach_add_(list(steps), 1.0)  # after the launch: a failed one leaves them
+        torch.ops.amos_fused.advance_steps(list(steps))  # after the launch: a failed one leaves them
 
 
 def capturable_algorithms() -> List[str]:
@@ -163,18 +165,18 @@ def step_fp8(algorithm: str, params: List[Tensor], grads: List[Tensor], codes: L
              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
              telemetry: Optional[Tensor] = None, round_keys: Optional[Sequence[int]] = None,
              low_params: Optional[Sequence[Tensor]] = None, states: Optional[Sequence[Tensor]] = None,
-             per_tensor: Optional[Sequence[float]] = None) -> None:
+             per_tensor: Optional[Sequence[float]] = None, *, checked_by_caller: bool = False) -> None:
     """One step of ``algorithm`` over a bucket with FP8 states (arguments as
     ``torch.ops.amos_fused.step_fp8``: codes and absmax key-major lists, Amos's
-    slots in ``states`` and its η in ``per_tensor``; no ``low_params``, as
-    ``step``)."""
+    slots in ``states`` and its η in ``per_tensor``; no ``low_params`` and
+    ``checked_by_caller`` as ``step``)."""
     if low_params is not None:
         raise ValueError(f"amos_fused.triton.{algorithm}_step_fp8: low_params (master weights written in the same "
                          "pass) are not supported by the triton backend")
     if algorithm not in fp8_algorithms():
         raise ValueError(f"amos_fused: no FP8-state step for {algorithm!r} (known: {', '.join(fp8_algorithms())})")
     op = f"amos_fused.triton.{algorithm}_step_fp8"
-    check_bucket(op, params, grads, {}, steps)
+    check_bucket(op, params, grads, {}, steps, elements=not checked_by_caller)
     keys = None if round_keys is None else [int(k) for k in round_keys]
     hyper = [float(h) for h in hyper]
     run, coef = torch.ops.amos_fused.begin_step_fp8(algorithm, list(params), list(grads), list(codes),
@@ -194,4 +196,21 @@ def step_fp8(algorithm: str, params: List[Tensor], grads: List[Tensor], codes: L
         fp8.launch_fp8(algorithm, list(params), list(grads), _per_state(codes, len(params)),
                        _per_state(absmax, len(params)), by_name, coef, telemetry=telemetry, rounding=rounding)
     _mark_written(params, codes, absmax, states or ())
-    torch._foreach_add_(list(steps), 1.0)  # after the launch: a failed one leaves them
+    torch.ops.amos_fused.advance_steps(list(steps))  # after the launch: a failed one leaves them
+
+
+class _Prechecked:
+    """``step`` and ``step_fp8`` for a caller that ran ``check_step`` over the very
+    lists it passes (the optimizers check every bucket so before any is written):
+    the per-element checks run once per step, not twice."""
+
+    @staticmethod
+    def step(*args, **kwargs) -> None:
+        step(*args, checked_by_caller=True, **kwargs)
+
+    @staticmethod
+    def step_fp8(*args, **kwargs) -> None:
+        step_fp8(*args, checked_by_caller=True, **kwargs)
+
+
+prechecked = _Prechecked()
