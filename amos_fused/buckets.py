@@ -82,8 +82,9 @@ class GroupPlan:
     specs: List[BucketSpec]
     master_weights: bool  # the group's master_weights when the plan was made
     # What a class works out for the group while the plan lasts, by name, with the
-    # group value it came from (Amos: the params' slot shapes for its reduce_axes).
-    cache: Dict[str, object] = field(default_factory=dict)
+    # group value it came from (Amos: the params' slot shapes for its reduce_axes;
+    # ("checked", key): the per-param values last checked).
+    cache: Dict[object, object] = field(default_factory=dict)
     # The group's per-param values (by key) when the plan was made, in ``params`` order.
     group_values: Dict[str, object] = field(default_factory=dict)
     # The group (dict) the plan was made for: plans are kept by group index, and

@@ -389,6 +389,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _reduces_across_shards(self, bucket: Bucket, group: dict) -> bool:
         """True when the bucket's step reduces over a sharded DTensor (then
         ``_sharded_step`` steps it, whatever the backend)."""
+        if not bucket.sharded:  # (no DTensor: no per-param walk)
+            return False
         return any(self._sums_over_shards(owner, group) for owner in bucket.owners)
 
     def _params_summed_over_shards(self) -> List[Tuple[str, Tensor]]:
@@ -585,7 +587,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         ``p.data = …`` swap keeps the plans, which checked overlap when made).  The
         params' addresses, sizes and strides are compared with the last check's; the
         full check runs only when they changed."""
-        signature = [(p.data_ptr(), p.numel(), p.stride()) for g in self.param_groups for p in map(local, g["params"])]
+        params = [p for g in self.param_groups for p in g["params"]]
+        if dtensor_positions(params):
+            params = [local(p) for p in params]
+        signature = torch.ops.amos_fused.layout_signature(params)  # (one C++ pass: per param cost matters here)
         if signature == getattr(self, "_checked_layouts", None):
             return
         self._check_all_overlaps()
@@ -1249,10 +1254,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{where} holds a value beyond float64's range: {hp.shown(value)}") from None
         if len(values) != count:
             raise ValueError(f"{where} has {len(values)} values for {count} params")
-        try:
-            self._check_per_param(index, key, values)
-        except ValueError as error:
-            raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
+        if plan.cache.get(("checked", key)) != values:  # (the values checked at the last step: not again)
+            try:
+                self._check_per_param(index, key, values)
+            except ValueError as error:
+                raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
+            plan.cache[("checked", key)] = values
         return [values[i] for i in positions]
 
     def _per_param_value(self, value):
@@ -1264,7 +1271,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         return value
 
     def _check_per_param(self, index: int, key: str, values: List[float]) -> None:
-        """Raises on a bad per-param hyper-parameter value."""
+        """Raises on a bad per-param hyper-parameter value (a function of ``values``
+        alone: values equal to those checked at the last step are not checked again)."""
 
     def _grad_scaling(self) -> Dict[str, Optional[Tensor]]:
         """GradScaler inputs set by torch.amp.GradScaler.step, as op keyword arguments.
@@ -1355,7 +1363,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         elif bucket.backend == "reference":
             python_step = self._reference_step
         if python_step is None:
-            self._fused_step(fused_ops(bucket.backend), bucket, group, table, keys)
+            self._fused_step(fused_ops(bucket.backend, prechecked=True), bucket, group, table, keys)
         else:
             unscaled = self._reference_grads(bucket.grads)
             before = snapshot(bucket.params) if track and unscaled is not None else None
