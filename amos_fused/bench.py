@@ -256,6 +256,7 @@ class Impl:
     # their floors and the peers); None: bytes_per_param × params.
     model_bytes: Optional[Callable[[torch.nn.Module], int]] = None
     slow: bool = False  # SLOW_ROUNDS rounds of at most SLOW_WARMUP warm-up and SLOW_STEPS timed steps
+    optional: bool = False  # an error drops the row (logged) instead of stopping the run
 
 
 # ---------------------------------------------------------------- implementations
@@ -305,6 +306,69 @@ def make_ours(model, backend="cpu", algorithm="adamw"):
     if algorithm == "lamb":
         return amos_fused.Lamb(model.parameters(), lr=1e-3, weight_decay=0.01, backend=backend)
     raise ValueError(f"unknown algorithm {algorithm!r}")
+
+
+# ---------------------------------------------------------------- steps captured in a CUDA graph
+
+GRAPH_SUFFIX = "-graph"
+# Our algorithms with a CUDA-graph row on a GPU (capturable=True): the elementwise
+# AdamW and Amos without momentum, the workloads' headline rows.
+GRAPH_ALGORITHMS = ("adamw", "amos")
+
+
+class CapturedStep:
+    """A capturable optimizer's step captured once in a CUDA graph; ``step()`` replays
+    it, so a timed step costs the host one launch and the kernels' time is what is
+    measured (how torch recommends stepping many small tensors: capturable=True).
+    The optimizer steps ``warmup`` times on a side stream first (its state, the
+    kernels' compilation, the Triton backend's cached tables), as CUDA graph capture
+    requires."""
+
+    def __init__(self, optimizer, warmup: int = 3):
+        self.optimizer = optimizer
+        self.state = optimizer.state  # (state_bytes reads it)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                optimizer.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            optimizer.step()
+
+    def step(self):
+        self.graph.replay()
+
+
+def make_captured(model, build):
+    """The optimizer ``build(model)`` (capturable=True) in a CapturedStep."""
+    return CapturedStep(build(model))
+
+
+def make_ours_capturable(model, backend: str, algorithm: str):
+    import amos_fused
+
+    if algorithm == "adamw":
+        return amos_fused.AdamW(model.parameters(), **ADAMW_HYPER, backend=backend, capturable=True)
+    if algorithm == "amos":
+        groups = amos_fused.amos_param_groups(model, lr=AMOS_LR)
+        return amos_fused.Amos(groups, lr=AMOS_LR, backend=backend, capturable=True)
+    raise ValueError(f"no CUDA-graph row for {algorithm!r}")
+
+
+def graph_impls(backends: Sequence[str]) -> List[Impl]:
+    """The CUDA-graph rows (optional: a capture that fails drops its row): torch's fused
+    AdamW with capturable=True, and ours on each of ``backends``."""
+    b = ADAMW_FP32_BYTES_PER_PARAM
+    rows = [Impl(TORCH_FUSED + GRAPH_SUFFIX, b, functools.partial(
+        make_captured, build=functools.partial(make_torch_adamw, fused=True, capturable=True)), optional=True)]
+    for backend in backends:
+        for algorithm in GRAPH_ALGORITHMS:
+            build = functools.partial(make_ours_capturable, backend=backend, algorithm=algorithm)
+            rows.append(Impl(f"{backend}-{algorithm}{GRAPH_SUFFIX}", OUR_ALGORITHMS[algorithm],
+                             functools.partial(make_captured, build=build), optional=True))
+    return rows
 
 
 # ---------------------------------------------------------------- peers: other libraries
@@ -564,7 +628,7 @@ def our_impls(device_type: str, stream_floors: bool = False) -> List[Impl]:
         for b in backends
         for algorithm, bytes_per_param in OUR_ALGORITHMS.items()
         if algorithm not in FP8_ALGORITHMS or b in FP8_BACKENDS
-    ]
+    ] + (graph_impls(backends) if device_type == "cuda" else [])
 
 
 def peer_impls(stream_floors: bool = False) -> List[Impl]:
@@ -1124,9 +1188,9 @@ def write_json(path: str, document: dict):
 
 def run_rounds(impls: List[Impl], make_model, device, args) -> List[List[dict]]:
     """Every implementation once per round (a slow one in the first SLOW_ROUNDS rounds),
-    under a progress bar.  A peer (a slow row) that raises is dropped with a logged line
-    (e.g. torchao's torch.compile without a working C++ toolchain); any other row's
-    error stops the run."""
+    under a progress bar.  A peer (a slow row) or an optional row (a CUDA graph) that
+    raises is dropped with a logged line (e.g. torchao's torch.compile without a
+    working C++ toolchain); any other row's error stops the run."""
     global _progress
     plan = [[impl for impl in impls if not impl.slow or r <= SLOW_ROUNDS] for r in range(1, args.rounds + 1)]
     _progress = progress_bar(sum(len(round_) for round_ in plan))
@@ -1141,7 +1205,7 @@ def run_rounds(impls: List[Impl], make_model, device, args) -> List[List[dict]]:
                     try:
                         round_.append(measure(impl, make_model, device, args.warmup, args.steps))
                     except Exception as error:
-                        if not impl.slow:
+                        if not (impl.slow or impl.optional):
                             raise
                         failed.add(impl.name)
                         release_memory(device)

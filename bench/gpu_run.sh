@@ -56,6 +56,8 @@ GPU_TESTS=(tests/test_cuda_capturable.py tests/test_triton_capturable.py tests/t
 TRITON_ROWS="torch-forloop-adamw,torch-foreach-adamw,torch-fused-adamw"
 TRITON_ROWS="$TRITON_ROWS,triton-adamw,triton-radam,triton-lion,triton-amos,triton-amos-momentum"
 TRITON_ROWS="$TRITON_ROWS,triton-scaled-adamw,triton-lamb,triton-adamw-bf16-sr"
+# (and the CUDA-graph rows: capturable steps replayed, the kernels' time without the host's)
+TRITON_ROWS="$TRITON_ROWS,torch-fused-adamw-graph,triton-adamw-graph,triton-amos-graph"
 
 build() {  # $1: seconds; $2: "no-cuda" for the CPU kernels only (AMOS_FUSED_NO_CUDA=1)
   local start=$SECONDS status log="$OUT/build.log" want_cuda=1

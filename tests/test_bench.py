@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import amos_fused as af
 import amos_fused.bench as bench
 from amos_fused.bench_workloads import WORKLOADS
 from amos_fused.master_weights import MASTER_KEY
@@ -547,6 +548,37 @@ def test_a_peer_that_raises_is_dropped(capsys):
     assert "dropping peer: it raised RuntimeError: no compiler" in capsys.readouterr().err
     with pytest.raises(RuntimeError):  # not a peer: the run stops
         bench.run_rounds([bench.Impl("ours", 4, broken)], WORKLOADS["gpt2-tiny"], torch.device("cpu"), args)
+
+
+def test_a_cuda_graph_row_that_raises_is_dropped_and_every_round_keeps_the_others(capsys):
+    class Step:
+        def step(self):
+            pass
+
+    def capture_fails(model):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    impls = [bench.Impl("fine", 4, lambda model: Step()),
+             bench.Impl("triton-adamw-graph", 28, capture_fails, optional=True)]
+    args = bench.parse_args(["--rounds", "2", "--steps", "1", "--warmup", "0"])
+    rounds = bench.run_rounds(impls, WORKLOADS["gpt2-tiny"], torch.device("cpu"), args)
+    assert [[m["impl"].name for m in r] for r in rounds] == [["fine"], ["fine"]]
+    assert "dropping triton-adamw-graph: it raised RuntimeError" in capsys.readouterr().err
+
+
+def test_cuda_graph_rows_are_offered_on_gpus_only_and_are_optional():
+    """On a GPU each fused backend gets CUDA-graph rows of AdamW and Amos (capturable
+    steps replayed: the kernels' time without the host's), beside torch's fused AdamW
+    captured the same way; on CPU there are none."""
+    backends = [b for b in bench.OUR_BACKENDS["cuda"] if b in af.available_backends()]
+    cuda = {i.name: i for i in bench.all_impls("cuda", peers=False)}
+    graph = {name: impl for name, impl in cuda.items() if name.endswith(bench.GRAPH_SUFFIX)}
+    expected = {bench.TORCH_FUSED + bench.GRAPH_SUFFIX} | {
+        f"{b}-{a}{bench.GRAPH_SUFFIX}" for b in backends for a in bench.GRAPH_ALGORITHMS}
+    assert set(graph) == (expected if backends else set())
+    assert all(impl.optional and not impl.slow for impl in graph.values())
+    assert all(graph[f"{b}-amos-graph"].bytes_per_param == bench.OUR_ALGORITHMS["amos"] for b in backends)
+    assert not any(i.name.endswith(bench.GRAPH_SUFFIX) for i in bench.all_impls("cpu", stream_floors=False))
 
 
 def test_progress_uses_tqdm_when_installed():
