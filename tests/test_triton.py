@@ -697,3 +697,43 @@ def test_no_atomics_in_triton_kernels():
         with open(os.path.join(package, name), encoding="utf-8") as f:
             text = f.read()
         assert "atomic_" not in text, f"{name} uses an atomic"
+
+
+def test_an_optimizer_step_runs_the_element_checks_once_per_bucket(monkeypatch):
+    """The optimizers run check_step over each bucket before any is written, and step
+    it through ``fused_ops(..., prechecked=True)``: the Triton op does not run that
+    pass again; the op called directly still does (and refuses a bad grad)."""
+    import amos_fused.optimizer_base as optimizer_base
+    from amos_fused import checks
+
+    calls = []
+    real = checks.check_step
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optimizer_base, "check_step", counted)
+    monkeypatch.setattr(common, "check_step", counted)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, device=DEVICE)) for shape in [(5, 7), (12,), (3,)]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = af.AdamW(params, lr=0.01, backend="triton")
+    opt.step()
+    calls.clear()
+    opt.step()
+    assert calls == [3]  # one bucket, one pass
+    assert all(float(opt.state[p]["step"]) == 2.0 for p in params)
+    calls.clear()
+    states = {k: [opt.state[p][k] for p in params] for k in ("exp_avg", "exp_avg_sq")}
+    steps = [opt.state[p]["step"] for p in params]
+    before = [p.detach().clone() for p in params]
+    bad = [p.grad for p in params[:2]] + [torch.zeros(4, device=DEVICE)]
+    with pytest.raises(ValueError, match=r"grads\[2\]"):
+        call_step(ops, "adam", params, bad, states, steps,
+                  dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
+                       decoupled=True, bias_correction=True))
+    assert calls == [3]
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+    assert all(float(s) == 2.0 for s in steps)

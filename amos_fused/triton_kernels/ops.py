@@ -3,14 +3,15 @@ csrc/ops.cpp), so an optimizer steps a bucket with ``ops.step(...)`` in place of
 ``torch.ops.amos_fused.step(...)``.
 
 A step checks its inputs (the C++ checks of ``check_step``, plus what only Triton
-needs), then runs the C++ prologue shared with the CPU and CUDA ops
+needs; ``prechecked``, the optimizers' entry, skips the ``check_step`` pass they
+ran over the same lists), then runs the C++ prologue shared with the CPU and CUDA ops
 (``torch.ops.amos_fused.begin_step``: the same checks, the GradScaler inputs read
 on the host — a non-zero ``found_inf`` skips the whole step, step counters
 included — and every tensor's coefficients computed in double from the
 algorithm's contract at the next step counts), launches the algorithm's kernels
 over the whole bucket (adam.py, amos.py, norm_scaled.py) with that coefficient
-table, and only then advances the float32 CPU step counters: a launch that raises
-leaves them as they were.  ``telemetry`` (optional, a contiguous float64
+table, and only then advances the float32 CPU step counters (the ``advance_steps``
+op): a launch that raises leaves them as they were.  ``telemetry`` (optional, a contiguous float64
 [len(params), 2] tensor on the params' device, checked by ``begin_step``) gets
 row t = (Σθ², Σ(Δθ)²) of param t as stored, taken by the launch that writes θ
 and added per tensor in a fixed order (common.py); on a step skipped by
