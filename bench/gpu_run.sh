@@ -129,8 +129,9 @@ bench_one() {  # $1: workload, $2: seconds, then extra options
 }
 
 bench() {  # $1: "triton" to time Triton's and torch's rows only
-  local status=0 rows=() small="torch-foreach-adamw,torch-fused-adamw,triton-adamw,triton-amos"
-  if [[ "${1:-}" == triton ]]; then rows=(--impls "$TRITON_ROWS"); else small="$small,cuda-adamw,cuda-amos"; fi
+  local status=0 rows=()
+  local small="torch-foreach-adamw,torch-fused-adamw,triton-adamw,triton-amos,torch-fused-adamw-graph,triton-adamw-graph"
+  if [[ "${1:-}" == triton ]]; then rows=(--impls "$TRITON_ROWS"); else small="$small,cuda-adamw,cuda-amos,cuda-adamw-graph"; fi
   bench_one gpt2-medium "${2:-240}" --rounds 2 --pairs 10 --speedup-pairs 20 "${rows[@]}" || status=1
   # (many-small: ~10 s per row on the H200 machine, host-bound: one round, few steps)
   bench_one many-small "${3:-150}" --rounds 1 --steps 3 --warmup 1 --pairs 0 --speedup-pairs 4 \
