@@ -23,8 +23,9 @@
 #                                             fp32 AdamW and Amos against the reference
 #   bash bench/gpu_run.sh bench     ~3 min    python3 -m amos_fused.bench: (a) gpt2-medium (355M fp32
 #                                             params, every row), (b) many-small (20,000 tensors of
-#                                             4,096 elements: AdamW, Amos and torch's rows); one JSON
-#                                             each; the Amos rows of (a) are workload (c)
+#                                             4,096 elements: AdamW, Amos and torch's rows, and the
+#                                             CUDA-graph rows of AdamW); one JSON each; the Amos rows
+#                                             of (a) are workload (c)
 #   bash bench/gpu_run.sh tests     ~5 min    every CUDA and Triton test file (GPU_TESTS) over 8 worker
 #                                             processes (pytest-xdist), 90 s per test, stopped with
 #                                             SIGINT at its time limit so pytest still prints its
