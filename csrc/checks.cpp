@@ -78,6 +78,11 @@ int64_t first_overlap(at::TensorList tensors) {
 
 }  // namespace
 
+bool is_step_counter(const at::Tensor& s) {
+  return s.layout() == c10::kStrided && !s.is_mkldnn() && s.numel() == 1 && s.scalar_type() == at::kFloat &&
+         s.device().is_cpu() && *s.data_ptr<float>() >= 0.0f && std::isfinite(*s.data_ptr<float>());
+}
+
 bool is_dense(const at::Tensor& t) { return t.numel() == 0 || t.is_non_overlapping_and_dense(); }
 
 Found find_problem(at::TensorList params, at::TensorList grads,
@@ -125,11 +130,7 @@ Found find_problem(at::TensorList params, at::TensorList grads,
     }
     if (!steps.empty()) {
       const at::Tensor& s = steps[i];
-      // a finite float32 CPU count >= 0 (a negative, NaN or infinite count has no bias correction)
-      if (!(s.layout() == c10::kStrided && !s.is_mkldnn() && s.numel() == 1 && s.scalar_type() == at::kFloat &&
-            s.device().is_cpu() &&
-            *s.data_ptr<float>() >= 0.0f && std::isfinite(*s.data_ptr<float>())))
-        return {at, Problem::kStep, 0};
+      if (!is_step_counter(s)) return {at, Problem::kStep, 0};
       bool aliased = may_share_memory(s, p) || may_share_memory(s, grads[i]);
       for (const at::TensorList& list : states) aliased = aliased || (!list.empty() && may_share_memory(s, list[i]));
       for (const at::TensorList& list : slots) aliased = aliased || (!list.empty() && may_share_memory(s, list[i]));

@@ -72,6 +72,10 @@ std::tuple<int64_t, int64_t, int64_t> check_step(at::TensorList params, at::Tens
 // Returns (i, j), i < j, indices into `tensors`, or (-1, -1).
 std::tuple<int64_t, int64_t> first_written_overlap(at::TensorList tensors, int64_t written);
 
+// Whether `s` is a step counter the host steps: a finite float32 CPU count >= 0 in
+// one element (a negative, NaN or infinite count has no bias correction).
+bool is_step_counter(const at::Tensor& s);
+
 // The layouts of `tensors` (address, numel, ndim, then the strides of each, one
 // tensor after another): equal signatures, the same memory in the same layouts.
 // The optimizers compare it with the last step's to skip a full overlap check of

@@ -82,6 +82,13 @@ std::tuple<bool, at::Tensor> begin_step_op(c10::string_view algorithm, at::Tenso
   return out;
 }
 
+void advance_steps_op(at::TensorList steps) {
+  for (size_t i = 0; i < steps.size(); ++i)
+    TORCH_CHECK_VALUE(is_step_counter(steps[i]), "amos_fused.advance_steps: steps[", i,
+                      "] must be a finite float32 CPU scalar >= 0");
+  commit_steps(steps);
+}
+
 // begin_step for the FP8-state step (csrc/fp8_prologue.h): the same checks and
 // coefficients as step_fp8, nothing written.
 std::tuple<bool, at::Tensor> begin_step_fp8_op(c10::string_view algorithm, at::TensorList params,

@@ -190,6 +190,9 @@ std::vector<std::string> algorithms_op();
 std::vector<std::string> fp8_algorithms_op();
 std::vector<std::string> cuda_fp8_algorithms_op();
 std::vector<std::string> master_algorithms_op();
+// After a launch that begin_step_op prepared: every counter plus one (commit_steps),
+// each checked first (is_step_counter), so a bad one is refused before any is written.
+void advance_steps_op(at::TensorList steps);
 std::tuple<bool, at::Tensor> begin_step_op(c10::string_view algorithm, at::TensorList params,
                                            at::TensorList grads, at::TensorList states,
                                            at::TensorList steps, at::ArrayRef<double> hyper,

@@ -6,8 +6,6 @@
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
-#include <cmath>
-
 #include "checks.h"
 #include "amos_layout.h"
 #include "contracts.h"
@@ -95,7 +93,7 @@ TORCH_LIBRARY(amos_fused, m) {
   m.def("fp8_algorithms() -> str[]", &amos_fused::fp8_algorithms_op);
   m.def("cuda_fp8_algorithms() -> str[]", &amos_fused::cuda_fp8_algorithms_op);
   // After a backend's launch (the Triton backend's): every step counter (a finite
-  // float32 CPU scalar) plus one, in float32 as torch.optim adds it, its version
+  // float32 CPU scalar >= 0) plus one, in float32 as torch.optim adds it, its version
   // counter bumped as torch's in-place ops do.  Refuses a bad counter before it
   // writes any.
   m.def("advance_steps(Tensor(a!)[] steps) -> ()");
@@ -177,19 +175,9 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
 
 }  // namespace
 
-namespace {
-void advance_steps(at::TensorList steps) {  // (versions: bump_written_versions)
-  for (size_t i = 0; i < steps.size(); ++i) {
-    const at::Tensor& s = steps[i];
-    TORCH_CHECK_VALUE(s.layout() == c10::kStrided && s.is_cpu() && s.scalar_type() == at::kFloat &&
-                          s.numel() == 1 && std::isfinite(*s.data_ptr<float>()),
-                      "amos_fused.advance_steps: steps[", i, "] must be a finite float32 CPU scalar");
-  }
-  for (const at::Tensor& s : steps) *s.data_ptr<float>() += 1.0f;  // (as commit_steps, csrc/step_prologue.h)
+TORCH_LIBRARY_IMPL(amos_fused, CompositeExplicitAutograd, m) {
+  m.impl("advance_steps", &amos_fused::advance_steps_op);  // (versions: bump_written_versions)
 }
-}  // namespace
-
-TORCH_LIBRARY_IMPL(amos_fused, CompositeExplicitAutograd, m) { m.impl("advance_steps", &advance_steps); }
 
 TORCH_LIBRARY_IMPL(amos_fused, ADInplaceOrView, m) {
   for (const char* name : {"step", "step_fp8", "step_capturable", "advance_steps"})

@@ -18,11 +18,12 @@ def test_advance_steps_adds_one_in_float32_and_bumps_the_versions():
 
 
 @pytest.mark.parametrize("bad", [torch.tensor(0.0, dtype=torch.float64), torch.zeros(2), torch.tensor(float("nan")),
-                                 torch.tensor(float("inf"))], ids=["float64", "two-elements", "nan", "inf"])
+                                 torch.tensor(float("inf")), torch.tensor(-1.0)],
+                         ids=["float64", "two-elements", "nan", "inf", "negative"])
 def test_advance_steps_refuses_a_bad_counter_before_writing_any(bad):
     good = torch.tensor(3.0)
     versions = [good._version, bad._version]
-    with pytest.raises(ValueError, match=r"advance_steps: steps\[1\] must be a finite float32 CPU scalar"):
+    with pytest.raises(ValueError, match=r"advance_steps: steps\[1\] must be a finite float32 CPU scalar >= 0"):
         ops.advance_steps([good, bad])
     assert float(good) == 3.0
     assert [good._version, bad._version] == versions
