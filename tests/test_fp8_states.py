@@ -191,6 +191,37 @@ def test_encoder_is_bit_exact(name, backend, capabilities):
     assert (p.detach()[finite] == 0).all(), "lr = 0 moved a param"
 
 
+@pytest.mark.parametrize("sign_bit", [False, True])
+def test_a_nan_of_either_sign_poisons_only_its_block_of_the_root_state(sign_bit, capabilities):
+    """The SIMD kernels take a root state's block max (sqrt(v) ≥ +0 or NaN) over its
+    raw bits as unsigned integers, with no |·|: a NaN grad whose sign bit is set
+    (−NaN, x86's default NaN) gives a NaN sqrt(v) whose bits are the largest of all,
+    so its block is stored as NaN with zero codes exactly as for +NaN; the other
+    blocks stay finite, and the states equal the reference's bitwise."""
+    nan = -float("nan") if sign_bit else float("nan")
+    assert (torch.tensor(nan).view(torch.int32) < 0).item() == sign_bit
+    gen = torch.Generator().manual_seed(5)
+    grad = torch.randn(16 * BLOCK + 37, generator=gen)  # ≥ 4096 elements: 8-bit states
+    grad[BLOCK + 100] = nan          # a block's middle: a SIMD tile
+    grad[16 * BLOCK + 34] = nan      # the partial block's scalar tail (past 2 AVX-512 tiles)
+    states = {}
+    for backend in ("cpu", "reference"):
+        p = _param(torch.randn(grad.shape, generator=torch.Generator().manual_seed(6)))
+        opt = CLASSES["AdamW8bit"]([p], lr=1e-3, backend=backend)
+        for _ in range(2):
+            p.grad = grad.clone()
+            opt.step()
+        states[backend] = opt.state[p]
+    got, want = states["cpu"], states["reference"]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(got[key], want[key]), key
+        assert _nan_equal(got[key + "_absmax"], want[key + "_absmax"]), key
+    assert got["exp_avg_sq"].dtype == torch.uint8
+    poisoned = torch.isnan(got["exp_avg_sq_absmax"]).nonzero().flatten().tolist()
+    assert poisoned == [1, 16]
+    assert (got["exp_avg_sq"][BLOCK:2 * BLOCK] == 0).all() and (got["exp_avg_sq"][16 * BLOCK:] == 0).all()
+
+
 @pytest.mark.parametrize("name", ["AdamW8bit", "Lion8bit"])
 def test_encoder_is_bit_exact_on_a_million_log_uniform_values(name, capabilities):
     """Blocks scaled to absmax 448 (factor 1), the other values log-uniform over

@@ -60,31 +60,37 @@ inline Vectorized<float> fp8_decode_tile(const uint8_t* codes, float factor, boo
 #endif
 }
 
-// max(top, |x|) lane by lane, NaN propagating: as integers, the bits of |x|
-// order like the values, with NaN above +Inf.
+// max(top, |x|) lane by lane, NaN propagating: as unsigned integers, the bits of
+// |x| order like the values, with NaN above +Inf.  kRoot: x is a root state's
+// value, ≥ +0 or NaN, whose bits need no clearing of the sign (a NaN whose sign
+// is set is then the largest of all, and still a NaN).
+template <bool kRoot>
 inline Vectorized<float> fp8_abs_max(const Vectorized<float>& top, const Vectorized<float>& x) {
 #if defined(CPU_CAPABILITY_AVX2)
-  const __m256i bits = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fffffff));
-  return _mm256_castsi256_ps(_mm256_max_epi32(_mm256_castps_si256(top), bits));
+  __m256i bits = _mm256_castps_si256(x);
+  if constexpr (!kRoot) bits = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
+  return _mm256_castsi256_ps(_mm256_max_epu32(_mm256_castps_si256(top), bits));
 #elif defined(CPU_CAPABILITY_AVX512)
-  const __m512i bits = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff));
-  return _mm512_castsi512_ps(_mm512_max_epi32(_mm512_castps_si512(top), bits));
+  __m512i bits = _mm512_castps_si512(x);
+  if constexpr (!kRoot) bits = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
+  return _mm512_castsi512_ps(_mm512_max_epu32(_mm512_castps_si512(top), bits));
 #else
   return at::vec::maximum(top, x.abs());
 #endif
 }
 
 // The largest lane of fp8_abs_max's result (NaN when a lane is NaN): the lanes
-// hold the bits of |x|, so an integer maximum across them is the float one.
+// hold the bits of |x| (or a NaN), so an unsigned maximum across them is the
+// float one.
 inline float fp8_lane_max(const Vectorized<float>& top) {
 #if defined(CPU_CAPABILITY_AVX2)
   __m256i m = _mm256_castps_si256(top);
-  m = _mm256_max_epi32(m, _mm256_permute2x128_si256(m, m, 1));
-  m = _mm256_max_epi32(m, _mm256_shuffle_epi32(m, 0x4e));
-  m = _mm256_max_epi32(m, _mm256_shuffle_epi32(m, 0xb1));
+  m = _mm256_max_epu32(m, _mm256_permute2x128_si256(m, m, 1));
+  m = _mm256_max_epu32(m, _mm256_shuffle_epi32(m, 0x4e));
+  m = _mm256_max_epu32(m, _mm256_shuffle_epi32(m, 0xb1));
   return _mm256_cvtss_f32(_mm256_castsi256_ps(m));
 #elif defined(CPU_CAPABILITY_AVX512)
-  return fp8_float_of(static_cast<uint32_t>(_mm512_reduce_max_epi32(_mm512_castps_si512(top))));
+  return fp8_float_of(static_cast<uint32_t>(_mm512_reduce_max_epu32(_mm512_castps_si512(top))));
 #else
   float lanes[Vectorized<float>::size()];
   top.store(lanes);
@@ -110,13 +116,13 @@ inline void for_each_state(const F& f) {
 // even, carrying into the next binade; bits(a + c) − bits(c) counts those steps
 // (0..16), and t >> 20 adds the 8 codes of each binade below a's.  Matches
 // e4m3_magnitude for every float in [0, 464) (checked exhaustively).
-// kSigned false: the values are ≥ +0 (a root state: sqrt(v)), so the sign bit is
-// left out.
+// kSigned false: the values are ≥ +0 (a root state: sqrt(v)), so neither |·| nor
+// the sign bit is taken.
 #if defined(CPU_CAPABILITY_AVX2)
 template <bool kSigned>
 inline __m256i fp8_encode_lanes(const float* values, __m256 factor) {
   const __m256i bits = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(values), factor));
-  const __m256 a = _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)));
+  const __m256 a = _mm256_castsi256_ps(kSigned ? _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)) : bits);
   const __m256i t = _mm256_max_epi32(
       _mm256_sub_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7f800000)), _mm256_set1_epi32(0x3c800000)),
       _mm256_setzero_si256());
@@ -131,7 +137,7 @@ inline __m256i fp8_encode_lanes(const float* values, __m256 factor) {
 template <bool kSigned>
 inline __m512i fp8_encode_lanes(const float* values, __m512 factor) {
   const __m512i bits = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(values), factor));
-  const __m512 a = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)));
+  const __m512 a = _mm512_castsi512_ps(kSigned ? _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)) : bits);
   const __m512i t = _mm512_max_epi32(
       _mm512_sub_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7f800000)), _mm512_set1_epi32(0x3c800000)),
       _mm512_setzero_si512());
@@ -336,7 +342,7 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of,
           update(x, offset);
           for_each_state<S>([&](auto k) {
             x[2 + k].store(state[k] + offset);
-            top[k] = fp8_abs_max(top[k], x[2 + k]);
+            top[k] = fp8_abs_max<((root_mask >> k) & 1u) != 0>(top[k], x[2 + k]);
           });
           pv[part] = x[0];
         }
