@@ -90,5 +90,5 @@ echo "compile check: ${#sources[@]} file(s) in $((SECONDS - start))s, $([[ $fail
 
 logs=()
 for src in "${sources[@]}"; do logs+=("$work/$(basename "$src" .cu).log"); done
-"$python_bin" tools/ptxas_resources.py "${logs[@]}" || failed=1
+"$python_bin" tools/ptxas_resources.py "${logs[@]}" || failed=1  # (reads the .o beside each log too)
 exit "$failed"

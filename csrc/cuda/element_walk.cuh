@@ -1,7 +1,7 @@
 // How the CUDA kernels walk memory: the threads of a group stream
-// through a range of elements of S same-dtype arrays, 16 bytes per array per load
-// when every array is 16-byte aligned at the start of the range, one element at a
-// time otherwise and for the tail.  Values are converted to the opmath type (float
+// through a range of elements of S same-dtype arrays, one pack (16 bytes unless a
+// kernel asks for fewer) per array per load when every array is pack-aligned at
+// the start of the range, one element at a time otherwise and for the tail.  Values are converted to the opmath type (float
 // for float/bfloat16/half, double for double) in registers.  Indices are int64.
 #pragma once
 
@@ -11,10 +11,12 @@
 
 namespace amos_fused::cuda {
 
-// A 16-byte pack of storage elements: one vector load or store.
-template <typename scalar_t>
-struct alignas(16) Pack {
-  static constexpr int kWidth = 16 / static_cast<int>(sizeof(scalar_t));
+// A pack of kBytes bytes of storage elements: one vector load or store.
+template <typename scalar_t, int kBytes = 16>
+struct alignas(kBytes) Pack {
+  static_assert(kBytes % sizeof(scalar_t) == 0 && kBytes >= static_cast<int>(sizeof(scalar_t)),
+                "a pack holds whole elements");
+  static constexpr int kWidth = kBytes / static_cast<int>(sizeof(scalar_t));
   scalar_t lane[kWidth];
 };
 
@@ -29,26 +31,30 @@ __device__ __forceinline__ void assume_global(const void* ptr) {
 }
 
 template <typename scalar_t, int S>
-__device__ __forceinline__ bool all_aligned(scalar_t* const (&ptr)[S], int64_t begin) {
+__device__ __forceinline__ bool all_aligned(scalar_t* const (&ptr)[S], int64_t begin, int bytes = 16) {
   bool aligned = true;
 #pragma unroll
-  for (int s = 0; s < S; ++s) aligned &= reinterpret_cast<uintptr_t>(ptr[s] + begin) % 16 == 0;
+  for (int s = 0; s < S; ++s) aligned &= reinterpret_cast<uintptr_t>(ptr[s] + begin) % bytes == 0;
   return aligned;
 }
 
 // Elements [begin, end) of S arrays, shared by `group` threads of which this is
 // `rank`: f(x, e) gets the opmath values x[0..S) of element e and may change them;
-// arrays whose bit is set in kWriteMask are stored back.
-template <typename scalar_t, int S, unsigned kWriteMask, typename F>
+// arrays whose bit is set in kWriteMask are stored back.  kPackBytes: the bytes
+// per array per load (16, or 8 where f is long enough that a 16-byte pack of
+// 2-byte elements keeps more values live across its IEEE slow-path calls than
+// the calling convention leaves registers for: ptxas then keeps one in local
+// memory in the loop).
+template <typename scalar_t, int S, unsigned kWriteMask, int kPackBytes = 16, typename F>
 __device__ __forceinline__ void map_elements(scalar_t* const (&ptr)[S], int64_t begin, int64_t end,
                                              int rank, int group, const F& f) {
   using Op = at::opmath_type<scalar_t>;
-  using P = Pack<scalar_t>;
+  using P = Pack<scalar_t, kPackBytes>;
   constexpr int W = P::kWidth;
 #pragma unroll
   for (int s = 0; s < S; ++s) assume_global(ptr[s]);
   int64_t tail = begin;
-  if (end - begin >= W && all_aligned(ptr, begin)) {
+  if (end - begin >= W && all_aligned(ptr, begin, kPackBytes)) {
     const int64_t packs = (end - begin) / W;
     for (int64_t q = rank; q < packs; q += group) {
       const int64_t first = begin + q * W;

@@ -61,6 +61,13 @@ using NormTable = ElementwiseTable<NormCoef<Op>, 4>;
 template <typename scalar_t>
 constexpr bool kMomentsInApply = !std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
 
+// LAMB's phase-1 walk over 2-byte params in 8-byte packs (4 elements a load): its
+// per-element math (three IEEE divisions and a square root, each with a slow-path
+// call) over a 16-byte pack of 8 kept one value in local memory in the loop
+// (ptxas -v: an 8-byte stack frame; tools/ptxas_resources.py).
+template <typename scalar_t>
+constexpr int kLambMomentPack = sizeof(scalar_t) == 2 ? 8 : 16;
+
 // Phase 1: moments, and this block's Σu², Σθ² into partials[2·block], [2·block + 1].
 template <typename scalar_t, bool LAMB>
 __global__ void __launch_bounds__(kElementwiseThreads)
@@ -74,8 +81,9 @@ __global__ void __launch_bounds__(kElementwiseThreads)
   const MomentCoef<Op> c = table.coefs[table.coef_index[task.tensor]].moments;
   constexpr unsigned kMomentMask = kMomentsInApply<scalar_t> ? 0u : 0b11u;  // m, v bits
   Op u_sq(0), theta_sq(0);
-  if (LAMB) {
-    map_elements<scalar_t, 4, (kMomentMask << 2)>(ptr, begin, end, threadIdx.x, kElementwiseThreads,
+  if (LAMB) {  // (2-byte params in 8-byte packs: kLambMomentPack)
+    map_elements<scalar_t, 4, (kMomentMask << 2), kLambMomentPack<scalar_t>>(ptr, begin, end, threadIdx.x,
+                                                                            kElementwiseThreads,
                                        [&](Op (&x)[4], int64_t) {  // θ, g, m, v
                                          update_moments(x[1], x[2], x[3], c);
                                          const Op u = adam_direction<true>(x[0], x[2], x[3], c);
