@@ -762,6 +762,61 @@ def _size_one_dims_and_uneven_grads(rank, world, path):
     _finish()
 
 
+def _scalar_states_full_dict(rank, world, path):
+    """An Amos over params whose every slot is 'all' (0-dim) holds no state tensor
+    of dim ≥ 1, and torch's set_optimizer_state_dict(full_state_dict=True) refuses
+    such an optimizer ("Expected device to be set": it takes the device from one).
+    The gathered dict that get_optimizer_state_dict gives loads by
+    opt.load_state_dict instead (keys turned back into indices), the slots as
+    replicated DTensors, and the step goes on bitwise as the run it came from."""
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_optimizer_state_dict)
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor, Replicate
+
+        def make():
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4))
+            fully_shard(model)
+            return model, af.Amos(model.parameters(), lr=0.01, eta=0.5, reduce_axes="all")
+
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+
+        def train(model, opt, steps):
+            for _ in range(steps):
+                model(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+
+        model, opt = make()
+        train(model, opt, 2)
+        full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+        fresh, fresh_opt = make()
+        with pytest.raises(AssertionError, match="Expected device to be set"):  # (torch's check)
+            set_optimizer_state_dict(fresh, fresh_opt, full, options=StateDictOptions(full_state_dict=True))
+        fresh.load_state_dict(model.state_dict())
+        names = [name for name, _ in fresh.named_parameters()]
+        fresh_opt.load_state_dict({
+            "state": {names.index(name): state for name, state in full["state"].items()},
+            "param_groups": [{**g, "params": [names.index(n) for n in g["params"]]} for g in full["param_groups"]]})
+        for p, q in zip(model.parameters(), fresh.parameters()):
+            for key in ("v", "b"):
+                loaded = fresh_opt.state[q][key]
+                assert isinstance(loaded, DTensor) and loaded.dim() == 0 and loaded.placements == (Replicate(),)
+                assert torch.equal(loaded.full_tensor(), opt.state[p][key].full_tensor()), key
+        train(model, opt, 2)
+        train(fresh, fresh_opt, 2)
+        for p, q in zip(model.parameters(), fresh.parameters()):
+            assert torch.equal(p.full_tensor(), q.full_tensor())
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
 def _spawn(fn, world, *args):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(fn, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
@@ -808,3 +863,7 @@ def test_a_found_inf_differing_over_a_2d_mesh_is_refused_on_every_rank():
 @pytest.mark.parametrize("world", [2, 4])
 def test_size_one_sharded_dims_and_grads_on_some_ranks_only(world):
     _spawn(_size_one_dims_and_uneven_grads, world)
+
+
+def test_amos_with_scalar_slots_only_loads_a_gathered_state_dict_by_load_state_dict():
+    _spawn(_scalar_states_full_dict, 2)
