@@ -32,7 +32,7 @@ def sources(pattern):
 # that runs on any CPU would call AVX instructions (tests/test_isa_isolation.py).
 # setuptools links in the sorted order of the sources' paths, where "csrc/simd/"
 # comes after every other source; the list below puts them last as well.
-cpu_sources = ["csrc/ops.cpp", "csrc/checks.cpp", "csrc/contracts.cpp"] + sources("csrc/cpu/*.cpp")
+cpu_sources = ["csrc/ops.cpp", "csrc/checks.cpp", "csrc/contracts.cpp", "csrc/host_checks_python.cpp"] + sources("csrc/cpu/*.cpp")
 simd_sources = sources("csrc/simd/*.cpp")
 cuda_sources = sources("csrc/cuda/*.cu")
 with_cuda = (

@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (registers torch.ops.amos_fused)
+from . import _C  # (registers torch.ops.amos_fused; its own functions: csrc/host_checks_python.cpp)
 
 
 class Problem(enum.IntEnum):
@@ -51,8 +51,10 @@ REAL_OF_COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.float
 def check_step(params: List[Tensor], grads: List[Tensor], states: List[List[Tensor]],
                slots: List[List[Tensor]], steps: List[Tensor], walk: Walk) -> Tuple[int, Problem, int]:
     """One C++ pass over a bucket: (index of the first bad param or -1, Problem,
-    index of the state / slot list at fault)."""
-    index, problem, which = torch.ops.amos_fused.check_step(
+    index of the state / slot list at fault).  The ``check_step`` op's check,
+    called as a plain function of ``_C`` (the lists unpacked from Python, not
+    through the dispatcher: its per-tensor cost counts in a step over many params)."""
+    index, problem, which = _C.check_step(
         params, grads, [t for ts in states for t in ts], [t for ts in slots for t in ts], steps, int(walk))
     return index, Problem(problem), which
 

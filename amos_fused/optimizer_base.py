@@ -25,7 +25,7 @@ from torch import Tensor
 from .backends import backend_for, capturable_backend, capturable_ops, check_backend, fused_ops
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype, memory_order
 from .checks import Problem, Walk, check_step, first_overlap, is_dense, is_foreign_step, step_error
-from . import fp8_states
+from . import _C, fp8_states
 from . import hyperparams as hp
 from .master_weights import MASTER_KEY, WriteMarks, float32_copy, has_master, master_problem, upcast_states
 from . import master_weights as masters
@@ -33,6 +33,8 @@ from .contracts import call_capturable_step, call_fp8_step, call_step, master_al
 from .sharding import dtensor_positions, is_dtensor, local, mesh_groups, placed_like, shard_offset, wait_for_every_shard
 from .stochastic_round import round_key, round_to_bfloat16
 from .telemetry import RMS, Recorder, measured_sums, new_table, snapshot
+
+_ABSENT = object()  # a param without an entry in the optimizer's state
 
 
 def torch_flags(maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
@@ -590,7 +592,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         if dtensor_positions(params):
             params = [local(p) for p in params]
-        signature = torch.ops.amos_fused.layout_signature(params)  # (one C++ pass: per param cost matters here)
+        signature = _C.layout_signature(params)  # (one C++ pass, no dispatcher: per param cost matters here)
         if signature == getattr(self, "_checked_layouts", None):
             return
         self._check_all_overlaps()
@@ -613,7 +615,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for values in bucket.state.values():
                     written.extend(values)
                 read.extend(bucket.held_grads)
-        first, second = torch.ops.amos_fused.first_written_overlap(written + read, len(written))
+        first, second = _C.first_written_overlap(written + read, len(written))  # (the op's check, no dispatcher)
         if first < 0:
             return
         # (where, short name, what) of each tensor, in the order of written + read
@@ -884,7 +886,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         state_of = self.state
         settled = self._settled_state(group, keys, master)
         for i, p in enumerate(owners):
-            st = state_of[p] if p in state_of else {}
+            st = state_of.get(p, _ABSENT)  # (one lookup: a tensor key's hash is a Python call)
+            if st is _ABSENT:
+                st = {}
             if settled(p, st):  # the common case: nothing to make, convert or move
                 states.append(st)
                 continue

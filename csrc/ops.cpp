@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "host_checks_python.h"
 #include "amos_layout.h"
 #include "contracts.h"
 #include "cpu/kernel_api.h"
@@ -185,6 +186,7 @@ TORCH_LIBRARY_IMPL(amos_fused, ADInplaceOrView, m) {
 }
 
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          amos_fused::host_check_methods()};
   return PyModule_Create(&module_def);
 }
