@@ -1,20 +1,25 @@
 // The optimizers' per-step host checks (csrc/checks.h: check_step,
-// first_written_overlap, layout_signature) as plain functions of the amos_fused._C
-// module, besides their torch.ops.amos_fused ops.  A call through the dispatcher
+// first_written_overlap, layout_signature) and the Triton backend's prologue
+// (csrc/contracts.h: begin_step, which writes nothing but a skipped step's
+// telemetry column) as plain functions of the amos_fused._C module, besides their
+// torch.ops.amos_fused ops.  A call through the dispatcher
 // boxes every tensor of a list into an IValue list and unboxes it again, about
 // 200 ns per tensor (2026, torch 2.13): most of an optimizer step's host time over
 // many small params, which passes each param, grad and state through these checks
 // once per step.  Here each list is unpacked straight from the Python objects
 // (~20 ns per tensor).  Same results and errors as the ops.  The optimizers step
-// eagerly (torch._disable_dynamo), so nothing here is traced.
+// eagerly (torch._disable_dynamo), so nothing here is traced; the ops that write
+// params and states (step, step_fp8, advance_steps) stay dispatched.
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "checks.h"
+#include "contracts.h"
 #include "host_checks_python.h"
 
 namespace amos_fused {
@@ -33,6 +38,47 @@ std::vector<at::Tensor> tensors_of(PyObject* arg, const char* fn, const char* na
                      "] must be a tensor, got ", Py_TYPE(items[i])->tp_name);
     out.push_back(THPVariable_Unpack(items[i]));
   }
+  return out;
+}
+
+// A float list (hyper-parameters, per-tensor values).
+std::vector<double> floats_of(PyObject* arg, const char* fn, const char* name) {
+  TORCH_CHECK_TYPE(PyList_Check(arg) || PyTuple_Check(arg), "amos_fused._C.", fn, ": ", name,
+                   " must be a list of floats, got ", Py_TYPE(arg)->tp_name);
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(arg);
+  PyObject** items = PySequence_Fast_ITEMS(arg);
+  std::vector<double> out;
+  out.reserve(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    TORCH_CHECK_TYPE(PyFloat_Check(items[i]) || PyLong_Check(items[i]), "amos_fused._C.", fn, ": ", name, "[",
+                     i, "] must be a float, got ", Py_TYPE(items[i])->tp_name);
+    const double value = PyFloat_AsDouble(items[i]);
+    if (value == -1.0 && PyErr_Occurred()) throw python_error();
+    out.push_back(value);
+  }
+  return out;
+}
+
+// An optional tensor (None: absent).
+std::optional<at::Tensor> optional_tensor_of(PyObject* arg, const char* fn, const char* name) {
+  if (arg == Py_None) return std::nullopt;
+  TORCH_CHECK_TYPE(THPVariable_Check(arg), "amos_fused._C.", fn, ": ", name, " must be a tensor or None, got ",
+                   Py_TYPE(arg)->tp_name);
+  return THPVariable_Unpack(arg);
+}
+
+int64_t int_of(PyObject* arg, const char* fn, const char* name);
+
+// An optional int list (None: absent).
+std::optional<std::vector<int64_t>> optional_ints_of(PyObject* arg, const char* fn, const char* name) {
+  if (arg == Py_None) return std::nullopt;
+  TORCH_CHECK_TYPE(PyList_Check(arg) || PyTuple_Check(arg), "amos_fused._C.", fn, ": ", name,
+                   " must be a list of ints or None, got ", Py_TYPE(arg)->tp_name);
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(arg);
+  PyObject** items = PySequence_Fast_ITEMS(arg);
+  std::vector<int64_t> out;
+  out.reserve(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) out.push_back(int_of(items[i], fn, name));
   return out;
 }
 
@@ -90,7 +136,38 @@ PyObject* py_layout_signature(PyObject*, PyObject* arg) {
   END_HANDLE_TH_ERRORS
 }
 
+// begin_step(algorithm, params, grads, states, steps, hyper, per_tensor, grad_scale,
+//            found_inf, telemetry, round_keys) -> (run, coefficient table)
+PyObject* py_begin_step(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *algorithm, *params, *grads, *states, *steps, *hyper, *per_tensor, *grad_scale, *found_inf,
+      *telemetry, *round_keys;
+  if (!PyArg_UnpackTuple(args, "begin_step", 11, 11, &algorithm, &params, &grads, &states, &steps, &hyper,
+                         &per_tensor, &grad_scale, &found_inf, &telemetry, &round_keys))
+    return nullptr;
+  constexpr const char* fn = "begin_step";
+  TORCH_CHECK_TYPE(PyUnicode_Check(algorithm), "amos_fused._C.begin_step: algorithm must be a str, got ",
+                   Py_TYPE(algorithm)->tp_name);
+  const char* name = PyUnicode_AsUTF8(algorithm);
+  if (name == nullptr) throw python_error();
+  const std::optional<std::vector<int64_t>> keys = optional_ints_of(round_keys, fn, "round_keys");
+  const auto [run, table] = begin_step_op(
+      name, tensors_of(params, fn, "params"), tensors_of(grads, fn, "grads"), tensors_of(states, fn, "states"),
+      tensors_of(steps, fn, "steps"), floats_of(hyper, fn, "hyper"), floats_of(per_tensor, fn, "per_tensor"),
+      optional_tensor_of(grad_scale, fn, "grad_scale"), optional_tensor_of(found_inf, fn, "found_inf"),
+      optional_tensor_of(telemetry, fn, "telemetry"),
+      keys ? at::OptionalIntArrayRef(*keys) : at::OptionalIntArrayRef());
+  PyObject* wrapped = THPVariable_Wrap(table);
+  if (wrapped == nullptr) return nullptr;
+  return Py_BuildValue("(ON)", run ? Py_True : Py_False, wrapped);
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
+    {"begin_step", py_begin_step, METH_VARARGS,
+     "begin_step(algorithm, params, grads, states, steps, hyper, per_tensor, grad_scale, found_inf, telemetry, "
+     "round_keys): torch.ops.amos_fused.begin_step, every argument positional, its lists read straight "
+     "from Python"},
     {"check_step", py_check_step, METH_VARARGS,
      "check_step(params, grads, states, slots, steps, walk): torch.ops.amos_fused.check_step, "
      "its lists read straight from Python"},

@@ -1,14 +1,15 @@
-"""The optimizers' per-step host checks as plain functions of ``amos_fused._C``
-(csrc/host_checks_python.cpp: the lists unpacked straight from Python) give what
-their ``torch.ops.amos_fused`` ops give, results and errors alike, on lists drawn
-to hit every outcome: good buckets, bad grads and states, shared memory, bad
-counters, non-tensors."""
+"""The optimizers' per-step host checks and the Triton backend's prologue as plain
+functions of ``amos_fused._C`` (csrc/host_checks_python.cpp: the lists unpacked
+straight from Python) give what their ``torch.ops.amos_fused`` ops give, results
+and errors alike, on lists drawn to hit every outcome: good buckets, bad grads and
+states, shared memory, bad counters, skipped steps, non-tensors."""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from amos_fused import _C
+from amos_fused.contracts import contract, hyper_values
 
 OPS = torch.ops.amos_fused
 
@@ -101,6 +102,37 @@ def test_the_outcomes_above_are_all_reached():
     assert _C.layout_signature([p])[0] == p.data_ptr() and _C.layout_signature([p]) == OPS.layout_signature([p])
 
 
+_HYPER = {
+    "adam": dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=True, amsgrad=False,
+                 bias_correction=True),
+    "lion": dict(lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.1),
+}
+
+
+@settings(max_examples=150, deadline=None)
+@given(buckets(), st.sampled_from(sorted(_HYPER)), st.sampled_from([None, 0.0, 1.0]),
+       st.sampled_from([None, 0.5]), st.booleans(), st.booleans())
+def test_begin_step_gives_what_the_op_gives(bucket, algorithm, found_inf, grad_scale, telemetry, keys):
+    params, grads, states, _, steps, _ = bucket
+    n = len(params)
+    states = states[:n * len(contract(algorithm).states)]
+    values = hyper_values(algorithm, _HYPER[algorithm])
+    scaler = [None if x is None else torch.tensor(x) for x in (grad_scale, found_inf)]
+    tables = [torch.full((n, 2), 7.0, dtype=torch.float64) if telemetry else None for _ in range(2)]
+    round_keys = list(range(n)) if keys else None
+    got = _outcome(lambda: _C.begin_step(algorithm, params, grads, states, steps, values, [], *scaler, tables[0],
+                                         round_keys))
+    want = _outcome(lambda: OPS.begin_step(algorithm, params, grads, states, steps, values, [], *scaler, tables[1],
+                                           round_keys))
+    assert got[0] is want[0] or got[0] == want[0], (got, want)
+    if got[0] == "ok":
+        assert got[1][0] == want[1][0] and torch.equal(got[1][1], want[1][1])
+    else:
+        assert got[1] == want[1]
+    if telemetry:  # (zeroed column 1 on a skipped step, else untouched: alike)
+        assert torch.equal(tables[0], tables[1])
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda t: _C.check_step(t, t, [], [], [], 1.0), "walk must be an int"),
     (lambda t: _C.check_step(t, t, [], [], [], 5), "walk must be 0, 1 or 2"),
@@ -109,6 +141,14 @@ def test_the_outcomes_above_are_all_reached():
     (lambda t: _C.first_written_overlap(t, 5), r"written must be in \[0, 1\]"),
     (lambda t: _C.first_written_overlap(iter(t), 0), "tensors must be a list of tensors, got"),
     (lambda t: _C.layout_signature(None), "tensors must be a list of tensors, got NoneType"),
+    (lambda t: _C.begin_step(3, t, t, [], t, [], [], None, None, None, None), "algorithm must be a str"),
+    (lambda t: _C.begin_step("lion", t, t, [], t, ["x"], [], None, None, None, None),
+     r"hyper\[0\] must be a float, got str"),
+    (lambda t: _C.begin_step("lion", t, t, [], t, [], [], 1.0, None, None, None),
+     "grad_scale must be a tensor or None, got float"),
+    (lambda t: _C.begin_step("lion", t, t, [], t, [], [], None, None, None, [0.5]),
+     "round_keys must be an int, got float"),
+    (lambda t: _C.begin_step("lion", t, t, [], t, [1.0], []), "11 arguments"),
 ])
 def test_bad_arguments_are_named(call, message):
     with pytest.raises((TypeError, ValueError), match=message):

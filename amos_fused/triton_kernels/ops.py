@@ -5,7 +5,7 @@ csrc/ops.cpp), so an optimizer steps a bucket with ``ops.step(...)`` in place of
 A step checks its inputs (the C++ checks of ``check_step``, plus what only Triton
 needs; ``prechecked``, the optimizers' entry, skips the ``check_step`` pass they
 ran over the same lists), then runs the C++ prologue shared with the CPU and CUDA ops
-(``torch.ops.amos_fused.begin_step``: the same checks, the GradScaler inputs read
+(``torch.ops.amos_fused.begin_step``, called as ``_C.begin_step``: the same checks, the GradScaler inputs read
 on the host — a non-zero ``found_inf`` skips the whole step, step counters
 included — and every tensor's coefficients computed in double from the
 algorithm's contract at the next step counts), launches the algorithm's kernels
@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..contracts import algorithms as contract_algorithms
 from ..contracts import contract
-from .. import capturable, device_coefficients
+from .. import _C, capturable, device_coefficients
 from . import adam, amos, amos_fp8, fp8, norm_scaled
 from .common import check_bucket, round_table
 
@@ -101,10 +101,10 @@ def step(algorithm: str, params: List[Tensor], grads: List[Tensor], states: List
     check_bucket(op, params, grads, {k: v for k, v in lists.items() if k not in slot_keys}, steps,
                  {k: lists[k] for k in slot_keys}, elements=not checked_by_caller)
     prepared = amos.amos_meta(op, params, lists["v"], lists["b"], lists.get("mu")) if slot_keys else None
-    run, coef = torch.ops.amos_fused.begin_step(algorithm, list(params), list(grads), list(states),
-                                                list(steps), [float(h) for h in hyper],
-                                                [float(x) for x in per_tensor], grad_scale, found_inf,
-                                                telemetry, None if round_keys is None else [int(k) for k in round_keys])
+    run, coef = _C.begin_step(algorithm, list(params), list(grads), list(states), list(steps),  # (the op's, no
+                              [float(h) for h in hyper], [float(x) for x in per_tensor],  # dispatcher)
+                              grad_scale, found_inf, telemetry,
+                              None if round_keys is None else [int(k) for k in round_keys])
     if run:
         rounding = round_table(round_keys, steps, params[0].device)
         _LAUNCH[algorithm](params, grads, lists, hyper_by_name, coef, prepared, telemetry=telemetry,
