@@ -1,7 +1,7 @@
 // The optimizers' per-step host checks (csrc/checks.h: check_step,
 // first_written_overlap, layout_signature) and the Triton backend's prologue
-// (csrc/contracts.h: begin_step, which writes nothing but a skipped step's
-// telemetry column) as plain functions of the amos_fused._C module, besides their
+// (csrc/contracts.h: begin_step and begin_step_fp8, which write nothing but a
+// skipped step's telemetry column) as plain functions of the amos_fused._C module, besides their
 // torch.ops.amos_fused ops.  A call through the dispatcher
 // boxes every tensor of a list into an IValue list and unboxes it again, about
 // 200 ns per tensor (2026, torch 2.13): most of an optimizer step's host time over
@@ -163,7 +163,44 @@ PyObject* py_begin_step(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// begin_step_fp8(algorithm, params, grads, codes, absmax, steps, hyper, grad_scale,
+//                found_inf, telemetry, round_keys, states, per_tensor) -> (run, table)
+PyObject* py_begin_step_fp8(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *algorithm, *params, *grads, *codes, *absmax, *steps, *hyper, *grad_scale, *found_inf, *telemetry,
+      *round_keys, *states, *per_tensor;
+  if (!PyArg_UnpackTuple(args, "begin_step_fp8", 13, 13, &algorithm, &params, &grads, &codes, &absmax, &steps,
+                         &hyper, &grad_scale, &found_inf, &telemetry, &round_keys, &states, &per_tensor))
+    return nullptr;
+  constexpr const char* fn = "begin_step_fp8";
+  TORCH_CHECK_TYPE(PyUnicode_Check(algorithm), "amos_fused._C.begin_step_fp8: algorithm must be a str, got ",
+                   Py_TYPE(algorithm)->tp_name);
+  const char* name = PyUnicode_AsUTF8(algorithm);
+  if (name == nullptr) throw python_error();
+  const std::optional<std::vector<int64_t>> keys = optional_ints_of(round_keys, fn, "round_keys");
+  std::optional<std::vector<at::Tensor>> state_tensors;
+  if (states != Py_None) state_tensors = tensors_of(states, fn, "states");
+  std::optional<std::vector<double>> per_tensor_values;
+  if (per_tensor != Py_None) per_tensor_values = floats_of(per_tensor, fn, "per_tensor");
+  const auto [run, table] = begin_step_fp8_op(
+      name, tensors_of(params, fn, "params"), tensors_of(grads, fn, "grads"), tensors_of(codes, fn, "codes"),
+      tensors_of(absmax, fn, "absmax"), tensors_of(steps, fn, "steps"), floats_of(hyper, fn, "hyper"),
+      optional_tensor_of(grad_scale, fn, "grad_scale"), optional_tensor_of(found_inf, fn, "found_inf"),
+      optional_tensor_of(telemetry, fn, "telemetry"),
+      keys ? at::OptionalIntArrayRef(*keys) : at::OptionalIntArrayRef(),
+      state_tensors ? std::optional<at::TensorList>(*state_tensors) : std::nullopt,
+      per_tensor_values ? std::optional<at::ArrayRef<double>>(*per_tensor_values) : std::nullopt);
+  PyObject* wrapped = THPVariable_Wrap(table);
+  if (wrapped == nullptr) return nullptr;
+  return Py_BuildValue("(ON)", run ? Py_True : Py_False, wrapped);
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
+    {"begin_step_fp8", py_begin_step_fp8, METH_VARARGS,
+     "begin_step_fp8(algorithm, params, grads, codes, absmax, steps, hyper, grad_scale, found_inf, telemetry, "
+     "round_keys, states, per_tensor): torch.ops.amos_fused.begin_step_fp8, every argument positional, its "
+     "lists read straight from Python"},
     {"begin_step", py_begin_step, METH_VARARGS,
      "begin_step(algorithm, params, grads, states, steps, hyper, per_tensor, grad_scale, found_inf, telemetry, "
      "round_keys): torch.ops.amos_fused.begin_step, every argument positional, its lists read straight "

@@ -133,6 +133,41 @@ def test_begin_step_gives_what_the_op_gives(bucket, algorithm, found_inf, grad_s
         assert torch.equal(tables[0], tables[1])
 
 
+@pytest.mark.parametrize("case", ["ok", "skipped", "short absmax", "codes dtype", "telemetry", "bad key"])
+@pytest.mark.parametrize("algorithm", ["adam", "lion"])
+def test_begin_step_fp8_gives_what_the_op_gives(algorithm, case):
+    n, numel = 2, 300
+    params = [torch.randn(numel) for _ in range(n)]
+    grads = [torch.randn(numel) for _ in range(n)]
+    coded = 1 if algorithm == "lion" else 2  # (exp_avg; adam also exp_avg_sq, kept as its root)
+    codes = [torch.zeros(numel, dtype=torch.uint8) for _ in range(coded * n)]
+    absmax = [torch.ones(2) for _ in range(coded * n)]
+    steps = [torch.tensor(3.0) for _ in range(n)]
+    values = hyper_values(algorithm, _HYPER[algorithm])
+    found_inf = torch.tensor(1.0) if case == "skipped" else None
+    if case == "short absmax":
+        absmax[1] = torch.ones(1)
+    if case == "codes dtype":
+        codes[0] = torch.zeros(numel, dtype=torch.int8)
+    keys = [1, 2.5] if case == "bad key" else None
+    tables = [torch.full((n, 2), 7.0, dtype=torch.float64) if case in ("telemetry", "skipped") else None
+              for _ in range(2)]
+    got = _outcome(lambda: _C.begin_step_fp8(algorithm, params, grads, codes, absmax, steps, values, None,
+                                             found_inf, tables[0], keys, None, None))
+    want = _outcome(lambda: OPS.begin_step_fp8(algorithm, params, grads, codes, absmax, steps, values, None,
+                                               found_inf, tables[1], keys, None, None))
+    if case == "bad key":  # (the op's own argument parsing words it otherwise)
+        assert got[0] is TypeError and "round_keys must be an int, got float" in got[1] and want[0] != "ok"
+        return
+    assert got[0] is want[0] or got[0] == want[0], (got, want)
+    if got[0] == "ok":
+        assert got[1][0] == want[1][0] == (case != "skipped") and torch.equal(got[1][1], want[1][1])
+    else:
+        assert case in ("short absmax", "codes dtype") and got[1] == want[1]
+    if tables[0] is not None:
+        assert torch.equal(tables[0], tables[1])
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda t: _C.check_step(t, t, [], [], [], 1.0), "walk must be an int"),
     (lambda t: _C.check_step(t, t, [], [], [], 5), "walk must be 0, 1 or 2"),

@@ -180,10 +180,10 @@ def step_fp8(algorithm: str, params: List[Tensor], grads: List[Tensor], codes: L
     check_bucket(op, params, grads, {}, steps, elements=not checked_by_caller)
     keys = None if round_keys is None else [int(k) for k in round_keys]
     hyper = [float(h) for h in hyper]
-    run, coef = torch.ops.amos_fused.begin_step_fp8(algorithm, list(params), list(grads), list(codes),
-                                                    list(absmax), list(steps), hyper, grad_scale, found_inf,
-                                                    telemetry, keys, None if states is None else list(states),
-                                                    None if per_tensor is None else [float(x) for x in per_tensor])
+    run, coef = _C.begin_step_fp8(algorithm, list(params), list(grads), list(codes),  # (the op's, no dispatcher)
+                                  list(absmax), list(steps), hyper, grad_scale, found_inf,
+                                  telemetry, keys, None if states is None else list(states),
+                                  None if per_tensor is None else [float(x) for x in per_tensor])
     if not run:
         return
     by_name = dict(zip(contract(algorithm).hyper, hyper))
