@@ -25,38 +25,39 @@
 namespace amos_fused {
 namespace {
 
-// The tensors of the Python list or tuple `arg` (argument `name` of `fn`).
-std::vector<at::Tensor> tensors_of(PyObject* arg, const char* fn, const char* name) {
-  TORCH_CHECK_TYPE(PyList_Check(arg) || PyTuple_Check(arg), "amos_fused._C.", fn, ": ", name,
-                   " must be a list of tensors, got ", Py_TYPE(arg)->tp_name);
+int64_t int_of(PyObject* arg, const char* fn, const char* name);
+
+// convert(item, i) of every item of the Python list or tuple `arg` (argument `name`
+// of `fn`, a list of `what`).
+template <typename T, typename Convert>
+std::vector<T> list_of(PyObject* arg, const char* fn, const char* name, const char* what, const Convert& convert) {
+  TORCH_CHECK_TYPE(PyList_Check(arg) || PyTuple_Check(arg), "amos_fused._C.", fn, ": ", name, " must be a list of ",
+                   what, ", got ", Py_TYPE(arg)->tp_name);
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(arg);
   PyObject** items = PySequence_Fast_ITEMS(arg);
-  std::vector<at::Tensor> out;
+  std::vector<T> out;
   out.reserve(static_cast<size_t>(n));
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    TORCH_CHECK_TYPE(THPVariable_Check(items[i]), "amos_fused._C.", fn, ": ", name, "[", i,
-                     "] must be a tensor, got ", Py_TYPE(items[i])->tp_name);
-    out.push_back(THPVariable_Unpack(items[i]));
-  }
+  for (Py_ssize_t i = 0; i < n; ++i) out.push_back(convert(items[i], i));
   return out;
 }
 
-// A float list (hyper-parameters, per-tensor values).
+std::vector<at::Tensor> tensors_of(PyObject* arg, const char* fn, const char* name) {
+  return list_of<at::Tensor>(arg, fn, name, "tensors", [&](PyObject* item, Py_ssize_t i) {
+    TORCH_CHECK_TYPE(THPVariable_Check(item), "amos_fused._C.", fn, ": ", name, "[", i, "] must be a tensor, got ",
+                     Py_TYPE(item)->tp_name);
+    return THPVariable_Unpack(item);
+  });
+}
+
+// Hyper-parameters, per-tensor values.
 std::vector<double> floats_of(PyObject* arg, const char* fn, const char* name) {
-  TORCH_CHECK_TYPE(PyList_Check(arg) || PyTuple_Check(arg), "amos_fused._C.", fn, ": ", name,
-                   " must be a list of floats, got ", Py_TYPE(arg)->tp_name);
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(arg);
-  PyObject** items = PySequence_Fast_ITEMS(arg);
-  std::vector<double> out;
-  out.reserve(static_cast<size_t>(n));
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    TORCH_CHECK_TYPE(PyFloat_Check(items[i]) || PyLong_Check(items[i]), "amos_fused._C.", fn, ": ", name, "[",
-                     i, "] must be a float, got ", Py_TYPE(items[i])->tp_name);
-    const double value = PyFloat_AsDouble(items[i]);
+  return list_of<double>(arg, fn, name, "floats", [&](PyObject* item, Py_ssize_t i) {
+    TORCH_CHECK_TYPE(PyFloat_Check(item) || PyLong_Check(item), "amos_fused._C.", fn, ": ", name, "[", i,
+                     "] must be a float, got ", Py_TYPE(item)->tp_name);
+    const double value = PyFloat_AsDouble(item);
     if (value == -1.0 && PyErr_Occurred()) throw python_error();
-    out.push_back(value);
-  }
-  return out;
+    return value;
+  });
 }
 
 // An optional tensor (None: absent).
@@ -67,19 +68,27 @@ std::optional<at::Tensor> optional_tensor_of(PyObject* arg, const char* fn, cons
   return THPVariable_Unpack(arg);
 }
 
-int64_t int_of(PyObject* arg, const char* fn, const char* name);
-
 // An optional int list (None: absent).
 std::optional<std::vector<int64_t>> optional_ints_of(PyObject* arg, const char* fn, const char* name) {
   if (arg == Py_None) return std::nullopt;
-  TORCH_CHECK_TYPE(PyList_Check(arg) || PyTuple_Check(arg), "amos_fused._C.", fn, ": ", name,
-                   " must be a list of ints or None, got ", Py_TYPE(arg)->tp_name);
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(arg);
-  PyObject** items = PySequence_Fast_ITEMS(arg);
-  std::vector<int64_t> out;
-  out.reserve(static_cast<size_t>(n));
-  for (Py_ssize_t i = 0; i < n; ++i) out.push_back(int_of(items[i], fn, name));
-  return out;
+  return list_of<int64_t>(arg, fn, name, "ints or None",
+                          [&](PyObject* item, Py_ssize_t) { return int_of(item, fn, name); });
+}
+
+// A str argument's UTF-8 text (alive as long as the str).
+const char* str_of(PyObject* arg, const char* fn, const char* name) {
+  TORCH_CHECK_TYPE(PyUnicode_Check(arg), "amos_fused._C.", fn, ": ", name, " must be a str, got ",
+                   Py_TYPE(arg)->tp_name);
+  const char* text = PyUnicode_AsUTF8(arg);
+  if (text == nullptr) throw python_error();
+  return text;
+}
+
+// A prologue's result as Python's (bool, Tensor).
+PyObject* run_and_table(bool run, const at::Tensor& table) {
+  PyObject* wrapped = THPVariable_Wrap(table);
+  if (wrapped == nullptr) return nullptr;
+  return Py_BuildValue("(ON)", run ? Py_True : Py_False, wrapped);
 }
 
 int64_t int_of(PyObject* arg, const char* fn, const char* name) {
@@ -146,10 +155,7 @@ PyObject* py_begin_step(PyObject*, PyObject* args) {
                          &per_tensor, &grad_scale, &found_inf, &telemetry, &round_keys))
     return nullptr;
   constexpr const char* fn = "begin_step";
-  TORCH_CHECK_TYPE(PyUnicode_Check(algorithm), "amos_fused._C.begin_step: algorithm must be a str, got ",
-                   Py_TYPE(algorithm)->tp_name);
-  const char* name = PyUnicode_AsUTF8(algorithm);
-  if (name == nullptr) throw python_error();
+  const char* name = str_of(algorithm, fn, "algorithm");
   const std::optional<std::vector<int64_t>> keys = optional_ints_of(round_keys, fn, "round_keys");
   const auto [run, table] = begin_step_op(
       name, tensors_of(params, fn, "params"), tensors_of(grads, fn, "grads"), tensors_of(states, fn, "states"),
@@ -157,9 +163,7 @@ PyObject* py_begin_step(PyObject*, PyObject* args) {
       optional_tensor_of(grad_scale, fn, "grad_scale"), optional_tensor_of(found_inf, fn, "found_inf"),
       optional_tensor_of(telemetry, fn, "telemetry"),
       keys ? at::OptionalIntArrayRef(*keys) : at::OptionalIntArrayRef());
-  PyObject* wrapped = THPVariable_Wrap(table);
-  if (wrapped == nullptr) return nullptr;
-  return Py_BuildValue("(ON)", run ? Py_True : Py_False, wrapped);
+  return run_and_table(run, table);
   END_HANDLE_TH_ERRORS
 }
 
@@ -173,10 +177,7 @@ PyObject* py_begin_step_fp8(PyObject*, PyObject* args) {
                          &hyper, &grad_scale, &found_inf, &telemetry, &round_keys, &states, &per_tensor))
     return nullptr;
   constexpr const char* fn = "begin_step_fp8";
-  TORCH_CHECK_TYPE(PyUnicode_Check(algorithm), "amos_fused._C.begin_step_fp8: algorithm must be a str, got ",
-                   Py_TYPE(algorithm)->tp_name);
-  const char* name = PyUnicode_AsUTF8(algorithm);
-  if (name == nullptr) throw python_error();
+  const char* name = str_of(algorithm, fn, "algorithm");
   const std::optional<std::vector<int64_t>> keys = optional_ints_of(round_keys, fn, "round_keys");
   std::optional<std::vector<at::Tensor>> state_tensors;
   if (states != Py_None) state_tensors = tensors_of(states, fn, "states");
@@ -190,9 +191,7 @@ PyObject* py_begin_step_fp8(PyObject*, PyObject* args) {
       keys ? at::OptionalIntArrayRef(*keys) : at::OptionalIntArrayRef(),
       state_tensors ? std::optional<at::TensorList>(*state_tensors) : std::nullopt,
       per_tensor_values ? std::optional<at::ArrayRef<double>>(*per_tensor_values) : std::nullopt);
-  PyObject* wrapped = THPVariable_Wrap(table);
-  if (wrapped == nullptr) return nullptr;
-  return Py_BuildValue("(ON)", run ? Py_True : Py_False, wrapped);
+  return run_and_table(run, table);
   END_HANDLE_TH_ERRORS
 }
 
