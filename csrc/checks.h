@@ -79,8 +79,8 @@ bool is_step_counter(const at::Tensor& s);
 // The layouts of `tensors` (address, numel, ndim, then the strides of each, one
 // tensor after another): equal signatures, the same memory in the same layouts.
 // The optimizers compare it with the last step's to skip a full overlap check of
-// their params when none was swapped (`p.data = ...`).  Plain numbers, no tensor:
-// a step makes no torch op call besides its checks and kernels.
+// their params when none was swapped (`p.data = ...`); they call it as
+// amos_fused._C.layout_signature (csrc/host_checks_python.cpp), no op.
 std::vector<int64_t> layout_signature(at::TensorList tensors);
 
 // The FP8 state lists of a bucket (csrc/fp8_states.h), S lists of codes and S of

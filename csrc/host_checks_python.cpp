@@ -1,13 +1,13 @@
-// The optimizers' per-step host checks (csrc/checks.h: check_step,
-// first_written_overlap, layout_signature) and the Triton backend's prologue
-// (csrc/contracts.h: begin_step and begin_step_fp8, which write nothing but a
-// skipped step's telemetry column) as plain functions of the amos_fused._C module, besides their
-// torch.ops.amos_fused ops.  A call through the dispatcher
-// boxes every tensor of a list into an IValue list and unboxes it again, about
-// 200 ns per tensor (2026, torch 2.13): most of an optimizer step's host time over
-// many small params, which passes each param, grad and state through these checks
-// once per step.  Here each list is unpacked straight from the Python objects
-// (~20 ns per tensor).  Same results and errors as the ops.  The optimizers step
+// Host-only functions of the amos_fused._C module: the optimizers' per-step checks
+// (csrc/checks.h: check_step, first_written_overlap, and the swap check's
+// layout_signature, which has no op) and the Triton backend's prologues
+// (csrc/contracts.h: begin_step, begin_step_fp8, which write nothing but a skipped
+// step's telemetry column), beside the torch.ops.amos_fused ops of the same names.
+// A call through the dispatcher boxes every tensor of a list into an IValue list
+// and back, about 200 ns per tensor with the checks (torch 2.13): most of a step's
+// host time over many small params, each passed through these once per step.  Here
+// each list is unpacked straight from the Python objects (about 80 ns per tensor
+// with the checks).  Same results and errors as the ops.  The optimizers step
 // eagerly (torch._disable_dynamo), so nothing here is traced; the ops that write
 // params and states (step, step_fp8, advance_steps) stay dispatched.
 #include <Python.h>
@@ -211,7 +211,8 @@ PyMethodDef methods[] = {
      "first_written_overlap(tensors, written): torch.ops.amos_fused.first_written_overlap, its list read "
      "straight from Python"},
     {"layout_signature", py_layout_signature, METH_O,
-     "layout_signature(tensors): torch.ops.amos_fused.layout_signature, its list read straight from Python"},
+     "layout_signature(tensors): (address, numel, ndim, strides...) of every tensor, one list of ints: "
+     "the trace of a swapped param (csrc/checks.h)"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -33,8 +33,6 @@ TORCH_LIBRARY(amos_fused, m) {
         &amos_fused::check_step);
   // (i, j) of two tensors sharing memory, one of them among the first `written`, or (-1, -1).
   m.def("first_written_overlap(Tensor[] tensors, int written) -> (int, int)", &amos_fused::first_written_overlap);
-  // (address, numel, ndim, strides...) of every tensor, one list of ints: a swap's trace.
-  m.def("layout_signature(Tensor[] tensors) -> int[]", &amos_fused::layout_signature);
   m.def("cpu_capability() -> str", &amos_fused::cpu::cpu_capability);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("set_cpu_capability(str name) -> ()", &amos_fused::cpu::set_cpu_capability);

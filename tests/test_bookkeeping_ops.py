@@ -1,10 +1,10 @@
-"""The host-side bookkeeping ops around a step: ``advance_steps`` (the step
-counters after a Triton launch) and ``layout_signature`` (the
-trace by which the optimizers notice a param swapped between steps)."""
+"""The host-side bookkeeping around a step: the ``advance_steps`` op (the step
+counters after a Triton launch) and ``_C.layout_signature`` (the trace by which
+the optimizers notice a param swapped between steps)."""
 import pytest
 import torch
 
-import amos_fused  # noqa: F401  (registers torch.ops.amos_fused)
+from amos_fused import _C  # (also registers torch.ops.amos_fused)
 
 ops = torch.ops.amos_fused
 
@@ -39,13 +39,13 @@ def test_advance_steps_counts_inference_counters_inside_inference_mode():
 def test_layout_signature_changes_with_address_size_or_strides_only():
     a = torch.zeros(4, 6)
     b = torch.zeros(4, 6)
-    base = ops.layout_signature([a, b])
+    base = _C.layout_signature([a, b])
     assert base == [a.data_ptr(), 24, 2, 6, 1, b.data_ptr(), 24, 2, 6, 1]
     a.add_(1)  # (values are not part of it)
-    assert ops.layout_signature([a, b]) == base
+    assert _C.layout_signature([a, b]) == base
     for swapped in ([a, torch.zeros(4, 6)], [a.t(), b], [a.view(24), b], [a[:2], b], [b, a]):
-        assert ops.layout_signature(swapped) != base
-    assert ops.layout_signature([]) == []
+        assert _C.layout_signature(swapped) != base
+    assert _C.layout_signature([]) == []
     empty, scalar = torch.zeros(0), torch.tensor(1.0)
-    signature = ops.layout_signature([empty, scalar])
+    signature = _C.layout_signature([empty, scalar])
     assert signature[1:4] == [0, 1, 1] and signature[4:] == [scalar.data_ptr(), 1, 0]
