@@ -44,3 +44,27 @@ def test_an_allowed_kernel_without_its_sass_is_reported_as_not_checked(cuobjdump
     verdict = ptxas_resources.check_sass({"mangled": "_Z6kernelv"}, str(log), cuobjdump)
     assert verdict.startswith("SASS not checked"), verdict
     assert not verdict.startswith("FAIL")
+
+
+def _log(tmp_path, frame: int) -> str:
+    """A ptxas -v report of one kernel, ``kernel()``, with a ``frame``-byte stack frame."""
+    path = tmp_path / "kernels.log"
+    path.write_text("ptxas info    : Compiling entry function '_Z6kernelv' for 'sm_90'\n"
+                    "ptxas info    : Function properties for _Z6kernelv\n"
+                    f"    {frame} bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+                    "ptxas info    : Used 10 registers, used 0 barriers\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("frame", [0, 8])
+def test_an_allowlist_entry_is_checked_or_reported_stale(frame, tmp_path, monkeypatch, capsys):
+    """An allowed kernel with a frame passes with its SASS verdict (here: no object
+    file beside the log); one without a frame any more is named as a stale entry;
+    a kernel with a frame that no entry allows fails."""
+    monkeypatch.setattr(ptxas_resources, "ALLOWED", [("kernel", "why")])
+    assert ptxas_resources.main([_log(tmp_path, frame)]) == 0
+    out = capsys.readouterr().out
+    assert ("its entry can go" in out) == (frame == 0), out
+    assert ("allowed: why; SASS not checked" in out) == (frame == 8), out
+    monkeypatch.setattr(ptxas_resources, "ALLOWED", [])
+    assert ptxas_resources.main([_log(tmp_path, frame)]) == (1 if frame else 0)

@@ -152,8 +152,8 @@ def local_accesses_in_loops(sass: str) -> tuple[int, list[str]]:
 
 
 def check_sass(row: dict, log: str, cuobjdump: str | None) -> str:
-    """'' when an allowed kernel's local memory is outside its loops, else why not
-    (prefixed 'FAIL' when it is inside one)."""
+    """The verdict on an allowed kernel's SASS: 'SASS: ..., none in a loop', 'FAIL: ...'
+    when a local access lies inside a loop, or 'SASS not checked (...)' and why."""
     obj = log.removesuffix(".log") + ".o"
     if cuobjdump is None or not os.path.exists(obj):
         return "SASS not checked (" + ("no cuobjdump" if cuobjdump is None else "no object file") + ")"
@@ -178,23 +178,24 @@ def main(logs: list[str]) -> int:
     width = max(len(r["name"]) for r in rows)
     print(f"{'file':<16} {'kernel':<{width}} {'regs':>5} {'stack':>6} {'spill st':>9} {'spill ld':>9}  verdict")
     failed = 0
+    matched, needed = set(), set()  # allowlist patterns that name a kernel; that name one with a frame
     for r in rows:
         stack = max(r["stack"], r["cumulative"])
         bad = stack > 0 or r["spill_stores"] > 0 or r["spill_loads"] > 0
-        reason = next((why for pattern, why in ALLOWED if fnmatch.fnmatchcase(r["name"], pattern)), None)
+        pattern, reason = next(((p, why) for p, why in ALLOWED if fnmatch.fnmatchcase(r["name"], p)), (None, None))
         verdict = "ok" if not bad else (f"allowed: {reason}" if reason else "FAIL")
+        if pattern is not None:
+            matched.add(pattern)
         if bad and reason:
+            needed.add(pattern)
             sass = check_sass(r, r["log"], cuobjdump)
             verdict = sass if sass.startswith("FAIL") else f"{verdict}; {sass}"
         failed += verdict.startswith("FAIL")
         regs = "-" if r["registers"] is None else str(r["registers"])
         print(f"{r['file']:<16} {r['name']:<{width}} {regs:>5} {stack:>6} {r['spill_stores']:>9} "
               f"{r['spill_loads']:>9}  {verdict}")
-    used = {why for r in rows for pattern, why in ALLOWED if fnmatch.fnmatchcase(r["name"], pattern)
-            and (max(r["stack"], r["cumulative"]) > 0 or r["spill_stores"] > 0 or r["spill_loads"] > 0)}
-    for pattern, why in ALLOWED:
-        if why not in used and any(fnmatch.fnmatchcase(r["name"], pattern) for r in rows):
-            print(f"note: allowed kernel {pattern} has no stack frame or spills now: its entry can go")
+    for pattern in sorted(matched - needed):
+        print(f"note: allowed kernel {pattern} has no stack frame or spills now: its entry can go")
     print(f"ptxas resources: {len(rows)} function(s), "
           + ("passed" if not failed else f"{failed} with a stack frame or spills (FAILED)"))
     return 1 if failed else 0
