@@ -1,8 +1,9 @@
-// How the CUDA kernels walk memory: the threads of a group stream
-// through a range of elements of S same-dtype arrays, one pack (16 bytes unless a
-// kernel asks for fewer) per array per load when every array is pack-aligned at
-// the start of the range, one element at a time otherwise and for the tail.  Values are converted to the opmath type (float
-// for float/bfloat16/half, double for double) in registers.  Indices are int64.
+// How the CUDA kernels walk memory: the threads of a group stream through a range
+// of elements of S same-dtype arrays, one pack (16 bytes unless a kernel asks for
+// fewer) per array per load when every array is pack-aligned at the start of the
+// range, one element at a time otherwise and for the tail.  Values are converted
+// to the opmath type (float for float/bfloat16/half, double for double) in
+// registers.  Indices are int64.
 #pragma once
 
 #include <ATen/OpMathType.h>
