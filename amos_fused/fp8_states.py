@@ -18,7 +18,8 @@ so one block spans 2^34 in v.  The same scheme as torchao's ``AdamWFp8``
 dynamic code map instead.  A block whose absmax is below 2^-96 is stored as
 zeros; a block holding NaN or ±Inf stores absmax = NaN and codes 0, so it
 decodes as NaN (a non-finite value never turns finite, and never leaves its
-block).  Params with fewer than 4096 elements, float64 and complex params
+block).  An absmax no encode stores (negative or +Inf: a corrupted state)
+decodes as NaN too, and a checkpoint holding one is refused on load.  Params with fewer than 4096 elements, float64 and complex params
 keep full-precision states.
 
 Sharded params (DTensor: FSDP2's ``fully_shard``, tensor parallelism) keep FP8
@@ -157,7 +158,10 @@ def decode(codes: Tensor, absmax: Tensor, root: bool) -> Tensor:
     padded = torch.zeros(num_blocks(n) * BLOCK, dtype=torch.uint8, device=codes.device)
     padded[:n] = codes
     values = padded.view(torch.float8_e4m3fn).float().view(-1, BLOCK)
-    values = (values * (absmax / FP8_MAX)[:, None]).reshape(-1)[:n]
+    # absmax/448; NaN for an absmax no encode stores (negative, +Inf): the block decodes as NaN
+    stored = (absmax >= 0) & (absmax <= torch.finfo(torch.float32).max)
+    factor = torch.where(stored, absmax / FP8_MAX, torch.full_like(absmax, float("nan")))
+    values = (values * factor[:, None]).reshape(-1)[:n]
     return values * values if root else values
 
 
@@ -271,14 +275,23 @@ def nan_codes_poison_their_blocks(codes: Tensor, absmax: Tensor) -> Tuple[Tensor
 
 
 def _check_loaded_absmax(param: Tensor, key: str, codes: Tensor, absmax, decoding: bool) -> None:
-    """Raises when a checkpoint's absmax cannot go with its codes: not a tensor, or,
-    for codes decoded on load, not one float32 value per block of 256 of them (the
-    codes kept as FP8 are checked at the step, by name)."""
+    """Raises when a checkpoint's absmax cannot go with its codes: not a tensor, a
+    value no encode stores (negative or +Inf), or, for codes decoded on load, not
+    one float32 value per block of 256 of them (the codes kept as FP8 are checked
+    at the step, by name)."""
     name = absmax_key(key)
     if not isinstance(absmax, Tensor):
         raise ValueError(f"cannot load state {name!r} of a param of shape {tuple(param.shape)}: it must be a "
                          f"float32 tensor of one value per block of {BLOCK} codes, got {type(absmax).__name__} "
                          f"{absmax!r:.40}")
+    values = local(absmax)
+    if values.is_floating_point():
+        bad = ((values < 0) | (values == float("inf"))).reshape(-1).nonzero()
+        if bad.numel():
+            first = int(bad[0])
+            raise ValueError(f"cannot load state {name!r} of a param of shape {tuple(param.shape)}: block {first}'s "
+                             f"absmax is {float(values.reshape(-1)[first])!r}, which no encode stores (an absmax "
+                             "is ≥ 0, or NaN for a block that held NaN or ±Inf)")
     if decoding and not (is_dtensor(codes) or is_dtensor(absmax)) and (
             absmax.numel() != num_blocks(codes.numel()) or not absmax.is_floating_point()
             or absmax.layout != torch.strided):

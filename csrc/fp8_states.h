@@ -16,7 +16,8 @@
 // zeros (absmax 0, codes 0; 448/absmax stays finite above it).  A block
 // holding NaN or ±Inf stores absmax = NaN and codes 0, so it decodes as NaN: a
 // non-finite value is never replaced by a finite one, and never reaches beyond
-// its block.
+// its block.  A block whose absmax no encode stores (negative, +Inf) decodes as
+// NaN too.
 #pragma once
 
 #include <cstdint>
@@ -80,8 +81,13 @@ AF_FP8_HD float fp8_encode_factor(float stored_absmax) {
   return stored_absmax > 0.0f ? kFp8Max / stored_absmax : 0.0f;
 }
 
-// absmax/448, the factor a decode multiplies by.
-AF_FP8_HD float fp8_decode_factor(float stored_absmax) { return stored_absmax / kFp8Max; }
+// absmax/448, the factor a decode multiplies by; NaN for an absmax that no encode
+// stores (negative or +Inf: a corrupted state), whose block then decodes as NaN,
+// as a non-finite block does, rather than as values of the wrong sign or size.
+AF_FP8_HD float fp8_decode_factor(float stored_absmax) {
+  const bool stored = stored_absmax >= 0.0f && stored_absmax <= 3.40282347e38f;  // (FLT_MAX)
+  return stored ? stored_absmax / kFp8Max : fp8_float_of(0x7fc00000u);
+}
 
 // x's code, x·factor being within ±448 up to rounding (factor = fp8_encode_factor).
 AF_FP8_HD uint8_t fp8_encode(float x, float factor) {

@@ -739,6 +739,71 @@ def test_a_loaded_nan_code_poisons_its_block_on_every_backend(name):
         assert _nan_equal(st_cpu[key], st_ref[key]), key
 
 
+# Absmax values that no encode stores, edited into a live state: (block, value).
+_UNSTORED_ABSMAX = [(1, "negated"), (3, float("inf")), (5, -float("inf")), (16, -1e-30)]
+
+
+@pytest.mark.parametrize("name", ["AdamW8bit", "Lion8bit"])
+def test_an_absmax_no_encode_stores_decodes_as_nan_on_every_backend(name, capabilities):
+    """A block whose absmax is negative or ±Inf (an edited state: the encoder stores
+    ≥ 0 or NaN) decodes as NaN, as a block that held NaN does, rather than as
+    values of the flipped sign or as 0·Inf: the step after the edit gives bitwise
+    the same params and states on cpu (each instruction set) and on the reference,
+    those blocks' absmax NaN and codes 0, every other block untouched by it."""
+    n = 16 * BLOCK + 37  # 17 blocks, the last partial
+    results = {}
+    for backend in ("cpu", "reference"):
+        p = _param(torch.linspace(-1.0, 1.0, n))
+        opt = CLASSES[name]([p], backend=backend, **HYPER[name])
+        p.grad = torch.linspace(-0.5, 0.7, n)
+        opt.step()
+        absmax = opt.state[p]["exp_avg_absmax"]
+        for block, value in _UNSTORED_ABSMAX:
+            absmax[block] = -absmax[block] if value == "negated" else value
+        if name == "AdamW8bit":
+            opt.state[p]["exp_avg_sq_absmax"][7] = -opt.state[p]["exp_avg_sq_absmax"][7]
+        p.grad = torch.linspace(0.3, -0.2, n)
+        opt.step()
+        results[backend] = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+    (p_cpu, st_cpu), (p_ref, st_ref) = results["cpu"], results["reference"]
+    assert _nan_equal(p_cpu, p_ref)
+    for key in st_cpu:
+        assert _nan_equal(st_cpu[key], st_ref[key]), key
+    poisoned_m = [block for block, _ in _UNSTORED_ABSMAX]
+    assert torch.isnan(st_cpu["exp_avg_absmax"]).nonzero().flatten().tolist() == poisoned_m
+    for block in poisoned_m:
+        assert (st_cpu["exp_avg"][block * BLOCK:(block + 1) * BLOCK] == 0).all(), block
+    # AdamW8bit: m NaN makes θ NaN in its blocks, v's block too (m/√v);
+    # Lion8bit: sign(NaN) = 0, so θ only decays there and stays finite
+    nan_params = poisoned_m + [7] if name == "AdamW8bit" else []
+    for block in range(17):
+        in_block = torch.isnan(p_cpu[block * BLOCK:(block + 1) * BLOCK])
+        assert (in_block.all() if block in nan_params else not in_block.any()), block
+
+
+@pytest.mark.parametrize("value", [-1.0, -2.0**-100, float("inf")])
+@pytest.mark.parametrize("key", ["exp_avg_absmax", "exp_avg_sq_absmax"])
+def test_a_checkpoint_with_an_absmax_no_encode_stores_is_refused(key, value):
+    """Loading a checkpoint whose absmax holds a negative or +Inf value (a corrupt
+    file: the encoder stores ≥ 0, or NaN for a non-finite block) raises a ValueError
+    naming the key, the block and the value, and leaves the optimizer as it was;
+    the same checkpoint decoded by a full-precision AdamW is refused alike."""
+    p = _param(torch.linspace(-1.0, 1.0, 20 * BLOCK))
+    opt = CLASSES["AdamW8bit"]([p], backend="cpu")
+    p.grad = torch.linspace(-0.5, 0.7, p.numel())
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][0][key][3] = value
+    for cls in (CLASSES["AdamW8bit"], af.AdamW):
+        q = _param(torch.linspace(-1.0, 1.0, 20 * BLOCK))
+        target = cls([q], backend="cpu")
+        q.grad = torch.linspace(0.1, 0.2, q.numel())
+        target.step()
+        before = snapshot(target, [q])
+        raises_naming(ValueError, lambda: target.load_state_dict(saved), key, "block 3", repr(value))
+        assert_unchanged(before, target, [q])
+
+
 @pytest.mark.parametrize("into", ["AdamW8bit, contiguous", "AdamW8bit, transposed", "AdamW"])
 def test_a_loaded_nan_code_poisons_its_saved_block_in_any_layout(into):
     """The block a NaN code poisons is the one it was saved in (the saved layout's

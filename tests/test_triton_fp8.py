@@ -269,6 +269,37 @@ def test_encoder_matches_the_reference(algorithm):
     assert torch.isnan(results[0][1][0][9:12].cpu()).all() and (results[0][1][0][6:8] == 0).all()
 
 
+@pytest.mark.parametrize("algorithm", ["adam", "lion"])
+def test_an_absmax_no_encode_stores_decodes_as_nan_like_the_cpu_kernel(algorithm):
+    """Blocks whose absmax no encode stores (negative, ±Inf: an edited state) decode
+    as NaN, as on the CPU kernel: one step from the same state gives bitwise the
+    same params, codes and absmax on both (NaN where the CPU has NaN), those
+    blocks' absmax NaN after it."""
+    gen = torch.Generator().manual_seed(11)
+    n = 8 * fp8_states.BLOCK + 40
+    g = torch.randn(n, generator=gen)
+    states = 1 if algorithm == "lion" else 2
+    codes0 = [torch.randint(0, 0x7F, (n,), generator=gen, dtype=torch.uint8) for _ in range(states)]
+    absmax0 = [torch.rand(fp8_states.num_blocks(n), generator=gen) + 0.5 for _ in range(states)]
+    absmax0[0][[1, 3, 5]] = torch.tensor([-absmax0[0][1].item(), float("inf"), -float("inf")])
+    if states == 2:
+        codes0[1] &= 0x7F  # a root state's codes are ≥ +0
+        absmax0[1][6] = -2.0
+    hyper = LION_HYPER if algorithm == "lion" else ADAM_HYPER
+    results = []
+    for step_fp8, device in ((ops.step_fp8, DEVICE), (torch.ops.amos_fused.step_fp8, CPU)):
+        params, grads = [torch.linspace(-1.0, 1.0, n, device=device)], [g.to(device)]
+        codes = [c.clone().to(device) for c in codes0]
+        absmax = [a.clone().to(device) for a in absmax0]
+        step_fp8(algorithm, params, grads, codes, absmax, [torch.tensor(1.0)], list(hyper.values()),
+                 None, None, None, None)
+        results.append([t.cpu() for t in params + codes + absmax])
+    for got, want in zip(*results):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(_bits(got.nan_to_num()), _bits(want.nan_to_num()))
+    assert torch.isnan(results[1][1 + states][[1, 3, 5]]).all()
+
+
 @triton.jit
 def _encode_kernel(x, factor, out, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

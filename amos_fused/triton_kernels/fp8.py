@@ -119,7 +119,10 @@ def load_fp8(codes, absmax, blocks, offs, mask, block_mask, MASKED: tl.constexpr
     else:
         scale = tl.load(absmax + blocks)
         code = tl.load(codes + offs)
-    return fp8_decode(code, ieee_div(scale, FP8_MAX, False)[:, None])
+    # absmax/448; NaN for an absmax no encode stores (negative, +Inf): the block decodes as NaN
+    nan = tl.full(scale.shape, NAN_BITS, tl.uint32).to(tl.float32, bitcast=True)
+    factor = tl.where((scale >= 0.0) & (scale <= FLOAT_MAX), ieee_div(scale, FP8_MAX, False), nan)
+    return fp8_decode(code, factor[:, None])
 
 
 @triton.jit
