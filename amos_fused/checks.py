@@ -33,6 +33,7 @@ class Problem(enum.IntEnum):
     SLOT_SHARED = 15
     STEP_ALIASED = 16
     INFERENCE = 17
+    LAZY = 18
 
 
 class Walk(enum.IntEnum):
@@ -118,6 +119,14 @@ def step_error(where: str, problem: Problem, param: Tensor, grad: Optional[Tenso
         return RuntimeError(f"{where}: {what} is an inference tensor (made under torch.inference_mode()), which "
                             "cannot be updated in place outside inference mode; clone it outside inference "
                             "mode (or step inside torch.inference_mode())")
+    if problem == Problem.LAZY:
+        what = "the param" if not name else f"state[{name!r}]"
+        kind = ("a ZeroTensor (no memory of its own)" if tensor._is_zerotensor() else
+                "a lazily negated view (tensor.is_neg(), as x.conj().imag makes)" if tensor.is_neg() else
+                "a lazily conjugated view (tensor.is_conj())")
+        fix = ("replace it by a plain tensor" if tensor._is_zerotensor() else
+               f"resolve it first (tensor.resolve_{'neg' if tensor.is_neg() else 'conj'}())")
+        return ValueError(f"{where}: {what} is {kind}, which the step cannot write in place; {fix}")
     if problem == Problem.OVERLAP:
         return ValueError(f"{where}: shares memory with another param of the optimizer; "
                           "overlapping params cannot be stepped")

@@ -1030,6 +1030,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             if (problem in (Problem.PARAM_MIXED, Problem.PARAM_DTYPE) and spec is not None
                     and self._stale(owners[bad], spec, positions[bad])):
                 raise _StalePlan()
+            if problem == Problem.LAZY and which < 0:  # a ZeroTensor grad (no memory): its zeros, as torch reads it
+                grads[bad] = torch.zeros_like(params[bad], memory_format=torch.preserve_format)
+                continue
+            if problem == Problem.LAZY:  # which: 0 the param (or its master), 1 its step, then states, slots
+                master = spec is not None and spec.master_of is not None
+                name = [MASTER_KEY if master else "", "step", *like_keys, *slot_keys][which]
+                tensor = (params[bad], steps[bad])[which] if which < 2 else lists[name][bad]
+                raise step_error(where(bad), problem, owners[bad], tensor=tensor, name=name)
             if problem == Problem.INFERENCE:  # which: 0 the param, 1 its step, then its states and slots
                 name = ["", "step", *like_keys, *slot_keys][which]
             else:

@@ -85,6 +85,8 @@ bool is_step_counter(const at::Tensor& s) {
 
 bool is_dense(const at::Tensor& t) { return t.numel() == 0 || t.is_non_overlapping_and_dense(); }
 
+bool lazy_view(const at::Tensor& t) { return t.is_neg() || t.is_conj() || t._is_zerotensor(); }
+
 Found find_problem(at::TensorList params, at::TensorList grads,
                    at::ArrayRef<at::TensorList> states, at::ArrayRef<at::TensorList> slots,
                    at::TensorList steps, Walk walk, bool check_overlap) {
@@ -103,6 +105,14 @@ Found find_problem(at::TensorList params, at::TensorList grads,
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     const int64_t at = static_cast<int64_t>(i);
+    // (first: a lazy step counter's memory is not its count)
+    if (lazy_view(p)) return {at, Problem::kLazy, 0};
+    if (!steps.empty() && lazy_view(steps[i])) return {at, Problem::kLazy, 1};
+    for (size_t k = 0; k < states.size(); ++k)
+      if (!states[k].empty() && lazy_view(states[k][i])) return {at, Problem::kLazy, int64_t(2 + k)};
+    for (size_t k = 0; k < slots.size(); ++k)
+      if (!slots[k].empty() && lazy_view(slots[k][i])) return {at, Problem::kLazy, int64_t(2 + states.size() + k)};
+    if (grads[i]._is_zerotensor()) return {at, Problem::kLazy, -1};
     if (!supported_dtype(p.scalar_type())) return {at, Problem::kParamDtype, 0};
     if (p.scalar_type() != params[0].scalar_type() || p.device() != params[0].device())
       return {at, Problem::kParamMixed, 0};
@@ -248,11 +258,11 @@ std::pair<int64_t, int64_t> find_fp8_problem(at::TensorList params, at::ArrayRef
     const int64_t blocks = (p.numel() + kFp8Block - 1) / kFp8Block;
     for (int64_t k = 0; k < lists; ++k) {
       const at::Tensor& c = codes[k][i];
-      if (!(c.layout() == c10::kStrided && c.scalar_type() == at::kByte && c.device() == p.device() &&
+      if (lazy_view(c) || !(c.layout() == c10::kStrided && c.scalar_type() == at::kByte && c.device() == p.device() &&
             c.sizes() == p.sizes() && (c.numel() <= 1 || c.strides() == p.strides())))
         return {static_cast<int64_t>(i), k};
       const at::Tensor& a = absmax[k][i];
-      if (!(a.layout() == c10::kStrided && a.scalar_type() == at::kFloat && a.device() == p.device() &&
+      if (lazy_view(a) || !(a.layout() == c10::kStrided && a.scalar_type() == at::kFloat && a.device() == p.device() &&
             a.dim() == 1 && a.numel() == blocks && a.is_contiguous()))
         return {static_cast<int64_t>(i), lists + k};
     }
@@ -314,6 +324,9 @@ void check_bucket(const char* op, at::TensorList params, at::TensorList grads,
     case Problem::kInference:
       TORCH_CHECK(false, op, ": ", f.list == 0 ? "params" : f.list == 1 ? "steps" : names[f.list - 2], "[",
                   f.index, "] is an inference tensor, which cannot be updated in place outside inference mode");
+    case Problem::kLazy:
+      TORCH_CHECK_VALUE(false, op, ": ", f.list < 0 ? "grads" : f.list == 0 ? "params" : f.list == 1 ? "steps" : names[f.list - 2],
+                        "[", f.index, "] is a lazily negated or conjugated view or a ZeroTensor; resolve it first");
     default:
       TORCH_CHECK_VALUE(false, op, ": grads[", f.index, "] (", grads[f.index].scalar_type(), " ",
                         grads[f.index].sizes(), " on ", grads[f.index].device(),
@@ -335,7 +348,7 @@ void check_low_params(const char* op, at::TensorList params, at::TensorList grad
     const at::Tensor& q = low_params[i];
     TORCH_CHECK_TYPE(p.scalar_type() == at::kFloat, op, ": params[", i, "] must be a float32 master, got ",
                      p.scalar_type());
-    TORCH_CHECK_VALUE(q.layout() == at::kStrided && q.scalar_type() == low && q.device() == p.device() &&
+    TORCH_CHECK_VALUE(!lazy_view(q) && q.layout() == at::kStrided && q.scalar_type() == low && q.device() == p.device() &&
                           q.sizes() == p.sizes() && q.strides() == p.strides(),
                       op, ": low_params[", i, "] (", q.scalar_type(), " ", q.sizes(), " strides ", q.strides(),
                       " on ", q.device(), ") must be ", low, " with the sizes and strides of params[", i, "] (",

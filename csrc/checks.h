@@ -37,6 +37,8 @@ enum class Problem : int64_t {
   kStepAliased = 16, // a step counter shares memory with its param, grad, a state or a slot of it
   kInference = 17,   // a tensor the step writes is an inference tensor (outside inference mode);
                      // list: 0 the param, 1 its step, 2 + k state k, 2 + #states + k slot k
+  kLazy = 18,        // a tensor the step writes is a lazy view (lazy_view), list as for kInference;
+                     // or (list -1) the grad is a ZeroTensor, which has no memory to read
 };
 
 // How the kernels walk a param: any strides (reference), dense in some dim
@@ -52,6 +54,11 @@ struct Found {
 // Dense: the elements fill one block of memory without gaps or overlap, in any
 // dim order (0-element tensors are dense).
 bool is_dense(const at::Tensor& t);
+
+// A tensor whose memory does not hold its values as they read: a lazily negated
+// or conjugated view (x.conj().imag, torch._neg_view) or a ZeroTensor (no memory).
+// The kernels read and write raw memory, so the step refuses one before it writes.
+bool lazy_view(const at::Tensor& t);
 
 Found find_problem(at::TensorList params, at::TensorList grads,
                    at::ArrayRef<at::TensorList> states, at::ArrayRef<at::TensorList> slots,

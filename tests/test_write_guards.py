@@ -418,3 +418,60 @@ def test_a_conjugated_view_of_a_complex_param_is_named(what, backend):
     else:
         opt.state[z]["exp_avg"] = opt.state[z]["exp_avg"].conj()
     _refused(opt, ValueError, r"param_groups\[1\]\['params'\]\[0\].*lazily conjugated view")
+
+
+def _lazy(kind, t):
+    """t as a tensor whose memory does not hold its values as they read: a ZeroTensor
+    (no memory), or a lazily negated view holding t's values (float tensors)."""
+    if kind == "zero":
+        return torch._efficientzerotensor(t.shape, dtype=t.dtype, device=t.device)
+    view = torch._neg_view(t.neg())
+    assert view.is_neg() and torch.equal(view, t)
+    return view
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CLASSES))
+@pytest.mark.parametrize("kind", ["zero", "neg"])
+def test_a_lazy_view_the_step_would_write_is_refused_before_any_write(kind, name, backend):
+    """A state or step counter that is a ZeroTensor or a lazily negated view
+    (x.conj().imag, torch._neg_view) is refused by name before anything is written:
+    the kernels read and write raw memory (a ZeroTensor has none, a negated view's
+    memory holds −x), and an in-place write to either fails mid-step in torch."""
+    a, b = _params(name, n=1024)
+    opt = CLASSES[name]([{"params": [a]}, {"params": [b]}], backend)
+    _grads([a, b], 0)
+    opt.step()
+    keys = [k for k, v in opt.state[b].items() if isinstance(v, torch.Tensor) and (kind == "zero" or v.is_floating_point())]
+    assert "step" in keys and len(keys) >= 2
+    for key in keys:
+        kept = opt.state[b][key]
+        opt.state[b][key] = _lazy(kind, kept)
+        _grads([a, b], 1)
+        described = "a ZeroTensor" if kind == "zero" else "a lazily negated view"
+        match = (rf"param_groups\[1\]\['params'\]\[0\].*state\['{key}'\] is {described}"
+                 if not key.endswith("_absmax") and opt.state[b][key].dtype != torch.uint8 else
+                 rf"param_groups\[1\]\['params'\]\[0\].*state '{key.removesuffix('_absmax')}.*' .*does not fit")
+        _refused(opt, ValueError, match)
+        opt.state[b][key] = kept
+    opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_zero_tensor_grad_steps_as_zeros(backend):
+    """A ZeroTensor grad (torch._efficientzerotensor: no memory of its own) steps as
+    the zeros it reads as, as torch.optim steps it: bitwise a step on torch.zeros."""
+    params = [torch.nn.Parameter(torch.randn(64, 5)) for _ in range(2)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opts = [af.AdamW(ps, lr=1e-2, backend=backend) for ps in (params, twins)]
+    for step in range(2):
+        for p, q in zip(params, twins):
+            p.grad, q.grad = torch._efficientzerotensor(p.shape), torch.zeros_like(q)
+        if step == 0:
+            params[1].grad = twins[1].grad = torch.randn(64, 5)
+        for opt in opts:
+            opt.step()
+    for p, q in zip(params, twins):
+        assert torch.equal(p.detach(), q.detach())
+        for key, value in opts[0].state[p].items():
+            assert torch.equal(value, opts[1].state[q][key]), key
