@@ -1489,9 +1489,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         values, fresh = self._settled_values(), self._fresh_masters()
         hooks = self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks
         self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        live, kept = self.state, self._states_of_grouped_params()
         try:
+            self.state = kept  # (torch.optim's would raise KeyError on the state of a param no group holds)
             saved = super().state_dict()  # (runs no hook: they run here, around the settling)
         finally:
+            self.state = live
             self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = hooks
         groups, states = saved["param_groups"], saved["state"]
         for group, saved_group, moved in zip(self.param_groups, groups, values):
@@ -1504,6 +1507,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             if returned is not None:
                 saved = returned
         return saved
+
+    def _states_of_grouped_params(self):
+        """self.state, or, when it holds the state of a param that no group holds any
+        more (removed from its group's list since), a copy without those: a
+        state_dict numbers the params of the groups, and has no number for them."""
+        grouped = {id(p) for group in self.param_groups for p in group.get("params", ())}
+        if all(id(p) in grouped for p in self.state if isinstance(p, Tensor)):
+            return self.state
+        kept = defaultdict(dict)
+        kept.update((p, st) for p, st in self.state.items() if not isinstance(p, Tensor) or id(p) in grouped)
+        return kept
 
     def __getstate__(self) -> dict:
         """torch.optim's, with each float32 master a step would remake (a param written

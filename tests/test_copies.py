@@ -37,6 +37,9 @@ PER_PARAM = {"Amos": (lambda ps: af.Amos(ps, lr=0.1, backend="cpu"), "eta"),
              "ScaledAdamW": (lambda ps: af.ScaledAdamW(ps, lr=0.05, half_life=100, backend="cpu"), "init_norm")}
 
 
+PER_PARAM_MAKERS = [make for make, _ in PER_PARAM.values()]
+
+
 def _stepped_with_a_third_param(make):
     """(opt, a, b, c): opt made over a and b and stepped once; c, zero, not in it yet."""
     torch.manual_seed(0)
@@ -88,6 +91,37 @@ def test_a_checkpoint_after_removing_a_param_holds_one_value_per_saved_param(nam
     new, (q0,) = _copied(opt, [p0], "state_dict", make)
     q0.grad = torch.ones_like(q0)
     new.step()
+
+
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("make", [lambda ps: af.AdamW(ps, lr=1e-2, backend="cpu"),
+                                  lambda ps: af.AdamW8bit(ps, lr=1e-2, backend="cpu"), *PER_PARAM_MAKERS],
+                         ids=["AdamW", "AdamW8bit", *PER_PARAM])
+def test_a_copy_after_removing_a_stepped_param_resumes_like_the_original(make, how):
+    """A param with state removed from its group's list (its state left in
+    opt.state, as torch.optim leaves it): a copy resumes over the params left
+    exactly as the original does; its state_dict holds those params only
+    (torch.optim's state_dict raises KeyError on the orphaned state)."""
+    def session(copy_how):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(64, 80)) for _ in range(3)]
+        opt = make(params)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        opt.param_groups[0]["params"].pop(1)
+        kept = [params[0], params[2]]
+        if copy_how is not None:
+            saved = opt.state_dict()
+            assert sorted(saved["state"]) == [0, 1] and saved["param_groups"][0]["params"] == [0, 1]
+            opt, kept = _copied(opt, kept, copy_how, make)
+        for p in kept:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        return [p.detach().clone() for p in kept]
+
+    original, copied = session(None), session(how)
+    assert all(torch.equal(a, b) for a, b in zip(original, copied))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
