@@ -1204,6 +1204,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         expected = ("uint8 codes with the param's shape and strides" if which < half else
                     f"a contiguous float32 tensor of {fp8_states.num_blocks(p.numel())} elements "
                     f"(one per block of {fp8_states.BLOCK})")
+        if tensor._is_zerotensor() or tensor.is_neg():
+            expected += ", a plain tensor (not a ZeroTensor or a lazily negated view, which it is)"
         raise ValueError(f"{where(bad)}: state {key!r} ({tensor.dtype}, shape {tuple(tensor.shape)}, "
                          f"strides {tensor.stride()}, on {tensor.device}) does not fit: expected {expected}")
 
