@@ -817,6 +817,59 @@ def _scalar_states_full_dict(rank, world, path):
     _finish()
 
 
+def _cross_precision_checkpoint(rank, world, path, directory):
+    """A DCP checkpoint of one precision resumed by an optimizer of the other, as
+    README.md says: loaded into an optimizer of the class that saved it, whose state
+    dict the other optimizer's load_state_dict quantizes (into AdamW8bit) or decodes
+    (into AdamW); the same as loading the saving optimizer's state dict in memory
+    (params, codes and absmax bitwise, 3 steps on).  dcp.load straight into the
+    other class would copy the saved values into that class's state tensors (float
+    moments into uint8 codes), which is why it goes through the saving class."""
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.fsdp import fully_shard
+
+        routes = [(torch.optim.AdamW, af.AdamW8bit), (af.AdamW, af.AdamW8bit), (af.AdamW8bit, af.AdamW)]
+        for saving, resuming in routes:
+            where = os.path.join(directory, f"{saving.__module__}.{saving.__name__}")
+            model = fully_shard(_wide_model(torch.float32))
+            opt = saving(model.parameters(), lr=0.01)
+            _train(model, opt, 0, 3, torch.float32)
+            model_state, optim_state = get_state_dict(model, opt)
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=where)
+
+            loaded = fully_shard(_wide_model(torch.float32))
+            staging = saving(loaded.parameters(), lr=0.01)
+            model_state, optim_state = get_state_dict(loaded, staging)
+            state = {"model": model_state, "optim": optim_state}
+            dcp.load(state, checkpoint_id=where)
+            set_state_dict(loaded, staging, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            resumed = resuming(loaded.parameters(), lr=0.01)
+            resumed.load_state_dict(staging.state_dict())
+
+            in_memory = fully_shard(_wide_model(torch.float32))
+            in_memory.load_state_dict(model.state_dict())
+            expected = resuming(in_memory.parameters(), lr=0.01)
+            expected.load_state_dict(opt.state_dict())
+            for p, q in zip(loaded.parameters(), in_memory.parameters()):
+                assert set(resumed.state[p]) == set(expected.state[q])
+                for key, value in expected.state[q].items():
+                    assert torch.equal(_full(resumed.state[p][key]), _full(value)), (saving, key)
+            _train(loaded, resumed, 3, 6, torch.float32)
+            _train(in_memory, expected, 3, 6, torch.float32)
+            for p, q in zip(loaded.parameters(), in_memory.parameters()):
+                assert torch.equal(_full(p), _full(q)), saving
+            coded = [v for st in resumed.state.values() for v in st.values() if v.dtype == torch.uint8]
+            assert bool(coded) == (resuming is af.AdamW8bit), saving  # (the wide weight: FP8 states)
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
 def _spawn(fn, world, *args):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(fn, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
@@ -867,3 +920,8 @@ def test_size_one_sharded_dims_and_grads_on_some_ranks_only(world):
 
 def test_amos_with_scalar_slots_only_loads_a_gathered_state_dict_by_load_state_dict():
     _spawn(_scalar_states_full_dict, 2)
+
+
+def test_a_checkpoint_of_the_other_precision_resumes_through_the_saving_class():
+    with tempfile.TemporaryDirectory() as directory:
+        _spawn(_cross_precision_checkpoint, 2, directory)
