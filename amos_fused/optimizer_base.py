@@ -737,6 +737,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             grads = [p.grad for bucket in item.buckets for p in bucket.owners if p.grad is not None]
             grads = [g for g in grads if id(g) not in seen and not seen.add(id(g))]  # a grad two params share: once
+            grads = [g for g in grads if not g._is_zerotensor()]  # (zeros, unscaled; it has no memory to write)
             if item.group.get("capturable"):
                 for g in grads:
                     on_device.setdefault(local(g).device, []).append(g)

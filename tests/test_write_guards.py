@@ -459,9 +459,12 @@ def test_a_lazy_view_the_step_would_write_is_refused_before_any_write(kind, name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_zero_tensor_grad_steps_as_zeros(backend):
+@pytest.mark.parametrize("scaled", [False, True], ids=["", "grad-scaler"])
+def test_a_zero_tensor_grad_steps_as_zeros(backend, scaled):
     """A ZeroTensor grad (torch._efficientzerotensor: no memory of its own) steps as
-    the zeros it reads as, as torch.optim steps it: bitwise a step on torch.zeros."""
+    the zeros it reads as, as torch.optim steps it: bitwise a step on torch.zeros;
+    under GradScaler's grad_scale the grads left unscaled after the step are the
+    others (the zeros need no writing, and a ZeroTensor cannot be written)."""
     params = [torch.nn.Parameter(torch.randn(64, 5)) for _ in range(2)]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opts = [af.AdamW(ps, lr=1e-2, backend=backend) for ps in (params, twins)]
@@ -469,9 +472,15 @@ def test_a_zero_tensor_grad_steps_as_zeros(backend):
         for p, q in zip(params, twins):
             p.grad, q.grad = torch._efficientzerotensor(p.shape), torch.zeros_like(q)
         if step == 0:
-            params[1].grad = twins[1].grad = torch.randn(64, 5)
+            params[1].grad, twins[1].grad = torch.randn(64, 5) * 8, torch.randn(64, 5) * 0
+            twins[1].grad.copy_(params[1].grad)
         for opt in opts:
+            if scaled:
+                opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(0.0)
             opt.step()
+        if step == 0:
+            assert torch.equal(params[1].grad, twins[1].grad)
+            assert params[0].grad._is_zerotensor()
     for p, q in zip(params, twins):
         assert torch.equal(p.detach(), q.detach())
         for key, value in opts[0].state[p].items():
