@@ -137,14 +137,20 @@ def _multiply_grads(grads: List[Tensor], inverse) -> None:
     grads = [torch.view_as_real(g) if g.is_complex() else g for g in map(local, grads)]
     for dtype in {g.dtype for g in grads}:
         same = [g for g in grads if g.dtype == dtype]
+        negated = [g for g in same if g.is_neg()]  # (x.conj().imag: torch's foreach ops cannot write those)
+        same = [g for g in same if not g.is_neg()] if negated else same
         factor = inverse if not isinstance(inverse, Tensor) else inverse.to(
             torch.float64 if dtype == torch.float64 else torch.float32)
         if dtype in (torch.float32, torch.float64):
             torch._foreach_mul_(same, factor)
+            for g in negated:
+                g.mul_(factor)
         else:
             if not isinstance(factor, Tensor):
                 factor = torch.tensor(factor, dtype=torch.float32)
             torch._foreach_copy_(same, torch._foreach_mul([g.float() for g in same], factor))
+            for g in negated:
+                g.copy_(g.float() * factor)
 
 
 @contextlib.contextmanager

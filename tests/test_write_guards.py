@@ -485,3 +485,30 @@ def test_a_zero_tensor_grad_steps_as_zeros(backend, scaled):
         assert torch.equal(p.detach(), q.detach())
         for key, value in opts[0].state[p].items():
             assert torch.equal(value, opts[1].state[q][key]), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_a_negated_view_grad_steps_and_is_unscaled_like_a_plain_one(dtype, backend):
+    """A grad that is a lazily negated view (x.conj().imag) is only read by the step,
+    as its values; under GradScaler's grad_scale it is then unscaled in place like
+    any grad (torch's foreach multiply refuses such tensors, so it goes on its own):
+    params, states and grads bitwise those of the same run with plain grads."""
+    def run(negated):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(64, 5).to(dtype)) for _ in range(2)]
+        opt = af.AdamW(params, lr=1e-2, backend=backend)
+        for step in range(2):
+            for i, p in enumerate(params):
+                g = (torch.randn(64, 5) * 8).to(dtype)
+                p.grad = torch._neg_view(g.neg()) if negated and i == 1 else g
+            opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(0.0)
+            opt.step()
+        assert params[1].grad.is_neg() == negated
+        return params, opt
+
+    (plain, plain_opt), (lazy, lazy_opt) = run(False), run(True)
+    for p, q in zip(plain, lazy):
+        assert torch.equal(p.detach(), q.detach()) and torch.equal(p.grad, q.grad)
+        for key, value in plain_opt.state[p].items():
+            assert torch.equal(value, lazy_opt.state[q][key]), key
