@@ -273,8 +273,9 @@ def test_encoder_matches_the_reference(algorithm):
 def test_an_absmax_no_encode_stores_decodes_as_nan_like_the_cpu_kernel(algorithm):
     """Blocks whose absmax no encode stores (negative, ±Inf: an edited state) decode
     as NaN, as on the CPU kernel: one step from the same state gives bitwise the
-    same params, codes and absmax on both (NaN where the CPU has NaN), those
-    blocks' absmax NaN after it."""
+    same params, codes and absmax on both (NaN where the CPU has NaN; with an fma
+    rounded twice, triton 3.6's interpreter: the finite values as _assert_bitwise
+    allows), those blocks' absmax NaN after it."""
     gen = torch.Generator().manual_seed(11)
     n = 8 * fp8_states.BLOCK + 40
     g = torch.randn(n, generator=gen)
@@ -296,7 +297,13 @@ def test_an_absmax_no_encode_stores_decodes_as_nan_like_the_cpu_kernel(algorithm
         results.append([t.cpu() for t in params + codes + absmax])
     for got, want in zip(*results):
         assert torch.equal(got.isnan(), want.isnan())
-        assert torch.equal(_bits(got.nan_to_num()), _bits(want.nan_to_num()))
+        if FMA_ROUNDS_ONCE:
+            assert torch.equal(_bits(got.nan_to_num()), _bits(want.nan_to_num()))
+        elif got.dtype == torch.uint8:
+            steps = _code_steps(got, want)
+            assert int(steps.max()) <= 1 and float((steps > 0).float().mean()) <= 0.01
+        else:
+            torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=1e-5, atol=1e-6)
     assert torch.isnan(results[1][1 + states][[1, 3, 5]]).all()
 
 
