@@ -64,6 +64,16 @@ def _describe(t: Tensor) -> str:
     return f"{t.dtype}, shape {tuple(t.shape)}, strides {t.stride()}, on {t.device}"
 
 
+def lazy_kind(tensor: Tensor) -> str:
+    """What makes ``tensor``'s memory not hold its values as they read (csrc/checks.h:
+    lazy_view), in words, or "" for a plain tensor."""
+    if tensor._is_zerotensor():
+        return "a ZeroTensor (no memory of its own)"
+    if tensor.is_neg():
+        return "a lazily negated view (tensor.is_neg(), as x.conj().imag makes)"
+    return "a lazily conjugated view (tensor.is_conj())" if tensor.is_conj() else ""
+
+
 def step_error(where: str, problem: Problem, param: Tensor, grad: Optional[Tensor] = None,
                tensor: Optional[Tensor] = None, name: str = "", backend: str = "",
                walk: Walk = Walk.DENSE, master: Optional[Tensor] = None) -> Exception:
@@ -121,12 +131,9 @@ def step_error(where: str, problem: Problem, param: Tensor, grad: Optional[Tenso
                             "mode (or step inside torch.inference_mode())")
     if problem == Problem.LAZY:
         what = "the param" if not name else f"state[{name!r}]"
-        kind = ("a ZeroTensor (no memory of its own)" if tensor._is_zerotensor() else
-                "a lazily negated view (tensor.is_neg(), as x.conj().imag makes)" if tensor.is_neg() else
-                "a lazily conjugated view (tensor.is_conj())")
         fix = ("replace it by a plain tensor" if tensor._is_zerotensor() else
                f"resolve it first (tensor.resolve_{'neg' if tensor.is_neg() else 'conj'}())")
-        return ValueError(f"{where}: {what} is {kind}, which the step cannot write in place; {fix}")
+        return ValueError(f"{where}: {what} is {lazy_kind(tensor)}, which the step cannot write in place; {fix}")
     if problem == Problem.OVERLAP:
         return ValueError(f"{where}: shares memory with another param of the optimizer; "
                           "overlapping params cannot be stepped")

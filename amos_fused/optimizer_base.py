@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .backends import backend_for, capturable_backend, capturable_ops, check_backend, fused_ops
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype, memory_order
-from .checks import Problem, Walk, check_step, first_overlap, is_dense, is_foreign_step, step_error
+from .checks import Problem, Walk, check_step, first_overlap, is_dense, is_foreign_step, lazy_kind, step_error
 from . import _C, fp8_states
 from . import hyperparams as hp
 from .master_weights import MASTER_KEY, WriteMarks, float32_copy, has_master, master_problem, upcast_states
@@ -742,8 +742,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if item is None:
                 continue
             grads = [p.grad for bucket in item.buckets for p in bucket.owners if p.grad is not None]
-            grads = [g for g in grads if id(g) not in seen and not seen.add(id(g))]  # a grad two params share: once
-            grads = [g for g in grads if not g._is_zerotensor()]  # (zeros, unscaled; it has no memory to write)
+            # a grad two params share: once; a ZeroTensor's zeros need no unscaling (and it has no memory to write)
+            grads = [g for g in grads if id(g) not in seen and not seen.add(id(g)) and not g._is_zerotensor()]
             if item.group.get("capturable"):
                 for g in grads:
                     on_device.setdefault(local(g).device, []).append(g)
@@ -1211,8 +1211,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         expected = ("uint8 codes with the param's shape and strides" if which < half else
                     f"a contiguous float32 tensor of {fp8_states.num_blocks(p.numel())} elements "
                     f"(one per block of {fp8_states.BLOCK})")
-        if tensor._is_zerotensor() or tensor.is_neg():
-            expected += ", a plain tensor (not a ZeroTensor or a lazily negated view, which it is)"
+        if lazy_kind(tensor):
+            expected += f", a plain tensor (it is {lazy_kind(tensor)})"
         raise ValueError(f"{where(bad)}: state {key!r} ({tensor.dtype}, shape {tuple(tensor.shape)}, "
                          f"strides {tensor.stride()}, on {tensor.device}) does not fit: expected {expected}")
 

@@ -47,6 +47,9 @@ AF_FP8_HD float fp8_float_of(uint32_t u) {
   return x;
 }
 
+// The NaN a non-finite (or corrupted) block's absmax and factor are: the quiet NaN's bits.
+AF_FP8_HD float fp8_nan() { return fp8_float_of(0x7fc00000u); }
+
 // The E4M3 code of a non-negative finite a ≤ 448, rounded to nearest even.
 // Normal E4M3 values (a ≥ 2^-6) are float32 values with the exponent rebased by
 // 120 and the mantissa rounded to 3 bits; below, the code is a·2^9 rounded to
@@ -71,7 +74,7 @@ AF_FP8_HD float e4m3_magnitude_value(uint32_t magnitude) {
 // The block's absmax as stored: NaN when the block holds a non-finite value,
 // 0 below kFp8Tiny.
 AF_FP8_HD float fp8_stored_absmax(float absmax) {
-  if (!(absmax - absmax == 0.0f)) return fp8_float_of(0x7fc00000u);
+  if (!(absmax - absmax == 0.0f)) return fp8_nan();
   return absmax < kFp8Tiny ? 0.0f : absmax;
 }
 
@@ -86,7 +89,7 @@ AF_FP8_HD float fp8_encode_factor(float stored_absmax) {
 // as a non-finite block does, rather than as values of the wrong sign or size.
 AF_FP8_HD float fp8_decode_factor(float stored_absmax) {
   const bool stored = stored_absmax >= 0.0f && stored_absmax <= 3.40282347e38f;  // (FLT_MAX)
-  return stored ? stored_absmax / kFp8Max : fp8_float_of(0x7fc00000u);
+  return stored ? stored_absmax / kFp8Max : fp8_nan();
 }
 
 // x's code, x·factor being within ±448 up to rounding (factor = fp8_encode_factor).

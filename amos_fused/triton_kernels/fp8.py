@@ -91,10 +91,15 @@ def fp8_decode(code, factor):
 
 
 @triton.jit
+def nan_like(x):
+    """The absmax NaN (NAN_BITS) in x's shape."""
+    return tl.full(x.shape, NAN_BITS, tl.uint32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def stored_absmax(block_max):
     """A block's absmax as stored: NaN when it holds NaN or ±Inf, 0 below 2^-96."""
-    nan = tl.full(block_max.shape, NAN_BITS, tl.uint32).to(tl.float32, bitcast=True)
-    return tl.where(block_max <= FLOAT_MAX, tl.where(block_max < FP8_TINY, 0.0, block_max), nan)
+    return tl.where(block_max <= FLOAT_MAX, tl.where(block_max < FP8_TINY, 0.0, block_max), nan_like(block_max))
 
 
 # ---------------------------------------------------------------------------
@@ -120,8 +125,7 @@ def load_fp8(codes, absmax, blocks, offs, mask, block_mask, MASKED: tl.constexpr
         scale = tl.load(absmax + blocks)
         code = tl.load(codes + offs)
     # absmax/448; NaN for an absmax no encode stores (negative, +Inf): the block decodes as NaN
-    nan = tl.full(scale.shape, NAN_BITS, tl.uint32).to(tl.float32, bitcast=True)
-    factor = tl.where((scale >= 0.0) & (scale <= FLOAT_MAX), ieee_div(scale, FP8_MAX, False), nan)
+    factor = tl.where((scale >= 0.0) & (scale <= FLOAT_MAX), ieee_div(scale, FP8_MAX, False), nan_like(scale))
     return fp8_decode(code, factor[:, None])
 
 
