@@ -87,8 +87,20 @@ class _AdamFamily(FusedOptimizer):
             amsgrad=bool(group["amsgrad"]), bias_correction=bool(group["bias_correction"]),
         )
 
-    def _reference_step(self, bucket, group):
+    def _bucket_hyper(self, bucket, group):
+        """A Tensor β1 as torch.optim.Adam and AdamW read it: cast to the param's
+        dtype, m's lerp weight 1 − β1 taken in that dtype (a float64 tensor's 0.9
+        gives float32 params the weight 1 − float32(0.9)); a float64 bucket's is
+        1 − β1 as it is."""
         h = self._hyper(group)
+        beta1 = group["betas"][0]
+        if isinstance(beta1, Tensor) and bucket.dtype != torch.float64:
+            weight = float(1 - beta1.detach().reshape(()).to("cpu", bucket.dtype))
+            h["beta1"] = 1.0 - weight  # (exact: the weight has at most 24 bits, so 1 − β1 gives it back)
+        return h
+
+    def _reference_step(self, bucket, group):
+        h = self._bucket_hyper(bucket, group)
         for p, g, st in bucket.each():
             reference.adam_step(
                 p, g, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"),

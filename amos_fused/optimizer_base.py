@@ -340,6 +340,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         (amos_fused/contracts.py), flags as bools."""
         raise NotImplementedError
 
+    def _bucket_hyper(self, bucket: Bucket, group: dict) -> dict:
+        """``_hyper(group)`` as the step of ``bucket`` reads it (an algorithm may
+        read a value in the bucket's dtype, as torch.optim does)."""
+        return self._hyper(group)
+
     def _fused_step(self, ops, bucket: Bucket, group: dict, telemetry: Optional[Tensor] = None,
                     round_keys: Optional[List[int]] = None) -> None:
         """Steps the bucket with one ``ops.step`` call (``ops.step_fp8`` for FP8 states;
@@ -362,12 +367,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         if coded:
             full = tuple(k for k in self._step_state_keys(group) if k not in coded)
             call_fp8_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
-                          self._hyper(group), coded, telemetry=telemetry, round_keys=round_keys,
+                          self._bucket_hyper(bucket, group), coded, telemetry=telemetry, round_keys=round_keys,
                           low_params=low_params, full_keys=full, per_tensor=per_tensor,
                           **self._host_grad_scaling())
             return
         call_step(ops, self.algorithm, bucket.params, bucket.grads, bucket.state, bucket.state["step"],
-                  self._hyper(group), per_tensor, telemetry=telemetry, round_keys=round_keys,
+                  self._bucket_hyper(bucket, group), per_tensor, telemetry=telemetry, round_keys=round_keys,
                   low_params=low_params, **self._host_grad_scaling())
 
     def _coded_keys(self, bucket: Bucket) -> Tuple[str, ...]:

@@ -54,6 +54,33 @@ def test_betas_as_any_sequence_of_two_numbers(betas, ours, theirs):
                                rtol=tol, atol=tol * 1e-2)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("beta_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("beta1", [0.9, 0.3, 1e-3])
+@pytest.mark.parametrize("ours,theirs", [(af.AdamW, torch.optim.AdamW), (af.Adam, torch.optim.Adam)],
+                         ids=["AdamW", "Adam"])
+def test_tensor_betas_give_torchs_moments(ours, theirs, beta1, param_dtype, beta_dtype, backend):
+    # torch.optim's Adam and AdamW cast a Tensor β1 to the param's dtype and take m's lerp
+    # weight 1 − β1 there: a float64 tensor's 0.9 weighs float32 grads by 1 − float32(0.9)
+    betas = (torch.tensor(beta1, dtype=beta_dtype), torch.tensor(0.999, dtype=beta_dtype))
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(37, generator=gen).to(param_dtype)
+    grads = [torch.randn(37, generator=gen).to(param_dtype) for _ in range(3)]
+    moments = []
+    for make in (lambda p: theirs([p], lr=1e-2, betas=betas, foreach=False),
+                 lambda p: ours([p], lr=1e-2, betas=betas, backend=backend)):
+        p = torch.nn.Parameter(theta.clone())
+        opt = make(p)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        moments.append((opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]))
+    assert torch.equal(moments[1][0], moments[0][0])  # (m: one lerp, rounded once, for every dtype)
+    if param_dtype in (torch.float32, torch.float64):  # (torch rounds a low-precision v twice: mul_, addcmul_)
+        assert torch.equal(moments[1][1], moments[0][1])
+
+
 NOT_TWO_NUMBERS = ["ab", (0.9,), (0.9, 0.95, 0.99), 0.9, (0.9, 1.0),
                    torch.tensor(0.9), np.array(0.9), torch.tensor([[0.9, 0.95]])]  # 0-d: __len__ that raises
 
