@@ -9,6 +9,31 @@ from typing import Optional, Sequence
 import torch
 
 
+class HyperParameterTypeError(TypeError, ValueError):
+    """A hyper-parameter that is not a number ('1e-3', None, a list): a TypeError, as
+    torch.optim's arithmetic on it raises, and a ValueError, as every other value
+    refused here (as NumPy's AxisError is both an IndexError and a ValueError)."""
+
+
+class MissingGroupKey(KeyError, ValueError):
+    """A param group without one of the optimizer's settings (deleted after the group
+    was added): a KeyError, as torch.optim's step raises, and a ValueError."""
+
+    def __str__(self) -> str:  # (KeyError's would show the message quoted)
+        return str(self.args[0]) if self.args else ""
+
+
+def renamed(error: Exception, message: str) -> ValueError:
+    """The error to raise for ``error`` with ``message`` (the group named): of the
+    kind above that ``error`` is (a TypeError or KeyError is made one), else a
+    ValueError."""
+    if isinstance(error, TypeError):
+        return HyperParameterTypeError(message)
+    if isinstance(error, KeyError):
+        return MissingGroupKey(message)
+    return ValueError(message)
+
+
 def _value(name: str, x) -> float:
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:  # torch.optim's own check of a tensor lr
@@ -17,10 +42,12 @@ def _value(name: str, x) -> float:
             raise ValueError(f"Invalid {name}: a tensor on the meta device has no value")
         x = x.item()
     if isinstance(x, (str, bytes, bytearray)):  # (float() reads "1e-3"; torch.optim refuses it)
-        raise ValueError(f"Invalid {name}: {x!r} (must be a real number, not a {type(x).__name__})")
+        raise HyperParameterTypeError(f"Invalid {name}: {x!r} (must be a real number, not a {type(x).__name__})")
     try:
         return float(x)
-    except (TypeError, ValueError):
+    except TypeError:
+        raise HyperParameterTypeError(f"Invalid {name}: {x!r} (must be a real number)") from None
+    except ValueError:
         raise ValueError(f"Invalid {name}: {x!r} (must be a real number)") from None
     except OverflowError:  # (an int past float64's range, e.g. 10**400)
         raise ValueError(f"Invalid {name}: {shown(x)} (beyond float64's range)") from None
@@ -75,7 +102,9 @@ def _length(value) -> Optional[int]:
 def betas(value: Sequence[float], count: int = 2) -> None:
     """Any sequence of ``count`` numbers (a tuple, a list, a config library's list, a
     NumPy array, tensors), each in [0, 1)."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__getitem__") or _length(value) != count:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__getitem__") or _length(value) is None:
+        raise HyperParameterTypeError(f"Invalid betas: {value!r} (expected a pair of floats)")
+    if _length(value) != count:
         raise ValueError(f"Invalid betas: {value!r} (expected a pair of floats)")
     for index, beta in enumerate(value):
         in_unit_interval(f"beta parameter at index {index}", beta)

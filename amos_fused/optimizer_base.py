@@ -460,14 +460,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         try:
             return self._hyper(group)
         except (TypeError, ValueError, KeyError, RuntimeError, OverflowError) as error:
-            raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
+            raise hp.renamed(error, f"{self._name}: param_groups[{index}]: {error}") from None
 
     def _checked_group(self, index: int, group: dict) -> None:
         """``_check_group(group)``, its errors named by the group."""
         try:
             self._check_group(group)
         except ValueError as error:
-            raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
+            raise hp.renamed(error, f"{self._name}: param_groups[{index}]: {error}") from None
 
     def _check_flags(self, index: int, group: dict) -> None:
         """torch.optim's flags: what we cannot honour is refused, never ignored."""
@@ -789,8 +789,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                                 f"{type(p).__name__} {p!r:.40}")
         missing = [key for key in self.defaults if key not in group and key != "backend"]
         if missing:
-            raise ValueError(f"{self._name}: param_groups[{index}] has no {missing[0]!r}; every group holds "
-                             f"each of the optimizer's settings (its default: {self.defaults[missing[0]]!r})")
+            raise hp.MissingGroupKey(f"{self._name}: param_groups[{index}] has no {missing[0]!r}; every group "
+                                     f"holds each of the optimizer's settings (its default: "
+                                     f"{self.defaults[missing[0]]!r})")
         self._check_flags(index, group)
         # (a group's backend may be set anew)
         with _naming_group(index):

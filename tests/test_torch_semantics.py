@@ -272,3 +272,61 @@ def test_a_refused_regrouping_leaves_the_per_param_values():
         _steps(params[:2], opt, 1, 2)
     assert opt.param_groups[0]["eta"] is before
     assert all(torch.equal(p, s) for p, s in zip(params[:2], snapshot))
+
+
+def _stepped_once(backend):
+    p = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    opt = af.AdamW([p], lr=0.05, backend=backend)
+    p.grad = torch.randn(6, dtype=torch.float64)
+    opt.step()
+    p.grad = torch.randn(6, dtype=torch.float64)
+    return p, opt, (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+
+
+def _unchanged(p, opt, before):
+    assert torch.equal(p.detach(), before[0])
+    assert opt.state[p].keys() == before[1].keys()
+    for key, value in opt.state[p].items():
+        assert torch.equal(value, before[1][key]), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("key", ["lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach"])
+def test_a_deleted_group_key_raises_keyerror_as_torch_does(key, backend):
+    """torch.optim's step raises KeyError for a setting deleted from a group; ours
+    raises an error that is both a KeyError and (as every other refusal of a group)
+    a ValueError, naming the key, before anything is written."""
+    p, opt, before = _stepped_once(backend)
+    del opt.param_groups[0][key]
+    with pytest.raises(KeyError, match=rf"param_groups\[0\] has no '{key}'") as caught:
+        opt.step()
+    assert isinstance(caught.value, ValueError)
+    _unchanged(p, opt, before)
+    q = torch.nn.Parameter(torch.randn(3))
+    theirs = torch.optim.AdamW([q], lr=0.05)
+    del theirs.param_groups[0][key]
+    q.grad = torch.randn(3)
+    with pytest.raises(KeyError):
+        theirs.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("key,value", [("lr", "abc"), ("lr", None), ("lr", [0.1]), ("betas", 0.9),
+                                       ("betas", None), ("betas", ("a", 0.9)), ("eps", None),
+                                       ("weight_decay", "x")], ids=repr)
+def test_a_non_number_written_into_a_group_raises_typeerror_as_torch_does(key, value, backend):
+    """What torch.optim's arithmetic refuses with a TypeError (a string, None, a list
+    as a number) is refused here with an error that is both a TypeError and a
+    ValueError, naming the group and the value, before anything is written."""
+    p, opt, before = _stepped_once(backend)
+    opt.param_groups[0][key] = value
+    with pytest.raises(TypeError, match=r"param_groups\[0\]: Invalid") as caught:
+        opt.step()
+    assert isinstance(caught.value, ValueError)
+    _unchanged(p, opt, before)
+    q = torch.nn.Parameter(torch.randn(3))
+    theirs = torch.optim.AdamW([q], lr=0.05)
+    theirs.param_groups[0][key] = value
+    q.grad = torch.randn(3)
+    with pytest.raises(TypeError):
+        theirs.step()
