@@ -1151,6 +1151,33 @@ def test_nan_grad_poisons_its_block_and_nothing_else(backend):
             assert torch.equal(sp[key][~block], sc[key][~block])
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_grad_whose_v_overflows_poisons_its_block_from_the_next_step(backend):
+    """A finite grad so large that (1 − β2)·g² overflows float32 gives v = +Inf:
+    float32 AdamW steps that element by 0 from then on and every param stays
+    finite; AdamW8bit stores its block as non-finite (absmax NaN), so from the next
+    step on that block of 256 params is NaN and no other."""
+    n, bad = 16 * BLOCK, 3 * BLOCK + 7
+    block = torch.zeros(n, dtype=torch.bool)
+    block[3 * BLOCK:4 * BLOCK] = True
+    finite = {}
+    for cls in (af.AdamW, af.AdamW8bit):
+        p = _param(torch.randn(n, generator=torch.Generator().manual_seed(1)))
+        opt = _make(cls, [p], backend=backend, lr=1e-3, betas=(0.9, 0.999))
+        finite[cls] = []
+        for step in range(3):
+            g = torch.randn(n, generator=torch.Generator().manual_seed(10 + step))
+            if step == 0:
+                g[bad] = 1e21  # (1 − 0.999)·1e42 > float32's 3.4e38
+            p.grad = g
+            opt.step()
+            finite[cls].append(torch.isfinite(p.detach()))
+    assert all(bool(f.all()) for f in finite[af.AdamW])
+    assert bool(finite[af.AdamW8bit][0].all())
+    for f in finite[af.AdamW8bit][1:]:
+        assert torch.equal(~f, block)
+
+
 def test_lion_nan_grad_keeps_params_finite():
     """Lion8bit: sign(NaN) = 0, so a NaN m only stops the block's updates (θ decays);
     its m stays NaN (absmax NaN, codes 0) and the params stay finite, on both backends
