@@ -1356,3 +1356,33 @@ def test_added_param_group_keeps_fp8_states(backend):
     assert all(torch.equal(opt.state[first][k], v) for k, v in kept.items())
     assert opt.state[added[0]]["exp_avg"].dtype == torch.uint8
     assert opt.state[added[1]]["exp_avg"].dtype == torch.float32
+
+
+def test_a_held_code_rides_its_blocks_growing_scale():
+    """A property of the format (README, 8-bit states), pinned so that a change of
+    it is seen: in each block, element 0's grad stays 1 (its sqrt(v), the block's
+    absmax, grows each step) and element 1's grads stop after 10 steps.  Element 1's
+    float32 v decays; its code, one step of E4M3 above the value that decay asks
+    for, rounds back each step, so its stored v grows with the block's scale."""
+    n = 16 * BLOCK
+    stored, exact = [], []
+    p8 = _param(torch.zeros(n))
+    p32 = _param(torch.zeros(n))
+    o8 = _make(af.AdamW8bit, [p8], lr=1e-3, weight_decay=0.0)
+    o32 = _make(af.AdamW, [p32], lr=1e-3, weight_decay=0.0)
+    for step in range(60):
+        g = torch.zeros(n)
+        g[0::BLOCK] = 1.0
+        if step < 10:
+            g[1::BLOCK] = 0.5
+        for p, opt in ((p8, o8), (p32, o32)):
+            p.grad = g.clone()
+            opt.step()
+        st = o8.state[p8]
+        stored.append(fp8_states.decode(st["exp_avg_sq"], st["exp_avg_sq_absmax"], root=True)[1].item())
+        exact.append(o32.state[p32]["exp_avg_sq"][1].item())
+    assert stored[9] == pytest.approx(exact[9], rel=1e-3)  # (while grads come, it tracks AdamW's v)
+    codes = o8.state[p8]["exp_avg_sq"][1::BLOCK]
+    assert exact[59] < exact[9]  # float32: decays
+    assert stored[59] > 3 * exact[59] and stored[59] > stored[12]  # 8-bit: rides the growing scale
+    assert bool((codes == codes[0]).all())  # (every block alike)
