@@ -9,11 +9,14 @@ tensor                          η                               reduce_axes (sl
 ``nn.Conv*d.weight`` (out, …)   sqrt(1/(in/groups · prod(k)))   all but 0 → (out, 1, …)
 ``nn.ConvTranspose*d.weight``   sqrt(1/(out/groups · prod(k)))  all but 0 → (in, 1, …)
 ``nn.Embedding.weight``         sqrt(1/dim)                     (1,)  → (vocab, 1)
-biases, norm shifts             0.5                             'all' → scalar
+biases, norm shifts †           0.5                             'all' → scalar
 norm scales                     1.0                             'all' → scalar
 anything else, rank ≥ 2         sqrt(1/prod(shape[1:]))         all but 0
 anything else, rank ≤ 1         its RMS (0.5 if all zero)       'all'
 ==============================  ==============================  =======================
+
+† A bias is a param named ``bias``, ``bias_*`` or ``*_bias`` (``nn.LSTM``'s
+``bias_ih_l0``, ``nn.MultiheadAttention``'s ``in_proj_bias`` and ``bias_k``).
 
 What the table cannot know (a gain before a ReLU-like, a custom init) is set by
 ``overrides``: glob patterns over parameter names, mapped to ``eta`` and/or
@@ -38,6 +41,10 @@ _NORMS = (
 _CONVS = (nn.modules.conv._ConvNd,)
 
 
+def _is_bias(attr: str) -> bool:
+    return attr == "bias" or attr.startswith("bias_") or attr.endswith("_bias")
+
+
 def infer_eta_and_axes(module: nn.Module, attr: str, param) -> Tuple[float, Any]:
     """η and reduce_axes of ``module.<attr>`` by the table above."""
     shape = tuple(param.shape)
@@ -45,9 +52,9 @@ def infer_eta_and_axes(module: nn.Module, attr: str, param) -> Tuple[float, Any]
         return 0.5, "all"
     if isinstance(module, _NORMS):
         return (1.0 if attr == "weight" else 0.5), "all"
-    if attr == "bias" or param.dim() <= 1:
-        if attr == "bias":
-            return 0.5, "all"
+    if _is_bias(attr):
+        return 0.5, "all"
+    if param.dim() <= 1:
         return initial_rms_eta(param), "all"
     if isinstance(module, nn.Linear) and attr == "weight":
         return math.sqrt(1.0 / shape[1]), (1,)

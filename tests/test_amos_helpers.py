@@ -119,6 +119,19 @@ def test_param_groups_follow_the_table():
         assert state["mu"].shape == param.shape, name
 
 
+def test_param_groups_take_every_torch_bias_for_a_bias():
+    """Biases by name: ``bias``, ``bias_*`` and ``*_bias`` (LSTM's, attention's,
+    whatever their rank) get η 0.5 and one 'all' slot; LSTM's 2-D weights take the
+    rank ≥ 2 rule, the fan-in of their rows."""
+    model = nn.ModuleDict({"lstm": nn.LSTM(6, 4), "attn": nn.MultiheadAttention(8, 2, add_bias_kv=True)})
+    found = _by_name(af.amos_param_groups(model, lr=0.01))
+    for name in ("lstm.bias_ih_l0", "lstm.bias_hh_l0", "attn.in_proj_bias", "attn.bias_k", "attn.bias_v",
+                 "attn.out_proj.bias"):
+        assert found[name][:2] == (0.5, "all"), name
+    assert found["lstm.weight_ih_l0"][:2] == (math.sqrt(1 / 6), (1,))
+    assert found["lstm.weight_hh_l0"][:2] == (math.sqrt(1 / 4), (1,))
+
+
 def test_param_groups_overrides():
     model = _model()
     groups = af.amos_param_groups(
