@@ -666,9 +666,13 @@ def _complex_test(backend: str, budget: int):
         if case.spec.torch_cls is not None:
             kwargs.pop("bias_correction", None)
             kwargs.pop("rectify_threshold", None)
-            theirs, _ = stepped(lambda g: case.spec.torch_cls(g, **kwargs), False)
+            # torch.optim.Adam adds its L2 decay λθ to the complex grad, rounding λθ first, where ours
+            # is one fused multiply-add on the real view (README: m and v may differ in the last bit,
+            # which a step with eps = 0 and tiny v amplifies): Adam is held to torch's real-view step
+            as_real = case.algo == "Adam"
+            theirs, _ = stepped(lambda g: case.spec.torch_cls(g, **kwargs), as_real)
             for i, (a, t) in enumerate(zip(ours, theirs)):
-                torch.testing.assert_close(a, t, msg=lambda m, i=i: (
+                torch.testing.assert_close(torch.view_as_real(a) if as_real else a, t, msg=lambda m, i=i: (
                     f"{case.algo} {backend} vs torch.optim.{case.algo}: complex {describe(case, i)}: {m}"))
     return test
 
