@@ -18,6 +18,16 @@ try:  # torch built without distributed support has no DTensor
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover
     dist = DTensor = Replicate = Shard = None
+try:  # FSDP2 over tensor parallelism shards a dim twice, the outer mesh dim's shards strided
+    from torch.distributed.tensor.placement_types import _StridedShard
+except ImportError:  # pragma: no cover
+    _StridedShard = None
+# What shards a dim: torch's _StridedShard is no Shard (nor is_shard()), yet splits its dim the same way.
+_SHARDS = tuple(kind for kind in (Shard, _StridedShard) if kind is not None)
+
+
+def _shards(placement) -> bool:
+    return isinstance(placement, _SHARDS)
 
 
 def is_dtensor(t) -> bool:
@@ -72,7 +82,7 @@ def sharded_dims(t: Tensor) -> Set[int]:
     """The dims of t that some mesh dim shards (empty for a plain tensor)."""
     if not is_dtensor(t):
         return set()
-    return {p.dim % max(t.dim(), 1) for p in t.placements if isinstance(p, Shard)}
+    return {p.dim % max(t.dim(), 1) for p in t.placements if _shards(p)}
 
 
 def slot_zeros(param: Tensor, slot_shape: Sequence[int], reduced: Iterable[int], make) -> Tensor:
@@ -89,7 +99,7 @@ def slot_zeros(param: Tensor, slot_shape: Sequence[int], reduced: Iterable[int],
     local_shape = [1 if d in reduced else shard.size(d) for d in range(len(slot_shape))]
     zeros = make(shard, local_shape)
     stride = torch.empty(tuple(slot_shape), device="meta").stride()
-    placements = [Replicate() if isinstance(p, Shard) and p.dim % ndim in reduced else p
+    placements = [Replicate() if _shards(p) and p.dim % ndim in reduced else p
                   for p in param.placements]
     return DTensor.from_local(zeros, param.device_mesh, placements, run_check=False,
                               shape=torch.Size(slot_shape), stride=stride)
@@ -104,7 +114,7 @@ def shard_groups(t: Tensor, dims: Optional[Iterable[int]] = None) -> Tuple:
     wanted = None if dims is None else {d % max(t.dim(), 1) for d in dims}
     mesh = t.device_mesh
     return tuple(mesh.get_group(i) for i, p in enumerate(t.placements)
-                 if isinstance(p, Shard) and (wanted is None or p.dim % max(t.dim(), 1) in wanted))
+                 if _shards(p) and (wanted is None or p.dim % max(t.dim(), 1) in wanted))
 
 
 def mesh_groups(t: Tensor) -> Tuple:

@@ -870,6 +870,54 @@ def _cross_precision_checkpoint(rank, world, path, directory):
     _finish()
 
 
+def _fsdp2_over_tensor_parallel(rank, world, path):
+    """FSDP2 over tensor parallelism on a 2 × 2 (dp, tp) mesh: a ColwiseParallel
+    Linear, then fully_shard over dp, places its weight and bias
+    (_StridedShard(0), Shard(0)) — dim 0 sharded by both mesh dims, the first
+    placement no Shard in torch's classes.  The per-tensor sums (LAMB's and
+    ScaledAdamW's norms, Amos's inferred η and 'all' slots) cover the whole tensor:
+    the single-process run's params within float32 rounding."""
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Replicate, distribute_tensor
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        makers = {
+            "Lamb": lambda ps: af.Lamb(ps, lr=0.01, weight_decay=0.1),
+            "ScaledAdamW": lambda ps: af.ScaledAdamW(ps, lr=0.01, half_life=50),
+            "Amos, eta inferred": lambda ps: af.Amos(ps, lr=0.01),
+            "Amos, 'all' slots": lambda ps: af.Amos(ps, lr=0.01, eta=0.5, reduce_axes="all"),
+            "AdamW": lambda ps: af.AdamW(ps, lr=0.01),
+        }
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        for name, make in makers.items():
+            torch.manual_seed(0)
+            single = torch.nn.Linear(8, 16)
+            model = torch.nn.Linear(8, 16)
+            model.load_state_dict(single.state_dict())
+            parallelize_module(model, mesh["tp"], ColwiseParallel())
+            fully_shard(model, mesh=mesh["dp"])
+            assert type(model.weight.placements[0]).__name__ == "_StridedShard", model.weight.placements
+            opt, single_opt = make(list(model.parameters())), make(list(single.parameters()))
+            for step in range(3):
+                for i, (p, q) in enumerate(zip(model.parameters(), single.parameters())):
+                    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(10 * step + i))
+                    q.grad = g.clone()
+                    p.grad = distribute_tensor(g, p.device_mesh, [Replicate(), Replicate()]).redistribute(
+                        p.device_mesh, p.placements)
+                opt.step()
+                single_opt.step()
+            for p, q in zip(model.parameters(), single.parameters()):
+                torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=0, atol=1e-6, msg=name)
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
 def _spawn(fn, world, *args):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(fn, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
@@ -925,3 +973,7 @@ def test_amos_with_scalar_slots_only_loads_a_gathered_state_dict_by_load_state_d
 def test_a_checkpoint_of_the_other_precision_resumes_through_the_saving_class():
     with tempfile.TemporaryDirectory() as directory:
         _spawn(_cross_precision_checkpoint, 2, directory)
+
+
+def test_fsdp2_over_tensor_parallel_sums_over_every_shard():
+    _spawn(_fsdp2_over_tensor_parallel, 4)
