@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .buckets import memory_order
-from .sharding import DTensor, is_dtensor, local, sharded_dims
+from .sharding import DTensor, is_dtensor, local, placed_as, sharded_dims
 
 BLOCK = 256
 MIN_NUMEL = 4096
@@ -314,7 +314,9 @@ def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[s
     (default the param) is the tensor the step writes, whose strides the codes
     take: the param, or its float32 master (master_weights.stepped_like).  The
     absmax of a sharded param, gathered (a full state dict of an FSDP2 run), is
-    flattened for a plain param."""
+    flattened for a plain param; beside codes that were placed again like a
+    DTensor param that keeps full-precision states, the whole is decoded and
+    placed like the param."""
     like = param if like is None else like
     dtype = param.dtype if dtype is None else dtype
     for key in list(state):
@@ -337,8 +339,12 @@ def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[s
                 value, absmax = relaid(*nan_codes_poison_their_blocks(value, absmax), like, root)
             state[key], state[absmax_key(key)] = value, absmax
         elif key not in fp8_keys and coded:
-            value, absmax = nan_codes_poison_their_blocks(value, state.pop(absmax_key(key)).to(value.device))
-            values = decoded(value, absmax, root)
+            absmax = state.pop(absmax_key(key)).to(local(value).device)
+            # a gathered absmax (a full state dict) beside codes placed again like a param that keeps
+            # full-precision states: the whole is decoded, then placed like the param
+            gathered = is_dtensor(value) and not is_dtensor(absmax) and is_dtensor(param)
+            value, absmax = nan_codes_poison_their_blocks(value.full_tensor() if gathered else value, absmax)
+            values = placed_as(decoded(value, absmax, root), param) if gathered else decoded(value, absmax, root)
             if is_dtensor(values) or values.shape != param.shape:
                 state[key] = values.to(dtype)
             else:

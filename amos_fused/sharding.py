@@ -61,6 +61,17 @@ def placed_like(param: Tensor, grad: Optional[Tensor]) -> Optional[Tensor]:
     return grad.redistribute(param.device_mesh, param.placements)
 
 
+def placed_as(whole: Tensor, like: Tensor) -> Tensor:
+    """``whole``, the same full tensor on every rank, as a DTensor on ``like``'s
+    mesh and placements: each rank keeps its own shard (no communication where
+    torch allows it)."""
+    from torch.distributed.tensor import distribute_tensor
+    try:
+        return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
+    except TypeError:  # pragma: no cover (torch before src_data_rank: rank 0's copy is scattered)
+        return distribute_tensor(whole, like.device_mesh, like.placements)
+
+
 def shard_offset(t: Tensor) -> int:
     """The flat (row-major) index, in the whole tensor, of the first element of
     this rank's shard of a DTensor (0 for a plain tensor, a replica of the whole,

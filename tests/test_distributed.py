@@ -918,6 +918,65 @@ def _fsdp2_over_tensor_parallel(rank, world, path):
     _finish()
 
 
+def _gathered_fp8_into_full_precision(rank, world, path):
+    """A gathered 8-bit state dict (get_optimizer_state_dict(full_state_dict=True) of
+    an FSDP2 AdamW8bit run) set into optimizers that keep that param's states in
+    full precision — AdamW on the same FSDP2 model, AdamW8bit under RowwiseParallel
+    (Shard(1): blocks would straddle the shards) — decodes the whole state and places
+    it like the param: the gathered codes' values, and a step runs on."""
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        from amos_fused import fp8_states
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_optimizer_state_dict)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Replicate, distribute_tensor
+        from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+        mesh = init_device_mesh("cpu", (world,))
+
+        def model(layout):
+            torch.manual_seed(0)
+            m = torch.nn.Linear(512, 12, bias=False)  # rows of 2 blocks
+            if layout == "fsdp":
+                fully_shard(m, mesh=mesh)
+            else:
+                parallelize_module(m, mesh, RowwiseParallel())
+            return m
+
+        def step(m, opt, seed):
+            g = torch.randn(12, 512, generator=torch.Generator().manual_seed(seed))
+            m.weight.grad = distribute_tensor(g, mesh, [Replicate()]).redistribute(mesh, m.weight.placements)
+            opt.step()
+
+        src = model("fsdp")
+        src_opt = af.AdamW8bit(src.parameters(), lr=0.01)
+        for seed in range(3):
+            step(src, src_opt, seed)
+        assert src_opt.state[src.weight]["exp_avg"].dtype == torch.uint8
+        options = StateDictOptions(full_state_dict=True)
+        full = get_optimizer_state_dict(src, src_opt, options=options)
+        saved = full["state"]["weight"]
+        expected = {key: fp8_states.decoded(saved[key], saved[key + "_absmax"], key == "exp_avg_sq")
+                    for key in ("exp_avg", "exp_avg_sq")}
+        for layout, cls in (("fsdp", af.AdamW), ("row", af.AdamW8bit)):
+            dst = model(layout)
+            opt = cls(dst.parameters(), lr=0.01)
+            set_optimizer_state_dict(dst, opt, full, options=options)
+            state = opt.state[dst.weight]
+            assert not any(key.endswith("_absmax") for key in state), sorted(state)
+            for key, values in expected.items():
+                assert state[key].dtype == torch.float32 and state[key].placements == dst.weight.placements
+                assert torch.equal(state[key].full_tensor(), values), (layout, key)
+            step(dst, opt, 3)
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
 def _spawn(fn, world, *args):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(fn, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
@@ -977,3 +1036,7 @@ def test_a_checkpoint_of_the_other_precision_resumes_through_the_saving_class():
 
 def test_fsdp2_over_tensor_parallel_sums_over_every_shard():
     _spawn(_fsdp2_over_tensor_parallel, 4)
+
+
+def test_a_gathered_8bit_state_decodes_into_full_precision_states_of_a_sharded_param():
+    _spawn(_gathered_fp8_into_full_precision, 2)
