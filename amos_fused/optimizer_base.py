@@ -406,6 +406,23 @@ class FusedOptimizer(torch.optim.Optimizer):
             return False
         return any(self._sums_over_shards(owner, group) for owner in bucket.owners)
 
+    def _split_by_sums(self, spec: BucketSpec, positions: List[int], plan: GroupPlan,
+                       group: dict) -> List[List[int]]:
+        """``positions`` (those of a bucket's params with grads) as the buckets to
+        gather: the params whose step sums over their shards apart from the rest,
+        which the fused kernels step as they would in a group of their own (the
+        summing step is eager torch ops, rounding otherwise); none when empty."""
+        if not positions:
+            return []
+        if not spec.dtensor_positions or type(self)._sums_over_shards is FusedOptimizer._sums_over_shards:
+            return [positions]
+        summing = [i for i in positions if i in spec.dtensor_positions
+                   and self._sums_over_shards(plan.params[i], group)]
+        if not summing or len(summing) == len(positions):
+            return [positions]
+        taken = set(summing)
+        return [summing, [i for i in positions if i not in taken]]
+
     def _params_summed_over_shards(self) -> List[Tuple[str, Tensor]]:
         """(where, param) of every param whose step sums over its shards, with a
         grad or not, in group order: the same on every rank that holds them."""
@@ -808,8 +825,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         try:
             for spec in plan.specs:
                 positions = [i for i in spec.positions if grads[i] is not None]
-                if positions:
-                    buckets.append(self._gather(index, group, plan, spec, positions, grads, new_states))
+                for part in self._split_by_sums(spec, positions, plan, group):
+                    buckets.append(self._gather(index, group, plan, spec, part, grads, new_states))
         except _StalePlan:
             if rebuild:
                 raise RuntimeError("amos_fused: a param's dtype or device is not stable")  # pragma: no cover

@@ -977,6 +977,46 @@ def _gathered_fp8_into_full_precision(rank, world, path):
     _finish()
 
 
+def _grouping_beside_summing_params(rank, world, path):
+    """A DTensor param whose step needs no sum over shards (replicated; or Shard(0)
+    with Amos slots over dim 1) steps bitwise as the single-process run whether it
+    has a group of its own or shares one with a param whose step sums (Shard(0)
+    under LAMB and 'all' slots, Shard(1) under row slots): the summing params are
+    bucketed apart, the others stepped by the fused kernels."""
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        gen = torch.Generator().manual_seed(0)
+        va, vb = torch.randn(64, 300, generator=gen), torch.randn(64, 300, generator=gen)
+        grads = [(torch.randn(64, 300, generator=gen), torch.randn(64, 300, generator=gen)) for _ in range(3)]
+        cases = (("Lamb", lambda g: af.Lamb(g, lr=0.01, weight_decay=0.1), [Replicate()], [Shard(0)]),
+                 ("Amos 'all'", lambda g: af.Amos(g, lr=0.01, eta=0.5, reduce_axes="all"), [Replicate()], [Shard(0)]),
+                 ("Amos rows", lambda g: af.Amos(g, lr=0.01, eta=0.5, reduce_axes=(1,)), [Shard(0)], [Shard(1)]))
+        for name, make, placed_a, placed_b in cases:
+            q = torch.nn.Parameter(va.clone())
+            single = make([q])
+            for ga, _ in grads:
+                q.grad = ga.clone()
+                single.step()
+            for split in (True, False):
+                a = torch.nn.Parameter(distribute_tensor(va.clone(), mesh, placed_a))
+                b = torch.nn.Parameter(distribute_tensor(vb.clone(), mesh, placed_b))
+                opt = make([{"params": [a]}, {"params": [b]}] if split else [{"params": [a, b]}])
+                for ga, gb in grads:
+                    a.grad = distribute_tensor(ga.clone(), mesh, placed_a)
+                    b.grad = distribute_tensor(gb.clone(), mesh, placed_b)
+                    opt.step()
+                assert torch.equal(a.full_tensor(), q.detach()), (name, "own group" if split else "shared group")
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
 def _spawn(fn, world, *args):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(fn, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
@@ -1040,3 +1080,7 @@ def test_fsdp2_over_tensor_parallel_sums_over_every_shard():
 
 def test_a_gathered_8bit_state_decodes_into_full_precision_states_of_a_sharded_param():
     _spawn(_gathered_fp8_into_full_precision, 2)
+
+
+def test_params_needing_no_sum_step_alike_in_any_grouping_beside_summing_ones():
+    _spawn(_grouping_beside_summing_params, 2)
