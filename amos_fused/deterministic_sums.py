@@ -43,11 +43,21 @@ def norm(t: Tensor) -> Tensor:
     return local_sum_of_squares(t).sqrt().to(t.dtype)
 
 
-def fixed_order_mean(x: Tensor, dims: Sequence[int]) -> Tensor:
-    """x's mean over ``dims`` (kept as size-1 dims), summed in float64 in a fixed
-    order (_row_sums of each slot's elements), returned in x's dtype."""
+def fixed_order_sum(x: Tensor, dims: Sequence[int]) -> Tensor:
+    """x's sum over ``dims`` (kept as size-1 dims) in float64, in a fixed order
+    (_row_sums of each slot's elements; zeros where the slots are empty)."""
+    dims = list(dims)
     kept = [d for d in range(x.dim()) if d not in dims]
     count = math.prod(x.size(d) for d in dims)
-    rows = x.permute(kept + list(dims)).reshape(-1, count).double()
     shape = [1 if d in dims else x.size(d) for d in range(x.dim())]
-    return (_row_sums(rows) / count).to(x.dtype).reshape(shape)
+    if count == 0:
+        return torch.zeros(shape, dtype=torch.float64, device=x.device)
+    rows = x.permute(kept + dims).reshape(-1, count).double()
+    return _row_sums(rows).reshape(shape)
+
+
+def fixed_order_mean(x: Tensor, dims: Sequence[int]) -> Tensor:
+    """x's mean over ``dims`` (kept as size-1 dims), summed in float64 in a fixed
+    order (fixed_order_sum), returned in x's dtype."""
+    count = math.prod(x.size(d) for d in dims)
+    return (fixed_order_sum(x, dims) / count).to(x.dtype)

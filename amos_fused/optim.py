@@ -11,7 +11,7 @@ from torch import Tensor
 from . import hyperparams as hp
 from . import reference
 from .amos_slots import loaded_slot_dims, normalize_reduce_axes, reduced_dims, slot_shape
-from .deterministic_sums import local_sum_of_squares
+from .deterministic_sums import fixed_order_mean, fixed_order_sum, local_sum_of_squares
 from .optimizer_base import FusedOptimizer, torch_flags, zeros_in_memory_order
 from .sharding import is_dtensor, shard_groups, slot_zeros, sum_over_shards
 
@@ -423,10 +423,11 @@ class Amos(FusedOptimizer):
             theta, g = reference.amos_grad(p, g, clip_value=_optional_float(group["clip_value"]))
             dims = reduced_dims(group["reduce_axes"], g.dim())
             across = shard_groups(owner, dims)
+            # (fixed-order sums, as the reference's: the same bits at any thread count)
             if across:
-                part = (g.double() * g.double()).sum(dim=dims, keepdim=True)
+                part = fixed_order_sum(g.double() * g.double(), dims)
             else:
-                part = (g * g).mean(dim=dims, keepdim=True) if dims else g * g
+                part = fixed_order_mean(reference.squares(g), dims).to(g.dtype) if dims else g * g
             parts.append(part)
             groups.append(across)
             phase1.append((step, theta, g, dims, owner))

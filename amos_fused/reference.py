@@ -221,7 +221,7 @@ def amos_step(
     dims = reduced_dims(reduce_axes, g.dim())
     # (any thread count: the same bits; squares too large for float32 are taken in float64,
     # as the CPU kernels redo a block whose float32 squares overflow)
-    g2 = fixed_order_mean(_squares(g), dims).to(g.dtype) if dims else g * g
+    g2 = fixed_order_mean(squares(g), dims).to(g.dtype) if dims else g * g
     amos_apply(param, v, b, mu, theta, g, g2, step, lr=lr, eta=eta, beta=beta, momentum=momentum,
                extra_l2=extra_l2, d_coef=d_coef, c_coef=c_coef, epsilon=epsilon)
 
@@ -232,7 +232,7 @@ def amos_grad(param: Tensor, grad: Tensor, *, clip_value: Optional[float] = None
     return _load(param), g if clip_value is None else g.clamp(-clip_value, clip_value)
 
 
-def _squares(g: Tensor) -> Tensor:
+def squares(g: Tensor) -> Tensor:
     """g² in g's dtype, or in float64 where a finite g's square overflows it (|g| past
     about 1.8e19 in float32): a slot's mean g² may still fit."""
     squares = g * g

@@ -1017,6 +1017,43 @@ def _grouping_beside_summing_params(rank, world, path):
     _finish()
 
 
+def _sharded_sums_at_any_thread_count(rank, world, path):
+    """Amos slots averaged over a sharded dim (a Shard(0) float64 weight with 'all'
+    and column slots, local shards past torch's parallel grain, β = 0 so that v is
+    each step's mean g²): the summing step's sums are taken in a fixed order, so v
+    is bitwise the same at 1, 2 and 3 threads after every step (torch's own sum
+    moved v's last bit at one of these 8 steps)."""
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        gen = torch.Generator().manual_seed(0)
+        value = torch.randn(4096, 96, generator=gen, dtype=torch.float64)
+        scale = torch.logspace(-3, 3, 96, dtype=torch.float64)
+        grads = [torch.randn(4096, 96, generator=gen, dtype=torch.float64) * scale for _ in range(8)]
+        for axes in ("all", (0,)):
+            runs = []
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                p = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0)]))
+                opt = af.Amos([p], lr=0.01, eta=0.5, reduce_axes=axes, beta=0.0)
+                history = []
+                for g in grads:
+                    p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+                    opt.step()
+                    history.append(_local(opt.state[p]["v"]).clone())
+                runs.append(history + [_local(p).clone()])
+            for other in runs[1:]:
+                assert all(torch.equal(a, b) for a, b in zip(runs[0], other)), axes
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
 def _spawn(fn, world, *args):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(fn, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
@@ -1084,3 +1121,7 @@ def test_a_gathered_8bit_state_decodes_into_full_precision_states_of_a_sharded_p
 
 def test_params_needing_no_sum_step_alike_in_any_grouping_beside_summing_ones():
     _spawn(_grouping_beside_summing_params, 2)
+
+
+def test_sums_over_shards_are_bitwise_the_same_at_any_thread_count():
+    _spawn(_sharded_sums_at_any_thread_count, 2)
