@@ -153,14 +153,14 @@ class ScaledAdamW(_AdamMoments):
     def _derived_hyper(self, hyper):
         return {"decay rate lr²/(2q)": hyper["lr"] * hyper["lr"] / (2.0 * hyper["q"])}
 
-    def _capturable_hyper(self, group):
+    def _capturable_hyper(self, bucket, group):
         lr = group["lr"]
         if not (isinstance(lr, torch.Tensor) and group["half_life"] is not None):
-            return super()._capturable_hyper(group)
+            return super()._capturable_hyper(bucket, group)
         # α0·p is set by the half-life: p = rate/(T·α0) as half_life_p computes it (one division,
         # on the device), in float64 whatever lr's dtype (the group's checks found it finite at
         # this lr); p = 0 at lr = 0: no step taken
-        hyper = super()._capturable_hyper({**group, "half_life": None, "p": 0.0})
+        hyper = super()._capturable_hyper(bucket, {**group, "half_life": None, "p": 0.0})
         product = lr.to(torch.float64) * float(group["half_life"])
         p = torch.full_like(product, half_life_rate(group["decay"])) / product
         hyper["p"] = torch.where(product != 0, p, torch.zeros_like(p))

@@ -359,7 +359,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             scaling = {name: None if t is None else t.to(bucket.device, non_blocking=True)
                        for name, t in self._grad_scaling().items()}
             call_capturable_step(capturable_ops(bucket.backend), self.algorithm, bucket.params, bucket.grads,
-                                 bucket.state, bucket.state["step"], self._capturable_hyper(group), per_tensor,
+                                 bucket.state, bucket.state["step"], self._capturable_hyper(bucket, group), per_tensor,
                                  **scaling)
             return
         per_tensor = bucket.per_param[self.per_param_keys[0]] if self.per_param_keys else []
@@ -381,13 +381,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         without momentum)."""
         return tuple(k for k in self.fp8_state_keys if k in bucket.state) if bucket.fp8 else ()
 
-    def _capturable_hyper(self, group: dict) -> dict:
-        """_hyper for a capturable step: a tensor ``lr`` stays a tensor (read on the
-        device), the rest as _hyper gives it."""
+    def _capturable_hyper(self, bucket: Bucket, group: dict) -> dict:
+        """_bucket_hyper for a capturable step: a tensor ``lr`` stays a tensor (read
+        on the device), the rest as _bucket_hyper gives it."""
         lr = group["lr"]
         if not isinstance(lr, Tensor):
-            return self._hyper(group)
-        hyper = self._hyper({**group, "lr": 1.0})  # (nothing but 'lr' may depend on lr: see ScaledAdamW)
+            return self._bucket_hyper(bucket, group)
+        hyper = self._bucket_hyper(bucket, {**group, "lr": 1.0})  # (nothing but 'lr' may depend on lr: see ScaledAdamW)
         hyper["lr"] = lr
         return hyper
 

@@ -327,4 +327,4 @@ def test_a_capturable_steps_p_from_a_tensor_lr_is_the_hosts(decay, lr, half_life
         group["lr"] = torch.tensor(lr, dtype=dtype)
         host = {**group, "lr": float(group["lr"])}
         opt._check_group(host)
-        assert opt._capturable_hyper(group)["p"].item() == opt._schedule_p(host)
+        assert opt._capturable_hyper(None, group)["p"].item() == opt._schedule_p(host)  # (no bucket: none read)

@@ -223,6 +223,24 @@ def test_capturable_optimizer_steps_like_the_host_step(name, lr_dtype):
                 assert torch.equal(opt.state[p][key], value), key
 
 
+@pytest.mark.parametrize("cls", [af.AdamW, af.Adam], ids=lambda c: c.__name__)
+def test_a_capturable_step_reads_a_tensor_beta1_as_the_host_step(cls):
+    """A float64 tensor β1 is cast to the params' dtype for m's weight 1 − β1 (as
+    torch.optim's Adam and AdamW do) by the capturable step as by the host step."""
+    betas = (torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.999, dtype=torch.float64))
+    ours, twin = _model(torch.float32), _model(torch.float32)
+    opt = cls(ours, lr=1e-2, betas=betas, capturable=True, backend="triton")
+    ref = cls(twin, lr=1e-2, betas=betas, backend="triton")
+    for step in range(3):
+        for o, params in ((opt, ours), (ref, twin)):
+            for p, g in zip(params, _grads(params, step)):
+                p.grad = g
+            o.step()
+    for p, q in zip(ours, twin):
+        assert torch.equal(p.detach(), q.detach())
+        assert torch.equal(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"])
+
+
 @pytest.mark.parametrize("kwargs, message", [
     # (the default is refused on CPU params only: on CUDA ones it picks a capturable
     # backend, tests/test_cuda_capturable.py)
