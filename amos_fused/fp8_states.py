@@ -128,6 +128,19 @@ def loaded_codes(codes: Tensor, param: Tensor) -> Tensor:
     return dense.permute(inverse)
 
 
+def loaded_absmax(absmax: Tensor, param: Tensor) -> Tensor:
+    """A copy of a DTensor param's loaded absmax placed like the param, as its codes
+    are (loaded_codes): a DTensor absmax saved under other placements moved there,
+    a gathered plain one (rows, blocks per row) cut there."""
+    if is_dtensor(absmax):
+        if absmax.device_mesh == param.device_mesh and tuple(absmax.placements) != tuple(param.placements):
+            return absmax.redistribute(param.device_mesh, param.placements)
+        return absmax.detach().clone()
+    if absmax.dim() == 2 and param.dim() >= 2 and absmax.size(0) == param.size(0):
+        return placed_as(absmax.to(device=local(param).device, copy=True).contiguous(), param)
+    return absmax.to(device=local(param).device, copy=True).contiguous()
+
+
 def encode(values: Tensor, root: bool) -> Tuple[Tensor, Tensor]:
     """(codes, absmax) of a 1-D float32 tensor: uint8 codes, one float32 absmax per
     block; ``root``: sqrt(values) is stored."""
@@ -314,9 +327,8 @@ def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[s
     (default the param) is the tensor the step writes, whose strides the codes
     take: the param, or its float32 master (master_weights.stepped_like).  The
     absmax of a sharded param, gathered (a full state dict of an FSDP2 run), is
-    flattened for a plain param; beside codes that were placed again like a
-    DTensor param that keeps full-precision states, the whole is decoded and
-    placed like the param."""
+    flattened for a plain param; for a DTensor param that keeps full-precision
+    states, the whole is decoded and placed like the param."""
     like = param if like is None else like
     dtype = param.dtype if dtype is None else dtype
     for key in list(state):
@@ -339,12 +351,15 @@ def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[s
                 value, absmax = relaid(*nan_codes_poison_their_blocks(value, absmax), like, root)
             state[key], state[absmax_key(key)] = value, absmax
         elif key not in fp8_keys and coded:
-            absmax = state.pop(absmax_key(key)).to(local(value).device)
-            # a gathered absmax (a full state dict) beside codes placed again like a param that keeps
-            # full-precision states: the whole is decoded, then placed like the param
-            gathered = is_dtensor(value) and not is_dtensor(absmax) and is_dtensor(param)
-            value, absmax = nan_codes_poison_their_blocks(value.full_tensor() if gathered else value, absmax)
-            values = placed_as(decoded(value, absmax, root), param) if gathered else decoded(value, absmax, root)
+            absmax = state.pop(absmax_key(key))
+            # a DTensor param that keeps full-precision states: its blocks may straddle its shards
+            # (Shard(1)), so the whole state is decoded, then placed like the param
+            whole = is_dtensor(param) and (is_dtensor(value) or is_dtensor(absmax))
+            if whole:
+                value = value.full_tensor() if is_dtensor(value) else value
+                absmax = absmax.full_tensor() if is_dtensor(absmax) else absmax
+            value, absmax = nan_codes_poison_their_blocks(value, absmax.to(value.device))
+            values = placed_as(decoded(value, absmax, root), param) if whole else decoded(value, absmax, root)
             if is_dtensor(values) or values.shape != param.shape:
                 state[key] = values.to(dtype)
             else:

@@ -1762,6 +1762,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         value = value.detach()
         if upcast and _steps_beside_master(key, value):  # (the states of a float32 master: float32 too)
             value = value.float()
+        if key.endswith(fp8_states.ABSMAX_SUFFIX) and is_dtensor(param):
+            return fp8_states.loaded_absmax(value, param)  # (placed like the param, as its codes are)
         if (value.dtype == torch.uint8 or key.endswith(fp8_states.ABSMAX_SUFFIX)
                 or (master and value.dtype == torch.float32)):  # these keep their dtype
             if value.shape == param.shape and value.dtype == torch.uint8:

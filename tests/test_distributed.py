@@ -1054,6 +1054,57 @@ def _sharded_sums_at_any_thread_count(rank, world, path):
     _finish()
 
 
+def _8bit_state_loaded_under_other_placements(rank, world, path):
+    """An 8-bit state_dict saved with the param placed Shard(0), loaded by
+    load_state_dict into an optimizer whose param (the same values) is placed
+    Replicate() (FP8 states kept: codes and absmax both moved there) or Shard(1)
+    (full-precision states: decoded whole, placed like the param): two more steps
+    give the single-process run's params bitwise (for Shard(1), the run whose
+    8-bit state was decoded into the full-precision class; Amos's row slots then
+    sum over the shards: up to the order of summation)."""
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        value = torch.randn(8, 512, generator=torch.Generator().manual_seed(0))
+        grads = [torch.randn(8, 512, generator=torch.Generator().manual_seed(10 + i)) for i in range(3)]
+        amos = dict(lr=0.01, eta=0.5, momentum=0.9, reduce_axes=(1,))
+        makers = {"AdamW8bit": (lambda ps: af.AdamW8bit(ps, lr=0.01), lambda ps: af.AdamW(ps, lr=0.01)),
+                  "Amos8bit": (lambda ps: af.Amos8bit(ps, **amos), lambda ps: af.Amos(ps, **amos))}
+        for (name, (make, make_full)), new in itertools.product(makers.items(), ([Replicate()], [Shard(1)])):
+            p = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0)]))
+            q = torch.nn.Parameter(value.clone())
+            opt, single = make([p]), make([q])
+            p.grad, q.grad = distribute_tensor(grads[0], mesh, [Shard(0)]), grads[0].clone()
+            opt.step()
+            single.step()
+            if new == [Shard(1)]:  # (blocks would straddle the shards: full-precision states, decoded)
+                full = make_full([q])
+                full.load_state_dict(single.state_dict())
+                single = full
+            moved = torch.nn.Parameter(distribute_tensor(p.detach().full_tensor(), mesh, new))
+            resumed = make([moved])
+            resumed.load_state_dict(opt.state_dict())
+            for key, state in resumed.state[moved].items():
+                if key != "step":
+                    assert tuple(state.placements) == tuple(new) or key in ("v", "b"), (name, key, state.placements)
+            for g in grads[1:]:
+                moved.grad, q.grad = distribute_tensor(g, mesh, new), g.clone()
+                resumed.step()
+                single.step()
+            if name == "Amos8bit" and new == [Shard(1)]:  # (its row slots then sum over the shards)
+                torch.testing.assert_close(moved.detach().full_tensor(), q.detach(), rtol=1e-6, atol=1e-7)
+            else:
+                assert torch.equal(moved.detach().full_tensor(), q.detach()), (name, new)
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
 def _spawn(fn, world, *args):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(fn, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
@@ -1125,3 +1176,7 @@ def test_params_needing_no_sum_step_alike_in_any_grouping_beside_summing_ones():
 
 def test_sums_over_shards_are_bitwise_the_same_at_any_thread_count():
     _spawn(_sharded_sums_at_any_thread_count, 2)
+
+
+def test_an_8bit_state_loads_under_other_placements_of_its_param():
+    _spawn(_8bit_state_loaded_under_other_placements, 2)
