@@ -950,6 +950,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                         raise step_error(where(i), Problem.STEP, owners[i], tensor=t)
                     raise ValueError(f"{where(i)}: state[{key!r}] must be a tensor, got {type(t).__name__} {t!r:.60}")
         self._check_slots(where, group, plan, positions, lists)
+        if spec.dtensor_positions:
+            self._place_like_params(where, owners, lists, keys, new_states)
         params, shadows = owners, []
         if master:  # the kernels step the float32 masters; the params are written from them
             for i, m in enumerate(lists[MASTER_KEY]):
@@ -1078,6 +1080,26 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise step_error(where(bad), problem, owners[bad], grad=all_grads[positions[bad]],
                              tensor=tensor, name=name, backend=backend, walk=walk,
                              master=params[bad] if master else None)
+
+    def _place_like_params(self, where, owners: List[Tensor], lists: Dict[str, List], keys: Tuple[str, ...],
+                           new_states: List[Tuple[Tensor, dict]]) -> None:
+        """A DTensor param's state placed otherwise than the param (a state moved
+        over from a param placed otherwise, as a reshard leaves it) is stepped as a
+        copy placed like the param, stored once the step ran — as torch.optim's
+        DTensor ops redistribute it.  Slots (Amos's v, b) keep their own placements;
+        a state on another mesh is refused."""
+        for key in keys:
+            if key in self.slot_keys:
+                continue
+            column = lists[key]
+            for i, (p, t) in enumerate(zip(owners, column)):
+                if not (is_dtensor(p) and is_dtensor(t)) or tuple(t.placements) == tuple(p.placements):
+                    continue
+                if t.device_mesh != p.device_mesh:
+                    raise ValueError(f"{where(i)}: state[{key!r}] is a DTensor on another mesh ({t.device_mesh}) "
+                                     f"than its param ({p.device_mesh}); redistribute it onto the param's")
+                column[i] = t.redistribute(p.device_mesh, p.placements)
+                new_states.append((p, {key: column[i]}))
 
     def _settled_state(self, group: dict, keys: Tuple[str, ...], master: bool):
         """A test ``(p, st) -> bool``, True only where ``_state_changes(p, st, …)``

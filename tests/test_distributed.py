@@ -1105,6 +1105,45 @@ def _8bit_state_loaded_under_other_placements(rank, world, path):
     _finish()
 
 
+def _state_moved_to_a_param_placed_otherwise(rank, world, path):
+    """A param stepped placed Shard(0), then replaced by the same values placed
+    Shard(1) with its state moved over (opt.state[new] = opt.state.pop(old), as a
+    reshard leaves it): the states are stepped placed like the new param, as
+    torch.optim's DTensor ops redistribute them, and stored so — the
+    single-process run's params bitwise."""
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        value = torch.randn(8, 512, generator=torch.Generator().manual_seed(0))
+        grads = [torch.randn(8, 512, generator=torch.Generator().manual_seed(10 + i)) for i in range(3)]
+        for make in (lambda ps: af.AdamW(ps, lr=0.01), lambda ps: af.Lion(ps, lr=0.01),
+                     lambda ps: af.AdamW(ps, lr=0.01, backend="reference")):
+            p = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0)]))
+            q = torch.nn.Parameter(value.clone())
+            opt, single = make([p]), make([q])
+            p.grad, q.grad = distribute_tensor(grads[0], mesh, [Shard(0)]), grads[0].clone()
+            opt.step()
+            single.step()
+            moved = torch.nn.Parameter(distribute_tensor(p.detach().full_tensor(), mesh, [Shard(1)]))
+            opt.param_groups[0]["params"] = [moved]
+            opt.state[moved] = opt.state.pop(p)
+            for g in grads[1:]:
+                moved.grad, q.grad = distribute_tensor(g, mesh, [Shard(1)]), g.clone()
+                opt.step()
+                single.step()
+            assert torch.equal(moved.detach().full_tensor(), q.detach())
+            for key, state in opt.state[moved].items():
+                assert key == "step" or tuple(state.placements) == (Shard(1),), key
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
 def _spawn(fn, world, *args):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(fn, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
@@ -1180,3 +1219,7 @@ def test_sums_over_shards_are_bitwise_the_same_at_any_thread_count():
 
 def test_an_8bit_state_loads_under_other_placements_of_its_param():
     _spawn(_8bit_state_loaded_under_other_placements, 2)
+
+
+def test_a_state_moved_to_a_param_placed_otherwise_steps_as_torch_optim():
+    _spawn(_state_moved_to_a_param_placed_otherwise, 2)
