@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .deterministic_sums import local_sum_of_squares
-from .sharding import shard_groups, sum_over_shards
+from .sharding import local, shard_groups, sum_over_shards
 
 
 class RMS(NamedTuple):
@@ -94,13 +94,26 @@ class Recorder:
         """The RMS of the params of ``current`` (the optimizer's params now) that have
         a record; records of params no longer in the optimizer are dropped."""
         self.keep({id(p) for p in current})
-        records = list(self._records.items())
-        groups = [shard_groups(owner) for owner, _ in records]
-        rows = [record.table[record.row] for _, record in records]
+        # in the optimizer's param order, the same on every rank, and every sharded param whether
+        # this rank has its record or not (a rank that did not step it adds NaN: not known), so
+        # that the ranks' all-reduces pair the same params
+        records, groups, seen = [], [], set()
+        for owner in current:
+            record = self._records.get(owner)
+            sharded = shard_groups(owner)
+            if id(owner) not in seen and (record is not None or sharded):
+                seen.add(id(owner))
+                records.append((owner, record))
+                groups.append(sharded)
+        rows = [record.table[record.row] if record is not None else
+                torch.full((2,), math.nan, dtype=torch.float64, device=local(owner).device)
+                for owner, record in records]
         rows = sum_over_shards(rows, groups)
         values = torch.stack(rows).cpu().tolist() if rows else []
         out: Dict[Tensor, RMS] = {}
         for (owner, record), sharded, (weight_sq, update_sq) in zip(records, groups, values):
+            if record is None:
+                continue
             # real numbers in the whole param (every shard; two per complex element)
             n = owner.numel() * (2 if owner.is_complex() else 1) if sharded else record.stepped.numel()
             n = max(n, 1)

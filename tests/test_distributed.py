@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import datetime
 import itertools
+import math
 import os
 import tempfile
 
@@ -1144,6 +1145,45 @@ def _state_moved_to_a_param_placed_otherwise(rank, world, path):
     _finish()
 
 
+def _rms_of_params_stepped_on_some_ranks(rank, world, path):
+    """opt.rms() of FSDP2 params that the ranks first stepped in different orders
+    (rank 1 had no grad for the first weight at step 0: a step needing no sum takes
+    a grad on some ranks only) is each whole param's RMS on every rank; a param
+    rank 1 never stepped reads NaN where rank 0 stepped it, rather than another
+    param's sums (or a hang)."""
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        from torch.distributed.fsdp import fully_shard
+
+        for missing in (False, True):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+            fully_shard(model)
+            params = list(model.parameters())
+            opt = af.AdamW(params, lr=0.01, track_rms=True)
+            for step in range(2):
+                opt.zero_grad()
+                model(torch.randn(4, 8, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+                if rank == 1 and (step == 0 or missing):
+                    params[0].grad = None
+                before = [p.full_tensor().detach().clone() for p in params]
+                opt.step()
+            rms = opt.rms()
+            for i, (p, b) in enumerate(zip(params, before)):
+                a = p.full_tensor().detach().double()
+                if missing and i == 0:
+                    assert (p not in rms) if rank == 1 else math.isnan(rms[p].weight)
+                    continue
+                assert math.isclose(rms[p].weight, math.sqrt(float(a.square().mean())), rel_tol=1e-6), i
+                update = math.sqrt(float((a - b.double()).square().mean())) / 0.01
+                assert math.isclose(rms[p].update, update, rel_tol=1e-5), i
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
 def _spawn(fn, world, *args):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(fn, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
@@ -1223,3 +1263,7 @@ def test_an_8bit_state_loads_under_other_placements_of_its_param():
 
 def test_a_state_moved_to_a_param_placed_otherwise_steps_as_torch_optim():
     _spawn(_state_moved_to_a_param_placed_otherwise, 2)
+
+
+def test_rms_of_sharded_params_stepped_on_some_ranks_only():
+    _spawn(_rms_of_params_stepped_on_some_ranks, 2)
