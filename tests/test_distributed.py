@@ -1055,6 +1055,22 @@ def _sharded_sums_at_any_thread_count(rank, world, path):
     _finish()
 
 
+def _stepped_once_on_shard0(make, mesh):
+    """(p, opt, q, single, grads): a (8, 512) param placed Shard(0) and its
+    single-process twin, each stepped once by its own ``make([param])``, and the
+    grads of that step and of two more."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    value = torch.randn(8, 512, generator=torch.Generator().manual_seed(0))
+    grads = [torch.randn(8, 512, generator=torch.Generator().manual_seed(10 + i)) for i in range(3)]
+    p = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0)]))
+    q = torch.nn.Parameter(value.clone())
+    opt, single = make([p]), make([q])
+    p.grad, q.grad = distribute_tensor(grads[0], mesh, [Shard(0)]), grads[0].clone()
+    opt.step()
+    single.step()
+    return p, opt, q, single, grads
+
+
 def _8bit_state_loaded_under_other_placements(rank, world, path):
     """An 8-bit state_dict saved with the param placed Shard(0), loaded by
     load_state_dict into an optimizer whose param (the same values) is placed
@@ -1070,18 +1086,11 @@ def _8bit_state_loaded_under_other_placements(rank, world, path):
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
         mesh = init_device_mesh("cpu", (world,))
-        value = torch.randn(8, 512, generator=torch.Generator().manual_seed(0))
-        grads = [torch.randn(8, 512, generator=torch.Generator().manual_seed(10 + i)) for i in range(3)]
         amos = dict(lr=0.01, eta=0.5, momentum=0.9, reduce_axes=(1,))
         makers = {"AdamW8bit": (lambda ps: af.AdamW8bit(ps, lr=0.01), lambda ps: af.AdamW(ps, lr=0.01)),
                   "Amos8bit": (lambda ps: af.Amos8bit(ps, **amos), lambda ps: af.Amos(ps, **amos))}
         for (name, (make, make_full)), new in itertools.product(makers.items(), ([Replicate()], [Shard(1)])):
-            p = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0)]))
-            q = torch.nn.Parameter(value.clone())
-            opt, single = make([p]), make([q])
-            p.grad, q.grad = distribute_tensor(grads[0], mesh, [Shard(0)]), grads[0].clone()
-            opt.step()
-            single.step()
+            p, opt, q, single, grads = _stepped_once_on_shard0(make, mesh)
             if new == [Shard(1)]:  # (blocks would straddle the shards: full-precision states, decoded)
                 full = make_full([q])
                 full.load_state_dict(single.state_dict())
@@ -1119,16 +1128,9 @@ def _state_moved_to_a_param_placed_otherwise(rank, world, path):
         from torch.distributed.tensor import Shard, distribute_tensor
 
         mesh = init_device_mesh("cpu", (world,))
-        value = torch.randn(8, 512, generator=torch.Generator().manual_seed(0))
-        grads = [torch.randn(8, 512, generator=torch.Generator().manual_seed(10 + i)) for i in range(3)]
         for make in (lambda ps: af.AdamW(ps, lr=0.01), lambda ps: af.Lion(ps, lr=0.01),
                      lambda ps: af.AdamW(ps, lr=0.01, backend="reference")):
-            p = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0)]))
-            q = torch.nn.Parameter(value.clone())
-            opt, single = make([p]), make([q])
-            p.grad, q.grad = distribute_tensor(grads[0], mesh, [Shard(0)]), grads[0].clone()
-            opt.step()
-            single.step()
+            p, opt, q, single, grads = _stepped_once_on_shard0(make, mesh)
             moved = torch.nn.Parameter(distribute_tensor(p.detach().full_tensor(), mesh, [Shard(1)]))
             opt.param_groups[0]["params"] = [moved]
             opt.state[moved] = opt.state.pop(p)
