@@ -136,9 +136,9 @@ def loaded_absmax(absmax: Tensor, param: Tensor) -> Tensor:
         if absmax.device_mesh == param.device_mesh and tuple(absmax.placements) != tuple(param.placements):
             return absmax.redistribute(param.device_mesh, param.placements)
         return absmax.detach().clone()
-    if absmax.dim() == 2 and param.dim() >= 2 and absmax.size(0) == param.size(0):
-        return placed_as(absmax.to(device=local(param).device, copy=True).contiguous(), param)
-    return absmax.to(device=local(param).device, copy=True).contiguous()
+    copy = absmax.to(device=local(param).device, copy=True).contiguous()
+    gathered = absmax.dim() == 2 and param.dim() >= 2 and absmax.size(0) == param.size(0)
+    return placed_as(copy, param) if gathered else copy
 
 
 def encode(values: Tensor, root: bool) -> Tuple[Tensor, Tensor]:
@@ -359,7 +359,9 @@ def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[s
                 value = value.full_tensor() if is_dtensor(value) else value
                 absmax = absmax.full_tensor() if is_dtensor(absmax) else absmax
             value, absmax = nan_codes_poison_their_blocks(value, absmax.to(value.device))
-            values = placed_as(decoded(value, absmax, root), param) if whole else decoded(value, absmax, root)
+            values = decoded(value, absmax, root)
+            if whole:
+                values = placed_as(values, param)
             if is_dtensor(values) or values.shape != param.shape:
                 state[key] = values.to(dtype)
             else:
