@@ -17,7 +17,8 @@
 // holding NaN or ±Inf stores absmax = NaN and codes 0, so it decodes as NaN: a
 // non-finite value is never replaced by a finite one, and never reaches beyond
 // its block.  A block whose absmax no encode stores (negative, +Inf) decodes as
-// NaN too.
+// NaN too, and so does a code E4M3 reserves for NaN (0x7f, 0xff: never encoded,
+// an edited state's), as float8_e4m3fn reads it.
 #pragma once
 
 #include <cstdint>
@@ -102,6 +103,7 @@ AF_FP8_HD uint8_t fp8_encode(float x, float factor) {
 }
 
 AF_FP8_HD float fp8_decode(uint8_t code, float factor) {
+  if ((code & 0x7fu) == 0x7fu) return fp8_nan();  // E4M3's NaN (never encoded)
   const float value = e4m3_magnitude_value(code & 0x7fu);
   return ((code & 0x80u) ? -value : value) * factor;
 }

@@ -781,6 +781,49 @@ def test_an_absmax_no_encode_stores_decodes_as_nan_on_every_backend(name, capabi
         assert (in_block.all() if block in nan_params else not in_block.any()), block
 
 
+@pytest.mark.parametrize("name", list(FP8_CLASS_CASES))
+def test_a_nan_code_edited_into_a_live_state_decodes_as_nan_on_every_backend(name, capabilities):
+    """E4M3's NaN codes (0x7f, 0xff: never encoded) edited into a live state decode as
+    NaN, as float8_e4m3fn (and so the reference) reads them, in a SIMD body and in a
+    block's scalar tail alike: after the next step exactly those blocks' absmax is
+    NaN and their codes 0, the params NaN at the edited elements only (Lion8bit:
+    sign(NaN) = 0, so none; RAdam8bit, unrectified, does not read v), on cpu (each
+    instruction set) as on the reference; the Adam family and Lion8bit bitwise so."""
+    case = FP8_CLASS_CASES[name]
+    n = 16 * BLOCK + 37  # 17 blocks, the last partial: its last 5 elements are a scalar tail
+    key = "mu" if name == "Amos8bit" else "exp_avg"
+    edits = {key: [(5, 0x7F), (3 * BLOCK + 17, 0xFF), (n - 2, 0x7F)]}
+    if name in ("AdamW8bit", "Adam8bit", "RAdam8bit"):
+        edits["exp_avg_sq"] = [(9 * BLOCK + 3, 0x7F)]
+    results = {}
+    for backend in ("cpu", "reference"):
+        p = _param(torch.linspace(-1.0, 1.0, n))
+        opt = with_threads(case.cls([p], backend=backend, **case.kwargs))
+        p.grad = torch.linspace(-0.5, 0.7, n)
+        opt.step()
+        for state_key, codes in edits.items():
+            for index, code in codes:
+                opt.state[p][state_key][index] = code
+        p.grad = torch.linspace(0.3, -0.2, n)
+        opt.step()
+        results[backend] = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+        for state_key, codes in edits.items():
+            absmax = opt.state[p][fp8_states.absmax_key(state_key)]
+            blocks = sorted({index // BLOCK for index, _ in codes})
+            assert torch.isnan(absmax).nonzero().flatten().tolist() == blocks, (backend, state_key)
+            for block in blocks:
+                assert (opt.state[p][state_key][block * BLOCK:(block + 1) * BLOCK] == 0).all(), (backend, block)
+        # (Lion8bit: sign(NaN) = 0; RAdam8bit's second step is not rectified: v unused)
+        reaching = {k: v for k, v in edits.items() if not (name == "RAdam8bit" and k == "exp_avg_sq")}
+        nan_params = [] if name == "Lion8bit" else sorted(i for codes in reaching.values() for i, _ in codes)
+        assert torch.isnan(p.detach()).nonzero().flatten().tolist() == nan_params, backend
+    (p_cpu, st_cpu), (p_ref, st_ref) = results["cpu"], results["reference"]
+    if name != "Amos8bit":  # (Amos8bit: the reference rounds otherwise; NaN alike, above)
+        assert _nan_equal(p_cpu, p_ref)
+        for state_key in st_cpu:
+            assert _nan_equal(st_cpu[state_key], st_ref[state_key]), state_key
+
+
 @pytest.mark.parametrize("value", [-1.0, -2.0**-100, float("inf")])
 @pytest.mark.parametrize("key", ["exp_avg_absmax", "exp_avg_sq_absmax"])
 def test_a_checkpoint_with_an_absmax_no_encode_stores_is_refused(key, value):

@@ -79,7 +79,8 @@ def fp8_encode(x, factor):
 
 @triton.jit
 def fp8_decode(code, factor):
-    """±e4m3_value(code)·factor of uint8 codes, factor = absmax/448."""
+    """±e4m3_value(code)·factor of uint8 codes, factor = absmax/448; NaN for E4M3's
+    NaN codes (0x7f, 0xff: never encoded, an edited state's)."""
     c = code.to(tl.uint32)
     magnitude = c & 0x7F
     normal = ((magnitude << 20) + (120 << 23)).to(tl.float32, bitcast=True)
@@ -87,7 +88,7 @@ def fp8_decode(code, factor):
     value = tl.where(magnitude >= 8, normal, subnormal)
     # the code's sign bit set on the value's bits (−0 for code 0x80, as in C++)
     signed = (value.to(tl.uint32, bitcast=True) | ((c & 0x80) << 24)).to(tl.float32, bitcast=True)
-    return signed * factor
+    return tl.where(magnitude == 0x7F, nan_like(signed), signed * factor)
 
 
 @triton.jit

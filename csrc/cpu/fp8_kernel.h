@@ -30,7 +30,7 @@ constexpr int64_t kFp8GrainBlocks = 128;
 constexpr int64_t kFp8PrefetchAhead = 2048;
 
 // Decodes the codes of one float vector at `codes` (8 with AVX2, 16 with AVX-512):
-// e4m3_value(code)·factor, squared for a root state.
+// e4m3_value(code)·factor, squared for a root state; NaN for E4M3's NaN codes.
 inline Vectorized<float> fp8_decode_tile(const uint8_t* codes, float factor, bool root) {
   using Vec = Vectorized<float>;
 #if defined(CPU_CAPABILITY_AVX2)
@@ -39,16 +39,24 @@ inline Vectorized<float> fp8_decode_tile(const uint8_t* codes, float factor, boo
   // subnormals too, E = 0); F16C widens it exactly, and one multiply by factor·2^8
   // (exact: factor < 2^120) gives the code's value · factor, rounded once
   // (the code sign-extended to 16 bits and shifted by 7 holds s s eeee mmm 0000000: bit 14 cleared)
-  const __m128i code = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes));
+  const __m128i code = _mm_cvtepi8_epi16(bytes);
   const __m128i half = _mm_and_si128(_mm_slli_epi16(code, 7), _mm_set1_epi16(static_cast<int16_t>(0xbfff)));
-  const __m256 value = _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(factor * 256.0f));
+  __m256 value = _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(factor * 256.0f));
+  // a NaN code (code·2 ≡ 0xfe as a byte) sets every bit of its lane: a NaN
+  const __m128i nan_code = _mm_cmpeq_epi8(_mm_add_epi8(bytes, bytes), _mm_set1_epi8(static_cast<char>(0xfe)));
+  value = _mm256_or_ps(value, _mm256_castsi256_ps(_mm256_cvtepi8_epi32(nan_code)));
   return root ? _mm256_mul_ps(value, value) : value;
 #elif defined(CPU_CAPABILITY_AVX512)
   static_assert(Vec::size() == 16, "an AVX-512 float vector holds 16 lanes");
-  // as the AVX2 path above, 16 codes at a time
-  const __m256i code = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  // as the AVX2 path above, 16 codes at a time; the lanes of NaN codes (code·2 ≡ 0xfe
+  // as a byte) are left out of the multiply and keep NaN
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+  const __m256i code = _mm256_cvtepi8_epi16(bytes);
   const __m256i half = _mm256_and_si256(_mm256_slli_epi16(code, 7), _mm256_set1_epi16(static_cast<int16_t>(0xbfff)));
-  const __m512 value = _mm512_mul_ps(_mm512_cvtph_ps(half), _mm512_set1_ps(factor * 256.0f));
+  const __mmask16 number = _mm_cmpneq_epi8_mask(_mm_add_epi8(bytes, bytes), _mm_set1_epi8(static_cast<char>(0xfe)));
+  const __m512 value = _mm512_mask_mul_ps(_mm512_castsi512_ps(_mm512_set1_epi32(0x7fc00000)), number,
+                                          _mm512_cvtph_ps(half), _mm512_set1_ps(factor * 256.0f));
   return root ? _mm512_mul_ps(value, value) : value;
 #else
   float lanes[Vec::size()];
