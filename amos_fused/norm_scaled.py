@@ -37,6 +37,7 @@ class _AdamMoments(FusedOptimizer):
     of the unsharded step up to the order of summation."""
 
     state_keys = ("exp_avg", "exp_avg_sq")
+    core_group_keys = ("lr", "betas", "eps")
     supports_complex = False  # per-tensor norms have no complex form here
 
     def _new_state(self, p, group):

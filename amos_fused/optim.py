@@ -53,6 +53,7 @@ class _AdamFamily(FusedOptimizer):
 
     algorithm = "adam"
     state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    core_group_keys = ("lr", "betas", "eps", "weight_decay")
     torch_refuses_with_foreach = True
     torch_setstate_defaults = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
                                    differentiable=False, decoupled_weight_decay=False, fused=None)
@@ -153,6 +154,7 @@ class RAdam(FusedOptimizer):
 
     algorithm = "radam"
     state_keys = ("exp_avg", "exp_avg_sq")
+    core_group_keys = ("lr", "betas", "eps", "weight_decay")
     torch_setstate_defaults = dict(foreach=None, maximize=False, differentiable=False,
                                    decoupled_weight_decay=False, capturable=False)
 
@@ -200,6 +202,7 @@ class Lion(FusedOptimizer):
 
     algorithm = "lion"
     state_keys = ("exp_avg",)
+    core_group_keys = ("lr", "betas", "weight_decay")
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False,
@@ -268,6 +271,7 @@ class Amos(FusedOptimizer):
 
     algorithm = "amos"
     state_keys = ("v", "b", "mu")
+    core_group_keys = ("lr", "eta", "beta")
     slot_keys = ("v", "b")
     per_param_keys = ("eta",)
     reciprocal_in_step = ("epsilon",)

@@ -73,7 +73,10 @@ def group_backend(group: dict, defaults: dict) -> Optional[str]:
 
 
 def fill_group_defaults(group: dict, defaults: dict) -> None:
-    """The group keys torch.optim fills from the defaults, all but ``backend``."""
+    """The group's missing keys taken from the defaults, all but ``backend``: as
+    torch.optim's add_param_group fills a new group, and, at load, the settings a
+    checkpoint of the torch.optim peer (or of an older version) lacks; a loaded
+    group without one of ``core_group_keys`` is refused first."""
     for key, value in defaults.items():
         if key != "backend":
             group.setdefault(key, value)
@@ -259,6 +262,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     # group lacks them, to torch's defaults rather than to this optimizer's: a
     # checkpoint saved by a torch without a flag meant the flag's default.
     torch_setstate_defaults: Dict[str, Any] = {}
+    # The settings every group of this class (and of its torch.optim peer) has: a
+    # checkpoint group without one is another optimizer's, refused at load rather
+    # than filled from this one's defaults.
+    core_group_keys: Tuple[str, ...] = ("lr",)
     _plans_before_step: Dict[int, GroupPlan] = {}
     # Plans kept by id of their group until the next step: which params a loaded or
     # unpickled group's per-param values belong to, and a plan that add_param_group
@@ -1683,6 +1690,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _load_checkpoint(self, state_dict: dict) -> None:
         """load_state_dict's work, undone by it when this raises."""
         for index, group in enumerate(state_dict.get("param_groups", [])):
+            missing = [key for key in self.core_group_keys if isinstance(group, dict) and key not in group]
+            if missing:
+                raise hp.MissingGroupKey(
+                    f"{self._name}: cannot load the checkpoint's param_groups[{index}]: it has no {missing[0]!r}, "
+                    f"which every {self._name} group has (settings {sorted(group)}: a checkpoint of another "
+                    "optimizer?)")
             if group.get("differentiable"):
                 raise ValueError(f"{self._name}: cannot load param_groups[{index}] with "
                                  "differentiable=True (not supported by amos_fused)")

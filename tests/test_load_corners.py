@@ -754,3 +754,74 @@ def test_a_master_checkpoint_loads_its_other_states_in_float32(dtype, backend):
     q.grad = _grads(q.shape, BF16, 5)
     opt.step()
     assert opt.state[q]["step"] == 2
+
+
+def _stepped(make, values):
+    """An optimizer made by ``make(params)`` over fresh params of ``values``, stepped twice."""
+    params = [torch.nn.Parameter(v.clone()) for v in values]
+    opt = make(params)
+    for step in range(2):
+        for i, p in enumerate(params):
+            p.grad = torch.full_like(p, 0.25 * (step + 1) - i)
+        opt.step()
+    return params, opt
+
+
+# (saver, loader, a setting every group of the loader has and the saver's lacks)
+_OTHER_OPTIMIZERS = [
+    (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), lambda ps: af.AdamW(ps, lr=1e-3), "betas"),
+    (lambda ps: af.Lion(ps, lr=1e-4), lambda ps: af.AdamW(ps, lr=1e-3), "eps"),
+    (lambda ps: af.Lion(ps, lr=1e-4), lambda ps: af.RAdam(ps, lr=1e-3), "eps"),
+    (lambda ps: af.Amos(ps, lr=0.01), lambda ps: af.AdamW8bit(ps, lr=1e-3), "betas"),
+    (lambda ps: af.AdamW(ps, lr=1e-3), lambda ps: af.Amos(ps, lr=0.01), "eta"),
+    (lambda ps: torch.optim.SGD(ps, lr=0.1), lambda ps: af.Lion(ps, lr=1e-4), "betas"),
+    (lambda ps: af.Lion(ps, lr=1e-4), lambda ps: af.Lamb(ps, lr=1e-3), "eps"),
+]
+
+
+@pytest.mark.parametrize("saver, loader, missing", _OTHER_OPTIMIZERS)
+def test_a_checkpoint_of_another_optimizer_is_refused_and_changes_nothing(saver, loader, missing):
+    """A checkpoint whose group lacks a setting every group of the loading class has
+    (an SGD's into AdamW, a Lion's into AdamW, an AdamW's into Amos …) is refused at
+    load, naming the setting, with an error both `except KeyError` (torch.optim's
+    kind for SGD's into AdamW) and `except ValueError` catch, rather than stepped
+    with the missing settings taken from the loader's defaults; the optimizer is as
+    it was, and steps bitwise as an untouched twin."""
+    values = [torch.randn(4096, generator=torch.Generator().manual_seed(5)), torch.randn(7)]
+    _, other = _stepped(saver, values)
+    saved = _saved(other.state_dict())
+    params, opt = _stepped(loader, values)
+    twins, twin = _stepped(loader, values)
+    snap = _snapshot(opt)
+    with pytest.raises(KeyError, match=rf"no {missing!r}.*another optimizer") as raised:
+        opt.load_state_dict(saved)
+    assert isinstance(raised.value, ValueError)
+    _assert_as_before(opt, snap)
+    for ps, o in ((params, opt), (twins, twin)):
+        for i, p in enumerate(ps):
+            p.grad = torch.full_like(p, 1.5 - i)
+        o.step()
+    for p, t in zip(params, twins):
+        assert torch.equal(p.detach(), t.detach())
+
+
+@pytest.mark.parametrize("saver, loader", [
+    (lambda ps: torch.optim.AdamW(ps, lr=1e-3), lambda ps: af.AdamW(ps, lr=1e-3)),
+    (lambda ps: torch.optim.Adam(ps, lr=1e-3), lambda ps: af.AdamW8bit(ps, lr=1e-3)),
+    (lambda ps: torch.optim.RAdam(ps, lr=1e-3), lambda ps: af.RAdam(ps, lr=1e-3)),
+    (lambda ps: af.AdamW(ps, lr=1e-3), lambda ps: af.Lion(ps, lr=1e-4)),
+])
+def test_a_checkpoint_with_every_core_setting_loads(saver, loader):
+    """Checkpoints of the torch.optim peer (which lack this library's own settings:
+    track_rms, master_weights, bias_correction …, filled from the defaults) and of a
+    class with the same settings load, as torch.optim loads Adam's into AdamW."""
+    values = [torch.randn(4096, generator=torch.Generator().manual_seed(6)), torch.randn(7)]
+    _, other = _stepped(saver, values)
+    saved = _saved(other.state_dict())
+    params, opt = _stepped(loader, values)
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == saved["param_groups"][0]["lr"]
+    assert "track_rms" in opt.param_groups[0]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
