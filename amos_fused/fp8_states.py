@@ -264,6 +264,36 @@ def relaid_into(state: Dict[str, object], like: Tensor) -> Dict[str, Tensor]:
     return out
 
 
+def switched_precision(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[str], keeps: bool,
+                       dtype: torch.dtype) -> Dict[str, Optional[Tensor]]:
+    """The state changes (None: a key to remove) that bring a DTensor param's states
+    under ``fp8_keys``, moved over from a param placed otherwise (as a reshard
+    leaves them), to the precision the param keeps under its own placements
+    (``keeps``: keeps_fp8): codes decoded in their own placement (each shard's
+    blocks are whole rows' blocks) and the values redistributed like the param,
+    in ``dtype``, where it keeps full-precision states (a ``Shard(1)`` param);
+    full-precision values redistributed like the param and quantized where it
+    keeps FP8 ones.  Empty when every such state is placed like the param; states
+    on another mesh, or codes whose absmax is placed otherwise than they are, are
+    left for the step's checks to name."""
+    changes: Dict[str, Optional[Tensor]] = {}
+    for key in fp8_keys:
+        value, absmax = state.get(key), state.get(absmax_key(key))
+        if (not is_dtensor(value) or value.device_mesh != param.device_mesh
+                or tuple(value.placements) == tuple(param.placements)):
+            continue
+        root = key in ROOT_KEYS
+        coded = value.dtype == torch.uint8 and isinstance(absmax, Tensor)
+        if coded and not keeps and is_dtensor(absmax) and tuple(absmax.placements) == tuple(value.placements):
+            values = decoded(value, absmax, root).redistribute(param.device_mesh, param.placements)
+            changes[key], changes[absmax_key(key)] = values.to(dtype), None
+        elif not coded and keeps and value.is_floating_point() and value.shape == param.shape:
+            codes, new_absmax = new_state(param)
+            store(value.redistribute(param.device_mesh, param.placements).to(torch.float32), codes, new_absmax, root)
+            changes[key], changes[absmax_key(key)] = codes, new_absmax
+    return changes
+
+
 def nan_codes_poison_their_blocks(codes: Tensor, absmax: Tensor) -> Tuple[Tensor, Tensor]:
     """Loaded codes holding E4M3's NaN (0x7f or 0xff: the encoder never writes it; an
     edited checkpoint's, or another tool's) as the format stores a block holding NaN:

@@ -13,7 +13,7 @@ from . import reference
 from .amos_slots import loaded_slot_dims, normalize_reduce_axes, reduced_dims, slot_shape
 from .deterministic_sums import fixed_order_mean, fixed_order_sum, local_sum_of_squares
 from .optimizer_base import FusedOptimizer, torch_flags, zeros_in_memory_order
-from .sharding import is_dtensor, shard_groups, slot_zeros, sum_over_shards
+from .sharding import is_dtensor, shard_groups, slot_placements, slot_zeros, sum_over_shards
 
 
 
@@ -354,6 +354,10 @@ class Amos(FusedOptimizer):
                         f"reduce_axes={group['reduce_axes']!r} gives this param slots of shape {expected}; "
                         "neither reduce_axes nor the param's shape can change once it has state "
                         "(clear its state first)")
+
+    def _slot_placements(self, p, group):
+        return slot_placements(p, slot_shape(p.shape, group["reduce_axes"]),
+                               reduced_dims(group["reduce_axes"], p.dim()))
 
     def _check_walk(self, where, group, backend, params, lists):
         """The fused kernels walk a tensor's dims merged into runs (neighbours both

@@ -922,10 +922,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         states = []
         state_of = self.state
         settled = self._settled_state(group, keys, master)
+        resharded = bool(spec.dtensor_positions and self.fp8_state_keys)
         for i, p in enumerate(owners):
             st = state_of.get(p, _ABSENT)  # (one lookup: a tensor key's hash is a Python call)
             if st is _ABSENT:
                 st = {}
+            if resharded and is_dtensor(p) and isinstance(st, dict):  # FP8 states moved from another placement
+                switched = fp8_states.switched_precision(p, st, self.fp8_state_keys, spec.fp8,
+                                                         torch.float32 if master else p.dtype)
+                if switched:
+                    new_states.append((p, switched))
+                    st = {k: v for k, v in {**st, **switched}.items() if v is not None}
             if settled(p, st):  # the common case: nothing to make, convert or move
                 states.append(st)
                 continue
@@ -958,7 +965,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"{where(i)}: state[{key!r}] must be a tensor, got {type(t).__name__} {t!r:.60}")
         self._check_slots(where, group, plan, positions, lists)
         if spec.dtensor_positions:
-            self._place_like_params(where, owners, lists, keys, new_states)
+            self._place_like_params(where, owners, lists, keys, new_states, group)
         params, shadows = owners, []
         if master:  # the kernels step the float32 masters; the params are written from them
             for i, m in enumerate(lists[MASTER_KEY]):
@@ -1089,24 +1096,29 @@ class FusedOptimizer(torch.optim.Optimizer):
                              master=params[bad] if master else None)
 
     def _place_like_params(self, where, owners: List[Tensor], lists: Dict[str, List], keys: Tuple[str, ...],
-                           new_states: List[Tuple[Tensor, dict]]) -> None:
+                           new_states: List[Tuple[Tensor, dict]], group: dict) -> None:
         """A DTensor param's state placed otherwise than the param (a state moved
         over from a param placed otherwise, as a reshard leaves it) is stepped as a
         copy placed like the param, stored once the step ran — as torch.optim's
-        DTensor ops redistribute it.  Slots (Amos's v, b) keep their own placements;
-        a state on another mesh is refused."""
+        DTensor ops redistribute it; slots (Amos's v, b) are placed as the param's
+        new slots would be (_slot_placements).  A state on another mesh is refused."""
         for key in keys:
-            if key in self.slot_keys:
-                continue
             column = lists[key]
             for i, (p, t) in enumerate(zip(owners, column)):
-                if not (is_dtensor(p) and is_dtensor(t)) or tuple(t.placements) == tuple(p.placements):
+                if not (is_dtensor(p) and is_dtensor(t)):
+                    continue
+                placements = self._slot_placements(p, group) if key in self.slot_keys else p.placements
+                if tuple(t.placements) == tuple(placements):
                     continue
                 if t.device_mesh != p.device_mesh:
                     raise ValueError(f"{where(i)}: state[{key!r}] is a DTensor on another mesh ({t.device_mesh}) "
                                      f"than its param ({p.device_mesh}); redistribute it onto the param's")
-                column[i] = t.redistribute(p.device_mesh, p.placements)
+                column[i] = t.redistribute(p.device_mesh, placements)
                 new_states.append((p, {key: column[i]}))
+
+    def _slot_placements(self, p: Tensor, group: dict) -> list:
+        """The placements of a DTensor param's slot-shaped states (slot_keys)."""
+        raise NotImplementedError
 
     def _settled_state(self, group: dict, keys: Tuple[str, ...], master: bool):
         """A test ``(p, st) -> bool``, True only where ``_state_changes(p, st, …)``

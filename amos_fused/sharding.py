@@ -110,10 +110,16 @@ def slot_zeros(param: Tensor, slot_shape: Sequence[int], reduced: Iterable[int],
     local_shape = [1 if d in reduced else shard.size(d) for d in range(len(slot_shape))]
     zeros = make(shard, local_shape)
     stride = torch.empty(tuple(slot_shape), device="meta").stride()
-    placements = [Replicate() if _shards(p) and p.dim % ndim in reduced else p
-                  for p in param.placements]
-    return DTensor.from_local(zeros, param.device_mesh, placements, run_check=False,
-                              shape=torch.Size(slot_shape), stride=stride)
+    return DTensor.from_local(zeros, param.device_mesh, slot_placements(param, slot_shape, reduced),
+                              run_check=False, shape=torch.Size(slot_shape), stride=stride)
+
+
+def slot_placements(param: Tensor, slot_shape: Sequence[int], reduced: Iterable[int]) -> list:
+    """The placements of a DTensor param's slots (slot_zeros): the param's, with
+    Replicate() for each mesh dim that shards a reduced dim."""
+    ndim = max(param.dim(), 1)
+    reduced = {d % ndim for d in reduced} if slot_shape else set(range(param.dim()))
+    return [Replicate() if _shards(p) and p.dim % ndim in reduced else p for p in param.placements]
 
 
 def shard_groups(t: Tensor, dims: Optional[Iterable[int]] = None) -> Tuple:

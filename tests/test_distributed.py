@@ -1055,17 +1055,19 @@ def _sharded_sums_at_any_thread_count(rank, world, path):
     _finish()
 
 
-def _stepped_once_on_shard0(make, mesh):
-    """(p, opt, q, single, grads): a (8, 512) param placed Shard(0) and its
-    single-process twin, each stepped once by its own ``make([param])``, and the
-    grads of that step and of two more."""
+def _stepped_once_on_shard0(make, mesh, placements=None, make_single=None):
+    """(p, opt, q, single, grads): a (8, 512) param placed Shard(0) (or
+    ``placements``) and its single-process twin, each stepped once by its own
+    ``make([param])`` (the twin's by ``make_single`` when given), and the grads of
+    that step and of two more."""
     from torch.distributed.tensor import Shard, distribute_tensor
+    placements = placements or [Shard(0)]
     value = torch.randn(8, 512, generator=torch.Generator().manual_seed(0))
     grads = [torch.randn(8, 512, generator=torch.Generator().manual_seed(10 + i)) for i in range(3)]
-    p = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0)]))
+    p = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, placements))
     q = torch.nn.Parameter(value.clone())
-    opt, single = make([p]), make([q])
-    p.grad, q.grad = distribute_tensor(grads[0], mesh, [Shard(0)]), grads[0].clone()
+    opt, single = make([p]), (make_single or make)([q])
+    p.grad, q.grad = distribute_tensor(grads[0], mesh, placements), grads[0].clone()
     opt.step()
     single.step()
     return p, opt, q, single, grads
@@ -1141,6 +1143,61 @@ def _state_moved_to_a_param_placed_otherwise(rank, world, path):
             assert torch.equal(moved.detach().full_tensor(), q.detach())
             for key, state in opt.state[moved].items():
                 assert key == "step" or tuple(state.placements) == (Shard(1),), key
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
+def _8bit_state_moved_to_a_param_placed_otherwise(rank, world, path):
+    """8-bit states moved in memory (opt.state[new] = opt.state.pop(old), as a
+    reshard leaves them) to a param placed so that it keeps the other precision:
+    Shard(0) → Shard(1) decodes the codes in their own placement and steps the
+    full-precision states placed Shard(1); Shard(1) → Shard(0) quantizes the
+    full-precision states into codes placed Shard(0); Shard(0) → Replicate moves
+    codes and absmax; Amos's slots are placed as the new param's are.  Two more
+    steps give bitwise the single-process run whose state went through
+    load_state_dict into the other precision (Amos8bit's row slots summed over
+    Shard(1)'s shards: up to the order of summation)."""
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        amos = dict(lr=0.01, eta=0.5, momentum=0.9, reduce_axes=(1,))
+        makers = {"AdamW8bit": (lambda ps: af.AdamW8bit(ps, lr=0.01), lambda ps: af.AdamW(ps, lr=0.01)),
+                  "Amos8bit": (lambda ps: af.Amos8bit(ps, **amos), lambda ps: af.Amos(ps, **amos))}
+        moves = ([Shard(0)], [Shard(1)]), ([Shard(1)], [Shard(0)]), ([Shard(0)], [Replicate()])
+        for (name, (make, make_full)), (old, new) in itertools.product(makers.items(), moves):
+            coded_before, coded_after = old != [Shard(1)], new != [Shard(1)]
+            # the twin: full precision while the sharded param keeps full-precision states
+            p, opt, q, single, grads = _stepped_once_on_shard0(make, mesh, old, None if coded_before else make_full)
+            if coded_before != coded_after:
+                other = (make if coded_after else make_full)([q])
+                other.load_state_dict(single.state_dict())  # quantized, or decoded
+                single = other
+            moved = torch.nn.Parameter(distribute_tensor(p.detach().full_tensor(), mesh, new))
+            opt.param_groups[0]["params"] = [moved]
+            opt.state[moved] = opt.state.pop(p)
+            for g in grads[1:]:
+                moved.grad, q.grad = distribute_tensor(g, mesh, new), g.clone()
+                opt.step()
+                single.step()
+            state = opt.state[moved]
+            assert ("mu_absmax" in state or "exp_avg_absmax" in state) == coded_after, (name, old, new, list(state))
+            for key, value in state.items():
+                if key not in ("step", "v", "b"):
+                    assert tuple(value.placements) == tuple(new), (name, key, value.placements)
+            if name == "Amos8bit" and [Shard(1)] in (old, new):  # (row slots summed over Shard(1)'s shards)
+                torch.testing.assert_close(moved.detach().full_tensor(), q.detach(), rtol=1e-6, atol=1e-7)
+            else:
+                assert torch.equal(moved.detach().full_tensor(), q.detach()), (name, old, new)
+                for key, value in single.state[q].items():
+                    if key != "step":
+                        # (a sharded absmax is (rows, blocks per row); the plain param's, 1-D)
+                        assert torch.equal(state[key].full_tensor().reshape(value.shape), value), (name, old, new, key)
     except BaseException:
         dist.destroy_process_group()
         raise
@@ -1265,6 +1322,10 @@ def test_an_8bit_state_loads_under_other_placements_of_its_param():
 
 def test_a_state_moved_to_a_param_placed_otherwise_steps_as_torch_optim():
     _spawn(_state_moved_to_a_param_placed_otherwise, 2)
+
+
+def test_an_8bit_state_moved_to_a_param_keeping_the_other_precision_steps_in_it():
+    _spawn(_8bit_state_moved_to_a_param_placed_otherwise, 2)
 
 
 def test_rms_of_sharded_params_stepped_on_some_ranks_only():
