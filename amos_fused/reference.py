@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import rounded_once
 from .amos_slots import ReduceAxes, reduced_dims
 from .deterministic_sums import fixed_order_mean, local_sum_of_squares, norm
 
@@ -28,19 +29,6 @@ def _load(t: Tensor) -> Tensor:
 
 def _store(dst: Tensor, value: Tensor) -> None:
     dst.copy_(value)
-
-
-def _lerp(m: Tensor, g: Tensor, weight: float) -> Tensor:
-    """torch.lerp(m, g, weight) as torch's vectorized CPU kernel rounds it, whatever
-    the element's position: m + w·(g − m) for |w| < ½, else g + (w − 1)·(g − m), each
-    one fma, w − 1 taken in m's dtype (exact there, Sterbenz).  torch's scalar loop,
-    which steps the last elements of a tensor, writes the second form as
-    g − (g − m)·(1 − w): the same value, except that with w = 1 (β1 = 0) a grad of −0
-    gives +0 there and −0 in the vector lanes and in the fused kernels."""
-    if abs(weight) < 0.5:
-        return torch.lerp(m, g, weight)
-    weight_minus_one = (torch.tensor(weight, dtype=m.dtype) - 1).item()
-    return torch.add(g, g - m, alpha=weight_minus_one)
 
 
 def _sqrt(x: Tensor) -> Tensor:
@@ -82,11 +70,11 @@ def adam_step(
     """
     theta, g, m, v = _load(param), _load(grad), _load(exp_avg), _load(exp_avg_sq)
     if weight_decay != 0 and not decoupled:
-        g = g.add(theta, alpha=weight_decay)  # g + λθ, rounded like torch (one fma)
+        g = rounded_once.add_scaled(g, theta, weight_decay)  # g + λθ, rounded like torch (one fma)
     if weight_decay != 0 and decoupled:
         theta = theta * (1 - lr * weight_decay)
-    m = _lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
-    v = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
+    m = rounded_once.lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
+    v = rounded_once.addcmul(v * beta2, g, g, 1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
     second = v
     if amsgrad:
         second = torch.maximum(_load(max_exp_avg_sq), v)
@@ -137,11 +125,11 @@ def radam_step(
     """
     theta, g, m, v = _load(param), _load(grad), _load(exp_avg), _load(exp_avg_sq)
     if weight_decay != 0 and not decoupled:
-        g = g.add(theta, alpha=weight_decay)  # g + λθ, rounded like torch (one fma)
+        g = rounded_once.add_scaled(g, theta, weight_decay)  # g + λθ, rounded like torch (one fma)
     if weight_decay != 0 and decoupled:
         theta = theta * (1 - lr * weight_decay)
-    m = _lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
-    v = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
+    m = rounded_once.lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
+    v = rounded_once.addcmul(v * beta2, g, g, 1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
     m_hat = m / (1 - beta1**step)
     r = radam_rectification(step, beta2, rectify_threshold)
     step_size = m_hat * lr  # η·u, in torch's order: ((m̂·η)·sqrt(bc2)/(sqrt(v)+ε))·r
@@ -284,8 +272,8 @@ def scaled_lr_schedule(step: int, lr: float, p: float, decay: str) -> float:
 
 def _adam_direction(g, m, v, step, beta1, beta2, eps, bias_correction):
     """Updates m, v (values) and returns Adam's direction u = (m/bc1)/(sqrt(v/bc2)+ε)."""
-    m = _lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
-    v = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
+    m = rounded_once.lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
+    v = rounded_once.addcmul(v * beta2, g, g, 1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
     bc1 = 1 - beta1**step if bias_correction else 1.0
     bc2 = 1 - beta2**step if bias_correction else 1.0
     return m, v, (m / bc1) / (_sqrt(v) / math.sqrt(bc2) + eps)
