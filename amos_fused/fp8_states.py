@@ -358,7 +358,9 @@ def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[s
     take: the param, or its float32 master (master_weights.stepped_like).  The
     absmax of a sharded param, gathered (a full state dict of an FSDP2 run), is
     flattened for a plain param; for a DTensor param that keeps full-precision
-    states, the whole is decoded and placed like the param."""
+    states, the whole is decoded and placed like the param.  A state beside an
+    absmax that is not uint8 (codes a trip through torch.optim turned into
+    numbers) is refused."""
     like = param if like is None else like
     dtype = param.dtype if dtype is None else dtype
     for key in list(state):
@@ -367,6 +369,11 @@ def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[s
             continue
         root = key in ROOT_KEYS
         coded = value.dtype == torch.uint8 and absmax_key(key) in state
+        if absmax_key(key) in state and not coded:
+            raise ValueError(f"cannot load state {key!r} of a param of shape {tuple(param.shape)}: it is "
+                             f"{value.dtype} beside {absmax_key(key)!r}, the scales of FP8 codes, which are "
+                             "uint8: codes turned into numbers (torch.optim's load_state_dict casts every state "
+                             "to its param's dtype); load the 8-bit checkpoint as it was saved")
         if coded:
             _check_loaded_absmax(param, key, value, state[absmax_key(key)], decoding=key not in fp8_keys)
         if key in fp8_keys and not coded and value.is_floating_point() and value.shape == param.shape:

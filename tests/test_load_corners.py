@@ -825,3 +825,28 @@ def test_a_checkpoint_with_every_core_setting_loads(saver, loader):
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
+
+
+@pytest.mark.parametrize("into", [af.AdamW8bit, af.AdamW])
+@pytest.mark.parametrize("turned", ["through torch.optim", "int8"])
+def test_codes_turned_into_numbers_are_refused_and_change_nothing(turned, into):
+    """An 8-bit checkpoint whose codes are no longer uint8 beside their absmax — loaded
+    into torch.optim.AdamW and saved again (its load casts every state to the param's
+    dtype: codes 0…255 become float32 numbers), or cast to int8 — is refused, naming
+    the state, by AdamW8bit and by AdamW alike, rather than quantized or stepped as
+    moments; the optimizer is as it was."""
+    values = [torch.randn(64, 80, generator=torch.Generator().manual_seed(8)), torch.randn(7)]
+    _, saver = _stepped(lambda ps: af.AdamW8bit(ps, lr=1e-3), values)
+    saved = saver.state_dict()
+    if turned == "int8":
+        saved["state"][0]["exp_avg"] = saved["state"][0]["exp_avg"].to(torch.int8)
+    else:
+        through = torch.optim.AdamW([torch.nn.Parameter(v.clone()) for v in values], lr=1e-3)
+        through.load_state_dict(saved)
+        saved = through.state_dict()
+        assert saved["state"][0]["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" in saved["state"][0]
+    _, opt = _stepped(lambda ps: into(ps, lr=1e-3), values)
+    snap = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"'exp_avg'.*beside 'exp_avg_absmax'.*codes turned into numbers"):
+        opt.load_state_dict(_saved(saved))
+    _assert_as_before(opt, snap)
