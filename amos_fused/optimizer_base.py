@@ -111,6 +111,11 @@ def _process_groups(params: List[Tensor]) -> List[Tuple[object, torch.device]]:
     return found
 
 
+def _holds_tensor(values) -> bool:
+    """Whether a per-param tuple holds a tensor (whose value may be edited in place)."""
+    return any(isinstance(v, Tensor) for v in values)
+
+
 def _as_float(value) -> Optional[float]:
     """A real number (a Python or NumPy number, a one-element tensor) as a float,
     else None (what is not a number is checked elsewhere)."""
@@ -587,7 +592,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_group_params(group)
         except ValueError as error:  # (per-param settings: one value per param, in group['params'] order)
             group.update(before)  # (a raising step changes nothing)
-            raise ValueError(f"{self._name}: param_groups[{index}]: {error}") from None
+            raise hp.renamed(error, f"{self._name}: param_groups[{index}]: {error}") from None
         plan = GroupPlan.build(params, self._keeps_fp8, group.get("master_weights", False))
         plan.group_values = {key: group.get(key) for key in self.per_param_keys}
         plan.group = group
@@ -864,9 +869,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         for key in self.per_param_keys:  # (Amos's eta, ScaledAdamW's init_norm: one value or one per param)
             values = self._per_param_value(group.get(key))
             if isinstance(values, (tuple, list)):
-                # (a tuple is checked once, not at every step; a list, which may be edited in place, always;
-                # each entry in the dtype its own param steps in)
-                if isinstance(values, list) or checked.get(key) is not values:
+                # (a tuple is checked once, not at every step; a list, which may be edited in place, always,
+                # and so is a tuple holding a tensor, which may be too; each entry in the dtype its own
+                # param steps in)
+                if isinstance(values, list) or checked.get(key) is not values or _holds_tensor(values):
                     named.update((f"{key}[{j}] (param_groups[{index}]['params'][{j}]'s)", (_as_float(v), dtype))
                                  for j, (v, dtype) in enumerate(zip(values, plan.dtypes)) if dtype not in wide)
             else:
@@ -878,7 +884,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if name.split("[")[0] in self.positive_in_step and isinstance(value, float) and 0.0 < value <= 2.0 ** -150:
                 raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (positive, but 0 in "
                                  f"float32, in which the step of {dtype} params computes)")
-        checked.update((key, group.get(key)) for key in self.per_param_keys if isinstance(group.get(key), tuple))
+        checked.update((key, group.get(key)) for key in self.per_param_keys
+                       if isinstance(group.get(key), tuple) and not _holds_tensor(group.get(key)))
 
     def _check_reciprocals(self, index: int, hyper: dict, plan: GroupPlan) -> None:
         """A value of ``reciprocal_in_step`` (positive by its group check) is refused
@@ -1329,12 +1336,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         where = f"{self._name}: param_groups[{index}]['{key}']"
         value = self._per_param_value(value)
         try:
-            if isinstance(value, (tuple, list)):
-                values = [float(v) for v in value]
-            else:
-                values = [float(value)] * count
+            entries = value if isinstance(value, (tuple, list)) else (value,)
+            if any(isinstance(v, (str, bytes)) for v in entries):  # (float('0.5') would read it)
+                raise TypeError
+            values = [float(v) for v in entries] if entries is value else [float(value)] * count
         except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"{where} must be a number or a tuple of one number per param, got {value!r}") from None
+            raise hp.HyperParameterTypeError(
+                f"{where} must be a number or a tuple of one number per param, got {value!r}") from None
         except OverflowError:  # (an int past float64's range)
             raise ValueError(f"{where} holds a value beyond float64's range: {hp.shown(value)}") from None
         if len(values) != count:

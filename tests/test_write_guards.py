@@ -135,6 +135,43 @@ def test_per_param_values_beyond_float32s_range_are_refused(make, key, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make,key", [
+    (lambda ps, b, v: af.Amos(ps, lr=1e-2, eta=v, backend=b), "eta"),
+    (lambda ps, b, v: af.Amos8bit(ps, lr=1e-2, eta=v, momentum=0.9, backend=b), "eta"),
+    (lambda ps, b, v: af.ScaledAdamW([{"params": ps, "init_norm": v}], lr=1e-3, backend=b), "init_norm"),
+], ids=["Amos-eta", "Amos8bit-eta", "ScaledAdamW-init_norm"])
+def test_per_param_values_edited_between_steps_are_checked_as_at_construction(make, key, backend):
+    """A string per-param value ('0.5', or in a tuple), refused at construction, is
+    refused at the step too (TypeError and ValueError alike), rather than read as
+    float('0.5'); a one-element tensor in a per-param tuple, edited in place to a
+    value beyond float32's range, is refused at the next step as a new tuple holding
+    it is; nothing is written either way."""
+    a, b = torch.nn.Parameter(torch.randn(4, 5)), torch.nn.Parameter(torch.randn(4, 5))
+    for bad in ("0.5", ("0.5", 0.25)):
+        with pytest.raises(TypeError, match=rf"{key}"):
+            make([torch.nn.Parameter(torch.randn(4, 5)), torch.nn.Parameter(torch.randn(4, 5))], backend, bad)
+    opt = make([a, b], backend, (torch.tensor(0.5), torch.tensor(0.25)))
+    _grads([a, b], 0)
+    opt.step()
+    for bad in ("0.5", ("0.5", 0.25)):
+        opt.param_groups[0][key] = bad
+        _grads([a, b], 1)
+        snapshot = _snapshot(opt)
+        with pytest.raises(TypeError, match=rf"param_groups\[0\]\['{key}'\] must be a number") as raised:
+            opt.step()
+        assert isinstance(raised.value, ValueError)
+        _assert_unchanged(opt, snapshot)
+    values = (torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.25, dtype=torch.float64))
+    opt.param_groups[0][key] = values
+    opt.step()
+    values[0].fill_(1e300)
+    snapshot = _snapshot(opt)
+    with pytest.raises(ValueError, match=rf"Invalid {key}\[0\] \(param_groups\[0\]\['params'\]\[0\]'s\): 1e\+300"):
+        opt.step()
+    _assert_unchanged(opt, snapshot)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_scaled_adamw_q_whose_decay_rate_overflows_is_refused_for_float32_params(backend):
     """ρ = lr²/(2q): q=1e-320 passes 'q > 0' but ρ is Inf even in float64, q=1e-45
     gives a ρ beyond float32's range: both refused for float32 params, whose step
