@@ -1279,6 +1279,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if bad < 0:
             return
         key, tensor, p = coded[which], lists[coded[which]][bad], params[bad]
+        if tensor.is_inference() and not torch.is_inference_mode_enabled():
+            raise step_error(where(bad), Problem.INFERENCE, p, name=key)
         expected = ("uint8 codes with the param's shape and strides" if which < half else
                     f"a contiguous float32 tensor of {fp8_states.num_blocks(p.numel())} elements "
                     f"(one per block of {fp8_states.BLOCK})")

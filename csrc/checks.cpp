@@ -253,16 +253,20 @@ std::pair<int64_t, int64_t> find_fp8_problem(at::TensorList params, at::ArrayRef
     TORCH_CHECK_VALUE(codes[k].size() == n && absmax[k].size() == n, "amos_fused: ", n, " params but ",
                       codes[k].size(), " codes and ", absmax[k].size(), " absmax tensors");
   }
+  // (an inference tensor cannot be written outside inference mode: torch refuses it half-way through a step)
+  const bool in_inference_mode = c10::InferenceMode::is_enabled();
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     const int64_t blocks = (p.numel() + kFp8Block - 1) / kFp8Block;
     for (int64_t k = 0; k < lists; ++k) {
       const at::Tensor& c = codes[k][i];
-      if (lazy_view(c) || !(c.layout() == c10::kStrided && c.scalar_type() == at::kByte && c.device() == p.device() &&
+      if (lazy_view(c) || (c.is_inference() && !in_inference_mode) ||
+          !(c.layout() == c10::kStrided && c.scalar_type() == at::kByte && c.device() == p.device() &&
             c.sizes() == p.sizes() && (c.numel() <= 1 || c.strides() == p.strides())))
         return {static_cast<int64_t>(i), k};
       const at::Tensor& a = absmax[k][i];
-      if (lazy_view(a) || !(a.layout() == c10::kStrided && a.scalar_type() == at::kFloat && a.device() == p.device() &&
+      if (lazy_view(a) || (a.is_inference() && !in_inference_mode) ||
+          !(a.layout() == c10::kStrided && a.scalar_type() == at::kFloat && a.device() == p.device() &&
             a.dim() == 1 && a.numel() == blocks && a.is_contiguous()))
         return {static_cast<int64_t>(i), lists + k};
     }

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -107,6 +108,9 @@ std::optional<Fp8StepCall<A>> begin_fp8_step(at::TensorList params, at::TensorLi
     const int64_t k = is_codes ? bad.second : bad.second - States::kCount;
     const at::Tensor& t = (is_codes ? out.codes : out.absmax)[k][bad.first];
     const at::Tensor& p = params[bad.first];
+    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), op, ": ", States::kLists[k],
+                is_codes ? " codes[" : " absmax[", bad.first, "] is an inference tensor, which cannot be updated ",
+                "in place outside inference mode");
     TORCH_CHECK_VALUE(false, op, ": ", States::kLists[k], is_codes ? " codes[" : " absmax[", bad.first, "] (",
                       t.scalar_type(), " ", t.sizes(), " on ", t.device(), ") does not fit its param (",
                       p.scalar_type(), " ", p.sizes(), " on ", p.device(), "): expected ",

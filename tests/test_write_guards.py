@@ -63,6 +63,36 @@ def test_inference_states_are_refused_before_any_write(name, backend):
     _refused(opt, RuntimeError, r"param_groups\[0\]\['params'\]\[0\].*state\['\w+'\] is an inference tensor")
 
 
+FP8_CLASSES = {
+    "AdamW8bit": lambda ps, b: af.AdamW8bit(ps, lr=1e-2, backend=b),
+    "Lion8bit": lambda ps, b: af.Lion8bit(ps, lr=1e-3, backend=b),
+    "Amos8bit": lambda ps, b: af.Amos8bit(ps, lr=1e-2, eta=0.1, momentum=0.9, backend=b),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["codes", "absmax"])
+@pytest.mark.parametrize("name", list(FP8_CLASSES))
+def test_inference_fp8_states_are_refused_before_any_write(name, which, backend):
+    """FP8 codes or an absmax that are inference tensors (made under
+    torch.inference_mode(): an edited state, or codes re-laid by a step taken
+    there), their counter not, are refused by name before any group is stepped,
+    as the full-precision states are; inside inference mode they step."""
+    a, b = _params(name, n=1024)  # FP8 states from 4096 elements
+    opt = FP8_CLASSES[name]([{"params": [a]}, {"params": [b]}], backend)
+    _grads([a, b], 0)
+    opt.step()
+    key = "mu" if name == "Amos8bit" else "exp_avg"
+    key = key if which == "codes" else key + "_absmax"
+    with torch.inference_mode():
+        opt.state[b][key] = opt.state[b][key].clone()
+    assert opt.state[b][key].is_inference() and not opt.state[b]["step"].is_inference()
+    _grads([a, b], 1)
+    _refused(opt, RuntimeError, rf"param_groups\[1\]\['params'\]\[0\].*state\['{key}'\] is an inference tensor")
+    with torch.inference_mode():
+        opt.step()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inference_tensors_step_inside_inference_mode(backend):
     """As torch.optim: inside inference mode their in-place updates are allowed,
