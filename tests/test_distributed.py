@@ -1073,6 +1073,15 @@ def _stepped_once_on_shard0(make, mesh, placements=None, make_single=None):
     return p, opt, q, single, grads
 
 
+def _8bit_and_full_precision_makers():
+    """{name: (make the 8-bit optimizer, make its full-precision class)} over a list of params."""
+    import amos_fused as af
+
+    amos = dict(lr=0.01, eta=0.5, momentum=0.9, reduce_axes=(1,))
+    return {"AdamW8bit": (lambda ps: af.AdamW8bit(ps, lr=0.01), lambda ps: af.AdamW(ps, lr=0.01)),
+            "Amos8bit": (lambda ps: af.Amos8bit(ps, **amos), lambda ps: af.Amos(ps, **amos))}
+
+
 def _8bit_state_loaded_under_other_placements(rank, world, path):
     """An 8-bit state_dict saved with the param placed Shard(0), loaded by
     load_state_dict into an optimizer whose param (the same values) is placed
@@ -1083,14 +1092,11 @@ def _8bit_state_loaded_under_other_placements(rank, world, path):
     sum over the shards: up to the order of summation)."""
     _init(rank, world, path)
     try:
-        import amos_fused as af
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
         mesh = init_device_mesh("cpu", (world,))
-        amos = dict(lr=0.01, eta=0.5, momentum=0.9, reduce_axes=(1,))
-        makers = {"AdamW8bit": (lambda ps: af.AdamW8bit(ps, lr=0.01), lambda ps: af.AdamW(ps, lr=0.01)),
-                  "Amos8bit": (lambda ps: af.Amos8bit(ps, **amos), lambda ps: af.Amos(ps, **amos))}
+        makers = _8bit_and_full_precision_makers()
         for (name, (make, make_full)), new in itertools.product(makers.items(), ([Replicate()], [Shard(1)])):
             p, opt, q, single, grads = _stepped_once_on_shard0(make, mesh)
             if new == [Shard(1)]:  # (blocks would straddle the shards: full-precision states, decoded)
@@ -1161,14 +1167,11 @@ def _8bit_state_moved_to_a_param_placed_otherwise(rank, world, path):
     Shard(1)'s shards: up to the order of summation)."""
     _init(rank, world, path)
     try:
-        import amos_fused as af
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
         mesh = init_device_mesh("cpu", (world,))
-        amos = dict(lr=0.01, eta=0.5, momentum=0.9, reduce_axes=(1,))
-        makers = {"AdamW8bit": (lambda ps: af.AdamW8bit(ps, lr=0.01), lambda ps: af.AdamW(ps, lr=0.01)),
-                  "Amos8bit": (lambda ps: af.Amos8bit(ps, **amos), lambda ps: af.Amos(ps, **amos))}
+        makers = _8bit_and_full_precision_makers()
         moves = ([Shard(0)], [Shard(1)]), ([Shard(1)], [Shard(0)]), ([Shard(0)], [Replicate()])
         for (name, (make, make_full)), (old, new) in itertools.product(makers.items(), moves):
             coded_before, coded_after = old != [Shard(1)], new != [Shard(1)]
