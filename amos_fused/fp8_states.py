@@ -232,6 +232,14 @@ def store(value: Tensor, codes: Tensor, absmax: Tensor, root: bool) -> None:
     absmax.view(-1).copy_(new_absmax)
 
 
+def quantized(value: Tensor, like: Tensor, root: bool) -> Tuple[Tensor, Tensor]:
+    """(codes, absmax) of a full-precision state, in a new state laid out (and, for a
+    DTensor, placed) like ``like`` (new_state)."""
+    codes, absmax = new_state(like)
+    store(value.to(torch.float32), codes, absmax, root)
+    return codes, absmax
+
+
 def relaid(codes: Tensor, absmax: Tensor, like: Tensor, root: bool) -> Tuple[Tensor, Tensor]:
     """A coded state (loaded, or of a param given another memory format since its
     last step) in the layout of ``like``'s new state (new_state(like):
@@ -288,9 +296,8 @@ def switched_precision(param: Tensor, state: Dict[str, object], fp8_keys: Sequen
             values = decoded(value, absmax, root).redistribute(param.device_mesh, param.placements)
             changes[key], changes[absmax_key(key)] = values.to(dtype), None
         elif not coded and keeps and value.is_floating_point() and value.shape == param.shape:
-            codes, new_absmax = new_state(param)
-            store(value.redistribute(param.device_mesh, param.placements).to(torch.float32), codes, new_absmax, root)
-            changes[key], changes[absmax_key(key)] = codes, new_absmax
+            changes[key], changes[absmax_key(key)] = quantized(
+                value.redistribute(param.device_mesh, param.placements), param, root)
     return changes
 
 
@@ -377,9 +384,8 @@ def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[s
         if coded:
             _check_loaded_absmax(param, key, value, state[absmax_key(key)], decoding=key not in fp8_keys)
         if key in fp8_keys and not coded and value.is_floating_point() and value.shape == param.shape:
-            codes, absmax = new_state(like)  # (a state of another shape is kept: the step refuses it by name)
-            store(value.to(device=param.device, dtype=torch.float32), codes, absmax, root)
-            state[key], state[absmax_key(key)] = codes, absmax
+            # (a state of another shape is kept: the step refuses it by name)
+            state[key], state[absmax_key(key)] = quantized(value.to(param.device), like, root)
         elif key in fp8_keys and coded and not is_dtensor(param):
             absmax = state[absmax_key(key)]
             if absmax.dim() != 1 and absmax.numel() == num_blocks(param.numel()) and not is_dtensor(absmax):
