@@ -230,8 +230,8 @@ class Lamb(_AdamMoments):
         return reference.lamb_direction(p, g, st["exp_avg"], st["exp_avg_sq"], step, **h)
 
     def _apply(self, p, st, i, step, theta, m, v, u, u_norm, theta_norm, bucket, group):
-        reference.lamb_apply(p, st["exp_avg"], st["exp_avg_sq"], theta, m, v, u, theta_norm.to(theta.dtype),
-                             u_norm.to(u.dtype), lr=float(group["lr"]))
+        reference.lamb_apply(p, st["exp_avg"], st["exp_avg_sq"], theta, m, v, u, float(theta_norm),
+                             float(u_norm), lr=float(group["lr"]))
 
     def _reference_step(self, bucket, group):
         h = self._hyper(group)

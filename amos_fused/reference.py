@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import rounded_once
 from .amos_slots import ReduceAxes, reduced_dims
-from .deterministic_sums import fixed_order_mean, local_sum_of_squares, norm
+from .deterministic_sums import fixed_order_mean, local_sum_of_squares
 
 _REDUCED = (torch.bfloat16, torch.float16)
 
@@ -291,11 +291,24 @@ def scaled_adam_apply(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, theta:
                       decay: str = "inverse_square", q: float = 1.0) -> None:
     """Phase 2 of scale-aware Adam given ‖u‖: θ ← θ − (k·u + ρ·θ); stores θ, m, v."""
     s = scaled_lr_schedule(step, lr, p, decay)
-    k = lr * init_norm * s / u_norm if u_norm > 0 else 0.0
     rho = (lr * lr) / (2 * q) * s
     _store(exp_avg, m)
     _store(exp_avg_sq, v)
-    _store(param, theta - (u * k + rho * theta))
+    _store(param, theta - (_scaled_by_norm(u, lr * init_norm * s, u_norm) + rho * theta))
+
+
+def _scaled_by_norm(u: Tensor, numerator: float, u_norm: float) -> Tensor:
+    """k·u with k = numerator/‖u‖ (0 when ‖u‖ is not > 0), k rounded to u's dtype first
+    as the fused kernels take their per-tensor k.  Where that k is beyond the dtype's
+    range (‖u‖ tiny against the numerator), (u/‖u‖)·numerator is taken in float64 and
+    rounded once: each |u_i|/‖u‖ ≤ 1, so the product stays as finite as the
+    numerator, and a zero u_i gives 0, not 0·Inf = NaN."""
+    if not u_norm > 0:
+        return u * 0.0
+    k = numerator / u_norm
+    if abs(k) <= torch.finfo(u.dtype).max:
+        return u * k
+    return ((u.to(torch.float64) / u_norm) * numerator).to(u.dtype)
 
 
 def scaled_adam_step(
@@ -341,13 +354,14 @@ def lamb_direction(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
 
 
 def lamb_apply(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, theta: Tensor, m: Tensor, v: Tensor,
-               u: Tensor, theta_norm: Tensor, u_norm: Tensor, *, lr: float) -> None:
-    """Phase 2 of LAMB given ‖θ‖ and ‖u‖: θ ← θ − η·ratio·u; stores θ, m, v."""
-    both = (theta_norm > 0) & (u_norm > 0) & torch.isfinite(theta_norm) & torch.isfinite(u_norm)
-    ratio = torch.where(both, theta_norm / torch.where(both, u_norm, 1.0), 1.0)
+               u: Tensor, theta_norm: float, u_norm: float, *, lr: float) -> None:
+    """Phase 2 of LAMB given ‖θ‖ and ‖u‖ (float64): θ ← θ − k·u with k = η·‖θ‖/‖u‖ taken
+    in float64 as the fused kernels take it, η when either norm is 0, NaN or Inf;
+    stores θ, m, v."""
+    both = theta_norm > 0 and u_norm > 0 and math.isfinite(theta_norm) and math.isfinite(u_norm)
     _store(exp_avg, m)
     _store(exp_avg_sq, v)
-    _store(param, theta - lr * ratio * u)
+    _store(param, theta - (_scaled_by_norm(u, lr * theta_norm, u_norm) if both else u * lr))
 
 
 def lamb_step(
@@ -372,4 +386,5 @@ def lamb_step(
     ‖θ‖/‖u‖ would be Inf/Inf = NaN, and every element NaN)."""
     theta, m, v, u = lamb_direction(param, grad, exp_avg, exp_avg_sq, step, beta1=beta1, beta2=beta2, eps=eps,
                                     weight_decay=weight_decay, bias_correction=bias_correction)
-    lamb_apply(param, exp_avg, exp_avg_sq, theta, m, v, u, norm(theta), norm(u), lr=lr)
+    lamb_apply(param, exp_avg, exp_avg_sq, theta, m, v, u, float(local_sum_of_squares(theta).sqrt()),
+               float(local_sum_of_squares(u).sqrt()), lr=lr)

@@ -134,6 +134,28 @@ def test_lamb_zero_param_has_ratio_one(backend, weight_decay):
         torch.testing.assert_close(param.detach(), -lr * grad / (grad.abs() + eps), rtol=1e-13, atol=0)
 
 
+@pytest.mark.parametrize("cls", [af.Lamb, af.ScaledAdamW])
+@pytest.mark.parametrize("lr", [0.0, 1e-3])
+def test_a_direction_tiny_against_its_scale_steps_finite_on_the_reference(cls, lr):
+    """‖u‖ so small that k = (η‖θ‖ or α0‖ε0‖s)/‖u‖ is beyond float32 (one subnormal grad,
+    the rest zero): each |k·u_i| is at most the numerator, so float32 θ steps as the
+    float64 run does, with no 0·Inf = NaN where u_i = 0 and θ kept exactly at lr = 0."""
+    torch.manual_seed(0)
+    start = torch.randn(1000)
+    grad = torch.zeros(1000)
+    grad[0] = 1e-44
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        param = start.to(dtype, copy=True).requires_grad_()
+        param.grad = grad.to(dtype)
+        make_opt(cls, [param], "reference", lr=lr, eps=1e-3).step()
+        results[dtype] = param.detach()
+    assert torch.isfinite(results[torch.float32]).all()
+    if lr == 0.0:
+        assert torch.equal(results[torch.float32], start)
+    torch.testing.assert_close(results[torch.float32], results[torch.float64].float(), rtol=2e-7, atol=0)
+
+
 # ---------------------------------------------------------------------------
 # Half-life
 # ---------------------------------------------------------------------------
