@@ -1011,8 +1011,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                                   fp8=bool(coded))
         walk = Walk.ANY if backend == "reference" else (
             Walk.CONTIGUOUS if self.fused_needs_contiguous else Walk.DENSE)
+        shown = lists  # the states as the user holds them, for the checks' messages
         if walk == Walk.CONTIGUOUS:
             params, grads = list(params), list(grads)
+            shown = {key: list(column) for key, column in lists.items()}
             for i, p in enumerate(params):
                 if not p.is_contiguous():
                     if shadows:
@@ -1037,11 +1039,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         checked = self._checked_grads(where, owners, params, params if shadows_in_kernel else grads, all_grads,
                                       positions, host_steps, walk, spec, backend,
                                       [lists[k] for k in like_keys], [lists[k] for k in slot_keys],
-                                      like_keys, slot_keys, lists)
+                                      like_keys, slot_keys, shown)
         if not shadows_in_kernel:
             grads = checked
         if coded:
-            self._check_fp8(where, owners, params, lists, coded)
+            self._check_fp8(where, owners, params, lists, coded, shown)
         if walk == Walk.ANY:
             self._check_written_once(where, params, lists, keys,
                                      [local(p.grad) for p in owners] if self._unscales_grads() else ())
@@ -1067,7 +1069,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                        backend=None, states=(), slots=(), like_keys=(), slot_keys=(), lists=None) -> List[Tensor]:
         """Checks the bucket (``check_step``: params with their grads, states, slots
         and steps) and returns the grads, a grad whose strides differ from its
-        param's copied into the param's layout; raises on any other problem."""
+        param's copied into the param's layout; raises on any other problem,
+        naming a state as ``lists`` holds it (the user's tensor, where the checked
+        ones are views permuted into their param's memory order)."""
         grads = list(grads)
         while True:
             bad, problem, which = check_step(params, grads, list(states), list(slots), steps, walk)
@@ -1270,15 +1274,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         return out
 
     @staticmethod
-    def _check_fp8(where, owners, params, lists, coded) -> None:
+    def _check_fp8(where, owners, params, lists, coded, shown) -> None:
         """Raises when an FP8 state (codes and absmax under the keys ``coded``) does
-        not fit its param (csrc/checks.h: find_fp8_problem)."""
+        not fit its param (csrc/checks.h: find_fp8_problem), naming it as ``shown``
+        holds it (the user's tensor, where ``lists`` holds a permuted view)."""
         half = len(coded) // 2
         bad, which = torch.ops.amos_fused.check_fp8_states(
             params, [t for k in coded[:half] for t in lists[k]], [t for k in coded[half:] for t in lists[k]])
         if bad < 0:
             return
-        key, tensor, p = coded[which], lists[coded[which]][bad], params[bad]
+        key, tensor, p = coded[which], shown[coded[which]][bad], params[bad]
         if tensor.is_inference() and not torch.is_inference_mode_enabled():
             raise step_error(where(bad), Problem.INFERENCE, p, name=key)
         expected = ("uint8 codes with the param's shape and strides" if which < half else

@@ -75,3 +75,27 @@ def test_amos_checkpoint_into_channels_last_params():
     opt.step()
     loaded.step()
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("cls,key", [(af.Amos, "mu"), (af.Amos, "v"), (af.Amos8bit, "mu")],
+                         ids=["Amos-mu", "Amos-v", "Amos8bit-mu"])
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_a_refused_state_of_a_permuted_param_is_named_as_the_user_holds_it(cls, key, layout, backend):
+    # the fused Amos walks step a dense param's views permuted into memory order; a state
+    # that does not fit is still described by its own shape and strides, nothing written
+    if layout == "channels_last":
+        p = torch.randn(256, 4, 2, 2).contiguous(memory_format=torch.channels_last)
+    else:
+        p = torch.randn(80, 64).t()
+    p.requires_grad_(True)
+    opt = cls([p], lr=0.01, momentum=0.9, backend=backend)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    bad = opt.state[p][key].to(torch.float64)
+    opt.state[p][key] = bad
+    before = p.detach().clone()
+    with pytest.raises(ValueError) as refused:
+        opt.step()
+    assert f"shape {tuple(bad.shape)}, strides {bad.stride()}" in str(refused.value)
+    assert torch.equal(p.detach(), before)
