@@ -81,6 +81,29 @@ def test_tensor_betas_give_torchs_moments(ours, theirs, beta1, param_dtype, beta
         assert torch.equal(moments[1][1], moments[0][1])
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("cls", [af.AdamW, af.Adam, af.RAdam], ids=lambda c: c.__name__)
+def test_tensor_betas_and_lr_step_as_the_same_values_given_as_numbers(cls, backend):
+    # the per-step scalars (bias corrections, step size, RAdam's ρ_t) are computed in
+    # float64 from the values, Tensor or number alike (torch.optim computes them in float32
+    # Tensor arithmetic, which loses digits for β2 near 1: the README says so)
+    values = (torch.tensor(0.9), torch.tensor(0.9999), torch.tensor(3e-3))
+    gen = torch.Generator().manual_seed(1)
+    theta = torch.randn(301, generator=gen)
+    grads = [torch.randn(301, generator=gen) for _ in range(8)]
+    results = []
+    for tensors in (True, False):
+        beta1, beta2, lr = values if tensors else (float(v) for v in values)
+        p = torch.nn.Parameter(theta.clone())
+        opt = cls([p], lr=lr, betas=(beta1, beta2), weight_decay=0.01, backend=backend)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        results.append((p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]))
+    for tensor_run, number_run in zip(*results):
+        assert torch.equal(tensor_run, number_run)
+
+
 NOT_TWO_NUMBERS = ["ab", (0.9,), (0.9, 0.95, 0.99), 0.9, (0.9, 1.0),
                    torch.tensor(0.9), np.array(0.9), torch.tensor([[0.9, 0.95]])]  # 0-d: __len__ that raises
 
