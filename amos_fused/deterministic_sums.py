@@ -38,9 +38,9 @@ def local_sum_of_squares(t: Tensor) -> Tensor:
     return _row_sums(x * x)[0]
 
 
-def norm(t: Tensor) -> Tensor:
-    """‖t‖₂ from local_sum_of_squares, as a 0-d tensor of t's dtype."""
-    return local_sum_of_squares(t).sqrt().to(t.dtype)
+def norm(t: Tensor) -> float:
+    """‖t‖₂ from local_sum_of_squares, in float64."""
+    return math.sqrt(float(local_sum_of_squares(t)))
 
 
 def fixed_order_sum(x: Tensor, dims: Sequence[int]) -> Tensor:

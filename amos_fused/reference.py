@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import rounded_once
 from .amos_slots import ReduceAxes, reduced_dims
-from .deterministic_sums import fixed_order_mean, local_sum_of_squares
+from .deterministic_sums import fixed_order_mean, norm
 
 _REDUCED = (torch.bfloat16, torch.float16)
 
@@ -338,7 +338,7 @@ def scaled_adam_step(
     """
     theta, m, v, u = scaled_adam_direction(param, grad, exp_avg, exp_avg_sq, step, beta1=beta1, beta2=beta2,
                                            eps=eps)
-    u_norm = math.sqrt(float(local_sum_of_squares(u)))  # in a fixed order: any thread count
+    u_norm = norm(u)  # in a fixed order: any thread count
     scaled_adam_apply(param, exp_avg, exp_avg_sq, theta, m, v, u, u_norm, step, lr=lr, init_norm=init_norm, p=p,
                       decay=decay, q=q)
 
@@ -386,5 +386,4 @@ def lamb_step(
     ‖θ‖/‖u‖ would be Inf/Inf = NaN, and every element NaN)."""
     theta, m, v, u = lamb_direction(param, grad, exp_avg, exp_avg_sq, step, beta1=beta1, beta2=beta2, eps=eps,
                                     weight_decay=weight_decay, bias_correction=bias_correction)
-    lamb_apply(param, exp_avg, exp_avg_sq, theta, m, v, u, float(local_sum_of_squares(theta).sqrt()),
-               float(local_sum_of_squares(u).sqrt()), lr=lr)
+    lamb_apply(param, exp_avg, exp_avg_sq, theta, m, v, u, norm(theta), norm(u), lr=lr)
