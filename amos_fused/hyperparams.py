@@ -110,6 +110,16 @@ def betas(value: Sequence[float], count: int = 2) -> None:
         in_unit_interval(f"beta parameter at index {index}", beta)
 
 
+def betas_unmixed(value) -> None:
+    """torch.optim.Adam and AdamW's constructors refuse a pair of betas of which one
+    is a Tensor and the other is not; so do theirs here (a step takes such a pair
+    written into a group later, as torch's step does)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__getitem__") or _length(value) != 2:
+        return  # betas() names what is wrong with it
+    if isinstance(value[0], torch.Tensor) != isinstance(value[1], torch.Tensor):
+        raise ValueError(f"Invalid betas: {value!r} (must be either both numbers or both Tensors)")
+
+
 def _is_numpy_bool(value) -> bool:
     try:
         import numpy

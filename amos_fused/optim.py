@@ -59,6 +59,7 @@ class _AdamFamily(FusedOptimizer):
                                    differentiable=False, decoupled_weight_decay=False, fused=None)
 
     def __init__(self, params, lr, betas, eps, weight_decay, amsgrad, bias_correction, decoupled, flags):
+        hp.betas_unmixed(betas)
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, amsgrad=amsgrad, bias_correction=bias_correction,

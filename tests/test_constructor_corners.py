@@ -104,6 +104,32 @@ def test_tensor_betas_and_lr_step_as_the_same_values_given_as_numbers(cls, backe
         assert torch.equal(tensor_run, number_run)
 
 
+@pytest.mark.parametrize("betas", [(torch.tensor(0.9), 0.999), (0.9, torch.tensor(0.999))], ids=repr)
+@pytest.mark.parametrize("ours,theirs", [(af.AdamW, torch.optim.AdamW), (af.Adam, torch.optim.Adam),
+                                         (af.AdamW8bit, torch.optim.AdamW), (af.Adam8bit, torch.optim.Adam)],
+                         ids=lambda c: c.__name__)
+def test_betas_of_one_tensor_and_one_number_are_refused_as_torch_refuses_them(ours, theirs, betas):
+    with pytest.raises(ValueError, match="both Tensors"):
+        theirs([torch.nn.Parameter(torch.ones(3))], betas=betas)
+    with pytest.raises(ValueError, match=r"Invalid betas: .*both numbers or both Tensors"):
+        ours([torch.nn.Parameter(torch.ones(3))], betas=betas)
+    # a step takes such a pair written into the group later, as torch's step does
+    runs = []
+    for cls in (ours, theirs):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+        opt = cls([p], lr=0.1)
+        opt.param_groups[0]["betas"] = betas
+        for _ in range(2):
+            p.grad = torch.linspace(1, 2, 5)
+            opt.step()
+        runs.append((p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]))
+    if ours in (af.AdamW, af.Adam):  # (the 8-bit classes keep FP8 moments)
+        (ours_p, ours_m, ours_v), (torch_p, torch_m, torch_v) = runs
+        assert torch.equal(ours_m, torch_m) and torch.equal(ours_v, torch_v)
+        # θ by the roundings of torch's float32 bias corrections (README)
+        torch.testing.assert_close(ours_p, torch_p, rtol=1e-5, atol=0)
+
+
 NOT_TWO_NUMBERS = ["ab", (0.9,), (0.9, 0.95, 0.99), 0.9, (0.9, 1.0),
                    torch.tensor(0.9), np.array(0.9), torch.tensor([[0.9, 0.95]])]  # 0-d: __len__ that raises
 
