@@ -136,6 +136,21 @@ def _host_values(group: dict) -> dict:
     return group
 
 
+def _refuse_dtensors(where, steps: List[Tensor], columns: List[Tuple[str, List[Tensor]]]) -> None:
+    """Raises a ValueError naming the first DTensor among step counters and states
+    (``columns``: (key, one tensor per param)) that the kernels' checks refused: a
+    DTensor param's states are read as its local shards, but a step counter is a
+    plain one-element tensor, as torch.optim keeps it, and a plain param's states
+    are plain tensors."""
+    for key, column in [("step", steps)] + columns:
+        for i, t in enumerate(column):
+            if is_dtensor(t):
+                what = "a plain float32 CPU scalar tensor, as torch.optim keeps it" if key == "step" else \
+                    "a plain tensor like its param"
+                raise ValueError(f"{where(i)}: state[{key!r}] must be {what}, not a DTensor "
+                                 f"(placements {tuple(t.placements)})")
+
+
 def _multiply_grads(grads: List[Tensor], inverse) -> None:
     """g ← g·(1/s) in place, as the steps read the grads: 1/s (``inverse``, a number
     or a 0-dim float64 tensor) in float64 for float64 grads, else rounded to float32,
@@ -418,7 +433,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             return False
         return any(self._sums_over_shards(owner, group) for owner in bucket.owners)
 
-    def _split_by_sums(self, spec: BucketSpec, positions: List[int], plan: GroupPlan,
+    def _split_by_sums(self, index: int, spec: BucketSpec, positions: List[int], plan: GroupPlan,
                        group: dict) -> List[List[int]]:
         """``positions`` (those of a bucket's params with grads) as the buckets to
         gather: the params whose step sums over their shards apart from the rest,
@@ -429,11 +444,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not spec.dtensor_positions or type(self)._sums_over_shards is FusedOptimizer._sums_over_shards:
             return [positions]
         summing = [i for i in positions if i in spec.dtensor_positions
-                   and self._sums_over_shards(plan.params[i], group)]
+                   and self._named_sums_over_shards(index, i, plan.params[i], group)]
         if not summing or len(summing) == len(positions):
             return [positions]
         taken = set(summing)
         return [summing, [i for i in positions if i not in taken]]
+
+    def _named_sums_over_shards(self, index: int, position: int, param: Tensor, group: dict) -> bool:
+        """``_sums_over_shards``, a refusal of the group's settings (Amos's
+        ``reduce_axes``) named by the param, as the plain params' checks name it."""
+        try:
+            return self._sums_over_shards(param, group)
+        except ValueError as error:
+            raise ValueError(f"{self._where(index, position, param)}: {error}") from None
 
     def _params_summed_over_shards(self) -> List[Tuple[str, Tensor]]:
         """(where, param) of every param whose step sums over its shards, with a
@@ -444,7 +467,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             params = group["params"]
             for position in dtensor_positions(params):
-                if self._sums_over_shards(params[position], group):
+                if self._named_sums_over_shards(index, position, params[position], group):
                     found.append((f"param_groups[{index}]['params'][{position}]", params[position]))
         return found
 
@@ -855,7 +878,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         try:
             for spec in plan.specs:
                 positions = [i for i in spec.positions if grads[i] is not None]
-                for part in self._split_by_sums(spec, positions, plan, group):
+                for part in self._split_by_sums(index, spec, positions, plan, group):
                     buckets.append(self._gather(index, group, plan, spec, part, grads, new_states))
         except _StalePlan:
             if rebuild:
@@ -1119,6 +1142,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 name = {Problem.STATE: like_keys, Problem.STATE_SHARED: like_keys, Problem.SLOT: slot_keys,
                         Problem.SLOT_SHARED: slot_keys}.get(problem, [""] * (which + 1))[which]
             tensor = steps[bad] if name in ("", "step") else lists[name][bad]
+            if problem in (Problem.STATE, Problem.SLOT, Problem.STEP) and is_dtensor(tensor):
+                _refuse_dtensors(lambda _: where(bad), [tensor] if name in ("", "step") else [],
+                                 [(name, [tensor])] if name not in ("", "step") else [])
             master = spec is not None and spec.master_of is not None
             raise step_error(where(bad), problem, owners[bad], grad=all_grads[positions[bad]],
                              tensor=tensor, name=name, backend=backend, walk=walk,

@@ -76,10 +76,16 @@ int64_t first_overlap(at::TensorList tensors) {
   return std::get<1>(first_written_overlap(tensors, static_cast<int64_t>(tensors.size())));
 }
 
+// A tensor of a subclass that handles its ops in Python (__torch_dispatch__: a
+// DTensor, whose values live in its local shard): no memory of its own to read or
+// write.
+bool dispatches_in_python(const at::Tensor& t) { return t.key_set().has(c10::DispatchKey::Python); }
+
 }  // namespace
 
 bool is_step_counter(const at::Tensor& s) {
-  return s.layout() == c10::kStrided && !s.is_mkldnn() && s.numel() == 1 && s.scalar_type() == at::kFloat &&
+  return s.layout() == c10::kStrided && !s.is_mkldnn() && !dispatches_in_python(s) && s.numel() == 1 &&
+         s.scalar_type() == at::kFloat &&
          s.device().is_cpu() && *s.data_ptr<float>() >= 0.0f && std::isfinite(*s.data_ptr<float>());
 }
 
@@ -122,7 +128,7 @@ Found find_problem(at::TensorList params, at::TensorList grads,
     for (size_t k = 0; k < states.size(); ++k) {
       if (states[k].empty()) continue;
       const at::Tensor& s = states[k][i];
-      if (!like_param(s, p, walk)) return {at, Problem::kState, int64_t(k)};
+      if (!like_param(s, p, walk) || dispatches_in_python(s)) return {at, Problem::kState, int64_t(k)};
       bool shared = may_share_memory(s, p);  // (state['exp_avg'] = p.data, or exp_avg_sq itself)
       for (size_t j = 0; j < k && !shared; ++j) shared = !states[j].empty() && may_share_memory(s, states[j][i]);
       if (shared) return {at, Problem::kStateShared, int64_t(k)};
@@ -130,7 +136,7 @@ Found find_problem(at::TensorList params, at::TensorList grads,
     for (size_t k = 0; k < slots.size(); ++k) {
       if (slots[k].empty()) continue;
       const at::Tensor& s = slots[k][i];
-      if (s.scalar_type() != p.scalar_type() || s.device() != p.device() ||
+      if (s.scalar_type() != p.scalar_type() || s.device() != p.device() || dispatches_in_python(s) ||
           (walk != Walk::kAny && !s.is_contiguous()))
         return {at, Problem::kSlot, int64_t(k)};
       bool shared = may_share_memory(s, p);

@@ -1121,6 +1121,65 @@ def _refusal_on_one_rank(rank, world, path):
     _finish()
 
 
+def _dtensor_refusals_named(rank, world, path):
+    """Refusals that only DTensors meet name the param as the plain params' do, with
+    nothing written: Amos's bad reduce_axes for a sharded param (asked first where
+    the params that sum over their shards are split off), and a DTensor where a
+    plain tensor belongs (a step counter; a plain param's state)."""
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        gen = torch.Generator().manual_seed(0)
+        sharded = lambda *shape: distribute_tensor(torch.randn(*shape, generator=gen), mesh, [Shard(0)])  # noqa: E731
+
+        def refused(opt, params, edit, undo, *words):
+            held = [t for p in params for t in [p, *opt.state[p].values()]]
+            before = [_local(t).clone() for t in held]
+            edit()
+            try:
+                opt.step()
+                raise AssertionError(f"{words} did not raise")
+            except ValueError as error:
+                text = str(error)
+            undo()
+            assert "param_groups[1]['params'][0]" in text and all(w in text for w in words), text
+            assert all(torch.equal(_local(a), b) for a, b in zip(held, before)), words
+
+        a, b = torch.nn.Parameter(sharded(8, 5)), torch.nn.Parameter(sharded(64, 32))
+        opt = af.Amos([{"params": [a]}, {"params": [b], "reduce_axes": (1,)}], lr=0.01)
+        a.grad, b.grad = sharded(8, 5), sharded(64, 32)
+        opt.step()
+        group = opt.param_groups[1]
+        for bad, words in (("bogus", ("reduce_axes", "'bogus'")), ((5,), ("reduce_axes (5,)", "out of range"))):
+            refused(opt, [a, b], lambda: group.__setitem__("reduce_axes", bad),
+                    lambda: group.__setitem__("reduce_axes", (1,)), *words)
+
+        a, b = torch.nn.Parameter(sharded(8, 5)), torch.nn.Parameter(sharded(64, 32))
+        opt = af.AdamW([{"params": [a]}, {"params": [b]}], lr=0.01)
+        a.grad, b.grad = sharded(8, 5), sharded(64, 32)
+        opt.step()
+        step = opt.state[b]["step"]
+        refused(opt, [a, b], lambda: opt.state[b].__setitem__("step", distribute_tensor(step.clone(), mesh, [Replicate()])),
+                lambda: opt.state[b].__setitem__("step", step), "state['step']", "not a DTensor")
+
+        c, d = torch.nn.Parameter(torch.randn(8, 5)), torch.nn.Parameter(torch.randn(64, 32))
+        opt = af.AdamW([{"params": [c]}, {"params": [d]}], lr=0.01)
+        c.grad, d.grad = torch.randn(8, 5), torch.randn(64, 32)
+        opt.step()
+        exp_avg = opt.state[d]["exp_avg"]
+        refused(opt, [c, d], lambda: opt.state[d].__setitem__("exp_avg", distribute_tensor(exp_avg.clone(), mesh, [Replicate()])),
+                lambda: opt.state[d].__setitem__("exp_avg", exp_avg), "state['exp_avg']", "not a DTensor")
+        opt.step()  # mended: it steps
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
 def _stepped_once_on_shard0(make, mesh, placements=None, make_single=None):
     """(p, opt, q, single, grads): a (8, 512) param placed Shard(0) (or
     ``placements``) and its single-process twin, each stepped once by its own
@@ -1403,3 +1462,7 @@ def test_rms_of_sharded_params_stepped_on_some_ranks_only():
 
 def test_bad_input_on_one_rank_makes_every_rank_raise_at_once_when_steps_sum_over_shards():
     _spawn(_refusal_on_one_rank, 2)
+
+
+def test_refusals_that_only_dtensors_meet_name_the_param():
+    _spawn(_dtensor_refusals_named, 1)
