@@ -173,12 +173,12 @@ def is_dense(t: Tensor) -> bool:
 def _element_offsets(t: Tensor, origin: int, unit: int) -> Tensor:
     """The offsets from ``origin``, in units of ``unit`` bytes (t's element size or
     1), of every unit of t's elements (int64, flat)."""
-    offsets = torch.zeros((), dtype=torch.int64)
+    offsets = torch.zeros((), dtype=torch.int64, device="cpu")
     for n, s in zip(t.shape, t.stride()):
-        offsets = offsets.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * s
+        offsets = offsets.unsqueeze(-1) + torch.arange(n, dtype=torch.int64, device="cpu") * s
     per_element = t.element_size() // unit
     starts = offsets.reshape(-1) * per_element + (t.data_ptr() - origin) // unit
-    return (starts.unsqueeze(-1) + torch.arange(per_element, dtype=torch.int64)).reshape(-1)
+    return (starts.unsqueeze(-1) + torch.arange(per_element, dtype=torch.int64, device="cpu")).reshape(-1)
 
 
 def _first_shared_byte(members: List[Tuple[int, Tensor]]) -> Optional[Tuple[int, int]]:
@@ -191,7 +191,7 @@ def _first_shared_byte(members: List[Tuple[int, Tensor]]) -> Optional[Tuple[int,
     if any(t.element_size() != unit or (t.data_ptr() - origin) % unit for _, t in members):
         unit = 1
     units = [_element_offsets(t, origin, unit) for _, t in members]
-    owners = torch.cat([torch.full((len(u),), k, dtype=torch.int64) for k, u in enumerate(units)])
+    owners = torch.cat([torch.full((len(u),), k, dtype=torch.int64, device="cpu") for k, u in enumerate(units)])
     ordered, order = torch.sort(torch.cat(units), stable=True)
     owned = owners[order]
     # (a unit repeated by one owner alone is an expanded view's own sharing, not an overlap

@@ -22,7 +22,7 @@ def _zeros_like(p: Tensor) -> Tensor:
 
 
 def _new_step() -> Tensor:
-    return torch.tensor(0.0, dtype=torch.float32)
+    return torch.tensor(0.0, dtype=torch.float32, device="cpu")
 
 
 def adam_state(p: Tensor) -> dict:

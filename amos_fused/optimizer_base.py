@@ -170,7 +170,7 @@ def _multiply_grads(grads: List[Tensor], inverse) -> None:
                 g.mul_(factor)
         else:
             if not isinstance(factor, Tensor):
-                factor = torch.tensor(factor, dtype=torch.float32)
+                factor = torch.tensor(factor, dtype=torch.float32, device=same[0].device)
             torch._foreach_copy_(same, torch._foreach_mul([g.float() for g in same], factor))
             for g in negated:
                 g.copy_(g.float() * factor)
@@ -939,7 +939,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             for dtype in sorted({torch.float64 if spec.dtype in (torch.float64, torch.complex128) else torch.float32
                                  for spec in plan.specs}, key=str):
-                if not torch.isfinite(torch.tensor(value, dtype=dtype).reciprocal()):
+                if not torch.isfinite(torch.tensor(value, dtype=dtype, device="cpu").reciprocal()):
                     smallest = 1.0 / torch.finfo(dtype).max
                     raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (its "
                                      f"reciprocal overflows {dtype}, in which the step of such params computes: "
@@ -1222,7 +1222,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         step = current.get("step")
         capturable = bool(group.get("capturable"))
         if isinstance(step, Tensor) and not capturable and is_foreign_step(step):  # torch.tensor(10), as torch takes it
-            changes["step"] = torch.tensor(float(step), dtype=torch.float32)
+            changes["step"] = torch.tensor(float(step), dtype=torch.float32, device="cpu")
         if isinstance(step, Tensor) and capturable and step.numel() == 1 and (
                 step.device != local(p).device or step.dtype != torch.float32):  # torch's capturable: on the device
             changes["step"] = step.detach().to(device=local(p).device, dtype=torch.float32).reshape(())
@@ -1424,7 +1424,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         had a grad gets the int 0, as torch's fused optimizers take it.)"""
         found_inf = getattr(self, "found_inf", None)
         if isinstance(found_inf, (int, float)) and not isinstance(found_inf, bool):
-            found_inf = torch.tensor(float(found_inf))
+            found_inf = torch.tensor(float(found_inf), device="cpu")
         return {"grad_scale": getattr(self, "grad_scale", None), "found_inf": found_inf}
 
     def _host_grad_scaling(self) -> Dict[str, Optional[Tensor]]:
@@ -1862,7 +1862,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         until fp8_states.convert_loaded relays them.  ``group``: the param's group
         (None for a state of no param in a group), for states shaped by it."""
         if key == "step":
-            return torch.tensor(float(value), dtype=torch.float32)
+            return torch.tensor(float(value), dtype=torch.float32, device="cpu")
         if not isinstance(value, Tensor):
             return value
         value = value.detach()

@@ -24,7 +24,7 @@ Number = Union[float, Tensor]
 
 
 def _as_float32(x: Number) -> Tensor:
-    return x if isinstance(x, Tensor) else torch.tensor(x, dtype=torch.float32)
+    return x if isinstance(x, Tensor) else torch.tensor(x, dtype=torch.float32, device="cpu")
 
 
 def fma32(a: Number, b: Tensor, c: Tensor) -> Tensor:
@@ -47,7 +47,7 @@ def torch_rounds_once() -> bool:
     (its vectorized kernels, vector lanes and scalar tails: True on AVX2 and AVX-512
     builds), probed on random values against fma32."""
     gen = torch.Generator().manual_seed(0)
-    x, y, z = (torch.randn(1003, generator=gen) for _ in range(3))
+    x, y, z = (torch.randn(1003, generator=gen, device="cpu") for _ in range(3))
     w = 0.1
     return bool(torch.equal(torch.lerp(x, y, w), fma32(w, y - x, x))
                 and torch.equal(torch.addcmul(z, x, y, value=0.3), fma32(x * 0.3, y, z))
@@ -69,7 +69,7 @@ def lerp(start: Tensor, end: Tensor, weight: float) -> Tensor:
     if not _emulated(start):
         if small:
             return torch.lerp(start, end, weight)
-        return torch.add(end, end - start, alpha=(torch.tensor(weight, dtype=start.dtype) - 1).item())
+        return torch.add(end, end - start, alpha=(torch.tensor(weight, dtype=start.dtype, device="cpu") - 1).item())
     if small:
         return fma32(weight, end - start, start)
     return fma32(_as_float32(weight) - 1, end - start, end)
