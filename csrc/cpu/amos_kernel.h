@@ -241,7 +241,7 @@ void amos_typed(const AmosLaunch& L) {
     }
     if (sums != nullptr) acc.flush(sums);
   });
-  at::parallel_for(0, L.num_general, 1, [&](int64_t lo, int64_t hi) {
+  parallel_for_as_caller(0, L.num_general, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) amos_general_tensor<scalar_t, MOMENTUM, CLIP, Low>(L, L.general[i]);
   });
 }

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "vec_ops.h"  // before anything that includes step_math.h
+#include "caller_float_mode.h"
 #include "kernel_api.h"
 #include "../stochastic_round.h"
 
@@ -44,7 +45,7 @@ inline void for_each_chunk_segment(const BucketView& bucket, int64_t chunks, con
   const int64_t* offsets = bucket.offsets;
   const int64_t total = offsets[n];
   if (total == 0) return;
-  at::parallel_for(0, chunks, 1, [&](int64_t first_chunk, int64_t last_chunk) {
+  parallel_for_as_caller(0, chunks, 1, [&](int64_t first_chunk, int64_t last_chunk) {
     for (int64_t chunk = first_chunk; chunk < last_chunk; ++chunk) {
       int64_t lo = total / chunks * chunk + std::min(chunk, total % chunks);
       const int64_t hi = lo + total / chunks + (chunk < total % chunks ? 1 : 0);
@@ -92,7 +93,7 @@ inline void for_each_tracked_segment(const BucketView& bucket, double* telemetry
   for (int64_t t = 0; t < n; ++t)
     first_block[t + 1] = first_block[t] + (offsets[t + 1] - offsets[t] + kTelemetryBlock - 1) / kTelemetryBlock;
   std::vector<Telemetry> partial(first_block[n]);
-  at::parallel_for(0, first_block[n], std::max<int64_t>(1, kGrainSize / kTelemetryBlock),
+  parallel_for_as_caller(0, first_block[n], std::max<int64_t>(1, kGrainSize / kTelemetryBlock),
                    [&](int64_t lo, int64_t hi) {
     int64_t t = std::upper_bound(first_block.begin(), first_block.end(), lo) - first_block.begin() - 1;
     for (int64_t block = lo; block < hi; ++block) {

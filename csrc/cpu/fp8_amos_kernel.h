@@ -99,7 +99,7 @@ void amos_fp8_all_slots(const Fp8Launch& L, const TileCoefs<AmosCoef, scalar_t>&
     const AmosLayout& layout = L.amos->layout[t];
     if (layout.kind == kSlotsGeneral && layout.num_slots > 0) pieces.push_back({t, 0, layout.num_slots});
   }
-  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t lo, int64_t hi) {
+  parallel_for_as_caller(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const Piece& piece = pieces[i];
       amos_fp8_slots<scalar_t, CLIP, Low>(L, piece.t, piece.first, piece.last, coef[piece.t],

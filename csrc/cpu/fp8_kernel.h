@@ -437,7 +437,7 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of,
   for (int64_t t = 0; t < n && cuts.empty(); ++t)
     if (blocks_per_cut(t) != 1) cuts.push_back(0);
   if (cuts.empty()) {
-    at::parallel_for(0, first_block[n], kFp8GrainBlocks, walk);
+    parallel_for_as_caller(0, first_block[n], kFp8GrainBlocks, walk);
   } else {
     cuts.clear();
     for (int64_t t = 0; t < n; ++t)
@@ -446,7 +446,7 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of,
     // the threads' shares split by blocks, as above, each end moved on to the next cut:
     // the tasks still cover every block once, and weigh about the same
     auto cut_at = [&](int64_t block) { return *std::lower_bound(cuts.begin(), cuts.end(), block); };
-    at::parallel_for(0, first_block[n], kFp8GrainBlocks, [&](int64_t lo, int64_t hi) {
+    parallel_for_as_caller(0, first_block[n], kFp8GrainBlocks, [&](int64_t lo, int64_t hi) {
       const int64_t from = cut_at(lo), to = cut_at(hi);
       if (from < to) walk(from, to);
     });

@@ -40,7 +40,7 @@ void norm_scaled_phase1_typed(const NormScaledLaunch& L, double* u_sq, double* t
   for (int64_t t = 0; t < n; ++t)
     first_block[t + 1] = first_block[t] + (offsets[t + 1] - offsets[t] + kBlock - 1) / kBlock;
   std::vector<double> partial(2 * first_block[n], 0.0);  // [block][u, θ]
-  at::parallel_for(0, first_block[n], std::max<int64_t>(1, kGrainSize / kBlock), [&](int64_t lo, int64_t hi) {
+  parallel_for_as_caller(0, first_block[n], std::max<int64_t>(1, kGrainSize / kBlock), [&](int64_t lo, int64_t hi) {
     int64_t t = std::upper_bound(first_block.begin(), first_block.end(), lo) - first_block.begin() - 1;
     for (int64_t block = lo; block < hi; ++block) {
       while (block >= first_block[t + 1]) ++t;
