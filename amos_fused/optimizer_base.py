@@ -151,6 +151,32 @@ def _refuse_dtensors(where, steps: List[Tensor], columns: List[Tuple[str, List[T
                                  f"(placements {tuple(t.placements)})")
 
 
+def _each_element_once(grads: List[Tensor]) -> Tuple[List[Tensor], List[Tuple[Tensor, Tensor]]]:
+    """``grads`` as (the grads that share no memory with another, [(a flat tensor over
+    a storage, a mask of the elements that grads sharing it hold)]): two params' grads
+    that are views of one memory (``p1.grad = g``, ``p2.grad = g.view(...)``) are
+    then multiplied once, as one grad tensor two params hold is.  (Views of one
+    memory in different dtypes, which no autograd makes, are left as they are.)"""
+    if len(grads) < 2 or first_overlap(grads) is None:
+        return grads, []
+    by_storage: Dict[Tuple[str, int], List[Tensor]] = defaultdict(list)
+    for g in grads:
+        by_storage[(str(g.device), g.untyped_storage().data_ptr())].append(g)
+    alone, unions = [], []
+    for members in by_storage.values():
+        if len(members) == 1 or len({g.dtype for g in members}) > 1 or first_overlap(members) is None:
+            alone.extend(members)
+            continue
+        storage = members[0].untyped_storage()
+        base = torch.empty(0, dtype=members[0].dtype, device=members[0].device).set_(
+            storage, 0, (storage.nbytes() // members[0].element_size(),))
+        mask = torch.zeros(base.shape, dtype=torch.bool, device=base.device)
+        for g in members:
+            mask.as_strided(g.shape, g.stride(), g.storage_offset()).fill_(True)
+        unions.append((base, mask))
+    return alone, unions
+
+
 def _multiply_grads(grads: List[Tensor], inverse) -> None:
     """g ← g·(1/s) in place, as the steps read the grads: 1/s (``inverse``, a number
     or a 0-dim float64 tensor) in float64 for float64 grads, else rounded to float32,
@@ -158,6 +184,11 @@ def _multiply_grads(grads: List[Tensor], inverse) -> None:
     (torch's own foreach multiply would round 1/s to the grad's dtype first)."""
     # (a DTensor's local shard holds its data; a complex grad is stepped as its real view)
     grads = [torch.view_as_real(g) if g.is_complex() else g for g in map(local, grads)]
+    grads, unions = _each_element_once(grads)
+    for base, mask in unions:  # grads that share memory: each element of theirs once
+        values = base[mask]
+        _multiply_grads([values], inverse)
+        base[mask] = values
     for dtype in {g.dtype for g in grads}:
         same = [g for g in grads if g.dtype == dtype]
         negated = [g for g in same if g.is_neg()]  # (x.conj().imag: torch's foreach ops cannot write those)

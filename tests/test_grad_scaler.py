@@ -235,6 +235,43 @@ def test_a_grad_two_params_share_is_unscaled_once(backend):
     assert ours[0].grad is ours[1].grad and torch.equal(ours[0].grad, shared)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("views", ["same", "overlapping", "strided-overlapping", "interleaved", "disjoint"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grads_that_are_views_of_one_memory_are_unscaled_once_per_element(backend, views, dtype):
+    """Grads that are distinct tensors over one memory (two views of it, as a user's
+    own buffer hands them out) are left unscaled once per element, as one grad
+    tensor two params share is; each param steps on its unscaled grad."""
+    memory = (torch.randn(62, generator=torch.Generator().manual_seed(3)) * 8).to(dtype)
+    first, second = {
+        "same": (memory[:30], memory[:30].view(5, 6)),
+        "overlapping": (memory[:30], memory[10:40].view(5, 6)),
+        "strided-overlapping": (memory[0:60:2], memory[2:62:2].unflatten(0, (5, 6))),  # 29 elements shared
+        "interleaved": (memory[0:60:2], memory[1:61:2].unflatten(0, (5, 6))),  # spans overlap, elements do not
+        "disjoint": (memory[:20], memory[20:40]),
+    }[views]
+    shapes = (tuple(first.shape), tuple(second.shape))
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(*shape, generator=gen).to(dtype) for shape in shapes]
+    ours = [torch.nn.Parameter(v.clone()) for v in values]
+    twins = [torch.nn.Parameter(v.clone()) for v in values]
+    expected = memory.float().div(8).to(dtype)  # (÷8 is exact: 1/8 in float32, rounded once)
+    touched = torch.zeros(memory.shape, dtype=torch.bool)
+    for view in (first, second):
+        touched.as_strided(view.shape, view.stride(), view.storage_offset()).fill_(True)
+    expected = torch.where(touched, expected, memory)
+    opt, twin = af.AdamW(ours, lr=1e-2, backend=backend), af.AdamW(twins, lr=1e-2, backend=backend)
+    ours[0].grad, ours[1].grad = first, second
+    for p, view in zip(twins, (first, second)):
+        p.grad = view.float().div(8).to(dtype)
+    opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(0.0)
+    opt.step()
+    twin.step()
+    for p, q in zip(ours, twins):
+        assert torch.equal(p, q)
+    assert torch.equal(memory, expected)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_optimizer_without_grads_this_step_under_a_shared_scaler(backend):
     """Two optimizers, one GradScaler, one sub-model unused this iteration (a GAN's
