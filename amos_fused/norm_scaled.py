@@ -11,7 +11,7 @@ import torch
 from . import hyperparams as hp
 from . import reference
 from .deterministic_sums import local_sum_of_squares
-from .optim import _advance, _next_step, adam_state, sum_of_squares
+from .optim import _advance, _next_step, adam_state, refuse_valueless, sum_of_squares
 from .optimizer_base import FusedOptimizer, torch_flags
 from .sharding import shard_groups, sharded_dims, sum_over_shards
 from .theory import DECAYS, half_life_p, half_life_rate
@@ -26,6 +26,7 @@ def initial_sigma(p: torch.Tensor) -> float:
     (``optim.sum_of_squares``)."""
     if p.dim() < 2 or p.numel() == 0:
         return 0.5
+    refuse_valueless(p, "sigma")
     rms = math.sqrt(float(sum_of_squares(p)) / p.numel())
     return rms if rms > 0 and math.isfinite(rms) else 0.5
 

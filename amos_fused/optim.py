@@ -245,12 +245,23 @@ def sum_of_squares(t: Tensor) -> Tensor:
     return total
 
 
+def refuse_valueless(p: Tensor, setting: str) -> None:
+    """Raises a ValueError where ``setting`` is to be inferred from the values of a
+    param that has none (on the meta device)."""
+    if p.is_meta:
+        raise ValueError(
+            f"cannot infer {setting} from a param on the meta device ({p.dtype}, shape {tuple(p.shape)}), which "
+            f"holds no values: give {setting} explicitly, or make the optimizer once the params hold their "
+            "initial values (after module.to_empty(...) and their init)")
+
+
 def initial_rms_eta(p: Tensor) -> float:
     """Amos's default η for a tensor: the RMS of its (freshly initialized) entries,
     0.5 where that is zero (zero-init biases); thread-count independent
     (``sum_of_squares``)."""
     if p.numel() == 0:
         return 0.5
+    refuse_valueless(p, "eta")
     rms = math.sqrt(float(sum_of_squares(p)) / p.numel())
     return rms if rms > 0 and math.isfinite(rms) else 0.5
 

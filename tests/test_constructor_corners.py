@@ -200,3 +200,13 @@ def test_a_value_beyond_float32_range_is_refused_at_construction(cls, kwargs):
     with pytest.raises(ValueError, match=rf"param_groups\[1\].*{name}"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("cls,setting", [(af.Amos, "eta"), (af.Amos8bit, "eta"), (af.ScaledAdamW, "sigma")],
+                         ids=lambda x: getattr(x, "__name__", x))
+def test_a_scale_inferred_from_a_param_without_values_is_refused_by_name(cls, setting):
+    # a param on the meta device (a model built there, before to_empty) has no values to take an RMS of
+    p = torch.nn.Parameter(torch.empty(4, 5, device="meta"))
+    with pytest.raises(ValueError, match=rf"cannot infer {setting} from a param on the meta device .*shape \(4, 5\)"):
+        cls([p], lr=0.01)
+    cls([p], lr=0.01, **{setting: 0.5})  # given: nothing to infer
