@@ -186,9 +186,9 @@ def _multiply_grads(grads: List[Tensor], inverse) -> None:
     grads = [torch.view_as_real(g) if g.is_complex() else g for g in map(local, grads)]
     grads, unions = _each_element_once(grads)
     for base, mask in unions:  # grads that share memory: each element of theirs once
-        values = base[mask]
-        _multiply_grads([values], inverse)
-        base[mask] = values
+        product = base.clone()  # (where(), not mask indexing: no host sync on a GPU)
+        _multiply_grads([product], inverse)
+        base.copy_(torch.where(mask, product, base))
     for dtype in {g.dtype for g in grads}:
         same = [g for g in grads if g.dtype == dtype]
         negated = [g for g in same if g.is_neg()]  # (x.conj().imag: torch's foreach ops cannot write those)
