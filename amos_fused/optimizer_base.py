@@ -1336,6 +1336,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         stale = [key for key in stale if is_dense(st[key])]
         if not stale or not is_dense(p):
             return {}
+        # copies would part states that share memory, which the step's checks refuse
+        held = [(key, value) for key, value in st.items()
+                if isinstance(value, Tensor) and key not in ("step", MASTER_KEY) and value.device == p.device]
+        shared = first_overlap([p] + [value for _, value in held])
+        if shared is not None:
+            key, value = held[shared[1] - 1]
+            raise ValueError(f"state[{key!r}] ({value.dtype}, shape {tuple(value.shape)}, strides {value.stride()}, on {value.device}) "
+                             "shares memory with its param or with another of its states; each state needs memory "
+                             "of its own (it is written in place)")
         out = {}
         for key in stale:
             value = st[key]

@@ -123,6 +123,31 @@ def test_amos_slots_follow_the_new_memory_order():
     assert opt.state[p]["v"].permute(order).is_contiguous()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["AdamW", "Lion", "Amos-elementwise", "AdamW8bit"])
+def test_states_sharing_memory_are_refused_after_a_memory_format_change_too(name, backend):
+    """Re-laying the states of a param swapped into another memory format would copy
+    two states that share memory into two that do not: the step refuses them as it
+    does without the swap, before any write."""
+    from conftest import assert_unchanged, snapshot
+    cls, kwargs = LAYOUT_CASES[name]
+    p = _conv_weight(torch.float32)
+    opt = cls([p], backend=backend, **kwargs)
+    _grads([p], 0)
+    opt.step()
+    keys = [k for k, v in opt.state[p].items() if k != "step" and isinstance(v, torch.Tensor) and v.shape == p.shape]
+    victim = keys[-1]
+    opt.state[p][victim] = p.data if len(keys) == 1 else opt.state[p][keys[0]]
+    p.data = p.data.contiguous(memory_format=torch.channels_last)
+    if len(keys) == 1:  # (the state that was p's memory shares the new param's no longer: alias it again)
+        opt.state[p][victim] = p.data
+    _grads([p], 1)
+    before = snapshot(opt, [p])
+    with pytest.raises(ValueError, match=rf"state\[{victim!r}\].*shares memory with its param or with another"):
+        opt.step()
+    assert_unchanged(before, opt, [p])
+
+
 # ---- params swapped into sharing memory ----------------------------------------
 
 def _two_params():
