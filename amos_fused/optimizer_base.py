@@ -757,7 +757,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         kept = [(group, {key: group[key] for key in self.per_param_keys if key in group})
                 for group in self.param_groups]
         plans = self._plans_before_step = dict(self._plans)
-        waited = False
         try:
             if not isinstance(self.state, dict):
                 raise TypeError(f"{self._name}: state must be a dict of param -> dict, got "
@@ -773,16 +772,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                           if self._reduces_across_shards(bucket, item.group)]
             summing = self._params_summed_over_shards()  # (grads or not: the same on every rank)
             if summing:  # every rank's checks passed before any rank writes (a rank whose step raised
-                taken = {id(p) for _, bucket in collective for p in bucket.owners}  # tells the others, below)
-                waited = True
+                taken = {id(p) for _, bucket in collective for p in bucket.owners}  # leaves the others waiting)
                 wait_for_every_shard(_process_groups([p for _, p in summing]), self._grad_scaling()["found_inf"],
                                      self._name, [(where, mesh_groups(p), id(p) in taken) for where, p in summing])
-        except BaseException as error:
+        except BaseException:
             for group, values in kept:
                 group.update(values)
             self._plans = plans
-            if not waited and isinstance(error, Exception):
-                self._tell_ranks_summing_with_this_one()
             raise
         finally:
             self._plans_before_step = {}
@@ -801,20 +797,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self._members_changed or any(i >= len(self.param_groups) for i in self._plans):
             self._forget_departed_params()
         return loss
-
-    def _tell_ranks_summing_with_this_one(self) -> None:
-        """After this rank's checks raised: when it holds params whose step sums over
-        their shards, it meets the other ranks at their wait (wait_for_every_shard)
-        with the news, and they raise too instead of waiting for it until the process
-        group's timeout.  Where the params summed cannot be told (their own settings
-        are what failed), or the wait fails, the caller's error is raised as it is."""
-        try:
-            summing = self._params_summed_over_shards()
-            if summing:
-                wait_for_every_shard(_process_groups([p for _, p in summing]), None, self._name,
-                                     [(where, mesh_groups(p), False) for where, p in summing], refused=True)
-        except Exception:
-            pass
 
     def _forget_departed_params(self) -> None:
         """Drops what the caches hold of params that left the optimizer (in no group
