@@ -153,18 +153,21 @@ def _refuse_dtensors(where, steps: List[Tensor], columns: List[Tuple[str, List[T
 
 def _each_element_once(grads: List[Tensor]) -> Tuple[List[Tensor], List[Tuple[Tensor, Tensor]]]:
     """``grads`` as (the grads that share no memory with another, [(a flat tensor over
-    a storage, a mask of the elements that grads sharing it hold)]): two params' grads
-    that are views of one memory (``p1.grad = g``, ``p2.grad = g.view(...)``) are
-    then multiplied once, as one grad tensor two params hold is.  (Views of one
-    memory in different dtypes, which no autograd makes, are left as they are.)"""
-    if len(grads) < 2 or first_overlap(grads) is None:
+    a storage, a mask of the elements that grads of its dtype there hold)]): two
+    params' grads that are views of one memory (``p1.grad = g``, ``p2.grad =
+    g.view(...)``) are then multiplied once per element, as one grad tensor two
+    params hold is.  The common case, dense grads none of which shares memory with
+    another, costs one C++ pass over the grads' spans (exact for dense tensors)."""
+    if len(grads) < 2:
         return grads, []
-    by_storage: Dict[Tuple[str, int], List[Tensor]] = defaultdict(list)
+    if all(g.is_contiguous() or is_dense(g) for g in grads) and _C.first_written_overlap(grads, len(grads))[0] < 0:
+        return grads, []
+    by_storage: Dict[Tuple[str, int, torch.dtype], List[Tensor]] = defaultdict(list)
     for g in grads:
-        by_storage[(str(g.device), g.untyped_storage().data_ptr())].append(g)
+        by_storage[(str(g.device), g.untyped_storage().data_ptr(), g.dtype)].append(g)
     alone, unions = [], []
     for members in by_storage.values():
-        if len(members) == 1 or len({g.dtype for g in members}) > 1 or first_overlap(members) is None:
+        if len(members) == 1:
             alone.extend(members)
             continue
         storage = members[0].untyped_storage()
@@ -189,20 +192,22 @@ def _multiply_grads(grads: List[Tensor], inverse) -> None:
         product = base.clone()  # (where(), not mask indexing: no host sync on a GPU)
         _multiply_grads([product], inverse)
         base.copy_(torch.where(mask, product, base))
-    for dtype in {g.dtype for g in grads}:
-        same = [g for g in grads if g.dtype == dtype]
+    for dtype, device in {(g.dtype, g.device) for g in grads}:
+        same = [g for g in grads if g.dtype == dtype and g.device == device]
         negated = [g for g in same if g.is_neg()]  # (x.conj().imag: torch's foreach ops cannot write those)
         same = [g for g in same if not g.is_neg()] if negated else same
         factor = inverse if not isinstance(inverse, Tensor) else inverse.to(
             torch.float64 if dtype == torch.float64 else torch.float32)
         if dtype in (torch.float32, torch.float64):
-            torch._foreach_mul_(same, factor)
+            if same:
+                torch._foreach_mul_(same, factor)
             for g in negated:
                 g.mul_(factor)
         else:
             if not isinstance(factor, Tensor):
-                factor = torch.tensor(factor, dtype=torch.float32, device=same[0].device)
-            torch._foreach_copy_(same, torch._foreach_mul([g.float() for g in same], factor))
+                factor = torch.tensor(factor, dtype=torch.float32, device=device)
+            if same:
+                torch._foreach_copy_(same, torch._foreach_mul([g.float() for g in same], factor))
             for g in negated:
                 g.copy_(g.float() * factor)
 
