@@ -1245,7 +1245,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 step.device != local(p).device or step.dtype != torch.float32):  # torch's capturable: on the device
             changes["step"] = step.detach().to(device=local(p).device, dtype=torch.float32).reshape(())
         if p.dim() > 1 and not is_dtensor(p):  # states left in an old layout (p.data in another memory format)
-            relaid = self._relaid_states(p, current)
+            relaid = self._relaid_states(p, current, keys)
             if relaid:
                 changes.update(relaid)
                 current = {**st, **changes}
@@ -1295,7 +1295,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                           and v.shape == p.shape] if isinstance(st, dict) else []
                 self._layouts[id(p)] = (p, shaped[0].stride() if shaped else p.stride())
 
-    def _relaid_states(self, p: Tensor, st: dict) -> dict:
+    def _relaid_states(self, p: Tensor, st: dict, keys: Tuple[str, ...]) -> dict:
         """When p's strides changed since its last step (a param replaced by one of
         another memory format: torch.optim steps it, its elementwise math taking any
         strides), copies in p's new layout of its state tensors laid out otherwise:
@@ -1323,9 +1323,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         stale = [key for key in stale if is_dense(st[key])]
         if not stale or not is_dense(p):
             return {}
-        # copies would part states that share memory, which the step's checks refuse
+        # copies would part states the step writes that share memory, which its checks refuse
         held = [(key, value) for key, value in st.items()
-                if isinstance(value, Tensor) and key not in ("step", MASTER_KEY) and value.device == p.device]
+                if key in keys and key != MASTER_KEY and isinstance(value, Tensor) and value.device == p.device]
         shared = first_overlap([p] + [value for _, value in held])
         if shared is not None:
             key, value = held[shared[1] - 1]
