@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import amos_fused as af
+
 from registry import ALL_CLASS_CASES, backends
 
 
@@ -70,3 +72,21 @@ def test_grad_scaled_bfloat16_grads_unscale_under_another_default_device(backend
             opt.step()
         results.append([t.clone() for p in params for t in (p.detach(), p.grad, opt.state[p]["exp_avg"])])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.skipif("triton" not in af.available_backends(), reason="no Triton (nor its interpreter) here")
+@pytest.mark.parametrize("name", ["AdamW", "Lion", "Amos", "Lamb", "AdamW8bit"])
+def test_the_triton_backends_host_tables_ignore_another_default_device(name):
+    # its program maps, per-tensor tables and rounding rows are made on the host, then moved
+    # to the params' device (under the interpreter, the CPU)
+    case = ALL_CLASS_CASES[name]
+    runs = []
+    for under_meta in (False, True):
+        params = _params()
+        opt = case.make(params, "triton")
+        for step in range(2):
+            _set_grads(params, step)
+            with torch.device("meta" if under_meta else "cpu"):
+                opt.step()
+        runs.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -183,11 +183,11 @@ class AmosMeta(StreamTables):
                 partial_base += chunks * layout.num_slots
         self.info = int64_table(info, self.device)
         self.program_counts = main_programs  # the telemetry partials: one pair per main program
-        self.main_blocks = to_device(program_map(torch.tensor(main_programs)), self.device)
+        self.main_blocks = to_device(program_map(torch.tensor(main_programs, device="cpu")), self.device)
         self.num_main = len(self.main_blocks) // 2
-        self.slot_blocks = to_device(program_map(torch.tensor(slot_programs)), self.device)
+        self.slot_blocks = to_device(program_map(torch.tensor(slot_programs, device="cpu")), self.device)
         self.num_slot_blocks = len(self.slot_blocks) // 2
-        self.sum_blocks = to_device(program_map(torch.tensor(sum_programs)), self.device)
+        self.sum_blocks = to_device(program_map(torch.tensor(sum_programs, device="cpu")), self.device)
         self.num_sum_blocks = len(self.sum_blocks) // 2
         self.total_slots = slot_base
         scratch = dict(dtype=compute_dtype(params[0].dtype), device=self.device)

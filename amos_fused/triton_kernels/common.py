@@ -139,7 +139,7 @@ def to_device(host: Tensor, device: torch.device) -> Tensor:
 
 
 def int64_table(values, device: torch.device) -> Tensor:
-    return to_device(torch.as_tensor(values, dtype=torch.int64), device)
+    return to_device(torch.as_tensor(values, dtype=torch.int64, device="cpu"), device)
 
 
 def program_map(programs: Tensor) -> Tensor:
@@ -147,9 +147,9 @@ def program_map(programs: Tensor) -> Tensor:
     numbered 0, 1, … within it."""
     programs = programs.to(torch.int64)
     total = int(programs.sum())
-    tensor = torch.repeat_interleave(torch.arange(len(programs)), programs)
+    tensor = torch.repeat_interleave(torch.arange(len(programs), device="cpu"), programs)
     first = torch.cumsum(programs, 0) - programs
-    index = torch.arange(total) - torch.repeat_interleave(first, programs)
+    index = torch.arange(total, device="cpu") - torch.repeat_interleave(first, programs)
     return torch.stack([tensor, index], 1).reshape(-1)
 
 
@@ -219,7 +219,7 @@ class BucketMeta(StreamTables):
     def __init__(self, streams: Sequence[Sequence[Tensor]], block: int):
         super().__init__(streams)
         params = streams[0]
-        numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
+        numels = torch.tensor([p.numel() for p in params], dtype=torch.int64, device="cpu")
         self.numels = to_device(numels, self.device)
         blocks = block_map(numels, block)
         self.num_blocks = len(blocks) // 2
@@ -333,7 +333,7 @@ def round_table(round_keys: Optional[Sequence[int]], steps: Sequence[Tensor],
     if round_keys is None:
         return None
     mask32 = host_rounding.MASK32
-    after = torch.tensor([float(s) + 1.0 for s in steps], dtype=torch.float32).tolist()
+    after = torch.tensor([float(s) + 1.0 for s in steps], dtype=torch.float32, device="cpu").tolist()
     rows = []
     for key, step in zip(round_keys, after):
         key, step = int(key) & 0xFFFFFFFFFFFFFFFF, int(step) & mask32
