@@ -391,3 +391,17 @@ def test_complex_grads_are_left_with_their_signed_zeros(backend):
     opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(0.0)
     opt.step()
     assert torch.equal(torch.view_as_real(p.grad).view(torch.int32), (torch.view_as_real(g) * 0.5).view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grads_that_are_all_negated_views_are_unscaled(backend, dtype):
+    """A dtype whose every grad is a lazily negated view (x.conj().imag makes them)
+    is unscaled by its own multiplies: no foreach call is left with an empty list."""
+    p = torch.nn.Parameter(torch.ones(4, dtype=dtype))
+    opt = af.AdamW([p], lr=1e-2, backend=backend)
+    p.grad = torch._neg_view(torch.full((4,), 8.0, dtype=dtype))
+    opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(0.0)
+    opt.step()
+    assert p.grad.is_neg() and torch.equal(p.grad, torch.full((4,), -1.0, dtype=dtype))
+    assert not torch.equal(p.detach(), torch.ones(4, dtype=dtype))
