@@ -74,6 +74,13 @@ def lazy_kind(tensor: Tensor) -> str:
     return "a lazily conjugated view (tensor.is_conj())" if tensor.is_conj() else ""
 
 
+def shared_state_text(name: str, tensor: Tensor) -> str:
+    """Why state[name] (``tensor``) is refused when it shares memory with its param or
+    another of its states."""
+    return (f"state[{name!r}] ({_describe(tensor)}) shares memory with its param or with another of its states; "
+            "each state needs memory of its own (it is written in place)")
+
+
 def step_error(where: str, problem: Problem, param: Tensor, grad: Optional[Tensor] = None,
                tensor: Optional[Tensor] = None, name: str = "", backend: str = "",
                walk: Walk = Walk.DENSE, master: Optional[Tensor] = None) -> Exception:
@@ -115,8 +122,7 @@ def step_error(where: str, problem: Problem, param: Tensor, grad: Optional[Tenso
         return ValueError(f"{where}: state['step'] must be a float32 CPU scalar tensor, got "
                           + (_describe(tensor) + f" ({tensor.layout})" if isinstance(tensor, Tensor) else repr(tensor)))
     if problem in (Problem.STATE_SHARED, Problem.SLOT_SHARED):
-        return ValueError(f"{where}: state[{name!r}] ({_describe(tensor)}) shares memory with its param or with "
-                          "another of its states; each state needs memory of its own (it is written in place)")
+        return ValueError(f"{where}: {shared_state_text(name, tensor)}")
     if problem == Problem.STEP_SHARED:
         return ValueError(f"{where}: state['step'] is also another param's state['step'] (one tensor); each "
                           "param needs a step counter of its own (torch.optim would advance a shared one once "

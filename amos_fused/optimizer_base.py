@@ -24,7 +24,8 @@ from torch import Tensor
 
 from .backends import backend_for, capturable_backend, capturable_ops, check_backend, fused_ops
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype, memory_order
-from .checks import Problem, Walk, check_step, first_overlap, is_dense, is_foreign_step, lazy_kind, step_error
+from .checks import (Problem, Walk, check_step, first_overlap, is_dense, is_foreign_step, lazy_kind,
+                     shared_state_text, step_error)
 from . import _C, fp8_states
 from . import hyperparams as hp
 from .master_weights import MASTER_KEY, WriteMarks, float32_copy, has_master, master_problem, upcast_states
@@ -134,21 +135,6 @@ def _host_values(group: dict) -> dict:
     if group.get("capturable") and isinstance(lr, Tensor) and lr.device.type != "cpu":
         return {**group, "lr": 0.0}
     return group
-
-
-def _refuse_dtensors(where, steps: List[Tensor], columns: List[Tuple[str, List[Tensor]]]) -> None:
-    """Raises a ValueError naming the first DTensor among step counters and states
-    (``columns``: (key, one tensor per param)) that the kernels' checks refused: a
-    DTensor param's states are read as its local shards, but a step counter is a
-    plain one-element tensor, as torch.optim keeps it, and a plain param's states
-    are plain tensors."""
-    for key, column in [("step", steps)] + columns:
-        for i, t in enumerate(column):
-            if is_dtensor(t):
-                what = "a plain float32 CPU scalar tensor, as torch.optim keeps it" if key == "step" else \
-                    "a plain tensor like its param"
-                raise ValueError(f"{where(i)}: state[{key!r}] must be {what}, not a DTensor "
-                                 f"(placements {tuple(t.placements)})")
 
 
 def _each_element_once(grads: List[Tensor]) -> Tuple[List[Tensor], List[Tuple[Tensor, Tensor]]]:
@@ -1161,8 +1147,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                         Problem.SLOT_SHARED: slot_keys}.get(problem, [""] * (which + 1))[which]
             tensor = steps[bad] if name in ("", "step") else lists[name][bad]
             if problem in (Problem.STATE, Problem.SLOT, Problem.STEP) and is_dtensor(tensor):
-                _refuse_dtensors(lambda _: where(bad), [tensor] if name in ("", "step") else [],
-                                 [(name, [tensor])] if name not in ("", "step") else [])
+                # (the C++ check refuses tensors that dispatch in Python: no memory of their own)
+                what = "a plain float32 CPU scalar tensor, as torch.optim keeps it" if name in ("", "step") \
+                    else "a plain tensor like its param"
+                raise ValueError(f"{where(bad)}: state[{name or 'step'!r}] must be {what}, not a DTensor "
+                                 f"(placements {tuple(tensor.placements)})")
             master = spec is not None and spec.master_of is not None
             raise step_error(where(bad), problem, owners[bad], grad=all_grads[positions[bad]],
                              tensor=tensor, name=name, backend=backend, walk=walk,
@@ -1329,9 +1318,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         shared = first_overlap([p] + [value for _, value in held])
         if shared is not None:
             key, value = held[shared[1] - 1]
-            raise ValueError(f"state[{key!r}] ({value.dtype}, shape {tuple(value.shape)}, strides {value.stride()}, on {value.device}) "
-                             "shares memory with its param or with another of its states; each state needs memory "
-                             "of its own (it is written in place)")
+            raise ValueError(shared_state_text(key, value))
         out = {}
         for key in stale:
             value = st[key]
