@@ -238,6 +238,13 @@ def _loadable_count(step) -> bool:
     return True
 
 
+def _laid_out_above(fp8: bool) -> int:
+    """The dims above which a param's layout at its last step is followed
+    (_relaid_states): a 1-D param has one dense layout, but FP8 codes follow its
+    strides when it is a strided view too."""
+    return 0 if fp8 else 1
+
+
 def _unscalable_grad(where: str, grad: Tensor) -> ValueError:
     """The error for a grad GradScaler's in-place unscaling cannot write (its
     elements share memory: an expanded view), raised before the step writes."""
@@ -973,7 +980,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             keys = keys + (MASTER_KEY,)
         states = []
         state_of = self.state
-        settled = self._settled_state(group, keys, master)
+        settled = self._settled_state(group, keys, master, spec.fp8)
         resharded = bool(spec.dtensor_positions and self.fp8_state_keys)
         for i, p in enumerate(owners):
             st = state_of.get(p, _ABSENT)  # (one lookup: a tensor key's hash is a Python call)
@@ -1182,13 +1189,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The placements of a DTensor param's slot-shaped states (slot_keys)."""
         raise NotImplementedError
 
-    def _settled_state(self, group: dict, keys: Tuple[str, ...], master: bool):
+    def _settled_state(self, group: dict, keys: Tuple[str, ...], master: bool, fp8: bool = False):
         """A test ``(p, st) -> bool``, True only where ``_state_changes(p, st, …)``
         has nothing to do (states all there, a float32 CPU step, no master to make
         or drop, the layout p's states were last stepped in): cheaper than that
-        call, for the common case of every step after the first."""
+        call, for the common case of every step after the first.  ``fp8``: a
+        bucket with FP8 states, whose 1-D params' layouts are followed too
+        (_laid_out_above)."""
         if master or group.get("capturable"):
             return lambda p, st: False
+        laid_out_above = _laid_out_above(fp8)
         wanted = frozenset(("step",) + tuple(keys))
         awaiting, layouts, float32 = self._awaiting_master, self._layouts, torch.float32
 
@@ -1200,7 +1210,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 return False
             if awaiting and awaiting.get(id(p)) is p:
                 return False
-            if p.dim() > 1:
+            if p.dim() > laid_out_above:
                 last = layouts.get(id(p))
                 return last is None or last[0] is not p or last[1] == p.stride()
             return True
@@ -1233,7 +1243,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if isinstance(step, Tensor) and capturable and step.numel() == 1 and (
                 step.device != local(p).device or step.dtype != torch.float32):  # torch's capturable: on the device
             changes["step"] = step.detach().to(device=local(p).device, dtype=torch.float32).reshape(())
-        if p.dim() > 1 and not is_dtensor(p):  # states left in an old layout (p.data in another memory format)
+        if p.dim() > 0 and not is_dtensor(p):  # states left in an old layout (p.data in another memory format)
             relaid = self._relaid_states(p, current, keys)
             if relaid:
                 changes.update(relaid)
@@ -1279,7 +1289,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         last step no longer has): a param whose strides differ at its next step has
         them re-laid."""
         for p, st in self.state.items():
-            if isinstance(p, Tensor) and p.dim() > 1:
+            if isinstance(p, Tensor) and p.dim() > 0:
                 shaped = [v for k, v in st.items() if k != MASTER_KEY and isinstance(v, Tensor)
                           and v.shape == p.shape] if isinstance(st, dict) else []
                 self._layouts[id(p)] = (p, shaped[0].stride() if shaped else p.stride())
@@ -1297,6 +1307,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         last = self._layouts.get(id(p))
         if last is None or last[0] is not p or last[1] == p.stride():
             return {}
+        coded = [key for key, value in st.items() if key in keys and isinstance(value, Tensor)
+                 and value.dtype == torch.uint8 and fp8_states.absmax_key(key) in st]
+        if not is_dense(p) or not all(is_dense(st[key]) for key in coded):
+            # a strided view on either side: FP8 codes follow the param's strides whatever they are (the
+            # reference steps the other states in any strides; the fused backends refuse a strided param)
+            self._refuse_shared_states(p, st, keys)
+            return fp8_states.relaid_into(st, p)
         stride, order = p.stride(), None
         stale = []
         for key, value in st.items():
@@ -1310,15 +1327,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if not value.permute(order).is_contiguous():
                     stale.append(key)
         stale = [key for key in stale if is_dense(st[key])]
-        if not stale or not is_dense(p):
+        if not stale:
             return {}
-        # copies would part states the step writes that share memory, which its checks refuse
-        held = [(key, value) for key, value in st.items()
-                if key in keys and key != MASTER_KEY and isinstance(value, Tensor) and value.device == p.device]
-        shared = first_overlap([p] + [value for _, value in held])
-        if shared is not None:
-            key, value = held[shared[1] - 1]
-            raise ValueError(shared_state_text(key, value))
+        self._refuse_shared_states(p, st, keys)
         out = {}
         for key in stale:
             value = st[key]
@@ -1330,6 +1341,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:
                 out[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
         return out
+
+    @staticmethod
+    def _refuse_shared_states(p: Tensor, st: dict, keys: Tuple[str, ...]) -> None:
+        """Raises when states the step writes share memory with p or with each
+        other: copies in a new layout would part them, where the step's checks
+        refuse them."""
+        held = [(key, value) for key, value in st.items()
+                if key in keys and key != MASTER_KEY and isinstance(value, Tensor) and value.device == p.device]
+        shared = first_overlap([p] + [value for _, value in held])
+        if shared is not None:
+            key, value = held[shared[1] - 1]
+            raise ValueError(shared_state_text(key, value))
 
     @staticmethod
     def _check_fp8(where, owners, params, lists, coded, shown) -> None:
@@ -1539,8 +1562,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._bump_sharded_versions(bucket, group)
         if bucket.shadows:
             self._master_marks.mark(bucket.owners)
+        laid_out_above = _laid_out_above(bucket.fp8)
         for p in bucket.owners:
-            if p.dim() > 1:
+            if p.dim() > laid_out_above:
                 self._layouts[id(p)] = (p, p.stride())
         if track:
             self._telemetry.record(bucket.owners, bucket.params, table, float(ready.group["lr"]))

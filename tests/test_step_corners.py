@@ -148,6 +148,53 @@ def test_states_sharing_memory_are_refused_after_a_memory_format_change_too(name
     assert_unchanged(before, opt, [p])
 
 
+EIGHT_BIT_CASES = {
+    "AdamW8bit": (af.AdamW8bit, dict(lr=1e-2, weight_decay=0.1)),
+    "Adam8bit": (af.Adam8bit, dict(lr=1e-2)),
+    "RAdam8bit": (af.RAdam8bit, dict(lr=1e-2)),
+    "Lion8bit": (af.Lion8bit, dict(lr=1e-3, weight_decay=0.1)),
+    "Amos8bit": (af.Amos8bit, dict(lr=0.01, eta=0.1, momentum=0.9, reduce_axes=())),
+}
+
+
+def _strided_copy(t):
+    """t's values in every other element of a buffer twice its size: a strided
+    view (not dense) of t's shape and memory order."""
+    buffer = torch.zeros(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype)
+    buffer[..., ::2] = t
+    return buffer[..., ::2]
+
+
+@pytest.mark.parametrize("shape", [(8192,), (64, 128)])
+@pytest.mark.parametrize("name", EIGHT_BIT_CASES)
+def test_fp8_codes_follow_a_param_swapped_to_and_from_a_strided_view(name, shape):
+    """``p.data`` set to a strided view between steps (stepped by the reference,
+    as torch.optim steps it), then back to a dense tensor (stepped by the fused
+    kernels again): the FP8 codes follow the param's strides, whose memory order,
+    and so whose blocks, stay those of the run that never switched, which the
+    switched run equals bitwise."""
+    cls, kwargs = EIGHT_BIT_CASES[name]
+    init = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    switched, kept = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    opt_switched = cls([switched], backend="reference", **kwargs)
+    opt_kept = cls([kept], backend="reference", **kwargs)
+    for step in range(6):
+        if step == 2:
+            switched.data = _strided_copy(switched.data)
+        if step == 4:
+            switched.data = switched.data.contiguous()
+            opt_switched.param_groups[0]["backend"] = "cpu"
+            opt_kept.param_groups[0]["backend"] = "cpu"
+        for p, opt in ((switched, opt_switched), (kept, opt_kept)):
+            _grads([p], step)
+            opt.step()
+        codes = [v for v in opt_switched.state[switched].values() if v.dtype == torch.uint8]
+        assert codes and all(c.stride() == switched.stride() for c in codes)
+        assert torch.equal(switched.detach(), kept.detach())
+    for key, value in opt_kept.state[kept].items():
+        assert torch.equal(opt_switched.state[switched][key], value), key
+
+
 # ---- params swapped into sharing memory ----------------------------------------
 
 def _two_params():
