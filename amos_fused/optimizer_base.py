@@ -1000,6 +1000,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"{type(st).__name__} {st!r:.60}")
             pair = fp8_states.unpaired(st, coded[:len(coded) // 2]) if coded else None
             if pair is not None:
+                present = st[pair[0]]
+                if pair[0] in coded[:len(coded) // 2] and isinstance(present, Tensor) and present.dtype != torch.uint8:
+                    raise ValueError(
+                        f"{self._where(index, positions[i], p)}: state {pair[0]!r} is a full-precision state "
+                        f"({present.dtype}, shape {tuple(present.shape)}), where this param keeps FP8 states "
+                        f"(uint8 codes with {pair[1]!r}, as params of {fp8_states.MIN_NUMEL} elements or more "
+                        "do): delete its state to start afresh, or set it through load_state_dict, which "
+                        "quantizes full-precision states")
                 raise ValueError(f"{self._where(index, positions[i], p)}: state {pair[0]!r} is there but "
                                  f"{pair[1]!r} is missing; set both (or delete both to start them afresh)")
             try:  # (new state made for p's shape: Amos's slots for its reduce_axes)

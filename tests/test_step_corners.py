@@ -195,6 +195,28 @@ def test_fp8_codes_follow_a_param_swapped_to_and_from_a_strided_view(name, shape
         assert torch.equal(opt_switched.state[switched][key], value), key
 
 
+def test_a_full_precision_state_beside_fp8_absmax_is_named_as_such():
+    """A param grown past the 8-bit threshold between steps (p.data of 5000
+    elements where it had 4000: torch.optim's step fails on the sizes) keeps its
+    full-precision state, which FP8 codes cannot replace: refused, naming it as a
+    full-precision state rather than as codes missing their absmax, which do get
+    that message."""
+    p = torch.nn.Parameter(torch.randn(4000))
+    opt = af.AdamW8bit([p], lr=1e-2)
+    _grads([p], 0)
+    opt.step()
+    p.data = torch.randn(5000)
+    _grads([p], 1)
+    _assert_refused(opt, r"state 'exp_avg' is a full-precision state \(torch.float32, shape \(4000,\)\), where "
+                         r"this param keeps FP8 states \(uint8 codes with 'exp_avg_absmax'")
+    opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(5000, dtype=torch.uint8),
+                    "exp_avg_sq": torch.zeros(5000, dtype=torch.uint8), "exp_avg_sq_absmax": torch.zeros(20)}
+    _assert_refused(opt, "state 'exp_avg' is there but 'exp_avg_absmax' is missing")
+    del opt.state[p]
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.uint8
+
+
 # ---- params swapped into sharing memory ----------------------------------------
 
 def _two_params():
