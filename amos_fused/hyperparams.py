@@ -34,14 +34,25 @@ def renamed(error: Exception, message: str) -> ValueError:
     return ValueError(message)
 
 
+def complex_valued(x) -> bool:
+    """A complex number or tensor (NumPy's too), whose float() would drop its
+    imaginary part (or raise) where torch.optim's arithmetic goes complex."""
+    if isinstance(x, torch.Tensor):
+        return x.is_complex()
+    return isinstance(x, numbers.Complex) and not isinstance(x, numbers.Real)
+
+
 def _value(name: str, x) -> float:
     if isinstance(x, torch.Tensor):
-        if x.numel() != 1:  # torch.optim's own check of a tensor lr
-            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(x.shape)}")
+        if x.numel() != 1:  # torch.optim's own check of a tensor lr (its step's arithmetic raises a TypeError)
+            raise HyperParameterTypeError(f"Tensor {name} must be 1-element, got shape {tuple(x.shape)}")
         if x.is_meta:
             raise ValueError(f"Invalid {name}: a tensor on the meta device has no value")
+        if x.is_complex():
+            raise HyperParameterTypeError(f"Invalid {name}: {x!r} (must be a real number, not a complex tensor)")
         x = x.item()
-    if isinstance(x, (str, bytes, bytearray)):  # (float() reads "1e-3"; torch.optim refuses it)
+    if isinstance(x, (str, bytes, bytearray)) or complex_valued(x):  # (float() reads "1e-3", and NumPy's
+        # complex as its real part; torch.optim refuses both)
         raise HyperParameterTypeError(f"Invalid {name}: {x!r} (must be a real number, not a {type(x).__name__})")
     try:
         return float(x)
@@ -110,14 +121,21 @@ def betas(value: Sequence[float], count: int = 2) -> None:
         in_unit_interval(f"beta parameter at index {index}", beta)
 
 
-def betas_unmixed(value) -> None:
-    """torch.optim.Adam and AdamW's constructors refuse a pair of betas of which one
-    is a Tensor and the other is not; so do theirs here (a step takes such a pair
-    written into a group later, as torch's step does)."""
+def betas_as_torch_constructs_them(value) -> None:
+    """torch.optim.Adam and AdamW's constructors take betas that are both floats
+    (Python's, NumPy's float64) or both Tensors, and refuse any other pair (ints such
+    as ``(0, 0.999)``, NumPy's float32, one Tensor and one number); so do theirs
+    here (a step takes such a pair written into a group later, as torch's step
+    does)."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__getitem__") or _length(value) != 2:
         return  # betas() names what is wrong with it
-    if isinstance(value[0], torch.Tensor) != isinstance(value[1], torch.Tensor):
-        raise ValueError(f"Invalid betas: {value!r} (must be either both numbers or both Tensors)")
+    pair = (value[0], value[1])
+    if any(isinstance(b, (str, bytes)) for b in pair):
+        return  # betas() names it: not a number at all
+    if not (all(isinstance(b, float) for b in pair) or all(isinstance(b, torch.Tensor) for b in pair)):
+        kinds = ", ".join(type(b).__name__ for b in pair)
+        raise ValueError(f"Invalid betas: {value!r} ({kinds}: must be either both floats or both Tensors, "
+                         "as torch.optim.Adam and AdamW take them)")
 
 
 def _is_numpy_bool(value) -> bool:

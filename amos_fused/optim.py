@@ -41,6 +41,19 @@ def _optional_float(value):
     return None if value is None else hp.value_of(value)
 
 
+def _step_size_and_decay(hyper: dict, bias_correction: bool, decoupled: bool) -> dict:
+    """The per-step values of the Adam family and Lion that the kernels take in the
+    step's dtype (_derived_hyper): the largest step size, lr/(1 − β1) at a first
+    step, whose bias correction 1 − β1^t is the smallest (RAdam's r_t ≤ 1), and the
+    decoupled decay factor 1 − lr·λ."""
+    derived = {}
+    if bias_correction and hyper["beta1"] < 1.0:
+        derived["step size lr/(1 - beta1) of a first step"] = hyper["lr"] / (1.0 - hyper["beta1"])
+    if decoupled:
+        derived["decay factor 1 - lr*weight_decay"] = 1.0 - hyper["lr"] * hyper["weight_decay"]
+    return derived
+
+
 def _next_step(step: Tensor) -> float:
     """The count _advance will give, without writing it (a sharded step advances
     its counters only once its collective has returned)."""
@@ -59,7 +72,10 @@ class _AdamFamily(FusedOptimizer):
                                    differentiable=False, decoupled_weight_decay=False, fused=None)
 
     def __init__(self, params, lr, betas, eps, weight_decay, amsgrad, bias_correction, decoupled, flags):
-        hp.betas_unmixed(betas)
+        try:
+            hp.betas_as_torch_constructs_them(betas)
+        except ValueError as error:
+            raise ValueError(f"{self._name}: {error}") from None
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, amsgrad=amsgrad, bias_correction=bias_correction,
@@ -88,6 +104,9 @@ class _AdamFamily(FusedOptimizer):
             weight_decay=float(group["weight_decay"]), decoupled=bool(group["decoupled_weight_decay"]),
             amsgrad=bool(group["amsgrad"]), bias_correction=bool(group["bias_correction"]),
         )
+
+    def _derived_hyper(self, hyper):
+        return _step_size_and_decay(hyper, hyper["bias_correction"], hyper["decoupled"])
 
     def _bucket_hyper(self, bucket, group):
         """A Tensor β1 as torch.optim.Adam and AdamW read it: cast to the param's
@@ -142,7 +161,6 @@ class Adam(_AdamFamily):
                  fused=None, backend=None, track_rms=False,
                  bf16_stochastic_round=False, stochastic_round_seed=0, master_weights=False,
                  decoupled_weight_decay=False):
-        hp.flag("decoupled_weight_decay", decoupled_weight_decay)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, bias_correction, decoupled_weight_decay,
                          torch_flags(maximize, foreach, capturable, differentiable, fused, backend, track_rms,
                                     bf16_stochastic_round, stochastic_round_seed, master_weights))
@@ -190,6 +208,9 @@ class RAdam(FusedOptimizer):
             rectify_threshold=float(group["rectify_threshold"]),
         )
 
+    def _derived_hyper(self, hyper):
+        return _step_size_and_decay(hyper, True, hyper["decoupled"])
+
     def _reference_step(self, bucket, group):
         h = self._hyper(group)
         for p, g, st in bucket.each():
@@ -225,6 +246,9 @@ class Lion(FusedOptimizer):
         beta1, beta2 = (float(b) for b in group["betas"])
         return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                     weight_decay=float(group["weight_decay"]))
+
+    def _derived_hyper(self, hyper):
+        return _step_size_and_decay(hyper, False, True)
 
     def _reference_step(self, bucket, group):
         h = self._hyper(group)

@@ -120,7 +120,7 @@ def _holds_tensor(values) -> bool:
 def _as_float(value) -> Optional[float]:
     """A real number (a Python or NumPy number, a one-element tensor) as a float,
     else None (what is not a number is checked elsewhere)."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or hp.complex_valued(value):
         return None
     try:
         return float(value)
@@ -911,10 +911,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not dtypes:
             return
         limit = torch.finfo(torch.float32).max
-        for name, value in self._derived_hyper(hyper).items():  # (from finite values: an Inf overflowed)
-            if not abs(value) <= limit:
-                raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (beyond float32's "
-                                 f"range, in which the step of {dtypes[0]} params computes)")
         named = {name: (value, dtypes[0]) for name, value in hyper.items()}
         checked = plan.cache.setdefault("per_param_in_range", {})  # key -> the tuple last found in range
         wide = (torch.float64, torch.complex128)
@@ -938,6 +934,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"float32, in which the step of {dtype} params computes)")
         checked.update((key, group.get(key)) for key in self.per_param_keys
                        if isinstance(group.get(key), tuple) and not _holds_tensor(group.get(key)))
+        for name, value in self._derived_hyper(hyper).items():  # (from values in range: an Inf overflowed)
+            if not abs(value) <= limit:
+                raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (beyond float32's "
+                                 f"range, in which the step of {dtypes[0]} params computes)")
 
     def _check_reciprocals(self, index: int, hyper: dict, plan: GroupPlan) -> None:
         """A value of ``reciprocal_in_step`` (positive by its group check) is refused
@@ -1433,8 +1433,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         value = self._per_param_value(value)
         try:
             entries = value if isinstance(value, (tuple, list)) else (value,)
-            if any(isinstance(v, (str, bytes)) for v in entries):  # (float('0.5') would read it)
-                raise TypeError
+            if any(isinstance(v, (str, bytes)) or hp.complex_valued(v) for v in entries):  # (float('0.5') would
+                raise TypeError  # read it, and a complex's real part)
             values = [float(v) for v in entries] if entries is value else [float(value)] * count
         except (TypeError, ValueError, RuntimeError):
             raise hp.HyperParameterTypeError(

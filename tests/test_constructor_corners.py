@@ -104,16 +104,31 @@ def test_tensor_betas_and_lr_step_as_the_same_values_given_as_numbers(cls, backe
         assert torch.equal(tensor_run, number_run)
 
 
-@pytest.mark.parametrize("betas", [(torch.tensor(0.9), 0.999), (0.9, torch.tensor(0.999))], ids=repr)
+REFUSED_BY_TORCH = [(torch.tensor(0.9), 0.999), (0.9, torch.tensor(0.999)), (0, 0.999), (0.9, 0),
+                    (False, 0.999), (np.float32(0.9), 0.999), (np.int64(0), 0.999)]
+TAKEN_BY_TORCH = [(np.float64(0.9), 0.999), [0.9, 0.999], np.array([0.9, 0.999]),
+                  (torch.tensor(0.9), torch.tensor(0.999))]
+
+
+@pytest.mark.parametrize("betas", REFUSED_BY_TORCH + TAKEN_BY_TORCH, ids=repr)
 @pytest.mark.parametrize("ours,theirs", [(af.AdamW, torch.optim.AdamW), (af.Adam, torch.optim.Adam),
                                          (af.AdamW8bit, torch.optim.AdamW), (af.Adam8bit, torch.optim.Adam)],
                          ids=lambda c: c.__name__)
-def test_betas_of_one_tensor_and_one_number_are_refused_as_torch_refuses_them(ours, theirs, betas):
-    with pytest.raises(ValueError, match="both Tensors"):
-        theirs([torch.nn.Parameter(torch.ones(3))], betas=betas)
-    with pytest.raises(ValueError, match=r"Invalid betas: .*both numbers or both Tensors"):
-        ours([torch.nn.Parameter(torch.ones(3))], betas=betas)
-    # a step takes such a pair written into the group later, as torch's step does
+def test_betas_are_refused_at_construction_where_torch_refuses_them(ours, theirs, betas):
+    """torch.optim.Adam and AdamW construct with betas that are both floats or both
+    Tensors only (ints, NumPy's float32, one Tensor and one number are refused);
+    their classes here take and refuse the same pairs, the error naming the class;
+    a step takes any such pair written into the group later, as torch's step does."""
+    refused = any(betas is b for b in REFUSED_BY_TORCH)
+    params = [torch.nn.Parameter(torch.ones(3))]
+    if refused:
+        with pytest.raises(ValueError, match="both floats or both Tensors"):
+            theirs(params, betas=betas)
+        with pytest.raises(ValueError, match=rf"^{ours.__name__}: Invalid betas: .*both floats or both Tensors"):
+            ours(params, betas=betas)
+    else:
+        theirs(params, betas=betas)
+        ours(params, betas=betas)
     runs = []
     for cls in (ours, theirs):
         p = torch.nn.Parameter(torch.linspace(-1, 1, 5))
@@ -128,6 +143,12 @@ def test_betas_of_one_tensor_and_one_number_are_refused_as_torch_refuses_them(ou
         assert torch.equal(ours_m, torch_m) and torch.equal(ours_v, torch_v)
         # θ by the roundings of torch's float32 bias corrections (README)
         torch.testing.assert_close(ours_p, torch_p, rtol=1e-5, atol=0)
+
+
+def test_radam_takes_any_two_numbers_as_torch_radam_does():
+    """torch.optim.RAdam's constructor has no such check: ints are betas there too."""
+    for cls in (af.RAdam, af.RAdam8bit, torch.optim.RAdam):
+        cls([torch.nn.Parameter(torch.ones(3))], betas=(0, 0.999))
 
 
 NOT_TWO_NUMBERS = ["ab", (0.9,), (0.9, 0.95, 0.99), 0.9, (0.9, 1.0),
@@ -210,3 +231,80 @@ def test_a_scale_inferred_from_a_param_without_values_is_refused_by_name(cls, se
     with pytest.raises(ValueError, match=rf"cannot infer {setting} from a param on the meta device .*shape \(4, 5\)"):
         cls([p], lr=0.01)
     cls([p], lr=0.01, **{setting: 0.5})  # given: nothing to infer
+
+
+COMPLEX_VALUES = [np.complex128(1e-3 + 1j), np.complex64(1e-3), torch.tensor(1e-3 + 0j)]
+COMPLEX_CASES = [(af.AdamW, {}, "lr"), (af.Adam, {}, "eps"), (af.RAdam, {}, "weight_decay"), (af.Lion, {}, "lr"),
+                 (af.Amos, dict(lr=0.01, eta=0.5), "eta"), (af.ScaledAdamW, {}, "lr"), (af.Lamb, {}, "lr")]
+
+
+@pytest.mark.parametrize("value", COMPLEX_VALUES, ids=repr)
+@pytest.mark.parametrize("cls,kwargs,key", COMPLEX_CASES, ids=lambda x: x.__name__ if isinstance(x, type) else "")
+def test_complex_hyper_parameters_are_refused_as_not_real_numbers(cls, kwargs, key, value):
+    """A complex number (NumPy's: float() would keep its real part) or complex tensor
+    is no hyper-parameter: a TypeError that is a ValueError too, at construction and
+    when written into a group (Amos's per-param eta in a tuple too), before any write."""
+    from conftest import assert_unchanged, snapshot
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 7))
+    shown = {"lr": "learning rate", "eps": "epsilon"}.get(key, key)
+    with pytest.raises(TypeError, match=rf"param_groups\[0\]: Invalid {shown}.*real number"):
+        cls([p], **{**kwargs, key: value})
+    opt = cls([p], **kwargs)
+    p.grad = torch.ones(7)
+    opt.step()
+    written = [value, (value,)] if key == "eta" else [value]
+    for bad in written:
+        opt.param_groups[0][key] = bad
+        before = snapshot(opt, [p])
+        with pytest.raises(ValueError, match=r"param_groups\[0\].*real number|param_groups\[0\]\['eta'\] must be a number"):
+            opt.step()
+        assert_unchanged(before, opt, [p])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("cls,group,name", [
+    (af.AdamW, dict(lr=5e37), r"step size lr/\(1 - beta1\) of a first step"),
+    (af.RAdam, dict(lr=5e37), r"step size lr/\(1 - beta1\) of a first step"),
+    (af.Adam8bit, dict(lr=5e37), r"step size lr/\(1 - beta1\) of a first step"),
+    (af.AdamW, dict(lr=1e20, weight_decay=1e20), r"decay factor 1 - lr\*weight_decay"),
+    (af.Lion, dict(lr=1e20, weight_decay=1e20), r"decay factor 1 - lr\*weight_decay"),
+], ids=lambda x: x.__name__ if isinstance(x, type) else "")
+def test_a_derived_step_value_beyond_float32_range_is_refused(cls, group, name, backend):
+    """lr in float32's range, but lr/(1 − β1) (a first step's step size) or the decay
+    factor 1 − lr·λ beyond it: float32 params would turn Inf or NaN (torch.optim's
+    default step raises on the step size); refused at construction and when a
+    scheduler writes it, before any write; float64 params take it."""
+    from conftest import assert_unchanged, snapshot
+    shape = (5000,) if cls is af.Adam8bit else (7,)
+    p = torch.nn.Parameter(torch.linspace(-1, 1, shape[0]))
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]: Invalid {name}: .*beyond float32's range"):
+        cls([p], backend=backend, **group)
+    opt = cls([p], backend=backend)
+    p.grad = torch.ones(shape)
+    opt.step()
+    opt.param_groups[0].update(group)
+    before = snapshot(opt, [p])
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]: Invalid {name}"):
+        opt.step()
+    assert_unchanged(before, opt, [p])
+    wide = torch.nn.Parameter(torch.linspace(-1, 1, shape[0], dtype=torch.float64))
+    cls([wide], backend=backend, **group)
+
+
+def test_a_tensor_lr_of_several_elements_is_both_a_type_error_and_a_value_error():
+    """torch.optim's constructor refuses it with a ValueError, its step's arithmetic
+    with a TypeError: either ``except`` catches ours."""
+    p = torch.nn.Parameter(torch.ones(3))
+    for kind in (TypeError, ValueError):
+        with pytest.raises(kind, match="must be 1-element"):
+            af.Adam([p], lr=torch.tensor([1e-3, 2e-3]))
+    opt = af.Adam([p])
+    opt.param_groups[0]["lr"] = torch.tensor([1e-3, 2e-3])
+    p.grad = torch.ones(3)
+    with pytest.raises(TypeError, match=r"param_groups\[0\]: Tensor learning rate must be 1-element"):
+        opt.step()
+
+
+def test_adams_decoupled_weight_decay_flag_is_named_by_its_class_and_group():
+    with pytest.raises(ValueError, match=r"^Adam: param_groups\[0\]: Invalid decoupled_weight_decay: 2 "):
+        af.Adam([torch.nn.Parameter(torch.ones(3))], decoupled_weight_decay=2)
