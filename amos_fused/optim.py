@@ -12,7 +12,7 @@ from . import hyperparams as hp
 from . import reference
 from .amos_slots import loaded_slot_dims, normalize_reduce_axes, reduced_dims, slot_shape
 from .deterministic_sums import fixed_order_mean, fixed_order_sum, local_sum_of_squares
-from .optimizer_base import FusedOptimizer, torch_flags, zeros_in_memory_order
+from .optimizer_base import FusedOptimizer, ParamValueError, torch_flags, zeros_in_memory_order
 from .sharding import is_dtensor, shard_groups, slot_placements, slot_zeros, sum_over_shards
 
 
@@ -52,6 +52,16 @@ def _step_size_and_decay(hyper: dict, bias_correction: bool, decoupled: bool) ->
     if decoupled:
         derived["decay factor 1 - lr*weight_decay"] = 1.0 - hyper["lr"] * hyper["weight_decay"]
     return derived
+
+
+def _typed(value):
+    """``value`` with the type of every entry beside it, to compare (list and tuple
+    alike): 1.0 and True are not the dim 1 they equal."""
+    if isinstance(value, (list, tuple)):
+        return tuple, tuple(_typed(v) for v in value)
+    if isinstance(value, (set, frozenset)):
+        return set, frozenset(_typed(v) for v in value)
+    return type(value), value
 
 
 def _next_step(step: Tensor) -> float:
@@ -353,8 +363,11 @@ class Amos(FusedOptimizer):
                 hp.positive("eta", eta)
         else:
             hp.positive("eta", group["eta"])
-        for p in group["params"]:
-            normalize_reduce_axes(group["reduce_axes"], p.dim())
+        for position, p in enumerate(group["params"]):
+            try:
+                normalize_reduce_axes(group["reduce_axes"], p.dim())
+            except ValueError as error:
+                raise ParamValueError(position, str(error)) from None
 
     def _check_per_param(self, index, key, values):
         for eta in values:
@@ -368,9 +381,9 @@ class Amos(FusedOptimizer):
         (changing reduce_axes after the state exists is refused here, before any
         write: clear that param's state to start its slots anew)."""
         axes = group["reduce_axes"]
-        # (the cache follows the value, not the object: a list edited in place, and
-        # the params' shapes: a p.data of another shape)
-        key = (tuple(axes) if isinstance(axes, list) else axes, [tuple(p.shape) for p in plan.params])
+        # (the cache follows the value and its types, not the object: a list edited in place, 1.0 or True
+        # where 1 was, which the checks refuse; and the params' shapes: a p.data of another shape)
+        key = (_typed(axes), [tuple(p.shape) for p in plan.params])
         cached = plan.cache.get("reduce_axes")
         if cached is None or cached[0] != key:
             cached = plan.cache["reduce_axes"] = (key, {})

@@ -253,6 +253,15 @@ def _unscalable_grad(where: str, grad: Tensor) -> ValueError:
                       "optimizers do: give it a grad of its own (p.grad = p.grad.clone())")
 
 
+class ParamValueError(ValueError):
+    """A group setting that does not fit one of its params (``position`` in
+    group['params']): raised by _check_group_params, named by the param."""
+
+    def __init__(self, position: int, message: str):
+        super().__init__(message)
+        self.position = position
+
+
 class _StalePlan(Exception):
     """A param changed dtype or device since its group's plan was made."""
 
@@ -644,6 +653,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_group_params(group)
         except ValueError as error:  # (per-param settings: one value per param, in group['params'] order)
             group.update(before)  # (a raising step changes nothing)
+            if isinstance(error, ParamValueError):
+                raise ValueError(f"{self._where(index, error.position, params[error.position])}: {error}") from None
             raise hp.renamed(error, f"{self._name}: param_groups[{index}]: {error}") from None
         plan = GroupPlan.build(params, self._keeps_fp8, group.get("master_weights", False))
         plan.group_values = {key: group.get(key) for key in self.per_param_keys}

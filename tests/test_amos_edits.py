@@ -114,3 +114,44 @@ def test_a_finite_grad_whose_square_overflows_float32_agrees_across_backends(red
         assert torch.isfinite(p_ref).all() and torch.isfinite(v_ref).all()
     torch.testing.assert_close(v_cpu, v_ref, rtol=1e-6, atol=0)
     torch.testing.assert_close(p_cpu, p_ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("written", [1.0, True, (1.0,), (True,), [1.0]], ids=repr)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", [af.Amos, af.Amos8bit], ids=lambda c: c.__name__)
+def test_a_reduce_axes_that_equals_the_last_one_but_is_no_dim_is_refused_before_any_write(cls, backend, written):
+    """1.0 == 1 and True == 1 in Python, but neither is a dim: written into a later
+    group after a step with reduce_axes=1 (or (1,)), it is refused as the
+    constructor refuses it, naming the param, with every param and counter as it
+    was (the step's checks read the value, not a cache of an equal one)."""
+    from conftest import assert_unchanged, snapshot
+    a, b = torch.nn.Parameter(torch.randn(64, 80)), torch.nn.Parameter(torch.randn(64, 80))
+    first = 1 if not isinstance(written, (tuple, list)) else (1,)
+    kwargs = dict(momentum=0.9) if cls is af.Amos8bit else {}
+    opt = cls([{"params": [a]}, {"params": [b]}], lr=0.01, reduce_axes=first, backend=backend, **kwargs)
+    _grads([a, b], 0)
+    opt.step()
+    opt.param_groups[1]["reduce_axes"] = written
+    _grads([a, b], 1)
+    before = snapshot(opt, [a, b])
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] .*reduce_axes"):
+        opt.step()
+    assert_unchanged(before, opt, [a, b])
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] .*reduce_axes"):
+        cls([a], lr=0.01, reduce_axes=written)
+
+
+def test_a_reduce_axes_that_does_not_fit_an_appended_param_names_it():
+    """A group's reduce_axes out of range for a param appended to it: the error
+    names that param, at the step as at construction."""
+    a, b = torch.nn.Parameter(torch.randn(3, 4, 5)), torch.nn.Parameter(torch.randn(3, 4))
+    opt = af.Amos([a], lr=0.01, reduce_axes=2)
+    _grads([a], 0)
+    opt.step()
+    opt.param_groups[0]["params"].append(b)
+    _grads([a, b], 1)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\] \(torch.float32, shape \(3, 4\), "
+                                         r"on cpu\): reduce_axes \(2,\): dim 2 is out of range"):
+        opt.step()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\] .*dim 2 is out of range"):
+        af.Amos([a, b], lr=0.01, reduce_axes=2)
