@@ -737,3 +737,39 @@ def test_an_optimizer_step_runs_the_element_checks_once_per_bucket(monkeypatch):
     assert calls == [3]
     assert all(torch.equal(a, b) for a, b in zip(before, params))
     assert all(float(s) == 2.0 for s in steps)
+
+
+def _bf16_subnormals():
+    """bfloat16 values with a zero exponent field (below 2^-126), both signs."""
+    bits = torch.tensor([0x0001, 0x0003, 0x0040, 0x007F, -0x7FFB, -0x7F81], dtype=torch.int16)
+    return bits.view(torch.bfloat16).to(DEVICE)
+
+
+@pytest.mark.parametrize("name,kwargs", [("AdamW", dict(lr=1e-2)), ("Adam", dict(lr=1e-2, weight_decay=0.1)),
+                                         ("RAdam", dict(lr=1e-2)), ("Lion", dict(lr=1e-2)),
+                                         ("AdamW", dict(lr=0.0, track_rms=True))],
+                         ids=["AdamW", "Adam", "RAdam", "Lion", "AdamW-lr0-rms"])
+def test_bfloat16_subnormals_are_read_as_they_are(name, kwargs):
+    """bfloat16 grads, params and states below 2^-126 are read exactly (a widening
+    of the bits, as a GPU converts them; the interpreter's own cast loses them):
+    bitwise the reference, and at lr=0 with zero grads the params stay as they were."""
+    tiny = _bf16_subnormals()
+    results, telemetry = [], {}
+    for backend in ("reference", "triton", "cpu"):
+        p = torch.nn.Parameter(tiny.clone() if kwargs["lr"] == 0.0 else torch.ones_like(tiny))
+        opt = getattr(af, name)([p], backend=backend, **kwargs)
+        p.grad = torch.zeros_like(tiny) if kwargs["lr"] == 0.0 else tiny.clone()
+        opt.step()
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in opt.state[p]:
+                opt.state[p][key].copy_(tiny.abs() if key == "exp_avg_sq" else tiny)
+        p.grad = tiny.flip(0).clone() if kwargs["lr"] else torch.zeros_like(tiny)
+        opt.step()
+        results.append([p.detach()] + [opt.state[p][k] for k in ("exp_avg", "exp_avg_sq") if k in opt.state[p]])
+        if kwargs["lr"] == 0.0:
+            assert torch.equal(p.detach().view(torch.int16), tiny.view(torch.int16))
+            telemetry[backend] = torch.tensor(opt.rms()[p], dtype=torch.float64)
+    for ref, tri in zip(*results[:2]):
+        assert torch.equal(tri.view(torch.int16), ref.view(torch.int16))
+    if telemetry:  # float32 sums of squares, as the CPU kernels take them (these underflow: README)
+        torch.testing.assert_close(telemetry["triton"], telemetry["cpu"], rtol=0, atol=0, equal_nan=True)

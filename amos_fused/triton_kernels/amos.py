@@ -75,7 +75,7 @@ from ..contracts import contract
 from .common import (column_constants, BLOCK, FP_FUSION, StreamTables, addresses_of, cached, compute_dtype, ieee_div,
                      ieee_sqrt, int64_table, kernel_dtypes, launch_telemetry_sums, launching,
                      load_block, nan_clamp, nan_maximum, program_entry, program_map, round_block, rounding_table,
-                     store_block, stream, telemetry_entry, telemetry_partials, to_storage, track_block,
+                     store_block, stream, telemetry_entry, telemetry_partials, to_storage, track_block, from_storage,
                      to_device, tracked_squares, upload_coefficients, write_telemetry, ROUND_WIDTH, skip_flag)
 
 AMOS_NUM_WARPS = 8    # the Amos kernels hold more values per element (fewer registers per thread)
@@ -564,8 +564,8 @@ def _row(p_ptr, g_ptr, v_ptr, b_ptr, mu_ptr, r, row_len, coef_row, own, round_ro
             acc += _row_squares(g_ptr, cols, cols < end, unscale, clip, COMPUTE, CLIP, True)
         off += BLOCK
     g2 = ieee_div(tl.sum(acc, 0), row_len.to(COMPUTE), FP64)  # g2 = mean of g² over the row
-    v = tl.load(v_ptr + r).to(COMPUTE)
-    b = tl.load(b_ptr + r).to(COMPUTE)
+    v = from_storage(tl.load(v_ptr + r), COMPUTE)
+    b = from_storage(tl.load(b_ptr + r), COMPUTE)
     v, b, w, a = amos_slot(v, b, g2, beta, beta_c, bias_correction, epsilon, c_scale, lr_sq,
                            alpha, d_scale, extra_l2, FP64)
     tl.store(v_ptr + r, to_storage(v, v_ptr.dtype.element_ty))

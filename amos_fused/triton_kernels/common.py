@@ -274,7 +274,20 @@ def load_block(ptrs, mask, MASKED: tl.constexpr, COMPUTE: tl.constexpr):
         x = tl.load(ptrs, mask=mask, other=0.0)
     else:
         x = tl.load(ptrs)
-    return x.to(COMPUTE)
+    return from_storage(x, COMPUTE)
+
+
+@triton.jit
+def from_storage(x, COMPUTE: tl.constexpr):
+    """x (a storage dtype) in the compute dtype, exactly (a widening: every value
+    kept, bfloat16 subnormals included, which the interpreter's own bfloat16 →
+    float32 cast loses; there the bits are widened instead)."""
+    y = x.to(COMPUTE)
+    if INTERPRETED:
+        if x.dtype == tl.bfloat16:
+            bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+            y = bits.to(tl.float32, bitcast=True).to(COMPUTE)
+    return y
 
 
 @triton.jit
@@ -421,7 +434,7 @@ def rounding_table(meta, rounding: Optional[Tensor]) -> Tensor:
 def tracked_squares(before, x, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr):
     """(θ², (Δθ)²) per element of θ = x (compute dtype) as stored in DTYPE and
     Δθ = θ − before (the value loaded before the step); masked elements 0."""
-    after = to_storage(x, DTYPE).to(before.dtype)
+    after = from_storage(to_storage(x, DTYPE), before.dtype)
     delta = after - before
     weight_sq = after * after
     update_sq = delta * delta
