@@ -1320,7 +1320,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         the states shaped like p, with p's strides (FP8 codes, whose blocks follow
         their own memory order, re-encoded in p's, with their absmax), and the slots
         with p's memory order.  Only dense states on p's device move; a master is
-        remade from the replaced param anyway.  Any other misfit, and a state laid
+        remade from the replaced param anyway.  Where p or its codes are not dense
+        (p set to a strided view, or back), only FP8 codes move: they follow p's
+        strides whatever they are.  Any other misfit, and a state laid
         out otherwise beside a param that kept its layout, is left to the step's
         checks.  Empty when nothing needs it (the common case)."""
         last = self._layouts.get(id(p))
