@@ -447,7 +447,7 @@ def signsgdmw_weight_rms(lr: float, weight_decay: float, beta1: float) -> float:
     《AdamW的Weight RMS的渐近估计(上)》, section 符号版本 "sign version"; the post prints
     the left side as ‖θ_t‖², a typo for ‖θ_t‖).  The mean field replaces the correlation
     of sign(m_t) and sign(m_{t+k}) by that of m_t/|m| and overestimates it: for Gaussian
-    noise the exact value is :func:`signsgdmw_weight_rms_arcsine`, about 0.83–0.89 times
+    noise the exact value is :func:`signsgdmw_weight_rms_arcsine`, about 0.83–0.88 times
     this for β1 in [0.5, 0.99); both agree at β1 = 0."""
     b1 = _beta("beta1", beta1)
     return math.sqrt((1.0 + b1) / (1.0 - b1)) * adamw_weight_rms(lr, weight_decay)
