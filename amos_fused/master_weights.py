@@ -152,6 +152,12 @@ class WriteMarks:
         for p in params:
             self._marks[id(p)] = (p, self._mark_of(p))
 
+    def mark_unmarked(self, params) -> None:
+        """Marks the params that have no mark of their own (a master made by this
+        step), keeping the others' (a step that found_inf skipped wrote none of
+        them: a param written since the last step that ran stays edited)."""
+        self.mark([p for p in params if (entry := self._marks.get(id(p))) is None or entry[0] is not p])
+
     def edited(self, param: Tensor) -> bool:
         entry = self._marks.get(id(param))
         if entry is None or entry[0] is not param:

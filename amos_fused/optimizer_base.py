@@ -1533,12 +1533,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         return grads
 
     def _apply_new_states(self, ready: _Ready, bucket: Bucket) -> None:
-        """Stores the state made or changed for the params of ``bucket`` (once it stepped)."""
+        """Stores the state made or changed for the params of ``bucket`` (once it stepped).
+        A step that GradScaler's found_inf skipped on the host stores the state it
+        made (a first step's, as torch.optim's makes it) but replaces none: a master
+        remade from a written param, states converted or re-laid are made again by
+        the next step that runs."""
         if not ready.new_states:
             return
         owners = {id(p) for p in bucket.owners}
+        skipped = self._skipped_on_host()
         for param, changes in ready.new_states:
             if id(param) not in owners:
+                continue
+            held = self.state.get(param)
+            if skipped and isinstance(held, dict) and any(key in held for key in changes):
                 continue
             self._awaiting_master.pop(id(param), None)  # its master made, or its states rounded
             state = self.state.setdefault(param, {})  # (a plain dict in place of torch's defaultdict too)
@@ -1581,7 +1589,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             torch._foreach_copy_(bucket.shadows, bucket.params)  # the params, rounded from their masters
         self._apply_new_states(ready, bucket)  # (stepped: a sum over shards that failed stores none)
         self._bump_sharded_versions(bucket, group)
-        if bucket.shadows:
+        if bucket.shadows and self._skipped_on_host():
+            self._master_marks.mark_unmarked(bucket.owners)
+        elif bucket.shadows:
             self._master_marks.mark(bucket.owners)
         laid_out_above = _laid_out_above(bucket.fp8)
         for p in bucket.owners:

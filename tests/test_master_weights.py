@@ -742,3 +742,61 @@ def test_a_strided_params_master_is_kept_across_a_write_of_its_own_values():
     opt.param_groups[0]["lr"] = 0.0
     opt.step()
     assert torch.equal(opt.state[p][MASTER_KEY], before)
+
+
+def _skipped_step(opt, params):
+    """A step as GradScaler hands one whose grads held an inf: found_inf set."""
+    for p in params:
+        p.grad = torch.full_like(p, float("inf"))
+    opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(1.0)
+    try:
+        opt.step()
+    finally:
+        del opt.grad_scale, opt.found_inf
+
+
+SKIP_EDITS = ["param-written", "first-step-then-written", "masters-turned-off"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("edit", SKIP_EDITS)
+@pytest.mark.parametrize("cls", [af.AdamW, af.AdamW8bit, af.Lion], ids=lambda c: c.__name__)
+def test_a_skipped_step_replaces_no_state_and_the_next_step_makes_the_changes(cls, edit, backend):
+    """A step that GradScaler's found_inf skips leaves every state entry as it was
+    (the same tensors: no master remade from a param written since the last step,
+    no master dropped and states rounded when masters were turned off); the next
+    step that runs makes those changes, so the run equals one without the skipped
+    step.  A first step's fresh state is made, as torch.optim makes it."""
+    runs = []
+    for skip in (False, True):
+        params = seeded_params([(30, 40), (5000,)], torch.bfloat16)
+        opt = cls(params, lr=1e-2, master_weights=True, backend=backend)
+        if edit == "first-step-then-written":
+            if skip:
+                _skipped_step(opt, params)
+                assert all(MASTER_KEY in opt.state[p] and float(opt.state[p]["step"]) == 0 for p in params)
+        else:
+            for p, g in zip(params, seeded_grads(params, 0)):
+                p.grad = g
+            opt.step()
+        if edit == "masters-turned-off":
+            opt.param_groups[0]["master_weights"] = False
+        else:
+            with torch.no_grad():
+                params[0].mul_(0.5)
+        if skip and edit != "first-step-then-written":
+            held = {id(p): dict(opt.state[p]) for p in params}
+            snap = _snapshot(opt, params)
+            _skipped_step(opt, params)
+            _assert_unchanged(opt, params, snap)
+            assert all(opt.state[p][k] is v for p in params for k, v in held[id(p)].items())
+        for p, g in zip(params, seeded_grads(params, 1)):
+            p.grad = g
+        opt.step()
+        runs.append((params, opt))
+    (params, opt), (skipped_params, skipped_opt) = runs
+    for p, q in zip(params, skipped_params):
+        assert torch.equal(_bits(p), _bits(q))
+        assert set(opt.state[p]) == set(skipped_opt.state[q])
+        for key, value in opt.state[p].items():
+            assert torch.equal(skipped_opt.state[q][key], value), key
