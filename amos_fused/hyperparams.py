@@ -51,8 +51,8 @@ def _value(name: str, x) -> float:
         if x.is_complex():
             raise HyperParameterTypeError(f"Invalid {name}: {x!r} (must be a real number, not a complex tensor)")
         x = x.item()
-    if isinstance(x, (str, bytes, bytearray)) or complex_valued(x):  # (float() reads "1e-3", and NumPy's
-        # complex as its real part; torch.optim refuses both)
+    # (float() reads "1e-3", and a NumPy complex as its real part; torch.optim refuses both)
+    if isinstance(x, (str, bytes, bytearray)) or complex_valued(x):
         raise HyperParameterTypeError(f"Invalid {name}: {x!r} (must be a real number, not a {type(x).__name__})")
     try:
         return float(x)

@@ -152,7 +152,7 @@ class ScaledAdamW(_AdamMoments):
                     p=self._schedule_p(group), inverse_time=group["decay"] == "inverse_time",
                     q=float(group["q"]))
 
-    def _derived_hyper(self, hyper):
+    def _derived_hyper(self, hyper, plan):
         return {"decay rate lr²/(2q)": hyper["lr"] * hyper["lr"] / (2.0 * hyper["q"])}
 
     def _capturable_hyper(self, bucket, group):

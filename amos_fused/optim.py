@@ -41,17 +41,28 @@ def _optional_float(value):
     return None if value is None else hp.value_of(value)
 
 
-def _step_size_and_decay(hyper: dict, bias_correction: bool, decoupled: bool) -> dict:
-    """The per-step values of the Adam family and Lion that the kernels take in the
-    step's dtype (_derived_hyper): the largest step size, lr/(1 − β1) at a first
-    step, whose bias correction 1 − β1^t is the smallest (RAdam's r_t ≤ 1), and the
-    decoupled decay factor 1 − lr·λ."""
-    derived = {}
-    if bias_correction and hyper["beta1"] < 1.0:
-        derived["step size lr/(1 - beta1) of a first step"] = hyper["lr"] / (1.0 - hyper["beta1"])
-    if decoupled:
-        derived["decay factor 1 - lr*weight_decay"] = 1.0 - hyper["lr"] * hyper["weight_decay"]
-    return derived
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _decay_factor(hyper: dict) -> dict:
+    """1 − lr·λ, the decoupled decay factor the kernels take in the step's dtype
+    (_derived_hyper)."""
+    return {"decay factor 1 - lr*weight_decay": 1.0 - hyper["lr"] * hyper["weight_decay"]}
+
+
+def _smallest_next_count(state: dict, params) -> float:
+    """The smallest step count t that the params with grads take at this step (1 for
+    one without state, or whose counter cannot be read on the host)."""
+    counts = [1.0]
+    for p in params:
+        if p.grad is None:
+            continue
+        st = state.get(p)
+        try:
+            counts.append(float(st["step"]) + 1.0)
+        except (TypeError, KeyError, RuntimeError, ValueError):
+            return 1.0
+    return min(counts[1:], default=1.0)
 
 
 def _typed(value):
@@ -85,7 +96,7 @@ class _AdamFamily(FusedOptimizer):
         try:
             hp.betas_as_torch_constructs_them(betas)
         except ValueError as error:
-            raise ValueError(f"{self._name}: {error}") from None
+            raise ValueError(f"{self._name}: the default betas of every group: {error}") from None
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, amsgrad=amsgrad, bias_correction=bias_correction,
@@ -115,8 +126,16 @@ class _AdamFamily(FusedOptimizer):
             amsgrad=bool(group["amsgrad"]), bias_correction=bool(group["bias_correction"]),
         )
 
-    def _derived_hyper(self, hyper):
-        return _step_size_and_decay(hyper, hyper["bias_correction"], hyper["decoupled"])
+    def _derived_hyper(self, hyper, plan):
+        derived = _decay_factor(hyper) if hyper["decoupled"] else {}
+        if hyper["bias_correction"] and hyper["beta1"] > 0.0:
+            # the kernels' step size η/(1 − β1^t) is largest at the params' smallest t: read at that t
+            # only where a first step's would overflow float32 (the counters cost a pass over the params)
+            t = 1.0
+            if not abs(hyper["lr"] / (1.0 - hyper["beta1"])) <= _FLOAT32_MAX:
+                t = _smallest_next_count(self.state, plan.params)
+            derived[f"step size lr/(1 - beta1^t) at t={t:g}"] = hyper["lr"] / (1.0 - hyper["beta1"] ** t)
+        return derived
 
     def _bucket_hyper(self, bucket, group):
         """A Tensor β1 as torch.optim.Adam and AdamW read it: cast to the param's
@@ -218,8 +237,8 @@ class RAdam(FusedOptimizer):
             rectify_threshold=float(group["rectify_threshold"]),
         )
 
-    def _derived_hyper(self, hyper):
-        return _step_size_and_decay(hyper, True, hyper["decoupled"])
+    def _derived_hyper(self, hyper, plan):  # (its step size, (m/(1 − β1^t))·η, is taken per element)
+        return _decay_factor(hyper) if hyper["decoupled"] else {}
 
     def _reference_step(self, bucket, group):
         h = self._hyper(group)
@@ -257,8 +276,8 @@ class Lion(FusedOptimizer):
         return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                     weight_decay=float(group["weight_decay"]))
 
-    def _derived_hyper(self, hyper):
-        return _step_size_and_decay(hyper, False, True)
+    def _derived_hyper(self, hyper, plan):
+        return _decay_factor(hyper)
 
     def _reference_step(self, bucket, group):
         h = self._hyper(group)

@@ -17,7 +17,7 @@ from collections import OrderedDict, defaultdict
 import math
 import numbers
 from itertools import repeat
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -251,6 +251,21 @@ def _unscalable_grad(where: str, grad: Tensor) -> ValueError:
     return ValueError(f"{where}: its grad has elements that share memory (strides {tuple(grad.stride())}); under "
                       "torch.amp.GradScaler the step divides the grads in place once it has run, as torch's fused "
                       "optimizers do: give it a grad of its own (p.grad = p.grad.clone())")
+
+
+def _unpaired_fp8_error(where: str, st: dict, pair: Tuple[str, str], code_keys) -> ValueError:
+    """The error for an FP8 state ``pair`` = (key present, key missing): a
+    full-precision state where codes belong (a param grown past the 8-bit size), or
+    codes or absmax without the other."""
+    present = st[pair[0]]
+    if pair[0] in code_keys and isinstance(present, Tensor) and present.dtype != torch.uint8:
+        return ValueError(
+            f"{where}: state {pair[0]!r} is a full-precision state ({present.dtype}, shape "
+            f"{tuple(present.shape)}), where this param keeps FP8 states (uint8 codes with {pair[1]!r}, as params "
+            f"of {fp8_states.MIN_NUMEL} elements or more do): delete its state to start afresh, or set it through "
+            "load_state_dict, which quantizes full-precision states")
+    return ValueError(f"{where}: state {pair[0]!r} is there but {pair[1]!r} is missing; set both (or delete both "
+                      "to start them afresh)")
 
 
 class ParamValueError(ValueError):
@@ -908,9 +923,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             return self._prepare(index, group, first_index, rebuild=True)
         return _Ready(group, buckets, new_states, first_index) if buckets else None
 
-    def _derived_hyper(self, hyper: dict) -> Dict[str, float]:
-        """Per-step values derived from the hyper-parameters, named by their formula,
-        that the kernels take in the step's dtype too (_check_range)."""
+    def _derived_hyper(self, hyper: dict, plan: GroupPlan) -> Dict[str, float]:
+        """Per-step values derived from the hyper-parameters (and the step counts of
+        ``plan``'s params), named by their formula, that the kernels take in the
+        step's dtype too (_check_range)."""
         return {}
 
     def _check_range(self, index: int, group: dict, hyper: dict, plan: GroupPlan) -> None:
@@ -945,7 +961,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"float32, in which the step of {dtype} params computes)")
         checked.update((key, group.get(key)) for key in self.per_param_keys
                        if isinstance(group.get(key), tuple) and not _holds_tensor(group.get(key)))
-        for name, value in self._derived_hyper(hyper).items():  # (from values in range: an Inf overflowed)
+        for name, value in self._derived_hyper(hyper, plan).items():  # (from values in range: an Inf overflowed)
             if not abs(value) <= limit:
                 raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (beyond float32's "
                                  f"range, in which the step of {dtypes[0]} params computes)")
@@ -1011,16 +1027,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"{type(st).__name__} {st!r:.60}")
             pair = fp8_states.unpaired(st, coded[:len(coded) // 2]) if coded else None
             if pair is not None:
-                present = st[pair[0]]
-                if pair[0] in coded[:len(coded) // 2] and isinstance(present, Tensor) and present.dtype != torch.uint8:
-                    raise ValueError(
-                        f"{self._where(index, positions[i], p)}: state {pair[0]!r} is a full-precision state "
-                        f"({present.dtype}, shape {tuple(present.shape)}), where this param keeps FP8 states "
-                        f"(uint8 codes with {pair[1]!r}, as params of {fp8_states.MIN_NUMEL} elements or more "
-                        "do): delete its state to start afresh, or set it through load_state_dict, which "
-                        "quantizes full-precision states")
-                raise ValueError(f"{self._where(index, positions[i], p)}: state {pair[0]!r} is there but "
-                                 f"{pair[1]!r} is missing; set both (or delete both to start them afresh)")
+                raise _unpaired_fp8_error(self._where(index, positions[i], p), st, pair, coded[:len(coded) // 2])
             try:  # (new state made for p's shape: Amos's slots for its reduce_axes)
                 changes = self._state_changes(p, st, group, keys, master)
             except ValueError as error:
@@ -1208,7 +1215,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The placements of a DTensor param's slot-shaped states (slot_keys)."""
         raise NotImplementedError
 
-    def _settled_state(self, group: dict, keys: Tuple[str, ...], master: bool, fp8: bool = False):
+    def _settled_state(self, group: dict, keys: Tuple[str, ...], master: bool, fp8: bool):
         """A test ``(p, st) -> bool``, True only where ``_state_changes(p, st, …)``
         has nothing to do (states all there, a float32 CPU step, no master to make
         or drop, the layout p's states were last stepped in): cheaper than that
@@ -1321,20 +1328,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         their own memory order, re-encoded in p's, with their absmax), and the slots
         with p's memory order.  Only dense states on p's device move; a master is
         remade from the replaced param anyway.  Where p or its codes are not dense
-        (p set to a strided view, or back), only FP8 codes move: they follow p's
-        strides whatever they are.  Any other misfit, and a state laid
+        (p set to a strided view, or back), FP8 codes follow the stepped tensor's
+        strides whatever they are (_relaid_strided_codes), and beside a strided p
+        nothing else moves.  Any other misfit, and a state laid
         out otherwise beside a param that kept its layout, is left to the step's
         checks.  Empty when nothing needs it (the common case)."""
         last = self._layouts.get(id(p))
         if last is None or last[0] is not p or last[1] == p.stride():
             return {}
-        coded = [key for key, value in st.items() if key in keys and isinstance(value, Tensor)
-                 and value.dtype == torch.uint8 and fp8_states.absmax_key(key) in st]
-        if not is_dense(p) or not all(is_dense(st[key]) for key in coded):
-            # a strided view on either side: FP8 codes follow the param's strides whatever they are (the
-            # reference steps the other states in any strides; the fused backends refuse a strided param)
-            self._refuse_shared_states(p, st, keys)
-            return fp8_states.relaid_into(st, p)
+        codes_moved = self._relaid_strided_codes(p, st, keys)
+        if not is_dense(p):  # (the reference steps the other states in any strides; the fused backends
+            return codes_moved  # refuse a strided param)
+        st = {**st, **codes_moved}
         stride, order = p.stride(), None
         stale = []
         for key, value in st.items():
@@ -1349,9 +1354,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                     stale.append(key)
         stale = [key for key in stale if is_dense(st[key])]
         if not stale:
-            return {}
+            return codes_moved
         self._refuse_shared_states(p, st, keys)
-        out = {}
+        out = dict(codes_moved)
         for key in stale:
             value = st[key]
             if key in self.slot_keys:
@@ -1362,6 +1367,20 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:
                 out[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
         return out
+
+    def _relaid_strided_codes(self, p: Tensor, st: dict, keys: Tuple[str, ...]) -> dict:
+        """FP8 codes re-laid where a strided view is on either side of p's layout
+        change (p set to one, or back): codes follow the strides of the tensor the
+        kernels step, whatever they are (p's, or its float32 master's, which is
+        dense); empty where neither is a strided view."""
+        master = st.get(MASTER_KEY)
+        stepped = master if isinstance(master, Tensor) else p
+        coded = [key for key, value in st.items() if key in keys and isinstance(value, Tensor)
+                 and value.dtype == torch.uint8 and fp8_states.absmax_key(key) in st]
+        if is_dense(stepped) and all(is_dense(st[key]) for key in coded):
+            return {}
+        self._refuse_shared_states(p, st, keys)
+        return fp8_states.relaid_into(st, stepped)
 
     @staticmethod
     def _refuse_shared_states(p: Tensor, st: dict, keys: Tuple[str, ...]) -> None:
@@ -1446,8 +1465,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         value = self._per_param_value(value)
         try:
             entries = value if isinstance(value, (tuple, list)) else (value,)
-            if any(isinstance(v, (str, bytes)) or hp.complex_valued(v) for v in entries):  # (float('0.5') would
-                raise TypeError  # read it, and a complex's real part)
+            # (float() would read '0.5', and a NumPy complex as its real part)
+            if any(isinstance(v, (str, bytes)) or hp.complex_valued(v) for v in entries):
+                raise TypeError
             values = [float(v) for v in entries] if entries is value else [float(value)] * count
         except (TypeError, ValueError, RuntimeError):
             raise hp.HyperParameterTypeError(
@@ -1532,14 +1552,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             return [(g.float() if g.dtype in (torch.bfloat16, torch.float16) else g) * unscale for g in grads]
         return grads
 
-    def _apply_new_states(self, ready: _Ready, bucket: Bucket) -> None:
+    def _apply_new_states(self, ready: _Ready, bucket: Bucket) -> Set[int]:
         """Stores the state made or changed for the params of ``bucket`` (once it stepped).
         A step that GradScaler's found_inf skipped on the host stores the state it
         made (a first step's, as torch.optim's makes it) but replaces none: a master
         remade from a written param, states converted or re-laid are made again by
-        the next step that runs."""
+        the next step that runs.  Returns the ids of the params whose changes it
+        declined so."""
+        declined: Set[int] = set()
         if not ready.new_states:
-            return
+            return declined
         owners = {id(p) for p in bucket.owners}
         skipped = self._skipped_on_host()
         for param, changes in ready.new_states:
@@ -1547,6 +1569,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             held = self.state.get(param)
             if skipped and isinstance(held, dict) and any(key in held for key in changes):
+                declined.add(id(param))
                 continue
             self._awaiting_master.pop(id(param), None)  # its master made, or its states rounded
             state = self.state.setdefault(param, {})  # (a plain dict in place of torch's defaultdict too)
@@ -1555,6 +1578,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     state.pop(key, None)
                 else:
                     state[key] = value
+        return declined
 
     def _run_bucket(self, ready: _Ready, bucket: Bucket, summed_over_shards: bool) -> None:
         """Steps one bucket (``summed_over_shards``: by ``_sharded_step``, whatever
@@ -1587,15 +1611,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 measured_sums(bucket.params, before, table)
         if bucket.shadows and not bucket.shadows_in_kernel and not self._skipped_on_host():
             torch._foreach_copy_(bucket.shadows, bucket.params)  # the params, rounded from their masters
-        self._apply_new_states(ready, bucket)  # (stepped: a sum over shards that failed stores none)
+        declined = self._apply_new_states(ready, bucket)  # (stepped: a sum over shards that failed stores none)
         self._bump_sharded_versions(bucket, group)
         if bucket.shadows and self._skipped_on_host():
             self._master_marks.mark_unmarked(bucket.owners)
         elif bucket.shadows:
             self._master_marks.mark(bucket.owners)
         laid_out_above = _laid_out_above(bucket.fp8)
-        for p in bucket.owners:
-            if p.dim() > laid_out_above:
+        for p in bucket.owners:  # (a param whose re-laid states a skipped step declined: re-laid by the next)
+            if p.dim() > laid_out_above and id(p) not in declined:
                 self._layouts[id(p)] = (p, p.stride())
         if track:
             self._telemetry.record(bucket.owners, bucket.params, table, float(ready.group["lr"]))

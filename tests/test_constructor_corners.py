@@ -124,7 +124,8 @@ def test_betas_are_refused_at_construction_where_torch_refuses_them(ours, theirs
     if refused:
         with pytest.raises(ValueError, match="both floats or both Tensors"):
             theirs(params, betas=betas)
-        with pytest.raises(ValueError, match=rf"^{ours.__name__}: Invalid betas: .*both floats or both Tensors"):
+        with pytest.raises(ValueError, match=rf"^{ours.__name__}: the default betas of every group: Invalid betas: "
+                                                 r".*both floats or both Tensors"):
             ours(params, betas=betas)
     else:
         theirs(params, betas=betas)
@@ -263,21 +264,23 @@ def test_complex_hyper_parameters_are_refused_as_not_real_numbers(cls, kwargs, k
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("cls,group,name", [
-    (af.AdamW, dict(lr=5e37), r"step size lr/\(1 - beta1\) of a first step"),
-    (af.RAdam, dict(lr=5e37), r"step size lr/\(1 - beta1\) of a first step"),
-    (af.Adam8bit, dict(lr=5e37), r"step size lr/\(1 - beta1\) of a first step"),
+    (af.AdamW, dict(lr=1e38), r"step size lr/\(1 - beta1\^t\) at t=2"),
+    (af.Adam8bit, dict(lr=1e38), r"step size lr/\(1 - beta1\^t\) at t=2"),
     (af.AdamW, dict(lr=1e20, weight_decay=1e20), r"decay factor 1 - lr\*weight_decay"),
+    (af.RAdam, dict(lr=1e20, weight_decay=1e20, decoupled_weight_decay=True), r"decay factor 1 - lr\*weight_decay"),
     (af.Lion, dict(lr=1e20, weight_decay=1e20), r"decay factor 1 - lr\*weight_decay"),
 ], ids=lambda x: x.__name__ if isinstance(x, type) else "")
 def test_a_derived_step_value_beyond_float32_range_is_refused(cls, group, name, backend):
-    """lr in float32's range, but lr/(1 − β1) (a first step's step size) or the decay
-    factor 1 − lr·λ beyond it: float32 params would turn Inf or NaN (torch.optim's
-    default step raises on the step size); refused at construction and when a
-    scheduler writes it, before any write; float64 params take it."""
+    """lr in float32's range, but the step size lr/(1 − β1^t) at the params' next
+    step t or the decay factor 1 − lr·λ beyond it: float32 params would turn Inf or
+    NaN (torch.optim.AdamW's default step raises on the step size); refused at
+    construction (a first step's) and when a scheduler writes it, before any write;
+    float64 params take it."""
     from conftest import assert_unchanged, snapshot
     shape = (5000,) if cls is af.Adam8bit else (7,)
     p = torch.nn.Parameter(torch.linspace(-1, 1, shape[0]))
-    with pytest.raises(ValueError, match=rf"param_groups\[0\]: Invalid {name}: .*beyond float32's range"):
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]: Invalid {name.replace('t=2', 't=1')}: "
+                                         r".*beyond float32's range"):
         cls([p], backend=backend, **group)
     opt = cls([p], backend=backend)
     p.grad = torch.ones(shape)
@@ -308,3 +311,28 @@ def test_a_tensor_lr_of_several_elements_is_both_a_type_error_and_a_value_error(
 def test_adams_decoupled_weight_decay_flag_is_named_by_its_class_and_group():
     with pytest.raises(ValueError, match=r"^Adam: param_groups\[0\]: Invalid decoupled_weight_decay: 2 "):
         af.Adam([torch.nn.Parameter(torch.ones(3))], decoupled_weight_decay=2)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_step_size_is_checked_at_the_params_own_step_count(backend):
+    """lr/(1 − β1) overflows float32 at a first step, lr/(1 − β1^t) no longer at step
+    100: written there, such an lr steps as torch.optim.AdamW steps it (finite);
+    RAdam, whose step size (m/(1 − β1^t))·η is taken per element, takes it at a
+    first step too."""
+    runs = []
+    for make in (lambda p: torch.optim.AdamW([p], lr=1e-3), lambda p: af.AdamW([p], lr=1e-3, backend=backend)):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 7))
+        opt = make(p)
+        for step in range(100):
+            p.grad = torch.full((7,), 1e-3 * (step + 1))
+            if step == 99:
+                opt.param_groups[0]["lr"] = 5e37
+            opt.step()
+        runs.append(p.detach())
+    assert torch.isfinite(runs[1]).all()
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=0)
+    q = torch.nn.Parameter(torch.linspace(-1, 1, 7))
+    radam = af.RAdam([q], lr=5e37, backend=backend)
+    q.grad = torch.ones(7)
+    radam.step()
+    assert torch.isfinite(q).all()

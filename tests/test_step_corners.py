@@ -165,31 +165,41 @@ def _strided_copy(t):
     return buffer[..., ::2]
 
 
+def _column_major(t):
+    return t.t().contiguous().t() if t.dim() == 2 else t.contiguous()
+
+
+@pytest.mark.parametrize("back_to", ["row-major", "column-major"])
+@pytest.mark.parametrize("master", [False, True], ids=["fp32", "bf16-master"])
 @pytest.mark.parametrize("shape", [(8192,), (64, 128)])
 @pytest.mark.parametrize("name", EIGHT_BIT_CASES)
-def test_fp8_codes_follow_a_param_swapped_to_and_from_a_strided_view(name, shape):
+def test_fp8_codes_follow_a_param_swapped_to_and_from_a_strided_view(name, shape, master, back_to):
     """``p.data`` set to a strided view between steps (stepped by the reference,
-    as torch.optim steps it), then back to a dense tensor (stepped by the fused
-    kernels again): the FP8 codes follow the param's strides, whose memory order,
-    and so whose blocks, stay those of the run that never switched, which the
-    switched run equals bitwise."""
+    as torch.optim steps it), then back to a dense tensor, of its old memory order
+    or another (stepped by the fused kernels again): the FP8 codes follow the
+    strides of the tensor the step writes (the param's, or its dense float32
+    master's), and the run equals bitwise one that never took the strided view
+    (switching to the same dense layout at the same step: Amos's slots follow it)."""
     cls, kwargs = EIGHT_BIT_CASES[name]
-    init = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    dtype = torch.bfloat16 if master else torch.float32
+    init = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     switched, kept = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
-    opt_switched = cls([switched], backend="reference", **kwargs)
-    opt_kept = cls([kept], backend="reference", **kwargs)
+    opt_switched = cls([switched], backend="reference", master_weights=master, **kwargs)
+    opt_kept = cls([kept], backend="reference", master_weights=master, **kwargs)
     for step in range(6):
         if step == 2:
             switched.data = _strided_copy(switched.data)
         if step == 4:
-            switched.data = switched.data.contiguous()
+            dense = _column_major if back_to == "column-major" else torch.Tensor.contiguous
+            switched.data, kept.data = dense(switched.data), dense(kept.data)
             opt_switched.param_groups[0]["backend"] = "cpu"
             opt_kept.param_groups[0]["backend"] = "cpu"
         for p, opt in ((switched, opt_switched), (kept, opt_kept)):
             _grads([p], step)
             opt.step()
+        stepped = opt_switched.state[switched].get("master_param", switched)
         codes = [v for v in opt_switched.state[switched].values() if v.dtype == torch.uint8]
-        assert codes and all(c.stride() == switched.stride() for c in codes)
+        assert codes and all(c.stride() == stepped.stride() for c in codes)
         assert torch.equal(switched.detach(), kept.detach())
     for key, value in opt_kept.state[kept].items():
         assert torch.equal(opt_switched.state[switched][key], value), key
@@ -679,3 +689,31 @@ def test_a_master_on_its_own_params_memory_is_named(backend):
                                          r"of the same param; every tensor a step writes needs memory of its own"):
         opt.step()
     _assert_unchanged(opt, snapshot)
+
+
+@pytest.mark.parametrize("swap", ["column-major", "strided"])
+@pytest.mark.parametrize("cls", [af.AdamW, af.AdamW8bit], ids=lambda c: c.__name__)
+def test_a_skipped_step_after_a_layout_change_leaves_the_relayout_to_the_next_step(cls, swap):
+    """A param given another layout, then a step that GradScaler's found_inf skips
+    (it stores no re-laid state): the next step that runs re-lays them, and the
+    run equals one without the skipped step."""
+    backend = "reference" if swap == "strided" else "cpu"
+    runs = []
+    for skip in (False, True):
+        p = torch.nn.Parameter(torch.randn(64, 128, generator=torch.Generator().manual_seed(2)))
+        opt = cls([p], lr=1e-2, backend=backend)
+        _grads([p], 0)
+        opt.step()
+        p.data = _column_major(p.data) if swap == "column-major" else _strided_copy(p.data)
+        if skip:
+            p.grad = torch.full_like(p, float("inf"))
+            opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+        _grads([p], 1)
+        opt.step()
+        runs.append((p.detach(), {k: v for k, v in opt.state[p].items()}))
+    (p, state), (skipped_p, skipped_state) = runs
+    assert torch.equal(p, skipped_p)
+    for key, value in state.items():
+        assert torch.equal(skipped_state[key], value) and skipped_state[key].stride() == value.stride(), key
