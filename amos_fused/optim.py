@@ -51,18 +51,25 @@ def _decay_factor(hyper: dict) -> dict:
 
 
 def _smallest_next_count(state: dict, params) -> float:
-    """The smallest step count t that the params with grads take at this step (1 for
-    one without state, or whose counter cannot be read on the host)."""
-    counts = [1.0]
+    """The smallest step count t that ``params`` (those that step in float32) take at
+    their next step: 1 for one without state; a counter that is not a count ≥ 0,
+    which the step's checks refuse, is not counted."""
+    counts = []
     for p in params:
-        if p.grad is None:
+        if p.dtype in (torch.float64, torch.complex128):
             continue
         st = state.get(p)
+        step = st.get("step") if isinstance(st, dict) else None
+        if step is None:
+            counts.append(1.0)
+            continue
         try:
-            counts.append(float(st["step"]) + 1.0)
-        except (TypeError, KeyError, RuntimeError, ValueError):
-            return 1.0
-    return min(counts[1:], default=1.0)
+            count = float(step)
+        except (TypeError, RuntimeError, ValueError):
+            continue
+        if count >= 0.0:
+            counts.append(count + 1.0)
+    return min(counts, default=1.0)
 
 
 def _typed(value):
@@ -129,12 +136,12 @@ class _AdamFamily(FusedOptimizer):
     def _derived_hyper(self, hyper, plan):
         derived = _decay_factor(hyper) if hyper["decoupled"] else {}
         if hyper["bias_correction"] and hyper["beta1"] > 0.0:
-            # the kernels' step size η/(1 − β1^t) is largest at the params' smallest t: read at that t
-            # only where a first step's would overflow float32 (the counters cost a pass over the params)
+            # the kernels' step size η/(1 − β1^t) is largest at the params' smallest next t (1 for a param
+            # without state): read only where a first step's would overflow float32 (a pass over the params)
             t = 1.0
             if not abs(hyper["lr"] / (1.0 - hyper["beta1"])) <= _FLOAT32_MAX:
                 t = _smallest_next_count(self.state, plan.params)
-            derived[f"step size lr/(1 - beta1^t) at t={t:g}"] = hyper["lr"] / (1.0 - hyper["beta1"] ** t)
+            derived[f"step size lr/(1 - beta1^t) at t={t:.0f}"] = hyper["lr"] / (1.0 - hyper["beta1"] ** t)
         return derived
 
     def _bucket_hyper(self, bucket, group):

@@ -383,7 +383,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         one gets _default_per_param.  Only for a value the user left as it was (the
         same tuple object): a tuple set anew is taken in the new order.  Returns
         the new tuples by key (nothing is written here)."""
-        if old is None or old.group is not group:  # (another group's plan: groups reordered or removed)
+        if old is None:  # (_last_plan_of: no plan of this group, or of a group it replaced)
             return {}
         params = group["params"]
         if len(params) == len(old.params) and all(p is q for p, q in zip(params, old.params)):
@@ -688,6 +688,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 list(self._plans_by_group.values()):
             if plan.group is group:
                 return plan
+        # a copy of the group this index held, put in its place (opt.param_groups[i] = {**g, 'params': …}):
+        # that group's plan, when its dict is in no group any more (else it is another group's, moved)
+        plan = self._plans_before_step.get(index) or self._plans.get(index)
+        if plan is not None and not any(plan.group is g for g in self.param_groups):
+            return plan
         return None
 
     def _check_all_overlaps(self) -> None:
@@ -801,7 +806,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                                      self._name, [(where, mesh_groups(p), id(p) in taken) for where, p in summing])
         except BaseException:
             for group, values in kept:
-                group.update(values)
+                if isinstance(group, dict):  # (a user's non-dict entry: the error names it)
+                    group.update(values)
             self._plans = plans
             raise
         finally:
@@ -890,6 +896,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _prepare(self, index: int, group: dict, first_index: int, rebuild: bool = False) -> Optional[_Ready]:
         """Checks group ``index`` (whose first param is the optimizer's
         ``first_index``-th) and gathers its buckets; None when nothing to step."""
+        if not isinstance(group, dict):
+            raise TypeError(f"{self._name}: param_groups[{index}] must be a dict, as add_param_group makes it, got "
+                            f"{type(group).__name__}")
+        if "params" not in group:
+            raise hp.MissingGroupKey(f"{self._name}: param_groups[{index}] has no 'params'")
+        if not isinstance(group["params"], (list, tuple)):  # (a set has no order; a generator, one pass)
+            raise TypeError(f"{self._name}: param_groups[{index}]['params'] must be a list of tensors, as "
+                            f"add_param_group makes it, got {type(group['params']).__name__}")
         for position, p in enumerate(group["params"]):
             if not isinstance(p, Tensor):
                 raise TypeError(f"{self._name}: param_groups[{index}]['params'][{position}] must be a tensor, got "
@@ -1372,12 +1386,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         """FP8 codes re-laid where a strided view is on either side of p's layout
         change (p set to one, or back): codes follow the strides of the tensor the
         kernels step, whatever they are (p's, or its float32 master's, which is
-        dense); empty where neither is a strided view."""
+        dense); empty where neither p nor its codes are a strided view."""
         master = st.get(MASTER_KEY)
         stepped = master if isinstance(master, Tensor) else p
         coded = [key for key, value in st.items() if key in keys and isinstance(value, Tensor)
                  and value.dtype == torch.uint8 and fp8_states.absmax_key(key) in st]
-        if is_dense(stepped) and all(is_dense(st[key]) for key in coded):
+        if is_dense(p) and all(is_dense(st[key]) for key in coded):
             return {}
         self._refuse_shared_states(p, st, keys)
         return fp8_states.relaid_into(st, stepped)

@@ -155,3 +155,57 @@ def test_a_reduce_axes_that_does_not_fit_an_appended_param_names_it():
         opt.step()
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\] .*dim 2 is out of range"):
         af.Amos([a, b], lr=0.01, reduce_axes=2)
+
+
+@pytest.mark.parametrize("edit", ["reversed", "appended", "whole-list"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,key", [(af.Amos, "eta"), (af.ScaledAdamW, "init_norm")], ids=["Amos", "ScaledAdamW"])
+def test_inferred_values_follow_their_params_through_a_copy_of_the_group(cls, key, backend, edit):
+    """The group dict replaced by a copy with its params reordered or extended
+    (``opt.param_groups[0] = {**g, 'params': [b, a]}``, or a new list of copies):
+    each param keeps its inferred value, a new one gets its own, as when the same
+    edit is made on the group itself."""
+    results = []
+    for through_copy in (False, True):
+        a, b, c = (torch.nn.Parameter(torch.randn(4, 8, generator=torch.Generator().manual_seed(s)) * scale)
+                   for s, scale in ((0, 0.1), (1, 2.0), (2, 1.0)))
+        kwargs = dict(lr=0.01, eta=None) if cls is af.Amos else dict(lr=1e-3, half_life=10)
+        opt = cls([a, b], backend=backend, **kwargs)
+        _grads([a, b, c], 0)
+        opt.step()
+        params = [b, a] if edit == "reversed" else [a, b, c]
+        if not through_copy:
+            opt.param_groups[0]["params"] = params
+        elif edit == "whole-list":
+            opt.param_groups = [{**opt.param_groups[0], "params": params}]
+        else:
+            opt.param_groups[0] = {**opt.param_groups[0], "params": params}
+        opt.step()
+        results.append(opt.param_groups[0][key])
+    assert results[1] == results[0]
+
+
+def test_a_group_that_is_no_dict_or_whose_params_are_no_list_is_named():
+    """torch.optim's add_param_group makes every group a dict with a list of params
+    (it refuses a set, whose order changes between runs): an entry written
+    otherwise is refused by name, before any write."""
+    from conftest import assert_unchanged, snapshot
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = af.Amos([a], lr=0.01)
+    _grads([a, b], 0)
+    before = snapshot(opt, [a, b])
+    opt.param_groups.append([b])
+    with pytest.raises(TypeError, match=r"^Amos: param_groups\[1\] must be a dict, as add_param_group makes it, "
+                                        r"got list"):
+        opt.step()
+    assert_unchanged(before, opt, [a, b])
+    opt.param_groups[1] = {**opt.param_groups[0], "params": {b}}
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\] must be a list of tensors.*got set"):
+        opt.step()
+    opt.param_groups[1]["params"] = (q for q in [b])
+    with pytest.raises(TypeError, match=r"got generator"):
+        opt.step()
+    del opt.param_groups[1]["params"]
+    with pytest.raises(KeyError, match=r"param_groups\[1\] has no 'params'"):
+        opt.step()
+    assert_unchanged(before, opt, [a, b])

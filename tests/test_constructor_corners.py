@@ -336,3 +336,19 @@ def test_a_step_size_is_checked_at_the_params_own_step_count(backend):
     q.grad = torch.ones(7)
     radam.step()
     assert torch.isfinite(q).all()
+
+
+def test_the_step_size_check_counts_only_the_params_that_step_in_float32():
+    """A float64 param taking its first step beside a float32 one at step 100: the
+    float64 step takes lr/(1 − β1) in float64, so an lr whose first-step size
+    overflows float32 is taken (as torch.optim.AdamW takes it), not refused."""
+    single, double = torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(5, dtype=torch.float64))
+    opt = af.AdamW([single], lr=1e-3)
+    for _ in range(100):
+        single.grad = torch.ones(5)
+        opt.step()
+    opt.param_groups[0]["params"].append(double)
+    opt.param_groups[0]["lr"] = 5e37
+    single.grad, double.grad = torch.ones(5), torch.ones(5, dtype=torch.float64)
+    opt.step()
+    assert torch.isfinite(single).all() and torch.isfinite(double).all()

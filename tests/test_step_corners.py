@@ -169,26 +169,30 @@ def _column_major(t):
     return t.t().contiguous().t() if t.dim() == 2 else t.contiguous()
 
 
-@pytest.mark.parametrize("back_to", ["row-major", "column-major"])
+@pytest.mark.parametrize("shape,start,back_to", [  # (a 1-D param has one dense order)
+    ((8192,), "row-major", "row-major"), ((64, 128), "row-major", "row-major"),
+    ((64, 128), "row-major", "column-major"), ((64, 128), "column-major", "column-major")], ids=str)
 @pytest.mark.parametrize("master", [False, True], ids=["fp32", "bf16-master"])
-@pytest.mark.parametrize("shape", [(8192,), (64, 128)])
 @pytest.mark.parametrize("name", EIGHT_BIT_CASES)
-def test_fp8_codes_follow_a_param_swapped_to_and_from_a_strided_view(name, shape, master, back_to):
-    """``p.data`` set to a strided view between steps (stepped by the reference,
-    as torch.optim steps it), then back to a dense tensor, of its old memory order
-    or another (stepped by the fused kernels again): the FP8 codes follow the
+def test_fp8_codes_follow_a_param_swapped_to_and_from_a_strided_view(name, shape, master, start, back_to):
+    """``p.data`` set to a strided view (of row-major order) between steps, stepped
+    by the reference as torch.optim steps it, then back to a dense tensor, of that
+    order or another, stepped by the fused kernels again: the FP8 codes follow the
     strides of the tensor the step writes (the param's, or its dense float32
-    master's), and the run equals bitwise one that never took the strided view
-    (switching to the same dense layout at the same step: Amos's slots follow it)."""
+    master's, remade in the new order), and the run equals bitwise one that never
+    took the strided view (its param switched to the same dense orders at the
+    same steps: Amos's slots follow them)."""
     cls, kwargs = EIGHT_BIT_CASES[name]
     dtype = torch.bfloat16 if master else torch.float32
     init = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    if start == "column-major":
+        init = _column_major(init)
     switched, kept = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
     opt_switched = cls([switched], backend="reference", master_weights=master, **kwargs)
     opt_kept = cls([kept], backend="reference", master_weights=master, **kwargs)
     for step in range(6):
         if step == 2:
-            switched.data = _strided_copy(switched.data)
+            switched.data, kept.data = _strided_copy(switched.data), kept.data.contiguous()
         if step == 4:
             dense = _column_major if back_to == "column-major" else torch.Tensor.contiguous
             switched.data, kept.data = dense(switched.data), dense(kept.data)
@@ -691,8 +695,8 @@ def test_a_master_on_its_own_params_memory_is_named(backend):
     _assert_unchanged(opt, snapshot)
 
 
-@pytest.mark.parametrize("swap", ["column-major", "strided"])
-@pytest.mark.parametrize("cls", [af.AdamW, af.AdamW8bit], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls,swap", [(af.AdamW, "column-major"), (af.AdamW8bit, "column-major"),
+                                      (af.AdamW8bit, "strided")], ids=lambda x: getattr(x, "__name__", x))
 def test_a_skipped_step_after_a_layout_change_leaves_the_relayout_to_the_next_step(cls, swap):
     """A param given another layout, then a step that GradScaler's found_inf skips
     (it stores no re-laid state): the next step that runs re-lays them, and the
