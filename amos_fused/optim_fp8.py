@@ -71,7 +71,7 @@ class _NoAmsgrad:
     def _check_group(self, group):
         super()._check_group(group)
         if group["amsgrad"]:
-            raise ValueError(f"{self._name}: amsgrad=True is not supported with 8-bit states "
+            raise ValueError("amsgrad=True is not supported with 8-bit states "
                              "(its running maximum would need a third state)")
 
 
