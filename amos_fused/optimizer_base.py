@@ -13,6 +13,7 @@ against them at every step and rebuilt when they differ."""
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections import OrderedDict, defaultdict
 import math
 import numbers
@@ -1261,7 +1262,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         master made (with float32 states) or dropped (states rounded to p's dtype)
         when ``master_weights`` changed, and fresh state where keys are missing."""
         changes: Dict[str, Any] = {}
-        if master and MASTER_KEY not in st and "step" in st:
+        if master and MASTER_KEY not in st and st:  # (states without a master, a `step` or not: upcast)
             changes.update(upcast_states(p, st))
             changes.update(fp8_states.relaid_into(st, changes[MASTER_KEY]))  # codes follow the master's layout
         elif master and MASTER_KEY in st and self._master_marks.edited(p) and not masters.rounds_to(st[MASTER_KEY], p):
@@ -1895,7 +1896,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._restore_saved_dtypes(state_dict, with_master)
         for param, state in self.state.items():
             if not isinstance(param, Tensor) or not isinstance(state, dict):
-                continue  # an entry of no param of ours (kept as saved, as torch.optim keeps it)
+                self.state[param] = copy.deepcopy(state)  # an entry of no param of ours: kept as saved, as
+                continue  # torch.optim keeps it, but a copy of it (never the caller's tensors)
             master = with_master.get(param, False)
             upcast = master and _float32_master(state)
             for key, value in list(state.items()):

@@ -690,11 +690,16 @@ def test_state_entries_of_no_param_load_as_torch_keeps_them(cls):
     opt.step()
     saved = opt.state_dict()
     saved["state"][5] = {"step": torch.tensor(1.0)}
+    saved["state"]["tensors"] = {"counter": torch.tensor(3.0)}
     loaded = cls([p], lr=1e-2, **kwargs)
     loaded.load_state_dict(saved)
     assert loaded.state["custom"] == {"counter": 3} and 5 in loaded.state
+    if cls is not torch.optim.AdamW:  # (which aliases them) copied as every loaded tensor is: the
+        saved["state"]["tensors"]["counter"].add_(100)  # caller's dict edited afterwards changes nothing here
+        saved["state"][5]["step"].add_(100)
+        assert float(loaded.state["tensors"]["counter"]) == 3.0 and float(loaded.state[5]["step"]) == 1.0
     loaded.step()
-    assert sorted(map(str, loaded.state_dict()["state"])) == ["0", "5", "custom"]
+    assert sorted(map(str, loaded.state_dict()["state"])) == ["0", "5", "custom", "tensors"]
 
 
 def test_state_dict_post_hook_may_return_another_dict():
@@ -850,3 +855,23 @@ def test_codes_turned_into_numbers_are_refused_and_change_nothing(turned, into):
     with pytest.raises(ValueError, match=r"'exp_avg'.*beside 'exp_avg_absmax'.*codes turned into numbers"):
         opt.load_state_dict(_saved(saved))
     _assert_as_before(opt, snap)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_checkpoint_without_step_or_master_gets_its_states_upcast_with_master_weights(backend):
+    """A bfloat16 checkpoint without a master and without `step`, its group given
+    master_weights=True after the load: its moments are upcast beside the new master
+    (as with a `step`), and the count restarts, as missing state is made afresh."""
+    p = torch.nn.Parameter(torch.randn(64, 80).bfloat16())
+    source = af.AdamW([p], lr=1e-2, backend=backend)
+    p.grad = torch.ones_like(p)
+    source.step()
+    saved = source.state_dict()
+    del saved["state"][0]["step"]
+    opt = af.AdamW([p], lr=1e-2, backend=backend)
+    opt.load_state_dict(saved)
+    opt.param_groups[0]["master_weights"] = True  # (a load takes the checkpoint group's setting)
+    opt.step()
+    state = opt.state[p]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    assert float(state["step"]) == 1.0 and state["master_param"].dtype == torch.float32
