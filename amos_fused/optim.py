@@ -51,12 +51,13 @@ def _decay_factor(hyper: dict) -> dict:
 
 
 def _smallest_next_count(state: dict, params) -> float:
-    """The smallest step count t that ``params`` (those that step in float32) take at
-    their next step: 1 for one without state; a counter that is not a count ≥ 0,
-    which the step's checks refuse, is not counted."""
+    """The smallest step count t that ``params`` take at this step (those with a grad,
+    which step, in float32): 1 for one without state, and where none steps (at
+    construction); a counter that is not a count ≥ 0, which the step's checks
+    refuse, is not counted."""
     counts = []
     for p in params:
-        if p.dtype in (torch.float64, torch.complex128):
+        if p.grad is None or p.dtype in (torch.float64, torch.complex128):
             continue
         st = state.get(p)
         step = st.get("step") if isinstance(st, dict) else None

@@ -32,7 +32,8 @@ from . import hyperparams as hp
 from .master_weights import MASTER_KEY, WriteMarks, float32_copy, has_master, master_problem, upcast_states
 from . import master_weights as masters
 from .contracts import call_capturable_step, call_fp8_step, call_step, master_algorithms
-from .sharding import dtensor_positions, is_dtensor, local, mesh_groups, placed_like, shard_offset, wait_for_every_shard
+from .sharding import (dtensor_positions, is_dtensor, local, mesh_groups, placed_as, placed_like, shard_offset,
+                       wait_for_every_shard)
 from .stochastic_round import round_key, round_to_bfloat16
 from .telemetry import RMS, Recorder, measured_sums, new_table, snapshot
 
@@ -1975,6 +1976,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not isinstance(value, Tensor):
             return value
         value = value.detach()
+        if is_dtensor(param) and not is_dtensor(value) and value.shape == param.shape:
+            # a full state dict's tensor under a key this optimizer's state lacked (torch's set_state_dict
+            # places only those it has): this rank's shard of it, as torch would have placed it
+            value = placed_as(value.to(local(param).device), param)
         if upcast and _steps_beside_master(key, value):  # (the states of a float32 master: float32 too)
             value = value.float()
         if key.endswith(fp8_states.ABSMAX_SUFFIX) and is_dtensor(param):

@@ -352,3 +352,19 @@ def test_the_step_size_check_counts_only_the_params_that_step_in_float32():
     single.grad, double.grad = torch.ones(5), torch.ones(5, dtype=torch.float64)
     opt.step()
     assert torch.isfinite(single).all() and torch.isfinite(double).all()
+
+
+def test_the_step_size_check_counts_only_the_params_that_step_now():
+    """A param of the group that never had a grad (no state) does not step: it does
+    not bring t down to 1, so an lr torch.optim.AdamW takes at step 101 is taken."""
+    stepped, idle = torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(5))
+    opt = af.AdamW([stepped, idle], lr=1e-3)
+    for _ in range(100):
+        stepped.grad = torch.ones(5)
+        opt.step()
+    opt.param_groups[0]["lr"] = 5e37
+    opt.step()
+    assert torch.isfinite(stepped).all() and idle not in opt.state
+    idle.grad = torch.ones(5)  # (now it steps, at t = 1: refused, before any write)
+    with pytest.raises(ValueError, match=r"step size lr/\(1 - beta1\^t\) at t=1"):
+        opt.step()

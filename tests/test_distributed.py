@@ -818,6 +818,55 @@ def _scalar_states_full_dict(rank, world, path):
     _finish()
 
 
+def _full_dict_with_a_key_the_loader_lacks(rank, world, path):
+    """A full state dict holding a state key the loading optimizer's state lacks (a
+    bf16 param's float32 master, kept by a step that GradScaler's found_inf skipped
+    after master_weights was turned off): torch's set_state_dict places only the
+    keys the loader holds, so that one arrives as the whole tensor; the load takes
+    this rank's shard of it, and the resumed run equals the original bitwise."""
+    _init(rank, world, path)
+    try:
+        import amos_fused as af
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+        from torch.distributed.fsdp import fully_shard
+
+        def make():
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)).bfloat16()
+            fully_shard(model)
+            return model, af.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1)).bfloat16()
+
+        def train(model, opt, steps):
+            for _ in range(steps):
+                opt.zero_grad()
+                model(x).float().square().mean().backward()
+                opt.step()
+
+        model, opt = make()
+        opt.param_groups[0]["master_weights"] = True
+        train(model, opt, 3)
+        opt.param_groups[0]["master_weights"] = False
+        opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(1.0)
+        train(model, opt, 1)  # (skipped: the master is kept for the next step that runs to drop)
+        del opt.grad_scale, opt.found_inf
+        assert all("master_param" in opt.state[p] for p in model.parameters())
+        options = StateDictOptions(full_state_dict=True)
+        model_state, optim_state = get_state_dict(model, opt, options=options)
+        fresh, fresh_opt = make()
+        set_state_dict(fresh, fresh_opt, model_state_dict=model_state, optim_state_dict=optim_state,
+                       options=options)
+        train(model, opt, 2)
+        train(fresh, fresh_opt, 2)
+        for p, q in zip(model.parameters(), fresh.parameters()):
+            assert torch.equal(p.full_tensor(), q.full_tensor())
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
 def _cross_precision_checkpoint(rank, world, path, directory):
     """A DCP checkpoint of one precision resumed by an optimizer of the other, as
     README.md says: loaded into an optimizer of the class that saved it, whose state
@@ -1308,6 +1357,10 @@ def _rms_of_params_stepped_on_some_ranks(rank, world, path):
 def _spawn(fn, world, *args):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(fn, args=(world, os.path.join(tmp, "store"), *args), nprocs=world, join=True)
+
+
+def test_a_full_state_dict_key_the_loader_lacks_is_placed_like_its_param():
+    _spawn(_full_dict_with_a_key_the_loader_lacks, 2)
 
 
 @pytest.mark.parametrize("offload", [False, True], ids=["fsdp2", "fsdp2-cpu-offload"])
