@@ -763,6 +763,15 @@ def _size_one_dims_and_uneven_grads(rank, world, path):
     _finish()
 
 
+def _assert_resume_alike(train, original, resumed, steps):
+    """``train(model, opt, steps)`` on the original and on the resumed (model,
+    optimizer) pairs; their params end bitwise equal."""
+    for model, opt in (original, resumed):
+        train(model, opt, steps)
+    for p, q in zip(original[0].parameters(), resumed[0].parameters()):
+        assert torch.equal(p.full_tensor(), q.full_tensor())
+
+
 def _scalar_states_full_dict(rank, world, path):
     """An Amos over params whose every slot is 'all' (0-dim) holds no state tensor
     of dim ≥ 1, and torch's set_optimizer_state_dict(full_state_dict=True) refuses
@@ -808,10 +817,7 @@ def _scalar_states_full_dict(rank, world, path):
                 loaded = fresh_opt.state[q][key]
                 assert isinstance(loaded, DTensor) and loaded.dim() == 0 and loaded.placements == (Replicate(),)
                 assert torch.equal(loaded.full_tensor(), opt.state[p][key].full_tensor()), key
-        train(model, opt, 2)
-        train(fresh, fresh_opt, 2)
-        for p, q in zip(model.parameters(), fresh.parameters()):
-            assert torch.equal(p.full_tensor(), q.full_tensor())
+        _assert_resume_alike(train, (model, opt), (fresh, fresh_opt), steps=2)
     except BaseException:
         dist.destroy_process_group()
         raise
@@ -857,10 +863,7 @@ def _full_dict_with_a_key_the_loader_lacks(rank, world, path):
         fresh, fresh_opt = make()
         set_state_dict(fresh, fresh_opt, model_state_dict=model_state, optim_state_dict=optim_state,
                        options=options)
-        train(model, opt, 2)
-        train(fresh, fresh_opt, 2)
-        for p, q in zip(model.parameters(), fresh.parameters()):
-            assert torch.equal(p.full_tensor(), q.full_tensor())
+        _assert_resume_alike(train, (model, opt), (fresh, fresh_opt), steps=2)
     except BaseException:
         dist.destroy_process_group()
         raise
