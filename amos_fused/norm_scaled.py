@@ -152,7 +152,7 @@ class ScaledAdamW(_AdamMoments):
                     p=self._schedule_p(group), inverse_time=group["decay"] == "inverse_time",
                     q=float(group["q"]))
 
-    def _derived_hyper(self, hyper, plan):
+    def _derived_hyper(self, hyper, plan, stepping):
         return {"decay rate lr²/(2q)": hyper["lr"] * hyper["lr"] / (2.0 * hyper["q"])}
 
     def _capturable_hyper(self, bucket, group):
@@ -168,13 +168,13 @@ class ScaledAdamW(_AdamMoments):
         hyper["p"] = torch.where(product != 0, p, torch.zeros_like(p))
         return hyper
 
-    def _check_range(self, index, group, hyper, plan):
+    def _check_range(self, index, group, hyper, plan, stepping=False):
         narrow = [spec.dtype for spec in plan.specs if spec.dtype not in (torch.float64, torch.complex128)]
         if group["half_life"] is not None and narrow and not abs(hyper["p"]) <= torch.finfo(torch.float32).max:
             raise ValueError(f"{self._name}: param_groups[{index}]: Invalid half_life: {group['half_life']} at "
                              f"lr={hyper['lr']} (the p they give, {hyper['p']:.4g}, is beyond float32's range, "
                              f"in which the step of {narrow[0]} params computes)")
-        super()._check_range(index, group, hyper, plan)
+        super()._check_range(index, group, hyper, plan, stepping)
 
     def _direction(self, p, g, st, step, group):
         beta1, beta2 = (float(b) for b in group["betas"])

@@ -50,14 +50,15 @@ def _decay_factor(hyper: dict) -> dict:
     return {"decay factor 1 - lr*weight_decay": 1.0 - hyper["lr"] * hyper["weight_decay"]}
 
 
-def _smallest_next_count(state: dict, params) -> float:
-    """The smallest step count t that ``params`` take at this step (those with a grad,
-    which step, in float32): 1 for one without state, and where none steps (at
-    construction); a counter that is not a count ≥ 0, which the step's checks
-    refuse, is not counted."""
+def _smallest_next_count(state: dict, params, stepping: bool) -> float:
+    """The smallest step count t that ``params`` (those in float32) take at their
+    next step: at a step (``stepping``) those with a grad, which it steps; when a
+    group is added or loaded, all of them.  1 for one without state, and where none
+    steps; a counter that is not a count ≥ 0, which the step's checks refuse, is
+    not counted."""
     counts = []
     for p in params:
-        if p.grad is None or p.dtype in (torch.float64, torch.complex128):
+        if (stepping and p.grad is None) or p.dtype in (torch.float64, torch.complex128):
             continue
         st = state.get(p)
         step = st.get("step") if isinstance(st, dict) else None
@@ -134,14 +135,14 @@ class _AdamFamily(FusedOptimizer):
             amsgrad=bool(group["amsgrad"]), bias_correction=bool(group["bias_correction"]),
         )
 
-    def _derived_hyper(self, hyper, plan):
+    def _derived_hyper(self, hyper, plan, stepping):
         derived = _decay_factor(hyper) if hyper["decoupled"] else {}
         if hyper["bias_correction"] and hyper["beta1"] > 0.0:
             # the kernels' step size η/(1 − β1^t) is largest at the params' smallest next t (1 for a param
             # without state): read only where a first step's would overflow float32 (a pass over the params)
             t = 1.0
             if not abs(hyper["lr"] / (1.0 - hyper["beta1"])) <= _FLOAT32_MAX:
-                t = _smallest_next_count(self.state, plan.params)
+                t = _smallest_next_count(self.state, plan.params, stepping)
             derived[f"step size lr/(1 - beta1^t) at t={t:.0f}"] = hyper["lr"] / (1.0 - hyper["beta1"] ** t)
         return derived
 
@@ -245,7 +246,7 @@ class RAdam(FusedOptimizer):
             rectify_threshold=float(group["rectify_threshold"]),
         )
 
-    def _derived_hyper(self, hyper, plan):  # (its step size, (m/(1 − β1^t))·η, is taken per element)
+    def _derived_hyper(self, hyper, plan, stepping):  # (its step size, (m/(1 − β1^t))·η, is taken per element)
         return _decay_factor(hyper) if hyper["decoupled"] else {}
 
     def _reference_step(self, bucket, group):
@@ -284,7 +285,7 @@ class Lion(FusedOptimizer):
         return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                     weight_decay=float(group["weight_decay"]))
 
-    def _derived_hyper(self, hyper, plan):
+    def _derived_hyper(self, hyper, plan, stepping):
         return _decay_factor(hyper)
 
     def _reference_step(self, bucket, group):

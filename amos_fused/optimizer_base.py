@@ -13,7 +13,6 @@ against them at every step and rebuilt when they differ."""
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections import OrderedDict, defaultdict
 import math
 import numbers
@@ -238,6 +237,16 @@ def _loadable_count(step) -> bool:
     except OverflowError:
         return False
     return True
+
+
+def _tensors_copied(entry):
+    """A loaded state entry of no param, with copies of its tensors (a dict's values
+    or the entry itself); anything else kept as it is, as torch.optim keeps it."""
+    if isinstance(entry, Tensor):
+        return entry.detach().clone()
+    if isinstance(entry, dict):
+        return {key: value.detach().clone() if isinstance(value, Tensor) else value for key, value in entry.items()}
+    return entry
 
 
 def _laid_out_above(fp8: bool) -> int:
@@ -923,7 +932,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._checked_group(index, checked)
         hyper = self._named_hyper(index, checked)
         plan = self._plan(index, group, rebuild)
-        self._check_range(index, group, hyper, plan)
+        self._check_range(index, group, hyper, plan, stepping=True)
         grads = ([placed_like(p, p.grad) for p in plan.params] if plan.has_dtensors
                  else [p.grad for p in plan.params])
         buckets: List[Bucket] = []
@@ -939,16 +948,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             return self._prepare(index, group, first_index, rebuild=True)
         return _Ready(group, buckets, new_states, first_index) if buckets else None
 
-    def _derived_hyper(self, hyper: dict, plan: GroupPlan) -> Dict[str, float]:
+    def _derived_hyper(self, hyper: dict, plan: GroupPlan, stepping: bool) -> Dict[str, float]:
         """Per-step values derived from the hyper-parameters (and the step counts of
-        ``plan``'s params), named by their formula, that the kernels take in the
-        step's dtype too (_check_range)."""
+        ``plan``'s params: those a step steps, ``stepping``, else all), named by their
+        formula, that the kernels take in the step's dtype too (_check_range)."""
         return {}
 
-    def _check_range(self, index: int, group: dict, hyper: dict, plan: GroupPlan) -> None:
+    def _check_range(self, index: int, group: dict, hyper: dict, plan: GroupPlan, stepping: bool = False) -> None:
         """A finite hyper-parameter beyond float32's range (lr=1e300) is refused for a
         group with params of a narrower dtype than float64, whose step computes in
-        float32: the kernels would store it as Inf, the reference could not convert it."""
+        float32: the kernels would store it as Inf, the reference could not convert it.
+        ``stepping``: checked by a step (whose params with a grad are those it steps),
+        not when the group is added or loaded."""
         self._check_reciprocals(index, hyper, plan)
         dtypes = [spec.dtype for spec in plan.specs if spec.dtype not in (torch.float64, torch.complex128)]
         if not dtypes:
@@ -977,7 +988,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"float32, in which the step of {dtype} params computes)")
         checked.update((key, group.get(key)) for key in self.per_param_keys
                        if isinstance(group.get(key), tuple) and not _holds_tensor(group.get(key)))
-        for name, value in self._derived_hyper(hyper, plan).items():  # (from values in range: an Inf overflowed)
+        for name, value in self._derived_hyper(hyper, plan, stepping).items():  # (from values in range: an Inf overflowed)
             if not abs(value) <= limit:
                 raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (beyond float32's "
                                  f"range, in which the step of {dtypes[0]} params computes)")
@@ -1897,8 +1908,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._restore_saved_dtypes(state_dict, with_master)
         for param, state in self.state.items():
             if not isinstance(param, Tensor) or not isinstance(state, dict):
-                self.state[param] = copy.deepcopy(state)  # an entry of no param of ours: kept as saved, as
-                continue  # torch.optim keeps it, but a copy of it (never the caller's tensors)
+                self.state[param] = _tensors_copied(state)  # an entry of no param of ours: kept as saved, as
+                continue  # torch.optim keeps it, but with copies of its tensors (never the caller's)
             master = with_master.get(param, False)
             upcast = master and _float32_master(state)
             for key, value in list(state.items()):
@@ -1936,7 +1947,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p) if p in self.state else None
-                if (isinstance(st, dict) and "step" in st and MASTER_KEY not in st
+                if (isinstance(st, dict) and st and MASTER_KEY not in st  # (with a `step` or not: _state_changes)
                         and has_master(p, group.get("master_weights", False))):
                     self._awaiting_master[id(p)] = p
 

@@ -368,3 +368,20 @@ def test_the_step_size_check_counts_only_the_params_that_step_now():
     idle.grad = torch.ones(5)  # (now it steps, at t = 1: refused, before any write)
     with pytest.raises(ValueError, match=r"step size lr/\(1 - beta1\^t\) at t=1"):
         opt.step()
+
+
+def test_a_checkpoint_taken_at_an_lr_its_step_took_reloads_after_zero_grad():
+    """The step-size check of a load (grads None after zero_grad) counts every
+    param's next step, not a first step: a checkpoint saved after a step at
+    lr=5e37 (taken at step 101) reloads, into the same optimizer and a fresh one."""
+    p = torch.nn.Parameter(torch.ones(5))
+    opt = af.AdamW([p], lr=1e-3)
+    for _ in range(100):
+        p.grad = torch.ones(5)
+        opt.step()
+    opt.param_groups[0]["lr"] = 5e37
+    opt.step()
+    saved = opt.state_dict()
+    opt.zero_grad()
+    opt.load_state_dict(saved)
+    af.AdamW([p], lr=1e-3).load_state_dict(saved)

@@ -875,3 +875,42 @@ def test_a_checkpoint_without_step_or_master_gets_its_states_upcast_with_master_
     state = opt.state[p]
     assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
     assert float(state["step"]) == 1.0 and state["master_param"].dtype == torch.float32
+
+
+def test_state_entries_of_no_param_that_cannot_be_deep_copied_still_load():
+    """An entry of no param holding a non-leaf tensor that requires grad, or an
+    object that cannot be copied (a lock), loads as torch.optim loads it: its
+    tensors copied, anything else kept as it is."""
+    import threading
+    p = torch.nn.Parameter(torch.randn(8))
+    opt = af.AdamW([p], lr=1e-2)
+    p.grad = torch.ones(8)
+    opt.step()
+    saved = opt.state_dict()
+    leaf = torch.ones(3, requires_grad=True)
+    lock = threading.Lock()
+    saved["state"]["extra"] = {"non_leaf": leaf * 2, "lock": lock}
+    loaded = af.AdamW([p], lr=1e-2)
+    loaded.load_state_dict(saved)
+    assert loaded.state["extra"]["lock"] is lock
+    assert torch.equal(loaded.state["extra"]["non_leaf"], torch.full((3,), 2.0))
+    assert loaded.state["extra"]["non_leaf"] is not saved["state"]["extra"]["non_leaf"]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_masters_turned_off_after_loading_states_without_step_or_master(backend):
+    """float32 states of a bf16 param without a master or a `step` (a load with
+    master_weights=True), masters turned off before the next step: the states are
+    rounded to the param's dtype, as with a `step`, and the step runs."""
+    p = torch.nn.Parameter(torch.randn(8, 8).bfloat16())
+    source = af.AdamW([p], lr=1e-2, master_weights=True, backend=backend)
+    p.grad = torch.ones_like(p)
+    source.step()
+    saved = source.state_dict()
+    for key in ("step", "master_param"):
+        del saved["state"][0][key]
+    opt = af.AdamW([p], lr=1e-2, master_weights=True, backend=backend)
+    opt.load_state_dict(saved)
+    opt.param_groups[0]["master_weights"] = False
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype == opt.state[p]["exp_avg_sq"].dtype == torch.bfloat16
