@@ -61,6 +61,13 @@ def stepped_like(param: Tensor, master: bool) -> Tensor:
     return torch.empty_like(param, dtype=torch.float32)
 
 
+def awaits_master(state) -> bool:
+    """Whether a param's ``state`` (of a param that is to have a master) holds
+    states without a master, a `step` or not: its next step makes the master and
+    upcasts them (upcast_states), or, masters turned off first, rounds them."""
+    return isinstance(state, dict) and bool(state) and MASTER_KEY not in state
+
+
 def upcast_states(param: Tensor, state: Dict[str, object]) -> Dict[str, Tensor]:
     """The new state entries of a param whose master is made now: the master
     from the param, and a float32 copy of each state tensor in the param's dtype

@@ -28,7 +28,8 @@ from .checks import (Problem, Walk, check_step, first_overlap, is_dense, is_fore
                      shared_state_text, step_error)
 from . import _C, fp8_states
 from . import hyperparams as hp
-from .master_weights import MASTER_KEY, WriteMarks, float32_copy, has_master, master_problem, upcast_states
+from .master_weights import (MASTER_KEY, WriteMarks, awaits_master, float32_copy, has_master, master_problem,
+                             upcast_states)
 from . import master_weights as masters
 from .contracts import call_capturable_step, call_fp8_step, call_step, master_algorithms
 from .sharding import (dtensor_positions, is_dtensor, local, mesh_groups, placed_as, placed_like, shard_offset,
@@ -1274,7 +1275,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         master made (with float32 states) or dropped (states rounded to p's dtype)
         when ``master_weights`` changed, and fresh state where keys are missing."""
         changes: Dict[str, Any] = {}
-        if master and MASTER_KEY not in st and st:  # (states without a master, a `step` or not: upcast)
+        if master and awaits_master(st):  # (states without a master, a `step` or not: upcast)
             changes.update(upcast_states(p, st))
             changes.update(fp8_states.relaid_into(st, changes[MASTER_KEY]))  # codes follow the master's layout
         elif master and MASTER_KEY in st and self._master_marks.edited(p) and not masters.rounds_to(st[MASTER_KEY], p):
@@ -1579,18 +1580,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             return [(g.float() if g.dtype in (torch.bfloat16, torch.float16) else g) * unscale for g in grads]
         return grads
 
-    def _apply_new_states(self, ready: _Ready, bucket: Bucket) -> Set[int]:
+    def _apply_new_states(self, ready: _Ready, bucket: Bucket, skipped: bool) -> Set[int]:
         """Stores the state made or changed for the params of ``bucket`` (once it stepped).
         A step that GradScaler's found_inf skipped on the host stores the state it
         made (a first step's, as torch.optim's makes it) but replaces none: a master
         remade from a written param, states converted or re-laid are made again by
-        the next step that runs.  Returns the ids of the params whose changes it
-        declined so."""
+        the next step that runs (``skipped``: _skipped_on_host).  Returns the ids of
+        the params whose changes it declined so."""
         declined: Set[int] = set()
         if not ready.new_states:
             return declined
         owners = {id(p) for p in bucket.owners}
-        skipped = self._skipped_on_host()
         for param, changes in ready.new_states:
             if id(param) not in owners:
                 continue
@@ -1636,11 +1636,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                     self._python_step_rounded(python_step, bucket, group, keys)
             if track:
                 measured_sums(bucket.params, before, table)
-        if bucket.shadows and not bucket.shadows_in_kernel and not self._skipped_on_host():
+        skipped = self._skipped_on_host()
+        if bucket.shadows and not bucket.shadows_in_kernel and not skipped:
             torch._foreach_copy_(bucket.shadows, bucket.params)  # the params, rounded from their masters
-        declined = self._apply_new_states(ready, bucket)  # (stepped: a sum over shards that failed stores none)
+        declined = self._apply_new_states(ready, bucket, skipped)  # (a sum over shards that failed stores none)
         self._bump_sharded_versions(bucket, group)
-        if bucket.shadows and self._skipped_on_host():
+        if bucket.shadows and skipped:
             self._master_marks.mark_unmarked(bucket.owners)
         elif bucket.shadows:
             self._master_marks.mark(bucket.owners)
@@ -1947,8 +1948,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p) if p in self.state else None
-                if (isinstance(st, dict) and st and MASTER_KEY not in st  # (with a `step` or not: _state_changes)
-                        and has_master(p, group.get("master_weights", False))):
+                if awaits_master(st) and has_master(p, group.get("master_weights", False)):
                     self._awaiting_master[id(p)] = p
 
     def _restore_saved_dtypes(self, state_dict: dict, with_master: Dict[Tensor, bool]) -> None:
