@@ -60,6 +60,18 @@ AF_HD T af_lerp(T a, T b, T w, bool small) {
   return small ? af_fma(w, b - a, a) : af_fma(w - T(1), b - a, b);
 }
 
+// A coefficient that divides square roots (sqrt(1 − β2^t)): the field's type is
+// AfRootDivisor<T>, and x / d is only ever taken of an x = af_sqrt(·).  It
+// rounds as any division does; scalar types keep d as it is, the CPU's float
+// vectors keep its reciprocal too and divide without a divide instruction
+// (csrc/cpu/vec_ops.h).
+template <typename T>
+struct AfRootDivisorOf {
+  using type = T;
+};
+template <typename T>
+using AfRootDivisor = typename AfRootDivisorOf<T>::type;
+
 // ---- coefficient structs ------------------------------------------------------
 // Each struct's fields are listed ONCE, in an X-macro of (type, name): the
 // struct, its `map` (conversion to another value type) and the columns of the
@@ -102,7 +114,7 @@ inline auto af_map_field(const F& f, const S& x) { return f(x); }
   X(T, param_decay)      /* 1 − ηλ when decoupled, else 1 */             \
   X(T, l2)               /* λ when coupled (L2), else 0 */               \
   X(T, eps)              /* ε */                                         \
-  X(T, bc2_sqrt)         /* sqrt(1 − β2^t), 1 without bias corr. */      \
+  X(AfRootDivisor<T>, bc2_sqrt) /* sqrt(1 − β2^t), 1 without bias correction */ \
   X(T, neg_step_size)    /* −η/(1 − β1^t), −η without */                 \
   X(T, grad_unscale)     /* 1 / GradScaler scale, or 1 */                \
   X(bool, lerp_small)    /* 1 − β1 < ½: form of af_lerp */
@@ -191,7 +203,7 @@ AF_HD void lion_update(T& p, T g, T& m, const LionCoef<T>& c) {
   X(T, beta2_complement)                                                 \
   X(T, eps)                                                              \
   X(T, bc1)              /* 1 − β1^t (1 without bias correction) */      \
-  X(T, bc2_sqrt)         /* sqrt(1 − β2^t) */                            \
+  X(AfRootDivisor<T>, bc2_sqrt) /* sqrt(1 − β2^t) */                      \
   X(T, weight_decay)     /* λ added to the direction (LAMB), else 0 */   \
   X(T, grad_unscale)     /* 1 / GradScaler scale, or 1 */                \
   X(bool, lerp_small)    /* 1 − β1 < ½ (af_lerp) */

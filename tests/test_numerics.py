@@ -342,6 +342,44 @@ def test_adam_family_cpu_is_bitwise_the_reference(name):
     assert _count_differing(fused, reference) == 0
 
 
+def _grads_over_the_float_range(n, low, high, seed):
+    """n float32 grads of random sign and significand, their exponents uniform in
+    [low, high], and every 97th a zero."""
+    gen = torch.Generator().manual_seed(seed)
+    significand = 1.0 + torch.rand(n, generator=gen, dtype=torch.float64)
+    exponent = torch.randint(low, high + 1, (n,), generator=gen).to(torch.float64)
+    sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).to(torch.float64)
+    grads = (sign * significand * torch.exp2(exponent)).to(torch.float32)
+    grads[::97] = 0.0
+    return grads
+
+
+@pytest.mark.parametrize("name, high", [("adamw", 100), ("adam_l2_amsgrad", 100), ("adamw8bit", 60)])
+def test_adam_denominator_over_the_whole_range_of_v_on_every_instruction_set(name, high):
+    """sqrt(v)/sqrt(1 − β2^t) is taken with a reciprocal and two FMAs on AVX2 and
+    AVX-512 (csrc/cpu/root_division.h): grads from 2^-80 (v rounds to 0 or a
+    subnormal) to 2^100 (v overflows: sqrt(v) = +Inf, and m/denom = ±0 leaves θ
+    where decay put it), over steps whose bias corrections have all kinds of
+    significands (β2 = 0.999 and 0.37), give bitwise the reference's params and
+    states on every instruction set.  (8-bit: up to 2^60, where v stays finite.)"""
+    make, _ = REFERENCE_EXACT[name]
+    sizes = [4096 + 77, 8192]
+    values = _values([(n,) for n in sizes], torch.float32, seed=3)
+    grads = [[_grads_over_the_float_range(n, -80, high, seed=31 * s + k) for k, n in enumerate(sizes)]
+             for s in range(4)]
+    for betas in ((0.9, 0.999), (0.5, 0.37)):
+        def build(groups, backend):
+            opt = make(groups, backend)
+            for group in opt.param_groups:
+                group["betas"] = betas
+            return opt
+        reference = _run(lambda groups: build(groups, "reference"), values, grads, [[0, 1]])
+        for capability in CPU_CAPABILITIES:
+            with cpu_setup(capability, 2):
+                fused = _run(lambda groups: build(groups, "cpu"), values, grads, [[0, 1]])
+            assert _count_differing(fused, reference) == 0, (capability, betas)
+
+
 @pytest.mark.parametrize("name", ["lion", "lion8bit"])
 def test_lion_sign_of_zero_nan_and_inf_on_every_instruction_set(name):
     """sign(c) of c = ±0, NaN, ±Inf, subnormal and normal, every SIMD lane and the

@@ -78,3 +78,42 @@ inline at::vec::Vectorized<S> af_fma(const at::vec::Vectorized<S>& a,
 }  // namespace amos_fused
 
 #include "../step_math.h"
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include "root_division.h"
+
+namespace amos_fused {
+
+// A root divisor of float lanes (AfRootDivisor in step_math.h): d and
+// y = RN(1/d), for root_division.h.  (A template over the capability's vector
+// type: each SIMD build has its own.)
+template <typename V>
+struct AfVecRootDivisor {
+  V d, y;
+  bool by_reciprocal = false;
+  AfVecRootDivisor() = default;
+  AfVecRootDivisor(const V& divisor) : d(divisor) {  // implicit, as the plain T it stands for
+#if defined(CPU_CAPABILITY_AVX512)
+    const float s = _mm512_cvtss_f32(divisor);  // (every lane holds d)
+#else
+    const float s = _mm256_cvtss_f32(divisor);
+#endif
+    y = V(1.0f / s);
+    by_reciprocal = divides_roots_by_reciprocal(s);
+  }
+};
+
+template <>
+struct AfRootDivisorOf<at::vec::Vectorized<float>> {
+  using type = AfVecRootDivisor<at::vec::Vectorized<float>>;
+};
+
+// x / d, x a square root: rounded as the divide instruction rounds it.
+inline at::vec::Vectorized<float> operator/(const at::vec::Vectorized<float>& x,
+                                            const AfVecRootDivisor<at::vec::Vectorized<float>>& d) {
+  if (!d.by_reciprocal) return x / d.d;
+  return divide_root(x, d.d, d.y);
+}
+
+}  // namespace amos_fused
+#endif
