@@ -785,16 +785,19 @@ def test_an_absmax_no_encode_stores_decodes_as_nan_on_every_backend(name, capabi
 def test_a_nan_code_edited_into_a_live_state_decodes_as_nan_on_every_backend(name, capabilities):
     """E4M3's NaN codes (0x7f, 0xff: never encoded) edited into a live state decode as
     NaN, as float8_e4m3fn (and so the reference) reads them, in a SIMD body and in a
-    block's scalar tail alike: after the next step exactly those blocks' absmax is
+    block's scalar tail alike (the kernels look for them once per block): after the next step exactly those blocks' absmax is
     NaN and their codes 0, the params NaN at the edited elements only (Lion8bit:
     sign(NaN) = 0, so none; RAdam8bit, unrectified, does not read v), on cpu (each
     instruction set) as on the reference; the Adam family and Lion8bit bitwise so."""
     case = FP8_CLASS_CASES[name]
     n = 16 * BLOCK + 37  # 17 blocks, the last partial: its last 5 elements are a scalar tail
     key = "mu" if name == "Amos8bit" else "exp_avg"
-    edits = {key: [(5, 0x7F), (3 * BLOCK + 17, 0xFF), (n - 2, 0x7F)]}
+    # a SIMD body's first lane, a 64-code chunk's last and next, a block's last, a
+    # partial block's codes and its scalar tail
+    edits = {key: [(5, 0x7F), (3 * BLOCK + 17, 0xFF), (5 * BLOCK + 63, 0xFF), (6 * BLOCK + 64, 0x7F),
+                   (7 * BLOCK + BLOCK - 1, 0x7F), (16 * BLOCK + 20, 0xFF), (n - 2, 0x7F)]}
     if name in ("AdamW8bit", "Adam8bit", "RAdam8bit"):
-        edits["exp_avg_sq"] = [(9 * BLOCK + 3, 0x7F)]
+        edits["exp_avg_sq"] = [(9 * BLOCK + 3, 0x7F), (12 * BLOCK + 32, 0xFF)]
     results = {}
     for backend in ("cpu", "reference"):
         p = _param(torch.linspace(-1.0, 1.0, n))

@@ -29,9 +29,49 @@ constexpr int64_t kFp8GrainBlocks = 128;
 // the same bytes' copy loop to 5-9%; distances of 512 to 8192 all helped.
 constexpr int64_t kFp8PrefetchAhead = 2048;
 
+// False when codes[0, len) hold none of E4M3's NaN codes (0x7f, 0xff: never
+// encoded, an edited state's): code·2 ≡ 0xfe as a byte for exactly those two, and
+// is at most 0xfc for every other code, so the block's largest code·2 tells.
+// Checked once per block, so that fp8_decode_tile can leave the NaN test out of
+// blocks that have none (all of them, unless a state was edited).  The scalar
+// build's decode tests each code anyway: true there, without a look.
+inline bool fp8_codes_may_hold_nan(const uint8_t* codes, int64_t len) {
+#if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2)
+  (void)codes;
+  (void)len;
+  return true;
+#else
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512i top = _mm512_setzero_si512();
+  for (; i + 64 <= len; i += 64) {
+    const __m512i x = _mm512_loadu_si512(codes + i);
+    top = _mm512_max_epu8(top, _mm512_add_epi8(x, x));
+  }
+  if (i < len) {  // the block's last codes, the bytes past them masked off (read as 0)
+    const __m512i x = _mm512_maskz_loadu_epi8((__mmask64(1) << (len - i)) - 1, codes + i);
+    top = _mm512_max_epu8(top, _mm512_add_epi8(x, x));
+    i = len;
+  }
+  if (_mm512_cmpeq_epi8_mask(top, _mm512_set1_epi8(static_cast<char>(0xfe))) != 0) return true;
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256i top = _mm256_setzero_si256();
+  for (; i + 32 <= len; i += 32) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + i));
+    top = _mm256_max_epu8(top, _mm256_add_epi8(x, x));
+  }
+  if (_mm256_movemask_epi8(_mm256_cmpeq_epi8(top, _mm256_set1_epi8(static_cast<char>(0xfe)))) != 0) return true;
+#endif
+  for (; i < len; ++i)
+    if ((codes[i] & 0x7fu) == 0x7fu) return true;
+  return false;
+#endif
+}
+
 // Decodes the codes of one float vector at `codes` (8 with AVX2, 16 with AVX-512):
-// e4m3_value(code)·factor, squared for a root state; NaN for E4M3's NaN codes.
-inline Vectorized<float> fp8_decode_tile(const uint8_t* codes, float factor, bool root) {
+// e4m3_value(code)·factor, squared for a root state; NaN for E4M3's NaN codes,
+// which are looked for only where `nan_codes` (fp8_codes_may_hold_nan of the block).
+inline Vectorized<float> fp8_decode_tile(const uint8_t* codes, float factor, bool root, bool nan_codes) {
   using Vec = Vectorized<float>;
 #if defined(CPU_CAPABILITY_AVX2)
   static_assert(Vec::size() == 8, "an AVX2 float vector holds 8 lanes");
@@ -43,9 +83,11 @@ inline Vectorized<float> fp8_decode_tile(const uint8_t* codes, float factor, boo
   const __m128i code = _mm_cvtepi8_epi16(bytes);
   const __m128i half = _mm_and_si128(_mm_slli_epi16(code, 7), _mm_set1_epi16(static_cast<int16_t>(0xbfff)));
   __m256 value = _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(factor * 256.0f));
-  // a NaN code (code·2 ≡ 0xfe as a byte) sets every bit of its lane: a NaN
-  const __m128i nan_code = _mm_cmpeq_epi8(_mm_add_epi8(bytes, bytes), _mm_set1_epi8(static_cast<char>(0xfe)));
-  value = _mm256_or_ps(value, _mm256_castsi256_ps(_mm256_cvtepi8_epi32(nan_code)));
+  if (nan_codes) {
+    // a NaN code (code·2 ≡ 0xfe as a byte) sets every bit of its lane: a NaN
+    const __m128i nan_code = _mm_cmpeq_epi8(_mm_add_epi8(bytes, bytes), _mm_set1_epi8(static_cast<char>(0xfe)));
+    value = _mm256_or_ps(value, _mm256_castsi256_ps(_mm256_cvtepi8_epi32(nan_code)));
+  }
   return root ? _mm256_mul_ps(value, value) : value;
 #elif defined(CPU_CAPABILITY_AVX512)
   static_assert(Vec::size() == 16, "an AVX-512 float vector holds 16 lanes");
@@ -54,11 +96,17 @@ inline Vectorized<float> fp8_decode_tile(const uint8_t* codes, float factor, boo
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
   const __m256i code = _mm256_cvtepi8_epi16(bytes);
   const __m256i half = _mm256_and_si256(_mm256_slli_epi16(code, 7), _mm256_set1_epi16(static_cast<int16_t>(0xbfff)));
-  const __mmask16 number = _mm_cmpneq_epi8_mask(_mm_add_epi8(bytes, bytes), _mm_set1_epi8(static_cast<char>(0xfe)));
-  const __m512 value = _mm512_mask_mul_ps(_mm512_castsi512_ps(_mm512_set1_epi32(0x7fc00000)), number,
-                                          _mm512_cvtph_ps(half), _mm512_set1_ps(factor * 256.0f));
+  const __m512 scale = _mm512_set1_ps(factor * 256.0f);
+  __m512 value;
+  if (nan_codes) {
+    const __mmask16 number = _mm_cmpneq_epi8_mask(_mm_add_epi8(bytes, bytes), _mm_set1_epi8(static_cast<char>(0xfe)));
+    value = _mm512_mask_mul_ps(_mm512_castsi512_ps(_mm512_set1_epi32(0x7fc00000)), number, _mm512_cvtph_ps(half), scale);
+  } else {
+    value = _mm512_mul_ps(_mm512_cvtph_ps(half), scale);
+  }
   return root ? _mm512_mul_ps(value, value) : value;
 #else
+  (void)nan_codes;  // (fp8_decode tests each code)
   float lanes[Vec::size()];
   for (int64_t k = 0; k < Vec::size(); ++k) {
     const float x = fp8_decode(codes[k], factor);
@@ -311,9 +359,11 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of,
       float(&state)[S][kFp8Block] = buffers[block & 1];
       const uint8_t* codes[S];
       float factor[S];
+      bool nan_codes[S];
       for (int k = 0; k < S; ++k) {
         codes[k] = L.codes[k][t] + begin;
         factor[k] = fp8_decode_factor(L.absmax[k][t][index]);
+        nan_codes[k] = fp8_codes_may_hold_nan(codes[k], len);
       }
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         if (L.round != nullptr && rounding_for != t) {
@@ -345,7 +395,7 @@ void fp8_blocks(const Fp8Launch& L, const UpdateOf& update_of,
           x[1] = gv[part];
           const int64_t offset = i + part * Vec::size();
           for_each_state<S>([&](auto k) {
-            x[2 + k] = fp8_decode_tile(codes[k] + offset, factor[k], (root_mask >> k) & 1u);
+            x[2 + k] = fp8_decode_tile(codes[k] + offset, factor[k], (root_mask >> k) & 1u, nan_codes[k]);
           });
           update(x, offset);
           for_each_state<S>([&](auto k) {
