@@ -83,7 +83,7 @@ inline Vectorized<float> fp8_decode_tile(const uint8_t* codes, float factor, boo
   const __m128i code = _mm_cvtepi8_epi16(bytes);
   const __m128i half = _mm_and_si128(_mm_slli_epi16(code, 7), _mm_set1_epi16(static_cast<int16_t>(0xbfff)));
   __m256 value = _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(factor * 256.0f));
-  if (__builtin_expect(nan_codes, 0)) {  // (the NaN-free path laid out inline)
+  if (__builtin_expect(nan_codes, 0)) {  // (rare: the NaN-free path is laid out inline)
     // a NaN code (code·2 ≡ 0xfe as a byte) sets every bit of its lane: a NaN
     const __m128i nan_code = _mm_cmpeq_epi8(_mm_add_epi8(bytes, bytes), _mm_set1_epi8(static_cast<char>(0xfe)));
     value = _mm256_or_ps(value, _mm256_castsi256_ps(_mm256_cvtepi8_epi32(nan_code)));
@@ -98,7 +98,7 @@ inline Vectorized<float> fp8_decode_tile(const uint8_t* codes, float factor, boo
   const __m256i half = _mm256_and_si256(_mm256_slli_epi16(code, 7), _mm256_set1_epi16(static_cast<int16_t>(0xbfff)));
   const __m512 scale = _mm512_set1_ps(factor * 256.0f);
   __m512 value;
-  if (__builtin_expect(nan_codes, 0)) {  // (the NaN-free path laid out inline)
+  if (__builtin_expect(nan_codes, 0)) {  // (rare: the NaN-free path is laid out inline)
     const __mmask16 number = _mm_cmpneq_epi8_mask(_mm_add_epi8(bytes, bytes), _mm_set1_epi8(static_cast<char>(0xfe)));
     value = _mm512_mask_mul_ps(_mm512_castsi512_ps(_mm512_set1_epi32(0x7fc00000)), number, _mm512_cvtph_ps(half), scale);
   } else {

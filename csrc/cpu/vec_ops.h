@@ -111,7 +111,7 @@ struct AfRootDivisorOf<at::vec::Vectorized<float>> {
 // x / d, x a square root: rounded as the divide instruction rounds it.
 inline at::vec::Vectorized<float> operator/(const at::vec::Vectorized<float>& x,
                                             const AfVecRootDivisor<at::vec::Vectorized<float>>& d) {
-  if (__builtin_expect(!d.by_reciprocal, 0)) return x / d.d;  // (the fast path laid out inline)
+  if (__builtin_expect(!d.by_reciprocal, 0)) return x / d.d;  // (rare: the reciprocal's path is laid out inline)
   return divide_root(x, d.d, d.y);
 }
 
