@@ -19,8 +19,9 @@
 
 namespace amos_fused {
 
-// The divisor's range where divide_root holds.
-inline bool divides_roots_by_reciprocal(float d) { return d >= 0x1p-40f && d <= 1.0f; }
+// The divisor's range where divide_root holds.  (static: each SIMD build, whose
+// instructions differ, keeps its own copy, as with the overloads below.)
+static inline bool divides_roots_by_reciprocal(float d) { return d >= 0x1p-40f && d <= 1.0f; }
 
 #if defined(CPU_CAPABILITY_AVX512)
 inline __m512 divide_root(__m512 x, __m512 d, __m512 y) {
