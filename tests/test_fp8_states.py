@@ -783,12 +783,13 @@ def test_an_absmax_no_encode_stores_decodes_as_nan_on_every_backend(name, capabi
 
 @pytest.mark.parametrize("name", list(FP8_CLASS_CASES))
 def test_a_nan_code_edited_into_a_live_state_decodes_as_nan_on_every_backend(name, capabilities):
-    """E4M3's NaN codes (0x7f, 0xff: never encoded) edited into a live state decode as
-    NaN, as float8_e4m3fn (and so the reference) reads them, in a SIMD body and in a
-    block's scalar tail alike (the kernels look for them once per block): after the
-    next step exactly those blocks' absmax is NaN and their codes 0, the params NaN at the edited elements only (Lion8bit:
-    sign(NaN) = 0, so none; RAdam8bit, unrectified, does not read v), on cpu (each
-    instruction set) as on the reference; the Adam family and Lion8bit bitwise so."""
+    """E4M3's NaN codes (0x7f, 0xff: never encoded) edited into a live state decode as NaN,
+    as float8_e4m3fn (and so the reference) reads them, in a SIMD body and in a block's
+    scalar tail alike (the kernels look for them once per block): after the next step
+    exactly those blocks' absmax is NaN and their codes 0, the params NaN at the edited
+    elements only (Lion8bit: sign(NaN) = 0, so none; RAdam8bit, unrectified, does not
+    read v), on cpu (each instruction set) as on the reference; the Adam family and
+    Lion8bit bitwise so."""
     case = FP8_CLASS_CASES[name]
     n = 16 * BLOCK + 37  # 17 blocks, the last partial: its last 5 elements are a scalar tail
     key = "mu" if name == "Amos8bit" else "exp_avg"
