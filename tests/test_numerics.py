@@ -361,7 +361,8 @@ def test_adam_denominator_over_the_whole_range_of_v_on_every_instruction_set(nam
     subnormal) to 2^100 (v overflows: sqrt(v) = +Inf, and m/denom = ±0 leaves θ
     where decay put it), over steps whose bias corrections have all kinds of
     significands (β2 = 0.999 and 0.37), give bitwise the reference's params and
-    states on every instruction set.  (8-bit: up to 2^60, where v stays finite.)"""
+    states on every instruction set, at 1, 2 and 3 threads.  (8-bit: up to 2^60,
+    where v stays finite.)"""
     make, _ = REFERENCE_EXACT[name]
     sizes = [4096 + 77, 8192]
     values = _values([(n,) for n in sizes], torch.float32, seed=3)
@@ -375,9 +376,10 @@ def test_adam_denominator_over_the_whole_range_of_v_on_every_instruction_set(nam
             return opt
         reference = _run(lambda groups: build(groups, "reference"), values, grads, [[0, 1]])
         for capability in CPU_CAPABILITIES:
-            with cpu_setup(capability, 2):
-                fused = _run(lambda groups: build(groups, "cpu"), values, grads, [[0, 1]])
-            assert _count_differing(fused, reference) == 0, (capability, betas)
+            for threads in (1, 2, 3):
+                with cpu_setup(capability, threads):
+                    fused = _run(lambda groups: build(groups, "cpu"), values, grads, [[0, 1]])
+                assert _count_differing(fused, reference) == 0, (capability, threads, betas)
 
 
 @pytest.mark.parametrize("name", ["lion", "lion8bit"])
