@@ -111,7 +111,8 @@ def step_capturable(algorithm: str, params: List[Tensor], grads: List[Tensor], s
         raise ValueError(f"{op}: 0 params but {len(steps)} steps")
     names = contract(algorithm).hyper
     floats = host_hyper(hyper)
-    coef = (device_coefficients.coefficient_table(algorithm, steps, hyper, per_tensor, grad_scale) if params
+    coef = (device_coefficients.coefficient_table(algorithm, steps, hyper, per_tensor, grad_scale,
+                                                  float32_math=params[0].dtype != torch.float64) if params
             else torch.empty(0, len(contract(algorithm).columns), dtype=torch.float64, device="cpu"))
     skip = None if found_inf is None else found_inf.to(torch.float32).reshape(1)
     compiled_ops.step_capturable(algorithm, list(params), list(grads), list(states),

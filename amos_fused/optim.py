@@ -130,7 +130,7 @@ class _AdamFamily(FusedOptimizer):
     def _hyper(self, group):
         beta1, beta2 = (float(b) for b in group["betas"])
         return dict(
-            lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+            lr=float(group["lr"]), beta1=beta1, beta1_weight=1.0 - beta1, beta2=beta2, eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), decoupled=bool(group["decoupled_weight_decay"]),
             amsgrad=bool(group["amsgrad"]), bias_correction=bool(group["bias_correction"]),
         )
@@ -147,15 +147,15 @@ class _AdamFamily(FusedOptimizer):
         return derived
 
     def _bucket_hyper(self, bucket, group):
-        """A Tensor β1 as torch.optim.Adam and AdamW read it: cast to the param's
-        dtype, m's lerp weight 1 − β1 taken in that dtype (a float64 tensor's 0.9
-        gives float32 params the weight 1 − float32(0.9)); a float64 bucket's is
-        1 − β1 as it is."""
+        """A Tensor β1 as torch.optim.Adam and AdamW read it: m's lerp weight 1 − β1
+        taken with β1 cast to the param's dtype (a float64 tensor's 0.9 gives
+        float32 params the weight 1 − float32(0.9); a bfloat16 param's β1 = 0.999
+        is 1, the weight 0), the bias correction 1 − β1^t with β1 as it is; a
+        float64 bucket's weight is 1 − β1 as it is."""
         h = self._hyper(group)
         beta1 = group["betas"][0]
         if isinstance(beta1, Tensor) and bucket.dtype != torch.float64:
-            weight = float(1 - beta1.detach().reshape(()).to("cpu", bucket.dtype))
-            h["beta1"] = 1.0 - weight  # (exact: the weight has at most 24 bits, so 1 − β1 gives it back)
+            h["beta1_weight"] = float(1 - beta1.detach().reshape(()).to("cpu", bucket.dtype))
         return h
 
     def _reference_step(self, bucket, group):

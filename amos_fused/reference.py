@@ -57,6 +57,7 @@ def adam_step(
     decoupled: bool,
     amsgrad: bool,
     bias_correction: bool = True,
+    beta1_weight: Optional[float] = None,
 ) -> None:
     """Adam / AdamW (Kingma & Ba, arXiv:1412.6980; Loshchilov & Hutter, arXiv:1711.05101)::
 
@@ -66,14 +67,18 @@ def adam_step(
         θ ← θ·(1−ηλ) (decoupled);  θ ← θ − η·u
 
     Non-finite values propagate elementwise (a NaN/Inf in g or θ reaches only its own
-    element; ε = 0 with g = 0 gives 0/0 = NaN there).
+    element; ε = 0 with g = 0 gives 0/0 = NaN there).  ``beta1_weight``: m's weight
+    1 − β1 where it is not 1 − β1 itself (torch.optim takes a Tensor β1 cast to the
+    param's dtype there, and β1 itself in bc1); None: 1 − β1.
     """
+    if beta1_weight is None:
+        beta1_weight = 1 - beta1
     theta, g, m, v = _load(param), _load(grad), _load(exp_avg), _load(exp_avg_sq)
     if weight_decay != 0 and not decoupled:
         g = rounded_once.add_scaled(g, theta, weight_decay)  # g + λθ, rounded like torch (one fma)
     if weight_decay != 0 and decoupled:
         theta = theta * (1 - lr * weight_decay)
-    m = rounded_once.lerp(m, g, 1 - beta1)  # β1·m + (1−β1)·g, in torch's lerp form
+    m = rounded_once.lerp(m, g, beta1_weight)  # β1·m + (1−β1)·g, in torch's lerp form
     v = rounded_once.addcmul(v * beta2, g, g, 1 - beta2)  # β2·v + (1−β2)·g², as torch rounds it
     second = v
     if amsgrad:

@@ -64,8 +64,10 @@ def lerp(start: Tensor, end: Tensor, weight: float) -> Tensor:
     fused multiply-add, w − 1 taken in the values' dtype (exact there, Sterbenz).
     torch's scalar loop, which steps the last elements of a tensor, writes the second
     form as end − (end − start)·(1 − w): the same value, except that with w = 1
-    (β1 = 0) an end of −0 gives +0 there and −0 in the vector lanes and here."""
-    small = abs(weight) < 0.5
+    (β1 = 0) an end of −0 gives +0 there and −0 in the vector lanes and here.  torch
+    picks the form from w as the math type holds it: float32 but for float64 values
+    (a w just below ½ rounds to ½ there)."""
+    small = abs(weight if start.dtype == torch.float64 else float(_as_float32(weight))) < 0.5
     if not _emulated(start):
         if small:
             return torch.lerp(start, end, weight)

@@ -16,9 +16,10 @@
 namespace amos_fused {
 
 // ---- hyper-parameters -----------------------------------------------------------
-// Flags are passed as 0 / 1.
+// Flags are passed as 0 / 1.  Adam's beta1_weight: m's lerp weight 1 − β1 (as torch.optim
+// takes it for a Tensor β1: β1 cast to the param's dtype first; bc1 takes β1 itself).
 #define AF_ADAM_HYPER(X) \
-  X(lr) X(beta1) X(beta2) X(eps) X(weight_decay) X(decoupled) X(amsgrad) X(bias_correction)
+  X(lr) X(beta1) X(beta1_weight) X(beta2) X(eps) X(weight_decay) X(decoupled) X(amsgrad) X(bias_correction)
 #define AF_RADAM_HYPER(X) \
   X(lr) X(beta1) X(beta2) X(eps) X(weight_decay) X(decoupled) X(rectify_threshold)
 #define AF_LION_HYPER(X) X(lr) X(beta1) X(beta2) X(weight_decay)
@@ -64,7 +65,7 @@ inline AdamCoef<double> adam_coefficients(const AdamHyper& h, double, double ste
   const double bc2 = h.bias_correction != 0 ? 1.0 - std::pow(h.beta2, step) : 1.0;
   const bool decoupled = h.decoupled != 0;
   AdamCoef<double> c;
-  c.beta1_complement = 1.0 - h.beta1;
+  c.beta1_complement = h.beta1_weight;
   c.beta2 = h.beta2;
   c.beta2_complement = 1.0 - h.beta2;
   c.param_decay = decoupled ? 1.0 - h.lr * h.weight_decay : 1.0;
@@ -163,6 +164,23 @@ inline NormScaledCoef scaled_adam_coefficients(const ScaledAdamHyper& h, double 
   return {moment_coefficients(h.beta1, h.beta2, h.eps, 0.0, true, unscale, step), h.lr * s,
           h.lr * h.lr / (2.0 * h.q) * s, init_norm};
 }
+
+// torch.lerp takes its form from the weight as its math type holds it: float32 for
+// every param dtype but float64, where a weight just below ½ (1 − β1 for β1 in
+// (½, ½ + 2^-26]) rounds to ½ and takes the second form.  Applied to a step's
+// coefficients when its params are not float64 (finish_step); the other
+// algorithms have no lerp.
+inline void lerp_form_in_float32(AdamCoef<double>& c) {
+  c.lerp_small = lerp_weight_small(static_cast<float>(c.beta1_complement));
+}
+inline void lerp_form_in_float32(RAdamCoef<double>& c) {
+  c.lerp_small = lerp_weight_small(static_cast<float>(c.beta1_complement));
+}
+inline void lerp_form_in_float32(NormScaledCoef& c) {
+  c.moments.lerp_small = lerp_weight_small(static_cast<float>(c.moments.beta1_complement));
+}
+template <typename Coef>
+inline void lerp_form_in_float32(Coef&) {}
 
 inline NormScaledCoef lamb_coefficients(const LambHyper& h, double, double step, double unscale) {
   return {moment_coefficients(h.beta1, h.beta2, h.eps, h.weight_decay, h.bias_correction != 0,

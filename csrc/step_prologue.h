@@ -159,9 +159,11 @@ std::optional<StepCall<A>> finish_step(StepCall<A> call, at::TensorList steps,
   }
   call.per_tensor.assign(per_tensor.begin(), per_tensor.end());
   call.coef.reserve(n);
+  const bool float32_math = n > 0 && params[0].scalar_type() != at::kDouble;
   for (size_t t = 0; t < n; ++t) {
     call.coef.push_back(A::coefficients(call.hyper, per_tensor.empty() ? 0.0 : per_tensor[t],
                                         call.steps[t], scaling.unscale));
+    if (float32_math) lerp_form_in_float32(call.coef.back());
   }
   return call;
 }

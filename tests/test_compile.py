@@ -23,7 +23,7 @@ def _lists(n=2):
     return params, grads, zeros, steps
 
 
-ADAMW = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True,
+ADAMW = dict(lr=0.01, beta1=0.9, beta1_weight=1 - 0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True,
              amsgrad=False, bias_correction=True)
 
 # algorithm → (state lists by key, hyper-parameters, per-tensor values) for two params
@@ -176,7 +176,8 @@ def test_compiled_train_step_breaks_as_often_as_torch_optim(name):
 
 def test_a_direct_call_of_the_step_op_with_found_inf_traces():
     from amos_fused.contracts import step_arguments
-    hyper = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True, amsgrad=False,
+    hyper = dict(lr=0.01, beta1=0.9, beta1_weight=1 - 0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+                 decoupled=True, amsgrad=False,
                  bias_correction=True)
     params = [torch.randn(5, 3), torch.randn(4)]
     grads = [torch.randn_like(p) for p in params]

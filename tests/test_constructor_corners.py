@@ -81,6 +81,37 @@ def test_tensor_betas_give_torchs_moments(ours, theirs, beta1, param_dtype, beta
         assert torch.equal(moments[1][1], moments[0][1])
 
 
+@pytest.mark.parametrize("cls", [af.AdamW, af.Adam, af.AdamW8bit], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("param_dtype,beta1", [(torch.float16, 0.99), (torch.bfloat16, 0.999),
+                                               (torch.float32, 1 - 1e-9)], ids=str)
+def test_a_tensor_beta1_corrects_the_bias_with_its_own_value(cls, param_dtype, beta1):
+    """torch.optim.Adam and AdamW cast a Tensor β1 to the param's dtype for m's
+    weight 1 − β1 only; the step size lr/(1 − β1^t) takes β1 as it is.  A β1 that
+    the param's dtype rounds to 1 (bfloat16's 0.999, float32's 1 − 1e-9: m's weight
+    0) steps finite params, where 1 − 1^t = 0 would make them NaN; float16's 0.99
+    (0.98974609375 there) takes the step size of 0.99, bitwise on both backends."""
+    betas = (torch.tensor(beta1, dtype=torch.float64), torch.tensor(0.999, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(5)
+    theta = (0.01 * torch.randn(4096 + 37, generator=gen)).to(param_dtype)
+    grad = torch.randn(4096 + 37, generator=gen).to(param_dtype)
+    results = []
+    for backend in ("cpu", "reference"):
+        p = torch.nn.Parameter(theta.clone())
+        opt = cls([p], lr=1e-2, betas=betas, weight_decay=0.0, backend=backend)
+        p.grad = grad.clone()
+        opt.step()
+        results.append(p.detach())
+        assert torch.isfinite(p).all(), backend
+    assert torch.equal(results[0].view(torch.int16 if param_dtype != torch.float32 else torch.int32),
+                       results[1].view(torch.int16 if param_dtype != torch.float32 else torch.int32))
+    # the first step's update is lr·m̂/(sqrt(v̂) + ε) with m̂ = w·g/(1 − β1), w = 1 − β1 in the param's dtype
+    weight = 1 - float(betas[0].to(param_dtype))
+    m_hat = weight * grad.double() / (1 - beta1)
+    v_hat = grad.double() ** 2
+    expected = theta.double() - 1e-2 * m_hat / (v_hat.sqrt() + 1e-8)
+    torch.testing.assert_close(results[1].double(), expected, rtol=2.0 ** -8, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("cls", [af.AdamW, af.Adam, af.RAdam], ids=lambda c: c.__name__)
 def test_tensor_betas_and_lr_step_as_the_same_values_given_as_numbers(cls, backend):

@@ -81,7 +81,8 @@ def _begin(algorithm, hyper, n=2, per_tensor=(), state_shape=None, found_inf=Non
 def test_adam_table_is_the_equations():
     """Independent of csrc/step_coefficients.h: the columns are Adam's scalars at the
     next step counts t = 1 and t = 5."""
-    h = dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=True, amsgrad=False,
+    h = dict(lr=0.01, beta1=0.9, beta1_weight=1 - 0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=True,
+             amsgrad=False,
              bias_correction=True)
     run, table, steps, col = _begin("adam", h)
     assert run and table.dtype == torch.float64 and table.shape == (2, len(contract("adam").columns))

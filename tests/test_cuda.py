@@ -551,7 +551,7 @@ def test_misaligned_params_take_the_scalar_path():
 # the ops themselves
 # ---------------------------------------------------------------------------
 
-ADAMW_HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True,
+ADAMW_HYPER = dict(lr=1e-2, beta1=0.9, beta1_weight=1 - 0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True,
                    amsgrad=False, bias_correction=True)
 
 

@@ -101,13 +101,15 @@ def test_the_device_coefficient_table_makes_no_host_to_device_copy(algorithm, mo
     hyper["lr"] = torch.tensor(0.01, dtype=torch.float64)
     steps = [torch.full((), float(k), dtype=torch.float32) for k in range(3)]
     scale = torch.tensor(8.0)
-    expected = device_coefficients.coefficient_table(algorithm, steps, hyper, [0.5, 0.5, 2.0], scale)
+    expected = device_coefficients.coefficient_table(algorithm, steps, hyper, [0.5, 0.5, 2.0], scale,
+                                                     float32_math=True)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a host-to-device copy while building the coefficient table")
     monkeypatch.setattr(torch, "tensor", refuse)
     monkeypatch.setattr(torch, "as_tensor", refuse)
-    table = device_coefficients.coefficient_table(algorithm, steps, hyper, [0.5, 0.5, 2.0], scale)
+    table = device_coefficients.coefficient_table(algorithm, steps, hyper, [0.5, 0.5, 2.0], scale,
+                                                  float32_math=True)
     torch.testing.assert_close(table, expected, rtol=0, atol=0, equal_nan=True)
     assert table.shape == (3, len(contract(algorithm).columns)) and table.dtype == torch.float64
 

@@ -103,7 +103,8 @@ def test_the_outcomes_above_are_all_reached():
 
 
 _HYPER = {
-    "adam": dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=True, amsgrad=False,
+    "adam": dict(lr=0.01, beta1=0.9, beta1_weight=1 - 0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=True,
+                 amsgrad=False,
                  bias_correction=True),
     "lion": dict(lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.1),
 }

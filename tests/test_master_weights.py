@@ -297,8 +297,9 @@ def test_step_op_checks_low_params():
     low = master.bfloat16()
     grad = torch.randn(4096).bfloat16()
     m, v, step = torch.zeros(4096), torch.zeros(4096), torch.tensor(0.0)
-    hyper = af.contracts.hyper_values("adam", dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                                                   decoupled=True, amsgrad=False, bias_correction=True))
+    hyper = af.contracts.hyper_values("adam", dict(lr=1e-3, beta1=0.9, beta1_weight=1 - 0.9, beta2=0.999, eps=1e-8,
+                                                   weight_decay=0.0, decoupled=True, amsgrad=False,
+                                                   bias_correction=True))
     with pytest.raises(ValueError, match="low_params"):
         ops.step("adam", [master], [grad], [m, v], [step], hyper, [], low_params=[low[:100]])
     with pytest.raises(ValueError, match="low_params"):

@@ -382,6 +382,49 @@ def test_adam_denominator_over_the_whole_range_of_v_on_every_instruction_set(nam
                 assert _count_differing(fused, reference) == 0, (capability, threads, betas)
 
 
+JUST_ABOVE_A_HALF = [0.5 + 1e-9, 0.5 + 2.0 ** -27, 0.5 + 2.0 ** -26, 0.5 + 2.0 ** -25, 0.5]
+LERP_FORM_MAKERS = {
+    "adamw": lambda p, b, beta1: af.AdamW(p, lr=1e-2, betas=(beta1, 0.999), weight_decay=0.1, backend=b),
+    "adam_l2": lambda p, b, beta1: af.Adam(p, lr=1e-2, betas=(beta1, 0.999), weight_decay=0.1, backend=b),
+    "radam": lambda p, b, beta1: af.RAdam(p, lr=1e-2, betas=(beta1, 0.999), backend=b),
+    "adamw8bit": lambda p, b, beta1: af.AdamW8bit(p, lr=1e-2, betas=(beta1, 0.999), backend=b),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("name", list(LERP_FORM_MAKERS))
+def test_a_beta1_just_above_a_half_takes_the_lerp_form_of_torchs_float32_weight(name, dtype):
+    """torch.lerp picks its form, a + w·(b − a) for |w| < ½ or b + (w − 1)·(b − a),
+    from the weight w = 1 − β1 as its math type holds it: for β1 in (½, ½ + 2^-26]
+    w is below ½ as a double but ½ as a float32, so float32, bfloat16 and float16
+    params take the second form and float64 ones the first.  The kernels (every
+    instruction set, 1 and 3 threads) round m as the reference does (and all
+    else, but float64 θ, whose square roots the reference takes from torch), and
+    the reference as torch.optim."""
+    make = LERP_FORM_MAKERS[name]
+    shapes = [(4096 + 77,), (300,)]
+    values = _values(shapes, dtype, seed=11)
+    grads = [[g * 10.0 ** (s - 1) for g in _values(shapes, dtype, seed=110 + s)] for s in range(3)]
+    for beta1 in JUST_ABOVE_A_HALF:
+        reference = _run(lambda groups: make(groups, "reference", beta1), values, grads, [[0, 1]])
+        for capability in CPU_CAPABILITIES:
+            for threads in (1, 3):
+                with cpu_setup(capability, threads):
+                    fused = _run(lambda groups: make(groups, "cpu", beta1), values, grads, [[0, 1]])
+                if dtype != torch.float64:
+                    assert _count_differing(fused, reference) == 0, (beta1, capability, threads)
+                elif name in ("adamw", "radam"):  # (float64 θ: to the last bit or so; m here takes no θ)
+                    assert all(_bitwise_equal(f[1], r[1]) for f, r in zip(fused, reference)), (beta1, capability)
+        if name in ("adamw", "adam_l2") and dtype != torch.bfloat16:  # (torch's for-loop: m in the param's dtype)
+            theirs = {"adamw": torch.optim.AdamW, "adam_l2": torch.optim.Adam}[name]
+            p = torch.nn.Parameter(values[1].clone())
+            opt = theirs([p], lr=1e-2, betas=(beta1, 0.999), weight_decay=0.1, foreach=False)
+            for step_grads in grads:
+                p.grad = step_grads[1].clone()
+                opt.step()
+            assert _bitwise_equal(opt.state[p]["exp_avg"], reference[1][1]), beta1  # (states sorted: exp_avg first)
+
+
 @pytest.mark.parametrize("name", ["lion", "lion8bit"])
 def test_lion_sign_of_zero_nan_and_inf_on_every_instruction_set(name):
     """sign(c) of c = ±0, NaN, ±Inf, subnormal and normal, every SIMD lane and the

@@ -265,7 +265,7 @@ def test_op_refuses_round_keys_for_other_dtypes_before_writing():
     states = [torch.zeros_like(p) for _ in range(2) for p in params]
     steps = [torch.tensor(0.0) for _ in params]
     kept = [t.clone() for t in params + states + steps]
-    hyper = [0.1, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 1.0]  # Adam's, in contract order
+    hyper = [0.1, 0.9, 1 - 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 1.0]  # Adam's, in contract order
     with pytest.raises(ValueError, match="applies to bfloat16 params, got Float"):
         torch.ops.amos_fused.step("adam", params, grads, states, steps, hyper, [], None, None, None, [1, 2])
     bf16 = [p.bfloat16() for p in params]

@@ -201,8 +201,8 @@ def test_op_refuses_bad_telemetry_before_writing(bad, message):
     states = [torch.zeros_like(p) for _ in range(2) for p in params]  # exp_avgs, exp_avg_sqs
     steps = [torch.tensor(0.0) for _ in params]
     kept = [t.clone() for t in params + states + steps]
-    # lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, bias_correction
-    hyper = [0.1, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 1.0]
+    # lr, beta1, beta1_weight, beta2, eps, weight_decay, decoupled, amsgrad, bias_correction
+    hyper = [0.1, 0.9, 1 - 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 1.0]
     with pytest.raises(ValueError, match=message):
         torch.ops.amos_fused.step("adam", params, grads, states, steps, hyper, [], None, None, bad(len(params)))
     for t, k in zip(params + states + steps, kept):

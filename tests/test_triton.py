@@ -82,7 +82,7 @@ def _zeros(p, _index):
 
 
 def adam_case(amsgrad, decoupled, bias_correction, weight_decay):
-    h = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=weight_decay,
+    h = dict(lr=1e-2, beta1=0.9, beta1_weight=1 - 0.9, beta2=0.99, eps=1e-8, weight_decay=weight_decay,
              decoupled=decoupled, amsgrad=amsgrad)
     keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -732,7 +732,8 @@ def test_an_optimizer_step_runs_the_element_checks_once_per_bucket(monkeypatch):
     bad = [p.grad for p in params[:2]] + [torch.zeros(4, device=DEVICE)]
     with pytest.raises(ValueError, match=r"grads\[2\]"):
         call_step(ops, "adam", params, bad, states, steps,
-                  dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
+                  dict(lr=0.01, beta1=0.9, beta1_weight=1 - 0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                       amsgrad=False,
                        decoupled=True, bias_correction=True))
     assert calls == [3]
     assert all(torch.equal(a, b) for a, b in zip(before, params))

@@ -28,9 +28,11 @@ SHAPES = [(37,), (5, 7), (1500,), (3, 1, 9)]
 
 # algorithm -> hyper-parameters by the contract's names, state keys, per-tensor values
 CASES = {
-    "adamw": ("adam", dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=1, amsgrad=0,
+    "adamw": ("adam", dict(lr=0.01, beta1=0.9, beta1_weight=1 - 0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
+                           decoupled=1, amsgrad=0,
                            bias_correction=1), ("exp_avg", "exp_avg_sq"), None),
-    "adam-l2-amsgrad": ("adam", dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=0,
+    "adam-l2-amsgrad": ("adam", dict(lr=0.01, beta1=0.9, beta1_weight=1 - 0.9, beta2=0.99, eps=1e-8,
+                                     weight_decay=0.1, decoupled=0,
                                      amsgrad=1, bias_correction=1), ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), None),
     "radam": ("radam", dict(lr=0.01, beta1=0.9, beta2=0.9, eps=1e-8, weight_decay=0.1, decoupled=1,
                             rectify_threshold=5.0), ("exp_avg", "exp_avg_sq"), None),
@@ -126,7 +128,8 @@ def test_device_coefficients_are_the_host_table(name):
         run, host = torch.ops.amos_fused.begin_step(algorithm, params, grads, states, steps, values, per_tensor,
                                                     torch.tensor(4.0), None, None, None)
         assert run
-        device = device_coefficients.coefficient_table(algorithm, steps, hyper, per_tensor, torch.tensor(4.0))
+        device = device_coefficients.coefficient_table(algorithm, steps, hyper, per_tensor, torch.tensor(4.0),
+                                                       float32_math=False)
         assert device.shape == host.shape == (len(params), len(contract(algorithm).columns))
         torch.testing.assert_close(device.cpu(), host, rtol=4e-16, atol=0)
 

@@ -56,7 +56,8 @@ DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 # transposed param of 18.75 blocks, and a small param (full-precision states).
 SHAPES = [(64, 70), (80, 60), (10,)]
 STEPS = 2
-ADAM_HYPER = dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=1.0, amsgrad=0.0,
+ADAM_HYPER = dict(lr=0.01, beta1=0.9, beta1_weight=1 - 0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=1.0,
+                  amsgrad=0.0,
                   bias_correction=1.0)
 LION_HYPER = dict(lr=0.01, beta1=0.9, beta2=0.99, weight_decay=0.1)
 
@@ -252,7 +253,7 @@ def test_encoder_matches_the_reference(algorithm):
     if algorithm == "lion":
         hyper, expected = dict(LION_HYPER, beta2=0.0), [fp8_states.encode(g, root=False)]
     else:
-        hyper = dict(ADAM_HYPER, beta1=0.0, beta2=0.0)
+        hyper = dict(ADAM_HYPER, beta1=0.0, beta1_weight=1.0, beta2=0.0)
         expected = [fp8_states.encode(g, root=False), fp8_states.encode(g * g, root=True)]
     results = []
     for step_fp8, device in ((ops.step_fp8, DEVICE), (torch.ops.amos_fused.step_fp8, CPU)):

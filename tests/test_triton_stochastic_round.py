@@ -258,7 +258,7 @@ def test_op_checks_round_keys_before_any_write():
         states = [torch.zeros_like(p) for _ in range(2) for p in params]
         return params, [torch.ones_like(p) for p in params], states, [torch.tensor(0.0) for _ in params]
 
-    hyper = [0.1, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 1.0]  # Adam's, in contract order
+    hyper = [0.1, 0.9, 1 - 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 1.0]  # Adam's, in contract order
     for dtype, keys, message in ((torch.float32, [1, 2], "applies to bfloat16 params"),
                                  (torch.bfloat16, [1], "2 params but 1 round_keys")):
         params, grads, states, steps = bucket(dtype)
@@ -274,7 +274,7 @@ def test_op_with_round_keys_and_telemetry():
     the stored params are the reference rounding of the CPU kernels' (the CPU op with
     the same keys)."""
     keys = [host_rounding.round_key(3, i) for i in range(len(SHAPES))]
-    hyper = [0.05, 0.9, 0.999, 1e-8, 0.01, 1.0, 0.0, 1.0]
+    hyper = [0.05, 0.9, 1 - 0.9, 0.999, 1e-8, 0.01, 1.0, 0.0, 1.0]
     runs = {}
     for where, device, step_op in (("triton", DEVICE, ops.step), ("cpu", torch.device("cpu"), torch.ops.amos_fused.step)):
         params = [p.detach() for p in _params(SHAPES, device)]

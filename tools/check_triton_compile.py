@@ -77,7 +77,7 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 FP8_DTYPES = DTYPES[:3]  # FP8 states are kept for float32 / bfloat16 / float16 params
 # Typical values of the hyper-parameters (by the names of the algorithms' contracts);
 # a name missing here starts at 0.5.  Each is also tried at 0 and at 1.
-TYPICAL = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=1.0,
+TYPICAL = dict(lr=1e-3, beta1=0.9, beta1_weight=0.1, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=1.0,
                amsgrad=0.0, bias_correction=1.0, rectify_threshold=5.0, beta=0.999,
                momentum=0.9, clip_value=1.0, extra_l2=0.01, d_coef=0.25, c_coef=0.25,
                epsilon=2.0 ** -125, use_momentum=0.0, clip=0.0, p=5.0, inverse_time=0.0, q=1.0)

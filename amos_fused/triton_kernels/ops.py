@@ -143,7 +143,8 @@ def step_capturable(algorithm: str, params: List[Tensor], grads: List[Tensor], s
         return
     capturable.check_device_arguments(op, params, steps, hyper, grad_scale, found_inf)
     prepared = amos.amos_meta(op, params, lists["v"], lists["b"], lists.get("mu")) if slot_keys else None
-    coef = device_coefficients.coefficient_table(algorithm, steps, hyper, per_tensor, grad_scale)
+    coef = device_coefficients.coefficient_table(algorithm, steps, hyper, per_tensor, grad_scale,
+                                                 float32_math=params[0].dtype != torch.float64)
     _LAUNCH[algorithm](params, grads, lists, capturable.host_hyper(hyper), coef, prepared,
                        skip=found_inf)  # (host_hyper: the constexpr choices)
     _mark_written(params, states)

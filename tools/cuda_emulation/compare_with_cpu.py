@@ -86,7 +86,8 @@ SHAPES = [(), (0,), (37, 5), (1000,), (3, 1, 7), (19,), (4, 16), (10001,), (1,)]
 
 
 def adam_hyper(weight_decay, decoupled, amsgrad, bias_correction):
-    return dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=weight_decay, decoupled=decoupled,
+    return dict(lr=1e-2, beta1=0.9, beta1_weight=1 - 0.9, beta2=0.99, eps=1e-8, weight_decay=weight_decay,
+                decoupled=decoupled,
                 amsgrad=amsgrad, bias_correction=bias_correction)
 
 
