@@ -352,6 +352,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     # than filled from this one's defaults.
     core_group_keys: Tuple[str, ...] = ("lr",)
     _plans_before_step: Dict[int, GroupPlan] = {}
+    # During a step: the step counters it replaces by float32 ones of their own
+    # (_state_changes: torch.tensor(10), a float64 count), by address -> their param.
+    _replaced_steps: Dict[Tuple[str, int], Tensor] = {}
     # Plans kept by id of their group until the next step: which params a loaded or
     # unpickled group's per-param values belong to, and a plan that add_param_group
     # displaced from its index (its group moved there when an earlier one was removed).
@@ -798,6 +801,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         kept = [(group, {key: group[key] for key in self.per_param_keys if key in group})
                 for group in self.param_groups]
         plans = self._plans_before_step = dict(self._plans)
+        self._replaced_steps = {}
         try:
             if not isinstance(self.state, dict):
                 raise TypeError(f"{self._name}: state must be a dict of param -> dict, got "
@@ -824,6 +828,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise
         finally:
             self._plans_before_step = {}
+            self._replaced_steps = {}
         self._step_host_scaling = None  # (read afresh by this step: _host_grad_scaling)
         try:
             # the buckets summed over shards first: a sum that fails then finds the others unwritten
@@ -1060,6 +1065,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 changes = self._state_changes(p, st, group, keys, master)
             except ValueError as error:
                 raise ValueError(f"{self._where(index, positions[i], p)}: {error}") from None
+            if "step" in changes and isinstance(st.get("step"), Tensor):
+                self._check_replaced_step(self._where(index, positions[i], p), p, st["step"])
             if changes:
                 new_states.append((p, changes))
                 st = {k: v for k, v in {**st, **changes}.items() if v is not None}
@@ -1312,6 +1319,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             if capturable and "step" not in current:
                 changes["step"] = torch.zeros((), dtype=torch.float32, device=local(p).device)
         return changes
+
+    def _check_replaced_step(self, where: str, p: Tensor, step: Tensor) -> None:
+        """Refuses a step counter that another param's state holds too (the same
+        tensor, or a view of its element), where this step replaces it by a float32
+        counter of the param's own: torch.optim would advance it once per param."""
+        if step.device.type == "meta" or step.numel() != 1 or not step.layout == torch.strided:
+            return
+        address = (str(step.device), step.data_ptr())
+        other = self._replaced_steps.setdefault(address, p)
+        if other is not p:
+            raise step_error(where, Problem.STEP_SHARED, p)
 
     @staticmethod
     def _check_written_once(where, params, lists, keys, grads=()) -> None:

@@ -360,6 +360,29 @@ def test_a_step_counter_shared_by_two_params_is_refused_before_any_write(make, b
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("kind", ["int64", "float64", "float64-views", "across-groups"])
+def test_a_shared_step_counter_the_step_would_convert_is_refused(kind, backend):
+    """A counter of another dtype (torch.tensor(1), a float64 count) is replaced by a
+    float32 one of each param's own at the step; one shared by two params (the same
+    tensor, or two views of its element) is refused all the same, by name, nothing
+    written: torch.optim would advance it once per param."""
+    opt, params = _two_stepped(_ADAM_FAMILY[0], backend)
+    if kind == "across-groups":
+        opt.param_groups[:] = [{**opt.param_groups[0], "params": [params[0]]},
+                               {**opt.param_groups[0], "params": [params[1]]}]
+    dtype = torch.int64 if kind == "int64" else torch.float64
+    shared = torch.tensor([1], dtype=dtype)
+    counter = shared.view(())
+    opt.state[params[0]]["step"] = counter
+    opt.state[params[1]]["step"] = shared[0] if kind == "float64-views" else counter
+    before = snapshot(opt, params)
+    where = r"param_groups\[1\]\['params'\]\[0\]" if kind == "across-groups" else r"params'\]\[1\]"
+    raises_naming(ValueError, opt.step, where, r"state\['step'\] is also another param's")
+    assert_unchanged(before, opt, params)
+    assert int(shared) == 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("alias", ["param", "param's_storage", "other_state"])
 def test_a_state_sharing_memory_with_its_param_or_another_state_is_refused(alias, backend):
     """A state written in place in the same pass as its param (or as another state
