@@ -1208,8 +1208,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 name = [MASTER_KEY if master else "", "step", *like_keys, *slot_keys][which]
                 tensor = (params[bad], steps[bad])[which] if which < 2 else lists[name][bad]
                 raise step_error(where(bad), problem, owners[bad], tensor=tensor, name=name)
-            if problem == Problem.INFERENCE:  # which: 0 the param, 1 its step, then its states and slots
-                name = ["", "step", *like_keys, *slot_keys][which]
+            if problem == Problem.INFERENCE:  # which: 0 the param (or its master), 1 its step, then states, slots
+                master = spec is not None and spec.master_of is not None
+                name = [MASTER_KEY if master else "", "step", *like_keys, *slot_keys][which]
             else:
                 name = {Problem.STATE: like_keys, Problem.STATE_SHARED: like_keys, Problem.SLOT: slot_keys,
                         Problem.SLOT_SHARED: slot_keys}.get(problem, [""] * (which + 1))[which]

@@ -63,6 +63,24 @@ def test_inference_states_are_refused_before_any_write(name, backend):
     _refused(opt, RuntimeError, r"param_groups\[0\]\['params'\]\[0\].*state\['\w+'\] is an inference tensor")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", [af.AdamW, af.AdamW8bit], ids=lambda c: c.__name__)
+def test_an_inference_master_is_refused_by_its_own_name(cls, backend):
+    """A float32 master that is an inference tensor (edited under
+    torch.inference_mode()), its param not, is named as state['master_param']: the
+    tensor to clone, not the param."""
+    a, b = [torch.nn.Parameter(torch.randn(4096, dtype=torch.bfloat16)) for _ in range(2)]
+    opt = cls([{"params": [a]}, {"params": [b]}], lr=1e-2, master_weights=True, backend=backend)
+    _grads([a, b], 0)
+    opt.step()
+    with torch.inference_mode():
+        opt.state[b]["master_param"] = opt.state[b]["master_param"].clone()
+    assert opt.state[b]["master_param"].is_inference() and not b.is_inference()
+    _grads([a, b], 1)
+    _refused(opt, RuntimeError,
+             r"param_groups\[1\]\['params'\]\[0\].*state\['master_param'\] is an inference tensor")
+
+
 FP8_CLASSES = {
     "AdamW8bit": lambda ps, b: af.AdamW8bit(ps, lr=1e-2, backend=b),
     "Lion8bit": lambda ps, b: af.Lion8bit(ps, lr=1e-3, backend=b),
