@@ -1614,7 +1614,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if id(param) not in owners:
                 continue
             held = self.state.get(param)
-            if skipped and isinstance(held, dict) and any(key in held for key in changes):
+            if skipped and isinstance(held, dict) and held and (  # (a master made beside FP8 codes, which stay)
+                    MASTER_KEY in changes or any(key in held for key in changes)):
                 declined.add(id(param))
                 continue
             self._awaiting_master.pop(id(param), None)  # its master made, or its states rounded

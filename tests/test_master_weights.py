@@ -756,7 +756,7 @@ def _skipped_step(opt, params):
         del opt.grad_scale, opt.found_inf
 
 
-SKIP_EDITS = ["param-written", "first-step-then-written", "masters-turned-off"]
+SKIP_EDITS = ["param-written", "first-step-then-written", "masters-turned-off", "masters-turned-on"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -765,13 +765,14 @@ SKIP_EDITS = ["param-written", "first-step-then-written", "masters-turned-off"]
 def test_a_skipped_step_replaces_no_state_and_the_next_step_makes_the_changes(cls, edit, backend):
     """A step that GradScaler's found_inf skips leaves every state entry as it was
     (the same tensors: no master remade from a param written since the last step,
-    no master dropped and states rounded when masters were turned off); the next
+    no master dropped and states rounded when masters were turned off, no master
+    made when they were turned on, beside FP8 codes too); the next
     step that runs makes those changes, so the run equals one without the skipped
     step.  A first step's fresh state is made, as torch.optim makes it."""
     runs = []
     for skip in (False, True):
         params = seeded_params([(30, 40), (5000,)], torch.bfloat16)
-        opt = cls(params, lr=1e-2, master_weights=True, backend=backend)
+        opt = cls(params, lr=1e-2, master_weights=edit != "masters-turned-on", backend=backend)
         if edit == "first-step-then-written":
             if skip:
                 _skipped_step(opt, params)
@@ -780,8 +781,8 @@ def test_a_skipped_step_replaces_no_state_and_the_next_step_makes_the_changes(cl
             for p, g in zip(params, seeded_grads(params, 0)):
                 p.grad = g
             opt.step()
-        if edit == "masters-turned-off":
-            opt.param_groups[0]["master_weights"] = False
+        if edit.startswith("masters-turned"):
+            opt.param_groups[0]["master_weights"] = edit == "masters-turned-on"
         else:
             with torch.no_grad():
                 params[0].mul_(0.5)
@@ -790,6 +791,7 @@ def test_a_skipped_step_replaces_no_state_and_the_next_step_makes_the_changes(cl
             snap = _snapshot(opt, params)
             _skipped_step(opt, params)
             _assert_unchanged(opt, params, snap)
+            assert all(set(opt.state[p]) == set(held[id(p)]) for p in params)
             assert all(opt.state[p][k] is v for p in params for k, v in held[id(p)].items())
         for p, g in zip(params, seeded_grads(params, 1)):
             p.grad = g
