@@ -1911,7 +1911,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             if group.get("differentiable"):
                 raise ValueError(f"{self._name}: cannot load param_groups[{index}] with "
                                  "differentiable=True (not supported by amos_fused)")
+        saved_ids = {i for group in state_dict.get("param_groups", []) if isinstance(group, dict)
+                     for i in group.get("params", ()) if isinstance(i, (int, str))}
         for key, saved in state_dict.get("state", {}).items():
+            if key in saved_ids and not isinstance(saved, dict):
+                raise TypeError(f"{self._name}: cannot load the checkpoint's state[{key!r}]: a param's state must "
+                                f"be a dict of its state values, got {type(saved).__name__} {hp.shown(saved)}")
             if not (isinstance(saved, dict) and "step" in saved):
                 continue
             step = saved["step"]

@@ -593,6 +593,32 @@ def test_a_checkpoint_step_that_is_not_a_count_is_named_and_changes_nothing(step
         assert float(opt.state[p]["step"]) == 7.0
 
 
+@pytest.mark.parametrize("entry", [5, None, [1.0], "state"], ids=["int", "None", "list", "str"])
+@pytest.mark.parametrize("cls", [af.AdamW, af.AdamW8bit], ids=lambda c: c.__name__)
+def test_a_params_checkpoint_state_that_is_not_a_dict_is_named_and_changes_nothing(cls, entry):
+    """A param's entry of the checkpoint's state must be a dict: anything else is
+    refused by its key with a TypeError (torch.optim's load raises one from deep
+    inside), before anything is loaded; an entry of no param is kept as saved."""
+    p = torch.nn.Parameter(torch.randn(4))
+    p.grad = torch.randn(4)
+    opt = cls([p], lr=1e-3)
+    opt.step()
+    saved = opt.state_dict()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    bad = copy.deepcopy(saved)
+    bad["state"][0] = entry
+    bad["param_groups"][0]["lr"] = 0.5
+    with pytest.raises(TypeError, match=rf"{cls.__name__}: cannot load the checkpoint's state\[0\]: a param's "
+                                        r"state must be a dict"):
+        opt.load_state_dict(bad)
+    assert opt.param_groups[0]["lr"] == 1e-3
+    assert set(opt.state[p]) == set(before) and all(torch.equal(before[k], v) for k, v in opt.state[p].items())
+    extra = copy.deepcopy(saved)
+    extra["state"]["notes"] = entry  # (no param's: kept)
+    opt.load_state_dict(extra)
+    assert opt.state["notes"] == entry
+
+
 LOAD_HOOK_CASES = {
     "AdamW": (lambda ps: af.AdamW(ps, lr=1e-2), torch.float32, "exp_avg"),
     "AdamW8bit": (lambda ps: af.AdamW8bit(ps, lr=1e-2), torch.float32, "exp_avg"),
