@@ -15,6 +15,17 @@ class HyperParameterTypeError(TypeError, ValueError):
     refused here (as NumPy's AxisError is both an IndexError and a ValueError)."""
 
 
+class ShortBetasError(IndexError, ValueError):
+    """betas with fewer values than the algorithm takes ((0.9,)): an IndexError, as
+    torch.optim's constructor raises reading the missing one, and a ValueError."""
+
+
+class StepRefusedTensorError(ValueError, RuntimeError):
+    """A Tensor lr with ``foreach=True`` (and ``capturable=False``): a ValueError, as
+    torch.optim's constructor raises, and a RuntimeError, as its step raises for a
+    group added or edited later."""
+
+
 class MissingGroupKey(KeyError, ValueError):
     """A param group without one of the optimizer's settings (deleted after the group
     was added): a KeyError, as torch.optim's step raises, and a ValueError."""
@@ -31,6 +42,8 @@ def renamed(error: Exception, message: str) -> ValueError:
         return HyperParameterTypeError(message)
     if isinstance(error, KeyError):
         return MissingGroupKey(message)
+    if isinstance(error, (ShortBetasError, StepRefusedTensorError)):
+        return type(error)(message)
     return ValueError(message)
 
 
@@ -115,6 +128,8 @@ def betas(value: Sequence[float], count: int = 2) -> None:
     NumPy array, tensors), each in [0, 1)."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__getitem__") or _length(value) is None:
         raise HyperParameterTypeError(f"Invalid betas: {value!r} (expected a pair of floats)")
+    if _length(value) < count:  # (torch.optim reads the missing one: an IndexError)
+        raise ShortBetasError(f"Invalid betas: {value!r} (expected a pair of floats)")
     if _length(value) != count:
         raise ValueError(f"Invalid betas: {value!r} (expected a pair of floats)")
     for index, beta in enumerate(value):

@@ -614,9 +614,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             tensors = [("lr", group.get("lr"))] + ([(f"betas[{i}]", b) for i, b in enumerate(betas)]
                                                    if isinstance(betas, (tuple, list)) else [])
             for name, value in tensors:
-                if isinstance(value, Tensor):
-                    raise ValueError(f"{where}: {name} as a Tensor is not supported with foreach=True and "
-                                     "capturable=False (as in torch.optim)")
+                if isinstance(value, Tensor):  # (lr: torch.optim's step raises a RuntimeError)
+                    kind = hp.StepRefusedTensorError if name == "lr" else ValueError
+                    raise kind(f"{where}: {name} as a Tensor is not supported with foreach=True and "
+                               "capturable=False (as in torch.optim)")
         for flag in ("track_rms", "bf16_stochastic_round", "master_weights"):  # ours: True or False
             if not isinstance(group.get(flag, False), bool):
                 raise ValueError(f"{where}: {flag} must be True or False, "

@@ -209,10 +209,28 @@ def test_flags_torch_refuses_together_are_refused():
     opt.step()
     opt.param_groups[0]["foreach"] = True  # set between steps: refused before anything is written
     before = p.detach().clone()
-    with pytest.raises(ValueError, match=r"param_groups\[0\]: lr as a Tensor"):
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]: lr as a Tensor"):  # (torch's step: RuntimeError)
         opt.step()
     assert torch.equal(p, before)
     af.AdamW([p], lr=torch.tensor(0.01), foreach=False).step()
+    opt = af.AdamW([p], lr=0.01, foreach=True)  # a group added with one: torch's step raises a RuntimeError
+    with pytest.raises(RuntimeError, match=r"lr as a Tensor is not supported"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "lr": torch.tensor(0.1)})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("cls", [af.AdamW, af.Adam, af.RAdam, af.Lion, af.AdamW8bit], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("betas", [(0.9,), ()], ids=["one", "none"])
+def test_betas_short_of_a_pair_raise_torchs_index_error(cls, betas):
+    """torch.optim's constructors read betas[1] (an IndexError for a single beta); the
+    error here is an IndexError and a ValueError, naming the betas."""
+    p = torch.nn.Parameter(torch.randn(5))
+    for kind in (IndexError, ValueError):
+        with pytest.raises(kind, match=r"Invalid betas"):
+            cls([p], betas=betas)
+    with pytest.raises(ValueError, match=r"Invalid betas") as info:
+        cls([p], betas=(0.9, 0.99, 0.9))  # (torch's step fails to unpack them: a ValueError)
+    assert not isinstance(info.value, IndexError)
 
 
 def test_a_checkpoint_keeps_a_groups_own_backend_and_the_flattened_form_loads():
