@@ -25,9 +25,10 @@ def _new_step() -> Tensor:
     return torch.tensor(0.0, dtype=torch.float32, device="cpu")
 
 
-def adam_state(p: Tensor) -> dict:
-    """Fresh Adam moments of a param, with torch.optim.Adam's state keys."""
-    return {"step": _new_step(), "exp_avg": _zeros_like(p), "exp_avg_sq": _zeros_like(p)}
+def adam_state(p: Tensor, moment=lambda p, key: _zeros_like(p)) -> dict:
+    """Fresh Adam moments of a param, with torch.optim.Adam's state keys;
+    ``moment(p, key)`` makes each (an optimizer's _fresh_moment)."""
+    return {"step": _new_step(), "exp_avg": moment(p, "exp_avg"), "exp_avg_sq": moment(p, "exp_avg_sq")}
 
 
 def _advance(step: Tensor) -> float:
@@ -122,9 +123,9 @@ class _AdamFamily(FusedOptimizer):
         return self.state_keys if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
     def _new_state(self, p, group):
-        state = adam_state(p)
+        state = adam_state(p, self._fresh_moment)
         if group["amsgrad"]:
-            state["max_exp_avg_sq"] = _zeros_like(p)
+            state["max_exp_avg_sq"] = self._fresh_moment(p, "max_exp_avg_sq")
         return state
 
     def _hyper(self, group):
@@ -235,7 +236,7 @@ class RAdam(FusedOptimizer):
         hp.finite_at_least("rectify_threshold", group["rectify_threshold"], 4.0)
 
     def _new_state(self, p, group):
-        return adam_state(p)
+        return adam_state(p, self._fresh_moment)
 
     def _hyper(self, group):
         beta1, beta2 = (float(b) for b in group["betas"])
@@ -278,7 +279,7 @@ class Lion(FusedOptimizer):
         hp.nonnegative("weight_decay value", group["weight_decay"])
 
     def _new_state(self, p, group):
-        return {"step": _new_step(), "exp_avg": _zeros_like(p)}
+        return {"step": _new_step(), "exp_avg": self._fresh_moment(p, "exp_avg")}
 
     def _hyper(self, group):
         beta1, beta2 = (float(b) for b in group["betas"])
@@ -460,7 +461,7 @@ class Amos(FusedOptimizer):
             "b": self._slot_zeros(p, slot, reduced_dims(group["reduce_axes"], p.dim())),
         }
         if group["momentum"] is not None:
-            state["mu"] = _zeros_like(p)
+            state["mu"] = self._fresh_moment(p, "mu")
         return state
 
     @staticmethod

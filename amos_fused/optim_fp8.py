@@ -29,12 +29,16 @@ class _Fp8States:
     as FP8 codes for the params fp8_states.keeps_fp8 accepts (those of them the
     full-precision class makes: Amos's ``mu`` only with momentum)."""
 
+    def _fresh_moment(self, p, key):
+        if key in self.fp8_state_keys and self._keeps_fp8(p):
+            return None  # (made as codes by _new_state)
+        return super()._fresh_moment(p, key)
+
     def _new_state(self, p, group):
         state = super()._new_state(p, group)
-        if self._keeps_fp8(p):
-            for key in self.fp8_state_keys:
-                if key in state:
-                    state[key], state[fp8_states.absmax_key(key)] = fp8_states.new_state(p)
+        for key in self.fp8_state_keys:
+            if key in state and state[key] is None:
+                state[key], state[fp8_states.absmax_key(key)] = fp8_states.new_state(p)
         return state
 
     def _reference_step(self, bucket, group):

@@ -421,6 +421,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _new_state(self, param: Tensor, group: dict) -> dict:
         raise NotImplementedError
 
+    def _fresh_moment(self, param: Tensor, key: str) -> Optional[Tensor]:
+        """The fresh value of state ``key`` of ``param`` (a moment) that _new_state
+        makes: zeros like the param; None where the 8-bit classes make FP8 codes
+        in its place (optim_fp8), so that no full-precision moment is made first."""
+        return torch.zeros_like(param, memory_format=torch.preserve_format)
+
     def _keeps_fp8(self, param: Tensor) -> bool:
         """Whether this optimizer keeps ``param``'s states as FP8 codes."""
         return bool(self.fp8_state_keys) and not param.is_complex() and fp8_states.keeps_fp8(param)
