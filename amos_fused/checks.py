@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import _C  # (registers torch.ops.amos_fused; its own functions: csrc/host_checks_python.cpp)
 
@@ -212,13 +213,13 @@ def _first_shared_byte(members: List[Tuple[int, Tensor]]) -> Optional[Tuple[int,
 
 def first_overlap(params: Sequence[Tensor]) -> Optional[Tuple[int, int]]:
     """Indices (i, j) of two params that share memory, or None.  Params on the
-    meta device (no memory) and empty ones never overlap.  Dense params overlap
+    meta device and FakeTensors (no memory) and empty ones never overlap.  Dense params overlap
     where their byte spans do; params that are not dense (strided views, which may
     interleave) are compared byte by byte with the params whose spans chain with
     theirs, all at once (linear in their bytes, whatever their number)."""
     spans: List[Tuple[str, int, int, int]] = []
     for i, p in enumerate(params):
-        if p.numel() == 0 or p.device.type == "meta":
+        if p.numel() == 0 or p.device.type == "meta" or is_fake(p):
             continue
         start, end = _byte_span(p)
         spans.append((str(p.device), start, end, i))

@@ -7,6 +7,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import hyperparams as hp
 from . import reference
@@ -310,12 +311,16 @@ def sum_of_squares(t: Tensor) -> Tensor:
 
 def refuse_valueless(p: Tensor, setting: str) -> None:
     """Raises a ValueError where ``setting`` is to be inferred from the values of a
-    param that has none (on the meta device)."""
+    param that has none (on the meta device, or a FakeTensor)."""
     if p.is_meta:
         raise ValueError(
             f"cannot infer {setting} from a param on the meta device ({p.dtype}, shape {tuple(p.shape)}), which "
             f"holds no values: give {setting} explicitly, or make the optimizer once the params hold their "
             "initial values (after module.to_empty(...) and their init)")
+    if is_fake(p):
+        raise ValueError(
+            f"cannot infer {setting} from a FakeTensor param ({p.dtype}, shape {tuple(p.shape)}, under "
+            f"FakeTensorMode), which holds no values: give {setting} explicitly")
 
 
 def initial_rms_eta(p: Tensor) -> float:

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .backends import backend_for, capturable_backend, capturable_ops, check_backend, fused_ops
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype, memory_order
@@ -803,6 +804,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._holds_fake_params():
+            self._fake_step()
+            return loss
         # what preparing may write (per-param values re-inferred or following their
         # params, plans), put back when any group's checks fail
         kept = [(group, {key: group[key] for key in self.per_param_keys if key in group})
@@ -851,6 +855,56 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self._members_changed or any(i >= len(self.param_groups) for i in self._plans):
             self._forget_departed_params()
         return loss
+
+    def _holds_fake_params(self) -> bool:
+        """Whether the params are FakeTensors (torch's FakeTensorMode), read from the
+        first param (a step of fake and real params together is the real step's,
+        which refuses the fake ones)."""
+        for group in self.param_groups:
+            params = group.get("params") if isinstance(group, dict) else None
+            if isinstance(params, (list, tuple)) and params and isinstance(params[0], Tensor):
+                return is_fake(params[0])
+        return False
+
+    def _fake_step(self) -> None:
+        """A step of FakeTensors, which have shapes, dtypes and devices but no memory
+        or values (torch's FakeTensorMode, under which memory estimators such as
+        torch.distributed._tools.mem_tracker run a training step): every group's
+        settings are checked as a real step checks them, and each param with a
+        grad gets the state a real step makes for it (its keys, dtypes, shapes and
+        devices: FP8 codes and absmax, a float32 master) with its fake counter
+        advanced, as torch.optim's step makes them there.  Nothing else is
+        computed: fake tensors have no values to compute with."""
+        for index, group in enumerate(self.param_groups):  # (every group before any state is made)
+            self._checked_settings(index, group)
+        for index, group in enumerate(self.param_groups):
+            step_keys = self._step_state_keys(group)
+            for position, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                master = has_master(p, group.get("master_weights", False))
+                keys = step_keys
+                if self._keeps_fp8(p):
+                    keys = keys + tuple(fp8_states.absmax_key(k) for k in keys if k in self.fp8_state_keys)
+                if master:
+                    keys = keys + (MASTER_KEY,)
+                st = self.state.get(p, _ABSENT)
+                if st is _ABSENT:
+                    st = self.state[p] = {}
+                if not isinstance(st, dict):
+                    raise ValueError(f"{self._where(index, position, p)}: its state must be a dict, got "
+                                     f"{type(st).__name__} {st!r:.60}")
+                try:
+                    changes = self._state_changes(p, st, group, keys, master)
+                except ValueError as error:
+                    raise ValueError(f"{self._where(index, position, p)}: {error}") from None
+                for key, value in changes.items():
+                    if value is None:
+                        st.pop(key, None)
+                    else:
+                        st[key] = value
+                if isinstance(st.get("step"), Tensor) and is_fake(st["step"]):
+                    st["step"].add_(1)
 
     def _forget_departed_params(self) -> None:
         """Drops what the caches hold of params that left the optimizer (in no group
@@ -920,6 +974,28 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _prepare(self, index: int, group: dict, first_index: int, rebuild: bool = False) -> Optional[_Ready]:
         """Checks group ``index`` (whose first param is the optimizer's
         ``first_index``-th) and gathers its buckets; None when nothing to step."""
+        hyper = self._checked_settings(index, group)
+        plan = self._plan(index, group, rebuild)
+        self._check_range(index, group, hyper, plan, stepping=True)
+        grads = ([placed_like(p, p.grad) for p in plan.params] if plan.has_dtensors
+                 else [p.grad for p in plan.params])
+        buckets: List[Bucket] = []
+        new_states: List[Tuple[Tensor, dict]] = []
+        try:
+            for spec in plan.specs:
+                positions = [i for i in spec.positions if grads[i] is not None]
+                for part in self._split_by_sums(index, spec, positions, plan, group):
+                    buckets.append(self._gather(index, group, plan, spec, part, grads, new_states))
+        except _StalePlan:
+            if rebuild:
+                raise RuntimeError("amos_fused: a param's dtype or device is not stable")  # pragma: no cover
+            return self._prepare(index, group, first_index, rebuild=True)
+        return _Ready(group, buckets, new_states, first_index) if buckets else None
+
+    def _checked_settings(self, index: int, group: dict) -> dict:
+        """Checks group ``index``'s form (a dict of the optimizer's settings and a
+        list of tensors), its flags, backend and hyper-parameters; returns the
+        hyper-parameters, named."""
         if not isinstance(group, dict):
             raise TypeError(f"{self._name}: param_groups[{index}] must be a dict, as add_param_group makes it, got "
                             f"{type(group).__name__}")
@@ -943,23 +1019,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             check_backend(group_backend(group, self.defaults), self.algorithm, self._name)
         checked = _host_values(group)
         self._checked_group(index, checked)
-        hyper = self._named_hyper(index, checked)
-        plan = self._plan(index, group, rebuild)
-        self._check_range(index, group, hyper, plan, stepping=True)
-        grads = ([placed_like(p, p.grad) for p in plan.params] if plan.has_dtensors
-                 else [p.grad for p in plan.params])
-        buckets: List[Bucket] = []
-        new_states: List[Tuple[Tensor, dict]] = []
-        try:
-            for spec in plan.specs:
-                positions = [i for i in spec.positions if grads[i] is not None]
-                for part in self._split_by_sums(index, spec, positions, plan, group):
-                    buckets.append(self._gather(index, group, plan, spec, part, grads, new_states))
-        except _StalePlan:
-            if rebuild:
-                raise RuntimeError("amos_fused: a param's dtype or device is not stable")  # pragma: no cover
-            return self._prepare(index, group, first_index, rebuild=True)
-        return _Ready(group, buckets, new_states, first_index) if buckets else None
+        return self._named_hyper(index, checked)
 
     def _derived_hyper(self, hyper: dict, plan: GroupPlan, stepping: bool) -> Dict[str, float]:
         """Per-step values derived from the hyper-parameters (and the step counts of

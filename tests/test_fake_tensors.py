@@ -1,0 +1,93 @@
+"""A step of FakeTensors (torch's FakeTensorMode, under which memory estimators run a
+training step): the state a real step makes, with fake tensors, and nothing
+computed; settings are checked as a real step checks them."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+import amos_fused as af
+
+MAKERS = {
+    "AdamW": (lambda ps: af.AdamW(ps, lr=1e-3), torch.float32),
+    "Adam-amsgrad": (lambda ps: af.Adam(ps, lr=1e-3, amsgrad=True), torch.float32),
+    "RAdam": (lambda ps: af.RAdam(ps, lr=1e-3), torch.float32),
+    "Lion": (lambda ps: af.Lion(ps, lr=1e-4), torch.float32),
+    "AdamW8bit": (lambda ps: af.AdamW8bit(ps, lr=1e-3), torch.float32),
+    "Lion8bit": (lambda ps: af.Lion8bit(ps, lr=1e-4), torch.float32),
+    "Amos": (lambda ps: af.Amos(ps, lr=1e-2, eta=0.1, momentum=0.9), torch.float32),
+    "Amos8bit": (lambda ps: af.Amos8bit(ps, lr=1e-2, eta=0.1, momentum=0.9), torch.float32),
+    "ScaledAdamW": (lambda ps: af.ScaledAdamW(ps, lr=1e-3, half_life=10, sigma=0.02), torch.float32),
+    "Lamb": (lambda ps: af.Lamb(ps, lr=1e-3), torch.float32),
+    "AdamW-master": (lambda ps: af.AdamW(ps, lr=1e-3, master_weights=True), torch.bfloat16),
+    "AdamW-bf16-sr": (lambda ps: af.AdamW(ps, lr=1e-3, bf16_stochastic_round=True), torch.bfloat16),
+}
+SHAPES = [(64, 80), (7,), (3, 5)]  # (FP8 states from 4096 elements)
+
+
+def _params(dtype):
+    return [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in SHAPES]
+
+
+def _layout(state):
+    return {key: (value.dtype, tuple(value.shape), value.device) for key, value in state.items()}
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_a_fake_step_makes_the_states_a_real_step_makes(name):
+    make, dtype = MAKERS[name]
+    real = _params(dtype)
+    opt = make(real)
+    for p in real[:2]:  # (the third has no grad: no state, as in a real step)
+        p.grad = torch.randn_like(p)
+    opt.step()
+    expected = [_layout(opt.state[p]) for p in real[:2]]
+    with FakeTensorMode():
+        fake = _params(dtype)
+        opt = make(fake)
+        for p in fake[:2]:
+            p.grad = torch.randn_like(p)
+        for _ in range(2):
+            opt.step()
+        assert [_layout(opt.state[p]) for p in fake[:2]] == expected
+        assert fake[2] not in opt.state
+        assert all(is_fake(v) for p in fake[:2] for v in opt.state[p].values())
+
+
+def test_a_fake_step_checks_every_group_before_making_any_state():
+    with FakeTensorMode():
+        a, b = _params(torch.float32)[:2]
+        opt = af.AdamW([{"params": [a]}, {"params": [b]}], lr=1e-3)
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        opt.param_groups[1]["lr"] = -1.0
+        with pytest.raises(ValueError, match=r"param_groups\[1\].*Invalid learning rate: -1.0"):
+            opt.step()
+        assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("make, setting", [(lambda ps: af.Amos(ps, lr=1e-2), "eta"),
+                                           (lambda ps: af.ScaledAdamW(ps, lr=1e-3, half_life=10), "sigma")],
+                         ids=["Amos", "ScaledAdamW"])
+def test_a_setting_inferred_from_values_is_refused_for_fake_params_by_name(make, setting):
+    with FakeTensorMode():
+        with pytest.raises(ValueError, match=rf"cannot infer {setting} from a FakeTensor param"):
+            make(_params(torch.float32))
+
+
+@pytest.mark.parametrize("cls", [af.AdamW, af.AdamW8bit], ids=lambda c: c.__name__)
+def test_torchs_memory_tracker_counts_the_states(cls):
+    """torch.distributed._tools' MemTracker runs a training step under FakeTensorMode
+    and counts the optimizer's state (OPT) at its peak: every state tensor,
+    counters included, and nothing more (the 8-bit classes make FP8 codes without
+    making full-precision moments first)."""
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
+    with FakeTensorMode():
+        model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+        opt = cls(model.parameters(), lr=1e-3)
+        tracker = mem_tracker.MemTracker()
+        tracker.track_external(model, opt)
+        with tracker:
+            model(torch.randn(8, 256)).sum().backward()
+            opt.step()
+        peak = {str(kind): value for kind, value in tracker.get_tracker_snapshot("peak")[torch.device("cpu")].items()}
+        state_bytes = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values())
+    assert state_bytes > 0 and peak["_MemRefType.OPT"] == state_bytes
