@@ -1079,6 +1079,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  for spec in plan.specs}, key=str):
                 if not torch.isfinite(torch.tensor(value, dtype=dtype, device="cpu").reciprocal()):
                     smallest = 1.0 / torch.finfo(dtype).max
+                    if float(torch.tensor(smallest, dtype=dtype, device="cpu")) == 0.0:  # (subnormals flushed:
+                        smallest = torch.finfo(dtype).tiny  # torch.set_flush_denormal(True))
                     raise ValueError(f"{self._name}: param_groups[{index}]: Invalid {name}: {value} (its "
                                      f"reciprocal overflows {dtype}, in which the step of such params computes: "
                                      f"it must be at least about {smallest:.4g})")

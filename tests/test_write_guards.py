@@ -276,6 +276,21 @@ def test_amos_epsilon_whose_reciprocal_overflows_is_refused(backend):
             backend=backend)
 
 
+def test_amos_epsilon_refused_under_flush_to_zero_names_the_smallest_normal():
+    """With torch.set_flush_denormal(True) a subnormal epsilon reads as 0: the
+    smallest accepted value is then float32's smallest normal, which the error
+    names (not 1/FLT_MAX, a subnormal)."""
+    p = torch.nn.Parameter(torch.ones(3))
+    supported = torch.set_flush_denormal(True)
+    if not supported:
+        pytest.skip("this CPU has no flush-to-zero mode")
+    try:
+        with pytest.raises(ValueError, match=r"Invalid epsilon: 3e-39 .*at least about 1.175e-38"):
+            af.Amos([p], lr=1e-2, eta=0.1, epsilon=3e-39)
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def _state_keys(opt, p):
     return [k for k, v in opt.state[p].items() if isinstance(v, torch.Tensor) and v.numel() > 1]
 
