@@ -335,6 +335,24 @@ def test_nan_grad_poisons_its_block_and_nothing_else(backend):
     assert bool(torch.isfinite(p[torch.arange(40) != 7]).all())
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_non_finite_param_poisons_its_block_through_the_momentum(backend, value):
+    """A NaN or Inf param element makes its update, and so its momentum, non-finite:
+    the block of 256 it is in turns NaN (its absmax) and so do that block's params
+    at the next step; the other blocks stay finite (Amos keeps it to the element)."""
+    p = torch.nn.Parameter(torch.randn(40, 256))
+    with torch.no_grad():
+        p[7, 100] = value
+    opt = _amos8([p], reduce_axes=None, backend=backend)
+    for step in range(2):
+        p.grad = _grads(p, step)
+        opt.step()
+    others = torch.arange(40) != 7
+    assert torch.isnan(opt.state[p]["mu_absmax"][7]) and bool(torch.isnan(p[7]).all())
+    assert bool(torch.isfinite(p[others]).all()) and bool(torch.isfinite(opt.state[p]["mu_absmax"][others]).all())
+
+
 def test_grad_scaler_matches_unscaled_grads():
     results = []
     for scale in (None, 2.0**10 + 3.0):
