@@ -857,9 +857,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _holds_fake_params(self) -> bool:
-        """Whether the params are FakeTensors (torch's FakeTensorMode), read from the
-        first param (a step of fake and real params together is the real step's,
-        which refuses the fake ones)."""
+        """Whether this is a step of FakeTensors: a FakeTensorMode is active, or the
+        first param is fake (a real first param: the real step, which refuses the
+        fake ones)."""
+        if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+            return True
         for group in self.param_groups:
             params = group.get("params") if isinstance(group, dict) else None
             if isinstance(params, (list, tuple)) and params and isinstance(params[0], Tensor):
@@ -870,41 +872,72 @@ class FusedOptimizer(torch.optim.Optimizer):
         """A step of FakeTensors, which have shapes, dtypes and devices but no memory
         or values (torch's FakeTensorMode, under which memory estimators such as
         torch.distributed._tools.mem_tracker run a training step): every group's
-        settings are checked as a real step checks them, and each param with a
-        grad gets the state a real step makes for it (its keys, dtypes, shapes and
-        devices: FP8 codes and absmax, a float32 master) with its fake counter
-        advanced, as torch.optim's step makes them there.  Nothing else is
-        computed: fake tensors have no values to compute with."""
-        for index, group in enumerate(self.param_groups):  # (every group before any state is made)
-            self._checked_settings(index, group)
+        settings, and each stepped param's grad and existing states, are checked
+        as a real step checks their metadata, before anything is made; then each
+        param with a grad gets the state a real step makes for it (its keys,
+        dtypes, shapes and devices: FP8 codes and absmax, a float32 master) and its
+        counter advances, as torch.optim's step makes and advances them there.
+        Nothing else is computed: fake tensors have no values to compute with.  A
+        real param with a grad among them is refused (a step takes fake params or
+        real ones)."""
         for index, group in enumerate(self.param_groups):
-            step_keys = self._step_state_keys(group)
+            self._checked_settings(index, group)
+        stepped = []
+        for index, group in enumerate(self.param_groups):
+            like_keys = [k for k in self._step_state_keys(group) if k not in self.slot_keys]
             for position, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                master = has_master(p, group.get("master_weights", False))
-                keys = step_keys
-                if self._keeps_fp8(p):
-                    keys = keys + tuple(fp8_states.absmax_key(k) for k in keys if k in self.fp8_state_keys)
-                if master:
-                    keys = keys + (MASTER_KEY,)
-                st = self.state.get(p, _ABSENT)
-                if st is _ABSENT:
-                    st = self.state[p] = {}
-                if not isinstance(st, dict):
-                    raise ValueError(f"{self._where(index, position, p)}: its state must be a dict, got "
-                                     f"{type(st).__name__} {st!r:.60}")
-                try:
-                    changes = self._state_changes(p, st, group, keys, master)
-                except ValueError as error:
-                    raise ValueError(f"{self._where(index, position, p)}: {error}") from None
-                for key, value in changes.items():
-                    if value is None:
-                        st.pop(key, None)
-                    else:
-                        st[key] = value
-                if isinstance(st.get("step"), Tensor) and is_fake(st["step"]):
-                    st["step"].add_(1)
+                where = self._where(index, position, p)
+                if not is_fake(p):
+                    raise ValueError(f"{where}: a real param in a step of FakeTensor params (FakeTensorMode); a "
+                                     "step takes fake params or real ones, not both")
+                self._check_fake_param(where, p, like_keys)
+                stepped.append((index, position, p, group))
+        for index, position, p, group in stepped:
+            master = has_master(p, group.get("master_weights", False))
+            keys = self._step_state_keys(group)
+            if self._keeps_fp8(p):
+                keys = keys + tuple(fp8_states.absmax_key(k) for k in keys if k in self.fp8_state_keys)
+            if master:
+                keys = keys + (MASTER_KEY,)
+            st = self.state.setdefault(p, {})
+            try:
+                changes = self._state_changes(p, st, group, keys, master)
+            except ValueError as error:
+                raise ValueError(f"{self._where(index, position, p)}: {error}") from None
+            for key, value in changes.items():
+                if value is None:
+                    st.pop(key, None)
+                else:
+                    st[key] = value
+            if isinstance(st.get("step"), Tensor):  # (a real counter too, made outside the mode)
+                st["step"].add_(1)
+
+    def _check_fake_param(self, where: str, p: Tensor, like_keys: List[str]) -> None:
+        """The metadata checks of a real step's bucket for fake param ``p``: its grad
+        (dense, the param's dtype, device and shape), its state a dict whose
+        param-shaped states have the param's shape."""
+        grad = p.grad
+        if grad.is_sparse or grad.layout != torch.strided:
+            raise step_error(where, Problem.GRAD_SPARSE, p, grad=grad)
+        if grad.dtype != p.dtype:
+            raise step_error(where, Problem.GRAD_DTYPE, p, grad=grad)
+        if grad.device != p.device:
+            raise step_error(where, Problem.GRAD_DEVICE, p, grad=grad)
+        if grad.shape != p.shape:
+            raise step_error(where, Problem.GRAD_SHAPE, p, grad=grad)
+        st = self.state.get(p, _ABSENT)
+        if st is _ABSENT:
+            return
+        if not isinstance(st, dict):
+            raise ValueError(f"{where}: its state must be a dict, got {type(st).__name__} {st!r:.60}")
+        for key in like_keys:
+            value = st.get(key)
+            if value is not None and (not isinstance(value, Tensor) or value.shape != p.shape):
+                shown = (f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__)
+                raise ValueError(f"{where}: state[{key!r}] ({shown}) must have the param's shape "
+                                 f"{tuple(p.shape)}")
 
     def _forget_departed_params(self) -> None:
         """Drops what the caches hold of params that left the optimizer (in no group
@@ -1284,6 +1317,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 name = {Problem.STATE: like_keys, Problem.STATE_SHARED: like_keys, Problem.SLOT: slot_keys,
                         Problem.SLOT_SHARED: slot_keys}.get(problem, [""] * (which + 1))[which]
             tensor = steps[bad] if name in ("", "step") else lists[name][bad]
+            if problem in (Problem.STATE, Problem.SLOT, Problem.STEP) and (
+                    is_fake(owners[bad]) or isinstance(tensor, Tensor) and is_fake(tensor)):
+                what = "the param" if is_fake(owners[bad]) else f"state[{name or 'step'!r}]"
+                raise ValueError(f"{where(bad)}: {what} is a FakeTensor (FakeTensorMode) in a step of real "
+                                 "params; a step takes fake params or real ones, not both")
             if problem in (Problem.STATE, Problem.SLOT, Problem.STEP) and is_dtensor(tensor):
                 # (the C++ check refuses tensors that dispatch in Python: no memory of their own)
                 what = "a plain float32 CPU scalar tensor, as torch.optim keeps it" if name in ("", "step") \

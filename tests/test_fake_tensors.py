@@ -91,3 +91,51 @@ def test_torchs_memory_tracker_counts_the_states(cls):
         peak = {str(kind): value for kind, value in tracker.get_tracker_snapshot("peak")[torch.device("cpu")].items()}
         state_bytes = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values())
     assert state_bytes > 0 and peak["_MemRefType.OPT"] == state_bytes
+
+
+@pytest.mark.parametrize("fake_first", [True, False], ids=["fake-first", "real-first"])
+def test_fake_and_real_params_in_one_step_are_refused_with_nothing_made(fake_first):
+    mode = FakeTensorMode()
+    with mode:
+        fake = torch.nn.Parameter(torch.randn(10))
+        fake.grad = torch.randn(10)
+    real = torch.nn.Parameter(torch.randn(10))
+    real.grad = torch.randn(10)
+    before = real.detach().clone()
+    opt = af.AdamW([fake, real] if fake_first else [real, fake], lr=0.1)
+    with pytest.raises(ValueError, match=r"a real param in a step of FakeTensor params"):
+        with mode:
+            opt.step()
+    with pytest.raises(ValueError, match=r"params'\]\[1\].*(a real param in a step of FakeTensor params|"
+                                         r"the param is a FakeTensor \(FakeTensorMode\) in a step of real)"):
+        opt.step()  # (outside the mode: the first param's kind decides)
+    assert torch.equal(real.detach(), before)
+    assert len(opt.state) == 0
+
+
+def test_a_fake_step_outside_the_mode_advances_its_counters():
+    """Fake params stepped after their FakeTensorMode block closed: the counters
+    made then are real tensors, which a step advances, as torch.optim's does."""
+    with FakeTensorMode():
+        p = torch.nn.Parameter(torch.randn(10))
+        p.grad = torch.randn(10)
+    opt = af.AdamW([p], lr=1e-3)
+    for _ in range(3):
+        opt.step()
+    assert not is_fake(opt.state[p]["step"]) and float(opt.state[p]["step"]) == 3.0
+
+
+def test_a_fake_step_checks_grads_and_states_as_a_real_step_before_making_any_state():
+    with FakeTensorMode():
+        a, b = torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(10))
+        opt = af.AdamW([a, b], lr=1e-3)
+        a.grad = torch.randn(10)
+        b.grad = torch.randn(10).to_sparse()
+        with pytest.raises(RuntimeError, match=r"params'\]\[1\].*sparse gradients are not supported"):
+            opt.step()
+        assert len(opt.state) == 0
+        b.grad = torch.randn(10)
+        opt.step()
+        opt.state[b]["exp_avg"] = torch.zeros(3)
+        with pytest.raises(ValueError, match=r"params'\]\[1\].*state\['exp_avg'\] \(shape \(3,\)\) must have"):
+            opt.step()
