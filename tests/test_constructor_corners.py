@@ -113,6 +113,29 @@ def test_a_tensor_beta1_corrects_the_bias_with_its_own_value(cls, param_dtype, b
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_tensor_beta1_with_master_weights_is_cast_to_the_masters_float32(backend):
+    """With master_weights the float32 master steps as a float32 param does: a
+    Tensor β1 (0.999, which bfloat16 would round to 1) is cast to float32 for m's
+    weight, so master, m and v are bitwise those of a float32 param."""
+    betas = (torch.tensor(0.999, dtype=torch.float64), torch.tensor(0.9999, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(9)
+    theta = torch.randn(4096 + 37, generator=gen).bfloat16()
+    grads = [torch.randn(4096 + 37, generator=gen).bfloat16() for _ in range(3)]
+    runs = []
+    for master in (True, False):
+        p = torch.nn.Parameter(theta.clone() if master else theta.float())
+        opt = af.AdamW([p], lr=1e-2, betas=betas, master_weights=master, backend=backend)
+        for g in grads:
+            p.grad = g.clone() if master else g.float()
+            opt.step()
+        st = opt.state[p]
+        runs.append((st["master_param"] if master else p.detach(), st["exp_avg"], st["exp_avg_sq"]))
+    for with_master, float32 in zip(*runs):
+        assert torch.equal(with_master, float32)
+    assert bool((runs[0][1] != 0).any())  # (m moves: its weight is 1 − float32(0.999), not 0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("cls", [af.AdamW, af.Adam, af.RAdam], ids=lambda c: c.__name__)
 def test_tensor_betas_and_lr_step_as_the_same_values_given_as_numbers(cls, backend):
     # the per-step scalars (bias corrections, step size, RAdam's ρ_t) are computed in
