@@ -5,9 +5,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 # On this project's CPU machines `pip install torch==2.13.0` takes a local CPU
-# wheel; elsewhere set TORCH_SPEC (e.g. an index URL for CPU wheels) or
-# pre-install torch into $(VENV).
+# wheel; elsewhere set TORCH_SPEC (the requirement) and TORCH_PIP_ARGS (pip's
+# options for it, e.g. the index URL of CPU wheels), or pre-install torch into $(VENV).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.amos_fused-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/simd/*.h csrc/simd/*.cpp csrc/cuda/*)
@@ -23,7 +24,7 @@ VENV_FLAGS := $(shell $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.versi
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
 	# matplotlib and tqdm (the plot and demo extras): the tests of --plot and of the demo run too.
 	$(PY) -m pip install ninja numpy "pytest>=8" "hypothesis>=6" "ruff>=0.5" matplotlib tqdm
 	$(PY) -m pip install --no-deps pytorch-optimizer==4.1.0
@@ -54,7 +55,7 @@ lint: install
 T36 := .venv-triton36/bin/python
 test-triton-3.6: install
 	test -x $(T36) || $(PYTHON) -m venv .venv-triton36
-	$(T36) -c "import torch" 2>/dev/null || $(T36) -m pip install "$(TORCH_SPEC)"
+	$(T36) -c "import torch" 2>/dev/null || $(T36) -m pip install "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
 	$(T36) -m pip install numpy "pytest>=8" "hypothesis>=6"
 	$(T36) -m pip install --no-deps triton==3.6.0 pytorch-optimizer==4.1.0
 	$(T36) -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_triton_telemetry.py \
