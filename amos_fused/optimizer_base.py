@@ -25,8 +25,8 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .backends import backend_for, capturable_backend, capturable_ops, check_backend, fused_ops
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype, memory_order
-from .checks import (Problem, Walk, check_step, first_overlap, is_dense, is_foreign_step, lazy_kind,
-                     shared_state_text, step_error)
+from .checks import (REAL_OF_COMPLEX, Problem, Walk, check_step, first_overlap, is_dense, is_foreign_step,
+                     lazy_kind, shared_state_text, step_error)
 from . import _C, fp8_states
 from . import hyperparams as hp
 from .master_weights import (MASTER_KEY, WriteMarks, awaits_master, float32_copy, has_master, master_problem,
@@ -1592,7 +1592,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _real_views(where: str, param: Tensor, grad: Tensor, lists: dict, like_keys, i: int):
         """A complex param, its grad and state as real views (torch.view_as_real),
-        after checking that they are complex of the param's dtype."""
+        after checking that they are complex of the param's dtype (complex64 or
+        complex128: torch.optim's step turns complex32 params NaN)."""
+        if param.dtype not in REAL_OF_COMPLEX:
+            raise step_error(where, Problem.PARAM_DTYPE, param)
         if grad.layout != torch.strided:
             raise step_error(where, Problem.GRAD_SPARSE, param, grad=grad)
         if grad.dtype != param.dtype:

@@ -160,3 +160,22 @@ def test_unsupported_dtype_raises_before_any_write(name, bad_dtype, second_group
         opt.step()
     assert torch.equal(f.detach(), before)
     assert not opt.state[f]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make", [lambda ps, b: af.AdamW(ps, lr=0.05, master_weights=True, backend=b),
+                                  lambda ps, b: af.Lion(ps, lr=0.05, backend=b),
+                                  lambda ps, b: af.AdamW8bit(ps, lr=0.05, backend=b)],
+                         ids=["AdamW-master", "Lion", "AdamW8bit"])
+def test_complex32_params_are_refused_at_the_step_before_any_write(make, backend):
+    """complex64 and complex128 step as their real views; complex32 (half-precision
+    complex, which torch.optim's step turns NaN) raises a TypeError naming it, as
+    the other dtypes the kernels do not take."""
+    f = torch.nn.Parameter(torch.randn(8))
+    half = torch.randn(4096).to(torch.complex32).requires_grad_()
+    opt = make([f, half], backend)
+    f.grad, half.grad = torch.randn(8), torch.randn(4096).to(torch.complex32)
+    before = f.detach().clone()
+    with pytest.raises(TypeError, match=r"params'\]\[1\].*params of dtype torch.complex32 are not supported"):
+        opt.step()
+    assert torch.equal(f.detach(), before) and not opt.state[f]
