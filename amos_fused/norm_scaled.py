@@ -42,7 +42,7 @@ class _AdamMoments(FusedOptimizer):
     supports_complex = False  # per-tensor norms have no complex form here
 
     def _new_state(self, p, group):
-        return adam_state(p)
+        return adam_state(p, self._fresh_moment)
 
     def _sums_over_shards(self, param, group):
         return bool(sharded_dims(param))

@@ -18,15 +18,11 @@ from .sharding import is_dtensor, shard_groups, slot_placements, slot_zeros, sum
 
 
 
-def _zeros_like(p: Tensor) -> Tensor:
-    return torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
 def _new_step() -> Tensor:
     return torch.tensor(0.0, dtype=torch.float32, device="cpu")
 
 
-def adam_state(p: Tensor, moment=lambda p, key: _zeros_like(p)) -> dict:
+def adam_state(p: Tensor, moment) -> dict:
     """Fresh Adam moments of a param, with torch.optim.Adam's state keys;
     ``moment(p, key)`` makes each (an optimizer's _fresh_moment)."""
     return {"step": _new_step(), "exp_avg": moment(p, "exp_avg"), "exp_avg_sq": moment(p, "exp_avg_sq")}

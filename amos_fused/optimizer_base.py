@@ -422,6 +422,21 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _new_state(self, param: Tensor, group: dict) -> dict:
         raise NotImplementedError
 
+    def _stepped_keys(self, group: dict, fp8: bool, master: bool) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+        """(keys, coded): the state keys a step of ``group`` reads and writes for a
+        param with FP8 states (``fp8``) or a float32 master (``master``) — its
+        algorithm's, then the FP8 absmax keys, then the master's — and the FP8
+        states' keys, codes then absmax (() without FP8 states)."""
+        keys = self._step_state_keys(group)
+        coded: Tuple[str, ...] = ()
+        if fp8:
+            coded = tuple(k for k in keys if k in self.fp8_state_keys)
+            coded += tuple(fp8_states.absmax_key(k) for k in coded)
+            keys = keys + coded[len(coded) // 2:]
+        if master:
+            keys = keys + (MASTER_KEY,)
+        return keys, coded
+
     def _fresh_moment(self, param: Tensor, key: str) -> Optional[Tensor]:
         """The fresh value of state ``key`` of ``param`` (a moment) that _new_state
         makes: zeros like the param; None where the 8-bit classes make FP8 codes
@@ -896,11 +911,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 stepped.append((index, position, p, group))
         for index, position, p, group in stepped:
             master = has_master(p, group.get("master_weights", False))
-            keys = self._step_state_keys(group)
-            if self._keeps_fp8(p):
-                keys = keys + tuple(fp8_states.absmax_key(k) for k in keys if k in self.fp8_state_keys)
-            if master:
-                keys = keys + (MASTER_KEY,)
+            keys, _ = self._stepped_keys(group, self._keeps_fp8(p), master)
             st = self.state.setdefault(p, {})
             try:
                 changes = self._state_changes(p, st, group, keys, master)
@@ -1131,15 +1142,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise _StalePlan()
         grads = [all_grads[i] for i in positions]
         held_grads = [local(g) for g in grads] if spec.dtensor_positions else grads
-        keys = self._step_state_keys(group)
-        coded = ()  # the FP8 states' keys: codes, then absmax
-        if spec.fp8:
-            coded = tuple(k for k in keys if k in self.fp8_state_keys)
-            coded += tuple(fp8_states.absmax_key(k) for k in coded)
-            keys = keys + coded[len(coded) // 2:]
         master = spec.master_of is not None
-        if master:
-            keys = keys + (MASTER_KEY,)
+        keys, coded = self._stepped_keys(group, spec.fp8, master)
         states = []
         state_of = self.state
         settled = self._settled_state(group, keys, master, spec.fp8)

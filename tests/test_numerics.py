@@ -398,7 +398,7 @@ def test_a_beta1_just_above_a_half_takes_the_lerp_form_of_torchs_float32_weight(
     from the weight w = 1 − β1 as its math type holds it: for β1 in (½, ½ + 2^-26]
     w is below ½ as a double but ½ as a float32, so float32, bfloat16 and float16
     params take the second form and float64 ones the first.  The kernels (every
-    instruction set, 1 and 3 threads) round m as the reference does (and all
+    instruction set, 1, 2 and 3 threads) round m as the reference does (and all
     else, but float64 θ, whose square roots the reference takes from torch), and
     the reference as torch.optim."""
     make = LERP_FORM_MAKERS[name]
@@ -408,7 +408,7 @@ def test_a_beta1_just_above_a_half_takes_the_lerp_form_of_torchs_float32_weight(
     for beta1 in JUST_ABOVE_A_HALF:
         reference = _run(lambda groups: make(groups, "reference", beta1), values, grads, [[0, 1]])
         for capability in CPU_CAPABILITIES:
-            for threads in (1, 3):
+            for threads in (1, 2, 3):
                 with cpu_setup(capability, threads):
                     fused = _run(lambda groups: make(groups, "cpu", beta1), values, grads, [[0, 1]])
                 if dtype != torch.float64:
