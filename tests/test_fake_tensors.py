@@ -1,6 +1,8 @@
 """A step of FakeTensors (torch's FakeTensorMode, under which memory estimators run a
 training step): the state a real step makes, with fake tensors, and nothing
 computed; settings are checked as a real step checks them."""
+import contextlib
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
@@ -139,3 +141,87 @@ def test_a_fake_step_checks_grads_and_states_as_a_real_step_before_making_any_st
         opt.state[b]["exp_avg"] = torch.zeros(3)
         with pytest.raises(ValueError, match=r"params'\]\[1\].*state\['exp_avg'\] \(shape \(3,\)\) must have"):
             opt.step()
+
+
+def _fsdp_layouts(name, mesh, fake):
+    """The state layouts (kind, dtype, shape; placements and local shape for a
+    DTensor) after two steps of FSDP2-sharded params over a 4-rank fake process
+    group, real tensors or fake ones; and, for fake ones, the optimizer-state peak
+    FSDPMemTracker counts and the local bytes of the states."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    def layout(v):
+        if isinstance(v, DTensor):
+            return ("DTensor", v.dtype, tuple(v.shape), tuple(v.placements), tuple(v.to_local().shape))
+        return ("Tensor", v.dtype, tuple(v.shape), v.device)
+
+    make, dtype = MAKERS[name]
+    # rows of 64 elements (full-precision states: FP8 blocks would straddle rows) and
+    # rows of 1024 (FP8 codes from 4096 elements: 16 rows of each 4-rank shard)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 64))
+    if dtype != torch.float32:
+        model.to(dtype)
+    for module in (model[0], model[2], model):
+        fully_shard(module, mesh=mesh)
+    opt = make(list(model.parameters()))
+    x = torch.randn(8, 64, dtype=dtype)
+    tracker = FSDPMemTracker(model, opt) if fake else None
+    if tracker is not None:
+        tracker.track_inputs((x,))
+    with tracker if tracker is not None else contextlib.nullcontext():
+        for _ in range(2):
+            model(x).float().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    states = [opt.state[p] for p in model.parameters()]
+    layouts = [{key: layout(value) for key, value in st.items()} for st in states]
+    if not fake:
+        return layouts, None, None
+    local = [v.to_local() if isinstance(v, DTensor) else v for st in states for v in st.values()]
+    assert all(is_fake(v) for v in local)
+    peak = {str(kind): value for kind, value in tracker.get_tracker_snapshot("peak")[torch.device("cpu")].items()}
+    return layouts, peak["_FSDPRefType.OPT"], sum(v.numel() * v.element_size() for v in local)
+
+
+def _fake_dtensor_steps(rank, results):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    try:
+        mesh = init_device_mesh("cpu", (4,))
+        for name in MAKERS:
+            real, _, _ = _fsdp_layouts(name, mesh, fake=False)
+            with FakeTensorMode():
+                fake, peak, state_bytes = _fsdp_layouts(name, mesh, fake=True)
+            results[name] = (real, fake, peak, state_bytes)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fake_dtensor_params_of_fsdp2_get_the_states_a_real_step_makes():
+    """FSDP2's memory estimator (torch.distributed._tools' FSDPMemTracker) runs a
+    step of fake DTensor params over a fake process group: every class makes the
+    states a real step of the same sharded params makes (DTensors placed like the
+    param, FP8 codes and absmax for the 8-bit classes' wide rows, float32 masters),
+    and the tracker's optimizer-state peak is their local bytes."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch built without distributed")
+    pytest.importorskip("torch.distributed._tools.fsdp2_mem_tracker")
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:  # (a process of its own: the default process group is global)
+        results = manager.dict()
+        mp.spawn(_fake_dtensor_steps, args=(results,), nprocs=1, join=True)
+        results = dict(results)
+    assert set(results) == set(MAKERS)
+    for name, (real, fake, peak, state_bytes) in results.items():
+        assert fake == real, name
+        assert any(kind == "DTensor" for st in real for kind, *_ in st.values()), name
+        assert state_bytes > 0 and peak == state_bytes, name
+    for name in ("AdamW8bit", "Lion8bit", "Amos8bit"):  # (the 1024-wide rows keep FP8 codes)
+        assert any(layout[1] == torch.uint8 for st in results[name][1] for layout in st.values()), name
