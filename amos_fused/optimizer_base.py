@@ -828,6 +828,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for group in self.param_groups]
         plans = self._plans_before_step = dict(self._plans)
         self._replaced_steps = {}
+        summing, waiting = None, False
         try:
             if not isinstance(self.state, dict):
                 raise TypeError(f"{self._name}: state must be a dict of param -> dict, got "
@@ -842,15 +843,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             collective = [(item, bucket) for item in ready if item is not None for bucket in item.buckets
                           if self._reduces_across_shards(bucket, item.group)]
             summing = self._params_summed_over_shards()  # (grads or not: the same on every rank)
-            if summing:  # every rank's checks passed before any rank writes (a rank whose step raised
-                taken = {id(p) for _, bucket in collective for p in bucket.owners}  # leaves the others waiting)
+            if summing:  # every rank's checks passed before any rank writes (a rank whose checks
+                taken = {id(p) for _, bucket in collective for p in bucket.owners}  # raised tells the others)
+                waiting = True
                 wait_for_every_shard(_process_groups([p for _, p in summing]), self._grad_scaling()["found_inf"],
                                      self._name, [(where, mesh_groups(p), id(p) in taken) for where, p in summing])
-        except BaseException:
+        except BaseException as error:
             for group, values in kept:
                 if isinstance(group, dict):  # (a user's non-dict entry: the error names it)
                     group.update(values)
             self._plans = plans
+            if not waiting and isinstance(error, Exception):
+                self._tell_the_shards_this_step_raised(summing)
             raise
         finally:
             self._plans_before_step = {}
@@ -870,6 +874,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self._members_changed or any(i >= len(self.param_groups) for i in self._plans):
             self._forget_departed_params()
         return loss
+
+    def _tell_the_shards_this_step_raised(self, summing: Optional[List[Tuple[str, Tensor]]]) -> None:
+        """After this rank's checks refused the step: the other ranks whose step sums
+        over shards with this one wait for every rank before writing anything
+        (wait_for_every_shard); this rank takes part in that wait with its refusal,
+        so that they raise too instead of waiting until the process group's timeout.
+        Every rank whose checks raised comes here, so the collectives match.  An
+        optimizer too broken to list those params (``summing``: the list when the
+        step got that far) tells no one; the caller raises its own error."""
+        try:
+            if summing is None:
+                summing = self._params_summed_over_shards()
+            if summing:
+                wait_for_every_shard(_process_groups([p for _, p in summing]), None, self._name,
+                                     [(where, mesh_groups(p), False) for where, p in summing], refused=True)
+        except Exception:  # (the error that refused the step is the one to raise)
+            pass
 
     def _holds_fake_params(self) -> bool:
         """Whether this is a step of FakeTensors: a FakeTensorMode is active, or the

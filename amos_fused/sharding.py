@@ -143,7 +143,8 @@ def mesh_groups(t: Tensor) -> Tuple:
 
 
 def wait_for_every_shard(groups: Sequence[Tuple[object, torch.device]], found_inf: Optional[Tensor] = None,
-                         name: str = "amos_fused", summed: Sequence[Tuple[str, Tuple, bool]] = ()) -> None:
+                         name: str = "amos_fused", summed: Sequence[Tuple[str, Tuple, bool]] = (),
+                         refused: bool = False) -> None:
     """One all-reduce over each of ``groups``, in order: returns once every rank of
     each group has reached it.  Every rank must pass the same groups in the same
     order, and every rank of a group the same params of ``summed`` on meshes with
@@ -163,8 +164,12 @@ def wait_for_every_shard(groups: Sequence[Tuple[object, torch.device]], found_in
     (a grad on some ranks only) makes every rank raise here too, where the sums
     would wait forever or add up unlike buffers (the finding travels on with the
     skip flags to the later groups, then once more over all but the last group:
-    over a whole mesh and its submeshes, every rank learns it)."""
-    carried = None  # (whether this rank skips, negated, whether a rank found takes that differ)
+    over a whole mesh and its submeshes, every rank learns it).
+
+    ``refused``: this rank's checks raised (its caller raises that error once this
+    returns); the other ranks raise a RuntimeError here, with nothing written,
+    instead of waiting for this rank until the process group's timeout."""
+    carried = None  # (whether this rank skips, negated, whether a rank found takes that differ, any refused)
     skipping = False
     differing: List[str] = []
     for group, device in groups:
@@ -172,16 +177,17 @@ def wait_for_every_shard(groups: Sequence[Tuple[object, torch.device]], found_in
             skipped = torch.zeros((), dtype=torch.float64, device=device) if found_inf is None else \
                 (found_inf.detach().to(device=device, dtype=torch.float64).reshape(()) != 0).double()
             skipping = found_inf is not None and bool(skipped)
-            carried = torch.stack([skipped, -skipped, torch.zeros_like(skipped)])
+            carried = torch.stack([skipped, -skipped, torch.zeros_like(skipped), torch.full_like(skipped, refused)])
         mine = [(where, takes) for where, mesh, takes in summed if any(g is group for g in mesh)]
         takes = torch.tensor([float(t) for _, t in mine], dtype=torch.float64, device=device)
-        # maxima over the group: (any skips, −(all skip), any differed, any takes each, −(all take each))
+        # maxima over the group: (any skips, −(all skip), any differed, any refused, any takes each,
+        # −(all take each))
         flags = torch.cat([carried.to(device), takes, -takes])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         values = flags.tolist()
-        anyone, everyone = values[3:3 + len(mine)], [-x for x in values[3 + len(mine):]]
+        anyone, everyone = values[4:4 + len(mine)], [-x for x in values[4 + len(mine):]]
         differing += [where for (where, _), a, e in zip(mine, anyone, everyone) if a != e and where not in differing]
-        carried = flags[:3].clone()
+        carried = flags[:4].clone()
         if differing:
             carried[2] = 1.0
     if carried is None:
@@ -191,7 +197,13 @@ def wait_for_every_shard(groups: Sequence[Tuple[object, torch.device]], found_in
     for group, device in list(groups)[:-1]:
         carried = carried.to(device)
         dist.all_reduce(carried, op=dist.ReduceOp.MAX, group=group)
-    any_skips, not_all_skip, any_differed = carried.tolist()
+    any_skips, not_all_skip, any_differed, any_refused = carried.tolist()
+    if any_refused == 1.0:
+        if refused:
+            return
+        raise RuntimeError(
+            f"{name}: the step raised on another rank that holds these params (that rank's error names the "
+            "cause), and their step sums over the shards: no rank wrote anything")
     all_skip = not_all_skip == -1.0  # (this rank too when its found_inf is None: it steps where others skip)
     if any_differed == 1.0 and not all_skip:
         which = (f"{', '.join(differing)} {'has' if len(differing) == 1 else 'have'}" if differing

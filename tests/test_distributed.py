@@ -1166,6 +1166,67 @@ def _dtensor_refusals_named(rank, world, path):
     _finish()
 
 
+def _a_refusal_on_some_ranks(rank, world, path):
+    """A step that sums over the shards, refused by one rank's checks only (its step
+    counter negative, its lr out of range): that rank raises its own error and the
+    others a RuntimeError saying so, all at once (not at the process group's
+    timeout) and with nothing written on any rank; refused on every rank, each
+    raises its own; mended, the step goes on as an unrefused run's."""
+    _init(rank, world, path)
+    try:
+        import time
+
+        import amos_fused as af
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        value = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+        grad = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+        makers = (lambda ps: af.Lamb(ps, lr=0.01), lambda ps: af.ScaledAdamW(ps, lr=0.01, half_life=10, sigma=0.02),
+                  lambda ps: af.Amos(ps, lr=0.01, eta=0.5, reduce_axes="all"))
+        for make in makers:
+            runs = []
+            for refusing in (True, False):
+                p = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, [Shard(0)]))
+                opt = make([p])
+                p.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])
+                opt.step()
+                if refusing:
+                    for bad_ranks, edit, undo, own in (
+                            ((1,), lambda: opt.state[p].__setitem__("step", torch.tensor(-1.0)),
+                             lambda: opt.state[p].__setitem__("step", torch.tensor(1.0)), "step"),
+                            ((1,), lambda: opt.param_groups[0].__setitem__("lr", -1.0),
+                             lambda: opt.param_groups[0].__setitem__("lr", 0.01), "learning rate"),
+                            (tuple(range(world)), lambda: opt.param_groups[0].__setitem__("lr", -1.0),
+                             lambda: opt.param_groups[0].__setitem__("lr", 0.01), "learning rate")):
+                        held = [p, *opt.state[p].values()]
+                        before = [_local(t).clone() for t in held]
+                        if rank in bad_ranks:
+                            edit()
+                        started = time.monotonic()
+                        try:
+                            opt.step()
+                            raise AssertionError("a step refused on some ranks did not raise")
+                        except (ValueError, TypeError, RuntimeError) as error:
+                            text = str(error)
+                        assert time.monotonic() - started < 60, "the ranks waited for the timeout"
+                        if rank in bad_ranks:
+                            undo()
+                            assert own in text and "another rank" not in text, text
+                        else:
+                            assert "the step raised on another rank" in text, text
+                        assert all(torch.equal(_local(a), b) for a, b in zip(held, before))
+                for _ in range(2):
+                    opt.step()
+                runs.append(p.full_tensor())
+            assert torch.equal(*runs)
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
 def _stepped_once_on_shard0(make, mesh, placements=None, make_single=None):
     """(p, opt, q, single, grads): a (8, 512) param placed Shard(0) (or
     ``placements``) and its single-process twin, each stepped once by its own
@@ -1452,3 +1513,7 @@ def test_rms_of_sharded_params_stepped_on_some_ranks_only():
 
 def test_refusals_that_only_dtensors_meet_name_the_param():
     _spawn(_dtensor_refusals_named, 1)
+
+
+def test_a_step_refused_on_some_ranks_raises_on_every_rank_at_once():
+    _spawn(_a_refusal_on_some_ranks, 2)
