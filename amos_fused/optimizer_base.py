@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from .backends import backend_for, capturable_backend, capturable_ops, check_backend, fused_ops
+from .backends import CAPTURABLE_BACKENDS, backend_for, capturable_backend, capturable_ops, check_backend, fused_ops
 from .buckets import Bucket, BucketSpec, GroupPlan, kernel_dtype, memory_order
 from .checks import (REAL_OF_COMPLEX, Problem, Walk, check_step, first_overlap, is_dense, is_foreign_step,
                      lazy_kind, shared_state_text, step_error)
@@ -469,7 +469,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         which fills ``telemetry`` and rounds bfloat16 params stochastically with
         ``round_keys`` when given."""
         low_params = bucket.shadows if bucket.shadows_in_kernel else None
-        if group.get("capturable"):  # (ops of its own: capturable_ops)
+        if self._capturable(group):  # (ops of its own: capturable_ops)
             per_tensor = bucket.per_param[self.per_param_keys[0]] if self.per_param_keys else []
             # GradScaler's tensors on this bucket's device, as torch's capturable steps
             # take them (a device-to-device copy where they live elsewhere)
@@ -588,7 +588,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise
 
     def _check_new_group(self, index: int, group: dict) -> None:
-        self._check_flags(index, group)
+        self._check_flags(index, group, adding=True)
         with _naming_group(index):
             check_backend(group_backend(group, self.defaults), self.algorithm, self._name)
         self._checked_group(index, group)
@@ -611,8 +611,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         except ValueError as error:
             raise hp.renamed(error, f"{self._name}: param_groups[{index}]: {error}") from None
 
-    def _check_flags(self, index: int, group: dict) -> None:
-        """torch.optim's flags: what we cannot honour is refused, never ignored."""
+    def _check_flags(self, index: int, group: dict, adding: bool = False) -> None:
+        """torch.optim's flags: what we cannot honour is refused, never ignored
+        (``adding``: a group being added; a step reads capturable as _capturable)."""
         where = f"{self._name}: param_groups[{index}]"
         for flag in ("maximize", "foreach", "capturable", "differentiable", "fused"):
             try:  # torch's flags, read as torch.optim reads them (None, 0 and 1 too; hyperparams.flag)
@@ -622,14 +623,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         if group.get("differentiable"):
             raise ValueError(f"{where}: differentiable=True is not supported (the steps do not "
                              "record autograd history); use torch.optim for differentiable optimizers")
-        if group.get("capturable"):
+        if group.get("capturable") if adding else self._capturable(group):
             with _naming_group(index):
                 self._check_capturable(group)
         if group.get("fused") and group_backend(group, self.defaults) == "reference":
             raise ValueError(f"{where}: fused=True contradicts backend='reference'")
         if self.torch_refuses_with_foreach and group.get("fused") and group.get("foreach"):
             raise RuntimeError(f"{where}: `fused` and `foreach` cannot be `True` together")  # (torch's error)
-        if self.torch_refuses_with_foreach and group.get("foreach") and not group.get("capturable"):
+        if self.torch_refuses_with_foreach and group.get("foreach") and not self._capturable(group):
             # torch.optim refuses these (its foreach step cannot take them), so a checkpoint
             # saved with them would not step there
             betas = group.get("betas")
@@ -650,6 +651,22 @@ class FusedOptimizer(torch.optim.Optimizer):
         seed = group.get("stochastic_round_seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
             raise ValueError(f"{where}: stochastic_round_seed must be an int in [0, 2**31), got {seed!r}")
+
+    def _capturable(self, group: dict) -> bool:
+        """Whether ``group`` steps capturably (its ``capturable`` flag), as a step reads
+        it.  On a group of CPU params whose backend has no capturable step, a True
+        written after the group was added (when the constructor and add_param_group
+        refuse it) reads as False: torch.compile's Dynamo writes capturable=True into
+        the groups of a compiled function that edits a group (its traced copy of a
+        torch.optim optimizer's groups holds True, and it writes that copy back), and
+        torch.optim's compiled step takes it there as a host step."""
+        if not group.get("capturable"):
+            return False
+        if group_backend(group, self.defaults) in CAPTURABLE_BACKENDS:
+            return True
+        params = group.get("params")
+        return not (isinstance(params, (list, tuple)) and params
+                    and all(isinstance(p, Tensor) and local(p).device.type == "cpu" for p in params))
 
     def _check_capturable(self, group: dict) -> None:
         """capturable=True (torch's flag: a step that reads nothing on the host, so it
@@ -1005,7 +1022,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             grads = [p.grad for bucket in item.buckets for p in bucket.owners if p.grad is not None]
             # a grad two params share: once; a ZeroTensor's zeros need no unscaling (and it has no memory to write)
             grads = [g for g in grads if id(g) not in seen and not seen.add(id(g)) and not g._is_zerotensor()]
-            if item.group.get("capturable"):
+            if self._capturable(item.group):
                 for g in grads:
                     on_device.setdefault(local(g).device, []).append(g)
             else:
@@ -1233,7 +1250,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if not owners[i].is_complex():  # p.data set to a real tensor since the plan was made
                         raise _StalePlan()
                     params[i], grads[i] = self._real_views(where(i), params[i], grads[i], lists, like_keys, i)
-        capturable = bool(group.get("capturable"))
+        capturable = self._capturable(group)
         if capturable:
             if spec.dtensor_positions:
                 raise ValueError(f"{self._name}: param_groups[{index}]: capturable=True is not supported for "
@@ -1390,7 +1407,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         call, for the common case of every step after the first.  ``fp8``: a
         bucket with FP8 states, whose 1-D params' layouts are followed too
         (_laid_out_above)."""
-        if master or group.get("capturable"):
+        if master or self._capturable(group):
             return lambda p, st: False
         laid_out_above = _laid_out_above(fp8)
         wanted = frozenset(("step",) + tuple(keys))
@@ -1431,7 +1448,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 changes.update(fp8_states.relaid_into(st, p))
         current = {**st, **changes} if changes else st
         step = current.get("step")
-        capturable = bool(group.get("capturable"))
+        capturable = self._capturable(group)
         if isinstance(step, Tensor) and not capturable and is_foreign_step(step):  # torch.tensor(10), as torch takes it
             changes["step"] = torch.tensor(float(step), dtype=torch.float32, device="cpu")
         if isinstance(step, Tensor) and capturable and step.numel() == 1 and (
@@ -1826,7 +1843,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         written = [t for p in bucket.owners if is_dtensor(p)
                    for t in [p, *self.state.get(p, {}).values()] if is_dtensor(t)]
-        found_inf = None if group.get("capturable") else self._host_grad_scaling()["found_inf"]
+        found_inf = None if self._capturable(group) else self._host_grad_scaling()["found_inf"]
         if found_inf is None or float(found_inf) == 0.0:
             torch._C._increment_version(written)
 

@@ -193,3 +193,33 @@ def test_a_direct_call_of_the_step_op_with_found_inf_traces():
     before = [p.clone() for p in params]
     traced(params, grads, states, steps, torch.tensor(2.0), torch.tensor(0.0))
     assert all(not torch.equal(p, b) for p, b in zip(params, before)) and all(s == 1 for s in steps)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_a_compiled_train_step_writing_the_lr_into_param_groups_matches_eager(name):
+    """A learning-rate warmup written into ``opt.param_groups`` inside the compiled
+    function: Dynamo writes its traced copy of the groups back, with
+    capturable=True in each, as for torch.optim's optimizers; the CPU params' step
+    takes it as a host step and equals eager bitwise."""
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = _model()
+        opt = OPTIMIZERS[name](list(model.parameters()))
+
+        def train_step(x, y, lr):
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss
+
+        run = torch.compile(train_step, backend="aot_eager") if compiled else train_step
+        for i in range(4):
+            run(*_batch(i), 0.01 * (i + 1) / 4)
+        results.append([p.detach().clone() for p in model.parameters()]
+                       + [v.clone() for st in opt.state.values() for v in st.values()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

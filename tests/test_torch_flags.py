@@ -340,7 +340,8 @@ def test_a_lazy_param_is_refused_by_name():
 
 @pytest.mark.parametrize("group_kw,error,match", [
     ({"backend": "bogus"}, ValueError, r"unknown backend 'bogus'.*\(param_groups\[1\]\)"),
-    ({"capturable": True, "track_rms": True}, ValueError, r"capturable=True.*\(param_groups\[1\]\)")])
+    ({"capturable": True, "backend": "triton", "track_rms": True}, ValueError,
+     r"capturable=True.*\(param_groups\[1\]\)")])
 def test_group_level_refusals_name_the_group(group_kw, error, match):
     a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
     opt = af.AdamW([{"params": [a]}], lr=0.1)
@@ -350,3 +351,29 @@ def test_group_level_refusals_name_the_group(group_kw, error, match):
     with pytest.raises(error, match=match):
         opt.step()
     assert torch.equal(a, before[0]) and torch.equal(b, before[1]) and not opt.state
+
+
+def test_capturable_written_into_a_group_of_cpu_params_later_steps_on_the_host():
+    """torch.compile's Dynamo writes capturable=True into the groups of a compiled
+    function that edits a group (test_compile.py); on CPU params, whose backend has
+    no capturable step, such a True reads as False at the step, as torch.optim's
+    compiled step takes it; made or added with it, a group is still refused."""
+    with pytest.raises(ValueError, match=r"capturable=True \(CUDA-graph capture\) needs backend='cuda'"):
+        af.AdamW([torch.nn.Parameter(torch.randn(3))], lr=0.1, capturable=True)
+    opt = af.AdamW([torch.nn.Parameter(torch.randn(3))], lr=0.1)
+    with pytest.raises(ValueError, match=r"capturable=True"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "capturable": True})
+    results = []
+    for make in (af.AdamW, af.AdamW8bit, lambda ps, lr: af.Amos(ps, lr=lr, eta=0.5)):
+        for written in (False, True):
+            p = torch.nn.Parameter(torch.randn(64, 80, generator=torch.Generator().manual_seed(0)))
+            opt = make([p], lr=0.01)
+            for i in range(3):
+                p.grad = torch.randn(64, 80, generator=torch.Generator().manual_seed(i + 1))
+                if written:
+                    opt.param_groups[0]["capturable"] = True
+                opt.step()
+            assert opt.state[p]["step"].device.type == "cpu"
+            results.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
+        (a, sa), (b, sb) = results[-2:]
+        assert torch.equal(a, b) and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
