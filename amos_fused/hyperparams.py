@@ -15,6 +15,11 @@ class HyperParameterTypeError(TypeError, ValueError):
     refused here (as NumPy's AxisError is both an IndexError and a ValueError)."""
 
 
+class TensorSizeError(HyperParameterTypeError, RuntimeError):
+    """A tensor hyper-parameter of other than one element: also a RuntimeError, as
+    torch.optim raises for one (the truth of a comparison with it is ambiguous)."""
+
+
 class ShortBetasError(IndexError, ValueError):
     """betas with fewer values than the algorithm takes ((0.9,)): an IndexError, as
     torch.optim's constructor raises reading the missing one, and a ValueError."""
@@ -38,6 +43,8 @@ def renamed(error: Exception, message: str) -> ValueError:
     """The error to raise for ``error`` with ``message`` (the group named): of the
     kind above that ``error`` is (a TypeError or KeyError is made one), else a
     ValueError."""
+    if isinstance(error, TensorSizeError):
+        return TensorSizeError(message)
     if isinstance(error, TypeError):
         return HyperParameterTypeError(message)
     if isinstance(error, KeyError):
@@ -58,7 +65,7 @@ def complex_valued(x) -> bool:
 def _value(name: str, x) -> float:
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:  # torch.optim's own check of a tensor lr (its step's arithmetic raises a TypeError)
-            raise HyperParameterTypeError(f"Tensor {name} must be 1-element, got shape {tuple(x.shape)}")
+            raise TensorSizeError(f"Tensor {name} must be 1-element, got shape {tuple(x.shape)}")
         if x.is_meta:
             raise ValueError(f"Invalid {name}: a tensor on the meta device has no value")
         if x.is_complex():
@@ -145,8 +152,8 @@ def betas_as_torch_constructs_them(value) -> None:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__getitem__") or _length(value) != 2:
         return  # betas() names what is wrong with it
     pair = (value[0], value[1])
-    if any(isinstance(b, (str, bytes)) for b in pair):
-        return  # betas() names it: not a number at all
+    if any(not isinstance(b, (numbers.Real, torch.Tensor)) for b in pair):
+        return  # betas() names it: not a real number (None, '0.9', 0.9j: a TypeError, as torch.optim raises)
     if not (all(isinstance(b, float) for b in pair) or all(isinstance(b, torch.Tensor) for b in pair)):
         kinds = ", ".join(type(b).__name__ for b in pair)
         raise ValueError(f"Invalid betas: {value!r} ({kinds}: must be either both floats or both Tensors, "
@@ -169,6 +176,8 @@ def flag(name: str, value) -> None:
     refused here rather than at the step's first use of it."""
     if value is None or isinstance(value, bool) or _is_numpy_bool(value):
         return
+    if isinstance(value, torch.Tensor) and value.numel() != 1:  # (torch.optim's truth test raises a RuntimeError)
+        raise TensorSizeError(f"Invalid {name}: a tensor of shape {tuple(value.shape)} (must be True or False)")
     if isinstance(value, numbers.Real) and value in (0, 1):
         return
     if (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta

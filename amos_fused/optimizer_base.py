@@ -370,9 +370,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._layouts: Dict[int, Tuple[Tensor, tuple]] = {}  # id(p) -> (p, its strides at its last step)
         self._awaiting_master: Dict[int, Tensor] = {}  # id(p) -> p: see _mark_awaiting_masters
         self._bulk_adding = True
+        defaults = {"maximize": False, "track_rms": False, "bf16_stochastic_round": False,
+                    "stochastic_round_seed": 0, "master_weights": False, **defaults}
+        # the settings every group holds (a key a user adds to opt.defaults later only fills groups
+        # added after, as in torch.optim; the backend is not a group key)
+        self._setting_keys = tuple(key for key in defaults if key != "backend")
         try:
-            super().__init__(params, {"maximize": False, "track_rms": False, "bf16_stochastic_round": False,
-                                      "stochastic_round_seed": 0, "master_weights": False, **defaults})
+            super().__init__(params, defaults)
             self._check_all_overlaps()
         finally:
             self._bulk_adding = False
@@ -587,7 +591,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._plans.pop(index, None)
             raise
 
+    def _check_settings_present(self, index: int, group: dict) -> None:
+        """Raises a MissingGroupKey naming the first of the optimizer's settings that
+        ``group`` lacks (deleted from it, or from opt.defaults before it was added)."""
+        keys = getattr(self, "_setting_keys", None)  # (an optimizer pickled before it was kept)
+        if keys is None:
+            keys = tuple(key for key in self.defaults if key != "backend")
+        missing = [key for key in keys if key not in group]
+        if missing:
+            default = (f"its default: {self.defaults[missing[0]]!r}" if missing[0] in self.defaults
+                       else "opt.defaults holds none")
+            raise hp.MissingGroupKey(f"{self._name}: param_groups[{index}] has no {missing[0]!r}; every group "
+                                     f"holds each of the optimizer's settings ({default})")
+
     def _check_new_group(self, index: int, group: dict) -> None:
+        self._check_settings_present(index, group)
         self._check_flags(index, group, adding=True)
         with _naming_group(index):
             check_backend(group_backend(group, self.defaults), self.algorithm, self._name)
@@ -619,7 +637,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             try:  # torch's flags, read as torch.optim reads them (None, 0 and 1 too; hyperparams.flag)
                 hp.flag(flag, group.get(flag))
             except ValueError as error:
-                raise ValueError(f"{where}: {error}") from None
+                raise hp.renamed(error, f"{where}: {error}") from None
         if group.get("differentiable"):
             raise ValueError(f"{where}: differentiable=True is not supported (the steps do not "
                              "record autograd history); use torch.optim for differentiable optimizers")
@@ -1090,11 +1108,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not isinstance(p, Tensor):
                 raise TypeError(f"{self._name}: param_groups[{index}]['params'][{position}] must be a tensor, got "
                                 f"{type(p).__name__} {p!r:.40}")
-        missing = [key for key in self.defaults if key not in group and key != "backend"]
-        if missing:
-            raise hp.MissingGroupKey(f"{self._name}: param_groups[{index}] has no {missing[0]!r}; every group "
-                                     f"holds each of the optimizer's settings (its default: "
-                                     f"{self.defaults[missing[0]]!r})")
+        self._check_settings_present(index, group)
         self._check_flags(index, group)
         # (a group's backend may be set anew)
         with _naming_group(index):

@@ -377,3 +377,73 @@ def test_capturable_written_into_a_group_of_cpu_params_later_steps_on_the_host()
             results.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
         (a, sa), (b, sb) = results[-2:]
         assert torch.equal(a, b) and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _torchs_error(make):
+    try:
+        make()
+    except Exception as error:  # noqa: BLE001 (torch's kind of error, whatever it is)
+        return type(error)
+    return None
+
+
+_TWO = torch.tensor([0.1, 0.2])
+
+
+_BAD_VALUES = [dict(betas=(None, 0.999)), dict(betas=(0.9j, 0.999)), dict(betas=((0.9,), 0.999)),
+               dict(eps=_TWO), dict(weight_decay=_TWO),
+               dict(betas=(torch.tensor([0.9, 0.8]), torch.tensor(0.999))), dict(fused=torch.tensor([True, False]))]
+_PEERS = {"AdamW": (af.AdamW, torch.optim.AdamW), "Adam": (af.Adam, torch.optim.Adam),
+          "AdamW8bit": (af.AdamW8bit, torch.optim.AdamW), "RAdam": (af.RAdam, torch.optim.RAdam)}
+
+
+@pytest.mark.parametrize("name, settings", [
+    pytest.param(name, settings, id=f"{name}-{next(iter(settings))}={next(iter(settings.values()))!r:.30}")
+    for name in _PEERS for settings in _BAD_VALUES
+    if not (name == "RAdam" and "fused" in settings)])  # (torch.optim.RAdam has no fused flag)
+def test_a_bad_value_raises_the_kind_of_error_torch_raises(name, settings):
+    """A beta that is no real number (None, complex, a tuple): a TypeError, as
+    torch.optim's constructors raise; a tensor of two elements as eps, weight_decay,
+    a beta or a flag: a RuntimeError, as theirs do; at construction, and at the step
+    for a value written into a group later.  (Each is a ValueError too.)"""
+    ours, theirs = _PEERS[name]
+    expected = _torchs_error(lambda: theirs([torch.nn.Parameter(torch.randn(3))], lr=0.1, **settings))
+    assert expected in (TypeError, RuntimeError)
+    with pytest.raises(expected) as caught:
+        ours([torch.nn.Parameter(torch.randn(3))], lr=0.1, **settings)
+    assert isinstance(caught.value, ValueError)
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = ours([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.param_groups[0].update(settings)
+    before = p.detach().clone()
+    with pytest.raises(expected, match=r"param_groups\[0\]"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and not opt.state
+
+
+@pytest.mark.parametrize("make", [lambda ps: af.AdamW(ps, lr=0.1), lambda ps: af.Lion(ps, lr=0.1),
+                                  lambda ps: af.Amos(ps, lr=0.1, eta=0.5)], ids=["AdamW", "Lion", "Amos"])
+def test_a_key_added_to_defaults_later_fills_later_groups_only(make):
+    """As in torch.optim: opt.defaults' keys fill the groups added after; the groups
+    already there step without the new key."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    opt = make([p])
+    opt.defaults["my_tag"] = "x"
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.add_param_group({"params": [q]})
+    assert "my_tag" not in opt.param_groups[0] and opt.param_groups[1]["my_tag"] == "x"
+    q.grad = torch.ones(3)
+    opt.step()
+
+
+@pytest.mark.parametrize("key", ["lr", "weight_decay", "betas"])
+def test_a_group_added_without_a_setting_the_defaults_lost_is_refused_by_name(key):
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = af.AdamW([p], lr=0.1)
+    del opt.defaults[key]
+    with pytest.raises(KeyError, match=rf"AdamW: param_groups\[1\] has no '{key}'.*opt.defaults holds none") as caught:
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
+    assert isinstance(caught.value, ValueError)
+    assert len(opt.param_groups) == 1
