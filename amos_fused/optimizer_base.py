@@ -604,9 +604,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise hp.MissingGroupKey(f"{self._name}: param_groups[{index}] has no {missing[0]!r}; every group "
                                      f"holds each of the optimizer's settings ({default})")
 
-    def _check_new_group(self, index: int, group: dict) -> None:
+    def _check_new_group(self, index: int, group: dict, adding: bool = True) -> None:
+        """Checks a group being added (``adding``) or loaded, whose torch flags are
+        this optimizer's own (a capturable=True that Dynamo wrote among them reads
+        as a step reads it: _capturable)."""
         self._check_settings_present(index, group)
-        self._check_flags(index, group, adding=True)
+        self._check_flags(index, group, adding=adding)
         with _naming_group(index):
             check_backend(group_backend(group, self.defaults), self.algorithm, self._name)
         self._checked_group(index, group)
@@ -2049,7 +2052,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
         self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
         try:
-            self._load_checkpoint(state_dict)  # (torch.optim's load inside runs no hook: they run here)
+            # (under torch.inference_mode() too, the copies are normal tensors, which a step outside it updates)
+            with torch.inference_mode(False):
+                self._load_checkpoint(state_dict)  # (torch.optim's load inside runs no hook: they run here)
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(attrs)
@@ -2120,7 +2125,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 fill_group_defaults(group, self.defaults)
                 group.pop("backend", None)  # (saved by older versions: never loaded)
                 group.update(machine[index])
-                self._check_new_group(index, group)
+                self._check_new_group(index, group, adding=False)
             self._check_all_overlaps()
         finally:
             self._bulk_adding = False

@@ -200,7 +200,8 @@ def test_a_compiled_train_step_writing_the_lr_into_param_groups_matches_eager(na
     """A learning-rate warmup written into ``opt.param_groups`` inside the compiled
     function: Dynamo writes its traced copy of the groups back, with
     capturable=True in each, as for torch.optim's optimizers; the CPU params' step
-    takes it as a host step and equals eager bitwise."""
+    takes it as a host step and equals eager bitwise, and the optimizer loads a
+    checkpoint (which keeps its flags) as torch.optim's does."""
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
@@ -219,6 +220,8 @@ def test_a_compiled_train_step_writing_the_lr_into_param_groups_matches_eager(na
         run = torch.compile(train_step, backend="aot_eager") if compiled else train_step
         for i in range(4):
             run(*_batch(i), 0.01 * (i + 1) / 4)
+        opt.load_state_dict(opt.state_dict())  # (a resume or a rollback of such an optimizer loads)
+        run(*_batch(4), 0.01)
         results.append([p.detach().clone() for p in model.parameters()]
                        + [v.clone() for st in opt.state.values() for v in st.values()])
     for a, b in zip(*results):

@@ -940,3 +940,22 @@ def test_masters_turned_off_after_loading_states_without_step_or_master(backend)
     opt.param_groups[0]["master_weights"] = False
     opt.step()
     assert opt.state[p]["exp_avg"].dtype == opt.state[p]["exp_avg_sq"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("make", [lambda ps: af.AdamW(ps, lr=0.1), lambda ps: af.AdamW8bit(ps, lr=0.1)],
+                         ids=["AdamW", "AdamW8bit"])
+def test_a_load_under_inference_mode_makes_states_a_normal_step_updates(make):
+    """torch.optim's load under torch.inference_mode() keeps the caller's tensors;
+    the copies here are normal tensors too, not inference tensors, which a step
+    outside the mode could not update in place."""
+    p = torch.nn.Parameter(torch.randn(64, 80))
+    opt = make([p])
+    p.grad = torch.randn(64, 80)
+    opt.step()
+    saved = opt.state_dict()
+    twin = make([p])
+    with torch.inference_mode():
+        twin.load_state_dict(saved)
+    assert not any(v.is_inference() for v in twin.state[p].values())
+    twin.step()
+    assert float(twin.state[p]["step"]) == 2.0
