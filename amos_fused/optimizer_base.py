@@ -756,13 +756,22 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _last_plan_of(self, index: int, group: dict) -> Optional[GroupPlan]:
         """The plan last made for ``group`` (the dict): kept under its index, or under
         another one when groups were reordered, removed or inserted since (the plans
-        as they were when this step began, before it replaced any)."""
+        as they were when this step began, before it replaced any); for a copy of a
+        group put in the place of its dict, the plan of the group it copies."""
         plan = self._plans.get(index)
         if plan is not None and plan.group is group:
             return plan
-        for plan in list(self._plans_before_step.values()) + list(self._plans.values()) + \
-                list(self._plans_by_group.values()):
+        plans = list(self._plans_before_step.values()) + list(self._plans.values()) + \
+            list(self._plans_by_group.values())
+        for plan in plans:
             if plan.group is group:
+                return plan
+        # a copy of a group ({**g, 'params': …}) put in its place or anywhere else, its dict in no group any
+        # more: the plan of the group whose per-param values (the same tuple) the copy holds
+        shared = [group.get(key) for key in self.per_param_keys if isinstance(group.get(key), tuple)]
+        for plan in plans:
+            if any(value is plan.group_values.get(key) for key in self.per_param_keys for value in shared) \
+                    and not any(plan.group is g for g in self.param_groups):
                 return plan
         # a copy of the group this index held, put in its place (opt.param_groups[i] = {**g, 'params': …}):
         # that group's plan, when its dict is in no group any more (else it is another group's, moved)

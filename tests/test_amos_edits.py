@@ -209,3 +209,40 @@ def test_a_group_that_is_no_dict_or_whose_params_are_no_list_is_named():
     with pytest.raises(KeyError, match=r"param_groups\[1\] has no 'params'"):
         opt.step()
     assert_unchanged(before, opt, [a, b])
+
+
+@pytest.mark.parametrize("edit", ["copies-swapped", "copy-then-delete", "delete-then-copy"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,key", [(af.Amos, "eta"), (af.ScaledAdamW, "init_norm")], ids=["Amos", "ScaledAdamW"])
+def test_inferred_values_follow_their_params_through_a_copy_put_at_another_index(cls, key, backend, edit):
+    """Groups [{c}, {a, b}]; the second replaced by a copy with its params reversed
+    that ends up at another index (the groups' order swapped, or the first group
+    deleted before or after): each param keeps its inferred value, and the params
+    step as when the same edit keeps the groups' order."""
+    results = []
+    for moved in (False, True):
+        a, b, c = (torch.nn.Parameter(torch.randn(4, 8, generator=torch.Generator().manual_seed(s)) * scale)
+                   for s, scale in ((0, 0.1), (1, 2.0), (2, 1.0)))
+        kwargs = dict(lr=0.01, eta=None) if cls is af.Amos else dict(lr=1e-3, half_life=10)
+        opt = cls([{"params": [c]}, {"params": [a, b]}], backend=backend, **kwargs)
+        _grads([a, b, c], 0)
+        opt.step()
+        first, second = opt.param_groups
+        values = dict(zip(map(id, second["params"]), second[key]))
+        copy = {**second, "params": [b, a]}
+        if not moved:
+            opt.param_groups[1] = copy
+        elif edit == "copies-swapped":
+            opt.param_groups = [copy, dict(first)]
+        elif edit == "copy-then-delete":
+            opt.param_groups[1] = copy
+            del opt.param_groups[0]
+        else:
+            del opt.param_groups[0]
+            opt.param_groups[0] = copy
+        _grads([a, b, c], 1)
+        opt.step()
+        group = next(g for g in opt.param_groups if len(g["params"]) == 2)
+        assert dict(zip(map(id, group["params"]), group[key])) == values
+        results.append((a.detach().clone(), b.detach().clone()))
+    assert all(torch.equal(x, y) for x, y in zip(*results))
