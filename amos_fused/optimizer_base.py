@@ -649,8 +649,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._check_capturable(group)
         if group.get("fused") and group_backend(group, self.defaults) == "reference":
             raise ValueError(f"{where}: fused=True contradicts backend='reference'")
-        if self.torch_refuses_with_foreach and group.get("fused") and group.get("foreach"):
-            raise RuntimeError(f"{where}: `fused` and `foreach` cannot be `True` together")  # (torch's error)
+        if adding and self.torch_refuses_with_foreach and group.get("fused") and group.get("foreach"):
+            # (torch's constructor's error; its step takes the pair, as the fused step, and so does this one)
+            raise RuntimeError(f"{where}: `fused` and `foreach` cannot be `True` together")
         if self.torch_refuses_with_foreach and group.get("foreach") and not self._capturable(group):
             # torch.optim refuses these (its foreach step cannot take them), so a checkpoint
             # saved with them would not step there

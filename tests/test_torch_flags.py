@@ -196,7 +196,8 @@ def test_torch_fused_checkpoint_keeps_our_choice():
 def test_flags_torch_refuses_together_are_refused():
     """What torch.optim refuses at construction is refused here too: fused=True with
     foreach=True, and a Tensor lr or betas with foreach=True (torch's foreach step
-    cannot take them, so a checkpoint saved with them would not step there)."""
+    cannot take them, so a checkpoint saved with them would not step there; set
+    between steps, the pair fused and foreach steps, as torch.optim's step takes it)."""
     p = torch.nn.Parameter(torch.randn(5))
     with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
         af.AdamW([p], fused=True, foreach=True)
@@ -213,6 +214,13 @@ def test_flags_torch_refuses_together_are_refused():
         opt.step()
     assert torch.equal(p, before)
     af.AdamW([p], lr=torch.tensor(0.01), foreach=False).step()
+    # fused and foreach both True, set between steps: torch.optim's step takes the pair as its fused step
+    ours, theirs = af.AdamW([p], lr=0.01), torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=0.01)
+    for opt in (ours, theirs):
+        opt.param_groups[0].update(fused=True, foreach=True)
+        opt.param_groups[0]["params"][0].grad = torch.ones(5)
+        opt.step()
+    assert torch.equal(ours.param_groups[0]["params"][0], theirs.param_groups[0]["params"][0])
     opt = af.AdamW([p], lr=0.01, foreach=True)  # a group added with one: torch's step raises a RuntimeError
     with pytest.raises(RuntimeError, match=r"lr as a Tensor is not supported"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "lr": torch.tensor(0.1)})
