@@ -16,6 +16,9 @@ from torch import Tensor
 # Elements per row of the fixed-order sum: under torch's parallel grain
 # (at::internal::GRAIN_SIZE, 32768), so no thread split ever happens inside a row.
 _SUM_CHUNK = 8192
+# Rows of _SUM_CHUNK elements squared in float64 at a time by local_sum_of_squares
+# (8M elements, 64 MB): a large tensor's squares are never all held at once.
+_ROWS_AT_ONCE = 1024
 
 
 def _row_sums(rows: Tensor) -> Tensor:
@@ -34,8 +37,19 @@ def local_sum_of_squares(t: Tensor) -> Tensor:
     x = t.detach()
     if x.is_complex():
         x = torch.view_as_real(x)
-    x = x.reshape(1, -1).double()
-    return _row_sums(x * x)[0]
+    x = x.reshape(-1)
+    if x.numel() <= _SUM_CHUNK:
+        x = x.double()
+        return _row_sums((x * x).view(1, -1))[0]
+    # _row_sums' first round (each row of _SUM_CHUNK squares summed, the last row
+    # zero-padded) a slice of rows at a time, then its later rounds on those sums
+    step = _SUM_CHUNK * _ROWS_AT_ONCE
+    firsts = []
+    for start in range(0, x.numel(), step):
+        piece = x[start:start + step].double()
+        piece = torch.nn.functional.pad(piece * piece, (0, -piece.numel() % _SUM_CHUNK))
+        firsts.append(piece.view(-1, _SUM_CHUNK).sum(dim=1))
+    return _row_sums(torch.cat(firsts).view(1, -1))[0]
 
 
 def norm(t: Tensor) -> float:

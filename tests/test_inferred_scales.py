@@ -237,3 +237,40 @@ def test_reference_amos_slot_means_are_the_same_at_any_thread_count(reduce_axes)
     results = _steps_at_each_thread_count(
         lambda ps: af.Amos(ps, lr=0.01, eta=0.5, reduce_axes=reduce_axes, backend="reference"), start, grads)
     assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize("numel", [8193, 3 * 8192, 3 * 8192 + 1, 7 * 8192 + 5, 100_003])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64])
+def test_the_sum_of_squares_taken_a_slice_at_a_time_is_the_whole_ones(monkeypatch, numel, dtype):
+    """local_sum_of_squares squares a slice of rows at a time (a large tensor's
+    float64 squares are never all held at once): bitwise the sum taken in one piece
+    (_row_sums of all the squares), whatever the slice's size, at any thread count."""
+    from amos_fused import deterministic_sums as sums
+
+    gen = torch.Generator().manual_seed(numel)
+    t = _heavy((numel,), gen, torch.float32, 3.0).to(dtype)
+    x = torch.view_as_real(t) if t.is_complex() else t
+    x = x.reshape(1, -1).double()
+    whole = sums._row_sums(x * x)[0]
+    for rows in (1, 2, 5, 1024):
+        monkeypatch.setattr(sums, "_ROWS_AT_ONCE", rows)
+        for threads in THREADS:
+            with num_threads(threads):
+                assert torch.equal(sums.local_sum_of_squares(t), whole), (rows, threads)
+
+
+def test_inferring_a_scale_holds_no_float64_copy_of_a_large_param():
+    """Amos's eta=None of a bfloat16 param of 32M elements (64 MB): the construction's
+    peak memory grows by far less than the float64 squares would take (256 MB each)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, torch, amos_fused as af\n"
+        "p = torch.nn.Parameter(torch.randn(4096, 8192).bfloat16())\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "af.Amos([p], lr=0.01)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    grown_kib = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                                   text=True).stdout.strip())
+    assert grown_kib * 1024 < 192 * 2**20, grown_kib  # (one-pass: about 800 MB)
