@@ -177,7 +177,8 @@ def flag(name: str, value) -> None:
     if value is None or isinstance(value, bool) or _is_numpy_bool(value):
         return
     if isinstance(value, torch.Tensor) and value.numel() != 1:  # (torch.optim's truth test raises a RuntimeError)
-        raise TensorSizeError(f"Invalid {name}: a tensor of shape {tuple(value.shape)} (must be True or False)")
+        raise TensorSizeError(f"Invalid {name}: {value!r} (a tensor of shape {tuple(value.shape)}; must be True "
+                              "or False)")
     if isinstance(value, numbers.Real) and value in (0, 1):
         return
     if (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta
