@@ -373,24 +373,19 @@ class TensorRounding {
                                      _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(0xffff0000u))));
     }
 #else
-    // lowbias32 on the lanes (>> is arithmetic on int32 lanes, hence the masks),
-    // then each element's half of its pair's word
-    using IVec = Vectorized<int32_t>;
-    IVec h = IVec(static_cast<int32_t>(base)) ^ IVec::arange(lo, 1);
-    h = h ^ ((h >> IVec(16)) & IVec(0xffff));
-    h = h * IVec(static_cast<int32_t>(0x7feb352du));
-    h = h ^ ((h >> IVec(15)) & IVec(0x1ffff));
-    h = h * IVec(static_cast<int32_t>(0x846ca68bu));
-    h = h ^ ((h >> IVec(16)) & IVec(0xffff));
-    int32_t words[kLanes], halves[2 * kLanes];
-    h.store(words);
-    for (int64_t k = 0; k < 2 * kLanes; ++k)
-      halves[k] = static_cast<int32_t>(element_bits(static_cast<uint32_t>(words[k >> 1]), static_cast<uint64_t>(k)));
-    for (int part = 0; part < 2; ++part) {
-      const IVec bits = at::vec::cast<int32_t>(x[part]);
-      const IVec rounded = (bits + IVec::loadu(halves + part * kLanes)) & IVec(static_cast<int32_t>(0xffff0000u));
-      x[part] = Vectorized<float>::blendv(at::vec::cast<float>(rounded), x[part], x[part] != x[part]);  // NaN kept
+    // lane by lane in uint32_t (the default build's vectors are arrays; its int32
+    // lanes would overflow, which C++ leaves undefined): the header's round_bits,
+    // each word serving its pair, and round_to_bfloat16 (NaN kept)
+    (void)lo;
+    float lanes[2 * kLanes];
+    x[0].store(lanes);
+    x[1].store(lanes + kLanes);
+    for (int64_t k = 0; k < 2 * kLanes; ++k) {
+      const uint32_t word = round_bits(base, static_cast<uint32_t>(pair) + static_cast<uint32_t>(k >> 1));
+      lanes[k] = round_to_bfloat16(lanes[k], element_bits(word, static_cast<uint64_t>(k)));
     }
+    x[0] = Vectorized<float>::loadu(lanes);
+    x[1] = Vectorized<float>::loadu(lanes + kLanes);
 #endif
   }
 
