@@ -369,6 +369,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._master_marks = WriteMarks()
         self._layouts: Dict[int, Tuple[Tensor, tuple]] = {}  # id(p) -> (p, its strides at its last step)
         self._awaiting_master: Dict[int, Tensor] = {}  # id(p) -> p: see _mark_awaiting_masters
+        self._departed_with_state: List[Tensor] = []  # see _forget_departed_params
         self._bulk_adding = True
         defaults = {"maximize": False, "track_rms": False, "bf16_stochastic_round": False,
                     "stochastic_round_seed": 0, "master_weights": False, **defaults}
@@ -919,7 +920,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._unscale_stepped_grads(ready)
         finally:
             self._step_host_scaling = None
-        if self._members_changed or any(i >= len(self.param_groups) for i in self._plans):
+        if self._members_changed or any(i >= len(self.param_groups) for i in self._plans) or \
+                any(p not in self.state for p in self._departed_with_state):
             self._forget_departed_params()
         return loss
 
@@ -1033,6 +1035,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._layouts = {key: entry for key, entry in self._layouts.items() if key in kept}
         self._master_marks.keep(kept)
         self._telemetry.keep(in_groups)
+        self._awaiting_master = {key: p for key, p in self._awaiting_master.items() if key in kept}
+        self._departed_with_state = self._held_for_state_only(in_groups)
+
+    def _held_for_state_only(self, in_groups: Set[int]) -> List[Tensor]:
+        """The params in no group (``in_groups``: the ids of those in one) still held
+        for their state: forgotten at the first step after their state is deleted,
+        which changes no plan."""
+        return [p for p in self.state if isinstance(p, Tensor) and id(p) not in in_groups]
 
     def _unscale_stepped_grads(self, ready: List[Optional[_Ready]]) -> None:
         """As torch's fused optimizers leave them: after a step that ran with
@@ -2018,6 +2028,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._mark_layouts()
         self._master_marks.mark_masters(self.state)  # a param written from now on gets its master remade
         self._mark_awaiting_masters()
+        self._departed_with_state = self._held_for_state_only(
+            {id(p) for group in self.param_groups if isinstance(group.get("params"), (list, tuple))
+             for p in group["params"]})
         for group in self.param_groups:
             for key, value in self.torch_setstate_defaults.items():  # (a checkpoint of an older torch)
                 group.setdefault(key, value)

@@ -63,8 +63,8 @@ def measured_sums(params: Sequence[Tensor], before: Optional[Sequence[Tensor]], 
 class _Record(NamedTuple):
     table: Tensor     # [count, 2] of the bucket the param was stepped in
     row: int
-    stepped: Tensor   # what the step saw (a local shard, a real view)
-    lr: float
+    count: int        # elements of what the step saw (a local shard, a real view; not the tensor, which a
+    lr: float         # record would keep alive after its param's state is gone)
 
 
 class Recorder:
@@ -78,7 +78,7 @@ class Recorder:
         """``owners``: the params as the user holds them; ``params``: what was
         stepped (local shards, real views), row by row of ``table``."""
         for row, (owner, stepped) in enumerate(zip(owners, params)):
-            self._records[owner] = _Record(table, row, stepped, lr)
+            self._records[owner] = _Record(table, row, stepped.numel(), lr)
 
     def keep(self, ids) -> None:
         """Drops the records of params whose id is not in ``ids``."""
@@ -115,7 +115,7 @@ class Recorder:
             if record is None:
                 continue
             # real numbers in the whole param (every shard; two per complex element)
-            n = owner.numel() * (2 if owner.is_complex() else 1) if sharded else record.stepped.numel()
+            n = owner.numel() * (2 if owner.is_complex() else 1) if sharded else record.count
             n = max(n, 1)
             update = math.sqrt(update_sq / n)
             out[owner] = RMS(math.sqrt(weight_sq / n), update / record.lr if record.lr != 0 else math.nan)

@@ -32,7 +32,7 @@ def _param(dtype, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("how", ["replaced", "group_removed"])
+@pytest.mark.parametrize("how", ["replaced", "group_removed", "state_deleted_after_a_step"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_param_that_left_the_optimizer_is_freed(case, how, backend):
     make, dtype, shape = CASES[case]
@@ -44,6 +44,8 @@ def test_a_param_that_left_the_optimizer_is_freed(case, how, backend):
         opt.param_groups[1]["params"] = [_param(dtype, shape)]
     else:
         opt.param_groups.pop(1)
+    if how == "state_deleted_after_a_step":  # (out of every group with its state, then without)
+        opt.step()
     del opt.state[gone]
     ref = weakref.ref(gone)
     del gone
@@ -86,3 +88,52 @@ def test_construction_and_load_check_overlap_once(monkeypatch):
     shared = torch.zeros(8)
     with pytest.raises(ValueError, match="shares memory"):
         af.AdamW([{"params": [torch.nn.Parameter(shared[:5])]}, {"params": [torch.nn.Parameter(shared[3:])]}])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_param_awaiting_its_master_after_a_torch_checkpoint_is_freed_once_it_left(backend):
+    """A torch.optim checkpoint of bfloat16 params loaded with master_weights=True:
+    each param awaits the master its next step makes; one that leaves its group
+    without state before that step is not held by that wait."""
+    keep, gone = _param(torch.bfloat16, (64,)), _param(torch.bfloat16, (64,))
+    source = torch.optim.AdamW([keep, gone], lr=1e-2)
+    source.step()
+    saved = source.state_dict()
+    del source
+    opt = af.AdamW([keep, gone], lr=1e-2, master_weights=True, backend=backend)
+    opt.load_state_dict(saved)
+    del saved
+    opt.param_groups[0]["params"] = [keep]
+    del opt.state[gone]
+    ref = weakref.ref(gone)
+    del gone
+    opt.step()
+    gc.collect()
+    assert ref() is None, [type(r).__name__ for r in gc.get_referrers(ref())]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["master", "complex"])
+def test_the_rms_record_holds_no_tensor_of_a_deleted_state(kind, backend):
+    """track_rms=True keeps each param's latest sums, not the tensor stepped: a
+    float32 master (or a complex param's real view of a replaced storage) whose
+    state is deleted is freed, as without telemetry."""
+    if kind == "master":
+        p = _param(torch.bfloat16, (64,))
+        opt = af.AdamW([p], lr=1e-2, master_weights=True, track_rms=True, backend=backend)
+        opt.step()
+        held = weakref.ref(opt.state[p]["master_param"])
+    else:
+        p = _param(torch.complex64, (64,))
+        opt = af.AdamW([p], lr=1e-2, track_rms=True, backend=backend)
+        opt.step()
+        old = p.data
+        held = weakref.ref(old)
+        p.data = torch.randn(64, dtype=torch.complex64)
+        del old
+    p.grad = None
+    del opt.state[p]
+    opt.step()
+    gc.collect()
+    assert held() is None, [type(r).__name__ for r in gc.get_referrers(held())]
+    assert p in opt.rms()  # (its latest sums are still reported)
