@@ -889,6 +889,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_swaps()
             self._check_own_memory(ready)
             self._check_grad_scaling()
+            self._check_no_cloning_mode(ready)
             collective = [(item, bucket) for item in ready if item is not None for bucket in item.buckets
                           if self._reduces_across_shards(bucket, item.group)]
             summing = self._params_summed_over_shards()  # (grads or not: the same on every rank)
@@ -924,6 +925,23 @@ class FusedOptimizer(torch.optim.Optimizer):
                 any(p not in self.state for p in self._departed_with_state):
             self._forget_departed_params()
         return loss
+
+    def _check_no_cloning_mode(self, ready: List[Optional[_Ready]]) -> None:
+        """Inside torch.autograd.graph.allow_mutation_on_saved_tensors(), whose
+        dispatch mode clones what an op writes by reading the op's arguments by
+        their schema positions (it cannot read the step ops' optional written
+        arguments, absent or None), only the reference backend steps: a fused
+        bucket is refused here, before anything is written."""
+        if not getattr(torch.autograd.graph, "_allow_mutation_on_saved_tensors_enabled", False):
+            return
+        for index, item in enumerate(ready):  # (one per group)
+            for bucket in item.buckets if item is not None else ():
+                if bucket.backend != "reference":
+                    raise RuntimeError(
+                        f"{self._name}: param_groups[{index}]: the {bucket.backend!r} "
+                        "backend's fused step cannot run inside torch.autograd.graph."
+                        "allow_mutation_on_saved_tensors() (its mode cannot clone the op's optional written "
+                        "arguments); step that group with backend='reference' there, or outside it")
 
     def _tell_the_shards_this_step_raised(self, summing: Optional[List[Tuple[str, Tensor]]]) -> None:
         """After this rank's checks refused the step: the other ranks whose step sums

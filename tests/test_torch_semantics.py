@@ -331,3 +331,32 @@ def test_a_non_number_written_into_a_group_raises_typeerror_as_torch_does(key, v
     _unchanged(p, opt, before)
     with pytest.raises(TypeError):
         _torch_step_after(lambda group: group.__setitem__(key, value))
+
+
+def test_inside_allow_mutation_on_saved_tensors_the_reference_steps_and_a_fused_group_is_refused_unwritten():
+    """torch.autograd.graph.allow_mutation_on_saved_tensors() clones what an op
+    writes, found by the op's schema positions, which it cannot read for the fused
+    step ops' optional written arguments: the reference backend steps there (a
+    backward after it uses the weights saved before it, as with torch.optim), and a
+    group on a fused backend is refused by name before any group is written."""
+    a, b = (torch.nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(s))) for s in (0, 1))
+    x = torch.randn(5, 4)
+    with torch.autograd.graph.allow_mutation_on_saved_tensors():
+        loss = (x @ a).pow(2).sum()
+        opt = af.AdamW([a], lr=0.1, backend="reference")
+        a.grad = torch.ones_like(a)
+        before = a.detach().clone()
+        opt.step()
+        assert not torch.equal(a.detach(), before)
+        loss.backward()
+        expected = x.t() @ (2 * (x @ before))
+        torch.testing.assert_close(a.grad - 1, expected)
+    with torch.autograd.graph.allow_mutation_on_saved_tensors():
+        opt = af.AdamW([{"params": [a], "backend": "reference"}, {"params": [b]}], lr=0.1)
+        a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+        held = [t.detach().clone() for t in (a, b)]
+        with pytest.raises(RuntimeError, match=r"param_groups\[1\]: the 'cpu' backend's fused step cannot run inside "
+                                               r"torch.autograd.graph.allow_mutation_on_saved_tensors"):
+            opt.step()
+        assert all(torch.equal(t.detach(), h) for t, h in zip((a, b), held)) and not opt.state
+    opt.step()  # (outside it: both groups step)
