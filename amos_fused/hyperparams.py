@@ -143,6 +143,21 @@ def betas(value: Sequence[float], count: int = 2) -> None:
         in_unit_interval(f"beta parameter at index {index}", beta)
 
 
+def _compares_with_a_float(value) -> bool:
+    """Whether ``0.0 <= value`` is a comparison Python can make, as torch.optim's
+    range check of a beta makes it before it asks for a pair of floats or Tensors
+    (None, strings, complex numbers and tuples raise a TypeError there)."""
+    if isinstance(value, (str, bytes, tuple, list)) or value is None or complex_valued(value):
+        return False
+    try:
+        0.0 <= value  # noqa: B015 (the comparison's TypeError is the answer)
+    except TypeError:
+        return False
+    except Exception:  # (a tensor of several elements: compared, refused later by its size)
+        return True
+    return True
+
+
 def betas_as_torch_constructs_them(value) -> None:
     """torch.optim.Adam and AdamW's constructors take betas that are both floats
     (Python's, NumPy's float64) or both Tensors, and refuse any other pair (ints such
@@ -152,7 +167,7 @@ def betas_as_torch_constructs_them(value) -> None:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__getitem__") or _length(value) != 2:
         return  # betas() names what is wrong with it
     pair = (value[0], value[1])
-    if any(not isinstance(b, (numbers.Real, torch.Tensor)) for b in pair):
+    if not all(_compares_with_a_float(b) for b in pair):
         return  # betas() names it: not a real number (None, '0.9', 0.9j: a TypeError, as torch.optim raises)
     if not (all(isinstance(b, float) for b in pair) or all(isinstance(b, torch.Tensor) for b in pair)):
         kinds = ", ".join(type(b).__name__ for b in pair)
@@ -177,8 +192,7 @@ def flag(name: str, value) -> None:
     if value is None or isinstance(value, bool) or _is_numpy_bool(value):
         return
     if isinstance(value, torch.Tensor) and value.numel() != 1:  # (torch.optim's truth test raises a RuntimeError)
-        raise TensorSizeError(f"Invalid {name}: {value!r} (a tensor of shape {tuple(value.shape)}; must be True "
-                              "or False)")
+        raise TensorSizeError(f"Invalid {name}: {value!r} of shape {tuple(value.shape)} (must be True or False)")
     if isinstance(value, numbers.Real) and value in (0, 1):
         return
     if (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta

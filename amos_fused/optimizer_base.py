@@ -553,16 +553,32 @@ class FusedOptimizer(torch.optim.Optimizer):
         except ValueError as error:
             raise ValueError(f"{self._where(index, position, param)}: {error}") from None
 
-    def _params_summed_over_shards(self) -> List[Tuple[str, Tensor]]:
+    def _params_summed_over_shards(self, refused: bool = False) -> List[Tuple[str, Tensor]]:
         """(where, param) of every param whose step sums over its shards, with a
-        grad or not, in group order: the same on every rank that holds them."""
+        grad or not, in group order: the same on every rank that holds them.
+        ``refused``: listed for a step this rank's checks refused, as well as its
+        settings allow (_tell_the_shards_this_step_raised): a group that is no dict
+        of a params list is left out (one this rank alone holds), and a param whose
+        settings cannot answer (a bad or deleted reduce_axes: this rank's refusal)
+        counts as summing, as it does with every valid setting of a reduced
+        sharded dim."""
         if type(self)._sums_over_shards is FusedOptimizer._sums_over_shards:
             return []  # (no per-param walk for the algorithms that never sum)
         found = []
         for index, group in enumerate(self.param_groups):
-            params = group["params"]
+            params = group.get("params") if isinstance(group, dict) else None
+            if refused and not isinstance(params, (list, tuple)):
+                continue
+            if refused:
+                params = [p for p in params if isinstance(p, Tensor)]
             for position in dtensor_positions(params):
-                if self._named_sums_over_shards(index, position, params[position], group):
+                try:
+                    sums = self._named_sums_over_shards(index, position, params[position], group)
+                except Exception:
+                    if not refused:
+                        raise
+                    sums = True
+                if sums:
                     found.append((f"param_groups[{index}]['params'][{position}]", params[position]))
         return found
 
@@ -770,11 +786,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                 return plan
         # a copy of a group ({**g, 'params': …}) put in its place or anywhere else, its dict in no group any
         # more: the plan of the group whose per-param values (the same tuple) the copy holds
+        # (and params in common: groups may share one tuple; the plan with the most params in common)
         shared = [group.get(key) for key in self.per_param_keys if isinstance(group.get(key), tuple)]
+        params = group.get("params")
+        mine = {id(p) for p in params} if isinstance(params, (list, tuple)) else set()
+        best, most = None, 0
         for plan in plans:
             if any(value is plan.group_values.get(key) for key in self.per_param_keys for value in shared) \
                     and not any(plan.group is g for g in self.param_groups):
-                return plan
+                common = len(mine & {id(p) for p in plan.params})
+                if common > most:
+                    best, most = plan, common
+        if best is not None:
+            return best
         # a copy of the group this index held, put in its place (opt.param_groups[i] = {**g, 'params': …}):
         # that group's plan, when its dict is in no group any more (else it is another group's, moved)
         plan = self._plans_before_step.get(index) or self._plans.get(index)
@@ -953,7 +977,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         step got that far) tells no one; the caller raises its own error."""
         try:
             if summing is None:
-                summing = self._params_summed_over_shards()
+                summing = self._params_summed_over_shards(refused=True)
             if summing:
                 wait_for_every_shard(_process_groups([p for _, p in summing]), None, self._name,
                                      [(where, mesh_groups(p), False) for where, p in summing], refused=True)
@@ -2007,6 +2031,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         fresh = self._fresh_masters()
         state = dict(super().__getstate__())
         state["_per_param_plans"] = self._per_param_plans()
+        if hasattr(self, "_setting_keys"):
+            state["_setting_keys"] = self._setting_keys  # (which keys every group holds: not all of defaults')
         if fresh:
             copied = defaultdict(dict)
             for p, st in self.state.items():

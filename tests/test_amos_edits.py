@@ -246,3 +246,21 @@ def test_inferred_values_follow_their_params_through_a_copy_put_at_another_index
         assert dict(zip(map(id, group["params"]), group[key])) == values
         results.append((a.detach().clone(), b.detach().clone()))
     assert all(torch.equal(x, y) for x, y in zip(*results))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_groups_sharing_one_eta_tuple_each_keep_their_values_through_copies(backend):
+    """Two groups given the same eta tuple object, both replaced by copies with their
+    params reversed: each copy's params keep their own values (the copies are
+    matched to the groups they copy by their params, not only by the tuple)."""
+    a1, a2, b1, b2 = (torch.nn.Parameter(torch.randn(4, 8, generator=torch.Generator().manual_seed(s)))
+                      for s in range(4))
+    eta = (0.1, 0.2)
+    opt = af.Amos([{"params": [a1, a2], "eta": eta}, {"params": [b1, b2], "eta": eta}], lr=0.01, backend=backend)
+    _grads([a1, a2, b1, b2], 0)
+    opt.step()
+    first, second = opt.param_groups
+    opt.param_groups = [{**first, "params": [a2, a1]}, {**second, "params": [b2, b1]}]
+    _grads([a1, a2, b1, b2], 1)
+    opt.step()
+    assert [g["eta"] for g in opt.param_groups] == [(0.2, 0.1), (0.2, 0.1)]

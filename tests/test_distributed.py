@@ -1168,7 +1168,8 @@ def _dtensor_refusals_named(rank, world, path):
 
 def _a_refusal_on_some_ranks(rank, world, path):
     """A step that sums over the shards, refused by one rank's checks only (its step
-    counter negative, its lr out of range): that rank raises its own error and the
+    counter negative, its lr out of range, Amos's reduce_axes out of range or
+    deleted, or each rank's own problem): that rank raises its own error and the
     others a RuntimeError saying so, all at once (not at the process group's
     timeout) and with nothing written on any rank; refused on every rank, each
     raises its own; mended, the step goes on as an unrefused run's."""
@@ -1199,7 +1200,17 @@ def _a_refusal_on_some_ranks(rank, world, path):
                             ((1,), lambda: opt.param_groups[0].__setitem__("lr", -1.0),
                              lambda: opt.param_groups[0].__setitem__("lr", 0.01), "learning rate"),
                             (tuple(range(world)), lambda: opt.param_groups[0].__setitem__("lr", -1.0),
-                             lambda: opt.param_groups[0].__setitem__("lr", 0.01), "learning rate")):
+                             lambda: opt.param_groups[0].__setitem__("lr", 0.01), "learning rate"),
+                            # (a setting that cannot say whether the param sums: this rank tells anyway)
+                            *([((1,), lambda: opt.param_groups[0].__setitem__("reduce_axes", (7,)),
+                                lambda: opt.param_groups[0].__setitem__("reduce_axes", "all"), "out of range"),
+                               ((1,), lambda: opt.param_groups[0].pop("reduce_axes"),
+                                lambda: opt.param_groups[0].__setitem__("reduce_axes", "all"), "reduce_axes"),
+                               ((0, 1), lambda: opt.param_groups[0].__setitem__(
+                                   "reduce_axes" if rank == 0 else "lr", (7,) if rank == 0 else -1.0),
+                                lambda: opt.param_groups[0].update(reduce_axes="all", lr=0.01),
+                                "out of range" if rank == 0 else "learning rate")]
+                              if isinstance(opt, af.Amos) else [])):
                         held = [p, *opt.state[p].values()]
                         before = [_local(t).clone() for t in held]
                         if rank in bad_ranks:

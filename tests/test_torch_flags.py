@@ -6,8 +6,12 @@ test_triton_capturable.py) is refused with a clear error;
 ``backend`` is never saved in checkpoints."""
 from __future__ import annotations
 
+import copy
+import decimal
 import inspect
+import pickle
 
+import numpy
 import pytest
 import torch
 
@@ -444,6 +448,20 @@ def test_a_key_added_to_defaults_later_fills_later_groups_only(make):
     assert "my_tag" not in opt.param_groups[0] and opt.param_groups[1]["my_tag"] == "x"
     q.grad = torch.ones(3)
     opt.step()
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):  # (a copy holds the same keys)
+        copied.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
+        copied.step()
+
+
+@pytest.mark.parametrize("betas", [(decimal.Decimal("0.9"), 0.999), (numpy.array(0.9), 0.999),
+                                   (0.9, numpy.array(0.999))], ids=["Decimal", "ndarray", "ndarray-second"])
+@pytest.mark.parametrize("ours, theirs", [(af.AdamW, torch.optim.AdamW), (af.Adam, torch.optim.Adam)],
+                         ids=["AdamW", "Adam"])
+def test_betas_of_numbers_that_are_no_floats_are_refused_as_torch_refuses_them(betas, ours, theirs):
+    with pytest.raises(ValueError, match=r"must be either both floats or both Tensors"):
+        theirs([torch.nn.Parameter(torch.randn(3))], betas=betas)
+    with pytest.raises(ValueError, match=r"must be either both floats or both Tensors"):
+        ours([torch.nn.Parameter(torch.randn(3))], betas=betas)
 
 
 @pytest.mark.parametrize("key", ["lr", "weight_decay", "betas"])
