@@ -147,7 +147,7 @@ def _compares_with_a_float(value) -> bool:
     """Whether ``0.0 <= value`` is a comparison Python can make, as torch.optim's
     range check of a beta makes it before it asks for a pair of floats or Tensors
     (None, strings, complex numbers and tuples raise a TypeError there)."""
-    if isinstance(value, (str, bytes, tuple, list)) or value is None or complex_valued(value):
+    if complex_valued(value):  # (NumPy's complex numbers compare with a float)
         return False
     try:
         0.0 <= value  # noqa: B015 (the comparison's TypeError is the answer)

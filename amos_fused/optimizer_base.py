@@ -698,14 +698,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         refuse it) reads as False: torch.compile's Dynamo writes capturable=True into
         the groups of a compiled function that edits a group (its traced copy of a
         torch.optim optimizer's groups holds True, and it writes that copy back), and
-        torch.optim's compiled step takes it there as a host step."""
+        torch.optim's compiled step takes it there as a host step.  (Read where a step
+        runs, once per bucket or param: the first param tells the group's device, as
+        a group mixing devices is refused.)"""
         if not group.get("capturable"):
             return False
         if group_backend(group, self.defaults) in CAPTURABLE_BACKENDS:
             return True
         params = group.get("params")
-        return not (isinstance(params, (list, tuple)) and params
-                    and all(isinstance(p, Tensor) and local(p).device.type == "cpu" for p in params))
+        first = params[0] if isinstance(params, (list, tuple)) and params else None
+        return not (isinstance(first, Tensor) and local(first).device.type == "cpu")
 
     def _check_capturable(self, group: dict) -> None:
         """capturable=True (torch's flag: a step that reads nothing on the host, so it
@@ -1078,13 +1080,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._master_marks.keep(kept)
         self._telemetry.keep(in_groups)
         self._awaiting_master = {key: p for key, p in self._awaiting_master.items() if key in kept}
-        self._departed_with_state = self._held_for_state_only(in_groups)
-
-    def _held_for_state_only(self, in_groups: Set[int]) -> List[Tensor]:
-        """The params in no group (``in_groups``: the ids of those in one) still held
-        for their state: forgotten at the first step after their state is deleted,
-        which changes no plan."""
-        return [p for p in self.state if isinstance(p, Tensor) and id(p) not in in_groups]
+        # the params in no group still held for their state: forgotten at the first step after their
+        # state is deleted, which changes no plan
+        self._departed_with_state = [p for p in self.state if isinstance(p, Tensor) and id(p) not in in_groups]
 
     def _unscale_stepped_grads(self, ready: List[Optional[_Ready]]) -> None:
         """As torch's fused optimizers leave them: after a step that ran with
@@ -2072,9 +2070,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._mark_layouts()
         self._master_marks.mark_masters(self.state)  # a param written from now on gets its master remade
         self._mark_awaiting_masters()
-        self._departed_with_state = self._held_for_state_only(
-            {id(p) for group in self.param_groups if isinstance(group.get("params"), (list, tuple))
-             for p in group["params"]})
+        self._departed_with_state = []  # (the next step makes every plan, then _forget_departed_params lists them)
         for group in self.param_groups:
             for key, value in self.torch_setstate_defaults.items():  # (a checkpoint of an older torch)
                 group.setdefault(key, value)
