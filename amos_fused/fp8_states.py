@@ -351,6 +351,24 @@ def _check_loaded_absmax(param: Tensor, key: str, codes: Tensor, absmax, decodin
                          f"{codes.numel()} codes), got {absmax.dtype} of shape {tuple(absmax.shape)}")
 
 
+def check_saved_codes(name: str, index, saved: Dict[str, object]) -> None:
+    """Raises, naming the saved dtype, when a checkpoint's state beside an absmax
+    (``<key>_absmax``, the scales of FP8 codes) is a tensor that is not uint8 codes:
+    numbers (a trip through torch.optim's load_state_dict, which casts every state to
+    its param's dtype) or the codes' bytes under another dtype (int8, float8_e4m3fn)."""
+    for key, value in saved.items():
+        if (not isinstance(key, str) or key.endswith(ABSMAX_SUFFIX) or absmax_key(key) not in saved
+                or not isinstance(value, Tensor) or value.dtype == torch.uint8):
+            continue
+        if value.is_floating_point() and value.dtype != torch.float8_e4m3fn:
+            why = ("codes turned into numbers (torch.optim's load_state_dict casts every state to its param's "
+                   "dtype); load the 8-bit checkpoint as it was saved")
+        else:
+            why = "codes viewed as another dtype are read back with `.view(torch.uint8)`"
+        raise ValueError(f"{name}: cannot load the checkpoint's state[{index!r}][{key!r}]: it is {value.dtype} "
+                         f"beside {absmax_key(key)!r}, the scales of FP8 codes, which must be uint8: {why}")
+
+
 def convert_loaded(param: Tensor, state: Dict[str, object], fp8_keys: Sequence[str],
                    like: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> None:
     """Brings a loaded state to this optimizer's precision and layout in place:

@@ -2151,6 +2151,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if key in saved_ids and not isinstance(saved, dict):
                 raise TypeError(f"{self._name}: cannot load the checkpoint's state[{key!r}]: a param's state must "
                                 f"be a dict of its state values, got {type(saved).__name__} {hp.shown(saved)}")
+            if key in saved_ids and isinstance(saved, dict):
+                fp8_states.check_saved_codes(self._name, key, saved)
             if not (isinstance(saved, dict) and "step" in saved):
                 continue
             step = saved["step"]

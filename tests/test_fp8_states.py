@@ -1198,6 +1198,43 @@ def test_nan_grad_poisons_its_block_and_nothing_else(backend):
             assert torch.equal(sp[key][~block], sc[key][~block])
 
 
+@pytest.mark.parametrize("how", ["relaid between steps", "loaded into another layout"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_nan_block_becomes_every_block_of_a_new_layout_that_holds_its_elements(backend, how):
+    """The README's account of a layout change: the blocks are cut anew in the new
+    memory order and each one holding an element of a NaN block is a NaN block.
+    A (65, 64) row-major matrix with one NaN grad element has 256 NaN elements of m
+    (its block); made column-major, every new block of 256 holds one of them, so
+    the whole state is NaN and, after the next step, every param, where float32
+    AdamW keeps its one NaN element."""
+    values = torch.randn(65, 64, generator=torch.Generator().manual_seed(3))
+    grads = [torch.randn(65, 64, generator=torch.Generator().manual_seed(20 + k)) for k in range(2)]
+    grads[0][0, 5] = float("nan")
+    counts = {}
+    for cls in (af.AdamW8bit, af.AdamW):
+        p = _param(values.clone())
+        opt = _make(cls, [p], backend=backend, **HYPER["AdamW8bit"])
+        p.grad = grads[0].clone()
+        opt.step()
+        m = opt.state[p]["exp_avg"]
+        if cls is af.AdamW8bit:
+            m = fp8_states.decoded(m, opt.state[p]["exp_avg_absmax"], False)
+            assert int(m.isnan().sum()) == BLOCK
+        column_major = values.t().contiguous().t()
+        if how == "relaid between steps":
+            with torch.no_grad():
+                p.data = p.detach().t().contiguous().t()
+        else:
+            saved = opt.state_dict()
+            p = _param(column_major.clone())
+            opt = _make(cls, [p], backend=backend, **HYPER["AdamW8bit"])
+            opt.load_state_dict(saved)
+        p.grad = grads[1].clone()
+        opt.step()
+        counts[cls] = int(p.detach().isnan().sum())
+    assert counts == {af.AdamW8bit: 65 * 64, af.AdamW: 1}
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_a_grad_whose_v_overflows_poisons_its_block_from_the_next_step(backend):
     """A finite grad so large that (1 − β2)·g² overflows float32 gives v = +Inf:

@@ -859,18 +859,21 @@ def test_a_checkpoint_with_every_core_setting_loads(saver, loader):
 
 
 @pytest.mark.parametrize("into", [af.AdamW8bit, af.AdamW])
-@pytest.mark.parametrize("turned", ["through torch.optim", "int8"])
+@pytest.mark.parametrize("turned", ["through torch.optim", "int8", "int8 view", "float8_e4m3fn view"])
 def test_codes_turned_into_numbers_are_refused_and_change_nothing(turned, into):
     """An 8-bit checkpoint whose codes are no longer uint8 beside their absmax — loaded
     into torch.optim.AdamW and saved again (its load casts every state to the param's
-    dtype: codes 0…255 become float32 numbers), or cast to int8 — is refused, naming
-    the state, by AdamW8bit and by AdamW alike, rather than quantized or stepped as
+    dtype: codes 0…255 become float32 numbers), cast to int8, or the same bytes viewed
+    as int8 or float8_e4m3fn — is refused, naming the state and the dtype it was
+    saved with, by AdamW8bit and by AdamW alike, rather than quantized or stepped as
     moments; the optimizer is as it was."""
     values = [torch.randn(64, 80, generator=torch.Generator().manual_seed(8)), torch.randn(7)]
     _, saver = _stepped(lambda ps: af.AdamW8bit(ps, lr=1e-3), values)
     saved = saver.state_dict()
     if turned == "int8":
         saved["state"][0]["exp_avg"] = saved["state"][0]["exp_avg"].to(torch.int8)
+    elif turned.endswith("view"):
+        saved["state"][0]["exp_avg"] = saved["state"][0]["exp_avg"].view(getattr(torch, turned.split()[0]))
     else:
         through = torch.optim.AdamW([torch.nn.Parameter(v.clone()) for v in values], lr=1e-3)
         through.load_state_dict(saved)
@@ -878,7 +881,9 @@ def test_codes_turned_into_numbers_are_refused_and_change_nothing(turned, into):
         assert saved["state"][0]["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" in saved["state"][0]
     _, opt = _stepped(lambda ps: into(ps, lr=1e-3), values)
     snap = _snapshot(opt)
-    with pytest.raises(ValueError, match=r"'exp_avg'.*beside 'exp_avg_absmax'.*codes turned into numbers"):
+    dtype = saved["state"][0]["exp_avg"].dtype
+    why = "codes turned into numbers" if turned == "through torch.optim" else r"read back with `\.view\(torch\.uint8\)`"
+    with pytest.raises(ValueError, match=rf"'exp_avg'\]: it is {dtype} beside 'exp_avg_absmax'.*{why}"):
         opt.load_state_dict(_saved(saved))
     _assert_as_before(opt, snap)
 
