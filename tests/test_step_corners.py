@@ -357,6 +357,23 @@ def test_a_state_laid_out_otherwise_beside_an_unchanged_param_is_refused_on_cpu(
     _assert_refused(opt, rf"param_groups\[1\]\['params'\]\[0\].*state\['{key}'\].*strides \(1, 4\)")
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
+def test_fp8_codes_laid_out_otherwise_beside_an_unchanged_param_are_refused_on_every_backend(key, backend):
+    """FP8 codes' blocks follow their memory order, so codes given another memory
+    format while their param kept its own are refused by every backend, the
+    reference too (which steps full-precision states in any layout), naming the
+    state, before any write."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    a = torch.nn.Parameter(torch.randn(64, 80, generator=torch.Generator().manual_seed(5)))
+    opt = af.AdamW8bit([a], lr=0.1, backend=backend)
+    _grads([a], 0)
+    opt.step()
+    opt.state[a][key] = opt.state[a][key].t().contiguous().t()
+    _assert_refused(opt, rf"state '{key}' \(torch.uint8, shape \(64, 80\), strides \(1, 64\)")
+
+
 def test_a_state_laid_out_otherwise_is_stepped_as_it_is_by_the_reference():
     """The reference takes any strides: the same state in another layout steps to the
     same values, and keeps its layout."""
