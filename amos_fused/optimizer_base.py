@@ -666,6 +666,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._check_capturable(group)
         if group.get("fused") and group_backend(group, self.defaults) == "reference":
             raise ValueError(f"{where}: fused=True contradicts backend='reference'")
+        chosen = group.get("backend", self.defaults.get("backend"))
+        if group.get("fused") is not None and not group.get("fused") and chosen not in (None, "reference"):
+            # (fused=False alone means the reference: a backend named beside it is not silently dropped)
+            raise ValueError(f"{where}: fused=False (the reference step) contradicts backend={chosen!r}")
         if adding and self.torch_refuses_with_foreach and group.get("fused") and group.get("foreach"):
             # (torch's constructor's error; its step takes the pair, as the fused step, and so does this one)
             raise RuntimeError(f"{where}: `fused` and `foreach` cannot be `True` together")

@@ -96,6 +96,28 @@ def test_fused_true_with_reference_backend_refused():
         af.AdamW(_params(), fused=True, backend="reference")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+def test_fused_false_with_a_fused_backend_refused_at_construction_and_at_the_step(backend):
+    """fused=False means the reference step: named beside a fused backend it is a
+    contradiction, refused as fused=True beside backend='reference' is, rather than
+    one of the two silently dropped; set in a group later, the step refuses it and
+    writes nothing."""
+    with pytest.raises(ValueError, match=rf"fused=False .* contradicts backend='{backend}'"):
+        af.AdamW(_params(), fused=False, backend=backend)
+    params = _params()
+    opt = af.AdamW(params, lr=0.1, backend="cpu")
+    for p, g in zip(params, make_grads(params, 0)):
+        p.grad = g
+    before = [p.detach().clone() for p in params]
+    opt.param_groups[0]["fused"] = False
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: fused=False .* contradicts backend='cpu'"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and not opt.state
+    opt.param_groups[0]["fused"] = None
+    opt.step()
+    af.AdamW(_params(), fused=False, backend="reference")  # (no contradiction)
+
+
 @pytest.mark.parametrize("backend", af.available_backends())
 @pytest.mark.parametrize("name", sorted(CLASSES))
 def test_maximize_is_minimizing_the_negated_loss(name, backend):
