@@ -2079,6 +2079,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, value in self.torch_setstate_defaults.items():  # (a checkpoint of an older torch)
                 group.setdefault(key, value)
             fill_group_defaults(group, self.defaults)
+        for per_param in self.state.values():
+            # a count held as a Python number becomes the step's float32 CPU scalar, as
+            # torch.optim.Adam's __setstate__ turns it into a tensor (and as a load reads it)
+            count = per_param.get("step") if isinstance(per_param, dict) else None
+            if isinstance(count, numbers.Real) and not isinstance(count, bool):
+                per_param["step"] = torch.tensor(float(count), dtype=torch.float32, device="cpu")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a checkpoint of this optimizer or of the matching torch.optim one.

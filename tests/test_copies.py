@@ -353,3 +353,28 @@ def test_a_param_appended_before_a_copy_gets_its_value_at_the_copys_next_step(na
 
     (values, params), (copied_values, copied_params) = session(None), session(how)
     assert copied_values == values and all(torch.equal(p, q) for p, q in zip(params, copied_params))
+
+
+@pytest.mark.parametrize("count", [4.0, 4, "numpy"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_count_held_as_a_number_steps_in_a_copy_as_torch_optims_does(how, backend, count):
+    """A `step` written into the state as a Python (or NumPy) number: torch.optim.Adam's
+    __setstate__, which deepcopy and pickle run, turns it back into a tensor, so its
+    copy steps on from that count; so does ours, to the same params and count."""
+    np = pytest.importorskip("numpy")
+    count = np.float64(4.0) if count == "numpy" else count
+    results = []
+    for make in (lambda ps: torch.optim.AdamW(ps, lr=0.01), lambda ps: af.AdamW(ps, lr=0.01, backend=backend)):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+        opt = make([p])
+        p.grad = torch.linspace(0.5, -0.3, 5)
+        opt.step()
+        opt.state[p]["step"] = count
+        copy_, (q,) = _copied(opt, [p], how, make)
+        q.grad = torch.linspace(0.2, 0.4, 5)
+        copy_.step()
+        results.append((q.detach(), copy_.state[q]["step"]))
+    (theirs, their_count), (ours, our_count) = results
+    assert float(our_count) == float(their_count) == 5.0 and our_count.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
