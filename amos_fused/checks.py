@@ -13,6 +13,11 @@ from torch._subclasses.fake_tensor import is_fake
 from . import _C  # (registers torch.ops.amos_fused; its own functions: csrc/host_checks_python.cpp)
 
 
+class CountNotATensorError(ValueError, RuntimeError):
+    """A step count that is no tensor (a Python number): a ValueError, as every
+    refused state is, and the RuntimeError torch.optim's step raises for it."""
+
+
 class Problem(enum.IntEnum):
     """amos_fused::Problem (csrc/checks.h)."""
 
@@ -120,8 +125,9 @@ def step_error(where: str, problem: Problem, param: Tensor, grad: Optional[Tenso
         if isinstance(tensor, Tensor) and tensor.numel() == 1 and tensor.dtype == torch.float32 \
                 and tensor.device.type == "cpu" and tensor.layout == torch.strided:
             return ValueError(f"{where}: state['step'] must be a finite count >= 0, got {float(tensor)}")
-        return ValueError(f"{where}: state['step'] must be a float32 CPU scalar tensor, got "
-                          + (_describe(tensor) + f" ({tensor.layout})" if isinstance(tensor, Tensor) else repr(tensor)))
+        kind = ValueError if isinstance(tensor, Tensor) else CountNotATensorError
+        return kind(f"{where}: state['step'] must be a float32 CPU scalar tensor, got "
+                    + (_describe(tensor) + f" ({tensor.layout})" if isinstance(tensor, Tensor) else repr(tensor)))
     if problem in (Problem.STATE_SHARED, Problem.SLOT_SHARED):
         return ValueError(f"{where}: {shared_state_text(name, tensor)}")
     if problem == Problem.STEP_SHARED:

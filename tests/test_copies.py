@@ -378,3 +378,24 @@ def test_a_count_held_as_a_number_steps_in_a_copy_as_torch_optims_does(how, back
     (theirs, their_count), (ours, our_count) = results
     assert float(our_count) == float(their_count) == 5.0 and our_count.dtype == torch.float32
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_count_held_as_a_number_is_refused_by_a_live_step_as_torch_refuses_it(backend):
+    """Without a copy, torch.optim's step refuses a Python-number count with a
+    RuntimeError; ours refuses it by name with an error that is that RuntimeError and
+    a ValueError, as every refused state is, and writes nothing."""
+    for make in (lambda ps: torch.optim.AdamW(ps, lr=0.01), lambda ps: af.AdamW(ps, lr=0.01, backend=backend)):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+        opt = make([p])
+        p.grad = torch.ones(5)
+        opt.step()
+        opt.state[p]["step"] = 4.0
+        before = (p.detach().clone(), opt.state[p]["exp_avg"].clone())
+        with pytest.raises(RuntimeError) as raised:
+            opt.step()
+        if isinstance(opt, af.AdamW):
+            assert isinstance(raised.value, ValueError) and "state['step']" in str(raised.value)
+            assert "got 4.0" in str(raised.value)
+        assert torch.equal(p.detach(), before[0]) and torch.equal(opt.state[p]["exp_avg"], before[1])
+        assert opt.state[p]["step"] == 4.0
