@@ -405,3 +405,29 @@ def test_grads_that_are_all_negated_views_are_unscaled(backend, dtype):
     opt.step()
     assert p.grad.is_neg() and torch.equal(p.grad, torch.full((4,), -1.0, dtype=dtype))
     assert not torch.equal(p.detach(), torch.ones(4, dtype=dtype))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_skipped_step_runs_the_step_hooks_as_torchs_fused_step_does(backend):
+    """GradScaler calls step() for a step it skips when the optimizer takes
+    grad_scale and found_inf (torch's fused optimizers, and ours): the step hooks run
+    for it, as with torch.optim.AdamW(fused=True), and the count and params stay."""
+    runs = {}
+    for name, make in [("torch fused", lambda ps: torch.optim.AdamW(ps, lr=0.01, fused=True)),
+                       ("ours", lambda ps: af.AdamW(ps, lr=0.01, backend=backend))]:
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 6))
+        opt = make([p])
+        calls = []
+        opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+        opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+        scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+        for it in range(3):
+            opt.zero_grad()
+            loss = (p ** 2).sum() * (float("inf") if it == 1 else 1.0)  # iteration 1 is skipped
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        runs[name] = (calls, float(opt.state[p]["step"]), p.detach().clone())
+    assert runs["ours"][0] == runs["torch fused"][0] == ["pre", "post"] * 3
+    assert runs["ours"][1] == runs["torch fused"][1] == 2.0
+    torch.testing.assert_close(runs["ours"][2], runs["torch fused"][2], rtol=0, atol=1e-6)
