@@ -65,6 +65,19 @@ def torch_flags(maximize=False, foreach=None, capturable=False, differentiable=F
                 master_weights=master_weights)
 
 
+def _cloning_mode_in_this_thread() -> bool:
+    """Whether allow_mutation_on_saved_tensors()'s dispatch mode is active in this
+    thread (its global flag is set while any thread is inside the context)."""
+    mode_type = getattr(torch.autograd.graph, "_CloneArgBeforeMutateMode", None)
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    except ImportError:  # (a torch without either: the flag alone decides)
+        return True
+    if mode_type is None:
+        return True
+    return any(isinstance(mode, mode_type) for mode in _get_current_dispatch_mode_stack())
+
+
 def group_backend(group: dict, defaults: dict) -> Optional[str]:
     """The backend a group asks for: ``fused=False`` means the reference; else a
     ``backend`` set in the group itself, else the constructor's (``defaults``: the
@@ -963,6 +976,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         arguments, absent or None), only the reference backend steps: a fused
         bucket is refused here, before anything is written."""
         if not getattr(torch.autograd.graph, "_allow_mutation_on_saved_tensors_enabled", False):
+            return  # (set while any thread is inside the context; the mode is this thread's)
+        if not _cloning_mode_in_this_thread():
             return
         for index, item in enumerate(ready):  # (one per group)
             for bucket in item.buckets if item is not None else ():

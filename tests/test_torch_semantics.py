@@ -360,3 +360,39 @@ def test_inside_allow_mutation_on_saved_tensors_the_reference_steps_and_a_fused_
             opt.step()
         assert all(torch.equal(t.detach(), h) for t, h in zip((a, b), held)) and not opt.state
     opt.step()  # (outside it: both groups step)
+
+
+def test_a_fused_step_runs_in_a_thread_outside_allow_mutation_on_saved_tensors_while_another_is_inside():
+    """The context's cloning mode is per thread (its global flag is not): a thread
+    outside it steps its fused optimizer as torch.optim's steps, while another thread
+    sits inside it; inside, that thread's fused step is still refused."""
+    import threading
+
+    inside, done = threading.Event(), threading.Event()
+    refused = []
+
+    def hold_the_context():
+        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            p = torch.nn.Parameter(torch.ones(3))
+            p.grad = torch.ones(3)
+            try:
+                af.AdamW([p], lr=0.1, backend="cpu").step()
+            except RuntimeError as error:
+                refused.append(str(error))
+            inside.set()
+            done.wait(timeout=60)
+
+    holder = threading.Thread(target=hold_the_context)
+    holder.start()
+    try:
+        assert inside.wait(timeout=60)
+        p = torch.nn.Parameter(torch.ones(3))
+        twin = torch.nn.Parameter(torch.ones(3))
+        p.grad, twin.grad = torch.full((3,), 0.5), torch.full((3,), 0.5)
+        af.AdamW([p], lr=0.1, backend="cpu").step()
+        torch.optim.AdamW([twin], lr=0.1).step()
+        torch.testing.assert_close(p.detach(), twin.detach(), rtol=0, atol=1e-7)
+    finally:
+        done.set()
+        holder.join()
+    assert refused and "allow_mutation_on_saved_tensors" in refused[0]
