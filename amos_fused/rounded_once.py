@@ -45,13 +45,17 @@ def fma32(a: Number, b: Tensor, c: Tensor) -> Tensor:
 def torch_rounds_once() -> bool:
     """Whether torch's CPU lerp, addcmul and add(alpha=…) round float32 a·b + c once
     (its vectorized kernels, vector lanes and scalar tails: True on AVX2 and AVX-512
-    builds), probed on random values against fma32."""
-    gen = torch.Generator().manual_seed(0)
-    x, y, z = (torch.randn(1003, generator=gen, device="cpu") for _ in range(3))
-    w = 0.1
-    return bool(torch.equal(torch.lerp(x, y, w), fma32(w, y - x, x))
-                and torch.equal(torch.addcmul(z, x, y, value=0.3), fma32(x * 0.3, y, z))
-                and torch.equal(torch.add(z, x, alpha=0.7), fma32(0.7, x, z)))
+    builds), probed on random float32 values against fma32, on real tensors whatever
+    the caller's default dtype and dispatch modes (the answer is cached)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes(), torch.inference_mode():
+        gen = torch.Generator().manual_seed(0)
+        x, y, z = (torch.randn(1003, generator=gen, device="cpu", dtype=torch.float32) for _ in range(3))
+        w = 0.1
+        return bool(torch.equal(torch.lerp(x, y, w), fma32(w, y - x, x))
+                    and torch.equal(torch.addcmul(z, x, y, value=0.3), fma32(x * 0.3, y, z))
+                    and torch.equal(torch.add(z, x, alpha=0.7), fma32(0.7, x, z)))
 
 
 def _emulated(t: Tensor) -> bool:

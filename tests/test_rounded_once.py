@@ -116,3 +116,26 @@ def test_cpu_steps_are_the_reference_and_the_same_under_torchs_baseline_kernels(
             name, same, digest = line.split()
             assert same == "True", f"{name}: cpu differs from the reference under torch's baseline kernels"
             assert other.split()[2] == digest, f"{name}: results depend on torch's CPU kernels"
+
+
+def test_the_probe_of_torchs_rounding_answers_alike_under_any_default_dtype_or_mode():
+    """The probe (cached for the process) runs on real float32 tensors: first asked
+    under a float64 default dtype, a meta default device or FakeTensorMode, it gives
+    the answer it gives plainly."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    plain = rounded_once.torch_rounds_once()
+    contexts = [lambda: torch.device("meta"), FakeTensorMode]
+    try:
+        rounded_once.torch_rounds_once.cache_clear()
+        torch.set_default_dtype(torch.float64)
+        try:
+            assert rounded_once.torch_rounds_once() == plain
+        finally:
+            torch.set_default_dtype(torch.float32)
+        for context in contexts:
+            rounded_once.torch_rounds_once.cache_clear()
+            with context():
+                assert rounded_once.torch_rounds_once() == plain
+    finally:
+        rounded_once.torch_rounds_once.cache_clear()
