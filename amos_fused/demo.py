@@ -684,8 +684,8 @@ def parse_args(argv=None) -> DemoConfig:
         ap.error(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
     if not 0 <= args.seed < 2**63:
         ap.error(f"--seed must be in [0, 2**63), got {args.seed}")
-    if not 0 <= args.weight_decay < math.inf:
-        ap.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if not 0 < args.weight_decay < math.inf:  # (the report's equilibrium RMS √(η/2λ) needs λ > 0)
+        ap.error(f"--weight-decay must be a finite number > 0, got {args.weight_decay}")
     if args.d_model % args.n_head:
         ap.error(f"--d-model ({args.d_model}) must be a multiple of --n-head ({args.n_head})")
     out = pathlib.Path(args.out)
