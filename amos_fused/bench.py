@@ -1133,15 +1133,34 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
     if args.json is not None and not writable_path(args.json):
-        parser.error(f"--json {args.json}: cannot write there (checked before the benchmark runs)")
+        parser.error(f"--json {args.json!r}: cannot write there (checked before the benchmark runs)")
     if args.plot:
-        if os.path.isdir(args.plot):
+        if names_a_folder(args.plot):
             parser.error(f"--plot {args.plot}: a folder, not a file (checked before the benchmark runs)")
         if not os.path.splitext(args.plot)[1]:
             args.plot += ".png"  # (the name matplotlib would give it)
+        kinds = plot_file_types()
+        if kinds is not None and os.path.splitext(args.plot)[1][1:].lower() not in kinds:
+            parser.error(f"--plot {args.plot}: matplotlib writes none of that kind; end the name in one of "
+                         f"{sorted(kinds)} (checked before the benchmark runs)")
         if not writable_path(args.plot):
             parser.error(f"--plot {args.plot}: cannot write there (checked before the benchmark runs)")
     return args
+
+
+def plot_file_types() -> Optional[set]:
+    """The file name endings matplotlib can write (None without matplotlib: main
+    then exits with the install hint)."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return None
+    return set(FigureCanvasBase.get_supported_filetypes())
+
+
+def names_a_folder(path: str) -> bool:
+    """Whether ``path`` is a folder, or names one by ending in a separator."""
+    return os.path.isdir(path) or path.endswith(os.sep) or bool(os.altsep and path.endswith(os.altsep))
 
 
 # torch.set_num_threads beyond this many threads may fail to start them (a crash, not an error).
@@ -1150,8 +1169,9 @@ MAX_THREADS = 4096
 
 def writable_path(path: str) -> bool:
     """Whether a file can be written at ``path``: its folder is made (as writing the
-    result would) and a scratch file written and removed there."""
-    if os.path.isdir(path):
+    result would) and a scratch file written and removed there.  Not for an empty
+    path, nor one that names a folder (names_a_folder)."""
+    if not path or names_a_folder(path):
         return False
     try:
         folder = os.path.dirname(os.path.abspath(path))

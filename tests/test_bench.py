@@ -660,6 +660,10 @@ def test_bench_reports_the_telemetry_cost(tmp_path, capsys):
     (["--json", "/proc/no-such-folder/result.json"], "cannot write there"),
     (["--plot", "/proc/no-such-folder/chart.png"], "--plot /proc/no-such-folder/chart.png: cannot write there"),
     (["--plot", "/tmp"], "--plot /tmp: a folder, not a file"),
+    (["--plot", "/tmp/no-such-folder-yet/"], "--plot /tmp/no-such-folder-yet/: a folder, not a file"),
+    (["--plot", "/tmp/chart.txt"], "--plot /tmp/chart.txt: matplotlib writes none of that kind"),
+    (["--json", "/tmp/no-such-folder-yet/"], "--json '/tmp/no-such-folder-yet/': cannot write there"),
+    (["--json", ""], "--json '': cannot write there"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device")]))
 def test_bad_command_lines_are_refused_before_the_benchmark_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -26,3 +26,12 @@ def test_a_json_path_that_is_a_folder_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_fsdp.main(["--json", str(tmp_path)])
     assert exit_info.value.code == 2 and "cannot write there" in capsys.readouterr().err
+
+
+def test_a_json_path_ending_in_a_separator_is_refused_and_no_folder_made(tmp_path, capsys):
+    """A path ending in a separator names a folder: refused before any work, and
+    the folder it names is not made."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench_fsdp.main(["--json", str(tmp_path / "new") + "/"])
+    assert exit_info.value.code == 2 and "cannot write there" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
