@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import numbers
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from torch import nn
@@ -45,8 +46,9 @@ def _is_bias(attr: str) -> bool:
     return attr == "bias" or attr.startswith("bias_") or attr.endswith("_bias")
 
 
-def infer_eta_and_axes(module: nn.Module, attr: str, param) -> Tuple[float, Any]:
-    """η and reduce_axes of ``module.<attr>`` by the table above."""
+def infer_eta_and_axes(module: nn.Module, attr: str, param, axes_only: bool = False) -> Tuple[Any, Any]:
+    """η and reduce_axes of ``module.<attr>`` by the table above (``axes_only``: η
+    is None where it would be read from the param's values)."""
     shape = tuple(param.shape)
     if param.numel() == 0:  # nothing to scale (its fan-in may be 0): stepped as one empty slot
         return 0.5, "all"
@@ -55,7 +57,7 @@ def infer_eta_and_axes(module: nn.Module, attr: str, param) -> Tuple[float, Any]
     if _is_bias(attr):
         return 0.5, "all"
     if param.dim() <= 1:
-        return initial_rms_eta(param), "all"
+        return (None if axes_only else initial_rms_eta(param)), "all"
     if isinstance(module, nn.Linear) and attr == "weight":
         return math.sqrt(1.0 / shape[1]), (1,)
     if isinstance(module, nn.Embedding) and attr == "weight":
@@ -94,12 +96,24 @@ def amos_param_groups(
         groups = amos_param_groups(model, lr=0.01, overrides={"*.fc1.weight": {"eta": math.sqrt(2 / 768)}})
         optimizer = amos_fused.Amos(groups, lr=0.01)
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"amos_param_groups: model must be an nn.Module (its module types choose eta and "
+                        f"reduce_axes), got {type(model).__name__}")
     clash = sorted(set(group_options) & {"params", "param_names", "eta", "reduce_axes"})
     if clash:
         raise ValueError(f"amos_param_groups: {', '.join(clash)} cannot be group options: they are set per "
                          "param (give eta and reduce_axes through overrides)")
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise TypeError(f"amos_param_groups: overrides must be a mapping of name patterns to "
+                        f"{{'eta': ..., 'reduce_axes': ...}}, got {type(overrides).__name__}")
     overrides = dict(overrides or {})
     for pattern, override in overrides.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"amos_param_groups: overrides' keys are patterns over param names (str), got "
+                            f"{type(pattern).__name__} {pattern!r}")
+        if not isinstance(override, Mapping):
+            raise TypeError(f"amos_param_groups: overrides[{pattern!r}] must be a mapping such as "
+                            f"{{'eta': 0.5}}, got {type(override).__name__} {override!r}")
         unknown = set(override) - {"eta", "reduce_axes"}
         if unknown:
             raise ValueError(f"overrides[{pattern!r}]: unknown keys {sorted(unknown)} (eta, reduce_axes)")
@@ -110,12 +124,24 @@ def amos_param_groups(
                 full = f"{module_name}.{attr}" if module_name else attr
                 owner[id(param)] = (full, module, attr, param)
     groups: Dict[Any, Dict[str, Any]] = {}
+    matched = set()
     for full, module, attr, param in owner.values():
-        eta, axes = infer_eta_and_axes(module, attr, param)
-        for pattern, override in overrides.items():
-            if fnmatch.fnmatchcase(full, pattern):
-                eta = override.get("eta", eta)
-                axes = override.get("reduce_axes", axes)
+        if isinstance(param, nn.parameter.UninitializedParameter):
+            raise ValueError(f"amos_param_groups: {full} is a lazy module's uninitialized param: run a forward "
+                             "pass first, so that it has a shape")
+        chosen = [(pattern, override) for pattern, override in overrides.items() if fnmatch.fnmatchcase(full, pattern)]
+        matched.update(pattern for pattern, _ in chosen)
+        if any("eta" in override for _, override in chosen):  # (its eta is not read from its values)
+            eta, axes = infer_eta_and_axes(module, attr, param, axes_only=True)
+        else:
+            try:
+                eta, axes = infer_eta_and_axes(module, attr, param)
+            except ValueError as error:
+                raise ValueError(f"amos_param_groups: {full} (shape {tuple(param.shape)}): {error} (or give its "
+                                 "eta in overrides)") from None
+        for _, override in chosen:
+            eta = override.get("eta", eta)
+            axes = override.get("reduce_axes", axes)
         try:
             axes = normalize_reduce_axes(axes, param.dim())
         except ValueError as error:
@@ -131,4 +157,9 @@ def amos_param_groups(
         group["eta"].append(float(eta))
     for group in groups.values():
         group["eta"] = tuple(group["eta"])
+    unmatched = [pattern for pattern in overrides if pattern not in matched]
+    if unmatched:
+        names = [full for full, *_ in owner.values()]
+        warnings.warn(f"amos_param_groups: overrides {unmatched} match no param name of the model (its names: "
+                      f"{names[:3]}{', …' if len(names) > 3 else ''})", stacklevel=2)
     return list(groups.values())

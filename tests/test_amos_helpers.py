@@ -134,17 +134,18 @@ def test_param_groups_take_every_torch_bias_for_a_bias():
 
 def test_param_groups_overrides():
     model = _model()
-    groups = af.amos_param_groups(
-        model, lr=0.01,
-        overrides={
-            "block.*.weight": {"eta": 0.3},
-            "block.fc.weight": {"eta": 0.2, "reduce_axes": None},  # later pattern wins
-            "emb.weight": {"reduce_axes": "all"},
-            "*bias": {"eta": 0.1},
-            "table": {"reduce_axes": (-1,)},  # normalized to (1,)
-            "no.such.param": {"eta": 9.0},  # matches nothing: harmless
-        },
-    )
+    with pytest.warns(UserWarning, match=r"overrides \['no.such.param'\] match no param name"):
+        groups = af.amos_param_groups(
+            model, lr=0.01,
+            overrides={
+                "block.*.weight": {"eta": 0.3},
+                "block.fc.weight": {"eta": 0.2, "reduce_axes": None},  # later pattern wins
+                "emb.weight": {"reduce_axes": "all"},
+                "*bias": {"eta": 0.1},
+                "table": {"reduce_axes": (-1,)},  # normalized to (1,)
+                "no.such.param": {"eta": 9.0},  # matches nothing: changes nothing, with a warning
+            },
+        )
     found = _by_name(groups)
     assert found["block.fc.weight"][:2] == (0.2, None)
     assert found["block.ln.weight"][:2] == (0.3, "all")
@@ -181,6 +182,49 @@ def test_param_groups_bad_override_value(override):
     """A bad override value is a ValueError naming the param it was set for."""
     with pytest.raises(ValueError, match="block.fc.weight"):
         af.amos_param_groups(_model(), lr=0.01, overrides={"block.fc.weight": override})
+
+
+@pytest.mark.parametrize("model, overrides, kind, match", [
+    ("params", None, TypeError, r"model must be an nn.Module .*got list"),
+    ("model", [("*", {"eta": 0.1})], TypeError, r"overrides must be a mapping .*got list"),
+    ("model", {"block.fc.weight": 0.5}, TypeError, r"overrides\['block.fc.weight'\] must be a mapping .*got float 0.5"),
+    ("model", {"block.fc.weight": "eta"}, TypeError, r"overrides\['block.fc.weight'\] must be a mapping .*got str"),
+    ("model", {0: {"eta": 0.1}}, TypeError, r"overrides' keys are patterns over param names \(str\), got int 0"),
+])
+def test_param_groups_name_a_model_or_overrides_of_the_wrong_kind(model, overrides, kind, match):
+    net = _model()
+    with pytest.raises(kind, match=match):
+        af.amos_param_groups(list(net.parameters()) if model == "params" else net, lr=0.01, overrides=overrides)
+
+
+def test_param_groups_name_a_lazy_param_and_a_meta_param_whose_eta_they_cannot_read():
+    """A lazy module's uninitialized param is named (run a forward pass first); a
+    1-D param on the meta device, whose η would be read from its values, is named
+    too, and steps through once its η is given in ``overrides``."""
+    with pytest.raises(ValueError, match=r"amos_param_groups: 1.weight is a lazy module's uninitialized param"):
+        af.amos_param_groups(nn.Sequential(nn.Linear(2, 2), nn.LazyLinear(3)), lr=0.01)
+
+    class WithTemperature(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.temperature = nn.Parameter(torch.ones(4))
+
+    with torch.device("meta"):
+        model = WithTemperature()
+    with pytest.raises(ValueError, match=r"amos_param_groups: temperature \(shape \(4,\)\): .*meta.*overrides"):
+        af.amos_param_groups(model, lr=0.01)
+    groups = af.amos_param_groups(model, lr=0.01, overrides={"temperature": {"eta": 0.25}})
+    etas = {name: eta for g in groups for name, eta in zip(g["param_names"], g["eta"])}
+    assert etas == {"lin.weight": 0.5, "lin.bias": 0.5, "temperature": 0.25}
+
+
+def test_param_groups_warn_of_a_pattern_that_matches_no_param():
+    """A misspelt pattern changes nothing, and says so."""
+    with pytest.warns(UserWarning, match=r"overrides \['block.fc.wieght'\] match no param name"):
+        groups = af.amos_param_groups(_model(), lr=0.01, overrides={"block.fc.wieght": {"eta": 2.0}})
+    plain = af.amos_param_groups(_model(), lr=0.01)
+    assert [(g["param_names"], g["eta"]) for g in groups] == [(g["param_names"], g["eta"]) for g in plain]
 
 
 def test_param_groups_of_a_transposed_conv_follow_its_weight_layout():
