@@ -33,11 +33,19 @@ DECAYS = ("inverse_square", "inverse_time")
 # Input checks
 # ---------------------------------------------------------------------------
 
-def _finite(name: str, value: float, lower: float, *, strict: bool, what: str) -> float:
+def _real(value, what: str) -> float:
+    """A number (a one-element tensor too) as a float; strings and bools are refused,
+    as the optimizers refuse them."""
+    if isinstance(value, (str, bytes, bool)):
+        raise ValueError(f"Invalid {what}: {value!r} (must be a real number)")
     try:
-        x = float(value)
-    except (TypeError, ValueError):
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"Invalid {what}: {value!r} (must be a real number)") from None
+
+
+def _finite(name: str, value: float, lower: float, *, strict: bool, what: str) -> float:
+    x = _real(value, what)
     ok = math.isfinite(x) and (x > lower if strict else x >= lower)
     if not ok:
         bound = f"> {lower:g}" if strict else f">= {lower:g}"
@@ -69,10 +77,7 @@ def _rms(name: str, value: float) -> float:
 
 
 def _snr(snr: float) -> float:
-    try:
-        x = float(snr)
-    except (TypeError, ValueError):
-        raise ValueError(f"Invalid snr: {snr!r} (must be a real number)") from None
+    x = _real(snr, "snr")
     if not x >= 0.0:  # also rejects nan; +inf means noise-free gradients
         raise ValueError(f"Invalid snr: {snr} (the signal-to-noise ratio ‖μ‖²/‖σ‖² must be >= 0)")
     return x
@@ -188,8 +193,8 @@ def adamw_weight_rms(lr: float, weight_decay: float) -> float:
     《AdamW的Weight RMS的渐近估计(上)》 ("Asymptotic estimation of AdamW's weight RMS,
     part 1"), kexue.fm/archives/11307.  It does not depend on β1, β2 or the initial
     weights."""
-    eta, lam = _lr(lr), _wd(weight_decay, allow_zero=False)
-    return math.sqrt(eta / (2.0 * lam))
+    eta, lam = _lr_wd(lr, weight_decay, allow_zero=False)
+    return math.sqrt(eta) / math.sqrt(2.0 * lam)  # (η/2λ itself may overflow for a tiny λ)
 
 
 def adamw_weight_rms_quick(lr: float, weight_decay: float, beta1: float) -> float:

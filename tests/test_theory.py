@@ -429,3 +429,24 @@ def test_theory_products_that_underflow_take_their_limits():
             theory.adamw_averaged_update_rms(1.0, 0.0, t), rel=1e-15, abs=0)
     assert theory.adamw_weight_rms_signal_dominated(1.0, 1e-300, 1e-22, 0.0, math.inf) == pytest.approx(
         theory.adamw_weight_rms_signal_dominated(1.0, 0.0, 1e-22, 0.0, math.inf), rel=1e-15, abs=0)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: theory.adamw_weight_rms("3e-3", 0.1),
+    lambda: theory.adamw_weight_rms(3e-3, "0.1"),
+    lambda: theory.half_life_p(True, True),
+    lambda: theory.adamw_update_rms_snr(0.9, "1"),
+    lambda: theory.adamw_weight_rms(2.0, 1.0),  # ηλ ≥ 1: no β3 in (0, 1]
+])
+def test_strings_bools_and_lr_times_weight_decay_of_one_or_more_are_refused(call):
+    """As the optimizers refuse them: strings and bools are not numbers here either;
+    and the equilibrium RMS, like β3, needs ηλ < 1."""
+    with pytest.raises(ValueError, match="Invalid"):
+        call()
+
+
+def test_the_equilibrium_rms_of_a_tiny_weight_decay_is_finite():
+    """sqrt(η/2λ) is representable though η/2λ overflows float64."""
+    rms = theory.adamw_weight_rms(3e-3, 1e-320)
+    assert math.isfinite(rms) and math.isclose(rms, math.sqrt(3e-3) / math.sqrt(2e-320), rel_tol=1e-12)
+    assert math.isclose(theory.adamw_weight_rms(1e-3, 0.1), math.sqrt(1e-3 / 0.2), rel_tol=1e-15)
