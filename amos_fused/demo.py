@@ -697,6 +697,9 @@ def parse_args(argv=None) -> DemoConfig:
     unused = sorted(set(lrs) - set(optimizers))
     if unused:
         ap.error(f"--lr {unused[0]}=...: {unused[0]!r} is not among the runs ({','.join(optimizers)})")
+    adamw_lr = lrs.get("adamw", DEFAULT_LRS["adamw"])
+    if not adamw_lr * args.weight_decay < 1:  # (β3 = 1 − ηλ of the report's predictions must lie in (0, 1))
+        ap.error(f"--weight-decay {args.weight_decay} times AdamW's lr {adamw_lr} must be < 1")
     return DemoConfig(
         steps=args.steps, out=args.out, optimizers=optimizers, seed=args.seed, threads=args.threads,
         d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head, seq_len=args.seq_len, batch=args.batch,

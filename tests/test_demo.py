@@ -160,6 +160,8 @@ def test_demo_bnb_run_without_bitsandbytes_names_the_package(monkeypatch):
     (["--weight-decay", "-1"], "--weight-decay must be a finite number > 0"),
     (["--weight-decay", "0"], "--weight-decay must be a finite number > 0"),
     (["--weight-decay", "nan"], "--weight-decay must be a finite number > 0"),
+    (["--weight-decay", "1000"], "--weight-decay 1000.0 times AdamW's lr"),
+    (["--weight-decay", "2", "--lr", "adamw=0.5"], "--weight-decay 2.0 times AdamW's lr 0.5 must be < 1"),
     (["--seed", str(2**70)], "--seed must be in [0, 2**63)"),
     (["--optimizers", " , "], "--optimizers ' , ': name at least one"),
     (["--out", "/dev/null/x"], "not a directory"),
