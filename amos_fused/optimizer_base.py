@@ -1399,7 +1399,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_fp8(where, owners, params, lists, coded, shown)
         if walk == Walk.ANY:
             self._check_written_once(where, params, lists, keys,
-                                     [local(p.grad) for p in owners] if self._unscales_grads() else ())
+                                     [local(p.grad) for p in owners] if self._unscales_grads() else (),
+                                     shadows if master else ())
         else:
             self._check_walk(where, group, backend, params, lists)
         if group.get("maximize"):  # g ← −g; for the fused walks in the grads' checked layout (neg may
@@ -1578,14 +1579,19 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise step_error(where, Problem.STEP_SHARED, p)
 
     @staticmethod
-    def _check_written_once(where, params, lists, keys, grads=()) -> None:
+    def _check_written_once(where, params, lists, keys, grads=(), low_params=()) -> None:
         """The reference steps any strides, but no tensor it writes in place may have
         elements that share memory (an expanded view): torch's in-place ops refuse
         them half-way through a step.  ``grads``: those GradScaler's unscaling will
-        divide in place after the step."""
+        divide in place after the step; ``low_params``: the low-precision params of
+        float32 masters (``params``), into which the step copies them."""
         for i, g in enumerate(grads):
             if torch._debug_has_internal_overlap(g) == 1:
                 raise _unscalable_grad(where(i), g)
+        for i, low in enumerate(low_params):
+            if torch._debug_has_internal_overlap(low) == 1:
+                raise ValueError(f"{where(i)}: elements of the param share memory (an expanded view?); "
+                                 "it cannot be written in place")
         for i, p in enumerate(params):
             if torch._debug_has_internal_overlap(p) == 1:
                 raise ValueError(f"{where(i)}: elements of the param share memory (an expanded view?); "

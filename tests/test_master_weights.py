@@ -803,3 +803,25 @@ def test_a_skipped_step_replaces_no_state_and_the_next_step_makes_the_changes(cl
         assert set(opt.state[p]) == set(skipped_opt.state[q])
         for key, value in opt.state[p].items():
             assert torch.equal(skipped_opt.state[q][key], value), key
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_expanded_low_precision_param_is_refused_before_its_group_is_written(backend, dtype):
+    """With master weights the step writes float32 masters, then copies them into the
+    low-precision params: a param whose elements share memory (an expanded view) is
+    refused by name before anything is written, as without masters, not by torch's
+    copy after the other params, masters, moments and counters were written."""
+    good = torch.randn(4, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_(True)
+    opt = af.AdamW([good], lr=0.1, master_weights=True, backend=backend)
+    good.grad = torch.ones(4, dtype=dtype)
+    opt.step()
+    bad = torch.randn(1, 3, generator=torch.Generator().manual_seed(1)).to(dtype).expand(2, 3).requires_grad_(True)
+    opt.param_groups[0]["params"].append(bad)
+    good.grad, bad.grad = torch.ones(4, dtype=dtype), torch.ones(2, 3, dtype=dtype)
+    before = (good.detach().clone(), {k: v.clone() for k, v in opt.state[good].items()})
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\] .*(share memory|needs params)"):
+        opt.step()
+    assert torch.equal(good.detach(), before[0])
+    assert all(torch.equal(v, opt.state[good][k]) for k, v in before[1].items())
+    assert bad not in opt.state
