@@ -118,8 +118,22 @@ def test_the_best_instruction_set_is_chosen_at_load_and_each_other_can_be_forced
     """The widest set this CPU has runs unless AMOS_FUSED_CPU_CAPABILITY names a
     narrower one (sets are tried in the order default, avx2, avx512, avx512_bf16)."""
     assert _capability_at_load(None) == CPU_CAPABILITIES[-1]
-    for forced in CPU_CAPABILITIES[:-1]:
+    for forced in CPU_CAPABILITIES:
         assert _capability_at_load(forced) == forced
+
+
+@pytest.mark.parametrize("forced", ["avx1024", "AVX2", "best", ""])
+def test_an_unknown_instruction_set_in_the_environment_warns_and_the_best_runs(forced):
+    """AMOS_FUSED_CPU_CAPABILITY takes set_cpu_capability's names: 'best' (or an
+    empty value) is the widest set, and any other name it does not know warns once,
+    naming it, and the widest set runs."""
+    env = dict(os.environ, AMOS_FUSED_CPU_CAPABILITY=forced)
+    out = subprocess.run([sys.executable, "-c", "import torch, amos_fused; "
+                          "print(torch.ops.amos_fused.cpu_capability())"],
+                         env=env, capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == CPU_CAPABILITIES[-1]
+    warned = f"AMOS_FUSED_CPU_CAPABILITY='{forced}' is not one of 'default', 'avx2'"
+    assert (warned in out.stderr) == (forced not in ("best", "")), out.stderr
 
 
 def test_an_unknown_or_missing_instruction_set_is_refused_by_name():

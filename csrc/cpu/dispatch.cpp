@@ -40,17 +40,33 @@ bool cpu_has_avx512_bf16() {
 }
 
 const KernelTable* best_kernels() {
-  const char* forced = std::getenv("AMOS_FUSED_CPU_CAPABILITY");
-  if (forced != nullptr && std::string(forced) == "default") return &kernels_default();
-  if (forced != nullptr && std::string(forced) == "avx2" && cpu_has_avx2()) return &kernels_avx2();
-  if (forced != nullptr && std::string(forced) == "avx512" && cpu_has_avx512()) return &kernels_avx512();
   if (cpu_has_avx512_bf16()) return &kernels_avx512_bf16();
   if (cpu_has_avx512()) return &kernels_avx512();
   return cpu_has_avx2() ? &kernels_avx2() : &kernels_default();
 }
 
+// The kernels AMOS_FUSED_CPU_CAPABILITY names (as set_cpu_capability takes it), else
+// the best ones; a name that is unknown, or that this CPU cannot run, warns once.
+const KernelTable* first_kernels() {
+  const char* forced = std::getenv("AMOS_FUSED_CPU_CAPABILITY");
+  if (forced == nullptr || std::string(forced).empty()) return best_kernels();
+  const std::string name(forced);
+  if (name == "default") return &kernels_default();
+  if (name == "avx2" && cpu_has_avx2()) return &kernels_avx2();
+  if (name == "avx512" && cpu_has_avx512()) return &kernels_avx512();
+  if (name == "avx512_bf16" && cpu_has_avx512_bf16()) return &kernels_avx512_bf16();
+  if (name != "best") {
+    const bool known = name == "avx2" || name == "avx512" || name == "avx512_bf16";
+    TORCH_WARN("amos_fused: AMOS_FUSED_CPU_CAPABILITY='", name, "' ",
+               known ? "names kernels this CPU cannot run" :
+                       "is not one of 'default', 'avx2', 'avx512', 'avx512_bf16' or 'best'",
+               "; the best kernels for this CPU run");
+  }
+  return best_kernels();
+}
+
 std::atomic<const KernelTable*>& current() {
-  static std::atomic<const KernelTable*> table{best_kernels()};
+  static std::atomic<const KernelTable*> table{first_kernels()};
   return table;
 }
 
