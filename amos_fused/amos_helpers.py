@@ -157,9 +157,11 @@ def amos_param_groups(
         group["eta"].append(float(eta))
     for group in groups.values():
         group["eta"] = tuple(group["eta"])
-    unmatched = [pattern for pattern in overrides if pattern not in matched]
+    every_name = [name for name, _ in model.named_parameters()]  # (frozen params too: a pattern may name one)
+    unmatched = [pattern for pattern in overrides
+                 if pattern not in matched and not any(fnmatch.fnmatchcase(name, pattern) for name in every_name)]
     if unmatched:
-        names = [full for full, *_ in owner.values()]
+        names = every_name
         warnings.warn(f"amos_param_groups: overrides {unmatched} match no param name of the model (its names: "
                       f"{names[:3]}{', …' if len(names) > 3 else ''})", stacklevel=2)
     return list(groups.values())

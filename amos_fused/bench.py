@@ -1149,13 +1149,13 @@ def parse_args(argv=None):
 
 
 def plot_file_types() -> Optional[set]:
-    """The file name endings matplotlib can write (None without matplotlib: main
-    then exits with the install hint)."""
+    """The file name endings matplotlib writes by itself (None without matplotlib:
+    main then exits with the install hint); not pgf, which needs a LaTeX install."""
     try:
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         return None
-    return set(FigureCanvasBase.get_supported_filetypes())
+    return set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"}
 
 
 def names_a_folder(path: str) -> bool:

@@ -488,10 +488,14 @@ def steps_to_equilibrium(lr: float, weight_decay: float, initial_rms: float, wit
     return math.ceil(math.log(gap / target) / (2 * lr * weight_decay))
 
 
+# The runs whose weight RMS the report predicts (theory.adamw_weight_rms and its transient).
+THEORY_RUNS = ("adamw", "torch-adamw", "radam")
+
+
 def theory_checks(cfg: DemoConfig, results: Dict[str, dict]) -> dict:
     checks = {}
     beta1 = cfg.betas[0]
-    for name in ("adamw", "torch-adamw", "radam"):
+    for name in THEORY_RUNS:
         if name not in results:
             continue
         r = results[name]
@@ -697,9 +701,12 @@ def parse_args(argv=None) -> DemoConfig:
     unused = sorted(set(lrs) - set(optimizers))
     if unused:
         ap.error(f"--lr {unused[0]}=...: {unused[0]!r} is not among the runs ({','.join(optimizers)})")
-    adamw_lr = lrs.get("adamw", DEFAULT_LRS["adamw"])
-    if not adamw_lr * args.weight_decay < 1:  # (β3 = 1 − ηλ of the report's predictions must lie in (0, 1))
-        ap.error(f"--weight-decay {args.weight_decay} times AdamW's lr {adamw_lr} must be < 1")
+    # (β3 = 1 − ηλ of the report's predictions must lie in (0, 1): AdamW's lr always, and the
+    # lr of each run whose weight RMS it predicts)
+    for name in ["adamw"] + [n for n in THEORY_RUNS if n in optimizers and n != "adamw"]:
+        lr = lrs.get(name, DEFAULT_LRS[name])
+        if not lr * args.weight_decay < 1:
+            ap.error(f"--weight-decay {args.weight_decay} times the lr of {name} ({lr}) must be < 1")
     return DemoConfig(
         steps=args.steps, out=args.out, optimizers=optimizers, seed=args.seed, threads=args.threads,
         d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head, seq_len=args.seq_len, batch=args.batch,

@@ -2104,8 +2104,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             # a count held as a Python number becomes the step's float32 CPU scalar, as
             # torch.optim.Adam's __setstate__ turns it into a tensor (and as a load reads it)
             count = per_param.get("step") if isinstance(per_param, dict) else None
-            if isinstance(count, numbers.Real) and not isinstance(count, bool):
-                per_param["step"] = torch.tensor(float(count), dtype=torch.float32, device="cpu")
+            if count is not None and not isinstance(count, Tensor):
+                try:
+                    per_param["step"] = torch.tensor(float(count), dtype=torch.float32, device="cpu")
+                except (TypeError, ValueError):  # (not a count: the step names it)
+                    pass
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a checkpoint of this optimizer or of the matching torch.optim one.

@@ -34,9 +34,9 @@ DECAYS = ("inverse_square", "inverse_time")
 # ---------------------------------------------------------------------------
 
 def _real(value, what: str) -> float:
-    """A number (a one-element tensor too) as a float; strings and bools are refused,
-    as the optimizers refuse them."""
-    if isinstance(value, (str, bytes, bool)):
+    """A number (a one-element tensor, a bool too, as torch.optim reads them) as a
+    float; text is refused, as the optimizers refuse it."""
+    if isinstance(value, (str, bytes, bytearray)):
         raise ValueError(f"Invalid {what}: {value!r} (must be a real number)")
     try:
         return float(value)

@@ -640,3 +640,16 @@ def test_a_numpy_array_reduce_axes_is_named():
     import numpy as np
     with pytest.raises(ValueError, match=r"reduce_axes must be None, 'all', a dim or a tuple of dims, got array"):
         af.Amos([nn.Parameter(torch.randn(6, 5))], lr=0.01, reduce_axes=np.array([0, 1]))
+
+
+def test_param_groups_do_not_warn_of_a_pattern_naming_a_frozen_param():
+    """A frozen param is left out of the groups, but a pattern naming it names a
+    param of the model: no warning (an overrides config reused across freezing)."""
+    import warnings
+
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
+    model[0].weight.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        groups = af.amos_param_groups(model, lr=0.01, overrides={"0.weight": {"eta": 0.1}})
+    assert [n for g in groups for n in g["param_names"]] == ["1.weight", "1.bias"]

@@ -662,6 +662,7 @@ def test_bench_reports_the_telemetry_cost(tmp_path, capsys):
     (["--plot", "/tmp"], "--plot /tmp: a folder, not a file"),
     (["--plot", "/tmp/no-such-folder-yet/"], "--plot /tmp/no-such-folder-yet/: a folder, not a file"),
     (["--plot", "/tmp/chart.txt"], "--plot /tmp/chart.txt: matplotlib writes none of that kind"),
+    (["--plot", "/tmp/chart.pgf"], "--plot /tmp/chart.pgf: matplotlib writes none of that kind"),
     (["--json", "/tmp/no-such-folder-yet/"], "--json '/tmp/no-such-folder-yet/': cannot write there"),
     (["--json", ""], "--json '': cannot write there"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device")]))

@@ -355,7 +355,7 @@ def test_a_param_appended_before_a_copy_gets_its_value_at_the_copys_next_step(na
     assert copied_values == values and all(torch.equal(p, q) for p, q in zip(params, copied_params))
 
 
-@pytest.mark.parametrize("count", [4.0, 4, "numpy"])
+@pytest.mark.parametrize("count", [4.0, 4, "numpy", "numpy array"])
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_a_count_held_as_a_number_steps_in_a_copy_as_torch_optims_does(how, backend, count):
@@ -363,7 +363,7 @@ def test_a_count_held_as_a_number_steps_in_a_copy_as_torch_optims_does(how, back
     __setstate__, which deepcopy and pickle run, turns it back into a tensor, so its
     copy steps on from that count; so does ours, to the same params and count."""
     np = pytest.importorskip("numpy")
-    count = np.float64(4.0) if count == "numpy" else count
+    count = {"numpy": np.float64(4.0), "numpy array": np.array(4.0)}.get(count, count) if isinstance(count, str) else count
     results = []
     for make in (lambda ps: torch.optim.AdamW(ps, lr=0.01), lambda ps: af.AdamW(ps, lr=0.01, backend=backend)):
         p = torch.nn.Parameter(torch.linspace(-1, 1, 5))

@@ -434,13 +434,13 @@ def test_theory_products_that_underflow_take_their_limits():
 @pytest.mark.parametrize("call", [
     lambda: theory.adamw_weight_rms("3e-3", 0.1),
     lambda: theory.adamw_weight_rms(3e-3, "0.1"),
-    lambda: theory.half_life_p(True, True),
+    lambda: theory.half_life_p(3e-3, bytearray(b"1")),
     lambda: theory.adamw_update_rms_snr(0.9, "1"),
     lambda: theory.adamw_weight_rms(2.0, 1.0),  # ηλ ≥ 1: no β3 in (0, 1]
 ])
-def test_strings_bools_and_lr_times_weight_decay_of_one_or_more_are_refused(call):
-    """As the optimizers refuse them: strings and bools are not numbers here either;
-    and the equilibrium RMS, like β3, needs ηλ < 1."""
+def test_text_and_lr_times_weight_decay_of_one_or_more_are_refused(call):
+    """As the optimizers refuse it, text is not a number here either; and the
+    equilibrium RMS, like β3, needs ηλ < 1."""
     with pytest.raises(ValueError, match="Invalid"):
         call()
 
