@@ -65,8 +65,14 @@ const KernelTable* first_kernels() {
   return best_kernels();
 }
 
+// The kernels chosen at load (first_kernels, read once), which "best" restores.
+const KernelTable* load_time_kernels() {
+  static const KernelTable* const chosen = first_kernels();
+  return chosen;
+}
+
 std::atomic<const KernelTable*>& current() {
-  static std::atomic<const KernelTable*> table{first_kernels()};
+  static std::atomic<const KernelTable*> table{load_time_kernels()};
   return table;
 }
 
@@ -90,8 +96,8 @@ void set_cpu_capability(const std::string& name) {
     TORCH_CHECK_VALUE(cpu_has_avx512_bf16(), "amos_fused: cpu capability 'avx512_bf16' requested but this CPU "
                       "lacks AVX512_BF16 (or AVX-512 F/BW/VL/DQ, AVX2/FMA/F16C)");
     current().store(&kernels_avx512_bf16());
-  } else if (name == "best") {
-    current().store(best_kernels());
+  } else if (name == "best") {  // (the load-time choice: AMOS_FUSED_CPU_CAPABILITY's, else the widest)
+    current().store(load_time_kernels());
   } else {
     TORCH_CHECK_VALUE(false, "amos_fused: unknown cpu capability '", name,
                       "' (expected 'default', 'avx2', 'avx512', 'avx512_bf16' or 'best')");
