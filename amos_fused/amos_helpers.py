@@ -124,13 +124,11 @@ def amos_param_groups(
                 full = f"{module_name}.{attr}" if module_name else attr
                 owner[id(param)] = (full, module, attr, param)
     groups: Dict[Any, Dict[str, Any]] = {}
-    matched = set()
     for full, module, attr, param in owner.values():
         if isinstance(param, nn.parameter.UninitializedParameter):
             raise ValueError(f"amos_param_groups: {full} is a lazy module's uninitialized param: run a forward "
                              "pass first, so that it has a shape")
         chosen = [(pattern, override) for pattern, override in overrides.items() if fnmatch.fnmatchcase(full, pattern)]
-        matched.update(pattern for pattern, _ in chosen)
         if any("eta" in override for _, override in chosen):  # (its eta is not read from its values)
             eta, axes = infer_eta_and_axes(module, attr, param, axes_only=True)
         else:
@@ -157,11 +155,9 @@ def amos_param_groups(
         group["eta"].append(float(eta))
     for group in groups.values():
         group["eta"] = tuple(group["eta"])
-    every_name = [name for name, _ in model.named_parameters()]  # (frozen params too: a pattern may name one)
-    unmatched = [pattern for pattern in overrides
-                 if pattern not in matched and not any(fnmatch.fnmatchcase(name, pattern) for name in every_name)]
+    names = [name for name, _ in model.named_parameters()]  # (frozen params too: a pattern may name one)
+    unmatched = [pattern for pattern in overrides if not any(fnmatch.fnmatchcase(name, pattern) for name in names)]
     if unmatched:
-        names = every_name
         warnings.warn(f"amos_param_groups: overrides {unmatched} match no param name of the model (its names: "
                       f"{names[:3]}{', …' if len(names) > 3 else ''})", stacklevel=2)
     return list(groups.values())

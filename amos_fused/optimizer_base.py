@@ -680,7 +680,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if group.get("fused") and group_backend(group, self.defaults) == "reference":
             raise ValueError(f"{where}: fused=True contradicts backend='reference'")
         chosen = group.get("backend", self.defaults.get("backend"))
-        if group.get("fused") is not None and not group.get("fused") and chosen not in (None, "reference"):
+        if group_backend(group, self.defaults) == "reference" and chosen not in (None, "reference"):
             # (fused=False alone means the reference: a backend named beside it is not silently dropped)
             raise ValueError(f"{where}: fused=False (the reference step) contradicts backend={chosen!r}")
         if adding and self.torch_refuses_with_foreach and group.get("fused") and group.get("foreach"):
@@ -1588,12 +1588,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         for i, g in enumerate(grads):
             if torch._debug_has_internal_overlap(g) == 1:
                 raise _unscalable_grad(where(i), g)
-        for i, low in enumerate(low_params):
-            if torch._debug_has_internal_overlap(low) == 1:
-                raise ValueError(f"{where(i)}: elements of the param share memory (an expanded view?); "
-                                 "it cannot be written in place")
         for i, p in enumerate(params):
-            if torch._debug_has_internal_overlap(p) == 1:
+            if any(torch._debug_has_internal_overlap(t) == 1 for t in (p, *low_params[i:i + 1])):
                 raise ValueError(f"{where(i)}: elements of the param share memory (an expanded view?); "
                                  "it cannot be written in place")
             for key in keys:
